@@ -1,0 +1,59 @@
+"""Reads of agents, sessions and messages, always inside one (already scoped) project."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db.models import QuerySet
+from django.http import Http404
+
+from projects.models import Project
+
+from .models import Agent, ChatSession, Message
+
+
+def _get_or_404(queryset: QuerySet, **lookup):
+    try:
+        return queryset.get(**lookup)
+    except (queryset.model.DoesNotExist, ValueError, TypeError):
+        raise Http404(f"No such {queryset.model._meta.verbose_name}.") from None
+
+
+def agent_list(*, project: Project) -> QuerySet[Agent]:
+    return Agent.objects.filter(project=project)
+
+
+def agent_get(*, project: Project, agent_id: uuid.UUID | str) -> Agent:
+    return _get_or_404(agent_list(project=project), id=agent_id)
+
+
+def session_list(*, project: Project) -> QuerySet[ChatSession]:
+    return ChatSession.objects.filter(project=project)
+
+
+def session_get(*, project: Project, session_id: uuid.UUID | str) -> ChatSession:
+    return _get_or_404(session_list(project=project), id=session_id)
+
+
+def message_list(*, session: ChatSession) -> QuerySet[Message]:
+    return Message.objects.filter(session=session)
+
+
+def agent_configs_for_project(*, project_id: uuid.UUID | str) -> list[dict]:
+    """Every agent of a project as the plain config the AgentCache holds."""
+    return [
+        agent_config(agent)
+        for agent in Agent.objects.filter(project_id=project_id).order_by("created_at", "id")
+    ]
+
+
+def agent_config(agent: Agent) -> dict:
+    return {
+        "id": str(agent.id),
+        "project_id": str(agent.project_id),
+        "name": agent.name,
+        "system_prompt": agent.system_prompt,
+        "model": agent.model,
+        "params": agent.params,
+        "updated_at": agent.updated_at.isoformat(),
+    }

@@ -1,0 +1,9 @@
+from django.urls import include, path
+
+from .apis import ProjectDetailApi, ProjectListCreateApi
+
+urlpatterns = [
+    path("", ProjectListCreateApi.as_view(), name="project-list"),
+    path("<uuid:project_id>/", ProjectDetailApi.as_view(), name="project-detail"),
+    path("<uuid:project_id>/", include("agents.urls")),
+]

@@ -1,0 +1,83 @@
+"""Fixtures shared by the whole suite.
+
+Everything here is real: the Redis named by REDIS_URL (the Makefile starts a throwaway
+bundled one when it is unset), the database named by DATABASE_URL (SQLite otherwise),
+and Celery workers that consume real queues.
+"""
+
+from __future__ import annotations
+
+import pytest
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
+
+
+@pytest.fixture
+def redis_client():
+    from workspaces.redis import get_redis
+
+    return get_redis()
+
+
+@pytest.fixture(autouse=True)
+def _clean_workspace_keys(request):
+    """Each test starts with no workspace state in Redis and none in this process."""
+    from workspaces.redis import KEY_NAMESPACE, get_redis
+
+    client = get_redis()
+    keys = list(client.scan_iter(match=f"{KEY_NAMESPACE}:*", count=1000))
+    if keys:
+        client.unlink(*keys)
+    try:
+        from workspaces.manager import get_worker_space_manager
+    except ImportError:
+        yield
+        return
+    get_worker_space_manager().forget_all_unsafe()
+    yield
+    get_worker_space_manager().forget_all_unsafe()
+
+
+@pytest.fixture
+def user(db):
+    return UserFactory()
+
+
+@pytest.fixture
+def other_user(db):
+    return UserFactory()
+
+
+def _client_for(user) -> APIClient:
+    client = APIClient()
+    token, _ = Token.objects.get_or_create(user=user)
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    return client
+
+
+@pytest.fixture
+def api(user) -> APIClient:
+    """An API client authenticated as `user` with a token."""
+    return _client_for(user)
+
+
+@pytest.fixture
+def other_api(other_user) -> APIClient:
+    return _client_for(other_user)
+
+
+@pytest.fixture
+def project(user):
+    return ProjectFactory(owner=user)
+
+
+@pytest.fixture
+def agent(project):
+    return AgentFactory(project=project)
+
+
+@pytest.fixture
+def session(agent):
+    return ChatSessionFactory(agent=agent, project=agent.project)

@@ -1,0 +1,133 @@
+"""Redis access for workspaces.
+
+`ScopedRedis` is the only way workspace code reaches Redis keys: it prefixes every
+key with the workspace prefix, so one workspace cannot name another's keys, and a
+command it does not know how to scope is refused rather than passed through.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+import redis.asyncio
+from django.conf import settings
+
+_lock = threading.Lock()
+_client: redis.Redis | None = None
+
+KEY_NAMESPACE = "uws"
+
+
+def get_redis() -> redis.Redis:
+    """The process-wide Redis client (one connection pool per process)."""
+    global _client
+    if _client is None:
+        with _lock:
+            if _client is None:
+                _client = redis.Redis.from_url(
+                    settings.REDIS_URL,
+                    decode_responses=True,
+                    health_check_interval=30,
+                    socket_connect_timeout=5,
+                    socket_timeout=30,
+                )
+    return _client
+
+
+def close_redis() -> None:
+    """Release this process's Redis connections (shutdown, tests)."""
+    global _client
+    with _lock:
+        if _client is not None:
+            _client.close()
+            _client.connection_pool.disconnect()
+            _client = None
+
+
+def workspace_prefix(user_id: int | str, project_id: uuid.UUID | str) -> str:
+    """The prefix every Redis key of one workspace lives under."""
+    return f"{KEY_NAMESPACE}:{int(user_id)}:{uuid.UUID(str(project_id)).hex}:"
+
+
+# Commands whose first argument is the only key.
+_SINGLE_KEY = frozenset(
+    """
+    get set setnx setex psetex getset getdel getex incr incrby decr decrby incrbyfloat
+    expire pexpire expireat pexpireat ttl pttl persist type strlen append
+    hget hset hsetnx hmget hgetall hdel hexists hincrby hincrbyfloat hkeys hvals hlen hscan_iter
+    lpush rpush lpop rpop llen lrange lrem ltrim lindex lset
+    sadd srem smembers sismember smismember scard spop srandmember sscan_iter
+    zadd zrem zscore zrange zrangebyscore zrevrange zcard zincrby zremrangebyscore zcount
+    xadd xlen xrange xrevrange xtrim xdel xinfo_stream
+    lock
+    """.split()
+)
+# Commands whose every positional argument is a key.
+_ALL_KEYS = frozenset("delete unlink exists touch".split())
+# Passed through untouched: they name no key.
+_PASSTHROUGH = frozenset("execute reset watch_unsafe ping close".split())
+
+
+class ScopedRedis:
+    """A Redis client (sync or asyncio, or a pipeline) confined to one key prefix."""
+
+    __slots__ = ("_client", "prefix")
+
+    def __init__(self, client: Any, prefix: str):
+        if not prefix.endswith(":"):
+            raise ValueError("a workspace prefix ends with ':'")
+        self._client = client
+        self.prefix = prefix
+
+    def key(self, name: str) -> str:
+        """The full Redis key for a workspace-relative name."""
+        return self.prefix + name
+
+    def __getattr__(self, command: str) -> Any:
+        method = getattr(self._client, command)
+        if command in _SINGLE_KEY:
+            return lambda name, *args, **kwargs: method(self.prefix + name, *args, **kwargs)
+        if command in _ALL_KEYS:
+            return lambda *names: method(*(self.prefix + n for n in names))
+        if command in _PASSTHROUGH:
+            return method
+        raise AttributeError(f"ScopedRedis does not scope the command {command!r}")
+
+    def xread(self, streams: dict[str, Any], **kwargs: Any) -> Any:
+        return self._client.xread({self.prefix + k: v for k, v in streams.items()}, **kwargs)
+
+    def pipeline(self, transaction: bool = True) -> ScopedRedis:
+        return ScopedRedis(self._client.pipeline(transaction=transaction), self.prefix)
+
+    def scan_iter(self, match: str = "*", count: int = 500) -> Iterator[str]:
+        """Workspace-relative names of this workspace's keys (sync clients only)."""
+        cut = len(self.prefix)
+        for full in self._client.scan_iter(match=self.prefix + match, count=count):
+            yield full[cut:]
+
+    def delete_all(self) -> int:
+        """Remove every key under the prefix; returns how many were removed."""
+        removed = 0
+        batch: list[str] = []
+        for full in self._client.scan_iter(match=self.prefix + "*", count=1000):
+            batch.append(full)
+            if len(batch) >= 500:
+                removed += self._client.unlink(*batch)
+                batch.clear()
+        if batch:
+            removed += self._client.unlink(*batch)
+        return removed
+
+
+def scoped(user_id: int | str, project_id: uuid.UUID | str) -> ScopedRedis:
+    return ScopedRedis(get_redis(), workspace_prefix(user_id, project_id))
+
+
+def scoped_async(
+    client: redis.asyncio.Redis, user_id: int | str, project_id: uuid.UUID | str
+) -> ScopedRedis:
+    return ScopedRedis(client, workspace_prefix(user_id, project_id))

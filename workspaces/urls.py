@@ -1,0 +1,3 @@
+urlpatterns: list = [
+    # health and stats (workspaces.apis)
+]
