@@ -1,0 +1,87 @@
+import pytest
+
+from agents.models import ChatSession, Message
+from tests.factories import AgentFactory, MessageFactory, ProjectFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def chat_url(project, *parts):
+    return "/".join([f"/my/projects/{project.id}/chat", *map(str, parts)]) + "/"
+
+
+def test_sessions_create_list_get_delete(api, agent):
+    project = agent.project
+    created = api.post(chat_url(project), {"agent_id": str(agent.id), "title": "t"}, format="json")
+    assert created.status_code == 201, created.content
+    session = created.json()
+    assert session["agent_id"] == str(agent.id) and session["title"] == "t"
+
+    listing = api.get(chat_url(project)).json()
+    assert listing["total"] == 1 and listing["sessions"][0]["id"] == session["id"]
+    assert api.get(chat_url(project, session["id"])).status_code == 200
+    assert api.delete(chat_url(project, session["id"])).status_code == 204
+    assert api.get(chat_url(project, session["id"])).status_code == 404
+
+
+def test_title_is_optional(api, agent):
+    response = api.post(chat_url(agent.project), {"agent_id": str(agent.id)}, format="json")
+    assert response.status_code == 201 and response.json()["title"] == ""
+
+
+@pytest.mark.parametrize(
+    "payload, field",
+    [
+        ({}, "agent_id"),
+        ({"agent_id": "not-a-uuid"}, "agent_id"),
+        ({"agent_id": "00000000-0000-0000-0000-000000000000"}, "agent_id"),
+        ({"agent_id": None}, "agent_id"),
+    ],
+)
+def test_bad_session_is_400_and_writes_nothing(api, agent, payload, field):
+    response = api.post(chat_url(agent.project), payload, format="json")
+    assert response.status_code == 400 and field in response.json()
+    assert ChatSession.objects.count() == 0
+
+
+def test_a_session_cannot_use_another_projects_agent(api, user, agent):
+    own_other_project = ProjectFactory(owner=user)
+    foreign_agent = AgentFactory()  # another user's project
+    for candidate in (AgentFactory(project=own_other_project), foreign_agent):
+        response = api.post(chat_url(agent.project), {"agent_id": str(candidate.id)}, format="json")
+        assert response.status_code == 400 and "agent_id" in response.json()
+    assert ChatSession.objects.count() == 0
+
+
+def test_posting_a_message_stores_it_and_answers_202(api, session):
+    url = chat_url(session.project, session.id, "messages")
+    response = api.post(url, {"content": "Hello there"}, format="json")
+    assert response.status_code == 202, response.content
+    stored = Message.objects.get(session=session, role="user")
+    assert stored.content == "Hello there"
+    listing = api.get(url).json()
+    assert listing["total"] >= 1
+    assert listing["messages"][0]["content"] == "Hello there"
+
+
+@pytest.mark.parametrize(
+    "payload, field",
+    [
+        ({}, "content"),
+        ({"content": ""}, "content"),
+        ({"content": "x" * (32 * 1024 + 1)}, "content"),
+        ({"content": "hi", "role": "system"}, "role"),
+    ],
+)
+def test_bad_message_is_400_and_writes_nothing(api, session, payload, field):
+    response = api.post(chat_url(session.project, session.id, "messages"), payload, format="json")
+    assert response.status_code == 400 and field in response.json()
+    assert Message.objects.count() == 0
+
+
+def test_messages_are_listed_in_conversation_order(api, session):
+    for text in ("one", "two", "three"):
+        MessageFactory(session=session, content=text)
+    body = api.get(chat_url(session.project, session.id, "messages"), {"limit": 2}).json()
+    assert [m["content"] for m in body["messages"]] == ["one", "two"]
+    assert body["total"] == 3

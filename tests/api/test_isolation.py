@@ -1,0 +1,155 @@
+"""Another user's project, agent, session or message is a 404 on every route and method.
+
+The matrix walks every per-project route with every method it serves, against ids that
+belong to someone else (or to another of the caller's own projects), and checks that
+nothing answered anything but 404 and that nothing was written or created for them.
+"""
+
+import itertools
+
+import pytest
+from django.urls import get_resolver
+
+from agents.models import Agent, ChatSession, Message
+from projects.models import Project
+from tests.factories import AgentFactory, ChatSessionFactory, MessageFactory, ProjectFactory
+
+pytestmark = pytest.mark.django_db
+
+# (route template, methods). Keep in step with the URLconf: test_matrix_covers_every_route.
+ROUTES = [
+    ("/my/projects/{p}/", ["get", "patch", "delete"]),
+    ("/my/projects/{p}/agents/", ["get", "post"]),
+    ("/my/projects/{p}/agents/{a}/", ["get", "patch", "delete"]),
+    ("/my/projects/{p}/chat/", ["get", "post"]),
+    ("/my/projects/{p}/chat/{s}/", ["get", "delete"]),
+    ("/my/projects/{p}/chat/{s}/messages/", ["get", "post"]),
+]
+VALID_BODIES = {
+    "/my/projects/{p}/": {"name": "renamed"},
+    "/my/projects/{p}/agents/": {"name": "intruder"},
+    "/my/projects/{p}/agents/{a}/": {"name": "renamed"},
+    "/my/projects/{p}/chat/": {"agent_id": "{a}"},
+    "/my/projects/{p}/chat/{s}/messages/": {"content": "hello"},
+}
+
+
+def _fill(template, ids):
+    return template.format(**ids)
+
+
+def _body(template, ids):
+    body = VALID_BODIES.get(template, {})
+    return {k: v.format(**ids) if isinstance(v, str) else v for k, v in body.items()}
+
+
+def _snapshot():
+    return (
+        sorted(Project.objects.values_list("id", "name", "updated_at")),
+        sorted(Agent.objects.values_list("id", "name", "updated_at")),
+        sorted(ChatSession.objects.values_list("id", "title")),
+        sorted(Message.objects.values_list("id", "content", "status")),
+    )
+
+
+@pytest.fixture
+def world(user, other_user):
+    """The caller's project and a second one of theirs; another user's project."""
+    mine = ProjectFactory(owner=user)
+    my_agent = AgentFactory(project=mine)
+    my_session = ChatSessionFactory(agent=my_agent, project=mine)
+    MessageFactory(session=my_session)
+
+    my_second = ProjectFactory(owner=user)
+    second_agent = AgentFactory(project=my_second)
+    second_session = ChatSessionFactory(agent=second_agent, project=my_second)
+
+    theirs = ProjectFactory(owner=other_user)
+    their_agent = AgentFactory(project=theirs)
+    their_session = ChatSessionFactory(agent=their_agent, project=theirs)
+    MessageFactory(session=their_session)
+    return {
+        "mine": {"p": mine.id, "a": my_agent.id, "s": my_session.id},
+        "second": {"p": my_second.id, "a": second_agent.id, "s": second_session.id},
+        "theirs": {"p": theirs.id, "a": their_agent.id, "s": their_session.id},
+    }
+
+
+def _foreign_id_sets(world):
+    theirs, mine, second = world["theirs"], world["mine"], world["second"]
+    yield "their project", theirs
+    # The caller's own project with children of someone else's project...
+    yield "my project, their children", {"p": mine["p"], "a": theirs["a"], "s": theirs["s"]}
+    # ...or of another of the caller's own projects: children never cross projects.
+    yield (
+        "my project, my other project's children",
+        {
+            "p": mine["p"],
+            "a": second["a"],
+            "s": second["s"],
+        },
+    )
+
+
+def test_every_route_and_method_is_404_for_foreign_ids(api, world, redis_client):
+    before = _snapshot()
+    checked = 0
+    for (label, ids), (template, methods) in itertools.product(_foreign_id_sets(world), ROUTES):
+        if "{a}" not in template and "{s}" not in template and ids["p"] == world["mine"]["p"]:
+            continue  # the route names only the caller's own project: not a foreign id
+        for method in methods:
+            url = _fill(template, ids)
+            response = getattr(api, method)(url, _body(template, ids), format="json")
+            assert response.status_code == 404, (label, method.upper(), url, response.content)
+            checked += 1
+    assert checked >= 30
+    assert _snapshot() == before, "a request with foreign ids changed the database"
+    theirs = world["theirs"]["p"].hex
+    assert not list(redis_client.scan_iter(match=f"uws:*:{theirs}:*")), (
+        "probing another user's project created workspace state for it"
+    )
+
+
+def test_lists_never_show_foreign_rows(api, world):
+    projects = api.get("/my/projects/").json()["projects"]
+    assert {p["id"] for p in projects} == {str(world["mine"]["p"]), str(world["second"]["p"])}
+
+    mine = world["mine"]
+    agents = api.get(f"/my/projects/{mine['p']}/agents/").json()["agents"]
+    assert [a["id"] for a in agents] == [str(mine["a"])]
+    sessions = api.get(f"/my/projects/{mine['p']}/chat/").json()["sessions"]
+    assert [s["id"] for s in sessions] == [str(mine["s"])]
+    messages = api.get(f"/my/projects/{mine['p']}/chat/{mine['s']}/messages/").json()
+    assert messages["total"] == 1
+
+
+def test_unsupported_methods_never_succeed_on_foreign_ids(api, world):
+    theirs = world["theirs"]
+    for template, methods in ROUTES:
+        for method in {"get", "post", "put", "patch", "delete"} - set(methods):
+            response = getattr(api, method)(_fill(template, theirs), {}, format="json")
+            assert response.status_code in (404, 405), (method, template, response.status_code)
+
+
+def test_matrix_covers_every_route():
+    """A per-project route added to the URLconf must be added to ROUTES above."""
+    served = set()
+
+    def walk(patterns, prefix=""):
+        for p in patterns:
+            route = prefix + str(p.pattern)
+            if hasattr(p, "url_patterns"):
+                walk(p.url_patterns, route)
+            else:
+                served.add(route)
+
+    walk(get_resolver().url_patterns)
+    per_project = {
+        "/"
+        + r.replace("<uuid:project_id>", "{p}")
+        .replace("<uuid:agent_id>", "{a}")
+        .replace("<uuid:session_id>", "{s}")
+        for r in served
+        if "<uuid:project_id>" in r
+    }
+    assert per_project <= {t for t, _ in ROUTES}, per_project - {t for t, _ in ROUTES}

@@ -1,0 +1,84 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.test import Client
+
+from tests.factories import AgentFactory, ChatSessionFactory, MessageFactory, UserFactory
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.django_db
+def test_openapi_schema_describes_the_per_project_api():
+    response = Client().get("/api/schema/", HTTP_ACCEPT="application/vnd.oai.openapi+json")
+    assert response.status_code == 200
+    schema = response.json()
+    assert schema["openapi"].startswith("3.")
+    paths = schema["paths"]
+    for path in (
+        "/my/projects/",
+        "/my/projects/{project_id}/agents/",
+        "/my/projects/{project_id}/chat/{session_id}/messages/",
+    ):
+        assert path in paths, path
+
+
+@pytest.mark.django_db
+def test_swagger_ui_is_served():
+    assert Client().get("/api/docs/").status_code == 200
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/admin/projects/project/",
+        "/admin/agents/agent/",
+        "/admin/agents/chatsession/",
+        "/admin/agents/message/",
+        "/admin/projects/project/?q=alpha",
+        "/admin/agents/message/?role__exact=user&q=hello",
+    ],
+)
+def test_admin_changelists_render(url):
+    staff = UserFactory(is_staff=True, is_superuser=True)
+    MessageFactory(session=ChatSessionFactory(agent=AgentFactory()))
+    client = Client()
+    client.force_login(staff)
+    assert client.get(url).status_code == 200
+
+
+def _manage(settings_module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k not in ("SECRET_KEY", "DEBUG")}
+    environment.update(DJANGO_SETTINGS_MODULE=settings_module, **env)
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_production_settings_refuse_to_start_without_a_secret_key():
+    result = _manage("config.settings.production", "check", ALLOWED_HOSTS="example.com")
+    assert result.returncode != 0
+    assert "SECRET_KEY" in result.stderr
+
+
+def test_production_settings_pass_the_deploy_check():
+    result = _manage(
+        "config.settings.production",
+        "check",
+        "--deploy",
+        "--fail-level",
+        "WARNING",
+        SECRET_KEY="k8Jr2vQz7mXw4pLs9TnBy6HdFc3GaRe5UoViKt1NjMbZqWhYxCl0OsPuAeDgSfIr",
+        ALLOWED_HOSTS="api.example.com",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
