@@ -1,9 +1,62 @@
+"""The Celery app: broker settings come from Django settings (CELERY_*); queue layout,
+routes, the AgentBus worker bootstep and the beat schedule are set here.
+
+Workers come in two modes (see workspaces/worker.py):
+
+- shared:    celery -A config worker -Q uws.maintenance
+             follows the maintenance queue and the queues of *active* projects only,
+             joining and leaving them as projects become active or are reaped;
+- dedicated: celery -A config worker -Q uws.project.<project uuid hex>
+             (or `python manage.py agentbus_worker --project <uuid>`)
+             serves one project's queue and ignores the active set.
+
+The mode follows from -Q (any project queue there means dedicated); the worker option
+`--agentbus-mode {auto,shared,dedicated}` overrides it.
+"""
+
 import os
 
+import click
 from celery import Celery
+from celery.app.amqp import AMQP
+
+from workspaces.queues import MAINTENANCE_QUEUE, TASK_ROUTES, DirectQueues, direct_queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
 
-app = Celery("config")
+
+class DirectAMQP(AMQP):
+    """Celery's AMQP layer with a queue table that never binds exchanges per queue."""
+
+    queues_cls = DirectQueues
+
+
+app = Celery("config", amqp=DirectAMQP, include=["workspaces.bus_tasks"])
 app.config_from_object("django.conf:settings", namespace="CELERY")
+# Set before Django settings load (pending configuration), and they win over them.
+app.conf.update(
+    task_default_queue=MAINTENANCE_QUEUE,
+    task_queues=[direct_queue(MAINTENANCE_QUEUE)],
+    task_routes=TASK_ROUTES,
+)
+app.conf.beat_schedule = {
+    # Retires project queues that are empty and idle, and rescues stranded ones.
+    "workspaces.reap_idle_queues": {
+        "task": "workspaces.reap_idle_queues",
+        "schedule": 30.0,
+        "options": {"expires": 30.0},
+    },
+}
 app.autodiscover_tasks()
+
+app.user_options["worker"].add(
+    click.Option(
+        ["--agentbus-mode"],
+        type=click.Choice(["auto", "shared", "dedicated"]),
+        default="auto",
+        show_default=True,
+        help="AgentBus mode: shared workers follow the active project queues, a "
+        "dedicated worker only its -Q queues. auto: dedicated if -Q names a project queue.",
+    )
+)
+app.steps["consumer"].add("workspaces.worker:AgentBusConsumer")

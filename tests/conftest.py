@@ -81,3 +81,34 @@ def agent(project):
 @pytest.fixture
 def session(agent):
     return ChatSessionFactory(agent=agent, project=agent.project)
+
+
+@pytest.fixture
+def live_worker(transactional_db):
+    """A real Celery worker running in this process (threads pool, 2 threads).
+
+    It follows the maintenance queue and the queues of active projects exactly as the
+    shared pool does (the AgentBus bootstep: broadcasts plus the periodic reconcile), so
+    tasks published through the AgentBus run for real. Yields the WorkController.
+    """
+    from celery.contrib.testing.worker import start_worker
+
+    from config.celery_app import app
+    from workspaces.queues import MAINTENANCE_QUEUE
+
+    try:
+        with start_worker(
+            app,
+            pool="threads",
+            concurrency=2,
+            queues=[MAINTENANCE_QUEUE],
+            agentbus_mode="shared",
+            perform_ping_check=False,
+            loglevel="WARNING",
+            shutdown_timeout=30,
+        ) as worker:
+            yield worker
+    finally:
+        # The worker narrowed and extended the app's queue table; the next test starts clean.
+        for cached in ("queues", "router", "default_queue"):
+            app.amqp.__dict__.pop(cached, None)

@@ -2,14 +2,31 @@
 
 The AgentBus is one Celery queue per project. Maintenance work (teardown, sweeps,
 the queue reaper) has its own queue, which every shared worker always follows.
+
+Every queue here is addressed straight by name: messages go to the nameless (default)
+exchange with the queue's name as routing key. On Redis that is one LPUSH onto the
+queue's list and nothing else: no exchange, no `_kombu.binding.*` set per project, so
+a million projects leave no routing tables behind.
 """
 
 from __future__ import annotations
 
 import uuid
 
+from celery.app.amqp import Queues
+from kombu import Exchange, Queue
+
 MAINTENANCE_QUEUE = "uws.maintenance"
 PROJECT_QUEUE_PREFIX = "uws.project."
+
+# The nameless exchange: the routing key is the destination queue.
+DIRECT = Exchange("")
+
+# Where tasks that are not published through the AgentBus go, by task name. Agent
+# tasks are routed per project by the AgentBus itself (workspaces.bus).
+TASK_ROUTES = {
+    "workspaces.*": {"queue": MAINTENANCE_QUEUE},
+}
 
 
 def project_queue(project_id: uuid.UUID | str) -> str:
@@ -25,3 +42,42 @@ def project_id_from_queue(queue: str) -> uuid.UUID | None:
         return uuid.UUID(queue[len(PROJECT_QUEUE_PREFIX) :])
     except ValueError:
         return None
+
+
+def is_project_queue(queue: str) -> bool:
+    return project_id_from_queue(queue) is not None
+
+
+def direct_queue(name: str) -> Queue:
+    """A kombu queue addressed straight by name (see the module docstring).
+
+    `no_declare`: the Redis transport needs no declaration for such a queue (its list
+    appears with the first message), so following one costs no Redis round trip.
+    """
+    return Queue(name, DIRECT, routing_key=name, no_declare=True)
+
+
+class DirectQueues(Queues):
+    """Celery's queue table, keeping every queue on the nameless exchange.
+
+    Stock Celery gives a queue it has not seen (`-Q name`, `add_consumer`, publishing
+    with `task_create_missing_queues`) an exchange of the same name and binds it, and
+    swaps a nameless exchange for `task_default_exchange`: on Redis either writes a
+    binding per project queue. Here every queue stays direct-to-queue.
+    """
+
+    def new_missing(self, name: str) -> Queue:
+        return direct_queue(name)
+
+    def add_compat(self, name: str, **options) -> Queue:
+        # `add_consumer` passes exchange=<queue name>; a project queue never gets one.
+        if is_project_queue(name):
+            return self._add(direct_queue(name))
+        return super().add_compat(name, **options)
+
+    def _add(self, queue: Queue) -> Queue:
+        if queue.exchange is None or not queue.exchange.name:
+            queue.exchange = DIRECT
+            queue.routing_key = queue.routing_key or queue.name
+        self[queue.name] = queue
+        return queue

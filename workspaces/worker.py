@@ -1,0 +1,247 @@
+"""The AgentBus side of a Celery worker: which project queues it consumes.
+
+A worker runs in one of two modes:
+
+- **shared** (`celery -A config worker -Q uws.maintenance`): follows the maintenance
+  queue plus the queues of *active* projects (workspaces.bus). It joins a queue when a
+  producer announces it (`agentbus_follow` broadcast), leaves it when the reaper or a
+  project deletion retires it (`agentbus_unfollow`), and every
+  `AGENTBUS_RECONCILE_SECONDS` converges on the active set in Redis, because Redis
+  broadcasts are fire-and-forget: a worker that was reconnecting or busy still ends up
+  following exactly the active queues.
+- **dedicated** (`celery -A config worker -Q uws.project.<hex>`, or
+  `python manage.py agentbus_worker --project <uuid>`): consumes its -Q queues only and
+  ignores the active set and the broadcasts.
+
+The mode follows from -Q: naming any project queue makes the worker dedicated. The
+worker option `--agentbus-mode {auto,shared,dedicated}` overrides it.
+
+The broadcasts are our own control commands rather than Celery's `add_consumer` /
+`cancel_consumer` (which every worker obeys, dedicated ones included); they call the
+same Consumer.add_task_queue / cancel_task_queue machinery. Each checks the active set
+before acting, so broadcasts that arrive out of order (retired, then re-activated) end
+in the right state. `celery -A config inspect agentbus_status` shows each worker's mode
+and followed queues; Flower's Broker tab lists the queues workers report through
+`inspect active_queues`, which includes the followed project queues.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from celery import bootsteps
+from celery.worker.control import control_command, inspect_command, ok
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+from .bus import FOLLOW_COMMAND, STATUS_COMMAND, UNFOLLOW_COMMAND, get_agent_bus
+from .queues import direct_queue, is_project_queue
+
+logger = logging.getLogger(__name__)
+
+SHARED = "shared"
+DEDICATED = "dedicated"
+
+
+class AgentBusConsumer(bootsteps.StartStopStep):
+    """Consumer bootstep: decides the worker's mode and keeps a shared worker's
+    project queues equal to the active set."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+    name = "AgentBus"
+
+    def __init__(self, c, agentbus_mode: str | None = "auto", **kwargs):
+        super().__init__(c, **kwargs)
+        self.requested_mode = agentbus_mode or "auto"
+        self.mode: str | None = None
+        self.timer_ref = None
+        self.reconciled_at: float | None = None
+        self._blocked_client: tuple[object, int] | None = None
+        c.agentbus = self
+        _check_visibility_timeout()
+
+    # --- lifecycle (start runs again after every broker reconnection) -------------
+    def start(self, c):
+        if self.mode is None:
+            self.mode = self._decide_mode(c)
+            logger.info("AgentBus: %s worker", self.mode)
+        if self.mode != SHARED:
+            return
+        self.reconcile(c)
+        if self.timer_ref is None:
+            self.timer_ref = c.timer.call_repeatedly(
+                settings.AGENTBUS_RECONCILE_SECONDS, self._reconcile_safely, (c,), priority=10
+            )
+
+    def stop(self, c):
+        if self.timer_ref is not None:
+            self.timer_ref.cancel()
+            self.timer_ref = None
+
+    def shutdown(self, c):
+        self.stop(c)
+
+    def _decide_mode(self, c) -> str:
+        if self.requested_mode in (SHARED, DEDICATED):
+            return self.requested_mode
+        selected = c.app.amqp.queues.consume_from
+        return DEDICATED if any(is_project_queue(name) for name in selected) else SHARED
+
+    # --- converging on the active set ---------------------------------------------
+    def followed(self, c) -> set[str]:
+        """Project queues this worker consumes now."""
+        if c.task_consumer is None:
+            return set()
+        return {name for name in c.task_consumer._active_tags if is_project_queue(name)}
+
+    def reconcile(self, c) -> None:
+        if c.task_consumer is None:
+            return
+        active = set(get_agent_bus().active_queues())
+        followed = self.followed(c)
+        self.unfollow(c, followed - active)
+        self.follow(c, active - followed)
+        self.reconciled_at = time.time()
+
+    def _reconcile_safely(self, c) -> None:
+        try:
+            self.reconcile(c)
+        except Exception:
+            # Redis down or reconnecting: keep consuming what we have, try again later.
+            logger.warning("AgentBus: reconcile failed", exc_info=True)
+
+    def follow(self, c, queues) -> list[str]:
+        cset = c.task_consumer
+        if cset is None:
+            return []
+        table = c.app.amqp.queues
+        added = []
+        for name in sorted(queues):
+            if cset.consuming_from(name):
+                continue
+            cset.add_queue(table.select_add(direct_queue(name)))
+            added.append(name)
+        if added:
+            cset.consume()
+            logger.info("AgentBus: following %d more queue(s): %s", len(added), added[:5])
+            # A BRPOP already waiting does not include the new queues: cut it short.
+            self._wake_poll(cset.channel)
+        return added
+
+    def unfollow(self, c, queues) -> list[str]:
+        cset = c.task_consumer
+        if cset is None:
+            return []
+        table = c.app.amqp.queues
+        removed = []
+        for name in sorted(queues):
+            table.deselect(name)
+            if cset.consuming_from(name):
+                cset.cancel_by_queue(name)
+                removed.append(name)
+            table.pop(name, None)  # the routing table need not remember every project
+        if removed:
+            logger.info("AgentBus: left %d queue(s): %s", len(removed), removed[:5])
+        return removed
+
+    def _wake_poll(self, channel) -> None:
+        """End a BRPOP in flight as if it timed out, so the next one includes the queues
+        just added. Without this a new project's first task waits up to the BRPOP
+        timeout (1 s). Best effort: a failure only costs that wait."""
+        conn = getattr(channel, "_in_poll", None)
+        sock = getattr(conn, "_sock", None)
+        if not conn or sock is None:
+            return
+        try:
+            addr = sock.getsockname()
+            if not isinstance(addr, tuple):
+                return  # unix socket: no address to find the client by
+            client = get_agent_bus().redis()
+            client_id = None
+            if self._blocked_client and self._blocked_client[0] == (id(conn), addr):
+                client_id = self._blocked_client[1]
+            else:
+                wanted = {f"{addr[0]}:{addr[1]}", f"[{addr[0]}]:{addr[1]}"}
+                for entry in client.client_list():
+                    if entry.get("addr") in wanted:
+                        client_id = int(entry["id"])
+                        self._blocked_client = ((id(conn), addr), client_id)
+                        break
+            if client_id is not None:
+                client.client_unblock(client_id)
+        except Exception:
+            logger.debug("AgentBus: could not wake the poll", exc_info=True)
+
+
+def _check_visibility_timeout() -> None:
+    options = settings.CELERY_BROKER_TRANSPORT_OPTIONS or {}
+    visibility = options.get("visibility_timeout", 3600)
+    longest = getattr(settings, "CELERY_TASK_TIME_LIMIT", None)
+    if longest and visibility <= longest:
+        raise ImproperlyConfigured(
+            f"visibility_timeout ({visibility}s) must exceed CELERY_TASK_TIME_LIMIT "
+            f"({longest}s), or Redis hands a running task to a second worker"
+        )
+
+
+def _shared_step(state):
+    step = getattr(state.consumer, "agentbus", None)
+    if step is None or step.mode != SHARED:
+        return None
+    return step
+
+
+def _queue_list(queues, queue) -> list[str]:
+    names = list(queues or [])
+    if queue:
+        names.append(queue)
+    return [n for n in names if is_project_queue(n)]
+
+
+@control_command(
+    name=FOLLOW_COMMAND,
+    args=[("queue", str)],
+    signature="<queue>",
+)
+def agentbus_follow(state, queues=None, queue=None, **_):
+    """Shared AgentBus workers: start consuming project queues that are active."""
+    step = _shared_step(state)
+    names = _queue_list(queues, queue)
+    if step is None or not names:
+        return ok("ignored")
+    consumer = state.consumer
+    wanted = get_agent_bus().active_among(names)
+    consumer.call_soon(step.follow, consumer, wanted)
+    return ok(f"following {len(wanted)} queue(s)")
+
+
+@control_command(
+    name=UNFOLLOW_COMMAND,
+    args=[("queue", str)],
+    signature="<queue>",
+)
+def agentbus_unfollow(state, queues=None, queue=None, **_):
+    """Shared AgentBus workers: stop consuming project queues that are not active."""
+    step = _shared_step(state)
+    names = _queue_list(queues, queue)
+    if step is None or not names:
+        return ok("ignored")
+    consumer = state.consumer
+    # A queue re-activated since the retirement stays followed.
+    gone = set(names) - get_agent_bus().active_among(names)
+    consumer.call_soon(step.unfollow, consumer, gone)
+    return ok(f"leaving {len(gone)} queue(s)")
+
+
+@inspect_command(name=STATUS_COMMAND)
+def agentbus_status(state, **_):
+    """The worker's AgentBus mode and the project queues it follows."""
+    step = getattr(state.consumer, "agentbus", None)
+    if step is None:
+        return {"mode": None, "queues": [], "reconciled_at": None}
+    return {
+        "mode": step.mode,
+        "queues": sorted(step.followed(state.consumer)),
+        "reconciled_at": step.reconciled_at,
+    }
