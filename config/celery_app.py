@@ -46,6 +46,12 @@ app.conf.beat_schedule = {
         "schedule": 30.0,
         "options": {"expires": 30.0},
     },
+    # Re-dispatches owed workspace teardowns and tears down leftovers with no project.
+    "workspaces.sweep": {
+        "task": "workspaces.sweep",
+        "schedule": float(os.environ.get("WORKSPACE_SWEEP_SECONDS", 300)),
+        "options": {"expires": 60.0},
+    },
 }
 app.autodiscover_tasks()
 

@@ -30,31 +30,10 @@ from .signals import agent_deregistered, agents_registered
 logger = logging.getLogger(__name__)
 
 
-class _BusNotInstalled:
-    """Stands in while workspaces.bus is not in the tree yet (parallel development);
-    removed once the AgentBus lands."""
-
-    def is_tombstoned(self, project_id) -> bool:
-        return False
-
-    def registered_agents(self, **ids) -> set[str]:
-        return set()
-
-    def register_agent(self, **ids) -> None:
-        pass
-
-    def deregister_agent(self, **ids) -> None:
-        pass
-
-
 def agent_bus():
     """The process's AgentBus."""
-    try:
-        from .bus import get_agent_bus
-    except ModuleNotFoundError as exc:
-        if exc.name != "workspaces.bus":
-            raise
-        return _BusNotInstalled()
+    from .bus import get_agent_bus
+
     return get_agent_bus()
 
 

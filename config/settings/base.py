@@ -161,6 +161,12 @@ WORKSPACE_IDLE_SECONDS = env.float("WORKSPACE_IDLE_SECONDS", default=900)
 # How often the in-process fast path re-reads the registry (catches resets elsewhere).
 WORKSPACE_REVALIDATE_SECONDS = env.float("WORKSPACE_REVALIDATE_SECONDS", default=5)
 WORKSPACE_INIT_LOCK_SECONDS = env.float("WORKSPACE_INIT_LOCK_SECONDS", default=30)
+# A pending teardown with no progress for this long is dispatched again by the sweep.
+WORKSPACE_TEARDOWN_REDISPATCH_SECONDS = env.float(
+    "WORKSPACE_TEARDOWN_REDISPATCH_SECONDS", default=60
+)
+# How long the health check waits for the broker and for live workers to answer.
+WORKSPACE_HEALTH_TIMEOUT_SECONDS = env.float("WORKSPACE_HEALTH_TIMEOUT_SECONDS", default=1.0)
 
 # --- AgentBus ----------------------------------------------------------------------
 # A project queue that has been empty and unused this long is retired from the pool.
