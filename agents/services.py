@@ -7,6 +7,7 @@ from typing import Any
 from django.db import transaction
 
 from projects.models import Project
+from workspaces.services import workspace_agent_sync_on_commit
 
 from .models import Agent, ChatSession, Message
 
@@ -21,9 +22,12 @@ def agent_create(
     model: str = "",
     params: dict[str, Any] | None = None,
 ) -> Agent:
-    return Agent.objects.create(
+    agent = Agent.objects.create(
         project=project, name=name, system_prompt=system_prompt, model=model, params=params or {}
     )
+    # The workspace's AgentCache and bus registration follow the committed row.
+    workspace_agent_sync_on_commit(project_id=project.id, agent_id=agent.id)
+    return agent
 
 
 def agent_update(*, agent: Agent, data: dict[str, Any]) -> Agent:
@@ -32,12 +36,15 @@ def agent_update(*, agent: Agent, data: dict[str, Any]) -> Agent:
         setattr(agent, field, data[field])
     if fields:
         agent.save(update_fields=[*fields, "updated_at"])
+        workspace_agent_sync_on_commit(project_id=agent.project_id, agent_id=agent.id)
     return agent
 
 
 @transaction.atomic
 def agent_delete(*, agent: Agent) -> None:
+    project_id, agent_id = agent.project_id, agent.id
     agent.delete()
+    workspace_agent_sync_on_commit(project_id=project_id, agent_id=agent_id)
 
 
 def session_create(*, project: Project, agent: Agent, title: str = "") -> ChatSession:
