@@ -57,3 +57,16 @@ def agent_config(agent: Agent) -> dict:
         "params": agent.params,
         "updated_at": agent.updated_at.isoformat(),
     }
+
+
+def context_job_get(*, agent: Agent, job_id: uuid.UUID | str) -> dict | None:
+    """A context job of this agent (status lives in workspace Redis for a day), or None."""
+    from workspaces.redis import scoped
+
+    from .runtime.streams import job_get
+
+    project = agent.project
+    job = job_get(redis=scoped(project.owner_id, project.id), job_id=job_id)
+    if job is None or job.get("agent_id") != str(agent.id):
+        return None
+    return job

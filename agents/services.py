@@ -57,8 +57,205 @@ def session_delete(*, session: ChatSession) -> None:
     session.delete()
 
 
-def message_create(*, session: ChatSession, content: str) -> Message:
-    """Store a user's message."""
-    return Message.objects.create(
+# --- Chat: a message, its answer, cancelling, the agent's context ---------------------------
+
+
+@transaction.atomic
+def message_create(*, session: ChatSession, content: str) -> tuple[Message, Message]:
+    """Store a user's message and the (pending) assistant message that will answer it.
+
+    After commit, both are announced on the session's event stream and the agent run is
+    put on the project's bus. Returns (user message, assistant message).
+    """
+    user_message = Message.objects.create(
         session=session, role=Message.Role.USER, content=content, status=Message.Status.DONE
     )
+    assistant_message = Message.objects.create(
+        session=session, role=Message.Role.ASSISTANT, status=Message.Status.PENDING
+    )
+    user_id = session.project.owner_id
+    transaction.on_commit(
+        lambda: _chat_run_dispatch(
+            user_id=user_id, user_message=user_message, assistant_message=assistant_message
+        )
+    )
+    return user_message, assistant_message
+
+
+def _chat_run_dispatch(*, user_id: int, user_message: Message, assistant_message: Message) -> None:
+    from workspaces.bus import get_agent_bus
+    from workspaces.redis import scoped
+
+    from .runtime import streams
+    from .runtime.chat import message_event_data
+    from .tasks import run_agent
+
+    project_id = assistant_message.session.project_id
+    redis = scoped(user_id, project_id)
+    # Announce first, so a client sees the message before the worker's first delta.
+    for message in (user_message, assistant_message):
+        streams.event_append(
+            redis=redis,
+            session_id=message.session_id,
+            event_type=streams.MESSAGE_CREATED,
+            data=message_event_data(message),
+        )
+    try:
+        get_agent_bus().publish(
+            run_agent,
+            user_id=user_id,
+            project_id=project_id,
+            kwargs={
+                "session_id": str(assistant_message.session_id),
+                "message_id": assistant_message.id,
+            },
+        )
+    except Exception:
+        # Nothing will answer: say so on the message instead of leaving it pending.
+        Message.objects.filter(id=assistant_message.id, status=Message.Status.PENDING).update(
+            status=Message.Status.ERROR, error="the agent run could not be queued"
+        )
+        raise
+
+
+def session_runs_cancel(*, session: ChatSession) -> list[int]:
+    """Stop the session's in-flight answers; returns the ids of the messages cancelled.
+
+    A run not started yet ends here; a streaming one sees the cancel flag before its next
+    delta and ends itself.
+    """
+    from workspaces.redis import scoped
+
+    from .runtime import streams
+    from .runtime.chat import CANCELLED, message_fail
+
+    in_flight = list(
+        Message.objects.filter(
+            session=session,
+            role=Message.Role.ASSISTANT,
+            status__in=(Message.Status.PENDING, Message.Status.STREAMING),
+        ).values_list("id", flat=True)
+    )
+    if not in_flight:
+        return []
+    redis = scoped(session.project.owner_id, session.project_id)
+    # The flag goes first: a run claiming its message after this sees it.
+    streams.cancel_request(redis=redis, message_ids=in_flight)
+    for message in Message.objects.filter(id__in=in_flight, status=Message.Status.PENDING):
+        message_fail(
+            redis=redis,
+            message=message,
+            reason=CANCELLED,
+            from_statuses=(Message.Status.PENDING,),
+        )
+    return in_flight
+
+
+def context_documents_add(*, agent: Agent, documents: list[dict[str, Any]]) -> str:
+    """Queue documents ({"text", "metadata"?}) for the agent's context; returns the job id."""
+    import time
+    import uuid
+
+    from workspaces.bus import get_agent_bus
+    from workspaces.redis import scoped
+
+    from .runtime import streams
+    from .tasks import add_context
+
+    project = agent.project
+    job_id = str(uuid.uuid4())
+    redis = scoped(project.owner_id, project.id)
+    streams.job_create(
+        redis=redis,
+        job_id=job_id,
+        fields={
+            "id": job_id,
+            "kind": "add",
+            "agent_id": str(agent.id),
+            "status": "queued",
+            "documents": len(documents),
+            "created_at": time.time(),
+        },
+    )
+    get_agent_bus().publish(
+        add_context,
+        user_id=project.owner_id,
+        project_id=project.id,
+        kwargs={"agent_id": str(agent.id), "job_id": job_id, "documents": documents},
+    )
+    return job_id
+
+
+def context_clear(*, agent: Agent) -> str:
+    """Queue forgetting everything in the agent's context; returns the job id."""
+    import time
+    import uuid
+
+    from workspaces.bus import get_agent_bus
+    from workspaces.redis import scoped
+
+    from .runtime import streams
+    from .tasks import clear_context
+
+    project = agent.project
+    job_id = str(uuid.uuid4())
+    redis = scoped(project.owner_id, project.id)
+    streams.job_create(
+        redis=redis,
+        job_id=job_id,
+        fields={
+            "id": job_id,
+            "kind": "clear",
+            "agent_id": str(agent.id),
+            "status": "queued",
+            "created_at": time.time(),
+        },
+    )
+    get_agent_bus().publish(
+        clear_context,
+        user_id=project.owner_id,
+        project_id=project.id,
+        kwargs={"agent_id": str(agent.id), "job_id": job_id},
+    )
+    return job_id
+
+
+class ContextUnavailable(Exception):
+    """No worker answered a context search in time, or the store failed."""
+
+
+def context_search(*, agent: Agent, query: str, k: int, timeout: float) -> list[dict[str, Any]]:
+    """Search the agent's context. The vector store lives on workers, so the search runs as
+    a task on the project's bus and this waits (at most `timeout` seconds) for its answer."""
+    import time
+    import uuid
+
+    from workspaces.bus import get_agent_bus
+    from workspaces.redis import scoped
+
+    from .runtime import streams
+    from .tasks import search_context
+
+    project = agent.project
+    request_id = str(uuid.uuid4())
+    get_agent_bus().publish(
+        search_context,
+        user_id=project.owner_id,
+        project_id=project.id,
+        kwargs={
+            "agent_id": str(agent.id),
+            "request_id": request_id,
+            "query": query,
+            "k": k,
+            # A worker reaching the task after this gives up: nobody is waiting any more.
+            "deadline": time.time() + timeout,
+        },
+    )
+    answer = streams.reply_wait(
+        redis=scoped(project.owner_id, project.id), request_id=request_id, timeout=timeout
+    )
+    if answer is None:
+        raise ContextUnavailable(f"no worker answered within {timeout:g}s")
+    if "error" in answer:
+        raise ContextUnavailable(f"the context store failed: {answer['error']}")
+    return answer["results"]

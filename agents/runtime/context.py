@@ -1,0 +1,256 @@
+"""An agent's context memory (RAG): chunk, embed and store documents; search them.
+
+Worker side only: everything here opens the embedder and the vector store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from .embeddings import get_embedder
+from .vectorstore import ContextHit, ContextPoint, collection_name, get_vector_store
+
+logger = logging.getLogger(__name__)
+
+CHUNK_CHARS = 1000
+CHUNK_OVERLAP = 120
+EMBED_BATCH = 32
+# Points of one agent are named by content: storing the same text twice (a redelivered
+# job, a repeated document) keeps one point.
+POINT_NAMESPACE = uuid.UUID("6f1d7a52-2a0e-4c59-9d7e-3f1b8c0a9e51")
+
+
+def chunk_text(text: str, *, size: int = CHUNK_CHARS, overlap: int = CHUNK_OVERLAP) -> list[str]:
+    """Split text into pieces of at most `size` characters, cut at paragraph, sentence or
+    word boundaries where possible, each repeating the tail of the previous one."""
+    text = re.sub(r"[ \t]+", " ", text).strip()
+    if not text:
+        return []
+    if len(text) <= size:
+        return [text]
+    chunks: list[str] = []
+    start = 0
+    while start < len(text):
+        end = min(start + size, len(text))
+        if end < len(text):
+            window = text[start:end]
+            cut = -1
+            for sep in ("\n\n", "\n", ". ", "! ", "? ", "; ", " "):
+                cut = window.rfind(sep, size // 2)
+                if cut != -1:
+                    end = start + cut + len(sep)
+                    break
+        piece = text[start:end].strip()
+        if piece:
+            chunks.append(piece)
+        if end >= len(text):
+            break
+        # Step back by the overlap, to a word start.
+        next_start = max(end - overlap, start + 1)
+        space = text.find(" ", next_start, end)
+        start = space + 1 if space != -1 else next_start
+    return chunks
+
+
+def point_id(collection: str, text: str) -> str:
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return str(uuid.uuid5(POINT_NAMESPACE, f"{collection}:{digest}"))
+
+
+def collections_ensure(*, user_id: int, project_id: uuid.UUID | str, agent_ids: list[str]) -> int:
+    """Create the agents' collections that do not exist yet; returns how many were created.
+    Agents deleted since they were registered get none."""
+    from agents.models import Agent
+
+    existing = Agent.objects.filter(project_id=project_id, id__in=agent_ids).values_list(
+        "id", flat=True
+    )
+    store, dim = get_vector_store(), get_embedder().dim
+    created = 0
+    for agent_id in existing:
+        name = collection_name(user_id=user_id, project_id=project_id, agent_id=agent_id)
+        created += store.ensure_collection(name, dim=dim)
+    return created
+
+
+def collection_drop(*, user_id: int, project_id: uuid.UUID | str, agent_id: str) -> bool:
+    name = collection_name(user_id=user_id, project_id=project_id, agent_id=agent_id)
+    return get_vector_store().drop_collection(name)
+
+
+def project_collections_drop(*, user_id: int, project_id: uuid.UUID | str) -> list[str]:
+    """Drop every collection of a project (idempotent; raises when the store fails)."""
+    return get_vector_store().drop_project(user_id=user_id, project_id=project_id)
+
+
+def documents_store(
+    *,
+    user_id: int,
+    project_id: uuid.UUID | str,
+    agent_id: str,
+    documents: list[dict[str, Any]],
+    extra_payload: dict[str, Any] | None = None,
+) -> int:
+    """Chunk, embed and upsert documents ({"text", "metadata"?}); returns the chunk count."""
+    name = collection_name(user_id=user_id, project_id=project_id, agent_id=agent_id)
+    embedder, store = get_embedder(), get_vector_store()
+    store.ensure_collection(name, dim=embedder.dim)
+    pending: list[tuple[str, dict[str, Any]]] = []
+    for doc_index, doc in enumerate(documents):
+        for chunk_index, chunk in enumerate(chunk_text(doc["text"])):
+            payload = {
+                "text": chunk,
+                "document_index": doc_index,
+                "chunk_index": chunk_index,
+                "metadata": doc.get("metadata") or {},
+                "stored_at": time.time(),
+                **(extra_payload or {}),
+            }
+            pending.append((chunk, payload))
+    stored = 0
+    for i in range(0, len(pending), EMBED_BATCH):
+        batch = pending[i : i + EMBED_BATCH]
+        vectors = embedder.passages([text for text, _ in batch])
+        stored += store.upsert(
+            name,
+            [
+                ContextPoint(id=point_id(name, text), vector=vector, payload=payload)
+                for (text, payload), vector in zip(batch, vectors, strict=True)
+            ],
+        )
+    return stored
+
+
+def context_search(
+    *, user_id: int, project_id: uuid.UUID | str, agent_id: str, query: str, k: int
+) -> list[ContextHit]:
+    if k <= 0 or not query.strip():
+        return []
+    name = collection_name(user_id=user_id, project_id=project_id, agent_id=agent_id)
+    store = get_vector_store()
+    if not store.exists(name):
+        return []
+    return store.search(name, get_embedder().query(query), k=k)
+
+
+def context_clear(*, user_id: int, project_id: uuid.UUID | str, agent_id: str) -> None:
+    """Forget everything the agent holds, keeping an (empty) collection."""
+    name = collection_name(user_id=user_id, project_id=project_id, agent_id=agent_id)
+    store = get_vector_store()
+    store.drop_collection(name)
+    store.ensure_collection(name, dim=get_embedder().dim)
+
+
+# --- Jobs run by worker tasks ------------------------------------------------------------
+
+
+def _agent_exists(*, project_id: uuid.UUID | str, agent_id: str) -> bool:
+    from agents.models import Agent
+
+    return Agent.objects.filter(id=agent_id, project_id=project_id).exists()
+
+
+def context_job_add(
+    *,
+    user_id: int,
+    project_id: uuid.UUID | str,
+    agent_id: str,
+    job_id: str,
+    documents: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Store documents for an agent and record the outcome on the job."""
+    from workspaces.redis import scoped
+
+    from . import streams
+
+    redis = scoped(user_id, project_id)
+    if not _agent_exists(project_id=project_id, agent_id=agent_id):
+        result = {"status": "error", "error": "the agent no longer exists"}
+    else:
+        streams.job_update(redis=redis, job_id=job_id, fields={"status": "running"})
+        started = time.perf_counter()
+        try:
+            chunks = documents_store(
+                user_id=user_id,
+                project_id=project_id,
+                agent_id=agent_id,
+                documents=documents,
+                extra_payload={"kind": "document", "job_id": job_id},
+            )
+        except Exception as exc:
+            logger.exception("context job %s failed", job_id)
+            result = {"status": "error", "error": f"storing failed: {type(exc).__name__}: {exc}"}
+        else:
+            result = {
+                "status": "done",
+                "chunks": chunks,
+                "seconds": round(time.perf_counter() - started, 4),
+            }
+    streams.job_update(redis=redis, job_id=job_id, fields={**result, "finished_at": time.time()})
+    return result
+
+
+def context_job_clear(
+    *, user_id: int, project_id: uuid.UUID | str, agent_id: str, job_id: str
+) -> dict[str, Any]:
+    from workspaces.redis import scoped
+
+    from . import streams
+
+    redis = scoped(user_id, project_id)
+    if not _agent_exists(project_id=project_id, agent_id=agent_id):
+        # Nothing to keep for a deleted agent: its collection goes entirely.
+        collection_drop(user_id=user_id, project_id=project_id, agent_id=agent_id)
+        result = {"status": "error", "error": "the agent no longer exists"}
+    else:
+        context_clear(user_id=user_id, project_id=project_id, agent_id=agent_id)
+        result = {"status": "done"}
+    streams.job_update(redis=redis, job_id=job_id, fields={**result, "finished_at": time.time()})
+    return result
+
+
+def context_search_reply(
+    *,
+    user_id: int,
+    project_id: uuid.UUID | str,
+    agent_id: str,
+    request_id: str,
+    query: str,
+    k: int,
+    deadline: float,
+) -> str:
+    """Search for a waiting web request and answer on its reply key (skip if it gave up)."""
+    from workspaces.redis import scoped
+
+    from . import streams
+
+    if time.time() > deadline:
+        return "expired"
+    redis = scoped(user_id, project_id)
+    try:
+        hits = context_search(
+            user_id=user_id, project_id=project_id, agent_id=agent_id, query=query, k=k
+        )
+    except Exception as exc:
+        logger.exception("context search for request %s failed", request_id)
+        payload: dict[str, Any] = {"error": f"{type(exc).__name__}: {exc}"}
+    else:
+        payload = {
+            "results": [
+                {
+                    "id": h.id,
+                    "score": h.score,
+                    "text": h.text,
+                    "kind": h.payload.get("kind", "document"),
+                    "metadata": h.payload.get("metadata") or {},
+                }
+                for h in hits
+            ]
+        }
+    streams.reply_send(redis=redis, request_id=request_id, payload=payload)
+    return "answered"

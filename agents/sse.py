@@ -1,0 +1,193 @@
+"""`GET /my/projects/{project_id}/chat/{session_id}/events/`: a chat session's events as
+Server-Sent Events, served by an async view under ASGI.
+
+Events come from the session's Redis Stream, so each carries the stream entry id as its
+SSE `id:`; a client resuming with `Last-Event-ID` (or `?cursor=`) reads strictly after
+it and gets every event it missed exactly once (as long as the stream still holds it:
+settings.CHAT_STREAM_MAXLEN per session). Without a cursor a client gets the events
+that arrive after it connected; `?cursor=0` replays what the stream holds.
+
+Each wake-up (an event, or a quiet interval) is also when the stream notices that its
+project was deleted and closes. A client that goes away cancels the generator at its
+await point: its Redis connection goes back to the pool and the generator ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import close_old_connections, connections
+from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from django.views.decorators.http import require_GET
+
+from workspaces.redis import ScopedRedis, scoped_async
+
+from .runtime.streams import get_async_redis, stream_key
+
+logger = logging.getLogger(__name__)
+
+CURSOR_RE = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+# A stream wakes up at least this often to look for its project's deletion.
+MAX_WAKE_SECONDS = 5.0
+READ_COUNT = 200
+
+_active_streams = 0
+
+
+def active_streams() -> int:
+    """Event streams this process is serving right now."""
+    return _active_streams
+
+
+def _error(status: int, detail: str, **headers: str) -> JsonResponse:
+    response = JsonResponse({"detail": detail}, status=status)
+    for name, value in headers.items():
+        response[name] = value
+    return response
+
+
+def _resolve_access(
+    *, token_key: str | None, session_user_id: int | None, project_id: uuid.UUID, session_id
+) -> tuple[str, int | None]:
+    """("ok", user_id) | ("unauthenticated", None) | ("not-found", None), from the database.
+
+    Leaves no database connection open behind it: a stream may last hours and must not
+    hold one.
+    """
+    from django.contrib.auth import get_user_model
+    from rest_framework.authtoken.models import Token
+
+    from agents.models import ChatSession
+    from projects.models import Project
+
+    try:
+        if token_key is not None:
+            token = Token.objects.select_related("user").filter(key=token_key).first()
+            if token is None or not token.user.is_active:
+                return "unauthenticated", None
+            user_id = token.user_id
+        elif session_user_id is not None:
+            if not get_user_model().objects.filter(pk=session_user_id, is_active=True).exists():
+                return "unauthenticated", None
+            user_id = session_user_id
+        else:
+            return "unauthenticated", None
+        if not Project.objects.filter(id=project_id, owner_id=user_id).exists():
+            return "not-found", None
+        if not ChatSession.objects.filter(id=session_id, project_id=project_id).exists():
+            return "not-found", None
+        return "ok", user_id
+    finally:
+        close_old_connections()
+        connections.close_all()
+
+
+async def _tombstoned(project_id: uuid.UUID) -> bool:
+    """Whether the project was deleted (the AgentBus tombstone), without a thread hop when
+    the bus shares Redis with the streams."""
+    from workspaces.bus import TOMBSTONE_PREFIX, get_agent_bus
+
+    if settings.CELERY_BROKER_URL == settings.REDIS_URL:
+        key = TOMBSTONE_PREFIX + uuid.UUID(str(project_id)).hex
+        return bool(await get_async_redis().exists(key))
+    return await sync_to_async(get_agent_bus().is_tombstoned, thread_sensitive=False)(project_id)
+
+
+def _token_from_header(request: HttpRequest) -> str | None | bool:
+    """The token of `Authorization: Token <key>`; None without one; False when malformed."""
+    header = request.headers.get("Authorization", "")
+    if not header:
+        return None
+    parts = header.split()
+    if parts[0].lower() != "token":
+        return None  # another scheme: not ours to judge, fall back to the session
+    if len(parts) != 2:
+        return False
+    return parts[1]
+
+
+@require_GET
+async def session_events(request: HttpRequest, project_id: uuid.UUID, session_id: uuid.UUID):
+    token = _token_from_header(request)
+    if token is False:
+        return _error(401, "Invalid token header.", **{"WWW-Authenticate": "Token"})
+    session_user_id = None
+    if token is None:
+        user = await request.auser()
+        session_user_id = user.pk if user.is_authenticated else None
+    outcome, user_id = await sync_to_async(_resolve_access)(
+        token_key=token or None,
+        session_user_id=session_user_id,
+        project_id=project_id,
+        session_id=session_id,
+    )
+    if outcome == "unauthenticated":
+        return _error(
+            401,
+            "Authentication credentials were not provided or are invalid.",
+            **{"WWW-Authenticate": "Token"},
+        )
+    if outcome == "not-found" or await _tombstoned(project_id):
+        return _error(404, "Not found.")
+
+    cursor = request.headers.get("Last-Event-ID") or request.GET.get("cursor")
+    if cursor is not None:
+        cursor = cursor.strip()
+        if not CURSOR_RE.match(cursor):
+            return _error(400, "cursor / Last-Event-ID must be an event id like 1700000000000-0.")
+        if "-" not in cursor:
+            cursor += "-0"
+    redis = scoped_async(get_async_redis(), user_id, project_id)
+    key = stream_key(session_id)
+    if cursor is None:
+        # Pin "now" to a concrete id, so nothing between two reads can be skipped.
+        last = await redis.xrevrange(key, count=1)
+        cursor = last[0][0] if last else "0-0"
+
+    response = StreamingHttpResponse(
+        _event_stream(redis=redis, key=key, cursor=cursor, project_id=project_id),
+        content_type="text/event-stream",
+    )
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx: pass events through as they come
+    return response
+
+
+def format_event(event_id: str, fields: dict[str, str]) -> str:
+    data = fields.get("data", "{}")
+    return f"id: {event_id}\nevent: {fields.get('type', 'message')}\ndata: {data}\n\n"
+
+
+async def _event_stream(*, redis: ScopedRedis, key: str, cursor: str, project_id: uuid.UUID):
+    global _active_streams
+    _active_streams += 1
+    heartbeat = float(settings.CHAT_HEARTBEAT_SECONDS)
+    wake = min(heartbeat, MAX_WAKE_SECONDS)
+    try:
+        yield f"retry: 2000\n: connected at {cursor}\n\n".encode()
+        last_write = time.monotonic()
+        while True:
+            quiet_for = time.monotonic() - last_write
+            block = max(0.01, min(wake, heartbeat - quiet_for))
+            answer = await redis.xread({key: cursor}, count=READ_COUNT, block=int(block * 1000))
+            if answer:
+                entries = answer[0][1]
+                cursor = entries[-1][0]
+                yield "".join(format_event(eid, fields) for eid, fields in entries).encode()
+                last_write = time.monotonic()
+                continue
+            if await _tombstoned(project_id):
+                closing = json.dumps({"reason": "project deleted"})
+                yield f"event: stream.closed\ndata: {closing}\n\n".encode()
+                return
+            if time.monotonic() - last_write >= heartbeat - 0.005:
+                yield b": heartbeat\n\n"
+                last_write = time.monotonic()
+    finally:
+        _active_streams -= 1

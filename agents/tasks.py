@@ -1,0 +1,93 @@
+"""Agent tasks: they run from the project's AgentBus queue, on workers only.
+
+Each task is thin (ids and JSON in, one runtime service called) and idempotent: a
+redelivered task, or one whose rows are gone, ends without harm. `AgentBusTask` skips
+any task of a deleted project before it runs.
+"""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from workspaces.bus import AgentBusTask
+
+# Creating or dropping a collection only fails while the vector store is down: retry.
+STORE_RETRY = {
+    "autoretry_for": (Exception,),
+    "retry_backoff": 2,
+    "retry_backoff_max": 120,
+    "retry_jitter": True,
+    "max_retries": 10,
+}
+
+
+@shared_task(base=AgentBusTask, bind=True, name="agents.run_agent")
+def run_agent(self, *, user_id: int, project_id: str, session_id: str, message_id: int) -> str:
+    from agents.runtime.chat import chat_run
+
+    return chat_run(
+        user_id=user_id, project_id=project_id, session_id=session_id, message_id=message_id
+    )
+
+
+@shared_task(base=AgentBusTask, bind=True, name="agents.add_context")
+def add_context(
+    self, *, user_id: int, project_id: str, agent_id: str, job_id: str, documents: list[dict]
+) -> dict:
+    from agents.runtime.context import context_job_add
+
+    return context_job_add(
+        user_id=user_id,
+        project_id=project_id,
+        agent_id=agent_id,
+        job_id=job_id,
+        documents=documents,
+    )
+
+
+@shared_task(base=AgentBusTask, bind=True, name="agents.clear_context", **STORE_RETRY)
+def clear_context(self, *, user_id: int, project_id: str, agent_id: str, job_id: str) -> dict:
+    from agents.runtime.context import context_job_clear
+
+    return context_job_clear(
+        user_id=user_id, project_id=project_id, agent_id=agent_id, job_id=job_id
+    )
+
+
+@shared_task(base=AgentBusTask, bind=True, name="agents.search_context")
+def search_context(
+    self,
+    *,
+    user_id: int,
+    project_id: str,
+    agent_id: str,
+    request_id: str,
+    query: str,
+    k: int,
+    deadline: float,
+) -> str:
+    from agents.runtime.context import context_search_reply
+
+    return context_search_reply(
+        user_id=user_id,
+        project_id=project_id,
+        agent_id=agent_id,
+        request_id=request_id,
+        query=query,
+        k=k,
+        deadline=deadline,
+    )
+
+
+@shared_task(base=AgentBusTask, bind=True, name="agents.ensure_collections", **STORE_RETRY)
+def ensure_collections(self, *, user_id: int, project_id: str, agent_ids: list[str]) -> int:
+    from agents.runtime.context import collections_ensure
+
+    return collections_ensure(user_id=user_id, project_id=project_id, agent_ids=agent_ids)
+
+
+@shared_task(base=AgentBusTask, bind=True, name="agents.drop_collection", **STORE_RETRY)
+def drop_collection(self, *, user_id: int, project_id: str, agent_id: str) -> bool:
+    from agents.runtime.context import collection_drop
+
+    return collection_drop(user_id=user_id, project_id=project_id, agent_id=agent_id)

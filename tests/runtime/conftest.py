@@ -1,0 +1,88 @@
+"""Fixtures of the agent runtime tests: Qdrant local mode in a temporary folder, the
+bundled embedder, the offline provider unless a test points the runtime at the local
+OpenAI-protocol server."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests.runtime.openai_server import FakeOpenAI
+
+
+@pytest.fixture(scope="session")
+def qdrant_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qdrant")
+    yield str(path)
+    from agents.runtime.vectorstore import close_vector_store
+
+    close_vector_store()
+
+
+@pytest.fixture(autouse=True)
+def runtime_settings(settings, qdrant_path):
+    settings.QDRANT_PATH = qdrant_path
+    settings.QDRANT_URL = ""
+    settings.OPENAI_BASE_URL = ""
+    settings.OPENAI_API_KEY = ""
+    settings.EMBEDDINGS_BASE_URL = ""
+    settings.LLM_MAX_RETRIES = 0
+    settings.LLM_TIMEOUT_SECONDS = 5
+    return settings
+
+
+@pytest.fixture
+def fake_openai(runtime_settings):
+    server = FakeOpenAI().start()
+    runtime_settings.OPENAI_BASE_URL = server.base_url
+    runtime_settings.OPENAI_API_KEY = "test-key"
+    yield server
+    server.stop()
+
+
+def stream_events(redis_client, project, session_id) -> list[tuple[str, str, dict]]:
+    """Every event of a session's stream as (id, type, data)."""
+    from agents.runtime.streams import stream_key
+    from workspaces.redis import workspace_prefix
+
+    key = workspace_prefix(project.owner_id, project.id) + stream_key(session_id)
+    return [
+        (eid, fields["type"], json.loads(fields["data"]))
+        for eid, fields in redis_client.xrange(key)
+    ]
+
+
+def wait_for_event(redis_client, project, session_id, *, types, message_id=None, timeout=20):
+    """Poll the session's stream until an event of one of `types` (for the message) lands."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for _eid, kind, data in stream_events(redis_client, project, session_id):
+            if kind in types and (message_id is None or data.get("message_id") == message_id):
+                return kind, data
+        time.sleep(0.02)
+    raise AssertionError(f"no {types} event within {timeout}s")
+
+
+def wait_until(predicate, *, timeout=20, interval=0.05, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"{what} not reached within {timeout}s")
+
+
+def queued_task_names(project_id) -> list[str]:
+    """Names of the tasks waiting in a project's AgentBus queue."""
+    from workspaces.bus import get_agent_bus
+    from workspaces.queues import project_queue
+
+    bus = get_agent_bus()
+    names = []
+    for key in bus.queue_keys(project_queue(project_id)):
+        for raw in bus.redis().lrange(key, 0, -1):
+            names.append(json.loads(raw)["headers"]["task"])
+    return names

@@ -1,0 +1,103 @@
+"""A local HTTP server that speaks the OpenAI chat-completions streaming protocol.
+
+The real LLM API is a remote service the tests cannot run; this stands in for it at the
+protocol level (the official `openai` client talks to it unchanged). Its behaviour is
+switched per test: stream tokens, answer an HTTP error, stall mid-stream, or stream
+slowly enough to be cancelled.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FakeOpenAI:
+    def __init__(self) -> None:
+        self.mode = "ok"  # ok | error | stall | slow
+        self.tokens = ["Hello", " from", " the", " model", "."]
+        self.delay = 0.0  # seconds between tokens in "slow" mode
+        self.requests: list[dict] = []
+        self.error_status = 500
+        self._release = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"{}")
+                server.requests.append({"path": self.path, "body": body})
+                if not self.path.endswith("/chat/completions"):
+                    self._json(404, {"error": {"message": "unknown route"}})
+                    return
+                if server.mode == "error":
+                    self._json(
+                        server.error_status,
+                        {"error": {"message": "the model is overloaded", "type": "server_error"}},
+                    )
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                try:
+                    for i, token in enumerate(server.tokens):
+                        if server.mode == "stall" and i == 1:
+                            # Hold the connection open without a byte until released.
+                            server._release.wait(30)
+                            return
+                        if server.mode == "slow" and i:
+                            time.sleep(server.delay)
+                        self._chunk(
+                            body,
+                            {"role": "assistant", "content": token}
+                            if i == 0
+                            else {"content": token},
+                        )
+                    self._chunk(body, {}, finish="stop")
+                    self.wfile.write(b"data: [DONE]\n\n")
+                    self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client went away (a cancelled run)
+                self.close_connection = True
+
+            def _chunk(self, request, delta, finish=None):
+                payload = {
+                    "id": "chatcmpl-local",
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": request.get("model", ""),
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                }
+                self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
+                self.wfile.flush()
+
+            def _json(self, code, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def start(self) -> FakeOpenAI:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._release.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()

@@ -1,0 +1,258 @@
+"""Chat end to end: the API stores the message, a real worker runs the agent from the
+project's queue, the answer streams into the session's Redis Stream and ends in the DB."""
+
+from __future__ import annotations
+
+import pytest
+
+from agents.models import Message
+from agents.runtime.chat import chat_run
+from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
+from tests.runtime.conftest import queued_task_names, stream_events, wait_for_event, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def messages_url(session):
+    return f"/my/projects/{session.project_id}/chat/{session.id}/messages/"
+
+
+def post_message(api, session, content):
+    response = api.post(messages_url(session), {"content": content}, format="json")
+    assert response.status_code == 202, response.content
+    return response.json()
+
+
+def add_context(api, agent, documents):
+    url = f"/my/projects/{agent.project_id}/agents/{agent.id}/context/"
+    response = api.post(url, {"documents": documents}, format="json")
+    assert response.status_code == 202, response.content
+    job_id = response.json()["job_id"]
+
+    def finished():
+        job = api.get(f"{url}jobs/{job_id}/").json()
+        return job if job["status"] in ("done", "error") else None
+
+    job = wait_until(finished, what="context job")
+    assert job["status"] == "done", job
+    return job
+
+
+def test_offline_answer_streams_from_context_and_is_stored(live_worker, api, session, redis_client):
+    agent = session.agent
+    add_context(
+        api,
+        agent,
+        [
+            "The office cat is called Barsik and sleeps on the server rack.",
+            {"text": "Invoices are paid on the 5th of each month.", "metadata": {"src": "wiki"}},
+        ],
+    )
+    body = post_message(api, session, "What is the name of the office cat?")
+    assert body["role"] == "user" and body["content"] == "What is the name of the office cat?"
+    answer_id = body["assistant_message_id"]
+
+    kind, data = wait_for_event(
+        redis_client,
+        session.project,
+        session.id,
+        types={"message.completed", "message.error"},
+        message_id=answer_id,
+    )
+    assert kind == "message.completed", data
+    answer = Message.objects.get(id=answer_id)
+    assert answer.status == "done" and answer.role == "assistant"
+    assert "offline provider" in answer.content
+    assert "Barsik" in answer.content  # the nearest context made it into the answer
+
+    events = stream_events(redis_client, session.project, session.id)
+    kinds = [k for _, k, _ in events]
+    # Both messages announced first, then the deltas, then the completion.
+    assert kinds[:2] == ["message.created", "message.created"]
+    assert events[0][2]["role"] == "user" and events[1][2]["id"] == answer_id
+    assert events[1][2]["status"] == "pending"
+    assert kinds[-1] == "message.completed" and set(kinds[2:-1]) == {"message.delta"}
+    deltas = [d for _, k, d in events if k == "message.delta"]
+    assert "".join(d["delta"] for d in deltas) == answer.content
+    offsets = [d["offset"] for d in deltas]
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    ids = [eid for eid, _, _ in events]
+    assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+
+    # The exchange joined the agent's context memory.
+    url = f"/my/projects/{agent.project_id}/agents/{agent.id}/context/"
+    hits = api.get(url, {"q": "office cat name", "k": 10}).json()["results"]
+    assert any(h["kind"] == "exchange" and "office cat" in h["text"] for h in hits)
+
+
+def test_a_redelivered_run_of_a_finished_message_does_nothing(
+    live_worker, api, session, redis_client
+):
+    body = post_message(api, session, "hello")
+    answer_id = body["assistant_message_id"]
+    wait_for_event(
+        redis_client, session.project, session.id, types={"message.completed"}, message_id=answer_id
+    )
+    before = stream_events(redis_client, session.project, session.id)
+    outcome = chat_run(
+        user_id=session.project.owner_id,
+        project_id=session.project_id,
+        session_id=session.id,
+        message_id=answer_id,
+    )
+    assert outcome == "already-finished"
+    assert stream_events(redis_client, session.project, session.id) == before
+    assert Message.objects.get(id=answer_id).status == "done"
+
+
+def test_a_run_whose_rows_are_gone_ends_quietly(transactional_db, session, redis_client):
+    message = Message.objects.create(session=session, role="assistant", status="pending")
+    session_id, project = session.id, session.project
+    session.delete()
+    outcome = chat_run(
+        user_id=project.owner_id,
+        project_id=project.id,
+        session_id=session_id,
+        message_id=message.id,
+    )
+    assert outcome == "gone"
+    assert stream_events(redis_client, project, session_id) == []
+
+
+def test_openai_provider_streams_the_models_tokens(
+    live_worker, api, user, redis_client, fake_openai
+):
+    project = ProjectFactory(owner=user)
+    agent = AgentFactory(
+        project=project,
+        model="gpt-local",
+        system_prompt="You are terse.",
+        params={"temperature": 0.1, "max_tokens": 64, "top_k": 2},
+    )
+    session = ChatSessionFactory(agent=agent, project=project)
+    add_context(api, agent, ["Deploys happen on Tuesdays after the stand-up."])
+    body = post_message(api, session, "When do deploys happen?")
+    kind, data = wait_for_event(
+        redis_client,
+        project,
+        session.id,
+        types={"message.completed", "message.error"},
+        message_id=body["assistant_message_id"],
+    )
+    assert kind == "message.completed", data
+    assert data["content"] == "Hello from the model."
+    deltas = [
+        d["delta"]
+        for _, k, d in stream_events(redis_client, project, session.id)
+        if k == "message.delta"
+    ]
+    assert deltas == fake_openai.tokens
+    request = fake_openai.requests[-1]["body"]
+    assert request["model"] == "gpt-local" and request["stream"] is True
+    assert request["temperature"] == 0.1 and request["max_tokens"] == 64
+    assert "top_k" not in request  # retrieval's parameter, not the model's
+    system = request["messages"][0]
+    assert system["role"] == "system" and system["content"].startswith("You are terse.")
+    assert "Deploys happen on Tuesdays" in system["content"]
+    assert request["messages"][-1] == {"role": "user", "content": "When do deploys happen?"}
+
+
+@pytest.mark.parametrize("mode", ["error", "down", "stall"])
+def test_provider_failure_becomes_an_error_event_and_message(
+    live_worker, api, user, redis_client, fake_openai, runtime_settings, mode
+):
+    if mode == "down":
+        runtime_settings.OPENAI_BASE_URL = "http://127.0.0.1:9/v1"  # nothing listens there
+    elif mode == "stall":
+        runtime_settings.LLM_TIMEOUT_SECONDS = 1
+    fake_openai.mode = mode if mode != "down" else "ok"
+    project = ProjectFactory(owner=user)
+    agent = AgentFactory(project=project, model="gpt-local")
+    session = ChatSessionFactory(agent=agent, project=project)
+    body = post_message(api, session, "Are you there?")
+    answer_id = body["assistant_message_id"]
+    kind, data = wait_for_event(
+        redis_client,
+        project,
+        session.id,
+        types={"message.completed", "message.error"},
+        message_id=answer_id,
+    )
+    assert kind == "message.error", data
+    answer = Message.objects.get(id=answer_id)
+    assert answer.status == "error"
+    expected = {
+        "error": "HTTP 500",
+        "down": "could not be reached",
+        "stall": "did not answer within 1s",
+    }[mode]
+    assert expected in answer.error and data["error"] == answer.error
+    if mode == "stall":
+        assert answer.content == "Hello"  # what arrived before the stall is kept
+
+
+def test_cancel_stops_a_streaming_run(live_worker, api, user, redis_client, fake_openai):
+    fake_openai.mode, fake_openai.delay = "slow", 0.2
+    fake_openai.tokens = [f"t{i} " for i in range(50)]
+    project = ProjectFactory(owner=user)
+    session = ChatSessionFactory(
+        agent=AgentFactory(project=project, model="gpt-local"), project=project
+    )
+    answer_id = post_message(api, session, "Tell me a long story")["assistant_message_id"]
+    wait_for_event(redis_client, project, session.id, types={"message.delta"}, message_id=answer_id)
+
+    url = f"/my/projects/{project.id}/chat/{session.id}/cancel/"
+    response = api.post(url)
+    assert response.status_code == 202 and response.json() == {"cancelled": [answer_id]}
+    kind, data = wait_for_event(
+        redis_client,
+        project,
+        session.id,
+        types={"message.completed", "message.error"},
+        message_id=answer_id,
+        timeout=5,
+    )
+    assert kind == "message.error" and data["error"] == "cancelled"
+    answer = Message.objects.get(id=answer_id)
+    assert answer.status == "error" and answer.error == "cancelled"
+    assert answer.content.startswith("t0 ") and len(answer.content) < len(
+        "".join(fake_openai.tokens)
+    )
+    # Nothing is in flight any more: a second cancel stops nothing.
+    again = api.post(url)
+    assert again.status_code == 200 and again.json() == {"cancelled": []}
+
+
+def test_cancel_before_the_run_starts(transactional_db, api, session, redis_client):
+    """Without a worker the answer stays pending; cancel ends it at once."""
+    answer_id = post_message(api, session, "hi")["assistant_message_id"]
+    assert "agents.run_agent" in queued_task_names(session.project_id)
+    response = api.post(f"/my/projects/{session.project_id}/chat/{session.id}/cancel/")
+    assert response.status_code == 202 and response.json() == {"cancelled": [answer_id]}
+    answer = Message.objects.get(id=answer_id)
+    assert answer.status == "error" and answer.error == "cancelled"
+    kinds = [k for _, k, _ in stream_events(redis_client, session.project, session.id)]
+    assert kinds == ["message.created", "message.created", "message.error"]
+    # The run, when a worker gets to it, finds the message finished.
+    outcome = chat_run(
+        user_id=session.project.owner_id,
+        project_id=session.project_id,
+        session_id=session.id,
+        message_id=answer_id,
+    )
+    assert outcome == "already-finished"
+
+
+def test_cancel_of_a_foreign_session_is_404(api, other_user, transactional_db):
+    theirs = ChatSessionFactory(agent=AgentFactory(project=ProjectFactory(owner=other_user)))
+    response = api.post(f"/my/projects/{theirs.project_id}/chat/{theirs.id}/cancel/")
+    assert response.status_code == 404
+
+
+def test_bad_message_enqueues_nothing(transactional_db, api, session, redis_client):
+    response = api.post(messages_url(session), {"content": ""}, format="json")
+    assert response.status_code == 400
+    assert Message.objects.count() == 0
+    # (The workspace's first use queued the creation of the agent's collection.)
+    assert "agents.run_agent" not in queued_task_names(session.project_id)
+    assert stream_events(redis_client, session.project, session.id) == []
