@@ -67,7 +67,7 @@ BIG = "x" * (32 * 1024 + 1)
         ({"name": "n" * 201}, "name"),
         ({"name": "a", "system_prompt": BIG}, "system_prompt"),
         # 32 KiB is counted in bytes: 11,000 three-byte characters exceed it.
-        ({"name": "a", "system_prompt": "я" * 11000 + "€" * 1}, "system_prompt"),
+        ({"name": "a", "system_prompt": "€" * 11000}, "system_prompt"),
         ({"name": "a", "model": "m" * 201}, "model"),
         ({"name": "a", "params": []}, "params"),
         ({"name": "a", "params": "temperature=1"}, "params"),

@@ -102,7 +102,7 @@ def test_every_route_and_method_is_404_for_foreign_ids(api, world, redis_client)
             response = getattr(api, method)(url, _body(template, ids), format="json")
             assert response.status_code == 404, (label, method.upper(), url, response.content)
             checked += 1
-    assert checked >= 30
+    assert checked >= 28  # the loop really ran: 14 for their project, 7 per child set
     assert _snapshot() == before, "a request with foreign ids changed the database"
     theirs = world["theirs"]["p"].hex
     assert not list(redis_client.scan_iter(match=f"uws:*:{theirs}:*")), (
