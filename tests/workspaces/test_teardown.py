@@ -1,0 +1,237 @@
+"""Teardown on project delete, end to end: a real worker, real queues, the real vector
+store (Qdrant local mode) behind the agents app's workspace_teardown receiver."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from agents.runtime.vectorstore import close_vector_store, collection_name, get_vector_store
+from projects.models import Project
+from tests.factories import AgentFactory, ProjectFactory
+from tests.workspaces.conftest import (
+    django_process,
+    keys_under,
+    running_worker,
+    snapshot,
+    wait_for,
+)
+from tests.workspaces.tasks import ran, record
+from workspaces import registry
+from workspaces.bus import get_agent_bus
+from workspaces.manager import get_worker_space
+from workspaces.models import WorkspaceTeardown
+from workspaces.queues import project_queue
+from workspaces.redis import get_redis
+from workspaces.services import workspace_sweep, workspace_teardown_run
+from workspaces.tasks import sweep
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+
+def collections_of(project) -> list[str]:
+    return get_vector_store().project_collections(user_id=project.owner_id, project_id=project.id)
+
+
+def expected_collections(project) -> list[str]:
+    return sorted(
+        collection_name(user_id=project.owner_id, project_id=project.id, agent_id=a.id)
+        for a in project.agents.all()
+    )
+
+
+def teardown_row(project_id) -> WorkspaceTeardown | None:
+    return WorkspaceTeardown.objects.filter(project_id=project_id).first()
+
+
+def done(project_id) -> bool:
+    row = teardown_row(project_id)
+    return row is not None and row.status == WorkspaceTeardown.Status.DONE
+
+
+def nothing_left(project_id, user_id) -> None:
+    bus = get_agent_bus()
+    assert keys_under(user_id, project_id) == set()
+    assert bus.queue_depth(project_id) == 0
+    assert not get_redis().exists(project_queue(project_id))
+    assert project_queue(project_id) not in bus.active_queues()
+    assert (user_id, project_id) not in registry.index_members()
+    assert get_vector_store().project_collections(user_id=user_id, project_id=project_id) == []
+
+
+@pytest.fixture
+def two_projects(api, user, qdrant_path):
+    """Projects A and B of one user, each with initialised workspaces and the vector
+    collections the agents app created for their agents (on a real worker)."""
+    a, b = ProjectFactory(owner=user), ProjectFactory(owner=user)
+    for project, count in ((a, 3), (b, 2)):
+        for _ in range(count):
+            AgentFactory(project=project)
+    with running_worker():
+        for project in (a, b):
+            assert api.get(f"/my/projects/{project.id}/agents/").status_code == 200
+        for project in (a, b):
+            assert wait_for(
+                lambda p=project: sorted(collections_of(p)) == expected_collections(p),
+                timeout=60,
+            ), collections_of(project)
+    return a, b
+
+
+def test_delete_leaves_nothing_and_the_other_project_untouched(api, user, two_projects):
+    a, b = two_projects
+    bus = get_agent_bus()
+    # Work queued for both while no worker runs.
+    for _ in range(50):
+        bus.publish(record, user_id=user.pk, project_id=a.id)
+    for _ in range(3):
+        bus.publish(record, user_id=user.pk, project_id=b.id)
+    assert bus.queue_depth(a.id) == 50
+    b_keys, b_collections = snapshot(user.pk, b.id), collections_of(b)
+
+    assert api.delete(f"/my/projects/{a.id}/").status_code == 204
+    assert bus.is_tombstoned(a.id)
+    assert teardown_row(a.id).status == WorkspaceTeardown.Status.PENDING
+
+    with running_worker():
+        assert wait_for(lambda: done(a.id))
+        assert wait_for(lambda: ran(b.id) == 3)  # B's work goes on
+
+    nothing_left(a.id, user.pk)
+    assert ran(a.id) == 0  # no task of the deleted project ran
+    assert collections_of(b) == b_collections == expected_collections(b)
+    assert snapshot(user.pk, b.id) == b_keys
+    row = teardown_row(a.id)
+    assert row.attempts == 1 and row.last_error == "" and row.completed_at
+    # The teardown is idempotent: running it again finds nothing owed.
+    assert workspace_teardown_run(user_id=user.pk, project_id=a.id) is None
+
+
+HOLD_QDRANT_FOLDER = """
+import sys
+from qdrant_client import QdrantClient
+client = QdrantClient(path=sys.argv[1])
+print("holding", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_vector_store_failing_during_delete_then_recovering(api, user, two_projects, qdrant_path):
+    a, b = two_projects
+    b_collections = collections_of(b)
+    close_vector_store()  # this process lets go of the storage folder...
+    holder = subprocess.Popen(  # ...and another process takes it: local mode allows one
+        [sys.executable, "-c", HOLD_QDRANT_FOLDER, qdrant_path],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with running_worker():
+            assert api.delete(f"/my/projects/{a.id}/").status_code == 204
+
+            # The teardown runs, the vector store refuses, the task retries with backoff.
+            assert wait_for(lambda: teardown_row(a.id).attempts >= 2, timeout=30)
+            row = teardown_row(a.id)
+            assert row.status == WorkspaceTeardown.Status.PENDING
+            assert "already accessed by another instance" in row.last_error
+            assert keys_under(user.pk, a.id) == set()  # what could go, went
+
+            holder.kill()  # the store recovers
+            holder.wait()
+            assert wait_for(lambda: done(a.id), timeout=60)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+    nothing_left(a.id, user.pk)
+    assert teardown_row(a.id).last_error == ""
+    assert collections_of(b) == b_collections == expected_collections(b)
+
+
+CRASH_AFTER_COMMIT = """
+from django.db import transaction
+from projects.models import Project
+from projects.services import project_delete
+
+project = Project.objects.get(id=sys.argv[1])
+with transaction.atomic():
+    # Runs first at commit, before the teardown's dispatch: the process dies right
+    # after the delete committed.
+    transaction.on_commit(lambda: os._exit(17))
+    project_delete(project=project)
+"""
+
+
+def test_crash_between_commit_and_dispatch_ends_clean_after_the_sweep(user, qdrant_path):
+    a, b = ProjectFactory(owner=user), ProjectFactory(owner=user)
+    for project in (a, b):
+        AgentFactory(project=project)
+        get_worker_space(user_id=user.pk, project_id=project.id)
+    store = get_vector_store()
+    for project in (a, b):
+        for name in expected_collections(project):
+            store.ensure_collection(name, dim=8)
+    bus = get_agent_bus()
+    for _ in range(5):
+        bus.publish(record, user_id=user.pk, project_id=a.id)
+    b_keys = snapshot(user.pk, b.id)
+
+    crashed = django_process(CRASH_AFTER_COMMIT, str(a.id))
+    assert crashed.wait(timeout=60) == 17, crashed.stderr.read()
+
+    # Committed, but nothing dispatched: the durable row is all that is left of it.
+    assert not Project.objects.filter(id=a.id).exists()
+    row = teardown_row(a.id)
+    assert row.status == WorkspaceTeardown.Status.PENDING and row.dispatched_at is None
+    assert not bus.is_tombstoned(a.id)
+    assert keys_under(user.pk, a.id) and bus.queue_depth(a.id) >= 5
+
+    # A sweep leaves a fresh row to its own dispatch...
+    assert workspace_sweep() == {"redispatched": 0, "orphans": 0}
+    # ...and dispatches it once it is overdue.
+    WorkspaceTeardown.objects.filter(pk=row.pk).update(
+        created_at=timezone.now() - timedelta(minutes=2)
+    )
+    with running_worker():
+        sweep.delay()
+        assert wait_for(lambda: done(a.id))
+
+    nothing_left(a.id, user.pk)
+    assert ran(a.id) == 0
+    assert snapshot(user.pk, b.id) == b_keys
+    assert collections_of(b) == expected_collections(b)
+
+
+def test_sweep_tears_down_leftovers_with_no_project_row(user, qdrant_path):
+    """A project removed without the delete service (a bulk delete, a manual SQL
+    delete) leaves a workspace behind: the sweep finds and removes all of it."""
+    gone, kept = ProjectFactory(owner=user), ProjectFactory(owner=user)
+    for project in (gone, kept):
+        AgentFactory(project=project)
+        get_worker_space(user_id=user.pk, project_id=project.id)
+    store = get_vector_store()
+    for project in (gone, kept):
+        for name in expected_collections(project):
+            store.ensure_collection(name, dim=8)
+    get_agent_bus().publish(record, user_id=user.pk, project_id=gone.id)
+    gone_id = gone.id
+    Project.objects.filter(id=gone_id).delete()  # no signal, no teardown row
+    kept_keys = snapshot(user.pk, kept.id)
+
+    with running_worker():
+        sweep.delay()
+        assert wait_for(lambda: done(gone_id))
+
+    nothing_left(gone_id, user.pk)
+    assert ran(gone_id) == 0
+    assert collections_of(kept) == expected_collections(kept)
+    assert snapshot(user.pk, kept.id) == kept_keys
+    # Nothing more to do on the next round.
+    assert workspace_sweep() == {"redispatched": 0, "orphans": 0}
