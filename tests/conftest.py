@@ -91,6 +91,8 @@ def live_worker(transactional_db):
     shared pool does (the AgentBus bootstep: broadcasts plus the periodic reconcile), so
     tasks published through the AgentBus run for real. Yields the WorkController.
     """
+    import time
+
     from celery.contrib.testing.worker import start_worker
 
     from config.celery_app import app
@@ -107,6 +109,10 @@ def live_worker(transactional_db):
             loglevel="WARNING",
             shutdown_timeout=30,
         ) as worker:
+            # Broadcasts (follow a new project's queue) reach only a listening mailbox.
+            deadline = time.monotonic() + 10
+            while not app.control.ping(destination=[worker.hostname], timeout=0.2):
+                assert time.monotonic() < deadline, "the live worker does not answer"
             yield worker
     finally:
         # The worker narrowed and extended the app's queue table; the next test starts clean.

@@ -1,0 +1,83 @@
+"""A dedicated worker for one project, started by `manage.py agentbus_worker`."""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from io import StringIO
+
+import pytest
+from celery.utils.nodenames import host_format
+from django.core.management import CommandError, call_command
+from django.db import connection
+
+from config.celery_app import app
+from tests.agentbus import tasks
+from tests.agentbus.conftest import wait_for, worker_status
+from tests.factories import ProjectFactory
+from workspaces.bus import UNFOLLOW_COMMAND
+from workspaces.queues import project_queue
+
+
+def test_the_command_prints_the_dedicated_worker_command(db):
+    project = ProjectFactory()
+    out = StringIO()
+    call_command("agentbus_worker", "--project", str(project.id), "--print", stdout=out)
+    line = out.getvalue()
+    assert f"-Q {project_queue(project.id)}" in line
+    assert "--agentbus-mode dedicated" in line
+    assert f"-n project-{project.id.hex}@%h" in line
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--project", "nope"], "not a project id"),
+        (["--project", str(uuid.UUID(int=1))], "no project"),
+        (["--project", str(uuid.UUID(int=1)), "--concurrency", "0"], "at least 1"),
+    ],
+)
+def test_the_command_refuses_bad_input(db, args, message):
+    with pytest.raises(CommandError, match=message):
+        call_command("agentbus_worker", *args, "--print")
+
+
+def _database_url() -> str:
+    """The test database, for a subprocess that must see the rows this test commits."""
+    s = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{s['NAME']}"
+    return f"postgres://{s['USER']}:{s['PASSWORD']}@{s['HOST']}:{s['PORT'] or 5432}/{s['NAME']}"
+
+
+@pytest.mark.slow
+def test_a_dedicated_worker_serves_its_project_only(transactional_db, worker_process, bus):
+    project = ProjectFactory()
+    other = uuid.uuid4()
+    name = host_format(f"project-{project.id.hex}@%h")
+    worker = worker_process(
+        argv=[sys.executable, "manage.py", "agentbus_worker", "--project", str(project.id), "--"],
+        name=name,
+        env={"DATABASE_URL": _database_url()},
+    )
+    status = worker.wait_ready()
+    assert status == {
+        "mode": "dedicated",
+        "queues": [project_queue(project.id)],
+        "reconciled_at": None,
+    }
+
+    mine = bus.publish(tasks.record, user_id=1, project_id=project.id, kwargs={"tag": "mine"})
+    bus.publish(tasks.record, user_id=1, project_id=other, kwargs={"tag": "other"})
+
+    assert wait_for(lambda: tasks.effects("mine"), timeout=20) == [mine], worker.log()
+    # The other project became active and was announced: a dedicated worker ignores that,
+    # and the shared pool's retirement of its own queue too.
+    app.control.broadcast(
+        UNFOLLOW_COMMAND, arguments={"queues": [project_queue(project.id)]}, reply=False
+    )
+    time.sleep(1.0)
+    assert tasks.effects("other") == []
+    assert bus.queue_depth(other) == 1
+    assert worker_status(name)["queues"] == [project_queue(project.id)]

@@ -1,0 +1,187 @@
+"""A real shared worker (the `live_worker` fixture: in this process, threads pool)
+following the active project queues: broadcasts, reconcile, retirement, the reaper,
+tombstones and fairness."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from config.celery_app import app
+from tests.agentbus import tasks
+from tests.agentbus.conftest import wait_for, worker_status
+from workspaces.bus import ACTIVE_KEY, FOLLOW_COMMAND, UNFOLLOW_COMMAND
+from workspaces.queues import MAINTENANCE_QUEUE, project_queue
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def no_periodic_reconcile(settings):
+    """Only broadcasts move the worker (request it before live_worker)."""
+    settings.AGENTBUS_RECONCILE_SECONDS = 3600
+
+
+def followed(worker) -> set[str]:
+    return set(worker_status(worker.hostname)["queues"])
+
+
+def broadcast(command: str, queue: str) -> None:
+    app.control.broadcast(command, arguments={"queues": [queue]}, reply=False)
+
+
+def test_a_new_project_is_followed_on_broadcast(no_periodic_reconcile, live_worker, bus):
+    project_id = uuid.uuid4()
+    queue = project_queue(project_id)
+    status = worker_status(live_worker.hostname)
+    assert status["mode"] == "shared" and status["queues"] == []
+
+    task_id = bus.publish(tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "n"})
+
+    assert wait_for(lambda: tasks.effects("n")) == [task_id]
+    assert followed(live_worker) == {queue}
+    # What Flower's Broker tab lists: the queues workers report through active_queues.
+    reply = app.control.inspect(destination=[live_worker.hostname], timeout=1).active_queues()
+    reported = {q["name"]: q for q in reply[live_worker.hostname]}
+    assert set(reported) == {MAINTENANCE_QUEUE, queue}
+    assert reported[queue]["exchange"]["name"] == "" and reported[queue]["routing_key"] == queue
+
+
+def test_a_missed_broadcast_is_repaired_by_reconcile(live_worker, bus, redis_client):
+    queue = project_queue(uuid.uuid4())
+    redis_client.zadd(ACTIVE_KEY, {queue: time.time()})  # active, never announced
+    assert wait_for(lambda: followed(live_worker) == {queue}, timeout=5)
+    redis_client.zrem(ACTIVE_KEY, queue)  # retired, never announced
+    assert wait_for(lambda: followed(live_worker) == set(), timeout=5)
+
+
+def test_broadcasts_out_of_order_end_in_the_active_state(
+    no_periodic_reconcile, live_worker, bus, redis_client
+):
+    project_id = uuid.uuid4()
+    queue = project_queue(project_id)
+    bus.mark_active(project_id)
+    assert wait_for(lambda: followed(live_worker) == {queue}, timeout=5)
+
+    # A retirement's broadcast arriving after the producer re-activated the queue.
+    broadcast(UNFOLLOW_COMMAND, queue)
+    time.sleep(0.3)
+    assert followed(live_worker) == {queue}
+
+    # An activation's broadcast arriving after the reaper retired the queue.
+    redis_client.zrem(ACTIVE_KEY, queue)
+    broadcast(UNFOLLOW_COMMAND, queue)
+    assert wait_for(lambda: followed(live_worker) == set(), timeout=5)
+    broadcast(FOLLOW_COMMAND, queue)
+    time.sleep(0.3)
+    assert followed(live_worker) == set()
+
+
+def test_retire_project_stops_consumers_and_purges(live_worker, bus):
+    project_id = uuid.uuid4()
+    for _ in range(40):
+        bus.publish(
+            tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "r", "sleep": 0.05}
+        )
+    assert wait_for(lambda: tasks.started("r"))
+
+    purged = bus.retire_project(user_id=1, project_id=project_id)
+
+    assert purged > 0
+    assert wait_for(lambda: followed(live_worker) == set(), timeout=5)
+    assert bus.queue_depth(project_id) == 0
+    time.sleep(0.3)  # let the tasks already with the worker finish
+    ran = len(tasks.effects("r"))
+    assert ran + purged == 40
+    time.sleep(0.5)
+    assert len(tasks.effects("r")) == ran
+
+
+def test_tasks_of_a_tombstoned_project_are_skipped_before_they_run(request, bus, redis_client):
+    deleted, alive = uuid.uuid4(), uuid.uuid4()
+    for _ in range(5):
+        bus.publish(tasks.record, user_id=1, project_id=deleted, kwargs={"tag": "gone"})
+    bus.publish(tasks.record, user_id=1, project_id=alive, kwargs={"tag": "alive"})
+    bus.tombstone_project(deleted)
+
+    request.getfixturevalue("live_worker")  # the worker starts with the messages queued
+
+    assert wait_for(lambda: tasks.effects("alive"))
+    assert wait_for(lambda: bus.queue_depth(deleted) == 0 and not redis_client.hlen("unacked"))
+    assert tasks.started("gone") == []  # the body never began
+    assert tasks.effects("gone") == []
+
+
+def test_the_reaper_retires_idle_queues_and_a_later_publish_revives_them(
+    settings, live_worker, bus
+):
+    settings.AGENTBUS_QUEUE_IDLE_SECONDS = 0.2
+    project_id = uuid.uuid4()
+    queue = project_queue(project_id)
+    bus.publish(tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "a"})
+    assert wait_for(lambda: tasks.effects("a"))
+    time.sleep(0.3)
+
+    # Beat's task, through the maintenance queue, on the worker.
+    app.tasks["workspaces.reap_idle_queues"].delay()
+
+    assert wait_for(lambda: bus.active_queues() == [], timeout=5)
+    assert wait_for(lambda: followed(live_worker) == set(), timeout=5)
+    task_id = bus.publish(tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "b"})
+    assert wait_for(lambda: tasks.effects("b")) == [task_id]
+    assert followed(live_worker) == {queue}
+
+
+def test_no_task_is_stranded_while_the_reaper_races_producers(live_worker, bus):
+    """Bursts of publishes with idle gaps, the reaper retiring the queue in every gap:
+    each burst's first publish re-activates and re-announces it. Only the reaper runs
+    (not the rescue of stranded queues), so a stranded message would stay stranded."""
+    project_id = uuid.uuid4()
+    stop = threading.Event()
+    retirements = []
+
+    def reaper():
+        while not stop.is_set():
+            retirements.extend(bus.reap_idle_queues(idle_seconds=0.15))
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=reaper)
+    thread.start()
+    sent = []
+    try:
+        for _burst in range(8):
+            for _ in range(5):
+                sent.append(
+                    bus.publish(
+                        tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "race"}
+                    )
+                )
+            time.sleep(0.3)
+        assert wait_for(lambda: len(tasks.effects("race")) == len(sent), timeout=10)
+    finally:
+        stop.set()
+        thread.join()
+    assert sorted(tasks.effects("race")) == sorted(sent)
+    assert len(retirements) >= 4  # the race really happened
+
+
+def test_a_backlog_does_not_starve_another_project(live_worker, bus):
+    busy, quiet = uuid.uuid4(), uuid.uuid4()
+    for _ in range(300):
+        bus.publish(
+            tasks.record, user_id=1, project_id=busy, kwargs={"tag": "busy", "sleep": 0.005}
+        )
+    assert wait_for(lambda: len(tasks.started("busy")) >= 10)
+
+    sent_at = time.time()
+    bus.publish(tasks.record, user_id=2, project_id=quiet, kwargs={"tag": "quiet"})
+    assert wait_for(lambda: tasks.started("quiet"), timeout=10)
+
+    quiet_started = tasks.started("quiet")[0]["at"]
+    overtaking = [s for s in tasks.started("busy") if sent_at < s["at"] < quiet_started]
+    # Round robin: at most the busy tasks already fetched or running run first.
+    assert len(overtaking) <= 8, len(overtaking)
+    assert bus.queue_depth(busy) > 150
