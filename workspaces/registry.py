@@ -158,11 +158,24 @@ def read_many(members: list[tuple[int, uuid.UUID]]) -> list[RegistryEntry]:
         scoped.hgetall(STATE_KEY)
         scoped.get(LAST_USED_KEY)
         scoped.hkeys(AGENTS_KEY)
-    replies = pipe.execute()
-    return [
-        _entry(user_id, project_id, *replies[i * 3 : i * 3 + 3])
-        for i, (user_id, project_id) in enumerate(members)
-    ]
+    # One broken workspace (a key of the wrong type) must not hide the others.
+    replies = pipe.execute(raise_on_error=False)
+    entries = []
+    for i, (user_id, project_id) in enumerate(members):
+        raw, last_used, agents = replies[i * 3 : i * 3 + 3]
+        failed = [r for r in (raw, last_used, agents) if isinstance(r, Exception)]
+        entry = _entry(
+            user_id,
+            project_id,
+            {} if isinstance(raw, Exception) else raw,
+            None if isinstance(last_used, Exception) else last_used,
+            [] if isinstance(agents, Exception) else agents,
+        )
+        if failed:
+            entry.state = State.ERROR
+            entry.error = f"registry unreadable: {failed[0]}"
+        entries.append(entry)
+    return entries
 
 
 def mark_initializing(redis: ScopedRedis, user_id: int, project_id: uuid.UUID) -> None:

@@ -30,6 +30,7 @@ class WorkspaceView:
     queue_depth: int = 0
     project_exists: bool = True
     project_name: str = ""
+    read_errors: list[str] = field(default_factory=list)
 
     @property
     def key(self) -> str:
@@ -39,7 +40,7 @@ class WorkspaceView:
     def problems(self) -> list[str]:
         """Why the workspace is unhealthy; empty if it is healthy."""
         e = self.entry
-        found = []
+        found = list(self.read_errors)
         if not self.project_exists:
             found.append("no project row: a teardown is owed")
         if e.state is State.ERROR:
@@ -96,13 +97,13 @@ def _views(members: list[tuple[int, uuid.UUID]]) -> list[WorkspaceView]:
     pipe = get_redis().pipeline(transaction=False)
     for user_id, project_id in members:
         ScopedRedis(pipe, workspace_prefix(user_id, project_id)).smembers(BUS_AGENTS_KEY)
-    registered = pipe.execute()
+    registered = pipe.execute(raise_on_error=False)
     broker = bus.redis().pipeline(transaction=False)
     queue_keys = [bus.queue_keys(project_queue(project_id)) for _, project_id in members]
     for keys in queue_keys:
         for key in keys:
             broker.llen(key)
-    lengths = iter(broker.execute())
+    lengths = iter(broker.execute(raise_on_error=False))
     rows = Project.objects.filter(id__in=[p for _, p in members]).values_list(
         "id", "owner_id", "name"
     )
@@ -110,11 +111,14 @@ def _views(members: list[tuple[int, uuid.UUID]]) -> list[WorkspaceView]:
     views = []
     for entry, agents, keys in zip(entries, registered, queue_keys, strict=True):
         owner, name = projects.get(entry.project_id, (None, ""))
+        depths = [next(lengths) for _ in keys]
+        unreadable = [r for r in (agents, *depths) if isinstance(r, Exception)]
         views.append(
             WorkspaceView(
                 entry=entry,
-                registered_agents=set(agents),
-                queue_depth=sum(next(lengths) for _ in keys),
+                registered_agents=set() if isinstance(agents, Exception) else set(agents),
+                queue_depth=sum(d for d in depths if not isinstance(d, Exception)),
+                read_errors=[f"bus state unreadable: {exc}" for exc in unreadable],
                 project_exists=owner == entry.user_id,
                 project_name=name if owner == entry.user_id else "",
             )

@@ -1,0 +1,205 @@
+"""Operators: GET /admin/workspaces/health and /stats (staff only), and the Django admin
+page over the registry with its reset and tear-down actions."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from rest_framework.test import APIClient
+
+from tests.factories import AgentFactory, ProjectFactory, UserFactory
+from tests.workspaces.conftest import keys_under
+from tests.workspaces.tasks import record
+from workspaces import registry
+from workspaces.bus import get_agent_bus
+from workspaces.manager import get_worker_space
+from workspaces.models import WorkspaceTeardown
+from workspaces.redis import scoped
+from workspaces.registry import State
+
+HEALTH, STATS = "/admin/workspaces/health", "/admin/workspaces/stats"
+
+
+@pytest.fixture
+def staff(db):
+    return UserFactory(is_staff=True, is_superuser=True)
+
+
+@pytest.fixture
+def staff_api(staff):
+    client = APIClient()
+    client.force_authenticate(staff)
+    return client
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("url", [HEALTH, STATS])
+def test_staff_only(url, api):
+    assert APIClient().get(url).status_code == 401
+    assert api.get(url).status_code == 403  # authenticated, not staff
+
+
+@pytest.mark.django_db
+def test_stats_lists_every_workspace_in_the_seed_shape(staff_api, user, other_user):
+    mine = ProjectFactory(owner=user)
+    agents = [AgentFactory(project=mine) for _ in range(2)]
+    theirs = ProjectFactory(owner=other_user)
+    for project in (mine, theirs):
+        get_worker_space(user_id=project.owner_id, project_id=project.id)
+    get_agent_bus().publish(record, user_id=user.pk, project_id=mine.id)
+
+    body = staff_api.get(STATS).json()
+
+    assert body["active_spaces"] == 2 and body["total_spaces"] == 2
+    space = body["spaces"][f"{user.pk}_{mine.id}"]
+    assert space["user_id"] == user.pk and space["project_id"] == str(mine.id)
+    assert space["initialized"] is True and space["state"] == "Initialized"
+    assert space["active_agents"] == 2 and space["cache_size"] == 2
+    assert sorted(space["agent_ids"]) == sorted(str(a.id) for a in agents)
+    assert space["initialization_time"] and space["last_used"]
+    # The record task, plus the agents app's collection task from initialisation.
+    assert space["queue_depth"] >= 1
+    assert body["process"]["in_memory"] == 2
+    assert set(body["spaces"]) == {f"{user.pk}_{mine.id}", f"{other_user.pk}_{theirs.id}"}
+
+    page = staff_api.get(STATS, {"limit": 1, "offset": 1}).json()
+    assert list(page["spaces"]) == sorted(body["spaces"])[1:]  # sorted by (user, project)
+    bad = staff_api.get(STATS, {"limit": 0})
+    assert bad.status_code == 400 and "limit" in bad.json()
+
+
+@pytest.mark.django_db
+def test_health_reports_each_workspace_and_its_problems(staff_api, user):
+    good = ProjectFactory(owner=user)
+    AgentFactory(project=good)
+    broken = ProjectFactory(owner=user)
+    AgentFactory(project=broken)
+    get_worker_space(user_id=user.pk, project_id=good.id)
+    scoped(user.pk, broken.id).set("bus:agents", "not a set")  # initialisation fails
+    with pytest.raises(Exception):  # noqa: B017
+        get_worker_space(user_id=user.pk, project_id=broken.id)
+
+    response = staff_api.get(HEALTH)
+    body = response.json()
+
+    assert response.status_code == 503 and body["healthy"] is False
+    assert body["total_spaces"] == 2 and body["healthy_spaces"] == 1
+    assert body["unhealthy_spaces"] == [f"{user.pk}_{broken.id}"]
+    detail = body["details"][f"{user.pk}_{good.id}"]
+    assert detail == {
+        "healthy": True,
+        "agents": 1,
+        "initialized": True,
+        "state": "Initialized",
+        "queue_depth": detail["queue_depth"],
+        "problems": [],
+    }
+    problems = body["details"][f"{user.pk}_{broken.id}"]["problems"]
+    assert problems and "WRONGTYPE" in problems[0]
+    for name in ("database", "redis", "broker"):
+        assert body["checks"][name]["healthy"] is True, body["checks"][name]
+    assert body["checks"]["workers"]["healthy"] is False  # no worker is running
+    assert body["checks"]["workers"]["count"] == 0
+
+
+@pytest.mark.slow
+def test_health_is_green_with_a_live_worker(live_worker, user):
+    staff = UserFactory(is_staff=True)
+    client = APIClient()
+    client.force_authenticate(staff)
+    project = ProjectFactory(owner=user)
+    get_worker_space(user_id=user.pk, project_id=project.id)
+
+    response = client.get(HEALTH)
+    body = response.json()
+
+    assert response.status_code == 200, body
+    assert body["healthy"] is True and body["checks"]["workers"]["count"] >= 1
+    assert body["details"][f"{user.pk}_{project.id}"]["healthy"] is True
+
+
+# --- the Django admin page ----------------------------------------------------------
+
+ADMIN = "/admin/workspaces/workspace/"
+
+
+@pytest.fixture
+def admin_client(client, staff):
+    client.force_login(staff)
+    return client
+
+
+@pytest.mark.django_db
+def test_admin_lists_the_registry(admin_client, user):
+    project = ProjectFactory(owner=user, name="Moon base")
+    AgentFactory(project=project)
+    get_worker_space(user_id=user.pk, project_id=project.id)
+
+    page = admin_client.get(ADMIN)
+
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert f"{user.pk}_{project.id}" in html and "Moon base" in html and "Initialized" in html
+    assert admin_client.get("/admin/").content.decode().count(ADMIN) >= 1
+
+
+@pytest.mark.django_db
+def test_admin_page_is_for_staff_only(client, user):
+    client.force_login(user)
+    assert client.get(ADMIN).status_code == 302  # to the admin login
+
+
+@pytest.mark.django_db
+def test_admin_reset_action(admin_client, user):
+    project = ProjectFactory(owner=user)
+    AgentFactory(project=project)
+    space = get_worker_space(user_id=user.pk, project_id=project.id)
+
+    response = admin_client.post(
+        ADMIN, {"action": "reset", "selected": [f"{user.pk}:{project.id.hex}"]}, follow=True
+    )
+
+    assert response.status_code == 200 and "Reset 1 workspace" in response.content.decode()
+    entry = registry.read(space.redis, user.pk, project.id)
+    assert entry.state is State.NOT_INITIALIZED and entry.agent_ids == []
+    assert not get_agent_bus().registered_agents(user_id=user.pk, project_id=project.id)
+
+
+@pytest.mark.django_db
+def test_admin_teardown_refuses_a_live_project_and_tears_down_an_orphan(admin_client, user):
+    live, orphan = ProjectFactory(owner=user), ProjectFactory(owner=user)
+    for project in (live, orphan):
+        get_worker_space(user_id=user.pk, project_id=project.id)
+    orphan_id = orphan.id
+    orphan.delete()  # without the delete service: nothing owed was recorded
+    live_keys = keys_under(user.pk, live.id)
+
+    response = admin_client.post(
+        ADMIN,
+        {
+            "action": "teardown",
+            "selected": [f"{user.pk}:{live.id.hex}", f"{user.pk}:{orphan_id.hex}"],
+        },
+        follow=True,
+    )
+
+    html = response.content.decode()
+    assert "Teardown scheduled for 1 workspace" in html
+    assert "the project exists; reset it, or delete the project" in html
+    assert keys_under(user.pk, live.id) == live_keys
+    assert not WorkspaceTeardown.objects.filter(project_id=live.id).exists()
+    row = WorkspaceTeardown.objects.get(project_id=orphan_id)
+    assert row.status == WorkspaceTeardown.Status.PENDING and row.user_id == user.pk
+
+
+@pytest.mark.django_db
+def test_admin_post_with_nothing_selected_changes_nothing(admin_client, user):
+    project = ProjectFactory(owner=user)
+    get_worker_space(user_id=user.pk, project_id=project.id)
+    before = keys_under(user.pk, project.id)
+    for data in ({"action": "reset"}, {"action": "explode", "selected": "1:" + "0" * 32}, {}):
+        response = admin_client.post(ADMIN, data, follow=True)
+        assert "Select workspaces and an action." in response.content.decode()
+    assert keys_under(user.pk, project.id) == before
+    assert admin_client.post(ADMIN, {"action": "reset", "selected": f"9:{uuid.uuid4().hex}"})
