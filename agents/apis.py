@@ -261,7 +261,7 @@ class ContextDocumentField(serializers.Field):
     """A document: a string, or {"text": "...", "metadata": {...}}."""
 
     default_error_messages = {
-        "invalid": 'Must be a string or an object {"text": "...", "metadata": {...}}.',
+        "invalid": 'Must be a string or an object {{"text": "...", "metadata": {{...}}}}.',
         "blank": "Must not be blank.",
         "unknown": "Unknown keys: {keys}.",
         "metadata": f"metadata must be a JSON object of at most {MAX_METADATA_BYTES} bytes.",

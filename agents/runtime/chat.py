@@ -19,7 +19,7 @@ from agents.models import Message
 from workspaces.redis import ScopedRedis, scoped
 
 from . import streams
-from .context import context_search, documents_store
+from .context import context_search, documents_store, project_deleted
 from .providers import ChatRequest, ProviderError, get_provider
 
 logger = logging.getLogger(__name__)
@@ -61,12 +61,6 @@ def message_fail(
     return bool(updated)
 
 
-def _tombstoned(project_id: uuid.UUID | str) -> bool:
-    from workspaces.bus import get_agent_bus
-
-    return get_agent_bus().is_tombstoned(project_id)
-
-
 def _build_request(
     *, config: dict[str, Any], message: Message, question: str, context: list[str]
 ) -> ChatRequest:
@@ -96,6 +90,21 @@ def chat_run(
     *, user_id: int, project_id: uuid.UUID | str, session_id: uuid.UUID | str, message_id: int
 ) -> str:
     """Produce the assistant message `message_id`; returns the outcome (for logs and tests)."""
+    outcome = _chat_run(
+        user_id=user_id, project_id=project_id, session_id=session_id, message_id=message_id
+    )
+    if outcome != "already-finished" and project_deleted(project_id):
+        # The project went while this ran: teardown may have removed the stream before
+        # our last events re-created it. Leave nothing under its prefix.
+        redis = scoped(user_id, project_id)
+        redis.delete(streams.stream_key(session_id), streams.cancel_key(message_id))
+        return "project-deleted"
+    return outcome
+
+
+def _chat_run(
+    *, user_id: int, project_id: uuid.UUID | str, session_id: uuid.UUID | str, message_id: int
+) -> str:
     from workspaces.manager import get_worker_space
 
     message = (
@@ -212,7 +221,7 @@ def _stream_answer(
                 )
                 return CANCELLED
             if time.monotonic() >= next_tombstone_check:
-                if _tombstoned(project_id):
+                if project_deleted(project_id):
                     return "project-deleted"
                 next_tombstone_check = time.monotonic() + TOMBSTONE_CHECK_SECONDS
     finally:

@@ -62,6 +62,27 @@ def point_id(collection: str, text: str) -> str:
     return str(uuid.uuid5(POINT_NAMESPACE, f"{collection}:{digest}"))
 
 
+def project_deleted(project_id: uuid.UUID | str) -> bool:
+    """Whether the project was deleted (its AgentBus tombstone is set)."""
+    from workspaces.bus import get_agent_bus
+
+    return get_agent_bus().is_tombstoned(project_id)
+
+
+def _undo_if_project_deleted(*, project_id: uuid.UUID | str, names: list[str]) -> bool:
+    """Drop collections a task wrote to if its project was deleted meanwhile.
+
+    Teardown sets the tombstone before it drops collections, so a write that lands
+    after the drop sees the tombstone here and removes what it re-created.
+    """
+    if not names or not project_deleted(project_id):
+        return False
+    store = get_vector_store()
+    for name in names:
+        store.drop_collection(name)
+    return True
+
+
 def collections_ensure(*, user_id: int, project_id: uuid.UUID | str, agent_ids: list[str]) -> int:
     """Create the agents' collections that do not exist yet; returns how many were created.
     Agents deleted since they were registered get none."""
@@ -72,9 +93,14 @@ def collections_ensure(*, user_id: int, project_id: uuid.UUID | str, agent_ids: 
     )
     store, dim = get_vector_store(), get_embedder().dim
     created = 0
-    for agent_id in existing:
-        name = collection_name(user_id=user_id, project_id=project_id, agent_id=agent_id)
+    names = [
+        collection_name(user_id=user_id, project_id=project_id, agent_id=agent_id)
+        for agent_id in existing
+    ]
+    for name in names:
         created += store.ensure_collection(name, dim=dim)
+    if _undo_if_project_deleted(project_id=project_id, names=names):
+        return 0
     return created
 
 
@@ -123,6 +149,8 @@ def documents_store(
                 for (text, payload), vector in zip(batch, vectors, strict=True)
             ],
         )
+    if _undo_if_project_deleted(project_id=project_id, names=[name]):
+        return 0
     return stored
 
 
@@ -144,6 +172,7 @@ def context_clear(*, user_id: int, project_id: uuid.UUID | str, agent_id: str) -
     store = get_vector_store()
     store.drop_collection(name)
     store.ensure_collection(name, dim=get_embedder().dim)
+    _undo_if_project_deleted(project_id=project_id, names=[name])
 
 
 # --- Jobs run by worker tasks ------------------------------------------------------------
@@ -253,4 +282,7 @@ def context_search_reply(
             ]
         }
     streams.reply_send(redis=redis, request_id=request_id, payload=payload)
+    if project_deleted(project_id):
+        # Nobody may wait on a deleted project; leave no key behind its teardown.
+        redis.delete(streams.reply_key(request_id))
     return "answered"

@@ -191,3 +191,10 @@ def get_async_redis() -> redis.asyncio.Redis:
         )
         _async_clients[loop] = client
     return client
+
+
+async def close_async_redis() -> None:
+    """Close the running loop's client (ASGI lifespan shutdown, tests)."""
+    client = _async_clients.pop(asyncio.get_running_loop(), None)
+    if client is not None:
+        await client.aclose()

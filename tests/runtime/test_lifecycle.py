@@ -1,0 +1,113 @@
+"""Vector collections follow their agents and projects: created on registration, dropped
+when the agent goes, and all of a project's dropped by its teardown."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from agents.runtime.vectorstore import (
+    close_vector_store,
+    collection_name,
+    get_vector_store,
+)
+from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
+from tests.runtime.conftest import wait_until
+from workspaces.redis import workspace_prefix
+from workspaces.signals import workspace_teardown
+
+pytestmark = pytest.mark.slow
+
+
+def name_of(agent) -> str:
+    return collection_name(
+        user_id=agent.project.owner_id, project_id=agent.project_id, agent_id=agent.id
+    )
+
+
+def test_collections_follow_agents_through_the_api(live_worker, api, project):
+    response = api.post(f"/my/projects/{project.id}/agents/", {"name": "scribe"}, format="json")
+    assert response.status_code == 201
+    agent_id = response.json()["id"]
+    name = collection_name(user_id=project.owner_id, project_id=project.id, agent_id=agent_id)
+    store = get_vector_store()
+    wait_until(lambda: store.exists(name), what="collection created")
+
+    assert api.delete(f"/my/projects/{project.id}/agents/{agent_id}/").status_code == 204
+    wait_until(lambda: not store.exists(name), what="collection dropped")
+
+
+def test_workspace_initialisation_creates_missing_collections(live_worker, api, project):
+    agents = [AgentFactory(project=project) for _ in range(3)]
+    # The first request of the project initialises its workspace, which registers them.
+    assert api.get(f"/my/projects/{project.id}/agents/").status_code == 200
+    store = get_vector_store()
+    wait_until(lambda: all(store.exists(name_of(a)) for a in agents), what="collections created")
+
+
+def test_project_delete_drops_every_collection_and_stream(live_worker, api, user, redis_client):
+    project, second = ProjectFactory(owner=user), ProjectFactory(owner=user)
+    agents = [AgentFactory(project=project) for _ in range(2)]
+    kept = AgentFactory(project=second)
+    session = ChatSessionFactory(agent=agents[0], project=project)
+    for agent in [*agents, kept]:
+        url = f"/my/projects/{agent.project_id}/agents/{agent.id}/context/"
+        assert api.post(url, {"documents": ["some context"]}, format="json").status_code == 202
+    store = get_vector_store()
+    wait_until(
+        lambda: all(store.count(name_of(a)) == 1 for a in [*agents, kept]), what="context stored"
+    )
+    url = f"/my/projects/{project.id}/chat/{session.id}/messages/"
+    assert api.post(url, {"content": "hi"}, format="json").status_code == 202
+
+    assert api.delete(f"/my/projects/{project.id}/").status_code == 204
+    wait_until(
+        lambda: not store.project_collections(user_id=user.id, project_id=project.id),
+        what="project collections dropped",
+    )
+    prefix = workspace_prefix(user.id, project.id)
+    wait_until(lambda: not list(redis_client.scan_iter(match=prefix + "*")), what="keys gone")
+    # The user's other project keeps its agent's context.
+    assert store.count(name_of(kept)) == 1
+
+
+def test_teardown_receiver_raises_while_the_store_is_unavailable(
+    transactional_db, project, qdrant_path
+):
+    """Local mode lets one process hold the folder: while another does, the store cannot
+    be opened, teardown raises (so its task retries), and it succeeds once it can."""
+    agent = AgentFactory(project=project)
+    store = get_vector_store()
+    store.ensure_collection(name_of(agent), dim=384)
+    close_vector_store()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import sys, time
+                from qdrant_client import QdrantClient
+                client = QdrantClient(path={qdrant_path!r})
+                print("holding", flush=True)
+                sys.stdin.readline()
+                """
+            ),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(RuntimeError, match="already accessed"):
+            workspace_teardown.send(sender=None, user_id=project.owner_id, project_id=project.id)
+    finally:
+        holder.communicate("\n", timeout=30)
+    workspace_teardown.send(sender=None, user_id=project.owner_id, project_id=project.id)
+    assert not get_vector_store().exists(name_of(agent))
+    # Idempotent: a retried teardown finds nothing left and succeeds.
+    workspace_teardown.send(sender=None, user_id=project.owner_id, project_id=project.id)

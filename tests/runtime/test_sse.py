@@ -1,0 +1,306 @@
+"""The SSE endpoint under a real ASGI server (uvicorn in a thread of the test process, so the
+test can look at the server's event loop and the generators it runs)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from rest_framework.authtoken.models import Token
+
+from agents import sse
+from agents.models import Message
+from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
+from tests.runtime.conftest import stream_events, wait_for_event, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+class AsgiServer:
+    def __init__(self) -> None:
+        import uvicorn
+        from django.core.asgi import get_asgi_application
+
+        django_app = get_asgi_application()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+        async def app(scope, receive, send):
+            self.loop = asyncio.get_running_loop()
+            await django_app(scope, receive, send)
+
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(app, lifespan="off", log_level="warning", timeout_keep_alive=1)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
+        )
+
+    def start(self) -> AsgiServer:
+        self.thread.start()
+        wait_until(lambda: self.server.started, timeout=10, what="uvicorn start")
+        return self
+
+    def run(self, coro, timeout=10):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def task_count(self) -> int:
+        async def count():
+            return len(asyncio.all_tasks())
+
+        return self.run(count())
+
+    def stop(self) -> None:
+        if self.loop is not None:
+            from agents.runtime.streams import close_async_redis
+
+            self.run(close_async_redis())
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+
+@pytest.fixture
+def asgi(transactional_db):
+    server = AsgiServer().start()
+    yield server
+    server.stop()
+
+
+def token_for(user) -> str:
+    return Token.objects.get_or_create(user=user)[0].key
+
+
+def events_url(server, session, project=None):
+    project_id = project.id if project else session.project_id
+    return f"http://127.0.0.1:{server.port}/my/projects/{project_id}/chat/{session.id}/events/"
+
+
+def read_sse(url, *, headers=None, params=None, until=None, max_seconds=20):
+    """Read an SSE response; returns (status, events, comments). Stops when `until(events)`
+    is true, when the server ends the stream, or after max_seconds."""
+    events, comments, current = [], [], {}
+    deadline = time.monotonic() + max_seconds
+    with httpx.stream(
+        "GET", url, headers=headers or {}, params=params, timeout=httpx.Timeout(max_seconds)
+    ) as response:
+        if response.status_code != 200:
+            response.read()
+            return response.status_code, response.json(), []
+        assert response.headers["content-type"].startswith("text/event-stream")
+        try:
+            for line in response.iter_lines():
+                if line.startswith(":"):
+                    comments.append((time.monotonic(), line[1:].strip()))
+                elif line == "":
+                    # A block without data (e.g. only `retry:`) dispatches no event.
+                    if "data" in current:
+                        current["data"] = json.loads(current["data"])
+                        events.append(current)
+                        if until is not None and until(events):
+                            break
+                    current = {}
+                else:
+                    field, _, value = line.partition(":")
+                    current[field] = value.removeprefix(" ")
+                if time.monotonic() > deadline:
+                    break
+        except httpx.ReadTimeout:
+            pass  # quiet for max_seconds: what came so far is the answer
+    return 200, events, comments
+
+
+def completed(message_id):
+    return lambda events: any(
+        e.get("event") in ("message.completed", "message.error")
+        and e["data"].get("message_id") == message_id
+        for e in events
+    )
+
+
+def post_message(api, session, content):
+    url = f"/my/projects/{session.project_id}/chat/{session.id}/messages/"
+    response = api.post(url, {"content": content}, format="json")
+    assert response.status_code == 202, response.content
+    return response.json()["assistant_message_id"]
+
+
+def test_credentials_and_scope(asgi, user, other_user, session):
+    url = events_url(asgi, session)
+    assert read_sse(url)[0] == 401
+    assert read_sse(url, headers={"Authorization": "Token nope"})[0] == 401
+    assert read_sse(url, headers={"Authorization": "Token a b"})[0] == 401
+
+    mine = {"Authorization": f"Token {token_for(user)}"}
+    theirs = {"Authorization": f"Token {token_for(other_user)}"}
+    assert read_sse(url, headers=theirs)[0] == 404  # someone else's project
+    own_other = ChatSessionFactory(agent=AgentFactory(project=ProjectFactory(owner=user)))
+    # My project with a session of another of my projects: not in this project.
+    assert read_sse(events_url(asgi, own_other, project=session.project), headers=mine)[0] == 404
+    status, body, _ = read_sse(url, headers=mine, params={"cursor": "yesterday"})
+    assert status == 400 and "cursor" in body["detail"]
+    assert read_sse(url, headers={**mine, "Last-Event-ID": "1-x"})[0] == 400
+    status, events, comments = read_sse(url, headers=mine, max_seconds=0.5)
+    assert status == 200 and events == [] and comments[0][1].startswith("connected")
+
+
+def test_session_cookie_authenticates_too(asgi, user, session):
+    from django.conf import settings
+    from django.test import Client
+
+    client = Client()
+    client.force_login(user)
+    cookie = client.cookies[settings.SESSION_COOKIE_NAME].value
+    status, _events, _ = read_sse(
+        events_url(asgi, session),
+        headers={"Cookie": f"{settings.SESSION_COOKIE_NAME}={cookie}"},
+        max_seconds=0.3,
+    )
+    assert status == 200
+
+
+def test_live_answer_arrives_as_ordered_events(asgi, live_worker, api, user, session, redis_client):
+    headers = {"Authorization": f"Token {token_for(user)}"}
+    result = {}
+
+    def subscribe():
+        result["read"] = read_sse(
+            events_url(asgi, session),
+            headers=headers,
+            until=lambda events: "id" in result and completed(result["id"])(events),
+        )
+
+    # Subscribe first, then post: the subscriber sees everything that follows.
+    reader = threading.Thread(target=subscribe)
+    reader.start()
+    time.sleep(0.3)
+    result["id"] = answer_id = post_message(api, session, "hello there")
+    reader.join(30)
+    status, events, _ = result["read"]
+    assert status == 200
+    kinds = [e["event"] for e in events]
+    assert kinds[:2] == ["message.created", "message.created"]
+    assert kinds[-1] == "message.completed" and set(kinds[2:-1]) == {"message.delta"}
+    assert events[1]["data"]["id"] == answer_id
+    stored = [eid for eid, _, _ in stream_events(redis_client, session.project, session.id)]
+    assert [e["id"] for e in events] == stored  # every event, once, in stream order
+    content = "".join(e["data"]["delta"] for e in events if e["event"] == "message.delta")
+    assert content == Message.objects.get(id=answer_id).content
+
+
+def test_reconnecting_with_last_event_id_loses_and_repeats_nothing(
+    asgi, live_worker, api, user, redis_client, fake_openai
+):
+    fake_openai.mode, fake_openai.delay = "slow", 0.03
+    fake_openai.tokens = [f"w{i} " for i in range(40)]
+    project = ProjectFactory(owner=user)
+    session = ChatSessionFactory(agent=AgentFactory(project=project, model="m"), project=project)
+    headers = {"Authorization": f"Token {token_for(user)}"}
+    url = events_url(asgi, session)
+
+    answer_id = post_message(api, session, "stream please")
+    wait_for_event(redis_client, project, session.id, types={"message.delta"}, message_id=answer_id)
+    # First connection (from the start of the stream) drops after a few events...
+    _, first, _ = read_sse(
+        url, headers=headers, params={"cursor": "0"}, until=lambda e: len(e) >= 5
+    )
+    assert len(first) == 5
+    # ...the next resumes from the last id it saw, while the answer is still streaming.
+    _, rest, _ = read_sse(
+        url, headers={**headers, "Last-Event-ID": first[-1]["id"]}, until=completed(answer_id)
+    )
+    ids = [e["id"] for e in first + rest]
+    stored = [eid for eid, _, _ in stream_events(redis_client, project, session.id)]
+    assert ids == stored and len(set(ids)) == len(ids)
+    assert rest[-1]["event"] == "message.completed"
+
+    # ?cursor= does the same as Last-Event-ID; a cursor at the end yields nothing old.
+    _, tail, _ = read_sse(url, headers=headers, params={"cursor": stored[-3]}, max_seconds=0.5)
+    assert [e["id"] for e in tail] == stored[-2:]
+    _, none, _ = read_sse(url, headers=headers, params={"cursor": stored[-1]}, max_seconds=0.5)
+    assert none == []
+
+
+def test_heartbeats_keep_an_idle_stream_alive(asgi, user, session, runtime_settings):
+    runtime_settings.CHAT_HEARTBEAT_SECONDS = 0.2
+    headers = {"Authorization": f"Token {token_for(user)}"}
+    _, events, comments = read_sse(events_url(asgi, session), headers=headers, max_seconds=1.5)
+    beats = [t for t, text in comments if text == "heartbeat"]
+    assert events == [] and len(beats) >= 3
+
+
+def test_deleting_the_project_closes_its_streams(asgi, api, user, session, runtime_settings):
+    runtime_settings.CHAT_HEARTBEAT_SECONDS = 0.3
+    headers = {"Authorization": f"Token {token_for(user)}"}
+    url = events_url(asgi, session)
+    result = {}
+    reader = threading.Thread(
+        target=lambda: result.update(read=read_sse(url, headers=headers, max_seconds=20))
+    )
+    reader.start()
+    wait_until(lambda: sse.active_streams() == 1, what="stream open")
+    started = time.monotonic()
+    assert api.delete(f"/my/projects/{session.project_id}/").status_code == 204
+    reader.join(20)
+    assert time.monotonic() - started < 10  # closed by the server, not by the read timeout
+    status, events, _ = result["read"]
+    assert status == 200 and events[-1]["event"] == "stream.closed"
+    assert sse.active_streams() == 0
+    assert read_sse(url, headers=headers)[0] == 404
+
+
+def test_disconnects_leave_no_connections_or_generators_behind(asgi, user, session, redis_client):
+    token = token_for(user)
+    request = (
+        f"GET /my/projects/{session.project_id}/chat/{session.id}/events/ HTTP/1.1\r\n"
+        f"Host: 127.0.0.1\r\nAuthorization: Token {token}\r\nAccept: text/event-stream\r\n\r\n"
+    ).encode()
+
+    def connect() -> socket.socket:
+        conn = socket.create_connection(("127.0.0.1", asgi.port), timeout=10)
+        conn.sendall(request)
+        received = b""
+        while b"connected" not in received:
+            chunk = conn.recv(4096)
+            assert chunk, received
+            received += chunk
+        assert received.startswith(b"HTTP/1.1 200")
+        return conn
+
+    def cycle():
+        connect().close()
+
+    def settled():
+        return sse.active_streams() == 0
+
+    for _ in range(5):  # warm up: the async pool, the DB, uvicorn
+        cycle()
+    wait_until(settled, what="streams closed")
+    time.sleep(0.2)
+    clients_before = len(redis_client.client_list())
+    tasks_before = asgi.task_count()
+
+    # The measures do see open streams: each holds a generator and a Redis connection.
+    held = [connect() for _ in range(3)]
+    wait_until(lambda: sse.active_streams() == 3, what="three open streams")
+    time.sleep(0.2)  # each reaches its blocking read
+    assert len(redis_client.client_list()) >= clients_before + 3
+    assert asgi.task_count() > tasks_before
+    for conn in held:
+        conn.close()
+    wait_until(settled, what="held streams closed")
+
+    for _ in range(1000):
+        cycle()
+    wait_until(settled, timeout=10, what="every stream closed")
+    time.sleep(0.2)
+    assert sse.active_streams() == 0
+    assert len(redis_client.client_list()) <= clients_before
+    assert asgi.task_count() <= tasks_before
