@@ -3,7 +3,7 @@ import json
 from django.conf import settings
 from django.db import IntegrityError
 from django.http import Http404
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
@@ -257,6 +257,18 @@ MAX_SEARCH_K = 50
 CONTEXT_SEARCH_TIMEOUT_SECONDS = getattr(settings, "CONTEXT_SEARCH_TIMEOUT_SECONDS", 10.0)
 
 
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "string"},
+            {
+                "type": "object",
+                "properties": {"text": {"type": "string"}, "metadata": {"type": "object"}},
+                "required": ["text"],
+            },
+        ]
+    }
+)
 class ContextDocumentField(serializers.Field):
     """A document: a string, or {"text": "...", "metadata": {...}}."""
 

@@ -24,6 +24,10 @@ ROUTES = [
     ("/my/projects/{p}/chat/", ["get", "post"]),
     ("/my/projects/{p}/chat/{s}/", ["get", "delete"]),
     ("/my/projects/{p}/chat/{s}/messages/", ["get", "post"]),
+    ("/my/projects/{p}/chat/{s}/cancel/", ["post"]),
+    ("/my/projects/{p}/chat/{s}/events/", ["get"]),
+    ("/my/projects/{p}/agents/{a}/context/", ["get", "post", "delete"]),
+    ("/my/projects/{p}/agents/{a}/context/jobs/{j}/", ["get"]),
 ]
 VALID_BODIES = {
     "/my/projects/{p}/": {"name": "renamed"},
@@ -31,11 +35,13 @@ VALID_BODIES = {
     "/my/projects/{p}/agents/{a}/": {"name": "renamed"},
     "/my/projects/{p}/chat/": {"agent_id": "{a}"},
     "/my/projects/{p}/chat/{s}/messages/": {"content": "hello"},
+    "/my/projects/{p}/agents/{a}/context/": {"documents": ["hello"]},
 }
 
 
 def _fill(template, ids):
-    return template.format(**ids)
+    # A context job id: any id will do, the project or agent already is someone else's.
+    return template.format(**{"j": "00000000-0000-4000-8000-000000000001", **ids})
 
 
 def _body(template, ids):
@@ -149,6 +155,7 @@ def test_matrix_covers_every_route():
         + r.replace("<uuid:project_id>", "{p}")
         .replace("<uuid:agent_id>", "{a}")
         .replace("<uuid:session_id>", "{s}")
+        .replace("<uuid:job_id>", "{j}")
         for r in served
         if "<uuid:project_id>" in r
     }
