@@ -4,6 +4,7 @@ and the durable teardown of a deleted project's workspace."""
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from contextlib import suppress
 from datetime import timedelta
@@ -198,14 +199,21 @@ def _teardown(*, user_id: int, project_id: uuid.UUID) -> dict[str, Any]:
 # --- sweep -------------------------------------------------------------------------
 
 
+# Orphan candidates and when a sweep first saw them (member "{user_id}:{project_hex}").
+SUSPECTS_KEY = f"{KEY_NAMESPACE}:sweep:suspects"
+# Owner of a project queue that nothing else names (no row, no prefix, no teardown).
+UNKNOWN_OWNER = 0
+
+
 def workspace_sweep(*, redispatch_after: float | None = None) -> dict[str, int]:
     """Periodic repair (Celery beat).
 
     1. Teardowns owed but not progressing for `redispatch_after` seconds (the process
-       crashed between commit and dispatch, the broker was down, retries ran out) are
-       dispatched again.
+       crashed between commit and dispatch, the broker was down) are dispatched again.
     2. Anything a workspace left in Redis with no project row behind it (registry index
-       entries, keys under a workspace prefix, project queues) gets a teardown.
+       entries, keys under a workspace prefix, project queues) gets a teardown, once two
+       sweeps at least `redispatch_after` seconds apart saw it orphaned: a project
+       whose creating transaction has not committed yet is never taken for an orphan.
     """
     if redispatch_after is None:
         redispatch_after = settings.WORKSPACE_TEARDOWN_REDISPATCH_SECONDS
@@ -219,24 +227,44 @@ def workspace_sweep(*, redispatch_after: float | None = None) -> dict[str, int]:
     redispatched = sum(workspace_teardown_dispatch(project_id=p) for p in owed)
 
     candidates = workspace_leftovers()
-    live = set(
-        Project.objects.filter(id__in={p for _, p in candidates}).values_list("id", "owner_id")
-    )
+    project_ids = {p for _, p in candidates}
+    live = set(Project.objects.filter(id__in=project_ids).values_list("id", "owner_id"))
     pending = set(
         WorkspaceTeardown.objects.filter(
-            project_id__in={p for _, p in candidates}, status=WorkspaceTeardown.Status.PENDING
+            project_id__in=project_ids, status=WorkspaceTeardown.Status.PENDING
         ).values_list("project_id", flat=True)
     )
-    orphans = [(u, p) for u, p in candidates if (p, u) not in live and p not in pending]
-    for user_id, project_id in orphans:
+    orphans = {
+        registry.index_member(u, p)
+        for u, p in candidates
+        if (p, u) not in live and p not in pending
+    }
+    client = get_redis()
+    seen = {m: float(t) for m, t in client.hgetall(SUSPECTS_KEY).items()}
+    now = time.time()
+    confirmed = sorted(m for m in orphans if m in seen and now - seen[m] >= redispatch_after)
+    pipe = client.pipeline(transaction=False)
+    for member in seen.keys() - orphans:
+        pipe.hdel(SUSPECTS_KEY, member)  # no longer orphaned (or torn down meanwhile)
+    for member in orphans - seen.keys():
+        pipe.hset(SUSPECTS_KEY, member, now)
+    pipe.execute()
+    for member in confirmed:
+        user_id, project_id = registry.parse_index_member(member)
         logger.warning("sweep: workspace %s_%s has no project row", user_id, project_id)
         workspace_teardown_schedule(user_id=user_id, project_id=project_id)
-    return {"redispatched": redispatched, "orphans": len(orphans)}
+        client.hdel(SUSPECTS_KEY, member)
+    return {
+        "redispatched": redispatched,
+        "orphans": len(confirmed),
+        "suspects": len(orphans) - len(confirmed),
+    }
 
 
 def workspace_leftovers() -> set[tuple[int, uuid.UUID]]:
     """Every (user, project) that has something in Redis: registry index entries and
-    key prefixes, plus project queues whose owner a prefix or a teardown row names.
+    key prefixes, plus project queues (owner from the project or teardown row, or
+    UNKNOWN_OWNER).
 
     Scans the keyspace (incrementally): keys that escaped the index can only be found so.
     """
@@ -258,9 +286,5 @@ def workspace_leftovers() -> set[tuple[int, uuid.UUID]]:
                 "project_id", "user_id"
             )
         )
-        for project_id in queued:
-            if project_id in owners:
-                found.add((owners[project_id], project_id))
-            else:
-                logger.warning("sweep: queue of unknown project %s", project_id)
+        found.update((owners.get(p, UNKNOWN_OWNER), p) for p in queued)
     return found
