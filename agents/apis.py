@@ -253,8 +253,6 @@ MAX_CONTEXT_TOTAL_BYTES = 1024 * 1024
 MAX_METADATA_BYTES = 2 * 1024
 MAX_QUERY_CHARS = 1000
 MAX_SEARCH_K = 50
-# How long a search request waits for a worker (the vector store lives on workers only).
-CONTEXT_SEARCH_TIMEOUT_SECONDS = getattr(settings, "CONTEXT_SEARCH_TIMEOUT_SECONDS", 10.0)
 
 
 @extend_schema_field(
@@ -362,7 +360,7 @@ class AgentContextApi(WorkerSpaceMixin):
                 agent=agent,
                 query=query.validated_data["q"],
                 k=query.validated_data["k"],
-                timeout=CONTEXT_SEARCH_TIMEOUT_SECONDS,
+                timeout=settings.CONTEXT_SEARCH_TIMEOUT_SECONDS,
             )
         except ContextUnavailable as exc:
             return Response({"detail": str(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)

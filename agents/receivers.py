@@ -7,6 +7,7 @@ place (raising, so the teardown task retries while the store is down).
 
 from __future__ import annotations
 
+from celery.signals import worker_process_shutdown, worker_shutdown
 from django.dispatch import receiver
 
 from workspaces.signals import agent_deregistered, agents_registered, workspace_teardown
@@ -47,3 +48,12 @@ def drop_collections_on_teardown(sender, *, user_id, project_id, **kwargs) -> No
     from .runtime.context import project_collections_drop
 
     project_collections_drop(user_id=user_id, project_id=project_id)
+
+
+@worker_process_shutdown.connect(dispatch_uid="agents.close_vector_store_process")
+@worker_shutdown.connect(dispatch_uid="agents.close_vector_store")
+def close_vector_store_on_shutdown(**kwargs) -> None:
+    """Release the vector store (in local mode, the storage folder's lock) on the way out."""
+    from .runtime.vectorstore import close_vector_store
+
+    close_vector_store()

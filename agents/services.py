@@ -54,7 +54,22 @@ def session_create(*, project: Project, agent: Agent, title: str = "") -> ChatSe
 
 
 def session_delete(*, session: ChatSession) -> None:
+    user_id, project_id, session_id = session.project.owner_id, session.project_id, session.id
     session.delete()
+    transaction.on_commit(
+        lambda: _session_stream_delete(
+            user_id=user_id, project_id=project_id, session_id=session_id
+        )
+    )
+
+
+def _session_stream_delete(*, user_id: int, project_id, session_id) -> None:
+    """The session's event stream goes with it (teardown takes it only with the project)."""
+    from workspaces.redis import scoped
+
+    from .runtime.streams import stream_delete
+
+    stream_delete(redis=scoped(user_id, project_id), session_id=session_id)
 
 
 # --- Chat: a message, its answer, cancelling, the agent's context ---------------------------

@@ -19,7 +19,7 @@ from agents.models import Message
 from workspaces.redis import ScopedRedis, scoped
 
 from . import streams
-from .context import context_search, documents_store, project_deleted
+from .context import context_search, exchange_store, project_deleted
 from .providers import ChatRequest, ProviderError, get_provider
 
 logger = logging.getLogger(__name__)
@@ -252,16 +252,13 @@ def _remember_exchange(
     message: Message,
     question: str,
 ) -> None:
-    if not message.content.strip():
+    if not message.content.strip() or not question.strip():
         return
-    documents_store(
+    exchange_store(
         user_id=user_id,
         project_id=project_id,
         agent_id=agent_id,
-        documents=[{"text": f"User: {question}\nAssistant: {message.content}"}],
-        extra_payload={
-            "kind": "exchange",
-            "session_id": str(message.session_id),
-            "message_id": message.id,
-        },
+        question=question,
+        answer=message.content,
+        payload={"session_id": str(message.session_id), "message_id": message.id},
     )

