@@ -91,3 +91,12 @@ def drop_collection(self, *, user_id: int, project_id: str, agent_id: str) -> bo
     from agents.runtime.context import collection_drop
 
     return collection_drop(user_id=user_id, project_id=project_id, agent_id=agent_id)
+
+
+@shared_task(name="agents.sweep_collections")
+def sweep_collections() -> list[str]:
+    """Beat: drop vector collections left behind by deleted agents and projects. Runs on
+    the maintenance queue (not a project's), on a worker, where the store is open."""
+    from agents.runtime.context import collections_sweep
+
+    return collections_sweep()

@@ -52,6 +52,12 @@ app.conf.beat_schedule = {
         "schedule": float(os.environ.get("WORKSPACE_SWEEP_SECONDS", 300)),
         "options": {"expires": 60.0},
     },
+    # Drops vector collections of deleted agents and projects (runs where Qdrant is open).
+    "agents.sweep_collections": {
+        "task": "agents.sweep_collections",
+        "schedule": float(os.environ.get("WORKSPACE_SWEEP_SECONDS", 300)),
+        "options": {"expires": 60.0},
+    },
 }
 app.autodiscover_tasks()
 

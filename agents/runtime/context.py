@@ -330,3 +330,39 @@ def context_search_reply(
         # Nobody may wait on a deleted project; leave no key behind its teardown.
         redis.delete(streams.reply_key(request_id))
     return "answered"
+
+
+# --- Repair ------------------------------------------------------------------------------
+
+COLLECTION_RE = re.compile(r"^user_(\d+)_project_([0-9a-f]{32})_([0-9a-f]{32})_context$")
+
+
+def collections_sweep() -> list[str]:
+    """Drop collections whose agent no longer exists; returns their names.
+
+    A collection is only ever created for an agent row that is committed, so one whose
+    agent row is missing belongs to a deleted agent or project (a lost drop task, a
+    write that raced a deletion). Collections not named by this scheme are left alone.
+    """
+    from agents.models import Agent
+
+    store = get_vector_store()
+    named: dict[str, tuple[int, uuid.UUID, uuid.UUID]] = {}
+    for name in store.collections():
+        match = COLLECTION_RE.match(name)
+        if match:
+            named[name] = (int(match[1]), uuid.UUID(match[2]), uuid.UUID(match[3]))
+    if not named:
+        return []
+    existing = set(
+        Agent.objects.filter(id__in={agent for *_, agent in named.values()}).values_list(
+            "project__owner_id", "project_id", "id"
+        )
+    )
+    dropped = []
+    for name, owner_project_agent in named.items():
+        if owner_project_agent not in existing and store.drop_collection(name):
+            dropped.append(name)
+    if dropped:
+        logger.warning("dropped %d vector collections of deleted agents", len(dropped))
+    return dropped

@@ -111,3 +111,27 @@ def test_teardown_receiver_raises_while_the_store_is_unavailable(
     assert not get_vector_store().exists(name_of(agent))
     # Idempotent: a retried teardown finds nothing left and succeeds.
     workspace_teardown.send(sender=None, user_id=project.owner_id, project_id=project.id)
+
+
+def test_sweep_drops_collections_of_deleted_agents_only(transactional_db, project):
+    from agents.runtime.context import collections_sweep
+
+    store = get_vector_store()
+    kept, gone = AgentFactory(project=project), AgentFactory(project=project)
+    names = {"kept": name_of(kept), "gone": name_of(gone)}
+    gone.delete()
+    stranger = "not_one_of_ours"
+    for name in [*names.values(), stranger]:
+        store.ensure_collection(name, dim=384)
+    # Someone else's id in the name: the agent exists, but not in this user's project.
+    forged = collection_name(
+        user_id=project.owner_id + 1000, project_id=project.id, agent_id=kept.id
+    )
+    store.ensure_collection(forged, dim=384)
+
+    # (Other tests' agents are gone from the database too: their collections go as well.)
+    dropped = collections_sweep()
+    assert {names["gone"], forged} <= set(dropped) and names["kept"] not in dropped
+    assert store.exists(names["kept"]) and store.exists(stranger)
+    assert collections_sweep() == []
+    store.drop_collection(stranger)
