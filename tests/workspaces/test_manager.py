@@ -253,3 +253,34 @@ def test_a_failing_revalidation_reports_unavailable_not_a_500(project_with_agent
     time.sleep(settings.WORKSPACE_REVALIDATE_SECONDS + 0.05)
     with pytest.raises(WorkspaceUnavailable):
         get_worker_space(user_id=project.owner_id, project_id=project.id)
+
+
+@pytest.mark.parametrize("how", ["asgi lifespan", "celery worker shutdown"])
+def test_shutdown_hooks_release_the_process_and_keep_shared_state(how, project_with_agents):
+    import asyncio
+
+    from celery.signals import worker_shutdown
+
+    from config.asgi import application
+
+    project, _ = project_with_agents
+    space = get_worker_space(user_id=project.owner_id, project_id=project.id)
+    before = snapshot(project.owner_id, project.id, skip=())
+
+    if how == "asgi lifespan":
+        inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+        sent = []
+
+        async def receive():
+            return inbox.pop(0)
+
+        async def send(message):
+            sent.append(message["type"])
+
+        asyncio.run(application({"type": "lifespan"}, receive, send))
+        assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    else:
+        worker_shutdown.send(sender=None)
+
+    assert get_worker_space_manager().spaces() == [] and space.state is State.CLEANED
+    assert snapshot(project.owner_id, project.id, skip=()) == before

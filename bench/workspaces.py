@@ -1,0 +1,311 @@
+"""Workspaces benchmark: the cached fast path, cold initialisation, memory per cached
+workspace, and teardown of a busy project.
+
+    .venv/bin/python bench/workspaces.py [--cached N] [--cold N] [--memory N] [--teardowns N]
+
+Real PostgreSQL and Redis: DATABASE_URL (default postgres://postgres@127.0.0.1:5432/
+uws_bench_workspaces; the bench creates that database and drops it at the end) and
+REDIS_URL (default redis://127.0.0.1:6379/14; FLUSHed before and after, so give it a
+database of its own). Vector collections live in a temporary Qdrant local folder.
+
+1. Cached `get_or_create`: a warm workspace asked for N times (timed one by one).
+2. Cold initialisation: N new projects with 10 agents each, first `get_worker_space`
+   (project check, agents query, Redis lock, cache fill, 10 bus registrations, the
+   agents app's collection task published on the project's bus).
+3. Memory per cached workspace: tracemalloc, N initialised workspaces re-attached
+   into an empty manager (the handles this process keeps, nothing transient).
+4. Teardown: a project with 10 agents, their 10 vector collections and 1,000 queued
+   agent tasks; from `project_delete` to the teardown task done on a real worker
+   (in-process, threads), then a check that nothing is left (keys under the prefix,
+   queue, active set, registry index, collections).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from urllib.parse import urlparse
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DB = "postgres://postgres@127.0.0.1:5432/uws_bench_workspaces"
+
+
+def _admin_dsn(url: str) -> tuple[str, str]:
+    parsed = urlparse(url)
+    return parsed._replace(path="/postgres").geturl(), parsed.path.lstrip("/")
+
+
+def create_database(url: str) -> None:
+    import psycopg
+
+    admin, name = _admin_dsn(url)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def drop_database(url: str) -> None:
+    import psycopg
+
+    admin, name = _admin_dsn(url)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+if __name__ == "__main__":
+    sys.path[:0] = [str(ROOT)]
+    os.environ.setdefault("DATABASE_URL", DEFAULT_DB)
+    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/14")
+    os.environ["CELERY_BROKER_URL"] = os.environ["REDIS_URL"]
+    os.environ["CELERY_RESULT_BACKEND"] = os.environ["REDIS_URL"]
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
+    os.environ.setdefault("DEBUG", "false")
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    os.environ.setdefault("VAR_DIR", str(ROOT / "var" / "bench"))
+    os.environ["QDRANT_URL"] = ""
+    os.environ["QDRANT_PATH"] = tempfile.mkdtemp(prefix="uws-bench-qdrant-")
+    if os.environ["DATABASE_URL"].startswith("postgres"):
+        create_database(os.environ["DATABASE_URL"])
+    import django
+
+    django.setup()
+
+from celery import shared_task  # noqa: E402
+
+from workspaces.bus import AgentBusTask  # noqa: E402
+
+
+@shared_task(base=AgentBusTask, bind=True, name="bench.workspaces.noop")
+def noop(self, *, user_id: int, project_id: str) -> None:
+    pass
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def make_project(owner, *, agents: int = 10):
+    from agents.models import Agent
+    from projects.models import Project
+
+    project = Project.objects.create(owner=owner, name=f"bench {time.perf_counter_ns()}")
+    Agent.objects.bulk_create(
+        Agent(project=project, name=f"agent-{i}", system_prompt="You help.", model="offline")
+        for i in range(agents)
+    )
+    return project
+
+
+def bench_cached(owner, n: int) -> dict:
+    from workspaces.manager import get_worker_space
+
+    project = make_project(owner)
+    get_worker_space(user_id=owner.pk, project_id=project.id)
+    project_id, user_id = project.id, owner.pk
+    clock = time.perf_counter_ns
+    samples = []
+    for _ in range(n):
+        t0 = clock()
+        get_worker_space(user_id=user_id, project_id=project_id)
+        samples.append((clock() - t0) / 1000)
+    return {"p50": pct(samples, 50), "p99": pct(samples, 99), "n": n}
+
+
+def bench_cold(owner, n: int) -> dict:
+    from workspaces.manager import get_worker_space
+
+    projects = [make_project(owner) for _ in range(n + 5)]
+    for project in projects[:5]:  # warm connections and code paths
+        get_worker_space(user_id=owner.pk, project_id=project.id)
+    samples = []
+    for project in projects[5:]:
+        t0 = time.perf_counter()
+        space = get_worker_space(user_id=owner.pk, project_id=project.id)
+        samples.append((time.perf_counter() - t0) * 1000)
+        assert space.initialized_here and len(space.agent_ids) == 10
+    return {"p50": pct(samples, 50), "p99": pct(samples, 99), "n": n}
+
+
+def bench_memory(owner, n: int) -> dict:
+    from workspaces.manager import get_worker_space, get_worker_space_manager
+
+    projects = [make_project(owner, agents=10) for _ in range(n)]
+    manager = get_worker_space_manager()
+    for project in projects:
+        get_worker_space(user_id=owner.pk, project_id=project.id)
+    ids = [(owner.pk, p.id) for p in projects]
+    manager.forget_all_unsafe()
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    for user_id, project_id in ids:
+        get_worker_space(user_id=user_id, project_id=project_id)
+    gc.collect()
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    grown = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    assert len(manager.spaces()) == n
+    return {"bytes": grown / n, "n": n}
+
+
+def bench_teardown(owner, rounds: int) -> list[dict]:
+    from celery.contrib.testing.worker import start_worker
+
+    from agents.runtime.context import collections_ensure
+    from agents.runtime.vectorstore import get_vector_store
+    from config.celery_app import app
+    from projects.services import project_delete
+    from workspaces import registry
+    from workspaces.bus import get_agent_bus
+    from workspaces.manager import get_worker_space
+    from workspaces.models import WorkspaceTeardown
+    from workspaces.queues import MAINTENANCE_QUEUE, project_queue
+    from workspaces.redis import get_redis, workspace_prefix
+
+    bus, store, client = get_agent_bus(), get_vector_store(), get_redis()
+    results = []
+    # A dedicated worker on the maintenance queue only: the project queues stay as they
+    # are (1,000 tasks waiting) until the teardown purges them.
+    with start_worker(
+        app,
+        pool="threads",
+        concurrency=2,
+        queues=[MAINTENANCE_QUEUE],
+        agentbus_mode="dedicated",
+        perform_ping_check=False,
+        loglevel="WARNING",
+        shutdown_timeout=30,
+    ):
+        for _ in range(rounds):
+            project = make_project(owner)
+            space = get_worker_space(user_id=owner.pk, project_id=project.id)
+            collections_ensure(
+                user_id=owner.pk, project_id=project.id, agent_ids=sorted(space.agent_ids)
+            )
+            for _ in range(1000):
+                bus.publish(noop, user_id=owner.pk, project_id=project.id)
+            queued = bus.queue_depth(project.id)
+            collections = len(store.project_collections(user_id=owner.pk, project_id=project.id))
+            project_id = project.id
+
+            t0 = time.perf_counter()
+            project_delete(project=project)
+            t_delete = time.perf_counter() - t0
+            row = None
+            while True:
+                row = WorkspaceTeardown.objects.filter(project_id=project_id).first()
+                if row is not None and row.status == WorkspaceTeardown.Status.DONE:
+                    break
+                if time.perf_counter() - t0 > 60:
+                    raise RuntimeError("teardown did not finish in 60 s")
+                time.sleep(0.001)
+            total = time.perf_counter() - t0
+
+            left = {
+                "keys": len(list(client.scan_iter(workspace_prefix(owner.pk, project_id) + "*"))),
+                "queued": bus.queue_depth(project_id),
+                "queue key": client.exists(project_queue(project_id)),
+                "active": int(project_queue(project_id) in bus.active_queues()),
+                "index": int((owner.pk, project_id) in registry.index_members()),
+                "collections": len(
+                    store.project_collections(user_id=owner.pk, project_id=project_id)
+                ),
+            }
+            results.append(
+                {
+                    "queued": queued,
+                    "collections": collections,
+                    "delete_ms": t_delete * 1000,
+                    "total_ms": total * 1000,
+                    "task_ms": (row.completed_at - row.last_attempt_at).total_seconds() * 1000,
+                    "purged": row.purged_tasks,
+                    "left": left,
+                }
+            )
+    for cached in ("queues", "router", "default_queue"):
+        app.amqp.__dict__.pop(cached, None)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cached", type=int, default=200_000)
+    parser.add_argument("--cold", type=int, default=200)
+    parser.add_argument("--memory", type=int, default=1000)
+    parser.add_argument("--teardowns", type=int, default=5)
+    args = parser.parse_args()
+
+    db_url = os.environ["DATABASE_URL"]
+    from django.contrib.auth import get_user_model
+    from django.core.management import call_command
+    from django.db import connections
+
+    from workspaces.redis import get_redis
+
+    get_redis().flushdb()
+    try:
+        call_command("migrate", verbosity=0)
+        owner = get_user_model().objects.create(username="bench")
+        cached = bench_cached(owner, args.cached)
+        cold = bench_cold(owner, args.cold)
+        memory = bench_memory(owner, args.memory)
+        teardowns = bench_teardown(owner, args.teardowns)
+    finally:
+        from agents.runtime.vectorstore import close_vector_store
+
+        close_vector_store()
+        shutil.rmtree(os.environ["QDRANT_PATH"], ignore_errors=True)
+        get_redis().flushdb()
+        connections.close_all()
+        if db_url.startswith("postgres"):
+            drop_database(db_url)
+
+    from django.db import connection
+
+    print()
+    print(f"Workspaces benchmark ({connection.vendor}, Redis {os.environ['REDIS_URL']})")
+    print()
+    print("| measurement | result | goal |")
+    print("|---|---|---|")
+    print(
+        f"| cached get_or_create (n={cached['n']:,}) | p50 {cached['p50']:.2f} µs, "
+        f"p99 {cached['p99']:.2f} µs | p50 ≤ 50 µs |"
+    )
+    print(
+        f"| cold initialisation, 10 agents (n={cold['n']}) | p50 {cold['p50']:.2f} ms, "
+        f"p99 {cold['p99']:.2f} ms | p50 ≤ 20 ms |"
+    )
+    print(
+        f"| memory per cached workspace (n={memory['n']:,}, 10 agents each) | "
+        f"{memory['bytes'] / 1024:.2f} KiB | — |"
+    )
+    totals = [t["total_ms"] for t in teardowns]
+    tasks = [t["task_ms"] for t in teardowns]
+    deletes = [t["delete_ms"] for t in teardowns]
+    clean = all(not any(t["left"].values()) for t in teardowns)
+    first = teardowns[0]
+    print(
+        f"| teardown: 10 agents, {first['collections']} collections, {first['queued']:,} "
+        f"queued tasks (n={len(teardowns)}) | delete → done p50 "
+        f"{statistics.median(totals):.1f} ms (max {max(totals):.1f}); "
+        f"project_delete p50 {statistics.median(deletes):.1f} ms; "
+        f"task p50 {statistics.median(tasks):.1f} ms; purged {first['purged']:,} | ≤ 1 s |"
+    )
+    print(
+        "| nothing left after teardown (keys, queue, active set, index, collections) | "
+        f"{'yes' if clean else 'NO: ' + repr([t['left'] for t in teardowns])} | yes |"
+    )
+    return 0 if clean else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
