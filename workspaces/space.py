@@ -144,12 +144,21 @@ class UserWorkerSpace:
                 "retry shortly."
             ) from exc
         if registered:
-            agents_registered.send(
-                sender=UserWorkerSpace,
-                user_id=self.user_id,
-                project_id=self.project_id,
-                agent_ids=registered,
-            )
+            self._announce(agents_registered, agent_ids=registered)
+
+    def _announce(self, signal, **kwargs: Any) -> None:
+        """Tell other apps (the agents app publishes collection work). The workspace
+        change has happened either way: a failing receiver is logged, not raised."""
+        for receiver, result in signal.send_robust(
+            sender=UserWorkerSpace, user_id=self.user_id, project_id=self.project_id, **kwargs
+        ):
+            if isinstance(result, Exception):
+                logger.error(
+                    "workspace %s: receiver %r failed",
+                    self.key,
+                    receiver,
+                    exc_info=(type(result), result, result.__traceback__),
+                )
 
     def _init_lock(self):
         seconds = settings.WORKSPACE_INIT_LOCK_SECONDS
@@ -327,12 +336,7 @@ class UserWorkerSpace:
             user_id=self.user_id, project_id=self.project_id, agent_id=agent_id
         )
         self.agent_ids = self.agent_ids | {agent_id}
-        agents_registered.send(
-            sender=UserWorkerSpace,
-            user_id=self.user_id,
-            project_id=self.project_id,
-            agent_ids=[agent_id],
-        )
+        self._announce(agents_registered, agent_ids=[agent_id])
         return agent_id
 
     def remove_agent(self, agent_id: uuid.UUID | str) -> bool:
@@ -344,12 +348,7 @@ class UserWorkerSpace:
             user_id=self.user_id, project_id=self.project_id, agent_id=agent_id
         )
         self.agent_ids = self.agent_ids - {agent_id}
-        agent_deregistered.send(
-            sender=UserWorkerSpace,
-            user_id=self.user_id,
-            project_id=self.project_id,
-            agent_id=agent_id,
-        )
+        self._announce(agent_deregistered, agent_id=agent_id)
         return removed
 
     def stats(self) -> dict[str, Any]:
