@@ -108,13 +108,14 @@ def _chat_run_dispatch(*, user_id: int, user_message: Message, assistant_message
     project_id = assistant_message.session.project_id
     redis = scoped(user_id, project_id)
     # Announce first, so a client sees the message before the worker's first delta.
-    for message in (user_message, assistant_message):
-        streams.event_append(
-            redis=redis,
-            session_id=message.session_id,
-            event_type=streams.MESSAGE_CREATED,
-            data=message_event_data(message),
-        )
+    streams.events_append(
+        redis=redis,
+        session_id=assistant_message.session_id,
+        events=[
+            (streams.MESSAGE_CREATED, message_event_data(message))
+            for message in (user_message, assistant_message)
+        ],
+    )
     try:
         get_agent_bus().publish(
             run_agent,

@@ -25,6 +25,7 @@ from django.conf import settings
 from django.db import connections
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from django.views.decorators.http import require_GET
+from redis.exceptions import ResponseError
 
 from workspaces.redis import ScopedRedis, scoped_async
 
@@ -146,13 +147,18 @@ async def session_events(request: HttpRequest, project_id: uuid.UUID, session_id
             cursor += "-0"
     redis = scoped_async(get_async_redis(), user_id, project_id)
     key = stream_key(session_id)
+    truncated_at = None
     if cursor is None:
         # Pin "now" to a concrete id, so nothing between two reads can be skipped.
         last = await redis.xrevrange(key, count=1)
         cursor = last[0][0] if last else "0-0"
+    else:
+        truncated_at = await _trimmed_after(redis, key, cursor)
 
     response = StreamingHttpResponse(
-        _event_stream(redis=redis, key=key, cursor=cursor, project_id=project_id),
+        _event_stream(
+            redis=redis, key=key, cursor=cursor, project_id=project_id, truncated_at=truncated_at
+        ),
         content_type="text/event-stream",
     )
     response["Cache-Control"] = "no-cache"
@@ -160,18 +166,46 @@ async def session_events(request: HttpRequest, project_id: uuid.UUID, session_id
     return response
 
 
+def _id(value: str) -> tuple[int, int]:
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def _trimmed_after(redis: ScopedRedis, key: str, cursor: str) -> str | None:
+    """The stream's first id if events after `cursor` may have been trimmed away
+    (settings.CHAT_STREAM_MAXLEN): the client is told, and reloads the messages."""
+    try:
+        info = await redis.xinfo_stream(key)
+    except ResponseError:  # no stream (yet): nothing was trimmed
+        return None
+    first = info.get("first-entry")
+    if not first or info.get("entries-added", 0) <= info.get("length", 0):
+        return None
+    return first[0] if _id(cursor) < _id(first[0]) else None
+
+
 def format_event(event_id: str, fields: dict[str, str]) -> str:
     data = fields.get("data", "{}")
     return f"id: {event_id}\nevent: {fields.get('type', 'message')}\ndata: {data}\n\n"
 
 
-async def _event_stream(*, redis: ScopedRedis, key: str, cursor: str, project_id: uuid.UUID):
+async def _event_stream(
+    *,
+    redis: ScopedRedis,
+    key: str,
+    cursor: str,
+    project_id: uuid.UUID,
+    truncated_at: str | None = None,
+):
     global _active_streams
     _active_streams += 1
     heartbeat = float(settings.CHAT_HEARTBEAT_SECONDS)
     wake = min(heartbeat, MAX_WAKE_SECONDS)
     try:
         yield f"retry: 2000\n: connected at {cursor}\n\n".encode()
+        if truncated_at is not None:
+            notice = json.dumps({"first_id": truncated_at, "reason": "older events were trimmed"})
+            yield f"event: stream.truncated\ndata: {notice}\n\n".encode()
         last_write = time.monotonic()
         while True:
             quiet_for = time.monotonic() - last_write

@@ -49,16 +49,27 @@ def event_append(
     *, redis: ScopedRedis, session_id: uuid.UUID | str, event_type: str, data: dict[str, Any]
 ) -> str:
     """Append one event to a session's stream; returns its id (the SSE `id:`)."""
+    return events_append(redis=redis, session_id=session_id, events=[(event_type, data)])[0]
+
+
+def events_append(
+    *,
+    redis: ScopedRedis,
+    session_id: uuid.UUID | str,
+    events: list[tuple[str, dict[str, Any]]],
+) -> list[str]:
+    """Append events in order, in one round trip; returns their ids."""
     key = stream_key(session_id)
     pipe = redis.pipeline(transaction=False)
-    pipe.xadd(
-        key,
-        encode_event(event_type, data),
-        maxlen=settings.CHAT_STREAM_MAXLEN,
-        approximate=True,
-    )
+    for event_type, data in events:
+        pipe.xadd(
+            key,
+            encode_event(event_type, data),
+            maxlen=settings.CHAT_STREAM_MAXLEN,
+            approximate=True,
+        )
     pipe.expire(key, STREAM_TTL_SECONDS)
-    return pipe.execute()[0]
+    return pipe.execute()[: len(events)]
 
 
 def event_append_checking_cancel(

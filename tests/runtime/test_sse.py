@@ -228,6 +228,32 @@ def test_reconnecting_with_last_event_id_loses_and_repeats_nothing(
     assert none == []
 
 
+def test_a_cursor_older_than_the_trimmed_stream_is_told_so(asgi, user, session, runtime_settings):
+    from agents.runtime import streams
+    from workspaces.redis import scoped
+
+    runtime_settings.CHAT_STREAM_MAXLEN = 10
+    redis = scoped(user.id, session.project_id)
+    ids = [
+        streams.event_append(
+            redis=redis, session_id=session.id, event_type="message.delta", data={"n": i}
+        )
+        for i in range(300)
+    ]
+    retained = [eid for eid, _ in redis.xrange(streams.stream_key(session.id))]
+    assert len(retained) < 300  # Redis trimmed (whole nodes: approximately 10 kept)
+    headers = {"Authorization": f"Token {token_for(user)}"}
+    url = events_url(asgi, session)
+
+    _, events, _ = read_sse(url, headers=headers, params={"cursor": ids[0]}, max_seconds=0.5)
+    assert events[0]["event"] == "stream.truncated" and "id" not in events[0]
+    assert events[0]["data"]["first_id"] == retained[0]
+    assert [e["id"] for e in events[1:]] == retained
+    # A client that saw the retained events resumes without a notice.
+    _, events, _ = read_sse(url, headers=headers, params={"cursor": retained[0]}, max_seconds=0.5)
+    assert [e["id"] for e in events] == retained[1:]
+
+
 def test_heartbeats_keep_an_idle_stream_alive(asgi, user, session, runtime_settings):
     runtime_settings.CHAT_HEARTBEAT_SECONDS = 0.2
     headers = {"Authorization": f"Token {token_for(user)}"}
