@@ -15,9 +15,10 @@ The mode follows from -Q (any project queue there means dedicated); the worker o
 """
 
 import os
+from urllib.parse import urlparse
 
 import click
-from celery import Celery
+from celery import Celery, signals
 from celery.app.amqp import AMQP
 
 from workspaces.queues import MAINTENANCE_QUEUE, TASK_ROUTES, DirectQueues, direct_queue
@@ -72,3 +73,14 @@ app.user_options["worker"].add(
     )
 )
 app.steps["consumer"].add("workspaces.worker:AgentBusConsumer")
+
+
+@signals.celeryd_init.connect
+def _cheaper_poll_for_workers(conf=None, **_):
+    """Workers poll with workspaces.transport (same BRPOP, less client work per message).
+    Only workers: other processes keep kombu's name for the transport in broker URLs,
+    which Flower reads."""
+    if conf is None or conf.broker_transport:
+        return
+    if urlparse(conf.broker_url or "").scheme in ("redis", "rediss"):
+        conf.broker_transport = "workspaces.transport:Transport"

@@ -236,12 +236,14 @@ def agentbus_unfollow(state, queues=None, queue=None, **_):
 
 @inspect_command(name=STATUS_COMMAND)
 def agentbus_status(state, **_):
-    """The worker's AgentBus mode and the project queues it follows."""
-    step = getattr(state.consumer, "agentbus", None)
-    if step is None:
-        return {"mode": None, "queues": [], "reconciled_at": None}
+    """The worker's AgentBus mode, the project queues it follows, its broker transport."""
+    consumer = state.consumer
+    step = getattr(consumer, "agentbus", None)
+    connection = getattr(consumer, "connection", None)
+    transport = type(connection.transport) if connection is not None else None
     return {
-        "mode": step.mode,
-        "queues": sorted(step.followed(state.consumer)),
-        "reconciled_at": step.reconciled_at,
+        "mode": step.mode if step else None,
+        "queues": sorted(step.followed(consumer)) if step else [],
+        "reconciled_at": step.reconciled_at if step else None,
+        "transport": f"{transport.__module__}.{transport.__qualname__}" if transport else None,
     }

@@ -66,6 +66,7 @@ def test_a_dedicated_worker_serves_its_project_only(transactional_db, worker_pro
         "mode": "dedicated",
         "queues": [project_queue(project.id)],
         "reconciled_at": None,
+        "transport": "workspaces.transport.Transport",
     }
 
     mine = bus.publish(tasks.record, user_id=1, project_id=project.id, kwargs={"tag": "mine"})

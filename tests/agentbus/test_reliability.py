@@ -25,6 +25,8 @@ def shared_worker(worker_process, concurrency: int):
     worker = worker_process("-P", "prefork", "-c", str(concurrency), "-Q", MAINTENANCE_QUEUE)
     status = worker.wait_ready()
     assert status["mode"] == "shared"
+    # Worker processes poll through the cached-BRPOP channel.
+    assert status["transport"] == "workspaces.transport.Transport"
     return worker
 
 

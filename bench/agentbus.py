@@ -1,0 +1,286 @@
+"""AgentBus benchmark: throughput against plain Celery, fairness, cold start.
+
+    REDIS_URL=redis://127.0.0.1:6379/13 .venv/bin/python bench/agentbus.py [--tasks N]
+
+Real Redis (REDIS_URL, default redis://127.0.0.1:6379/13; the bench FLUSHes that
+database between runs, so give it one of its own) and real worker processes:
+`celery -A config worker -P prefork -c 2`, started afresh for every measurement.
+
+1. Throughput: N no-op tasks are queued, then a worker drains them; tasks/s from the
+   first task's start to the last one's end.
+   - baseline: plain Celery, a plain task on one queue, a worker following that queue;
+   - AgentBus: R registered projects (agents registered on the bus), A of them active
+     (the tasks are spread over their queues), agent tasks (AgentBusTask: the
+     tombstone check included), a shared worker following the maintenance queue and
+     the active project queues (R, A) in (10, 1) (1k, 1) (1k, 100) (1k, 1k) (10k, 1)
+     (10k, 100) (10k, 1k).
+2. Fairness: one project's single task, from publish to start, while another project
+   has a 10,000-task backlog, against the same on an idle bus (p50/p95 of 40 tasks).
+3. Cold start: from publishing a never-seen project's first task to its start (the
+   queue is marked active, announced, followed, polled), p50/p95 of 30 projects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if __name__ == "__main__":
+    sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/13")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
+    os.environ.setdefault("DEBUG", "false")
+    os.environ.setdefault("VAR_DIR", str(ROOT / "var" / "bench"))
+    os.environ["CELERY_BROKER_URL"] = os.environ["REDIS_URL"]
+    import django
+
+    django.setup()
+
+from celery import shared_task  # noqa: E402
+
+from workspaces.bus import AgentBusTask  # noqa: E402
+from workspaces.redis import get_redis  # noqa: E402
+
+DONE = "bench:done"
+FIRST = "bench:first"
+LAST = "bench:last"
+STARTS = "bench:starts"
+BASELINE_QUEUE = "bench.baseline"
+
+
+def _finish(tag: str | None) -> None:
+    client = get_redis()
+    now = time.time()
+    if tag:  # a measured task: note when it started
+        client.hset(STARTS, tag, now)
+        return
+    count = client.incr(DONE)
+    if count == 1:
+        client.set(FIRST, now)
+    client.set(LAST, now)
+
+
+@shared_task(name="bench.noop", ignore_result=True)
+def noop(tag: str | None = None) -> None:
+    _finish(tag)
+
+
+@shared_task(base=AgentBusTask, bind=True, name="bench.agent_noop", ignore_result=True)
+def agent_noop(self, *, user_id: int, project_id: str, tag: str | None = None) -> None:
+    _finish(tag)
+
+
+# --- running workers ----------------------------------------------------------------------
+
+
+class Worker:
+    def __init__(self, *args: str):
+        env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'bench'}")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "config", "worker", "-P", "prefork",
+             "-c", "2", "-I", "agentbus", "--without-mingle", "--without-gossip",
+             "--without-heartbeat", "--loglevel=WARNING", "-n", f"bench-{uuid.uuid4().hex[:6]}@%h",
+             *args],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+
+def shared_worker() -> Worker:
+    from workspaces.queues import MAINTENANCE_QUEUE
+
+    return Worker("-Q", MAINTENANCE_QUEUE)
+
+
+def wait_until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def fresh_db() -> None:
+    get_redis().flushdb()
+
+
+# --- 1. throughput ---------------------------------------------------------------------------
+
+
+def register_projects(count: int) -> list[uuid.UUID]:
+    """Projects with agents registered on the bus (what a workspace's initialise does)."""
+    from workspaces.bus import AGENTS_KEY
+    from workspaces.redis import workspace_prefix
+
+    projects = [uuid.uuid4() for _ in range(count)]
+    pipe = get_redis().pipeline(transaction=False)
+    for i, project in enumerate(projects):
+        key = workspace_prefix(1 + i % 100, project) + AGENTS_KEY
+        pipe.sadd(key, "agent-1", "agent-2")
+        if len(pipe) >= 1000:
+            pipe.execute()
+    pipe.execute()
+    return projects
+
+
+def drain(worker_args: tuple[str, ...] | None, total: int) -> float:
+    """Start a worker on what is queued; tasks/s from first start to last end."""
+    worker = Worker(*worker_args) if worker_args else shared_worker()
+    try:
+        client = get_redis()
+        wait_until(lambda: int(client.get(DONE) or 0) >= total, 600, "the queue to drain")
+        first, last = float(client.get(FIRST)), float(client.get(LAST))
+    finally:
+        worker.stop()
+    return (total - 1) / (last - first)
+
+
+def throughput_baseline(total: int) -> float:
+    fresh_db()
+    for _ in range(total):
+        noop.apply_async(queue=BASELINE_QUEUE)
+    return drain(("-Q", BASELINE_QUEUE, "--agentbus-mode", "dedicated"), total)
+
+
+def throughput_bus(total: int, registered: int, active: int) -> float:
+    from workspaces.bus import get_agent_bus
+
+    fresh_db()
+    bus = get_agent_bus()
+    projects = register_projects(registered)[:active]
+    for project in projects:
+        bus.mark_active(project)
+    for i in range(total):
+        bus.publish(agent_noop, user_id=1, project_id=projects[i % active])
+    assert len(bus.active_queues()) == active
+    return drain(None, total)
+
+
+# --- 2. fairness and 3. cold start -----------------------------------------------------------
+
+
+def timed_task(project_id: uuid.UUID) -> float:
+    """Publish one task of `project_id`; seconds from publish to its start."""
+    from workspaces.bus import get_agent_bus
+
+    client = get_redis()
+    tag = uuid.uuid4().hex
+    sent = time.time()
+    get_agent_bus().publish(agent_noop, user_id=2, project_id=project_id, kwargs={"tag": tag})
+    started = wait_until(lambda: client.hget(STARTS, tag), 30, "a measured task")
+    return float(started) - sent
+
+
+def fairness(samples: int = 40, backlog: int = 10_000) -> tuple[list[float], list[float], int]:
+    from workspaces.bus import get_agent_bus
+
+    fresh_db()
+    bus = get_agent_bus()
+    quiet, busy = uuid.uuid4(), uuid.uuid4()
+    bus.mark_active(quiet)
+    worker = shared_worker()
+    try:
+        timed_task(quiet)  # warm: the worker follows the queue
+        idle = [timed_task(quiet) for _ in range(samples)]
+    finally:
+        worker.stop()
+
+    for _ in range(backlog):
+        bus.publish(agent_noop, user_id=1, project_id=busy)
+    worker = shared_worker()
+    client = get_redis()
+    try:
+        wait_until(lambda: int(client.get(DONE) or 0) >= 100, 60, "the backlog to start")
+        behind = [timed_task(quiet) for _ in range(samples)]
+        left = bus.queue_depth(busy)
+    finally:
+        worker.stop()
+    return idle, behind, left
+
+
+def cold_start(samples: int = 30) -> list[float]:
+    fresh_db()
+    worker = shared_worker()
+    try:
+        timed_task(uuid.uuid4())  # the worker is up and polling
+        return [timed_task(uuid.uuid4()) for _ in range(samples)]
+    finally:
+        worker.stop()
+
+
+# --- report -------------------------------------------------------------------------------------
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def ms(values: list[float], q: float) -> str:
+    return f"{pct(values, q) * 1e3:.1f} ms"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=5000, help="tasks per throughput run")
+    opts = parser.parse_args()
+    total = opts.tasks
+    started = time.monotonic()
+    print(f"AgentBus benchmark: Redis {os.environ['REDIS_URL']}, prefork -c 2, {total} tasks/run")
+
+    runs: list[tuple[str, float]] = []
+    base = throughput_baseline(total)
+    runs.append(("plain Celery, 1 queue (baseline)", base))
+    print(f"  baseline {base:.0f} tasks/s", flush=True)
+    for registered, active in [
+        (10, 1), (1_000, 1), (1_000, 100), (1_000, 1_000),
+        (10_000, 1), (10_000, 100), (10_000, 1_000),
+    ]:  # fmt: skip
+        rate = throughput_bus(total, registered, active)
+        runs.append((f"AgentBus {registered:>6,} registered / {active:>5,} active", rate))
+        print(f"  {registered} registered / {active} active: {rate:.0f} tasks/s", flush=True)
+    base_again = throughput_baseline(total)
+    runs.append(("plain Celery, 1 queue (baseline, again)", base_again))
+    baseline = (base + base_again) / 2
+
+    idle, behind, left = fairness()
+    cold = cold_start()
+
+    print()
+    print("| run | tasks/s | ratio to baseline |")
+    print("|---|---:|---:|")
+    for name, rate in runs:
+        print(f"| {name} | {rate:.0f} | {rate / baseline:.2f}x |")
+    print()
+    print("| latency, publish to task start | p50 | p95 | goal |")
+    print("|---|---:|---:|---|")
+    print(f"| one task, idle bus | {ms(idle, 50)} | {ms(idle, 95)} | |")
+    ratio = pct(behind, 95) / pct(idle, 95)
+    print(
+        f"| one task behind another project's 10,000-task backlog | {ms(behind, 50)} "
+        f"| {ms(behind, 95)} | p95 <= 2x idle: {ratio:.2f}x |"
+    )
+    print(f"| cold project's first task | {ms(cold, 50)} | {ms(cold, 95)} | p50 <= 250 ms |")
+    print()
+    print(f"(backlog still queued after the fairness samples: {left}; baseline = mean of the two")
+    print(f" baseline runs; total {time.monotonic() - started:.0f} s)")
+    fresh_db()
+
+
+if __name__ == "__main__":
+    main()
