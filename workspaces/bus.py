@@ -46,6 +46,10 @@ logger = logging.getLogger(__name__)
 # Bus-wide keys live beside the broker's queues (the Lua scripts read both), under the
 # `uws:bus:` namespace: never under a workspace prefix, which teardown wipes.
 ACTIVE_KEY = "uws:bus:active"
+# Queues taken out of the active set (queue -> when), watched for messages put back.
+RETIRED_KEY = "uws:bus:retired"
+# Present while a full keyspace scan for stranded queues is not due.
+FULL_SCAN_KEY = "uws:bus:rescue-scan"
 TOMBSTONE_PREFIX = "uws:bus:tombstone:"
 # Workspace-relative key (under the workspace prefix) of the agents registered on the bus.
 AGENTS_KEY = "bus:agents"
@@ -63,24 +67,25 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
 return redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
 """
 
-# Retire queues that are empty and unused since the cutoff, atomically.
-# KEYS: active set, then `steps` list keys per queue. ARGV: cutoff, steps, queue names.
-# Returns the retired queue names.
+# Retire queues that are empty and unused since the cutoff, atomically, and note them
+# as retired. KEYS: active set, retired set, then `steps` list keys per queue.
+# ARGV: cutoff, steps, now, queue names. Returns the retired queue names.
 _RETIRE_IDLE = """
 local cutoff = tonumber(ARGV[1])
 local steps = tonumber(ARGV[2])
 local retired = {}
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local queue = ARGV[i]
   local score = redis.call('ZSCORE', KEYS[1], queue)
   if score and tonumber(score) <= cutoff then
     local empty = true
-    local first = 2 + (i - 3) * steps
+    local first = 3 + (i - 4) * steps
     for k = first, first + steps - 1 do
       if redis.call('LLEN', KEYS[k]) > 0 then empty = false end
     end
     if empty then
       redis.call('ZREM', KEYS[1], queue)
+      redis.call('ZADD', KEYS[2], ARGV[3], queue)
       retired[#retired + 1] = queue
     end
   end
@@ -248,7 +253,10 @@ class AgentBus:
         purged. Idempotent; raises if Redis or the broker is down."""
         queue = project_queue(project_id)
         client = self.redis()
-        client.zrem(ACTIVE_KEY, queue)
+        pipe = client.pipeline(transaction=True)
+        pipe.zrem(ACTIVE_KEY, queue)
+        pipe.zadd(RETIRED_KEY, {queue: time.time()})
+        pipe.execute()
         self._broadcast(UNFOLLOW_COMMAND, [queue], swallow=False)
         purged = self._purge(client, queue)
         scoped(user_id, project_id).delete(AGENTS_KEY)
@@ -265,10 +273,7 @@ class AgentBus:
     # --- Reading --------------------------------------------------------------------
     def queue_depth(self, project_id: uuid.UUID | str) -> int:
         """Messages waiting in the project's queue (not counting ones being run)."""
-        pipe = self.redis().pipeline(transaction=False)
-        for key in self.queue_keys(project_queue(project_id)):
-            pipe.llen(key)
-        return sum(pipe.execute())
+        return self._depth(self.redis(), project_queue(project_id))
 
     def active_queues(self) -> list[str]:
         """The project queues the shared pool follows (oldest use first)."""
@@ -301,8 +306,9 @@ class AgentBus:
             idle = [q for q in candidates if q not in in_flight]
             if not idle:
                 continue
-            keys = [ACTIVE_KEY] + [k for q in idle for k in self.queue_keys(q)]
-            done = self._script(_RETIRE_IDLE)(keys=keys, args=[cutoff, len(self._steps), *idle])
+            keys = [ACTIVE_KEY, RETIRED_KEY] + [k for q in idle for k in self.queue_keys(q)]
+            args = [cutoff, len(self._steps), time.time(), *idle]
+            done = self._script(_RETIRE_IDLE)(keys=keys, args=args)
             retired.extend(done)
             offset -= len(done)  # retired members left the set: the window shifts back
         if retired:
@@ -323,34 +329,52 @@ class AgentBus:
                 queues.add(routing_key)
         return queues
 
-    def rescue_stranded_queues(self) -> list[str]:
+    def rescue_stranded_queues(self, *, full_scan: bool | None = None) -> list[str]:
         """Re-activate project queues that hold messages but left the active set.
 
-        That happens when a message is put back after the queue was retired (a worker
-        died holding it, or the visibility timeout restored it) or when the active set
-        was lost. Queues of tombstoned projects are purged instead. Returns the names
-        of the re-activated queues.
+        A message can come back to a retired queue: kombu puts a message back when the
+        worker holding it dies, at once or after the visibility timeout. So queues
+        retired within twice the visibility timeout are checked (one LLEN each). The
+        whole keyspace is scanned for stranded queues too, at most once every
+        AGENTBUS_FULL_RESCUE_SECONDS (or when `full_scan`), in case the active set
+        itself was lost. Queues of tombstoned projects are purged instead. Returns the
+        names of the re-activated queues.
         """
         client = self.redis()
-        pattern = self._keyprefix + PROJECT_QUEUE_PREFIX + "*"
-        found: set[str] = set()
-        for key in client.scan_iter(match=pattern, count=1000, _type="list"):
-            queue = key[len(self._keyprefix) :].split(self._sep, 1)[0]
-            if is_project_queue(queue):
-                found.add(queue)
-        stranded = sorted(found - self.active_among(found))
+        options = settings.CELERY_BROKER_TRANSPORT_OPTIONS or {}
+        window = 2 * float(options.get("visibility_timeout", 3600))
+        client.zremrangebyscore(RETIRED_KEY, "-inf", time.time() - window)
+        candidates = set(client.zrange(RETIRED_KEY, 0, -1))
+        if full_scan is None:
+            every = int(getattr(settings, "AGENTBUS_FULL_RESCUE_SECONDS", 3600))
+            full_scan = bool(client.set(FULL_SCAN_KEY, "1", nx=True, ex=every))
+        if full_scan:
+            pattern = self._keyprefix + PROJECT_QUEUE_PREFIX + "*"
+            for key in client.scan_iter(match=pattern, count=1000, _type="list"):
+                queue = key[len(self._keyprefix) :].split(self._sep, 1)[0]
+                if is_project_queue(queue):
+                    candidates.add(queue)
+        candidates -= self.active_among(candidates)
+        stranded = [q for q in sorted(candidates) if self._depth(client, q)]
         rescued = []
         for queue in stranded:
             project_id = queue[len(PROJECT_QUEUE_PREFIX) :]
             if self.is_tombstoned(project_id):
                 self._purge(client, queue)
             elif self.mark_active(project_id) >= 0:
+                client.zrem(RETIRED_KEY, queue)
                 rescued.append(queue)
         if rescued:
             logger.warning(
                 "re-activated %d queues holding messages: %s", len(rescued), rescued[:10]
             )
         return rescued
+
+    def _depth(self, client: redis.Redis, queue: str) -> int:
+        pipe = client.pipeline(transaction=False)
+        for key in self.queue_keys(queue):
+            pipe.llen(key)
+        return sum(pipe.execute())
 
 
 _bus: AgentBus | None = None

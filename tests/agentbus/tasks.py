@@ -43,25 +43,38 @@ def record(
     sleep_first_attempt: float = 0.0,
 ) -> None:
     """Note the start, optionally sleep, then apply the effect once per task id."""
-    client = get_redis()
-    attempt = client.incr(attempts_key(self.request.id))
-    client.rpush(
-        started_key(tag),
-        json.dumps(
-            {
-                "id": self.request.id,
-                "pid": os.getpid(),
-                "at": time.time(),
-                "attempt": attempt,
-                "user_id": user_id,
-                "project_id": project_id,
-            }
-        ),
-    )
+    attempt = _note_start(self, tag, user_id=user_id, project_id=project_id)
     time.sleep(sleep + (sleep_first_attempt if attempt == 1 else 0.0))
-    # The effect: idempotent, keyed by task id.
-    if client.set(f"{PREFIX}effect:{self.request.id}", "1", nx=True):
-        client.rpush(effects_key(tag), self.request.id)
+    _apply_effect(self, tag)
+
+
+@shared_task(base=AgentBusTask, bind=True, name="tests.agentbus.flaky", max_retries=3)
+def flaky(self, *, user_id: int, project_id: str, tag: str = "") -> None:
+    """Fails its first attempt and asks Celery to retry it."""
+    if _note_start(self, tag, user_id=user_id, project_id=project_id) == 1:
+        raise self.retry(countdown=0.1)
+    _apply_effect(self, tag)
+
+
+def _note_start(task, tag: str, **ids) -> int:
+    client = get_redis()
+    attempt = client.incr(attempts_key(task.request.id))
+    entry = {
+        "id": task.request.id,
+        "pid": os.getpid(),
+        "at": time.time(),
+        "attempt": attempt,
+        "routing_key": (task.request.delivery_info or {}).get("routing_key"),
+        **ids,
+    }
+    client.rpush(started_key(tag), json.dumps(entry))
+    return attempt
+
+
+def _apply_effect(task, tag: str) -> None:
+    # Idempotent, keyed by task id: a repeated run changes nothing.
+    if get_redis().set(f"{PREFIX}effect:{task.request.id}", "1", nx=True):
+        get_redis().rpush(effects_key(tag), task.request.id)
 
 
 def started(tag: str) -> list[dict]:

@@ -14,7 +14,8 @@ from kombu import Connection, Consumer
 
 from config.celery_app import app
 from tests.agentbus import tasks
-from workspaces.bus import ACTIVE_KEY, TOMBSTONE_PREFIX, AgentBus
+from workspaces.bus import ACTIVE_KEY, RETIRED_KEY, TOMBSTONE_PREFIX, AgentBus
+from workspaces.bus_tasks import reap_idle_queues
 from workspaces.queues import (
     MAINTENANCE_QUEUE,
     direct_queue,
@@ -107,7 +108,7 @@ def test_agent_tasks_refuse_bad_calls(bus, project_id, redis_client):
     with pytest.raises(TypeError):
         tasks.record.delay(project_id=project_id)  # no user_id
     with pytest.raises(TypeError):
-        bus.publish(app.tasks["workspaces.reap_idle_queues"], user_id=1, project_id=project_id)
+        bus.publish(reap_idle_queues, user_id=1, project_id=project_id)
     with pytest.raises(ValueError):
         bus.publish(tasks.record, user_id=1, project_id="nope")
     assert redis_client.llen(project_queue(project_id)) == 0
@@ -254,21 +255,45 @@ def test_retire_script_rechecks_length(bus, project_id, redis_client):
     _age(redis_client, queue, 100)
     redis_client.lpush(queue, "{}")
     script = bus._script(_RETIRE_IDLE)
-    assert script(keys=[ACTIVE_KEY, queue], args=[time.time() - 50, 1, queue]) == []
+    keys = [ACTIVE_KEY, RETIRED_KEY, queue]
+    assert script(keys=keys, args=[time.time() - 50, 1, time.time(), queue]) == []
     assert bus.active_queues() == [queue]
 
 
-def test_rescue_reactivates_stranded_queues_and_purges_deleted_ones(bus, redis_client):
-    stranded, deleted, fine = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    for project in (stranded, deleted, fine):
+def test_rescue_finds_messages_put_back_into_retired_queues(bus, redis_client):
+    crashed, deleted, quiet = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    for project in (crashed, deleted, quiet):
+        bus.mark_active(project)
+        _age(redis_client, project_queue(project), 100)
+    assert len(bus.reap_idle_queues(idle_seconds=50)) == 3
+    # A worker that held a message of each of two queues died; kombu put them back.
+    for project in (crashed, deleted):
         bus.publish(tasks.record, user_id=1, project_id=project)
-    # The active set lost two of them (a restored message after retirement, a flush).
-    redis_client.zrem(ACTIVE_KEY, project_queue(stranded), project_queue(deleted))
+        redis_client.zrem(ACTIVE_KEY, project_queue(project))
     bus.tombstone_project(deleted)
 
-    rescued = bus.rescue_stranded_queues()
+    rescued = bus.rescue_stranded_queues(full_scan=False)
 
-    assert rescued == [project_queue(stranded)]
-    assert set(bus.active_queues()) == {project_queue(stranded), project_queue(fine)}
+    assert rescued == [project_queue(crashed)]
+    assert bus.active_queues() == [project_queue(crashed)]
+    assert bus.queue_depth(crashed) == 1
     assert bus.queue_depth(deleted) == 0
-    assert bus.queue_depth(stranded) == 1
+    assert set(redis_client.zrange(RETIRED_KEY, 0, -1)) == {
+        project_queue(deleted),
+        project_queue(quiet),
+    }
+
+
+def test_a_full_scan_finds_queues_the_active_set_lost_at_most_so_often(bus, redis_client):
+    first, second = uuid.uuid4(), uuid.uuid4()
+    bus.publish(tasks.record, user_id=1, project_id=first)
+    redis_client.delete(ACTIVE_KEY)  # the active set is lost
+
+    assert bus.rescue_stranded_queues() == [project_queue(first)]  # the scan was due
+
+    bus.publish(tasks.record, user_id=1, project_id=second)
+    redis_client.delete(ACTIVE_KEY)
+    assert bus.rescue_stranded_queues() == []  # not due yet
+    assert bus.rescue_stranded_queues(full_scan=True) == sorted(
+        [project_queue(first), project_queue(second)]
+    )

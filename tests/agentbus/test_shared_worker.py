@@ -14,6 +14,7 @@ from config.celery_app import app
 from tests.agentbus import tasks
 from tests.agentbus.conftest import wait_for, worker_status
 from workspaces.bus import ACTIVE_KEY, FOLLOW_COMMAND, UNFOLLOW_COMMAND
+from workspaces.bus_tasks import reap_idle_queues
 from workspaces.queues import MAINTENANCE_QUEUE, project_queue
 
 pytestmark = pytest.mark.slow
@@ -126,7 +127,7 @@ def test_the_reaper_retires_idle_queues_and_a_later_publish_revives_them(
     time.sleep(0.3)
 
     # Beat's task, through the maintenance queue, on the worker.
-    app.tasks["workspaces.reap_idle_queues"].delay()
+    reap_idle_queues.delay()
 
     assert wait_for(lambda: bus.active_queues() == [], timeout=5)
     assert wait_for(lambda: followed(live_worker) == set(), timeout=5)
@@ -185,3 +186,14 @@ def test_a_backlog_does_not_starve_another_project(live_worker, bus):
     # Round robin: at most the busy tasks already fetched or running run first.
     assert len(overtaking) <= 8, len(overtaking)
     assert bus.queue_depth(busy) > 150
+
+
+def test_a_retried_agent_task_goes_back_to_its_project_queue(live_worker, bus, redis_client):
+    project_id = uuid.uuid4()
+    task_id = tasks.flaky.delay(user_id=1, project_id=project_id, tag="retry").id
+
+    assert wait_for(lambda: tasks.effects("retry")) == [task_id]
+    runs = tasks.started("retry")
+    assert [r["attempt"] for r in runs] == [1, 2]
+    assert {r["routing_key"] for r in runs} == {project_queue(project_id)}
+    assert {r["id"] for r in runs} == {task_id}
