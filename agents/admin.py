@@ -1,6 +1,9 @@
 from django.contrib import admin
 
+from workspaces.services import workspace_agent_sync_on_commit
+
 from .models import Agent, ChatSession, Message
+from .services import agent_delete, session_delete
 
 
 @admin.register(Agent)
@@ -11,6 +14,21 @@ class AgentAdmin(admin.ModelAdmin):
     list_select_related = ("project",)
     readonly_fields = ("id", "created_at", "updated_at")
     raw_id_fields = ("project",)
+
+    def get_readonly_fields(self, request, obj=None):
+        # An agent never moves between projects: its cache entry and collection are theirs.
+        return (*self.readonly_fields, "project") if obj else self.readonly_fields
+
+    def save_model(self, request, obj: Agent, form, change) -> None:
+        super().save_model(request, obj, form, change)
+        workspace_agent_sync_on_commit(project_id=obj.project_id, agent_id=obj.id)
+
+    def delete_model(self, request, obj: Agent) -> None:
+        agent_delete(agent=obj)
+
+    def delete_queryset(self, request, queryset) -> None:
+        for agent in queryset:
+            agent_delete(agent=agent)
 
 
 class MessageInline(admin.TabularInline):
@@ -29,6 +47,16 @@ class ChatSessionAdmin(admin.ModelAdmin):
     readonly_fields = ("id", "created_at")
     raw_id_fields = ("project", "agent")
     inlines = [MessageInline]
+
+    def get_readonly_fields(self, request, obj=None):
+        return (*self.readonly_fields, "project", "agent") if obj else self.readonly_fields
+
+    def delete_model(self, request, obj: ChatSession) -> None:
+        session_delete(session=obj)
+
+    def delete_queryset(self, request, queryset) -> None:
+        for session in queryset:
+            session_delete(session=session)
 
 
 @admin.register(Message)

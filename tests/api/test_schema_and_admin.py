@@ -82,3 +82,38 @@ def test_production_settings_pass_the_deploy_check():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout
+
+
+@pytest.mark.django_db(transaction=True)
+def test_admin_delete_of_a_project_records_its_teardown():
+    from projects.models import Project
+    from workspaces.models import WorkspaceTeardown
+
+    staff = UserFactory(is_staff=True, is_superuser=True)
+    agent = AgentFactory()
+    client = Client()
+    client.force_login(staff)
+    response = client.post(f"/admin/projects/project/{agent.project_id}/delete/", {"post": "yes"})
+    assert response.status_code == 302
+    assert not Project.objects.filter(id=agent.project_id).exists()
+    assert WorkspaceTeardown.objects.filter(project_id=agent.project_id).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_admin_edit_of_an_agent_reaches_the_workspace_cache(redis_client):
+    from workspaces.manager import get_worker_space
+
+    staff = UserFactory(is_staff=True, is_superuser=True)
+    agent = AgentFactory(name="before")
+    project = agent.project
+    space = get_worker_space(user_id=project.owner_id, project_id=project.id)
+    assert space.get_agent(agent.id)["name"] == "before"
+
+    client = Client()
+    client.force_login(staff)
+    response = client.post(
+        f"/admin/agents/agent/{agent.id}/change/",
+        {"name": "after", "system_prompt": "p", "model": "m", "params": "{}"},
+    )
+    assert response.status_code == 302, response.content[:500]
+    assert space.get_agent(agent.id)["name"] == "after"
