@@ -21,8 +21,11 @@ async def application(scope, receive, send):
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             from asgiref.sync import sync_to_async
+
+            from agents.runtime.streams import close_async_redis
             from workspaces.manager import get_worker_space_manager
 
+            await close_async_redis()  # the event streams' pool, bound to this loop
             await sync_to_async(get_worker_space_manager().cleanup_all)()
             await send({"type": "lifespan.shutdown.complete"})
             return
