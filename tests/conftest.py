@@ -98,6 +98,8 @@ def live_worker(transactional_db):
     from config.celery_app import app
     from workspaces.queues import MAINTENANCE_QUEUE
 
+    # The worker polls through the same transport as `celery worker` processes.
+    app.conf.broker_transport = "workspaces.transport:Transport"
     try:
         with start_worker(
             app,
@@ -115,6 +117,7 @@ def live_worker(transactional_db):
                 assert time.monotonic() < deadline, "the live worker does not answer"
             yield worker
     finally:
+        app.conf.broker_transport = None
         # The worker narrowed and extended the app's queue table; the next test starts clean.
         for cached in ("queues", "router", "default_queue"):
             app.amqp.__dict__.pop(cached, None)

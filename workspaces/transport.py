@@ -10,16 +10,20 @@ This channel keeps the same BRPOP (same keys, same round-robin order, so the sam
 fairness) but caches what does not change between messages: the active-queue list
 (until a consumer is added or cancelled) and each queue's encoded part of the command.
 It only takes over in the plain layout this project uses (one priority step, no
-global key prefix); otherwise kombu's own code runs.
+global key prefix); otherwise kombu's own code runs. It also drops, rather than puts
+back, a message that arrives for a cancelled queue of a deleted project.
 
 Selected for redis:// and rediss:// brokers in config/celery_app.py.
 """
 
 from __future__ import annotations
 
+import logging
 from time import monotonic
 
 from kombu.transport import redis as kombu_redis
+
+logger = logging.getLogger(__name__)
 
 
 class Channel(kombu_redis.Channel):
@@ -78,3 +82,21 @@ def _bulk(value: bytes) -> bytes:
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+    def _deliver(self, message, queue):
+        # A BRPOP sent before a consumer was cancelled can still return a message of
+        # that queue; kombu then puts it back. When the queue was cancelled because
+        # its project was deleted, the message would only sit there until the reaper
+        # purges it (its task would be skipped anyway): drop it now.
+        if queue and queue not in self._callbacks and _deleted_project_queue(queue):
+            logger.info("dropping a message for %s: its project was deleted", queue)
+            return
+        return super()._deliver(message, queue)
+
+
+def _deleted_project_queue(queue: str) -> bool:
+    from .bus import get_agent_bus
+    from .queues import project_id_from_queue
+
+    project_id = project_id_from_queue(queue)
+    return project_id is not None and get_agent_bus().is_tombstoned(project_id)

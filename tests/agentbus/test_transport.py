@@ -91,3 +91,27 @@ def test_round_robin_delivery_across_queues_added_and_cancelled(connection, redi
     assert sorted(later) == sorted([names[1], names[2], names[2], names[2]])
     assert redis_client.llen(names[0]) == 1  # no longer consumed
     consumer.cancel()
+
+
+def test_a_message_for_a_cancelled_queue_of_a_deleted_project_is_dropped(connection, redis_client):
+    """What a BRPOP sent before the consumer was cancelled hands back: kombu puts it
+    back in its queue, except when the project was deleted meanwhile."""
+    import json
+
+    from workspaces.bus import get_agent_bus
+
+    deleted, alive = uuid.uuid4(), uuid.uuid4()
+    producer = Producer(connection.default_channel)
+    for project in (deleted, alive):
+        queue = project_queue(project)
+        producer.publish("x", exchange="", routing_key=queue, serializer="json")
+    get_agent_bus().tombstone_project(deleted)
+
+    for project in (deleted, alive):
+        queue = project_queue(project)
+        raw = json.loads(redis_client.rpop(queue))  # popped, and no consumer any more
+        connection.transport._deliver(raw, queue)
+
+    assert redis_client.llen(project_queue(deleted)) == 0
+    assert redis_client.llen(project_queue(alive)) == 1
+    assert redis_client.hlen("unacked") == 0

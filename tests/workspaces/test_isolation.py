@@ -52,7 +52,12 @@ def test_one_workspaces_whole_life_touches_only_its_own_prefix(user, qdrant_path
     a_prefix = workspace_prefix(owner, a_id)
     # Besides A's own keys: the registry index, the bus's active set and A's tombstone,
     # and A's queue (agent tasks H3's receivers published), which teardown purged.
-    shared = {"uws:index", "uws:bus:active", f"uws:bus:tombstone:{a_id.hex}"}
+    shared = {
+        "uws:index",
+        "uws:bus:active",
+        "uws:bus:retired",  # the bus watches a retired queue for messages put back
+        f"uws:bus:tombstone:{a_id.hex}",
+    }
     assert {k for k in changed if not k.startswith(a_prefix)} <= shared | {
         f"uws.project.{a_id.hex}"
     }
