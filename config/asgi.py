@@ -6,10 +6,31 @@ that a server stopping (SIGTERM, Ctrl-C) releases what this process holds.
 
 import os
 
-from django.core.asgi import get_asgi_application
+import django
+from django.core.handlers.asgi import ASGIHandler
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
-django_application = get_asgi_application()
+django.setup(set_prefix=False)
+
+
+class ProjectASGIHandler(ASGIHandler):
+    """Django's ASGI handler, except that chat event streams run outside the per-request
+    thread context.
+
+    Inside that context the first sync step of a request (any sync middleware, the
+    access check) gets a thread of its own that lives as long as the response: one idle
+    thread per open event stream, for hours. Outside it those short steps share asgiref's
+    single sync thread, and an open stream costs a coroutine and a Redis connection.
+    """
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].endswith("/events/"):
+            await self.handle(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
+django_application = ProjectASGIHandler()
 
 
 async def application(scope, receive, send):

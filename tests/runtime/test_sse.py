@@ -24,9 +24,8 @@ pytestmark = pytest.mark.slow
 class AsgiServer:
     def __init__(self) -> None:
         import uvicorn
-        from django.core.asgi import get_asgi_application
 
-        django_app = get_asgi_application()
+        from config.asgi import django_application as django_app
         self.loop: asyncio.AbstractEventLoop | None = None
 
         async def app(scope, receive, send):
@@ -312,6 +311,7 @@ def test_disconnects_leave_no_connections_or_generators_behind(asgi, user, sessi
     time.sleep(0.2)
     clients_before = len(redis_client.client_list())
     tasks_before = asgi.task_count()
+    threads_before = threading.active_count()
 
     # The measures do see open streams: each holds a generator and a Redis connection.
     held = [connect() for _ in range(3)]
@@ -319,6 +319,8 @@ def test_disconnects_leave_no_connections_or_generators_behind(asgi, user, sessi
     time.sleep(0.2)  # each reaches its blocking read
     assert len(redis_client.client_list()) >= clients_before + 3
     assert asgi.task_count() > tasks_before
+    # ...but no thread: an open stream must not pin a request thread for its lifetime.
+    assert threading.active_count() <= threads_before + 1
     for conn in held:
         conn.close()
     wait_until(settled, what="held streams closed")
