@@ -241,7 +241,7 @@ class AgentBus:
     # --- Deletion -----------------------------------------------------------------
     def tombstone_project(self, project_id: uuid.UUID | str) -> None:
         """Stop every task of the project that is still queued or will be restored."""
-        ttl = int(getattr(settings, "AGENTBUS_TOMBSTONE_SECONDS", 30 * 86400))
+        ttl = int(settings.AGENTBUS_TOMBSTONE_SECONDS)
         self.redis().set(TOMBSTONE_PREFIX + _project_hex(project_id), "1", ex=ttl)
 
     def is_tombstoned(self, project_id: uuid.UUID | str) -> bool:
@@ -346,7 +346,7 @@ class AgentBus:
         client.zremrangebyscore(RETIRED_KEY, "-inf", time.time() - window)
         candidates = set(client.zrange(RETIRED_KEY, 0, -1))
         if full_scan is None:
-            every = int(getattr(settings, "AGENTBUS_FULL_RESCUE_SECONDS", 3600))
+            every = int(settings.AGENTBUS_FULL_RESCUE_SECONDS)
             full_scan = bool(client.set(FULL_SCAN_KEY, "1", nx=True, ex=every))
         if full_scan:
             pattern = self._keyprefix + PROJECT_QUEUE_PREFIX + "*"

@@ -173,6 +173,10 @@ WORKSPACE_HEALTH_TIMEOUT_SECONDS = env.float("WORKSPACE_HEALTH_TIMEOUT_SECONDS",
 AGENTBUS_QUEUE_IDLE_SECONDS = env.float("AGENTBUS_QUEUE_IDLE_SECONDS", default=300)
 # How often each worker converges on the set of active queues.
 AGENTBUS_RECONCILE_SECONDS = env.float("AGENTBUS_RECONCILE_SECONDS", default=5)
+# A deleted project's tasks are skipped this long (longer than any message can linger).
+AGENTBUS_TOMBSTONE_SECONDS = env.int("AGENTBUS_TOMBSTONE_SECONDS", default=30 * 86400)
+# How often the reaper also scans the whole keyspace for queues left outside the active set.
+AGENTBUS_FULL_RESCUE_SECONDS = env.int("AGENTBUS_FULL_RESCUE_SECONDS", default=3600)
 
 # --- Agent runtime -----------------------------------------------------------------
 OPENAI_BASE_URL = env.str("OPENAI_BASE_URL", default="")

@@ -297,3 +297,14 @@ def test_a_full_scan_finds_queues_the_active_set_lost_at_most_so_often(bus, redi
     assert bus.rescue_stranded_queues(full_scan=True) == sorted(
         [project_queue(first), project_queue(second)]
     )
+
+
+def test_a_worker_refuses_a_visibility_timeout_shorter_than_the_longest_task(settings):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from workspaces.worker import _check_visibility_timeout
+
+    _check_visibility_timeout()  # the settings as they are: 3600 s > 600 s
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 300}
+    with pytest.raises(ImproperlyConfigured, match="visibility_timeout"):
+        _check_visibility_timeout()
