@@ -110,7 +110,7 @@ class AgentBus:
         self._unacked_key: str = self._keyprefix + options.get("unacked_key", "unacked")
         self._own_client: redis.Redis | None = None
         self._lock = threading.Lock()
-        self._scripts: dict[int, Any] = {}
+        self._scripts: dict[tuple[int, str], Any] = {}
 
     # --- Redis -------------------------------------------------------------------
     def redis(self) -> redis.Redis:
@@ -155,9 +155,10 @@ class AgentBus:
     ) -> str:
         """Put `task` on the project's queue; returns the task id.
 
-        The queue is marked active first, so the shared pool follows it by the time
-        the message lands. A task of a deleted (tombstoned) project is not sent: it
-        would be skipped by the worker anyway; the id is still returned.
+        The queue is marked active first (and announced to the shared workers if it
+        was not active), so the message never lands in a queue the pool has no reason
+        to follow. A task of a deleted (tombstoned) project is not sent: it would be
+        skipped by the worker anyway; the id is still returned.
         """
         return self.send(
             task, user_id=user_id, project_id=project_id, kwargs=kwargs, task_id=task_id

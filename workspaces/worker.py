@@ -57,7 +57,8 @@ class AgentBusConsumer(bootsteps.StartStopStep):
         self.mode: str | None = None
         self.timer_ref = None
         self.reconciled_at: float | None = None
-        self._blocked_client: tuple[object, int] | None = None
+        # (BRPOP connection, its local address) -> the Redis client id to unblock.
+        self._blocked_client: tuple[tuple[int, tuple], int] | None = None
         c.agentbus = self
         _check_visibility_timeout()
 
@@ -93,7 +94,7 @@ class AgentBusConsumer(bootsteps.StartStopStep):
         """Project queues this worker consumes now."""
         if c.task_consumer is None:
             return set()
-        return {name for name in c.task_consumer._active_tags if is_project_queue(name)}
+        return {q.name for q in c.task_consumer.queues if is_project_queue(q.name)}
 
     def reconcile(self, c) -> None:
         if c.task_consumer is None:
