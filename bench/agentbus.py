@@ -8,12 +8,14 @@ database between runs, so give it one of its own) and real worker processes:
 
 1. Throughput: N no-op tasks are queued, then a worker drains them; tasks/s from the
    first task's start to the last one's end.
-   - baseline: plain Celery, a plain task on one queue, a worker following that queue;
+   - baseline: plain Celery, a plain task on one queue, a worker following that queue
+     with kombu's own Redis channel (run first and last);
    - AgentBus: R registered projects (agents registered on the bus), A of them active
      (the tasks are spread over their queues), agent tasks (AgentBusTask: the
      tombstone check included), a shared worker following the maintenance queue and
      the active project queues (R, A) in (10, 1) (1k, 1) (1k, 100) (1k, 1k) (10k, 1)
-     (10k, 100) (10k, 1k).
+     (10k, 100) (10k, 1k); and (10k, 1k) once more with kombu's own channel instead of
+     workspaces.transport, to show what the cached BRPOP buys.
 2. Fairness: one project's single task, from publish to start, while another project
    has a 10,000-task backlog, against the same on an idle bus (p50/p95 of 40 tasks).
 3. Cold start: from publishing a never-seen project's first task to its start (the
@@ -83,8 +85,10 @@ def agent_noop(self, *, user_id: int, project_id: str, tag: str | None = None) -
 
 
 class Worker:
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, stock_transport: bool = False):
         env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'bench'}")
+        if stock_transport:  # kombu's own Redis channel, as plain Celery runs it
+            env["AGENTBUS_WORKER_TRANSPORT"] = ""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "config", "worker", "-P", "prefork",
              "-c", "2", "-I", "agentbus", "--without-mingle", "--without-gossip",
@@ -100,10 +104,10 @@ class Worker:
         self.proc.wait(30)
 
 
-def shared_worker() -> Worker:
+def shared_worker(stock_transport: bool = False) -> Worker:
     from workspaces.queues import MAINTENANCE_QUEUE
 
-    return Worker("-Q", MAINTENANCE_QUEUE)
+    return Worker("-Q", MAINTENANCE_QUEUE, stock_transport=stock_transport)
 
 
 def wait_until(predicate, timeout: float, what: str):
@@ -139,9 +143,8 @@ def register_projects(count: int) -> list[uuid.UUID]:
     return projects
 
 
-def drain(worker_args: tuple[str, ...] | None, total: int) -> float:
-    """Start a worker on what is queued; tasks/s from first start to last end."""
-    worker = Worker(*worker_args) if worker_args else shared_worker()
+def drain(worker: Worker, total: int) -> float:
+    """Let a worker drain what is queued; tasks/s from first start to last end."""
     try:
         client = get_redis()
         wait_until(lambda: int(client.get(DONE) or 0) >= total, 600, "the queue to drain")
@@ -155,10 +158,11 @@ def throughput_baseline(total: int) -> float:
     fresh_db()
     for _ in range(total):
         noop.apply_async(queue=BASELINE_QUEUE)
-    return drain(("-Q", BASELINE_QUEUE, "--agentbus-mode", "dedicated"), total)
+    worker = Worker("-Q", BASELINE_QUEUE, "--agentbus-mode", "dedicated", stock_transport=True)
+    return drain(worker, total)
 
 
-def throughput_bus(total: int, registered: int, active: int) -> float:
+def throughput_bus(total: int, registered: int, active: int, stock: bool = False) -> float:
     from workspaces.bus import get_agent_bus
 
     fresh_db()
@@ -169,7 +173,7 @@ def throughput_bus(total: int, registered: int, active: int) -> float:
     for i in range(total):
         bus.publish(agent_noop, user_id=1, project_id=projects[i % active])
     assert len(bus.active_queues()) == active
-    return drain(None, total)
+    return drain(shared_worker(stock_transport=stock), total)
 
 
 # --- 2. fairness and 3. cold start -----------------------------------------------------------
@@ -254,6 +258,9 @@ def main() -> None:
         rate = throughput_bus(total, registered, active)
         runs.append((f"AgentBus {registered:>6,} registered / {active:>5,} active", rate))
         print(f"  {registered} registered / {active} active: {rate:.0f} tasks/s", flush=True)
+    rate = throughput_bus(total, 10_000, 1_000, stock=True)
+    runs.append(("AgentBus 10,000 registered / 1,000 active, kombu's stock channel", rate))
+    print(f"  10000 registered / 1000 active, stock kombu channel: {rate:.0f} tasks/s", flush=True)
     base_again = throughput_baseline(total)
     runs.append(("plain Celery, 1 queue (baseline, again)", base_again))
     baseline = (base + base_again) / 2

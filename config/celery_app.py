@@ -77,10 +77,12 @@ app.steps["consumer"].add("workspaces.worker:AgentBusConsumer")
 
 @signals.celeryd_init.connect
 def _cheaper_poll_for_workers(conf=None, **_):
-    """Workers poll with workspaces.transport (same BRPOP, less client work per message).
-    Only workers: other processes keep kombu's name for the transport in broker URLs,
-    which Flower reads."""
-    if conf is None or conf.broker_transport:
+    """Workers poll with AGENTBUS_WORKER_TRANSPORT (workspaces.transport: the same BRPOP,
+    less client work per message). Only workers: other processes keep kombu's name for
+    the transport in broker URLs, which Flower reads."""
+    from django.conf import settings
+
+    if conf is None or conf.broker_transport or not settings.AGENTBUS_WORKER_TRANSPORT:
         return
     if urlparse(conf.broker_url or "").scheme in ("redis", "rediss"):
-        conf.broker_transport = "workspaces.transport:Transport"
+        conf.broker_transport = settings.AGENTBUS_WORKER_TRANSPORT

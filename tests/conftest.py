@@ -94,12 +94,13 @@ def live_worker(transactional_db):
     import time
 
     from celery.contrib.testing.worker import start_worker
+    from django.conf import settings
 
     from config.celery_app import app
     from workspaces.queues import MAINTENANCE_QUEUE
 
     # The worker polls through the same transport as `celery worker` processes.
-    app.conf.broker_transport = "workspaces.transport:Transport"
+    app.conf.broker_transport = settings.AGENTBUS_WORKER_TRANSPORT or None
     try:
         with start_worker(
             app,

@@ -177,6 +177,11 @@ AGENTBUS_RECONCILE_SECONDS = env.float("AGENTBUS_RECONCILE_SECONDS", default=5)
 AGENTBUS_TOMBSTONE_SECONDS = env.int("AGENTBUS_TOMBSTONE_SECONDS", default=30 * 86400)
 # How often the reaper also scans the whole keyspace for queues left outside the active set.
 AGENTBUS_FULL_RESCUE_SECONDS = env.int("AGENTBUS_FULL_RESCUE_SECONDS", default=3600)
+# The broker transport of worker processes: kombu's Redis channel with a cached BRPOP
+# (workspaces/transport.py); empty for kombu's own.
+AGENTBUS_WORKER_TRANSPORT = env.str(
+    "AGENTBUS_WORKER_TRANSPORT", default="workspaces.transport:Transport"
+)
 
 # --- Agent runtime -----------------------------------------------------------------
 OPENAI_BASE_URL = env.str("OPENAI_BASE_URL", default="")
