@@ -57,6 +57,9 @@ def test_a_task_whose_process_is_killed_runs_again_and_takes_effect_once(
 def test_sigterm_finishes_short_tasks_and_gives_long_ones_back(worker_process, bus, redis_client):
     project_id = uuid.uuid4()
     worker = shared_worker(worker_process, 2)
+    # Prefetch 1 per process: the worker holds no more messages than it can run.
+    stats = app.control.inspect(destination=[worker.name], timeout=2).stats()
+    assert stats[worker.name]["prefetch_count"] == 2
     short = bus.publish(
         tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "short", "sleep": 1.0}
     )
