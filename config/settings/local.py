@@ -6,6 +6,8 @@ from .base import env
 DEBUG = env.bool("DEBUG", default=True)
 SECRET_KEY = env.str("SECRET_KEY", default="local-dev-only-not-secret-7c1f0e2a9b")
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["*"])
+# honcho (make run) kills what has not stopped 5 s after Ctrl-C: finish or requeue before.
+CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = env.float("CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", default=4)
 
 # Whitenoise serves admin and Swagger assets straight from the apps under uvicorn.
 WHITENOISE_USE_FINDERS = True
