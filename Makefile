@@ -44,9 +44,12 @@ format: install-dev
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-## Benchmarks print tables; see bench/.
+## Benchmarks print tables (see bench/). They FLUSH the Redis they use, so each gets a
+## throwaway bundled one here; bench/workspaces.py also needs PostgreSQL (DATABASE_URL).
 bench: install-dev
-	bin/with-redis -- sh -c '$(BIN)/python bench/workspaces.py && $(BIN)/python bench/agentbus.py && $(BIN)/python bench/chat.py'
+	env -u REDIS_URL bin/with-redis --ephemeral -- $(BIN)/python bench/workspaces.py
+	env -u REDIS_URL bin/with-redis --ephemeral -- $(BIN)/python bench/agentbus.py
+	env -u REDIS_URL bin/with-redis --ephemeral -- $(BIN)/python bench/chat.py
 
 clean:
 	rm -rf $(VENV) var staticfiles
