@@ -91,34 +91,7 @@ def live_worker(transactional_db):
     shared pool does (the AgentBus bootstep: broadcasts plus the periodic reconcile), so
     tasks published through the AgentBus run for real. Yields the WorkController.
     """
-    import time
+    from tests.workers import shared_pool_worker
 
-    from celery.contrib.testing.worker import start_worker
-    from django.conf import settings
-
-    from config.celery_app import app
-    from workspaces.queues import MAINTENANCE_QUEUE
-
-    # The worker polls through the same transport as `celery worker` processes.
-    app.conf.broker_transport = settings.AGENTBUS_WORKER_TRANSPORT or None
-    try:
-        with start_worker(
-            app,
-            pool="threads",
-            concurrency=2,
-            queues=[MAINTENANCE_QUEUE],
-            agentbus_mode="shared",
-            perform_ping_check=False,
-            loglevel="WARNING",
-            shutdown_timeout=30,
-        ) as worker:
-            # Broadcasts (follow a new project's queue) reach only a listening mailbox.
-            deadline = time.monotonic() + 10
-            while not app.control.ping(destination=[worker.hostname], timeout=0.2):
-                assert time.monotonic() < deadline, "the live worker does not answer"
-            yield worker
-    finally:
-        app.conf.broker_transport = None
-        # The worker narrowed and extended the app's queue table; the next test starts clean.
-        for cached in ("queues", "router", "default_queue"):
-            app.amqp.__dict__.pop(cached, None)
+    with shared_pool_worker() as worker:
+        yield worker

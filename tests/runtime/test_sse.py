@@ -26,6 +26,7 @@ class AsgiServer:
         import uvicorn
 
         from config.asgi import django_application as django_app
+
         self.loop: asyncio.AbstractEventLoop | None = None
 
         async def app(scope, receive, send):

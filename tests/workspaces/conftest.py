@@ -1,5 +1,5 @@
-"""Helpers of the workspace tests: waiting, reading a workspace's keys, a real worker
-started on demand, and Django processes of our own against the test database."""
+"""Helpers of the workspace tests: waiting, reading a workspace's keys, and Django
+processes of our own against the test database."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -44,32 +43,6 @@ def snapshot(user_id, project_id, *, skip=("last-used",)) -> dict[str, bytes]:
         for key in keys_under(user_id, project_id)
         if key[len(prefix) :] not in skip
     }
-
-
-@contextmanager
-def running_worker():
-    """A real Celery worker in this process, configured like the shared pool (the same
-    settings as the suite's `live_worker` fixture), started when the test chooses."""
-    from celery.contrib.testing.worker import start_worker
-
-    from config.celery_app import app
-    from workspaces.queues import MAINTENANCE_QUEUE
-
-    try:
-        with start_worker(
-            app,
-            pool="threads",
-            concurrency=2,
-            queues=[MAINTENANCE_QUEUE],
-            agentbus_mode="shared",
-            perform_ping_check=False,
-            loglevel="WARNING",
-            shutdown_timeout=30,
-        ) as worker:
-            yield worker
-    finally:
-        for cached in ("queues", "router", "default_queue"):
-            app.amqp.__dict__.pop(cached, None)
 
 
 def django_process(code: str, *args: str, env: dict | None = None) -> subprocess.Popen:
