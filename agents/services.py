@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import time
+import uuid
 from typing import Any
 
+from celery import Task
 from django.db import transaction
 
 from projects.models import Project
+from workspaces.bus import get_agent_bus
+from workspaces.redis import scoped
 from workspaces.services import workspace_agent_sync_on_commit
 
 from .models import Agent, ChatSession, Message
+from .runtime import streams
+from .runtime.chat import CANCELLED, message_event_data, message_fail
+from .tasks import add_context, clear_context, run_agent, search_context
 
 AGENT_FIELDS = ("name", "system_prompt", "model", "params")
 
@@ -65,11 +73,7 @@ def session_delete(*, session: ChatSession) -> None:
 
 def _session_stream_delete(*, user_id: int, project_id, session_id) -> None:
     """The session's event stream goes with it (teardown takes it only with the project)."""
-    from workspaces.redis import scoped
-
-    from .runtime.streams import stream_delete
-
-    stream_delete(redis=scoped(user_id, project_id), session_id=session_id)
+    streams.stream_delete(redis=scoped(user_id, project_id), session_id=session_id)
 
 
 # --- Chat: a message, its answer, cancelling, the agent's context ---------------------------
@@ -98,13 +102,6 @@ def message_create(*, session: ChatSession, content: str) -> tuple[Message, Mess
 
 
 def _chat_run_dispatch(*, user_id: int, user_message: Message, assistant_message: Message) -> None:
-    from workspaces.bus import get_agent_bus
-    from workspaces.redis import scoped
-
-    from .runtime import streams
-    from .runtime.chat import message_event_data
-    from .tasks import run_agent
-
     project_id = assistant_message.session.project_id
     redis = scoped(user_id, project_id)
     # Announce first, so a client sees the message before the worker's first delta.
@@ -140,11 +137,6 @@ def session_runs_cancel(*, session: ChatSession) -> list[int]:
     A run not started yet ends here; a streaming one sees the cancel flag before its next
     delta and ends itself.
     """
-    from workspaces.redis import scoped
-
-    from .runtime import streams
-    from .runtime.chat import CANCELLED, message_fail
-
     in_flight = list(
         Message.objects.filter(
             session=session,
@@ -169,69 +161,43 @@ def session_runs_cancel(*, session: ChatSession) -> list[int]:
 
 def context_documents_add(*, agent: Agent, documents: list[dict[str, Any]]) -> str:
     """Queue documents ({"text", "metadata"?}) for the agent's context; returns the job id."""
-    import time
-    import uuid
-
-    from workspaces.bus import get_agent_bus
-    from workspaces.redis import scoped
-
-    from .runtime import streams
-    from .tasks import add_context
-
-    project = agent.project
-    job_id = str(uuid.uuid4())
-    redis = scoped(project.owner_id, project.id)
-    streams.job_create(
-        redis=redis,
-        job_id=job_id,
-        fields={
-            "id": job_id,
-            "kind": "add",
-            "agent_id": str(agent.id),
-            "status": "queued",
-            "documents": len(documents),
-            "created_at": time.time(),
-        },
+    return _context_job_start(
+        agent=agent,
+        task=add_context,
+        kind="add",
+        fields={"documents": len(documents)},
+        kwargs={"documents": documents},
     )
-    get_agent_bus().publish(
-        add_context,
-        user_id=project.owner_id,
-        project_id=project.id,
-        kwargs={"agent_id": str(agent.id), "job_id": job_id, "documents": documents},
-    )
-    return job_id
 
 
 def context_clear(*, agent: Agent) -> str:
     """Queue forgetting everything in the agent's context; returns the job id."""
-    import time
-    import uuid
+    return _context_job_start(agent=agent, task=clear_context, kind="clear")
 
-    from workspaces.bus import get_agent_bus
-    from workspaces.redis import scoped
 
-    from .runtime import streams
-    from .tasks import clear_context
-
+def _context_job_start(
+    *, agent: Agent, task: Task, kind: str, fields: dict | None = None, kwargs: dict | None = None
+) -> str:
+    """Record a context job (readable at .../context/jobs/{id}/) and put it on the bus."""
     project = agent.project
     job_id = str(uuid.uuid4())
-    redis = scoped(project.owner_id, project.id)
     streams.job_create(
-        redis=redis,
+        redis=scoped(project.owner_id, project.id),
         job_id=job_id,
         fields={
             "id": job_id,
-            "kind": "clear",
+            "kind": kind,
             "agent_id": str(agent.id),
             "status": "queued",
             "created_at": time.time(),
+            **(fields or {}),
         },
     )
     get_agent_bus().publish(
-        clear_context,
+        task,
         user_id=project.owner_id,
         project_id=project.id,
-        kwargs={"agent_id": str(agent.id), "job_id": job_id},
+        kwargs={"agent_id": str(agent.id), "job_id": job_id, **(kwargs or {})},
     )
     return job_id
 
@@ -243,15 +209,6 @@ class ContextUnavailable(Exception):
 def context_search(*, agent: Agent, query: str, k: int, timeout: float) -> list[dict[str, Any]]:
     """Search the agent's context. The vector store lives on workers, so the search runs as
     a task on the project's bus and this waits (at most `timeout` seconds) for its answer."""
-    import time
-    import uuid
-
-    from workspaces.bus import get_agent_bus
-    from workspaces.redis import scoped
-
-    from .runtime import streams
-    from .tasks import search_context
-
     project = agent.project
     request_id = str(uuid.uuid4())
     get_agent_bus().publish(
