@@ -22,19 +22,15 @@ def redis_client():
 
 
 @pytest.fixture(autouse=True)
-def _clean_workspace_keys(request):
+def _clean_workspace_keys():
     """Each test starts with no workspace state in Redis and none in this process."""
+    from workspaces.manager import get_worker_space_manager
     from workspaces.redis import KEY_NAMESPACE, get_redis
 
     client = get_redis()
     keys = list(client.scan_iter(match=f"{KEY_NAMESPACE}:*", count=1000))
     if keys:
         client.unlink(*keys)
-    try:
-        from workspaces.manager import get_worker_space_manager
-    except ImportError:
-        yield
-        return
     get_worker_space_manager().forget_all_unsafe()
     yield
     get_worker_space_manager().forget_all_unsafe()
