@@ -21,6 +21,16 @@ def redis_client():
     return get_redis()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _fresh_redis_database():
+    """The run starts from an empty Redis database: queues or registry entries a previous
+    (interrupted) run left behind must not meet this one. The suite owns REDIS_URL's
+    database (.ci/run gives it db 15; `make test` without REDIS_URL a throwaway server)."""
+    from workspaces.redis import get_redis
+
+    get_redis().flushdb()
+
+
 @pytest.fixture(autouse=True)
 def _clean_workspace_keys():
     """Each test starts with no workspace state in Redis and none in this process."""
