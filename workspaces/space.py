@@ -8,12 +8,14 @@ it attached to, and when it was last used here.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from datetime import datetime
 from typing import Any
 
 import redis
@@ -251,13 +253,17 @@ class UserWorkerSpace:
 
     def revalidate(self) -> None:
         """Check the registry still holds this workspace as initialised (re-initialise if
-        it was reset, flushed or failed elsewhere) and report this process's last use."""
+        it was reset, flushed or failed elsewhere), that the AgentCache still matches the
+        database, and report this process's last use."""
         now = time.monotonic()
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hmget(registry.STATE_KEY, ["state", "init_count"])
             pipe.set(registry.LAST_USED_KEY, time.time() - (now - self.last_used), xx=True)
-            (state, count), _ = pipe.execute()
+            pipe.hgetall(registry.AGENTS_KEY)
+            (state, count), _, cached = pipe.execute()
+            if state == State.INITIALIZED and int(count or 0) == self.init_count:
+                self._resync_drifted_agents(cached)
         except redis.RedisError as exc:
             raise WorkspaceUnavailable(
                 f"The project's workspace could not reach Redis ({type(exc).__name__}); "
@@ -271,6 +277,37 @@ class UserWorkerSpace:
             return
         self._state = State.NOT_INITIALIZED
         self.initialize()
+
+    def _resync_drifted_agents(self, cached: dict[str, str]) -> None:
+        """Bring the AgentCache back in line with the database if an agent write missed it
+        (Redis was down when the write committed, or the write bypassed the services).
+
+        One indexed aggregate compares the agents' count and newest update with the cached
+        configs; only on a difference are the configs read and the changed agents synced.
+        """
+        from django.db.models import Count, Max
+
+        from agents.models import Agent
+        from agents.selectors import agent_configs_for_project
+
+        configs = {agent_id: json.loads(raw) for agent_id, raw in cached.items()}
+        db = Agent.objects.filter(project_id=self.project_id).aggregate(
+            n=Count("id"), latest=Max("updated_at")
+        )
+        latest_cached = max(
+            (datetime.fromisoformat(c["updated_at"]) for c in configs.values()), default=None
+        )
+        if db["n"] == len(configs) and db["latest"] == latest_cached:
+            return
+        current = {c["id"]: c for c in agent_configs_for_project(project_id=self.project_id)}
+        logger.warning("workspace %s: AgentCache missed agent writes; resyncing", self.key)
+        for agent_id in configs.keys() - current.keys():
+            self.remove_agent(agent_id)
+        for agent_id, config in current.items():
+            if agent_id not in configs:
+                self.add_agent(config)
+            elif configs[agent_id] != config:
+                self.agent_cache.put(config)
 
     def reset(self) -> None:
         """Drop the shared cache and bus registrations and mark the workspace

@@ -92,3 +92,44 @@ def test_nothing_reaches_the_workspace_if_the_transaction_rolls_back(api, projec
     # The `db` fixture's transaction never commits: on-commit hooks never run.
     agent_create(project=project, name="uncommitted")
     assert space.agent_cache.ids() == set() and registered(project) == set()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_agent_writes_the_cache_missed_are_healed_at_revalidation(project, signals, settings):
+    """A write whose after-commit sync never reached Redis (Redis down at that moment, or
+    a write that bypassed the services) is noticed by the next revalidation and synced
+    from the database: cache, bus registration and the collection signals."""
+    from agents.models import Agent
+    from tests.factories import AgentFactory
+
+    kept, renamed, dropped = (AgentFactory(project=project) for _ in range(3))
+    space = get_worker_space(user_id=project.owner_id, project_id=project.id)
+    assert space.agent_cache.ids() == {str(a.id) for a in (kept, renamed, dropped)}
+    signals.clear()
+
+    # Writes straight to the database: nothing tells the workspace.
+    renamed.system_prompt = "changed behind the cache's back"
+    renamed.save()
+    Agent.objects.filter(id=dropped.id).delete()
+    added = Agent.objects.create(project=project, name="added later", model="m")
+    assert space.agent_cache.peek(renamed.id)["system_prompt"] != renamed.system_prompt
+
+    space.revalidate_at = 0  # the revalidation interval has passed
+    space = get_worker_space(user_id=project.owner_id, project_id=project.id)
+
+    assert space.agent_cache.peek(renamed.id)["system_prompt"] == renamed.system_prompt
+    assert space.agent_cache.ids() == {str(kept.id), str(renamed.id), str(added.id)}
+    assert registered(project) == {str(kept.id), str(renamed.id), str(added.id)}
+    assert ("deregistered", str(dropped.id)) in signals
+    assert ("registered", [str(added.id)]) in signals
+
+
+@pytest.mark.django_db(transaction=True)
+def test_revalidation_of_an_unchanged_workspace_writes_nothing(project, agent, signals):
+    space = get_worker_space(user_id=project.owner_id, project_id=project.id)
+    before = space.agent_cache.all()
+    signals.clear()
+    space.revalidate_at = 0
+    get_worker_space(user_id=project.owner_id, project_id=project.id)
+    assert space.agent_cache.all() == before
+    assert signals == []
