@@ -163,6 +163,17 @@ def test_vector_store_failing_during_delete_then_recovering(api, user, two_proje
     assert collections_of(b) == b_collections == expected_collections(b)
 
 
+def with_workspaces_and_collections(user, *projects) -> None:
+    """An agent, an initialised workspace and the agent's collections for each project,
+    made here directly: no worker runs, so the projects' queues stay as they are."""
+    store = get_vector_store()
+    for project in projects:
+        AgentFactory(project=project)
+        get_worker_space(user_id=user.pk, project_id=project.id)
+        for name in expected_collections(project):
+            store.ensure_collection(name, dim=8)
+
+
 CRASH_AFTER_COMMIT = """
 from django.db import transaction
 from projects.models import Project
@@ -179,13 +190,7 @@ with transaction.atomic():
 
 def test_crash_between_commit_and_dispatch_ends_clean_after_the_sweep(user, qdrant_path):
     a, b = ProjectFactory(owner=user), ProjectFactory(owner=user)
-    for project in (a, b):
-        AgentFactory(project=project)
-        get_worker_space(user_id=user.pk, project_id=project.id)
-    store = get_vector_store()
-    for project in (a, b):
-        for name in expected_collections(project):
-            store.ensure_collection(name, dim=8)
+    with_workspaces_and_collections(user, a, b)
     bus = get_agent_bus()
     for _ in range(5):
         bus.publish(record, user_id=user.pk, project_id=a.id)
@@ -228,13 +233,7 @@ def test_sweep_tears_down_leftovers_with_no_project_row(user, qdrant_path):
     """A project removed without the delete service (a bulk delete, a manual SQL
     delete) leaves a workspace behind: the sweep finds and removes all of it."""
     gone, kept = ProjectFactory(owner=user), ProjectFactory(owner=user)
-    for project in (gone, kept):
-        AgentFactory(project=project)
-        get_worker_space(user_id=user.pk, project_id=project.id)
-    store = get_vector_store()
-    for project in (gone, kept):
-        for name in expected_collections(project):
-            store.ensure_collection(name, dim=8)
+    with_workspaces_and_collections(user, gone, kept)
     get_agent_bus().publish(record, user_id=user.pk, project_id=gone.id)
     gone_id = gone.id
     Project.objects.filter(id=gone_id).delete()  # no signal, no teardown row
