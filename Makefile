@@ -36,9 +36,11 @@ test: install-dev
 	@mkdir -p var
 	bin/with-redis --ephemeral -- $(BIN)/pytest $(PYTEST_ARGS)
 
+## Lint: ruff, and the import contracts that keep the apps' layering (pyproject.toml).
 lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: install-dev
 	$(BIN)/ruff format .

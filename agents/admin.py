@@ -1,13 +1,29 @@
+from django import forms
 from django.contrib import admin
 
 from workspaces.services import workspace_agent_sync_on_commit
 
 from .models import Agent, ChatSession, Message
 from .services import agent_delete, session_delete
+from .validators import validate_params
+
+
+class AgentAdminForm(forms.ModelForm):
+    """The admin checks an agent as the API does (agents.validators)."""
+
+    class Meta:
+        model = Agent
+        fields = ("project", "name", "system_prompt", "model", "params")
+
+    def clean_params(self):
+        params = self.cleaned_data.get("params")
+        validate_params(params if params is not None else {})
+        return params
 
 
 @admin.register(Agent)
 class AgentAdmin(admin.ModelAdmin):
+    form = AgentAdminForm
     list_display = ("name", "project", "model", "created_at", "updated_at")
     list_filter = ("model", "created_at")
     search_fields = ("name", "system_prompt", "project__name", "id")

@@ -2,8 +2,13 @@ from django.apps import AppConfig
 
 
 class AgentsConfig(AppConfig):
+    """Agents owns what users build and talk to: agents, chat sessions and messages, their
+    APIs and event streams, and the runtime that answers on workers (LLM providers,
+    embeddings, the vector store); it uses projects, workspaces and the AgentBus."""
+
     name = "agents"
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import receivers  # noqa: F401  (connects the workspace signal receivers)
+        # Models can be imported only now: connects the receivers, registers the source.
+        from . import receivers  # noqa: F401

@@ -8,8 +8,10 @@ from django.db.models import QuerySet
 from django.http import Http404
 
 from projects.models import Project
+from workspaces.redis import scoped
 
 from .models import Agent, ChatSession, Message
+from .runtime.streams import job_get
 
 
 def _get_or_404(queryset: QuerySet, **lookup):
@@ -39,15 +41,8 @@ def message_list(*, session: ChatSession) -> QuerySet[Message]:
     return Message.objects.filter(session=session)
 
 
-def agent_configs_for_project(*, project_id: uuid.UUID | str) -> list[dict]:
-    """Every agent of a project as the plain config the AgentCache holds."""
-    return [
-        agent_config(agent)
-        for agent in Agent.objects.filter(project_id=project_id).order_by("created_at", "id")
-    ]
-
-
 def agent_config(agent: Agent) -> dict:
+    """An agent as the plain config the AgentCache holds."""
     return {
         "id": str(agent.id),
         "project_id": str(agent.project_id),
@@ -61,10 +56,6 @@ def agent_config(agent: Agent) -> dict:
 
 def context_job_get(*, agent: Agent, job_id: uuid.UUID | str) -> dict | None:
     """A context job of this agent (status lives in workspace Redis for a day), or None."""
-    from workspaces.redis import scoped
-
-    from .runtime.streams import job_get
-
     project = agent.project
     job = job_get(redis=scoped(project.owner_id, project.id), job_id=job_id)
     if job is None or job.get("agent_id") != str(agent.id):

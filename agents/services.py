@@ -1,4 +1,5 @@
-"""Writes of agents, sessions and messages."""
+"""Writes of agents, sessions and messages, and the requests that put agent work on the
+project's bus (chat runs, context jobs and searches)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ from typing import Any
 from celery import Task
 from django.db import transaction
 
+from agentbus import publish
+from common.services import model_update, on_commit_robust
 from projects.models import Project
-from workspaces.bus import get_agent_bus
+from workspaces.manager import get_worker_space
 from workspaces.redis import scoped
 from workspaces.services import workspace_agent_sync_on_commit
 
 from .models import Agent, ChatSession, Message
 from .runtime import streams
 from .runtime.chat import CANCELLED, message_event_data, message_fail
-from .tasks import add_context, clear_context, run_agent, search_context
+from .tasks import add_context, clear_context, drop_collection, run_agent, search_context
 
 AGENT_FIELDS = ("name", "system_prompt", "model", "params")
 
@@ -33,26 +36,33 @@ def agent_create(
     agent = Agent.objects.create(
         project=project, name=name, system_prompt=system_prompt, model=model, params=params or {}
     )
-    # The workspace's AgentCache and bus registration follow the committed row.
+    # The workspace's AgentCache follows the committed row.
     workspace_agent_sync_on_commit(project_id=project.id, agent_id=agent.id)
     return agent
 
 
 def agent_update(*, agent: Agent, data: dict[str, Any]) -> Agent:
-    fields = [f for f in AGENT_FIELDS if f in data]
-    for field in fields:
-        setattr(agent, field, data[field])
-    if fields:
-        agent.save(update_fields=[*fields, "updated_at"])
+    agent, changed = model_update(instance=agent, fields=AGENT_FIELDS, data=data)
+    if changed:
         workspace_agent_sync_on_commit(project_id=agent.project_id, agent_id=agent.id)
     return agent
 
 
 @transaction.atomic
 def agent_delete(*, agent: Agent) -> None:
-    project_id, agent_id = agent.project_id, agent.id
+    project = agent.project
+    agent_id = agent.id
     agent.delete()
-    workspace_agent_sync_on_commit(project_id=project_id, agent_id=agent_id)
+    workspace_agent_sync_on_commit(project_id=project.id, agent_id=agent_id)
+    # Its context goes too; if this is lost, the collections sweep finds the stray.
+    on_commit_robust(
+        lambda: publish(
+            drop_collection,
+            project_id=project.id,
+            kwargs={"user_id": project.owner_id, "agent_id": str(agent_id)},
+        ),
+        name=f"drop_collection(agent={agent_id})",
+    )
 
 
 def session_create(*, project: Project, agent: Agent, title: str = "") -> ChatSession:
@@ -64,19 +74,14 @@ def session_create(*, project: Project, agent: Agent, title: str = "") -> ChatSe
 def session_delete(*, session: ChatSession) -> None:
     user_id, project_id, session_id = session.project.owner_id, session.project_id, session.id
     session.delete()
-    transaction.on_commit(
-        lambda: _session_stream_delete(
-            user_id=user_id, project_id=project_id, session_id=session_id
-        )
+    # The session's event stream goes with it (teardown takes it only with the project).
+    on_commit_robust(
+        lambda: streams.stream_delete(redis=scoped(user_id, project_id), session_id=session_id),
+        name=f"stream_delete(session={session_id})",
     )
 
 
-def _session_stream_delete(*, user_id: int, project_id, session_id) -> None:
-    """The session's event stream goes with it (teardown takes it only with the project)."""
-    streams.stream_delete(redis=scoped(user_id, project_id), session_id=session_id)
-
-
-# --- Chat: a message, its answer, cancelling, the agent's context ---------------------------
+# --- Chat: a message, its answer, cancelling ------------------------------------------
 
 
 @transaction.atomic
@@ -103,32 +108,33 @@ def message_create(*, session: ChatSession, content: str) -> tuple[Message, Mess
 
 def _chat_run_dispatch(*, user_id: int, user_message: Message, assistant_message: Message) -> None:
     project_id = assistant_message.session.project_id
-    redis = scoped(user_id, project_id)
-    # Announce first, so a client sees the message before the worker's first delta.
-    streams.events_append(
-        redis=redis,
-        session_id=assistant_message.session_id,
-        events=[
-            (streams.MESSAGE_CREATED, message_event_data(message))
-            for message in (user_message, assistant_message)
-        ],
-    )
-    try:
-        get_agent_bus().publish(
-            run_agent,
-            user_id=user_id,
-            project_id=project_id,
-            kwargs={
-                "session_id": str(assistant_message.session_id),
-                "message_id": assistant_message.id,
-            },
+    space = get_worker_space(user_id=user_id, project_id=project_id)
+    with space.use():
+        # Announce first, so a client sees the message before the worker's first delta.
+        streams.events_append(
+            redis=space.redis,
+            session_id=assistant_message.session_id,
+            events=[
+                (streams.MESSAGE_CREATED, message_event_data(message))
+                for message in (user_message, assistant_message)
+            ],
         )
-    except Exception:
-        # Nothing will answer: say so on the message instead of leaving it pending.
-        Message.objects.filter(id=assistant_message.id, status=Message.Status.PENDING).update(
-            status=Message.Status.ERROR, error="the agent run could not be queued"
-        )
-        raise
+        try:
+            publish(
+                run_agent,
+                project_id=project_id,
+                kwargs={
+                    "user_id": user_id,
+                    "session_id": str(assistant_message.session_id),
+                    "message_id": assistant_message.id,
+                },
+            )
+        except Exception:
+            # Nothing will answer: say so on the message instead of leaving it pending.
+            Message.objects.filter(id=assistant_message.id, status=Message.Status.PENDING).update(
+                status=Message.Status.ERROR, error="the agent run could not be queued"
+            )
+            raise
 
 
 def session_runs_cancel(*, session: ChatSession) -> list[int]:
@@ -157,6 +163,9 @@ def session_runs_cancel(*, session: ChatSession) -> list[int]:
             from_statuses=(Message.Status.PENDING,),
         )
     return in_flight
+
+
+# --- The agent's context ----------------------------------------------------------------
 
 
 def context_documents_add(*, agent: Agent, documents: list[dict[str, Any]]) -> str:
@@ -193,11 +202,15 @@ def _context_job_start(
             **(fields or {}),
         },
     )
-    get_agent_bus().publish(
+    publish(
         task,
-        user_id=project.owner_id,
         project_id=project.id,
-        kwargs={"agent_id": str(agent.id), "job_id": job_id, **(kwargs or {})},
+        kwargs={
+            "user_id": project.owner_id,
+            "agent_id": str(agent.id),
+            "job_id": job_id,
+            **(kwargs or {}),
+        },
     )
     return job_id
 
@@ -211,11 +224,11 @@ def context_search(*, agent: Agent, query: str, k: int, timeout: float) -> list[
     a task on the project's bus and this waits (at most `timeout` seconds) for its answer."""
     project = agent.project
     request_id = str(uuid.uuid4())
-    get_agent_bus().publish(
+    publish(
         search_context,
-        user_id=project.owner_id,
         project_id=project.id,
         kwargs={
+            "user_id": project.owner_id,
             "agent_id": str(agent.id),
             "request_id": request_id,
             "query": query,

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from workspaces.bus import AgentBusTask
+from agentbus import AgentBusTask
 
-# Creating or dropping a collection only fails while the vector store is down: retry.
+from .runtime.chat import chat_run
+from .runtime.jobs import context_job_add, context_job_clear, context_search_reply
+from .runtime.vectors import collection_drop, collections_sweep
+
+# Dropping a collection only fails while the vector store is down: retry.
 STORE_RETRY = {
     "autoretry_for": (Exception,),
     "retry_backoff": 2,
@@ -23,8 +27,6 @@ STORE_RETRY = {
 
 @shared_task(base=AgentBusTask, bind=True, name="agents.run_agent")
 def run_agent(self, *, user_id: int, project_id: str, session_id: str, message_id: int) -> str:
-    from agents.runtime.chat import chat_run
-
     return chat_run(
         user_id=user_id, project_id=project_id, session_id=session_id, message_id=message_id
     )
@@ -34,8 +36,6 @@ def run_agent(self, *, user_id: int, project_id: str, session_id: str, message_i
 def add_context(
     self, *, user_id: int, project_id: str, agent_id: str, job_id: str, documents: list[dict]
 ) -> dict:
-    from agents.runtime.context import context_job_add
-
     return context_job_add(
         user_id=user_id,
         project_id=project_id,
@@ -47,8 +47,6 @@ def add_context(
 
 @shared_task(base=AgentBusTask, bind=True, name="agents.clear_context", **STORE_RETRY)
 def clear_context(self, *, user_id: int, project_id: str, agent_id: str, job_id: str) -> dict:
-    from agents.runtime.context import context_job_clear
-
     return context_job_clear(
         user_id=user_id, project_id=project_id, agent_id=agent_id, job_id=job_id
     )
@@ -66,8 +64,6 @@ def search_context(
     k: int,
     deadline: float,
 ) -> str:
-    from agents.runtime.context import context_search_reply
-
     return context_search_reply(
         user_id=user_id,
         project_id=project_id,
@@ -79,17 +75,8 @@ def search_context(
     )
 
 
-@shared_task(base=AgentBusTask, bind=True, name="agents.ensure_collections", **STORE_RETRY)
-def ensure_collections(self, *, user_id: int, project_id: str, agent_ids: list[str]) -> int:
-    from agents.runtime.context import collections_ensure
-
-    return collections_ensure(user_id=user_id, project_id=project_id, agent_ids=agent_ids)
-
-
 @shared_task(base=AgentBusTask, bind=True, name="agents.drop_collection", **STORE_RETRY)
 def drop_collection(self, *, user_id: int, project_id: str, agent_id: str) -> bool:
-    from agents.runtime.context import collection_drop
-
     return collection_drop(user_id=user_id, project_id=project_id, agent_id=agent_id)
 
 
@@ -97,6 +84,4 @@ def drop_collection(self, *, user_id: int, project_id: str, agent_id: str) -> bo
 def sweep_collections() -> list[str]:
     """Beat: drop vector collections left behind by deleted agents and projects. Runs on
     the maintenance queue (not a project's), on a worker, where the store is open."""
-    from agents.runtime.context import collections_sweep
-
     return collections_sweep()

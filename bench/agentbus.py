@@ -55,8 +55,11 @@ if __name__ == "__main__":
 
 from celery import shared_task  # noqa: E402
 
-from workspaces.bus import AgentBusTask  # noqa: E402
-from workspaces.redis import get_redis  # noqa: E402
+from agentbus import AgentBusTask, publish, queue_depth  # noqa: E402
+from agentbus.active import active_queues, mark_active  # noqa: E402
+from common.redis import get_redis  # noqa: E402
+from workspaces.redis import workspace_prefix  # noqa: E402
+from workspaces.registry import AGENT_CACHE_KEY  # noqa: E402
 
 DONE = "bench:done"
 FIRST = "bench:first"
@@ -87,8 +90,12 @@ def noop(tag: str | None = None, of: int = 0) -> None:
 
 
 @shared_task(base=AgentBusTask, bind=True, name="bench.agent_noop", ignore_result=True)
-def agent_noop(self, *, user_id: int, project_id: str, tag: str | None = None, of: int = 0) -> None:
+def agent_noop(self, *, project_id: str, tag: str | None = None, of: int = 0) -> None:
     _finish(tag, of)
+
+
+def send(task, *, project_id: uuid.UUID, kwargs: dict | None = None) -> str:
+    return publish(task, project_id=project_id, kwargs=kwargs).id
 
 
 # --- running workers ----------------------------------------------------------------------
@@ -116,7 +123,7 @@ class Worker:
 
 
 def shared_worker(stock_transport: bool = False) -> Worker:
-    from workspaces.queues import MAINTENANCE_QUEUE
+    from agentbus.queues import MAINTENANCE_QUEUE
 
     return Worker("-Q", MAINTENANCE_QUEUE, stock_transport=stock_transport)
 
@@ -139,15 +146,13 @@ def fresh_db() -> None:
 
 
 def register_projects(count: int) -> list[uuid.UUID]:
-    """Projects with agents registered on the bus (what a workspace's initialise does)."""
-    from workspaces.bus import AGENTS_KEY
-    from workspaces.redis import workspace_prefix
-
+    """Projects whose workspaces hold their agents (the AgentCache a workspace's
+    initialise fills)."""
     projects = [uuid.uuid4() for _ in range(count)]
     pipe = get_redis().pipeline(transaction=False)
     for i, project in enumerate(projects):
-        key = workspace_prefix(1 + i % 100, project) + AGENTS_KEY
-        pipe.sadd(key, "agent-1", "agent-2")
+        key = workspace_prefix(1 + i % 100, project) + AGENT_CACHE_KEY
+        pipe.hset(key, mapping={"agent-1": "{}", "agent-2": "{}"})
         if len(pipe) >= 1000:
             pipe.execute()
     pipe.execute()
@@ -174,16 +179,13 @@ def throughput_baseline(total: int) -> float:
 
 
 def throughput_bus(total: int, registered: int, active: int, stock: bool = False) -> float:
-    from workspaces.bus import get_agent_bus
-
     fresh_db()
-    bus = get_agent_bus()
     projects = register_projects(registered)[:active]
     for project in projects:
-        bus.mark_active(project)
+        mark_active(project)
     for i in range(total):
-        bus.publish(agent_noop, user_id=1, project_id=projects[i % active], kwargs={"of": total})
-    assert len(bus.active_queues()) == active
+        send(agent_noop, project_id=projects[i % active], kwargs={"of": total})
+    assert len(active_queues()) == active
     return drain(shared_worker(stock_transport=stock), total)
 
 
@@ -192,23 +194,20 @@ def throughput_bus(total: int, registered: int, active: int, stock: bool = False
 
 def timed_task(project_id: uuid.UUID) -> float:
     """Publish one task of `project_id`; seconds from publish to its start."""
-    from workspaces.bus import get_agent_bus
 
     client = get_redis()
     tag = uuid.uuid4().hex
     sent = time.time()
-    get_agent_bus().publish(agent_noop, user_id=2, project_id=project_id, kwargs={"tag": tag})
+    send(agent_noop, project_id=project_id, kwargs={"tag": tag})
     started = wait_until(lambda: client.hget(STARTS, tag), 30, "a measured task")
     return float(started) - sent
 
 
 def fairness(samples: int = 40, backlog: int = 10_000) -> tuple[list[float], list[float], int]:
-    from workspaces.bus import get_agent_bus
 
     fresh_db()
-    bus = get_agent_bus()
     quiet, busy = uuid.uuid4(), uuid.uuid4()
-    bus.mark_active(quiet)
+    mark_active(quiet)
     worker = shared_worker()
     try:
         timed_task(quiet)  # warm: the worker follows the queue
@@ -217,13 +216,13 @@ def fairness(samples: int = 40, backlog: int = 10_000) -> tuple[list[float], lis
         worker.stop()
 
     for _ in range(backlog):
-        bus.publish(agent_noop, user_id=1, project_id=busy)
+        send(agent_noop, project_id=busy)
     worker = shared_worker()
     client = get_redis()
     try:
         wait_until(lambda: int(client.get(DONE) or 0) >= 100, 60, "the backlog to start")
         behind = [timed_task(quiet) for _ in range(samples)]
-        left = bus.queue_depth(busy)
+        left = queue_depth(busy)
     finally:
         worker.stop()
     return idle, behind, left

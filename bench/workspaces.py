@@ -10,8 +10,7 @@ database of its own). Vector collections live in a temporary Qdrant local folder
 
 1. Cached `get_or_create`: a warm workspace asked for N times (timed one by one).
 2. Cold initialisation: N new projects with 10 agents each, first `get_worker_space`
-   (project check, agents query, Redis lock, cache fill, 10 bus registrations, the
-   agents app's collection task published on the project's bus).
+   (project check, agents query, Redis lock, cache fill).
 3. Memory per cached workspace: tracemalloc, N initialised workspaces re-attached
    into an empty manager (the handles this process keeps, nothing transient).
 4. Teardown: a project with 10 agents, their 10 vector collections and 1,000 queued
@@ -80,7 +79,7 @@ if __name__ == "__main__":
 
 from celery import shared_task  # noqa: E402
 
-from workspaces.bus import AgentBusTask  # noqa: E402
+from agentbus import AgentBusTask, publish  # noqa: E402
 
 
 @shared_task(base=AgentBusTask, bind=True, name="bench.workspaces.noop")
@@ -160,18 +159,20 @@ def bench_memory(owner, n: int) -> dict:
 def bench_teardown(owner, rounds: int) -> list[dict]:
     from celery.contrib.testing.worker import start_worker
 
-    from agents.runtime.context import collections_ensure
-    from agents.runtime.vectorstore import get_vector_store
+    from agentbus import queue_depth
+    from agentbus.active import active_queues
+    from agentbus.queues import MAINTENANCE_QUEUE, project_queue
+    from agents.runtime.embeddings import get_embedder
+    from agents.runtime.vectorstore import collection_name, get_vector_store
+    from common.redis import get_redis
     from config.celery_app import app
     from projects.services import project_delete
     from workspaces import registry
-    from workspaces.bus import get_agent_bus
     from workspaces.manager import get_worker_space
     from workspaces.models import WorkspaceTeardown
-    from workspaces.queues import MAINTENANCE_QUEUE, project_queue
-    from workspaces.redis import get_redis, workspace_prefix
+    from workspaces.redis import workspace_prefix
 
-    bus, store, client = get_agent_bus(), get_vector_store(), get_redis()
+    store, client = get_vector_store(), get_redis()
     results = []
     # A dedicated worker on the maintenance queue only: the project queues stay as they
     # are (1,000 tasks waiting) until the teardown purges them.
@@ -188,12 +189,13 @@ def bench_teardown(owner, rounds: int) -> list[dict]:
         for _ in range(rounds):
             project = make_project(owner)
             space = get_worker_space(user_id=owner.pk, project_id=project.id)
-            collections_ensure(
-                user_id=owner.pk, project_id=project.id, agent_ids=sorted(space.agent_ids)
-            )
+            dim = get_embedder().dim
+            for agent_id in sorted(space.agent_ids):
+                name = collection_name(user_id=owner.pk, project_id=project.id, agent_id=agent_id)
+                store.ensure_collection(name, dim=dim)
             for _ in range(1000):
-                bus.publish(noop, user_id=owner.pk, project_id=project.id)
-            queued = bus.queue_depth(project.id)
+                publish(noop, project_id=project.id, kwargs={"user_id": owner.pk})
+            queued = queue_depth(project.id)
             collections = len(store.project_collections(user_id=owner.pk, project_id=project.id))
             project_id = project.id
 
@@ -212,9 +214,9 @@ def bench_teardown(owner, rounds: int) -> list[dict]:
 
             left = {
                 "keys": len(list(client.scan_iter(workspace_prefix(owner.pk, project_id) + "*"))),
-                "queued": bus.queue_depth(project_id),
+                "queued": queue_depth(project_id),
                 "queue key": client.exists(project_queue(project_id)),
-                "active": int(project_queue(project_id) in bus.active_queues()),
+                "active": int(project_queue(project_id) in active_queues()),
                 "index": int((owner.pk, project_id) in registry.index_members()),
                 "collections": len(
                     store.project_collections(user_id=owner.pk, project_id=project_id)
@@ -249,7 +251,7 @@ def main() -> int:
     from django.core.management import call_command
     from django.db import connections
 
-    from workspaces.redis import get_redis
+    from common.redis import get_redis
 
     get_redis().flushdb()
     try:

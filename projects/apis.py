@@ -3,7 +3,7 @@ from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from config.api import StrictSerializer, list_response
+from common.api import EnvelopeListMixin, EnvelopePagination, StrictSerializer
 
 from .selectors import project_get_for_user, project_list
 from .services import project_create, project_delete, project_update
@@ -22,15 +22,12 @@ class ProjectInputSerializer(StrictSerializer):
     description = serializers.CharField(max_length=2000, allow_blank=True, required=False)
 
 
-class ProjectListCreateApi(APIView):
+class ProjectListCreateApi(EnvelopeListMixin, APIView):
+    pagination_class = EnvelopePagination.of("projects")
+
     @extend_schema(responses=ProjectOutputSerializer(many=True))
     def get(self, request):
-        return list_response(
-            request=request,
-            queryset=project_list(user=request.user),
-            serializer_class=ProjectOutputSerializer,
-            key="projects",
-        )
+        return self.list_response(project_list(user=request.user), ProjectOutputSerializer)
 
     @extend_schema(request=ProjectInputSerializer, responses={201: ProjectOutputSerializer})
     def post(self, request):

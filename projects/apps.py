@@ -2,5 +2,9 @@ from django.apps import AppConfig
 
 
 class ProjectsConfig(AppConfig):
+    """Projects owns the Project, the unit of isolation: its model, the user-scoped
+    selector every per-project route starts from, and the delete that announces
+    `project_deleted`; it imports no other app of ours."""
+
     name = "projects"
     default_auto_field = "django.db.models.BigAutoField"

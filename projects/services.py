@@ -6,8 +6,12 @@ from typing import Any
 
 from django.db import transaction
 
+from common.services import model_update
+
 from .models import Project
 from .signals import project_deleted
+
+PROJECT_FIELDS = ("name", "description")
 
 
 def project_create(*, owner, name: str, description: str = "") -> Project:
@@ -15,11 +19,7 @@ def project_create(*, owner, name: str, description: str = "") -> Project:
 
 
 def project_update(*, project: Project, data: dict[str, Any]) -> Project:
-    fields = [f for f in ("name", "description") if f in data]
-    for field in fields:
-        setattr(project, field, data[field])
-    if fields:
-        project.save(update_fields=[*fields, "updated_at"])
+    project, _ = model_update(instance=project, fields=PROJECT_FIELDS, data=data)
     return project
 
 

@@ -16,7 +16,7 @@ from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, Us
 
 @pytest.fixture
 def redis_client():
-    from workspaces.redis import get_redis
+    from common.redis import get_redis
 
     return get_redis()
 
@@ -26,7 +26,7 @@ def _fresh_redis_database():
     """The run starts from an empty Redis database: queues or registry entries a previous
     (interrupted) run left behind must not meet this one. The suite owns REDIS_URL's
     database (.ci/run gives it db 15; `make test` without REDIS_URL a throwaway server)."""
-    from workspaces.redis import get_redis
+    from common.redis import get_redis
 
     get_redis().flushdb()
 
@@ -34,8 +34,9 @@ def _fresh_redis_database():
 @pytest.fixture(autouse=True)
 def _clean_workspace_keys():
     """Each test starts with no workspace state in Redis and none in this process."""
+    from common.redis import get_redis
     from workspaces.manager import get_worker_space_manager
-    from workspaces.redis import KEY_NAMESPACE, get_redis
+    from workspaces.redis import KEY_NAMESPACE
 
     client = get_redis()
     keys = list(client.scan_iter(match=f"{KEY_NAMESPACE}:*", count=1000))

@@ -16,8 +16,8 @@ def shared_pool_worker() -> Iterator:
     from celery.contrib.testing.worker import start_worker
     from django.conf import settings
 
+    from agentbus.queues import MAINTENANCE_QUEUE
     from config.celery_app import app
-    from workspaces.queues import MAINTENANCE_QUEUE
 
     app.conf.broker_transport = settings.AGENTBUS_WORKER_TRANSPORT or None
     try:

@@ -1,4 +1,4 @@
-"""Operators' endpoints: workspace health and stats (the seed's «Мониторинг»). Staff only."""
+"""Operators' endpoints: workspace health and stats . Staff only."""
 
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -7,7 +7,7 @@ from rest_framework.permissions import IsAdminUser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from config.api import StrictSerializer
+from common.api import StrictSerializer
 
 from .selectors import workspace_health, workspace_stats
 

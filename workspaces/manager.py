@@ -19,9 +19,11 @@ from typing import Any
 
 from django.conf import settings
 
+from common.singletons import process_singleton
+
 from .exceptions import WorkspaceGone
 from .registry import State
-from .space import UserWorkerSpace
+from .space import SHUTDOWN_WAIT_SECONDS, UserWorkerSpace
 
 logger = logging.getLogger(__name__)
 
@@ -120,17 +122,16 @@ class WorkerSpaceManager:
         finally:
             self._lock.release()
 
-    def cleanup_all(self) -> None:
-        """Release everything this process holds (shutdown). Shared state in Redis is
-        left alone: other processes keep serving these workspaces."""
+    def cleanup_all(self, *, wait: float = SHUTDOWN_WAIT_SECONDS) -> None:
+        """Release everything this process holds (shutdown), giving the uses in flight
+        at most `wait` seconds in all. Shared state in Redis is left alone: other
+        processes keep serving these workspaces."""
         with self._lock:
             spaces = list(self._spaces.values())
             self._spaces.clear()
+        deadline = time.monotonic() + wait
         for space in spaces:
-            space.cleanup()
-        from .redis import close_redis
-
-        close_redis()
+            space.cleanup(wait=max(0.0, deadline - time.monotonic()))
         if spaces:
             logger.info("workspaces: released %d workspace(s) on shutdown", len(spaces))
 
@@ -144,7 +145,7 @@ class WorkerSpaceManager:
         return list(self._spaces.values())
 
     def get_stats(self) -> dict[str, Any]:
-        """This process's workspaces, in the seed's stats shape."""
+        """This process's workspaces, in the stats shape of /admin/workspaces/stats."""
         spaces = list(self._spaces.values())
         return {
             "active_spaces": sum(1 for s in spaces if s.initialized),
@@ -160,32 +161,14 @@ class WorkerSpaceManager:
         }
 
 
-_manager: WorkerSpaceManager | None = None
-_manager_lock = threading.Lock()
-
-
+@process_singleton()
 def get_worker_space_manager() -> WorkerSpaceManager:
-    """The process's WorkerSpaceManager."""
-    global _manager
-    if _manager is None:
-        with _manager_lock:
-            if _manager is None:
-                _manager = WorkerSpaceManager()
-    return _manager
-
-
-def _forget_after_fork() -> None:
-    # A forked child (Celery prefork) must not share the parent's handles and locks.
-    global _manager, _manager_lock
-    _manager = None
-    _manager_lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_after_fork)
+    """The process's WorkerSpaceManager (a forked child starts with its own)."""
+    return WorkerSpaceManager()
 
 
 def get_worker_space(*, user_id: int, project_id: uuid.UUID | str) -> UserWorkerSpace:
-    """The initialised workspace of the project (the seed's dependency). Raises
+    """The initialised workspace of the project (what every piece of work for a project goes through). Raises
     WorkspaceUnavailable (503) if it cannot be initialised, WorkspaceGone (404) if the
     project no longer exists."""
     return get_worker_space_manager().get_or_create(user_id=user_id, project_id=project_id)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import atexit
-
-from celery.signals import worker_process_shutdown, worker_shutdown
 from django.dispatch import receiver
 
+from common.lifecycle import on_shutdown
 from projects.signals import project_deleted
 
 from .manager import get_worker_space_manager
@@ -18,11 +16,7 @@ def teardown_on_project_deleted(sender, *, project_id, user_id, **kwargs) -> Non
     workspace_teardown_schedule(user_id=user_id, project_id=project_id)
 
 
-@worker_shutdown.connect(dispatch_uid="workspaces.cleanup_on_worker_shutdown")
-@worker_process_shutdown.connect(dispatch_uid="workspaces.cleanup_on_worker_process_shutdown")
-def cleanup_on_worker_shutdown(**kwargs) -> None:
+@on_shutdown
+def release_workspaces() -> None:
+    """A stopping process releases its workspaces (never their shared state)."""
     get_worker_space_manager().cleanup_all()
-
-
-# Any other process exit (management commands, a WSGI server).
-atexit.register(lambda: get_worker_space_manager().cleanup_all())

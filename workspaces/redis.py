@@ -1,51 +1,20 @@
-"""Redis access for workspaces.
+"""The workspace's door to Redis: `ScopedRedis` prefixes every key with the workspace
+prefix, so one workspace cannot name another's keys, and a command it does not know how
+to scope is refused rather than passed through.
 
-`ScopedRedis` is the only way workspace code reaches Redis keys: it prefixes every
-key with the workspace prefix, so one workspace cannot name another's keys, and a
-command it does not know how to scope is refused rather than passed through.
+The one way to an unscoped client is `common.redis.get_redis()`; workspace code takes
+`scoped(user_id, project_id)` instead.
 """
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import redis
-import redis.asyncio
-from django.conf import settings
-
-_lock = threading.Lock()
-_client: redis.Redis | None = None
+from common.redis import get_redis
 
 KEY_NAMESPACE = "uws"
-
-
-def get_redis() -> redis.Redis:
-    """The process-wide Redis client (one connection pool per process)."""
-    global _client
-    if _client is None:
-        with _lock:
-            if _client is None:
-                _client = redis.Redis.from_url(
-                    settings.REDIS_URL,
-                    decode_responses=True,
-                    health_check_interval=30,
-                    socket_connect_timeout=5,
-                    socket_timeout=30,
-                )
-    return _client
-
-
-def close_redis() -> None:
-    """Release this process's Redis connections (shutdown, tests)."""
-    global _client
-    with _lock:
-        if _client is not None:
-            _client.close()
-            _client.connection_pool.disconnect()
-            _client = None
 
 
 def workspace_prefix(user_id: int | str, project_id: uuid.UUID | str) -> str:
@@ -69,7 +38,7 @@ _SINGLE_KEY = frozenset(
 # Commands whose every positional argument is a key.
 _ALL_KEYS = frozenset("delete unlink exists touch".split())
 # Passed through untouched: they name no key.
-_PASSTHROUGH = frozenset("execute reset watch_unsafe ping close".split())
+_PASSTHROUGH = frozenset("execute reset ping close".split())
 
 
 class ScopedRedis:
@@ -127,7 +96,5 @@ def scoped(user_id: int | str, project_id: uuid.UUID | str) -> ScopedRedis:
     return ScopedRedis(get_redis(), workspace_prefix(user_id, project_id))
 
 
-def scoped_async(
-    client: redis.asyncio.Redis, user_id: int | str, project_id: uuid.UUID | str
-) -> ScopedRedis:
+def scoped_async(client: Any, user_id: int | str, project_id: uuid.UUID | str) -> ScopedRedis:
     return ScopedRedis(client, workspace_prefix(user_id, project_id))

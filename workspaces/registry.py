@@ -6,8 +6,8 @@ Per workspace (under its prefix, through ScopedRedis):
 - ``last-used``  string: epoch seconds of the last use any process reported. Written
                  with SET XX, so a process reporting use after a teardown cannot bring a
                  removed workspace back.
-- the agent ids are the keys of the AgentCache hash (``agents``): one source of truth,
-  no read-modify-write of a list shared by processes.
+- the agent ids are the keys of the AgentCache hash (``agents``, AGENT_CACHE_KEY): one
+  source of truth, no read-modify-write of a list shared by processes.
 
 Globally, ``uws:index`` is a set of "{user_id}:{project_hex}" so operators' views and
 the sweep can list workspaces without scanning the keyspace.
@@ -24,24 +24,28 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from .redis import KEY_NAMESPACE, ScopedRedis, get_redis, workspace_prefix
+from common.redis import get_redis
+
+from .redis import KEY_NAMESPACE, ScopedRedis, workspace_prefix
 
 STATE_KEY = "state"
 LAST_USED_KEY = "last-used"
 INIT_LOCK_KEY = "init-lock"
-AGENTS_KEY = "agents"  # the AgentCache hash (agent id -> config JSON)
+AGENT_CACHE_KEY = "agents"  # the AgentCache hash (agent id -> config JSON)
 # Global keys use the namespace but never the "uws:{int}:" shape of workspace prefixes.
 INDEX_KEY = f"{KEY_NAMESPACE}:index"
 
 
 class State(StrEnum):
-    """The seed's state machine.
+    """The workspace state machine.
 
     Shared (in the registry): NotInitialized -> Initializing -> Initialized;
     Initializing -> Error -> Initializing (retry); Initialized -> Cleaning (project
     deleted) and the keys are then removed (Cleaned is recorded on the teardown row).
-    In one process only: Initialized <-> InUse (a request is being served) and
-    Initialized -> Shutdown -> Cleaned (the process releases the workspace).
+    In one process only (`UserWorkerSpace.state`, shown by the stats of that process):
+    Initialized <-> InUse (a chat dispatch or an agent run is using it), and
+    Initialized -> Shutdown (the process stops: it waits for the uses in flight) ->
+    Cleaned (released).
     """
 
     NOT_INITIALIZED = "NotInitialized"
@@ -135,7 +139,7 @@ def read(redis: ScopedRedis, user_id: int, project_id: uuid.UUID) -> RegistryEnt
     pipe = redis.pipeline(transaction=False)
     pipe.hgetall(STATE_KEY)
     pipe.get(LAST_USED_KEY)
-    pipe.hkeys(AGENTS_KEY)
+    pipe.hkeys(AGENT_CACHE_KEY)
     raw, last_used, agents = pipe.execute()
     return _entry(user_id, project_id, raw, last_used, agents)
 
@@ -157,7 +161,7 @@ def read_many(members: list[tuple[int, uuid.UUID]]) -> list[RegistryEntry]:
         scoped = ScopedRedis(pipe, workspace_prefix(user_id, project_id))
         scoped.hgetall(STATE_KEY)
         scoped.get(LAST_USED_KEY)
-        scoped.hkeys(AGENTS_KEY)
+        scoped.hkeys(AGENT_CACHE_KEY)
     # One broken workspace (a key of the wrong type) must not hide the others.
     replies = pipe.execute(raise_on_error=False)
     entries = []
@@ -217,15 +221,6 @@ def mark_state(redis: ScopedRedis, state: State) -> None:
     redis.hset(STATE_KEY, mapping={"state": state, "changed_at": time.time()})
 
 
-def touch(redis: ScopedRedis, when: float) -> None:
-    """Report use; does nothing for a workspace whose keys are gone (SET XX)."""
-    redis.set(LAST_USED_KEY, when, xx=True)
-
-
-def index_add(user_id: int, project_id: uuid.UUID) -> None:
-    get_redis().sadd(INDEX_KEY, index_member(user_id, project_id))
-
-
 def index_remove(user_id: int, project_id: uuid.UUID) -> None:
     get_redis().srem(INDEX_KEY, index_member(user_id, project_id))
 
@@ -234,7 +229,3 @@ def index_members() -> list[tuple[int, uuid.UUID]]:
     """Every workspace the registry knows, sorted by (user, project)."""
     parsed = (parse_index_member(m) for m in get_redis().smembers(INDEX_KEY))
     return sorted(p for p in parsed if p is not None)
-
-
-def index_size() -> int:
-    return get_redis().scard(INDEX_KEY)

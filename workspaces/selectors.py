@@ -7,18 +7,18 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from celery import current_app
 from django.conf import settings
 from django.db import connection
 
+from agentbus import queue_depths
+from common.redis import broker_redis, get_redis
 from projects.models import Project
 
 from . import registry
-from .bus import AGENTS_KEY as BUS_AGENTS_KEY
 from .manager import get_worker_space_manager
-from .queues import project_queue
-from .redis import ScopedRedis, get_redis, workspace_prefix
 from .registry import RegistryEntry, State
-from .space import _iso, agent_bus
+from .space import iso
 
 
 @dataclass
@@ -26,7 +26,6 @@ class WorkspaceView:
     """A registry entry with what the bus and the database say about it."""
 
     entry: RegistryEntry
-    registered_agents: set[str] = field(default_factory=set)
     queue_depth: int = 0
     project_exists: bool = True
     project_name: str = ""
@@ -48,10 +47,6 @@ class WorkspaceView:
         stuck_after = settings.WORKSPACE_INIT_LOCK_SECONDS
         if e.state is State.INITIALIZING and time.time() - (e.changed_at or 0) > stuck_after:
             found.append("initialisation has not finished")
-        if e.state is State.INITIALIZED:
-            missing = set(e.agent_ids) - self.registered_agents
-            if missing:
-                found.append(f"agents not registered on the bus: {sorted(missing)}")
         return found
 
     def stats(self) -> dict[str, Any]:
@@ -62,11 +57,11 @@ class WorkspaceView:
             "project_name": self.project_name,
             "state": str(e.state),
             "initialized": e.state is State.INITIALIZED,
-            "active_agents": len(self.registered_agents),
+            "active_agents": len(e.agent_ids),
             "cache_size": len(e.agent_ids),
             "agent_ids": e.agent_ids,
-            "initialization_time": _iso(e.initialized_at),
-            "last_used": _iso(e.last_used),
+            "initialization_time": iso(e.initialized_at),
+            "last_used": iso(e.last_used),
             "init_count": e.init_count,
             "queue_depth": self.queue_depth,
             "error": e.error or None,
@@ -92,33 +87,20 @@ def _views(members: list[tuple[int, uuid.UUID]]) -> list[WorkspaceView]:
     if not members:
         return []
     entries = registry.read_many(members)
-    bus = agent_bus()
-    # Bus registrations live under the workspace prefix, queues on the broker.
-    pipe = get_redis().pipeline(transaction=False)
-    for user_id, project_id in members:
-        ScopedRedis(pipe, workspace_prefix(user_id, project_id)).smembers(BUS_AGENTS_KEY)
-    registered = pipe.execute(raise_on_error=False)
-    broker = bus.redis().pipeline(transaction=False)
-    queue_keys = [bus.queue_keys(project_queue(project_id)) for _, project_id in members]
-    for keys in queue_keys:
-        for key in keys:
-            broker.llen(key)
-    lengths = iter(broker.execute(raise_on_error=False))
+    depths = queue_depths([project_id for _, project_id in members])
     rows = Project.objects.filter(id__in=[p for _, p in members]).values_list(
         "id", "owner_id", "name"
     )
     projects = {pid: (owner, name) for pid, owner, name in rows}
     views = []
-    for entry, agents, keys in zip(entries, registered, queue_keys, strict=True):
+    for entry, depth in zip(entries, depths, strict=True):
         owner, name = projects.get(entry.project_id, (None, ""))
-        depths = [next(lengths) for _ in keys]
-        unreadable = [r for r in (agents, *depths) if isinstance(r, Exception)]
+        unreadable = isinstance(depth, Exception)
         views.append(
             WorkspaceView(
                 entry=entry,
-                registered_agents=set() if isinstance(agents, Exception) else set(agents),
-                queue_depth=sum(d for d in depths if not isinstance(d, Exception)),
-                read_errors=[f"bus state unreadable: {exc}" for exc in unreadable],
+                queue_depth=0 if unreadable else depth,
+                read_errors=[f"bus state unreadable: {depth}"] if unreadable else [],
                 project_exists=owner == entry.user_id,
                 project_name=name if owner == entry.user_id else "",
             )
@@ -127,7 +109,7 @@ def _views(members: list[tuple[int, uuid.UUID]]) -> list[WorkspaceView]:
 
 
 def workspace_stats(*, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
-    """Every workspace of the registry (all processes), in the seed's stats shape, plus
+    """Every workspace of the registry (all processes), in the stats shape, plus
     this process's in-memory view."""
     views, total = workspace_list(offset=offset, limit=limit)
     process = get_worker_space_manager().get_stats()["process"]
@@ -142,7 +124,7 @@ def workspace_stats(*, offset: int = 0, limit: int | None = None) -> dict[str, A
 
 
 def workspace_health() -> dict[str, Any]:
-    """The seed's health shape for every workspace of the registry, plus the checks of
+    """The health report of every workspace of the registry, plus the checks of
     what workspaces stand on: database, Redis, broker and live workers."""
     checks = {
         "database": _check(_ping_database),
@@ -195,20 +177,15 @@ def _ping_database() -> None:
 
 
 def _ping_broker() -> None:
-    from config.celery_app import app
-
-    timeout = settings.WORKSPACE_HEALTH_TIMEOUT_SECONDS
-    with app.connection_for_write() as conn:
-        conn.ensure_connection(max_retries=1, timeout=timeout)
-        conn.default_channel.client.ping()
+    broker_redis().ping()
 
 
 def _check_workers() -> dict[str, Any]:
-    from config.celery_app import app
-
     started = time.perf_counter()
     try:
-        replies = app.control.inspect(timeout=settings.WORKSPACE_HEALTH_TIMEOUT_SECONDS).ping()
+        replies = current_app.control.inspect(
+            timeout=settings.WORKSPACE_HEALTH_TIMEOUT_SECONDS
+        ).ping()
     except Exception as exc:  # noqa: BLE001
         return {"healthy": False, "count": 0, "error": f"{type(exc).__name__}: {exc}"}
     names = sorted(replies or {})

@@ -1,9 +1,9 @@
 """UserWorkerSpace: the backend resources of one (user, project), as one process sees them.
 
-The shared part lives in Redis under the workspace prefix (registry entry, AgentCache,
-the AgentBus's agent registrations); the database is the source of truth for agents.
-The object itself is a small in-process handle: identifiers, the registry generation
-it attached to, and when it was last used here.
+The shared part lives in Redis under the workspace prefix (registry entry, AgentCache);
+the database is the source of truth for agents. The object itself is a small in-process
+handle: identifiers, the registry generation it attached to, and when it was last used
+here.
 """
 
 from __future__ import annotations
@@ -15,28 +15,33 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
 from django.conf import settings
 from redis.exceptions import LockError
 
+from agentbus import project_gone
+from projects.models import Project
+
 from . import registry
 from .cache import AgentCache
 from .exceptions import WorkspaceGone, WorkspaceUnavailable
 from .redis import ScopedRedis, scoped
 from .registry import INIT_LOCK_KEY, State
-from .signals import agent_deregistered, agents_registered
+from .sources import AgentConfig, agent_source
 
 logger = logging.getLogger(__name__)
 
+# How long a stopping process waits for the uses of a workspace that are in flight.
+SHUTDOWN_WAIT_SECONDS = 5.0
 
-def agent_bus():
-    """The process's AgentBus."""
-    from .bus import get_agent_bus
 
-    return get_agent_bus()
+def _unavailable(exc: Exception) -> WorkspaceUnavailable:
+    return WorkspaceUnavailable(
+        f"The project's workspace could not reach Redis ({type(exc).__name__}); retry shortly."
+    )
 
 
 class UserWorkerSpace:
@@ -58,6 +63,7 @@ class UserWorkerSpace:
         "_state",
         "_in_flight",
         "_lock",
+        "_idle",
     )
 
     def __init__(self, *, user_id: int, project_id: uuid.UUID | str):
@@ -68,7 +74,7 @@ class UserWorkerSpace:
         self.key = f"{self.user_id}_{self.project_id}"
         self.redis: ScopedRedis = scoped(self.user_id, self.project_id)
         self.agent_cache = AgentCache(self.redis, self.project_id)
-        # The agent ids known at the last attach/refresh (the seed's active_agents).
+        # The agent ids known at the last attach/refresh (`active_agents` in stats).
         self.agent_ids: frozenset[str] = frozenset()
         self.initialized_at: float | None = None
         # The registry generation this process attached to; a different one means the
@@ -80,6 +86,7 @@ class UserWorkerSpace:
         self._state = State.NOT_INITIALIZED
         self._in_flight = 0
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
 
     def __repr__(self) -> str:
         return f"<UserWorkerSpace {self.key} {self.state}>"
@@ -88,7 +95,7 @@ class UserWorkerSpace:
 
     @property
     def state(self) -> State:
-        """This process's view: InUse while it serves a request with the workspace."""
+        """This process's view: InUse while a dispatch or a run uses the workspace here."""
         if self._state is State.INITIALIZED and self._in_flight:
             return State.IN_USE
         return self._state
@@ -101,23 +108,19 @@ class UserWorkerSpace:
     def in_use(self) -> bool:
         return self._in_flight > 0
 
-    def enter(self) -> None:
-        """Mark the workspace in use by one more request (Initialized -> InUse)."""
-        with self._lock:
-            self._in_flight += 1
-
-    def leave(self) -> None:
-        """The request is answered (InUse -> Initialized once none is left)."""
-        with self._lock:
-            self._in_flight = max(0, self._in_flight - 1)
-
     @contextmanager
     def use(self) -> Iterator[UserWorkerSpace]:
-        self.enter()
+        """Hold the workspace for one piece of work (Initialized -> InUse -> Initialized);
+        a stopping process waits for these to end."""
+        with self._lock:
+            self._in_flight += 1
         try:
             yield self
         finally:
-            self.leave()
+            with self._lock:
+                self._in_flight = max(0, self._in_flight - 1)
+                if not self._in_flight:
+                    self._idle.notify_all()
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -126,41 +129,22 @@ class UserWorkerSpace:
 
         If the registry says another thread or process already initialised it, attach to
         that. Otherwise initialise it under the workspace's Redis lock, so that across all
-        processes exactly one loads the agents, fills the cache and registers them on the
-        bus. Raises WorkspaceGone for a project that no longer exists, and
-        WorkspaceUnavailable (503) when initialisation fails: the registry is left in the
-        Error state and the next call retries.
+        processes exactly one loads the agents and fills the cache. Raises WorkspaceGone
+        for a project that no longer exists, and WorkspaceUnavailable (503) when
+        initialisation fails: the registry is left in the Error state and the next call
+        retries.
         """
         try:
             entry = registry.read(self.redis, self.user_id, self.project_id)
             if entry.state is State.INITIALIZED:
                 self._attach(entry)
                 return
-            registered = self._initialize_locked()
+            self._initialize_locked()
         except (WorkspaceGone, WorkspaceUnavailable):
             raise
         except redis.RedisError as exc:
             self._state = State.ERROR
-            raise WorkspaceUnavailable(
-                f"The project's workspace could not reach Redis ({type(exc).__name__}); "
-                "retry shortly."
-            ) from exc
-        if registered:
-            self._announce(agents_registered, agent_ids=registered)
-
-    def _announce(self, signal, **kwargs: Any) -> None:
-        """Tell other apps (the agents app publishes collection work). The workspace
-        change has happened either way: a failing receiver is logged, not raised."""
-        for receiver, result in signal.send_robust(
-            sender=UserWorkerSpace, user_id=self.user_id, project_id=self.project_id, **kwargs
-        ):
-            if isinstance(result, Exception):
-                logger.error(
-                    "workspace %s: receiver %r failed",
-                    self.key,
-                    receiver,
-                    exc_info=(type(result), result, result.__traceback__),
-                )
+            raise _unavailable(exc) from exc
 
     def _init_lock(self):
         seconds = settings.WORKSPACE_INIT_LOCK_SECONDS
@@ -169,7 +153,7 @@ class UserWorkerSpace:
             INIT_LOCK_KEY, timeout=seconds, sleep=0.01, blocking_timeout=seconds, thread_local=False
         )
 
-    def _initialize_locked(self) -> list[str]:
+    def _initialize_locked(self) -> None:
         lock = self._init_lock()
         if not lock.acquire():
             raise WorkspaceUnavailable(
@@ -179,12 +163,13 @@ class UserWorkerSpace:
             entry = registry.read(self.redis, self.user_id, self.project_id)
             if entry.state is State.INITIALIZED:  # another process finished first
                 self._attach(entry)
-                return []
+                return
             self._state = State.INITIALIZING
             try:
                 self._check_project()
                 registry.mark_initializing(self.redis, self.user_id, self.project_id)
-                agent_ids = self._load_and_register()
+                configs = agent_source().configs(project_id=self.project_id)
+                self.agent_cache.fill(configs)
                 initialized_at, init_count = registry.mark_initialized(self.redis)
             except WorkspaceGone:
                 self._state = State.NOT_INITIALIZED
@@ -206,43 +191,25 @@ class UserWorkerSpace:
                     state=State.INITIALIZED,
                     initialized_at=initialized_at,
                     init_count=init_count,
-                    agent_ids=agent_ids,
+                    agent_ids=[c["id"] for c in configs],
                 )
             )
             logger.info(
                 "workspace %s: initialised with %d agent(s) (generation %d)",
                 self.key,
-                len(agent_ids),
+                len(configs),
                 init_count,
             )
-            return agent_ids
         finally:
             # Expired, or removed by a teardown: nothing left to release.
             with suppress(LockError):
                 lock.release()
 
     def _check_project(self) -> None:
-        from projects.models import Project
-
         if not Project.objects.filter(id=self.project_id, owner_id=self.user_id).exists():
             raise WorkspaceGone()
-        if agent_bus().is_tombstoned(self.project_id):
+        if project_gone(self.project_id):
             raise WorkspaceGone()
-
-    def _load_and_register(self) -> list[str]:
-        from agents.selectors import agent_configs_for_project
-
-        configs = agent_configs_for_project(project_id=self.project_id)
-        self.agent_cache.fill(configs)
-        agent_ids = [c["id"] for c in configs]
-        bus = agent_bus()
-        ids = dict(user_id=self.user_id, project_id=self.project_id)
-        # Registrations left from before a reset or a lost initialisation.
-        for stale in bus.registered_agents(**ids) - set(agent_ids):
-            bus.deregister_agent(**ids, agent_id=stale)
-        for agent_id in agent_ids:
-            bus.register_agent(**ids, agent_id=agent_id)
-        return agent_ids
 
     def _attach(self, entry: registry.RegistryEntry) -> None:
         self.agent_ids = frozenset(entry.agent_ids)
@@ -260,15 +227,12 @@ class UserWorkerSpace:
             pipe = self.redis.pipeline(transaction=False)
             pipe.hmget(registry.STATE_KEY, ["state", "init_count"])
             pipe.set(registry.LAST_USED_KEY, time.time() - (now - self.last_used), xx=True)
-            pipe.hgetall(registry.AGENTS_KEY)
+            pipe.hgetall(registry.AGENT_CACHE_KEY)
             (state, count), _, cached = pipe.execute()
             if state == State.INITIALIZED and int(count or 0) == self.init_count:
                 self._resync_drifted_agents(cached)
         except redis.RedisError as exc:
-            raise WorkspaceUnavailable(
-                f"The project's workspace could not reach Redis ({type(exc).__name__}); "
-                "retry shortly."
-            ) from exc
+            raise _unavailable(exc) from exc
         if state == State.INITIALIZED:
             if int(count or 0) != self.init_count:
                 self.initialize()  # attaches to the new generation
@@ -282,53 +246,38 @@ class UserWorkerSpace:
         """Bring the AgentCache back in line with the database if an agent write missed it
         (Redis was down when the write committed, or the write bypassed the services).
 
-        One indexed aggregate compares the agents' count and newest update with the cached
-        configs; only on a difference are the configs read and the changed agents synced.
+        One cheap read (the agents' count and newest update) is compared with the cached
+        configs; only on a difference are the configs read and the changed ones synced.
         """
-        from django.db.models import Count, Max
-
-        from agents.models import Agent
-        from agents.selectors import agent_configs_for_project
-
         configs = {agent_id: json.loads(raw) for agent_id, raw in cached.items()}
-        db = Agent.objects.filter(project_id=self.project_id).aggregate(
-            n=Count("id"), latest=Max("updated_at")
-        )
+        count, latest = agent_source().fingerprint(project_id=self.project_id)
         latest_cached = max(
             (datetime.fromisoformat(c["updated_at"]) for c in configs.values()), default=None
         )
-        if db["n"] == len(configs) and db["latest"] == latest_cached:
+        if count == len(configs) and latest == latest_cached:
             return
-        current = {c["id"]: c for c in agent_configs_for_project(project_id=self.project_id)}
+        current = {c["id"]: c for c in agent_source().configs(project_id=self.project_id)}
         logger.warning("workspace %s: AgentCache missed agent writes; resyncing", self.key)
         for agent_id in configs.keys() - current.keys():
             self.remove_agent(agent_id)
         for agent_id, config in current.items():
-            if agent_id not in configs:
+            if configs.get(agent_id) != config:
                 self.add_agent(config)
-            elif configs[agent_id] != config:
-                self.agent_cache.put(config)
 
     def reset(self) -> None:
-        """Drop the shared cache and bus registrations and mark the workspace
-        NotInitialized: the next request (in any process) initialises it again from the
-        database. Vector collections and queued tasks are kept."""
+        """Drop the shared AgentCache and mark the workspace NotInitialized: the next use
+        (in any process) initialises it again from the database. Vector collections and
+        queued tasks are kept."""
         lock = self._init_lock()
         if not lock.acquire():
             raise WorkspaceUnavailable("The workspace is being initialised; retry shortly.")
         try:
-            bus = agent_bus()
-            ids = dict(user_id=self.user_id, project_id=self.project_id)
-            for agent_id in bus.registered_agents(**ids) | self.agent_cache.ids():
-                bus.deregister_agent(**ids, agent_id=agent_id)
             self.agent_cache.clear()
             registry.mark_state(self.redis, State.NOT_INITIALIZED)
         finally:
             with suppress(LockError):
                 lock.release()
-        self.agent_ids = frozenset()
-        self.revalidate_at = 0.0
-        self._state = State.NOT_INITIALIZED
+        self.release()
         logger.info("workspace %s: reset", self.key)
 
     def release(self) -> None:
@@ -337,21 +286,24 @@ class UserWorkerSpace:
         self.revalidate_at = 0.0
         self._state = State.NOT_INITIALIZED
 
-    def cleanup(self) -> None:
-        """Release what this process holds for the workspace (process shutdown:
-        Initialized -> Shutdown -> Cleaned). Never deletes shared state: other processes
-        keep serving the workspace, and project deletion has its own teardown."""
-        if self._state in (State.INITIALIZED, State.IN_USE):
-            self._state = State.SHUTDOWN
-        self.agent_ids = frozenset()
-        self.revalidate_at = 0.0
-        self._state = State.CLEANED
+    def cleanup(self, *, wait: float = SHUTDOWN_WAIT_SECONDS) -> None:
+        """Release what this process holds for the workspace (process shutdown):
+        Shutdown while the uses in flight here finish (at most `wait` seconds), then
+        Cleaned. Never deletes shared state: other processes keep serving the workspace,
+        and project deletion has its own teardown."""
+        with self._lock:
+            if self._state in (State.INITIALIZED, State.IN_USE):
+                self._state = State.SHUTDOWN
+                self._idle.wait_for(lambda: not self._in_flight, timeout=wait)
+            self.agent_ids = frozenset()
+            self.revalidate_at = 0.0
+            self._state = State.CLEANED
 
     # --- agents ----------------------------------------------------------------------
 
-    def get_agent(self, agent_id: uuid.UUID | str) -> dict[str, Any] | None:
-        """The agent's config from the cache; a miss loads it from the database, refills
-        the cache and makes sure the agent is registered on the bus."""
+    def get_agent(self, agent_id: uuid.UUID | str) -> AgentConfig | None:
+        """The agent's config from the cache; a miss loads it from the database and
+        refills the cache."""
         config = self.agent_cache.peek(agent_id)
         if config is not None:
             return config
@@ -359,37 +311,25 @@ class UserWorkerSpace:
         if config is None:
             return None
         self.agent_cache.put(config)
-        agent_bus().register_agent(
-            user_id=self.user_id, project_id=self.project_id, agent_id=config["id"]
-        )
         self.agent_ids = self.agent_ids | {config["id"]}
         return config
 
-    def add_agent(self, config: dict[str, Any]) -> str:
-        """Cache a new (or changed) agent's config and register it on the bus."""
+    def add_agent(self, config: AgentConfig) -> str:
+        """Cache a new (or changed) agent's config."""
         agent_id = str(config["id"])
         self.agent_cache.put(config)  # refuses another project's agent
-        agent_bus().register_agent(
-            user_id=self.user_id, project_id=self.project_id, agent_id=agent_id
-        )
         self.agent_ids = self.agent_ids | {agent_id}
-        self._announce(agents_registered, agent_ids=[agent_id])
         return agent_id
 
     def remove_agent(self, agent_id: uuid.UUID | str) -> bool:
-        """Forget a deleted agent: cache entry, bus registration, then its collection
-        (through agent_deregistered). Returns whether it was cached."""
+        """Forget a deleted agent; returns whether it was cached."""
         agent_id = str(agent_id)
         removed = self.agent_cache.remove(agent_id)
-        agent_bus().deregister_agent(
-            user_id=self.user_id, project_id=self.project_id, agent_id=agent_id
-        )
         self.agent_ids = self.agent_ids - {agent_id}
-        self._announce(agent_deregistered, agent_id=agent_id)
         return removed
 
     def stats(self) -> dict[str, Any]:
-        """This process's view of the workspace, in the seed's stats shape."""
+        """This process's view of the workspace, in the stats shape."""
         return {
             "user_id": self.user_id,
             "project_id": str(self.project_id),
@@ -397,15 +337,13 @@ class UserWorkerSpace:
             "initialized": self.initialized,
             "active_agents": len(self.agent_ids),
             "agent_ids": sorted(self.agent_ids),
-            "initialization_time": _iso(self.initialized_at),
+            "initialization_time": iso(self.initialized_at),
             "init_count": self.init_count,
             "in_use": self._in_flight,
         }
 
 
-def _iso(epoch: float | None) -> str | None:
+def iso(epoch: float | None) -> str | None:
     if epoch is None:
         return None
-    from datetime import UTC, datetime
-
     return datetime.fromtimestamp(epoch, tz=UTC).isoformat()

@@ -6,11 +6,12 @@ import uuid
 
 from celery import shared_task
 
-from .services import workspace_sweep, workspace_teardown_run
+from .services import TEARDOWN_TASK
+from .teardown import workspace_sweep, workspace_teardown_run
 
 
 @shared_task(
-    name="workspaces.teardown_workspace",
+    name=TEARDOWN_TASK,
     bind=True,
     # Retried with exponential backoff (1 s, 2 s, ... up to 30 s, jittered) for as long
     # as Redis, the broker or the vector store is down; the sweep re-dispatches a

@@ -15,12 +15,14 @@ from typing import Any
 
 from django.db.models import Q
 
-from agents.models import Message
+from agentbus import project_gone
+from workspaces.manager import get_worker_space
 from workspaces.redis import ScopedRedis, scoped
 
+from ..models import Message
 from . import streams
-from .context import context_search, exchange_store, project_deleted
 from .providers import ChatRequest, ProviderError, get_provider
+from .vectors import context_search, exchange_store
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +95,7 @@ def chat_run(
     outcome = _chat_run(
         user_id=user_id, project_id=project_id, session_id=session_id, message_id=message_id
     )
-    if outcome != "already-finished" and project_deleted(project_id):
+    if outcome != "already-finished" and project_gone(project_id):
         # The project went while this ran: teardown may have removed the stream before
         # our last events re-created it. Leave nothing under its prefix.
         redis = scoped(user_id, project_id)
@@ -105,8 +107,6 @@ def chat_run(
 def _chat_run(
     *, user_id: int, project_id: uuid.UUID | str, session_id: uuid.UUID | str, message_id: int
 ) -> str:
-    from workspaces.manager import get_worker_space
-
     message = (
         Message.objects.filter(id=message_id, session_id=session_id, role=Message.Role.ASSISTANT)
         .select_related("session")
@@ -131,39 +131,39 @@ def _chat_run(
         return CANCELLED
 
     try:
-        config = get_worker_space(user_id=user_id, project_id=project_id).get_agent(
-            str(message.session.agent_id)
-        )
-        if config is None:
-            message_fail(
-                redis=redis,
-                message=message,
-                reason="the agent no longer exists",
-                from_statuses=running,
+        space = get_worker_space(user_id=user_id, project_id=project_id)
+        with space.use():
+            config = space.get_agent(str(message.session.agent_id))
+            if config is None:
+                message_fail(
+                    redis=redis,
+                    message=message,
+                    reason="the agent no longer exists",
+                    from_statuses=running,
+                )
+                return "error"
+            question = (
+                Message.objects.filter(
+                    session_id=message.session_id, role=Message.Role.USER, id__lt=message.id
+                )
+                .order_by("-id")
+                .values_list("content", flat=True)
+                .first()
+            ) or ""
+            top_k = int((config.get("params") or {}).get("top_k", DEFAULT_TOP_K))
+            hits = context_search(
+                user_id=user_id,
+                project_id=project_id,
+                agent_id=config["id"],
+                query=question,
+                k=top_k,
             )
-            return "error"
-        question = (
-            Message.objects.filter(
-                session_id=message.session_id, role=Message.Role.USER, id__lt=message.id
+            request = _build_request(
+                config=config, message=message, question=question, context=[h.text for h in hits]
             )
-            .order_by("-id")
-            .values_list("content", flat=True)
-            .first()
-        ) or ""
-        top_k = int((config.get("params") or {}).get("top_k", DEFAULT_TOP_K))
-        hits = context_search(
-            user_id=user_id,
-            project_id=project_id,
-            agent_id=config["id"],
-            query=question,
-            k=top_k,
-        )
-        request = _build_request(
-            config=config, message=message, question=question, context=[h.text for h in hits]
-        )
-        outcome = _stream_answer(
-            redis=redis, message=message, request=request, project_id=project_id
-        )
+            outcome = _stream_answer(
+                redis=redis, message=message, request=request, project_id=project_id
+            )
     except ProviderError as exc:
         message_fail(redis=redis, message=message, reason=str(exc), from_statuses=running)
         return "error"
@@ -221,7 +221,7 @@ def _stream_answer(
                 )
                 return CANCELLED
             if time.monotonic() >= next_tombstone_check:
-                if project_deleted(project_id):
+                if project_gone(project_id):
                     return "project-deleted"
                 next_tombstone_check = time.monotonic() + TOMBSTONE_CHECK_SECONDS
     finally:

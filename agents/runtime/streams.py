@@ -12,13 +12,10 @@ Every key here is workspace-relative and goes through `ScopedRedis`, so teardown
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
-import weakref
 from typing import Any
 
-import redis.asyncio
 from django.conf import settings
 
 from workspaces.redis import ScopedRedis
@@ -27,7 +24,6 @@ MESSAGE_CREATED = "message.created"
 MESSAGE_DELTA = "message.delta"
 MESSAGE_COMPLETED = "message.completed"
 MESSAGE_ERROR = "message.error"
-EVENT_TYPES = (MESSAGE_CREATED, MESSAGE_DELTA, MESSAGE_COMPLETED, MESSAGE_ERROR)
 
 # A session's stream outlives its last event by this long, then Redis drops it (the
 # messages themselves are in the database).
@@ -91,12 +87,6 @@ def event_append_checking_cancel(
     pipe.exists(cancel_key(message_id))
     event_id, cancelled = pipe.execute()
     return event_id, bool(cancelled)
-
-
-def stream_last_id(*, redis: ScopedRedis, session_id: uuid.UUID | str) -> str:
-    """The id of the newest event of a session, or "0-0" before the first."""
-    last = redis.xrevrange(stream_key(session_id), count=1)
-    return last[0][0] if last else "0-0"
 
 
 def stream_delete(*, redis: ScopedRedis, session_id: uuid.UUID | str) -> None:
@@ -180,32 +170,3 @@ def reply_wait(*, redis: ScopedRedis, request_id: uuid.UUID | str, timeout: floa
         return None
     _stream, entries = answer[0]
     return json.loads(entries[0][1]["data"])
-
-
-# --- Reading streams from async code (the SSE endpoint) ----------------------------------
-
-_async_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def get_async_redis() -> redis.asyncio.Redis:
-    """The asyncio Redis client of the running event loop (one pool per loop)."""
-    loop = asyncio.get_running_loop()
-    client = _async_clients.get(loop)
-    if client is None:
-        client = redis.asyncio.Redis.from_url(
-            settings.REDIS_URL,
-            decode_responses=True,
-            socket_connect_timeout=5,
-            # Above the longest XREAD BLOCK the SSE endpoint issues.
-            socket_timeout=60,
-            health_check_interval=30,
-        )
-        _async_clients[loop] = client
-    return client
-
-
-async def close_async_redis() -> None:
-    """Close the running loop's client (ASGI lifespan shutdown, tests)."""
-    client = _async_clients.pop(asyncio.get_running_loop(), None)
-    if client is not None:
-        await client.aclose()

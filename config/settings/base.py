@@ -29,6 +29,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "agentbus",
     "workspaces",
     "projects",
     "agents",
@@ -152,7 +153,27 @@ CELERY_WORKER_ENABLE_SOFT_SHUTDOWN_ON_IDLE = False
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_WORKER_SEND_TASK_EVENTS", default=True)
 CELERY_TASK_SEND_SENT_EVENT = False
-CELERY_BEAT_SCHEDULE: dict = {}
+_SWEEP_SECONDS = env.float("WORKSPACE_SWEEP_SECONDS", default=300)
+CELERY_BEAT_SCHEDULE = {
+    # Retires project queues that are empty and idle, and rescues stranded ones.
+    "agentbus.reap_idle_queues": {
+        "task": "agentbus.reap_idle_queues",
+        "schedule": 30.0,
+        "options": {"expires": 30.0},
+    },
+    # Re-dispatches owed workspace teardowns and tears down leftovers with no project.
+    "workspaces.sweep": {
+        "task": "workspaces.sweep",
+        "schedule": _SWEEP_SECONDS,
+        "options": {"expires": 60.0},
+    },
+    # Drops vector collections of deleted agents and projects (runs where Qdrant is open).
+    "agents.sweep_collections": {
+        "task": "agents.sweep_collections",
+        "schedule": _SWEEP_SECONDS,
+        "options": {"expires": 60.0},
+    },
+}
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
 # --- Workspaces --------------------------------------------------------------------
@@ -179,9 +200,9 @@ AGENTBUS_TOMBSTONE_SECONDS = env.int("AGENTBUS_TOMBSTONE_SECONDS", default=30 * 
 # How often the reaper also scans the whole keyspace for queues left outside the active set.
 AGENTBUS_FULL_RESCUE_SECONDS = env.int("AGENTBUS_FULL_RESCUE_SECONDS", default=3600)
 # The broker transport of worker processes: kombu's Redis channel with a cached BRPOP
-# (workspaces/transport.py); empty for kombu's own.
+# and a wake-up key (agentbus/transport.py); empty for kombu's own.
 AGENTBUS_WORKER_TRANSPORT = env.str(
-    "AGENTBUS_WORKER_TRANSPORT", default="workspaces.transport:Transport"
+    "AGENTBUS_WORKER_TRANSPORT", default="agentbus.transport:Transport"
 )
 
 # --- Agent runtime -----------------------------------------------------------------

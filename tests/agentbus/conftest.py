@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from workspaces.bus import STATUS_COMMAND, get_agent_bus
+from agentbus import publish
+from agentbus.active import STATUS_COMMAND
+from common.redis import broker_redis
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,15 +53,16 @@ def live_worker_name(worker) -> str:
 def _clean_broker_state(_clean_workspace_keys):
     """Each test starts with no project queue and nothing in kombu's `unacked` (the suite
     already wipes the `uws:` keys, the active set and tombstones among them)."""
-    client = get_agent_bus().redis()
+    client = broker_redis()
     keys = [*client.scan_iter(match="uws.project.*", count=1000), "unacked", "unacked_index"]
     client.unlink(*keys)
     yield
 
 
-@pytest.fixture
-def bus():
-    return get_agent_bus()
+def send(task, *, user_id: int = 1, project_id, kwargs: dict | None = None, **options) -> str:
+    """Publish a test task on the project's queue; returns the task id."""
+    payload = {"user_id": user_id, **(kwargs or {})}
+    return publish(task, project_id=project_id, kwargs=payload, **options).id
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ import time
 
 from celery import shared_task
 
-from workspaces.bus import AgentBusTask
-from workspaces.redis import get_redis
+from agentbus import AgentBusTask
+from common.redis import get_redis
 
 PREFIX = "uws:test:"
 

@@ -12,18 +12,22 @@ import pytest
 import redis
 from kombu import Connection, Consumer
 
-from config.celery_app import app
-from tests.agentbus import tasks
-from workspaces.bus import ACTIVE_KEY, RETIRED_KEY, TOMBSTONE_PREFIX, AgentBus
-from workspaces.bus_tasks import reap_idle_queues
-from workspaces.queues import (
+from agentbus import active, publish
+from agentbus.active import ACTIVE_KEY, RETIRED_KEY
+from agentbus.guard import TOMBSTONE_PREFIX, project_gone, project_tombstone
+from agentbus.queues import (
     MAINTENANCE_QUEUE,
     direct_queue,
     is_project_queue,
     project_id_from_queue,
     project_queue,
 )
-from workspaces.redis import close_redis, scoped, workspace_prefix
+from agentbus.tasks import reap_idle_queues
+from common.redis import close_redis
+from config.celery_app import app
+from tests.agentbus import tasks
+from tests.agentbus.conftest import send
+from workspaces.redis import scoped, workspace_prefix
 
 
 def queued_messages(client, queue: str) -> list[dict]:
@@ -70,8 +74,8 @@ def test_unknown_queues_stay_on_the_nameless_exchange():
     assert added.exchange.name == "" and added.routing_key == other
 
 
-def test_publish_writes_one_list_and_no_bindings(bus, project_id, redis_client):
-    task_id = bus.publish(tasks.record, user_id=7, project_id=project_id, kwargs={"tag": "x"})
+def test_publish_writes_one_list_and_no_bindings(project_id, redis_client):
+    task_id = send(tasks.record, user_id=7, project_id=project_id, kwargs={"tag": "x"})
 
     queue = project_queue(project_id)
     [message] = queued_messages(redis_client, queue)
@@ -82,7 +86,7 @@ def test_publish_writes_one_list_and_no_bindings(bus, project_id, redis_client):
     _args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
     assert kwargs == {"tag": "x", "user_id": 7, "project_id": str(project_id)}
     assert project_routing_entries(redis_client) == []
-    assert bus.queue_depth(project_id) == 1
+    assert active.queue_depth(project_id) == 1
 
 
 def test_consuming_a_project_queue_declares_nothing(redis_client):
@@ -94,107 +98,88 @@ def test_consuming_a_project_queue_declares_nothing(redis_client):
     assert project_routing_entries(redis_client) == []
 
 
-def test_delay_goes_through_the_bus(bus, project_id, redis_client):
+def test_delay_goes_through_the_bus(project_id, redis_client):
     result = tasks.record.delay(user_id=3, project_id=project_id, tag="d")
     [message] = queued_messages(redis_client, project_queue(project_id))
     assert message["headers"]["id"] == result.id
-    assert project_queue(project_id) in bus.active_queues()
+    assert project_queue(project_id) in active.active_queues()
     assert redis_client.llen(MAINTENANCE_QUEUE) == 0
 
 
-def test_agent_tasks_refuse_bad_calls(bus, project_id, redis_client):
+def test_agent_tasks_refuse_bad_calls(project_id, redis_client):
     with pytest.raises(TypeError):
         tasks.record.delay(3, project_id)  # positional
     with pytest.raises(TypeError):
-        tasks.record.delay(project_id=project_id)  # no user_id
+        tasks.record.delay(user_id=3)  # no project_id
     with pytest.raises(TypeError):
-        bus.publish(reap_idle_queues, user_id=1, project_id=project_id)
+        publish(reap_idle_queues, project_id=project_id)
     with pytest.raises(ValueError):
-        bus.publish(tasks.record, user_id=1, project_id="nope")
+        send(tasks.record, user_id=1, project_id="nope")
     assert redis_client.llen(project_queue(project_id)) == 0
-    assert bus.active_queues() == []
+    assert active.active_queues() == []
 
 
 # --- active set -----------------------------------------------------------------------
 
 
-def test_mark_active_before_publish_and_refresh(bus, project_id, redis_client):
-    assert bus.mark_active(project_id) == 1
+def test_mark_active_before_publish_and_refresh(project_id, redis_client):
+    assert active.mark_active(project_id) == 1
     first = redis_client.zscore(ACTIVE_KEY, project_queue(project_id))
     time.sleep(0.01)
-    assert bus.mark_active(project_id) == 0
+    assert active.mark_active(project_id) == 0
     assert redis_client.zscore(ACTIVE_KEY, project_queue(project_id)) > first
-    assert bus.active_queues() == [project_queue(project_id)]
+    assert active.active_queues() == [project_queue(project_id)]
 
 
-def test_active_among(bus):
+def test_active_among():
     a, b = uuid.uuid4(), uuid.uuid4()
-    bus.mark_active(a)
-    assert bus.active_among([project_queue(a), project_queue(b)]) == {project_queue(a)}
-    assert bus.active_among([]) == set()
-
-
-# --- registered agents ------------------------------------------------------------------
-
-
-def test_registered_agents_live_under_the_workspace_prefix(bus, redis_client):
-    p1, p2 = uuid.uuid4(), uuid.uuid4()
-    bus.register_agent(user_id=1, project_id=p1, agent_id="a")
-    bus.register_agent(user_id=1, project_id=p1, agent_id="b")
-    bus.register_agent(user_id=2, project_id=p2, agent_id="c")
-    bus.deregister_agent(user_id=1, project_id=p1, agent_id="b")
-    assert bus.registered_agents(user_id=1, project_id=p1) == {"a"}
-    assert bus.registered_agents(user_id=2, project_id=p2) == {"c"}
-    assert bus.registered_agents(user_id=2, project_id=p1) == set()
-    keys = set(redis_client.scan_iter(match="uws:*"))
-    assert keys == {workspace_prefix(1, p1) + "bus:agents", workspace_prefix(2, p2) + "bus:agents"}
+    active.mark_active(a)
+    assert active.active_among([project_queue(a), project_queue(b)]) == {project_queue(a)}
+    assert active.active_among([]) == set()
 
 
 # --- tombstones and retirement ------------------------------------------------------------
 
 
-def test_tombstone_is_global_and_survives_workspace_wipe(bus, project_id, redis_client):
-    bus.register_agent(user_id=1, project_id=project_id, agent_id="a")
-    bus.tombstone_project(project_id)
+def test_tombstone_is_global_and_survives_workspace_wipe(project_id, redis_client):
+    project_tombstone(project_id)
     key = TOMBSTONE_PREFIX + project_id.hex
     assert not key.startswith(workspace_prefix(1, project_id))
     assert redis_client.ttl(key) > 86400
     scoped(1, project_id).delete_all()
-    assert bus.is_tombstoned(project_id)
-    assert not bus.is_tombstoned(uuid.uuid4())
+    assert project_gone(project_id)
+    assert not project_gone(uuid.uuid4())
 
 
-def test_publishing_to_a_tombstoned_project_sends_nothing(bus, project_id, redis_client):
-    bus.tombstone_project(project_id)
-    task_id = bus.publish(tasks.record, user_id=1, project_id=project_id)
+def test_publishing_to_a_tombstoned_project_sends_nothing(project_id, redis_client):
+    project_tombstone(project_id)
+    task_id = send(tasks.record, user_id=1, project_id=project_id)
     assert uuid.UUID(task_id)
     assert redis_client.llen(project_queue(project_id)) == 0
-    assert bus.active_queues() == []
+    assert active.active_queues() == []
 
 
-def test_retire_project_purges_and_leaves_the_active_set(bus, redis_client):
+def test_retire_project_purges_and_leaves_the_active_set(redis_client):
     gone, kept = uuid.uuid4(), uuid.uuid4()
     for _ in range(5):
-        bus.publish(tasks.record, user_id=1, project_id=gone)
-    bus.publish(tasks.record, user_id=1, project_id=kept)
-    bus.register_agent(user_id=1, project_id=gone, agent_id="a")
+        send(tasks.record, user_id=1, project_id=gone)
+    send(tasks.record, user_id=1, project_id=kept)
 
-    assert bus.retire_project(user_id=1, project_id=gone) == 5
-    assert bus.queue_depth(gone) == 0
-    assert bus.active_queues() == [project_queue(kept)]
-    assert bus.registered_agents(user_id=1, project_id=gone) == set()
-    assert bus.queue_depth(kept) == 1
+    assert active.retire_project(gone) == 5
+    assert active.queue_depth(gone) == 0
+    assert active.active_queues() == [project_queue(kept)]
+    assert active.queue_depth(kept) == 1
     # Idempotent.
-    assert bus.retire_project(user_id=1, project_id=gone) == 0
+    assert active.retire_project(gone) == 0
 
 
-def test_retire_project_raises_when_redis_is_down(bus, project_id, settings):
-    bus.publish(tasks.record, user_id=1, project_id=project_id)
+def test_retire_project_raises_when_redis_is_down(project_id, settings):
+    send(tasks.record, user_id=1, project_id=project_id)
     close_redis()
     settings.REDIS_URL = settings.CELERY_BROKER_URL = "redis://127.0.0.1:1/0"
     try:
         with pytest.raises(redis.ConnectionError):
-            AgentBus().retire_project(user_id=1, project_id=project_id)
+            active.retire_project(project_id)
     finally:
         close_redis()
 
@@ -206,95 +191,95 @@ def _age(redis_client, queue: str, seconds: float) -> None:
     redis_client.zadd(ACTIVE_KEY, {queue: time.time() - seconds})
 
 
-def test_reaper_retires_only_idle_empty_queues(bus, redis_client):
+def test_reaper_retires_only_idle_empty_queues(redis_client):
     idle, busy, recent, running = (uuid.uuid4() for _ in range(4))
     for project in (idle, recent, running):
-        bus.mark_active(project)
-    bus.publish(tasks.record, user_id=1, project_id=busy)
+        active.mark_active(project)
+    send(tasks.record, user_id=1, project_id=busy)
     for project in (idle, busy, running):
         _age(redis_client, project_queue(project), 100)
     # A message of `running` is with a worker: kombu holds it in `unacked`.
     redis_client.hset("unacked", "tag-1", json.dumps([{"body": ""}, "", project_queue(running)]))
 
-    retired = bus.reap_idle_queues(idle_seconds=50)
+    retired = active.reap_idle_queues(idle_seconds=50)
 
     assert retired == [project_queue(idle)]
-    assert set(bus.active_queues()) == {project_queue(p) for p in (busy, recent, running)}
+    assert set(active.active_queues()) == {project_queue(p) for p in (busy, recent, running)}
 
 
-def test_reaper_walks_past_its_batch_size(bus, redis_client):
+def test_reaper_walks_past_its_batch_size(redis_client):
     projects = [uuid.uuid4() for _ in range(25)]
     for project in projects:
-        bus.mark_active(project)
+        active.mark_active(project)
         _age(redis_client, project_queue(project), 100)
-    bus.publish(tasks.record, user_id=1, project_id=projects[3])
+    send(tasks.record, user_id=1, project_id=projects[3])
     _age(redis_client, project_queue(projects[3]), 100)
 
-    retired = bus.reap_idle_queues(idle_seconds=50, batch=4)
+    retired = active.reap_idle_queues(idle_seconds=50, batch=4)
 
     assert len(retired) == 24
-    assert bus.active_queues() == [project_queue(projects[3])]
+    assert active.active_queues() == [project_queue(projects[3])]
 
 
-def test_a_publish_after_retirement_reactivates(bus, project_id, redis_client):
-    bus.mark_active(project_id)
+def test_a_publish_after_retirement_reactivates(project_id, redis_client):
+    active.mark_active(project_id)
     _age(redis_client, project_queue(project_id), 100)
-    assert bus.reap_idle_queues(idle_seconds=50) == [project_queue(project_id)]
+    assert active.reap_idle_queues(idle_seconds=50) == [project_queue(project_id)]
     # The producer finds the queue inactive again, so it is re-added (and announced).
-    assert bus.mark_active(project_id) == 1
-    assert bus.active_queues() == [project_queue(project_id)]
+    assert active.mark_active(project_id) == 1
+    assert active.active_queues() == [project_queue(project_id)]
 
 
-def test_retire_script_rechecks_length(bus, project_id, redis_client):
+def test_retire_script_rechecks_length(project_id, redis_client):
     """The reaper lists candidates, then a message lands, then the script runs: the
     script's own LLEN keeps the queue."""
-    from workspaces.bus import _RETIRE_IDLE
+    from agentbus.active import _RETIRE_IDLE
 
     queue = project_queue(project_id)
-    bus.mark_active(project_id)
+    active.mark_active(project_id)
     _age(redis_client, queue, 100)
     redis_client.lpush(queue, "{}")
-    script = bus._script(_RETIRE_IDLE)
+    script = redis_client.register_script(_RETIRE_IDLE)
     keys = [ACTIVE_KEY, RETIRED_KEY, queue]
     assert script(keys=keys, args=[time.time() - 50, 1, time.time(), queue]) == []
-    assert bus.active_queues() == [queue]
+    assert active.active_queues() == [queue]
 
 
-def test_rescue_finds_messages_put_back_into_retired_queues(bus, redis_client):
+def test_rescue_finds_messages_put_back_into_retired_queues(redis_client):
     crashed, deleted, quiet = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     for project in (crashed, deleted, quiet):
-        bus.mark_active(project)
+        active.mark_active(project)
         _age(redis_client, project_queue(project), 100)
-    assert len(bus.reap_idle_queues(idle_seconds=50)) == 3
+    assert len(active.reap_idle_queues(idle_seconds=50)) == 3
     # A worker that held a message of each of two queues died; kombu put them back.
     for project in (crashed, deleted):
-        bus.publish(tasks.record, user_id=1, project_id=project)
+        send(tasks.record, user_id=1, project_id=project)
         redis_client.zrem(ACTIVE_KEY, project_queue(project))
-    bus.tombstone_project(deleted)
+    project_tombstone(deleted)
 
-    rescued = bus.rescue_stranded_queues(full_scan=False)
+    rescued = active.rescue_stranded_queues(full_scan=False)
 
     assert rescued == [project_queue(crashed)]
-    assert bus.active_queues() == [project_queue(crashed)]
-    assert bus.queue_depth(crashed) == 1
-    assert bus.queue_depth(deleted) == 0
+    assert active.active_queues() == [project_queue(crashed)]
+    assert active.queue_depth(crashed) == 1
+    assert active.queue_depth(deleted) == 0
     assert set(redis_client.zrange(RETIRED_KEY, 0, -1)) == {
         project_queue(deleted),
         project_queue(quiet),
     }
 
 
-def test_a_full_scan_finds_queues_the_active_set_lost_at_most_so_often(bus, redis_client):
+def test_a_full_scan_finds_queues_the_active_set_lost_at_most_so_often(redis_client):
     first, second = uuid.uuid4(), uuid.uuid4()
-    bus.publish(tasks.record, user_id=1, project_id=first)
+    send(tasks.record, user_id=1, project_id=first)
     redis_client.delete(ACTIVE_KEY)  # the active set is lost
 
-    assert bus.rescue_stranded_queues() == [project_queue(first)]  # the scan was due
+    assert active.rescue_stranded_queues() == [project_queue(first)]  # the scan was due
 
-    bus.publish(tasks.record, user_id=1, project_id=second)
+    send(tasks.record, user_id=1, project_id=second)
     redis_client.delete(ACTIVE_KEY)
-    assert bus.rescue_stranded_queues() == []  # not due yet
-    assert bus.rescue_stranded_queues(full_scan=True) == sorted(
+    assert active.rescue_stranded_queues() == []  # not due yet
+    assert active.rescue_stranded_queues(full_scan=True) == sorted(
         [project_queue(first), project_queue(second)]
     )
 
@@ -302,9 +287,9 @@ def test_a_full_scan_finds_queues_the_active_set_lost_at_most_so_often(bus, redi
 def test_a_worker_refuses_a_visibility_timeout_shorter_than_the_longest_task(settings):
     from django.core.exceptions import ImproperlyConfigured
 
-    from workspaces.worker import _check_visibility_timeout
+    from agentbus.worker import check_visibility_timeout
 
-    _check_visibility_timeout()  # the settings as they are: 3600 s > 600 s
+    check_visibility_timeout()  # the settings as they are: 3600 s > 600 s
     settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 300}
     with pytest.raises(ImproperlyConfigured, match="visibility_timeout"):
-        _check_visibility_timeout()
+        check_visibility_timeout()

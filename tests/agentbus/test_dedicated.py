@@ -12,12 +12,13 @@ from celery.utils.nodenames import host_format
 from django.core.management import CommandError, call_command
 from django.db import connection
 
+from agentbus import active
+from agentbus.active import UNFOLLOW_COMMAND
+from agentbus.queues import project_queue
 from config.celery_app import app
 from tests.agentbus import tasks
-from tests.agentbus.conftest import wait_for, worker_status
+from tests.agentbus.conftest import send, wait_for, worker_status
 from tests.factories import ProjectFactory
-from workspaces.bus import UNFOLLOW_COMMAND
-from workspaces.queues import project_queue
 
 
 def test_the_command_prints_the_dedicated_worker_command(db):
@@ -52,7 +53,7 @@ def _database_url() -> str:
 
 
 @pytest.mark.slow
-def test_a_dedicated_worker_serves_its_project_only(transactional_db, worker_process, bus):
+def test_a_dedicated_worker_serves_its_project_only(transactional_db, worker_process):
     project = ProjectFactory()
     other = uuid.uuid4()
     name = host_format(f"project-{project.id.hex}@%h")
@@ -66,11 +67,12 @@ def test_a_dedicated_worker_serves_its_project_only(transactional_db, worker_pro
         "mode": "dedicated",
         "queues": [project_queue(project.id)],
         "reconciled_at": None,
-        "transport": "workspaces.transport.Transport",
+        "transport": "agentbus.transport.Transport",
+        "cached_poll": True,
     }
 
-    mine = bus.publish(tasks.record, user_id=1, project_id=project.id, kwargs={"tag": "mine"})
-    bus.publish(tasks.record, user_id=1, project_id=other, kwargs={"tag": "other"})
+    mine = send(tasks.record, user_id=1, project_id=project.id, kwargs={"tag": "mine"})
+    send(tasks.record, user_id=1, project_id=other, kwargs={"tag": "other"})
 
     assert wait_for(lambda: tasks.effects("mine"), timeout=20) == [mine], worker.log()
     # The other project became active and was announced: a dedicated worker ignores that,
@@ -80,5 +82,5 @@ def test_a_dedicated_worker_serves_its_project_only(transactional_db, worker_pro
     )
     time.sleep(1.0)
     assert tasks.effects("other") == []
-    assert bus.queue_depth(other) == 1
+    assert active.queue_depth(other) == 1
     assert worker_status(name)["queues"] == [project_queue(project.id)]

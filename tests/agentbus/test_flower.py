@@ -17,9 +17,9 @@ import httpx
 import pytest
 from django.conf import settings
 
+from agentbus.queues import MAINTENANCE_QUEUE, project_queue
 from tests.agentbus import tasks
-from tests.agentbus.conftest import ROOT, wait_for
-from workspaces.queues import MAINTENANCE_QUEUE, project_queue
+from tests.agentbus.conftest import ROOT, send, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -60,10 +60,10 @@ def _page(url: str) -> str:
         return ""
 
 
-def test_flower_lists_the_active_project_queues(live_worker, bus, flower):
+def test_flower_lists_the_active_project_queues(live_worker, flower):
     base, log = flower
     first, second = uuid.uuid4(), uuid.uuid4()
-    bus.publish(tasks.record, user_id=1, project_id=first, kwargs={"tag": "f"})
+    send(tasks.record, user_id=1, project_id=first, kwargs={"tag": "f"})
     assert wait_for(lambda: tasks.effects("f"))
 
     broker = wait_for(lambda: project_queue(first) in _page(f"{base}/broker"), timeout=30)
@@ -72,7 +72,7 @@ def test_flower_lists_the_active_project_queues(live_worker, bus, flower):
     assert MAINTENANCE_QUEUE in page and project_queue(second) not in page
 
     # A project that becomes active later shows up once Flower looks at the workers again.
-    bus.publish(tasks.record, user_id=1, project_id=second, kwargs={"tag": "s"})
+    send(tasks.record, user_id=1, project_id=second, kwargs={"tag": "s"})
     assert wait_for(lambda: tasks.effects("s"))
     _page(f"{base}/workers?refresh=1")
     assert wait_for(lambda: project_queue(second) in _page(f"{base}/broker"), timeout=15)

@@ -13,10 +13,12 @@ import uuid
 import pytest
 from kombu import Connection
 
+from agentbus import active
+from agentbus.guard import project_tombstone
+from agentbus.queues import MAINTENANCE_QUEUE, project_queue
 from config.celery_app import app
 from tests.agentbus import tasks
-from tests.agentbus.conftest import wait_for
-from workspaces.queues import MAINTENANCE_QUEUE, project_queue
+from tests.agentbus.conftest import send, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -26,16 +28,16 @@ def shared_worker(worker_process, concurrency: int):
     status = worker.wait_ready()
     assert status["mode"] == "shared"
     # Worker processes poll through the cached-BRPOP channel.
-    assert status["transport"] == "workspaces.transport.Transport"
+    assert status["transport"] == "agentbus.transport.Transport"
     return worker
 
 
 def test_a_task_whose_process_is_killed_runs_again_and_takes_effect_once(
-    worker_process, bus, redis_client
+    worker_process, redis_client
 ):
     project_id = uuid.uuid4()
     worker = shared_worker(worker_process, 1)
-    task_id = bus.publish(
+    task_id = send(
         tasks.record,
         user_id=1,
         project_id=project_id,
@@ -51,19 +53,19 @@ def test_a_task_whose_process_is_killed_runs_again_and_takes_effect_once(
     assert [r["attempt"] for r in runs] == [1, 2]
     assert runs[0]["pid"] != runs[1]["pid"]
     assert wait_for(lambda: redis_client.hlen("unacked") == 0)
-    assert bus.queue_depth(project_id) == 0
+    assert active.queue_depth(project_id) == 0
 
 
-def test_sigterm_finishes_short_tasks_and_gives_long_ones_back(worker_process, bus, redis_client):
+def test_sigterm_finishes_short_tasks_and_gives_long_ones_back(worker_process, redis_client):
     project_id = uuid.uuid4()
     worker = shared_worker(worker_process, 2)
     # Prefetch 1 per process: the worker holds no more messages than it can run.
     stats = app.control.inspect(destination=[worker.name], timeout=2).stats()
     assert stats[worker.name]["prefetch_count"] == 2
-    short = bus.publish(
+    short = send(
         tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "short", "sleep": 1.0}
     )
-    long = bus.publish(
+    long = send(
         tasks.record,
         user_id=1,
         project_id=project_id,
@@ -77,7 +79,7 @@ def test_sigterm_finishes_short_tasks_and_gives_long_ones_back(worker_process, b
     assert tasks.effects("short") == [short]
     assert tasks.effects("long") == []
     # The long task's message is back in its queue, not lost and not half-acknowledged.
-    assert bus.queue_depth(project_id) == 1
+    assert active.queue_depth(project_id) == 1
     assert redis_client.hlen("unacked") == 0
 
     shared_worker(worker_process, 1)
@@ -87,11 +89,11 @@ def test_sigterm_finishes_short_tasks_and_gives_long_ones_back(worker_process, b
 
 
 def test_a_message_restored_from_unacked_is_skipped_if_its_project_was_deleted(
-    request, worker_process, bus, redis_client
+    request, worker_process, redis_client
 ):
     project_id = uuid.uuid4()
     worker = shared_worker(worker_process, 1)
-    bus.publish(
+    send(
         tasks.record,
         user_id=1,
         project_id=project_id,
@@ -102,16 +104,18 @@ def test_a_message_restored_from_unacked_is_skipped_if_its_project_was_deleted(
     worker.kill_group()  # the whole worker dies: its message stays in `unacked`
     [(_tag, raw)] = redis_client.hgetall("unacked").items()
     assert json.loads(raw)[2] == project_queue(project_id)
-    bus.tombstone_project(project_id)
+    project_tombstone(project_id)
 
     # What any worker's kombu does once the visibility timeout has passed.
     options = dict(app.conf.broker_transport_options, visibility_timeout=0)
     with Connection(app.conf.broker_url, transport_options=options) as conn:
         conn.default_channel.qos.restore_visible(num=100)
-    assert bus.queue_depth(project_id) == 1
+    assert active.queue_depth(project_id) == 1
 
     request.getfixturevalue("live_worker")
 
-    assert wait_for(lambda: bus.queue_depth(project_id) == 0 and not redis_client.hlen("unacked"))
+    assert wait_for(
+        lambda: active.queue_depth(project_id) == 0 and not redis_client.hlen("unacked")
+    )
     assert len(tasks.started("crash")) == 1  # only the run that was killed
     assert tasks.effects("crash") == []

@@ -10,12 +10,14 @@ import uuid
 
 import pytest
 
+from agentbus import active
+from agentbus.active import ACTIVE_KEY, FOLLOW_COMMAND, UNFOLLOW_COMMAND
+from agentbus.guard import project_tombstone
+from agentbus.queues import MAINTENANCE_QUEUE, project_queue
+from agentbus.tasks import reap_idle_queues
 from config.celery_app import app
 from tests.agentbus import tasks
-from tests.agentbus.conftest import wait_for, worker_status
-from workspaces.bus import ACTIVE_KEY, FOLLOW_COMMAND, UNFOLLOW_COMMAND
-from workspaces.bus_tasks import reap_idle_queues
-from workspaces.queues import MAINTENANCE_QUEUE, project_queue
+from tests.agentbus.conftest import send, wait_for, worker_status
 
 pytestmark = pytest.mark.slow
 
@@ -34,14 +36,14 @@ def broadcast(command: str, queue: str) -> None:
     app.control.broadcast(command, arguments={"queues": [queue]}, reply=False)
 
 
-def test_a_new_project_is_followed_on_broadcast(no_periodic_reconcile, live_worker, bus):
+def test_a_new_project_is_followed_on_broadcast(no_periodic_reconcile, live_worker):
     project_id = uuid.uuid4()
     queue = project_queue(project_id)
     status = worker_status(live_worker.hostname)
     assert status["mode"] == "shared" and status["queues"] == []
-    assert status["transport"] == "workspaces.transport.Transport"
+    assert status["transport"] == "agentbus.transport.Transport"
 
-    task_id = bus.publish(tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "n"})
+    task_id = send(tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "n"})
 
     assert wait_for(lambda: tasks.effects("n")) == [task_id]
     assert followed(live_worker) == {queue}
@@ -52,7 +54,7 @@ def test_a_new_project_is_followed_on_broadcast(no_periodic_reconcile, live_work
     assert reported[queue]["exchange"]["name"] == "" and reported[queue]["routing_key"] == queue
 
 
-def test_a_missed_broadcast_is_repaired_by_reconcile(live_worker, bus, redis_client):
+def test_a_missed_broadcast_is_repaired_by_reconcile(live_worker, redis_client):
     queue = project_queue(uuid.uuid4())
     redis_client.zadd(ACTIVE_KEY, {queue: time.time()})  # active, never announced
     assert wait_for(lambda: followed(live_worker) == {queue}, timeout=5)
@@ -61,11 +63,11 @@ def test_a_missed_broadcast_is_repaired_by_reconcile(live_worker, bus, redis_cli
 
 
 def test_broadcasts_out_of_order_end_in_the_active_state(
-    no_periodic_reconcile, live_worker, bus, redis_client
+    no_periodic_reconcile, live_worker, redis_client
 ):
     project_id = uuid.uuid4()
     queue = project_queue(project_id)
-    bus.mark_active(project_id)
+    active.mark_active(project_id)
     assert wait_for(lambda: followed(live_worker) == {queue}, timeout=5)
 
     # A retirement's broadcast arriving after the producer re-activated the queue.
@@ -82,64 +84,60 @@ def test_broadcasts_out_of_order_end_in_the_active_state(
     assert followed(live_worker) == set()
 
 
-def test_retire_project_stops_consumers_and_purges(live_worker, bus):
+def test_retire_project_stops_consumers_and_purges(live_worker):
     project_id = uuid.uuid4()
     for _ in range(40):
-        bus.publish(
-            tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "r", "sleep": 0.05}
-        )
+        send(tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "r", "sleep": 0.05})
     assert wait_for(lambda: tasks.started("r"))
 
-    bus.tombstone_project(project_id)  # as a deletion does, first
-    purged = bus.retire_project(user_id=1, project_id=project_id)
+    project_tombstone(project_id)  # as a deletion does, first
+    purged = active.retire_project(project_id)
 
     assert purged > 0
     assert wait_for(lambda: followed(live_worker) == set(), timeout=5)
-    assert bus.queue_depth(project_id) == 0
+    assert active.queue_depth(project_id) == 0
     time.sleep(0.5)  # tasks already with the worker end (run or skipped)
     assert len(tasks.effects("r")) + purged <= 40
-    assert bus.queue_depth(project_id) == 0
+    assert active.queue_depth(project_id) == 0
     ran = len(tasks.effects("r"))
     time.sleep(0.5)
     assert len(tasks.effects("r")) == ran
 
 
-def test_tasks_of_a_tombstoned_project_are_skipped_before_they_run(request, bus, redis_client):
+def test_tasks_of_a_tombstoned_project_are_skipped_before_they_run(request, redis_client):
     deleted, alive = uuid.uuid4(), uuid.uuid4()
     for _ in range(5):
-        bus.publish(tasks.record, user_id=1, project_id=deleted, kwargs={"tag": "gone"})
-    bus.publish(tasks.record, user_id=1, project_id=alive, kwargs={"tag": "alive"})
-    bus.tombstone_project(deleted)
+        send(tasks.record, user_id=1, project_id=deleted, kwargs={"tag": "gone"})
+    send(tasks.record, user_id=1, project_id=alive, kwargs={"tag": "alive"})
+    project_tombstone(deleted)
 
     request.getfixturevalue("live_worker")  # the worker starts with the messages queued
 
     assert wait_for(lambda: tasks.effects("alive"))
-    assert wait_for(lambda: bus.queue_depth(deleted) == 0 and not redis_client.hlen("unacked"))
+    assert wait_for(lambda: active.queue_depth(deleted) == 0 and not redis_client.hlen("unacked"))
     assert tasks.started("gone") == []  # the body never began
     assert tasks.effects("gone") == []
 
 
-def test_the_reaper_retires_idle_queues_and_a_later_publish_revives_them(
-    settings, live_worker, bus
-):
+def test_the_reaper_retires_idle_queues_and_a_later_publish_revives_them(settings, live_worker):
     settings.AGENTBUS_QUEUE_IDLE_SECONDS = 0.2
     project_id = uuid.uuid4()
     queue = project_queue(project_id)
-    bus.publish(tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "a"})
+    send(tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "a"})
     assert wait_for(lambda: tasks.effects("a"))
     time.sleep(0.3)
 
     # Beat's task, through the maintenance queue, on the worker.
     reap_idle_queues.delay()
 
-    assert wait_for(lambda: bus.active_queues() == [], timeout=5)
+    assert wait_for(lambda: active.active_queues() == [], timeout=5)
     assert wait_for(lambda: followed(live_worker) == set(), timeout=5)
-    task_id = bus.publish(tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "b"})
+    task_id = send(tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "b"})
     assert wait_for(lambda: tasks.effects("b")) == [task_id]
     assert followed(live_worker) == {queue}
 
 
-def test_no_task_is_stranded_while_the_reaper_races_producers(live_worker, bus):
+def test_no_task_is_stranded_while_the_reaper_races_producers(live_worker):
     """Bursts of publishes with idle gaps, the reaper retiring the queue in every gap:
     each burst's first publish re-activates and re-announces it. Only the reaper runs
     (not the rescue of stranded queues), so a stranded message would stay stranded."""
@@ -149,7 +147,7 @@ def test_no_task_is_stranded_while_the_reaper_races_producers(live_worker, bus):
 
     def reaper():
         while not stop.is_set():
-            retirements.extend(bus.reap_idle_queues(idle_seconds=0.15))
+            retirements.extend(active.reap_idle_queues(idle_seconds=0.15))
             time.sleep(0.01)
 
     thread = threading.Thread(target=reaper)
@@ -159,9 +157,7 @@ def test_no_task_is_stranded_while_the_reaper_races_producers(live_worker, bus):
         for _burst in range(8):
             for _ in range(5):
                 sent.append(
-                    bus.publish(
-                        tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "race"}
-                    )
+                    send(tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "race"})
                 )
             time.sleep(0.3)
         assert wait_for(lambda: len(tasks.effects("race")) == len(sent), timeout=10)
@@ -172,26 +168,24 @@ def test_no_task_is_stranded_while_the_reaper_races_producers(live_worker, bus):
     assert len(retirements) >= 4  # the race really happened
 
 
-def test_a_backlog_does_not_starve_another_project(live_worker, bus):
+def test_a_backlog_does_not_starve_another_project(live_worker):
     busy, quiet = uuid.uuid4(), uuid.uuid4()
     for _ in range(300):
-        bus.publish(
-            tasks.record, user_id=1, project_id=busy, kwargs={"tag": "busy", "sleep": 0.005}
-        )
+        send(tasks.record, user_id=1, project_id=busy, kwargs={"tag": "busy", "sleep": 0.005})
     assert wait_for(lambda: len(tasks.started("busy")) >= 10)
 
     sent_at = time.time()
-    bus.publish(tasks.record, user_id=2, project_id=quiet, kwargs={"tag": "quiet"})
+    send(tasks.record, user_id=2, project_id=quiet, kwargs={"tag": "quiet"})
     assert wait_for(lambda: tasks.started("quiet"), timeout=10)
 
     quiet_started = tasks.started("quiet")[0]["at"]
     overtaking = [s for s in tasks.started("busy") if sent_at < s["at"] < quiet_started]
     # Round robin: at most the busy tasks already fetched or running run first.
     assert len(overtaking) <= 8, len(overtaking)
-    assert bus.queue_depth(busy) > 150
+    assert active.queue_depth(busy) > 150
 
 
-def test_a_retried_agent_task_goes_back_to_its_project_queue(live_worker, bus, redis_client):
+def test_a_retried_agent_task_goes_back_to_its_project_queue(live_worker, redis_client):
     project_id = uuid.uuid4()
     task_id = tasks.flaky.delay(user_id=1, project_id=project_id, tag="retry").id
 

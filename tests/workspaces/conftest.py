@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from django.db import connection
 
+from common.redis import get_redis
 from tests.factories import AgentFactory, ProjectFactory
-from workspaces.redis import get_redis, workspace_prefix
+from workspaces.redis import workspace_prefix
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,6 +80,22 @@ def read_json_line(proc: subprocess.Popen, timeout: float = 60.0) -> dict:
         if line.startswith("{"):
             return json.loads(line)
     raise AssertionError("no JSON line in time")
+
+
+class CountingAgentSource:
+    """The registered agent source, noting each full load of a project's agents."""
+
+    def __init__(self, source):
+        self.source = source
+        self.loads: list[list[str]] = []
+
+    def configs(self, *, project_id):
+        configs = self.source.configs(project_id=project_id)
+        self.loads.append([c["id"] for c in configs])
+        return configs
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
 
 
 @pytest.fixture

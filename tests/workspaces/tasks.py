@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from workspaces.bus import AgentBusTask
-from workspaces.redis import get_redis
+from agentbus import AgentBusTask
+from common.redis import get_redis
 
 RAN_KEY = "uws:test:workspaces:ran"
 

@@ -7,13 +7,14 @@ import threading
 
 import pytest
 
+from common.redis import get_redis
 from tests.factories import AgentFactory, ProjectFactory
-from tests.workspaces.conftest import django_process, read_json_line
+from tests.workspaces.conftest import CountingAgentSource, django_process, read_json_line
 from workspaces import registry
 from workspaces.manager import get_worker_space
-from workspaces.redis import get_redis, scoped
+from workspaces.redis import scoped
 from workspaces.registry import State
-from workspaces.signals import agents_registered
+from workspaces.sources import agent_source, register_agent_source
 
 GO_KEY = "uws:test:workspaces:go"
 
@@ -22,12 +23,13 @@ GO_KEY = "uws:test:workspaces:go"
 HAMMER = """
 import json, threading
 from workspaces.manager import get_worker_space
-from workspaces.redis import get_redis
-from workspaces.signals import agents_registered
+from common.redis import get_redis
+from tests.workspaces.conftest import CountingAgentSource
+from workspaces.sources import agent_source, register_agent_source
 
 user_id, project_id, threads = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-sent = []
-agents_registered.connect(lambda sender, **kw: sent.append(kw["agent_ids"]), weak=False)
+counting = CountingAgentSource(agent_source())
+register_agent_source(counting)
 barrier = threading.Barrier(threads)
 spaces, errors = [], []
 
@@ -47,7 +49,7 @@ print(json.dumps({
     "objects": len({id(s) for s in spaces}),
     "initialized_here": any(s.initialized_here for s in spaces),
     "init_count": spaces[0].init_count if spaces else None,
-    "signals": sent,
+    "loads": counting.loads,
     "errors": errors,
 }), flush=True)
 """
@@ -56,12 +58,9 @@ print(json.dumps({
 def test_many_threads_initialise_once(transactional_db, user):
     project = ProjectFactory(owner=user)
     agents = [AgentFactory(project=project) for _ in range(4)]
-    signals = []
-
-    def receiver(sender, **kwargs):
-        signals.append(kwargs["agent_ids"])
-
-    agents_registered.connect(receiver)
+    source = agent_source()
+    counting = CountingAgentSource(source)
+    register_agent_source(counting)
     barrier = threading.Barrier(24)
     spaces, errors = [], []
 
@@ -79,13 +78,13 @@ def test_many_threads_initialise_once(transactional_db, user):
         for t in threads:
             t.join()
     finally:
-        agents_registered.disconnect(receiver)
+        register_agent_source(source)
 
     assert errors == []
     assert len({id(s) for s in spaces}) == 1
     entry = registry.read(scoped(user.pk, project.id), user.pk, project.id)
     assert entry.state is State.INITIALIZED and entry.init_count == 1
-    assert [sorted(s) for s in signals] == [sorted(str(a.id) for a in agents)]
+    assert [sorted(s) for s in counting.loads] == [sorted(str(a.id) for a in agents)]
 
 
 @pytest.mark.slow
@@ -110,8 +109,8 @@ def test_several_processes_initialise_once(transactional_db, user):
     assert all(r["init_count"] == 1 for r in reports)
     entry = registry.read(scoped(user.pk, project.id), user.pk, project.id)
     assert entry.state is State.INITIALIZED and entry.init_count == 1
-    # agents_registered went out once, from the initialising process.
-    sent = [s for r in reports for s in r["signals"]]
+    # The agents were loaded once, by the initialising process.
+    sent = [s for r in reports for s in r["loads"]]
     assert [sorted(s) for s in sent] == [sorted(str(a.id) for a in agents)]
     # A process arriving later attaches.
     here = get_worker_space(user_id=user.pk, project_id=project.id)

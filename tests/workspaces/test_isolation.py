@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 
 from agents.selectors import agent_config
+from common.redis import get_redis
 from projects.services import project_delete
 from tests.factories import AgentFactory, ProjectFactory, UserFactory
 from tests.workspaces.conftest import keys_under, snapshot
 from workspaces.manager import get_worker_space
-from workspaces.redis import get_redis, workspace_prefix
-from workspaces.services import workspace_teardown_run
+from workspaces.redis import workspace_prefix
+from workspaces.teardown import workspace_teardown_run
 
 pytestmark = pytest.mark.django_db
 

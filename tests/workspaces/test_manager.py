@@ -11,35 +11,19 @@ import pytest
 from tests.factories import AgentFactory, ProjectFactory
 from tests.workspaces.conftest import keys_under, snapshot
 from workspaces import registry
-from workspaces.bus import get_agent_bus
 from workspaces.exceptions import WorkspaceGone, WorkspaceUnavailable
 from workspaces.manager import get_worker_space, get_worker_space_manager
 from workspaces.redis import scoped
 from workspaces.registry import State
-from workspaces.signals import agents_registered
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def registered_signals():
-    calls = []
-
-    def receiver(sender, **kwargs):
-        calls.append(kwargs)
-
-    agents_registered.connect(receiver)
-    yield calls
-    agents_registered.disconnect(receiver)
 
 
 def entry_of(space):
     return registry.read(space.redis, space.user_id, space.project_id)
 
 
-def test_first_use_initialises_loads_agents_fills_cache_registers_on_bus(
-    project_with_agents, registered_signals
-):
+def test_first_use_initialises_loads_agents_and_fills_the_cache(project_with_agents):
     project, agents = project_with_agents
     ids = sorted(str(a.id) for a in agents)
 
@@ -50,13 +34,10 @@ def test_first_use_initialises_loads_agents_fills_cache_registers_on_bus(
     assert sorted(space.agent_cache.ids()) == ids
     assert sorted(space.agent_ids) == ids
     assert space.get_agent(agents[0].id)["system_prompt"] == agents[0].system_prompt
-    bus = get_agent_bus()
-    assert sorted(bus.registered_agents(user_id=project.owner_id, project_id=project.id)) == ids
     entry = entry_of(space)
     assert entry.state is State.INITIALIZED and entry.init_count == 1
     assert entry.agent_ids == ids and entry.initialized_at and entry.last_used
     assert registry.index_members() == [(project.owner_id, project.id)]
-    assert [sorted(c["agent_ids"]) for c in registered_signals] == [ids]
 
 
 def test_later_calls_take_the_fast_path_without_touching_redis(project_with_agents, redis_client):
@@ -98,9 +79,6 @@ def test_registry_flush_is_rebuilt_from_the_database(project_with_agents, redis_
     entry = entry_of(space)
     assert entry.state is State.INITIALIZED and entry.init_count == 1
     assert sorted(entry.agent_ids) == sorted(str(a.id) for a in agents)
-    assert get_agent_bus().registered_agents(user_id=project.owner_id, project_id=project.id) == {
-        str(a.id) for a in agents
-    }
 
 
 def test_reset_elsewhere_reinitialises_here_after_revalidation(project_with_agents, settings):
@@ -112,7 +90,6 @@ def test_reset_elsewhere_reinitialises_here_after_revalidation(project_with_agen
     UserWorkerSpace(user_id=project.owner_id, project_id=project.id).reset()
     assert entry_of(space).state is State.NOT_INITIALIZED
     assert space.agent_cache.size() == 0
-    assert not get_agent_bus().registered_agents(user_id=project.owner_id, project_id=project.id)
 
     # Until revalidation the fast path serves the handle; then it initialises again.
     time.sleep(settings.WORKSPACE_REVALIDATE_SECONDS + 0.05)
@@ -122,26 +99,26 @@ def test_reset_elsewhere_reinitialises_here_after_revalidation(project_with_agen
     assert space.agent_cache.size() == len(agents)
 
 
-def test_failed_initialisation_is_error_503_then_the_next_request_retries(api, project_with_agents):
+def test_failed_initialisation_is_error_then_the_next_use_retries(
+    project_with_agents, redis_client
+):
     project, agents = project_with_agents
-    # A real Redis failure: the bus registration key holds a string (WRONGTYPE).
-    bad = scoped(project.owner_id, project.id)
-    bad.set("bus:agents", "not a set")
-    url = f"/my/projects/{project.id}/agents/"
+    # A real Redis failure inside initialisation: the registry index holds a string.
+    redis_client.set(registry.INDEX_KEY, "not a set")
 
-    response = api.get(url)
+    with pytest.raises(WorkspaceUnavailable, match="could not be initialised"):
+        get_worker_space(user_id=project.owner_id, project_id=project.id)
 
-    assert response.status_code == 503
-    assert response.json()["detail"].startswith("The project's workspace could not be initialised")
-    entry = registry.read(bad, project.owner_id, project.id)
+    space = scoped(project.owner_id, project.id)
+    entry = registry.read(space, project.owner_id, project.id)
     assert entry.state is State.ERROR and "WRONGTYPE" in entry.error
     assert get_worker_space_manager().get(user_id=project.owner_id, project_id=project.id) is None
 
-    bad.delete("bus:agents")
-    response = api.get(url)
+    redis_client.delete(registry.INDEX_KEY)
+    again = get_worker_space(user_id=project.owner_id, project_id=project.id)
 
-    assert response.status_code == 200 and response.json()["total"] == len(agents)
-    entry = registry.read(bad, project.owner_id, project.id)
+    assert again.initialized and again.agent_cache.size() == len(agents)
+    entry = registry.read(space, project.owner_id, project.id)
     assert entry.state is State.INITIALIZED and entry.error == "" and entry.init_count == 1
 
 
@@ -203,11 +180,10 @@ def test_idle_and_lru_eviction_release_only_this_process(user, settings):
     # Idle ones go too, except one in use.
     settings.WORKSPACE_IDLE_SECONDS = 0.05
     busy = manager.get(user_id=user.pk, project_id=projects[4].id)
-    busy.enter()
-    time.sleep(0.1)
-    assert manager.evict_idle() == 2
-    assert manager.spaces() == [busy]
-    busy.leave()
+    with busy.use():
+        time.sleep(0.1)
+        assert manager.evict_idle() == 2
+        assert manager.spaces() == [busy]
 
     # An evicted workspace comes back by attaching, not initialising again.
     again = get_worker_space(user_id=user.pk, project_id=projects[0].id)
@@ -242,6 +218,41 @@ def test_cleanup_all_releases_the_process_and_keeps_shared_state(project_with_ag
     # The next request attaches to the shared state again.
     again = get_worker_space(user_id=project.owner_id, project_id=project.id)
     assert again.initialized and not again.initialized_here
+
+
+def test_shutdown_waits_for_the_uses_in_flight(project_with_agents):
+    """Initialized -> Shutdown (observable while a run still uses the workspace) ->
+    Cleaned once it ends, or once the wait runs out."""
+    import threading
+
+    project, _ = project_with_agents
+    space = get_worker_space(user_id=project.owner_id, project_id=project.id)
+    release = threading.Event()
+    entered = threading.Event()
+
+    def run():
+        with space.use():
+            entered.set()
+            release.wait(5)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    entered.wait(5)
+    cleanup = threading.Thread(target=get_worker_space_manager().cleanup_all)
+    cleanup.start()
+    time.sleep(0.2)
+    assert space.state is State.SHUTDOWN and cleanup.is_alive()
+    release.set()
+    cleanup.join(5)
+    worker.join(5)
+    assert space.state is State.CLEANED
+
+    stuck = get_worker_space(user_id=project.owner_id, project_id=project.id)
+    with stuck.use():
+        started = time.monotonic()
+        get_worker_space_manager().cleanup_all(wait=0.2)
+        assert 0.15 < time.monotonic() - started < 2
+        assert stuck.state is State.CLEANED
 
 
 def test_a_failing_revalidation_reports_unavailable_not_a_500(project_with_agents, settings):

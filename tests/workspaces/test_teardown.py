@@ -10,8 +10,13 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from agentbus import active
+from agentbus.guard import project_gone
+from agentbus.queues import MAINTENANCE_QUEUE, project_queue
 from agents.runtime.vectorstore import close_vector_store, collection_name, get_vector_store
+from common.redis import get_redis
 from projects.models import Project
+from tests.agentbus.conftest import send
 from tests.factories import AgentFactory, ProjectFactory
 from tests.workers import shared_pool_worker
 from tests.workspaces.conftest import (
@@ -22,13 +27,10 @@ from tests.workspaces.conftest import (
 )
 from tests.workspaces.tasks import ran, record
 from workspaces import registry
-from workspaces.bus import get_agent_bus
 from workspaces.manager import get_worker_space
 from workspaces.models import WorkspaceTeardown
-from workspaces.queues import MAINTENANCE_QUEUE, project_queue
-from workspaces.redis import get_redis
-from workspaces.services import SUSPECTS_KEY, workspace_sweep, workspace_teardown_run
 from workspaces.tasks import sweep
+from workspaces.teardown import SUSPECTS_KEY, workspace_sweep, workspace_teardown_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -54,11 +56,10 @@ def done(project_id) -> bool:
 
 
 def nothing_left(project_id, user_id) -> None:
-    bus = get_agent_bus()
     assert keys_under(user_id, project_id) == set()
-    assert bus.queue_depth(project_id) == 0
+    assert active.queue_depth(project_id) == 0
     assert not get_redis().exists(project_queue(project_id))
-    assert project_queue(project_id) not in bus.active_queues()
+    assert project_queue(project_id) not in active.active_queues()
     assert (user_id, project_id) not in registry.index_members()
     assert get_vector_store().project_collections(user_id=user_id, project_id=project_id) == []
 
@@ -73,35 +74,39 @@ def all_teardowns_finished() -> bool:
 @pytest.fixture
 def two_projects(api, user, qdrant_path):
     """Projects A and B of one user, each with initialised workspaces and the vector
-    collections the agents app created for their agents (on a real worker)."""
+    collections their agents stored context in (through the API, on a real worker)."""
     a, b = ProjectFactory(owner=user), ProjectFactory(owner=user)
     for project, count in ((a, 3), (b, 2)):
         for _ in range(count):
             AgentFactory(project=project)
     with shared_pool_worker():
         for project in (a, b):
-            assert api.get(f"/my/projects/{project.id}/agents/").status_code == 200
+            get_worker_space(user_id=user.pk, project_id=project.id)
+            for agent in project.agents.all():
+                url = f"/my/projects/{project.id}/agents/{agent.id}/context/"
+                response = api.post(url, {"documents": ["remember me"]}, format="json")
+                assert response.status_code == 202
         for project in (a, b):
             assert wait_for(
                 lambda p=project: sorted(collections_of(p)) == expected_collections(p),
                 timeout=60,
             ), collections_of(project)
+        assert wait_for(lambda: all(active.queue_depth(p.id) == 0 for p in (a, b)), timeout=60)
     return a, b
 
 
 def test_delete_leaves_nothing_and_the_other_project_untouched(api, user, two_projects):
     a, b = two_projects
-    bus = get_agent_bus()
     # Work queued for both while no worker runs.
     for _ in range(50):
-        bus.publish(record, user_id=user.pk, project_id=a.id)
+        send(record, user_id=user.pk, project_id=a.id)
     for _ in range(3):
-        bus.publish(record, user_id=user.pk, project_id=b.id)
-    assert bus.queue_depth(a.id) == 50
+        send(record, user_id=user.pk, project_id=b.id)
+    assert active.queue_depth(a.id) == 50
     b_keys, b_collections = snapshot(user.pk, b.id), collections_of(b)
 
     assert api.delete(f"/my/projects/{a.id}/").status_code == 204
-    assert bus.is_tombstoned(a.id)
+    assert project_gone(a.id)
     assert teardown_row(a.id).status == WorkspaceTeardown.Status.PENDING
 
     with shared_pool_worker():
@@ -191,9 +196,8 @@ with transaction.atomic():
 def test_crash_between_commit_and_dispatch_ends_clean_after_the_sweep(user, qdrant_path):
     a, b = ProjectFactory(owner=user), ProjectFactory(owner=user)
     with_workspaces_and_collections(user, a, b)
-    bus = get_agent_bus()
     for _ in range(5):
-        bus.publish(record, user_id=user.pk, project_id=a.id)
+        send(record, user_id=user.pk, project_id=a.id)
     b_keys = snapshot(user.pk, b.id)
 
     crashed = django_process(CRASH_AFTER_COMMIT, str(a.id))
@@ -203,8 +207,8 @@ def test_crash_between_commit_and_dispatch_ends_clean_after_the_sweep(user, qdra
     assert not Project.objects.filter(id=a.id).exists()
     row = teardown_row(a.id)
     assert row.status == WorkspaceTeardown.Status.PENDING and row.dispatched_at is None
-    assert not bus.is_tombstoned(a.id)
-    assert keys_under(user.pk, a.id) and bus.queue_depth(a.id) >= 5
+    assert not project_gone(a.id)
+    assert keys_under(user.pk, a.id) and active.queue_depth(a.id) >= 5
 
     # A sweep leaves a fresh row to its own dispatch (and takes it for no orphan)...
     first = workspace_sweep()
@@ -221,10 +225,10 @@ def test_crash_between_commit_and_dispatch_ends_clean_after_the_sweep(user, qdra
         # teardown: queued tasks may run in that window (agent tasks then find no rows).
         # From the teardown on, none is even queued.
         for _ in range(5):
-            bus.publish(record, user_id=user.pk, project_id=a.id)
+            send(record, user_id=user.pk, project_id=a.id)
 
     nothing_left(a.id, user.pk)
-    assert bus.is_tombstoned(a.id)
+    assert project_gone(a.id)
     assert snapshot(user.pk, b.id) == b_keys
     assert collections_of(b) == expected_collections(b)
 
@@ -234,7 +238,7 @@ def test_sweep_tears_down_leftovers_with_no_project_row(user, qdrant_path):
     delete) leaves a workspace behind: the sweep finds and removes all of it."""
     gone, kept = ProjectFactory(owner=user), ProjectFactory(owner=user)
     with_workspaces_and_collections(user, gone, kept)
-    get_agent_bus().publish(record, user_id=user.pk, project_id=gone.id)
+    send(record, user_id=user.pk, project_id=gone.id)
     gone_id = gone.id
     Project.objects.filter(id=gone_id).delete()  # no signal, no teardown row
     kept_keys = snapshot(user.pk, kept.id)

@@ -20,8 +20,8 @@ import uuid
 
 from django.core.management.base import BaseCommand, CommandError
 
+from agentbus import project_queue
 from projects.models import Project
-from workspaces.queues import project_queue
 
 
 def dedicated_worker_argv(

@@ -23,13 +23,21 @@ import uuid
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connections
-from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from django.http import Http404, HttpRequest, JsonResponse, StreamingHttpResponse
 from django.views.decorators.http import require_GET
 from redis.exceptions import ResponseError
+from rest_framework import exceptions
+from rest_framework.request import Request
+from rest_framework.settings import api_settings
 
+from agentbus import project_gone_async
+from common.asgi import long_lived
+from common.redis import get_async_redis
+from projects.selectors import project_get_for_user
 from workspaces.redis import ScopedRedis, scoped_async
 
-from .runtime.streams import get_async_redis, stream_key
+from .runtime.streams import stream_key
+from .selectors import session_get
 
 logger = logging.getLogger(__name__)
 
@@ -53,89 +61,47 @@ def _error(status: int, detail: str, **headers: str) -> JsonResponse:
     return response
 
 
-def _resolve_access(
-    *, token_key: str | None, session_user_id: int | None, project_id: uuid.UUID, session_id
-) -> tuple[str, int | None]:
-    """("ok", user_id) | ("unauthenticated", None) | ("not-found", None), from the database.
+def _authorize(request: HttpRequest, project_id: uuid.UUID, session_id: uuid.UUID) -> int:
+    """The user id allowed to read this session's events, through the API's own
+    authentication (DRF's authenticators) and project scoping (the selectors).
+    Raises DRF's NotAuthenticated / AuthenticationFailed, or Http404.
 
     Leaves no database connection open behind it: a stream may last hours and must not
     hold one.
     """
-    from django.contrib.auth import get_user_model
-    from rest_framework.authtoken.models import Token
-
-    from agents.models import ChatSession
-    from projects.models import Project
-
+    drf_request = Request(
+        request, authenticators=[auth() for auth in api_settings.DEFAULT_AUTHENTICATION_CLASSES]
+    )
     try:
-        if token_key is not None:
-            token = Token.objects.select_related("user").filter(key=token_key).first()
-            if token is None or not token.user.is_active:
-                return "unauthenticated", None
-            user_id = token.user_id
-        elif session_user_id is not None:
-            if not get_user_model().objects.filter(pk=session_user_id, is_active=True).exists():
-                return "unauthenticated", None
-            user_id = session_user_id
-        else:
-            return "unauthenticated", None
-        if not Project.objects.filter(id=project_id, owner_id=user_id).exists():
-            return "not-found", None
-        if not ChatSession.objects.filter(id=session_id, project_id=project_id).exists():
-            return "not-found", None
-        return "ok", user_id
+        user = drf_request.user
+        if not user or not user.is_authenticated:
+            raise exceptions.NotAuthenticated()
+        project = project_get_for_user(user=user, project_id=project_id)
+        session_get(project=project, session_id=session_id)
+        return user.pk
     finally:
         for connection in connections.all(initialized_only=True):
             if not connection.in_atomic_block:  # (a test's transaction stays open)
                 connection.close()
 
 
-async def _tombstoned(project_id: uuid.UUID) -> bool:
-    """Whether the project was deleted (the AgentBus tombstone), without a thread hop when
-    the bus shares Redis with the streams."""
-    from workspaces.bus import TOMBSTONE_PREFIX, get_agent_bus
-
-    if settings.CELERY_BROKER_URL == settings.REDIS_URL:
-        key = TOMBSTONE_PREFIX + uuid.UUID(str(project_id)).hex
-        return bool(await get_async_redis().exists(key))
-    return await sync_to_async(get_agent_bus().is_tombstoned, thread_sensitive=False)(project_id)
+async def _gone(project_id: uuid.UUID) -> bool:
+    """The lifecycle guard, on the streams' own async client when the broker shares it."""
+    shared = settings.CELERY_BROKER_URL == settings.REDIS_URL
+    return await project_gone_async(project_id, client=get_async_redis() if shared else None)
 
 
-def _token_from_header(request: HttpRequest) -> str | None | bool:
-    """The token of `Authorization: Token <key>`; None without one; False when malformed."""
-    header = request.headers.get("Authorization", "")
-    if not header:
-        return None
-    parts = header.split()
-    if parts[0].lower() != "token":
-        return None  # another scheme: not ours to judge, fall back to the session
-    if len(parts) != 2:
-        return False
-    return parts[1]
-
-
+@long_lived
 @require_GET
 async def session_events(request: HttpRequest, project_id: uuid.UUID, session_id: uuid.UUID):
-    token = _token_from_header(request)
-    if token is False:
-        return _error(401, "Invalid token header.", **{"WWW-Authenticate": "Token"})
-    session_user_id = None
-    if token is None:
-        user = await request.auser()
-        session_user_id = user.pk if user.is_authenticated else None
-    outcome, user_id = await sync_to_async(_resolve_access)(
-        token_key=token or None,
-        session_user_id=session_user_id,
-        project_id=project_id,
-        session_id=session_id,
-    )
-    if outcome == "unauthenticated":
-        return _error(
-            401,
-            "Authentication credentials were not provided or are invalid.",
-            **{"WWW-Authenticate": "Token"},
-        )
-    if outcome == "not-found" or await _tombstoned(project_id):
+    try:
+        user_id = await sync_to_async(_authorize)(request, project_id, session_id)
+    except exceptions.APIException as exc:
+        header = api_settings.DEFAULT_AUTHENTICATION_CLASSES[0]().authenticate_header(request)
+        return _error(exc.status_code, str(exc.detail), **{"WWW-Authenticate": header})
+    except Http404:
+        return _error(404, "Not found.")
+    if await _gone(project_id):
         return _error(404, "Not found.")
 
     cursor = request.headers.get("Last-Event-ID") or request.GET.get("cursor")
@@ -217,7 +183,7 @@ async def _event_stream(
                 yield "".join(format_event(eid, fields) for eid, fields in entries).encode()
                 last_write = time.monotonic()
                 continue
-            if await _tombstoned(project_id):
+            if await _gone(project_id):
                 closing = json.dumps({"reason": "project deleted"})
                 yield f"event: stream.closed\ndata: {closing}\n\n".encode()
                 return

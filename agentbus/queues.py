@@ -1,7 +1,8 @@
-"""Every queue name and task route of the system, in one place.
+"""Every queue name and task route of the system, in one place, and the Celery queue
+table that keeps them direct.
 
-The AgentBus is one Celery queue per project. Maintenance work (teardown, sweeps,
-the queue reaper) has its own queue, which every shared worker always follows.
+The AgentBus is one Celery queue per project. Maintenance work (teardown, sweeps, the
+queue reaper) has its own queue, which every shared worker always follows.
 
 Every queue here is addressed straight by name: messages go to the nameless (default)
 exchange with the queue's name as routing key. On Redis that is one LPUSH onto the
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import uuid
 
-from celery.app.amqp import Queues
+from celery.app.amqp import AMQP, Queues
 from kombu import Exchange, Queue
 
 MAINTENANCE_QUEUE = "uws.maintenance"
@@ -22,11 +23,16 @@ PROJECT_QUEUE_PREFIX = "uws.project."
 # The nameless exchange: the routing key is the destination queue.
 DIRECT = Exchange("")
 
-# Where tasks that are not published through the AgentBus go, by task name. Agent
-# tasks are routed per project by the AgentBus itself (workspaces.bus).
-TASK_ROUTES = {
-    "workspaces.*": {"queue": MAINTENANCE_QUEUE},
-}
+# Task name prefixes that run on the maintenance queue. Tasks of the AgentBus itself
+# (`AgentBusTask`) are routed per project when they are published.
+MAINTENANCE_TASKS = ("agentbus.", "workspaces.", "agents.sweep_")
+
+
+def route_task(name: str, args, kwargs, options, task=None, **_) -> dict | None:
+    """Celery router (settings.CELERY_TASK_ROUTES)."""
+    if name.startswith(MAINTENANCE_TASKS):
+        return {"queue": MAINTENANCE_QUEUE}
+    return None
 
 
 def project_queue(project_id: uuid.UUID | str) -> str:
@@ -81,3 +87,9 @@ class DirectQueues(Queues):
             queue.routing_key = queue.routing_key or queue.name
         self[queue.name] = queue
         return queue
+
+
+class DirectAMQP(AMQP):
+    """Celery's AMQP layer with a queue table that never binds exchanges per queue."""
+
+    queues_cls = DirectQueues

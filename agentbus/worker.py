@@ -3,15 +3,14 @@
 A worker runs in one of two modes:
 
 - **shared** (`celery -A config worker -Q uws.maintenance`): follows the maintenance
-  queue plus the queues of *active* projects (workspaces.bus). It joins a queue when a
+  queue plus the queues of *active* projects (agentbus.active). It joins a queue when a
   producer announces it (`agentbus_follow` broadcast), leaves it when the reaper or a
   project deletion retires it (`agentbus_unfollow`), and every
-  `AGENTBUS_RECONCILE_SECONDS` converges on the active set in Redis, because Redis
+  AGENTBUS_RECONCILE_SECONDS converges on the active set in Redis, because Redis
   broadcasts are fire-and-forget: a worker that was reconnecting or busy still ends up
   following exactly the active queues.
-- **dedicated** (`celery -A config worker -Q uws.project.<hex>`, or
-  `python manage.py agentbus_worker --project <uuid>`): consumes its -Q queues only and
-  ignores the active set and the broadcasts.
+- **dedicated** (`celery -A config worker -Q uws.project.<hex>`): consumes its -Q
+  queues only and ignores the active set and the broadcasts.
 
 The mode follows from -Q: naming any project queue makes the worker dedicated. The
 worker option `--agentbus-mode {auto,shared,dedicated}` overrides it.
@@ -35,7 +34,7 @@ from celery.worker.control import control_command, inspect_command, ok
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from .bus import FOLLOW_COMMAND, STATUS_COMMAND, UNFOLLOW_COMMAND, get_agent_bus
+from . import active, transport
 from .queues import direct_queue, is_project_queue
 
 logger = logging.getLogger(__name__)
@@ -57,10 +56,9 @@ class AgentBusConsumer(bootsteps.StartStopStep):
         self.mode: str | None = None
         self.timer_ref = None
         self.reconciled_at: float | None = None
-        # (BRPOP connection, its local address) -> the Redis client id to unblock.
-        self._blocked_client: tuple[tuple[int, tuple], int] | None = None
         c.agentbus = self
-        _check_visibility_timeout()
+        check_visibility_timeout()
+        transport.check_kombu()
 
     # --- lifecycle (start runs again after every broker reconnection) -------------
     def start(self, c):
@@ -99,10 +97,10 @@ class AgentBusConsumer(bootsteps.StartStopStep):
     def reconcile(self, c) -> None:
         if c.task_consumer is None:
             return
-        active = set(get_agent_bus().active_queues())
+        wanted = set(active.active_queues())
         followed = self.followed(c)
-        self.unfollow(c, followed - active)
-        self.follow(c, active - followed)
+        self.unfollow(c, followed - wanted)
+        self.follow(c, wanted - followed)
         self.reconciled_at = time.time()
 
     def _reconcile_safely(self, c) -> None:
@@ -127,7 +125,10 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             cset.consume()
             logger.info("AgentBus: following %d more queue(s): %s", len(added), added[:5])
             # A BRPOP already waiting does not include the new queues: cut it short.
-            self._wake_poll(cset.channel)
+            try:
+                transport.wake(cset.channel)
+            except Exception:
+                logger.debug("AgentBus: could not wake the poll", exc_info=True)
         return added
 
     def unfollow(self, c, queues) -> list[str]:
@@ -146,36 +147,8 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             logger.info("AgentBus: left %d queue(s): %s", len(removed), removed[:5])
         return removed
 
-    def _wake_poll(self, channel) -> None:
-        """End a BRPOP in flight as if it timed out, so the next one includes the queues
-        just added. Without this a new project's first task waits up to the BRPOP
-        timeout (1 s). Best effort: a failure only costs that wait."""
-        conn = getattr(channel, "_in_poll", None)
-        sock = getattr(conn, "_sock", None)
-        if not conn or sock is None:
-            return
-        try:
-            addr = sock.getsockname()
-            if not isinstance(addr, tuple):
-                return  # unix socket: no address to find the client by
-            client = get_agent_bus().redis()
-            client_id = None
-            if self._blocked_client and self._blocked_client[0] == (id(conn), addr):
-                client_id = self._blocked_client[1]
-            else:
-                wanted = {f"{addr[0]}:{addr[1]}", f"[{addr[0]}]:{addr[1]}"}
-                for entry in client.client_list():
-                    if entry.get("addr") in wanted:
-                        client_id = int(entry["id"])
-                        self._blocked_client = ((id(conn), addr), client_id)
-                        break
-            if client_id is not None:
-                client.client_unblock(client_id)
-        except Exception:
-            logger.debug("AgentBus: could not wake the poll", exc_info=True)
 
-
-def _check_visibility_timeout() -> None:
+def check_visibility_timeout() -> None:
     options = settings.CELERY_BROKER_TRANSPORT_OPTIONS or {}
     visibility = options.get("visibility_timeout", 3600)
     longest = getattr(settings, "CELERY_TASK_TIME_LIMIT", None)
@@ -200,11 +173,7 @@ def _queue_list(queues, queue) -> list[str]:
     return [n for n in names if is_project_queue(n)]
 
 
-@control_command(
-    name=FOLLOW_COMMAND,
-    args=[("queue", str)],
-    signature="<queue>",
-)
+@control_command(name=active.FOLLOW_COMMAND, args=[("queue", str)], signature="<queue>")
 def agentbus_follow(state, queues=None, queue=None, **_):
     """Shared AgentBus workers: start consuming project queues that are active."""
     step = _shared_step(state)
@@ -212,16 +181,12 @@ def agentbus_follow(state, queues=None, queue=None, **_):
     if step is None or not names:
         return ok("ignored")
     consumer = state.consumer
-    wanted = get_agent_bus().active_among(names)
+    wanted = active.active_among(names)
     consumer.call_soon(step.follow, consumer, wanted)
     return ok(f"following {len(wanted)} queue(s)")
 
 
-@control_command(
-    name=UNFOLLOW_COMMAND,
-    args=[("queue", str)],
-    signature="<queue>",
-)
+@control_command(name=active.UNFOLLOW_COMMAND, args=[("queue", str)], signature="<queue>")
 def agentbus_unfollow(state, queues=None, queue=None, **_):
     """Shared AgentBus workers: stop consuming project queues that are not active."""
     step = _shared_step(state)
@@ -230,21 +195,25 @@ def agentbus_unfollow(state, queues=None, queue=None, **_):
         return ok("ignored")
     consumer = state.consumer
     # A queue re-activated since the retirement stays followed.
-    gone = set(names) - get_agent_bus().active_among(names)
+    gone = set(names) - active.active_among(names)
     consumer.call_soon(step.unfollow, consumer, gone)
     return ok(f"leaving {len(gone)} queue(s)")
 
 
-@inspect_command(name=STATUS_COMMAND)
+@inspect_command(name=active.STATUS_COMMAND)
 def agentbus_status(state, **_):
     """The worker's AgentBus mode, the project queues it follows, its broker transport."""
     consumer = state.consumer
     step = getattr(consumer, "agentbus", None)
     connection = getattr(consumer, "connection", None)
-    transport = type(connection.transport) if connection is not None else None
+    transport_cls = type(connection.transport) if connection is not None else None
+    channel = getattr(getattr(consumer, "task_consumer", None), "channel", None)
     return {
         "mode": step.mode if step else None,
         "queues": sorted(step.followed(consumer)) if step else [],
         "reconciled_at": step.reconciled_at if step else None,
-        "transport": f"{transport.__module__}.{transport.__qualname__}" if transport else None,
+        "transport": (
+            f"{transport_cls.__module__}.{transport_cls.__qualname__}" if transport_cls else None
+        ),
+        "cached_poll": bool(getattr(channel, "takes_over", False)),
     }

