@@ -10,7 +10,7 @@ import click
 from celery import Celery, signals
 from django.conf import settings
 
-from .queues import MAINTENANCE_QUEUE, DirectAMQP, direct_queue, route_task
+from .queues import MAINTENANCE_QUEUE, DirectAMQP, direct_queue
 
 
 def configure_celery(app: Celery) -> None:
@@ -19,7 +19,6 @@ def configure_celery(app: Celery) -> None:
     app.conf.update(
         task_default_queue=MAINTENANCE_QUEUE,
         task_queues=[direct_queue(MAINTENANCE_QUEUE)],
-        task_routes=[route_task],
     )
     app.user_options["worker"].add(
         click.Option(

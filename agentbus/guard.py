@@ -32,6 +32,7 @@ import uuid
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.http import Http404
 
 from common.redis import broker_redis
 
@@ -66,8 +67,9 @@ def project_revive(project_id: uuid.UUID | str) -> bool:
     return bool(broker_redis().delete(tombstone_key(project_id)))
 
 
-class ProjectGone(Exception):
-    """Raised by `ensure_project_alive` for a deleted project."""
+class ProjectGone(Http404):
+    """The project was deleted (raised by `publish` and `ensure_project_alive`). An
+    Http404, so a request that meets it mid-way answers 404."""
 
 
 def ensure_project_alive(project_id: uuid.UUID | str) -> None:

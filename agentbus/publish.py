@@ -30,8 +30,8 @@ def publish(
 
     The queue is marked active first (and announced to the shared workers if it was
     not), so the message never lands in a queue the pool has no reason to follow. A
-    task of a deleted project is not sent: it could not run anyway (the returned
-    result's id is still the task id). Raises while Redis or the broker is down.
+    task of a deleted project is not sent (it could not run anyway): ProjectGone.
+    Raises while Redis or the broker is down.
     """
     if not isinstance(task, AgentBusTask):
         raise TypeError(f"{task!r} is not an AgentBusTask: it would not check its project")
@@ -40,7 +40,7 @@ def publish(
     task_id = task_id or str(uuid.uuid4())
     if mark_active(project_id) < 0:
         logger.info("not sending %s[%s]: project %s was deleted", task.name, task_id, project_id)
-        return AsyncResult(task_id, app=task.app)
+        raise guard.ProjectGone(str(project_id))
     for name in ("queue", "exchange", "routing_key", "declare"):
         options.pop(name, None)
     return Task.apply_async(

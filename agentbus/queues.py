@@ -23,17 +23,6 @@ PROJECT_QUEUE_PREFIX = "uws.project."
 # The nameless exchange: the routing key is the destination queue.
 DIRECT = Exchange("")
 
-# Task name prefixes that run on the maintenance queue. Tasks of the AgentBus itself
-# (`AgentBusTask`) are routed per project when they are published.
-MAINTENANCE_TASKS = ("agentbus.", "workspaces.", "agents.sweep_")
-
-
-def route_task(name: str, args, kwargs, options, task=None, **_) -> dict | None:
-    """Celery router (settings.CELERY_TASK_ROUTES)."""
-    if name.startswith(MAINTENANCE_TASKS):
-        return {"queue": MAINTENANCE_QUEUE}
-    return None
-
 
 def project_queue(project_id: uuid.UUID | str) -> str:
     """The AgentBus queue of one project."""

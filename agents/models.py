@@ -2,7 +2,10 @@ import uuid
 
 from django.db import models
 
+from common.validators import validate_text_size
 from projects.models import Project
+
+from .validators import validate_params
 
 
 class Agent(models.Model):
@@ -11,9 +14,9 @@ class Agent(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="agents")
     name = models.CharField(max_length=200)
-    system_prompt = models.TextField(blank=True, default="")
+    system_prompt = models.TextField(blank=True, default="", validators=[validate_text_size])
     model = models.CharField(max_length=200, blank=True, default="")
-    params = models.JSONField(default=dict, blank=True)
+    params = models.JSONField(default=dict, blank=True, validators=[validate_params])
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -54,6 +57,9 @@ class Message(models.Model):
         STREAMING = "streaming"
         DONE = "done"
         ERROR = "error"
+        CANCELLED = "cancelled"
+
+    FINISHED = (Status.DONE, Status.ERROR, Status.CANCELLED)
 
     session = models.ForeignKey(ChatSession, on_delete=models.CASCADE, related_name="messages")
     role = models.CharField(max_length=16, choices=Role.choices)
@@ -69,3 +75,51 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.role}: {self.content[:40]}"
+
+
+class Run(models.Model):
+    """One agent run: producing one assistant message. The run is the chat path's outbox
+    and its durable state: accepted with the message, dispatched after commit, claimed by
+    one worker at a time under a lease the worker renews, and ended exactly once.
+
+    `attempt` is the dispatch generation: each (re)dispatch carries it, only the task of
+    the current generation may claim the run, and every write a worker makes is
+    conditional on it, so a worker that lost its lease cannot touch the run any more.
+    """
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        DONE = "done"
+        ERROR = "error"
+        CANCELLED = "cancelled"
+
+    FINISHED = (Status.DONE, Status.ERROR, Status.CANCELLED)
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    session = models.ForeignKey(ChatSession, on_delete=models.CASCADE, related_name="runs")
+    message = models.OneToOneField(Message, on_delete=models.CASCADE, related_name="run")
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="runs")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    attempt = models.PositiveIntegerField(default=1)
+    # How many times a worker claimed it (bounded: a run that keeps losing its worker
+    # ends in error).
+    starts = models.PositiveIntegerField(default=0)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    worker = models.CharField(max_length=255, blank=True, default="")
+    error = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    dispatched_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["status", "lease_expires_at"], name="run_status_lease"),
+            models.Index(fields=["status", "created_at"], name="run_status_created"),
+            models.Index(fields=["session", "-created_at"], name="run_session_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"run {self.id} ({self.status})"

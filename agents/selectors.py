@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
-from django.db.models import QuerySet
+from django.conf import settings
+from django.db.models import Count, Q, QuerySet
 from django.http import Http404
+from django.utils import timezone
 
 from projects.models import Project
 from workspaces.redis import scoped
 
-from .models import Agent, ChatSession, Message
+from .models import Agent, ChatSession, Message, Run
 from .runtime.streams import job_get
 
 
@@ -61,3 +64,30 @@ def context_job_get(*, agent: Agent, job_id: uuid.UUID | str) -> dict | None:
     if job is None or job.get("agent_id") != str(agent.id):
         return None
     return job
+
+
+def runs_health() -> dict:
+    """What operators see of agent runs (health and stats): how many are queued and
+    running, how many are stuck (the recovery pass has not got them going), and how many
+    failed recently. Unhealthy while any is stuck or failed in RUN_FAILURE_WINDOW."""
+    now = timezone.now()
+    stuck_queued = now - timedelta(seconds=3 * settings.RUN_REDISPATCH_SECONDS)
+    stuck_running = now - timedelta(seconds=settings.RUN_LEASE_SECONDS)
+    recent = now - timedelta(seconds=settings.RUN_FAILURE_WINDOW_SECONDS)
+    counts = Run.objects.aggregate(
+        queued=Count("id", filter=Q(status=Run.Status.QUEUED)),
+        running=Count("id", filter=Q(status=Run.Status.RUNNING)),
+        stuck=Count(
+            "id",
+            filter=Q(status=Run.Status.QUEUED, created_at__lt=stuck_queued)
+            | Q(status=Run.Status.RUNNING, lease_expires_at__lt=stuck_running),
+        ),
+        failed_recently=Count("id", filter=Q(status=Run.Status.ERROR, finished_at__gte=recent)),
+    )
+    problems = []
+    if counts["stuck"]:
+        problems.append(f"{counts['stuck']} run(s) stuck")
+    if counts["failed_recently"]:
+        window = settings.RUN_FAILURE_WINDOW_SECONDS / 60
+        problems.append(f"{counts['failed_recently']} run(s) failed in the last {window:g} min")
+    return {"healthy": not problems, **counts, "problems": problems}

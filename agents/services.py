@@ -9,22 +9,24 @@ from typing import Any
 
 from celery import Task
 from django.db import transaction
+from django.http import Http404
 
 from agentbus import publish
 from common.services import model_update, on_commit_robust
 from projects.models import Project
-from workspaces.manager import get_worker_space
+from projects.services import project_lock_for_write
 from workspaces.redis import scoped
 from workspaces.services import workspace_agent_sync_on_commit
 
-from .models import Agent, ChatSession, Message
+from .models import Agent, ChatSession, Message, Run
+from .runs import run_dispatch, runs_cancel
 from .runtime import streams
-from .runtime.chat import CANCELLED, message_event_data, message_fail
-from .tasks import add_context, clear_context, drop_collection, run_agent, search_context
+from .tasks import add_context, clear_context, drop_collection, search_context
 
 AGENT_FIELDS = ("name", "system_prompt", "model", "params")
 
 
+@transaction.atomic
 def agent_create(
     *,
     project: Project,
@@ -33,6 +35,7 @@ def agent_create(
     model: str = "",
     params: dict[str, Any] | None = None,
 ) -> Agent:
+    project_lock_for_write(project=project)
     agent = Agent.objects.create(
         project=project, name=name, system_prompt=system_prompt, model=model, params=params or {}
     )
@@ -41,7 +44,11 @@ def agent_create(
     return agent
 
 
+@transaction.atomic
 def agent_update(*, agent: Agent, data: dict[str, Any]) -> Agent:
+    project_lock_for_write(project=agent.project)
+    if not Agent.objects.filter(id=agent.id).exists():
+        raise Http404("No such agent.")  # deleted meanwhile
     agent, changed = model_update(instance=agent, fields=AGENT_FIELDS, data=data)
     if changed:
         workspace_agent_sync_on_commit(project_id=agent.project_id, agent_id=agent.id)
@@ -50,9 +57,10 @@ def agent_update(*, agent: Agent, data: dict[str, Any]) -> Agent:
 
 @transaction.atomic
 def agent_delete(*, agent: Agent) -> None:
-    project = agent.project
+    project = project_lock_for_write(project=agent.project)
     agent_id = agent.id
-    agent.delete()
+    if not Agent.objects.filter(id=agent_id).delete()[0]:
+        raise Http404("No such agent.")  # deleted meanwhile
     workspace_agent_sync_on_commit(project_id=project.id, agent_id=agent_id)
     # Its context goes too; if this is lost, the collections sweep finds the stray.
     on_commit_robust(
@@ -65,15 +73,22 @@ def agent_delete(*, agent: Agent) -> None:
     )
 
 
+@transaction.atomic
 def session_create(*, project: Project, agent: Agent, title: str = "") -> ChatSession:
     if agent.project_id != project.id:
         raise ValueError("the agent belongs to another project")
+    project_lock_for_write(project=project)
+    if not Agent.objects.filter(id=agent.id).exists():
+        raise Http404("No such agent.")  # deleted meanwhile
     return ChatSession.objects.create(project=project, agent=agent, title=title)
 
 
+@transaction.atomic
 def session_delete(*, session: ChatSession) -> None:
+    project_lock_for_write(project=session.project)
     user_id, project_id, session_id = session.project.owner_id, session.project_id, session.id
-    session.delete()
+    if not ChatSession.objects.filter(id=session_id).delete()[0]:
+        raise Http404("No such chat session.")  # deleted meanwhile
     # The session's event stream goes with it (teardown takes it only with the project).
     on_commit_robust(
         lambda: streams.stream_delete(redis=scoped(user_id, project_id), session_id=session_id),
@@ -86,83 +101,35 @@ def session_delete(*, session: ChatSession) -> None:
 
 @transaction.atomic
 def message_create(*, session: ChatSession, content: str) -> tuple[Message, Message]:
-    """Store a user's message and the (pending) assistant message that will answer it.
+    """Store a user's message, the (pending) assistant message that will answer it and
+    the run that will produce it, in one transaction: the run is the outbox.
 
-    After commit, both are announced on the session's event stream and the agent run is
-    put on the project's bus. Returns (user message, assistant message).
+    After commit the messages are announced on the session's event stream and the run
+    is put on the project's bus. Neither can fail the request any more: if Redis or the
+    broker is down, the run stays queued and the recovery pass dispatches it once they
+    are back. Returns (user message, assistant message).
     """
+    project_lock_for_write(project=session.project)
+    if not ChatSession.objects.filter(id=session.id).exists():
+        raise Http404("No such chat session.")  # deleted meanwhile
     user_message = Message.objects.create(
         session=session, role=Message.Role.USER, content=content, status=Message.Status.DONE
     )
     assistant_message = Message.objects.create(
         session=session, role=Message.Role.ASSISTANT, status=Message.Status.PENDING
     )
-    user_id = session.project.owner_id
-    transaction.on_commit(
-        lambda: _chat_run_dispatch(
-            user_id=user_id, user_message=user_message, assistant_message=assistant_message
-        )
+    run = Run.objects.create(session=session, message=assistant_message, agent_id=session.agent_id)
+    on_commit_robust(
+        lambda: run_dispatch(run=run, announce=(user_message, assistant_message)),
+        name=f"run_dispatch(run={run.id})",
     )
     return user_message, assistant_message
 
 
-def _chat_run_dispatch(*, user_id: int, user_message: Message, assistant_message: Message) -> None:
-    project_id = assistant_message.session.project_id
-    space = get_worker_space(user_id=user_id, project_id=project_id)
-    with space.use():
-        # Announce first, so a client sees the message before the worker's first delta.
-        streams.events_append(
-            redis=space.redis,
-            session_id=assistant_message.session_id,
-            events=[
-                (streams.MESSAGE_CREATED, message_event_data(message))
-                for message in (user_message, assistant_message)
-            ],
-        )
-        try:
-            publish(
-                run_agent,
-                project_id=project_id,
-                kwargs={
-                    "user_id": user_id,
-                    "session_id": str(assistant_message.session_id),
-                    "message_id": assistant_message.id,
-                },
-            )
-        except Exception:
-            # Nothing will answer: say so on the message instead of leaving it pending.
-            Message.objects.filter(id=assistant_message.id, status=Message.Status.PENDING).update(
-                status=Message.Status.ERROR, error="the agent run could not be queued"
-            )
-            raise
-
-
 def session_runs_cancel(*, session: ChatSession) -> list[int]:
-    """Stop the session's in-flight answers; returns the ids of the messages cancelled.
-
-    A run not started yet ends here; a streaming one sees the cancel flag before its next
-    delta and ends itself.
-    """
-    in_flight = list(
-        Message.objects.filter(
-            session=session,
-            role=Message.Role.ASSISTANT,
-            status__in=(Message.Status.PENDING, Message.Status.STREAMING),
-        ).values_list("id", flat=True)
-    )
-    if not in_flight:
-        return []
-    redis = scoped(session.project.owner_id, session.project_id)
-    # The flag goes first: a run claiming its message after this sees it.
-    streams.cancel_request(redis=redis, message_ids=in_flight)
-    for message in Message.objects.filter(id__in=in_flight, status=Message.Status.PENDING):
-        message_fail(
-            redis=redis,
-            message=message,
-            reason=CANCELLED,
-            from_statuses=(Message.Status.PENDING,),
-        )
-    return in_flight
+    """Stop the session's answers in flight; returns the ids of the assistant messages
+    whose runs this call stopped (they end `cancelled`)."""
+    return runs_cancel(session=session)
 
 
 # --- The agent's context ----------------------------------------------------------------
@@ -175,7 +142,7 @@ def context_documents_add(*, agent: Agent, documents: list[dict[str, Any]]) -> s
         task=add_context,
         kind="add",
         fields={"documents": len(documents)},
-        kwargs={"documents": documents},
+        documents=documents,
     )
 
 
@@ -185,9 +152,15 @@ def context_clear(*, agent: Agent) -> str:
 
 
 def _context_job_start(
-    *, agent: Agent, task: Task, kind: str, fields: dict | None = None, kwargs: dict | None = None
+    *,
+    agent: Agent,
+    task: Task,
+    kind: str,
+    fields: dict | None = None,
+    documents: list[dict[str, Any]] | None = None,
 ) -> str:
-    """Record a context job (readable at .../context/jobs/{id}/) and put it on the bus."""
+    """Record a context job (readable at .../context/jobs/{id}/) and put it on the bus.
+    Both need Redis: while it is down this raises (a 503), having written nothing."""
     project = agent.project
     job_id = str(uuid.uuid4())
     streams.job_create(
@@ -201,16 +174,12 @@ def _context_job_start(
             "created_at": time.time(),
             **(fields or {}),
         },
+        documents=documents,
     )
     publish(
         task,
         project_id=project.id,
-        kwargs={
-            "user_id": project.owner_id,
-            "agent_id": str(agent.id),
-            "job_id": job_id,
-            **(kwargs or {}),
-        },
+        kwargs={"user_id": project.owner_id, "agent_id": str(agent.id), "job_id": job_id},
     )
     return job_id
 

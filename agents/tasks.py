@@ -7,11 +7,13 @@ any task of a deleted project before it runs.
 
 from __future__ import annotations
 
+import contextlib
+
 from celery import shared_task
 
-from agentbus import AgentBusTask
+from agentbus import AgentBusTask, ProjectGone, publish
 
-from .runtime.chat import chat_run
+from .runtime.chat import AgentRunFailed, chat_run
 from .runtime.jobs import context_job_add, context_job_clear, context_search_reply
 from .runtime.vectors import collection_drop, collections_sweep
 
@@ -25,24 +27,26 @@ STORE_RETRY = {
 }
 
 
-@shared_task(base=AgentBusTask, bind=True, name="agents.run_agent")
-def run_agent(self, *, user_id: int, project_id: str, session_id: str, message_id: int) -> str:
-    return chat_run(
-        user_id=user_id, project_id=project_id, session_id=session_id, message_id=message_id
-    )
+@shared_task(base=AgentBusTask, bind=True, name="agents.run_agent", throws=(AgentRunFailed,))
+def run_agent(self, *, user_id: int, project_id: str, run_id: str, attempt: int) -> str:
+    # A run that ends in error raises AgentRunFailed: a failed task in Flower (`throws`:
+    # logged without a traceback, the run already says why). Never retried by Celery:
+    # the recovery pass owns retries.
+    return chat_run(run_id=run_id, attempt=attempt)
 
 
 @shared_task(base=AgentBusTask, bind=True, name="agents.add_context")
 def add_context(
-    self, *, user_id: int, project_id: str, agent_id: str, job_id: str, documents: list[dict]
-) -> dict:
-    return context_job_add(
-        user_id=user_id,
-        project_id=project_id,
-        agent_id=agent_id,
-        job_id=job_id,
-        documents=documents,
-    )
+    self, *, user_id: int, project_id: str, agent_id: str, job_id: str, start: int = 0
+) -> int | None:
+    """One batch of an ingest job; the next batch goes to the back of the project's
+    queue, behind whatever other work is waiting."""
+    ids = {"user_id": user_id, "agent_id": agent_id, "job_id": job_id}
+    following = context_job_add(project_id=project_id, start=start, **ids)
+    if following is not None:
+        with contextlib.suppress(ProjectGone):  # deleted meanwhile: nothing more to do
+            publish(self, project_id=project_id, kwargs={**ids, "start": following})
+    return following
 
 
 @shared_task(base=AgentBusTask, bind=True, name="agents.clear_context", **STORE_RETRY)
@@ -78,6 +82,15 @@ def search_context(
 @shared_task(base=AgentBusTask, bind=True, name="agents.drop_collection", **STORE_RETRY)
 def drop_collection(self, *, user_id: int, project_id: str, agent_id: str) -> bool:
     return collection_drop(user_id=user_id, project_id=project_id, agent_id=agent_id)
+
+
+@shared_task(name="agents.recover_runs", ignore_result=True)
+def recover_runs() -> dict:
+    """Beat: dispatch again the runs that were lost (see agents.runs)."""
+    # Here, not at the top: agents.runs imports this module to dispatch run_agent.
+    from .runs import runs_recover
+
+    return runs_recover()
 
 
 @shared_task(name="agents.sweep_collections")

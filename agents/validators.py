@@ -23,7 +23,7 @@ def validate_params(value) -> None:
         raise ValidationError("Must be a JSON object.")
     if len(json.dumps(value).encode()) > MAX_PARAMS_BYTES:
         raise ValidationError(f"Must be at most {MAX_PARAMS_BYTES} bytes as JSON.")
-    errors = {}
+    errors = []
     for key, (kind, low, high) in PARAM_RANGES.items():
         if key not in value:
             continue
@@ -31,6 +31,6 @@ def validate_params(value) -> None:
         ok_type = isinstance(v, int | float) if kind is float else isinstance(v, int)
         if isinstance(v, bool) or not ok_type or not low <= v <= high:
             kind_name = "an integer" if kind is int else "a number"
-            errors[key] = f"Must be {kind_name} in [{low}, {high}]."
+            errors.append(f"{key}: must be {kind_name} in [{low}, {high}].")
     if errors:
         raise ValidationError(errors)

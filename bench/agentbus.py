@@ -43,7 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":
-    sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+    sys.path[:0] = [str(ROOT)]
     os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/13")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
     os.environ.setdefault("DEBUG", "false")
@@ -103,13 +103,14 @@ def send(task, *, project_id: uuid.UUID, kwargs: dict | None = None) -> str:
 
 class Worker:
     def __init__(self, *args: str, stock_transport: bool = False):
-        env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'bench'}")
+        # The worker imports this file as `bench.agentbus` (`agentbus` is the app).
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
         env["CELERY_WORKER_SEND_TASK_EVENTS"] = "true" if EVENTS else "false"
         if stock_transport:  # kombu's own Redis channel, as plain Celery runs it
             env["AGENTBUS_WORKER_TRANSPORT"] = ""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "config", "worker", "-P", "prefork",
-             "-c", "2", "-I", "agentbus", "--without-mingle", "--without-gossip",
+             "-c", "2", "-I", "bench.agentbus", "--without-mingle", "--without-gossip",
              "--without-heartbeat", "--loglevel=WARNING", "-n", f"bench-{uuid.uuid4().hex[:6]}@%h",
              *args],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

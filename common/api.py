@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from rest_framework import serializers
+import kombu.exceptions
+import redis
+from rest_framework import serializers, status
+from rest_framework.exceptions import APIException
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.response import Response
+from rest_framework.views import exception_handler as drf_exception_handler
 
-MAX_TEXT_BYTES = 32 * 1024
+logger = logging.getLogger(__name__)
 
 
 class StrictSerializer(serializers.Serializer):
@@ -21,12 +26,6 @@ class StrictSerializer(serializers.Serializer):
                 {name: ["Unknown field."] for name in sorted(unknown)}
             )
         return attrs
-
-
-def validate_text_size(value: str) -> str:
-    if len(value.encode("utf-8")) > MAX_TEXT_BYTES:
-        raise serializers.ValidationError(f"Must be at most {MAX_TEXT_BYTES} bytes (UTF-8).")
-    return value
 
 
 class _PageQuerySerializer(serializers.Serializer):
@@ -92,3 +91,24 @@ class EnvelopeListMixin:
         paginator = self.pagination_class()
         page = paginator.paginate_queryset(queryset, self.request, view=self)
         return paginator.get_paginated_response(serializer_class(page, many=True).data)
+
+
+class BackendUnavailable(APIException):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "A service this request needs is unavailable; retry shortly."
+    default_code = "backend_unavailable"
+
+
+RETRY_AFTER_SECONDS = 5
+
+
+def exception_handler(exc, context):
+    """DRF's handler, plus: Redis or the broker being down is a 503 with Retry-After
+    (views reach them only before writing anything, or after commit robustly)."""
+    if isinstance(exc, redis.RedisError | kombu.exceptions.OperationalError):
+        logger.warning("%s: backend unavailable: %r", context.get("view"), exc)
+        exc = BackendUnavailable()
+    response = drf_exception_handler(exc, context)
+    if response is not None and response.status_code == status.HTTP_503_SERVICE_UNAVAILABLE:
+        response.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
+    return response

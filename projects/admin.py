@@ -13,8 +13,12 @@ class ProjectAdmin(admin.ModelAdmin):
     readonly_fields = ("id", "created_at", "updated_at")
     date_hierarchy = "created_at"
 
-    # Deleting from the admin is the same delete as the API's: it records and runs the
-    # workspace teardown instead of leaving it to the sweep.
+    def get_readonly_fields(self, request, obj=None):
+        # The owner is part of the project's identity: its workspace, keys and vector
+        # collections are named after it. It is chosen at creation and never changed.
+        return (*self.readonly_fields, "owner") if obj else self.readonly_fields
+
+    # Deleting from the admin is the same delete as the API's.
     def delete_model(self, request, obj: Project) -> None:
         project_delete(project=obj)
 

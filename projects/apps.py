@@ -8,3 +8,7 @@ class ProjectsConfig(AppConfig):
 
     name = "projects"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        # Models can be imported only now: connects the receivers.
+        from . import receivers  # noqa: F401

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import transaction
+from django.http import Http404
 
 from common.services import model_update
 
 from .models import Project
-from .signals import project_deleted
 
 PROJECT_FIELDS = ("name", "description")
 
@@ -27,10 +27,23 @@ def project_update(*, project: Project, data: dict[str, Any]) -> Project:
 def project_delete(*, project: Project) -> None:
     """Delete a project and everything it owns.
 
-    The database delete and the receivers' durable teardown records commit together;
-    the receivers put the teardown of Redis keys, queues and vector collections on the
-    bus after commit.
+    The row is locked first, so a write to the project that is in flight finishes (and
+    is deleted with it) or waits and finds the project gone (a 404): never a write that
+    fails the delete. The delete and the receivers' durable teardown records
+    (`project_deleted`) commit together; the teardown of Redis keys, queues and vector
+    collections runs after commit.
     """
-    project_id, user_id = project.id, project.owner_id
+    if Project.objects.select_for_update().filter(id=project.id).first() is None:
+        raise Http404("No such project.")  # a concurrent delete got there first
     project.delete()
-    project_deleted.send(sender=Project, project_id=project_id, user_id=user_id)
+
+
+def project_lock_for_write(*, project: Project) -> Project:
+    """Call at the start of a transaction that adds to the project (an agent, a session,
+    a message): holds the project until commit against a concurrent delete, which then
+    waits for this write and deletes what it added. Raises Http404 if the project was
+    deleted first."""
+    locked = Project.objects.select_for_update(no_key=True).filter(id=project.id).first()
+    if locked is None:
+        raise Http404("No such project.")
+    return locked

@@ -1,6 +1,7 @@
 from django.dispatch import Signal
 
-# Sent by projects.services.project_delete inside the deleting transaction, after the
-# row is gone. Receivers (workspaces, agents) record and enqueue their teardown work.
+# Sent inside the deleting transaction, after a project row is gone, whatever deleted
+# it: `project_delete`, the admin, or a cascade (a user deleted). Receivers record
+# their teardown work durably in the same transaction and act after commit.
 # Arguments: project_id (UUID), user_id (int).
 project_deleted = Signal()

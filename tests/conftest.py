@@ -102,3 +102,12 @@ def live_worker(transactional_db):
 
     with shared_pool_worker() as worker:
         yield worker
+
+
+@pytest.fixture
+def worker_process(tmp_path):
+    """Real worker subprocesses (tests.workers.worker_processes), killed after the test."""
+    from tests.workers import worker_processes
+
+    with worker_processes(tmp_path) as start:
+        yield start

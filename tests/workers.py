@@ -1,10 +1,54 @@
-"""A real Celery worker in the test process, configured exactly like the shared pool."""
+"""Real Celery workers for the tests: one in the test process, configured exactly like
+the shared pool, and `celery -A config worker` subprocesses for what an in-process worker
+cannot show (crashes, shutdown, other settings)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+
+from django.db import connection
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
+    """Poll `predicate` until it returns something truthy or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def worker_status(name: str, timeout: float = 1.0) -> dict | None:
+    """The `agentbus_status` reply of one worker (through its remote-control mailbox)."""
+    from agentbus.active import STATUS_COMMAND
+    from config.celery_app import app
+
+    for reply in app.control.broadcast(
+        STATUS_COMMAND, destination=[name], reply=True, timeout=timeout
+    ):
+        if name in reply:
+            return reply[name]
+    return None
+
+
+def database_url() -> str:
+    """The test database, for a subprocess that must see the rows this test commits."""
+    s = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{s['NAME']}"
+    return f"postgres://{s['USER']}:{s['PASSWORD']}@{s['HOST']}:{s['PORT'] or 5432}/{s['NAME']}"
 
 
 @contextmanager
@@ -40,3 +84,142 @@ def shared_pool_worker() -> Iterator:
         # The worker narrowed and extended the app's queue table; the next one starts clean.
         for cached in ("queues", "router", "default_queue"):
             app.amqp.__dict__.pop(cached, None)
+
+
+class WorkerProcess:
+    """A `celery -A config worker` subprocess in its own process group."""
+
+    def __init__(self, argv: list[str], name: str, log_path: Path, env: dict[str, str]):
+        self.name = name
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop())
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float = 60.0) -> dict:
+        status = wait_for(
+            lambda: self.proc.poll() is None and worker_status(self.name, timeout=0.5),
+            timeout=timeout,
+            interval=0.2,
+        )
+        if not status:
+            raise AssertionError(f"worker {self.name} did not start:\n{self.log()}")
+        return status
+
+    def wait_started(self, timeout: float = 60.0) -> None:
+        """Until the worker logs that it is ready (for a broker other than the suite's,
+        where this process's control replies may not reach: kombu remembers declaring
+        the reply queue on the suite's broker)."""
+        ready = wait_for(
+            lambda: self.proc.poll() is None and f"{self.name} ready." in self.log(),
+            timeout=timeout,
+            interval=0.2,
+        )
+        if not ready:
+            raise AssertionError(f"worker {self.name} did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill_group(self) -> None:
+        """SIGKILL the worker and its pool processes, as a crash would."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        # Tests that are about shutting down do it themselves; here speed matters (an
+        # idle worker's soft shutdown would wait out its timeout).
+        self.kill_group()
+        self._log.close()
+
+
+@contextmanager
+def worker_processes(log_dir: Path) -> Iterator:
+    """Start real worker subprocesses: `start(*celery_args, name=..., env=...)`.
+
+    They run with the test settings, this test run's database, Redis and broker, the
+    test task module (-I tests.agentbus.tasks) and REMAP_SIGTERM=SIGQUIT (SIGTERM starts
+    the soft shutdown), and are killed when the block ends.
+    """
+    from django.conf import settings
+
+    started: list[WorkerProcess] = []
+
+    def start(
+        *args: str,
+        name: str | None = None,
+        argv: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> WorkerProcess:
+        if argv is None:
+            name = name or f"w{len(started)}-{uuid.uuid4().hex[:6]}@test"
+            argv = [sys.executable, "-m", "celery", "-A", "config", "worker", *args, "-n", name]
+            argv.append("--loglevel=INFO")
+        elif name is None:
+            raise ValueError("name the worker that `argv` starts")
+        argv = [*argv, "-I", "tests.agentbus.tasks", "--without-mingle", "--without-gossip"]
+        log = log_dir / f"{name.split('@')[0]}.log"
+        base_env = dict(
+            os.environ,
+            DJANGO_SETTINGS_MODULE="config.settings.test",
+            REMAP_SIGTERM="SIGQUIT",
+            # The settings as this test has them now (it may point them elsewhere).
+            REDIS_URL=settings.REDIS_URL,
+            CELERY_BROKER_URL=settings.CELERY_BROKER_URL,
+            DATABASE_URL=database_url(),
+            QDRANT_PATH=getattr(settings, "QDRANT_PATH", ""),
+            PYTHONUNBUFFERED="1",
+        )
+        proc = WorkerProcess(argv, name, log, {**base_env, **(env or {})})
+        started.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            proc.stop()
+
+
+@contextmanager
+def broker_at(url: str) -> Iterator[None]:
+    """Point this process's Celery app (publishing, control, in-process workers) at
+    another broker for the block."""
+    from config.celery_app import app
+
+    def reset() -> None:
+        # Forget the pools (kombu keeps one per broker URL): the next use takes the one of
+        # the URL now set. Closing them would leave closed pools behind in kombu's table.
+        app._pool = None
+        app.amqp._producer_pool = None
+
+    old = app.conf.broker_url
+    reset()
+    app.conf.broker_url = url
+    try:
+        yield
+    finally:
+        reset()
+        app.conf.broker_url = old

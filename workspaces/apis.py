@@ -1,4 +1,4 @@
-"""Operators' endpoints: workspace health and stats . Staff only."""
+"""Operators' endpoints: workspace health and stats. Staff only."""
 
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema

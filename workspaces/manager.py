@@ -168,7 +168,7 @@ def get_worker_space_manager() -> WorkerSpaceManager:
 
 
 def get_worker_space(*, user_id: int, project_id: uuid.UUID | str) -> UserWorkerSpace:
-    """The initialised workspace of the project (what every piece of work for a project goes through). Raises
-    WorkspaceUnavailable (503) if it cannot be initialised, WorkspaceGone (404) if the
-    project no longer exists."""
+    """The initialised workspace of the project: what every piece of work for a project
+    goes through. Raises WorkspaceUnavailable (503) if it cannot be initialised,
+    WorkspaceGone (404) if the project no longer exists."""
     return get_worker_space_manager().get_or_create(user_id=user_id, project_id=project_id)

@@ -12,6 +12,8 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+from redis.commands.core import Script
+
 from common.redis import get_redis
 
 KEY_NAMESPACE = "uws"
@@ -21,6 +23,8 @@ def workspace_prefix(user_id: int | str, project_id: uuid.UUID | str) -> str:
     """The prefix every Redis key of one workspace lives under."""
     return f"{KEY_NAMESPACE}:{int(user_id)}:{uuid.UUID(str(project_id)).hex}:"
 
+
+_scripts: dict[str, Script] = {}
 
 # Commands whose first argument is the only key.
 _SINGLE_KEY = frozenset(
@@ -68,6 +72,13 @@ class ScopedRedis:
 
     def xread(self, streams: dict[str, Any], **kwargs: Any) -> Any:
         return self._client.xread({self.prefix + k: v for k, v in streams.items()}, **kwargs)
+
+    def script(self, source: str, *, keys: list[str], args: list[Any]) -> Any:
+        """Run a Lua script on keys of this workspace (given workspace-relative)."""
+        script = _scripts.get(source)
+        if script is None:
+            script = _scripts[source] = Script(get_redis(), source)
+        return script(keys=[self.prefix + k for k in keys], args=args, client=self._client)
 
     def pipeline(self, transaction: bool = True) -> ScopedRedis:
         return ScopedRedis(self._client.pipeline(transaction=transaction), self.prefix)

@@ -18,6 +18,7 @@ from projects.models import Project
 from . import registry
 from .manager import get_worker_space_manager
 from .registry import RegistryEntry, State
+from .sources import health_checks
 from .space import iso
 
 
@@ -120,6 +121,7 @@ def workspace_stats(*, offset: int = 0, limit: int | None = None) -> dict[str, A
         "limit": limit,
         "spaces": {v.key: v.stats() for v in views},
         "process": process,
+        **{name: _run_check(check) for name, check in health_checks().items()},
     }
 
 
@@ -131,6 +133,7 @@ def workspace_health() -> dict[str, Any]:
         "redis": _check(lambda: get_redis().ping()),
         "broker": _check(_ping_broker),
         "workers": _check_workers(),
+        **{name: _run_check(check) for name, check in health_checks().items()},
     }
     details: dict[str, Any] = {}
     unhealthy: list[str] = []
@@ -169,6 +172,13 @@ def _check(probe) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001
         return {"healthy": False, "error": f"{type(exc).__name__}: {exc}"}
     return {"healthy": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+
+
+def _run_check(check) -> dict[str, Any]:
+    try:
+        return check()
+    except Exception as exc:  # noqa: BLE001  (reported, not raised: this is the health check)
+        return {"healthy": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _ping_database() -> None:

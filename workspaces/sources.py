@@ -1,13 +1,16 @@
-"""Where a workspace gets its agents from, without knowing the app that owns them.
+"""What the apps above workspaces plug into it, without workspaces knowing them.
 
-The agents app registers an `AgentSource` when it loads (`register_agent_source`); a
-workspace asks it for the configs it caches. The configs are plain JSON-able dicts
-with at least "id", "project_id" and "updated_at" (ISO 8601).
+- An `AgentSource` (`register_agent_source`): a workspace asks it for the agent configs
+  it caches. The configs are plain JSON-able dicts with at least "id", "project_id" and
+  "updated_at" (ISO 8601).
+- Health checks (`register_health_check`): named callables whose report (a dict with
+  "healthy") joins the operators' health and stats endpoints.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -49,3 +52,15 @@ def register_agent_source(source: AgentSource) -> None:
 
 def agent_source() -> AgentSource:
     return _source
+
+
+HealthCheck = Callable[[], dict[str, Any]]
+_health_checks: dict[str, HealthCheck] = {}
+
+
+def register_health_check(name: str, check: HealthCheck) -> None:
+    _health_checks[name] = check
+
+
+def health_checks() -> dict[str, HealthCheck]:
+    return dict(_health_checks)

@@ -28,6 +28,7 @@ from projects.models import Project
 from . import registry
 from .cache import AgentCache
 from .exceptions import WorkspaceGone, WorkspaceUnavailable
+from .lifecycle import project_tombstone_heal
 from .redis import ScopedRedis, scoped
 from .registry import INIT_LOCK_KEY, State
 from .sources import AgentConfig, agent_source
@@ -208,8 +209,8 @@ class UserWorkerSpace:
     def _check_project(self) -> None:
         if not Project.objects.filter(id=self.project_id, owner_id=self.user_id).exists():
             raise WorkspaceGone()
-        if project_gone(self.project_id):
-            raise WorkspaceGone()
+        if project_gone(self.project_id) and not project_tombstone_heal(project_id=self.project_id):
+            raise WorkspaceGone()  # being deleted: its row goes in a moment
 
     def _attach(self, entry: registry.RegistryEntry) -> None:
         self.agent_ids = frozenset(entry.agent_ids)

@@ -4,7 +4,8 @@ from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
-from common.api import EnvelopeListMixin, EnvelopePagination, StrictSerializer, validate_text_size
+from common.api import EnvelopeListMixin, EnvelopePagination, StrictSerializer
+from common.validators import validate_text_size
 from projects.mixins import ProjectScopedApi
 
 from ..selectors import agent_list, message_list, session_get, session_list

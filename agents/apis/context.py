@@ -8,7 +8,8 @@ from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
-from common.api import StrictSerializer, validate_text_size
+from common.api import StrictSerializer
+from common.validators import validate_text_size
 from projects.mixins import ProjectScopedApi
 
 from ..selectors import agent_get, context_job_get

@@ -1,36 +1,50 @@
-"""An agent answering one chat message, on a worker.
+"""An agent answering one chat message, on a worker: one `Run`.
 
-The assistant `Message` goes pending -> streaming -> done (or error, with the reason),
-and every step is an event on the session's stream. Each transition is a conditional
-update, so a redelivered task, a cancel racing the run and a deleted row all end in a
-single consistent outcome.
+The run claims its row (queued -> running, conditional on its dispatch generation),
+holds a lease while it works, streams the answer's deltas into the session's event
+stream, and ends the run exactly once (done, error or cancelled). Every write is
+conditional on the run still being this worker's, so a worker that lost its run (the
+recovery pass took it back, a user cancelled it, the project was deleted) stops without
+touching it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
-from django.db.models import Q
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
 
 from agentbus import project_gone
 from workspaces.manager import get_worker_space
 from workspaces.redis import ScopedRedis, scoped
 
-from ..models import Message
+from ..models import Message, Run
 from . import streams
-from .providers import ChatRequest, ProviderError, get_provider
+from .lease import Held, lease_deadline, lease_keeper
+from .providers import ChatRequest, ProviderError, ProviderStopped, get_provider
 from .vectors import context_search, exchange_store
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 4
 HISTORY_MESSAGES = 20
-CANCELLED = "cancelled"
 # How often a long run looks whether its project was deleted meanwhile.
 TOMBSTONE_CHECK_SECONDS = 0.5
+WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
+
+
+class AgentRunFailed(Exception):
+    """Raised by the task after a run ended in error, so Celery (and Flower) count it as
+    a failed task. The run and its message already say why."""
 
 
 def message_event_data(message: Message) -> dict[str, Any]:
@@ -46,21 +60,52 @@ def message_event_data(message: Message) -> dict[str, Any]:
     }
 
 
-def message_fail(
-    *, redis: ScopedRedis, message: Message, reason: str, from_statuses: tuple[str, ...]
+def run_end(
+    *,
+    run: Run,
+    status: str,
+    content: str | None = "",
+    error: str = "",
+    from_statuses: tuple[str, ...] = (Run.Status.RUNNING,),
+    attempt: int | None = None,
 ) -> bool:
-    """End a message in error (once); True when this call was the one that ended it."""
-    updated = Message.objects.filter(id=message.id, status__in=from_statuses).update(
-        status=Message.Status.ERROR, error=reason, content=message.content
-    )
-    if updated:
-        streams.event_append(
-            redis=redis,
-            session_id=message.session_id,
-            event_type=streams.MESSAGE_ERROR,
-            data={"message_id": message.id, "error": reason, "content": message.content},
+    """End a run and its message once, conditionally (on its status, and on the dispatch
+    generation when given): True when this call ended it. Says so on the event stream.
+    `content` None leaves the message's text as it is (a cancel from outside the run)."""
+    fence = Q(id=run.id, status__in=from_statuses)
+    if attempt is not None:
+        fence &= Q(attempt=attempt)
+    with transaction.atomic():
+        ended = Run.objects.filter(fence).update(
+            status=status, error=error, finished_at=timezone.now(), lease_expires_at=None
         )
-    return bool(updated)
+        if ended:
+            written = {"status": status, "error": error}
+            if content is not None:
+                written["content"] = content
+            Message.objects.filter(id=run.message_id).update(**written)
+    if ended:
+        event, data = {
+            Run.Status.DONE: (streams.MESSAGE_COMPLETED, {"content": content, "status": status}),
+            Run.Status.ERROR: (streams.MESSAGE_ERROR, {"error": error, "content": content}),
+            Run.Status.CANCELLED: (streams.MESSAGE_CANCELLED, {}),
+        }[status]
+        try:
+            streams.event_append(
+                redis=_redis_of(run),
+                session_id=run.session_id,
+                event_type=event,
+                data={"message_id": run.message_id, **data},
+            )
+        except Exception:
+            # The database says how it ended; a client reloading the message sees it.
+            logger.warning("run %s ended %s; the event was not written", run.id, status)
+    return bool(ended)
+
+
+def _redis_of(run: Run) -> ScopedRedis:
+    project = run.session.project
+    return scoped(project.owner_id, project.id)
 
 
 def _build_request(
@@ -88,177 +133,187 @@ def _build_request(
     )
 
 
-def chat_run(
-    *, user_id: int, project_id: uuid.UUID | str, session_id: uuid.UUID | str, message_id: int
-) -> str:
-    """Produce the assistant message `message_id`; returns the outcome (for logs and tests)."""
-    outcome = _chat_run(
-        user_id=user_id, project_id=project_id, session_id=session_id, message_id=message_id
+def chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
+    """Run `run_id` if dispatch generation `attempt` may; returns the outcome (for logs
+    and tests). Raises AgentRunFailed when the run ended in error here."""
+    run = Run.objects.select_related("message", "session__project").filter(id=run_id).first()
+    if run is None:
+        return "gone"
+    redis = _redis_of(run)
+    try:
+        streams.runs_unmark_queued(redis=redis, run_id=str(run.id))
+    except Exception:
+        logger.warning("run %s: could not clear its queued mark", run.id, exc_info=True)
+    if run.attempt != attempt or run.status != Run.Status.QUEUED:
+        return "stale"  # an older dispatch, or already ended: another owns it
+    claimed = Run.objects.filter(id=run.id, attempt=attempt, status=Run.Status.QUEUED).update(
+        status=Run.Status.RUNNING,
+        starts=F("starts") + 1,
+        lease_expires_at=lease_deadline(),
+        worker=WORKER_NAME,
+        started_at=timezone.now(),
     )
-    if outcome != "already-finished" and project_gone(project_id):
-        # The project went while this ran: teardown may have removed the stream before
-        # our last events re-created it. Leave nothing under its prefix.
-        redis = scoped(user_id, project_id)
-        redis.delete(streams.stream_key(session_id), streams.cancel_key(message_id))
-        return "project-deleted"
+    if not claimed:
+        return "stale"
+    run.refresh_from_db(fields=["starts", "status"])
+    return _run_claimed(run=run, attempt=attempt, redis=redis)
+
+
+def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:
+    message = run.message
+    if run.starts > settings.RUN_MAX_STARTS:
+        run_end(
+            run=run,
+            status=Run.Status.ERROR,
+            attempt=attempt,
+            error=f"the agent run was interrupted {run.starts - 1} times and gave up",
+        )
+        raise AgentRunFailed(str(run.id))
+    Message.objects.filter(
+        id=message.id, status__in=(Message.Status.PENDING, Message.Status.STREAMING)
+    ).update(status=Message.Status.STREAMING, content="", error="")
+    if run.starts > 1:
+        # A worker died mid-answer: what the client holds of it is replaced.
+        streams.event_append(
+            redis=redis,
+            session_id=run.session_id,
+            event_type=streams.MESSAGE_RESTARTED,
+            data={"message_id": message.id, "attempt": attempt},
+        )
+    project = run.session.project
+    space = get_worker_space(user_id=project.owner_id, project_id=project.id)
+    with lease_keeper().hold(run.id, attempt) as held, space.use():
+        outcome, content, error = _answer(run=run, held=held, space=space, redis=redis)
+    if outcome == "done":
+        if run_end(run=run, status=Run.Status.DONE, content=content, attempt=attempt):
+            _remember_exchange(run=run, content=content)
+            return "done"
+        return "lost"
+    if outcome == "error":
+        if run_end(run=run, status=Run.Status.ERROR, content=content, error=error, attempt=attempt):
+            raise AgentRunFailed(f"run {run.id}: {error}")
+        return "lost"
+    if outcome == "cancelled":
+        # The canceller ends the run (or has); what was said before the cancel stays.
+        Message.objects.filter(
+            id=message.id, status__in=(Message.Status.STREAMING, Message.Status.CANCELLED)
+        ).update(content=content)
+    if outcome == "project-deleted":
+        # Teardown may have removed the stream before our last events re-created it.
+        redis.delete(streams.stream_key(run.session_id), streams.cancel_key(message.id))
     return outcome
 
 
-def _chat_run(
-    *, user_id: int, project_id: uuid.UUID | str, session_id: uuid.UUID | str, message_id: int
-) -> str:
-    message = (
-        Message.objects.filter(id=message_id, session_id=session_id, role=Message.Role.ASSISTANT)
-        .select_related("session")
-        .first()
-    )
-    if message is None:
-        return "gone"
-    if message.status in (Message.Status.DONE, Message.Status.ERROR):
-        return "already-finished"
-    redis = scoped(user_id, project_id)
-    # Claim the run; a redelivery after a crash (status streaming) starts the answer over,
-    # and deltas carry their offset so a client replaces what it had.
-    claimed = Message.objects.filter(
-        id=message.id, status__in=(Message.Status.PENDING, Message.Status.STREAMING)
-    ).update(status=Message.Status.STREAMING, content="", error="")
-    if not claimed:
-        return "already-finished"
-    message.status, message.content = Message.Status.STREAMING, ""
-    running = (Message.Status.STREAMING,)
-    if streams.cancel_requested(redis=redis, message_id=message.id):
-        message_fail(redis=redis, message=message, reason=CANCELLED, from_statuses=running)
-        return CANCELLED
+def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> tuple[str, str, str]:
+    """(outcome, content, error): done, error, cancelled, lost or project-deleted."""
+    message = run.message
+    project_id = run.session.project_id
+    next_check = [time.monotonic() + TOMBSTONE_CHECK_SECONDS]
+    gone = [False]
 
-    try:
-        space = get_worker_space(user_id=user_id, project_id=project_id)
-        with space.use():
-            config = space.get_agent(str(message.session.agent_id))
-            if config is None:
-                message_fail(
-                    redis=redis,
-                    message=message,
-                    reason="the agent no longer exists",
-                    from_statuses=running,
-                )
-                return "error"
-            question = (
-                Message.objects.filter(
-                    session_id=message.session_id, role=Message.Role.USER, id__lt=message.id
-                )
-                .order_by("-id")
-                .values_list("content", flat=True)
-                .first()
-            ) or ""
-            top_k = int((config.get("params") or {}).get("top_k", DEFAULT_TOP_K))
-            hits = context_search(
-                user_id=user_id,
-                project_id=project_id,
-                agent_id=config["id"],
-                query=question,
-                k=top_k,
-            )
-            request = _build_request(
-                config=config, message=message, question=question, context=[h.text for h in hits]
-            )
-            outcome = _stream_answer(
-                redis=redis, message=message, request=request, project_id=project_id
-            )
-    except ProviderError as exc:
-        message_fail(redis=redis, message=message, reason=str(exc), from_statuses=running)
-        return "error"
-    except Exception as exc:
-        logger.exception("agent run of message %s failed", message.id)
-        message_fail(
-            redis=redis,
-            message=message,
-            reason=f"the agent run failed: {type(exc).__name__}",
-            from_statuses=running,
-        )
-        return "error"
-    if outcome != "done":
-        return outcome
+    def should_stop() -> bool:
+        if time.monotonic() >= next_check[0]:
+            gone[0] = gone[0] or project_gone(project_id)
+            next_check[0] = time.monotonic() + TOMBSTONE_CHECK_SECONDS
+        return gone[0] or held.should_stop
 
+    def stopped(content: str) -> tuple[str, str, str]:
+        if gone[0]:
+            return "project-deleted", content, ""
+        return ("cancelled" if held.cancelled.is_set() else "lost"), content, ""
+
+    parts: list[str] = []
     try:
-        _remember_exchange(
-            user_id=user_id,
+        config = space.get_agent(str(run.agent_id))
+        if config is None:
+            return "error", "", "the agent no longer exists"
+        question = (
+            Message.objects.filter(
+                session_id=message.session_id, role=Message.Role.USER, id__lt=message.id
+            )
+            .order_by("-id")
+            .values_list("content", flat=True)
+            .first()
+        ) or ""
+        top_k = int((config.get("params") or {}).get("top_k", DEFAULT_TOP_K))
+        hits = context_search(
+            user_id=space.user_id,
             project_id=project_id,
             agent_id=config["id"],
-            message=message,
-            question=question,
+            query=question,
+            k=top_k,
         )
-    except Exception:
-        # The answer stands; only the memory of it is missing.
-        logger.exception("could not add the exchange of message %s to context", message.id)
-    return "done"
+        request = _build_request(
+            config=config, message=message, question=question, context=[h.text for h in hits]
+        )
+        outcome = _stream(redis=redis, run=run, request=request, parts=parts, stop=should_stop)
+    except ProviderStopped:
+        return stopped("".join(parts))
+    except ProviderError as exc:
+        return "error", "".join(parts), str(exc)
+    except Exception as exc:
+        logger.exception("agent run %s failed", run.id)
+        return "error", "".join(parts), f"the agent run failed: {type(exc).__name__}"
+    if outcome == "cancelled":
+        return "cancelled", "".join(parts), ""
+    if outcome != "done":
+        return stopped("".join(parts))
+    return "done", "".join(parts), ""
 
 
-def _stream_answer(
-    *, redis: ScopedRedis, message: Message, request: ChatRequest, project_id: uuid.UUID | str
+def _stream(
+    *,
+    redis: ScopedRedis,
+    run: Run,
+    request: ChatRequest,
+    parts: list[str],
+    stop: Callable[[], bool],
 ) -> str:
-    parts: list[str] = []
     offset = 0
-    next_tombstone_check = time.monotonic() + TOMBSTONE_CHECK_SECONDS
-    deltas = get_provider(request.model).stream(request)
+    deltas = get_provider(request.model).stream(request, should_stop=stop)
     try:
         for delta in deltas:
-            _event_id, cancelled = streams.event_append_checking_cancel(
+            appended = streams.event_append_unless_cancelled(
                 redis=redis,
-                session_id=message.session_id,
-                message_id=message.id,
+                session_id=run.session_id,
+                message_id=run.message_id,
                 event_type=streams.MESSAGE_DELTA,
-                data={"message_id": message.id, "delta": delta, "offset": offset},
+                data={"message_id": run.message_id, "delta": delta, "offset": offset},
             )
+            if appended is None:  # cancelled: nothing more reaches the client
+                return "cancelled"
             parts.append(delta)
             offset += len(delta)
-            message.content = "".join(parts)
-            if cancelled:
-                message_fail(
-                    redis=redis,
-                    message=message,
-                    reason=CANCELLED,
-                    from_statuses=(Message.Status.STREAMING,),
-                )
-                return CANCELLED
-            if time.monotonic() >= next_tombstone_check:
-                if project_gone(project_id):
-                    return "project-deleted"
-                next_tombstone_check = time.monotonic() + TOMBSTONE_CHECK_SECONDS
+            if stop():
+                return "stopped"
     finally:
         close = getattr(deltas, "close", None)
         if close is not None:
             close()
-    content = "".join(parts)
-    finished = Message.objects.filter(id=message.id, status=Message.Status.STREAMING).update(
-        status=Message.Status.DONE, content=content
-    )
-    if not finished:
-        return "gone"  # deleted or cancelled meanwhile; that path told the stream
-    message.content, message.status = content, Message.Status.DONE
-    streams.event_append(
-        redis=redis,
-        session_id=message.session_id,
-        event_type=streams.MESSAGE_COMPLETED,
-        data={"message_id": message.id, "content": content, "status": message.status},
-    )
     return "done"
 
 
-def _remember_exchange(
-    *,
-    user_id: int,
-    project_id: uuid.UUID | str,
-    agent_id: str,
-    message: Message,
-    question: str,
-) -> None:
-    if not message.content.strip() or not question.strip():
+def _remember_exchange(*, run: Run, content: str) -> None:
+    question = (
+        Message.objects.filter(
+            session_id=run.session_id, role=Message.Role.USER, id__lt=run.message_id
+        )
+        .order_by("-id")
+        .values_list("content", flat=True)
+        .first()
+    ) or ""
+    if not content.strip() or not question.strip():
         return
-    exchange_store(
-        user_id=user_id,
-        project_id=project_id,
-        agent_id=agent_id,
-        question=question,
-        answer=message.content,
-        payload={"session_id": str(message.session_id), "message_id": message.id},
-    )
+    project = run.session.project
+    try:
+        exchange_store(
+            user_id=project.owner_id,
+            project_id=project.id,
+            agent_id=str(run.agent_id),
+            question=question,
+            answer=content,
+            payload={"session_id": str(run.session_id), "message_id": run.message_id},
+        )
+    except Exception:
+        # The answer stands; only the memory of it is missing.
+        logger.exception("could not add the exchange of run %s to context", run.id)

@@ -8,6 +8,8 @@ import time
 import uuid
 from typing import Any
 
+from django.conf import settings
+
 from agentbus import project_gone
 from workspaces.redis import scoped
 
@@ -23,39 +25,75 @@ def _agent_exists(*, project_id: uuid.UUID | str, agent_id: str) -> bool:
 
 
 def context_job_add(
-    *,
-    user_id: int,
-    project_id: uuid.UUID | str,
-    agent_id: str,
-    job_id: str,
-    documents: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """Store documents for an agent and record the outcome on the job."""
+    *, user_id: int, project_id: uuid.UUID | str, agent_id: str, job_id: str, start: int
+) -> int | None:
+    """Store one batch of a job's documents, from `start`; returns where the next batch
+    starts, or None when the job has ended.
+
+    Batches are short (at most INGEST_BATCH_DOCUMENTS documents, INGEST_BATCH_CHARS of
+    text), so a long ingest gives the worker back between them (other projects' work
+    runs first) and stops soon after its project is deleted.
+    """
     redis = scoped(user_id, project_id)
+    job = streams.job_get(redis=redis, job_id=job_id)
+    if job is None or job.get("status") in ("done", "error"):
+        return None  # gone with its workspace, or already ended
+    if int(job.get("stored_documents", 0)) > start:
+        return int(job["stored_documents"])  # a redelivered batch: already stored
     if not _agent_exists(project_id=project_id, agent_id=agent_id):
-        result = {"status": "error", "error": "the agent no longer exists"}
-    else:
+        streams.job_finish(
+            redis=redis,
+            job_id=job_id,
+            fields={"status": "error", "error": "the agent no longer exists"},
+        )
+        return None
+    documents = streams.job_documents(
+        redis=redis, job_id=job_id, start=start, count=settings.INGEST_BATCH_DOCUMENTS
+    )
+    batch, chars = [], 0
+    for document in documents:
+        if batch and chars + len(document["text"]) > settings.INGEST_BATCH_CHARS:
+            break
+        batch.append(document)
+        chars += len(document["text"])
+    if start == 0:
         streams.job_update(redis=redis, job_id=job_id, fields={"status": "running"})
-        started = time.perf_counter()
-        try:
-            chunks = documents_store(
-                user_id=user_id,
-                project_id=project_id,
-                agent_id=agent_id,
-                documents=documents,
-                extra_payload={"kind": "document", "job_id": job_id},
-            )
-        except Exception as exc:
-            logger.exception("context job %s failed", job_id)
-            result = {"status": "error", "error": f"storing failed: {type(exc).__name__}: {exc}"}
-        else:
-            result = {
-                "status": "done",
-                "chunks": chunks,
-                "seconds": round(time.perf_counter() - started, 4),
-            }
-    streams.job_update(redis=redis, job_id=job_id, fields={**result, "finished_at": time.time()})
-    return result
+    started = time.perf_counter()
+    try:
+        chunks = documents_store(
+            user_id=user_id,
+            project_id=project_id,
+            agent_id=agent_id,
+            documents=batch,
+            first_index=start,
+            extra_payload={"kind": "document", "job_id": job_id},
+            should_stop=lambda: project_gone(project_id),
+        )
+    except Exception as exc:
+        logger.exception("context job %s failed", job_id)
+        streams.job_finish(
+            redis=redis,
+            job_id=job_id,
+            fields={"status": "error", "error": f"storing failed: {type(exc).__name__}: {exc}"},
+        )
+        return None
+    if chunks is None:
+        return None  # the project was deleted: its teardown removes the rest
+    stored = start + len(batch)
+    progress = {
+        "stored_documents": stored,
+        "chunks": int(job.get("chunks", 0)) + chunks,
+        "seconds": round(float(job.get("seconds", 0)) + time.perf_counter() - started, 4),
+    }
+    if stored >= int(job.get("documents", 0)) or not batch:
+        streams.job_finish(
+            redis=redis,
+            job_id=job_id,
+            fields={**progress, "status": "done", "finished_at": time.time()},
+        )
+        return None
+    streams.job_update(redis=redis, job_id=job_id, fields=progress)
+    return stored
 
 
 def context_job_clear(
@@ -69,7 +107,7 @@ def context_job_clear(
     else:
         context_clear(user_id=user_id, project_id=project_id, agent_id=agent_id)
         result = {"status": "done"}
-    streams.job_update(redis=redis, job_id=job_id, fields={**result, "finished_at": time.time()})
+    streams.job_finish(redis=redis, job_id=job_id, fields={**result, "finished_at": time.time()})
     return result
 
 

@@ -3,7 +3,9 @@ Imported by workers only, through providers.get_provider and embeddings.get_embe
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import random
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import openai
@@ -12,7 +14,17 @@ from openai import OpenAI
 
 from common.singletons import process_singleton
 
-from .providers import COMPLETION_PARAMS, ChatRequest, ProviderError, shorten
+from .providers import (
+    COMPLETION_PARAMS,
+    ChatRequest,
+    ProviderError,
+    ProviderStopped,
+    never,
+    shorten,
+)
+
+# Backoff between tries of a failed call (seconds, doubling, jittered, capped).
+RETRY_FIRST_WAIT, RETRY_MAX_WAIT = 0.5, 8.0
 
 
 @process_singleton(
@@ -26,7 +38,8 @@ def openai_client() -> OpenAI:
         # Local servers (vLLM, Ollama, llama.cpp) take any key.
         api_key=settings.OPENAI_API_KEY or "not-needed",
         timeout=settings.LLM_TIMEOUT_SECONDS,
-        max_retries=settings.LLM_MAX_RETRIES,
+        # Retried by OpenAIProvider itself, so a cancel stops the retries.
+        max_retries=0,
     )
 
 
@@ -38,26 +51,54 @@ class OpenAIProvider:
     def __init__(self, client: Any) -> None:
         self._client = client
 
-    def stream(self, request: ChatRequest) -> Iterator[str]:
+    def stream(
+        self, request: ChatRequest, *, should_stop: Callable[[], bool] = never
+    ) -> Iterator[str]:
         if not request.model:
             raise ProviderError("the agent has no model set")
         options = {k: request.params[k] for k in COMPLETION_PARAMS if k in request.params}
-        try:
-            stream = self._client.chat.completions.create(
-                model=request.model, messages=request.messages, stream=True, **options
-            )
-        except openai.OpenAIError as exc:
-            raise ProviderError(_describe(exc)) from exc
-        try:
-            for chunk in stream:
-                for choice in chunk.choices or ():
-                    delta = choice.delta.content if choice.delta else None
-                    if delta:
-                        yield delta
-        except openai.OpenAIError as exc:
-            raise ProviderError(_describe(exc)) from exc
-        finally:
-            stream.close()
+        tries = settings.LLM_MAX_RETRIES + 1
+        for attempt in range(1, tries + 1):
+            if should_stop():
+                raise ProviderStopped()
+            started = False
+            try:
+                stream = self._client.chat.completions.create(
+                    model=request.model, messages=request.messages, stream=True, **options
+                )
+                try:
+                    for chunk in stream:
+                        for choice in chunk.choices or ():
+                            delta = choice.delta.content if choice.delta else None
+                            if delta:
+                                started = True
+                                yield delta
+                finally:
+                    stream.close()
+                return
+            except openai.OpenAIError as exc:
+                # Half an answer cannot be taken back: only a call that produced nothing
+                # is tried again.
+                if started or attempt == tries or not _retryable(exc):
+                    raise ProviderError(_describe(exc)) from exc
+                _wait_before_retry(attempt, should_stop)
+
+
+def _retryable(exc: Exception) -> bool:
+    if isinstance(exc, openai.APIConnectionError | openai.APITimeoutError):
+        return True
+    return isinstance(exc, openai.APIStatusError) and (
+        exc.status_code in (408, 409, 429) or exc.status_code >= 500
+    )
+
+
+def _wait_before_retry(attempt: int, should_stop: Callable[[], bool]) -> None:
+    wait = min(RETRY_MAX_WAIT, RETRY_FIRST_WAIT * 2 ** (attempt - 1))
+    deadline = time.monotonic() + wait * random.uniform(0.75, 1.25)
+    while time.monotonic() < deadline:
+        if should_stop():
+            raise ProviderStopped()
+        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
 
 def _describe(exc: Exception) -> str:

@@ -8,7 +8,7 @@ A provider turns a prompt into a stream of text deltas. Whatever goes wrong on t
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,6 +21,15 @@ COMPLETION_PARAMS = ("temperature", "top_p", "max_tokens", "presence_penalty", "
 
 class ProviderError(Exception):
     """The provider could not produce (the rest of) an answer; str() is the reason."""
+
+
+class ProviderStopped(Exception):
+    """The caller asked to stop (`should_stop`): cancelled, deleted, or the run was lost.
+    Raised between retries, so a stopped run makes no more calls."""
+
+
+def never() -> bool:
+    return False
 
 
 @dataclass(frozen=True)
@@ -37,8 +46,11 @@ class ChatRequest:
 class Provider(Protocol):
     name: str
 
-    def stream(self, request: ChatRequest) -> Iterator[str]:
-        """Text deltas of the answer; closing the iterator releases the connection."""
+    def stream(
+        self, request: ChatRequest, *, should_stop: Callable[[], bool] = never
+    ) -> Iterator[str]:
+        """Text deltas of the answer; closing the iterator releases the connection.
+        `should_stop` is asked before each (re)try."""
         ...
 
 
@@ -62,7 +74,9 @@ class OfflineProvider:
             lines.append(f"{i}. {shorten(text, 500)}")
         return "\n".join(lines)
 
-    def stream(self, request: ChatRequest) -> Iterator[str]:
+    def stream(
+        self, request: ChatRequest, *, should_stop: Callable[[], bool] = never
+    ) -> Iterator[str]:
         # A few words per delta, like a model would stream them.
         words = re.findall(r"\S+\s*", self.answer(request))
         for i in range(0, len(words), 4):

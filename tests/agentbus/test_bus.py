@@ -14,7 +14,7 @@ from kombu import Connection, Consumer
 
 from agentbus import active, publish
 from agentbus.active import ACTIVE_KEY, RETIRED_KEY
-from agentbus.guard import TOMBSTONE_PREFIX, project_gone, project_tombstone
+from agentbus.guard import TOMBSTONE_PREFIX, ProjectGone, project_gone, project_tombstone
 from agentbus.queues import (
     MAINTENANCE_QUEUE,
     direct_queue,
@@ -153,8 +153,8 @@ def test_tombstone_is_global_and_survives_workspace_wipe(project_id, redis_clien
 
 def test_publishing_to_a_tombstoned_project_sends_nothing(project_id, redis_client):
     project_tombstone(project_id)
-    task_id = send(tasks.record, user_id=1, project_id=project_id)
-    assert uuid.UUID(task_id)
+    with pytest.raises(ProjectGone):
+        send(tasks.record, user_id=1, project_id=project_id)
     assert redis_client.llen(project_queue(project_id)) == 0
     assert active.active_queues() == []
 

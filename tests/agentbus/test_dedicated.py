@@ -10,7 +10,6 @@ from io import StringIO
 import pytest
 from celery.utils.nodenames import host_format
 from django.core.management import CommandError, call_command
-from django.db import connection
 
 from agentbus import active
 from agentbus.active import UNFOLLOW_COMMAND
@@ -44,14 +43,6 @@ def test_the_command_refuses_bad_input(db, args, message):
         call_command("agentbus_worker", *args, "--print")
 
 
-def _database_url() -> str:
-    """The test database, for a subprocess that must see the rows this test commits."""
-    s = connection.settings_dict
-    if connection.vendor == "sqlite":
-        return f"sqlite:///{s['NAME']}"
-    return f"postgres://{s['USER']}:{s['PASSWORD']}@{s['HOST']}:{s['PORT'] or 5432}/{s['NAME']}"
-
-
 @pytest.mark.slow
 def test_a_dedicated_worker_serves_its_project_only(transactional_db, worker_process):
     project = ProjectFactory()
@@ -60,7 +51,6 @@ def test_a_dedicated_worker_serves_its_project_only(transactional_db, worker_pro
     worker = worker_process(
         argv=[sys.executable, "manage.py", "agentbus_worker", "--project", str(project.id), "--"],
         name=name,
-        env={"DATABASE_URL": _database_url()},
     )
     status = worker.wait_ready()
     assert status == {

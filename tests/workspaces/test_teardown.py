@@ -11,7 +11,7 @@ import pytest
 from django.utils import timezone
 
 from agentbus import active
-from agentbus.guard import project_gone
+from agentbus.guard import ProjectGone, project_gone
 from agentbus.queues import MAINTENANCE_QUEUE, project_queue
 from agents.runtime.vectorstore import close_vector_store, collection_name, get_vector_store
 from common.redis import get_redis
@@ -168,6 +168,29 @@ def test_vector_store_failing_during_delete_then_recovering(api, user, two_proje
     assert collections_of(b) == b_collections == expected_collections(b)
 
 
+def delete_behind_djangos_back(project) -> None:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        for table, column in (
+            (
+                "agents_run",
+                "session_id IN (SELECT id FROM agents_chatsession WHERE project_id = %s)",
+            ),
+            (
+                "agents_message",
+                "session_id IN (SELECT id FROM agents_chatsession WHERE project_id = %s)",
+            ),
+            ("agents_chatsession", "project_id = %s"),
+            ("agents_agent", "project_id = %s"),
+            ("projects_project", "id = %s"),
+        ):
+            cursor.execute(
+                f"DELETE FROM {table} WHERE {column}",
+                [project.id.hex if connection.vendor == "sqlite" else project.id],
+            )
+
+
 def with_workspaces_and_collections(user, *projects) -> None:
     """An agent, an initialised workspace and the agent's collections for each project,
     made here directly: no worker runs, so the projects' queues stay as they are."""
@@ -225,7 +248,8 @@ def test_crash_between_commit_and_dispatch_ends_clean_after_the_sweep(user, qdra
         # teardown: queued tasks may run in that window (agent tasks then find no rows).
         # From the teardown on, none is even queued.
         for _ in range(5):
-            send(record, user_id=user.pk, project_id=a.id)
+            with pytest.raises(ProjectGone):
+                send(record, user_id=user.pk, project_id=a.id)
 
     nothing_left(a.id, user.pk)
     assert project_gone(a.id)
@@ -234,13 +258,13 @@ def test_crash_between_commit_and_dispatch_ends_clean_after_the_sweep(user, qdra
 
 
 def test_sweep_tears_down_leftovers_with_no_project_row(user, qdrant_path):
-    """A project removed without the delete service (a bulk delete, a manual SQL
-    delete) leaves a workspace behind: the sweep finds and removes all of it."""
+    """A project removed behind Django's back (SQL in a database shell: no signal, no
+    teardown row) leaves a workspace behind: the sweep finds and removes all of it."""
     gone, kept = ProjectFactory(owner=user), ProjectFactory(owner=user)
     with_workspaces_and_collections(user, gone, kept)
     send(record, user_id=user.pk, project_id=gone.id)
     gone_id = gone.id
-    Project.objects.filter(id=gone_id).delete()  # no signal, no teardown row
+    delete_behind_djangos_back(gone)
     kept_keys = snapshot(user.pk, kept.id)
 
     # The first sweep that sees the leftovers only notes them: a project whose creating

@@ -1,0 +1,177 @@
+"""Runs on the web and maintenance side: dispatching them onto the project's bus,
+cancelling them, and the recovery pass that answers every accepted message whatever died.
+
+A run is accepted in the same transaction as its message (the outbox). After commit it
+is dispatched: its task goes on the project's queue and its id into the workspace's
+`runs:queued` mark. The recovery pass (`runs_recover`, beat, every RUN_RECOVERY_SECONDS):
+
+- a run still queued RUN_REDISPATCH_SECONDS after its dispatch (or never dispatched:
+  Redis or the broker was down at commit, the process died) whose mark is missing (its
+  message was lost with Redis) is dispatched again;
+- a running run whose lease expired (its worker was killed) is dispatched again, its
+  next start says `message.restarted` to the client;
+- a run that cannot start within RUN_QUEUE_TIMEOUT_SECONDS, or whose workers were lost
+  RUN_MAX_STARTS times, ends in error with the reason.
+
+Every dispatch carries a new `attempt`: only the latest may claim the run, so a lost
+message that turns up later, or a duplicate, does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from django.conf import settings
+from django.db.models import F, Q
+from django.utils import timezone
+
+from agentbus import project_gone, publish
+from workspaces.lifecycle import project_tombstone_heal
+from workspaces.manager import get_worker_space
+from workspaces.redis import ScopedRedis, scoped
+
+from .models import Message, Run
+from .runtime import streams
+from .runtime.chat import message_event_data, run_end
+from .tasks import run_agent
+
+logger = logging.getLogger(__name__)
+
+
+def run_dispatch(*, run: Run, announce: tuple[Message, ...] = ()) -> None:
+    """Put the run's current attempt on the project's bus (first announcing `announce`
+    on the session's stream). Raises while Redis or the broker is down: the run stays
+    queued and the recovery pass dispatches it later."""
+    project = run.session.project
+    space = get_worker_space(user_id=project.owner_id, project_id=project.id)
+    with space.use():
+        if announce:
+            # First, so a client sees the messages before the worker's first delta.
+            streams.events_append(
+                redis=space.redis,
+                session_id=run.session_id,
+                events=[(streams.MESSAGE_CREATED, message_event_data(m)) for m in announce],
+            )
+        publish(
+            run_agent,
+            project_id=project.id,
+            kwargs={"user_id": project.owner_id, "run_id": str(run.id), "attempt": run.attempt},
+        )
+        streams.runs_mark_queued(redis=space.redis, run_ids=[str(run.id)])
+    Run.objects.filter(id=run.id, attempt=run.attempt).update(dispatched_at=timezone.now())
+
+
+def runs_cancel(*, session) -> list[int]:
+    """Stop the session's runs that have not ended: returns the ids of the assistant
+    messages whose runs this call ended (cancelled). A running run's worker sees it at
+    its next delta (the flag) or lease renewal (the database) and stops."""
+    live = list(
+        Run.objects.filter(
+            session=session, status__in=(Run.Status.QUEUED, Run.Status.RUNNING)
+        ).select_related("session__project")
+    )
+    if not live:
+        return []
+    try:
+        # The flag first: no delta of these runs reaches the stream after it.
+        streams.cancel_request(redis=_redis(live[0]), message_ids=[r.message_id for r in live])
+    except Exception:
+        logger.warning("cancel flags not set (Redis down?): runs stop at their lease renewal")
+    return [
+        run.message_id
+        for run in live
+        if run_end(
+            run=run,
+            status=Run.Status.CANCELLED,
+            content=None,
+            from_statuses=(Run.Status.QUEUED, Run.Status.RUNNING),
+        )
+    ]
+
+
+def _redis(run: Run) -> ScopedRedis:
+    project = run.session.project
+    return scoped(project.owner_id, project.id)
+
+
+def runs_recover() -> dict[str, int]:
+    """The recovery pass (see the module docstring). Returns what it did."""
+    now = timezone.now()
+    done = {"redispatched": 0, "restarted": 0, "expired": 0}
+    give_up = now - timedelta(seconds=settings.RUN_QUEUE_TIMEOUT_SECONDS)
+    for run in _runs(Q(status=Run.Status.QUEUED, created_at__lt=give_up)):
+        if run_end(
+            run=run,
+            status=Run.Status.ERROR,
+            from_statuses=(Run.Status.QUEUED,),
+            attempt=run.attempt,
+            error="the agent run could not be started in time; ask again",
+        ):
+            done["expired"] += 1
+
+    stale = now - timedelta(seconds=settings.RUN_REDISPATCH_SECONDS)
+    queued = _runs(
+        Q(status=Run.Status.QUEUED)
+        & (Q(dispatched_at__lt=stale) | Q(dispatched_at__isnull=True, created_at__lt=stale))
+    )
+    for run in _unmarked(queued):
+        done["redispatched"] += _redispatch(run, from_status=Run.Status.QUEUED)
+
+    for run in _runs(Q(status=Run.Status.RUNNING, lease_expires_at__lt=now)):
+        done["restarted"] += _redispatch(run, from_status=Run.Status.RUNNING)
+    if any(done.values()):
+        logger.warning("run recovery: %s", done)
+    return done
+
+
+def _runs(condition: Q, limit: int = 500) -> list[Run]:
+    return list(
+        Run.objects.filter(condition)
+        .select_related("session__project")
+        .order_by("created_at")[:limit]
+    )
+
+
+def _unmarked(runs: list[Run]) -> list[Run]:
+    """The runs whose queued mark is missing (their task is not on the queue)."""
+    by_project: dict = {}
+    for run in runs:
+        by_project.setdefault(run.session.project_id, []).append(run)
+    unmarked = []
+    for project_runs in by_project.values():
+        try:
+            marked = streams.runs_marked_queued(
+                redis=_redis(project_runs[0]), run_ids=[str(r.id) for r in project_runs]
+            )
+        except Exception:
+            logger.warning("run recovery: Redis unavailable", exc_info=True)
+            return unmarked
+        unmarked += [r for r in project_runs if str(r.id) not in marked]
+    return unmarked
+
+
+def _redispatch(run: Run, *, from_status: str) -> int:
+    """Take the run back (a new attempt) and dispatch it; 1 if dispatched."""
+    project_id = run.session.project_id
+    if project_gone(project_id) and not project_tombstone_heal(project_id=project_id):
+        return 0  # being deleted: its teardown removes it
+    taken = Run.objects.filter(id=run.id, attempt=run.attempt, status=from_status).update(
+        status=Run.Status.QUEUED,
+        attempt=F("attempt") + 1,
+        lease_expires_at=None,
+        dispatched_at=None,
+    )
+    if not taken:
+        return 0
+    run.refresh_from_db(fields=["attempt", "status"])
+    if from_status == Run.Status.RUNNING:
+        Message.objects.filter(id=run.message_id, status=Message.Status.STREAMING).update(
+            status=Message.Status.PENDING
+        )
+    try:
+        run_dispatch(run=run)
+    except Exception:
+        logger.warning("run %s: dispatch failed; the next pass tries again", run.id)
+        return 0
+    return 1

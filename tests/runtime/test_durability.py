@@ -1,0 +1,329 @@
+"""Every accepted message is answered, or ends in a clear error, whatever dies: Redis
+(restarted empty, or from its append-only file), the broker at POST time, a worker
+killed mid-answer. Faults are real: a Redis server and worker processes of the test's
+own, stopped and killed."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from agentbus import MAINTENANCE_QUEUE
+from agents.models import Message, Run
+from agents.runs import runs_recover
+from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
+from tests.redis_server import private_redis
+from tests.runtime.conftest import stream_events, wait_until
+from tests.workers import broker_at, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture(params=["empty", "aof"])
+def own_redis(request, settings):
+    """A Redis of this test's own for everything (registry, streams, broker); `aof` ones
+    come back from their append-only file when restarted."""
+    with private_redis(appendonly=request.param == "aof") as server, broker_at(server.url):
+        settings.REDIS_URL = settings.CELERY_BROKER_URL = server.url
+        server.mode = request.param
+        yield server
+
+
+def post(api, session, content="Hello?") -> int:
+    url = f"/my/projects/{session.project_id}/chat/{session.id}/messages/"
+    response = api.post(url, {"content": content}, format="json")
+    assert response.status_code == 202, response.content
+    return response.json()["assistant_message_id"]
+
+
+def finished(message_ids) -> bool:
+    done = Message.objects.filter(id__in=message_ids, status__in=Message.FINISHED).count()
+    return done == len(message_ids)
+
+
+def recover_until_finished(message_ids, timeout=60.0) -> None:
+    """Run the recovery pass (beat's job) until every message has ended."""
+
+    def settled():
+        runs_recover()
+        return finished(message_ids)
+
+    assert wait_for(settled, timeout=timeout, interval=0.5), list(
+        Message.objects.filter(id__in=message_ids).values_list("id", "status", "error")
+    )
+
+
+def completions(session) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for _, kind, data in stream_events(_redis(), session.project, session.id):
+        if kind == "message.completed":
+            counts[data["message_id"]] = counts.get(data["message_id"], 0) + 1
+    return counts
+
+
+def _redis():
+    from common.redis import get_redis
+
+    return get_redis()
+
+
+@pytest.fixture
+def worker(worker_process, tmp_path):
+    """A worker process as the Procfile runs one (the shared pool, one prefork process),
+    against this test's Redis and database, with a vector store of its own (local mode
+    lets one process open a folder): start it with `worker()`."""
+
+    def start():
+        env = {"QDRANT_PATH": str(tmp_path / "qdrant")}
+        proc = worker_process("-Q", MAINTENANCE_QUEUE, "-P", "prefork", "-c", "1", env=env)
+        proc.wait_started()
+        return proc
+
+    return start
+
+
+@pytest.fixture
+def chat(user):
+    project = ProjectFactory(owner=user)
+    return ChatSessionFactory(agent=AgentFactory(project=project), project=project)
+
+
+def test_messages_posted_while_redis_is_down_are_accepted_and_answered(
+    own_redis, api, chat, worker
+):
+    worker()
+    first = post(api, chat)
+    wait_until(lambda: finished([first]), what="the first answer")
+
+    own_redis.kill()
+    down = [post(api, chat, f"while down {i}") for i in range(3)]  # 202, not 500
+    assert Run.objects.filter(message_id__in=down, status="queued").count() == 3
+    reads = api.get(f"/my/projects/{chat.project_id}/chat/{chat.id}/messages/")
+    assert reads.status_code == 200
+
+    own_redis.start()
+    recover_until_finished(down)
+
+    for message in Message.objects.filter(id__in=down):
+        assert message.status == "done" and "offline provider" in message.content
+    assert all(n == 1 for n in completions(chat).values())
+
+
+def test_queued_messages_lost_with_redis_are_answered_once(own_redis, api, chat, worker):
+    queued = [post(api, chat, f"question {i}") for i in range(4)]  # no worker yet
+    assert Run.objects.filter(message_id__in=queued, dispatched_at__isnull=False).count() == 4
+    time.sleep(1.2)  # the append-only file syncs every second
+    own_redis.kill()
+    own_redis.start()
+
+    worker()
+    recover_until_finished(queued)
+
+    runs = Run.objects.filter(message_id__in=queued)
+    assert {r.status for r in runs} == {"done"}
+    assert {r.starts for r in runs} == {1}
+    if own_redis.mode == "aof":
+        # The queue came back from the file: nothing needed dispatching again.
+        assert {r.attempt for r in runs} == {1}
+        assert completions(chat) == dict.fromkeys(queued, 1)
+    else:
+        assert {r.attempt for r in runs} == {2}  # the lost dispatch, then the recovery's
+        assert all(n == 1 for n in completions(chat).values())
+
+
+@pytest.mark.parametrize("own_redis", ["empty"], indirect=True)
+def test_a_worker_killed_mid_answer_is_replaced_without_waiting_for_visibility(
+    own_redis, api, user, worker_process, fake_openai, tmp_path, settings
+):
+    """The whole worker (pool processes too) is SIGKILLed while it streams an answer:
+    its lease runs out, the recovery pass dispatches the run again, another worker
+    answers it and tells the client the answer starts over."""
+    settings.RUN_LEASE_SECONDS = 2
+    fake_openai.mode, fake_openai.delay = "slow", 0.3
+    fake_openai.tokens = [f"w{i} " for i in range(20)]
+    project = ProjectFactory(owner=user)
+    session = ChatSessionFactory(
+        agent=AgentFactory(project=project, model="gpt-local"), project=project
+    )
+    env = {
+        "OPENAI_BASE_URL": fake_openai.base_url,
+        "OPENAI_API_KEY": "test-key",
+        "RUN_LEASE_SECONDS": "2",
+        "QDRANT_PATH": str(tmp_path / "qdrant"),
+    }
+    first = worker_process("-P", "prefork", "-c", "1", env=env)
+    first.wait_started()
+    answer_id = post(api, session, "Tell me something long")
+    run = Run.objects.get(message_id=answer_id)
+    wait_until(
+        lambda: (
+            Message.objects.get(id=answer_id).status == "streaming"
+            and any(
+                k == "message.delta" for _, k, _ in stream_events(_redis(), project, session.id)
+            )
+        ),
+        what="the answer streaming",
+    )
+    first.kill_group()
+    started = time.monotonic()
+
+    second = worker_process("-P", "prefork", "-c", "1", env=env)
+    second.wait_started()
+    fake_openai.delay = 0.01
+    recover_until_finished([answer_id], timeout=30)
+    assert time.monotonic() - started < 30  # not the broker's visibility timeout (1 h)
+
+    run.refresh_from_db()
+    answer = Message.objects.get(id=answer_id)
+    assert run.status == "done" and run.starts == 2 and run.attempt == 2
+    assert answer.status == "done" and answer.content == "".join(fake_openai.tokens)
+    kinds = [k for _, k, d in stream_events(_redis(), project, session.id)]
+    assert kinds.count("message.restarted") == 1 and kinds.count("message.completed") == 1
+    assert kinds.index("message.restarted") < kinds.index("message.completed")
+
+
+def test_a_run_that_keeps_losing_its_worker_ends_in_error(transactional_db, api, chat, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from agents.runtime.chat import AgentRunFailed, chat_run
+
+    answer_id = post(api, chat)
+    run = Run.objects.get(message_id=answer_id)
+    for _ in range(settings.RUN_MAX_STARTS):
+        Run.objects.filter(id=run.id).update(
+            status="running", starts=run.starts + 1, lease_expires_at=timezone.now() - timedelta(1)
+        )
+        run.refresh_from_db()
+        assert runs_recover()["restarted"] == 1
+        run.refresh_from_db()
+    with pytest.raises(AgentRunFailed):
+        chat_run(run_id=run.id, attempt=run.attempt)
+    answer = Message.objects.get(id=answer_id)
+    assert answer.status == "error" and "interrupted" in answer.error
+    kinds = [k for _, k, _ in stream_events(_redis(), chat.project, chat.id)]
+    assert kinds[-1] == "message.error"
+
+
+def test_cancel_stops_provider_retries(live_worker, api, user, fake_openai, runtime_settings):
+    runtime_settings.LLM_MAX_RETRIES = 20
+    fake_openai.mode = "error"  # HTTP 500: retried with backoff
+    project = ProjectFactory(owner=user)
+    session = ChatSessionFactory(
+        agent=AgentFactory(project=project, model="gpt-local"), project=project
+    )
+    answer_id = post(api, session)
+    wait_until(lambda: len(fake_openai.requests) >= 2, what="a retry")
+
+    response = api.post(f"/my/projects/{project.id}/chat/{session.id}/cancel/")
+
+    assert response.status_code == 202 and response.json() == {"cancelled": [answer_id]}
+    wait_until(
+        lambda: (
+            Run.objects.get(message_id=answer_id).lease_expires_at is None
+            and not _held_here(answer_id)
+        ),
+        what="the run let go",
+    )
+    calls = len(fake_openai.requests)
+    time.sleep(1.5)  # longer than the backoff between two tries
+    assert len(fake_openai.requests) == calls  # no call after the cancel was seen
+    assert Message.objects.get(id=answer_id).status == "cancelled"
+
+
+def _held_here(message_id) -> bool:
+    from agents.runtime.lease import lease_keeper
+
+    run = Run.objects.get(message_id=message_id)
+    return any(h.run_id == run.id for h in lease_keeper().held())
+
+
+def test_a_cancel_racing_the_answer_reports_what_happened(live_worker, api, chat):
+    from tests.runtime.conftest import wait_for_event
+
+    url = f"/my/projects/{chat.project_id}/chat/{chat.id}/cancel/"
+    for _ in range(8):
+        answer_id = post(api, chat)
+        cancelled = api.post(url).json()["cancelled"]
+        kind, _ = wait_for_event(
+            _redis(),
+            chat.project,
+            chat.id,
+            types={"message.completed", "message.cancelled", "message.error"},
+            message_id=answer_id,
+        )
+        status = Message.objects.get(id=answer_id).status
+        if answer_id in cancelled:
+            assert status == "cancelled" and kind == "message.cancelled"
+        else:
+            assert status == "done" and kind == "message.completed"
+    terminal = [
+        (d["message_id"], k)
+        for _, k, d in stream_events(_redis(), chat.project, chat.id)
+        if k in ("message.completed", "message.cancelled", "message.error")
+    ]
+    assert len(terminal) == len({m for m, _ in terminal})  # one end per message
+
+
+def test_a_failed_run_is_a_failed_task_and_a_problem_in_health(
+    live_worker, api, user, fake_openai, admin_client
+):
+    from celery.signals import task_failure
+
+    failed = []
+
+    def on_failure(sender=None, **kwargs):
+        failed.append(sender.name)
+
+    task_failure.connect(on_failure, weak=False)
+    try:
+        fake_openai.mode = "error"
+        project = ProjectFactory(owner=user)
+        session = ChatSessionFactory(
+            agent=AgentFactory(project=project, model="gpt-local"), project=project
+        )
+        answer_id = post(api, session)
+        wait_until(lambda: "agents.run_agent" in failed, what="the task failing")
+    finally:
+        task_failure.disconnect(on_failure)
+    assert Message.objects.get(id=answer_id).status == "error"
+    health = admin_client.get("/admin/workspaces/health").json()
+    assert health["checks"]["runs"]["failed_recently"] >= 1
+    assert health["checks"]["runs"]["healthy"] is False and health["healthy"] is False
+    stats = admin_client.get("/admin/workspaces/stats").json()
+    assert stats["runs"]["failed_recently"] >= 1
+
+
+def test_deleting_a_project_stops_its_ingest_and_tears_down_in_seconds(live_worker, api, user):
+    from agents.runtime.vectorstore import get_vector_store
+    from workspaces.models import WorkspaceTeardown
+
+    project = ProjectFactory(owner=user)
+    agent = AgentFactory(project=project)
+    url = f"/my/projects/{project.id}/agents/{agent.id}/context/"
+    words = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod".split()
+    documents = [" ".join(words[(i + j) % len(words)] for j in range(80)) for i in range(100)]
+    for _ in range(2):
+        assert api.post(url, {"documents": documents}, format="json").status_code == 202
+    store = get_vector_store()
+
+    def stored() -> int:
+        return sum(
+            store.count(n)
+            for n in store.project_collections(user_id=user.pk, project_id=project.id)
+        )
+
+    wait_until(lambda: stored() > 0, what="the ingest under way")
+    assert api.delete(f"/my/projects/{project.id}/").status_code == 204
+    deleted = time.monotonic()
+    wait_until(
+        lambda: WorkspaceTeardown.objects.filter(project_id=project.id, status="done").exists(),
+        timeout=5,
+        what="the teardown done within 5 s",
+    )
+    done_after = time.monotonic() - deleted
+    time.sleep(2)  # whatever still ran has stopped: nothing came back
+    assert stored() == 0
+    assert done_after < 5
