@@ -9,11 +9,17 @@ Other apps use this public API:
 - `project_gone(project_id)` / `project_gone_async`, `project_tombstone`,
   `project_revive`: the lifecycle guard (agentbus.guard);
 - `retire_project`, `queue_depth`, `queue_depths`: a project's queue for its teardown
-  and for operators;
+  and for operators; `live_workers`: the workers' heartbeats;
 - `project_queue`, `MAINTENANCE_QUEUE`: queue names.
 """
 
-from .active import project_queues_in_keyspace, queue_depth, queue_depths, retire_project
+from .active import (
+    live_workers,
+    project_queues_in_keyspace,
+    queue_depth,
+    queue_depths,
+    retire_project,
+)
 from .guard import (
     ProjectGone,
     ensure_project_alive,
@@ -30,6 +36,7 @@ __all__ = [
     "AgentBusTask",
     "ProjectGone",
     "ensure_project_alive",
+    "live_workers",
     "project_gone",
     "project_gone_async",
     "project_queue",

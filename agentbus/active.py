@@ -43,6 +43,8 @@ ACTIVE_KEY = "uws:bus:active"
 RETIRED_KEY = "uws:bus:retired"
 # Present while a full keyspace scan for stranded queues is not due.
 FULL_SCAN_KEY = "uws:bus:rescue-scan"
+# Workers' heartbeats: "hostname mode" -> last beat (agentbus.worker).
+WORKERS_KEY = "uws:bus:workers"
 
 # Remote control commands the shared workers answer (agentbus.worker).
 FOLLOW_COMMAND = "agentbus_follow"
@@ -257,6 +259,33 @@ def rescue_stranded_queues(*, full_scan: bool | None = None) -> list[str]:
     if rescued:
         logger.warning("re-activated %d queues holding messages: %s", len(rescued), rescued[:10])
     return rescued
+
+
+def worker_alive(hostname: str, *, mode: str) -> None:
+    """A worker's heartbeat (every AGENTBUS_HEARTBEAT_SECONDS)."""
+    broker_redis().zadd(WORKERS_KEY, {f"{hostname} {mode}": time.time()})
+
+
+def worker_gone(hostname: str) -> None:
+    client = broker_redis()
+    members = [m for m in client.zrange(WORKERS_KEY, 0, -1) if m.split(" ")[0] == hostname]
+    if members:
+        client.zrem(WORKERS_KEY, *members)
+
+
+def live_workers() -> list[dict[str, Any]]:
+    """Workers that beat within three heartbeat periods: [{"name", "mode", "seen"}].
+    One round trip, no waiting for replies (unlike a broadcast ping)."""
+    client = broker_redis()
+    now = time.time()
+    horizon = now - 3 * settings.AGENTBUS_HEARTBEAT_SECONDS
+    client.zremrangebyscore(WORKERS_KEY, "-inf", now - 86400)  # long gone: forget
+    beats = client.zrangebyscore(WORKERS_KEY, horizon, "+inf", withscores=True)
+    workers = []
+    for member, seen in beats:
+        name, _, mode = member.partition(" ")
+        workers.append({"name": name, "mode": mode, "seen": round(now - seen, 3)})
+    return workers
 
 
 def project_queues_in_keyspace() -> set[uuid.UUID]:

@@ -55,6 +55,7 @@ class AgentBusConsumer(bootsteps.StartStopStep):
         self.requested_mode = agentbus_mode or "auto"
         self.mode: str | None = None
         self.timer_ref = None
+        self.heartbeat_ref = None
         self.reconciled_at: float | None = None
         c.agentbus = self
         check_visibility_timeout()
@@ -65,6 +66,11 @@ class AgentBusConsumer(bootsteps.StartStopStep):
         if self.mode is None:
             self.mode = self._decide_mode(c)
             logger.info("AgentBus: %s worker", self.mode)
+        self._heartbeat_safely(c)
+        if self.heartbeat_ref is None:
+            self.heartbeat_ref = c.timer.call_repeatedly(
+                settings.AGENTBUS_HEARTBEAT_SECONDS, self._heartbeat_safely, (c,), priority=10
+            )
         if self.mode != SHARED:
             return
         self.reconcile(c)
@@ -74,12 +80,23 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             )
 
     def stop(self, c):
-        if self.timer_ref is not None:
-            self.timer_ref.cancel()
-            self.timer_ref = None
+        for ref in (self.timer_ref, self.heartbeat_ref):
+            if ref is not None:
+                ref.cancel()
+        self.timer_ref = self.heartbeat_ref = None
 
     def shutdown(self, c):
         self.stop(c)
+        try:
+            active.worker_gone(c.hostname)
+        except Exception:
+            logger.debug("AgentBus: could not say goodbye", exc_info=True)
+
+    def _heartbeat_safely(self, c) -> None:
+        try:
+            active.worker_alive(c.hostname, mode=self.mode or "")
+        except Exception:
+            logger.debug("AgentBus: heartbeat failed", exc_info=True)
 
     def _decide_mode(self, c) -> str:
         if self.requested_mode in (SHARED, DEDICATED):

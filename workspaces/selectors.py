@@ -7,11 +7,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from celery import current_app
 from django.conf import settings
 from django.db import connection
 
-from agentbus import queue_depths
+from agentbus import live_workers, queue_depths
 from common.redis import broker_redis, get_redis
 from projects.models import Project
 
@@ -191,20 +190,20 @@ def _ping_broker() -> None:
 
 
 def _check_workers() -> dict[str, Any]:
+    """Live workers from their heartbeats (no broadcast ping waiting for replies)."""
     started = time.perf_counter()
     try:
-        replies = current_app.control.inspect(
-            timeout=settings.WORKSPACE_HEALTH_TIMEOUT_SECONDS
-        ).ping()
+        workers = live_workers()
     except Exception as exc:  # noqa: BLE001
         return {"healthy": False, "count": 0, "error": f"{type(exc).__name__}: {exc}"}
-    names = sorted(replies or {})
+    names = sorted(w["name"] for w in workers)
     result: dict[str, Any] = {
         "healthy": bool(names),
         "count": len(names),
         "names": names,
+        "workers": workers,
         "latency_ms": round((time.perf_counter() - started) * 1000, 2),
     }
     if not names:
-        result["error"] = "no worker answered"
+        result["error"] = "no worker reported itself alive recently"
     return result

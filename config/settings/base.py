@@ -194,12 +194,12 @@ WORKSPACE_INIT_LOCK_SECONDS = env.float("WORKSPACE_INIT_LOCK_SECONDS", default=3
 WORKSPACE_TEARDOWN_REDISPATCH_SECONDS = env.float(
     "WORKSPACE_TEARDOWN_REDISPATCH_SECONDS", default=60
 )
-# How long the health check waits for the broker and for live workers to answer.
-WORKSPACE_HEALTH_TIMEOUT_SECONDS = env.float("WORKSPACE_HEALTH_TIMEOUT_SECONDS", default=1.0)
 
 # --- AgentBus ----------------------------------------------------------------------
 # A project queue that has been empty and unused this long is retired from the pool.
 AGENTBUS_QUEUE_IDLE_SECONDS = env.float("AGENTBUS_QUEUE_IDLE_SECONDS", default=300)
+# How often each worker reports itself alive (health reads these, without a ping).
+AGENTBUS_HEARTBEAT_SECONDS = env.float("AGENTBUS_HEARTBEAT_SECONDS", default=5)
 # How often each worker converges on the set of active queues.
 AGENTBUS_RECONCILE_SECONDS = env.float("AGENTBUS_RECONCILE_SECONDS", default=5)
 # A deleted project's tasks are skipped this long (longer than any message can linger).

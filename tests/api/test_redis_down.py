@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from agents.models import Agent
+from agents.models import Agent, Run
 from tests.factories import AgentFactory, ChatSessionFactory, MessageFactory, ProjectFactory
 from tests.redis_server import private_redis
 from workspaces.manager import get_worker_space, get_worker_space_manager
@@ -63,3 +63,34 @@ def test_an_agent_write_with_redis_stopped_commits_and_the_cache_heals(
     space.revalidate_at = 0
     space = get_worker_space(user_id=user.pk, project_id=project.id)
     assert space.agent_cache.peek(agent_id)["name"] == "late"
+
+
+def test_writes_with_redis_stopped_answer_without_500(api, user, stoppable_redis):
+    """Writes that only need Redis after commit succeed; those that need it before
+    (context jobs and searches live in Redis) are a clear 503 and write nothing."""
+    project = ProjectFactory(owner=user)
+    agent = AgentFactory(project=project)
+    doomed = AgentFactory(project=project)
+    session = ChatSessionFactory(agent=agent, project=project)
+    other = ChatSessionFactory(agent=agent, project=project)
+    base = f"/my/projects/{project.id}"
+    stoppable_redis.stop()
+
+    assert (
+        api.patch(f"{base}/agents/{agent.id}/", {"model": "m2"}, format="json").status_code == 200
+    )
+    assert api.delete(f"{base}/agents/{doomed.id}/").status_code == 204
+    assert api.delete(f"{base}/chat/{other.id}/").status_code == 204
+    posted = api.post(f"{base}/chat/{session.id}/messages/", {"content": "hi"}, format="json")
+    assert posted.status_code == 202
+    assert Run.objects.get(message_id=posted.json()["assistant_message_id"]).status == "queued"
+    assert api.post(f"{base}/chat/{session.id}/cancel/").json()["cancelled"] == [
+        posted.json()["assistant_message_id"]
+    ]
+
+    for response in (
+        api.post(f"{base}/agents/{agent.id}/context/", {"documents": ["x"]}, format="json"),
+        api.get(f"{base}/agents/{agent.id}/context/", {"q": "x"}),
+    ):
+        assert response.status_code == 503, response.content
+        assert response["Retry-After"] and "detail" in response.json()
