@@ -51,11 +51,19 @@ FOLLOW_COMMAND = "agentbus_follow"
 UNFOLLOW_COMMAND = "agentbus_unfollow"
 STATUS_COMMAND = "agentbus_status"
 
-# Mark a queue active unless its project is tombstoned.
-# KEYS: active set, tombstone key. ARGV: now, queue.
+# Mark a queue active unless its project is tombstoned, and ring the bell when the
+# queue is empty (the message about to be published makes it non-empty: workers that
+# poll in windows look at it next).
+# KEYS: active set, tombstone key, bell, the queue's list keys. ARGV: now, queue, bell max.
 # Returns -1 (tombstoned), 1 (newly active) or 0 (was active; last use refreshed).
 _MARK_ACTIVE = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+local waiting = 0
+for k = 4, #KEYS do waiting = waiting + redis.call('LLEN', KEYS[k]) end
+if waiting == 0 then
+  redis.call('LPUSH', KEYS[3], cjson.encode(ARGV[2]))
+  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[3]) - 1)
+end
 return redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
 """
 
@@ -118,7 +126,13 @@ def mark_active(project_id: uuid.UUID | str) -> int:
     client = broker_redis()
     result = int(
         _script(client, _MARK_ACTIVE)(
-            keys=[ACTIVE_KEY, guard.tombstone_key(project_id)], args=[time.time(), queue]
+            keys=[
+                ACTIVE_KEY,
+                guard.tombstone_key(project_id),
+                transport.BELL_KEY,
+                *transport.queue_keys(queue),
+            ],
+            args=[time.time(), queue, transport.BELL_MAX],
         )
     )
     if result == 1:

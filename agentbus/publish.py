@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from typing import Any
 
 from celery import Task
 from celery.exceptions import Ignore
 from celery.result import AsyncResult
+from django.conf import settings
 
-from . import guard
+from . import guard, transport
 from .active import mark_active
 from .queues import direct_queue, project_queue
 
@@ -79,9 +81,18 @@ class AgentBusTask(Task):
 
     def __call__(self, *args, **kwargs):
         project_id = kwargs.get("project_id")
-        if project_id is not None and guard.project_gone(project_id):
+        if project_id is not None and self._project_gone(project_id):
             logger.info(
                 "skipping %s[%s]: project %s was deleted", self.name, self.request.id, project_id
             )
             raise Ignore()
         return super().__call__(*args, **kwargs)
+
+    def _project_gone(self, project_id) -> bool:
+        """The guard, answered by the worker's transport when it delivered the message
+        (same round trip as recording the delivery) if that was a moment ago; else
+        asked now (a message that waited for a free pool slot, or kombu's own channel)."""
+        checked = getattr(self.request, transport.CHECKED_HEADER, None)
+        if checked is not None and time.time() - checked < settings.AGENTBUS_GUARD_FRESH_SECONDS:
+            return bool(getattr(self.request, transport.GONE_HEADER, True))
+        return guard.project_gone(project_id)

@@ -7,14 +7,30 @@ The AgentBus leans on three things kombu does not promise:
 2. How it records delivered, unacknowledged messages (`unacked`, a hash of delivery tag
    -> JSON [payload, exchange, routing key]): `unacked_queues`.
 3. How its channel polls: one BRPOP over every followed queue after every message,
-   built from scratch each time (`Channel._brpop_start`, `Transport._deliver`).
+   built from scratch each time, and the fair cycle rebuilt for every queue followed
+   (`Channel._brpop_start`, `_update_queue_cycle`, `Transport._deliver`), and how a
+   delivered message is recorded (`QoS.append`).
 
-`Channel` below sends the same BRPOP with the parts that do not change between messages
-cached, plus one extra key: the channel's *wake key*. Pushing to it (`wake`) ends a BRPOP
-in flight, so a queue the worker just started following is polled at once instead of
-after the BRPOP timeout; it needs no `CLIENT` command (refused by many managed Redis
-services' ACLs). `Transport._deliver` drops the wake-up and, for a queue cancelled
-because its project was deleted, the message kombu would otherwise put back.
+`Channel` below polls the same way with what does not change between messages cached,
+plus:
+
+- a *wake key* of its own: pushing to it (`wake`) ends a BRPOP in flight, so a queue the
+  worker just started following is polled at once (it needs no `CLIENT` command, which
+  many managed Redis services' ACLs refuse); newly followed queues come first in the
+  next poll;
+- following or leaving many queues at once rebuilds the cycle once (`batched`), not
+  once per queue;
+- a bounded poll: over AGENTBUS_POLL_WINDOW followed queues, each BRPOP names one
+  window of them (plus the keys below), the windows take turns, and a *bell* list that
+  producers ring when a queue goes from empty to non-empty (`active.mark_active`) puts
+  that queue in the next window, so the cost of one poll does not grow with every
+  active project;
+- `QoS.append` records a delivered message exactly as kombu does and, in the same round
+  trip, whether its project was deleted (the lifecycle guard), carried to the task in a
+  header so the task need not ask again.
+
+`Transport._deliver` drops wake-ups and bells (they are not messages) and, for a queue
+cancelled because its project was deleted, the message kombu would otherwise put back.
 
 Each of these is checked against the installed kombu by `tests/agentbus/test_transport.py`
 (calling kombu's own methods). At run time the channel takes over only where it was
@@ -24,15 +40,18 @@ is kombu's own channel, and the worker says so once at start (`check_kombu`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from time import monotonic
 
 import kombu
 from django.conf import settings
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 
 from . import guard
 from .queues import is_project_queue, project_id_from_queue
@@ -44,6 +63,12 @@ KOMBU_TESTED = ("5.7.",)
 # Wake keys live in the bus's namespace; each worker channel has its own.
 WAKE_PREFIX = "uws:bus:wake:"
 WAKE_TTL_SECONDS = 60
+# Producers ring it with a queue's name when the queue goes from empty to non-empty.
+BELL_KEY = "uws:bus:bell"
+BELL_MAX = 4096
+# Headers a worker's channel adds to a delivered project task (read by AgentBusTask).
+GONE_HEADER = "agentbus_gone"
+CHECKED_HEADER = "agentbus_checked_at"
 
 
 def kombu_tested() -> bool:
@@ -131,11 +156,41 @@ def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
+class QoS(kombu_redis.QoS):
+    def append(self, message, delivery_tag):
+        """kombu's own record of a delivered message (unacked index and hash, one
+        pipeline), plus, for a project's task, whether the project was deleted."""
+        delivery = message.delivery_info
+        exchange, routing_key = delivery["exchange"], delivery["routing_key"]
+        project_id = project_id_from_queue(routing_key) if not exchange else None
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()}).hset(
+                self.unacked_key, delivery_tag, json.dumps([message._raw, exchange, routing_key])
+            )
+            if project_id is not None and self.channel.takes_over:
+                pipe.exists(guard.tombstone_key(project_id))
+            replies = pipe.execute()
+        if project_id is not None and self.channel.takes_over and message.headers is not None:
+            message.headers[GONE_HEADER] = bool(replies[-1])
+            message.headers[CHECKED_HEADER] = time.time()
+        virtual.QoS.append(self, message, delivery_tag)
+
+
 class Channel(kombu_redis.Channel):
-    _active_snapshot: tuple | None = None
-    _active_cached: list[str] = []
-    _packed_keys: dict[str, bytes] = {}
+    QoS = QoS
     _wake_key: str | None = None
+    _version = 0
+    _deferring = False
+    _deferred = False
+    _window_start = 0
+
+    def __init__(self, *args, **kwargs):
+        # Before kombu's own setup: basic_consume may run during it.
+        self._first: list[str] = []  # polled first: just followed, or rung
+        self._active_key: tuple | None = None
+        self._active_cached: list[str] = []
+        self._packed_keys: dict[str, bytes] = {}
+        super().__init__(*args, **kwargs)
 
     @property
     def takes_over(self) -> bool:
@@ -154,39 +209,105 @@ class Channel(kombu_redis.Channel):
             self._wake_key = f"{WAKE_PREFIX}{uuid.uuid4().hex}"
         return self._wake_key
 
+    # --- the followed queues and their cycle ------------------------------------------------
+
     @property
     def active_queues(self) -> list[str]:
-        # A tuple of the consumed queues is cheap to build and compare; kombu's own
-        # property walks the list through a generator and a dict on every call.
-        snapshot = (tuple(self._active_queues), len(self.active_fanout_queues))
-        if snapshot != self._active_snapshot:
+        # Rebuilt only when the followed queues changed (every change goes through
+        # _update_queue_cycle); kombu's own property walks them all on every call.
+        key = self._snapshot_key()
+        if key != self._active_key:
             fanout = self.active_fanout_queues
             active = list(dict.fromkeys(q for q in self._active_queues if q not in fanout))
+            packed = self._packed_keys
+            self._packed_keys = {q: packed.get(q) or _bulk(q.encode()) for q in active}
             self._active_cached = active
-            self._packed_keys = {q: _bulk(q.encode()) for q in active}
-            self._active_snapshot = snapshot
+            self._active_key = key
         return self._active_cached
+
+    def _update_queue_cycle(self):
+        self._version += 1
+        if self._deferring:
+            self._deferred = True
+            return
+        super()._update_queue_cycle()
+
+    @contextlib.contextmanager
+    def batched(self) -> Iterator[None]:
+        """Follow or leave many queues with one rebuild of the cycle at the end."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+            if self._deferred:
+                self._deferred = False
+                super()._update_queue_cycle()
+
+    def basic_consume(self, queue, *args, **kwargs):
+        current = self._active_key == self._snapshot_key()
+        ret = super().basic_consume(queue, *args, **kwargs)
+        if current and queue not in self._packed_keys and queue not in self.active_fanout_queues:
+            # One more queue: extend the cached list instead of rebuilding it.
+            self._active_cached.append(queue)
+            self._packed_keys[queue] = _bulk(queue.encode())
+            self._active_key = self._snapshot_key()
+        self._first.append(queue)  # a new queue is polled first: its task may be waiting
+        return ret
+
+    def _snapshot_key(self) -> tuple:
+        return (self._version, len(self._active_queues), len(self.active_fanout_queues))
+
+    def prioritise(self, queue: str) -> None:
+        if queue in self._packed_keys:
+            self._first.append(queue)
+
+    # --- polling ---------------------------------------------------------------------------
+
+    def _poll_keys(self) -> tuple[list[str], float]:
+        """The queues of the next BRPOP, and its timeout."""
+        self.active_queues  # noqa: B018  (refreshes the packed keys if the queues changed)
+        items = self._queue_cycle.items
+        window = settings.AGENTBUS_POLL_WINDOW
+        first = [q for q in dict.fromkeys(self._first) if q in self._packed_keys][:window]
+        self._first.clear()
+        if len(items) <= window:
+            if not first:
+                return list(items), self.brpop_timeout
+            chosen = set(first)
+            return first + [q for q in items if q not in chosen], self.brpop_timeout
+        start = self._window_start % len(items)
+        turn = items[start : start + window]
+        if len(turn) < window:
+            turn += items[: window - len(turn)]
+        self._window_start = start + window
+        chosen = set(first)
+        # The other windows wait their turn: a short block, so it comes round quickly.
+        return first + [q for q in turn if q not in chosen], settings.AGENTBUS_POLL_WINDOW_TIMEOUT
 
     def _brpop_start(self, timeout=None):
         if not self.takes_over:
             return super()._brpop_start(timeout)
-        if timeout is None:
-            timeout = self.brpop_timeout
-        queues = self._queue_cycle.consume(len(self.active_queues))
-        if not queues:
+        if not self.active_queues:
             return
+        queues, window_timeout = self._poll_keys()
+        if timeout is None:
+            timeout = window_timeout
         packed = self._packed_keys
         try:
             keys = b"".join(map(packed.__getitem__, queues))
-        except KeyError:  # the cycle names a queue the cache does not know: be kombu
+        except KeyError:  # a queue the cache does not know: be kombu
             return super()._brpop_start(timeout)
-        # kombu's command (BRPOP <queue key>... <timeout>) with the wake key last, so a
-        # message waiting in a queue always wins over a wake-up.
+        extra = [self.wake_key]
+        if len(self._queue_cycle.items) > settings.AGENTBUS_POLL_WINDOW:
+            extra.insert(0, BELL_KEY)
+        # kombu's command (BRPOP <queue key>... <timeout>) with our keys last, so a message
+        # waiting in a queue always wins over a wake-up or a bell.
         command = b"".join(
             [
-                b"*%d\r\n$5\r\nBRPOP\r\n" % (len(queues) + 3),
+                b"*%d\r\n$5\r\nBRPOP\r\n" % (len(queues) + len(extra) + 2),
                 keys,
-                _bulk(self.wake_key.encode()),
+                *(_bulk(k.encode()) for k in extra),
                 _bulk(str(timeout or 0).encode()),
             ]
         )
@@ -216,6 +337,12 @@ class Transport(kombu_redis.Transport):
     def _deliver(self, message, queue):
         if queue and queue.startswith(WAKE_PREFIX):
             return  # a wake-up, not a message: the poll starts again with every queue
+        if queue == BELL_KEY:
+            # A queue went from empty to non-empty: poll it next (`message` is its name).
+            for channel in self.channels:
+                if isinstance(message, str) and hasattr(channel, "prioritise"):
+                    channel.prioritise(message)
+            return
         # A BRPOP sent before a consumer was cancelled can still return a message of that
         # queue; kombu then puts it back. When the queue was cancelled because its
         # project was deleted, the message would only wait for the reaper's purge (its
@@ -235,3 +362,9 @@ def wake(channel) -> bool:
     """Wake a worker channel's poll (see `Channel.wake`); False if it cannot be woken."""
     method = getattr(channel, "wake", None)
     return bool(method()) if method is not None else False
+
+
+def batched(channel):
+    """`Channel.batched` where the channel has it, else nothing special."""
+    method = getattr(channel, "batched", None)
+    return method() if method is not None else contextlib.nullcontext()

@@ -139,7 +139,8 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             cset.add_queue(table.select_add(direct_queue(name)))
             added.append(name)
         if added:
-            cset.consume()
+            with transport.batched(cset.channel):
+                cset.consume()
             logger.info("AgentBus: following %d more queue(s): %s", len(added), added[:5])
             # A BRPOP already waiting does not include the new queues: cut it short.
             try:
@@ -154,12 +155,13 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             return []
         table = c.app.amqp.queues
         removed = []
-        for name in sorted(queues):
-            table.deselect(name)
-            if cset.consuming_from(name):
-                cset.cancel_by_queue(name)
-                removed.append(name)
-            table.pop(name, None)  # the routing table need not remember every project
+        with transport.batched(cset.channel):
+            for name in sorted(queues):
+                table.deselect(name)
+                if cset.consuming_from(name):
+                    cset.cancel_by_queue(name)
+                    removed.append(name)
+                table.pop(name, None)  # the routing table need not remember every project
         if removed:
             logger.info("AgentBus: left %d queue(s): %s", len(removed), removed[:5])
         return removed

@@ -200,6 +200,14 @@ WORKSPACE_TEARDOWN_REDISPATCH_SECONDS = env.float(
 AGENTBUS_QUEUE_IDLE_SECONDS = env.float("AGENTBUS_QUEUE_IDLE_SECONDS", default=300)
 # How often each worker reports itself alive (health reads these, without a ping).
 AGENTBUS_HEARTBEAT_SECONDS = env.float("AGENTBUS_HEARTBEAT_SECONDS", default=5)
+# A worker following more queues than this polls them a window at a time (one BRPOP
+# names at most this many; queues that just received work come first), blocking each
+# window this long before the next takes its turn.
+AGENTBUS_POLL_WINDOW = env.int("AGENTBUS_POLL_WINDOW", default=256)
+AGENTBUS_POLL_WINDOW_TIMEOUT = env.float("AGENTBUS_POLL_WINDOW_TIMEOUT", default=0.05)
+# A task trusts the deleted-project check its worker made when delivering it if it
+# starts within this long; later it checks again.
+AGENTBUS_GUARD_FRESH_SECONDS = env.float("AGENTBUS_GUARD_FRESH_SECONDS", default=0.05)
 # How often each worker converges on the set of active queues.
 AGENTBUS_RECONCILE_SECONDS = env.float("AGENTBUS_RECONCILE_SECONDS", default=5)
 # A deleted project's tasks are skipped this long (longer than any message can linger).

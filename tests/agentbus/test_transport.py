@@ -3,6 +3,7 @@ what the installed kombu itself does (its own methods are called, never copied).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -278,3 +279,130 @@ def test_wake_ups_do_not_pile_up(connection, redis_client):
         channel.wake()
     assert redis_client.llen(channel.wake_key) == 1
     assert 0 < redis_client.ttl(channel.wake_key) <= transport.WAKE_TTL_SECONDS
+
+
+def test_a_delivery_is_recorded_as_kombu_records_it_and_says_whether_the_project_is_gone(
+    redis_client,
+):
+    """QoS.append writes kombu's own unacked entries (compared with kombu's own method
+    on the same message) and tells the task, in the same round trip, about its project."""
+    from agentbus.transport import CHECKED_HEADER, GONE_HEADER
+
+    alive, gone = uuid.uuid4(), uuid.uuid4()
+    project_tombstone(gone)
+    options = app.conf.broker_transport_options
+    recorded = {}
+    for label, transport_cls in (("ours", Transport), ("kombu", kombu_redis.Transport)):
+        with Connection(
+            app.conf.broker_url, transport=transport_cls, transport_options=options
+        ) as conn:
+            channel = conn.default_channel
+            for project in (alive, gone):
+                queue = project_queue(project)
+                Producer(channel).publish(
+                    "x", exchange="", routing_key=queue, serializer="json", headers={"id": "t"}
+                )
+                message = channel.basic_get(queue, no_ack=False)
+                raw = redis_client.hget("unacked", message.delivery_tag)
+                recorded[(label, project)] = (json.loads(raw), dict(message.headers))
+                message.ack()
+    for project in (alive, gone):
+        ours, kombus = recorded[("ours", project)], recorded[("kombu", project)]
+        entry = lambda e: [  # noqa: E731  (the stored message minus its per-delivery ids)
+            {k: v for k, v in e[0].items() if k != "properties"},
+            e[1],
+            e[2],
+        ]
+        assert entry(ours[0]) == entry(kombus[0])
+        assert GONE_HEADER not in kombus[1]
+        assert ours[1][GONE_HEADER] is (project == gone)
+        assert time.time() - ours[1][CHECKED_HEADER] < 5
+
+
+def test_a_task_rechecks_a_stale_delivery_answer(project_id):
+    from tests.agentbus import tasks
+
+    project_tombstone(project_id)
+    task = tasks.record
+    task.push_request(agentbus_gone=False, agentbus_checked_at=time.time())
+    try:
+        assert task._project_gone(project_id) is False  # fresh: the delivery's answer
+    finally:
+        task.pop_request()
+    task.push_request(agentbus_gone=False, agentbus_checked_at=time.time() - 60)
+    try:
+        assert task._project_gone(project_id) is True  # stale: asked again
+    finally:
+        task.pop_request()
+    task.push_request()
+    try:
+        assert task._project_gone(project_id) is True  # no answer delivered: asked
+    finally:
+        task.pop_request()
+
+
+def test_many_queues_are_followed_with_one_rebuild_of_the_cycle(connection):
+    channel = connection.default_channel
+    queues = [project_queue(uuid.uuid4()) for _ in range(3000)]
+    consumer = Consumer(channel, queues=[direct_queue(q) for q in queues], callbacks=[])
+    rebuilt = []
+    real = channel._queue_cycle.update
+    channel._queue_cycle.update = lambda items: (rebuilt.append(len(items)), real(items))
+    with transport.batched(channel):
+        consumer.consume()
+    assert rebuilt == [len(queues)]
+    assert channel._queue_cycle.items == channel.active_queues == queues
+    with transport.batched(channel):
+        for queue in queues[:1000]:
+            consumer.cancel_by_queue(queue)
+    assert rebuilt == [len(queues), 2000]
+    assert channel._queue_cycle.items == queues[1000:]
+    consumer.cancel()
+
+
+def test_a_large_follow_polls_a_window_at_a_time_and_rings_the_bell(
+    connection, settings, redis_client
+):
+    """Over AGENTBUS_POLL_WINDOW queues a BRPOP names one window of them; a publish to
+    an idle queue rings the bell, which puts that queue into the next poll."""
+    from agentbus.active import mark_active
+
+    settings.AGENTBUS_POLL_WINDOW = 8
+    channel = connection.default_channel
+    projects = [uuid.uuid4() for _ in range(40)]
+    queues = [project_queue(p) for p in projects]
+    recorder = Recorder()
+    consumer = Consumer(
+        channel, queues=[direct_queue(q) for q in queues], callbacks=[recorder], accept=["json"]
+    )
+    with transport.batched(channel):
+        consumer.consume()
+    channel._first.clear()
+    sent = _sent_by(channel, Channel._brpop_start)
+    assert sent.startswith(b"*%d\r\n" % (8 + 4))  # BRPOP, 8 queues, bell, wake, timeout
+    assert transport.BELL_KEY.encode() in sent
+
+    # A task for a queue far from the next window: found through the bell at once.
+    far = projects[-1]
+    mark_active(far)  # as publish does: the queue is empty, so the bell rings
+    Producer(channel).publish(
+        "late", exchange="", routing_key=project_queue(far), serializer="json"
+    )
+    assert json.loads(redis_client.lindex(transport.BELL_KEY, 0)) == project_queue(far)
+    deadline = time.monotonic() + 2
+    while not recorder.bodies and time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            connection.drain_events(timeout=0.5)
+    assert recorder.bodies == ["late"]
+
+    # Without the bell (a trimmed one) the windows take turns: found within a round.
+    redis_client.delete(transport.BELL_KEY)
+    other = queues[20]
+    # (a plain publish: no mark_active, so no bell)
+    Producer(channel).publish("quiet", exchange="", routing_key=other, serializer="json")
+    started = time.monotonic()
+    while len(recorder.bodies) < 2 and time.monotonic() - started < 3:
+        with contextlib.suppress(TimeoutError):
+            connection.drain_events(timeout=0.5)
+    assert recorder.bodies[-1] == "quiet"
+    consumer.cancel()
