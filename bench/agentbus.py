@@ -37,7 +37,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -49,7 +48,8 @@ if __name__ == "__main__":
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
     os.environ.setdefault("DEBUG", "false")
     os.environ.setdefault("VAR_DIR", str(ROOT / "var" / "bench"))
-    os.environ.setdefault("DATABASE_URL", f"sqlite:///{ROOT / 'var' / 'bench' / 'agentbus.sqlite3'}")
+    os.environ.setdefault("DATABASE_URL", f"sqlite:///{ROOT}/var/bench/agentbus.sqlite3")
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
     os.environ["CELERY_BROKER_URL"] = os.environ["REDIS_URL"]
     import django
 
@@ -58,7 +58,7 @@ if __name__ == "__main__":
 from celery import shared_task  # noqa: E402
 
 from agentbus import AgentBusTask, publish  # noqa: E402
-from agentbus.active import active_queues, mark_active  # noqa: E402
+from agentbus.active import mark_active  # noqa: E402
 from common.redis import get_redis  # noqa: E402
 
 DONE = "bench:done"
@@ -237,7 +237,9 @@ def worker_start(active: int, samples: int) -> list[float]:
         try:
             tag = uuid.uuid4().hex
             publish(agent_noop, project_id=target, kwargs={"tag": tag})
-            started = wait_until(lambda: get_redis().hget(STARTS, tag), 120, "the first task")
+            started = wait_until(
+                lambda tag=tag: get_redis().hget(STARTS, tag), 120, "the first task"
+            )
             times.append(float(started) - worker.started)
         finally:
             worker.stop()
