@@ -35,7 +35,7 @@ def agent_create(
     model: str = "",
     params: dict[str, Any] | None = None,
 ) -> Agent:
-    project_lock_for_write(project=project)
+    project_lock_for_write(project_id=project.id)
     agent = Agent.objects.create(
         project=project, name=name, system_prompt=system_prompt, model=model, params=params or {}
     )
@@ -46,7 +46,7 @@ def agent_create(
 
 @transaction.atomic
 def agent_update(*, agent: Agent, data: dict[str, Any]) -> Agent:
-    project_lock_for_write(project=agent.project)
+    project_lock_for_write(project_id=agent.project_id)
     if not Agent.objects.filter(id=agent.id).exists():
         raise Http404("No such agent.")  # deleted meanwhile
     agent, changed = model_update(instance=agent, fields=AGENT_FIELDS, data=data)
@@ -57,7 +57,7 @@ def agent_update(*, agent: Agent, data: dict[str, Any]) -> Agent:
 
 @transaction.atomic
 def agent_delete(*, agent: Agent) -> None:
-    project = project_lock_for_write(project=agent.project)
+    project = project_lock_for_write(project_id=agent.project_id)
     agent_id = agent.id
     if not Agent.objects.filter(id=agent_id).delete()[0]:
         raise Http404("No such agent.")  # deleted meanwhile
@@ -77,7 +77,7 @@ def agent_delete(*, agent: Agent) -> None:
 def session_create(*, project: Project, agent: Agent, title: str = "") -> ChatSession:
     if agent.project_id != project.id:
         raise ValueError("the agent belongs to another project")
-    project_lock_for_write(project=project)
+    project_lock_for_write(project_id=project.id)
     if not Agent.objects.filter(id=agent.id).exists():
         raise Http404("No such agent.")  # deleted meanwhile
     return ChatSession.objects.create(project=project, agent=agent, title=title)
@@ -85,8 +85,8 @@ def session_create(*, project: Project, agent: Agent, title: str = "") -> ChatSe
 
 @transaction.atomic
 def session_delete(*, session: ChatSession) -> None:
-    project_lock_for_write(project=session.project)
-    user_id, project_id, session_id = session.project.owner_id, session.project_id, session.id
+    project = project_lock_for_write(project_id=session.project_id)
+    user_id, project_id, session_id = project.owner_id, project.id, session.id
     if not ChatSession.objects.filter(id=session_id).delete()[0]:
         raise Http404("No such chat session.")  # deleted meanwhile
     # The session's event stream goes with it (teardown takes it only with the project).
@@ -109,7 +109,7 @@ def message_create(*, session: ChatSession, content: str) -> tuple[Message, Mess
     broker is down, the run stays queued and the recovery pass dispatches it once they
     are back. Returns (user message, assistant message).
     """
-    project_lock_for_write(project=session.project)
+    project_lock_for_write(project_id=session.project_id)
     if not ChatSession.objects.filter(id=session.id).exists():
         raise Http404("No such chat session.")  # deleted meanwhile
     user_message = Message.objects.create(

@@ -38,12 +38,12 @@ def project_delete(*, project: Project) -> None:
     project.delete()
 
 
-def project_lock_for_write(*, project: Project) -> Project:
+def project_lock_for_write(*, project_id) -> Project:
     """Call at the start of a transaction that adds to the project (an agent, a session,
     a message): holds the project until commit against a concurrent delete, which then
-    waits for this write and deletes what it added. Raises Http404 if the project was
-    deleted first."""
-    locked = Project.objects.select_for_update(no_key=True).filter(id=project.id).first()
+    waits for this write and deletes what it added. Returns the locked row; raises
+    Http404 if the project was deleted first."""
+    locked = Project.objects.select_for_update(no_key=True).filter(id=project_id).first()
     if locked is None:
         raise Http404("No such project.")
     return locked

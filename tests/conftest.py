@@ -31,6 +31,17 @@ def _fresh_redis_database():
     get_redis().flushdb()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _close_database_pools(django_db_setup, django_db_blocker):
+    """Hand the pooled connections back before the test database is dropped."""
+    yield
+    from django.db import connections
+
+    for connection in connections.all():
+        if getattr(connection, "pool", None) is not None:
+            connection.close_pool()
+
+
 @pytest.fixture(autouse=True)
 def _clean_workspace_keys():
     """Each test starts with no workspace state in Redis and none in this process."""

@@ -78,8 +78,23 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
 else:
-    DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=0)
-    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # A pool of connections per process (psycopg_pool): under ASGI each request's sync
+    # work runs on a thread of its own, so a connection that persists per thread would
+    # be opened for every request; a pooled one is handed back when the request (or an
+    # agent run's database work) ends. DB_POOL_MAX_SIZE=0 turns the pool off.
+    pool_size = env.int("DB_POOL_MAX_SIZE", default=10)
+    if pool_size:
+        DATABASES["default"]["OPTIONS"] = {
+            "pool": {
+                "min_size": env.int("DB_POOL_MIN_SIZE", default=1),
+                "max_size": pool_size,
+                # Waiting longer than this for a free connection is an error (503).
+                "timeout": env.float("DB_POOL_TIMEOUT_SECONDS", default=10),
+            }
+        }
+    else:
+        DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=0)
+        DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
