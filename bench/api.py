@@ -152,10 +152,9 @@ def main() -> None:
         f"\nGET {path.replace(str(project.id), '{id}')}: one uvicorn process, "
         f"{opts.concurrency} requests in flight, {opts.seconds:g} s per run, {opts.rounds} rounds"
     )
-    print(
-        "\n| configuration | req/s (min / median / max) | server CPU ms/request (min / median / max) |"
-    )
+    print("\n| configuration | req/s | server CPU ms per request |")
     print("|---|---|---|")
+    print("| | min / median / max | min / median / max |")
     for name, runs in results.items():
         rps = spread([r["rps"] for r in runs], "{:.0f}")
         cpu = spread([r["cpu_ms"] for r in runs], "{:.2f}")
