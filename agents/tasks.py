@@ -8,8 +8,10 @@ any task of a deleted project before it runs.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 from celery import shared_task
+from django.conf import settings
 
 from agentbus import AgentBusTask, ProjectGone, publish
 
@@ -35,14 +37,26 @@ def run_agent(self, *, user_id: int, project_id: str, run_id: str, attempt: int)
     return chat_run(run_id=run_id, attempt=attempt)
 
 
-@shared_task(base=AgentBusTask, bind=True, name="agents.add_context")
+# Ingest batches run at most this many at a time in one worker process: bulk work
+# keeps the rest of the pool's slots (and cores) for interactive runs.
+_ingest_slots = threading.BoundedSemaphore(settings.INGEST_CONCURRENCY)
+
+
+@shared_task(base=AgentBusTask, bind=True, name="agents.add_context", max_retries=None)
 def add_context(
     self, *, user_id: int, project_id: str, agent_id: str, job_id: str, start: int = 0
 ) -> int | None:
     """One batch of an ingest job; the next batch goes to the back of the project's
-    queue, behind whatever other work is waiting."""
-    ids = {"user_id": user_id, "agent_id": agent_id, "job_id": job_id}
-    following = context_job_add(project_id=project_id, start=start, **ids)
+    queue, behind whatever other work is waiting. While this process already stores
+    INGEST_CONCURRENCY batches, the batch goes back to the queue instead of taking a
+    slot an interactive run may need."""
+    if not _ingest_slots.acquire(blocking=False):
+        raise self.retry(countdown=settings.INGEST_REQUEUE_SECONDS)
+    try:
+        ids = {"user_id": user_id, "agent_id": agent_id, "job_id": job_id}
+        following = context_job_add(project_id=project_id, start=start, **ids)
+    finally:
+        _ingest_slots.release()
     if following is not None:
         with contextlib.suppress(ProjectGone):  # deleted meanwhile: nothing more to do
             publish(self, project_id=project_id, kwargs={**ids, "start": following})

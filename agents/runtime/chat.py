@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -29,8 +29,15 @@ from workspaces.redis import ScopedRedis, scoped
 
 from ..models import Message, Run
 from . import streams
+from .coalesce import coalesced
 from .lease import Held, lease_deadline, lease_keeper
-from .providers import ChatRequest, ProviderError, ProviderStopped, get_provider
+from .providers import (
+    ChatRequest,
+    OfflineProvider,
+    ProviderError,
+    ProviderStopped,
+    get_provider,
+)
 from .vectors import context_search, exchange_store
 
 logger = logging.getLogger(__name__)
@@ -246,6 +253,10 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> tuple[str, st
         request = _build_request(
             config=config, message=message, question=question, context=[h.text for h in hits]
         )
+        # The answer takes seconds of waiting on the provider: hold no database
+        # connection meanwhile (pooled, it serves other runs; the lease keeper has its own).
+        if not connection.in_atomic_block:
+            connection.close()
         outcome = _stream(redis=redis, run=run, request=request, parts=parts, stop=should_stop)
     except ProviderStopped:
         return stopped("".join(parts))
@@ -270,7 +281,12 @@ def _stream(
     stop: Callable[[], bool],
 ) -> str:
     offset = 0
-    deltas = get_provider(request.model).stream(request, should_stop=stop)
+    provider = get_provider(request.model)
+    deltas = coalesced(
+        provider.stream(request, should_stop=stop),
+        window=settings.CHAT_DELTA_WINDOW_SECONDS,
+        threaded=provider.name != OfflineProvider.name,  # the offline one never waits
+    )
     try:
         for delta in deltas:
             appended = streams.event_append_unless_cancelled(

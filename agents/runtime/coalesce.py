@@ -1,0 +1,106 @@
+"""Fewer, larger deltas: an answer's text joined into one event per time window.
+
+A model streams a few characters per delta; writing each to the session's stream is a
+Redis round trip per delta for the worker and an event per delta for every client. The
+first delta goes out at once (time to first delta is unchanged); after that, whatever
+arrived within CHAT_DELTA_WINDOW_SECONDS of the last write goes out together.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+
+_END = object()
+
+
+def coalesced(
+    deltas: Iterator[str], *, window: float, max_chars: int = 2048, threaded: bool = True
+) -> Iterator[str]:
+    """The text of `deltas`, joined per `window` seconds (at most `max_chars` at once).
+
+    `threaded`: a thread reads `deltas`, so text that arrived just before the provider
+    goes quiet is written when its window ends, not when the next delta comes. Use it
+    for providers that wait on the network; a local generator that never pauses needs
+    none. Closing this generator stops the reader after the delta it is waiting for.
+    """
+    if window <= 0:
+        yield from deltas
+        return
+    if not threaded:
+        yield from _joined(deltas, window, max_chars)
+        return
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for delta in deltas:
+                inbox.put(delta)
+                if stop.is_set():
+                    break
+            inbox.put(_END)
+        except BaseException as exc:  # handed to the consumer, raised there
+            inbox.put(exc)
+        finally:
+            close = getattr(deltas, "close", None)
+            if close is not None:
+                close()
+
+    reader = threading.Thread(target=read, name="delta-reader", daemon=True)
+    reader.start()
+    buffer: list[str] = []
+    size = 0
+    flushed_at: float | None = None
+    try:
+        while True:
+            wait = None
+            if buffer and flushed_at is not None:
+                wait = max(0.0, flushed_at + window - time.monotonic())
+            try:
+                item = inbox.get(timeout=wait)
+            except queue.Empty:
+                item = None
+            if item is _END:
+                break
+            if isinstance(item, BaseException):
+                if buffer:
+                    yield "".join(buffer)
+                raise item
+            if item is not None:
+                buffer.append(item)
+                size += len(item)
+            now = time.monotonic()
+            if buffer and (
+                item is None
+                or flushed_at is None
+                or now - flushed_at >= window
+                or size >= max_chars
+            ):
+                yield "".join(buffer)
+                buffer.clear()
+                size = 0
+                flushed_at = now
+        if buffer:
+            yield "".join(buffer)
+    finally:
+        stop.set()
+
+
+def _joined(deltas: Iterator[str], window: float, max_chars: int) -> Iterator[str]:
+    buffer: list[str] = []
+    size = 0
+    flushed_at: float | None = None
+    for delta in deltas:
+        buffer.append(delta)
+        size += len(delta)
+        now = time.monotonic()
+        if flushed_at is None or now - flushed_at >= window or size >= max_chars:
+            yield "".join(buffer)
+            buffer.clear()
+            size = 0
+            flushed_at = now
+    if buffer:
+        yield "".join(buffer)
