@@ -14,10 +14,10 @@ await point: its Redis connection goes back to the pool and the generator ends.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
-import time
 import uuid
 
 from asgiref.sync import sync_to_async
@@ -32,19 +32,16 @@ from rest_framework.settings import api_settings
 
 from agentbus import project_gone_async
 from common.asgi import long_lived
-from common.redis import get_async_redis
 from projects.selectors import project_get_for_user
 from workspaces.redis import ScopedRedis, scoped_async
 
 from .runtime.streams import stream_key
 from .selectors import session_get
+from .streamhub import CLOSED, HubFull, get_hub
 
 logger = logging.getLogger(__name__)
 
 CURSOR_RE = re.compile(r"^\d{1,20}(-\d{1,20})?$")
-# A stream wakes up at least this often to look for its project's deletion.
-MAX_WAKE_SECONDS = 5.0
-READ_COUNT = 200
 
 _active_streams = 0
 
@@ -86,9 +83,8 @@ def _authorize(request: HttpRequest, project_id: uuid.UUID, session_id: uuid.UUI
 
 
 async def _gone(project_id: uuid.UUID) -> bool:
-    """The lifecycle guard, on the streams' own async client when the broker shares it."""
-    shared = settings.CELERY_BROKER_URL == settings.REDIS_URL
-    return await project_gone_async(project_id, client=get_async_redis() if shared else None)
+    """The lifecycle guard, on the hub's connection to the broker."""
+    return await project_gone_async(project_id, client=get_hub().broker)
 
 
 @long_lived
@@ -103,6 +99,13 @@ async def session_events(request: HttpRequest, project_id: uuid.UUID, session_id
         return _error(404, "Not found.")
     if await _gone(project_id):
         return _error(404, "Not found.")
+    hub = get_hub()
+    if hub.count >= settings.SSE_MAX_STREAMS:
+        return _error(
+            503,
+            "This server holds as many event streams as it may; retry shortly.",
+            **{"Retry-After": str(settings.SSE_RETRY_AFTER_SECONDS)},
+        )
 
     cursor = request.headers.get("Last-Event-ID") or request.GET.get("cursor")
     if cursor is not None:
@@ -111,20 +114,18 @@ async def session_events(request: HttpRequest, project_id: uuid.UUID, session_id
             return _error(400, "cursor / Last-Event-ID must be an event id like 1700000000000-0.")
         if "-" not in cursor:
             cursor += "-0"
-    redis = scoped_async(get_async_redis(), user_id, project_id)
-    key = stream_key(session_id)
+    redis = scoped_async(hub.client, user_id, project_id)
+    key = redis.key(stream_key(session_id))
     truncated_at = None
     if cursor is None:
         # Pin "now" to a concrete id, so nothing between two reads can be skipped.
-        last = await redis.xrevrange(key, count=1)
+        last = await hub.client.xrevrange(key, count=1)
         cursor = last[0][0] if last else "0-0"
     else:
-        truncated_at = await _trimmed_after(redis, key, cursor)
+        truncated_at = await _trimmed_after(redis, stream_key(session_id), cursor)
 
     response = StreamingHttpResponse(
-        _event_stream(
-            redis=redis, key=key, cursor=cursor, project_id=project_id, truncated_at=truncated_at
-        ),
+        _event_stream(key=key, cursor=cursor, project_id=project_id, truncated_at=truncated_at),
         content_type="text/event-stream",
     )
     response["Cache-Control"] = "no-cache"
@@ -156,39 +157,34 @@ def format_event(event_id: str, fields: dict[str, str]) -> str:
 
 
 async def _event_stream(
-    *,
-    redis: ScopedRedis,
-    key: str,
-    cursor: str,
-    project_id: uuid.UUID,
-    truncated_at: str | None = None,
+    *, key: str, cursor: str, project_id: uuid.UUID, truncated_at: str | None = None
 ):
+    """The stream's events after `cursor`, from the process's hub (no connection of its
+    own), a heartbeat when quiet, and `stream.closed` when the project is deleted."""
     global _active_streams
     _active_streams += 1
     heartbeat = float(settings.CHAT_HEARTBEAT_SECONDS)
-    wake = min(heartbeat, MAX_WAKE_SECONDS)
     try:
-        yield f"retry: 2000\n: connected at {cursor}\n\n".encode()
-        if truncated_at is not None:
-            notice = json.dumps({"first_id": truncated_at, "reason": "older events were trimmed"})
-            yield f"event: stream.truncated\ndata: {notice}\n\n".encode()
-        last_write = time.monotonic()
-        while True:
-            quiet_for = time.monotonic() - last_write
-            block = max(0.01, min(wake, heartbeat - quiet_for))
-            answer = await redis.xread({key: cursor}, count=READ_COUNT, block=int(block * 1000))
-            if answer:
-                entries = answer[0][1]
-                cursor = entries[-1][0]
+        async with get_hub().subscribe(key=key, project_id=project_id, cursor=cursor) as sub:
+            yield f"retry: 2000\n: connected at {cursor}\n\n".encode()
+            if truncated_at is not None:
+                notice = json.dumps(
+                    {"first_id": truncated_at, "reason": "older events were trimmed"}
+                )
+                yield f"event: stream.truncated\ndata: {notice}\n\n".encode()
+            while True:
+                try:
+                    entries = await asyncio.wait_for(sub.inbox.get(), timeout=heartbeat)
+                except TimeoutError:
+                    yield b": heartbeat\n\n"
+                    continue
+                if entries == CLOSED:
+                    closing = json.dumps({"reason": "project deleted"})
+                    yield f"event: stream.closed\ndata: {closing}\n\n".encode()
+                    return
                 yield "".join(format_event(eid, fields) for eid, fields in entries).encode()
-                last_write = time.monotonic()
-                continue
-            if await _gone(project_id):
-                closing = json.dumps({"reason": "project deleted"})
-                yield f"event: stream.closed\ndata: {closing}\n\n".encode()
-                return
-            if time.monotonic() - last_write >= heartbeat - 0.005:
-                yield b": heartbeat\n\n"
-                last_write = time.monotonic()
+    except HubFull:
+        closing = json.dumps({"reason": "too many streams; reconnect"})
+        yield f"event: stream.closed\ndata: {closing}\n\n".encode()
     finally:
         _active_streams -= 1

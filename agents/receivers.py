@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from django.dispatch import receiver
 
-from common.lifecycle import on_shutdown
+from common.lifecycle import on_loop_shutdown, on_shutdown
 from workspaces.signals import workspace_teardown
 from workspaces.sources import register_agent_source, register_health_check
 
@@ -14,6 +14,7 @@ from .runtime.vectors import project_collections_drop
 from .runtime.vectorstore import close_vector_store
 from .selectors import runs_health
 from .sources import DatabaseAgentSource
+from .streamhub import close_hub
 
 register_agent_source(DatabaseAgentSource())
 register_health_check("runs", runs_health)
@@ -27,3 +28,5 @@ def drop_collections_on_teardown(sender, *, user_id, project_id, **kwargs) -> No
 
 # Local mode frees the storage folder's lock on the way out.
 on_shutdown(close_vector_store)
+# A web process's event streams share one hub per event loop.
+on_loop_shutdown(close_hub)

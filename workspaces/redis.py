@@ -36,7 +36,7 @@ _SINGLE_KEY = frozenset(
     sadd srem smembers sismember smismember scard spop srandmember sscan_iter
     zadd zrem zscore zrange zrangebyscore zrevrange zcard zincrby zremrangebyscore zcount
     xadd xlen xrange xrevrange xtrim xdel xinfo_stream
-    lock
+    publish lock
     """.split()
 )
 # Commands whose every positional argument is a key.

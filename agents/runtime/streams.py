@@ -60,7 +60,8 @@ def events_append(
     session_id: uuid.UUID | str,
     events: list[tuple[str, dict[str, Any]]],
 ) -> list[str]:
-    """Append events in order, in one round trip; returns their ids."""
+    """Append events in order, in one round trip; returns their ids. Readers waiting on
+    the stream are told on the channel of the same name (agents.streamhub)."""
     key = stream_key(session_id)
     pipe = redis.pipeline(transaction=False)
     for event_type, data in events:
@@ -71,14 +72,19 @@ def events_append(
             approximate=True,
         )
     pipe.expire(key, STREAM_TTL_SECONDS)
+    pipe.publish(key, "")
     return pipe.execute()[: len(events)]
 
 
-# Append unless the run was cancelled, atomically: no delta follows a cancel.
-# KEYS: stream, cancel flag. ARGV: maxlen, type, data. Returns the id, or false.
+# Append unless the run was cancelled, atomically: no delta follows a cancel. Readers
+# are told on the stream's channel. KEYS: stream, cancel flag. ARGV: maxlen, type, data.
+# Returns the id, or false.
 _APPEND_UNLESS_CANCELLED = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return false end
-return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'type', ARGV[2], 'data', ARGV[3])
+local id = redis.call(
+  'XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'type', ARGV[2], 'data', ARGV[3])
+redis.call('PUBLISH', KEYS[1], '')
+return id
 """
 
 

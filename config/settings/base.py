@@ -277,6 +277,13 @@ RUN_MAX_STARTS = env.int("RUN_MAX_STARTS", default=3)
 # Health reports runs that failed this recently as a problem.
 RUN_FAILURE_WINDOW_SECONDS = env.float("RUN_FAILURE_WINDOW_SECONDS", default=900)
 CHAT_HEARTBEAT_SECONDS = env.float("CHAT_HEARTBEAT_SECONDS", default=15)
+# Event streams (agents.streamhub): at most this many open per web process (then 503,
+# Retry-After), sharing this many Redis connections plus one for notifications; every
+# SSE_SAFETY_POLL_SECONDS each followed stream is read once and deleted projects' closed.
+SSE_MAX_STREAMS = env.int("SSE_MAX_STREAMS", default=10000)
+SSE_REDIS_CONNECTIONS = env.int("SSE_REDIS_CONNECTIONS", default=4)
+SSE_SAFETY_POLL_SECONDS = env.float("SSE_SAFETY_POLL_SECONDS", default=5)
+SSE_RETRY_AFTER_SECONDS = env.int("SSE_RETRY_AFTER_SECONDS", default=5)
 # An answer's deltas are written to the stream joined per this window (0: one event per
 # delta); the first goes out at once.
 CHAT_DELTA_WINDOW_SECONDS = env.float("CHAT_DELTA_WINDOW_SECONDS", default=0.05)

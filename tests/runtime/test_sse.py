@@ -59,9 +59,9 @@ class AsgiServer:
 
     def stop(self) -> None:
         if self.loop is not None:
-            from common.redis import close_async_redis
+            from agents.streamhub import close_hub
 
-            self.run(close_async_redis())
+            self.run(close_hub())
         self.server.should_exit = True
         self.thread.join(15)
         self.sock.close()
@@ -314,11 +314,12 @@ def test_disconnects_leave_no_connections_or_generators_behind(asgi, user, sessi
     tasks_before = asgi.task_count()
     threads_before = threading.active_count()
 
-    # The measures do see open streams: each holds a generator and a Redis connection.
-    held = [connect() for _ in range(3)]
-    wait_until(lambda: sse.active_streams() == 3, what="three open streams")
-    time.sleep(0.2)  # each reaches its blocking read
-    assert len(redis_client.client_list()) >= clients_before + 3
+    # The measures do see open streams: each holds a generator, but no Redis connection
+    # of its own (the process's hub serves them all).
+    held = [connect() for _ in range(20)]
+    wait_until(lambda: sse.active_streams() == 20, what="twenty open streams")
+    time.sleep(0.2)  # each reaches its wait
+    assert len(redis_client.client_list()) <= clients_before + 1
     assert asgi.task_count() > tasks_before
     # ...but no thread: an open stream must not pin a request thread for its lifetime.
     assert threading.active_count() <= threads_before + 1
@@ -345,3 +346,54 @@ def test_only_the_event_stream_is_served_outside_the_request_thread_context(sess
     assert serves_long_lived(scope(f"{base}/events/"))
     for path in (f"{base}/", f"{base}/messages/", "/my/projects/", "/nowhere/events/"):
         assert not serves_long_lived(scope(path)), path
+
+
+def test_over_the_cap_a_new_stream_is_a_503_with_retry_after(asgi, user, session, settings):
+    settings.SSE_MAX_STREAMS = 2
+    token = token_for(user)
+    request = (
+        f"GET /my/projects/{session.project_id}/chat/{session.id}/events/ HTTP/1.1\r\n"
+        f"Host: 127.0.0.1\r\nAuthorization: Token {token}\r\n\r\n"
+    ).encode()
+    held = []
+    for _ in range(2):
+        conn = socket.create_connection(("127.0.0.1", asgi.port), timeout=10)
+        conn.sendall(request)
+        assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+        held.append(conn)
+    wait_until(lambda: sse.active_streams() == 2, what="two open streams")
+    response = httpx.get(
+        events_url(asgi, session), headers={"Authorization": f"Token {token}"}, timeout=10
+    )
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] and "detail" in response.json()
+    for conn in held:
+        conn.close()
+    wait_until(lambda: sse.active_streams() == 0, what="streams closed")
+
+
+def test_an_event_whose_notification_was_lost_arrives_by_the_safety_poll(
+    asgi, user, session, settings, redis_client
+):
+    """A writer's notification can be lost (the hub's pub/sub connection reconnecting):
+    the hub reads every followed stream every SSE_SAFETY_POLL_SECONDS anyway."""
+    from agents.runtime.streams import stream_key
+    from workspaces.redis import workspace_prefix
+
+    settings.SSE_SAFETY_POLL_SECONDS = 0.5
+    key = workspace_prefix(user.pk, session.project_id) + stream_key(session.id)
+    headers = {"Authorization": f"Token {token_for(user)}"}
+
+    def write_quietly():
+        time.sleep(0.8)  # the stream is open by then
+        redis_client.xadd(key, {"type": "message.delta", "data": json.dumps({"delta": "hi"})})
+
+    writer = threading.Thread(target=write_quietly)
+    writer.start()
+    started = time.monotonic()
+    _, events, _ = read_sse(
+        events_url(asgi, session), headers=headers, until=lambda e: e, max_seconds=5
+    )
+    writer.join()
+    assert [e["event"] for e in events] == ["message.delta"]
+    assert time.monotonic() - started < 3

@@ -1,0 +1,276 @@
+"""One reader for every open event stream of a web process.
+
+A stream used to hold a Redis connection of its own, blocked in XREAD, for as long as
+its client stayed: a process with thousands of open streams held thousands of
+connections (and the asyncio pool's default cap turned the 101st into a 500). Here one
+`StreamHub` per event loop serves them all on a handful of connections:
+
+- Writers publish the stream's key on a Redis channel of the same name with every
+  append (agents.runtime.streams). The hub keeps ONE pub/sub connection subscribed to
+  the keys of the streams open here.
+- A notified key is read with one XREAD (non-blocking, many keys at once, on the small
+  pool) from the last id the hub delivered, and its entries go to every subscription of
+  that key, in order.
+- A new subscription subscribes first, then reads what it missed (from its cursor) and
+  only then takes the live entries, skipping ids it already has: nothing is lost or
+  repeated between the two.
+- Every SSE_SAFETY_POLL_SECONDS the hub reads every followed key once (a notification
+  lost while the pub/sub connection reconnected costs that long, never an event) and
+  asks the lifecycle guard about every followed project in one round trip: streams of
+  a deleted project are closed.
+
+Connections: the pub/sub one, the pool's (SSE_REDIS_CONNECTIONS at most), and one to
+the broker when it is another Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+import weakref
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import redis.asyncio
+from django.conf import settings
+
+from agentbus.guard import tombstone_key
+
+logger = logging.getLogger(__name__)
+
+READ_COUNT = 200
+CLOSED = "closed"
+
+
+@dataclass(eq=False)
+class Subscription:
+    key: str
+    project_id: uuid.UUID
+    last_id: str
+    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    def deliver(self, entries: list) -> None:
+        fresh = [e for e in entries if _id(e[0]) > _id(self.last_id)]
+        if fresh:
+            self.last_id = fresh[-1][0]
+            self.inbox.put_nowait(fresh)
+
+
+class HubFull(Exception):
+    """This process serves SSE_MAX_STREAMS streams already."""
+
+
+def _id(value: str) -> tuple[int, int]:
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class StreamHub:
+    def __init__(self) -> None:
+        self.client = redis.asyncio.Redis.from_url(
+            settings.REDIS_URL,
+            decode_responses=True,
+            socket_connect_timeout=5,
+            socket_timeout=30,
+            health_check_interval=30,
+            max_connections=settings.SSE_REDIS_CONNECTIONS,
+        )
+        if settings.CELERY_BROKER_URL == settings.REDIS_URL:
+            self.broker = self.client
+        else:
+            self.broker = redis.asyncio.Redis.from_url(
+                settings.CELERY_BROKER_URL, decode_responses=True, max_connections=1
+            )
+        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        self.subscriptions: dict[str, set[Subscription]] = {}
+        self.delivered: dict[str, str] = {}  # key -> last id read for it
+        self.dirty: set[str] = set()
+        self._dirty_event = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._lock = asyncio.Lock()
+        self.count = 0
+
+    # --- subscribing ------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def subscribe(
+        self, *, key: str, project_id: uuid.UUID, cursor: str | None
+    ) -> AsyncIterator[Subscription]:
+        """A subscription to the stream `key`: entries after `cursor` (None: from now)."""
+        if self.count >= settings.SSE_MAX_STREAMS:
+            raise HubFull()
+        self.count += 1
+        self._start()
+        sub: Subscription | None = None
+        try:
+            async with self._lock:
+                if key not in self.subscriptions:
+                    self.subscriptions[key] = set()
+                    await self.pubsub.subscribe(key)
+                if cursor is None:
+                    last = await self.client.xrevrange(key, count=1)
+                    cursor = last[0][0] if last else "0-0"
+                sub = Subscription(key=key, project_id=project_id, last_id=cursor)
+                self.subscriptions[key].add(sub)
+                self.delivered.setdefault(key, cursor)
+            # What it missed, read after subscribing: the live entries that arrive
+            # meanwhile are skipped by id if this read has them too.
+            backlog = await self.client.xrange(key, min=f"({cursor}", count=READ_COUNT)
+            while backlog:
+                sub.deliver(backlog)
+                if len(backlog) < READ_COUNT:
+                    break
+                backlog = await self.client.xrange(key, min=f"({sub.last_id}", count=READ_COUNT)
+            yield sub
+        finally:
+            self.count -= 1
+            if sub is not None:
+                await self._unsubscribe(sub)
+
+    async def _unsubscribe(self, sub: Subscription) -> None:
+        async with self._lock:
+            subs = self.subscriptions.get(sub.key)
+            if subs is None:
+                return
+            subs.discard(sub)
+            if not subs:
+                del self.subscriptions[sub.key]
+                self.delivered.pop(sub.key, None)
+                self.dirty.discard(sub.key)
+                with contextlib.suppress(Exception):
+                    await self.pubsub.unsubscribe(sub.key)
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self._tasks and not any(t.done() for t in self._tasks):
+            return
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="sse-hub-listen"),
+            asyncio.create_task(self._fetch(), name="sse-hub-fetch"),
+            asyncio.create_task(self._patrol(), name="sse-hub-patrol"),
+        ]
+
+    async def _listen(self) -> None:
+        """Notifications: mark the keys to read."""
+        while True:
+            try:
+                if not self.pubsub.subscribed:
+                    await asyncio.sleep(0.05)
+                    continue
+                message = await self.pubsub.get_message(timeout=1.0)
+                if message and message.get("type") == "message":
+                    self.dirty.add(message["channel"])
+                    self._dirty_event.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("event streams: notifications interrupted", exc_info=True)
+                await asyncio.sleep(1)
+                await self._resubscribe()
+
+    async def _resubscribe(self) -> None:
+        with contextlib.suppress(Exception):
+            keys = list(self.subscriptions)
+            if keys:
+                await self.pubsub.subscribe(*keys)
+        self.dirty.update(self.subscriptions)  # whatever was missed meanwhile
+        self._dirty_event.set()
+
+    async def _fetch(self) -> None:
+        """Read the marked keys (one XREAD for all of them) and hand out the entries."""
+        while True:
+            await self._dirty_event.wait()
+            self._dirty_event.clear()
+            keys = [k for k in self.dirty if k in self.subscriptions]
+            self.dirty.clear()
+            if not keys:
+                continue
+            try:
+                await self._read(keys)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("event streams: read failed", exc_info=True)
+                self.dirty.update(keys)
+                await asyncio.sleep(0.5)
+                self._dirty_event.set()
+
+    async def _read(self, keys: list[str]) -> None:
+        streams = {k: self.delivered.get(k, "0-0") for k in keys}
+        answer = await self.client.xread(streams, count=READ_COUNT)
+        for key, entries in answer or ():
+            if key not in self.subscriptions or not entries:
+                continue
+            self.delivered[key] = entries[-1][0]
+            for sub in list(self.subscriptions[key]):
+                sub.deliver(entries)
+            if len(entries) == READ_COUNT:  # more waiting
+                self.dirty.add(key)
+                self._dirty_event.set()
+
+    async def _patrol(self) -> None:
+        """Every SSE_SAFETY_POLL_SECONDS: read every followed key once, and close the
+        streams of deleted projects."""
+        while True:
+            await asyncio.sleep(settings.SSE_SAFETY_POLL_SECONDS)
+            try:
+                keys = list(self.subscriptions)
+                if keys:
+                    self.dirty.update(keys)
+                    self._dirty_event.set()
+                await self._close_deleted()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("event streams: patrol failed", exc_info=True)
+
+    async def _close_deleted(self) -> None:
+        projects = {s.project_id for subs in self.subscriptions.values() for s in subs}
+        if not projects:
+            return
+        ordered = list(projects)
+        pipe = self.broker.pipeline(transaction=False)
+        for project_id in ordered:
+            pipe.exists(tombstone_key(project_id))
+        gone = {p for p, hit in zip(ordered, await pipe.execute(), strict=True) if hit}
+        for subs in list(self.subscriptions.values()):
+            for sub in list(subs):
+                if sub.project_id in gone:
+                    sub.inbox.put_nowait(CLOSED)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self._tasks = []
+        with contextlib.suppress(Exception):
+            await self.pubsub.aclose()
+        await self.client.aclose()
+        if self.broker is not self.client:
+            await self.broker.aclose()
+
+
+_hubs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def get_hub() -> StreamHub:
+    """The hub of the running event loop."""
+    loop = asyncio.get_running_loop()
+    hub = _hubs.get(loop)
+    if hub is None:
+        hub = _hubs[loop] = StreamHub()
+    return hub
+
+
+async def close_hub() -> None:
+    """Close the running loop's hub (ASGI lifespan shutdown, tests)."""
+    hub = _hubs.pop(asyncio.get_running_loop(), None)
+    if hub is not None:
+        await hub.close()
