@@ -8,10 +8,13 @@ import uuid
 from typing import Any
 
 from celery import Task
+from django.conf import settings
 from django.db import transaction
 from django.http import Http404
+from rest_framework.exceptions import Throttled
 
 from agentbus import publish
+from common.redis import get_redis
 from common.services import model_update, on_commit_robust
 from projects.models import Project
 from projects.services import project_lock_for_write
@@ -188,27 +191,67 @@ class ContextUnavailable(Exception):
     """No worker answered a context search in time, or the store failed."""
 
 
-def context_search(*, agent: Agent, query: str, k: int, timeout: float) -> list[dict[str, Any]]:
-    """Search the agent's context. The vector store lives on workers, so the search runs as
-    a task on the project's bus and this waits (at most `timeout` seconds) for its answer."""
+class TooManySearches(Throttled):
+    default_detail = "Too many context searches in flight for this user or project."
+
+
+def search_limits() -> list[int]:
+    return [
+        settings.SEARCH_INFLIGHT_PER_USER,
+        settings.SEARCH_INFLIGHT_PER_PROJECT,
+        int(2 * settings.CONTEXT_SEARCH_TIMEOUT_SECONDS) + 5,
+    ]
+
+
+def context_search_task_kwargs(
+    *, agent: Agent, request_id: str, query: str, k: int, timeout: float
+) -> dict:
     project = agent.project
+    return {
+        "user_id": project.owner_id,
+        "agent_id": str(agent.id),
+        "request_id": request_id,
+        "query": query,
+        "k": k,
+        # A worker reaching the task after this gives up: nobody is waiting any more.
+        "deadline": time.time() + timeout,
+    }
+
+
+def context_search(*, agent: Agent, query: str, k: int, timeout: float) -> list[dict[str, Any]]:
+    """Search the agent's context, waiting (at most `timeout` seconds) for a worker: the
+    vector store lives on workers, so the search is a task on the project's bus.
+
+    This is the blocking form, for a request served in a thread (WSGI, the test
+    client); under ASGI `agents.waits` serves the same search without one. At most
+    SEARCH_INFLIGHT_PER_USER / _PER_PROJECT wait at once (TooManySearches, a 429)."""
+    project = agent.project
+    redis = scoped(project.owner_id, project.id)
+    counters = streams.inflight_keys(
+        user_id=project.owner_id, project_prefix=redis.prefix, kind="search"
+    )
+    client = get_redis()
+    if not client.register_script(streams.ADMIT)(keys=counters, args=search_limits()):
+        raise TooManySearches(wait=1)
     request_id = str(uuid.uuid4())
-    publish(
-        search_context,
-        project_id=project.id,
-        kwargs={
-            "user_id": project.owner_id,
-            "agent_id": str(agent.id),
-            "request_id": request_id,
-            "query": query,
-            "k": k,
-            # A worker reaching the task after this gives up: nobody is waiting any more.
-            "deadline": time.time() + timeout,
-        },
-    )
-    answer = streams.reply_wait(
-        redis=scoped(project.owner_id, project.id), request_id=request_id, timeout=timeout
-    )
+    try:
+        publish(
+            search_context,
+            project_id=project.id,
+            kwargs=context_search_task_kwargs(
+                agent=agent, request_id=request_id, query=query, k=k, timeout=timeout
+            ),
+        )
+        answer = streams.reply_wait(redis=redis, request_id=request_id, timeout=timeout)
+    finally:
+        pipe = client.pipeline(transaction=False)
+        for counter in counters:
+            pipe.decr(counter)
+        pipe.execute()
+    return search_answer(answer, timeout=timeout)
+
+
+def search_answer(answer: dict | None, *, timeout: float) -> list[dict[str, Any]]:
     if answer is None:
         raise ContextUnavailable(f"no worker answered within {timeout:g}s")
     if "error" in answer:

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import events
+from . import events, waits
 from .apis import agents, chat, context
 
 urlpatterns = [
@@ -15,9 +15,9 @@ urlpatterns = [
     ),
     path("chat/<uuid:session_id>/cancel/", chat.SessionCancelApi.as_view(), name="session-cancel"),
     path("chat/<uuid:session_id>/events/", events.session_events, name="session-events"),
-    path(
-        "agents/<uuid:agent_id>/context/", context.AgentContextApi.as_view(), name="agent-context"
-    ),
+    # A search waits for a worker without a thread (agents.waits); the other methods
+    # are context.AgentContextApi's.
+    path("agents/<uuid:agent_id>/context/", waits.agent_context, name="agent-context"),
     path(
         "agents/<uuid:agent_id>/context/jobs/<uuid:job_id>/",
         context.AgentContextJobApi.as_view(),

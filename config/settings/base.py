@@ -260,6 +260,9 @@ INGEST_CONCURRENCY = env.int("INGEST_CONCURRENCY", default=1)
 INGEST_REQUEUE_SECONDS = env.float("INGEST_REQUEUE_SECONDS", default=0.5)
 # How long a context search request waits for a worker to answer.
 CONTEXT_SEARCH_TIMEOUT_SECONDS = env.float("CONTEXT_SEARCH_TIMEOUT_SECONDS", default=10)
+# Context searches waiting for a worker at once, per user and per project (then 429).
+SEARCH_INFLIGHT_PER_USER = env.int("SEARCH_INFLIGHT_PER_USER", default=16)
+SEARCH_INFLIGHT_PER_PROJECT = env.int("SEARCH_INFLIGHT_PER_PROJECT", default=16)
 QDRANT_URL = env.str("QDRANT_URL", default="")
 QDRANT_API_KEY = env.str("QDRANT_API_KEY", default="")
 QDRANT_PATH = env.str("QDRANT_PATH", default=str(VAR_DIR / "qdrant"))

@@ -1,0 +1,152 @@
+"""Requests that wait for a worker's answer, served under ASGI without holding a thread
+or a database connection while they wait.
+
+`GET …/agents/{agent_id}/context/?q=` (a context search) waits up to
+CONTEXT_SEARCH_TIMEOUT_SECONDS for the worker that owns the vector store. Served by a
+sync view, each waiting request would hold a thread (and, in it, a database
+connection) the whole time: a burst of searches from one user would exhaust both for
+everyone. Here the request authenticates and reads the database in short sync steps
+(the connection goes back at once), then waits on the reply through the process's
+stream hub (agents.streamhub), like an event stream. The other methods of the route
+are the DRF view's (agents.apis.context), as is the schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import redis
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import connections
+from django.http import Http404, HttpRequest, JsonResponse
+from rest_framework import exceptions
+from rest_framework.request import Request
+from rest_framework.settings import api_settings
+
+from agentbus import ProjectGone, publish
+from common.asgi import long_lived
+from projects.selectors import project_get_for_user
+from workspaces.redis import workspace_prefix
+
+from .apis.context import AgentContextApi, ContextHitSerializer, ContextSearchSerializer
+from .runtime import streams
+from .selectors import agent_get
+from .services import (
+    ContextUnavailable,
+    TooManySearches,
+    context_search_task_kwargs,
+    search_answer,
+    search_limits,
+)
+from .streamhub import HubFull, get_hub
+from .tasks import search_context
+
+_context_view = AgentContextApi.as_view()
+
+
+def _json(status: int, body: dict, **headers: str) -> JsonResponse:
+    response = JsonResponse(body, status=status)
+    for name, value in headers.items():
+        response[name] = value
+    return response
+
+
+@long_lived(methods=("GET",))
+async def agent_context(request: HttpRequest, project_id: uuid.UUID, agent_id: uuid.UUID):
+    """The context route: a search waits here; adding and clearing are the DRF view's."""
+    if request.method != "GET":
+        return await sync_to_async(_context_view)(request, project_id=project_id, agent_id=agent_id)
+    try:
+        agent, query = await sync_to_async(_prepare)(request, project_id, agent_id)
+    except exceptions.APIException as exc:
+        headers = {}
+        if isinstance(exc, exceptions.NotAuthenticated | exceptions.AuthenticationFailed):
+            auth = api_settings.DEFAULT_AUTHENTICATION_CLASSES[0]()
+            headers["WWW-Authenticate"] = auth.authenticate_header(request)
+        detail = exc.detail if isinstance(exc.detail, dict) else {"detail": str(exc.detail)}
+        return _json(exc.status_code, detail, **headers)
+    except Http404:
+        return _json(404, {"detail": "Not found."})
+    try:
+        hits = await context_search_waiting(agent=agent, **query)
+    except HubFull:
+        return _json(
+            503,
+            {"detail": "This server has as many requests waiting as it may; retry shortly."},
+            **{"Retry-After": str(settings.SSE_RETRY_AFTER_SECONDS)},
+        )
+    except exceptions.Throttled as exc:
+        return _json(429, {"detail": str(exc.detail)}, **{"Retry-After": str(exc.wait or 1)})
+    except ContextUnavailable as exc:
+        return _json(503, {"detail": str(exc)})
+    except redis.RedisError:
+        return _json(
+            503,
+            {"detail": "A service this request needs is unavailable; retry shortly."},
+            **{"Retry-After": "5"},
+        )
+    except ProjectGone:
+        return _json(404, {"detail": "Not found."})
+    return _json(200, {"results": ContextHitSerializer(hits, many=True).data})
+
+
+def _prepare(request: HttpRequest, project_id, agent_id):
+    """Authentication, scoping and validation, as the DRF view does them; the database
+    connection goes back before the wait."""
+    try:
+        drf_request = Request(
+            request,
+            authenticators=[auth() for auth in api_settings.DEFAULT_AUTHENTICATION_CLASSES],
+        )
+        user = drf_request.user
+        if not user or not user.is_authenticated:
+            raise exceptions.NotAuthenticated()
+        project = project_get_for_user(user=user, project_id=project_id)
+        agent = agent_get(project=project, agent_id=agent_id)
+        agent.project  # noqa: B018  (loaded now, not later without a connection)
+        query = ContextSearchSerializer(data=request.GET)
+        query.is_valid(raise_exception=True)
+        return agent, dict(query.validated_data)
+    finally:
+        for connection in connections.all(initialized_only=True):
+            if not connection.in_atomic_block:
+                connection.close()
+
+
+async def context_search_waiting(*, agent, q: str, k: int) -> list[dict]:
+    """`services.context_search`, waiting on the hub instead of a blocked thread."""
+    timeout = settings.CONTEXT_SEARCH_TIMEOUT_SECONDS
+    project = agent.project
+    hub = get_hub()
+    prefix = workspace_prefix(project.owner_id, project.id)
+    counters = streams.inflight_keys(user_id=project.owner_id, project_prefix=prefix, kind="search")
+    if not await hub.client.eval(streams.ADMIT, len(counters), *counters, *search_limits()):
+        raise TooManySearches(wait=1)
+    request_id = str(uuid.uuid4())
+    reply = prefix + streams.reply_key(request_id)
+    try:
+        # Subscribed before the task goes out: the reply cannot come before we listen.
+        async with hub.subscribe(key=reply, project_id=project.id, cursor="0-0") as sub:
+            kwargs = context_search_task_kwargs(
+                agent=agent, request_id=request_id, query=q, k=k, timeout=timeout
+            )
+            await sync_to_async(publish, thread_sensitive=False)(
+                search_context, project_id=project.id, kwargs=kwargs
+            )
+            try:
+                entries = await asyncio.wait_for(sub.inbox.get(), timeout=timeout)
+            except TimeoutError:
+                entries = None
+        answer = None
+        if entries and entries != "closed":
+            answer = streams.reply_payload(entries[0][1])
+        return search_answer(answer, timeout=timeout)
+    finally:
+        pipe = hub.client.pipeline(transaction=False)
+        for counter in counters:
+            pipe.decr(counter)
+        pipe.delete(reply)
+        await pipe.execute()

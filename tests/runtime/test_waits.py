@@ -1,0 +1,109 @@
+"""A context search under ASGI waits for its worker without holding a thread or a
+database connection, and a flood of them from one user is turned away with 429 before
+it can hurt anyone else."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+from django.db import connection
+
+from tests.factories import AgentFactory, ProjectFactory, UserFactory
+from tests.runtime.test_sse import asgi, token_for  # noqa: F401  (the server fixture)
+
+pytestmark = pytest.mark.slow
+
+
+def search_url(server, agent) -> str:
+    return (
+        f"http://127.0.0.1:{server.port}/my/projects/{agent.project_id}/agents/{agent.id}/context/"
+    )
+
+
+def database_sessions() -> int:
+    if connection.vendor != "postgresql":
+        return 0
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()")
+        return cursor.fetchone()[0]
+
+
+def test_a_search_under_asgi_is_answered_by_the_worker(asgi, live_worker, user):  # noqa: F811
+    agent = AgentFactory(project=ProjectFactory(owner=user))
+    response = httpx.get(
+        search_url(asgi, agent),
+        params={"q": "anything", "k": 3},
+        headers={"Authorization": f"Token {token_for(user)}"},
+        timeout=20,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json() == {"results": []}  # nothing stored yet
+
+
+def test_waiting_searches_hold_no_thread_nor_database_connection(asgi, user, settings):  # noqa: F811
+    """No worker runs: every search waits for its whole timeout."""
+    settings.CONTEXT_SEARCH_TIMEOUT_SECONDS = 3
+    settings.SEARCH_INFLIGHT_PER_USER = settings.SEARCH_INFLIGHT_PER_PROJECT = 100
+    agent = AgentFactory(project=ProjectFactory(owner=user))
+    headers = {"Authorization": f"Token {token_for(user)}"}
+    # Warm up: the hub, the database pool and the server's threads exist before counting.
+    httpx.get(search_url(asgi, agent), params={"q": "x"}, headers=headers, timeout=10)
+    threads, sessions = threading.active_count(), database_sessions()
+
+    answers = []
+    clients = [
+        threading.Thread(
+            target=lambda: answers.append(
+                httpx.get(search_url(asgi, agent), params={"q": "x"}, headers=headers, timeout=10)
+            )
+        )
+        for _ in range(30)
+    ]
+    for client in clients:
+        client.start()
+    time.sleep(1.5)  # all 30 are waiting now
+    server_threads = threading.active_count() - len([c for c in clients if c.is_alive()])
+    assert server_threads <= threads + 2
+    assert database_sessions() <= sessions + 2
+    for client in clients:
+        client.join(20)
+    assert [a.status_code for a in answers] == [503] * 30  # nobody answered in time
+
+
+def test_a_flood_of_searches_is_turned_away_and_others_are_served(
+    asgi,
+    live_worker,
+    user,
+    settings,  # noqa: F811
+):
+    settings.SEARCH_INFLIGHT_PER_USER = settings.SEARCH_INFLIGHT_PER_PROJECT = 4
+    settings.CONTEXT_SEARCH_TIMEOUT_SECONDS = 5
+    flooder = AgentFactory(project=ProjectFactory(owner=user))
+    other_user = UserFactory()
+    other = AgentFactory(project=ProjectFactory(owner=other_user))
+    codes: list[int] = []
+    tokens = {u.pk: token_for(u) for u in (user, other_user)}  # here: client threads use no DB
+
+    def search(agent, who):
+        response = httpx.get(
+            search_url(asgi, agent),
+            params={"q": "x"},
+            headers={"Authorization": f"Token {tokens[who.pk]}"},
+            timeout=20,
+        )
+        codes.append((who.pk, response.status_code, response.headers.get("Retry-After")))
+
+    flood = [threading.Thread(target=search, args=(flooder, user)) for _ in range(40)]
+    others = [threading.Thread(target=search, args=(other, other_user)) for _ in range(4)]
+    for t in flood + others:
+        t.start()
+    for t in flood + others:
+        t.join(30)
+    mine = [c for c in codes if c[0] == user.pk]
+    theirs = [c for c in codes if c[0] == other_user.pk]
+    assert {code for _, code, _ in mine} <= {200, 429, 503}  # turned away, or out of time
+    assert any(code == 429 and retry for _, code, retry in mine)
+    assert [code for _, code, _ in theirs] == [200] * 4
