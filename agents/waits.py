@@ -17,7 +17,6 @@ import asyncio
 import uuid
 
 import redis
-
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connections

@@ -3,7 +3,6 @@ test can look at the server's event loop and the generators it runs)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import threading
@@ -11,71 +10,13 @@ import time
 
 import httpx
 import pytest
-from rest_framework.authtoken.models import Token
 
 from agents import events as sse
 from agents.models import Message
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
-from tests.runtime.conftest import stream_events, wait_for_event, wait_until
+from tests.runtime.conftest import stream_events, token_for, wait_for_event, wait_until
 
 pytestmark = pytest.mark.slow
-
-
-class AsgiServer:
-    def __init__(self) -> None:
-        import uvicorn
-
-        from config.asgi import django_application as django_app
-
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-        async def app(scope, receive, send):
-            self.loop = asyncio.get_running_loop()
-            await django_app(scope, receive, send)
-
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(app, lifespan="off", log_level="warning", timeout_keep_alive=1)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-
-    def start(self) -> AsgiServer:
-        self.thread.start()
-        wait_until(lambda: self.server.started, timeout=10, what="uvicorn start")
-        return self
-
-    def run(self, coro, timeout=10):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def task_count(self) -> int:
-        async def count():
-            return len(asyncio.all_tasks())
-
-        return self.run(count())
-
-    def stop(self) -> None:
-        if self.loop is not None:
-            from agents.streamhub import close_hub
-
-            self.run(close_hub())
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
-
-
-@pytest.fixture
-def asgi(transactional_db):
-    server = AsgiServer().start()
-    yield server
-    server.stop()
-
-
-def token_for(user) -> str:
-    return Token.objects.get_or_create(user=user)[0].key
 
 
 def events_url(server, session, project=None):

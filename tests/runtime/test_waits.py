@@ -12,7 +12,7 @@ import pytest
 from django.db import connection
 
 from tests.factories import AgentFactory, ProjectFactory, UserFactory
-from tests.runtime.test_sse import asgi, token_for  # noqa: F401  (the server fixture)
+from tests.runtime.conftest import token_for
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def database_sessions() -> int:
         return cursor.fetchone()[0]
 
 
-def test_a_search_under_asgi_is_answered_by_the_worker(asgi, live_worker, user):  # noqa: F811
+def test_a_search_under_asgi_is_answered_by_the_worker(asgi, live_worker, user):
     agent = AgentFactory(project=ProjectFactory(owner=user))
     response = httpx.get(
         search_url(asgi, agent),
@@ -43,7 +43,7 @@ def test_a_search_under_asgi_is_answered_by_the_worker(asgi, live_worker, user):
     assert response.json() == {"results": []}  # nothing stored yet
 
 
-def test_waiting_searches_hold_no_thread_nor_database_connection(asgi, user, settings):  # noqa: F811
+def test_waiting_searches_hold_no_thread_nor_database_connection(asgi, user, settings):
     """No worker runs: every search waits for its whole timeout."""
     settings.CONTEXT_SEARCH_TIMEOUT_SECONDS = 3
     settings.SEARCH_INFLIGHT_PER_USER = settings.SEARCH_INFLIGHT_PER_PROJECT = 100
@@ -77,7 +77,7 @@ def test_a_flood_of_searches_is_turned_away_and_others_are_served(
     asgi,
     live_worker,
     user,
-    settings,  # noqa: F811
+    settings,
 ):
     settings.SEARCH_INFLIGHT_PER_USER = settings.SEARCH_INFLIGHT_PER_PROJECT = 4
     settings.CONTEXT_SEARCH_TIMEOUT_SECONDS = 5
