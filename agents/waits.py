@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from types import SimpleNamespace
 
 import redis
 from asgiref.sync import sync_to_async
@@ -27,6 +28,7 @@ from rest_framework.settings import api_settings
 
 from agentbus import ProjectGone, publish
 from common.asgi import long_lived
+from common.throttling import ProjectScopedThrottle, UserScopedThrottle
 from projects.selectors import project_get_for_user
 from workspaces.redis import workspace_prefix
 
@@ -62,6 +64,8 @@ async def agent_context(request: HttpRequest, project_id: uuid.UUID, agent_id: u
         agent, query = await sync_to_async(_prepare)(request, project_id, agent_id)
     except exceptions.APIException as exc:
         headers = {}
+        if isinstance(exc, exceptions.Throttled):
+            headers["Retry-After"] = str(int(exc.wait or 1))
         if isinstance(exc, exceptions.NotAuthenticated | exceptions.AuthenticationFailed):
             auth = api_settings.DEFAULT_AUTHENTICATION_CLASSES[0]()
             headers["WWW-Authenticate"] = auth.authenticate_header(request)
@@ -103,6 +107,12 @@ def _prepare(request: HttpRequest, project_id, agent_id):
         user = drf_request.user
         if not user or not user.is_authenticated:
             raise exceptions.NotAuthenticated()
+        view = SimpleNamespace(
+            throttle_scopes=AgentContextApi.throttle_scopes, kwargs={"project_id": project_id}
+        )
+        for throttle in (UserScopedThrottle(), ProjectScopedThrottle()):
+            if not throttle.allow_request(drf_request, view):
+                raise exceptions.Throttled(wait=throttle.wait())
         project = project_get_for_user(user=user, project_id=project_id)
         agent = agent_get(project=project, agent_id=agent_id)
         agent.project  # noqa: B018  (loaded now, not later without a connection)

@@ -79,6 +79,7 @@ class SessionDetailApi(ProjectScopedApi):
 
 class MessageListCreateApi(EnvelopeListMixin, ProjectScopedApi):
     pagination_class = EnvelopePagination.of("messages")
+    throttle_scopes = {"POST": "messages"}
 
     @extend_schema(responses=MessageOutputSerializer(many=True))
     def get(self, request, project_id, session_id):

@@ -114,6 +114,8 @@ def _job_body(job_id: str) -> dict:
 class AgentContextApi(ProjectScopedApi):
     """The agent's context: add documents (202, a job), search (?q=&k=), clear (202, a job)."""
 
+    throttle_scopes = {"GET": "searches", "POST": "ingests"}
+
     @extend_schema(
         parameters=[ContextSearchSerializer],
         responses={200: ContextHitSerializer(many=True)},

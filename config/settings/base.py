@@ -126,7 +126,21 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "common.api.exception_handler",
-    "DEFAULT_THROTTLE_RATES": {},
+    # Views name what they do per method (`throttle_scopes`); see common.throttling.
+    "DEFAULT_THROTTLE_CLASSES": [
+        "common.throttling.UserScopedThrottle",
+        "common.throttling.ProjectScopedThrottle",
+    ],
+    "DEFAULT_THROTTLE_RATES": {
+        "login_address": env.str("THROTTLE_LOGIN_ADDRESS", default="30/min"),
+        "login_username": env.str("THROTTLE_LOGIN_USERNAME", default="10/min"),
+        "messages_user": env.str("THROTTLE_MESSAGES_USER", default="120/min"),
+        "messages_project": env.str("THROTTLE_MESSAGES_PROJECT", default="240/min"),
+        "searches_user": env.str("THROTTLE_SEARCHES_USER", default="240/min"),
+        "searches_project": env.str("THROTTLE_SEARCHES_PROJECT", default="480/min"),
+        "ingests_user": env.str("THROTTLE_INGESTS_USER", default="60/min"),
+        "ingests_project": env.str("THROTTLE_INGESTS_PROJECT", default="120/min"),
+    },
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 SPECTACULAR_SETTINGS = {
@@ -139,6 +153,14 @@ SPECTACULAR_SETTINGS = {
 
 # --- Redis: workspace registry, agent cache, queue activity, chat event streams ---
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6380/0")
+# The cache (rate limits' counters) lives there too, under its own key prefix.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "uws:cache",
+    }
+}
 
 # --- Celery: broker and result backend on Redis ------------------------------------
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)

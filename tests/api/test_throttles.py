@@ -1,0 +1,63 @@
+"""Rate limits answer 429 with Retry-After, before anything is written."""
+
+from __future__ import annotations
+
+import pytest
+from django.conf import settings as django_settings
+
+from agents.models import Message
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture
+def rates(settings):
+    def set_rates(**rates):
+        framework = dict(django_settings.REST_FRAMEWORK)
+        framework["DEFAULT_THROTTLE_RATES"] = {**framework["DEFAULT_THROTTLE_RATES"], **rates}
+        settings.REST_FRAMEWORK = framework
+
+    return set_rates
+
+
+def test_messages_per_user_are_limited_and_the_refused_one_writes_nothing(api, session, rates):
+    rates(messages_user="3/min")
+    url = f"/my/projects/{session.project_id}/chat/{session.id}/messages/"
+    codes = [api.post(url, {"content": f"m{i}"}, format="json").status_code for i in range(4)]
+    assert codes == [202, 202, 202, 429]
+    refused = api.post(url, {"content": "one more"}, format="json")
+    assert refused.status_code == 429 and int(refused["Retry-After"]) > 0
+    assert Message.objects.filter(session=session, role="user").count() == 3
+    # Reading is not limited.
+    assert api.get(url).status_code == 200
+
+
+def test_messages_per_project_are_limited_across_its_sessions(api, project, rates):
+    from tests.factories import AgentFactory, ChatSessionFactory
+
+    rates(messages_project="2/min")
+    agent = AgentFactory(project=project)
+    sessions = [ChatSessionFactory(agent=agent, project=project) for _ in range(3)]
+    codes = [
+        api.post(
+            f"/my/projects/{project.id}/chat/{s.id}/messages/", {"content": "hi"}, format="json"
+        ).status_code
+        for s in sessions
+    ]
+    assert codes == [202, 202, 429]
+
+
+def test_ingests_are_limited(api, agent, rates):
+    rates(ingests_user="1/min")
+    url = f"/my/projects/{agent.project_id}/agents/{agent.id}/context/"
+    assert api.post(url, {"documents": ["a"]}, format="json").status_code == 202
+    refused = api.post(url, {"documents": ["b"]}, format="json")
+    assert refused.status_code == 429 and refused["Retry-After"]
+
+
+def test_searches_are_limited(api, agent, rates, settings):
+    settings.CONTEXT_SEARCH_TIMEOUT_SECONDS = 0.2  # no worker: each search times out
+    rates(searches_user="2/min")
+    url = f"/my/projects/{agent.project_id}/agents/{agent.id}/context/"
+    codes = [api.get(url, {"q": "x"}).status_code for _ in range(3)]
+    assert codes == [503, 503, 429]
