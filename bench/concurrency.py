@@ -1,0 +1,575 @@
+"""Many conversations at once, fairness between tenants, and no tenant taking the
+service down: measured on a real stack.
+
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/<existing db> \\
+    REDIS_URL=redis://127.0.0.1:6379/13 .venv/bin/python bench/concurrency.py [--rounds 3]
+
+The stack runs as the Procfile starts it: uvicorn (one process) and one worker process
+(`--pool=threads --concurrency=32`), PostgreSQL, Redis (the bench FLUSHES that
+database), Qdrant local mode and the bundled embedder in the worker, and a local
+server speaking the OpenAI streaming protocol (tests/runtime/openai_server.py) that
+takes --latency seconds per answer. Each measure runs --rounds times; the table gives
+min / median / max.
+
+1. N chats posted together (one per session), LLM answer time --latency: wall time
+   from the first POST to the last answer completed; against the worker as it ran
+   before (prefork, one process: answers one after another), timed on fewer chats and
+   scaled, since the whole run would take N x latency; and on the embedded stack
+   (`make run`: SQLite) with --embedded.
+2. Time to first delta of project B's chat (offline provider) while project A ingests
+   1,000 documents, against the same with nothing else running.
+3. 5,000 event streams open on the one uvicorn process: Redis connections the web
+   process holds, the delay of a new event to every stream (p99), and the p99 of an
+   ordinary API request meanwhile against the same with no stream open.
+4. 500 context searches at once from one user while the worker is busy: what the
+   other users' requests get (any 5xx?) and what the flooding user gets.
+5. Chat messages per second end to end with the offline provider, and where the
+   worker's time goes (py-spy, the busiest functions).
+
+Not measured here: more than one web or worker process, a remote Redis or database,
+and a real LLM (its own latency is all the stub adds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if __name__ == "__main__":
+    sys.path[:0] = [str(ROOT)]
+    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/13")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
+    os.environ.setdefault("DEBUG", "false")
+    os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    os.environ.setdefault("VAR_DIR", str(ROOT / "var" / "bench-concurrency"))
+    os.environ["CELERY_BROKER_URL"] = os.environ["REDIS_URL"]
+    for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "EMBEDDINGS_BASE_URL", "QDRANT_URL"):
+        os.environ[name] = ""
+    import django
+
+    django.setup()
+
+import httpx  # noqa: E402
+from django.contrib.auth import get_user_model  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from rest_framework.authtoken.models import Token  # noqa: E402
+
+from agents.models import Agent, ChatSession, Message, Run  # noqa: E402
+from common.redis import get_redis  # noqa: E402
+from projects.models import Project  # noqa: E402
+from tests.runtime.openai_server import FakeOpenAI  # noqa: E402
+
+PROCFILE_WORKER = ["--pool=threads", "--concurrency=128"]
+SEQUENTIAL_WORKER = ["--pool=prefork", "--concurrency=1"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pct(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    return " / ".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
+
+
+class Stack:
+    """uvicorn and one worker, as the Procfile starts them (`worker` args may differ)."""
+
+    def __init__(self, *, worker: list[str], env: dict[str, str] | None = None):
+        get_redis().flushdb()
+        self.port = free_port()
+        self.env = dict(os.environ, REMAP_SIGTERM="SIGQUIT", **(env or {}))
+        self.env["QDRANT_PATH"] = tempfile.mkdtemp(prefix="bench-qdrant-")
+        self.logs = tempfile.mkdtemp(prefix="bench-logs-")
+        self.web = self._start(
+            "web", "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1",
+            "--port", str(self.port), "--lifespan", "on", "--no-access-log",
+        )  # fmt: skip
+        self.worker = self._start(
+            "worker", "-m", "celery", "-A", "config", "worker", "--loglevel=WARNING",
+            "-Q", "uws.maintenance", "-n", f"bench-{uuid.uuid4().hex[:6]}@%h", *worker,
+        )  # fmt: skip
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/my/projects/", timeout=2).status_code == 401:
+                    break
+            time.sleep(0.2)
+        deadline = time.monotonic() + 60
+        while not get_redis().zcard("uws:bus:workers"):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the worker did not start; see {self.logs}")
+            time.sleep(0.2)
+
+    def _start(self, name: str, *argv: str) -> subprocess.Popen:
+        log = open(Path(self.logs) / f"{name}.log", "wb")  # noqa: SIM115
+        return subprocess.Popen(
+            [sys.executable, *argv], cwd=ROOT, env=self.env, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        for proc in (self.web, self.worker):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+
+
+def setup_user(name: str) -> tuple:
+    user, _ = get_user_model().objects.get_or_create(username=name)
+    return user, Token.objects.get_or_create(user=user)[0].key
+
+
+def project_with_sessions(user, *, sessions: int, model: str) -> tuple[Project, Agent, list]:
+    project = Project.objects.create(owner=user, name=f"bench {uuid.uuid4().hex[:6]}")
+    agent = Agent.objects.create(project=project, name="a", model=model, params={"top_k": 2})
+    chats = ChatSession.objects.bulk_create(
+        ChatSession(project=project, agent=agent) for _ in range(sessions)
+    )
+    return project, agent, chats
+
+
+async def post_all(url: str, token: str, paths: list[str], body: dict) -> list[int]:
+    """POST to every path at once; returns the status codes."""
+    limits = httpx.Limits(max_connections=len(paths))
+    async with httpx.AsyncClient(headers={"Authorization": f"Token {token}"}, limits=limits) as c:
+        answers = await asyncio.gather(
+            *(c.post(url + p, json=body, timeout=60) for p in paths), return_exceptions=True
+        )
+    return [a.status_code if isinstance(a, httpx.Response) else 599 for a in answers]
+
+
+def wait_runs_done(message_ids: list[int], timeout: float) -> float:
+    """When the last of these answers finished (epoch seconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        left = (
+            Run.objects.filter(message_id__in=message_ids).exclude(status__in=Run.FINISHED).count()
+        )
+        if not left:
+            break
+        time.sleep(0.1)
+    else:
+        raise SystemExit(f"{left} answers still running after {timeout} s")
+    runs = Run.objects.filter(message_id__in=message_ids)
+    if runs.exclude(status="done").exists():
+        raise SystemExit(f"failed runs: {list(runs.exclude(status='done').values('error'))[:3]}")
+    return max(r.finished_at.timestamp() for r in runs)
+
+
+# --- 1. many chats at once -----------------------------------------------------------------
+
+
+def many_chats(chats: int, latency: float, worker: list[str], extra_env=None) -> float:
+    fake = FakeOpenAI().start()
+    fake.mode, fake.tokens = "slow", [f"w{i} " for i in range(10)]
+    fake.delay = latency / len(fake.tokens)
+    env = {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "bench", **(extra_env or {})}
+    stack = Stack(worker=worker, env=env)
+    try:
+        user, token = setup_user("bench-chats")
+        project, _, sessions = project_with_sessions(user, sessions=chats, model="bench-model")
+        paths = [f"/my/projects/{project.id}/chat/{s.id}/messages/" for s in sessions]
+        started = time.time()
+        codes = asyncio.run(post_all(stack.url, token, paths, {"content": "hello?"}))
+        assert set(codes) == {202}, collections.Counter(codes)
+        answers = list(
+            Message.objects.filter(session__in=sessions, role="assistant").values_list(
+                "id", flat=True
+            )
+        )
+        last = wait_runs_done(answers, timeout=chats * latency + 120)
+        return last - started
+    finally:
+        stack.stop()
+        fake.stop()
+
+
+# --- 2. an interactive chat while another project ingests ----------------------------------------
+
+
+def ttfd_while_ingesting(samples: int, ingesting: bool) -> list[float]:
+    stack = Stack(worker=PROCFILE_WORKER)
+    try:
+        user_a, token_a = setup_user("bench-bulk")
+        user_b, token_b = setup_user("bench-chat")
+        project_a, agent_a, _ = project_with_sessions(user_a, sessions=0, model="offline")
+        project_b, _, (session_b,) = project_with_sessions(user_b, sessions=1, model="offline")
+        if ingesting:
+            words = "agent context project worker queue stream vector search answer".split()
+            docs = [" ".join(words[(i + j) % len(words)] for j in range(70)) for i in range(1000)]
+            url = f"{stack.url}/my/projects/{project_a.id}/agents/{agent_a.id}/context/"
+            for i in range(0, 1000, 100):
+                response = httpx.post(
+                    url, json={"documents": docs[i : i + 100]}, timeout=30,
+                    headers={"Authorization": f"Token {token_a}"},
+                )  # fmt: skip
+                assert response.status_code == 202, response.text
+            time.sleep(3)  # the ingest is under way
+        delays = []
+        messages = f"{stack.url}/my/projects/{project_b.id}/chat/{session_b.id}/messages/"
+        with httpx.Client(headers={"Authorization": f"Token {token_b}"}) as client:
+            for i in range(samples + 1):
+                sent = time.time()
+                answer = client.post(messages, json={"content": f"question {i}?"}).json()
+                wait_runs_done([answer["assistant_message_id"]], timeout=120)
+                first = first_delta_at(user_b.pk, project_b.id, session_b.id, answer)
+                if i:  # the first one warms the worker's queue and the embedder
+                    delays.append(first - sent)
+        return delays
+    finally:
+        stack.stop()
+
+
+def first_delta_at(user_id, project_id, session_id, answer) -> float:
+    from agents.runtime.streams import stream_key
+    from workspaces.redis import workspace_prefix
+
+    key = workspace_prefix(user_id, project_id) + stream_key(session_id)
+    for entry_id, fields in get_redis().xrange(key):
+        if (
+            fields["type"] == "message.delta"
+            and f'"message_id":{answer["assistant_message_id"]}' in fields["data"]
+        ):
+            return int(entry_id.split("-")[0]) / 1000
+    raise SystemExit("no delta")
+
+
+# --- 3. thousands of event streams ------------------------------------------------------------
+
+
+async def open_stream(port: int, path: str, token: str):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=2**20)
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Token {token}\r\n"
+        "Accept: text/event-stream\r\n\r\n".encode()
+    )
+    await writer.drain()
+    head = await reader.readuntil(b"connected at")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(head[:200])
+    return reader, writer
+
+
+async def streams_measure(
+    stack: Stack, streams: int, token: str, paths: list[str], keys: list[str]
+):
+    opened = []
+    for i in range(0, streams, 200):  # in waves, as clients arrive
+        opened += await asyncio.gather(
+            *(
+                open_stream(stack.port, paths[j % len(paths)], token)
+                for j in range(i, min(streams, i + 200))
+            )
+        )
+    await asyncio.sleep(1)
+    arrivals: list[float] = []
+    mark = f"bench-{uuid.uuid4().hex}".encode()
+
+    async def watch(reader):
+        buffer = b""
+        while mark not in buffer:
+            buffer += await reader.read(65536)
+        arrivals.append(time.time())
+
+    watchers = [asyncio.create_task(watch(r)) for r, _ in opened]
+    sent = time.time()
+    pipe = get_redis().pipeline(transaction=False)
+    for key in keys:  # as a worker writes an event: XADD, then the notification
+        pipe.xadd(key, {"type": "message.delta", "data": f'{{"bench": "{mark.decode()}"}}'})
+        pipe.publish(key, "")
+    pipe.execute()
+    await asyncio.wait_for(asyncio.gather(*watchers), timeout=60)
+    delays = [a - sent for a in arrivals]
+    clients = web_redis_clients(stack)
+    return opened, delays, clients
+
+
+def web_redis_clients(stack: Stack) -> int:
+    """Redis connections the web process holds (by the client's local port)."""
+    ports = set()
+    for line in Path(f"/proc/{stack.web.pid}/net/tcp").read_text().splitlines()[1:]:
+        local, remote = line.split()[1:3]
+        if int(remote.split(":")[1], 16) == int(
+            os.environ["REDIS_URL"].rsplit(":", 1)[1].split("/")[0]
+        ):
+            ports.add(int(local.split(":")[1], 16))
+    return len(ports)
+
+
+def api_p99(url: str, token: str, n: int = 200) -> float:
+    times = []
+    with httpx.Client(headers={"Authorization": f"Token {token}"}) as client:
+        for _ in range(n):
+            started = time.perf_counter()
+            assert client.get(url).status_code == 200
+            times.append(time.perf_counter() - started)
+    return pct(times, 99)
+
+
+def many_streams(streams: int) -> dict:
+    from agents.runtime.streams import stream_key
+    from workspaces.redis import workspace_prefix
+
+    stack = Stack(worker=PROCFILE_WORKER)
+    try:
+        user, token = setup_user("bench-streams")
+        project, _, sessions = project_with_sessions(user, sessions=500, model="offline")
+        paths = [f"/my/projects/{project.id}/chat/{s.id}/events/" for s in sessions]
+        keys = [workspace_prefix(user.pk, project.id) + stream_key(s.id) for s in sessions]
+        detail = f"{stack.url}/my/projects/{project.id}/"
+        idle_p99 = api_p99(detail, token)
+        idle_clients = web_redis_clients(stack)
+
+        async def run():
+            opened, delays, clients = await streams_measure(stack, streams, token, paths, keys)
+            loaded_p99 = await asyncio.to_thread(api_p99, detail, token)
+            for _, writer in opened:
+                writer.close()
+            return delays, clients, loaded_p99
+
+        delays, clients, loaded_p99 = asyncio.run(run())
+        return {
+            "clients": clients,
+            "idle_clients": idle_clients,
+            "delay_p99": pct(delays, 99),
+            "api_idle_p99": idle_p99,
+            "api_loaded_p99": loaded_p99,
+        }
+    finally:
+        stack.stop()
+
+
+# --- 4. a flood of searches -----------------------------------------------------------------
+
+
+def search_flood(searches: int) -> dict:
+    fake = FakeOpenAI().start()
+    fake.mode, fake.tokens, fake.delay = "slow", ["x "] * 40, 0.5  # 20 s answers
+    env = {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "bench",
+           "CONTEXT_SEARCH_TIMEOUT_SECONDS": "5"}  # fmt: skip
+    stack = Stack(worker=PROCFILE_WORKER, env=env)
+    try:
+        flooder, flood_token = setup_user("bench-flooder")
+        other, other_token = setup_user("bench-other")
+        busy, _, busy_sessions = project_with_sessions(flooder, sessions=40, model="bench-model")
+        target, agent, _ = project_with_sessions(flooder, sessions=0, model="offline")
+        theirs, _, (their_session,) = project_with_sessions(other, sessions=1, model="offline")
+        # The worker is busy: 40 long answers hold most of its threads.
+        asyncio.run(post_all(stack.url, flood_token, [
+            f"/my/projects/{busy.id}/chat/{s.id}/messages/" for s in busy_sessions
+        ], {"content": "go on"}))  # fmt: skip
+        time.sleep(1)
+
+        async def run():
+            search = f"{stack.url}/my/projects/{target.id}/agents/{agent.id}/context/?q=hello"
+            mine = {"Authorization": f"Token {flood_token}"}
+            limits = httpx.Limits(max_connections=searches + 50)
+            theirs_urls = [
+                f"{stack.url}/my/projects/{theirs.id}/",
+                f"{stack.url}/my/projects/{theirs.id}/chat/{their_session.id}/messages/",
+            ]
+            async with (
+                httpx.AsyncClient(headers=mine, limits=limits) as flood,
+                httpx.AsyncClient(headers={"Authorization": f"Token {other_token}"}) as them,
+            ):
+
+                async def theirs_requests():
+                    codes = []
+                    for _ in range(30):
+                        for url in theirs_urls:
+                            codes.append((await them.get(url, timeout=30)).status_code)
+                        await asyncio.sleep(0.05)
+                    return codes
+
+                flooding = asyncio.gather(
+                    *(flood.get(search, timeout=30) for _ in range(searches)),
+                    return_exceptions=True,
+                )
+                other_codes = await theirs_requests()
+                answers = await flooding
+            codes = [a.status_code if isinstance(a, httpx.Response) else 599 for a in answers]
+            return codes, other_codes
+
+        flood_codes, other_codes = asyncio.run(run())
+        return {
+            "flood": collections.Counter(flood_codes),
+            "others": collections.Counter(other_codes),
+        }
+    finally:
+        stack.stop()
+        fake.stop()
+
+
+# --- 5. messages per second, and a profile ------------------------------------------------------
+
+
+def throughput(messages: int, profile: bool) -> tuple[float, list[tuple[str, float]]]:
+    stack = Stack(worker=PROCFILE_WORKER)
+    spy = None
+    try:
+        user, token = setup_user("bench-throughput")
+        project, _, sessions = project_with_sessions(user, sessions=messages, model="offline")
+        paths = [f"/my/projects/{project.id}/chat/{s.id}/messages/" for s in sessions]
+        # Warm: the workspace, the queue, the embedder.
+        asyncio.run(post_all(stack.url, token, paths[:2], {"content": "warm up"}))
+        wait_runs_done(
+            list(
+                Message.objects.filter(role="assistant", session__in=sessions[:2]).values_list(
+                    "id", flat=True
+                )
+            ),
+            120,
+        )
+        raw = Path(stack.logs) / "profile.txt"
+        if profile:
+            spy = subprocess.Popen(
+                [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw",
+                 "--rate", "200", "--threads", "-o", str(raw), "--pid", str(stack.worker.pid)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            time.sleep(1)
+        started = time.time()
+        asyncio.run(post_all(stack.url, token, paths[2:], {"content": "what do you know?"}))
+        answers = list(
+            Message.objects.filter(role="assistant", session__in=sessions[2:]).values_list(
+                "id", flat=True
+            )
+        )
+        last = wait_runs_done(answers, timeout=600)
+        rate = len(answers) / (last - started)
+        top = []
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+            top = profile_top(raw)
+        return rate, top
+    finally:
+        if spy is not None and spy.poll() is None:
+            spy.kill()
+        stack.stop()
+
+
+def profile_top(raw: Path, n: int = 12) -> list[tuple[str, float]]:
+    """Where the runs' time goes: each sample of a thread inside our code counts for the
+    innermost function of ours on its stack (so time in Redis, the database, Qdrant or
+    the embedder counts for the function of ours that called it). Threads outside our
+    code (idle pool threads, Celery's own loop) are left out."""
+    ours = tuple(f"({app}/" for app in ("agents", "agentbus", "workspaces", "projects", "common"))
+    counts: collections.Counter = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = [f for f in stack.split(";") if any(app in f for app in ours)]
+        if not frames:
+            continue
+        total += int(count)
+        name, _, where = frames[-1].partition(" (")
+        counts[f"{name} ({where.split(':')[0]})"] += int(count)
+    return [(name, 100 * c / total) for name, c in counts.most_common(n)]
+
+
+# --- report -------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--chats", type=int, default=100)
+    parser.add_argument("--latency", type=float, default=2.0)
+    parser.add_argument("--sequential-chats", type=int, default=5)
+    parser.add_argument("--streams", type=int, default=5000)
+    parser.add_argument("--searches", type=int, default=500)
+    parser.add_argument("--messages", type=int, default=200)
+    parser.add_argument("--only", default="1,2,3,4,5")
+    parser.add_argument("--embedded", action="store_true", help="measure 1 on SQLite too")
+    opts = parser.parse_args()
+    only = set(opts.only.split(","))
+    call_command("migrate", verbosity=0)
+    rows = []
+
+    def row(name: str, values, fmt: str = "{:.2f}", goal: str = "") -> None:
+        rows.append((name, spread(values, fmt) if isinstance(values, list) else values, goal))
+
+    if "1" in only:
+        n, seq_n = opts.chats, opts.sequential_chats
+        wall = [many_chats(n, opts.latency, PROCFILE_WORKER) for _ in range(opts.rounds)]
+        seq = [
+            many_chats(seq_n, opts.latency, SEQUENTIAL_WORKER) * n / seq_n
+            for _ in range(opts.rounds)
+        ]
+        row(f"{n} chats at once, {opts.latency:g} s LLM latency: wall time (s)", wall, goal="<= 6")
+        row(f"  the worker as before (prefork, one process): {seq_n}, scaled to {n} (s)", seq)
+    if "2" in only:
+        idle = [statistics.median(ttfd_while_ingesting(10, False)) for _ in range(opts.rounds)]
+        bulk = [statistics.median(ttfd_while_ingesting(10, True)) for _ in range(opts.rounds)]
+        ms = "{:.0f}"
+        row("project B's time to first delta, idle (ms, median of 10)", [v * 1e3 for v in idle], ms)
+        row("  while project A ingests 1,000 documents (ms)", [v * 1e3 for v in bulk], ms)
+        row("  ratio", [b / i for b, i in zip(bulk, idle, strict=True)], goal="<= 2x")
+    if "3" in only:
+        results = [many_streams(opts.streams) for _ in range(opts.rounds)]
+        held = [r["clients"] for r in results]
+        row(
+            f"{opts.streams:,} streams: Redis connections of the web process",
+            held,
+            "{:.0f}",
+            "<= 10",
+        )
+        row("  with no stream open", [r["idle_clients"] for r in results], "{:.0f}")
+        delays = [r["delay_p99"] * 1e3 for r in results]
+        row("  new event to every stream, p99 (ms)", delays, "{:.0f}", "<= 250")
+        idle_p99 = [r["api_idle_p99"] * 1e3 for r in results]
+        loaded_p99 = [r["api_loaded_p99"] * 1e3 for r in results]
+        row("  other API request p99, no stream open (ms)", idle_p99, "{:.1f}")
+        row("  other API request p99, with the streams open (ms)", loaded_p99, "{:.1f}", "<= 2x")
+    if "4" in only:
+        results = [search_flood(opts.searches) for _ in range(opts.rounds)]
+        fives = [sum(n for code, n in r["others"].items() if code >= 500) for r in results]
+        row(f"{opts.searches} searches at once from one user: others' 5xx", fives, "{:.0f}", "0")
+        for r in results:
+            rows.append(
+                ("  the flooding user got (status: count)", dict(sorted(r["flood"].items())), "")
+            )
+    if "5" in only:
+        rates, top = [], []
+        for i in range(opts.rounds):
+            rate, profile = throughput(opts.messages, profile=i == 0)
+            rates.append(rate)
+            top = top or profile
+        row("chat messages per second, offline provider, one worker process", rates, "{:.1f}")
+    print()
+    print("| measure | min / median / max | goal |")
+    print("|---|---|---|")
+    for name, value, goal in rows:
+        print(f"| {name} | {value} | {goal} |")
+    if "5" in only and top:
+        print(
+            "\nWhere the worker's time goes (py-spy, share of the busy samples, innermost frame):\n"
+        )
+        for name, share in top:
+            print(f"- {share:.1f}% {name}")
+
+
+if __name__ == "__main__":
+    main()
