@@ -22,6 +22,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connections
 from django.http import Http404, HttpRequest, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions
 from rest_framework.request import Request
 from rest_framework.settings import api_settings
@@ -55,6 +56,9 @@ def _json(status: int, body: dict, **headers: str) -> JsonResponse:
     return response
 
 
+# csrf_exempt as DRF's views are: its view checks CSRF itself for session-authenticated
+# requests, and token clients have no CSRF cookie to show.
+@csrf_exempt
 @long_lived(methods=("GET",))
 async def agent_context(request: HttpRequest, project_id: uuid.UUID, agent_id: uuid.UUID):
     """The context route: a search waits here; adding and clearing are the DRF view's."""

