@@ -29,6 +29,8 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI and ReDoc assets, served locally
+    "common",  # its templates: the root page
     "agentbus",
     "workspaces",
     "projects",
@@ -36,9 +38,12 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Outermost: on API routes every error that is not JSON yet gets the API's shape.
+    "common.middleware.ApiErrorMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
+    "common.middleware.ApiRequestMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -103,23 +108,72 @@ STORAGES = {
 }
 
 # --- REST API --------------------------------------------------------------------
+# Paths answered as an API: every error there is JSON in the API's one shape (common.api),
+# a path without its trailing slash is served as the one with it (common.middleware).
+API_PATH_PREFIXES = ["/my/", "/auth/", "/admin/workspaces/", "/api/schema/"]
+CSRF_FAILURE_VIEW = "common.middleware.csrf_failure"
+# Where the root page and the `make run` banner point for Flower.
+FLOWER_URL = env.str("FLOWER_URL", default="http://127.0.0.1:5555/")
+# The largest request body accepted (a 413 past it): room for a context POST's 1 MiB of
+# documents, JSON-escaped.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("API_MAX_BODY_BYTES", default=4 * 1024 * 1024)
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "common.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # JSON in, JSON out: the schema documents exactly these (Swagger UI is the browsable
+    # API).
+    "DEFAULT_PARSER_CLASSES": ["common.parsers.JSONParser"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_SCHEMA_CLASS": "common.schema.AutoSchema",
     "EXCEPTION_HANDLER": "common.api.exception_handler",
     "DEFAULT_THROTTLE_RATES": {},
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "User Worker Space API",
-    "DESCRIPTION": "Per-project AI agents, chat sessions and workspaces.",
-    "VERSION": "0.1.0",
+    "DESCRIPTION": (
+        "Per-project AI agents, their context memory, chat sessions answered through a "
+        "bus of workers, and a live event stream per session.\n\n"
+        "**Authentication**: `Authorization: Token <key>` or `Authorization: Bearer <key>`; "
+        "`POST /auth/token/` exchanges a username and password for the key.\n\n"
+        '**Lists** answer `{"<items>": [...], "total", "limit", "offset"}` and take '
+        "`limit` (1-200, default 50) and `offset`.\n\n"
+        "**Errors** (every 4xx and 5xx) answer the `Error` shape: `detail` for people, "
+        "`code` for programs and, on a 400, one key per invalid field with its messages. "
+        "Another user's project, agent, session or message is a 404 on every route. Text "
+        "may not contain NUL characters or unpaired UTF-16 surrogates, and JSON bodies may "
+        "not nest deeper than 32 levels (a 400 naming the field); bodies are at most "
+        "4 MiB (a 413)."
+    ),
+    "VERSION": "0.2.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    # The generated clients' names: enums and operations read as the resources do.
+    "ENUM_NAME_OVERRIDES": {
+        "MessageStatusEnum": "agents.models.Message.Status",
+        "ContextJobStatusEnum": "agents.apis.context.JOB_STATUSES",
+    },
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "SWAGGER_UI_SETTINGS": {"persistAuthorization": True, "displayOperationId": True},
+    "TAGS": [
+        {"name": "Authentication", "description": "Exchange a username and password for a token."},
+        {"name": "Projects", "description": "Projects: each one is an isolated workspace."},
+        {"name": "Agents", "description": "A project's agents: system prompt, model, parameters."},
+        {"name": "Context", "description": "An agent's context memory: documents it answers from."},
+        {"name": "Chat", "description": "Chat sessions, their messages and live events."},
+        {"name": "Operators", "description": "Workspace health and statistics (staff only)."},
+    ],
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "common.schema.postprocess_error_schema",
+        "agents.apis.schema.postprocess_event_stream",
+        "agents.apis.schema.postprocess_links",
+    ],
 }
 
 # --- Redis: workspace registry, agent cache, queue activity, chat event streams ---
