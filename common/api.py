@@ -53,15 +53,32 @@ class StrictSerializer(serializers.Serializer):
 
 
 class TextField(serializers.CharField):
-    """Text input kept as given: not trimmed, so the length the schema documents is the
-    length checked. Unless `allow_blank`, it must hold a non-space character (the
-    schema's `pattern: \\S`)."""
+    """Text input as the schema says it: a JSON string (DRF would turn 5 into "5"), kept
+    as given (not trimmed, so the length the schema documents is the length checked).
+    Unless `allow_blank`, it must hold a non-space character (the schema's
+    `pattern: \\S`)."""
+
+    default_error_messages = {"invalid": "Must be a string."}
 
     def __init__(self, **kwargs):
         kwargs.setdefault("trim_whitespace", False)
         super().__init__(**kwargs)
         if not self.allow_blank:
             self.validators.append(RegexValidator(r"\S", "Must not be blank."))
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class UUIDField(serializers.UUIDField):
+    """A UUID as the schema says it: a string (DRF would also take an integer)."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid", value=data)
+        return super().to_internal_value(data)
 
 
 class _PageQuerySerializer(serializers.Serializer):

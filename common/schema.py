@@ -14,6 +14,8 @@ from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.utils import OpenApiResponse
 from rest_framework import permissions, serializers
 
+from .api import StrictSerializer
+
 ERROR_CODES_HELP = (
     "What went wrong, for programs: invalid, parse_error, not_authenticated, "
     "authentication_failed, permission_denied, csrf_failed, not_found, "
@@ -73,6 +75,12 @@ class AutoSchema(openapi.AutoSchema):
         if has_body:
             codes += [413, 415]
         return codes
+
+    def _map_basic_serializer(self, serializer, direction):
+        schema = super()._map_basic_serializer(serializer, direction)
+        if isinstance(serializer, StrictSerializer) and direction == "request":
+            schema["additionalProperties"] = False  # unknown fields are a 400
+        return schema
 
     def _get_response_bodies(self, direction="response"):
         responses = super()._get_response_bodies(direction)

@@ -10,6 +10,7 @@ from common.api import (
     FieldNotFound,
     StrictSerializer,
     TextField,
+    UUIDField,
 )
 from common.schema import error_responses
 from common.validators import MAX_TEXT_BYTES, validate_text_size
@@ -32,7 +33,7 @@ class SessionOutputSerializer(serializers.Serializer):
 
 
 class SessionInputSerializer(StrictSerializer):
-    agent_id = serializers.UUIDField(help_text="The agent of this project that answers.")
+    agent_id = UUIDField(help_text="The agent of this project that answers.")
     title = TextField(max_length=200, allow_blank=True, required=False)
 
     class Meta:

@@ -98,7 +98,9 @@ def test_wrong_media_type_is_json_415(api, debug):
 
 
 def test_malformed_json_is_a_parse_error(api, debug):
-    assert_error(api.post("/my/projects/", "{", content_type="application/json"), 400, "parse_error")
+    assert_error(
+        api.post("/my/projects/", "{", content_type="application/json"), 400, "parse_error"
+    )
 
 
 def test_a_server_error_is_json_500_without_details(api, monkeypatch, debug):
