@@ -52,11 +52,16 @@ class StrictSerializer(serializers.Serializer):
         return attrs
 
 
+# "Not blank": holds a character other than ASCII whitespace. Spelled out rather than
+# `\S`, which Python and the ECMA regexes of OpenAPI tools read differently (e.g. U+001F).
+NOT_BLANK = r"[^ \t\n\r\f\v]"
+
+
 class TextField(serializers.CharField):
     """Text input as the schema says it: a JSON string (DRF would turn 5 into "5"), kept
     as given (not trimmed, so the length the schema documents is the length checked).
-    Unless `allow_blank`, it must hold a non-space character (the schema's
-    `pattern: \\S`)."""
+    Unless `allow_blank`, it must hold a non-space character (the schema's `pattern`,
+    NOT_BLANK)."""
 
     default_error_messages = {"invalid": "Must be a string."}
 
@@ -64,7 +69,7 @@ class TextField(serializers.CharField):
         kwargs.setdefault("trim_whitespace", False)
         super().__init__(**kwargs)
         if not self.allow_blank:
-            self.validators.append(RegexValidator(r"\S", "Must not be blank."))
+            self.validators.append(RegexValidator(NOT_BLANK, "Must not be blank."))
 
     def to_internal_value(self, data):
         if not isinstance(data, str):

@@ -41,9 +41,11 @@ class ObtainTokenApi(APIView):
         operation_id="auth_token_create",
         summary="Get your API token",
         description="Exchanges a username and password for the API token (the same token "
-        "every time). Send it as `Authorization: Token <token>` or `Bearer <token>`.",
+        "every time). Send it as `Authorization: Token <token>` or `Bearer <token>`. "
+        "A form-encoded body works too.",
         tags=["Authentication"],
-        request=TokenRequestSerializer,
+        # Form-encoded bodies (curl -d username=...) are taken too; JSON is the contract.
+        request={"application/json": TokenRequestSerializer},
         responses={
             200: TokenOutputSerializer,
             **error_responses(401, _401="Wrong username or password, or an inactive user."),

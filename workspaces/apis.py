@@ -115,6 +115,7 @@ class WorkspaceStatsApi(APIView):
         responses={200: StatsOutputSerializer, **error_responses(503)},
     )
     def get(self, request):
-        query = StatsQuerySerializer(data=request.query_params)
+        # A plain dict: DRF reads an empty `?limit=` in a QueryDict as "not given".
+        query = StatsQuerySerializer(data=request.query_params.dict())
         query.is_valid(raise_exception=True)
         return Response(workspace_stats(**query.validated_data))

@@ -1,6 +1,7 @@
 """An agent's context (RAG memory): add documents, search, clear, and the jobs' status."""
 
 import json
+import re
 
 from django.conf import settings
 from django.http import Http404
@@ -8,7 +9,7 @@ from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
-from common.api import BackendUnavailable, StrictSerializer, TextField
+from common.api import NOT_BLANK, BackendUnavailable, StrictSerializer, TextField
 from common.schema import error_responses
 from common.validators import MAX_TEXT_BYTES, validate_text_size
 from projects.mixins import ProjectScopedApi
@@ -27,7 +28,7 @@ _TEXT = {
     "type": "string",
     "minLength": 1,
     "maxLength": MAX_TEXT_BYTES,
-    "pattern": r"\S",
+    "pattern": NOT_BLANK,
     "description": f"Not blank; at most {MAX_TEXT_BYTES} bytes in UTF-8.",
 }
 
@@ -73,7 +74,7 @@ class ContextDocumentField(serializers.Field):
         if unknown:
             self.fail("unknown", keys=", ".join(sorted(unknown)))
         text = data["text"]
-        if not text.strip():
+        if not re.search(NOT_BLANK, text):
             self.fail("blank")
         validate_text_size(text)
         metadata = data.get("metadata", {})
@@ -183,7 +184,8 @@ class AgentContextApi(ProjectScopedApi):
     )
     def get(self, request, project_id, agent_id):
         agent = agent_get(project=self.project, agent_id=agent_id)
-        query = ContextSearchSerializer(data=request.query_params)
+        # A plain dict: DRF reads an empty `?k=` in a QueryDict as "not given".
+        query = ContextSearchSerializer(data=request.query_params.dict())
         query.is_valid(raise_exception=True)
         try:
             hits = context_search(

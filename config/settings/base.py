@@ -303,6 +303,13 @@ RUN_MAX_STARTS = env.int("RUN_MAX_STARTS", default=3)
 RUN_FAILURE_WINDOW_SECONDS = env.float("RUN_FAILURE_WINDOW_SECONDS", default=900)
 CHAT_HEARTBEAT_SECONDS = env.float("CHAT_HEARTBEAT_SECONDS", default=15)
 
+# --- LLM endpoint: the model an agent without one asks, and the health probe ------
+# An agent whose `model` is empty asks this one (with OPENAI_BASE_URL / OPENAI_API_KEY
+# set; the offline provider needs none). Set it to a model your endpoint serves.
+LLM_DEFAULT_MODEL = env.str("LLM_DEFAULT_MODEL", default="gpt-4o-mini")
+# How long health waits for the LLM endpoint to answer its probe (GET <base>/models).
+LLM_HEALTH_TIMEOUT_SECONDS = env.float("LLM_HEALTH_TIMEOUT_SECONDS", default=3)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
