@@ -98,7 +98,11 @@ class WorkspaceHealthApi(APIView):
         if report["healthy"]:
             return Response(report)
         body = {"detail": _unhealthy_detail(report), "code": "unhealthy", **report}
-        return Response(body, status=status.HTTP_503_SERVICE_UNAVAILABLE)
+        response = Response(body, status=status.HTTP_503_SERVICE_UNAVAILABLE)
+        # A report, not a failure of this server: the access log's line is enough, without
+        # Django's "Service Unavailable" error line on every probe.
+        response._has_been_logged = True
+        return response
 
 
 @extend_schema(tags=["Operators"])

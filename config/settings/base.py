@@ -113,7 +113,9 @@ STORAGES = {
 API_PATH_PREFIXES = ["/my/", "/auth/", "/admin/workspaces/", "/api/schema/"]
 CSRF_FAILURE_VIEW = "common.middleware.csrf_failure"
 # Where the root page and the `make run` banner point for Flower.
-FLOWER_URL = env.str("FLOWER_URL", default="http://127.0.0.1:5555/")
+FLOWER_URL = env.str(
+    "FLOWER_URL", default=f"http://127.0.0.1:{env.int('FLOWER_PORT', default=5555)}/"
+)
 # The largest request body accepted (a 413 past it): room for a context POST's 1 MiB of
 # documents, JSON-escaped.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("API_MAX_BODY_BYTES", default=4 * 1024 * 1024)
@@ -314,6 +316,26 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "filters": {
+        # The periodic tasks' "received" / "succeeded" lines (beat's own are WARNING only,
+        # see Procfile): what they do of note, they log themselves.
+        "quiet_periodic_tasks": {
+            "()": "common.logging.QuietTasks",
+            "tasks": [entry["task"] for entry in CELERY_BEAT_SCHEDULE.values()],
+        },
+    },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    "loggers": {
+        # Through the root handler only: Django's default console handler under DEBUG
+        # would print every django.* line a second time.
+        "django": {"handlers": [], "propagate": True},
+        "celery.app.trace": {"filters": ["quiet_periodic_tasks"]},
+        "celery.worker.strategy": {"filters": ["quiet_periodic_tasks"]},
+        # One line per request error: the server's access log has it; Django's own
+        # warning for every 4xx would repeat it (5xx are still logged, with traceback).
+        "django.request": {"level": env.str("DJANGO_REQUEST_LOG_LEVEL", default="ERROR")},
+        # Flower asks the workers before any is up at start, and warns about it.
+        "flower.inspector": {"level": "ERROR"},
+    },
 }
