@@ -41,6 +41,10 @@ def test_swagger_ui_is_served():
         "/admin/agents/message/",
         "/admin/projects/project/?q=alpha",
         "/admin/agents/message/?role__exact=user&q=hello",
+        "/admin/agents/message/?status__exact=error",
+        "/admin/workspaces/workspace/",
+        "/admin/workspaces/workspace/?q=project",
+        "/admin/workspaces/workspaceteardown/",
     ],
 )
 def test_admin_changelists_render(url):
@@ -49,6 +53,46 @@ def test_admin_changelists_render(url):
     client = Client()
     client.force_login(staff)
     assert client.get(url).status_code == 200
+
+
+@pytest.mark.django_db
+def test_admin_links_and_counts_between_related_objects():
+    staff = UserFactory(is_staff=True, is_superuser=True)
+    session = ChatSessionFactory(agent=AgentFactory(project__name="Alpha"))
+    for i in range(3):
+        MessageFactory(session=session, content=f"m{i}")
+    client = Client()
+    client.force_login(staff)
+    projects = client.get("/admin/projects/project/").content.decode()
+    assert f"/admin/agents/agent/?project__id__exact={session.project_id}" in projects
+    assert f"/admin/agents/chatsession/?project__id__exact={session.project_id}" in projects
+    owner = session.project.owner.username
+    assert client.get(f"/admin/projects/project/?owner__id__exact={session.project.owner_id}")
+    agents = client.get("/admin/agents/agent/").content.decode()
+    assert owner in agents and "Alpha" in agents
+    sessions = client.get("/admin/agents/chatsession/").content.decode()
+    assert f"/admin/agents/message/?session__id__exact={session.id}" in sessions
+    messages = client.get("/admin/agents/message/").content.decode()
+    assert "status-badge" in messages and "Alpha" in messages
+
+
+@pytest.mark.django_db
+def test_the_session_page_shows_its_conversation_read_only_a_page_at_a_time():
+    from agents.admin import MESSAGES_PER_PAGE
+
+    staff = UserFactory(is_staff=True, is_superuser=True)
+    session = ChatSessionFactory(agent=AgentFactory())
+    for i in range(MESSAGES_PER_PAGE + 5):
+        MessageFactory(session=session, content=f"message number {i}")
+    client = Client()
+    client.force_login(staff)
+    url = f"/admin/agents/chatsession/{session.id}/change/"
+    first = client.get(url).content.decode()
+    assert "message number 0" in first and f"message number {MESSAGES_PER_PAGE}" not in first
+    assert "<textarea" not in first.split('id="conversation"')[1]
+    assert f"{MESSAGES_PER_PAGE + 5} messages" in first
+    second = client.get(url, {"mp": 2}).content.decode()
+    assert f"message number {MESSAGES_PER_PAGE}" in second and "message number 0<" not in second
 
 
 def _manage(settings_module: str, *args: str, **env: str) -> subprocess.CompletedProcess:

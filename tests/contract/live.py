@@ -13,10 +13,18 @@ import time
 
 
 class LiveServer:
-    def __init__(self) -> None:
-        import uvicorn
+    """`static=True` also serves static files (admin, Swagger UI, ReDoc) from the apps, as
+    `make run` does through WhiteNoise (which the test settings leave out)."""
 
-        from config.asgi import django_application
+    def __init__(self, *, static: bool = False) -> None:
+        import uvicorn
+        from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+
+        from common.asgi import StreamingAwareASGIHandler
+
+        django_application = StreamingAwareASGIHandler()
+        if static:
+            django_application = ASGIStaticFilesHandler(django_application)
 
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
