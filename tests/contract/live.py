@@ -7,6 +7,7 @@ create are committed and visible to the server's threads) and the suite's Redis.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -22,9 +23,14 @@ class LiveServer:
 
         from common.asgi import StreamingAwareASGIHandler
 
-        django_application = StreamingAwareASGIHandler()
+        handler = StreamingAwareASGIHandler()
         if static:
-            django_application = ASGIStaticFilesHandler(django_application)
+            handler = ASGIStaticFilesHandler(handler)
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+        async def django_application(scope, receive, send):
+            self.loop = asyncio.get_running_loop()
+            await handler(scope, receive, send)
 
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -48,6 +54,10 @@ class LiveServer:
         return self
 
     def stop(self) -> None:
+        if self.loop is not None:  # the event streams' Redis clients live on its loop
+            from common.redis import close_async_redis
+
+            asyncio.run_coroutine_threadsafe(close_async_redis(), self.loop).result(10)
         self.server.should_exit = True
         self.thread.join(15)
         self.sock.close()
