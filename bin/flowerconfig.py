@@ -3,15 +3,21 @@
 Flower runs inside the Django project (celery -A config), so it can say which project
 a task belongs to: the Tasks page shows each task's queue, and next to a project queue
 (`uws.project.<hex>`, the structural name workers and operators use) the project's name.
+(The Broker page has no such hook: there the admin's Workspaces search finds a queue's
+project by its id.)
 """
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 PROJECT_QUEUE_PREFIX = "uws.project."
+# AgentBus tasks carry their project among their keyword arguments (agentbus.publish),
+# which task events report as a repr; the routing key is only in "sent" events (off).
+_PROJECT_KWARG = re.compile(r"'project_id': '([0-9a-fA-F-]{36})'")
 NAMES_TTL_SECONDS = 60
 
 tasks_columns = "name,uuid,state,routing_key,received,runtime,worker"
@@ -49,8 +55,14 @@ def project_name(queue: str) -> str | None:
 
 
 def format_task(task):
+    """The task's queue, with its project's name beside a project queue."""
     queue = getattr(task, "routing_key", None) or ""
+    found = _PROJECT_KWARG.search(str(getattr(task, "kwargs", "") or ""))
+    if not queue and found:
+        queue = PROJECT_QUEUE_PREFIX + uuid.UUID(found.group(1)).hex
     name = project_name(queue)
     if name:
         task.routing_key = f"{queue} ({name})"
+    elif queue:
+        task.routing_key = queue
     return task
