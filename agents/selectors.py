@@ -127,9 +127,11 @@ def llm_health() -> dict:
     report = {
         "provider": "openai",
         "endpoint": endpoint,
-        "default_model": settings.LLM_DEFAULT_MODEL,
+        "default_model": settings.LLM_DEFAULT_MODEL or None,
         "api_key_set": bool(settings.OPENAI_API_KEY),
     }
+    if not settings.LLM_DEFAULT_MODEL:
+        report["note"] = "LLM_DEFAULT_MODEL is unset: agents without a model cannot answer"
     base = (settings.OPENAI_BASE_URL or OPENAI_DEFAULT_BASE_URL).rstrip("/")
     probe = urllib.request.Request(f"{base}/models", method="GET")
     if settings.OPENAI_API_KEY:

@@ -307,8 +307,10 @@ CHAT_HEARTBEAT_SECONDS = env.float("CHAT_HEARTBEAT_SECONDS", default=15)
 
 # --- LLM endpoint: the model an agent without one asks, and the health probe ------
 # An agent whose `model` is empty asks this one (with OPENAI_BASE_URL / OPENAI_API_KEY
-# set; the offline provider needs none). Set it to a model your endpoint serves.
-LLM_DEFAULT_MODEL = env.str("LLM_DEFAULT_MODEL", default="gpt-4o-mini")
+# set; the offline provider needs none). No default: no name is right for every
+# endpoint (OpenAI, vLLM, Ollama...); unset, such an agent's answers end in an error
+# that says to set it, and health and the `make run` banner say so before.
+LLM_DEFAULT_MODEL = env.str("LLM_DEFAULT_MODEL", default="")
 # How long health waits for the LLM endpoint to answer its probe (GET <base>/models).
 LLM_HEALTH_TIMEOUT_SECONDS = env.float("LLM_HEALTH_TIMEOUT_SECONDS", default=3)
 

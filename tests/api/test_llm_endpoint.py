@@ -76,3 +76,13 @@ def test_health_reports_the_llm_check(settings, fake_llm):
     body = client.get("/admin/workspaces/health").json()
     assert body["checks"]["llm"]["endpoint"] == fake_llm.base_url.rstrip("/")
     assert SECRET not in json.dumps(body)
+
+
+def test_without_a_default_model_the_error_says_what_to_set(fake_llm, settings):
+    from agents.runtime.openai_api import OpenAIProvider, openai_client
+    from agents.runtime.providers import ProviderError
+
+    settings.LLM_DEFAULT_MODEL = ""
+    with pytest.raises(ProviderError, match="LLM_DEFAULT_MODEL"):
+        list(OpenAIProvider(openai_client()).stream(ChatRequest(model="", messages=[])))
+    assert "LLM_DEFAULT_MODEL" in llm_health()["note"]

@@ -97,7 +97,8 @@ def _llm_line(report: dict | None) -> str:
         return "unknown (no health report)"
     if report.get("provider") == "offline":
         return "none configured: the offline provider answers (set OPENAI_BASE_URL)"
-    line = f"{report.get('endpoint')} (default model {report.get('default_model')})"
+    default = report.get("default_model") or "none: set LLM_DEFAULT_MODEL"
+    line = f"{report.get('endpoint')} (default model: {default})"
     if report.get("healthy"):
         return f"{line}: reachable"
     return f"{line}: UNHEALTHY: {report.get('error')}"
