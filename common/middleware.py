@@ -9,8 +9,6 @@ one error shape; everywhere else (the admin, the docs) Django's pages are kept.
 
 from __future__ import annotations
 
-import logging
-
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.urls import Resolver404, get_resolver
@@ -19,8 +17,6 @@ from django.views.csrf import csrf_failure as django_csrf_failure
 
 from .api import error_response
 from .asgi import LONG_LIVED
-
-logger = logging.getLogger(__name__)
 
 # Headers an error keeps when its body is replaced.
 _KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")

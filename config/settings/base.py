@@ -110,7 +110,14 @@ STORAGES = {
 # --- REST API --------------------------------------------------------------------
 # Paths answered as an API: every error there is JSON in the API's one shape (common.api),
 # a path without its trailing slash is served as the one with it (common.middleware).
-API_PATH_PREFIXES = ["/my/", "/auth/", "/admin/workspaces/", "/api/schema/"]
+# (The operators' two endpoints, not the admin's Workspaces pages beside them.)
+API_PATH_PREFIXES = [
+    "/my/",
+    "/auth/",
+    "/admin/workspaces/health",
+    "/admin/workspaces/stats",
+    "/api/schema/",
+]
 CSRF_FAILURE_VIEW = "common.middleware.csrf_failure"
 # Where the root page and the `make run` banner point for Flower.
 FLOWER_URL = env.str(
