@@ -2,9 +2,11 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# make run's web port (Flower's: FLOWER_PORT, default 5555).
+export WEB_PORT ?= 8000
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test lint format install install-dev bench clean
+.PHONY: run test contract lint format install install-dev bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,19 +24,26 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 ## Start web (ASGI), worker, beat and Flower on embedded defaults; Ctrl-C stops all.
+## The banner with the token and URLs comes once everything answers.
 run: install
 	@mkdir -p var
-	$(BIN)/python manage.py migrate --noinput
-	$(BIN)/python manage.py demo_user
-	@echo "API      http://127.0.0.1:8000/my/projects/   (docs: /api/docs/, admin: /admin/)"
-	@echo "Flower   http://127.0.0.1:5555/"
-	bin/with-redis -- $(BIN)/honcho start -p 8000 web worker beat flower
+	@echo "Preparing the database (migrate) and the demo user..."
+	@$(BIN)/python manage.py migrate --noinput -v 0
+	@$(BIN)/python manage.py demo_user > /dev/null
+	@echo "Starting web, worker, beat and Flower; the token and URLs follow once they answer."
+	@bin/with-redis --interrupt-ok -- $(BIN)/honcho start -p $(WEB_PORT) web worker beat flower banner
 
 ## Run the test suite (against DATABASE_URL / REDIS_URL when set, else SQLite and a
 ## throwaway bundled Redis).
 test: install-dev
 	@mkdir -p var
 	bin/with-redis --ephemeral -- $(BIN)/pytest $(PYTEST_ARGS)
+
+## The contract tests only: schemathesis against the schema, the generated client's
+## journey, the browser test (part of `make test` too).
+contract: install-dev
+	@mkdir -p var
+	bin/with-redis --ephemeral -- $(BIN)/pytest tests/contract tests/browser $(PYTEST_ARGS)
 
 ## Lint: ruff, and the import contracts that keep the apps' layering (pyproject.toml).
 lint: install-dev

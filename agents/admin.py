@@ -1,11 +1,52 @@
+"""Django admin for operators: agents, chat sessions and messages, newest first, with
+filters by project, links and counts between related objects, and a session page that
+shows its conversation read-only, a page at a time."""
+
 from django import forms
 from django.contrib import admin
+from django.core.paginator import Paginator
+from django.db.models import Count
+from django.urls import reverse
+from django.utils.html import format_html
 
 from workspaces.services import workspace_agent_sync_on_commit
 
 from .models import Agent, ChatSession, Message
 from .services import agent_delete, session_delete
 from .validators import validate_params
+
+MESSAGES_PER_PAGE = 20
+
+# Badge colours per message status: finished well, still going, ended badly.
+_STATUS_COLOURS = {
+    Message.Status.DONE: "#2e7d32",
+    Message.Status.PENDING: "#6d6d6d",
+    Message.Status.STREAMING: "#1565c0",
+    Message.Status.ERROR: "#c62828",
+    Message.Status.CANCELLED: "#ef6c00",
+}
+
+
+def status_badge(status: str):
+    colour = _STATUS_COLOURS.get(status, "#6d6d6d")
+    return format_html(
+        '<span class="status-badge" style="background:{};color:#fff;padding:1px 7px;'
+        'border-radius:9px;font-size:11px;white-space:nowrap">{}</span>',
+        colour,
+        status,
+    )
+
+
+def changelist_link(model: str, label: str, **filters) -> str:
+    """A link to another changelist, filtered (e.g. a project's agents)."""
+    query = "&".join(f"{key}={value}" for key, value in filters.items())
+    return format_html('<a href="{}?{}">{}</a>', reverse(f"admin:{model}_changelist"), query, label)
+
+
+def change_link(model: str, obj) -> str:
+    if obj is None:
+        return "—"
+    return format_html('<a href="{}">{}</a>', reverse(f"admin:{model}_change", args=[obj.pk]), obj)
 
 
 class AgentAdminForm(forms.ModelForm):
@@ -24,12 +65,31 @@ class AgentAdminForm(forms.ModelForm):
 @admin.register(Agent)
 class AgentAdmin(admin.ModelAdmin):
     form = AgentAdminForm
-    list_display = ("name", "project", "model", "created_at", "updated_at")
-    list_filter = ("model", "created_at")
-    search_fields = ("name", "system_prompt", "project__name", "id")
-    list_select_related = ("project",)
+    list_display = ("name", "project_link", "owner", "model", "sessions_link", "created_at")
+    list_filter = (("project", admin.RelatedOnlyFieldListFilter), "model", "created_at")
+    search_fields = ("name", "system_prompt", "project__name", "project__owner__username", "=id")
+    list_select_related = ("project", "project__owner")
+    ordering = ("-created_at",)
+    date_hierarchy = "created_at"
     readonly_fields = ("id", "created_at", "updated_at")
     raw_id_fields = ("project",)
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(session_count=Count("sessions"))
+
+    @admin.display(description="project", ordering="project__name")
+    def project_link(self, obj: Agent):
+        return change_link("projects_project", obj.project)
+
+    @admin.display(description="owner", ordering="project__owner__username")
+    def owner(self, obj: Agent) -> str:
+        return obj.project.owner.get_username()
+
+    @admin.display(description="sessions", ordering="session_count")
+    def sessions_link(self, obj: Agent):
+        return changelist_link(
+            "agents_chatsession", str(obj.session_count), agent__id__exact=obj.pk
+        )
 
     def get_readonly_fields(self, request, obj=None):
         # An agent never moves between projects: its cache entry and collection are theirs.
@@ -47,25 +107,62 @@ class AgentAdmin(admin.ModelAdmin):
             agent_delete(agent=agent)
 
 
-class MessageInline(admin.TabularInline):
-    model = Message
-    extra = 0
-    fields = ("role", "status", "content", "created_at")
-    readonly_fields = ("created_at",)
-
-
 @admin.register(ChatSession)
 class ChatSessionAdmin(admin.ModelAdmin):
-    list_display = ("__str__", "project", "agent", "created_at")
-    list_filter = ("created_at",)
-    search_fields = ("title", "project__name", "agent__name", "id")
-    list_select_related = ("project", "agent")
-    readonly_fields = ("id", "created_at")
+    list_display = ("__str__", "project_link", "owner", "agent_link", "messages_link", "created_at")
+    list_filter = (
+        ("project", admin.RelatedOnlyFieldListFilter),
+        ("agent", admin.RelatedOnlyFieldListFilter),
+        "created_at",
+    )
+    search_fields = ("title", "project__name", "agent__name", "project__owner__username", "=id")
+    list_select_related = ("project", "project__owner", "agent")
+    ordering = ("-created_at",)
+    date_hierarchy = "created_at"
+    readonly_fields = ("id", "created_at", "messages_link")
     raw_id_fields = ("project", "agent")
-    inlines = [MessageInline]
+    # The conversation is shown read-only, a page at a time (change_form.html), not as an
+    # inline of editable text areas.
+    change_form_template = "admin/agents/chatsession/change_form.html"
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(message_count=Count("messages"))
+
+    @admin.display(description="project", ordering="project__name")
+    def project_link(self, obj: ChatSession):
+        return change_link("projects_project", obj.project)
+
+    @admin.display(description="owner", ordering="project__owner__username")
+    def owner(self, obj: ChatSession) -> str:
+        return obj.project.owner.get_username()
+
+    @admin.display(description="agent", ordering="agent__name")
+    def agent_link(self, obj: ChatSession):
+        return change_link("agents_agent", obj.agent)
+
+    @admin.display(description="messages", ordering="message_count")
+    def messages_link(self, obj: ChatSession):
+        count = getattr(obj, "message_count", None)
+        if count is None:
+            count = obj.messages.count()
+        return changelist_link("agents_message", str(count), session__id__exact=obj.pk)
 
     def get_readonly_fields(self, request, obj=None):
         return (*self.readonly_fields, "project", "agent") if obj else self.readonly_fields
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        extra_context = dict(extra_context or {})
+        messages = Message.objects.filter(session_id=object_id).order_by("id")
+        try:
+            page = Paginator(messages, MESSAGES_PER_PAGE).get_page(request.GET.get("mp"))
+        except Exception:  # noqa: BLE001  (a malformed session id: Django's own 404 follows)
+            page = None
+        if page is not None:
+            extra_context["conversation"] = page
+            extra_context["conversation_rows"] = [
+                {"message": m, "badge": status_badge(m.status)} for m in page.object_list
+            ]
+        return super().change_view(request, object_id, form_url, extra_context)
 
     def delete_model(self, request, obj: ChatSession) -> None:
         session_delete(session=obj)
@@ -77,12 +174,52 @@ class ChatSessionAdmin(admin.ModelAdmin):
 
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
-    list_display = ("id", "session", "role", "status", "short_content", "created_at")
-    list_filter = ("role", "status", "created_at")
-    search_fields = ("content", "session__id")
-    list_select_related = ("session",)
+    list_display = (
+        "id",
+        "session_link",
+        "project",
+        "role",
+        "status_badge",
+        "short_content",
+        "short_error",
+        "created_at",
+    )
+    list_filter = (
+        "status",
+        "role",
+        ("session__project", admin.RelatedOnlyFieldListFilter),
+        "created_at",
+    )
+    search_fields = ("content", "error", "=session__id", "session__project__name")
+    list_select_related = ("session", "session__project")
+    ordering = ("-id",)
+    date_hierarchy = "created_at"
     raw_id_fields = ("session",)
+    readonly_fields = ("id", "session", "role", "status", "content", "error", "created_at")
+    fields = readonly_fields
+
+    def has_add_permission(self, request) -> bool:
+        return False  # messages come from the chat API, answered through the bus
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False  # the record of a conversation
+
+    @admin.display(description="session", ordering="session__title")
+    def session_link(self, obj: Message):
+        return change_link("agents_chatsession", obj.session)
+
+    @admin.display(description="project", ordering="session__project__name")
+    def project(self, obj: Message) -> str:
+        return obj.session.project.name
+
+    @admin.display(description="status", ordering="status")
+    def status_badge(self, obj: Message):
+        return status_badge(obj.status)
 
     @admin.display(description="content")
     def short_content(self, obj: Message) -> str:
         return obj.content[:80]
+
+    @admin.display(description="error")
+    def short_error(self, obj: Message) -> str:
+        return obj.error[:120] or "—"

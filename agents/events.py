@@ -31,6 +31,7 @@ from rest_framework.request import Request
 from rest_framework.settings import api_settings
 
 from agentbus import project_gone_async
+from common.api import error_body
 from common.asgi import long_lived
 from projects.selectors import project_get_for_user
 from workspaces.redis import ScopedRedis, scoped_async
@@ -42,6 +43,7 @@ from .streamhub import CLOSED, HubFull, get_hub
 logger = logging.getLogger(__name__)
 
 CURSOR_RE = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+MAX_ID_PART = 2**64 - 1
 
 _active_streams = 0
 
@@ -51,8 +53,11 @@ def active_streams() -> int:
     return _active_streams
 
 
-def _error(status: int, detail: str, **headers: str) -> JsonResponse:
-    response = JsonResponse({"detail": detail}, status=status)
+def _error(
+    status: int, detail: str, fields: dict[str, list[str]] | None = None, **headers: str
+) -> JsonResponse:
+    """An error in the API's one shape (common.api.error_body)."""
+    response = JsonResponse(error_body(status, detail, fields=fields), status=status)
     for name, value in headers.items():
         response[name] = value
     return response
@@ -110,8 +115,11 @@ async def session_events(request: HttpRequest, project_id: uuid.UUID, session_id
     cursor = request.headers.get("Last-Event-ID") or request.GET.get("cursor")
     if cursor is not None:
         cursor = cursor.strip()
-        if not CURSOR_RE.match(cursor):
-            return _error(400, "cursor / Last-Event-ID must be an event id like 1700000000000-0.")
+        # Both parts of a stream id are 64-bit: a larger one would kill the stream later.
+        if not CURSOR_RE.match(cursor) or max(_id(cursor)) > MAX_ID_PART:
+            message = "Must be an event id like 1700000000000-0 (each part below 2**64)."
+            field = "Last-Event-ID" if request.headers.get("Last-Event-ID") else "cursor"
+            return _error(400, f"Invalid {field}: {message}", fields={field: [message]})
         if "-" not in cursor:
             cursor += "-0"
     redis = scoped_async(hub.client, user_id, project_id)

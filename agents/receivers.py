@@ -12,12 +12,13 @@ from workspaces.sources import register_agent_source, register_health_check
 
 from .runtime.vectors import project_collections_drop
 from .runtime.vectorstore import close_vector_store
-from .selectors import runs_health
+from .selectors import llm_health, runs_health
 from .sources import DatabaseAgentSource
 from .streamhub import close_hub
 
 register_agent_source(DatabaseAgentSource())
 register_health_check("runs", runs_health)
+register_health_check("llm", llm_health)
 
 
 @receiver(workspace_teardown, dispatch_uid="agents.collections_on_teardown")

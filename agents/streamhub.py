@@ -40,6 +40,7 @@ from agentbus.guard import tombstone_key
 
 logger = logging.getLogger(__name__)
 
+LAST_ID = f"{2**64 - 1}-{2**64 - 1}"
 READ_COUNT = 200
 CLOSED = "closed"
 
@@ -117,17 +118,23 @@ class StreamHub:
                 self.delivered.setdefault(key, cursor)
             # What it missed, read after subscribing: the live entries that arrive
             # meanwhile are skipped by id if this read has them too.
-            backlog = await self.client.xrange(key, min=f"({cursor}", count=READ_COUNT)
+            backlog = await self._read_after(key, cursor)
             while backlog:
                 sub.deliver(backlog)
                 if len(backlog) < READ_COUNT:
                     break
-                backlog = await self.client.xrange(key, min=f"({sub.last_id}", count=READ_COUNT)
+                backlog = await self._read_after(key, sub.last_id)
             yield sub
         finally:
             self.count -= 1
             if sub is not None:
                 await self._unsubscribe(sub)
+
+    async def _read_after(self, key: str, cursor: str) -> list:
+        # `(id` is refused for the largest id (2**64-1 twice), after which nothing can come.
+        if cursor == LAST_ID:
+            return []
+        return await self.client.xrange(key, min=f"({cursor}", count=READ_COUNT)
 
     async def _unsubscribe(self, sub: Subscription) -> None:
         async with self._lock:

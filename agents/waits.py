@@ -28,6 +28,7 @@ from rest_framework.request import Request
 from rest_framework.settings import api_settings
 
 from agentbus import ProjectGone, publish
+from common.api import BackendUnavailable, exception_handler
 from common.asgi import long_lived
 from common.throttling import ProjectScopedThrottle, UserScopedThrottle
 from projects.selectors import project_get_for_user
@@ -49,11 +50,19 @@ from .tasks import search_context
 _context_view = AgentContextApi.as_view()
 
 
-def _json(status: int, body: dict, **headers: str) -> JsonResponse:
-    response = JsonResponse(body, status=status)
-    for name, value in headers.items():
-        response[name] = value
-    return response
+def _error(exc: Exception, request: HttpRequest, retry_after: int | None = None) -> JsonResponse:
+    """The error as a DRF view would answer it (common.api.exception_handler's shape)."""
+    response = exception_handler(exc, {"request": request})
+    out = JsonResponse(response.data, status=response.status_code)
+    for name in ("Retry-After",):
+        if name in response:
+            out[name] = response[name]
+    if retry_after is not None:
+        out["Retry-After"] = str(retry_after)
+    if isinstance(exc, exceptions.NotAuthenticated | exceptions.AuthenticationFailed):
+        auth = api_settings.DEFAULT_AUTHENTICATION_CLASSES[0]()
+        out["WWW-Authenticate"] = auth.authenticate_header(request)
+    return out
 
 
 # csrf_exempt as DRF's views are: its view checks CSRF itself for session-authenticated
@@ -66,38 +75,22 @@ async def agent_context(request: HttpRequest, project_id: uuid.UUID, agent_id: u
         return await sync_to_async(_context_view)(request, project_id=project_id, agent_id=agent_id)
     try:
         agent, query = await sync_to_async(_prepare)(request, project_id, agent_id)
-    except exceptions.APIException as exc:
-        headers = {}
-        if isinstance(exc, exceptions.Throttled):
-            headers["Retry-After"] = str(int(exc.wait or 1))
-        if isinstance(exc, exceptions.NotAuthenticated | exceptions.AuthenticationFailed):
-            auth = api_settings.DEFAULT_AUTHENTICATION_CLASSES[0]()
-            headers["WWW-Authenticate"] = auth.authenticate_header(request)
-        detail = exc.detail if isinstance(exc.detail, dict) else {"detail": str(exc.detail)}
-        return _json(exc.status_code, detail, **headers)
-    except Http404:
-        return _json(404, {"detail": "Not found."})
-    try:
         hits = await context_search_waiting(agent=agent, **query)
     except HubFull:
-        return _json(
-            503,
-            {"detail": "This server has as many requests waiting as it may; retry shortly."},
-            **{"Retry-After": str(settings.SSE_RETRY_AFTER_SECONDS)},
+        return _error(
+            BackendUnavailable(
+                "This server has as many requests waiting as it may; retry shortly."
+            ),
+            request,
+            retry_after=settings.SSE_RETRY_AFTER_SECONDS,
         )
-    except exceptions.Throttled as exc:
-        return _json(429, {"detail": str(exc.detail)}, **{"Retry-After": str(exc.wait or 1)})
     except ContextUnavailable as exc:
-        return _json(503, {"detail": str(exc)})
-    except redis.RedisError:
-        return _json(
-            503,
-            {"detail": "A service this request needs is unavailable; retry shortly."},
-            **{"Retry-After": "5"},
-        )
+        return _error(BackendUnavailable(f"Context search unavailable: {exc}."), request)
     except ProjectGone:
-        return _json(404, {"detail": "Not found."})
-    return _json(200, {"results": ContextHitSerializer(hits, many=True).data})
+        return _error(Http404(), request)
+    except (exceptions.APIException, Http404, redis.RedisError) as exc:
+        return _error(exc, request)
+    return JsonResponse({"results": ContextHitSerializer(hits, many=True).data})
 
 
 def _prepare(request: HttpRequest, project_id, agent_id):
@@ -120,7 +113,8 @@ def _prepare(request: HttpRequest, project_id, agent_id):
         project = project_get_for_user(user=user, project_id=project_id)
         agent = agent_get(project=project, agent_id=agent_id)
         agent.project  # noqa: B018  (loaded now, not later without a connection)
-        query = ContextSearchSerializer(data=request.GET)
+        # A plain dict: DRF reads an empty `?k=` in a QueryDict as "not given".
+        query = ContextSearchSerializer(data=request.GET.dict())
         query.is_valid(raise_exception=True)
         return agent, dict(query.validated_data)
     finally:
@@ -163,3 +157,9 @@ async def context_search_waiting(*, agent, q: str, k: int) -> list[dict]:
             pipe.decr(counter)
         pipe.delete(reply)
         await pipe.execute()
+
+
+# The schema (drf-spectacular) documents the route from the DRF view, whose methods and
+# serializers it shares; DRF's own as_view() marks its views the same way.
+agent_context.cls = AgentContextApi
+agent_context.initkwargs = {}

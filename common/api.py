@@ -1,19 +1,43 @@
-"""Pieces every API of the project shares: strict input serializers and the list envelope."""
+"""Pieces every API of the project shares: strict input serializers, the list envelope,
+and the one shape of every error the API answers.
+
+Every 4xx/5xx body, from a DRF view, a plain view or Django itself, is
+
+    {"detail": "<what went wrong, for people>", "code": "<what went wrong, for programs>",
+     "<field>": ["<message>", ...], ...}
+
+where the field keys appear on validation errors only (a 400 names each bad field or
+parameter; DRF's own convention, so DRF clients read it as they always have).
+"""
 
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 from typing import Any
 
 import kombu.exceptions
 import redis
-from rest_framework import serializers, status
+from django.core.exceptions import PermissionDenied, RequestDataTooBig
+from django.core.validators import RegexValidator
+from django.http import Http404, JsonResponse
+from rest_framework import exceptions, serializers, status
 from rest_framework.exceptions import APIException
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.response import Response
+from rest_framework.settings import api_settings
 from rest_framework.views import exception_handler as drf_exception_handler
 
+from .exceptions import BackendUnavailable, Conflict, FieldNotFound, PayloadTooLarge
+
+__all__ = ["BackendUnavailable", "Conflict", "FieldNotFound", "PayloadTooLarge"]
+
 logger = logging.getLogger(__name__)
+
+MAX_PAGE_LIMIT = 200
+DEFAULT_PAGE_LIMIT = 50
+# The largest offset a list takes: beyond a database's integer range a query would fail.
+MAX_PAGE_OFFSET = 2**31 - 1
 
 
 class StrictSerializer(serializers.Serializer):
@@ -28,9 +52,45 @@ class StrictSerializer(serializers.Serializer):
         return attrs
 
 
+# "Not blank": holds a character other than ASCII whitespace. Spelled out rather than
+# `\S`, which Python and the ECMA regexes of OpenAPI tools read differently (e.g. U+001F).
+NOT_BLANK = r"[^ \t\n\r\f\v]"
+
+
+class TextField(serializers.CharField):
+    """Text input as the schema says it: a JSON string (DRF would turn 5 into "5"), kept
+    as given (not trimmed, so the length the schema documents is the length checked).
+    Unless `allow_blank`, it must hold a non-space character (the schema's `pattern`,
+    NOT_BLANK)."""
+
+    default_error_messages = {"invalid": "Must be a string."}
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("trim_whitespace", False)
+        super().__init__(**kwargs)
+        if not self.allow_blank:
+            self.validators.append(RegexValidator(NOT_BLANK, "Must not be blank."))
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class UUIDField(serializers.UUIDField):
+    """A UUID as the schema says it: a string (DRF would also take an integer)."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("invalid", value=data)
+        return super().to_internal_value(data)
+
+
 class _PageQuerySerializer(serializers.Serializer):
-    limit = serializers.IntegerField(min_value=1, max_value=200, default=50)
-    offset = serializers.IntegerField(min_value=0, max_value=2**31 - 1, default=0)
+    limit = serializers.IntegerField(
+        min_value=1, max_value=MAX_PAGE_LIMIT, default=DEFAULT_PAGE_LIMIT
+    )
+    offset = serializers.IntegerField(min_value=0, max_value=MAX_PAGE_OFFSET, default=0)
 
 
 class EnvelopePagination(LimitOffsetPagination):
@@ -42,8 +102,8 @@ class EnvelopePagination(LimitOffsetPagination):
     """
 
     items_key = "results"
-    default_limit = 50
-    max_limit = 200
+    default_limit = DEFAULT_PAGE_LIMIT
+    max_limit = MAX_PAGE_LIMIT
 
     @classmethod
     def of(cls, items_key: str) -> type[EnvelopePagination]:
@@ -74,11 +134,40 @@ class EnvelopePagination(LimitOffsetPagination):
             "required": [self.items_key, "total", "limit", "offset"],
             "properties": {
                 self.items_key: schema,
-                "total": {"type": "integer", "description": "Items in the whole list."},
-                "limit": {"type": "integer", "description": "Page size used."},
-                "offset": {"type": "integer", "description": "Index of the first item."},
+                "total": {"type": "integer", "minimum": 0, "description": "Items in the list."},
+                "limit": {"type": "integer", "description": "The page size used."},
+                "offset": {"type": "integer", "description": "Index of the page's first item."},
             },
         }
+
+    def get_schema_operation_parameters(self, view) -> list[dict]:
+        # The bounds the API enforces, so that clients (and contract tests) know them.
+        return [
+            {
+                "name": self.limit_query_param,
+                "required": False,
+                "in": "query",
+                "description": f"Page size, 1 to {MAX_PAGE_LIMIT}.",
+                "schema": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": MAX_PAGE_LIMIT,
+                    "default": DEFAULT_PAGE_LIMIT,
+                },
+            },
+            {
+                "name": self.offset_query_param,
+                "required": False,
+                "in": "query",
+                "description": "How many items to skip.",
+                "schema": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "maximum": MAX_PAGE_OFFSET,
+                    "default": 0,
+                },
+            },
+        ]
 
 
 class EnvelopeListMixin:
@@ -93,22 +182,115 @@ class EnvelopeListMixin:
         return paginator.get_paginated_response(serializer_class(page, many=True).data)
 
 
-class BackendUnavailable(APIException):
-    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
-    default_detail = "A service this request needs is unavailable; retry shortly."
-    default_code = "backend_unavailable"
-
-
 RETRY_AFTER_SECONDS = 5
+
+# Codes of errors that Django answers before (or without) DRF: 404 of an unknown path,
+# 405 of a plain view, 413, CSRF, 500.
+_DEFAULT_CODES = {
+    400: "bad_request",
+    401: "not_authenticated",
+    403: "permission_denied",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "throttled",
+    500: "server_error",
+    503: "backend_unavailable",
+}
+
+
+def error_body(
+    status_code: int,
+    detail: str | None = None,
+    code: str | None = None,
+    fields: dict[str, list[str]] | None = None,
+) -> dict[str, Any]:
+    """The body of every error response (see the module docstring)."""
+    if detail is None:
+        detail = f"{HTTPStatus(status_code).phrase}."
+    body: dict[str, Any] = {
+        "detail": detail,
+        "code": code or _DEFAULT_CODES.get(status_code, "error"),
+    }
+    for name, messages in (fields or {}).items():
+        if name not in body:
+            body[name] = messages
+    return body
+
+
+def error_response(status_code: int, detail: str | None = None, code: str | None = None, **headers):
+    """An error in the API's shape, for code outside DRF (middleware, plain views)."""
+    response = JsonResponse(error_body(status_code, detail, code), status=status_code)
+    for name, value in headers.items():
+        response[name.replace("_", "-")] = value
+    return response
+
+
+def _messages(value, prefix: str = "") -> list[str]:
+    """DRF's nested error details as flat strings: a list item's errors say its index."""
+    if isinstance(value, dict):
+        found = []
+        for key, inner in value.items():
+            found += _messages(inner, f"{prefix}item {key}: " if isinstance(key, int) else prefix)
+        return found
+    if isinstance(value, list):
+        return [m for item in value for m in _messages(item, prefix)]
+    return [f"{prefix}{value}"]
+
+
+def _validation_body(exc: exceptions.ValidationError, status_code: int) -> dict[str, Any]:
+    general: list[str] = []
+    fields: dict[str, list[str]] = {}
+    detail = exc.detail
+    if isinstance(detail, dict):
+        for name, value in detail.items():
+            if name in (api_settings.NON_FIELD_ERRORS_KEY, "detail", "code"):
+                general += _messages(value)
+            else:
+                fields[str(name)] = _messages(value)
+    else:
+        general = _messages(detail)
+    summary = " ".join(general)
+    if fields:
+        named = f"Invalid input: {', '.join(fields)}."
+        summary = f"{summary} {named}" if summary else named
+    return error_body(status_code, summary or "Invalid input.", "invalid", fields)
+
+
+def _api_exception_body(exc: APIException, status_code: int) -> dict[str, Any]:
+    if isinstance(exc, exceptions.ValidationError):
+        return _validation_body(exc, status_code)
+    code = exc.default_code
+    detail = exc.detail
+    if isinstance(detail, dict):  # raised with {"<field>": [...]}: name the field
+        fields = {str(name): _messages(value) for name, value in detail.items()}
+        summary = " ".join(m for messages in fields.values() for m in messages)
+        return error_body(status_code, summary, code, fields)
+    if isinstance(detail, list):
+        return error_body(status_code, " ".join(_messages(detail)), code)
+    return error_body(status_code, str(detail), getattr(detail, "code", None) or code)
 
 
 def exception_handler(exc, context):
-    """DRF's handler, plus: Redis or the broker being down is a 503 with Retry-After
-    (views reach them only before writing anything, or after commit robustly)."""
+    """DRF's handler in the API's error shape, plus: Redis or the broker being down is a
+    503 with Retry-After (views reach them only before writing anything, or after commit
+    robustly), and a body over DATA_UPLOAD_MAX_MEMORY_SIZE is a 413."""
     if isinstance(exc, redis.RedisError | kombu.exceptions.OperationalError):
         logger.warning("%s: backend unavailable: %r", context.get("view"), exc)
         exc = BackendUnavailable()
+    elif isinstance(exc, RequestDataTooBig):
+        exc = PayloadTooLarge()
+    elif isinstance(exc, Http404):
+        exc = exceptions.NotFound(*exc.args)
+    elif isinstance(exc, PermissionDenied):
+        exc = exceptions.PermissionDenied(*exc.args)
     response = drf_exception_handler(exc, context)
-    if response is not None and response.status_code == status.HTTP_503_SERVICE_UNAVAILABLE:
+    if response is None:
+        return None
+    response.data = _api_exception_body(exc, response.status_code)
+    if response.status_code == status.HTTP_503_SERVICE_UNAVAILABLE:
         response.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
     return response

@@ -9,6 +9,8 @@ before a view does anything.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from rest_framework.settings import api_settings
 from rest_framework.throttling import SimpleRateThrottle
 
@@ -32,13 +34,17 @@ class LoginUsernameThrottle(_Rates, SimpleRateThrottle):
     scope = "login_username"
 
     def get_cache_key(self, request, view):
-        username = request.data.get("username") if hasattr(request, "data") else None
+        # Before the view validates the body: it may be any JSON (the view answers 400).
+        data = request.data
+        username = data.get("username") if isinstance(data, Mapping) else None
         if not isinstance(username, str) or not username:
             return None
         return self.cache_format % {"scope": self.scope, "ident": username.lower()[:150]}
 
 
-class _ScopedThrottle(_Rates, SimpleRateThrottle):
+class MethodScopedThrottle(_Rates, SimpleRateThrottle):
+    """Limits only the methods a view names in `throttle_scopes`, each under its scope."""
+
     suffix = ""
 
     def allow_request(self, request, view):
@@ -51,7 +57,7 @@ class _ScopedThrottle(_Rates, SimpleRateThrottle):
         return super().allow_request(request, view)
 
 
-class UserScopedThrottle(_ScopedThrottle):
+class UserScopedThrottle(MethodScopedThrottle):
     suffix = "user"
 
     def get_cache_key(self, request, view):
@@ -60,7 +66,7 @@ class UserScopedThrottle(_ScopedThrottle):
         return self.cache_format % {"scope": self.scope, "ident": request.user.pk}
 
 
-class ProjectScopedThrottle(_ScopedThrottle):
+class ProjectScopedThrottle(MethodScopedThrottle):
     suffix = "project"
 
     def get_cache_key(self, request, view):

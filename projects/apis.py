@@ -1,9 +1,11 @@
+"""The user's projects: list, create, read, rename, delete (with its whole workspace)."""
+
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from common.api import EnvelopeListMixin, EnvelopePagination, StrictSerializer
+from common.api import EnvelopeListMixin, EnvelopePagination, StrictSerializer, TextField
 
 from .selectors import project_get_for_user, project_list
 from .services import project_create, project_delete, project_update
@@ -16,20 +18,39 @@ class ProjectOutputSerializer(serializers.Serializer):
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
 
+    class Meta:
+        ref_name = "Project"
+
 
 class ProjectInputSerializer(StrictSerializer):
-    name = serializers.CharField(max_length=200)
-    description = serializers.CharField(max_length=2000, allow_blank=True, required=False)
+    name = TextField(max_length=200)
+    description = TextField(max_length=2000, allow_blank=True, required=False)
+
+    class Meta:
+        ref_name = "ProjectInput"
 
 
+@extend_schema(tags=["Projects"])
 class ProjectListCreateApi(EnvelopeListMixin, APIView):
     pagination_class = EnvelopePagination.of("projects")
 
-    @extend_schema(responses=ProjectOutputSerializer(many=True))
+    @extend_schema(
+        operation_id="projects_list",
+        summary="List your projects",
+        description="Your projects, newest first.",
+        responses={200: ProjectOutputSerializer(many=True)},
+    )
     def get(self, request):
         return self.list_response(project_list(user=request.user), ProjectOutputSerializer)
 
-    @extend_schema(request=ProjectInputSerializer, responses={201: ProjectOutputSerializer})
+    @extend_schema(
+        operation_id="projects_create",
+        summary="Create a project",
+        description="A project is the unit of isolation: its agents, chats, queue and "
+        "context memory are its own. Its workspace starts on its first agent or message.",
+        request=ProjectInputSerializer,
+        responses={201: ProjectOutputSerializer},
+    )
     def post(self, request):
         data = ProjectInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
@@ -37,13 +58,24 @@ class ProjectListCreateApi(EnvelopeListMixin, APIView):
         return Response(ProjectOutputSerializer(project).data, status=status.HTTP_201_CREATED)
 
 
+@extend_schema(tags=["Projects"])
 class ProjectDetailApi(APIView):
-    @extend_schema(responses=ProjectOutputSerializer)
+    @extend_schema(
+        operation_id="projects_retrieve",
+        summary="Get a project",
+        responses={200: ProjectOutputSerializer},
+    )
     def get(self, request, project_id):
         project = project_get_for_user(user=request.user, project_id=project_id)
         return Response(ProjectOutputSerializer(project).data)
 
-    @extend_schema(request=ProjectInputSerializer, responses=ProjectOutputSerializer)
+    @extend_schema(
+        operation_id="projects_update",
+        summary="Rename or describe a project",
+        description="Changes only the fields given.",
+        request=ProjectInputSerializer(partial=True),
+        responses={200: ProjectOutputSerializer},
+    )
     def patch(self, request, project_id):
         project = project_get_for_user(user=request.user, project_id=project_id)
         data = ProjectInputSerializer(data=request.data, partial=True)
@@ -51,7 +83,14 @@ class ProjectDetailApi(APIView):
         project = project_update(project=project, data=data.validated_data)
         return Response(ProjectOutputSerializer(project).data)
 
-    @extend_schema(responses={204: None})
+    @extend_schema(
+        operation_id="projects_destroy",
+        summary="Delete a project and everything in it",
+        description="Deletes the project's agents, chats and messages, and tears down its "
+        "workspace: queue, cached state, event streams and context memory. Open event "
+        "streams end with `stream.closed`.",
+        responses={204: None},
+    )
     def delete(self, request, project_id):
         project = project_get_for_user(user=request.user, project_id=project_id)
         project_delete(project=project)

@@ -3,18 +3,84 @@ changelist over the registry rather than a queryset) and the teardown records.""
 
 from __future__ import annotations
 
+import uuid
+from datetime import UTC, datetime
+
 from django.contrib import admin, messages
+from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import path
+from django.utils.html import format_html
+
+from projects.models import Project
 
 from .models import Workspace, WorkspaceTeardown
-from .registry import parse_index_member
-from .selectors import workspace_get, workspace_list
+from .registry import State, parse_index_member
+from .selectors import WorkspaceView, workspace_get, workspace_list
 from .services import workspace_reset, workspace_teardown_dispatch, workspace_teardown_schedule
 
 PAGE_SIZE = 100
+SEARCH_LIMIT = 100
+
+# Badge colours per registry state: ready, on its way, or needing an operator.
+_STATE_COLOURS = {
+    State.INITIALIZED: "#2e7d32",
+    State.INITIALIZING: "#1565c0",
+    State.NOT_INITIALIZED: "#6d6d6d",
+    State.ERROR: "#c62828",
+}
+
+
+def _when(epoch: float | None) -> datetime | None:
+    return datetime.fromtimestamp(epoch, tz=UTC) if epoch else None
+
+
+def _rows(views: list[WorkspaceView]) -> list[dict]:
+    """What the page shows of each workspace: its view, its owner's name, its state as a
+    badge and its times as datetimes (the template formats them for people)."""
+    owners = dict(
+        get_user_model()
+        .objects.filter(pk__in={v.entry.user_id for v in views})
+        .values_list("pk", "username")
+    )
+    rows = []
+    for view in views:
+        state = view.entry.state
+        colour = "#c62828" if view.problems else _STATE_COLOURS.get(state, "#ef6c00")
+        rows.append(
+            {
+                "view": view,
+                "owner": owners.get(view.entry.user_id, f"user {view.entry.user_id} (deleted)"),
+                "badge": format_html(
+                    '<span class="state-badge" style="background:{};color:#fff;padding:1px 7px;'
+                    'border-radius:9px;font-size:11px;white-space:nowrap">{}</span>',
+                    colour,
+                    state,
+                ),
+                "initialized_at": _when(view.entry.initialized_at),
+                "last_used": _when(view.entry.last_used),
+            }
+        )
+    return rows
+
+
+def _search(query: str) -> list[WorkspaceView]:
+    """The workspaces of the projects a search names: by project id, or by project or
+    owner name (the registry is keyed by ids, so the search goes through the projects)."""
+    try:
+        projects = Project.objects.filter(id=uuid.UUID(query))
+    except ValueError:
+        projects = Project.objects.filter(name__icontains=query) | Project.objects.filter(
+            owner__username__icontains=query
+        )
+    found = []
+    for owner_id, project_id in projects.values_list("owner_id", "id")[:SEARCH_LIMIT]:
+        view = workspace_get(user_id=owner_id, project_id=project_id)
+        if view is not None:
+            found.append(view)
+    return found
 
 
 @admin.register(Workspace)
@@ -44,16 +110,24 @@ class WorkspaceAdmin(admin.ModelAdmin):
             page = max(0, int(request.GET.get("p", 0)))
         except ValueError:
             page = 0
-        views, total = workspace_list(offset=page * PAGE_SIZE, limit=PAGE_SIZE)
+        query = request.GET.get("q", "").strip()
+        if query:
+            views, page = _search(query), 0
+            total = len(views)
+            next_page = None
+        else:
+            views, total = workspace_list(offset=page * PAGE_SIZE, limit=PAGE_SIZE)
+            next_page = page + 1 if (page + 1) * PAGE_SIZE < total else None
         context = {
             **self.admin_site.each_context(request),
             "title": "Workspaces",
             "opts": self.opts,
-            "views": views,
+            "rows": _rows(views),
             "total": total,
+            "query": query,
             "page": page,
-            "previous_page": page - 1 if page > 0 else None,
-            "next_page": page + 1 if (page + 1) * PAGE_SIZE < total else None,
+            "previous_page": page - 1 if page > 0 and not query else None,
+            "next_page": next_page,
             "can_change": self.has_change_permission(request),
             **(extra_context or {}),
         }

@@ -4,10 +4,19 @@ from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
-from common.api import EnvelopeListMixin, EnvelopePagination, StrictSerializer
-from common.validators import validate_text_size
+from common.api import (
+    EnvelopeListMixin,
+    EnvelopePagination,
+    FieldNotFound,
+    StrictSerializer,
+    TextField,
+    UUIDField,
+)
+from common.schema import error_responses
+from common.validators import MAX_TEXT_BYTES, validate_text_size
 from projects.mixins import ProjectScopedApi
 
+from ..models import Message
 from ..selectors import agent_list, message_list, session_get, session_list
 from ..services import message_create, session_create, session_delete, session_runs_cancel
 
@@ -19,24 +28,43 @@ class SessionOutputSerializer(serializers.Serializer):
     title = serializers.CharField()
     created_at = serializers.DateTimeField()
 
+    class Meta:
+        ref_name = "Session"
+
 
 class SessionInputSerializer(StrictSerializer):
-    agent_id = serializers.UUIDField()
-    title = serializers.CharField(max_length=200, allow_blank=True, required=False)
+    agent_id = UUIDField(help_text="The agent of this project that answers.")
+    title = TextField(max_length=200, allow_blank=True, required=False)
+
+    class Meta:
+        ref_name = "SessionInput"
 
 
 class MessageOutputSerializer(serializers.Serializer):
     id = serializers.IntegerField()
     session_id = serializers.UUIDField()
-    role = serializers.CharField()
+    role = serializers.ChoiceField(choices=Message.Role.choices)
     content = serializers.CharField()
-    status = serializers.CharField()
-    error = serializers.CharField()
+    status = serializers.ChoiceField(
+        choices=Message.Status.choices,
+        help_text="An answer is pending, then streaming, and ends done, error or cancelled.",
+    )
+    error = serializers.CharField(help_text="Why the message ended in error; empty otherwise.")
     created_at = serializers.DateTimeField()
+
+    class Meta:
+        ref_name = "Message"
 
 
 class MessageInputSerializer(StrictSerializer):
-    content = serializers.CharField(validators=[validate_text_size])
+    content = TextField(
+        max_length=MAX_TEXT_BYTES,
+        validators=[validate_text_size],
+        help_text=f"At most {MAX_TEXT_BYTES} bytes in UTF-8.",
+    )
+
+    class Meta:
+        ref_name = "MessageInput"
 
 
 class MessageAcceptedSerializer(MessageOutputSerializer):
@@ -44,49 +72,109 @@ class MessageAcceptedSerializer(MessageOutputSerializer):
         help_text="The assistant message the agent is producing; follow it on …/events/."
     )
 
+    class Meta:
+        ref_name = "MessageAccepted"
 
+
+class CancelOutputSerializer(serializers.Serializer):
+    cancelled = serializers.ListField(
+        child=serializers.IntegerField(),
+        help_text="The assistant messages whose answers this call stopped.",
+    )
+
+    class Meta:
+        ref_name = "Cancelled"
+
+
+def _no_such_agent() -> FieldNotFound:
+    return FieldNotFound({"agent_id": ["No such agent in this project."]})
+
+
+@extend_schema(tags=["Chat"])
 class SessionListCreateApi(EnvelopeListMixin, ProjectScopedApi):
     pagination_class = EnvelopePagination.of("sessions")
 
-    @extend_schema(responses=SessionOutputSerializer(many=True))
+    @extend_schema(
+        operation_id="sessions_list",
+        summary="List a project's chat sessions",
+        description="Newest first.",
+        responses={200: SessionOutputSerializer(many=True)},
+    )
     def get(self, request, project_id):
         return self.list_response(session_list(project=self.project), SessionOutputSerializer)
 
-    @extend_schema(request=SessionInputSerializer, responses={201: SessionOutputSerializer})
+    @extend_schema(
+        operation_id="sessions_create",
+        summary="Start a chat session with an agent",
+        request=SessionInputSerializer,
+        responses={
+            201: SessionOutputSerializer,
+            **error_responses(
+                404, _404="No such project, or `agent_id` names no agent of this project."
+            ),
+        },
+    )
     def post(self, request, project_id):
         data = SessionInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         agent = agent_list(project=self.project).filter(id=data.validated_data["agent_id"]).first()
         if agent is None:
-            raise serializers.ValidationError({"agent_id": ["No such agent in this project."]})
+            raise _no_such_agent()
         session = session_create(
             project=self.project, agent=agent, title=data.validated_data.get("title", "")
         )
         return Response(SessionOutputSerializer(session).data, status=status.HTTP_201_CREATED)
 
 
+@extend_schema(tags=["Chat"])
 class SessionDetailApi(ProjectScopedApi):
-    @extend_schema(responses=SessionOutputSerializer)
+    @extend_schema(
+        operation_id="sessions_retrieve",
+        summary="Get a chat session",
+        responses={200: SessionOutputSerializer},
+    )
     def get(self, request, project_id, session_id):
         session = session_get(project=self.project, session_id=session_id)
         return Response(SessionOutputSerializer(session).data)
 
-    @extend_schema(responses={204: None})
+    @extend_schema(
+        operation_id="sessions_destroy",
+        summary="Delete a chat session",
+        description="Deletes the session, its messages and its event stream.",
+        responses={204: None},
+    )
     def delete(self, request, project_id, session_id):
         session_delete(session=session_get(project=self.project, session_id=session_id))
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
+@extend_schema(tags=["Chat"])
 class MessageListCreateApi(EnvelopeListMixin, ProjectScopedApi):
     pagination_class = EnvelopePagination.of("messages")
     throttle_scopes = {"POST": "messages"}
 
-    @extend_schema(responses=MessageOutputSerializer(many=True))
+    @extend_schema(
+        operation_id="messages_list",
+        summary="List a session's messages",
+        description="In conversation order, oldest first; an answer still being written "
+        "shows its status (`pending`, `streaming`).",
+        responses={200: MessageOutputSerializer(many=True)},
+    )
     def get(self, request, project_id, session_id):
         session = session_get(project=self.project, session_id=session_id)
         return self.list_response(message_list(session=session), MessageOutputSerializer)
 
-    @extend_schema(request=MessageInputSerializer, responses={202: MessageAcceptedSerializer})
+    @extend_schema(
+        operation_id="messages_create",
+        summary="Send a message; the agent answers through the bus",
+        description="Stores the message and a pending assistant message (its id is "
+        "`assistant_message_id`), and puts the answer on the project's queue. Follow the "
+        "answer on the session's event stream (open it before posting, or read it with "
+        "`?cursor=0`), or poll the messages. Every accepted message is answered or ends "
+        "`error` with the reason.",
+        request=MessageInputSerializer,
+        responses={202: MessageAcceptedSerializer},
+    )
     def post(self, request, project_id, session_id):
         session = session_get(project=self.project, session_id=session_id)
         data = MessageInputSerializer(data=request.data)
@@ -96,15 +184,15 @@ class MessageListCreateApi(EnvelopeListMixin, ProjectScopedApi):
         return Response(body, status=status.HTTP_202_ACCEPTED)
 
 
-class CancelOutputSerializer(serializers.Serializer):
-    cancelled = serializers.ListField(child=serializers.IntegerField())
-
-
+@extend_schema(tags=["Chat"])
 class SessionCancelApi(ProjectScopedApi):
-    """Stop the session's in-flight answers: 202 when some were stopped, 200 when none ran."""
-
     @extend_schema(
-        request=None, responses={200: CancelOutputSerializer, 202: CancelOutputSerializer}
+        operation_id="sessions_cancel",
+        summary="Stop the answers in flight",
+        description="Stops the session's queued and streaming answers (they end "
+        "`cancelled`): 202 with the ids it stopped, or 200 with none when nothing ran.",
+        request=None,
+        responses={200: CancelOutputSerializer, 202: CancelOutputSerializer},
     )
     def post(self, request, project_id, session_id):
         session = session_get(project=self.project, session_id=session_id)

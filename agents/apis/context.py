@@ -1,6 +1,7 @@
 """An agent's context (RAG memory): add documents, search, clear, and the jobs' status."""
 
 import json
+import re
 
 from django.conf import settings
 from django.http import Http404
@@ -8,8 +9,9 @@ from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
-from common.api import StrictSerializer
-from common.validators import validate_text_size
+from common.api import NOT_BLANK, BackendUnavailable, StrictSerializer, TextField
+from common.schema import error_responses
+from common.validators import MAX_TEXT_BYTES, validate_text_size
 from projects.mixins import ProjectScopedApi
 
 from ..selectors import agent_get, context_job_get
@@ -22,16 +24,35 @@ MAX_QUERY_CHARS = 1000
 MAX_SEARCH_K = 50
 
 
+_TEXT = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_TEXT_BYTES,
+    "pattern": NOT_BLANK,
+    "description": f"Not blank; at most {MAX_TEXT_BYTES} bytes in UTF-8.",
+}
+
+
 @extend_schema_field(
     {
         "oneOf": [
-            {"type": "string"},
+            _TEXT,
             {
                 "type": "object",
-                "properties": {"text": {"type": "string"}, "metadata": {"type": "object"}},
+                "properties": {
+                    "text": _TEXT,
+                    "metadata": {
+                        "type": "object",
+                        "additionalProperties": True,
+                        "description": f"Kept with the text; at most {MAX_METADATA_BYTES} "
+                        "bytes as JSON.",
+                    },
+                },
                 "required": ["text"],
+                "additionalProperties": False,
             },
-        ]
+        ],
+        "description": 'A document: its text, or {"text": ..., "metadata": {...}}.',
     }
 )
 class ContextDocumentField(serializers.Field):
@@ -53,7 +74,7 @@ class ContextDocumentField(serializers.Field):
         if unknown:
             self.fail("unknown", keys=", ".join(sorted(unknown)))
         text = data["text"]
-        if not text.strip():
+        if not re.search(NOT_BLANK, text):
             self.fail("blank")
         validate_text_size(text)
         metadata = data.get("metadata", {})
@@ -69,8 +90,14 @@ class ContextDocumentField(serializers.Field):
 
 class ContextInputSerializer(StrictSerializer):
     documents = serializers.ListField(
-        child=ContextDocumentField(), min_length=1, max_length=MAX_CONTEXT_DOCUMENTS
+        child=ContextDocumentField(),
+        min_length=1,
+        max_length=MAX_CONTEXT_DOCUMENTS,
+        help_text=f"At most {MAX_CONTEXT_TOTAL_BYTES} bytes of text in all.",
     )
+
+    class Meta:
+        ref_name = "ContextInput"
 
     def validate(self, attrs):
         attrs = super().validate(attrs)
@@ -83,46 +110,84 @@ class ContextInputSerializer(StrictSerializer):
 
 
 class ContextSearchSerializer(StrictSerializer):
-    q = serializers.CharField(max_length=MAX_QUERY_CHARS, trim_whitespace=True)
-    k = serializers.IntegerField(min_value=1, max_value=MAX_SEARCH_K, default=5)
+    q = TextField(max_length=MAX_QUERY_CHARS, help_text="What to look for.")
+    k = serializers.IntegerField(
+        min_value=1, max_value=MAX_SEARCH_K, default=5, help_text="How many hits at most."
+    )
+
+
+JOB_STATUSES = ("queued", "running", "done", "error")
 
 
 class ContextJobSerializer(serializers.Serializer):
-    id = serializers.CharField()
-    kind = serializers.CharField()
-    agent_id = serializers.CharField()
-    status = serializers.CharField(help_text="queued, running, done or error")
-    documents = serializers.IntegerField(required=False)
-    chunks = serializers.IntegerField(required=False)
-    error = serializers.CharField(required=False)
-    created_at = serializers.FloatField()
-    finished_at = serializers.FloatField(required=False)
+    id = serializers.UUIDField()
+    kind = serializers.ChoiceField(
+        choices=("add", "clear"), help_text="add: store documents; clear: forget everything."
+    )
+    agent_id = serializers.UUIDField()
+    status = serializers.ChoiceField(choices=JOB_STATUSES)
+    documents = serializers.IntegerField(required=False, help_text="add: documents to store.")
+    stored_documents = serializers.IntegerField(
+        required=False, help_text="add: documents stored so far."
+    )
+    chunks = serializers.IntegerField(required=False, help_text="add: chunks stored so far.")
+    error = serializers.CharField(required=False, help_text="Why the job ended in error.")
+    created_at = serializers.FloatField(help_text="Unix time.")
+    finished_at = serializers.FloatField(required=False, help_text="Unix time.")
+
+    class Meta:
+        ref_name = "ContextJob"
+
+
+class ContextJobAcceptedSerializer(serializers.Serializer):
+    job_id = serializers.UUIDField(help_text="Follow it at …/context/jobs/{job_id}/.")
+    status = serializers.ChoiceField(choices=JOB_STATUSES)
+
+    class Meta:
+        ref_name = "ContextJobAccepted"
 
 
 class ContextHitSerializer(serializers.Serializer):
     id = serializers.CharField()
-    score = serializers.FloatField()
+    score = serializers.FloatField(help_text="Similarity: higher is closer.")
     text = serializers.CharField()
-    kind = serializers.CharField()
+    kind = serializers.CharField(help_text="document, or exchange (a past chat turn).")
     metadata = serializers.JSONField()
+
+    class Meta:
+        ref_name = "ContextHit"
+
+
+class ContextSearchOutputSerializer(serializers.Serializer):
+    results = ContextHitSerializer(many=True, help_text="Closest first.")
+
+    class Meta:
+        ref_name = "ContextSearchResults"
 
 
 def _job_body(job_id: str) -> dict:
     return {"job_id": job_id, "status": "queued"}
 
 
-class AgentContextApi(ProjectScopedApi):
-    """The agent's context: add documents (202, a job), search (?q=&k=), clear (202, a job)."""
+_UNAVAILABLE = error_responses(503)
 
+
+@extend_schema(tags=["Context"])
+class AgentContextApi(ProjectScopedApi):
     throttle_scopes = {"GET": "searches", "POST": "ingests"}
 
     @extend_schema(
+        operation_id="context_search",
+        summary="Search an agent's context memory",
+        description="The documents and past exchanges closest to `q`. The search runs on a "
+        "worker: 503 when none answers within CONTEXT_SEARCH_TIMEOUT_SECONDS.",
         parameters=[ContextSearchSerializer],
-        responses={200: ContextHitSerializer(many=True)},
+        responses={200: ContextSearchOutputSerializer, **_UNAVAILABLE},
     )
     def get(self, request, project_id, agent_id):
         agent = agent_get(project=self.project, agent_id=agent_id)
-        query = ContextSearchSerializer(data=request.query_params)
+        # A plain dict: DRF reads an empty `?k=` in a QueryDict as "not given".
+        query = ContextSearchSerializer(data=request.query_params.dict())
         query.is_valid(raise_exception=True)
         try:
             hits = context_search(
@@ -132,10 +197,17 @@ class AgentContextApi(ProjectScopedApi):
                 timeout=settings.CONTEXT_SEARCH_TIMEOUT_SECONDS,
             )
         except ContextUnavailable as exc:
-            return Response({"detail": str(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
-        return Response({"results": ContextHitSerializer(hits, many=True).data})
+            raise BackendUnavailable(f"Context search unavailable: {exc}.") from None
+        return Response(ContextSearchOutputSerializer({"results": hits}).data)
 
-    @extend_schema(request=ContextInputSerializer, responses={202: ContextJobSerializer})
+    @extend_schema(
+        operation_id="context_add",
+        summary="Add documents to an agent's context memory",
+        description="Queues a job that chunks, embeds and stores the documents (202); "
+        "follow it at …/context/jobs/{job_id}/.",
+        request=ContextInputSerializer,
+        responses={202: ContextJobAcceptedSerializer, **_UNAVAILABLE},
+    )
     def post(self, request, project_id, agent_id):
         agent = agent_get(project=self.project, agent_id=agent_id)
         data = ContextInputSerializer(data=request.data)
@@ -143,15 +215,27 @@ class AgentContextApi(ProjectScopedApi):
         job_id = context_documents_add(agent=agent, documents=data.validated_data["documents"])
         return Response(_job_body(job_id), status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(request=None, responses={202: ContextJobSerializer})
+    @extend_schema(
+        operation_id="context_clear",
+        summary="Clear an agent's context memory",
+        description="Queues a job that forgets every document and exchange (202).",
+        request=None,
+        responses={202: ContextJobAcceptedSerializer, **_UNAVAILABLE},
+    )
     def delete(self, request, project_id, agent_id):
         agent = agent_get(project=self.project, agent_id=agent_id)
         job_id = context_clear(agent=agent)
         return Response(_job_body(job_id), status=status.HTTP_202_ACCEPTED)
 
 
+@extend_schema(tags=["Context"])
 class AgentContextJobApi(ProjectScopedApi):
-    @extend_schema(responses=ContextJobSerializer)
+    @extend_schema(
+        operation_id="context_job_retrieve",
+        summary="Follow a context job",
+        description="An add or clear job's progress; jobs are kept for a day.",
+        responses={200: ContextJobSerializer, **_UNAVAILABLE},
+    )
     def get(self, request, project_id, agent_id, job_id):
         agent = agent_get(project=self.project, agent_id=agent_id)
         job = context_job_get(agent=agent, job_id=job_id)

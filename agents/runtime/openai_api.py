@@ -54,8 +54,10 @@ class OpenAIProvider:
     def stream(
         self, request: ChatRequest, *, should_stop: Callable[[], bool] = never
     ) -> Iterator[str]:
-        if not request.model:
-            raise ProviderError("the agent has no model set")
+        # An agent without a model of its own asks the server's default.
+        model = request.model or settings.LLM_DEFAULT_MODEL
+        if not model:
+            raise ProviderError("the agent has no model set, and LLM_DEFAULT_MODEL is empty")
         options = {k: request.params[k] for k in COMPLETION_PARAMS if k in request.params}
         tries = settings.LLM_MAX_RETRIES + 1
         for attempt in range(1, tries + 1):
@@ -64,7 +66,7 @@ class OpenAIProvider:
             started = False
             try:
                 stream = self._client.chat.completions.create(
-                    model=request.model, messages=request.messages, stream=True, **options
+                    model=model, messages=request.messages, stream=True, **options
                 )
                 try:
                     for chunk in stream:

@@ -29,6 +29,8 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI and ReDoc assets, served locally
+    "common",  # its templates: the root page
     "agentbus",
     "workspaces",
     "projects",
@@ -36,9 +38,12 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Outermost: on API routes every error that is not JSON yet gets the API's shape.
+    "common.middleware.ApiErrorMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
+    "common.middleware.ApiRequestMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
@@ -118,13 +123,35 @@ STORAGES = {
 }
 
 # --- REST API --------------------------------------------------------------------
+# Paths answered as an API: every error there is JSON in the API's one shape (common.api),
+# a path without its trailing slash is served as the one with it (common.middleware).
+# (The operators' two endpoints, not the admin's Workspaces pages beside them.)
+API_PATH_PREFIXES = [
+    "/my/",
+    "/auth/",
+    "/admin/workspaces/health",
+    "/admin/workspaces/stats",
+    "/api/schema/",
+]
+CSRF_FAILURE_VIEW = "common.middleware.csrf_failure"
+# Where the root page and the `make run` banner point for Flower.
+FLOWER_URL = env.str(
+    "FLOWER_URL", default=f"http://127.0.0.1:{env.int('FLOWER_PORT', default=5555)}/"
+)
+# The largest request body accepted (a 413 past it): room for a context POST's 1 MiB of
+# documents, JSON-escaped.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("API_MAX_BODY_BYTES", default=4 * 1024 * 1024)
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "common.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # JSON in, JSON out: the schema documents exactly these (Swagger UI is the browsable
+    # API).
+    "DEFAULT_PARSER_CLASSES": ["common.parsers.JSONParser"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_SCHEMA_CLASS": "common.schema.AutoSchema",
     "EXCEPTION_HANDLER": "common.api.exception_handler",
     # Views name what they do per method (`throttle_scopes`); see common.throttling.
     "DEFAULT_THROTTLE_CLASSES": [
@@ -145,10 +172,46 @@ REST_FRAMEWORK = {
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "User Worker Space API",
-    "DESCRIPTION": "Per-project AI agents, chat sessions and workspaces.",
-    "VERSION": "0.1.0",
+    "DESCRIPTION": (
+        "Per-project AI agents, their context memory, chat sessions answered through a "
+        "bus of workers, and a live event stream per session.\n\n"
+        "**Authentication**: `Authorization: Token <key>` or `Authorization: Bearer <key>`; "
+        "`POST /auth/token/` exchanges a username and password for the key.\n\n"
+        '**Lists** answer `{"<items>": [...], "total", "limit", "offset"}` and take '
+        "`limit` (1-200, default 50) and `offset`.\n\n"
+        "**Errors** (every 4xx and 5xx) answer the `Error` shape: `detail` for people, "
+        "`code` for programs and, on a 400, one key per invalid field with its messages. "
+        "Another user's project, agent, session or message is a 404 on every route. Text "
+        "may not contain NUL characters or unpaired UTF-16 surrogates, and JSON bodies may "
+        "not nest deeper than 32 levels (a 400 naming the field); bodies are at most "
+        "4 MiB (a 413)."
+    ),
+    "VERSION": "0.2.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    # The generated clients' names: enums and operations read as the resources do.
+    "ENUM_NAME_OVERRIDES": {
+        "MessageStatusEnum": "agents.models.Message.Status",
+        "ContextJobStatusEnum": "agents.apis.context.JOB_STATUSES",
+    },
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "SWAGGER_UI_SETTINGS": {"persistAuthorization": True, "displayOperationId": True},
+    "TAGS": [
+        {"name": "Authentication", "description": "Exchange a username and password for a token."},
+        {"name": "Projects", "description": "Projects: each one is an isolated workspace."},
+        {"name": "Agents", "description": "A project's agents: system prompt, model, parameters."},
+        {"name": "Context", "description": "An agent's context memory: documents it answers from."},
+        {"name": "Chat", "description": "Chat sessions, their messages and live events."},
+        {"name": "Operators", "description": "Workspace health and statistics (staff only)."},
+    ],
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "common.schema.postprocess_error_schema",
+        "agents.apis.schema.postprocess_event_stream",
+        "agents.apis.schema.postprocess_links",
+    ],
 }
 
 # --- Redis: workspace registry, agent cache, queue activity, chat event streams ---
@@ -313,10 +376,39 @@ SSE_RETRY_AFTER_SECONDS = env.int("SSE_RETRY_AFTER_SECONDS", default=5)
 # delta); the first goes out at once.
 CHAT_DELTA_WINDOW_SECONDS = env.float("CHAT_DELTA_WINDOW_SECONDS", default=0.05)
 
+# --- LLM endpoint: the model an agent without one asks, and the health probe ------
+# An agent whose `model` is empty asks this one (with OPENAI_BASE_URL / OPENAI_API_KEY
+# set; the offline provider needs none). No default: no name is right for every
+# endpoint (OpenAI, vLLM, Ollama...); unset, such an agent's answers end in an error
+# that says to set it, and health and the `make run` banner say so before.
+LLM_DEFAULT_MODEL = env.str("LLM_DEFAULT_MODEL", default="")
+# How long health waits for the LLM endpoint to answer its probe (GET <base>/models).
+LLM_HEALTH_TIMEOUT_SECONDS = env.float("LLM_HEALTH_TIMEOUT_SECONDS", default=3)
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "filters": {
+        # The periodic tasks' "received" / "succeeded" lines (beat's own are WARNING only,
+        # see Procfile): what they do of note, they log themselves.
+        "quiet_periodic_tasks": {
+            "()": "common.logging.QuietTasks",
+            "tasks": [entry["task"] for entry in CELERY_BEAT_SCHEDULE.values()],
+        },
+    },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    "loggers": {
+        # Through the root handler only: Django's default console handler under DEBUG
+        # would print every django.* line a second time.
+        "django": {"handlers": [], "propagate": True},
+        "celery.app.trace": {"filters": ["quiet_periodic_tasks"]},
+        "celery.worker.strategy": {"filters": ["quiet_periodic_tasks"]},
+        # One line per request error: the server's access log has it; Django's own
+        # warning for every 4xx would repeat it (5xx are still logged, with traceback).
+        "django.request": {"level": env.str("DJANGO_REQUEST_LOG_LEVEL", default="ERROR")},
+        # Flower asks the workers before any is up at start, and warns about it.
+        "flower.inspector": {"level": "ERROR"},
+    },
 }

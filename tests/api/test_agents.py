@@ -39,7 +39,8 @@ def test_create_list_get_update_delete(api, project):
 def test_names_are_unique_within_a_project_only(api, project, user):
     AgentFactory(project=project, name="writer")
     response = api.post(agents_url(project), {"name": "writer"}, format="json")
-    assert response.status_code == 400 and "name" in response.json()
+    assert response.status_code == 409 and "name" in response.json()
+    assert response.json()["code"] == "conflict"
     assert Agent.objects.filter(project=project).count() == 1
 
     from tests.factories import ProjectFactory
@@ -48,11 +49,11 @@ def test_names_are_unique_within_a_project_only(api, project, user):
     assert api.post(agents_url(other), {"name": "writer"}, format="json").status_code == 201
 
 
-def test_renaming_onto_a_taken_name_is_400_and_changes_nothing(api, project):
+def test_renaming_onto_a_taken_name_is_409_and_changes_nothing(api, project):
     AgentFactory(project=project, name="a")
     b = AgentFactory(project=project, name="b")
     response = api.patch(agents_url(project, b.id), {"name": "a"}, format="json")
-    assert response.status_code == 400 and "name" in response.json()
+    assert response.status_code == 409 and "name" in response.json()
     b.refresh_from_db()
     assert b.name == "b"
 

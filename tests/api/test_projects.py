@@ -27,7 +27,9 @@ def test_token_endpoint_rejects_a_wrong_password(user):
     response = APIClient().post(
         "/auth/token/", {"username": user.username, "password": "wrong"}, format="json"
     )
-    assert response.status_code == 400
+    assert response.status_code == 401
+    assert response.json()["code"] == "authentication_failed"
+    assert response["WWW-Authenticate"]
 
 
 def test_session_authentication_works_for_the_browsable_api(user):

@@ -27,8 +27,46 @@ def test_openapi_schema_describes_the_per_project_api():
 
 
 @pytest.mark.django_db
-def test_swagger_ui_is_served():
-    assert Client().get("/api/docs/").status_code == 200
+def test_the_schema_documents_every_operation_as_it_answers():
+    schema = Client().get("/api/schema/", {"format": "json"}).json()
+    error = {"$ref": "#/components/schemas/Error"}
+    operations = [
+        (path, method, op) for path, item in schema["paths"].items() for method, op in item.items()
+    ]
+    assert len(operations) == 25
+    for path, method, op in operations:
+        where = f"{method.upper()} {path}"
+        assert op.get("summary") and op.get("tags"), where
+        assert "Resolves" not in op.get("description", ""), where  # no internal docstrings
+        errors = {code: r for code, r in op["responses"].items() if code >= "400"}
+        assert errors, where
+        for code, response in errors.items():
+            if not (path.endswith("/health") and code == "503"):
+                assert response["content"]["application/json"]["schema"] == error, (where, code)
+        if "{" in path:
+            assert "404" in op["responses"], where
+    lists = [op for _, method, op in operations if op["operationId"].endswith("_list")]
+    assert len(lists) == 4
+    for op in lists:
+        params = {p["name"]: p["schema"] for p in op["parameters"] if p["in"] == "query"}
+        assert params["limit"]["maximum"] == 200 and params["offset"]["minimum"] == 0
+        body = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+        envelope = schema["components"]["schemas"][body.rsplit("/", 1)[1]]
+        assert set(envelope["required"]) >= {"total", "limit", "offset"}
+    events = schema["paths"]["/my/projects/{project_id}/chat/{session_id}/events/"]["get"]
+    assert "text/event-stream" in events["responses"]["200"]["content"]
+    assert {p["name"] for p in events["parameters"]} >= {"cursor", "Last-Event-ID"}
+    assert "MessageDeltaEvent" in schema["components"]["schemas"]
+    assert {"tokenAuth", "bearerAuth"} <= set(schema["components"]["securitySchemes"])
+    assert set(schema["components"]["schemas"]["Error"]["required"]) == {"detail", "code"}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("url", ["/api/docs/", "/api/redoc/"])
+def test_the_docs_pages_load_nothing_from_outside(url):
+    page = Client().get(url).content.decode()
+    assert "/static/drf_spectacular_sidecar/" in page
+    assert "https://" not in page, "a CDN or web font would leave the docs blank offline"
 
 
 @pytest.mark.django_db
@@ -41,6 +79,10 @@ def test_swagger_ui_is_served():
         "/admin/agents/message/",
         "/admin/projects/project/?q=alpha",
         "/admin/agents/message/?role__exact=user&q=hello",
+        "/admin/agents/message/?status__exact=error",
+        "/admin/workspaces/workspace/",
+        "/admin/workspaces/workspace/?q=project",
+        "/admin/workspaces/workspaceteardown/",
     ],
 )
 def test_admin_changelists_render(url):
@@ -49,6 +91,46 @@ def test_admin_changelists_render(url):
     client = Client()
     client.force_login(staff)
     assert client.get(url).status_code == 200
+
+
+@pytest.mark.django_db
+def test_admin_links_and_counts_between_related_objects():
+    staff = UserFactory(is_staff=True, is_superuser=True)
+    session = ChatSessionFactory(agent=AgentFactory(project__name="Alpha"))
+    for i in range(3):
+        MessageFactory(session=session, content=f"m{i}")
+    client = Client()
+    client.force_login(staff)
+    projects = client.get("/admin/projects/project/").content.decode()
+    assert f"/admin/agents/agent/?project__id__exact={session.project_id}" in projects
+    assert f"/admin/agents/chatsession/?project__id__exact={session.project_id}" in projects
+    owner = session.project.owner.username
+    assert client.get(f"/admin/projects/project/?owner__id__exact={session.project.owner_id}")
+    agents = client.get("/admin/agents/agent/").content.decode()
+    assert owner in agents and "Alpha" in agents
+    sessions = client.get("/admin/agents/chatsession/").content.decode()
+    assert f"/admin/agents/message/?session__id__exact={session.id}" in sessions
+    messages = client.get("/admin/agents/message/").content.decode()
+    assert "status-badge" in messages and "Alpha" in messages
+
+
+@pytest.mark.django_db
+def test_the_session_page_shows_its_conversation_read_only_a_page_at_a_time():
+    from agents.admin import MESSAGES_PER_PAGE
+
+    staff = UserFactory(is_staff=True, is_superuser=True)
+    session = ChatSessionFactory(agent=AgentFactory())
+    for i in range(MESSAGES_PER_PAGE + 5):
+        MessageFactory(session=session, content=f"message number {i}")
+    client = Client()
+    client.force_login(staff)
+    url = f"/admin/agents/chatsession/{session.id}/change/"
+    first = client.get(url).content.decode()
+    assert "message number 0" in first and f"message number {MESSAGES_PER_PAGE}" not in first
+    assert "<textarea" not in first.split('id="conversation"')[1]
+    assert f"{MESSAGES_PER_PAGE + 5} messages" in first
+    second = client.get(url, {"mp": 2}).content.decode()
+    assert f"message number {MESSAGES_PER_PAGE}" in second and "message number 0<" not in second
 
 
 def _manage(settings_module: str, *args: str, **env: str) -> subprocess.CompletedProcess:

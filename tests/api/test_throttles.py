@@ -73,3 +73,40 @@ def test_token_clients_are_not_asked_for_a_csrf_token(user, agent):
     url = f"/my/projects/{agent.project_id}/agents/{agent.id}/context/"
     assert client.post(url, {"documents": ["a"]}, format="json").status_code == 202
     assert client.delete(url).status_code == 202
+
+
+def test_password_guessing_is_limited_per_username_even_with_the_right_password(
+    client, user, rates
+):
+    rates(login_username="3/min")
+    user.set_password("right")
+    user.save()
+    codes = [
+        client.post(
+            "/auth/token/",
+            {"username": user.username, "password": password},
+            content_type="application/json",
+        ).status_code
+        for password in ("wrong1", "wrong2", "wrong3", "right")
+    ]
+    assert codes == [401, 401, 401, 429]
+    # A body that is not an object is the view's 400, not the throttle's crash.
+    assert client.post("/auth/token/", [None], content_type="application/json").status_code == 400
+    # Another username from the same address is not held up by it.
+    assert (
+        client.post(
+            "/auth/token/",
+            {"username": "someone-else", "password": "x"},
+            content_type="application/json",
+        ).status_code
+        == 401
+    )
+
+
+def test_the_schema_documents_429_where_requests_are_limited(client):
+    paths = client.get("/api/schema/", {"format": "json"}).json()["paths"]
+    context = paths["/my/projects/{project_id}/agents/{agent_id}/context/"]
+    assert "429" in context["get"]["responses"] and "429" in context["post"]["responses"]
+    assert "429" not in context["delete"]["responses"]
+    assert "429" in paths["/auth/token/"]["post"]["responses"]
+    assert "429" not in paths["/my/projects/"]["get"]["responses"]

@@ -223,6 +223,12 @@ def test_deleting_the_project_closes_its_streams(asgi, api, user, session, runti
     assert read_sse(url, headers=headers)[0] == 404
 
 
+def own_clients(client) -> int:
+    """Connections to this test run's database (other runs may share the server)."""
+    db = str(client.connection_pool.connection_kwargs.get("db", 0))
+    return sum(1 for c in client.client_list() if c.get("db") == db)
+
+
 def test_disconnects_leave_no_connections_or_generators_behind(asgi, user, session, redis_client):
     token = token_for(user)
     request = (
@@ -251,7 +257,7 @@ def test_disconnects_leave_no_connections_or_generators_behind(asgi, user, sessi
         cycle()
     wait_until(settled, what="streams closed")
     time.sleep(0.2)
-    clients_before = len(redis_client.client_list())
+    clients_before = own_clients(redis_client)
     tasks_before = asgi.task_count()
     threads_before = threading.active_count()
 
@@ -260,7 +266,7 @@ def test_disconnects_leave_no_connections_or_generators_behind(asgi, user, sessi
     held = [connect() for _ in range(20)]
     wait_until(lambda: sse.active_streams() == 20, what="twenty open streams")
     time.sleep(0.2)  # each reaches its wait
-    assert len(redis_client.client_list()) <= clients_before + 1
+    assert own_clients(redis_client) <= clients_before + 1
     assert asgi.task_count() > tasks_before
     # ...but no thread: an open stream must not pin a request thread for its lifetime.
     assert threading.active_count() <= threads_before + 1
@@ -273,7 +279,7 @@ def test_disconnects_leave_no_connections_or_generators_behind(asgi, user, sessi
     wait_until(settled, timeout=10, what="every stream closed")
     time.sleep(0.2)
     assert sse.active_streams() == 0
-    assert len(redis_client.client_list()) <= clients_before
+    assert own_clients(redis_client) <= clients_before
     assert asgi.task_count() <= tasks_before
 
 

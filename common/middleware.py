@@ -1,0 +1,82 @@
+"""Middleware that keeps the API's answers in the API's shape, whatever answers them.
+
+DRF views already answer errors through `common.api.exception_handler`. What answers
+before or around them does not: Django's 404 for a path that matches no route (a
+malformed id), the 405 of a plain view, a CSRF failure, a 500, and the slash redirects
+of CommonMiddleware. On API routes (settings.API_PATH_PREFIXES) these become JSON in the
+one error shape; everywhere else (the admin, the docs) Django's pages are kept.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from django.urls import Resolver404, get_resolver
+from django.utils.deprecation import MiddlewareMixin
+from django.views.csrf import csrf_failure as django_csrf_failure
+
+from .api import error_response
+from .asgi import LONG_LIVED
+
+# Headers an error keeps when its body is replaced.
+_KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
+
+
+def is_api_path(path: str) -> bool:
+    return path.startswith(tuple(settings.API_PATH_PREFIXES))
+
+
+def _resolves(path: str) -> bool:
+    try:
+        get_resolver().resolve(path)
+    except Resolver404:
+        return False
+    return True
+
+
+class ApiErrorMiddleware(MiddlewareMixin):
+    """Outermost: on API routes, an error response that is not JSON (Django's HTML 404,
+    400, 403, 405 or 500 pages, under DEBUG its technical pages) is answered in the API's
+    error shape, with the same status and its Allow / WWW-Authenticate headers."""
+
+    def process_response(self, request: HttpRequest, response: HttpResponse) -> HttpResponse:
+        if response.status_code < 400 or not is_api_path(request.path_info):
+            return response
+        if response.get("Content-Type", "").startswith("application/json"):
+            return response
+        replaced = error_response(response.status_code)
+        for name in _KEPT_HEADERS:
+            if name in response:
+                replaced[name] = response[name]
+        return replaced
+
+
+class ApiRequestMiddleware(MiddlewareMixin):
+    """Before CommonMiddleware and CsrfViewMiddleware:
+
+    - an API path given without its trailing slash is served as the route with it,
+      instead of a redirect (which a DELETE or POST cannot follow, and which Django
+      refuses outright under DEBUG);
+    - long-lived views (event streams) are exempt from Django's CSRF check: they answer
+      GET only and change nothing, so another method gets their 405, not a CSRF 403.
+      (DRF views are exempt already and check CSRF themselves for session clients.)
+    """
+
+    def process_request(self, request: HttpRequest) -> None:
+        path = request.path_info
+        if path.endswith("/") or not is_api_path(path + "/") or _resolves(path):
+            return
+        if _resolves(path + "/"):
+            request.path_info = path + "/"
+            request.path = request.path + "/"
+
+    def process_view(self, request, callback, callback_args, callback_kwargs) -> None:
+        if getattr(callback, LONG_LIVED, False):
+            request._dont_enforce_csrf_checks = True
+
+
+def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
+    """settings.CSRF_FAILURE_VIEW: JSON on API routes, Django's page elsewhere."""
+    if is_api_path(request.path_info):
+        return error_response(403, f"CSRF Failed: {reason}", "csrf_failed")
+    return django_csrf_failure(request, reason)

@@ -1,0 +1,1 @@
+from tests.contract.conftest import contract_qdrant_path, offline_runtime  # noqa: F401
