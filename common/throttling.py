@@ -5,20 +5,36 @@ before a view does anything.
 - `UserScopedThrottle` / `ProjectScopedThrottle`: a view names, per method, the scope of
   what it does (`throttle_scopes = {"POST": "messages"}`); the rates are settings
   (`THROTTLE_RATES`, `<scope>_user` and `<scope>_project`, e.g. "60/min").
+
+With Redis down the limits are not checked (logged), rather than failing the request.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
+import redis
 from rest_framework.settings import api_settings
 from rest_framework.throttling import SimpleRateThrottle
+
+logger = logging.getLogger(__name__)
 
 
 class _Rates:
     def get_rate(self):
         # Read now, not when DRF's class was defined: settings may have changed since.
         return api_settings.DEFAULT_THROTTLE_RATES.get(self.scope)
+
+    def allow_request(self, request, view):
+        # A limit that cannot be read lets the request through: a chat message is
+        # accepted while Redis is down (and answered once it is back), a rate limit
+        # must not turn that into a 503.
+        try:
+            return super().allow_request(request, view)
+        except redis.RedisError as exc:
+            logger.warning("rate limit %s not checked, Redis unavailable: %r", self.scope, exc)
+            return True
 
 
 class LoginThrottle(_Rates, SimpleRateThrottle):

@@ -22,10 +22,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 @pytest.fixture(params=["empty", "aof"])
 def own_redis(request, settings):
-    """A Redis of this test's own for everything (registry, streams, broker); `aof` ones
+    """A Redis of this test's own for everything (registry, streams, broker, the rate
+    limits' cache); `aof` ones
     come back from their append-only file when restarted."""
     with private_redis(appendonly=request.param == "aof") as server, broker_at(server.url):
         settings.REDIS_URL = settings.CELERY_BROKER_URL = server.url
+        settings.CACHES = {"default": {**settings.CACHES["default"], "LOCATION": server.url}}
         server.mode = request.param
         yield server
 
