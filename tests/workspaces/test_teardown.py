@@ -283,3 +283,35 @@ def test_sweep_tears_down_leftovers_with_no_project_row(user, qdrant_path):
     again = workspace_sweep(redispatch_after=0)
     assert again["redispatched"] == 0 and again["orphans"] == 0
     assert registry.index_member(user.pk, gone_id) not in get_redis().hgetall(SUSPECTS_KEY)
+
+
+def test_sweep_walks_the_index_in_bounded_batches_from_a_persisted_cursor(user):
+    projects = [ProjectFactory(owner=user) for _ in range(5)]
+    for project in projects:
+        get_worker_space(user_id=user.pk, project_id=project.id)
+    members = [m for m, _ in get_redis().zrange(registry.INDEX_KEY, 0, -1, withscores=True)]
+    cursor = lambda: get_redis().hget(registry.SWEEP_CURSOR_KEY, "index")  # noqa: E731
+
+    assert workspace_sweep(batch=2)["checked"] == 2 and cursor() == members[1]
+    assert workspace_sweep(batch=2)["checked"] == 2 and cursor() == members[3]
+    # The end of the index: the next run starts over.
+    assert workspace_sweep(batch=2)["checked"] == len(members) - 4 and cursor() == ""
+    assert workspace_sweep(batch=2)["checked"] == 2 and cursor() == members[1]
+
+
+def test_sweep_puts_workspaces_back_in_their_state_sets(user):
+    project = ProjectFactory(owner=user)
+    get_worker_space(user_id=user.pk, project_id=project.id)
+    member = registry.index_member(user.pk, project.id)
+    get_redis().zrem(registry.state_key(registry.State.INITIALIZED), member)  # a lost write
+    assert registry.state_counts()[1]["Initialized"] == 0
+    workspace_sweep()
+    assert get_redis().zscore(registry.state_key(registry.State.INITIALIZED), member)
+
+
+def test_sweep_adopts_the_earlier_index(user):
+    project = ProjectFactory(owner=user)
+    get_redis().sadd(registry.LEGACY_INDEX_KEY, f"{user.pk}:{project.id.hex}")
+    workspace_sweep()
+    assert (user.pk, project.id) in registry.index_members()
+    assert not get_redis().exists(registry.LEGACY_INDEX_KEY)
