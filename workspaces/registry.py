@@ -344,7 +344,8 @@ def state_reconcile(members: list[str]) -> int:
     moved = 0
     pipe = client.pipeline(transaction=True)
     for member, (state, changed_at), score in zip(members, recorded, present, strict=True):
-        if score is None:
+        # No entry (a teardown between its two steps, say): nothing to say where it is.
+        if score is None and state is not None:
             _enter_state(pipe, member, _state_of(state), _float(changed_at) or time.time())
             moved += 1
     if moved:

@@ -365,9 +365,10 @@ class _EdgeEngine:
         _where(where)
         operation = self._e.UpdateOperation.delete_points_by_filter(self._filter(where, ids))
         with self._lock:
-            shard = self._shard(where.collection)
-            shard.update(operation)
-            shard.flush()  # a delete is what teardown verifies: make it durable now
+            # Like every update, recorded in the shard's write-ahead log before it
+            # applies: no flush of the segments here (that would write out every update
+            # since the last flush, and make a teardown wait on it).
+            self._shard(where.collection).update(operation)
 
     def scroll(
         self, where: _Where, *, offset: Any, limit: int, ids: list[str] | None = None

@@ -11,7 +11,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from agents.runtime import vector_moves
-from agents.runtime.qdrant_store import _Where
+from agents.runtime.qdrant_store import VectorStore, _ClientEngine, _Where
 from agents.runtime.vectors import project_collections_drop
 from agents.runtime.vectorstore import (
     ContextPoint,
@@ -28,16 +28,34 @@ SHARED = shared_collection_name(model=MODEL, dim=DIM)
 
 @pytest.fixture
 def layout_store(request, runtime_settings, tmp_path):
-    """A store of this test's own (Qdrant local mode and Edge in a fresh folder)."""
+    """A store of this test's own (Qdrant local mode and Edge in a fresh folder).
+
+    "shared_client" is the shared layout on qdrant-client's engine, as it runs against a
+    Qdrant server (QDRANT_URL), here over an in-memory local client.
+    """
+    layout = getattr(request, "param", "shared")
     runtime_settings.QDRANT_PATH = str(tmp_path / "qdrant")
-    runtime_settings.VECTOR_LAYOUT = getattr(request, "param", "shared")
+    runtime_settings.VECTOR_LAYOUT = "shared" if layout == "shared_client" else layout
     close_vector_store()
-    yield get_vector_store()
+    if layout == "shared_client":
+        from qdrant_client import QdrantClient
+
+        engine = _ClientEngine(QdrantClient(location=":memory:"), local=True)
+        store = VectorStore(
+            layout="shared",
+            shared_engine=lambda: engine,
+            agent_engine=lambda: engine,
+            agent_present=lambda: True,
+        )
+        yield store
+        store.close()
+    else:
+        yield get_vector_store()
     close_vector_store()
 
 
 both_layouts = pytest.mark.parametrize(
-    "layout_store", ["shared", "per_agent"], indirect=True, ids=["shared", "per_agent"]
+    "layout_store", ["shared", "per_agent", "shared_client"], indirect=True
 )
 
 
@@ -97,7 +115,7 @@ def test_no_query_count_or_delete_crosses_a_tenant(layout_store):
     assert store.count(scopes["u1p1b"]) == 0 and store.count(project1) == 3
     store.delete(TenantScope.project(user_id=2, project_id=scopes["u1p1a"].project_id))
     assert store.count(project1) == 3
-    assert project_collections_drop(user_id=1, project_id=project1.project_id)
+    assert store.delete_verified(project1)
     assert store.count(project1) == 0
     assert store.count(scopes["u1p2a"]) == 5 and store.count(scopes["u2p3a"]) == 6
     hits = store.search(scopes["u1p2a"], probe, k=50, model=MODEL, dim=DIM)
