@@ -16,7 +16,8 @@ shared layout, qdrant-client's local mode for the per-agent one, in a fresh fold
 - open and RSS: a fresh process opens the store; seconds, and its resident memory
   afterwards (VmRSS, Django and the engine's libraries included).
 - disk: what the folder holds at the end.
-Timings print as "median (min-max)" over the rounds.
+Timings print as "median (min-max)" over the rounds; "fill" is the one pass that builds
+the data, shown for scale.
 
 Health: 10,000 workspaces in the registry (10 of them failed) and their project rows;
 GET /admin/workspaces/health through Django's test client, as staff.
@@ -25,10 +26,7 @@ Real PostgreSQL and Redis: DATABASE_URL (default postgres://postgres@127.0.0.1:5
 uws_bench_vectors; the bench creates that database and drops it at the end) and REDIS_URL
 (default redis://127.0.0.1:6379/14; FLUSHed, so give it a database of its own).
 
-Left out: the embedding model (vectors are random, so no embedding time), the worker hop
-a search takes in production (Celery, Redis), a Qdrant server and its network, concurrent
-writers, and cold disks: the folder was just written, so opening and searching it read
-from the page cache.
+Left out: see LEFT_OUT (printed with the table).
 """
 
 from __future__ import annotations
@@ -50,6 +48,13 @@ from urllib.parse import urlparse
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DB = "postgres://postgres@127.0.0.1:5432/uws_bench_vectors"
 DIM, POINTS, AGENTS_PER_PROJECT, MODEL = 384, 20, 10, "bench/random-384"
+
+LEFT_OUT = (
+    "Left out: the embedding model (vectors are random, so no embedding time), the worker "
+    "hop a search takes in production (Celery, Redis), a Qdrant server and its network, "
+    "concurrent writers, and cold disks (each folder was just written, so opening and "
+    "searching it read from the page cache)."
+)
 
 OPEN_PROBE = """
 import json, os, sys, time
@@ -285,8 +290,10 @@ def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="uws-bench-vectors-", dir=args.dir))
     print(
         f"vector storage: {POINTS} random {DIM}-d points per agent, {AGENTS_PER_PROJECT} "
-        f"agents per project; {args.rounds} rounds; timings: median (min-max); in {base}"
+        f"agents per project; {args.rounds} rounds; timings: median (min-max); fill: the "
+        f"one pass that builds the data; in {base}"
     )
+    print(LEFT_OUT)
     results: dict[tuple[str, int], dict] = {}
     header = (
         f"{'layout':<10}{'agents':>7}  {'fill':>8}  {'create context':<22}{'search p50':<22}"
