@@ -1,5 +1,5 @@
 """How the agents app plugs into the others: it is the workspaces' agent source, a
-torn-down project's vector collections go with it, and a stopping worker releases the
+torn-down project's vector context goes with it, and a stopping worker releases the
 vector store."""
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ register_health_check("llm", llm_health)
 
 @receiver(workspace_teardown, dispatch_uid="agents.collections_on_teardown")
 def drop_collections_on_teardown(sender, *, user_id, project_id, **kwargs) -> None:
-    # Teardown runs on a worker, where the store is open; raising retries the teardown.
+    # Teardown runs on a worker, where the store is open. It deletes by the project's
+    # filter and checks that nothing is left; raising retries the teardown.
     project_collections_drop(user_id=user_id, project_id=project_id)
 
 

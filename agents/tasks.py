@@ -109,6 +109,7 @@ def recover_runs() -> dict:
 
 @shared_task(name="agents.sweep_collections")
 def sweep_collections() -> list[str]:
-    """Beat: drop vector collections left behind by deleted agents and projects. Runs on
-    the maintenance queue (not a project's), on a worker, where the store is open."""
+    """Beat: remove vector context left behind by deleted agents and projects, and
+    vacuum the shared collections. Runs on the maintenance queue (not a project's), on a
+    worker, where the store is open."""
     return collections_sweep()

@@ -6,14 +6,14 @@ workspace, and teardown of a busy project.
 Real PostgreSQL and Redis: DATABASE_URL (default postgres://postgres@127.0.0.1:5432/
 uws_bench_workspaces; the bench creates that database and drops it at the end) and
 REDIS_URL (default redis://127.0.0.1:6379/14; FLUSHed before and after, so give it a
-database of its own). Vector collections live in a temporary Qdrant local folder.
+database of its own). Vector context lives in a temporary embedded Qdrant folder.
 
 1. Cached `get_or_create`: a warm workspace asked for N times (timed one by one).
 2. Cold initialisation: N new projects with 10 agents each, first `get_worker_space`
    (project check, agents query, Redis lock, cache fill).
 3. Memory per cached workspace: tracemalloc, N initialised workspaces re-attached
    into an empty manager (the handles this process keeps, nothing transient).
-4. Teardown: a project with 10 agents, their 10 vector collections and 1,000 queued
+4. Teardown: a project with 10 agents, their vector context and 1,000 queued
    agent tasks; from `project_delete` to the teardown task done on a real worker
    (in-process, threads), then a check that nothing is left (keys under the prefix,
    queue, active set, registry index, collections).
@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -163,7 +164,7 @@ def bench_teardown(owner, rounds: int) -> list[dict]:
     from agentbus.active import active_queues
     from agentbus.queues import MAINTENANCE_QUEUE, project_queue
     from agents.runtime.embeddings import get_embedder
-    from agents.runtime.vectorstore import collection_name, get_vector_store
+    from agents.runtime.vectorstore import ContextPoint, TenantScope, get_vector_store
     from common.redis import get_redis
     from config.celery_app import app
     from projects.services import project_delete
@@ -189,14 +190,18 @@ def bench_teardown(owner, rounds: int) -> list[dict]:
         for _ in range(rounds):
             project = make_project(owner)
             space = get_worker_space(user_id=owner.pk, project_id=project.id)
-            dim = get_embedder().dim
+            embedder = get_embedder()
+            scope = TenantScope.project(user_id=owner.pk, project_id=project.id)
             for agent_id in sorted(space.agent_ids):
-                name = collection_name(user_id=owner.pk, project_id=project.id, agent_id=agent_id)
-                store.ensure_collection(name, dim=dim)
+                agent = TenantScope.agent(
+                    user_id=owner.pk, project_id=project.id, agent_id=agent_id
+                )
+                point = ContextPoint(str(uuid.uuid4()), [1.0] * embedder.dim, {"text": "bench"})
+                store.upsert(agent, [point], model=embedder.name, dim=embedder.dim)
             for _ in range(1000):
                 publish(noop, project_id=project.id, kwargs={"user_id": owner.pk})
             queued = queue_depth(project.id)
-            collections = len(store.project_collections(user_id=owner.pk, project_id=project.id))
+            collections = store.count(scope)  # one point per agent
             project_id = project.id
 
             t0 = time.perf_counter()
@@ -218,9 +223,7 @@ def bench_teardown(owner, rounds: int) -> list[dict]:
                 "queue key": client.exists(project_queue(project_id)),
                 "active": int(project_queue(project_id) in active_queues()),
                 "index": int((owner.pk, project_id) in registry.index_members()),
-                "collections": len(
-                    store.project_collections(user_id=owner.pk, project_id=project_id)
-                ),
+                "collections": store.count(scope),
             }
             results.append(
                 {
@@ -296,7 +299,7 @@ def main() -> int:
     clean = all(not any(t["left"].values()) for t in teardowns)
     first = teardowns[0]
     print(
-        f"| teardown: 10 agents, {first['collections']} collections, {first['queued']:,} "
+        f"| teardown: 10 agents with context ({first['collections']} points), {first['queued']:,} "
         f"queued tasks (n={len(teardowns)}) | delete → done p50 "
         f"{statistics.median(totals):.1f} ms (max {max(totals):.1f}); "
         f"project_delete p50 {statistics.median(deletes):.1f} ms; "

@@ -14,7 +14,16 @@ from .selectors import workspace_health, workspace_stats
 
 class StatsQuerySerializer(StrictSerializer):
     limit = serializers.IntegerField(
-        min_value=1, max_value=10000, default=1000, help_text="At most this many workspaces."
+        min_value=1, max_value=1000, default=100, help_text="Workspaces in the page (1-1000)."
+    )
+    offset = serializers.IntegerField(
+        min_value=0, max_value=MAX_PAGE_OFFSET, default=0, help_text="How many to skip."
+    )
+
+
+class HealthQuerySerializer(StrictSerializer):
+    limit = serializers.IntegerField(
+        min_value=1, max_value=500, default=50, help_text="Workspaces detailed (1-500)."
     )
     offset = serializers.IntegerField(
         min_value=0, max_value=MAX_PAGE_OFFSET, default=0, help_text="How many to skip."
@@ -38,12 +47,24 @@ class HealthOutputSerializer(serializers.Serializer):
     healthy = serializers.BooleanField()
     total_spaces = serializers.IntegerField()
     healthy_spaces = serializers.IntegerField()
-    unhealthy_spaces = serializers.ListField(
-        child=serializers.CharField(), help_text="Keys ({user}_{project}) of unhealthy ones."
+    states = serializers.DictField(
+        child=serializers.IntegerField(), help_text="Workspaces per registry state."
     )
+    problems = serializers.DictField(
+        child=serializers.IntegerField(),
+        help_text="Workspaces per problem: initialisation_failed, initialisation_stuck, "
+        "teardowns_pending, teardowns_overdue, ...",
+    )
+    unhealthy_spaces = serializers.ListField(
+        child=serializers.CharField(),
+        help_text="Keys ({user}_{project}) of the unhealthy ones on this page.",
+    )
+    offset = serializers.IntegerField()
+    limit = serializers.IntegerField()
     details = serializers.DictField(
         child=serializers.JSONField(),
-        help_text="Per workspace key: healthy, agents, initialized, state, queue_depth, problems.",
+        help_text="This page's workspaces, problems first; per key: healthy, agents, "
+        "initialized, state, queue_depth, problems.",
     )
     checks = serializers.DictField(
         child=CheckSerializer(),
@@ -56,10 +77,13 @@ class HealthOutputSerializer(serializers.Serializer):
 
 
 class StatsOutputSerializer(serializers.Serializer):
-    active_spaces = serializers.IntegerField(help_text="Initialised workspaces on this page.")
+    active_spaces = serializers.IntegerField(help_text="Initialised workspaces in the registry.")
     total_spaces = serializers.IntegerField(help_text="Workspaces in the registry.")
+    states = serializers.DictField(
+        child=serializers.IntegerField(), help_text="Workspaces per registry state."
+    )
     offset = serializers.IntegerField()
-    limit = serializers.IntegerField(allow_null=True)
+    limit = serializers.IntegerField()
     spaces = serializers.DictField(
         child=serializers.JSONField(),
         help_text="Per workspace key ({user}_{project}): state, agents, queue depth, times.",
@@ -84,17 +108,23 @@ class WorkspaceHealthApi(APIView):
 
     @extend_schema(
         operation_id="operators_health",
-        summary="Health of the stack and of every workspace",
-        description="Database, Redis, the broker, live workers, agent runs, the LLM "
-        "endpoint and every workspace of the registry. 503 with the same report (plus "
-        "`detail` and `code`, as every error) when anything is unhealthy.",
+        summary="Health of the stack and a page of workspaces",
+        description="Database, Redis, the broker, live workers (from their heartbeats), "
+        "agent runs and the LLM endpoint; the registry's workspaces counted by state and "
+        "by problem; a page of workspaces in detail, those with problems first. 503 with "
+        "the same report (plus `detail` and `code`, as every error) when anything is "
+        "unhealthy.",
+        parameters=[HealthQuerySerializer],
         responses={
             200: HealthOutputSerializer,
             503: OpenApiResponse(HealthOutputSerializer, description="Something is unhealthy."),
         },
     )
     def get(self, request):
-        report = workspace_health()
+        # A plain dict: DRF reads an empty `?limit=` in a QueryDict as "not given".
+        query = HealthQuerySerializer(data=request.query_params.dict())
+        query.is_valid(raise_exception=True)
+        report = workspace_health(**query.validated_data)
         if report["healthy"]:
             return Response(report)
         body = {"detail": _unhealthy_detail(report), "code": "unhealthy", **report}
@@ -111,10 +141,10 @@ class WorkspaceStatsApi(APIView):
 
     @extend_schema(
         operation_id="operators_stats",
-        summary="Statistics of every workspace",
-        description="Every workspace of the registry (all processes), sorted by user and "
-        "project, this process's in-memory view, and the health checks' reports (e.g. "
-        "`runs`) as keys of their own.",
+        summary="Statistics of the workspaces, a page at a time",
+        description="A page of the registry's workspaces (all processes), sorted by user "
+        "and project, their counts by state, this process's in-memory view, and the "
+        "health checks' reports (e.g. `runs`) as keys of their own.",
         parameters=[StatsQuerySerializer],
         responses={200: StatsOutputSerializer, **error_responses(503)},
     )

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import bisect
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import connection
+from django.db.models import Count, Q
+from django.utils import timezone
 
 from agentbus import live_workers, queue_depths
 from common.redis import broker_redis, get_redis
@@ -16,6 +20,7 @@ from projects.models import Project
 
 from . import registry
 from .manager import get_worker_space_manager
+from .models import WorkspaceTeardown
 from .registry import RegistryEntry, State
 from .sources import health_checks
 from .space import iso
@@ -68,12 +73,11 @@ class WorkspaceView:
         }
 
 
-def workspace_list(*, offset: int = 0, limit: int | None = None) -> tuple[list[WorkspaceView], int]:
+def workspace_list(*, offset: int = 0, limit: int = 100) -> tuple[list[WorkspaceView], int]:
     """A page of the registry (sorted by user, project) with bus and database views,
-    and the registry's size."""
-    members = registry.index_members()
-    page = members[offset : offset + limit if limit is not None else None]
-    return _views(page), len(members)
+    and the registry's size: a few round trips for the page, whatever the registry's
+    size."""
+    return _views(registry.index_page(offset=offset, limit=limit)), registry.index_size()
 
 
 def workspace_get(*, user_id: int, project_id: uuid.UUID) -> WorkspaceView | None:
@@ -108,14 +112,16 @@ def _views(members: list[tuple[int, uuid.UUID]]) -> list[WorkspaceView]:
     return views
 
 
-def workspace_stats(*, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
-    """Every workspace of the registry (all processes), in the stats shape, plus
-    this process's in-memory view."""
-    views, total = workspace_list(offset=offset, limit=limit)
+def workspace_stats(*, offset: int = 0, limit: int = 100) -> dict[str, Any]:
+    """A page of the registry's workspaces (all processes) in the stats shape, the
+    counts by state of all of them, and this process's in-memory view."""
+    total, states = registry.state_counts()
+    views = _views(registry.index_page(offset=offset, limit=limit))
     process = get_worker_space_manager().get_stats()["process"]
     return {
-        "active_spaces": sum(1 for v in views if v.entry.state is State.INITIALIZED),
+        "active_spaces": states[State.INITIALIZED],
         "total_spaces": total,
+        "states": states,
         "offset": offset,
         "limit": limit,
         "spaces": {v.key: v.stats() for v in views},
@@ -124,9 +130,14 @@ def workspace_stats(*, offset: int = 0, limit: int | None = None) -> dict[str, A
     }
 
 
-def workspace_health() -> dict[str, Any]:
-    """The health report of every workspace of the registry, plus the checks of
-    what workspaces stand on: database, Redis, broker and live workers."""
+def workspace_health(*, offset: int = 0, limit: int = 50) -> dict[str, Any]:
+    """The health report: the checks of what workspaces stand on (database, Redis,
+    broker, live workers from their heartbeats), the registry summarised (counts by
+    state, the problems counted) and a page of workspaces, those with problems first.
+
+    Its cost follows the page and the problems, not the number of workspaces: counts
+    come from the per-state sets, and only the page is read in detail.
+    """
     checks = {
         "database": _check(_ping_database),
         "redis": _check(lambda: get_redis().ping()),
@@ -134,34 +145,102 @@ def workspace_health() -> dict[str, Any]:
         "workers": _check_workers(),
         **{name: _run_check(check) for name, check in health_checks().items()},
     }
+    report: dict[str, Any] = {"total_spaces": 0, "healthy_spaces": 0, "states": {}}
+    problems: dict[str, int] = {}
     details: dict[str, Any] = {}
     unhealthy: list[str] = []
     if checks["redis"]["healthy"] and checks["database"]["healthy"]:
         try:
-            views, _ = workspace_list()
+            summary = _registry_summary()
+            page = _problems_first_page(summary.pop("problem_members"), offset, limit)
+            views = _views(page)
         except Exception as exc:  # noqa: BLE001  (reported, not raised: this is the health check)
             checks["registry"] = {"healthy": False, "error": f"{type(exc).__name__}: {exc}"}
-            views = []
-        for view in views:
-            problems = view.problems
-            details[view.key] = {
-                "healthy": not problems,
-                "agents": len(view.entry.agent_ids),
-                "initialized": view.entry.state is State.INITIALIZED,
-                "state": str(view.entry.state),
-                "queue_depth": view.queue_depth,
-                "problems": problems,
-            }
-            if problems:
-                unhealthy.append(view.key)
+        else:
+            problems = summary.pop("problems")
+            report.update(summary)
+            for view in views:
+                found = view.problems
+                details[view.key] = {
+                    "healthy": not found,
+                    "agents": len(view.entry.agent_ids),
+                    "initialized": view.entry.state is State.INITIALIZED,
+                    "state": str(view.entry.state),
+                    "queue_depth": view.queue_depth,
+                    "problems": found,
+                }
+                if found:
+                    unhealthy.append(view.key)
+    failing = {k: n for k, n in problems.items() if k in UNHEALTHY_PROBLEMS and n}
     return {
-        "healthy": all(c["healthy"] for c in checks.values()) and not unhealthy,
-        "total_spaces": len(details),
-        "healthy_spaces": len(details) - len(unhealthy),
+        "healthy": all(c["healthy"] for c in checks.values()) and not failing and not unhealthy,
+        **report,
+        "problems": problems,
         "unhealthy_spaces": unhealthy,
+        "offset": offset,
+        "limit": limit,
         "details": details,
         "checks": checks,
     }
+
+
+# Problems that make the report unhealthy; the others are reported for information.
+UNHEALTHY_PROBLEMS = ("initialisation_failed", "initialisation_stuck", "teardowns_overdue")
+
+
+def _registry_summary() -> dict[str, Any]:
+    """Counts by state and of problems, and the workspaces with problems (failed, then
+    stuck initialisations, oldest first)."""
+    total, states = registry.state_counts()
+    stuck_before = time.time() - settings.WORKSPACE_INIT_LOCK_SECONDS
+    failed = registry.state_members(State.ERROR)
+    stuck = registry.state_members(State.INITIALIZING, entered_before=stuck_before)
+    overdue_before = timezone.now() - timedelta(
+        seconds=settings.WORKSPACE_TEARDOWN_REDISPATCH_SECONDS
+    )
+    pending = WorkspaceTeardown.objects.filter(status=WorkspaceTeardown.Status.PENDING)
+    counts = pending.aggregate(
+        pending=Count("id"), overdue=Count("id", filter=Q(created_at__lt=overdue_before))
+    )
+    return {
+        "total_spaces": total,
+        "healthy_spaces": total - len(failed) - len(stuck),
+        "states": states,
+        "problems": {
+            "initialisation_failed": len(failed),
+            "initialisation_stuck": len(stuck),
+            "teardowns_pending": counts["pending"],
+            "teardowns_overdue": counts["overdue"],
+            "orphans_suspected": int(get_redis().hlen(registry.SUSPECTS_KEY)),
+        },
+        "problem_members": failed + stuck,
+    }
+
+
+def _problems_first_page(
+    problems: list[tuple[int, uuid.UUID]], offset: int, limit: int
+) -> list[tuple[int, uuid.UUID]]:
+    """Page [offset, offset + limit) of: the problem workspaces, then every other one in
+    index order. Reads the problems' ranks and one slice of the index."""
+    page = problems[offset : offset + limit]
+    wanted = limit - len(page)
+    if wanted <= 0:
+        return page
+    # The page goes on with the rest_start-th workspace that has no problem. That one's
+    # rank is rest_start plus the problems ranked before it: at least rest_start, and at
+    # most rest_start + the number of problems.
+    rest_start = max(0, offset - len(problems))
+    skip = set(problems)
+    ranks = sorted(r for r in registry.index_ranks(problems) if r is not None)
+    candidates = registry.index_page(offset=rest_start, limit=wanted + len(ranks))
+    for rank, member in enumerate(candidates, start=rest_start):
+        if member in skip:
+            continue
+        if rank - bisect.bisect_left(ranks, rank) >= rest_start:
+            page.append(member)
+            if len(page) == limit:
+                break
+    return page
 
 
 def _check(probe) -> dict[str, Any]:

@@ -99,24 +99,31 @@ def _teardown(*, user_id: int, project_id: uuid.UUID) -> dict[str, Any]:
 # --- sweep -------------------------------------------------------------------------
 
 
-# Orphan candidates and when a sweep first saw them (member "{user_id}:{project_hex}").
-SUSPECTS_KEY = f"{KEY_NAMESPACE}:sweep:suspects"
+# Re-exported: where the sweep keeps its orphan candidates (index member -> first seen).
+SUSPECTS_KEY = registry.SUSPECTS_KEY
 # Owner of a project queue that nothing else names (no row, no prefix, no teardown).
 UNKNOWN_OWNER = 0
 
 
-def workspace_sweep(*, redispatch_after: float | None = None) -> dict[str, int]:
-    """Periodic repair (Celery beat).
+def workspace_sweep(
+    *, redispatch_after: float | None = None, batch: int | None = None
+) -> dict[str, int]:
+    """Periodic repair (Celery beat), at a bounded cost per run.
 
     1. Teardowns owed but not progressing for `redispatch_after` seconds (the process
        crashed between commit and dispatch, the broker was down) are dispatched again.
-    2. Anything a workspace left in Redis with no project row behind it (registry index
-       entries, keys under a workspace prefix, project queues) gets a teardown, once two
-       sweeps at least `redispatch_after` seconds apart saw it orphaned: a project
-       whose creating transaction has not committed yet is never taken for an orphan.
+    2. The next `batch` workspaces of the registry index (the walk resumes where the last
+       run stopped, from a cursor kept in Redis, and starts over once it reaches the
+       end), a bounded slice of the keyspace (keys under a workspace prefix that escaped
+       the index), and the suspects of earlier runs are checked: anything with no project
+       row behind it gets a teardown, once two sweeps at least `redispatch_after` seconds
+       apart saw it orphaned, so a project whose creating transaction has not committed
+       yet is never taken for an orphan. The walked workspaces' state sets are
+       reconciled with their registry entries on the way.
     """
     if redispatch_after is None:
         redispatch_after = settings.WORKSPACE_TEARDOWN_REDISPATCH_SECONDS
+    batch = batch or settings.WORKSPACE_SWEEP_BATCH
     cut = timezone.now() - timedelta(seconds=redispatch_after)
     owed = list(
         WorkspaceTeardown.objects.filter(status=WorkspaceTeardown.Status.PENDING)
@@ -126,7 +133,17 @@ def workspace_sweep(*, redispatch_after: float | None = None) -> dict[str, int]:
     )
     redispatched = sum(workspace_teardown_dispatch(project_id=p) for p in owed)
 
-    candidates = workspace_leftovers()
+    client = get_redis()
+    walked, lap_done = _walk_index(batch)
+    registry.state_reconcile(walked)
+    candidates = {m for m in map(registry.parse_index_member, walked) if m is not None}
+    candidates |= _walk_keyspace(settings.WORKSPACE_SWEEP_SCAN_KEYS)
+    seen = {m: float(t) for m, t in client.hgetall(SUSPECTS_KEY).items()}
+    candidates |= {m for m in map(registry.parse_index_member, seen) if m is not None}
+    if lap_done:
+        # Queues whose project left nothing else behind: a broker scan, once per lap.
+        candidates |= _queues_without_workspace({p for _, p in candidates})
+
     project_ids = {p for _, p in candidates}
     live = set(Project.objects.filter(id__in=project_ids).values_list("id", "owner_id"))
     pending = set(
@@ -134,17 +151,16 @@ def workspace_sweep(*, redispatch_after: float | None = None) -> dict[str, int]:
             project_id__in=project_ids, status=WorkspaceTeardown.Status.PENDING
         ).values_list("project_id", flat=True)
     )
+    checked = {registry.index_member(u, p) for u, p in candidates}
     orphans = {
         registry.index_member(u, p)
         for u, p in candidates
         if (p, u) not in live and p not in pending
     }
-    client = get_redis()
-    seen = {m: float(t) for m, t in client.hgetall(SUSPECTS_KEY).items()}
     now = time.time()
     confirmed = sorted(m for m in orphans if m in seen and now - seen[m] >= redispatch_after)
     pipe = client.pipeline(transaction=False)
-    for member in seen.keys() - orphans:
+    for member in (seen.keys() & checked) - orphans:
         pipe.hdel(SUSPECTS_KEY, member)  # no longer orphaned (or torn down meanwhile)
     for member in orphans - seen.keys():
         pipe.hset(SUSPECTS_KEY, member, now)
@@ -158,28 +174,63 @@ def workspace_sweep(*, redispatch_after: float | None = None) -> dict[str, int]:
         "redispatched": redispatched,
         "orphans": len(confirmed),
         "suspects": len(orphans) - len(confirmed),
+        "checked": len(walked),
     }
 
 
-def workspace_leftovers() -> set[tuple[int, uuid.UUID]]:
-    """Every (user, project) that has something in Redis: registry index entries and
-    key prefixes, plus project queues (owner from the project or teardown row, or
-    UNKNOWN_OWNER).
+def _walk_index(batch: int) -> tuple[list[str], bool]:
+    """The next `batch` members of the registry index after the persisted cursor, and
+    whether the walk reached the end (then it starts over next time)."""
+    client = get_redis()
+    _adopt_legacy_index(batch)
+    cursor = client.hget(registry.SWEEP_CURSOR_KEY, "index") or ""
+    members = registry.index_after(cursor, limit=batch)
+    lap_done = len(members) < batch
+    client.hset(registry.SWEEP_CURSOR_KEY, "index", "" if lap_done else members[-1])
+    return members, lap_done
 
-    Scans the keyspace (incrementally): keys that escaped the index can only be found so.
-    """
-    found = set(registry.index_members())
-    for key in get_redis().scan_iter(match=f"{KEY_NAMESPACE}:*", count=1000):
-        parsed = registry.parse_prefix(key)
+
+def _adopt_legacy_index(batch: int) -> None:
+    """Move members of the earlier versions' index (a set) into the sorted one."""
+    client = get_redis()
+    if client.type(registry.LEGACY_INDEX_KEY) != "set":
+        return
+    for member in client.spop(registry.LEGACY_INDEX_KEY, batch) or ():
+        parsed = registry.parse_index_member(member)
         if parsed is not None:
-            found.add(parsed)
-    queued = project_queues_in_keyspace() - {p for _, p in found}
-    if queued:
-        owners = dict(Project.objects.filter(id__in=queued).values_list("id", "owner_id"))
-        owners.update(
-            WorkspaceTeardown.objects.filter(project_id__in=queued - owners.keys()).values_list(
-                "project_id", "user_id"
-            )
-        )
-        found.update((owners.get(p, UNKNOWN_OWNER), p) for p in queued)
+            registry.index_add(*parsed)
+
+
+def _walk_keyspace(budget: int) -> set[tuple[int, uuid.UUID]]:
+    """Workspaces with keys in the next slice of the keyspace (about `budget` keys
+    looked at), from the SCAN cursor the last run left."""
+    client = get_redis()
+    cursor = int(client.hget(registry.SWEEP_CURSOR_KEY, "keys") or 0)
+    found: set[tuple[int, uuid.UUID]] = set()
+    looked = 0
+    while True:
+        cursor, keys = client.scan(cursor, match=f"{KEY_NAMESPACE}:*", count=1000)
+        for key in keys:
+            parsed = registry.parse_prefix(key)
+            if parsed is not None:
+                found.add(parsed)
+        looked += 1000
+        if cursor == 0 or looked >= budget:
+            break
+    client.hset(registry.SWEEP_CURSOR_KEY, "keys", cursor)
     return found
+
+
+def _queues_without_workspace(known: set[uuid.UUID]) -> set[tuple[int, uuid.UUID]]:
+    """Project queues in the broker of projects nothing else named (owner from the
+    project or teardown row, or UNKNOWN_OWNER)."""
+    queued = project_queues_in_keyspace() - known
+    if not queued:
+        return set()
+    owners = dict(Project.objects.filter(id__in=queued).values_list("id", "owner_id"))
+    owners.update(
+        WorkspaceTeardown.objects.filter(project_id__in=queued - owners.keys()).values_list(
+            "project_id", "user_id"
+        )
+    )
+    return {(owners.get(p, UNKNOWN_OWNER), p) for p in queued}

@@ -1,129 +1,688 @@
-"""The Qdrant client behind `get_vector_store()`: a thin, typed face of it for agent
-context. Imported by workers only (qdrant_client is heavy), through vectorstore."""
+"""The vector store behind `get_vector_store()`: agent context in Qdrant, in either
+layout, with every point operation confined to one tenant. Imported by workers only
+(the Qdrant libraries are heavy), through vectorstore.
+
+Engines, by deployment:
+
+- settings.QDRANT_URL: a Qdrant server (qdrant-client) holds both layouts' collections.
+- embedded (settings.QDRANT_PATH): the shared collections are Qdrant Edge shards under
+  `{QDRANT_PATH}/edge/` (Qdrant's engine in-process: payload indexes, the is_tenant
+  index, on-disk segments), and per-agent collections are qdrant-client's local mode in
+  `{QDRANT_PATH}`. Local mode has no payload index at all (every filter is evaluated
+  point by point in Python, and the whole folder is unpickled into memory when it
+  opens), so a collection shared by thousands of agents cannot live there; Edge, in
+  turn, is one shard per collection, which suits a handful of shared collections and
+  not thousands of per-agent ones. Each engine opens on first use.
+
+Isolation is structural: `VectorStore` has no method that touches points without a
+`TenantScope`, and the engines take a `_Where`, which only a scope can make.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from qdrant_client import QdrantClient, models
 
-from .vectorstore import ContextHit, ContextPoint, project_collection_prefix
+from .vectorstore import (
+    COLLECTION_RE,
+    SHARED_PREFIX,
+    SHARED_RE,
+    TENANT_FIELD,
+    ContextHit,
+    ContextPoint,
+    TenantScope,
+    TenantScopeRequired,
+    require_scope,
+    shared_collection_name,
+)
+
+# Every distinct agent of a shared collection, listed in one facet request.
+FACET_LIMIT = 10_000_000
+EDGE_DIR = "edge"
+UNAVAILABLE_HINT = (
+    " Qdrant local mode serves one process: run a single worker process "
+    "(e.g. --concurrency=1 or a threads pool) or set QDRANT_URL to a Qdrant server."
+)
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Where a tenant's points are: a collection and the payload every one of them has.
+
+    Made only from a TenantScope (`shared`, `own_collection`): an engine refuses any
+    other argument, so no engine call reaches points without naming a tenant.
+    """
+
+    collection: str
+    must: tuple[tuple[str, Any], ...]
+    scope: TenantScope
+
+    @classmethod
+    def shared(cls, scope: TenantScope, collection: str) -> _Where:
+        scope = require_scope(scope)
+        return cls(collection, tuple(sorted(scope.conditions().items())), scope)
+
+    @classmethod
+    def own_collection(cls, scope: TenantScope) -> _Where:
+        """An agent's own collection (per_agent): the collection is the tenant boundary.
+        Its points are not filtered by payload, since points stored before the tenant
+        fields existed have none."""
+        scope = require_scope(scope, agent=True)
+        return cls(scope.collection, (), scope)
+
+
+def _where(where: Any) -> _Where:
+    if not isinstance(where, _Where):
+        raise TenantScopeRequired("engines touch points only through a tenant's _Where")
+    if where.must and dict(where.must).get(TENANT_FIELD) is None:
+        raise TenantScopeRequired("a payload filter without the tenant field")
+    return where
+
+
+def _with_ids(ids: Iterable[str]) -> list[str]:
+    return [str(i) for i in ids]
+
+
+# --- engines -------------------------------------------------------------------------
+
+
+class _ClientEngine:
+    """Collections of qdrant-client: a server, or local mode in a folder."""
+
+    def __init__(self, client: Any, *, local: bool) -> None:
+        from qdrant_client import models
+
+        self._client = client
+        self._models = models
+        self.local = local
+        # Local mode keeps collections in plain Python structures: one call at a time.
+        self._lock: threading.RLock | contextlib.nullcontext = (
+            threading.RLock() if local else contextlib.nullcontext()
+        )
+
+    def _filter(self, where: _Where, ids: list[str] | None = None) -> Any:
+        m = self._models
+        must: list[Any] = [
+            m.FieldCondition(key=key, match=m.MatchValue(value=value)) for key, value in where.must
+        ]
+        if ids is not None:
+            must.append(m.HasIdCondition(has_id=ids))
+        return m.Filter(must=must) if must else None
+
+    def collections(self) -> list[str]:
+        with self._lock:
+            return sorted(c.name for c in self._client.get_collections().collections)
+
+    def exists(self, name: str) -> bool:
+        with self._lock:
+            return bool(self._client.collection_exists(name))
+
+    def create(self, name: str, *, dim: int, shared: bool) -> bool:
+        """Create the collection if missing; True when it was created."""
+        m = self._models
+        with self._lock:
+            if self._client.collection_exists(name):
+                size = self._client.get_collection(name).config.params.vectors.size
+                if size != dim:
+                    raise RuntimeError(
+                        f"collection {name} holds {size}-dimensional vectors but the "
+                        f"embedder makes {dim}: clear the agent's context after changing "
+                        "the embedder, or use VECTOR_LAYOUT=shared (a collection per model)"
+                    )
+                return False
+            try:
+                self._client.create_collection(
+                    name,
+                    vectors_config=m.VectorParams(size=dim, distance=m.Distance.COSINE),
+                    # Shared: no global graph, one per tenant (Qdrant's multitenancy setup).
+                    hnsw_config=m.HnswConfigDiff(m=0, payload_m=16) if shared else None,
+                )
+            except Exception:
+                # Another worker (server mode) created it between the check and the create.
+                if self._client.collection_exists(name):
+                    return False
+                raise
+            if shared and not self.local:  # local mode has no payload index to build
+                for field, schema in _index_schemas(m):
+                    self._client.create_payload_index(name, field, field_schema=schema, wait=True)
+            return True
+
+    def dim(self, name: str) -> int:
+        with self._lock:
+            return int(self._client.get_collection(name).config.params.vectors.size)
+
+    def drop(self, name: str) -> bool:
+        with self._lock:
+            if not self._client.collection_exists(name):
+                return False
+            self._client.delete_collection(name)
+            return True
+
+    def upsert(self, where: _Where, points: list[ContextPoint]) -> None:
+        _where(where)
+        m = self._models
+        batch = [m.PointStruct(id=p.id, vector=p.vector, payload=p.payload) for p in points]
+        with self._lock:
+            self._client.upsert(collection_name=where.collection, points=batch, wait=True)
+
+    def query(self, where: _Where, vector: list[float], *, k: int) -> list[ContextHit]:
+        _where(where)
+        with self._lock:
+            result = self._client.query_points(
+                collection_name=where.collection,
+                query=vector,
+                limit=k,
+                query_filter=self._filter(where),
+                with_payload=True,
+            )
+        return [_hit(p.id, p.score, p.payload) for p in result.points]
+
+    def count(self, where: _Where) -> int:
+        _where(where)
+        with self._lock:
+            return int(
+                self._client.count(
+                    collection_name=where.collection, count_filter=self._filter(where), exact=True
+                ).count
+            )
+
+    def delete(self, where: _Where, ids: list[str] | None = None) -> None:
+        _where(where)
+        m = self._models
+        flt = self._filter(where, ids)
+        if flt is None:  # a whole own collection: that is a drop, not a delete
+            raise TenantScopeRequired("drop an agent's own collection instead")
+        with self._lock:
+            self._client.delete(
+                collection_name=where.collection,
+                points_selector=m.FilterSelector(filter=flt),
+                wait=True,
+            )
+
+    def scroll(
+        self, where: _Where, *, offset: Any, limit: int, ids: list[str] | None = None
+    ) -> tuple[list[ContextPoint], Any]:
+        _where(where)
+        with self._lock:
+            records, following = self._client.scroll(
+                collection_name=where.collection,
+                scroll_filter=self._filter(where, ids),
+                limit=limit,
+                offset=offset,
+                with_payload=True,
+                with_vectors=True,
+            )
+        return [_point(r.id, r.vector, r.payload) for r in records], following
+
+    def values(self, name: str, key: str) -> list[Any]:
+        """Every distinct value of a payload field in a collection (tenant names, not
+        points: what the sweep and the migration walk)."""
+        with self._lock:
+            hits = self._client.facet(name, key, limit=FACET_LIMIT, exact=True).hits
+        return [h.value for h in hits]
+
+    def optimize(self, name: str) -> None:
+        """The server optimises on its own."""
+
+    def close(self) -> None:
+        with self._lock:
+            self._client.close()
+
+
+def _index_schemas(m: Any) -> list[tuple[str, Any]]:
+    return [
+        (TENANT_FIELD, m.KeywordIndexParams(type="keyword", is_tenant=True)),
+        ("agent_id", m.KeywordIndexParams(type="keyword")),
+        ("collection", m.KeywordIndexParams(type="keyword")),
+        ("user_id", m.IntegerIndexParams(type="integer", lookup=True, range=False)),
+    ]
+
+
+class _EdgeEngine:
+    """Shared collections as Qdrant Edge shards, one directory each under `root`."""
+
+    def __init__(self, root: Path) -> None:
+        import qdrant_edge
+
+        self._e = qdrant_edge
+        self.root = root
+        self.local = True
+        self._lock = threading.RLock()
+        self._shards: dict[str, Any] = {}
+        root.mkdir(parents=True, exist_ok=True)
+        for path in sorted(root.iterdir()):
+            if path.is_dir() and SHARED_RE.match(path.name):
+                self._shards[path.name] = self._open(path)
+
+    def _open(self, path: Path) -> Any:
+        try:
+            return self._e.EdgeShard.load(str(path))
+        except Exception as exc:
+            if "WouldBlock" in str(exc):
+                for shard in self._shards.values():
+                    shard.close()
+                raise RuntimeError(
+                    f"Storage folder {self.root} is already accessed by another instance."
+                    + UNAVAILABLE_HINT
+                ) from exc
+            raise
+
+    def _shard(self, name: str) -> Any:
+        shard = self._shards.get(name)
+        if shard is None:
+            raise LookupError(f"no collection {name}")
+        return shard
+
+    def _filter(self, where: _Where, ids: list[str] | None = None) -> Any:
+        e = self._e
+        must: list[Any] = [
+            e.FieldCondition(key, match=e.MatchValue(value)) for key, value in where.must
+        ]
+        if ids is not None:
+            must.append(e.HasIdCondition({uuid.UUID(i) for i in ids}))
+        return e.Filter(must=must)
+
+    def collections(self) -> list[str]:
+        with self._lock:
+            return sorted(self._shards)
+
+    def exists(self, name: str) -> bool:
+        with self._lock:
+            return name in self._shards
+
+    def create(self, name: str, *, dim: int, shared: bool) -> bool:
+        e = self._e
+        if not SHARED_RE.match(name):
+            raise ValueError(f"{name} is not a shared collection's name")
+        with self._lock:
+            if name in self._shards:
+                return False
+            path = self.root / name
+            if path.exists():  # a create that died half-way: nothing was stored yet
+                shutil.rmtree(path)
+            config = e.EdgeConfig(
+                vectors=e.EdgeVectorParams(size=dim, distance=e.Distance.Cosine, on_disk=True),
+                # No global graph, one per tenant (Qdrant's multitenancy setup); a tenant
+                # under the full-scan threshold is searched exactly through its index.
+                hnsw_config=e.HnswIndexConfig(
+                    m=0, ef_construct=100, full_scan_threshold=10_000, payload_m=16
+                ),
+            )
+            shard = e.EdgeShard.create(str(path), config)
+            schemas = {
+                TENANT_FIELD: e.KeywordIndexParams(is_tenant=True),
+                "agent_id": e.KeywordIndexParams(),
+                "collection": e.KeywordIndexParams(),
+                "user_id": e.IntegerIndexParams(lookup=True, range=False),
+            }
+            for field, schema in schemas.items():
+                shard.update(e.UpdateOperation.create_field_index(field, schema))
+            shard.flush()
+            self._shards[name] = shard
+            return True
+
+    def drop(self, name: str) -> bool:
+        with self._lock:
+            shard = self._shards.pop(name, None)
+            if shard is None:
+                return False
+            shard.close()
+            shutil.rmtree(self.root / name, ignore_errors=True)
+            return True
+
+    def upsert(self, where: _Where, points: list[ContextPoint]) -> None:
+        _where(where)
+        e = self._e
+        batch = [e.Point(uuid.UUID(p.id), p.vector, p.payload) for p in points]
+        with self._lock:
+            self._shard(where.collection).update(e.UpdateOperation.upsert_points(batch))
+
+    def query(self, where: _Where, vector: list[float], *, k: int) -> list[ContextHit]:
+        _where(where)
+        e = self._e
+        request = e.QueryRequest(
+            limit=k, query=e.Query.Nearest(vector), filter=self._filter(where), with_payload=True
+        )
+        with self._lock:
+            found = self._shard(where.collection).query(request)
+        return [_hit(p.id, p.score, p.payload) for p in found]
+
+    def count(self, where: _Where) -> int:
+        _where(where)
+        request = self._e.CountRequest(exact=True, filter=self._filter(where))
+        with self._lock:
+            return int(self._shard(where.collection).count(request))
+
+    def delete(self, where: _Where, ids: list[str] | None = None) -> None:
+        _where(where)
+        operation = self._e.UpdateOperation.delete_points_by_filter(self._filter(where, ids))
+        with self._lock:
+            # Like every update, recorded in the shard's write-ahead log before it
+            # applies: no flush of the segments here (that would write out every update
+            # since the last flush, and make a teardown wait on it).
+            self._shard(where.collection).update(operation)
+
+    def scroll(
+        self, where: _Where, *, offset: Any, limit: int, ids: list[str] | None = None
+    ) -> tuple[list[ContextPoint], Any]:
+        _where(where)
+        request = self._e.ScrollRequest(
+            offset=offset,
+            limit=limit,
+            filter=self._filter(where, ids),
+            with_payload=True,
+            with_vector=True,
+        )
+        with self._lock:
+            records, following = self._shard(where.collection).scroll(request)
+        return [_point(r.id, r.vector, r.payload) for r in records], following
+
+    def values(self, name: str, key: str) -> list[Any]:
+        request = self._e.FacetRequest(key=key, limit=FACET_LIMIT, exact=True)
+        with self._lock:
+            return [h.value for h in self._shard(name).facet(request).hits]
+
+    def optimize(self, name: str) -> None:
+        """Vacuum deleted points and build tenants' graphs (Edge has no background
+        optimiser: the collections sweep calls this)."""
+        with self._lock:
+            self._shard(name).optimize()
+
+    def close(self) -> None:
+        with self._lock:
+            for shard in self._shards.values():
+                with contextlib.suppress(Exception):
+                    shard.flush()
+                shard.close()
+            self._shards.clear()
+
+
+def _hit(point_id: Any, score: float, payload: dict | None) -> ContextHit:
+    payload = dict(payload or {})
+    return ContextHit(
+        id=str(point_id), score=float(score), text=str(payload.get("text", "")), payload=payload
+    )
+
+
+def _point(point_id: Any, vector: Any, payload: dict | None) -> ContextPoint:
+    if isinstance(vector, dict):  # the default (unnamed) vector, as some engines name it
+        vector = vector.get("", next(iter(vector.values())))
+    return ContextPoint(id=str(point_id), vector=list(vector), payload=dict(payload or {}))
+
+
+# --- the store -----------------------------------------------------------------------
 
 
 class VectorStore:
-    """A thin, typed face of the Qdrant client for agent context."""
+    """Agent context, by tenant. Every method that reads, writes, counts or deletes
+    points takes a `TenantScope` and refuses to run without one.
 
-    def __init__(self, client: Any, *, local: bool) -> None:
-        self._client = client
-        self.local = local
-        # Local mode keeps collections in plain Python structures: one call at a time.
-        self._lock: threading.RLock | None = threading.RLock() if local else None
+    `layout` is where new context goes and where searches look ("shared" or
+    "per_agent"); deletes reach both layouts, so nothing is left behind by a half-done
+    migration.
+    """
 
-    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        fn = getattr(self._client, method)
-        if self._lock is None:
-            return fn(*args, **kwargs)
-        with self._lock:
-            return fn(*args, **kwargs)
+    def __init__(
+        self, *, layout: str, shared_engine: Any, agent_engine: Any, agent_present: Any
+    ) -> None:
+        if layout not in ("shared", "per_agent"):
+            raise ValueError(f"unknown vector layout {layout!r}")
+        self.layout = layout
+        # Engines are opened on first use: a store that serves the shared layout never
+        # loads a local-mode folder of per-agent collections it does not need.
+        self._open_shared = shared_engine
+        self._open_agent = agent_engine
+        self._agent_present = agent_present
+        self._engines: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._ensured: set[str] = set()
 
-    def collections(self) -> list[str]:
-        return sorted(c.name for c in self._call("get_collections").collections)
+    # --- engines ---------------------------------------------------------------------
 
-    def exists(self, name: str) -> bool:
-        return bool(self._call("collection_exists", name))
-
-    def ensure_collection(self, name: str, *, dim: int) -> bool:
-        """Create the collection if missing; True when it was created."""
-        if self._lock is not None:
+    def _engine(self, kind: str) -> Any:
+        engine = self._engines.get(kind)
+        if engine is None:
             with self._lock:
-                return self._ensure_unlocked(name, dim=dim)
-        return self._ensure_unlocked(name, dim=dim)
+                engine = self._engines.get(kind)
+                if engine is None:
+                    opener = self._open_shared if kind == "shared" else self._open_agent
+                    engine = self._engines[kind] = opener()
+        return engine
 
-    def _ensure_unlocked(self, name: str, *, dim: int) -> bool:
-        if self._client.collection_exists(name):
-            size = self._client.get_collection(name).config.params.vectors.size
-            if size != dim:
-                raise RuntimeError(
-                    f"collection {name} holds {size}-dimensional vectors but the embedder "
-                    f"makes {dim}: clear the agent's context after changing the embedder"
-                )
-            return False
-        try:
-            self._client.create_collection(
-                name, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE)
-            )
-        except Exception:
-            # Another worker (server mode) created it between the check and the create.
-            if self._client.collection_exists(name):
-                return False
-            raise
-        return True
+    def _shared(self) -> Any:
+        return self._engine("shared")
 
-    def drop_collection(self, name: str) -> bool:
-        """Remove a collection; False when there was none (dropping twice is fine)."""
-        if not self.exists(name):
-            return False
-        self._call("delete_collection", name)
-        return True
+    def _per_agent(self) -> Any:
+        return self._engine("per_agent")
 
-    def project_collections(self, *, user_id: int, project_id: uuid.UUID | str) -> list[str]:
-        prefix = project_collection_prefix(user_id=user_id, project_id=project_id)
-        return [n for n in self.collections() if n.startswith(prefix)]
+    def _per_agent_in_use(self) -> bool:
+        """Whether per-agent collections may exist (without opening their folder)."""
+        return self.layout == "per_agent" or "per_agent" in self._engines or self._agent_present()
 
-    def drop_project(self, *, user_id: int, project_id: uuid.UUID | str) -> list[str]:
-        """Remove every collection of one project; returns the names removed."""
-        dropped = []
-        for name in self.project_collections(user_id=user_id, project_id=project_id):
-            if self.drop_collection(name):
-                dropped.append(name)
-        return dropped
+    def open(self) -> VectorStore:
+        """Open the engines the layout uses now (the worker's first task, a benchmark)."""
+        self._engine("shared" if self.layout == "shared" else "per_agent")
+        return self
 
-    def upsert(self, name: str, points: Iterable[ContextPoint]) -> int:
-        batch = [models.PointStruct(id=p.id, vector=p.vector, payload=p.payload) for p in points]
-        if batch:
-            self._call("upsert", collection_name=name, points=batch, wait=True)
+    def shared_collections(self) -> list[str]:
+        return [n for n in self._shared().collections() if n.startswith(SHARED_PREFIX)]
+
+    def agent_collections(self) -> list[str]:
+        if not self._per_agent_in_use():
+            return []
+        return [n for n in self._per_agent().collections() if COLLECTION_RE.match(n)]
+
+    def _ensure_shared(self, name: str, *, dim: int) -> None:
+        if name not in self._ensured:
+            self._shared().create(name, dim=dim, shared=True)
+            self._ensured.add(name)
+
+    # --- by tenant -------------------------------------------------------------------
+
+    def upsert(
+        self,
+        scope: TenantScope,
+        points: Iterable[ContextPoint],
+        *,
+        model: str,
+        dim: int,
+        layout: str | None = None,
+    ) -> int:
+        """Store points in an agent's context; their tenant fields come from the scope
+        (a payload cannot claim another tenant)."""
+        scope = require_scope(scope, agent=True)
+        tenant = scope.payload()
+        batch = [ContextPoint(p.id, p.vector, {**p.payload, **tenant}) for p in points]
+        if not batch:
+            return 0
+        if (layout or self.layout) == "shared":
+            name = shared_collection_name(model=model, dim=dim)
+            self._ensure_shared(name, dim=dim)
+            self._shared().upsert(_Where.shared(scope, name), batch)
+        else:
+            self._per_agent().create(scope.collection, dim=dim, shared=False)
+            self._per_agent().upsert(_Where.own_collection(scope), batch)
         return len(batch)
 
-    def search(self, name: str, vector: list[float], *, k: int) -> list[ContextHit]:
-        """The k nearest points; an agent with no collection yet has no context."""
-        if k <= 0 or not self.exists(name):
+    def search(
+        self, scope: TenantScope, vector: list[float], *, k: int, model: str, dim: int
+    ) -> list[ContextHit]:
+        """The k nearest points of an agent's context; none stored yet is none found."""
+        scope = require_scope(scope, agent=True)
+        if k <= 0:
             return []
-        result = self._call(
-            "query_points", collection_name=name, query=vector, limit=k, with_payload=True
-        )
-        return [
-            ContextHit(
-                id=str(p.id),
-                score=float(p.score),
-                text=str((p.payload or {}).get("text", "")),
-                payload=dict(p.payload or {}),
-            )
-            for p in result.points
-        ]
+        if self.layout == "shared":
+            name = shared_collection_name(model=model, dim=dim)
+            if not self._shared().exists(name):
+                return []
+            return self._shared().query(_Where.shared(scope, name), vector, k=k)
+        if not self._per_agent().exists(scope.collection):
+            return []
+        return self._per_agent().query(_Where.own_collection(scope), vector, k=k)
 
-    def count(self, name: str) -> int:
-        if not self.exists(name):
-            return 0
-        return int(self._call("count", collection_name=name, exact=True).count)
+    def _places(self, scope: TenantScope) -> Iterator[tuple[Any, _Where]]:
+        """Every (engine, where) that may hold points of the scope, in both layouts."""
+        scope = require_scope(scope)
+        shared = self._shared()
+        for name in self.shared_collections():
+            yield shared, _Where.shared(scope, name)
+        if not self._per_agent_in_use():
+            return
+        per_agent = self._per_agent()
+        for name in per_agent.collections():
+            if name.startswith(scope.prefix) and (not scope.is_agent or name == scope.collection):
+                own = TenantScope.of_collection(name)
+                if own is not None:
+                    yield per_agent, _Where.own_collection(own)
+
+    def count(self, scope: TenantScope, *, collection: str | None = None) -> int:
+        """How many points the scope holds (in every collection, or in one)."""
+        total = 0
+        for engine, where in self._places(scope):
+            if collection is None or where.collection == collection:
+                if where.must:
+                    total += engine.count(where)
+                else:
+                    total += engine.count(where) if engine.exists(where.collection) else 0
+        return total
+
+    def delete(self, scope: TenantScope) -> list[str]:
+        """Remove every point of the scope (an agent, or a whole project) in both layouts:
+        by filter in shared collections, by dropping the agent's own collections.
+        Returns the collections that held some."""
+        removed = []
+        for engine, where in list(self._places(scope)):
+            if where.must:
+                if engine.count(where):
+                    engine.delete(where)
+                    removed.append(where.collection)
+            elif engine.drop(where.collection):
+                removed.append(where.collection)
+        return removed
+
+    def delete_verified(self, scope: TenantScope) -> list[str]:
+        """`delete`, then check that nothing of the scope is left (raises if some is)."""
+        removed = self.delete(scope)
+        left = self.count(scope)
+        if left:
+            raise RuntimeError(f"{left} points of {scope} are still stored after the delete")
+        return removed
+
+    def delete_points(self, scope: TenantScope, ids: list[str], *, collection: str) -> None:
+        """Remove some points of an agent from one shared collection (re-embedding)."""
+        scope = require_scope(scope, agent=True)
+        self._shared().delete(_Where.shared(scope, collection), _with_ids(ids))
+
+    def scroll(
+        self,
+        scope: TenantScope,
+        *,
+        collection: str,
+        offset: Any = None,
+        limit: int = 256,
+        ids: list[str] | None = None,
+    ) -> tuple[list[ContextPoint], Any]:
+        """A page of an agent's points (with vectors) in one collection: its own
+        (per_agent) or a shared one. Returns (points, the next page's offset or None)."""
+        scope = require_scope(scope, agent=True)
+        if collection == scope.collection:
+            if not self._per_agent().exists(collection):
+                return [], None
+            return self._per_agent().scroll(
+                _Where.own_collection(scope), offset=offset, limit=limit, ids=ids
+            )
+        if not self._shared().exists(collection):
+            return [], None
+        return self._shared().scroll(
+            _Where.shared(scope, collection), offset=offset, limit=limit, ids=ids
+        )
+
+    def agent_collection_dim(self, scope: TenantScope) -> int:
+        scope = require_scope(scope, agent=True)
+        return self._per_agent().dim(scope.collection)
+
+    def drop_agent_collection(self, scope: TenantScope) -> bool:
+        """Drop an agent's own collection (per_agent)."""
+        scope = require_scope(scope, agent=True)
+        if not self._per_agent_in_use():
+            return False
+        return self._per_agent().drop(scope.collection)
+
+    # --- tenants (names, not points) -------------------------------------------------
+
+    def contexts(self) -> dict[str, set[TenantScope]]:
+        """Which agents hold context where: collection -> agent scopes. Shared
+        collections list their agents from the `collection` payload index; a per-agent
+        collection is one agent."""
+        found: dict[str, set[TenantScope]] = {}
+        shared = self._shared()
+        for name in self.shared_collections():
+            scopes = {TenantScope.of_collection(str(v)) for v in shared.values(name, "collection")}
+            found[name] = {s for s in scopes if s is not None}
+        for name in self.agent_collections():
+            own = TenantScope.of_collection(name)
+            if own is not None:
+                found.setdefault(name, set()).add(own)
+        return found
+
+    def optimize(self) -> None:
+        shared = self._shared()
+        for name in self.shared_collections():
+            shared.optimize(name)
 
     def close(self) -> None:
-        self._call("close")
+        for engine in self._engines.values():
+            engine.close()
+        self._engines.clear()
+        self._ensured.clear()
 
 
-def open_store() -> VectorStore:
-    """A client for settings.QDRANT_URL, or local mode in settings.QDRANT_PATH."""
+def _client_engine_unavailable(exc: RuntimeError) -> RuntimeError:
+    return RuntimeError(f"{exc}{UNAVAILABLE_HINT}")
+
+
+def open_store(*, layout: str | None = None) -> VectorStore:
+    """The store for settings.QDRANT_URL, or the embedded engines under
+    settings.QDRANT_PATH (see the module's docstring)."""
+    layout = layout or settings.VECTOR_LAYOUT
     if settings.QDRANT_URL:
+        from qdrant_client import QdrantClient
+
         client = QdrantClient(url=settings.QDRANT_URL, api_key=settings.QDRANT_API_KEY or None)
-        return VectorStore(client, local=False)
-    try:
-        client = QdrantClient(path=settings.QDRANT_PATH)
-    except RuntimeError as exc:
-        raise RuntimeError(
-            f"{exc} Qdrant local mode serves one process: run a single worker process "
-            "(e.g. --concurrency=1 or a threads pool) or set QDRANT_URL to a Qdrant server."
-        ) from exc
-    return VectorStore(client, local=True)
+        engine = _ClientEngine(client, local=False)
+        return VectorStore(
+            layout=layout,
+            shared_engine=lambda: engine,
+            agent_engine=lambda: engine,
+            agent_present=lambda: True,
+        )
+    path = Path(settings.QDRANT_PATH)
+
+    def agent_engine() -> _ClientEngine:
+        from qdrant_client import QdrantClient
+
+        try:
+            client = QdrantClient(path=str(path))
+        except RuntimeError as exc:
+            raise _client_engine_unavailable(exc) from exc
+        return _ClientEngine(client, local=True)
+
+    def agent_present() -> bool:
+        # Local mode keeps one folder per collection under "collection/".
+        folder = path / "collection"
+        return folder.is_dir() and any(folder.iterdir())
+
+    return VectorStore(
+        layout=layout,
+        shared_engine=lambda: _EdgeEngine(path / EDGE_DIR),
+        agent_engine=agent_engine,
+        agent_present=agent_present,
+    )

@@ -1,14 +1,14 @@
 """An agent's context memory (RAG): store, search, clear and drop vectors, on workers.
 
-Everything here opens the embedder and the vector store. Collections are created on the
-first write: an agent that never stored anything has none, and searching it finds
-nothing.
+Everything here opens the embedder and the vector store, and reaches points only through
+the agent's or the project's `TenantScope`. In the shared layout the embedding model's
+collection is created on the first write; an agent that never stored anything has no
+points, and searching it finds nothing.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -19,7 +19,7 @@ from agentbus import project_gone
 from ..models import Agent
 from .chunking import CHUNK_CHARS, chunk_text, point_id
 from .embeddings import get_embedder
-from .vectorstore import ContextHit, ContextPoint, collection_name, get_vector_store
+from .vectorstore import ContextHit, ContextPoint, TenantScope, get_vector_store
 
 logger = logging.getLogger(__name__)
 
@@ -29,28 +29,32 @@ EMBED_BATCH = 8
 EXCHANGE_MAX_CHARS = 4000
 
 
-def _undo_if_project_gone(*, project_id: uuid.UUID | str, names: list[str]) -> bool:
-    """Drop collections a task wrote to if its project was deleted meanwhile.
+def _agent(user_id: int, project_id: uuid.UUID | str, agent_id: uuid.UUID | str) -> TenantScope:
+    return TenantScope.agent(user_id=user_id, project_id=project_id, agent_id=agent_id)
 
-    Teardown sets the tombstone before it drops collections, so a write that lands
-    after the drop sees the tombstone here and removes what it re-created.
+
+def _undo_if_project_gone(*, scope: TenantScope) -> bool:
+    """Remove what a task wrote if its project was deleted meanwhile.
+
+    Teardown sets the tombstone before it deletes the project's points, so a write that
+    lands after that delete sees the tombstone here and removes what it added.
     """
-    if not names or not project_gone(project_id):
+    if not project_gone(scope.project_id):
         return False
-    store = get_vector_store()
-    for name in names:
-        store.drop_collection(name)
+    get_vector_store().delete(scope)
     return True
 
 
 def collection_drop(*, user_id: int, project_id: uuid.UUID | str, agent_id: str) -> bool:
-    name = collection_name(user_id=user_id, project_id=project_id, agent_id=agent_id)
-    return get_vector_store().drop_collection(name)
+    """Remove a deleted agent's context (idempotent): True if there was some."""
+    return bool(get_vector_store().delete(_agent(user_id, project_id, agent_id)))
 
 
 def project_collections_drop(*, user_id: int, project_id: uuid.UUID | str) -> list[str]:
-    """Drop every collection of a project (idempotent; raises when the store fails)."""
-    return get_vector_store().drop_project(user_id=user_id, project_id=project_id)
+    """Remove every point of a project, in every collection of both layouts, and check
+    that none is left (idempotent; raises when the store fails or points remain)."""
+    scope = TenantScope.project(user_id=user_id, project_id=project_id)
+    return get_vector_store().delete_verified(scope)
 
 
 def documents_store(
@@ -65,9 +69,8 @@ def documents_store(
 ) -> int | None:
     """Chunk, embed and upsert documents ({"text", "metadata"?}); returns the chunk count,
     or None if `should_stop` said to stop (between two embedding batches)."""
-    name = collection_name(user_id=user_id, project_id=project_id, agent_id=agent_id)
+    scope = _agent(user_id, project_id, agent_id)
     embedder, store = get_embedder(), get_vector_store()
-    store.ensure_collection(name, dim=embedder.dim)
     pending: list[tuple[str, dict[str, Any]]] = []
     for doc_index, doc in enumerate(documents, start=first_index):
         for chunk_index, chunk in enumerate(chunk_text(doc["text"])):
@@ -83,18 +86,20 @@ def documents_store(
     stored = 0
     for i in range(0, len(pending), EMBED_BATCH):
         if should_stop is not None and should_stop():
-            _undo_if_project_gone(project_id=project_id, names=[name])
+            _undo_if_project_gone(scope=scope)
             return None
         batch = pending[i : i + EMBED_BATCH]
         vectors = embedder.passages([text for text, _ in batch])
         stored += store.upsert(
-            name,
+            scope,
             [
-                ContextPoint(id=point_id(name, text), vector=vector, payload=payload)
+                ContextPoint(id=point_id(scope.collection, text), vector=vector, payload=payload)
                 for (text, payload), vector in zip(batch, vectors, strict=True)
             ],
+            model=embedder.name,
+            dim=embedder.dim,
         )
-    if _undo_if_project_gone(project_id=project_id, names=[name]):
+    if _undo_if_project_gone(scope=scope):
         return 0
     return stored
 
@@ -114,30 +119,35 @@ def exchange_store(
     its text the whole exchange. Embedding the answer too would cost a worker a
     transformer pass per answer token, before it can take the next message.
     """
-    name = collection_name(user_id=user_id, project_id=project_id, agent_id=agent_id)
+    scope = _agent(user_id, project_id, agent_id)
     embedder, store = get_embedder(), get_vector_store()
-    store.ensure_collection(name, dim=embedder.dim)
     text = f"User: {question}\nAssistant: {answer}"
     if len(text) > EXCHANGE_MAX_CHARS:
         text = text[: EXCHANGE_MAX_CHARS - 1] + "…"
-    vector = embedder.passages([question[:CHUNK_CHARS]])[0]
+    embedded = question[:CHUNK_CHARS]
+    vector = embedder.passages([embedded])[0]
     store.upsert(
-        name,
+        scope,
         [
             ContextPoint(
-                id=point_id(name, text),
+                id=point_id(scope.collection, text),
                 vector=vector,
                 payload={
                     **payload,
                     "text": text,
+                    # What the vector embeds, where it is not the text: re-embedding
+                    # under a new model must embed the same thing.
+                    "embedded_text": embedded,
                     "kind": "exchange",
                     "metadata": {},
                     "stored_at": time.time(),
                 },
             )
         ],
+        model=embedder.name,
+        dim=embedder.dim,
     )
-    return not _undo_if_project_gone(project_id=project_id, names=[name])
+    return not _undo_if_project_gone(scope=scope)
 
 
 def context_search(
@@ -145,48 +155,52 @@ def context_search(
 ) -> list[ContextHit]:
     if k <= 0 or not query.strip():
         return []
-    name = collection_name(user_id=user_id, project_id=project_id, agent_id=agent_id)
-    store = get_vector_store()
-    if not store.exists(name):
-        return []
-    return store.search(name, get_embedder().query(query), k=k)
+    scope = _agent(user_id, project_id, agent_id)
+    embedder = get_embedder()
+    return get_vector_store().search(
+        scope, embedder.query(query), k=k, model=embedder.name, dim=embedder.dim
+    )
 
 
 def context_clear(*, user_id: int, project_id: uuid.UUID | str, agent_id: str) -> None:
     """Forget everything the agent holds."""
-    name = collection_name(user_id=user_id, project_id=project_id, agent_id=agent_id)
-    get_vector_store().drop_collection(name)
+    get_vector_store().delete(_agent(user_id, project_id, agent_id))
 
 
 # --- Repair ------------------------------------------------------------------------------
 
-COLLECTION_RE = re.compile(r"^user_(\d+)_project_([0-9a-f]{32})_([0-9a-f]{32})_context$")
-
 
 def collections_sweep() -> list[str]:
-    """Drop collections whose agent no longer exists; returns their names.
+    """Remove the context of agents that no longer exist; returns their logical
+    collection names.
 
-    A collection is only ever created for an agent row that is committed, so one whose
+    Context is only ever stored for an agent row that is committed, so context whose
     agent row is missing belongs to a deleted agent or project (a lost drop task, a
-    write that raced a deletion). Collections not named by this scheme are left alone.
+    write that raced a deletion). Collections not named by either scheme are left alone.
+    Then shared collections are optimised (deleted points vacuumed).
     """
     store = get_vector_store()
-    named: dict[str, tuple[int, uuid.UUID, uuid.UUID]] = {}
-    for name in store.collections():
-        match = COLLECTION_RE.match(name)
-        if match:
-            named[name] = (int(match[1]), uuid.UUID(match[2]), uuid.UUID(match[3]))
-    if not named:
-        return []
-    existing = set(
-        Agent.objects.filter(id__in={agent for *_, agent in named.values()}).values_list(
-            "project__owner_id", "project_id", "id"
+    held: set[TenantScope] = set()
+    for scopes in store.contexts().values():
+        held |= scopes
+    if held:
+        existing = {
+            (owner, project, agent)
+            for owner, project, agent in Agent.objects.filter(
+                id__in={s.agent_id for s in held}
+            ).values_list("project__owner_id", "project_id", "id")
+        }
+        gone = sorted(
+            (s for s in held if (s.user_id, s.project_id, s.agent_id) not in existing),
+            key=lambda s: s.collection,
         )
-    )
+    else:
+        gone = []
     dropped = []
-    for name, owner_project_agent in named.items():
-        if owner_project_agent not in existing and store.drop_collection(name):
-            dropped.append(name)
+    for scope in gone:
+        if store.delete(scope):
+            dropped.append(scope.collection)
     if dropped:
-        logger.warning("dropped %d vector collections of deleted agents", len(dropped))
+        logger.warning("removed the vector context of %d deleted agents", len(dropped))
+    store.optimize()
     return dropped

@@ -351,6 +351,20 @@ SEARCH_INFLIGHT_PER_PROJECT = env.int("SEARCH_INFLIGHT_PER_PROJECT", default=16)
 QDRANT_URL = env.str("QDRANT_URL", default="")
 QDRANT_API_KEY = env.str("QDRANT_API_KEY", default="")
 QDRANT_PATH = env.str("QDRANT_PATH", default=str(VAR_DIR / "qdrant"))
+# Vector layout: "shared" puts every agent's context in one collection per embedding
+# model, each point carrying its tenant (Qdrant's multitenancy guidance); "per_agent"
+# gives each agent a collection of its own (collection-level isolation).
+# `manage.py vectors_migrate` moves context from one to the other.
+VECTOR_LAYOUT = env.str("VECTOR_LAYOUT", default="shared")
+if VECTOR_LAYOUT not in ("shared", "per_agent"):
+    raise ValueError(f"VECTOR_LAYOUT is 'shared' or 'per_agent', not {VECTOR_LAYOUT!r}")
+# Points moved per step by `vectors_migrate` and `vectors_reembed`.
+VECTOR_MOVE_BATCH = env.int("VECTOR_MOVE_BATCH", default=256)
+# Each workspace sweep checks this many registry entries, continuing where the last one
+# stopped, and scans this many Redis keys for leftovers outside the registry: its cost
+# per run is bounded, whatever the number of workspaces that ever existed.
+WORKSPACE_SWEEP_BATCH = env.int("WORKSPACE_SWEEP_BATCH", default=500)
+WORKSPACE_SWEEP_SCAN_KEYS = env.int("WORKSPACE_SWEEP_SCAN_KEYS", default=5000)
 CHAT_STREAM_MAXLEN = env.int("CHAT_STREAM_MAXLEN", default=2000)
 # Agent runs (agents.runs): a worker renews its runs' leases every third of this; a run
 # whose lease ran out is dispatched again by the recovery pass (every

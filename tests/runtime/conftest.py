@@ -147,3 +147,50 @@ def token_for(user) -> str:
     from rest_framework.authtoken.models import Token
 
     return Token.objects.get_or_create(user=user)[0].key
+
+
+def stored_agents(project) -> list[str]:
+    """The logical collection names of the project's agents that hold vector context."""
+    from agents.runtime.vectorstore import get_vector_store
+
+    return sorted(
+        scope.collection
+        for scopes in get_vector_store().contexts().values()
+        for scope in scopes
+        if scope.project_id == project.id and scope.user_id == project.owner_id
+    )
+
+
+def context_count(agent) -> int:
+    from agents.runtime.vectorstore import TenantScope, get_vector_store
+
+    return get_vector_store().count(
+        TenantScope.agent(
+            user_id=agent.project.owner_id, project_id=agent.project_id, agent_id=agent.id
+        )
+    )
+
+
+def put_context(agent, *, dim: int = 8, user_id: int | None = None) -> None:
+    """One point in the agent's context, written straight to the store (no worker)."""
+    import uuid
+
+    from agents.runtime.vectorstore import ContextPoint, TenantScope, get_vector_store
+
+    scope = TenantScope.agent(
+        user_id=agent.project.owner_id if user_id is None else user_id,
+        project_id=agent.project_id,
+        agent_id=agent.id,
+    )
+    point = ContextPoint(str(uuid.uuid4()), [1.0] + [0.0] * (dim - 1), {"text": "remember me"})
+    get_vector_store().upsert(scope, [point], model="test-model", dim=dim)
+
+
+HOLD_VECTOR_STORE = """
+import sys
+from pathlib import Path
+from qdrant_edge import EdgeShard
+shards = [EdgeShard.load(str(p)) for p in sorted(Path(sys.argv[1], "edge").iterdir())]
+print("holding", flush=True)
+sys.stdin.read()
+"""

@@ -299,7 +299,7 @@ def test_a_failed_run_is_a_failed_task_and_a_problem_in_health(
 
 
 def test_deleting_a_project_stops_its_ingest_and_tears_down_in_seconds(live_worker, api, user):
-    from agents.runtime.vectorstore import get_vector_store
+    from agents.runtime.vectorstore import TenantScope, get_vector_store
     from workspaces.models import WorkspaceTeardown
 
     project = ProjectFactory(owner=user)
@@ -312,10 +312,7 @@ def test_deleting_a_project_stops_its_ingest_and_tears_down_in_seconds(live_work
     store = get_vector_store()
 
     def stored() -> int:
-        return sum(
-            store.count(n)
-            for n in store.project_collections(user_id=user.pk, project_id=project.id)
-        )
+        return store.count(TenantScope.project(user_id=user.pk, project_id=project.id))
 
     wait_until(lambda: stored() > 0, what="the ingest under way")
     assert api.delete(f"/my/projects/{project.id}/").status_code == 204

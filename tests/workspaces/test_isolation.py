@@ -9,8 +9,10 @@ from common.redis import get_redis
 from projects.services import project_delete
 from tests.factories import AgentFactory, ProjectFactory, UserFactory
 from tests.workspaces.conftest import keys_under, snapshot
+from workspaces import registry
 from workspaces.manager import get_worker_space
 from workspaces.redis import workspace_prefix
+from workspaces.registry import State
 from workspaces.teardown import workspace_teardown_run
 
 pytestmark = pytest.mark.django_db
@@ -51,10 +53,16 @@ def test_one_workspaces_whole_life_touches_only_its_own_prefix(user, qdrant_path
     after = all_keys()
     changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
     a_prefix = workspace_prefix(owner, a_id)
-    # Besides A's own keys: the registry index, the bus's active set and A's tombstone,
-    # and A's queue (agent tasks H3's receivers published), which teardown purged.
+    # Besides A's own keys: the registry index and its per-state sets (B and C keep their
+    # places in them), the bus's active set and A's tombstone, and A's queue (agent
+    # tasks H3's receivers published), which teardown purged.
+    for project in (b, c):
+        member = registry.index_member(project.owner_id, project.id)
+        assert get_redis().zscore(registry.state_key(State.INITIALIZED), member) is not None
+        assert get_redis().zscore(registry.INDEX_KEY, member) == 0
     shared = {
-        "uws:index",
+        registry.INDEX_KEY,
+        *(registry.state_key(state) for state in State),
         "uws:bus:active",
         "uws:bus:retired",  # the bus watches a retired queue for messages put back
         f"uws:bus:tombstone:{a_id.hex}",

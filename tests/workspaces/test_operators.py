@@ -82,11 +82,8 @@ def test_health_reports_each_workspace_and_its_problems(staff_api, user):
     with pytest.raises(WorkspaceUnavailable):
         get_worker_space(user_id=user.pk, project_id=broken.id)
     get_redis().delete(registry.INDEX_KEY)
-    get_redis().sadd(
-        registry.INDEX_KEY,
-        registry.index_member(user.pk, good.id),
-        registry.index_member(user.pk, broken.id),
-    )
+    registry.index_add(user.pk, good.id)
+    registry.index_add(user.pk, broken.id)
 
     response = staff_api.get(HEALTH)
     body = response.json()
@@ -210,3 +207,63 @@ def test_admin_post_with_nothing_selected_changes_nothing(admin_client, user):
         assert "Select workspaces and an action." in response.content.decode()
     assert keys_under(user.pk, project.id) == before
     assert admin_client.post(ADMIN, {"action": "reset", "selected": f"9:{uuid.uuid4().hex}"})
+
+
+@pytest.mark.django_db
+def test_health_summarises_and_pages_workspaces_problems_first(staff_api, user):
+    from workspaces.redis import scoped
+
+    projects = sorted((ProjectFactory(owner=user) for _ in range(5)), key=lambda p: p.id.hex)
+    for project in projects:
+        get_worker_space(user_id=user.pk, project_id=project.id)
+    failed = [projects[3], projects[1]]
+    for project in failed:  # failed in that order: the oldest failure first
+        registry.mark_error(scoped(user.pk, project.id), "RuntimeError: boom")
+    keys = [f"{user.pk}_{p.id}" for p in projects]
+    expected = [keys[3], keys[1], keys[0], keys[2], keys[4]]
+
+    pages = []
+    for offset in range(0, 6, 2):
+        response = staff_api.get(HEALTH, {"limit": 2, "offset": offset})
+        assert response.status_code == 503
+        body = response.json()
+        pages.extend(body["details"])
+        assert body["limit"] == 2 and body["offset"] == offset
+    assert pages == expected  # problems first, then the rest in index order, no repeats
+
+    body = staff_api.get(HEALTH).json()
+    assert body["total_spaces"] == 5 and body["healthy_spaces"] == 3
+    assert body["states"]["Initialized"] == 3 and body["states"]["Error"] == 2
+    assert body["problems"]["initialisation_failed"] == 2
+    assert body["problems"]["initialisation_stuck"] == 0
+    assert body["unhealthy_spaces"] == expected[:2]
+    assert "boom" in body["details"][keys[3]]["problems"][0]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "params",
+    [{"limit": 0}, {"limit": 501}, {"limit": "x"}, {"offset": -1}, {"details": "all"}],
+)
+def test_health_bad_parameters_are_400(staff_api, user, params):
+    project = ProjectFactory(owner=user)
+    get_worker_space(user_id=user.pk, project_id=project.id)
+    before = keys_under(user.pk, project.id)
+    response = staff_api.get(HEALTH, params)
+    body = response.json()
+    assert response.status_code == 400 and body["code"] == "invalid"
+    assert set(body) - {"detail", "code"} == set(params)  # the bad parameter is named
+    assert keys_under(user.pk, project.id) == before
+
+
+@pytest.mark.django_db
+def test_stats_pages_count_every_state(staff_api, user):
+    projects = [ProjectFactory(owner=user) for _ in range(3)]
+    for project in projects:
+        get_worker_space(user_id=user.pk, project_id=project.id)
+    body = staff_api.get(STATS, {"limit": 2}).json()
+    assert len(body["spaces"]) == 2 and body["total_spaces"] == 3
+    assert body["active_spaces"] == 3 and body["states"]["Initialized"] == 3
+    rest = staff_api.get(STATS, {"limit": 2, "offset": 2}).json()
+    assert len(rest["spaces"]) == 1 and not set(rest["spaces"]) & set(body["spaces"])
+    assert staff_api.get(STATS, {"limit": 1001}).status_code == 400

@@ -13,11 +13,17 @@ from django.utils import timezone
 from agentbus import active
 from agentbus.guard import ProjectGone, project_gone
 from agentbus.queues import MAINTENANCE_QUEUE, project_queue
-from agents.runtime.vectorstore import close_vector_store, collection_name, get_vector_store
+from agents.runtime.vectorstore import (
+    TenantScope,
+    close_vector_store,
+    collection_name,
+    get_vector_store,
+)
 from common.redis import get_redis
 from projects.models import Project
 from tests.agentbus.conftest import send
 from tests.factories import AgentFactory, ProjectFactory
+from tests.runtime.conftest import HOLD_VECTOR_STORE, put_context, stored_agents
 from tests.workers import shared_pool_worker
 from tests.workspaces.conftest import (
     django_process,
@@ -36,7 +42,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 
 def collections_of(project) -> list[str]:
-    return get_vector_store().project_collections(user_id=project.owner_id, project_id=project.id)
+    """The logical collection names of the project's agents that hold context."""
+    return stored_agents(project)
 
 
 def expected_collections(project) -> list[str]:
@@ -61,7 +68,8 @@ def nothing_left(project_id, user_id) -> None:
     assert not get_redis().exists(project_queue(project_id))
     assert project_queue(project_id) not in active.active_queues()
     assert (user_id, project_id) not in registry.index_members()
-    assert get_vector_store().project_collections(user_id=user_id, project_id=project_id) == []
+    scope = TenantScope.project(user_id=user_id, project_id=project_id)
+    assert get_vector_store().count(scope) == 0
 
 
 def all_teardowns_finished() -> bool:
@@ -123,21 +131,12 @@ def test_delete_leaves_nothing_and_the_other_project_untouched(api, user, two_pr
     assert workspace_teardown_run(user_id=user.pk, project_id=a.id) is None
 
 
-HOLD_QDRANT_FOLDER = """
-import sys
-from qdrant_client import QdrantClient
-client = QdrantClient(path=sys.argv[1])
-print("holding", flush=True)
-sys.stdin.read()
-"""
-
-
 def test_vector_store_failing_during_delete_then_recovering(api, user, two_projects, qdrant_path):
     a, b = two_projects
     b_collections = collections_of(b)
     close_vector_store()  # this process lets go of the storage folder...
     holder = subprocess.Popen(  # ...and another process takes it: local mode allows one
-        [sys.executable, "-c", HOLD_QDRANT_FOLDER, qdrant_path],
+        [sys.executable, "-c", HOLD_VECTOR_STORE, qdrant_path],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -194,12 +193,11 @@ def delete_behind_djangos_back(project) -> None:
 def with_workspaces_and_collections(user, *projects) -> None:
     """An agent, an initialised workspace and the agent's collections for each project,
     made here directly: no worker runs, so the projects' queues stay as they are."""
-    store = get_vector_store()
     for project in projects:
         AgentFactory(project=project)
         get_worker_space(user_id=user.pk, project_id=project.id)
-        for name in expected_collections(project):
-            store.ensure_collection(name, dim=8)
+        for agent in project.agents.all():
+            put_context(agent)
 
 
 CRASH_AFTER_COMMIT = """
@@ -285,3 +283,35 @@ def test_sweep_tears_down_leftovers_with_no_project_row(user, qdrant_path):
     again = workspace_sweep(redispatch_after=0)
     assert again["redispatched"] == 0 and again["orphans"] == 0
     assert registry.index_member(user.pk, gone_id) not in get_redis().hgetall(SUSPECTS_KEY)
+
+
+def test_sweep_walks_the_index_in_bounded_batches_from_a_persisted_cursor(user):
+    projects = [ProjectFactory(owner=user) for _ in range(5)]
+    for project in projects:
+        get_worker_space(user_id=user.pk, project_id=project.id)
+    members = [m for m, _ in get_redis().zrange(registry.INDEX_KEY, 0, -1, withscores=True)]
+    cursor = lambda: get_redis().hget(registry.SWEEP_CURSOR_KEY, "index")  # noqa: E731
+
+    assert workspace_sweep(batch=2)["checked"] == 2 and cursor() == members[1]
+    assert workspace_sweep(batch=2)["checked"] == 2 and cursor() == members[3]
+    # The end of the index: the next run starts over.
+    assert workspace_sweep(batch=2)["checked"] == len(members) - 4 and cursor() == ""
+    assert workspace_sweep(batch=2)["checked"] == 2 and cursor() == members[1]
+
+
+def test_sweep_puts_workspaces_back_in_their_state_sets(user):
+    project = ProjectFactory(owner=user)
+    get_worker_space(user_id=user.pk, project_id=project.id)
+    member = registry.index_member(user.pk, project.id)
+    get_redis().zrem(registry.state_key(registry.State.INITIALIZED), member)  # a lost write
+    assert registry.state_counts()[1]["Initialized"] == 0
+    workspace_sweep()
+    assert get_redis().zscore(registry.state_key(registry.State.INITIALIZED), member)
+
+
+def test_sweep_adopts_the_earlier_index(user):
+    project = ProjectFactory(owner=user)
+    get_redis().sadd(registry.LEGACY_INDEX_KEY, f"{user.pk}:{project.id.hex}")
+    workspace_sweep()
+    assert (user.pk, project.id) in registry.index_members()
+    assert not get_redis().exists(registry.LEGACY_INDEX_KEY)
