@@ -11,6 +11,7 @@ With Redis down the limits are not checked (logged), rather than failing the req
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 
@@ -55,7 +56,9 @@ class LoginUsernameThrottle(_Rates, SimpleRateThrottle):
         username = data.get("username") if isinstance(data, Mapping) else None
         if not isinstance(username, str) or not username:
             return None
-        return self.cache_format % {"scope": self.scope, "ident": username.lower()[:150]}
+        # Hashed: a username may hold any character, a cache key should not.
+        ident = hashlib.sha256(username.lower().encode("utf-8", "surrogatepass")).hexdigest()
+        return self.cache_format % {"scope": self.scope, "ident": ident}
 
 
 class MethodScopedThrottle(_Rates, SimpleRateThrottle):
