@@ -9,7 +9,8 @@ Other apps use this public API:
 - `project_gone(project_id)` / `project_gone_async`, `project_tombstone`,
   `project_revive`: the lifecycle guard (agentbus.guard);
 - `retire_project`, `queue_depth`, `queue_depths`: a project's queue for its teardown
-  and for operators; `live_workers`: the workers' heartbeats;
+  and for operators; `live_workers`: the workers' heartbeats, `worker_identity`: this
+  worker process's id among them;
 - `project_queue`, `MAINTENANCE_QUEUE`: queue names.
 """
 
@@ -19,6 +20,7 @@ from .active import (
     queue_depth,
     queue_depths,
     retire_project,
+    worker_identity,
 )
 from .guard import (
     ProjectGone,
@@ -47,4 +49,5 @@ __all__ = [
     "queue_depth",
     "queue_depths",
     "retire_project",
+    "worker_identity",
 ]

@@ -45,6 +45,10 @@ RETIRED_KEY = "uws:bus:retired"
 FULL_SCAN_KEY = "uws:bus:rescue-scan"
 # Workers' heartbeats: "hostname mode" -> last beat (agentbus.worker).
 WORKERS_KEY = "uws:bus:workers"
+# This worker's current connection to the broker: a worker restarted under the same
+# hostname, or reconnected (Celery drops the tasks it had received but not started),
+# is a new incarnation, so what the old one held is known to be lost.
+_incarnation = uuid.uuid4().hex[:12]
 
 # Remote control commands the shared workers answer (agentbus.worker).
 FOLLOW_COMMAND = "agentbus_follow"
@@ -275,9 +279,25 @@ def rescue_stranded_queues(*, full_scan: bool | None = None) -> list[str]:
     return rescued
 
 
+def worker_identity(hostname: str) -> str:
+    """This worker's id as `live_workers` reports it: `<hostname>#<incarnation>`."""
+    return f"{hostname}#{_incarnation}"
+
+
+def worker_connected(hostname: str, *, mode: str) -> None:
+    """The worker's consumer (re)started: a new incarnation, and the old one is gone at
+    once (not three heartbeats later)."""
+    global _incarnation
+    old = f"{hostname} {mode} {_incarnation}"
+    _incarnation = uuid.uuid4().hex[:12]
+    client = broker_redis()
+    client.zrem(WORKERS_KEY, old)
+    worker_alive(hostname, mode=mode)
+
+
 def worker_alive(hostname: str, *, mode: str) -> None:
     """A worker's heartbeat (every AGENTBUS_HEARTBEAT_SECONDS)."""
-    broker_redis().zadd(WORKERS_KEY, {f"{hostname} {mode}": time.time()})
+    broker_redis().zadd(WORKERS_KEY, {f"{hostname} {mode} {_incarnation}": time.time()})
 
 
 def worker_gone(hostname: str) -> None:
@@ -288,8 +308,9 @@ def worker_gone(hostname: str) -> None:
 
 
 def live_workers() -> list[dict[str, Any]]:
-    """Workers that beat within three heartbeat periods: [{"name", "mode", "seen"}].
-    One round trip, no waiting for replies (unlike a broadcast ping)."""
+    """Workers that beat within three heartbeat periods: [{"name", "mode", "seen", "id"}]
+    (`id`: see worker_identity). One round trip, no waiting for replies (unlike a
+    broadcast ping)."""
     client = broker_redis()
     now = time.time()
     horizon = now - 3 * settings.AGENTBUS_HEARTBEAT_SECONDS
@@ -297,8 +318,16 @@ def live_workers() -> list[dict[str, Any]]:
     beats = client.zrangebyscore(WORKERS_KEY, horizon, "+inf", withscores=True)
     workers = []
     for member, seen in beats:
-        name, _, mode = member.partition(" ")
-        workers.append({"name": name, "mode": mode, "seen": round(now - seen, 3)})
+        name, _, rest = member.partition(" ")
+        mode, _, incarnation = rest.partition(" ")
+        workers.append(
+            {
+                "name": name,
+                "mode": mode,
+                "seen": round(now - seen, 3),
+                "id": f"{name}#{incarnation}",
+            }
+        )
     return workers
 
 

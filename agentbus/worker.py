@@ -66,7 +66,10 @@ class AgentBusConsumer(bootsteps.StartStopStep):
         if self.mode is None:
             self.mode = self._decide_mode(c)
             logger.info("AgentBus: %s worker", self.mode)
-        self._heartbeat_safely(c)
+        try:
+            active.worker_connected(c.hostname, mode=self.mode)
+        except Exception:
+            logger.debug("AgentBus: heartbeat failed", exc_info=True)
         if self.heartbeat_ref is None:
             self.heartbeat_ref = c.timer.call_repeatedly(
                 settings.AGENTBUS_HEARTBEAT_SECONDS, self._heartbeat_safely, (c,), priority=10

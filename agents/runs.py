@@ -2,12 +2,16 @@
 cancelling them, and the recovery pass that answers every accepted message whatever died.
 
 A run is accepted in the same transaction as its message (the outbox). After commit it
-is dispatched: its task goes on the project's queue and its id into the workspace's
-`runs:queued` mark. The recovery pass (`runs_recover`, beat, every RUN_RECOVERY_SECONDS):
+is dispatched: its id goes into the workspace's `runs:dispatched` mark and its task on
+the project's queue; the worker that receives the task writes its id in the mark, and
+the run's start removes it. The recovery pass (`runs_recover`, beat, every
+RUN_RECOVERY_SECONDS):
 
 - a run still queued RUN_REDISPATCH_SECONDS after its dispatch (or never dispatched:
-  Redis or the broker was down at commit, the process died) whose mark is missing (its
-  message was lost with Redis) is dispatched again;
+  Redis or the broker was down at commit, the process died) is dispatched again when
+  its task is lost: its mark is missing (lost with Redis), names a worker that is gone
+  (killed holding it: the broker would give it back only after its visibility timeout),
+  or says "on the queue" while the project's queue is empty;
 - a running run whose lease expired (its worker was killed) is dispatched again, its
   next start says `message.restarted` to the client;
 - a run that cannot start within RUN_QUEUE_TIMEOUT_SECONDS, or whose workers were lost
@@ -19,21 +23,22 @@ message that turns up later, or a duplicate, does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import timedelta
 
 from django.conf import settings
-from django.db.models import F, Q
+from django.db.models import Q
 from django.utils import timezone
 
-from agentbus import project_gone, publish
+from agentbus import live_workers, project_gone, publish, queue_depths
 from workspaces.lifecycle import project_tombstone_heal
 from workspaces.manager import get_worker_space
 from workspaces.redis import ScopedRedis, scoped
 
 from .models import Message, Run
 from .runtime import streams
-from .runtime.chat import message_event_data, run_end
+from .runtime.chat import message_event_data, run_end, run_take_back
 from .tasks import run_agent
 
 logger = logging.getLogger(__name__)
@@ -53,12 +58,22 @@ def run_dispatch(*, run: Run, announce: tuple[Message, ...] = ()) -> None:
                 session_id=run.session_id,
                 events=[(streams.MESSAGE_CREATED, message_event_data(m)) for m in announce],
             )
-        publish(
-            run_agent,
-            project_id=project.id,
-            kwargs={"user_id": project.owner_id, "run_id": str(run.id), "attempt": run.attempt},
-        )
-        streams.runs_mark_queued(redis=space.redis, run_ids=[str(run.id)])
+        # Marked first: a worker may receive the task before publish returns.
+        streams.runs_mark_dispatched(redis=space.redis, run_ids=[str(run.id)])
+        try:
+            publish(
+                run_agent,
+                project_id=project.id,
+                kwargs={
+                    "user_id": project.owner_id,
+                    "run_id": str(run.id),
+                    "attempt": run.attempt,
+                },
+            )
+        except Exception:
+            with contextlib.suppress(Exception):  # unmarked, or lost with Redis: the same
+                streams.runs_unmark(redis=space.redis, run_ids=[str(run.id)])
+            raise
     Run.objects.filter(id=run.id, attempt=run.attempt).update(dispatched_at=timezone.now())
 
 
@@ -115,7 +130,7 @@ def runs_recover() -> dict[str, int]:
         Q(status=Run.Status.QUEUED)
         & (Q(dispatched_at__lt=stale) | Q(dispatched_at__isnull=True, created_at__lt=stale))
     )
-    for run in _unmarked(queued):
+    for run in _lost(queued):
         done["redispatched"] += _redispatch(run, from_status=Run.Status.QUEUED)
 
     for run in _runs(Q(status=Run.Status.RUNNING, lease_expires_at__lt=now)):
@@ -133,22 +148,35 @@ def _runs(condition: Q, limit: int = 500) -> list[Run]:
     )
 
 
-def _unmarked(runs: list[Run]) -> list[Run]:
-    """The runs whose queued mark is missing (their task is not on the queue)."""
+def _lost(runs: list[Run]) -> list[Run]:
+    """The queued runs whose task no worker will run (see the module docstring)."""
+    # Never dispatched (or taken back from an interrupted start): nothing to wait for.
+    lost: list[Run] = [run for run in runs if run.dispatched_at is None]
     by_project: dict = {}
     for run in runs:
-        by_project.setdefault(run.session.project_id, []).append(run)
-    unmarked = []
-    for project_runs in by_project.values():
-        try:
-            marked = streams.runs_marked_queued(
+        if run.dispatched_at is not None:
+            by_project.setdefault(run.session.project_id, []).append(run)
+    if not by_project:
+        return lost
+    try:
+        live = {worker["id"] for worker in live_workers()}
+        depths = dict(zip(by_project, queue_depths(list(by_project)), strict=True))
+        for project_id, project_runs in by_project.items():
+            marks = streams.runs_marks(
                 redis=_redis(project_runs[0]), run_ids=[str(r.id) for r in project_runs]
             )
-        except Exception:
-            logger.warning("run recovery: Redis unavailable", exc_info=True)
-            return unmarked
-        unmarked += [r for r in project_runs if str(r.id) not in marked]
-    return unmarked
+            for run in project_runs:
+                mark = marks[str(run.id)]
+                if mark is None:
+                    lost.append(run)  # lost with Redis
+                elif mark:
+                    if mark not in live:
+                        lost.append(run)  # its worker is gone
+                elif depths[project_id] == 0:
+                    lost.append(run)  # "on the queue", which is empty
+    except Exception:
+        logger.warning("run recovery: Redis unavailable", exc_info=True)
+    return lost
 
 
 def _redispatch(run: Run, *, from_status: str) -> int:
@@ -156,19 +184,8 @@ def _redispatch(run: Run, *, from_status: str) -> int:
     project_id = run.session.project_id
     if project_gone(project_id) and not project_tombstone_heal(project_id=project_id):
         return 0  # being deleted: its teardown removes it
-    taken = Run.objects.filter(id=run.id, attempt=run.attempt, status=from_status).update(
-        status=Run.Status.QUEUED,
-        attempt=F("attempt") + 1,
-        lease_expires_at=None,
-        dispatched_at=None,
-    )
-    if not taken:
+    if not run_take_back(run=run, from_status=from_status):
         return 0
-    run.refresh_from_db(fields=["attempt", "status"])
-    if from_status == Run.Status.RUNNING:
-        Message.objects.filter(id=run.message_id, status=Message.Status.STREAMING).update(
-            status=Message.Status.PENDING
-        )
     try:
         run_dispatch(run=run)
     except Exception:

@@ -23,6 +23,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
+from redis.exceptions import RedisError
 
 from agentbus import project_gone
 from workspaces.manager import get_worker_space
@@ -111,6 +112,27 @@ def run_end(
     return bool(ended)
 
 
+def run_take_back(*, run: Run, from_status: str, attempt: int | None = None) -> bool:
+    """Put a run back to queued as a new attempt, for the recovery pass to dispatch:
+    True when this call took it (fenced on its status and dispatch generation)."""
+    taken = Run.objects.filter(
+        id=run.id, attempt=run.attempt if attempt is None else attempt, status=from_status
+    ).update(
+        status=Run.Status.QUEUED,
+        attempt=F("attempt") + 1,
+        lease_expires_at=None,
+        dispatched_at=None,
+    )
+    if not taken:
+        return False
+    run.refresh_from_db(fields=["attempt", "status"])
+    if from_status == Run.Status.RUNNING:
+        Message.objects.filter(id=run.message_id, status=Message.Status.STREAMING).update(
+            status=Message.Status.PENDING
+        )
+    return True
+
+
 def _redis_of(run: Run) -> ScopedRedis:
     project = run.session.project
     return scoped(project.owner_id, project.id)
@@ -161,13 +183,15 @@ def chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
     run = Run.objects.select_related("message", "session__project").filter(id=run_id).first()
     if run is None:
         return "gone"
+    if run.attempt != attempt:
+        return "stale"  # an older dispatch: the newer one owns the run and its mark
     redis = _redis_of(run)
     try:
-        streams.runs_unmark_queued(redis=redis, run_id=str(run.id))
+        streams.runs_unmark(redis=redis, run_ids=[str(run.id)])
     except Exception:
-        logger.warning("run %s: could not clear its queued mark", run.id, exc_info=True)
-    if run.attempt != attempt or run.status != Run.Status.QUEUED:
-        return "stale"  # an older dispatch, or already ended: another owns it
+        logger.warning("run %s: could not clear its dispatch mark", run.id, exc_info=True)
+    if run.status != Run.Status.QUEUED:
+        return "stale"  # already ended (cancelled, expired)
     claimed = Run.objects.filter(id=run.id, attempt=attempt, status=Run.Status.QUEUED).update(
         status=Run.Status.RUNNING,
         starts=F("starts") + 1,
@@ -217,6 +241,12 @@ def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:
         if run_end(run=run, status=Run.Status.ERROR, content=content, error=error, attempt=attempt):
             raise AgentRunFailed(f"run {run.id}: {error}")
         return "lost"
+    if outcome == "interrupted":
+        # Redis went away mid-answer: not the agent's failure. Queued again, the run is
+        # dispatched by the recovery pass once Redis is back, and its next start tells
+        # the client the answer starts over.
+        run_take_back(run=run, from_status=Run.Status.RUNNING, attempt=attempt)
+        return outcome
     if outcome == "cancelled":
         # The canceller ends the run (or has); what was said before the cancel stays.
         Message.objects.filter(
@@ -230,7 +260,7 @@ def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:
 
 @dataclass
 class Answer:
-    outcome: str  # done, error, cancelled, lost or project-deleted
+    outcome: str  # done, error, cancelled, lost, interrupted or project-deleted
     content: str = ""
     error: str = ""
     question: str = ""
@@ -279,6 +309,9 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> Answer:
         return stopped("".join(parts))
     except ProviderError as exc:
         return Answer("error", "".join(parts), str(exc))
+    except RedisError as exc:
+        logger.warning("agent run %s interrupted, Redis unavailable: %r", run.id, exc)
+        return Answer("interrupted", "".join(parts))
     except Exception as exc:
         logger.exception("agent run %s failed", run.id)
         return Answer("error", "".join(parts), f"the agent run failed: {type(exc).__name__}")

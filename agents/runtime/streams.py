@@ -6,8 +6,10 @@ Every key here is workspace-relative and goes through `ScopedRedis`, so teardown
 - `stream:{session_id}`  a Redis Stream of chat events (the SSE endpoint reads it);
   entry fields `type` (EVENT_TYPES) and `data` (JSON).
 - `cancel:{message_id}`  set while a run of that assistant message should stop.
-- `runs:queued`          ids of runs whose task is on the project's queue (the recovery
-  pass re-dispatches a queued run that is not here: its message was lost).
+- `runs:dispatched`      a hash of the runs whose task waits for a worker: "" while on
+  the project's queue, then the id of the worker that received it, removed when the
+  run starts. The recovery pass dispatches again a queued run that is not here (its
+  message was lost), whose worker is gone, or whose task is not on an empty queue.
 - `context_job:{job_id}` a hash with the status of a context ingestion or clear job.
 - `reply:{request_id}`   a one-entry stream a worker answers a waiting web request on.
 """
@@ -132,23 +134,40 @@ def cancel_requested(*, redis: ScopedRedis, message_id: int) -> bool:
 
 # --- Runs on the queue ---------------------------------------------------------------
 
-RUNS_QUEUED_KEY = "runs:queued"
+RUNS_DISPATCHED_KEY = "runs:dispatched"
+
+# Reserved by the worker that received the task, only while the run is still marked
+# dispatched (the run may have started and unmarked itself already).
+_RESERVE = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+"""
 
 
-def runs_mark_queued(*, redis: ScopedRedis, run_ids: list[str]) -> None:
+def runs_mark_dispatched(*, redis: ScopedRedis, run_ids: list[str]) -> None:
+    """The runs' tasks are (about to be) on the project's queue."""
     if run_ids:
-        redis.sadd(RUNS_QUEUED_KEY, *run_ids)
+        redis.hset(RUNS_DISPATCHED_KEY, mapping=dict.fromkeys(run_ids, ""))
 
 
-def runs_unmark_queued(*, redis: ScopedRedis, run_id: str) -> None:
-    redis.srem(RUNS_QUEUED_KEY, run_id)
+def runs_mark_reserved(*, redis: ScopedRedis, run_id: str, worker: str) -> None:
+    """The run's task left the queue for `worker` (agentbus.worker_identity)."""
+    redis.script(_RESERVE, keys=[RUNS_DISPATCHED_KEY], args=[run_id, worker])
 
 
-def runs_marked_queued(*, redis: ScopedRedis, run_ids: list[str]) -> set[str]:
+def runs_unmark(*, redis: ScopedRedis, run_ids: list[str]) -> None:
+    """The runs started (or their dispatch failed): no longer waiting for a worker."""
+    if run_ids:
+        redis.hdel(RUNS_DISPATCHED_KEY, *run_ids)
+
+
+def runs_marks(*, redis: ScopedRedis, run_ids: list[str]) -> dict[str, str | None]:
+    """Per run: None (not marked: its task was lost), "" (on the queue) or the worker
+    holding its task."""
     if not run_ids:
-        return set()
-    found = redis.smismember(RUNS_QUEUED_KEY, run_ids)
-    return {run_id for run_id, there in zip(run_ids, found, strict=True) if there}
+        return {}
+    return dict(zip(run_ids, redis.hmget(RUNS_DISPATCHED_KEY, run_ids), strict=True))
 
 
 # --- Context jobs ----------------------------------------------------------------------

@@ -12,10 +12,12 @@ import pytest
 from agentbus import MAINTENANCE_QUEUE
 from agents.models import Message, Run
 from agents.runs import runs_recover
+from agents.runtime import streams
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
 from tests.redis_server import private_redis
 from tests.runtime.conftest import stream_events, wait_until
 from tests.workers import broker_at, wait_for
+from workspaces.redis import scoped
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -23,8 +25,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 @pytest.fixture(params=["empty", "aof"])
 def own_redis(request, settings):
     """A Redis of this test's own for everything (registry, streams, broker, the rate
-    limits' cache); `aof` ones
-    come back from their append-only file when restarted."""
+    limits' cache); `aof` ones come back from their append-only file when restarted."""
     with private_redis(appendonly=request.param == "aof") as server, broker_at(server.url):
         settings.REDIS_URL = settings.CELERY_BROKER_URL = server.url
         settings.CACHES = {"default": {**settings.CACHES["default"], "LOCATION": server.url}}
@@ -138,26 +139,28 @@ def test_queued_messages_lost_with_redis_are_answered_once(own_redis, api, chat,
 def test_a_worker_killed_mid_answer_is_replaced_without_waiting_for_visibility(
     own_redis, api, user, worker_process, fake_openai, tmp_path, settings
 ):
-    """The whole worker (pool processes too) is SIGKILLed while it streams an answer:
-    its lease runs out, the recovery pass dispatches the run again, another worker
-    answers it and tells the client the answer starts over."""
+    """The whole worker (pool processes too) is SIGKILLed while it streams an answer and
+    holds a second run it received but has not started. The first's lease runs out, the
+    second's mark names a worker that is gone: the recovery pass dispatches both again,
+    another worker answers them, and tells the client the first answer starts over."""
     settings.RUN_LEASE_SECONDS = 2
     fake_openai.mode, fake_openai.delay = "slow", 0.3
     fake_openai.tokens = [f"w{i} " for i in range(20)]
     project = ProjectFactory(owner=user)
-    session = ChatSessionFactory(
-        agent=AgentFactory(project=project, model="gpt-local"), project=project
-    )
+    agent = AgentFactory(project=project, model="gpt-local")
+    session, waiting = (ChatSessionFactory(agent=agent, project=project) for _ in range(2))
     env = {
         "OPENAI_BASE_URL": fake_openai.base_url,
         "OPENAI_API_KEY": "test-key",
         "RUN_LEASE_SECONDS": "2",
         "QDRANT_PATH": str(tmp_path / "qdrant"),
     }
-    first = worker_process("-P", "prefork", "-c", "1", env=env)
+    # One process, two tasks prefetched: the second waits, received, behind the first.
+    first = worker_process("-P", "prefork", "-c", "1", "--prefetch-multiplier", "2", env=env)
     first.wait_started()
     answer_id = post(api, session, "Tell me something long")
-    run = Run.objects.get(message_id=answer_id)
+    held_id = post(api, waiting, "And you?")
+    run, held = Run.objects.get(message_id=answer_id), Run.objects.get(message_id=held_id)
     wait_until(
         lambda: (
             Message.objects.get(id=answer_id).status == "streaming"
@@ -167,13 +170,19 @@ def test_a_worker_killed_mid_answer_is_replaced_without_waiting_for_visibility(
         ),
         what="the answer streaming",
     )
+
+    def held_by_a_worker() -> bool:
+        marks = streams.runs_marks(redis=scoped(user.pk, project.id), run_ids=[str(held.id)])
+        return bool(marks[str(held.id)])
+
+    wait_until(held_by_a_worker, what="the second run received")
     first.kill_group()
     started = time.monotonic()
 
     second = worker_process("-P", "prefork", "-c", "1", env=env)
     second.wait_started()
     fake_openai.delay = 0.01
-    recover_until_finished([answer_id], timeout=30)
+    recover_until_finished([answer_id, held_id], timeout=30)
     assert time.monotonic() - started < 30  # not the broker's visibility timeout (1 h)
 
     run.refresh_from_db()
@@ -183,6 +192,65 @@ def test_a_worker_killed_mid_answer_is_replaced_without_waiting_for_visibility(
     kinds = [k for _, k, d in stream_events(_redis(), project, session.id)]
     assert kinds.count("message.restarted") == 1 and kinds.count("message.completed") == 1
     assert kinds.index("message.restarted") < kinds.index("message.completed")
+    held.refresh_from_db()
+    assert held.status == "done" and held.starts == 1 and held.attempt == 2
+    held_kinds = [k for _, k, d in stream_events(_redis(), project, waiting.id)]
+    assert held_kinds.count("message.completed") == 1 and "message.restarted" not in held_kinds
+
+
+def test_an_answer_cut_off_by_redis_is_answered_once_it_is_back(
+    own_redis, api, user, worker_process, fake_openai, tmp_path, settings
+):
+    """Redis dies while a worker streams an answer and holds a second run it received
+    but has not started. The first is not the agent's failure: it goes back to the queue.
+    The second was dropped by the worker when it reconnected to the broker. Both are
+    answered in full, once each, after Redis is back."""
+    settings.RUN_REDISPATCH_SECONDS = 0
+    fake_openai.mode, fake_openai.delay = "slow", 0.2
+    fake_openai.tokens = [f"w{i} " for i in range(30)]
+    project = ProjectFactory(owner=user)
+    agent = AgentFactory(project=project, model="gpt-local")
+    session, waiting = (ChatSessionFactory(agent=agent, project=project) for _ in range(2))
+    env = {
+        "OPENAI_BASE_URL": fake_openai.base_url,
+        "OPENAI_API_KEY": "test-key",
+        "QDRANT_PATH": str(tmp_path / "qdrant"),
+    }
+    worker = worker_process("-P", "prefork", "-c", "1", "--prefetch-multiplier", "2", env=env)
+    worker.wait_started()
+    answer_id = post(api, session, "Tell me something long")
+    held_id = post(api, waiting, "And you?")
+    held = Run.objects.get(message_id=held_id)
+
+    def held_by_the_worker() -> bool:
+        marks = streams.runs_marks(redis=scoped(user.pk, project.id), run_ids=[str(held.id)])
+        return bool(marks[str(held.id)])
+
+    wait_until(lambda: Message.objects.get(id=answer_id).status == "streaming", what="the answer")
+    wait_until(held_by_the_worker, what="the second run received")
+    time.sleep(1.2)  # a few deltas out; the append-only file has the marks
+    own_redis.kill()
+    wait_until(
+        lambda: Run.objects.get(message_id=answer_id).status == "queued",
+        timeout=30,
+        what="the run given back",
+    )
+    own_redis.start()
+    fake_openai.delay = 0.01
+    recover_until_finished([answer_id, held_id], timeout=60)
+
+    run = Run.objects.get(message_id=answer_id)
+    answer = Message.objects.get(id=answer_id)
+    # Attempts: the first dispatch, taken back, the recovery's dispatch.
+    assert run.status == "done" and run.starts == 2 and run.attempt == 3
+    assert answer.status == "done" and answer.content == "".join(fake_openai.tokens)
+    assert completions(session) == {answer_id: 1}
+    kinds = [k for _, k, _ in stream_events(_redis(), project, session.id)]
+    assert "message.error" not in kinds and "message.restarted" in kinds
+    held.refresh_from_db()
+    assert held.status == "done" and held.starts == 1
+    assert Message.objects.get(id=held_id).content == "".join(fake_openai.tokens)
+    assert completions(waiting) == {held_id: 1}
 
 
 def test_a_run_that_keeps_losing_its_worker_ends_in_error(transactional_db, api, chat, settings):
