@@ -40,7 +40,7 @@ from .providers import (
     ProviderStopped,
     get_provider,
 )
-from .vectors import context_search, exchange_store
+from .vectors import context_search, exchange_store, query_embed
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +234,12 @@ def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:
     if outcome == "done":
         if run_end(run=run, status=Run.Status.DONE, content=content, attempt=attempt):
             release_database()  # remembering embeds: no connection held meanwhile
-            _remember_exchange(run=run, content=content, question=answer.question)
+            _remember_exchange(
+                run=run,
+                content=content,
+                question=answer.question,
+                question_vector=answer.question_vector,
+            )
             return "done"
         return "lost"
     if outcome == "error":
@@ -264,6 +269,7 @@ class Answer:
     content: str = ""
     error: str = ""
     question: str = ""
+    question_vector: list[float] | None = None
 
 
 def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> Answer:
@@ -284,7 +290,7 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> Answer:
         return Answer("cancelled" if held.cancelled.is_set() else "lost", content)
 
     parts: list[str] = []
-    question = ""
+    question, question_vector = "", None
     try:
         config = space.get_agent(str(run.agent_id))
         if config is None:
@@ -294,12 +300,15 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> Answer:
         # Nothing more from the database until the run ends (the lease keeper has its own).
         release_database()
         top_k = int((config.get("params") or {}).get("top_k", DEFAULT_TOP_K))
+        # Embedded once: to search now, and to remember the exchange by afterwards.
+        question_vector = query_embed(question) if question.strip() else None
         hits = context_search(
             user_id=space.user_id,
             project_id=project_id,
             agent_id=config["id"],
             query=question,
             k=top_k,
+            vector=question_vector,
         )
         request = _build_request(
             config=config, history=history, question=question, context=[h.text for h in hits]
@@ -319,7 +328,7 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> Answer:
         return Answer("cancelled", "".join(parts))
     if outcome != "done":
         return stopped("".join(parts))
-    return Answer("done", "".join(parts), question=question)
+    return Answer("done", "".join(parts), question=question, question_vector=question_vector)
 
 
 def _stream(
@@ -359,7 +368,9 @@ def _stream(
     return "done"
 
 
-def _remember_exchange(*, run: Run, content: str, question: str) -> None:
+def _remember_exchange(
+    *, run: Run, content: str, question: str, question_vector: list[float] | None
+) -> None:
     if not content.strip() or not question.strip():
         return
     project = run.session.project
@@ -371,6 +382,7 @@ def _remember_exchange(*, run: Run, content: str, question: str) -> None:
             question=question,
             answer=content,
             payload={"session_id": str(run.session_id), "message_id": run.message_id},
+            question_vector=question_vector,
         )
     except Exception:
         # The answer stands; only the memory of it is missing.

@@ -129,6 +129,23 @@ def embedded_text(payload: dict) -> str:
     return text
 
 
+def _embed_again(embedder, points: list) -> list[list[float]]:
+    """Each point's vector under `embedder`, embedded as it was first: a question
+    remembered with its search vector as a query, everything else as a passage."""
+    vectors: list[list[float] | None] = [None] * len(points)
+    passages = [i for i, p in enumerate(points) if p.payload.get("embedded_as") != "query"]
+    for i, p in enumerate(points):
+        if p.payload.get("embedded_as") == "query":
+            vectors[i] = embedder.query(embedded_text(p.payload))
+    for start in range(0, len(passages), EMBED_BATCH):
+        chunk = passages[start : start + EMBED_BATCH]
+        for i, vector in zip(
+            chunk, embedder.passages([embedded_text(points[i].payload) for i in chunk]), strict=True
+        ):
+            vectors[i] = vector
+    return vectors  # type: ignore[return-value]
+
+
 def context_reembed(
     *,
     batch: int,
@@ -162,10 +179,7 @@ def context_reembed(
             points, _ = store.scroll(scope, collection=name, limit=batch)
             if not points:
                 break
-            vectors: list[list[float]] = []
-            for i in range(0, len(points), EMBED_BATCH):
-                chunk = points[i : i + EMBED_BATCH]
-                vectors.extend(embedder.passages([embedded_text(p.payload) for p in chunk]))
+            vectors = _embed_again(embedder, points)
             store.upsert(
                 scope,
                 [type(p)(p.id, v, p.payload) for p, v in zip(points, vectors, strict=True)],

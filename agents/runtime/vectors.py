@@ -112,20 +112,28 @@ def exchange_store(
     question: str,
     answer: str,
     payload: dict[str, Any],
+    question_vector: list[float] | None = None,
 ) -> bool:
     """Remember one question and its answer in the agent's context.
 
-    The point is found by what was asked: its vector is the question's (as a passage),
-    its text the whole exchange. Embedding the answer too would cost a worker a
-    transformer pass per answer token, before it can take the next message.
+    The point is found by what was asked: its vector is the question's, its text the
+    whole exchange. Embedding the answer too would cost a worker a transformer pass per
+    answer token, before it can take the next message. `question_vector` is the
+    question as the run already embedded it to search (a query: finding a past exchange
+    by a similar question is a symmetric match, which e5-style models embed as a query
+    on both sides), so a chat message is embedded once; without it the question is
+    embedded as a passage.
     """
     scope = _agent(user_id, project_id, agent_id)
     embedder, store = get_embedder(), get_vector_store()
     text = f"User: {question}\nAssistant: {answer}"
     if len(text) > EXCHANGE_MAX_CHARS:
         text = text[: EXCHANGE_MAX_CHARS - 1] + "…"
-    embedded = question[:CHUNK_CHARS]
-    vector = embedder.passages([embedded])[0]
+    if question_vector is not None:
+        embedded, embedded_as, vector = question, "query", question_vector
+    else:
+        embedded, embedded_as = question[:CHUNK_CHARS], "passage"
+        vector = embedder.passages([embedded])[0]
     store.upsert(
         scope,
         [
@@ -138,6 +146,7 @@ def exchange_store(
                     # What the vector embeds, where it is not the text: re-embedding
                     # under a new model must embed the same thing.
                     "embedded_text": embedded,
+                    "embedded_as": embedded_as,
                     "kind": "exchange",
                     "metadata": {},
                     "stored_at": time.time(),
@@ -150,16 +159,29 @@ def exchange_store(
     return not _undo_if_project_gone(scope=scope)
 
 
+def query_embed(query: str) -> list[float]:
+    """A search text's vector, to search with and to remember the question by."""
+    return get_embedder().query(query)
+
+
 def context_search(
-    *, user_id: int, project_id: uuid.UUID | str, agent_id: str, query: str, k: int
+    *,
+    user_id: int,
+    project_id: uuid.UUID | str,
+    agent_id: str,
+    query: str,
+    k: int,
+    vector: list[float] | None = None,
 ) -> list[ContextHit]:
+    """The agent's k nearest points to `query` (`vector`: its `query_embed`, when the
+    caller already has it)."""
     if k <= 0 or not query.strip():
         return []
     scope = _agent(user_id, project_id, agent_id)
     embedder = get_embedder()
-    return get_vector_store().search(
-        scope, embedder.query(query), k=k, model=embedder.name, dim=embedder.dim
-    )
+    if vector is None:
+        vector = embedder.query(query)
+    return get_vector_store().search(scope, vector, k=k, model=embedder.name, dim=embedder.dim)
 
 
 def context_clear(*, user_id: int, project_id: uuid.UUID | str, agent_id: str) -> None:

@@ -11,6 +11,8 @@ from django.utils import timezone
 
 from agents.models import Message, Run
 from agents.runtime.chat import chat_run
+from agents.runtime.embeddings import get_embedder
+from agents.runtime.vectorstore import TenantScope, get_vector_store, shared_collection_name
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
 from tests.runtime.conftest import queued_task_names, stream_events, wait_for_event, wait_until
 
@@ -87,6 +89,18 @@ def test_offline_answer_streams_from_context_and_is_stored(live_worker, api, ses
     url = f"/my/projects/{agent.project_id}/agents/{agent.id}/context/"
     hits = api.get(url, {"q": "office cat name", "k": 10}).json()["results"]
     assert any(h["kind"] == "exchange" and "office cat" in h["text"] for h in hits)
+    # It is remembered by the vector the run searched with: the question embedded once.
+    embedder = get_embedder()
+    points, _ = get_vector_store().scroll(
+        TenantScope.agent(
+            user_id=agent.project.owner_id, project_id=agent.project_id, agent_id=agent.id
+        ),
+        collection=shared_collection_name(model=embedder.name, dim=embedder.dim),
+    )
+    (exchange,) = [p for p in points if p.payload["kind"] == "exchange"]
+    assert exchange.payload["embedded_as"] == "query"
+    expected = embedder.query("What is the name of the office cat?")
+    assert max(abs(a - b) for a, b in zip(exchange.vector, expected, strict=True)) < 1e-4
 
 
 def test_a_redelivered_run_of_a_finished_message_does_nothing(

@@ -272,6 +272,17 @@ def test_reembed_moves_an_agents_context_to_the_new_model(layout_store):
         vec(5),
         {"text": "User: Where is the VPN guide?\nAssistant: On the wiki.", "kind": "exchange"},
     )
+    remembered = ContextPoint(  # a question remembered by its search vector
+        str(uuid.uuid4()),
+        vec(6),
+        {
+            "text": "User: Who signs the invoices?\nAssistant: Olga.",
+            "kind": "exchange",
+            "embedded_text": "Who signs the invoices?",
+            "embedded_as": "query",
+        },
+    )
+    old.append(remembered)
     store.upsert(scopes["u1p1a"], [*old, exchange], model="old-model", dim=DIM)
     fill(store, scopes["u1p2a"], 3, model="old-model")
     call_command("vectors_reembed", project=scopes["u1p1a"].project_id, batch=2)
@@ -291,6 +302,13 @@ def test_reembed_moves_an_agents_context_to_the_new_model(layout_store):
         dim=embedder.dim,
     )
     assert "Barsik" in hits[0].text
+    # Each point is embedded again as it was first: a query stays a query.
+    by_id = {p.id: p.vector for p in moved}
+    for point, expected in (
+        (remembered, embedder.query("Who signs the invoices?")),
+        (old[0], embedder.passages(["The cat is called Barsik."])[0]),
+    ):
+        assert max(abs(a - b) for a, b in zip(by_id[point.id], expected, strict=True)) < 1e-4
     assert vector_moves.embedded_text(exchange.payload) == "Where is the VPN guide?"
 
 
