@@ -183,6 +183,7 @@ class Channel(kombu_redis.Channel):
     _deferring = False
     _deferred = False
     _window_start = 0
+    _broker = None  # the kombu Connection this channel was opened on
 
     def __init__(self, *args, **kwargs):
         # Before kombu's own setup: basic_consume may run during it.
@@ -191,6 +192,27 @@ class Channel(kombu_redis.Channel):
         self._active_cached: list[str] = []
         self._packed_keys: dict[str, bytes] = {}
         super().__init__(*args, **kwargs)
+        self._broker = self.connection.client  # see _connparams
+
+    def _connparams(self, asynchronous=False):
+        """kombu's, also once the transport was detached from its connection.
+
+        When a worker loses the broker, Celery detaches the transport
+        (`Connection.collect`) and closes the connection; a channel closing after that
+        gives its unacknowledged messages back, and task threads still acknowledge.
+        Both need a Redis client, whose parameters kombu reads from the transport's
+        connection, by then None: an AttributeError nothing expects, which stopped the
+        whole worker ("Unrecoverable error") instead of letting it reconnect. The
+        channel keeps its own reference to where the broker is.
+        """
+        transport = self.connection
+        if transport.client is not None or self._broker is None:
+            return super()._connparams(asynchronous=asynchronous)
+        self.connection = _Attached(transport, self._broker)
+        try:
+            return super()._connparams(asynchronous=asynchronous)
+        finally:
+            self.connection = transport
 
     @property
     def takes_over(self) -> bool:
@@ -329,6 +351,16 @@ class Channel(kombu_redis.Channel):
             pipe.expire(self.wake_key, WAKE_TTL_SECONDS)
             pipe.execute()
         return True
+
+
+class _Attached:
+    """A detached transport seen with the connection it had (`Channel._connparams`)."""
+
+    def __init__(self, transport, client) -> None:
+        self._transport, self.client = transport, client
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
 
 
 class Transport(kombu_redis.Transport):

@@ -406,3 +406,31 @@ def test_a_large_follow_polls_a_window_at_a_time_and_rings_the_bell(
             connection.drain_events(timeout=0.5)
     assert recorder.bodies[-1] == "quiet"
     consumer.cancel()
+
+
+@pytest.mark.parametrize("channel_class", [kombu_redis.Channel, Channel])
+def test_a_channel_closed_after_its_transport_was_detached_gives_its_messages_back(
+    redis_client, channel_class, monkeypatch
+):
+    """What a worker does when it loses the broker: Celery detaches the transport from
+    its connection (`Connection.collect`), then closes the connection; a channel that
+    closes after that must still put its unacknowledged messages back. kombu's own
+    channel raises AttributeError there (which stopped the whole worker)."""
+    monkeypatch.setattr(Transport, "Channel", channel_class)
+    queue = direct_queue(f"uws.test.{uuid.uuid4().hex}")
+    with Connection(app.conf.broker_url, transport=Transport) as conn:
+        channel = conn.default_channel
+        Producer(channel).publish({"n": 1}, routing_key=queue.name, declare=[queue])
+        held = []
+        with Consumer(channel, [queue], callbacks=[lambda body, m: held.append(m)]):
+            conn.drain_events(timeout=2)
+        assert len(held) == 1 and redis_client.llen(queue.name) == 0
+        channel._disconnect_pools()
+        conn.transport.client = None  # what Connection._do_close_transport does
+        if channel_class is kombu_redis.Channel:
+            with pytest.raises(AttributeError):
+                channel.close()
+            return
+        channel.close()
+    assert redis_client.llen(queue.name) == 1  # back on its queue
+    redis_client.delete(queue.name)
