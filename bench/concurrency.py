@@ -527,6 +527,7 @@ def main() -> None:
 
     def row(name: str, values, fmt: str = "{:.2f}", goal: str = "") -> None:
         rows.append((name, spread(values, fmt) if isinstance(values, list) else values, goal))
+        print(f"{name}: {rows[-1][1]}", flush=True)  # as it goes; the table comes at the end
 
     if "1" in only:
         n, seq_n = opts.chats, opts.sequential_chats
