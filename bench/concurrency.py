@@ -282,7 +282,10 @@ async def open_stream(port: int, path: str, token: str):
         "Accept: text/event-stream\r\n\r\n".encode()
     )
     await writer.drain()
-    head = await reader.readuntil(b"connected at")
+    try:
+        head = await reader.readuntil(b"connected at")
+    except asyncio.IncompleteReadError as exc:  # answered and closed: say with what
+        raise RuntimeError(exc.partial[:300]) from None
     if not head.startswith(b"HTTP/1.1 200"):
         raise RuntimeError(head[:200])
     return reader, writer
@@ -323,15 +326,22 @@ async def streams_measure(
 
 
 def web_redis_clients(stack: Stack) -> int:
-    """Redis connections the web process holds (by the client's local port)."""
-    ports = set()
+    """Redis connections the web process holds: the TCP sockets among its open files
+    whose peer is Redis's port (/proc/<pid>/net/tcp lists every socket of the host's
+    network namespace, so it is matched by inode)."""
+    redis_port = int(os.environ["REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    inodes = set()
+    for fd in Path(f"/proc/{stack.web.pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    held = 0
     for line in Path(f"/proc/{stack.web.pid}/net/tcp").read_text().splitlines()[1:]:
-        local, remote = line.split()[1:3]
-        if int(remote.split(":")[1], 16) == int(
-            os.environ["REDIS_URL"].rsplit(":", 1)[1].split("/")[0]
-        ):
-            ports.add(int(local.split(":")[1], 16))
-    return len(ports)
+        fields = line.split()
+        if int(fields[2].split(":")[1], 16) == redis_port and fields[9] in inodes:
+            held += 1
+    return held
 
 
 def api_p99(url: str, token: str, n: int = 200) -> float:
