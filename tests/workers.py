@@ -52,11 +52,12 @@ def database_url() -> str:
 
 
 @contextmanager
-def shared_pool_worker() -> Iterator:
-    """Start a worker (threads pool, 2 threads) that follows the maintenance queue and the
-    queues of active projects as the shared pool does (the AgentBus bootstep: broadcasts
-    plus the periodic reconcile), through the workers' own broker transport. Yields the
-    WorkController once its mailbox answers, so broadcasts sent after that reach it."""
+def shared_pool_worker(concurrency: int = 2) -> Iterator:
+    """Start a worker (threads pool, `concurrency` threads) that follows the maintenance
+    queue and the queues of active projects as the shared pool does (the AgentBus
+    bootstep: broadcasts plus the periodic reconcile), through the workers' own broker
+    transport. Yields the WorkController once its mailbox answers, so broadcasts sent
+    after that reach it."""
     from celery.contrib.testing.worker import start_worker
     from django.conf import settings
 
@@ -68,7 +69,7 @@ def shared_pool_worker() -> Iterator:
         with start_worker(
             app,
             pool="threads",
-            concurrency=2,
+            concurrency=concurrency,
             queues=[MAINTENANCE_QUEUE],
             agentbus_mode="shared",
             perform_ping_check=False,
