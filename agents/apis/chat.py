@@ -12,6 +12,7 @@ from common.api import (
     TextField,
     UUIDField,
 )
+from common.credentials import CHAT
 from common.schema import error_responses
 from common.validators import MAX_TEXT_BYTES, validate_text_size
 from projects.mixins import ProjectScopedApi
@@ -152,6 +153,7 @@ class SessionDetailApi(ProjectScopedApi):
 class MessageListCreateApi(EnvelopeListMixin, ProjectScopedApi):
     pagination_class = EnvelopePagination.of("messages")
     throttle_scopes = {"POST": "messages"}
+    credential_scopes = {"POST": CHAT}  # a project API key sends messages with `chat`
 
     @extend_schema(
         operation_id="messages_list",
@@ -186,6 +188,8 @@ class MessageListCreateApi(EnvelopeListMixin, ProjectScopedApi):
 
 @extend_schema(tags=["Chat"])
 class SessionCancelApi(ProjectScopedApi):
+    credential_scopes = {"POST": CHAT}
+
     @extend_schema(
         operation_id="sessions_cancel",
         summary="Stop the answers in flight",

@@ -34,6 +34,7 @@ INSTALLED_APPS = [
     "agentbus",
     "workspaces",
     "projects",
+    "governance",
     "agents",
 ]
 
@@ -143,10 +144,15 @@ FLOWER_URL = env.str(
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("API_MAX_BODY_BYTES", default=4 * 1024 * 1024)
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
+        # First: it takes only `uws_` project keys and leaves user tokens to the next.
+        "governance.authentication.ProjectKeyAuthentication",
         "common.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PERMISSION_CLASSES": [
+        "rest_framework.permissions.IsAuthenticated",
+        "common.credentials.CredentialScopePermission",
+    ],
     # JSON in, JSON out: the schema documents exactly these (Swagger UI is the browsable
     # API).
     "DEFAULT_PARSER_CLASSES": ["common.parsers.JSONParser"],
@@ -204,6 +210,10 @@ SPECTACULAR_SETTINGS = {
         {"name": "Agents", "description": "A project's agents: system prompt, model, parameters."},
         {"name": "Context", "description": "An agent's context memory: documents it answers from."},
         {"name": "Chat", "description": "Chat sessions, their messages and live events."},
+        {
+            "name": "Governance",
+            "description": "A project's API keys, usage and quotas.",
+        },
         {"name": "Operators", "description": "Workspace health and statistics (staff only)."},
     ],
     "POSTPROCESSING_HOOKS": [

@@ -1,0 +1,127 @@
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+from projects.models import Project
+
+
+class ProjectApiKey(models.Model):
+    """A key that reaches one project, within its scopes (common.credentials). Only a
+    hash of the key is stored; the key itself is shown once, when it is created."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=200)
+    # The key's first characters, to recognise it in lists (`uws_` and 8 more).
+    prefix = models.CharField(max_length=16)
+    # SHA-256 of the whole key: keys are 256 random bits, so no salt or slow hash is needed.
+    key_hash = models.CharField(max_length=64, unique=True)
+    scopes = models.JSONField(default=list)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["project", "-created_at"], name="apikey_project_created")]
+        verbose_name = "project API key"
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.name})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+
+class Quota(models.Model):
+    """Limits an operator sets on one project or on one user (all of the user's
+    projects together). An empty limit is no limit."""
+
+    project = models.OneToOneField(
+        Project, on_delete=models.CASCADE, null=True, blank=True, related_name="quota"
+    )
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.CASCADE,
+        null=True,
+        blank=True,
+        related_name="quota",
+    )
+    tokens_per_day = models.PositiveBigIntegerField(null=True, blank=True)
+    tokens_per_month = models.PositiveBigIntegerField(null=True, blank=True)
+    messages_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    concurrent_runs = models.PositiveIntegerField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    LIMITS = ("tokens_per_day", "tokens_per_month", "messages_per_minute", "concurrent_runs")
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(project__isnull=False, user__isnull=True)
+                | Q(project__isnull=True, user__isnull=False),
+                name="quota_project_xor_user",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return (
+            f"quota of project {self.project_id}"
+            if self.project_id
+            else f"quota of user {self.user_id}"
+        )
+
+
+class RunUsage(models.Model):
+    """The accounting of one agent run (one assistant message): written when the message
+    is accepted (the run then holds its place against the concurrency and token quotas),
+    its tokens recorded once the run has called its provider, finished when the run ends.
+
+    Rows outlive their project and agent (plain ids, no foreign keys): what a user spent
+    still counts against the user's quota after a project is deleted.
+    """
+
+    run_id = models.UUIDField(primary_key=True)
+    project_id = models.UUIDField()
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    agent_id = models.UUIDField()
+    message_id = models.BigIntegerField()
+    model = models.CharField(max_length=200, blank=True, default="")
+    provider = models.CharField(max_length=50, blank=True, default="")
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    total_tokens = models.PositiveBigIntegerField(default=0)
+    # The provider did not report its usage: the counts are estimated from the text.
+    estimated = models.BooleanField(default=False)
+    latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    outcome = models.CharField(max_length=32, blank=True, default="")
+    # UTC day of acceptance: what per-day usage and quotas count by.
+    day = models.DateField()
+    created_at = models.DateTimeField()
+    recorded_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["project_id", "day"], name="usage_project_day"),
+            models.Index(fields=["user", "day"], name="usage_user_day"),
+            models.Index(
+                fields=["project_id"],
+                condition=Q(finished_at__isnull=True),
+                name="usage_project_in_flight",
+            ),
+            models.Index(
+                fields=["user"], condition=Q(finished_at__isnull=True), name="usage_user_in_flight"
+            ),
+        ]
+        verbose_name_plural = "run usage"
+
+    def __str__(self) -> str:
+        return f"run {self.run_id}: {self.total_tokens} tokens"

@@ -1,0 +1,8 @@
+from django.urls import path
+
+from . import apis
+
+urlpatterns = [
+    path("keys/", apis.ApiKeyListCreateApi.as_view(), name="api-key-list"),
+    path("keys/<uuid:key_id>/", apis.ApiKeyDetailApi.as_view(), name="api-key-detail"),
+]
