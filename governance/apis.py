@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from drf_spectacular.utils import extend_schema
+from datetime import date, timedelta
+
+from django.utils import timezone
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
 from common.api import EnvelopeListMixin, EnvelopePagination, StrictSerializer, TextField
 from common.credentials import SCOPES
+from common.schema import ErrorSerializer
 from projects.mixins import ProjectScopedApi
 
-from .selectors import api_key_get, api_key_list
+from .models import Quota
+from .quotas import quota_status
+from .selectors import USAGE_GROUPS, api_key_get, api_key_list, usage_summary
 from .services import api_key_create, api_key_revoke
 
 # Keys cannot list, mint or revoke keys: a read-only key must not make itself a writer.
@@ -103,3 +109,167 @@ class ApiKeyDetailApi(ProjectScopedApi):
     def delete(self, request, project_id, key_id):
         api_key_revoke(key=api_key_get(project=self.project, key_id=key_id))
         return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+# --- Usage -----------------------------------------------------------------------------
+
+MAX_USAGE_DAYS = 366
+
+
+class UsageQuerySerializer(StrictSerializer):
+    # `from` is a Python keyword: the fields are named in __init__ below.
+    to = serializers.DateField(required=False, help_text="Last UTC day (default: today).")
+    group_by = serializers.ChoiceField(choices=list(USAGE_GROUPS), default="day")
+
+    class Meta:
+        ref_name = "UsageQuery"
+
+    def get_fields(self):
+        fields = super().get_fields()
+        fields["from"] = serializers.DateField(
+            required=False, help_text="First UTC day (default: 29 days before `to`)."
+        )
+        return fields
+
+    def validate(self, attrs):
+        attrs = super().validate(attrs)
+        to = attrs.get("to") or timezone.now().date()
+        start = attrs.get("from") or max(date.min + timedelta(days=29), to) - timedelta(days=29)
+        if start > to:
+            raise serializers.ValidationError({"from": ["Must not be after `to`."]})
+        if (to - start).days >= MAX_USAGE_DAYS:
+            raise serializers.ValidationError(
+                {"from": [f"At most {MAX_USAGE_DAYS} days from `from` to `to`."]}
+            )
+        return {"from": start, "to": to, "group_by": attrs["group_by"]}
+
+
+class UsageSumsSerializer(serializers.Serializer):
+    runs = serializers.IntegerField(help_text="Agent runs (one per assistant message).")
+    estimated_runs = serializers.IntegerField(
+        help_text="Runs whose provider reported no usage: their tokens are estimated."
+    )
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+    total_tokens = serializers.IntegerField()
+    latency_ms_avg = serializers.FloatField(
+        allow_null=True, help_text="Mean time of the provider calls."
+    )
+
+    class Meta:
+        ref_name = "UsageSums"
+
+
+class UsageGroupSerializer(UsageSumsSerializer):
+    key = serializers.CharField(help_text="The day (YYYY-MM-DD), agent id or model.")
+
+    class Meta:
+        ref_name = "UsageGroup"
+
+
+class UsageOutputSerializer(serializers.Serializer):
+    group_by = serializers.ChoiceField(choices=list(USAGE_GROUPS))
+    to = serializers.DateField()
+    totals = UsageSumsSerializer()
+    groups = UsageGroupSerializer(many=True)
+
+    class Meta:
+        ref_name = "Usage"
+
+    def get_fields(self):
+        fields = super().get_fields()
+        fields["from"] = serializers.DateField()
+        return fields
+
+
+@extend_schema(tags=["Governance"])
+class UsageApi(ProjectScopedApi):
+    @extend_schema(
+        operation_id="usage_retrieve",
+        summary="A project's usage",
+        description="Tokens and runs of the project's agents, by the UTC day each message "
+        "was accepted, totalled and grouped by `day`, `agent` (its id) or `model`. Tokens "
+        "are those the provider reported, or an estimate from the text where it reported "
+        "none (counted in `estimated_runs`).",
+        parameters=[UsageQuerySerializer],
+        responses={200: UsageOutputSerializer},
+    )
+    def get(self, request, project_id):
+        query = UsageQuerySerializer(data=request.query_params.dict())
+        query.is_valid(raise_exception=True)
+        params = query.validated_data
+        summary = usage_summary(
+            project=self.project,
+            date_from=params["from"],
+            date_to=params["to"],
+            group_by=params["group_by"],
+        )
+        return Response(UsageOutputSerializer(summary).data)
+
+
+# --- Quotas ----------------------------------------------------------------------------
+
+
+class QuotaLimitSerializer(serializers.Serializer):
+    limit = serializers.ChoiceField(choices=list(Quota.LIMITS))
+    value = serializers.IntegerField(allow_null=True, help_text="The limit; null: none.")
+    used = serializers.IntegerField(help_text="What counts against it now.")
+    resets_at = serializers.DateTimeField(
+        allow_null=True, help_text="When the count starts over; null for concurrent runs."
+    )
+
+    class Meta:
+        ref_name = "QuotaLimit"
+
+
+class QuotasOutputSerializer(serializers.Serializer):
+    project = QuotaLimitSerializer(many=True, help_text="This project's own limits.")
+    user = QuotaLimitSerializer(
+        many=True, help_text="The owner's limits, over all their projects together."
+    )
+
+    class Meta:
+        ref_name = "Quotas"
+
+
+@extend_schema(tags=["Governance"])
+class QuotasApi(ProjectScopedApi):
+    @extend_schema(
+        operation_id="quotas_retrieve",
+        summary="A project's quotas",
+        description="The limits operators set on this project and on its owner (tokens "
+        "per day and per month, messages per minute, concurrent runs), with what counts "
+        "against each now. A message past a limit is refused with a 429 naming the "
+        "limit (`limit`, `scope`) and when it resets (`resets_at`).",
+        responses={200: QuotasOutputSerializer},
+    )
+    def get(self, request, project_id):
+        status_ = quota_status(project_id=self.project.id, user_id=self.project.owner_id)
+        return Response(QuotasOutputSerializer(status_).data)
+
+
+class QuotaExceededSerializer(ErrorSerializer):
+    """A 429: a rate limit (`code` throttled), or a quota (`code` quota_exceeded, with
+    the keys below)."""
+
+    scope = serializers.ChoiceField(
+        choices=["project", "user"], required=False, help_text="Whose quota."
+    )
+    limit = serializers.ChoiceField(choices=list(Quota.LIMITS), required=False)
+    limit_value = serializers.IntegerField(required=False)
+    used = serializers.IntegerField(required=False)
+    resets_at = serializers.DateTimeField(
+        required=False,
+        allow_null=True,
+        help_text="When the limit starts over; null for concurrent runs (when one ends).",
+    )
+
+    class Meta:
+        ref_name = "QuotaExceeded"
+
+
+QUOTA_EXCEEDED_RESPONSE = OpenApiResponse(
+    QuotaExceededSerializer,
+    description="Too many requests, or a quota reached: nothing was stored and no agent "
+    "runs. `Retry-After` says when to try again.",
+)

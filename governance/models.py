@@ -105,6 +105,8 @@ class RunUsage(models.Model):
     day = models.DateField()
     created_at = models.DateTimeField()
     recorded_at = models.DateTimeField(null=True, blank=True)
+    # The latest dispatch attempt whose tokens are counted (each attempt once).
+    recorded_attempt = models.PositiveIntegerField(default=0)
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:

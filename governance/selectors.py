@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from django.db.models import QuerySet
+from datetime import date
+
+from django.db.models import Avg, Count, Q, QuerySet, Sum
+from django.db.models.functions import Coalesce
 from django.http import Http404
 
 from projects.models import Project
 
-from .models import ProjectApiKey
+from .models import ProjectApiKey, RunUsage
 
 
 def api_key_list(*, project: Project) -> QuerySet[ProjectApiKey]:
@@ -20,3 +23,32 @@ def api_key_get(*, project: Project, key_id) -> ProjectApiKey:
         return ProjectApiKey.objects.get(project=project, id=key_id)
     except (ProjectApiKey.DoesNotExist, ValueError, TypeError):
         raise Http404("No such API key.") from None
+
+
+USAGE_GROUPS = {"day": "day", "agent": "agent_id", "model": "model"}
+
+
+def usage_summary(*, project: Project, date_from: date, date_to: date, group_by: str) -> dict:
+    """The project's usage per run accepted from `date_from` to `date_to` (UTC days,
+    both included): totals, and the same sums per day, agent or model."""
+    rows = RunUsage.objects.filter(project_id=project.id, day__gte=date_from, day__lte=date_to)
+    sums = {
+        "runs": Count("run_id"),
+        "estimated_runs": Count("run_id", filter=Q(estimated=True)),
+        "prompt_tokens": Coalesce(Sum("prompt_tokens"), 0),
+        "completion_tokens": Coalesce(Sum("completion_tokens"), 0),
+        "total_tokens": Coalesce(Sum("total_tokens"), 0),
+        "latency_ms_avg": Avg("latency_ms"),
+    }
+    field = USAGE_GROUPS[group_by]
+    groups = [
+        {"key": str(group.pop(field)), **group}
+        for group in rows.values(field).annotate(**sums).order_by(field)
+    ]
+    return {
+        "from": date_from,
+        "to": date_to,
+        "group_by": group_by,
+        "totals": rows.aggregate(**sums),
+        "groups": groups,
+    }

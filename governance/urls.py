@@ -5,4 +5,6 @@ from . import apis
 urlpatterns = [
     path("keys/", apis.ApiKeyListCreateApi.as_view(), name="api-key-list"),
     path("keys/<uuid:key_id>/", apis.ApiKeyDetailApi.as_view(), name="api-key-detail"),
+    path("usage/", apis.UsageApi.as_view(), name="usage"),
+    path("quotas/", apis.QuotasApi.as_view(), name="quotas"),
 ]

@@ -15,6 +15,7 @@ from common.api import (
 from common.credentials import CHAT
 from common.schema import error_responses
 from common.validators import MAX_TEXT_BYTES, validate_text_size
+from governance.apis import QUOTA_EXCEEDED_RESPONSE
 from projects.mixins import ProjectScopedApi
 
 from ..models import Message
@@ -173,9 +174,10 @@ class MessageListCreateApi(EnvelopeListMixin, ProjectScopedApi):
         "`assistant_message_id`), and puts the answer on the project's queue. Follow the "
         "answer on the session's event stream (open it before posting, or read it with "
         "`?cursor=0`), or poll the messages. Every accepted message is answered or ends "
-        "`error` with the reason.",
+        "`error` with the reason. A message past one of the project's or its owner's "
+        "quotas is refused (429, naming the limit and when it resets).",
         request=MessageInputSerializer,
-        responses={202: MessageAcceptedSerializer},
+        responses={202: MessageAcceptedSerializer, 429: QUOTA_EXCEEDED_RESPONSE},
     )
     def post(self, request, project_id, session_id):
         session = session_get(project=self.project, session_id=session_id)

@@ -50,6 +50,8 @@ class OpenAIProvider:
 
     def __init__(self, client: Any) -> None:
         self._client = client
+        # The token usage the endpoint reported for the last call (governance reads it).
+        self.usage: Any = None
 
     def stream(
         self, request: ChatRequest, *, should_stop: Callable[[], bool] = never
@@ -66,10 +68,16 @@ class OpenAIProvider:
             started = False
             try:
                 stream = self._client.chat.completions.create(
-                    model=model, messages=request.messages, stream=True, **options
+                    model=model,
+                    messages=request.messages,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    **options,
                 )
                 try:
                     for chunk in stream:
+                        if getattr(chunk, "usage", None) is not None:
+                            self.usage = chunk.usage  # the last chunk, with no choices
                         for choice in chunk.choices or ():
                             delta = choice.delta.content if choice.delta else None
                             if delta:

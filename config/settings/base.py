@@ -400,6 +400,18 @@ SSE_RETRY_AFTER_SECONDS = env.int("SSE_RETRY_AFTER_SECONDS", default=5)
 # delta); the first goes out at once.
 CHAT_DELTA_WINDOW_SECONDS = env.float("CHAT_DELTA_WINDOW_SECONDS", default=0.05)
 
+# --- Governance: quotas (governance.quotas) ----------------------------------------
+# A run in flight holds this many tokens of its project's and user's token budgets until
+# its usage is recorded: how far concurrent runs can overshoot a budget together.
+QUOTA_RUN_RESERVE_TOKENS = env.int("QUOTA_RUN_RESERVE_TOKENS", default=1000)
+# The quota counters in Redis are rebuilt from the database at least this often.
+QUOTA_RESYNC_SECONDS = env.float("QUOTA_RESYNC_SECONDS", default=300)
+# A run still counted in flight after this long no longer holds its place (its end was
+# missed); beyond the longest a run can wait and run.
+QUOTA_RUN_STALE_SECONDS = env.float(
+    "QUOTA_RUN_STALE_SECONDS", default=RUN_QUEUE_TIMEOUT_SECONDS + CELERY_TASK_TIME_LIMIT
+)
+
 # --- LLM endpoint: the model an agent without one asks, and the health probe ------
 # An agent whose `model` is empty asks this one (with OPENAI_BASE_URL / OPENAI_API_KEY
 # set; the offline provider needs none). No default: no name is right for every

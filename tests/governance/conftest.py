@@ -25,3 +25,24 @@ def make_key(api):
         return body["key"], body
 
     return make
+
+
+# The runtime's fixtures: Qdrant in a temporary folder, the offline provider unless a
+# test asks for the OpenAI-protocol stub server.
+from tests.runtime.conftest import fake_openai, qdrant_path, runtime_settings  # noqa: E402, F401
+
+
+def messages_url(session) -> str:
+    return f"/my/projects/{session.project_id}/chat/{session.id}/messages/"
+
+
+def wait_answered(message_id: int, timeout: float = 30):
+    """The assistant message once it ended (done, error or cancelled)."""
+    from agents.models import Message
+    from tests.runtime.conftest import wait_until
+
+    return wait_until(
+        lambda: Message.objects.filter(id=message_id, status__in=Message.FINISHED).first(),
+        timeout=timeout,
+        what=f"message {message_id} answered",
+    )
