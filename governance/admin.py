@@ -1,6 +1,6 @@
 from django.contrib import admin, messages
 
-from .models import ProjectApiKey
+from .models import ProjectApiKey, Quota, RunUsage
 from .services import api_key_revoke
 
 
@@ -43,3 +43,47 @@ class ProjectApiKeyAdmin(admin.ModelAdmin):
         for key in queryset.filter(revoked_at__isnull=True):
             api_key_revoke(key=key)
         self.message_user(request, "Revoked.", messages.SUCCESS)
+
+
+@admin.register(Quota)
+class QuotaAdmin(admin.ModelAdmin):
+    """Operators set limits on a project or on a user (all their projects together);
+    owners read them at …/quotas/. An empty limit is no limit."""
+
+    list_display = ("__str__", "project", "user", *Quota.LIMITS, "updated_at")
+    list_select_related = ("project", "user")
+    search_fields = ("project__name", "=project__id", "user__username")
+    raw_id_fields = ("project", "user")
+    fieldsets = ((None, {"fields": ("project", "user")}), ("Limits", {"fields": Quota.LIMITS}))
+
+
+@admin.register(RunUsage)
+class RunUsageAdmin(admin.ModelAdmin):
+    """Every agent run's accounting, read-only: it is written by the runs themselves."""
+
+    list_display = (
+        "created_at",
+        "project_id",
+        "user",
+        "model",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "estimated",
+        "latency_ms",
+        "outcome",
+        "finished_at",
+    )
+    list_filter = ("estimated", "outcome", "provider", "day")
+    search_fields = ("=project_id", "=run_id", "=agent_id", "model", "user__username")
+    list_select_related = ("user",)
+    date_hierarchy = "day"
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False

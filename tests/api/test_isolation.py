@@ -32,6 +32,8 @@ ROUTES = [
     ("/my/projects/{p}/agents/{a}/context/jobs/{j}/", ["get"]),
     ("/my/projects/{p}/keys/", ["get", "post"]),
     ("/my/projects/{p}/keys/{k}/", ["delete"]),
+    ("/my/projects/{p}/usage/", ["get"]),
+    ("/my/projects/{p}/quotas/", ["get"]),
 ]
 VALID_BODIES = {
     "/my/projects/{p}/": {"name": "renamed"},
