@@ -16,7 +16,7 @@ from rest_framework.exceptions import Throttled
 from agentbus import publish
 from common.redis import get_redis
 from common.services import model_update, on_commit_robust
-from governance.usage import usage_admit, usage_open
+from governance.usage import usage_admit
 from projects.models import Project
 from projects.services import project_lock_for_write
 from workspaces.redis import scoped
@@ -124,7 +124,7 @@ def message_create(*, session: ChatSession, content: str) -> tuple[Message, Mess
 def _message_create(
     *, session: ChatSession, content: str, run_id: uuid.UUID
 ) -> tuple[Message, Message]:
-    project = project_lock_for_write(project_id=session.project_id)
+    project_lock_for_write(project_id=session.project_id)
     if not ChatSession.objects.filter(id=session.id).exists():
         raise Http404("No such chat session.")  # deleted meanwhile
     user_message = Message.objects.create(
@@ -135,14 +135,6 @@ def _message_create(
     )
     run = Run.objects.create(
         id=run_id, session=session, message=assistant_message, agent_id=session.agent_id
-    )
-    # Governance hook: the run's usage row (it now counts as in flight).
-    usage_open(
-        run_id=run.id,
-        project_id=project.id,
-        user_id=project.owner_id,
-        agent_id=session.agent_id,
-        message_id=assistant_message.id,
     )
     on_commit_robust(
         lambda: run_dispatch(run=run, announce=(user_message, assistant_message)),

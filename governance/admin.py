@@ -1,6 +1,7 @@
 from django.contrib import admin, messages
 
 from .models import ProjectApiKey, Quota, RunUsage
+from .quotas import quota_delete, quota_save
 from .services import api_key_revoke
 
 
@@ -56,6 +57,17 @@ class QuotaAdmin(admin.ModelAdmin):
     raw_id_fields = ("project", "user")
     fieldsets = ((None, {"fields": ("project", "user")}), ("Limits", {"fields": Quota.LIMITS}))
 
+    # Through the services: the next admission in the quota's scope reads the change.
+    def save_model(self, request, obj, form, change):
+        quota_save(quota=obj)
+
+    def delete_model(self, request, obj):
+        quota_delete(quota=obj)
+
+    def delete_queryset(self, request, queryset):
+        for quota in queryset:
+            quota_delete(quota=quota)
+
 
 @admin.register(RunUsage)
 class RunUsageAdmin(admin.ModelAdmin):
@@ -72,7 +84,6 @@ class RunUsageAdmin(admin.ModelAdmin):
         "estimated",
         "latency_ms",
         "outcome",
-        "finished_at",
     )
     list_filter = ("estimated", "outcome", "provider", "day")
     search_fields = ("=project_id", "=run_id", "=agent_id", "model", "user__username")

@@ -79,9 +79,8 @@ class Quota(models.Model):
 
 
 class RunUsage(models.Model):
-    """The accounting of one agent run (one assistant message): written when the message
-    is accepted (the run then holds its place against the concurrency and token quotas),
-    its tokens recorded once the run has called its provider, finished when the run ends.
+    """The accounting of one agent run (one assistant message) that called its
+    provider: the tokens it reported (or an estimate), the model, the latency.
 
     Rows outlive their project and agent (plain ids, no foreign keys): what a user spent
     still counts against the user's quota after a project is deleted.
@@ -101,27 +100,18 @@ class RunUsage(models.Model):
     estimated = models.BooleanField(default=False)
     latency_ms = models.PositiveIntegerField(null=True, blank=True)
     outcome = models.CharField(max_length=32, blank=True, default="")
-    # UTC day of acceptance: what per-day usage and quotas count by.
-    day = models.DateField()
+    # When the message was accepted, and its UTC day: what usage and quotas count by.
     created_at = models.DateTimeField()
-    recorded_at = models.DateTimeField(null=True, blank=True)
+    day = models.DateField()
+    recorded_at = models.DateTimeField()
     # The latest dispatch attempt whose tokens are counted (each attempt once).
-    recorded_attempt = models.PositiveIntegerField(default=0)
-    finished_at = models.DateTimeField(null=True, blank=True)
+    recorded_attempt = models.PositiveIntegerField(default=1)
 
     class Meta:
         ordering = ["-created_at"]
         indexes = [
             models.Index(fields=["project_id", "day"], name="usage_project_day"),
             models.Index(fields=["user", "day"], name="usage_user_day"),
-            models.Index(
-                fields=["project_id"],
-                condition=Q(finished_at__isnull=True),
-                name="usage_project_in_flight",
-            ),
-            models.Index(
-                fields=["user"], condition=Q(finished_at__isnull=True), name="usage_user_in_flight"
-            ),
         ]
         verbose_name_plural = "run usage"
 

@@ -1,18 +1,17 @@
-"""Usage accounting: one `RunUsage` row per agent run (per assistant message).
+"""Usage accounting: one `RunUsage` row per agent run that reached its provider.
 
-The agents app calls, in order:
+The agents app calls:
 
 - `usage_admit` when a message is accepted, around the transaction that stores it: the
   quotas' admission (a 429 `QuotaExceeded` before anything is written), released again
   if the transaction fails;
-- `usage_open` inside that transaction: the row, which makes the run count as in flight;
 - `usage_meter_start` when the run is about to call its provider;
 - `usage_record` when the run's answer is over, whatever its outcome: the tokens the
   provider reported (OpenAI-compatible endpoints, with `stream_options.include_usage`),
-  or an estimate from the text where it reported none (`estimated`);
-- `usage_run_finished` when the run ends (by its worker, a cancel or the recovery pass).
-
-Each is idempotent: a run's tokens are counted once per dispatch attempt, its end once.
+  or an estimate from the text where it reported none (`estimated`). Counted once per
+  dispatch attempt (an attempt is claimed by one worker; a duplicate is refused);
+- `usage_run_ended` when the run ends (by its worker, a cancel or the recovery pass):
+  it no longer counts as in flight.
 """
 
 from __future__ import annotations
@@ -25,9 +24,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from django.conf import settings
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 from rest_framework import status
@@ -39,6 +40,8 @@ from .quotas import Refusal, quota_admit, quota_charge, quota_release
 logger = logging.getLogger(__name__)
 
 OFFLINE = "offline"
+# Outcomes of an answer (agents.runtime.chat.Answer) after which the run does not run on.
+ENDED = ("done", "error", "cancelled", "project-deleted")
 # The usual rule of thumb for English text and OpenAI-style tokenizers.
 CHARS_PER_TOKEN = 4
 # Tokens a chat format adds per message (role, separators).
@@ -79,20 +82,6 @@ def usage_admit(*, project_id, user_id) -> Iterator[uuid.UUID]:
         raise
 
 
-def usage_open(*, run_id, project_id, user_id, agent_id, message_id) -> None:
-    """The run's accounting row, in the transaction that stores the run."""
-    now = timezone.now()
-    RunUsage.objects.create(
-        run_id=run_id,
-        project_id=project_id,
-        user_id=user_id,
-        agent_id=agent_id,
-        message_id=message_id,
-        day=now.date(),
-        created_at=now,
-    )
-
-
 def estimate_tokens(text: str) -> int:
     return math.ceil(len(text) / CHARS_PER_TOKEN) if text else 0
 
@@ -106,6 +95,8 @@ class UsageMeter:
     model: str
     messages: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    # Set by usage_record once the run left the in-flight set.
+    released: bool = False
 
     def measure(self, completion: str) -> dict[str, Any]:
         reported = getattr(self.provider, "usage", None)
@@ -158,52 +149,76 @@ def usage_record(
     user_id,
     agent_id,
     message_id,
+    accepted_at: datetime,
     meter: UsageMeter | None,
     completion: str,
     outcome: str,
 ) -> bool:
-    """Record what dispatch `attempt` of the run cost: True when this call counted it
-    (each attempt once; a run that never reached its provider costs nothing)."""
-    measured = (
-        meter.measure(completion)
-        if meter is not None
-        else {"prompt_tokens": 0, "completion_tokens": 0, "estimated": False, "latency_ms": None}
-    )
+    """Record what dispatch `attempt` of the run cost: True when this call counted it.
+    A run that never reached its provider (no meter) costs nothing and gets no row."""
+    if meter is None:
+        return False
+    measured = meter.measure(completion)
     tokens = measured["prompt_tokens"] + measured["completion_tokens"]
-    row = RunUsage.objects.filter(run_id=run_id).values("day").first()
-    if row is None:  # a run stored without its row (before accounting existed)
-        usage_open(
-            run_id=run_id,
-            project_id=project_id,
-            user_id=user_id,
-            agent_id=agent_id,
-            message_id=message_id,
-        )
-        row = {"day": timezone.now().date()}
-    changes: dict[str, Any] = {
-        "prompt_tokens": F("prompt_tokens") + measured["prompt_tokens"],
-        "completion_tokens": F("completion_tokens") + measured["completion_tokens"],
-        "total_tokens": F("total_tokens") + tokens,
+    fields = {
         "latency_ms": measured["latency_ms"],
-        "outcome": outcome,
+        "outcome": outcome[:32],
         "recorded_attempt": attempt,
         "recorded_at": timezone.now(),
+        "model": measured["model"][:200],
+        "provider": measured["provider"][:50],
     }
-    if measured["estimated"]:
-        changes["estimated"] = True
-    if meter is not None:
-        changes["model"] = measured["model"][:200]
-        changes["provider"] = measured["provider"][:50]
-    counted = RunUsage.objects.filter(run_id=run_id, recorded_attempt__lt=attempt).update(**changes)
-    if counted:
-        quota_charge(project_id=project_id, user_id=user_id, day=row["day"], tokens=tokens)
-    return bool(counted)
+    counted = 0
+    if attempt > 1:  # an earlier attempt may have its row: add to it
+        added = {
+            "prompt_tokens": F("prompt_tokens") + measured["prompt_tokens"],
+            "completion_tokens": F("completion_tokens") + measured["completion_tokens"],
+            "total_tokens": F("total_tokens") + tokens,
+            **({"estimated": True} if measured["estimated"] else {}),
+        }
+        counted = RunUsage.objects.filter(run_id=run_id, recorded_attempt__lt=attempt).update(
+            **fields, **added
+        )
+    if not counted:
+        # A savepoint only inside a caller's transaction; a worker's run is in autocommit,
+        # where the failed insert needs none (and a savepoint would cost round trips).
+        guard = transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext()
+        try:
+            with guard:
+                RunUsage.objects.create(
+                    run_id=run_id,
+                    project_id=project_id,
+                    user_id=user_id,
+                    agent_id=agent_id,
+                    message_id=message_id,
+                    prompt_tokens=measured["prompt_tokens"],
+                    completion_tokens=measured["completion_tokens"],
+                    total_tokens=tokens,
+                    estimated=measured["estimated"],
+                    day=accepted_at.astimezone(UTC).date(),
+                    created_at=accepted_at,
+                    **fields,
+                )
+        except IntegrityError:
+            return False  # this attempt was recorded already
+    # The provider call is over: an answer that ended here leaves the in-flight set now,
+    # in the same round trip (one the recovery pass takes over stays in it).
+    released = outcome in ENDED
+    quota_charge(
+        project_id=project_id,
+        user_id=user_id,
+        day=accepted_at.astimezone(UTC).date(),
+        tokens=tokens,
+        release_run_id=run_id if released else None,
+    )
+    meter.released = released
+    return True
 
 
 @_never_raises
-def usage_run_finished(*, run_id, project_id, user_id) -> None:
-    """The run ended: it no longer counts as in flight."""
-    RunUsage.objects.filter(run_id=run_id, finished_at__isnull=True).update(
-        finished_at=timezone.now()
-    )
+def usage_run_ended(*, run_id, project_id, user_id, meter: UsageMeter | None = None) -> None:
+    """The run ended: it no longer counts as in flight (unless `usage_record` released
+    it already, with the run's `meter`)."""
+    if meter is not None and meter.released:
+        return
     quota_release(project_id=project_id, user_id=user_id, run_id=run_id)

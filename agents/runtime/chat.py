@@ -26,7 +26,7 @@ from django.utils import timezone
 from redis.exceptions import RedisError
 
 from agentbus import project_gone
-from governance.usage import usage_meter_start, usage_record, usage_run_finished
+from governance.usage import usage_meter_start, usage_record, usage_run_ended
 from workspaces.manager import get_worker_space
 from workspaces.redis import ScopedRedis, scoped
 
@@ -112,7 +112,12 @@ def run_end(
             logger.warning("run %s ended %s; the event was not written", run.id, status)
         # Governance hook: the run no longer counts as in flight against quotas.
         project = run.session.project
-        usage_run_finished(run_id=run.id, project_id=project.id, user_id=project.owner_id)
+        usage_run_ended(
+            run_id=run.id,
+            project_id=project.id,
+            user_id=project.owner_id,
+            meter=getattr(run, "usage_meter", None),
+        )
     return bool(ended)
 
 
@@ -242,6 +247,7 @@ def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:
         user_id=project.owner_id,
         agent_id=run.agent_id,
         message_id=message.id,
+        accepted_at=run.created_at,
         meter=getattr(run, "usage_meter", None),
         completion=answer.content,
         outcome=answer.outcome,

@@ -5,6 +5,7 @@ the usage endpoint that sums them per day, agent or model."""
 from __future__ import annotations
 
 import math
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -12,7 +13,7 @@ from django.utils import timezone
 
 from agents.models import Run
 from governance.models import RunUsage
-from governance.usage import usage_record, usage_run_finished
+from governance.usage import usage_record
 from tests.factories import AgentFactory, ChatSessionFactory
 from tests.governance.conftest import key_client, messages_url, wait_answered
 
@@ -38,7 +39,8 @@ def test_usage_is_what_the_provider_reported(live_worker, api, project, fake_ope
     assert usage.agent_id == session.agent_id and usage.message_id == answer.id
     assert usage.user_id == project.owner_id and usage.project_id == project.id
     assert usage.latency_ms is not None and usage.outcome == "done"
-    assert usage.recorded_at and usage.finished_at and usage.day == timezone.now().date()
+    assert usage.recorded_at and usage.day == timezone.now().date()
+    assert usage.created_at == Run.objects.get(message=answer).created_at
 
 
 def test_a_provider_that_reports_nothing_is_estimated(live_worker, api, project, fake_openai):
@@ -63,31 +65,41 @@ def test_the_offline_provider_is_estimated(live_worker, api, session):
 
 
 @pytest.mark.django_db
-def test_an_attempt_is_counted_once_and_an_end_once(api, session):
-    body = api.post(messages_url(session), {"content": "hi"}, format="json").json()
-    run = Run.objects.get(message_id=body["assistant_message_id"])
-    row = RunUsage.objects.get(run_id=run.id)
-    assert row.total_tokens == 0 and row.finished_at is None
+def test_each_attempt_is_counted_once(session):
+    from types import SimpleNamespace
+
+    from governance.usage import usage_meter_start
+
+    provider = SimpleNamespace(
+        name="openai", usage=SimpleNamespace(prompt_tokens=10, completion_tokens=2)
+    )
+    accepted = timezone.now()
     ids = {
-        "run_id": run.id,
+        "run_id": uuid.uuid4(),
         "project_id": session.project_id,
         "user_id": session.project.owner_id,
         "agent_id": session.agent_id,
-        "message_id": run.message_id,
+        "message_id": 7,
+        "accepted_at": accepted,
+        "completion": "",
+        "outcome": "done",
     }
-    assert usage_record(**ids, attempt=1, meter=None, completion="", outcome="done")
-    assert not usage_record(**ids, attempt=1, meter=None, completion="", outcome="done")
-    assert usage_record(**ids, attempt=2, meter=None, completion="", outcome="done")
-    ended = {k: ids[k] for k in ("run_id", "project_id", "user_id")}
-    usage_run_finished(**ended)
-    first_end = RunUsage.objects.get(run_id=run.id).finished_at
-    usage_run_finished(**ended)
-    assert RunUsage.objects.get(run_id=run.id).finished_at == first_end is not None
+
+    def record(attempt):
+        meter = usage_meter_start(provider=provider, model="m", messages=[])
+        return usage_record(**ids, attempt=attempt, meter=meter)
+
+    assert record(1) and not record(1)
+    assert record(2) and not record(2) and not record(1)
+    row = RunUsage.objects.get(run_id=ids["run_id"])
+    assert (row.prompt_tokens, row.completion_tokens, row.total_tokens) == (20, 4, 24)
+    assert row.recorded_attempt == 2 and row.created_at == accepted
+    # A run that never reached its provider costs nothing.
+    assert not usage_record(**{**ids, "run_id": uuid.uuid4()}, attempt=1, meter=None)
+    assert RunUsage.objects.count() == 1
 
 
 def _usage(project_id, user, agent_id, day, model, tokens, estimated=False):
-    import uuid
-
     now = timezone.now()
     return RunUsage.objects.create(
         run_id=uuid.uuid4(),
@@ -104,7 +116,6 @@ def _usage(project_id, user, agent_id, day, model, tokens, estimated=False):
         day=day,
         created_at=now,
         recorded_at=now,
-        finished_at=now,
     )
 
 
