@@ -1,6 +1,6 @@
 from django.contrib import admin, messages
 
-from .models import ProjectApiKey, Quota, RunUsage
+from .models import ProjectApiKey, ProviderSettings, Quota, RunUsage
 from .quotas import quota_delete, quota_save
 from .services import api_key_revoke
 
@@ -97,4 +97,25 @@ class RunUsageAdmin(admin.ModelAdmin):
         return False
 
     def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(ProviderSettings)
+class ProviderSettingsAdmin(admin.ModelAdmin):
+    """Read-only here: the owner sets them through the API, the key is never shown."""
+
+    list_display = ("project", "base_url", "has_api_key", "default_model", "updated_at")
+    search_fields = ("project__name", "=project__id", "base_url")
+    list_select_related = ("project",)
+    fields = ("project", "base_url", "has_api_key", "default_model", "allowed_models", "updated_at")
+    readonly_fields = fields
+
+    @admin.display(boolean=True, description="API key set")
+    def has_api_key(self, obj) -> bool:
+        return obj.has_api_key
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
         return False

@@ -16,8 +16,14 @@ from projects.mixins import ProjectScopedApi
 
 from .models import Quota
 from .quotas import quota_status
-from .selectors import USAGE_GROUPS, api_key_get, api_key_list, usage_summary
-from .services import api_key_create, api_key_revoke
+from .selectors import (
+    USAGE_GROUPS,
+    api_key_get,
+    api_key_list,
+    provider_settings_get,
+    usage_summary,
+)
+from .services import KEEP, api_key_create, api_key_revoke, provider_settings_update
 
 # Keys cannot list, mint or revoke keys: a read-only key must not make itself a writer.
 USER_CREDENTIALS_ONLY = {"GET": None, "POST": None, "DELETE": None}
@@ -273,3 +279,100 @@ QUOTA_EXCEEDED_RESPONSE = OpenApiResponse(
     description="Too many requests, or a quota reached: nothing was stored and no agent "
     "runs. `Retry-After` says when to try again.",
 )
+
+
+# --- Provider settings -----------------------------------------------------------------
+
+
+class ModelNameField(TextField):
+    def __init__(self, **kwargs):
+        kwargs.setdefault("max_length", 200)
+        super().__init__(**kwargs)
+
+
+class ProviderSettingsInputSerializer(StrictSerializer):
+    base_url = serializers.URLField(
+        max_length=500,
+        allow_blank=True,
+        help_text="An OpenAI-compatible endpoint (http or https), e.g. "
+        "`https://api.openai.com/v1`; empty: the deployment's.",
+    )
+    api_key = TextField(
+        max_length=500,
+        allow_blank=True,
+        required=False,
+        write_only=True,
+        help_text="Stored encrypted and never shown again. Omit it to keep the stored "
+        "key; an empty string removes it.",
+    )
+    default_model = ModelNameField(
+        allow_blank=True, help_text="For agents without a model; empty: the deployment's."
+    )
+    allowed_models = serializers.ListField(
+        child=ModelNameField(),
+        max_length=100,
+        help_text="The models the project's agents may ask for; empty: any.",
+    )
+
+    class Meta:
+        ref_name = "ProviderSettingsInput"
+
+    def validate_base_url(self, value: str) -> str:
+        if value and not value.lower().startswith(("http://", "https://")):
+            raise serializers.ValidationError("Must be an http or https URL.")
+        return value
+
+    def validate(self, attrs):
+        attrs = super().validate(attrs)
+        allowed, default = attrs["allowed_models"], attrs["default_model"]
+        if allowed and default and default not in allowed:
+            raise serializers.ValidationError(
+                {"default_model": ["Must be one of `allowed_models`."]}
+            )
+        return attrs
+
+
+class ProviderSettingsOutputSerializer(serializers.Serializer):
+    base_url = serializers.CharField(help_text="Empty: the deployment's endpoint.")
+    has_api_key = serializers.BooleanField(
+        help_text="Whether the project set a key (the key itself is never shown)."
+    )
+    default_model = serializers.CharField()
+    allowed_models = serializers.ListField(child=serializers.CharField())
+    updated_at = serializers.DateTimeField(allow_null=True)
+
+    class Meta:
+        ref_name = "ProviderSettings"
+
+
+@extend_schema(tags=["Governance"])
+class ProviderSettingsApi(ProjectScopedApi):
+    # A project key may read them (never the API key); only the owner changes them.
+    credential_scopes = {"GET": "read", "PUT": None}
+
+    @extend_schema(
+        operation_id="provider_settings_retrieve",
+        summary="A project's LLM provider settings",
+        description="The endpoint, default model and allowed models the project's agents "
+        "use; empty fields fall back to the deployment's. The API key is never shown.",
+        responses={200: ProviderSettingsOutputSerializer},
+    )
+    def get(self, request, project_id):
+        found = provider_settings_get(project=self.project)
+        return Response(ProviderSettingsOutputSerializer(found).data)
+
+    @extend_schema(
+        operation_id="provider_settings_update",
+        summary="Set a project's LLM provider settings",
+        description="Replaces the settings (the API key only when given). Runs that start "
+        "after this use them.",
+        request=ProviderSettingsInputSerializer,
+        responses={200: ProviderSettingsOutputSerializer},
+    )
+    def put(self, request, project_id):
+        data = ProviderSettingsInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        values = dict(data.validated_data)
+        values.setdefault("api_key", KEEP)
+        found = provider_settings_update(project=self.project, **values)
+        return Response(ProviderSettingsOutputSerializer(found).data)

@@ -117,3 +117,28 @@ class RunUsage(models.Model):
 
     def __str__(self) -> str:
         return f"run {self.run_id}: {self.total_tokens} tokens"
+
+
+class ProviderSettings(models.Model):
+    """A project's own LLM endpoint and model rules; empty fields fall back to the
+    deployment's (OPENAI_BASE_URL, OPENAI_API_KEY, LLM_DEFAULT_MODEL). The API key is
+    stored encrypted (governance.secrets) and never shown."""
+
+    project = models.OneToOneField(Project, on_delete=models.CASCADE, related_name="provider")
+    base_url = models.URLField(max_length=500, blank=True, default="")
+    api_key_encrypted = models.TextField(blank=True, default="")
+    default_model = models.CharField(max_length=200, blank=True, default="")
+    # Models the project's agents may ask for; empty: any.
+    allowed_models = models.JSONField(default=list, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name = "provider settings"
+        verbose_name_plural = "provider settings"
+
+    def __str__(self) -> str:
+        return f"provider of project {self.project_id}"
+
+    @property
+    def has_api_key(self) -> bool:
+        return bool(self.api_key_encrypted)

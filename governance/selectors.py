@@ -10,7 +10,7 @@ from django.http import Http404
 
 from projects.models import Project
 
-from .models import ProjectApiKey, RunUsage
+from .models import ProjectApiKey, ProviderSettings, RunUsage
 
 
 def api_key_list(*, project: Project) -> QuerySet[ProjectApiKey]:
@@ -52,3 +52,10 @@ def usage_summary(*, project: Project, date_from: date, date_to: date, group_by:
         "totals": rows.aggregate(**sums),
         "groups": groups,
     }
+
+
+def provider_settings_get(*, project: Project) -> ProviderSettings:
+    """The project's provider settings; an unsaved empty one when none were set."""
+    return ProviderSettings.objects.filter(project=project).first() or ProviderSettings(
+        project=project, updated_at=None
+    )

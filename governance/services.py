@@ -11,7 +11,8 @@ from django.utils import timezone
 from projects.models import Project
 
 from .keys import SHOWN_PREFIX_LENGTH, key_generate, key_hash
-from .models import ProjectApiKey
+from .models import ProjectApiKey, ProviderSettings
+from .secrets import secret_encrypt
 
 # `last_used_at` is written at most this often per key: not a write per request.
 LAST_USED_RESOLUTION = timedelta(seconds=60)
@@ -63,3 +64,29 @@ def api_key_authenticate(*, raw_key: str) -> ProjectApiKey | None:
         ).update(last_used_at=now)
         key.last_used_at = now
     return key
+
+
+# --- Provider settings ------------------------------------------------------------------
+
+KEEP = object()  # provider_settings_update: leave the stored API key as it is
+
+
+def provider_settings_update(
+    *,
+    project: Project,
+    base_url: str,
+    default_model: str,
+    allowed_models: list[str],
+    api_key=KEEP,
+) -> ProviderSettings:
+    """Replace the project's provider settings (an empty field falls back to the
+    deployment's). `api_key`: KEEP leaves it, "" removes it, else it is stored
+    encrypted."""
+    found, _ = ProviderSettings.objects.get_or_create(project=project)
+    found.base_url = base_url
+    found.default_model = default_model
+    found.allowed_models = list(dict.fromkeys(allowed_models))
+    if api_key is not KEEP:
+        found.api_key_encrypted = secret_encrypt(api_key)
+    found.save()
+    return found

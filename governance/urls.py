@@ -7,4 +7,5 @@ urlpatterns = [
     path("keys/<uuid:key_id>/", apis.ApiKeyDetailApi.as_view(), name="api-key-detail"),
     path("usage/", apis.UsageApi.as_view(), name="usage"),
     path("quotas/", apis.QuotasApi.as_view(), name="quotas"),
+    path("provider/", apis.ProviderSettingsApi.as_view(), name="provider-settings"),
 ]

@@ -26,6 +26,7 @@ from django.utils import timezone
 from redis.exceptions import RedisError
 
 from agentbus import project_gone
+from governance.providers import provider_settings_for
 from governance.usage import usage_meter_start, usage_record, usage_run_ended
 from workspaces.manager import get_worker_space
 from workspaces.redis import ScopedRedis, scoped
@@ -353,7 +354,10 @@ def _stream(
     stop: Callable[[], bool],
 ) -> str:
     offset = 0
-    provider = get_provider(request.model)
+    # Governance hook: the project's own provider settings, over the deployment's.
+    provider = get_provider(
+        request.model, llm=provider_settings_for(project_id=run.session.project_id)
+    )
     # Governance hook: meter this provider call (read back by usage_record in _run_claimed).
     run.usage_meter = usage_meter_start(
         provider=provider, model=request.model, messages=request.messages

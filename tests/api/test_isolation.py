@@ -11,7 +11,7 @@ import pytest
 from django.urls import get_resolver
 
 from agents.models import Agent, ChatSession, Message
-from governance.models import ProjectApiKey
+from governance.models import ProjectApiKey, ProviderSettings
 from governance.services import api_key_create
 from projects.models import Project
 from tests.factories import AgentFactory, ChatSessionFactory, MessageFactory, ProjectFactory
@@ -34,6 +34,7 @@ ROUTES = [
     ("/my/projects/{p}/keys/{k}/", ["delete"]),
     ("/my/projects/{p}/usage/", ["get"]),
     ("/my/projects/{p}/quotas/", ["get"]),
+    ("/my/projects/{p}/provider/", ["get", "put"]),
 ]
 VALID_BODIES = {
     "/my/projects/{p}/": {"name": "renamed"},
@@ -43,6 +44,12 @@ VALID_BODIES = {
     "/my/projects/{p}/chat/{s}/messages/": {"content": "hello"},
     "/my/projects/{p}/agents/{a}/context/": {"documents": ["hello"]},
     "/my/projects/{p}/keys/": {"name": "intruder", "scopes": ["read", "write", "chat"]},
+    "/my/projects/{p}/provider/": {
+        "base_url": "http://attacker.example/v1",
+        "api_key": "stolen",
+        "default_model": "",
+        "allowed_models": [],
+    },
 }
 
 
@@ -69,6 +76,7 @@ def _snapshot():
         sorted(ChatSession.objects.values_list("id", "title")),
         sorted(Message.objects.values_list("id", "content", "status")),
         sorted(ProjectApiKey.objects.values_list("id", "revoked_at")),
+        sorted(ProviderSettings.objects.values_list("project_id", "base_url", "updated_at")),
     )
 
 

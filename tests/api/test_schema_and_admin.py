@@ -33,7 +33,7 @@ def test_the_schema_documents_every_operation_as_it_answers():
     operations = [
         (path, method, op) for path, item in schema["paths"].items() for method, op in item.items()
     ]
-    assert len(operations) == 30
+    assert len(operations) == 32
     for path, method, op in operations:
         where = f"{method.upper()} {path}"
         assert op.get("summary") and op.get("tags"), where
@@ -91,6 +91,7 @@ def test_the_docs_pages_load_nothing_from_outside(url):
         "/admin/governance/projectapikey/",
         "/admin/governance/quota/",
         "/admin/governance/runusage/",
+        "/admin/governance/providersettings/",
     ],
 )
 def test_admin_changelists_render(url):
@@ -142,7 +143,11 @@ def test_the_session_page_shows_its_conversation_read_only_a_page_at_a_time():
 
 
 def _manage(settings_module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if k not in ("SECRET_KEY", "DEBUG")}
+    environment = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("SECRET_KEY", "DEBUG", "PROVIDER_KEYS_FERNET_KEY")
+    }
     environment.update(DJANGO_SETTINGS_MODULE=settings_module, **env)
     return subprocess.run(
         [sys.executable, "manage.py", *args],
@@ -160,6 +165,17 @@ def test_production_settings_refuse_to_start_without_a_secret_key():
     assert "SECRET_KEY" in result.stderr
 
 
+def test_production_settings_refuse_to_start_without_a_provider_keys_key():
+    result = _manage(
+        "config.settings.production",
+        "check",
+        SECRET_KEY="k8Jr2vQz7mXw4pLs9TnBy6HdFc3GaRe5UoViKt1NjMbZqWhYxCl0OsPuAeDgSfIr",
+        ALLOWED_HOSTS="example.com",
+    )
+    assert result.returncode != 0
+    assert "PROVIDER_KEYS_FERNET_KEY" in result.stderr
+
+
 def test_production_settings_pass_the_deploy_check():
     result = _manage(
         "config.settings.production",
@@ -169,6 +185,7 @@ def test_production_settings_pass_the_deploy_check():
         "WARNING",
         SECRET_KEY="k8Jr2vQz7mXw4pLs9TnBy6HdFc3GaRe5UoViKt1NjMbZqWhYxCl0OsPuAeDgSfIr",
         ALLOWED_HOSTS="api.example.com",
+        PROVIDER_KEYS_FERNET_KEY="h6Qx0Hj0m3f0b1x2Qp6dWc9VJ8k0Zy5n4r3s2t1u0vA=",
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout

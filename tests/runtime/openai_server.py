@@ -24,7 +24,7 @@ class FakeOpenAI:
         # The usage reported at the end of a stream when the client asks for it
         # (`stream_options.include_usage`); None reports nothing.
         self.usage: dict | None = {"prompt_tokens": 21, "completion_tokens": 5}
-        self.headers: list[dict] = []  # each request's headers
+        self.headers: list[dict] = []  # each request's headers, names in lower case
         self._release = threading.Event()
         server = self
 
@@ -38,7 +38,7 @@ class FakeOpenAI:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
                 server.requests.append({"path": self.path, "body": body})
-                server.headers.append(dict(self.headers))
+                server.headers.append({k.lower(): v for k, v in self.headers.items()})
                 if not self.path.endswith("/chat/completions"):
                     self._json(404, {"error": {"message": "unknown route"}})
                     return
