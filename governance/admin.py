@@ -1,6 +1,6 @@
 from django.contrib import admin, messages
 
-from .models import ProjectApiKey, ProviderSettings, Quota, RunUsage
+from .models import AuditEvent, ProjectApiKey, ProviderSettings, Quota, RunUsage
 from .quotas import quota_delete, quota_save
 from .services import api_key_revoke
 
@@ -43,6 +43,7 @@ class ProjectApiKeyAdmin(admin.ModelAdmin):
     def revoke(self, request, queryset):
         for key in queryset.filter(revoked_at__isnull=True):
             api_key_revoke(key=key)
+            self.log_change(request, key, "Revoked.")  # the audit log mirrors it
         self.message_user(request, "Revoked.", messages.SUCCESS)
 
 
@@ -118,4 +119,26 @@ class ProviderSettingsAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(admin.ModelAdmin):
+    """The audit log, for operators: read-only (append-only; the purge alone deletes)."""
+
+    list_display = (
+        "created_at", "username", "credential", "key_prefix", "action", "object_repr",
+        "project_id", "status_code", "ip_address",
+    )  # fmt: skip
+    list_filter = ("credential", "method", "created_at")
+    search_fields = ("=project_id", "username", "action", "path", "object_repr", "key_prefix")
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
         return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import date, timedelta
 
+from django.core.validators import RegexValidator
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers, status
@@ -14,12 +15,13 @@ from common.credentials import SCOPES
 from common.schema import ErrorSerializer
 from projects.mixins import ProjectScopedApi
 
-from .models import Quota
+from .models import AuditEvent, Quota
 from .quotas import quota_status
 from .selectors import (
     USAGE_GROUPS,
     api_key_get,
     api_key_list,
+    audit_list,
     provider_settings_get,
     usage_summary,
 )
@@ -119,8 +121,6 @@ class ApiKeyDetailApi(ProjectScopedApi):
 
 # --- Usage -----------------------------------------------------------------------------
 
-MAX_USAGE_DAYS = 366
-
 
 class UsageQuerySerializer(StrictSerializer):
     # `from` is a Python keyword: the fields are named in __init__ below.
@@ -143,10 +143,6 @@ class UsageQuerySerializer(StrictSerializer):
         start = attrs.get("from") or max(date.min + timedelta(days=29), to) - timedelta(days=29)
         if start > to:
             raise serializers.ValidationError({"from": ["Must not be after `to`."]})
-        if (to - start).days >= MAX_USAGE_DAYS:
-            raise serializers.ValidationError(
-                {"from": [f"At most {MAX_USAGE_DAYS} days from `from` to `to`."]}
-            )
         return {"from": start, "to": to, "group_by": attrs["group_by"]}
 
 
@@ -284,6 +280,10 @@ QUOTA_EXCEEDED_RESPONSE = OpenApiResponse(
 # --- Provider settings -----------------------------------------------------------------
 
 
+# http(s)://host[:port][/path...]: no whitespace, spelled out as common.api.NOT_BLANK is.
+BASE_URL = r"^(https?://[^ \t\n\r\f\v/?#@]+([/?#][^ \t\n\r\f\v]*)?)?$"
+
+
 class ModelNameField(TextField):
     def __init__(self, **kwargs):
         kwargs.setdefault("max_length", 200)
@@ -291,9 +291,10 @@ class ModelNameField(TextField):
 
 
 class ProviderSettingsInputSerializer(StrictSerializer):
-    base_url = serializers.URLField(
+    base_url = TextField(
         max_length=500,
         allow_blank=True,
+        validators=[RegexValidator(BASE_URL, "Must be an http or https URL.")],
         help_text="An OpenAI-compatible endpoint (http or https), e.g. "
         "`https://api.openai.com/v1`; empty: the deployment's.",
     )
@@ -316,11 +317,6 @@ class ProviderSettingsInputSerializer(StrictSerializer):
 
     class Meta:
         ref_name = "ProviderSettingsInput"
-
-    def validate_base_url(self, value: str) -> str:
-        if value and not value.lower().startswith(("http://", "https://")):
-            raise serializers.ValidationError("Must be an http or https URL.")
-        return value
 
     def validate(self, attrs):
         attrs = super().validate(attrs)
@@ -376,3 +372,46 @@ class ProviderSettingsApi(ProjectScopedApi):
         values.setdefault("api_key", KEEP)
         found = provider_settings_update(project=self.project, **values)
         return Response(ProviderSettingsOutputSerializer(found).data)
+
+
+# --- Audit log -------------------------------------------------------------------------
+
+
+class AuditEventOutputSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    created_at = serializers.DateTimeField()
+    username = serializers.CharField(help_text="Who (their name then; empty: anonymous).")
+    credential = serializers.ChoiceField(
+        choices=AuditEvent.Credential.choices,
+        help_text="How they signed in: user token, session, project API key, or the admin.",
+    )
+    key_prefix = serializers.CharField(help_text="Which project API key; empty otherwise.")
+    method = serializers.CharField()
+    path = serializers.CharField()
+    action = serializers.CharField(
+        help_text="The API route (`POST /my/projects/<uuid:project_id>/agents/`), or the "
+        "admin's action and model (`change agents.agent`)."
+    )
+    object_repr = serializers.CharField(help_text="The admin's name of the object changed.")
+    status_code = serializers.IntegerField(allow_null=True)
+    ip_address = serializers.CharField(allow_null=True, help_text="The client's address.")
+
+    class Meta:
+        ref_name = "AuditEvent"
+
+
+@extend_schema(tags=["Governance"])
+class AuditListApi(EnvelopeListMixin, ProjectScopedApi):
+    pagination_class = EnvelopePagination.of("events")
+    credential_scopes = {"GET": None}  # the owner's, not a project key's, to read
+
+    @extend_schema(
+        operation_id="audit_list",
+        summary="A project's audit log",
+        description="Every change made to the project through the API or the admin "
+        "(who, with which credential, what, when, from where), newest first; records "
+        "are kept for the deployment's retention time (AUDIT_RETENTION_DAYS).",
+        responses={200: AuditEventOutputSerializer(many=True)},
+    )
+    def get(self, request, project_id):
+        return self.list_response(audit_list(project=self.project), AuditEventOutputSerializer)

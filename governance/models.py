@@ -3,6 +3,7 @@ import uuid
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
 
 from projects.models import Project
 
@@ -142,3 +143,44 @@ class ProviderSettings(models.Model):
     @property
     def has_api_key(self) -> bool:
         return bool(self.api_key_encrypted)
+
+
+class AuditEvent(models.Model):
+    """One mutation through the API or the admin: who, with which credential, what,
+    when, from which address. Append-only: rows are never changed (on PostgreSQL a
+    trigger refuses updates), and deleted only by the retention purge."""
+
+    class Credential(models.TextChoices):
+        TOKEN = "token"
+        SESSION = "session"
+        KEY = "key"
+        ADMIN = "admin"
+
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    # A plain id: the record outlives its project (operators still read it).
+    project_id = models.UUIDField(null=True, blank=True)
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    username = models.CharField(max_length=150, blank=True, default="")
+    credential = models.CharField(max_length=16, choices=Credential.choices)
+    key_prefix = models.CharField(max_length=16, blank=True, default="")
+    method = models.CharField(max_length=8)
+    path = models.CharField(max_length=500)
+    # The route (API) or the admin action and model ("change agents.agent").
+    action = models.CharField(max_length=200)
+    object_repr = models.CharField(max_length=200, blank=True, default="")
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    ip_address = models.GenericIPAddressField(null=True, blank=True)
+    # The admin's own log entry this one mirrors: each is recorded once.
+    admin_log_id = models.BigIntegerField(null=True, blank=True, unique=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["project_id", "-created_at"], name="audit_project_created"),
+            models.Index(fields=["created_at"], name="audit_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.username} {self.action}"

@@ -10,7 +10,7 @@ from django.http import Http404
 
 from projects.models import Project
 
-from .models import ProjectApiKey, ProviderSettings, RunUsage
+from .models import AuditEvent, ProjectApiKey, ProviderSettings, RunUsage
 
 
 def api_key_list(*, project: Project) -> QuerySet[ProjectApiKey]:
@@ -59,3 +59,7 @@ def provider_settings_get(*, project: Project) -> ProviderSettings:
     return ProviderSettings.objects.filter(project=project).first() or ProviderSettings(
         project=project, updated_at=None
     )
+
+
+def audit_list(*, project: Project) -> QuerySet[AuditEvent]:
+    return AuditEvent.objects.filter(project_id=project.id)

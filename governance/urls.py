@@ -8,4 +8,5 @@ urlpatterns = [
     path("usage/", apis.UsageApi.as_view(), name="usage"),
     path("quotas/", apis.QuotasApi.as_view(), name="quotas"),
     path("provider/", apis.ProviderSettingsApi.as_view(), name="provider-settings"),
+    path("audit/", apis.AuditListApi.as_view(), name="audit-list"),
 ]

@@ -57,6 +57,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # Records every successful mutation (API and admin) once it has answered.
+    "governance.audit.AuditMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -293,6 +295,12 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env.float("RUN_RECOVERY_SECONDS", default=10),
         "options": {"expires": 10.0},
     },
+    # Deletes audit records older than AUDIT_RETENTION_DAYS.
+    "governance.purge_audit": {
+        "task": "governance.purge_audit",
+        "schedule": 3600.0,
+        "options": {"expires": 600.0},
+    },
     # Drops vector collections of deleted agents and projects (runs where Qdrant is open).
     "agents.sweep_collections": {
         "task": "agents.sweep_collections",
@@ -420,6 +428,10 @@ QUOTA_RESYNC_SECONDS = env.float("QUOTA_RESYNC_SECONDS", default=300)
 QUOTA_RUN_STALE_SECONDS = env.float(
     "QUOTA_RUN_STALE_SECONDS", default=RUN_QUEUE_TIMEOUT_SECONDS + CELERY_TASK_TIME_LIMIT
 )
+
+# --- Governance: the audit log ---------------------------------------------------------
+# How long audit records are kept (the purge runs hourly).
+AUDIT_RETENTION_DAYS = env.int("AUDIT_RETENTION_DAYS", default=365)
 
 # --- Governance: per-project provider settings ------------------------------------
 # The Fernet key (32 url-safe base64 bytes: `python -c "from cryptography.fernet import

@@ -35,6 +35,7 @@ ROUTES = [
     ("/my/projects/{p}/usage/", ["get"]),
     ("/my/projects/{p}/quotas/", ["get"]),
     ("/my/projects/{p}/provider/", ["get", "put"]),
+    ("/my/projects/{p}/audit/", ["get"]),
 ]
 VALID_BODIES = {
     "/my/projects/{p}/": {"name": "renamed"},
