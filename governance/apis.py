@@ -5,16 +5,21 @@ from __future__ import annotations
 from datetime import date, timedelta
 
 from django.core.validators import RegexValidator
+from django.http import HttpResponse
 from django.utils import timezone
 from drf_spectacular.utils import OpenApiResponse, extend_schema
+from prometheus_client import CONTENT_TYPE_LATEST
 from rest_framework import serializers, status
+from rest_framework.permissions import IsAdminUser
 from rest_framework.response import Response
+from rest_framework.views import APIView
 
 from common.api import EnvelopeListMixin, EnvelopePagination, StrictSerializer, TextField
-from common.credentials import SCOPES
+from common.credentials import SCOPES, CredentialScopePermission
 from common.schema import ErrorSerializer
 from projects.mixins import ProjectScopedApi
 
+from .metrics import metrics_render
 from .models import AuditEvent, Quota
 from .quotas import quota_status
 from .selectors import (
@@ -133,7 +138,8 @@ class UsageQuerySerializer(StrictSerializer):
     def get_fields(self):
         fields = super().get_fields()
         fields["from"] = serializers.DateField(
-            required=False, help_text="First UTC day (default: 29 days before `to`)."
+            required=False,
+            help_text="First UTC day (default: 29 days before `to`); after `to`, no day.",
         )
         return fields
 
@@ -141,8 +147,6 @@ class UsageQuerySerializer(StrictSerializer):
         attrs = super().validate(attrs)
         to = attrs.get("to") or timezone.now().date()
         start = attrs.get("from") or max(date.min + timedelta(days=29), to) - timedelta(days=29)
-        if start > to:
-            raise serializers.ValidationError({"from": ["Must not be after `to`."]})
         return {"from": start, "to": to, "group_by": attrs["group_by"]}
 
 
@@ -312,20 +316,12 @@ class ProviderSettingsInputSerializer(StrictSerializer):
     allowed_models = serializers.ListField(
         child=ModelNameField(),
         max_length=100,
-        help_text="The models the project's agents may ask for; empty: any.",
+        help_text="The models the project's agents may ask for, besides `default_model`; "
+        "empty: any.",
     )
 
     class Meta:
         ref_name = "ProviderSettingsInput"
-
-    def validate(self, attrs):
-        attrs = super().validate(attrs)
-        allowed, default = attrs["allowed_models"], attrs["default_model"]
-        if allowed and default and default not in allowed:
-            raise serializers.ValidationError(
-                {"default_model": ["Must be one of `allowed_models`."]}
-            )
-        return attrs
 
 
 class ProviderSettingsOutputSerializer(serializers.Serializer):
@@ -415,3 +411,17 @@ class AuditListApi(EnvelopeListMixin, ProjectScopedApi):
     )
     def get(self, request, project_id):
         return self.list_response(audit_list(project=self.project), AuditEventOutputSerializer)
+
+
+# --- Operators' metrics ----------------------------------------------------------------
+
+
+class MetricsApi(APIView):
+    """Prometheus' text format; scraped with a staff user's token (`Bearer`) or session.
+    Not in the OpenAPI schema: it is for Prometheus, not for API clients."""
+
+    schema = None
+    permission_classes = [IsAdminUser, CredentialScopePermission]
+
+    def get(self, request):
+        return HttpResponse(metrics_render(), content_type=CONTENT_TYPE_LATEST)

@@ -32,9 +32,10 @@ class ProjectLLM:
 
     def model_for(self, model: str, fallback: str) -> str:
         """The model a run asks for (the agent's, else the project's default, else the
-        deployment's), if the project allows it."""
+        deployment's), if the project allows it (its default model always is)."""
         chosen = model or self.default_model or fallback
-        if self.allowed_models and chosen not in self.allowed_models:
+        allowed = self.allowed_models
+        if allowed and chosen not in allowed and chosen != self.default_model:
             raise ModelNotAllowed(
                 f"the model {chosen!r} is not among this project's allowed models "
                 f"({', '.join(self.allowed_models)})"

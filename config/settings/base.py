@@ -143,6 +143,7 @@ API_PATH_PREFIXES = [
     "/auth/",
     "/admin/workspaces/health",
     "/admin/workspaces/stats",
+    "/admin/metrics",
     "/api/schema/",
 ]
 CSRF_FAILURE_VIEW = "common.middleware.csrf_failure"
@@ -428,6 +429,10 @@ QUOTA_RESYNC_SECONDS = env.float("QUOTA_RESYNC_SECONDS", default=300)
 QUOTA_RUN_STALE_SECONDS = env.float(
     "QUOTA_RUN_STALE_SECONDS", default=RUN_QUEUE_TIMEOUT_SECONDS + CELERY_TASK_TIME_LIMIT
 )
+
+# --- Governance: operators' metrics (/admin/metrics) -------------------------------
+# Projects with a `project` label of their own; the rest are summed as "other".
+METRICS_TOP_PROJECTS = env.int("METRICS_TOP_PROJECTS", default=20)
 
 # --- Governance: the audit log ---------------------------------------------------------
 # How long audit records are kept (the purge runs hourly).

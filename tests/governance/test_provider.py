@@ -68,7 +68,6 @@ def test_the_key_is_stored_encrypted_and_never_shown(api, project, make_key):
         (settings_body(base_url="not a url"), "base_url"),
         (settings_body(base_url="https://user:pw@llm.example/"), "base_url"),
         (settings_body(base_url="https://llm.example/ v1"), "base_url"),
-        (settings_body(default_model="a", allowed_models=["b"]), "default_model"),
         (settings_body(allowed_models="gpt"), "allowed_models"),
         (settings_body(allowed_models=[""]), "allowed_models"),
         (settings_body(api_key=123), "api_key"),
