@@ -234,3 +234,18 @@ def test_the_owner_reads_the_quotas_and_others_get_404(api, other_api, user, ses
     user_limits = {item["limit"]: item["value"] for item in body["user"]}
     assert user_limits["tokens_per_month"] == 5000 and user_limits["tokens_per_day"] is None
     assert other_api.get(url).status_code == 404
+
+
+@pytest.mark.django_db(transaction=True)
+def test_with_redis_down_quotas_are_checked_against_the_database(api, user, settings):
+    from tests.redis_server import private_redis
+
+    with private_redis() as server:
+        settings.REDIS_URL = settings.CELERY_BROKER_URL = server.url
+        session = ChatSessionFactory(agent=AgentFactory(project=ProjectFactory(owner=user)))
+        Quota.objects.create(project=session.project, concurrent_runs=1)
+        server.stop()
+        assert post(api, session).status_code == 202  # stored; dispatched once Redis is back
+        refused = post(api, session)
+        assert refused.status_code == 429 and refused.json()["limit"] == "concurrent_runs"
+        assert Run.objects.count() == 1
