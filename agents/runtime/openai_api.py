@@ -14,7 +14,7 @@ from django.conf import settings
 from openai import OpenAI
 
 from common.singletons import process_singleton
-from governance.providers import ModelNotAllowed, ProjectLLM
+from governance.providers import ProjectLLM
 
 from .providers import (
     COMPLETION_PARAMS,
@@ -75,11 +75,8 @@ class OpenAIProvider:
         # An agent without a model of its own asks its project's default, else the
         # deployment's; a project may allow only some models.
         model = request.model or settings.LLM_DEFAULT_MODEL
-        if self._llm is not None:
-            try:
-                model = self._llm.model_for(request.model, settings.LLM_DEFAULT_MODEL)
-            except ModelNotAllowed as exc:
-                raise ProviderError(str(exc)) from None
+        if self._llm is not None:  # allowed: get_provider checked it
+            model = self._llm.model_for(request.model, settings.LLM_DEFAULT_MODEL)
         self.usage_model = model
         if not model:
             raise ProviderError("the agent has no model set, and LLM_DEFAULT_MODEL is empty")

@@ -149,6 +149,7 @@ def test_a_run_uses_its_projects_endpoint_key_and_model(
     refused = wait_answered(posted["assistant_message_id"])
     assert refused.status == "error" and "gpt-forbidden" in refused.error
     assert len(fake_openai.requests) == calls
+    assert not RunUsage.objects.filter(message_id=refused.id).exists()  # it cost nothing
 
     # The endpoint failing: its error is reported, the key is not.
     fake_openai.mode = "error"
