@@ -16,9 +16,10 @@ DATABASE_URL (PostgreSQL recommended; SQLite under VAR_DIR otherwise):
 Overhead per message = p50(accept with) - p50(accept without) + p50(run hooks).
 Printed per round, then min / median / max over the rounds (goal: <= 1 ms p50).
 
-Left out: HTTP and DRF (the same with or without the hooks), the provider call and the
-rest of the run (the hooks do not touch them), a worker consuming the queued runs (the
-runs stay queued; the queue only grows), counter rebuilds (once per
+Left out: HTTP and DRF (the same with or without the hooks), the audit record the API
+adds to every mutation, a chat message included (one INSERT, governance.audit), the
+provider call and the rest of the run (the hooks do not touch them), a worker consuming
+the queued runs (the runs stay queued; the queue only grows), counter rebuilds (once per
 QUOTA_RESYNC_SECONDS per scope, and after Redis loses its data), Redis or the database
 on another machine (each hook is one or two round trips to each).
 """

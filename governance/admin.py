@@ -1,4 +1,5 @@
 from django.contrib import admin, messages
+from django.db.models import Count, Q, Sum
 
 from .models import AuditEvent, ProjectApiKey, ProviderSettings, Quota, RunUsage
 from .quotas import quota_delete, quota_save
@@ -90,6 +91,21 @@ class RunUsageAdmin(admin.ModelAdmin):
     search_fields = ("=project_id", "=run_id", "=agent_id", "model", "user__username")
     list_select_related = ("user",)
     date_hierarchy = "day"
+
+    def changelist_view(self, request, extra_context=None):
+        response = super().changelist_view(request, extra_context)
+        changelist = getattr(response, "context_data", {}).get("cl")
+        if changelist is not None:  # the totals of what the filters select
+            totals = changelist.queryset.aggregate(
+                runs=Count("run_id"),
+                tokens=Sum("total_tokens"),
+                estimated=Count("run_id", filter=Q(estimated=True)),
+            )
+            response.context_data["title"] = (
+                f"Run usage: {totals['runs']} runs, {totals['tokens'] or 0} tokens "
+                f"({totals['estimated']} runs estimated)"
+            )
+        return response
 
     def has_add_permission(self, request) -> bool:
         return False

@@ -48,6 +48,7 @@ from .sources import run_source
 
 logger = logging.getLogger(__name__)
 
+KEY_NAMESPACE = "gov"
 NO_LIMIT = -1
 KEYS_PER_SCOPE = 5
 COUNTER_TTL = 40 * 86400
@@ -131,7 +132,7 @@ class Scope:
 
     @property
     def prefix(self) -> str:
-        return f"gov:{self.kind[0]}:{self.id}:"
+        return f"{KEY_NAMESPACE}:{self.kind[0]}:{self.id}:"
 
     def keys(self, now: datetime) -> list[str]:
         minute = int(now.timestamp()) // 60

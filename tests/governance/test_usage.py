@@ -170,3 +170,20 @@ def test_usage_endpoint_rejects_bad_parameters(api, project, params, field):
     response = api.get(f"/my/projects/{project.id}/usage/", params)
     assert response.status_code == 400, response.content
     assert response.json()["code"] == "invalid" and field in response.json()
+
+
+@pytest.mark.django_db
+def test_the_admin_totals_what_its_filters_select(project):
+    from django.test import Client
+
+    from tests.factories import UserFactory
+
+    today = timezone.now().date()
+    _usage(project.id, project.owner, uuid.uuid4(), today, "m1", 10)
+    _usage(project.id, project.owner, uuid.uuid4(), today, "m2", 20, estimated=True)
+    admin = Client()
+    admin.force_login(UserFactory(is_staff=True, is_superuser=True))
+    page = admin.get("/admin/governance/runusage/").content.decode()
+    assert "Run usage: 2 runs, 30 tokens (1 runs estimated)" in page
+    page = admin.get("/admin/governance/runusage/?estimated__exact=1").content.decode()
+    assert "Run usage: 1 runs, 20 tokens (1 runs estimated)" in page
