@@ -1,7 +1,7 @@
 from django.contrib import admin, messages
 from django.db.models import Count, Q, Sum
 
-from .models import AuditEvent, ProjectApiKey, ProviderSettings, Quota, RunUsage
+from .models import AuditEvent, EmbeddingUsage, ProjectApiKey, ProviderSettings, Quota, RunUsage
 from .quotas import quota_delete, quota_save
 from .services import api_key_revoke
 
@@ -149,6 +149,26 @@ class AuditEventAdmin(admin.ModelAdmin):
     list_filter = ("credential", "method", "created_at")
     search_fields = ("=project_id", "username", "action", "path", "object_repr", "key_prefix")
     date_hierarchy = "created_at"
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(EmbeddingUsage)
+class EmbeddingUsageAdmin(admin.ModelAdmin):
+    """Tokens embedded per stored ingest batch, read-only."""
+
+    list_display = ("created_at", "project_id", "user", "agent_id", "model", "tokens", "job_id")
+    list_filter = ("model", "day")
+    search_fields = ("=project_id", "=agent_id", "job_id", "user__username")
+    list_select_related = ("user",)
+    date_hierarchy = "day"
 
     def has_add_permission(self, request) -> bool:
         return False

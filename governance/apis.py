@@ -161,6 +161,9 @@ class UsageSumsSerializer(serializers.Serializer):
     latency_ms_avg = serializers.FloatField(
         allow_null=True, help_text="Mean time of the provider calls."
     )
+    embedding_tokens = serializers.IntegerField(
+        help_text="Tokens embedded to store context (ingest), estimated from the text."
+    )
 
     class Meta:
         ref_name = "UsageSums"
@@ -196,7 +199,8 @@ class UsageApi(ProjectScopedApi):
         description="Tokens and runs of the project's agents, by the UTC day each message "
         "was accepted, totalled and grouped by `day`, `agent` (its id) or `model`. Tokens "
         "are those the provider reported, or an estimate from the text where it reported "
-        "none (counted in `estimated_runs`).",
+        "none (counted in `estimated_runs`). `embedding_tokens`: what storing the agents' "
+        "context embedded (by the day it was stored; the model is the embedding model).",
         parameters=[UsageQuerySerializer],
         responses={200: UsageOutputSerializer},
     )

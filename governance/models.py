@@ -184,3 +184,31 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.username} {self.action}"
+
+
+class EmbeddingUsage(models.Model):
+    """Tokens embedded to store one batch of a context ingest job. The bundled embedder
+    reports none: counts are estimated from the text (`estimated`)."""
+
+    project_id = models.UUIDField()
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    agent_id = models.UUIDField()
+    job_id = models.CharField(max_length=64)
+    # The job's first document in this batch: a batch delivered twice is counted once.
+    batch_start = models.PositiveIntegerField()
+    model = models.CharField(max_length=200, blank=True, default="")
+    tokens = models.PositiveBigIntegerField(default=0)
+    estimated = models.BooleanField(default=True)
+    day = models.DateField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["job_id", "batch_start"], name="embedding_batch_once")
+        ]
+        indexes = [models.Index(fields=["project_id", "day"], name="embedding_project_day")]
+        verbose_name_plural = "embedding usage"
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} from {self.batch_start}: {self.tokens} tokens"

@@ -10,7 +10,7 @@ from django.http import Http404
 
 from projects.models import Project
 
-from .models import AuditEvent, ProjectApiKey, ProviderSettings, RunUsage
+from .models import AuditEvent, EmbeddingUsage, ProjectApiKey, ProviderSettings, RunUsage
 
 
 def api_key_list(*, project: Project) -> QuerySet[ProjectApiKey]:
@@ -29,9 +29,13 @@ USAGE_GROUPS = {"day": "day", "agent": "agent_id", "model": "model"}
 
 
 def usage_summary(*, project: Project, date_from: date, date_to: date, group_by: str) -> dict:
-    """The project's usage per run accepted from `date_from` to `date_to` (UTC days,
-    both included): totals, and the same sums per day, agent or model."""
+    """The project's usage from `date_from` to `date_to` (UTC days, both included): its
+    runs by the day each message was accepted, and the tokens its context ingests
+    embedded; totals, and the same sums per day, agent or model."""
     rows = RunUsage.objects.filter(project_id=project.id, day__gte=date_from, day__lte=date_to)
+    embedded = EmbeddingUsage.objects.filter(
+        project_id=project.id, day__gte=date_from, day__lte=date_to
+    )
     sums = {
         "runs": Count("run_id"),
         "estimated_runs": Count("run_id", filter=Q(estimated=True)),
@@ -40,17 +44,23 @@ def usage_summary(*, project: Project, date_from: date, date_to: date, group_by:
         "total_tokens": Coalesce(Sum("total_tokens"), 0),
         "latency_ms_avg": Avg("latency_ms"),
     }
+    empty = {"runs": 0, "estimated_runs": 0, "prompt_tokens": 0, "completion_tokens": 0,
+             "total_tokens": 0, "latency_ms_avg": None, "embedding_tokens": 0}  # fmt: skip
     field = USAGE_GROUPS[group_by]
-    groups = [
-        {"key": str(group.pop(field)), **group}
-        for group in rows.values(field).annotate(**sums).order_by(field)
-    ]
+    groups: dict[str, dict] = {}
+    for group in rows.values(field).annotate(**sums).order_by():
+        groups[str(group.pop(field))] = {**empty, **group}
+    for group in embedded.values(field).annotate(tokens=Sum("tokens")).order_by():
+        key = str(group[field])
+        groups.setdefault(key, dict(empty))["embedding_tokens"] = group["tokens"] or 0
+    totals = {**empty, **rows.aggregate(**sums)}
+    totals["embedding_tokens"] = embedded.aggregate(t=Coalesce(Sum("tokens"), 0))["t"]
     return {
         "from": date_from,
         "to": date_to,
         "group_by": group_by,
-        "totals": rows.aggregate(**sums),
-        "groups": groups,
+        "totals": totals,
+        "groups": [{"key": key, **groups[key]} for key in sorted(groups)],
     }
 
 

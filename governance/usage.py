@@ -11,7 +11,9 @@ The agents app calls:
   or an estimate from the text where it reported none (`estimated`). Counted once per
   dispatch attempt (an attempt is claimed by one worker; a duplicate is refused);
 - `usage_run_ended` when the run ends (by its worker, a cancel or the recovery pass):
-  it no longer counts as in flight.
+  it no longer counts as in flight;
+- `embedding_usage_record` when an ingest job stored a batch of documents (embedding
+  tokens are accounted, not held against quotas).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from django.utils import timezone
 from rest_framework import status
 from rest_framework.exceptions import Throttled
 
-from .models import RunUsage
+from .models import EmbeddingUsage, RunUsage
 from .quotas import Refusal, quota_admit, quota_charge, quota_release
 
 logger = logging.getLogger(__name__)
@@ -222,3 +224,28 @@ def usage_run_ended(*, run_id, project_id, user_id, meter: UsageMeter | None = N
     if meter is not None and meter.released:
         return
     quota_release(project_id=project_id, user_id=user_id, run_id=run_id)
+
+
+@_never_raises
+def embedding_usage_record(
+    *, project_id, user_id, agent_id, job_id: str, batch_start: int, texts: list[str], model: str
+) -> None:
+    """Count the tokens one stored batch of an ingest job embedded (estimated from its
+    text); a batch delivered again is counted once."""
+    now = timezone.now()
+    EmbeddingUsage.objects.bulk_create(
+        [
+            EmbeddingUsage(
+                project_id=project_id,
+                user_id=user_id,
+                agent_id=agent_id,
+                job_id=str(job_id)[:64],
+                batch_start=batch_start,
+                model=model[:200],
+                tokens=sum(estimate_tokens(text) for text in texts),
+                day=now.astimezone(UTC).date(),
+                created_at=now,
+            )
+        ],
+        ignore_conflicts=True,
+    )

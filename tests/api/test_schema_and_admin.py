@@ -93,6 +93,7 @@ def test_the_docs_pages_load_nothing_from_outside(url):
         "/admin/governance/runusage/",
         "/admin/governance/providersettings/",
         "/admin/governance/auditevent/",
+        "/admin/governance/embeddingusage/",
     ],
 )
 def test_admin_changelists_render(url):

