@@ -33,6 +33,7 @@ from rest_framework.settings import api_settings
 from agentbus import project_gone_async
 from common.api import error_body
 from common.asgi import long_lived
+from common.credentials import READ, credential_check
 from projects.selectors import project_get_for_user
 from workspaces.redis import ScopedRedis, scoped_async
 
@@ -78,7 +79,10 @@ def _authorize(request: HttpRequest, project_id: uuid.UUID, session_id: uuid.UUI
         user = drf_request.user
         if not user or not user.is_authenticated:
             raise exceptions.NotAuthenticated()
-        project = project_get_for_user(user=user, project_id=project_id)
+        credential_check(drf_request.auth, project_id=project_id, scope=READ)
+        project = project_get_for_user(
+            user=user, project_id=project_id, credential=drf_request.auth
+        )
         session_get(project=project, session_id=session_id)
         return user.pk
     finally:

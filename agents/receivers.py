@@ -11,6 +11,7 @@ from django.dispatch import receiver
 
 from agentbus import worker_identity
 from common.lifecycle import on_loop_shutdown, on_shutdown
+from governance.sources import register_run_source
 from workspaces.redis import scoped
 from workspaces.signals import workspace_teardown
 from workspaces.sources import register_agent_source, register_health_check
@@ -19,13 +20,15 @@ from .runtime import streams
 from .runtime.vectors import project_collections_drop
 from .runtime.vectorstore import close_vector_store
 from .selectors import llm_health, runs_health
-from .sources import DatabaseAgentSource
+from .sources import DatabaseAgentSource, DatabaseRunSource
 from .streamhub import close_hub
 from .tasks import run_agent
 
 logger = logging.getLogger(__name__)
 
 register_agent_source(DatabaseAgentSource())
+# Governance rebuilds its quota counters from the runs in the database.
+register_run_source(DatabaseRunSource())
 register_health_check("runs", runs_health)
 register_health_check("llm", llm_health)
 

@@ -42,7 +42,9 @@ def session_list(*, project: Project) -> QuerySet[ChatSession]:
 
 
 def session_get(*, project: Project, session_id: uuid.UUID | str) -> ChatSession:
-    return _get_or_404(session_list(project=project), id=session_id)
+    session = _get_or_404(session_list(project=project), id=session_id)
+    session.project = project  # already loaded: spares a query to whoever follows it
+    return session
 
 
 def message_list(*, session: ChatSession) -> QuerySet[Message]:

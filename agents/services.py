@@ -16,6 +16,7 @@ from rest_framework.exceptions import Throttled
 from agentbus import publish
 from common.redis import get_redis
 from common.services import model_update, on_commit_robust
+from governance.usage import usage_admit
 from projects.models import Project
 from projects.services import project_lock_for_write
 from workspaces.redis import scoped
@@ -102,16 +103,27 @@ def session_delete(*, session: ChatSession) -> None:
 # --- Chat: a message, its answer, cancelling ------------------------------------------
 
 
-@transaction.atomic
 def message_create(*, session: ChatSession, content: str) -> tuple[Message, Message]:
     """Store a user's message, the (pending) assistant message that will answer it and
     the run that will produce it, in one transaction: the run is the outbox.
 
-    After commit the messages are announced on the session's event stream and the run
-    is put on the project's bus. Neither can fail the request any more: if Redis or the
-    broker is down, the run stays queued and the recovery pass dispatches it once they
-    are back. Returns (user message, assistant message).
+    The run is first admitted against the project's and its owner's quotas: past a
+    limit this raises QuotaExceeded (a 429) and stores nothing, so no provider is
+    called. After commit the messages are announced on the session's event stream and
+    the run is put on the project's bus. Neither can fail the request any more: if Redis
+    or the broker is down, the run stays queued and the recovery pass dispatches it once
+    they are back. Returns (user message, assistant message).
     """
+    # Governance hook: quota admission; the admission is released if nothing is stored.
+    project = session.project
+    with usage_admit(project_id=project.id, user_id=project.owner_id) as run_id:
+        return _message_create(session=session, content=content, run_id=run_id)
+
+
+@transaction.atomic
+def _message_create(
+    *, session: ChatSession, content: str, run_id: uuid.UUID
+) -> tuple[Message, Message]:
     project_lock_for_write(project_id=session.project_id)
     if not ChatSession.objects.filter(id=session.id).exists():
         raise Http404("No such chat session.")  # deleted meanwhile
@@ -121,7 +133,9 @@ def message_create(*, session: ChatSession, content: str) -> tuple[Message, Mess
     assistant_message = Message.objects.create(
         session=session, role=Message.Role.ASSISTANT, status=Message.Status.PENDING
     )
-    run = Run.objects.create(session=session, message=assistant_message, agent_id=session.agent_id)
+    run = Run.objects.create(
+        id=run_id, session=session, message=assistant_message, agent_id=session.agent_id
+    )
     on_commit_robust(
         lambda: run_dispatch(run=run, announce=(user_message, assistant_message)),
         name=f"run_dispatch(run={run.id})",

@@ -30,6 +30,7 @@ from rest_framework.settings import api_settings
 from agentbus import ProjectGone, publish
 from common.api import BackendUnavailable, exception_handler
 from common.asgi import long_lived
+from common.credentials import READ, credential_check
 from common.throttling import ProjectScopedThrottle, UserScopedThrottle
 from projects.selectors import project_get_for_user
 from workspaces.redis import workspace_prefix
@@ -110,7 +111,10 @@ def _prepare(request: HttpRequest, project_id, agent_id):
         for throttle in (UserScopedThrottle(), ProjectScopedThrottle()):
             if not throttle.allow_request(drf_request, view):
                 raise exceptions.Throttled(wait=throttle.wait())
-        project = project_get_for_user(user=user, project_id=project_id)
+        credential_check(drf_request.auth, project_id=project_id, scope=READ)
+        project = project_get_for_user(
+            user=user, project_id=project_id, credential=drf_request.auth
+        )
         agent = agent_get(project=project, agent_id=agent_id)
         agent.project  # noqa: B018  (loaded now, not later without a connection)
         # A plain dict: DRF reads an empty `?k=` in a QueryDict as "not given".

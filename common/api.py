@@ -291,6 +291,9 @@ def exception_handler(exc, context):
     if response is None:
         return None
     response.data = _api_exception_body(exc, response.status_code)
+    # An exception may say more, beside the shape's keys (a quota's limit and reset time).
+    for name, value in (getattr(exc, "body_extra", None) or {}).items():
+        response.data.setdefault(name, value)
     if response.status_code == status.HTTP_503_SERVICE_UNAVAILABLE:
         response.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
     return response

@@ -22,7 +22,7 @@ ERROR_CODES_HELP = (
     "What went wrong, for programs: invalid, parse_error, not_authenticated, "
     "authentication_failed, permission_denied, csrf_failed, not_found, "
     "method_not_allowed, not_acceptable, conflict, payload_too_large, "
-    "unsupported_media_type, throttled, backend_unavailable, server_error."
+    "unsupported_media_type, throttled, quota_exceeded, backend_unavailable, server_error."
 )
 
 

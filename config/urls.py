@@ -4,13 +4,16 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from common.apis import ObtainTokenApi
 from common.views import RedocView, home
+from governance.apis import MetricsApi
 
 urlpatterns = [
     path("", home, name="home"),
     path("admin/workspaces/", include("workspaces.urls")),
+    path("admin/metrics", MetricsApi.as_view(), name="metrics"),
     path("admin/", admin.site.urls),
     path("auth/token/", ObtainTokenApi.as_view(), name="auth-token"),
     path("my/projects/", include("projects.urls")),
+    path("my/projects/<uuid:project_id>/", include("governance.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("api/redoc/", RedocView.as_view(url_name="schema"), name="redoc"),

@@ -33,6 +33,8 @@ class ProjectInputSerializer(StrictSerializer):
 @extend_schema(tags=["Projects"])
 class ProjectListCreateApi(EnvelopeListMixin, APIView):
     pagination_class = EnvelopePagination.of("projects")
+    # A project API key lists its own project; it cannot create one.
+    credential_scopes = {"GET": "read", "POST": None}
 
     @extend_schema(
         operation_id="projects_list",
@@ -41,7 +43,9 @@ class ProjectListCreateApi(EnvelopeListMixin, APIView):
         responses={200: ProjectOutputSerializer(many=True)},
     )
     def get(self, request):
-        return self.list_response(project_list(user=request.user), ProjectOutputSerializer)
+        return self.list_response(
+            project_list(user=request.user, credential=request.auth), ProjectOutputSerializer
+        )
 
     @extend_schema(
         operation_id="projects_create",
@@ -66,7 +70,9 @@ class ProjectDetailApi(APIView):
         responses={200: ProjectOutputSerializer},
     )
     def get(self, request, project_id):
-        project = project_get_for_user(user=request.user, project_id=project_id)
+        project = project_get_for_user(
+            user=request.user, project_id=project_id, credential=request.auth
+        )
         return Response(ProjectOutputSerializer(project).data)
 
     @extend_schema(
@@ -77,7 +83,9 @@ class ProjectDetailApi(APIView):
         responses={200: ProjectOutputSerializer},
     )
     def patch(self, request, project_id):
-        project = project_get_for_user(user=request.user, project_id=project_id)
+        project = project_get_for_user(
+            user=request.user, project_id=project_id, credential=request.auth
+        )
         data = ProjectInputSerializer(data=request.data, partial=True)
         data.is_valid(raise_exception=True)
         project = project_update(project=project, data=data.validated_data)
@@ -92,6 +100,8 @@ class ProjectDetailApi(APIView):
         responses={204: None},
     )
     def delete(self, request, project_id):
-        project = project_get_for_user(user=request.user, project_id=project_id)
+        project = project_get_for_user(
+            user=request.user, project_id=project_id, credential=request.auth
+        )
         project_delete(project=project)
         return Response(status=status.HTTP_204_NO_CONTENT)

@@ -44,13 +44,16 @@ def _close_database_pools(django_db_setup, django_db_blocker):
 
 @pytest.fixture(autouse=True)
 def _clean_workspace_keys():
-    """Each test starts with no workspace state in Redis and none in this process."""
+    """Each test starts with no workspace state in Redis and none in this process, and
+    no quota counters (ids may be reused: SQLite hands out a rolled-back id again)."""
     from common.redis import get_redis
+    from governance.quotas import KEY_NAMESPACE as QUOTA_NAMESPACE
     from workspaces.manager import get_worker_space_manager
     from workspaces.redis import KEY_NAMESPACE
 
     client = get_redis()
     keys = list(client.scan_iter(match=f"{KEY_NAMESPACE}:*", count=1000))
+    keys += list(client.scan_iter(match=f"{QUOTA_NAMESPACE}:*", count=1000))
     if keys:
         client.unlink(*keys)
     get_worker_space_manager().forget_all_unsafe()

@@ -7,6 +7,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from common.api import MAX_PAGE_OFFSET, StrictSerializer
+from common.credentials import CredentialScopePermission
 from common.schema import error_responses
 
 from .selectors import workspace_health, workspace_stats
@@ -104,7 +105,7 @@ def _unhealthy_detail(report: dict) -> str:
 
 @extend_schema(tags=["Operators"])
 class WorkspaceHealthApi(APIView):
-    permission_classes = [IsAdminUser]
+    permission_classes = [IsAdminUser, CredentialScopePermission]
 
     @extend_schema(
         operation_id="operators_health",
@@ -137,7 +138,7 @@ class WorkspaceHealthApi(APIView):
 
 @extend_schema(tags=["Operators"])
 class WorkspaceStatsApi(APIView):
-    permission_classes = [IsAdminUser]
+    permission_classes = [IsAdminUser, CredentialScopePermission]
 
     @extend_schema(
         operation_id="operators_stats",

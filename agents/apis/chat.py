@@ -12,8 +12,10 @@ from common.api import (
     TextField,
     UUIDField,
 )
+from common.credentials import CHAT
 from common.schema import error_responses
 from common.validators import MAX_TEXT_BYTES, validate_text_size
+from governance.apis import QUOTA_EXCEEDED_RESPONSE
 from projects.mixins import ProjectScopedApi
 
 from ..models import Message
@@ -152,6 +154,7 @@ class SessionDetailApi(ProjectScopedApi):
 class MessageListCreateApi(EnvelopeListMixin, ProjectScopedApi):
     pagination_class = EnvelopePagination.of("messages")
     throttle_scopes = {"POST": "messages"}
+    credential_scopes = {"POST": CHAT}  # a project API key sends messages with `chat`
 
     @extend_schema(
         operation_id="messages_list",
@@ -171,9 +174,10 @@ class MessageListCreateApi(EnvelopeListMixin, ProjectScopedApi):
         "`assistant_message_id`), and puts the answer on the project's queue. Follow the "
         "answer on the session's event stream (open it before posting, or read it with "
         "`?cursor=0`), or poll the messages. Every accepted message is answered or ends "
-        "`error` with the reason.",
+        "`error` with the reason. A message past one of the project's or its owner's "
+        "quotas is refused (429, naming the limit and when it resets).",
         request=MessageInputSerializer,
-        responses={202: MessageAcceptedSerializer},
+        responses={202: MessageAcceptedSerializer, 429: QUOTA_EXCEEDED_RESPONSE},
     )
     def post(self, request, project_id, session_id):
         session = session_get(project=self.project, session_id=session_id)
@@ -186,6 +190,8 @@ class MessageListCreateApi(EnvelopeListMixin, ProjectScopedApi):
 
 @extend_schema(tags=["Chat"])
 class SessionCancelApi(ProjectScopedApi):
+    credential_scopes = {"POST": CHAT}
+
     @extend_schema(
         operation_id="sessions_cancel",
         summary="Stop the answers in flight",

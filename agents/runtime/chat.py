@@ -26,6 +26,8 @@ from django.utils import timezone
 from redis.exceptions import RedisError
 
 from agentbus import project_gone
+from governance.providers import provider_settings_for
+from governance.usage import usage_meter_start, usage_record, usage_run_ended
 from workspaces.manager import get_worker_space
 from workspaces.redis import ScopedRedis, scoped
 
@@ -109,6 +111,14 @@ def run_end(
         except Exception:
             # The database says how it ended; a client reloading the message sees it.
             logger.warning("run %s ended %s; the event was not written", run.id, status)
+        # Governance hook: the run no longer counts as in flight against quotas.
+        project = run.session.project
+        usage_run_ended(
+            run_id=run.id,
+            project_id=project.id,
+            user_id=project.owner_id,
+            meter=getattr(run, "usage_meter", None),
+        )
     return bool(ended)
 
 
@@ -230,6 +240,19 @@ def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:
     space = get_worker_space(user_id=project.owner_id, project_id=project.id)
     with lease_keeper().hold(run.id, attempt) as held, space.use():
         answer = _answer(run=run, held=held, space=space, redis=redis)
+    # Governance hook: what this attempt cost (as the provider reported it, or estimated).
+    usage_record(
+        run_id=run.id,
+        attempt=attempt,
+        project_id=project.id,
+        user_id=project.owner_id,
+        agent_id=run.agent_id,
+        message_id=message.id,
+        accepted_at=run.created_at,
+        meter=getattr(run, "usage_meter", None),
+        completion=answer.content,
+        outcome=answer.outcome,
+    )
     outcome, content, error = answer.outcome, answer.content, answer.error
     if outcome == "done":
         if run_end(run=run, status=Run.Status.DONE, content=content, attempt=attempt):
@@ -340,7 +363,14 @@ def _stream(
     stop: Callable[[], bool],
 ) -> str:
     offset = 0
-    provider = get_provider(request.model)
+    # Governance hook: the project's own provider settings, over the deployment's.
+    provider = get_provider(
+        request.model, llm=provider_settings_for(project_id=run.session.project_id)
+    )
+    # Governance hook: meter this provider call (read back by usage_record in _run_claimed).
+    run.usage_meter = usage_meter_start(
+        provider=provider, model=request.model, messages=request.messages
+    )
     deltas = coalesced(
         provider.stream(request, should_stop=stop),
         window=settings.CHAT_DELTA_WINDOW_SECONDS,

@@ -11,10 +11,12 @@ from typing import Any
 from django.conf import settings
 
 from agentbus import project_gone
+from governance.usage import embedding_usage_record
 from workspaces.redis import scoped
 
 from ..models import Agent
 from . import streams
+from .embeddings import get_embedder
 from .vectors import collection_drop, context_clear, context_search, documents_store
 
 logger = logging.getLogger(__name__)
@@ -79,6 +81,16 @@ def context_job_add(
         return None
     if chunks is None:
         return None  # the project was deleted: its teardown removes the rest
+    # Governance hook: the tokens this batch embedded.
+    embedding_usage_record(
+        project_id=project_id,
+        user_id=user_id,
+        agent_id=agent_id,
+        job_id=job_id,
+        batch_start=start,
+        texts=[document["text"] for document in batch],
+        model=get_embedder().name,
+    )
     stored = start + len(batch)
     progress = {
         "stored_documents": stored,

@@ -3,6 +3,7 @@ Imported by workers only, through providers.get_provider and embeddings.get_embe
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -13,6 +14,7 @@ from django.conf import settings
 from openai import OpenAI
 
 from common.singletons import process_singleton
+from governance.providers import ProjectLLM
 
 from .providers import (
     COMPLETION_PARAMS,
@@ -43,19 +45,39 @@ def openai_client() -> OpenAI:
     )
 
 
+@functools.lru_cache(maxsize=64)
+def project_openai_client(*, base_url: str, api_key: str) -> OpenAI:
+    """A client (one connection pool) per endpoint and key that projects set."""
+    return OpenAI(
+        base_url=base_url or None,
+        api_key=api_key or "not-needed",
+        timeout=settings.LLM_TIMEOUT_SECONDS,
+        max_retries=0,
+    )
+
+
 class OpenAIProvider:
     """Chat completions over the official `openai` client, streamed."""
 
     name = "openai"
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, llm: ProjectLLM | None = None) -> None:
         self._client = client
+        self._llm = llm  # the project's model rules (governance), if it has any
+        # The token usage the endpoint reported for the last call, and the model asked
+        # (governance reads them).
+        self.usage: Any = None
+        self.usage_model = ""
 
     def stream(
         self, request: ChatRequest, *, should_stop: Callable[[], bool] = never
     ) -> Iterator[str]:
-        # An agent without a model of its own asks the server's default.
+        # An agent without a model of its own asks its project's default, else the
+        # deployment's; a project may allow only some models.
         model = request.model or settings.LLM_DEFAULT_MODEL
+        if self._llm is not None:  # allowed: get_provider checked it
+            model = self._llm.model_for(request.model, settings.LLM_DEFAULT_MODEL)
+        self.usage_model = model
         if not model:
             raise ProviderError("the agent has no model set, and LLM_DEFAULT_MODEL is empty")
         options = {k: request.params[k] for k in COMPLETION_PARAMS if k in request.params}
@@ -66,10 +88,16 @@ class OpenAIProvider:
             started = False
             try:
                 stream = self._client.chat.completions.create(
-                    model=model, messages=request.messages, stream=True, **options
+                    model=model,
+                    messages=request.messages,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    **options,
                 )
                 try:
                     for chunk in stream:
+                        if getattr(chunk, "usage", None) is not None:
+                            self.usage = chunk.usage  # the last chunk, with no choices
                         for choice in chunk.choices or ():
                             delta = choice.delta.content if choice.delta else None
                             if delta:

@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 from django.conf import settings
 
+from governance.providers import ModelNotAllowed
+
 OFFLINE_MODEL = "offline"
 # Agent params passed through to chat completions; the rest (e.g. top_k) are ours.
 COMPLETION_PARAMS = ("temperature", "top_p", "max_tokens", "presence_penalty", "frequency_penalty")
@@ -92,12 +94,26 @@ def llm_configured() -> bool:
     return bool(settings.OPENAI_BASE_URL or settings.OPENAI_API_KEY)
 
 
-def get_provider(model: str) -> Provider:
-    """The provider for an agent's model: OpenAI-compatible when configured, else offline."""
-    if model == OFFLINE_MODEL or not llm_configured():
+def get_provider(model: str, llm=None) -> Provider:
+    """The provider for an agent's model: OpenAI-compatible when configured, else offline.
+    `llm`: the project's provider settings (governance.providers.ProjectLLM), whose
+    endpoint, key and model rules come before the deployment's."""
+    if llm is not None:
+        try:
+            llm.model_for(model, settings.LLM_DEFAULT_MODEL)  # before anything is called
+        except ModelNotAllowed as exc:
+            raise ProviderError(str(exc)) from None
+    own_endpoint = llm is not None and llm.own_endpoint
+    if model == OFFLINE_MODEL or not (llm_configured() or own_endpoint):
         return OfflineProvider()
     # Here, not at the top: the openai client costs ~0.5 s to import, and web processes
     # import this module (requests, errors) but never call a provider.
-    from .openai_api import OpenAIProvider, openai_client
+    from .openai_api import OpenAIProvider, openai_client, project_openai_client
 
-    return OpenAIProvider(openai_client())
+    if not own_endpoint:
+        return OpenAIProvider(openai_client(), llm=llm)
+    client = project_openai_client(
+        base_url=llm.base_url or settings.OPENAI_BASE_URL,
+        api_key=llm.api_key or settings.OPENAI_API_KEY,
+    )
+    return OpenAIProvider(client, llm=llm)

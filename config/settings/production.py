@@ -8,6 +8,8 @@ SECRET_KEY = env.str("SECRET_KEY")
 DEBUG = False
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS")
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+# Encrypts projects' provider API keys at rest: its own secret, required.
+PROVIDER_KEYS_FERNET_KEY = env.str("PROVIDER_KEYS_FERNET_KEY")
 
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=True)

@@ -1,7 +1,7 @@
 """The test suite: real Redis and database from the environment (see Makefile)."""
 
 from .base import *  # noqa: F403
-from .base import env
+from .base import env, fernet_key_from
 
 DEBUG = False
 SECRET_KEY = "test-only-not-secret"
@@ -21,3 +21,7 @@ STORAGES = {
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
     # A file, not :memory:, so worker processes started by tests see the same rows.
     DATABASES["default"]["TEST"] = {"NAME": str(VAR_DIR / "test.sqlite3")}  # noqa: F405
+
+# Projects' provider keys are encrypted under a key derived from SECRET_KEY unless one
+# is given (production requires its own).
+PROVIDER_KEYS_FERNET_KEY = PROVIDER_KEYS_FERNET_KEY or fernet_key_from(SECRET_KEY)  # noqa: F405

@@ -11,6 +11,8 @@ import pytest
 from django.urls import get_resolver
 
 from agents.models import Agent, ChatSession, Message
+from governance.models import ProjectApiKey, ProviderSettings
+from governance.services import api_key_create
 from projects.models import Project
 from tests.factories import AgentFactory, ChatSessionFactory, MessageFactory, ProjectFactory
 
@@ -28,6 +30,12 @@ ROUTES = [
     ("/my/projects/{p}/chat/{s}/events/", ["get"]),
     ("/my/projects/{p}/agents/{a}/context/", ["get", "post", "delete"]),
     ("/my/projects/{p}/agents/{a}/context/jobs/{j}/", ["get"]),
+    ("/my/projects/{p}/keys/", ["get", "post"]),
+    ("/my/projects/{p}/keys/{k}/", ["delete"]),
+    ("/my/projects/{p}/usage/", ["get"]),
+    ("/my/projects/{p}/quotas/", ["get"]),
+    ("/my/projects/{p}/provider/", ["get", "put"]),
+    ("/my/projects/{p}/audit/", ["get"]),
 ]
 VALID_BODIES = {
     "/my/projects/{p}/": {"name": "renamed"},
@@ -36,12 +44,25 @@ VALID_BODIES = {
     "/my/projects/{p}/chat/": {"agent_id": "{a}"},
     "/my/projects/{p}/chat/{s}/messages/": {"content": "hello"},
     "/my/projects/{p}/agents/{a}/context/": {"documents": ["hello"]},
+    "/my/projects/{p}/keys/": {"name": "intruder", "scopes": ["read", "write", "chat"]},
+    "/my/projects/{p}/provider/": {
+        "base_url": "http://attacker.example/v1",
+        "api_key": "stolen",
+        "default_model": "",
+        "allowed_models": [],
+    },
 }
 
 
 def _fill(template, ids):
     # A context job id: any id will do, the project or agent already is someone else's.
-    return template.format(**{"j": "00000000-0000-4000-8000-000000000001", **ids})
+    return template.format(
+        **{
+            "j": "00000000-0000-4000-8000-000000000001",
+            "k": "00000000-0000-4000-8000-000000000002",
+            **ids,
+        }
+    )
 
 
 def _body(template, ids):
@@ -55,6 +76,8 @@ def _snapshot():
         sorted(Agent.objects.values_list("id", "name", "updated_at")),
         sorted(ChatSession.objects.values_list("id", "title")),
         sorted(Message.objects.values_list("id", "content", "status")),
+        sorted(ProjectApiKey.objects.values_list("id", "revoked_at")),
+        sorted(ProviderSettings.objects.values_list("project_id", "base_url", "updated_at")),
     )
 
 
@@ -74,10 +97,11 @@ def world(user, other_user):
     their_agent = AgentFactory(project=theirs)
     their_session = ChatSessionFactory(agent=their_agent, project=theirs)
     MessageFactory(session=their_session)
+    their_key, _ = api_key_create(project=theirs, name="theirs", scopes=["read"])
     return {
         "mine": {"p": mine.id, "a": my_agent.id, "s": my_session.id},
         "second": {"p": my_second.id, "a": second_agent.id, "s": second_session.id},
-        "theirs": {"p": theirs.id, "a": their_agent.id, "s": their_session.id},
+        "theirs": {"p": theirs.id, "a": their_agent.id, "s": their_session.id, "k": their_key.id},
     }
 
 
@@ -85,7 +109,10 @@ def _foreign_id_sets(world):
     theirs, mine, second = world["theirs"], world["mine"], world["second"]
     yield "their project", theirs
     # The caller's own project with children of someone else's project...
-    yield "my project, their children", {"p": mine["p"], "a": theirs["a"], "s": theirs["s"]}
+    yield (
+        "my project, their children",
+        {"p": mine["p"], "a": theirs["a"], "s": theirs["s"], "k": theirs["k"]},
+    )
     # ...or of another of the caller's own projects: children never cross projects.
     yield (
         "my project, my other project's children",
@@ -101,7 +128,8 @@ def test_every_route_and_method_is_404_for_foreign_ids(api, world, redis_client)
     before = _snapshot()
     checked = 0
     for (label, ids), (template, methods) in itertools.product(_foreign_id_sets(world), ROUTES):
-        if "{a}" not in template and "{s}" not in template and ids["p"] == world["mine"]["p"]:
+        children = ("{a}", "{s}", "{k}")
+        if not any(c in template for c in children) and ids["p"] == world["mine"]["p"]:
             continue  # the route names only the caller's own project: not a foreign id
         for method in methods:
             url = _fill(template, ids)
@@ -156,6 +184,7 @@ def test_matrix_covers_every_route():
         .replace("<uuid:agent_id>", "{a}")
         .replace("<uuid:session_id>", "{s}")
         .replace("<uuid:job_id>", "{j}")
+        .replace("<uuid:key_id>", "{k}")
         for r in served
         if "<uuid:project_id>" in r
     }

@@ -33,7 +33,7 @@ def test_the_schema_documents_every_operation_as_it_answers():
     operations = [
         (path, method, op) for path, item in schema["paths"].items() for method, op in item.items()
     ]
-    assert len(operations) == 25
+    assert len(operations) == 33
     for path, method, op in operations:
         where = f"{method.upper()} {path}"
         assert op.get("summary") and op.get("tags"), where
@@ -41,12 +41,17 @@ def test_the_schema_documents_every_operation_as_it_answers():
         errors = {code: r for code, r in op["responses"].items() if code >= "400"}
         assert errors, where
         for code, response in errors.items():
-            if not (path.endswith("/health") and code == "503"):
-                assert response["content"]["application/json"]["schema"] == error, (where, code)
+            if path.endswith("/health") and code == "503":
+                continue
+            if path.endswith("/messages/") and method == "post" and code == "429":
+                quota = {"$ref": "#/components/schemas/QuotaExceeded"}  # Error, and more
+                assert response["content"]["application/json"]["schema"] == quota
+                continue
+            assert response["content"]["application/json"]["schema"] == error, (where, code)
         if "{" in path:
             assert "404" in op["responses"], where
     lists = [op for _, method, op in operations if op["operationId"].endswith("_list")]
-    assert len(lists) == 4
+    assert len(lists) == 6
     for op in lists:
         params = {p["name"]: p["schema"] for p in op["parameters"] if p["in"] == "query"}
         assert params["limit"]["maximum"] == 200 and params["offset"]["minimum"] == 0
@@ -83,6 +88,12 @@ def test_the_docs_pages_load_nothing_from_outside(url):
         "/admin/workspaces/workspace/",
         "/admin/workspaces/workspace/?q=project",
         "/admin/workspaces/workspaceteardown/",
+        "/admin/governance/projectapikey/",
+        "/admin/governance/quota/",
+        "/admin/governance/runusage/",
+        "/admin/governance/providersettings/",
+        "/admin/governance/auditevent/",
+        "/admin/governance/embeddingusage/",
     ],
 )
 def test_admin_changelists_render(url):
@@ -134,7 +145,11 @@ def test_the_session_page_shows_its_conversation_read_only_a_page_at_a_time():
 
 
 def _manage(settings_module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if k not in ("SECRET_KEY", "DEBUG")}
+    environment = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("SECRET_KEY", "DEBUG", "PROVIDER_KEYS_FERNET_KEY")
+    }
     environment.update(DJANGO_SETTINGS_MODULE=settings_module, **env)
     return subprocess.run(
         [sys.executable, "manage.py", *args],
@@ -152,6 +167,17 @@ def test_production_settings_refuse_to_start_without_a_secret_key():
     assert "SECRET_KEY" in result.stderr
 
 
+def test_production_settings_refuse_to_start_without_a_provider_keys_key():
+    result = _manage(
+        "config.settings.production",
+        "check",
+        SECRET_KEY="k8Jr2vQz7mXw4pLs9TnBy6HdFc3GaRe5UoViKt1NjMbZqWhYxCl0OsPuAeDgSfIr",
+        ALLOWED_HOSTS="example.com",
+    )
+    assert result.returncode != 0
+    assert "PROVIDER_KEYS_FERNET_KEY" in result.stderr
+
+
 def test_production_settings_pass_the_deploy_check():
     result = _manage(
         "config.settings.production",
@@ -161,6 +187,7 @@ def test_production_settings_pass_the_deploy_check():
         "WARNING",
         SECRET_KEY="k8Jr2vQz7mXw4pLs9TnBy6HdFc3GaRe5UoViKt1NjMbZqWhYxCl0OsPuAeDgSfIr",
         ALLOWED_HOSTS="api.example.com",
+        PROVIDER_KEYS_FERNET_KEY="h6Qx0Hj0m3f0b1x2Qp6dWc9VJ8k0Zy5n4r3s2t1u0vA=",
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "no issues" in result.stdout

@@ -21,6 +21,10 @@ class FakeOpenAI:
         self.delay = 0.0  # seconds between tokens in "slow" mode
         self.requests: list[dict] = []
         self.error_status = 500
+        # The usage reported at the end of a stream when the client asks for it
+        # (`stream_options.include_usage`); None reports nothing.
+        self.usage: dict | None = {"prompt_tokens": 21, "completion_tokens": 5}
+        self.headers: list[dict] = []  # each request's headers, names in lower case
         self._release = threading.Event()
         server = self
 
@@ -34,6 +38,7 @@ class FakeOpenAI:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
                 server.requests.append({"path": self.path, "body": body})
+                server.headers.append({k.lower(): v for k, v in self.headers.items()})
                 if not self.path.endswith("/chat/completions"):
                     self._json(404, {"error": {"message": "unknown route"}})
                     return
@@ -63,20 +68,31 @@ class FakeOpenAI:
                             else {"content": token},
                         )
                     self._chunk(body, {}, finish="stop")
+                    wants_usage = (body.get("stream_options") or {}).get("include_usage")
+                    if wants_usage and server.usage is not None:
+                        usage = dict(server.usage)
+                        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                        self._write(self._payload(body, choices=[], usage=usage))
                     self.wfile.write(b"data: [DONE]\n\n")
                     self.wfile.flush()
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client went away (a cancelled run)
                 self.close_connection = True
 
-            def _chunk(self, request, delta, finish=None):
-                payload = {
+            def _payload(self, request, **fields):
+                return {
                     "id": "chatcmpl-local",
                     "object": "chat.completion.chunk",
                     "created": int(time.time()),
                     "model": request.get("model", ""),
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                    **fields,
                 }
+
+            def _chunk(self, request, delta, finish=None):
+                choice = {"index": 0, "delta": delta, "finish_reason": finish}
+                self._write(self._payload(request, choices=[choice]))
+
+            def _write(self, payload):
                 self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
                 self.wfile.flush()
 

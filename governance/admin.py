@@ -1,0 +1,180 @@
+from django.contrib import admin, messages
+from django.db.models import Count, Q, Sum
+
+from .models import AuditEvent, EmbeddingUsage, ProjectApiKey, ProviderSettings, Quota, RunUsage
+from .quotas import quota_delete, quota_save
+from .services import api_key_revoke
+
+
+@admin.register(ProjectApiKey)
+class ProjectApiKeyAdmin(admin.ModelAdmin):
+    """Keys are created by their project's owner through the API (the key is shown
+    once, to them); operators see them and can revoke them."""
+
+    list_display = (
+        "prefix",
+        "name",
+        "project",
+        "scopes",
+        "created_at",
+        "last_used_at",
+        "revoked_at",
+    )
+    list_filter = ("revoked_at", "created_at")
+    search_fields = ("prefix", "name", "project__name", "=project__id")
+    list_select_related = ("project",)
+    readonly_fields = (
+        "id",
+        "project",
+        "name",
+        "prefix",
+        "scopes",
+        "created_by",
+        "created_at",
+        "last_used_at",
+        "revoked_at",
+    )
+    exclude = ("key_hash",)
+    actions = ["revoke"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    @admin.action(description="Revoke the selected keys")
+    def revoke(self, request, queryset):
+        for key in queryset.filter(revoked_at__isnull=True):
+            api_key_revoke(key=key)
+            self.log_change(request, key, "Revoked.")  # the audit log mirrors it
+        self.message_user(request, "Revoked.", messages.SUCCESS)
+
+
+@admin.register(Quota)
+class QuotaAdmin(admin.ModelAdmin):
+    """Operators set limits on a project or on a user (all their projects together);
+    owners read them at …/quotas/. An empty limit is no limit."""
+
+    list_display = ("__str__", "project", "user", *Quota.LIMITS, "updated_at")
+    list_select_related = ("project", "user")
+    search_fields = ("project__name", "=project__id", "user__username")
+    raw_id_fields = ("project", "user")
+    fieldsets = ((None, {"fields": ("project", "user")}), ("Limits", {"fields": Quota.LIMITS}))
+
+    # Through the services: the next admission in the quota's scope reads the change.
+    def save_model(self, request, obj, form, change):
+        quota_save(quota=obj)
+
+    def delete_model(self, request, obj):
+        quota_delete(quota=obj)
+
+    def delete_queryset(self, request, queryset):
+        for quota in queryset:
+            quota_delete(quota=quota)
+
+
+@admin.register(RunUsage)
+class RunUsageAdmin(admin.ModelAdmin):
+    """Every agent run's accounting, read-only: it is written by the runs themselves."""
+
+    list_display = (
+        "created_at",
+        "project_id",
+        "user",
+        "model",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "estimated",
+        "latency_ms",
+        "outcome",
+    )
+    list_filter = ("estimated", "outcome", "provider", "day")
+    search_fields = ("=project_id", "=run_id", "=agent_id", "model", "user__username")
+    list_select_related = ("user",)
+    date_hierarchy = "day"
+
+    def changelist_view(self, request, extra_context=None):
+        response = super().changelist_view(request, extra_context)
+        changelist = getattr(response, "context_data", {}).get("cl")
+        if changelist is not None:  # the totals of what the filters select
+            totals = changelist.queryset.aggregate(
+                runs=Count("run_id"),
+                tokens=Sum("total_tokens"),
+                estimated=Count("run_id", filter=Q(estimated=True)),
+            )
+            response.context_data["title"] = (
+                f"Run usage: {totals['runs']} runs, {totals['tokens'] or 0} tokens "
+                f"({totals['estimated']} runs estimated)"
+            )
+        return response
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(ProviderSettings)
+class ProviderSettingsAdmin(admin.ModelAdmin):
+    """Read-only here: the owner sets them through the API, the key is never shown."""
+
+    list_display = ("project", "base_url", "has_api_key", "default_model", "updated_at")
+    search_fields = ("project__name", "=project__id", "base_url")
+    list_select_related = ("project",)
+    fields = ("project", "base_url", "has_api_key", "default_model", "allowed_models", "updated_at")
+    readonly_fields = fields
+
+    @admin.display(boolean=True, description="API key set")
+    def has_api_key(self, obj) -> bool:
+        return obj.has_api_key
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(admin.ModelAdmin):
+    """The audit log, for operators: read-only (append-only; the purge alone deletes)."""
+
+    list_display = (
+        "created_at", "username", "credential", "key_prefix", "action", "object_repr",
+        "project_id", "status_code", "ip_address",
+    )  # fmt: skip
+    list_filter = ("credential", "method", "created_at")
+    search_fields = ("=project_id", "username", "action", "path", "object_repr", "key_prefix")
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+@admin.register(EmbeddingUsage)
+class EmbeddingUsageAdmin(admin.ModelAdmin):
+    """Tokens embedded per stored ingest batch, read-only."""
+
+    list_display = ("created_at", "project_id", "user", "agent_id", "model", "tokens", "job_id")
+    list_filter = ("model", "day")
+    search_fields = ("=project_id", "=agent_id", "job_id", "user__username")
+    list_select_related = ("user",)
+    date_hierarchy = "day"
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False

@@ -1,0 +1,10 @@
+from django.apps import AppConfig
+
+
+class GovernanceConfig(AppConfig):
+    """What operators and owners govern a tenant with: project-scoped API keys, usage
+    accounting per run, and quotas checked before a run is accepted. It sits between
+    agents (which call it) and workspaces; it imports nothing of agents."""
+
+    name = "governance"
+    default_auto_field = "django.db.models.BigAutoField"
