@@ -21,12 +21,12 @@ from projects.services import project_lock_for_write
 from workspaces.redis import scoped
 from workspaces.services import workspace_agent_sync_on_commit
 
-from .models import Agent, ChatSession, Message, Run
+from .models import Agent, ChatSession, Message, ProjectSecret, Run, Tool
 from .runs import run_dispatch, runs_cancel
 from .runtime import streams
 from .tasks import add_context, clear_context, drop_collection, search_context
 
-AGENT_FIELDS = ("name", "system_prompt", "model", "params")
+AGENT_FIELDS = ("name", "system_prompt", "model", "params", "busy_policy")
 
 
 @transaction.atomic
@@ -37,10 +37,16 @@ def agent_create(
     system_prompt: str = "",
     model: str = "",
     params: dict[str, Any] | None = None,
+    busy_policy: str = Agent.BusyPolicy.ENQUEUE,
 ) -> Agent:
     project_lock_for_write(project_id=project.id)
     agent = Agent.objects.create(
-        project=project, name=name, system_prompt=system_prompt, model=model, params=params or {}
+        project=project,
+        name=name,
+        system_prompt=system_prompt,
+        model=model,
+        params=params or {},
+        busy_policy=busy_policy,
     )
     # The workspace's AgentCache follows the committed row.
     workspace_agent_sync_on_commit(project_id=project.id, agent_id=agent.id)
@@ -133,6 +139,74 @@ def session_runs_cancel(*, session: ChatSession) -> list[int]:
     """Stop the session's answers in flight; returns the ids of the assistant messages
     whose runs this call stopped (they end `cancelled`)."""
     return runs_cancel(session=session)
+
+
+# --- Tools and the project's secrets (agents.tools) -------------------------------------
+
+TOOL_FIELDS = (
+    "kind",
+    "name",
+    "description",
+    "parameters",
+    "method",
+    "url_template",
+    "headers",
+    "safe_to_repeat",
+    "timeout_seconds",
+)
+
+
+@transaction.atomic
+def tool_create(*, agent: Agent, data: dict[str, Any]) -> Tool:
+    """Give the agent a tool (validated by the caller: agents.apis.tools.tool_check)."""
+    project_lock_for_write(project_id=agent.project_id)
+    if not Agent.objects.filter(id=agent.id).exists():
+        raise Http404("No such agent.")  # deleted meanwhile
+    fields = {k: v for k, v in data.items() if k in TOOL_FIELDS}
+    if fields.get("timeout_seconds", "") is None:
+        del fields["timeout_seconds"]
+    # A GET changes nothing, by HTTP's rules: repeatable unless said otherwise.
+    fields.setdefault("safe_to_repeat", fields.get("method") == Tool.Method.GET)
+    return Tool.objects.create(agent=agent, **fields)
+
+
+@transaction.atomic
+def tool_update(*, tool: Tool, data: dict[str, Any]) -> Tool:
+    project_lock_for_write(project_id=tool.agent.project_id)
+    if not Tool.objects.filter(id=tool.id).exists():
+        raise Http404("No such tool.")  # deleted meanwhile
+    tool, _changed = model_update(instance=tool, fields=TOOL_FIELDS, data=data)
+    return tool
+
+
+@transaction.atomic
+def tool_delete(*, tool: Tool) -> None:
+    project_lock_for_write(project_id=tool.agent.project_id)
+    if not Tool.objects.filter(id=tool.id).delete()[0]:
+        raise Http404("No such tool.")
+
+
+@transaction.atomic
+def project_secret_set(
+    *, project: Project, name: str, value: str, create: bool = False
+) -> ProjectSecret:
+    """Store (`create`) or replace a secret's value. The value is never logged."""
+    project_lock_for_write(project_id=project.id)
+    if create:
+        return ProjectSecret.objects.create(project=project, name=name, value=value)
+    secret = ProjectSecret.objects.select_for_update().filter(project=project, name=name).first()
+    if secret is None:
+        raise Http404("No such secret.")  # deleted meanwhile
+    secret.value = value
+    secret.save(update_fields=["value", "updated_at"])
+    return secret
+
+
+@transaction.atomic
+def project_secret_delete(*, secret: ProjectSecret) -> None:
+    project_lock_for_write(project_id=secret.project_id)
+    if not ProjectSecret.objects.filter(id=secret.id).delete()[0]:
+        raise Http404("No such secret.")
 
 
 # --- The agent's context ----------------------------------------------------------------

@@ -193,6 +193,7 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "MessageStatusEnum": "agents.models.Message.Status",
         "ContextJobStatusEnum": "agents.apis.context.JOB_STATUSES",
+        "ToolKindEnum": "agents.models.Tool.Kind",
     },
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
@@ -204,6 +205,7 @@ SPECTACULAR_SETTINGS = {
         {"name": "Agents", "description": "A project's agents: system prompt, model, parameters."},
         {"name": "Context", "description": "An agent's context memory: documents it answers from."},
         {"name": "Chat", "description": "Chat sessions, their messages and live events."},
+        {"name": "Tools", "description": "An agent's tools, and the secrets its HTTP tools use."},
         {"name": "Operators", "description": "Workspace health and statistics (staff only)."},
     ],
     "POSTPROCESSING_HOOKS": [
@@ -398,6 +400,23 @@ CHAT_DELTA_WINDOW_SECONDS = env.float("CHAT_DELTA_WINDOW_SECONDS", default=0.05)
 LLM_DEFAULT_MODEL = env.str("LLM_DEFAULT_MODEL", default="")
 # How long health waits for the LLM endpoint to answer its probe (GET <base>/models).
 LLM_HEALTH_TIMEOUT_SECONDS = env.float("LLM_HEALTH_TIMEOUT_SECONDS", default=3)
+
+# --- Agent tools (agents.tools) -------------------------------------------------------
+# A run asks the model at most TOOL_MAX_STEPS times (an agent's `max_steps` param may
+# lower or raise it); the calls of one step run at most TOOL_MAX_PARALLEL at once.
+TOOL_MAX_STEPS = env.int("TOOL_MAX_STEPS", default=8)
+TOOL_MAX_PARALLEL = env.int("TOOL_MAX_PARALLEL", default=4)
+# An HTTP tool's call ends after this long (a tool's own `timeout_seconds` overrides it),
+# and reads at most this much of the response.
+TOOL_TIMEOUT_SECONDS = env.float("TOOL_TIMEOUT_SECONDS", default=15)
+TOOL_RESPONSE_MAX_BYTES = env.int("TOOL_RESPONSE_MAX_BYTES", default=256 * 1024)
+# A tool's result goes to the model cut to TOOL_RESULT_MAX_CHARS, and into the events
+# and the run's steps cut to TOOL_EVENT_MAX_CHARS.
+TOOL_RESULT_MAX_CHARS = env.int("TOOL_RESULT_MAX_CHARS", default=16000)
+TOOL_EVENT_MAX_CHARS = env.int("TOOL_EVENT_MAX_CHARS", default=2000)
+# HTTP tools may only call public addresses unless this is set (SSRF protection): set it
+# only where tools must reach services on the operator's own network.
+TOOLS_ALLOW_PRIVATE_NETWORKS = env.bool("TOOLS_ALLOW_PRIVATE_NETWORKS", default=False)
 
 LOGGING = {
     "version": 1,

@@ -10,7 +10,7 @@ import itertools
 import pytest
 from django.urls import get_resolver
 
-from agents.models import Agent, ChatSession, Message
+from agents.models import Agent, ChatSession, Message, ProjectSecret, Tool
 from projects.models import Project
 from tests.factories import AgentFactory, ChatSessionFactory, MessageFactory, ProjectFactory
 
@@ -28,6 +28,10 @@ ROUTES = [
     ("/my/projects/{p}/chat/{s}/events/", ["get"]),
     ("/my/projects/{p}/agents/{a}/context/", ["get", "post", "delete"]),
     ("/my/projects/{p}/agents/{a}/context/jobs/{j}/", ["get"]),
+    ("/my/projects/{p}/agents/{a}/tools/", ["get", "post"]),
+    ("/my/projects/{p}/agents/{a}/tools/{t}/", ["get", "patch", "delete"]),
+    ("/my/projects/{p}/secrets/", ["get", "post"]),
+    ("/my/projects/{p}/secrets/{n}/", ["put", "delete"]),
 ]
 VALID_BODIES = {
     "/my/projects/{p}/": {"name": "renamed"},
@@ -36,6 +40,10 @@ VALID_BODIES = {
     "/my/projects/{p}/chat/": {"agent_id": "{a}"},
     "/my/projects/{p}/chat/{s}/messages/": {"content": "hello"},
     "/my/projects/{p}/agents/{a}/context/": {"documents": ["hello"]},
+    "/my/projects/{p}/agents/{a}/tools/": {"kind": "builtin", "name": "add_context"},
+    "/my/projects/{p}/agents/{a}/tools/{t}/": {"description": "changed"},
+    "/my/projects/{p}/secrets/": {"name": "OTHER", "value": "intruder"},
+    "/my/projects/{p}/secrets/{n}/": {"value": "intruder"},
 }
 
 
@@ -55,7 +63,15 @@ def _snapshot():
         sorted(Agent.objects.values_list("id", "name", "updated_at")),
         sorted(ChatSession.objects.values_list("id", "title")),
         sorted(Message.objects.values_list("id", "content", "status")),
+        sorted(Tool.objects.values_list("id", "name", "description", "updated_at")),
+        sorted(ProjectSecret.objects.values_list("id", "name", "value")),
     )
+
+
+def _tool_and_secret(project, agent):
+    tool = Tool.objects.create(agent=agent, kind="builtin", name="search_context")
+    ProjectSecret.objects.create(project=project, name="API_TOKEN", value=f"v-{project.id}")
+    return tool.id
 
 
 @pytest.fixture
@@ -74,18 +90,28 @@ def world(user, other_user):
     their_agent = AgentFactory(project=theirs)
     their_session = ChatSessionFactory(agent=their_agent, project=theirs)
     MessageFactory(session=their_session)
-    return {
+    ids = {
         "mine": {"p": mine.id, "a": my_agent.id, "s": my_session.id},
         "second": {"p": my_second.id, "a": second_agent.id, "s": second_session.id},
         "theirs": {"p": theirs.id, "a": their_agent.id, "s": their_session.id},
     }
+    for (name, entry), (project, agent) in zip(
+        ids.items(),
+        [(mine, my_agent), (my_second, second_agent), (theirs, their_agent)],
+        strict=True,
+    ):
+        ids[name] = {**entry, "t": _tool_and_secret(project, agent), "n": "API_TOKEN"}
+    return ids
 
 
 def _foreign_id_sets(world):
     theirs, mine, second = world["theirs"], world["mine"], world["second"]
     yield "their project", theirs
     # The caller's own project with children of someone else's project...
-    yield "my project, their children", {"p": mine["p"], "a": theirs["a"], "s": theirs["s"]}
+    yield (
+        "my project, their children",
+        {"p": mine["p"], "a": theirs["a"], "s": theirs["s"], "t": theirs["t"], "n": "API_TOKEN"},
+    )
     # ...or of another of the caller's own projects: children never cross projects.
     yield (
         "my project, my other project's children",
@@ -93,6 +119,8 @@ def _foreign_id_sets(world):
             "p": mine["p"],
             "a": second["a"],
             "s": second["s"],
+            "t": second["t"],
+            "n": "API_TOKEN",
         },
     )
 
@@ -156,6 +184,8 @@ def test_matrix_covers_every_route():
         .replace("<uuid:agent_id>", "{a}")
         .replace("<uuid:session_id>", "{s}")
         .replace("<uuid:job_id>", "{j}")
+        .replace("<uuid:tool_id>", "{t}")
+        .replace("<str:name>", "{n}")
         for r in served
         if "<uuid:project_id>" in r
     }

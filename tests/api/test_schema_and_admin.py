@@ -33,7 +33,7 @@ def test_the_schema_documents_every_operation_as_it_answers():
     operations = [
         (path, method, op) for path, item in schema["paths"].items() for method, op in item.items()
     ]
-    assert len(operations) == 25
+    assert len(operations) == 34
     for path, method, op in operations:
         where = f"{method.upper()} {path}"
         assert op.get("summary") and op.get("tags"), where
@@ -46,7 +46,7 @@ def test_the_schema_documents_every_operation_as_it_answers():
         if "{" in path:
             assert "404" in op["responses"], where
     lists = [op for _, method, op in operations if op["operationId"].endswith("_list")]
-    assert len(lists) == 4
+    assert len(lists) == 6
     for op in lists:
         params = {p["name"]: p["schema"] for p in op["parameters"] if p["in"] == "query"}
         assert params["limit"]["maximum"] == 200 and params["offset"]["minimum"] == 0
@@ -195,7 +195,13 @@ def test_admin_edit_of_an_agent_reaches_the_workspace_cache(redis_client):
     client.force_login(staff)
     response = client.post(
         f"/admin/agents/agent/{agent.id}/change/",
-        {"name": "after", "system_prompt": "p", "model": "m", "params": "{}"},
+        {
+            "name": "after",
+            "system_prompt": "p",
+            "model": "m",
+            "params": "{}",
+            "busy_policy": "enqueue",
+        },
     )
     assert response.status_code == 302, response.content[:500]
     assert space.get_agent(agent.id)["name"] == "after"
