@@ -2,7 +2,11 @@
 
 The run claims its row (queued -> running, conditional on its dispatch generation),
 holds a lease while it works, streams the answer's deltas into the session's event
-stream, and ends the run exactly once (done, error or cancelled). Every write is
+stream, and ends the run exactly once (done, error or cancelled). With tools, the answer
+is a loop: the model is asked with the agent's tools, the calls it asks for run (in
+parallel when it asks for several), their results go back to it, until it answers or
+the run reaches its step limit; each step is an event and an entry of `Run.steps`.
+Every write is
 conditional on the run still being this worker's, so a worker that lost its run (the
 recovery pass took it back, a user cancelled it, the project was deleted) stops without
 touching it.
@@ -16,7 +20,8 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any
 
 from django.conf import settings
@@ -30,6 +35,7 @@ from workspaces.manager import get_worker_space
 from workspaces.redis import ScopedRedis, scoped
 
 from ..models import Message, Run
+from ..tools.runner import ToolScope, ToolSpec, agent_tools, project_secrets, tool_execute
 from . import streams
 from .coalesce import coalesced
 from .lease import Held, lease_deadline, lease_keeper
@@ -38,6 +44,7 @@ from .providers import (
     OfflineProvider,
     ProviderError,
     ProviderStopped,
+    ToolCallRequest,
     get_provider,
 )
 from .vectors import context_search, exchange_store
@@ -160,7 +167,12 @@ def release_database() -> None:
 
 
 def _build_request(
-    *, config: dict[str, Any], history: list[tuple[str, str]], question: str, context: list[str]
+    *,
+    config: dict[str, Any],
+    history: list[tuple[str, str]],
+    question: str,
+    context: list[str],
+    tools: list[ToolSpec] = (),
 ) -> ChatRequest:
     system = config.get("system_prompt") or "You are a helpful assistant."
     if context:
@@ -174,6 +186,7 @@ def _build_request(
         params=dict(config.get("params") or {}),
         context=context,
         question=question,
+        tools=[tool.as_openai() for tool in tools],
     )
 
 
@@ -215,6 +228,25 @@ def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:
             error=f"the agent run was interrupted {run.starts - 1} times and gave up",
         )
         raise AgentRunFailed(str(run.id))
+    if run.starts > 1:
+        unsafe = sorted(
+            {
+                step["name"]
+                for step in run.steps or ()
+                if step.get("type") == "tool" and not step.get("safe_to_repeat")
+            }
+        )
+        if unsafe:
+            # Starting over could make these calls a second time.
+            run_end(
+                run=run,
+                status=Run.Status.ERROR,
+                attempt=attempt,
+                error="the agent run was interrupted after calling "
+                f"{', '.join(unsafe)}, which may not be repeated safely; it may have "
+                "taken effect. Check, then ask again.",
+            )
+            raise AgentRunFailed(str(run.id))
     Message.objects.filter(
         id=message.id, status__in=(Message.Status.PENDING, Message.Status.STREAMING)
     ).update(status=Message.Status.STREAMING, content="", error="")
@@ -291,20 +323,43 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> Answer:
             return Answer("error", error="the agent no longer exists")
         history = conversation(message)
         question = next((c for role, c in reversed(history) if role == Message.Role.USER), "")
-        # Nothing more from the database until the run ends (the lease keeper has its own).
+        tools = agent_tools(agent_id=run.agent_id)
+        secrets = project_secrets(project_id=project_id) if _uses_secrets(tools) else {}
+        params = config.get("params") or {}
+        Run.objects.filter(id=run.id, attempt=run.attempt).update(model=_model_name(config))
+        # Nothing more from the database until the run ends, but the run's steps (the
+        # lease keeper has its own connection).
         release_database()
-        top_k = int((config.get("params") or {}).get("top_k", DEFAULT_TOP_K))
+        # An agent with the search tool searches when it decides to; others always do.
+        searches = any(t.kind == "builtin" and t.name == "search_context" for t in tools)
         hits = context_search(
             user_id=space.user_id,
             project_id=project_id,
             agent_id=config["id"],
             query=question,
-            k=top_k,
+            k=0 if searches else int(params.get("top_k", DEFAULT_TOP_K)),
         )
         request = _build_request(
-            config=config, history=history, question=question, context=[h.text for h in hits]
+            config=config,
+            history=history,
+            question=question,
+            context=[h.text for h in hits],
+            tools=tools,
         )
-        outcome = _stream(redis=redis, run=run, request=request, parts=parts, stop=should_stop)
+        loop = ToolLoop(
+            redis=redis,
+            run=run,
+            tools=tools,
+            scope=ToolScope(
+                user_id=space.user_id,
+                project_id=project_id,
+                agent_id=config["id"],
+                secrets=secrets,
+            ),
+            max_steps=int(params.get("max_steps", settings.TOOL_MAX_STEPS)),
+            stop=should_stop,
+        )
+        outcome = loop.run(request=request, parts=parts)
     except ProviderStopped:
         return stopped("".join(parts))
     except ProviderError as exc:
@@ -317,9 +372,182 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> Answer:
         return Answer("error", "".join(parts), f"the agent run failed: {type(exc).__name__}")
     if outcome == "cancelled":
         return Answer("cancelled", "".join(parts))
+    if outcome == "step-limit":
+        return Answer(
+            "error",
+            "".join(parts),
+            f"the agent reached its step limit ({loop.max_steps}) without an answer",
+        )
     if outcome != "done":
         return stopped("".join(parts))
     return Answer("done", "".join(parts), question=question)
+
+
+def _uses_secrets(tools: list[ToolSpec]) -> bool:
+    return any(tool.headers for tool in tools)
+
+
+def _model_name(config: dict[str, Any]) -> str:
+    model = config.get("model") or ""
+    if get_provider(model).name == OfflineProvider.name:
+        return OfflineProvider.name
+    return model or settings.LLM_DEFAULT_MODEL
+
+
+class ToolLoop:
+    """One answer as steps: ask the model (with the agent's tools); run the calls it asks
+    for, in parallel; give it their results; again, until it answers without calling a
+    tool or `max_steps` is reached. Outcomes: done, cancelled, stopped, step-limit.
+
+    Before its calls run, a step is written to `Run.steps` (each call `started`, with
+    whether it may be repeated), and again when they ended: a run restarted after its
+    worker died knows which calls may have taken effect (see `_run_claimed`)."""
+
+    def __init__(
+        self,
+        *,
+        redis: ScopedRedis,
+        run: Run,
+        tools: list[ToolSpec],
+        scope: ToolScope,
+        max_steps: int,
+        stop: Callable[[], bool],
+    ) -> None:
+        self.redis, self.run_, self.scope, self.stop = redis, run, scope, stop
+        self.tools = {tool.name: tool for tool in tools}
+        self.max_steps = max_steps
+        self.steps: list[dict[str, Any]] = list(run.steps or [])
+
+    def run(self, *, request: ChatRequest, parts: list[str]) -> str:
+        for step in range(1, self.max_steps + 1):
+            # Without tools an answer is one step: no step events.
+            if self.tools and not self._event(streams.RUN_STEP, {"step": step}):
+                return "cancelled"
+            calls: list[ToolCallRequest] = []
+            before = len(parts)
+            outcome = _stream(
+                redis=self.redis,
+                run=self.run_,
+                request=request,
+                parts=parts,
+                stop=self.stop,
+                calls=calls,
+            )
+            if outcome != "done":
+                return outcome
+            if not calls:
+                return "done"
+            if step == self.max_steps:
+                return "step-limit"
+            if self.stop():
+                return "stopped"
+            results = self._call(step=step, calls=calls)
+            if isinstance(results, str):
+                return results
+            said = "".join(parts[before:])
+            request = replace(
+                request,
+                messages=[
+                    *request.messages,
+                    {
+                        "role": "assistant",
+                        "content": said or None,
+                        "tool_calls": [
+                            {
+                                "id": call.id,
+                                "type": "function",
+                                "function": {"name": call.name, "arguments": call.arguments},
+                            }
+                            for call in calls
+                        ],
+                    },
+                    *(
+                        {"role": "tool", "tool_call_id": call.id, "content": result}
+                        for call, result in zip(calls, results, strict=True)
+                    ),
+                ],
+            )
+        return "step-limit"
+
+    def _call(self, *, step: int, calls: list[ToolCallRequest]) -> list[str] | str:
+        """Run one step's calls; their results for the model, or an outcome (a str)."""
+        attempt = self.run_.attempt
+        entries = []
+        for call in calls:
+            spec = self.tools.get(call.name)
+            entries.append(
+                {
+                    "type": "tool",
+                    "attempt": attempt,
+                    "step": step,
+                    "call_id": call.id,
+                    "name": call.name,
+                    "arguments": shorten_raw(call.arguments, settings.TOOL_EVENT_MAX_CHARS),
+                    # A call of no tool does nothing: it may be repeated.
+                    "safe_to_repeat": spec.safe_to_repeat if spec else True,
+                    "status": "started",
+                    "started_at": timezone.now().isoformat(),
+                }
+            )
+        self.steps.extend(entries)
+        if not self._save():
+            return "stopped"
+        for entry in entries:
+            data = {k: entry[k] for k in ("step", "call_id", "name", "arguments")}
+            if not self._event(streams.TOOL_CALL, data):
+                return "cancelled"
+        workers = max(1, min(len(calls), settings.TOOL_MAX_PARALLEL))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tool") as pool:
+            outcomes = list(
+                pool.map(
+                    lambda call: tool_execute(
+                        spec=self.tools.get(call.name), arguments=call.arguments, scope=self.scope
+                    ),
+                    calls,
+                )
+            )
+        results = []
+        for entry, outcome in zip(entries, outcomes, strict=True):
+            cut = len(outcome.content) > settings.TOOL_EVENT_MAX_CHARS
+            entry.update(
+                status="done" if outcome.ok else "error",
+                result=shorten_raw(outcome.content, settings.TOOL_EVENT_MAX_CHARS),
+                finished_at=timezone.now().isoformat(),
+            )
+            results.append(shorten_raw(outcome.content, settings.TOOL_RESULT_MAX_CHARS))
+            data = {k: entry[k] for k in ("step", "call_id", "name", "result")}
+            if not self._event(streams.TOOL_RESULT, {**data, "ok": outcome.ok, "truncated": cut}):
+                return "cancelled"
+        if not self._save():
+            return "stopped"
+        return results
+
+    def _save(self) -> bool:
+        """Write the steps, if the run is still this worker's."""
+        run = self.run_
+        saved = Run.objects.filter(
+            id=run.id, attempt=run.attempt, status=Run.Status.RUNNING
+        ).update(steps=self.steps)
+        release_database()
+        return bool(saved)
+
+    def _event(self, event_type: str, data: dict[str, Any]) -> bool:
+        run = self.run_
+        return (
+            streams.event_append_unless_cancelled(
+                redis=self.redis,
+                session_id=run.session_id,
+                message_id=run.message_id,
+                event_type=event_type,
+                data={"message_id": run.message_id, "run_id": str(run.id), **data},
+            )
+            is not None
+        )
+
+
+def shorten_raw(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters (whitespace kept, unlike `shorten`)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _stream(
@@ -329,8 +557,10 @@ def _stream(
     request: ChatRequest,
     parts: list[str],
     stop: Callable[[], bool],
+    calls: list[ToolCallRequest] | None = None,
 ) -> str:
-    offset = 0
+    # The text of earlier steps stays: offsets go on from it.
+    offset = sum(map(len, parts))
     provider = get_provider(request.model)
     deltas = coalesced(
         provider.stream(request, should_stop=stop),
@@ -339,6 +569,10 @@ def _stream(
     )
     try:
         for delta in deltas:
+            if isinstance(delta, ToolCallRequest):
+                if calls is not None:
+                    calls.append(delta)
+                continue
             appended = streams.event_append_unless_cancelled(
                 redis=redis,
                 session_id=run.session_id,

@@ -1,0 +1,207 @@
+"""Tools on the worker: an agent's tools as the model sees them, and executing the calls
+the model asks for. Whatever a call returns or fails with is scrubbed of the project's
+secrets before it goes anywhere (the model, the event stream, the run's steps, logs)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+
+from .http import ToolError, http_call
+
+logger = logging.getLogger(__name__)
+
+SCRUBBED = "[secret]"
+# Secrets shorter than this are not scrubbed from text: they would match everywhere.
+MIN_SCRUBBED_LENGTH = 4
+
+BUILTIN_SPECS: dict[str, dict[str, Any]] = {
+    "search_context": {
+        "description": "Search this agent's context memory for passages relevant to a query.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "query": {"type": "string", "description": "What to look for."},
+                "k": {"type": "integer", "minimum": 1, "maximum": 20, "default": 4},
+            },
+            "required": ["query"],
+            "additionalProperties": False,
+        },
+        # A read.
+        "safe_to_repeat": True,
+    },
+    "add_context": {
+        "description": "Remember a piece of text in this agent's context memory.",
+        "parameters": {
+            "type": "object",
+            "properties": {"text": {"type": "string", "minLength": 1, "maxLength": 20000}},
+            "required": ["text"],
+            "additionalProperties": False,
+        },
+        # Points are keyed by their text: storing the same text twice stores it once.
+        "safe_to_repeat": True,
+    },
+}
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    kind: str
+    description: str
+    parameters: dict[str, Any]
+    safe_to_repeat: bool
+    method: str = ""
+    url_template: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    timeout: float = 0.0
+
+    def as_openai(self) -> dict[str, Any]:
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.parameters or {"type": "object", "properties": {}},
+            },
+        }
+
+
+@dataclass(frozen=True)
+class ToolScope:
+    """Who calls: the agent of a project of a user, and the project's secrets."""
+
+    user_id: int
+    project_id: uuid.UUID
+    agent_id: str
+    secrets: dict[str, str] = field(default_factory=dict)
+
+
+def agent_tools(*, agent_id: uuid.UUID | str) -> list[ToolSpec]:
+    """The agent's tools (a database read)."""
+    from ..models import Tool
+
+    specs = []
+    for tool in Tool.objects.filter(agent_id=agent_id).order_by("created_at", "id"):
+        if tool.kind == Tool.Kind.BUILTIN:
+            builtin = BUILTIN_SPECS.get(tool.name)
+            if builtin is None:
+                continue
+            specs.append(
+                ToolSpec(
+                    name=tool.name,
+                    kind=tool.kind,
+                    description=tool.description or builtin["description"],
+                    parameters=builtin["parameters"],
+                    safe_to_repeat=builtin["safe_to_repeat"],
+                )
+            )
+        else:
+            specs.append(
+                ToolSpec(
+                    name=tool.name,
+                    kind=tool.kind,
+                    description=tool.description,
+                    parameters=tool.parameters,
+                    safe_to_repeat=tool.safe_to_repeat,
+                    method=tool.method,
+                    url_template=tool.url_template,
+                    headers=dict(tool.headers),
+                    timeout=tool.timeout_seconds or settings.TOOL_TIMEOUT_SECONDS,
+                )
+            )
+    return specs
+
+
+def project_secrets(*, project_id: uuid.UUID | str) -> dict[str, str]:
+    from ..models import ProjectSecret
+
+    return dict(ProjectSecret.objects.filter(project_id=project_id).values_list("name", "value"))
+
+
+def scrub(text: str, secrets: dict[str, str]) -> str:
+    for value in sorted(secrets.values(), key=len, reverse=True):
+        if len(value) >= MIN_SCRUBBED_LENGTH:
+            text = text.replace(value, SCRUBBED)
+    return text
+
+
+@dataclass
+class ToolOutcome:
+    ok: bool
+    content: str
+
+
+def tool_execute(*, spec: ToolSpec | None, arguments: str, scope: ToolScope) -> ToolOutcome:
+    """Run one call; never raises. `arguments` is the JSON text the model wrote."""
+    if spec is None:
+        return ToolOutcome(False, "error: no such tool")
+    try:
+        args = json.loads(arguments or "{}")
+    except ValueError:
+        return ToolOutcome(False, "error: the arguments are not valid JSON")
+    if not isinstance(args, dict):
+        return ToolOutcome(False, "error: the arguments must be a JSON object")
+    problem = _arguments_problem(spec.parameters, args)
+    if problem:
+        return ToolOutcome(False, f"error: invalid arguments: {problem}")
+    try:
+        if spec.kind == "builtin":
+            content = _builtin(spec.name, args, scope)
+        else:
+            content = http_call(
+                method=spec.method,
+                url_template=spec.url_template,
+                header_templates=spec.headers,
+                arguments=args,
+                secrets=scope.secrets,
+                timeout=spec.timeout,
+            )
+        return ToolOutcome(True, scrub(content, scope.secrets))
+    except ToolError as exc:
+        return ToolOutcome(False, "error: " + scrub(str(exc), scope.secrets))
+    except Exception as exc:
+        logger.warning("tool %s failed: %s", spec.name, type(exc).__name__)
+        return ToolOutcome(False, f"error: the tool failed ({type(exc).__name__})")
+
+
+def _arguments_problem(schema: dict[str, Any], args: dict[str, Any]) -> str:
+    from jsonschema import Draft202012Validator
+
+    if not schema:
+        return ""
+    error = next(iter(Draft202012Validator(schema).iter_errors(args)), None)
+    if error is None:
+        return ""
+    where = "/".join(str(p) for p in error.path)
+    return f"{where}: {error.message}" if where else error.message
+
+
+def _builtin(name: str, args: dict[str, Any], scope: ToolScope) -> str:
+    from ..runtime.vectors import context_search, documents_store
+
+    if name == "search_context":
+        hits = context_search(
+            user_id=scope.user_id,
+            project_id=scope.project_id,
+            agent_id=scope.agent_id,
+            query=args["query"],
+            k=int(args.get("k", 4)),
+        )
+        return json.dumps(
+            [{"text": h.text, "score": round(h.score, 4)} for h in hits], ensure_ascii=False
+        )
+    if name == "add_context":
+        stored = documents_store(
+            user_id=scope.user_id,
+            project_id=scope.project_id,
+            agent_id=scope.agent_id,
+            documents=[{"text": args["text"], "metadata": {"source": "tool"}}],
+        )
+        return json.dumps({"stored_chunks": stored or 0})
+    raise ToolError(f"no built-in tool {name!r}")
