@@ -76,6 +76,8 @@ class Message(models.Model):
         DONE = "done"
         ERROR = "error"
         CANCELLED = "cancelled"
+        # Replaced by a regenerated answer: kept, but no longer part of the conversation.
+        SUPERSEDED = "superseded"
 
     FINISHED = (Status.DONE, Status.ERROR, Status.CANCELLED)
 

@@ -49,6 +49,14 @@ def message_list(*, session: ChatSession) -> QuerySet[Message]:
     return Message.objects.filter(session=session)
 
 
+def run_list(*, session: ChatSession) -> QuerySet[Run]:
+    return Run.objects.filter(session=session).order_by("-created_at", "-id")
+
+
+def run_get(*, session: ChatSession, run_id: uuid.UUID | str) -> Run:
+    return _get_or_404(run_list(session=session).select_related("session__project"), id=run_id)
+
+
 def tool_list(*, agent: Agent) -> QuerySet[Tool]:
     return Tool.objects.filter(agent=agent)
 

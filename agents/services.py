@@ -14,6 +14,7 @@ from django.http import Http404
 from rest_framework.exceptions import Throttled
 
 from agentbus import publish
+from common.exceptions import Conflict
 from common.redis import get_redis
 from common.services import model_update, on_commit_robust
 from projects.models import Project
@@ -22,7 +23,7 @@ from workspaces.redis import scoped
 from workspaces.services import workspace_agent_sync_on_commit
 
 from .models import Agent, ChatSession, Message, ProjectSecret, Run, Tool
-from .runs import run_dispatch, runs_cancel
+from .runs import run_cancel, run_dispatch, runs_cancel
 from .runtime import streams
 from .tasks import add_context, clear_context, drop_collection, search_context
 
@@ -108,19 +109,52 @@ def session_delete(*, session: ChatSession) -> None:
 # --- Chat: a message, its answer, cancelling ------------------------------------------
 
 
+class SessionBusy(Conflict):
+    default_detail = (
+        "An answer of this session is in flight, and its agent takes no message meanwhile "
+        "(busy_policy `reject`): wait for it, or cancel it."
+    )
+    default_code = "session_busy"
+
+
+def _active_runs(session: ChatSession):
+    return Run.objects.filter(session=session, status__in=(Run.Status.QUEUED, Run.Status.RUNNING))
+
+
+def message_send(*, session: ChatSession, content: str) -> tuple[Message, Message]:
+    """A user's message, as its agent's `busy_policy` says when an answer of the session
+    is in flight: `reject` raises SessionBusy (nothing written), `interrupt` cancels
+    the answers in flight first, `enqueue` answers it after them (message_create)."""
+    if session.agent.busy_policy == Agent.BusyPolicy.INTERRUPT:
+        runs_cancel(session=session)
+    return message_create(
+        session=session,
+        content=content,
+        reject_if_busy=session.agent.busy_policy == Agent.BusyPolicy.REJECT,
+    )
+
+
 @transaction.atomic
-def message_create(*, session: ChatSession, content: str) -> tuple[Message, Message]:
+def message_create(
+    *, session: ChatSession, content: str, reject_if_busy: bool = False
+) -> tuple[Message, Message]:
     """Store a user's message, the (pending) assistant message that will answer it and
     the run that will produce it, in one transaction: the run is the outbox.
 
     After commit the messages are announced on the session's event stream and the run
-    is put on the project's bus. Neither can fail the request any more: if Redis or the
-    broker is down, the run stays queued and the recovery pass dispatches it once they
-    are back. Returns (user message, assistant message).
+    is put on the project's bus, unless an older run of the session is in flight: then
+    it waits, and the end of that one dispatches it (agents.runs). Neither can fail the
+    request any more: if Redis or the broker is down, the run stays queued and the
+    recovery pass dispatches it once they are back. Returns (user message, assistant
+    message).
     """
     project_lock_for_write(project_id=session.project_id)
-    if not ChatSession.objects.filter(id=session.id).exists():
+    # Held to commit: concurrent messages of one session see each other's runs.
+    if not ChatSession.objects.select_for_update().filter(id=session.id).exists():
         raise Http404("No such chat session.")  # deleted meanwhile
+    busy = _active_runs(session).exists()
+    if busy and reject_if_busy:
+        raise SessionBusy()
     user_message = Message.objects.create(
         session=session, role=Message.Role.USER, content=content, status=Message.Status.DONE
     )
@@ -129,10 +163,53 @@ def message_create(*, session: ChatSession, content: str) -> tuple[Message, Mess
     )
     run = Run.objects.create(session=session, message=assistant_message, agent_id=session.agent_id)
     on_commit_robust(
-        lambda: run_dispatch(run=run, announce=(user_message, assistant_message)),
+        lambda: run_dispatch(run=run, announce=(user_message, assistant_message), start=not busy),
         name=f"run_dispatch(run={run.id})",
     )
     return user_message, assistant_message
+
+
+class NothingToRegenerate(Conflict):
+    default_detail = (
+        "The session's last message is not a finished answer (nothing was asked yet, or "
+        "an answer is in flight)."
+    )
+    default_code = "nothing_to_regenerate"
+
+
+@transaction.atomic
+def answer_regenerate(*, session: ChatSession) -> Message:
+    """Answer the session's last question again: its last answer (finished) is kept as
+    `superseded`, out of the conversation, and a new pending answer and its run take
+    its place. Raises NothingToRegenerate when the last message is not a finished
+    answer."""
+    project_lock_for_write(project_id=session.project_id)
+    if not ChatSession.objects.select_for_update().filter(id=session.id).exists():
+        raise Http404("No such chat session.")
+    last = Message.objects.filter(session=session).order_by("-id").first()
+    if (
+        last is None
+        or last.role != Message.Role.ASSISTANT
+        or last.status not in Message.FINISHED
+        or _active_runs(session).exists()
+    ):
+        raise NothingToRegenerate()
+    last.status = Message.Status.SUPERSEDED
+    last.save(update_fields=["status"])
+    answer = Message.objects.create(
+        session=session, role=Message.Role.ASSISTANT, status=Message.Status.PENDING
+    )
+    run = Run.objects.create(session=session, message=answer, agent_id=session.agent_id)
+    on_commit_robust(
+        lambda: run_dispatch(run=run, announce=(answer,)),
+        name=f"run_dispatch(run={run.id})",
+    )
+    return answer
+
+
+def session_run_cancel(*, run: Run) -> bool:
+    """Stop one answer in flight; True when this call stopped it (it ends `cancelled`)."""
+    return run_cancel(run=run)
 
 
 def session_runs_cancel(*, session: ChatSession) -> list[int]:

@@ -205,6 +205,13 @@ def chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
         logger.warning("run %s: could not clear its dispatch mark", run.id, exc_info=True)
     if run.status != Run.Status.QUEUED:
         return "stale"  # already ended (cancelled, expired)
+    if _waits_behind_another(run):
+        # One answer at a time per session: this one is dispatched again when the
+        # older one ends (agents.runs.run_next_dispatch).
+        Run.objects.filter(id=run.id, attempt=attempt, status=Run.Status.QUEUED).update(
+            dispatched_at=None
+        )
+        return "waiting"
     claimed = Run.objects.filter(id=run.id, attempt=attempt, status=Run.Status.QUEUED).update(
         status=Run.Status.RUNNING,
         starts=F("starts") + 1,
@@ -216,6 +223,14 @@ def chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
         return "stale"
     run.refresh_from_db(fields=["starts", "status"])
     return _run_claimed(run=run, attempt=attempt, redis=redis)
+
+
+def _waits_behind_another(run: Run) -> bool:
+    return Run.objects.filter(
+        session_id=run.session_id,
+        status__in=(Run.Status.QUEUED, Run.Status.RUNNING),
+        created_at__lt=run.created_at,
+    ).exists()
 
 
 def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:

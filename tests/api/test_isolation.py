@@ -10,7 +10,7 @@ import itertools
 import pytest
 from django.urls import get_resolver
 
-from agents.models import Agent, ChatSession, Message, ProjectSecret, Tool
+from agents.models import Agent, ChatSession, Message, ProjectSecret, Run, Tool
 from projects.models import Project
 from tests.factories import AgentFactory, ChatSessionFactory, MessageFactory, ProjectFactory
 
@@ -32,6 +32,10 @@ ROUTES = [
     ("/my/projects/{p}/agents/{a}/tools/{t}/", ["get", "patch", "delete"]),
     ("/my/projects/{p}/secrets/", ["get", "post"]),
     ("/my/projects/{p}/secrets/{n}/", ["put", "delete"]),
+    ("/my/projects/{p}/chat/{s}/runs/", ["get"]),
+    ("/my/projects/{p}/chat/{s}/runs/{r}/", ["get"]),
+    ("/my/projects/{p}/chat/{s}/runs/{r}/cancel/", ["post"]),
+    ("/my/projects/{p}/chat/{s}/regenerate/", ["post"]),
 ]
 VALID_BODIES = {
     "/my/projects/{p}/": {"name": "renamed"},
@@ -65,13 +69,17 @@ def _snapshot():
         sorted(Message.objects.values_list("id", "content", "status")),
         sorted(Tool.objects.values_list("id", "name", "description", "updated_at")),
         sorted(ProjectSecret.objects.values_list("id", "name", "value")),
+        sorted(Run.objects.values_list("id", "status")),
     )
 
 
-def _tool_and_secret(project, agent):
+def _tool_secret_and_run(project, agent, session):
     tool = Tool.objects.create(agent=agent, kind="builtin", name="search_context")
     ProjectSecret.objects.create(project=project, name="API_TOKEN", value=f"v-{project.id}")
-    return tool.id
+    # A finished answer: regenerating it would be allowed, were the session the caller's.
+    answer = MessageFactory(session=session, role="assistant", status="done", content="hi")
+    run = Run.objects.create(session=session, message=answer, agent=agent, status="running")
+    return {"t": tool.id, "n": "API_TOKEN", "r": run.id}
 
 
 @pytest.fixture
@@ -95,12 +103,16 @@ def world(user, other_user):
         "second": {"p": my_second.id, "a": second_agent.id, "s": second_session.id},
         "theirs": {"p": theirs.id, "a": their_agent.id, "s": their_session.id},
     }
-    for (name, entry), (project, agent) in zip(
+    for (name, entry), (project, agent, session) in zip(
         ids.items(),
-        [(mine, my_agent), (my_second, second_agent), (theirs, their_agent)],
+        [
+            (mine, my_agent, my_session),
+            (my_second, second_agent, second_session),
+            (theirs, their_agent, their_session),
+        ],
         strict=True,
     ):
-        ids[name] = {**entry, "t": _tool_and_secret(project, agent), "n": "API_TOKEN"}
+        ids[name] = {**entry, **_tool_secret_and_run(project, agent, session)}
     return ids
 
 
@@ -110,7 +122,7 @@ def _foreign_id_sets(world):
     # The caller's own project with children of someone else's project...
     yield (
         "my project, their children",
-        {"p": mine["p"], "a": theirs["a"], "s": theirs["s"], "t": theirs["t"], "n": "API_TOKEN"},
+        {**theirs, "p": mine["p"]},
     )
     # ...or of another of the caller's own projects: children never cross projects.
     yield (
@@ -121,6 +133,7 @@ def _foreign_id_sets(world):
             "s": second["s"],
             "t": second["t"],
             "n": "API_TOKEN",
+            "r": second["r"],
         },
     )
 
@@ -154,7 +167,7 @@ def test_lists_never_show_foreign_rows(api, world):
     sessions = api.get(f"/my/projects/{mine['p']}/chat/").json()["sessions"]
     assert [s["id"] for s in sessions] == [str(mine["s"])]
     messages = api.get(f"/my/projects/{mine['p']}/chat/{mine['s']}/messages/").json()
-    assert messages["total"] == 1
+    assert messages["total"] == 2
 
 
 def test_unsupported_methods_never_succeed_on_foreign_ids(api, world):
@@ -185,6 +198,7 @@ def test_matrix_covers_every_route():
         .replace("<uuid:session_id>", "{s}")
         .replace("<uuid:job_id>", "{j}")
         .replace("<uuid:tool_id>", "{t}")
+        .replace("<uuid:run_id>", "{r}")
         .replace("<str:name>", "{n}")
         for r in served
         if "<uuid:project_id>" in r
