@@ -242,15 +242,20 @@ class ToolAdminForm(forms.ModelForm):
             "headers",
             "safe_to_repeat",
             "timeout_seconds",
+            "target_agent",
         )
 
     def clean(self):
         data = super().clean()
+        target, agent = data.get("target_agent"), data.get("agent")
+        if target is not None and agent is not None and target.project_id != agent.project_id:
+            self.add_error("target_agent", "Must be an agent of the same project.")
         if not self.errors:
             try:
                 validate_tool(data)
             except forms.ValidationError as exc:
                 for field, messages in exc.message_dict.items():
+                    field = "target_agent" if field == "target_agent_id" else field
                     self.add_error(field if field in self.fields else None, messages)
         return data
 
@@ -264,7 +269,7 @@ class ToolAdmin(admin.ModelAdmin):
     list_select_related = ("agent",)
     ordering = ("-created_at",)
     readonly_fields = ("id", "created_at", "updated_at")
-    raw_id_fields = ("agent",)
+    raw_id_fields = ("agent", "target_agent")
 
     @admin.display(description="agent", ordering="agent__name")
     def agent_link(self, obj: Tool):

@@ -134,6 +134,12 @@ class Run(models.Model):
     # agents.runtime.chat). Written by the worker as it goes, so a run restarted after
     # its worker died knows which tool calls were started.
     steps = models.JSONField(default=list, blank=True)
+    # A run of an agent another agent's run asked (an agent tool): its caller, and how
+    # deep in the tree of calls it is (0: answering a user).
+    parent = models.ForeignKey(
+        "self", on_delete=models.CASCADE, null=True, blank=True, related_name="children"
+    )
+    depth = models.PositiveSmallIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     dispatched_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -181,6 +187,8 @@ class Tool(models.Model):
     class Kind(models.TextChoices):
         BUILTIN = "builtin"
         HTTP = "http"
+        # Another agent of the same project, asked over the project's bus.
+        AGENT = "agent"
 
     class Method(models.TextChoices):
         GET = "GET"
@@ -206,6 +214,10 @@ class Tool(models.Model):
     # May a call run again after a worker died during it? (GET is, by HTTP's own rules.)
     safe_to_repeat = models.BooleanField(default=False)
     timeout_seconds = models.FloatField(null=True, blank=True)
+    # Agent tools: the agent of the same project this tool asks.
+    target_agent = models.ForeignKey(
+        Agent, on_delete=models.CASCADE, null=True, blank=True, related_name="called_by"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

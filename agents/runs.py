@@ -85,23 +85,46 @@ def run_dispatch(*, run: Run, announce: tuple[Message, ...] = (), start: bool = 
 
 
 def runs_cancel(*, session) -> list[int]:
-    """Stop the session's runs that have not ended: returns the ids of the assistant
-    messages whose runs this call ended (cancelled). A running run's worker sees it at
-    its next delta (the flag) or lease renewal (the database) and stops."""
+    """Stop the session's runs that have not ended, and the runs they asked of other
+    agents (their trees): returns the ids of the session's assistant messages whose runs
+    this call ended (cancelled). A running run's worker sees it at its next delta (the
+    flag) or lease renewal (the database) and stops."""
     live = list(
         Run.objects.filter(
             session=session, status__in=(Run.Status.QUEUED, Run.Status.RUNNING)
         ).select_related("session__project")
     )
+    ended = _cancel_trees(live)
+    return [run.message_id for run in live if run.id in ended]
+
+
+def run_cancel(*, run: Run) -> bool:
+    """Stop one run (queued or running) and the runs it asked of other agents: True when
+    this call ended it. The session's next waiting run, if any, is dispatched."""
+    ended = run.id in _cancel_trees([run])
+    run_next_dispatch(session_id=run.session_id)
+    return ended
+
+
+def _cancel_trees(runs: list[Run]) -> set:
+    """Cancel `runs` and their descendants that have not ended; the ids it ended."""
+    tree, frontier = list(runs), [run.id for run in runs]
+    while frontier:  # at most AGENT_CALL_MAX_DEPTH rounds
+        children = list(
+            Run.objects.filter(parent_id__in=frontier).select_related("session__project")
+        )
+        tree += children
+        frontier = [child.id for child in children]
+    live = [run for run in tree if run.status in (Run.Status.QUEUED, Run.Status.RUNNING)]
     if not live:
-        return []
+        return set()
     try:
-        # The flag first: no delta of these runs reaches the stream after it.
+        # The flags first: no delta of these runs reaches a stream after them.
         streams.cancel_request(redis=_redis(live[0]), message_ids=[r.message_id for r in live])
     except Exception:
         logger.warning("cancel flags not set (Redis down?): runs stop at their lease renewal")
-    return [
-        run.message_id
+    return {
+        run.id
         for run in live
         if run_end(
             run=run,
@@ -109,24 +132,7 @@ def runs_cancel(*, session) -> list[int]:
             content=None,
             from_statuses=(Run.Status.QUEUED, Run.Status.RUNNING),
         )
-    ]
-
-
-def run_cancel(*, run: Run) -> bool:
-    """Stop one run (queued or running): True when this call ended it. The session's
-    next waiting run, if any, is dispatched."""
-    try:
-        streams.cancel_request(redis=_redis(run), message_ids=[run.message_id])
-    except Exception:
-        logger.warning("cancel flag not set (Redis down?): the run stops at its lease renewal")
-    ended = run_end(
-        run=run,
-        status=Run.Status.CANCELLED,
-        content=None,
-        from_statuses=(Run.Status.QUEUED, Run.Status.RUNNING),
-    )
-    run_next_dispatch(session_id=run.session_id)
-    return ended
+    }
 
 
 def waits_behind_another() -> Exists:

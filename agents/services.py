@@ -218,6 +218,64 @@ def session_runs_cancel(*, session: ChatSession) -> list[int]:
     return runs_cancel(session=session)
 
 
+# --- Agent-to-agent calls (agents.tools.calls) ------------------------------------------
+
+
+class AgentCallRefused(Exception):
+    """An agent call that may not start; str() says why (told to the calling model)."""
+
+
+def agent_call_start(*, parent_run_id: uuid.UUID | str, target_agent_id: str, content: str) -> Run:
+    """Start the answer of `target_agent_id` (an agent of the calling run's project) to
+    `content`, in a session of its own, as a child run of `parent_run_id`: dispatched on
+    the project's bus after commit. Raises AgentCallRefused past the depth or fan-out
+    limits, for an agent of another project, or when the caller no longer runs."""
+    parent = Run.objects.filter(id=parent_run_id).select_related("session", "agent").first()
+    if parent is None:
+        raise AgentCallRefused("the calling run no longer exists")
+    try:
+        return _agent_call_start(parent=parent, target_agent_id=target_agent_id, content=content)
+    except Http404:
+        raise AgentCallRefused("the project no longer exists") from None
+
+
+@transaction.atomic
+def _agent_call_start(*, parent: Run, target_agent_id: str, content: str) -> Run:
+    project = project_lock_for_write(project_id=parent.session.project_id)
+    # Held to commit: parallel calls of one run count each other's children.
+    locked = Run.objects.select_for_update().filter(id=parent.id).first()
+    if locked is None or locked.status != Run.Status.RUNNING:
+        raise AgentCallRefused("the calling run is no longer running")
+    target = Agent.objects.filter(id=target_agent_id, project_id=project.id).first()
+    if target is None:
+        raise AgentCallRefused("no such agent in this project")
+    if parent.depth + 1 > settings.AGENT_CALL_MAX_DEPTH:
+        raise AgentCallRefused(
+            f"refused: calls between agents go at most {settings.AGENT_CALL_MAX_DEPTH} deep"
+        )
+    if Run.objects.filter(parent_id=parent.id).count() >= settings.AGENT_CALL_MAX_FANOUT:
+        raise AgentCallRefused(
+            f"refused: a run calls other agents at most {settings.AGENT_CALL_MAX_FANOUT} times"
+        )
+    session = ChatSession.objects.create(
+        project=project, agent=target, title=f"{parent.agent.name} asks {target.name}"[:200]
+    )
+    question = Message.objects.create(
+        session=session, role=Message.Role.USER, content=content, status=Message.Status.DONE
+    )
+    answer = Message.objects.create(
+        session=session, role=Message.Role.ASSISTANT, status=Message.Status.PENDING
+    )
+    run = Run.objects.create(
+        session=session, message=answer, agent=target, parent=parent, depth=parent.depth + 1
+    )
+    on_commit_robust(
+        lambda: run_dispatch(run=run, announce=(question, answer)),
+        name=f"run_dispatch(run={run.id})",
+    )
+    return run
+
+
 # --- Tools and the project's secrets (agents.tools) -------------------------------------
 
 TOOL_FIELDS = (
@@ -230,6 +288,7 @@ TOOL_FIELDS = (
     "headers",
     "safe_to_repeat",
     "timeout_seconds",
+    "target_agent",
 )
 
 

@@ -19,6 +19,12 @@ _STEP = {
     "required": ["type", "attempt", "step"],
     "properties": {
         "type": {"type": "string", "enum": ["tool"]},
+        "child_run_id": {
+            "type": "string",
+            "format": "uuid",
+            "description": "Agent tools: the run of the agent it asked.",
+        },
+        "child_session_id": {"type": "string", "format": "uuid"},
         "attempt": {"type": "integer", "description": "The run's dispatch generation."},
         "step": {"type": "integer", "description": "The model turn that asked for it."},
         "call_id": {"type": "string"},
@@ -48,6 +54,12 @@ class RunOutputSerializer(serializers.Serializer):
     model = serializers.CharField(help_text="The model it asked; empty before it started.")
     steps = StepsField(help_text="The tool calls it made, in order.")
     starts = serializers.IntegerField(help_text="How many times a worker started it.")
+    parent_id = serializers.UUIDField(
+        allow_null=True,
+        help_text="The run of another agent that asked this one (an agent tool); null "
+        "for an answer to a user.",
+    )
+    depth = serializers.IntegerField(help_text="0 for an answer to a user; +1 per call.")
     created_at = serializers.DateTimeField()
     started_at = serializers.DateTimeField(allow_null=True)
     finished_at = serializers.DateTimeField(allow_null=True)

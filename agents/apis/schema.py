@@ -116,6 +116,13 @@ EVENT_DATA = {
                 "ok": {"type": "boolean"},
                 "result": {"type": "string"},
                 "truncated": {"type": "boolean"},
+                "child_run_id": {
+                    "type": "string",
+                    "format": "uuid",
+                    "description": "Agent tools: the run of the agent asked (its events "
+                    "are on its own session's stream, `child_session_id`).",
+                },
+                "child_session_id": {"type": "string", "format": "uuid"},
             },
         },
     ),

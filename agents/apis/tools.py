@@ -8,13 +8,21 @@ from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
-from common.api import Conflict, EnvelopeListMixin, EnvelopePagination, StrictSerializer, TextField
+from common.api import (
+    Conflict,
+    EnvelopeListMixin,
+    EnvelopePagination,
+    FieldNotFound,
+    StrictSerializer,
+    TextField,
+    UUIDField,
+)
 from common.schema import error_responses
 from common.validators import MAX_TEXT_BYTES, validate_text_size
 from projects.mixins import ProjectScopedApi
 
 from ..models import Tool
-from ..selectors import agent_get, secret_get, secret_list, tool_get, tool_list
+from ..selectors import agent_get, agent_list, secret_get, secret_list, tool_get, tool_list
 from ..services import (
     project_secret_delete,
     project_secret_set,
@@ -22,7 +30,7 @@ from ..services import (
     tool_delete,
     tool_update,
 )
-from ..tools.runner import BUILTIN_SPECS
+from ..tools.runner import AGENT_TOOL_PARAMETERS, BUILTIN_SPECS
 from ..tools.validation import (
     BUILTIN_TOOLS,
     MAX_HEADERS,
@@ -97,6 +105,7 @@ class ToolOutputSerializer(serializers.Serializer):
     headers = HeadersField()
     safe_to_repeat = serializers.BooleanField()
     timeout_seconds = serializers.FloatField(allow_null=True)
+    target_agent_id = serializers.UUIDField(allow_null=True, help_text="Agent tools.")
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
 
@@ -110,6 +119,8 @@ class ToolOutputSerializer(serializers.Serializer):
             data["parameters"] = builtin["parameters"]
             data["description"] = tool.description or builtin["description"]
             data["safe_to_repeat"] = builtin["safe_to_repeat"]
+        if tool.kind == Tool.Kind.AGENT:
+            data["parameters"] = AGENT_TOOL_PARAMETERS
         return data
 
 
@@ -117,7 +128,8 @@ class ToolInputSerializer(StrictSerializer):
     kind = serializers.ChoiceField(
         choices=Tool.Kind.choices,
         help_text="`builtin`: one of the agent's own abilities, named by `name` "
-        f"({', '.join(BUILTIN_TOOLS)}). `http`: a call to an HTTP endpoint.",
+        f"({', '.join(BUILTIN_TOOLS)}). `http`: a call to an HTTP endpoint. `agent`: "
+        "asks another agent of the project (`target_agent_id`) over the project's bus.",
     )
     name = TextField(
         max_length=64,
@@ -157,16 +169,33 @@ class ToolInputSerializer(StrictSerializer):
         max_value=MAX_TIMEOUT_SECONDS,
         help_text="HTTP tools: the whole call's time limit; null: TOOL_TIMEOUT_SECONDS.",
     )
+    target_agent_id = UUIDField(
+        required=False,
+        allow_null=True,
+        help_text="Agent tools: the agent of this project it asks (not the tool's own).",
+    )
 
     class Meta:
         ref_name = "ToolInput"
 
 
-def tool_check(data: dict) -> None:
+def tool_fields(project, agent, data: dict, current: dict | None = None) -> dict:
+    """The tool's fields from validated input (`target_agent_id` resolved to an agent of
+    the project), checked as a whole, merged over `current` for a partial update."""
+    data = dict(data)
+    if "target_agent_id" in data:
+        target_id = data.pop("target_agent_id")
+        target = None
+        if target_id is not None:
+            target = agent_list(project=project).filter(id=target_id).first()
+            if target is None:
+                raise FieldNotFound({"target_agent_id": ["No such agent in this project."]})
+        data["target_agent"] = target
     try:
-        validate_tool(data)
+        validate_tool({**(current or {}), **data, "agent": agent})
     except DjangoValidationError as exc:
         raise serializers.ValidationError(exc.message_dict) from None
+    return data
 
 
 def _name_taken() -> Conflict:
@@ -195,19 +224,28 @@ class ToolListCreateApi(EnvelopeListMixin, ProjectScopedApi):
         summary="Give an agent a tool",
         description="The agent's next answers may call it. A built-in tool needs only "
         "`kind` and `name`; an HTTP tool needs `method` and `url_template`, and every "
-        "placeholder of the URL must be a property of `parameters`.",
+        "placeholder of the URL must be a property of `parameters`; an agent tool needs "
+        "`target_agent_id`.",
         request=ToolInputSerializer,
-        responses={201: ToolOutputSerializer, **_TOOL_CONFLICT},
+        responses={
+            201: ToolOutputSerializer,
+            **_TOOL_CONFLICT,
+            **error_responses(
+                404,
+                _404="No such project or agent, or `target_agent_id` names no agent "
+                "of this project.",
+            ),
+        },
     )
     def post(self, request, project_id, agent_id):
         agent = agent_get(project=self.project, agent_id=agent_id)
         data = ToolInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        tool_check(data.validated_data)
-        if tool_list(agent=agent).filter(name=data.validated_data["name"]).exists():
+        fields = tool_fields(self.project, agent, data.validated_data)
+        if tool_list(agent=agent).filter(name=fields["name"]).exists():
             raise _name_taken()
         try:
-            tool = tool_create(agent=agent, data=data.validated_data)
+            tool = tool_create(agent=agent, data=fields)
         except IntegrityError:
             raise _name_taken() from None
         return Response(ToolOutputSerializer(tool).data, status=status.HTTP_201_CREATED)
@@ -238,14 +276,15 @@ class ToolDetailApi(ProjectScopedApi):
         tool = self._tool(agent_id, tool_id)
         data = ToolInputSerializer(data=request.data, partial=True)
         data.is_valid(raise_exception=True)
-        current = {f: getattr(tool, f) for f in ("kind", "name", "parameters", "method")}
-        current.update(url_template=tool.url_template, headers=tool.headers)
-        tool_check({**current, **data.validated_data})
-        name = data.validated_data.get("name")
+        merged = ("kind", "name", "parameters", "method", "url_template", "headers")
+        current = {f: getattr(tool, f) for f in merged}
+        current["target_agent"] = tool.target_agent
+        fields = tool_fields(self.project, tool.agent, data.validated_data, current)
+        name = fields.get("name")
         if name and tool_list(agent=tool.agent).filter(name=name).exclude(id=tool.id).exists():
             raise _name_taken()
         try:
-            tool = tool_update(tool=tool, data=data.validated_data)
+            tool = tool_update(tool=tool, data=fields)
         except IntegrityError:
             raise _name_taken() from None
         return Response(ToolOutputSerializer(tool).data)

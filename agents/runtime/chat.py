@@ -370,6 +370,8 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> Answer:
                 project_id=project_id,
                 agent_id=config["id"],
                 secrets=secrets,
+                run_id=str(run.id),
+                should_stop=should_stop,
             ),
             max_steps=int(params.get("max_steps", settings.TOOL_MAX_STEPS)),
             stop=should_stop,
@@ -435,6 +437,8 @@ class ToolLoop:
 
     def run(self, *, request: ChatRequest, parts: list[str]) -> str:
         for step in range(1, self.max_steps + 1):
+            if step > 1 and self.stop():
+                return "stopped"
             # Without tools an answer is one step: no step events.
             if self.tools and not self._event(streams.RUN_STEP, {"step": step}):
                 return "cancelled"
@@ -528,9 +532,11 @@ class ToolLoop:
                 status="done" if outcome.ok else "error",
                 result=shorten_raw(outcome.content, settings.TOOL_EVENT_MAX_CHARS),
                 finished_at=timezone.now().isoformat(),
+                **outcome.extra,
             )
             results.append(shorten_raw(outcome.content, settings.TOOL_RESULT_MAX_CHARS))
             data = {k: entry[k] for k in ("step", "call_id", "name", "result")}
+            data.update(outcome.extra)
             if not self._event(streams.TOOL_RESULT, {**data, "ok": outcome.ok, "truncated": cut}):
                 return "cancelled"
         if not self._save():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,26 @@ BUILTIN_SPECS: dict[str, dict[str, Any]] = {
 }
 
 
+# What the model gives an agent tool: the message for the agent it asks.
+AGENT_TOOL_PARAMETERS: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "message": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 32000,
+            "description": "What to ask the agent.",
+        }
+    },
+    "required": ["message"],
+    "additionalProperties": False,
+}
+
+
+def _never() -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class ToolSpec:
     name: str
@@ -60,6 +81,7 @@ class ToolSpec:
     url_template: str = ""
     headers: dict[str, str] = field(default_factory=dict)
     timeout: float = 0.0
+    target_agent_id: str = ""
 
     def as_openai(self) -> dict[str, Any]:
         return {
@@ -80,6 +102,9 @@ class ToolScope:
     project_id: uuid.UUID
     agent_id: str
     secrets: dict[str, str] = field(default_factory=dict)
+    # The calling run (agent tools start runs under it), and whether it must stop.
+    run_id: str = ""
+    should_stop: Callable[[], bool] = _never
 
 
 def agent_tools(*, agent_id: uuid.UUID | str) -> list[ToolSpec]:
@@ -99,6 +124,17 @@ def agent_tools(*, agent_id: uuid.UUID | str) -> list[ToolSpec]:
                     description=tool.description or builtin["description"],
                     parameters=builtin["parameters"],
                     safe_to_repeat=builtin["safe_to_repeat"],
+                )
+            )
+        elif tool.kind == Tool.Kind.AGENT:
+            specs.append(
+                ToolSpec(
+                    name=tool.name,
+                    kind=tool.kind,
+                    description=tool.description or "Ask another agent of this project.",
+                    parameters=AGENT_TOOL_PARAMETERS,
+                    safe_to_repeat=tool.safe_to_repeat,
+                    target_agent_id=str(tool.target_agent_id),
                 )
             )
         else:
@@ -135,6 +171,8 @@ def scrub(text: str, secrets: dict[str, str]) -> str:
 class ToolOutcome:
     ok: bool
     content: str
+    # What else the run's step and event show of the call (an agent call's run).
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def tool_execute(*, spec: ToolSpec | None, arguments: str, scope: ToolScope) -> ToolOutcome:
@@ -151,6 +189,13 @@ def tool_execute(*, spec: ToolSpec | None, arguments: str, scope: ToolScope) -> 
     if problem:
         return ToolOutcome(False, f"error: invalid arguments: {problem}")
     try:
+        if spec.kind == "agent":
+            from .calls import agent_call
+
+            ok, content, extra = agent_call(
+                scope=scope, target_agent_id=spec.target_agent_id, message=args["message"]
+            )
+            return ToolOutcome(ok, scrub(content, scope.secrets), extra)
         if spec.kind == "builtin":
             content = _builtin(spec.name, args, scope)
         else:

@@ -131,7 +131,10 @@ def validate_http_tool(*, parameters: dict, method: str, url_template: str) -> N
 
 def validate_tool(data: dict) -> None:
     """A tool as a whole (after a partial update, its merged fields): a built-in one
-    names a built-in and takes no HTTP field; an HTTP one is `validate_http_tool`."""
+    names a built-in and takes no HTTP field; an agent one names another agent (of the
+    same project: the caller checks); an HTTP one is `validate_http_tool`."""
+    if data.get("kind") != "agent" and data.get("target_agent"):
+        raise ValidationError({"target_agent_id": ["Only agent tools take this field."]})
     if data.get("kind") == "builtin":
         if data.get("name") not in BUILTIN_TOOLS:
             raise ValidationError(
@@ -140,6 +143,17 @@ def validate_tool(data: dict) -> None:
         extra = [f for f in ("method", "url_template", "headers") if data.get(f)]
         if extra:
             raise ValidationError({f: ["Only HTTP tools take this field."] for f in extra})
+        return
+    if data.get("kind") == "agent":
+        errors = {}
+        if not data.get("target_agent"):
+            errors["target_agent_id"] = ["An agent tool needs the agent it asks."]
+        elif data.get("agent") is not None and data["target_agent"] == data["agent"]:
+            errors["target_agent_id"] = ["An agent cannot call itself."]
+        extra = [f for f in ("method", "url_template", "headers") if data.get(f)]
+        errors.update({f: ["Only HTTP tools take this field."] for f in extra})
+        if errors:
+            raise ValidationError(errors)
         return
     validate_http_tool(
         parameters=data.get("parameters") or {},

@@ -417,6 +417,12 @@ TOOL_EVENT_MAX_CHARS = env.int("TOOL_EVENT_MAX_CHARS", default=2000)
 # HTTP tools may only call public addresses unless this is set (SSRF protection): set it
 # only where tools must reach services on the operator's own network.
 TOOLS_ALLOW_PRIVATE_NETWORKS = env.bool("TOOLS_ALLOW_PRIVATE_NETWORKS", default=False)
+# Agent tools (an agent asking another of its project over the bus): a tree of calls is
+# at most AGENT_CALL_MAX_DEPTH deep, a run makes at most AGENT_CALL_MAX_FANOUT calls, and
+# a call waits at most AGENT_CALL_TIMEOUT_SECONDS for the answer.
+AGENT_CALL_MAX_DEPTH = env.int("AGENT_CALL_MAX_DEPTH", default=3)
+AGENT_CALL_MAX_FANOUT = env.int("AGENT_CALL_MAX_FANOUT", default=8)
+AGENT_CALL_TIMEOUT_SECONDS = env.float("AGENT_CALL_TIMEOUT_SECONDS", default=300)
 
 LOGGING = {
     "version": 1,

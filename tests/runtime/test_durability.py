@@ -133,10 +133,12 @@ def test_queued_messages_lost_with_redis_are_answered_once(own_redis, api, chat,
         assert {r.attempt for r in runs} == {1}
         assert completions(chat) == dict.fromkeys(queued, 1)
     else:
-        # The first: the lost dispatch, then the recovery's; the others waited for it,
-        # and were dispatched once, each when the one before it ended.
+        # The first: the lost dispatch, then the recovery's. The others waited for it:
+        # each dispatched when the one before it ended, or by a recovery pass that got
+        # there first (a second attempt; the first then finds itself stale).
         in_order = sorted(runs, key=lambda r: r.created_at)
-        assert [r.attempt for r in in_order] == [2, 1, 1, 1]
+        assert in_order[0].attempt == 2
+        assert all(r.attempt in (1, 2) for r in in_order[1:])
         assert all(n == 1 for n in completions(chat).values())
 
 
