@@ -189,6 +189,8 @@ class Tool(models.Model):
         HTTP = "http"
         # Another agent of the same project, asked over the project's bus.
         AGENT = "agent"
+        # The tools of an MCP server (streamable HTTP) at `url_template`.
+        MCP = "mcp"
 
     class Method(models.TextChoices):
         GET = "GET"

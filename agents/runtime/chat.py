@@ -2,14 +2,16 @@
 
 The run claims its row (queued -> running, conditional on its dispatch generation),
 holds a lease while it works, streams the answer's deltas into the session's event
-stream, and ends the run exactly once (done, error or cancelled). With tools, the answer
-is a loop: the model is asked with the agent's tools, the calls it asks for run (in
-parallel when it asks for several), their results go back to it, until it answers or
-the run reaches its step limit; each step is an event and an entry of `Run.steps`.
-Every write is
+stream, and ends the run exactly once (done, error or cancelled). Every write is
 conditional on the run still being this worker's, so a worker that lost its run (the
 recovery pass took it back, a user cancelled it, the project was deleted) stops without
 touching it.
+
+With tools, the answer is a loop (`ToolLoop`): the model is asked with the agent's
+tools, the calls it asks for run (in parallel when it asks for several), their results
+go back to it, until it answers or the run reaches its step limit; each step is an event
+and an entry of `Run.steps`. A session answers one message at a time: a run queued
+behind an older one of its session waits for it (agents.runs).
 """
 
 from __future__ import annotations
@@ -35,7 +37,14 @@ from workspaces.manager import get_worker_space
 from workspaces.redis import ScopedRedis, scoped
 
 from ..models import Message, Run
-from ..tools.runner import ToolScope, ToolSpec, agent_tools, project_secrets, tool_execute
+from ..tools.runner import (
+    ToolScope,
+    ToolSpec,
+    agent_tools,
+    project_secrets,
+    tool_execute,
+    tools_expand,
+)
 from . import streams
 from .coalesce import coalesced
 from .lease import Held, lease_deadline, lease_keeper
@@ -345,6 +354,7 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> Answer:
         # Nothing more from the database until the run ends, but the run's steps (the
         # lease keeper has its own connection).
         release_database()
+        tools = tools_expand(tools, redis=redis, secrets=secrets)
         # An agent with the search tool searches when it decides to; others always do.
         searches = any(t.kind == "builtin" and t.name == "search_context" for t in tools)
         hits = context_search(

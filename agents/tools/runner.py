@@ -14,6 +14,7 @@ from typing import Any
 from django.conf import settings
 
 from .http import ToolError, http_call
+from .validation import TOOL_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,11 @@ class ToolSpec:
     headers: dict[str, str] = field(default_factory=dict)
     timeout: float = 0.0
     target_agent_id: str = ""
+    # MCP: the server's tool it calls; for the server itself (kind "mcp-server", until
+    # `tools_expand` lists it), the tool row and its version (the listing's cache key).
+    remote_name: str = ""
+    server_id: str = ""
+    version: str = ""
 
     def as_openai(self) -> dict[str, Any]:
         return {
@@ -137,6 +143,21 @@ def agent_tools(*, agent_id: uuid.UUID | str) -> list[ToolSpec]:
                     target_agent_id=str(tool.target_agent_id),
                 )
             )
+        elif tool.kind == Tool.Kind.MCP:
+            specs.append(
+                ToolSpec(
+                    name=tool.name,
+                    kind="mcp-server",
+                    description="",
+                    parameters={},
+                    safe_to_repeat=tool.safe_to_repeat,
+                    url_template=tool.url_template,
+                    headers=dict(tool.headers),
+                    timeout=tool.timeout_seconds or settings.TOOL_TIMEOUT_SECONDS,
+                    server_id=str(tool.id),
+                    version=tool.updated_at.isoformat(),
+                )
+            )
         else:
             specs.append(
                 ToolSpec(
@@ -152,6 +173,48 @@ def agent_tools(*, agent_id: uuid.UUID | str) -> list[ToolSpec]:
                 )
             )
     return specs
+
+
+def tools_expand(specs: list[ToolSpec], *, redis, secrets: dict[str, str]) -> list[ToolSpec]:
+    """`specs` with each MCP server replaced by its tools (listed, or from the project's
+    cache). A server that cannot be listed is left out of this run, with a warning."""
+    from .mcp import SEPARATOR, mcp_tools_cached
+
+    expanded = []
+    for spec in specs:
+        if spec.kind != "mcp-server":
+            expanded.append(spec)
+            continue
+        try:
+            listing = mcp_tools_cached(
+                redis=redis,
+                tool_id=spec.server_id,
+                version=spec.version,
+                url=spec.url_template,
+                header_templates=spec.headers,
+                secrets=secrets,
+            )
+        except ToolError as exc:
+            logger.warning("MCP tool %s left out: %s", spec.name, scrub(str(exc), secrets))
+            continue
+        for remote in listing:
+            name = f"{spec.name}{SEPARATOR}{remote['name']}"
+            if not TOOL_NAME.match(name):
+                continue  # a name the model could not call
+            expanded.append(
+                ToolSpec(
+                    name=name,
+                    kind="mcp",
+                    description=remote["description"],
+                    parameters=remote["parameters"],
+                    safe_to_repeat=spec.safe_to_repeat or remote["safe_to_repeat"],
+                    url_template=spec.url_template,
+                    headers=spec.headers,
+                    timeout=spec.timeout,
+                    remote_name=remote["name"],
+                )
+            )
+    return expanded
 
 
 def project_secrets(*, project_id: uuid.UUID | str) -> dict[str, str]:
@@ -196,6 +259,18 @@ def tool_execute(*, spec: ToolSpec | None, arguments: str, scope: ToolScope) -> 
                 scope=scope, target_agent_id=spec.target_agent_id, message=args["message"]
             )
             return ToolOutcome(ok, scrub(content, scope.secrets), extra)
+        if spec.kind == "mcp":
+            from .mcp import mcp_call
+
+            ok, content = mcp_call(
+                url=spec.url_template,
+                header_templates=spec.headers,
+                secrets=scope.secrets,
+                name=spec.remote_name,
+                arguments=args,
+                timeout=spec.timeout,
+            )
+            return ToolOutcome(ok, scrub(content, scope.secrets))
         if spec.kind == "builtin":
             content = _builtin(spec.name, args, scope)
         else:

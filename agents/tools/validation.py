@@ -23,6 +23,8 @@ MAX_HEADER_VALUE = 4096
 RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
 
 BUILTIN_TOOLS = ("search_context", "add_context")
+# An MCP tool's name prefixes its server's tool names (`<prefix>__<name>`, 64 at most).
+MCP_PREFIX_MAX = 20
 
 
 def validate_tool_name(value) -> None:
@@ -143,6 +145,20 @@ def validate_tool(data: dict) -> None:
         extra = [f for f in ("method", "url_template", "headers") if data.get(f)]
         if extra:
             raise ValidationError({f: ["Only HTTP tools take this field."] for f in extra})
+        return
+    if data.get("kind") == "mcp":
+        errors = {}
+        url = data.get("url_template") or ""
+        if not url:
+            errors["url_template"] = ["An MCP tool needs its server's URL."]
+        elif url_placeholders(url):
+            errors["url_template"] = ["An MCP server's URL takes no placeholders."]
+        if data.get("method"):
+            errors["method"] = ["Only HTTP tools take this field."]
+        if len(data.get("name") or "") > MCP_PREFIX_MAX:
+            errors["name"] = [f"An MCP tool's name is a prefix of at most {MCP_PREFIX_MAX}."]
+        if errors:
+            raise ValidationError(errors)
         return
     if data.get("kind") == "agent":
         errors = {}

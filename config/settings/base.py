@@ -423,6 +423,9 @@ TOOLS_ALLOW_PRIVATE_NETWORKS = env.bool("TOOLS_ALLOW_PRIVATE_NETWORKS", default=
 AGENT_CALL_MAX_DEPTH = env.int("AGENT_CALL_MAX_DEPTH", default=3)
 AGENT_CALL_MAX_FANOUT = env.int("AGENT_CALL_MAX_FANOUT", default=8)
 AGENT_CALL_TIMEOUT_SECONDS = env.float("AGENT_CALL_TIMEOUT_SECONDS", default=300)
+# An MCP server's tool list is cached per project this long (a change of the tool that
+# names the server drops it at once).
+MCP_LIST_CACHE_SECONDS = env.float("MCP_LIST_CACHE_SECONDS", default=300)
 
 LOGGING = {
     "version": 1,
