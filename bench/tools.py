@@ -100,7 +100,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calls", type=int, default=200)
     opts = parser.parse_args()
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for name in ("httpx", "celery", "kombu", "workspaces"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
     from django.core.management import call_command
 

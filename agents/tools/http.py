@@ -12,9 +12,11 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import socket
+import ssl
 import time
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -23,6 +25,13 @@ import httpx
 from django.conf import settings
 
 from .validation import SECRET_REF, url_placeholders
+
+
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    """One TLS context per process: building one (loading the CA bundle) costs more than
+    a whole call to a nearby endpoint."""
+    return httpx.create_ssl_context()
 
 
 class ToolError(Exception):
@@ -111,7 +120,9 @@ def http_call(
     extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
     cap = settings.TOOL_RESPONSE_MAX_BYTES
     try:
-        with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+        with httpx.Client(
+            timeout=timeout, follow_redirects=False, trust_env=False, verify=_tls()
+        ) as client:
             request = client.build_request(
                 method, pinned, params=query, json=body, headers=headers, extensions=extensions
             )
