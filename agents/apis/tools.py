@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.core.validators import RegexValidator
 from django.db import IntegrityError
 from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
@@ -35,6 +36,8 @@ from ..tools.validation import (
     BUILTIN_TOOLS,
     MAX_HEADERS,
     MAX_SCHEMA_BYTES,
+    SECRET_NAME,
+    TOOL_NAME,
     validate_header_templates,
     validate_parameters_schema,
     validate_secret_name,
@@ -93,6 +96,15 @@ class HeadersField(serializers.JSONField):
     pass
 
 
+class NameField(TextField):
+    """A name as the schema states it: `pattern` is the field's regex (the schema shows
+    the first RegexValidator: this one, not TextField's own "not blank")."""
+
+    def __init__(self, *, pattern, **kwargs):
+        super().__init__(**kwargs)
+        self.validators.insert(0, RegexValidator(pattern.pattern, "Not a valid name."))
+
+
 class ToolOutputSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     agent_id = serializers.UUIDField()
@@ -131,7 +143,8 @@ class ToolInputSerializer(StrictSerializer):
         f"({', '.join(BUILTIN_TOOLS)}). `http`: a call to an HTTP endpoint. `agent`: "
         "asks another agent of the project (`target_agent_id`) over the project's bus.",
     )
-    name = TextField(
+    name = NameField(
+        pattern=TOOL_NAME,
         max_length=64,
         validators=[validate_tool_name],
         help_text="The function name the model calls: letters, digits, '_' or '-'; unique "
@@ -225,7 +238,9 @@ class ToolListCreateApi(EnvelopeListMixin, ProjectScopedApi):
         description="The agent's next answers may call it. A built-in tool needs only "
         "`kind` and `name`; an HTTP tool needs `method` and `url_template`, and every "
         "placeholder of the URL must be a property of `parameters`; an agent tool needs "
-        "`target_agent_id`.",
+        "`target_agent_id`; an MCP tool needs `url_template` (its server's endpoint, no "
+        "placeholders) and a `name` of at most 20 characters (the prefix of its tools). "
+        "A tool that breaks one of these rules is a 400 naming the field.",
         request=ToolInputSerializer,
         responses={
             201: ToolOutputSerializer,
@@ -268,7 +283,8 @@ class ToolDetailApi(ProjectScopedApi):
     @extend_schema(
         operation_id="tools_update",
         summary="Change a tool",
-        description="Changes only the fields given; the tool as a whole must stay valid.",
+        description="Changes only the fields given; the tool as a whole must stay valid "
+        "(the rules of tools_create, a 400 naming the field otherwise).",
         request=ToolInputSerializer,
         responses={200: ToolOutputSerializer, **_TOOL_CONFLICT},
     )
@@ -318,7 +334,8 @@ SECRET_VALUE_HELP = (
 
 
 class SecretInputSerializer(StrictSerializer):
-    name = TextField(
+    name = NameField(
+        pattern=SECRET_NAME,
         max_length=64,
         validators=[validate_secret_name],
         help_text="Letters, digits and '_', not starting with a digit. Header values of "

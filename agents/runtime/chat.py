@@ -42,6 +42,7 @@ from ..tools.runner import (
     ToolSpec,
     agent_tools,
     project_secrets,
+    scrub,
     tool_execute,
     tools_expand,
 )
@@ -511,7 +512,9 @@ class ToolLoop:
                     "step": step,
                     "call_id": call.id,
                     "name": call.name,
-                    "arguments": shorten_raw(call.arguments, settings.TOOL_EVENT_MAX_CHARS),
+                    "arguments": shorten_raw(
+                        scrub(call.arguments, self.scope.secrets), settings.TOOL_EVENT_MAX_CHARS
+                    ),
                     # A call of no tool does nothing: it may be repeated.
                     "safe_to_repeat": spec.safe_to_repeat if spec else True,
                     "status": "started",

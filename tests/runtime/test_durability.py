@@ -1,7 +1,7 @@
 """Every accepted message is answered, or ends in a clear error, whatever dies: Redis
 (restarted empty, or from its append-only file), the broker at POST time, a worker
-killed mid-answer. Faults are real: a Redis server and worker processes of the test's
-own, stopped and killed."""
+killed mid-answer or mid-tool-call. Faults are real: a Redis server and worker
+processes of the test's own, stopped and killed."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import time
 import pytest
 
 from agentbus import MAINTENANCE_QUEUE
-from agents.models import Message, Run
+from agents.models import Message, Run, Tool
 from agents.runs import runs_recover
 from agents.runtime import streams
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
 from tests.redis_server import private_redis
 from tests.runtime.conftest import stream_events, wait_until
+from tests.runtime.tool_server import ToolServer
 from tests.workers import broker_at, wait_for
 from workspaces.redis import scoped
 
@@ -401,3 +402,58 @@ def test_deleting_a_project_stops_its_ingest_and_tears_down_in_seconds(live_work
     time.sleep(2)  # whatever still ran has stopped: nothing came back
     assert stored() == 0
     assert done_after < 5
+
+
+@pytest.mark.parametrize("own_redis", ["empty"], indirect=True)
+@pytest.mark.parametrize("repeatable", [False, True])
+def test_a_worker_killed_mid_tool_call_repeats_only_a_repeatable_call(
+    own_redis, api, user, worker_process, fake_openai, tmp_path, settings, repeatable
+):
+    """The worker is SIGKILLed while a tool call is in flight. Started over, a run
+    whose call may be repeated makes it again and answers; one whose call may not ends
+    in error saying which call may have taken effect, and does not make it again."""
+    settings.RUN_LEASE_SECONDS = 2
+    tools = ToolServer().start()
+    tools.slow_seconds = 30
+    try:
+        project = ProjectFactory(owner=user)
+        agent = AgentFactory(project=project, model="gpt-local")
+        Tool.objects.create(
+            agent=agent,
+            kind="http",
+            name="book",
+            method="POST",
+            url_template=tools.url + "/slow",
+            safe_to_repeat=repeatable,
+        )
+        session = ChatSessionFactory(agent=agent, project=project)
+        fake_openai.turns = [{"tool_calls": [("book", {})]} for _ in range(2)]
+        env = {
+            "OPENAI_BASE_URL": fake_openai.base_url,
+            "OPENAI_API_KEY": "test-key",
+            "RUN_LEASE_SECONDS": "2",
+            "TOOLS_ALLOW_PRIVATE_NETWORKS": "true",
+            "QDRANT_PATH": str(tmp_path / "qdrant"),
+        }
+        first = worker_process("-P", "prefork", "-c", "1", env=env)
+        first.wait_started()
+        answer_id = post(api, session, "Book it.")
+        wait_until(lambda: len(tools.requests) == 1, what="the tool call in flight")
+        first.kill_group()
+
+        tools.slow_seconds = 0.01
+        second = worker_process("-P", "prefork", "-c", "1", env=env)
+        second.wait_started()
+        recover_until_finished([answer_id], timeout=30)
+    finally:
+        tools.stop()
+
+    run = Run.objects.get(message_id=answer_id)
+    assert run.starts == 2
+    if repeatable:
+        assert run.status == "done", run.error
+        assert len(tools.requests) == 2
+    else:
+        assert run.status == "error" and "book" in run.error
+        assert "may have taken effect" in run.error
+        assert len(tools.requests) == 1  # not made again
