@@ -11,8 +11,9 @@ from django.utils.html import format_html
 
 from workspaces.services import workspace_agent_sync_on_commit
 
-from .models import Agent, ChatSession, Message
+from .models import Agent, ChatSession, Message, ProjectSecret, Tool
 from .services import agent_delete, session_delete
+from .tools.validation import validate_tool
 from .validators import validate_params
 
 MESSAGES_PER_PAGE = 20
@@ -54,7 +55,7 @@ class AgentAdminForm(forms.ModelForm):
 
     class Meta:
         model = Agent
-        fields = ("project", "name", "system_prompt", "model", "params")
+        fields = ("project", "name", "system_prompt", "model", "params", "busy_policy")
 
     def clean_params(self):
         params = self.cleaned_data.get("params")
@@ -223,3 +224,92 @@ class MessageAdmin(admin.ModelAdmin):
     @admin.display(description="error")
     def short_error(self, obj: Message) -> str:
         return obj.error[:120] or "—"
+
+
+class ToolAdminForm(forms.ModelForm):
+    """The admin checks a tool as the API does (agents.tools.validation)."""
+
+    class Meta:
+        model = Tool
+        fields = (
+            "agent",
+            "kind",
+            "name",
+            "description",
+            "parameters",
+            "method",
+            "url_template",
+            "headers",
+            "safe_to_repeat",
+            "timeout_seconds",
+            "target_agent",
+        )
+
+    def clean(self):
+        data = super().clean()
+        target, agent = data.get("target_agent"), data.get("agent")
+        if target is not None and agent is not None and target.project_id != agent.project_id:
+            self.add_error("target_agent", "Must be an agent of the same project.")
+        if not self.errors:
+            try:
+                validate_tool(data)
+            except forms.ValidationError as exc:
+                for field, messages in exc.message_dict.items():
+                    field = "target_agent" if field == "target_agent_id" else field
+                    self.add_error(field if field in self.fields else None, messages)
+        return data
+
+
+@admin.register(Tool)
+class ToolAdmin(admin.ModelAdmin):
+    form = ToolAdminForm
+    list_display = ("name", "kind", "agent_link", "method", "url_template", "created_at")
+    list_filter = ("kind", ("agent__project", admin.RelatedOnlyFieldListFilter))
+    search_fields = ("name", "url_template", "agent__name", "agent__project__name", "=id")
+    list_select_related = ("agent",)
+    ordering = ("-created_at",)
+    readonly_fields = ("id", "created_at", "updated_at")
+    raw_id_fields = ("agent", "target_agent")
+
+    @admin.display(description="agent", ordering="agent__name")
+    def agent_link(self, obj: Tool):
+        return change_link("agents_agent", obj.agent)
+
+
+class ProjectSecretAdminForm(forms.ModelForm):
+    """The value can be set, never read back: the field starts empty, and left empty on a
+    change it keeps the stored value."""
+
+    value = forms.CharField(
+        widget=forms.PasswordInput(render_value=False),
+        required=False,
+        max_length=4096,
+        help_text="Write-only. Left empty, the stored value is kept.",
+    )
+
+    class Meta:
+        model = ProjectSecret
+        fields = ("project", "name", "value")
+
+    def clean_value(self):
+        value = self.cleaned_data.get("value")
+        if not value:
+            if self.instance.pk is None:
+                raise forms.ValidationError("A new secret needs a value.")
+            return self.instance.value
+        return value
+
+
+@admin.register(ProjectSecret)
+class ProjectSecretAdmin(admin.ModelAdmin):
+    form = ProjectSecretAdminForm
+    list_display = ("name", "project_link", "updated_at")
+    list_filter = (("project", admin.RelatedOnlyFieldListFilter),)
+    search_fields = ("name", "project__name")
+    list_select_related = ("project",)
+    readonly_fields = ("id", "created_at", "updated_at")
+    raw_id_fields = ("project",)
+
+    @admin.display(description="project", ordering="project__name")
+    def project_link(self, obj: ProjectSecret):
+        return change_link("projects_project", obj.project)

@@ -5,6 +5,13 @@ from django.db import models
 from common.validators import validate_text_size
 from projects.models import Project
 
+from .tools.validation import (
+    validate_header_templates,
+    validate_parameters_schema,
+    validate_secret_name,
+    validate_tool_name,
+    validate_url_template,
+)
 from .validators import validate_params
 
 
@@ -17,6 +24,17 @@ class Agent(models.Model):
     system_prompt = models.TextField(blank=True, default="", validators=[validate_text_size])
     model = models.CharField(max_length=200, blank=True, default="")
     params = models.JSONField(default=dict, blank=True, validators=[validate_params])
+
+    class BusyPolicy(models.TextChoices):
+        """What a message that arrives while one of the session's runs is active does."""
+
+        REJECT = "reject"  # refused (409); the active run goes on
+        ENQUEUE = "enqueue"  # answered after the active run
+        INTERRUPT = "interrupt"  # the active run is cancelled; this one is answered
+
+    busy_policy = models.CharField(
+        max_length=16, choices=BusyPolicy.choices, default=BusyPolicy.ENQUEUE
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -58,6 +76,8 @@ class Message(models.Model):
         DONE = "done"
         ERROR = "error"
         CANCELLED = "cancelled"
+        # Replaced by a regenerated answer: kept, but no longer part of the conversation.
+        SUPERSEDED = "superseded"
 
     FINISHED = (Status.DONE, Status.ERROR, Status.CANCELLED)
 
@@ -108,6 +128,18 @@ class Run(models.Model):
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     worker = models.CharField(max_length=255, blank=True, default="")
     error = models.TextField(blank=True, default="")
+    # The model the run asked (empty: not started yet).
+    model = models.CharField(max_length=200, blank=True, default="")
+    # What the run did, in order: one entry per provider turn and per tool call (see
+    # agents.runtime.chat). Written by the worker as it goes, so a run restarted after
+    # its worker died knows which tool calls were started.
+    steps = models.JSONField(default=list, blank=True)
+    # A run of an agent another agent's run asked (an agent tool): its caller, and how
+    # deep in the tree of calls it is (0: answering a user).
+    parent = models.ForeignKey(
+        "self", on_delete=models.CASCADE, null=True, blank=True, related_name="children"
+    )
+    depth = models.PositiveSmallIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     dispatched_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
@@ -123,3 +155,79 @@ class Run(models.Model):
 
     def __str__(self) -> str:
         return f"run {self.id} ({self.status})"
+
+
+class ProjectSecret(models.Model):
+    """A named value of a project that HTTP tools put into their request headers. The
+    API accepts it and never returns it; tools' results and events are scrubbed of it."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="secrets")
+    name = models.CharField(max_length=64, validators=[validate_secret_name])
+    value = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["project", "name"], name="secret_name_unique_in_project"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Tool(models.Model):
+    """A tool an agent may call: a built-in one, or an HTTP endpoint described by a
+    method, a URL template, header templates and JSON-schema parameters."""
+
+    class Kind(models.TextChoices):
+        BUILTIN = "builtin"
+        HTTP = "http"
+        # Another agent of the same project, asked over the project's bus.
+        AGENT = "agent"
+        # The tools of an MCP server (streamable HTTP) at `url_template`.
+        MCP = "mcp"
+
+    class Method(models.TextChoices):
+        GET = "GET"
+        POST = "POST"
+        PUT = "PUT"
+        PATCH = "PATCH"
+        DELETE = "DELETE"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="tools")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    # The function name the model calls; for a built-in tool, which built-in it is.
+    name = models.CharField(max_length=64, validators=[validate_tool_name])
+    description = models.TextField(blank=True, default="", validators=[validate_text_size])
+    parameters = models.JSONField(default=dict, blank=True, validators=[validate_parameters_schema])
+    method = models.CharField(max_length=8, choices=Method.choices, blank=True, default="")
+    url_template = models.CharField(
+        max_length=2000, blank=True, default="", validators=[validate_url_template]
+    )
+    # {"Header-Name": "text with {{secret:NAME}}"}: values are filled from the
+    # project's secrets when the tool is called.
+    headers = models.JSONField(default=dict, blank=True, validators=[validate_header_templates])
+    # May a call run again after a worker died during it? (GET is, by HTTP's own rules.)
+    safe_to_repeat = models.BooleanField(default=False)
+    timeout_seconds = models.FloatField(null=True, blank=True)
+    # Agent tools: the agent of the same project this tool asks.
+    target_agent = models.ForeignKey(
+        Agent, on_delete=models.CASCADE, null=True, blank=True, related_name="called_by"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["agent", "name"], name="tool_name_unique_in_agent")
+        ]
+
+    def __str__(self) -> str:
+        return self.name

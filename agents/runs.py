@@ -19,6 +19,11 @@ RUN_RECOVERY_SECONDS):
 
 Every dispatch carries a new `attempt`: only the latest may claim the run, so a lost
 message that turns up later, or a duplicate, does nothing.
+
+A session answers one message at a time: a run accepted while an older run of its
+session is active (the agent's `enqueue` policy) waits, undispatched, and neither a
+worker nor the recovery pass starts it before the older one ended; the end of a run
+dispatches the next waiting one (`run_next_dispatch`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import logging
 from datetime import timedelta
 
 from django.conf import settings
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from agentbus import live_workers, project_gone, publish, queue_depths
@@ -44,10 +49,10 @@ from .tasks import run_agent
 logger = logging.getLogger(__name__)
 
 
-def run_dispatch(*, run: Run, announce: tuple[Message, ...] = ()) -> None:
+def run_dispatch(*, run: Run, announce: tuple[Message, ...] = (), start: bool = True) -> None:
     """Put the run's current attempt on the project's bus (first announcing `announce`
-    on the session's stream). Raises while Redis or the broker is down: the run stays
-    queued and the recovery pass dispatches it later."""
+    on the session's stream; only that unless `start`). Raises while Redis or the
+    broker is down: the run stays queued and the recovery pass dispatches it later."""
     project = run.session.project
     space = get_worker_space(user_id=project.owner_id, project_id=project.id)
     with space.use():
@@ -58,6 +63,8 @@ def run_dispatch(*, run: Run, announce: tuple[Message, ...] = ()) -> None:
                 session_id=run.session_id,
                 events=[(streams.MESSAGE_CREATED, message_event_data(m)) for m in announce],
             )
+        if not start:
+            return  # it waits for an older run of its session (run_next_dispatch)
         # Marked first: a worker may receive the task before publish returns.
         streams.runs_mark_dispatched(redis=space.redis, run_ids=[str(run.id)])
         try:
@@ -78,23 +85,46 @@ def run_dispatch(*, run: Run, announce: tuple[Message, ...] = ()) -> None:
 
 
 def runs_cancel(*, session) -> list[int]:
-    """Stop the session's runs that have not ended: returns the ids of the assistant
-    messages whose runs this call ended (cancelled). A running run's worker sees it at
-    its next delta (the flag) or lease renewal (the database) and stops."""
+    """Stop the session's runs that have not ended, and the runs they asked of other
+    agents (their trees): returns the ids of the session's assistant messages whose runs
+    this call ended (cancelled). A running run's worker sees it at its next delta (the
+    flag) or lease renewal (the database) and stops."""
     live = list(
         Run.objects.filter(
             session=session, status__in=(Run.Status.QUEUED, Run.Status.RUNNING)
         ).select_related("session__project")
     )
+    ended = _cancel_trees(live)
+    return [run.message_id for run in live if run.id in ended]
+
+
+def run_cancel(*, run: Run) -> bool:
+    """Stop one run (queued or running) and the runs it asked of other agents: True when
+    this call ended it. The session's next waiting run, if any, is dispatched."""
+    ended = run.id in _cancel_trees([run])
+    run_next_dispatch(session_id=run.session_id)
+    return ended
+
+
+def _cancel_trees(runs: list[Run]) -> set:
+    """Cancel `runs` and their descendants that have not ended; the ids it ended."""
+    tree, frontier = list(runs), [run.id for run in runs]
+    while frontier:  # at most AGENT_CALL_MAX_DEPTH rounds
+        children = list(
+            Run.objects.filter(parent_id__in=frontier).select_related("session__project")
+        )
+        tree += children
+        frontier = [child.id for child in children]
+    live = [run for run in tree if run.status in (Run.Status.QUEUED, Run.Status.RUNNING)]
     if not live:
-        return []
+        return set()
     try:
-        # The flag first: no delta of these runs reaches the stream after it.
+        # The flags first: no delta of these runs reaches a stream after them.
         streams.cancel_request(redis=_redis(live[0]), message_ids=[r.message_id for r in live])
     except Exception:
         logger.warning("cancel flags not set (Redis down?): runs stop at their lease renewal")
-    return [
-        run.message_id
+    return {
+        run.id
         for run in live
         if run_end(
             run=run,
@@ -102,7 +132,39 @@ def runs_cancel(*, session) -> list[int]:
             content=None,
             from_statuses=(Run.Status.QUEUED, Run.Status.RUNNING),
         )
-    ]
+    }
+
+
+def waits_behind_another() -> Exists:
+    """For a Run queryset: the run has an older active run in its session."""
+    return Exists(
+        Run.objects.filter(
+            session=OuterRef("session"),
+            status__in=(Run.Status.QUEUED, Run.Status.RUNNING),
+            created_at__lt=OuterRef("created_at"),
+        )
+    )
+
+
+def run_next_dispatch(*, session_id) -> bool:
+    """Dispatch the session's oldest active run if it waits undispatched (its older
+    runs ended). Never raises: if this is lost, the recovery pass dispatches it."""
+    try:
+        first = (
+            Run.objects.filter(
+                session_id=session_id, status__in=(Run.Status.QUEUED, Run.Status.RUNNING)
+            )
+            .select_related("session__project")
+            .order_by("created_at")
+            .first()
+        )
+        if first is None or first.status != Run.Status.QUEUED or first.dispatched_at:
+            return False
+        run_dispatch(run=first)
+        return True
+    except Exception:
+        logger.warning("session %s: next run not dispatched; recovery will", session_id)
+        return False
 
 
 def _redis(run: Run) -> ScopedRedis:
@@ -129,6 +191,7 @@ def runs_recover() -> dict[str, int]:
     queued = _runs(
         Q(status=Run.Status.QUEUED)
         & (Q(dispatched_at__lt=stale) | Q(dispatched_at__isnull=True, created_at__lt=stale))
+        & ~waits_behind_another()
     )
     for run in _lost(queued):
         done["redispatched"] += _redispatch(run, from_status=Run.Status.QUEUED)
@@ -192,3 +255,11 @@ def _redispatch(run: Run, *, from_status: str) -> int:
         logger.warning("run %s: dispatch failed; the next pass tries again", run.id)
         return 0
     return 1
+
+
+def run_next_dispatch_after(*, run_id) -> None:
+    """After a worker is done with `run_id`: if it ended, its session's next waiting run
+    goes on the bus."""
+    run = Run.objects.filter(id=run_id).only("session_id", "status").first()
+    if run is not None and run.status in Run.FINISHED:
+        run_next_dispatch(session_id=run.session_id)

@@ -17,7 +17,7 @@ from django.utils import timezone
 from projects.models import Project
 from workspaces.redis import scoped
 
-from .models import Agent, ChatSession, Message, Run
+from .models import Agent, ChatSession, Message, ProjectSecret, Run, Tool
 from .runtime.providers import llm_configured
 from .runtime.streams import job_get
 
@@ -49,6 +49,30 @@ def session_get(*, project: Project, session_id: uuid.UUID | str) -> ChatSession
 
 def message_list(*, session: ChatSession) -> QuerySet[Message]:
     return Message.objects.filter(session=session)
+
+
+def run_list(*, session: ChatSession) -> QuerySet[Run]:
+    return Run.objects.filter(session=session).order_by("-created_at", "-id")
+
+
+def run_get(*, session: ChatSession, run_id: uuid.UUID | str) -> Run:
+    return _get_or_404(run_list(session=session).select_related("session__project"), id=run_id)
+
+
+def tool_list(*, agent: Agent) -> QuerySet[Tool]:
+    return Tool.objects.filter(agent=agent)
+
+
+def tool_get(*, agent: Agent, tool_id: uuid.UUID | str) -> Tool:
+    return _get_or_404(tool_list(agent=agent).select_related("agent"), id=tool_id)
+
+
+def secret_list(*, project: Project) -> QuerySet[ProjectSecret]:
+    return ProjectSecret.objects.filter(project=project)
+
+
+def secret_get(*, project: Project, name: str) -> ProjectSecret:
+    return _get_or_404(secret_list(project=project), name=name)
 
 
 def agent_config(agent: Agent) -> dict:

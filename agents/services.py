@@ -14,20 +14,21 @@ from django.http import Http404
 from rest_framework.exceptions import Throttled
 
 from agentbus import publish
+from common.exceptions import Conflict
 from common.redis import get_redis
 from common.services import model_update, on_commit_robust
-from governance.usage import usage_admit
+from governance.usage import QuotaExceeded, usage_admit
 from projects.models import Project
 from projects.services import project_lock_for_write
 from workspaces.redis import scoped
 from workspaces.services import workspace_agent_sync_on_commit
 
-from .models import Agent, ChatSession, Message, Run
-from .runs import run_dispatch, runs_cancel
+from .models import Agent, ChatSession, Message, ProjectSecret, Run, Tool
+from .runs import run_cancel, run_dispatch, runs_cancel
 from .runtime import streams
 from .tasks import add_context, clear_context, drop_collection, search_context
 
-AGENT_FIELDS = ("name", "system_prompt", "model", "params")
+AGENT_FIELDS = ("name", "system_prompt", "model", "params", "busy_policy")
 
 
 @transaction.atomic
@@ -38,10 +39,16 @@ def agent_create(
     system_prompt: str = "",
     model: str = "",
     params: dict[str, Any] | None = None,
+    busy_policy: str = Agent.BusyPolicy.ENQUEUE,
 ) -> Agent:
     project_lock_for_write(project_id=project.id)
     agent = Agent.objects.create(
-        project=project, name=name, system_prompt=system_prompt, model=model, params=params or {}
+        project=project,
+        name=name,
+        system_prompt=system_prompt,
+        model=model,
+        params=params or {},
+        busy_policy=busy_policy,
     )
     # The workspace's AgentCache follows the committed row.
     workspace_agent_sync_on_commit(project_id=project.id, agent_id=agent.id)
@@ -103,30 +110,65 @@ def session_delete(*, session: ChatSession) -> None:
 # --- Chat: a message, its answer, cancelling ------------------------------------------
 
 
-def message_create(*, session: ChatSession, content: str) -> tuple[Message, Message]:
+class SessionBusy(Conflict):
+    default_detail = (
+        "An answer of this session is in flight, and its agent takes no message meanwhile "
+        "(busy_policy `reject`): wait for it, or cancel it."
+    )
+    default_code = "session_busy"
+
+
+def _active_runs(session: ChatSession):
+    return Run.objects.filter(session=session, status__in=(Run.Status.QUEUED, Run.Status.RUNNING))
+
+
+def message_send(*, session: ChatSession, content: str) -> tuple[Message, Message]:
+    """A user's message, as its agent's `busy_policy` says when an answer of the session
+    is in flight: `reject` raises SessionBusy (nothing written), `interrupt` cancels
+    the answers in flight first, `enqueue` answers it after them (message_create)."""
+    if session.agent.busy_policy == Agent.BusyPolicy.INTERRUPT:
+        runs_cancel(session=session)
+    return message_create(
+        session=session,
+        content=content,
+        reject_if_busy=session.agent.busy_policy == Agent.BusyPolicy.REJECT,
+    )
+
+
+def message_create(
+    *, session: ChatSession, content: str, reject_if_busy: bool = False
+) -> tuple[Message, Message]:
     """Store a user's message, the (pending) assistant message that will answer it and
     the run that will produce it, in one transaction: the run is the outbox.
 
     The run is first admitted against the project's and its owner's quotas: past a
     limit this raises QuotaExceeded (a 429) and stores nothing, so no provider is
     called. After commit the messages are announced on the session's event stream and
-    the run is put on the project's bus. Neither can fail the request any more: if Redis
-    or the broker is down, the run stays queued and the recovery pass dispatches it once
-    they are back. Returns (user message, assistant message).
+    the run is put on the project's bus, unless an older run of the session is in
+    flight: then it waits, and the end of that one dispatches it (agents.runs). Neither
+    can fail the request any more: if Redis or the broker is down, the run stays queued
+    and the recovery pass dispatches it once they are back. Returns (user message,
+    assistant message).
     """
     # Governance hook: quota admission; the admission is released if nothing is stored.
     project = session.project
     with usage_admit(project_id=project.id, user_id=project.owner_id) as run_id:
-        return _message_create(session=session, content=content, run_id=run_id)
+        return _message_create(
+            session=session, content=content, reject_if_busy=reject_if_busy, run_id=run_id
+        )
 
 
 @transaction.atomic
 def _message_create(
-    *, session: ChatSession, content: str, run_id: uuid.UUID
+    *, session: ChatSession, content: str, reject_if_busy: bool, run_id: uuid.UUID
 ) -> tuple[Message, Message]:
     project_lock_for_write(project_id=session.project_id)
-    if not ChatSession.objects.filter(id=session.id).exists():
+    # Held to commit: concurrent messages of one session see each other's runs.
+    if not ChatSession.objects.select_for_update().filter(id=session.id).exists():
         raise Http404("No such chat session.")  # deleted meanwhile
+    busy = _active_runs(session).exists()
+    if busy and reject_if_busy:
+        raise SessionBusy()
     user_message = Message.objects.create(
         session=session, role=Message.Role.USER, content=content, status=Message.Status.DONE
     )
@@ -137,16 +179,205 @@ def _message_create(
         id=run_id, session=session, message=assistant_message, agent_id=session.agent_id
     )
     on_commit_robust(
-        lambda: run_dispatch(run=run, announce=(user_message, assistant_message)),
+        lambda: run_dispatch(run=run, announce=(user_message, assistant_message), start=not busy),
         name=f"run_dispatch(run={run.id})",
     )
     return user_message, assistant_message
+
+
+class NothingToRegenerate(Conflict):
+    default_detail = (
+        "The session's last message is not a finished answer (nothing was asked yet, or "
+        "an answer is in flight)."
+    )
+    default_code = "nothing_to_regenerate"
+
+
+def answer_regenerate(*, session: ChatSession) -> Message:
+    """Answer the session's last question again: its last answer (finished) is kept as
+    `superseded`, out of the conversation, and a new pending answer and its run take
+    its place. Raises NothingToRegenerate when the last message is not a finished
+    answer, and QuotaExceeded (nothing changed) past a quota, as a message would."""
+    # Governance hook: quota admission, as for a message.
+    project = session.project
+    with usage_admit(project_id=project.id, user_id=project.owner_id) as run_id:
+        return _answer_regenerate(session=session, run_id=run_id)
+
+
+@transaction.atomic
+def _answer_regenerate(*, session: ChatSession, run_id: uuid.UUID) -> Message:
+    project_lock_for_write(project_id=session.project_id)
+    if not ChatSession.objects.select_for_update().filter(id=session.id).exists():
+        raise Http404("No such chat session.")
+    last = Message.objects.filter(session=session).order_by("-id").first()
+    if (
+        last is None
+        or last.role != Message.Role.ASSISTANT
+        or last.status not in Message.FINISHED
+        or _active_runs(session).exists()
+    ):
+        raise NothingToRegenerate()
+    last.status = Message.Status.SUPERSEDED
+    last.save(update_fields=["status"])
+    answer = Message.objects.create(
+        session=session, role=Message.Role.ASSISTANT, status=Message.Status.PENDING
+    )
+    run = Run.objects.create(id=run_id, session=session, message=answer, agent_id=session.agent_id)
+    on_commit_robust(
+        lambda: run_dispatch(run=run, announce=(answer,)),
+        name=f"run_dispatch(run={run.id})",
+    )
+    return answer
+
+
+def session_run_cancel(*, run: Run) -> bool:
+    """Stop one answer in flight; True when this call stopped it (it ends `cancelled`)."""
+    return run_cancel(run=run)
 
 
 def session_runs_cancel(*, session: ChatSession) -> list[int]:
     """Stop the session's answers in flight; returns the ids of the assistant messages
     whose runs this call stopped (they end `cancelled`)."""
     return runs_cancel(session=session)
+
+
+# --- Agent-to-agent calls (agents.tools.calls) ------------------------------------------
+
+
+class AgentCallRefused(Exception):
+    """An agent call that may not start; str() says why (told to the calling model)."""
+
+
+def agent_call_start(*, parent_run_id: uuid.UUID | str, target_agent_id: str, content: str) -> Run:
+    """Start the answer of `target_agent_id` (an agent of the calling run's project) to
+    `content`, in a session of its own, as a child run of `parent_run_id`: dispatched on
+    the project's bus after commit. Raises AgentCallRefused past the depth or fan-out
+    limits, for an agent of another project, or when the caller no longer runs."""
+    parent = Run.objects.filter(id=parent_run_id).select_related("session__project", "agent").first()
+    if parent is None:
+        raise AgentCallRefused("the calling run no longer exists")
+    project = parent.session.project
+    try:
+        # Governance hook: a call starts a run, admitted against the quotas as a message.
+        with usage_admit(project_id=project.id, user_id=project.owner_id) as run_id:
+            return _agent_call_start(
+                parent=parent, target_agent_id=target_agent_id, content=content, run_id=run_id
+            )
+    except Http404:
+        raise AgentCallRefused("the project no longer exists") from None
+    except QuotaExceeded as exc:
+        raise AgentCallRefused(f"refused: {exc.detail}") from None
+
+
+@transaction.atomic
+def _agent_call_start(*, parent: Run, target_agent_id: str, content: str, run_id: uuid.UUID) -> Run:
+    project = project_lock_for_write(project_id=parent.session.project_id)
+    # Held to commit: parallel calls of one run count each other's children.
+    locked = Run.objects.select_for_update().filter(id=parent.id).first()
+    if locked is None or locked.status != Run.Status.RUNNING:
+        raise AgentCallRefused("the calling run is no longer running")
+    target = Agent.objects.filter(id=target_agent_id, project_id=project.id).first()
+    if target is None:
+        raise AgentCallRefused("no such agent in this project")
+    if parent.depth + 1 > settings.AGENT_CALL_MAX_DEPTH:
+        raise AgentCallRefused(
+            f"refused: calls between agents go at most {settings.AGENT_CALL_MAX_DEPTH} deep"
+        )
+    if Run.objects.filter(parent_id=parent.id).count() >= settings.AGENT_CALL_MAX_FANOUT:
+        raise AgentCallRefused(
+            f"refused: a run calls other agents at most {settings.AGENT_CALL_MAX_FANOUT} times"
+        )
+    session = ChatSession.objects.create(
+        project=project, agent=target, title=f"{parent.agent.name} asks {target.name}"[:200]
+    )
+    question = Message.objects.create(
+        session=session, role=Message.Role.USER, content=content, status=Message.Status.DONE
+    )
+    answer = Message.objects.create(
+        session=session, role=Message.Role.ASSISTANT, status=Message.Status.PENDING
+    )
+    run = Run.objects.create(
+        id=run_id,
+        session=session,
+        message=answer,
+        agent=target,
+        parent=parent,
+        depth=parent.depth + 1,
+    )
+    on_commit_robust(
+        lambda: run_dispatch(run=run, announce=(question, answer)),
+        name=f"run_dispatch(run={run.id})",
+    )
+    return run
+
+
+# --- Tools and the project's secrets (agents.tools) -------------------------------------
+
+TOOL_FIELDS = (
+    "kind",
+    "name",
+    "description",
+    "parameters",
+    "method",
+    "url_template",
+    "headers",
+    "safe_to_repeat",
+    "timeout_seconds",
+    "target_agent",
+)
+
+
+@transaction.atomic
+def tool_create(*, agent: Agent, data: dict[str, Any]) -> Tool:
+    """Give the agent a tool (validated by the caller: agents.apis.tools.tool_check)."""
+    project_lock_for_write(project_id=agent.project_id)
+    if not Agent.objects.filter(id=agent.id).exists():
+        raise Http404("No such agent.")  # deleted meanwhile
+    fields = {k: v for k, v in data.items() if k in TOOL_FIELDS}
+    if fields.get("timeout_seconds", "") is None:
+        del fields["timeout_seconds"]
+    # A GET changes nothing, by HTTP's rules: repeatable unless said otherwise.
+    fields.setdefault("safe_to_repeat", fields.get("method") == Tool.Method.GET)
+    return Tool.objects.create(agent=agent, **fields)
+
+
+@transaction.atomic
+def tool_update(*, tool: Tool, data: dict[str, Any]) -> Tool:
+    project_lock_for_write(project_id=tool.agent.project_id)
+    if not Tool.objects.filter(id=tool.id).exists():
+        raise Http404("No such tool.")  # deleted meanwhile
+    tool, _changed = model_update(instance=tool, fields=TOOL_FIELDS, data=data)
+    return tool
+
+
+@transaction.atomic
+def tool_delete(*, tool: Tool) -> None:
+    project_lock_for_write(project_id=tool.agent.project_id)
+    if not Tool.objects.filter(id=tool.id).delete()[0]:
+        raise Http404("No such tool.")
+
+
+@transaction.atomic
+def project_secret_set(
+    *, project: Project, name: str, value: str, create: bool = False
+) -> ProjectSecret:
+    """Store (`create`) or replace a secret's value. The value is never logged."""
+    project_lock_for_write(project_id=project.id)
+    if create:
+        return ProjectSecret.objects.create(project=project, name=name, value=value)
+    secret = ProjectSecret.objects.select_for_update().filter(project=project, name=name).first()
+    if secret is None:
+        raise Http404("No such secret.")  # deleted meanwhile
+    secret.value = value
+    secret.save(update_fields=["value", "updated_at"])
+    return secret
+
+
+@transaction.atomic
+def project_secret_delete(*, secret: ProjectSecret) -> None:
+    project_lock_for_write(project_id=secret.project_id)
+    if not ProjectSecret.objects.filter(id=secret.id).delete()[0]:
+        raise Http404("No such secret.")
 
 
 # --- The agent's context ----------------------------------------------------------------

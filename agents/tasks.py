@@ -34,7 +34,13 @@ def run_agent(self, *, user_id: int, project_id: str, run_id: str, attempt: int)
     # A run that ends in error raises AgentRunFailed: a failed task in Flower (`throws`:
     # logged without a traceback, the run already says why). Never retried by Celery:
     # the recovery pass owns retries.
-    return chat_run(run_id=run_id, attempt=attempt)
+    try:
+        return chat_run(run_id=run_id, attempt=attempt)
+    finally:
+        # Here, not at the top: agents.runs imports this module to dispatch run_agent.
+        from .runs import run_next_dispatch_after
+
+        run_next_dispatch_after(run_id=run_id)
 
 
 # Ingest batches run at most this many at a time in one worker process: bulk work

@@ -1,7 +1,7 @@
 from django.urls import path
 
 from . import events, waits
-from .apis import agents, chat, context
+from .apis import agents, chat, context, runs, tools
 
 urlpatterns = [
     path("agents/", agents.AgentListCreateApi.as_view(), name="agent-list"),
@@ -23,4 +23,28 @@ urlpatterns = [
         context.AgentContextJobApi.as_view(),
         name="agent-context-job",
     ),
+    path("agents/<uuid:agent_id>/tools/", tools.ToolListCreateApi.as_view(), name="tool-list"),
+    path(
+        "agents/<uuid:agent_id>/tools/<uuid:tool_id>/",
+        tools.ToolDetailApi.as_view(),
+        name="tool-detail",
+    ),
+    path("chat/<uuid:session_id>/runs/", runs.RunListApi.as_view(), name="run-list"),
+    path(
+        "chat/<uuid:session_id>/runs/<uuid:run_id>/",
+        runs.RunDetailApi.as_view(),
+        name="run-detail",
+    ),
+    path(
+        "chat/<uuid:session_id>/runs/<uuid:run_id>/cancel/",
+        runs.RunCancelApi.as_view(),
+        name="run-cancel",
+    ),
+    path(
+        "chat/<uuid:session_id>/regenerate/",
+        runs.RegenerateApi.as_view(),
+        name="session-regenerate",
+    ),
+    path("secrets/", tools.SecretListCreateApi.as_view(), name="secret-list"),
+    path("secrets/<str:name>/", tools.SecretDetailApi.as_view(), name="secret-detail"),
 ]

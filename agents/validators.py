@@ -13,6 +13,8 @@ PARAM_RANGES = {
     "top_p": (float, 0.0, 1.0),
     "max_tokens": (int, 1, 131072),
     "top_k": (int, 0, 100),
+    # How many times a run may ask the model (each tool-calling turn is one).
+    "max_steps": (int, 1, 50),
 }
 
 

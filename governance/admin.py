@@ -84,6 +84,7 @@ class RunUsageAdmin(admin.ModelAdmin):
         "completion_tokens",
         "total_tokens",
         "estimated",
+        "tool_calls",
         "latency_ms",
         "outcome",
     )

@@ -158,6 +158,7 @@ class UsageSumsSerializer(serializers.Serializer):
     prompt_tokens = serializers.IntegerField()
     completion_tokens = serializers.IntegerField()
     total_tokens = serializers.IntegerField()
+    tool_calls = serializers.IntegerField(help_text="Tool calls the model asked for.")
     latency_ms_avg = serializers.FloatField(
         allow_null=True, help_text="Mean time of the provider calls."
     )
@@ -288,8 +289,10 @@ QUOTA_EXCEEDED_RESPONSE = OpenApiResponse(
 # --- Provider settings -----------------------------------------------------------------
 
 
-# http(s)://host[:port][/path...]: no whitespace, spelled out as common.api.NOT_BLANK is.
-BASE_URL = r"^(https?://[^ \t\n\r\f\v/?#@]+([/?#][^ \t\n\r\f\v]*)?)?$"
+# http(s)://host[:port][/path...], no whitespace; the host (and port) ASCII as RFC 3986
+# spells a registered name, which every URL parser reads the same way (an IPv6 literal
+# endpoint needs a host name).
+BASE_URL = r"^(https?://[A-Za-z0-9._~%!$&'()*+,;=:-]+([/?#][^ \t\n\r\f\v]*)?)?$"
 
 
 class ModelNameField(TextField):

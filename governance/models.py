@@ -99,6 +99,8 @@ class RunUsage(models.Model):
     total_tokens = models.PositiveBigIntegerField(default=0)
     # The provider did not report its usage: the counts are estimated from the text.
     estimated = models.BooleanField(default=False)
+    # The tool calls the model asked for (counted, not priced).
+    tool_calls = models.PositiveIntegerField(default=0)
     latency_ms = models.PositiveIntegerField(null=True, blank=True)
     outcome = models.CharField(max_length=32, blank=True, default="")
     # When the message was accepted, and its UTC day: what usage and quotas count by.

@@ -42,10 +42,12 @@ def usage_summary(*, project: Project, date_from: date, date_to: date, group_by:
         "prompt_tokens": Coalesce(Sum("prompt_tokens"), 0),
         "completion_tokens": Coalesce(Sum("completion_tokens"), 0),
         "total_tokens": Coalesce(Sum("total_tokens"), 0),
+        "tool_calls": Coalesce(Sum("tool_calls"), 0),
         "latency_ms_avg": Avg("latency_ms"),
     }
     empty = {"runs": 0, "estimated_runs": 0, "prompt_tokens": 0, "completion_tokens": 0,
-             "total_tokens": 0, "latency_ms_avg": None, "embedding_tokens": 0}  # fmt: skip
+             "total_tokens": 0, "tool_calls": 0, "latency_ms_avg": None,
+             "embedding_tokens": 0}  # fmt: skip
     field = USAGE_GROUPS[group_by]
     groups: dict[str, dict] = {}
     for group in rows.values(field).annotate(**sums).order_by():

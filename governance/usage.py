@@ -5,7 +5,8 @@ The agents app calls:
 - `usage_admit` when a message is accepted, around the transaction that stores it: the
   quotas' admission (a 429 `QuotaExceeded` before anything is written), released again
   if the transaction fails;
-- `usage_meter_start` when the run is about to call its provider;
+- `usage_meter_add` each time the run is about to call its provider (a run with tools
+  calls it once per step; the meter sums them, and counts the tool calls asked for);
 - `usage_record` when the run's answer is over, whatever its outcome: the tokens the
   provider reported (OpenAI-compatible endpoints, with `stream_options.include_usage`),
   or an estimate from the text where it reported none (`estimated`). Counted once per
@@ -89,42 +90,71 @@ def estimate_tokens(text: str) -> int:
 
 
 @dataclass
-class UsageMeter:
-    """What one provider call of a run needs to be accounted: the provider (which may
-    carry `usage` once it streamed), the model asked, the prompt, when it started."""
+class ProviderCall:
+    """One provider call: the provider (which carries `usage` once it streamed, when it
+    reports any), the model asked and the prompt."""
 
     provider: Any
     model: str
-    messages: list[dict[str, Any]] = field(default_factory=list)
+    messages: list[dict[str, Any]]
+
+
+@dataclass
+class UsageMeter:
+    """What one attempt of a run needs to be accounted: its provider calls (one per step
+    of a tool loop), the tool calls the model asked for, when the first call started."""
+
+    calls: list[ProviderCall] = field(default_factory=list)
+    tool_calls: int = 0
     started: float = field(default_factory=time.monotonic)
     # Set by usage_record once the run left the in-flight set.
     released: bool = False
 
     def measure(self, completion: str) -> dict[str, Any]:
-        reported = getattr(self.provider, "usage", None)
-        prompt = getattr(reported, "prompt_tokens", None)
-        done = getattr(reported, "completion_tokens", None)
-        estimated = prompt is None or done is None
+        """The tokens the provider reported for every call; where any call reported none,
+        all of them estimated from the text (prompts, and the answer's text)."""
+        reported = [getattr(call.provider, "usage", None) for call in self.calls]
+        estimated = any(
+            getattr(usage, "prompt_tokens", None) is None
+            or getattr(usage, "completion_tokens", None) is None
+            for usage in reported
+        )
         if estimated:
             prompt = sum(
                 estimate_tokens(str(m.get("content") or "")) + TOKENS_PER_MESSAGE
-                for m in self.messages
+                for call in self.calls
+                for m in call.messages
             )
             done = estimate_tokens(completion)
+        else:
+            prompt = sum(int(usage.prompt_tokens) for usage in reported)
+            done = sum(int(usage.completion_tokens) for usage in reported)
+        first = self.calls[0] if self.calls else ProviderCall(None, "", [])
         return {
             "prompt_tokens": int(prompt),
             "completion_tokens": int(done),
             "estimated": estimated,
+            "tool_calls": self.tool_calls,
             "latency_ms": int((time.monotonic() - self.started) * 1000),
-            "model": getattr(self.provider, "usage_model", None) or self.model,
-            "provider": getattr(self.provider, "name", ""),
+            "model": getattr(first.provider, "usage_model", None) or first.model,
+            "provider": getattr(first.provider, "name", ""),
         }
 
 
-def usage_meter_start(*, provider, model: str, messages: list[dict[str, Any]]) -> UsageMeter:
+def usage_meter_add(
+    meter: UsageMeter | None, *, provider, model: str, messages: list[dict[str, Any]]
+) -> UsageMeter:
+    """The run's meter (a new one if None) with one more provider call on it."""
     if not model:  # what the provider will ask for instead
         model = OFFLINE if getattr(provider, "name", "") == OFFLINE else settings.LLM_DEFAULT_MODEL
-    return UsageMeter(provider=provider, model=model, messages=list(messages))
+    meter = meter if meter is not None else UsageMeter()
+    meter.calls.append(ProviderCall(provider=provider, model=model, messages=list(messages)))
+    return meter
+
+
+def usage_meter_start(*, provider, model: str, messages: list[dict[str, Any]]) -> UsageMeter:
+    """A meter for a run's first provider call."""
+    return usage_meter_add(None, provider=provider, model=model, messages=messages)
 
 
 def _never_raises(function):
@@ -176,6 +206,7 @@ def usage_record(
             "prompt_tokens": F("prompt_tokens") + measured["prompt_tokens"],
             "completion_tokens": F("completion_tokens") + measured["completion_tokens"],
             "total_tokens": F("total_tokens") + tokens,
+            "tool_calls": F("tool_calls") + measured["tool_calls"],
             **({"estimated": True} if measured["estimated"] else {}),
         }
         counted = RunUsage.objects.filter(run_id=run_id, recorded_attempt__lt=attempt).update(
@@ -196,6 +227,7 @@ def usage_record(
                     prompt_tokens=measured["prompt_tokens"],
                     completion_tokens=measured["completion_tokens"],
                     total_tokens=tokens,
+                    tool_calls=measured["tool_calls"],
                     estimated=measured["estimated"],
                     day=accepted_at.astimezone(UTC).date(),
                     created_at=accepted_at,

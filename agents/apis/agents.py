@@ -16,6 +16,7 @@ from common.schema import error_responses
 from common.validators import MAX_TEXT_BYTES, validate_text_size
 from projects.mixins import ProjectScopedApi
 
+from ..models import Agent
 from ..selectors import agent_get, agent_list
 from ..services import agent_create, agent_delete, agent_update
 from ..validators import MAX_PARAMS_BYTES, PARAM_RANGES, validate_params
@@ -35,8 +36,9 @@ def _params_schema() -> dict:
         "additionalProperties": True,
         "description": "Model parameters: temperature, top_p, max_tokens and "
         "presence/frequency_penalty go to the model; top_k is how many context chunks "
-        f"the agent retrieves. Other keys are kept as given. At most {MAX_PARAMS_BYTES} "
-        "bytes as JSON.",
+        "the agent retrieves; max_steps how many times a run may ask the model (each "
+        "turn that calls tools is one). Other keys are kept as given. "
+        f"At most {MAX_PARAMS_BYTES} bytes as JSON.",
     }
 
 
@@ -54,6 +56,7 @@ class AgentOutputSerializer(serializers.Serializer):
         help_text="The model it asks; empty: the server's default (LLM_DEFAULT_MODEL)."
     )
     params = ParamsField()
+    busy_policy = serializers.ChoiceField(choices=Agent.BusyPolicy.choices)
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
 
@@ -77,6 +80,13 @@ class AgentInputSerializer(StrictSerializer):
         help_text="A model the LLM endpoint serves; empty: the server's default.",
     )
     params = ParamsField(required=False, validators=[validate_params])
+    busy_policy = serializers.ChoiceField(
+        choices=Agent.BusyPolicy.choices,
+        required=False,
+        help_text="A message that arrives while an answer of its session is in flight: "
+        "`reject` refuses it (409), `enqueue` (the default) answers it after, "
+        "`interrupt` cancels the answer in flight and answers it.",
+    )
 
     class Meta:
         ref_name = "AgentInput"

@@ -20,7 +20,7 @@ from projects.mixins import ProjectScopedApi
 
 from ..models import Message
 from ..selectors import agent_list, message_list, session_get, session_list
-from ..services import message_create, session_create, session_delete, session_runs_cancel
+from ..services import message_send, session_create, session_delete, session_runs_cancel
 
 
 class SessionOutputSerializer(serializers.Serializer):
@@ -49,7 +49,8 @@ class MessageOutputSerializer(serializers.Serializer):
     content = serializers.CharField()
     status = serializers.ChoiceField(
         choices=Message.Status.choices,
-        help_text="An answer is pending, then streaming, and ends done, error or cancelled.",
+        help_text="An answer is pending, then streaming, and ends done, error or "
+        "cancelled; a regenerated answer's predecessor is superseded.",
     )
     error = serializers.CharField(help_text="Why the message ended in error; empty otherwise.")
     created_at = serializers.DateTimeField()
@@ -174,16 +175,23 @@ class MessageListCreateApi(EnvelopeListMixin, ProjectScopedApi):
         "`assistant_message_id`), and puts the answer on the project's queue. Follow the "
         "answer on the session's event stream (open it before posting, or read it with "
         "`?cursor=0`), or poll the messages. Every accepted message is answered or ends "
-        "`error` with the reason. A message past one of the project's or its owner's "
-        "quotas is refused (429, naming the limit and when it resets).",
+        "`error` with the reason. While an answer of the session is in flight, the "
+        "agent's `busy_policy` decides: `enqueue` answers this one after it, "
+        "`interrupt` cancels it first, `reject` answers 409 and stores nothing. A "
+        "message past one of the project's or its owner's quotas is refused (429, naming "
+        "the limit and when it resets).",
         request=MessageInputSerializer,
-        responses={202: MessageAcceptedSerializer, 429: QUOTA_EXCEEDED_RESPONSE},
+        responses={
+            202: MessageAcceptedSerializer,
+            **error_responses(409, _409="An answer is in flight (busy_policy `reject`)."),
+            429: QUOTA_EXCEEDED_RESPONSE,
+        },
     )
     def post(self, request, project_id, session_id):
         session = session_get(project=self.project, session_id=session_id)
         data = MessageInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        message, answer = message_create(session=session, content=data.validated_data["content"])
+        message, answer = message_send(session=session, content=data.validated_data["content"])
         body = {**MessageOutputSerializer(message).data, "assistant_message_id": answer.id}
         return Response(body, status=status.HTTP_202_ACCEPTED)
 

@@ -73,6 +73,59 @@ EVENT_DATA = {
             "properties": {"message_id": _MESSAGE_ID, "attempt": {"type": "integer"}},
         },
     ),
+    streams.RUN_STEP: (
+        "The run asks the model (step 1, 2, …; at most the agent's `max_steps`).",
+        {
+            "type": "object",
+            "required": ["message_id", "run_id", "step"],
+            "properties": {
+                "message_id": _MESSAGE_ID,
+                "run_id": {"type": "string", "format": "uuid"},
+                "step": {"type": "integer"},
+            },
+        },
+    ),
+    streams.TOOL_CALL: (
+        "The model called a tool: its name and arguments (JSON text, cut to "
+        "TOOL_EVENT_MAX_CHARS). Calls of one step run in parallel.",
+        {
+            "type": "object",
+            "required": ["message_id", "run_id", "step", "call_id", "name", "arguments"],
+            "properties": {
+                "message_id": _MESSAGE_ID,
+                "run_id": {"type": "string", "format": "uuid"},
+                "step": {"type": "integer"},
+                "call_id": {"type": "string"},
+                "name": {"type": "string"},
+                "arguments": {"type": "string"},
+            },
+        },
+    ),
+    streams.TOOL_RESULT: (
+        "A tool call ended: `ok` and its result (cut to TOOL_EVENT_MAX_CHARS; the "
+        "project's secrets never appear in it).",
+        {
+            "type": "object",
+            "required": ["message_id", "run_id", "step", "call_id", "name", "ok", "result"],
+            "properties": {
+                "message_id": _MESSAGE_ID,
+                "run_id": {"type": "string", "format": "uuid"},
+                "step": {"type": "integer"},
+                "call_id": {"type": "string"},
+                "name": {"type": "string"},
+                "ok": {"type": "boolean"},
+                "result": {"type": "string"},
+                "truncated": {"type": "boolean"},
+                "child_run_id": {
+                    "type": "string",
+                    "format": "uuid",
+                    "description": "Agent tools: the run of the agent asked (its events "
+                    "are on its own session's stream, `child_session_id`).",
+                },
+                "child_session_id": {"type": "string", "format": "uuid"},
+            },
+        },
+    ),
     "stream.truncated": (
         "Events after your resume point were trimmed away (CHAT_STREAM_MAXLEN per "
         "session): reload the messages. Sent first, without an `id:`.",

@@ -6,6 +6,12 @@ stream, and ends the run exactly once (done, error or cancelled). Every write is
 conditional on the run still being this worker's, so a worker that lost its run (the
 recovery pass took it back, a user cancelled it, the project was deleted) stops without
 touching it.
+
+With tools, the answer is a loop (`ToolLoop`): the model is asked with the agent's
+tools, the calls it asks for run (in parallel when it asks for several), their results
+go back to it, until it answers or the run reaches its step limit; each step is an event
+and an entry of `Run.steps`. A session answers one message at a time: a run queued
+behind an older one of its session waits for it (agents.runs).
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from typing import Any
 
 from django.conf import settings
@@ -27,11 +34,20 @@ from redis.exceptions import RedisError
 
 from agentbus import project_gone
 from governance.providers import provider_settings_for
-from governance.usage import usage_meter_start, usage_record, usage_run_ended
+from governance.usage import usage_meter_add, usage_record, usage_run_ended
 from workspaces.manager import get_worker_space
 from workspaces.redis import ScopedRedis, scoped
 
 from ..models import Message, Run
+from ..tools.runner import (
+    ToolScope,
+    ToolSpec,
+    agent_tools,
+    project_secrets,
+    scrub,
+    tool_execute,
+    tools_expand,
+)
 from . import streams
 from .coalesce import coalesced
 from .lease import Held, lease_deadline, lease_keeper
@@ -40,6 +56,7 @@ from .providers import (
     OfflineProvider,
     ProviderError,
     ProviderStopped,
+    ToolCallRequest,
     get_provider,
 )
 from .vectors import context_search, exchange_store, query_embed
@@ -170,7 +187,12 @@ def release_database() -> None:
 
 
 def _build_request(
-    *, config: dict[str, Any], history: list[tuple[str, str]], question: str, context: list[str]
+    *,
+    config: dict[str, Any],
+    history: list[tuple[str, str]],
+    question: str,
+    context: list[str],
+    tools: list[ToolSpec] = (),
 ) -> ChatRequest:
     system = config.get("system_prompt") or "You are a helpful assistant."
     if context:
@@ -184,6 +206,7 @@ def _build_request(
         params=dict(config.get("params") or {}),
         context=context,
         question=question,
+        tools=[tool.as_openai() for tool in tools],
     )
 
 
@@ -202,6 +225,13 @@ def chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
         logger.warning("run %s: could not clear its dispatch mark", run.id, exc_info=True)
     if run.status != Run.Status.QUEUED:
         return "stale"  # already ended (cancelled, expired)
+    if _waits_behind_another(run):
+        # One answer at a time per session: this one is dispatched again when the
+        # older one ends (agents.runs.run_next_dispatch).
+        Run.objects.filter(id=run.id, attempt=attempt, status=Run.Status.QUEUED).update(
+            dispatched_at=None
+        )
+        return "waiting"
     claimed = Run.objects.filter(id=run.id, attempt=attempt, status=Run.Status.QUEUED).update(
         status=Run.Status.RUNNING,
         starts=F("starts") + 1,
@@ -215,6 +245,14 @@ def chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
     return _run_claimed(run=run, attempt=attempt, redis=redis)
 
 
+def _waits_behind_another(run: Run) -> bool:
+    return Run.objects.filter(
+        session_id=run.session_id,
+        status__in=(Run.Status.QUEUED, Run.Status.RUNNING),
+        created_at__lt=run.created_at,
+    ).exists()
+
+
 def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:
     message = run.message
     if run.starts > settings.RUN_MAX_STARTS:
@@ -225,6 +263,25 @@ def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:
             error=f"the agent run was interrupted {run.starts - 1} times and gave up",
         )
         raise AgentRunFailed(str(run.id))
+    if run.starts > 1:
+        unsafe = sorted(
+            {
+                step["name"]
+                for step in run.steps or ()
+                if step.get("type") == "tool" and not step.get("safe_to_repeat")
+            }
+        )
+        if unsafe:
+            # Starting over could make these calls a second time.
+            run_end(
+                run=run,
+                status=Run.Status.ERROR,
+                attempt=attempt,
+                error="the agent run was interrupted after calling "
+                f"{', '.join(unsafe)}, which may not be repeated safely; it may have "
+                "taken effect. Check, then ask again.",
+            )
+            raise AgentRunFailed(str(run.id))
     Message.objects.filter(
         id=message.id, status__in=(Message.Status.PENDING, Message.Status.STREAMING)
     ).update(status=Message.Status.STREAMING, content="", error="")
@@ -320,23 +377,53 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> Answer:
             return Answer("error", error="the agent no longer exists")
         history = conversation(message)
         question = next((c for role, c in reversed(history) if role == Message.Role.USER), "")
-        # Nothing more from the database until the run ends (the lease keeper has its own).
+        tools = agent_tools(agent_id=run.agent_id)
+        secrets = project_secrets(project_id=project_id) if _uses_secrets(tools) else {}
+        params = config.get("params") or {}
+        # Governance hook: the project's own provider settings, over the deployment's.
+        llm = provider_settings_for(project_id=project_id)
+        Run.objects.filter(id=run.id, attempt=run.attempt).update(model=_model_name(config, llm))
+        # Nothing more from the database until the run ends, but the run's steps (the
+        # lease keeper has its own connection).
         release_database()
-        top_k = int((config.get("params") or {}).get("top_k", DEFAULT_TOP_K))
-        # Embedded once: to search now, and to remember the exchange by afterwards.
+        tools = tools_expand(tools, redis=redis, secrets=secrets)
+        # An agent with the search tool searches when it decides to; others always do.
+        searches = any(t.kind == "builtin" and t.name == "search_context" for t in tools)
+        # Embedded once: to search now (unless the agent searches by tool), and to
+        # remember the exchange by afterwards.
         question_vector = query_embed(question) if question.strip() else None
         hits = context_search(
             user_id=space.user_id,
             project_id=project_id,
             agent_id=config["id"],
             query=question,
-            k=top_k,
+            k=0 if searches else int(params.get("top_k", DEFAULT_TOP_K)),
             vector=question_vector,
         )
         request = _build_request(
-            config=config, history=history, question=question, context=[h.text for h in hits]
+            config=config,
+            history=history,
+            question=question,
+            context=[h.text for h in hits],
+            tools=tools,
         )
-        outcome = _stream(redis=redis, run=run, request=request, parts=parts, stop=should_stop)
+        loop = ToolLoop(
+            redis=redis,
+            run=run,
+            tools=tools,
+            scope=ToolScope(
+                user_id=space.user_id,
+                project_id=project_id,
+                agent_id=config["id"],
+                secrets=secrets,
+                run_id=str(run.id),
+                should_stop=should_stop,
+            ),
+            max_steps=int(params.get("max_steps", settings.TOOL_MAX_STEPS)),
+            stop=should_stop,
+            llm=llm,
+        )
+        outcome = loop.run(request=request, parts=parts)
     except ProviderStopped:
         return stopped("".join(parts))
     except ProviderError as exc:
@@ -349,9 +436,195 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> Answer:
         return Answer("error", "".join(parts), f"the agent run failed: {type(exc).__name__}")
     if outcome == "cancelled":
         return Answer("cancelled", "".join(parts))
+    if outcome == "step-limit":
+        return Answer(
+            "error",
+            "".join(parts),
+            f"the agent reached its step limit ({loop.max_steps}) without an answer",
+        )
     if outcome != "done":
         return stopped("".join(parts))
     return Answer("done", "".join(parts), question=question, question_vector=question_vector)
+
+
+def _uses_secrets(tools: list[ToolSpec]) -> bool:
+    return any(tool.headers for tool in tools)
+
+
+def _model_name(config: dict[str, Any], llm) -> str:
+    model = config.get("model") or ""
+    try:
+        if get_provider(model, llm=llm).name == OfflineProvider.name:
+            return OfflineProvider.name
+        if llm is not None:
+            return llm.model_for(model, settings.LLM_DEFAULT_MODEL)
+    except ProviderError:  # a model the project does not allow: the run says so
+        pass
+    return model or settings.LLM_DEFAULT_MODEL
+
+
+class ToolLoop:
+    """One answer as steps: ask the model (with the agent's tools); run the calls it asks
+    for, in parallel; give it their results; again, until it answers without calling a
+    tool or `max_steps` is reached. Outcomes: done, cancelled, stopped, step-limit.
+
+    Before its calls run, a step is written to `Run.steps` (each call `started`, with
+    whether it may be repeated), and again when they ended: a run restarted after its
+    worker died knows which calls may have taken effect (see `_run_claimed`)."""
+
+    def __init__(
+        self,
+        *,
+        redis: ScopedRedis,
+        run: Run,
+        tools: list[ToolSpec],
+        scope: ToolScope,
+        max_steps: int,
+        stop: Callable[[], bool],
+        llm=None,
+    ) -> None:
+        self.redis, self.run_, self.scope, self.stop, self.llm = redis, run, scope, stop, llm
+        self.tools = {tool.name: tool for tool in tools}
+        self.max_steps = max_steps
+        self.steps: list[dict[str, Any]] = list(run.steps or [])
+
+    def run(self, *, request: ChatRequest, parts: list[str]) -> str:
+        for step in range(1, self.max_steps + 1):
+            if step > 1 and self.stop():
+                return "stopped"
+            # Without tools an answer is one step: no step events.
+            if self.tools and not self._event(streams.RUN_STEP, {"step": step}):
+                return "cancelled"
+            calls: list[ToolCallRequest] = []
+            before = len(parts)
+            outcome = _stream(
+                redis=self.redis,
+                run=self.run_,
+                request=request,
+                parts=parts,
+                stop=self.stop,
+                calls=calls,
+                llm=self.llm,
+            )
+            if outcome != "done":
+                return outcome
+            if not calls:
+                return "done"
+            if step == self.max_steps:
+                return "step-limit"
+            if self.stop():
+                return "stopped"
+            results = self._call(step=step, calls=calls)
+            if isinstance(results, str):
+                return results
+            said = "".join(parts[before:])
+            request = replace(
+                request,
+                messages=[
+                    *request.messages,
+                    {
+                        "role": "assistant",
+                        "content": said or None,
+                        "tool_calls": [
+                            {
+                                "id": call.id,
+                                "type": "function",
+                                "function": {"name": call.name, "arguments": call.arguments},
+                            }
+                            for call in calls
+                        ],
+                    },
+                    *(
+                        {"role": "tool", "tool_call_id": call.id, "content": result}
+                        for call, result in zip(calls, results, strict=True)
+                    ),
+                ],
+            )
+        return "step-limit"
+
+    def _call(self, *, step: int, calls: list[ToolCallRequest]) -> list[str] | str:
+        """Run one step's calls; their results for the model, or an outcome (a str)."""
+        attempt = self.run_.attempt
+        entries = []
+        for call in calls:
+            spec = self.tools.get(call.name)
+            entries.append(
+                {
+                    "type": "tool",
+                    "attempt": attempt,
+                    "step": step,
+                    "call_id": call.id,
+                    "name": call.name,
+                    "arguments": shorten_raw(
+                        scrub(call.arguments, self.scope.secrets), settings.TOOL_EVENT_MAX_CHARS
+                    ),
+                    # A call of no tool does nothing: it may be repeated.
+                    "safe_to_repeat": spec.safe_to_repeat if spec else True,
+                    "status": "started",
+                    "started_at": timezone.now().isoformat(),
+                }
+            )
+        self.steps.extend(entries)
+        if not self._save():
+            return "stopped"
+        for entry in entries:
+            data = {k: entry[k] for k in ("step", "call_id", "name", "arguments")}
+            if not self._event(streams.TOOL_CALL, data):
+                return "cancelled"
+        workers = max(1, min(len(calls), settings.TOOL_MAX_PARALLEL))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tool") as pool:
+            outcomes = list(
+                pool.map(
+                    lambda call: tool_execute(
+                        spec=self.tools.get(call.name), arguments=call.arguments, scope=self.scope
+                    ),
+                    calls,
+                )
+            )
+        results = []
+        for entry, outcome in zip(entries, outcomes, strict=True):
+            cut = len(outcome.content) > settings.TOOL_EVENT_MAX_CHARS
+            entry.update(
+                status="done" if outcome.ok else "error",
+                result=shorten_raw(outcome.content, settings.TOOL_EVENT_MAX_CHARS),
+                finished_at=timezone.now().isoformat(),
+                **outcome.extra,
+            )
+            results.append(shorten_raw(outcome.content, settings.TOOL_RESULT_MAX_CHARS))
+            data = {k: entry[k] for k in ("step", "call_id", "name", "result")}
+            data.update(outcome.extra)
+            if not self._event(streams.TOOL_RESULT, {**data, "ok": outcome.ok, "truncated": cut}):
+                return "cancelled"
+        if not self._save():
+            return "stopped"
+        return results
+
+    def _save(self) -> bool:
+        """Write the steps, if the run is still this worker's."""
+        run = self.run_
+        saved = Run.objects.filter(
+            id=run.id, attempt=run.attempt, status=Run.Status.RUNNING
+        ).update(steps=self.steps)
+        release_database()
+        return bool(saved)
+
+    def _event(self, event_type: str, data: dict[str, Any]) -> bool:
+        run = self.run_
+        return (
+            streams.event_append_unless_cancelled(
+                redis=self.redis,
+                session_id=run.session_id,
+                message_id=run.message_id,
+                event_type=event_type,
+                data={"message_id": run.message_id, "run_id": str(run.id), **data},
+            )
+            is not None
+        )
+
+
+def shorten_raw(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters (whitespace kept, unlike `shorten`)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _stream(
@@ -361,15 +634,21 @@ def _stream(
     request: ChatRequest,
     parts: list[str],
     stop: Callable[[], bool],
+    calls: list[ToolCallRequest] | None = None,
+    llm=None,
 ) -> str:
-    offset = 0
-    # Governance hook: the project's own provider settings, over the deployment's.
-    provider = get_provider(
-        request.model, llm=provider_settings_for(project_id=run.session.project_id)
-    )
-    # Governance hook: meter this provider call (read back by usage_record in _run_claimed).
-    run.usage_meter = usage_meter_start(
-        provider=provider, model=request.model, messages=request.messages
+    """One provider call of the run, its text streamed as deltas (`llm`: the project's
+    provider settings, read before the run let its database connection go)."""
+    # The text of earlier steps stays: offsets go on from it.
+    offset = sum(map(len, parts))
+    provider = get_provider(request.model, llm=llm)
+    # Governance hook: meter each provider call of the run (usage_record in _run_claimed
+    # reads the sum); the tool calls the model asks for are counted as they arrive.
+    meter = run.usage_meter = usage_meter_add(
+        getattr(run, "usage_meter", None),
+        provider=provider,
+        model=request.model,
+        messages=request.messages,
     )
     deltas = coalesced(
         provider.stream(request, should_stop=stop),
@@ -378,6 +657,11 @@ def _stream(
     )
     try:
         for delta in deltas:
+            if isinstance(delta, ToolCallRequest):
+                meter.tool_calls += 1
+                if calls is not None:
+                    calls.append(delta)
+                continue
             appended = streams.event_append_unless_cancelled(
                 redis=redis,
                 session_id=run.session_id,

@@ -3,7 +3,8 @@
 A model streams a few characters per delta; writing each to the session's stream is a
 Redis round trip per delta for the worker and an event per delta for every client. The
 first delta goes out at once (time to first delta is unchanged); after that, whatever
-arrived within CHAT_DELTA_WINDOW_SECONDS of the last write goes out together.
+arrived within CHAT_DELTA_WINDOW_SECONDS of the last write goes out together. Items that
+are not text (a provider's tool calls) pass through in order, after the text before them.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 _END = object()
 
 
 def coalesced(
-    deltas: Iterator[str], *, window: float, max_chars: int = 2048, threaded: bool = True
-) -> Iterator[str]:
+    deltas: Iterator[Any], *, window: float, max_chars: int = 2048, threaded: bool = True
+) -> Iterator[Any]:
     """The text of `deltas`, joined per `window` seconds (at most `max_chars` at once).
 
     `threaded`: a thread reads `deltas`, so text that arrived just before the provider
@@ -69,6 +71,13 @@ def coalesced(
                 if buffer:
                     yield "".join(buffer)
                 raise item
+            if item is not None and not isinstance(item, str):
+                if buffer:
+                    yield "".join(buffer)
+                    buffer.clear()
+                    size = 0
+                yield item
+                continue
             if item is not None:
                 buffer.append(item)
                 size += len(item)
@@ -89,11 +98,18 @@ def coalesced(
         stop.set()
 
 
-def _joined(deltas: Iterator[str], window: float, max_chars: int) -> Iterator[str]:
+def _joined(deltas: Iterator[Any], window: float, max_chars: int) -> Iterator[Any]:
     buffer: list[str] = []
     size = 0
     flushed_at: float | None = None
     for delta in deltas:
+        if not isinstance(delta, str):
+            if buffer:
+                yield "".join(buffer)
+                buffer.clear()
+                size = 0
+            yield delta
+            continue
         buffer.append(delta)
         size += len(delta)
         now = time.monotonic()

@@ -21,6 +21,7 @@ from .providers import (
     ChatRequest,
     ProviderError,
     ProviderStopped,
+    ToolCallRequest,
     never,
     shorten,
 )
@@ -71,7 +72,7 @@ class OpenAIProvider:
 
     def stream(
         self, request: ChatRequest, *, should_stop: Callable[[], bool] = never
-    ) -> Iterator[str]:
+    ) -> Iterator[str | ToolCallRequest]:
         # An agent without a model of its own asks its project's default, else the
         # deployment's; a project may allow only some models.
         model = request.model or settings.LLM_DEFAULT_MODEL
@@ -81,11 +82,16 @@ class OpenAIProvider:
         if not model:
             raise ProviderError("the agent has no model set, and LLM_DEFAULT_MODEL is empty")
         options = {k: request.params[k] for k in COMPLETION_PARAMS if k in request.params}
+        if request.tools:
+            options["tools"] = request.tools
         tries = settings.LLM_MAX_RETRIES + 1
         for attempt in range(1, tries + 1):
             if should_stop():
                 raise ProviderStopped()
             started = False
+            # Streamed tool calls arrive in fragments, by index: id and name first, then
+            # the arguments' JSON text piece by piece.
+            calls: dict[int, dict[str, str]] = {}
             try:
                 stream = self._client.chat.completions.create(
                     model=model,
@@ -103,8 +109,22 @@ class OpenAIProvider:
                             if delta:
                                 started = True
                                 yield delta
+                            for part in (choice.delta and choice.delta.tool_calls) or ():
+                                started = True
+                                call = calls.setdefault(
+                                    part.index, {"id": "", "name": "", "arguments": ""}
+                                )
+                                call["id"] = part.id or call["id"]
+                                if part.function is not None:
+                                    call["name"] += part.function.name or ""
+                                    call["arguments"] += part.function.arguments or ""
                 finally:
                     stream.close()
+                for index in sorted(calls):
+                    call = calls[index]
+                    yield ToolCallRequest(
+                        call["id"] or f"call-{index}", call["name"], call["arguments"]
+                    )
                 return
             except openai.OpenAIError as exc:
                 # Half an answer cannot be taken back: only a call that produced nothing

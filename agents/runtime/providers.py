@@ -1,12 +1,14 @@
 """LLM providers: any OpenAI-compatible endpoint, or the offline provider when none is configured.
 
-A provider turns a prompt into a stream of text deltas. Whatever goes wrong on the way
+A provider turns a prompt into a stream of text deltas, followed by the tool calls the
+model asks for (`ToolCallRequest`), if it asks for any. Whatever goes wrong on the way
 (connection refused, HTTP error, a stalled stream past the timeout) surfaces as
 `ProviderError`, so the caller can end the message in error instead of leaving it open.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,14 +37,25 @@ def never() -> bool:
 
 
 @dataclass(frozen=True)
+class ToolCallRequest:
+    """A tool call the model asks for: `arguments` is the JSON text it wrote."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class ChatRequest:
     model: str
-    # OpenAI chat format: [{"role": "system"|"user"|"assistant", "content": "..."}]
-    messages: list[dict[str, str]]
+    # OpenAI chat format: [{"role": "system"|"user"|"assistant"|"tool", "content": ...}]
+    messages: list[dict[str, Any]]
     params: dict[str, Any] = field(default_factory=dict)
     # The retrieved context, also inside `messages`; the offline provider answers from it.
     context: list[str] = field(default_factory=list)
     question: str = ""
+    # The tools the model may call, as OpenAI function specs.
+    tools: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Provider(Protocol):
@@ -50,22 +63,39 @@ class Provider(Protocol):
 
     def stream(
         self, request: ChatRequest, *, should_stop: Callable[[], bool] = never
-    ) -> Iterator[str]:
-        """Text deltas of the answer; closing the iterator releases the connection.
-        `should_stop` is asked before each (re)try."""
+    ) -> Iterator[str | ToolCallRequest]:
+        """Text deltas of the answer, then the tool calls asked for (if any); closing the
+        iterator releases the connection. `should_stop` is asked before each (re)try."""
         ...
 
 
 class OfflineProvider:
-    """Answers from the agent's retrieved context, without any model, and says so."""
+    """Answers from the agent's retrieved context, without any model, and says so.
+
+    With the `search_context` tool, it uses it as a model would, deterministically: a
+    message holding a question is searched for first, and answered from what the search
+    returned."""
 
     name = "offline"
+
+    def tool_calls(self, request: ChatRequest) -> list[ToolCallRequest]:
+        names = {tool["function"]["name"] for tool in request.tools}
+        searched = any(m.get("role") == "tool" for m in request.messages)
+        if "search_context" in names and not searched and "?" in request.question:
+            arguments = json.dumps({"query": request.question}, ensure_ascii=False)
+            return [ToolCallRequest("offline-search-1", "search_context", arguments)]
+        return []
 
     def answer(self, request: ChatRequest) -> str:
         intro = (
             "This is the offline provider: no language model is configured, "
             "so this answer is built from the agent's stored context."
         )
+        results = [m["content"] for m in request.messages if m.get("role") == "tool"]
+        if results:
+            lines = [f"{intro} Its search_context tool found:"]
+            lines += [f"- {shorten(text, 500)}" for text in results]
+            return "\n".join(lines)
         if not request.context:
             return (
                 f"{intro} Nothing in the agent's context matches your message "
@@ -78,7 +108,11 @@ class OfflineProvider:
 
     def stream(
         self, request: ChatRequest, *, should_stop: Callable[[], bool] = never
-    ) -> Iterator[str]:
+    ) -> Iterator[str | ToolCallRequest]:
+        calls = self.tool_calls(request)
+        if calls:
+            yield from calls
+            return
         # A few words per delta, like a model would stream them.
         words = re.findall(r"\S+\s*", self.answer(request))
         for i in range(0, len(words), 4):

@@ -32,6 +32,11 @@ MESSAGE_CANCELLED = "message.cancelled"
 # A run starts over (its worker was lost): what the client has of the answer so far is
 # replaced by the deltas that follow (they start again at offset 0).
 MESSAGE_RESTARTED = "message.restarted"
+# A run's tool loop (agents.runtime.chat): each time it asks the model, each tool call it
+# makes (its arguments), and each call's result (cut to TOOL_EVENT_MAX_CHARS).
+RUN_STEP = "run.step"
+TOOL_CALL = "tool.call"
+TOOL_RESULT = "tool.result"
 
 # A session's stream outlives its last event by this long, then Redis drops it (the
 # messages themselves are in the database).

@@ -211,6 +211,7 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "MessageStatusEnum": "agents.models.Message.Status",
         "ContextJobStatusEnum": "agents.apis.context.JOB_STATUSES",
+        "ToolKindEnum": "agents.models.Tool.Kind",
     },
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
@@ -226,6 +227,7 @@ SPECTACULAR_SETTINGS = {
             "name": "Governance",
             "description": "A project's API keys, usage and quotas.",
         },
+        {"name": "Tools", "description": "An agent's tools, and the secrets its HTTP tools use."},
         {"name": "Operators", "description": "Workspace health and statistics (staff only)."},
     ],
     "POSTPROCESSING_HOOKS": [
@@ -453,6 +455,32 @@ PROVIDER_KEYS_FERNET_KEY = env.str("PROVIDER_KEYS_FERNET_KEY", default="")
 LLM_DEFAULT_MODEL = env.str("LLM_DEFAULT_MODEL", default="")
 # How long health waits for the LLM endpoint to answer its probe (GET <base>/models).
 LLM_HEALTH_TIMEOUT_SECONDS = env.float("LLM_HEALTH_TIMEOUT_SECONDS", default=3)
+
+# --- Agent tools (agents.tools) -------------------------------------------------------
+# A run asks the model at most TOOL_MAX_STEPS times (an agent's `max_steps` param may
+# lower or raise it); the calls of one step run at most TOOL_MAX_PARALLEL at once.
+TOOL_MAX_STEPS = env.int("TOOL_MAX_STEPS", default=8)
+TOOL_MAX_PARALLEL = env.int("TOOL_MAX_PARALLEL", default=4)
+# An HTTP tool's call ends after this long (a tool's own `timeout_seconds` overrides it),
+# and reads at most this much of the response.
+TOOL_TIMEOUT_SECONDS = env.float("TOOL_TIMEOUT_SECONDS", default=15)
+TOOL_RESPONSE_MAX_BYTES = env.int("TOOL_RESPONSE_MAX_BYTES", default=256 * 1024)
+# A tool's result goes to the model cut to TOOL_RESULT_MAX_CHARS, and into the events
+# and the run's steps cut to TOOL_EVENT_MAX_CHARS.
+TOOL_RESULT_MAX_CHARS = env.int("TOOL_RESULT_MAX_CHARS", default=16000)
+TOOL_EVENT_MAX_CHARS = env.int("TOOL_EVENT_MAX_CHARS", default=2000)
+# HTTP tools may only call public addresses unless this is set (SSRF protection): set it
+# only where tools must reach services on the operator's own network.
+TOOLS_ALLOW_PRIVATE_NETWORKS = env.bool("TOOLS_ALLOW_PRIVATE_NETWORKS", default=False)
+# Agent tools (an agent asking another of its project over the bus): a tree of calls is
+# at most AGENT_CALL_MAX_DEPTH deep, a run makes at most AGENT_CALL_MAX_FANOUT calls, and
+# a call waits at most AGENT_CALL_TIMEOUT_SECONDS for the answer.
+AGENT_CALL_MAX_DEPTH = env.int("AGENT_CALL_MAX_DEPTH", default=3)
+AGENT_CALL_MAX_FANOUT = env.int("AGENT_CALL_MAX_FANOUT", default=8)
+AGENT_CALL_TIMEOUT_SECONDS = env.float("AGENT_CALL_TIMEOUT_SECONDS", default=300)
+# An MCP server's tool list is cached per project this long (a change of the tool that
+# names the server drops it at once).
+MCP_LIST_CACHE_SECONDS = env.float("MCP_LIST_CACHE_SECONDS", default=300)
 
 LOGGING = {
     "version": 1,

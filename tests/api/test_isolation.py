@@ -10,7 +10,7 @@ import itertools
 import pytest
 from django.urls import get_resolver
 
-from agents.models import Agent, ChatSession, Message
+from agents.models import Agent, ChatSession, Message, ProjectSecret, Run, Tool
 from governance.models import ProjectApiKey, ProviderSettings
 from governance.services import api_key_create
 from projects.models import Project
@@ -36,6 +36,14 @@ ROUTES = [
     ("/my/projects/{p}/quotas/", ["get"]),
     ("/my/projects/{p}/provider/", ["get", "put"]),
     ("/my/projects/{p}/audit/", ["get"]),
+    ("/my/projects/{p}/agents/{a}/tools/", ["get", "post"]),
+    ("/my/projects/{p}/agents/{a}/tools/{t}/", ["get", "patch", "delete"]),
+    ("/my/projects/{p}/secrets/", ["get", "post"]),
+    ("/my/projects/{p}/secrets/{n}/", ["put", "delete"]),
+    ("/my/projects/{p}/chat/{s}/runs/", ["get"]),
+    ("/my/projects/{p}/chat/{s}/runs/{r}/", ["get"]),
+    ("/my/projects/{p}/chat/{s}/runs/{r}/cancel/", ["post"]),
+    ("/my/projects/{p}/chat/{s}/regenerate/", ["post"]),
 ]
 VALID_BODIES = {
     "/my/projects/{p}/": {"name": "renamed"},
@@ -51,6 +59,10 @@ VALID_BODIES = {
         "default_model": "",
         "allowed_models": [],
     },
+    "/my/projects/{p}/agents/{a}/tools/": {"kind": "builtin", "name": "add_context"},
+    "/my/projects/{p}/agents/{a}/tools/{t}/": {"description": "changed"},
+    "/my/projects/{p}/secrets/": {"name": "OTHER", "value": "intruder"},
+    "/my/projects/{p}/secrets/{n}/": {"value": "intruder"},
 }
 
 
@@ -78,7 +90,19 @@ def _snapshot():
         sorted(Message.objects.values_list("id", "content", "status")),
         sorted(ProjectApiKey.objects.values_list("id", "revoked_at")),
         sorted(ProviderSettings.objects.values_list("project_id", "base_url", "updated_at")),
+        sorted(Tool.objects.values_list("id", "name", "description", "updated_at")),
+        sorted(ProjectSecret.objects.values_list("id", "name", "value")),
+        sorted(Run.objects.values_list("id", "status")),
     )
+
+
+def _tool_secret_and_run(project, agent, session):
+    tool = Tool.objects.create(agent=agent, kind="builtin", name="search_context")
+    ProjectSecret.objects.create(project=project, name="API_TOKEN", value=f"v-{project.id}")
+    # A finished answer: regenerating it would be allowed, were the session the caller's.
+    answer = MessageFactory(session=session, role="assistant", status="done", content="hi")
+    run = Run.objects.create(session=session, message=answer, agent=agent, status="running")
+    return {"t": tool.id, "n": "API_TOKEN", "r": run.id}
 
 
 @pytest.fixture
@@ -98,11 +122,22 @@ def world(user, other_user):
     their_session = ChatSessionFactory(agent=their_agent, project=theirs)
     MessageFactory(session=their_session)
     their_key, _ = api_key_create(project=theirs, name="theirs", scopes=["read"])
-    return {
+    ids = {
         "mine": {"p": mine.id, "a": my_agent.id, "s": my_session.id},
         "second": {"p": my_second.id, "a": second_agent.id, "s": second_session.id},
         "theirs": {"p": theirs.id, "a": their_agent.id, "s": their_session.id, "k": their_key.id},
     }
+    for (name, entry), (project, agent, session) in zip(
+        ids.items(),
+        [
+            (mine, my_agent, my_session),
+            (my_second, second_agent, second_session),
+            (theirs, their_agent, their_session),
+        ],
+        strict=True,
+    ):
+        ids[name] = {**entry, **_tool_secret_and_run(project, agent, session)}
+    return ids
 
 
 def _foreign_id_sets(world):
@@ -111,7 +146,7 @@ def _foreign_id_sets(world):
     # The caller's own project with children of someone else's project...
     yield (
         "my project, their children",
-        {"p": mine["p"], "a": theirs["a"], "s": theirs["s"], "k": theirs["k"]},
+        {**theirs, "p": mine["p"]},
     )
     # ...or of another of the caller's own projects: children never cross projects.
     yield (
@@ -120,6 +155,9 @@ def _foreign_id_sets(world):
             "p": mine["p"],
             "a": second["a"],
             "s": second["s"],
+            "t": second["t"],
+            "n": "API_TOKEN",
+            "r": second["r"],
         },
     )
 
@@ -154,7 +192,7 @@ def test_lists_never_show_foreign_rows(api, world):
     sessions = api.get(f"/my/projects/{mine['p']}/chat/").json()["sessions"]
     assert [s["id"] for s in sessions] == [str(mine["s"])]
     messages = api.get(f"/my/projects/{mine['p']}/chat/{mine['s']}/messages/").json()
-    assert messages["total"] == 1
+    assert messages["total"] == 2
 
 
 def test_unsupported_methods_never_succeed_on_foreign_ids(api, world):
@@ -185,6 +223,9 @@ def test_matrix_covers_every_route():
         .replace("<uuid:session_id>", "{s}")
         .replace("<uuid:job_id>", "{j}")
         .replace("<uuid:key_id>", "{k}")
+        .replace("<uuid:tool_id>", "{t}")
+        .replace("<uuid:run_id>", "{r}")
+        .replace("<str:name>", "{n}")
         for r in served
         if "<uuid:project_id>" in r
     }

@@ -33,7 +33,7 @@ def test_the_schema_documents_every_operation_as_it_answers():
     operations = [
         (path, method, op) for path, item in schema["paths"].items() for method, op in item.items()
     ]
-    assert len(operations) == 33
+    assert len(operations) == 46
     for path, method, op in operations:
         where = f"{method.upper()} {path}"
         assert op.get("summary") and op.get("tags"), where
@@ -43,7 +43,7 @@ def test_the_schema_documents_every_operation_as_it_answers():
         for code, response in errors.items():
             if path.endswith("/health") and code == "503":
                 continue
-            if path.endswith("/messages/") and method == "post" and code == "429":
+            if path.endswith(("/messages/", "/regenerate/")) and method == "post" and code == "429":
                 quota = {"$ref": "#/components/schemas/QuotaExceeded"}  # Error, and more
                 assert response["content"]["application/json"]["schema"] == quota
                 continue
@@ -51,7 +51,7 @@ def test_the_schema_documents_every_operation_as_it_answers():
         if "{" in path:
             assert "404" in op["responses"], where
     lists = [op for _, method, op in operations if op["operationId"].endswith("_list")]
-    assert len(lists) == 6
+    assert len(lists) == 9
     for op in lists:
         params = {p["name"]: p["schema"] for p in op["parameters"] if p["in"] == "query"}
         assert params["limit"]["maximum"] == 200 and params["offset"]["minimum"] == 0
@@ -222,7 +222,13 @@ def test_admin_edit_of_an_agent_reaches_the_workspace_cache(redis_client):
     client.force_login(staff)
     response = client.post(
         f"/admin/agents/agent/{agent.id}/change/",
-        {"name": "after", "system_prompt": "p", "model": "m", "params": "{}"},
+        {
+            "name": "after",
+            "system_prompt": "p",
+            "model": "m",
+            "params": "{}",
+            "busy_policy": "enqueue",
+        },
     )
     assert response.status_code == 302, response.content[:500]
     assert space.get_agent(agent.id)["name"] == "after"

@@ -111,7 +111,7 @@ def _scope(template: str, method: str) -> str | None:
         return None
     if method == "get":
         return "read"
-    if template.endswith(("/messages/", "/cancel/")):
+    if template.endswith(("/messages/", "/cancel/", "/regenerate/")):
         return "chat"
     return "write"
 

@@ -223,6 +223,7 @@ def test_ingest_counts_its_embedding_tokens_once(live_worker, api, agent):
             "prompt_tokens": 0,
             "completion_tokens": 0,
             "total_tokens": 0,
+            "tool_calls": 0,
             "latency_ms_avg": None,
             "embedding_tokens": expected,
         }

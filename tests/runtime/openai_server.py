@@ -3,7 +3,9 @@
 The real LLM API is a remote service the tests cannot run; this stands in for it at the
 protocol level (the official `openai` client talks to it unchanged). Its behaviour is
 switched per test: stream tokens, answer an HTTP error, stall mid-stream, or stream
-slowly enough to be cancelled.
+slowly enough to be cancelled. It calls tools as OpenAI's function calling does: a turn
+of `turns` (or `every_turn`) streams tool calls, several at once when given several, in
+fragments (ids and names first, then the arguments' JSON text in pieces, interleaved).
 """
 
 from __future__ import annotations
@@ -25,6 +27,11 @@ class FakeOpenAI:
         # (`stream_options.include_usage`); None reports nothing.
         self.usage: dict | None = {"prompt_tokens": 21, "completion_tokens": 5}
         self.headers: list[dict] = []  # each request's headers, names in lower case
+        # Answers to requests that offer tools, in order: {"tool_calls": [(name, args)]}
+        # or {"tokens": [...]}; when none is left, `tokens`. `every_turn`, when set,
+        # answers every such request.
+        self.turns: list[dict] = []
+        self.every_turn: dict | None = None
         self._release = threading.Event()
         server = self
 
@@ -48,13 +55,20 @@ class FakeOpenAI:
                         {"error": {"message": "the model is overloaded", "type": "server_error"}},
                     )
                     return
+                turn = server.every_turn
+                if turn is None and body.get("tools") and server.turns:
+                    turn = server.turns.pop(0)
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Cache-Control", "no-cache")
                 self.send_header("Connection", "close")
                 self.end_headers()
+                if turn and body.get("tools") and "tool_calls" in turn:
+                    self._tool_calls(body, turn["tool_calls"])
+                    return
+                tokens = (turn or {}).get("tokens") or server.tokens
                 try:
-                    for i, token in enumerate(server.tokens):
+                    for i, token in enumerate(tokens):
                         if server.mode == "stall" and i == 1:
                             # Hold the connection open without a byte until released.
                             server._release.wait(30)
@@ -68,16 +82,47 @@ class FakeOpenAI:
                             else {"content": token},
                         )
                     self._chunk(body, {}, finish="stop")
-                    wants_usage = (body.get("stream_options") or {}).get("include_usage")
-                    if wants_usage and server.usage is not None:
-                        usage = dict(server.usage)
-                        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-                        self._write(self._payload(body, choices=[], usage=usage))
-                    self.wfile.write(b"data: [DONE]\n\n")
-                    self.wfile.flush()
+                    self._done(body)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client went away (a cancelled run)
                 self.close_connection = True
+
+            def _tool_calls(self, request, calls):
+                n = len(server.requests)
+                for i, (name, _args) in enumerate(calls):
+                    self._chunk(
+                        request,
+                        {
+                            "role": "assistant",
+                            "tool_calls": [
+                                {
+                                    "index": i,
+                                    "id": f"call_{n}_{i}",
+                                    "type": "function",
+                                    "function": {"name": name, "arguments": ""},
+                                }
+                            ],
+                        },
+                    )
+                texts = [json.dumps(args) for _name, args in calls]
+                for start in range(0, max(map(len, texts)), 7):
+                    for i, text in enumerate(texts):
+                        if text[start : start + 7]:
+                            part = {"index": i, "function": {"arguments": text[start : start + 7]}}
+                            self._chunk(request, {"tool_calls": [part]})
+                self._chunk(request, {}, finish="tool_calls")
+                self._done(request)
+                self.close_connection = True
+
+            def _done(self, request):
+                """The usage chunk when the client asked for it, then the end."""
+                wants_usage = (request.get("stream_options") or {}).get("include_usage")
+                if wants_usage and server.usage is not None:
+                    usage = dict(server.usage)
+                    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+                    self._write(self._payload(request, choices=[], usage=usage))
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
 
             def _payload(self, request, **fields):
                 return {

@@ -1,0 +1,131 @@
+"""MCP tools: the tools of an MCP server (streamable HTTP), through the official `mcp`
+SDK. An agent's MCP tool names a server (`url_template` is its endpoint, `headers` may
+carry the project's secrets); at the start of a run the server's tools are listed (the
+listing cached in the project's workspace Redis for MCP_LIST_CACHE_SECONDS, keyed by
+the tool and its last change) and offered to the model as `<tool name>__<server's tool
+name>`.
+
+The endpoint's host is checked like an HTTP tool's (no loopback, private or link-local
+address unless TOOLS_ALLOW_PRIVATE_NETWORKS); unlike HTTP tools, the SDK's own client
+resolves it again to connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.conf import settings
+
+from .http import ToolError, fill_headers, resolve_checked
+
+logger = logging.getLogger(__name__)
+
+SEPARATOR = "__"
+
+
+def _check_url(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ToolError("the MCP server's URL is not an http(s) URL")
+    resolve_checked(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+
+
+async def _session(url: str, headers: dict[str, str], timeout: float, work):
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp.shared._httpx_utils import create_mcp_http_client
+
+    async with create_mcp_http_client(headers=headers, timeout=httpx2.Timeout(timeout)) as http:
+        transport = streamable_http_client(url, http_client=http)
+        async with Client(transport, read_timeout_seconds=timeout) as client:
+            return await work(client)
+
+
+def _run(url: str, headers: dict[str, str], timeout: float, work) -> Any:
+    """Run `work(client)` against the server, in this thread's own event loop."""
+    _check_url(url)
+    try:
+        return asyncio.run(asyncio.wait_for(_session(url, headers, timeout, work), timeout))
+    except TimeoutError:
+        raise ToolError(f"the MCP server did not answer within {timeout:g}s") from None
+    except ToolError:
+        raise
+    except Exception as exc:
+        logger.warning("MCP server %s failed: %s", urlsplit(url).hostname, type(exc).__name__)
+        raise ToolError(f"the MCP server failed ({type(exc).__name__})") from None
+
+
+def mcp_list(*, url: str, header_templates: dict[str, str], secrets: dict[str, str]) -> list[dict]:
+    """The server's tools: [{"name", "description", "parameters", "safe_to_repeat"}]."""
+
+    async def work(client):
+        listing, cursor = [], None
+        while True:
+            page = await client.list_tools(cursor=cursor)
+            listing += page.tools
+            cursor = page.next_cursor
+            if not cursor:
+                return listing
+
+    tools = _run(url, fill_headers(header_templates, secrets), settings.TOOL_TIMEOUT_SECONDS, work)
+    return [
+        {
+            "name": tool.name,
+            "description": tool.description or "",
+            "parameters": tool.input_schema or {"type": "object", "properties": {}},
+            # Only what the server says changes nothing, or may be repeated, is.
+            "safe_to_repeat": bool(
+                tool.annotations
+                and (tool.annotations.read_only_hint or tool.annotations.idempotent_hint)
+            ),
+        }
+        for tool in tools
+    ]
+
+
+def mcp_tools_cached(
+    *, redis, tool_id: str, version: str, url: str, header_templates: dict, secrets: dict
+) -> list[dict]:
+    """`mcp_list`, cached per project (workspace Redis) and per version of the tool."""
+    key = f"mcp_tools:{tool_id}:{version}"
+    try:
+        cached = redis.get(key)
+    except Exception:
+        cached = None
+    if cached:
+        return json.loads(cached)
+    tools = mcp_list(url=url, header_templates=header_templates, secrets=secrets)
+    try:
+        redis.set(key, json.dumps(tools), ex=max(1, int(settings.MCP_LIST_CACHE_SECONDS)))
+    except Exception:
+        logger.warning("MCP tool list of %s not cached (Redis down?)", tool_id)
+    return tools
+
+
+def mcp_call(
+    *,
+    url: str,
+    header_templates: dict[str, str],
+    secrets: dict[str, str],
+    name: str,
+    arguments: dict[str, Any],
+    timeout: float,
+) -> tuple[bool, str]:
+    """Call the server's tool `name`: (ok, its result as text)."""
+
+    async def work(client):
+        return await client.call_tool(name, arguments)
+
+    result = _run(url, fill_headers(header_templates, secrets), timeout, work)
+    parts = []
+    for item in result.content or ():
+        text = getattr(item, "text", None)
+        parts.append(text if text is not None else item.model_dump_json())
+    if not parts and result.structured_content is not None:
+        parts.append(json.dumps(result.structured_content, ensure_ascii=False))
+    return not result.is_error, "\n".join(parts)

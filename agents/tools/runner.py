@@ -1,0 +1,327 @@
+"""Tools on the worker: an agent's tools as the model sees them, and executing the calls
+the model asks for. Whatever a call returns or fails with is scrubbed of the project's
+secrets before it goes anywhere (the model, the event stream, the run's steps, logs)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+
+from .http import ToolError, http_call
+from .validation import TOOL_NAME
+
+logger = logging.getLogger(__name__)
+
+SCRUBBED = "[secret]"
+# Secrets shorter than this are not scrubbed from text: they would match everywhere.
+MIN_SCRUBBED_LENGTH = 4
+
+BUILTIN_SPECS: dict[str, dict[str, Any]] = {
+    "search_context": {
+        "description": "Search this agent's context memory for passages relevant to a query.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "query": {"type": "string", "description": "What to look for."},
+                "k": {"type": "integer", "minimum": 1, "maximum": 20, "default": 4},
+            },
+            "required": ["query"],
+            "additionalProperties": False,
+        },
+        # A read.
+        "safe_to_repeat": True,
+    },
+    "add_context": {
+        "description": "Remember a piece of text in this agent's context memory.",
+        "parameters": {
+            "type": "object",
+            "properties": {"text": {"type": "string", "minLength": 1, "maxLength": 20000}},
+            "required": ["text"],
+            "additionalProperties": False,
+        },
+        # Points are keyed by their text: storing the same text twice stores it once.
+        "safe_to_repeat": True,
+    },
+}
+
+
+# What the model gives an agent tool: the message for the agent it asks.
+AGENT_TOOL_PARAMETERS: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "message": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 32000,
+            "description": "What to ask the agent.",
+        }
+    },
+    "required": ["message"],
+    "additionalProperties": False,
+}
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    kind: str
+    description: str
+    parameters: dict[str, Any]
+    safe_to_repeat: bool
+    method: str = ""
+    url_template: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+    timeout: float = 0.0
+    target_agent_id: str = ""
+    # MCP: the server's tool it calls; for the server itself (kind "mcp-server", until
+    # `tools_expand` lists it), the tool row and its version (the listing's cache key).
+    remote_name: str = ""
+    server_id: str = ""
+    version: str = ""
+
+    def as_openai(self) -> dict[str, Any]:
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": self.parameters or {"type": "object", "properties": {}},
+            },
+        }
+
+
+@dataclass(frozen=True)
+class ToolScope:
+    """Who calls: the agent of a project of a user, and the project's secrets."""
+
+    user_id: int
+    project_id: uuid.UUID
+    agent_id: str
+    secrets: dict[str, str] = field(default_factory=dict)
+    # The calling run (agent tools start runs under it), and whether it must stop.
+    run_id: str = ""
+    should_stop: Callable[[], bool] = _never
+
+
+def agent_tools(*, agent_id: uuid.UUID | str) -> list[ToolSpec]:
+    """The agent's tools (a database read)."""
+    from ..models import Tool
+
+    specs = []
+    for tool in Tool.objects.filter(agent_id=agent_id).order_by("created_at", "id"):
+        if tool.kind == Tool.Kind.BUILTIN:
+            builtin = BUILTIN_SPECS.get(tool.name)
+            if builtin is None:
+                continue
+            specs.append(
+                ToolSpec(
+                    name=tool.name,
+                    kind=tool.kind,
+                    description=tool.description or builtin["description"],
+                    parameters=builtin["parameters"],
+                    safe_to_repeat=builtin["safe_to_repeat"],
+                )
+            )
+        elif tool.kind == Tool.Kind.AGENT:
+            specs.append(
+                ToolSpec(
+                    name=tool.name,
+                    kind=tool.kind,
+                    description=tool.description or "Ask another agent of this project.",
+                    parameters=AGENT_TOOL_PARAMETERS,
+                    safe_to_repeat=tool.safe_to_repeat,
+                    target_agent_id=str(tool.target_agent_id),
+                )
+            )
+        elif tool.kind == Tool.Kind.MCP:
+            specs.append(
+                ToolSpec(
+                    name=tool.name,
+                    kind="mcp-server",
+                    description="",
+                    parameters={},
+                    safe_to_repeat=tool.safe_to_repeat,
+                    url_template=tool.url_template,
+                    headers=dict(tool.headers),
+                    timeout=tool.timeout_seconds or settings.TOOL_TIMEOUT_SECONDS,
+                    server_id=str(tool.id),
+                    version=tool.updated_at.isoformat(),
+                )
+            )
+        else:
+            specs.append(
+                ToolSpec(
+                    name=tool.name,
+                    kind=tool.kind,
+                    description=tool.description,
+                    parameters=tool.parameters,
+                    safe_to_repeat=tool.safe_to_repeat,
+                    method=tool.method,
+                    url_template=tool.url_template,
+                    headers=dict(tool.headers),
+                    timeout=tool.timeout_seconds or settings.TOOL_TIMEOUT_SECONDS,
+                )
+            )
+    return specs
+
+
+def tools_expand(specs: list[ToolSpec], *, redis, secrets: dict[str, str]) -> list[ToolSpec]:
+    """`specs` with each MCP server replaced by its tools (listed, or from the project's
+    cache). A server that cannot be listed is left out of this run, with a warning."""
+    from .mcp import SEPARATOR, mcp_tools_cached
+
+    expanded = []
+    for spec in specs:
+        if spec.kind != "mcp-server":
+            expanded.append(spec)
+            continue
+        try:
+            listing = mcp_tools_cached(
+                redis=redis,
+                tool_id=spec.server_id,
+                version=spec.version,
+                url=spec.url_template,
+                header_templates=spec.headers,
+                secrets=secrets,
+            )
+        except ToolError as exc:
+            logger.warning("MCP tool %s left out: %s", spec.name, scrub(str(exc), secrets))
+            continue
+        for remote in listing:
+            name = f"{spec.name}{SEPARATOR}{remote['name']}"
+            if not TOOL_NAME.match(name):
+                continue  # a name the model could not call
+            expanded.append(
+                ToolSpec(
+                    name=name,
+                    kind="mcp",
+                    description=remote["description"],
+                    parameters=remote["parameters"],
+                    safe_to_repeat=spec.safe_to_repeat or remote["safe_to_repeat"],
+                    url_template=spec.url_template,
+                    headers=spec.headers,
+                    timeout=spec.timeout,
+                    remote_name=remote["name"],
+                )
+            )
+    return expanded
+
+
+def project_secrets(*, project_id: uuid.UUID | str) -> dict[str, str]:
+    from ..models import ProjectSecret
+
+    return dict(ProjectSecret.objects.filter(project_id=project_id).values_list("name", "value"))
+
+
+def scrub(text: str, secrets: dict[str, str]) -> str:
+    for value in sorted(secrets.values(), key=len, reverse=True):
+        if len(value) >= MIN_SCRUBBED_LENGTH:
+            text = text.replace(value, SCRUBBED)
+    return text
+
+
+@dataclass
+class ToolOutcome:
+    ok: bool
+    content: str
+    # What else the run's step and event show of the call (an agent call's run).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def tool_execute(*, spec: ToolSpec | None, arguments: str, scope: ToolScope) -> ToolOutcome:
+    """Run one call; never raises. `arguments` is the JSON text the model wrote."""
+    if spec is None:
+        return ToolOutcome(False, "error: no such tool")
+    try:
+        args = json.loads(arguments or "{}")
+    except ValueError:
+        return ToolOutcome(False, "error: the arguments are not valid JSON")
+    if not isinstance(args, dict):
+        return ToolOutcome(False, "error: the arguments must be a JSON object")
+    problem = _arguments_problem(spec.parameters, args)
+    if problem:
+        return ToolOutcome(False, f"error: invalid arguments: {problem}")
+    try:
+        if spec.kind == "agent":
+            from .calls import agent_call
+
+            ok, content, extra = agent_call(
+                scope=scope, target_agent_id=spec.target_agent_id, message=args["message"]
+            )
+            return ToolOutcome(ok, scrub(content, scope.secrets), extra)
+        if spec.kind == "mcp":
+            from .mcp import mcp_call
+
+            ok, content = mcp_call(
+                url=spec.url_template,
+                header_templates=spec.headers,
+                secrets=scope.secrets,
+                name=spec.remote_name,
+                arguments=args,
+                timeout=spec.timeout,
+            )
+            return ToolOutcome(ok, scrub(content, scope.secrets))
+        if spec.kind == "builtin":
+            content = _builtin(spec.name, args, scope)
+        else:
+            content = http_call(
+                method=spec.method,
+                url_template=spec.url_template,
+                header_templates=spec.headers,
+                arguments=args,
+                secrets=scope.secrets,
+                timeout=spec.timeout,
+            )
+        return ToolOutcome(True, scrub(content, scope.secrets))
+    except ToolError as exc:
+        return ToolOutcome(False, "error: " + scrub(str(exc), scope.secrets))
+    except Exception as exc:
+        logger.warning("tool %s failed: %s", spec.name, type(exc).__name__)
+        return ToolOutcome(False, f"error: the tool failed ({type(exc).__name__})")
+
+
+def _arguments_problem(schema: dict[str, Any], args: dict[str, Any]) -> str:
+    from jsonschema import Draft202012Validator
+
+    if not schema:
+        return ""
+    error = next(iter(Draft202012Validator(schema).iter_errors(args)), None)
+    if error is None:
+        return ""
+    where = "/".join(str(p) for p in error.path)
+    return f"{where}: {error.message}" if where else error.message
+
+
+def _builtin(name: str, args: dict[str, Any], scope: ToolScope) -> str:
+    from ..runtime.vectors import context_search, documents_store
+
+    if name == "search_context":
+        hits = context_search(
+            user_id=scope.user_id,
+            project_id=scope.project_id,
+            agent_id=scope.agent_id,
+            query=args["query"],
+            k=int(args.get("k", 4)),
+        )
+        return json.dumps(
+            [{"text": h.text, "score": round(h.score, 4)} for h in hits], ensure_ascii=False
+        )
+    if name == "add_context":
+        stored = documents_store(
+            user_id=scope.user_id,
+            project_id=scope.project_id,
+            agent_id=scope.agent_id,
+            documents=[{"text": args["text"], "metadata": {"source": "tool"}}],
+        )
+        return json.dumps({"stored_chunks": stored or 0})
+    raise ToolError(f"no built-in tool {name!r}")

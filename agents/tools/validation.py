@@ -1,0 +1,178 @@
+"""Validation of tools and project secrets, shared by the API and the admin (one rule,
+two doors). Raises Django's ValidationError; DRF's validators turn it into a 400."""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from urllib.parse import urlsplit
+
+from django.core.exceptions import ValidationError
+
+# OpenAI's rule for function names.
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# A header value refers to a secret as {{secret:NAME}}.
+SECRET_REF = re.compile(r"\{\{secret:([^{}]*)\}\}")
+HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}$")
+MAX_SCHEMA_BYTES = 16 * 1024
+MAX_HEADERS = 20
+MAX_HEADER_VALUE = 4096
+# Headers the HTTP client sets itself.
+RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
+
+BUILTIN_TOOLS = ("search_context", "add_context")
+# An MCP tool's name prefixes its server's tool names (`<prefix>__<name>`, 64 at most).
+MCP_PREFIX_MAX = 20
+
+
+def validate_tool_name(value) -> None:
+    if not isinstance(value, str) or not TOOL_NAME.match(value):
+        raise ValidationError("Must be 1 to 64 letters, digits, '_' or '-'.")
+
+
+def validate_secret_name(value) -> None:
+    if not isinstance(value, str) or not SECRET_NAME.match(value):
+        raise ValidationError(
+            "Must start with a letter or '_' and hold at most 64 letters, digits or '_'."
+        )
+
+
+def validate_parameters_schema(value) -> None:
+    """A tool's parameters: a JSON Schema (draft 2020-12) of an object."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    if not isinstance(value, dict):
+        raise ValidationError("Must be a JSON object (a JSON Schema).")
+    if len(json.dumps(value).encode()) > MAX_SCHEMA_BYTES:
+        raise ValidationError(f"Must be at most {MAX_SCHEMA_BYTES} bytes as JSON.")
+    if value and value.get("type") != "object":
+        raise ValidationError('Must describe an object: "type": "object".')
+    try:
+        Draft202012Validator.check_schema(value)
+    except SchemaError as exc:
+        path = "/".join(str(p) for p in exc.path)
+        raise ValidationError(
+            f"Not a valid JSON Schema: {exc.message}" + (f" (at {path})" if path else "")
+        ) from None
+
+
+def url_placeholders(template: str) -> list[str]:
+    """The `{name}` fields of a URL template; raises ValueError on a malformed one."""
+    names = []
+    for _text, field, spec, conversion in string.Formatter().parse(template):
+        if field is None:
+            continue
+        if not field.isidentifier() or spec or conversion:
+            raise ValueError(f"bad placeholder {{{field}}}")
+        names.append(field)
+    return names
+
+
+def validate_url_template(value) -> None:
+    """An absolute http(s) URL whose placeholders (`{name}`) sit in its path or query."""
+    if not value:
+        return
+    if not isinstance(value, str):
+        raise ValidationError("Must be a string.")
+    try:
+        url_placeholders(value)
+        parts = urlsplit(value)
+    except ValueError as exc:
+        raise ValidationError(f"Not a valid URL template: {exc}.") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationError("Must be an absolute http:// or https:// URL.")
+    if "{" in parts.netloc or "}" in parts.netloc:
+        raise ValidationError("The host cannot hold placeholders.")
+    if parts.username or parts.password:
+        raise ValidationError("Must not hold credentials; use headers and secrets.")
+
+
+def validate_header_templates(value) -> None:
+    """{"Header-Name": "value, with {{secret:NAME}} where a secret goes"}."""
+    if not isinstance(value, dict):
+        raise ValidationError("Must be a JSON object of header names to values.")
+    if len(value) > MAX_HEADERS:
+        raise ValidationError(f"At most {MAX_HEADERS} headers.")
+    errors = []
+    for name, template in value.items():
+        if not HEADER_NAME.match(name) or name.lower() in RESERVED_HEADERS:
+            errors.append(f"{name!r}: not a header name a tool may set.")
+        elif not isinstance(template, str) or len(template) > MAX_HEADER_VALUE:
+            errors.append(f"{name}: must be a string of at most {MAX_HEADER_VALUE} characters.")
+        elif any(c in template for c in "\r\n\0"):
+            errors.append(f"{name}: must not hold line breaks.")
+        else:
+            for ref in SECRET_REF.findall(template):
+                if not SECRET_NAME.match(ref):
+                    errors.append(f"{name}: {{{{secret:{ref}}}}} names no valid secret.")
+    if errors:
+        raise ValidationError(errors)
+
+
+def validate_http_tool(*, parameters: dict, method: str, url_template: str) -> None:
+    """What an HTTP tool needs as a whole: a method, a URL, and every URL placeholder a
+    declared parameter."""
+    errors: dict[str, list[str]] = {}
+    if not method:
+        errors["method"] = ["An HTTP tool needs a method."]
+    if not url_template:
+        errors["url_template"] = ["An HTTP tool needs a URL template."]
+    else:
+        declared = set((parameters or {}).get("properties") or {})
+        missing = [n for n in url_placeholders(url_template) if n not in declared]
+        if missing:
+            errors["url_template"] = [
+                f"Placeholders not among the parameters' properties: {', '.join(missing)}."
+            ]
+    if errors:
+        raise ValidationError(errors)
+
+
+def validate_tool(data: dict) -> None:
+    """A tool as a whole (after a partial update, its merged fields): a built-in one
+    names a built-in and takes no HTTP field; an agent one names another agent (of the
+    same project: the caller checks); an HTTP one is `validate_http_tool`."""
+    if data.get("kind") != "agent" and data.get("target_agent"):
+        raise ValidationError({"target_agent_id": ["Only agent tools take this field."]})
+    if data.get("kind") == "builtin":
+        if data.get("name") not in BUILTIN_TOOLS:
+            raise ValidationError(
+                {"name": [f"No such built-in tool; there are: {', '.join(BUILTIN_TOOLS)}."]}
+            )
+        extra = [f for f in ("method", "url_template", "headers") if data.get(f)]
+        if extra:
+            raise ValidationError({f: ["Only HTTP tools take this field."] for f in extra})
+        return
+    if data.get("kind") == "mcp":
+        errors = {}
+        url = data.get("url_template") or ""
+        if not url:
+            errors["url_template"] = ["An MCP tool needs its server's URL."]
+        elif url_placeholders(url):
+            errors["url_template"] = ["An MCP server's URL takes no placeholders."]
+        if data.get("method"):
+            errors["method"] = ["Only HTTP tools take this field."]
+        if len(data.get("name") or "") > MCP_PREFIX_MAX:
+            errors["name"] = [f"An MCP tool's name is a prefix of at most {MCP_PREFIX_MAX}."]
+        if errors:
+            raise ValidationError(errors)
+        return
+    if data.get("kind") == "agent":
+        errors = {}
+        if not data.get("target_agent"):
+            errors["target_agent_id"] = ["An agent tool needs the agent it asks."]
+        elif data.get("agent") is not None and data["target_agent"] == data["agent"]:
+            errors["target_agent_id"] = ["An agent cannot call itself."]
+        extra = [f for f in ("method", "url_template", "headers") if data.get(f)]
+        errors.update({f: ["Only HTTP tools take this field."] for f in extra})
+        if errors:
+            raise ValidationError(errors)
+        return
+    validate_http_tool(
+        parameters=data.get("parameters") or {},
+        method=data.get("method") or "",
+        url_template=data.get("url_template") or "",
+    )
