@@ -249,3 +249,23 @@ def test_with_redis_down_quotas_are_checked_against_the_database(api, user, sett
         refused = post(api, session)
         assert refused.status_code == 429 and refused.json()["limit"] == "concurrent_runs"
         assert Run.objects.count() == 1
+
+
+@pytest.mark.django_db
+def test_regenerate_is_admitted_as_a_message_is(api, session):
+    """Answering again starts a run: past a quota it is refused and nothing changes."""
+    from tests.factories import MessageFactory
+
+    answered = ChatSessionFactory(agent=session.agent, project=session.project)
+    MessageFactory(session=answered, role="user", content="Hello?")
+    last = MessageFactory(session=answered, role="assistant", content="Hi.", status="done")
+    Quota.objects.create(project=session.project, concurrent_runs=1)
+    assert post(api, session).status_code == 202  # in flight: the one place is taken
+    runs = Run.objects.count()
+
+    url = f"/my/projects/{session.project_id}/chat/{answered.id}/regenerate/"
+    refused = api.post(url)
+    assert refused.status_code == 429, refused.content
+    assert refused.json()["limit"] == "concurrent_runs"
+    last.refresh_from_db()
+    assert last.status == "done" and Run.objects.count() == runs

@@ -302,3 +302,25 @@ def test_a_run_restarted_after_a_tool_call_it_may_not_repeat_ends_saying_so(
     run.refresh_from_db()
     assert run.status == "error"
     assert "charge_card" in run.error and "may have taken effect" in run.error
+
+
+def test_a_run_with_tools_is_accounted_as_all_its_provider_calls(
+    live_worker, api, project, redis_client, fake_openai, private_ok, tool_server
+):
+    from governance.models import RunUsage
+
+    agent = model_agent(project)
+    http_tool(agent, tool_server)
+    session = ChatSessionFactory(agent=agent, project=project)
+    fake_openai.turns = [{"tool_calls": [("echo", {"city": "Oslo"}), ("echo", {"city": "Rome"})]}]
+
+    kind, data, _events, answer = ask(api, redis_client, session, "Weather in both?")
+    assert kind == "message.completed", data
+    usage = RunUsage.objects.get(message_id=answer.id)
+    # Two provider calls (the one asking for the tools, the one answering), each
+    # reporting the stub's usage; two tool calls.
+    reported = fake_openai.usage
+    assert len(fake_openai.requests) == 2
+    assert usage.prompt_tokens == 2 * reported["prompt_tokens"]
+    assert usage.completion_tokens == 2 * reported["completion_tokens"]
+    assert usage.tool_calls == 2 and not usage.estimated
