@@ -253,7 +253,9 @@ def agent_call_start(*, parent_run_id: uuid.UUID | str, target_agent_id: str, co
     `content`, in a session of its own, as a child run of `parent_run_id`: dispatched on
     the project's bus after commit. Raises AgentCallRefused past the depth or fan-out
     limits, for an agent of another project, or when the caller no longer runs."""
-    parent = Run.objects.filter(id=parent_run_id).select_related("session__project", "agent").first()
+    parent = (
+        Run.objects.filter(id=parent_run_id).select_related("session__project", "agent").first()
+    )
     if parent is None:
         raise AgentCallRefused("the calling run no longer exists")
     project = parent.session.project
