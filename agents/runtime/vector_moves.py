@@ -132,18 +132,14 @@ def embedded_text(payload: dict) -> str:
 def _embed_again(embedder, points: list) -> list[list[float]]:
     """Each point's vector under `embedder`, embedded as it was first: a question
     remembered with its search vector as a query, everything else as a passage."""
-    vectors: list[list[float] | None] = [None] * len(points)
-    passages = [i for i, p in enumerate(points) if p.payload.get("embedded_as") != "query"]
-    for i, p in enumerate(points):
-        if p.payload.get("embedded_as") == "query":
-            vectors[i] = embedder.query(embedded_text(p.payload))
+    queries = {i for i, p in enumerate(points) if p.payload.get("embedded_as") == "query"}
+    vectors = {i: embedder.query(embedded_text(points[i].payload)) for i in queries}
+    passages = [i for i in range(len(points)) if i not in queries]
     for start in range(0, len(passages), EMBED_BATCH):
         chunk = passages[start : start + EMBED_BATCH]
-        for i, vector in zip(
-            chunk, embedder.passages([embedded_text(points[i].payload) for i in chunk]), strict=True
-        ):
-            vectors[i] = vector
-    return vectors  # type: ignore[return-value]
+        texts = [embedded_text(points[i].payload) for i in chunk]
+        vectors.update(zip(chunk, embedder.passages(texts), strict=True))
+    return [vectors[i] for i in range(len(points))]
 
 
 def context_reembed(
