@@ -12,7 +12,7 @@ from django.utils.html import format_html
 from workspaces.services import workspace_agent_sync_on_commit
 
 from .models import Agent, ChatSession, Message, ProjectSecret, Tool
-from .services import agent_delete, session_delete
+from .services import TOOL_FIELDS, agent_delete, session_delete
 from .tools.validation import validate_tool
 from .validators import validate_params
 
@@ -231,19 +231,7 @@ class ToolAdminForm(forms.ModelForm):
 
     class Meta:
         model = Tool
-        fields = (
-            "agent",
-            "kind",
-            "name",
-            "description",
-            "parameters",
-            "method",
-            "url_template",
-            "headers",
-            "safe_to_repeat",
-            "timeout_seconds",
-            "target_agent",
-        )
+        fields = ("agent", *TOOL_FIELDS)
 
     def clean(self):
         data = super().clean()

@@ -6,6 +6,19 @@ from .quotas import quota_delete, quota_save
 from .services import api_key_revoke
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Records written by the app itself: operators read them, never edit them."""
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
 @admin.register(ProjectApiKey)
 class ProjectApiKeyAdmin(admin.ModelAdmin):
     """Keys are created by their project's owner through the API (the key is shown
@@ -72,7 +85,7 @@ class QuotaAdmin(admin.ModelAdmin):
 
 
 @admin.register(RunUsage)
-class RunUsageAdmin(admin.ModelAdmin):
+class RunUsageAdmin(ReadOnlyAdmin):
     """Every agent run's accounting, read-only: it is written by the runs themselves."""
 
     list_display = (
@@ -108,15 +121,6 @@ class RunUsageAdmin(admin.ModelAdmin):
             )
         return response
 
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
-
 
 @admin.register(ProviderSettings)
 class ProviderSettingsAdmin(admin.ModelAdmin):
@@ -140,7 +144,7 @@ class ProviderSettingsAdmin(admin.ModelAdmin):
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(admin.ModelAdmin):
+class AuditEventAdmin(ReadOnlyAdmin):
     """The audit log, for operators: read-only (append-only; the purge alone deletes)."""
 
     list_display = (
@@ -151,18 +155,9 @@ class AuditEventAdmin(admin.ModelAdmin):
     search_fields = ("=project_id", "username", "action", "path", "object_repr", "key_prefix")
     date_hierarchy = "created_at"
 
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
-
 
 @admin.register(EmbeddingUsage)
-class EmbeddingUsageAdmin(admin.ModelAdmin):
+class EmbeddingUsageAdmin(ReadOnlyAdmin):
     """Tokens embedded per stored ingest batch, read-only."""
 
     list_display = ("created_at", "project_id", "user", "agent_id", "model", "tokens", "job_id")
@@ -170,12 +165,3 @@ class EmbeddingUsageAdmin(admin.ModelAdmin):
     search_fields = ("=project_id", "=agent_id", "job_id", "user__username")
     list_select_related = ("user",)
     date_hierarchy = "day"
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False

@@ -98,6 +98,8 @@ class _ClientEngine:
     """Collections of qdrant-client: a server, or local mode in a folder."""
 
     def __init__(self, client: Any, *, local: bool) -> None:
+        # Here, not at the top: qdrant_client (~0.7 s, ~50 MB) loads only for the engines
+        # that use it; the embedded shared layout (Qdrant Edge) never does.
         from qdrant_client import models
 
         self._client = client
@@ -250,6 +252,7 @@ class _EdgeEngine:
     """Shared collections as Qdrant Edge shards, one directory each under `root`."""
 
     def __init__(self, root: Path) -> None:
+        # Here, not at the top: only the embedded shared layout opens Qdrant Edge.
         import qdrant_edge
 
         self._e = qdrant_edge
@@ -654,6 +657,7 @@ def open_store(*, layout: str | None = None) -> VectorStore:
     settings.QDRANT_PATH (see the module's docstring)."""
     layout = layout or settings.VECTOR_LAYOUT
     if settings.QDRANT_URL:
+        # Here, not at the top: see _ClientEngine (qdrant_client only where it is used).
         from qdrant_client import QdrantClient
 
         client = QdrantClient(url=settings.QDRANT_URL, api_key=settings.QDRANT_API_KEY or None)
@@ -667,6 +671,7 @@ def open_store(*, layout: str | None = None) -> VectorStore:
     path = Path(settings.QDRANT_PATH)
 
     def agent_engine() -> _ClientEngine:
+        # Here, not at the top: see _ClientEngine.
         from qdrant_client import QdrantClient
 
         try:

@@ -25,7 +25,10 @@ from django.db import connection
 from agentbus import project_gone
 from workspaces.redis import scoped
 
+from ..models import Message, Run
+from ..runs import run_cancel
 from ..runtime import streams
+from ..services import AgentCallRefused, agent_call_start
 from .http import ToolError
 
 _ENDS = (streams.MESSAGE_COMPLETED, streams.MESSAGE_ERROR, streams.MESSAGE_CANCELLED)
@@ -36,7 +39,6 @@ DB_CHECK_SECONDS = 2.0
 
 def agent_call(*, scope, target_agent_id: str, message: str) -> tuple[bool, str, dict[str, Any]]:
     """Ask the agent; returns (ok, its answer or the error, the call's links)."""
-    from ..services import AgentCallRefused, agent_call_start
 
     try:
         child = agent_call_start(
@@ -55,8 +57,6 @@ def agent_call(*, scope, target_agent_id: str, message: str) -> tuple[bool, str,
 
 
 def _wait(*, scope, child) -> tuple[bool, str]:
-    from ..models import Run
-    from ..runs import run_cancel
 
     redis = scoped(scope.user_id, scope.project_id)
     key = streams.stream_key(child.session_id)
@@ -85,8 +85,6 @@ def _wait(*, scope, child) -> tuple[bool, str]:
             ended = Run.objects.filter(id=child.id, status__in=Run.FINISHED).first()
             connection.close()
             if ended is not None:
-                from ..models import Message
-
                 answer = Message.objects.filter(id=child.message_id).first()
                 connection.close()
                 kind = {

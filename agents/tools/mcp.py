@@ -35,6 +35,8 @@ def _check_url(url: str) -> None:
 
 
 async def _session(url: str, headers: dict[str, str], timeout: float, work):
+    # Here, not at the top: the mcp SDK takes ~0.7 s to import, and only a worker
+    # calling an MCP server needs it.
     import httpx2
     from mcp import Client
     from mcp.client.streamable_http import streamable_http_client

@@ -12,8 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
+from jsonschema import Draft202012Validator
 
+from ..models import ProjectSecret, Tool
+from ..runtime.vectors import context_search, documents_store
 from .http import ToolError, http_call
+from .mcp import SEPARATOR, mcp_call, mcp_tools_cached
 from .validation import TOOL_NAME
 
 logger = logging.getLogger(__name__)
@@ -115,7 +119,6 @@ class ToolScope:
 
 def agent_tools(*, agent_id: uuid.UUID | str) -> list[ToolSpec]:
     """The agent's tools (a database read)."""
-    from ..models import Tool
 
     specs = []
     for tool in Tool.objects.filter(agent_id=agent_id).order_by("created_at", "id"):
@@ -178,7 +181,6 @@ def agent_tools(*, agent_id: uuid.UUID | str) -> list[ToolSpec]:
 def tools_expand(specs: list[ToolSpec], *, redis, secrets: dict[str, str]) -> list[ToolSpec]:
     """`specs` with each MCP server replaced by its tools (listed, or from the project's
     cache). A server that cannot be listed is left out of this run, with a warning."""
-    from .mcp import SEPARATOR, mcp_tools_cached
 
     expanded = []
     for spec in specs:
@@ -218,7 +220,6 @@ def tools_expand(specs: list[ToolSpec], *, redis, secrets: dict[str, str]) -> li
 
 
 def project_secrets(*, project_id: uuid.UUID | str) -> dict[str, str]:
-    from ..models import ProjectSecret
 
     return dict(ProjectSecret.objects.filter(project_id=project_id).values_list("name", "value"))
 
@@ -253,6 +254,8 @@ def tool_execute(*, spec: ToolSpec | None, arguments: str, scope: ToolScope) -> 
         return ToolOutcome(False, f"error: invalid arguments: {problem}")
     try:
         if spec.kind == "agent":
+            # Here, not at the top: calls -> services -> runs -> tasks -> runtime.chat
+            # imports this module.
             from .calls import agent_call
 
             ok, content, extra = agent_call(
@@ -260,8 +263,6 @@ def tool_execute(*, spec: ToolSpec | None, arguments: str, scope: ToolScope) -> 
             )
             return ToolOutcome(ok, scrub(content, scope.secrets), extra)
         if spec.kind == "mcp":
-            from .mcp import mcp_call
-
             ok, content = mcp_call(
                 url=spec.url_template,
                 header_templates=spec.headers,
@@ -291,7 +292,6 @@ def tool_execute(*, spec: ToolSpec | None, arguments: str, scope: ToolScope) -> 
 
 
 def _arguments_problem(schema: dict[str, Any], args: dict[str, Any]) -> str:
-    from jsonschema import Draft202012Validator
 
     if not schema:
         return ""
@@ -303,7 +303,6 @@ def _arguments_problem(schema: dict[str, Any], args: dict[str, Any]) -> str:
 
 
 def _builtin(name: str, args: dict[str, Any], scope: ToolScope) -> str:
-    from ..runtime.vectors import context_search, documents_store
 
     if name == "search_context":
         hits = context_search(

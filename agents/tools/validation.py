@@ -9,6 +9,8 @@ import string
 from urllib.parse import urlsplit
 
 from django.core.exceptions import ValidationError
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
 
 # OpenAI's rule for function names.
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -41,9 +43,6 @@ def validate_secret_name(value) -> None:
 
 def validate_parameters_schema(value) -> None:
     """A tool's parameters: a JSON Schema (draft 2020-12) of an object."""
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import SchemaError
-
     if not isinstance(value, dict):
         raise ValidationError("Must be a JSON object (a JSON Schema).")
     if len(json.dumps(value).encode()) > MAX_SCHEMA_BYTES:

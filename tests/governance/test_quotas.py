@@ -19,7 +19,7 @@ from common.redis import get_redis
 from governance.models import Quota, RunUsage
 from governance.quotas import quota_delete, quota_save
 from governance.usage import usage_meter_start, usage_record, usage_run_ended
-from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
+from tests.factories import AgentFactory, ChatSessionFactory, MessageFactory, ProjectFactory
 from tests.governance.conftest import messages_url, wait_answered
 from tests.runtime.conftest import token_for
 
@@ -254,8 +254,6 @@ def test_with_redis_down_quotas_are_checked_against_the_database(api, user, sett
 @pytest.mark.django_db
 def test_regenerate_is_admitted_as_a_message_is(api, session):
     """Answering again starts a run: past a quota it is refused and nothing changes."""
-    from tests.factories import MessageFactory
-
     answered = ChatSessionFactory(agent=session.agent, project=session.project)
     MessageFactory(session=answered, role="user", content="Hello?")
     last = MessageFactory(session=answered, role="assistant", content="Hi.", status="done")

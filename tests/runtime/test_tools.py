@@ -12,6 +12,7 @@ import pytest
 from agents.models import Message, ProjectSecret, Run, Tool
 from agents.runtime.chat import chat_run
 from agents.tools.http import ToolError, resolve_checked
+from governance.models import RunUsage
 from tests.factories import AgentFactory, ChatSessionFactory
 from tests.runtime.conftest import stream_events, wait_for_event
 from tests.runtime.test_chat import add_context, post_message
@@ -307,8 +308,6 @@ def test_a_run_restarted_after_a_tool_call_it_may_not_repeat_ends_saying_so(
 def test_a_run_with_tools_is_accounted_as_all_its_provider_calls(
     live_worker, api, project, redis_client, fake_openai, private_ok, tool_server
 ):
-    from governance.models import RunUsage
-
     agent = model_agent(project)
     http_tool(agent, tool_server)
     session = ChatSessionFactory(agent=agent, project=project)

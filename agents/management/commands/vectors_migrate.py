@@ -29,6 +29,8 @@ class Command(BaseCommand):
         parser.add_argument("--batch", type=int, default=None, help="points per step")
 
     def handle(self, *args, to: str, project=None, model=None, batch=None, **options) -> None:
+        # Here, not at the top: `manage.py help` loads every command; the vector stack
+        # (embedder, Qdrant) loads only when this one runs.
         from agents.runtime.vector_moves import layout_migrate
 
         batch = settings.VECTOR_MOVE_BATCH if batch is None else batch
