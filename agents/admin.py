@@ -1,41 +1,18 @@
-"""Django admin for operators: agents, chat sessions and messages, newest first, with
-filters by project, links and counts between related objects, and a session page that
-shows its conversation read-only, a page at a time."""
+"""Django admin for operators: agents, their tools and the projects' secrets, newest
+first, with filters by project and links and counts between related objects."""
 
 from django import forms
 from django.contrib import admin
-from django.core.paginator import Paginator
 from django.db.models import Count
 from django.urls import reverse
 from django.utils.html import format_html
 
 from workspaces.services import workspace_agent_sync_on_commit
 
-from .models import Agent, ChatSession, Message, ProjectSecret, Tool
-from .services import TOOL_FIELDS, agent_delete, session_delete
-from .tools.validation import validate_tool
+from .models import Agent, ProjectSecret, Tool
+from .services import TOOL_FIELDS, agent_delete
+from .tool_validation import validate_tool
 from .validators import validate_params
-
-MESSAGES_PER_PAGE = 20
-
-# Badge colours per message status: finished well, still going, ended badly.
-_STATUS_COLOURS = {
-    Message.Status.DONE: "#2e7d32",
-    Message.Status.PENDING: "#6d6d6d",
-    Message.Status.STREAMING: "#1565c0",
-    Message.Status.ERROR: "#c62828",
-    Message.Status.CANCELLED: "#ef6c00",
-}
-
-
-def status_badge(status: str):
-    colour = _STATUS_COLOURS.get(status, "#6d6d6d")
-    return format_html(
-        '<span class="status-badge" style="background:{};color:#fff;padding:1px 7px;'
-        'border-radius:9px;font-size:11px;white-space:nowrap">{}</span>',
-        colour,
-        status,
-    )
 
 
 def changelist_link(model: str, label: str, **filters) -> str:
@@ -88,9 +65,7 @@ class AgentAdmin(admin.ModelAdmin):
 
     @admin.display(description="sessions", ordering="session_count")
     def sessions_link(self, obj: Agent):
-        return changelist_link(
-            "agents_chatsession", str(obj.session_count), agent__id__exact=obj.pk
-        )
+        return changelist_link("chat_chatsession", str(obj.session_count), agent__id__exact=obj.pk)
 
     def get_readonly_fields(self, request, obj=None):
         # An agent never moves between projects: its cache entry and collection are theirs.
@@ -108,126 +83,8 @@ class AgentAdmin(admin.ModelAdmin):
             agent_delete(agent=agent)
 
 
-@admin.register(ChatSession)
-class ChatSessionAdmin(admin.ModelAdmin):
-    list_display = ("__str__", "project_link", "owner", "agent_link", "messages_link", "created_at")
-    list_filter = (
-        ("project", admin.RelatedOnlyFieldListFilter),
-        ("agent", admin.RelatedOnlyFieldListFilter),
-        "created_at",
-    )
-    search_fields = ("title", "project__name", "agent__name", "project__owner__username", "=id")
-    list_select_related = ("project", "project__owner", "agent")
-    ordering = ("-created_at",)
-    date_hierarchy = "created_at"
-    readonly_fields = ("id", "created_at", "messages_link")
-    raw_id_fields = ("project", "agent")
-    # The conversation is shown read-only, a page at a time (change_form.html), not as an
-    # inline of editable text areas.
-    change_form_template = "admin/agents/chatsession/change_form.html"
-
-    def get_queryset(self, request):
-        return super().get_queryset(request).annotate(message_count=Count("messages"))
-
-    @admin.display(description="project", ordering="project__name")
-    def project_link(self, obj: ChatSession):
-        return change_link("projects_project", obj.project)
-
-    @admin.display(description="owner", ordering="project__owner__username")
-    def owner(self, obj: ChatSession) -> str:
-        return obj.project.owner.get_username()
-
-    @admin.display(description="agent", ordering="agent__name")
-    def agent_link(self, obj: ChatSession):
-        return change_link("agents_agent", obj.agent)
-
-    @admin.display(description="messages", ordering="message_count")
-    def messages_link(self, obj: ChatSession):
-        count = getattr(obj, "message_count", None)
-        if count is None:
-            count = obj.messages.count()
-        return changelist_link("agents_message", str(count), session__id__exact=obj.pk)
-
-    def get_readonly_fields(self, request, obj=None):
-        return (*self.readonly_fields, "project", "agent") if obj else self.readonly_fields
-
-    def change_view(self, request, object_id, form_url="", extra_context=None):
-        extra_context = dict(extra_context or {})
-        messages = Message.objects.filter(session_id=object_id).order_by("id")
-        try:
-            page = Paginator(messages, MESSAGES_PER_PAGE).get_page(request.GET.get("mp"))
-        except Exception:  # noqa: BLE001  (a malformed session id: Django's own 404 follows)
-            page = None
-        if page is not None:
-            extra_context["conversation"] = page
-            extra_context["conversation_rows"] = [
-                {"message": m, "badge": status_badge(m.status)} for m in page.object_list
-            ]
-        return super().change_view(request, object_id, form_url, extra_context)
-
-    def delete_model(self, request, obj: ChatSession) -> None:
-        session_delete(session=obj)
-
-    def delete_queryset(self, request, queryset) -> None:
-        for session in queryset:
-            session_delete(session=session)
-
-
-@admin.register(Message)
-class MessageAdmin(admin.ModelAdmin):
-    list_display = (
-        "id",
-        "session_link",
-        "project",
-        "role",
-        "status_badge",
-        "short_content",
-        "short_error",
-        "created_at",
-    )
-    list_filter = (
-        "status",
-        "role",
-        ("session__project", admin.RelatedOnlyFieldListFilter),
-        "created_at",
-    )
-    search_fields = ("content", "error", "=session__id", "session__project__name")
-    list_select_related = ("session", "session__project")
-    ordering = ("-id",)
-    date_hierarchy = "created_at"
-    raw_id_fields = ("session",)
-    readonly_fields = ("id", "session", "role", "status", "content", "error", "created_at")
-    fields = readonly_fields
-
-    def has_add_permission(self, request) -> bool:
-        return False  # messages come from the chat API, answered through the bus
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False  # the record of a conversation
-
-    @admin.display(description="session", ordering="session__title")
-    def session_link(self, obj: Message):
-        return change_link("agents_chatsession", obj.session)
-
-    @admin.display(description="project", ordering="session__project__name")
-    def project(self, obj: Message) -> str:
-        return obj.session.project.name
-
-    @admin.display(description="status", ordering="status")
-    def status_badge(self, obj: Message):
-        return status_badge(obj.status)
-
-    @admin.display(description="content")
-    def short_content(self, obj: Message) -> str:
-        return obj.content[:80]
-
-    @admin.display(description="error")
-    def short_error(self, obj: Message) -> str:
-        return obj.error[:120] or "—"
-
-
 class ToolAdminForm(forms.ModelForm):
-    """The admin checks a tool as the API does (agents.tools.validation)."""
+    """The admin checks a tool as the API does (agents.tool_validation)."""
 
     class Meta:
         model = Tool

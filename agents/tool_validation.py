@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import string
+from typing import Any
 from urllib.parse import urlsplit
 
 from django.core.exceptions import ValidationError
@@ -175,3 +176,49 @@ def validate_tool(data: dict) -> None:
         method=data.get("method") or "",
         url_template=data.get("url_template") or "",
     )
+
+
+# What the built-in tools do and take, as the model is told (executed by tools.runner).
+BUILTIN_SPECS: dict[str, dict[str, Any]] = {
+    "search_context": {
+        "description": "Search this agent's context memory for passages relevant to a query.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "query": {"type": "string", "description": "What to look for."},
+                "k": {"type": "integer", "minimum": 1, "maximum": 20, "default": 4},
+            },
+            "required": ["query"],
+            "additionalProperties": False,
+        },
+        # A read.
+        "safe_to_repeat": True,
+    },
+    "add_context": {
+        "description": "Remember a piece of text in this agent's context memory.",
+        "parameters": {
+            "type": "object",
+            "properties": {"text": {"type": "string", "minLength": 1, "maxLength": 20000}},
+            "required": ["text"],
+            "additionalProperties": False,
+        },
+        # Points are keyed by their text: storing the same text twice stores it once.
+        "safe_to_repeat": True,
+    },
+}
+
+
+# What the model gives an agent tool: the message for the agent it asks.
+AGENT_TOOL_PARAMETERS: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "message": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 32000,
+            "description": "What to ask the agent.",
+        }
+    },
+    "required": ["message"],
+    "additionalProperties": False,
+}

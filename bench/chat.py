@@ -307,7 +307,7 @@ def _burst(client: httpx.Client, base: str, sessions) -> tuple[float, float]:
     the last answer finished)."""
     import asyncio
 
-    from agents.models import Message
+    from chat.models import Message
 
     async def post_all():
         # Eight POSTs in flight at a time: what is measured is answering, not accepting.

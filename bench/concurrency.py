@@ -72,7 +72,8 @@ from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from rest_framework.authtoken.models import Token  # noqa: E402
 
-from agents.models import Agent, ChatSession, Message, Run  # noqa: E402
+from agents.models import Agent  # noqa: E402
+from chat.models import ChatSession, Message, Run  # noqa: E402
 from common.redis import get_redis  # noqa: E402
 from projects.models import Project  # noqa: E402
 from tests.runtime.openai_server import FakeOpenAI  # noqa: E402
@@ -259,7 +260,7 @@ def ttfd_while_ingesting(samples: int, ingesting: bool) -> list[float]:
 
 
 def first_delta_at(user_id, project_id, session_id, answer) -> float:
-    from agents.runtime.streams import stream_key
+    from chat.streams import stream_key
     from workspaces.redis import workspace_prefix
 
     key = workspace_prefix(user_id, project_id) + stream_key(session_id)
@@ -355,7 +356,7 @@ def api_p99(url: str, token: str, n: int = 200) -> float:
 
 
 def many_streams(streams: int) -> dict:
-    from agents.runtime.streams import stream_key
+    from chat.streams import stream_key
     from workspaces.redis import workspace_prefix
 
     stack = Stack(worker=PROCFILE_WORKER)

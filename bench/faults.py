@@ -72,8 +72,9 @@ from django.core.management import call_command  # noqa: E402
 from rest_framework.authtoken.models import Token  # noqa: E402
 
 from agentbus import queue_depths  # noqa: E402
-from agents.models import Agent, ChatSession, Message, Run  # noqa: E402
-from agents.runtime.streams import stream_key  # noqa: E402
+from agents.models import Agent  # noqa: E402
+from chat.models import ChatSession, Message, Run  # noqa: E402
+from chat.streams import stream_key  # noqa: E402
 from common.redis import close_redis, get_redis  # noqa: E402
 from projects.models import Project  # noqa: E402
 from tests.runtime.openai_server import FakeOpenAI  # noqa: E402
@@ -360,7 +361,7 @@ def vector_points(stack: Stack, user_id: int, doomed_ids, kept_id) -> tuple[int,
     count can see points at all)."""
     from django.test import override_settings
 
-    from agents.runtime.vectorstore import TenantScope, close_vector_store, get_vector_store
+    from context.vectorstore import TenantScope, close_vector_store, get_vector_store
 
     with override_settings(QDRANT_PATH=stack.env["QDRANT_PATH"], QDRANT_URL=""):
         close_vector_store()

@@ -60,7 +60,7 @@ def main() -> None:
     from django.conf import settings
     from django.core.management import call_command
 
-    import agents.services as services
+    import chat.services as services
     from governance.models import Quota
     from governance.usage import usage_meter_start, usage_record, usage_run_ended
     from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
@@ -93,7 +93,7 @@ def main() -> None:
     messages = [{"role": "system", "content": "You help."}, {"role": "user", "content": "Hi"}]
 
     def run_hooks(answer) -> float:
-        from agents.models import Run
+        from chat.models import Run
 
         run = Run.objects.only("id", "agent_id", "created_at").get(message_id=answer.id)
         ids = {"run_id": run.id, "project_id": project.id, "user_id": user.id}

@@ -105,12 +105,12 @@ def main() -> None:
 
     from django.core.management import call_command
 
-    from agents.models import Message, Run
-    from agents.runtime.providers import ChatRequest, OfflineProvider
-    from agents.tools.calls import agent_call
-    from agents.tools.runner import ToolScope, ToolSpec, tool_execute
+    from chat.calls import agent_call
+    from chat.models import Message, Run
+    from llm.providers import ChatRequest, OfflineProvider
     from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
     from tests.workers import shared_pool_worker
+    from tools.runner import ToolScope, ToolSpec, tool_execute
 
     call_command("migrate", verbosity=0)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
@@ -143,6 +143,14 @@ def main() -> None:
         run_id=str(parent.id),
     )
     arguments = {"city": "Paris"}
+    callee_spec = ToolSpec(
+        name="callee",
+        kind="agent",
+        description="",
+        parameters={},
+        safe_to_repeat=False,
+        target_agent_id=str(callee.id),
+    )
     request = ChatRequest(model="offline", messages=[], question="What do you hold?")
 
     def http_tool():
@@ -151,7 +159,7 @@ def main() -> None:
 
     def a2a():
         ok, content, _links = agent_call(
-            scope=scope, target_agent_id=str(callee.id), message="What do you hold?"
+            spec=callee_spec, arguments={"message": "What do you hold?"}, scope=scope
         )
         assert ok, content
 

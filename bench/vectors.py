@@ -64,7 +64,7 @@ import django
 django.setup()
 from django.conf import settings
 settings.QDRANT_PATH, settings.QDRANT_URL = sys.argv[2], ""
-from agents.runtime.qdrant_store import open_store
+from context.qdrant_store import open_store
 
 def rss_mb():
     for line in open("/proc/self/status"):
@@ -135,7 +135,7 @@ class Tenants:
     """N agents in projects of 10; users own 10 projects each."""
 
     def __init__(self, n: int, rng: np.random.Generator) -> None:
-        from agents.runtime.vectorstore import TenantScope
+        from context.vectorstore import TenantScope
 
         self.projects: list[tuple[int, uuid.UUID]] = []
         self.agents = []
@@ -149,8 +149,8 @@ class Tenants:
 
 
 def context_points(scope, rng: np.random.Generator) -> list:
-    from agents.runtime.chunking import point_id
-    from agents.runtime.vectorstore import ContextPoint
+    from context.chunking import point_id
+    from context.vectorstore import ContextPoint
 
     vectors = rng.standard_normal((POINTS, DIM), dtype=np.float32)
     return [
@@ -166,8 +166,8 @@ def context_points(scope, rng: np.random.Generator) -> list:
 def bench_layout(layout: str, n: int, folder: Path, *, rounds: int, searches: int) -> dict:
     from django.conf import settings
 
-    from agents.runtime.qdrant_store import open_store
-    from agents.runtime.vectorstore import TenantScope
+    from context.qdrant_store import open_store
+    from context.vectorstore import TenantScope
 
     settings.QDRANT_PATH = str(folder)
     rng = np.random.default_rng(n)

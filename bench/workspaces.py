@@ -163,10 +163,10 @@ def bench_teardown(owner, rounds: int) -> list[dict]:
     from agentbus import queue_depth
     from agentbus.active import active_queues
     from agentbus.queues import MAINTENANCE_QUEUE, project_queue
-    from agents.runtime.embeddings import get_embedder
-    from agents.runtime.vectorstore import ContextPoint, TenantScope, get_vector_store
     from common.redis import get_redis
     from config.celery_app import app
+    from context.embeddings import get_embedder
+    from context.vectorstore import ContextPoint, TenantScope, get_vector_store
     from projects.services import project_delete
     from workspaces import registry
     from workspaces.manager import get_worker_space
@@ -265,7 +265,7 @@ def main() -> int:
         memory = bench_memory(owner, args.memory)
         teardowns = bench_teardown(owner, args.teardowns)
     finally:
-        from agents.runtime.vectorstore import close_vector_store
+        from context.vectorstore import close_vector_store
 
         close_vector_store()
         shutil.rmtree(os.environ["QDRANT_PATH"], ignore_errors=True)

@@ -1,12 +1,12 @@
-"""Agent tools: an agent's run asks another agent of its project over the project's
-bus. The callee answers in a chat session of its own (its messages, its events), as a
-run whose `parent` is the caller's run, dispatched on the same project's queue like any
-answer; the caller's tool call waits for that answer on the callee session's event
-stream.
+"""Agent tools (the `agent` tool kind, registered with tools.registry): an agent's run
+asks another agent of its project over the project's bus. The callee answers in a chat
+session of its own (its messages, its events), as a run whose `parent` is the caller's
+run, dispatched on the same project's queue like any answer; the caller's tool call
+waits for that answer on the callee session's event stream.
 
 Limits: a tree of calls is at most AGENT_CALL_MAX_DEPTH deep, a run makes at most
 AGENT_CALL_MAX_FANOUT calls, and a call waits at most AGENT_CALL_TIMEOUT_SECONDS.
-Cancelling a run cancels its tree (agents.runs); a deleted project stops every run of
+Cancelling a run cancels its tree (chat.dispatch); a deleted project stops every run of
 it; the callee is looked up in the caller's project only.
 
 A waiting caller holds its worker slot: a chain of calls n deep needs n + 1 slots of
@@ -23,13 +23,13 @@ from django.conf import settings
 from django.db import connection
 
 from agentbus import project_gone
+from tools.http import ToolError
 from workspaces.redis import scoped
 
-from ..models import Message, Run
-from ..runs import run_cancel
-from ..runtime import streams
-from ..services import AgentCallRefused, agent_call_start
-from .http import ToolError
+from . import streams
+from .dispatch import run_cancel
+from .models import Message, Run
+from .services import AgentCallRefused, agent_call_start
 
 _ENDS = (streams.MESSAGE_COMPLETED, streams.MESSAGE_ERROR, streams.MESSAGE_CANCELLED)
 # How often the wait also reads the callee's run from the database, in case its end
@@ -37,8 +37,10 @@ _ENDS = (streams.MESSAGE_COMPLETED, streams.MESSAGE_ERROR, streams.MESSAGE_CANCE
 DB_CHECK_SECONDS = 2.0
 
 
-def agent_call(*, scope, target_agent_id: str, message: str) -> tuple[bool, str, dict[str, Any]]:
-    """Ask the agent; returns (ok, its answer or the error, the call's links)."""
+def agent_call(*, spec, arguments: dict[str, Any], scope) -> tuple[bool, str, dict[str, Any]]:
+    """Ask the tool's agent the model's message; returns (ok, its answer or the error,
+    the call's links)."""
+    target_agent_id, message = spec.target_agent_id, arguments["message"]
 
     try:
         child = agent_call_start(

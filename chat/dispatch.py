@@ -32,8 +32,9 @@ import contextlib
 import logging
 from datetime import timedelta
 
+from celery import current_app
 from django.conf import settings
-from django.db.models import Exists, OuterRef, Q
+from django.db.models import Q
 from django.utils import timezone
 
 from agentbus import live_workers, project_gone, publish, queue_depths
@@ -41,12 +42,19 @@ from workspaces.lifecycle import project_tombstone_heal
 from workspaces.manager import get_worker_space
 from workspaces.redis import ScopedRedis, scoped
 
+from . import streams
 from .models import Message, Run
-from .runtime import streams
-from .runtime.chat import message_event_data, run_end, run_take_back
-from .tasks import run_agent
+from .state import run_dispatched, run_end, run_take_back, runs_active, waits_behind_another
 
 logger = logging.getLogger(__name__)
+
+# The task that answers a run on a worker (chat.tasks.run_agent), sent by its name: the
+# web side puts a run on the bus without importing the engine the task runs.
+RUN_TASK = "agents.run_agent"
+
+
+def _run_task():
+    return current_app.tasks[RUN_TASK]
 
 
 def run_dispatch(*, run: Run, announce: tuple[Message, ...] = (), start: bool = True) -> None:
@@ -61,7 +69,7 @@ def run_dispatch(*, run: Run, announce: tuple[Message, ...] = (), start: bool = 
             streams.events_append(
                 redis=space.redis,
                 session_id=run.session_id,
-                events=[(streams.MESSAGE_CREATED, message_event_data(m)) for m in announce],
+                events=[(streams.MESSAGE_CREATED, streams.message_event_data(m)) for m in announce],
             )
         if not start:
             return  # it waits for an older run of its session (run_next_dispatch)
@@ -69,7 +77,7 @@ def run_dispatch(*, run: Run, announce: tuple[Message, ...] = (), start: bool = 
         streams.runs_mark_dispatched(redis=space.redis, run_ids=[str(run.id)])
         try:
             publish(
-                run_agent,
+                _run_task(),
                 project_id=project.id,
                 kwargs={
                     "user_id": project.owner_id,
@@ -81,7 +89,7 @@ def run_dispatch(*, run: Run, announce: tuple[Message, ...] = (), start: bool = 
             with contextlib.suppress(Exception):  # unmarked, or lost with Redis: the same
                 streams.runs_unmark(redis=space.redis, run_ids=[str(run.id)])
             raise
-    Run.objects.filter(id=run.id, attempt=run.attempt).update(dispatched_at=timezone.now())
+    run_dispatched(run=run)
 
 
 def runs_cancel(*, session) -> list[int]:
@@ -89,11 +97,7 @@ def runs_cancel(*, session) -> list[int]:
     agents (their trees): returns the ids of the session's assistant messages whose runs
     this call ended (cancelled). A running run's worker sees it at its next delta (the
     flag) or lease renewal (the database) and stops."""
-    live = list(
-        Run.objects.filter(
-            session=session, status__in=(Run.Status.QUEUED, Run.Status.RUNNING)
-        ).select_related("session__project")
-    )
+    live = list(runs_active(session_id=session.id).select_related("session__project"))
     ended = _cancel_trees(live)
     return [run.message_id for run in live if run.id in ended]
 
@@ -135,25 +139,12 @@ def _cancel_trees(runs: list[Run]) -> set:
     }
 
 
-def waits_behind_another() -> Exists:
-    """For a Run queryset: the run has an older active run in its session."""
-    return Exists(
-        Run.objects.filter(
-            session=OuterRef("session"),
-            status__in=(Run.Status.QUEUED, Run.Status.RUNNING),
-            created_at__lt=OuterRef("created_at"),
-        )
-    )
-
-
 def run_next_dispatch(*, session_id) -> bool:
     """Dispatch the session's oldest active run if it waits undispatched (its older
     runs ended). Never raises: if this is lost, the recovery pass dispatches it."""
     try:
         first = (
-            Run.objects.filter(
-                session_id=session_id, status__in=(Run.Status.QUEUED, Run.Status.RUNNING)
-            )
+            runs_active(session_id=session_id)
             .select_related("session__project")
             .order_by("created_at")
             .first()

@@ -2,64 +2,47 @@
 
 The run claims its row (queued -> running, conditional on its dispatch generation),
 holds a lease while it works, streams the answer's deltas into the session's event
-stream, and ends the run exactly once (done, error or cancelled). Every write is
-conditional on the run still being this worker's, so a worker that lost its run (the
-recovery pass took it back, a user cancelled it, the project was deleted) stops without
-touching it.
+stream, and ends the run exactly once (done, error or cancelled); every status write is
+chat.state's, conditional on the run still being this worker's, so a worker that lost
+its run (the recovery pass took it back, a user cancelled it, the project was deleted)
+stops without touching it.
 
-With tools, the answer is a loop (`ToolLoop`): the model is asked with the agent's
-tools, the calls it asks for run (in parallel when it asks for several), their results
-go back to it, until it answers or the run reaches its step limit; each step is an event
-and an entry of `Run.steps`. A session answers one message at a time: a run queued
-behind an older one of its session waits for it (agents.runs).
+The answer itself is chat.toolloop's (provider calls and tool calls, step by step). A
+session answers one message at a time: a run queued behind an older one of its session
+waits for it (chat.dispatch).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
-from django.db.models import F, Q
-from django.utils import timezone
+from django.db.models import Q
 from redis.exceptions import RedisError
 
 from agentbus import project_gone
+from context.vectors import context_search, exchange_store, query_embed
 from governance.providers import provider_settings_for
-from governance.usage import usage_meter_add, usage_record, usage_run_ended
-from workspaces.manager import get_worker_space
-from workspaces.redis import ScopedRedis, scoped
-
-from ..models import Message, Run
-from ..tools.runner import (
-    ToolScope,
-    ToolSpec,
-    agent_tools,
-    project_secrets,
-    scrub,
-    tool_execute,
-    tools_expand,
-)
-from . import streams
-from .coalesce import coalesced
-from .lease import Held, lease_deadline, lease_keeper
-from .providers import (
+from governance.usage import usage_record
+from llm.providers import (
     ChatRequest,
     OfflineProvider,
     ProviderError,
     ProviderStopped,
-    ToolCallRequest,
     get_provider,
 )
-from .vectors import context_search, exchange_store, query_embed
+from tools.runner import ToolScope, ToolSpec, agent_tools, project_secrets, tools_expand
+from workspaces.manager import get_worker_space
+from workspaces.redis import ScopedRedis, scoped
+
+from . import state, streams
+from .lease import Held, lease_keeper
+from .models import Message, Run
+from .toolloop import ToolLoop, Usage, release_database
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +50,6 @@ DEFAULT_TOP_K = 4
 HISTORY_MESSAGES = 20
 # How often a long run looks whether its project was deleted meanwhile.
 TOMBSTONE_CHECK_SECONDS = 0.5
-WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
 
 
 class AgentRunFailed(Exception):
@@ -75,94 +57,298 @@ class AgentRunFailed(Exception):
     a failed task. The run and its message already say why."""
 
 
-def message_event_data(message: Message) -> dict[str, Any]:
-    """A message as events and the API show it."""
-    return {
-        "id": message.id,
-        "session_id": str(message.session_id),
-        "role": message.role,
-        "content": message.content,
-        "status": message.status,
-        "error": message.error,
-        "created_at": message.created_at.isoformat() if message.created_at else None,
-    }
+@dataclass
+class Answer:
+    outcome: str  # done, error, cancelled, lost, interrupted or project-deleted
+    content: str = ""
+    error: str = ""
+    question: str = ""
+    question_vector: list[float] | None = None
 
 
-def run_end(
-    *,
-    run: Run,
-    status: str,
-    content: str | None = "",
-    error: str = "",
-    from_statuses: tuple[str, ...] = (Run.Status.RUNNING,),
-    attempt: int | None = None,
-) -> bool:
-    """End a run and its message once, conditionally (on its status, and on the dispatch
-    generation when given): True when this call ended it. Says so on the event stream.
-    `content` None leaves the message's text as it is (a cancel from outside the run)."""
-    fence = Q(id=run.id, status__in=from_statuses)
-    if attempt is not None:
-        fence &= Q(attempt=attempt)
-    with transaction.atomic():
-        ended = Run.objects.filter(fence).update(
-            status=status, error=error, finished_at=timezone.now(), lease_expires_at=None
+@dataclass
+class Prepared:
+    """What a run answers with, read before it lets its database connection go."""
+
+    config: dict[str, Any]
+    history: list[tuple[str, str]]
+    question: str
+    tools: list[ToolSpec]
+    secrets: dict[str, str]
+    llm: Any = None
+    question_vector: list[float] | None = field(default=None)
+
+
+# --- Claiming the run ---------------------------------------------------------------------
+
+
+def chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
+    """Run `run_id` if dispatch generation `attempt` may; returns the outcome (for logs
+    and tests). Raises AgentRunFailed when the run ended in error here."""
+    run = Run.objects.select_related("message", "session__project").filter(id=run_id).first()
+    if run is None:
+        return "gone"
+    if run.attempt != attempt:
+        return "stale"  # an older dispatch: the newer one owns the run and its mark
+    redis = _redis_of(run)
+    try:
+        streams.runs_unmark(redis=redis, run_ids=[str(run.id)])
+    except Exception:
+        logger.warning("run %s: could not clear its dispatch mark", run.id, exc_info=True)
+    if run.status != Run.Status.QUEUED:
+        return "stale"  # already ended (cancelled, expired)
+    if state.run_waits_behind_another(run):
+        # One answer at a time per session: this one is dispatched again when the
+        # older one ends (chat.dispatch.run_next_dispatch).
+        state.run_undispatched(run=run, attempt=attempt)
+        return "waiting"
+    if not state.run_claim(run=run, attempt=attempt):
+        return "stale"
+    return _run_claimed(run=run, attempt=attempt, redis=redis)
+
+
+def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:
+    refusal = _restart_refusal(run)
+    if refusal:
+        state.run_end(run=run, status=Run.Status.ERROR, attempt=attempt, error=refusal)
+        raise AgentRunFailed(str(run.id))
+    state.message_streaming(run=run)
+    if run.starts > 1:
+        # A worker died mid-answer: what the client holds of it is replaced.
+        streams.event_append(
+            redis=redis,
+            session_id=run.session_id,
+            event_type=streams.MESSAGE_RESTARTED,
+            data={"message_id": run.message_id, "attempt": attempt},
+        )
+    project = run.session.project
+    space = get_worker_space(user_id=project.owner_id, project_id=project.id)
+    usage = Usage()
+    with lease_keeper().hold(run.id, attempt) as held, space.use():
+        answer = _answer(run=run, held=held, space=space, redis=redis, usage=usage)
+    # Governance hook: what this attempt cost (as the provider reported it, or estimated).
+    usage_record(
+        run_id=run.id,
+        attempt=attempt,
+        project_id=project.id,
+        user_id=project.owner_id,
+        agent_id=run.agent_id,
+        message_id=run.message_id,
+        accepted_at=run.created_at,
+        meter=usage.meter,
+        completion=answer.content,
+        outcome=answer.outcome,
+    )
+    return _settle(run=run, attempt=attempt, redis=redis, answer=answer, usage=usage)
+
+
+def _restart_refusal(run: Run) -> str:
+    """Why a run may not start (again), or "": it lost its workers too often, or a call
+    it made before may not be repeated safely."""
+    if run.starts > settings.RUN_MAX_STARTS:
+        return f"the agent run was interrupted {run.starts - 1} times and gave up"
+    if run.starts > 1:
+        unsafe = sorted(
+            {
+                step["name"]
+                for step in run.steps or ()
+                if step.get("type") == "tool" and not step.get("safe_to_repeat")
+            }
+        )
+        if unsafe:
+            # Starting over could make these calls a second time.
+            return (
+                "the agent run was interrupted after calling "
+                f"{', '.join(unsafe)}, which may not be repeated safely; it may have "
+                "taken effect. Check, then ask again."
+            )
+    return ""
+
+
+def _settle(*, run: Run, attempt: int, redis: ScopedRedis, answer: Answer, usage: Usage) -> str:
+    """End the run as its answer says (done, error), or leave it to whoever ends it."""
+    outcome, content, error = answer.outcome, answer.content, answer.error
+    if outcome == "done":
+        ended = state.run_end(
+            run=run, status=Run.Status.DONE, content=content, attempt=attempt, meter=usage.meter
+        )
+        if not ended:
+            return "lost"
+        release_database()  # remembering embeds: no connection held meanwhile
+        _remember_exchange(
+            run=run,
+            content=content,
+            question=answer.question,
+            question_vector=answer.question_vector,
+        )
+        return "done"
+    if outcome == "error":
+        ended = state.run_end(
+            run=run,
+            status=Run.Status.ERROR,
+            content=content,
+            error=error,
+            attempt=attempt,
+            meter=usage.meter,
         )
         if ended:
-            written = {"status": status, "error": error}
-            if content is not None:
-                written["content"] = content
-            Message.objects.filter(id=run.message_id).update(**written)
-    if ended:
-        event, data = {
-            Run.Status.DONE: (streams.MESSAGE_COMPLETED, {"content": content, "status": status}),
-            Run.Status.ERROR: (streams.MESSAGE_ERROR, {"error": error, "content": content}),
-            Run.Status.CANCELLED: (streams.MESSAGE_CANCELLED, {}),
-        }[status]
-        try:
-            streams.event_append(
-                redis=_redis_of(run),
-                session_id=run.session_id,
-                event_type=event,
-                data={"message_id": run.message_id, **data},
-            )
-        except Exception:
-            # The database says how it ended; a client reloading the message sees it.
-            logger.warning("run %s ended %s; the event was not written", run.id, status)
-        # Governance hook: the run no longer counts as in flight against quotas.
-        project = run.session.project
-        usage_run_ended(
-            run_id=run.id,
-            project_id=project.id,
-            user_id=project.owner_id,
-            meter=getattr(run, "usage_meter", None),
+            raise AgentRunFailed(f"run {run.id}: {error}")
+        return "lost"
+    if outcome == "interrupted":
+        # Redis went away mid-answer: not the agent's failure. Queued again, the run is
+        # dispatched by the recovery pass once Redis is back, and its next start tells
+        # the client the answer starts over.
+        state.run_take_back(run=run, from_status=Run.Status.RUNNING, attempt=attempt)
+        return outcome
+    if outcome == "cancelled":
+        # The canceller ends the run (or has); what was said before the cancel stays.
+        state.message_partial_keep(run=run, content=content)
+    if outcome == "project-deleted":
+        # Teardown may have removed the stream before our last events re-created it.
+        redis.delete(streams.stream_key(run.session_id), streams.cancel_key(run.message_id))
+    return outcome
+
+
+# --- Answering --------------------------------------------------------------------------
+
+
+class _Stopper:
+    """Whether the run must stop: cancelled or lost (its lease says), or its project
+    deleted (looked at every TOMBSTONE_CHECK_SECONDS)."""
+
+    def __init__(self, *, project_id, held: Held) -> None:
+        self.project_id, self.held = project_id, held
+        self.next_check = time.monotonic() + TOMBSTONE_CHECK_SECONDS
+        self.gone = False
+
+    def __call__(self) -> bool:
+        if time.monotonic() >= self.next_check:
+            self.gone = self.gone or project_gone(self.project_id)
+            self.next_check = time.monotonic() + TOMBSTONE_CHECK_SECONDS
+        return self.gone or self.held.should_stop
+
+    def stopped(self, content: str) -> Answer:
+        if self.gone:
+            return Answer("project-deleted", content)
+        return Answer("cancelled" if self.held.cancelled.is_set() else "lost", content)
+
+
+def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) -> Answer:
+    stop = _Stopper(project_id=run.session.project_id, held=held)
+    parts: list[str] = []
+    question, question_vector = "", None
+    try:
+        prepared = _prepare(run=run, space=space)
+        if prepared is None:
+            return Answer("error", error="the agent no longer exists")
+        question = prepared.question
+        tools = tools_expand(prepared.tools, redis=redis, secrets=prepared.secrets)
+        # Embedded once: to search now (unless the agent searches by tool), and to
+        # remember the exchange by afterwards.
+        question_vector = query_embed(question) if question.strip() else None
+        request = _build_request(
+            config=prepared.config,
+            history=prepared.history,
+            question=question,
+            context=_context(
+                run=run, space=space, prepared=prepared, tools=tools, vector=question_vector
+            ),  # fmt: skip
+            tools=tools,
         )
-    return bool(ended)
+        loop = ToolLoop(
+            redis=redis,
+            run=run,
+            tools=tools,
+            scope=ToolScope(
+                user_id=space.user_id,
+                project_id=run.session.project_id,
+                agent_id=prepared.config["id"],
+                secrets=prepared.secrets,
+                run_id=str(run.id),
+                should_stop=stop,
+            ),
+            max_steps=int(
+                (prepared.config.get("params") or {}).get("max_steps", settings.TOOL_MAX_STEPS)
+            ),
+            stop=stop,
+            usage=usage,
+            llm=prepared.llm,
+        )
+        outcome = loop.run(request=request, parts=parts)
+    except ProviderStopped:
+        return stop.stopped("".join(parts))
+    except ProviderError as exc:
+        return Answer("error", "".join(parts), str(exc))
+    except RedisError as exc:
+        logger.warning("agent run %s interrupted, Redis unavailable: %r", run.id, exc)
+        return Answer("interrupted", "".join(parts))
+    except Exception as exc:
+        logger.exception("agent run %s failed", run.id)
+        return Answer("error", "".join(parts), f"the agent run failed: {type(exc).__name__}")
+    return _loop_answer(outcome, "".join(parts), loop=loop, stop=stop, question=question,
+                        question_vector=question_vector)  # fmt: skip
 
 
-def run_take_back(*, run: Run, from_status: str, attempt: int | None = None) -> bool:
-    """Put a run back to queued as a new attempt, for the recovery pass to dispatch:
-    True when this call took it (fenced on its status and dispatch generation)."""
-    taken = Run.objects.filter(
-        id=run.id, attempt=run.attempt if attempt is None else attempt, status=from_status
-    ).update(
-        status=Run.Status.QUEUED,
-        attempt=F("attempt") + 1,
-        lease_expires_at=None,
-        dispatched_at=None,
+def _prepare(*, run: Run, space) -> Prepared | None:
+    """The agent's config (None: it no longer exists), the conversation, its tools and
+    the project's secrets and provider settings; then the database connection goes."""
+    config = space.get_agent(str(run.agent_id))
+    if config is None:
+        return None
+    history = conversation(run.message)
+    tools = agent_tools(agent_id=run.agent_id)
+    project_id = run.session.project_id
+    secrets = project_secrets(project_id=project_id) if _uses_secrets(tools) else {}
+    # Governance hook: the project's own provider settings, over the deployment's.
+    llm = provider_settings_for(project_id=project_id)
+    state.run_model_set(run=run, model=_model_name(config, llm))
+    # Nothing more from the database until the run ends, but the run's steps (the
+    # lease keeper has its own connection).
+    release_database()
+    question = next((c for role, c in reversed(history) if role == Message.Role.USER), "")
+    return Prepared(
+        config=config, history=history, question=question, tools=tools, secrets=secrets, llm=llm
     )
-    if not taken:
-        return False
-    run.refresh_from_db(fields=["attempt", "status"])
-    if from_status == Run.Status.RUNNING:
-        Message.objects.filter(id=run.message_id, status=Message.Status.STREAMING).update(
-            status=Message.Status.PENDING
+
+
+def _context(
+    *, run: Run, space, prepared: Prepared, tools: list[ToolSpec], vector: list[float] | None
+) -> list[str]:
+    """The context passages given with the question: none for an agent with the search
+    tool (it searches when it decides to), else the top_k closest."""
+    searches = any(t.kind == "builtin" and t.name == "search_context" for t in tools)
+    params = prepared.config.get("params") or {}
+    hits = context_search(
+        user_id=space.user_id,
+        project_id=run.session.project_id,
+        agent_id=prepared.config["id"],
+        query=prepared.question,
+        k=0 if searches else int(params.get("top_k", DEFAULT_TOP_K)),
+        vector=vector,
+    )
+    return [hit.text for hit in hits]
+
+
+def _loop_answer(
+    outcome: str,
+    content: str,
+    *,
+    loop: ToolLoop,
+    stop: _Stopper,
+    question: str,
+    question_vector: list[float] | None,
+) -> Answer:
+    if outcome == "cancelled":
+        return Answer("cancelled", content)
+    if outcome == "step-limit":
+        return Answer(
+            "error",
+            content,
+            f"the agent reached its step limit ({loop.max_steps}) without an answer",
         )
-    return True
-
-
-def _redis_of(run: Run) -> ScopedRedis:
-    project = run.session.project
-    return scoped(project.owner_id, project.id)
+    if outcome != "done":
+        return stop.stopped(content)
+    return Answer("done", content, question=question, question_vector=question_vector)
 
 
 def conversation(message: Message) -> list[tuple[str, str]]:
@@ -176,14 +362,6 @@ def conversation(message: Message) -> list[tuple[str, str]]:
     )
     history.reverse()
     return history
-
-
-def release_database() -> None:
-    """Hand this thread's database connection back to the pool before a wait (an
-    embedding, the provider): with many runs per process, a run that sits on a
-    connection while it waits starves the others."""
-    if not connection.in_atomic_block:
-        connection.close()
 
 
 def _build_request(
@@ -210,243 +388,6 @@ def _build_request(
     )
 
 
-def chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
-    """Run `run_id` if dispatch generation `attempt` may; returns the outcome (for logs
-    and tests). Raises AgentRunFailed when the run ended in error here."""
-    run = Run.objects.select_related("message", "session__project").filter(id=run_id).first()
-    if run is None:
-        return "gone"
-    if run.attempt != attempt:
-        return "stale"  # an older dispatch: the newer one owns the run and its mark
-    redis = _redis_of(run)
-    try:
-        streams.runs_unmark(redis=redis, run_ids=[str(run.id)])
-    except Exception:
-        logger.warning("run %s: could not clear its dispatch mark", run.id, exc_info=True)
-    if run.status != Run.Status.QUEUED:
-        return "stale"  # already ended (cancelled, expired)
-    if _waits_behind_another(run):
-        # One answer at a time per session: this one is dispatched again when the
-        # older one ends (agents.runs.run_next_dispatch).
-        Run.objects.filter(id=run.id, attempt=attempt, status=Run.Status.QUEUED).update(
-            dispatched_at=None
-        )
-        return "waiting"
-    claimed = Run.objects.filter(id=run.id, attempt=attempt, status=Run.Status.QUEUED).update(
-        status=Run.Status.RUNNING,
-        starts=F("starts") + 1,
-        lease_expires_at=lease_deadline(),
-        worker=WORKER_NAME,
-        started_at=timezone.now(),
-    )
-    if not claimed:
-        return "stale"
-    run.refresh_from_db(fields=["starts", "status"])
-    return _run_claimed(run=run, attempt=attempt, redis=redis)
-
-
-def _waits_behind_another(run: Run) -> bool:
-    return Run.objects.filter(
-        session_id=run.session_id,
-        status__in=(Run.Status.QUEUED, Run.Status.RUNNING),
-        created_at__lt=run.created_at,
-    ).exists()
-
-
-def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:
-    message = run.message
-    if run.starts > settings.RUN_MAX_STARTS:
-        run_end(
-            run=run,
-            status=Run.Status.ERROR,
-            attempt=attempt,
-            error=f"the agent run was interrupted {run.starts - 1} times and gave up",
-        )
-        raise AgentRunFailed(str(run.id))
-    if run.starts > 1:
-        unsafe = sorted(
-            {
-                step["name"]
-                for step in run.steps or ()
-                if step.get("type") == "tool" and not step.get("safe_to_repeat")
-            }
-        )
-        if unsafe:
-            # Starting over could make these calls a second time.
-            run_end(
-                run=run,
-                status=Run.Status.ERROR,
-                attempt=attempt,
-                error="the agent run was interrupted after calling "
-                f"{', '.join(unsafe)}, which may not be repeated safely; it may have "
-                "taken effect. Check, then ask again.",
-            )
-            raise AgentRunFailed(str(run.id))
-    Message.objects.filter(
-        id=message.id, status__in=(Message.Status.PENDING, Message.Status.STREAMING)
-    ).update(status=Message.Status.STREAMING, content="", error="")
-    if run.starts > 1:
-        # A worker died mid-answer: what the client holds of it is replaced.
-        streams.event_append(
-            redis=redis,
-            session_id=run.session_id,
-            event_type=streams.MESSAGE_RESTARTED,
-            data={"message_id": message.id, "attempt": attempt},
-        )
-    project = run.session.project
-    space = get_worker_space(user_id=project.owner_id, project_id=project.id)
-    with lease_keeper().hold(run.id, attempt) as held, space.use():
-        answer = _answer(run=run, held=held, space=space, redis=redis)
-    # Governance hook: what this attempt cost (as the provider reported it, or estimated).
-    usage_record(
-        run_id=run.id,
-        attempt=attempt,
-        project_id=project.id,
-        user_id=project.owner_id,
-        agent_id=run.agent_id,
-        message_id=message.id,
-        accepted_at=run.created_at,
-        meter=getattr(run, "usage_meter", None),
-        completion=answer.content,
-        outcome=answer.outcome,
-    )
-    outcome, content, error = answer.outcome, answer.content, answer.error
-    if outcome == "done":
-        if run_end(run=run, status=Run.Status.DONE, content=content, attempt=attempt):
-            release_database()  # remembering embeds: no connection held meanwhile
-            _remember_exchange(
-                run=run,
-                content=content,
-                question=answer.question,
-                question_vector=answer.question_vector,
-            )
-            return "done"
-        return "lost"
-    if outcome == "error":
-        if run_end(run=run, status=Run.Status.ERROR, content=content, error=error, attempt=attempt):
-            raise AgentRunFailed(f"run {run.id}: {error}")
-        return "lost"
-    if outcome == "interrupted":
-        # Redis went away mid-answer: not the agent's failure. Queued again, the run is
-        # dispatched by the recovery pass once Redis is back, and its next start tells
-        # the client the answer starts over.
-        run_take_back(run=run, from_status=Run.Status.RUNNING, attempt=attempt)
-        return outcome
-    if outcome == "cancelled":
-        # The canceller ends the run (or has); what was said before the cancel stays.
-        Message.objects.filter(
-            id=message.id, status__in=(Message.Status.STREAMING, Message.Status.CANCELLED)
-        ).update(content=content)
-    if outcome == "project-deleted":
-        # Teardown may have removed the stream before our last events re-created it.
-        redis.delete(streams.stream_key(run.session_id), streams.cancel_key(message.id))
-    return outcome
-
-
-@dataclass
-class Answer:
-    outcome: str  # done, error, cancelled, lost, interrupted or project-deleted
-    content: str = ""
-    error: str = ""
-    question: str = ""
-    question_vector: list[float] | None = None
-
-
-def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> Answer:
-    message = run.message
-    project_id = run.session.project_id
-    next_check = [time.monotonic() + TOMBSTONE_CHECK_SECONDS]
-    gone = [False]
-
-    def should_stop() -> bool:
-        if time.monotonic() >= next_check[0]:
-            gone[0] = gone[0] or project_gone(project_id)
-            next_check[0] = time.monotonic() + TOMBSTONE_CHECK_SECONDS
-        return gone[0] or held.should_stop
-
-    def stopped(content: str) -> Answer:
-        if gone[0]:
-            return Answer("project-deleted", content)
-        return Answer("cancelled" if held.cancelled.is_set() else "lost", content)
-
-    parts: list[str] = []
-    question, question_vector = "", None
-    try:
-        config = space.get_agent(str(run.agent_id))
-        if config is None:
-            return Answer("error", error="the agent no longer exists")
-        history = conversation(message)
-        question = next((c for role, c in reversed(history) if role == Message.Role.USER), "")
-        tools = agent_tools(agent_id=run.agent_id)
-        secrets = project_secrets(project_id=project_id) if _uses_secrets(tools) else {}
-        params = config.get("params") or {}
-        # Governance hook: the project's own provider settings, over the deployment's.
-        llm = provider_settings_for(project_id=project_id)
-        Run.objects.filter(id=run.id, attempt=run.attempt).update(model=_model_name(config, llm))
-        # Nothing more from the database until the run ends, but the run's steps (the
-        # lease keeper has its own connection).
-        release_database()
-        tools = tools_expand(tools, redis=redis, secrets=secrets)
-        # An agent with the search tool searches when it decides to; others always do.
-        searches = any(t.kind == "builtin" and t.name == "search_context" for t in tools)
-        # Embedded once: to search now (unless the agent searches by tool), and to
-        # remember the exchange by afterwards.
-        question_vector = query_embed(question) if question.strip() else None
-        hits = context_search(
-            user_id=space.user_id,
-            project_id=project_id,
-            agent_id=config["id"],
-            query=question,
-            k=0 if searches else int(params.get("top_k", DEFAULT_TOP_K)),
-            vector=question_vector,
-        )
-        request = _build_request(
-            config=config,
-            history=history,
-            question=question,
-            context=[h.text for h in hits],
-            tools=tools,
-        )
-        loop = ToolLoop(
-            redis=redis,
-            run=run,
-            tools=tools,
-            scope=ToolScope(
-                user_id=space.user_id,
-                project_id=project_id,
-                agent_id=config["id"],
-                secrets=secrets,
-                run_id=str(run.id),
-                should_stop=should_stop,
-            ),
-            max_steps=int(params.get("max_steps", settings.TOOL_MAX_STEPS)),
-            stop=should_stop,
-            llm=llm,
-        )
-        outcome = loop.run(request=request, parts=parts)
-    except ProviderStopped:
-        return stopped("".join(parts))
-    except ProviderError as exc:
-        return Answer("error", "".join(parts), str(exc))
-    except RedisError as exc:
-        logger.warning("agent run %s interrupted, Redis unavailable: %r", run.id, exc)
-        return Answer("interrupted", "".join(parts))
-    except Exception as exc:
-        logger.exception("agent run %s failed", run.id)
-        return Answer("error", "".join(parts), f"the agent run failed: {type(exc).__name__}")
-    if outcome == "cancelled":
-        return Answer("cancelled", "".join(parts))
-    if outcome == "step-limit":
-        return Answer(
-            "error",
-            "".join(parts),
-            f"the agent reached its step limit ({loop.max_steps}) without an answer",
-        )
-    if outcome != "done":
-        return stopped("".join(parts))
-    return Answer("done", "".join(parts), question=question, question_vector=question_vector)
-
-
 def _uses_secrets(tools: list[ToolSpec]) -> bool:
     return any(tool.headers for tool in tools)
 
@@ -463,223 +404,9 @@ def _model_name(config: dict[str, Any], llm) -> str:
     return model or settings.LLM_DEFAULT_MODEL
 
 
-class ToolLoop:
-    """One answer as steps: ask the model (with the agent's tools); run the calls it asks
-    for, in parallel; give it their results; again, until it answers without calling a
-    tool or `max_steps` is reached. Outcomes: done, cancelled, stopped, step-limit.
-
-    Before its calls run, a step is written to `Run.steps` (each call `started`, with
-    whether it may be repeated), and again when they ended: a run restarted after its
-    worker died knows which calls may have taken effect (see `_run_claimed`)."""
-
-    def __init__(
-        self,
-        *,
-        redis: ScopedRedis,
-        run: Run,
-        tools: list[ToolSpec],
-        scope: ToolScope,
-        max_steps: int,
-        stop: Callable[[], bool],
-        llm=None,
-    ) -> None:
-        self.redis, self.run_, self.scope, self.stop, self.llm = redis, run, scope, stop, llm
-        self.tools = {tool.name: tool for tool in tools}
-        self.max_steps = max_steps
-        self.steps: list[dict[str, Any]] = list(run.steps or [])
-
-    def run(self, *, request: ChatRequest, parts: list[str]) -> str:
-        for step in range(1, self.max_steps + 1):
-            if step > 1 and self.stop():
-                return "stopped"
-            # Without tools an answer is one step: no step events.
-            if self.tools and not self._event(streams.RUN_STEP, {"step": step}):
-                return "cancelled"
-            calls: list[ToolCallRequest] = []
-            before = len(parts)
-            outcome = _stream(
-                redis=self.redis,
-                run=self.run_,
-                request=request,
-                parts=parts,
-                stop=self.stop,
-                calls=calls,
-                llm=self.llm,
-            )
-            if outcome != "done":
-                return outcome
-            if not calls:
-                return "done"
-            if step == self.max_steps:
-                return "step-limit"
-            if self.stop():
-                return "stopped"
-            results = self._call(step=step, calls=calls)
-            if isinstance(results, str):
-                return results
-            said = "".join(parts[before:])
-            request = replace(
-                request,
-                messages=[
-                    *request.messages,
-                    {
-                        "role": "assistant",
-                        "content": said or None,
-                        "tool_calls": [
-                            {
-                                "id": call.id,
-                                "type": "function",
-                                "function": {"name": call.name, "arguments": call.arguments},
-                            }
-                            for call in calls
-                        ],
-                    },
-                    *(
-                        {"role": "tool", "tool_call_id": call.id, "content": result}
-                        for call, result in zip(calls, results, strict=True)
-                    ),
-                ],
-            )
-        return "step-limit"
-
-    def _call(self, *, step: int, calls: list[ToolCallRequest]) -> list[str] | str:
-        """Run one step's calls; their results for the model, or an outcome (a str)."""
-        attempt = self.run_.attempt
-        entries = []
-        for call in calls:
-            spec = self.tools.get(call.name)
-            entries.append(
-                {
-                    "type": "tool",
-                    "attempt": attempt,
-                    "step": step,
-                    "call_id": call.id,
-                    "name": call.name,
-                    "arguments": shorten_raw(
-                        scrub(call.arguments, self.scope.secrets), settings.TOOL_EVENT_MAX_CHARS
-                    ),
-                    # A call of no tool does nothing: it may be repeated.
-                    "safe_to_repeat": spec.safe_to_repeat if spec else True,
-                    "status": "started",
-                    "started_at": timezone.now().isoformat(),
-                }
-            )
-        self.steps.extend(entries)
-        if not self._save():
-            return "stopped"
-        for entry in entries:
-            data = {k: entry[k] for k in ("step", "call_id", "name", "arguments")}
-            if not self._event(streams.TOOL_CALL, data):
-                return "cancelled"
-        workers = max(1, min(len(calls), settings.TOOL_MAX_PARALLEL))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tool") as pool:
-            outcomes = list(
-                pool.map(
-                    lambda call: tool_execute(
-                        spec=self.tools.get(call.name), arguments=call.arguments, scope=self.scope
-                    ),
-                    calls,
-                )
-            )
-        results = []
-        for entry, outcome in zip(entries, outcomes, strict=True):
-            cut = len(outcome.content) > settings.TOOL_EVENT_MAX_CHARS
-            entry.update(
-                status="done" if outcome.ok else "error",
-                result=shorten_raw(outcome.content, settings.TOOL_EVENT_MAX_CHARS),
-                finished_at=timezone.now().isoformat(),
-                **outcome.extra,
-            )
-            results.append(shorten_raw(outcome.content, settings.TOOL_RESULT_MAX_CHARS))
-            data = {k: entry[k] for k in ("step", "call_id", "name", "result")}
-            data.update(outcome.extra)
-            if not self._event(streams.TOOL_RESULT, {**data, "ok": outcome.ok, "truncated": cut}):
-                return "cancelled"
-        if not self._save():
-            return "stopped"
-        return results
-
-    def _save(self) -> bool:
-        """Write the steps, if the run is still this worker's."""
-        run = self.run_
-        saved = Run.objects.filter(
-            id=run.id, attempt=run.attempt, status=Run.Status.RUNNING
-        ).update(steps=self.steps)
-        release_database()
-        return bool(saved)
-
-    def _event(self, event_type: str, data: dict[str, Any]) -> bool:
-        run = self.run_
-        return (
-            streams.event_append_unless_cancelled(
-                redis=self.redis,
-                session_id=run.session_id,
-                message_id=run.message_id,
-                event_type=event_type,
-                data={"message_id": run.message_id, "run_id": str(run.id), **data},
-            )
-            is not None
-        )
-
-
-def shorten_raw(text: str, limit: int) -> str:
-    """`text` cut to `limit` characters (whitespace kept, unlike `shorten`)."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _stream(
-    *,
-    redis: ScopedRedis,
-    run: Run,
-    request: ChatRequest,
-    parts: list[str],
-    stop: Callable[[], bool],
-    calls: list[ToolCallRequest] | None = None,
-    llm=None,
-) -> str:
-    """One provider call of the run, its text streamed as deltas (`llm`: the project's
-    provider settings, read before the run let its database connection go)."""
-    # The text of earlier steps stays: offsets go on from it.
-    offset = sum(map(len, parts))
-    provider = get_provider(request.model, llm=llm)
-    # Governance hook: meter each provider call of the run (usage_record in _run_claimed
-    # reads the sum); the tool calls the model asks for are counted as they arrive.
-    meter = run.usage_meter = usage_meter_add(
-        getattr(run, "usage_meter", None),
-        provider=provider,
-        model=request.model,
-        messages=request.messages,
-    )
-    deltas = coalesced(
-        provider.stream(request, should_stop=stop),
-        window=settings.CHAT_DELTA_WINDOW_SECONDS,
-        threaded=provider.name != OfflineProvider.name,  # the offline one never waits
-    )
-    try:
-        for delta in deltas:
-            if isinstance(delta, ToolCallRequest):
-                meter.tool_calls += 1
-                if calls is not None:
-                    calls.append(delta)
-                continue
-            appended = streams.event_append_unless_cancelled(
-                redis=redis,
-                session_id=run.session_id,
-                message_id=run.message_id,
-                event_type=streams.MESSAGE_DELTA,
-                data={"message_id": run.message_id, "delta": delta, "offset": offset},
-            )
-            if appended is None:  # cancelled: nothing more reaches the client
-                return "cancelled"
-            parts.append(delta)
-            offset += len(delta)
-            if stop():
-                return "stopped"
-    finally:
-        close = getattr(deltas, "close", None)
-        if close is not None:
-            close()
-    return "done"
+def _redis_of(run: Run) -> ScopedRedis:
+    project = run.session.project
+    return scoped(project.owner_id, project.id)
 
 
 def _remember_exchange(

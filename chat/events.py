@@ -22,24 +22,21 @@ import uuid
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connections
 from django.http import Http404, HttpRequest, JsonResponse, StreamingHttpResponse
 from django.views.decorators.http import require_GET
 from redis.exceptions import ResponseError
 from rest_framework import exceptions
-from rest_framework.request import Request
 from rest_framework.settings import api_settings
 
 from agentbus import project_gone_async
 from common.api import error_body
 from common.asgi import long_lived
-from common.credentials import READ, credential_check
-from projects.selectors import project_get_for_user
+from realtime.auth import request_authorize
+from realtime.streamhub import CLOSED, HubFull, get_hub
 from workspaces.redis import ScopedRedis, scoped_async
 
-from .runtime.streams import stream_key
 from .selectors import session_get
-from .streamhub import CLOSED, HubFull, get_hub
+from .streams import stream_key
 
 logger = logging.getLogger(__name__)
 
@@ -66,29 +63,15 @@ def _error(
 
 def _authorize(request: HttpRequest, project_id: uuid.UUID, session_id: uuid.UUID) -> int:
     """The user id allowed to read this session's events, through the API's own
-    authentication (DRF's authenticators) and project scoping (the selectors).
-    Raises DRF's NotAuthenticated / AuthenticationFailed, or Http404.
+    authentication and project scoping (realtime.auth). Raises DRF's NotAuthenticated /
+    AuthenticationFailed, or Http404; leaves no database connection open: a stream may
+    last hours and must not hold one."""
 
-    Leaves no database connection open behind it: a stream may last hours and must not
-    hold one.
-    """
-    drf_request = Request(
-        request, authenticators=[auth() for auth in api_settings.DEFAULT_AUTHENTICATION_CLASSES]
-    )
-    try:
-        user = drf_request.user
-        if not user or not user.is_authenticated:
-            raise exceptions.NotAuthenticated()
-        credential_check(drf_request.auth, project_id=project_id, scope=READ)
-        project = project_get_for_user(
-            user=user, project_id=project_id, credential=drf_request.auth
-        )
+    def reader(drf_request, project) -> int:
         session_get(project=project, session_id=session_id)
-        return user.pk
-    finally:
-        for connection in connections.all(initialized_only=True):
-            if not connection.in_atomic_block:  # (a test's transaction stays open)
-                connection.close()
+        return drf_request.user.pk
+
+    return request_authorize(request, project_id=project_id, then=reader)
 
 
 async def _gone(project_id: uuid.UUID) -> bool:

@@ -15,16 +15,14 @@ import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection
-from django.db.models import Q
-from django.utils import timezone
 
 from common.singletons import process_singleton
 
-from ..models import Run
+from . import state
+from .models import Run
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +37,6 @@ class Held:
     @property
     def should_stop(self) -> bool:
         return self.cancelled.is_set() or self.lost.is_set()
-
-
-def lease_deadline():
-    return timezone.now() + timedelta(seconds=settings.RUN_LEASE_SECONDS)
 
 
 class LeaseKeeper:
@@ -87,18 +81,7 @@ class LeaseKeeper:
         held = self.held()
         if not held:
             return
-        mine = Q()
-        for h in held:
-            mine |= Q(id=h.run_id, attempt=h.attempt)
-        Run.objects.filter(mine, status=Run.Status.RUNNING).update(
-            lease_expires_at=lease_deadline()
-        )
-        now = {
-            run_id: (attempt, status)
-            for run_id, attempt, status in Run.objects.filter(
-                id__in=[h.run_id for h in held]
-            ).values_list("id", "attempt", "status")
-        }
+        now = state.leases_renew(held=[(h.run_id, h.attempt) for h in held])
         for h in held:
             attempt, status = now.get(h.run_id, (None, None))
             if attempt == h.attempt and status == Run.Status.CANCELLED:

@@ -1,4 +1,4 @@
-"""Chat event streams, cancel flags, context jobs and request/reply, all in workspace Redis.
+"""Chat event streams, cancel flags and the runs waiting for a worker, in workspace Redis.
 
 Every key here is workspace-relative and goes through `ScopedRedis`, so teardown's
 `delete_all` removes it with the rest of the workspace:
@@ -10,8 +10,8 @@ Every key here is workspace-relative and goes through `ScopedRedis`, so teardown
   the project's queue, then the id of the worker that received it, removed when the
   run starts. The recovery pass dispatches again a queued run that is not here (its
   message was lost), whose worker is gone, or whose task is not on an empty queue.
-- `context_job:{job_id}` a hash with the status of a context ingestion or clear job.
-- `reply:{request_id}`   a one-entry stream a worker answers a waiting web request on.
+
+Context jobs' records are context.job_records'; request/reply is realtime.replies'.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ MESSAGE_CANCELLED = "message.cancelled"
 # A run starts over (its worker was lost): what the client has of the answer so far is
 # replaced by the deltas that follow (they start again at offset 0).
 MESSAGE_RESTARTED = "message.restarted"
-# A run's tool loop (agents.runtime.chat): each time it asks the model, each tool call it
+# A run's tool loop (chat.toolloop): each time it asks the model, each tool call it
 # makes (its arguments), and each call's result (cut to TOOL_EVENT_MAX_CHARS).
 RUN_STEP = "run.step"
 TOOL_CALL = "tool.call"
@@ -42,8 +42,19 @@ TOOL_RESULT = "tool.result"
 # messages themselves are in the database).
 STREAM_TTL_SECONDS = 7 * 24 * 3600
 CANCEL_TTL_SECONDS = 3600
-JOB_TTL_SECONDS = 24 * 3600
-REPLY_TTL_SECONDS = 120
+
+
+def message_event_data(message) -> dict[str, Any]:
+    """A message (chat.models.Message) as events and the API show it."""
+    return {
+        "id": message.id,
+        "session_id": str(message.session_id),
+        "role": message.role,
+        "content": message.content,
+        "status": message.status,
+        "error": message.error,
+        "created_at": message.created_at.isoformat() if message.created_at else None,
+    }
 
 
 def stream_key(session_id: uuid.UUID | str) -> str:
@@ -68,7 +79,7 @@ def events_append(
     events: list[tuple[str, dict[str, Any]]],
 ) -> list[str]:
     """Append events in order, in one round trip; returns their ids. Readers waiting on
-    the stream are told on the channel of the same name (agents.streamhub)."""
+    the stream are told on the channel of the same name (realtime.streamhub)."""
     key = stream_key(session_id)
     pipe = redis.pipeline(transaction=False)
     for event_type, data in events:
@@ -133,10 +144,6 @@ def cancel_request(*, redis: ScopedRedis, message_ids: list[int]) -> None:
     pipe.execute()
 
 
-def cancel_requested(*, redis: ScopedRedis, message_id: int) -> bool:
-    return bool(redis.exists(cancel_key(message_id)))
-
-
 # --- Runs on the queue ---------------------------------------------------------------
 
 RUNS_DISPATCHED_KEY = "runs:dispatched"
@@ -173,120 +180,3 @@ def runs_marks(*, redis: ScopedRedis, run_ids: list[str]) -> dict[str, str | Non
     if not run_ids:
         return {}
     return dict(zip(run_ids, redis.hmget(RUNS_DISPATCHED_KEY, run_ids), strict=True))
-
-
-# --- Context jobs ----------------------------------------------------------------------
-
-
-def job_key(job_id: uuid.UUID | str) -> str:
-    return f"context_job:{uuid.UUID(str(job_id))}"
-
-
-def job_documents_key(job_id: uuid.UUID | str) -> str:
-    return f"context_job_documents:{uuid.UUID(str(job_id))}"
-
-
-def job_create(
-    *,
-    redis: ScopedRedis,
-    job_id: uuid.UUID | str,
-    fields: dict[str, Any],
-    documents: list[dict[str, Any]] | None = None,
-) -> None:
-    """Record a job (and the documents it ingests, read batch by batch by its tasks)."""
-    key = job_key(job_id)
-    pipe = redis.pipeline(transaction=True)
-    pipe.hset(key, mapping={k: json.dumps(v) for k, v in fields.items()})
-    pipe.expire(key, JOB_TTL_SECONDS)
-    if documents:
-        docs = job_documents_key(job_id)
-        pipe.rpush(docs, *(json.dumps(d) for d in documents))
-        pipe.expire(docs, JOB_TTL_SECONDS)
-    pipe.execute()
-
-
-def job_documents(
-    *, redis: ScopedRedis, job_id: uuid.UUID | str, start: int, count: int
-) -> list[dict[str, Any]]:
-    raw = redis.lrange(job_documents_key(job_id), start, start + count - 1)
-    return [json.loads(d) for d in raw]
-
-
-def job_finish(*, redis: ScopedRedis, job_id: uuid.UUID | str, fields: dict[str, Any]) -> None:
-    """The job's outcome; its documents are no longer needed."""
-    job_update(redis=redis, job_id=job_id, fields=fields)
-    redis.delete(job_documents_key(job_id))
-
-
-def job_update(*, redis: ScopedRedis, job_id: uuid.UUID | str, fields: dict[str, Any]) -> bool:
-    """Update a job that still exists; a workspace torn down meanwhile stays empty."""
-    key = job_key(job_id)
-    if not redis.exists(key):
-        return False
-    redis.hset(key, mapping={k: json.dumps(v) for k, v in fields.items()})
-    return True
-
-
-def job_get(*, redis: ScopedRedis, job_id: uuid.UUID | str) -> dict[str, Any] | None:
-    raw = redis.hgetall(job_key(job_id))
-    if not raw:
-        return None
-    return {k: json.loads(v) for k, v in raw.items()}
-
-
-# --- Request/reply between a web request and a worker -----------------------------------
-
-
-def reply_key(request_id: uuid.UUID | str) -> str:
-    return f"reply:{uuid.UUID(str(request_id))}"
-
-
-def reply_send(*, redis: ScopedRedis, request_id: uuid.UUID | str, payload: dict) -> None:
-    key = reply_key(request_id)
-    pipe = redis.pipeline(transaction=True)
-    pipe.xadd(key, {"data": json.dumps(payload)})
-    pipe.expire(key, REPLY_TTL_SECONDS)
-    pipe.publish(key, "")  # a waiting web request hears it through its hub
-    pipe.execute()
-
-
-def reply_payload(entry_fields: dict[str, str]) -> dict:
-    return json.loads(entry_fields["data"])
-
-
-# --- Requests in flight ----------------------------------------------------------------
-
-# Count one more request in flight for a user and a project, unless either is at its
-# limit. KEYS: user counter, project counter. ARGV: user limit, project limit, ttl.
-# Returns 1 (admitted) or 0.
-ADMIT = """
-local user = redis.call('INCR', KEYS[1])
-local project = redis.call('INCR', KEYS[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[3])
-if user > tonumber(ARGV[1]) or project > tonumber(ARGV[2]) then
-  redis.call('DECR', KEYS[1])
-  redis.call('DECR', KEYS[2])
-  return 0
-end
-return 1
-"""
-
-
-def inflight_keys(*, user_id: int, project_prefix: str, kind: str) -> list[str]:
-    """Full keys of the in-flight counters of one kind of request (`project_prefix`:
-    the workspace's key prefix, so the project's counter goes with its workspace)."""
-    return [f"uws:user:{int(user_id)}:inflight:{kind}", f"{project_prefix}inflight:{kind}"]
-
-
-def reply_wait(*, redis: ScopedRedis, request_id: uuid.UUID | str, timeout: float) -> dict | None:
-    """Block until the worker answers (or `timeout` seconds pass: None)."""
-    key = reply_key(request_id)
-    try:
-        answer = redis.xread({key: "0-0"}, count=1, block=max(1, int(timeout * 1000)))
-    finally:
-        redis.delete(key)
-    if not answer:
-        return None
-    _stream, entries = answer[0]
-    return json.loads(entries[0][1]["data"])

@@ -1,35 +1,23 @@
-"""Agent tasks: they run from the project's AgentBus queue, on workers only.
+"""Chat tasks: a run answered on a worker (from the project's AgentBus queue) and the
+recovery pass (beat).
 
-Each task is thin (ids and JSON in, one runtime service called) and idempotent: a
-redelivered task, or one whose rows are gone, ends without harm. `AgentBusTask` skips
-any task of a deleted project before it runs.
+Each task is thin (ids and JSON in, one service called) and idempotent: a redelivered
+task, or one whose rows are gone, ends without harm. `AgentBusTask` skips any task of a
+deleted project before it runs. Task names keep the `agents.` prefix they were
+published under, so messages already queued still find their task.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-
 from celery import shared_task
-from django.conf import settings
 
-from agentbus import AgentBusTask, ProjectGone, publish
+from agentbus import AgentBusTask
 
-from .runtime.chat import AgentRunFailed, chat_run
-from .runtime.jobs import context_job_add, context_job_clear, context_search_reply
-from .runtime.vectors import collection_drop, collections_sweep
-
-# Dropping a collection only fails while the vector store is down: retry.
-STORE_RETRY = {
-    "autoretry_for": (Exception,),
-    "retry_backoff": 2,
-    "retry_backoff_max": 120,
-    "retry_jitter": True,
-    "max_retries": 10,
-}
+from .dispatch import RUN_TASK, run_next_dispatch_after, runs_recover
+from .engine import AgentRunFailed, chat_run
 
 
-@shared_task(base=AgentBusTask, bind=True, name="agents.run_agent", throws=(AgentRunFailed,))
+@shared_task(base=AgentBusTask, bind=True, name=RUN_TASK, throws=(AgentRunFailed,))
 def run_agent(self, *, user_id: int, project_id: str, run_id: str, attempt: int) -> str:
     # A run that ends in error raises AgentRunFailed: a failed task in Flower (`throws`:
     # logged without a traceback, the run already says why). Never retried by Celery:
@@ -37,85 +25,10 @@ def run_agent(self, *, user_id: int, project_id: str, run_id: str, attempt: int)
     try:
         return chat_run(run_id=run_id, attempt=attempt)
     finally:
-        # Here, not at the top: agents.runs imports this module to dispatch run_agent.
-        from .runs import run_next_dispatch_after
-
         run_next_dispatch_after(run_id=run_id)
-
-
-# Ingest batches run at most this many at a time in one worker process: bulk work
-# keeps the rest of the pool's slots (and cores) for interactive runs.
-_ingest_slots = threading.BoundedSemaphore(settings.INGEST_CONCURRENCY)
-
-
-@shared_task(base=AgentBusTask, bind=True, name="agents.add_context", max_retries=None)
-def add_context(
-    self, *, user_id: int, project_id: str, agent_id: str, job_id: str, start: int = 0
-) -> int | None:
-    """One batch of an ingest job; the next batch goes to the back of the project's
-    queue, behind whatever other work is waiting. While this process already stores
-    INGEST_CONCURRENCY batches, the batch goes back to the queue instead of taking a
-    slot an interactive run may need."""
-    if not _ingest_slots.acquire(blocking=False):
-        raise self.retry(countdown=settings.INGEST_REQUEUE_SECONDS)
-    try:
-        ids = {"user_id": user_id, "agent_id": agent_id, "job_id": job_id}
-        following = context_job_add(project_id=project_id, start=start, **ids)
-    finally:
-        _ingest_slots.release()
-    if following is not None:
-        with contextlib.suppress(ProjectGone):  # deleted meanwhile: nothing more to do
-            publish(self, project_id=project_id, kwargs={**ids, "start": following})
-    return following
-
-
-@shared_task(base=AgentBusTask, bind=True, name="agents.clear_context", **STORE_RETRY)
-def clear_context(self, *, user_id: int, project_id: str, agent_id: str, job_id: str) -> dict:
-    return context_job_clear(
-        user_id=user_id, project_id=project_id, agent_id=agent_id, job_id=job_id
-    )
-
-
-@shared_task(base=AgentBusTask, bind=True, name="agents.search_context")
-def search_context(
-    self,
-    *,
-    user_id: int,
-    project_id: str,
-    agent_id: str,
-    request_id: str,
-    query: str,
-    k: int,
-    deadline: float,
-) -> str:
-    return context_search_reply(
-        user_id=user_id,
-        project_id=project_id,
-        agent_id=agent_id,
-        request_id=request_id,
-        query=query,
-        k=k,
-        deadline=deadline,
-    )
-
-
-@shared_task(base=AgentBusTask, bind=True, name="agents.drop_collection", **STORE_RETRY)
-def drop_collection(self, *, user_id: int, project_id: str, agent_id: str) -> bool:
-    return collection_drop(user_id=user_id, project_id=project_id, agent_id=agent_id)
 
 
 @shared_task(name="agents.recover_runs", ignore_result=True)
 def recover_runs() -> dict:
-    """Beat: dispatch again the runs that were lost (see agents.runs)."""
-    # Here, not at the top: agents.runs imports this module to dispatch run_agent.
-    from .runs import runs_recover
-
+    """Beat: dispatch again the runs that were lost (see chat.dispatch)."""
     return runs_recover()
-
-
-@shared_task(name="agents.sweep_collections")
-def sweep_collections() -> list[str]:
-    """Beat: remove vector context left behind by deleted agents and projects, and
-    vacuum the shared collections. Runs on the maintenance queue (not a project's), on a
-    worker, where the store is open."""
-    return collections_sweep()

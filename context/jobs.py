@@ -11,11 +11,12 @@ from typing import Any
 from django.conf import settings
 
 from agentbus import project_gone
+from agents.models import Agent
 from governance.usage import embedding_usage_record
+from realtime import replies
 from workspaces.redis import scoped
 
-from ..models import Agent
-from . import streams
+from . import job_records
 from .embeddings import get_embedder
 from .vectors import collection_drop, context_clear, context_search, documents_store
 
@@ -37,19 +38,19 @@ def context_job_add(
     runs first) and stops soon after its project is deleted.
     """
     redis = scoped(user_id, project_id)
-    job = streams.job_get(redis=redis, job_id=job_id)
+    job = job_records.job_get(redis=redis, job_id=job_id)
     if job is None or job.get("status") in ("done", "error"):
         return None  # gone with its workspace, or already ended
     if int(job.get("stored_documents", 0)) > start:
         return int(job["stored_documents"])  # a redelivered batch: already stored
     if not _agent_exists(project_id=project_id, agent_id=agent_id):
-        streams.job_finish(
+        job_records.job_finish(
             redis=redis,
             job_id=job_id,
             fields={"status": "error", "error": "the agent no longer exists"},
         )
         return None
-    documents = streams.job_documents(
+    documents = job_records.job_documents(
         redis=redis, job_id=job_id, start=start, count=settings.INGEST_BATCH_DOCUMENTS
     )
     batch, chars = [], 0
@@ -59,7 +60,7 @@ def context_job_add(
         batch.append(document)
         chars += len(document["text"])
     if start == 0:
-        streams.job_update(redis=redis, job_id=job_id, fields={"status": "running"})
+        job_records.job_update(redis=redis, job_id=job_id, fields={"status": "running"})
     started = time.perf_counter()
     try:
         chunks = documents_store(
@@ -73,7 +74,7 @@ def context_job_add(
         )
     except Exception as exc:
         logger.exception("context job %s failed", job_id)
-        streams.job_finish(
+        job_records.job_finish(
             redis=redis,
             job_id=job_id,
             fields={"status": "error", "error": f"storing failed: {type(exc).__name__}: {exc}"},
@@ -98,13 +99,13 @@ def context_job_add(
         "seconds": round(float(job.get("seconds", 0)) + time.perf_counter() - started, 4),
     }
     if stored >= int(job.get("documents", 0)) or not batch:
-        streams.job_finish(
+        job_records.job_finish(
             redis=redis,
             job_id=job_id,
             fields={**progress, "status": "done", "finished_at": time.time()},
         )
         return None
-    streams.job_update(redis=redis, job_id=job_id, fields=progress)
+    job_records.job_update(redis=redis, job_id=job_id, fields=progress)
     return stored
 
 
@@ -119,7 +120,9 @@ def context_job_clear(
     else:
         context_clear(user_id=user_id, project_id=project_id, agent_id=agent_id)
         result = {"status": "done"}
-    streams.job_finish(redis=redis, job_id=job_id, fields={**result, "finished_at": time.time()})
+    job_records.job_finish(
+        redis=redis, job_id=job_id, fields={**result, "finished_at": time.time()}
+    )
     return result
 
 
@@ -157,8 +160,8 @@ def context_search_reply(
                 for h in hits
             ]
         }
-    streams.reply_send(redis=redis, request_id=request_id, payload=payload)
+    replies.reply_send(redis=redis, request_id=request_id, payload=payload)
     if project_gone(project_id):
         # Nobody may wait on a deleted project; leave no key behind its teardown.
-        redis.delete(streams.reply_key(request_id))
+        redis.delete(replies.reply_key(request_id))
     return "answered"

@@ -31,7 +31,7 @@ from typing import Any
 
 from django.conf import settings
 
-from .vectorstore import (
+from .scopes import (
     COLLECTION_RE,
     SHARED_PREFIX,
     SHARED_RE,

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from agentbus import project_gone
+from agents.models import Agent
 
-from ..models import Agent
 from .chunking import CHUNK_CHARS, chunk_text, point_id
 from .embeddings import get_embedder
 from .vectorstore import ContextHit, ContextPoint, TenantScope, get_vector_store

@@ -7,37 +7,33 @@ sync view, each waiting request would hold a thread (and, in it, a database
 connection) the whole time: a burst of searches from one user would exhaust both for
 everyone. Here the request authenticates and reads the database in short sync steps
 (the connection goes back at once), then waits on the reply through the process's
-stream hub (agents.streamhub), like an event stream. The other methods of the route
-are the DRF view's (agents.apis.context), as is the schema.
+stream hub (realtime.streamhub), like an event stream. The other methods of the route
+are the DRF view's (context.apis), as is the schema.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from types import SimpleNamespace
 
 import redis
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connections
 from django.http import Http404, HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions
-from rest_framework.request import Request
 from rest_framework.settings import api_settings
 
 from agentbus import ProjectGone, publish
+from agents.selectors import agent_get
 from common.api import BackendUnavailable, exception_handler
 from common.asgi import long_lived
-from common.credentials import READ, credential_check
-from common.throttling import ProjectScopedThrottle, UserScopedThrottle
-from projects.selectors import project_get_for_user
+from realtime import replies
+from realtime.auth import request_authorize
+from realtime.streamhub import HubFull, get_hub
 from workspaces.redis import workspace_prefix
 
-from .apis.context import AgentContextApi, ContextHitSerializer, ContextSearchSerializer
-from .runtime import streams
-from .selectors import agent_get
+from .apis import AgentContextApi, ContextHitSerializer, ContextSearchSerializer
 from .services import (
     ContextUnavailable,
     TooManySearches,
@@ -45,7 +41,6 @@ from .services import (
     search_answer,
     search_limits,
 )
-from .streamhub import HubFull, get_hub
 from .tasks import search_context
 
 _context_view = AgentContextApi.as_view()
@@ -95,49 +90,38 @@ async def agent_context(request: HttpRequest, project_id: uuid.UUID, agent_id: u
 
 
 def _prepare(request: HttpRequest, project_id, agent_id):
-    """Authentication, scoping and validation, as the DRF view does them; the database
-    connection goes back before the wait."""
-    try:
-        drf_request = Request(
-            request,
-            authenticators=[auth() for auth in api_settings.DEFAULT_AUTHENTICATION_CLASSES],
-        )
-        user = drf_request.user
-        if not user or not user.is_authenticated:
-            raise exceptions.NotAuthenticated()
-        view = SimpleNamespace(
-            throttle_scopes=AgentContextApi.throttle_scopes, kwargs={"project_id": project_id}
-        )
-        for throttle in (UserScopedThrottle(), ProjectScopedThrottle()):
-            if not throttle.allow_request(drf_request, view):
-                raise exceptions.Throttled(wait=throttle.wait())
-        credential_check(drf_request.auth, project_id=project_id, scope=READ)
-        project = project_get_for_user(
-            user=user, project_id=project_id, credential=drf_request.auth
-        )
+    """Authentication, throttling, scoping and validation, as the DRF view does them
+    (realtime.auth); the database connection goes back before the wait."""
+
+    def agent_and_query(drf_request, project):
         agent = agent_get(project=project, agent_id=agent_id)
         agent.project  # noqa: B018  (loaded now, not later without a connection)
         # A plain dict: DRF reads an empty `?k=` in a QueryDict as "not given".
         query = ContextSearchSerializer(data=request.GET.dict())
         query.is_valid(raise_exception=True)
         return agent, dict(query.validated_data)
-    finally:
-        for connection in connections.all(initialized_only=True):
-            if not connection.in_atomic_block:
-                connection.close()
+
+    return request_authorize(
+        request,
+        project_id=project_id,
+        throttle_scopes=AgentContextApi.throttle_scopes,
+        then=agent_and_query,
+    )
 
 
 async def context_search_waiting(*, agent, q: str, k: int) -> list[dict]:
-    """`services.context_search`, waiting on the hub instead of a blocked thread."""
+    """Search the agent's context on a worker (the vector store lives there), waiting on
+    the process's hub for the reply, at most CONTEXT_SEARCH_TIMEOUT_SECONDS; at most
+    SEARCH_INFLIGHT_PER_USER / _PER_PROJECT wait at once (TooManySearches, a 429)."""
     timeout = settings.CONTEXT_SEARCH_TIMEOUT_SECONDS
     project = agent.project
     hub = get_hub()
     prefix = workspace_prefix(project.owner_id, project.id)
-    counters = streams.inflight_keys(user_id=project.owner_id, project_prefix=prefix, kind="search")
-    if not await hub.client.eval(streams.ADMIT, len(counters), *counters, *search_limits()):
+    counters = replies.inflight_keys(user_id=project.owner_id, project_prefix=prefix, kind="search")
+    if not await hub.client.eval(replies.ADMIT, len(counters), *counters, *search_limits()):
         raise TooManySearches(wait=1)
     request_id = str(uuid.uuid4())
-    reply = prefix + streams.reply_key(request_id)
+    reply = prefix + replies.reply_key(request_id)
     try:
         # Subscribed before the task goes out: the reply cannot come before we listen.
         async with hub.subscribe(key=reply, project_id=project.id, cursor="0-0") as sub:
@@ -153,7 +137,7 @@ async def context_search_waiting(*, agent, q: str, k: int) -> list[dict]:
                 entries = None
         answer = None
         if entries and entries != "closed":
-            answer = streams.reply_payload(entries[0][1])
+            answer = replies.reply_payload(entries[0][1])
         return search_answer(answer, timeout=timeout)
     finally:
         pipe = hub.client.pipeline(transaction=False)

@@ -1,5 +1,3 @@
-"""The agent runtime: LLM providers, embeddings, the vector store and chat event streams.
-
-Providers, embeddings and the vector store are opened only by Celery workers; web
-processes use `streams` (Redis) alone.
-"""
+"""Clients of LLM endpoints: the providers agents answer through (`providers`, with the
+types callers use in `types`) and the OpenAI-compatible client (`openai_api`), which only
+workers load."""

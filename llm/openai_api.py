@@ -1,5 +1,5 @@
 """OpenAI-compatible endpoints: chat completions (the agents' LLM) and embeddings.
-Imported by workers only, through providers.get_provider and embeddings.get_embedder."""
+Imported by workers only, through llm.providers.get_provider and context.embeddings.get_embedder."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from openai import OpenAI
 from common.singletons import process_singleton
 from governance.providers import ProjectLLM
 
-from .providers import (
+from .types import (
     COMPLETION_PARAMS,
     ChatRequest,
     ProviderError,

@@ -44,7 +44,7 @@ class ProjectAdmin(admin.ModelAdmin):
     def sessions(self, obj: Project):
         count = getattr(obj, "session_count", None)
         count = obj.sessions.count() if count is None else count
-        return _changelist_link("agents_chatsession", str(count), project__id__exact=obj.pk)
+        return _changelist_link("chat_chatsession", str(count), project__id__exact=obj.pk)
 
     @admin.display(description="workspace")
     def workspace(self, obj: Project):

@@ -1,9 +1,8 @@
-from django.urls import include, path
+from django.urls import path
 
 from .apis import ProjectDetailApi, ProjectListCreateApi
 
 urlpatterns = [
     path("", ProjectListCreateApi.as_view(), name="project-list"),
     path("<uuid:project_id>/", ProjectDetailApi.as_view(), name="project-detail"),
-    path("<uuid:project_id>/", include("agents.urls")),
 ]

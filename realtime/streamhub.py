@@ -6,7 +6,7 @@ connections (and the asyncio pool's default cap turned the 101st into a 500). He
 `StreamHub` per event loop serves them all on a handful of connections:
 
 - Writers publish the stream's key on a Redis channel of the same name with every
-  append (agents.runtime.streams). The hub keeps ONE pub/sub connection subscribed to
+  append (chat.streams, realtime.replies). The hub keeps ONE pub/sub connection subscribed to
   the keys of the streams open here.
 - A notified key is read with one XREAD (non-blocking, many keys at once, on the small
   pool) from the last id the hub delivered, and its entries go to every subscription of

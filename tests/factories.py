@@ -1,7 +1,8 @@
 import factory
 from django.contrib.auth import get_user_model
 
-from agents.models import Agent, ChatSession, Message
+from agents.models import Agent
+from chat.models import ChatSession, Message
 from projects.models import Project
 
 

@@ -1,3 +1,4 @@
-"""Tools agents call while they answer: built-in ones (their own context), and HTTP
-endpoints. `validation` is shared by the API and the admin; `runner` executes calls on
-workers."""
+"""Executing the tool calls agents make while they answer, on workers: built-in tools
+(their own context), HTTP endpoints, MCP servers, and the kinds other apps register
+(`registry`: an agent asking another is chat's). What a tool is, and its validation,
+is the agents catalogue's (agents.tool_validation)."""

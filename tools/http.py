@@ -24,7 +24,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import httpx
 from django.conf import settings
 
-from .validation import SECRET_REF, url_placeholders
+from agents.tool_validation import SECRET_REF, url_placeholders
 
 
 @functools.cache

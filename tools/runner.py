@@ -14,61 +14,19 @@ from typing import Any
 from django.conf import settings
 from jsonschema import Draft202012Validator
 
-from ..models import ProjectSecret, Tool
-from ..runtime.vectors import context_search, documents_store
+from agents.models import ProjectSecret, Tool
+from agents.tool_validation import AGENT_TOOL_PARAMETERS, BUILTIN_SPECS, TOOL_NAME
+from context.vectors import context_search, documents_store
+
 from .http import ToolError, http_call
 from .mcp import SEPARATOR, mcp_call, mcp_tools_cached
-from .validation import TOOL_NAME
+from .registry import tool_kind_executor
 
 logger = logging.getLogger(__name__)
 
 SCRUBBED = "[secret]"
 # Secrets shorter than this are not scrubbed from text: they would match everywhere.
 MIN_SCRUBBED_LENGTH = 4
-
-BUILTIN_SPECS: dict[str, dict[str, Any]] = {
-    "search_context": {
-        "description": "Search this agent's context memory for passages relevant to a query.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "query": {"type": "string", "description": "What to look for."},
-                "k": {"type": "integer", "minimum": 1, "maximum": 20, "default": 4},
-            },
-            "required": ["query"],
-            "additionalProperties": False,
-        },
-        # A read.
-        "safe_to_repeat": True,
-    },
-    "add_context": {
-        "description": "Remember a piece of text in this agent's context memory.",
-        "parameters": {
-            "type": "object",
-            "properties": {"text": {"type": "string", "minLength": 1, "maxLength": 20000}},
-            "required": ["text"],
-            "additionalProperties": False,
-        },
-        # Points are keyed by their text: storing the same text twice stores it once.
-        "safe_to_repeat": True,
-    },
-}
-
-
-# What the model gives an agent tool: the message for the agent it asks.
-AGENT_TOOL_PARAMETERS: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "message": {
-            "type": "string",
-            "minLength": 1,
-            "maxLength": 32000,
-            "description": "What to ask the agent.",
-        }
-    },
-    "required": ["message"],
-    "additionalProperties": False,
-}
 
 
 def _never() -> bool:
@@ -253,14 +211,9 @@ def tool_execute(*, spec: ToolSpec | None, arguments: str, scope: ToolScope) -> 
     if problem:
         return ToolOutcome(False, f"error: invalid arguments: {problem}")
     try:
-        if spec.kind == "agent":
-            # Here, not at the top: calls -> services -> runs -> tasks -> runtime.chat
-            # imports this module.
-            from .calls import agent_call
-
-            ok, content, extra = agent_call(
-                scope=scope, target_agent_id=spec.target_agent_id, message=args["message"]
-            )
+        executor = tool_kind_executor(spec.kind)
+        if executor is not None:  # a kind another app runs (agent: chat.calls)
+            ok, content, extra = executor(spec=spec, arguments=args, scope=scope)
             return ToolOutcome(ok, scrub(content, scope.secrets), extra)
         if spec.kind == "mcp":
             ok, content = mcp_call(

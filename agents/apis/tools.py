@@ -31,8 +31,9 @@ from ..services import (
     tool_delete,
     tool_update,
 )
-from ..tools.runner import AGENT_TOOL_PARAMETERS, BUILTIN_SPECS
-from ..tools.validation import (
+from ..tool_validation import (
+    AGENT_TOOL_PARAMETERS,
+    BUILTIN_SPECS,
     BUILTIN_TOOLS,
     MAX_HEADERS,
     MAX_SCHEMA_BYTES,

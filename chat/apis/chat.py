@@ -4,6 +4,7 @@ from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
+from agents.selectors import agent_list
 from common.api import (
     EnvelopeListMixin,
     EnvelopePagination,
@@ -19,7 +20,7 @@ from governance.apis import QUOTA_EXCEEDED_RESPONSE
 from projects.mixins import ProjectScopedApi
 
 from ..models import Message
-from ..selectors import agent_list, message_list, session_get, session_list
+from ..selectors import message_list, session_get, session_list
 from ..services import message_send, session_create, session_delete, session_runs_cancel
 
 

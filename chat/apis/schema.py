@@ -1,7 +1,7 @@
 """What drf-spectacular cannot see for itself in the agents' API (settings'
 SPECTACULAR_SETTINGS["POSTPROCESSING_HOOKS"]):
 
-- the chat event stream: a plain async view (agents.events) serving Server-Sent Events,
+- the chat event stream: a plain async view (chat.events) serving Server-Sent Events,
   described here as it behaves: media type, event types and their data, resuming;
 - OpenAPI links from each created object to the operations on it, so a client (and the
   contract tests' stateful phase) can follow project -> agent -> session -> message.
@@ -11,14 +11,15 @@ from __future__ import annotations
 
 from django.conf import settings
 
-from ..runtime import streams
+from .. import streams
 
 EVENTS_PATH = "/my/projects/{project_id}/chat/{session_id}/events/"
 CURSOR_PATTERN = r"^\d{1,19}(-\d{1,19})?$"
 
 _MESSAGE_ID = {"type": "integer", "description": "The assistant (or user) message's id."}
 
-# Each event type's `data` (JSON), as agents.runtime.chat and agents.runs write it.
+# Each event type's `data` (JSON), as chat.state, chat.engine, chat.toolloop and
+# chat.dispatch write it.
 EVENT_DATA = {
     streams.MESSAGE_CREATED: (
         "A message was stored: the user's, and the pending assistant message that will answer it.",

@@ -45,6 +45,11 @@ INSTALLED_APPS = [
     "projects",
     "governance",
     "agents",
+    "llm",
+    "realtime",
+    "context",
+    "tools",
+    "chat",
 ]
 
 MIDDLEWARE = [
@@ -209,8 +214,8 @@ SPECTACULAR_SETTINGS = {
     "COMPONENT_SPLIT_REQUEST": True,
     # The generated clients' names: enums and operations read as the resources do.
     "ENUM_NAME_OVERRIDES": {
-        "MessageStatusEnum": "agents.models.Message.Status",
-        "ContextJobStatusEnum": "agents.apis.context.JOB_STATUSES",
+        "MessageStatusEnum": "chat.models.Message.Status",
+        "ContextJobStatusEnum": "context.apis.JOB_STATUSES",
         "ToolKindEnum": "agents.models.Tool.Kind",
     },
     "SWAGGER_UI_DIST": "SIDECAR",
@@ -233,8 +238,8 @@ SPECTACULAR_SETTINGS = {
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "common.schema.postprocess_error_schema",
-        "agents.apis.schema.postprocess_event_stream",
-        "agents.apis.schema.postprocess_links",
+        "chat.apis.schema.postprocess_event_stream",
+        "chat.apis.schema.postprocess_links",
     ],
 }
 
@@ -396,7 +401,7 @@ VECTOR_MOVE_BATCH = env.int("VECTOR_MOVE_BATCH", default=256)
 WORKSPACE_SWEEP_BATCH = env.int("WORKSPACE_SWEEP_BATCH", default=500)
 WORKSPACE_SWEEP_SCAN_KEYS = env.int("WORKSPACE_SWEEP_SCAN_KEYS", default=5000)
 CHAT_STREAM_MAXLEN = env.int("CHAT_STREAM_MAXLEN", default=2000)
-# Agent runs (agents.runs): a worker renews its runs' leases every third of this; a run
+# Agent runs (chat.dispatch): a worker renews its runs' leases every third of this; a run
 # whose lease ran out is dispatched again by the recovery pass (every
 # RUN_RECOVERY_SECONDS, beat). A queued run whose task went missing is dispatched again
 # after RUN_REDISPATCH_SECONDS; one not started within RUN_QUEUE_TIMEOUT_SECONDS, or
@@ -409,7 +414,7 @@ RUN_MAX_STARTS = env.int("RUN_MAX_STARTS", default=3)
 # Health reports runs that failed this recently as a problem.
 RUN_FAILURE_WINDOW_SECONDS = env.float("RUN_FAILURE_WINDOW_SECONDS", default=900)
 CHAT_HEARTBEAT_SECONDS = env.float("CHAT_HEARTBEAT_SECONDS", default=15)
-# Event streams (agents.streamhub): at most this many open per web process (then 503,
+# Event streams (realtime.streamhub): at most this many open per web process (then 503,
 # Retry-After), sharing this many Redis connections plus one for notifications; every
 # SSE_SAFETY_POLL_SECONDS each followed stream is read once and deleted projects' closed.
 SSE_MAX_STREAMS = env.int("SSE_MAX_STREAMS", default=10000)
@@ -456,7 +461,7 @@ LLM_DEFAULT_MODEL = env.str("LLM_DEFAULT_MODEL", default="")
 # How long health waits for the LLM endpoint to answer its probe (GET <base>/models).
 LLM_HEALTH_TIMEOUT_SECONDS = env.float("LLM_HEALTH_TIMEOUT_SECONDS", default=3)
 
-# --- Agent tools (agents.tools) -------------------------------------------------------
+# --- Agent tools (tools) --------------------------------------------------------------
 # A run asks the model at most TOOL_MAX_STEPS times (an agent's `max_steps` param may
 # lower or raise it); the calls of one step run at most TOOL_MAX_PARALLEL at once.
 TOOL_MAX_STEPS = env.int("TOOL_MAX_STEPS", default=8)

@@ -1,6 +1,6 @@
 import pytest
 
-from agents.models import ChatSession, Message
+from chat.models import ChatSession, Message
 from tests.factories import AgentFactory, MessageFactory, ProjectFactory
 
 pytestmark = pytest.mark.django_db

@@ -9,7 +9,8 @@ import httpx
 import pytest
 from rest_framework.test import APIClient
 
-from agents.models import Agent, ChatSession, Message
+from agents.models import Agent
+from chat.models import ChatSession, Message
 from projects.models import Project
 from tests.factories import ChatSessionFactory
 

@@ -10,7 +10,8 @@ import itertools
 import pytest
 from django.urls import get_resolver
 
-from agents.models import Agent, ChatSession, Message, ProjectSecret, Run, Tool
+from agents.models import Agent, ProjectSecret, Tool
+from chat.models import ChatSession, Message, Run
 from governance.models import ProjectApiKey, ProviderSettings
 from governance.services import api_key_create
 from projects.models import Project

@@ -11,7 +11,8 @@ from django.contrib.auth import get_user_model
 from django.db import connection
 
 from agentbus import project_gone, project_tombstone
-from agents.models import Agent, ChatSession
+from agents.models import Agent
+from chat.models import ChatSession
 from projects.models import Project
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
 from tests.redis_server import private_redis

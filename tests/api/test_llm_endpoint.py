@@ -9,8 +9,8 @@ import socket
 import pytest
 from rest_framework.test import APIClient
 
-from agents.runtime.providers import ChatRequest
-from agents.selectors import llm_health
+from llm.providers import ChatRequest
+from llm.selectors import llm_health
 from tests.factories import UserFactory
 from tests.runtime.openai_server import FakeOpenAI
 
@@ -28,7 +28,7 @@ def fake_llm(settings):
 
 
 def test_an_agent_without_a_model_asks_the_default_one(fake_llm, settings):
-    from agents.runtime.openai_api import OpenAIProvider, openai_client
+    from llm.openai_api import OpenAIProvider, openai_client
 
     settings.LLM_DEFAULT_MODEL = "house-model"
     request = ChatRequest(model="", messages=[{"role": "user", "content": "hi"}])
@@ -79,8 +79,8 @@ def test_health_reports_the_llm_check(settings, fake_llm):
 
 
 def test_without_a_default_model_the_error_says_what_to_set(fake_llm, settings):
-    from agents.runtime.openai_api import OpenAIProvider, openai_client
-    from agents.runtime.providers import ProviderError
+    from llm.openai_api import OpenAIProvider, openai_client
+    from llm.providers import ProviderError
 
     settings.LLM_DEFAULT_MODEL = ""
     with pytest.raises(ProviderError, match="LLM_DEFAULT_MODEL"):

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from agents.models import Agent, Run
+from agents.models import Agent
+from chat.models import Run
 from tests.factories import AgentFactory, ChatSessionFactory, MessageFactory, ProjectFactory
 from tests.redis_server import private_redis
 from workspaces.manager import get_worker_space, get_worker_space_manager

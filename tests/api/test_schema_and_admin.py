@@ -80,11 +80,11 @@ def test_the_docs_pages_load_nothing_from_outside(url):
     [
         "/admin/projects/project/",
         "/admin/agents/agent/",
-        "/admin/agents/chatsession/",
-        "/admin/agents/message/",
+        "/admin/chat/chatsession/",
+        "/admin/chat/message/",
         "/admin/projects/project/?q=alpha",
-        "/admin/agents/message/?role__exact=user&q=hello",
-        "/admin/agents/message/?status__exact=error",
+        "/admin/chat/message/?role__exact=user&q=hello",
+        "/admin/chat/message/?status__exact=error",
         "/admin/workspaces/workspace/",
         "/admin/workspaces/workspace/?q=project",
         "/admin/workspaces/workspaceteardown/",
@@ -114,20 +114,20 @@ def test_admin_links_and_counts_between_related_objects():
     client.force_login(staff)
     projects = client.get("/admin/projects/project/").content.decode()
     assert f"/admin/agents/agent/?project__id__exact={session.project_id}" in projects
-    assert f"/admin/agents/chatsession/?project__id__exact={session.project_id}" in projects
+    assert f"/admin/chat/chatsession/?project__id__exact={session.project_id}" in projects
     owner = session.project.owner.username
     assert client.get(f"/admin/projects/project/?owner__id__exact={session.project.owner_id}")
     agents = client.get("/admin/agents/agent/").content.decode()
     assert owner in agents and "Alpha" in agents
-    sessions = client.get("/admin/agents/chatsession/").content.decode()
-    assert f"/admin/agents/message/?session__id__exact={session.id}" in sessions
-    messages = client.get("/admin/agents/message/").content.decode()
+    sessions = client.get("/admin/chat/chatsession/").content.decode()
+    assert f"/admin/chat/message/?session__id__exact={session.id}" in sessions
+    messages = client.get("/admin/chat/message/").content.decode()
     assert "status-badge" in messages and "Alpha" in messages
 
 
 @pytest.mark.django_db
 def test_the_session_page_shows_its_conversation_read_only_a_page_at_a_time():
-    from agents.admin import MESSAGES_PER_PAGE
+    from chat.admin import MESSAGES_PER_PAGE
 
     staff = UserFactory(is_staff=True, is_superuser=True)
     session = ChatSessionFactory(agent=AgentFactory())
@@ -135,7 +135,7 @@ def test_the_session_page_shows_its_conversation_read_only_a_page_at_a_time():
         MessageFactory(session=session, content=f"message number {i}")
     client = Client()
     client.force_login(staff)
-    url = f"/admin/agents/chatsession/{session.id}/change/"
+    url = f"/admin/chat/chatsession/{session.id}/change/"
     first = client.get(url).content.decode()
     assert "message number 0" in first and f"message number {MESSAGES_PER_PAGE}" not in first
     assert "<textarea" not in first.split('id="conversation"')[1]

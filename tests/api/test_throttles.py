@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from django.conf import settings as django_settings
 
-from agents.models import Message
+from chat.models import Message
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

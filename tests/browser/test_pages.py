@@ -147,13 +147,13 @@ def test_an_operator_finds_their_way_in_the_admin(site, admin_world, browser_pag
     assert page.locator("#result_list", has_text="helper").is_visible()
 
     # Messages: newest first, the error column, status badges.
-    page.goto(f"{site.url}/admin/agents/message/")
+    page.goto(f"{site.url}/admin/chat/message/")
     first_row = page.locator("#result_list tbody tr").first
     assert "the LLM provider could not be reached" in first_row.inner_text()
     assert first_row.locator(".status-badge", has_text="error").is_visible()
 
     # The session page: its conversation read-only, a page at a time.
-    page.goto(f"{site.url}/admin/agents/chatsession/{session.id}/change/")
+    page.goto(f"{site.url}/admin/chat/chatsession/{session.id}/change/")
     conversation = page.locator("#conversation")
     assert "26 messages" in conversation.inner_text()
     assert conversation.locator("textarea").count() == 0

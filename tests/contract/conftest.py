@@ -15,7 +15,7 @@ from tests.factories import UserFactory
 def contract_qdrant_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("contract-qdrant")
     yield str(path)
-    from agents.runtime.vectorstore import close_vector_store
+    from context.vectorstore import close_vector_store
 
     close_vector_store()
 

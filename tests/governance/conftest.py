@@ -38,7 +38,7 @@ def messages_url(session) -> str:
 
 def wait_answered(message_id: int, timeout: float = 30):
     """The assistant message once it ended (done, error or cancelled)."""
-    from agents.models import Message
+    from chat.models import Message
     from tests.runtime.conftest import wait_until
 
     return wait_until(

@@ -11,7 +11,7 @@ import pytest
 import redis
 from django.conf import settings
 
-from agents.models import Message
+from chat.models import Message
 from governance.models import ProviderSettings, RunUsage
 from governance.secrets import secret_decrypt
 from tests.factories import AgentFactory, ChatSessionFactory

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 from django.utils import timezone
 
-from agents.models import Message, Run
+from chat.models import Message, Run
 from common.redis import get_redis
 from governance.models import Quota, RunUsage
 from governance.quotas import quota_delete, quota_save

@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from agents.models import Run
+from chat.models import Run
 from governance.models import RunUsage
 from governance.usage import usage_record
 from tests.factories import AgentFactory, ChatSessionFactory

@@ -22,7 +22,7 @@ from tests.runtime.openai_server import FakeOpenAI
 def qdrant_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("qdrant")
     yield str(path)
-    from agents.runtime.vectorstore import close_vector_store
+    from context.vectorstore import close_vector_store
 
     close_vector_store()
 
@@ -50,7 +50,7 @@ def fake_openai(runtime_settings):
 
 def stream_events(redis_client, project, session_id) -> list[tuple[str, str, dict]]:
     """Every event of a session's stream as (id, type, data)."""
-    from agents.runtime.streams import stream_key
+    from chat.streams import stream_key
     from workspaces.redis import workspace_prefix
 
     key = workspace_prefix(project.owner_id, project.id) + stream_key(session_id)
@@ -128,7 +128,7 @@ class AsgiServer:
 
     def stop(self) -> None:
         if self.loop is not None:
-            from agents.streamhub import close_hub
+            from realtime.streamhub import close_hub
 
             self.run(close_hub())
         self.server.should_exit = True
@@ -151,7 +151,7 @@ def token_for(user) -> str:
 
 def stored_agents(project) -> list[str]:
     """The logical collection names of the project's agents that hold vector context."""
-    from agents.runtime.vectorstore import get_vector_store
+    from context.vectorstore import get_vector_store
 
     return sorted(
         scope.collection
@@ -162,7 +162,7 @@ def stored_agents(project) -> list[str]:
 
 
 def context_count(agent) -> int:
-    from agents.runtime.vectorstore import TenantScope, get_vector_store
+    from context.vectorstore import TenantScope, get_vector_store
 
     return get_vector_store().count(
         TenantScope.agent(
@@ -175,7 +175,7 @@ def put_context(agent, *, dim: int = 8, user_id: int | None = None) -> None:
     """One point in the agent's context, written straight to the store (no worker)."""
     import uuid
 
-    from agents.runtime.vectorstore import ContextPoint, TenantScope, get_vector_store
+    from context.vectorstore import ContextPoint, TenantScope, get_vector_store
 
     scope = TenantScope.agent(
         user_id=agent.project.owner_id if user_id is None else user_id,

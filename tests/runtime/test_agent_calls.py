@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from agents.models import ChatSession, Message, Run, Tool
-from agents.services import AgentCallRefused, agent_call_start
+from agents.models import Tool
+from chat.models import ChatSession, Message, Run
+from chat.services import AgentCallRefused, agent_call_start
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
 from tests.runtime.conftest import stream_events, wait_for_event, wait_until
 from tests.runtime.test_chat import post_message

@@ -9,10 +9,10 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from agents.models import Message, Run
-from agents.runtime.chat import chat_run
-from agents.runtime.embeddings import get_embedder
-from agents.runtime.vectorstore import TenantScope, get_vector_store, shared_collection_name
+from chat.engine import chat_run
+from chat.models import Message, Run
+from context.embeddings import get_embedder
+from context.vectorstore import TenantScope, get_vector_store, shared_collection_name
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
 from tests.runtime.conftest import queued_task_names, stream_events, wait_for_event, wait_until
 
@@ -124,8 +124,8 @@ def test_a_run_whose_worker_died_mid_stream_starts_over_and_says_so(
     """A worker died while streaming: its lease runs out, the recovery pass dispatches the
     run again, and the new start tells the client (message.restarted) before its deltas,
     which begin again at offset 0."""
-    from agents.runs import runs_recover
-    from agents.runtime import streams
+    from chat import streams
+    from chat.dispatch import runs_recover
     from workspaces.redis import scoped
 
     answer_id = post_message(api, session, "question")["assistant_message_id"]

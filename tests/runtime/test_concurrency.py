@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from agents.models import Message, Run
+from chat.models import Message, Run
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
 from tests.runtime.conftest import wait_until
 from tests.workers import shared_pool_worker

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from agents.runtime.jobs import context_search_reply
+from context.jobs import context_search_reply
 from tests.factories import AgentFactory, ProjectFactory
 from tests.runtime.conftest import queued_task_names, wait_until
 from workspaces.redis import workspace_prefix

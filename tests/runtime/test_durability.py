@@ -10,9 +10,10 @@ import time
 import pytest
 
 from agentbus import MAINTENANCE_QUEUE
-from agents.models import Message, Run, Tool
-from agents.runs import runs_recover
-from agents.runtime import streams
+from agents.models import Tool
+from chat import streams
+from chat.dispatch import runs_recover
+from chat.models import Message, Run
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
 from tests.redis_server import private_redis
 from tests.runtime.conftest import stream_events, wait_until
@@ -266,7 +267,7 @@ def test_a_run_that_keeps_losing_its_worker_ends_in_error(transactional_db, api,
 
     from django.utils import timezone
 
-    from agents.runtime.chat import AgentRunFailed, chat_run
+    from chat.engine import AgentRunFailed, chat_run
 
     answer_id = post(api, chat)
     run = Run.objects.get(message_id=answer_id)
@@ -312,7 +313,7 @@ def test_cancel_stops_provider_retries(live_worker, api, user, fake_openai, runt
 
 
 def _held_here(message_id) -> bool:
-    from agents.runtime.lease import lease_keeper
+    from chat.lease import lease_keeper
 
     run = Run.objects.get(message_id=message_id)
     return any(h.run_id == run.id for h in lease_keeper().held())
@@ -375,7 +376,7 @@ def test_a_failed_run_is_a_failed_task_and_a_problem_in_health(
 
 
 def test_deleting_a_project_stops_its_ingest_and_tears_down_in_seconds(live_worker, api, user):
-    from agents.runtime.vectorstore import TenantScope, get_vector_store
+    from context.vectorstore import TenantScope, get_vector_store
     from workspaces.models import WorkspaceTeardown
 
     project = ProjectFactory(owner=user)

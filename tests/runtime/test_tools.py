@@ -9,14 +9,15 @@ import logging
 
 import pytest
 
-from agents.models import Message, ProjectSecret, Run, Tool
-from agents.runtime.chat import chat_run
-from agents.tools.http import ToolError, resolve_checked
+from agents.models import ProjectSecret, Tool
+from chat.engine import chat_run
+from chat.models import Message, Run
 from governance.models import RunUsage
 from tests.factories import AgentFactory, ChatSessionFactory
 from tests.runtime.conftest import stream_events, wait_for_event
 from tests.runtime.test_chat import add_context, post_message
 from tests.runtime.tool_server import ToolServer
+from tools.http import ToolError, resolve_checked
 
 pytestmark = pytest.mark.slow
 

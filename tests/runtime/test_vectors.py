@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from django.core.management import CommandError, call_command
 
-from agents.runtime import vector_moves
-from agents.runtime.qdrant_store import VectorStore, _ClientEngine, _Where
-from agents.runtime.vectors import project_collections_drop
-from agents.runtime.vectorstore import (
+from context import vector_moves
+from context.qdrant_store import VectorStore, _ClientEngine, _Where
+from context.vectors import project_collections_drop
+from context.vectorstore import (
     ContextPoint,
     TenantScope,
     TenantScopeRequired,
@@ -260,7 +260,7 @@ def test_migrate_refuses_bad_input(layout_store):
 
 
 def test_reembed_moves_an_agents_context_to_the_new_model(layout_store):
-    from agents.runtime.embeddings import get_embedder
+    from context.embeddings import get_embedder
 
     store, scopes = layout_store, tenants()
     old = [

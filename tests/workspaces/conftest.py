@@ -108,7 +108,7 @@ def project_with_agents(user):
 @pytest.fixture
 def qdrant_path(tmp_path, settings):
     """Vector collections in a folder of this test's own (local mode)."""
-    from agents.runtime.vectorstore import close_vector_store
+    from context.vectorstore import close_vector_store
 
     settings.QDRANT_URL = ""
     settings.QDRANT_PATH = str(tmp_path / "qdrant")

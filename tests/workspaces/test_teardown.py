@@ -13,13 +13,13 @@ from django.utils import timezone
 from agentbus import active
 from agentbus.guard import ProjectGone, project_gone
 from agentbus.queues import MAINTENANCE_QUEUE, project_queue
-from agents.runtime.vectorstore import (
+from common.redis import get_redis
+from context.vectorstore import (
     TenantScope,
     close_vector_store,
     collection_name,
     get_vector_store,
 )
-from common.redis import get_redis
 from projects.models import Project
 from tests.agentbus.conftest import send
 from tests.factories import AgentFactory, ProjectFactory

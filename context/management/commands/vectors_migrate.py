@@ -1,5 +1,5 @@
 """`manage.py vectors_migrate --to shared|per_agent`: move agents' context between the
-vector layouts without losing a point (see agents.runtime.vector_moves)."""
+vector layouts without losing a point (see context.vector_moves)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import uuid
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
+
+from context.vector_moves import layout_migrate
 
 
 class Command(BaseCommand):
@@ -29,10 +31,6 @@ class Command(BaseCommand):
         parser.add_argument("--batch", type=int, default=None, help="points per step")
 
     def handle(self, *args, to: str, project=None, model=None, batch=None, **options) -> None:
-        # Here, not at the top: `manage.py help` loads every command; the vector stack
-        # (embedder, Qdrant) loads only when this one runs.
-        from agents.runtime.vector_moves import layout_migrate
-
         batch = settings.VECTOR_MOVE_BATCH if batch is None else batch
         if batch < 1:
             raise CommandError("--batch must be at least 1")

@@ -8,6 +8,8 @@ import uuid
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from context.vector_moves import context_reembed
+
 
 class Command(BaseCommand):
     help = (
@@ -24,10 +26,6 @@ class Command(BaseCommand):
         parser.add_argument("--batch", type=int, default=None, help="points per step")
 
     def handle(self, *args, project=None, agent=None, batch=None, **options) -> None:
-        # Here, not at the top: `manage.py help` loads every command; the vector stack
-        # (embedder, Qdrant) loads only when this one runs.
-        from agents.runtime.vector_moves import context_reembed
-
         batch = settings.VECTOR_MOVE_BATCH if batch is None else batch
         if batch < 1:
             raise CommandError("--batch must be at least 1")

@@ -1,0 +1,1 @@
+"""The chat app's API views, one module per resource."""

@@ -1,0 +1,65 @@
+"""Reads of sessions, messages and runs, always inside one (already scoped) project, and
+what operators see of runs (health)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from django.conf import settings
+from django.db.models import Count, Q, QuerySet
+from django.utils import timezone
+
+from common.selectors import get_or_404
+from projects.models import Project
+
+from .models import ChatSession, Message, Run
+
+
+def session_list(*, project: Project) -> QuerySet[ChatSession]:
+    return ChatSession.objects.filter(project=project)
+
+
+def session_get(*, project: Project, session_id: uuid.UUID | str) -> ChatSession:
+    session = get_or_404(session_list(project=project), id=session_id)
+    session.project = project  # already loaded: spares a query to whoever follows it
+    return session
+
+
+def message_list(*, session: ChatSession) -> QuerySet[Message]:
+    return Message.objects.filter(session=session)
+
+
+def run_list(*, session: ChatSession) -> QuerySet[Run]:
+    return Run.objects.filter(session=session).order_by("-created_at", "-id")
+
+
+def run_get(*, session: ChatSession, run_id: uuid.UUID | str) -> Run:
+    return get_or_404(run_list(session=session).select_related("session__project"), id=run_id)
+
+
+def runs_health() -> dict:
+    """What operators see of agent runs (health and stats): how many are queued and
+    running, how many are stuck (the recovery pass has not got them going), and how many
+    failed recently. Unhealthy while any is stuck or failed in RUN_FAILURE_WINDOW."""
+    now = timezone.now()
+    stuck_queued = now - timedelta(seconds=3 * settings.RUN_REDISPATCH_SECONDS)
+    stuck_running = now - timedelta(seconds=settings.RUN_LEASE_SECONDS)
+    recent = now - timedelta(seconds=settings.RUN_FAILURE_WINDOW_SECONDS)
+    counts = Run.objects.aggregate(
+        queued=Count("id", filter=Q(status=Run.Status.QUEUED)),
+        running=Count("id", filter=Q(status=Run.Status.RUNNING)),
+        stuck=Count(
+            "id",
+            filter=Q(status=Run.Status.QUEUED, created_at__lt=stuck_queued)
+            | Q(status=Run.Status.RUNNING, lease_expires_at__lt=stuck_running),
+        ),
+        failed_recently=Count("id", filter=Q(status=Run.Status.ERROR, finished_at__gte=recent)),
+    )
+    problems = []
+    if counts["stuck"]:
+        problems.append(f"{counts['stuck']} run(s) stuck")
+    if counts["failed_recently"]:
+        window = settings.RUN_FAILURE_WINDOW_SECONDS / 60
+        problems.append(f"{counts['failed_recently']} run(s) failed in the last {window:g} min")
+    return {"healthy": not problems, **counts, "problems": problems}

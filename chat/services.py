@@ -1,0 +1,227 @@
+"""Writes of sessions and messages, and the requests that start runs: a user's message,
+a regenerated answer, an agent asked by another agent's run. The runs' and messages'
+status transitions themselves are chat.state's; dispatching is chat.dispatch's."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import transaction
+from django.http import Http404
+
+from agents.models import Agent
+from common.exceptions import Conflict
+from common.services import on_commit_robust
+from governance.usage import QuotaExceeded, usage_admit
+from projects.models import Project
+from projects.services import project_lock_for_write
+from workspaces.redis import scoped
+
+from . import state, streams
+from .dispatch import run_cancel, run_dispatch, runs_cancel
+from .models import ChatSession, Message, Run
+
+
+@transaction.atomic
+def session_create(*, project: Project, agent: Agent, title: str = "") -> ChatSession:
+    if agent.project_id != project.id:
+        raise ValueError("the agent belongs to another project")
+    project_lock_for_write(project_id=project.id)
+    if not Agent.objects.filter(id=agent.id).exists():
+        raise Http404("No such agent.")  # deleted meanwhile
+    return ChatSession.objects.create(project=project, agent=agent, title=title)
+
+
+@transaction.atomic
+def session_delete(*, session: ChatSession) -> None:
+    project = project_lock_for_write(project_id=session.project_id)
+    user_id, project_id, session_id = project.owner_id, project.id, session.id
+    if not ChatSession.objects.filter(id=session_id).delete()[0]:
+        raise Http404("No such chat session.")  # deleted meanwhile
+    # The session's event stream goes with it (teardown takes it only with the project).
+    on_commit_robust(
+        lambda: streams.stream_delete(redis=scoped(user_id, project_id), session_id=session_id),
+        name=f"stream_delete(session={session_id})",
+    )
+
+
+# --- Chat: a message, its answer, cancelling ------------------------------------------
+
+
+class SessionBusy(Conflict):
+    default_detail = (
+        "An answer of this session is in flight, and its agent takes no message meanwhile "
+        "(busy_policy `reject`): wait for it, or cancel it."
+    )
+    default_code = "session_busy"
+
+
+def message_send(*, session: ChatSession, content: str) -> tuple[Message, Message]:
+    """A user's message, as its agent's `busy_policy` says when an answer of the session
+    is in flight: `reject` raises SessionBusy (nothing written), `interrupt` cancels
+    the answers in flight first, `enqueue` answers it after them (message_create)."""
+    if session.agent.busy_policy == Agent.BusyPolicy.INTERRUPT:
+        runs_cancel(session=session)
+    return message_create(
+        session=session,
+        content=content,
+        reject_if_busy=session.agent.busy_policy == Agent.BusyPolicy.REJECT,
+    )
+
+
+def message_create(
+    *, session: ChatSession, content: str, reject_if_busy: bool = False
+) -> tuple[Message, Message]:
+    """Store a user's message, the (pending) assistant message that will answer it and
+    the run that will produce it, in one transaction: the run is the outbox.
+
+    The run is first admitted against the project's and its owner's quotas: past a
+    limit this raises QuotaExceeded (a 429) and stores nothing, so no provider is
+    called. After commit the messages are announced on the session's event stream and
+    the run is put on the project's bus, unless an older run of the session is in
+    flight: then it waits, and the end of that one dispatches it (chat.dispatch). Neither
+    can fail the request any more: if Redis or the broker is down, the run stays queued
+    and the recovery pass dispatches it once they are back. Returns (user message,
+    assistant message).
+    """
+    # Governance hook: quota admission; the admission is released if nothing is stored.
+    project = session.project
+    with usage_admit(project_id=project.id, user_id=project.owner_id) as run_id:
+        return _message_create(
+            session=session, content=content, reject_if_busy=reject_if_busy, run_id=run_id
+        )
+
+
+@transaction.atomic
+def _message_create(
+    *, session: ChatSession, content: str, reject_if_busy: bool, run_id: uuid.UUID
+) -> tuple[Message, Message]:
+    project_lock_for_write(project_id=session.project_id)
+    # Held to commit: concurrent messages of one session see each other's runs.
+    if not ChatSession.objects.select_for_update().filter(id=session.id).exists():
+        raise Http404("No such chat session.")  # deleted meanwhile
+    busy = state.runs_active(session_id=session.id).exists()
+    if busy and reject_if_busy:
+        raise SessionBusy()
+    user_message, assistant_message, run = state.run_create(
+        session=session, run_id=run_id, question=content
+    )
+    on_commit_robust(
+        lambda: run_dispatch(run=run, announce=(user_message, assistant_message), start=not busy),
+        name=f"run_dispatch(run={run.id})",
+    )
+    return user_message, assistant_message
+
+
+class NothingToRegenerate(Conflict):
+    default_detail = (
+        "The session's last message is not a finished answer (nothing was asked yet, or "
+        "an answer is in flight)."
+    )
+    default_code = "nothing_to_regenerate"
+
+
+def answer_regenerate(*, session: ChatSession) -> Message:
+    """Answer the session's last question again: its last answer (finished) is kept as
+    `superseded`, out of the conversation, and a new pending answer and its run take
+    its place. Raises NothingToRegenerate when the last message is not a finished
+    answer, and QuotaExceeded (nothing changed) past a quota, as a message would."""
+    # Governance hook: quota admission, as for a message.
+    project = session.project
+    with usage_admit(project_id=project.id, user_id=project.owner_id) as run_id:
+        return _answer_regenerate(session=session, run_id=run_id)
+
+
+@transaction.atomic
+def _answer_regenerate(*, session: ChatSession, run_id: uuid.UUID) -> Message:
+    project_lock_for_write(project_id=session.project_id)
+    if not ChatSession.objects.select_for_update().filter(id=session.id).exists():
+        raise Http404("No such chat session.")
+    last = Message.objects.filter(session=session).order_by("-id").first()
+    if (
+        last is None
+        or last.role != Message.Role.ASSISTANT
+        or last.status not in Message.FINISHED
+        or state.runs_active(session_id=session.id).exists()
+    ):
+        raise NothingToRegenerate()
+    state.answer_supersede(message=last)
+    _question, answer, run = state.run_create(session=session, run_id=run_id)
+    on_commit_robust(
+        lambda: run_dispatch(run=run, announce=(answer,)),
+        name=f"run_dispatch(run={run.id})",
+    )
+    return answer
+
+
+def session_run_cancel(*, run: Run) -> bool:
+    """Stop one answer in flight; True when this call stopped it (it ends `cancelled`)."""
+    return run_cancel(run=run)
+
+
+def session_runs_cancel(*, session: ChatSession) -> list[int]:
+    """Stop the session's answers in flight; returns the ids of the assistant messages
+    whose runs this call stopped (they end `cancelled`)."""
+    return runs_cancel(session=session)
+
+
+# --- Agent-to-agent calls (chat.calls) ------------------------------------------
+
+
+class AgentCallRefused(Exception):
+    """An agent call that may not start; str() says why (told to the calling model)."""
+
+
+def agent_call_start(*, parent_run_id: uuid.UUID | str, target_agent_id: str, content: str) -> Run:
+    """Start the answer of `target_agent_id` (an agent of the calling run's project) to
+    `content`, in a session of its own, as a child run of `parent_run_id`: dispatched on
+    the project's bus after commit. Raises AgentCallRefused past the depth or fan-out
+    limits, for an agent of another project, or when the caller no longer runs."""
+    parent = (
+        Run.objects.filter(id=parent_run_id).select_related("session__project", "agent").first()
+    )
+    if parent is None:
+        raise AgentCallRefused("the calling run no longer exists")
+    project = parent.session.project
+    try:
+        # Governance hook: a call starts a run, admitted against the quotas as a message.
+        with usage_admit(project_id=project.id, user_id=project.owner_id) as run_id:
+            return _agent_call_start(
+                parent=parent, target_agent_id=target_agent_id, content=content, run_id=run_id
+            )
+    except Http404:
+        raise AgentCallRefused("the project no longer exists") from None
+    except QuotaExceeded as exc:
+        raise AgentCallRefused(f"refused: {exc.detail}") from None
+
+
+@transaction.atomic
+def _agent_call_start(*, parent: Run, target_agent_id: str, content: str, run_id: uuid.UUID) -> Run:
+    project = project_lock_for_write(project_id=parent.session.project_id)
+    # Held to commit: parallel calls of one run count each other's children.
+    locked = Run.objects.select_for_update().filter(id=parent.id).first()
+    if locked is None or locked.status != Run.Status.RUNNING:
+        raise AgentCallRefused("the calling run is no longer running")
+    target = Agent.objects.filter(id=target_agent_id, project_id=project.id).first()
+    if target is None:
+        raise AgentCallRefused("no such agent in this project")
+    if parent.depth + 1 > settings.AGENT_CALL_MAX_DEPTH:
+        raise AgentCallRefused(
+            f"refused: calls between agents go at most {settings.AGENT_CALL_MAX_DEPTH} deep"
+        )
+    if Run.objects.filter(parent_id=parent.id).count() >= settings.AGENT_CALL_MAX_FANOUT:
+        raise AgentCallRefused(
+            f"refused: a run calls other agents at most {settings.AGENT_CALL_MAX_FANOUT} times"
+        )
+    session = ChatSession.objects.create(
+        project=project, agent=target, title=f"{parent.agent.name} asks {target.name}"[:200]
+    )
+    question, answer, run = state.run_create(
+        session=session, run_id=run_id, question=content, agent=target, parent=parent
+    )
+    on_commit_robust(
+        lambda: run_dispatch(run=run, announce=(question, answer)),
+        name=f"run_dispatch(run={run.id})",
+    )
+    return run

@@ -1,0 +1,260 @@
+"""The one writer of a run's and its messages' status: every transition is here.
+
+A run is accepted with its messages (`run_create`, the outbox), marked dispatched when
+its task is on the bus (`run_dispatched`), claimed by one worker for one dispatch
+generation (`run_claim`), kept under a lease its worker renews (`leases_renew`), ended
+exactly once (`run_end`), or taken back to queued as a new generation for the recovery
+pass to dispatch again (`run_take_back`). Every write a worker makes is conditional on
+the run still being its own (status and `attempt`), so a worker that lost its run cannot
+touch it any more. Everything else reads runs through `runs_active` and the selectors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Exists, F, OuterRef, Q, QuerySet
+from django.utils import timezone
+
+from agents.models import Agent
+from governance.usage import usage_run_ended
+from workspaces.redis import ScopedRedis, scoped
+
+from . import streams
+from .models import ChatSession, Message, Run
+
+logger = logging.getLogger(__name__)
+
+ACTIVE = (Run.Status.QUEUED, Run.Status.RUNNING)
+WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
+
+
+# --- Reads every writer and reader agrees on ---------------------------------------------
+
+
+def runs_active(*, session_id: uuid.UUID | str | None = None) -> QuerySet[Run]:
+    """Runs not ended yet (queued or running), of one session when given."""
+    runs = Run.objects.filter(status__in=ACTIVE)
+    return runs if session_id is None else runs.filter(session_id=session_id)
+
+
+def waits_behind_another() -> Exists:
+    """For a Run queryset: the run has an older active run in its session."""
+    return Exists(
+        runs_active().filter(session=OuterRef("session"), created_at__lt=OuterRef("created_at"))
+    )
+
+
+def run_waits_behind_another(run: Run) -> bool:
+    return runs_active(session_id=run.session_id).filter(created_at__lt=run.created_at).exists()
+
+
+def lease_deadline() -> datetime:
+    return timezone.now() + timedelta(seconds=settings.RUN_LEASE_SECONDS)
+
+
+# --- Create ---------------------------------------------------------------------------
+
+
+def run_create(
+    *,
+    session: ChatSession,
+    run_id: uuid.UUID,
+    question: str | None = None,
+    agent: Agent | None = None,
+    parent: Run | None = None,
+) -> tuple[Message | None, Message, Run]:
+    """Store (inside the caller's transaction) the user's `question` when given, the
+    pending assistant message that will answer it and the run that will produce it.
+    Returns (question message or None, assistant message, run)."""
+    asked = None
+    if question is not None:
+        asked = Message.objects.create(
+            session=session, role=Message.Role.USER, content=question, status=Message.Status.DONE
+        )
+    answer = Message.objects.create(
+        session=session, role=Message.Role.ASSISTANT, status=Message.Status.PENDING
+    )
+    run = Run.objects.create(
+        id=run_id,
+        session=session,
+        message=answer,
+        agent_id=agent.id if agent is not None else session.agent_id,
+        parent=parent,
+        depth=parent.depth + 1 if parent is not None else 0,
+    )
+    return asked, answer, run
+
+
+def answer_supersede(*, message: Message) -> None:
+    """A finished answer replaced by a regenerated one: kept, out of the conversation."""
+    Message.objects.filter(id=message.id).update(status=Message.Status.SUPERSEDED)
+    message.status = Message.Status.SUPERSEDED
+
+
+# --- Dispatched -----------------------------------------------------------------------
+
+
+def run_dispatched(*, run: Run) -> None:
+    """The run's current attempt is on the project's bus."""
+    Run.objects.filter(id=run.id, attempt=run.attempt).update(dispatched_at=timezone.now())
+
+
+def run_undispatched(*, run: Run, attempt: int) -> None:
+    """The run waits behind an older run of its session: the end of that one dispatches
+    it again (chat.dispatch.run_next_dispatch)."""
+    Run.objects.filter(id=run.id, attempt=attempt, status=Run.Status.QUEUED).update(
+        dispatched_at=None
+    )
+
+
+# --- Claim and work ---------------------------------------------------------------------
+
+
+def run_claim(*, run: Run, attempt: int) -> bool:
+    """Queued -> running for dispatch generation `attempt`, under a fresh lease: True
+    when this worker holds the run now."""
+    claimed = Run.objects.filter(id=run.id, attempt=attempt, status=Run.Status.QUEUED).update(
+        status=Run.Status.RUNNING,
+        starts=F("starts") + 1,
+        lease_expires_at=lease_deadline(),
+        worker=WORKER_NAME,
+        started_at=timezone.now(),
+    )
+    if claimed:
+        run.refresh_from_db(fields=["starts", "status"])
+    return bool(claimed)
+
+
+def message_streaming(*, run: Run) -> None:
+    """The answer starts (again): its text so far is replaced by what follows."""
+    Message.objects.filter(
+        id=run.message_id, status__in=(Message.Status.PENDING, Message.Status.STREAMING)
+    ).update(status=Message.Status.STREAMING, content="", error="")
+
+
+def run_model_set(*, run: Run, model: str) -> None:
+    Run.objects.filter(id=run.id, attempt=run.attempt).update(model=model)
+
+
+def run_steps_save(*, run: Run, steps: list[dict[str, Any]]) -> bool:
+    """Write the run's steps, if the run is still this worker's."""
+    return bool(
+        Run.objects.filter(id=run.id, attempt=run.attempt, status=Run.Status.RUNNING).update(
+            steps=steps
+        )
+    )
+
+
+def message_partial_keep(*, run: Run, content: str) -> None:
+    """A cancelled answer keeps what was said before the cancel."""
+    Message.objects.filter(
+        id=run.message_id, status__in=(Message.Status.STREAMING, Message.Status.CANCELLED)
+    ).update(content=content)
+
+
+# --- Renew ----------------------------------------------------------------------------
+
+
+def leases_renew(*, held: list[tuple[uuid.UUID, int]]) -> dict[uuid.UUID, tuple[int, str]]:
+    """Extend the leases of the running runs held (run id, attempt); returns each held
+    run's current (attempt, status), for the keeper to tell them what happened."""
+    if not held:
+        return {}
+    mine = Q()
+    for run_id, attempt in held:
+        mine |= Q(id=run_id, attempt=attempt)
+    Run.objects.filter(mine, status=Run.Status.RUNNING).update(lease_expires_at=lease_deadline())
+    return {
+        run_id: (attempt, status)
+        for run_id, attempt, status in Run.objects.filter(
+            id__in=[run_id for run_id, _attempt in held]
+        ).values_list("id", "attempt", "status")
+    }
+
+
+# --- End ------------------------------------------------------------------------------
+
+
+def run_end(
+    *,
+    run: Run,
+    status: str,
+    content: str | None = "",
+    error: str = "",
+    from_statuses: tuple[str, ...] = (Run.Status.RUNNING,),
+    attempt: int | None = None,
+    meter: Any = None,
+) -> bool:
+    """End a run and its message once, conditionally (on its status, and on the dispatch
+    generation when given): True when this call ended it. Says so on the event stream.
+    `content` None leaves the message's text as it is (a cancel from outside the run);
+    `meter`: what the run's provider calls used (governance), when the worker ends it."""
+    fence = Q(id=run.id, status__in=from_statuses)
+    if attempt is not None:
+        fence &= Q(attempt=attempt)
+    with transaction.atomic():
+        ended = Run.objects.filter(fence).update(
+            status=status, error=error, finished_at=timezone.now(), lease_expires_at=None
+        )
+        if ended:
+            written = {"status": status, "error": error}
+            if content is not None:
+                written["content"] = content
+            Message.objects.filter(id=run.message_id).update(**written)
+    if ended:
+        event, data = {
+            Run.Status.DONE: (streams.MESSAGE_COMPLETED, {"content": content, "status": status}),
+            Run.Status.ERROR: (streams.MESSAGE_ERROR, {"error": error, "content": content}),
+            Run.Status.CANCELLED: (streams.MESSAGE_CANCELLED, {}),
+        }[status]
+        try:
+            streams.event_append(
+                redis=_redis_of(run),
+                session_id=run.session_id,
+                event_type=event,
+                data={"message_id": run.message_id, **data},
+            )
+        except Exception:
+            # The database says how it ended; a client reloading the message sees it.
+            logger.warning("run %s ended %s; the event was not written", run.id, status)
+        # Governance hook: the run no longer counts as in flight against quotas.
+        project = run.session.project
+        usage_run_ended(run_id=run.id, project_id=project.id, user_id=project.owner_id, meter=meter)
+    return bool(ended)
+
+
+# --- Take back --------------------------------------------------------------------------
+
+
+def run_take_back(*, run: Run, from_status: str, attempt: int | None = None) -> bool:
+    """Put a run back to queued as a new attempt, for the recovery pass to dispatch:
+    True when this call took it (fenced on its status and dispatch generation)."""
+    taken = Run.objects.filter(
+        id=run.id, attempt=run.attempt if attempt is None else attempt, status=from_status
+    ).update(
+        status=Run.Status.QUEUED,
+        attempt=F("attempt") + 1,
+        lease_expires_at=None,
+        dispatched_at=None,
+    )
+    if not taken:
+        return False
+    run.refresh_from_db(fields=["attempt", "status"])
+    if from_status == Run.Status.RUNNING:
+        Message.objects.filter(id=run.message_id, status=Message.Status.STREAMING).update(
+            status=Message.Status.PENDING
+        )
+    return True
+
+
+def _redis_of(run: Run) -> ScopedRedis:
+    project = run.session.project
+    return scoped(project.owner_id, project.id)

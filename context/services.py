@@ -1,0 +1,108 @@
+"""Requests that put context work on the project's bus: ingest and clear jobs, and the
+pieces of a search that a waiting web request (context.waits) puts together."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from celery import Task
+from django.conf import settings
+from rest_framework.exceptions import Throttled
+
+from agentbus import publish
+from agents.models import Agent
+from workspaces.redis import scoped
+
+from .job_records import job_create
+from .tasks import add_context, clear_context
+
+
+def context_documents_add(*, agent: Agent, documents: list[dict[str, Any]]) -> str:
+    """Queue documents ({"text", "metadata"?}) for the agent's context; returns the job id."""
+    return _context_job_start(
+        agent=agent,
+        task=add_context,
+        kind="add",
+        fields={"documents": len(documents)},
+        documents=documents,
+    )
+
+
+def context_clear_enqueue(*, agent: Agent) -> str:
+    """Queue forgetting everything in the agent's context (the job's task calls
+    context.vectors.context_clear on a worker); returns the job id."""
+    return _context_job_start(agent=agent, task=clear_context, kind="clear")
+
+
+def _context_job_start(
+    *,
+    agent: Agent,
+    task: Task,
+    kind: str,
+    fields: dict | None = None,
+    documents: list[dict[str, Any]] | None = None,
+) -> str:
+    """Record a context job (readable at .../context/jobs/{id}/) and put it on the bus.
+    Both need Redis: while it is down this raises (a 503), having written nothing."""
+    project = agent.project
+    job_id = str(uuid.uuid4())
+    job_create(
+        redis=scoped(project.owner_id, project.id),
+        job_id=job_id,
+        fields={
+            "id": job_id,
+            "kind": kind,
+            "agent_id": str(agent.id),
+            "status": "queued",
+            "created_at": time.time(),
+            **(fields or {}),
+        },
+        documents=documents,
+    )
+    publish(
+        task,
+        project_id=project.id,
+        kwargs={"user_id": project.owner_id, "agent_id": str(agent.id), "job_id": job_id},
+    )
+    return job_id
+
+
+class ContextUnavailable(Exception):
+    """No worker answered a context search in time, or the store failed."""
+
+
+class TooManySearches(Throttled):
+    default_detail = "Too many context searches in flight for this user or project."
+
+
+def search_limits() -> list[int]:
+    return [
+        settings.SEARCH_INFLIGHT_PER_USER,
+        settings.SEARCH_INFLIGHT_PER_PROJECT,
+        int(2 * settings.CONTEXT_SEARCH_TIMEOUT_SECONDS) + 5,
+    ]
+
+
+def context_search_task_kwargs(
+    *, agent: Agent, request_id: str, query: str, k: int, timeout: float
+) -> dict:
+    project = agent.project
+    return {
+        "user_id": project.owner_id,
+        "agent_id": str(agent.id),
+        "request_id": request_id,
+        "query": query,
+        "k": k,
+        # A worker reaching the task after this gives up: nobody is waiting any more.
+        "deadline": time.time() + timeout,
+    }
+
+
+def search_answer(answer: dict | None, *, timeout: float) -> list[dict[str, Any]]:
+    if answer is None:
+        raise ContextUnavailable(f"no worker answered within {timeout:g}s")
+    if "error" in answer:
+        raise ContextUnavailable(f"the context store failed: {answer['error']}")
+    return answer["results"]
