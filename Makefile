@@ -45,11 +45,13 @@ contract: install-dev
 	@mkdir -p var
 	bin/with-redis --ephemeral -- $(BIN)/pytest tests/contract tests/browser $(PYTEST_ARGS)
 
-## Lint: ruff, and the import contracts that keep the apps' layering (pyproject.toml).
+## Lint: ruff, the import contracts that keep the apps' layering (pyproject.toml), and
+## no file-level import cycle, imports inside functions included (bin/check_imports.py).
 lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/python bin/check_imports.py
 
 format: install-dev
 	$(BIN)/ruff format .

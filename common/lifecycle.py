@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from celery.signals import worker_process_shutdown, worker_shutdown
 
-from .redis import close_async_redis, close_redis
+from .redis import close_redis
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,6 @@ def _on_worker_shutdown(**_) -> None:
 
 
 atexit.register(run_shutdown_hooks)
-on_loop_shutdown(close_async_redis)
 worker_shutdown.connect(_on_worker_shutdown, weak=False, dispatch_uid="common.lifecycle.worker")
 worker_process_shutdown.connect(
     _on_worker_shutdown, weak=False, dispatch_uid="common.lifecycle.process"

@@ -3,19 +3,15 @@
 - `get_redis()`: REDIS_URL, where workspaces, chat streams and the registry live.
 - `broker_redis()`: the Celery broker's Redis (the AgentBus's queues, active set and
   tombstones live beside the queues); the same client when both URLs are equal.
-- `get_async_redis()`: an asyncio client of REDIS_URL for the running event loop.
 
-Every client is plain: it reaches any key. Workspace code goes through the scoped client
-of `workspaces.redis`, which prefixes every key.
+Event streams and waiting requests use the stream hub's own asyncio clients
+(realtime.streamhub). Every client is plain: it reaches any key. Workspace code goes
+through the scoped client of `workspaces.redis`, which prefixes every key.
 """
 
 from __future__ import annotations
 
-import asyncio
-import weakref
-
 import redis
-import redis.asyncio
 from django.conf import settings
 
 from .singletons import process_singleton
@@ -58,31 +54,3 @@ def close_redis() -> None:
     """Release this process's Redis connections (shutdown, tests)."""
     get_redis.cache_clear()
     _own_broker_redis.cache_clear()
-
-
-_async_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def get_async_redis(*, max_connections: int | None = None) -> redis.asyncio.Redis:
-    """The asyncio client of REDIS_URL for the running event loop (one pool per loop)."""
-    loop = asyncio.get_running_loop()
-    client = _async_clients.get(loop)
-    if client is None:
-        client = redis.asyncio.Redis.from_url(
-            settings.REDIS_URL,
-            decode_responses=True,
-            socket_connect_timeout=5,
-            # Above the longest blocking read (XREAD BLOCK) issued through it.
-            socket_timeout=60,
-            health_check_interval=30,
-            max_connections=max_connections,
-        )
-        _async_clients[loop] = client
-    return client
-
-
-async def close_async_redis() -> None:
-    """Close the running loop's client (ASGI lifespan shutdown, tests)."""
-    client = _async_clients.pop(asyncio.get_running_loop(), None)
-    if client is not None:
-        await client.aclose()

@@ -54,10 +54,6 @@ class LiveServer:
         return self
 
     def stop(self) -> None:
-        if self.loop is not None:  # the event streams' Redis clients live on its loop
-            from common.redis import close_async_redis
-
-            asyncio.run_coroutine_threadsafe(close_async_redis(), self.loop).result(10)
         self.server.should_exit = True
         self.thread.join(15)
         self.sock.close()
