@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -79,6 +81,23 @@ def wait_until(predicate, *, timeout=20, interval=0.05, what="condition"):
             return value
         time.sleep(interval)
     raise AssertionError(f"{what} not reached within {timeout}s")
+
+
+def threads_inside(*modules) -> list[str]:
+    """The threads of this process whose stack is in one of `modules` (source files) right
+    now. A request that waits without a thread is a suspended coroutine, on no thread's
+    stack; one that holds a thread shows here however many other threads the process
+    runs, so the measure is this code's own, not the process's thread count."""
+    files = tuple(str(Path(module.__file__).resolve()) for module in modules)
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    found = []
+    for ident, frame in sys._current_frames().items():
+        while frame is not None:
+            if str(Path(frame.f_code.co_filename).resolve()) in files:
+                found.append(names.get(ident, str(ident)))
+                break
+            frame = frame.f_back
+    return found
 
 
 def queued_task_names(project_id) -> list[str]:

@@ -6,11 +6,11 @@ stops the whole tree; no agent reaches an agent of another project."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
 from agents.models import Tool
+from chat.lease import lease_keeper
 from chat.models import ChatSession, Message, Run
 from chat.services import AgentCallRefused, agent_call_start
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
@@ -147,7 +147,8 @@ def test_delete_during_a_tree_stops_everything(api, project, redis_client, fake_
     session, parent, child = tree
     assert api.delete(f"/my/projects/{project.id}/").status_code == 204
     asked = len(fake_openai.requests)
-    time.sleep(1.5)  # longer than a run takes to see its project gone
+    # Both runs stop once they see their project gone; after that none can call a model.
+    wait_until(lambda: not lease_keeper().held(), what="the worker done with both runs")
     assert len(fake_openai.requests) == asked  # no model call after the 204
     assert not Run.objects.filter(id__in=[parent.id, child.id]).exists()
     assert not ChatSession.objects.filter(project=project).exists()

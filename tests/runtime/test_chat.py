@@ -3,13 +3,13 @@ project's queue, the answer streams into the session's Redis Stream and ends in 
 
 from __future__ import annotations
 
-import time
 from datetime import timedelta
 
 import pytest
 from django.utils import timezone
 
 from chat.engine import chat_run
+from chat.lease import lease_keeper
 from chat.models import Message, Run
 from context.embeddings import get_embedder
 from context.vectorstore import TenantScope, get_vector_store, shared_collection_name
@@ -269,7 +269,9 @@ def test_cancel_stops_a_streaming_run(live_worker, api, user, redis_client, fake
         lambda: Message.objects.get(id=answer_id).content.startswith("t0 "),
         what="the part said before the cancel kept",
     )
-    time.sleep(0.6)  # a few more tokens' time: none of them reaches the stream
+    # The worker lets the run go once its provider stream is closed: from then on no
+    # token of it can reach the stream any more.
+    wait_until(lambda: not lease_keeper().held(), what="the run's worker done with it")
     events = stream_events(redis_client, project, session.id)
     kinds = [k for _, k, d in events if d.get("message_id") in (answer_id, None)]
     assert kinds[-1] == "message.cancelled"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from celery.worker import state as worker_state
 
 from agentbus import MAINTENANCE_QUEUE
 from agents.models import Tool
@@ -400,7 +401,12 @@ def test_deleting_a_project_stops_its_ingest_and_tears_down_in_seconds(live_work
         what="the teardown done within 5 s",
     )
     done_after = time.monotonic() - deleted
-    time.sleep(2)  # whatever still ran has stopped: nothing came back
+    # Whatever still ran has stopped (a batch of a deleted project publishes no next
+    # one): nothing can come back after this.
+    wait_until(
+        lambda: not worker_state.active_requests and not worker_state.reserved_requests,
+        what="the worker idle",
+    )
     assert stored() == 0
     assert done_after < 5
 

@@ -13,8 +13,15 @@ import pytest
 
 from chat import events as sse
 from chat.models import Message
+from realtime import auth, streamhub
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
-from tests.runtime.conftest import stream_events, token_for, wait_for_event, wait_until
+from tests.runtime.conftest import (
+    stream_events,
+    threads_inside,
+    token_for,
+    wait_for_event,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -259,17 +266,15 @@ def test_disconnects_leave_no_connections_or_generators_behind(asgi, user, sessi
     time.sleep(0.2)
     clients_before = own_clients(redis_client)
     tasks_before = asgi.task_count()
-    threads_before = threading.active_count()
 
     # The measures do see open streams: each holds a generator, but no Redis connection
     # of its own (the process's hub serves them all).
     held = [connect() for _ in range(20)]
     wait_until(lambda: sse.active_streams() == 20, what="twenty open streams")
-    time.sleep(0.2)  # each reaches its wait
     assert own_clients(redis_client) <= clients_before + 1
     assert asgi.task_count() > tasks_before
     # ...but no thread: an open stream must not pin a request thread for its lifetime.
-    assert threading.active_count() <= threads_before + 1
+    assert threads_inside(sse, streamhub, auth) == []
     for conn in held:
         conn.close()
     wait_until(settled, what="held streams closed")
@@ -277,10 +282,11 @@ def test_disconnects_leave_no_connections_or_generators_behind(asgi, user, sessi
     for _ in range(1000):
         cycle()
     wait_until(settled, timeout=10, what="every stream closed")
-    time.sleep(0.2)
     assert sse.active_streams() == 0
-    assert own_clients(redis_client) <= clients_before
-    assert asgi.task_count() <= tasks_before
+    wait_until(
+        lambda: own_clients(redis_client) <= clients_before and asgi.task_count() <= tasks_before,
+        what="no connection or task left behind",
+    )
 
 
 def test_only_the_event_stream_is_served_outside_the_request_thread_context(session):

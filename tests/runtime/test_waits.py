@@ -5,14 +5,15 @@ it can hurt anyone else."""
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
 from django.db import connection
 
+from context import waits
+from realtime import auth, replies, streamhub
 from tests.factories import AgentFactory, ProjectFactory, UserFactory
-from tests.runtime.conftest import token_for, wait_until
+from tests.runtime.conftest import threads_inside, token_for, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +44,9 @@ def test_a_search_under_asgi_is_answered_by_the_worker(asgi, live_worker, user):
     assert response.json() == {"results": []}  # nothing stored yet
 
 
-def test_waiting_searches_hold_no_thread_nor_database_connection(asgi, user, settings):
+def test_waiting_searches_hold_no_thread_nor_database_connection(
+    asgi, user, settings, redis_client
+):
     """No worker runs: every search waits for its whole timeout."""
     settings.CONTEXT_SEARCH_TIMEOUT_SECONDS = 3
     settings.SEARCH_INFLIGHT_PER_USER = settings.SEARCH_INFLIGHT_PER_PROJECT = 100
@@ -51,7 +54,8 @@ def test_waiting_searches_hold_no_thread_nor_database_connection(asgi, user, set
     headers = {"Authorization": f"Token {token_for(user)}"}
     # Warm up: the hub, the database pool and the server's threads exist before counting.
     httpx.get(search_url(asgi, agent), params={"q": "x"}, headers=headers, timeout=10)
-    threads, sessions = threading.active_count(), database_sessions()
+    sessions = database_sessions()
+    in_flight = f"uws:user:{user.pk}:inflight:search"
 
     answers = []
     clients = [
@@ -64,9 +68,9 @@ def test_waiting_searches_hold_no_thread_nor_database_connection(asgi, user, set
     ]
     for client in clients:
         client.start()
-    time.sleep(1.5)  # all 30 are waiting now
-    server_threads = threading.active_count() - len([c for c in clients if c.is_alive()])
-    assert server_threads <= threads + 2
+    wait_until(lambda: redis_client.get(in_flight) == "30", what="all 30 searches waiting")
+    # No thread is inside the search's code while the 30 wait (each is a coroutine).
+    assert threads_inside(waits, replies, streamhub, auth) == []
     assert database_sessions() <= sessions + 2
     for client in clients:
         client.join(20)
