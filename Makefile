@@ -34,10 +34,14 @@ run: install
 	@bin/with-redis --interrupt-ok -- $(BIN)/honcho start -p $(WEB_PORT) web worker beat flower banner
 
 ## Run the test suite (against DATABASE_URL / REDIS_URL when set, else SQLite and a
-## throwaway bundled Redis).
+## throwaway bundled Redis). On the throwaway Redis it runs in TEST_WORKERS processes
+## (pytest-xdist), each with a Redis database, a test database and a Qdrant folder of
+## its own; against a given REDIS_URL in one (the suite empties the database it is given).
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL ?= $(if $(REDIS_URL),,-n $(TEST_WORKERS) --dist loadfile)
 test: install-dev
 	@mkdir -p var
-	bin/with-redis --ephemeral -- $(BIN)/pytest $(PYTEST_ARGS)
+	bin/with-redis --ephemeral -- $(BIN)/pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 ## The contract tests only: schemathesis against the schema, the generated client's
 ## journey, the browser test (part of `make test` too).

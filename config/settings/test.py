@@ -1,5 +1,10 @@
 """The test suite: real Redis and database from the environment (see Makefile)."""
 
+import os
+import re
+
+from django.core.exceptions import ImproperlyConfigured
+
 from .base import *  # noqa: F403
 from .base import env, fernet_key_from
 
@@ -25,3 +30,30 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
 # Projects' provider keys are encrypted under a key derived from SECRET_KEY unless one
 # is given (production requires its own).
 PROVIDER_KEYS_FERNET_KEY = PROVIDER_KEYS_FERNET_KEY or fernet_key_from(SECRET_KEY)  # noqa: F405
+
+# Parallel runs (pytest-xdist, `make test` on a throwaway Redis): each worker process
+# gets a database of its own on that server (db 1 for gw0, 2 for gw1, ...), its own
+# Qdrant folder and, from pytest-django, its own test database. The suite empties the
+# Redis database it is given, so parallel workers never share one; on a Redis that is
+# not throwaway (REDIS_URL given, e.g. CI's db 15) the suite runs in one process. The
+# assignment is made once, in the pytest worker; processes it starts inherit it.
+_XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _XDIST_WORKER and not os.environ.get("UWS_TEST_WORKER_ISOLATED"):
+    if not os.environ.get("REDIS_THROWAWAY"):
+        raise ImproperlyConfigured(
+            "parallel tests need a throwaway Redis (bin/with-redis --ephemeral without "
+            "REDIS_URL): the suite empties the Redis database it is given"
+        )
+    _db = int(_XDIST_WORKER.removeprefix("gw")) + 1
+    REDIS_URL = re.sub(r"/\d*$", "", REDIS_URL.rstrip("/")) + f"/{_db}"  # noqa: F405
+    CELERY_BROKER_URL = CELERY_RESULT_BACKEND = REDIS_URL
+    CACHES["default"]["LOCATION"] = REDIS_URL  # noqa: F405
+    QDRANT_PATH = f"{QDRANT_PATH}-{_XDIST_WORKER}"  # noqa: F405
+    CELERY_BEAT_SCHEDULE_FILENAME = f"{CELERY_BEAT_SCHEDULE_FILENAME}-{_XDIST_WORKER}"  # noqa: F405
+    os.environ.update(
+        UWS_TEST_WORKER_ISOLATED="1",
+        REDIS_URL=REDIS_URL,
+        CELERY_BROKER_URL=REDIS_URL,
+        CELERY_RESULT_BACKEND=REDIS_URL,
+        QDRANT_PATH=QDRANT_PATH,
+    )
