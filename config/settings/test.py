@@ -50,10 +50,6 @@ if _XDIST_WORKER and not os.environ.get("UWS_TEST_WORKER_ISOLATED"):
     CACHES["default"]["LOCATION"] = REDIS_URL  # noqa: F405
     QDRANT_PATH = f"{QDRANT_PATH}-{_XDIST_WORKER}"  # noqa: F405
     CELERY_BEAT_SCHEDULE_FILENAME = f"{CELERY_BEAT_SCHEDULE_FILENAME}-{_XDIST_WORKER}"  # noqa: F405
-    os.environ.update(
-        UWS_TEST_WORKER_ISOLATED="1",
-        REDIS_URL=REDIS_URL,
-        CELERY_BROKER_URL=REDIS_URL,
-        CELERY_RESULT_BACKEND=REDIS_URL,
-        QDRANT_PATH=QDRANT_PATH,
-    )
+    # Not CELERY_BROKER_URL: Celery reads that variable before its settings, and tests
+    # point this process's app at other brokers (tests.workers.broker_at).
+    os.environ.update(UWS_TEST_WORKER_ISOLATED="1", REDIS_URL=REDIS_URL, QDRANT_PATH=QDRANT_PATH)
