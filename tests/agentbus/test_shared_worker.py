@@ -9,6 +9,7 @@ import time
 import uuid
 
 import pytest
+from celery.worker import state as worker_state
 
 from agentbus import active
 from agentbus.active import ACTIVE_KEY, FOLLOW_COMMAND, UNFOLLOW_COMMAND
@@ -72,7 +73,8 @@ def test_broadcasts_out_of_order_end_in_the_active_state(
 
     # A retirement's broadcast arriving after the producer re-activated the queue.
     broadcast(UNFOLLOW_COMMAND, queue)
-    time.sleep(0.3)
+    # `followed` asks the worker's mailbox, behind the broadcast: its answer comes after
+    # the broadcast was handled.
     assert followed(live_worker) == {queue}
 
     # An activation's broadcast arriving after the reaper retired the queue.
@@ -80,7 +82,6 @@ def test_broadcasts_out_of_order_end_in_the_active_state(
     broadcast(UNFOLLOW_COMMAND, queue)
     assert wait_for(lambda: followed(live_worker) == set(), timeout=5)
     broadcast(FOLLOW_COMMAND, queue)
-    time.sleep(0.3)
     assert followed(live_worker) == set()
 
 
@@ -96,11 +97,15 @@ def test_retire_project_stops_consumers_and_purges(live_worker):
     assert purged > 0
     assert wait_for(lambda: followed(live_worker) == set(), timeout=5)
     assert active.queue_depth(project_id) == 0
-    time.sleep(0.5)  # tasks already with the worker end (run or skipped)
+    # Tasks already with the worker end (run or skipped); then nothing is left to run.
+    assert wait_for(
+        lambda: not worker_state.active_requests and not worker_state.reserved_requests,
+        timeout=10,
+    )
     assert len(tasks.effects("r")) + purged <= 40
     assert active.queue_depth(project_id) == 0
     ran = len(tasks.effects("r"))
-    time.sleep(0.5)
+    assert not worker_state.active_requests and not worker_state.reserved_requests
     assert len(tasks.effects("r")) == ran
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 
 import pytest
 
 from agents.models import ProjectSecret, Tool
+from chat.lease import lease_keeper
 from tests.factories import AgentFactory, ChatSessionFactory
 from tests.runtime.conftest import stream_events, wait_for_event, wait_until
 from tests.runtime.test_chat import post_message
@@ -154,7 +154,8 @@ def test_an_mcp_server_on_a_private_address_is_refused(
     kind, data, _results = ask(api, redis_client, session, "Hello.")
     assert kind == "message.completed", data
     assert "tools" not in fake_openai.requests[0]["body"]  # left out of the run
-    time.sleep(0.1)
+    # The worker is done with the run: nothing of it can list the server any more.
+    wait_until(lambda: not lease_keeper().held(), what="the worker done with the run")
     assert mcp_server.listings == 0 and mcp_server.authorizations == []
 
 

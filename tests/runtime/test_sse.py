@@ -338,7 +338,7 @@ def test_an_event_whose_notification_was_lost_arrives_by_the_safety_poll(
     headers = {"Authorization": f"Token {token_for(user)}"}
 
     def write_quietly():
-        time.sleep(0.8)  # the stream is open by then
+        wait_until(lambda: sse.active_streams() == 1, what="the stream open")
         redis_client.xadd(key, {"type": "message.delta", "data": json.dumps({"delta": "hi"})})
 
     writer = threading.Thread(target=write_quietly)
