@@ -128,7 +128,7 @@ def test_live_answer_arrives_as_ordered_events(asgi, live_worker, api, user, ses
     # Subscribe first, then post: the subscriber sees everything that follows.
     reader = threading.Thread(target=subscribe)
     reader.start()
-    time.sleep(0.3)
+    wait_until(lambda: sse.active_streams() == 1, what="the subscriber connected")
     result["id"] = answer_id = post_message(api, session, "hello there")
     reader.join(30)
     status, events, _ = result["read"]
