@@ -3,8 +3,9 @@ from django.apps import AppConfig
 
 class GovernanceConfig(AppConfig):
     """What operators and owners govern a tenant with: project-scoped API keys, usage
-    accounting per run, and quotas checked before a run is accepted. It sits between
-    agents (which call it) and workspaces; it imports nothing of agents."""
+    accounting per run, and quotas checked before a run is accepted. It sits below
+    chat, context and llm (which call it) and above workspaces; it imports nothing of
+    them."""
 
     name = "governance"
     default_auto_field = "django.db.models.BigAutoField"

@@ -1,4 +1,4 @@
-"""What governance needs to know of runs it does not own (the agents app registers it;
+"""What governance needs to know of runs it does not own (the chat app registers it;
 upward knowledge travels through registered callbacks): the runs in flight and the
 messages accepted lately, as the database has them, to rebuild the quota counters."""
 

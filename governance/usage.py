@@ -1,6 +1,6 @@
 """Usage accounting: one `RunUsage` row per agent run that reached its provider.
 
-The agents app calls:
+The chat app calls:
 
 - `usage_admit` when a message is accepted, around the transaction that stores it: the
   quotas' admission (a 429 `QuotaExceeded` before anything is written), released again
@@ -43,7 +43,7 @@ from .quotas import Refusal, quota_admit, quota_charge, quota_release
 logger = logging.getLogger(__name__)
 
 OFFLINE = "offline"
-# Outcomes of an answer (agents.runtime.chat.Answer) after which the run does not run on.
+# Outcomes of an answer (chat.engine.Answer) after which the run does not run on.
 ENDED = ("done", "error", "cancelled", "project-deleted")
 # The usual rule of thumb for English text and OpenAI-style tokenizers.
 CHARS_PER_TOKEN = 4
