@@ -24,6 +24,8 @@ A session answers one message at a time: a run accepted while an older run of it
 session is active (the agent's `enqueue` policy) waits, undispatched, and neither a
 worker nor the recovery pass starts it before the older one ended; the end of a run
 dispatches the next waiting one (`run_next_dispatch`).
+
+Every status write here (dispatched, ended, taken back) is chat.state's.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ RUN_TASK = "agents.run_agent"
 
 
 def _run_task():
+    # The project's app in every thread (Celery's Django fixup makes it the default app),
+    # as a @shared_task proxy would resolve it; chat.tasks is imported by ChatConfig.ready.
     return current_app.tasks[RUN_TASK]
 
 
