@@ -472,6 +472,16 @@ TOOL_EVENT_MAX_CHARS = env.int("TOOL_EVENT_MAX_CHARS", default=2000)
 # HTTP tools may only call public addresses unless this is set (SSRF protection): set it
 # only where tools must reach services on the operator's own network.
 TOOLS_ALLOW_PRIVATE_NETWORKS = env.bool("TOOLS_ALLOW_PRIVATE_NETWORKS", default=False)
+# The egress guard (common.egress) lets only public addresses through. An operator opens
+# it per purpose for their own networks: EGRESS_ALLOW_NETWORKS_TOOLS (HTTP tools),
+# EGRESS_ALLOW_NETWORKS_MCP (MCP servers), EGRESS_ALLOW_NETWORKS_PROVIDER (projects' own
+# LLM endpoints), each a comma-separated list of CIDRs (e.g. "10.0.0.0/8,fd00::/8").
+# TOOLS_ALLOW_PRIVATE_NETWORKS=true is the older, wider switch: every address, for
+# tools and MCP servers.
+EGRESS_ALLOW_NETWORKS = {
+    purpose: env.list(f"EGRESS_ALLOW_NETWORKS_{purpose.upper()}", default=[])
+    for purpose in ("tools", "mcp", "provider")
+}
 # Agent tools (an agent asking another of its project over the bus): a tree of calls is
 # at most AGENT_CALL_MAX_DEPTH deep, a run makes at most AGENT_CALL_MAX_FANOUT calls, and
 # a call waits at most AGENT_CALL_TIMEOUT_SECONDS for the answer.

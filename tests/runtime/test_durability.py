@@ -432,7 +432,7 @@ def test_a_worker_killed_mid_tool_call_repeats_only_a_repeatable_call(
             "OPENAI_BASE_URL": fake_openai.base_url,
             "OPENAI_API_KEY": "test-key",
             "RUN_LEASE_SECONDS": "2",
-            "TOOLS_ALLOW_PRIVATE_NETWORKS": "true",
+            "EGRESS_ALLOW_NETWORKS_TOOLS": "127.0.0.0/8",
             "QDRANT_PATH": str(tmp_path / "qdrant"),
         }
         first = worker_process("-P", "prefork", "-c", "1", env=env)
