@@ -187,6 +187,11 @@ REST_FRAMEWORK = {
         "ingests_project": env.str("THROTTLE_INGESTS_PROJECT", default="120/min"),
     },
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    # How many reverse proxies in front of the web process append to X-Forwarded-For.
+    # 0 (the default): the header is ignored and the client is the connection's peer;
+    # N: the client is the address the outermost of the N trusted proxies saw. Set it to
+    # exactly the proxies you run: one more lets any client choose its own address.
+    "NUM_PROXIES": env.int("TRUSTED_PROXY_COUNT", default=0),
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "User Worker Space API",
