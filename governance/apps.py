@@ -8,3 +8,6 @@ class GovernanceConfig(AppConfig):
 
     name = "governance"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from . import secrets  # noqa: F401  (registers the check of the Fernet keys)

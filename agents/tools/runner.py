@@ -4,12 +4,14 @@ secrets before it goes anywhere (the model, the event stream, the run's steps, l
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 from django.conf import settings
 from jsonschema import Draft202012Validator
@@ -224,10 +226,26 @@ def project_secrets(*, project_id: uuid.UUID | str) -> dict[str, str]:
     return dict(ProjectSecret.objects.filter(project_id=project_id).values_list("name", "value"))
 
 
+def echo_forms(value: str) -> set[str]:
+    """The forms in which a server that reflects its input can send a secret back: as
+    is, JSON-escaped (ASCII or not), URL-encoded (path and form style), base64 (standard
+    and URL-safe, padded or not)."""
+    forms = {value, json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]}
+    forms |= {quote(value, safe=""), quote_plus(value), quote(value)}
+    raw = value.encode("utf-8", "surrogatepass")
+    for encoded in (base64.b64encode(raw), base64.urlsafe_b64encode(raw)):
+        text = encoded.decode()
+        forms |= {text, text.rstrip("=")}
+    return {form for form in forms if len(form) >= MIN_SCRUBBED_LENGTH}
+
+
 def scrub(text: str, secrets: dict[str, str]) -> str:
-    for value in sorted(secrets.values(), key=len, reverse=True):
+    forms = set()
+    for value in secrets.values():
         if len(value) >= MIN_SCRUBBED_LENGTH:
-            text = text.replace(value, SCRUBBED)
+            forms |= echo_forms(value)
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form, SCRUBBED)
     return text
 
 

@@ -451,6 +451,10 @@ AUDIT_RETENTION_DAYS = env.int("AUDIT_RETENTION_DAYS", default=365)
 # keys at rest. Unset outside production: derived from SECRET_KEY (production requires
 # its own).
 PROVIDER_KEYS_FERNET_KEY = env.str("PROVIDER_KEYS_FERNET_KEY", default="")
+# Keys as a list (comma-separated): the first encrypts, all decrypt; rotate with
+# `manage.py rotate_secrets` (see governance.secrets). PROVIDER_KEYS_FERNET_KEY, when
+# set too, is the oldest. They encrypt projects' tool secrets as well.
+PROVIDER_KEYS_FERNET_KEYS = env.list("PROVIDER_KEYS_FERNET_KEYS", default=[])
 
 # --- LLM endpoint: the model an agent without one asks, and the health probe ------
 # An agent whose `model` is empty asks this one (with OPENAI_BASE_URL / OPENAI_API_KEY

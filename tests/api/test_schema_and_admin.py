@@ -148,7 +148,7 @@ def _manage(settings_module: str, *args: str, **env: str) -> subprocess.Complete
     environment = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("SECRET_KEY", "DEBUG", "PROVIDER_KEYS_FERNET_KEY")
+        if k not in ("SECRET_KEY", "DEBUG", "PROVIDER_KEYS_FERNET_KEY", "PROVIDER_KEYS_FERNET_KEYS")
     }
     environment.update(DJANGO_SETTINGS_MODULE=settings_module, **env)
     return subprocess.run(
