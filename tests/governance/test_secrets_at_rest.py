@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import importlib
+import io
 import json
 import types
 from urllib.parse import quote, quote_plus, urlencode
@@ -70,7 +71,9 @@ def test_keys_rotate_to_the_first_and_the_old_one_can_go(project, settings):
 
     settings.PROVIDER_KEYS_FERNET_KEYS = [new, old]  # the new key first: both read
     assert ProjectSecret.objects.get(id=secret.id).value == "tool-value-1"
-    call_command("rotate_secrets", stdout=open("/dev/null", "w"))
+    out = io.StringIO()
+    call_command("rotate_secrets", stdout=out)
+    assert "1 provider keys, 1 tool secrets" in out.getvalue()
 
     settings.PROVIDER_KEYS_FERNET_KEYS = [new]  # the old key dropped
     assert ProjectSecret.objects.get(id=secret.id).value == "tool-value-1"
