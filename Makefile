@@ -25,9 +25,12 @@ install-dev: $(VENV)/.installed-dev
 
 ## Start web (ASGI), worker, beat and Flower on embedded defaults; Ctrl-C stops all.
 ## The banner with the token and URLs comes once everything answers.
+# The development settings (DEBUG, a key from the repo): every entry point defaults to
+# production, so what runs locally says so here.
+run: export DJANGO_SETTINGS_MODULE = config.settings.local
 run: install
 	@mkdir -p var
-	@echo "Preparing the database (migrate) and the demo user..."
+	@echo "Preparing the database (migrate) and the demo user (make run's alone)..."
 	@$(BIN)/python manage.py migrate --noinput -v 0
 	@$(BIN)/python manage.py demo_user > /dev/null
 	@echo "Starting web, worker, beat and Flower; the token and URLs follow once they answer."
@@ -35,12 +38,14 @@ run: install
 
 ## Run the test suite (against DATABASE_URL / REDIS_URL when set, else SQLite and a
 ## throwaway bundled Redis).
+test: export DJANGO_SETTINGS_MODULE = config.settings.test
 test: install-dev
 	@mkdir -p var
 	bin/with-redis --ephemeral -- $(BIN)/pytest $(PYTEST_ARGS)
 
 ## The contract tests only: schemathesis against the schema, the generated client's
 ## journey, the browser test (part of `make test` too).
+contract: export DJANGO_SETTINGS_MODULE = config.settings.test
 contract: install-dev
 	@mkdir -p var
 	bin/with-redis --ephemeral -- $(BIN)/pytest tests/contract tests/browser $(PYTEST_ARGS)
@@ -57,6 +62,7 @@ format: install-dev
 
 ## Benchmarks print tables (see bench/). They FLUSH the Redis they use, so each gets a
 ## throwaway bundled one here; bench/workspaces.py also needs PostgreSQL (DATABASE_URL).
+bench: export DJANGO_SETTINGS_MODULE = config.settings.local
 bench: install-dev
 	env -u REDIS_URL bin/with-redis --ephemeral -- $(BIN)/python bench/workspaces.py
 	env -u REDIS_URL bin/with-redis --ephemeral -- $(BIN)/python bench/agentbus.py

@@ -110,3 +110,13 @@ def check_fernet_keys(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
                 )
             )
     return errors
+
+
+def fernet_keys_required_valid() -> None:
+    """For the entry points (ASGI, WSGI): refuse to start on a missing or malformed key,
+    as `manage.py check` does, rather than fail at the first secret written."""
+    from django.core.exceptions import ImproperlyConfigured
+
+    errors = check_fernet_keys()
+    if errors:
+        raise ImproperlyConfigured(errors[0].msg)
