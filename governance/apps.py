@@ -10,4 +10,7 @@ class GovernanceConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import secrets  # noqa: F401  (registers the check of the Fernet keys)
+        from . import (  # noqa: F401  (they register themselves)
+            receivers,  # a torn-down project's counters go with it
+            secrets,  # the check of the Fernet keys
+        )

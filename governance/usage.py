@@ -72,7 +72,8 @@ class QuotaExceeded(Throttled):
 @contextlib.contextmanager
 def usage_admit(*, project_id, user_id) -> Iterator[uuid.UUID]:
     """Admit a new run against the quotas; yields the id the run must be stored under.
-    Raises QuotaExceeded (nothing stored yet) when a limit is reached; releases the
+    Raises QuotaExceeded (nothing stored yet) when a limit is reached, QuotaUnavailable
+    (a 503) when a quota applies but Redis is down; releases the
     admission if the block fails."""
     run_id = uuid.uuid4()
     refusal = quota_admit(project_id=project_id, user_id=user_id, run_id=run_id)
