@@ -391,6 +391,15 @@ class SecretListCreateApi(EnvelopeListMixin, ProjectScopedApi):
         return Response(SecretOutputSerializer(secret).data, status=status.HTTP_201_CREATED)
 
 
+def _check_secret_name(name: str) -> None:
+    """A name in the path that no secret can have is the caller's error (400), before
+    it reaches a query."""
+    try:
+        validate_secret_name(name)
+    except DjangoValidationError as exc:
+        raise serializers.ValidationError({"name": exc.messages}) from None
+
+
 @extend_schema(tags=["Tools"])
 class SecretDetailApi(ProjectScopedApi):
     @extend_schema(
@@ -400,6 +409,7 @@ class SecretDetailApi(ProjectScopedApi):
         responses={200: SecretOutputSerializer},
     )
     def put(self, request, project_id, name):
+        _check_secret_name(name)
         secret = secret_get(project=self.project, name=name)
         data = SecretValueSerializer(data=request.data)
         data.is_valid(raise_exception=True)
@@ -415,5 +425,6 @@ class SecretDetailApi(ProjectScopedApi):
         responses={204: None},
     )
     def delete(self, request, project_id, name):
+        _check_secret_name(name)
         project_secret_delete(secret=secret_get(project=self.project, name=name))
         return Response(status=status.HTTP_204_NO_CONTENT)

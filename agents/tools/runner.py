@@ -313,7 +313,10 @@ def _arguments_problem(schema: dict[str, Any], args: dict[str, Any]) -> str:
 
     if not schema:
         return ""
-    error = next(iter(Draft202012Validator(schema).iter_errors(args)), None)
+    try:
+        error = next(iter(Draft202012Validator(schema).iter_errors(args)), None)
+    except RecursionError:  # a schema stored before such schemas were refused, or MCP's
+        return "the tool's parameters schema is recursive; it cannot be checked"
     if error is None:
         return ""
     where = "/".join(str(p) for p in error.path)
