@@ -143,6 +143,8 @@ def rebinding_dns(monkeypatch):
     answers = []
 
     def getaddrinfo(host, port, *args, **kwargs):
+        if isinstance(host, bytes):  # anyio passes the IDNA-encoded name
+            host = host.decode()
         if host != "rebind.test":
             return real(host, port, *args, **kwargs)
         address = "93.184.216.34" if not answers else "127.0.0.1"
