@@ -14,6 +14,7 @@ Workers come in two modes (agentbus.worker):
 import os
 
 from celery import Celery
+from celery.signals import worker_init
 
 from agentbus.celeryconf import configure_celery
 
@@ -24,3 +25,18 @@ app = Celery("config")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 configure_celery(app)
 app.autodiscover_tasks()
+
+
+@worker_init.connect
+def _refuse_a_bad_fernet_key(**kwargs) -> None:
+    # As the web entry points do: a worker with a missing or malformed key would start,
+    # then fail every run of a project that has a provider key or tool secret.
+    from django.core.exceptions import ImproperlyConfigured
+
+    from governance.secrets import fernet_keys_required_valid
+
+    try:
+        fernet_keys_required_valid()
+    except ImproperlyConfigured as exc:
+        # Celery logs and ignores a handler's exception; a SystemExit stops the worker.
+        raise SystemExit(f"ImproperlyConfigured: {exc}") from None

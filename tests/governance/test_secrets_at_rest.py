@@ -20,7 +20,7 @@ from agents.models import ProjectSecret
 from agents.tools.runner import SCRUBBED, scrub
 from governance.models import ProviderSettings
 from governance.secrets import secret_decrypt, secret_encrypt
-from tests.api.test_schema_and_admin import _manage
+from tests.api.test_schema_and_admin import ROOT, _manage
 
 SECRET = 'tool-s3cret-"quoted"\\back/slash+plus&amp'
 
@@ -137,3 +137,22 @@ def test_the_scrubber_catches_escaped_echoes(echo):
     for form in (SECRET, json.dumps(SECRET)[1:-1], quote(SECRET, safe=""), quote_plus(SECRET)):
         assert form not in scrubbed
     assert base64.b64encode(SECRET.encode()).decode().rstrip("=") not in scrubbed
+
+
+def test_a_worker_with_a_malformed_key_does_not_start():
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "PROVIDER_KEYS_FERNET_KEY": "notakey",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "config", "worker", "-Q", "wt-none",
+         "--pool=solo", "--loglevel=WARNING"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "malformed" in result.stderr + result.stdout
