@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import httpx
 from django.conf import settings
+from django.core import checks
 
 TOOLS, MCP, PROVIDER = "tools", "mcp", "provider"
 PURPOSES = (TOOLS, MCP, PROVIDER)
@@ -214,3 +215,17 @@ def guarded_async_client_factory(*, purpose: str, httpx_module):
         )
 
     return factory
+
+
+@checks.register(checks.Tags.security)
+def check_allowed_networks(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """A malformed EGRESS_ALLOW_NETWORKS_* entry fails the checks, not the first call."""
+    errors = []
+    for purpose in PURPOSES:
+        try:
+            allowed_networks(purpose)
+        except ValueError as exc:
+            errors.append(
+                checks.Error(f"EGRESS_ALLOW_NETWORKS_{purpose.upper()}: {exc}", id="common.E001")
+            )
+    return errors

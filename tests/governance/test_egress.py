@@ -169,3 +169,12 @@ def test_mcp_connections_are_pinned_to_the_checked_address(runtime_settings, reb
         assert server.authorizations == []  # the loopback server saw no request
     finally:
         server.stop()
+
+
+def test_a_malformed_network_fails_the_checks(runtime_settings):
+    from common.egress import check_allowed_networks
+
+    runtime_settings.EGRESS_ALLOW_NETWORKS = {"provider": ["10.0.0.0/33"]}
+    assert [e.id for e in check_allowed_networks()] == ["common.E001"]
+    runtime_settings.EGRESS_ALLOW_NETWORKS = {"provider": ["10.0.0.0/8", "fd00::/8"]}
+    assert check_allowed_networks() == []
