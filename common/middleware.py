@@ -58,7 +58,9 @@ class ApiErrorMiddleware(MiddlewareMixin):
 class ApiRequestMiddleware(MiddlewareMixin):
     """Before CommonMiddleware and CsrfViewMiddleware:
 
-    - a path holding a NUL, another control character or a lone surrogate is a 400;
+    - a path that a route takes while it holds a NUL, another control character or a
+      lone surrogate is a 400 (a route without a free-text parameter does not match it:
+      404);
     - an API path given without its trailing slash is served as the route with it,
       instead of a redirect (which a DELETE or POST cannot follow, and which Django
       refuses outright under DEBUG);
@@ -69,7 +71,9 @@ class ApiRequestMiddleware(MiddlewareMixin):
 
     def process_request(self, request: HttpRequest) -> HttpResponse | None:
         path = request.path_info
-        if _UNUSABLE_IN_PATH.search(path):
+        # Only where a route takes it (a name in the path): elsewhere it matches no
+        # route and is the usual 404.
+        if _UNUSABLE_IN_PATH.search(path) and _resolves(path):
             # No name or id holds one; a NUL would reach the database (PostgreSQL
             # refuses it in text: a 500), a lone surrogate cannot even be encoded.
             detail = "The path holds a control character or an invalid one."

@@ -422,7 +422,10 @@ class SecretDetailApi(ProjectScopedApi):
         operation_id="secrets_destroy",
         summary="Delete a secret",
         description="Tools whose headers name it fail their calls until it is set again.",
-        responses={204: None},
+        responses={
+            204: None,
+            **error_responses(400, _400="The name in the path is not a secret name."),
+        },
     )
     def delete(self, request, project_id, name):
         _check_secret_name(name)
