@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.validators import RegexValidator
 from django.db import IntegrityError
-from drf_spectacular.utils import extend_schema, extend_schema_field
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
@@ -400,7 +400,18 @@ def _check_secret_name(name: str) -> None:
         raise serializers.ValidationError({"name": exc.messages}) from None
 
 
-@extend_schema(tags=["Tools"])
+@extend_schema(
+    tags=["Tools"],
+    parameters=[
+        OpenApiParameter(
+            "name",
+            str,
+            OpenApiParameter.PATH,
+            pattern=SECRET_NAME.pattern,
+            description="The secret's name; one no secret can have is a 400.",
+        )
+    ],
+)
 class SecretDetailApi(ProjectScopedApi):
     @extend_schema(
         operation_id="secrets_update",
