@@ -14,12 +14,16 @@ from common.lifecycle import on_loop_shutdown, on_shutdown
 from governance.sources import register_run_source
 from workspaces.redis import scoped
 from workspaces.signals import workspace_teardown
-from workspaces.sources import register_agent_source, register_health_check
+from workspaces.sources import (
+    register_agent_source,
+    register_health_check,
+    register_project_health_check,
+)
 
 from .runtime import streams
 from .runtime.vectors import project_collections_drop
 from .runtime.vectorstore import close_vector_store
-from .selectors import llm_health, runs_health
+from .selectors import llm_health, project_runs_health, runs_health
 from .sources import DatabaseAgentSource, DatabaseRunSource
 from .streamhub import close_hub
 from .tasks import run_agent
@@ -29,8 +33,11 @@ logger = logging.getLogger(__name__)
 register_agent_source(DatabaseAgentSource())
 # Governance rebuilds its quota counters from the runs in the database.
 register_run_source(DatabaseRunSource())
+# Neither breaks every tenant: failed runs are some projects' problem, and a project may
+# answer through its own provider credentials while the deployment's endpoint is down.
 register_health_check("runs", runs_health)
 register_health_check("llm", llm_health)
+register_project_health_check("runs", project_runs_health)
 
 
 @receiver(workspace_teardown, dispatch_uid="agents.collections_on_teardown")
