@@ -69,6 +69,9 @@ class OpenAIProvider:
         # (governance reads them).
         self.usage: Any = None
         self.usage_model = ""
+        # Whether the endpoint accepted a request (answered 2xx): one refused (4xx, 5xx)
+        # or never connected ran no model, and governance does not charge it.
+        self.reached = False
 
     def stream(
         self, request: ChatRequest, *, should_stop: Callable[[], bool] = never
@@ -100,6 +103,7 @@ class OpenAIProvider:
                     stream_options={"include_usage": True},
                     **options,
                 )
+                self.reached = True  # create() raises on any status but 2xx
                 try:
                     for chunk in stream:
                         if getattr(chunk, "usage", None) is not None:
