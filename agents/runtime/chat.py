@@ -59,7 +59,7 @@ from .providers import (
     ToolCallRequest,
     get_provider,
 )
-from .vectors import context_search, exchange_store, query_embed
+from .vectors import context_search, exchange_store, exchanges_forget, query_embed
 
 logger = logging.getLogger(__name__)
 
@@ -689,6 +689,15 @@ def _remember_exchange(
         return
     project = run.session.project
     try:
+        # What regenerate replaced is out of the conversation: out of memory too, or
+        # the replaced answer would keep coming back as the nearest context.
+        exchanges_forget(
+            user_id=project.owner_id,
+            project_id=project.id,
+            agent_id=str(run.agent_id),
+            question=question,
+            answers=_replaced_answers(run),
+        )
         exchange_store(
             user_id=project.owner_id,
             project_id=project.id,
@@ -701,3 +710,26 @@ def _remember_exchange(
     except Exception:
         # The answer stands; only the memory of it is missing.
         logger.exception("could not add the exchange of run %s to context", run.id)
+
+
+def _replaced_answers(run: Run) -> list[str]:
+    """The answers regenerate replaced with this run's: superseded, after the question."""
+    asked = (
+        Message.objects.filter(
+            session_id=run.session_id, role=Message.Role.USER, id__lt=run.message_id
+        )
+        .order_by("-id")
+        .values_list("id", flat=True)
+        .first()
+    )
+    if asked is None:
+        return []
+    return list(
+        Message.objects.filter(
+            session_id=run.session_id,
+            role=Message.Role.ASSISTANT,
+            status=Message.Status.SUPERSEDED,
+            id__gt=asked,
+            id__lt=run.message_id,
+        ).values_list("content", flat=True)
+    )

@@ -316,3 +316,66 @@ def test_deleting_a_session_removes_its_stream(transactional_db, api, session, r
     url = f"/my/projects/{session.project_id}/chat/{session.id}/"
     assert api.delete(url).status_code == 204
     assert stream_events(redis_client, session.project, session.id) == []
+
+
+def _answered(redis_client, session, answer_id) -> Message:
+    kind, data = wait_for_event(
+        redis_client,
+        session.project,
+        session.id,
+        types={"message.completed", "message.error"},
+        message_id=answer_id,
+    )
+    assert kind == "message.completed", data
+    return Message.objects.get(id=answer_id)
+
+
+def test_regenerate_leaves_only_the_standing_exchange_in_memory(
+    live_worker, api, session, redis_client
+):
+    """The answer regenerate replaced is out of the conversation, and out of the agent's
+    memory too: asked again, the nearest exchange is the one that stands."""
+    from agents.runtime.vectors import context_search
+
+    question = "Which colour is the sky over the office?"
+    first = post_message(api, session, question)["assistant_message_id"]
+    _answered(redis_client, session, first)
+    url = f"/my/projects/{session.project_id}/chat/{session.id}/regenerate/"
+    response = api.post(url)
+    assert response.status_code == 202, response.content
+    second = response.json()["id"]
+    _answered(redis_client, session, second)
+    assert Message.objects.get(id=first).status == "superseded"
+
+    def exchanges():
+        hits = context_search(
+            user_id=session.project.owner_id,
+            project_id=session.project_id,
+            agent_id=str(session.agent_id),
+            query=question,
+            k=10,
+        )
+        return [h.payload["message_id"] for h in hits if h.payload.get("kind") == "exchange"]
+
+    assert wait_until(lambda: exchanges() == [second], what="only the standing exchange")
+
+
+@pytest.mark.parametrize("searches", [False, True], ids=["context", "search-tool"])
+def test_offline_answers_stay_readable_turn_after_turn(
+    live_worker, api, session, redis_client, searches
+):
+    """Each offline answer quotes what the agent remembers, which holds its earlier
+    offline answers: quoted whole, they nested one more level (and, through the search
+    tool, one more layer of raw JSON) every turn."""
+    from agents.models import Tool
+
+    if searches:
+        Tool.objects.create(agent=session.agent, kind="builtin", name="search_context")
+    answer = None
+    for turn in range(6):
+        body = post_message(api, session, f"What did we say about the cat, turn {turn}?")
+        answer = _answered(redis_client, session, body["assistant_message_id"])
+    content = answer.content
+    assert content.count("This is the offline provider") == 1, content
+    assert '{"text"' not in content and '\\"' not in content, content
+    assert len(content) < 2500, len(content)
