@@ -33,6 +33,7 @@ from django.utils import timezone
 from redis.exceptions import RedisError
 
 from agentbus import project_gone
+from common.lifecycle import worker_stopping
 from governance.providers import provider_settings_for
 from governance.usage import usage_meter_add, usage_record, usage_run_ended
 from workspaces.manager import get_worker_space
@@ -49,7 +50,7 @@ from ..tools.runner import (
     tools_expand,
 )
 from . import streams
-from .coalesce import coalesced
+from .coalesce import DeltasStopped, coalesced
 from .lease import Held, lease_deadline, lease_keeper
 from .providers import (
     ChatRequest,
@@ -225,6 +226,13 @@ def chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
         logger.warning("run %s: could not clear its dispatch mark", run.id, exc_info=True)
     if run.status != Run.Status.QUEUED:
         return "stale"  # already ended (cancelled, expired)
+    if worker_stopping():
+        # This worker is shutting down: the run is not started here, and the recovery
+        # pass dispatches it again (it has no dispatch to wait for).
+        Run.objects.filter(id=run.id, attempt=attempt, status=Run.Status.QUEUED).update(
+            dispatched_at=None
+        )
+        return "stopping"
     if _waits_behind_another(run):
         # One answer at a time per session: this one is dispatched again when the
         # older one ends (agents.runs.run_next_dispatch).
@@ -326,6 +334,12 @@ def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:
         if run_end(run=run, status=Run.Status.ERROR, content=content, error=error, attempt=attempt):
             raise AgentRunFailed(f"run {run.id}: {error}")
         return "lost"
+    if outcome == "handed-back":
+        # The worker is shutting down: the run goes back to queued with its lease
+        # released, and the recovery pass dispatches it to a worker that runs on; its
+        # next start tells the client the answer starts over.
+        run_take_back(run=run, from_status=Run.Status.RUNNING, attempt=attempt)
+        return outcome
     if outcome == "interrupted":
         # Redis went away mid-answer: not the agent's failure. Queued again, the run is
         # dispatched by the recovery pass once Redis is back, and its next start tells
@@ -345,7 +359,7 @@ def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:
 
 @dataclass
 class Answer:
-    outcome: str  # done, error, cancelled, lost, interrupted or project-deleted
+    outcome: str  # done, error, cancelled, lost, interrupted, handed-back, project-deleted
     content: str = ""
     error: str = ""
     question: str = ""
@@ -357,17 +371,24 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> Answer:
     project_id = run.session.project_id
     next_check = [time.monotonic() + TOMBSTONE_CHECK_SECONDS]
     gone = [False]
+    # The run's own time limit: Celery's are not enforced in the thread pool.
+    deadline = time.monotonic() + settings.RUN_TIME_LIMIT_SECONDS
 
     def should_stop() -> bool:
         if time.monotonic() >= next_check[0]:
             gone[0] = gone[0] or project_gone(project_id)
             next_check[0] = time.monotonic() + TOMBSTONE_CHECK_SECONDS
-        return gone[0] or held.should_stop
+        return gone[0] or held.should_stop or worker_stopping() or time.monotonic() >= deadline
 
     def stopped(content: str) -> Answer:
         if gone[0]:
             return Answer("project-deleted", content)
-        return Answer("cancelled" if held.cancelled.is_set() else "lost", content)
+        if held.should_stop:
+            return Answer("cancelled" if held.cancelled.is_set() else "lost", content)
+        if time.monotonic() >= deadline:
+            limit = settings.RUN_TIME_LIMIT_SECONDS
+            return Answer("error", content, f"the agent run reached its time limit ({limit:g}s)")
+        return Answer("handed-back" if worker_stopping() else "lost", content)
 
     parts: list[str] = []
     question, question_vector = "", None
@@ -407,6 +428,7 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> Answer:
             context=[h.text for h in hits],
             tools=tools,
         )
+        request = replace(request, deadline=deadline)
         loop = ToolLoop(
             redis=redis,
             run=run,
@@ -418,6 +440,7 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> Answer:
                 secrets=secrets,
                 run_id=str(run.id),
                 should_stop=should_stop,
+                deadline=deadline,
             ),
             max_steps=int(params.get("max_steps", settings.TOOL_MAX_STEPS)),
             stop=should_stop,
@@ -427,6 +450,8 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> Answer:
     except ProviderStopped:
         return stopped("".join(parts))
     except ProviderError as exc:
+        if should_stop():  # e.g. its call timed out at the run's deadline: say why
+            return stopped("".join(parts))
         return Answer("error", "".join(parts), str(exc))
     except RedisError as exc:
         logger.warning("agent run %s interrupted, Redis unavailable: %r", run.id, exc)
@@ -654,6 +679,7 @@ def _stream(
         provider.stream(request, should_stop=stop),
         window=settings.CHAT_DELTA_WINDOW_SECONDS,
         threaded=provider.name != OfflineProvider.name,  # the offline one never waits
+        should_stop=stop,  # asked while the provider is silent
     )
     try:
         for delta in deltas:
@@ -675,6 +701,8 @@ def _stream(
             offset += len(delta)
             if stop():
                 return "stopped"
+    except DeltasStopped:
+        return "stopped"
     finally:
         close = getattr(deltas, "close", None)
         if close is not None:

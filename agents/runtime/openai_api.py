@@ -95,8 +95,12 @@ class OpenAIProvider:
             # Streamed tool calls arrive in fragments, by index: id and name first, then
             # the arguments' JSON text piece by piece.
             calls: dict[int, dict[str, str]] = {}
+            client = self._client
+            timeout = request.timeout(settings.LLM_TIMEOUT_SECONDS)
+            if timeout < settings.LLM_TIMEOUT_SECONDS:
+                client = client.with_options(timeout=timeout)  # what the run has left
             try:
-                stream = self._client.chat.completions.create(
+                stream = client.chat.completions.create(
                     model=model,
                     messages=request.messages,
                     stream=True,

@@ -258,10 +258,14 @@ CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TIMEZONE = TIME_ZONE
 # Reliability: a task is acknowledged only once it has run; a worker killed mid-task
-# gives its message back; each process holds one message at a time.
+# gives its message back. A worker reserves concurrency x multiplier messages: one per
+# slot (with the threads pool, one per thread: 100 for the Procfile's worker), so a
+# message waits in a worker only while every slot of it is busy.
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Enforced by Celery's prefork pool only: its thread pool (the Procfile's) ignores them
+# (celery#9203). Agent runs keep their own deadline (RUN_TIME_LIMIT_SECONDS).
 CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=600)
 CELERY_TASK_SOFT_TIME_LIMIT = CELERY_TASK_TIME_LIMIT - 30
 CELERY_BROKER_TRANSPORT_OPTIONS = {
@@ -406,6 +410,9 @@ RUN_RECOVERY_SECONDS = env.float("RUN_RECOVERY_SECONDS", default=10)
 RUN_REDISPATCH_SECONDS = env.float("RUN_REDISPATCH_SECONDS", default=15)
 RUN_QUEUE_TIMEOUT_SECONDS = env.float("RUN_QUEUE_TIMEOUT_SECONDS", default=1800)
 RUN_MAX_STARTS = env.int("RUN_MAX_STARTS", default=3)
+# A run's own deadline, from its start, in any pool: provider and tool calls get at most
+# what is left of it, and past it the run ends in error saying so.
+RUN_TIME_LIMIT_SECONDS = env.float("RUN_TIME_LIMIT_SECONDS", default=CELERY_TASK_SOFT_TIME_LIMIT)
 # Health reports runs that failed this recently as a problem.
 RUN_FAILURE_WINDOW_SECONDS = env.float("RUN_FAILURE_WINDOW_SECONDS", default=900)
 CHAT_HEARTBEAT_SECONDS = env.float("CHAT_HEARTBEAT_SECONDS", default=15)

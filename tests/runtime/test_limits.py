@@ -1,0 +1,55 @@
+"""Limits that bind in the pool the Procfile runs (threads, where Celery's task time
+limits do nothing, celery#9203): an agent run keeps its own deadline, and its provider
+calls get at most what is left of it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from agents.models import Message, Run
+from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
+from tests.runtime.conftest import stream_events, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+
+def post(api, session, content="Tell me something long") -> int:
+    url = f"/my/projects/{session.project_id}/chat/{session.id}/messages/"
+    response = api.post(url, {"content": content}, format="json")
+    assert response.status_code == 202, response.content
+    return response.json()["assistant_message_id"]
+
+
+@pytest.mark.parametrize("mode", ["slow", "stall"])
+def test_a_run_past_its_time_limit_ends_in_error_saying_so(
+    live_worker, api, user, fake_openai, runtime_settings, redis_client, mode
+):
+    """`slow`: a 12 s answer streaming; `stall`: the endpoint sends one token and then
+    nothing while holding the connection (its read timeout is 30 s). Either way the run
+    ends in error at its limit, saying so, and the client is told."""
+    runtime_settings.RUN_TIME_LIMIT_SECONDS = 1.5
+    runtime_settings.LLM_TIMEOUT_SECONDS = 30
+    fake_openai.mode, fake_openai.delay = mode, 0.3
+    fake_openai.tokens = [f"w{i} " for i in range(40)]
+    project = ProjectFactory(owner=user)
+    session = ChatSessionFactory(
+        agent=AgentFactory(project=project, model="gpt-local"), project=project
+    )
+    started = time.monotonic()
+    answer_id = post(api, session)
+    answer = wait_until(
+        lambda: Message.objects.filter(id=answer_id, status__in=Message.FINISHED).first(),
+        timeout=40,
+        what="the answer ended",
+    )
+    elapsed = time.monotonic() - started
+    assert answer.status == "error", (answer.status, answer.content)
+    assert answer.error == "the agent run reached its time limit (1.5s)"
+    assert answer.content.startswith("w0 ")  # what was said before the limit stays
+    assert elapsed < 10, elapsed  # neither the whole answer (12 s) nor the read timeout
+    run = Run.objects.get(message_id=answer_id)
+    assert run.status == "error" and run.lease_expires_at is None
+    kinds = [k for _, k, _ in stream_events(redis_client, project, session.id)]
+    assert kinds.count("message.error") == 1 and "message.completed" not in kinds
