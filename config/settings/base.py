@@ -283,12 +283,15 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_WORKER_SEND_TASK_EVENTS", default=True)
 CELERY_TASK_SEND_SENT_EVENT = False
 _SWEEP_SECONDS = env.float("WORKSPACE_SWEEP_SECONDS", default=300)
+# The recovery pass and the reaper go to agentbus.queues.URGENT_MAINTENANCE_QUEUE: its
+# own worker (the Procfile's `maintenance` line) runs them even while every thread of the
+# shared workers holds an agent run, which is when recovery matters.
 CELERY_BEAT_SCHEDULE = {
     # Retires project queues that are empty and idle, and rescues stranded ones.
     "agentbus.reap_idle_queues": {
         "task": "agentbus.reap_idle_queues",
         "schedule": 30.0,
-        "options": {"expires": 30.0},
+        "options": {"expires": 30.0, "queue": "uws.maintenance.urgent"},
     },
     # Re-dispatches owed workspace teardowns and tears down leftovers with no project.
     "workspaces.sweep": {
@@ -300,7 +303,7 @@ CELERY_BEAT_SCHEDULE = {
     "agents.recover_runs": {
         "task": "agents.recover_runs",
         "schedule": env.float("RUN_RECOVERY_SECONDS", default=10),
-        "options": {"expires": 10.0},
+        "options": {"expires": 10.0, "queue": "uws.maintenance.urgent"},
     },
     # Deletes audit records older than AUDIT_RETENTION_DAYS.
     "governance.purge_audit": {
