@@ -112,3 +112,26 @@ def test_a_tool_call_gets_only_what_is_left_of_the_run(
     assert len(tool_steps) == 1, steps
     step = tool_steps[0]
     assert step["status"] == "error" and "did not answer within" in step["result"]
+
+
+def test_the_recovery_pass_keeps_its_own_time_limit(api, user, settings):
+    """Celery's time limits do not bind the recovery pass in the thread pool: it stops
+    between runs once its own budget is spent, and the next pass goes on."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from agents.runs import runs_recover
+
+    project = ProjectFactory(owner=user)
+    agent = AgentFactory(project=project)
+    answers = [post(api, ChatSessionFactory(agent=agent, project=project)) for _ in range(3)]
+    # Their worker died: claimed, leases long gone.
+    Run.objects.filter(message_id__in=answers).update(
+        status="running", starts=1, lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    spent = runs_recover(budget=0)
+    assert spent["unfinished"] == 1 and spent["restarted"] == 0
+    assert Run.objects.filter(message_id__in=answers, status="running").count() == 3
+    assert runs_recover(budget=60)["restarted"] == 3
+    assert not Run.objects.filter(message_id__in=answers, status="running").exists()
