@@ -16,6 +16,7 @@ from django.http import Http404
 from django.utils import timezone
 
 from agentbus import live_workers, queue_depths
+from common.disk import disk_health
 from common.redis import broker_redis, get_redis
 from projects.models import Project
 
@@ -154,6 +155,7 @@ def workspace_health(*, offset: int = 0, limit: int = 50) -> dict[str, Any]:
         "redis": _check(lambda: get_redis().ping()),
         "broker": _check(_ping_broker),
         "workers": _check_workers(),
+        "disk": _run_check(disk_health),
         **{name: _run_check(check) for name, check in health_checks().items()},
     }
     report: dict[str, Any] = {"total_spaces": 0, "healthy_spaces": 0, "states": {}}

@@ -388,6 +388,9 @@ SEARCH_INFLIGHT_PER_PROJECT = env.int("SEARCH_INFLIGHT_PER_PROJECT", default=16)
 QDRANT_URL = env.str("QDRANT_URL", default="")
 QDRANT_API_KEY = env.str("QDRANT_API_KEY", default="")
 QDRANT_PATH = env.str("QDRANT_PATH", default=str(VAR_DIR / "qdrant"))
+# Writes to the embedded store (ingest) refuse to start with less free space than this on
+# its volume: they end in error saying so, instead of the engine dying mid-write.
+DISK_MIN_FREE_MB = env.float("DISK_MIN_FREE_MB", default=64)
 # Vector layout: "shared" puts every agent's context in one collection per embedding
 # model, each point carrying its tenant (Qdrant's multitenancy guidance); "per_agent"
 # gives each agent a collection of its own (collection-level isolation).
