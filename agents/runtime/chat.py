@@ -16,6 +16,7 @@ behind an older one of its session waits for it (agents.runs).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -33,6 +34,7 @@ from django.utils import timezone
 from redis.exceptions import RedisError
 
 from agentbus import project_gone
+from common.lifecycle import worker_stopping
 from governance.providers import provider_settings_for
 from governance.usage import usage_meter_add, usage_record, usage_run_ended
 from workspaces.manager import get_worker_space
@@ -49,7 +51,7 @@ from ..tools.runner import (
     tools_expand,
 )
 from . import streams
-from .coalesce import coalesced
+from .coalesce import DeltasStopped, coalesced
 from .lease import Held, lease_deadline, lease_keeper
 from .providers import (
     ChatRequest,
@@ -59,7 +61,7 @@ from .providers import (
     ToolCallRequest,
     get_provider,
 )
-from .vectors import context_search, exchange_store, query_embed
+from .vectors import context_search, exchange_store, exchanges_forget, query_embed
 
 logger = logging.getLogger(__name__)
 
@@ -99,13 +101,21 @@ def run_end(
 ) -> bool:
     """End a run and its message once, conditionally (on its status, and on the dispatch
     generation when given): True when this call ended it. Says so on the event stream.
-    `content` None leaves the message's text as it is (a cancel from outside the run)."""
+    `content` None leaves the message's text as it is (a cancel from outside the run).
+
+    The end commits with its event still owed (a finished run keeps a lease until the
+    event is written): if this process dies or Redis fails in between, the recovery
+    pass writes the event (`run_end_event_repair`), so a live client always sees how
+    the answer ended."""
     fence = Q(id=run.id, status__in=from_statuses)
     if attempt is not None:
         fence &= Q(attempt=attempt)
     with transaction.atomic():
         ended = Run.objects.filter(fence).update(
-            status=status, error=error, finished_at=timezone.now(), lease_expires_at=None
+            status=status,
+            error=error,
+            finished_at=timezone.now(),
+            lease_expires_at=lease_deadline(),
         )
         if ended:
             written = {"status": status, "error": error}
@@ -125,9 +135,10 @@ def run_end(
                 event_type=event,
                 data={"message_id": run.message_id, **data},
             )
+            Run.objects.filter(id=run.id, status=status).update(lease_expires_at=None)
         except Exception:
-            # The database says how it ended; a client reloading the message sees it.
-            logger.warning("run %s ended %s; the event was not written", run.id, status)
+            # Still owed: the recovery pass writes it once the lease ran out.
+            logger.warning("run %s ended %s; the event was not written yet", run.id, status)
         # Governance hook: the run no longer counts as in flight against quotas.
         project = run.session.project
         usage_run_ended(
@@ -137,6 +148,49 @@ def run_end(
             meter=getattr(run, "usage_meter", None),
         )
     return bool(ended)
+
+
+def _end_event(status: str, message: Message) -> tuple[str, dict[str, Any]]:
+    return {
+        Run.Status.DONE: (
+            streams.MESSAGE_COMPLETED,
+            {"content": message.content, "status": message.status},
+        ),
+        Run.Status.ERROR: (
+            streams.MESSAGE_ERROR,
+            {"error": message.error, "content": message.content},
+        ),
+        Run.Status.CANCELLED: (streams.MESSAGE_CANCELLED, {}),
+    }[status]
+
+
+# How far back in a session's stream the repair looks for an end already written.
+END_EVENT_LOOKBACK = 200
+
+
+def run_end_event_repair(*, run: Run) -> bool:
+    """Write the end event a finished run still owes (its ender died, or Redis failed,
+    between the commit and the event), unless the stream has it already; then release
+    the run's lease. True when this call wrote it."""
+    redis = _redis_of(run)
+    wanted = {streams.MESSAGE_COMPLETED, streams.MESSAGE_ERROR, streams.MESSAGE_CANCELLED}
+    tail = redis.xrevrange(streams.stream_key(run.session_id), count=END_EVENT_LOOKBACK)
+    written = any(
+        fields.get("type") in wanted
+        and json.loads(fields.get("data") or "{}").get("message_id") == run.message_id
+        for _, fields in tail
+    )
+    if not written:
+        message = Message.objects.get(id=run.message_id)
+        event, data = _end_event(run.status, message)
+        streams.event_append(
+            redis=redis,
+            session_id=run.session_id,
+            event_type=event,
+            data={"message_id": run.message_id, **data},
+        )
+    Run.objects.filter(id=run.id, status=run.status).update(lease_expires_at=None)
+    return not written
 
 
 def run_take_back(*, run: Run, from_status: str, attempt: int | None = None) -> bool:
@@ -225,6 +279,13 @@ def chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
         logger.warning("run %s: could not clear its dispatch mark", run.id, exc_info=True)
     if run.status != Run.Status.QUEUED:
         return "stale"  # already ended (cancelled, expired)
+    if worker_stopping():
+        # This worker is shutting down: the run is not started here, and the recovery
+        # pass dispatches it again (it has no dispatch to wait for).
+        Run.objects.filter(id=run.id, attempt=attempt, status=Run.Status.QUEUED).update(
+            dispatched_at=None
+        )
+        return "stopping"
     if _waits_behind_another(run):
         # One answer at a time per session: this one is dispatched again when the
         # older one ends (agents.runs.run_next_dispatch).
@@ -326,6 +387,12 @@ def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:
         if run_end(run=run, status=Run.Status.ERROR, content=content, error=error, attempt=attempt):
             raise AgentRunFailed(f"run {run.id}: {error}")
         return "lost"
+    if outcome == "handed-back":
+        # The worker is shutting down: the run goes back to queued with its lease
+        # released, and the recovery pass dispatches it to a worker that runs on; its
+        # next start tells the client the answer starts over.
+        run_take_back(run=run, from_status=Run.Status.RUNNING, attempt=attempt)
+        return outcome
     if outcome == "interrupted":
         # Redis went away mid-answer: not the agent's failure. Queued again, the run is
         # dispatched by the recovery pass once Redis is back, and its next start tells
@@ -345,7 +412,7 @@ def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:
 
 @dataclass
 class Answer:
-    outcome: str  # done, error, cancelled, lost, interrupted or project-deleted
+    outcome: str  # done, error, cancelled, lost, interrupted, handed-back, project-deleted
     content: str = ""
     error: str = ""
     question: str = ""
@@ -357,17 +424,24 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> Answer:
     project_id = run.session.project_id
     next_check = [time.monotonic() + TOMBSTONE_CHECK_SECONDS]
     gone = [False]
+    # The run's own time limit: Celery's are not enforced in the thread pool.
+    deadline = time.monotonic() + settings.RUN_TIME_LIMIT_SECONDS
 
     def should_stop() -> bool:
         if time.monotonic() >= next_check[0]:
             gone[0] = gone[0] or project_gone(project_id)
             next_check[0] = time.monotonic() + TOMBSTONE_CHECK_SECONDS
-        return gone[0] or held.should_stop
+        return gone[0] or held.should_stop or worker_stopping() or time.monotonic() >= deadline
 
     def stopped(content: str) -> Answer:
         if gone[0]:
             return Answer("project-deleted", content)
-        return Answer("cancelled" if held.cancelled.is_set() else "lost", content)
+        if held.should_stop:
+            return Answer("cancelled" if held.cancelled.is_set() else "lost", content)
+        if time.monotonic() >= deadline:
+            limit = settings.RUN_TIME_LIMIT_SECONDS
+            return Answer("error", content, f"the agent run reached its time limit ({limit:g}s)")
+        return Answer("handed-back" if worker_stopping() else "lost", content)
 
     parts: list[str] = []
     question, question_vector = "", None
@@ -407,6 +481,7 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> Answer:
             context=[h.text for h in hits],
             tools=tools,
         )
+        request = replace(request, deadline=deadline)
         loop = ToolLoop(
             redis=redis,
             run=run,
@@ -418,6 +493,7 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> Answer:
                 secrets=secrets,
                 run_id=str(run.id),
                 should_stop=should_stop,
+                deadline=deadline,
             ),
             max_steps=int(params.get("max_steps", settings.TOOL_MAX_STEPS)),
             stop=should_stop,
@@ -427,6 +503,8 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis) -> Answer:
     except ProviderStopped:
         return stopped("".join(parts))
     except ProviderError as exc:
+        if should_stop():  # e.g. its call timed out at the run's deadline: say why
+            return stopped("".join(parts))
         return Answer("error", "".join(parts), str(exc))
     except RedisError as exc:
         logger.warning("agent run %s interrupted, Redis unavailable: %r", run.id, exc)
@@ -654,6 +732,7 @@ def _stream(
         provider.stream(request, should_stop=stop),
         window=settings.CHAT_DELTA_WINDOW_SECONDS,
         threaded=provider.name != OfflineProvider.name,  # the offline one never waits
+        should_stop=stop,  # asked while the provider is silent
     )
     try:
         for delta in deltas:
@@ -675,6 +754,8 @@ def _stream(
             offset += len(delta)
             if stop():
                 return "stopped"
+    except DeltasStopped:
+        return "stopped"
     finally:
         close = getattr(deltas, "close", None)
         if close is not None:
@@ -689,6 +770,15 @@ def _remember_exchange(
         return
     project = run.session.project
     try:
+        # What regenerate replaced is out of the conversation: out of memory too, or
+        # the replaced answer would keep coming back as the nearest context.
+        exchanges_forget(
+            user_id=project.owner_id,
+            project_id=project.id,
+            agent_id=str(run.agent_id),
+            question=question,
+            answers=_replaced_answers(run),
+        )
         exchange_store(
             user_id=project.owner_id,
             project_id=project.id,
@@ -701,3 +791,26 @@ def _remember_exchange(
     except Exception:
         # The answer stands; only the memory of it is missing.
         logger.exception("could not add the exchange of run %s to context", run.id)
+
+
+def _replaced_answers(run: Run) -> list[str]:
+    """The answers regenerate replaced with this run's: superseded, after the question."""
+    asked = (
+        Message.objects.filter(
+            session_id=run.session_id, role=Message.Role.USER, id__lt=run.message_id
+        )
+        .order_by("-id")
+        .values_list("id", flat=True)
+        .first()
+    )
+    if asked is None:
+        return []
+    return list(
+        Message.objects.filter(
+            session_id=run.session_id,
+            role=Message.Role.ASSISTANT,
+            status=Message.Status.SUPERSEDED,
+            id__gt=asked,
+            id__lt=run.message_id,
+        ).values_list("content", flat=True)
+    )

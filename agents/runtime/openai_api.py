@@ -87,6 +87,9 @@ class OpenAIProvider:
         # (governance reads them).
         self.usage: Any = None
         self.usage_model = ""
+        # Whether the endpoint accepted a request (answered 2xx): one refused (4xx, 5xx)
+        # or never connected ran no model, and governance does not charge it.
+        self.reached = False
 
     def stream(
         self, request: ChatRequest, *, should_stop: Callable[[], bool] = never
@@ -110,14 +113,19 @@ class OpenAIProvider:
             # Streamed tool calls arrive in fragments, by index: id and name first, then
             # the arguments' JSON text piece by piece.
             calls: dict[int, dict[str, str]] = {}
+            client = self._client
+            timeout = request.timeout(settings.LLM_TIMEOUT_SECONDS)
+            if timeout < settings.LLM_TIMEOUT_SECONDS:
+                client = client.with_options(timeout=timeout)  # what the run has left
             try:
-                stream = self._client.chat.completions.create(
+                stream = client.chat.completions.create(
                     model=model,
                     messages=request.messages,
                     stream=True,
                     stream_options={"include_usage": True},
                     **options,
                 )
+                self.reached = True  # create() raises on any status but 2xx
                 try:
                     for chunk in stream:
                         if getattr(chunk, "usage", None) is not None:

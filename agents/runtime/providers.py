@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -56,6 +57,14 @@ class ChatRequest:
     question: str = ""
     # The tools the model may call, as OpenAI function specs.
     tools: list[dict[str, Any]] = field(default_factory=list)
+    # The run's deadline (time.monotonic()): a call waits at most what is left of it.
+    deadline: float | None = None
+
+    def timeout(self, default: float) -> float:
+        """`default`, or what is left before the deadline if that is less."""
+        if self.deadline is None:
+            return default
+        return max(0.1, min(default, self.deadline - time.monotonic()))
 
 
 class Provider(Protocol):
@@ -77,6 +86,10 @@ class OfflineProvider:
     returned."""
 
     name = "offline"
+    INTRO = (
+        "This is the offline provider: no language model is configured, "
+        "so this answer is built from the agent's stored context."
+    )
 
     def tool_calls(self, request: ChatRequest) -> list[ToolCallRequest]:
         names = {tool["function"]["name"] for tool in request.tools}
@@ -87,14 +100,11 @@ class OfflineProvider:
         return []
 
     def answer(self, request: ChatRequest) -> str:
-        intro = (
-            "This is the offline provider: no language model is configured, "
-            "so this answer is built from the agent's stored context."
-        )
+        intro = self.INTRO
         results = [m["content"] for m in request.messages if m.get("role") == "tool"]
         if results:
             lines = [f"{intro} Its search_context tool found:"]
-            lines += [f"- {shorten(text, 500)}" for text in results]
+            lines += [f"- {text}" for result in results for text in _found(result)]
             return "\n".join(lines)
         if not request.context:
             return (
@@ -103,7 +113,7 @@ class OfflineProvider:
             )
         lines = [f"{intro} The most relevant context I hold:"]
         for i, text in enumerate(request.context, 1):
-            lines.append(f"{i}. {shorten(text, 500)}")
+            lines.append(f"{i}. {_quoted(text)}")
         return "\n".join(lines)
 
     def stream(
@@ -117,6 +127,28 @@ class OfflineProvider:
         words = re.findall(r"\S+\s*", self.answer(request))
         for i in range(0, len(words), 4):
             yield "".join(words[i : i + 4])
+
+
+def _quoted(text: str, limit: int = 500) -> str:
+    """Stored context as the offline provider quotes it. A remembered exchange holds an
+    earlier offline answer, which quotes the context of its own turn: quoted whole, the
+    answers would nest one level deeper every turn. Its quote stops where it began."""
+    cut = text.find(OfflineProvider.INTRO)
+    if cut >= 0:
+        text = text[:cut] + "(an earlier offline answer)"
+    return shorten(text, limit)
+
+
+def _found(result: str) -> list[str]:
+    """A tool result as lines to quote: the texts of search_context's hits (its result
+    is JSON), else the result itself."""
+    try:
+        hits = json.loads(result)
+    except ValueError:
+        return [_quoted(result)]
+    if isinstance(hits, list) and all(isinstance(h, dict) and "text" in h for h in hits):
+        return [_quoted(str(h["text"])) for h in hits] or ["nothing"]
+    return [_quoted(result)]
 
 
 def shorten(text: str, limit: int) -> str:

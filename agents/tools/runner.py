@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -117,6 +118,13 @@ class ToolScope:
     # The calling run (agent tools start runs under it), and whether it must stop.
     run_id: str = ""
     should_stop: Callable[[], bool] = _never
+    # The calling run's deadline (time.monotonic()): a call waits at most what is left.
+    deadline: float | None = None
+
+    def timeout(self, default: float) -> float:
+        if self.deadline is None:
+            return default
+        return max(0.1, min(default, self.deadline - time.monotonic()))
 
 
 def agent_tools(*, agent_id: uuid.UUID | str) -> list[ToolSpec]:
@@ -287,7 +295,7 @@ def tool_execute(*, spec: ToolSpec | None, arguments: str, scope: ToolScope) -> 
                 secrets=scope.secrets,
                 name=spec.remote_name,
                 arguments=args,
-                timeout=spec.timeout,
+                timeout=scope.timeout(spec.timeout),
             )
             return ToolOutcome(ok, scrub(content, scope.secrets))
         if spec.kind == "builtin":
@@ -299,7 +307,7 @@ def tool_execute(*, spec: ToolSpec | None, arguments: str, scope: ToolScope) -> 
                 header_templates=spec.headers,
                 arguments=args,
                 secrets=scope.secrets,
-                timeout=spec.timeout,
+                timeout=scope.timeout(spec.timeout),
             )
         return ToolOutcome(True, scrub(content, scope.secrets))
     except ToolError as exc:
