@@ -25,13 +25,16 @@ install-dev: $(VENV)/.installed-dev
 
 ## Start web (ASGI), worker, beat and Flower on embedded defaults; Ctrl-C stops all.
 ## The banner with the token and URLs comes once everything answers.
+# The development settings (DEBUG, a key from the repo): every entry point defaults to
+# production, so what runs locally says so here.
+run: export DJANGO_SETTINGS_MODULE = config.settings.local
 run: install
 	@mkdir -p var
-	@echo "Preparing the database (migrate) and the demo user..."
+	@echo "Preparing the database (migrate) and the demo user (make run's alone)..."
 	@$(BIN)/python manage.py migrate --noinput -v 0
 	@$(BIN)/python manage.py demo_user > /dev/null
 	@echo "Starting web, worker, beat and Flower; the token and URLs follow once they answer."
-	@bin/with-redis --interrupt-ok -- $(BIN)/honcho start -p $(WEB_PORT) web worker beat flower banner
+	@bin/with-redis --interrupt-ok -- $(BIN)/honcho start -p $(WEB_PORT) web worker maintenance beat flower banner
 
 ## Run the test suite (against DATABASE_URL / REDIS_URL when set, else SQLite and a
 ## throwaway bundled Redis). On the throwaway Redis it runs in TEST_WORKERS processes
@@ -39,12 +42,14 @@ run: install
 ## its own; against a given REDIS_URL in one (the suite empties the database it is given).
 TEST_WORKERS ?= 2
 PYTEST_PARALLEL ?= $(if $(REDIS_URL),,-n $(TEST_WORKERS) --dist loadfile)
+test: export DJANGO_SETTINGS_MODULE = config.settings.test
 test: install-dev
 	@mkdir -p var
 	bin/with-redis --ephemeral -- $(BIN)/pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 ## The contract tests only: schemathesis against the schema, the generated client's
 ## journey, the browser test (part of `make test` too).
+contract: export DJANGO_SETTINGS_MODULE = config.settings.test
 contract: install-dev
 	@mkdir -p var
 	bin/with-redis --ephemeral -- $(BIN)/pytest tests/contract tests/browser $(PYTEST_ARGS)
@@ -63,6 +68,7 @@ format: install-dev
 
 ## Benchmarks print tables (see bench/). They FLUSH the Redis they use, so each gets a
 ## throwaway bundled one here; bench/workspaces.py also needs PostgreSQL (DATABASE_URL).
+bench: export DJANGO_SETTINGS_MODULE = config.settings.local
 bench: install-dev
 	env -u REDIS_URL bin/with-redis --ephemeral -- $(BIN)/python bench/workspaces.py
 	env -u REDIS_URL bin/with-redis --ephemeral -- $(BIN)/python bench/agentbus.py

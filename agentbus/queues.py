@@ -1,8 +1,10 @@
 """Every queue name and task route of the system, in one place, and the Celery queue
 table that keeps them direct.
 
-The AgentBus is one Celery queue per project. Maintenance work (teardown, sweeps, the
-queue reaper) has its own queue, which every shared worker always follows.
+The AgentBus is one Celery queue per project. Maintenance work (teardown, sweeps) has its
+own queue, which every shared worker always follows; the maintenance that must run when
+the shared workers are full (the run recovery pass, the queue reaper) has another, which
+a maintenance worker follows.
 
 Every queue here is addressed straight by name: messages go to the nameless (default)
 exchange with the queue's name as routing key. On Redis that is one LPUSH onto the
@@ -18,6 +20,10 @@ from celery.app.amqp import AMQP, Queues
 from kombu import Exchange, Queue
 
 MAINTENANCE_QUEUE = "uws.maintenance"
+# Maintenance that must not wait behind agent runs (the recovery pass, the queue reaper):
+# consumed by a worker of its own (the Procfile's `maintenance` line), whose few threads
+# runs never fill. Nothing routed here may open the embedded vector store.
+URGENT_MAINTENANCE_QUEUE = "uws.maintenance.urgent"
 PROJECT_QUEUE_PREFIX = "uws.project."
 
 # The nameless exchange: the routing key is the destination queue.

@@ -171,13 +171,24 @@ class AgentBusConsumer(bootsteps.StartStopStep):
 
 
 def check_visibility_timeout() -> None:
+    """visibility_timeout must exceed the longest a task really runs. Celery's time
+    limits bind in the prefork pool only (its thread pool ignores them, celery#9203);
+    in any pool an agent run keeps its own deadline, and may get the soft-shutdown
+    window on top."""
     options = settings.CELERY_BROKER_TRANSPORT_OPTIONS or {}
     visibility = options.get("visibility_timeout", 3600)
-    longest = getattr(settings, "CELERY_TASK_TIME_LIMIT", None)
+    limits = {
+        "CELERY_TASK_TIME_LIMIT": getattr(settings, "CELERY_TASK_TIME_LIMIT", None) or 0,
+        "RUN_TIME_LIMIT_SECONDS + CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT": (
+            getattr(settings, "RUN_TIME_LIMIT_SECONDS", 0)
+            + (getattr(settings, "CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", 0) or 0)
+        ),
+    }
+    name, longest = max(limits.items(), key=lambda item: item[1])
     if longest and visibility <= longest:
         raise ImproperlyConfigured(
-            f"visibility_timeout ({visibility}s) must exceed CELERY_TASK_TIME_LIMIT "
-            f"({longest}s), or Redis hands a running task to a second worker"
+            f"visibility_timeout ({visibility}s) must exceed {name} ({longest:g}s), or "
+            "Redis hands a running task to a second worker"
         )
 
 

@@ -5,6 +5,7 @@ import uuid
 from django.db import models
 
 from common.validators import validate_text_size
+from governance.secrets import EncryptedTextField
 from projects.models import Project
 
 from .tool_validation import (
@@ -53,12 +54,13 @@ class Agent(models.Model):
 
 class ProjectSecret(models.Model):
     """A named value of a project that HTTP tools put into their request headers. The
-    API accepts it and never returns it; tools' results and events are scrubbed of it."""
+    API accepts it and never returns it; tools' results and events are scrubbed of it.
+    Stored encrypted, like provider keys (governance.secrets)."""
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="secrets")
     name = models.CharField(max_length=64, validators=[validate_secret_name])
-    value = models.TextField()
+    value = EncryptedTextField()
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -20,6 +20,10 @@ SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 SECRET_REF = re.compile(r"\{\{secret:([^{}]*)\}\}")
 HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}$")
 MAX_SCHEMA_BYTES = 16 * 1024
+# How deep a tool's parameters schema may nest (objects and arrays); checking arguments
+# walks it recursively.
+MAX_SCHEMA_DEPTH = 32
+LOCAL_REF = re.compile(r"^#/(\$defs|definitions)/([^/~]+)$")
 MAX_HEADERS = 20
 MAX_HEADER_VALUE = 4096
 # Headers the HTTP client sets itself.
@@ -50,6 +54,7 @@ def validate_parameters_schema(value) -> None:
         raise ValidationError(f"Must be at most {MAX_SCHEMA_BYTES} bytes as JSON.")
     if value and value.get("type") != "object":
         raise ValidationError('Must describe an object: "type": "object".')
+    _check_schema_shape(value)
     try:
         Draft202012Validator.check_schema(value)
     except SchemaError as exc:
@@ -57,6 +62,65 @@ def validate_parameters_schema(value) -> None:
         raise ValidationError(
             f"Not a valid JSON Schema: {exc.message}" + (f" (at {path})" if path else "")
         ) from None
+    except RecursionError:
+        raise ValidationError("Not a valid JSON Schema: it nests too deeply.") from None
+
+
+def _check_schema_shape(schema: dict) -> None:
+    """What would make checking a call's arguments recurse without end or reach outside:
+    nesting past MAX_SCHEMA_DEPTH, a `$ref` that is not to `#/$defs/<name>` (or
+    `definitions`), dynamic references, and references that form a cycle."""
+    definitions: dict[str, set[str]] = {}
+    root_refs = _refs(schema, depth=0, skip_defs=True)
+    for section in ("$defs", "definitions"):
+        for name, sub in (schema.get(section) or {}).items():
+            definitions[f"{section}/{name}"] = _refs(sub, depth=1, skip_defs=False)
+    for target in root_refs | {t for refs in definitions.values() for t in refs}:
+        if target not in definitions:
+            raise ValidationError(f"$ref to {target!r}: no such definition.")
+    # A cycle among definitions makes the schema recursive: refused.
+    state: dict[str, int] = {}
+
+    def visit(name: str) -> None:
+        state[name] = 1
+        for target in definitions[name]:
+            if state.get(target) == 1:
+                raise ValidationError(f"Recursive schema: {target!r} refers back to itself.")
+            if target not in state:
+                visit(target)
+        state[name] = 2
+
+    for name in definitions:
+        if name not in state:
+            visit(name)
+
+
+def _refs(node, *, depth: int, skip_defs: bool) -> set[str]:
+    if depth > MAX_SCHEMA_DEPTH:
+        raise ValidationError(f"Nests deeper than {MAX_SCHEMA_DEPTH} levels.")
+    found: set[str] = set()
+    if isinstance(node, list):
+        for item in node:
+            found |= _refs(item, depth=depth + 1, skip_defs=False)
+        return found
+    if not isinstance(node, dict):
+        return found
+    for key in ("$dynamicRef", "$recursiveRef"):
+        if key in node:
+            raise ValidationError(f"{key} is not supported: use $ref to #/$defs/<name>.")
+    ref = node.get("$ref")
+    if ref is not None:
+        match = LOCAL_REF.match(ref) if isinstance(ref, str) else None
+        if match is None:
+            raise ValidationError(
+                f"$ref {ref!r} is not supported: only references to #/$defs/<name>."
+            )
+        found.add(f"{match.group(1)}/{match.group(2)}")
+    for key, value in node.items():
+        if skip_defs and key in ("$defs", "definitions"):
+            continue
+        found |= _refs(value, depth=depth + 1, skip_defs=False)
+    return found
 
 
 def url_placeholders(template: str) -> list[str]:

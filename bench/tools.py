@@ -54,7 +54,7 @@ if __name__ == "__main__":
     for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "EMBEDDINGS_BASE_URL", "QDRANT_URL"):
         os.environ[name] = ""
     # The tool's endpoint is on loopback; every call of a round comes from one run.
-    os.environ["TOOLS_ALLOW_PRIVATE_NETWORKS"] = "true"
+    os.environ["EGRESS_ALLOW_NETWORKS_TOOLS"] = "127.0.0.0/8"
     os.environ["AGENT_CALL_MAX_FANOUT"] = "1000000"
     import django
 

@@ -12,14 +12,27 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 _END = object()
 
 
+class DeltasStopped(Exception):
+    """`should_stop` turned true while the provider was silent."""
+
+
+# How often a silent provider's run asks whether it must stop (deadline, shutdown).
+STOP_POLL_SECONDS = 0.25
+
+
 def coalesced(
-    deltas: Iterator[Any], *, window: float, max_chars: int = 2048, threaded: bool = True
+    deltas: Iterator[Any],
+    *,
+    window: float,
+    max_chars: int = 2048,
+    threaded: bool = True,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Iterator[Any]:
     """The text of `deltas`, joined per `window` seconds (at most `max_chars` at once).
 
@@ -27,8 +40,10 @@ def coalesced(
     goes quiet is written when its window ends, not when the next delta comes. Use it
     for providers that wait on the network; a local generator that never pauses needs
     none. Closing this generator stops the reader after the delta it is waiting for.
+    `should_stop` (threaded only) is asked while the provider is silent: true raises
+    DeltasStopped, so a stalled provider cannot hold a run past its deadline.
     """
-    if window <= 0:
+    if window <= 0 and not (threaded and should_stop):
         yield from deltas
         return
     if not threaded:
@@ -61,10 +76,18 @@ def coalesced(
             wait = None
             if buffer and flushed_at is not None:
                 wait = max(0.0, flushed_at + window - time.monotonic())
+            if should_stop is not None:
+                wait = STOP_POLL_SECONDS if wait is None else min(wait, STOP_POLL_SECONDS)
             try:
                 item = inbox.get(timeout=wait)
             except queue.Empty:
                 item = None
+                if should_stop is not None and should_stop():
+                    if buffer:
+                        yield "".join(buffer)
+                    raise DeltasStopped() from None
+                if not buffer:
+                    continue
             if item is _END:
                 break
             if isinstance(item, BaseException):

@@ -15,7 +15,9 @@ RUN_RECOVERY_SECONDS):
 - a running run whose lease expired (its worker was killed) is dispatched again, its
   next start says `message.restarted` to the client;
 - a run that cannot start within RUN_QUEUE_TIMEOUT_SECONDS, or whose workers were lost
-  RUN_MAX_STARTS times, ends in error with the reason.
+  RUN_MAX_STARTS times, ends in error with the reason;
+- a finished run whose end event is still owed (it keeps its lease until the event is
+  written: its ender died, or Redis failed, after the commit) gets the event written.
 
 Every dispatch carries a new `attempt`: only the latest may claim the run, so a lost
 message that turns up later, or a duplicate, does nothing.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from datetime import timedelta
 
 from celery import current_app
@@ -46,7 +49,14 @@ from workspaces.redis import ScopedRedis, scoped
 
 from . import streams
 from .models import Message, Run
-from .state import run_dispatched, run_end, run_take_back, runs_active, waits_behind_another
+from .state import (
+    run_dispatched,
+    run_end,
+    run_end_event_repair,
+    run_take_back,
+    runs_active,
+    waits_behind_another,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -167,12 +177,25 @@ def _redis(run: Run) -> ScopedRedis:
     return scoped(project.owner_id, project.id)
 
 
-def runs_recover() -> dict[str, int]:
-    """The recovery pass (see the module docstring). Returns what it did."""
+def runs_recover(*, budget: float | None = None) -> dict[str, int]:
+    """The recovery pass (see the module docstring). Returns what it did.
+
+    It keeps its own time limit (`budget` seconds, by default its interval,
+    RUN_RECOVERY_SECONDS), as Celery's are not enforced in the thread pool: past it, it
+    stops between runs and the next pass goes on (`unfinished` in what it returns)."""
+    deadline = time.monotonic() + (settings.RUN_RECOVERY_SECONDS if budget is None else budget)
     now = timezone.now()
-    done = {"redispatched": 0, "restarted": 0, "expired": 0}
+    done = {"redispatched": 0, "restarted": 0, "expired": 0, "ends_written": 0}
+
+    def in_time(runs):
+        for run in runs:
+            if time.monotonic() >= deadline:
+                done["unfinished"] = 1
+                return
+            yield run
+
     give_up = now - timedelta(seconds=settings.RUN_QUEUE_TIMEOUT_SECONDS)
-    for run in _runs(Q(status=Run.Status.QUEUED, created_at__lt=give_up)):
+    for run in in_time(_runs(Q(status=Run.Status.QUEUED, created_at__lt=give_up))):
         if run_end(
             run=run,
             status=Run.Status.ERROR,
@@ -188,11 +211,19 @@ def runs_recover() -> dict[str, int]:
         & (Q(dispatched_at__lt=stale) | Q(dispatched_at__isnull=True, created_at__lt=stale))
         & ~waits_behind_another()
     )
-    for run in _lost(queued):
+    for run in in_time(_lost(queued)):
         done["redispatched"] += _redispatch(run, from_status=Run.Status.QUEUED)
 
-    for run in _runs(Q(status=Run.Status.RUNNING, lease_expires_at__lt=now)):
+    for run in in_time(_runs(Q(status=Run.Status.RUNNING, lease_expires_at__lt=now))):
         done["restarted"] += _redispatch(run, from_status=Run.Status.RUNNING)
+
+    # A finished run still holding its lease owes its end event (its ender died, or
+    # Redis failed, between the commit and the event): a live client waits for it.
+    for run in in_time(_runs(Q(status__in=Run.FINISHED, lease_expires_at__lt=now))):
+        try:
+            done["ends_written"] += run_end_event_repair(run=run)
+        except Exception:
+            logger.warning("run %s: end event not written; the next pass tries again", run.id)
     if any(done.values()):
         logger.warning("run recovery: %s", done)
     return done

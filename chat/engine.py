@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from django.conf import settings
@@ -25,7 +25,8 @@ from django.db.models import Q
 from redis.exceptions import RedisError
 
 from agentbus import project_gone
-from context.vectors import context_search, exchange_store, query_embed
+from common.lifecycle import worker_stopping
+from context.vectors import context_search, exchange_store, exchanges_forget, query_embed
 from governance.providers import provider_settings_for
 from governance.usage import usage_record
 from llm.providers import (
@@ -59,7 +60,7 @@ class AgentRunFailed(Exception):
 
 @dataclass
 class Answer:
-    outcome: str  # done, error, cancelled, lost, interrupted or project-deleted
+    outcome: str  # done, error, cancelled, lost, interrupted, handed-back, project-deleted
     content: str = ""
     error: str = ""
     question: str = ""
@@ -97,6 +98,11 @@ def chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
         logger.warning("run %s: could not clear its dispatch mark", run.id, exc_info=True)
     if run.status != Run.Status.QUEUED:
         return "stale"  # already ended (cancelled, expired)
+    if worker_stopping():
+        # This worker is shutting down: the run is not started here, and the recovery
+        # pass dispatches it again (it has no dispatch to wait for).
+        state.run_undispatched(run=run, attempt=attempt)
+        return "stopping"
     if state.run_waits_behind_another(run):
         # One answer at a time per session: this one is dispatched again when the
         # older one ends (chat.dispatch.run_next_dispatch).
@@ -194,6 +200,12 @@ def _settle(*, run: Run, attempt: int, redis: ScopedRedis, answer: Answer, usage
         if ended:
             raise AgentRunFailed(f"run {run.id}: {error}")
         return "lost"
+    if outcome == "handed-back":
+        # The worker is shutting down: the run goes back to queued with its lease
+        # released, and the recovery pass dispatches it to a worker that runs on; its
+        # next start tells the client the answer starts over.
+        state.run_take_back(run=run, from_status=Run.Status.RUNNING, attempt=attempt)
+        return outcome
     if outcome == "interrupted":
         # Redis went away mid-answer: not the agent's failure. Queued again, the run is
         # dispatched by the recovery pass once Redis is back, and its next start tells
@@ -213,24 +225,36 @@ def _settle(*, run: Run, attempt: int, redis: ScopedRedis, answer: Answer, usage
 
 
 class _Stopper:
-    """Whether the run must stop: cancelled or lost (its lease says), or its project
-    deleted (looked at every TOMBSTONE_CHECK_SECONDS)."""
+    """Whether the run must stop: cancelled or lost (its lease says), its project
+    deleted (looked at every TOMBSTONE_CHECK_SECONDS), its worker shutting down, or its
+    own time limit reached (Celery's are not enforced in the thread pool)."""
 
     def __init__(self, *, project_id, held: Held) -> None:
         self.project_id, self.held = project_id, held
         self.next_check = time.monotonic() + TOMBSTONE_CHECK_SECONDS
         self.gone = False
+        self.deadline = time.monotonic() + settings.RUN_TIME_LIMIT_SECONDS
 
     def __call__(self) -> bool:
         if time.monotonic() >= self.next_check:
             self.gone = self.gone or project_gone(self.project_id)
             self.next_check = time.monotonic() + TOMBSTONE_CHECK_SECONDS
-        return self.gone or self.held.should_stop
+        return (
+            self.gone
+            or self.held.should_stop
+            or worker_stopping()
+            or time.monotonic() >= self.deadline
+        )
 
     def stopped(self, content: str) -> Answer:
         if self.gone:
             return Answer("project-deleted", content)
-        return Answer("cancelled" if self.held.cancelled.is_set() else "lost", content)
+        if self.held.should_stop:
+            return Answer("cancelled" if self.held.cancelled.is_set() else "lost", content)
+        if time.monotonic() >= self.deadline:
+            limit = settings.RUN_TIME_LIMIT_SECONDS
+            return Answer("error", content, f"the agent run reached its time limit ({limit:g}s)")
+        return Answer("handed-back" if worker_stopping() else "lost", content)
 
 
 def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) -> Answer:
@@ -255,6 +279,7 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) ->
             ),  # fmt: skip
             tools=tools,
         )
+        request = replace(request, deadline=stop.deadline)
         loop = ToolLoop(
             redis=redis,
             run=run,
@@ -266,6 +291,7 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) ->
                 secrets=prepared.secrets,
                 run_id=str(run.id),
                 should_stop=stop,
+                deadline=stop.deadline,
             ),
             max_steps=int(
                 (prepared.config.get("params") or {}).get("max_steps", settings.TOOL_MAX_STEPS)
@@ -278,6 +304,8 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) ->
     except ProviderStopped:
         return stop.stopped("".join(parts))
     except ProviderError as exc:
+        if stop():  # e.g. its call timed out at the run's deadline: say why
+            return stop.stopped("".join(parts))
         return Answer("error", "".join(parts), str(exc))
     except RedisError as exc:
         logger.warning("agent run %s interrupted, Redis unavailable: %r", run.id, exc)
@@ -416,6 +444,15 @@ def _remember_exchange(
         return
     project = run.session.project
     try:
+        # What regenerate replaced is out of the conversation: out of memory too, or
+        # the replaced answer would keep coming back as the nearest context.
+        exchanges_forget(
+            user_id=project.owner_id,
+            project_id=project.id,
+            agent_id=str(run.agent_id),
+            question=question,
+            answers=_replaced_answers(run),
+        )
         exchange_store(
             user_id=project.owner_id,
             project_id=project.id,
@@ -428,3 +465,26 @@ def _remember_exchange(
     except Exception:
         # The answer stands; only the memory of it is missing.
         logger.exception("could not add the exchange of run %s to context", run.id)
+
+
+def _replaced_answers(run: Run) -> list[str]:
+    """The answers regenerate replaced with this run's: superseded, after the question."""
+    asked = (
+        Message.objects.filter(
+            session_id=run.session_id, role=Message.Role.USER, id__lt=run.message_id
+        )
+        .order_by("-id")
+        .values_list("id", flat=True)
+        .first()
+    )
+    if asked is None:
+        return []
+    return list(
+        Message.objects.filter(
+            session_id=run.session_id,
+            role=Message.Role.ASSISTANT,
+            status=Message.Status.SUPERSEDED,
+            id__gt=asked,
+            id__lt=run.message_id,
+        ).values_list("content", flat=True)
+    )

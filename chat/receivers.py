@@ -12,19 +12,21 @@ from agentbus import worker_identity
 from governance.sources import register_run_source
 from tools.registry import register_tool_kind
 from workspaces.redis import scoped
-from workspaces.sources import register_health_check
+from workspaces.sources import register_health_check, register_project_health_check
 
 from . import streams
 from .calls import agent_call
 from .dispatch import RUN_TASK
-from .selectors import runs_health
+from .selectors import project_runs_health, runs_health
 from .sources import DatabaseRunSource
 
 logger = logging.getLogger(__name__)
 
 # Governance rebuilds its quota counters from the runs in the database.
 register_run_source(DatabaseRunSource())
+# Not a check that breaks every tenant: failed runs are some projects' problem.
 register_health_check("runs", runs_health)
+register_project_health_check("runs", project_runs_health)
 register_tool_kind("agent", agent_call)
 
 

@@ -38,28 +38,75 @@ def run_get(*, session: ChatSession, run_id: uuid.UUID | str) -> Run:
     return get_or_404(run_list(session=session).select_related("session__project"), id=run_id)
 
 
-def runs_health() -> dict:
-    """What operators see of agent runs (health and stats): how many are queued and
-    running, how many are stuck (the recovery pass has not got them going), and how many
-    failed recently. Unhealthy while any is stuck or failed in RUN_FAILURE_WINDOW."""
+# How many projects health names per problem (the worst first): enough to act on, and
+# the report stays small when a fault hits many projects at once.
+RUN_HEALTH_PROJECTS = 20
+
+
+def _run_problem_filters() -> tuple[Q, Q]:
+    """(stuck, failed recently): a run the recovery pass has not got going, and one that
+    ended in error within RUN_FAILURE_WINDOW."""
     now = timezone.now()
     stuck_queued = now - timedelta(seconds=3 * settings.RUN_REDISPATCH_SECONDS)
     stuck_running = now - timedelta(seconds=settings.RUN_LEASE_SECONDS)
     recent = now - timedelta(seconds=settings.RUN_FAILURE_WINDOW_SECONDS)
-    counts = Run.objects.aggregate(
+    stuck = Q(status=Run.Status.QUEUED, created_at__lt=stuck_queued) | Q(
+        status=Run.Status.RUNNING, lease_expires_at__lt=stuck_running
+    )
+    return stuck, Q(status=Run.Status.ERROR, finished_at__gte=recent)
+
+
+def _run_counts(runs: QuerySet[Run]) -> dict:
+    stuck, failed = _run_problem_filters()
+    return runs.aggregate(
         queued=Count("id", filter=Q(status=Run.Status.QUEUED)),
         running=Count("id", filter=Q(status=Run.Status.RUNNING)),
-        stuck=Count(
-            "id",
-            filter=Q(status=Run.Status.QUEUED, created_at__lt=stuck_queued)
-            | Q(status=Run.Status.RUNNING, lease_expires_at__lt=stuck_running),
-        ),
-        failed_recently=Count("id", filter=Q(status=Run.Status.ERROR, finished_at__gte=recent)),
+        stuck=Count("id", filter=stuck),
+        failed_recently=Count("id", filter=failed),
     )
+
+
+def _run_problems(counts: dict) -> list[str]:
     problems = []
     if counts["stuck"]:
         problems.append(f"{counts['stuck']} run(s) stuck")
     if counts["failed_recently"]:
         window = settings.RUN_FAILURE_WINDOW_SECONDS / 60
         problems.append(f"{counts['failed_recently']} run(s) failed in the last {window:g} min")
+    return problems
+
+
+def runs_health() -> dict:
+    """What operators see of agent runs (health and stats): how many are queued and
+    running, how many are stuck (the recovery pass has not got them going), and how many
+    failed recently, with the projects they belong to named (`projects`, the most
+    affected first). Unhealthy while any is stuck or failed in RUN_FAILURE_WINDOW; a
+    problem of some projects, not of the deployment, so it never makes health 503."""
+    counts = _run_counts(Run.objects.all())
+    problems = _run_problems(counts)
+    projects = []
+    if problems:
+        stuck, failed = _run_problem_filters()
+        rows = (
+            Run.objects.filter(stuck | failed)
+            .values("agent__project_id", "agent__project__name", "agent__project__owner_id")
+            .annotate(stuck=Count("id", filter=stuck), failed_recently=Count("id", filter=failed))
+            .order_by("-stuck", "-failed_recently", "agent__project_id")[:RUN_HEALTH_PROJECTS]
+        )
+        projects = [
+            {
+                "project_id": str(row["agent__project_id"]),
+                "project_name": row["agent__project__name"],
+                "user_id": row["agent__project__owner_id"],
+                "problems": _run_problems(row),
+            }
+            for row in rows
+        ]
+    return {"healthy": not problems, **counts, "problems": problems, "projects": projects}
+
+
+def project_runs_health(project_id: uuid.UUID) -> dict:
+    """`runs_health` for one project's runs (the per-project health route)."""
+    counts = _run_counts(Run.objects.filter(agent__project_id=project_id))
+    problems = _run_problems(counts)
     return {"healthy": not problems, **counts, "problems": problems}

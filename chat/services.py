@@ -13,6 +13,7 @@ from django.http import Http404
 from agents.models import Agent
 from common.exceptions import Conflict
 from common.services import on_commit_robust
+from governance.quotas import QuotaUnavailable
 from governance.usage import QuotaExceeded, usage_admit
 from projects.models import Project
 from projects.services import project_lock_for_write
@@ -192,7 +193,7 @@ def agent_call_start(*, parent_run_id: uuid.UUID | str, target_agent_id: str, co
             )
     except Http404:
         raise AgentCallRefused("the project no longer exists") from None
-    except QuotaExceeded as exc:
+    except (QuotaExceeded, QuotaUnavailable) as exc:
         raise AgentCallRefused(f"refused: {exc.detail}") from None
 
 

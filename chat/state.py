@@ -11,6 +11,7 @@ touch it any more. Everything else reads runs through `runs_active` and the sele
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -196,13 +197,21 @@ def run_end(
     """End a run and its message once, conditionally (on its status, and on the dispatch
     generation when given): True when this call ended it. Says so on the event stream.
     `content` None leaves the message's text as it is (a cancel from outside the run);
-    `meter`: what the run's provider calls used (governance), when the worker ends it."""
+    `meter`: what the run's provider calls used (governance), when the worker ends it.
+
+    The end commits with its event still owed (a finished run keeps a lease until the
+    event is written): if this process dies or Redis fails in between, the recovery
+    pass writes the event (`run_end_event_repair`), so a live client always sees how
+    the answer ended."""
     fence = Q(id=run.id, status__in=from_statuses)
     if attempt is not None:
         fence &= Q(attempt=attempt)
     with transaction.atomic():
         ended = Run.objects.filter(fence).update(
-            status=status, error=error, finished_at=timezone.now(), lease_expires_at=None
+            status=status,
+            error=error,
+            finished_at=timezone.now(),
+            lease_expires_at=lease_deadline(),
         )
         if ended:
             written = {"status": status, "error": error}
@@ -222,13 +231,57 @@ def run_end(
                 event_type=event,
                 data={"message_id": run.message_id, **data},
             )
+            Run.objects.filter(id=run.id, status=status).update(lease_expires_at=None)
         except Exception:
-            # The database says how it ended; a client reloading the message sees it.
-            logger.warning("run %s ended %s; the event was not written", run.id, status)
+            # Still owed: the recovery pass writes it once the lease ran out.
+            logger.warning("run %s ended %s; the event was not written yet", run.id, status)
         # Governance hook: the run no longer counts as in flight against quotas.
         project = run.session.project
         usage_run_ended(run_id=run.id, project_id=project.id, user_id=project.owner_id, meter=meter)
     return bool(ended)
+
+
+def _end_event(status: str, message: Message) -> tuple[str, dict[str, Any]]:
+    return {
+        Run.Status.DONE: (
+            streams.MESSAGE_COMPLETED,
+            {"content": message.content, "status": message.status},
+        ),
+        Run.Status.ERROR: (
+            streams.MESSAGE_ERROR,
+            {"error": message.error, "content": message.content},
+        ),
+        Run.Status.CANCELLED: (streams.MESSAGE_CANCELLED, {}),
+    }[status]
+
+
+# How far back in a session's stream the repair looks for an end already written.
+END_EVENT_LOOKBACK = 200
+
+
+def run_end_event_repair(*, run: Run) -> bool:
+    """Write the end event a finished run still owes (its ender died, or Redis failed,
+    between the commit and the event), unless the stream has it already; then release
+    the run's lease. True when this call wrote it."""
+    redis = _redis_of(run)
+    wanted = {streams.MESSAGE_COMPLETED, streams.MESSAGE_ERROR, streams.MESSAGE_CANCELLED}
+    tail = redis.xrevrange(streams.stream_key(run.session_id), count=END_EVENT_LOOKBACK)
+    written = any(
+        fields.get("type") in wanted
+        and json.loads(fields.get("data") or "{}").get("message_id") == run.message_id
+        for _, fields in tail
+    )
+    if not written:
+        message = Message.objects.get(id=run.message_id)
+        event, data = _end_event(run.status, message)
+        streams.event_append(
+            redis=redis,
+            session_id=run.session_id,
+            event_type=event,
+            data={"message_id": run.message_id, **data},
+        )
+    Run.objects.filter(id=run.id, status=run.status).update(lease_expires_at=None)
+    return not written
 
 
 # --- Take back --------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from tools.runner import ToolOutcome, ToolScope, ToolSpec, scrub, tool_execute
 from workspaces.redis import ScopedRedis
 
 from . import state, streams
-from .coalesce import coalesced
+from .coalesce import DeltasStopped, coalesced
 from .models import Run
 
 
@@ -113,6 +113,7 @@ class ToolLoop:
                 provider.stream(request, should_stop=self.stop),
                 window=settings.CHAT_DELTA_WINDOW_SECONDS,
                 threaded=provider.name != OfflineProvider.name,  # the offline one never waits
+                should_stop=self.stop,  # asked while the provider is silent
             ),
             parts=parts,
             stop=self.stop,
@@ -260,6 +261,8 @@ def stream_deltas(
             offset += len(delta)
             if stop():
                 return "stopped"
+    except DeltasStopped:
+        return "stopped"
     finally:
         close = getattr(deltas, "close", None)
         if close is not None:

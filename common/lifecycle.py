@@ -6,6 +6,12 @@ Apps register in `AppConfig.ready()`:
 - `on_shutdown(fn)`: a plain callable, run once per process;
 - `on_loop_shutdown(coroutine_fn)`: awaited on the event loop that is stopping (ASGI),
   for clients bound to that loop.
+
+Work in a worker's threads asks `worker_stopping()` at its safe points: it turns true
+when the worker's soft shutdown begins (SIGTERM under REMAP_SIGTERM=SIGQUIT), so work
+still in flight can hand itself back before the window ends. Celery's thread pool can
+neither time out nor kill a task (celery#9203): work that does not stop by itself keeps
+the process alive, and the cold shutdown after the window logs CRITICAL trying.
 """
 
 from __future__ import annotations
@@ -13,17 +19,26 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 
-from celery.signals import worker_process_shutdown, worker_shutdown
+from celery.signals import celeryd_after_setup, worker_process_shutdown, worker_shutdown
+from celery.worker import state as worker_state
 
 from .redis import close_redis
 
 logger = logging.getLogger(__name__)
 
+_stopping = threading.Event()
 _sync_hooks: list[Callable[[], object]] = []
 _async_hooks: list[Callable[[], Awaitable[object]]] = []
 _lock = threading.Lock()
+
+
+def worker_stopping() -> bool:
+    """Whether this worker process is shutting down: work in flight should stop at its
+    next safe point and hand itself back."""
+    return _stopping.is_set()
 
 
 def on_shutdown(hook: Callable[[], object]) -> Callable[[], object]:
@@ -63,8 +78,33 @@ def _on_worker_shutdown(**_) -> None:
     run_shutdown_hooks()
 
 
+def _soft_shutdown(worker) -> None:
+    """The worker's soft shutdown (`WorkController.wait_for_soft_shutdown`, called from
+    the SIGTERM/SIGQUIT handler): tell the work in flight to stop (`worker_stopping`),
+    then wait until it has, or the window is over. Celery's own waits out the whole
+    window even when nothing runs any more."""
+    _stopping.set()
+    window = float(worker.app.conf.worker_soft_shutdown_timeout or 0)
+    if window <= 0 or not worker_state.active_requests:
+        return
+    logger.warning(
+        "Soft shutdown: %d task(s) in flight get %gs", len(worker_state.active_requests), window
+    )
+    deadline = time.monotonic() + window
+    while worker_state.active_requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _install_soft_shutdown(sender=None, instance=None, **_) -> None:
+    if instance is not None:
+        instance.wait_for_soft_shutdown = lambda: _soft_shutdown(instance)
+
+
 atexit.register(run_shutdown_hooks)
 worker_shutdown.connect(_on_worker_shutdown, weak=False, dispatch_uid="common.lifecycle.worker")
 worker_process_shutdown.connect(
     _on_worker_shutdown, weak=False, dispatch_uid="common.lifecycle.process"
+)
+celeryd_after_setup.connect(
+    _install_soft_shutdown, weak=False, dispatch_uid="common.lifecycle.soft_shutdown"
 )

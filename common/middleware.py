@@ -9,8 +9,10 @@ one error shape; everywhere else (the admin, the docs) Django's pages are kept.
 
 from __future__ import annotations
 
+import re
+
 from django.conf import settings
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.urls import Resolver404, get_resolver
 from django.utils.deprecation import MiddlewareMixin
 from django.views.csrf import csrf_failure as django_csrf_failure
@@ -18,6 +20,8 @@ from django.views.csrf import csrf_failure as django_csrf_failure
 from .api import error_response
 from .asgi import LONG_LIVED
 
+# Characters no path segment of ours may hold: C0 controls, DEL, lone surrogates.
+_UNUSABLE_IN_PATH = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 # Headers an error keeps when its body is replaced.
 _KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
 
@@ -54,6 +58,9 @@ class ApiErrorMiddleware(MiddlewareMixin):
 class ApiRequestMiddleware(MiddlewareMixin):
     """Before CommonMiddleware and CsrfViewMiddleware:
 
+    - a path that a route takes while it holds a NUL, another control character or a
+      lone surrogate is a 400 (a route without a free-text parameter does not match it:
+      404);
     - an API path given without its trailing slash is served as the route with it,
       instead of a redirect (which a DELETE or POST cannot follow, and which Django
       refuses outright under DEBUG);
@@ -62,8 +69,17 @@ class ApiRequestMiddleware(MiddlewareMixin):
       (DRF views are exempt already and check CSRF themselves for session clients.)
     """
 
-    def process_request(self, request: HttpRequest) -> None:
+    def process_request(self, request: HttpRequest) -> HttpResponse | None:
         path = request.path_info
+        # Only where a route takes it (a name in the path): elsewhere it matches no
+        # route and is the usual 404.
+        if _UNUSABLE_IN_PATH.search(path) and _resolves(path):
+            # No name or id holds one; a NUL would reach the database (PostgreSQL
+            # refuses it in text: a 500), a lone surrogate cannot even be encoded.
+            detail = "The path holds a control character or an invalid one."
+            if is_api_path(path):
+                return error_response(400, detail, "invalid")
+            return HttpResponseBadRequest(detail)
         if path.endswith("/") or not is_api_path(path + "/") or _resolves(path):
             return
         if _resolves(path + "/"):

@@ -1,7 +1,10 @@
 """Rate limits (DRF throttles on the shared Redis cache): 429 with Retry-After, checked
 before a view does anything.
 
-- `LoginThrottle`: sign-in attempts per client address and per username.
+- `LoginThrottle`: sign-in attempts per client address; `LoginUsernameThrottle`: per
+  username *and* address, so that nobody can lock another user out from afar. The
+  client address comes from X-Forwarded-For only behind trusted proxies
+  (TRUSTED_PROXY_COUNT, DRF's NUM_PROXIES); otherwise it is the connection's peer.
 - `UserScopedThrottle` / `ProjectScopedThrottle`: a view names, per method, the scope of
   what it does (`throttle_scopes = {"POST": "messages"}`); the rates are settings
   (`THROTTLE_RATES`, `<scope>_user` and `<scope>_project`, e.g. "60/min").
@@ -48,6 +51,8 @@ class LoginThrottle(_Rates, SimpleRateThrottle):
 
 
 class LoginUsernameThrottle(_Rates, SimpleRateThrottle):
+    """Attempts per (username, client address) ("login_username")."""
+
     scope = "login_username"
 
     def get_cache_key(self, request, view):
@@ -56,8 +61,11 @@ class LoginUsernameThrottle(_Rates, SimpleRateThrottle):
         username = data.get("username") if isinstance(data, Mapping) else None
         if not isinstance(username, str) or not username:
             return None
-        # Hashed: a username may hold any character, a cache key should not.
-        ident = hashlib.sha256(username.lower().encode("utf-8", "surrogatepass")).hexdigest()
+        # Per (username, address): guesses at one account from one place are limited,
+        # while its owner, elsewhere, still signs in. Hashed: a username may hold any
+        # character, a cache key should not.
+        who = f"{username.lower()}\0{self.get_ident(request)}"
+        ident = hashlib.sha256(who.encode("utf-8", "surrogatepass")).hexdigest()
         return self.cache_format % {"scope": self.scope, "ident": ident}
 
 

@@ -9,8 +9,13 @@ import os
 import django
 from asgiref.sync import sync_to_async
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
+# Production unless told otherwise: `make run` and the tests name theirs.
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.production")
 django.setup(set_prefix=False)
+
+from governance.secrets import fernet_keys_required_valid  # noqa: E402  (after django.setup)
+
+fernet_keys_required_valid()
 
 from common.asgi import StreamingAwareASGIHandler  # noqa: E402  (after django.setup)
 from common.lifecycle import run_loop_shutdown_hooks, run_shutdown_hooks  # noqa: E402

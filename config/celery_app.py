@@ -14,12 +14,27 @@ Workers come in two modes (agentbus.worker):
 import os
 
 from celery import Celery
+from celery.signals import worker_init
+from django.core.exceptions import ImproperlyConfigured
 
 from agentbus.celeryconf import configure_celery
+from governance.secrets import fernet_keys_required_valid
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
+# Production unless told otherwise: `make run` and the tests name theirs.
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.production")
 
 app = Celery("config")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 configure_celery(app)
 app.autodiscover_tasks()
+
+
+@worker_init.connect
+def _refuse_a_bad_fernet_key(**kwargs) -> None:
+    # As the web entry points do: a worker with a missing or malformed key would start,
+    # then fail every run of a project that has a provider key or tool secret.
+    try:
+        fernet_keys_required_valid()
+    except ImproperlyConfigured as exc:
+        # Celery logs and ignores a handler's exception; a SystemExit stops the worker.
+        raise SystemExit(f"ImproperlyConfigured: {exc}") from None

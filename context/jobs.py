@@ -12,6 +12,7 @@ from django.conf import settings
 
 from agentbus import project_gone
 from agents.models import Agent
+from common.disk import disk_space_problem
 from governance.usage import embedding_usage_record
 from realtime import replies
 from workspaces.redis import scoped
@@ -59,6 +60,14 @@ def context_job_add(
             break
         batch.append(document)
         chars += len(document["text"])
+    full = None if settings.QDRANT_URL else disk_space_problem(settings.QDRANT_PATH)
+    if full:
+        # Ended, not raised: a redelivered batch would fill the volume again (and the
+        # embedded engine dies of a full volume mid-write, taking the worker with it).
+        job_records.job_finish(
+            redis=redis, job_id=job_id, fields={"status": "error", "error": f"not stored: {full}"}
+        )
+        return None
     if start == 0:
         job_records.job_update(redis=redis, job_id=job_id, fields={"status": "running"})
     started = time.perf_counter()

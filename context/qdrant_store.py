@@ -579,6 +579,19 @@ class VectorStore:
             raise RuntimeError(f"{left} points of {scope} are still stored after the delete")
         return removed
 
+    def forget(self, scope: TenantScope, ids: list[str], *, model: str, dim: int) -> None:
+        """Remove some of an agent's points by id from where `upsert` stores them (an
+        exchange a regenerated answer replaced)."""
+        scope = require_scope(scope, agent=True)
+        if not ids:
+            return
+        if self.layout == "shared":
+            name = shared_collection_name(model=model, dim=dim)
+            if self._shared().exists(name):
+                self._shared().delete(_Where.shared(scope, name), _with_ids(ids))
+        elif self._per_agent().exists(scope.collection):
+            self._per_agent().delete(_Where.own_collection(scope), _with_ids(ids))
+
     def delete_points(self, scope: TenantScope, ids: list[str], *, collection: str) -> None:
         """Remove some points of an agent from one shared collection (re-embedding)."""
         scope = require_scope(scope, agent=True)

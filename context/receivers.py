@@ -1,18 +1,25 @@
 """How the context app plugs into the others: a torn-down project's or a deleted agent's
-vector context goes with it, and a stopping worker releases the vector store."""
+vector context goes with it, a worker that cannot open the embedded store refuses to
+start, and a stopping worker releases the store."""
 
 from __future__ import annotations
 
+import os
+import sys
+
+from celery.signals import celeryd_after_setup
+from django.conf import settings
 from django.dispatch import receiver
 
-from agentbus import publish
+from agentbus import MAINTENANCE_QUEUE, publish
+from agentbus.queues import is_project_queue
 from agents.signals import agent_deleted
 from common.lifecycle import on_shutdown
 from workspaces.signals import workspace_teardown
 
 from .tasks import drop_collection
 from .vectors import project_collections_drop
-from .vectorstore import close_vector_store
+from .vectorstore import close_vector_store, get_vector_store
 
 
 @receiver(workspace_teardown, dispatch_uid="context.collections_on_teardown")
@@ -32,6 +39,31 @@ def drop_collection_on_agent_deleted(sender, *, user_id, project_id, agent_id, *
         kwargs={"user_id": user_id, "agent_id": str(agent_id)},
     )
 
+
+def refuse_without_vector_store(sender=None, instance=None, **kwargs) -> None:
+    """A worker that runs agent or maintenance tasks on the embedded vector store (local
+    mode: one process at a time) starts only if it can open the store: a second one
+    would take messages and fail their answers. It opens it once (and lets it go, for
+    the pool's own processes) and refuses to start with a one-line reason."""
+    if instance is None or settings.QDRANT_URL:
+        return
+    queues = instance.app.amqp.queues.consume_from or {}
+    if not any(q == MAINTENANCE_QUEUE or is_project_queue(q) for q in queues):
+        return  # e.g. the urgent maintenance worker: nothing it runs opens the store
+    try:
+        get_vector_store().open()
+    except RuntimeError as exc:
+        reason = str(exc).splitlines()[0]
+        sys.stderr.write(f"worker {sender}: refusing to start: {reason}\n")
+        sys.stderr.flush()
+        os._exit(78)  # EX_CONFIG; before any message is taken
+    finally:
+        close_vector_store()
+
+
+celeryd_after_setup.connect(
+    refuse_without_vector_store, weak=False, dispatch_uid="agents.vector_store_check"
+)
 
 # Local mode frees the storage folder's lock on the way out.
 on_shutdown(close_vector_store)

@@ -126,9 +126,7 @@ def exchange_store(
     """
     scope = _agent(user_id, project_id, agent_id)
     embedder, store = get_embedder(), get_vector_store()
-    text = f"User: {question}\nAssistant: {answer}"
-    if len(text) > EXCHANGE_MAX_CHARS:
-        text = text[: EXCHANGE_MAX_CHARS - 1] + "…"
+    text = _exchange_text(question, answer)
     if question_vector is not None:
         embedded, embedded_as, vector = question, "query", question_vector
     else:
@@ -157,6 +155,24 @@ def exchange_store(
         dim=embedder.dim,
     )
     return not _undo_if_project_gone(scope=scope)
+
+
+def _exchange_text(question: str, answer: str) -> str:
+    text = f"User: {question}\nAssistant: {answer}"
+    return text if len(text) <= EXCHANGE_MAX_CHARS else text[: EXCHANGE_MAX_CHARS - 1] + "…"
+
+
+def exchanges_forget(
+    *, user_id: int, project_id: uuid.UUID | str, agent_id: str, question: str, answers: list[str]
+) -> None:
+    """Forget the remembered exchanges of `question` with these `answers` (ones that
+    regenerate replaced): a point's id follows from its text, so no search is needed."""
+    if not answers:
+        return
+    scope = _agent(user_id, project_id, agent_id)
+    embedder = get_embedder()
+    ids = [point_id(scope.collection, _exchange_text(question, answer)) for answer in answers]
+    get_vector_store().forget(scope, ids, model=embedder.name, dim=embedder.dim)
 
 
 def query_embed(query: str) -> list[float]:

@@ -9,3 +9,11 @@ class GovernanceConfig(AppConfig):
 
     name = "governance"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from common import egress  # noqa: F401  (registers the check of its networks)
+
+        from . import (  # noqa: F401  (they register themselves)
+            receivers,  # a torn-down project's counters go with it
+            secrets,  # the check of the Fernet keys
+        )

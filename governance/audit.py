@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from datetime import timedelta
 
@@ -18,6 +19,7 @@ from django.conf import settings
 from django.contrib.admin.models import ADDITION, CHANGE, DELETION, LogEntry
 from django.utils import timezone
 from django.utils.deprecation import MiddlewareMixin
+from rest_framework.throttling import BaseThrottle
 
 from common.credentials import credential_project_id
 from projects.models import Project
@@ -31,7 +33,12 @@ ADMIN_ACTIONS = {ADDITION: "add", CHANGE: "change", DELETION: "delete"}
 
 
 def _address(request) -> str | None:
-    return request.META.get("REMOTE_ADDR") or None
+    # The client as the rate limits see it: X-Forwarded-For only behind trusted proxies.
+    address = BaseThrottle().get_ident(request)
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return None
 
 
 def _who(request) -> dict:

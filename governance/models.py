@@ -161,8 +161,16 @@ class AuditEvent(models.Model):
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     # A plain id: the record outlives its project (operators still read it).
     project_id = models.UUIDField(null=True, blank=True)
+    # Who acted stays as text (`username`) and as the id they had: no constraint and
+    # nothing done on the user's deletion, since SET_NULL would be an UPDATE, which the
+    # append-only trigger refuses (and the record must keep saying who it was).
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+        settings.AUTH_USER_MODEL,
+        on_delete=models.DO_NOTHING,
+        db_constraint=False,
+        null=True,
+        blank=True,
+        related_name="+",
     )
     username = models.CharField(max_length=150, blank=True, default="")
     credential = models.CharField(max_length=16, choices=Credential.choices)

@@ -41,6 +41,7 @@ from django.conf import settings
 from django.db.models import Q, Sum
 from django.utils import timezone
 
+from common.exceptions import BackendUnavailable
 from common.redis import get_redis
 
 from .models import Quota, RunUsage
@@ -242,8 +243,10 @@ def quota_admit(*, project_id, user_id, run_id) -> Refusal | None:
     admitted (it now counts as in flight until `quota_release`), or the first limit it
     would exceed.
 
-    With Redis down the quotas are checked against the database (without the race
-    guarantee); without any quota nothing is checked then."""
+    With Redis down, a scope without any quota admits (nothing to check); one with a
+    quota refuses with QuotaUnavailable (a 503 with Retry-After): checked against the
+    database alone, concurrent messages would each pass a check only one of them may
+    (30 parallel messages against 5 per minute admitted 11)."""
     now = timezone.now()
     scopes = _scopes(project_id=project_id, user_id=user_id)
     try:
@@ -252,8 +255,14 @@ def quota_admit(*, project_id, user_id, run_id) -> Refusal | None:
         quotas = [scope.quota() for scope in scopes]
         if not any(quotas):
             return None
-        logger.warning("quotas checked against the database, Redis unavailable: %r", exc)
-        return _admit_from_database(scopes, quotas, now)
+        logger.warning("quotas not checked, Redis unavailable: refused: %r", exc)
+        raise QuotaUnavailable() from None
+
+
+class QuotaUnavailable(BackendUnavailable):
+    """The quotas cannot be checked (Redis down): refused rather than overshot."""
+
+    default_detail = "Quotas cannot be checked right now; try again shortly."
 
 
 def _admit(client, scopes, run_id, now) -> Refusal | None:
@@ -285,18 +294,6 @@ def _admit(client, scopes, run_id, now) -> Refusal | None:
             resets_at=resets_at(limit, now),
         )
     raise redis.RedisError("quota counters kept disappearing while being rebuilt")
-
-
-def _admit_from_database(scopes, quotas, now) -> Refusal | None:
-    for scope, quota in zip(scopes, quotas, strict=True):
-        if quota is None:
-            continue
-        used = _used(scope_state(scope, now), reserve=settings.QUOTA_RUN_RESERVE_TOKENS)
-        for name in Quota.LIMITS:
-            limit = getattr(quota, name)
-            if limit is not None and used[name] >= limit:
-                return Refusal(scope.kind, name, limit, used[name], resets_at(name, now))
-    return None
 
 
 def _used(state: dict, *, reserve: int = 0) -> dict[str, int]:

@@ -72,7 +72,8 @@ class QuotaExceeded(Throttled):
 @contextlib.contextmanager
 def usage_admit(*, project_id, user_id) -> Iterator[uuid.UUID]:
     """Admit a new run against the quotas; yields the id the run must be stored under.
-    Raises QuotaExceeded (nothing stored yet) when a limit is reached; releases the
+    Raises QuotaExceeded (nothing stored yet) when a limit is reached, QuotaUnavailable
+    (a 503) when a quota applies but Redis is down; releases the
     admission if the block fails."""
     run_id = uuid.uuid4()
     refusal = quota_admit(project_id=project_id, user_id=user_id, run_id=run_id)
@@ -98,6 +99,12 @@ class ProviderCall:
     model: str
     messages: list[dict[str, Any]]
 
+    @property
+    def reached(self) -> bool:
+        """Whether the provider accepted the call (a provider that cannot be refused,
+        such as the offline one, has no `reached` and always did)."""
+        return bool(getattr(self.provider, "reached", True))
+
 
 @dataclass
 class UsageMeter:
@@ -110,10 +117,17 @@ class UsageMeter:
     # Set by usage_record once the run left the in-flight set.
     released: bool = False
 
+    @property
+    def reached(self) -> list[ProviderCall]:
+        """The calls that reached their provider: only these cost anything (a connection
+        refused, a 404 or a 400 ran no model)."""
+        return [call for call in self.calls if call.reached]
+
     def measure(self, completion: str) -> dict[str, Any]:
-        """The tokens the provider reported for every call; where any call reported none,
-        all of them estimated from the text (prompts, and the answer's text)."""
-        reported = [getattr(call.provider, "usage", None) for call in self.calls]
+        """The tokens the provider reported for every call that reached it; where any
+        reported none, all of them estimated from the text (prompts, and the answer's)."""
+        calls = self.reached
+        reported = [getattr(call.provider, "usage", None) for call in calls]
         estimated = any(
             getattr(usage, "prompt_tokens", None) is None
             or getattr(usage, "completion_tokens", None) is None
@@ -122,14 +136,14 @@ class UsageMeter:
         if estimated:
             prompt = sum(
                 estimate_tokens(str(m.get("content") or "")) + TOKENS_PER_MESSAGE
-                for call in self.calls
+                for call in calls
                 for m in call.messages
             )
             done = estimate_tokens(completion)
         else:
             prompt = sum(int(usage.prompt_tokens) for usage in reported)
             done = sum(int(usage.completion_tokens) for usage in reported)
-        first = self.calls[0] if self.calls else ProviderCall(None, "", [])
+        first = calls[0] if calls else ProviderCall(None, "", [])
         return {
             "prompt_tokens": int(prompt),
             "completion_tokens": int(done),
@@ -187,8 +201,10 @@ def usage_record(
     outcome: str,
 ) -> bool:
     """Record what dispatch `attempt` of the run cost: True when this call counted it.
-    A run that never reached its provider (no meter) costs nothing and gets no row."""
-    if meter is None:
+    A run that never reached its provider (no meter, or no call the provider accepted)
+    costs nothing and gets no row; it leaves the in-flight set when it ends
+    (usage_run_ended)."""
+    if meter is None or not meter.reached:
         return False
     measured = meter.measure(completion)
     tokens = measured["prompt_tokens"] + measured["completion_tokens"]

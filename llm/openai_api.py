@@ -13,6 +13,7 @@ import openai
 from django.conf import settings
 from openai import OpenAI
 
+from common import egress
 from common.singletons import process_singleton
 from governance.providers import ProjectLLM
 
@@ -46,14 +47,27 @@ def openai_client() -> OpenAI:
     )
 
 
+# What the client sends when it has no key: the deployment's key is never a fallback
+# for a project's own endpoint.
+NO_KEY = "not-needed"
+
+
 @functools.lru_cache(maxsize=64)
-def project_openai_client(*, base_url: str, api_key: str) -> OpenAI:
-    """A client (one connection pool) per endpoint and key that projects set."""
+def project_openai_client(*, base_url: str, api_key: str, guarded: bool = False) -> OpenAI:
+    """A client (one connection pool) per endpoint and key that projects set. `guarded`:
+    a tenant's URL, so every request goes through the egress guard (checked, pinned to
+    the checked address, no redirect, no proxy from the environment)."""
+    http_client = None
+    if guarded:
+        http_client = egress.guarded_client(
+            purpose=egress.PROVIDER, timeout=settings.LLM_TIMEOUT_SECONDS
+        )
     return OpenAI(
         base_url=base_url or None,
-        api_key=api_key or "not-needed",
+        api_key=api_key or NO_KEY,
         timeout=settings.LLM_TIMEOUT_SECONDS,
         max_retries=0,
+        http_client=http_client,
     )
 
 
@@ -62,13 +76,20 @@ class OpenAIProvider:
 
     name = "openai"
 
-    def __init__(self, client: Any, llm: ProjectLLM | None = None) -> None:
+    def __init__(
+        self, client: Any, llm: ProjectLLM | None = None, *, project_endpoint: bool = False
+    ) -> None:
         self._client = client
         self._llm = llm  # the project's model rules (governance), if it has any
+        # A tenant's URL: its errors say that it failed, never what answered there.
+        self._project_endpoint = project_endpoint
         # The token usage the endpoint reported for the last call, and the model asked
         # (governance reads them).
         self.usage: Any = None
         self.usage_model = ""
+        # Whether the endpoint accepted a request (answered 2xx): one refused (4xx, 5xx)
+        # or never connected ran no model, and governance does not charge it.
+        self.reached = False
 
     def stream(
         self, request: ChatRequest, *, should_stop: Callable[[], bool] = never
@@ -92,14 +113,19 @@ class OpenAIProvider:
             # Streamed tool calls arrive in fragments, by index: id and name first, then
             # the arguments' JSON text piece by piece.
             calls: dict[int, dict[str, str]] = {}
+            client = self._client
+            timeout = request.timeout(settings.LLM_TIMEOUT_SECONDS)
+            if timeout < settings.LLM_TIMEOUT_SECONDS:
+                client = client.with_options(timeout=timeout)  # what the run has left
             try:
-                stream = self._client.chat.completions.create(
+                stream = client.chat.completions.create(
                     model=model,
                     messages=request.messages,
                     stream=True,
                     stream_options={"include_usage": True},
                     **options,
                 )
+                self.reached = True  # create() raises on any status but 2xx
                 try:
                     for chunk in stream:
                         if getattr(chunk, "usage", None) is not None:
@@ -130,11 +156,25 @@ class OpenAIProvider:
                 # Half an answer cannot be taken back: only a call that produced nothing
                 # is tried again.
                 if started or attempt == tries or not _retryable(exc):
-                    raise ProviderError(_describe(exc)) from exc
+                    describe = _describe_project if self._project_endpoint else _describe
+                    raise ProviderError(describe(exc)) from exc
                 _wait_before_retry(attempt, should_stop)
 
 
+def _egress_refusal(exc: BaseException) -> egress.EgressRefused | None:
+    """The guard's refusal the client wrapped (as a connection error), if that is what
+    ended the call."""
+    cause, hops = exc, 0
+    while cause is not None and hops < 20:
+        if isinstance(cause, egress.EgressRefused):
+            return cause
+        cause, hops = cause.__cause__ or cause.__context__, hops + 1
+    return None
+
+
 def _retryable(exc: Exception) -> bool:
+    if _egress_refusal(exc) is not None:
+        return False  # the same address is refused the same way next time
     if isinstance(exc, openai.APIConnectionError | openai.APITimeoutError):
         return True
     return isinstance(exc, openai.APIStatusError) and (
@@ -149,6 +189,17 @@ def _wait_before_retry(attempt: int, should_stop: Callable[[], bool]) -> None:
         if should_stop():
             raise ProviderStopped()
         time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+
+def _describe_project(exc: Exception) -> str:
+    """A project endpoint's failure, told to its owner: the guard's refusal, or that it
+    failed; never its status or body (which would make the worker a port scanner)."""
+    cause = _egress_refusal(exc)
+    if cause is not None:
+        return f"the project's LLM endpoint was not called: {cause}"
+    if isinstance(exc, openai.APITimeoutError):
+        return f"the project's LLM endpoint did not answer within {settings.LLM_TIMEOUT_SECONDS:g}s"
+    return "the project's LLM endpoint failed (check its URL, key and model)"
 
 
 def _describe(exc: Exception) -> str:

@@ -38,6 +38,10 @@ class OfflineProvider:
     returned."""
 
     name = "offline"
+    INTRO = (
+        "This is the offline provider: no language model is configured, "
+        "so this answer is built from the agent's stored context."
+    )
 
     def tool_calls(self, request: ChatRequest) -> list[ToolCallRequest]:
         names = {tool["function"]["name"] for tool in request.tools}
@@ -48,14 +52,11 @@ class OfflineProvider:
         return []
 
     def answer(self, request: ChatRequest) -> str:
-        intro = (
-            "This is the offline provider: no language model is configured, "
-            "so this answer is built from the agent's stored context."
-        )
+        intro = self.INTRO
         results = [m["content"] for m in request.messages if m.get("role") == "tool"]
         if results:
             lines = [f"{intro} Its search_context tool found:"]
-            lines += [f"- {shorten(text, 500)}" for text in results]
+            lines += [f"- {text}" for result in results for text in _found(result)]
             return "\n".join(lines)
         if not request.context:
             return (
@@ -64,7 +65,7 @@ class OfflineProvider:
             )
         lines = [f"{intro} The most relevant context I hold:"]
         for i, text in enumerate(request.context, 1):
-            lines.append(f"{i}. {shorten(text, 500)}")
+            lines.append(f"{i}. {_quoted(text)}")
         return "\n".join(lines)
 
     def stream(
@@ -78,6 +79,28 @@ class OfflineProvider:
         words = re.findall(r"\S+\s*", self.answer(request))
         for i in range(0, len(words), 4):
             yield "".join(words[i : i + 4])
+
+
+def _quoted(text: str, limit: int = 500) -> str:
+    """Stored context as the offline provider quotes it. A remembered exchange holds an
+    earlier offline answer, which quotes the context of its own turn: quoted whole, the
+    answers would nest one level deeper every turn. Its quote stops where it began."""
+    cut = text.find(OfflineProvider.INTRO)
+    if cut >= 0:
+        text = text[:cut] + "(an earlier offline answer)"
+    return shorten(text, limit)
+
+
+def _found(result: str) -> list[str]:
+    """A tool result as lines to quote: the texts of search_context's hits (its result
+    is JSON), else the result itself."""
+    try:
+        hits = json.loads(result)
+    except ValueError:
+        return [_quoted(result)]
+    if isinstance(hits, list) and all(isinstance(h, dict) and "text" in h for h in hits):
+        return [_quoted(str(h["text"])) for h in hits] or ["nothing"]
+    return [_quoted(result)]
 
 
 def llm_configured() -> bool:
@@ -102,8 +125,11 @@ def get_provider(model: str, llm=None) -> Provider:
 
     if not own_endpoint:
         return OpenAIProvider(openai_client(), llm=llm)
-    client = project_openai_client(
-        base_url=llm.base_url or settings.OPENAI_BASE_URL,
-        api_key=llm.api_key or settings.OPENAI_API_KEY,
-    )
-    return OpenAIProvider(client, llm=llm)
+    if not llm.base_url:
+        # The deployment's endpoint (the operator's) with the project's own key.
+        client = project_openai_client(base_url=settings.OPENAI_BASE_URL, api_key=llm.api_key)
+        return OpenAIProvider(client, llm=llm)
+    # The project's own endpoint: the deployment's key never goes there (its own key, or
+    # none), and every connection leaves through the egress guard.
+    client = project_openai_client(base_url=llm.base_url, api_key=llm.api_key, guarded=True)
+    return OpenAIProvider(client, llm=llm, project_endpoint=True)

@@ -4,6 +4,7 @@ processes and workers can import it without loading any LLM client."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -45,6 +46,14 @@ class ChatRequest:
     question: str = ""
     # The tools the model may call, as OpenAI function specs.
     tools: list[dict[str, Any]] = field(default_factory=list)
+    # The run's deadline (time.monotonic()): a call waits at most what is left of it.
+    deadline: float | None = None
+
+    def timeout(self, default: float) -> float:
+        """`default`, or what is left before the deadline if that is less."""
+        if self.deadline is None:
+            return default
+        return max(0.1, min(default, self.deadline - time.monotonic()))
 
 
 class Provider(Protocol):

@@ -64,6 +64,11 @@ class ProjectListCreateApi(EnvelopeListMixin, APIView):
 
 @extend_schema(tags=["Projects"])
 class ProjectDetailApi(APIView):
+    # Deleting a project takes the owner's own credentials (token or session): a
+    # project API key, whatever its scopes, is a 403, so a leaked `write` key cannot
+    # destroy the project it was made for.
+    credential_scopes = {"DELETE": None}
+
     @extend_schema(
         operation_id="projects_retrieve",
         summary="Get a project",
@@ -96,7 +101,8 @@ class ProjectDetailApi(APIView):
         summary="Delete a project and everything in it",
         description="Deletes the project's agents, chats and messages, and tears down its "
         "workspace: queue, cached state, event streams and context memory. Open event "
-        "streams end with `stream.closed`.",
+        "streams end with `stream.closed`. Needs the owner's own credentials: a project "
+        "API key, whatever its scopes, is refused (403).",
         responses={204: None},
     )
     def delete(self, request, project_id):

@@ -1,11 +1,10 @@
 """HTTP tools: one outbound request per call, guarded.
 
-- SSRF: the host is resolved once, every address it resolves to must be public
-  (`ipaddress.is_global`, not multicast), and the request connects to that checked
-  address (the Host header and TLS SNI keep the name), so a DNS answer that changes
-  between the check and the connection cannot redirect it. Redirects are not followed.
-  TOOLS_ALLOW_PRIVATE_NETWORKS lifts the address check (for tools on the operator's
-  own network).
+- SSRF: through the egress guard (common.egress, purpose `tools`): the host is resolved
+  once, every address it resolves to must be public, and the request connects to that
+  checked address (the Host header and TLS SNI keep the name), so a DNS answer that
+  changes between the check and the connection cannot redirect it. Redirects are not
+  followed. EGRESS_ALLOW_NETWORKS_TOOLS opens it for the operator's own networks.
 - A timeout for the whole call (connect, send, read) and a cap on the response size.
 - Secrets go into headers only; no header value is ever logged or returned.
 """
@@ -13,9 +12,7 @@
 from __future__ import annotations
 
 import functools
-import ipaddress
 import json
-import socket
 import ssl
 import time
 from typing import Any
@@ -25,6 +22,7 @@ import httpx
 from django.conf import settings
 
 from agents.tool_validation import SECRET_REF, url_placeholders
+from common import egress
 
 
 @functools.cache
@@ -38,32 +36,13 @@ class ToolError(Exception):
     """A call that could not be made or failed; str() is told to the model."""
 
 
-def _address_allowed(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
-
-
-def resolve_checked(host: str, port: int) -> str:
-    """The address to connect to for `host`; raises ToolError when any address it
-    resolves to is loopback, private, link-local or otherwise not public (unless the
-    operator allows private networks)."""
+def resolve_checked(host: str, port: int, *, purpose: str = egress.TOOLS) -> str:
+    """The address to connect to for `host`, through the egress guard; raises ToolError
+    when it may not be reached (see common.egress)."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError:
-        raise ToolError(f"the host {host!r} could not be resolved") from None
-    addresses = list(dict.fromkeys(info[4][0] for info in infos))
-    if not addresses:
-        raise ToolError(f"the host {host!r} could not be resolved")
-    if not settings.TOOLS_ALLOW_PRIVATE_NETWORKS:
-        refused = [a for a in addresses if not _address_allowed(a)]
-        if refused:
-            raise ToolError(
-                f"refused: {host!r} resolves to a non-public address ({refused[0]}); "
-                "tools may only call public addresses"
-            )
-    return addresses[0]
+        return egress.resolve_checked(host, port, purpose=purpose)
+    except egress.EgressRefused as exc:
+        raise ToolError(str(exc)) from None
 
 
 def fill_headers(templates: dict[str, str], secrets: dict[str, str]) -> dict[str, str]:

@@ -5,9 +5,11 @@ listing cached in the project's workspace Redis for MCP_LIST_CACHE_SECONDS, keye
 the tool and its last change) and offered to the model as `<tool name>__<server's tool
 name>`.
 
-The endpoint's host is checked like an HTTP tool's (no loopback, private or link-local
-address unless TOOLS_ALLOW_PRIVATE_NETWORKS); unlike HTTP tools, the SDK's own client
-resolves it again to connect.
+Every request to the server leaves through the egress guard (common.egress, purpose
+`mcp`): the SDK is handed a client whose transport resolves the host, checks every
+address (no loopback, private or link-local address unless EGRESS_ALLOW_NETWORKS_MCP
+opens it) and connects to the checked address, so DNS cannot rebind it between the
+check and the connection.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from urllib.parse import urlsplit
 
 from django.conf import settings
 
+from common import egress
+
 from .http import ToolError, fill_headers, resolve_checked
 
 logger = logging.getLogger(__name__)
@@ -31,7 +35,8 @@ def _check_url(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ToolError("the MCP server's URL is not an http(s) URL")
-    resolve_checked(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    resolve_checked(parts.hostname, port, purpose=egress.MCP)  # a clear error before the SDK
 
 
 async def _session(url: str, headers: dict[str, str], timeout: float, work):
@@ -40,9 +45,10 @@ async def _session(url: str, headers: dict[str, str], timeout: float, work):
     import httpx2
     from mcp import Client
     from mcp.client.streamable_http import streamable_http_client
-    from mcp.shared._httpx_utils import create_mcp_http_client
 
-    async with create_mcp_http_client(headers=headers, timeout=httpx2.Timeout(timeout)) as http:
+    # The SDK's factory signature; the transport checks and pins every request it sends.
+    create_client = egress.guarded_async_client_factory(purpose=egress.MCP, httpx_module=httpx2)
+    async with create_client(headers=headers, timeout=httpx2.Timeout(timeout)) as http:
         transport = streamable_http_client(url, http_client=http)
         async with Client(transport, read_timeout_seconds=timeout) as client:
             return await work(client)
@@ -58,8 +64,25 @@ def _run(url: str, headers: dict[str, str], timeout: float, work) -> Any:
     except ToolError:
         raise
     except Exception as exc:
+        refused = _egress_refusal(exc)
+        if refused is not None:
+            raise ToolError(str(refused)) from None
         logger.warning("MCP server %s failed: %s", urlsplit(url).hostname, type(exc).__name__)
         raise ToolError(f"the MCP server failed ({type(exc).__name__})") from None
+
+
+def _egress_refusal(exc: BaseException) -> egress.EgressRefused | None:
+    """The guard's refusal inside what the SDK raised (it wraps it, in groups too)."""
+    seen = 0
+    stack = [exc]
+    while stack and seen < 50:
+        seen += 1
+        current = stack.pop()
+        if isinstance(current, egress.EgressRefused):
+            return current
+        stack += list(getattr(current, "exceptions", ()))
+        stack += [e for e in (current.__cause__, current.__context__) if e is not None]
+    return None
 
 
 def mcp_list(*, url: str, header_templates: dict[str, str], secrets: dict[str, str]) -> list[dict]:

@@ -4,12 +4,15 @@ secrets before it goes anywhere (the model, the event stream, the run's steps, l
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 from django.conf import settings
 from jsonschema import Draft202012Validator
@@ -73,6 +76,13 @@ class ToolScope:
     # The calling run (agent tools start runs under it), and whether it must stop.
     run_id: str = ""
     should_stop: Callable[[], bool] = _never
+    # The calling run's deadline (time.monotonic()): a call waits at most what is left.
+    deadline: float | None = None
+
+    def timeout(self, default: float) -> float:
+        if self.deadline is None:
+            return default
+        return max(0.1, min(default, self.deadline - time.monotonic()))
 
 
 def agent_tools(*, agent_id: uuid.UUID | str) -> list[ToolSpec]:
@@ -182,10 +192,26 @@ def project_secrets(*, project_id: uuid.UUID | str) -> dict[str, str]:
     return dict(ProjectSecret.objects.filter(project_id=project_id).values_list("name", "value"))
 
 
+def echo_forms(value: str) -> set[str]:
+    """The forms in which a server that reflects its input can send a secret back: as
+    is, JSON-escaped (ASCII or not), URL-encoded (path and form style), base64 (standard
+    and URL-safe, padded or not)."""
+    forms = {value, json.dumps(value)[1:-1], json.dumps(value, ensure_ascii=False)[1:-1]}
+    forms |= {quote(value, safe=""), quote_plus(value), quote(value)}
+    raw = value.encode("utf-8", "surrogatepass")
+    for encoded in (base64.b64encode(raw), base64.urlsafe_b64encode(raw)):
+        text = encoded.decode()
+        forms |= {text, text.rstrip("=")}
+    return {form for form in forms if len(form) >= MIN_SCRUBBED_LENGTH}
+
+
 def scrub(text: str, secrets: dict[str, str]) -> str:
-    for value in sorted(secrets.values(), key=len, reverse=True):
+    forms = set()
+    for value in secrets.values():
         if len(value) >= MIN_SCRUBBED_LENGTH:
-            text = text.replace(value, SCRUBBED)
+            forms |= echo_forms(value)
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form, SCRUBBED)
     return text
 
 
@@ -222,7 +248,7 @@ def tool_execute(*, spec: ToolSpec | None, arguments: str, scope: ToolScope) -> 
                 secrets=scope.secrets,
                 name=spec.remote_name,
                 arguments=args,
-                timeout=spec.timeout,
+                timeout=scope.timeout(spec.timeout),
             )
             return ToolOutcome(ok, scrub(content, scope.secrets))
         if spec.kind == "builtin":
@@ -234,7 +260,7 @@ def tool_execute(*, spec: ToolSpec | None, arguments: str, scope: ToolScope) -> 
                 header_templates=spec.headers,
                 arguments=args,
                 secrets=scope.secrets,
-                timeout=spec.timeout,
+                timeout=scope.timeout(spec.timeout),
             )
         return ToolOutcome(True, scrub(content, scope.secrets))
     except ToolError as exc:
@@ -248,7 +274,10 @@ def _arguments_problem(schema: dict[str, Any], args: dict[str, Any]) -> str:
 
     if not schema:
         return ""
-    error = next(iter(Draft202012Validator(schema).iter_errors(args)), None)
+    try:
+        error = next(iter(Draft202012Validator(schema).iter_errors(args)), None)
+    except RecursionError:  # a schema stored before such schemas were refused, or MCP's
+        return "the tool's parameters schema is recursive; it cannot be checked"
     if error is None:
         return ""
     where = "/".join(str(p) for p in error.path)

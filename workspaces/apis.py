@@ -10,7 +10,7 @@ from common.api import MAX_PAGE_OFFSET, StrictSerializer
 from common.credentials import CredentialScopePermission
 from common.schema import error_responses
 
-from .selectors import workspace_health, workspace_stats
+from .selectors import project_health, workspace_health, workspace_stats
 
 
 class StatsQuerySerializer(StrictSerializer):
@@ -45,7 +45,20 @@ class HealthOutputSerializer(serializers.Serializer):
         required=False, help_text="503 only: what is unhealthy (as in every error body)."
     )
     code = serializers.CharField(required=False, help_text='503 only: "unhealthy".')
-    healthy = serializers.BooleanField()
+    healthy = serializers.BooleanField(
+        help_text="False (and 503) only when something every tenant needs fails: the "
+        "database, Redis, the broker, no live worker."
+    )
+    degraded = serializers.ListField(
+        child=serializers.CharField(),
+        help_text="Checks and problems that fail for some projects only (runs, llm, "
+        "initialisation_failed, ...): reported, never a 503.",
+    )
+    unhealthy_projects = serializers.ListField(
+        child=serializers.DictField(),
+        help_text="The projects with problems, named: project_id, user_id, project_name, "
+        "problems (the runs check names the most affected ones; workspaces, this page's).",
+    )
     total_spaces = serializers.IntegerField()
     healthy_spaces = serializers.IntegerField()
     states = serializers.DictField(
@@ -97,10 +110,36 @@ class StatsOutputSerializer(serializers.Serializer):
         ref_name = "Stats"
 
 
+class ProjectHealthOutputSerializer(serializers.Serializer):
+    detail = serializers.CharField(required=False, help_text="503 only: what is unhealthy.")
+    code = serializers.CharField(required=False, help_text='503 only: "unhealthy".')
+    healthy = serializers.BooleanField()
+    project_id = serializers.UUIDField()
+    project_name = serializers.CharField()
+    user_id = serializers.IntegerField()
+    problems = serializers.ListField(child=serializers.CharField(), help_text="Named by check.")
+    workspace = serializers.DictField(
+        allow_null=True, help_text="The registry's view: state, initialized, agents, queue_depth."
+    )
+    checks = serializers.DictField(
+        child=CheckSerializer(), help_text="database, redis, workers, workspace, runs."
+    )
+
+    class Meta:
+        ref_name = "ProjectHealth"
+
+
 def _unhealthy_detail(report: dict) -> str:
     failing = [name for name, check in report["checks"].items() if not check.get("healthy")]
-    failing += report["unhealthy_spaces"]
     return "Unhealthy: " + ", ".join(failing) + "."
+
+
+def _unhealthy_response(body: dict) -> Response:
+    response = Response(body, status=status.HTTP_503_SERVICE_UNAVAILABLE)
+    # A report, not a failure of this server: the access log's line is enough, without
+    # Django's "Service Unavailable" error line on every probe.
+    response._has_been_logged = True
+    return response
 
 
 @extend_schema(tags=["Operators"])
@@ -113,8 +152,9 @@ class WorkspaceHealthApi(APIView):
         description="Database, Redis, the broker, live workers (from their heartbeats), "
         "agent runs and the LLM endpoint; the registry's workspaces counted by state and "
         "by problem; a page of workspaces in detail, those with problems first. 503 with "
-        "the same report (plus `detail` and `code`, as every error) when anything is "
-        "unhealthy.",
+        "the same report (plus `detail` and `code`, as every error) only when something "
+        "every tenant needs fails (database, Redis, broker, no live worker); one "
+        "project's problems are `degraded` and named in `unhealthy_projects`.",
         parameters=[HealthQuerySerializer],
         responses={
             200: HealthOutputSerializer,
@@ -128,12 +168,36 @@ class WorkspaceHealthApi(APIView):
         report = workspace_health(**query.validated_data)
         if report["healthy"]:
             return Response(report)
-        body = {"detail": _unhealthy_detail(report), "code": "unhealthy", **report}
-        response = Response(body, status=status.HTTP_503_SERVICE_UNAVAILABLE)
-        # A report, not a failure of this server: the access log's line is enough, without
-        # Django's "Service Unavailable" error line on every probe.
-        response._has_been_logged = True
-        return response
+        failing = [n for n, c in report["checks"].items() if not c["healthy"]]
+        failing = [n for n in failing if n not in report["degraded"]]
+        body = {"detail": "Unhealthy: " + ", ".join(failing) + ".", "code": "unhealthy"}
+        return _unhealthy_response({**body, **report})
+
+
+@extend_schema(tags=["Operators"])
+class ProjectHealthApi(APIView):
+    permission_classes = [IsAdminUser, CredentialScopePermission]
+
+    @extend_schema(
+        operation_id="operators_project_health",
+        summary="Health of one project",
+        description="What the project stands on (database, Redis, live workers), its "
+        "workspace as the registry sees it and its runs (stuck, failed recently). 503 "
+        "with the same report when anything this project needs is unhealthy; 404 for a "
+        "project that does not exist.",
+        responses={
+            200: ProjectHealthOutputSerializer,
+            503: OpenApiResponse(ProjectHealthOutputSerializer, description="Unhealthy."),
+            **error_responses(404),
+        },
+    )
+    def get(self, request, project_id):
+        report = project_health(project_id=project_id)
+        if report["healthy"]:
+            return Response(report)
+        return _unhealthy_response(
+            {"detail": _unhealthy_detail(report), "code": "unhealthy", **report}
+        )
 
 
 @extend_schema(tags=["Operators"])

@@ -12,9 +12,11 @@ from typing import Any
 from django.conf import settings
 from django.db import connection
 from django.db.models import Count, Q
+from django.http import Http404
 from django.utils import timezone
 
 from agentbus import live_workers, queue_depths
+from common.disk import disk_health
 from common.redis import broker_redis, get_redis
 from projects.models import Project
 
@@ -22,7 +24,7 @@ from . import registry
 from .manager import get_worker_space_manager
 from .models import WorkspaceTeardown
 from .registry import RegistryEntry, State
-from .sources import health_checks
+from .sources import health_check_breaks_everyone, health_checks, project_health_checks
 from .space import iso
 
 
@@ -130,10 +132,20 @@ def workspace_stats(*, offset: int = 0, limit: int = 100) -> dict[str, Any]:
     }
 
 
+# What every tenant stands on: if one of these fails, no project can be served, and only
+# then does the deployment's health answer 503 (a load balancer takes the node out).
+DEPLOYMENT_CHECKS = ("database", "redis", "broker", "workers", "registry")
+
+
 def workspace_health(*, offset: int = 0, limit: int = 50) -> dict[str, Any]:
     """The health report: the checks of what workspaces stand on (database, Redis,
     broker, live workers from their heartbeats), the registry summarised (counts by
     state, the problems counted) and a page of workspaces, those with problems first.
+
+    `healthy` is false only when something every tenant needs fails (DEPLOYMENT_CHECKS
+    and checks registered as breaking everyone). One project's problems (a failed
+    initialisation, failed or stuck runs) make the report `degraded` and are named in
+    `unhealthy_projects`; they never take the other tenants offline.
 
     Its cost follows the page and the problems, not the number of workspaces: counts
     come from the per-state sets, and only the page is read in detail.
@@ -143,12 +155,14 @@ def workspace_health(*, offset: int = 0, limit: int = 50) -> dict[str, Any]:
         "redis": _check(lambda: get_redis().ping()),
         "broker": _check(_ping_broker),
         "workers": _check_workers(),
+        "disk": _run_check(disk_health),
         **{name: _run_check(check) for name, check in health_checks().items()},
     }
     report: dict[str, Any] = {"total_spaces": 0, "healthy_spaces": 0, "states": {}}
     problems: dict[str, int] = {}
     details: dict[str, Any] = {}
     unhealthy: list[str] = []
+    named: dict[str, dict[str, Any]] = {}
     if checks["redis"]["healthy"] and checks["database"]["healthy"]:
         try:
             summary = _registry_summary()
@@ -171,15 +185,111 @@ def workspace_health(*, offset: int = 0, limit: int = 50) -> dict[str, Any]:
                 }
                 if found:
                     unhealthy.append(view.key)
+                    _name_project(
+                        named,
+                        project_id=str(view.entry.project_id),
+                        user_id=view.entry.user_id,
+                        project_name=view.project_name,
+                        problems=found,
+                    )
+    for name, check in checks.items():
+        for project in check.get("projects") or ():
+            _name_project(
+                named, **{**project, "problems": [f"{name}: {p}" for p in project["problems"]]}
+            )
     failing = {k: n for k, n in problems.items() if k in UNHEALTHY_PROBLEMS and n}
+    broken = [
+        name
+        for name, check in checks.items()
+        if not check["healthy"]
+        and (name in DEPLOYMENT_CHECKS or health_check_breaks_everyone(name))
+    ]
+    degraded = [
+        name for name, check in checks.items() if not check["healthy"] and name not in broken
+    ] + list(failing)
     return {
-        "healthy": all(c["healthy"] for c in checks.values()) and not failing and not unhealthy,
+        "healthy": not broken,
+        "degraded": degraded,
         **report,
         "problems": problems,
         "unhealthy_spaces": unhealthy,
+        "unhealthy_projects": list(named.values()),
         "offset": offset,
         "limit": limit,
         "details": details,
+        "checks": checks,
+    }
+
+
+def _name_project(
+    named: dict[str, dict[str, Any]],
+    *,
+    project_id: str,
+    user_id: int | None,
+    project_name: str,
+    problems: list[str],
+) -> None:
+    """Add a project's problems to the report's list of projects, one entry each."""
+    entry = named.setdefault(
+        project_id,
+        {
+            "project_id": project_id,
+            "user_id": user_id,
+            "project_name": project_name,
+            "problems": [],
+        },
+    )
+    entry["project_name"] = entry["project_name"] or project_name
+    entry["problems"].extend(problems)
+
+
+def project_health(*, project_id: uuid.UUID) -> dict[str, Any]:
+    """One project's health: what it stands on (database, Redis, live workers), its
+    workspace as the registry and the bus see it, and the project checks (its runs).
+    `healthy` is false when anything this project needs fails. Http404 for a project
+    that does not exist (operators see every project)."""
+    project = Project.objects.filter(id=project_id).first()
+    if project is None:
+        raise Http404("No such project.")
+    checks = {
+        "database": _check(_ping_database),
+        "redis": _check(lambda: get_redis().ping()),
+        "workers": _check_workers(),
+    }
+    workspace: dict[str, Any] | None = None
+    if checks["redis"]["healthy"]:
+        try:
+            view = workspace_get(user_id=project.owner_id, project_id=project.id)
+        except Exception as exc:  # noqa: BLE001  (reported, not raised: this is the health check)
+            checks["workspace"] = {"healthy": False, "error": f"{type(exc).__name__}: {exc}"}
+        else:
+            found = view.problems if view else []
+            workspace = (
+                None
+                if view is None
+                else {
+                    "state": str(view.entry.state),
+                    "initialized": view.entry.state is State.INITIALIZED,
+                    "agents": len(view.entry.agent_ids),
+                    "queue_depth": view.queue_depth,
+                }
+            )
+            checks["workspace"] = {"healthy": not found, "problems": found}
+    for name, check in project_health_checks().items():
+        checks[name] = _run_check(lambda check=check: check(project.id))
+    problems = [
+        f"{name}: {problem}"
+        for name, check in checks.items()
+        if not check["healthy"]
+        for problem in (check.get("problems") or [check.get("error", "unhealthy")])
+    ]
+    return {
+        "healthy": not problems,
+        "project_id": str(project.id),
+        "project_name": project.name,
+        "user_id": project.owner_id,
+        "problems": problems,
+        "workspace": workspace,
         "checks": checks,
     }
 

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from .apis import WorkspaceHealthApi, WorkspaceStatsApi
+from .apis import ProjectHealthApi, WorkspaceHealthApi, WorkspaceStatsApi
 
 
 def _alias(view_class):
@@ -13,6 +13,12 @@ def _alias(view_class):
 urlpatterns = [
     path("health", WorkspaceHealthApi.as_view(), name="workspaces-health"),
     path("stats", WorkspaceStatsApi.as_view(), name="workspaces-stats"),
+    path(
+        "health/projects/<uuid:project_id>",
+        ProjectHealthApi.as_view(),
+        name="workspaces-project-health",
+    ),
     path("health/", _alias(WorkspaceHealthApi)),
     path("stats/", _alias(WorkspaceStatsApi)),
+    path("health/projects/<uuid:project_id>/", _alias(ProjectHealthApi)),
 ]

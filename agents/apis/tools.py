@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.validators import RegexValidator
 from django.db import IntegrityError
-from drf_spectacular.utils import extend_schema, extend_schema_field
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
@@ -392,7 +392,27 @@ class SecretListCreateApi(EnvelopeListMixin, ProjectScopedApi):
         return Response(SecretOutputSerializer(secret).data, status=status.HTTP_201_CREATED)
 
 
-@extend_schema(tags=["Tools"])
+def _check_secret_name(name: str) -> None:
+    """A name in the path that no secret can have is the caller's error (400), before
+    it reaches a query."""
+    try:
+        validate_secret_name(name)
+    except DjangoValidationError as exc:
+        raise serializers.ValidationError({"name": exc.messages}) from None
+
+
+@extend_schema(
+    tags=["Tools"],
+    parameters=[
+        OpenApiParameter(
+            "name",
+            str,
+            OpenApiParameter.PATH,
+            pattern=SECRET_NAME.pattern,
+            description="The secret's name; one no secret can have is a 400.",
+        )
+    ],
+)
 class SecretDetailApi(ProjectScopedApi):
     @extend_schema(
         operation_id="secrets_update",
@@ -401,6 +421,7 @@ class SecretDetailApi(ProjectScopedApi):
         responses={200: SecretOutputSerializer},
     )
     def put(self, request, project_id, name):
+        _check_secret_name(name)
         secret = secret_get(project=self.project, name=name)
         data = SecretValueSerializer(data=request.data)
         data.is_valid(raise_exception=True)
@@ -413,8 +434,12 @@ class SecretDetailApi(ProjectScopedApi):
         operation_id="secrets_destroy",
         summary="Delete a secret",
         description="Tools whose headers name it fail their calls until it is set again.",
-        responses={204: None},
+        responses={
+            204: None,
+            **error_responses(400, _400="The name in the path is not a secret name."),
+        },
     )
     def delete(self, request, project_id, name):
+        _check_secret_name(name)
         project_secret_delete(secret=secret_get(project=self.project, name=name))
         return Response(status=status.HTTP_204_NO_CONTENT)

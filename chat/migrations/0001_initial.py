@@ -1,4 +1,4 @@
-# ChatSession, Message and Run, moved here from the agents app (agents.0004_chat_models_moved
+# ChatSession, Message and Run, moved here from the agents app (agents.0005_chat_models_moved
 # removes them from its state). Only Django's state changes: the tables keep their names
 # (db_table), so no row moves. Their content types follow them, so permissions and admin
 # history stay attached.

@@ -192,6 +192,11 @@ REST_FRAMEWORK = {
         "ingests_project": env.str("THROTTLE_INGESTS_PROJECT", default="120/min"),
     },
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    # How many reverse proxies in front of the web process append to X-Forwarded-For.
+    # 0 (the default): the header is ignored and the client is the connection's peer;
+    # N: the client is the address the outermost of the N trusted proxies saw. Set it to
+    # exactly the proxies you run: one more lets any client choose its own address.
+    "NUM_PROXIES": env.int("TRUSTED_PROXY_COUNT", default=0),
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "User Worker Space API",
@@ -263,10 +268,14 @@ CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TIMEZONE = TIME_ZONE
 # Reliability: a task is acknowledged only once it has run; a worker killed mid-task
-# gives its message back; each process holds one message at a time.
+# gives its message back. A worker reserves concurrency x multiplier messages: one per
+# slot (with the threads pool, one per thread: 100 for the Procfile's worker), so a
+# message waits in a worker only while every slot of it is busy.
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Enforced by Celery's prefork pool only: its thread pool (the Procfile's) ignores them
+# (celery#9203). Agent runs keep their own deadline (RUN_TIME_LIMIT_SECONDS).
 CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=600)
 CELERY_TASK_SOFT_TIME_LIMIT = CELERY_TASK_TIME_LIMIT - 30
 CELERY_BROKER_TRANSPORT_OPTIONS = {
@@ -284,12 +293,15 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_WORKER_SEND_TASK_EVENTS", default=True)
 CELERY_TASK_SEND_SENT_EVENT = False
 _SWEEP_SECONDS = env.float("WORKSPACE_SWEEP_SECONDS", default=300)
+# The recovery pass and the reaper go to agentbus.queues.URGENT_MAINTENANCE_QUEUE: its
+# own worker (the Procfile's `maintenance` line) runs them even while every thread of the
+# shared workers holds an agent run, which is when recovery matters.
 CELERY_BEAT_SCHEDULE = {
     # Retires project queues that are empty and idle, and rescues stranded ones.
     "agentbus.reap_idle_queues": {
         "task": "agentbus.reap_idle_queues",
         "schedule": 30.0,
-        "options": {"expires": 30.0},
+        "options": {"expires": 30.0, "queue": "uws.maintenance.urgent"},
     },
     # Re-dispatches owed workspace teardowns and tears down leftovers with no project.
     "workspaces.sweep": {
@@ -301,7 +313,7 @@ CELERY_BEAT_SCHEDULE = {
     "agents.recover_runs": {
         "task": "agents.recover_runs",
         "schedule": env.float("RUN_RECOVERY_SECONDS", default=10),
-        "options": {"expires": 10.0},
+        "options": {"expires": 10.0, "queue": "uws.maintenance.urgent"},
     },
     # Deletes audit records older than AUDIT_RETENTION_DAYS.
     "governance.purge_audit": {
@@ -386,6 +398,9 @@ SEARCH_INFLIGHT_PER_PROJECT = env.int("SEARCH_INFLIGHT_PER_PROJECT", default=16)
 QDRANT_URL = env.str("QDRANT_URL", default="")
 QDRANT_API_KEY = env.str("QDRANT_API_KEY", default="")
 QDRANT_PATH = env.str("QDRANT_PATH", default=str(VAR_DIR / "qdrant"))
+# Writes to the embedded store (ingest) refuse to start with less free space than this on
+# its volume: they end in error saying so, instead of the engine dying mid-write.
+DISK_MIN_FREE_MB = env.float("DISK_MIN_FREE_MB", default=64)
 # Vector layout: "shared" puts every agent's context in one collection per embedding
 # model, each point carrying its tenant (Qdrant's multitenancy guidance); "per_agent"
 # gives each agent a collection of its own (collection-level isolation).
@@ -411,6 +426,9 @@ RUN_RECOVERY_SECONDS = env.float("RUN_RECOVERY_SECONDS", default=10)
 RUN_REDISPATCH_SECONDS = env.float("RUN_REDISPATCH_SECONDS", default=15)
 RUN_QUEUE_TIMEOUT_SECONDS = env.float("RUN_QUEUE_TIMEOUT_SECONDS", default=1800)
 RUN_MAX_STARTS = env.int("RUN_MAX_STARTS", default=3)
+# A run's own deadline, from its start, in any pool: provider and tool calls get at most
+# what is left of it, and past it the run ends in error saying so.
+RUN_TIME_LIMIT_SECONDS = env.float("RUN_TIME_LIMIT_SECONDS", default=CELERY_TASK_SOFT_TIME_LIMIT)
 # Health reports runs that failed this recently as a problem.
 RUN_FAILURE_WINDOW_SECONDS = env.float("RUN_FAILURE_WINDOW_SECONDS", default=900)
 CHAT_HEARTBEAT_SECONDS = env.float("CHAT_HEARTBEAT_SECONDS", default=15)
@@ -451,6 +469,10 @@ AUDIT_RETENTION_DAYS = env.int("AUDIT_RETENTION_DAYS", default=365)
 # keys at rest. Unset outside production: derived from SECRET_KEY (production requires
 # its own).
 PROVIDER_KEYS_FERNET_KEY = env.str("PROVIDER_KEYS_FERNET_KEY", default="")
+# Keys as a list (comma-separated): the first encrypts, all decrypt; rotate with
+# `manage.py rotate_secrets` (see governance.secrets). PROVIDER_KEYS_FERNET_KEY, when
+# set too, is the oldest. They encrypt projects' tool secrets as well.
+PROVIDER_KEYS_FERNET_KEYS = env.list("PROVIDER_KEYS_FERNET_KEYS", default=[])
 
 # --- LLM endpoint: the model an agent without one asks, and the health probe ------
 # An agent whose `model` is empty asks this one (with OPENAI_BASE_URL / OPENAI_API_KEY
@@ -477,6 +499,16 @@ TOOL_EVENT_MAX_CHARS = env.int("TOOL_EVENT_MAX_CHARS", default=2000)
 # HTTP tools may only call public addresses unless this is set (SSRF protection): set it
 # only where tools must reach services on the operator's own network.
 TOOLS_ALLOW_PRIVATE_NETWORKS = env.bool("TOOLS_ALLOW_PRIVATE_NETWORKS", default=False)
+# The egress guard (common.egress) lets only public addresses through. An operator opens
+# it per purpose for their own networks: EGRESS_ALLOW_NETWORKS_TOOLS (HTTP tools),
+# EGRESS_ALLOW_NETWORKS_MCP (MCP servers), EGRESS_ALLOW_NETWORKS_PROVIDER (projects' own
+# LLM endpoints), each a comma-separated list of CIDRs (e.g. "10.0.0.0/8,fd00::/8").
+# TOOLS_ALLOW_PRIVATE_NETWORKS=true is the older, wider switch: every address, for
+# tools and MCP servers.
+EGRESS_ALLOW_NETWORKS = {
+    purpose: env.list(f"EGRESS_ALLOW_NETWORKS_{purpose.upper()}", default=[])
+    for purpose in ("tools", "mcp", "provider")
+}
 # Agent tools (an agent asking another of its project over the bus): a tree of calls is
 # at most AGENT_CALL_MAX_DEPTH deep, a run makes at most AGENT_CALL_MAX_FANOUT calls, and
 # a call waits at most AGENT_CALL_TIMEOUT_SECONDS for the answer.

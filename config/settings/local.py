@@ -6,8 +6,8 @@ from .base import env, fernet_key_from
 DEBUG = env.bool("DEBUG", default=True)
 SECRET_KEY = env.str("SECRET_KEY", default="local-dev-only-not-secret-7c1f0e2a9b")
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["*"])
-# honcho (make run) kills what has not stopped 5 s after Ctrl-C. Celery sleeps the whole
-# soft-shutdown window if a task was running at the signal, then needs ~2 s to stop.
+# honcho (make run) kills what has not stopped 5 s after Ctrl-C. A worker waits up to
+# the soft-shutdown window for its runs to hand themselves back, then needs ~2 s to stop.
 CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = env.float("CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", default=1)
 
 # Whitenoise serves admin and Swagger assets straight from the apps under uvicorn.

@@ -293,3 +293,9 @@ def test_a_worker_refuses_a_visibility_timeout_shorter_than_the_longest_task(set
     settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 300}
     with pytest.raises(ImproperlyConfigured, match="visibility_timeout"):
         check_visibility_timeout()
+    # The thread pool ignores CELERY_TASK_TIME_LIMIT: a run lasts its own limit, plus
+    # the soft-shutdown window.
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+    settings.RUN_TIME_LIMIT_SECONDS, settings.CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = 3590, 30
+    with pytest.raises(ImproperlyConfigured, match="RUN_TIME_LIMIT_SECONDS"):
+        check_visibility_timeout()

@@ -95,3 +95,31 @@ def test_writes_with_redis_stopped_answer_without_500(api, user, stoppable_redis
     ):
         assert response.status_code == 503, response.content
         assert response["Retry-After"] and "detail" in response.json()
+
+
+def test_with_redis_stopped_a_quota_refuses_with_503_rather_than_overshoot(
+    api, user, stoppable_redis
+):
+    """Quotas cannot be checked atomically without Redis: a project with a quota is
+    refused (503, Retry-After, nothing written) instead of admitting parallel messages
+    past its limit; a project without one is not held up."""
+    from governance.models import Quota
+
+    limited, free = ProjectFactory(owner=user), ProjectFactory(owner=user)
+    Quota.objects.create(project=limited, messages_per_minute=5)
+    sessions = {
+        p.id: ChatSessionFactory(agent=AgentFactory(project=p), project=p) for p in (limited, free)
+    }
+    stoppable_redis.stop()
+
+    session = sessions[limited.id]
+    url = f"/my/projects/{limited.id}/chat/{session.id}/messages/"
+    for _ in range(3):
+        response = api.post(url, {"content": "hi"}, format="json")
+        assert response.status_code == 503, response.content
+        assert int(response["Retry-After"]) > 0 and "Quotas" in response.json()["detail"]
+    assert not Run.objects.filter(session__project=limited).exists()
+
+    session = sessions[free.id]
+    url = f"/my/projects/{free.id}/chat/{session.id}/messages/"
+    assert api.post(url, {"content": "hi"}, format="json").status_code == 202

@@ -110,3 +110,42 @@ def test_the_schema_documents_429_where_requests_are_limited(client):
     assert "429" not in context["delete"]["responses"]
     assert "429" in paths["/auth/token/"]["post"]["responses"]
     assert "429" not in paths["/my/projects/"]["get"]["responses"]
+
+
+def _login(client, username, password, **extra):
+    return client.post(
+        "/auth/token/",
+        {"username": username, "password": password},
+        content_type="application/json",
+        **extra,
+    ).status_code
+
+
+def test_a_forged_forwarded_for_does_not_escape_the_per_address_limit(client, user, rates):
+    """No trusted proxy (the default): X-Forwarded-For is not the client's address."""
+    rates(login_address="5/min", login_username="1000/min")
+    codes = [
+        _login(client, user.username, "wrong", HTTP_X_FORWARDED_FOR=f"203.0.113.{i}")
+        for i in range(12)
+    ]
+    assert codes[:5] == [401] * 5 and set(codes[5:]) == {429}
+
+
+def test_behind_a_trusted_proxy_the_forwarded_client_is_limited(client, user, rates, settings):
+    rates(login_address="2/min", login_username="1000/min")
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK, "NUM_PROXIES": 1}
+    # The proxy appends the peer it saw; what the client wrote before it is not believed.
+    first = [
+        _login(client, "u", "p", HTTP_X_FORWARDED_FOR=f"1.1.1.{i}, 198.51.100.7") for i in range(3)
+    ]
+    assert first == [401, 401, 429]
+    assert _login(client, "u", "p", HTTP_X_FORWARDED_FOR="198.51.100.8") == 401
+
+
+def test_nobody_can_lock_a_user_out_from_elsewhere(client, user, rates):
+    rates(login_username="3/min", login_address="1000/min")
+    user.set_password("right")
+    user.save()
+    guesses = [_login(client, user.username, "wrong", REMOTE_ADDR="192.0.2.66") for _ in range(6)]
+    assert guesses[-1] == 429  # the guesser is held up...
+    assert _login(client, user.username, "right", REMOTE_ADDR="192.0.2.10") == 200  # not the owner

@@ -117,3 +117,23 @@ def test_records_older_than_the_retention_are_purged(project, settings):
         )
     assert audit_purge(batch=1) == 2
     assert list(AuditEvent.objects.values_list("path", flat=True)) == ["/29/"]
+
+
+def test_a_user_with_audit_records_can_be_deleted_and_the_record_keeps_who(api, user):
+    """Deleting the user must not rewrite their records: on PostgreSQL the append-only
+    trigger refuses any UPDATE, which a SET_NULL foreign key would be."""
+    created = api.post("/my/projects/", {"name": "to go"}, format="json").json()
+    api.patch(f"/my/projects/{created['id']}/", {"description": "d"}, format="json")
+    recorded = AuditEvent.objects.filter(user_id=user.id).count()
+    assert recorded >= 2
+    operator = UserFactory(is_staff=True, is_superuser=True)
+    admin = Client()
+    admin.force_login(operator)
+    response = admin.post(f"/admin/auth/user/{user.id}/delete/", {"post": "yes"})
+    assert response.status_code == 302, response.content[:500]
+    assert not type(user).objects.filter(id=user.id).exists()
+    kept = AuditEvent.objects.filter(username=user.username, project_id=created["id"])
+    assert kept.count() == recorded
+    if connection.vendor == "postgresql":  # history still cannot be rewritten
+        with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
+            kept.update(username="someone else")

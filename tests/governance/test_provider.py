@@ -127,6 +127,7 @@ def test_a_run_uses_its_projects_endpoint_key_and_model(
     caplog.set_level(logging.DEBUG)
     runtime_settings.OPENAI_BASE_URL = ""  # no deployment endpoint: the project's alone
     runtime_settings.OPENAI_API_KEY = ""
+    runtime_settings.EGRESS_ALLOW_NETWORKS = {"provider": ["127.0.0.0/8"]}  # the stub's
     body = settings_body(
         base_url=fake_openai.base_url,
         api_key=SECRET,
@@ -151,14 +152,15 @@ def test_a_run_uses_its_projects_endpoint_key_and_model(
     assert len(fake_openai.requests) == calls
     assert not RunUsage.objects.filter(message_id=refused.id).exists()  # it cost nothing
 
-    # The endpoint failing: its error is reported, the key is not.
+    # The endpoint failing: that it failed is reported, not what it answered, nor the key.
     fake_openai.mode = "error"
     posted = api.post(messages_url(session), {"content": "again"}, format="json").json()
     failed = wait_answered(posted["assistant_message_id"])
-    assert failed.status == "error" and "HTTP 500" in failed.error
+    assert failed.status == "error" and "project's LLM endpoint failed" in failed.error
+    assert "500" not in failed.error and "overloaded" not in failed.error
 
     said = _everything_said(api, project, session, caplog)
-    assert "project-model" in said and "HTTP 500" in said  # the scan sees what was said
+    assert "project-model" in said and "endpoint failed" in said  # the scan sees what was said
     assert "message.delta" in said  # ... and the events
     assert SECRET not in said
 

@@ -228,3 +228,45 @@ def test_ingest_counts_its_embedding_tokens_once(live_worker, api, agent):
             "embedding_tokens": expected,
         }
     ]
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("fault", ["refused", 404, 400])
+def test_a_run_that_never_reached_its_provider_costs_nothing(
+    live_worker, api, project, fake_openai, runtime_settings, fault
+):
+    """Connection refused, or the endpoint refusing the request: no model ran, so the
+    run has no usage row and its estimated tokens do not count against the quotas (a
+    day's budget smaller than one estimate still admits the next message)."""
+    from governance.models import Quota
+
+    Quota.objects.create(project=project, tokens_per_day=8)
+    good_url = runtime_settings.OPENAI_BASE_URL
+    if fault == "refused":
+        runtime_settings.OPENAI_BASE_URL = f"http://127.0.0.1:{_closed_port()}/v1"
+    else:
+        fake_openai.mode, fake_openai.error_status = "error", fault
+    session = ChatSessionFactory(agent=AgentFactory(project=project, model="gpt-test"))
+    failed = wait_answered(post(api, session, "x" * 200))
+    assert failed.status == "error", failed.status
+    assert not RunUsage.objects.filter(message_id=failed.id).exists()
+    usage = api.get(f"/my/projects/{project.id}/usage/").json()
+    assert usage["totals"]["runs"] == 0 and usage["totals"]["total_tokens"] == 0, usage
+
+    runtime_settings.OPENAI_BASE_URL = good_url
+    fake_openai.mode = "ok"
+    response = api.post(
+        f"/my/projects/{project.id}/chat/{session.id}/messages/", {"content": "Hi"}, format="json"
+    )
+    assert response.status_code == 202, response.content  # the budget is untouched
+    answered = wait_answered(response.json()["assistant_message_id"])
+    assert answered.status == "done", answered.error
+    assert RunUsage.objects.get(message_id=answered.id).total_tokens == 26

@@ -318,3 +318,119 @@ def test_deleting_a_session_removes_its_stream(transactional_db, api, session, r
     url = f"/my/projects/{session.project_id}/chat/{session.id}/"
     assert api.delete(url).status_code == 204
     assert stream_events(redis_client, session.project, session.id) == []
+
+
+def _answered(redis_client, session, answer_id) -> Message:
+    kind, data = wait_for_event(
+        redis_client,
+        session.project,
+        session.id,
+        types={"message.completed", "message.error"},
+        message_id=answer_id,
+    )
+    assert kind == "message.completed", data
+    return Message.objects.get(id=answer_id)
+
+
+def test_regenerate_leaves_only_the_standing_exchange_in_memory(
+    live_worker, api, session, redis_client
+):
+    """The answer regenerate replaced is out of the conversation, and out of the agent's
+    memory too: asked again, the nearest exchange is the one that stands."""
+    from context.vectors import context_search
+
+    question = "Which colour is the sky over the office?"
+    first = post_message(api, session, question)["assistant_message_id"]
+    _answered(redis_client, session, first)
+    url = f"/my/projects/{session.project_id}/chat/{session.id}/regenerate/"
+    response = api.post(url)
+    assert response.status_code == 202, response.content
+    second = response.json()["id"]
+    _answered(redis_client, session, second)
+    assert Message.objects.get(id=first).status == "superseded"
+
+    def exchanges():
+        hits = context_search(
+            user_id=session.project.owner_id,
+            project_id=session.project_id,
+            agent_id=str(session.agent_id),
+            query=question,
+            k=10,
+        )
+        return [h.payload["message_id"] for h in hits if h.payload.get("kind") == "exchange"]
+
+    assert wait_until(lambda: exchanges() == [second], what="only the standing exchange")
+
+
+@pytest.mark.parametrize("searches", [False, True], ids=["context", "search-tool"])
+def test_offline_answers_stay_readable_turn_after_turn(
+    live_worker, api, session, redis_client, searches
+):
+    """Each offline answer quotes what the agent remembers, which holds its earlier
+    offline answers: quoted whole, they nested one more level (and, through the search
+    tool, one more layer of raw JSON) every turn."""
+    from agents.models import Tool
+
+    if searches:
+        Tool.objects.create(agent=session.agent, kind="builtin", name="search_context")
+    answer = None
+    for turn in range(6):
+        body = post_message(api, session, f"What did we say about the cat, turn {turn}?")
+        answer = _answered(redis_client, session, body["assistant_message_id"])
+    content = answer.content
+    assert content.count("This is the offline provider") == 1, content
+    assert '{"text"' not in content and '\\"' not in content, content
+    assert len(content) < 2500, len(content)
+
+
+@pytest.mark.parametrize("status", ["done", "error", "cancelled"])
+def test_an_end_whose_event_was_not_written_is_written_by_the_recovery_pass(
+    transactional_db, api, session, redis_client, settings, status
+):
+    """The run's end committed, then its event could not be written (Redis refused it;
+    a worker killed at that moment leaves the same): the run keeps a lease while its
+    event is owed, and once the lease is out the recovery pass writes the event, once,
+    so a live client is told how the answer ended."""
+    from chat.dispatch import runs_recover
+    from chat.state import run_end
+    from chat.streams import stream_key
+    from workspaces.redis import workspace_prefix
+
+    settings.RUN_LEASE_SECONDS = 0.2
+    answer_id = post_message(api, session, "question")["assistant_message_id"]
+    run = Run.objects.select_related("session__project").get(message_id=answer_id)
+    Run.objects.filter(id=run.id).update(status="running", starts=1)
+    Message.objects.filter(id=answer_id).update(status="streaming")
+    key = workspace_prefix(session.project.owner_id, session.project_id) + stream_key(session.id)
+    kept = redis_client.xrange(key)
+    redis_client.delete(key)
+    redis_client.set(key, "not a stream")  # every XADD on it fails (WRONGTYPE)
+
+    error = "the model is overloaded" if status == "error" else ""
+    assert run_end(run=run, status=status, content="All done.", error=error)
+    assert Message.objects.get(id=answer_id).status == status  # the database has it
+    redis_client.delete(key)
+    for entry_id, fields in kept:
+        redis_client.xadd(key, fields, id=entry_id)
+    assert not [k for _, k, _ in stream_events(redis_client, session.project, session.id)
+                if k.startswith("message.") and k != "message.created"]  # fmt: skip
+
+    expected = {"done": "message.completed", "error": "message.error"}.get(
+        status, "message.cancelled"
+    )
+
+    def written():
+        runs_recover()
+        events = stream_events(redis_client, session.project, session.id)
+        return [(k, d) for _, k, d in events if k == expected]
+
+    (event,) = wait_until(written, timeout=10, what="the end event written")
+    assert event[1]["message_id"] == answer_id
+    if status == "done":
+        assert event[1]["content"] == "All done." and event[1]["status"] == "done"
+    if status == "error":
+        assert event[1]["error"] == error
+    assert Run.objects.get(id=run.id).lease_expires_at is None
+    runs_recover()  # written once
+    kinds = [k for _, k, _ in stream_events(redis_client, session.project, session.id)]
+    assert kinds.count(expected) == 1

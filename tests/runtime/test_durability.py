@@ -6,6 +6,7 @@ processes of the test's own, stopped and killed."""
 from __future__ import annotations
 
 import time
+import uuid
 
 import pytest
 from celery.worker import state as worker_state
@@ -350,6 +351,9 @@ def test_a_cancel_racing_the_answer_reports_what_happened(live_worker, api, chat
 def test_a_failed_run_is_a_failed_task_and_a_problem_in_health(
     live_worker, api, user, fake_openai, admin_client
 ):
+    """One tenant's failed run is that project's problem: the deployment's health stays
+    200 (a load balancer on it keeps every tenant online), names the project, and the
+    project's own health route answers 503 while another project's answers 200."""
     from celery.signals import task_failure
 
     failed = []
@@ -360,7 +364,7 @@ def test_a_failed_run_is_a_failed_task_and_a_problem_in_health(
     task_failure.connect(on_failure, weak=False)
     try:
         fake_openai.mode = "error"
-        project = ProjectFactory(owner=user)
+        project = ProjectFactory(owner=user, name="the failing one")
         session = ChatSessionFactory(
             agent=AgentFactory(project=project, model="gpt-local"), project=project
         )
@@ -369,9 +373,28 @@ def test_a_failed_run_is_a_failed_task_and_a_problem_in_health(
     finally:
         task_failure.disconnect(on_failure)
     assert Message.objects.get(id=answer_id).status == "error"
-    health = admin_client.get("/admin/workspaces/health").json()
+    other = ProjectFactory(owner=user)
+    AgentFactory(project=other)
+
+    response = admin_client.get("/admin/workspaces/health")
+    health = response.json()
+    assert response.status_code == 200, health
+    assert health["healthy"] is True and "runs" in health["degraded"]
     assert health["checks"]["runs"]["failed_recently"] >= 1
-    assert health["checks"]["runs"]["healthy"] is False and health["healthy"] is False
+    assert health["checks"]["runs"]["healthy"] is False
+    named = {p["project_id"]: p for p in health["unhealthy_projects"]}
+    assert str(project.id) in named and str(other.id) not in named
+    assert named[str(project.id)]["project_name"] == "the failing one"
+    assert "failed" in named[str(project.id)]["problems"][0]
+
+    mine = admin_client.get(f"/admin/workspaces/health/projects/{project.id}")
+    assert mine.status_code == 503, mine.json()
+    assert mine.json()["checks"]["runs"]["failed_recently"] == 1
+    assert mine.json()["problems"][0].startswith("runs: 1 run(s) failed")
+    theirs = admin_client.get(f"/admin/workspaces/health/projects/{other.id}/")
+    assert theirs.status_code == 200 and theirs.json()["healthy"] is True, theirs.json()
+    gone = admin_client.get(f"/admin/workspaces/health/projects/{uuid.uuid4()}")
+    assert gone.status_code == 404
     stats = admin_client.get("/admin/workspaces/stats").json()
     assert stats["runs"]["failed_recently"] >= 1
 
@@ -439,7 +462,7 @@ def test_a_worker_killed_mid_tool_call_repeats_only_a_repeatable_call(
             "OPENAI_BASE_URL": fake_openai.base_url,
             "OPENAI_API_KEY": "test-key",
             "RUN_LEASE_SECONDS": "2",
-            "TOOLS_ALLOW_PRIVATE_NETWORKS": "true",
+            "EGRESS_ALLOW_NETWORKS_TOOLS": "127.0.0.0/8",
             "QDRANT_PATH": str(tmp_path / "qdrant"),
         }
         first = worker_process("-P", "prefork", "-c", "1", env=env)

@@ -124,3 +124,32 @@ def kept_name(agent) -> str:
     return TenantScope.agent(
         user_id=agent.project.owner_id, project_id=agent.project_id, agent_id=agent.id
     ).collection
+
+
+@pytest.mark.slow
+def test_a_worker_that_cannot_open_the_embedded_store_refuses_to_start(
+    transactional_db, project, qdrant_path, worker_process
+):
+    """Local mode serves one process: a second worker would take messages and fail
+    their answers (`RuntimeError`). It refuses to start instead, with a one-line reason,
+    before taking any message."""
+    put_context(AgentFactory(project=project))
+    close_vector_store()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_VECTOR_STORE, qdrant_path],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        worker = worker_process("-Q", "uws.maintenance", "-P", "threads", "-c", "2")
+        code = worker.wait(60)
+        log = worker.log()
+        assert code == 78, log
+        lines = [ln for ln in log.splitlines() if "refusing to start" in ln]
+        assert len(lines) == 1 and "already accessed by another instance" in lines[0], log
+        assert "Traceback" not in log and "ready." not in log, log
+    finally:
+        holder.communicate("\n", timeout=30)
+        close_vector_store()

@@ -82,7 +82,7 @@ class McpServer:
 
 @pytest.fixture
 def mcp_server(runtime_settings):
-    runtime_settings.TOOLS_ALLOW_PRIVATE_NETWORKS = True  # it listens on loopback
+    runtime_settings.EGRESS_ALLOW_NETWORKS = {"mcp": ["127.0.0.0/8"]}  # it listens on loopback
     server = McpServer().start()
     yield server
     server.stop()
@@ -147,7 +147,7 @@ def test_mcp_tools_are_listed_called_and_the_list_cached(
 def test_an_mcp_server_on_a_private_address_is_refused(
     live_worker, api, project, redis_client, fake_openai, mcp_server, runtime_settings
 ):
-    runtime_settings.TOOLS_ALLOW_PRIVATE_NETWORKS = False
+    runtime_settings.EGRESS_ALLOW_NETWORKS = {}
     agent = AgentFactory(project=project, model="gpt-local")
     Tool.objects.create(agent=agent, kind="mcp", name="calc", url_template=mcp_server.url)
     session = ChatSessionFactory(agent=agent, project=project)

@@ -35,7 +35,7 @@ def tool_server():
 @pytest.fixture
 def private_ok(runtime_settings):
     # The local tool server is on loopback, which tools may not call by default.
-    runtime_settings.TOOLS_ALLOW_PRIVATE_NETWORKS = True
+    runtime_settings.EGRESS_ALLOW_NETWORKS = {"tools": ["127.0.0.0/8"]}
     return runtime_settings
 
 

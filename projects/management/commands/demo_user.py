@@ -20,8 +20,10 @@ WAIT_SECONDS = 180
 class Command(BaseCommand):
     help = (
         "Create the demo user (idempotent; a superuser, for the admin) and print its API "
-        "token. With --banner: wait until the web server, a worker and Flower answer, print "
-        "where everything is, and stay until stopped (a process of `make run`)."
+        "token (`make run` does, before it starts the stack). With --banner: create nothing; "
+        "wait until the web server, a worker and Flower answer, print where everything is "
+        "(the demo user's token if it exists), and stay until stopped (a process of the "
+        "Procfile, which may run in production: so it never creates an account)."
     )
 
     def add_arguments(self, parser):
@@ -29,12 +31,23 @@ class Command(BaseCommand):
         parser.add_argument("--password", default="demo-password")
         parser.add_argument("--banner", action="store_true")
         parser.add_argument(
+            "--wait",
+            type=float,
+            default=WAIT_SECONDS,
+            help="how long --banner waits for the stack (seconds)",
+        )
+        parser.add_argument(
             "--base-url",
             default="http://127.0.0.1:8000",
             help="where the web server answers (for --banner)",
         )
 
     def handle(self, *args, username: str, password: str, banner: bool, base_url: str, **opts):
+        if banner:
+            self._show_banner(
+                username=username, password=password, base_url=base_url, wait=opts["wait"]
+            )
+            return
         user, created = get_user_model().objects.get_or_create(
             username=username, defaults={"is_staff": True, "is_superuser": True}
         )
@@ -42,23 +55,26 @@ class Command(BaseCommand):
             user.set_password(password)
             user.save(update_fields=["password"])
         token, _ = Token.objects.get_or_create(user=user)
-        if not banner:
-            verb = "Created" if created else "Found"
-            self.stdout.write(f"{verb} user {username!r} (password {password!r} if newly created).")
-            self.stdout.write(f"API token: {token.key}")
-            return
+        verb = "Created" if created else "Found"
+        self.stdout.write(f"{verb} user {username!r} (password {password!r} if newly created).")
+        self.stdout.write(f"API token: {token.key}")
+
+    def _show_banner(self, *, username: str, password: str, base_url: str, wait: float) -> None:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
-        health = self._wait_for_stack(base_url.rstrip("/"), token.key)
-        self.stdout.write(self._banner(base_url.rstrip("/"), username, password, token.key, health))
+        # Read only: the account is `make run`'s to create, never a Procfile process's.
+        token = Token.objects.filter(user__username=username).first()
+        key = token.key if token else ""
+        health = self._wait_for_stack(base_url.rstrip("/"), key, wait)
+        self.stdout.write(self._banner(base_url.rstrip("/"), username, password, key, health))
         self.stdout.flush()
         while True:  # honcho stops every process when one exits: stay until stopped
             signal.pause()
 
-    def _wait_for_stack(self, base: str, token: str) -> dict:
+    def _wait_for_stack(self, base: str, token: str, wait: float) -> dict:
         """Until the web server answers, a worker reports alive and Flower answers (or
-        WAIT_SECONDS pass): the health report, or {} if the web server never answered."""
-        deadline = time.monotonic() + WAIT_SECONDS
+        `wait` seconds pass): the health report, or {} if the web server never answered."""
+        deadline = time.monotonic() + wait
         health: dict = {}
         while time.monotonic() < deadline:
             health = _get_json(f"{base}/admin/workspaces/health", token) or {}
@@ -76,14 +92,23 @@ class Command(BaseCommand):
             "  User Worker Space is ready"
             if health
             else "  User Worker Space: the web "
-            f"server did not answer within {WAIT_SECONDS}s (see the web.1 lines above)",
+            "server did not answer in time (see the web.1 lines above)",
             "",
             f"  API      {base}/my/projects/",
             f"  Docs     {base}/api/docs/   (ReDoc: {base}/api/redoc/)",
-            f"  Admin    {base}/admin/   user {username} / {password}",
+            f"  Admin    {base}/admin/   user {username} / {password}"
+            if token
+            else f"  Admin    {base}/admin/",
             f"  Flower   {settings.FLOWER_URL}",
-            f"  Token    {token}",
-            f'           curl -H "Authorization: Token {token}" {base}/my/projects/',
+        ]
+        if token:
+            lines += [
+                f"  Token    {token}",
+                f'           curl -H "Authorization: Token {token}" {base}/my/projects/',
+            ]
+        else:
+            lines.append(f"  Token    no user {username!r}: `manage.py demo_user` creates it")
+        lines += [
             f"  LLM      {_llm_line(checks.get('llm'))}",
         ]
         if health and not checks.get("workers", {}).get("healthy"):
@@ -105,7 +130,8 @@ def _llm_line(report: dict | None) -> str:
 
 
 def _get_json(url: str, token: str) -> dict | None:
-    request = urllib.request.Request(url, headers={"Authorization": f"Token {token}"})
+    headers = {"Authorization": f"Token {token}"} if token else {}
+    request = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.load(response)

@@ -8,7 +8,7 @@ from django.db import migrations
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('agents', '0003_tools'),
+        ('agents', '0004_encrypt_project_secrets'),
         ('chat', '0001_initial'),
     ]
 

@@ -1,0 +1,231 @@
+"""The one door out: every URL a tenant can set (HTTP tools, MCP servers, a project's
+LLM endpoint, anything later such as webhooks) leaves the process through here.
+
+- The host is resolved once and every address it resolves to is checked: IPv4, and
+  IPv6 with the IPv4 it may carry (IPv4-mapped, IPv4-compatible, NAT64 `64:ff9b::/96`,
+  6to4 `2002::/16`, Teredo). Loopback, private, shared, link-local, site-local,
+  unique-local, multicast, reserved and unspecified addresses are refused, and so is
+  the local-use NAT64 prefix `64:ff9b:1::/48` (what it embeds is site-defined).
+- The connection goes to the checked address (the Host header and TLS SNI keep the
+  name), so a DNS answer that changes between check and connect (rebinding) cannot
+  redirect it. Clients built here follow no redirect.
+- An operator opens it per purpose for their own networks: `EGRESS_ALLOW_NETWORKS`
+  maps a purpose (`tools`, `mcp`, `provider`) to CIDRs whose addresses are let through
+  (settings: `EGRESS_ALLOW_NETWORKS_TOOLS=10.0.0.0/8,...`). The deployment's own LLM
+  endpoint (OPENAI_BASE_URL) is the operator's and does not come through here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import socket
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+import httpx
+from django.conf import settings
+from django.core import checks
+
+TOOLS, MCP, PROVIDER = "tools", "mcp", "provider"
+PURPOSES = (TOOLS, MCP, PROVIDER)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+_SHARED_V4 = ipaddress.ip_network("100.64.0.0/10")  # carrier-grade NAT
+
+
+class EgressRefused(Exception):
+    """The destination may not be reached for this purpose; str() says why (safe to
+    show the tenant: it names their own host and the kind of address, nothing more)."""
+
+
+class EgressUnresolvable(EgressRefused):
+    """The host does not resolve."""
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries, by the transition forms that route
+    to them."""
+    found = []
+    if ip.ipv4_mapped is not None:
+        found.append(ip.ipv4_mapped)
+    if ip in _IPV4_COMPATIBLE or ip in _NAT64:
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if ip.teredo is not None:
+        found.extend(ip.teredo)
+    return found
+
+
+def _public(ip: IPAddress) -> bool:
+    if (
+        ip.is_loopback
+        or ip.is_private
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+        or not ip.is_global
+    ):
+        return False
+    if isinstance(ip, ipaddress.IPv4Address):
+        return ip not in _SHARED_V4
+    return not ip.is_site_local and ip not in _NAT64_LOCAL
+
+
+def address_refusal(address: str | IPAddress) -> str | None:
+    """What makes an address non-public (the address, and what it embeds), or None when
+    it and every IPv4 address it carries are public."""
+    ip = ipaddress.ip_address(str(address).split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _NAT64_LOCAL:
+            return f"{ip}, local-use NAT64"
+        for inner in embedded_ipv4(ip):
+            if not _public(inner):
+                return f"{ip}, which carries {inner}"
+    if not _public(ip):
+        return str(ip)
+    return None
+
+
+@functools.lru_cache(maxsize=32)
+def _networks(entries: tuple[str, ...]) -> tuple:
+    return tuple(ipaddress.ip_network(e.strip(), strict=False) for e in entries if e.strip())
+
+
+def allowed_networks(purpose: str) -> tuple:
+    """The networks the operator opened for `purpose` (read now: settings may change)."""
+    configured = getattr(settings, "EGRESS_ALLOW_NETWORKS", {}) or {}
+    entries: Iterable[str] = configured.get(purpose, ())
+    if isinstance(entries, str):
+        entries = entries.split(",")
+    entries = tuple(entries)
+    if purpose in (TOOLS, MCP) and settings.TOOLS_ALLOW_PRIVATE_NETWORKS:
+        entries += ("0.0.0.0/0", "::/0")  # the older, wider switch
+    return _networks(entries)
+
+
+def address_allowed(address: str, *, purpose: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if any(ip.version == net.version and ip in net for net in allowed_networks(purpose)):
+        return True
+    return address_refusal(ip) is None
+
+
+def resolve_checked(host: str, port: int, *, purpose: str) -> str:
+    """The address to connect to for `host`: every address it resolves to must be
+    public or in a network the operator opened for `purpose`; raises EgressRefused."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown egress purpose {purpose!r}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise EgressUnresolvable(f"the host {host!r} could not be resolved") from None
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    if not addresses:
+        raise EgressUnresolvable(f"the host {host!r} could not be resolved")
+    for address in addresses:
+        if not address_allowed(address, purpose=purpose):
+            detail = address_refusal(address) or address
+            raise EgressRefused(
+                f"refused: {host!r} resolves to a non-public address ({detail}); only "
+                "public addresses may be reached from here"
+            )
+    return addresses[0]
+
+
+def check_url(url: str, *, purpose: str) -> tuple[str, int, str]:
+    """(host, port, checked address) of an http(s) URL; raises EgressRefused."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise EgressRefused("not an http(s) URL")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.hostname, port, resolve_checked(parts.hostname, port, purpose=purpose)
+
+
+def _pin(request, address: str) -> None:
+    """Point `request` at the checked address; its Host header (set when the request
+    was built) and the TLS server name keep the original host."""
+    host = request.url.host
+    request.url = request.url.copy_with(host=address)
+    if request.url.scheme == "https":
+        request.extensions = {**request.extensions, "sni_hostname": host}
+
+
+def _port(url) -> int:
+    return url.port or (443 if url.scheme == "https" else 80)
+
+
+class GuardedTransport(httpx.HTTPTransport):
+    """An httpx transport that checks and pins every request it sends."""
+
+    def __init__(self, *, purpose: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.purpose = purpose
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            address = resolve_checked(request.url.host, _port(request.url), purpose=self.purpose)
+        except EgressRefused as exc:
+            # A connection error to the client (so it ends the call as one); the
+            # refusal stays its cause for whoever explains the failure.
+            raise httpx.ConnectError(str(exc), request=request) from exc
+        _pin(request, address)
+        return super().handle_request(request)
+
+
+def guarded_client(*, purpose: str, **kwargs) -> httpx.Client:
+    """A sync httpx client whose every request is checked and pinned; no redirects."""
+    return httpx.Client(
+        transport=GuardedTransport(purpose=purpose, verify=kwargs.pop("verify", True)),
+        follow_redirects=False,
+        trust_env=False,  # no proxy from the environment: it would connect for us
+        **kwargs,
+    )
+
+
+def guarded_async_client_factory(*, purpose: str, httpx_module):
+    """A factory of async clients (of `httpx_module`: httpx, or the mcp SDK's httpx2)
+    whose every request is checked and pinned; with the mcp SDK's factory signature."""
+
+    class AsyncGuardedTransport(httpx_module.AsyncHTTPTransport):
+        async def handle_async_request(self, request):
+            try:
+                address = await asyncio.to_thread(
+                    resolve_checked, request.url.host, _port(request.url), purpose=purpose
+                )
+            except EgressRefused as exc:
+                raise httpx_module.ConnectError(str(exc), request=request) from exc
+            _pin(request, address)
+            return await super().handle_async_request(request)
+
+    def factory(headers=None, timeout=None, auth=None):
+        kwargs = {"headers": headers, "timeout": timeout, "auth": auth}
+        return httpx_module.AsyncClient(
+            transport=AsyncGuardedTransport(),
+            follow_redirects=False,
+            trust_env=False,
+            **{k: v for k, v in kwargs.items() if v is not None},
+        )
+
+    return factory
+
+
+@checks.register(checks.Tags.security)
+def check_allowed_networks(app_configs=None, **kwargs) -> list[checks.CheckMessage]:
+    """A malformed EGRESS_ALLOW_NETWORKS_* entry fails the checks, not the first call."""
+    errors = []
+    for purpose in PURPOSES:
+        try:
+            allowed_networks(purpose)
+        except ValueError as exc:
+            errors.append(
+                checks.Error(f"EGRESS_ALLOW_NETWORKS_{purpose.upper()}: {exc}", id="common.E001")
+            )
+    return errors

@@ -1,0 +1,89 @@
+"""SIGTERM hands work back: a worker as the Procfile starts it (threads pool,
+REMAP_SIGTERM=SIGQUIT, a soft-shutdown window) that is stopped while it streams answers
+from a slow endpoint stops them at a safe point within the window, puts them back to
+queued with their leases released, and exits; another worker answers them."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from agentbus import MAINTENANCE_QUEUE
+from chat.dispatch import runs_recover
+from chat.models import Message, Run
+from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
+from tests.runtime.conftest import stream_events, wait_until
+from tests.workers import wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+WINDOW = 10  # CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT of the worker under test
+
+
+def post(api, session, content="Tell me something long") -> int:
+    url = f"/my/projects/{session.project_id}/chat/{session.id}/messages/"
+    response = api.post(url, {"content": content}, format="json")
+    assert response.status_code == 202, response.content
+    return response.json()["assistant_message_id"]
+
+
+def test_sigterm_hands_runs_in_flight_back_and_exits_within_the_window(
+    api, user, worker_process, fake_openai, tmp_path, redis_client
+):
+    fake_openai.mode, fake_openai.delay = "slow", 0.5
+    fake_openai.tokens = [f"w{i} " for i in range(60)]  # a 30 s answer
+    project = ProjectFactory(owner=user)
+    agent = AgentFactory(project=project, model="gpt-local")
+    sessions = [ChatSessionFactory(agent=agent, project=project) for _ in range(3)]
+    env = {
+        "OPENAI_BASE_URL": fake_openai.base_url,
+        "OPENAI_API_KEY": "test-key",
+        "CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT": str(WINDOW),
+        "QDRANT_PATH": str(tmp_path / "qdrant"),
+    }
+    first = worker_process("-Q", MAINTENANCE_QUEUE, "-P", "threads", "-c", "8", env=env)
+    first.wait_started()
+    answers = [post(api, session) for session in sessions]
+
+    def streaming(answer_id, session) -> bool:
+        return Message.objects.get(id=answer_id).status == "streaming" and any(
+            k == "message.delta" and d.get("message_id") == answer_id
+            for _, k, d in stream_events(redis_client, project, session.id)
+        )
+
+    for answer_id, session in zip(answers, sessions, strict=True):
+        wait_until(lambda a=answer_id, s=session: streaming(a, s), what="the answers streaming")
+
+    stopped_at = time.monotonic()
+    first.terminate()  # SIGTERM; REMAP_SIGTERM=SIGQUIT as in the Procfile
+    code = first.wait(WINDOW + 20)
+    exit_seconds = time.monotonic() - stopped_at
+    log = first.log()
+    assert code is not None, f"the worker did not exit:\n{log}"
+    print(f"SIGTERM to exit: {exit_seconds:.2f}s (window {WINDOW}s, answers 30s)")
+    assert exit_seconds < WINDOW, (exit_seconds, log)
+    assert "CRITICAL" not in log and "kill_job" not in log, log
+
+    for answer_id in answers:
+        run = Run.objects.get(message_id=answer_id)
+        assert (run.status, run.attempt, run.lease_expires_at) == ("queued", 2, None)
+        assert Message.objects.get(id=answer_id).status == "pending"
+
+    second = worker_process("-Q", MAINTENANCE_QUEUE, "-P", "threads", "-c", "8", env=env)
+    second.wait_started()
+    fake_openai.delay = 0.0
+
+    def answered() -> bool:
+        runs_recover()  # beat's job
+        done = Message.objects.filter(id__in=answers, status__in=Message.FINISHED)
+        return done.count() == len(answers)
+
+    assert wait_for(answered, timeout=60, interval=0.5), list(
+        Message.objects.filter(id__in=answers).values_list("id", "status", "error")
+    )
+    for answer_id, session in zip(answers, sessions, strict=True):
+        answer = Message.objects.get(id=answer_id)
+        assert answer.status == "done" and answer.content == "".join(fake_openai.tokens)
+        kinds = [k for _, k, _ in stream_events(redis_client, project, session.id)]
+        assert kinds.count("message.restarted") == 1 and kinds.count("message.completed") == 1
