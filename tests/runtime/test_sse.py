@@ -295,7 +295,8 @@ def test_disconnects_leave_no_connections_or_generators_behind(asgi, user, sessi
     try:
         wait_until(nothing_left, what="no connection or task left behind")
     except AssertionError as exc:
-        raise AssertionError(f"{exc}: now {seen}, before {clients_before=} {tasks_before=}")
+        detail = f"now {seen}, before {clients_before=} {tasks_before=}"
+        raise AssertionError(f"{exc}: {detail}") from None
 
 
 def test_only_the_event_stream_is_served_outside_the_request_thread_context(session):
