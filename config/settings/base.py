@@ -120,9 +120,9 @@ else:
         }
     else:
         DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=0)
-    # Each connection is checked before it is handed out (with the pool, psycopg_pool's
-    # ConnectionPool.check_connection): one left dead by a database restart is replaced,
-    # not given to a request that would fail on it.
+    # Each connection is checked before it is handed out (with the pool, Django passes
+    # psycopg_pool's ConnectionPool.check_connection as its `check`): one left dead by a
+    # database restart is replaced, not given to a request that would fail on it.
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 # A request that met the database unreachable, or found no pooled connection free,
 # answers 503 with this Retry-After.
