@@ -25,6 +25,15 @@ min / median / max.
    other users' requests get (any 5xx?) and what the flooding user gets.
 5. Chat messages per second end to end with the offline provider, and where the
    worker's time goes (py-spy, the busiest functions).
+6. --bursts (1,000 and 5,000) messages posted at once, one per session, LLM answer
+   time --latency: the statuses (any 5xx but a 503 with Retry-After fails), whether a
+   refused POST stored anything, when the last accepted message was answered, and the
+   web process's CPU time per accepted POST (/proc, the warm-up excluded).
+7. User A floods --flood context searches at once while user B searches 20 times and
+   opens 20 event streams, one after another: B's search p99 against B alone, and the
+   streams' open time; then the same with the worker stopped (every search waits out
+   its 5 s timeout): B's must end at its own timeout, not after A's. A's in-flight
+   search limits are raised above the flood (so A's searches wait rather than 429).
 
 Not measured here: more than one web or worker process, a remote Redis or database,
 and a real LLM (its own latency is all the stub adds).
@@ -516,6 +525,167 @@ def profile_top(raw: Path, n: int = 12) -> list[tuple[str, float]]:
     return [(name, 100 * c / total) for name, c in counts.most_common(n)]
 
 
+# --- 6. a burst of messages: absorbed or refused cleanly ----------------------------------------
+
+
+async def post_all_answers(url: str, token: str, paths: list[str], body: dict) -> list:
+    """POST to every path at once; returns (status, Retry-After) of each."""
+    limits = httpx.Limits(max_connections=len(paths))
+    timeout = httpx.Timeout(120, connect=60, pool=120)
+    async with httpx.AsyncClient(headers={"Authorization": f"Token {token}"}, limits=limits) as c:
+        answers = await asyncio.gather(
+            *(c.post(url + p, json=body, timeout=timeout) for p in paths), return_exceptions=True
+        )
+    return [
+        (a.status_code, a.headers.get("Retry-After"))
+        if isinstance(a, httpx.Response)
+        else (599, None)
+        for a in answers
+    ]
+
+
+def web_cpu_seconds(stack: Stack) -> float:
+    """User + system CPU time of the web process so far."""
+    fields = Path(f"/proc/{stack.web.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def burst(messages: int, latency: float) -> dict:
+    """`messages` chat messages posted at once (one per session), LLM answer time
+    `latency`: what each POST got, whether a refusal stored anything, when the last
+    accepted message was answered, and the web process's CPU per accepted POST."""
+    fake = FakeOpenAI().start()
+    fake.mode, fake.tokens = "slow", [f"w{i} " for i in range(10)]
+    fake.delay = latency / len(fake.tokens)
+    stack = Stack(
+        worker=PROCFILE_WORKER, env={"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "bench"}
+    )
+    try:
+        user, token = setup_user(f"bench-burst-{uuid.uuid4().hex[:6]}")
+        project, _, sessions = project_with_sessions(user, sessions=messages, model="bench-model")
+        paths = [f"/my/projects/{project.id}/chat/{s.id}/messages/" for s in sessions]
+        # Warm: the workspace, its queue, the pool's connections.
+        warm = asyncio.run(post_all_answers(stack.url, token, paths[:1], {"content": "warm"}))
+        assert warm[0][0] == 202, warm
+        paths = paths[1:]
+        cpu = web_cpu_seconds(stack)
+        started = time.time()
+        answers = asyncio.run(post_all_answers(stack.url, token, paths, {"content": "hello?"}))
+        posted = time.time() - started
+        cpu = web_cpu_seconds(stack) - cpu
+        codes = collections.Counter(code for code, _ in answers)
+        accepted = codes.get(202, 0)
+        refused_without_retry = sum(
+            1 for code, retry in answers if code in (429, 503) and not retry
+        )
+        stored = Message.objects.filter(session__in=sessions[1:], role="user").count()
+        ids = list(
+            Message.objects.filter(session__in=sessions[1:], role="assistant").values_list(
+                "id", flat=True
+            )
+        )
+        last = wait_runs_done(ids, timeout=messages * latency + 300) - started if ids else 0.0
+        return {
+            "codes": dict(sorted(codes.items())),
+            "accepted": accepted,
+            "stored_beyond_accepted": stored - accepted,
+            "refused_without_retry_after": refused_without_retry,
+            "posted_s": posted,
+            "last_answer_s": last,
+            "cpu_ms_per_accepted": 1e3 * cpu / max(accepted, 1),
+        }
+    finally:
+        stack.stop()
+        fake.stop()
+
+
+# --- 7. one tenant's flood of waiting searches against another's search and stream ----------
+
+
+async def _timed_get(client: httpx.AsyncClient, url: str) -> tuple[int, float]:
+    started = time.perf_counter()
+    try:
+        response = await client.get(url, timeout=60)
+        code = response.status_code
+    except httpx.HTTPError:
+        code = 599
+    return code, time.perf_counter() - started
+
+
+async def _stream_open(port: int, path: str, token: str) -> float:
+    started = time.perf_counter()
+    _, writer = await open_stream(port, path, token)
+    took = time.perf_counter() - started
+    writer.close()
+    return took
+
+
+def tenant_isolation(flood: int, worker_up: bool, samples: int = 20) -> dict:
+    """User A sends `flood` context searches at once (each may wait for the worker);
+    meanwhile user B searches `samples` times, one after another, and opens event
+    streams. Against B alone. With `worker_up` False the worker is stopped first, so
+    every search waits out CONTEXT_SEARCH_TIMEOUT_SECONDS (5 here)."""
+    env = {
+        "CONTEXT_SEARCH_TIMEOUT_SECONDS": "5",
+        # A's searches all wait: the flood is what is measured, not its 429s.
+        "SEARCH_INFLIGHT_PER_USER": str(flood + 10),
+        "SEARCH_INFLIGHT_PER_PROJECT": str(flood + 10),
+    }
+    stack = Stack(worker=PROCFILE_WORKER, env=env)
+    try:
+        user_a, token_a = setup_user("bench-flood-a")
+        user_b, token_b = setup_user("bench-flood-b")
+        project_a, agent_a, _ = project_with_sessions(user_a, sessions=0, model="offline")
+        project_b, agent_b, (session_b,) = project_with_sessions(
+            user_b, sessions=1, model="offline"
+        )
+        search_a = f"{stack.url}/my/projects/{project_a.id}/agents/{agent_a.id}/context/?q=hello"
+        search_b = f"{stack.url}/my/projects/{project_b.id}/agents/{agent_b.id}/context/?q=hello"
+        events_b = f"/my/projects/{project_b.id}/chat/{session_b.id}/events/"
+        with httpx.Client() as client:  # warm: the worker's embedder, both workspaces
+            for url, token in ((search_a, token_a), (search_b, token_b)):
+                client.get(url, headers={"Authorization": f"Token {token}"}, timeout=120)
+        if not worker_up:
+            os.killpg(stack.worker.pid, signal.SIGKILL)
+            stack.worker.wait(30)
+
+        async def b_side(client):
+            searches = [await _timed_get(client, search_b) for _ in range(samples)]
+            opens = [await _stream_open(stack.port, events_b, token_b) for _ in range(samples)]
+            return searches, opens
+
+        async def run(with_flood: bool):
+            limits = httpx.Limits(max_connections=flood + 10)
+            async with (
+                httpx.AsyncClient(
+                    headers={"Authorization": f"Token {token_a}"}, limits=limits
+                ) as a,
+                httpx.AsyncClient(headers={"Authorization": f"Token {token_b}"}) as b,
+            ):
+                flooding = None
+                if with_flood:
+                    flooding = asyncio.gather(*(_timed_get(a, search_a) for _ in range(flood)))
+                    await asyncio.sleep(0.5)  # A's searches are in
+                mine = await b_side(b)
+                theirs = await flooding if flooding is not None else []
+            return mine, theirs
+
+        (idle_searches, idle_opens), _ = asyncio.run(run(False)) if worker_up else (([], []), [])
+        (searches, opens), flood_answers = asyncio.run(run(True))
+        return {
+            "b_idle_p99": pct([t for _, t in idle_searches], 99) if idle_searches else None,
+            "b_p99": pct([t for _, t in searches], 99),
+            "b_codes": dict(collections.Counter(c for c, _ in searches)),
+            "a_codes": dict(collections.Counter(c for c, _ in flood_answers)),
+            "a_max": max(t for _, t in flood_answers),
+            "b_max": max(t for _, t in searches),
+            "open_p99": pct(opens, 99),
+            "open_idle_p99": pct(idle_opens, 99) if idle_opens else None,
+        }
+    finally:
+        stack.stop()
+
+
 # --- report -------------------------------------------------------------------------------
 
 
@@ -528,7 +698,9 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=5000)
     parser.add_argument("--searches", type=int, default=500)
     parser.add_argument("--messages", type=int, default=200)
-    parser.add_argument("--only", default="1,2,3,4,5")
+    parser.add_argument("--bursts", default="1000,5000", help="6: messages posted at once")
+    parser.add_argument("--flood", type=int, default=120, help="7: user A's searches at once")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7")
     parser.add_argument("--embedded", action="store_true", help="measure 1 on SQLite too")
     opts = parser.parse_args()
     only = set(opts.only.split(","))
@@ -586,6 +758,43 @@ def main() -> None:
             rates.append(rate)
             top = top or profile
         row("chat messages per second, offline provider, one worker process", rates, "{:.1f}")
+    if "6" in only:
+        for size in (int(n) for n in opts.bursts.split(",")):
+            results = [burst(size, opts.latency) for _ in range(opts.rounds)]
+            fives = [
+                sum(n for c, n in r["codes"].items() if c >= 500 and c != 503) for r in results
+            ]
+            row(f"{size:,} messages posted at once, {opts.latency:g} s LLM: 5xx other than 503",
+                fives, "{:.0f}", "0")  # fmt: skip
+            row("  accepted (202)", [r["accepted"] for r in results], "{:.0f}", f"{size:,}")
+            for r in results:
+                rows.append(("  statuses (status: count)", r["codes"], ""))
+            no_retry = [r["refused_without_retry_after"] for r in results]
+            row("  refusals without Retry-After", no_retry, "{:.0f}", "0")
+            row("  messages stored beyond those accepted",
+                [r["stored_beyond_accepted"] for r in results], "{:.0f}", "0")  # fmt: skip
+            row("  last POST answered (s)", [r["posted_s"] for r in results])
+            row("  last accepted message answered (s)", [r["last_answer_s"] for r in results],
+                goal="<= 10" if size <= 1000 else "")  # fmt: skip
+            cpu = [r["cpu_ms_per_accepted"] for r in results]
+            row("  web CPU per accepted chat POST (ms)", cpu, "{:.1f}", "<= 8")
+    if "7" in only:
+        ms = "{:.0f}"
+        up = [tenant_isolation(opts.flood, True) for _ in range(opts.rounds)]
+        row("user B's search p99 alone, worker up (ms)", [r["b_idle_p99"] * 1e3 for r in up], ms)
+        row(f"  while user A floods {opts.flood} searches (ms)", [r["b_p99"] * 1e3 for r in up], ms)
+        row("  ratio", [r["b_p99"] / r["b_idle_p99"] for r in up], goal="<= 2x")
+        row("  B's event stream opens, p99 (ms)", [r["open_p99"] * 1e3 for r in up], ms, "<= 100")
+        for r in up:
+            rows.append(("  statuses: A's, B's", f"{r['a_codes']}, {r['b_codes']}", ""))
+        down = [tenant_isolation(opts.flood, False) for _ in range(opts.rounds)]
+        row(
+            "no worker: B's slowest search (s)", [r["b_max"] for r in down], goal="~5 (its timeout)"
+        )
+        row("  A's slowest search (s)", [r["a_max"] for r in down])
+        row("  B's event stream opens, p99 (ms)", [r["open_p99"] * 1e3 for r in down], ms, "<= 100")
+        for r in down:
+            rows.append(("  statuses: A's, B's", f"{r['a_codes']}, {r['b_codes']}", ""))
     print()
     print("| measure | min / median / max | goal |")
     print("|---|---|---|")

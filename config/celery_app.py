@@ -13,7 +13,7 @@ Workers come in two modes (agentbus.worker):
 
 import os
 
-from celery import Celery
+from celery import Celery, signals
 
 from agentbus.celeryconf import configure_celery
 
@@ -23,3 +23,16 @@ app = Celery("config")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 configure_celery(app)
 app.autodiscover_tasks()
+
+
+@signals.celeryd_init.connect(weak=False, dispatch_uid="config.worker_database_pool")
+def _worker_database_pool(**_kwargs) -> None:
+    """A worker's run waits for a pooled connection up to DB_WORKER_POOL_TIMEOUT_SECONDS:
+    the web's short wait (DB_POOL_TIMEOUT_SECONDS) answers a client 503 quickly, but a
+    run that gave up that soon would fail and be run again, costing a provider call."""
+    from django.conf import settings
+    from django.db import connections
+
+    pool = connections["default"].settings_dict.get("OPTIONS", {}).get("pool")
+    if isinstance(pool, dict):
+        pool["timeout"] = settings.DB_WORKER_POOL_TIMEOUT_SECONDS

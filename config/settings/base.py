@@ -124,6 +124,9 @@ else:
     # psycopg_pool's ConnectionPool.check_connection as its `check`): one left dead by a
     # database restart is replaced, not given to a request that would fail on it.
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# Worker processes wait longer for a pooled connection (config.celery_app): a run that
+# gave up would be dispatched again.
+DB_WORKER_POOL_TIMEOUT_SECONDS = env.float("DB_WORKER_POOL_TIMEOUT_SECONDS", default=30)
 # A request that met the database unreachable, or found no pooled connection free,
 # answers 503 with this Retry-After.
 DB_RETRY_AFTER_SECONDS = env.int("DB_RETRY_AFTER_SECONDS", default=2)
