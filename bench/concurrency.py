@@ -506,17 +506,27 @@ def throughput(messages: int, profile: bool) -> tuple[float, list[tuple[str, flo
         stack.stop()
 
 
-def profile_top(raw: Path, n: int = 12) -> list[tuple[str, float]]:
+def profile_top(raw: Path, n: int = 12, whole: bool = False) -> list[tuple[str, float]]:
     """Where the runs' time goes: each sample of a thread inside our code counts for the
     innermost function of ours on its stack (so time in Redis, the database, Qdrant or
     the embedder counts for the function of ours that called it). Threads outside our
-    code (idle pool threads, Celery's own loop) are left out."""
-    ours = tuple(f"({app}/" for app in ("agents", "agentbus", "workspaces", "projects", "common"))
+    code (idle pool threads, Celery's own loop) are left out. With `whole`, every
+    sample counts (the web process: Django, DRF and uvicorn are most of it), each for
+    the innermost frame of ours, else of Django / DRF, else its own."""
+    apps = ("agents", "agentbus", "workspaces", "projects", "common", "governance")
+    ours = tuple(f"({app}/" for app in apps)
+    frameworks = ("/django/", "/rest_framework/", "/uvicorn/", "/asgiref/", "/psycopg")
     counts: collections.Counter = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
+        if whole and ("idle" in stack or "wait (threading.py" in stack.rsplit(";", 1)[-1]):
+            continue
         frames = [f for f in stack.split(";") if any(app in f for app in ours)]
+        if not frames and whole:
+            frames = [f for f in stack.split(";") if any(x in f for x in frameworks)] or [
+                stack.split(";")[-1]
+            ]
         if not frames:
             continue
         total += int(count)
@@ -550,7 +560,7 @@ def web_cpu_seconds(stack: Stack) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def burst(messages: int, latency: float) -> dict:
+def burst(messages: int, latency: float, profile: bool = False) -> dict:
     """`messages` chat messages posted at once (one per session), LLM answer time
     `latency`: what each POST got, whether a refusal stored anything, when the last
     accepted message was answered, and the web process's CPU per accepted POST."""
@@ -568,11 +578,24 @@ def burst(messages: int, latency: float) -> dict:
         warm = asyncio.run(post_all_answers(stack.url, token, paths[:1], {"content": "warm"}))
         assert warm[0][0] == 202, warm
         paths = paths[1:]
+        raw = Path(stack.logs) / "web-profile.txt"
+        if profile:
+            spy = subprocess.Popen(
+                [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw",
+                 "--rate", "200", "--threads", "-o", str(raw), "--pid", str(stack.web.pid)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            time.sleep(1)
         cpu = web_cpu_seconds(stack)
         started = time.time()
         answers = asyncio.run(post_all_answers(stack.url, token, paths, {"content": "hello?"}))
         posted = time.time() - started
         cpu = web_cpu_seconds(stack) - cpu
+        top = []
+        if profile:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+            top = profile_top(raw, n=15, whole=True)
         codes = collections.Counter(code for code, _ in answers)
         accepted = codes.get(202, 0)
         refused_without_retry = sum(
@@ -593,6 +616,7 @@ def burst(messages: int, latency: float) -> dict:
             "posted_s": posted,
             "last_answer_s": last,
             "cpu_ms_per_accepted": 1e3 * cpu / max(accepted, 1),
+            "profile": top,
         }
     finally:
         stack.stop()
@@ -758,9 +782,10 @@ def main() -> None:
             rates.append(rate)
             top = top or profile
         row("chat messages per second, offline provider, one worker process", rates, "{:.1f}")
+    web_top: list = []
     if "6" in only:
         for size in (int(n) for n in opts.bursts.split(",")):
-            results = [burst(size, opts.latency) for _ in range(opts.rounds)]
+            results = [burst(size, opts.latency, profile=i == 0) for i in range(opts.rounds)]
             fives = [
                 sum(n for c, n in r["codes"].items() if c >= 500 and c != 503) for r in results
             ]
@@ -778,6 +803,7 @@ def main() -> None:
                 goal="<= 10" if size <= 1000 else "")  # fmt: skip
             cpu = [r["cpu_ms_per_accepted"] for r in results]
             row("  web CPU per accepted chat POST (ms)", cpu, "{:.1f}", "<= 8")
+            web_top = web_top or results[0]["profile"]
     if "7" in only:
         ms = "{:.0f}"
         up = [tenant_isolation(opts.flood, True) for _ in range(opts.rounds)]
@@ -800,6 +826,11 @@ def main() -> None:
     print("|---|---|---|")
     for name, value, goal in rows:
         print(f"| {name} | {value} | {goal} |")
+    if web_top:
+        print("\nWhere the web process's time goes during the first burst (py-spy, innermost")
+        print("frame of ours, else of Django/DRF/uvicorn; waits left out):\n")
+        for name, share in web_top:
+            print(f"- {share:.1f}% {name}")
     if "5" in only and top:
         print(
             "\nWhere the worker's time goes (py-spy, share of the busy samples, innermost frame):\n"
