@@ -33,8 +33,13 @@ min / median / max.
    with the worker stopped) and opens 20 event streams, one after another: B's search
    p99 against B alone, and the streams' open time; then the same with the worker
    stopped (every search waits out its 5 s timeout): B's must end at its own timeout,
-   not after A's. A's in-flight
-   search limits are raised above the flood (so A's searches wait rather than 429).
+   not after A's. A's in-flight search limits are raised above the flood (so A's
+   searches wait rather than 429).
+8. (Only when named: --only 8; it starts a PostgreSQL server of its own in a temporary
+   folder, tests/private_postgres.py, and ignores DATABASE_URL.) Chat messages posted
+   at 10/s for 20 s while PostgreSQL is killed for 8 s, then while it restarts fast;
+   beat runs (the recovery pass), runs' leases are 6 s: 5xx other than 503, refusals
+   without Retry-After, accepted messages not answered, finished runs without usage.
 
 Not measured here: more than one web or worker process, a remote Redis or database,
 and a real LLM (its own latency is all the stub adds).
@@ -66,6 +71,16 @@ if __name__ == "__main__":
     os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
     os.environ.setdefault("LOG_LEVEL", "WARNING")
     os.environ.setdefault("VAR_DIR", str(ROOT / "var" / "bench-concurrency"))
+    only_arg = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv[:-1] else ""
+    if "8" in only_arg.split(","):
+        # Measure 8 kills PostgreSQL: a server of its own, never a shared one.
+        import atexit
+
+        from tests.private_postgres import PrivatePostgres
+
+        PRIVATE_POSTGRES = PrivatePostgres().init()
+        atexit.register(PRIVATE_POSTGRES.destroy)
+        os.environ["DATABASE_URL"] = PRIVATE_POSTGRES.url
     os.environ["CELERY_BROKER_URL"] = os.environ["REDIS_URL"]
     # What is measured is the service's capacity, not its rate limits.
     for scope in ("MESSAGES", "SEARCHES", "INGESTS"):
@@ -121,7 +136,7 @@ def spread(values: list[float], fmt: str = "{:.2f}") -> str:
 class Stack:
     """uvicorn and one worker, as the Procfile starts them (`worker` args may differ)."""
 
-    def __init__(self, *, worker: list[str], env: dict[str, str] | None = None):
+    def __init__(self, *, worker: list[str], env: dict[str, str] | None = None, beat: bool = False):
         get_redis().flushdb()
         self.port = free_port()
         self.env = dict(os.environ, REMAP_SIGTERM="SIGQUIT", **(env or {}))
@@ -135,6 +150,12 @@ class Stack:
             "worker", "-m", "celery", "-A", "config", "worker", "--loglevel=WARNING",
             "-Q", "uws.maintenance", "-n", f"bench-{uuid.uuid4().hex[:6]}@%h", *worker,
         )  # fmt: skip
+        self.beat = None
+        if beat:  # the recovery pass (agents.recover_runs)
+            self.beat = self._start(
+                "beat", "-m", "celery", "-A", "config", "beat", "--loglevel=WARNING",
+                "-s", str(Path(self.logs) / "beat-schedule"),
+            )  # fmt: skip
         self.url = f"http://127.0.0.1:{self.port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -156,7 +177,7 @@ class Stack:
         )  # fmt: skip
 
     def stop(self) -> None:
-        for proc in (self.web, self.worker):
+        for proc in (self.web, self.worker, *([self.beat] if self.beat else [])):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
@@ -713,6 +734,95 @@ def tenant_isolation(flood: int, worker_up: bool, samples: int = 20) -> dict:
         stack.stop()
 
 
+# --- 8. PostgreSQL killed, or restarted, under chat load ------------------------------------
+
+
+def database_fault(fault: str, *, seconds: float = 20, rate: float = 10, outage: float = 8) -> dict:
+    """Chat messages posted at `rate` a second for `seconds` (a session each, a model
+    answering in 0.5 s) while PostgreSQL (the bench's own server) is killed
+    (`-m immediate`) for `outage` seconds at 5 s, or restarted (`-m fast`) at 5 s. Then
+    every accepted message must be answered and every finished run have its usage row.
+    Runs' leases are 6 s and recovery runs every 5 s here (beat runs), so a run whose
+    worker lost the database is dispatched again within seconds."""
+    server = PRIVATE_POSTGRES  # noqa: F821  (set at start for --only 8)
+    from governance.models import RunUsage
+
+    fake = FakeOpenAI().start()
+    fake.mode, fake.tokens = "slow", [f"w{i} " for i in range(5)]
+    fake.delay = 0.1
+    env = {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "bench",
+           "RUN_LEASE_SECONDS": "6", "RUN_RECOVERY_SECONDS": "5",
+           "RUN_REDISPATCH_SECONDS": "5"}  # fmt: skip
+    stack = Stack(worker=PROCFILE_WORKER, env=env, beat=True)
+    try:
+        user, token = setup_user(f"bench-fault-{uuid.uuid4().hex[:6]}")
+        count = int(seconds * rate)
+        project, _, sessions = project_with_sessions(user, sessions=count, model="bench-model")
+        paths = [f"/my/projects/{project.id}/chat/{s.id}/messages/" for s in sessions]
+
+        async def load():
+            answers: list = []
+            async with httpx.AsyncClient(headers={"Authorization": f"Token {token}"}) as client:
+
+                async def one(path):
+                    try:
+                        r = await client.post(stack.url + path, json={"content": "hi"}, timeout=60)
+                        answers.append((r.status_code, r.headers.get("Retry-After")))
+                    except httpx.HTTPError:
+                        answers.append((599, None))
+
+                async def strike():
+                    await asyncio.sleep(5)
+                    if fault == "kill":
+                        await asyncio.to_thread(server.kill)
+                        await asyncio.sleep(outage)
+                        await asyncio.to_thread(server.start)
+                    else:
+                        await asyncio.to_thread(server.restart_fast)
+
+                tasks = [asyncio.create_task(strike())]
+                for path in paths:  # at `rate`, whatever the server does meanwhile
+                    tasks.append(asyncio.create_task(one(path)))
+                    await asyncio.sleep(1 / rate)
+                await asyncio.gather(*tasks)
+            return answers
+
+        answers = asyncio.run(load())
+        codes = collections.Counter(code for code, _ in answers)
+        from django.db import connections
+
+        connections.close_all()  # the bench's own connections died with the server
+        ids = list(
+            Message.objects.filter(session__in=sessions, role="assistant").values_list(
+                "id", flat=True
+            )
+        )
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if not Run.objects.filter(message_id__in=ids).exclude(status__in=Run.FINISHED).count():
+                break
+            time.sleep(0.5)
+        runs = Run.objects.filter(message_id__in=ids)
+        finished = runs.filter(status__in=Run.FINISHED)
+        without_usage = finished.exclude(
+            id__in=RunUsage.objects.filter(run_id__in=runs.values("id")).values("run_id")
+        )
+        return {
+            "codes": dict(sorted(codes.items())),
+            "five_hundreds": sum(n for c, n in codes.items() if c >= 500 and c != 503),
+            "refused_without_retry_after": sum(1 for c, r in answers if c in (429, 503) and not r),
+            "accepted": codes.get(202, 0),
+            "stored": len(ids),
+            "answered": runs.filter(status=Run.Status.DONE).count(),
+            "errors": runs.filter(status=Run.Status.ERROR).count(),
+            "unfinished": runs.exclude(status__in=Run.FINISHED).count(),
+            "without_usage": without_usage.count(),
+        }
+    finally:
+        stack.stop()
+        fake.stop()
+
+
 # --- report -------------------------------------------------------------------------------
 
 
@@ -727,7 +837,9 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--bursts", default="1000,5000", help="6: messages posted at once")
     parser.add_argument("--flood", type=int, default=120, help="7: user A's searches at once")
-    parser.add_argument("--only", default="1,2,3,4,5,6,7")
+    parser.add_argument(
+        "--only", default="1,2,3,4,5,6,7", help="8 (PostgreSQL faults) runs on its own server"
+    )
     parser.add_argument("--embedded", action="store_true", help="measure 1 on SQLite too")
     opts = parser.parse_args()
     only = set(opts.only.split(","))
@@ -824,6 +936,25 @@ def main() -> None:
         row("  B's event stream opens, p99 (ms)", [r["open_p99"] * 1e3 for r in down], ms, "<= 100")
         for r in down:
             rows.append(("  statuses: A's, B's", f"{r['a_codes']}, {r['b_codes']}", ""))
+    if "8" in only:
+        for fault, name in (("kill", "PostgreSQL killed 8 s"), ("restart", "fast restart")):
+            results = [database_fault(fault) for _ in range(opts.rounds)]
+            row(f"{name} under chat load (10 msg/s for 20 s): 5xx but 503",
+                [r["five_hundreds"] for r in results], "{:.0f}", "0")  # fmt: skip
+            no_retry = [r["refused_without_retry_after"] for r in results]
+            row("  503/429 without Retry-After", no_retry, "{:.0f}", "0")
+            row("  accepted, stored (each round)",
+                "; ".join(f"{r['accepted']}, {r['stored']}" for r in results))  # fmt: skip
+            row("  accepted not answered (error or unfinished)",
+                [r["errors"] + r["unfinished"] for r in results], "{:.0f}", "0")  # fmt: skip
+            row(
+                "  finished runs without usage",
+                [r["without_usage"] for r in results],
+                "{:.0f}",
+                "0",
+            )
+            for r in results:
+                rows.append(("  statuses (status: count)", r["codes"], ""))
     print()
     print("| measure | min / median / max | goal |")
     print("|---|---|---|")
