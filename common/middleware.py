@@ -25,7 +25,7 @@ from django.utils.deprecation import MiddlewareMixin
 from django.views.csrf import csrf_failure as django_csrf_failure
 from whitenoise.middleware import WhiteNoiseMiddleware
 
-from .api import database_unavailable_response, error_response
+from .api import DATABASE_UNAVAILABLE, database_unavailable_response, error_response
 from .asgi import LONG_LIVED
 
 # Headers an error keeps when its body is replaced.
@@ -59,9 +59,15 @@ class ApiErrorMiddleware(MiddlewareMixin):
         return self.process_response(request, await self.get_response(request))
 
     def process_exception(self, request: HttpRequest, exception: Exception):
-        if isinstance(exception, OperationalError | InterfaceError):
-            return database_unavailable_response(exception, where=request.path)
-        return None
+        if not isinstance(exception, OperationalError | InterfaceError):
+            return None
+        response = database_unavailable_response(exception, where=request.path)
+        if is_api_path(request.path_info):
+            return response
+        # Pages (the admin): a plain 503, with the same Retry-After.
+        page = HttpResponse(DATABASE_UNAVAILABLE, status=503, content_type="text/plain")
+        page["Retry-After"] = response["Retry-After"]
+        return page
 
     def process_response(self, request: HttpRequest, response: HttpResponse) -> HttpResponse:
         if response.status_code < 400 or not is_api_path(request.path_info):

@@ -24,6 +24,7 @@ from tests.runtime.conftest import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 POOL_TIMEOUT = 1.0
+ZERO = "00000000-0000-0000-0000-000000000000"
 
 pytestmark = pytest.mark.slow
 
@@ -115,6 +116,9 @@ def test_a_killed_database_is_a_quick_503_and_nothing_is_written(postgres, web):
             lambda: web.get("/my/projects/"),
             lambda: web.post("/my/projects/", json={"name": "during"}),
             lambda: web.get("/my/projects/00000000-0000-0000-0000-000000000000/"),
+            # Plain async views, outside DRF: an event stream and a context search.
+            lambda: web.get(f"/my/projects/{ZERO}/chat/{ZERO}/events/"),
+            lambda: web.get(f"/my/projects/{ZERO}/agents/{ZERO}/context/", params={"q": "x"}),
         ):
             response, took = _timed(call)
             assert response.status_code == 503, response.text
