@@ -171,7 +171,8 @@ def test_another_users_search_and_stream_do_not_wait_behind_a_flood(asgi, user, 
     for thread in flood:
         thread.join(30)
 
-    assert opened < 1.0, opened  # not behind A's waits (3 s each)
+    # Not behind A's waits (3 s each); the bound leaves room for a busy machine.
+    assert opened < timeout / 2, opened
     [(code, took)] = mine
     assert code == 503
     assert timeout - 0.5 < took < timeout + 1.5, took  # its own timeout, not after A's
