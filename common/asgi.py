@@ -98,31 +98,47 @@ async def run_sync(function: Callable[..., Any], *args: Any, **kwargs: Any) -> A
 
 class Admission:
     """At most `limit` requests at once on one event loop; up to `queue` more wait, each
-    at most `wait` seconds (FIFO: asyncio's semaphore wakes waiters in order)."""
+    at most `wait` seconds (FIFO: asyncio's semaphore wakes waiters in order). A request
+    whose turn would come after `wait`, by the recent time a request holds its slot, is
+    refused at once rather than after waiting for nothing."""
+
+    # Weight of the newest hold time in the running mean.
+    SMOOTHING = 0.05
 
     def __init__(self, *, limit: int, queue: int, wait: float) -> None:
         self.limit, self.queue, self.wait = limit, queue, wait
         self.semaphore = asyncio.Semaphore(limit)
         self.waiting = 0
+        self.hold = 0.0  # running mean of how long a request holds its slot
+        self._since: dict[int, float] = {}
 
     async def acquire(self) -> bool:
         """True with a slot held (release it), False when refused."""
         if not self.semaphore.locked() and not self.waiting:
             await self.semaphore.acquire()  # free: no wait
-            return True
-        if self.waiting >= self.queue:
+            return self._held()
+        if self.waiting >= self.queue or (self.waiting + 1) * self.hold / self.limit > self.wait:
             return False
         self.waiting += 1
         try:
             async with asyncio.timeout(self.wait):
                 await self.semaphore.acquire()
-            return True
+            return self._held()
         except TimeoutError:
             return False
         finally:
             self.waiting -= 1
 
+    def _held(self) -> bool:
+        task = asyncio.current_task()
+        self._since[id(task)] = time.monotonic()
+        return True
+
     def release(self) -> None:
+        started = self._since.pop(id(asyncio.current_task()), None)
+        if started is not None:
+            held = time.monotonic() - started
+            self.hold += self.SMOOTHING * (held - self.hold) if self.hold else held
         self.semaphore.release()
 
 

@@ -180,3 +180,11 @@ def test_admission_queues_a_burst_and_refuses_past_its_bounds():
     # A wait shorter than the queue's turn refuses the tail instead of holding it.
     admitted = asyncio.run(_admit_all(Admission(limit=1, queue=10, wait=0.25), 6, 0.1))
     assert 2 <= admitted.count(True) <= 4 and admitted[0]
+    # Once it knows how long a request holds its slot, a request whose turn would come
+    # too late is refused at once, not after its wait.
+    gate = Admission(limit=1, queue=100, wait=0.5)
+    asyncio.run(_admit_all(gate, 1, 0.2))  # it learns: 0.2 s a request
+    started = time.monotonic()
+    admitted = asyncio.run(_admit_all(gate, 10, 0.2))
+    assert admitted[:3] == [True] * 3 and admitted.count(True) <= 4
+    assert time.monotonic() - started < 1.2
