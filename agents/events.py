@@ -20,7 +20,6 @@ import logging
 import re
 import uuid
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connections
 from django.http import Http404, HttpRequest, JsonResponse, StreamingHttpResponse
@@ -32,7 +31,7 @@ from rest_framework.settings import api_settings
 
 from agentbus import project_gone_async
 from common.api import error_body
-from common.asgi import long_lived
+from common.asgi import long_lived, run_sync
 from common.credentials import READ, credential_check
 from projects.selectors import project_get_for_user
 from workspaces.redis import ScopedRedis, scoped_async
@@ -100,7 +99,7 @@ async def _gone(project_id: uuid.UUID) -> bool:
 @require_GET
 async def session_events(request: HttpRequest, project_id: uuid.UUID, session_id: uuid.UUID):
     try:
-        user_id = await sync_to_async(_authorize)(request, project_id, session_id)
+        user_id = await run_sync(_authorize, request, project_id, session_id)
     except exceptions.APIException as exc:
         header = api_settings.DEFAULT_AUTHENTICATION_CLASSES[0]().authenticate_header(request)
         return _error(exc.status_code, str(exc.detail), **{"WWW-Authenticate": header})

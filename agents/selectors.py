@@ -42,7 +42,8 @@ def session_list(*, project: Project) -> QuerySet[ChatSession]:
 
 
 def session_get(*, project: Project, session_id: uuid.UUID | str) -> ChatSession:
-    session = _get_or_404(session_list(project=project), id=session_id)
+    # With its agent: posting a message reads the agent's policy (one query, not two).
+    session = _get_or_404(session_list(project=project).select_related("agent"), id=session_id)
     session.project = project  # already loaded: spares a query to whoever follows it
     return session
 

@@ -29,7 +29,7 @@ from rest_framework.settings import api_settings
 
 from agentbus import ProjectGone, publish
 from common.api import BackendUnavailable, exception_handler
-from common.asgi import long_lived
+from common.asgi import long_lived, run_sync
 from common.credentials import READ, credential_check
 from common.throttling import ProjectScopedThrottle, UserScopedThrottle
 from projects.selectors import project_get_for_user
@@ -75,7 +75,7 @@ async def agent_context(request: HttpRequest, project_id: uuid.UUID, agent_id: u
     if request.method != "GET":
         return await sync_to_async(_context_view)(request, project_id=project_id, agent_id=agent_id)
     try:
-        agent, query = await sync_to_async(_prepare)(request, project_id, agent_id)
+        agent, query = await run_sync(_prepare, request, project_id, agent_id)
         hits = await context_search_waiting(agent=agent, **query)
     except HubFull:
         return _error(

@@ -36,7 +36,13 @@ from redis.exceptions import RedisError
 from agentbus import project_gone
 from common.lifecycle import worker_stopping
 from governance.providers import provider_settings_for
-from governance.usage import usage_meter_add, usage_record, usage_run_ended
+from governance.usage import (
+    usage_charge,
+    usage_meter_add,
+    usage_record,
+    usage_row_write,
+    usage_run_ended,
+)
 from workspaces.manager import get_worker_space
 from workspaces.redis import ScopedRedis, scoped
 
@@ -98,10 +104,14 @@ def run_end(
     error: str = "",
     from_statuses: tuple[str, ...] = (Run.Status.RUNNING,),
     attempt: int | None = None,
+    usage: dict[str, Any] | None = None,
 ) -> bool:
     """End a run and its message once, conditionally (on its status, and on the dispatch
     generation when given): True when this call ended it. Says so on the event stream.
     `content` None leaves the message's text as it is (a cancel from outside the run).
+    `usage` (governance.usage.usage_record's arguments) is written in the same
+    transaction: a run never ends without its usage row, whatever fails between; when
+    this call does not end the run, it is recorded on its own.
 
     The end commits with its event still owed (a finished run keeps a lease until the
     event is written): if this process dies or Redis fails in between, the recovery
@@ -110,6 +120,7 @@ def run_end(
     fence = Q(id=run.id, status__in=from_statuses)
     if attempt is not None:
         fence &= Q(attempt=attempt)
+    tokens = None
     with transaction.atomic():
         ended = Run.objects.filter(fence).update(
             status=status,
@@ -122,6 +133,18 @@ def run_end(
             if content is not None:
                 written["content"] = content
             Message.objects.filter(id=run.message_id).update(**written)
+            if usage is not None:
+                tokens = usage_row_write(**usage)
+    if usage is not None:
+        if not ended:
+            usage_record(**usage)  # the cost was real, whoever ended the run
+        elif tokens is not None:
+            usage_charge(
+                **{k: usage[k] for k in ("run_id", "project_id", "user_id", "accepted_at")},
+                meter=usage["meter"],
+                tokens=tokens,
+                outcome=usage["outcome"],
+            )
     if ended:
         event, data = {
             Run.Status.DONE: (streams.MESSAGE_COMPLETED, {"content": content, "status": status}),
@@ -358,22 +381,23 @@ def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:
     space = get_worker_space(user_id=project.owner_id, project_id=project.id)
     with lease_keeper().hold(run.id, attempt) as held, space.use():
         answer = _answer(run=run, held=held, space=space, redis=redis)
-    # Governance hook: what this attempt cost (as the provider reported it, or estimated).
-    usage_record(
-        run_id=run.id,
-        attempt=attempt,
-        project_id=project.id,
-        user_id=project.owner_id,
-        agent_id=run.agent_id,
-        message_id=message.id,
-        accepted_at=run.created_at,
-        meter=getattr(run, "usage_meter", None),
-        completion=answer.content,
-        outcome=answer.outcome,
-    )
+    # Governance hook: what this attempt cost (as the provider reported it, or estimated);
+    # a run that ends here writes it in the transaction that ends it (run_end).
+    usage = {
+        "run_id": run.id,
+        "attempt": attempt,
+        "project_id": project.id,
+        "user_id": project.owner_id,
+        "agent_id": run.agent_id,
+        "message_id": message.id,
+        "accepted_at": run.created_at,
+        "meter": getattr(run, "usage_meter", None),
+        "completion": answer.content,
+        "outcome": answer.outcome,
+    }
     outcome, content, error = answer.outcome, answer.content, answer.error
     if outcome == "done":
-        if run_end(run=run, status=Run.Status.DONE, content=content, attempt=attempt):
+        if run_end(run=run, status=Run.Status.DONE, content=content, attempt=attempt, usage=usage):
             release_database()  # remembering embeds: no connection held meanwhile
             _remember_exchange(
                 run=run,
@@ -384,9 +408,17 @@ def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:
             return "done"
         return "lost"
     if outcome == "error":
-        if run_end(run=run, status=Run.Status.ERROR, content=content, error=error, attempt=attempt):
+        if run_end(
+            run=run,
+            status=Run.Status.ERROR,
+            content=content,
+            error=error,
+            attempt=attempt,
+            usage=usage,
+        ):
             raise AgentRunFailed(f"run {run.id}: {error}")
         return "lost"
+    usage_record(**usage)
     if outcome == "handed-back":
         # The worker is shutting down: the run goes back to queued with its lease
         # released, and the recovery pass dispatches it to a worker that runs on; its

@@ -279,7 +279,9 @@ def test_disconnects_leave_no_connections_or_generators_behind(asgi, user, sessi
     wait_until(settled, timeout=10, what="every stream closed")
     time.sleep(0.2)
     assert sse.active_streams() == 0
-    assert own_clients(redis_client) <= clients_before
+    # Streams opening at once may take the hub's pool to its size (SSE_REDIS_CONNECTIONS,
+    # one more than the warm-up's sequential opens needed); never one per stream.
+    assert own_clients(redis_client) <= clients_before + 1
     assert asgi.task_count() <= tasks_before
 
 
