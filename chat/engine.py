@@ -132,20 +132,21 @@ def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:
     usage = Usage()
     with lease_keeper().hold(run.id, attempt) as held, space.use():
         answer = _answer(run=run, held=held, space=space, redis=redis, usage=usage)
-    # Governance hook: what this attempt cost (as the provider reported it, or estimated).
-    usage_record(
-        run_id=run.id,
-        attempt=attempt,
-        project_id=project.id,
-        user_id=project.owner_id,
-        agent_id=run.agent_id,
-        message_id=run.message_id,
-        accepted_at=run.created_at,
-        meter=usage.meter,
-        completion=answer.content,
-        outcome=answer.outcome,
-    )
-    return _settle(run=run, attempt=attempt, redis=redis, answer=answer, usage=usage)
+    # Governance hook: what this attempt cost (as the provider reported it, or estimated);
+    # a run that ends here writes it in the transaction that ends it (chat.state.run_end).
+    cost = {
+        "run_id": run.id,
+        "attempt": attempt,
+        "project_id": project.id,
+        "user_id": project.owner_id,
+        "agent_id": run.agent_id,
+        "message_id": run.message_id,
+        "accepted_at": run.created_at,
+        "meter": usage.meter,
+        "completion": answer.content,
+        "outcome": answer.outcome,
+    }
+    return _settle(run=run, attempt=attempt, redis=redis, answer=answer, cost=cost)
 
 
 def _restart_refusal(run: Run) -> str:
@@ -171,12 +172,15 @@ def _restart_refusal(run: Run) -> str:
     return ""
 
 
-def _settle(*, run: Run, attempt: int, redis: ScopedRedis, answer: Answer, usage: Usage) -> str:
-    """End the run as its answer says (done, error), or leave it to whoever ends it."""
+def _settle(
+    *, run: Run, attempt: int, redis: ScopedRedis, answer: Answer, cost: dict[str, Any]
+) -> str:
+    """End the run as its answer says (done, error) with what it cost, or record the cost
+    and leave the run to whoever ends it."""
     outcome, content, error = answer.outcome, answer.content, answer.error
     if outcome == "done":
         ended = state.run_end(
-            run=run, status=Run.Status.DONE, content=content, attempt=attempt, meter=usage.meter
+            run=run, status=Run.Status.DONE, content=content, attempt=attempt, usage=cost
         )
         if not ended:
             return "lost"
@@ -195,11 +199,12 @@ def _settle(*, run: Run, attempt: int, redis: ScopedRedis, answer: Answer, usage
             content=content,
             error=error,
             attempt=attempt,
-            meter=usage.meter,
+            usage=cost,
         )
         if ended:
             raise AgentRunFailed(f"run {run.id}: {error}")
         return "lost"
+    usage_record(**cost)
     if outcome == "handed-back":
         # The worker is shutting down: the run goes back to queued with its lease
         # released, and the recovery pass dispatches it to a worker that runs on; its

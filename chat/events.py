@@ -20,7 +20,6 @@ import logging
 import re
 import uuid
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import Http404, HttpRequest, JsonResponse, StreamingHttpResponse
 from django.views.decorators.http import require_GET
@@ -30,7 +29,7 @@ from rest_framework.settings import api_settings
 
 from agentbus import project_gone_async
 from common.api import error_body
-from common.asgi import long_lived
+from common.asgi import long_lived, run_sync
 from realtime.auth import request_authorize
 from realtime.streamhub import CLOSED, HubFull, get_hub
 from workspaces.redis import ScopedRedis, scoped_async
@@ -83,7 +82,7 @@ async def _gone(project_id: uuid.UUID) -> bool:
 @require_GET
 async def session_events(request: HttpRequest, project_id: uuid.UUID, session_id: uuid.UUID):
     try:
-        user_id = await sync_to_async(_authorize)(request, project_id, session_id)
+        user_id = await run_sync(_authorize, request, project_id, session_id)
     except exceptions.APIException as exc:
         header = api_settings.DEFAULT_AUTHENTICATION_CLASSES[0]().authenticate_header(request)
         return _error(exc.status_code, str(exc.detail), **{"WWW-Authenticate": header})

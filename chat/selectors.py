@@ -21,7 +21,8 @@ def session_list(*, project: Project) -> QuerySet[ChatSession]:
 
 
 def session_get(*, project: Project, session_id: uuid.UUID | str) -> ChatSession:
-    session = get_or_404(session_list(project=project), id=session_id)
+    # With its agent: posting a message reads the agent's policy (one query, not two).
+    session = get_or_404(session_list(project=project).select_related("agent"), id=session_id)
     session.project = project  # already loaded: spares a query to whoever follows it
     return session
 

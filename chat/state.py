@@ -25,7 +25,7 @@ from django.db.models import Exists, F, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from agents.models import Agent
-from governance.usage import usage_run_ended
+from governance.usage import usage_charge, usage_record, usage_row_write, usage_run_ended
 from workspaces.redis import ScopedRedis, scoped
 
 from . import streams
@@ -192,12 +192,15 @@ def run_end(
     error: str = "",
     from_statuses: tuple[str, ...] = (Run.Status.RUNNING,),
     attempt: int | None = None,
-    meter: Any = None,
+    usage: dict[str, Any] | None = None,
 ) -> bool:
     """End a run and its message once, conditionally (on its status, and on the dispatch
     generation when given): True when this call ended it. Says so on the event stream.
-    `content` None leaves the message's text as it is (a cancel from outside the run);
-    `meter`: what the run's provider calls used (governance), when the worker ends it.
+    `content` None leaves the message's text as it is (a cancel from outside the run).
+    `usage` (governance.usage.usage_record's arguments, given by the worker that ends its
+    own run) is written in the same transaction: a run never ends without its usage row,
+    whatever fails between; when this call does not end the run, it is recorded on its
+    own.
 
     The end commits with its event still owed (a finished run keeps a lease until the
     event is written): if this process dies or Redis fails in between, the recovery
@@ -206,6 +209,7 @@ def run_end(
     fence = Q(id=run.id, status__in=from_statuses)
     if attempt is not None:
         fence &= Q(attempt=attempt)
+    tokens = None
     with transaction.atomic():
         ended = Run.objects.filter(fence).update(
             status=status,
@@ -218,6 +222,18 @@ def run_end(
             if content is not None:
                 written["content"] = content
             Message.objects.filter(id=run.message_id).update(**written)
+            if usage is not None:
+                tokens = usage_row_write(**usage)
+    if usage is not None:
+        if not ended:
+            usage_record(**usage)  # the cost was real, whoever ended the run
+        elif tokens is not None:
+            usage_charge(
+                **{k: usage[k] for k in ("run_id", "project_id", "user_id", "accepted_at")},
+                meter=usage["meter"],
+                tokens=tokens,
+                outcome=usage["outcome"],
+            )
     if ended:
         event, data = {
             Run.Status.DONE: (streams.MESSAGE_COMPLETED, {"content": content, "status": status}),
@@ -237,7 +253,12 @@ def run_end(
             logger.warning("run %s ended %s; the event was not written yet", run.id, status)
         # Governance hook: the run no longer counts as in flight against quotas.
         project = run.session.project
-        usage_run_ended(run_id=run.id, project_id=project.id, user_id=project.owner_id, meter=meter)
+        usage_run_ended(
+            run_id=run.id,
+            project_id=project.id,
+            user_id=project.owner_id,
+            meter=usage["meter"] if usage is not None else None,
+        )
     return bool(ended)
 
 

@@ -18,8 +18,10 @@ from typing import Any
 
 import kombu.exceptions
 import redis
+from django.conf import settings
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.core.validators import RegexValidator
+from django.db import InterfaceError, OperationalError
 from django.http import Http404, JsonResponse
 from rest_framework import exceptions, serializers, status
 from rest_framework.exceptions import APIException
@@ -229,6 +231,19 @@ def error_response(status_code: int, detail: str | None = None, code: str | None
     return response
 
 
+DATABASE_UNAVAILABLE = "The database is busy or unavailable; retry shortly."
+
+
+def database_unavailable_response(exc: Exception, *, where: str) -> JsonResponse:
+    """503 for a request that met the database unreachable or had no pooled connection
+    within DB_POOL_TIMEOUT_SECONDS: load or an outage, not a fault of the request, and
+    nothing was committed (its transaction, if any, rolled back)."""
+    logger.warning("%s: database unavailable: %r", where, exc)
+    return error_response(
+        503, DATABASE_UNAVAILABLE, retry_after=str(settings.DB_RETRY_AFTER_SECONDS)
+    )
+
+
 def _messages(value, prefix: str = "") -> list[str]:
     """DRF's nested error details as flat strings: a list item's errors say its index."""
     if isinstance(value, dict):
@@ -277,10 +292,17 @@ def _api_exception_body(exc: APIException, status_code: int) -> dict[str, Any]:
 def exception_handler(exc, context):
     """DRF's handler in the API's error shape, plus: Redis or the broker being down is a
     503 with Retry-After (views reach them only before writing anything, or after commit
-    robustly), and a body over DATA_UPLOAD_MAX_MEMORY_SIZE is a 413."""
+    robustly), and a body over DATA_UPLOAD_MAX_MEMORY_SIZE is a 413. The database
+    unreachable, or no pooled connection free within DB_POOL_TIMEOUT_SECONDS, is a 503
+    with Retry-After too (DRF rolls the view's transaction back)."""
+    retry_after = RETRY_AFTER_SECONDS
     if isinstance(exc, redis.RedisError | kombu.exceptions.OperationalError):
         logger.warning("%s: backend unavailable: %r", context.get("view"), exc)
         exc = BackendUnavailable()
+    elif isinstance(exc, OperationalError | InterfaceError):
+        logger.warning("%s: database unavailable: %r", context.get("view"), exc)
+        exc = BackendUnavailable(DATABASE_UNAVAILABLE)
+        retry_after = settings.DB_RETRY_AFTER_SECONDS
     elif isinstance(exc, RequestDataTooBig):
         exc = PayloadTooLarge()
     elif isinstance(exc, Http404):
@@ -295,5 +317,5 @@ def exception_handler(exc, context):
     for name, value in (getattr(exc, "body_extra", None) or {}).items():
         response.data.setdefault(name, value)
     if response.status_code == status.HTTP_503_SERVICE_UNAVAILABLE:
-        response.setdefault("Retry-After", str(RETRY_AFTER_SECONDS))
+        response.setdefault("Retry-After", str(retry_after))
     return response

@@ -6,19 +6,40 @@ sync step of the request (any sync middleware, a `sync_to_async` call) gets a th
 its own that lives as long as the response. For an event stream that is one idle thread
 per open connection, for hours. `StreamingAwareASGIHandler` serves the views marked
 `@long_lived` (for all methods, or only those named) outside that context, so their
-short sync steps share asgiref's one sync thread and a waiting request costs a
-coroutine only.
+short sync steps run on the event loop or a shared thread, and a waiting request costs
+a coroutine only.
+
+Every other request runs sync work on a thread of its own and, in it, holds a pooled
+database connection. `Admission` bounds how many do at once (WEB_MAX_CONCURRENT_REQUESTS,
+about the pool's size): the rest wait their turn as coroutines, holding no thread nor
+connection, up to WEB_ADMISSION_WAIT_SECONDS, and at most WEB_ADMISSION_QUEUE of them;
+past either bound a request answers 503 with Retry-After before anything ran, so a
+burst is worked through at the database's pace instead of a thousand threads fighting
+for ten connections and failing after the pool's timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import json
+import logging
+import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
+from django.core.handlers.base import BaseHandler
 from django.urls import Resolver404, get_resolver
 
+logger = logging.getLogger(__name__)
+
 LONG_LIVED = "long_lived_response"
+# Set while a `@long_lived` view is served outside the request thread context.
+_OUTSIDE_REQUEST_THREAD = contextvars.ContextVar("outside_request_thread", default=False)
 
 
 def long_lived(view: Callable[..., Any] | None = None, *, methods: Iterable[str] = ()):
@@ -50,9 +71,155 @@ def serves_long_lived(scope: dict) -> bool:
     return bool(marked)
 
 
+_long_lived_threads: ThreadPoolExecutor | None = None
+
+
+def _threads() -> ThreadPoolExecutor:
+    global _long_lived_threads
+    if _long_lived_threads is None:
+        _long_lived_threads = ThreadPoolExecutor(
+            max_workers=settings.WEB_WAITING_SYNC_THREADS, thread_name_prefix="long-lived"
+        )
+    return _long_lived_threads
+
+
+async def run_sync(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """A sync step of a `@long_lived` view (authentication, reads). Served by this
+    handler, it runs on a small pool of threads (WEB_WAITING_SYNC_THREADS): on asgiref's
+    one shared thread it would queue behind every other waiting request's steps, and a
+    thread per request is what these views exist to avoid. Elsewhere (the test client,
+    WSGI) it runs on the request's own thread, as `sync_to_async` does."""
+    if not _OUTSIDE_REQUEST_THREAD.get():
+        return await sync_to_async(function)(*args, **kwargs)
+    return await sync_to_async(function, thread_sensitive=False, executor=_threads())(
+        *args, **kwargs
+    )
+
+
+class Admission:
+    """At most `limit` requests at once on one event loop; up to `queue` more wait, each
+    at most `wait` seconds (FIFO: asyncio's semaphore wakes waiters in order). A request
+    whose turn would come after `wait`, by the recent time a request holds its slot, is
+    refused at once rather than after waiting for nothing."""
+
+    # Weight of the newest hold time in the running mean.
+    SMOOTHING = 0.05
+
+    def __init__(self, *, limit: int, queue: int, wait: float) -> None:
+        self.limit, self.queue, self.wait = limit, queue, wait
+        self.semaphore = asyncio.Semaphore(limit)
+        self.waiting = 0
+        self.hold = 0.0  # running mean of how long a request holds its slot
+        self._since: dict[int, float] = {}
+
+    async def acquire(self) -> bool:
+        """True with a slot held (release it), False when refused."""
+        if not self.semaphore.locked() and not self.waiting:
+            await self.semaphore.acquire()  # free: no wait
+            return self._held()
+        if self.waiting >= self.queue or (self.waiting + 1) * self.hold / self.limit > self.wait:
+            return False
+        self.waiting += 1
+        try:
+            async with asyncio.timeout(self.wait):
+                await self.semaphore.acquire()
+            return self._held()
+        except TimeoutError:
+            return False
+        finally:
+            self.waiting -= 1
+
+    def _held(self) -> bool:
+        task = asyncio.current_task()
+        self._since[id(task)] = time.monotonic()
+        return True
+
+    def release(self) -> None:
+        started = self._since.pop(id(asyncio.current_task()), None)
+        if started is not None:
+            held = time.monotonic() - started
+            self.hold += self.SMOOTHING * (held - self.hold) if self.hold else held
+        self.semaphore.release()
+
+
+_admissions: dict[asyncio.AbstractEventLoop, Admission] = {}
+
+
+def admission() -> Admission:
+    """The running loop's admission (a semaphore belongs to one loop)."""
+    loop = asyncio.get_running_loop()
+    found = _admissions.get(loop)
+    if found is None:
+        for stale in [other for other in _admissions if other.is_closed()]:
+            del _admissions[stale]
+        found = _admissions[loop] = Admission(
+            limit=settings.WEB_MAX_CONCURRENT_REQUESTS,
+            queue=settings.WEB_ADMISSION_QUEUE,
+            wait=settings.WEB_ADMISSION_WAIT_SECONDS,
+        )
+    return found
+
+
+async def answer_busy(send, *, retry_after: int) -> None:
+    """A 503 in the API's error shape (common.api), straight on the ASGI channel."""
+    body = json.dumps(
+        {
+            "detail": "This server is at capacity; retry shortly.",
+            "code": "backend_unavailable",
+        }
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(retry_after).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 class StreamingAwareASGIHandler(ASGIHandler):
+    """Two middleware chains over the same settings.MIDDLEWARE: the async one serves
+    `@long_lived` views (every middleware runs async, so none of them waits on a
+    thread); every other request goes through the sync chain in one step on its own
+    thread, instead of hopping to a thread and back for each middleware's sync hooks
+    (a dozen hops a request, each costing CPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._sync_handler = BaseHandler()
+        self._sync_handler.load_middleware(is_async=False)
+
+    async def get_response_async(self, request):
+        if _OUTSIDE_REQUEST_THREAD.get():
+            return await super().get_response_async(request)
+        return await sync_to_async(self._sync_handler.get_response, thread_sensitive=True)(request)
+
     async def __call__(self, scope, receive, send):
         if serves_long_lived(scope):
+            _OUTSIDE_REQUEST_THREAD.set(True)  # this request's context only
             await self.handle(scope, receive, send)
-        else:
+            return
+        if scope.get("type") != "http" or settings.WEB_MAX_CONCURRENT_REQUESTS <= 0:
             await super().__call__(scope, receive, send)
+            return
+        gate = admission()
+        started = time.monotonic()
+        if not await gate.acquire():
+            logger.warning(
+                "%s %s: refused after %.1fs, %d requests waiting (capacity)",
+                scope.get("method"),
+                scope.get("path"),
+                time.monotonic() - started,
+                gate.waiting,
+            )
+            await answer_busy(send, retry_after=settings.WEB_ADMISSION_RETRY_AFTER_SECONDS)
+            return
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            gate.release()

@@ -5,19 +5,29 @@ before or around them does not: Django's 404 for a path that matches no route (a
 malformed id), the 405 of a plain view, a CSRF failure, a 500, and the slash redirects
 of CommonMiddleware. On API routes (settings.API_PATH_PREFIXES) these become JSON in the
 one error shape; everywhere else (the admin, the docs) Django's pages are kept.
+
+Every middleware here runs natively in async mode (Django's `sync_capable` /
+`async_capable`): one sync-only middleware in settings.MIDDLEWARE makes Django run the
+whole chain below it inside one blocking call on asgiref's single shared thread, so a
+request waiting for a worker (a context search, an event stream) would hold every other
+such request behind it. Steps that do no I/O run on the event loop; the rest hop to a
+thread only when they have work.
 """
 
 from __future__ import annotations
 
 import re
 
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.urls import Resolver404, get_resolver
 from django.utils.deprecation import MiddlewareMixin
 from django.views.csrf import csrf_failure as django_csrf_failure
+from whitenoise.middleware import WhiteNoiseMiddleware
 
-from .api import error_response
+from .api import DATABASE_UNAVAILABLE, database_unavailable_response, error_response
 from .asgi import LONG_LIVED
 
 # Characters no path segment of ours may hold: C0 controls, DEL, lone surrogates.
@@ -41,7 +51,27 @@ def _resolves(path: str) -> bool:
 class ApiErrorMiddleware(MiddlewareMixin):
     """Outermost: on API routes, an error response that is not JSON (Django's HTML 404,
     400, 403, 405 or 500 pages, under DEBUG its technical pages) is answered in the API's
-    error shape, with the same status and its Allow / WWW-Authenticate headers."""
+    error shape, with the same status and its Allow / WWW-Authenticate headers.
+
+    A view that fails because the database is unreachable (an outage, a restart, no
+    pooled connection free within DB_POOL_TIMEOUT_SECONDS) answers 503 with Retry-After
+    instead of a 500: nothing it tried to write was committed (DRF views answer the same
+    through common.api.exception_handler)."""
+
+    async def __acall__(self, request: HttpRequest) -> HttpResponse:
+        # No I/O: on the event loop, not a hop to the shared sync thread.
+        return self.process_response(request, await self.get_response(request))
+
+    def process_exception(self, request: HttpRequest, exception: Exception):
+        if not isinstance(exception, OperationalError | InterfaceError):
+            return None
+        response = database_unavailable_response(exception, where=request.path)
+        if is_api_path(request.path_info):
+            return response
+        # Pages (the admin): a plain 503, with the same Retry-After.
+        page = HttpResponse(DATABASE_UNAVAILABLE, status=503, content_type="text/plain")
+        page["Retry-After"] = response["Retry-After"]
+        return page
 
     def process_response(self, request: HttpRequest, response: HttpResponse) -> HttpResponse:
         if response.status_code < 400 or not is_api_path(request.path_info):
@@ -69,6 +99,13 @@ class ApiRequestMiddleware(MiddlewareMixin):
       (DRF views are exempt already and check CSRF themselves for session clients.)
     """
 
+    async def __acall__(self, request: HttpRequest) -> HttpResponse:
+        # URL resolution only (no I/O): on the event loop.
+        response = self.process_request(request)
+        if response is not None:
+            return response
+        return await self.get_response(request)
+
     def process_request(self, request: HttpRequest) -> HttpResponse | None:
         path = request.path_info
         # Only where a route takes it (a name in the path): elsewhere it matches no
@@ -89,6 +126,36 @@ class ApiRequestMiddleware(MiddlewareMixin):
     def process_view(self, request, callback, callback_args, callback_kwargs) -> None:
         if getattr(callback, LONG_LIVED, False):
             request._dont_enforce_csrf_checks = True
+
+
+class StaticFilesMiddleware(WhiteNoiseMiddleware):
+    """WhiteNoise (static files), able to run async: WhiteNoise's own middleware is
+    sync-only, which would put every request of the chain below it on one thread."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response=None, **kwargs):
+        super().__init__(get_response, **kwargs)
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
+
+    def __call__(self, request):
+        if self.async_mode:
+            return self.__acall__(request)
+        return super().__call__(request)
+
+    async def __acall__(self, request):
+        if self.autorefresh:  # development: looks on disk
+            static_file = await sync_to_async(self.find_file, thread_sensitive=False)(
+                request.path_info
+            )
+        else:
+            static_file = self.files.get(request.path_info)
+        if static_file is not None:
+            return await sync_to_async(self.serve, thread_sensitive=False)(static_file, request)
+        return await self.get_response(request)
 
 
 def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:

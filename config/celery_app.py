@@ -13,9 +13,10 @@ Workers come in two modes (agentbus.worker):
 
 import os
 
-from celery import Celery
-from celery.signals import worker_init
+from celery import Celery, signals
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.db import connections
 
 from agentbus.celeryconf import configure_celery
 from governance.secrets import fernet_keys_required_valid
@@ -29,7 +30,7 @@ configure_celery(app)
 app.autodiscover_tasks()
 
 
-@worker_init.connect
+@signals.worker_init.connect
 def _refuse_a_bad_fernet_key(**kwargs) -> None:
     # As the web entry points do: a worker with a missing or malformed key would start,
     # then fail every run of a project that has a provider key or tool secret.
@@ -38,3 +39,13 @@ def _refuse_a_bad_fernet_key(**kwargs) -> None:
     except ImproperlyConfigured as exc:
         # Celery logs and ignores a handler's exception; a SystemExit stops the worker.
         raise SystemExit(f"ImproperlyConfigured: {exc}") from None
+
+
+@signals.celeryd_init.connect(weak=False, dispatch_uid="config.worker_database_pool")
+def _worker_database_pool(**_kwargs) -> None:
+    """A worker's run waits for a pooled connection up to DB_WORKER_POOL_TIMEOUT_SECONDS:
+    the web's short wait (DB_POOL_TIMEOUT_SECONDS) answers a client 503 quickly, but a
+    run that gave up that soon would fail and be run again, costing a provider call."""
+    pool = connections["default"].settings_dict.get("OPTIONS", {}).get("pool")
+    if isinstance(pool, dict):
+        pool["timeout"] = settings.DB_WORKER_POOL_TIMEOUT_SECONDS

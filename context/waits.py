@@ -27,7 +27,7 @@ from rest_framework.settings import api_settings
 from agentbus import ProjectGone, publish
 from agents.selectors import agent_get
 from common.api import BackendUnavailable, exception_handler
-from common.asgi import long_lived
+from common.asgi import long_lived, run_sync
 from realtime import replies
 from realtime.auth import request_authorize
 from realtime.streamhub import HubFull, get_hub
@@ -70,7 +70,7 @@ async def agent_context(request: HttpRequest, project_id: uuid.UUID, agent_id: u
     if request.method != "GET":
         return await sync_to_async(_context_view)(request, project_id=project_id, agent_id=agent_id)
     try:
-        agent, query = await sync_to_async(_prepare)(request, project_id, agent_id)
+        agent, query = await run_sync(_prepare, request, project_id, agent_id)
         hits = await context_search_waiting(agent=agent, **query)
     except HubFull:
         return _error(

@@ -119,7 +119,14 @@ def audit_admin_entries(*, request, since) -> int:
 
 
 class AuditMiddleware(MiddlewareMixin):
-    """After authentication: records the request's mutations once it has answered."""
+    """After authentication: records the request's mutations once it has answered.
+    Reads (and event streams, searches) pass through on the event loop, without a hop
+    to a thread: they record nothing."""
+
+    async def __acall__(self, request):
+        if request.method not in MUTATIONS:
+            return await self.get_response(request)
+        return await super().__acall__(request)
 
     def process_request(self, request):
         if request.method in MUTATIONS:

@@ -10,7 +10,9 @@ The chat app calls:
 - `usage_record` when the run's answer is over, whatever its outcome: the tokens the
   provider reported (OpenAI-compatible endpoints, with `stream_options.include_usage`),
   or an estimate from the text where it reported none (`estimated`). Counted once per
-  dispatch attempt (an attempt is claimed by one worker; a duplicate is refused);
+  dispatch attempt (an attempt is claimed by one worker; a duplicate is refused). A run
+  its worker ends writes the row (`usage_row_write`) in the transaction that ends it,
+  and charges the quotas (`usage_charge`) after commit: no finished run lacks its row;
 - `usage_run_ended` when the run ends (by its worker, a cancel or the recovery pass):
   it no longer counts as in flight;
 - `embedding_usage_record` when an ingest job stored a batch of documents (embedding
@@ -203,9 +205,55 @@ def usage_record(
     """Record what dispatch `attempt` of the run cost: True when this call counted it.
     A run that never reached its provider (no meter, or no call the provider accepted)
     costs nothing and gets no row; it leaves the in-flight set when it ends
-    (usage_run_ended)."""
-    if meter is None or not meter.reached:
+    (usage_run_ended).
+    (A run's worker ending it uses `usage_row_write` inside the transaction that ends
+    it, then `usage_charge`.)"""
+    tokens = usage_row_write(
+        run_id=run_id,
+        attempt=attempt,
+        project_id=project_id,
+        user_id=user_id,
+        agent_id=agent_id,
+        message_id=message_id,
+        accepted_at=accepted_at,
+        meter=meter,
+        completion=completion,
+        outcome=outcome,
+    )
+    if tokens is None:
         return False
+    usage_charge(
+        run_id=run_id,
+        project_id=project_id,
+        user_id=user_id,
+        accepted_at=accepted_at,
+        meter=meter,
+        tokens=tokens,
+        outcome=outcome,
+    )
+    return True
+
+
+def usage_row_write(
+    *,
+    run_id,
+    attempt: int,
+    project_id,
+    user_id,
+    agent_id,
+    message_id,
+    accepted_at: datetime,
+    meter: UsageMeter | None,
+    completion: str,
+    outcome: str,
+) -> int | None:
+    """The database half of `usage_record`: the run's usage row for dispatch `attempt`
+    (added to an earlier attempt's row). Returns the tokens counted, or None when there
+    is nothing to count (no provider call) or this attempt was counted already. Raises
+    on a database error: called inside the transaction that ends the run, so that a run
+    never ends without its usage (nor the other way round)."""
+    if meter is None or not meter.reached:
+        return None
     measured = meter.measure(completion)
     tokens = measured["prompt_tokens"] + measured["completion_tokens"]
     fields = {
@@ -250,7 +298,23 @@ def usage_record(
                     **fields,
                 )
         except IntegrityError:
-            return False  # this attempt was recorded already
+            return None  # this attempt was recorded already
+    return tokens
+
+
+@_never_raises
+def usage_charge(
+    *,
+    run_id,
+    project_id,
+    user_id,
+    accepted_at: datetime,
+    meter: UsageMeter,
+    tokens: int,
+    outcome: str,
+) -> None:
+    """The Redis half of `usage_record`, after the row is committed: the quotas' counters
+    are charged the tokens."""
     # The provider call is over: an answer that ended here leaves the in-flight set now,
     # in the same round trip (one the recovery pass takes over stays in it).
     released = outcome in ENDED
@@ -262,7 +326,6 @@ def usage_record(
         release_run_id=run_id if released else None,
     )
     meter.released = released
-    return True
 
 
 @_never_raises

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.http import Http404
 
 from common.services import model_update
@@ -42,8 +42,19 @@ def project_lock_for_write(*, project_id) -> Project:
     """Call at the start of a transaction that adds to the project (an agent, a session,
     a message): holds the project until commit against a concurrent delete, which then
     waits for this write and deletes what it added. Returns the locked row; raises
-    Http404 if the project was deleted first."""
-    locked = Project.objects.select_for_update(no_key=True).filter(id=project_id).first()
+    Http404 if the project was deleted first.
+
+    On PostgreSQL the lock is FOR KEY SHARE: it blocks the delete (FOR UPDATE) but not
+    other writers, so a burst of messages to one project is not taken one at a time
+    (FOR NO KEY UPDATE, all Django spells, would queue every one behind the last)."""
+    if connection.vendor == "postgresql":
+        table = connection.ops.quote_name(Project._meta.db_table)
+        found = list(
+            Project.objects.raw(f"SELECT * FROM {table} WHERE id = %s FOR KEY SHARE", [project_id])
+        )
+        locked = found[0] if found else None
+    else:  # SQLite: one writer at a time anyway
+        locked = Project.objects.select_for_update(no_key=True).filter(id=project_id).first()
     if locked is None:
         raise Http404("No such project.")
     return locked

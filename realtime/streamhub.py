@@ -70,13 +70,19 @@ def _id(value: str) -> tuple[int, int]:
 
 class StreamHub:
     def __init__(self) -> None:
-        self.client = redis.asyncio.Redis.from_url(
-            settings.REDIS_URL,
-            decode_responses=True,
-            socket_connect_timeout=5,
-            socket_timeout=30,
-            health_check_interval=30,
-            max_connections=settings.SSE_REDIS_CONNECTIONS,
+        # A blocking pool: with every connection busy, a command waits its turn (up to
+        # SSE_REDIS_WAIT_SECONDS) instead of failing at once, so many requests
+        # arriving together (streams opening, searches admitted) share the few.
+        self.client = redis.asyncio.Redis.from_pool(
+            redis.asyncio.BlockingConnectionPool.from_url(
+                settings.REDIS_URL,
+                decode_responses=True,
+                socket_connect_timeout=5,
+                socket_timeout=30,
+                health_check_interval=30,
+                max_connections=settings.SSE_REDIS_CONNECTIONS,
+                timeout=settings.SSE_REDIS_WAIT_SECONDS,
+            )
         )
         if settings.CELERY_BROKER_URL == settings.REDIS_URL:
             self.broker = self.client

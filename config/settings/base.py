@@ -56,7 +56,8 @@ MIDDLEWARE = [
     # Outermost: on API routes every error that is not JSON yet gets the API's shape.
     "common.middleware.ApiErrorMiddleware",
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    # WhiteNoise, able to run async: every middleware here must be (common.middleware).
+    "common.middleware.StaticFilesMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "common.middleware.ApiRequestMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -104,19 +105,50 @@ else:
     # work runs on a thread of its own, so a connection that persists per thread would
     # be opened for every request; a pooled one is handed back when the request (or an
     # agent run's database work) ends. DB_POOL_MAX_SIZE=0 turns the pool off.
+    # Sizing: every web and worker process holds up to DB_POOL_MAX_SIZE connections, so
+    # (web processes + worker processes) x DB_POOL_MAX_SIZE must stay below PostgreSQL's
+    # max_connections minus its reserved ones (README, "Capacity").
     pool_size = env.int("DB_POOL_MAX_SIZE", default=10)
     if pool_size:
         DATABASES["default"]["OPTIONS"] = {
             "pool": {
                 "min_size": env.int("DB_POOL_MIN_SIZE", default=1),
                 "max_size": pool_size,
-                # Waiting longer than this for a free connection is an error (503).
-                "timeout": env.float("DB_POOL_TIMEOUT_SECONDS", default=10),
+                # A request that finds no free connection within this long answers 503
+                # with Retry-After (load, or the database away): far shorter than a
+                # client's patience, so load is refused quickly instead of piling up.
+                "timeout": env.float("DB_POOL_TIMEOUT_SECONDS", default=2),
+                # At most this many threads wait for a connection at once; one more is
+                # refused at once (a 503) instead of queueing behind them.
+                "max_waiting": env.int("DB_POOL_MAX_WAITING", default=200),
             }
         }
     else:
         DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=0)
-        DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # Each connection is checked before it is handed out (with the pool, Django passes
+    # psycopg_pool's ConnectionPool.check_connection as its `check`): one left dead by a
+    # database restart is replaced, not given to a request that would fail on it.
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# Worker processes wait longer for a pooled connection (config.celery_app): a run that
+# gave up would be dispatched again.
+DB_WORKER_POOL_TIMEOUT_SECONDS = env.float("DB_WORKER_POOL_TIMEOUT_SECONDS", default=30)
+# A request that met the database unreachable, or found no pooled connection free,
+# answers 503 with this Retry-After.
+DB_RETRY_AFTER_SECONDS = env.int("DB_RETRY_AFTER_SECONDS", default=2)
+# Admission (common.asgi): requests (other than event streams and searches, which wait
+# as coroutines) running at once per web process, each on a thread with a pooled
+# connection; about DB_POOL_MAX_SIZE (0: no limit). The rest wait as coroutines, at most
+# WEB_ADMISSION_QUEUE of them and each at most WEB_ADMISSION_WAIT_SECONDS, then 503 with
+# Retry-After WEB_ADMISSION_RETRY_AFTER_SECONDS.
+WEB_MAX_CONCURRENT_REQUESTS = env.int(
+    "WEB_MAX_CONCURRENT_REQUESTS", default=env.int("DB_POOL_MAX_SIZE", default=10) or 10
+)
+WEB_ADMISSION_QUEUE = env.int("WEB_ADMISSION_QUEUE", default=5000)
+WEB_ADMISSION_WAIT_SECONDS = env.float("WEB_ADMISSION_WAIT_SECONDS", default=8)
+WEB_ADMISSION_RETRY_AFTER_SECONDS = env.int("WEB_ADMISSION_RETRY_AFTER_SECONDS", default=2)
+# Threads that run the short sync steps (authentication, reads) of requests that wait as
+# coroutines (event streams, context searches), shared by all of them.
+WEB_WAITING_SYNC_THREADS = env.int("WEB_WAITING_SYNC_THREADS", default=4)
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -437,6 +469,9 @@ CHAT_HEARTBEAT_SECONDS = env.float("CHAT_HEARTBEAT_SECONDS", default=15)
 # SSE_SAFETY_POLL_SECONDS each followed stream is read once and deleted projects' closed.
 SSE_MAX_STREAMS = env.int("SSE_MAX_STREAMS", default=10000)
 SSE_REDIS_CONNECTIONS = env.int("SSE_REDIS_CONNECTIONS", default=4)
+# A command of a stream or a waiting request waits this long for one of those
+# connections (then 503).
+SSE_REDIS_WAIT_SECONDS = env.float("SSE_REDIS_WAIT_SECONDS", default=5)
 SSE_SAFETY_POLL_SECONDS = env.float("SSE_SAFETY_POLL_SECONDS", default=5)
 SSE_RETRY_AFTER_SECONDS = env.int("SSE_RETRY_AFTER_SECONDS", default=5)
 # An answer's deltas are written to the stream joined per this window (0: one event per

@@ -15,7 +15,7 @@ import time
 
 class LiveServer:
     """`static=True` also serves static files (admin, Swagger UI, ReDoc) from the apps, as
-    `make run` does through WhiteNoise (which the test settings leave out)."""
+    `make run` does through WhiteNoise (whose folder of collected files is empty here)."""
 
     def __init__(self, *, static: bool = False) -> None:
         import uvicorn

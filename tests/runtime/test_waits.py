@@ -5,6 +5,7 @@ it can hurt anyone else."""
 from __future__ import annotations
 
 import threading
+import time
 
 import httpx
 import pytest
@@ -69,7 +70,8 @@ def test_waiting_searches_hold_no_thread_nor_database_connection(
     for client in clients:
         client.start()
     wait_until(lambda: redis_client.get(in_flight) == "30", what="all 30 searches waiting")
-    # No thread is inside the search's code while the 30 wait (each is a coroutine).
+    # No thread is inside the search's code while the 30 wait (each is a coroutine; the
+    # sync steps before the wait share a small fixed pool of threads, and are over).
     assert threads_inside(waits, replies, streamhub, auth) == []
     assert database_sessions() <= sessions + 2
     for client in clients:
@@ -116,3 +118,67 @@ def test_a_flood_of_searches_is_turned_away_and_others_are_served(asgi, user, se
     theirs = [code for who, code, _ in codes if who == other_user.pk]
     assert sorted(mine) == [200] * 4 + [429] * 36  # the four waiting were answered
     assert theirs == [200] * 4
+
+
+def test_every_middleware_can_run_async():
+    """One sync-only middleware makes Django run the chain below it inside one blocking
+    call on asgiref's single shared thread: every waiting request would queue there."""
+    from django.conf import settings
+    from django.utils.module_loading import import_string
+
+    from config.settings import base
+
+    for path in {*base.MIDDLEWARE, *settings.MIDDLEWARE}:
+        assert getattr(import_string(path), "async_capable", False), path
+
+
+def test_another_users_search_and_stream_do_not_wait_behind_a_flood(asgi, user, settings):
+    """No worker answers: user A's searches all wait out their timeout. User B's search
+    fails at the same bound, counted from its own start, not after A's; B's event stream
+    opens at once meanwhile (the chain is async from the ASGI entry to the response)."""
+    from tests.factories import ChatSessionFactory
+
+    timeout = settings.CONTEXT_SEARCH_TIMEOUT_SECONDS = 3
+    settings.SEARCH_INFLIGHT_PER_USER = settings.SEARCH_INFLIGHT_PER_PROJECT = 40
+    flooder = AgentFactory(project=ProjectFactory(owner=user))
+    other_user = UserFactory()
+    other = AgentFactory(project=ProjectFactory(owner=other_user))
+    session = ChatSessionFactory(project=other.project, agent=other)
+    tokens = {u.pk: token_for(u) for u in (user, other_user)}
+    answered: list[tuple[int, float]] = []
+
+    def search(agent, who, into):
+        started = time.monotonic()
+        response = httpx.get(
+            search_url(asgi, agent),
+            params={"q": "x"},
+            headers={"Authorization": f"Token {tokens[who.pk]}"},
+            timeout=30,
+        )
+        into.append((response.status_code, time.monotonic() - started))
+
+    flood = [threading.Thread(target=search, args=(flooder, user, answered)) for _ in range(40)]
+    for thread in flood:
+        thread.start()
+    time.sleep(0.5)  # the flood is in: every one of A's searches is waiting
+
+    events = (
+        f"http://127.0.0.1:{asgi.port}/my/projects/{other.project_id}/chat/{session.id}/events/"
+    )
+    started = time.monotonic()
+    with httpx.stream(
+        "GET", events, headers={"Authorization": f"Token {tokens[other_user.pk]}"}, timeout=10
+    ) as response:
+        assert response.status_code == 200
+        opened = time.monotonic() - started
+    mine: list[tuple[int, float]] = []
+    search(other, other_user, mine)
+    for thread in flood:
+        thread.join(30)
+
+    # Not behind A's waits (3 s each); the bound leaves room for a busy machine.
+    assert opened < timeout / 2, opened
+    [(code, took)] = mine
+    assert code == 503
+    assert timeout - 0.5 < took < timeout + 1.5, took  # its own timeout, not after A's
+    assert [c for c, _ in answered] == [503] * 40
