@@ -34,8 +34,19 @@ from celery.worker.control import control_command, inspect_command, ok
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from . import active, transport
+from .active import (
+    FOLLOW_COMMAND,
+    STATUS_COMMAND,
+    UNFOLLOW_COMMAND,
+    active_among,
+    active_queues,
+    sweep_ready,
+    worker_alive,
+    worker_connected,
+    worker_gone,
+)
 from .queues import direct_queue, is_project_queue
+from .transport import batched, check_kombu, use_ready_list, wake
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +68,10 @@ class AgentBusConsumer(bootsteps.StartStopStep):
         self.timer_ref = None
         self.heartbeat_ref = None
         self.reconciled_at: float | None = None
+        self.ready_list = False
         c.agentbus = self
         check_visibility_timeout()
-        transport.check_kombu()
+        check_kombu()
 
     # --- lifecycle (start runs again after every broker reconnection) -------------
     def start(self, c):
@@ -67,7 +79,7 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             self.mode = self._decide_mode(c)
             logger.info("AgentBus: %s worker", self.mode)
         try:
-            active.worker_connected(c.hostname, mode=self.mode)
+            worker_connected(c.hostname, mode=self.mode)
         except Exception:
             logger.debug("AgentBus: heartbeat failed", exc_info=True)
         if self.heartbeat_ref is None:
@@ -76,6 +88,8 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             )
         if self.mode != SHARED:
             return
+        # Take project tasks from the ready list: no poll names a project queue.
+        self.ready_list = use_ready_list(c.task_consumer.channel) if c.task_consumer else False
         self.reconcile(c)
         if self.timer_ref is None:
             self.timer_ref = c.timer.call_repeatedly(
@@ -91,13 +105,13 @@ class AgentBusConsumer(bootsteps.StartStopStep):
     def shutdown(self, c):
         self.stop(c)
         try:
-            active.worker_gone(c.hostname)
+            worker_gone(c.hostname)
         except Exception:
             logger.debug("AgentBus: could not say goodbye", exc_info=True)
 
     def _heartbeat_safely(self, c) -> None:
         try:
-            active.worker_alive(c.hostname, mode=self.mode or "")
+            worker_alive(c.hostname, mode=self.mode or "")
         except Exception:
             logger.debug("AgentBus: heartbeat failed", exc_info=True)
 
@@ -117,11 +131,13 @@ class AgentBusConsumer(bootsteps.StartStopStep):
     def reconcile(self, c) -> None:
         if c.task_consumer is None:
             return
-        wanted = set(active.active_queues())
+        wanted = set(active_queues())
         followed = self.followed(c)
         self.unfollow(c, followed - wanted)
         self.follow(c, wanted - followed)
         self.reconciled_at = time.time()
+        if self.ready_list:
+            sweep_ready()
 
     def _reconcile_safely(self, c) -> None:
         try:
@@ -142,12 +158,12 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             cset.add_queue(table.select_add(direct_queue(name)))
             added.append(name)
         if added:
-            with transport.batched(cset.channel):
+            with batched(cset.channel):
                 cset.consume()
             logger.info("AgentBus: following %d more queue(s): %s", len(added), added[:5])
             # A BRPOP already waiting does not include the new queues: cut it short.
             try:
-                transport.wake(cset.channel)
+                wake(cset.channel)
             except Exception:
                 logger.debug("AgentBus: could not wake the poll", exc_info=True)
         return added
@@ -158,7 +174,7 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             return []
         table = c.app.amqp.queues
         removed = []
-        with transport.batched(cset.channel):
+        with batched(cset.channel):
             for name in sorted(queues):
                 table.deselect(name)
                 if cset.consuming_from(name):
@@ -195,7 +211,7 @@ def _queue_list(queues, queue) -> list[str]:
     return [n for n in names if is_project_queue(n)]
 
 
-@control_command(name=active.FOLLOW_COMMAND, args=[("queue", str)], signature="<queue>")
+@control_command(name=FOLLOW_COMMAND, args=[("queue", str)], signature="<queue>")
 def agentbus_follow(state, queues=None, queue=None, **_):
     """Shared AgentBus workers: start consuming project queues that are active."""
     step = _shared_step(state)
@@ -203,12 +219,12 @@ def agentbus_follow(state, queues=None, queue=None, **_):
     if step is None or not names:
         return ok("ignored")
     consumer = state.consumer
-    wanted = active.active_among(names)
+    wanted = active_among(names)
     consumer.call_soon(step.follow, consumer, wanted)
     return ok(f"following {len(wanted)} queue(s)")
 
 
-@control_command(name=active.UNFOLLOW_COMMAND, args=[("queue", str)], signature="<queue>")
+@control_command(name=UNFOLLOW_COMMAND, args=[("queue", str)], signature="<queue>")
 def agentbus_unfollow(state, queues=None, queue=None, **_):
     """Shared AgentBus workers: stop consuming project queues that are not active."""
     step = _shared_step(state)
@@ -217,12 +233,12 @@ def agentbus_unfollow(state, queues=None, queue=None, **_):
         return ok("ignored")
     consumer = state.consumer
     # A queue re-activated since the retirement stays followed.
-    gone = set(names) - active.active_among(names)
+    gone = set(names) - active_among(names)
     consumer.call_soon(step.unfollow, consumer, gone)
     return ok(f"leaving {len(gone)} queue(s)")
 
 
-@inspect_command(name=active.STATUS_COMMAND)
+@inspect_command(name=STATUS_COMMAND)
 def agentbus_status(state, **_):
     """The worker's AgentBus mode, the project queues it follows, its broker transport."""
     consumer = state.consumer
@@ -238,4 +254,5 @@ def agentbus_status(state, **_):
             f"{transport_cls.__module__}.{transport_cls.__qualname__}" if transport_cls else None
         ),
         "cached_poll": bool(getattr(channel, "takes_over", False)),
+        "ready_list": bool(getattr(channel, "ready_mode", False)),
     }

@@ -330,11 +330,10 @@ WORKSPACE_TEARDOWN_REDISPATCH_SECONDS = env.float(
 AGENTBUS_QUEUE_IDLE_SECONDS = env.float("AGENTBUS_QUEUE_IDLE_SECONDS", default=300)
 # How often each worker reports itself alive (health reads these, without a ping).
 AGENTBUS_HEARTBEAT_SECONDS = env.float("AGENTBUS_HEARTBEAT_SECONDS", default=5)
-# A worker following more queues than this polls them a window at a time (one BRPOP
-# names at most this many; queues that just received work come first), blocking each
-# window this long before the next takes its turn.
-AGENTBUS_POLL_WINDOW = env.int("AGENTBUS_POLL_WINDOW", default=256)
-AGENTBUS_POLL_WINDOW_TIMEOUT = env.float("AGENTBUS_POLL_WINDOW_TIMEOUT", default=0.05)
+# How often active queues holding messages the ready list does not know of (sent around
+# the bus's publish, or put back by kombu's own channel) are listed again: one LLEN per
+# active queue, by one shared worker per period.
+AGENTBUS_READY_SWEEP_SECONDS = env.float("AGENTBUS_READY_SWEEP_SECONDS", default=5)
 # A task trusts the deleted-project check its worker made when delivering it if it
 # starts within this long; later it checks again.
 AGENTBUS_GUARD_FRESH_SECONDS = env.float("AGENTBUS_GUARD_FRESH_SECONDS", default=0.05)
@@ -344,8 +343,9 @@ AGENTBUS_RECONCILE_SECONDS = env.float("AGENTBUS_RECONCILE_SECONDS", default=5)
 AGENTBUS_TOMBSTONE_SECONDS = env.int("AGENTBUS_TOMBSTONE_SECONDS", default=30 * 86400)
 # How often the reaper also scans the whole keyspace for queues left outside the active set.
 AGENTBUS_FULL_RESCUE_SECONDS = env.int("AGENTBUS_FULL_RESCUE_SECONDS", default=3600)
-# The broker transport of worker processes: kombu's Redis channel with a cached BRPOP
-# and a wake-up key (agentbus/transport.py); empty for kombu's own.
+# The bus's broker transport (agentbus/transport.py): workers poll through it (shared
+# ones take from the ready list) and `publish` sends through it (one script per task);
+# empty for kombu's own channel everywhere.
 AGENTBUS_WORKER_TRANSPORT = env.str(
     "AGENTBUS_WORKER_TRANSPORT", default="agentbus.transport:Transport"
 )
