@@ -276,7 +276,12 @@ CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = env.float("CELERY_WORKER_SOFT_SHUTDOWN_TIM
 # An idle worker stops at once; a busy one gives its tasks the soft-shutdown window.
 CELERY_WORKER_ENABLE_SOFT_SHUTDOWN_ON_IDLE = False
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
-CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_WORKER_SEND_TASK_EVENTS", default=True)
+# Task events (Flower's task pages) cost a worker about as much as running a no-op task:
+# off unless asked for here, or at run time with `celery -A config control enable_events`.
+CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_WORKER_SEND_TASK_EVENTS", default=False)
+# Celery's "received" / "succeeded" line for every task (INFO): off by default (a line
+# per task is a worker's largest cost after events); failures are logged either way.
+WORKER_LOG_EACH_TASK = env.bool("WORKER_LOG_EACH_TASK", default=False)
 CELERY_TASK_SEND_SENT_EVENT = False
 _SWEEP_SECONDS = env.float("WORKSPACE_SWEEP_SECONDS", default=300)
 CELERY_BEAT_SCHEDULE = {
@@ -500,8 +505,14 @@ LOGGING = {
         # Through the root handler only: Django's default console handler under DEBUG
         # would print every django.* line a second time.
         "django": {"handlers": [], "propagate": True},
-        "celery.app.trace": {"filters": ["quiet_periodic_tasks"]},
-        "celery.worker.strategy": {"filters": ["quiet_periodic_tasks"]},
+        "celery.app.trace": {
+            "filters": ["quiet_periodic_tasks"],
+            "level": "INFO" if WORKER_LOG_EACH_TASK else "WARNING",
+        },
+        "celery.worker.strategy": {
+            "filters": ["quiet_periodic_tasks"],
+            "level": "INFO" if WORKER_LOG_EACH_TASK else "WARNING",
+        },
         # One line per request error: the server's access log has it; Django's own
         # warning for every 4xx would repeat it (5xx are still logged, with traceback).
         "django.request": {"level": env.str("DJANGO_REQUEST_LOG_LEVEL", default="ERROR")},
