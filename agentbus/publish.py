@@ -23,25 +23,28 @@ from .transport import CHECKED_HEADER, GONE_HEADER
 
 logger = logging.getLogger(__name__)
 
-# This process's producers on the bus's transport: (pid, pool); a forked child makes its own.
-_producers: tuple[int, ProducerPool] | None = None
+# This process's producers on the bus's transport, per (pid, broker URL): a forked child
+# makes its own, and so does an app pointed at another broker.
+_producers: dict[tuple[int, str], ProducerPool] = {}
 
 
 def _bus_producers() -> ProducerPool | None:
     """Producers whose channel publishes through the bus's transport (one round trip:
     the PUBLISH script of agentbus.transport), or None where the bus runs on kombu's own
     transport (AGENTBUS_WORKER_TRANSPORT empty)."""
-    global _producers
     if not settings.AGENTBUS_WORKER_TRANSPORT:
         return None
-    if _producers is None or _producers[0] != os.getpid():
-        app = current_app
+    app = current_app
+    key = (os.getpid(), str(app.conf.broker_write_url or app.conf.broker_url))
+    pool = _producers.get(key)
+    if pool is None:
         transport = symbol_by_name(settings.AGENTBUS_WORKER_TRANSPORT)
         connection = app.connection_for_write(transport=transport)
         limit = app.conf.broker_pool_limit
         pool = ProducerPool(connection.Pool(limit=limit), limit=limit, Producer=app.amqp.Producer)
-        _producers = (os.getpid(), pool)
-    return _producers[1]
+        _producers.clear()  # pools of another process or broker are not used again
+        _producers[key] = pool
+    return pool
 
 
 def publish(

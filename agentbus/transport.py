@@ -207,23 +207,32 @@ return added
 # A shared worker's poll (one priority step, no key prefix: see Channel.takes_over).
 # KEYS: ready list, ready members, bell, unacked, unacked index, then the worker's own
 # (non-project) queues. ARGV: tombstone prefix, project queue prefix, entries to skip.
-# Returns {queue, message, ready entries left} or false. The message is recorded as
-# kombu's QoS.append records a delivery, in the same step.
+# Returns {queue, message, ready entries left, recorded} or false. The message is
+# recorded as kombu's QoS.append records a delivery (to be put back on the queue it was
+# taken from), in the same step; `recorded` 0: it had no delivery tag to record under.
 TAKE = """
-local function record(payload)
-  local m = cjson.decode(payload)
-  local p = m['properties']
-  local info = p['delivery_info'] or {}
+local function record(queue, payload)
+  -- The delivery tag: the last "delivery_tag" key of the message, in its properties
+  -- (kombu writes them last; the body is base64, and a quote inside a string value
+  -- is escaped, so the pattern cannot match inside one). Found without decoding.
+  local at, tag = 0, nil
+  while true do
+    local s, e = string.find(payload, '"delivery_tag": "', at + 1, true)
+    if not s then break end
+    at = e
+  end
+  if at > 0 then tag = string.sub(payload, at + 1, string.find(payload, '"', at + 1, true) - 1) end
+  if not tag then return 0 end
   local now = redis.call('TIME')
-  redis.call('ZADD', KEYS[5], tonumber(now[1]) + tonumber(now[2]) / 1000000, p['delivery_tag'])
-  redis.call('HSET', KEYS[4], p['delivery_tag'], '[' .. payload .. ',' ..
-    cjson.encode(info['exchange'] or '') .. ',' .. cjson.encode(info['routing_key'] or '') .. ']')
+  redis.call('ZADD', KEYS[5], tonumber(now[1]) + tonumber(now[2]) / 1000000, tag)
+  -- Put back to the queue it was taken from (kombu's restore: nameless exchange).
+  redis.call('HSET', KEYS[4], tag, '[' .. payload .. ',"",' .. cjson.encode(queue) .. ']')
+  return 1
 end
 for k = 6, #KEYS do
   local payload = redis.call('RPOP', KEYS[k])
   if payload then
-    record(payload)
-    return {KEYS[k], payload, 1}
+    return {KEYS[k], payload, 1, record(KEYS[k], payload)}
   end
 end
 local skip = string.len(ARGV[2])
@@ -242,10 +251,10 @@ for _ = 1, tonumber(ARGV[3]) do
     redis.call('SREM', KEYS[2], queue)
   end
   if payload then
-    record(payload)
+    local recorded = record(queue, payload)
     local left = redis.call('LLEN', KEYS[1])
     if left > 0 and redis.call('LLEN', KEYS[3]) == 0 then redis.call('RPUSH', KEYS[3], '1') end
-    return {queue, payload, left}
+    return {queue, payload, left, recorded}
   end
 end
 return false
@@ -581,6 +590,7 @@ class Channel(kombu_redis.Channel):
             self._idle = True
             raise Empty()
         queue, payload, left = bytes_to_str(reply[0]), bytes_to_str(reply[1]), int(reply[2])
+        recorded = bool(int(reply[3]))
         self._idle = left == 0
         message = json.loads(payload)
         tag = message["properties"]["delivery_tag"]
@@ -590,11 +600,17 @@ class Channel(kombu_redis.Channel):
             headers[GONE_HEADER] = False
             headers[CHECKED_HEADER] = time.time()
         callback = self.connection._callbacks.get(queue) or self._any_callback()
-        self._recorded.add(tag)
         if callback is None:  # nothing consumes on this channel any more: put it back
-            self._recorded.discard(tag)
-            self.qos.restore_by_tag(tag, leftmost=True)
+            if recorded:
+                self.qos.restore_by_tag(tag, leftmost=True)
+            else:
+                with self.conn_or_acquire() as client:
+                    client.rpush(queue, payload)  # the end its next pop takes from
+                    if is_project_queue(queue):
+                        list_if_waiting(client, [queue])
             raise Empty()
+        if recorded:
+            self._recorded.add(tag)
         callback(message)
         return True
 

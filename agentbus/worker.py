@@ -52,6 +52,8 @@ logger = logging.getLogger(__name__)
 
 SHARED = "shared"
 DEDICATED = "dedicated"
+# With the ready list, at most this many newly active queues are followed per step.
+FOLLOW_STEP = 1000
 
 
 class AgentBusConsumer(bootsteps.StartStopStep):
@@ -90,7 +92,13 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             return
         # Take project tasks from the ready list: no poll names a project queue.
         self.ready_list = use_ready_list(c.task_consumer.channel) if c.task_consumer else False
-        self.reconcile(c)
+        if self.ready_list:
+            # Delivery does not wait for following (the ready list names the queue), so
+            # thousands of active queues are followed a step at a time once the worker
+            # polls, not before its first task.
+            c.timer.call_after(0, self._follow_in_steps, (c,), priority=10)
+        else:
+            self.reconcile(c)
         if self.timer_ref is None:
             self.timer_ref = c.timer.call_repeatedly(
                 settings.AGENTBUS_RECONCILE_SECONDS, self._reconcile_safely, (c,), priority=10
@@ -128,16 +136,30 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             return set()
         return {q.name for q in c.task_consumer.queues if is_project_queue(q.name)}
 
-    def reconcile(self, c) -> None:
+    def reconcile(self, c) -> bool:
+        """Converge on the active set; with the ready list, at most FOLLOW_STEP new
+        queues a call. Returns whether queues are left to follow."""
         if c.task_consumer is None:
-            return
+            return False
         wanted = set(active_queues())
         followed = self.followed(c)
         self.unfollow(c, followed - wanted)
-        self.follow(c, wanted - followed)
+        missing = sorted(wanted - followed)
+        now = missing[:FOLLOW_STEP] if self.ready_list else missing
+        self.follow(c, now)
         self.reconciled_at = time.time()
         if self.ready_list:
             sweep_ready()
+        return len(now) < len(missing)
+
+    def _follow_in_steps(self, c) -> None:
+        try:
+            more = self.reconcile(c)
+        except Exception:
+            logger.warning("AgentBus: reconcile failed", exc_info=True)
+            return  # the periodic reconcile goes on
+        if more:
+            c.timer.call_after(0.01, self._follow_in_steps, (c,), priority=10)
 
     def _reconcile_safely(self, c) -> None:
         try:
@@ -161,9 +183,11 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             with batched(cset.channel):
                 cset.consume()
             logger.info("AgentBus: following %d more queue(s): %s", len(added), added[:5])
-            # A BRPOP already waiting does not include the new queues: cut it short.
+            # A BRPOP already waiting does not include the new queues: cut it short
+            # (with the ready list no poll names them: nothing to cut short).
             try:
-                wake(cset.channel)
+                if not self.ready_list:
+                    wake(cset.channel)
             except Exception:
                 logger.debug("AgentBus: could not wake the poll", exc_info=True)
         return added
