@@ -54,6 +54,7 @@ SHARED = "shared"
 DEDICATED = "dedicated"
 # With the ready list, at most this many newly active queues are followed per step.
 FOLLOW_STEP = 1000
+FOLLOW_DELAY_SECONDS = 0.2
 
 
 class AgentBusConsumer(bootsteps.StartStopStep):
@@ -244,8 +245,21 @@ def agentbus_follow(state, queues=None, queue=None, **_):
         return ok("ignored")
     consumer = state.consumer
     wanted = active_among(names)
-    consumer.call_soon(step.follow, consumer, wanted)
+    if step.ready_list:
+        # Following is for operators' eyes only (the ready list delivers): done a moment
+        # later, off the path of the queue's first task, which is arriving now; the
+        # active set is asked again then (an unfollow may have come in between).
+        consumer.timer.call_after(FOLLOW_DELAY_SECONDS, _follow_if_active, (step, consumer, wanted))
+    else:
+        consumer.call_soon(step.follow, consumer, wanted)
     return ok(f"following {len(wanted)} queue(s)")
+
+
+def _follow_if_active(step, consumer, names) -> None:
+    try:
+        step.follow(consumer, active_among(names))
+    except Exception:
+        logger.warning("AgentBus: follow failed", exc_info=True)  # reconcile repairs it
 
 
 @control_command(name=UNFOLLOW_COMMAND, args=[("queue", str)], signature="<queue>")
