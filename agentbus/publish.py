@@ -90,7 +90,9 @@ def publish(
                 producer=producer,
                 **options,
             )
-            outcome = channel.last_put if scripted else None
+            # The producer's channel now (a publish retried after a connection error
+            # runs on a revived one).
+            outcome = getattr(producer.channel, "last_put", None) if scripted else None
     if outcome == -1:
         logger.info("not sending %s[%s]: project %s was deleted", task.name, task_id, project_id)
         raise ProjectGone(str(project_id))

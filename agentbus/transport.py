@@ -238,7 +238,10 @@ end
 local skip = string.len(ARGV[2])
 for _ = 1, tonumber(ARGV[3]) do
   local queue = redis.call('LPOP', KEYS[1])
-  if not queue then return false end
+  if not queue then
+    redis.call('DEL', KEYS[3])  -- nothing listed: no wake-up is owed
+    return false
+  end
   local payload = false
   if redis.call('EXISTS', ARGV[1] .. string.sub(queue, skip + 1)) == 1 then
     redis.call('DEL', queue)
@@ -253,7 +256,13 @@ for _ = 1, tonumber(ARGV[3]) do
   if payload then
     local recorded = record(queue, payload)
     local left = redis.call('LLEN', KEYS[1])
-    if left > 0 and redis.call('LLEN', KEYS[3]) == 0 then redis.call('RPUSH', KEYS[3], '1') end
+    if left == 0 then
+      -- This worker saw the list empty: a token rung for what it just took would only
+      -- wake it (or another) for nothing.
+      redis.call('DEL', KEYS[3])
+    elseif redis.call('LLEN', KEYS[3]) == 0 then
+      redis.call('RPUSH', KEYS[3], '1')  -- more work: wake another worker that sleeps
+    end
     return {queue, payload, left, recorded}
   end
 end

@@ -10,7 +10,8 @@ real worker processes, and the publisher running while the worker consumes.
 1. Throughput per traffic shape, with N projects active (the shared worker follows N
    queues): `even` (tasks spread over all N), `sparse` (over 100 of the N, the rest
    idle), `zipf` (project k gets a share proportional to 1/k^1.1), and `burst` (one
-   project publishes a backlog of --burst tasks while others trickle 50 tasks/s). One
+   project publishes a backlog of --burst tasks, then others trickle 50 tasks/s while
+   what is left of it drains; "idle" is the same trickle with no backlog). One
    publisher thread sends --tasks no-op tasks as fast as it can; tasks/s from the first
    publish to the last task's end. Each configuration is paired, in the same round,
    with plain Celery on one queue (a plain task, kombu's own channel, a worker started
@@ -45,7 +46,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -267,41 +267,35 @@ def _waits() -> list[float]:
     return [float(w) for w in get_redis().lrange(WAITS, 0, -1)]
 
 
-def _trickle(sendto, n: int, stop: threading.Event, count: list[int]) -> None:
-    """Small projects (every one but the first) each sending a task now and then."""
+def _trickle(sendto, n: int, until) -> int:
+    """Small projects (every one but the first) each sending a task now and then, from
+    this thread (no other publisher competes for it), until `until()`. Returns how many."""
     rng = random.Random(7)
-    while not stop.is_set():
+    sent = 0
+    while not until():
         _send(sendto, rng.randrange(1, n) if n > 1 else 0, 0, time.time())
-        count[0] += 1
-        stop.wait(1 / TRICKLE_PER_SECOND)
+        sent += 1
+        time.sleep(1 / TRICKLE_PER_SECOND)
+    return sent
 
 
 def _burst(sendto, n: int, burst: int) -> Run:
     client = get_redis()
-    # Idle: the trickle alone, two seconds.
+    # Idle: the trickle alone, for two seconds.
     client.delete(WAITS)
-    stop, count = threading.Event(), [0]
-    thread = threading.Thread(target=_trickle, args=(sendto, n, stop, count))
-    thread.start()
-    time.sleep(2)  # a fixed stretch of traffic, not a wait for a condition
-    stop.set()
-    thread.join()
-    wait_until(lambda: client.llen(WAITS) >= count[0], 60, "the idle trickle")
+    stop_at = time.monotonic() + 2
+    count = _trickle(sendto, n, lambda: time.monotonic() > stop_at)
+    wait_until(lambda: client.llen(WAITS) >= count, 60, "the idle trickle")
     idle = _waits()
-    # The burst: one project's backlog, the trickle going on while it drains.
+    # The burst: one project publishes its backlog as fast as it can, then the others
+    # trickle while what is left of it drains.
     client.delete(DONE, LAST, WAITS)
-    stop, count = threading.Event(), [0]
-    thread = threading.Thread(target=_trickle, args=(sendto, n, stop, count))
     first = time.time()
-    thread.start()
-    try:
-        for _ in range(burst):
-            _send(sendto, 0, burst, None)
-        last = float(wait_until(lambda: client.get(LAST), 900, "the backlog to drain"))
-    finally:
-        stop.set()
-        thread.join()
-    wait_until(lambda: client.llen(WAITS) >= count[0], 120, "the trickle")
+    for _ in range(burst):
+        _send(sendto, 0, burst, None)
+    count = _trickle(sendto, n, lambda: client.get(LAST))
+    last = float(wait_until(lambda: client.get(LAST), 900, "the backlog to drain"))
+    wait_until(lambda: client.llen(WAITS) >= count, 120, "the trickle")
     return Run(burst / (last - first), _waits(), idle)
 
 
