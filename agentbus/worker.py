@@ -12,6 +12,12 @@ A worker runs in one of two modes:
 - **dedicated** (`celery -A config worker -Q uws.project.<hex>`): consumes its -Q
   queues only and ignores the active set and the broadcasts.
 
+A shared worker takes project tasks from the ready list (agentbus.transport): no poll
+names a project queue, so following one is what operators see (`inspect
+active_queues`, Flower) and what kombu's own channel would poll, never what delivers.
+Newly active queues are therefore followed just after their first task, and thousands
+at worker start a step at a time once the worker polls.
+
 The mode follows from -Q: naming any project queue makes the worker dedicated. The
 worker option `--agentbus-mode {auto,shared,dedicated}` overrides it.
 
