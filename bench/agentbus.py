@@ -76,6 +76,8 @@ STARTS = "bench:starts"
 WAITS = "bench:waits"
 BASELINE_QUEUE = "bench.baseline"
 SHAPES = ("even", "sparse", "zipf", "burst")
+# Settings given to the Procfile-style workers (--procfile-env), e.g. events back on.
+PROCFILE_ENV: dict[str, str] = {}
 SPARSE_BUSY = 100
 ZIPF_S = 1.1
 ZIPF_SMALL_RANK = 10  # zipf: projects ranked below this are the "small" ones
@@ -137,6 +139,7 @@ class Worker:
             for name in ("CELERY_WORKER_SEND_TASK_EVENTS", "WORKER_LOG_EACH_TASK"):
                 env.pop(name, None)
             env["LOG_LEVEL"] = "INFO"
+            env.update(PROCFILE_ENV)
         else:
             env["CELERY_WORKER_SEND_TASK_EVENTS"] = "false"
         if baseline:  # plain Celery: its own queue, kombu's own Redis channel
@@ -371,8 +374,16 @@ def main() -> None:
     parser.add_argument("--n", default="100,1000,10000", help="active projects")
     parser.add_argument("--workers", default="lean,procfile", help="worker styles")
     parser.add_argument("--no-start", action="store_true", help="skip worker start, cold task")
+    parser.add_argument(
+        "--procfile-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the Procfile-style workers (e.g. CELERY_WORKER_SEND_TASK_EVENTS=true)",
+    )
     parser.add_argument("--start-only", action="store_true", help="only worker start, cold task")
     opts = parser.parse_args()
+    PROCFILE_ENV.update(item.split("=", 1) for item in opts.procfile_env)
     shapes = [s for s in opts.shapes.split(",") if s]
     sizes = [int(n) for n in opts.n.split(",") if n]
     styles = [w for w in opts.workers.split(",") if w]
@@ -385,6 +396,7 @@ def main() -> None:
         f"AgentBus end to end: Redis {os.environ['REDIS_URL']}, one worker; "
         f"{opts.tasks} tasks per run (burst: {opts.burst:,} backlog + {TRICKLE_PER_SECOND}/s "
         f"trickle), {opts.rounds} paired rounds; Procfile worker: {' '.join(procfile_worker())}"
+        + (f" with {PROCFILE_ENV}" if PROCFILE_ENV else "")
     )
     configs = [
         (style, shape, n)
