@@ -15,6 +15,10 @@ every project that ever existed. Instead:
   it consumes with the active set every AGENTBUS_RECONCILE_SECONDS (agentbus.worker):
   a missed or reordered broadcast costs seconds, never a task.
 - `rescue_stranded_queues` re-activates a retired queue a message came back to.
+- Which active queues hold work is the ready list (agentbus.transport): publishing
+  lists a queue, shared workers take from it. `sweep_ready` lists again, every
+  AGENTBUS_READY_SWEEP_SECONDS, active queues that hold messages the ready list does not
+  know of (sent around `publish`, or put back by kombu's own channel).
 """
 
 from __future__ import annotations
@@ -31,20 +35,20 @@ from django.conf import settings
 
 from common.redis import broker_redis
 
-from . import guard, transport
+from .guard import project_gone, tombstone_key
+from .keys import ACTIVE_KEY, FULL_SCAN_KEY, READY_SWEEP_KEY, RETIRED_KEY, WORKERS_KEY
 from .queues import PROJECT_QUEUE_PREFIX, project_id_from_queue, project_queue
+from .transport import (
+    all_queue_keys,
+    list_if_waiting,
+    queue_key_pattern,
+    queue_keys,
+    queue_of_key,
+    unacked_queues,
+    unlist,
+)
 
 logger = logging.getLogger(__name__)
-
-# Bus-wide keys live beside the broker's queues (the Lua scripts read both), under the
-# `uws:bus:` namespace: never under a workspace prefix, which teardown wipes.
-ACTIVE_KEY = "uws:bus:active"
-# Queues taken out of the active set (queue -> when), watched for messages put back.
-RETIRED_KEY = "uws:bus:retired"
-# Present while a full keyspace scan for stranded queues is not due.
-FULL_SCAN_KEY = "uws:bus:rescue-scan"
-# Workers' heartbeats: "hostname mode" -> last beat (agentbus.worker).
-WORKERS_KEY = "uws:bus:workers"
 # This worker's current connection to the broker: a worker restarted under the same
 # hostname, or reconnected (Celery drops the tasks it had received but not started),
 # is a new incarnation, so what the old one held is known to be lost.
@@ -55,19 +59,12 @@ FOLLOW_COMMAND = "agentbus_follow"
 UNFOLLOW_COMMAND = "agentbus_unfollow"
 STATUS_COMMAND = "agentbus_status"
 
-# Mark a queue active unless its project is tombstoned, and ring the bell when the
-# queue is empty (the message about to be published makes it non-empty: workers that
-# poll in windows look at it next).
-# KEYS: active set, tombstone key, bell, the queue's list keys. ARGV: now, queue, bell max.
-# Returns -1 (tombstoned), 1 (newly active) or 0 (was active; last use refreshed).
+# Mark a queue active unless its project is tombstoned (`publish` does the same inside
+# its own script, agentbus.transport.PUBLISH). KEYS: active set, tombstone key.
+# ARGV: now, queue. Returns -1 (tombstoned), 1 (newly active) or 0 (was active; last use
+# refreshed).
 _MARK_ACTIVE = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
-local waiting = 0
-for k = 4, #KEYS do waiting = waiting + redis.call('LLEN', KEYS[k]) end
-if waiting == 0 then
-  redis.call('LPUSH', KEYS[3], cjson.encode(ARGV[2]))
-  redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[3]) - 1)
-end
 return redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
 """
 
@@ -130,13 +127,7 @@ def mark_active(project_id: uuid.UUID | str) -> int:
     client = broker_redis()
     result = int(
         _script(client, _MARK_ACTIVE)(
-            keys=[
-                ACTIVE_KEY,
-                guard.tombstone_key(project_id),
-                transport.BELL_KEY,
-                *transport.queue_keys(queue),
-            ],
-            args=[time.time(), queue, transport.BELL_MAX],
+            keys=[ACTIVE_KEY, tombstone_key(project_id)], args=[time.time(), queue]
         )
     )
     if result == 1:
@@ -166,14 +157,14 @@ def queue_depth(project_id: uuid.UUID | str) -> int:
 def queue_depths(project_ids: list[uuid.UUID]) -> list[int | Exception]:
     """`queue_depth` of many projects in one round trip; an unreadable one is the error."""
     pipe = broker_redis().pipeline(transaction=False)
-    keys = [transport.queue_keys(project_queue(p)) for p in project_ids]
-    for queue_keys in keys:
-        for key in queue_keys:
+    keys = [queue_keys(project_queue(p)) for p in project_ids]
+    for keys_of_queue in keys:
+        for key in keys_of_queue:
             pipe.llen(key)
     replies = iter(pipe.execute(raise_on_error=False))
     depths: list[int | Exception] = []
-    for queue_keys in keys:
-        lengths = [next(replies) for _ in queue_keys]
+    for keys_of_queue in keys:
+        lengths = [next(replies) for _ in keys_of_queue]
         failed = [r for r in lengths if isinstance(r, Exception)]
         depths.append(failed[0] if failed else sum(lengths))
     return depths
@@ -181,14 +172,14 @@ def queue_depths(project_ids: list[uuid.UUID]) -> list[int | Exception]:
 
 def _depth(client: redis.Redis, queue: str) -> int:
     pipe = client.pipeline(transaction=False)
-    for key in transport.queue_keys(queue):
+    for key in queue_keys(queue):
         pipe.llen(key)
     return sum(pipe.execute())
 
 
 def _purge(client: redis.Redis, queue: str) -> int:
     pipe = client.pipeline(transaction=True)
-    for key in transport.queue_keys(queue):
+    for key in queue_keys(queue):
         pipe.llen(key)
         pipe.delete(key)
     return sum(pipe.execute()[::2])
@@ -203,6 +194,7 @@ def retire_project(project_id: uuid.UUID | str) -> int:
     pipe = client.pipeline(transaction=True)
     pipe.zrem(ACTIVE_KEY, queue)
     pipe.zadd(RETIRED_KEY, {queue: time.time()})
+    unlist(pipe, queue)
     pipe.execute()
     broadcast(UNFOLLOW_COMMAND, [queue], swallow=False)
     purged = _purge(client, queue)
@@ -217,8 +209,8 @@ def reap_idle_queues(*, idle_seconds: float | None = None, batch: int = 500) -> 
         idle_seconds = settings.AGENTBUS_QUEUE_IDLE_SECONDS
     client = broker_redis()
     cutoff = time.time() - idle_seconds
-    in_flight = transport.unacked_queues(client)
-    steps = len(transport.queue_keys("x"))
+    in_flight = unacked_queues(client)
+    steps = len(queue_keys("x"))
     retired: list[str] = []
     offset = 0
     while True:
@@ -229,7 +221,7 @@ def reap_idle_queues(*, idle_seconds: float | None = None, batch: int = 500) -> 
         idle = [q for q in candidates if q not in in_flight]
         if not idle:
             continue
-        keys = [ACTIVE_KEY, RETIRED_KEY, *transport.all_queue_keys(idle)]
+        keys = [ACTIVE_KEY, RETIRED_KEY, *all_queue_keys(idle)]
         args = [cutoff, steps, time.time(), *idle]
         done = _script(client, _RETIRE_IDLE)(keys=keys, args=args)
         retired.extend(done)
@@ -259,9 +251,9 @@ def rescue_stranded_queues(*, full_scan: bool | None = None) -> list[str]:
         every = int(settings.AGENTBUS_FULL_RESCUE_SECONDS)
         full_scan = bool(client.set(FULL_SCAN_KEY, "1", nx=True, ex=every))
     if full_scan:
-        pattern = transport.queue_key_pattern(PROJECT_QUEUE_PREFIX)
+        pattern = queue_key_pattern(PROJECT_QUEUE_PREFIX)
         for key in client.scan_iter(match=pattern, count=1000, _type="list"):
-            queue = transport.queue_of_key(key)
+            queue = queue_of_key(key)
             if project_id_from_queue(queue) is not None:
                 candidates.add(queue)
     candidates -= active_among(candidates)
@@ -269,14 +261,39 @@ def rescue_stranded_queues(*, full_scan: bool | None = None) -> list[str]:
     rescued = []
     for queue in stranded:
         project_id = project_id_from_queue(queue)
-        if guard.project_gone(project_id):
+        if project_gone(project_id):
             _purge(client, queue)
         elif mark_active(project_id) >= 0:
             client.zrem(RETIRED_KEY, queue)
+            list_if_waiting(client, [queue])
             rescued.append(queue)
     if rescued:
         logger.warning("re-activated %d queues holding messages: %s", len(rescued), rescued[:10])
     return rescued
+
+
+def sweep_ready(*, force: bool = False, batch: int = 1000) -> int | None:
+    """List again the active queues that hold messages but are not on the ready list
+    (sent around `publish`, or put back by a channel other than ours), at most once
+    every AGENTBUS_READY_SWEEP_SECONDS across all workers (or when `force`). One LLEN
+    per active queue, in scripts of `batch` queues. Returns how many were listed, or
+    None when another worker swept within the period."""
+    client = broker_redis()
+    if not force:
+        every = max(float(settings.AGENTBUS_READY_SWEEP_SECONDS), 0.001)
+        if not client.set(READY_SWEEP_KEY, "1", nx=True, px=int(every * 1000)):
+            return None
+    listed = 0
+    offset = 0
+    while True:
+        queues = client.zrange(ACTIVE_KEY, offset, offset + batch - 1)
+        if not queues:
+            break
+        offset += len(queues)
+        listed += list_if_waiting(client, queues)
+    if listed:
+        logger.warning("listed %d queue(s) holding messages the ready list missed", listed)
+    return listed
 
 
 def worker_identity(hostname: str) -> str:
@@ -334,9 +351,9 @@ def live_workers() -> list[dict[str, Any]]:
 def project_queues_in_keyspace() -> set[uuid.UUID]:
     """Every project that has a queue list in the broker (a keyspace scan)."""
     found = set()
-    pattern = transport.queue_key_pattern(PROJECT_QUEUE_PREFIX)
+    pattern = queue_key_pattern(PROJECT_QUEUE_PREFIX)
     for key in broker_redis().scan_iter(match=pattern, count=1000):
-        project_id = project_id_from_queue(transport.queue_of_key(key))
+        project_id = project_id_from_queue(queue_of_key(key))
         if project_id is not None:
             found.add(project_id)
     return found

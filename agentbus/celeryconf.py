@@ -36,9 +36,10 @@ def configure_celery(app: Celery) -> None:
 
 
 def _worker_transport(conf=None, **_) -> None:
-    """Workers poll through AGENTBUS_WORKER_TRANSPORT (agentbus.transport: the same
-    BRPOP, cached, plus a wake-up key). Only workers: other processes keep kombu's name
-    for the transport in broker URLs, which Flower reads."""
+    """Workers poll through AGENTBUS_WORKER_TRANSPORT (agentbus.transport: shared
+    workers take from the ready list, dedicated ones BRPOP their queues with a wake-up
+    key). Only workers: other processes keep kombu's name for the transport in broker
+    URLs, which Flower reads (`publish` opens its own producers on the bus's transport)."""
     if conf is None or conf.broker_transport or not settings.AGENTBUS_WORKER_TRANSPORT:
         return
     if urlparse(conf.broker_url or "").scheme in ("redis", "rediss"):

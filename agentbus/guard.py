@@ -8,10 +8,11 @@ message of a cancelled queue, and writes that follow a run ask it to undo themse
 A deleted project is *tombstoned*: a key in the bus's namespace that lives
 AGENTBUS_TOMBSTONE_SECONDS (longer than any message can linger). The races it guards:
 
-- **publish vs delete.** Marking a queue active, which every publish does first, is one
-  Lua script that refuses when the tombstone exists (`active.mark_active`). A publish that
-  got in before the tombstone leaves a message that the teardown purges, or that a worker
-  skips here.
+- **publish vs delete.** A publish is one Lua script that refuses when the tombstone
+  exists (`transport.PUBLISH`; `active.mark_active` where the bus runs on kombu's own
+  channel). A publish that got in before the tombstone leaves a message that the
+  teardown purges, that a shared worker's poll purges when it meets the queue (the same
+  script checks the tombstone), or that a worker skips here.
 - **restored unacknowledged messages.** kombu puts a message back when the worker holding
   it dies, possibly after the teardown purged the queue; the task is skipped here.
 - **a run that outlives its project.** Runs ask between steps and stop; what they wrote

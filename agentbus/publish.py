@@ -2,21 +2,49 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 import uuid
 from typing import Any
 
-from celery import Task
+from celery import Task, current_app
 from celery.exceptions import Ignore
 from celery.result import AsyncResult
 from django.conf import settings
+from kombu.pools import ProducerPool
+from kombu.utils.imports import symbol_by_name
 
-from . import guard, transport
-from .active import mark_active
+from .active import FOLLOW_COMMAND, broadcast, mark_active
+from .guard import ProjectGone, project_gone
 from .queues import direct_queue, project_queue
+from .transport import CHECKED_HEADER, GONE_HEADER
 
 logger = logging.getLogger(__name__)
+
+# This process's producers on the bus's transport, per (pid, broker URL): a forked child
+# makes its own, and so does an app pointed at another broker.
+_producers: dict[tuple[int, str], ProducerPool] = {}
+
+
+def _bus_producers() -> ProducerPool | None:
+    """Producers whose channel publishes through the bus's transport (one round trip:
+    the PUBLISH script of agentbus.transport), or None where the bus runs on kombu's own
+    transport (AGENTBUS_WORKER_TRANSPORT empty)."""
+    if not settings.AGENTBUS_WORKER_TRANSPORT:
+        return None
+    app = current_app
+    key = (os.getpid(), str(app.conf.broker_write_url or app.conf.broker_url))
+    pool = _producers.get(key)
+    if pool is None:
+        transport = symbol_by_name(settings.AGENTBUS_WORKER_TRANSPORT)
+        connection = app.connection_for_write(transport=transport)
+        limit = app.conf.broker_pool_limit
+        pool = ProducerPool(connection.Pool(limit=limit), limit=limit, Producer=app.amqp.Producer)
+        _producers.clear()  # pools of another process or broker are not used again
+        _producers[key] = pool
+    return pool
 
 
 def publish(
@@ -30,29 +58,47 @@ def publish(
     """Put `task` on the project's queue, with `project_id` among its keyword arguments;
     `options` are Celery's execution options (countdown, eta, ...).
 
-    The queue is marked active first (and announced to the shared workers if it was
-    not), so the message never lands in a queue the pool has no reason to follow. A
-    task of a deleted project is not sent (it could not run anyway): ProjectGone.
-    Raises while Redis or the broker is down.
+    One round trip: the message is pushed, the queue marked active and put on the ready
+    list in one script, which refuses a deleted project's task (ProjectGone: nothing
+    is sent). A queue that became active is announced to the shared workers. Raises
+    while Redis or the broker is down.
     """
     if not isinstance(task, AgentBusTask):
         raise TypeError(f"{task!r} is not an AgentBusTask: it would not check its project")
     payload = dict(kwargs or {})
     payload["project_id"] = str(uuid.UUID(str(project_id)))
     task_id = task_id or str(uuid.uuid4())
-    if mark_active(project_id) < 0:
-        logger.info("not sending %s[%s]: project %s was deleted", task.name, task_id, project_id)
-        raise guard.ProjectGone(str(project_id))
-    for name in ("queue", "exchange", "routing_key", "declare"):
+    for name in ("queue", "exchange", "routing_key", "declare", "producer", "connection"):
         options.pop(name, None)
-    return Task.apply_async(
-        task,
-        kwargs=payload,
-        task_id=task_id,
-        queue=direct_queue(project_queue(project_id)),
-        declare=[],
-        **options,
-    )
+    queue = project_queue(project_id)
+    pool = _bus_producers()
+    with pool.acquire(block=True) if pool is not None else contextlib.nullcontext() as producer:
+        channel = producer.channel if producer is not None else None
+        scripted = bool(getattr(channel, "takes_over", False))
+        # kombu's own channel: the queue is marked active first, in a round trip of its own.
+        if not scripted and mark_active(project_id) < 0:
+            outcome = -1
+        else:
+            if scripted:
+                channel.last_put = None
+            result = Task.apply_async(
+                task,
+                kwargs=payload,
+                task_id=task_id,
+                queue=direct_queue(queue),
+                declare=[],
+                producer=producer,
+                **options,
+            )
+            # The producer's channel now (a publish retried after a connection error
+            # runs on a revived one).
+            outcome = getattr(producer.channel, "last_put", None) if scripted else None
+    if outcome == -1:
+        logger.info("not sending %s[%s]: project %s was deleted", task.name, task_id, project_id)
+        raise ProjectGone(str(project_id))
+    if outcome == 1:
+        broadcast(FOLLOW_COMMAND, [queue], swallow=True)
+    return result
 
 
 class AgentBusTask(Task):
@@ -92,7 +138,7 @@ class AgentBusTask(Task):
         """The guard, answered by the worker's transport when it delivered the message
         (same round trip as recording the delivery) if that was a moment ago; else
         asked now (a message that waited for a free pool slot, or kombu's own channel)."""
-        checked = getattr(self.request, transport.CHECKED_HEADER, None)
+        checked = getattr(self.request, CHECKED_HEADER, None)
         if checked is not None and time.time() - checked < settings.AGENTBUS_GUARD_FRESH_SECONDS:
-            return bool(getattr(self.request, transport.GONE_HEADER, True))
-        return guard.project_gone(project_id)
+            return bool(getattr(self.request, GONE_HEADER, True))
+        return project_gone(project_id)

@@ -1,74 +1,89 @@
 """Everything that knows kombu's or Redis's private layout, in one module.
 
-The AgentBus leans on three things kombu does not promise:
+The AgentBus leans on things kombu does not promise:
 
 1. How the Redis transport names a queue's lists (priority steps, separator, global
    key prefix): `queue_keys`.
 2. How it records delivered, unacknowledged messages (`unacked`, a hash of delivery tag
-   -> JSON [payload, exchange, routing key]): `unacked_queues`.
-3. How its channel polls: one BRPOP over every followed queue after every message,
-   built from scratch each time, and the fair cycle rebuilt for every queue followed
-   (`Channel._brpop_start`, `_update_queue_cycle`, `Transport._deliver`), and how a
-   delivered message is recorded (`QoS.append`).
+   -> JSON [payload, exchange, routing key], and `unacked_index`, tag -> time):
+   `unacked_queues`, and the take script below, which writes the same record.
+3. How its channel polls (`Channel._brpop_start` / `_brpop_read`, the fair cycle), puts
+   a message (`Channel._put`) and puts one back (`Channel._do_restore_message`).
 
-`Channel` below polls the same way with what does not change between messages cached,
-plus:
+**The ready list.** kombu's channel sends one BRPOP over every queue it follows, so its
+cost per message grows with the number of followed queues, idle ones included. Here a
+shared worker never names a project queue in a poll. Instead:
 
-- a *wake key* of its own: pushing to it (`wake`) ends a BRPOP in flight, so a queue the
-  worker just started following is polled at once (it needs no `CLIENT` command, which
-  many managed Redis services' ACLs refuse); newly followed queues come first in the
-  next poll;
-- following or leaving many queues at once rebuilds the cycle once (`batched`), not
-  once per queue;
-- a bounded poll: over AGENTBUS_POLL_WINDOW followed queues, each BRPOP names one
-  window of them (plus the keys below), the windows take turns, and a *bell* list that
-  producers ring when a queue goes from empty to non-empty (`active.mark_active`) puts
-  that queue in the next window, so the cost of one poll does not grow with every
-  active project;
-- `QoS.append` records a delivered message exactly as kombu does and, in the same round
-  trip, whether its project was deleted (the lifecycle guard), carried to the task in a
-  header so the task need not ask again.
+- a publish is one Lua script (`Channel._put` on the publishers' side): the lifecycle
+  guard's check, the active set's timestamp, the LPUSH of the message, and, when the
+  queue is not listed yet, its name appended to the ready list (READY_KEY; the set
+  READY_MEMBERS_KEY keeps one entry per queue) and the bell rung for a sleeping worker;
+- a shared worker's poll is one Lua script too (`TAKE`): the first message of its own
+  non-project queues (the maintenance queue), else the queue at the head of the ready
+  list gives its oldest message and goes back to the tail if it holds more (round
+  robin between projects, one message per turn); the message is recorded in kombu's
+  `unacked` hash in the same step, so a worker that dies right after the pop loses
+  nothing; a deleted project's queue (tombstoned) is purged and skipped instead;
+- with nothing to take, the worker blocks on one BRPOP over its own queues, the bell
+  and its wake key, whatever the number of active projects.
 
-`Transport._deliver` drops wake-ups and bells (they are not messages) and, for a queue
-cancelled because its project was deleted, the message kombu would otherwise put back.
+Every delivery is O(1) in the number of active projects. A message kombu puts back
+(visibility timeout, a lost worker, a reject) is listed again in the same transaction
+(`_do_restore_message`). What reaches a project queue around these scripts (a plain
+`apply_async`, a restore by kombu's own channel) is listed again by the periodic sweep
+`list_stranded` (agentbus.active.sweep_ready).
+
+A dedicated worker (and any channel not switched to the ready list) polls the kombu
+way, over its followed queues, with the BRPOP cached plus a *wake key* of its own:
+pushing to it (`wake`) ends a BRPOP in flight, so a queue just followed is polled at
+once (no `CLIENT` command, which many managed Redis services refuse).
 
 Each of these is checked against the installed kombu by `tests/agentbus/test_transport.py`
 (calling kombu's own methods). At run time the channel takes over only where it was
 tested: kombu `KOMBU_TESTED`, one priority step, no global key prefix. Anywhere else it
-is kombu's own channel, and the worker says so once at start (`check_kombu`).
+is kombu's own channel (and publishers mark the queue active in a separate step), and
+the worker says so once at start (`check_kombu`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from queue import Empty
 from time import monotonic
 
 import kombu
 from django.conf import settings
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
+from redis.exceptions import NoScriptError
 
-from . import guard
-from .queues import is_project_queue, project_id_from_queue
+from .guard import TOMBSTONE_PREFIX, project_gone, tombstone_key
+from .keys import (
+    ACTIVE_KEY,
+    READY_BELL_KEY,
+    READY_KEY,
+    READY_MEMBERS_KEY,
+    WAKE_PREFIX,
+)
+from .queues import PROJECT_QUEUE_PREFIX, is_project_queue, project_id_from_queue
 
 logger = logging.getLogger(__name__)
 
 # kombu releases whose private layout this module was checked against.
 KOMBU_TESTED = ("5.7.",)
-# Wake keys live in the bus's namespace; each worker channel has its own.
-WAKE_PREFIX = "uws:bus:wake:"
 WAKE_TTL_SECONDS = 60
-# Producers ring it with a queue's name when the queue goes from empty to non-empty.
-BELL_KEY = "uws:bus:bell"
-BELL_MAX = 4096
 # Headers a worker's channel adds to a delivered project task (read by AgentBusTask).
 GONE_HEADER = "agentbus_gone"
 CHECKED_HEADER = "agentbus_checked_at"
+# Entries of deleted or emptied queues one take may skip before it gives up.
+TAKE_SKIP_MAX = 64
 
 
 def kombu_tested() -> bool:
@@ -82,7 +97,7 @@ def check_kombu() -> bool:
         return True
     logger.warning(
         "AgentBus: kombu %s is not one of %s: polling with kombu's own channel "
-        "(no cached BRPOP, new queues wait for the BRPOP timeout)",
+        "(one BRPOP over every followed queue, no ready list)",
         kombu.__version__,
         ", ".join(f"{v}x" for v in KOMBU_TESTED),
     )
@@ -134,6 +149,12 @@ def unacked_key() -> str:
     return prefix + options.get("unacked_key", kombu_redis.Channel.unacked_key)
 
 
+def unacked_index_key() -> str:
+    options = _transport_options()
+    prefix = options.get("global_keyprefix", "") or ""
+    return prefix + options.get("unacked_index_key", kombu_redis.Channel.unacked_index_key)
+
+
 def unacked_queues(client) -> set[str]:
     """Project queues with a message delivered to a worker and not acknowledged yet
     (kombu puts those back when the worker dies)."""
@@ -148,6 +169,147 @@ def unacked_queues(client) -> set[str]:
     return queues
 
 
+# --- the scripts -------------------------------------------------------------------------
+
+# A publish to a project queue. KEYS: the queue's list, active set, tombstone, ready
+# members, ready list, bell. ARGV: message, now, queue.
+# Returns -1 (project deleted: nothing written), 1 (the queue became active) or 0.
+PUBLISH = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+local fresh = redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+redis.call('LPUSH', KEYS[1], ARGV[1])
+if redis.call('SADD', KEYS[4], ARGV[3]) == 1 then
+  redis.call('RPUSH', KEYS[5], ARGV[3])
+  if redis.call('LLEN', KEYS[6]) == 0 then redis.call('RPUSH', KEYS[6], '1') end
+end
+return fresh
+"""
+
+# List the queues that hold messages and are not listed (a restore, the sweep).
+# KEYS: ready members, ready list, bell, then `steps` list keys per queue.
+# ARGV: steps, queue names. Returns how many were listed.
+LIST_IF_WAITING = """
+local steps = tonumber(ARGV[1])
+local added = 0
+for i = 2, #ARGV do
+  local first = 4 + (i - 2) * steps
+  local waiting = 0
+  for k = first, first + steps - 1 do waiting = waiting + redis.call('LLEN', KEYS[k]) end
+  if waiting > 0 and redis.call('SADD', KEYS[1], ARGV[i]) == 1 then
+    redis.call('RPUSH', KEYS[2], ARGV[i])
+    added = added + 1
+  end
+end
+if added > 0 and redis.call('LLEN', KEYS[3]) == 0 then redis.call('RPUSH', KEYS[3], '1') end
+return added
+"""
+
+# A shared worker's poll (one priority step, no key prefix: see Channel.takes_over).
+# KEYS: ready list, ready members, bell, unacked, unacked index, then the worker's own
+# (non-project) queues. ARGV: tombstone prefix, project queue prefix, entries to skip.
+# Returns {queue, message, ready entries left, recorded} or false. The message is
+# recorded as kombu's QoS.append records a delivery (to be put back on the queue it was
+# taken from), in the same step; `recorded` 0: it had no delivery tag to record under.
+TAKE = """
+local function record(queue, payload)
+  -- The delivery tag: the last "delivery_tag" key of the message, in its properties
+  -- (kombu writes them last; the body is base64, and a quote inside a string value
+  -- is escaped, so the pattern cannot match inside one). Found without decoding.
+  local at, tag = 0, nil
+  while true do
+    local s, e = string.find(payload, '"delivery_tag": "', at + 1, true)
+    if not s then break end
+    at = e
+  end
+  if at > 0 then tag = string.sub(payload, at + 1, string.find(payload, '"', at + 1, true) - 1) end
+  if not tag then return 0 end
+  local now = redis.call('TIME')
+  redis.call('ZADD', KEYS[5], tonumber(now[1]) + tonumber(now[2]) / 1000000, tag)
+  -- Put back to the queue it was taken from (kombu's restore: nameless exchange).
+  redis.call('HSET', KEYS[4], tag, '[' .. payload .. ',"",' .. cjson.encode(queue) .. ']')
+  return 1
+end
+for k = 6, #KEYS do
+  local payload = redis.call('RPOP', KEYS[k])
+  if payload then
+    return {KEYS[k], payload, 1, record(KEYS[k], payload)}
+  end
+end
+local skip = string.len(ARGV[2])
+for _ = 1, tonumber(ARGV[3]) do
+  local queue = redis.call('LPOP', KEYS[1])
+  if not queue then
+    redis.call('DEL', KEYS[3])  -- nothing listed: no wake-up is owed
+    return false
+  end
+  local payload = false
+  if redis.call('EXISTS', ARGV[1] .. string.sub(queue, skip + 1)) == 1 then
+    redis.call('DEL', queue)
+  else
+    payload = redis.call('RPOP', queue)
+  end
+  if payload and redis.call('LLEN', queue) > 0 then
+    redis.call('RPUSH', KEYS[1], queue)
+  else
+    redis.call('SREM', KEYS[2], queue)
+  end
+  if payload then
+    local recorded = record(queue, payload)
+    local left = redis.call('LLEN', KEYS[1])
+    if left == 0 then
+      -- This worker saw the list empty: a token rung for what it just took would only
+      -- wake it (or another) for nothing.
+      redis.call('DEL', KEYS[3])
+    elseif redis.call('LLEN', KEYS[3]) == 0 then
+      redis.call('RPUSH', KEYS[3], '1')  -- more work: wake another worker that sleeps
+    end
+    return {queue, payload, left, recorded}
+  end
+end
+return false
+"""
+
+_SHA = {source: hashlib.sha1(source.encode()).hexdigest() for source in (PUBLISH, TAKE)}
+
+
+def run_script(client, source: str, keys: list, args: list):
+    """EVALSHA, loading the script when the server does not know it (first use, or a
+    restarted Redis)."""
+    sha = _SHA.get(source) or _SHA.setdefault(source, hashlib.sha1(source.encode()).hexdigest())
+    try:
+        return client.evalsha(sha, len(keys), *keys, *args)
+    except NoScriptError:
+        return client.eval(source, len(keys), *keys, *args)
+
+
+def list_if_waiting(client, queues: list[str]) -> int:
+    """List `queues` that hold messages and are not on the ready list (one round trip);
+    returns how many were listed."""
+    if not queues:
+        return 0
+    steps = len(queue_keys("x"))
+    keys = [READY_MEMBERS_KEY, READY_KEY, READY_BELL_KEY, *all_queue_keys(queues)]
+    return int(run_script(client, LIST_IF_WAITING, keys, [steps, *queues]))
+
+
+def unlist(pipe, queue: str) -> None:
+    """Take a queue off the ready list (in the caller's pipeline or transaction)."""
+    pipe.srem(READY_MEMBERS_KEY, queue)
+    pipe.lrem(READY_KEY, 0, queue)
+
+
+def publish_script_keys(queue: str) -> list[str]:
+    project_id = project_id_from_queue(queue)
+    return [
+        queue,
+        ACTIVE_KEY,
+        tombstone_key(project_id),
+        READY_MEMBERS_KEY,
+        READY_KEY,
+        READY_BELL_KEY,
+    ]
+
+
 # --- 3. the worker's poll ------------------------------------------------------------
 
 
@@ -156,10 +318,21 @@ def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
+def _command(*parts: bytes | str) -> bytes:
+    """One RESP command."""
+    encoded = [p.encode() if isinstance(p, str) else p for p in parts]
+    return b"*%d\r\n" % len(encoded) + b"".join(map(_bulk, encoded))
+
+
 class QoS(kombu_redis.QoS):
     def append(self, message, delivery_tag):
         """kombu's own record of a delivered message (unacked index and hash, one
-        pipeline), plus, for a project's task, whether the project was deleted."""
+        pipeline), plus, for a project's task, whether the project was deleted. A
+        message taken from the ready list was recorded by the take itself."""
+        recorded = self.channel._recorded
+        if delivery_tag in recorded:
+            recorded.discard(delivery_tag)
+            return virtual.QoS.append(self, message, delivery_tag)
         delivery = message.delivery_info
         exchange, routing_key = delivery["exchange"], delivery["routing_key"]
         project_id = project_id_from_queue(routing_key) if not exchange else None
@@ -168,7 +341,7 @@ class QoS(kombu_redis.QoS):
                 self.unacked_key, delivery_tag, json.dumps([message._raw, exchange, routing_key])
             )
             if project_id is not None and self.channel.takes_over:
-                pipe.exists(guard.tombstone_key(project_id))
+                pipe.exists(tombstone_key(project_id))
             replies = pipe.execute()
         if project_id is not None and self.channel.takes_over and message.headers is not None:
             message.headers[GONE_HEADER] = bool(replies[-1])
@@ -182,15 +355,22 @@ class Channel(kombu_redis.Channel):
     _version = 0
     _deferring = False
     _deferred = False
-    _window_start = 0
     _broker = None  # the kombu Connection this channel was opened on
+    # Set by `use_ready_list` (shared workers): poll the ready list, not project queues.
+    ready_mode = False
+    _idle = False  # the last take found nothing: block until the bell rings
+    _poll_kind = ""
+    # What a publish through this channel answered (PUBLISH's return), for `publish`.
+    last_put: int | None = None
 
     def __init__(self, *args, **kwargs):
         # Before kombu's own setup: basic_consume may run during it.
-        self._first: list[str] = []  # polled first: just followed, or rung
         self._active_key: tuple | None = None
         self._active_cached: list[str] = []
+        self._own_queues: list[str] = []  # followed queues that are not a project's
         self._packed_keys: dict[str, bytes] = {}
+        self._take_command: bytes | None = None
+        self._recorded: set[str] = set()  # delivery tags the take recorded in unacked
         super().__init__(*args, **kwargs)
         self._broker = self.connection.client  # see _connparams
 
@@ -216,7 +396,7 @@ class Channel(kombu_redis.Channel):
 
     @property
     def takes_over(self) -> bool:
-        """Whether this channel polls its own way (else it is kombu's own)."""
+        """Whether this channel polls and publishes its own way (else it is kombu's own)."""
         steps = self.priority_steps
         return (
             kombu_tested()
@@ -231,6 +411,37 @@ class Channel(kombu_redis.Channel):
             self._wake_key = f"{WAKE_PREFIX}{uuid.uuid4().hex}"
         return self._wake_key
 
+    # --- publishing -------------------------------------------------------------------------
+
+    def _put(self, queue, message, **kwargs):
+        """A message for a project queue: kombu's LPUSH inside the PUBLISH script (the
+        guard, the active set, the ready list, in one round trip)."""
+        self.last_put = None
+        if (
+            kwargs.get("_publish_batch") is not None
+            or not self.takes_over
+            or not is_project_queue(queue)
+            or queue in self._expires
+        ):
+            return super()._put(queue, message, **kwargs)
+        with self.conn_or_acquire() as client:
+            self.last_put = int(
+                run_script(
+                    client,
+                    PUBLISH,
+                    publish_script_keys(queue),
+                    [json.dumps(message), time.time(), queue],
+                )
+            )
+
+    def _do_restore_message(self, payload, exchange, routing_key, pipe, leftmost=False):
+        """kombu's own, plus listing the queue on the ready list in the same
+        transaction: a message put back is never left where no worker looks."""
+        super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
+        if not exchange and routing_key and is_project_queue(routing_key) and self.takes_over:
+            keys = [READY_MEMBERS_KEY, READY_KEY, READY_BELL_KEY, *queue_keys(routing_key)]
+            pipe.eval(LIST_IF_WAITING, len(keys), *keys, 1, routing_key)
+
     # --- the followed queues and their cycle ------------------------------------------------
 
     @property
@@ -244,6 +455,8 @@ class Channel(kombu_redis.Channel):
             packed = self._packed_keys
             self._packed_keys = {q: packed.get(q) or _bulk(q.encode()) for q in active}
             self._active_cached = active
+            self._own_queues = [q for q in active if not is_project_queue(q)]
+            self._take_command = None
             self._active_key = key
         return self._active_cached
 
@@ -273,70 +486,153 @@ class Channel(kombu_redis.Channel):
             # One more queue: extend the cached list instead of rebuilding it.
             self._active_cached.append(queue)
             self._packed_keys[queue] = _bulk(queue.encode())
+            if not is_project_queue(queue):
+                self._own_queues.append(queue)
+                self._take_command = None
             self._active_key = self._snapshot_key()
-        self._first.append(queue)  # a new queue is polled first: its task may be waiting
         return ret
 
     def _snapshot_key(self) -> tuple:
         return (self._version, len(self._active_queues), len(self.active_fanout_queues))
 
-    def prioritise(self, queue: str) -> None:
-        if queue in self._packed_keys:
-            self._first.append(queue)
-
     # --- polling ---------------------------------------------------------------------------
 
-    def _poll_keys(self) -> tuple[list[str], float]:
-        """The queues of the next BRPOP, and its timeout."""
-        self.active_queues  # noqa: B018  (refreshes the packed keys if the queues changed)
-        items = self._queue_cycle.items
-        window = settings.AGENTBUS_POLL_WINDOW
-        first = [q for q in dict.fromkeys(self._first) if q in self._packed_keys][:window]
-        self._first.clear()
-        if len(items) <= window:
-            if not first:
-                return list(items), self.brpop_timeout
-            chosen = set(first)
-            return first + [q for q in items if q not in chosen], self.brpop_timeout
-        start = self._window_start % len(items)
-        turn = items[start : start + window]
-        if len(turn) < window:
-            turn += items[: window - len(turn)]
-        self._window_start = start + window
-        chosen = set(first)
-        # The other windows wait their turn: a short block, so it comes round quickly.
-        return first + [q for q in turn if q not in chosen], settings.AGENTBUS_POLL_WINDOW_TIMEOUT
+    def use_ready_list(self) -> bool:
+        """Poll the ready list instead of the followed project queues (a shared worker).
+        Returns False where the channel is kombu's own."""
+        if not self.takes_over:
+            return False
+        self._load_take()
+        self.ready_mode = True
+        self._idle = False
+        return True
+
+    def _load_take(self) -> None:
+        with self.conn_or_acquire() as client:
+            client.script_load(TAKE)
 
     def _brpop_start(self, timeout=None):
         if not self.takes_over:
             return super()._brpop_start(timeout)
         if not self.active_queues:
             return
-        queues, window_timeout = self._poll_keys()
-        if timeout is None:
-            timeout = window_timeout
+        if self.ready_mode:
+            return self._ready_start(timeout)
+        queues = self._queue_cycle.items
         packed = self._packed_keys
         try:
             keys = b"".join(map(packed.__getitem__, queues))
         except KeyError:  # a queue the cache does not know: be kombu
             return super()._brpop_start(timeout)
-        extra = [self.wake_key]
-        if len(self._queue_cycle.items) > settings.AGENTBUS_POLL_WINDOW:
-            extra.insert(0, BELL_KEY)
-        # kombu's command (BRPOP <queue key>... <timeout>) with our keys last, so a message
-        # waiting in a queue always wins over a wake-up or a bell.
+        if timeout is None:
+            timeout = self.brpop_timeout
+        # kombu's command (BRPOP <queue key>... <timeout>) with the wake key last, so a
+        # message waiting in a queue always wins over a wake-up.
         command = b"".join(
             [
-                b"*%d\r\n$5\r\nBRPOP\r\n" % (len(queues) + len(extra) + 2),
+                b"*%d\r\n$5\r\nBRPOP\r\n" % (len(queues) + 3),
                 keys,
-                *(_bulk(k.encode()) for k in extra),
+                _bulk(self.wake_key.encode()),
                 _bulk(str(timeout or 0).encode()),
             ]
         )
+        self._send_poll(command, "BRPOP")
+
+    def _ready_start(self, timeout=None) -> None:
+        if self._idle:
+            # Nothing to take: sleep on our own queues, the bell and the wake key.
+            if timeout is None:
+                timeout = self.brpop_timeout
+            keys = [*self._own_queues, READY_BELL_KEY, self.wake_key]
+            self._send_poll(_command("BRPOP", *keys, str(timeout or 0)), "BRPOP")
+            return
+        if self._take_command is None:
+            keys = [
+                READY_KEY,
+                READY_MEMBERS_KEY,
+                READY_BELL_KEY,
+                self.unacked_key,
+                self.unacked_index_key,
+                *self._own_queues,
+            ]
+            args = [TOMBSTONE_PREFIX, PROJECT_QUEUE_PREFIX, str(TAKE_SKIP_MAX)]
+            self._take_command = _command("EVALSHA", _SHA[TAKE], str(len(keys)), *keys, *args)
+        self._send_poll(self._take_command, "EVALSHA")
+
+    def _send_poll(self, command: bytes, kind: str) -> None:
         connection = self.client.connection
         self._in_poll = connection
+        self._poll_kind = kind
         self._brpop_sent_at = monotonic()
         connection.send_packed_command([command])
+
+    def _brpop_read(self, **options):
+        if not (self.ready_mode and self.takes_over):
+            return super()._brpop_read(**options)
+        kind = self._poll_kind
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection, kind, **options)
+            except self.connection_errors:
+                self.client.connection.disconnect()
+                raise
+            except NoScriptError:
+                self._load_take()  # a restarted (or flushed) Redis: load it again
+                raise Empty() from None
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+        if kind == "EVALSHA":
+            return self._on_take(reply)
+        if not reply:  # the BRPOP timed out: take once (costs nothing if still empty)
+            self._idle = False
+            raise Empty()
+        key, item = bytes_to_str(reply[0]), reply[1]
+        self._idle = False
+        if key == READY_BELL_KEY or key.startswith(WAKE_PREFIX):
+            raise Empty()
+        self.connection._deliver(json.loads(bytes_to_str(item)), key)  # one of our queues
+        return True
+
+    def _on_take(self, reply):
+        if not reply:
+            self._idle = True
+            raise Empty()
+        queue, payload, left = bytes_to_str(reply[0]), bytes_to_str(reply[1]), int(reply[2])
+        recorded = bool(int(reply[3]))
+        self._idle = left == 0
+        message = json.loads(payload)
+        tag = message["properties"]["delivery_tag"]
+        headers = message.get("headers")
+        if isinstance(headers, dict) and is_project_queue(queue):
+            # The take checked the tombstone in the same step as the pop.
+            headers[GONE_HEADER] = False
+            headers[CHECKED_HEADER] = time.time()
+        callback = self.connection._callbacks.get(queue) or self._any_callback()
+        if callback is None:  # nothing consumes on this channel any more: put it back
+            if recorded:
+                self.qos.restore_by_tag(tag, leftmost=True)
+            else:
+                with self.conn_or_acquire() as client:
+                    client.rpush(queue, payload)  # the end its next pop takes from
+                    if is_project_queue(queue):
+                        list_if_waiting(client, [queue])
+            raise Empty()
+        if recorded:
+            self._recorded.add(tag)
+        callback(message)
+        return True
+
+    def _any_callback(self):
+        """The delivery callback of this channel's consumer: a project queue not
+        followed yet (its follow is on the way) is delivered through it, as every queue
+        of one Celery consumer is."""
+        callbacks = self.connection._callbacks
+        for queue in self._own_queues or self._active_queues:
+            callback = callbacks.get(queue)
+            if callback is not None:
+                return callback
+        return None
 
     def wake(self) -> bool:
         """End the BRPOP in flight (if any) so the next one includes queues just added.
@@ -369,12 +665,6 @@ class Transport(kombu_redis.Transport):
     def _deliver(self, message, queue):
         if queue and queue.startswith(WAKE_PREFIX):
             return  # a wake-up, not a message: the poll starts again with every queue
-        if queue == BELL_KEY:
-            # A queue went from empty to non-empty: poll it next (`message` is its name).
-            for channel in self.channels:
-                if isinstance(message, str) and hasattr(channel, "prioritise"):
-                    channel.prioritise(message)
-            return
         # A BRPOP sent before a consumer was cancelled can still return a message of that
         # queue; kombu then puts it back. When the queue was cancelled because its
         # project was deleted, the message would only wait for the reaper's purge (its
@@ -387,12 +677,19 @@ class Transport(kombu_redis.Transport):
 
 def _deleted_project_queue(queue: str) -> bool:
     project_id = project_id_from_queue(queue)
-    return project_id is not None and guard.project_gone(project_id)
+    return project_id is not None and project_gone(project_id)
 
 
 def wake(channel) -> bool:
     """Wake a worker channel's poll (see `Channel.wake`); False if it cannot be woken."""
     method = getattr(channel, "wake", None)
+    return bool(method()) if method is not None else False
+
+
+def use_ready_list(channel) -> bool:
+    """Switch a worker's task channel to the ready list (`Channel.use_ready_list`);
+    False where it is kombu's own channel."""
+    method = getattr(channel, "use_ready_list", None)
     return bool(method()) if method is not None else False
 
 

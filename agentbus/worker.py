@@ -12,6 +12,12 @@ A worker runs in one of two modes:
 - **dedicated** (`celery -A config worker -Q uws.project.<hex>`): consumes its -Q
   queues only and ignores the active set and the broadcasts.
 
+A shared worker takes project tasks from the ready list (agentbus.transport): no poll
+names a project queue, so following one is what operators see (`inspect
+active_queues`, Flower) and what kombu's own channel would poll, never what delivers.
+Newly active queues are therefore followed just after their first task, and thousands
+at worker start a step at a time once the worker polls.
+
 The mode follows from -Q: naming any project queue makes the worker dedicated. The
 worker option `--agentbus-mode {auto,shared,dedicated}` overrides it.
 
@@ -34,13 +40,27 @@ from celery.worker.control import control_command, inspect_command, ok
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from . import active, transport
+from .active import (
+    FOLLOW_COMMAND,
+    STATUS_COMMAND,
+    UNFOLLOW_COMMAND,
+    active_among,
+    active_queues,
+    sweep_ready,
+    worker_alive,
+    worker_connected,
+    worker_gone,
+)
 from .queues import direct_queue, is_project_queue
+from .transport import batched, check_kombu, use_ready_list, wake
 
 logger = logging.getLogger(__name__)
 
 SHARED = "shared"
 DEDICATED = "dedicated"
+# With the ready list, at most this many newly active queues are followed per step.
+FOLLOW_STEP = 1000
+FOLLOW_DELAY_SECONDS = 0.2
 
 
 class AgentBusConsumer(bootsteps.StartStopStep):
@@ -57,9 +77,10 @@ class AgentBusConsumer(bootsteps.StartStopStep):
         self.timer_ref = None
         self.heartbeat_ref = None
         self.reconciled_at: float | None = None
+        self.ready_list = False
         c.agentbus = self
         check_visibility_timeout()
-        transport.check_kombu()
+        check_kombu()
 
     # --- lifecycle (start runs again after every broker reconnection) -------------
     def start(self, c):
@@ -67,7 +88,7 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             self.mode = self._decide_mode(c)
             logger.info("AgentBus: %s worker", self.mode)
         try:
-            active.worker_connected(c.hostname, mode=self.mode)
+            worker_connected(c.hostname, mode=self.mode)
         except Exception:
             logger.debug("AgentBus: heartbeat failed", exc_info=True)
         if self.heartbeat_ref is None:
@@ -76,7 +97,15 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             )
         if self.mode != SHARED:
             return
-        self.reconcile(c)
+        # Take project tasks from the ready list: no poll names a project queue.
+        self.ready_list = use_ready_list(c.task_consumer.channel) if c.task_consumer else False
+        if self.ready_list:
+            # Delivery does not wait for following (the ready list names the queue), so
+            # thousands of active queues are followed a step at a time once the worker
+            # polls, not before its first task.
+            c.timer.call_after(0, self._follow_in_steps, (c,), priority=10)
+        else:
+            self.reconcile(c)
         if self.timer_ref is None:
             self.timer_ref = c.timer.call_repeatedly(
                 settings.AGENTBUS_RECONCILE_SECONDS, self._reconcile_safely, (c,), priority=10
@@ -91,13 +120,13 @@ class AgentBusConsumer(bootsteps.StartStopStep):
     def shutdown(self, c):
         self.stop(c)
         try:
-            active.worker_gone(c.hostname)
+            worker_gone(c.hostname)
         except Exception:
             logger.debug("AgentBus: could not say goodbye", exc_info=True)
 
     def _heartbeat_safely(self, c) -> None:
         try:
-            active.worker_alive(c.hostname, mode=self.mode or "")
+            worker_alive(c.hostname, mode=self.mode or "")
         except Exception:
             logger.debug("AgentBus: heartbeat failed", exc_info=True)
 
@@ -114,14 +143,30 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             return set()
         return {q.name for q in c.task_consumer.queues if is_project_queue(q.name)}
 
-    def reconcile(self, c) -> None:
+    def reconcile(self, c) -> bool:
+        """Converge on the active set; with the ready list, at most FOLLOW_STEP new
+        queues a call. Returns whether queues are left to follow."""
         if c.task_consumer is None:
-            return
-        wanted = set(active.active_queues())
+            return False
+        wanted = set(active_queues())
         followed = self.followed(c)
         self.unfollow(c, followed - wanted)
-        self.follow(c, wanted - followed)
+        missing = sorted(wanted - followed)
+        now = missing[:FOLLOW_STEP] if self.ready_list else missing
+        self.follow(c, now)
         self.reconciled_at = time.time()
+        if self.ready_list:
+            sweep_ready()
+        return len(now) < len(missing)
+
+    def _follow_in_steps(self, c) -> None:
+        try:
+            more = self.reconcile(c)
+        except Exception:
+            logger.warning("AgentBus: reconcile failed", exc_info=True)
+            return  # the periodic reconcile goes on
+        if more:
+            c.timer.call_after(0.01, self._follow_in_steps, (c,), priority=10)
 
     def _reconcile_safely(self, c) -> None:
         try:
@@ -142,12 +187,14 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             cset.add_queue(table.select_add(direct_queue(name)))
             added.append(name)
         if added:
-            with transport.batched(cset.channel):
+            with batched(cset.channel):
                 cset.consume()
             logger.info("AgentBus: following %d more queue(s): %s", len(added), added[:5])
-            # A BRPOP already waiting does not include the new queues: cut it short.
+            # A BRPOP already waiting does not include the new queues: cut it short
+            # (with the ready list no poll names them: nothing to cut short).
             try:
-                transport.wake(cset.channel)
+                if not self.ready_list:
+                    wake(cset.channel)
             except Exception:
                 logger.debug("AgentBus: could not wake the poll", exc_info=True)
         return added
@@ -158,7 +205,7 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             return []
         table = c.app.amqp.queues
         removed = []
-        with transport.batched(cset.channel):
+        with batched(cset.channel):
             for name in sorted(queues):
                 table.deselect(name)
                 if cset.consuming_from(name):
@@ -206,7 +253,7 @@ def _queue_list(queues, queue) -> list[str]:
     return [n for n in names if is_project_queue(n)]
 
 
-@control_command(name=active.FOLLOW_COMMAND, args=[("queue", str)], signature="<queue>")
+@control_command(name=FOLLOW_COMMAND, args=[("queue", str)], signature="<queue>")
 def agentbus_follow(state, queues=None, queue=None, **_):
     """Shared AgentBus workers: start consuming project queues that are active."""
     step = _shared_step(state)
@@ -214,12 +261,25 @@ def agentbus_follow(state, queues=None, queue=None, **_):
     if step is None or not names:
         return ok("ignored")
     consumer = state.consumer
-    wanted = active.active_among(names)
-    consumer.call_soon(step.follow, consumer, wanted)
+    wanted = active_among(names)
+    if step.ready_list:
+        # Following is for operators' eyes only (the ready list delivers): done a moment
+        # later, off the path of the queue's first task, which is arriving now; the
+        # active set is asked again then (an unfollow may have come in between).
+        consumer.timer.call_after(FOLLOW_DELAY_SECONDS, _follow_if_active, (step, consumer, wanted))
+    else:
+        consumer.call_soon(step.follow, consumer, wanted)
     return ok(f"following {len(wanted)} queue(s)")
 
 
-@control_command(name=active.UNFOLLOW_COMMAND, args=[("queue", str)], signature="<queue>")
+def _follow_if_active(step, consumer, names) -> None:
+    try:
+        step.follow(consumer, active_among(names))
+    except Exception:
+        logger.warning("AgentBus: follow failed", exc_info=True)  # reconcile repairs it
+
+
+@control_command(name=UNFOLLOW_COMMAND, args=[("queue", str)], signature="<queue>")
 def agentbus_unfollow(state, queues=None, queue=None, **_):
     """Shared AgentBus workers: stop consuming project queues that are not active."""
     step = _shared_step(state)
@@ -228,12 +288,12 @@ def agentbus_unfollow(state, queues=None, queue=None, **_):
         return ok("ignored")
     consumer = state.consumer
     # A queue re-activated since the retirement stays followed.
-    gone = set(names) - active.active_among(names)
+    gone = set(names) - active_among(names)
     consumer.call_soon(step.unfollow, consumer, gone)
     return ok(f"leaving {len(gone)} queue(s)")
 
 
-@inspect_command(name=active.STATUS_COMMAND)
+@inspect_command(name=STATUS_COMMAND)
 def agentbus_status(state, **_):
     """The worker's AgentBus mode, the project queues it follows, its broker transport."""
     consumer = state.consumer
@@ -249,4 +309,5 @@ def agentbus_status(state, **_):
             f"{transport_cls.__module__}.{transport_cls.__qualname__}" if transport_cls else None
         ),
         "cached_poll": bool(getattr(channel, "takes_over", False)),
+        "ready_list": bool(getattr(channel, "ready_mode", False)),
     }

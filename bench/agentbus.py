@@ -1,31 +1,37 @@
-"""AgentBus benchmark, end to end: what users of the bus get against plain Celery.
+"""AgentBus benchmark, end to end, under the traffic shapes users have, against plain Celery.
 
-    REDIS_URL=redis://127.0.0.1:6379/13 .venv/bin/python bench/agentbus.py [--rounds 3]
+    bin/with-redis --ephemeral -- .venv/bin/python bench/agentbus.py \
+        [--shapes even,sparse,zipf,burst] [--n 100,1000,10000] [--workers lean,procfile] \
+        [--rounds 3] [--tasks 5000] [--burst 10000] [--no-start]
 
 Real Redis (REDIS_URL; the bench FLUSHES that database, so give it one of its own),
-real worker processes started the way the Procfile starts them, and the publisher
-running while the worker consumes (nothing is queued ahead).
+real worker processes, and the publisher running while the worker consumes.
 
-1. Throughput: N no-op tasks published as fast as one publisher thread can while one
-   worker (prefork, 2 processes) consumes them; tasks/s from the first publish to the
-   last task's end. Each round runs every configuration paired with a plain Celery
-   baseline (a plain task, one queue, kombu's own channel, a worker started the same
-   way) right before it; the table gives the per-round ratio to that baseline as
-   min / median / max over the rounds.
-   - lean: `--loglevel=WARNING`, task events off;
-   - Procfile: the Procfile's worker line as it is (`--loglevel=INFO`, task events on,
-     `-Q uws.maintenance`);
-   - bus with 1, 100 and 1,000 active projects (tasks spread over their queues), and
-     100 active right after 10,000 workspaces were initialised through the real code
-     (projects that exist, `get_worker_space`), as a platform sees after a busy hour.
-2. Worker start: a worker started while 10,000 projects are active, from process
-   start to its first task (the task published at once), against the same with none
-   active.
-3. Cold first task while following 10,000 queues: publish to a project never seen,
-   to the task's start (the queue is marked active, announced, followed, polled).
+1. Throughput per traffic shape, with N projects active (the shared worker follows N
+   queues): `even` (tasks spread over all N), `sparse` (over 100 of the N, the rest
+   idle), `zipf` (project k gets a share proportional to 1/k^1.1), and `burst` (one
+   project publishes a backlog of --burst tasks, then others trickle 50 tasks/s while
+   what is left of it drains; "idle" is the same trickle with no backlog). One
+   publisher thread sends --tasks no-op tasks as fast as it can; tasks/s from the first
+   publish to the last task's end. Each configuration is paired, in the same round,
+   with plain Celery on one queue (a plain task, kombu's own channel, a worker started
+   the same way, the same sequence of tasks); the table gives the per-round ratio as
+   min / median / max over the rounds, and the 1-minute load average after each round.
+   Waits (publish to task start) are of the small projects' tasks: in zipf the projects
+   ranked below 10, in burst the trickle, measured also with no burst ("idle").
+   Worker styles (each setting named here):
+   - lean: prefork -c 2, `--loglevel=WARNING --without-mingle --without-gossip
+     --without-heartbeat`, task events off;
+   - procfile: the Procfile's worker line as it is (`--pool=threads`, its concurrency,
+     `--loglevel=INFO`, its flags), with the settings' defaults (events, per-task log).
+2. Worker start: a lean worker started while 10,000 projects are active, from process
+   start to its first task (the task published at once).
+3. Cold first task while following 10,000 queues: publish to a project never seen, to
+   the task's start.
 
-Not measured here: real agent work (see bench/chat.py and bench/concurrency.py), more
-than one worker, and a Redis on another host (loopback round trips are ~50 us).
+The machine may be shared: compare the ratios, which are paired in the same round, not
+the absolute rates. Not measured here: real agent work (bench/chat.py,
+bench/concurrency.py), more than one worker, a Redis on another host.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import random
+import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -62,50 +71,77 @@ from agentbus.active import mark_active  # noqa: E402
 from common.redis import get_redis  # noqa: E402
 
 DONE = "bench:done"
-FIRST = "bench:first"
 LAST = "bench:last"
 STARTS = "bench:starts"
+WAITS = "bench:waits"
 BASELINE_QUEUE = "bench.baseline"
+SHAPES = ("even", "sparse", "zipf", "burst")
+# Settings given to the Procfile-style workers (--procfile-env), e.g. events back on.
+PROCFILE_ENV: dict[str, str] = {}
+SPARSE_BUSY = 100
+ZIPF_S = 1.1
+ZIPF_SMALL_RANK = 10  # zipf: projects ranked below this are the "small" ones
+TRICKLE_PER_SECOND = 50
 
 
-def _finish(tag: str | None, of: int) -> None:
-    """What a benchmark task does: one INCR, and a timestamp for the last of a run of
-    `of` tasks (or, for a measured task, when it started)."""
+def _finish(tag: str | None, of: int, sent: float | None) -> None:
+    """What a benchmark task does: one INCR and a timestamp for the last of a run of
+    `of` tasks; a small project's task also records its wait; a measured task (`tag`)
+    records when it started."""
     client = get_redis()
     if tag:
         client.hset(STARTS, tag, time.time())
         return
-    if client.incr(DONE) == of:
+    if sent is not None:
+        client.rpush(WAITS, time.time() - sent)
+    if of and client.incr(DONE) == of:
         client.set(LAST, time.time())
 
 
 @shared_task(name="bench.noop", ignore_result=True)
-def noop(tag: str | None = None, of: int = 0) -> None:
-    _finish(tag, of)
+def noop(tag: str | None = None, of: int = 0, sent: float | None = None) -> None:
+    _finish(tag, of, sent)
 
 
 @shared_task(base=AgentBusTask, bind=True, name="bench.agent_noop", ignore_result=True)
-def agent_noop(self, *, project_id: str, tag: str | None = None, of: int = 0) -> None:
-    _finish(tag, of)
+def agent_noop(
+    self, *, project_id: str, tag: str | None = None, of: int = 0, sent: float | None = None
+) -> None:
+    _finish(tag, of, sent)
 
 
 # --- workers ----------------------------------------------------------------------------------
 
-PROCFILE_WORKER = ["--loglevel=INFO", "--concurrency=2", "-Q", "uws.maintenance"]
 LEAN_WORKER = [
     "--loglevel=WARNING", "--concurrency=2", "-Q", "uws.maintenance",
     "--without-mingle", "--without-gossip", "--without-heartbeat",
 ]  # fmt: skip
 
 
+def procfile_worker() -> list[str]:
+    """The Procfile's worker line: its arguments after `celery -A config worker`, with
+    ${VAR:-default} expanded from the environment."""
+    line = next(x for x in (ROOT / "Procfile").read_text().splitlines() if x.startswith("worker:"))
+    line = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: os.environ.get(m.group(1), m.group(2)), line)
+    words = shlex.split(line.split(":", 1)[1])
+    return words[words.index("worker") + 1 :]
+
+
 class Worker:
     """A `celery -A config worker` process; `style` is "procfile" or "lean"."""
 
     def __init__(self, style: str, *, baseline: bool = False, log: Path | None = None):
-        args = list(PROCFILE_WORKER if style == "procfile" else LEAN_WORKER)
+        args = procfile_worker() if style == "procfile" else list(LEAN_WORKER)
         # The worker imports this file as `bench.agentbus` (`agentbus` is the app).
         env = dict(os.environ, PYTHONPATH=str(ROOT), REMAP_SIGTERM="SIGQUIT")
-        env["CELERY_WORKER_SEND_TASK_EVENTS"] = "true" if style == "procfile" else "false"
+        if style == "procfile":
+            # The settings' defaults, as `make run` has them.
+            for name in ("CELERY_WORKER_SEND_TASK_EVENTS", "WORKER_LOG_EACH_TASK"):
+                env.pop(name, None)
+            env["LOG_LEVEL"] = "INFO"
+            env.update(PROCFILE_ENV)
+        else:
+            env["CELERY_WORKER_SEND_TASK_EVENTS"] = "false"
         if baseline:  # plain Celery: its own queue, kombu's own Redis channel
             args[args.index("-Q") + 1] = BASELINE_QUEUE
             args += ["--agentbus-mode", "dedicated"]
@@ -130,7 +166,7 @@ def wait_until(predicate, timeout: float, what: str):
         value = predicate()
         if value:
             return value
-        time.sleep(0.005)
+        time.sleep(0.001)
     raise SystemExit(f"timed out waiting for {what}")
 
 
@@ -150,36 +186,15 @@ def timed_task(project_id: uuid.UUID | None, timeout: float = 60) -> float:
     return float(started) - sent
 
 
-# --- 1. throughput ----------------------------------------------------------------------------
+def activate(projects: list[uuid.UUID]) -> None:
+    """Mark projects active as publishing would, in pipelines (setup, not measured)."""
+    from agentbus.keys import ACTIVE_KEY
+    from agentbus.queues import project_queue
 
-
-def throughput(style: str, total: int, active: int | None, *, workspaces: int = 0) -> float:
-    """Tasks/s with the publisher and the worker running together. `active` None is the
-    plain Celery baseline; `workspaces` initialises that many real workspaces first."""
-    fresh_db()
-    if workspaces:
-        initialise_workspaces(workspaces)
-    projects = [uuid.uuid4() for _ in range(active or 0)]
-    for project in projects:
-        mark_active(project)
-    worker = Worker(style, baseline=active is None)
-    try:
-        # Warm: the worker is up and follows every queue before the clock starts.
-        for project in projects[:1] or [None]:
-            timed_task(project)
-        if projects:
-            wait_until(lambda: worker_follows(len(projects)), 60, "the worker following")
-        get_redis().delete(DONE, LAST)
-        first = time.time()
-        for i in range(total):
-            if projects:
-                publish(agent_noop, project_id=projects[i % len(projects)], kwargs={"of": total})
-            else:
-                noop.apply_async(kwargs={"of": total}, queue=BASELINE_QUEUE)
-        last = float(wait_until(lambda: get_redis().get(LAST), 600, "the run to finish"))
-    finally:
-        worker.stop()
-    return total / (last - first)
+    client = get_redis()
+    now = time.time()
+    for i in range(0, len(projects), 5000):
+        client.zadd(ACTIVE_KEY, {project_queue(p): now for p in projects[i : i + 5000]})
 
 
 def worker_follows(n: int) -> bool:
@@ -195,24 +210,96 @@ def worker_follows(n: int) -> bool:
     return False
 
 
-def initialise_workspaces(n: int) -> None:
-    """n projects that exist, each with one agent, and their workspaces initialised by
-    the real code (what first use does)."""
-    from django.contrib.auth import get_user_model
+# --- 1. throughput by shape --------------------------------------------------------------------
 
-    from agents.models import Agent
-    from projects.models import Project
-    from workspaces.manager import get_worker_space, get_worker_space_manager
 
-    owner, _ = get_user_model().objects.get_or_create(username="bench-owner")
-    Project.objects.filter(owner=owner).delete()
-    projects = Project.objects.bulk_create(
-        Project(owner=owner, name=f"bench {i}") for i in range(n)
-    )
-    Agent.objects.bulk_create(Agent(project=p, name="a", model="offline") for p in projects)
-    for project in projects:
-        get_worker_space(user_id=owner.pk, project_id=project.id)
-    get_worker_space_manager().forget_all_unsafe()
+def sequence(shape: str, n: int, total: int, seed: int) -> tuple[list[int], set[int]]:
+    """Which project (index among n) each task goes to, and which indexes are "small"."""
+    rng = random.Random(seed)
+    if shape == "even":
+        return [i % n for i in range(total)], set()
+    if shape == "sparse":
+        busy = min(SPARSE_BUSY, n)
+        return [i % busy for i in range(total)], set()
+    if shape == "zipf":
+        weights = [1 / (k + 1) ** ZIPF_S for k in range(n)]
+        return rng.choices(range(n), weights=weights, k=total), set(range(ZIPF_SMALL_RANK, n))
+    raise ValueError(shape)
+
+
+class Run:
+    def __init__(self, rate: float, waits: list[float], idle_waits: list[float] | None = None):
+        self.rate, self.waits, self.idle_waits = rate, waits, idle_waits
+
+
+def _send(projects, index: int, of: int, sent: float | None) -> None:
+    kwargs = {"of": of, "sent": sent}
+    if projects:
+        publish(agent_noop, project_id=projects[index], kwargs=kwargs)
+    else:
+        noop.apply_async(kwargs=kwargs, queue=BASELINE_QUEUE)
+
+
+def throughput(style: str, shape: str, n: int, total: int, *, baseline: bool, burst: int) -> Run:
+    """One run: tasks/s and the small projects' waits. `baseline`: plain Celery, every
+    task on one queue in the same order."""
+    fresh_db()
+    projects = [uuid.uuid4() for _ in range(n)]
+    if not baseline:
+        activate(projects)
+    worker = Worker(style, baseline=baseline)
+    sendto = None if baseline else projects
+    try:
+        timed_task(None if baseline else projects[0], timeout=120)  # the worker is up
+        if not baseline:
+            wait_until(lambda: worker_follows(n), 120, "the worker following")
+        if shape == "burst":
+            return _burst(sendto, n, burst)
+        order, small = sequence(shape, n, total, seed=n)
+        get_redis().delete(DONE, LAST, WAITS)
+        first = time.time()
+        for index in order:
+            _send(sendto, index, total, time.time() if index in small else None)
+        last = float(wait_until(lambda: get_redis().get(LAST), 600, "the run to finish"))
+        return Run(total / (last - first), _waits())
+    finally:
+        worker.stop()
+
+
+def _waits() -> list[float]:
+    return [float(w) for w in get_redis().lrange(WAITS, 0, -1)]
+
+
+def _trickle(sendto, n: int, until) -> int:
+    """Small projects (every one but the first) each sending a task now and then, from
+    this thread (no other publisher competes for it), until `until()`. Returns how many."""
+    rng = random.Random(7)
+    sent = 0
+    while not until():
+        _send(sendto, rng.randrange(1, n) if n > 1 else 0, 0, time.time())
+        sent += 1
+        time.sleep(1 / TRICKLE_PER_SECOND)
+    return sent
+
+
+def _burst(sendto, n: int, burst: int) -> Run:
+    client = get_redis()
+    # Idle: the trickle alone, for two seconds.
+    client.delete(WAITS)
+    stop_at = time.monotonic() + 2
+    count = _trickle(sendto, n, lambda: time.monotonic() > stop_at)
+    wait_until(lambda: client.llen(WAITS) >= count, 60, "the idle trickle")
+    idle = _waits()
+    # The burst: one project publishes its backlog as fast as it can, then the others
+    # trickle while what is left of it drains.
+    client.delete(DONE, LAST, WAITS)
+    first = time.time()
+    for _ in range(burst):
+        _send(sendto, 0, burst, None)
+    count = _trickle(sendto, n, lambda: client.get(LAST))
+    last = float(wait_until(lambda: client.get(LAST), 900, "the backlog to drain"))
+    wait_until(lambda: client.llen(WAITS) >= count, 120, "the trickle")
+    return Run(burst / (last - first), _waits(), idle)
 
 
 # --- 2. worker start and 3. cold first task ----------------------------------------------------
@@ -224,14 +311,7 @@ def worker_start(active: int, samples: int) -> list[float]:
     for _ in range(samples):
         fresh_db()
         projects = [uuid.uuid4() for _ in range(active)]
-        pipe = get_redis().pipeline(transaction=False)
-        from agentbus.active import ACTIVE_KEY
-        from agentbus.queues import project_queue
-
-        now = time.time()
-        for project in projects:
-            pipe.zadd(ACTIVE_KEY, {project_queue(project): now})
-        pipe.execute()
+        activate(projects)
         target = projects[len(projects) // 2] if projects else uuid.uuid4()
         worker = Worker("lean")
         try:
@@ -246,15 +326,22 @@ def worker_start(active: int, samples: int) -> list[float]:
     return times
 
 
-def cold_start(followed: int, samples: int) -> list[float]:
+def cold_start(followed: int, samples: int) -> tuple[list[float], list[float]]:
+    """A task of a project never seen (announced, followed), and, for reference in the
+    same conditions, a task of a project already followed and idle."""
     fresh_db()
-    for _ in range(followed):
-        mark_active(uuid.uuid4())
+    projects = [uuid.uuid4() for _ in range(followed)]
+    for project in projects:
+        mark_active(project)
     worker = Worker("lean")
     try:
         timed_task(uuid.uuid4(), timeout=120)  # the worker is up and polling
         wait_until(lambda: worker_follows(followed), 120, "the worker following")
-        return [timed_task(uuid.uuid4()) for _ in range(samples)]
+        cold, warm = [], []
+        for i in range(samples):
+            cold.append(timed_task(uuid.uuid4()))
+            warm.append(timed_task(projects[i]))
+        return cold, warm
     finally:
         worker.stop()
 
@@ -267,67 +354,115 @@ def spread(values: list[float], fmt: str = "{:.2f}") -> str:
 
 
 def pct(values: list[float], q: int) -> float:
+    if len(values) < 2:
+        return values[0] if values else float("nan")
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def ms(values: list[float]) -> str:
+    if not values:
+        return "—"
+    return f"{pct(values, 50) * 1e3:.1f} / {pct(values, 99) * 1e3:.1f}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=5000, help="tasks per throughput run")
+    parser.add_argument("--burst", type=int, default=10_000, help="the burst's backlog")
     parser.add_argument("--rounds", type=int, default=3, help="paired rounds per configuration")
-    parser.add_argument("--workspaces", type=int, default=10_000)
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--n", default="100,1000,10000", help="active projects")
+    parser.add_argument("--workers", default="lean,procfile", help="worker styles")
+    parser.add_argument("--no-start", action="store_true", help="skip worker start, cold task")
+    parser.add_argument(
+        "--procfile-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the Procfile-style workers (e.g. CELERY_WORKER_SEND_TASK_EVENTS=true)",
+    )
+    parser.add_argument("--start-only", action="store_true", help="only worker start, cold task")
     opts = parser.parse_args()
+    PROCFILE_ENV.update(item.split("=", 1) for item in opts.procfile_env)
+    shapes = [s for s in opts.shapes.split(",") if s]
+    sizes = [int(n) for n in opts.n.split(",") if n]
+    styles = [w for w in opts.workers.split(",") if w]
+    assert set(shapes) <= set(SHAPES) and set(styles) <= {"lean", "procfile"}
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0)
     began = time.monotonic()
     print(
-        f"AgentBus end to end: Redis {os.environ['REDIS_URL']}, one worker (prefork -c 2), "
-        f"{opts.tasks} tasks per run, {opts.rounds} paired rounds"
+        f"AgentBus end to end: Redis {os.environ['REDIS_URL']}, one worker; "
+        f"{opts.tasks} tasks per run (burst: {opts.burst:,} backlog + {TRICKLE_PER_SECOND}/s "
+        f"trickle), {opts.rounds} paired rounds; Procfile worker: {' '.join(procfile_worker())}"
+        + (f" with {PROCFILE_ENV}" if PROCFILE_ENV else "")
     )
     configs = [
-        ("bus, 1 active (lean)", "lean", 1, 0),
-        ("bus, 100 active (lean)", "lean", 100, 0),
-        ("bus, 1,000 active (lean)", "lean", 1000, 0),
-        ("bus, 100 active, worker as the Procfile starts it", "procfile", 100, 0),
-        (
-            f"bus, 100 active, {opts.workspaces:,} workspaces initialised just before",
-            "lean",
-            100,
-            opts.workspaces,
-        ),
+        (style, shape, n)
+        for style in styles
+        for shape in shapes
+        for n in sizes
+        if not opts.start_only
     ]
-    ratios: dict[str, list[float]] = {name: [] for name, *_ in configs}
-    rates: dict[str, list[float]] = {name: [] for name, *_ in configs}
+    results: dict[tuple, list[tuple[Run, Run, float]]] = {c: [] for c in configs}
     for round_ in range(opts.rounds):
-        for name, style, active, workspaces in configs:
-            base = throughput(style, opts.tasks, None)
-            bus = throughput(style, opts.tasks, active, workspaces=workspaces)
-            ratios[name].append(bus / base)
-            rates[name].append(bus)
+        for config in configs:
+            style, shape, n = config
+            base = throughput(style, shape, n, opts.tasks, baseline=True, burst=opts.burst)
+            bus = throughput(style, shape, n, opts.tasks, baseline=False, burst=opts.burst)
+            load = os.getloadavg()[0]
+            results[config].append((bus, base, load))
             print(
-                f"  round {round_ + 1}: {name}: {bus:.0f} tasks/s, baseline {base:.0f}: "
-                f"{bus / base:.2f}x",
+                f"  round {round_ + 1}: {style} {shape} N={n:,}: bus {bus.rate:.0f}/s, "
+                f"plain {base.rate:.0f}/s: {bus.rate / base.rate:.2f}x; small waits p50/p99 "
+                f"bus {ms(bus.waits)} ms, plain {ms(base.waits)} ms"
+                + (f", bus idle {ms(bus.idle_waits)} ms" if bus.idle_waits is not None else "")
+                + f"; load {load:.2f}",
                 flush=True,
             )
 
-    start_none = worker_start(0, opts.rounds)
-    start_many = worker_start(10_000, opts.rounds)
-    cold = cold_start(10_000, 30)
+    if configs:
+        print()
+        print(
+            "| worker | shape | N active | ratio to plain Celery (min / median / max) "
+            "| bus tasks/s (median) | small waits p50 / p99 ms, bus (idle) | plain "
+            "| load avg per round |"
+        )
+        print("|---|---|---:|---|---:|---|---|---|")
+        for config in configs:
+            style, shape, n = config
+            runs = results[config]
+            ratios = [bus.rate / base.rate for bus, base, _ in runs]
+            bus_waits = [w for bus, _, _ in runs for w in bus.waits]
+            base_waits = [w for _, base, _ in runs for w in base.waits]
+            idle = [w for bus, _, _ in runs for w in (bus.idle_waits or [])]
+            print(
+                f"| {style} | {shape} | {n:,} | {spread(ratios)} | "
+                f"{statistics.median(bus.rate for bus, _, _ in runs):.0f} | {ms(bus_waits)}"
+                + (f" ({ms(idle)})" if idle else "")
+                + f" | {ms(base_waits)} | "
+                + " ".join(f"{load:.1f}" for *_, load in runs)
+                + " |"
+            )
 
-    print()
-    print("| configuration | ratio to plain Celery (min / median / max) | bus tasks/s (median) |")
-    print("|---|---|---:|")
-    for name, *_ in configs:
-        print(f"| {name} | {spread(ratios[name])} | {statistics.median(rates[name]):.0f} |")
-    print()
-    print("| measure | min / median / max | goal |")
-    print("|---|---|---|")
-    print(f"| worker start to first task, 0 active | {spread(start_none)} s | |")
-    print(f"| worker start to first task, 10,000 active | {spread(start_many)} s | <= 2 s |")
-    print(
-        f"| cold first task, following 10,000 queues | p50 {pct(cold, 50) * 1e3:.1f} ms, "
-        f"p95 {pct(cold, 95) * 1e3:.1f} ms | p50 <= 10 ms |"
-    )
+    if not opts.no_start:
+        start_none = worker_start(0, opts.rounds)
+        start_many = worker_start(10_000, opts.rounds)
+        cold, warm = cold_start(10_000, 30)
+        print()
+        print("| measure | min / median / max | goal |")
+        print("|---|---|---|")
+        print(f"| worker start to first task, 0 active | {spread(start_none)} s | |")
+        print(f"| worker start to first task, 10,000 active | {spread(start_many)} s | <= 2 s |")
+        print(
+            f"| cold first task, following 10,000 queues | p50 {pct(cold, 50) * 1e3:.1f} ms, "
+            f"p95 {pct(cold, 95) * 1e3:.1f} ms | p50 <= 10 ms |"
+        )
+        print(
+            f"| (reference) idle followed project's task, same worker | p50 "
+            f"{pct(warm, 50) * 1e3:.1f} ms, p95 {pct(warm, 95) * 1e3:.1f} ms | |"
+        )
     print(f"\n(total {time.monotonic() - began:.0f} s)")
     fresh_db()
 

@@ -322,7 +322,12 @@ CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = env.float("CELERY_WORKER_SOFT_SHUTDOWN_TIM
 # An idle worker stops at once; a busy one gives its tasks the soft-shutdown window.
 CELERY_WORKER_ENABLE_SOFT_SHUTDOWN_ON_IDLE = False
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
-CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_WORKER_SEND_TASK_EVENTS", default=True)
+# Task events (Flower's task pages) cost a worker about as much as running a no-op task:
+# off unless asked for here, or at run time with `celery -A config control enable_events`.
+CELERY_WORKER_SEND_TASK_EVENTS = env.bool("CELERY_WORKER_SEND_TASK_EVENTS", default=False)
+# Celery's "received" / "succeeded" line for every task (INFO): off by default (a line
+# per task is a worker's largest cost after events); failures are logged either way.
+WORKER_LOG_EACH_TASK = env.bool("WORKER_LOG_EACH_TASK", default=False)
 CELERY_TASK_SEND_SENT_EVENT = False
 _SWEEP_SECONDS = env.float("WORKSPACE_SWEEP_SECONDS", default=300)
 # The recovery pass and the reaper go to agentbus.queues.URGENT_MAINTENANCE_QUEUE: its
@@ -379,11 +384,10 @@ WORKSPACE_TEARDOWN_REDISPATCH_SECONDS = env.float(
 AGENTBUS_QUEUE_IDLE_SECONDS = env.float("AGENTBUS_QUEUE_IDLE_SECONDS", default=300)
 # How often each worker reports itself alive (health reads these, without a ping).
 AGENTBUS_HEARTBEAT_SECONDS = env.float("AGENTBUS_HEARTBEAT_SECONDS", default=5)
-# A worker following more queues than this polls them a window at a time (one BRPOP
-# names at most this many; queues that just received work come first), blocking each
-# window this long before the next takes its turn.
-AGENTBUS_POLL_WINDOW = env.int("AGENTBUS_POLL_WINDOW", default=256)
-AGENTBUS_POLL_WINDOW_TIMEOUT = env.float("AGENTBUS_POLL_WINDOW_TIMEOUT", default=0.05)
+# How often active queues holding messages the ready list does not know of (sent around
+# the bus's publish, or put back by kombu's own channel) are listed again: one LLEN per
+# active queue, by one shared worker per period.
+AGENTBUS_READY_SWEEP_SECONDS = env.float("AGENTBUS_READY_SWEEP_SECONDS", default=5)
 # A task trusts the deleted-project check its worker made when delivering it if it
 # starts within this long; later it checks again.
 AGENTBUS_GUARD_FRESH_SECONDS = env.float("AGENTBUS_GUARD_FRESH_SECONDS", default=0.05)
@@ -393,8 +397,9 @@ AGENTBUS_RECONCILE_SECONDS = env.float("AGENTBUS_RECONCILE_SECONDS", default=5)
 AGENTBUS_TOMBSTONE_SECONDS = env.int("AGENTBUS_TOMBSTONE_SECONDS", default=30 * 86400)
 # How often the reaper also scans the whole keyspace for queues left outside the active set.
 AGENTBUS_FULL_RESCUE_SECONDS = env.int("AGENTBUS_FULL_RESCUE_SECONDS", default=3600)
-# The broker transport of worker processes: kombu's Redis channel with a cached BRPOP
-# and a wake-up key (agentbus/transport.py); empty for kombu's own.
+# The bus's broker transport (agentbus/transport.py): workers poll through it (shared
+# ones take from the ready list) and `publish` sends through it (one script per task);
+# empty for kombu's own channel everywhere.
 AGENTBUS_WORKER_TRANSPORT = env.str(
     "AGENTBUS_WORKER_TRANSPORT", default="agentbus.transport:Transport"
 )
@@ -572,8 +577,14 @@ LOGGING = {
         # Through the root handler only: Django's default console handler under DEBUG
         # would print every django.* line a second time.
         "django": {"handlers": [], "propagate": True},
-        "celery.app.trace": {"filters": ["quiet_periodic_tasks"]},
-        "celery.worker.strategy": {"filters": ["quiet_periodic_tasks"]},
+        "celery.app.trace": {
+            "filters": ["quiet_periodic_tasks"],
+            "level": "INFO" if WORKER_LOG_EACH_TASK else "WARNING",
+        },
+        "celery.worker.strategy": {
+            "filters": ["quiet_periodic_tasks"],
+            "level": "INFO" if WORKER_LOG_EACH_TASK else "WARNING",
+        },
         # One line per request error: the server's access log has it; Django's own
         # warning for every 4xx would repeat it (5xx are still logged, with traceback).
         "django.request": {"level": env.str("DJANGO_REQUEST_LOG_LEVEL", default="ERROR")},

@@ -58,6 +58,7 @@ def test_a_dedicated_worker_serves_its_project_only(transactional_db, worker_pro
         "reconciled_at": None,
         "transport": "agentbus.transport.Transport",
         "cached_poll": True,
+        "ready_list": False,  # a dedicated worker polls its own queue only
     }
 
     mine = send(tasks.record, user_id=1, project_id=project.id, kwargs={"tag": "mine"})

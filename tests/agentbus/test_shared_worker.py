@@ -47,7 +47,8 @@ def test_a_new_project_is_followed_on_broadcast(no_periodic_reconcile, live_work
     task_id = send(tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "n"})
 
     assert wait_for(lambda: tasks.effects("n")) == [task_id]
-    assert followed(live_worker) == {queue}
+    # The task came through the ready list; the follow (for operators) comes just after.
+    assert wait_for(lambda: followed(live_worker) == {queue}, timeout=5)
     # What Flower's Broker tab lists: the queues workers report through active_queues.
     reply = app.control.inspect(destination=[live_worker.hostname], timeout=1).active_queues()
     reported = {q["name"]: q for q in reply[live_worker.hostname]}
@@ -139,7 +140,7 @@ def test_the_reaper_retires_idle_queues_and_a_later_publish_revives_them(setting
     assert wait_for(lambda: followed(live_worker) == set(), timeout=5)
     task_id = send(tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "b"})
     assert wait_for(lambda: tasks.effects("b")) == [task_id]
-    assert followed(live_worker) == {queue}
+    assert wait_for(lambda: followed(live_worker) == {queue}, timeout=5)
 
 
 def test_no_task_is_stranded_while_the_reaper_races_producers(live_worker):
