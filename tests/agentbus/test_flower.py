@@ -71,8 +71,13 @@ def test_flower_lists_the_active_project_queues(live_worker, flower):
     page = _page(f"{base}/broker")
     assert MAINTENANCE_QUEUE in page and project_queue(second) not in page
 
-    # A project that becomes active later shows up once Flower looks at the workers again.
+    # A project that becomes active later shows up once Flower looks at the workers again
+    # (after the worker has followed its queue, which comes just after its first task).
     send(tasks.record, user_id=1, project_id=second, kwargs={"tag": "s"})
     assert wait_for(lambda: tasks.effects("s"))
-    _page(f"{base}/workers?refresh=1")
-    assert wait_for(lambda: project_queue(second) in _page(f"{base}/broker"), timeout=15)
+
+    def listed_after_refresh() -> bool:
+        _page(f"{base}/workers?refresh=1")
+        return project_queue(second) in _page(f"{base}/broker")
+
+    assert wait_for(listed_after_refresh, timeout=15)
