@@ -1,4 +1,5 @@
-from django.urls import path
+from django.http import Http404
+from django.urls import path, re_path
 
 from .apis import ProjectHealthApi, WorkspaceHealthApi, WorkspaceStatsApi
 
@@ -6,6 +7,16 @@ from .apis import ProjectHealthApi, WorkspaceHealthApi, WorkspaceStatsApi
 def _alias(view_class):
     """The same view under a second spelling of its path, left out of the schema."""
     return type(f"{view_class.__name__}Alias", (view_class,), {"schema": None}).as_view()
+
+
+class _NoSuchProjectHealthApi(ProjectHealthApi):
+    """A project path that is no project id: the same 404 (after the same permission
+    checks), rather than the admin's catch-all login page."""
+
+    schema = None
+
+    def get(self, request, **kwargs):
+        raise Http404("No such project.")
 
 
 # Operators' paths, without a trailing slash; with one they answer the same (and not the
@@ -21,4 +32,5 @@ urlpatterns = [
     path("health/", _alias(WorkspaceHealthApi)),
     path("stats/", _alias(WorkspaceStatsApi)),
     path("health/projects/<uuid:project_id>/", _alias(ProjectHealthApi)),
+    re_path(r"^health/projects/", _NoSuchProjectHealthApi.as_view()),
 ]

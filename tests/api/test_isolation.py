@@ -205,7 +205,8 @@ def test_unsupported_methods_never_succeed_on_foreign_ids(api, world):
 
 
 def test_matrix_covers_every_route():
-    """A per-project route added to the URLconf must be added to ROUTES above."""
+    """A per-project route added to the URLconf must be added to ROUTES above. (Operators'
+    routes under /admin/ take a project id too; they are staff-only: test_operators.)"""
     served = set()
 
     def walk(patterns, prefix=""):
@@ -228,6 +229,6 @@ def test_matrix_covers_every_route():
         .replace("<uuid:run_id>", "{r}")
         .replace("<str:name>", "{n}")
         for r in served
-        if "<uuid:project_id>" in r
+        if "<uuid:project_id>" in r and not r.startswith("admin/")
     }
     assert per_project <= {t for t, _ in ROUTES}, per_project - {t for t, _ in ROUTES}

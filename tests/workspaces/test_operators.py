@@ -35,10 +35,20 @@ def staff_api(staff):
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("url", [HEALTH, STATS])
+@pytest.mark.parametrize(
+    "url", [HEALTH, STATS, "/admin/workspaces/health/projects/00000000-0000-4000-8000-000000000001"]
+)
 def test_staff_only(url, api):
     assert APIClient().get(url).status_code == 401
     assert api.get(url).status_code == 403  # authenticated, not staff
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("tail", ["null,null", "not-a-uuid/"])
+def test_a_project_health_path_that_is_no_project_id_is_404(staff_api, tail):
+    response = staff_api.get(f"/admin/workspaces/health/projects/{tail}")
+    assert response.status_code == 404
+    assert response.json()["code"] == "not_found"
 
 
 @pytest.mark.django_db
