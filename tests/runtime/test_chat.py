@@ -430,7 +430,10 @@ def test_an_end_whose_event_was_not_written_is_written_by_the_recovery_pass(
         assert event[1]["content"] == "All done." and event[1]["status"] == "done"
     if status == "error":
         assert event[1]["error"] == error
-    assert Run.objects.get(id=run.id).lease_expires_at is None
+    # The lease goes just after the event is written.
+    wait_until(
+        lambda: Run.objects.get(id=run.id).lease_expires_at is None, what="the lease released"
+    )
     runs_recover()  # written once
     kinds = [k for _, k, _ in stream_events(redis_client, session.project, session.id)]
     assert kinds.count(expected) == 1

@@ -61,8 +61,12 @@ def test_a_run_past_its_time_limit_ends_in_error_saying_so(
     assert answer.error == "the agent run reached its time limit (3s)"
     assert answer.content.startswith("w0 ")  # what was said before the limit stays
     assert elapsed < 12, elapsed  # neither the whole answer (15 s) nor the read timeout
-    run = Run.objects.get(message_id=answer_id)
-    assert run.status == "error" and run.lease_expires_at is None
+    # The end commits first; the lease goes once its end event is written.
+    wait_until(
+        lambda: Run.objects.get(message_id=answer_id).lease_expires_at is None,
+        what="the run's end event written and its lease released",
+    )
+    assert Run.objects.get(message_id=answer_id).status == "error"
     kinds = [k for _, k, _ in stream_events(redis_client, project, session.id)]
     assert kinds.count("message.error") == 1 and "message.completed" not in kinds
 
