@@ -39,9 +39,10 @@ run: install
 ## Run the test suite (against DATABASE_URL / REDIS_URL when set, else SQLite and a
 ## throwaway bundled Redis). On the throwaway Redis it runs in TEST_WORKERS processes
 ## (pytest-xdist), each with a Redis database, a test database and a Qdrant folder of
-## its own; against a given REDIS_URL in one (the suite empties the database it is given).
+## its own; against a given REDIS_URL in one (the suite empties the database it is given),
+## or in parallel when TEST_REDIS_DATABASES lists one database per process (.ci/run: 15,14).
 TEST_WORKERS ?= 2
-PYTEST_PARALLEL ?= $(if $(REDIS_URL),,-n $(TEST_WORKERS) --dist loadfile)
+PYTEST_PARALLEL ?= $(if $(REDIS_URL),$(if $(TEST_REDIS_DATABASES),-n $(TEST_WORKERS) --dist loadfile,),-n $(TEST_WORKERS) --dist loadfile)
 test: export DJANGO_SETTINGS_MODULE = config.settings.test
 test: install-dev
 	@mkdir -p var

@@ -33,20 +33,31 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":  # noqa: F405
 # is given (production requires its own).
 PROVIDER_KEYS_FERNET_KEY = PROVIDER_KEYS_FERNET_KEY or fernet_key_from(SECRET_KEY)  # noqa: F405
 
-# Parallel runs (pytest-xdist, `make test` on a throwaway Redis): each worker process
-# gets a database of its own on that server (db 1 for gw0, 2 for gw1, ...), its own
+# Parallel runs (pytest-xdist): each worker process gets a Redis database of its own
+# (db 1 for gw0, 2 for gw1, ... on a throwaway server; on a shared one, the databases
+# listed in TEST_REDIS_DATABASES, which the suite may empty, e.g. CI's "15,14"), its own
 # Qdrant folder and, from pytest-django, its own test database. The suite empties the
 # Redis database it is given, so parallel workers never share one; on a Redis that is
-# not throwaway (REDIS_URL given, e.g. CI's db 15) the suite runs in one process. The
-# assignment is made once, in the pytest worker; processes it starts inherit it.
+# neither (REDIS_URL given alone) the suite runs in one process. The assignment is made
+# once, in the pytest worker; processes it starts inherit it.
 _XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 if _XDIST_WORKER and not os.environ.get("UWS_TEST_WORKER_ISOLATED"):
-    if not os.environ.get("REDIS_THROWAWAY"):
+    _index = int(_XDIST_WORKER.removeprefix("gw"))
+    _given = [d for d in env.list("TEST_REDIS_DATABASES", default=[]) if d]
+    if _given:
+        if _index >= len(_given):
+            raise ImproperlyConfigured(
+                f"TEST_REDIS_DATABASES lists {len(_given)} databases for more test workers"
+            )
+        _db = int(_given[_index])
+    elif os.environ.get("REDIS_THROWAWAY"):
+        _db = _index + 1
+    else:
         raise ImproperlyConfigured(
             "parallel tests need a throwaway Redis (bin/with-redis --ephemeral without "
-            "REDIS_URL): the suite empties the Redis database it is given"
+            "REDIS_URL) or TEST_REDIS_DATABASES: the suite empties the Redis database it "
+            "is given"
         )
-    _db = int(_XDIST_WORKER.removeprefix("gw")) + 1
     REDIS_URL = re.sub(r"/\d*$", "", REDIS_URL.rstrip("/")) + f"/{_db}"  # noqa: F405
     CELERY_BROKER_URL = CELERY_RESULT_BACKEND = REDIS_URL
     CACHES["default"]["LOCATION"] = REDIS_URL  # noqa: F405
