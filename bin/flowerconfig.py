@@ -29,6 +29,8 @@ _names: dict[str, tuple[float, str | None]] = {}
 
 
 def _project_name(project_hex: str) -> str | None:
+    # Here, not at the top: Flower runs this file as its options, and the models are
+    # needed only when a page asks for a name.
     from projects.models import Project
 
     try:

@@ -44,6 +44,7 @@ def main() -> None:
     os.environ["DATABASE_URL"] = f"sqlite:///{tmp}/db.sqlite3"
     os.environ["QDRANT_PATH"] = f"{tmp}/qdrant"
     os.environ["OPENAI_BASE_URL"] = os.environ["OPENAI_API_KEY"] = ""
+    # Django and the apps are imported only now: their settings read the variables above.
     import django
 
     django.setup()

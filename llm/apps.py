@@ -8,4 +8,5 @@ class LlmConfig(AppConfig):
     name = "llm"
 
     def ready(self) -> None:
+        # Models can be imported only now: connects the receivers.
         from . import receivers  # noqa: F401
