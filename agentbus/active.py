@@ -39,10 +39,13 @@ from .guard import project_gone, tombstone_key
 from .keys import ACTIVE_KEY, FULL_SCAN_KEY, READY_SWEEP_KEY, RETIRED_KEY, WORKERS_KEY
 from .queues import PROJECT_QUEUE_PREFIX, project_id_from_queue, project_queue
 from .transport import (
-    all_queue_keys,
+    all_lane_keys,
+    forget_flow,
+    keys_per_project_queue,
+    lane_base,
+    lane_keys,
     list_if_waiting,
     queue_key_pattern,
-    queue_keys,
     queue_of_key,
     unacked_queues,
     unlist,
@@ -157,7 +160,7 @@ def queue_depth(project_id: uuid.UUID | str) -> int:
 def queue_depths(project_ids: list[uuid.UUID]) -> list[int | Exception]:
     """`queue_depth` of many projects in one round trip; an unreadable one is the error."""
     pipe = broker_redis().pipeline(transaction=False)
-    keys = [queue_keys(project_queue(p)) for p in project_ids]
+    keys = [lane_keys(project_queue(p)) for p in project_ids]
     for keys_of_queue in keys:
         for key in keys_of_queue:
             pipe.llen(key)
@@ -172,14 +175,14 @@ def queue_depths(project_ids: list[uuid.UUID]) -> list[int | Exception]:
 
 def _depth(client: redis.Redis, queue: str) -> int:
     pipe = client.pipeline(transaction=False)
-    for key in queue_keys(queue):
+    for key in lane_keys(queue):
         pipe.llen(key)
     return sum(pipe.execute())
 
 
 def _purge(client: redis.Redis, queue: str) -> int:
     pipe = client.pipeline(transaction=True)
-    for key in queue_keys(queue):
+    for key in lane_keys(queue):
         pipe.llen(key)
         pipe.delete(key)
     return sum(pipe.execute()[::2])
@@ -195,6 +198,7 @@ def retire_project(project_id: uuid.UUID | str) -> int:
     pipe.zrem(ACTIVE_KEY, queue)
     pipe.zadd(RETIRED_KEY, {queue: time.time()})
     unlist(pipe, queue)
+    forget_flow(pipe, queue)
     pipe.execute()
     broadcast(UNFOLLOW_COMMAND, [queue], swallow=False)
     purged = _purge(client, queue)
@@ -210,7 +214,7 @@ def reap_idle_queues(*, idle_seconds: float | None = None, batch: int = 500) -> 
     client = broker_redis()
     cutoff = time.time() - idle_seconds
     in_flight = unacked_queues(client)
-    steps = len(queue_keys("x"))
+    steps = keys_per_project_queue()
     retired: list[str] = []
     offset = 0
     while True:
@@ -221,7 +225,7 @@ def reap_idle_queues(*, idle_seconds: float | None = None, batch: int = 500) -> 
         idle = [q for q in candidates if q not in in_flight]
         if not idle:
             continue
-        keys = [ACTIVE_KEY, RETIRED_KEY, *all_queue_keys(idle)]
+        keys = [ACTIVE_KEY, RETIRED_KEY, *all_lane_keys(idle)]
         args = [cutoff, steps, time.time(), *idle]
         done = _script(client, _RETIRE_IDLE)(keys=keys, args=args)
         retired.extend(done)
@@ -253,7 +257,7 @@ def rescue_stranded_queues(*, full_scan: bool | None = None) -> list[str]:
     if full_scan:
         pattern = queue_key_pattern(PROJECT_QUEUE_PREFIX)
         for key in client.scan_iter(match=pattern, count=1000, _type="list"):
-            queue = queue_of_key(key)
+            queue = lane_base(queue_of_key(key))
             if project_id_from_queue(queue) is not None:
                 candidates.add(queue)
     candidates -= active_among(candidates)
@@ -353,7 +357,7 @@ def project_queues_in_keyspace() -> set[uuid.UUID]:
     found = set()
     pattern = queue_key_pattern(PROJECT_QUEUE_PREFIX)
     for key in broker_redis().scan_iter(match=pattern, count=1000):
-        project_id = project_id_from_queue(queue_of_key(key))
+        project_id = project_id_from_queue(lane_base(queue_of_key(key)))
         if project_id is not None:
             found.add(project_id)
     return found

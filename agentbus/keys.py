@@ -27,3 +27,16 @@ READY_SWEEP_KEY = "uws:bus:ready:sweep"
 
 # Wake keys of worker channels (one each).
 WAKE_PREFIX = "uws:bus:wake:"
+
+# Flow control (agentbus.flow): the rules of each project queue ("<weight> <cap>"), the
+# credit a queue has left in its turn at the head of the ready list (weighted round
+# robin), queues parked at their cap (queue -> when a slot's lease ends), counters, and
+# per queue the slots of its messages in flight (delivery tag -> lease end).
+FLOW_RULES_KEY = "uws:bus:flow:rules"
+FLOW_CREDIT_KEY = "uws:bus:flow:credit"
+FLOW_PARKED_KEY = "uws:bus:flow:parked"
+FLOW_STATS_KEY = "uws:bus:flow:stats"
+FLOW_SLOTS_PREFIX = "uws:bus:flow:slots:"
+# A project's bulk lane: a list beside its queue's (same messages, served after the
+# interactive ones, one turn in BULK_EVERY at least).
+BULK_SUFFIX = ":bulk"

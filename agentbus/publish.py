@@ -19,7 +19,7 @@ from kombu.utils.imports import symbol_by_name
 from .active import FOLLOW_COMMAND, broadcast, mark_active
 from .guard import ProjectGone, project_gone
 from .queues import direct_queue, project_queue
-from .transport import CHECKED_HEADER, GONE_HEADER
+from .transport import CHECKED_HEADER, GONE_HEADER, INTERACTIVE, LANE_HEADER, LANES
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ def publish(
     project_id: uuid.UUID | str,
     kwargs: dict[str, Any] | None = None,
     task_id: str | None = None,
+    lane: str = INTERACTIVE,
     **options: Any,
 ) -> AsyncResult:
     """Put `task` on the project's queue, with `project_id` among its keyword arguments;
@@ -62,7 +63,14 @@ def publish(
     list in one script, which refuses a deleted project's task (ProjectGone: nothing
     is sent). A queue that became active is announced to the shared workers. Raises
     while Redis or the broker is down.
+
+    `lane`: "interactive" (a chat answer: the default) or "bulk" (ingest, re-embedding,
+    scheduled runs): within the project's share interactive work is taken first, and
+    bulk one take in AGENTBUS_BULK_EVERY at least (agentbus.flow). Needs the Redis bus;
+    elsewhere both lanes are the project's one queue.
     """
+    if lane not in LANES:
+        raise ValueError(f"lane must be one of {LANES}, not {lane!r}")
     if not isinstance(task, AgentBusTask):
         raise TypeError(f"{task!r} is not an AgentBusTask: it would not check its project")
     payload = dict(kwargs or {})
@@ -70,6 +78,8 @@ def publish(
     task_id = task_id or str(uuid.uuid4())
     for name in ("queue", "exchange", "routing_key", "declare", "producer", "connection"):
         options.pop(name, None)
+    if lane != INTERACTIVE:
+        options["headers"] = {**(options.get("headers") or {}), LANE_HEADER: lane}
     queue = project_queue(project_id)
     pool = _bus_producers()
     with pool.acquire(block=True) if pool is not None else contextlib.nullcontext() as producer:
@@ -115,6 +125,9 @@ class AgentBusTask(Task):
     acks_late = True
     reject_on_worker_lost = True
 
+    # The lane of this task's messages unless publish is told otherwise (agentbus.flow).
+    lane = INTERACTIVE
+
     def apply_async(self, args=None, kwargs=None, task_id=None, **options):
         if args:
             raise TypeError(f"{self.name} takes keyword arguments only")
@@ -123,6 +136,7 @@ class AgentBusTask(Task):
             project_id = kwargs.pop("project_id")
         except KeyError as exc:
             raise TypeError(f"{self.name} needs project_id") from exc
+        options.setdefault("lane", self.lane)
         return publish(self, project_id=project_id, kwargs=kwargs, task_id=task_id, **options)
 
     def __call__(self, *args, **kwargs):

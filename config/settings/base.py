@@ -404,6 +404,20 @@ AGENTBUS_WORKER_TRANSPORT = env.str(
     "AGENTBUS_WORKER_TRANSPORT", default="agentbus.transport:Transport"
 )
 
+# --- Flow control on the AgentBus (agentbus/flow.py; needs the Redis bus) ------------
+# A project's weight when it has none of its own (its share under contention).
+AGENTBUS_DEFAULT_WEIGHT = env.int("AGENTBUS_DEFAULT_WEIGHT", default=1)
+# How long a capped slot survives a worker that stopped renewing it (dead, hung).
+AGENTBUS_SLOT_LEASE_SECONDS = env.float("AGENTBUS_SLOT_LEASE_SECONDS", default=30)
+# One take of a project's in this many serves its bulk lane first (bulk never starves).
+AGENTBUS_BULK_EVERY = env.int("AGENTBUS_BULK_EVERY", default=4)
+# Shared limits on what projects share, JSON: {"<endpoint base URL or *>": {"rpm": 60,
+# "tpm": 100000}}; each (endpoint, model) pair gets its own window, across every
+# project and worker (llm/limits.py). The embedder's endpoint is looked up the same way.
+FLOW_LIMITS = env.json("FLOW_LIMITS", default={})
+# Longest single wait for a shared limit before the window is asked again (seconds).
+FLOW_LIMIT_MAX_WAIT_SECONDS = env.float("FLOW_LIMIT_MAX_WAIT_SECONDS", default=5)
+
 # --- Agent runtime -----------------------------------------------------------------
 OPENAI_BASE_URL = env.str("OPENAI_BASE_URL", default="")
 OPENAI_API_KEY = env.str("OPENAI_API_KEY", default="")

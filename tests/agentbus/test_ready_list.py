@@ -118,7 +118,7 @@ def test_a_busy_project_among_many_idle_ones_is_taken_without_naming_them(shared
     # No project queue is named (the prefix is the script's argument): the size of a
     # poll is not the number of queues followed.
     assert take.count(b"uws.project.") == 1 and b"uws.project.\r\n" in take
-    assert len(take) < 400
+    assert len(take) < 600  # a fixed size (the flow-control keys included)
 
     started = time.monotonic()
     drain(connection, recorder, 20)
