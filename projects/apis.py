@@ -17,6 +17,18 @@ class ProjectOutputSerializer(serializers.Serializer):
     description = serializers.CharField()
     created_at = serializers.DateTimeField()
     updated_at = serializers.DateTimeField()
+    weight = serializers.IntegerField(
+        source="effective_weight",
+        read_only=True,
+        help_text="The project's share of the shared workers under contention, against "
+        "other projects' weights. Set by operators.",
+    )
+    max_in_flight = serializers.IntegerField(
+        source="flow_max_in_flight",
+        read_only=True,
+        help_text="At most this many of the project's tasks run at once (0: no cap). Set "
+        "by operators.",
+    )
 
     class Meta:
         ref_name = "Project"

@@ -1,7 +1,12 @@
 import uuid
 
 from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
+
+# Bounds of a project's flow rules (agentbus.flow).
+MAX_FLOW_WEIGHT = 1000
+MAX_FLOW_IN_FLIGHT = 10_000
 
 
 class Project(models.Model):
@@ -15,6 +20,22 @@ class Project(models.Model):
     description = models.TextField(blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+    # Flow control on the shared worker pool (set by operators, read-only to the owner):
+    # the project's share under contention (empty: AGENTBUS_DEFAULT_WEIGHT), and the most
+    # of its tasks in flight at once across all workers (0: no cap).
+    flow_weight = models.PositiveSmallIntegerField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1), MaxValueValidator(MAX_FLOW_WEIGHT)],
+        help_text="Share of the shared workers under contention, against other projects' "
+        "weights (empty: the deployment's default).",
+    )
+    flow_max_in_flight = models.PositiveIntegerField(
+        default=0,
+        validators=[MaxValueValidator(MAX_FLOW_IN_FLIGHT)],
+        help_text="At most this many of the project's tasks run at once, across all "
+        "workers; the rest wait in its queue (0: no cap).",
+    )
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -22,3 +43,7 @@ class Project(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def effective_weight(self) -> int:
+        return self.flow_weight or settings.AGENTBUS_DEFAULT_WEIGHT

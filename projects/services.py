@@ -7,9 +7,10 @@ from typing import Any
 from django.db import connection, transaction
 from django.http import Http404
 
-from common.services import model_update
+from common.services import model_update, on_commit_robust
 
 from .models import Project
+from .signals import project_flow_changed
 
 PROJECT_FIELDS = ("name", "description")
 
@@ -21,6 +22,32 @@ def project_create(*, owner, name: str, description: str = "") -> Project:
 def project_update(*, project: Project, data: dict[str, Any]) -> Project:
     project, _ = model_update(instance=project, fields=PROJECT_FIELDS, data=data)
     return project
+
+
+FLOW_FIELDS = ("flow_weight", "flow_max_in_flight")
+
+
+def project_flow_update(*, project: Project, data: dict[str, Any]) -> Project:
+    """Set a project's flow rules (operators: the admin, the operators' API); the bus
+    applies them from the next task it takes. Sends `project_flow_changed` after commit
+    (and also when nothing changed, which repairs rules the bus lost with its Redis)."""
+    with transaction.atomic():
+        project, _ = model_update(instance=project, fields=FLOW_FIELDS, data=data)
+        project_flow_announce_on_commit(project=project)
+    return project
+
+
+def project_flow_announce_on_commit(*, project: Project) -> None:
+    weight, cap, project_id = project.flow_weight, project.flow_max_in_flight, project.id
+
+    def announce() -> None:
+        for _receiver, error in project_flow_changed.send_robust(
+            sender=Project, project_id=project_id, weight=weight, max_in_flight=cap
+        ):
+            if isinstance(error, Exception):
+                raise error
+
+    on_commit_robust(announce, name="project_flow_changed")
 
 
 @transaction.atomic

@@ -5,3 +5,8 @@ from django.dispatch import Signal
 # their teardown work durably in the same transaction and act after commit.
 # Arguments: project_id (UUID), user_id (int).
 project_deleted = Signal()
+
+# Sent after commit when a project's flow rules (weight, max in flight) changed, so the
+# app that talks to the bus stores them where the workers read them. Arguments:
+# project_id (UUID), weight (int or None: the default), max_in_flight (int, 0: no cap).
+project_flow_changed = Signal()

@@ -1,5 +1,6 @@
 """Operators' endpoints: workspace health and stats. Staff only."""
 
+from django.http import Http404
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.permissions import IsAdminUser
@@ -9,8 +10,10 @@ from rest_framework.views import APIView
 from common.api import MAX_PAGE_OFFSET, StrictSerializer
 from common.credentials import CredentialScopePermission
 from common.schema import error_responses
+from projects.models import MAX_FLOW_IN_FLIGHT, MAX_FLOW_WEIGHT, Project
+from projects.services import project_flow_update
 
-from .selectors import project_health, workspace_health, workspace_stats
+from .selectors import project_flow, project_health, workspace_health, workspace_stats
 
 
 class StatsQuerySerializer(StrictSerializer):
@@ -218,3 +221,85 @@ class WorkspaceStatsApi(APIView):
         query = StatsQuerySerializer(data=request.query_params.dict())
         query.is_valid(raise_exception=True)
         return Response(workspace_stats(**query.validated_data))
+
+
+class ProjectFlowInputSerializer(StrictSerializer):
+    weight = serializers.IntegerField(
+        min_value=1,
+        max_value=MAX_FLOW_WEIGHT,
+        allow_null=True,
+        required=False,
+        help_text="Share under contention (null: the deployment's default).",
+    )
+    max_in_flight = serializers.IntegerField(
+        min_value=0,
+        max_value=MAX_FLOW_IN_FLIGHT,
+        required=False,
+        help_text="Most tasks in flight at once across all workers (0: no cap).",
+    )
+
+    class Meta:
+        ref_name = "ProjectFlowInput"
+
+
+class FlowBusSerializer(serializers.Serializer):
+    weight = serializers.IntegerField()
+    max_in_flight = serializers.IntegerField()
+    in_flight = serializers.IntegerField(help_text="Capped slots held now.")
+    waiting = serializers.IntegerField(help_text="Tasks in the queue, both lanes.")
+    waiting_bulk = serializers.IntegerField()
+    parked = serializers.BooleanField(help_text="At its cap: waiting for a slot.")
+    served = serializers.IntegerField(help_text="Tasks taken by the shared workers.")
+    served_bulk = serializers.IntegerField()
+    cap_waits = serializers.IntegerField(help_text="Takes refused at the cap.")
+
+    class Meta:
+        ref_name = "FlowBus"
+
+
+class ProjectFlowOutputSerializer(serializers.Serializer):
+    project_id = serializers.UUIDField()
+    project_name = serializers.CharField()
+    weight = serializers.IntegerField(allow_null=True, help_text="Null: the default.")
+    effective_weight = serializers.IntegerField()
+    max_in_flight = serializers.IntegerField()
+    applied = serializers.BooleanField(help_text="Whether the bus applies these rules now.")
+    bus = FlowBusSerializer(help_text="The rules as the bus applies them, and live figures.")
+
+    class Meta:
+        ref_name = "ProjectFlow"
+
+
+@extend_schema(tags=["Operators"])
+class ProjectFlowApi(APIView):
+    permission_classes = [IsAdminUser, CredentialScopePermission]
+
+    @extend_schema(
+        operation_id="operators_project_flow",
+        summary="A project's flow rules and live figures",
+        description="Its weight and cap as stored and as the shared workers apply them, "
+        "with what it has in flight, waiting, served and refused at its cap. 404 for a "
+        "project that does not exist.",
+        responses={200: ProjectFlowOutputSerializer, **error_responses(404, 503)},
+    )
+    def get(self, request, project_id):
+        return Response(project_flow(project_id=project_id))
+
+    @extend_schema(
+        operation_id="operators_project_flow_update",
+        summary="Set a project's weight or cap",
+        description="Changes only the fields given; the shared workers apply them from "
+        "their next take. The owner sees them (read-only) on the project.",
+        request=ProjectFlowInputSerializer,
+        responses={200: ProjectFlowOutputSerializer, **error_responses(400, 404, 503)},
+    )
+    def patch(self, request, project_id):
+        project = Project.objects.filter(id=project_id).first()
+        if project is None:
+            raise Http404("No such project.")
+        data = ProjectFlowInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        fields = {"weight": "flow_weight", "max_in_flight": "flow_max_in_flight"}
+        changes = {fields[k]: v for k, v in data.validated_data.items()}
+        project_flow_update(project=project, data=changes)
+        return Response(project_flow(project_id=project_id))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -16,6 +16,7 @@ from django.http import Http404
 from django.utils import timezone
 
 from agentbus import live_workers, queue_depths
+from agentbus.flow import flow_status
 from common.disk import disk_health
 from common.redis import broker_redis, get_redis
 from projects.models import Project
@@ -396,3 +397,22 @@ def _check_workers() -> dict[str, Any]:
     if not names:
         result["error"] = "no worker reported itself alive recently"
     return result
+
+
+def project_flow(*, project_id: uuid.UUID) -> dict[str, Any]:
+    """A project's flow rules as stored (database) and as the bus applies them (Redis),
+    with its live figures (agentbus.flow); Http404 for no such project."""
+    project = Project.objects.filter(id=project_id).first()
+    if project is None:
+        raise Http404("No such project.")
+    status = flow_status([project.id])[str(project.id)]
+    return {
+        "project_id": project.id,
+        "project_name": project.name,
+        "weight": project.flow_weight,
+        "effective_weight": project.effective_weight,
+        "max_in_flight": project.flow_max_in_flight,
+        "applied": status.weight == project.effective_weight
+        and status.max_in_flight == project.flow_max_in_flight,
+        "bus": asdict(status),
+    }

@@ -1,7 +1,7 @@
 from django.http import Http404
 from django.urls import path, re_path
 
-from .apis import ProjectHealthApi, WorkspaceHealthApi, WorkspaceStatsApi
+from .apis import ProjectFlowApi, ProjectHealthApi, WorkspaceHealthApi, WorkspaceStatsApi
 
 
 def _alias(view_class):
@@ -33,4 +33,6 @@ urlpatterns = [
     path("stats/", _alias(WorkspaceStatsApi)),
     path("health/projects/<uuid:project_id>/", _alias(ProjectHealthApi)),
     re_path(r"^health/projects/", _NoSuchProjectHealthApi.as_view()),
+    path("flow/projects/<uuid:project_id>", ProjectFlowApi.as_view(), name="workspaces-flow"),
+    path("flow/projects/<uuid:project_id>/", _alias(ProjectFlowApi)),
 ]

@@ -13,6 +13,7 @@ from kombu import Connection, Consumer, Producer
 from kombu.transport import redis as kombu_redis
 
 from agentbus import transport
+from agentbus.keys import BULK_SUFFIX
 from agentbus.guard import project_tombstone
 from agentbus.queues import direct_queue, project_queue
 from agentbus.transport import Channel, Transport
@@ -81,16 +82,22 @@ def test_the_brpop_is_kombus_own_plus_the_wake_key(connection):
 
     packer = redis.Connection()._command_packer
     *_, timeout = [channel.brpop_timeout]
-    # kombu's command is BRPOP <keys> <timeout>; ours inserts the wake key before the
-    # timeout and is otherwise byte for byte the same.
+    # kombu's command is BRPOP <keys> <timeout>; ours inserts the project queues' bulk
+    # lanes (after every interactive list: BRPOP serves the first non-empty key) and the
+    # wake key before the timeout, and is otherwise byte for byte the same.
     suffix = b"".join(packer.pack(str(timeout)))[len(b"*1\r\n") :]
     assert kombus.endswith(suffix) and ours.endswith(suffix)
-    wake = b"".join(packer.pack(channel.wake_key))[len(b"*1\r\n") :]
+
+    def packed(key: str) -> bytes:
+        return b"".join(packer.pack(key))[len(b"*1\r\n") :]
+
     kombu_keys = kombus[kombus.index(b"BRPOP\r\n") + 7 : -len(suffix)]
     ours_keys = ours[ours.index(b"BRPOP\r\n") + 7 : -len(suffix)]
-    assert ours_keys == kombu_keys + wake
+    cycle = channel._queue_cycle.items
+    bulk = b"".join(packed(q + BULK_SUFFIX) for q in cycle)
+    assert ours_keys == kombu_keys + bulk + packed(channel.wake_key)
     assert kombus.startswith(b"*%d\r\n" % (len(queues) + 2))
-    assert ours.startswith(b"*%d\r\n" % (len(queues) + 3))
+    assert ours.startswith(b"*%d\r\n" % (2 * len(queues) + 3))
     consumer.cancel()
 
 
