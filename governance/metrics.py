@@ -17,10 +17,11 @@ from django.conf import settings
 from django.db.models import Count, Q, Sum
 from django.utils import timezone
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from agentbus import queue_depths
 from agentbus.active import active_queues
+from agentbus.flow import flow_counters
 from agentbus.queues import project_id_from_queue
 
 from .models import RunUsage
@@ -105,7 +106,53 @@ class _Collector:
         yield from families.values()
 
 
+# Metric families of apps above this one (e.g. llm's shared limits), registered by them:
+# each a callable returning metric families, called at every scrape.
+_sources: list = []
+
+
+def register_metrics_source(source) -> None:
+    if source not in _sources:
+        _sources.append(source)
+
+
+class _FlowCollector:
+    """The AgentBus's flow control, per project: tasks the shared workers took (and of
+    them from the bulk lane), and takes refused at the project's cap (waits). Counters
+    since the bus's Redis began; same top-N labelling as the other families."""
+
+    def collect(self):
+        counters = flow_counters()
+        ranked = sorted(counters, key=lambda p: counters[p]["served"], reverse=True)
+        top = ranked[: settings.METRICS_TOP_PROJECTS]
+        rows = {p: counters[p] for p in top}
+        other = {"served": 0, "bulk": 0, "capped": 0}
+        for project in ranked[len(top) :]:
+            for name in other:
+                other[name] += counters[project][name]
+        rows[OTHER] = other
+        served = CounterMetricFamily(
+            "uws_flow_served",
+            "Tasks the shared workers took, per lane.",
+            labels=["project", "lane"],
+        )
+        waits = CounterMetricFamily(
+            "uws_flow_cap_waits",
+            "Takes that found the project at its cap (its tasks waited in its queue).",
+            labels=["project"],
+        )
+        for project, values in rows.items():
+            served.add_metric([project, "interactive"], values["served"] - values["bulk"])
+            served.add_metric([project, "bulk"], values["bulk"])
+            waits.add_metric([project], values["capped"])
+        yield served
+        yield waits
+        for source in _sources:
+            yield from source()
+
+
 def metrics_render() -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector())
+    registry.register(_FlowCollector())
     return generate_latest(registry)

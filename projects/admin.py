@@ -4,7 +4,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from .models import Project
-from .services import project_delete
+from .services import FLOW_FIELDS, project_delete, project_flow_announce_on_commit
 
 
 def _changelist_link(model: str, label: str, **filters) -> str:
@@ -16,12 +16,33 @@ def _changelist_link(model: str, label: str, **filters) -> str:
 class ProjectAdmin(admin.ModelAdmin):
     # Agents and sessions are other apps' models: reached by their admin URLs and the
     # reverse relations' names, so this app imports nothing above it.
-    list_display = ("name", "owner", "agents", "sessions", "workspace", "created_at", "updated_at")
+    list_display = (
+        "name",
+        "owner",
+        "agents",
+        "sessions",
+        "workspace",
+        "flow_weight",
+        "flow_max_in_flight",
+        "created_at",
+        "updated_at",
+    )
     list_filter = (("owner", admin.RelatedOnlyFieldListFilter), "created_at")
     search_fields = ("name", "description", "owner__username", "=id")
     list_select_related = ("owner",)
     ordering = ("-created_at",)
-    readonly_fields = ("id", "created_at", "updated_at", "agents", "sessions", "workspace")
+    readonly_fields = (
+        "id",
+        "created_at",
+        "updated_at",
+        "agents",
+        "sessions",
+        "workspace",
+        "flow_now",
+    )
+    # The bus's live figures of a project (agentbus.flow), registered by the app that
+    # reads the bus (workspaces.admin): project id -> {name: value}.
+    flow_source = None
     date_hierarchy = "created_at"
 
     def get_queryset(self, request):
@@ -55,6 +76,23 @@ class ProjectAdmin(admin.ModelAdmin):
         # The owner is part of the project's identity: its workspace, keys and vector
         # collections are named after it. It is chosen at creation and never changed.
         return (*self.readonly_fields, "owner") if obj else self.readonly_fields
+
+    @admin.display(description="flow on the bus now")
+    def flow_now(self, obj: Project):
+        source = type(self).flow_source
+        if source is None or obj.pk is None:
+            return "-"
+        try:
+            figures = source(obj.pk)
+        except Exception:  # Redis down: the page still opens
+            return "unavailable"
+        return ", ".join(f"{name}: {value}" for name, value in figures.items())
+
+    def save_model(self, request, obj: Project, form, change) -> None:
+        super().save_model(request, obj, form, change)
+        # The bus reads the rules from Redis: an operator's change reaches it on commit.
+        if not change or any(name in form.changed_data for name in FLOW_FIELDS):
+            project_flow_announce_on_commit(project=obj)
 
     # Deleting from the admin is the same delete as the API's.
     def delete_model(self, request, obj: Project) -> None:

@@ -14,6 +14,8 @@ from django.template.response import TemplateResponse
 from django.urls import path
 from django.utils.html import format_html
 
+from agentbus.flow import flow_status
+from projects.admin import ProjectAdmin
 from projects.models import Project
 
 from .models import Workspace, WorkspaceTeardown
@@ -201,3 +203,22 @@ class WorkspaceTeardownAdmin(admin.ModelAdmin):
         pending = queryset.filter(status=WorkspaceTeardown.Status.PENDING)
         sent = sum(workspace_teardown_dispatch(project_id=row.project_id) for row in pending)
         self.message_user(request, f"Dispatched {sent} teardown(s).", messages.SUCCESS)
+
+
+def _flow_figures(project_id) -> dict:
+    """The project admin's "flow on the bus now" (agentbus.flow.flow_status)."""
+    status = flow_status([project_id])[str(project_id)]
+    return {
+        "weight applied": status.weight,
+        "cap applied": status.max_in_flight or "none",
+        "in flight (capped slots)": status.in_flight,
+        "waiting": status.waiting,
+        "waiting bulk": status.waiting_bulk,
+        "parked at cap": "yes" if status.parked else "no",
+        "served": status.served,
+        "served bulk": status.served_bulk,
+        "cap waits": status.cap_waits,
+    }
+
+
+ProjectAdmin.flow_source = staticmethod(_flow_figures)

@@ -13,8 +13,8 @@ from kombu import Connection, Consumer, Producer
 from kombu.transport import redis as kombu_redis
 
 from agentbus import transport
-from agentbus.keys import BULK_SUFFIX
 from agentbus.guard import project_tombstone
+from agentbus.keys import BULK_SUFFIX
 from agentbus.queues import direct_queue, project_queue
 from agentbus.transport import Channel, Transport
 from config.celery_app import app

@@ -32,6 +32,17 @@ class FakeOpenAI:
         # answers every such request.
         self.turns: list[dict] = []
         self.every_turn: dict | None = None
+        # A rate limit of its own, as providers have: at most `rate_limit` requests in
+        # any `rate_window` seconds (None: no limit); one more is answered 429 with
+        # Retry-After, not counted as served. `peak_in_window`: the most requests it
+        # served within one window; `rejected`: how many it answered 429.
+        self.rate_limit: int | None = None
+        self.rate_window = 60.0
+        self.retry_after = 1.0
+        self.served_at: list[float] = []
+        self.peak_in_window = 0
+        self.rejected = 0
+        self._rate_lock = threading.Lock()
         self._release = threading.Event()
         server = self
 
@@ -48,6 +59,13 @@ class FakeOpenAI:
                 server.headers.append({k.lower(): v for k, v in self.headers.items()})
                 if not self.path.endswith("/chat/completions"):
                     self._json(404, {"error": {"message": "unknown route"}})
+                    return
+                if not server._admit():
+                    self._json(
+                        429,
+                        {"error": {"message": "rate limit reached", "type": "rate_limit"}},
+                        headers={"Retry-After": f"{server.retry_after:g}"},
+                    )
                     return
                 if server.mode == "error":
                     self._json(
@@ -141,9 +159,11 @@ class FakeOpenAI:
                 self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
                 self.wfile.flush()
 
-            def _json(self, code, obj):
+            def _json(self, code, obj, headers=None):
                 data = json.dumps(obj).encode()
                 self.send_response(code)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -153,6 +173,20 @@ class FakeOpenAI:
         self._httpd.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def _admit(self) -> bool:
+        """Whether a request is within the rate limit (then it counts as served)."""
+        with self._rate_lock:
+            now = time.monotonic()
+            horizon = now - self.rate_window
+            recent = [t for t in self.served_at if t > horizon]
+            if self.rate_limit is not None and len(recent) >= self.rate_limit:
+                self.rejected += 1
+                return False
+            recent.append(now)
+            self.served_at = recent
+            self.peak_in_window = max(self.peak_in_window, len(recent))
+            return True
 
     def start(self) -> FakeOpenAI:
         self._thread.start()
