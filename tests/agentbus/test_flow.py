@@ -1,0 +1,214 @@
+"""Flow control on the AgentBus (agentbus.flow, the take of agentbus.transport): weights,
+capped slots with leases, and lanes, checked on a real Redis through kombu's own
+consumer machinery (the channel a shared worker polls with)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+
+import pytest
+from kombu import Connection, Consumer
+
+from agentbus import publish
+from agentbus.flow import flow_rules_set, flow_status
+from agentbus.keys import BULK_SUFFIX, FLOW_PARKED_KEY, READY_MEMBERS_KEY
+from agentbus.queues import MAINTENANCE_QUEUE, direct_queue, project_queue
+from agentbus.transport import Transport, slots_key
+from config.celery_app import app
+from tests.agentbus import tasks
+from tests.agentbus.conftest import send
+
+
+class Holder:
+    """A consumer's callback that keeps what it is given (acknowledging on demand)."""
+
+    def __init__(self, *, ack: bool):
+        self.ack = ack
+        self.messages = []
+
+    def __call__(self, body, message):
+        self.messages.append(message)
+        if self.ack:
+            message.ack()
+
+    def lanes(self) -> list[str]:
+        return [m.headers.get("agentbus_lane") or "interactive" for m in self.messages]
+
+
+@contextlib.contextmanager
+def shared_channel(holder):
+    with Connection(
+        app.conf.broker_url,
+        transport=Transport,
+        transport_options=app.conf.broker_transport_options,
+    ) as connection:
+        channel = connection.default_channel
+        consumer = Consumer(
+            channel, queues=[direct_queue(MAINTENANCE_QUEUE)], callbacks=[holder], accept=["json"]
+        )
+        consumer.consume()
+        assert channel.use_ready_list()
+        yield connection, channel
+        consumer.cancel()
+
+
+def drain(connection, holder, count: int, timeout: float = 5.0) -> None:
+    """Poll until `holder` has `count` messages or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while len(holder.messages) < count and time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
+            connection.drain_events(timeout=0.2)
+
+
+def _project_of(message) -> str:
+    return message.delivery_info["routing_key"]
+
+
+def test_two_busy_projects_are_served_in_proportion_to_their_weights():
+    heavy, light = uuid.uuid4(), uuid.uuid4()
+    flow_rules_set(project_id=heavy, weight=3, max_in_flight=0)
+    for _ in range(40):  # interleaved, as two saturating publishers would send
+        send(tasks.record, project_id=heavy)
+        send(tasks.record, project_id=light)
+    holder = Holder(ack=True)
+    with shared_channel(holder) as (connection, _channel):
+        drain(connection, holder, 40)
+    served = [_project_of(m) for m in holder.messages[:40]]
+    assert served.count(project_queue(heavy)) == 30
+    assert served.count(project_queue(light)) == 10
+    # Turns of three and one, not one long run of the heavy project.
+    runs, previous = [], None
+    for queue in served:
+        if queue == previous:
+            runs[-1] += 1
+        else:
+            runs.append(1)
+        previous = queue
+    assert set(runs) == {3, 1} and max(runs) == 3
+
+
+def test_an_idle_projects_share_goes_to_the_busy_one():
+    busy, idle = uuid.uuid4(), uuid.uuid4()
+    flow_rules_set(project_id=idle, weight=10, max_in_flight=0)
+    for _ in range(12):
+        send(tasks.record, project_id=busy)
+    holder = Holder(ack=True)
+    with shared_channel(holder) as (connection, _channel):
+        drain(connection, holder, 12)
+    assert [_project_of(m) for m in holder.messages] == [project_queue(busy)] * 12
+
+
+def test_a_capped_project_never_has_more_in_flight_and_waits_in_its_queue(redis_client):
+    capped = uuid.uuid4()
+    queue = project_queue(capped)
+    flow_rules_set(project_id=capped, weight=1, max_in_flight=2)
+    for _ in range(6):
+        send(tasks.record, project_id=capped)
+    holder = Holder(ack=False)
+    with shared_channel(holder) as (connection, _channel):
+        drain(connection, holder, 3, timeout=1.5)
+        assert len(holder.messages) == 2  # the third waits in the queue, not here
+        assert redis_client.llen(queue) == 4
+        assert redis_client.zscore(FLOW_PARKED_KEY, queue) is not None
+        assert not redis_client.sismember(READY_MEMBERS_KEY, queue)
+        status = flow_status([capped])[str(capped)]
+        assert (status.in_flight, status.parked, status.waiting) == (2, True, 4)
+        assert status.cap_waits >= 1
+
+        holder.messages[0].ack()  # a slot comes back: the queue is listed again at once
+        drain(connection, holder, 3)
+        assert len(holder.messages) == 3
+        assert redis_client.zcard(slots_key(queue)) == 2
+        for message in holder.messages[1:]:
+            message.ack()
+        drain(connection, holder, 5)
+        assert len(holder.messages) == 5
+        assert redis_client.zcard(slots_key(queue)) == 2
+
+
+def test_a_slot_held_by_a_worker_that_stopped_renewing_comes_back_after_its_lease(
+    settings, redis_client
+):
+    settings.AGENTBUS_SLOT_LEASE_SECONDS = 1
+    capped = uuid.uuid4()
+    flow_rules_set(project_id=capped, weight=1, max_in_flight=1)
+    for _ in range(2):
+        send(tasks.record, project_id=capped)
+    dead = Holder(ack=False)
+    with shared_channel(dead) as (connection, _channel):
+        drain(connection, dead, 1)
+        assert len(dead.messages) == 1
+        # The holder neither acknowledges nor renews (a hung or dead worker).
+    alive = Holder(ack=True)
+    started = time.monotonic()
+    with shared_channel(alive) as (connection, _channel):
+        drain(connection, alive, 1, timeout=6)
+    assert len(alive.messages) == 1
+    assert time.monotonic() - started < 4  # within the lease plus a poll
+
+
+def test_renewing_keeps_a_slot_past_its_lease(settings, redis_client):
+    settings.AGENTBUS_SLOT_LEASE_SECONDS = 1
+    capped = uuid.uuid4()
+    flow_rules_set(project_id=capped, weight=1, max_in_flight=1)
+    for _ in range(2):
+        send(tasks.record, project_id=capped)
+    holder = Holder(ack=False)
+    with shared_channel(holder) as (connection, channel):
+        drain(connection, holder, 1)
+        until = time.monotonic() + 2.5
+        while time.monotonic() < until:
+            assert channel.renew_slots() == 1
+            with contextlib.suppress(TimeoutError):
+                connection.drain_events(timeout=0.3)
+        assert len(holder.messages) == 1  # the slot stayed held: nothing more taken
+        holder.messages[0].ack()
+        drain(connection, holder, 2)
+        assert len(holder.messages) == 2
+
+
+def test_interactive_work_goes_first_and_bulk_is_never_starved(settings):
+    settings.AGENTBUS_BULK_EVERY = 4
+    project_id = uuid.uuid4()
+    for _ in range(8):
+        send(tasks.record, project_id=project_id, lane="bulk")
+    for _ in range(8):
+        send(tasks.record, project_id=project_id)
+    holder = Holder(ack=True)
+    with shared_channel(holder) as (connection, _channel):
+        drain(connection, holder, 16)
+    lanes = holder.lanes()
+    assert len(lanes) == 16
+    # Three interactive takes, then one bulk, while interactive work waits.
+    assert lanes[:8] == ["interactive"] * 3 + ["bulk"] + ["interactive"] * 3 + ["bulk"]
+    assert lanes.count("bulk") == 8
+
+
+def test_a_bulk_message_put_back_returns_to_the_bulk_lane(redis_client):
+    project_id = uuid.uuid4()
+    queue = project_queue(project_id)
+    send(tasks.record, project_id=project_id, lane="bulk")
+    assert redis_client.llen(queue + BULK_SUFFIX) == 1
+    holder = Holder(ack=False)
+    with shared_channel(holder) as (connection, channel):
+        drain(connection, holder, 1)
+        assert redis_client.llen(queue + BULK_SUFFIX) == 0
+        channel.qos.restore_unacked()
+    assert redis_client.llen(queue + BULK_SUFFIX) == 1
+    assert redis_client.sismember(READY_MEMBERS_KEY, queue)
+
+
+def test_an_unknown_lane_is_refused_before_anything_is_sent(redis_client):
+    project_id = uuid.uuid4()
+    with pytest.raises(ValueError, match="lane"):
+        publish(tasks.record, project_id=project_id, kwargs={"user_id": 1}, lane="urgent")
+    assert redis_client.llen(project_queue(project_id)) == 0
+
+
+def test_rules_out_of_bounds_are_refused():
+    with pytest.raises(ValueError):
+        flow_rules_set(project_id=uuid.uuid4(), weight=0, max_in_flight=0)
+    with pytest.raises(ValueError):
+        flow_rules_set(project_id=uuid.uuid4(), weight=2, max_in_flight=-1)
