@@ -34,7 +34,8 @@ STORE_RETRY = {
 _ingest_slots = threading.BoundedSemaphore(settings.INGEST_CONCURRENCY)
 
 
-@shared_task(base=AgentBusTask, bind=True, name="agents.add_context", max_retries=None)
+# Bulk work: served after the project's chat answers, never starved (agentbus.flow).
+@shared_task(base=AgentBusTask, bind=True, name="agents.add_context", max_retries=None, lane="bulk")
 def add_context(
     self, *, user_id: int, project_id: str, agent_id: str, job_id: str, start: int = 0
 ) -> int | None:
@@ -51,7 +52,7 @@ def add_context(
         _ingest_slots.release()
     if following is not None:
         with contextlib.suppress(ProjectGone):  # deleted meanwhile: nothing more to do
-            publish(self, project_id=project_id, kwargs={**ids, "start": following})
+            publish(self, project_id=project_id, kwargs={**ids, "start": following}, lane=self.lane)
     return following
 
 

@@ -11,7 +11,7 @@ import uuid
 import pytest
 from kombu import Connection, Consumer
 
-from agentbus import publish
+from agentbus import publish, queue_depth
 from agentbus.flow import flow_rules_set, flow_status
 from agentbus.keys import BULK_SUFFIX, FLOW_PARKED_KEY, READY_MEMBERS_KEY
 from agentbus.queues import MAINTENANCE_QUEUE, direct_queue, project_queue
@@ -204,7 +204,7 @@ def test_an_unknown_lane_is_refused_before_anything_is_sent(redis_client):
     project_id = uuid.uuid4()
     with pytest.raises(ValueError, match="lane"):
         publish(tasks.record, project_id=project_id, kwargs={"user_id": 1}, lane="urgent")
-    assert redis_client.llen(project_queue(project_id)) == 0
+    assert queue_depth(project_id) == 0  # neither lane
 
 
 def test_rules_out_of_bounds_are_refused():

@@ -103,7 +103,7 @@ def threads_inside(*modules) -> list[str]:
 def queued_task_names(project_id) -> list[str]:
     """Names of the tasks waiting in a project's AgentBus queue."""
     names = []
-    for key in transport.queue_keys(project_queue(project_id)):
+    for key in transport.lane_keys(project_queue(project_id)):  # both lanes
         for raw in broker_redis().lrange(key, 0, -1):
             names.append(json.loads(raw)["headers"]["task"])
     return names
