@@ -36,6 +36,9 @@ class FakeOpenAI:
         # any `rate_window` seconds (None: no limit); one more is answered 429 with
         # Retry-After, not counted as served. `peak_in_window`: the most requests it
         # served within one window; `rejected`: how many it answered 429.
+        # Seconds before the first token of a streamed answer (a model's time to first
+        # token; 0: at once).
+        self.first_token_delay = 0.0
         self.rate_limit: int | None = None
         self.rate_window = 60.0
         self.retry_after = 1.0
@@ -85,6 +88,8 @@ class FakeOpenAI:
                     self._tool_calls(body, turn["tool_calls"])
                     return
                 tokens = (turn or {}).get("tokens") or server.tokens
+                if server.first_token_delay:
+                    time.sleep(server.first_token_delay)
                 try:
                     for i, token in enumerate(tokens):
                         if server.mode == "stall" and i == 1:
