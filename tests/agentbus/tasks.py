@@ -83,3 +83,29 @@ def started(tag: str) -> list[dict]:
 
 def effects(tag: str) -> list[str]:
     return get_redis().lrange(effects_key(tag), 0, -1)
+
+
+# Raise a project's peak of tasks running at once. KEYS: running, peak.
+_RUNNING = """
+local n = redis.call('INCR', KEYS[1])
+if n > tonumber(redis.call('GET', KEYS[2]) or '0') then redis.call('SET', KEYS[2], n) end
+return n
+"""
+
+
+def running_peak(project_id: str) -> int:
+    return int(get_redis().get(f"{PREFIX}peak:{project_id}") or 0)
+
+
+@shared_task(base=AgentBusTask, bind=True, name="tests.agentbus.occupy")
+def occupy(self, *, user_id: int, project_id: str, tag: str = "", sleep: float = 0.0) -> None:
+    """Counts itself among its project's running tasks (the peak is kept) while it sleeps."""
+    client = get_redis()
+    running = f"{PREFIX}running:{project_id}"
+    client.eval(_RUNNING, 2, running, f"{PREFIX}peak:{project_id}")
+    _note_start(self, tag, user_id=user_id, project_id=project_id)
+    try:
+        time.sleep(sleep)
+    finally:
+        client.decr(running)
+    _apply_effect(self, tag)
