@@ -36,7 +36,14 @@ from django.conf import settings
 from common.redis import broker_redis
 
 from .guard import project_gone, tombstone_key
-from .keys import ACTIVE_KEY, FULL_SCAN_KEY, READY_SWEEP_KEY, RETIRED_KEY, WORKERS_KEY
+from .keys import (
+    ACTIVE_KEY,
+    FLOW_PARKED_KEY,
+    FULL_SCAN_KEY,
+    READY_SWEEP_KEY,
+    RETIRED_KEY,
+    WORKERS_KEY,
+)
 from .queues import PROJECT_QUEUE_PREFIX, project_id_from_queue, project_queue
 from .transport import (
     all_lane_keys,
@@ -294,6 +301,10 @@ def sweep_ready(*, force: bool = False, batch: int = 1000) -> int | None:
         if not queues:
             break
         offset += len(queues)
+        # A queue parked at its cap (agentbus.flow) is off the list on purpose: the take
+        # lists it again when a slot comes back.
+        parked = client.zmscore(FLOW_PARKED_KEY, queues)
+        queues = [q for q, p in zip(queues, parked, strict=True) if p is None]
         listed += list_if_waiting(client, queues)
     if listed:
         logger.warning("listed %d queue(s) holding messages the ready list missed", listed)

@@ -12,6 +12,7 @@ import pytest
 from kombu import Connection, Consumer
 
 from agentbus import publish, queue_depth
+from agentbus.active import mark_active, sweep_ready
 from agentbus.flow import flow_rules_set, flow_status
 from agentbus.keys import BULK_SUFFIX, FLOW_PARKED_KEY, READY_MEMBERS_KEY
 from agentbus.queues import MAINTENANCE_QUEUE, direct_queue, project_queue
@@ -112,6 +113,9 @@ def test_a_capped_project_never_has_more_in_flight_and_waits_in_its_queue(redis_
         assert len(holder.messages) == 2  # the third waits in the queue, not here
         assert redis_client.llen(queue) == 4
         assert redis_client.zscore(FLOW_PARKED_KEY, queue) is not None
+        assert not redis_client.sismember(READY_MEMBERS_KEY, queue)
+        mark_active(capped)
+        assert sweep_ready(force=True) == 0  # parked on purpose: not "missed"
         assert not redis_client.sismember(READY_MEMBERS_KEY, queue)
         status = flow_status([capped])[str(capped)]
         assert (status.in_flight, status.parked, status.waiting) == (2, True, 4)
