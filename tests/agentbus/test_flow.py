@@ -216,3 +216,26 @@ def test_rules_out_of_bounds_are_refused():
         flow_rules_set(project_id=uuid.uuid4(), weight=0, max_in_flight=0)
     with pytest.raises(ValueError):
         flow_rules_set(project_id=uuid.uuid4(), weight=2, max_in_flight=-1)
+
+
+def test_a_dedicated_worker_serves_both_lanes_interactive_first():
+    project_id = uuid.uuid4()
+    send(tasks.record, project_id=project_id, lane="bulk")
+    send(tasks.record, project_id=project_id)
+    holder = Holder(ack=True)
+    with Connection(
+        app.conf.broker_url,
+        transport=Transport,
+        transport_options=app.conf.broker_transport_options,
+    ) as connection:
+        consumer = Consumer(
+            connection.default_channel,
+            queues=[direct_queue(project_queue(project_id))],
+            callbacks=[holder],
+            accept=["json"],
+        )
+        consumer.consume()  # its own queue, polled with BRPOP: no ready list
+        drain(connection, holder, 2)
+        consumer.cancel()
+    assert holder.lanes() == ["interactive", "bulk"]
+    assert queue_depth(project_id) == 0
