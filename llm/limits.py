@@ -128,7 +128,7 @@ def wait_for_turn(
     client = get_redis()
     call = uuid.uuid4().hex
     keys = limit.keys()
-    tokens = min(max(1, int(tokens)), limit.tpm) if limit.tpm else max(1, int(tokens))
+    tokens = _counted(limit, tokens)
     waited = 0.0
     while True:
         wait_s, reason = client.eval(
@@ -156,12 +156,33 @@ def wait_for_turn(
         waited += nap
 
 
+def answered(limit: SharedLimit, call: str, *, estimated: int) -> None:
+    """Date the call's place in the window when the endpoint answered (its headers):
+    the endpoint counted the call on arrival, later than its place was taken, so a
+    window that frees by our clock first would let a call in before the endpoint's has
+    freed (a 429)."""
+    keys = limit.keys()
+    now = time.time()
+    pipe = get_redis().pipeline(transaction=False)
+    pipe.zadd(keys[0], {call: now}, xx=True)
+    pipe.zadd(keys[1], {f"{call}:{_counted(limit, estimated)}": now}, xx=True)
+    pipe.execute()
+
+
+def _counted(limit: SharedLimit, tokens: int) -> int:
+    """The tokens a call is counted for: at least 1, at most the whole window (a call
+    bigger than the limit still goes, alone)."""
+    tokens = max(1, int(tokens))
+    return min(tokens, limit.tpm) if limit.tpm else tokens
+
+
 def settle(limit: SharedLimit, call: str, *, estimated: int, used: int | None) -> None:
     """Correct the tokens window with what the call really used (reported usage)."""
-    if not limit.tpm or used is None or used == estimated:
+    counted = _counted(limit, estimated)
+    if not limit.tpm or used is None or used == counted:
         return
     keys = limit.keys()
-    get_redis().zadd(keys[1], {f"{call}:fix:{int(used) - int(estimated)}": time.time()})
+    get_redis().zadd(keys[1], {f"{call}:fix:{int(used) - counted}": time.time()})
 
 
 def hold_off(limit: SharedLimit, seconds: float) -> None:

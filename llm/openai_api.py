@@ -20,6 +20,7 @@ from governance.providers import ProjectLLM
 
 from .limits import (
     LimitDeadline,
+    answered,
     estimate_tokens,
     hold_off,
     limit_for,
@@ -148,6 +149,8 @@ class OpenAIProvider:
                     **options,
                 )
                 self.reached = True  # create() raises on any status but 2xx
+                if call is not None:
+                    answered(limit, call, estimated=estimated)
                 try:
                     for chunk in stream:
                         if getattr(chunk, "usage", None) is not None:
@@ -319,6 +322,7 @@ class OpenAIEmbedder:
                     time.sleep(wait)
                 continue
             if call is not None:
+                answered(limit, call, estimated=estimated)
                 used = getattr(getattr(response, "usage", None), "total_tokens", None)
                 settle(limit, call, estimated=estimated, used=used)
             return response

@@ -16,6 +16,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+class _Server(ThreadingHTTPServer):
+    # Room for a burst of connections at once (many workers' calls let through by a
+    # shared limit at the same moment); the default backlog of 5 resets the rest.
+    request_queue_size = 128
+
+
 class FakeOpenAI:
     def __init__(self) -> None:
         self.mode = "ok"  # ok | error | stall | slow
@@ -174,7 +180,7 @@ class FakeOpenAI:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = _Server(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
