@@ -43,6 +43,7 @@ more than one host, a Redis on another host, and rates above what two shared cor
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -95,6 +96,8 @@ PEAK = "bench:flow:peak:"
 FIRST_DELTA = "bench:flow:first-delta"
 LLM_OK = "bench:flow:llm-ok"
 LLM_FAILED = "bench:flow:llm-failed"
+# Why runs of the limit goal failed: (mode, reason) -> count, over all rounds.
+FAILURES: collections.Counter = collections.Counter()
 # The lanes goal's model: its time to first token (a hosted model's is 0.2-1 s).
 FIRST_TOKEN_SECONDS = 0.3
 
@@ -276,6 +279,8 @@ def limit(shared: bool) -> tuple[int, int, int, float]:
             wait_until(
                 lambda: int(client.get(LLM_OK) or 0) + client.llen(LLM_FAILED) >= 80, 400, "runs"
             )
+            for reason in client.lrange(LLM_FAILED, 0, -1):
+                FAILURES[("shared limit" if shared else "no limit", reason)] += 1
             return (
                 client.llen(LLM_FAILED),
                 server.rejected,
@@ -427,6 +432,8 @@ def main() -> None:
             f"{spread([b[2] for b in base], '{:.0f}')} | "
             f"{'yes' if max(o[2] for o in ours) <= 60 else 'NO'} (≤ 60) | |"
         )
+        for (mode, reason), count in sorted(FAILURES.items()):
+            print(f"|   | failed ({mode}): {reason} | {count} | | | |")
         print(
             f"| | seconds for the 80 runs | {spread([o[3] for o in ours], '{:.1f}')} | "
             f"{spread([b[3] for b in base], '{:.1f}')} | | |"
