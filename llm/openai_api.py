@@ -127,9 +127,9 @@ class OpenAIProvider:
             attempt += 1
             if should_stop():
                 raise ProviderStopped()
-            call = None
+            place = None  # this try's place in the endpoint's window
             if limit is not None:
-                call = wait_for_turn(
+                place = wait_for_turn(
                     limit, tokens=estimated, deadline=request.deadline, should_stop=should_stop
                 )
             started = False
@@ -149,8 +149,8 @@ class OpenAIProvider:
                     **options,
                 )
                 self.reached = True  # create() raises on any status but 2xx
-                if call is not None:
-                    answered(limit, call, estimated=estimated)
+                if place is not None:
+                    answered(limit, place, estimated=estimated)
                 try:
                     for chunk in stream:
                         if getattr(chunk, "usage", None) is not None:
@@ -171,15 +171,13 @@ class OpenAIProvider:
                                     call["arguments"] += part.function.arguments or ""
                 finally:
                     stream.close()
-                if call is not None:
+                if place is not None:
                     used = getattr(self.usage, "total_tokens", None)
-                    settle(limit, call, estimated=estimated, used=used)
+                    settle(limit, place, estimated=estimated, used=used)
                 for index in sorted(calls):
-                    tool_call = calls[index]
+                    call = calls[index]
                     yield ToolCallRequest(
-                        tool_call["id"] or f"call-{index}",
-                        tool_call["name"],
-                        tool_call["arguments"],
+                        call["id"] or f"call-{index}", call["name"], call["arguments"]
                     )
                 return
             except openai.OpenAIError as exc:
@@ -305,9 +303,9 @@ class OpenAIEmbedder:
         deadline = time.monotonic() + settings.RUN_TIME_LIMIT_SECONDS
         estimated = estimate_tokens(sum(len(t) for t in texts))
         while True:
-            call = None
+            place = None
             if limit is not None:
-                call = wait_for_turn(limit, tokens=estimated, deadline=deadline)
+                place = wait_for_turn(limit, tokens=estimated, deadline=deadline)
             try:
                 response = self._client.embeddings.create(
                     model=self._model, input=texts, extra_body=extra
@@ -321,10 +319,10 @@ class OpenAIEmbedder:
                 else:
                     time.sleep(wait)
                 continue
-            if call is not None:
-                answered(limit, call, estimated=estimated)
+            if place is not None:
+                answered(limit, place, estimated=estimated)
                 used = getattr(getattr(response, "usage", None), "total_tokens", None)
-                settle(limit, call, estimated=estimated, used=used)
+                settle(limit, place, estimated=estimated, used=used)
             return response
 
     @property

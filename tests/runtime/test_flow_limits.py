@@ -88,3 +88,23 @@ def test_tokens_per_minute_count_what_calls_are_estimated_to_use(runtime_setting
     assert limit_for("http://other.invalid", "m").tpm == 100
     runtime_settings.FLOW_LIMITS = {}
     assert limit_for("http://endpoint.invalid/v1", "m") is None
+
+
+def test_a_streamed_tool_call_is_counted_with_the_tokens_the_endpoint_reported(
+    fake_openai, runtime_settings, redis_client
+):
+    runtime_settings.FLOW_LIMITS = {"*": {"rpm": 10, "tpm": 10_000}}
+    fake_openai.every_turn = {"tool_calls": [("search_context", {"query": "x"})]}
+    tool = {"type": "function", "function": {"name": "search_context", "parameters": {}}}
+    provider = OpenAIProvider(openai_client())
+    request = ChatRequest(model="m", messages=[{"role": "user", "content": "?"}], tools=[tool])
+    parts = list(provider.stream(request))
+    assert [p.name for p in parts] == ["search_context"]
+    limit = limit_for(fake_openai.base_url, "m")
+    entries = redis_client.zrange(limit.keys()[1], 0, -1)
+    counted = sum(int(e.rsplit(":", 1)[1]) for e in entries)
+    assert counted == 26  # the usage the endpoint reported (21 + 5), not the estimate
+    assert redis_client.zcard(limit.keys()[0]) == 1
+    # Every entry is the call's own (its place's id), the correction included.
+    assert len({e.split(":", 1)[0] for e in entries}) == 1
+    assert entries[0].split(":", 1)[0] in redis_client.zrange(limit.keys()[0], 0, -1)
