@@ -75,7 +75,7 @@ if __name__ == "__main__":
 from celery import shared_task  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 
-from agentbus import AgentBusTask, publish  # noqa: E402
+from agentbus import AgentBusTask, publish, transport  # noqa: E402
 from agentbus.keys import ACTIVE_KEY  # noqa: E402
 from agentbus.queues import project_queue  # noqa: E402
 from common.redis import get_redis  # noqa: E402
@@ -334,6 +334,48 @@ def cost(mode: str, base_root: Path | None) -> float:
         return total / (last - first)
 
 
+def take_cost(mode: str, base_root: Path | None, tasks: int = 5000) -> float:
+    """Microseconds per task of the broker's side of delivery, measured from this
+    process: the take script (as a shared worker sends it) plus the acknowledgement
+    (kombu's two removals, and the slot's release under a cap), over `tasks` messages
+    spread on 1,000 active queues. `before`: the take of `--base-ref`; `none`: this
+    branch's take with no rules; `rules`: every project with weight 2 and cap 1,000."""
+    fresh()
+    client = get_redis()
+    projects = [uuid.uuid4() for _ in range(1000)]
+    if mode == "rules":
+        for project in projects:
+            flow_rules_set(project_id=project, weight=2, max_in_flight=1000)
+    for i in range(tasks):
+        publish(flow_work, project_id=projects[i % len(projects)], kwargs={})
+    common = [transport.READY_KEY, transport.READY_MEMBERS_KEY, transport.READY_BELL_KEY]
+    common += ["unacked", "unacked_index"]
+    if mode == "before":
+        source = (base_root / "agentbus" / "transport.py").read_text()
+        script = re.search(r'\nTAKE = """(.*?)"""', source, re.S).group(1)
+        keys = common
+        args = [transport.TOMBSTONE_PREFIX, transport.PROJECT_QUEUE_PREFIX, "64"]
+    else:
+        script = transport.TAKE
+        keys = [*common, transport.FLOW_RULES_KEY, transport.FLOW_CREDIT_KEY]
+        keys += [transport.FLOW_PARKED_KEY, transport.FLOW_STATS_KEY]
+        args = [transport.TOMBSTONE_PREFIX, transport.PROJECT_QUEUE_PREFIX, "64", "30", "4"]
+        args += [transport.FLOW_SLOTS_PREFIX, transport.BULK_SUFFIX, "1"]
+    sha = client.script_load(script)
+    release = client.script_load(transport.RELEASE)
+    started = time.perf_counter()
+    for _ in range(tasks):
+        reply = client.evalsha(sha, len(keys), *keys, *args)
+        tag = json.loads(reply[1])["properties"]["delivery_tag"]
+        pipe = client.pipeline()
+        pipe.zrem("unacked_index", tag).hdel("unacked", tag)
+        if len(reply) > 4 and int(reply[4]):
+            rkeys = transport.release_keys(reply[0])
+            pipe.evalsha(release, len(rkeys), *rkeys, tag, reply[0])
+        pipe.execute()
+    return (time.perf_counter() - started) / tasks * 1e6
+
+
 def base_tree(ref: str) -> Path:
     """The source at `ref`, with this bench file in it (the worker imports it)."""
     target = ROOT / "var" / "bench" / f"base-{ref[:12]}"
@@ -355,14 +397,15 @@ def spread(values, fmt="{:.2f}") -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", default="weights,cap,limit,lanes,cost")
+    parser.add_argument("--only", default="weights,cap,limit,lanes,cost,take")
     parser.add_argument("--base-ref", default="19734fc", help="the bus before flow control")
     parser.add_argument("--no-base", action="store_true", help="cost: skip the base worker")
     opts = parser.parse_args()
     goals = opts.only.split(",")
 
     call_command("migrate", verbosity=0)
-    base_root = base_tree(opts.base_ref) if "cost" in goals and not opts.no_base else None
+    wants_base = ("cost" in goals or "take" in goals) and not opts.no_base
+    base_root = base_tree(opts.base_ref) if wants_base else None
     print(
         f"Flow control end to end: Redis {os.environ['REDIS_URL']}; worker: "
         f"{' '.join(procfile_worker())}; LOG_LEVEL={os.environ['LOG_LEVEL']}; "
@@ -385,6 +428,14 @@ def main() -> None:
             rules, none = cost("rules", None), cost("none", None)
             before = cost("before", base_root) if base_root else float("nan")
             rows["cost"].append((rules, none, before, os.getloadavg()[0]))
+        if "take" in goals:
+            # Alternating order, so neither side always runs on a warmer server.
+            order = ["before", "none", "rules"] if round_ % 2 == 0 else ["rules", "none", "before"]
+            figures = {m: take_cost(m, base_root) for m in order if base_root or m != "before"}
+            rows["take"].append(
+                (figures["rules"], figures["none"], figures.get("before", float("nan")),
+                 os.getloadavg()[0])
+            )  # fmt: skip
         print(f"  round {round_ + 1} done, load {os.getloadavg()[0]:.2f}", flush=True)
 
     print("\n| goal | measure | with flow control | baseline | goal met | load (1 min) |")
@@ -471,6 +522,20 @@ def main() -> None:
         else:
             line += f" | {'yes' if max(loss) <= 0.10 else 'NO'} ({spread(loss, '{:.1%}')})"
         print(line + f" | {spread([r[3] for r in rows['cost']])} |")
+    if rows.get("take"):
+        rules = [r[0] for r in rows["take"]]
+        none = [r[1] for r in rows["take"]]
+        before = [r[2] for r in rows["take"]]
+        extra = [r / b - 1 for r, b in zip(rules, before, strict=True)]
+        extra_none = [n / b - 1 for n, b in zip(none, before, strict=True)]
+        met = max(extra) <= 0.10
+        print(
+            f"| broker side per task (take + ack), µs | 5,000 tasks, 1,000 queues | "
+            f"{spread(rules, '{:.0f}')} (rules); {spread(none, '{:.0f}')} (no rules) | "
+            f"{spread(before, '{:.0f}')} (before flow control) | {'yes' if met else 'NO'} "
+            f"(≤ 10 %: rules {spread(extra, '{:+.1%}')}, no rules {spread(extra_none, '{:+.1%}')}) "
+            f"| {spread([r[3] for r in rows['take']])} |"
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,17 @@ class _NoSuchProjectHealthApi(ProjectHealthApi):
         raise Http404("No such project.")
 
 
+class _NoSuchProjectFlowApi(ProjectFlowApi):
+    """The same for the flow rules' path."""
+
+    schema = None
+
+    def get(self, request, **kwargs):
+        raise Http404("No such project.")
+
+    patch = get
+
+
 # Operators' paths, without a trailing slash; with one they answer the same (and not the
 # admin's catch-all, which would redirect a token client to the login page).
 urlpatterns = [
@@ -35,4 +46,5 @@ urlpatterns = [
     re_path(r"^health/projects/", _NoSuchProjectHealthApi.as_view()),
     path("flow/projects/<uuid:project_id>", ProjectFlowApi.as_view(), name="workspaces-flow"),
     path("flow/projects/<uuid:project_id>/", _alias(ProjectFlowApi)),
+    re_path(r"^flow/projects/", _NoSuchProjectFlowApi.as_view()),
 ]

@@ -67,6 +67,10 @@ def test_bad_rules_are_a_400_and_write_nothing(operator, project, redis_client, 
 @pytest.mark.django_db
 def test_no_such_project_is_a_404(operator):
     assert operator.get(_url(uuid.uuid4())).status_code == 404
+    for path in ("null,null", "not-a-uuid/", "1/2"):  # never the admin's catch-all
+        url = f"/admin/workspaces/flow/projects/{path}"
+        assert operator.patch(url, {"weight": 2}, format="json").status_code == 404
+        assert operator.get(url).status_code == 404
     assert operator.patch(_url(uuid.uuid4()), {"weight": 2}, format="json").status_code == 404
 
 
