@@ -400,6 +400,7 @@ def main() -> None:
     parser.add_argument("--only", default="weights,cap,limit,lanes,cost,take")
     parser.add_argument("--base-ref", default="19734fc", help="the bus before flow control")
     parser.add_argument("--no-base", action="store_true", help="cost: skip the base worker")
+    parser.add_argument("--take-tasks", type=int, default=5000, help="tasks per take run")
     opts = parser.parse_args()
     goals = opts.only.split(",")
 
@@ -431,7 +432,11 @@ def main() -> None:
         if "take" in goals:
             # Alternating order, so neither side always runs on a warmer server.
             order = ["before", "none", "rules"] if round_ % 2 == 0 else ["rules", "none", "before"]
-            figures = {m: take_cost(m, base_root) for m in order if base_root or m != "before"}
+            figures = {
+                m: take_cost(m, base_root, opts.take_tasks)
+                for m in order
+                if base_root or m != "before"
+            }
             rows["take"].append(
                 (figures["rules"], figures["none"], figures.get("before", float("nan")),
                  os.getloadavg()[0])
@@ -530,7 +535,7 @@ def main() -> None:
         extra_none = [n / b - 1 for n, b in zip(none, before, strict=True)]
         met = max(extra) <= 0.10
         print(
-            f"| broker side per task (take + ack), µs | 5,000 tasks, 1,000 queues | "
+            f"| broker side per task (take + ack), µs | {opts.take_tasks:,} tasks, 1,000 queues | "
             f"{spread(rules, '{:.0f}')} (rules); {spread(none, '{:.0f}')} (no rules) | "
             f"{spread(before, '{:.0f}')} (before flow control) | {'yes' if met else 'NO'} "
             f"(≤ 10 %: rules {spread(extra, '{:+.1%}')}, no rules {spread(extra_none, '{:+.1%}')}) "
