@@ -22,6 +22,7 @@ import base64
 import json
 import logging
 import secrets
+import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -38,6 +39,7 @@ from agentbus import WEBHOOK_QUEUE
 from common.egress import WEBHOOKS, EgressRefused, check_url, guarded_client
 from common.services import on_commit_robust
 from projects.models import Project
+from workspaces.redis import scoped
 
 from .models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 
@@ -57,6 +59,8 @@ SECRET_PREFIX = "whsec_"
 DISPATCH_GRACE_SECONDS = 30
 # The slot of an endpoint's probe: longer than an attempt can take.
 PROBE_LEASE_SECONDS = 60
+# A delivery whose endpoint has all its attempt slots taken is tried again this soon.
+BUSY_RETRY_SECONDS = 0.5
 
 
 class WebhookUrlRefused(ValueError):
@@ -202,10 +206,11 @@ def _defer(delivery: WebhookDelivery, until: datetime) -> str:
 def delivery_attempt(*, delivery_id: str) -> str:
     """One attempt of a delivery: `delivered`, `retry` (failed; sent again after its
     endpoint's backoff), `failed` (failed, and past the retry window), `deferred` (its
-    endpoint is backing off, or another delivery probes it), or `skipped` (not pending,
-    or its endpoint is gone or off)."""
+    endpoint is backing off, or another delivery probes it), `busy` (its endpoint has
+    WEBHOOK_ENDPOINT_CONCURRENCY attempts in flight: queued again shortly) or `skipped`
+    (not pending, or its endpoint is gone or off)."""
     delivery = (
-        WebhookDelivery.objects.select_related("endpoint")
+        WebhookDelivery.objects.select_related("endpoint__project")
         .filter(id=delivery_id, status=WebhookDelivery.Status.PENDING)
         .first()
     )
@@ -222,13 +227,29 @@ def delivery_attempt(*, delivery_id: str) -> str:
         ).update(blocked_until=now + timedelta(seconds=PROBE_LEASE_SECONDS))
         if not claimed:
             return _defer(delivery, now + timedelta(seconds=_backoff(1)))
-    # Claim this attempt (a second copy of the task finds the count moved and stops).
-    attempt = delivery.attempts + 1
-    if not WebhookDelivery.objects.filter(
-        id=delivery.id, status=WebhookDelivery.Status.PENDING, attempts=delivery.attempts
-    ).update(attempts=attempt, next_attempt_at=now + timedelta(seconds=PROBE_LEASE_SECONDS)):
-        return "skipped"
-    status_code, error, duration_ms = _send(endpoint=endpoint, delivery=delivery)
+    # At most WEBHOOK_ENDPOINT_CONCURRENCY attempts per endpoint at once: an endpoint that
+    # starts hanging holds that many of the worker's threads until its first timeout
+    # backs it off, never all of them.
+    redis = scoped(endpoint.project.owner_id, endpoint.project_id)
+    slot = f"webhooks:inflight:{endpoint.id}"
+    if redis.incr(slot) > settings.WEBHOOK_ENDPOINT_CONCURRENCY:
+        redis.decr(slot)
+        current_app.send_task(
+            DELIVER_TASK, kwargs={"delivery_id": delivery.id}, queue=WEBHOOK_QUEUE,
+            countdown=BUSY_RETRY_SECONDS,
+        )  # fmt: skip
+        return "busy"
+    try:
+        redis.expire(slot, int(settings.WEBHOOK_TIMEOUT_SECONDS * 2 + 10))
+        # Claim this attempt (a second copy of the task finds the count moved and stops).
+        attempt = delivery.attempts + 1
+        if not WebhookDelivery.objects.filter(
+            id=delivery.id, status=WebhookDelivery.Status.PENDING, attempts=delivery.attempts
+        ).update(attempts=attempt, next_attempt_at=now + timedelta(seconds=PROBE_LEASE_SECONDS)):
+            return "skipped"
+        status_code, error, duration_ms = _send(endpoint=endpoint, delivery=delivery)
+    finally:
+        redis.decr(slot)
     ok = status_code is not None and 200 <= status_code < 300
     WebhookAttempt.objects.create(
         delivery_id=delivery.id,
@@ -261,6 +282,19 @@ def delivery_attempt(*, delivery_id: str) -> str:
     return "retry"
 
 
+_clients = threading.local()
+
+
+def _client() -> httpx.Client:
+    """This thread's guarded client: building one (its TLS context, its pool) costs more
+    than a delivery, and the guard checks and pins every request whichever client sends
+    it. Kept connections are per checked address."""
+    client = getattr(_clients, "client", None)
+    if client is None:
+        client = _clients.client = guarded_client(purpose=WEBHOOKS)
+    return client
+
+
 def _send(*, endpoint: WebhookEndpoint, delivery: WebhookDelivery) -> tuple[int | None, str, int]:
     """(status code or None, error, milliseconds) of one POST of the delivery."""
     headers = {
@@ -278,8 +312,9 @@ def _send(*, endpoint: WebhookEndpoint, delivery: WebhookDelivery) -> tuple[int 
     )
     started = time.monotonic()
     try:
-        with guarded_client(purpose=WEBHOOKS, timeout=timeout) as client:
-            response = client.post(endpoint.url, content=delivery.body.encode(), headers=headers)
+        response = _client().post(
+            endpoint.url, content=delivery.body.encode(), headers=headers, timeout=timeout
+        )
         error = "" if response.is_success else f"HTTP {response.status_code}"
         return response.status_code, error, int((time.monotonic() - started) * 1000)
     except httpx.HTTPError as exc:

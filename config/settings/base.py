@@ -607,6 +607,9 @@ EGRESS_ALLOW_NETWORKS["webhooks"] = env.list("EGRESS_ALLOW_NETWORKS_WEBHOOKS", d
 # One attempt waits at most this long for the endpoint (connecting: the shorter one).
 WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=5)
 WEBHOOK_CONNECT_TIMEOUT_SECONDS = env.float("WEBHOOK_CONNECT_TIMEOUT_SECONDS", default=2)
+# Attempts in flight to one endpoint at once (the rest wait a moment): a hanging endpoint
+# holds at most this many of the webhooks worker's threads (the Procfile gives it 50).
+WEBHOOK_ENDPOINT_CONCURRENCY = env.int("WEBHOOK_ENDPOINT_CONCURRENCY", default=8)
 # After the n-th failure in a row an endpoint waits WEBHOOK_BACKOFF_SECONDS[n-1] (the last
 # one from then on); a delivery is given up once it is older than the retry window.
 WEBHOOK_BACKOFF_SECONDS = [
@@ -638,6 +641,8 @@ CELERY_BEAT_SCHEDULE.update(
         },
     }
 )
+# httpx's line per request (INFO) would be one per webhook delivery; the log keeps them.
+LOGGING["loggers"].setdefault("httpx", {"level": "WARNING"})
 LOGGING["filters"]["quiet_periodic_tasks"]["tasks"] += [
     "automation.deliveries_due",
     "automation.purge",
