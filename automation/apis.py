@@ -144,7 +144,9 @@ class ScheduleListCreateApi(EnvelopeListMixin, ProjectScopedApi):
         description="`once` sends `content` at `run_at`; `cron` on every tick of `cron` "
         "in `timezone`. Each firing goes into the session as a user's message would "
         "(quotas, the agent's busy policy, the project's bus); a tick missed while the "
-        "scheduler was down fires once when it is back, never once per missed tick.",
+        "scheduler was down fires once when it is back, never once per missed tick. "
+        "A `cron` that does not parse, a `timezone` that is no IANA name, a missing or "
+        "past `run_at` for `once` are a 400 naming the field.",
         request=ScheduleInputSerializer,
         responses={201: ScheduleOutputSerializer},
     )
@@ -198,7 +200,7 @@ class ScheduleDetailApi(ProjectScopedApi):
         operation_id="schedules_update",
         summary="Change a schedule",
         description="Changes only the fields given (`kind` stays); the scheduler follows "
-        "within seconds.",
+        "within seconds. Timing that cannot be used is a 400 naming the field.",
         request=ScheduleUpdateSerializer,
         responses={200: ScheduleOutputSerializer},
     )
@@ -330,7 +332,9 @@ class WebhookListCreateApi(EnvelopeListMixin, ProjectScopedApi):
         description="The project's runs' events (`run.completed`, `run.failed`, "
         "`run.cancelled`, `run.waiting`) are POSTed to `url`, signed per Standard "
         "Webhooks (`webhook-id`, `webhook-timestamp`, `webhook-signature`) with the "
-        "`secret` answered here once; retried with backoff for a day.",
+        "`secret` answered here once; retried with backoff for a day. A `url` whose "
+        "host does not resolve, or resolves to an address the egress guard refuses "
+        "(private, loopback, ...), is a 400.",
         request=WebhookInputSerializer,
         responses={201: WebhookCreatedSerializer},
     )
@@ -366,7 +370,8 @@ class WebhookDetailApi(ProjectScopedApi):
     @extend_schema(
         operation_id="webhooks_update",
         summary="Change a webhook endpoint",
-        description="Changes only the fields given; `enabled: true` also lifts its backoff.",
+        description="Changes only the fields given; `enabled: true` also lifts its "
+        "backoff. A `url` the egress guard refuses is a 400.",
         request=WebhookInputSerializer,
         responses={200: WebhookOutputSerializer},
     )
