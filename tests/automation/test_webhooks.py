@@ -16,6 +16,7 @@ from automation.webhooks import deliveries_due, delivery_attempt, signature_head
 from chat.models import Run
 from chat.state import run_end
 from tests.runtime.conftest import wait_until
+from workspaces.redis import scoped
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -208,3 +209,22 @@ def test_deleting_the_project_removes_its_endpoints_and_log(api, session, receiv
     assert WebhookDelivery.objects.count() == 1
     assert api.delete(f"/my/projects/{session.project_id}/").status_code == 204
     assert not WebhookEndpoint.objects.exists() and not WebhookDelivery.objects.exists()
+
+
+def test_an_endpoint_with_every_attempt_slot_taken_waits(api, session, receiver_factory, settings):
+    settings.WEBHOOK_ENDPOINT_CONCURRENCY = 1
+    receiver = receiver_factory()
+    hook = api.post(
+        _hooks_url(session.project), {"url": receiver.url, "events": ["run.completed"]},
+        format="json",
+    ).json()  # fmt: skip
+    _end_a_run(api, session)
+    delivery = WebhookDelivery.objects.get(endpoint_id=hook["id"])
+    redis = scoped(session.project.owner_id, session.project_id)
+    slot = f"webhooks:inflight:{hook['id']}"
+    redis.incr(slot)  # an attempt in flight (a hanging endpoint)
+    assert delivery_attempt(delivery_id=delivery.id) == "busy"
+    assert receiver.received == [] and WebhookDelivery.objects.get(id=delivery.id).attempts == 0
+    redis.decr(slot)
+    assert delivery_attempt(delivery_id=delivery.id) == "delivered"
+    assert int(redis.get(slot)) == 0
