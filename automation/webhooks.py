@@ -59,8 +59,9 @@ SECRET_PREFIX = "whsec_"
 DISPATCH_GRACE_SECONDS = 30
 # The slot of an endpoint's probe: longer than an attempt can take.
 PROBE_LEASE_SECONDS = 60
-# A delivery whose endpoint has all its attempt slots taken is tried again this soon.
-BUSY_RETRY_SECONDS = 0.5
+# A delivery whose endpoint has all its attempt slots taken waits this long, then for the
+# sweep (WEBHOOK_SWEEP_SECONDS).
+BUSY_RETRY_SECONDS = 1
 
 
 class WebhookUrlRefused(ValueError):
@@ -207,7 +208,7 @@ def delivery_attempt(*, delivery_id: str) -> str:
     """One attempt of a delivery: `delivered`, `retry` (failed; sent again after its
     endpoint's backoff), `failed` (failed, and past the retry window), `deferred` (its
     endpoint is backing off, or another delivery probes it), `busy` (its endpoint has
-    WEBHOOK_ENDPOINT_CONCURRENCY attempts in flight: queued again shortly) or `skipped`
+    WEBHOOK_ENDPOINT_CONCURRENCY attempts in flight: the sweep sends it again) or `skipped`
     (not pending, or its endpoint is gone or off)."""
     delivery = (
         WebhookDelivery.objects.select_related("endpoint__project")
@@ -234,10 +235,8 @@ def delivery_attempt(*, delivery_id: str) -> str:
     slot = f"webhooks:inflight:{endpoint.id}"
     if redis.incr(slot) > settings.WEBHOOK_ENDPOINT_CONCURRENCY:
         redis.decr(slot)
-        current_app.send_task(
-            DELIVER_TASK, kwargs={"delivery_id": delivery.id}, queue=WEBHOOK_QUEUE,
-            countdown=BUSY_RETRY_SECONDS,
-        )  # fmt: skip
+        # For the sweep (not a task bounced at once: a backlog would spin on it).
+        _defer(delivery, now + timedelta(seconds=BUSY_RETRY_SECONDS))
         return "busy"
     try:
         redis.expire(slot, int(settings.WEBHOOK_TIMEOUT_SECONDS * 2 + 10))

@@ -609,7 +609,7 @@ WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=5)
 WEBHOOK_CONNECT_TIMEOUT_SECONDS = env.float("WEBHOOK_CONNECT_TIMEOUT_SECONDS", default=2)
 # Attempts in flight to one endpoint at once (the rest wait a moment): a hanging endpoint
 # holds at most this many of the webhooks worker's threads (the Procfile gives it 50).
-WEBHOOK_ENDPOINT_CONCURRENCY = env.int("WEBHOOK_ENDPOINT_CONCURRENCY", default=8)
+WEBHOOK_ENDPOINT_CONCURRENCY = env.int("WEBHOOK_ENDPOINT_CONCURRENCY", default=16)
 # After the n-th failure in a row an endpoint waits WEBHOOK_BACKOFF_SECONDS[n-1] (the last
 # one from then on); a delivery is given up once it is older than the retry window.
 WEBHOOK_BACKOFF_SECONDS = [
