@@ -13,7 +13,8 @@ Every endpoint subscribes to `run.completed`.
 
 Each round, subject and baseline: the same --runs runs of a project are ended through
 chat.state.run_end (the one run-end path, which records the deliveries in its
-transaction and queues them after commit), by 8 threads as fast as they can; the baseline's
+transaction and queues them after commit), by 8 threads, all at once or --rate per
+second; the baseline's
 project has the 7 live endpoints only, the subject's all 10. Latency of a delivery: from
 the return of run_end to its arrival at the live endpoint. Also counted: attempts the
 dead endpoints got in the window (they are backed off as a whole, so far fewer than the
@@ -137,7 +138,21 @@ def closed_port_url() -> str:
 ENDERS = 8
 
 
-def one(label: str, runs: int, with_dead: bool, user) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def one(label: str, runs: int, with_dead: bool, user, worker_pid: int, rate: float) -> dict:
     from django.db import connections, transaction
 
     from agents.models import Agent
@@ -168,18 +183,22 @@ def one(label: str, runs: int, with_dead: bool, user) -> dict:
         made.append(run)
     Run.objects.filter(id__in=[r.id for r in made]).update(status=Run.Status.RUNNING)
     ended: dict[str, float] = {}
+    cpu_before = cpu_seconds(worker_pid)
     started = time.time()
 
     def end(share: list) -> None:
         try:
-            for run in share:
+            for index, run in share:
+                if rate:  # completions spread at `rate` per second
+                    time.sleep(max(0.0, started + index / rate - time.time()))
                 run.session.project = project
                 state.run_end(run=run, status=Run.Status.DONE, content="done")
                 ended[str(run.id)] = time.time()
         finally:
             connections.close_all()
 
-    enders = [threading.Thread(target=end, args=(made[i::ENDERS],)) for i in range(ENDERS)]
+    numbered = list(enumerate(made))
+    enders = [threading.Thread(target=end, args=(numbered[i::ENDERS],)) for i in range(ENDERS)]
     for thread in enders:
         thread.start()
     for thread in enders:
@@ -189,6 +208,7 @@ def one(label: str, runs: int, with_dead: bool, user) -> dict:
     while time.monotonic() < deadline and any(len(e.arrivals) < runs for e in live):
         time.sleep(0.2)
     window = time.time() - started
+    worker_cpu = cpu_seconds(worker_pid) - cpu_before
     latencies = sorted(
         endpoint.arrivals[run_id] - ended[run_id]
         for endpoint in live
@@ -217,6 +237,7 @@ def one(label: str, runs: int, with_dead: bool, user) -> dict:
         "dead_attempts": dead_attempts,
         "dead_pending": dead_pending,
         "dead_events": runs * 3 if with_dead else 0,
+        "cpu_ms_per_delivery": 1000 * worker_cpu / max(delivered, 1),
     }
 
 
@@ -224,6 +245,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--rate", type=float, default=0, help="completions per second (0: all at once)"
+    )
     args = parser.parse_args()
 
     import django
@@ -240,7 +264,7 @@ def main() -> None:
     procs = [start(name, log_dir) for name in ("webhooks", "worker", "beat")]
     time.sleep(8)  # the workers' start (no readiness probe on a dedicated worker's queue)
     print(
-        f"runs={args.runs} endpoints: 7 live + 3 down (refused, 500, hanging); "
+        f"runs={args.runs} rate={args.rate or 'burst'}/s endpoints: 7 live + 3 down (refused, 500, hanging); "
         f"WEBHOOK_TIMEOUT_SECONDS={settings.WEBHOOK_TIMEOUT_SECONDS} "
         f"connect={settings.WEBHOOK_CONNECT_TIMEOUT_SECONDS} "
         f"backoff={settings.WEBHOOK_BACKOFF_SECONDS[:3]}...; webhooks worker: 50 threads"
@@ -250,14 +274,15 @@ def main() -> None:
         for r in range(args.rounds):
             for label, dead in (("baseline 7 live", False), ("7 live + 3 down", True)):
                 load = os.getloadavg()[0]
-                row = one(label, args.runs, dead, user)
+                row = one(label, args.runs, dead, user, procs[0].pid, args.rate)
                 row["round"], row["load"] = r + 1, load
                 rows.append(row)
                 print(
                     f"round {r + 1} {label:<16} delivered {row['delivered']:<10} "
                     f"p50 {row['p50']:.3f}s p99 {row['p99']:.3f}s max {row['max']:.3f}s "
                     f"ending {row['ending_s']:.1f}s; dead: {row['dead_attempts']} attempts for "
-                    f"{row['dead_events']} events, {row['dead_pending']} pending  "
+                    f"{row['dead_events']} events, {row['dead_pending']} pending; webhooks "
+                    f"worker CPU {row['cpu_ms_per_delivery']:.1f} ms/delivery  "
                     f"load {load:.2f}",
                     flush=True,
                 )

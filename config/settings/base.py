@@ -643,6 +643,16 @@ CELERY_BEAT_SCHEDULE.update(
 )
 # httpx's line per request (INFO) would be one per webhook delivery; the log keeps them.
 LOGGING["loggers"].setdefault("httpx", {"level": "WARNING"})
+SPECTACULAR_SETTINGS["ENUM_NAME_OVERRIDES"].update(
+    {
+        "WebhookEventEnum": "automation.webhooks.EVENT_TYPES",
+        "ScheduleKindEnum": "automation.models.Schedule.Kind",
+    }
+)
+SPECTACULAR_SETTINGS["TAGS"] += [
+    {"name": "Schedules", "description": "Messages sent to an agent once or on a cron."},
+    {"name": "Webhooks", "description": "Signed run events POSTed to a project's URLs."},
+]
 LOGGING["filters"]["quiet_periodic_tasks"]["tasks"] += [
     "automation.deliveries_due",
     "automation.purge",
