@@ -264,7 +264,8 @@ def main() -> None:
     procs = [start(name, log_dir) for name in ("webhooks", "worker", "beat")]
     time.sleep(8)  # the workers' start (no readiness probe on a dedicated worker's queue)
     print(
-        f"runs={args.runs} rate={args.rate or 'burst'}/s endpoints: 7 live + 3 down (refused, 500, hanging); "
+        f"runs={args.runs} rate={args.rate or 'burst'}/s; endpoints: 7 live + 3 down "
+        "(refused, 500, hanging); "
         f"WEBHOOK_TIMEOUT_SECONDS={settings.WEBHOOK_TIMEOUT_SECONDS} "
         f"connect={settings.WEBHOOK_CONNECT_TIMEOUT_SECONDS} "
         f"backoff={settings.WEBHOOK_BACKOFF_SECONDS[:3]}...; webhooks worker: 50 threads"
