@@ -136,6 +136,8 @@ def closed_port_url() -> str:
 
 # Runs are ended by this many threads at once, as a pool of workers ends them.
 ENDERS = 8
+# How long a measurement waits for its live deliveries.
+DRAIN_SECONDS = 300
 
 
 def cpu_seconds(pid: int) -> float:
@@ -204,7 +206,8 @@ def one(label: str, runs: int, with_dead: bool, user, worker_pid: int, rate: flo
     for thread in enders:
         thread.join()
     ending_seconds = time.time() - started
-    deadline = time.monotonic() + 120
+    # Drained before the next measurement starts (a leftover backlog would delay it).
+    deadline = time.monotonic() + DRAIN_SECONDS
     while time.monotonic() < deadline and any(len(e.arrivals) < runs for e in live):
         time.sleep(0.2)
     window = time.time() - started
