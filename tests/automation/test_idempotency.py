@@ -140,13 +140,18 @@ def test_fifty_concurrent_posts_with_one_key_make_one_message_and_one_run(user, 
         t.join(60)
     codes = sorted(a.status_code for a in answers)
     print("status codes of the 50:", {c: codes.count(c) for c in set(codes)})
-    assert set(codes) <= {202, 409}, codes
+    # 409: the key's first request was still working; 503: no pooled database connection
+    # within DB_POOL_TIMEOUT_SECONDS (50 threads share this process's pool; nothing written).
+    assert set(codes) <= {202, 409, 503}, codes
+    assert 202 in codes
     assert Message.objects.filter(session=session, role="user").count() == 1
     assert Run.objects.filter(session=session).count() == 1
     accepted = {a.json()["id"] for a in answers if a.status_code == 202}
     assert len(accepted) == 1  # every 202 (first or replayed) names the one message
     busy = [a for a in answers if a.status_code == 409]
     assert all(a.json()["code"] == "idempotency_key_in_use" for a in busy)
+    unavailable = [a for a in answers if a.status_code == 503]
+    assert all(a.json()["code"] == "backend_unavailable" for a in unavailable)
     assert all(a["Retry-After"] == "1" for a in busy)
     # Retried after the first finished, every one gets the first answer.
     again = _client_for(user).post(url, {"content": "once"}, format="json",
