@@ -30,7 +30,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 from celery import current_app
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 from standardwebhooks.webhooks import Webhook
@@ -246,6 +246,10 @@ def delivery_attempt(*, delivery_id: str) -> str:
             id=delivery.id, status=WebhookDelivery.Status.PENDING, attempts=delivery.attempts
         ).update(attempts=attempt, next_attempt_at=now + timedelta(seconds=PROBE_LEASE_SECONDS)):
             return "skipped"
+        # The pooled database connection goes back while the endpoint is waited on: held,
+        # a hanging endpoint's attempts would take every connection of the process's pool
+        # and stall the deliveries to every other endpoint.
+        connection.close()
         status_code, error, duration_ms = _send(endpoint=endpoint, delivery=delivery)
     finally:
         redis.decr(slot)
