@@ -34,7 +34,7 @@ run: install
 	@$(BIN)/python manage.py migrate --noinput -v 0
 	@$(BIN)/python manage.py demo_user > /dev/null
 	@echo "Starting web, worker, beat and Flower; the token and URLs follow once they answer."
-	@bin/with-redis --interrupt-ok -- $(BIN)/honcho start -p $(WEB_PORT) web worker maintenance beat flower banner
+	@bin/with-redis --interrupt-ok -- $(BIN)/honcho start -p $(WEB_PORT) web worker maintenance webhooks beat flower banner
 
 ## Run the test suite (against DATABASE_URL / REDIS_URL when set, else SQLite and a
 ## throwaway bundled Redis). On the throwaway Redis it runs in TEST_WORKERS processes

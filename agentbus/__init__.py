@@ -11,7 +11,8 @@ Other apps use this public API:
 - `retire_project`, `queue_depth`, `queue_depths`: a project's queue for its teardown
   and for operators; `live_workers`: the workers' heartbeats, `worker_identity`: this
   worker process's id among them;
-- `project_queue`, `MAINTENANCE_QUEUE`, `URGENT_MAINTENANCE_QUEUE`: queue names.
+- `project_queue`, `MAINTENANCE_QUEUE`, `URGENT_MAINTENANCE_QUEUE`, `WEBHOOK_QUEUE`:
+  queue names.
 """
 
 from .active import (
@@ -31,11 +32,12 @@ from .guard import (
     project_tombstone,
 )
 from .publish import AgentBusTask, publish
-from .queues import MAINTENANCE_QUEUE, URGENT_MAINTENANCE_QUEUE, project_queue
+from .queues import MAINTENANCE_QUEUE, URGENT_MAINTENANCE_QUEUE, WEBHOOK_QUEUE, project_queue
 
 __all__ = [
     "MAINTENANCE_QUEUE",
     "URGENT_MAINTENANCE_QUEUE",
+    "WEBHOOK_QUEUE",
     "AgentBusTask",
     "ProjectGone",
     "ensure_project_alive",

@@ -24,6 +24,9 @@ MAINTENANCE_QUEUE = "uws.maintenance"
 # consumed by a worker of its own (the Procfile's `maintenance` line), whose few threads
 # runs never fill. Nothing routed here may open the embedded vector store.
 URGENT_MAINTENANCE_QUEUE = "uws.maintenance.urgent"
+# Webhook deliveries (automation): a worker of their own (the Procfile's `webhooks` line),
+# so a slow endpoint holds none of the threads that run agents or maintenance.
+WEBHOOK_QUEUE = "uws.webhooks"
 PROJECT_QUEUE_PREFIX = "uws.project."
 
 # The nameless exchange: the routing key is the destination queue.

@@ -28,7 +28,7 @@ from agents.models import Agent
 from governance.usage import usage_charge, usage_record, usage_row_write, usage_run_ended
 from workspaces.redis import ScopedRedis, scoped
 
-from . import streams
+from . import signals, streams
 from .models import ChatSession, Message, Run
 
 logger = logging.getLogger(__name__)
@@ -224,6 +224,7 @@ def run_end(
             Message.objects.filter(id=run.message_id).update(**written)
             if usage is not None:
                 tokens = usage_row_write(**usage)
+            run_transitioned_send(run=run, status=status, error=error)
     if usage is not None:
         if not ended:
             usage_record(**usage)  # the cost was real, whoever ended the run
@@ -327,6 +328,23 @@ def run_take_back(*, run: Run, from_status: str, attempt: int | None = None) -> 
             status=Message.Status.PENDING
         )
     return True
+
+
+def run_transitioned_send(*, run: Run, status: str, error: str = "") -> None:
+    """Announce (inside the caller's transaction) that `run` ended or now waits: the
+    one place the chat app tells others (automation's webhooks) about a run's end."""
+    project = run.session.project
+    signals.run_transitioned.send(
+        sender=Run,
+        run_id=run.id,
+        project_id=project.id,
+        user_id=project.owner_id,
+        session_id=run.session_id,
+        message_id=run.message_id,
+        agent_id=run.agent_id,
+        status=status,
+        error=error,
+    )
 
 
 def _redis_of(run: Run) -> ScopedRedis:

@@ -10,7 +10,7 @@ LLM endpoint, anything later such as webhooks) leaves the process through here.
   name), so a DNS answer that changes between check and connect (rebinding) cannot
   redirect it. Clients built here follow no redirect.
 - An operator opens it per purpose for their own networks: `EGRESS_ALLOW_NETWORKS`
-  maps a purpose (`tools`, `mcp`, `provider`) to CIDRs whose addresses are let through
+  maps a purpose (`tools`, `mcp`, `provider`, `webhooks`) to CIDRs whose addresses are let through
   (settings: `EGRESS_ALLOW_NETWORKS_TOOLS=10.0.0.0/8,...`). The deployment's own LLM
   endpoint (OPENAI_BASE_URL) is the operator's and does not come through here.
 """
@@ -28,8 +28,8 @@ import httpx
 from django.conf import settings
 from django.core import checks
 
-TOOLS, MCP, PROVIDER = "tools", "mcp", "provider"
-PURPOSES = (TOOLS, MCP, PROVIDER)
+TOOLS, MCP, PROVIDER, WEBHOOKS = "tools", "mcp", "provider", "webhooks"
+PURPOSES = (TOOLS, MCP, PROVIDER, WEBHOOKS)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

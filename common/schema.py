@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from drf_spectacular import openapi
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
-from drf_spectacular.utils import OpenApiResponse
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
 from rest_framework import permissions, serializers
 
 from .api import StrictSerializer
@@ -46,6 +46,8 @@ _DESCRIPTIONS = {
     409: "Conflicts with an existing object.",
     413: "The request body is too large.",
     415: "The body is not `application/json`.",
+    422: "This `Idempotency-Key` was used for another request (path or body) within "
+    "24 hours; nothing was done.",
     429: "Too many requests of this kind from this user or for this project; retry after "
     "`Retry-After` seconds. Nothing was done.",
     503: "A service this request needs (Redis, the broker, a worker) is unavailable; "
@@ -70,7 +72,31 @@ def _own_throttles(view) -> list[type]:
     return [t for t in view.throttle_classes if not issubclass(t, MethodScopedThrottle)]
 
 
+# The header of the POSTs that create work (projects.idempotency marks their handlers);
+# kept here, the schema's layer, so the schema needs no app of ours.
+IDEMPOTENCY_PARAMETER = OpenApiParameter(
+    name="Idempotency-Key",
+    location=OpenApiParameter.HEADER,
+    required=False,
+    pattern=r"^[\x21-\x7e]{1,255}$",
+    description="Makes a retry safe: the same key with the same request within 24 "
+    "hours answers the first response (header `Idempotent-Replayed: true`) and creates "
+    "nothing; with another request it is a 422; while the first is still working, a 409 "
+    "with `Retry-After`. 1 to 255 printable ASCII characters, e.g. a UUID.",
+)
+
+
 class AutoSchema(openapi.AutoSchema):
+    def _idempotent(self) -> bool:
+        handler = getattr(self.view, (self.method or "").lower(), None)
+        return bool(getattr(handler, "idempotent", False))
+
+    def get_override_parameters(self):
+        parameters = list(super().get_override_parameters())
+        if self._idempotent():
+            parameters.append(IDEMPOTENCY_PARAMETER)
+        return parameters
+
     def get_description(self) -> str:
         # Written for users in each operation's extend_schema; a view's docstring is for
         # the developers of this code and never becomes the public description.
@@ -92,6 +118,9 @@ class AutoSchema(openapi.AutoSchema):
         scoped = self.method in getattr(self.view, "throttle_scopes", {})
         if scoped or _own_throttles(self.view):
             codes.append(429)
+        if self._idempotent():
+            codes += [400, 409, 422]
+        codes = list(dict.fromkeys(codes))
         return sorted(codes)
 
     def _map_basic_serializer(self, serializer, direction):

@@ -18,6 +18,7 @@ urlpatterns = [
     path("my/projects/<uuid:project_id>/", include("chat.urls")),
     path("my/projects/<uuid:project_id>/", include("context.urls")),
     path("my/projects/<uuid:project_id>/", include("governance.urls")),
+    path("my/projects/<uuid:project_id>/", include("automation.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("api/redoc/", RedocView.as_view(url_name="schema"), name="redoc"),

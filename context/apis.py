@@ -12,6 +12,7 @@ from agents.selectors import agent_get
 from common.api import NOT_BLANK, StrictSerializer, TextField
 from common.schema import error_responses
 from common.validators import MAX_TEXT_BYTES, validate_text_size
+from projects.idempotency import idempotent
 from projects.mixins import ProjectScopedApi
 
 from .selectors import context_job_get
@@ -197,6 +198,7 @@ class AgentContextApi(ProjectScopedApi):
         request=ContextInputSerializer,
         responses={202: ContextJobAcceptedSerializer, **_UNAVAILABLE},
     )
+    @idempotent
     def post(self, request, project_id, agent_id):
         agent = agent_get(project=self.project, agent_id=agent_id)
         data = ContextInputSerializer(data=request.data)

@@ -17,6 +17,7 @@ from common.credentials import CHAT
 from common.schema import error_responses
 from common.validators import MAX_TEXT_BYTES, validate_text_size
 from governance.apis import QUOTA_EXCEEDED_RESPONSE
+from projects.idempotency import idempotent
 from projects.mixins import ProjectScopedApi
 
 from ..models import Message
@@ -188,6 +189,7 @@ class MessageListCreateApi(EnvelopeListMixin, ProjectScopedApi):
             429: QUOTA_EXCEEDED_RESPONSE,
         },
     )
+    @idempotent
     def post(self, request, project_id, session_id):
         session = session_get(project=self.project, session_id=session_id)
         data = MessageInputSerializer(data=request.data)

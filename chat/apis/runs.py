@@ -9,6 +9,7 @@ from common.api import EnvelopeListMixin, EnvelopePagination
 from common.credentials import CHAT
 from common.schema import error_responses
 from governance.apis import QUOTA_EXCEEDED_RESPONSE
+from projects.idempotency import idempotent
 from projects.mixins import ProjectScopedApi
 
 from ..models import Run
@@ -145,6 +146,7 @@ class RegenerateApi(ProjectScopedApi):
             429: QUOTA_EXCEEDED_RESPONSE,
         },
     )
+    @idempotent
     def post(self, request, project_id, session_id):
         session = session_get(project=self.project, session_id=session_id)
         answer = answer_regenerate(session=session)

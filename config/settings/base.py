@@ -50,6 +50,8 @@ INSTALLED_APPS = [
     "context",
     "tools",
     "chat",
+    "django_celery_beat",  # schedules: beat's database scheduler (automation)
+    "automation",
 ]
 
 MIDDLEWARE = [
@@ -606,3 +608,66 @@ LOGGING = {
         "flower.inspector": {"level": "ERROR"},
     },
 }
+
+# --- Automation: schedules, webhooks; Idempotency-Key (issue 26) --------------------
+# Beat reads its schedule from the database (django-celery-beat): the entries above are
+# copied there at start, and users' schedules (automation.Schedule) are rows beside them.
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# A cron schedule's task that waited this long on the queue is dropped (its tick is gone).
+SCHEDULE_TASK_EXPIRES_SECONDS = env.int("SCHEDULE_TASK_EXPIRES_SECONDS", default=55)
+# Webhook deliveries go out through the egress guard (purpose `webhooks`); an operator
+# opens networks of their own with EGRESS_ALLOW_NETWORKS_WEBHOOKS (CIDRs, comma-separated).
+EGRESS_ALLOW_NETWORKS["webhooks"] = env.list("EGRESS_ALLOW_NETWORKS_WEBHOOKS", default=[])
+# One attempt waits at most this long for the endpoint (connecting: the shorter one).
+WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=5)
+WEBHOOK_CONNECT_TIMEOUT_SECONDS = env.float("WEBHOOK_CONNECT_TIMEOUT_SECONDS", default=2)
+# Attempts in flight to one endpoint at once (the rest wait a moment): a hanging endpoint
+# holds at most this many of the webhooks worker's threads (the Procfile gives it 50).
+WEBHOOK_ENDPOINT_CONCURRENCY = env.int("WEBHOOK_ENDPOINT_CONCURRENCY", default=16)
+# After the n-th failure in a row an endpoint waits WEBHOOK_BACKOFF_SECONDS[n-1] (the last
+# one from then on); a delivery is given up once it is older than the retry window.
+WEBHOOK_BACKOFF_SECONDS = [
+    float(s) for s in env.list("WEBHOOK_BACKOFF_SECONDS", default=["5", "30", "120", "600",
+    "1800", "3600", "10800"])
+]  # fmt: skip
+WEBHOOK_RETRY_WINDOW_SECONDS = env.float("WEBHOOK_RETRY_WINDOW_SECONDS", default=86400)
+# How often beat sends the deliveries that are due (retries, and any lost on the way).
+WEBHOOK_SWEEP_SECONDS = env.float("WEBHOOK_SWEEP_SECONDS", default=5)
+# Delivery logs are kept this long.
+WEBHOOK_LOG_RETENTION_SECONDS = env.float("WEBHOOK_LOG_RETENTION_SECONDS", default=7 * 86400)
+# Idempotency-Key: an answer is kept a day; a claim whose request died is free again after
+# IDEMPOTENCY_CLAIM_SECONDS (longer than any request may take).
+IDEMPOTENCY_KEY_TTL_SECONDS = env.int("IDEMPOTENCY_KEY_TTL_SECONDS", default=86400)
+IDEMPOTENCY_CLAIM_SECONDS = env.int("IDEMPOTENCY_CLAIM_SECONDS", default=300)
+CELERY_BEAT_SCHEDULE.update(
+    {
+        # Sends the webhook deliveries that are due (retries with backoff).
+        "automation.deliveries_due": {
+            "task": "automation.deliveries_due",
+            "schedule": WEBHOOK_SWEEP_SECONDS,
+            "options": {"expires": WEBHOOK_SWEEP_SECONDS * 2},
+        },
+        # Purges old idempotency keys and webhook delivery logs.
+        "automation.purge": {
+            "task": "automation.purge",
+            "schedule": 3600.0,
+            "options": {"expires": 600.0},
+        },
+    }
+)
+# httpx's line per request (INFO) would be one per webhook delivery; the log keeps them.
+LOGGING["loggers"].setdefault("httpx", {"level": "WARNING"})
+SPECTACULAR_SETTINGS["ENUM_NAME_OVERRIDES"].update(
+    {
+        "WebhookEventEnum": "automation.webhooks.EVENT_TYPES",
+        "ScheduleKindEnum": "automation.models.Schedule.Kind",
+    }
+)
+SPECTACULAR_SETTINGS["TAGS"] += [
+    {"name": "Schedules", "description": "Messages sent to an agent once or on a cron."},
+    {"name": "Webhooks", "description": "Signed run events POSTed to a project's URLs."},
+]
+LOGGING["filters"]["quiet_periodic_tasks"]["tasks"] += [
+    "automation.deliveries_due",
+    "automation.purge",
+]

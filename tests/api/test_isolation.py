@@ -6,11 +6,14 @@ nothing answered anything but 404 and that nothing was written or created for th
 """
 
 import itertools
+import uuid
 
 import pytest
 from django.urls import get_resolver
 
 from agents.models import Agent, ProjectSecret, Tool
+from automation.models import Schedule, WebhookDelivery, WebhookEndpoint
+from automation.schedules import schedule_create
 from chat.models import ChatSession, Message, Run
 from governance.models import ProjectApiKey, ProviderSettings
 from governance.services import api_key_create
@@ -45,6 +48,14 @@ ROUTES = [
     ("/my/projects/{p}/chat/{s}/runs/{r}/", ["get"]),
     ("/my/projects/{p}/chat/{s}/runs/{r}/cancel/", ["post"]),
     ("/my/projects/{p}/chat/{s}/regenerate/", ["post"]),
+    ("/my/projects/{p}/schedules/", ["get", "post"]),
+    ("/my/projects/{p}/schedules/{sc}/", ["get", "patch", "delete"]),
+    ("/my/projects/{p}/schedules/{sc}/fires/", ["get"]),
+    ("/my/projects/{p}/webhooks/", ["get", "post"]),
+    ("/my/projects/{p}/webhooks/{w}/", ["get", "patch", "delete"]),
+    ("/my/projects/{p}/webhooks/{w}/rotate-secret/", ["post"]),
+    ("/my/projects/{p}/webhooks/{w}/deliveries/", ["get"]),
+    ("/my/projects/{p}/webhooks/{w}/deliveries/{d}/replay/", ["post"]),
 ]
 VALID_BODIES = {
     "/my/projects/{p}/": {"name": "renamed"},
@@ -64,6 +75,16 @@ VALID_BODIES = {
     "/my/projects/{p}/agents/{a}/tools/{t}/": {"description": "changed"},
     "/my/projects/{p}/secrets/": {"name": "OTHER", "value": "intruder"},
     "/my/projects/{p}/secrets/{n}/": {"value": "intruder"},
+    "/my/projects/{p}/schedules/": {
+        "agent_id": "{a}",
+        "name": "intruder",
+        "content": "hi",
+        "kind": "cron",
+        "cron": "* * * * *",
+    },
+    "/my/projects/{p}/schedules/{sc}/": {"enabled": False},
+    "/my/projects/{p}/webhooks/": {"url": "https://example.com/h", "events": ["run.failed"]},
+    "/my/projects/{p}/webhooks/{w}/": {"enabled": False},
 }
 
 
@@ -94,6 +115,9 @@ def _snapshot():
         sorted(Tool.objects.values_list("id", "name", "description", "updated_at")),
         sorted(ProjectSecret.objects.values_list("id", "name", "value")),
         sorted(Run.objects.values_list("id", "status")),
+        sorted(Schedule.objects.values_list("id", "name", "enabled", "updated_at")),
+        sorted(WebhookEndpoint.objects.values_list("id", "url", "enabled", "events")),
+        sorted(WebhookDelivery.objects.values_list("id", "status", "next_attempt_at")),
     )
 
 
@@ -103,7 +127,18 @@ def _tool_secret_and_run(project, agent, session):
     # A finished answer: regenerating it would be allowed, were the session the caller's.
     answer = MessageFactory(session=session, role="assistant", status="done", content="hi")
     run = Run.objects.create(session=session, message=answer, agent=agent, status="running")
-    return {"t": tool.id, "n": "API_TOKEN", "r": run.id}
+    schedule = schedule_create(
+        project=project, agent=agent, session=session, name="s", content="hi", kind="cron",
+        cron="0 9 * * *",
+    )  # fmt: skip
+    hook = WebhookEndpoint.objects.create(
+        project=project, url="https://example.com/h", events=["run.completed"], secret="whsec_x"
+    )
+    delivery = WebhookDelivery.objects.create(
+        id=f"msg_{uuid.uuid4().hex}", endpoint=hook, event_type="run.completed", body="{}"
+    )
+    return {"t": tool.id, "n": "API_TOKEN", "r": run.id, "sc": schedule.id, "w": hook.id,
+            "d": delivery.id}  # fmt: skip
 
 
 @pytest.fixture
@@ -159,6 +194,9 @@ def _foreign_id_sets(world):
             "t": second["t"],
             "n": "API_TOKEN",
             "r": second["r"],
+            "sc": second["sc"],
+            "w": second["w"],
+            "d": second["d"],
         },
     )
 
@@ -167,7 +205,7 @@ def test_every_route_and_method_is_404_for_foreign_ids(api, world, redis_client)
     before = _snapshot()
     checked = 0
     for (label, ids), (template, methods) in itertools.product(_foreign_id_sets(world), ROUTES):
-        children = ("{a}", "{s}", "{k}")
+        children = ("{a}", "{s}", "{k}", "{sc}", "{w}")
         if not any(c in template for c in children) and ids["p"] == world["mine"]["p"]:
             continue  # the route names only the caller's own project: not a foreign id
         for method in methods:
@@ -228,6 +266,9 @@ def test_matrix_covers_every_route():
         .replace("<uuid:tool_id>", "{t}")
         .replace("<uuid:run_id>", "{r}")
         .replace("<str:name>", "{n}")
+        .replace("<uuid:schedule_id>", "{sc}")
+        .replace("<uuid:webhook_id>", "{w}")
+        .replace("<str:delivery_id>", "{d}")
         for r in served
         if "<uuid:project_id>" in r and not r.startswith("admin/")
     }

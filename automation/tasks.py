@@ -1,0 +1,33 @@
+"""Automation's tasks: a schedule fired by beat (maintenance queue; its message's run then
+goes on the project's bus like any other), a webhook delivery (the webhooks queue), the
+sweep of due deliveries and the purge (beat). Thin and idempotent: ids in, one service
+called; a row that is gone ends the task quietly."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from projects.idempotency import idempotency_keys_purge
+
+from .schedules import FIRE_TASK, schedule_fire
+from .webhooks import DELIVER_TASK, deliveries_due, deliveries_purge, delivery_attempt
+
+
+@shared_task(name=FIRE_TASK, ignore_result=True)
+def fire_schedule(*, schedule_id: str) -> str:
+    return schedule_fire(schedule_id=schedule_id)
+
+
+@shared_task(name=DELIVER_TASK, ignore_result=True)
+def deliver_webhook(*, delivery_id: str) -> str:
+    return delivery_attempt(delivery_id=delivery_id)
+
+
+@shared_task(name="automation.deliveries_due", ignore_result=True)
+def send_due_deliveries() -> int:
+    return deliveries_due()
+
+
+@shared_task(name="automation.purge", ignore_result=True)
+def purge() -> dict:
+    return {"idempotency_keys": idempotency_keys_purge(), "deliveries": deliveries_purge()}

@@ -1,0 +1,312 @@
+"""Webhook deliveries: 1,000 run completions to 10 endpoints of which 3 are down.
+
+    createdb -h 127.0.0.1 -U postgres uws_hooks_bench   # any PostgreSQL database
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/uws_hooks_bench \\
+      bin/with-redis --ephemeral -- .venv/bin/python bench/webhooks.py [--runs 1000 --rounds 3]
+
+Started as the Procfile starts them: the `webhooks` worker (its own queue, 50 threads),
+the shared `worker` (runs the sweep of due deliveries) and `beat`. Endpoints are HTTP
+servers in this process on 127.0.0.1 (EGRESS_ALLOW_NETWORKS_WEBHOOKS=127.0.0.0/8): 7 live
+ones answering 204, and 3 down: one refusing connections (closed port), one answering
+500, one accepting and never answering (each attempt waits out WEBHOOK_TIMEOUT_SECONDS).
+Every endpoint subscribes to `run.completed`.
+
+Each round, subject and baseline: the same --runs runs of a project are ended through
+chat.state.run_end (the one run-end path, which records the deliveries in its
+transaction and queues them after commit), by 8 threads, all at once or --rate per
+second; the baseline's
+project has the 7 live endpoints only, the subject's all 10. Latency of a delivery: from
+the return of run_end to its arrival at the live endpoint. Also counted: attempts the
+dead endpoints got in the window (they are backed off as a whole, so far fewer than the
+events), and deliveries still pending for them (retried later, up to a day).
+
+Left out: agents answering (the runs are ended by this process, not by the engine, so
+the figure is the webhook path alone); endpoints on other hosts (loopback has no network
+latency); several webhooks workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if __name__ == "__main__":
+    sys.path[:0] = [str(ROOT)]
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
+    os.environ.setdefault("DEBUG", "false")
+    os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
+    os.environ.setdefault("VAR_DIR", str(ROOT / "var" / "bench-webhooks"))
+    os.environ["CELERY_BROKER_URL"] = os.environ["REDIS_URL"]
+    os.environ["EGRESS_ALLOW_NETWORKS_WEBHOOKS"] = "127.0.0.0/8"
+    Path(os.environ["VAR_DIR"]).mkdir(parents=True, exist_ok=True)
+
+
+def procfile(name: str) -> list[str]:
+    line = next(ln for ln in (ROOT / "Procfile").read_text().splitlines() if ln.startswith(name))
+    command = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", line.split(":", 1)[1]).split()
+    command = [part for part in command if "=" not in part or part.startswith("-")]
+    return [sys.executable, "-m", *command]
+
+
+def start(name: str, log_dir: Path) -> subprocess.Popen:
+    log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 (the process keeps it)
+    env = dict(os.environ, REMAP_SIGTERM="SIGQUIT", PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        procfile(f"{name}:"), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+class Live:
+    """An endpoint answering 204, recording (run id, arrival time)."""
+
+    def __init__(self, status: int = 204) -> None:
+        self.arrivals: dict[str, float] = {}
+        self.hits = 0
+        live = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                at = time.time()
+                live.hits += 1
+                found = re.search(rb'"run_id":"([0-9a-f-]+)"', body)
+                if found:
+                    live.arrivals.setdefault(found.group(1).decode(), at)
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.server.request_queue_size = 1024
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+class Hanging:
+    """Accepts connections and never answers."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4096)
+        self.held: list[socket.socket] = []
+        self.hits = 0
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            conn, _ = self.sock.accept()
+            self.hits += 1
+            self.held.append(conn)
+
+
+def closed_port_url() -> str:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return f"http://127.0.0.1:{port}/hook"
+
+
+# Runs are ended by this many threads at once, as a pool of workers ends them.
+ENDERS = 8
+# How long a measurement waits for its live deliveries.
+DRAIN_SECONDS = 300
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children."""
+    total = 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def one(label: str, runs: int, with_dead: bool, user, worker_pid: int, rate: float) -> dict:
+    from django.db import connections, transaction
+
+    from agents.models import Agent
+    from automation.models import WebhookAttempt, WebhookDelivery
+    from automation.webhooks import webhook_create
+    from chat import state
+    from chat.models import ChatSession, Run
+    from projects.models import Project
+
+    project = Project.objects.create(owner=user, name=f"hooks {label} {uuid.uuid4().hex[:6]}")
+    agent = Agent.objects.create(project=project, name="a", model="offline")
+    sessions = [ChatSession.objects.create(project=project, agent=agent) for _ in range(10)]
+    live = [Live() for _ in range(7)]
+    for endpoint in live:
+        webhook_create(project=project, url=endpoint.url, events=["run.completed"])
+    dead_500, hanging = Live(status=500), Hanging()
+    dead_urls = {}
+    if with_dead:
+        dead_urls = {"refused": closed_port_url(), "500": dead_500.url, "hang": hanging.url}
+        for url in dead_urls.values():
+            webhook_create(project=project, url=url, events=["run.completed"])
+    made = []
+    for i in range(runs):
+        with transaction.atomic():
+            _q, _a, run = state.run_create(
+                session=sessions[i % 10], run_id=uuid.uuid4(), question="q"
+            )
+        made.append(run)
+    Run.objects.filter(id__in=[r.id for r in made]).update(status=Run.Status.RUNNING)
+    ended: dict[str, float] = {}
+    cpu_before = cpu_seconds(worker_pid)
+    started = time.time()
+
+    def end(share: list) -> None:
+        try:
+            for index, run in share:
+                if rate:  # completions spread at `rate` per second
+                    time.sleep(max(0.0, started + index / rate - time.time()))
+                run.session.project = project
+                state.run_end(run=run, status=Run.Status.DONE, content="done")
+                ended[str(run.id)] = time.time()
+        finally:
+            connections.close_all()
+
+    numbered = list(enumerate(made))
+    enders = [threading.Thread(target=end, args=(numbered[i::ENDERS],)) for i in range(ENDERS)]
+    for thread in enders:
+        thread.start()
+    for thread in enders:
+        thread.join()
+    ending_seconds = time.time() - started
+    # Drained before the next measurement starts (a leftover backlog would delay it).
+    deadline = time.monotonic() + DRAIN_SECONDS
+    while time.monotonic() < deadline and any(len(e.arrivals) < runs for e in live):
+        time.sleep(0.2)
+    window = time.time() - started
+    worker_cpu = cpu_seconds(worker_pid) - cpu_before
+    latencies = sorted(
+        endpoint.arrivals[run_id] - ended[run_id]
+        for endpoint in live
+        for run_id in endpoint.arrivals
+        if run_id in ended
+    )
+    delivered = sum(len(e.arrivals) for e in live)
+    dead_attempts = WebhookAttempt.objects.filter(
+        delivery__endpoint__project=project, delivery__endpoint__url__in=dead_urls.values()
+    ).count()
+    dead_pending = WebhookDelivery.objects.filter(
+        endpoint__project=project, endpoint__url__in=dead_urls.values(), status="pending"
+    ).count()
+
+    def pct(p: float) -> float:
+        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] if latencies else 0
+
+    return {
+        "label": label,
+        "delivered": f"{delivered}/{runs * 7}",
+        "p50": pct(0.50),
+        "p99": pct(0.99),
+        "max": latencies[-1] if latencies else 0,
+        "ending_s": ending_seconds,
+        "window_s": window,
+        "dead_attempts": dead_attempts,
+        "dead_pending": dead_pending,
+        "dead_events": runs * 3 if with_dead else 0,
+        "cpu_ms_per_delivery": 1000 * worker_cpu / max(delivered, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--rate", type=float, default=0, help="completions per second (0: all at once)"
+    )
+    args = parser.parse_args()
+
+    import django
+
+    django.setup()
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    user, _ = get_user_model().objects.get_or_create(username="hooks-bench")
+    log_dir = Path(os.environ["VAR_DIR"]) / f"logs-{int(time.time())}"
+    log_dir.mkdir(parents=True)
+    procs = [start(name, log_dir) for name in ("webhooks", "worker", "beat")]
+    time.sleep(8)  # the workers' start (no readiness probe on a dedicated worker's queue)
+    print(
+        f"runs={args.runs} rate={args.rate or 'burst'}/s; endpoints: 7 live + 3 down "
+        "(refused, 500, hanging); "
+        f"WEBHOOK_TIMEOUT_SECONDS={settings.WEBHOOK_TIMEOUT_SECONDS} "
+        f"connect={settings.WEBHOOK_CONNECT_TIMEOUT_SECONDS} "
+        f"backoff={settings.WEBHOOK_BACKOFF_SECONDS[:3]}...; webhooks worker: 50 threads"
+    )
+    rows = []
+    try:
+        for r in range(args.rounds):
+            for label, dead in (("baseline 7 live", False), ("7 live + 3 down", True)):
+                load = os.getloadavg()[0]
+                row = one(label, args.runs, dead, user, procs[0].pid, args.rate)
+                row["round"], row["load"] = r + 1, load
+                rows.append(row)
+                print(
+                    f"round {r + 1} {label:<16} delivered {row['delivered']:<10} "
+                    f"p50 {row['p50']:.3f}s p99 {row['p99']:.3f}s max {row['max']:.3f}s "
+                    f"ending {row['ending_s']:.1f}s; dead: {row['dead_attempts']} attempts for "
+                    f"{row['dead_events']} events, {row['dead_pending']} pending; webhooks "
+                    f"worker CPU {row['cpu_ms_per_delivery']:.1f} ms/delivery  "
+                    f"load {load:.2f}",
+                    flush=True,
+                )
+    finally:
+        for proc in procs:
+            stop(proc)
+    print()
+    print(f"{'':<18}{'p99 live (s) min/median/max':<32}{'p50 live (s) median':<22}"
+          f"{'dead attempts / events (median)':<32}")  # fmt: skip
+    for label in ("baseline 7 live", "7 live + 3 down"):
+        mine = [x for x in rows if x["label"] == label]
+        p99s = [x["p99"] for x in mine]
+        print(
+            f"{label:<18}{min(p99s):.3f} / {statistics.median(p99s):.3f} / {max(p99s):.3f}"
+            f"{'':<9}{statistics.median([x['p50'] for x in mine]):.3f}{'':<16}"
+            f"{statistics.median([x['dead_attempts'] for x in mine]):.0f} / "
+            f"{mine[0]['dead_events']}"
+        )
+    print(f"load average at the end: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Fixtures of the automation tests: the runtime on the offline provider, a webhooks
+worker (in this process, on the webhooks queue, as the Procfile's `webhooks` line), and
+endpoints that receive deliveries over real HTTP."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tests.runtime.conftest import qdrant_path, runtime_settings  # noqa: F401
+
+
+class Receiver:
+    """An HTTP endpoint on 127.0.0.1 answering `status` (or hanging), recording what came."""
+
+    def __init__(self, status: int = 204) -> None:
+        self.status = status
+        self.received: list[dict] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                receiver.received.append(
+                    {"headers": dict(self.headers), "body": body.decode(), "at": time.time()}
+                )
+                self.send_response(receiver.status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def bodies(self) -> list[dict]:
+        return [json.loads(r["body"]) for r in self.received]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver_factory(settings):
+    settings.EGRESS_ALLOW_NETWORKS = {
+        **settings.EGRESS_ALLOW_NETWORKS,
+        "webhooks": ["127.0.0.0/8"],
+    }
+    made: list[Receiver] = []
+
+    def make(status: int = 204) -> Receiver:
+        made.append(Receiver(status))
+        return made[-1]
+
+    yield make
+    for receiver in made:
+        receiver.stop()
+
+
+@pytest.fixture
+def webhooks_worker(transactional_db):
+    """A real worker on the webhooks queue (threads), dedicated as in the Procfile."""
+    from celery.contrib.testing.worker import start_worker
+    from django.conf import settings
+
+    from agentbus.queues import WEBHOOK_QUEUE
+    from config.celery_app import app
+
+    app.conf.broker_transport = settings.AGENTBUS_WORKER_TRANSPORT or None
+    try:
+        with start_worker(
+            app,
+            pool="threads",
+            concurrency=4,
+            queues=[WEBHOOK_QUEUE],
+            agentbus_mode="dedicated",
+            perform_ping_check=False,
+            loglevel="WARNING",
+            shutdown_timeout=30,
+        ) as worker:
+            yield worker
+    finally:
+        app.conf.broker_transport = None
+        for cached in ("queues", "router", "default_queue"):
+            app.amqp.__dict__.pop(cached, None)

@@ -1,0 +1,232 @@
+"""Webhooks: endpoints through the API, Standard Webhooks signatures (the spec's test
+vector), deliveries recorded with a run's end and sent by a real worker over HTTP,
+retries with backoff, the log and the replay."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from django.utils import timezone
+from standardwebhooks.webhooks import Webhook
+
+from automation.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from automation.webhooks import deliveries_due, delivery_attempt, signature_headers
+from chat.models import Run
+from chat.state import run_end
+from tests.runtime.conftest import wait_until
+from workspaces.redis import scoped
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _hooks_url(project) -> str:
+    return f"/my/projects/{project.id}/webhooks/"
+
+
+def _end_a_run(api, session, status=Run.Status.DONE) -> Run:
+    """A message's run, ended through chat.state (the one run-end path)."""
+    url = f"/my/projects/{session.project_id}/chat/{session.id}/messages/"
+    assert api.post(url, {"content": "q"}, format="json").status_code == 202
+    run = Run.objects.filter(session=session).order_by("-created_at").first()
+    Run.objects.filter(id=run.id).update(status=Run.Status.RUNNING)
+    assert run_end(run=run, status=status, content="a", error="boom" if status == "error" else "")
+    return run
+
+
+def test_the_signature_matches_the_specs_test_vector():
+    # Standard Webhooks' published vector (the spec's reference libraries' tests).
+    headers = signature_headers(
+        secret="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        msg_id="msg_p5jXN8AQM9LWM0D4loKWxJek",
+        body='{"test": 2432232314}',
+        at=datetime.fromtimestamp(1614265330, UTC),
+    )
+    assert headers == {
+        "webhook-id": "msg_p5jXN8AQM9LWM0D4loKWxJek",
+        "webhook-timestamp": "1614265330",
+        "webhook-signature": "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
+    }
+
+
+def test_an_endpoint_is_made_with_a_secret_shown_once(api, project, receiver_factory):
+    receiver = receiver_factory()
+    response = api.post(
+        _hooks_url(project), {"url": receiver.url, "events": ["run.completed"]}, format="json"
+    )
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert body["secret"].startswith("whsec_")
+    assert WebhookEndpoint.objects.get(id=body["id"]).secret == body["secret"]
+    listed = api.get(_hooks_url(project)).json()["webhooks"]
+    assert [w["id"] for w in listed] == [body["id"]] and "secret" not in listed[0]
+    assert "secret" not in api.get(f"{_hooks_url(project)}{body['id']}/").json()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"url": "http://127.0.0.1:9/hook", "events": ["run.completed"]},  # not allowed
+        {"url": "ftp://example.com/", "events": ["run.completed"]},
+        {"url": "https://example.com/", "events": []},
+        {"url": "https://example.com/", "events": ["run.exploded"]},
+        {"url": "https://example.com/", "events": ["run.completed"], "secret": "mine"},
+    ],
+)
+def test_a_bad_endpoint_is_a_400_and_writes_nothing(api, project, payload):
+    response = api.post(_hooks_url(project), payload, format="json")
+    assert response.status_code == 400, response.content
+    assert not WebhookEndpoint.objects.exists()
+
+
+def test_another_users_endpoints_are_404(other_api, api, project, receiver_factory):
+    receiver = receiver_factory()
+    hook = api.post(
+        _hooks_url(project), {"url": receiver.url, "events": ["run.completed"]}, format="json"
+    ).json()
+    base = f"{_hooks_url(project)}{hook['id']}/"
+    assert other_api.get(_hooks_url(project)).status_code == 404
+    assert other_api.post(_hooks_url(project), {}, format="json").status_code == 404
+    for method, url in [
+        ("get", base),
+        ("patch", base),
+        ("delete", base),
+        ("get", base + "deliveries/"),
+        ("post", base + "rotate-secret/"),
+        ("post", base + "deliveries/msg_x/replay/"),
+    ]:
+        assert getattr(other_api, method)(url).status_code == 404, (method, url)
+    assert WebhookEndpoint.objects.filter(id=hook["id"]).exists()
+
+
+def test_a_run_end_is_delivered_signed_by_the_webhooks_worker(
+    api, session, receiver_factory, webhooks_worker
+):
+    receiver = receiver_factory()
+    failed_only = receiver_factory()
+    hook = api.post(
+        _hooks_url(session.project),
+        {"url": receiver.url, "events": ["run.completed", "run.failed"]},
+        format="json",
+    ).json()
+    api.post(
+        _hooks_url(session.project),
+        {"url": failed_only.url, "events": ["run.failed"]},
+        format="json",
+    )
+    run = _end_a_run(api, session)
+    wait_until(lambda: receiver.received, what="the delivery")
+    got = receiver.received[0]
+    payload = Webhook(hook["secret"]).verify(got["body"], got["headers"])
+    assert payload["type"] == "run.completed"
+    assert payload["data"]["run_id"] == str(run.id)
+    assert payload["data"]["status"] == "done"
+    delivery = WebhookDelivery.objects.get(endpoint_id=hook["id"])
+    assert got["headers"]["webhook-id"] == delivery.id
+    wait_until(
+        lambda: WebhookDelivery.objects.get(id=delivery.id).status == "delivered",
+        what="delivered",
+    )
+    assert failed_only.received == []  # not subscribed to completions
+    log = api.get(f"{_hooks_url(session.project)}{hook['id']}/deliveries/").json()
+    assert log["deliveries"][0]["status"] == "delivered"
+    assert log["deliveries"][0]["log"][0]["status_code"] == 204
+
+    _end_a_run(api, session, status=Run.Status.ERROR)
+    wait_until(lambda: len(receiver.received) == 2 and failed_only.received, what="failures")
+    assert json.loads(failed_only.received[0]["body"])["type"] == "run.failed"
+
+
+def test_a_failing_endpoint_is_retried_with_backoff_then_replayed(
+    api, session, receiver_factory, settings
+):
+    settings.WEBHOOK_BACKOFF_SECONDS = [60, 600]
+    receiver = receiver_factory(status=500)
+    hook = api.post(
+        _hooks_url(session.project), {"url": receiver.url, "events": ["run.completed"]},
+        format="json",
+    ).json()  # fmt: skip
+    _end_a_run(api, session)
+    _end_a_run(api, session)
+    first, second = WebhookDelivery.objects.filter(endpoint_id=hook["id"]).order_by("created_at")
+    assert delivery_attempt(delivery_id=first.id) == "retry"
+    endpoint = WebhookEndpoint.objects.get(id=hook["id"])
+    assert endpoint.consecutive_failures == 1
+    assert endpoint.blocked_until > timezone.now() + timedelta(seconds=50)
+    # While the endpoint backs off, its other deliveries wait without an attempt.
+    assert delivery_attempt(delivery_id=second.id) == "deferred"
+    assert len(receiver.received) == 1
+    assert WebhookDelivery.objects.get(id=second.id).next_attempt_at == endpoint.blocked_until
+    assert WebhookAttempt.objects.filter(delivery_id=first.id).get().status_code == 500
+    # Not due yet: the sweep leaves them.
+    assert deliveries_due() == 0
+
+    # Past the retry window, a failure gives the delivery up.
+    WebhookEndpoint.objects.filter(id=hook["id"]).update(blocked_until=None)
+    WebhookDelivery.objects.filter(id=first.id).update(
+        created_at=timezone.now() - timedelta(days=1)
+    )
+    assert delivery_attempt(delivery_id=first.id) == "failed"
+
+    # The endpoint is fixed; the owner replays the given-up delivery: same webhook-id.
+    receiver.status = 200
+    url = f"{_hooks_url(session.project)}{hook['id']}/deliveries/{first.id}/replay/"
+    replayed = api.post(url)
+    assert replayed.status_code == 202, replayed.content
+    assert replayed.json()["status"] == "pending"
+    assert delivery_attempt(delivery_id=first.id) == "delivered"
+    assert receiver.received[-1]["headers"]["webhook-id"] == first.id
+    endpoint.refresh_from_db()
+    assert endpoint.consecutive_failures == 0 and endpoint.blocked_until is None
+    # The other delivery, once due, goes out.
+    WebhookDelivery.objects.filter(id=second.id).update(next_attempt_at=timezone.now())
+    assert delivery_attempt(delivery_id=second.id) == "delivered"
+
+
+def test_a_refused_address_is_logged_as_a_failed_attempt(api, session, receiver_factory, settings):
+    receiver = receiver_factory()
+    hook = api.post(
+        _hooks_url(session.project), {"url": receiver.url, "events": ["run.completed"]},
+        format="json",
+    ).json()  # fmt: skip
+    settings.EGRESS_ALLOW_NETWORKS = {**settings.EGRESS_ALLOW_NETWORKS, "webhooks": []}
+    _end_a_run(api, session)
+    delivery = WebhookDelivery.objects.get(endpoint_id=hook["id"])
+    assert delivery_attempt(delivery_id=delivery.id) == "retry"
+    attempt = WebhookAttempt.objects.get(delivery_id=delivery.id)
+    assert attempt.status_code is None and "non-public address" in attempt.error
+    assert receiver.received == []
+
+
+def test_deleting_the_project_removes_its_endpoints_and_log(api, session, receiver_factory):
+    receiver = receiver_factory()
+    api.post(
+        _hooks_url(session.project), {"url": receiver.url, "events": ["run.completed"]},
+        format="json",
+    )  # fmt: skip
+    _end_a_run(api, session)
+    assert WebhookDelivery.objects.count() == 1
+    assert api.delete(f"/my/projects/{session.project_id}/").status_code == 204
+    assert not WebhookEndpoint.objects.exists() and not WebhookDelivery.objects.exists()
+
+
+def test_an_endpoint_with_every_attempt_slot_taken_waits(api, session, receiver_factory, settings):
+    settings.WEBHOOK_ENDPOINT_CONCURRENCY = 1
+    receiver = receiver_factory()
+    hook = api.post(
+        _hooks_url(session.project), {"url": receiver.url, "events": ["run.completed"]},
+        format="json",
+    ).json()  # fmt: skip
+    _end_a_run(api, session)
+    delivery = WebhookDelivery.objects.get(endpoint_id=hook["id"])
+    redis = scoped(session.project.owner_id, session.project_id)
+    slot = f"webhooks:inflight:{hook['id']}"
+    redis.incr(slot)  # an attempt in flight (a hanging endpoint)
+    assert delivery_attempt(delivery_id=delivery.id) == "busy"
+    assert receiver.received == []
+    waiting = WebhookDelivery.objects.get(id=delivery.id)
+    assert waiting.attempts == 0 and waiting.next_attempt_at > timezone.now()
+    redis.decr(slot)
+    assert delivery_attempt(delivery_id=delivery.id) == "delivered"
+    assert int(redis.get(slot)) == 0
