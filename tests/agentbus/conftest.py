@@ -38,7 +38,10 @@ def project_id() -> uuid.UUID:
 
 
 def pytest_generate_tests(metafunc):
-    if "bus_broker" in metafunc.fixturenames:
+    chosen = any(
+        "bus_broker" in str(mark.args[0]) for mark in metafunc.definition.iter_markers("parametrize")
+    )
+    if "bus_broker" in metafunc.fixturenames and not chosen:
         metafunc.parametrize("bus_broker", ["redis", "amqp"], indirect=True)
 
 
