@@ -225,9 +225,7 @@ class AgentBusConsumer(bootsteps.StartStopStep):
         for name in names:
             tag = cset._active_tags.get(name)  # kombu keeps the consumer tag per queue here
             if tag is not None:
-                callbacks[tag] = lambda _tag, name=name: c.call_soon(
-                    self._left_by_broker, c, name
-                )
+                callbacks[tag] = lambda _tag, name=name: c.call_soon(self._left_by_broker, c, name)
 
     def _left_by_broker(self, c, name) -> None:
         try:

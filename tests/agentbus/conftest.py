@@ -39,7 +39,8 @@ def project_id() -> uuid.UUID:
 
 def pytest_generate_tests(metafunc):
     chosen = any(
-        "bus_broker" in str(mark.args[0]) for mark in metafunc.definition.iter_markers("parametrize")
+        "bus_broker" in str(mark.args[0])
+        for mark in metafunc.definition.iter_markers("parametrize")
     )
     if "bus_broker" in metafunc.fixturenames and not chosen:
         metafunc.parametrize("bus_broker", ["redis", "amqp"], indirect=True)
@@ -82,4 +83,3 @@ def bus_broker(request, settings):
         for queue in amqp_known_queues():
             amqp_delete(queue)
     app.amqp.__dict__.pop("queues", None)
-

@@ -20,7 +20,6 @@ from config.celery_app import app
 from tests.agentbus import tasks
 from tests.agentbus.conftest import send, wait_for, worker_status
 
-
 pytestmark = pytest.mark.parametrize("bus_broker", ["amqp"], indirect=True)
 
 

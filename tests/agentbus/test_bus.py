@@ -29,7 +29,6 @@ from tests.agentbus import tasks
 from tests.agentbus.conftest import send
 from workspaces.redis import scoped, workspace_prefix
 
-
 # Tests of what does not depend on the broker run on Redis and on RabbitMQ.
 ON_BOTH_BROKERS = pytest.mark.usefixtures("bus_broker")
 

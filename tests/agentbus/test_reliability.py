@@ -130,8 +130,6 @@ def test_a_message_restored_from_unacked_is_skipped_if_its_project_was_deleted(
 
     request.getfixturevalue("live_worker")
 
-    assert wait_for(
-        lambda: active.queue_depth(project_id) == 0 and not unacked(redis_client)
-    )
+    assert wait_for(lambda: active.queue_depth(project_id) == 0 and not unacked(redis_client))
     assert len(tasks.started("crash")) == 1  # only the run that was killed
     assert tasks.effects("crash") == []

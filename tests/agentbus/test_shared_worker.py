@@ -129,8 +129,10 @@ def test_tasks_of_a_tombstoned_project_are_skipped_before_they_run(
     assert wait_for(lambda: tasks.effects("alive"))
     # On RabbitMQ the broker holds unacknowledged messages; on Redis kombu's `unacked`.
     assert wait_for(
-        lambda: active.queue_depth(deleted) == 0
-        and (bus_broker == "amqp" or not redis_client.hlen("unacked"))
+        lambda: (
+            active.queue_depth(deleted) == 0
+            and (bus_broker == "amqp" or not redis_client.hlen("unacked"))
+        )
     )
     assert tasks.started("gone") == []  # the body never began
     assert tasks.effects("gone") == []
