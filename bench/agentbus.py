@@ -207,6 +207,7 @@ def point_app_at(url: str) -> None:
 
     global _bus_url
     _bus_url = url
+    os.environ["CELERY_BROKER_URL"] = url  # Celery reads it before its own settings
     settings.CELERY_BROKER_URL = url
     app.conf.broker_url = url
     app._pool = None
