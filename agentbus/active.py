@@ -35,6 +35,14 @@ from django.conf import settings
 
 from common.redis import broker_redis
 
+from .broker import (
+    AMQP_QUEUES_KEY,
+    amqp_delete,
+    amqp_depth,
+    amqp_depths,
+    amqp_known_queues,
+    uses_amqp,
+)
 from .guard import project_gone, tombstone_key
 from .keys import (
     ACTIVE_KEY,
@@ -141,6 +149,8 @@ def mark_active(project_id: uuid.UUID | str) -> int:
         )
     )
     if result == 1:
+        if uses_amqp():
+            client.sadd(AMQP_QUEUES_KEY, queue)  # found by the sweeps (agentbus.broker)
         broadcast(FOLLOW_COMMAND, [queue], swallow=True)
     return result
 
@@ -161,11 +171,19 @@ def active_among(queues: Iterable[str]) -> set[str]:
 
 def queue_depth(project_id: uuid.UUID | str) -> int:
     """Messages waiting in the project's queue (not counting ones being run)."""
+    if uses_amqp():
+        return amqp_depth(project_queue(project_id))
     return _depth(broker_redis(), project_queue(project_id))
 
 
 def queue_depths(project_ids: list[uuid.UUID]) -> list[int | Exception]:
     """`queue_depth` of many projects in one round trip; an unreadable one is the error."""
+    if uses_amqp():
+        try:
+            found = amqp_depths([project_queue(p) for p in project_ids])
+        except Exception as exc:
+            return [exc for _ in project_ids]
+        return [found[project_queue(p)] for p in project_ids]
     pipe = broker_redis().pipeline(transaction=False)
     keys = [lane_keys(project_queue(p)) for p in project_ids]
     for keys_of_queue in keys:
@@ -181,6 +199,8 @@ def queue_depths(project_ids: list[uuid.UUID]) -> list[int | Exception]:
 
 
 def _depth(client: redis.Redis, queue: str) -> int:
+    if uses_amqp():
+        return amqp_depth(queue)
     pipe = client.pipeline(transaction=False)
     for key in lane_keys(queue):
         pipe.llen(key)
@@ -188,6 +208,10 @@ def _depth(client: redis.Redis, queue: str) -> int:
 
 
 def _purge(client: redis.Redis, queue: str) -> int:
+    if uses_amqp():
+        # The queue itself goes (a RabbitMQ queue costs broker memory even when empty);
+        # the broker cancels any consumer still on it (agentbus.worker handles that).
+        return amqp_delete(queue)
     pipe = client.pipeline(transaction=True)
     for key in lane_keys(queue):
         pipe.llen(key)
@@ -230,6 +254,11 @@ def reap_idle_queues(*, idle_seconds: float | None = None, batch: int = 500) -> 
             break
         offset += len(candidates)
         idle = [q for q in candidates if q not in in_flight]
+        if idle and uses_amqp():
+            # The retire script's LLEN sees no RabbitMQ queue: only empty ones go to it. A
+            # publish after this check refreshed the queue's score first, so it stays.
+            depths = amqp_depths(idle)
+            idle = [q for q in idle if not depths[q]]
         if not idle:
             continue
         keys = [ACTIVE_KEY, RETIRED_KEY, *all_lane_keys(idle)]
@@ -261,14 +290,20 @@ def rescue_stranded_queues(*, full_scan: bool | None = None) -> list[str]:
     if full_scan is None:
         every = int(settings.AGENTBUS_FULL_RESCUE_SECONDS)
         full_scan = bool(client.set(FULL_SCAN_KEY, "1", nx=True, ex=every))
-    if full_scan:
+    if full_scan and uses_amqp():
+        candidates |= amqp_known_queues()
+    elif full_scan:
         pattern = queue_key_pattern(PROJECT_QUEUE_PREFIX)
         for key in client.scan_iter(match=pattern, count=1000, _type="list"):
             queue = lane_base(queue_of_key(key))
             if project_id_from_queue(queue) is not None:
                 candidates.add(queue)
     candidates -= active_among(candidates)
-    stranded = [q for q in sorted(candidates) if _depth(client, q)]
+    if uses_amqp():
+        depths = amqp_depths(sorted(candidates))  # one channel for all
+        stranded = [q for q in sorted(candidates) if depths[q]]
+    else:
+        stranded = [q for q in sorted(candidates) if _depth(client, q)]
     rescued = []
     for queue in stranded:
         project_id = project_id_from_queue(queue)
@@ -289,6 +324,8 @@ def sweep_ready(*, force: bool = False, batch: int = 1000) -> int | None:
     every AGENTBUS_READY_SWEEP_SECONDS across all workers (or when `force`). One LLEN
     per active queue, in scripts of `batch` queues. Returns how many were listed, or
     None when another worker swept within the period."""
+    if uses_amqp():
+        return 0  # no ready list: the broker delivers from every followed queue
     client = broker_redis()
     if not force:
         every = max(float(settings.AGENTBUS_READY_SWEEP_SECONDS), 0.001)
@@ -366,6 +403,8 @@ def live_workers() -> list[dict[str, Any]]:
 def project_queues_in_keyspace() -> set[uuid.UUID]:
     """Every project that has a queue list in the broker (a keyspace scan)."""
     found = set()
+    if uses_amqp():
+        return {p for p in map(project_id_from_queue, amqp_known_queues()) if p is not None}
     pattern = queue_key_pattern(PROJECT_QUEUE_PREFIX)
     for key in broker_redis().scan_iter(match=pattern, count=1000):
         project_id = project_id_from_queue(lane_base(queue_of_key(key)))

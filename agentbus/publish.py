@@ -17,6 +17,7 @@ from kombu.pools import ProducerPool
 from kombu.utils.imports import symbol_by_name
 
 from .active import FOLLOW_COMMAND, broadcast, mark_active
+from .broker import uses_amqp, uses_redis
 from .guard import ProjectGone, project_gone
 from .queues import direct_queue, project_queue
 from .transport import CHECKED_HEADER, GONE_HEADER, INTERACTIVE, LANE_HEADER, LANES
@@ -32,8 +33,8 @@ def _bus_producers() -> ProducerPool | None:
     """Producers whose channel publishes through the bus's transport (one round trip:
     the PUBLISH script of agentbus.transport), or None where the bus runs on kombu's own
     transport (AGENTBUS_WORKER_TRANSPORT empty)."""
-    if not settings.AGENTBUS_WORKER_TRANSPORT:
-        return None
+    if not settings.AGENTBUS_WORKER_TRANSPORT or not uses_redis():
+        return None  # kombu's own transport (on RabbitMQ: the pyamqp one)
     app = current_app
     key = (os.getpid(), str(app.conf.broker_write_url or app.conf.broker_url))
     pool = _producers.get(key)
@@ -81,6 +82,7 @@ def publish(
     if lane != INTERACTIVE:
         options["headers"] = {**(options.get("headers") or {}), LANE_HEADER: lane}
     queue = project_queue(project_id)
+    amqp = uses_amqp()
     pool = _bus_producers()
     with pool.acquire(block=True) if pool is not None else contextlib.nullcontext() as producer:
         channel = producer.channel if producer is not None else None
@@ -91,12 +93,15 @@ def publish(
         else:
             if scripted:
                 channel.last_put = None
+            target = direct_queue(queue)
             result = Task.apply_async(
                 task,
                 kwargs=payload,
                 task_id=task_id,
-                queue=direct_queue(queue),
-                declare=[],
+                queue=target,
+                # On Redis nothing to declare; on RabbitMQ the queue, before the publish on
+                # the same channel (once per connection: kombu remembers it).
+                declare=[target] if amqp else [],
                 producer=producer,
                 **options,
             )

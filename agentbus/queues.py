@@ -18,6 +18,7 @@ import uuid
 
 from celery.app.amqp import AMQP, Queues
 from kombu import Exchange, Queue
+from kombu.transport import virtual
 
 MAINTENANCE_QUEUE = "uws.maintenance"
 # Maintenance that must not wait behind agent runs (the recovery pass, the queue reaper):
@@ -52,13 +53,28 @@ def is_project_queue(queue: str) -> bool:
     return project_id_from_queue(queue) is not None
 
 
-def direct_queue(name: str) -> Queue:
-    """A kombu queue addressed straight by name (see the module docstring).
+class DirectQueue(Queue):
+    """A queue on the nameless exchange, declared only where the broker needs it.
 
-    `no_declare`: the Redis transport needs no declaration for such a queue (its list
-    appears with the first message), so following one costs no Redis round trip.
+    The Redis transport (any kombu virtual transport) needs no declaration (the list
+    appears with the first message), so following one costs no Redis round trip. AMQP
+    (RabbitMQ) drops a message routed to a queue that does not exist, and closes the
+    channel of a consumer of one: there the queue is declared (durable; no exchange, no
+    binding). `nowait` declares pipeline: a shared worker following thousands of queues
+    sends them without waiting for each answer (agentbus.worker).
     """
-    return Queue(name, DIRECT, routing_key=name, no_declare=True)
+
+    def declare(self, nowait=False, channel=None):
+        channel = channel or self.channel
+        if self.no_declare or isinstance(channel, virtual.Channel):
+            return self.name
+        self.queue_declare(nowait=nowait, passive=False, channel=channel)
+        return self.name
+
+
+def direct_queue(name: str) -> Queue:
+    """A kombu queue addressed straight by name (see the module docstring)."""
+    return DirectQueue(name, DIRECT, routing_key=name)
 
 
 class DirectQueues(Queues):

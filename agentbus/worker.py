@@ -51,6 +51,7 @@ from .active import (
     worker_connected,
     worker_gone,
 )
+from .broker import uses_amqp
 from .queues import direct_queue, is_project_queue
 from .transport import batched, check_kombu, renew_slots, use_ready_list, wake
 
@@ -79,6 +80,9 @@ class AgentBusConsumer(bootsteps.StartStopStep):
         self.renew_ref = None
         self.reconciled_at: float | None = None
         self.ready_list = False
+        # On RabbitMQ every followed queue is a consumer the broker delivers through:
+        # thousands at start are declared and consumed a step at a time, pipelined.
+        self.amqp = uses_amqp()
         c.agentbus = self
         check_visibility_timeout()
         check_kombu()
@@ -100,7 +104,7 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             return
         # Take project tasks from the ready list: no poll names a project queue.
         self.ready_list = use_ready_list(c.task_consumer.channel) if c.task_consumer else False
-        if self.ready_list:
+        if self.ready_list or self.amqp:
             # Delivery does not wait for following (the ready list names the queue), so
             # thousands of active queues are followed a step at a time once the worker
             # polls, not before its first task.
@@ -166,7 +170,7 @@ class AgentBusConsumer(bootsteps.StartStopStep):
         followed = self.followed(c)
         self.unfollow(c, followed - wanted)
         missing = sorted(wanted - followed)
-        now = missing[:FOLLOW_STEP] if self.ready_list else missing
+        now = missing[:FOLLOW_STEP] if self.ready_list or self.amqp else missing
         self.follow(c, now)
         self.reconciled_at = time.time()
         if self.ready_list:
@@ -198,11 +202,22 @@ class AgentBusConsumer(bootsteps.StartStopStep):
         for name in sorted(queues):
             if cset.consuming_from(name):
                 continue
-            cset.add_queue(table.select_add(direct_queue(name)))
+            if self.amqp:
+                # Declared without waiting for each answer (they pipeline with the
+                # basic.consume that follow on the same channel).
+                auto_declare, cset.auto_declare = cset.auto_declare, False
+                try:
+                    cset.add_queue(table.select_add(direct_queue(name))).declare(nowait=True)
+                finally:
+                    cset.auto_declare = auto_declare
+            else:
+                cset.add_queue(table.select_add(direct_queue(name)))
             added.append(name)
         if added:
             with batched(cset.channel):
                 cset.consume()
+            if self.amqp:
+                self._on_broker_cancel(c, added)
             logger.info("AgentBus: following %d more queue(s): %s", len(added), added[:5])
             # A BRPOP already waiting does not include the new queues: cut it short
             # (with the ready list no poll names them: nothing to cut short).
@@ -212,6 +227,25 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             except Exception:
                 logger.debug("AgentBus: could not wake the poll", exc_info=True)
         return added
+
+    def _on_broker_cancel(self, c, names) -> None:
+        """RabbitMQ cancels the consumers of a queue it deletes (a project's teardown may
+        delete it before this worker heard the unfollow): leave the queue then, instead
+        of py-amqp raising ConsumerCancelled, which restarts the whole consumer."""
+        cset = c.task_consumer
+        callbacks = getattr(cset.channel, "cancel_callbacks", None)
+        if callbacks is None:
+            return
+        for name in names:
+            tag = cset._active_tags.get(name)  # kombu keeps the consumer tag per queue here
+            if tag is not None:
+                callbacks[tag] = lambda _tag, name=name: c.call_soon(self._left_by_broker, c, name)
+
+    def _left_by_broker(self, c, name) -> None:
+        try:
+            self.unfollow(c, [name])
+        except Exception:
+            logger.warning("AgentBus: could not leave %s", name, exc_info=True)
 
     def unfollow(self, c, queues) -> list[str]:
         cset = c.task_consumer
@@ -236,6 +270,8 @@ def check_visibility_timeout() -> None:
     limits bind in the prefork pool only (its thread pool ignores them, celery#9203);
     in any pool an agent run keeps its own deadline, and may get the soft-shutdown
     window on top."""
+    if uses_amqp():
+        return  # RabbitMQ gives a message back only when its consumer's connection ends
     options = settings.CELERY_BROKER_TRANSPORT_OPTIONS or {}
     visibility = options.get("visibility_timeout", 3600)
     limits = {

@@ -44,8 +44,10 @@ def _own_broker_redis() -> redis.Redis:
 
 
 def broker_redis() -> redis.Redis:
-    """The client of the Celery broker's Redis."""
-    if settings.CELERY_BROKER_URL == settings.REDIS_URL:
+    """The client of the Celery broker's Redis; REDIS_URL's when the broker is not a
+    Redis (RabbitMQ: the bus keeps its coordination state there, agentbus.broker)."""
+    broker = settings.CELERY_BROKER_URL or ""
+    if broker == settings.REDIS_URL or broker.startswith(("amqp://", "amqps://", "pyamqp://")):
         return get_redis()
     return _own_broker_redis()
 

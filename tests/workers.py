@@ -60,11 +60,19 @@ def shared_pool_worker(concurrency: int = 2) -> Iterator:
     after that reach it."""
     from celery.contrib.testing.worker import start_worker
     from django.conf import settings
+    from kombu.asynchronous import set_event_loop
 
+    from agentbus.broker import uses_redis
     from agentbus.queues import MAINTENANCE_QUEUE
     from config.celery_app import app
 
-    app.conf.broker_transport = settings.AGENTBUS_WORKER_TRANSPORT or None
+    # A fresh event loop: Celery reuses kombu's process-wide hub, and a previous worker's
+    # transport (Redis's poller) left its callbacks on it, which a worker on another
+    # broker would run.
+    set_event_loop(None)
+    # The workers' transport is Redis's (on RabbitMQ the worker is kombu's pyamqp one).
+    if uses_redis():
+        app.conf.broker_transport = settings.AGENTBUS_WORKER_TRANSPORT or None
     try:
         with start_worker(
             app,
@@ -215,6 +223,9 @@ def broker_at(url: str) -> Iterator[None]:
         # the URL now set. Closing them would leave closed pools behind in kombu's table.
         app._pool = None
         app.amqp._producer_pool = None
+        # The remote-control mailbox keeps what it learnt of the broker it first met (an
+        # in-process worker on the next broker would never hear a broadcast).
+        app.__dict__.pop("control", None)
 
     old = app.conf.broker_url
     reset()

@@ -32,3 +32,54 @@ def send(task, *, user_id: int = 1, project_id, kwargs: dict | None = None, **op
 @pytest.fixture
 def project_id() -> uuid.UUID:
     return uuid.uuid4()
+
+
+# --- the broker: Redis, or RabbitMQ (a module runs on both with `usefixtures("bus_broker")`)
+
+
+def pytest_generate_tests(metafunc):
+    chosen = any(
+        "bus_broker" in str(mark.args[0])
+        for mark in metafunc.definition.iter_markers("parametrize")
+    )
+    if "bus_broker" in metafunc.fixturenames and not chosen:
+        metafunc.parametrize("bus_broker", ["redis", "amqp"], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def _amqp_url():
+    """A RabbitMQ vhost for this test run (tests.rabbitmq), or the reason there is none."""
+    from tests.rabbitmq import amqp_unavailable, amqp_vhost
+
+    reason = amqp_unavailable()
+    if reason:
+        yield None, reason
+        return
+    with amqp_vhost() as url:
+        yield url, None
+
+
+@pytest.fixture
+def bus_broker(request, settings):
+    """The broker this test runs on: the suite's Redis, or RabbitMQ (skipped, with the
+    reason, where none answers). On RabbitMQ the bus's coordination state stays in the
+    suite's Redis (REDIS_URL)."""
+    if request.param == "redis":
+        yield "redis"
+        return
+    url, reason = request.getfixturevalue("_amqp_url")
+    if url is None:
+        pytest.skip(reason)
+    from config.celery_app import app
+    from tests.workers import broker_at
+
+    # broker_at first: it remembers the app's broker URL, which reads the settings'.
+    with broker_at(url):
+        settings.CELERY_BROKER_URL = url
+        yield "amqp"
+        # What a test left on the vhost does not meet the next one.
+        from agentbus.broker import amqp_delete, amqp_known_queues
+
+        for queue in amqp_known_queues():
+            amqp_delete(queue)
+    app.amqp.__dict__.pop("queues", None)

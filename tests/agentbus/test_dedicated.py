@@ -43,7 +43,8 @@ def test_the_command_refuses_bad_input(db, args, message):
 
 
 @pytest.mark.slow
-def test_a_dedicated_worker_serves_its_project_only(transactional_db, worker_process):
+@pytest.mark.usefixtures("bus_broker")
+def test_a_dedicated_worker_serves_its_project_only(transactional_db, worker_process, bus_broker):
     project = ProjectFactory()
     other = uuid.uuid4()
     name = host_format(f"project-{project.id.hex}@%h")
@@ -56,8 +57,11 @@ def test_a_dedicated_worker_serves_its_project_only(transactional_db, worker_pro
         "mode": "dedicated",
         "queues": [project_queue(project.id)],
         "reconciled_at": None,
-        "transport": "agentbus.transport.Transport",
-        "cached_poll": True,
+        "transport": {
+            "redis": "agentbus.transport.Transport",
+            "amqp": "kombu.transport.pyamqp.Transport",
+        }[bus_broker],
+        "cached_poll": bus_broker == "redis",
         "ready_list": False,  # a dedicated worker polls its own queue only
     }
 

@@ -1,0 +1,127 @@
+"""The one seam between the AgentBus and its broker: Redis or RabbitMQ (AMQP), chosen by
+the scheme of CELERY_BROKER_URL.
+
+On **Redis** (`redis://`, `rediss://`) a project queue is a list beside the bus's own keys
+(agentbus.transport: the ready list, the publish script); nothing here is used.
+
+On **RabbitMQ** (`amqp://`, `pyamqp://`, `amqps://`) a project queue is a durable classic
+queue on the nameless exchange; the coordination state (active set, tombstones, worker
+heartbeats) stays in Redis (REDIS_URL), so everything above this module is the same:
+
+- a publish marks the queue active in Redis first (the lifecycle guard's check, one
+  round trip), then declares the queue (once per connection, kombu remembers) and
+  publishes on it in the same channel: the declare is processed before the publish, so
+  a message never goes to a queue that does not exist yet;
+- a shared worker consumes the active queues only (basic.consume per queue, cancelled
+  when the queue retires); the broker round-robins between the queues of one channel
+  under Celery's channel-wide prefetch (global QoS), which is the bus's fairness floor;
+- a message a worker held when it died goes back to its queue at once (the broker sees
+  the connection close): no visibility timeout;
+- teardown deletes the queue (and what it held); the queues ever declared are kept in a
+  Redis set (`AMQP_QUEUES_KEY`) so the sweeps can find them without the broker's
+  management API.
+
+Operations on the broker itself (depth, delete) open a channel from the app's connection
+pool: a passive declare answers how many messages wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
+from urllib.parse import urlparse
+
+from celery import current_app
+from django.conf import settings
+
+from common.redis import broker_redis
+
+logger = logging.getLogger(__name__)
+
+AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
+REDIS_SCHEMES = ("redis", "rediss")
+# Project queues ever declared on the AMQP broker (and not deleted since).
+AMQP_QUEUES_KEY = "uws:bus:amqp:queues"
+
+
+def scheme(url: str | None = None) -> str:
+    return urlparse(url if url is not None else settings.CELERY_BROKER_URL or "").scheme
+
+
+def uses_amqp(url: str | None = None) -> bool:
+    """Whether the AgentBus runs on an AMQP broker (RabbitMQ)."""
+    return scheme(url) in AMQP_SCHEMES
+
+
+def uses_redis(url: str | None = None) -> bool:
+    return scheme(url) in REDIS_SCHEMES
+
+
+@contextlib.contextmanager
+def _channel() -> Iterator:
+    with current_app.pool.acquire(block=True) as conn:
+        conn.ensure_connection(max_retries=1)
+        channel = conn.channel()
+        try:
+            yield channel
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
+
+
+def _is_not_found(exc: Exception) -> bool:
+    return getattr(exc, "code", None) == 404 or getattr(exc, "reply_code", None) == 404
+
+
+def amqp_depths(queues: Iterable[str]) -> dict[str, int]:
+    """Messages waiting in each queue (a passive declare each; unacknowledged messages
+    with a worker are not counted); a queue that does not exist holds 0."""
+    depths: dict[str, int] = {}
+    queues = list(queues)
+    if not queues:
+        return depths
+    with current_app.pool.acquire(block=True) as conn:
+        conn.ensure_connection(max_retries=1)
+        channel = conn.channel()
+        try:
+            for queue in queues:
+                try:
+                    _name, count, _consumers = channel.queue_declare(queue=queue, passive=True)
+                except Exception as exc:
+                    if not _is_not_found(exc):
+                        raise
+                    depths[queue] = 0
+                    # The broker closed the channel on the 404: take a fresh one.
+                    with contextlib.suppress(Exception):
+                        channel.close()
+                    channel = conn.channel()
+                    continue
+                depths[queue] = int(count)
+        finally:
+            with contextlib.suppress(Exception):
+                channel.close()
+    return depths
+
+
+def amqp_depth(queue: str) -> int:
+    return amqp_depths([queue])[queue]
+
+
+def amqp_delete(queue: str) -> int:
+    """Delete a queue and what it holds (its consumers are cancelled by the broker).
+    Returns how many messages it held; idempotent."""
+    with _channel() as channel:
+        try:
+            purged = int(channel.queue_delete(queue=queue) or 0)
+        except Exception as exc:
+            if not _is_not_found(exc):
+                raise
+            purged = 0
+    broker_redis().srem(AMQP_QUEUES_KEY, queue)
+    return purged
+
+
+def amqp_known_queues() -> set[str]:
+    """Project queues declared on the broker and not deleted through the bus."""
+    return set(broker_redis().smembers(AMQP_QUEUES_KEY))
