@@ -19,7 +19,7 @@ from workspaces.redis import scoped
 
 from . import job_records
 from .embeddings import get_embedder
-from .vectors import collection_drop, context_clear, context_search, documents_store
+from .vectors import citation, collection_drop, context_clear, context_search, documents_store
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +144,7 @@ def context_search_reply(
     query: str,
     k: int,
     deadline: float,
+    mode: str = "dense",
 ) -> str:
     """Search for a waiting web request and answer on its reply key (skip if it gave up)."""
     if time.time() > deadline:
@@ -151,7 +152,7 @@ def context_search_reply(
     redis = scoped(user_id, project_id)
     try:
         hits = context_search(
-            user_id=user_id, project_id=project_id, agent_id=agent_id, query=query, k=k
+            user_id=user_id, project_id=project_id, agent_id=agent_id, query=query, k=k, mode=mode
         )
     except Exception as exc:
         logger.exception("context search for request %s failed", request_id)
@@ -165,6 +166,7 @@ def context_search_reply(
                     "text": h.text,
                     "kind": h.payload.get("kind", "document"),
                     "metadata": h.payload.get("metadata") or {},
+                    **citation(h),
                 }
                 for h in hits
             ]

@@ -16,6 +16,7 @@ from agents.models import Agent
 from workspaces.redis import scoped
 
 from .job_records import job_create
+from .sparse import agent_search_mode
 from .tasks import add_context, clear_context
 
 
@@ -86,10 +87,12 @@ def search_limits() -> list[int]:
 
 
 def context_search_task_kwargs(
-    *, agent: Agent, request_id: str, query: str, k: int, timeout: float
+    *, agent: Agent, request_id: str, query: str, k: int, timeout: float, mode: str = ""
 ) -> dict:
     project = agent.project
     return {
+        # "" is the agent's own search mode (its params' search_mode).
+        "mode": mode or agent_search_mode(agent.params),
         "user_id": project.owner_id,
         "agent_id": str(agent.id),
         "request_id": request_id,

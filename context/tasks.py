@@ -73,8 +73,10 @@ def search_context(
     query: str,
     k: int,
     deadline: float,
+    mode: str = "dense",
 ) -> str:
     return context_search_reply(
+        mode=mode,
         user_id=user_id,
         project_id=project_id,
         agent_id=agent_id,

@@ -14,6 +14,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from django.conf import settings
+
 from agentbus import project_gone
 from agents.models import Agent
 
@@ -188,16 +190,38 @@ def context_search(
     query: str,
     k: int,
     vector: list[float] | None = None,
+    mode: str = "dense",
 ) -> list[ContextHit]:
-    """The agent's k nearest points to `query` (`vector`: its `query_embed`, when the
-    caller already has it)."""
+    """The agent's k best points for `query` (`vector`: its `query_embed`, when the
+    caller already has it), by `mode`: dense, sparse (BM25-like terms) or hybrid (both,
+    fused by reciprocal rank)."""
     if k <= 0 or not query.strip():
         return []
     scope = _agent(user_id, project_id, agent_id)
     embedder = get_embedder()
-    if vector is None:
+    if vector is None and mode != "sparse":
         vector = embedder.query(query)
-    return get_vector_store().search(scope, vector, k=k, model=embedder.name, dim=embedder.dim)
+    return get_vector_store().search(
+        scope,
+        vector,
+        k=k,
+        model=embedder.name,
+        dim=embedder.dim,
+        query=query,
+        mode=mode,
+        prefetch=settings.CONTEXT_HYBRID_PREFETCH,
+    )
+
+
+def citation(hit: ContextHit) -> dict[str, Any]:
+    """Where a hit comes from, for an answer to cite: its point, and for a file's chunk
+    the document, its source name, page and section."""
+    payload = hit.payload
+    return {
+        key: payload[key]
+        for key in ("document_id", "source", "page", "section")
+        if payload.get(key) is not None
+    }
 
 
 def context_clear(*, user_id: int, project_id: uuid.UUID | str, agent_id: str) -> None:
