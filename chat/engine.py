@@ -25,7 +25,9 @@ from django.db.models import Q
 from redis.exceptions import RedisError
 
 from agentbus import project_gone
+from agents.memory import memory_blocks_prompt
 from common.lifecycle import worker_stopping
+from context.sparse import agent_search_mode
 from context.vectors import context_search, exchange_store, exchanges_forget, query_embed
 from governance.providers import provider_settings_for
 from governance.usage import usage_record
@@ -78,6 +80,8 @@ class Prepared:
     secrets: dict[str, str]
     llm: Any = None
     question_vector: list[float] | None = field(default=None)
+    # The agent's memory blocks, as its system prompt carries them.
+    memory: str = ""
 
 
 # --- Claiming the run ---------------------------------------------------------------------
@@ -283,6 +287,7 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) ->
                 run=run, space=space, prepared=prepared, tools=tools, vector=question_vector
             ),  # fmt: skip
             tools=tools,
+            memory=prepared.memory,
         )
         request = replace(request, deadline=stop.deadline)
         loop = ToolLoop(
@@ -297,6 +302,7 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) ->
                 run_id=str(run.id),
                 should_stop=stop,
                 deadline=stop.deadline,
+                params=dict(prepared.config.get("params") or {}),
             ),
             max_steps=int(
                 (prepared.config.get("params") or {}).get("max_steps", settings.TOOL_MAX_STEPS)
@@ -335,12 +341,19 @@ def _prepare(*, run: Run, space) -> Prepared | None:
     # Governance hook: the project's own provider settings, over the deployment's.
     llm = provider_settings_for(project_id=project_id)
     state.run_model_set(run=run, model=_model_name(config, llm))
+    memory = memory_blocks_prompt(agent_id=run.agent_id)
     # Nothing more from the database until the run ends, but the run's steps (the
     # lease keeper has its own connection).
     release_database()
     question = next((c for role, c in reversed(history) if role == Message.Role.USER), "")
     return Prepared(
-        config=config, history=history, question=question, tools=tools, secrets=secrets, llm=llm
+        config=config,
+        history=history,
+        question=question,
+        tools=tools,
+        secrets=secrets,
+        llm=llm,
+        memory=memory,
     )
 
 
@@ -358,6 +371,7 @@ def _context(
         query=prepared.question,
         k=0 if searches else int(params.get("top_k", DEFAULT_TOP_K)),
         vector=vector,
+        mode=agent_search_mode(params),
     )
     return [hit.text for hit in hits]
 
@@ -404,8 +418,11 @@ def _build_request(
     question: str,
     context: list[str],
     tools: list[ToolSpec] = (),
+    memory: str = "",
 ) -> ChatRequest:
     system = config.get("system_prompt") or "You are a helpful assistant."
+    if memory:
+        system = f"{system}\n\n{memory}"
     if context:
         joined = "\n\n".join(f"[{i}] {text}" for i, text in enumerate(context, 1))
         system = f"{system}\n\nContext you may use to answer:\n{joined}"

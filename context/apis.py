@@ -16,6 +16,7 @@ from projects.mixins import ProjectScopedApi
 
 from .selectors import context_job_get
 from .services import context_clear_enqueue, context_documents_add
+from .sparse import SEARCH_MODES
 
 MAX_CONTEXT_DOCUMENTS = 100
 MAX_CONTEXT_TOTAL_BYTES = 1024 * 1024
@@ -114,6 +115,13 @@ class ContextSearchSerializer(StrictSerializer):
     k = serializers.IntegerField(
         min_value=1, max_value=MAX_SEARCH_K, default=5, help_text="How many hits at most."
     )
+    mode = serializers.ChoiceField(
+        choices=SEARCH_MODES,
+        required=False,
+        help_text="dense (embeddings), sparse (BM25-like terms: exact identifiers, codes, "
+        "numbers) or hybrid (both, fused by reciprocal rank). Default: the agent's "
+        "params.search_mode, else the deployment's CONTEXT_SEARCH_MODE.",
+    )
 
 
 JOB_STATUSES = ("queued", "running", "done", "error")
@@ -149,10 +157,17 @@ class ContextJobAcceptedSerializer(serializers.Serializer):
 
 class ContextHitSerializer(serializers.Serializer):
     id = serializers.CharField()
-    score = serializers.FloatField(help_text="Similarity: higher is closer.")
+    score = serializers.FloatField(
+        help_text="Higher is closer: cosine similarity (dense), BM25 (sparse) or the fused "
+        "reciprocal-rank score (hybrid)."
+    )
     text = serializers.CharField()
     kind = serializers.CharField(help_text="document, or exchange (a past chat turn).")
     metadata = serializers.JSONField()
+    document_id = serializers.UUIDField(required=False, help_text="The file it came from.")
+    source = serializers.CharField(required=False, help_text="The file's name or URL.")
+    page = serializers.IntegerField(required=False, help_text="The PDF page (from 1).")
+    section = serializers.CharField(required=False, help_text="The heading it is under.")
 
     class Meta:
         ref_name = "ContextHit"

@@ -21,8 +21,8 @@ Isolation is structural: `VectorStore` has no method that touches points without
 from __future__ import annotations
 
 import contextlib
-import shutil
 import logging
+import shutil
 import threading
 import time
 import uuid
@@ -33,7 +33,6 @@ from typing import Any
 
 from django.conf import settings
 
-from .sparse import SEARCH_MODES, SPARSE_VECTOR, Sparse, passage_sparse, query_sparse
 from .scopes import (
     COLLECTION_RE,
     SHARED_PREFIX,
@@ -46,6 +45,7 @@ from .scopes import (
     require_scope,
     shared_collection_name,
 )
+from .sparse import SEARCH_MODES, SPARSE_VECTOR, Sparse, passage_sparse, query_sparse
 
 # Reciprocal-rank fusion's constant (Qdrant's own default: a hit's fused score is
 # the sum of 1 / (RRF_K + rank) over the lists that hold it).
@@ -190,9 +190,7 @@ class _ClientEngine:
     def set_sparse(self, where: _Where, vectors: list[tuple[str, Sparse]]) -> None:
         _where(where)
         m = self._models
-        batch = [
-            m.PointVectors(id=i, vector={SPARSE_VECTOR: self._sparse(v)}) for i, v in vectors
-        ]
+        batch = [m.PointVectors(id=i, vector={SPARSE_VECTOR: self._sparse(v)}) for i, v in vectors]
         with self._lock:
             self._client.update_vectors(collection_name=where.collection, points=batch, wait=True)
 
@@ -931,7 +929,9 @@ class VectorStore:
                 points, offset = engine.scroll(where, offset=offset, limit=batch)
                 if points:
                     sparse = self._sparse_of(points)
-                    engine.set_sparse(where, [(p.id, v) for p, v in zip(points, sparse)])
+                    engine.set_sparse(
+                        where, [(p.id, v) for p, v in zip(points, sparse, strict=True)]
+                    )
                     count += len(points)
                 if offset is None:
                     break

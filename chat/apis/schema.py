@@ -127,6 +127,22 @@ EVENT_DATA = {
             },
         },
     ),
+    streams.MEMORY_UPDATED: (
+        "The agent changed one of its memory blocks (memory_append, memory_replace): "
+        "the block's label, the action, its length and limit in characters.",
+        {
+            "type": "object",
+            "required": ["message_id", "run_id", "label", "action", "chars", "limit"],
+            "properties": {
+                "message_id": _MESSAGE_ID,
+                "run_id": {"type": "string", "format": "uuid"},
+                "label": {"type": "string"},
+                "action": {"type": "string", "enum": ["append", "replace"]},
+                "chars": {"type": "integer"},
+                "limit": {"type": "integer"},
+            },
+        },
+    ),
     "stream.truncated": (
         "Events after your resume point were trimmed away (CHAT_STREAM_MAXLEN per "
         "session): reload the messages. Sent first, without an `id:`.",

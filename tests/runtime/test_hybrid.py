@@ -63,7 +63,7 @@ def test_terms_keep_identifiers_and_their_parts():
 
 
 @all_layouts
-def test_sparse_and_hybrid_find_the_exact_identifier(layout_store):
+def test_sparse_and_hybrid_find_the_exact_identifier(layout_store):  # noqa: F811
     store = layout_store
     points = put(store, scope(0), texts())
     put(store, scope(1), ["sys.setrecursionlimit ERR-4021 of another agent"])
@@ -82,7 +82,7 @@ def test_sparse_and_hybrid_find_the_exact_identifier(layout_store):
 
 
 @pytest.mark.parametrize("layout_store", ["shared", "per_agent"], indirect=True)
-def test_reindex_gives_old_collections_sparse_vectors(layout_store, runtime_settings):
+def test_reindex_gives_old_collections_sparse_vectors(layout_store, runtime_settings):  # noqa: F811
     """Collections made before sparse vectors existed: searched densely until the
     re-index command runs, then sparse search works; a second run does no harm."""
     store = layout_store
@@ -145,8 +145,11 @@ def test_interrupted_rebuild_resumes_from_the_side_copy(tmp_path):
     )
     docs = texts()
     points = [
-        ContextPoint(str(uuid.uuid5(uuid.NAMESPACE_URL, str(i))), [float(i + 1)] * DIM,
-                     {"text": t, **who.payload()})  # fmt: skip
+        ContextPoint(
+            str(uuid.uuid5(uuid.NAMESPACE_URL, str(i))),
+            [float(i + 1)] * DIM,
+            {"text": t, **who.payload()},
+        )  # fmt: skip
         for i, t in enumerate(docs)
     ]
     engine.upsert(_Where(side, (), who), points)
