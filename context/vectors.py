@@ -73,7 +73,7 @@ def documents_store(
     or None if `should_stop` said to stop (between two embedding batches)."""
     scope = _agent(user_id, project_id, agent_id)
     embedder, store = get_embedder(), get_vector_store()
-    pending: list[tuple[str, dict[str, Any]]] = []
+    pending: list[tuple[str, dict[str, Any], str]] = []
     for doc_index, doc in enumerate(documents, start=first_index):
         for chunk_index, chunk in enumerate(chunk_text(doc["text"])):
             payload = {
@@ -83,20 +83,24 @@ def documents_store(
                 "metadata": doc.get("metadata") or {},
                 "stored_at": time.time(),
                 **(extra_payload or {}),
+                # A file's chunk: its document, source, page and section (citations).
+                **(doc.get("cite") or {}),
             }
-            pending.append((chunk, payload))
+            # A file's chunk is named by its document and place, other text by itself.
+            key = f"{doc['point']}:{chunk_index}" if doc.get("point") else chunk
+            pending.append((chunk, payload, key))
     stored = 0
     for i in range(0, len(pending), EMBED_BATCH):
         if should_stop is not None and should_stop():
             _undo_if_project_gone(scope=scope)
             return None
         batch = pending[i : i + EMBED_BATCH]
-        vectors = embedder.passages([text for text, _ in batch])
+        vectors = embedder.passages([text for text, _, _ in batch])
         stored += store.upsert(
             scope,
             [
-                ContextPoint(id=point_id(scope.collection, text), vector=vector, payload=payload)
-                for (text, payload), vector in zip(batch, vectors, strict=True)
+                ContextPoint(id=point_id(scope.collection, key), vector=vector, payload=payload)
+                for (_, payload, key), vector in zip(batch, vectors, strict=True)
             ],
             model=embedder.name,
             dim=embedder.dim,
@@ -174,6 +178,16 @@ def exchanges_forget(
     scope = _agent(user_id, project_id, agent_id)
     embedder = get_embedder()
     ids = [point_id(scope.collection, _exchange_text(question, answer)) for answer in answers]
+    get_vector_store().forget(scope, ids, model=embedder.name, dim=embedder.dim)
+
+
+def document_points_forget(
+    *, user_id: int, project_id: uuid.UUID | str, agent_id: str, keys: list[str]
+) -> None:
+    """Remove a document's points (keys: chunking.document_point_key, each chunk's)."""
+    scope = _agent(user_id, project_id, agent_id)
+    embedder = get_embedder()
+    ids = [point_id(scope.collection, f"{key}:0") for key in keys]
     get_vector_store().forget(scope, ids, model=embedder.name, dim=embedder.dim)
 
 

@@ -611,3 +611,7 @@ CONTEXT_FILE_TYPES = env.list(
 # Memory blocks: how many an agent has, and the largest limit a block may set.
 MEMORY_BLOCKS_PER_AGENT = env.int("MEMORY_BLOCKS_PER_AGENT", default=16)
 MEMORY_BLOCK_MAX_CHARS = env.int("MEMORY_BLOCK_MAX_CHARS", default=20_000)
+# A file's URL (POST …/context/files/ with "url") is fetched through the egress guard;
+# EGRESS_ALLOW_NETWORKS_FILES opens private networks for it, as for tools.
+EGRESS_ALLOW_NETWORKS["files"] = env.list("EGRESS_ALLOW_NETWORKS_FILES", default=[])
+CONTEXT_FILE_FETCH_TIMEOUT_SECONDS = env.float("CONTEXT_FILE_FETCH_TIMEOUT_SECONDS", default=30)
