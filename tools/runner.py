@@ -22,7 +22,7 @@ from agents.memory import MemoryEditRefused, memory_edit_by_agent
 from agents.models import ProjectSecret, Tool
 from agents.tool_validation import AGENT_TOOL_PARAMETERS, BUILTIN_SPECS, TOOL_NAME
 from context.sparse import agent_search_mode
-from context.vectors import context_search, documents_store
+from context.vectors import citation, context_search, documents_store
 
 from .http import ToolError, http_call
 from .mcp import SEPARATOR, mcp_call, mcp_tools_cached
@@ -258,6 +258,8 @@ def tool_execute(*, spec: ToolSpec | None, arguments: str, scope: ToolScope) -> 
             return ToolOutcome(ok, scrub(content, scope.secrets))
         if spec.kind == "builtin" and spec.name in MEMORY_TOOLS:
             return _memory_tool(spec.name, args, scope)
+        if spec.kind == "builtin" and spec.name == "search_context":
+            return _search_tool(args, scope)
         if spec.kind == "builtin":
             content = _builtin(spec.name, args, scope)
         else:
@@ -317,20 +319,30 @@ def _memory_tool(name: str, args: dict[str, Any], scope: ToolScope) -> ToolOutco
     return ToolOutcome(True, json.dumps({"ok": True, **memory}), {"memory": memory})
 
 
+def _search_tool(args: dict[str, Any], scope: ToolScope) -> ToolOutcome:
+    """search_context: the hits for the model (with their source, page and section),
+    and their citations for the answer (`extra.citations`, kept in the run's step)."""
+    hits = context_search(
+        user_id=scope.user_id,
+        project_id=scope.project_id,
+        agent_id=scope.agent_id,
+        query=args["query"],
+        k=int(args.get("k", 4)),
+        mode=args.get("mode") or agent_search_mode(scope.params),
+    )
+    found = [{"id": h.id, "score": round(h.score, 4), **citation(h)} for h in hits]
+    content = json.dumps(
+        [
+            {"text": h.text, **{k: v for k, v in cite.items() if k != "id"}}  # and score
+            for h, cite in zip(hits, found, strict=True)
+        ],
+        ensure_ascii=False,
+    )
+    return ToolOutcome(True, scrub(content, scope.secrets), {"citations": found})
+
+
 def _builtin(name: str, args: dict[str, Any], scope: ToolScope) -> str:
 
-    if name == "search_context":
-        hits = context_search(
-            user_id=scope.user_id,
-            project_id=scope.project_id,
-            agent_id=scope.agent_id,
-            query=args["query"],
-            k=int(args.get("k", 4)),
-            mode=args.get("mode") or agent_search_mode(scope.params),
-        )
-        return json.dumps(
-            [{"text": h.text, "score": round(h.score, 4)} for h in hits], ensure_ascii=False
-        )
     if name == "add_context":
         stored = documents_store(
             user_id=scope.user_id,

@@ -46,6 +46,11 @@ EVENT_DATA = {
                 "message_id": _MESSAGE_ID,
                 "content": {"type": "string"},
                 "status": {"type": "string", "enum": ["done"]},
+                "citations": {
+                    "type": "array",
+                    "description": "The chunks the answer drew on (as the message's `citations`).",
+                    "items": {"type": "object", "additionalProperties": True},
+                },
             },
         },
     ),

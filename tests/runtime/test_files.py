@@ -20,7 +20,7 @@ from tests.factories import AgentFactory
 from tests.runtime.conftest import context_count, wait_until
 from tests.runtime.test_context import context_url, search
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def files_url(agent):
@@ -213,3 +213,39 @@ def test_bad_input_is_4xx_and_writes_nothing(api, other_api, agent, redis_client
     assert api.get(files_url(sibling) + f"{document.id}/").status_code == 404
     assert list(ContextDocument.objects.values_list("source", flat=True)) == ["x.txt"]
     assert not list(redis_client.scan_iter("*context_job*"))
+
+
+def test_answers_cite_the_chunks_they_drew_on(
+    live_worker, api, project, redis_client, fake_openai
+):
+    from agents.models import Tool
+    from tests.factories import ChatSessionFactory
+    from tests.runtime.test_tools import ask, model_agent, of
+
+    agent = model_agent(project, top_k=2, search_mode="sparse")
+    pdf = make_pdf(["Intro page.", "The refund code is RF-99341 for damaged goods."])
+    assert finished(api, agent, upload(api, agent, "refunds.pdf", pdf))["status"] == "done"
+    document = ContextDocument.objects.get(agent=agent)
+    session = ChatSessionFactory(agent=agent, project=project)
+
+    kind, data, events, answer = ask(api, redis_client, session, "What is RF-99341?")
+    assert kind == "message.completed", data
+    first = data["citations"][0]
+    assert first["index"] == 1 and first["document_id"] == str(document.id)
+    assert first["page"] == 2 and first["source"] == "refunds.pdf"
+    # The model was shown where each passage comes from.
+    system = fake_openai.requests[0]["body"]["messages"][0]["content"]
+    assert "[1] (source refunds.pdf, page 2) The refund code is RF-99341" in system
+    listed = api.get(f"/my/projects/{project.id}/chat/{session.id}/messages/").json()
+    stored = [m for m in listed["messages"] if m["id"] == answer.id][0]
+    assert stored["citations"] == data["citations"]
+
+    # An agent that searches by tool: the answer cites what its search found.
+    Tool.objects.create(agent=agent, kind="builtin", name="search_context")
+    fake_openai.turns = [{"tool_calls": [("search_context", {"query": "RF-99341"})]}]
+    kind, data, events, answer = ask(api, redis_client, session, "And again?")
+    assert kind == "message.completed", data
+    (result,) = of(events, "tool.result")[-1:]
+    assert result["citations"][0]["page"] == 2
+    assert [c["index"] for c in data["citations"]] == [None] * len(data["citations"])
+    assert data["citations"][0]["document_id"] == str(document.id)
