@@ -3,7 +3,7 @@
 shared layout).
 
     .venv/bin/python bench/retrieval.py [--rounds 3] [--chunks 100000] [--agents 4]
-                                        [--searches 200] [--dir DIR]
+                                        [--searches 200] [--dir DIR] [--cache DIR]
 
 Corpus: the Python help topics that ship with Python (`pydoc_data.topics`), each topic
 cut by `context.chunking.chunk_text` (1,000 characters, 120 of overlap) and embedded
@@ -35,6 +35,8 @@ LEFT_OUT (printed with the table).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -120,7 +122,7 @@ def make_questions(chunks):
     return questions + exact
 
 
-def build(folder: Path, chunks):
+def build(folder: Path, chunks, cache: str | None = None):
     from django.conf import settings
 
     from context.chunking import point_id
@@ -134,8 +136,17 @@ def build(folder: Path, chunks):
     scope = TenantScope.agent(user_id=1, project_id=uuid.UUID(int=1), agent_id=uuid.UUID(int=1))
     started = time.perf_counter()
     vectors: list[list[float]] = []
-    for i in range(0, len(chunks), 32):
-        vectors += embedder.passages([t for _, t in chunks[i : i + 32]])
+    digest = hashlib.sha256((embedder.name + "".join(t for _, t in chunks)).encode()).hexdigest()[
+        :16
+    ]
+    cached = Path(cache) / f"retrieval-{digest}.json" if cache else None
+    if cached is not None and cached.exists():
+        vectors = json.loads(cached.read_text())  # the same model on the same chunks
+    else:
+        for i in range(0, len(chunks), 32):
+            vectors += embedder.passages([t for _, t in chunks[i : i + 32]])
+        if cached is not None:
+            cached.write_text(json.dumps(vectors))
     embed_seconds = time.perf_counter() - started
     points = [
         ContextPoint(point_id(scope.collection, t), v, {"text": t, "n": i, "topic": topic})
@@ -231,6 +242,9 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=4)
     parser.add_argument("--searches", type=int, default=200)
     parser.add_argument("--dir", default=None)
+    parser.add_argument(
+        "--cache", default=None, help="a folder keeping the chunks' embeddings between runs"
+    )
     args = parser.parse_args()
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
     import django
@@ -248,7 +262,7 @@ def main() -> None:
         }
         print(f"corpus: {len(chunks)} chunks of {len({t for t, _ in chunks})} pydoc topics; "
               f"questions: {len(questions)} {kinds}")  # fmt: skip
-        store, embedder, scope, vectors, embed_s = build(folder / "quality", chunks)
+        store, embedder, scope, vectors, embed_s = build(folder / "quality", chunks, args.cache)
         print(f"embedded {len(chunks)} chunks in {embed_s:.1f}s")
         qvectors = [embedder.query(q) for _, q, _ in questions]
         table = recall(store, embedder, scope, questions, qvectors)

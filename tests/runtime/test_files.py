@@ -215,9 +215,7 @@ def test_bad_input_is_4xx_and_writes_nothing(api, other_api, agent, redis_client
     assert not list(redis_client.scan_iter("*context_job*"))
 
 
-def test_answers_cite_the_chunks_they_drew_on(
-    live_worker, api, project, redis_client, fake_openai
-):
+def test_answers_cite_the_chunks_they_drew_on(live_worker, api, project, redis_client, fake_openai):
     from agents.models import Tool
     from tests.factories import ChatSessionFactory
     from tests.runtime.test_tools import ask, model_agent, of
