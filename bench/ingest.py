@@ -230,7 +230,7 @@ def main() -> None:
     print(f"| {f'{options.pages}-page PDF ingest, pages/s':<48} | "
           f"{mmm([r['pages_s'] for r in rows]):>26} |")  # fmt: skip
     print(f"| {'chunks per PDF':<48} | {mmm([r['chunks'] for r in rows]):>26} |")
-    for key, name in (("idle", "idle"), ("busy", "during the other project's ingest")):
+    for key, name in (("idle", "idle"), ("busy", "during ingest")):
         p50 = [statistics.median(r[key]) for r in rows]
         p95 = [percentile(r[key], 95) for r in rows]
         print(f"| {f'chat first delta p50, ms, {name}':<48} | {mmm(p50):>26} |")

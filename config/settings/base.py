@@ -615,3 +615,9 @@ MEMORY_BLOCK_MAX_CHARS = env.int("MEMORY_BLOCK_MAX_CHARS", default=20_000)
 # EGRESS_ALLOW_NETWORKS_FILES opens private networks for it, as for tools.
 EGRESS_ALLOW_NETWORKS["files"] = env.list("EGRESS_ALLOW_NETWORKS_FILES", default=[])
 CONTEXT_FILE_FETCH_TIMEOUT_SECONDS = env.float("CONTEXT_FILE_FETCH_TIMEOUT_SECONDS", default=30)
+SPECTACULAR_SETTINGS["ENUM_NAME_OVERRIDES"]["ContextDocumentStatusEnum"] = (
+    "context.apis.FILE_STATUSES"
+)
+SPECTACULAR_SETTINGS["TAGS"].append(
+    {"name": "Memory", "description": "An agent's memory blocks, always in its system prompt."}
+)
