@@ -735,7 +735,7 @@ class VectorStore:
             if not self._per_agent().exists(name):
                 return []
             where = _Where.own_collection(scope)
-        sparse = None
+        sparse, requested = None, mode
         if mode != "dense" and self._has_sparse(kind, name):
             sparse = query_sparse(query)
             if not sparse:  # nothing but stopwords: no term to match
@@ -745,6 +745,8 @@ class VectorStore:
         elif mode != "dense":
             mode = "dense"
         if mode != "sparse" and vector is None:
+            if requested == "sparse":
+                return []  # asked without a vector of a collection that has no sparse one
             raise ValueError("a dense or hybrid search needs the query's vector")
         return self._engine(kind).query(
             where, vector, k=k, sparse=sparse, mode=mode, prefetch=max(prefetch, k)

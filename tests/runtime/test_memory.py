@@ -134,3 +134,27 @@ def test_owner_api_validates_and_isolates(api, project, other_api):
     assert api.get(memory_url(project, agent, "human")).status_code == 404
     assert list(MemoryChange.objects.filter(agent=agent, label="human")
                 .values_list("action", flat=True)) == ["delete", "update", "create"]  # fmt: skip
+
+
+@pytest.mark.django_db
+def test_admin_edits_are_checked_and_audited(admin_client, project):
+    from tests.factories import AgentFactory
+
+    agent = AgentFactory(project=project)
+    url = "/admin/agents/memoryblock/add/"
+    form = {"agent": str(agent.id), "label": "persona", "value": "x" * 11, "limit": 10,
+            "description": ""}  # fmt: skip
+    response = admin_client.post(url, form)
+    assert response.status_code == 200 and not MemoryBlock.objects.exists()  # over the limit
+    response = admin_client.post(url, {**form, "value": "Ada"})
+    assert response.status_code == 302, response.content
+    block = MemoryBlock.objects.get(agent=agent)
+    change = f"/admin/agents/memoryblock/{block.id}/change/"
+    response = admin_client.post(change, {**form, "value": "Ada Lovelace", "limit": 20})
+    assert response.status_code == 302
+    block.refresh_from_db()
+    assert block.value == "Ada Lovelace"
+    assert list(MemoryChange.objects.filter(agent=agent).values_list("actor", "action")) == [
+        ("admin", "update"),
+        ("admin", "create"),
+    ]
