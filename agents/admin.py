@@ -2,6 +2,7 @@
 first, with filters by project and links and counts between related objects."""
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin
 from django.db.models import Count
 from django.urls import reverse
@@ -9,7 +10,8 @@ from django.utils.html import format_html
 
 from workspaces.services import workspace_agent_sync_on_commit
 
-from .models import Agent, ProjectSecret, Tool
+from .memory import memory_block_create, memory_block_delete, memory_block_update
+from .models import Agent, MemoryBlock, MemoryChange, ProjectSecret, Tool
 from .services import TOOL_FIELDS, agent_delete
 from .tool_validation import validate_tool
 from .validators import validate_params
@@ -158,3 +160,64 @@ class ProjectSecretAdmin(admin.ModelAdmin):
     @admin.display(description="project", ordering="project__name")
     def project_link(self, obj: ProjectSecret):
         return change_link("projects_project", obj.project)
+
+
+class MemoryBlockAdminForm(forms.ModelForm):
+    class Meta:
+        model = MemoryBlock
+        fields = ("agent", "label", "value", "limit", "description")
+
+    def clean(self):
+        data = super().clean()
+        value, limit = data.get("value") or "", data.get("limit") or 0
+        if limit > settings.MEMORY_BLOCK_MAX_CHARS:
+            self.add_error("limit", f"At most {settings.MEMORY_BLOCK_MAX_CHARS}.")
+        elif len(value) > limit:
+            self.add_error("value", f"Holds {len(value)} characters; the limit is {limit}.")
+        return data
+
+
+@admin.register(MemoryBlock)
+class MemoryBlockAdmin(admin.ModelAdmin):
+    """Operators edit memory blocks as owners do; each change is a MemoryChange by
+    `admin` (agents.memory), besides the admin's own log."""
+
+    form = MemoryBlockAdminForm
+    list_display = ("label", "agent_link", "limit", "updated_at")
+    list_filter = (("agent__project", admin.RelatedOnlyFieldListFilter),)
+    search_fields = ("label", "agent__name", "=agent__id")
+    list_select_related = ("agent",)
+    readonly_fields = ("id", "created_at", "updated_at")
+    raw_id_fields = ("agent",)
+
+    @admin.display(description="agent", ordering="agent__name")
+    def agent_link(self, obj: MemoryBlock):
+        return change_link("agents_agent", obj.agent)
+
+    def save_model(self, request, obj: MemoryBlock, form, change) -> None:
+        data = {f: getattr(obj, f) for f in ("label", "value", "limit", "description")}
+        if change:
+            memory_block_update(block=obj, data=data, actor="admin")
+        else:
+            obj.pk = memory_block_create(agent=obj.agent, data=data, actor="admin").pk
+
+    def delete_model(self, request, obj: MemoryBlock) -> None:
+        memory_block_delete(block=obj, actor="admin")
+
+    def delete_queryset(self, request, queryset) -> None:
+        for block in queryset:
+            memory_block_delete(block=block, actor="admin")
+
+
+@admin.register(MemoryChange)
+class MemoryChangeAdmin(admin.ModelAdmin):
+    list_display = ("created_at", "label", "action", "actor", "agent", "run_id")
+    list_filter = ("actor", "action")
+    search_fields = ("label", "=agent__id", "=run_id")
+    list_select_related = ("agent",)
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False

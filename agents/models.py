@@ -127,3 +127,54 @@ class Tool(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class MemoryBlock(models.Model):
+    """A named block of an agent's core memory (Letta's persona / human blocks): always
+    in its system prompt, edited by the owner (API, admin) and by the agent itself
+    (builtin tools memory_append, memory_replace), never beyond `limit` characters."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="memory_blocks")
+    label = models.CharField(max_length=64)
+    value = models.TextField(blank=True, default="")
+    limit = models.PositiveIntegerField(default=2000)
+    description = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["created_at", "label"]
+        constraints = [
+            models.UniqueConstraint(fields=["agent", "label"], name="memory_label_unique_in_agent")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.agent_id}:{self.label}"
+
+
+class MemoryChange(models.Model):
+    """The audit trail of memory blocks: every change, by whom (the owner through the
+    API, an admin, or the agent in a run), with the value before and after."""
+
+    class Actor(models.TextChoices):
+        OWNER = "owner"
+        ADMIN = "admin"
+        AGENT = "agent"
+
+    id = models.BigAutoField(primary_key=True)
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="memory_changes")
+    label = models.CharField(max_length=64)
+    action = models.CharField(max_length=16)  # create, update, delete, append, replace
+    actor = models.CharField(max_length=8, choices=Actor.choices)
+    run_id = models.UUIDField(null=True, blank=True)
+    before = models.TextField(blank=True, default="")
+    after = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["agent", "-created_at"], name="memory_change_agent")]
+
+    def __str__(self) -> str:
+        return f"{self.label} {self.action} by {self.actor}"

@@ -10,7 +10,7 @@ from django.db.models import QuerySet
 from common.selectors import get_or_404
 from projects.models import Project
 
-from .models import Agent, ProjectSecret, Tool
+from .models import Agent, MemoryBlock, MemoryChange, ProjectSecret, Tool
 
 
 def agent_list(*, project: Project) -> QuerySet[Agent]:
@@ -48,3 +48,15 @@ def agent_config(agent: Agent) -> dict:
         "params": agent.params,
         "updated_at": agent.updated_at.isoformat(),
     }
+
+
+def memory_block_list(*, agent: Agent) -> QuerySet[MemoryBlock]:
+    return MemoryBlock.objects.filter(agent=agent).order_by("created_at", "label")
+
+
+def memory_block_get(*, agent: Agent, label: str) -> MemoryBlock:
+    return get_or_404(memory_block_list(agent=agent).select_related("agent"), label=label)
+
+
+def memory_change_list(*, agent: Agent) -> QuerySet[MemoryChange]:
+    return MemoryChange.objects.filter(agent=agent)

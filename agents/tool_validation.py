@@ -29,7 +29,7 @@ MAX_HEADER_VALUE = 4096
 # Headers the HTTP client sets itself.
 RESERVED_HEADERS = {"host", "content-length", "transfer-encoding", "connection"}
 
-BUILTIN_TOOLS = ("search_context", "add_context")
+BUILTIN_TOOLS = ("search_context", "add_context", "memory_append", "memory_replace")
 # An MCP tool's name prefixes its server's tool names (`<prefix>__<name>`, 64 at most).
 MCP_PREFIX_MAX = 20
 
@@ -251,6 +251,12 @@ BUILTIN_SPECS: dict[str, dict[str, Any]] = {
             "properties": {
                 "query": {"type": "string", "description": "What to look for."},
                 "k": {"type": "integer", "minimum": 1, "maximum": 20, "default": 4},
+                "mode": {
+                    "type": "string",
+                    "enum": ["dense", "sparse", "hybrid"],
+                    "description": "sparse or hybrid find exact identifiers, codes and "
+                    "numbers; dense finds meaning. Default: the agent's search mode.",
+                },
             },
             "required": ["query"],
             "additionalProperties": False,
@@ -267,6 +273,37 @@ BUILTIN_SPECS: dict[str, dict[str, Any]] = {
             "additionalProperties": False,
         },
         # Points are keyed by their text: storing the same text twice stores it once.
+        "safe_to_repeat": True,
+    },
+    "memory_append": {
+        "description": "Add a line to one of your memory blocks (they are in your system "
+        "prompt, under <memory_blocks>). Keep within the block's limit.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "label": {"type": "string", "minLength": 1, "maxLength": 64},
+                "content": {"type": "string", "minLength": 1, "maxLength": 20000},
+            },
+            "required": ["label", "content"],
+            "additionalProperties": False,
+        },
+        # Appending twice adds the line twice.
+        "safe_to_repeat": False,
+    },
+    "memory_replace": {
+        "description": "Replace text that occurs exactly once in one of your memory "
+        "blocks with new text (empty new_content deletes it).",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "label": {"type": "string", "minLength": 1, "maxLength": 64},
+                "old_content": {"type": "string", "minLength": 1, "maxLength": 20000},
+                "new_content": {"type": "string", "maxLength": 20000},
+            },
+            "required": ["label", "old_content", "new_content"],
+            "additionalProperties": False,
+        },
+        # A second replace finds the old text gone and is refused: no harm.
         "safe_to_repeat": True,
     },
 }

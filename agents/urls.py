@@ -1,6 +1,6 @@
 from django.urls import path
 
-from .apis import agents, tools
+from .apis import agents, memory, tools
 
 urlpatterns = [
     path("agents/", agents.AgentListCreateApi.as_view(), name="agent-list"),
@@ -12,5 +12,20 @@ urlpatterns = [
         name="tool-detail",
     ),
     path("secrets/", tools.SecretListCreateApi.as_view(), name="secret-list"),
+    path(
+        "agents/<uuid:agent_id>/memory/",
+        memory.MemoryBlockListCreateApi.as_view(),
+        name="memory-block-list",
+    ),
+    path(
+        "agents/<uuid:agent_id>/memory/changes/",
+        memory.MemoryChangeListApi.as_view(),
+        name="memory-change-list",
+    ),
+    path(
+        "agents/<uuid:agent_id>/memory/<str:label>/",
+        memory.MemoryBlockDetailApi.as_view(),
+        name="memory-block-detail",
+    ),
     path("secrets/<str:name>/", tools.SecretDetailApi.as_view(), name="secret-detail"),
 ]

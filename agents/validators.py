@@ -7,6 +7,9 @@ import json
 from django.core.exceptions import ValidationError
 
 MAX_PARAMS_BYTES = 8 * 1024
+# How an agent's context is searched (context.sparse.SEARCH_MODES; agents does not
+# import context).
+SEARCH_MODES = ("dense", "sparse", "hybrid")
 # Known parameters and their allowed ranges; others are kept as given.
 PARAM_RANGES = {
     "temperature": (float, 0.0, 2.0),
@@ -34,5 +37,8 @@ def validate_params(value) -> None:
         if isinstance(v, bool) or not ok_type or not low <= v <= high:
             kind_name = "an integer" if kind is int else "a number"
             errors.append(f"{key}: must be {kind_name} in [{low}, {high}].")
+    mode = value.get("search_mode")
+    if mode is not None and mode not in SEARCH_MODES:
+        errors.append(f"search_mode: must be one of {', '.join(SEARCH_MODES)}.")
     if errors:
         raise ValidationError(errors)

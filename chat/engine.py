@@ -25,8 +25,10 @@ from django.db.models import Q
 from redis.exceptions import RedisError
 
 from agentbus import project_gone
+from agents.memory import memory_blocks_prompt
 from common.lifecycle import worker_stopping
-from context.vectors import context_search, exchange_store, exchanges_forget, query_embed
+from context.sparse import agent_search_mode
+from context.vectors import citation, context_search, exchange_store, exchanges_forget, query_embed
 from governance.providers import provider_settings_for
 from governance.usage import usage_record
 from llm.providers import (
@@ -65,6 +67,8 @@ class Answer:
     error: str = ""
     question: str = ""
     question_vector: list[float] | None = None
+    # The chunks the answer drew on (Message.citations).
+    citations: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -78,6 +82,8 @@ class Prepared:
     secrets: dict[str, str]
     llm: Any = None
     question_vector: list[float] | None = field(default=None)
+    # The agent's memory blocks, as its system prompt carries them.
+    memory: str = ""
 
 
 # --- Claiming the run ---------------------------------------------------------------------
@@ -180,7 +186,12 @@ def _settle(
     outcome, content, error = answer.outcome, answer.content, answer.error
     if outcome == "done":
         ended = state.run_end(
-            run=run, status=Run.Status.DONE, content=content, attempt=attempt, usage=cost
+            run=run,
+            status=Run.Status.DONE,
+            content=content,
+            attempt=attempt,
+            usage=cost,
+            citations=answer.citations,
         )
         if not ended:
             return "lost"
@@ -275,14 +286,16 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) ->
         # Embedded once: to search now (unless the agent searches by tool), and to
         # remember the exchange by afterwards.
         question_vector = query_embed(question) if question.strip() else None
+        context, citations = _context(
+            run=run, space=space, prepared=prepared, tools=tools, vector=question_vector
+        )
         request = _build_request(
             config=prepared.config,
             history=prepared.history,
             question=question,
-            context=_context(
-                run=run, space=space, prepared=prepared, tools=tools, vector=question_vector
-            ),  # fmt: skip
+            context=context,
             tools=tools,
+            memory=prepared.memory,
         )
         request = replace(request, deadline=stop.deadline)
         loop = ToolLoop(
@@ -297,6 +310,7 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) ->
                 run_id=str(run.id),
                 should_stop=stop,
                 deadline=stop.deadline,
+                params=dict(prepared.config.get("params") or {}),
             ),
             max_steps=int(
                 (prepared.config.get("params") or {}).get("max_steps", settings.TOOL_MAX_STEPS)
@@ -318,8 +332,16 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) ->
     except Exception as exc:
         logger.exception("agent run %s failed", run.id)
         return Answer("error", "".join(parts), f"the agent run failed: {type(exc).__name__}")
-    return _loop_answer(outcome, "".join(parts), loop=loop, stop=stop, question=question,
-                        question_vector=question_vector)  # fmt: skip
+    answer = _loop_answer(outcome, "".join(parts), loop=loop, stop=stop, question=question,
+                          question_vector=question_vector)  # fmt: skip
+    # What the answer drew on: the chunks it was given, then what its searches found.
+    answer.citations = citations + [
+        {"index": None, **hit}
+        for step in loop.steps
+        if step.get("status") == "done"
+        for hit in step.get("citations") or ()
+    ]
+    return answer
 
 
 def _prepare(*, run: Run, space) -> Prepared | None:
@@ -335,20 +357,28 @@ def _prepare(*, run: Run, space) -> Prepared | None:
     # Governance hook: the project's own provider settings, over the deployment's.
     llm = provider_settings_for(project_id=project_id)
     state.run_model_set(run=run, model=_model_name(config, llm))
+    memory = memory_blocks_prompt(agent_id=run.agent_id)
     # Nothing more from the database until the run ends, but the run's steps (the
     # lease keeper has its own connection).
     release_database()
     question = next((c for role, c in reversed(history) if role == Message.Role.USER), "")
     return Prepared(
-        config=config, history=history, question=question, tools=tools, secrets=secrets, llm=llm
+        config=config,
+        history=history,
+        question=question,
+        tools=tools,
+        secrets=secrets,
+        llm=llm,
+        memory=memory,
     )
 
 
 def _context(
     *, run: Run, space, prepared: Prepared, tools: list[ToolSpec], vector: list[float] | None
-) -> list[str]:
-    """The context passages given with the question: none for an agent with the search
-    tool (it searches when it decides to), else the top_k closest."""
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """The context passages given with the question, and their citations: none for an
+    agent with the search tool (it searches when it decides to), else the top_k best.
+    A file's chunk is shown with its source, page and section, so the model can cite."""
     searches = any(t.kind == "builtin" and t.name == "search_context" for t in tools)
     params = prepared.config.get("params") or {}
     hits = context_search(
@@ -358,8 +388,17 @@ def _context(
         query=prepared.question,
         k=0 if searches else int(params.get("top_k", DEFAULT_TOP_K)),
         vector=vector,
+        mode=agent_search_mode(params),
     )
-    return [hit.text for hit in hits]
+    texts, citations = [], []
+    for index, hit in enumerate(hits, start=1):
+        where = citation(hit)
+        label = ", ".join(
+            f"{key} {where[key]}" for key in ("source", "page", "section") if key in where
+        )
+        texts.append(f"({label}) {hit.text}" if label else hit.text)
+        citations.append({"index": index, "id": hit.id, "score": round(hit.score, 4), **where})
+    return texts, citations
 
 
 def _loop_answer(
@@ -404,8 +443,11 @@ def _build_request(
     question: str,
     context: list[str],
     tools: list[ToolSpec] = (),
+    memory: str = "",
 ) -> ChatRequest:
     system = config.get("system_prompt") or "You are a helpful assistant."
+    if memory:
+        system = f"{system}\n\n{memory}"
     if context:
         joined = "\n\n".join(f"[{i}] {text}" for i, text in enumerate(context, 1))
         system = f"{system}\n\nContext you may use to answer:\n{joined}"

@@ -48,6 +48,9 @@ class Message(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.DONE)
     # Why a message ended in error; empty otherwise.
     error = models.TextField(blank=True, default="")
+    # An answer's sources: the context chunks it was given or its tools found
+    # ({"index", "id", "document_id", "source", "page", "section", "score"}).
+    citations = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -193,6 +193,7 @@ def run_end(
     from_statuses: tuple[str, ...] = (Run.Status.RUNNING,),
     attempt: int | None = None,
     usage: dict[str, Any] | None = None,
+    citations: list[dict[str, Any]] | None = None,
 ) -> bool:
     """End a run and its message once, conditionally (on its status, and on the dispatch
     generation when given): True when this call ended it. Says so on the event stream.
@@ -221,6 +222,8 @@ def run_end(
             written = {"status": status, "error": error}
             if content is not None:
                 written["content"] = content
+            if citations is not None:
+                written["citations"] = citations
             Message.objects.filter(id=run.message_id).update(**written)
             if usage is not None:
                 tokens = usage_row_write(**usage)
@@ -237,7 +240,10 @@ def run_end(
             )
     if ended:
         event, data = {
-            Run.Status.DONE: (streams.MESSAGE_COMPLETED, {"content": content, "status": status}),
+            Run.Status.DONE: (
+                streams.MESSAGE_COMPLETED,
+                {"content": content, "status": status, "citations": citations or []},
+            ),
             Run.Status.ERROR: (streams.MESSAGE_ERROR, {"error": error, "content": content}),
             Run.Status.CANCELLED: (streams.MESSAGE_CANCELLED, {}),
         }[status]
@@ -267,7 +273,11 @@ def _end_event(status: str, message: Message) -> tuple[str, dict[str, Any]]:
     return {
         Run.Status.DONE: (
             streams.MESSAGE_COMPLETED,
-            {"content": message.content, "status": message.status},
+            {
+                "content": message.content,
+                "status": message.status,
+                "citations": message.citations or [],
+            },
         ),
         Run.Status.ERROR: (
             streams.MESSAGE_ERROR,

@@ -37,6 +37,8 @@ MESSAGE_RESTARTED = "message.restarted"
 RUN_STEP = "run.step"
 TOOL_CALL = "tool.call"
 TOOL_RESULT = "tool.result"
+# The agent changed one of its memory blocks (memory_append, memory_replace).
+MEMORY_UPDATED = "memory.updated"
 
 # A session's stream outlives its last event by this long, then Redis drops it (the
 # messages themselves are in the database).

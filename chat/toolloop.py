@@ -182,7 +182,12 @@ class ToolLoop:
         )
         data = {k: entry[k] for k in ("step", "call_id", "name", "result")}
         data.update(outcome.extra)
-        return self._event(streams.TOOL_RESULT, {**data, "ok": outcome.ok, "truncated": cut})
+        if not self._event(streams.TOOL_RESULT, {**data, "ok": outcome.ok, "truncated": cut}):
+            return False
+        if outcome.ok and "memory" in outcome.extra:
+            # The agent changed one of its memory blocks (tools.runner._memory_tool).
+            return self._event(streams.MEMORY_UPDATED, dict(outcome.extra["memory"]))
+        return True
 
     def _save(self) -> bool:
         """Write the steps, if the run is still this worker's."""

@@ -29,7 +29,9 @@ from django.conf import settings
 from django.core import checks
 
 TOOLS, MCP, PROVIDER, WEBHOOKS = "tools", "mcp", "provider", "webhooks"
-PURPOSES = (TOOLS, MCP, PROVIDER, WEBHOOKS)
+# Files an agent's context fetches by URL (context.jobs).
+FILES = "files"
+PURPOSES = (TOOLS, MCP, PROVIDER, WEBHOOKS, FILES)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -48,3 +48,9 @@ def chunk_text(text: str, *, size: int = CHUNK_CHARS, overlap: int = CHUNK_OVERL
 def point_id(collection: str, text: str) -> str:
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     return str(uuid.uuid5(POINT_NAMESPACE, f"{collection}:{digest}"))
+
+
+def document_point_key(*, document_id: uuid.UUID | str, index: int) -> str:
+    """What names a file chunk's point (not its text: two documents may share a
+    passage, and deleting one must not take the other's point)."""
+    return f"document:{uuid.UUID(str(document_id))}:{int(index)}"

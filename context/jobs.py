@@ -8,18 +8,31 @@ import time
 import uuid
 from typing import Any
 
+import httpx
 from django.conf import settings
 
 from agentbus import project_gone
 from agents.models import Agent
 from common.disk import disk_space_problem
+from common.egress import FILES, EgressRefused, guarded_client
 from governance.usage import embedding_usage_record
 from realtime import replies
 from workspaces.redis import scoped
 
 from . import job_records
+from .chunking import document_point_key
 from .embeddings import get_embedder
-from .vectors import collection_drop, context_clear, context_search, documents_store
+from .files import chunk_sections, parse
+from .filetypes import FileRefused, content_hash, file_type
+from .models import ContextDocument
+from .vectors import (
+    citation,
+    collection_drop,
+    context_clear,
+    context_search,
+    document_points_forget,
+    documents_store,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +63,14 @@ def context_job_add(
             job_id=job_id,
             fields={"status": "error", "error": "the agent no longer exists"},
         )
+        return None
+    if (
+        job.get("document_id")
+        and not ContextDocument.objects.filter(id=job["document_id"]).exists()
+    ):
+        # The document was deleted while it was being stored: drop what was stored.
+        _file_job_fail(redis=redis, job=job, user_id=user_id, project_id=project_id,
+                       error="the document was deleted")  # fmt: skip
         return None
     documents = job_records.job_documents(
         redis=redis, job_id=job_id, start=start, count=settings.INGEST_BATCH_DOCUMENTS
@@ -83,10 +104,13 @@ def context_job_add(
         )
     except Exception as exc:
         logger.exception("context job %s failed", job_id)
+        error = f"storing failed: {type(exc).__name__}: {exc}"
+        if job.get("document_id"):  # nothing of a file is left half-stored
+            _file_job_fail(redis=redis, job=job, user_id=user_id, project_id=project_id,
+                           error=error)  # fmt: skip
+            return None
         job_records.job_finish(
-            redis=redis,
-            job_id=job_id,
-            fields={"status": "error", "error": f"storing failed: {type(exc).__name__}: {exc}"},
+            redis=redis, job_id=job_id, fields={"status": "error", "error": error}
         )
         return None
     if chunks is None:
@@ -108,6 +132,10 @@ def context_job_add(
         "seconds": round(float(job.get("seconds", 0)) + time.perf_counter() - started, 4),
     }
     if stored >= int(job.get("documents", 0)) or not batch:
+        if job.get("document_id"):
+            ContextDocument.objects.filter(id=job["document_id"]).update(
+                status=ContextDocument.Status.READY
+            )
         job_records.job_finish(
             redis=redis,
             job_id=job_id,
@@ -144,6 +172,7 @@ def context_search_reply(
     query: str,
     k: int,
     deadline: float,
+    mode: str = "dense",
 ) -> str:
     """Search for a waiting web request and answer on its reply key (skip if it gave up)."""
     if time.time() > deadline:
@@ -151,7 +180,7 @@ def context_search_reply(
     redis = scoped(user_id, project_id)
     try:
         hits = context_search(
-            user_id=user_id, project_id=project_id, agent_id=agent_id, query=query, k=k
+            user_id=user_id, project_id=project_id, agent_id=agent_id, query=query, k=k, mode=mode
         )
     except Exception as exc:
         logger.exception("context search for request %s failed", request_id)
@@ -165,6 +194,7 @@ def context_search_reply(
                     "text": h.text,
                     "kind": h.payload.get("kind", "document"),
                     "metadata": h.payload.get("metadata") or {},
+                    **citation(h),
                 }
                 for h in hits
             ]
@@ -174,3 +204,165 @@ def context_search_reply(
         # Nobody may wait on a deleted project; leave no key behind its teardown.
         redis.delete(replies.reply_key(request_id))
     return "answered"
+
+
+# --- Files ---------------------------------------------------------------------------
+
+
+def _file_job_fail(
+    *, redis, job: dict[str, Any], user_id: int, project_id: uuid.UUID | str, error: str
+) -> None:
+    """End a file job in error with nothing of the file left: its points, if any were
+    stored, go (they are named by the document and chunk index)."""
+    document_id = job["document_id"]
+    chunks = int(job.get("documents", 0))
+    if chunks:
+        keys = [document_point_key(document_id=document_id, index=i) for i in range(chunks)]
+        document_points_forget(
+            user_id=user_id, project_id=project_id, agent_id=job["agent_id"], keys=keys
+        )
+    ContextDocument.objects.filter(id=document_id).update(
+        status=ContextDocument.Status.ERROR, error=error[:2000], chunks=0, text=""
+    )
+    job_records.job_finish(
+        redis=redis,
+        job_id=job["id"],
+        fields={"status": "error", "error": error, "finished_at": time.time()},
+    )
+
+
+def _fetch(url: str) -> tuple[bytes, str]:
+    """A file's bytes from its URL, through the egress guard, at most
+    CONTEXT_FILE_MAX_BYTES; (bytes, content type)."""
+    limit = settings.CONTEXT_FILE_MAX_BYTES
+    try:
+        with guarded_client(
+            purpose=FILES, timeout=settings.CONTEXT_FILE_FETCH_TIMEOUT_SECONDS
+        ) as client, client.stream("GET", url) as response:  # fmt: skip
+            if response.status_code != 200:
+                raise FileRefused(f"fetching the URL answered HTTP {response.status_code}")
+            data = bytearray()
+            for part in response.iter_bytes():
+                data += part
+                if len(data) > limit:
+                    raise FileRefused(f"the file is larger than {limit} bytes")
+            return bytes(data), response.headers.get("content-type", "")
+    except EgressRefused as exc:
+        raise FileRefused(str(exc)) from exc
+    except httpx.HTTPError as exc:
+        if isinstance(exc.__cause__, EgressRefused):  # the guard's refusal, as it said it
+            raise FileRefused(str(exc.__cause__)) from exc
+        raise FileRefused(f"fetching the URL failed: {type(exc).__name__}") from exc
+
+
+def context_file_ingest(
+    *, user_id: int, project_id: uuid.UUID | str, agent_id: str, job_id: str, document_id: str
+) -> bool:
+    """Parse a file job's file into chunks (by its structure) and queue them as the
+    job's documents; True when the chunks are to be stored (context_job_add's batches
+    follow on the bus), False when the job ended here (a bad file: its error says why;
+    the same bytes already ingested: nothing added)."""
+    redis = scoped(user_id, project_id)
+    job = job_records.job_get(redis=redis, job_id=job_id)
+    if job is None or job.get("status") != "queued":
+        return False  # gone with its workspace, or a redelivery of a parsed job
+    document = ContextDocument.objects.filter(id=document_id, agent_id=agent_id).first()
+    if document is None:
+        job_records.job_finish(
+            redis=redis,
+            job_id=job_id,
+            fields={"status": "error", "error": "the document was deleted"},
+        )
+        return False
+    job_records.job_update(redis=redis, job_id=job_id, fields={"status": "running"})
+    ContextDocument.objects.filter(id=document_id).update(status=ContextDocument.Status.RUNNING)
+    started = time.perf_counter()
+    try:
+        data, url = job_records.job_file_get(redis=redis, job_id=job_id)
+        content_type = ""
+        if data is None:
+            if not url:
+                raise FileRefused("the file's bytes are gone (the job expired)")
+            data, content_type = _fetch(url)
+        kind = document.file_type or file_type(
+            name=document.source, content_type=content_type, head=data[:8]
+        )
+        if kind not in settings.CONTEXT_FILE_TYPES:
+            raise FileRefused(f"unsupported file type: {kind or 'unknown'}")
+        digest = document.content_hash or content_hash(data)
+        twin = (
+            ContextDocument.objects.filter(agent_id=agent_id, content_hash=digest)
+            .exclude(id=document_id)
+            .first()
+        )
+        if twin is not None:  # a URL whose bytes this agent already has
+            document.delete()
+            job_records.job_finish(
+                redis=redis,
+                job_id=job_id,
+                fields={
+                    "status": "done",
+                    "duplicate_of": str(twin.id),
+                    "chunks": 0,
+                    "finished_at": time.time(),
+                },  # fmt: skip
+            )
+            return False
+        sections = parse(
+            data,
+            kind=kind,
+            max_pages=settings.CONTEXT_FILE_MAX_PAGES,
+            max_chars=settings.CONTEXT_FILE_MAX_CHARS,
+        )
+    except FileRefused as exc:
+        _file_job_fail(redis=redis, job={**job, "documents": 0}, user_id=user_id,
+                       project_id=project_id, error=str(exc))  # fmt: skip
+        return False
+    chunks = chunk_sections(sections)
+    pages = max((s.page or 0 for s in sections), default=0) or None
+    ContextDocument.objects.filter(id=document_id).update(
+        file_type=kind,
+        content_hash=digest,
+        size_bytes=len(data),
+        pages=pages,
+        chunks=len(chunks),
+        text="\n\n".join(s.text for s in sections),
+    )
+    job_records.job_documents_put(
+        redis=redis,
+        job_id=job_id,
+        documents=[
+            {
+                "text": chunk.text,
+                "metadata": {"source": document.source},
+                "point": document_point_key(document_id=document_id, index=chunk.index),
+                "cite": {
+                    key: value
+                    for key, value in (
+                        ("document_id", document_id),
+                        ("source", document.source),
+                        ("page", chunk.page),
+                        ("section", chunk.section),
+                    )
+                    if value is not None
+                },
+            }
+            for chunk in chunks
+        ],
+    )
+    job_records.job_update(
+        redis=redis,
+        job_id=job_id,
+        fields={
+            "documents": len(chunks),
+            "pages": pages or 0,
+            "parse_seconds": round(time.perf_counter() - started, 4),
+        },
+    )
+    return True
+
+
+def document_forget(
+    *, user_id: int, project_id: uuid.UUID | str, agent_id: str, keys: list[str]
+) -> None:
+    document_points_forget(user_id=user_id, project_id=project_id, agent_id=agent_id, keys=keys)

@@ -21,8 +21,10 @@ Isolation is structural: `VectorStore` has no method that touches points without
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -43,10 +45,20 @@ from .scopes import (
     require_scope,
     shared_collection_name,
 )
+from .sparse import SEARCH_MODES, SPARSE_VECTOR, Sparse, passage_sparse, query_sparse
 
+# Reciprocal-rank fusion's constant (Qdrant's own default: a hit's fused score is
+# the sum of 1 / (RRF_K + rank) over the lists that hold it).
+RRF_K = 60
+# A collection being rebuilt with sparse vectors is copied aside under this suffix.
+REBUILD_SUFFIX = "__sparse"
 # Every distinct agent of a shared collection, listed in one facet request.
 FACET_LIMIT = 10_000_000
 EDGE_DIR = "edge"
+logger = logging.getLogger(__name__)
+# A collection made before sparse vectors is looked at again after this long (the
+# re-index command may have given it one meanwhile).
+SPARSE_RECHECK_SECONDS = 60.0
 UNAVAILABLE_HINT = (
     " Qdrant local mode serves one process: run a single worker process "
     "(e.g. --concurrency=1 or a threads pool) or set QDRANT_URL to a Qdrant server."
@@ -144,6 +156,10 @@ class _ClientEngine:
                 self._client.create_collection(
                     name,
                     vectors_config=m.VectorParams(size=dim, distance=m.Distance.COSINE),
+                    # The text's BM25-like terms; Qdrant weighs them by their IDF.
+                    sparse_vectors_config={
+                        SPARSE_VECTOR: m.SparseVectorParams(modifier=m.Modifier.IDF)
+                    },
                     # Shared: no global graph, one per tenant (Qdrant's multitenancy setup).
                     hnsw_config=m.HnswConfigDiff(m=0, payload_m=16) if shared else None,
                 )
@@ -161,6 +177,31 @@ class _ClientEngine:
         with self._lock:
             return int(self._client.get_collection(name).config.params.vectors.size)
 
+    def has_sparse(self, name: str) -> bool:
+        with self._lock:
+            sparse = self._client.get_collection(name).config.params.sparse_vectors or {}
+        return SPARSE_VECTOR in sparse
+
+    def add_sparse(self, name: str) -> bool:
+        """Neither a server nor local mode adds a vector to an existing collection: the
+        caller rebuilds it (VectorStore.sparse_reindex)."""
+        return False
+
+    def set_sparse(self, where: _Where, vectors: list[tuple[str, Sparse]]) -> None:
+        _where(where)
+        m = self._models
+        batch = [m.PointVectors(id=i, vector={SPARSE_VECTOR: self._sparse(v)}) for i, v in vectors]
+        with self._lock:
+            self._client.update_vectors(collection_name=where.collection, points=batch, wait=True)
+
+    def _sparse(self, sparse: Sparse) -> Any:
+        return self._models.SparseVector(indices=sparse.indices, values=sparse.values)
+
+    def _vectors(self, point: ContextPoint, sparse: Sparse | None) -> Any:
+        if sparse is None:
+            return point.vector
+        return {"": point.vector, SPARSE_VECTOR: self._sparse(sparse)}
+
     def drop(self, name: str) -> bool:
         with self._lock:
             if not self._client.collection_exists(name):
@@ -168,22 +209,53 @@ class _ClientEngine:
             self._client.delete_collection(name)
             return True
 
-    def upsert(self, where: _Where, points: list[ContextPoint]) -> None:
+    def upsert(
+        self, where: _Where, points: list[ContextPoint], sparse: list[Sparse] | None = None
+    ) -> None:
         _where(where)
         m = self._models
-        batch = [m.PointStruct(id=p.id, vector=p.vector, payload=p.payload) for p in points]
+        vectors = sparse or [None] * len(points)
+        batch = [
+            m.PointStruct(id=p.id, vector=self._vectors(p, v), payload=p.payload)
+            for p, v in zip(points, vectors, strict=True)
+        ]
         with self._lock:
             self._client.upsert(collection_name=where.collection, points=batch, wait=True)
 
-    def query(self, where: _Where, vector: list[float], *, k: int) -> list[ContextHit]:
+    def query(
+        self,
+        where: _Where,
+        vector: list[float],
+        *,
+        k: int,
+        sparse: Sparse | None = None,
+        mode: str = "dense",
+        prefetch: int = 0,
+    ) -> list[ContextHit]:
         _where(where)
+        m = self._models
+        flt = self._filter(where)
+        if mode == "sparse":
+            kwargs: dict[str, Any] = {"query": self._sparse(sparse), "using": SPARSE_VECTOR}
+        elif mode == "hybrid":
+            kwargs = {
+                "prefetch": [
+                    m.Prefetch(query=vector, filter=flt, limit=prefetch),
+                    m.Prefetch(
+                        query=self._sparse(sparse), using=SPARSE_VECTOR, filter=flt, limit=prefetch
+                    ),
+                ],
+                "query": m.FusionQuery(fusion=m.Fusion.RRF),
+            }
+        else:
+            kwargs = {"query": vector}
         with self._lock:
             result = self._client.query_points(
                 collection_name=where.collection,
-                query=vector,
                 limit=k,
-                query_filter=self._filter(where),
+                query_filter=flt,
                 with_payload=True,
+                **kwargs,
             )
         return [_hit(p.id, p.score, p.payload) for p in result.points]
 
@@ -260,6 +332,7 @@ class _EdgeEngine:
         self.local = True
         self._lock = threading.RLock()
         self._shards: dict[str, Any] = {}
+        self._sparse_known: dict[str, bool] = {}
         root.mkdir(parents=True, exist_ok=True)
         for path in sorted(root.iterdir()):
             if path.is_dir() and SHARED_RE.match(path.name):
@@ -313,6 +386,7 @@ class _EdgeEngine:
                 shutil.rmtree(path)
             config = e.EdgeConfig(
                 vectors=e.EdgeVectorParams(size=dim, distance=e.Distance.Cosine, on_disk=True),
+                sparse_vectors={SPARSE_VECTOR: e.EdgeSparseVectorParams(modifier=e.Modifier.Idf)},
                 # No global graph, one per tenant (Qdrant's multitenancy setup); a tenant
                 # under the full-scan threshold is searched exactly through its index.
                 hnsw_config=e.HnswIndexConfig(
@@ -330,7 +404,47 @@ class _EdgeEngine:
                 shard.update(e.UpdateOperation.create_field_index(field, schema))
             shard.flush()
             self._shards[name] = shard
+            self._sparse_known[name] = True
             return True
+
+    def has_sparse(self, name: str) -> bool:
+        """Whether the shard has the sparse vector (Edge reports no vector config: a
+        query on it answers)."""
+        e = self._e
+        with self._lock:
+            known = self._sparse_known.get(name)
+            if known is None:
+                probe = e.QueryRequest(
+                    limit=1, query=e.Query.Nearest(e.SparseVector([0], [1.0]), SPARSE_VECTOR)
+                )
+                try:
+                    self._shard(name).query(probe)
+                    known = True
+                except Exception:
+                    known = False
+                self._sparse_known[name] = known
+            return known
+
+    def add_sparse(self, name: str) -> bool:
+        """Add the sparse vector to a shard made before it existed (in place)."""
+        e = self._e
+        with self._lock:
+            if not self.has_sparse(name):
+                self._shard(name).update(
+                    e.UpdateOperation.create_sparse_vector(SPARSE_VECTOR, e.Modifier.Idf)
+                )
+                self._sparse_known[name] = True
+        return True
+
+    def set_sparse(self, where: _Where, vectors: list[tuple[str, Sparse]]) -> None:
+        _where(where)
+        e = self._e
+        batch = [
+            e.PointVectors(uuid.UUID(i), {SPARSE_VECTOR: e.SparseVector(v.indices, v.values)})
+            for i, v in vectors
+        ]
+        with self._lock:
+            self._shard(where.collection).update(e.UpdateOperation.update_vectors(batch))
 
     def drop(self, name: str) -> bool:
         with self._lock:
@@ -338,22 +452,70 @@ class _EdgeEngine:
             if shard is None:
                 return False
             shard.close()
+            self._sparse_known.pop(name, None)
             shutil.rmtree(self.root / name, ignore_errors=True)
             return True
 
-    def upsert(self, where: _Where, points: list[ContextPoint]) -> None:
+    def upsert(
+        self, where: _Where, points: list[ContextPoint], sparse: list[Sparse] | None = None
+    ) -> None:
         _where(where)
         e = self._e
-        batch = [e.Point(uuid.UUID(p.id), p.vector, p.payload) for p in points]
+        vectors = sparse or [None] * len(points)
+        batch = [
+            e.Point(
+                uuid.UUID(p.id),
+                p.vector
+                if v is None
+                else {"": p.vector, SPARSE_VECTOR: e.SparseVector(v.indices, v.values)},
+                p.payload,
+            )
+            for p, v in zip(points, vectors, strict=True)
+        ]
         with self._lock:
             self._shard(where.collection).update(e.UpdateOperation.upsert_points(batch))
 
-    def query(self, where: _Where, vector: list[float], *, k: int) -> list[ContextHit]:
+    def query(
+        self,
+        where: _Where,
+        vector: list[float],
+        *,
+        k: int,
+        sparse: Sparse | None = None,
+        mode: str = "dense",
+        prefetch: int = 0,
+    ) -> list[ContextHit]:
         _where(where)
         e = self._e
-        request = e.QueryRequest(
-            limit=k, query=e.Query.Nearest(vector), filter=self._filter(where), with_payload=True
-        )
+        flt = self._filter(where)
+        if mode == "sparse":
+            request = e.QueryRequest(
+                limit=k,
+                query=e.Query.Nearest(e.SparseVector(sparse.indices, sparse.values), SPARSE_VECTOR),
+                filter=flt,
+                with_payload=True,
+            )
+        elif mode == "hybrid":
+            request = e.QueryRequest(
+                limit=k,
+                prefetches=[
+                    e.Prefetch(query=e.Query.Nearest(vector), limit=prefetch, filter=flt),
+                    e.Prefetch(
+                        query=e.Query.Nearest(
+                            e.SparseVector(sparse.indices, sparse.values), SPARSE_VECTOR
+                        ),
+                        limit=prefetch,
+                        filter=flt,
+                    ),
+                ],
+                query=e.Fusion.Rrf(k=RRF_K),
+                filter=flt,
+                with_payload=True,
+            )
+        else:
+            request = e.QueryRequest(
+                limit=k, query=e.Query.Nearest(vector), filter=flt, with_payload=True
+            )
         with self._lock:
             found = self._shard(where.collection).query(request)
         return [_hit(p.id, p.score, p.payload) for p in found]
@@ -447,6 +609,8 @@ class VectorStore:
         self._engines: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._ensured: set[str] = set()
+        # (engine kind, collection) -> has the sparse vector, or when to look again.
+        self._sparse: dict[tuple[str, str], bool | float] = {}
 
     # --- engines ---------------------------------------------------------------------
 
@@ -488,6 +652,28 @@ class VectorStore:
             self._shared().create(name, dim=dim, shared=True)
             self._ensured.add(name)
 
+    def _has_sparse(self, kind: str, name: str) -> bool:
+        """Whether a collection holds sparse vectors (every collection made since they
+        exist does; older ones get them from `sparse_reindex`)."""
+        known = self._sparse.get((kind, name))
+        if known is True:
+            return True
+        if isinstance(known, float) and known > time.monotonic():
+            return False
+        has = bool(self._engine(kind).has_sparse(name))
+        self._sparse[(kind, name)] = True if has else time.monotonic() + SPARSE_RECHECK_SECONDS
+        if not has:
+            logger.warning(
+                "collection %s has no sparse vectors: searched by dense vectors only until "
+                "`manage.py context_sparse_reindex` gives it some",
+                name,
+            )
+        return has
+
+    @staticmethod
+    def _sparse_of(points: list[ContextPoint]) -> list[Sparse]:
+        return [passage_sparse(str(p.payload.get("text", ""))) for p in points]
+
     # --- by tenant -------------------------------------------------------------------
 
     def upsert(
@@ -507,29 +693,64 @@ class VectorStore:
         if not batch:
             return 0
         if (layout or self.layout) == "shared":
-            name = shared_collection_name(model=model, dim=dim)
+            kind, name = "shared", shared_collection_name(model=model, dim=dim)
             self._ensure_shared(name, dim=dim)
-            self._shared().upsert(_Where.shared(scope, name), batch)
+            where = _Where.shared(scope, name)
         else:
-            self._per_agent().create(scope.collection, dim=dim, shared=False)
-            self._per_agent().upsert(_Where.own_collection(scope), batch)
+            kind, name = "per_agent", scope.collection
+            self._per_agent().create(name, dim=dim, shared=False)
+            where = _Where.own_collection(scope)
+        sparse = self._sparse_of(batch) if self._has_sparse(kind, name) else None
+        self._engine(kind).upsert(where, batch, sparse)
         return len(batch)
 
     def search(
-        self, scope: TenantScope, vector: list[float], *, k: int, model: str, dim: int
+        self,
+        scope: TenantScope,
+        vector: list[float] | None,
+        *,
+        k: int,
+        model: str,
+        dim: int,
+        query: str = "",
+        mode: str = "dense",
+        prefetch: int = 0,
     ) -> list[ContextHit]:
-        """The k nearest points of an agent's context; none stored yet is none found."""
+        """The k best points of an agent's context for `query` (and its dense `vector`):
+        by dense similarity, by BM25-like terms (sparse), or both fused by reciprocal
+        rank (hybrid; each list `prefetch` long). None stored yet is none found. A
+        collection without sparse vectors yet is searched densely."""
         scope = require_scope(scope, agent=True)
+        if mode not in SEARCH_MODES:
+            raise ValueError(f"unknown search mode {mode!r}")
         if k <= 0:
             return []
         if self.layout == "shared":
-            name = shared_collection_name(model=model, dim=dim)
+            kind, name = "shared", shared_collection_name(model=model, dim=dim)
             if not self._shared().exists(name):
                 return []
-            return self._shared().query(_Where.shared(scope, name), vector, k=k)
-        if not self._per_agent().exists(scope.collection):
-            return []
-        return self._per_agent().query(_Where.own_collection(scope), vector, k=k)
+            where = _Where.shared(scope, name)
+        else:
+            kind, name = "per_agent", scope.collection
+            if not self._per_agent().exists(name):
+                return []
+            where = _Where.own_collection(scope)
+        sparse, requested = None, mode
+        if mode != "dense" and self._has_sparse(kind, name):
+            sparse = query_sparse(query)
+            if not sparse:  # nothing but stopwords: no term to match
+                if mode == "sparse":
+                    return []
+                mode = "dense"
+        elif mode != "dense":
+            mode = "dense"
+        if mode != "sparse" and vector is None:
+            if requested == "sparse":
+                return []  # asked without a vector of a collection that has no sparse one
+            raise ValueError("a dense or hybrid search needs the query's vector")
+        return self._engine(kind).query(
+            where, vector, k=k, sparse=sparse, mode=mode, prefetch=max(prefetch, k)
+        )
 
     def _places(self, scope: TenantScope) -> Iterator[tuple[Any, _Where]]:
         """Every (engine, where) that may hold points of the scope, in both layouts."""
@@ -648,6 +869,104 @@ class VectorStore:
             if own is not None:
                 found.setdefault(name, set()).add(own)
         return found
+
+    # --- sparse vectors for collections made before them -----------------------------
+
+    def sparse_reindex(self, *, batch: int = 256, progress: Any = None) -> dict[str, int]:
+        """Give every collection of both layouts sparse vectors computed from its points'
+        text; returns collection -> points indexed. Resumable and idempotent: run it
+        again after an interruption and it carries on.
+
+        A Qdrant Edge shard gets the sparse vector in place, then its points get their
+        vectors page by page. qdrant-client (a server, local mode) cannot add a vector
+        to an existing collection, so such a collection is rebuilt: copied whole into a
+        side collection that has the sparse vector (`…__sparse`), dropped, made again,
+        copied back, and the side dropped; an interrupted rebuild resumes from whichever
+        of the two still holds the points. Stop the workers first (writes during a
+        rebuild could be lost; local mode serves one process anyway).
+        """
+        say = progress or (lambda _msg: None)
+        done: dict[str, int] = {}
+        kinds = [("shared", n) for n in self.shared_collections()]
+        if self._per_agent_in_use():
+            engine = self._per_agent()
+            kinds += [("per_agent", n) for n in engine.collections() if COLLECTION_RE.match(n)]
+            # Side copies left by an interrupted rebuild whose original was dropped.
+            kinds += [
+                ("per_agent", n.removesuffix(REBUILD_SUFFIX))
+                for n in engine.collections()
+                if n.endswith(REBUILD_SUFFIX)
+                and COLLECTION_RE.match(n.removesuffix(REBUILD_SUFFIX))
+                and not engine.exists(n.removesuffix(REBUILD_SUFFIX))
+            ]
+        for kind, name in kinds:
+            engine = self._engine(kind)
+            shared = kind == "shared"
+            if engine.add_sparse(name):
+                count = self._sparse_fill(engine, name, shared=shared, batch=batch)
+            else:
+                count = self._sparse_rebuild(engine, name, shared=shared, batch=batch)
+            self._sparse.pop((kind, name), None)
+            done[name] = count
+            say(f"{name}: {count} points with sparse vectors")
+        return done
+
+    def _wheres(self, engine: Any, name: str, *, shared: bool) -> list[_Where]:
+        """One _Where per agent of a collection (or of its rebuild's side copy)."""
+        if not shared:
+            own = TenantScope.of_collection(name.removesuffix(REBUILD_SUFFIX))
+            return [_Where(name, (), own)] if own is not None else []
+        wheres = []
+        for value in engine.values(name, "collection"):
+            scope = TenantScope.of_collection(str(value))
+            if scope is not None:
+                wheres.append(_Where(name, tuple(sorted(scope.conditions().items())), scope))
+        return wheres
+
+    def _sparse_fill(self, engine: Any, name: str, *, shared: bool, batch: int) -> int:
+        count = 0
+        for where in self._wheres(engine, name, shared=shared):
+            offset = None
+            while True:
+                points, offset = engine.scroll(where, offset=offset, limit=batch)
+                if points:
+                    sparse = self._sparse_of(points)
+                    engine.set_sparse(
+                        where, [(p.id, v) for p, v in zip(points, sparse, strict=True)]
+                    )
+                    count += len(points)
+                if offset is None:
+                    break
+        return count
+
+    def _sparse_copy(self, engine: Any, source: str, target: str, *, shared: bool, batch: int):
+        count = 0
+        for where in self._wheres(engine, source, shared=shared):
+            into = _Where(target, where.must, where.scope)
+            offset = None
+            while True:
+                points, offset = engine.scroll(where, offset=offset, limit=batch)
+                if points:
+                    engine.upsert(into, points, self._sparse_of(points))
+                    count += len(points)
+                if offset is None:
+                    break
+        return count
+
+    def _sparse_rebuild(self, engine: Any, name: str, *, shared: bool, batch: int) -> int:
+        side = name + REBUILD_SUFFIX
+        count = 0
+        if engine.exists(name) and not engine.has_sparse(name):
+            dim = engine.dim(name)
+            engine.create(side, dim=dim, shared=shared)
+            self._sparse_copy(engine, name, side, shared=shared, batch=batch)
+            engine.drop(name)
+        if engine.exists(side):
+            engine.create(name, dim=engine.dim(side), shared=shared)
+            count = self._sparse_copy(engine, side, name, shared=shared, batch=batch)
+            engine.drop(side)
+        # Else the collection was made with the sparse vector: every point has one.
+        return count
 
     def optimize(self) -> None:
         shared = self._shared()

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import uuid
 
+from django.db.models import QuerySet
+
 from agents.models import Agent
+from common.selectors import get_or_404
 from workspaces.redis import scoped
 
 from .job_records import job_get
+from .models import ContextDocument
 
 
 def context_job_get(*, agent: Agent, job_id: uuid.UUID | str) -> dict | None:
@@ -17,3 +21,14 @@ def context_job_get(*, agent: Agent, job_id: uuid.UUID | str) -> dict | None:
     if job is None or job.get("agent_id") != str(agent.id):
         return None
     return job
+
+
+def context_document_list(*, agent: Agent) -> QuerySet[ContextDocument]:
+    return ContextDocument.objects.filter(agent=agent).order_by("created_at").defer("text")
+
+
+def context_document_get(*, agent: Agent, document_id: uuid.UUID | str) -> ContextDocument:
+    return get_or_404(
+        ContextDocument.objects.filter(agent=agent).select_related("agent__project"),
+        id=document_id,
+    )

@@ -9,14 +9,19 @@ from typing import Any
 
 from celery import Task
 from django.conf import settings
+from django.db import transaction
 from rest_framework.exceptions import Throttled
 
 from agentbus import publish
 from agents.models import Agent
 from workspaces.redis import scoped
 
-from .job_records import job_create
-from .tasks import add_context, clear_context
+from .chunking import document_point_key
+from .filetypes import content_hash
+from .job_records import job_create, job_file_put
+from .models import ContextDocument
+from .sparse import agent_search_mode
+from .tasks import add_context, clear_context, forget_document, ingest_file
 
 
 def context_documents_add(*, agent: Agent, documents: list[dict[str, Any]]) -> str:
@@ -86,10 +91,12 @@ def search_limits() -> list[int]:
 
 
 def context_search_task_kwargs(
-    *, agent: Agent, request_id: str, query: str, k: int, timeout: float
+    *, agent: Agent, request_id: str, query: str, k: int, timeout: float, mode: str = ""
 ) -> dict:
     project = agent.project
     return {
+        # "" is the agent's own search mode (its params' search_mode).
+        "mode": mode or agent_search_mode(agent.params),
         "user_id": project.owner_id,
         "agent_id": str(agent.id),
         "request_id": request_id,
@@ -106,3 +113,75 @@ def search_answer(answer: dict | None, *, timeout: float) -> list[dict[str, Any]
     if "error" in answer:
         raise ContextUnavailable(f"the context store failed: {answer['error']}")
     return answer["results"]
+
+
+# --- Files ---------------------------------------------------------------------------
+
+
+def context_file_add(
+    *,
+    agent: Agent,
+    source: str,
+    data: bytes | None = None,
+    file_type: str = "",
+    url: str = "",
+) -> tuple[ContextDocument, bool]:
+    """Queue a file (its bytes, or a URL a worker fetches through the egress guard) for
+    the agent's context. Returns (document, created): the same bytes already ingested
+    for this agent are that document, and nothing is added.
+
+    The document row and the job's record (with the bytes) are written together, and
+    the job goes on the project's bus after commit, as every context job does: Redis
+    down is a 503 with nothing written."""
+    project = agent.project
+    digest = content_hash(data) if data is not None else ""
+    if digest:
+        existing = ContextDocument.objects.filter(agent=agent, content_hash=digest).first()
+        if existing is not None:
+            return existing, False
+    job_id = str(uuid.uuid4())
+    redis = scoped(project.owner_id, project.id)
+    with transaction.atomic():
+        document = ContextDocument.objects.create(
+            agent=agent,
+            source=source[:500],
+            file_type=file_type,
+            content_hash=digest,
+            size_bytes=len(data) if data is not None else 0,
+            job_id=job_id,
+        )
+        job_create(
+            redis=redis,
+            job_id=job_id,
+            fields={
+                "id": job_id,
+                "kind": "file",
+                "agent_id": str(agent.id),
+                "document_id": str(document.id),
+                "status": "queued",
+                "created_at": time.time(),
+            },
+        )
+        job_file_put(redis=redis, job_id=job_id, data=data, url=url)
+        kwargs = {
+            "user_id": project.owner_id,
+            "agent_id": str(agent.id),
+            "job_id": job_id,
+            "document_id": str(document.id),
+        }
+        transaction.on_commit(lambda: publish(ingest_file, project_id=project.id, kwargs=kwargs))
+    return document, True
+
+
+def context_document_delete(*, document: ContextDocument) -> None:
+    """Delete a document and, on a worker after commit, exactly its points."""
+    agent = document.agent
+    project = agent.project
+    keys = [document_point_key(document_id=document.id, index=i) for i in range(document.chunks)]
+    with transaction.atomic():
+        ContextDocument.objects.filter(id=document.id).delete()
+        if keys:
+            kwargs = {"user_id": project.owner_id, "agent_id": str(agent.id), "keys": keys}
+            transaction.on_commit(
+                lambda: publish(forget_document, project_id=project.id, kwargs=kwargs)
+            )

@@ -17,7 +17,13 @@ from django.conf import settings
 
 from agentbus import AgentBusTask, ProjectGone, publish
 
-from .jobs import context_job_add, context_job_clear, context_search_reply
+from .jobs import (
+    context_file_ingest,
+    context_job_add,
+    context_job_clear,
+    context_search_reply,
+    document_forget,
+)
 from .vectors import collection_drop, collections_sweep
 
 # Dropping a collection only fails while the vector store is down: retry.
@@ -56,6 +62,32 @@ def add_context(
     return following
 
 
+@shared_task(base=AgentBusTask, bind=True, name="context.ingest_file", max_retries=None)
+def ingest_file(
+    self, *, user_id: int, project_id: str, agent_id: str, job_id: str, document_id: str
+) -> bool:
+    """Parse a file job's file (bulk work, like add_context: it takes an ingest slot or
+    goes back to the queue); its chunks are then stored by add_context's batches, each
+    a task of its own at the back of the project's queue."""
+    if not _ingest_slots.acquire(blocking=False):
+        raise self.retry(countdown=settings.INGEST_REQUEUE_SECONDS)
+    try:
+        ids = {"user_id": user_id, "agent_id": agent_id, "job_id": job_id}
+        parsed = context_file_ingest(project_id=project_id, document_id=document_id, **ids)
+    finally:
+        _ingest_slots.release()
+    if parsed:
+        with contextlib.suppress(ProjectGone):  # deleted meanwhile: nothing more to do
+            publish(add_context, project_id=project_id, kwargs={**ids, "start": 0})
+    return parsed
+
+
+@shared_task(base=AgentBusTask, bind=True, name="context.forget_document", **STORE_RETRY)
+def forget_document(self, *, user_id: int, project_id: str, agent_id: str, keys: list[str]) -> None:
+    """Remove a deleted document's points."""
+    document_forget(user_id=user_id, project_id=project_id, agent_id=agent_id, keys=keys)
+
+
 @shared_task(base=AgentBusTask, bind=True, name="agents.clear_context", **STORE_RETRY)
 def clear_context(self, *, user_id: int, project_id: str, agent_id: str, job_id: str) -> dict:
     return context_job_clear(
@@ -74,8 +106,10 @@ def search_context(
     query: str,
     k: int,
     deadline: float,
+    mode: str = "dense",
 ) -> str:
     return context_search_reply(
+        mode=mode,
         user_id=user_id,
         project_id=project_id,
         agent_id=agent_id,

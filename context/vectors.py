@@ -14,6 +14,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from django.conf import settings
+
 from agentbus import project_gone
 from agents.models import Agent
 
@@ -71,7 +73,7 @@ def documents_store(
     or None if `should_stop` said to stop (between two embedding batches)."""
     scope = _agent(user_id, project_id, agent_id)
     embedder, store = get_embedder(), get_vector_store()
-    pending: list[tuple[str, dict[str, Any]]] = []
+    pending: list[tuple[str, dict[str, Any], str]] = []
     for doc_index, doc in enumerate(documents, start=first_index):
         for chunk_index, chunk in enumerate(chunk_text(doc["text"])):
             payload = {
@@ -81,20 +83,24 @@ def documents_store(
                 "metadata": doc.get("metadata") or {},
                 "stored_at": time.time(),
                 **(extra_payload or {}),
+                # A file's chunk: its document, source, page and section (citations).
+                **(doc.get("cite") or {}),
             }
-            pending.append((chunk, payload))
+            # A file's chunk is named by its document and place, other text by itself.
+            key = f"{doc['point']}:{chunk_index}" if doc.get("point") else chunk
+            pending.append((chunk, payload, key))
     stored = 0
     for i in range(0, len(pending), EMBED_BATCH):
         if should_stop is not None and should_stop():
             _undo_if_project_gone(scope=scope)
             return None
         batch = pending[i : i + EMBED_BATCH]
-        vectors = embedder.passages([text for text, _ in batch])
+        vectors = embedder.passages([text for text, _, _ in batch])
         stored += store.upsert(
             scope,
             [
-                ContextPoint(id=point_id(scope.collection, text), vector=vector, payload=payload)
-                for (text, payload), vector in zip(batch, vectors, strict=True)
+                ContextPoint(id=point_id(scope.collection, key), vector=vector, payload=payload)
+                for (_, payload, key), vector in zip(batch, vectors, strict=True)
             ],
             model=embedder.name,
             dim=embedder.dim,
@@ -175,6 +181,16 @@ def exchanges_forget(
     get_vector_store().forget(scope, ids, model=embedder.name, dim=embedder.dim)
 
 
+def document_points_forget(
+    *, user_id: int, project_id: uuid.UUID | str, agent_id: str, keys: list[str]
+) -> None:
+    """Remove a document's points (keys: chunking.document_point_key, each chunk's)."""
+    scope = _agent(user_id, project_id, agent_id)
+    embedder = get_embedder()
+    ids = [point_id(scope.collection, f"{key}:0") for key in keys]
+    get_vector_store().forget(scope, ids, model=embedder.name, dim=embedder.dim)
+
+
 def query_embed(query: str) -> list[float]:
     """A search text's vector, to search with and to remember the question by."""
     return get_embedder().query(query)
@@ -188,16 +204,38 @@ def context_search(
     query: str,
     k: int,
     vector: list[float] | None = None,
+    mode: str = "dense",
 ) -> list[ContextHit]:
-    """The agent's k nearest points to `query` (`vector`: its `query_embed`, when the
-    caller already has it)."""
+    """The agent's k best points for `query` (`vector`: its `query_embed`, when the
+    caller already has it), by `mode`: dense, sparse (BM25-like terms) or hybrid (both,
+    fused by reciprocal rank)."""
     if k <= 0 or not query.strip():
         return []
     scope = _agent(user_id, project_id, agent_id)
     embedder = get_embedder()
-    if vector is None:
+    if vector is None and mode != "sparse":
         vector = embedder.query(query)
-    return get_vector_store().search(scope, vector, k=k, model=embedder.name, dim=embedder.dim)
+    return get_vector_store().search(
+        scope,
+        vector,
+        k=k,
+        model=embedder.name,
+        dim=embedder.dim,
+        query=query,
+        mode=mode,
+        prefetch=settings.CONTEXT_HYBRID_PREFETCH,
+    )
+
+
+def citation(hit: ContextHit) -> dict[str, Any]:
+    """Where a hit comes from, for an answer to cite: its point, and for a file's chunk
+    the document, its source name, page and section."""
+    payload = hit.payload
+    return {
+        key: payload[key]
+        for key in ("document_id", "source", "page", "section")
+        if payload.get(key) is not None
+    }
 
 
 def context_clear(*, user_id: int, project_id: uuid.UUID | str, agent_id: str) -> None:

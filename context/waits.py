@@ -109,7 +109,7 @@ def _prepare(request: HttpRequest, project_id, agent_id):
     )
 
 
-async def context_search_waiting(*, agent, q: str, k: int) -> list[dict]:
+async def context_search_waiting(*, agent, q: str, k: int, mode: str = "") -> list[dict]:
     """Search the agent's context on a worker (the vector store lives there), waiting on
     the process's hub for the reply, at most CONTEXT_SEARCH_TIMEOUT_SECONDS; at most
     SEARCH_INFLIGHT_PER_USER / _PER_PROJECT wait at once (TooManySearches, a 429)."""
@@ -126,7 +126,7 @@ async def context_search_waiting(*, agent, q: str, k: int) -> list[dict]:
         # Subscribed before the task goes out: the reply cannot come before we listen.
         async with hub.subscribe(key=reply, project_id=project.id, cursor="0-0") as sub:
             kwargs = context_search_task_kwargs(
-                agent=agent, request_id=request_id, query=q, k=k, timeout=timeout
+                agent=agent, request_id=request_id, query=q, k=k, timeout=timeout, mode=mode
             )
             await sync_to_async(publish, thread_sensitive=False)(
                 search_context, project_id=project.id, kwargs=kwargs

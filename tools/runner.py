@@ -15,11 +15,14 @@ from typing import Any
 from urllib.parse import quote, quote_plus
 
 from django.conf import settings
+from django.db import connection
 from jsonschema import Draft202012Validator
 
+from agents.memory import MemoryEditRefused, memory_edit_by_agent
 from agents.models import ProjectSecret, Tool
 from agents.tool_validation import AGENT_TOOL_PARAMETERS, BUILTIN_SPECS, TOOL_NAME
-from context.vectors import context_search, documents_store
+from context.sparse import agent_search_mode
+from context.vectors import citation, context_search, documents_store
 
 from .http import ToolError, http_call
 from .mcp import SEPARATOR, mcp_call, mcp_tools_cached
@@ -78,6 +81,8 @@ class ToolScope:
     should_stop: Callable[[], bool] = _never
     # The calling run's deadline (time.monotonic()): a call waits at most what is left.
     deadline: float | None = None
+    # The agent's params (its search mode, for search_context).
+    params: dict[str, Any] = field(default_factory=dict)
 
     def timeout(self, default: float) -> float:
         if self.deadline is None:
@@ -251,6 +256,10 @@ def tool_execute(*, spec: ToolSpec | None, arguments: str, scope: ToolScope) -> 
                 timeout=scope.timeout(spec.timeout),
             )
             return ToolOutcome(ok, scrub(content, scope.secrets))
+        if spec.kind == "builtin" and spec.name in MEMORY_TOOLS:
+            return _memory_tool(spec.name, args, scope)
+        if spec.kind == "builtin" and spec.name == "search_context":
+            return _search_tool(args, scope)
         if spec.kind == "builtin":
             content = _builtin(spec.name, args, scope)
         else:
@@ -284,19 +293,56 @@ def _arguments_problem(schema: dict[str, Any], args: dict[str, Any]) -> str:
     return f"{where}: {error.message}" if where else error.message
 
 
+MEMORY_TOOLS = ("memory_append", "memory_replace")
+
+
+def _memory_tool(name: str, args: dict[str, Any], scope: ToolScope) -> ToolOutcome:
+    """The agent edits one of its memory blocks; `extra.memory` makes the run's stream
+    say `memory.updated` (chat.toolloop)."""
+    try:
+        block = memory_edit_by_agent(
+            agent_id=scope.agent_id,
+            label=args["label"],
+            action=name.removeprefix("memory_"),
+            run_id=scope.run_id,
+            content=args.get("content", ""),
+            old=args.get("old_content", ""),
+            new=args.get("new_content", ""),
+        )
+    except MemoryEditRefused as exc:
+        return ToolOutcome(False, f"error: {exc}")
+    finally:
+        # The call ran in a tool thread: its database connection goes with it.
+        connection.close()
+    memory = {"label": block.label, "action": name.removeprefix("memory_"),
+              "chars": len(block.value), "limit": block.limit}  # fmt: skip
+    return ToolOutcome(True, json.dumps({"ok": True, **memory}), {"memory": memory})
+
+
+def _search_tool(args: dict[str, Any], scope: ToolScope) -> ToolOutcome:
+    """search_context: the hits for the model (with their source, page and section),
+    and their citations for the answer (`extra.citations`, kept in the run's step)."""
+    hits = context_search(
+        user_id=scope.user_id,
+        project_id=scope.project_id,
+        agent_id=scope.agent_id,
+        query=args["query"],
+        k=int(args.get("k", 4)),
+        mode=args.get("mode") or agent_search_mode(scope.params),
+    )
+    found = [{"id": h.id, "score": round(h.score, 4), **citation(h)} for h in hits]
+    content = json.dumps(
+        [
+            {"text": h.text, **{k: v for k, v in cite.items() if k != "id"}}  # and score
+            for h, cite in zip(hits, found, strict=True)
+        ],
+        ensure_ascii=False,
+    )
+    return ToolOutcome(True, scrub(content, scope.secrets), {"citations": found})
+
+
 def _builtin(name: str, args: dict[str, Any], scope: ToolScope) -> str:
 
-    if name == "search_context":
-        hits = context_search(
-            user_id=scope.user_id,
-            project_id=scope.project_id,
-            agent_id=scope.agent_id,
-            query=args["query"],
-            k=int(args.get("k", 4)),
-        )
-        return json.dumps(
-            [{"text": h.text, "score": round(h.score, 4)} for h in hits], ensure_ascii=False
-        )
     if name == "add_context":
         stored = documents_store(
             user_id=scope.user_id,

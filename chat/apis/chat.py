@@ -55,6 +55,13 @@ class MessageOutputSerializer(serializers.Serializer):
         "cancelled; a regenerated answer's predecessor is superseded.",
     )
     error = serializers.CharField(help_text="Why the message ended in error; empty otherwise.")
+    citations = serializers.ListField(
+        child=serializers.DictField(),
+        help_text="An answer's sources: the context chunks it was given (`index`: the "
+        "[n] it was shown as) or its search_context calls found (`index` null), each "
+        "with its point `id`, `score` and, for a file's chunk, `document_id`, `source`, "
+        "`page` and `section`.",
+    )
     created_at = serializers.DateTimeField()
 
     class Meta:

@@ -46,6 +46,11 @@ EVENT_DATA = {
                 "message_id": _MESSAGE_ID,
                 "content": {"type": "string"},
                 "status": {"type": "string", "enum": ["done"]},
+                "citations": {
+                    "type": "array",
+                    "description": "The chunks the answer drew on (as the message's `citations`).",
+                    "items": {"type": "object", "additionalProperties": True},
+                },
             },
         },
     ),
@@ -124,6 +129,22 @@ EVENT_DATA = {
                     "are on its own session's stream, `child_session_id`).",
                 },
                 "child_session_id": {"type": "string", "format": "uuid"},
+            },
+        },
+    ),
+    streams.MEMORY_UPDATED: (
+        "The agent changed one of its memory blocks (memory_append, memory_replace): "
+        "the block's label, the action, its length and limit in characters.",
+        {
+            "type": "object",
+            "required": ["message_id", "run_id", "label", "action", "chars", "limit"],
+            "properties": {
+                "message_id": _MESSAGE_ID,
+                "run_id": {"type": "string", "format": "uuid"},
+                "label": {"type": "string"},
+                "action": {"type": "string", "enum": ["append", "replace"]},
+                "chars": {"type": "integer"},
+                "limit": {"type": "integer"},
             },
         },
     ),

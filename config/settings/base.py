@@ -671,3 +671,31 @@ LOGGING["filters"]["quiet_periodic_tasks"]["tasks"] += [
     "automation.deliveries_due",
     "automation.purge",
 ]
+# --- Knowledge (issue 28): hybrid retrieval, file ingestion, memory blocks ---
+# How context is searched unless an agent (params.search_mode) or a query says:
+# dense, sparse (BM25-like terms) or hybrid (both, fused by reciprocal rank).
+CONTEXT_SEARCH_MODE = env.str("CONTEXT_SEARCH_MODE", default="hybrid")
+if CONTEXT_SEARCH_MODE not in ("dense", "sparse", "hybrid"):
+    raise ValueError(f"CONTEXT_SEARCH_MODE is dense, sparse or hybrid, not {CONTEXT_SEARCH_MODE!r}")
+# Hybrid search fuses the best CONTEXT_HYBRID_PREFETCH of each list (at least k).
+CONTEXT_HYBRID_PREFETCH = env.int("CONTEXT_HYBRID_PREFETCH", default=20)
+# Files an agent's context ingests (POST …/context/files/).
+CONTEXT_FILE_MAX_BYTES = env.int("CONTEXT_FILE_MAX_BYTES", default=20 * 1024 * 1024)
+CONTEXT_FILE_MAX_PAGES = env.int("CONTEXT_FILE_MAX_PAGES", default=500)
+CONTEXT_FILE_MAX_CHARS = env.int("CONTEXT_FILE_MAX_CHARS", default=5_000_000)
+CONTEXT_FILE_TYPES = env.list(
+    "CONTEXT_FILE_TYPES", default=["pdf", "docx", "html", "markdown", "csv", "text"]
+)
+# Memory blocks: how many an agent has, and the largest limit a block may set.
+MEMORY_BLOCKS_PER_AGENT = env.int("MEMORY_BLOCKS_PER_AGENT", default=16)
+MEMORY_BLOCK_MAX_CHARS = env.int("MEMORY_BLOCK_MAX_CHARS", default=20_000)
+# A file's URL (POST …/context/files/ with "url") is fetched through the egress guard;
+# EGRESS_ALLOW_NETWORKS_FILES opens private networks for it, as for tools.
+EGRESS_ALLOW_NETWORKS["files"] = env.list("EGRESS_ALLOW_NETWORKS_FILES", default=[])
+CONTEXT_FILE_FETCH_TIMEOUT_SECONDS = env.float("CONTEXT_FILE_FETCH_TIMEOUT_SECONDS", default=30)
+SPECTACULAR_SETTINGS["ENUM_NAME_OVERRIDES"]["ContextDocumentStatusEnum"] = (
+    "context.apis.FILE_STATUSES"
+)
+SPECTACULAR_SETTINGS["TAGS"].append(
+    {"name": "Memory", "description": "An agent's memory blocks, always in its system prompt."}
+)

@@ -1,0 +1,207 @@
+"""Files an agent's context ingests: their type, their text by structure, their chunks.
+
+Parsed by maintained libraries: pypdf (PDF, page by page), python-docx (DOCX, headings
+by paragraph style), html2text (HTML to Markdown, so headings survive); Markdown by its
+ATX headings; CSV as rows under their header; text by paragraphs. Chunks follow that
+structure: a chunk never spans two pages or two sections, long ones are cut at
+paragraph, sentence or word boundaries with overlap (context.chunking.chunk_text), and
+each chunk knows its page and the heading path above it (its section).
+
+Everything here runs on a worker (the libraries and the CPU are the worker's).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass
+
+import docx
+import html2text
+from pypdf import PdfReader
+from pypdf.errors import PdfReadError
+
+from .chunking import CHUNK_CHARS, chunk_text
+from .filetypes import FileRefused
+
+_HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
+
+
+@dataclass(frozen=True)
+class Section:
+    text: str
+    page: int | None = None
+    section: str | None = None
+
+
+@dataclass(frozen=True)
+class FileChunk:
+    text: str
+    index: int
+    page: int | None
+    section: str | None
+
+
+def _decode(data: bytes) -> str:
+    for encoding in ("utf-8-sig", "utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else (
+        "utf-8-sig",
+    ):  # fmt: skip
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    raise FileRefused("the file is not UTF-8 text")
+
+
+def parse(data: bytes, *, kind: str, max_pages: int, max_chars: int) -> list[Section]:
+    """The file's text in structural sections; FileRefused when it cannot be read."""
+    if kind == "pdf":
+        sections = _pdf(data, max_pages=max_pages)
+    elif kind == "docx":
+        sections = _docx(data)
+    elif kind == "html":
+        sections = _html(data)
+    elif kind == "markdown":
+        sections = _markdown(_decode(data))
+    elif kind == "csv":
+        sections = _csv(_decode(data))
+    elif kind == "text":
+        sections = [Section(_decode(data))]
+    else:
+        raise FileRefused(f"unsupported file type {kind!r}")
+    total = sum(len(s.text) for s in sections)
+    if total > max_chars:
+        raise FileRefused(f"the file holds {total} characters of text; the limit is {max_chars}")
+    if not any(s.text.strip() for s in sections):
+        raise FileRefused("the file holds no text (a scanned PDF needs OCR first)")
+    return sections
+
+
+def _pdf(data: bytes, *, max_pages: int) -> list[Section]:
+    try:
+        reader = PdfReader(io.BytesIO(data))
+        if reader.is_encrypted:
+            raise FileRefused("the PDF is encrypted")
+        pages = len(reader.pages)
+        if pages > max_pages:
+            raise FileRefused(f"the PDF has {pages} pages; the limit is {max_pages}")
+        return [
+            Section(page.extract_text() or "", page=number)
+            for number, page in enumerate(reader.pages, start=1)
+        ]
+    except FileRefused:
+        raise
+    except (PdfReadError, ValueError, KeyError, TypeError, OSError) as exc:
+        raise FileRefused(f"the PDF cannot be read: {exc}") from exc
+
+
+def _docx(data: bytes) -> list[Section]:
+    try:
+        document = docx.Document(io.BytesIO(data))
+    except Exception as exc:  # python-docx raises zipfile, lxml and its own errors
+        raise FileRefused(f"the DOCX cannot be read: {type(exc).__name__}: {exc}") from exc
+    sections: list[Section] = []
+    path: list[str] = []
+    lines: list[str] = []
+
+    def flush() -> None:
+        if lines:
+            sections.append(Section("\n\n".join(lines), section=" / ".join(path) or None))
+            lines.clear()
+
+    for paragraph in document.paragraphs:
+        style = (paragraph.style.name if paragraph.style is not None else "") or ""
+        text = paragraph.text.strip()
+        match = re.match(r"Heading (\d)", style)
+        if match and text:
+            flush()
+            level = int(match[1])
+            del path[level - 1 :]
+            path.append(text)
+        elif text:
+            lines.append(text)
+    flush()
+    for table in document.tables:
+        rows = [" | ".join(c.text.strip() for c in row.cells) for row in table.rows]
+        sections.append(Section("\n".join(rows), section="table"))
+    return sections
+
+
+def _html(data: bytes) -> list[Section]:
+    converter = html2text.HTML2Text()
+    converter.body_width = 0  # no hard wrapping: paragraphs stay lines
+    converter.ignore_images = True
+    converter.ignore_links = True
+    try:
+        text = converter.handle(_decode(data))
+    except FileRefused:
+        raise
+    except Exception as exc:
+        raise FileRefused(f"the HTML cannot be read: {exc}") from exc
+    return _markdown(text)
+
+
+def _markdown(text: str) -> list[Section]:
+    sections: list[Section] = []
+    path: list[tuple[int, str]] = []
+    lines: list[str] = []
+    fence = False
+
+    def flush() -> None:
+        body = "\n".join(lines).strip()
+        if body:
+            sections.append(Section(body, section=" / ".join(t for _, t in path) or None))
+        lines.clear()
+
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            fence = not fence
+        match = None if fence else _HEADING.match(line)
+        if match:
+            flush()
+            level = len(match[1])
+            path = [(lv, t) for lv, t in path if lv < level] + [(level, match[2].strip())]
+        else:
+            lines.append(line)
+    flush()
+    return sections
+
+
+def _csv(text: str) -> list[Section]:
+    """Rows under their header: each section holds the header and as many rows as fit a
+    chunk, so every chunk says what its columns are."""
+    try:
+        rows = list(csv.reader(io.StringIO(text)))
+    except csv.Error as exc:
+        raise FileRefused(f"the CSV cannot be read: {exc}") from exc
+    if not rows:
+        return []
+    header, body = ", ".join(rows[0]), rows[1:]
+    sections, lines, size, first = [], [], len(header), 2
+    for number, row in enumerate(body, start=2):
+        line = ", ".join(row)
+        if lines and size + len(line) + 1 > CHUNK_CHARS:
+            sections.append(
+                Section(header + "\n" + "\n".join(lines), section=f"rows {first}-{number - 1}")
+            )
+            lines, size, first = [], len(header), number
+        lines.append(line)
+        size += len(line) + 1
+    if lines or not body:
+        last = first + len(lines) - 1
+        sections.append(Section(header + "\n" + "\n".join(lines), section=f"rows {first}-{last}"))
+    return sections
+
+
+def chunk_sections(sections: list[Section]) -> list[FileChunk]:
+    """Chunks that follow the sections: a chunk never spans two; each keeps its page
+    and section. The section's heading path leads each of its chunks, so a chunk found
+    alone still says what it is about."""
+    chunks: list[FileChunk] = []
+    for section in sections:
+        heading = (section.section or "")[:200]
+        lead = f"{heading}\n" if heading and heading != "table" else ""
+        for piece in chunk_text(section.text, size=CHUNK_CHARS - len(lead)):
+            chunks.append(FileChunk(lead + piece, len(chunks), section.page, section.section))
+    return chunks
