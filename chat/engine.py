@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 
 from agentbus import project_gone
 from common.lifecycle import worker_stopping
+from common.tracing import log_context, span
 from context.vectors import context_search, exchange_store, exchanges_forget, query_embed
 from governance.providers import provider_settings_for
 from governance.usage import usage_record
@@ -86,6 +87,16 @@ class Prepared:
 def chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
     """Run `run_id` if dispatch generation `attempt` may; returns the outcome (for logs
     and tests). Raises AgentRunFailed when the run ended in error here."""
+    with log_context(run_id=run_id), span("chat.run", **{"uws.run_id": str(run_id)}) as s:
+        outcome = "error"
+        try:
+            outcome = _chat_run(run_id=run_id, attempt=attempt)
+        finally:
+            s.set_attribute("uws.run.outcome", outcome)
+        return outcome
+
+
+def _chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
     run = Run.objects.select_related("message", "session__project").filter(id=run_id).first()
     if run is None:
         return "gone"
@@ -108,7 +119,10 @@ def chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
         # older one ends (chat.dispatch.run_next_dispatch).
         state.run_undispatched(run=run, attempt=attempt)
         return "waiting"
-    if not state.run_claim(run=run, attempt=attempt):
+    with span("run.claim", **{"uws.run.attempt": attempt}) as s:
+        claimed = state.run_claim(run=run, attempt=attempt)
+        s.set_attribute("uws.run.claimed", claimed)
+    if not claimed:
         return "stale"
     return _run_claimed(run=run, attempt=attempt, redis=redis)
 
@@ -177,6 +191,13 @@ def _settle(
 ) -> str:
     """End the run as its answer says (done, error) with what it cost, or record the cost
     and leave the run to whoever ends it."""
+    with span("run.end", **{"uws.run.outcome": answer.outcome}):
+        return _settle_traced(run=run, attempt=attempt, redis=redis, answer=answer, cost=cost)
+
+
+def _settle_traced(
+    *, run: Run, attempt: int, redis: ScopedRedis, answer: Answer, cost: dict[str, Any]
+) -> str:
     outcome, content, error = answer.outcome, answer.content, answer.error
     if outcome == "done":
         ended = state.run_end(
@@ -274,7 +295,8 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) ->
         tools = tools_expand(prepared.tools, redis=redis, secrets=prepared.secrets)
         # Embedded once: to search now (unless the agent searches by tool), and to
         # remember the exchange by afterwards.
-        question_vector = query_embed(question) if question.strip() else None
+        with span("context.embed_query"):
+            question_vector = query_embed(question) if question.strip() else None
         request = _build_request(
             config=prepared.config,
             history=prepared.history,
@@ -351,14 +373,17 @@ def _context(
     tool (it searches when it decides to), else the top_k closest."""
     searches = any(t.kind == "builtin" and t.name == "search_context" for t in tools)
     params = prepared.config.get("params") or {}
-    hits = context_search(
-        user_id=space.user_id,
-        project_id=run.session.project_id,
-        agent_id=prepared.config["id"],
-        query=prepared.question,
-        k=0 if searches else int(params.get("top_k", DEFAULT_TOP_K)),
-        vector=vector,
-    )
+    k = 0 if searches else int(params.get("top_k", DEFAULT_TOP_K))
+    with span("context.retrieval", **{"uws.retrieval.k": k}) as s:
+        hits = context_search(
+            user_id=space.user_id,
+            project_id=run.session.project_id,
+            agent_id=prepared.config["id"],
+            query=prepared.question,
+            k=k,
+            vector=vector,
+        )
+        s.set_attribute("uws.retrieval.hits", len(hits))
     return [hit.text for hit in hits]
 
 

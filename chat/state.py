@@ -25,6 +25,7 @@ from django.db.models import Exists, F, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from agents.models import Agent
+from common.tracing import current_trace_id
 from governance.usage import usage_charge, usage_record, usage_row_write, usage_run_ended
 from workspaces.redis import ScopedRedis, scoped
 
@@ -90,6 +91,7 @@ def run_create(
         agent_id=agent.id if agent is not None else session.agent_id,
         parent=parent,
         depth=parent.depth + 1 if parent is not None else 0,
+        trace_id=current_trace_id(),
     )
     return asked, answer, run
 

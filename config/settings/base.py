@@ -592,3 +592,17 @@ LOGGING = {
         "flower.inspector": {"level": "ERROR"},
     },
 }
+
+# --- Observability: traces and structured logs (common.tracing, common.logging) --------
+# Tracing is configured by the standard OTEL_* variables alone (off unless
+# OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_TRACES_EXPORTER is set). Every log line carries
+# the ids of the work it belongs to (trace, span, task, project, run); LOG_FORMAT=json
+# writes one JSON object per line.
+LOG_FORMAT = env.str("LOG_FORMAT", default="plain")
+LOGGING["filters"]["work_ids"] = {"()": "common.logging.ContextFilter"}
+LOGGING["formatters"]["json"] = {"()": "common.logging.JsonFormatter"}
+LOGGING["formatters"]["plain"]["format"] = (
+    "%(asctime)s %(levelname)s %(name)s%(context)s: %(message)s"
+)
+LOGGING["handlers"]["console"]["filters"] = ["work_ids"]
+LOGGING["handlers"]["console"]["formatter"] = "json" if LOG_FORMAT == "json" else "plain"
