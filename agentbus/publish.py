@@ -75,9 +75,13 @@ def publish(
     queue = project_queue(project_id)
     with span("agentbus.publish", **{"messaging.destination.name": queue,
               "celery.task_name": task.name, "uws.project_id": payload["project_id"]}):  # fmt: skip
-        traced = publish_headers()  # tracing on: the trace context travels in the message
+        # When it was sent (queue-wait metrics and span), and with tracing on the trace
+        # context: they travel in the message's headers.
+        headers = {PUBLISHED_AT_HEADER: time.time()}
+        traced = publish_headers()
         if traced is not None:
-            options["headers"] = {**(options.get("headers") or {}), **traced}
+            headers.update(traced)
+        options["headers"] = {**(options.get("headers") or {}), **headers}
         return _publish(task, project_id, queue, payload, task_id, options)
 
 

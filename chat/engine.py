@@ -160,7 +160,14 @@ def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:
         "completion": answer.content,
         "outcome": answer.outcome,
     }
-    return _settle(run=run, attempt=attempt, redis=redis, answer=answer, cost=cost)
+    return _settle(
+        run=run,
+        attempt=attempt,
+        redis=redis,
+        answer=answer,
+        cost=cost,
+        first_token_at=usage.first_token_at,
+    )
 
 
 def _restart_refusal(run: Run) -> str:
@@ -187,21 +194,45 @@ def _restart_refusal(run: Run) -> str:
 
 
 def _settle(
-    *, run: Run, attempt: int, redis: ScopedRedis, answer: Answer, cost: dict[str, Any]
+    *,
+    run: Run,
+    attempt: int,
+    redis: ScopedRedis,
+    answer: Answer,
+    cost: dict[str, Any],
+    first_token_at=None,
 ) -> str:
     """End the run as its answer says (done, error) with what it cost, or record the cost
     and leave the run to whoever ends it."""
     with span("run.end", **{"uws.run.outcome": answer.outcome}):
-        return _settle_traced(run=run, attempt=attempt, redis=redis, answer=answer, cost=cost)
+        return _settle_traced(
+            run=run,
+            attempt=attempt,
+            redis=redis,
+            answer=answer,
+            cost=cost,
+            first_token_at=first_token_at,
+        )
 
 
 def _settle_traced(
-    *, run: Run, attempt: int, redis: ScopedRedis, answer: Answer, cost: dict[str, Any]
+    *,
+    run: Run,
+    attempt: int,
+    redis: ScopedRedis,
+    answer: Answer,
+    cost: dict[str, Any],
+    first_token_at,
 ) -> str:
     outcome, content, error = answer.outcome, answer.content, answer.error
     if outcome == "done":
         ended = state.run_end(
-            run=run, status=Run.Status.DONE, content=content, attempt=attempt, usage=cost
+            run=run,
+            status=Run.Status.DONE,
+            content=content,
+            attempt=attempt,
+            usage=cost,
+            first_token_at=first_token_at,
         )
         if not ended:
             return "lost"
@@ -221,6 +252,7 @@ def _settle_traced(
             error=error,
             attempt=attempt,
             usage=cost,
+            first_token_at=first_token_at,
         )
         if ended:
             raise AgentRunFailed(f"run {run.id}: {error}")

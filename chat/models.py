@@ -109,6 +109,8 @@ class Run(models.Model):
     dispatched_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # When its first text delta went out (time to first token: the dashboards' TTFT).
+    first_token_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         db_table = "agents_run"  # moved from the agents app; the table stays
@@ -119,6 +121,8 @@ class Run(models.Model):
             models.Index(fields=["session", "-created_at"], name="run_session_created"),
             # The admin's run list, newest first (100,000s of rows).
             models.Index(fields=["-created_at"], name="run_created"),
+            # The per-minute rollup reads the runs that ended in a minute.
+            models.Index(fields=["finished_at"], name="run_finished"),
         ]
 
     def __str__(self) -> str:

@@ -195,6 +195,7 @@ def run_end(
     from_statuses: tuple[str, ...] = (Run.Status.RUNNING,),
     attempt: int | None = None,
     usage: dict[str, Any] | None = None,
+    first_token_at: datetime | None = None,
 ) -> bool:
     """End a run and its message once, conditionally (on its status, and on the dispatch
     generation when given): True when this call ended it. Says so on the event stream.
@@ -218,6 +219,7 @@ def run_end(
             error=error,
             finished_at=timezone.now(),
             lease_expires_at=lease_deadline(),
+            **({"first_token_at": first_token_at} if first_token_at is not None else {}),
         )
         if ended:
             written = {"status": status, "error": error}

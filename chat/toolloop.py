@@ -37,6 +37,8 @@ class Usage:
     read when the run's attempt is recorded and when it ends."""
 
     meter: Any = None
+    # When the run's first text delta went out (time to first token, for the dashboards).
+    first_token_at: Any = None
 
 
 def release_database() -> None:
@@ -125,6 +127,7 @@ class ToolLoop:
                 stop=self.stop,
                 calls=calls,
                 meter=self.usage.meter,
+                usage=self.usage,
             )
             if s.is_recording():
                 _provider_attributes(s, provider, outcome=outcome, calls=len(calls))
@@ -271,6 +274,7 @@ def stream_deltas(
     stop: Callable[[], bool],
     calls: list[ToolCallRequest],
     meter,
+    usage: Usage | None = None,
 ) -> str:
     """Append the provider's text deltas to the session's stream (unless the run was
     cancelled) and collect the tool calls it asks for."""
@@ -291,6 +295,8 @@ def stream_deltas(
             )
             if appended is None:  # cancelled: nothing more reaches the client
                 return "cancelled"
+            if usage is not None and usage.first_token_at is None:
+                usage.first_token_at = timezone.now()
             parts.append(delta)
             offset += len(delta)
             if stop():

@@ -38,7 +38,7 @@ _enabled = False
 _tracer: Any = None
 _setup_lock = threading.Lock()
 # The message header carrying when the bus took the message (seconds since the epoch),
-# for the queue-wait span. Written only while tracing is on.
+# for the queue-wait span and metric.
 PUBLISHED_AT_HEADER = "uws_published_at"
 
 
@@ -248,13 +248,12 @@ def in_context(function: Callable) -> Callable:
 
 def publish_headers() -> dict[str, Any] | None:
     """Headers the bus adds to a message while tracing is on: the current trace context
-    (W3C `traceparent`, whatever instruments the broker client) and when it was
-    published; None when off (nothing added)."""
+    (W3C `traceparent`, whatever instruments the broker client); None when off."""
     if not _enabled:
         return None
     from opentelemetry.propagate import inject
 
-    headers: dict[str, Any] = {PUBLISHED_AT_HEADER: time.time()}
+    headers: dict[str, Any] = {}
     inject(headers)
     return headers
 

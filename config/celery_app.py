@@ -18,6 +18,10 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
+# Imported here, not only by AgentbusConfig.ready: its remote-control commands must be
+# known wherever the app loads, including `celery -A config inspect agentbus_status`,
+# which checks the name locally and sets up no Django apps.
+import agentbus.worker  # noqa: F401
 from agentbus.celeryconf import configure_celery
 from common.tracing import tracing_setup, tracing_shutdown
 from governance.secrets import fernet_keys_required_valid

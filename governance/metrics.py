@@ -22,6 +22,7 @@ from prometheus_client.core import GaugeMetricFamily
 from agentbus import queue_depths
 from agentbus.active import active_queues
 from agentbus.queues import project_id_from_queue
+from projects.models import Project
 
 from .models import RunUsage
 
@@ -96,6 +97,15 @@ class _Collector:
                 labels=["project"],
             ),
         }
+        # Names beside the ids (Prometheus' info idiom: join on `project` to label by name).
+        info = GaugeMetricFamily(
+            "uws_project_info", "A project's name, by its id (value always 1).",
+            labels=["project", "name"],
+        )  # fmt: skip
+        ids = [p for p in figures if p != OTHER]
+        for project_id, name in Project.objects.filter(id__in=ids).values_list("id", "name"):
+            info.add_metric([str(project_id), name], 1)
+        families["info"] = info
         for project, values in figures.items():
             families["runs"].add_metric([project], values["runs"])
             families["errors"].add_metric([project], values["errors"])
@@ -103,6 +113,11 @@ class _Collector:
             families["tokens"].add_metric([project, "completion"], values["completion_tokens"])
             families["queue_depth"].add_metric([project], values["queue_depth"])
         yield from families.values()
+
+
+def project_collector() -> _Collector:
+    """The per-project gauges, for a registry of the caller's."""
+    return _Collector()
 
 
 def metrics_render() -> bytes:

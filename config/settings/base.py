@@ -50,6 +50,7 @@ INSTALLED_APPS = [
     "context",
     "tools",
     "chat",
+    "observability",  # rollups, dashboards, process metrics (reads the apps above)
 ]
 
 MIDDLEWARE = [
@@ -606,3 +607,17 @@ LOGGING["formatters"]["plain"]["format"] = (
 )
 LOGGING["handlers"]["console"]["filters"] = ["work_ids"]
 LOGGING["handlers"]["console"]["formatter"] = "json" if LOG_FORMAT == "json" else "plain"
+
+# --- Observability: metrics, rollups, dashboards (observability) -----------------------
+# HTTP request metrics, natively async, just inside the outermost (error-shaping) one.
+MIDDLEWARE.insert(1, "observability.middleware.HttpMetricsMiddleware")
+OBSERVABILITY_ROLLUP_SECONDS = env.float("OBSERVABILITY_ROLLUP_SECONDS", default=30)
+OBSERVABILITY_ROLLUP_DAYS = env.int("OBSERVABILITY_ROLLUP_DAYS", default=14)
+# Rolls the runs of the last closed minutes up for the dashboards (cheap; must not wait
+# behind agent runs, or the dashboards would lag exactly when they matter).
+CELERY_BEAT_SCHEDULE["observability.rollup"] = {
+    "task": "observability.rollup",
+    "schedule": OBSERVABILITY_ROLLUP_SECONDS,
+    "options": {"expires": OBSERVABILITY_ROLLUP_SECONDS, "queue": "uws.maintenance.urgent"},
+}
+LOGGING["filters"]["quiet_periodic_tasks"]["tasks"].append("observability.rollup")
