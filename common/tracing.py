@@ -10,7 +10,9 @@ standard variables saying where spans go:
   (protobuf), e.g. `http://127.0.0.1:4318` (the collector's `/v1/traces` is appended);
 - or `OTEL_TRACES_EXPORTER=otlp|console` (`none` turns tracing off, as does
   `OTEL_SDK_DISABLED=true`); `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
-  `OTEL_BSP_*`, `OTEL_TRACES_SAMPLER*` as the SDK reads them.
+  `OTEL_BSP_*`, `OTEL_TRACES_SAMPLER*` as the SDK reads them;
+  `OTEL_PYTHON_DISABLED_INSTRUMENTATIONS` (e.g. `redis,psycopg`) leaves instrumentations
+  out (the bus's own spans stay).
 
 Context crosses the bus in the task message's headers (W3C `traceparent`, injected by
 the Celery instrumentation when the bus publishes, see agentbus.publish), so the
@@ -100,10 +102,21 @@ def tracing_setup(service: str) -> bool:
             else:
                 logger.warning("OTEL_TRACES_EXPORTER=%s is not supported here: ignored", name)
         trace.set_tracer_provider(provider)
-        CeleryInstrumentor().instrument()
-        RedisInstrumentor().instrument()
-        PsycopgInstrumentor().instrument(enable_commenter=False)
-        HTTPXClientInstrumentor().instrument()
+        # OTEL_PYTHON_DISABLED_INSTRUMENTATIONS (the standard list, e.g. "redis,psycopg")
+        # leaves some out: a span per Redis command is most of a run's spans.
+        disabled = {
+            name.strip()
+            for name in os.environ.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "").split(",")
+        }
+        instrumentors = {
+            "celery": lambda: CeleryInstrumentor().instrument(),
+            "redis": lambda: RedisInstrumentor().instrument(),
+            "psycopg": lambda: PsycopgInstrumentor().instrument(enable_commenter=False),
+            "httpx": lambda: HTTPXClientInstrumentor().instrument(),
+        }
+        for name, instrument in instrumentors.items():
+            if name not in disabled:
+                instrument()
         _tracer = trace.get_tracer("uws")
         _enabled = True
         logger.info("tracing on: service %s, exporter %s", service, exporter_name)
