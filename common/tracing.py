@@ -11,8 +11,9 @@ standard variables saying where spans go:
 - or `OTEL_TRACES_EXPORTER=otlp|console` (`none` turns tracing off, as does
   `OTEL_SDK_DISABLED=true`); `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
   `OTEL_BSP_*`, `OTEL_TRACES_SAMPLER*` as the SDK reads them;
-  `OTEL_PYTHON_DISABLED_INSTRUMENTATIONS` (e.g. `redis,psycopg`) leaves instrumentations
-  out (the bus's own spans stay).
+  `OTEL_PYTHON_DISABLED_INSTRUMENTATIONS` names the instrumentations left out: unset,
+  `redis,psycopg` (a span per Redis command or SQL statement would be two thirds of a
+  message's spans and most of tracing's cost); `none` turns every one on.
 
 Context crosses the bus in the task message's headers (W3C `traceparent`, injected by
 the Celery instrumentation when the bus publishes, see agentbus.publish), so the
@@ -59,6 +60,20 @@ def tracing_wanted(environ: dict[str, str] | None = None) -> bool:
     )
 
 
+# A span per Redis command or SQL statement is ~40 spans of a chat message's ~60, and
+# each costs ~0.15 ms of CPU (bench/tracing.py): off unless asked for.
+DEFAULT_DISABLED = "redis,psycopg"
+
+
+def disabled_instrumentations(environ: dict[str, str] | None = None) -> set[str]:
+    """The instrumentations left out: OTEL_PYTHON_DISABLED_INSTRUMENTATIONS (the standard
+    list), `redis,psycopg` when it is unset; `none` (or empty) leaves none out."""
+    environ = os.environ if environ is None else environ
+    value = environ.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", DEFAULT_DISABLED)
+    names = {name.strip().lower() for name in value.split(",")} - {"", "none"}
+    return names
+
+
 def tracing_enabled() -> bool:
     return _enabled
 
@@ -102,12 +117,7 @@ def tracing_setup(service: str) -> bool:
             else:
                 logger.warning("OTEL_TRACES_EXPORTER=%s is not supported here: ignored", name)
         trace.set_tracer_provider(provider)
-        # OTEL_PYTHON_DISABLED_INSTRUMENTATIONS (the standard list, e.g. "redis,psycopg")
-        # leaves some out: a span per Redis command is most of a run's spans.
-        disabled = {
-            name.strip()
-            for name in os.environ.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "").split(",")
-        }
+        disabled = disabled_instrumentations()
         instrumentors = {
             "celery": lambda: CeleryInstrumentor().instrument(),
             "redis": lambda: RedisInstrumentor().instrument(),

@@ -19,7 +19,7 @@ from rest_framework.authtoken.models import Token
 
 from agentbus.queues import MAINTENANCE_QUEUE
 from chat.models import Run
-from common.tracing import tracing_enabled, tracing_wanted
+from common.tracing import disabled_instrumentations, tracing_enabled, tracing_wanted
 from tests.factories import ChatSessionFactory
 from tests.runtime.conftest import wait_until
 from tests.runtime.otlp_receiver import OtlpReceiver
@@ -111,6 +111,12 @@ def test_tracing_is_off_without_otel_variables():
     assert tracing_wanted({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4318"})
     assert tracing_wanted({"OTEL_TRACES_EXPORTER": "console"})
     assert not tracing_enabled()  # the test process itself sets none
+    # A span per Redis command or SQL statement only when asked for.
+    assert disabled_instrumentations({}) == {"redis", "psycopg"}
+    assert disabled_instrumentations({"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "none"}) == set()
+    assert disabled_instrumentations({"OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "httpx"}) == {
+        "httpx"
+    }
 
 
 def test_one_message_with_two_tool_calls_is_one_trace_across_web_and_worker(
@@ -176,10 +182,11 @@ def test_one_message_with_two_tool_calls_is_one_trace_across_web_and_worker(
         assert len(run.trace_id) == 32 and int(run.trace_id, 16), run.trace_id
         assert len(tool_server.requests) == 2
 
-        # The run's end span is the last the worker makes: wait for it to be exported.
+        # The task's span ends last (after the run's end): wait for it to be exported.
         def whole():
             spans = receiver.trace(run.trace_id)
-            return spans if any(s["name"] == "run.end" for s in spans) else None
+            ended = {s["name"] for s in spans}
+            return spans if {"run.end", "run/agents.run_agent"} <= ended else None
 
         spans = wait_until(whole, timeout=30, what="the run's spans exported")
         names = [s["name"] for s in spans]
