@@ -270,6 +270,9 @@ class RunAdmin(admin.ModelAdmin):
     def has_change_permission(self, request, obj=None) -> bool:
         return False  # the record of what a run did; chat.state alone writes it
 
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False  # it goes with its message, session or project
+
     @admin.display(description="run", ordering="id")
     def short_id(self, obj: Run) -> str:
         return str(obj.pk)[:8]
@@ -364,6 +367,8 @@ def run_page_context(run: Run) -> dict:
                 "note": run.error,
             }  # fmt: skip
         )
+    # In time order (an entry without a time stays where it was).
+    timeline.sort(key=lambda e: (e["at"] is None, e["at"] or origin))
     for entry in timeline:
         at = entry.get("at")
         entry["offset"] = (

@@ -85,6 +85,7 @@ def _fits(page, selector: str) -> bool:
     )
 
 
+@pytest.mark.timeout(600)
 def test_operators_pages_render_offline_and_are_screenshotted(site, world, wide_page):  # noqa: F811
     session, run = world
     page, blocked = wide_page
@@ -110,7 +111,7 @@ def test_operators_pages_render_offline_and_are_screenshotted(site, world, wide_
     assert "the model failed" in page.locator("#run-links").inner_text()
     assert page.locator("#run-usage", has_text="gpt-x").is_visible()
     page.screenshot(path=str(SHOTS / "run.png"), full_page=True)
-    page.locator("#run-links").get_by_role("link", name="Support bot").click()
+    page.locator("#run-links").get_by_role("link", name="Support bot", exact=True).click()
     page.wait_for_url(f"**/admin/projects/project/{session.project_id}/change/")
 
     page.goto(f"{site.url}/admin/governance/runusage/")
