@@ -61,11 +61,14 @@ def fill(runs: int) -> None:
     from agents.models import Agent
     from chat.models import ChatSession, Message, Run
     from governance.models import RunUsage
+    from observability.models import MinuteRollup
     from observability.services import rollup_minutes
     from projects.models import Project
 
     have = Run.objects.count()
     if have >= runs:
+        if not MinuteRollup.objects.exists():  # a fill interrupted before its rollup
+            rollup_minutes(now=timezone.now(), minutes=6 * 60 + 5)
         return
     print(f"filling: {have} runs, adding {runs - have}", flush=True)
     user_model = get_user_model()
