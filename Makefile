@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export WEB_PORT ?= 8000
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test contract lint format install install-dev bench clean
+.PHONY: run test contract lint format install install-dev bench clean manage celery
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,11 @@ install-dev: $(VENV)/.installed-dev
 # The development settings (DEBUG, a key from the repo): every entry point defaults to
 # production, so what runs locally says so here.
 run: export DJANGO_SETTINGS_MODULE = config.settings.local
+# Every process of the stack writes its HTTP / Celery metrics here; /admin/metrics sums them.
+run: export PROMETHEUS_MULTIPROC_DIR ?= $(CURDIR)/var/prometheus
 run: install
 	@mkdir -p var
+	@rm -rf "$(PROMETHEUS_MULTIPROC_DIR)" && mkdir -p "$(PROMETHEUS_MULTIPROC_DIR)"
 	@echo "Preparing the database (migrate) and the demo user (make run's alone)..."
 	@$(BIN)/python manage.py migrate --noinput -v 0
 	@$(BIN)/python manage.py demo_user > /dev/null
@@ -74,6 +77,14 @@ bench: install-dev
 	env -u REDIS_URL bin/with-redis --ephemeral -- $(BIN)/python bench/workspaces.py
 	env -u REDIS_URL bin/with-redis --ephemeral -- $(BIN)/python bench/agentbus.py
 	env -u REDIS_URL bin/with-redis --ephemeral -- $(BIN)/python bench/chat.py
+
+## Operators' commands with the venv and the development settings (README, Operating it):
+## make manage ARGS="agentbus_worker --project <uuid>", make celery ARGS="inspect agentbus_status"
+manage celery: export DJANGO_SETTINGS_MODULE ?= config.settings.local
+manage: install
+	$(BIN)/python manage.py $(ARGS)
+celery: install
+	$(BIN)/celery -A config $(ARGS)
 
 clean:
 	rm -rf $(VENV) var staticfiles

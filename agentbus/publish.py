@@ -16,6 +16,8 @@ from django.conf import settings
 from kombu.pools import ProducerPool
 from kombu.utils.imports import symbol_by_name
 
+from common.tracing import PUBLISHED_AT_HEADER, log_context, publish_headers, span, span_between
+
 from .active import FOLLOW_COMMAND, broadcast, mark_active
 from .broker import uses_amqp, uses_redis
 from .guard import ProjectGone, project_gone
@@ -82,6 +84,19 @@ def publish(
     if lane != INTERACTIVE:
         options["headers"] = {**(options.get("headers") or {}), LANE_HEADER: lane}
     queue = project_queue(project_id)
+    with span("agentbus.publish", **{"messaging.destination.name": queue,
+              "celery.task_name": task.name, "uws.project_id": payload["project_id"]}):  # fmt: skip
+        # When it was sent (queue-wait metrics and span), and with tracing on the trace
+        # context: they travel in the message's headers.
+        headers = {PUBLISHED_AT_HEADER: time.time()}
+        traced = publish_headers()
+        if traced is not None:
+            headers.update(traced)
+        options["headers"] = {**(options.get("headers") or {}), **headers}
+        return _publish(task, project_id, queue, payload, task_id, options)
+
+
+def _publish(task, project_id, queue, payload, task_id, options) -> AsyncResult:
     amqp = uses_amqp()
     pool = _bus_producers()
     with pool.acquire(block=True) if pool is not None else contextlib.nullcontext() as producer:
@@ -146,12 +161,21 @@ class AgentBusTask(Task):
 
     def __call__(self, *args, **kwargs):
         project_id = kwargs.get("project_id")
-        if project_id is not None and self._project_gone(project_id):
-            logger.info(
-                "skipping %s[%s]: project %s was deleted", self.name, self.request.id, project_id
-            )
-            raise Ignore()
-        return super().__call__(*args, **kwargs)
+        published = getattr(self.request, PUBLISHED_AT_HEADER, None)
+        if published is not None:  # tracing on where it was sent: how long it waited
+            span_between("agentbus.queue_wait", start=float(published),
+                         **{"messaging.destination.name": self.request.delivery_info and
+                            self.request.delivery_info.get("routing_key")})  # fmt: skip
+        with log_context(project_id=project_id):
+            if project_id is not None and self._project_gone(project_id):
+                logger.info(
+                    "skipping %s[%s]: project %s was deleted",
+                    self.name,
+                    self.request.id,
+                    project_id,
+                )
+                raise Ignore()
+            return super().__call__(*args, **kwargs)
 
     def _project_gone(self, project_id) -> bool:
         """The guard, answered by the worker's transport when it delivered the message

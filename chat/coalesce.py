@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from common.tracing import in_context
+
 _END = object()
 
 
@@ -66,7 +68,8 @@ def coalesced(
             if close is not None:
                 close()
 
-    reader = threading.Thread(target=read, name="delta-reader", daemon=True)
+    # in_context: the provider's HTTP spans stay children of the run's provider call.
+    reader = threading.Thread(target=in_context(read), name="delta-reader", daemon=True)
     reader.start()
     buffer: list[str] = []
     size = 0

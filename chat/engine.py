@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 from agentbus import project_gone
 from agents.memory import memory_blocks_prompt
 from common.lifecycle import worker_stopping
+from common.tracing import log_context, span
 from context.sparse import agent_search_mode
 from context.vectors import citation, context_search, exchange_store, exchanges_forget, query_embed
 from governance.providers import provider_settings_for
@@ -92,6 +93,16 @@ class Prepared:
 def chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
     """Run `run_id` if dispatch generation `attempt` may; returns the outcome (for logs
     and tests). Raises AgentRunFailed when the run ended in error here."""
+    with log_context(run_id=run_id), span("chat.run", **{"uws.run_id": str(run_id)}) as s:
+        outcome = "error"
+        try:
+            outcome = _chat_run(run_id=run_id, attempt=attempt)
+        finally:
+            s.set_attribute("uws.run.outcome", outcome)
+        return outcome
+
+
+def _chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
     run = Run.objects.select_related("message", "session__project").filter(id=run_id).first()
     if run is None:
         return "gone"
@@ -114,7 +125,10 @@ def chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
         # older one ends (chat.dispatch.run_next_dispatch).
         state.run_undispatched(run=run, attempt=attempt)
         return "waiting"
-    if not state.run_claim(run=run, attempt=attempt):
+    with span("run.claim", **{"uws.run.attempt": attempt}) as s:
+        claimed = state.run_claim(run=run, attempt=attempt)
+        s.set_attribute("uws.run.claimed", claimed)
+    if not claimed:
         return "stale"
     return _run_claimed(run=run, attempt=attempt, redis=redis)
 
@@ -152,7 +166,14 @@ def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:
         "completion": answer.content,
         "outcome": answer.outcome,
     }
-    return _settle(run=run, attempt=attempt, redis=redis, answer=answer, cost=cost)
+    return _settle(
+        run=run,
+        attempt=attempt,
+        redis=redis,
+        answer=answer,
+        cost=cost,
+        first_token_at=usage.first_token_at,
+    )
 
 
 def _restart_refusal(run: Run) -> str:
@@ -179,10 +200,36 @@ def _restart_refusal(run: Run) -> str:
 
 
 def _settle(
-    *, run: Run, attempt: int, redis: ScopedRedis, answer: Answer, cost: dict[str, Any]
+    *,
+    run: Run,
+    attempt: int,
+    redis: ScopedRedis,
+    answer: Answer,
+    cost: dict[str, Any],
+    first_token_at=None,
 ) -> str:
     """End the run as its answer says (done, error) with what it cost, or record the cost
     and leave the run to whoever ends it."""
+    with span("run.end", **{"uws.run.outcome": answer.outcome}):
+        return _settle_traced(
+            run=run,
+            attempt=attempt,
+            redis=redis,
+            answer=answer,
+            cost=cost,
+            first_token_at=first_token_at,
+        )
+
+
+def _settle_traced(
+    *,
+    run: Run,
+    attempt: int,
+    redis: ScopedRedis,
+    answer: Answer,
+    cost: dict[str, Any],
+    first_token_at,
+) -> str:
     outcome, content, error = answer.outcome, answer.content, answer.error
     if outcome == "done":
         ended = state.run_end(
@@ -192,6 +239,7 @@ def _settle(
             attempt=attempt,
             usage=cost,
             citations=answer.citations,
+            first_token_at=first_token_at,
         )
         if not ended:
             return "lost"
@@ -211,6 +259,7 @@ def _settle(
             error=error,
             attempt=attempt,
             usage=cost,
+            first_token_at=first_token_at,
         )
         if ended:
             raise AgentRunFailed(f"run {run.id}: {error}")
@@ -285,7 +334,8 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) ->
         tools = tools_expand(prepared.tools, redis=redis, secrets=prepared.secrets)
         # Embedded once: to search now (unless the agent searches by tool), and to
         # remember the exchange by afterwards.
-        question_vector = query_embed(question) if question.strip() else None
+        with span("context.embed_query"):
+            question_vector = query_embed(question) if question.strip() else None
         context, citations = _context(
             run=run, space=space, prepared=prepared, tools=tools, vector=question_vector
         )
@@ -381,15 +431,18 @@ def _context(
     A file's chunk is shown with its source, page and section, so the model can cite."""
     searches = any(t.kind == "builtin" and t.name == "search_context" for t in tools)
     params = prepared.config.get("params") or {}
-    hits = context_search(
-        user_id=space.user_id,
-        project_id=run.session.project_id,
-        agent_id=prepared.config["id"],
-        query=prepared.question,
-        k=0 if searches else int(params.get("top_k", DEFAULT_TOP_K)),
-        vector=vector,
-        mode=agent_search_mode(params),
-    )
+    k = 0 if searches else int(params.get("top_k", DEFAULT_TOP_K))
+    with span("context.retrieval", **{"uws.retrieval.k": k}) as s:
+        hits = context_search(
+            user_id=space.user_id,
+            project_id=run.session.project_id,
+            agent_id=prepared.config["id"],
+            query=prepared.question,
+            k=k,
+            vector=vector,
+            mode=agent_search_mode(params),
+        )
+        s.set_attribute("uws.retrieval.hits", len(hits))
     texts, citations = [], []
     for index, hit in enumerate(hits, start=1):
         where = citation(hit)

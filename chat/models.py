@@ -105,10 +105,15 @@ class Run(models.Model):
         "self", on_delete=models.CASCADE, null=True, blank=True, related_name="children"
     )
     depth = models.PositiveSmallIntegerField(default=0)
+    # The OpenTelemetry trace of the request that asked for it (32 hex digits; empty
+    # with tracing off): the id an operator searches traces and logs by.
+    trace_id = models.CharField(max_length=32, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
     dispatched_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # When its first text delta went out (time to first token: the dashboards' TTFT).
+    first_token_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         db_table = "agents_run"  # moved from the agents app; the table stays
@@ -117,6 +122,10 @@ class Run(models.Model):
             models.Index(fields=["status", "lease_expires_at"], name="run_status_lease"),
             models.Index(fields=["status", "created_at"], name="run_status_created"),
             models.Index(fields=["session", "-created_at"], name="run_session_created"),
+            # The admin's run list, newest first (100,000s of rows).
+            models.Index(fields=["-created_at"], name="run_created"),
+            # The per-minute rollup reads the runs that ended in a minute.
+            models.Index(fields=["finished_at"], name="run_finished"),
         ]
 
     def __str__(self) -> str:

@@ -25,6 +25,7 @@ from django.db.models import Exists, F, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from agents.models import Agent
+from common.tracing import current_trace_id
 from governance.usage import usage_charge, usage_record, usage_row_write, usage_run_ended
 from workspaces.redis import ScopedRedis, scoped
 
@@ -90,6 +91,7 @@ def run_create(
         agent_id=agent.id if agent is not None else session.agent_id,
         parent=parent,
         depth=parent.depth + 1 if parent is not None else 0,
+        trace_id=current_trace_id(),
     )
     return asked, answer, run
 
@@ -194,6 +196,7 @@ def run_end(
     attempt: int | None = None,
     usage: dict[str, Any] | None = None,
     citations: list[dict[str, Any]] | None = None,
+    first_token_at: datetime | None = None,
 ) -> bool:
     """End a run and its message once, conditionally (on its status, and on the dispatch
     generation when given): True when this call ended it. Says so on the event stream.
@@ -217,6 +220,7 @@ def run_end(
             error=error,
             finished_at=timezone.now(),
             lease_expires_at=lease_deadline(),
+            **({"first_token_at": first_token_at} if first_token_at is not None else {}),
         )
         if ended:
             written = {"status": status, "error": error}

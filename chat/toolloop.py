@@ -10,6 +10,7 @@ a run restarted after its worker died knows which calls may have taken effect
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -19,6 +20,7 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
+from common.tracing import in_context, span
 from governance.usage import usage_meter_add
 from llm.providers import ChatRequest, OfflineProvider, ToolCallRequest, get_provider
 from tools.runner import ToolOutcome, ToolScope, ToolSpec, scrub, tool_execute
@@ -35,6 +37,8 @@ class Usage:
     read when the run's attempt is recorded and when it ends."""
 
     meter: Any = None
+    # When the run's first text delta went out (time to first token, for the dashboards).
+    first_token_at: Any = None
 
 
 def release_database() -> None:
@@ -106,20 +110,28 @@ class ToolLoop:
         self.usage.meter = usage_meter_add(
             self.usage.meter, provider=provider, model=request.model, messages=request.messages
         )
-        return stream_deltas(
-            redis=self.redis,
-            run=self.run_,
-            deltas=coalesced(
-                provider.stream(request, should_stop=self.stop),
-                window=settings.CHAT_DELTA_WINDOW_SECONDS,
-                threaded=provider.name != OfflineProvider.name,  # the offline one never waits
-                should_stop=self.stop,  # asked while the provider is silent
-            ),
-            parts=parts,
-            stop=self.stop,
-            calls=calls,
-            meter=self.usage.meter,
-        )
+        with span(
+            "llm.call",
+            **{"gen_ai.system": provider.name, "gen_ai.request.model": request.model or None},
+        ) as s:
+            outcome = stream_deltas(
+                redis=self.redis,
+                run=self.run_,
+                deltas=coalesced(
+                    provider.stream(request, should_stop=self.stop),
+                    window=settings.CHAT_DELTA_WINDOW_SECONDS,
+                    threaded=provider.name != OfflineProvider.name,  # the offline one never waits
+                    should_stop=self.stop,  # asked while the provider is silent
+                ),
+                parts=parts,
+                stop=self.stop,
+                calls=calls,
+                meter=self.usage.meter,
+                usage=self.usage,
+            )
+            if s.is_recording():
+                _provider_attributes(s, provider, outcome=outcome, calls=len(calls))
+        return outcome
 
     def _call(self, *, step: int, calls: list[ToolCallRequest]) -> list[str] | str:
         """Run one step's calls; their results for the model, or an outcome (a str)."""
@@ -162,14 +174,20 @@ class ToolLoop:
     def _execute(self, calls: list[ToolCallRequest]) -> list[ToolOutcome]:
         workers = max(1, min(len(calls), settings.TOOL_MAX_PARALLEL))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tool") as pool:
-            return list(
-                pool.map(
-                    lambda call: tool_execute(
-                        spec=self.tools.get(call.name), arguments=call.arguments, scope=self.scope
-                    ),
-                    calls,
-                )
-            )
+            # in_context: each call's span is a child of the run's, on whichever thread.
+            return list(pool.map(in_context(self._execute_one), calls))
+
+    def _execute_one(self, call: ToolCallRequest) -> ToolOutcome:
+        spec = self.tools.get(call.name)
+        with span(
+            "tool.call",
+            **{"uws.tool.name": call.name, "uws.tool.kind": spec.kind if spec else "unknown"},
+        ) as s:
+            started = time.monotonic()
+            outcome = tool_execute(spec=spec, arguments=call.arguments, scope=self.scope)
+            s.set_attribute("uws.tool.status", "ok" if outcome.ok else "error")
+            s.set_attribute("uws.tool.duration_ms", round((time.monotonic() - started) * 1000, 3))
+        return outcome
 
     def _record(self, entry: dict[str, Any], outcome: ToolOutcome) -> bool:
         """A call's end, in its step entry and as an event; False when cancelled."""
@@ -209,6 +227,25 @@ class ToolLoop:
         )
 
 
+def _provider_attributes(s, provider, *, outcome: str, calls: int) -> None:
+    """What a provider call used (as the endpoint reported it), on its span."""
+    s.set_attribute("uws.llm.outcome", outcome)
+    s.set_attribute("uws.llm.tool_calls", calls)
+    usage = getattr(provider, "usage", None)
+    if usage is None:
+        return
+    for name, attribute in (
+        ("prompt_tokens", "gen_ai.usage.input_tokens"),
+        ("completion_tokens", "gen_ai.usage.output_tokens"),
+    ):
+        value = usage.get(name) if isinstance(usage, dict) else getattr(usage, name, None)
+        if isinstance(value, int):
+            s.set_attribute(attribute, value)
+    model = getattr(provider, "usage_model", "")
+    if model:
+        s.set_attribute("gen_ai.response.model", model)
+
+
 def with_results(
     request: ChatRequest, *, said: str, calls: list[ToolCallRequest], results: list[str]
 ) -> ChatRequest:
@@ -242,6 +279,7 @@ def stream_deltas(
     stop: Callable[[], bool],
     calls: list[ToolCallRequest],
     meter,
+    usage: Usage | None = None,
 ) -> str:
     """Append the provider's text deltas to the session's stream (unless the run was
     cancelled) and collect the tool calls it asks for."""
@@ -262,6 +300,8 @@ def stream_deltas(
             )
             if appended is None:  # cancelled: nothing more reaches the client
                 return "cancelled"
+            if usage is not None and usage.first_token_at is None:
+                usage.first_token_at = timezone.now()
             parts.append(delta)
             offset += len(delta)
             if stop():

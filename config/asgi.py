@@ -19,8 +19,11 @@ fernet_keys_required_valid()
 
 from common.asgi import StreamingAwareASGIHandler  # noqa: E402  (after django.setup)
 from common.lifecycle import run_loop_shutdown_hooks, run_shutdown_hooks  # noqa: E402
+from common.tracing import asgi_traced, tracing_setup, tracing_shutdown  # noqa: E402
 
-django_application = StreamingAwareASGIHandler()
+# OTEL_* set: a server span per request, the trace carried on to the bus (common.tracing).
+tracing_setup("uws-web")
+django_application = asgi_traced(StreamingAwareASGIHandler())
 
 
 async def application(scope, receive, send):
@@ -33,5 +36,6 @@ async def application(scope, receive, send):
         elif message["type"] == "lifespan.shutdown":
             await run_loop_shutdown_hooks()  # clients bound to this loop first
             await sync_to_async(run_shutdown_hooks)()
+            await sync_to_async(tracing_shutdown)()
             await send({"type": "lifespan.shutdown.complete"})
             return

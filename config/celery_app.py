@@ -18,7 +18,12 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
+# Imported here, not only by AgentbusConfig.ready: its remote-control commands must be
+# known wherever the app loads, including `celery -A config inspect agentbus_status`,
+# which checks the name locally and sets up no Django apps.
+import agentbus.worker  # noqa: F401
 from agentbus.celeryconf import configure_celery
+from common.tracing import tracing_setup, tracing_shutdown
 from governance.secrets import fernet_keys_required_valid
 
 # Production unless told otherwise: `make run` and the tests name theirs.
@@ -49,3 +54,20 @@ def _worker_database_pool(**_kwargs) -> None:
     pool = connections["default"].settings_dict.get("OPTIONS", {}).get("pool")
     if isinstance(pool, dict):
         pool["timeout"] = settings.DB_WORKER_POOL_TIMEOUT_SECONDS
+
+
+@signals.worker_init.connect(weak=False, dispatch_uid="config.worker_tracing")
+def _worker_tracing(**_kwargs) -> None:
+    # OTEL_* set: each task a span, child of the request that published it (the trace
+    # context travels in the message's headers; common.tracing).
+    tracing_setup("uws-worker")
+
+
+@signals.beat_init.connect(weak=False, dispatch_uid="config.beat_tracing")
+def _beat_tracing(**_kwargs) -> None:
+    tracing_setup("uws-beat")
+
+
+@signals.worker_shutdown.connect(weak=False, dispatch_uid="config.worker_tracing_flush")
+def _worker_tracing_flush(**_kwargs) -> None:
+    tracing_shutdown()

@@ -4,12 +4,12 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from common.apis import ObtainTokenApi
 from common.views import RedocView, home
-from governance.apis import MetricsApi
 
 urlpatterns = [
     path("", home, name="home"),
     path("admin/workspaces/", include("workspaces.urls")),
-    path("admin/metrics", MetricsApi.as_view(), name="metrics"),
+    # Metrics (Prometheus) and the dashboards, before the admin's catch-all.
+    path("admin/", include("observability.urls")),
     path("admin/", admin.site.urls),
     path("auth/token/", ObtainTokenApi.as_view(), name="auth-token"),
     path("my/projects/", include("projects.urls")),

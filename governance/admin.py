@@ -1,9 +1,47 @@
+from django import forms
 from django.contrib import admin, messages
-from django.db.models import Count, Q, Sum
+from django.db.models import Count, OuterRef, Q, Subquery, Sum
+from django.urls import reverse
+from django.utils.html import format_html
+
+from projects.models import Project
 
 from .models import AuditEvent, EmbeddingUsage, ProjectApiKey, ProviderSettings, Quota, RunUsage
 from .quotas import quota_delete, quota_save
 from .services import api_key_revoke
+
+
+def _project_name():
+    """The name of the row's project (rows keep the project's id, not a foreign key:
+    they outlive it), as one subquery of the list's query, not a query per row."""
+    return Subquery(Project.objects.filter(id=OuterRef("project_id")).values("name")[:1])
+
+
+def project_label(obj) -> str:
+    """The project's name linked to its page, its id beside it; the id alone once gone."""
+    if obj.project_id is None:
+        return "—"
+    name = getattr(obj, "project_name", None)
+    if name is None:
+        return format_html("<code>{}</code> (deleted)", str(obj.project_id)[:8])
+    return format_html(
+        '<a href="{}">{}</a> <code title="{}">{}</code>',
+        reverse("admin:projects_project_change", args=[obj.project_id]),
+        name,
+        obj.project_id,
+        str(obj.project_id)[:8],
+    )
+
+
+class WithProjectNames:
+    """List pages of rows that hold a project's id: its name beside it."""
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(project_name=_project_name())
+
+    @admin.display(description="project", ordering="project_name")
+    def project(self, obj) -> str:
+        return project_label(obj)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -61,10 +99,42 @@ class ProjectApiKeyAdmin(admin.ModelAdmin):
         self.message_user(request, "Revoked.", messages.SUCCESS)
 
 
+class QuotaAdminForm(forms.ModelForm):
+    """Says in words what the database's `quota_project_xor_user` rule wants."""
+
+    class Meta:
+        model = Quota
+        fields = ("project", "user", *Quota.LIMITS)
+        help_texts = {
+            "project": "The project these limits hold for. Choose a project or a user, not both.",
+            "user": "Or a user: the limits hold for all of the user's projects together.",
+            "tokens_per_day": "Prompt + completion tokens per UTC day. Empty: no limit.",
+            "tokens_per_month": "Prompt + completion tokens per calendar month (UTC). "
+            "Empty: no limit.",
+            "messages_per_minute": "Chat messages accepted per minute. Empty: no limit.",
+            "concurrent_runs": "Answers in flight at once. Empty: no limit.",
+        }
+
+    def clean(self):
+        cleaned = super().clean()
+        project, user = cleaned.get("project"), cleaned.get("user")
+        if project is None and user is None and not self.has_error("project"):
+            message = "Choose the project or the user these limits are for."
+            self.add_error("project", message)
+            self.add_error("user", message)
+        elif project is not None and user is not None:
+            message = "Choose a project or a user, not both: a quota holds for one of them."
+            self.add_error("project", message)
+            self.add_error("user", message)
+        return cleaned
+
+
 @admin.register(Quota)
 class QuotaAdmin(admin.ModelAdmin):
     """Operators set limits on a project or on a user (all their projects together);
     owners read them at …/quotas/. An empty limit is no limit."""
+
+    form = QuotaAdminForm
 
     list_display = ("__str__", "project", "user", *Quota.LIMITS, "updated_at")
     list_select_related = ("project", "user")
@@ -85,26 +155,41 @@ class QuotaAdmin(admin.ModelAdmin):
 
 
 @admin.register(RunUsage)
-class RunUsageAdmin(ReadOnlyAdmin):
+class RunUsageAdmin(WithProjectNames, ReadOnlyAdmin):
     """Every agent run's accounting, read-only: it is written by the runs themselves."""
 
+    # Narrow enough for a 1366 px screen beside the filters: the tokens in one column.
     list_display = (
         "created_at",
-        "project_id",
+        "run_link",
+        "project",
         "user",
         "model",
-        "prompt_tokens",
-        "completion_tokens",
-        "total_tokens",
-        "estimated",
+        "tokens",
         "tool_calls",
-        "latency_ms",
+        "latency",
         "outcome",
     )
     list_filter = ("estimated", "outcome", "provider", "day")
     search_fields = ("=project_id", "=run_id", "=agent_id", "model", "user__username")
     list_select_related = ("user",)
     date_hierarchy = "day"
+
+    @admin.display(description="tokens (prompt + completion)", ordering="total_tokens")
+    def tokens(self, obj) -> str:
+        estimated = " (estimated)" if obj.estimated else ""
+        return f"{obj.total_tokens} ({obj.prompt_tokens} + {obj.completion_tokens}){estimated}"
+
+    @admin.display(description="latency", ordering="latency_ms")
+    def latency(self, obj) -> str:
+        return "—" if obj.latency_ms is None else f"{obj.latency_ms} ms"
+
+    @admin.display(description="run", ordering="run_id")
+    def run_link(self, obj) -> str:
+        return format_html(
+            '<a href="{}">{}</a>', reverse("admin:chat_run_change", args=[obj.run_id]),
+            str(obj.run_id)[:8],
+        )  # fmt: skip
 
     def changelist_view(self, request, extra_context=None):
         response = super().changelist_view(request, extra_context)
@@ -144,12 +229,12 @@ class ProviderSettingsAdmin(admin.ModelAdmin):
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(ReadOnlyAdmin):
+class AuditEventAdmin(WithProjectNames, ReadOnlyAdmin):
     """The audit log, for operators: read-only (append-only; the purge alone deletes)."""
 
     list_display = (
         "created_at", "username", "credential", "key_prefix", "action", "object_repr",
-        "project_id", "status_code", "ip_address",
+        "project", "status_code", "ip_address",
     )  # fmt: skip
     list_filter = ("credential", "method", "created_at")
     search_fields = ("=project_id", "username", "action", "path", "object_repr", "key_prefix")
@@ -157,10 +242,10 @@ class AuditEventAdmin(ReadOnlyAdmin):
 
 
 @admin.register(EmbeddingUsage)
-class EmbeddingUsageAdmin(ReadOnlyAdmin):
+class EmbeddingUsageAdmin(WithProjectNames, ReadOnlyAdmin):
     """Tokens embedded per stored ingest batch, read-only."""
 
-    list_display = ("created_at", "project_id", "user", "agent_id", "model", "tokens", "job_id")
+    list_display = ("created_at", "project", "user", "agent_id", "model", "tokens", "job_id")
     list_filter = ("model", "day")
     search_fields = ("=project_id", "=agent_id", "job_id", "user__username")
     list_select_related = ("user",)

@@ -23,6 +23,7 @@ from agentbus import queue_depths
 from agentbus.active import active_queues
 from agentbus.flow import flow_counters
 from agentbus.queues import project_id_from_queue
+from projects.models import Project
 
 from .models import RunUsage
 
@@ -97,6 +98,15 @@ class _Collector:
                 labels=["project"],
             ),
         }
+        # Names beside the ids (Prometheus' info idiom: join on `project` to label by name).
+        info = GaugeMetricFamily(
+            "uws_project_info", "A project's name, by its id (value always 1).",
+            labels=["project", "name"],
+        )  # fmt: skip
+        ids = [p for p in figures if p != OTHER]
+        for project_id, name in Project.objects.filter(id__in=ids).values_list("id", "name"):
+            info.add_metric([str(project_id), name], 1)
+        families["info"] = info
         for project, values in figures.items():
             families["runs"].add_metric([project], values["runs"])
             families["errors"].add_metric([project], values["errors"])
@@ -149,6 +159,10 @@ class _FlowCollector:
         yield waits
         for source in _sources:
             yield from source()
+def project_collectors() -> list:
+    """The per-project gauges and the bus's flow control, for a registry of the
+    caller's."""
+    return [_Collector(), _FlowCollector()]
 
 
 def metrics_render() -> bytes:

@@ -63,6 +63,10 @@ class RunOutputSerializer(serializers.Serializer):
         "for an answer to a user.",
     )
     depth = serializers.IntegerField(help_text="0 for an answer to a user; +1 per call.")
+    trace_id = serializers.CharField(
+        help_text="The OpenTelemetry trace of the message it answers (32 hex digits; "
+        "search the tracing backend and the logs by it); empty when tracing is off."
+    )
     created_at = serializers.DateTimeField()
     started_at = serializers.DateTimeField(allow_null=True)
     finished_at = serializers.DateTimeField(allow_null=True)

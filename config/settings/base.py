@@ -52,6 +52,7 @@ INSTALLED_APPS = [
     "chat",
     "django_celery_beat",  # schedules: beat's database scheduler (automation)
     "automation",
+    "observability",  # rollups, dashboards, process metrics (reads the apps above)
 ]
 
 MIDDLEWARE = [
@@ -699,3 +700,30 @@ SPECTACULAR_SETTINGS["ENUM_NAME_OVERRIDES"]["ContextDocumentStatusEnum"] = (
 SPECTACULAR_SETTINGS["TAGS"].append(
     {"name": "Memory", "description": "An agent's memory blocks, always in its system prompt."}
 )
+# --- Observability: traces and structured logs (common.tracing, common.logging) --------
+# Tracing is configured by the standard OTEL_* variables alone (off unless
+# OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_TRACES_EXPORTER is set). Every log line carries
+# the ids of the work it belongs to (trace, span, task, project, run); LOG_FORMAT=json
+# writes one JSON object per line.
+LOG_FORMAT = env.str("LOG_FORMAT", default="plain")
+LOGGING["filters"]["work_ids"] = {"()": "common.logging.ContextFilter"}
+LOGGING["formatters"]["json"] = {"()": "common.logging.JsonFormatter"}
+LOGGING["formatters"]["plain"]["format"] = (
+    "%(asctime)s %(levelname)s %(name)s%(context)s: %(message)s"
+)
+LOGGING["handlers"]["console"]["filters"] = ["work_ids"]
+LOGGING["handlers"]["console"]["formatter"] = "json" if LOG_FORMAT == "json" else "plain"
+
+# --- Observability: metrics, rollups, dashboards (observability) -----------------------
+# HTTP request metrics, natively async, just inside the outermost (error-shaping) one.
+MIDDLEWARE.insert(1, "observability.middleware.HttpMetricsMiddleware")
+OBSERVABILITY_ROLLUP_SECONDS = env.float("OBSERVABILITY_ROLLUP_SECONDS", default=30)
+OBSERVABILITY_ROLLUP_DAYS = env.int("OBSERVABILITY_ROLLUP_DAYS", default=14)
+# Rolls the runs of the last closed minutes up for the dashboards (cheap; must not wait
+# behind agent runs, or the dashboards would lag exactly when they matter).
+CELERY_BEAT_SCHEDULE["observability.rollup"] = {
+    "task": "observability.rollup",
+    "schedule": OBSERVABILITY_ROLLUP_SECONDS,
+    "options": {"expires": OBSERVABILITY_ROLLUP_SECONDS, "queue": "uws.maintenance.urgent"},
+}
+LOGGING["filters"]["quiet_periodic_tasks"]["tasks"].append("observability.rollup")

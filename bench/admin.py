@@ -1,0 +1,269 @@
+"""Admin pages bench: operators' pages over 100,000 runs, p50 / p95 / max latency and the
+queries each page costs.
+
+    bin/with-redis --ephemeral -- .venv/bin/python bench/admin.py [--runs 100000] [--rounds 3]
+
+The web process is the Procfile's (uvicorn, one process, ASGI), on PostgreSQL (database
+`uws_h27_admin`, created and filled once: --runs runs over 200 projects, each with its
+usage row, spread over the last 6 hours, ~3% in error; rolled up per minute for the
+dashboards), logged in as a staff user through a session cookie. Each round asks every
+page 3 times to warm up, then 30 times one after another; the table gives min / median
+/ max over rounds of each round's p95, and the queries of one request (Django's test
+client in this process, same database).
+
+Settings changed: DEBUG=false, LOG_LEVEL=WARNING. Not measured: pages under concurrent
+load, a remote database, the browser's own rendering of the charts.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
+DB = "uws_h27_admin"
+if __name__ == "__main__":
+    sys.path[:0] = [str(ROOT)]
+    with psycopg.connect(f"{PG}/postgres", autocommit=True) as _conn:
+        if not _conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [DB]).fetchone():
+            _conn.execute(f'CREATE DATABASE "{DB}"')
+    os.environ.update(
+        DJANGO_SETTINGS_MODULE="config.settings.local",
+        DEBUG="false",
+        SECRET_KEY="bench-only-not-secret",
+        DATABASE_URL=f"{PG}/{DB}",
+        LOG_LEVEL="WARNING",
+        VAR_DIR=str(ROOT / "var" / "bench-admin"),
+    )
+    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6380/0")
+    os.environ["CELERY_BROKER_URL"] = os.environ["REDIS_URL"]
+    Path(os.environ["VAR_DIR"]).mkdir(parents=True, exist_ok=True)
+    import django
+
+    django.setup()
+
+
+def fill(runs: int) -> None:
+    from django.contrib.auth import get_user_model
+    from django.utils import timezone
+
+    from agents.models import Agent
+    from chat.models import ChatSession, Message, Run
+    from governance.models import RunUsage
+    from observability.models import MinuteRollup
+    from observability.services import rollup_minutes
+    from projects.models import Project
+
+    have = Run.objects.count()
+    if have >= runs:
+        if not MinuteRollup.objects.exists():  # a fill interrupted before its rollup
+            rollup_minutes(now=timezone.now(), minutes=6 * 60 + 5)
+        return
+    print(f"filling: {have} runs, adding {runs - have}", flush=True)
+    user_model = get_user_model()
+    owner = user_model.objects.create_user(username=f"owner-{uuid.uuid4().hex[:8]}")
+    projects = Project.objects.bulk_create(
+        [Project(owner=owner, name=f"project {i:03d} {uuid.uuid4().hex[:4]}") for i in range(200)]
+    )
+    agents = Agent.objects.bulk_create(
+        [Agent(project=p, name="helper", model="") for p in projects]
+    )
+    sessions = ChatSession.objects.bulk_create(
+        [
+            ChatSession(project=a.project, agent=a, title=f"s{i}") for a in agents for i in range(5)
+        ]  # fmt: skip
+    )
+    now = timezone.now()
+    rng = random.Random(7)
+    batch = 5000
+    for start in range(0, runs - have, batch):
+        count = min(batch, runs - have - start)
+        chosen = [rng.choice(sessions) for _ in range(count)]
+        messages = Message.objects.bulk_create(
+            [Message(session=s, role="assistant", status="done", content="answer") for s in chosen]
+        )
+        rows, usage = [], []
+        for session, message in zip(chosen, messages, strict=True):
+            finished = now - timedelta(seconds=rng.uniform(60, 6 * 3600))
+            error = rng.random() < 0.03
+            run = Run(
+                session=session, message=message, agent=session.agent,
+                status="error" if error else "done", model=rng.choice(["gpt-a", "gpt-b", "llama"]),
+                error="the model failed" if error else "", created_at=finished,
+                started_at=finished - timedelta(seconds=rng.uniform(0.5, 3)),
+                first_token_at=finished - timedelta(seconds=rng.uniform(0.1, 0.5)),
+                finished_at=finished, steps=[{"type": "tool", "attempt": 1, "step": 1,
+                                              "name": "search", "status": "done"}],
+            )  # fmt: skip
+            rows.append(run)
+            usage.append(
+                RunUsage(
+                    run_id=run.id,
+                    project_id=session.project_id,
+                    user=owner,
+                    agent_id=session.agent_id,
+                    message_id=message.id,
+                    model=run.model,
+                    prompt_tokens=200,
+                    completion_tokens=50,
+                    total_tokens=250,
+                    outcome=run.status,
+                    created_at=finished,
+                    day=finished.date(),
+                    recorded_at=finished,
+                )  # fmt: skip
+            )
+        Run.objects.bulk_create(rows)  # created_at (auto_now_add) is set below
+        RunUsage.objects.bulk_create(usage)
+        print(f"  {have + start + count} runs", flush=True)
+    with psycopg.connect(os.environ["DATABASE_URL"], autocommit=True) as conn:
+        conn.execute("UPDATE agents_run SET created_at = started_at - interval '1 second'")
+        conn.execute("VACUUM ANALYZE")
+    rollup_minutes(now=now, minutes=6 * 60 + 5)
+
+
+def session_cookie() -> str:
+    from django.contrib.auth import get_user_model
+    from django.contrib.sessions.backends.db import SessionStore
+
+    user_model = get_user_model()
+    staff, _ = user_model.objects.get_or_create(
+        username="bench-staff", defaults={"is_staff": True, "is_superuser": True}
+    )
+    store = SessionStore()
+    store["_auth_user_id"] = str(staff.pk)
+    store["_auth_user_backend"] = "django.contrib.auth.backends.ModelBackend"
+    store["_auth_user_hash"] = staff.get_session_auth_hash()
+    store.create()
+    return store.session_key
+
+
+def pages() -> dict[str, str]:
+    from chat.models import Run
+    from projects.models import Project
+
+    project = Project.objects.order_by("name").first()
+    run = Run.objects.filter(session__project=project).order_by("-created_at").first()
+    today = time.strftime("%Y-%m-%d")
+    return {
+        "runs, newest first": "/admin/chat/run/",
+        "runs of a project": f"/admin/chat/run/?project={project.id}",
+        "runs of a project and agent": (
+            f"/admin/chat/run/?project={project.id}&agent={run.agent_id}"
+        ),
+        "runs in error": "/admin/chat/run/?status__exact=error",
+        "runs of a model": "/admin/chat/run/?model=gpt-b",
+        "runs since today": f"/admin/chat/run/?created_at__gte={today}",
+        "runs, search by id": f"/admin/chat/run/?q={run.id}",
+        "a run's page": f"/admin/chat/run/{run.id}/change/",
+        "usage list": "/admin/governance/runusage/",
+        "audit list": "/admin/governance/auditevent/",
+        "dashboard, deployment 6 h": "/admin/dashboard/",
+        "dashboard, deployment 24 h": "/admin/dashboard/?hours=24",
+        "dashboard, project 6 h": f"/admin/dashboard/projects/{project.id}/",
+    }
+
+
+def queries_of(paths: dict[str, str]) -> dict[str, int]:
+    from django.contrib.auth import get_user_model
+    from django.db import connection
+    from django.test import Client
+    from django.test.utils import CaptureQueriesContext, setup_test_environment
+
+    setup_test_environment()
+    client = Client()
+    client.force_login(get_user_model().objects.get(username="bench-staff"))
+    counts = {}
+    for name, path in paths.items():
+        with CaptureQueriesContext(connection) as queries:
+            status = client.get(path).status_code
+        assert status == 200, (name, status)
+        counts[name] = len(queries.captured_queries)
+    return counts
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=30)
+    options = parser.parse_args()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    fill(options.runs)
+    cookie = session_cookie()
+    paths = pages()
+    queries = queries_of(paths)
+
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    web = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "config.asgi:application", "--port", str(port),
+         "--lifespan", "on", "--log-level", "warning", "--no-access-log", "--no-proxy-headers"],
+        cwd=ROOT, env=dict(os.environ), start_new_session=True,
+    )  # fmt: skip
+    p95s: dict[str, list[float]] = {name: [] for name in paths}
+    loads = []
+    try:
+        client = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", cookies={"sessionid": cookie}, timeout=30
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if client.get("/admin/").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the web process does not answer"
+            time.sleep(0.2)
+        for _ in range(options.rounds):
+            for name, path in paths.items():
+                for _ in range(3):
+                    assert client.get(path).status_code == 200, (name, path)
+                timings = []
+                for _ in range(options.requests):
+                    t0 = time.perf_counter()
+                    response = client.get(path)
+                    timings.append((time.perf_counter() - t0) * 1000)
+                    assert response.status_code == 200
+                timings.sort()
+                p95s[name].append(timings[int(len(timings) * 0.95) - 1])
+            loads.append(os.getloadavg()[0])
+    finally:
+        web.terminate()
+        web.wait(20)
+
+    from chat.models import Run
+
+    print(f"\nadmin bench: PostgreSQL, {Run.objects.count()} runs over 200 projects, uvicorn x1, "
+          f"{options.rounds} rounds x {options.requests} requests per page; {os.cpu_count()} "
+          f"CPUs; load average {min(loads):.2f}-{max(loads):.2f}\n")  # fmt: skip
+    print(
+        f"| {'page':<30} | {'p95 min':>8} | {'p95 median':>10} | {'p95 max':>8} | queries | goal |"
+    )
+    print(f"|{'-' * 32}|{'-' * 10}|{'-' * 12}|{'-' * 10}|---------|------|")
+    for name, values in p95s.items():
+        print(f"| {name:<30} | {min(values):8.1f} | {statistics.median(values):10.1f} | "
+              f"{max(values):8.1f} | {queries[name]:7d} | p95 <= 300 ms |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
