@@ -39,6 +39,14 @@ def run_get(*, session: ChatSession, run_id: uuid.UUID | str) -> Run:
     return get_or_404(run_list(session=session).select_related("session__project"), id=run_id)
 
 
+def project_run_get(*, project: Project, run_id: uuid.UUID | str) -> Run:
+    """A run of any session of `project` (another project's is a 404)."""
+    return get_or_404(
+        Run.objects.filter(session__project=project).select_related("session__project"),
+        id=run_id,
+    )
+
+
 # How many projects health names per problem (the worst first): enough to act on, and
 # the report stays small when a fault hits many projects at once.
 RUN_HEALTH_PROJECTS = 20
