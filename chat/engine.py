@@ -494,7 +494,8 @@ def _build_request(
 
 
 def _uses_secrets(tools: list[ToolSpec]) -> bool:
-    return any(tool.headers for tool in tools)
+    # A call waiting for approval is shown (event, admin) scrubbed of them.
+    return any(tool.headers or tool.requires_approval for tool in tools)
 
 
 def _model_name(config: dict[str, Any], llm) -> str:

@@ -82,7 +82,12 @@ class ToolLoop:
         that step's calls, then goes on from the next step."""
         first = 1
         if resumed is not None:
-            calls = [ToolCallRequest(c["id"], c["name"], c["arguments"]) for c in resumed["calls"]]
+            # An approval may have edited arguments: the model is told the call as made.
+            edits = (resumed.get("decision") or {}).get("arguments") or {}
+            calls = [
+                ToolCallRequest(c["id"], c["name"], edits.get(c["id"], c["arguments"]))
+                for c in resumed["calls"]
+            ]
             results = self._resume(resumed, calls=calls, request=request, parts=parts)
             if isinstance(results, str):
                 return results
