@@ -32,6 +32,9 @@ class FakeOpenAI:
         # answers every such request.
         self.turns: list[dict] = []
         self.every_turn: dict | None = None
+        # When set, answers every request that offers tools and ends with the user's
+        # message (a run's first step; the steps after it end with tool results).
+        self.first_turn: dict | None = None
         self._release = threading.Event()
         server = self
 
@@ -56,6 +59,9 @@ class FakeOpenAI:
                     )
                     return
                 turn = server.every_turn
+                last = (body.get("messages") or [{}])[-1]
+                if turn is None and server.first_turn and last.get("role") == "user":
+                    turn = server.first_turn if body.get("tools") else None
                 if turn is None and body.get("tools") and server.turns:
                     turn = server.turns.pop(0)
                 self.send_response(200)
