@@ -10,7 +10,9 @@ FLUSHES that database), and a local server speaking the OpenAI streaming protoco
 (tests/runtime/openai_server.py). Each measure runs --rounds times; the table gives
 min / median / max.
 
-Settings changed: the API's throttles are raised to 1000000/min (unless set); the
+Settings changed: the API's throttles are raised to 1000000/min (unless set); a POST
+answered 503 (the web process at capacity, WEB_MAX_CONCURRENT_REQUESTS) is posted again
+after a second, as a client would, the times include that; the
 agent-call timeout is AGENT_CALL_TIMEOUT_SECONDS=--call-timeout in the baseline of 2.
 
 1. Approval: N runs whose model calls a tool that requires approval (a built-in tool
@@ -122,6 +124,20 @@ def _answers(name: str) -> bool:
         return False
 
 
+def post_each(url: str, token: str, paths: list[str], body: dict) -> list[int]:
+    """POST to every path at once, as clients do: a 503 (at capacity, with Retry-After)
+    is posted again after a second; returns the final status codes."""
+    codes = dict.fromkeys(paths, 503)
+    for _ in range(30):
+        left = [p for p, code in codes.items() if code == 503]
+        if not left:
+            break
+        codes.update(zip(left, asyncio.run(post_all(url, token, left, body)), strict=True))
+        if 503 in codes.values():
+            time.sleep(1)
+    return list(codes.values())
+
+
 def answers_of(sessions) -> list[int]:
     return list(
         Message.objects.filter(session__in=sessions, role="assistant").values_list("id", flat=True)
@@ -153,7 +169,7 @@ def approval_round(n: int, *, approval: bool) -> dict:
         )
         paths = [f"/my/projects/{project.id}/chat/{s.id}/messages/" for s in sessions]
         started = time.time()
-        codes = asyncio.run(post_all(stack.url, token, paths, {"content": "search?"}))
+        codes = post_each(stack.url, token, paths, {"content": "search?"})
         assert set(codes) == {202}, codes
         answers = answers_of(sessions)
         if not approval:
@@ -170,7 +186,7 @@ def approval_round(n: int, *, approval: bool) -> dict:
         runs = list(Run.objects.filter(message_id__in=answers).values_list("id", flat=True))
         approve = [f"/my/projects/{project.id}/runs/{run_id}/approve/" for run_id in runs]
         approved_at = time.time()
-        codes = asyncio.run(post_all(stack.url, token, approve, {}))
+        codes = post_each(stack.url, token, approve, {})
         assert set(codes) == {202}, codes
         wait_until(lambda: statuses(answers).get("done") == n, 300, "all approved runs done")
         resumed_s = time.time() - approved_at
@@ -217,7 +233,7 @@ def calls_round(n: int, latency: float, *, suspend: bool, call_timeout: float) -
         Tool.objects.create(agent=caller, kind="agent", name="ask", target_agent=callee)
         paths = [f"/my/projects/{project.id}/chat/{s.id}/messages/" for s in sessions]
         started = time.time()
-        codes = asyncio.run(post_all(stack.url, token, paths, {"content": "ask?"}))
+        codes = post_each(stack.url, token, paths, {"content": "ask?"})
         assert set(codes) == {202}, codes
         answers = answers_of(sessions)
         most_active = 0
