@@ -155,9 +155,7 @@ def test_cancel_ends_a_waiting_run(live_worker, api, project, redis_client, fake
     # The session takes the next message at once.
     fake_openai.turns = []
     answer_id = post_message(api, session, "Again.")["assistant_message_id"]
-    kind, _ = wait_for_event(
-        redis_client, project, session.id, types=ENDS, message_id=answer_id
-    )
+    kind, _ = wait_for_event(redis_client, project, session.id, types=ENDS, message_id=answer_id)
     assert kind == "message.completed"
 
 
@@ -175,9 +173,7 @@ def test_timeout_ends_a_waiting_run(
     assert Message.objects.get(id=run.message_id).status == "error"
 
 
-def test_project_delete_removes_a_waiting_run(
-    live_worker, api, project, redis_client, fake_openai
-):
+def test_project_delete_removes_a_waiting_run(live_worker, api, project, redis_client, fake_openai):
     _session, run, _waiting = waiting_run(api, redis_client, project, fake_openai)
     assert api.delete(f"/my/projects/{project.id}/").status_code == 204
     assert not Run.objects.filter(id=run.id).exists()
