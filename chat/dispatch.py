@@ -126,9 +126,10 @@ def run_cancel(*, run: Run) -> bool:
 
 
 def run_children_cancel(*, run: Run) -> set:
-    """Cancel the runs `run` asked of other agents (and theirs), not `run` itself when it
-    ended already (a caller that waited too long)."""
-    return _cancel_trees([run])
+    """Cancel the runs `run` asked of other agents (and theirs), not `run` itself (a
+    caller that waited too long for them goes on without their answers)."""
+    children = list(Run.objects.filter(parent_id=run.id).select_related("session__project"))
+    return _cancel_trees(children) if children else set()
 
 
 def _cancel_trees(runs: list[Run]) -> set:

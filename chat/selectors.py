@@ -59,9 +59,12 @@ def _run_problem_filters() -> tuple[Q, Q]:
     stuck_queued = now - timedelta(seconds=3 * settings.RUN_REDISPATCH_SECONDS)
     stuck_running = now - timedelta(seconds=settings.RUN_LEASE_SECONDS)
     recent = now - timedelta(seconds=settings.RUN_FAILURE_WINDOW_SECONDS)
-    stuck = Q(status=Run.Status.QUEUED, created_at__lt=stuck_queued) | Q(
-        status=Run.Status.RUNNING, lease_expires_at__lt=stuck_running
+    # A run resumed after a wait (chat.suspend) was created long ago: stuck only if its
+    # dispatch is old too.
+    queued_long = Q(status=Run.Status.QUEUED, created_at__lt=stuck_queued) & (
+        Q(dispatched_at__isnull=True) | Q(dispatched_at__lt=stuck_queued)
     )
+    stuck = queued_long | Q(status=Run.Status.RUNNING, lease_expires_at__lt=stuck_running)
     return stuck, Q(status=Run.Status.ERROR, finished_at__gte=recent)
 
 

@@ -293,9 +293,9 @@ def run_decide(
 
 
 def runs_waiting_recover(*, limit: int = 500) -> dict[str, int]:
-    """End the waiting runs past their deadline (an approval not given in time; agents
-    that did not answer in time: their runs are cancelled), and resume the callers whose
-    agents all ended while their resume was lost."""
+    """End the waiting runs past their deadline (an approval not given in time), cancel
+    the agents a caller waited for too long (it goes on, told), and resume the callers
+    whose agents all ended while their resume was lost."""
     done = {"waits_expired": 0, "waits_resumed": 0}
     now = timezone.now()
     late = list(
@@ -304,16 +304,14 @@ def runs_waiting_recover(*, limit: int = 500) -> dict[str, int]:
         .order_by("waiting_until")[:limit]
     )
     for run in late:
-        reason = (run.suspended or {}).get("reason")
-        if reason == AGENTS:
-            error = (
-                f"the agents it asked did not answer within "
-                f"{settings.AGENT_CALL_TIMEOUT_SECONDS:g}s"
-            )
-        else:
-            error = (
-                f"the tool call was not approved within {settings.RUN_APPROVAL_TIMEOUT_SECONDS:g}s"
-            )
+        if (run.suspended or {}).get("reason") == AGENTS:
+            # As a call that timed out: the callees still at work are cancelled and the
+            # caller goes on, its model told (the calls' results say they were cancelled).
+            run_children_cancel(run=run)
+            if caller_resume_if_answered(run_id=run.id):
+                done["waits_expired"] += 1
+            continue
+        error = f"the tool call was not approved within {settings.RUN_APPROVAL_TIMEOUT_SECONDS:g}s"
         if state.run_end(
             run=run,
             status=Run.Status.ERROR,
@@ -323,8 +321,6 @@ def runs_waiting_recover(*, limit: int = 500) -> dict[str, int]:
             attempt=run.attempt,
         ):
             done["waits_expired"] += 1
-            if reason == AGENTS:
-                run_children_cancel(run=run)
             run_next_dispatch(session_id=run.session_id)
     # Only those none of whose children is still active: the others wait for them.
     callers = (

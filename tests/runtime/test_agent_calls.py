@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from django.utils import timezone
 
 from agents.models import Tool
 from chat.lease import lease_keeper
 from chat.models import ChatSession, Message, Run
 from chat.services import AgentCallRefused, agent_call_start
+from chat.suspend import runs_waiting_recover
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
 from tests.runtime.conftest import stream_events, wait_for_event, wait_until
 from tests.runtime.test_chat import post_message
@@ -267,5 +269,23 @@ def test_a_callee_cancelled_alone_resumes_its_caller(api, project, redis_client,
     )
     assert response.status_code == 202, response.content
     assert ended(redis_client, session, parent.message_id)[0] == "message.completed"
+    (result,) = results(redis_client, session)
+    assert not result["ok"] and "cancelled" in result["result"]
+
+
+def test_a_caller_past_its_deadline_goes_on_without_the_answer(api, project, redis_client, tree):
+    session, parent, child = tree
+    wait_until(
+        lambda: Run.objects.filter(id=parent.id, status="waiting").exists(),
+        what="the caller stored",
+    )
+    # Its deadline (AGENT_CALL_TIMEOUT_SECONDS after it was stored) passes.
+    Run.objects.filter(id=parent.id).update(waiting_until=timezone.now())
+    assert runs_waiting_recover()["waits_expired"] == 1
+    assert ended(redis_client, child.session, child.message_id)[0] == "message.cancelled"
+    kind, _ = wait_for_event(
+        redis_client, project, session.id, types=ENDS, message_id=parent.message_id, timeout=60
+    )
+    assert kind == "message.completed"
     (result,) = results(redis_client, session)
     assert not result["ok"] and "cancelled" in result["result"]
