@@ -45,6 +45,8 @@ ROUTES = [
     ("/my/projects/{p}/chat/{s}/runs/{r}/", ["get"]),
     ("/my/projects/{p}/chat/{s}/runs/{r}/cancel/", ["post"]),
     ("/my/projects/{p}/chat/{s}/regenerate/", ["post"]),
+    ("/my/projects/{p}/runs/{r}/approve/", ["post"]),
+    ("/my/projects/{p}/runs/{r}/reject/", ["post"]),
 ]
 VALID_BODIES = {
     "/my/projects/{p}/": {"name": "renamed"},
@@ -52,6 +54,7 @@ VALID_BODIES = {
     "/my/projects/{p}/agents/{a}/": {"name": "renamed"},
     "/my/projects/{p}/chat/": {"agent_id": "{a}"},
     "/my/projects/{p}/chat/{s}/messages/": {"content": "hello"},
+    "/my/projects/{p}/runs/{r}/reject/": {"reason": "intruder"},
     "/my/projects/{p}/agents/{a}/context/": {"documents": ["hello"]},
     "/my/projects/{p}/keys/": {"name": "intruder", "scopes": ["read", "write", "chat"]},
     "/my/projects/{p}/provider/": {
