@@ -24,8 +24,9 @@ agent-call timeout is AGENT_CALL_TIMEOUT_SECONDS=--call-timeout in the baseline 
    approval (posted to answered).
 2. Agent calls: N caller runs, each asking a callee agent whose answer takes --latency
    seconds (LLM latency), on one worker process with 100 threads: wall time from the
-   first POST to the last caller's answer, and the worker's most active tasks seen
-   while they ran. Baseline in the same round: AGENT_CALLS_SUSPEND=false (the caller's
+   first POST to the last caller's answer, the worker's most active tasks seen while
+   they ran, and the most callers seen holding a slot while their callee had not ended
+   (sampled from `celery inspect active`, about every 0.1-3 s). Baseline in the same round: AGENT_CALLS_SUSPEND=false (the caller's
    thread waits for its callee, as before), with the calls' timeout --call-timeout:
    how many callers got their callee's answer and the wall time.
 
@@ -89,12 +90,17 @@ def wait_until(predicate, timeout: float, what: str):
     raise SystemExit(f"{what}: not within {timeout} s")
 
 
-def active_tasks(name: str) -> int:
-    """The worker's own count of tasks it runs now (remote control)."""
+def active_runs(name: str) -> list[str]:
+    """The run ids of the tasks the worker runs now, by its own account (remote control:
+    `celery inspect active`)."""
     replies = app.control.inspect(destination=[name], timeout=3).active() or {}
     if name not in replies:
         raise SystemExit(f"worker {name} did not answer `inspect active`")
-    return len(replies[name])
+    return [(task.get("kwargs") or {}).get("run_id", "?") for task in replies[name]]
+
+
+def active_tasks(name: str) -> int:
+    return len(active_runs(name))
 
 
 def worker_start(stack: Stack, env: dict[str, str] | None = None) -> str:
@@ -236,11 +242,24 @@ def calls_round(n: int, latency: float, *, suspend: bool, call_timeout: float) -
         codes = post_each(stack.url, token, paths, {"content": "ask?"})
         assert set(codes) == {202}, codes
         answers = answers_of(sessions)
-        most_active = 0
+        most_active = holding = 0
 
         def finished() -> bool:
-            nonlocal most_active
-            most_active = max(most_active, active_tasks(name))
+            nonlocal most_active, holding
+            running = active_runs(name)
+            most_active = max(most_active, len(running))
+            # Callers in a worker slot while an agent they asked has not ended: a slot
+            # held by a wait.
+            waiting_in_slot = (
+                Run.objects.filter(
+                    id__in=[r for r in running if r != "?"],
+                    message_id__in=answers,
+                    children__status__in=("queued", "running"),
+                )
+                .distinct()
+                .count()
+            )
+            holding = max(holding, waiting_in_slot)
             done = Run.objects.filter(message_id__in=answers, status__in=Run.FINISHED).count()
             return done == n
 
@@ -260,6 +279,7 @@ def calls_round(n: int, latency: float, *, suspend: bool, call_timeout: float) -
         return {
             "wall_s": wall,
             "most_active": most_active,
+            "holding": holding,
             "answered": answered,
             "children_done": children.filter(status="done").count(),
         }
@@ -332,6 +352,7 @@ def main() -> None:
             ("answered", "callers that got their callee's answer", "{:.0f}"),
             ("children_done", "callees done", "{:.0f}"),
             ("most_active", "worker's most active tasks seen", "{:.0f}"),
+            ("holding", "most callers seen in a slot while their callee ran", "{:.0f}"),
         ):
             print(
                 f"| {label} | {spread([r[key] for r in subject], fmt)} | "
