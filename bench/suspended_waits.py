@@ -26,8 +26,9 @@ agent-call timeout is AGENT_CALL_TIMEOUT_SECONDS=--call-timeout in the baseline 
    seconds (LLM latency), on one worker process with 100 threads: wall time from the
    first POST to the last caller's answer, the worker's most active tasks seen while
    they ran, and the most callers seen holding a slot while their callee had not ended
-   (sampled from `celery inspect active`, about every 0.1-3 s). Baseline in the same round: AGENT_CALLS_SUSPEND=false (the caller's
-   thread waits for its callee, as before), with the calls' timeout --call-timeout:
+   (sampled from `celery inspect active`, about every 0.1-3 s). Baseline in the same
+   round: AGENT_CALLS_SUSPEND=false (the caller's thread waits for its callee, as
+   before), with the calls' timeout --call-timeout:
    how many callers got their callee's answer and the wall time.
 
 Left out: more than one web or worker process; a real LLM (its latency is all the stub
