@@ -25,8 +25,9 @@ agent-call timeout is AGENT_CALL_TIMEOUT_SECONDS=--call-timeout in the baseline 
 2. Agent calls: N caller runs, each asking a callee agent whose answer takes --latency
    seconds (LLM latency), on one worker process with 100 threads: wall time from the
    first POST to the last caller's answer, the worker's most active tasks seen while
-   they ran, and the most callers seen holding a slot while their callee had not ended
-   (sampled from `celery inspect active`, about every 0.1-3 s). Baseline in the same
+   they ran, and the most callers seen holding a slot while their callee had been
+   running for over a second (sampled from `celery inspect active`, about every
+   0.1-3 s). Baseline in the same
    round: AGENT_CALLS_SUSPEND=false (the caller's thread waits for its callee, as
    before), with the calls' timeout --call-timeout:
    how many callers got their callee's answer and the wall time.
@@ -40,10 +41,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import signal
 import sys
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +69,7 @@ if __name__ == "__main__":
     django.setup()
 
 from django.core.management import call_command  # noqa: E402
+from django.utils import timezone  # noqa: E402
 
 from agents.models import Agent, Tool  # noqa: E402
 from bench.concurrency import (  # noqa: E402
@@ -91,13 +95,22 @@ def wait_until(predicate, timeout: float, what: str):
     raise SystemExit(f"{what}: not within {timeout} s")
 
 
-def active_runs(name: str) -> list[str]:
+def active_runs(name: str) -> list:
     """The run ids of the tasks the worker runs now, by its own account (remote control:
     `celery inspect active`)."""
     replies = app.control.inspect(destination=[name], timeout=3).active() or {}
     if name not in replies:
         raise SystemExit(f"worker {name} did not answer `inspect active`")
-    return [(task.get("kwargs") or {}).get("run_id", "?") for task in replies[name]]
+    tasks = replies[name]
+    if not isinstance(tasks, list):
+        raise SystemExit(f"worker {name} answered `inspect active` with {tasks!r}")
+    # Each task's kwargs, as the worker shows them (a dict, or its repr).
+    return [
+        RUN_ID.search(str(task.get("kwargs") if isinstance(task, dict) else task)) for task in tasks
+    ]
+
+
+RUN_ID = re.compile(r"run_id['\"]?:\s*['\"]([0-9a-f-]{36})")
 
 
 def active_tasks(name: str) -> int:
@@ -249,13 +262,15 @@ def calls_round(n: int, latency: float, *, suspend: bool, call_timeout: float) -
             nonlocal most_active, holding
             running = active_runs(name)
             most_active = max(most_active, len(running))
-            # Callers in a worker slot while an agent they asked has not ended: a slot
-            # held by a wait.
+            # Callers in a worker slot while an agent they asked has been answering for
+            # over a second: a slot held by a wait (the second leaves out the moment
+            # between a callee's start and its caller being stored).
             waiting_in_slot = (
                 Run.objects.filter(
-                    id__in=[r for r in running if r != "?"],
+                    id__in=[m.group(1) for m in running if m],
                     message_id__in=answers,
-                    children__status__in=("queued", "running"),
+                    children__status="running",
+                    children__started_at__lt=timezone.now() - timedelta(seconds=1),
                 )
                 .distinct()
                 .count()
@@ -353,7 +368,7 @@ def main() -> None:
             ("answered", "callers that got their callee's answer", "{:.0f}"),
             ("children_done", "callees done", "{:.0f}"),
             ("most_active", "worker's most active tasks seen", "{:.0f}"),
-            ("holding", "most callers seen in a slot while their callee ran", "{:.0f}"),
+            ("holding", "most callers seen in a slot while their callee ran (>1 s)", "{:.0f}"),
         ):
             print(
                 f"| {label} | {spread([r[key] for r in subject], fmt)} | "

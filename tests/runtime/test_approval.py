@@ -10,11 +10,13 @@ import json
 
 import pytest
 
+from agentbus import MAINTENANCE_QUEUE
 from agents.models import ProjectSecret, Tool
 from chat.dispatch import runs_recover
 from chat.lease import lease_keeper
 from chat.models import Message, Run
 from chat.suspend import runs_waiting_recover
+from config.celery_app import app
 from governance.models import RunUsage
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
 from tests.runtime.conftest import stream_events, wait_for_event, wait_until
@@ -200,3 +202,39 @@ def test_a_run_that_waits_for_nothing_is_a_409(live_worker, api, project, redis_
     run = Run.objects.get(message_id=answer_id)
     response = api.post(url(project, run, "approve"), {}, format="json")
     assert response.status_code == 409, response.content
+
+
+def test_waiting_runs_hold_no_slot_and_resume_on_another_worker_process(
+    api, project, redis_client, worker_process, fake_openai, tmp_path
+):
+    """Real worker processes (the Procfile's thread pool): while three runs wait for
+    approval the worker runs no task (its own `inspect active`); it is SIGKILLed, another
+    process starts, and the approved runs end there."""
+    env = {
+        "OPENAI_BASE_URL": fake_openai.base_url,
+        "OPENAI_API_KEY": "test-key",
+        "QDRANT_PATH": str(tmp_path / "qdrant"),
+    }
+    pool = ("-Q", MAINTENANCE_QUEUE, "--pool=threads", "--concurrency=10")
+    first = worker_process(*pool, env=env)
+    first.wait_ready()
+    agent = approval_agent(project)
+    fake_openai.first_turn = {"tool_calls": [("search_context", {"query": "x"})]}
+    sessions = [ChatSessionFactory(agent=agent, project=project) for _ in range(3)]
+    answers = [post_message(api, s, "Search.")["assistant_message_id"] for s in sessions]
+    runs = Run.objects.filter(message_id__in=answers)
+    wait_until(lambda: runs.filter(status="waiting").count() == 3, timeout=60, what="3 waiting")
+
+    def active() -> list:
+        return (app.control.inspect(destination=[first.name], timeout=2).active() or {}).get(
+            first.name
+        )
+
+    assert wait_until(lambda: active() is not None and active() == [], what="no task active")
+    first.kill_group()
+    second = worker_process(*pool, env=env)
+    second.wait_ready()
+    for run in runs:
+        assert api.post(url(project, run, "approve"), {}, format="json").status_code == 202
+    wait_until(lambda: runs.filter(status="done").count() == 3, timeout=60, what="3 done")
+    assert {run.worker.rsplit(":", 1)[1] for run in runs} == {str(second.pid)}
