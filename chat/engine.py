@@ -232,6 +232,8 @@ def _settle(
     if outcome == "waiting":
         # Stored to wait (chat.suspend): no worker holds it until it is resumed.
         suspended, event = answer.suspension
+        # Kept with it: the resumed run remembers the exchange without embedding again.
+        suspended["question_vector"] = answer.question_vector
         waits = (
             settings.RUN_APPROVAL_TIMEOUT_SECONDS
             if suspended["reason"] == "approval"
@@ -325,8 +327,11 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) ->
         tools = tools_expand(prepared.tools, redis=redis, secrets=prepared.secrets)
         # Embedded once: to search now (unless the agent searches by tool), and to
         # remember the exchange by afterwards.
-        question_vector = query_embed(question) if question.strip() else None
         resumed = run.suspended or None
+        if resumed and resumed.get("question_vector"):
+            question_vector = resumed["question_vector"]  # embedded before it waited
+        else:
+            question_vector = query_embed(question) if question.strip() else None
         request = _build_request(
             config=prepared.config,
             history=prepared.history,
@@ -444,7 +449,14 @@ def _loop_answer(
     if outcome == "cancelled":
         return Answer("cancelled", content)
     if outcome == "waiting":
-        return Answer("waiting", content, suspension=loop.suspension, steps=loop.steps)
+        return Answer(
+            "waiting",
+            content,
+            question=question,
+            question_vector=question_vector,
+            suspension=loop.suspension,
+            steps=loop.steps,
+        )
     if outcome == "step-limit":
         return Answer(
             "error",

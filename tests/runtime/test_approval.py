@@ -205,7 +205,7 @@ def test_a_run_that_waits_for_nothing_is_a_409(live_worker, api, project, redis_
 
 
 def test_waiting_runs_hold_no_slot_and_resume_on_another_worker_process(
-    api, project, redis_client, worker_process, fake_openai, tmp_path
+    transactional_db, api, project, redis_client, worker_process, fake_openai, tmp_path
 ):
     """Real worker processes (the Procfile's thread pool): while three runs wait for
     approval the worker runs no task (its own `inspect active`); it is SIGKILLed, another
@@ -216,14 +216,15 @@ def test_waiting_runs_hold_no_slot_and_resume_on_another_worker_process(
         "QDRANT_PATH": str(tmp_path / "qdrant"),
     }
     pool = ("-Q", MAINTENANCE_QUEUE, "--pool=threads", "--concurrency=10")
-    first = worker_process(*pool, env=env)
-    first.wait_ready()
     agent = approval_agent(project)
     fake_openai.first_turn = {"tool_calls": [("search_context", {"query": "x"})]}
     sessions = [ChatSessionFactory(agent=agent, project=project) for _ in range(3)]
     answers = [post_message(api, s, "Search.")["assistant_message_id"] for s in sessions]
     runs = Run.objects.filter(message_id__in=answers)
-    wait_until(lambda: runs.filter(status="waiting").count() == 3, timeout=60, what="3 waiting")
+    # Started after the messages: it follows the project's queue from its start.
+    first = worker_process(*pool, env=env)
+    first.wait_ready()
+    wait_until(lambda: runs.filter(status="waiting").count() == 3, timeout=90, what="3 waiting")
 
     def active() -> list:
         return (app.control.inspect(destination=[first.name], timeout=2).active() or {}).get(
@@ -237,4 +238,6 @@ def test_waiting_runs_hold_no_slot_and_resume_on_another_worker_process(
     for run in runs:
         assert api.post(url(project, run, "approve"), {}, format="json").status_code == 202
     wait_until(lambda: runs.filter(status="done").count() == 3, timeout=60, what="3 done")
-    assert {run.worker.rsplit(":", 1)[1] for run in runs} == {str(second.pid)}
+    # Each run names the process that ended it (host:pid).
+    workers = set(runs.values_list("worker", flat=True))
+    assert {w.rpartition(":")[2] for w in workers} == {str(second.pid)}, workers
