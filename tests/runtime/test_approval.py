@@ -47,9 +47,12 @@ def waiting_run(api, redis_client, project, fake_openai, *, arguments=None, text
         {"tool_calls": [("search_context", arguments or {"query": "the weather"})]}
     ]
     answer_id = post_message(api, session, text)["assistant_message_id"]
+    # The first run of a test process loads the embedding model: on a loaded machine,
+    # more than the default 20 s.
     kind, data = wait_for_event(
-        redis_client, project, session.id, types={"run.waiting"}, message_id=answer_id
-    )
+        redis_client, project, session.id, types={"run.waiting"}, message_id=answer_id,
+        timeout=90,
+    )  # fmt: skip
     run = Run.objects.get(message_id=answer_id)
     wait_until(lambda: not lease_keeper().held(), what="the worker let the run go")
     return session, run, data
