@@ -111,6 +111,9 @@ class Tool(models.Model):
     headers = models.JSONField(default=dict, blank=True, validators=[validate_header_templates])
     # May a call run again after a worker died during it? (GET is, by HTTP's own rules.)
     safe_to_repeat = models.BooleanField(default=False)
+    # A call waits for its owner's approval (chat: the run is stored, holding no worker,
+    # until approved, edited or rejected). TOOL_APPROVAL_KINDS makes whole kinds wait.
+    requires_approval = models.BooleanField(default=False)
     timeout_seconds = models.FloatField(null=True, blank=True)
     # Agent tools: the agent of the same project this tool asks.
     target_agent = models.ForeignKey(

@@ -81,6 +81,7 @@ TOOL_FIELDS = (
     "url_template",
     "headers",
     "safe_to_repeat",
+    "requires_approval",
     "timeout_seconds",
     "target_agent",
 )

@@ -5,7 +5,7 @@ conversation read-only, a page at a time."""
 import uuid
 from datetime import datetime
 
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.core.paginator import Paginator
 from django.db.models import Count, OuterRef, Subquery
 from django.urls import reverse
@@ -16,8 +16,9 @@ from agents.models import Agent
 from governance.models import RunUsage
 from projects.models import Project
 
-from .models import ChatSession, Message, Run
-from .services import session_delete
+from .models import ChatSession, Message, Run, WaitingRun
+from .services import run_approve, run_reject, session_delete, session_run_cancel
+from .suspend import ApprovalRefused
 
 MESSAGES_PER_PAGE = 20
 
@@ -405,3 +406,88 @@ def _parse(value) -> datetime | None:
         return datetime.fromisoformat(value)
     except (TypeError, ValueError):
         return None
+
+
+# --- Runs waiting for approval (chat.suspend) ----------------------------------------------
+
+
+def _decide(modeladmin, request, queryset, decide, done: str) -> None:
+    decided = refused = 0
+    for run in queryset.select_related("session__project"):
+        try:
+            decide(run)
+            decided += 1
+        except ApprovalRefused:
+            refused += 1  # decided meanwhile, cancelled or timed out
+    if decided:
+        modeladmin.message_user(request, f"{decided} run(s) {done}; they resume on a worker.")
+    if refused:
+        modeladmin.message_user(
+            request, f"{refused} run(s) no longer wait for an approval.", messages.WARNING
+        )
+
+
+@admin.action(description="Approve the waiting tool calls (as the model wrote them)")
+def approve_calls(modeladmin, request, queryset) -> None:
+    by = f"admin:{request.user.get_username()}"
+    _decide(modeladmin, request, queryset, lambda run: run_approve(run=run, by=by), "approved")
+
+
+@admin.action(description="Reject the waiting tool calls (the model is told)")
+def reject_calls(modeladmin, request, queryset) -> None:
+    by = f"admin:{request.user.get_username()}"
+    reason = f"rejected by an operator ({request.user.get_username()})"
+    _decide(
+        modeladmin,
+        request,
+        queryset,
+        lambda run: run_reject(run=run, reason=reason, by=by),
+        "rejected",
+    )
+
+
+@admin.action(description="Cancel the runs")
+def cancel_runs(modeladmin, request, queryset) -> None:
+    stopped = sum(
+        session_run_cancel(run=run) for run in queryset.select_related("session__project")
+    )
+    modeladmin.message_user(request, f"{stopped} run(s) cancelled.")
+
+
+@admin.register(WaitingRun)
+class WaitingRunAdmin(admin.ModelAdmin):
+    list_display = ("id", "project", "agent", "calls", "waiting_until", "created_at")
+    list_filter = (("session__project", admin.RelatedOnlyFieldListFilter),)
+    search_fields = ("=id", "session__project__name", "agent__name")
+    list_select_related = ("session__project", "agent")
+    ordering = ("waiting_until",)
+    actions = (approve_calls, reject_calls, cancel_runs)
+    readonly_fields = ("id", "session", "agent", "status", "steps", "waiting_until", "created_at")
+    fields = readonly_fields
+
+    def get_queryset(self, request):
+        return (
+            super()
+            .get_queryset(request)
+            .filter(status=Run.Status.WAITING, suspended__reason="approval")
+        )
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False  # decided through the actions, which resume the run
+
+    @admin.display(description="project", ordering="session__project__name")
+    def project(self, obj: Run) -> str:
+        return obj.session.project.name
+
+    @admin.display(description="calls awaiting approval")
+    def calls(self, obj: Run) -> str:
+        waiting = set((obj.suspended or {}).get("approval") or ())
+        # From the steps: their arguments are scrubbed of the project's secrets.
+        return "; ".join(
+            f"{step['name']}({step.get('arguments', '')[:120]})"
+            for step in obj.steps or ()
+            if step.get("call_id") in waiting and step.get("status") == "awaiting-approval"
+        )

@@ -9,8 +9,10 @@ AGENT_CALL_MAX_FANOUT calls, and a call waits at most AGENT_CALL_TIMEOUT_SECONDS
 Cancelling a run cancels its tree (chat.dispatch); a deleted project stops every run of
 it; the callee is looked up in the caller's project only.
 
-A waiting caller holds its worker slot: a chain of calls n deep needs n + 1 slots of
-the pool at once (thread and gevent pools give a worker many).
+With AGENT_CALLS_SUSPEND (the default) the tool loop does not come here: it starts the
+callee (chat.suspend.agent_call_start) and the caller is stored until the callee ends,
+holding no slot. This executor is the path with it off: the caller's thread waits, and a
+chain of calls n deep holds n + 1 slots of the pool at once.
 """
 
 from __future__ import annotations

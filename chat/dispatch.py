@@ -50,6 +50,7 @@ from workspaces.redis import ScopedRedis, scoped
 from . import streams
 from .models import Message, Run
 from .state import (
+    ACTIVE,
     run_dispatched,
     run_end,
     run_end_event_repair,
@@ -124,6 +125,13 @@ def run_cancel(*, run: Run) -> bool:
     return ended
 
 
+def run_children_cancel(*, run: Run) -> set:
+    """Cancel the runs `run` asked of other agents (and theirs), not `run` itself (a
+    caller that waited too long for them goes on without their answers)."""
+    children = list(Run.objects.filter(parent_id=run.id).select_related("session__project"))
+    return _cancel_trees(children) if children else set()
+
+
 def _cancel_trees(runs: list[Run]) -> set:
     """Cancel `runs` and their descendants that have not ended; the ids it ended."""
     tree, frontier = list(runs), [run.id for run in runs]
@@ -133,7 +141,7 @@ def _cancel_trees(runs: list[Run]) -> set:
         )
         tree += children
         frontier = [child.id for child in children]
-    live = [run for run in tree if run.status in (Run.Status.QUEUED, Run.Status.RUNNING)]
+    live = [run for run in tree if run.status in ACTIVE]
     if not live:
         return set()
     try:
@@ -148,7 +156,7 @@ def _cancel_trees(runs: list[Run]) -> set:
             run=run,
             status=Run.Status.CANCELLED,
             content=None,
-            from_statuses=(Run.Status.QUEUED, Run.Status.RUNNING),
+            from_statuses=ACTIVE,
         )
     }
 
@@ -195,7 +203,10 @@ def runs_recover(*, budget: float | None = None) -> dict[str, int]:
             yield run
 
     give_up = now - timedelta(seconds=settings.RUN_QUEUE_TIMEOUT_SECONDS)
-    for run in in_time(_runs(Q(status=Run.Status.QUEUED, created_at__lt=give_up))):
+    # A resumed run (it waited: chat.suspend) was accepted long ago: not a run that
+    # could not start; RUN_MAX_STARTS bounds it.
+    never_started = Q(status=Run.Status.QUEUED, created_at__lt=give_up, suspended__isnull=True)
+    for run in in_time(_runs(never_started)):
         if run_end(
             run=run,
             status=Run.Status.ERROR,

@@ -18,10 +18,12 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db.models import Q
+from django.utils import timezone
 from redis.exceptions import RedisError
 
 from agentbus import project_gone
@@ -46,6 +48,7 @@ from workspaces.redis import ScopedRedis, scoped
 from . import state, streams
 from .lease import Held, lease_keeper
 from .models import Message, Run
+from .suspend import caller_resume_if_answered
 from .toolloop import ToolLoop, Usage, release_database
 
 logger = logging.getLogger(__name__)
@@ -63,13 +66,18 @@ class AgentRunFailed(Exception):
 
 @dataclass
 class Answer:
-    outcome: str  # done, error, cancelled, lost, interrupted, handed-back, project-deleted
+    # done, error, cancelled, lost, interrupted, handed-back, project-deleted, waiting
+    outcome: str
     content: str = ""
     error: str = ""
     question: str = ""
     question_vector: list[float] | None = None
     # The chunks the answer drew on (Message.citations).
     citations: list[dict[str, Any]] = field(default_factory=list)
+    # outcome "waiting": what the run is stored with (chat.toolloop.ToolLoop.suspension)
+    # and its steps so far.
+    suspension: tuple[dict[str, Any], dict[str, Any]] | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -138,7 +146,9 @@ def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:
     if refusal:
         state.run_end(run=run, status=Run.Status.ERROR, attempt=attempt, error=refusal)
         raise AgentRunFailed(str(run.id))
-    state.message_streaming(run=run)
+    resumed = bool(run.suspended) and run.starts == 1
+    if not resumed:  # a resumed answer goes on from what it said before it waited
+        state.message_streaming(run=run)
     if run.starts > 1:
         # A worker died mid-answer: what the client holds of it is replaced.
         streams.event_append(
@@ -186,7 +196,9 @@ def _restart_refusal(run: Run) -> str:
             {
                 step["name"]
                 for step in run.steps or ()
-                if step.get("type") == "tool" and not step.get("safe_to_repeat")
+                if step.get("type") == "tool"
+                and not step.get("safe_to_repeat")
+                and _made_since_resumed(run, step)
             }
         )
         if unsafe:
@@ -197,6 +209,19 @@ def _restart_refusal(run: Run) -> str:
                 "taken effect. Check, then ask again."
             )
     return ""
+
+
+def _made_since_resumed(run: Run, step: dict[str, Any]) -> bool:
+    """Whether a start again would repeat the call of `step`: any call, unless the run
+    resumed from a wait; then only the calls it made since (the earlier ones' results
+    are stored with it, and the calls still waiting were not made)."""
+    suspended = run.suspended
+    if not suspended:
+        return True
+    if step.get("step", 0) < suspended["step"]:
+        return False
+    known = set(suspended.get("results") or ()) | set(suspended.get("children") or ())
+    return step.get("call_id") not in known and step.get("status") in ("started", "done", "error")
 
 
 def _settle(
@@ -264,6 +289,34 @@ def _settle_traced(
         if ended:
             raise AgentRunFailed(f"run {run.id}: {error}")
         return "lost"
+    if outcome == "waiting":
+        # Stored to wait (chat.suspend): no worker holds it until it is resumed.
+        suspended, event = answer.suspension
+        # Kept with it: the resumed run remembers the exchange without embedding again.
+        suspended["question_vector"] = answer.question_vector
+        waits = (
+            settings.RUN_APPROVAL_TIMEOUT_SECONDS
+            if suspended["reason"] == "approval"
+            else settings.AGENT_CALL_TIMEOUT_SECONDS
+        )
+        event["waiting_until"] = (timezone.now() + timedelta(seconds=waits)).isoformat()
+        stored = state.run_suspend(
+            run=run,
+            attempt=attempt,
+            suspended=suspended,
+            steps=answer.steps,
+            content=content,
+            waiting_until=timezone.now() + timedelta(seconds=waits),
+            event=event,
+            usage=cost,
+        )
+        if not stored:
+            return "lost"
+        if suspended["reason"] == "agents":
+            # A callee may have ended before its caller was stored: nobody else would
+            # resume it then.
+            caller_resume_if_answered(run_id=run.id)
+        return outcome
     usage_record(**cost)
     if outcome == "handed-back":
         # The worker is shutting down: the run goes back to queued with its lease
@@ -335,9 +388,18 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) ->
         # Embedded once: to search now (unless the agent searches by tool), and to
         # remember the exchange by afterwards.
         with span("context.embed_query"):
-            question_vector = query_embed(question) if question.strip() else None
-        context, citations = _context(
-            run=run, space=space, prepared=prepared, tools=tools, vector=question_vector
+            resumed = run.suspended or None
+            if resumed and resumed.get("question_vector"):
+                question_vector = resumed["question_vector"]  # embedded before it waited
+            else:
+                question_vector = query_embed(question) if question.strip() else None
+        # A resumed run goes on with the conversation it was stored with (context included).
+        context, citations = (
+            ([], [])
+            if resumed
+            else _context(
+                run=run, space=space, prepared=prepared, tools=tools, vector=question_vector
+            )
         )
         request = _build_request(
             config=prepared.config,
@@ -348,6 +410,22 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) ->
             memory=prepared.memory,
         )
         request = replace(request, deadline=stop.deadline)
+        if resumed:
+            # The conversation as the model had it when the run waited, context included.
+            request = replace(request, messages=list(resumed["messages"]))
+            if resumed["content"]:
+                parts.append(resumed["content"])
+                if run.starts > 1:  # after message.restarted: the client gets it again
+                    streams.event_append(
+                        redis=redis,
+                        session_id=run.session_id,
+                        event_type=streams.MESSAGE_DELTA,
+                        data={
+                            "message_id": run.message_id,
+                            "delta": resumed["content"],
+                            "offset": 0,
+                        },
+                    )
         loop = ToolLoop(
             redis=redis,
             run=run,
@@ -369,7 +447,7 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) ->
             usage=usage,
             llm=prepared.llm,
         )
-        outcome = loop.run(request=request, parts=parts)
+        outcome = loop.run(request=request, parts=parts, resumed=resumed)
     except ProviderStopped:
         return stop.stopped("".join(parts))
     except ProviderError as exc:
@@ -465,6 +543,15 @@ def _loop_answer(
 ) -> Answer:
     if outcome == "cancelled":
         return Answer("cancelled", content)
+    if outcome == "waiting":
+        return Answer(
+            "waiting",
+            content,
+            question=question,
+            question_vector=question_vector,
+            suspension=loop.suspension,
+            steps=loop.steps,
+        )
     if outcome == "step-limit":
         return Answer(
             "error",
@@ -517,7 +604,8 @@ def _build_request(
 
 
 def _uses_secrets(tools: list[ToolSpec]) -> bool:
-    return any(tool.headers for tool in tools)
+    # A call waiting for approval is shown (event, admin) scrubbed of them.
+    return any(tool.headers or tool.requires_approval for tool in tools)
 
 
 def _model_name(config: dict[str, Any], llm) -> str:

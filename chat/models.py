@@ -75,6 +75,10 @@ class Run(models.Model):
     class Status(models.TextChoices):
         QUEUED = "queued"
         RUNNING = "running"
+        # Stored, holding no worker: for its owner's approval of a tool call, or for
+        # the runs it asked of other agents (`suspended` says which); resumed on any
+        # worker as a new attempt.
+        WAITING = "waiting"
         DONE = "done"
         ERROR = "error"
         CANCELLED = "cancelled"
@@ -105,6 +109,12 @@ class Run(models.Model):
         "self", on_delete=models.CASCADE, null=True, blank=True, related_name="children"
     )
     depth = models.PositiveSmallIntegerField(default=0)
+    # A waiting run's stored state (chat.suspend): the conversation so far as sent to
+    # the model, the step's calls, the results known, what it waits for. Kept while
+    # the resumed run works, so a restart resumes from the same step.
+    suspended = models.JSONField(null=True, blank=True)
+    # A waiting run past this ends in error (the recovery pass).
+    waiting_until = models.DateTimeField(null=True, blank=True)
     # The OpenTelemetry trace of the request that asked for it (32 hex digits; empty
     # with tracing off): the id an operator searches traces and logs by.
     trace_id = models.CharField(max_length=32, blank=True, default="")
@@ -130,3 +140,13 @@ class Run(models.Model):
 
     def __str__(self) -> str:
         return f"run {self.id} ({self.status})"
+
+
+class WaitingRun(Run):
+    """Runs waiting for their owner's approval of a tool call, as the admin lists them
+    (with approve and reject actions): a view of `Run`, no table of its own."""
+
+    class Meta:
+        proxy = True
+        verbose_name = "run waiting for approval"
+        verbose_name_plural = "runs waiting for approval"

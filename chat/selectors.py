@@ -39,6 +39,14 @@ def run_get(*, session: ChatSession, run_id: uuid.UUID | str) -> Run:
     return get_or_404(run_list(session=session).select_related("session__project"), id=run_id)
 
 
+def project_run_get(*, project: Project, run_id: uuid.UUID | str) -> Run:
+    """A run of any session of `project` (another project's is a 404)."""
+    return get_or_404(
+        Run.objects.filter(session__project=project).select_related("session__project"),
+        id=run_id,
+    )
+
+
 # How many projects health names per problem (the worst first): enough to act on, and
 # the report stays small when a fault hits many projects at once.
 RUN_HEALTH_PROJECTS = 20
@@ -51,9 +59,12 @@ def _run_problem_filters() -> tuple[Q, Q]:
     stuck_queued = now - timedelta(seconds=3 * settings.RUN_REDISPATCH_SECONDS)
     stuck_running = now - timedelta(seconds=settings.RUN_LEASE_SECONDS)
     recent = now - timedelta(seconds=settings.RUN_FAILURE_WINDOW_SECONDS)
-    stuck = Q(status=Run.Status.QUEUED, created_at__lt=stuck_queued) | Q(
-        status=Run.Status.RUNNING, lease_expires_at__lt=stuck_running
+    # A run resumed after a wait (chat.suspend) was created long ago: stuck only if its
+    # dispatch is old too.
+    queued_long = Q(status=Run.Status.QUEUED, created_at__lt=stuck_queued) & (
+        Q(dispatched_at__isnull=True) | Q(dispatched_at__lt=stuck_queued)
     )
+    stuck = queued_long | Q(status=Run.Status.RUNNING, lease_expires_at__lt=stuck_running)
     return stuck, Q(status=Run.Status.ERROR, finished_at__gte=recent)
 
 

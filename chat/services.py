@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import uuid
 
-from django.conf import settings
 from django.db import transaction
 from django.http import Http404
 
 from agents.models import Agent
 from common.exceptions import Conflict
 from common.services import on_commit_robust
-from governance.quotas import QuotaUnavailable
-from governance.usage import QuotaExceeded, usage_admit
+from governance.usage import usage_admit
 from projects.models import Project
 from projects.services import project_lock_for_write
 from workspaces.redis import scoped
@@ -22,6 +20,12 @@ from workspaces.redis import scoped
 from . import state, streams
 from .dispatch import run_cancel, run_dispatch, runs_cancel
 from .models import ChatSession, Message, Run
+from .suspend import (
+    AgentCallRefused,
+    agent_call_start,
+    caller_resume_after,
+    run_decide,
+)
 
 
 @transaction.atomic
@@ -157,72 +161,40 @@ def _answer_regenerate(*, session: ChatSession, run_id: uuid.UUID) -> Message:
 
 
 def session_run_cancel(*, run: Run) -> bool:
-    """Stop one answer in flight; True when this call stopped it (it ends `cancelled`)."""
-    return run_cancel(run=run)
+    """Stop one answer in flight (a waiting one too); True when this call stopped it (it
+    ends `cancelled`). A caller waiting for it goes on, told it was cancelled."""
+    cancelled = run_cancel(run=run)
+    caller_resume_after(child_run_id=run.id)
+    return cancelled
 
 
 def session_runs_cancel(*, session: ChatSession) -> list[int]:
     """Stop the session's answers in flight; returns the ids of the assistant messages
     whose runs this call stopped (they end `cancelled`)."""
-    return runs_cancel(session=session)
+    stopped = runs_cancel(session=session)
+    for run_id in Run.objects.filter(message_id__in=stopped).values_list("id", flat=True):
+        caller_resume_after(child_run_id=run_id)
+    return stopped
 
 
-# --- Agent-to-agent calls (chat.calls) ------------------------------------------
+# --- Agent-to-agent calls (chat.calls, chat.toolloop): started in chat.suspend ------------
+
+__all__ = ["AgentCallRefused", "agent_call_start"]
 
 
-class AgentCallRefused(Exception):
-    """An agent call that may not start; str() says why (told to the calling model)."""
+# --- Approval of tool calls (a waiting run: chat.suspend) -----------------------------------
 
 
-def agent_call_start(*, parent_run_id: uuid.UUID | str, target_agent_id: str, content: str) -> Run:
-    """Start the answer of `target_agent_id` (an agent of the calling run's project) to
-    `content`, in a session of its own, as a child run of `parent_run_id`: dispatched on
-    the project's bus after commit. Raises AgentCallRefused past the depth or fan-out
-    limits, for an agent of another project, or when the caller no longer runs."""
-    parent = (
-        Run.objects.filter(id=parent_run_id).select_related("session__project", "agent").first()
-    )
-    if parent is None:
-        raise AgentCallRefused("the calling run no longer exists")
-    project = parent.session.project
-    try:
-        # Governance hook: a call starts a run, admitted against the quotas as a message.
-        with usage_admit(project_id=project.id, user_id=project.owner_id) as run_id:
-            return _agent_call_start(
-                parent=parent, target_agent_id=target_agent_id, content=content, run_id=run_id
-            )
-    except Http404:
-        raise AgentCallRefused("the project no longer exists") from None
-    except (QuotaExceeded, QuotaUnavailable) as exc:
-        raise AgentCallRefused(f"refused: {exc.detail}") from None
+def run_approve(
+    *, run: Run, call_id: str | None = None, arguments: dict | None = None, by: str = "api"
+) -> Run:
+    """Approve the calls `run` waits for (`arguments`: one call's, edited, checked against
+    its tool's schema); it resumes from that step on any worker. Raises ApprovalRefused
+    (nothing written) when it does not wait for an approval or the input does not fit."""
+    return run_decide(run=run, approved=True, call_id=call_id, arguments=arguments, by=by)
 
 
-@transaction.atomic
-def _agent_call_start(*, parent: Run, target_agent_id: str, content: str, run_id: uuid.UUID) -> Run:
-    project = project_lock_for_write(project_id=parent.session.project_id)
-    # Held to commit: parallel calls of one run count each other's children.
-    locked = Run.objects.select_for_update().filter(id=parent.id).first()
-    if locked is None or locked.status != Run.Status.RUNNING:
-        raise AgentCallRefused("the calling run is no longer running")
-    target = Agent.objects.filter(id=target_agent_id, project_id=project.id).first()
-    if target is None:
-        raise AgentCallRefused("no such agent in this project")
-    if parent.depth + 1 > settings.AGENT_CALL_MAX_DEPTH:
-        raise AgentCallRefused(
-            f"refused: calls between agents go at most {settings.AGENT_CALL_MAX_DEPTH} deep"
-        )
-    if Run.objects.filter(parent_id=parent.id).count() >= settings.AGENT_CALL_MAX_FANOUT:
-        raise AgentCallRefused(
-            f"refused: a run calls other agents at most {settings.AGENT_CALL_MAX_FANOUT} times"
-        )
-    session = ChatSession.objects.create(
-        project=project, agent=target, title=f"{parent.agent.name} asks {target.name}"[:200]
-    )
-    question, answer, run = state.run_create(
-        session=session, run_id=run_id, question=content, agent=target, parent=parent
-    )
-    on_commit_robust(
-        lambda: run_dispatch(run=run, announce=(question, answer)),
-        name=f"run_dispatch(run={run.id})",
-    )
-    return run
+def run_reject(*, run: Run, reason: str, by: str = "api") -> Run:
+    """Reject the calls `run` waits for: the model is told `reason` as their result, and
+    the run goes on from that step on any worker. Raises ApprovalRefused as run_approve."""
+    return run_decide(run=run, approved=False, reason=reason, by=by)

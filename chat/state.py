@@ -34,7 +34,9 @@ from .models import ChatSession, Message, Run
 
 logger = logging.getLogger(__name__)
 
-ACTIVE = (Run.Status.QUEUED, Run.Status.RUNNING)
+# Not ended: a waiting run (stored, holding no worker) still answers its session's
+# message, counts once against the quotas in flight, and a newer message waits behind it.
+ACTIVE = (Run.Status.QUEUED, Run.Status.RUNNING, Run.Status.WAITING)
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -42,7 +44,7 @@ WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
 
 
 def runs_active(*, session_id: uuid.UUID | str | None = None) -> QuerySet[Run]:
-    """Runs not ended yet (queued or running), of one session when given."""
+    """Runs not ended yet (queued, running or waiting), of one session when given."""
     runs = Run.objects.filter(status__in=ACTIVE)
     return runs if session_id is None else runs.filter(session_id=session_id)
 
@@ -318,6 +320,93 @@ def run_end_event_repair(*, run: Run) -> bool:
         )
     Run.objects.filter(id=run.id, status=run.status).update(lease_expires_at=None)
     return not written
+
+
+# --- Wait (stored, holding no worker) and resume ------------------------------------------
+
+
+def run_suspend(
+    *,
+    run: Run,
+    attempt: int,
+    suspended: dict[str, Any],
+    steps: list[dict[str, Any]],
+    content: str,
+    waiting_until: datetime,
+    event: dict[str, Any],
+    usage: dict[str, Any] | None = None,
+) -> bool:
+    """Running -> waiting for dispatch generation `attempt`: the run's state is stored
+    (`suspended`: see chat.suspend), its answer so far kept on its message, its lease
+    dropped (no worker holds it; the recovery pass leaves it alone) and what this attempt
+    cost recorded in the same transaction (not released from the quotas' in-flight
+    set: the run still counts, once, until it ends). Says `run.waiting` on the session's
+    stream (`event`: its data, secrets already scrubbed). True when this call stored it."""
+    with transaction.atomic():
+        stored = Run.objects.filter(id=run.id, attempt=attempt, status=Run.Status.RUNNING).update(
+            status=Run.Status.WAITING,
+            suspended=suspended,
+            steps=steps,
+            waiting_until=waiting_until,
+            lease_expires_at=None,
+            worker="",
+        )
+        if stored:
+            Message.objects.filter(id=run.message_id).update(content=content)
+            tokens = usage_row_write(**usage) if usage is not None else None
+    if not stored:
+        if usage is not None:
+            usage_record(**usage)  # the cost was real, whoever has the run now
+        return False
+    if usage is not None and tokens is not None:
+        usage_charge(
+            **{k: usage[k] for k in ("run_id", "project_id", "user_id", "accepted_at")},
+            meter=usage["meter"],
+            tokens=tokens,
+            outcome=usage["outcome"],
+        )
+    run_event_append(run=run, event_type=streams.RUN_WAITING, data=event)
+    return True
+
+
+def run_event_append(*, run: Run, event_type: str, data: dict[str, Any]) -> None:
+    """A run's event (`run.waiting`, `run.resumed`) on its session's stream; a lost one
+    (Redis down) loses nothing stored: the run's API says the same."""
+    try:
+        streams.event_append(
+            redis=_redis_of(run),
+            session_id=run.session_id,
+            event_type=event_type,
+            data={"message_id": run.message_id, "run_id": str(run.id), **data},
+        )
+    except Exception:
+        logger.warning("run %s: %s event not written", run.id, event_type)
+
+
+def run_resume(*, run_id: uuid.UUID | str, change) -> Run | None:
+    """Waiting -> queued as a new attempt, for its dispatch to any worker, if `change`
+    (called with the run's locked row and its stored state, which it may update) says
+    so by returning True. Returns the run when this call resumed it. The row is locked
+    while `change` decides, so two deciders (an approval and a reject, two callees
+    ending at once) see each other."""
+    with transaction.atomic():
+        run = Run.objects.select_for_update().filter(id=run_id, status=Run.Status.WAITING).first()
+        if run is None or not run.suspended:
+            return None
+        suspended = dict(run.suspended)
+        if not change(run, suspended):
+            return None
+        Run.objects.filter(id=run.id, attempt=run.attempt, status=Run.Status.WAITING).update(
+            status=Run.Status.QUEUED,
+            suspended=suspended,
+            attempt=F("attempt") + 1,
+            # A resumed run starts afresh: its restarts are counted from here.
+            starts=0,
+            waiting_until=None,
+            dispatched_at=None,
+        )
+    run = Run.objects.select_related("session__project").get(id=run.id)
+    return run
 
 
 # --- Take back --------------------------------------------------------------------------

@@ -35,6 +35,9 @@ MESSAGE_RESTARTED = "message.restarted"
 # A run's tool loop (chat.toolloop): each time it asks the model, each tool call it
 # makes (its arguments), and each call's result (cut to TOOL_EVENT_MAX_CHARS).
 RUN_STEP = "run.step"
+# A run stored to wait (a tool call's approval, the agents it asked), and resumed.
+RUN_WAITING = "run.waiting"
+RUN_RESUMED = "run.resumed"
 TOOL_CALL = "tool.call"
 TOOL_RESULT = "tool.result"
 # The agent changed one of its memory blocks (memory_append, memory_replace).

@@ -15,6 +15,7 @@ from agentbus import AgentBusTask
 
 from .dispatch import RUN_TASK, run_next_dispatch_after, runs_recover
 from .engine import AgentRunFailed, chat_run
+from .suspend import caller_resume_after, runs_waiting_recover
 
 
 @shared_task(base=AgentBusTask, bind=True, name=RUN_TASK, throws=(AgentRunFailed,))
@@ -26,9 +27,13 @@ def run_agent(self, *, user_id: int, project_id: str, run_id: str, attempt: int)
         return chat_run(run_id=run_id, attempt=attempt)
     finally:
         run_next_dispatch_after(run_id=run_id)
+        # An agent's answer another agent's run waits for (stored: chat.suspend).
+        caller_resume_after(child_run_id=run_id)
 
 
 @shared_task(name="agents.recover_runs", ignore_result=True)
 def recover_runs() -> dict:
-    """Beat: dispatch again the runs that were lost (see chat.dispatch)."""
-    return runs_recover()
+    """Beat: dispatch again the runs that were lost (see chat.dispatch); end the waiting
+    runs past their deadline and resume the callers whose agents all answered
+    (chat.suspend)."""
+    return {**runs_recover(), **runs_waiting_recover()}

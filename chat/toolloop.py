@@ -23,12 +23,13 @@ from django.utils import timezone
 from common.tracing import in_context, span
 from governance.usage import usage_meter_add
 from llm.providers import ChatRequest, OfflineProvider, ToolCallRequest, get_provider
-from tools.runner import ToolOutcome, ToolScope, ToolSpec, scrub, tool_execute
+from tools.runner import ToolOutcome, ToolScope, ToolSpec, scrub, tool_arguments, tool_execute
 from workspaces.redis import ScopedRedis
 
 from . import state, streams
 from .coalesce import DeltasStopped, coalesced
 from .models import Run
+from .suspend import AgentCallRefused, agent_call_start
 
 
 @dataclass
@@ -55,7 +56,8 @@ def shorten_raw(text: str, limit: int) -> str:
 
 
 class ToolLoop:
-    """Outcomes of `run`: done, cancelled, stopped, step-limit."""
+    """Outcomes of `run`: done, cancelled, stopped, step-limit, waiting (stored to wait
+    for an approval or for the agents it asked: chat.suspend)."""
 
     def __init__(
         self,
@@ -74,9 +76,28 @@ class ToolLoop:
         self.tools = {tool.name: tool for tool in tools}
         self.max_steps = max_steps
         self.steps: list[dict[str, Any]] = list(run.steps or [])
+        # Set when `run` returns "waiting": (the state to store, the run.waiting event).
+        self.suspension: tuple[dict[str, Any], dict[str, Any]] | None = None
 
-    def run(self, *, request: ChatRequest, parts: list[str]) -> str:
-        for step in range(1, self.max_steps + 1):
+    def run(
+        self, *, request: ChatRequest, parts: list[str], resumed: dict[str, Any] | None = None
+    ) -> str:
+        """`resumed`: the state the run waited with (chat.suspend); the loop finishes
+        that step's calls, then goes on from the next step."""
+        first = 1
+        if resumed is not None:
+            # An approval may have edited arguments: the model is told the call as made.
+            edits = (resumed.get("decision") or {}).get("arguments") or {}
+            calls = [
+                ToolCallRequest(c["id"], c["name"], edits.get(c["id"], c["arguments"]))
+                for c in resumed["calls"]
+            ]
+            results = self._resume(resumed, calls=calls, request=request, parts=parts)
+            if isinstance(results, str):
+                return results
+            request = with_results(request, said=resumed["said"], calls=calls, results=results)
+            first = resumed["step"] + 1
+        for step in range(first, self.max_steps + 1):
             if step > 1 and self.stop():
                 return "stopped"
             # Without tools an answer is one step: no step events.
@@ -93,12 +114,11 @@ class ToolLoop:
                 return "step-limit"
             if self.stop():
                 return "stopped"
-            results = self._call(step=step, calls=calls)
+            said = "".join(parts[before:])
+            results = self._call(step=step, calls=calls, request=request, said=said, parts=parts)
             if isinstance(results, str):
                 return results
-            request = with_results(
-                request, said="".join(parts[before:]), calls=calls, results=results
-            )
+            request = with_results(request, said=said, calls=calls, results=results)
         return "step-limit"
 
     def _ask(self, *, request: ChatRequest, parts: list[str], calls: list[ToolCallRequest]) -> str:
@@ -133,25 +153,247 @@ class ToolLoop:
                 _provider_attributes(s, provider, outcome=outcome, calls=len(calls))
         return outcome
 
-    def _call(self, *, step: int, calls: list[ToolCallRequest]) -> list[str] | str:
-        """Run one step's calls; their results for the model, or an outcome (a str)."""
+    def _call(
+        self,
+        *,
+        step: int,
+        calls: list[ToolCallRequest],
+        request: ChatRequest,
+        said: str,
+        parts: list[str],
+    ) -> list[str] | str:
+        """Run one step's calls; their results for the model, or an outcome (a str):
+        "waiting" when the run is to be stored (`self.suspension`) until a call is
+        approved or the agents it asked answered."""
         entries = [self._entry(step=step, call=call) for call in calls]
         self.steps.extend(entries)
-        if not self._save():
-            return "stopped"
+        pending = [call.id for call in calls if self._needs_approval(call)]
+        if pending:
+            for entry in entries:
+                entry["status"] = "awaiting-approval" if entry["call_id"] in pending else "waiting"
+            for entry in entries:
+                data = {k: entry[k] for k in ("step", "call_id", "name", "arguments")}
+                data["approval"] = entry["call_id"] in pending
+                if not self._event(streams.TOOL_CALL, data):
+                    return "cancelled"
+            return self._suspend(
+                reason="approval", step=step, calls=calls, request=request, said=said,
+                parts=parts, approval=pending,
+            )  # fmt: skip
+        return self._run_calls(
+            step=step, calls=calls, entries=entries, request=request, said=said, parts=parts
+        )
+
+    def _run_calls(
+        self,
+        *,
+        step: int,
+        calls: list[ToolCallRequest],
+        entries: list[dict[str, Any]],
+        request: ChatRequest,
+        said: str,
+        parts: list[str],
+        decision: dict[str, Any] | None = None,
+        approval: tuple[str, ...] = (),
+    ) -> list[str] | str:
+        """Make the step's calls (`decision`: the owner's on the calls of `approval`):
+        an agent asked is a child run the loop does not wait for (it suspends once the
+        other calls ran); the others run, in parallel."""
+        rejected = set(approval) if decision and not decision.get("approved") else set()
+        edits = (decision or {}).get("arguments") or {}
+        calls = [ToolCallRequest(c.id, c.name, edits.get(c.id, c.arguments)) for c in calls]
         for entry in entries:
-            data = {k: entry[k] for k in ("step", "call_id", "name", "arguments")}
-            if not self._event(streams.TOOL_CALL, data):
-                return "cancelled"
-        outcomes = self._execute(calls)
-        results = []
-        for entry, outcome in zip(entries, outcomes, strict=True):
-            results.append(shorten_raw(outcome.content, settings.TOOL_RESULT_MAX_CHARS))
-            if not self._record(entry, outcome):
-                return "cancelled"
+            entry.update(status="started", attempt=self.run_.attempt)
+            if entry["call_id"] in edits:
+                entry.update(
+                    arguments=shorten_raw(
+                        scrub(edits[entry["call_id"]], self.scope.secrets),
+                        settings.TOOL_EVENT_MAX_CHARS,
+                    ),
+                    edited=True,
+                )
         if not self._save():
             return "stopped"
-        return results
+        if decision is None:
+            for entry in entries:
+                data = {k: entry[k] for k in ("step", "call_id", "name", "arguments")}
+                if not self._event(streams.TOOL_CALL, data):
+                    return "cancelled"
+        outcomes: dict[str, ToolOutcome] = {}
+        children: dict[str, str] = {}
+        to_run = []
+        for call in calls:
+            spec = self.tools.get(call.name)
+            if call.id in rejected:
+                reason = decision.get("reason") or "no reason given"
+                outcomes[call.id] = ToolOutcome(
+                    False, f"error: the owner rejected this call: {reason}"
+                )
+            elif spec is not None and spec.kind == "agent" and settings.AGENT_CALLS_SUSPEND:
+                started = self._agent_start(spec=spec, call=call)
+                if isinstance(started, ToolOutcome):
+                    outcomes[call.id] = started
+                else:
+                    children[call.id] = started
+            else:
+                to_run.append(call)
+        for call, outcome in zip(to_run, self._execute(to_run), strict=True):
+            outcomes[call.id] = outcome
+        for entry in entries:
+            if entry["call_id"] in children:
+                entry.update(status="waiting", child_run_id=children[entry["call_id"]])
+            elif not self._record(entry, outcomes[entry["call_id"]]):
+                return "cancelled"
+        if children:
+            results = {
+                call_id: {
+                    "ok": o.ok,
+                    "content": shorten_raw(o.content, settings.TOOL_RESULT_MAX_CHARS),
+                    "extra": o.extra,
+                }
+                for call_id, o in outcomes.items()
+            }
+            return self._suspend(
+                reason="agents", step=step, calls=calls, request=request, said=said,
+                parts=parts, results=results, children=children,
+            )  # fmt: skip
+        if not self._save():
+            return "stopped"
+        return [
+            shorten_raw(outcomes[call.id].content, settings.TOOL_RESULT_MAX_CHARS) for call in calls
+        ]
+
+    def _resume(
+        self,
+        resumed: dict[str, Any],
+        *,
+        calls: list[ToolCallRequest],
+        request: ChatRequest,
+        parts: list[str],
+    ) -> list[str] | str:
+        """The results of the step the run waited at: the calls approved (or rejected)
+        made now, or the answers of the agents it asked."""
+        step = resumed["step"]
+        entries = [
+            next(
+                (e for e in reversed(self.steps)
+                 if e.get("step") == step and e.get("call_id") == call.id),
+                None,
+            ) or self._entry(step=step, call=call)
+            for call in calls
+        ]  # fmt: skip
+        if resumed["reason"] == "approval":
+            return self._run_calls(
+                step=step,
+                calls=calls,
+                entries=entries,
+                request=request,
+                said=resumed["said"],
+                parts=parts,
+                decision=resumed.get("decision") or {},
+                approval=tuple(resumed.get("approval") or ()),
+            )
+        known = resumed.get("results") or {}
+        children = resumed.get("children") or {}
+        for entry in entries:
+            if entry["call_id"] in children:
+                result = known.get(entry["call_id"]) or {"ok": False, "content": "error: lost"}
+                outcome = ToolOutcome(result["ok"], result["content"], result.get("extra") or {})
+                if not self._record(entry, outcome):
+                    return "cancelled"
+        if not self._save():
+            return "stopped"
+        return [
+            shorten_raw(
+                (known.get(call.id) or {}).get("content", "error: lost"),
+                settings.TOOL_RESULT_MAX_CHARS,
+            )
+            for call in calls
+        ]
+
+    def _needs_approval(self, call: ToolCallRequest) -> bool:
+        spec = self.tools.get(call.name)
+        return spec is not None and spec.requires_approval
+
+    def _agent_start(self, *, spec: ToolSpec, call: ToolCallRequest) -> str | ToolOutcome:
+        """Start the child run an agent call asks for: its id, or the failed outcome."""
+        args = tool_arguments(spec=spec, arguments=call.arguments)
+        if isinstance(args, ToolOutcome):
+            return args
+        try:
+            child = agent_call_start(
+                parent_run_id=self.run_.id,
+                target_agent_id=spec.target_agent_id,
+                content=args["message"],
+            )
+        except AgentCallRefused as exc:
+            return ToolOutcome(False, scrub(str(exc), self.scope.secrets))
+        finally:
+            release_database()
+        return str(child.id)
+
+    def _suspend(
+        self,
+        *,
+        reason: str,
+        step: int,
+        calls: list[ToolCallRequest],
+        request: ChatRequest,
+        said: str,
+        parts: list[str],
+        approval: list[str] = (),
+        results: dict[str, Any] | None = None,
+        children: dict[str, str] | None = None,
+    ) -> str:
+        """Say what the run is to be stored with (chat.engine stores it): "waiting"."""
+        described = []
+        for call in calls:
+            spec = self.tools.get(call.name)
+            described.append(
+                {
+                    "id": call.id,
+                    "name": call.name,
+                    "arguments": call.arguments,
+                    "kind": spec.kind if spec else "",
+                    "parameters": spec.parameters if spec else {},
+                    "requires_approval": call.id in approval,
+                }
+            )
+        suspended = {
+            "reason": reason,
+            "step": step,
+            "messages": request.messages,
+            "said": said,
+            "content": "".join(parts),
+            "calls": described,
+            "approval": list(approval),
+            "results": results or {},
+            "children": children or {},
+        }
+        # What the event (and a webhook) shows: the arguments without the secrets.
+        event = {
+            "reason": reason,
+            "step": step,
+            "calls": [
+                {
+                    "call_id": call["id"],
+                    "name": call["name"],
+                    "arguments": shorten_raw(
+                        scrub(call["arguments"], self.scope.secrets),
+                        settings.TOOL_EVENT_MAX_CHARS,
+                    ),
+                    "requires_approval": call["requires_approval"],
+                    **(
+                        {"child_run_id": (children or {})[call["id"]]}
+                        if call["id"] in (children or {})
+                        else {}
+                    ),
+                }
+                for call in described
+            ],
+        }
+        self.suspension = (suspended, event)
+        return "waiting"
 
     def _entry(self, *, step: int, call: ToolCallRequest) -> dict[str, Any]:
         """The step entry of a call about to start."""

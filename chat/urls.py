@@ -29,4 +29,6 @@ urlpatterns = [
         runs.RegenerateApi.as_view(),
         name="session-regenerate",
     ),
+    path("runs/<uuid:run_id>/approve/", runs.RunApproveApi.as_view(), name="run-approve"),
+    path("runs/<uuid:run_id>/reject/", runs.RunRejectApi.as_view(), name="run-reject"),
 ]

@@ -56,6 +56,9 @@ class ToolSpec:
     remote_name: str = ""
     server_id: str = ""
     version: str = ""
+    # A call waits for its owner's approval (the tool's own flag, or its kind is in
+    # TOOL_APPROVAL_KINDS): chat stores the run meanwhile.
+    requires_approval: bool = False
 
     def as_openai(self) -> dict[str, Any]:
         return {
@@ -106,6 +109,7 @@ def agent_tools(*, agent_id: uuid.UUID | str) -> list[ToolSpec]:
                     description=tool.description or builtin["description"],
                     parameters=builtin["parameters"],
                     safe_to_repeat=builtin["safe_to_repeat"],
+                    requires_approval=_approval(tool),
                 )
             )
         elif tool.kind == Tool.Kind.AGENT:
@@ -117,6 +121,7 @@ def agent_tools(*, agent_id: uuid.UUID | str) -> list[ToolSpec]:
                     parameters=AGENT_TOOL_PARAMETERS,
                     safe_to_repeat=tool.safe_to_repeat,
                     target_agent_id=str(tool.target_agent_id),
+                    requires_approval=_approval(tool),
                 )
             )
         elif tool.kind == Tool.Kind.MCP:
@@ -132,6 +137,7 @@ def agent_tools(*, agent_id: uuid.UUID | str) -> list[ToolSpec]:
                     timeout=tool.timeout_seconds or settings.TOOL_TIMEOUT_SECONDS,
                     server_id=str(tool.id),
                     version=tool.updated_at.isoformat(),
+                    requires_approval=_approval(tool),
                 )
             )
         else:
@@ -146,9 +152,14 @@ def agent_tools(*, agent_id: uuid.UUID | str) -> list[ToolSpec]:
                     url_template=tool.url_template,
                     headers=dict(tool.headers),
                     timeout=tool.timeout_seconds or settings.TOOL_TIMEOUT_SECONDS,
+                    requires_approval=_approval(tool),
                 )
             )
     return specs
+
+
+def _approval(tool: Tool) -> bool:
+    return tool.requires_approval or tool.kind in settings.TOOL_APPROVAL_KINDS
 
 
 def tools_expand(specs: list[ToolSpec], *, redis, secrets: dict[str, str]) -> list[ToolSpec]:
@@ -187,6 +198,7 @@ def tools_expand(specs: list[ToolSpec], *, redis, secrets: dict[str, str]) -> li
                     headers=spec.headers,
                     timeout=spec.timeout,
                     remote_name=remote["name"],
+                    requires_approval=spec.requires_approval,
                 )
             )
     return expanded
@@ -228,8 +240,9 @@ class ToolOutcome:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def tool_execute(*, spec: ToolSpec | None, arguments: str, scope: ToolScope) -> ToolOutcome:
-    """Run one call; never raises. `arguments` is the JSON text the model wrote."""
+def tool_arguments(*, spec: ToolSpec | None, arguments: str) -> dict[str, Any] | ToolOutcome:
+    """The call's arguments parsed and checked against the tool's schema, or the failed
+    outcome the model is told."""
     if spec is None:
         return ToolOutcome(False, "error: no such tool")
     try:
@@ -238,9 +251,17 @@ def tool_execute(*, spec: ToolSpec | None, arguments: str, scope: ToolScope) -> 
         return ToolOutcome(False, "error: the arguments are not valid JSON")
     if not isinstance(args, dict):
         return ToolOutcome(False, "error: the arguments must be a JSON object")
-    problem = _arguments_problem(spec.parameters, args)
+    problem = arguments_problem(spec.parameters, args)
     if problem:
         return ToolOutcome(False, f"error: invalid arguments: {problem}")
+    return args
+
+
+def tool_execute(*, spec: ToolSpec | None, arguments: str, scope: ToolScope) -> ToolOutcome:
+    """Run one call; never raises. `arguments` is the JSON text the model wrote."""
+    args = tool_arguments(spec=spec, arguments=arguments)
+    if isinstance(args, ToolOutcome):
+        return args
     try:
         executor = tool_kind_executor(spec.kind)
         if executor is not None:  # a kind another app runs (agent: chat.calls)
@@ -279,7 +300,8 @@ def tool_execute(*, spec: ToolSpec | None, arguments: str, scope: ToolScope) -> 
         return ToolOutcome(False, f"error: the tool failed ({type(exc).__name__})")
 
 
-def _arguments_problem(schema: dict[str, Any], args: dict[str, Any]) -> str:
+def arguments_problem(schema: dict[str, Any], args: dict[str, Any]) -> str:
+    """Why `args` do not fit the JSON schema `schema` (the first problem), or ""."""
 
     if not schema:
         return ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.validators import RegexValidator
 from django.db import IntegrityError
@@ -117,6 +118,10 @@ class ToolOutputSerializer(serializers.Serializer):
     url_template = serializers.CharField()
     headers = HeadersField()
     safe_to_repeat = serializers.BooleanField()
+    requires_approval = serializers.BooleanField(
+        help_text="A call waits for the owner's approval (the run holds no worker "
+        "meanwhile). True also when the deployment's TOOL_APPROVAL_KINDS names its kind."
+    )
     timeout_seconds = serializers.FloatField(allow_null=True)
     target_agent_id = serializers.UUIDField(allow_null=True, help_text="Agent tools.")
     created_at = serializers.DateTimeField()
@@ -134,6 +139,9 @@ class ToolOutputSerializer(serializers.Serializer):
             data["safe_to_repeat"] = builtin["safe_to_repeat"]
         if tool.kind == Tool.Kind.AGENT:
             data["parameters"] = AGENT_TOOL_PARAMETERS
+        data["requires_approval"] = tool.requires_approval or (
+            tool.kind in settings.TOOL_APPROVAL_KINDS
+        )
         return data
 
 
@@ -175,6 +183,13 @@ class ToolInputSerializer(StrictSerializer):
         required=False,
         help_text="HTTP tools: may a call be made again if the worker running it dies "
         "mid-call? If not, such a run ends in error saying so instead of starting over.",
+    )
+    requires_approval = StrictBooleanField(
+        required=False,
+        help_text="Each call waits for the owner's approval: the run is stored (status "
+        "`waiting`, event `run.waiting`), holding no worker, until POST "
+        "/my/projects/{id}/runs/{run_id}/approve/ (arguments may be edited) or "
+        "/reject/ (with a reason). Default false.",
     )
     timeout_seconds = StrictFloatField(
         required=False,

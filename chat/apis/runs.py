@@ -5,7 +5,13 @@ from drf_spectacular.utils import extend_schema, extend_schema_field
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
-from common.api import EnvelopeListMixin, EnvelopePagination
+from common.api import (
+    EnvelopeListMixin,
+    EnvelopePagination,
+    StrictSerializer,
+    TextField,
+    error_body,
+)
 from common.credentials import CHAT
 from common.schema import error_responses
 from governance.apis import QUOTA_EXCEEDED_RESPONSE
@@ -13,8 +19,9 @@ from projects.idempotency import idempotent
 from projects.mixins import ProjectScopedApi
 
 from ..models import Run
-from ..selectors import run_get, run_list, session_get
-from ..services import answer_regenerate, session_run_cancel
+from ..selectors import project_run_get, run_get, run_list, session_get
+from ..services import answer_regenerate, run_approve, run_reject, session_run_cancel
+from ..suspend import ApprovalRefused
 from .chat import MessageOutputSerializer
 
 _STEP = {
@@ -34,7 +41,14 @@ _STEP = {
         "name": {"type": "string"},
         "arguments": {"type": "string", "description": "JSON text, cut."},
         "safe_to_repeat": {"type": "boolean"},
-        "status": {"type": "string", "enum": ["started", "done", "error"]},
+        "status": {
+            "type": "string",
+            "enum": ["awaiting-approval", "waiting", "started", "done", "error"],
+            "description": "`awaiting-approval`: the run waits for its owner to approve "
+            "or reject this call; `waiting`: another call of its step, or the agent it "
+            "asked, is waited for.",
+        },
+        "edited": {"type": "boolean", "description": "Its arguments were edited at approval."},
         "result": {"type": "string", "description": "Cut to TOOL_EVENT_MAX_CHARS."},
         "started_at": {"type": "string", "format": "date-time"},
         "finished_at": {"type": "string", "format": "date-time"},
@@ -45,6 +59,36 @@ _STEP = {
 @extend_schema_field({"type": "array", "items": _STEP})
 class StepsField(serializers.JSONField):
     pass
+
+
+class WaitingOutputSerializer(serializers.Serializer):
+    reason = serializers.ChoiceField(
+        choices=[("approval", "approval"), ("agents", "agents")],
+        help_text="`approval`: a tool call waits for the owner (POST .../approve/ or "
+        ".../reject/); `agents`: the agents it asked are answering.",
+    )
+    step = serializers.IntegerField(help_text="The model turn whose calls it waits for.")
+    call_ids = serializers.ListField(
+        child=serializers.CharField(),
+        help_text="The calls awaiting approval (their arguments: in `steps`).",
+    )
+    waiting_until = serializers.DateTimeField(
+        allow_null=True, help_text="Past it the run ends in error."
+    )
+
+    class Meta:
+        ref_name = "RunWaiting"
+
+    def to_representation(self, run: Run) -> dict:
+        suspended = run.suspended or {}
+        return {
+            "reason": suspended.get("reason", ""),
+            "step": suspended.get("step", 0),
+            "call_ids": list(suspended.get("approval") or ()),
+            "waiting_until": serializers.DateTimeField().to_representation(run.waiting_until)
+            if run.waiting_until
+            else None,
+        }
 
 
 class RunOutputSerializer(serializers.Serializer):
@@ -63,6 +107,9 @@ class RunOutputSerializer(serializers.Serializer):
         "for an answer to a user.",
     )
     depth = serializers.IntegerField(help_text="0 for an answer to a user; +1 per call.")
+    waiting = serializers.SerializerMethodField(
+        help_text="While `status` is `waiting` (stored, holding no worker): what for."
+    )
     trace_id = serializers.CharField(
         help_text="The OpenTelemetry trace of the message it answers (32 hex digits; "
         "search the tracing backend and the logs by it); empty when tracing is off."
@@ -73,6 +120,12 @@ class RunOutputSerializer(serializers.Serializer):
 
     class Meta:
         ref_name = "Run"
+
+    @extend_schema_field(WaitingOutputSerializer(allow_null=True))
+    def get_waiting(self, run: Run) -> dict | None:
+        if run.status != Run.Status.WAITING or not run.suspended:
+            return None
+        return WaitingOutputSerializer(run).data
 
 
 class RunCancelOutputSerializer(serializers.Serializer):
@@ -155,3 +208,110 @@ class RegenerateApi(ProjectScopedApi):
         session = session_get(project=self.project, session_id=session_id)
         answer = answer_regenerate(session=session)
         return Response(MessageOutputSerializer(answer).data, status=status.HTTP_202_ACCEPTED)
+
+
+# --- Approval of a waiting run's tool calls ---------------------------------------------
+
+
+@extend_schema_field({"type": "object", "additionalProperties": True})
+class ObjectField(serializers.JSONField):
+    """A JSON object (drf-spectacular would describe a JSONField as any value)."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, dict):
+            raise serializers.ValidationError("Must be a JSON object.")
+        return super().to_internal_value(data)
+
+
+class ApproveInputSerializer(StrictSerializer):
+    arguments = ObjectField(
+        required=False,
+        help_text="The call's arguments as they are to be made (a JSON object checked "
+        "against the tool's parameters schema); omitted: as the model wrote them.",
+    )
+    call_id = TextField(
+        required=False,
+        max_length=200,
+        help_text="Which call `arguments` are for; needed only when the run waits for several.",
+    )
+
+    class Meta:
+        ref_name = "RunApproveInput"
+
+
+class RejectInputSerializer(StrictSerializer):
+    reason = TextField(
+        max_length=2000,
+        help_text="Why: the model is told, as the calls' result, and may answer otherwise.",
+    )
+
+    class Meta:
+        ref_name = "RunRejectInput"
+
+
+_NOT_WAITING = error_responses(
+    409,
+    _409="The run does not wait for an approval (any more: decided, cancelled, "
+    "timed out, or it waits for other agents).",
+)
+
+
+def _refused(exc: ApprovalRefused) -> Response:
+    if exc.field:
+        body = error_body(400, str(exc), fields={exc.field: [str(exc)]})
+        return Response(body, status=status.HTTP_400_BAD_REQUEST)
+    return Response(error_body(409, str(exc)), status=status.HTTP_409_CONFLICT)
+
+
+@extend_schema(tags=["Chat"])
+class RunApproveApi(ProjectScopedApi):
+    credential_scopes = {"POST": CHAT}
+
+    @extend_schema(
+        operation_id="runs_approve",
+        summary="Approve a waiting run's tool call",
+        description="A run whose model called a tool that requires approval waits "
+        "(`status` `waiting`, `waiting.reason` `approval`), holding no worker. Approving "
+        "makes the call (with `arguments` when given, checked against the tool's "
+        "parameters schema: a 400 otherwise, nothing changed) and the run goes on from "
+        "that step on any worker: 202. 409 when it does not wait for an approval.",
+        request=ApproveInputSerializer,
+        responses={202: RunOutputSerializer, **_NOT_WAITING},
+    )
+    def post(self, request, project_id, run_id):
+        run = project_run_get(project=self.project, run_id=run_id)
+        data = ApproveInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        try:
+            resumed = run_approve(
+                run=run,
+                call_id=data.validated_data.get("call_id"),
+                arguments=data.validated_data.get("arguments"),
+            )
+        except ApprovalRefused as exc:
+            return _refused(exc)
+        return Response(RunOutputSerializer(resumed).data, status=status.HTTP_202_ACCEPTED)
+
+
+@extend_schema(tags=["Chat"])
+class RunRejectApi(ProjectScopedApi):
+    credential_scopes = {"POST": CHAT}
+
+    @extend_schema(
+        operation_id="runs_reject",
+        summary="Reject a waiting run's tool call",
+        description="The calls the run waits for are not made; the model is told "
+        "`reason` as their result and the run goes on from that step on any worker: "
+        "202. 409 when it does not wait for an approval.",
+        request=RejectInputSerializer,
+        responses={202: RunOutputSerializer, **_NOT_WAITING},
+    )
+    def post(self, request, project_id, run_id):
+        run = project_run_get(project=self.project, run_id=run_id)
+        data = RejectInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        try:
+            resumed = run_reject(run=run, reason=data.validated_data["reason"])
+        except ApprovalRefused as exc:
+            return _refused(exc)
+        return Response(RunOutputSerializer(resumed).data, status=status.HTTP_202_ACCEPTED)

@@ -104,6 +104,55 @@ EVENT_DATA = {
                 "call_id": {"type": "string"},
                 "name": {"type": "string"},
                 "arguments": {"type": "string"},
+                "approval": {
+                    "type": "boolean",
+                    "description": "The call waits for the owner's approval "
+                    "(`run.waiting` follows).",
+                },
+            },
+        },
+    ),
+    streams.RUN_WAITING: (
+        "The run is stored, holding no worker: `reason` `approval` (the calls marked "
+        "`requires_approval` wait for POST …/runs/{run_id}/approve/ or /reject/) or "
+        "`agents` (the agents it asked are answering). Arguments are scrubbed of the "
+        "project's secrets. Past `waiting_until` the run ends in error.",
+        {
+            "type": "object",
+            "required": ["message_id", "run_id", "reason", "step", "calls", "waiting_until"],
+            "properties": {
+                "message_id": _MESSAGE_ID,
+                "run_id": {"type": "string", "format": "uuid"},
+                "reason": {"type": "string", "enum": ["approval", "agents"]},
+                "step": {"type": "integer"},
+                "waiting_until": {"type": "string", "format": "date-time"},
+                "calls": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["call_id", "name", "arguments", "requires_approval"],
+                        "properties": {
+                            "call_id": {"type": "string"},
+                            "name": {"type": "string"},
+                            "arguments": {"type": "string"},
+                            "requires_approval": {"type": "boolean"},
+                            "child_run_id": {"type": "string", "format": "uuid"},
+                        },
+                    },
+                },
+            },
+        },
+    ),
+    streams.RUN_RESUMED: (
+        "A waiting run goes on, on any worker: `why` `approved`, `rejected` or "
+        "`answered` (every agent it asked ended).",
+        {
+            "type": "object",
+            "required": ["message_id", "run_id", "why"],
+            "properties": {
+                "message_id": _MESSAGE_ID,
+                "run_id": {"type": "string", "format": "uuid"},
+                "why": {"type": "string", "enum": ["approved", "rejected", "answered"]},
             },
         },
     ),

@@ -727,3 +727,13 @@ CELERY_BEAT_SCHEDULE["observability.rollup"] = {
     "options": {"expires": OBSERVABILITY_ROLLUP_SECONDS, "queue": "uws.maintenance.urgent"},
 }
 LOGGING["filters"]["quiet_periodic_tasks"]["tasks"].append("observability.rollup")
+# --- Runs that wait holding no worker (chat.suspend) ----------------------------------
+# A tool call that needs its owner's approval (the tool's `requires_approval`, or every
+# tool of a kind named here, e.g. "http,mcp") stores the run, status `waiting`, until
+# POST .../runs/{id}/approve or /reject; past RUN_APPROVAL_TIMEOUT_SECONDS it ends in
+# error. An agent call (AGENT_CALLS_SUSPEND) stores the caller while the callee runs and
+# resumes it with the answer; off, the caller's thread waits for it (the old behaviour,
+# kept as a benchmark's baseline).
+TOOL_APPROVAL_KINDS = env.list("TOOL_APPROVAL_KINDS", default=[])
+RUN_APPROVAL_TIMEOUT_SECONDS = env.float("RUN_APPROVAL_TIMEOUT_SECONDS", default=24 * 3600)
+AGENT_CALLS_SUSPEND = env.bool("AGENT_CALLS_SUSPEND", default=True)

@@ -48,6 +48,8 @@ ROUTES = [
     ("/my/projects/{p}/chat/{s}/runs/{r}/", ["get"]),
     ("/my/projects/{p}/chat/{s}/runs/{r}/cancel/", ["post"]),
     ("/my/projects/{p}/chat/{s}/regenerate/", ["post"]),
+    ("/my/projects/{p}/runs/{r}/approve/", ["post"]),
+    ("/my/projects/{p}/runs/{r}/reject/", ["post"]),
     ("/my/projects/{p}/schedules/", ["get", "post"]),
     ("/my/projects/{p}/schedules/{sc}/", ["get", "patch", "delete"]),
     ("/my/projects/{p}/schedules/{sc}/fires/", ["get"]),
@@ -63,6 +65,7 @@ VALID_BODIES = {
     "/my/projects/{p}/agents/{a}/": {"name": "renamed"},
     "/my/projects/{p}/chat/": {"agent_id": "{a}"},
     "/my/projects/{p}/chat/{s}/messages/": {"content": "hello"},
+    "/my/projects/{p}/runs/{r}/reject/": {"reason": "intruder"},
     "/my/projects/{p}/agents/{a}/context/": {"documents": ["hello"]},
     "/my/projects/{p}/keys/": {"name": "intruder", "scopes": ["read", "write", "chat"]},
     "/my/projects/{p}/provider/": {

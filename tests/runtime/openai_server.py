@@ -52,6 +52,9 @@ class FakeOpenAI:
         self.peak_in_window = 0
         self.rejected = 0
         self._rate_lock = threading.Lock()
+        # When set, answers every request that offers tools and ends with the user's
+        # message (a run's first step; the steps after it end with tool results).
+        self.first_turn: dict | None = None
         self._release = threading.Event()
         server = self
 
@@ -83,6 +86,9 @@ class FakeOpenAI:
                     )
                     return
                 turn = server.every_turn
+                last = (body.get("messages") or [{}])[-1]
+                if turn is None and server.first_turn and last.get("role") == "user":
+                    turn = server.first_turn if body.get("tools") else None
                 if turn is None and body.get("tools") and server.turns:
                     turn = server.turns.pop(0)
                 self.send_response(200)

@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from django.utils import timezone
 
 from agents.models import Tool
 from chat.lease import lease_keeper
 from chat.models import ChatSession, Message, Run
 from chat.services import AgentCallRefused, agent_call_start
+from chat.suspend import runs_waiting_recover
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
 from tests.runtime.conftest import stream_events, wait_for_event, wait_until
 from tests.runtime.test_chat import post_message
@@ -201,3 +203,89 @@ def test_an_agent_tool_is_listed_with_its_target(api, project):
     assert tool["target_agent_id"] == str(other.id)
     assert tool["parameters"]["required"] == ["message"]
     assert json.dumps(tool)  # serialisable as the schema says
+
+
+# --- The caller waits stored, holding no worker slot (chat.suspend) ---------------------
+
+
+def test_the_caller_waits_stored_while_its_callee_answers(api, project, redis_client, tree):
+    session, parent, child = tree
+    parent.refresh_from_db()
+    # Stored: no worker holds it, no lease; only the callee's run is held.
+    assert parent.status == "waiting" and parent.lease_expires_at is None
+    assert parent.suspended["reason"] == "agents"
+    assert parent.suspended["children"] == {parent.steps[0]["call_id"]: str(child.id)}
+    assert [h.run_id for h in lease_keeper().held()] == [child.id]
+    waiting = wait_for_event(
+        redis_client, project, session.id, types={"run.waiting"}, message_id=parent.message_id
+    )[1]
+    assert waiting["reason"] == "agents"
+    assert waiting["calls"][0]["child_run_id"] == str(child.id)
+    # The callee's end resumes it (a new attempt, on any worker) with the answer (both
+    # answer slowly: 40 tokens, 0.3 s apart).
+    kind, _ = wait_for_event(
+        redis_client, project, session.id, types=ENDS, message_id=parent.message_id, timeout=60
+    )
+    assert kind == "message.completed"
+    parent.refresh_from_db()
+    assert parent.status == "done" and parent.attempt == 2
+    (result,) = results(redis_client, session)
+    assert result["ok"] and result["child_run_id"] == str(child.id)
+
+
+def test_more_callers_than_worker_slots_all_get_their_answers(
+    live_worker, api, project, redis_client, fake_openai, runtime_settings
+):
+    """Four callers on a worker of two threads: a caller that held its thread while its
+    callee waited in the queue would leave no thread for the callees (until the call
+    timed out); stored, each caller lets its thread go to its callee."""
+    runtime_settings.AGENT_CALL_TIMEOUT_SECONDS = 15
+    callee = AgentFactory(project=project, name="callee", model="offline")
+    fake_openai.first_turn = {"tool_calls": [("ask", {"message": "Your answer?"})]}
+    sessions = []
+    for i in range(4):
+        caller = AgentFactory(project=project, name=f"caller{i}", model="gpt-local")
+        ask_tool(caller, callee)
+        sessions.append(ChatSessionFactory(agent=caller, project=project))
+    answers = [post_message(api, s, "Ask.")["assistant_message_id"] for s in sessions]
+    for session, answer_id in zip(sessions, answers, strict=True):
+        kind, data = ended(redis_client, session, answer_id)
+        assert kind == "message.completed", data
+        (result,) = results(redis_client, session)
+        assert result["ok"] and "offline provider" in result["result"], result
+    callers = Run.objects.filter(message_id__in=answers)
+    assert set(callers.values_list("status", flat=True)) == {"done"}
+    assert Run.objects.filter(parent__in=callers, status="done").count() == 4
+
+
+def test_a_callee_cancelled_alone_resumes_its_caller(api, project, redis_client, tree):
+    session, parent, child = tree
+    wait_until(
+        lambda: Run.objects.filter(id=parent.id, status="waiting").exists(),
+        what="the caller stored",
+    )
+    response = api.post(
+        f"/my/projects/{project.id}/chat/{child.session_id}/runs/{child.id}/cancel/"
+    )
+    assert response.status_code == 202, response.content
+    assert ended(redis_client, session, parent.message_id)[0] == "message.completed"
+    (result,) = results(redis_client, session)
+    assert not result["ok"] and "cancelled" in result["result"]
+
+
+def test_a_caller_past_its_deadline_goes_on_without_the_answer(api, project, redis_client, tree):
+    session, parent, child = tree
+    wait_until(
+        lambda: Run.objects.filter(id=parent.id, status="waiting").exists(),
+        what="the caller stored",
+    )
+    # Its deadline (AGENT_CALL_TIMEOUT_SECONDS after it was stored) passes.
+    Run.objects.filter(id=parent.id).update(waiting_until=timezone.now())
+    assert runs_waiting_recover()["waits_expired"] == 1
+    assert ended(redis_client, child.session, child.message_id)[0] == "message.cancelled"
+    kind, _ = wait_for_event(
+        redis_client, project, session.id, types=ENDS, message_id=parent.message_id, timeout=60
+    )
+    assert kind == "message.completed"
+    (result,) = results(redis_client, session)
+    assert not result["ok"] and "cancelled" in result["result"]
