@@ -7,7 +7,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('agents', '0005_chat_models_moved'),
-        ("chat", "0002_message_citations"),
+        ("chat", "0003_suspended_runs"),
     ]
 
     operations = [
