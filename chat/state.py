@@ -354,6 +354,10 @@ def run_suspend(
         if stored:
             Message.objects.filter(id=run.message_id).update(content=content)
             tokens = usage_row_write(**usage) if usage is not None else None
+            if suspended.get("reason") == "approval":
+                # A person must act: subscribers hear of it (an agent call's wait is
+                # the run's own business).
+                run_transitioned_send(run=run, status="waiting")
     if not stored:
         if usage is not None:
             usage_record(**usage)  # the cost was real, whoever has the run now
