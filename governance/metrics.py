@@ -159,6 +159,8 @@ class _FlowCollector:
         yield waits
         for source in _sources:
             yield from source()
+
+
 def project_collectors() -> list:
     """The per-project gauges and the bus's flow control, for a registry of the
     caller's."""

@@ -48,6 +48,7 @@ class Project(models.Model):
     def effective_weight(self) -> int:
         return self.flow_weight or settings.AGENTBUS_DEFAULT_WEIGHT
 
+
 class IdempotencyKey(models.Model):
     """A client's `Idempotency-Key` on a POST that creates work (projects.idempotency):
     the first request with a key claims this row (the unique constraint makes the claim
