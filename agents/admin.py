@@ -9,8 +9,9 @@ from django.utils.html import format_html
 
 from workspaces.services import workspace_agent_sync_on_commit
 
-from .models import Agent, ProjectSecret, Tool
-from .services import TOOL_FIELDS, agent_delete
+from .models import Agent, AgentVersion, ProjectSecret, Tool
+from .services import TOOL_FIELDS, agent_delete, agent_version_rollback
+from .versions import agent_version_record
 from .tool_validation import validate_tool
 from .validators import validate_params
 
@@ -40,9 +41,30 @@ class AgentAdminForm(forms.ModelForm):
         return params
 
 
+class AgentVersionInline(admin.TabularInline):
+    """An agent's versions, newest first, read-only (versions never change)."""
+
+    model = AgentVersion
+    fields = ("version_link", "model", "restored_from", "created_at")
+    readonly_fields = fields
+    ordering = ("-number",)
+    extra = 0
+    max_num = 0
+    can_delete = False
+    show_change_link = False
+
+    @admin.display(description="version")
+    def version_link(self, obj: AgentVersion):
+        return change_link("agents_agentversion", obj)
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+
 @admin.register(Agent)
 class AgentAdmin(admin.ModelAdmin):
     form = AgentAdminForm
+    inlines = (AgentVersionInline,)
     list_display = ("name", "project_link", "owner", "model", "sessions_link", "created_at")
     list_filter = (("project", admin.RelatedOnlyFieldListFilter), "model", "created_at")
     search_fields = ("name", "system_prompt", "project__name", "project__owner__username", "=id")
@@ -73,6 +95,7 @@ class AgentAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj: Agent, form, change) -> None:
         super().save_model(request, obj, form, change)
+        agent_version_record(agent=obj)
         workspace_agent_sync_on_commit(project_id=obj.project_id, agent_id=obj.id)
 
     def delete_model(self, request, obj: Agent) -> None:
@@ -119,6 +142,59 @@ class ToolAdmin(admin.ModelAdmin):
     @admin.display(description="agent", ordering="agent__name")
     def agent_link(self, obj: Tool):
         return change_link("agents_agent", obj.agent)
+
+    # A tool is part of its agent's definition: each change makes a version.
+    def save_model(self, request, obj: Tool, form, change) -> None:
+        super().save_model(request, obj, form, change)
+        agent_version_record(agent=obj.agent)
+
+    def delete_model(self, request, obj: Tool) -> None:
+        agent = obj.agent
+        super().delete_model(request, obj)
+        agent_version_record(agent=agent)
+
+    def delete_queryset(self, request, queryset) -> None:
+        agents = {tool.agent for tool in queryset.select_related("agent")}
+        super().delete_queryset(request, queryset)
+        for agent in agents:
+            agent_version_record(agent=agent)
+
+
+@admin.register(AgentVersion)
+class AgentVersionAdmin(admin.ModelAdmin):
+    """Versions are immutable: read-only here; the one action rolls an agent back to
+    the chosen version (as a new version)."""
+
+    list_display = ("__str__", "agent_link", "number", "model", "restored_from", "created_at")
+    list_filter = (("agent__project", admin.RelatedOnlyFieldListFilter),)
+    search_fields = ("agent__name", "=agent__id")
+    list_select_related = ("agent",)
+    ordering = ("-created_at",)
+    actions = ("rollback",)
+
+    def get_readonly_fields(self, request, obj=None):
+        return [field.name for field in AgentVersion._meta.fields]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.display(description="agent", ordering="agent__name")
+    def agent_link(self, obj: AgentVersion):
+        return change_link("agents_agent", obj.agent)
+
+    @admin.action(description="Roll the agent back to this version", permissions=["change"])
+    def rollback(self, request, queryset) -> None:
+        if queryset.count() != 1:
+            self.message_user(request, "Choose one version.", level="error")
+            return
+        version = queryset.select_related("agent").get()
+        new, skipped = agent_version_rollback(agent=version.agent, version=version)
+        note = f" (tools not restored: {', '.join(skipped)})" if skipped else ""
+        self.message_user(request, f"{version.agent} is now v{new.number}, equal to "
+                          f"v{version.number}{note}.")  # fmt: skip
 
 
 class ProjectSecretAdminForm(forms.ModelForm):
