@@ -11,9 +11,9 @@ from workspaces.services import workspace_agent_sync_on_commit
 
 from .models import Agent, AgentVersion, ProjectSecret, Tool
 from .services import TOOL_FIELDS, agent_delete, agent_version_rollback
-from .versions import agent_version_record
 from .tool_validation import validate_tool
 from .validators import validate_params
+from .versions import agent_version_record
 
 
 def changelist_link(model: str, label: str, **filters) -> str:

@@ -57,7 +57,9 @@ def agent_update(*, agent: Agent, data: dict[str, Any]) -> Agent:
 
 
 @transaction.atomic
-def agent_version_rollback(*, agent: Agent, version: AgentVersion) -> tuple[AgentVersion, list[str]]:
+def agent_version_rollback(
+    *, agent: Agent, version: AgentVersion
+) -> tuple[AgentVersion, list[str]]:
     """Make the agent what `version` was, as a new version (history is never rewritten:
     v1, v2, v3 rolled back to v1 gives v4 equal to v1). Returns the new version and the
     tools that could not come back (their target agent was deleted since)."""

@@ -138,7 +138,9 @@ def agent_version_diff(old: AgentVersion, new: AgentVersion) -> dict[str, Any]:
     tools_changed = {}
     for name in sorted(old_tools.keys() & new_tools.keys()):
         before, after = old_tools[name], new_tools[name]
-        delta = {k: _changed(before.get(k), after.get(k)) for k in after if before.get(k) != after[k]}
+        delta = {
+            k: _changed(before.get(k), after.get(k)) for k in after if before.get(k) != after[k]
+        }
         if delta:
             tools_changed[name] = delta
     sections = {
@@ -188,7 +190,8 @@ def agent_restore_rollback_unsafe(*, agent: Agent, version: AgentVersion) -> lis
     Tool.objects.filter(agent_id=agent.id).exclude(name__in=list(wanted)).delete()
     existing = {t.name: t for t in Tool.objects.filter(agent_id=agent.id)}
     live_agents = {
-        str(i) for i in Agent.objects.filter(project_id=agent.project_id).values_list("id", flat=True)
+        str(i)
+        for i in Agent.objects.filter(project_id=agent.project_id).values_list("id", flat=True)
     }
     skipped = []
     for name, data in wanted.items():

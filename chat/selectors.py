@@ -32,8 +32,10 @@ def message_list(*, session: ChatSession) -> QuerySet[Message]:
 
 
 def run_list(*, session: ChatSession) -> QuerySet[Run]:
-    return Run.objects.filter(session=session).select_related("agent_version").order_by(
-        "-created_at", "-id"
+    return (
+        Run.objects.filter(session=session)
+        .select_related("agent_version")
+        .order_by("-created_at", "-id")
     )
 
 

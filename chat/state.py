@@ -103,6 +103,12 @@ def run_create(
     return asked, answer, run
 
 
+def runs_steps_forget(*, run_ids: list[uuid.UUID]) -> int:
+    """Retention: the steps (tool calls and their results) of ended runs are dropped; the
+    run, its status and timings stay. Only ended runs: a live run's steps are its state."""
+    return Run.objects.filter(id__in=run_ids, status__in=Run.FINISHED).update(steps=[])
+
+
 def answer_supersede(*, message: Message) -> None:
     """A finished answer replaced by a regenerated one: kept, out of the conversation."""
     Message.objects.filter(id=message.id).update(status=Message.Status.SUPERSEDED)

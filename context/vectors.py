@@ -242,3 +242,9 @@ def collections_sweep() -> list[str]:
         logger.warning("removed the vector context of %d deleted agents", len(dropped))
     store.optimize()
     return dropped
+
+
+def context_vacuum() -> None:
+    """Remove deleted points for good: the embedded store keeps their bytes on disk (in
+    segments until vacuumed, in its write-ahead log) after a delete. Workers only."""
+    get_vector_store().purge_deleted()

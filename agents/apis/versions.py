@@ -124,9 +124,7 @@ class AgentVersionDiffApi(ProjectScopedApi):
         operation_id="agent_versions_diff",
         summary="Compare two versions of an agent",
         description="What changed from `against` (default: the version before) to this one.",
-        parameters=[
-            OpenApiParameter("against", int, description="The version to compare with.")
-        ],
+        parameters=[OpenApiParameter("against", int, description="The version to compare with.")],
         responses={200: AgentVersionDiffSerializer},
     )
     def get(self, request, project_id, agent_id, number):

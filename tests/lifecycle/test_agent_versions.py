@@ -34,7 +34,10 @@ def test_each_change_makes_a_version_and_no_change_makes_none(api, project, made
     url = f"{agents_url(project.id)}{made['id']}/"
     assert api.patch(url, {"system_prompt": "Be thorough."}, format="json").status_code == 200
     assert api.patch(url, {"system_prompt": "Be thorough."}, format="json").status_code == 200
-    assert api.patch(url, {"model": "m-2", "params": {"temperature": 0.5}}, format="json").status_code == 200
+    assert (
+        api.patch(url, {"model": "m-2", "params": {"temperature": 0.5}}, format="json").status_code
+        == 200
+    )
     tool = api.post(f"{url}tools/", {"kind": "builtin", "name": "search_context"}, format="json")
     assert tool.status_code == 201, tool.content
 
@@ -49,7 +52,9 @@ def test_each_change_makes_a_version_and_no_change_makes_none(api, project, made
     diff = api.get(versions_url(project.id, made["id"], "3/diff/?against=1")).json()
     assert diff["fields"]["system_prompt"] == {"from": "Be brief.", "to": "Be thorough."}
     assert diff["fields"]["model"] == {"from": "m-1", "to": "m-2"}
-    assert "-Be brief." in diff["system_prompt_diff"] and "+Be thorough." in diff["system_prompt_diff"]
+    assert (
+        "-Be brief." in diff["system_prompt_diff"] and "+Be thorough." in diff["system_prompt_diff"]
+    )
     diff = api.get(versions_url(project.id, made["id"], "4/diff/")).json()
     assert diff["tools_added"] == ["search_context"] and diff["fields"] == {}
 
@@ -79,7 +84,12 @@ def test_versions_validate_and_are_404_for_others(api, other_api, project, made)
     assert AgentVersion.objects.filter(agent_id=made["id"]).count() == 1
     for path in ("", "1/", "1/diff/"):
         assert other_api.get(versions_url(project.id, made["id"], path)).status_code == 404
-    assert other_api.post(versions_url(project.id, made["id"], "1/rollback/"), {}, format="json").status_code == 404
+    assert (
+        other_api.post(
+            versions_url(project.id, made["id"], "1/rollback/"), {}, format="json"
+        ).status_code
+        == 404
+    )
     # Pinning a version that is not the agent's writes nothing.
     chat = f"/my/projects/{project.id}/chat/"
     for value, code in ((7, 404), ("1", 400), (True, 400), (0, 400)):
@@ -96,7 +106,10 @@ def test_a_pinned_session_answers_with_its_version_and_runs_record_it(
     chat = f"/my/projects/{project.id}/chat/"
     pinned = api.post(chat, {"agent_id": made["id"], "agent_version": 1}, format="json")
     assert pinned.status_code == 201 and pinned.json()["agent_version"] == 1
-    assert api.patch(url, {"system_prompt": "Now verbose.", "model": "m-2"}, format="json").status_code == 200
+    assert (
+        api.patch(url, {"system_prompt": "Now verbose.", "model": "m-2"}, format="json").status_code
+        == 200
+    )
     live = api.post(chat, {"agent_id": made["id"]}, format="json").json()
     assert live["agent_version"] is None
 
@@ -106,7 +119,10 @@ def test_a_pinned_session_answers_with_its_version_and_runs_record_it(
         assert posted.status_code == 202, posted.content
         answer_id = posted.json()["assistant_message_id"]
         kind, data = wait_for_event(
-            redis_client, project, session["id"], types={"message.completed", "message.error"},
+            redis_client,
+            project,
+            session["id"],
+            types={"message.completed", "message.error"},
             message_id=answer_id,
         )
         assert kind == "message.completed", data

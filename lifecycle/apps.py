@@ -1,0 +1,14 @@
+from django.apps import AppConfig
+
+
+class LifecycleConfig(AppConfig):
+    """How long data lives and where it goes: retention (per deployment and per
+    project), a user's erasure, project export and import. It sits on top of the apps
+    whose data it removes or carries (chat, context, agents, governance, workspaces)
+    and below config; nothing imports it."""
+
+    name = "lifecycle"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from . import accounts  # noqa: F401  (its receivers: a deleted user's erasure)
