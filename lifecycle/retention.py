@@ -107,7 +107,8 @@ def _remove_sessions(project: Project, cutoff: datetime, limit: int) -> int:
             emptied = [
                 sid for sid in session_ids if not Message.objects.filter(session_id=sid).exists()
             ]
-            ChatSession.objects.filter(id__in=emptied).delete()
+            _total, per_model = ChatSession.objects.filter(id__in=emptied).delete()
+            removed += per_model.get(ChatSession._meta.label, 0)
             keys = [streams.stream_key(sid) for sid in emptied]
             redis = scoped(project.owner_id, project.id)
             if keys:
