@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Max, Q, QuerySet
+from django.db.models import OuterRef, Q, QuerySet, Subquery
 from django.utils import timezone
 
 from chat import streams
@@ -79,11 +79,15 @@ def retention_kinds() -> dict[str, RetentionKind]:
 
 
 def sessions_inactive(*, project: Project, cutoff: datetime) -> QuerySet[ChatSession]:
-    """The project's sessions with no message since `cutoff` (nor created since)."""
+    """The project's sessions with no message since `cutoff` (nor created since). A
+    session's last message is its newest id (one step down the (session, id) index), so
+    finding a chunk's sessions never reads all their messages."""
+    last = Message.objects.filter(session=OuterRef("pk")).order_by("-id").values("created_at")
     return (
         ChatSession.objects.filter(project=project, created_at__lt=cutoff)
-        .annotate(last=Max("messages__created_at"))
+        .annotate(last=Subquery(last[:1]))
         .filter(Q(last__lt=cutoff) | Q(last__isnull=True))
+        .order_by("created_at", "id")
     )
 
 
@@ -100,9 +104,10 @@ def _remove_sessions(project: Project, cutoff: datetime, limit: int) -> int:
             .order_by("session_id", "id")
             .values_list("id", flat=True)[:limit]
         )
-        # Their runs (and the runs those asked of other agents) go with them: a cascade.
-        _total, per_model = Message.objects.filter(id__in=ids).delete()
-        removed = per_model.get(Message._meta.label, 0)
+        # Their runs first (with the runs those asked of other agents: the ORM's
+        # cascade); then the messages in one statement, nothing else points at them.
+        Run.objects.filter(message_id__in=ids).delete()
+        removed = Message.objects.filter(id__in=ids)._raw_delete(Message.objects.db) or 0
         if len(ids) < limit:  # these sessions are empty now: they go, with their streams
             emptied = [
                 sid for sid in session_ids if not Message.objects.filter(session_id=sid).exists()

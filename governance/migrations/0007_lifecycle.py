@@ -37,7 +37,7 @@ $$ LANGUAGE plpgsql;
 def _on_postgresql(sql):
     def run(apps, schema_editor):
         if schema_editor.connection.vendor == "postgresql":
-            schema_editor.execute(sql)
+            schema_editor.execute(sql, params=None)  # no placeholders: LIKE has its %
 
     return run
 
