@@ -40,7 +40,6 @@ import statistics
 import subprocess
 import sys
 import time
-import uuid
 from datetime import timedelta
 from pathlib import Path
 
