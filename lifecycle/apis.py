@@ -1,18 +1,31 @@
 """A user's own account (self-service deletion) and a project's retention periods."""
 
 from django.conf import settings
+from django.http import FileResponse
+from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from common.api import IntegerInputField, StrictSerializer, TextField
+from common.api import (
+    Conflict,
+    EnvelopeListMixin,
+    EnvelopePagination,
+    FieldNotFound,
+    IntegerInputField,
+    StrictSerializer,
+    TextField,
+    UUIDField,
+)
 from common.schema import error_responses
+from common.selectors import get_or_404
 from governance.audit import audit_pseudonym
 from projects.mixins import ProjectScopedApi
 
 from .accounts import user_delete
-from .models import RetentionPolicy
+from .exports import archive_path, export_start, import_start
+from .models import ArchiveJob, RetentionPolicy
 from .retention import retention_effective, retention_kinds, retention_policy_set
 
 MAX_RETENTION_DAYS = 100 * 366
@@ -147,3 +160,137 @@ class RetentionApi(ProjectScopedApi):
         data.is_valid(raise_exception=True)
         policy = retention_policy_set(project=self.project, data=data.validated_data)
         return Response(RetentionOutputSerializer(_body(policy)).data)
+
+
+# --- Export and import ----------------------------------------------------------------------
+
+
+class ArchiveJobOutputSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    kind = serializers.ChoiceField(choices=ArchiveJob.Kind.choices)
+    status = serializers.ChoiceField(choices=ArchiveJob.Status.choices)
+    error = serializers.CharField()
+    project_id = serializers.UUIDField(
+        allow_null=True, help_text="Export: the project exported. Import: the project made."
+    )
+    source_id = serializers.UUIDField(allow_null=True, help_text="Import: the export it read.")
+    counts = serializers.DictField(
+        help_text="Records per section (agents, tools, sessions, messages, runs, usage, "
+        "context chunks); an import adds `secrets_to_set` (names: values never travel) and "
+        "`context_jobs` (…/agents/{id}/context/jobs/{job_id}/ of the re-embedding)."
+    )
+    size_bytes = serializers.IntegerField()
+    seconds = serializers.FloatField(allow_null=True)
+    created_at = serializers.DateTimeField()
+    finished_at = serializers.DateTimeField(allow_null=True)
+
+    class Meta:
+        ref_name = "ArchiveJob"
+
+
+class EmptyInputSerializer(StrictSerializer):
+    class Meta:
+        ref_name = "ExportInput"
+
+
+class ImportInputSerializer(StrictSerializer):
+    export_id = UUIDField(help_text="A finished export of one of your projects.")
+
+    class Meta:
+        ref_name = "ImportInput"
+
+
+def _export_get(project, job_id) -> ArchiveJob:
+    return get_or_404(ArchiveJob.objects.filter(kind=ArchiveJob.Kind.EXPORT, project=project),
+                      id=job_id)  # fmt: skip
+
+
+@extend_schema(tags=["Projects"])
+class ExportListCreateApi(EnvelopeListMixin, ProjectScopedApi):
+    pagination_class = EnvelopePagination.of("exports")
+    # An archive holds everything: the owner's own credentials start one.
+    credential_scopes = {"POST": None}
+
+    @extend_schema(operation_id="exports_list", summary="List the project's exports",
+                   responses={200: ArchiveJobOutputSerializer(many=True)})  # fmt: skip
+    def get(self, request, project_id):
+        jobs = ArchiveJob.objects.filter(kind=ArchiveJob.Kind.EXPORT, project=self.project)
+        return self.list_response(jobs, ArchiveJobOutputSerializer)
+
+    @extend_schema(
+        operation_id="exports_create",
+        summary="Export the project",
+        description="Starts a job that writes one archive (a zip of JSON lines: agents with "
+        "their versions, tools, secret names (never values), sessions, messages, runs with "
+        "their steps, usage as daily totals, and each agent's context documents). Follow it "
+        "at …/exports/{id}/, download it at …/exports/{id}/archive/.",
+        request=EmptyInputSerializer,
+        responses={202: ArchiveJobOutputSerializer},
+    )
+    def post(self, request, project_id):
+        EmptyInputSerializer(data=request.data).is_valid(raise_exception=True)
+        job = export_start(project=self.project, owner=request.user)
+        return Response(ArchiveJobOutputSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+
+@extend_schema(tags=["Projects"])
+class ExportDetailApi(ProjectScopedApi):
+    @extend_schema(operation_id="exports_retrieve", summary="An export's status",
+                   responses={200: ArchiveJobOutputSerializer})  # fmt: skip
+    def get(self, request, project_id, job_id):
+        return Response(ArchiveJobOutputSerializer(_export_get(self.project, job_id)).data)
+
+
+@extend_schema(tags=["Projects"])
+class ExportArchiveApi(ProjectScopedApi):
+    @extend_schema(
+        operation_id="exports_archive",
+        summary="Download an export's archive",
+        description="The zip once the export is done; 404 before.",
+        responses={(200, "application/zip"): OpenApiTypes.BINARY},
+    )
+    def get(self, request, project_id, job_id):
+        job = _export_get(self.project, job_id)
+        path = archive_path(job)
+        if job.status != ArchiveJob.Status.DONE or not path.exists():
+            raise exceptions.NotFound("The archive is not ready.")
+        return FileResponse(path.open("rb"), as_attachment=True,
+                            filename=f"project-{job.project_id}.zip",
+                            content_type="application/zip")  # fmt: skip
+
+
+@extend_schema(tags=["Projects"])
+class ImportApi(APIView):
+    @extend_schema(
+        operation_id="projects_import",
+        summary="Recreate an exported project as a new project of yours",
+        description="Reads a finished export of one of your projects and makes a new project "
+        "with everything in it under new ids; the context is embedded again with this "
+        "deployment's model (its jobs are listed in `counts.context_jobs`). Secrets are not "
+        "in archives: `counts.secrets_to_set` names those to set. Follow it at "
+        "/my/projects/imports/{id}/.",
+        request=ImportInputSerializer,
+        responses={202: ArchiveJobOutputSerializer},
+    )
+    def post(self, request):
+        data = ImportInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        source = ArchiveJob.objects.filter(
+            kind=ArchiveJob.Kind.EXPORT, project__owner=request.user,
+            id=data.validated_data["export_id"],
+        ).first()  # fmt: skip
+        if source is None:
+            raise FieldNotFound({"export_id": ["No such export of yours."]})
+        if source.status != ArchiveJob.Status.DONE:
+            raise Conflict({"export_id": ["The export has not finished."]})
+        job = import_start(owner=request.user, source=source)
+        return Response(ArchiveJobOutputSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+
+@extend_schema(tags=["Projects"])
+class ImportDetailApi(APIView):
+    @extend_schema(operation_id="imports_retrieve", summary="An import's status",
+                   responses={200: ArchiveJobOutputSerializer})  # fmt: skip
+    def get(self, request, job_id):
+        jobs = ArchiveJob.objects.filter(kind=ArchiveJob.Kind.IMPORT, owner=request.user)
+        return Response(ArchiveJobOutputSerializer(get_or_404(jobs, id=job_id)).data)

@@ -11,4 +11,7 @@ class LifecycleConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import accounts  # noqa: F401  (its receivers: a deleted user's erasure)
+        from . import (  # noqa: F401  (they register themselves)
+            accounts,  # its receivers: a deleted user's erasure
+            receivers,  # a deleted project's archives
+        )

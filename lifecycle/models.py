@@ -1,5 +1,8 @@
 """Retention policies and reports, and the outbox of users' erasures."""
 
+import uuid
+
+from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
@@ -60,3 +63,46 @@ class AccountErasure(models.Model):
 
     def __str__(self) -> str:
         return f"erasure of user {self.user_id}"
+
+
+class ArchiveJob(models.Model):
+    """A project's export (its archive, a file under VAR_DIR/exports/<project id>/) or an
+    import of one export into a new project of the caller's."""
+
+    class Kind(models.TextChoices):
+        EXPORT = "export"
+        IMPORT = "import"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        DONE = "done"
+        ERROR = "error"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="archive_jobs"
+    )
+    # An export: the project exported. An import: the project it made (once made).
+    project = models.ForeignKey(
+        Project, on_delete=models.CASCADE, null=True, blank=True, related_name="archive_jobs"
+    )
+    # An import: the export it reads.
+    source = models.ForeignKey(
+        "self", on_delete=models.SET_NULL, null=True, blank=True, related_name="imports"
+    )
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.QUEUED)
+    error = models.TextField(blank=True, default="")
+    # Per section: how many records were written (export) or made (import).
+    counts = models.JSONField(default=dict, blank=True)
+    size_bytes = models.PositiveBigIntegerField(default=0)
+    seconds = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.id} ({self.status})"

@@ -52,7 +52,7 @@ class RetentionKind:
     # The deployment's default period (days; 0: keep forever).
     default: Callable[[], int]
     # Remove at most `limit` of the project's items older than `cutoff`, in one short
-    # transaction; return how many went (fewer than `limit`: nothing more is due).
+    # transaction; return how many went (0: nothing more is due).
     remove: Callable[[Project, datetime, int], int]
     # False: one call does all that is due (e.g. one Redis pipeline), never repeated.
     chunked: bool = True
@@ -238,7 +238,7 @@ def retention_sweep(
                 count = kind.remove(project, cutoff, chunk)
                 report.chunks += 1
                 removed[name] += count
-                if count < chunk or not kind.chunked:
+                if count == 0 or not kind.chunked:
                     break
             if not complete:
                 break

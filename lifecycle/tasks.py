@@ -8,6 +8,7 @@ from .accounts import (
     account_erasure_finish,
     account_erasures_owed,
 )
+from .exports import EXPORT_TASK, IMPORT_TASK, export_run, import_run
 from .retention import retention_sweep
 
 # How long a deleted user's erasure waits between looks at their projects' teardowns.
@@ -30,3 +31,15 @@ def sweep_retention() -> dict:
         account_erasure_dispatch(user_id=user_id)
     report = retention_sweep()
     return {"removed": report.removed, "complete": report.complete, "chunks": report.chunks}
+
+
+@shared_task(name=EXPORT_TASK)
+def export_project(*, job_id: str, project_id: str | None = None) -> str | None:
+    job = export_run(job_id=job_id)
+    return job.status if job else None
+
+
+@shared_task(name=IMPORT_TASK)
+def import_project(*, job_id: str) -> str | None:
+    job = import_run(job_id=job_id)
+    return job.status if job else None
