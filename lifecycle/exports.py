@@ -33,6 +33,7 @@ from django.utils.dateparse import parse_datetime
 from agentbus import publish
 from agents.models import Agent, AgentVersion, ProjectSecret, Tool
 from chat.models import ChatSession, Message, Run
+from common.services import on_commit_robust
 from context.services import context_documents_add
 from context.vectors import context_documents
 from governance.models import RunUsage, UsageDaily
@@ -135,11 +136,13 @@ def _load_agents(ctx: ImportContext, rows: list[dict[str, Any]]) -> int:
             project=ctx.project,
             **{f: row[f] for f in AGENT_FIELDS if f not in ("id", "created_at")},
         )
+        Agent.objects.filter(id=agent.id).update(created_at=_when(row["created_at"]))
         ctx.ids.setdefault("agent", {})[row["id"]] = agent.id
         for version in row.get("versions", []):
             made = AgentVersion.objects.create(
                 agent=agent, **{f: version[f] for f in VERSION_FIELDS if f != "created_at"}
             )
+            AgentVersion.objects.filter(id=made.id).update(created_at=_when(version["created_at"]))
             ctx.ids.setdefault("version", {})[f"{row['id']}:{version['number']}"] = made.id
     # Agent tools inside versions name their target by id: remap them.
     for version in AgentVersion.objects.filter(agent__project=ctx.project):
@@ -417,8 +420,9 @@ def archive_read(path: Path) -> tuple[dict[str, Any], dict[str, list[dict[str, A
 
 def import_start(*, owner, source: ArchiveJob) -> ArchiveJob:
     job = ArchiveJob.objects.create(kind=ArchiveJob.Kind.IMPORT, owner=owner, source=source)
-    transaction.on_commit(
-        lambda: current_app.send_task(IMPORT_TASK, kwargs={"job_id": str(job.id)})
+    on_commit_robust(
+        lambda: current_app.send_task(IMPORT_TASK, kwargs={"job_id": str(job.id)}),
+        name=f"import_project(job={job.id})",
     )
     return job
 

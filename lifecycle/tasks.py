@@ -2,6 +2,8 @@
 
 from celery import shared_task
 
+from agentbus import AgentBusTask
+
 from .accounts import (
     ERASE_TASK,
     account_erasure_dispatch,
@@ -33,7 +35,7 @@ def sweep_retention() -> dict:
     return {"removed": report.removed, "complete": report.complete, "chunks": report.chunks}
 
 
-@shared_task(name=EXPORT_TASK)
+@shared_task(base=AgentBusTask, name=EXPORT_TASK)
 def export_project(*, job_id: str, project_id: str | None = None) -> str | None:
     job = export_run(job_id=job_id)
     return job.status if job else None
