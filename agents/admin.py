@@ -5,7 +5,7 @@ from django import forms
 from django.contrib import admin
 from django.db.models import Count
 from django.urls import reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
 from workspaces.services import workspace_agent_sync_on_commit
 
@@ -41,41 +41,32 @@ class AgentAdminForm(forms.ModelForm):
         return params
 
 
-class AgentVersionInline(admin.TabularInline):
-    """An agent's versions, newest first, read-only (versions never change)."""
-
-    model = AgentVersion
-    fields = ("version_link", "model", "restored_from", "created_at")
-    readonly_fields = fields
-    ordering = ("-number",)
-    extra = 0
-    max_num = 0
-    can_delete = False
-    show_change_link = False
-
-    @admin.display(description="version")
-    def version_link(self, obj: AgentVersion):
-        return change_link("agents_agentversion", obj)
-
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
-
-
 @admin.register(Agent)
 class AgentAdmin(admin.ModelAdmin):
     form = AgentAdminForm
-    inlines = (AgentVersionInline,)
     list_display = ("name", "project_link", "owner", "model", "sessions_link", "created_at")
     list_filter = (("project", admin.RelatedOnlyFieldListFilter), "model", "created_at")
     search_fields = ("name", "system_prompt", "project__name", "project__owner__username", "=id")
     list_select_related = ("project", "project__owner")
     ordering = ("-created_at",)
     date_hierarchy = "created_at"
-    readonly_fields = ("id", "created_at", "updated_at")
+    readonly_fields = ("id", "created_at", "updated_at", "versions")
     raw_id_fields = ("project",)
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(session_count=Count("sessions"))
+
+    # A read-only list, not an inline: versions are never edited, and an inline's
+    # formset would have to be posted with every change of the agent.
+    @admin.display(description="versions (newest first)")
+    def versions(self, obj: Agent):
+        if obj.pk is None:
+            return "—"
+        links = [
+            change_link("agents_agentversion", version)
+            for version in obj.versions.order_by("-number")[:20]
+        ]
+        return format_html_join(", ", "{}", ((link,) for link in links)) or "—"
 
     @admin.display(description="project", ordering="project__name")
     def project_link(self, obj: Agent):

@@ -10,10 +10,11 @@ import itertools
 import pytest
 from django.urls import get_resolver
 
-from agents.models import Agent, ProjectSecret, Tool
+from agents.models import Agent, AgentVersion, ProjectSecret, Tool
 from chat.models import ChatSession, Message, Run
 from governance.models import ProjectApiKey, ProviderSettings
 from governance.services import api_key_create
+from lifecycle.models import ArchiveJob, RetentionPolicy
 from projects.models import Project
 from tests.factories import AgentFactory, ChatSessionFactory, MessageFactory, ProjectFactory
 
@@ -45,6 +46,14 @@ ROUTES = [
     ("/my/projects/{p}/chat/{s}/runs/{r}/", ["get"]),
     ("/my/projects/{p}/chat/{s}/runs/{r}/cancel/", ["post"]),
     ("/my/projects/{p}/chat/{s}/regenerate/", ["post"]),
+    ("/my/projects/{p}/agents/{a}/versions/", ["get"]),
+    ("/my/projects/{p}/agents/{a}/versions/{v}/", ["get"]),
+    ("/my/projects/{p}/agents/{a}/versions/{v}/diff/", ["get"]),
+    ("/my/projects/{p}/agents/{a}/versions/{v}/rollback/", ["post"]),
+    ("/my/projects/{p}/retention/", ["get", "put"]),
+    ("/my/projects/{p}/exports/", ["get", "post"]),
+    ("/my/projects/{p}/exports/{j}/", ["get"]),
+    ("/my/projects/{p}/exports/{j}/archive/", ["get"]),
 ]
 VALID_BODIES = {
     "/my/projects/{p}/": {"name": "renamed"},
@@ -64,6 +73,7 @@ VALID_BODIES = {
     "/my/projects/{p}/agents/{a}/tools/{t}/": {"description": "changed"},
     "/my/projects/{p}/secrets/": {"name": "OTHER", "value": "intruder"},
     "/my/projects/{p}/secrets/{n}/": {"value": "intruder"},
+    "/my/projects/{p}/retention/": {"sessions_days": 1},
 }
 
 
@@ -73,6 +83,7 @@ def _fill(template, ids):
         **{
             "j": "00000000-0000-4000-8000-000000000001",
             "k": "00000000-0000-4000-8000-000000000002",
+            "v": "1",  # an agent version's number
             **ids,
         }
     )
@@ -94,6 +105,9 @@ def _snapshot():
         sorted(Tool.objects.values_list("id", "name", "description", "updated_at")),
         sorted(ProjectSecret.objects.values_list("id", "name", "value")),
         sorted(Run.objects.values_list("id", "status")),
+        sorted(AgentVersion.objects.values_list("id", "number")),
+        sorted(RetentionPolicy.objects.values_list("project_id", "sessions_days")),
+        sorted(ArchiveJob.objects.values_list("id", "status")),
     )
 
 
@@ -228,6 +242,7 @@ def test_matrix_covers_every_route():
         .replace("<uuid:tool_id>", "{t}")
         .replace("<uuid:run_id>", "{r}")
         .replace("<str:name>", "{n}")
+        .replace("<int:number>", "{v}")
         for r in served
         if "<uuid:project_id>" in r and not r.startswith("admin/")
     }
