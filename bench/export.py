@@ -114,9 +114,9 @@ def main() -> None:
         # Distinct sentences of ~one chunk each.
         documents = [f"Fact number {i}: the archive keeps {i * 7} things in room {i % 97}."
                      for i in range(options.chunks)]  # fmt: skip
-        for i in range(0, len(documents), 500):
+        for i in range(0, len(documents), 100):  # the API takes 100 documents a request
             job = client.post(f"{base}/agents/{agent.id}/context/",
-                              json={"documents": documents[i : i + 500]}).json()  # fmt: skip
+                              json={"documents": documents[i : i + 100]}).json()  # fmt: skip
             done(f"{base}/agents/{agent.id}/context/jobs/{job['job_id']}/")
         for round_no in range(1, options.rounds + 1):
             t0 = time.perf_counter()
