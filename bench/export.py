@@ -133,7 +133,9 @@ def main() -> None:
             baseline = time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            export = client.post(f"{base}/exports/", json={}).json()
+            export = client.post(f"{base}/exports/", json={})
+            assert export.status_code == 202, (export.status_code, export.text)
+            export = export.json()
             export = done(f"{base}/exports/{export['id']}/")
             export_s = time.perf_counter() - t0
             t0 = time.perf_counter()

@@ -247,7 +247,7 @@ class ExportArchiveApi(ProjectScopedApi):
         operation_id="exports_archive",
         summary="Download an export's archive",
         description="The zip once the export is done; 404 before.",
-        responses={(200, "application/zip"): OpenApiTypes.BINARY},
+        responses={(200, "application/octet-stream"): OpenApiTypes.BINARY},
     )
     def get(self, request, project_id, job_id):
         job = _export_get(self.project, job_id)
@@ -256,7 +256,7 @@ class ExportArchiveApi(ProjectScopedApi):
             raise exceptions.NotFound("The archive is not ready.")
         return FileResponse(path.open("rb"), as_attachment=True,
                             filename=f"project-{job.project_id}.zip",
-                            content_type="application/zip")  # fmt: skip
+                            content_type="application/octet-stream")  # fmt: skip
 
 
 @extend_schema(tags=["Projects"])

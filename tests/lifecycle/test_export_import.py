@@ -71,7 +71,8 @@ def canonical(files: dict[str, list[dict]]) -> dict[str, list]:
 
 def archive_of(api, project_id, job_id) -> dict[str, list[dict]]:
     response = api.get(f"/my/projects/{project_id}/exports/{job_id}/archive/")
-    assert response.status_code == 200 and response["Content-Type"] == "application/zip"
+    assert response.status_code == 200, response.content
+    assert response["Content-Type"] == "application/octet-stream"
     data = b"".join(response.streaming_content)
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         return {
