@@ -336,6 +336,7 @@ archive_section_register("usage", dump=_dump_usage, load=_load_usage)
 # --- Export -------------------------------------------------------------------------------
 
 
+@transaction.atomic
 def export_start(*, project: Project, owner) -> ArchiveJob:
     job = ArchiveJob.objects.create(kind=ArchiveJob.Kind.EXPORT, owner=owner, project=project)
     # On the project's bus: the worker that runs it holds the vector store (context).
@@ -418,6 +419,7 @@ def archive_read(path: Path) -> tuple[dict[str, Any], dict[str, list[dict[str, A
 # --- Import -------------------------------------------------------------------------------
 
 
+@transaction.atomic
 def import_start(*, owner, source: ArchiveJob) -> ArchiveJob:
     job = ArchiveJob.objects.create(kind=ArchiveJob.Kind.IMPORT, owner=owner, source=source)
     on_commit_robust(
