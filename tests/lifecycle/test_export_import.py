@@ -66,6 +66,8 @@ def canonical(files: dict[str, list[dict]]) -> dict[str, list]:
             result[f"context/{agent}"] = rows
         else:
             result[name] = [clean(r, name) for r in rows]
+    # Usage totals are keyed by (day, agent, model): their order follows the agents' ids.
+    result["usage.jsonl"] = sorted(result.get("usage.jsonl", []), key=json.dumps)
     return result
 
 
