@@ -6,15 +6,16 @@ from django.conf import settings
 from django.contrib import admin
 from django.db.models import Count
 from django.urls import reverse
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
 from workspaces.services import workspace_agent_sync_on_commit
 
 from .memory import memory_block_create, memory_block_delete, memory_block_update
-from .models import Agent, MemoryBlock, MemoryChange, ProjectSecret, Tool
-from .services import TOOL_FIELDS, agent_delete
+from .models import Agent, AgentVersion, MemoryBlock, MemoryChange, ProjectSecret, Tool
+from .services import TOOL_FIELDS, agent_delete, agent_version_rollback
 from .tool_validation import validate_tool
 from .validators import validate_params
+from .versions import agent_version_record
 
 
 def changelist_link(model: str, label: str, **filters) -> str:
@@ -51,11 +52,23 @@ class AgentAdmin(admin.ModelAdmin):
     list_select_related = ("project", "project__owner")
     ordering = ("-created_at",)
     date_hierarchy = "created_at"
-    readonly_fields = ("id", "created_at", "updated_at")
+    readonly_fields = ("id", "created_at", "updated_at", "versions")
     raw_id_fields = ("project",)
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(session_count=Count("sessions"))
+
+    # A read-only list, not an inline: versions are never edited, and an inline's
+    # formset would have to be posted with every change of the agent.
+    @admin.display(description="versions (newest first)")
+    def versions(self, obj: Agent):
+        if obj.pk is None:
+            return "—"
+        links = [
+            change_link("agents_agentversion", version)
+            for version in obj.versions.order_by("-number")[:20]
+        ]
+        return format_html_join(", ", "{}", ((link,) for link in links)) or "—"
 
     @admin.display(description="project", ordering="project__name")
     def project_link(self, obj: Agent):
@@ -75,6 +88,7 @@ class AgentAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj: Agent, form, change) -> None:
         super().save_model(request, obj, form, change)
+        agent_version_record(agent=obj)
         workspace_agent_sync_on_commit(project_id=obj.project_id, agent_id=obj.id)
 
     def delete_model(self, request, obj: Agent) -> None:
@@ -121,6 +135,59 @@ class ToolAdmin(admin.ModelAdmin):
     @admin.display(description="agent", ordering="agent__name")
     def agent_link(self, obj: Tool):
         return change_link("agents_agent", obj.agent)
+
+    # A tool is part of its agent's definition: each change makes a version.
+    def save_model(self, request, obj: Tool, form, change) -> None:
+        super().save_model(request, obj, form, change)
+        agent_version_record(agent=obj.agent)
+
+    def delete_model(self, request, obj: Tool) -> None:
+        agent = obj.agent
+        super().delete_model(request, obj)
+        agent_version_record(agent=agent)
+
+    def delete_queryset(self, request, queryset) -> None:
+        agents = {tool.agent for tool in queryset.select_related("agent")}
+        super().delete_queryset(request, queryset)
+        for agent in agents:
+            agent_version_record(agent=agent)
+
+
+@admin.register(AgentVersion)
+class AgentVersionAdmin(admin.ModelAdmin):
+    """Versions are immutable: read-only here; the one action rolls an agent back to
+    the chosen version (as a new version)."""
+
+    list_display = ("__str__", "agent_link", "number", "model", "restored_from", "created_at")
+    list_filter = (("agent__project", admin.RelatedOnlyFieldListFilter),)
+    search_fields = ("agent__name", "=agent__id")
+    list_select_related = ("agent",)
+    ordering = ("-created_at",)
+    actions = ("rollback",)
+
+    def get_readonly_fields(self, request, obj=None):
+        return [field.name for field in AgentVersion._meta.fields]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.display(description="agent", ordering="agent__name")
+    def agent_link(self, obj: AgentVersion):
+        return change_link("agents_agent", obj.agent)
+
+    @admin.action(description="Roll the agent back to this version", permissions=["change"])
+    def rollback(self, request, queryset) -> None:
+        if queryset.count() != 1:
+            self.message_user(request, "Choose one version.", level="error")
+            return
+        version = queryset.select_related("agent").get()
+        new, skipped = agent_version_rollback(agent=version.agent, version=version)
+        note = f" (tools not restored: {', '.join(skipped)})" if skipped else ""
+        self.message_user(request, f"{version.agent} is now v{new.number}, equal to "
+                          f"v{version.number}{note}.")  # fmt: skip
 
 
 class ProjectSecretAdminForm(forms.ModelForm):

@@ -181,3 +181,37 @@ class MemoryChange(models.Model):
 
     def __str__(self) -> str:
         return f"{self.label} {self.action} by {self.actor}"
+class AgentVersion(models.Model):
+    """One immutable snapshot of an agent's definition: its prompt, model, parameters,
+    busy policy, tools and the sections other apps register (agents.versions). Made by
+    every change that alters the definition; never changed afterwards (no service
+    updates one, the admin shows them read-only). A session may pin one; a run records
+    the one it used."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="versions")
+    # 1, 2, 3… per agent.
+    number = models.PositiveIntegerField()
+    name = models.CharField(max_length=200)
+    system_prompt = models.TextField(blank=True, default="")
+    model = models.CharField(max_length=200, blank=True, default="")
+    params = models.JSONField(default=dict, blank=True)
+    busy_policy = models.CharField(max_length=16, blank=True, default="")
+    # The agent's tools as they were (secret *names* only: headers keep their
+    # `{{secret:NAME}}` templates, never values).
+    tools = models.JSONField(default=list, blank=True)
+    # Sections other apps add (agents.versions.version_section_register), e.g. memory
+    # block definitions: {"section name": its snapshot}.
+    sections = models.JSONField(default=dict, blank=True)
+    # This version restores an older one (a rollback): its number.
+    restored_from = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["agent", "-number"]
+        constraints = [
+            models.UniqueConstraint(fields=["agent", "number"], name="agent_version_number_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.agent_id} v{self.number}"

@@ -12,8 +12,9 @@ from projects.models import Project
 from projects.services import project_lock_for_write
 from workspaces.services import workspace_agent_sync_on_commit
 
-from .models import Agent, ProjectSecret, Tool
+from .models import Agent, AgentVersion, ProjectSecret, Tool
 from .signals import agent_deleted
+from .versions import agent_restore_rollback_unsafe, agent_version_record
 
 AGENT_FIELDS = ("name", "system_prompt", "model", "params", "busy_policy")
 
@@ -37,6 +38,7 @@ def agent_create(
         params=params or {},
         busy_policy=busy_policy,
     )
+    agent_version_record(agent=agent)
     # The workspace's AgentCache follows the committed row.
     workspace_agent_sync_on_commit(project_id=project.id, agent_id=agent.id)
     return agent
@@ -49,8 +51,26 @@ def agent_update(*, agent: Agent, data: dict[str, Any]) -> Agent:
         raise Http404("No such agent.")  # deleted meanwhile
     agent, changed = model_update(instance=agent, fields=AGENT_FIELDS, data=data)
     if changed:
+        agent_version_record(agent=agent)
         workspace_agent_sync_on_commit(project_id=agent.project_id, agent_id=agent.id)
     return agent
+
+
+@transaction.atomic
+def agent_version_rollback(
+    *, agent: Agent, version: AgentVersion
+) -> tuple[AgentVersion, list[str]]:
+    """Make the agent what `version` was, as a new version (history is never rewritten:
+    v1, v2, v3 rolled back to v1 gives v4 equal to v1). Returns the new version and the
+    tools that could not come back (their target agent was deleted since)."""
+    project_lock_for_write(project_id=agent.project_id)
+    agent = Agent.objects.filter(id=agent.id).first()
+    if agent is None:
+        raise Http404("No such agent.")  # deleted meanwhile
+    skipped = agent_restore_rollback_unsafe(agent=agent, version=version)
+    new = agent_version_record(agent=agent, restored_from=version.number, force=True)
+    workspace_agent_sync_on_commit(project_id=agent.project_id, agent_id=agent.id)
+    return new, skipped
 
 
 @transaction.atomic
@@ -98,7 +118,9 @@ def tool_create(*, agent: Agent, data: dict[str, Any]) -> Tool:
         del fields["timeout_seconds"]
     # A GET changes nothing, by HTTP's rules: repeatable unless said otherwise.
     fields.setdefault("safe_to_repeat", fields.get("method") == Tool.Method.GET)
-    return Tool.objects.create(agent=agent, **fields)
+    tool = Tool.objects.create(agent=agent, **fields)
+    agent_version_record(agent=agent)
+    return tool
 
 
 @transaction.atomic
@@ -106,7 +128,9 @@ def tool_update(*, tool: Tool, data: dict[str, Any]) -> Tool:
     project_lock_for_write(project_id=tool.agent.project_id)
     if not Tool.objects.filter(id=tool.id).exists():
         raise Http404("No such tool.")  # deleted meanwhile
-    tool, _changed = model_update(instance=tool, fields=TOOL_FIELDS, data=data)
+    tool, changed = model_update(instance=tool, fields=TOOL_FIELDS, data=data)
+    if changed:
+        agent_version_record(agent=tool.agent)
     return tool
 
 
@@ -115,6 +139,7 @@ def tool_delete(*, tool: Tool) -> None:
     project_lock_for_write(project_id=tool.agent.project_id)
     if not Tool.objects.filter(id=tool.id).delete()[0]:
         raise Http404("No such tool.")
+    agent_version_record(agent=tool.agent)
 
 
 @transaction.atomic

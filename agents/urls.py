@@ -1,6 +1,6 @@
 from django.urls import path
 
-from .apis import agents, memory, tools
+from .apis import agents, memory, tools, versions
 
 urlpatterns = [
     path("agents/", agents.AgentListCreateApi.as_view(), name="agent-list"),
@@ -10,6 +10,26 @@ urlpatterns = [
         "agents/<uuid:agent_id>/tools/<uuid:tool_id>/",
         tools.ToolDetailApi.as_view(),
         name="tool-detail",
+    ),
+    path(
+        "agents/<uuid:agent_id>/versions/",
+        versions.AgentVersionListApi.as_view(),
+        name="agent-version-list",
+    ),
+    path(
+        "agents/<uuid:agent_id>/versions/<int:number>/",
+        versions.AgentVersionDetailApi.as_view(),
+        name="agent-version-detail",
+    ),
+    path(
+        "agents/<uuid:agent_id>/versions/<int:number>/diff/",
+        versions.AgentVersionDiffApi.as_view(),
+        name="agent-version-diff",
+    ),
+    path(
+        "agents/<uuid:agent_id>/versions/<int:number>/rollback/",
+        versions.AgentVersionRollbackApi.as_view(),
+        name="agent-version-rollback",
     ),
     path("secrets/", tools.SecretListCreateApi.as_view(), name="secret-list"),
     path(

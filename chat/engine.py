@@ -28,6 +28,8 @@ from redis.exceptions import RedisError
 
 from agentbus import project_gone
 from agents.memory import memory_blocks_prompt
+from agents.models import AgentVersion
+from agents.versions import version_tool_rows
 from common.lifecycle import worker_stopping
 from common.tracing import log_context, span
 from context.sparse import agent_search_mode
@@ -479,7 +481,12 @@ def _prepare(*, run: Run, space) -> Prepared | None:
     if config is None:
         return None
     history = conversation(run.message)
-    tools = agent_tools(agent_id=run.agent_id)
+    pinned = _pinned_version(run)
+    if pinned is None:
+        tools = agent_tools(agent_id=run.agent_id)
+    else:  # the session keeps to a version: its prompt, model, parameters and tools
+        config = {**config, **{f: getattr(pinned, f) for f in ("system_prompt", "model", "params")}}
+        tools = agent_tools(agent_id=run.agent_id, rows=version_tool_rows(pinned))
     project_id = run.session.project_id
     secrets = project_secrets(project_id=project_id) if _uses_secrets(tools) else {}
     # Governance hook: the project's own provider settings, over the deployment's.
@@ -601,6 +608,13 @@ def _build_request(
         question=question,
         tools=[tool.as_openai() for tool in tools],
     )
+
+
+def _pinned_version(run: Run) -> AgentVersion | None:
+    """The version the run's session pins, when the run answers with it."""
+    if run.agent_version_id is None or run.session.agent_version_id != run.agent_version_id:
+        return None
+    return AgentVersion.objects.filter(id=run.agent_version_id).first()
 
 
 def _uses_secrets(tools: list[ToolSpec]) -> bool:

@@ -5,7 +5,7 @@ import uuid
 
 from django.db import models
 
-from agents.models import Agent
+from agents.models import Agent, AgentVersion
 from projects.models import Project
 
 
@@ -14,6 +14,10 @@ class ChatSession(models.Model):
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="sessions")
     agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="sessions")
     title = models.CharField(max_length=200, blank=True, default="")
+    # A version of the agent the session keeps to (null: the agent as it is now).
+    agent_version = models.ForeignKey(
+        AgentVersion, on_delete=models.RESTRICT, null=True, blank=True, related_name="+"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -89,6 +93,11 @@ class Run(models.Model):
     session = models.ForeignKey(ChatSession, on_delete=models.CASCADE, related_name="runs")
     message = models.OneToOneField(Message, on_delete=models.CASCADE, related_name="run")
     agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="runs")
+    # The version of the agent the run answers with (its session's pin, or the latest
+    # when it was accepted); null for runs older than versions.
+    agent_version = models.ForeignKey(
+        AgentVersion, on_delete=models.RESTRICT, null=True, blank=True, related_name="+"
+    )
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
     attempt = models.PositiveIntegerField(default=1)
     # How many times a worker claimed it (bounded: a run that keeps losing its worker

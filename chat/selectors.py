@@ -17,7 +17,7 @@ from .models import ChatSession, Message, Run
 
 
 def session_list(*, project: Project) -> QuerySet[ChatSession]:
-    return ChatSession.objects.filter(project=project)
+    return ChatSession.objects.filter(project=project).select_related("agent_version")
 
 
 def session_get(*, project: Project, session_id: uuid.UUID | str) -> ChatSession:
@@ -32,7 +32,11 @@ def message_list(*, session: ChatSession) -> QuerySet[Message]:
 
 
 def run_list(*, session: ChatSession) -> QuerySet[Run]:
-    return Run.objects.filter(session=session).order_by("-created_at", "-id")
+    return (
+        Run.objects.filter(session=session)
+        .select_related("agent_version")
+        .order_by("-created_at", "-id")
+    )
 
 
 def run_get(*, session: ChatSession, run_id: uuid.UUID | str) -> Run:

@@ -9,7 +9,7 @@ import uuid
 from django.db import transaction
 from django.http import Http404
 
-from agents.models import Agent
+from agents.models import Agent, AgentVersion
 from common.exceptions import Conflict
 from common.services import on_commit_robust
 from governance.usage import usage_admit
@@ -29,13 +29,21 @@ from .suspend import (
 
 
 @transaction.atomic
-def session_create(*, project: Project, agent: Agent, title: str = "") -> ChatSession:
+def session_create(
+    *, project: Project, agent: Agent, title: str = "", agent_version: AgentVersion | None = None
+) -> ChatSession:
+    """A session with `agent`; with `agent_version` (one of the agent's), its answers
+    keep to that version whatever the agent becomes."""
     if agent.project_id != project.id:
         raise ValueError("the agent belongs to another project")
+    if agent_version is not None and agent_version.agent_id != agent.id:
+        raise ValueError("the version belongs to another agent")
     project_lock_for_write(project_id=project.id)
     if not Agent.objects.filter(id=agent.id).exists():
         raise Http404("No such agent.")  # deleted meanwhile
-    return ChatSession.objects.create(project=project, agent=agent, title=title)
+    return ChatSession.objects.create(
+        project=project, agent=agent, title=title, agent_version=agent_version
+    )
 
 
 @transaction.atomic

@@ -25,6 +25,7 @@ from django.db.models import Exists, F, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from agents.models import Agent
+from agents.versions import agent_version_latest
 from common.tracing import current_trace_id
 from governance.usage import usage_charge, usage_record, usage_row_write, usage_run_ended
 from workspaces.redis import ScopedRedis, scoped
@@ -86,16 +87,30 @@ def run_create(
     answer = Message.objects.create(
         session=session, role=Message.Role.ASSISTANT, status=Message.Status.PENDING
     )
+    agent_id = agent.id if agent is not None else session.agent_id
+    # The version it answers with: the session's pin (for its own agent), else the latest.
+    if agent_id == session.agent_id and session.agent_version_id is not None:
+        version_id = session.agent_version_id
+    else:
+        latest = agent_version_latest(agent_id=agent_id)
+        version_id = latest.id if latest is not None else None
     run = Run.objects.create(
         id=run_id,
         session=session,
         message=answer,
-        agent_id=agent.id if agent is not None else session.agent_id,
+        agent_id=agent_id,
+        agent_version_id=version_id,
         parent=parent,
         depth=parent.depth + 1 if parent is not None else 0,
         trace_id=current_trace_id(),
     )
     return asked, answer, run
+
+
+def runs_steps_forget(*, run_ids: list[uuid.UUID]) -> int:
+    """Retention: the steps (tool calls and their results) of ended runs are dropped; the
+    run, its status and timings stay. Only ended runs: a live run's steps are its state."""
+    return Run.objects.filter(id__in=run_ids, status__in=Run.FINISHED).update(steps=[])
 
 
 def answer_supersede(*, message: Message) -> None:

@@ -319,3 +319,13 @@ def exception_handler(exc, context):
     if response.status_code == status.HTTP_503_SERVICE_UNAVAILABLE:
         response.setdefault("Retry-After", str(retry_after))
     return response
+
+
+class IntegerInputField(serializers.IntegerField):
+    """An integer input as the schema says it: a JSON number (DRF would also take "5",
+    true or 5.0)."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)

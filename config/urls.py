@@ -4,6 +4,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from common.apis import ObtainTokenApi
 from common.views import RedocView, home
+from lifecycle import urls as lifecycle_urls
 
 urlpatterns = [
     path("", home, name="home"),
@@ -19,6 +20,9 @@ urlpatterns = [
     path("my/projects/<uuid:project_id>/", include("context.urls")),
     path("my/projects/<uuid:project_id>/", include("governance.urls")),
     path("my/projects/<uuid:project_id>/", include("automation.urls")),
+    path("my/projects/<uuid:project_id>/", include(lifecycle_urls.project_urlpatterns)),
+    path("my/", include(lifecycle_urls.account_urlpatterns)),
+    path("my/projects/", include(lifecycle_urls.projects_urlpatterns)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("api/redoc/", RedocView.as_view(url_name="schema"), name="redoc"),

@@ -21,6 +21,7 @@ Isolation is structural: `VectorStore` has no method that touches points without
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import shutil
 import threading
@@ -320,6 +321,11 @@ def _index_schemas(m: Any) -> list[tuple[str, Any]]:
     ]
 
 
+# Edge optimiser settings that vacuum a segment with any deleted point (the defaults wait
+# for 20% deleted and 1,000 points).
+VACUUM_ALL = {"deleted_threshold": 0.0, "vacuum_min_vector_number": 1}
+
+
 class _EdgeEngine:
     """Shared collections as Qdrant Edge shards, one directory each under `root`."""
 
@@ -560,6 +566,30 @@ class _EdgeEngine:
         optimiser: the collections sweep calls this)."""
         with self._lock:
             self._shard(name).optimize()
+
+    def purge_deleted(self) -> None:
+        """Erase the bytes of deleted points (a user's erasure): every segment holding a
+        deleted point is vacuumed, and the write-ahead log, which still holds what was
+        written, goes once everything is flushed into the segments (a shard loads
+        without it). Each shard is closed meanwhile, under the lock."""
+        with self._lock:
+            for name in list(self._shards):
+                path = self.root / name
+                shard = self._shards.pop(name)
+                shard.flush()
+                shard.close()
+                config_path = path / "edge_config.json"
+                config = json.loads(config_path.read_text())
+                # Vacuum any segment with a deleted point, however few (kept for the
+                # collections sweep's optimise too: deleted context is gone from disk).
+                config["optimizers"] = {**(config.get("optimizers") or {}), **VACUUM_ALL}
+                config_path.write_text(json.dumps(config))
+                shard = self._open(path)
+                shard.optimize()
+                shard.flush()
+                shard.close()
+                shutil.rmtree(path / "wal", ignore_errors=True)
+                self._shards[name] = self._open(path)
 
     def close(self) -> None:
         with self._lock:
@@ -972,6 +1002,13 @@ class VectorStore:
         shared = self._shared()
         for name in self.shared_collections():
             shared.optimize(name)
+
+    def purge_deleted(self) -> None:
+        """Make deleted points unrecoverable from the embedded store's files (a Qdrant
+        server vacuums on its own schedule: its operator's concern)."""
+        purge = getattr(self._shared(), "purge_deleted", None)
+        if purge is not None:
+            purge()
 
     def close(self) -> None:
         for engine in self._engines.values():

@@ -21,7 +21,13 @@ from agents.models import Agent
 
 from .chunking import CHUNK_CHARS, chunk_text, point_id
 from .embeddings import get_embedder
-from .vectorstore import ContextHit, ContextPoint, TenantScope, get_vector_store
+from .vectorstore import (
+    ContextHit,
+    ContextPoint,
+    TenantScope,
+    get_vector_store,
+    shared_collection_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -280,3 +286,35 @@ def collections_sweep() -> list[str]:
         logger.warning("removed the vector context of %d deleted agents", len(dropped))
     store.optimize()
     return dropped
+
+
+def context_vacuum() -> None:
+    """Remove deleted points for good: the embedded store keeps their bytes on disk (in
+    segments until vacuumed, in its write-ahead log) after a delete. Workers only."""
+    get_vector_store().purge_deleted()
+
+
+def context_documents(
+    *, user_id: int, project_id: uuid.UUID | str, agent_id: str, page: int = 256
+) -> list[dict[str, Any]]:
+    """What the agent's context holds, one document per stored chunk ({"text", the
+    "metadata" it was given}), in the order it was stored: what an export carries and an
+    import embeds again with the deployment's model. Workers only."""
+    scope = _agent(user_id, project_id, agent_id)
+    embedder, store = get_embedder(), get_vector_store()
+    if store.layout == "shared":
+        collection = shared_collection_name(model=embedder.name, dim=embedder.dim)
+    else:
+        collection = scope.collection
+    documents, offset = [], None
+    while True:
+        points, offset = store.scroll(scope, collection=collection, offset=offset, limit=page)
+        for point in points:
+            payload = point.payload
+            order = (payload.get("stored_at") or 0, payload.get("document_index") or 0,
+                     payload.get("chunk_index") or 0)  # fmt: skip
+            documents.append((order, {"text": payload.get("text", ""),
+                                      "metadata": payload.get("metadata") or {}}))  # fmt: skip
+        if offset is None:
+            break
+    return [document for _, document in sorted(documents, key=lambda d: (d[0], d[1]["text"]))]

@@ -11,12 +11,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import logging
 from datetime import timedelta
 
 from django.conf import settings
 from django.contrib.admin.models import ADDITION, CHANGE, DELETION, LogEntry
+from django.db.models import Q
 from django.utils import timezone
 from django.utils.deprecation import MiddlewareMixin
 from rest_framework.throttling import BaseThrottle
@@ -45,6 +48,9 @@ def _who(request) -> dict:
     user = getattr(request, "user", None)
     if user is None or not user.is_authenticated:
         return {}
+    if user.pk is None:  # the request deleted its own user: recorded anonymised
+        return {"user": None, "username": getattr(request, "audit_pseudonym", ""),
+                "credential": AuditEvent.Credential.TOKEN}  # fmt: skip
     auth = getattr(request, "auth", None)
     if isinstance(auth, ProjectApiKey):
         credential, prefix = AuditEvent.Credential.KEY, auth.prefix
@@ -157,3 +163,24 @@ def audit_purge(*, batch: int = 5000) -> int:
         if not ids:
             return deleted
         deleted += AuditEvent.objects.filter(id__in=ids).delete()[0]
+
+
+def audit_pseudonym(user_id: int) -> str:
+    """What a deleted user's audit records say instead of their name: the same for all of
+    one user's records (they stay linkable), computable only with the deployment's key."""
+    digest = hmac.new(settings.SECRET_KEY.encode(), f"user:{user_id}".encode(), hashlib.sha256)
+    return f"deleted-user-{digest.hexdigest()[:12]}"
+
+
+def audit_anonymise_user(*, user_id: int, username: str) -> int:
+    """Keep a deleted user's audit trail in its anonymised form: no user id, no name (the
+    pseudonym instead, in `object_repr` too), no client address. The one update the
+    append-only trigger lets through (governance migration 0007) is exactly this one.
+    Returns how many records it anonymised."""
+    pseudonym = audit_pseudonym(user_id)
+    if username:  # their name as the object of others' records (the admin's user pages)
+        about = Q(user_id=user_id) | Q(action__endswith="auth.user")
+        AuditEvent.objects.filter(about, object_repr=username).update(object_repr=pseudonym)
+    return AuditEvent.objects.filter(user_id=user_id).update(
+        user_id=None, username=pseudonym, ip_address=None
+    )

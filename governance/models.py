@@ -222,3 +222,37 @@ class EmbeddingUsage(models.Model):
 
     def __str__(self) -> str:
         return f"job {self.job_id} from {self.batch_start}: {self.tokens} tokens"
+
+
+class UsageDaily(models.Model):
+    """Usage rolled up per UTC day: what raw `RunUsage` and `EmbeddingUsage` rows become
+    when retention removes them (governance.rollups), so usage reports and quotas stay
+    right. Plain ids: a deleted user's rows stay as anonymised totals (`user_id` null),
+    what an operator keeps for accounting."""
+
+    day = models.DateField()
+    project_id = models.UUIDField()
+    user_id = models.BigIntegerField(null=True, blank=True)
+    agent_id = models.UUIDField(null=True, blank=True)
+    model = models.CharField(max_length=200, blank=True, default="")
+    runs = models.PositiveBigIntegerField(default=0)
+    estimated_runs = models.PositiveBigIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    total_tokens = models.PositiveBigIntegerField(default=0)
+    tool_calls = models.PositiveBigIntegerField(default=0)
+    # Sum and count of the latencies reported, so means stay exact across rollups.
+    latency_ms_sum = models.PositiveBigIntegerField(default=0)
+    latency_count = models.PositiveBigIntegerField(default=0)
+    embedding_tokens = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["-day"]
+        indexes = [
+            models.Index(fields=["project_id", "day"], name="usagedaily_project_day"),
+            models.Index(fields=["user_id", "day"], name="usagedaily_user_day"),
+        ]
+        verbose_name_plural = "usage (daily rollups)"
+
+    def __str__(self) -> str:
+        return f"{self.day} {self.project_id}: {self.total_tokens} tokens"

@@ -44,7 +44,7 @@ from django.utils import timezone
 from common.exceptions import BackendUnavailable
 from common.redis import get_redis
 
-from .models import Quota, RunUsage
+from .models import Quota, RunUsage, UsageDaily
 from .sources import run_source
 
 logger = logging.getLogger(__name__)
@@ -206,9 +206,12 @@ def _limits(quota: Quota | None) -> list[int]:
 def scope_state(scope: Scope, now: datetime) -> dict:
     """What counts against a scope's limits now, as the database has it."""
     today = now.date()
-    sums = RunUsage.objects.filter(**scope.filter, day__gte=today.replace(day=1)).aggregate(
-        month=Sum("total_tokens"), day=Sum("total_tokens", filter=Q(day=today))
-    )
+    month = {**scope.filter, "day__gte": today.replace(day=1)}
+    spend = {"month": Sum("total_tokens"), "day": Sum("total_tokens", filter=Q(day=today))}
+    sums = RunUsage.objects.filter(**month).aggregate(**spend)
+    # What retention rolled up (governance.rollups) counts as much as the raw rows.
+    rolled = UsageDaily.objects.filter(**month).aggregate(**spend)
+    sums = {key: (sums[key] or 0) + (rolled[key] or 0) for key in spend}
     source = run_source()
     minute_start = now.replace(second=0, microsecond=0)
     return {

@@ -93,11 +93,13 @@ class ToolScope:
         return max(0.1, min(default, self.deadline - time.monotonic()))
 
 
-def agent_tools(*, agent_id: uuid.UUID | str) -> list[ToolSpec]:
-    """The agent's tools (a database read)."""
+def agent_tools(*, agent_id: uuid.UUID | str, rows: list[Tool] | None = None) -> list[ToolSpec]:
+    """The agent's tools (a database read), or those of `rows` (a pinned version's)."""
 
     specs = []
-    for tool in Tool.objects.filter(agent_id=agent_id).order_by("created_at", "id"):
+    if rows is None:
+        rows = list(Tool.objects.filter(agent_id=agent_id).order_by("created_at", "id"))
+    for tool in rows:
         if tool.kind == Tool.Kind.BUILTIN:
             builtin = BUILTIN_SPECS.get(tool.name)
             if builtin is None:

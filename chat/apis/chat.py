@@ -9,6 +9,7 @@ from common.api import (
     EnvelopeListMixin,
     EnvelopePagination,
     FieldNotFound,
+    IntegerInputField,
     StrictSerializer,
     TextField,
     UUIDField,
@@ -29,6 +30,11 @@ class SessionOutputSerializer(serializers.Serializer):
     id = serializers.UUIDField()
     project_id = serializers.UUIDField()
     agent_id = serializers.UUIDField()
+    agent_version = serializers.IntegerField(
+        source="agent_version.number",
+        allow_null=True,
+        help_text="The agent version the session keeps to; null: the agent as it is.",
+    )
     title = serializers.CharField()
     created_at = serializers.DateTimeField()
 
@@ -39,6 +45,14 @@ class SessionOutputSerializer(serializers.Serializer):
 class SessionInputSerializer(StrictSerializer):
     agent_id = UUIDField(help_text="The agent of this project that answers.")
     title = TextField(max_length=200, allow_blank=True, required=False)
+    agent_version = IntegerInputField(
+        min_value=1,
+        max_value=2**31 - 1,
+        required=False,
+        allow_null=True,
+        help_text="Pin a version of the agent (…/agents/{agent_id}/versions/): the "
+        "session's answers use its prompt, model, parameters and tools.",
+    )
 
     class Meta:
         ref_name = "SessionInput"
@@ -122,7 +136,9 @@ class SessionListCreateApi(EnvelopeListMixin, ProjectScopedApi):
         responses={
             201: SessionOutputSerializer,
             **error_responses(
-                404, _404="No such project, or `agent_id` names no agent of this project."
+                404,
+                _404="No such project, `agent_id` names no agent of this project, or "
+                "`agent_version` no version of it.",
             ),
         },
     )
@@ -132,8 +148,16 @@ class SessionListCreateApi(EnvelopeListMixin, ProjectScopedApi):
         agent = agent_list(project=self.project).filter(id=data.validated_data["agent_id"]).first()
         if agent is None:
             raise _no_such_agent()
+        version = None
+        if data.validated_data.get("agent_version") is not None:
+            version = agent.versions.filter(number=data.validated_data["agent_version"]).first()
+            if version is None:
+                raise FieldNotFound({"agent_version": ["No such version of this agent."]})
         session = session_create(
-            project=self.project, agent=agent, title=data.validated_data.get("title", "")
+            project=self.project,
+            agent=agent,
+            title=data.validated_data.get("title", ""),
+            agent_version=version,
         )
         return Response(SessionOutputSerializer(session).data, status=status.HTTP_201_CREATED)
 

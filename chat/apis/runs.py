@@ -96,6 +96,11 @@ class RunOutputSerializer(serializers.Serializer):
     session_id = serializers.UUIDField()
     message_id = serializers.IntegerField(help_text="The assistant message it produces.")
     agent_id = serializers.UUIDField()
+    agent_version = serializers.IntegerField(
+        source="agent_version.number",
+        allow_null=True,
+        help_text="The agent version it answered with (…/agents/{agent_id}/versions/).",
+    )
     status = serializers.ChoiceField(choices=Run.Status.choices)
     error = serializers.CharField(help_text="Why it ended in error; empty otherwise.")
     model = serializers.CharField(help_text="The model it asked; empty before it started.")

@@ -53,6 +53,7 @@ INSTALLED_APPS = [
     "django_celery_beat",  # schedules: beat's database scheduler (automation)
     "automation",
     "observability",  # rollups, dashboards, process metrics (reads the apps above)
+    "lifecycle",  # retention, export and import, a user's erasure
 ]
 
 MIDDLEWARE = [
@@ -367,6 +368,13 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": _SWEEP_SECONDS,
         "options": {"expires": 60.0},
     },
+}
+# Removes what retention lets go (lifecycle.retention), in bounded chunks; also sends
+# again the erasures of deleted users that are still owed.
+CELERY_BEAT_SCHEDULE["lifecycle.retention_sweep"] = {
+    "task": "lifecycle.retention_sweep",
+    "schedule": env.float("RETENTION_SWEEP_SECONDS", default=3600),
+    "options": {"expires": 600.0},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
@@ -737,3 +745,19 @@ LOGGING["filters"]["quiet_periodic_tasks"]["tasks"].append("observability.rollup
 TOOL_APPROVAL_KINDS = env.list("TOOL_APPROVAL_KINDS", default=[])
 RUN_APPROVAL_TIMEOUT_SECONDS = env.float("RUN_APPROVAL_TIMEOUT_SECONDS", default=24 * 3600)
 AGENT_CALLS_SUSPEND = env.bool("AGENT_CALLS_SUSPEND", default=True)
+# --- Lifecycle: retention, export and import, a user's erasure ----------------------
+# Deployment defaults, in days (0: keep forever); a project may set its own
+# (…/retention/). Sessions: a chat session with no message for this long goes, with
+# its messages and runs. Run steps: the tool calls kept on runs that ended this long
+# ago. Events: a session's event history (Redis stream; streams also expire a week
+# after their last event). Usage: raw usage rows, rolled up per day first.
+RETENTION_SESSIONS_DAYS = env.int("RETENTION_SESSIONS_DAYS", default=0)
+RETENTION_RUN_STEPS_DAYS = env.int("RETENTION_RUN_STEPS_DAYS", default=0)
+RETENTION_EVENTS_DAYS = env.int("RETENTION_EVENTS_DAYS", default=0)
+RETENTION_USAGE_DAYS = env.int("RETENTION_USAGE_DAYS", default=0)
+# Rows one step of the sweep removes in one transaction, and how long a sweep may run.
+RETENTION_CHUNK = env.int("RETENTION_CHUNK", default=1000)
+RETENTION_SWEEP_BUDGET_SECONDS = env.float("RETENTION_SWEEP_BUDGET_SECONDS", default=300)
+# May a user delete their own account (DELETE /my/account/)? Operators can always, in
+# the admin.
+ACCOUNT_SELF_DELETE = env.bool("ACCOUNT_SELF_DELETE", default=False)

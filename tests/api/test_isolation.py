@@ -11,12 +11,13 @@ import uuid
 import pytest
 from django.urls import get_resolver
 
-from agents.models import Agent, ProjectSecret, Tool
+from agents.models import Agent, AgentVersion, ProjectSecret, Tool
 from automation.models import Schedule, WebhookDelivery, WebhookEndpoint
 from automation.schedules import schedule_create
 from chat.models import ChatSession, Message, Run
 from governance.models import ProjectApiKey, ProviderSettings
 from governance.services import api_key_create
+from lifecycle.models import ArchiveJob, RetentionPolicy
 from projects.models import Project
 from tests.factories import AgentFactory, ChatSessionFactory, MessageFactory, ProjectFactory
 
@@ -58,6 +59,14 @@ ROUTES = [
     ("/my/projects/{p}/webhooks/{w}/rotate-secret/", ["post"]),
     ("/my/projects/{p}/webhooks/{w}/deliveries/", ["get"]),
     ("/my/projects/{p}/webhooks/{w}/deliveries/{d}/replay/", ["post"]),
+    ("/my/projects/{p}/agents/{a}/versions/", ["get"]),
+    ("/my/projects/{p}/agents/{a}/versions/{v}/", ["get"]),
+    ("/my/projects/{p}/agents/{a}/versions/{v}/diff/", ["get"]),
+    ("/my/projects/{p}/agents/{a}/versions/{v}/rollback/", ["post"]),
+    ("/my/projects/{p}/retention/", ["get", "put"]),
+    ("/my/projects/{p}/exports/", ["get", "post"]),
+    ("/my/projects/{p}/exports/{j}/", ["get"]),
+    ("/my/projects/{p}/exports/{j}/archive/", ["get"]),
 ]
 VALID_BODIES = {
     "/my/projects/{p}/": {"name": "renamed"},
@@ -88,6 +97,7 @@ VALID_BODIES = {
     "/my/projects/{p}/schedules/{sc}/": {"enabled": False},
     "/my/projects/{p}/webhooks/": {"url": "https://example.com/h", "events": ["run.failed"]},
     "/my/projects/{p}/webhooks/{w}/": {"enabled": False},
+    "/my/projects/{p}/retention/": {"sessions_days": 1},
 }
 
 
@@ -97,6 +107,7 @@ def _fill(template, ids):
         **{
             "j": "00000000-0000-4000-8000-000000000001",
             "k": "00000000-0000-4000-8000-000000000002",
+            "v": "1",  # an agent version's number
             **ids,
         }
     )
@@ -121,6 +132,9 @@ def _snapshot():
         sorted(Schedule.objects.values_list("id", "name", "enabled", "updated_at")),
         sorted(WebhookEndpoint.objects.values_list("id", "url", "enabled", "events")),
         sorted(WebhookDelivery.objects.values_list("id", "status", "next_attempt_at")),
+        sorted(AgentVersion.objects.values_list("id", "number")),
+        sorted(RetentionPolicy.objects.values_list("project_id", "sessions_days")),
+        sorted(ArchiveJob.objects.values_list("id", "status")),
     )
 
 
@@ -272,6 +286,7 @@ def test_matrix_covers_every_route():
         .replace("<uuid:schedule_id>", "{sc}")
         .replace("<uuid:webhook_id>", "{w}")
         .replace("<str:delivery_id>", "{d}")
+        .replace("<int:number>", "{v}")
         for r in served
         if "<uuid:project_id>" in r and not r.startswith("admin/")
     }

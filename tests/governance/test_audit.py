@@ -119,9 +119,10 @@ def test_records_older_than_the_retention_are_purged(project, settings):
     assert list(AuditEvent.objects.values_list("path", flat=True)) == ["/29/"]
 
 
-def test_a_user_with_audit_records_can_be_deleted_and_the_record_keeps_who(api, user):
-    """Deleting the user must not rewrite their records: on PostgreSQL the append-only
-    trigger refuses any UPDATE, which a SET_NULL foreign key would be."""
+def test_a_user_with_audit_records_can_be_deleted_and_the_records_stay_anonymised(api, user):
+    """Deleting the user keeps their records, anonymised: no user id, no name (a
+    pseudonym, the same on all of them), no address; on PostgreSQL the append-only
+    trigger lets exactly that update through and still refuses any other."""
     created = api.post("/my/projects/", {"name": "to go"}, format="json").json()
     api.patch(f"/my/projects/{created['id']}/", {"description": "d"}, format="json")
     recorded = AuditEvent.objects.filter(user_id=user.id).count()
@@ -132,8 +133,14 @@ def test_a_user_with_audit_records_can_be_deleted_and_the_record_keeps_who(api, 
     response = admin.post(f"/admin/auth/user/{user.id}/delete/", {"post": "yes"})
     assert response.status_code == 302, response.content[:500]
     assert not type(user).objects.filter(id=user.id).exists()
-    kept = AuditEvent.objects.filter(username=user.username, project_id=created["id"])
+    assert not AuditEvent.objects.filter(username=user.username).exists()
+    kept = AuditEvent.objects.filter(project_id=created["id"])
     assert kept.count() == recorded
+    assert len(set(kept.values_list("username", flat=True))) == 1
+    assert kept.first().username.startswith("deleted-user-")
+    assert set(kept.values_list("user_id", "ip_address")) == {(None, None)}
     if connection.vendor == "postgresql":  # history still cannot be rewritten
         with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
             kept.update(username="someone else")
+        with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
+            kept.update(username="deleted-user-x", path="/elsewhere/")

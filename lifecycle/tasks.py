@@ -1,0 +1,47 @@
+"""Lifecycle tasks: thin, by id, tolerant of the row being gone."""
+
+from celery import shared_task
+
+from agentbus import AgentBusTask
+
+from .accounts import (
+    ERASE_TASK,
+    account_erasure_dispatch,
+    account_erasure_finish,
+    account_erasures_owed,
+)
+from .exports import EXPORT_TASK, IMPORT_TASK, export_run, import_run
+from .retention import retention_sweep
+
+# How long a deleted user's erasure waits between looks at their projects' teardowns.
+ERASE_RETRY_SECONDS = 2.0
+ERASE_MAX_RETRIES = 300
+
+
+@shared_task(name=ERASE_TASK, bind=True, max_retries=ERASE_MAX_RETRIES)
+def erase_account(self, *, user_id: int) -> bool:
+    if not account_erasure_finish(user_id=user_id):
+        # Teardowns still owed (they retry while a backend is down); the sweep sends
+        # this again if the retries run out.
+        raise self.retry(countdown=ERASE_RETRY_SECONDS)
+    return True
+
+
+@shared_task(name="lifecycle.retention_sweep")
+def sweep_retention() -> dict:
+    for user_id in account_erasures_owed():
+        account_erasure_dispatch(user_id=user_id)
+    report = retention_sweep()
+    return {"removed": report.removed, "complete": report.complete, "chunks": report.chunks}
+
+
+@shared_task(base=AgentBusTask, name=EXPORT_TASK)
+def export_project(*, job_id: str, project_id: str | None = None) -> str | None:
+    job = export_run(job_id=job_id)
+    return job.status if job else None
+
+
+@shared_task(name=IMPORT_TASK)
+def import_project(*, job_id: str) -> str | None:
+    job = import_run(job_id=job_id)
+    return job.status if job else None
