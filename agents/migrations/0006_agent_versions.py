@@ -27,7 +27,7 @@ def first_versions(apps, schema_editor):
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('agents', '0005_chat_models_moved'),
+        ("agents", "0005_chat_models_moved"),
     ]
 
     operations = [

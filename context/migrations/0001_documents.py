@@ -10,7 +10,7 @@ class Migration(migrations.Migration):
     initial = True
 
     dependencies = [
-        ('agents', '0006_memory_blocks'),
+        ('agents', '0007_memory_blocks'),
     ]
 
     operations = [

@@ -45,7 +45,7 @@ def _on_postgresql(sql):
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('governance', '0006_audit_outlives_its_users'),
+        ("governance", "0006_audit_outlives_its_users"),
     ]
 
     operations = [

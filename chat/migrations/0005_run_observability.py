@@ -7,7 +7,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('agents', '0005_chat_models_moved'),
-        ("chat", "0003_suspended_runs"),
+        ("chat", "0004_suspended_runs"),
     ]
 
     operations = [

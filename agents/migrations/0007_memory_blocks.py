@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ("agents", "0005_chat_models_moved"),
+        ("agents", "0006_agent_versions"),
     ]
 
     operations = [

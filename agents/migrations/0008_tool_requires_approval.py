@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ("agents", "0006_memory_blocks"),
+        ("agents", "0007_memory_blocks"),
     ]
 
     operations = [

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ("chat", "0002_message_citations"),
+        ("chat", "0003_message_citations"),
     ]
 
     operations = [
