@@ -181,6 +181,8 @@ class MemoryChange(models.Model):
 
     def __str__(self) -> str:
         return f"{self.label} {self.action} by {self.actor}"
+
+
 class AgentVersion(models.Model):
     """One immutable snapshot of an agent's definition: its prompt, model, parameters,
     busy policy, tools and the sections other apps register (agents.versions). Made by
