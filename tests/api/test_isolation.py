@@ -11,10 +11,11 @@ import uuid
 import pytest
 from django.urls import get_resolver
 
-from agents.models import Agent, AgentVersion, ProjectSecret, Tool
+from agents.models import Agent, AgentVersion, MemoryBlock, ProjectSecret, Tool
 from automation.models import Schedule, WebhookDelivery, WebhookEndpoint
 from automation.schedules import schedule_create
 from chat.models import ChatSession, Message, Run
+from context.models import ContextDocument
 from governance.models import ProjectApiKey, ProviderSettings
 from governance.services import api_key_create
 from lifecycle.models import ArchiveJob, RetentionPolicy
@@ -64,6 +65,11 @@ ROUTES = [
     ("/my/projects/{p}/agents/{a}/versions/{v}/diff/", ["get"]),
     ("/my/projects/{p}/agents/{a}/versions/{v}/rollback/", ["post"]),
     ("/my/projects/{p}/retention/", ["get", "put"]),
+    ("/my/projects/{p}/agents/{a}/context/files/", ["get", "post"]),
+    ("/my/projects/{p}/agents/{a}/context/files/{doc}/", ["get", "delete"]),
+    ("/my/projects/{p}/agents/{a}/memory/", ["get", "post"]),
+    ("/my/projects/{p}/agents/{a}/memory/changes/", ["get"]),
+    ("/my/projects/{p}/agents/{a}/memory/{lb}/", ["get", "patch", "delete"]),
     ("/my/projects/{p}/exports/", ["get", "post"]),
     ("/my/projects/{p}/exports/{j}/", ["get"]),
     ("/my/projects/{p}/exports/{j}/archive/", ["get"]),
@@ -98,6 +104,9 @@ VALID_BODIES = {
     "/my/projects/{p}/webhooks/": {"url": "https://example.com/h", "events": ["run.failed"]},
     "/my/projects/{p}/webhooks/{w}/": {"enabled": False},
     "/my/projects/{p}/retention/": {"sessions_days": 1},
+    "/my/projects/{p}/agents/{a}/context/files/": {"url": "https://example.com/a.txt"},
+    "/my/projects/{p}/agents/{a}/memory/": {"label": "intruder", "value": "x"},
+    "/my/projects/{p}/agents/{a}/memory/{lb}/": {"value": "intruder"},
 }
 
 
@@ -108,6 +117,8 @@ def _fill(template, ids):
             "j": "00000000-0000-4000-8000-000000000001",
             "k": "00000000-0000-4000-8000-000000000002",
             "v": "1",  # an agent version's number
+            "doc": "00000000-0000-4000-8000-000000000003",  # a context document's id
+            "lb": "persona",  # every agent of the world has a memory block of that label
             **ids,
         }
     )
@@ -135,11 +146,14 @@ def _snapshot():
         sorted(AgentVersion.objects.values_list("id", "number")),
         sorted(RetentionPolicy.objects.values_list("project_id", "sessions_days")),
         sorted(ArchiveJob.objects.values_list("id", "status")),
+        sorted(MemoryBlock.objects.values_list("id", "label", "value", "updated_at")),
+        sorted(ContextDocument.objects.values_list("id", "status")),
     )
 
 
 def _tool_secret_and_run(project, agent, session):
     tool = Tool.objects.create(agent=agent, kind="builtin", name="search_context")
+    MemoryBlock.objects.create(agent=agent, label="persona", value=f"of {project.id}")
     ProjectSecret.objects.create(project=project, name="API_TOKEN", value=f"v-{project.id}")
     # A finished answer: regenerating it would be allowed, were the session the caller's.
     answer = MessageFactory(session=session, role="assistant", status="done", content="hi")
@@ -287,6 +301,8 @@ def test_matrix_covers_every_route():
         .replace("<uuid:webhook_id>", "{w}")
         .replace("<str:delivery_id>", "{d}")
         .replace("<int:number>", "{v}")
+        .replace("<uuid:document_id>", "{doc}")
+        .replace("<str:label>", "{lb}")
         for r in served
         if "<uuid:project_id>" in r and not r.startswith("admin/")
     }
