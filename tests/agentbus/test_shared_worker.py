@@ -203,7 +203,10 @@ def test_a_backlog_does_not_starve_another_project(request):
     overtaking = [s for s in tasks.started("busy") if sent_at < s["at"] < quiet_started]
     # Round robin: at most the busy tasks already fetched or running run first.
     assert len(overtaking) <= 8, len(overtaking)
-    assert active.queue_depth(busy) > 150
+    # ...while most of the backlog still waited (counted at the quiet task's start, not
+    # when this test gets to look: the worker goes on draining meanwhile).
+    before_quiet = [s for s in tasks.started("busy") if s["at"] < quiet_started]
+    assert len(before_quiet) < 150, len(before_quiet)
 
 
 def test_a_retried_agent_task_goes_back_to_its_project_queue(live_worker, redis_client):

@@ -58,7 +58,7 @@ def test_the_owner_of_a_project_cannot_be_changed_in_the_admin(admin_client, use
     project = ProjectFactory(owner=user)
     response = admin_client.post(
         f"/admin/projects/project/{project.id}/change/",
-        {"name": "renamed", "description": "", "owner": other_user.pk},
+        {"name": "renamed", "description": "", "owner": other_user.pk, "flow_max_in_flight": 0},
         follow=True,
     )
     assert response.status_code == 200

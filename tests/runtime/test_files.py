@@ -244,6 +244,9 @@ def test_answers_cite_the_chunks_they_drew_on(live_worker, api, project, redis_c
     kind, data, events, answer = ask(api, redis_client, session, "And again?")
     assert kind == "message.completed", data
     (result,) = of(events, "tool.result")[-1:]
-    assert result["citations"][0]["page"] == 2
+    # The remembered exchange that asked about it may score the same: order of ties is
+    # the store's; what counts is that the document's chunk is cited with its page.
+    (cited,) = [c for c in result["citations"] if c.get("document_id") == str(document.id)]
+    assert cited["page"] == 2 and cited["source"] == "refunds.pdf", result
     assert [c["index"] for c in data["citations"]] == [None] * len(data["citations"])
-    assert data["citations"][0]["document_id"] == str(document.id)
+    assert str(document.id) in [c.get("document_id") for c in data["citations"]]
