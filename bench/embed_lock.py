@@ -151,9 +151,22 @@ def classify(raw: Path) -> dict:
     return {"run": run, "waiting": waiting, "in_query": in_query}
 
 
+# The embedders' `query` as py-spy names them (the code object's own name: the earlier
+# ones keep theirs when patched in), and their files (py-spy shortens the paths).
+QUERY_FRAMES = {
+    "query": "embeddings.py",
+    "one_lock_query": "embed_lock.py",
+    "batching_query": "embed_lock.py",
+}
+SOURCES = {
+    "embeddings.py": ROOT / "context" / "embeddings.py",
+    "embed_lock.py": ROOT / "bench" / "embed_lock.py",
+}
+
+
 def _is_query(frame: str) -> bool:
     name, _, where = frame.partition(" (")
-    return name == "query" and ("embeddings.py" in where or "embed_lock.py" in where)
+    return name in QUERY_FRAMES and where.split(":")[0].endswith(QUERY_FRAMES[name])
 
 
 def _takes_lock(frame: str) -> bool:
@@ -161,7 +174,7 @@ def _takes_lock(frame: str) -> bool:
     path, _, lineno = where.rpartition(":")
     if not lineno.isdigit():
         return False
-    source = linecache.getline(str(ROOT / path) if not path.startswith("/") else path, int(lineno))
+    source = linecache.getline(str(SOURCES[Path(path).name]), int(lineno))
     return "lock" in source and ("with " in source or "acquire" in source)
 
 
@@ -271,7 +284,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--latency", type=float, default=1.0, help="LLM answer s; 0: offline")
+    parser.add_argument("--classify", nargs="+", help="only classify these py-spy raw files")
     args = parser.parse_args()
+    if args.classify:
+        for raw in args.classify:
+            counts = classify(Path(raw))
+            print(
+                f"{raw}: run samples {counts['run']}, waiting "
+                f"{100 * counts['waiting'] / counts['run']:.1f} %, in query "
+                f"{100 * counts['in_query'] / counts['run']:.1f} %"
+            )
+        return
     call_command("migrate", verbosity=0)
     print(f"load average before: {os.getloadavg()}")
     provider = f"fake OpenAI, {args.latency:g} s per answer" if args.latency else "offline"
