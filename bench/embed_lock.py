@@ -33,8 +33,10 @@ The earlier two are put back in the worker process by a wrapper that patches the
 before Celery starts; the rest of the tree is the same.
 
 Left out: more than one worker or web process, a real LLM (its latency is all the stub
-adds), beat, and the passage (memory) embedder's lock is counted as run work, not as a
-wait on the question lock. py-spy's sampling costs the worker some CPU (same for both).
+adds), beat; the passage (memory) embedder's lock is counted as run work, not as a wait
+on the question lock. py-spy's --idle sampling of 100+ threads costs the worker CPU
+and drops samples on a loaded machine (the sample counts differ between rounds); the
+shares are of the samples taken. `--classify FILE...` reads saved profiles again.
 """
 
 from __future__ import annotations
@@ -253,6 +255,15 @@ def one_round(variant: str, runs: int, latency: float) -> dict:
         time.sleep(1.5)  # py-spy attached
         started = time.time()
         codes = asyncio.run(post_each(stack.url, token, paths[2:]))
+        for _ in range(30):  # a 503 (web at capacity) is posted again, as a client would
+            refused = [p for p, code in zip(paths[2:], codes, strict=True) if code == 503]
+            if not refused:
+                break
+            time.sleep(1)
+            again = dict(
+                zip(refused, asyncio.run(post_each(stack.url, token, refused)), strict=True)
+            )
+            codes = [again.get(p, code) for p, code in zip(paths[2:], codes, strict=True)]
         if set(codes) != {202}:
             raise SystemExit(f"POSTs answered {collections.Counter(codes)}")
         last = wait_runs_done(answers(sessions[2:]), timeout=900)
