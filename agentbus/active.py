@@ -33,6 +33,7 @@ import redis
 from celery import current_app
 from django.conf import settings
 
+from common.budget import Budget
 from common.redis import broker_redis
 
 from .broker import (
@@ -248,7 +249,10 @@ def reap_idle_queues(*, idle_seconds: float | None = None, batch: int = 500) -> 
     steps = keys_per_project_queue()
     retired: list[str] = []
     offset = 0
-    while True:
+    budget = Budget(settings.AGENTBUS_REAP_BUDGET_SECONDS)
+    batches = 0
+    while not batches or not budget.over():  # past its budget: the next run goes on
+        batches += 1
         candidates = client.zrangebyscore(ACTIVE_KEY, "-inf", cutoff, start=offset, num=batch)
         if not candidates:
             break

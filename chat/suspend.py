@@ -44,6 +44,7 @@ from django.utils import timezone
 from jsonschema import Draft202012Validator
 
 from agents.models import Agent
+from common.budget import Budget
 from common.services import on_commit_robust
 from governance.quotas import QuotaUnavailable
 from governance.usage import QuotaExceeded, usage_admit
@@ -292,11 +293,25 @@ def run_decide(
 # --- The recovery pass's part -------------------------------------------------------------
 
 
-def runs_waiting_recover(*, limit: int = 500) -> dict[str, int]:
+def runs_waiting_recover(*, limit: int = 500, budget: float | None = None) -> dict[str, int]:
     """End the waiting runs past their deadline (an approval not given in time), cancel
     the agents a caller waited for too long (it goes on, told), and resume the callers
-    whose agents all ended while their resume was lost."""
+    whose agents all ended while their resume was lost.
+
+    Within `budget` seconds (by default RUN_RECOVERY_SECONDS; common.budget): past it,
+    it stops between runs, at least one done, and the next pass goes on (`unfinished`)."""
     done = {"waits_expired": 0, "waits_resumed": 0}
+    clock = Budget(settings.RUN_RECOVERY_SECONDS if budget is None else budget)
+    handled = 0
+
+    def in_time() -> bool:
+        nonlocal handled
+        handled += 1
+        if handled > 1 and clock.over():
+            done["unfinished"] = 1
+            return False
+        return True
+
     now = timezone.now()
     late = list(
         Run.objects.filter(status=Run.Status.WAITING, waiting_until__lt=now)
@@ -304,6 +319,8 @@ def runs_waiting_recover(*, limit: int = 500) -> dict[str, int]:
         .order_by("waiting_until")[:limit]
     )
     for run in late:
+        if not in_time():
+            return done
         if (run.suspended or {}).get("reason") == AGENTS:
             # As a call that timed out: the callees still at work are cancelled and the
             # caller goes on, its model told (the calls' results say they were cancelled).
@@ -329,6 +346,8 @@ def runs_waiting_recover(*, limit: int = 500) -> dict[str, int]:
         .values_list("id", flat=True)[:limit]
     )
     for run_id in list(callers):
+        if not in_time():
+            return done
         if caller_resume_if_answered(run_id=run_id):
             done["waits_resumed"] += 1
     return done

@@ -10,8 +10,10 @@ published under, so messages already queued still find their task.
 from __future__ import annotations
 
 from celery import shared_task
+from django.conf import settings
 
 from agentbus import AgentBusTask
+from common.budget import Budget
 
 from .dispatch import RUN_TASK, run_next_dispatch_after, runs_recover
 from .engine import AgentRunFailed, chat_run
@@ -36,4 +38,8 @@ def recover_runs() -> dict:
     """Beat: dispatch again the runs that were lost (see chat.dispatch); end the waiting
     runs past their deadline and resume the callers whose agents all answered
     (chat.suspend)."""
-    return {**runs_recover(), **runs_waiting_recover()}
+    # One budget for the whole pass, its interval (Celery's limits are not enforced in
+    # the thread pool): the waiting runs get what the lost ones left, at least one each.
+    budget = Budget(settings.RUN_RECOVERY_SECONDS)
+    done = runs_recover(budget=budget.left())
+    return {**done, **runs_waiting_recover(budget=budget.left())}

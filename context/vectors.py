@@ -18,6 +18,7 @@ from django.conf import settings
 
 from agentbus import project_gone
 from agents.models import Agent
+from common.budget import Budget
 
 from .chunking import CHUNK_CHARS, chunk_text, point_id
 from .embeddings import get_embedder
@@ -252,15 +253,20 @@ def context_clear(*, user_id: int, project_id: uuid.UUID | str, agent_id: str) -
 # --- Repair ------------------------------------------------------------------------------
 
 
-def collections_sweep() -> list[str]:
+def collections_sweep(*, budget_seconds: float | None = None) -> list[str]:
     """Remove the context of agents that no longer exist; returns their logical
     collection names.
 
     Context is only ever stored for an agent row that is committed, so context whose
     agent row is missing belongs to a deleted agent or project (a lost drop task, a
     write that raced a deletion). Collections not named by either scheme are left alone.
-    Then shared collections are optimised (deleted points vacuumed).
+    Then shared collections are optimised (deleted points vacuumed). Within
+    CONTEXT_SWEEP_BUDGET_SECONDS (common.budget): past it, it stops between two
+    agents' context, leaves the optimising too, and the next sweep goes on.
     """
+    budget = Budget(
+        settings.CONTEXT_SWEEP_BUDGET_SECONDS if budget_seconds is None else budget_seconds
+    )
     store = get_vector_store()
     held: set[TenantScope] = set()
     for scopes in store.contexts().values():
@@ -282,9 +288,14 @@ def collections_sweep() -> list[str]:
     for scope in gone:
         if store.delete(scope):
             dropped.append(scope.collection)
+        if budget.over():
+            break
     if dropped:
         logger.warning("removed the vector context of %d deleted agents", len(dropped))
-    store.optimize()
+    if budget.over():
+        logger.info("context sweep: out of time; the next sweep goes on")
+    else:
+        store.optimize()
     return dropped
 
 

@@ -24,6 +24,7 @@ from django.utils import timezone
 from django.utils.deprecation import MiddlewareMixin
 from rest_framework.throttling import BaseThrottle
 
+from common.budget import Budget
 from common.credentials import credential_project_id
 from projects.models import Project
 
@@ -152,8 +153,13 @@ class AuditMiddleware(MiddlewareMixin):
         return response
 
 
-def audit_purge(*, batch: int = 5000) -> int:
-    """Delete records older than AUDIT_RETENTION_DAYS, a batch at a time."""
+def audit_purge(*, batch: int | None = None, budget_seconds: float | None = None) -> int:
+    """Delete records older than AUDIT_RETENTION_DAYS, a batch at a time, for at most
+    AUDIT_PURGE_BUDGET_SECONDS (common.budget): the next run goes on."""
+    batch = batch or settings.AUDIT_PURGE_BATCH
+    budget = Budget(
+        settings.AUDIT_PURGE_BUDGET_SECONDS if budget_seconds is None else budget_seconds
+    )
     cutoff = timezone.now() - timedelta(days=settings.AUDIT_RETENTION_DAYS)
     deleted = 0
     while True:
@@ -163,6 +169,9 @@ def audit_purge(*, batch: int = 5000) -> int:
         if not ids:
             return deleted
         deleted += AuditEvent.objects.filter(id__in=ids).delete()[0]
+        if budget.over():
+            logger.info("audit purge: %d deleted, out of time; the next run goes on", deleted)
+            return deleted
 
 
 def audit_pseudonym(user_id: int) -> str:

@@ -393,6 +393,9 @@ WORKSPACE_TEARDOWN_REDISPATCH_SECONDS = env.float(
 # --- AgentBus ----------------------------------------------------------------------
 # A project queue that has been empty and unused this long is retired from the pool.
 AGENTBUS_QUEUE_IDLE_SECONDS = env.float("AGENTBUS_QUEUE_IDLE_SECONDS", default=300)
+# The reaper's own time limit for retiring idle queues (it runs every 30 s; Celery's
+# limits are not enforced in the thread pool): past it, the next run goes on.
+AGENTBUS_REAP_BUDGET_SECONDS = env.float("AGENTBUS_REAP_BUDGET_SECONDS", default=20)
 # How often each worker reports itself alive (health reads these, without a ping).
 AGENTBUS_HEARTBEAT_SECONDS = env.float("AGENTBUS_HEARTBEAT_SECONDS", default=5)
 # How often active queues holding messages the ready list does not know of (sent around
@@ -454,6 +457,10 @@ INGEST_CONCURRENCY = env.int("INGEST_CONCURRENCY", default=1)
 INGEST_REQUEUE_SECONDS = env.float("INGEST_REQUEUE_SECONDS", default=0.5)
 # How long a context search request waits for a worker to answer.
 CONTEXT_SEARCH_TIMEOUT_SECONDS = env.float("CONTEXT_SEARCH_TIMEOUT_SECONDS", default=10)
+# The sweep of deleted agents' vector context (agents.sweep_collections) stops after
+# this long, between two agents, and the next sweep goes on (its own limit: Celery's
+# are not enforced in the thread pool).
+CONTEXT_SWEEP_BUDGET_SECONDS = env.float("CONTEXT_SWEEP_BUDGET_SECONDS", default=60)
 # Context searches waiting for a worker at once, per user and per project (then 429).
 SEARCH_INFLIGHT_PER_USER = env.int("SEARCH_INFLIGHT_PER_USER", default=16)
 SEARCH_INFLIGHT_PER_PROJECT = env.int("SEARCH_INFLIGHT_PER_PROJECT", default=16)
@@ -527,6 +534,10 @@ METRICS_TOP_PROJECTS = env.int("METRICS_TOP_PROJECTS", default=20)
 # --- Governance: the audit log ---------------------------------------------------------
 # How long audit records are kept (the purge runs hourly).
 AUDIT_RETENTION_DAYS = env.int("AUDIT_RETENTION_DAYS", default=365)
+# The hourly purge deletes this many records at a time, for at most this long (its own
+# limit: Celery's are not enforced in the thread pool); the next run goes on.
+AUDIT_PURGE_BATCH = env.int("AUDIT_PURGE_BATCH", default=5000)
+AUDIT_PURGE_BUDGET_SECONDS = env.float("AUDIT_PURGE_BUDGET_SECONDS", default=300)
 
 # --- Governance: per-project provider settings ------------------------------------
 # The Fernet key (32 url-safe base64 bytes: `python -c "from cryptography.fernet import

@@ -229,6 +229,20 @@ def test_reaper_walks_past_its_batch_size(redis_client):
     assert active.active_queues() == [project_queue(projects[3])]
 
 
+def test_reaper_stops_at_its_budget_and_the_next_run_goes_on(redis_client, settings):
+    projects = [uuid.uuid4() for _ in range(10)]
+    for project in projects:
+        active.mark_active(project)
+        _age(redis_client, project_queue(project), 100)
+    settings.AGENTBUS_REAP_BUDGET_SECONDS = 0  # spent at once: one batch a run
+    assert len(active.reap_idle_queues(idle_seconds=50, batch=4)) == 4
+    assert len(active.active_queues()) == 6
+    assert len(active.reap_idle_queues(idle_seconds=50, batch=4)) == 4
+    settings.AGENTBUS_REAP_BUDGET_SECONDS = 60
+    assert len(active.reap_idle_queues(idle_seconds=50, batch=4)) == 2
+    assert active.active_queues() == []
+
+
 @ON_BOTH_BROKERS
 def test_a_publish_after_retirement_reactivates(project_id, redis_client):
     active.mark_active(project_id)

