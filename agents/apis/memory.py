@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db import IntegrityError
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
-from common.api import Conflict, EnvelopeListMixin, EnvelopePagination, StrictSerializer
+from common.api import (
+    Conflict,
+    EnvelopeListMixin,
+    EnvelopePagination,
+    IntegerInputField,
+    StrictSerializer,
+    TextField,
+)
 from common.schema import error_responses
 from projects.mixins import ProjectScopedApi
 
@@ -21,6 +28,8 @@ from ..selectors import (
 )
 
 LABEL_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+# A label in a block's path: "changes" is reserved (…/memory/changes/ is the audit trail).
+BLOCK_LABEL_PATTERN = r"^(?!changes$)[a-z][a-z0-9_]{0,63}$"
 MAX_DESCRIPTION_CHARS = 2000
 
 
@@ -43,16 +52,16 @@ class MemoryBlockInputSerializer(StrictSerializer):
         help_text="Lower-case letters, digits and '_', starting with a letter; at most 64. "
         "The agent's tools name the block by it.",
     )
-    value = serializers.CharField(
-        allow_blank=True, trim_whitespace=False, required=False, default="",
+    value = TextField(
+        allow_blank=True, required=False, default="",
         help_text="What the block holds, verbatim in the system prompt; at most `limit` "
         "characters.",
     )  # fmt: skip
-    limit = serializers.IntegerField(
-        min_value=1, required=False, default=2000,
+    limit = IntegerInputField(
+        min_value=1, max_value=settings.MEMORY_BLOCK_MAX_CHARS, required=False, default=2000,
         help_text="The most characters the value may hold (MEMORY_BLOCK_MAX_CHARS at most).",
     )  # fmt: skip
-    description = serializers.CharField(
+    description = TextField(
         allow_blank=True, required=False, default="", max_length=MAX_DESCRIPTION_CHARS,
         help_text="What the block is for (the agent reads it beside the value).",
     )  # fmt: skip
@@ -142,7 +151,18 @@ class MemoryBlockListCreateApi(EnvelopeListMixin, ProjectScopedApi):
         return Response(MemoryBlockOutputSerializer(block).data, status=status.HTTP_201_CREATED)
 
 
-@extend_schema(tags=["Memory"])
+@extend_schema(
+    tags=["Memory"],
+    parameters=[
+        OpenApiParameter(
+            "label",
+            str,
+            OpenApiParameter.PATH,
+            pattern=BLOCK_LABEL_PATTERN,
+            description="The block's label; one no block can have is a 404.",
+        )
+    ],
+)
 class MemoryBlockDetailApi(ProjectScopedApi):
     def _block(self, agent_id, label):
         agent = agent_get(project=self.project, agent_id=agent_id)
