@@ -91,6 +91,16 @@ class MemoryBlockInputSerializer(StrictSerializer):
         return attrs
 
 
+class MemoryBlockUpdateSerializer(MemoryBlockInputSerializer):
+    """A change of a block: its fields but the label, which never changes (it names the
+    block in the path)."""
+
+    label = None
+
+    class Meta:
+        ref_name = "MemoryBlockUpdate"
+
+
 class MemoryChangeOutputSerializer(serializers.Serializer):
     label = serializers.CharField()
     action = serializers.ChoiceField(choices=("create", "update", "delete", "append", "replace"))
@@ -179,18 +189,17 @@ class MemoryBlockDetailApi(ProjectScopedApi):
     @extend_schema(
         operation_id="memory_blocks_update",
         summary="Change a memory block",
-        description="Changes only the fields given (the label stays); the value must fit "
+        description="Changes only the fields given; the label never changes (it is not "
+        "a field here). The value must fit "
         "the limit. Audited.",
-        request=MemoryBlockInputSerializer,
+        request=MemoryBlockUpdateSerializer,
         responses={200: MemoryBlockOutputSerializer},
     )
     def patch(self, request, project_id, agent_id, label):
         block = self._block(agent_id, label)
-        data = MemoryBlockInputSerializer(data=request.data, partial=True)
+        data = MemoryBlockUpdateSerializer(data=request.data, partial=True)
         data.current = block
         data.is_valid(raise_exception=True)
-        if "label" in data.validated_data and data.validated_data["label"] != block.label:
-            raise serializers.ValidationError({"label": ["A block's label cannot change."]})
         block = memory_block_update(block=block, data=data.validated_data)
         return Response(MemoryBlockOutputSerializer(block).data)
 
