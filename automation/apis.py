@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
@@ -32,6 +32,7 @@ from .selectors import (
     webhook_list,
 )
 from .webhooks import (
+    DELIVERY_ID_PATTERN,
     EVENT_TYPES,
     WebhookUrlRefused,
     delivery_replay,
@@ -426,7 +427,19 @@ class DeliveryListApi(EnvelopeListMixin, ProjectScopedApi):
         return self.list_response(delivery_list(endpoint=endpoint), WebhookDeliverySerializer)
 
 
-@extend_schema(tags=["Webhooks"])
+@extend_schema(
+    tags=["Webhooks"],
+    parameters=[
+        OpenApiParameter(
+            "delivery_id",
+            str,
+            OpenApiParameter.PATH,
+            pattern=DELIVERY_ID_PATTERN,
+            description="The delivery's id, its `webhook-id` header (`msg_` and 32 hex "
+            "digits, as the delivery log lists it).",
+        )
+    ],
+)
 class DeliveryReplayApi(ProjectScopedApi):
     @extend_schema(
         operation_id="webhooks_delivery_replay",

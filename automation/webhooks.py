@@ -55,6 +55,8 @@ EVENTS = {
 }
 EVENT_TYPES = tuple(EVENTS.values())
 SECRET_PREFIX = "whsec_"
+# A delivery's id (its `webhook-id`): "msg_" and a UUID's 32 hex digits.
+DELIVERY_ID_PATTERN = r"^msg_[0-9a-f]{32}$"
 # A delivery put on the queue at once is left alone by the sweep this long.
 DISPATCH_GRACE_SECONDS = 30
 # The slot of an endpoint's probe: longer than an attempt can take.

@@ -58,6 +58,7 @@ def message_event_data(message) -> dict[str, Any]:
         "content": message.content,
         "status": message.status,
         "error": message.error,
+        "citations": message.citations or [],
         "created_at": message.created_at.isoformat() if message.created_at else None,
     }
 

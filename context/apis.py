@@ -310,7 +310,7 @@ class ContextFileInputSerializer(StrictSerializer):
     def validate(self, attrs):
         attrs = super().validate(attrs)
         if ("file" in attrs) == ("url" in attrs):
-            raise serializers.ValidationError({"file": ["Give a file or a url, not both."]})
+            raise serializers.ValidationError({"file": ["Give a file or a url: exactly one."]})
         upload = attrs.get("file")
         if upload is not None:
             if upload.size > settings.CONTEXT_FILE_MAX_BYTES:
@@ -384,7 +384,8 @@ class AgentContextFileListApi(EnvelopeListMixin, ProjectScopedApi):
     @extend_schema(
         operation_id="context_files_add",
         summary="Add a file to an agent's context",
-        description="Queues a job (bulk work on the project's bus) that parses the file, "
+        description="Takes exactly one of `file` (multipart) and `url` (neither or both "
+        "is a 400). Queues a job (bulk work on the project's bus) that parses the file, "
         "cuts it by its structure (headings, pages, paragraphs, with overlap) and stores "
         "its chunks with their source, page and section (202). The same bytes again for "
         "this agent add nothing (200, `created: false`). A file that cannot be read "

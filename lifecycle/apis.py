@@ -270,7 +270,15 @@ class ImportApi(APIView):
         "in archives: `counts.secrets_to_set` names those to set. Follow it at "
         "/my/projects/imports/{id}/.",
         request=ImportInputSerializer,
-        responses={202: ArchiveJobOutputSerializer},
+        responses={
+            202: ArchiveJobOutputSerializer,
+            **error_responses(
+                404,
+                409,
+                _404="No export of yours has this `export_id` (`export_id` says so).",
+                _409="The export has not finished (`export_id` says so).",
+            ),
+        },
     )
     def post(self, request):
         data = ImportInputSerializer(data=request.data)

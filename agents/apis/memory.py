@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db import IntegrityError
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
-from common.api import Conflict, EnvelopeListMixin, EnvelopePagination, StrictSerializer
+from common.api import (
+    Conflict,
+    EnvelopeListMixin,
+    EnvelopePagination,
+    IntegerInputField,
+    StrictSerializer,
+    TextField,
+)
 from common.schema import error_responses
 from projects.mixins import ProjectScopedApi
 
@@ -21,6 +28,8 @@ from ..selectors import (
 )
 
 LABEL_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+# A label in a block's path: "changes" is reserved (…/memory/changes/ is the audit trail).
+BLOCK_LABEL_PATTERN = r"^(?!changes$)[a-z][a-z0-9_]{0,63}$"
 MAX_DESCRIPTION_CHARS = 2000
 
 
@@ -43,16 +52,16 @@ class MemoryBlockInputSerializer(StrictSerializer):
         help_text="Lower-case letters, digits and '_', starting with a letter; at most 64. "
         "The agent's tools name the block by it.",
     )
-    value = serializers.CharField(
-        allow_blank=True, trim_whitespace=False, required=False, default="",
+    value = TextField(
+        allow_blank=True, required=False, default="",
         help_text="What the block holds, verbatim in the system prompt; at most `limit` "
         "characters.",
     )  # fmt: skip
-    limit = serializers.IntegerField(
-        min_value=1, required=False, default=2000,
+    limit = IntegerInputField(
+        min_value=1, max_value=settings.MEMORY_BLOCK_MAX_CHARS, required=False, default=2000,
         help_text="The most characters the value may hold (MEMORY_BLOCK_MAX_CHARS at most).",
     )  # fmt: skip
-    description = serializers.CharField(
+    description = TextField(
         allow_blank=True, required=False, default="", max_length=MAX_DESCRIPTION_CHARS,
         help_text="What the block is for (the agent reads it beside the value).",
     )  # fmt: skip
@@ -80,6 +89,16 @@ class MemoryBlockInputSerializer(StrictSerializer):
                 {"value": [f"Holds {len(value)} characters; the limit is {limit}."]}
             )
         return attrs
+
+
+class MemoryBlockUpdateSerializer(MemoryBlockInputSerializer):
+    """A change of a block: its fields but the label, which never changes (it names the
+    block in the path)."""
+
+    label = None
+
+    class Meta:
+        ref_name = "MemoryBlockUpdate"
 
 
 class MemoryChangeOutputSerializer(serializers.Serializer):
@@ -142,7 +161,18 @@ class MemoryBlockListCreateApi(EnvelopeListMixin, ProjectScopedApi):
         return Response(MemoryBlockOutputSerializer(block).data, status=status.HTTP_201_CREATED)
 
 
-@extend_schema(tags=["Memory"])
+@extend_schema(
+    tags=["Memory"],
+    parameters=[
+        OpenApiParameter(
+            "label",
+            str,
+            OpenApiParameter.PATH,
+            pattern=BLOCK_LABEL_PATTERN,
+            description="The block's label; one no block can have is a 404.",
+        )
+    ],
+)
 class MemoryBlockDetailApi(ProjectScopedApi):
     def _block(self, agent_id, label):
         agent = agent_get(project=self.project, agent_id=agent_id)
@@ -159,18 +189,17 @@ class MemoryBlockDetailApi(ProjectScopedApi):
     @extend_schema(
         operation_id="memory_blocks_update",
         summary="Change a memory block",
-        description="Changes only the fields given (the label stays); the value must fit "
+        description="Changes only the fields given; the label never changes (it is not "
+        "a field here). The value must fit "
         "the limit. Audited.",
-        request=MemoryBlockInputSerializer,
+        request=MemoryBlockUpdateSerializer,
         responses={200: MemoryBlockOutputSerializer},
     )
     def patch(self, request, project_id, agent_id, label):
         block = self._block(agent_id, label)
-        data = MemoryBlockInputSerializer(data=request.data, partial=True)
+        data = MemoryBlockUpdateSerializer(data=request.data, partial=True)
         data.current = block
         data.is_valid(raise_exception=True)
-        if "label" in data.validated_data and data.validated_data["label"] != block.label:
-            raise serializers.ValidationError({"label": ["A block's label cannot change."]})
         block = memory_block_update(block=block, data=data.validated_data)
         return Response(MemoryBlockOutputSerializer(block).data)
 

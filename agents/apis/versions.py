@@ -1,6 +1,6 @@
 """An agent's versions: list, read, compare, roll back."""
 
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
@@ -124,7 +124,7 @@ class AgentVersionDiffApi(ProjectScopedApi):
         operation_id="agent_versions_diff",
         summary="Compare two versions of an agent",
         description="What changed from `against` (default: the version before) to this one.",
-        parameters=[OpenApiParameter("against", int, description="The version to compare with.")],
+        parameters=[DiffQuerySerializer],
         responses={200: AgentVersionDiffSerializer},
     )
     def get(self, request, project_id, agent_id, number):
