@@ -138,7 +138,9 @@ def test_another_users_search_and_stream_do_not_wait_behind_a_flood(asgi, user, 
     opens at once meanwhile (the chain is async from the ASGI entry to the response)."""
     from tests.factories import ChatSessionFactory
 
-    timeout = settings.CONTEXT_SEARCH_TIMEOUT_SECONDS = 3
+    # Long enough that "behind even one of A's waits" (> 5.5 s) and "a busy machine"
+    # (B's stream took 1.8 s at load 15) stay apart around the bound of timeout / 2.
+    timeout = settings.CONTEXT_SEARCH_TIMEOUT_SECONDS = 6
     settings.SEARCH_INFLIGHT_PER_USER = settings.SEARCH_INFLIGHT_PER_PROJECT = 40
     flooder = AgentFactory(project=ProjectFactory(owner=user))
     other_user = UserFactory()
