@@ -291,9 +291,10 @@ def test_disconnects_leave_no_connections_or_generators_behind(asgi, user, sessi
     def nothing_left() -> bool:
         seen.update(clients=own_clients(redis_client), tasks=asgi.task_count())
         # Streams opening at once may take the hub's pool to its size
-        # (SSE_REDIS_CONNECTIONS, one more than the warm-up's sequential opens needed);
-        # never one per stream.
-        return seen["clients"] <= clients_before + 1 and seen["tasks"] <= tasks_before
+        # (SSE_REDIS_CONNECTIONS, one more than the warm-up's sequential opens needed), and
+        # the request path's own pool (authentication, throttles) one more when requests
+        # overlap on a busy machine; never one per stream (1,000 streams were opened).
+        return seen["clients"] <= clients_before + 2 and seen["tasks"] <= tasks_before
 
     try:
         wait_until(nothing_left, what="no connection or task left behind")
