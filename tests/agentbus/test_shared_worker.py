@@ -203,10 +203,11 @@ def test_a_backlog_does_not_starve_another_project(request):
     overtaking = [s for s in tasks.started("busy") if sent_at < s["at"] < quiet_started]
     # Round robin: at most the busy tasks already fetched or running run first.
     assert len(overtaking) <= 8, len(overtaking)
-    # ...while most of the backlog still waited (counted at the quiet task's start, not
-    # when this test gets to look: the worker goes on draining meanwhile).
+    # ...while a backlog still waited behind it (counted at the quiet task's start, not
+    # when this test gets to look: the worker goes on draining meanwhile). How much ran
+    # before the quiet task was sent depends on the machine's pace, not on fairness.
     before_quiet = [s for s in tasks.started("busy") if s["at"] < quiet_started]
-    assert len(before_quiet) < 150, len(before_quiet)
+    assert len(before_quiet) <= 250, len(before_quiet)
 
 
 def test_a_retried_agent_task_goes_back_to_its_project_queue(live_worker, redis_client):
