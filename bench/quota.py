@@ -39,16 +39,9 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":
     sys.path[:0] = [str(ROOT)]
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
-    os.environ.setdefault("DEBUG", "false")
-    os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
-    os.environ.setdefault("VAR_DIR", str(ROOT / "var" / "bench-quota"))
-    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6380/0")
-    os.environ["CELERY_BROKER_URL"] = os.environ["REDIS_URL"]
-    os.environ["CELERY_RESULT_BACKEND"] = os.environ["REDIS_URL"]
-    import django
+    from bench.harness import bootstrap
 
-    django.setup()
+    bootstrap("quota")
 
 
 def main() -> None:

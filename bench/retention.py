@@ -46,19 +46,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":
     sys.path[:0] = [str(ROOT)]
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
-    os.environ.setdefault("DEBUG", "false")
-    os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
-    os.environ.setdefault("VAR_DIR", str(ROOT / "var" / "bench-retention"))
-    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6380/0")
-    os.environ["CELERY_BROKER_URL"] = os.environ["CELERY_RESULT_BACKEND"] = os.environ["REDIS_URL"]
-    for scope in ("MESSAGES", "SEARCHES", "INGESTS"):
-        for per in ("USER", "PROJECT"):
-            os.environ.setdefault(f"THROTTLE_{scope}_{per}", "1000000/min")
-    for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "EMBEDDINGS_BASE_URL", "QDRANT_URL"):
-        os.environ[name] = ""
-    os.environ["RETENTION_SESSIONS_DAYS"] = "30"
-    os.environ["RETENTION_SWEEP_BUDGET_SECONDS"] = "3600"
     os.environ.setdefault("RETENTION_CHUNK", "1000")
     url = os.environ.get("DATABASE_URL", "")
     if not url.startswith("postgres"):
@@ -71,9 +58,15 @@ if __name__ == "__main__":
     with psycopg.connect(url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.execute(f'CREATE DATABASE "{name}"')
-    import django
+    from bench.harness import bootstrap
 
-    django.setup()
+    bootstrap(
+        "retention",
+        capacity=True,
+        offline=True,
+        RETENTION_SESSIONS_DAYS="30",
+        RETENTION_SWEEP_BUDGET_SECONDS="3600",
+    )
 
 import httpx  # noqa: E402
 

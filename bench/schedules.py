@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -34,28 +33,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":
     sys.path[:0] = [str(ROOT)]
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
-    os.environ.setdefault("DEBUG", "false")
-    os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
-    os.environ.setdefault("VAR_DIR", str(ROOT / "var" / "bench-schedules"))
-    os.environ["CELERY_BROKER_URL"] = os.environ["REDIS_URL"]
-    Path(os.environ["VAR_DIR"]).mkdir(parents=True, exist_ok=True)
+    from bench.harness import bootstrap
 
+    bootstrap("schedules")
 
-def procfile(name: str) -> list[str]:
-    """A Procfile line's command, with its ${VAR:-default}s at their defaults."""
-    line = next(ln for ln in (ROOT / "Procfile").read_text().splitlines() if ln.startswith(name))
-    command = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", line.split(":", 1)[1]).split()
-    command = [part for part in command if "=" not in part or part.startswith("-")]
-    assert command[0] == "celery", command
-    return [sys.executable, "-m", *command]
+from bench.harness import procfile  # noqa: E402
 
 
 def start(name: str, log_dir: Path) -> subprocess.Popen:
     log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 (the process keeps it)
     env = dict(os.environ, REMAP_SIGTERM="SIGQUIT", PYTHONUNBUFFERED="1")
     return subprocess.Popen(
-        procfile(f"{name}:"), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        procfile(name), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
 
@@ -82,9 +71,6 @@ def main() -> None:
     args = parser.parse_args()
     down_from, down_to = (int(x) for x in args.down.split(","))
 
-    import django
-
-    django.setup()
     from django.contrib.auth import get_user_model
     from django.core.management import call_command
 

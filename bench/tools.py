@@ -45,20 +45,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":
     sys.path[:0] = [str(ROOT)]
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
-    os.environ.setdefault("DEBUG", "false")
-    os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
-    os.environ.setdefault("VAR_DIR", str(ROOT / "var" / "bench-tools"))
-    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6380/0")
-    os.environ["CELERY_BROKER_URL"] = os.environ["REDIS_URL"]
-    for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "EMBEDDINGS_BASE_URL", "QDRANT_URL"):
-        os.environ[name] = ""
-    # The tool's endpoint is on loopback; every call of a round comes from one run.
-    os.environ["EGRESS_ALLOW_NETWORKS_TOOLS"] = "127.0.0.0/8"
-    os.environ["AGENT_CALL_MAX_FANOUT"] = "1000000"
-    import django
+    from bench.harness import bootstrap
 
-    django.setup()
+    bootstrap(
+        "tools",
+        offline=True,
+        # The tool's endpoint is on loopback; every call of a round comes from one run.
+        EGRESS_ALLOW_NETWORKS_TOOLS="127.0.0.0/8",
+        AGENT_CALL_MAX_FANOUT="1000000",
+    )
 
 
 class Echo(BaseHTTPRequestHandler):

@@ -98,19 +98,11 @@ def database(url: str, *, create: bool) -> None:
 if __name__ == "__main__":
     sys.path[:0] = [str(ROOT)]
     os.environ.setdefault("DATABASE_URL", DEFAULT_DB)
-    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/14")
-    os.environ["CELERY_BROKER_URL"] = os.environ["REDIS_URL"]
-    os.environ["CELERY_RESULT_BACKEND"] = os.environ["REDIS_URL"]
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
-    os.environ.setdefault("DEBUG", "false")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
-    os.environ.setdefault("VAR_DIR", str(ROOT / "var" / "bench"))
-    os.environ["QDRANT_URL"] = ""
     if os.environ["DATABASE_URL"].startswith("postgres"):
         database(os.environ["DATABASE_URL"], create=True)
-    import django
+    from bench.harness import bootstrap
 
-    django.setup()
+    bootstrap("vectors", QDRANT_URL="")
 
 import numpy as np  # noqa: E402
 
