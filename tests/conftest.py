@@ -14,6 +14,24 @@ from rest_framework.test import APIClient
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
 
 
+# Files that take minutes, started first: with `--dist loadfile` the xdist processes take
+# files in collection order, so a long file collected last would run alone at the end.
+LONG_FILES = (
+    "tests/contract/test_schemathesis.py",
+    "tests/browser/test_observability_pages.py",
+    "tests/api/test_database_outage.py",
+    "tests/runtime/test_sse.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        path = item.nodeid.split("::", 1)[0]
+        return LONG_FILES.index(path) if path in LONG_FILES else len(LONG_FILES)
+
+    items.sort(key=rank)  # stable: the order within a file and among the rest is kept
+
+
 @pytest.fixture
 def redis_client():
     from common.redis import get_redis
