@@ -39,6 +39,10 @@ _KIND_HELP = {
     "than this goes.",
     "usage_days": "Raw usage rows older than this are rolled up per day (usage and "
     "quotas count the rollups alike).",
+    "session_context_days": "What agents remember of a session (its exchanges in their "
+    "context) goes once the session has had no message for this long, or is gone.",
+    "webhook_deliveries_days": "Webhook deliveries (with their attempts) made this long "
+    "ago go; pending ones stay.",
 }
 
 
@@ -99,6 +103,8 @@ class RetentionPeriodsSerializer(serializers.Serializer):
     run_steps_days = _days_field("run_steps_days", output=True)
     events_days = _days_field("events_days", output=True)
     usage_days = _days_field("usage_days", output=True)
+    session_context_days = _days_field("session_context_days", output=True)
+    webhook_deliveries_days = _days_field("webhook_deliveries_days", output=True)
 
     class Meta:
         ref_name = "RetentionPeriods"
@@ -119,6 +125,8 @@ class RetentionInputSerializer(StrictSerializer):
     run_steps_days = _days_field("run_steps_days")
     events_days = _days_field("events_days")
     usage_days = _days_field("usage_days")
+    session_context_days = _days_field("session_context_days")
+    webhook_deliveries_days = _days_field("webhook_deliveries_days")
 
     class Meta:
         ref_name = "RetentionInput"
