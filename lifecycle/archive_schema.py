@@ -115,7 +115,12 @@ def of_field(model: type[models.Model], name: str, *, null: bool | None = None) 
         elif kind == "UUIDField":
             uuid_text(value, path)
             return
-        elif kind != "JSONField":
+        elif kind == "JSONField":
+            # The shape of its default (a list, an object), when it has one.
+            shape = type(field.default()) if callable(field.default) else None
+            if shape in (dict, list) and not isinstance(value, shape):
+                fail(path, f"must be {'an object' if shape is dict else 'a list'}")
+        else:
             raise TypeError(f"no archive rule for {kind}")
         if choices is not None and str(value) not in choices and not (field.blank and value == ""):
             fail(path, f"must be one of {', '.join(sorted(choices))}")

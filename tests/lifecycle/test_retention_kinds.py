@@ -68,7 +68,6 @@ def test_context_of_ended_sessions_goes_and_of_live_ones_stays(db, settings, run
     assert again.removed["session_context_days"] == 0
 
 
-
 def delivery(endpoint, *, days: int, status: str, attempts: int = 1) -> WebhookDelivery:
     made = WebhookDelivery.objects.create(
         id=f"msg_{uuid.uuid4().hex}", endpoint=endpoint, event_type="run.completed",
