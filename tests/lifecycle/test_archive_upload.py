@@ -16,6 +16,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.utils import timezone
 
 from agents.models import Agent, AgentVersion, MemoryBlock
+from agents.services import agent_update
 from automation.models import Schedule, WebhookEndpoint
 from chat.models import ChatSession, Message, Run
 from lifecycle.exports import archive_path, export_run, upload_path, uploads_dir
@@ -357,8 +358,6 @@ def test_an_upload_over_the_size_limit_is_a_413_and_other_bad_requests_400(
 
 def test_a_rollback_restores_memory_block_definitions_and_keeps_values(api, project):
     agent = AgentFactory(project=project)
-    from agents.services import agent_update
-
     agent_update(agent=agent, data={"system_prompt": "p"})  # v1 (no blocks)
     memory = f"/my/projects/{project.id}/agents/{agent.id}/memory/"
     api.post(memory, {"label": "keep", "value": "kept value", "limit": 50}, format="json")
