@@ -11,4 +11,7 @@ class AgentsConfig(AppConfig):
 
     def ready(self) -> None:
         # Models can be imported only now: connects the receivers, registers the source.
-        from . import receivers  # noqa: F401
+        from . import (  # noqa: F401
+            memory,  # registers memory block definitions as a section of agent versions
+            receivers,
+        )

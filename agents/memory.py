@@ -19,11 +19,16 @@ from django.dispatch import Signal
 from projects.services import project_lock_for_write
 
 from .models import Agent, MemoryBlock, MemoryChange
+from .versions import agent_version_record, version_section_register
 
 # Sent after commit: agent_id, label, action, actor, run_id.
 memory_updated = Signal()
 
 MEMORY_FIELDS = ("label", "value", "limit", "description")
+# What an agent version holds of each block: its definition. The value is what the agent
+# (or the owner) wrote into it, memory rather than definition: it is not versioned, and a
+# rollback keeps the values of the blocks it keeps.
+MEMORY_DEFINITION_FIELDS = ("label", "limit", "description")
 
 
 class MemoryEditRefused(ValueError):
@@ -82,6 +87,7 @@ def memory_block_create(*, agent: Agent, data: dict[str, Any], actor: str = "own
     )
     _changed(block_agent_id=agent.id, label=block.label, action="create", actor=actor,
              run_id=None, before="", after=block.value)  # fmt: skip
+    agent_version_record(agent=agent)
     return block
 
 
@@ -100,6 +106,7 @@ def memory_block_update(
     current.save()
     _changed(block_agent_id=current.agent_id, label=current.label, action="update",
              actor=actor, run_id=None, before=before, after=current.value)  # fmt: skip
+    agent_version_record(agent=current.agent)  # a new one only if its definition changed
     return current
 
 
@@ -109,6 +116,7 @@ def memory_block_delete(*, block: MemoryBlock, actor: str = "owner") -> None:
     if MemoryBlock.objects.filter(id=block.id).delete()[0]:
         _changed(block_agent_id=block.agent_id, label=block.label, action="delete",
                  actor=actor, run_id=None, before=block.value, after="")  # fmt: skip
+        agent_version_record(agent=block.agent)
 
 
 @transaction.atomic
@@ -159,3 +167,40 @@ def memory_edit_by_agent(
 
 def memory_limits() -> tuple[int, int]:
     return settings.MEMORY_BLOCKS_PER_AGENT, settings.MEMORY_BLOCK_MAX_CHARS
+
+
+# --- Memory block definitions as a section of agent versions ---------------------------
+
+
+def memory_definitions(agent: Agent) -> list[dict[str, Any]]:
+    """The agent's blocks as a version holds them (definitions, by label)."""
+    blocks = MemoryBlock.objects.filter(agent_id=agent.id).order_by("label")
+    return [{field: getattr(b, field) for field in MEMORY_DEFINITION_FIELDS} for b in blocks]
+
+
+def memory_definitions_restore_unsafe(agent: Agent, data: list[dict[str, Any]]) -> None:
+    """Make the agent's blocks those of a version (inside a rollback's transaction):
+    blocks it lacks go, blocks it has come back (empty, if they were gone), limits and
+    descriptions are the version's; each change is in the audit trail."""
+    wanted = {block["label"]: block for block in data or []}
+    for block in MemoryBlock.objects.select_for_update().filter(agent_id=agent.id):
+        want = wanted.pop(block.label, None)
+        if want is None:
+            block.delete()
+            _changed(block_agent_id=agent.id, label=block.label, action="delete",
+                     actor="owner", run_id=None, before=block.value, after="")  # fmt: skip
+        elif (block.limit, block.description) != (want["limit"], want["description"]):
+            block.limit, block.description = want["limit"], want["description"]
+            block.save(update_fields=["limit", "description", "updated_at"])
+            _changed(block_agent_id=agent.id, label=block.label, action="update",
+                     actor="owner", run_id=None, before=block.value, after=block.value)  # fmt: skip
+    for label, want in wanted.items():
+        MemoryBlock.objects.create(agent=agent, label=label, limit=want["limit"],
+                                   description=want["description"])  # fmt: skip
+        _changed(block_agent_id=agent.id, label=label, action="create", actor="owner",
+                 run_id=None, before="", after="")  # fmt: skip
+
+
+version_section_register(
+    "memory_blocks", snapshot=memory_definitions, restore=memory_definitions_restore_unsafe
+)

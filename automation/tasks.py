@@ -10,7 +10,7 @@ from celery import shared_task
 from projects.idempotency import idempotency_keys_purge
 
 from .schedules import FIRE_TASK, schedule_fire
-from .webhooks import DELIVER_TASK, deliveries_due, deliveries_purge, delivery_attempt
+from .webhooks import DELIVER_TASK, deliveries_due, delivery_attempt
 
 
 @shared_task(name=FIRE_TASK, ignore_result=True)
@@ -30,4 +30,6 @@ def send_due_deliveries() -> int:
 
 @shared_task(name="automation.purge", ignore_result=True)
 def purge() -> dict:
-    return {"idempotency_keys": idempotency_keys_purge(), "deliveries": deliveries_purge()}
+    # Old webhook deliveries go with the lifecycle's retention sweep (a project may keep
+    # them longer or shorter: lifecycle.retention_kinds).
+    return {"idempotency_keys": idempotency_keys_purge()}

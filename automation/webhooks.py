@@ -364,12 +364,3 @@ def delivery_replay(*, delivery: WebhookDelivery) -> WebhookDelivery:
     )
     delivery.refresh_from_db()
     return delivery
-
-
-def deliveries_purge() -> int:
-    cutoff = timezone.now() - timedelta(seconds=settings.WEBHOOK_LOG_RETENTION_SECONDS)
-    return (
-        WebhookDelivery.objects.filter(created_at__lt=cutoff)
-        .exclude(status=WebhookDelivery.Status.PENDING)
-        .delete()[0]
-    )

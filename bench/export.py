@@ -13,13 +13,18 @@ embedder); each round then times, over HTTP:
 2. import: POST /my/projects/import/ until its job is done (every row made under new
    ids), then until the re-embedding of the context (its ingest jobs) is done;
 
+3. upload: the archive downloaded (…/exports/{id}/archive/) and POSTed to
+   /my/projects/import/ as a multipart upload: the request's own time (the whole
+   archive checked in the web process before the job is queued), then until its rows
+   are made (its re-embedding is not waited for: step 2 measures that);
+
 and checks that the copy holds as many messages and chunks as the original. Baseline
 in the same round: the time the API takes to read the messages back one page at a
 time (GET …/chat/{id}/messages/?limit=200), i.e. what a client exporting by hand would
 spend on the messages alone.
 
 Left out: a real Qdrant server, several workers, an archive moved between
-deployments. Settings changed: throttles raised to 1000000/min.
+deployments (the upload comes from the same one). Settings changed: throttles raised to 1000000/min.
 """
 
 from __future__ import annotations
@@ -148,15 +153,27 @@ def main() -> None:
                 done(f"{host}/my/projects/{new}/agents/{new_agent['id']}/context/jobs/{job_id}/")
             import_s = time.perf_counter() - t0
             copied = Message.objects.filter(session__project_id=new).count()
+            archive = client.get(f"{base}/exports/{export['id']}/archive/")
+            assert archive.status_code == 200, archive.status_code
+            t0 = time.perf_counter()
+            uploaded = client.post(f"{host}/my/projects/import/",
+                                   files={"archive": ("p.zip", archive.content)})  # fmt: skip
+            check_s = time.perf_counter() - t0
+            assert uploaded.status_code == 202, (uploaded.status_code, uploaded.text)
+            from_upload = done(f"{host}/my/projects/imports/{uploaded.json()['id']}/")
+            upload_s = time.perf_counter() - t0
+            assert from_upload["counts"]["messages"] == export["counts"]["messages"]
             results.append({
                 "round": round_no, "baseline": baseline, "read": read, "export": export_s,
                 "rows": rows_s, "import": import_s, "size": export["size_bytes"],
                 "messages": export["counts"]["messages"], "chunks": export["counts"]["context"],
-                "copied": copied, "load": os.getloadavg()[0],
+                "copied": copied, "load": os.getloadavg()[0], "check": check_s,
+                "upload": upload_s,
             })  # fmt: skip
             print(f"round {round_no}: export {export_s:.1f} s, import {import_s:.1f} s",
                   flush=True)  # fmt: skip
             client.delete(f"{host}/my/projects/{new}/")
+            client.delete(f"{host}/my/projects/{from_upload['project_id']}/")
     finally:
         client.close()
         web.stop()
@@ -168,17 +185,19 @@ def main() -> None:
           f"Procfile worker; {os.cpu_count()} CPUs; throttles raised; {uptime}\n")  # fmt: skip
     print(
         "| round | messages | chunks | archive KiB | read messages via API s (baseline) "
-        "| export s | import rows s | import + re-embed s | copied messages | load (1m) |"
+        "| export s | import rows s | import + re-embed s | upload request (check) s "
+        "| upload import rows s | copied messages | load (1m) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['round']} | {r['messages']} | {r['chunks']} | {r['size'] / 1024:.0f} | "
               f"{r['baseline']:.1f} | {r['export']:.1f} | {r['rows']:.1f} | {r['import']:.1f} | "
-              f"{r['copied']} | {r['load']:.1f} |")  # fmt: skip
-    for key in ("export", "import"):
+              f"{r['check']:.2f} | {r['upload']:.1f} | {r['copied']} | "
+              f"{r['load']:.1f} |")  # fmt: skip
+    for key in ("baseline", "export", "rows", "import", "check", "upload"):
         values = [r[key] for r in results]
-        print(f"{key} s min/median/max: {min(values):.1f} / {statistics.median(values):.1f} / "
-              f"{max(values):.1f}")  # fmt: skip
+        print(f"{key} s min/median/max: {min(values):.2f} / {statistics.median(values):.2f} / "
+              f"{max(values):.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from django.conf import settings
@@ -185,6 +185,38 @@ def exchanges_forget(
     scope = _agent(user_id, project_id, agent_id)
     embedder = get_embedder()
     ids = [point_id(scope.collection, _exchange_text(question, answer)) for answer in answers]
+    get_vector_store().forget(scope, ids, model=embedder.name, dim=embedder.dim)
+
+
+def exchanges_before(
+    *, user_id: int, project_id: uuid.UUID | str, agent_id: str, before: float, page: int = 256
+) -> Iterator[tuple[str, str | None]]:
+    """(point id, session id) of the exchanges the agent remembers that were stored before
+    `before` (epoch seconds), in the store's order: what session-context retention looks
+    at. Workers only."""
+    scope = _agent(user_id, project_id, agent_id)
+    embedder, store = get_embedder(), get_vector_store()
+    if store.layout == "shared":
+        collection = shared_collection_name(model=embedder.name, dim=embedder.dim)
+    else:
+        collection = scope.collection
+    offset = None
+    while True:
+        points, offset = store.scroll(scope, collection=collection, offset=offset, limit=page)
+        for point in points:
+            payload = point.payload or {}
+            if payload.get("kind") == "exchange" and (payload.get("stored_at") or 0) < before:
+                yield str(point.id), payload.get("session_id")
+        if offset is None:
+            return
+
+
+def exchange_points_forget(
+    *, user_id: int, project_id: uuid.UUID | str, agent_id: str, ids: list[str]
+) -> None:
+    """Remove remembered exchanges by point id (ids from `exchanges_before`)."""
+    scope = _agent(user_id, project_id, agent_id)
+    embedder = get_embedder()
     get_vector_store().forget(scope, ids, model=embedder.name, dim=embedder.dim)
 
 

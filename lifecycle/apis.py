@@ -5,6 +5,7 @@ from django.http import FileResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, serializers, status
+from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -14,17 +15,26 @@ from common.api import (
     EnvelopePagination,
     FieldNotFound,
     IntegerInputField,
+    PayloadTooLarge,
     StrictSerializer,
     TextField,
     UUIDField,
 )
+from common.parsers import JSONParser
 from common.schema import error_responses
 from common.selectors import get_or_404
 from governance.audit import audit_pseudonym
 from projects.mixins import ProjectScopedApi
 
 from .accounts import user_delete
-from .exports import archive_path, export_start, import_start
+from .archive_schema import ArchiveInvalid
+from .exports import (
+    archive_path,
+    archive_read,
+    export_start,
+    import_start,
+    import_webhook_secrets_take,
+)
 from .models import ArchiveJob, RetentionPolicy
 from .retention import retention_effective, retention_kinds, retention_policy_set
 
@@ -39,6 +49,10 @@ _KIND_HELP = {
     "than this goes.",
     "usage_days": "Raw usage rows older than this are rolled up per day (usage and "
     "quotas count the rollups alike).",
+    "session_context_days": "What agents remember of a session (its exchanges in their "
+    "context) goes once the session has had no message for this long, or is gone.",
+    "webhook_deliveries_days": "Webhook deliveries (with their attempts) made this long "
+    "ago go; pending ones stay.",
 }
 
 
@@ -99,6 +113,8 @@ class RetentionPeriodsSerializer(serializers.Serializer):
     run_steps_days = _days_field("run_steps_days", output=True)
     events_days = _days_field("events_days", output=True)
     usage_days = _days_field("usage_days", output=True)
+    session_context_days = _days_field("session_context_days", output=True)
+    webhook_deliveries_days = _days_field("webhook_deliveries_days", output=True)
 
     class Meta:
         ref_name = "RetentionPeriods"
@@ -119,6 +135,8 @@ class RetentionInputSerializer(StrictSerializer):
     run_steps_days = _days_field("run_steps_days")
     events_days = _days_field("events_days")
     usage_days = _days_field("usage_days")
+    session_context_days = _days_field("session_context_days")
+    webhook_deliveries_days = _days_field("webhook_deliveries_days")
 
     class Meta:
         ref_name = "RetentionInput"
@@ -176,8 +194,16 @@ class ArchiveJobOutputSerializer(serializers.Serializer):
     source_id = serializers.UUIDField(allow_null=True, help_text="Import: the export it read.")
     counts = serializers.DictField(
         help_text="Records per section (agents, tools, sessions, messages, runs, usage, "
-        "context chunks); an import adds `secrets_to_set` (names: values never travel) and "
-        "`context_jobs` (…/agents/{id}/context/jobs/{job_id}/ of the re-embedding)."
+        "memory_blocks, webhooks, schedules, context chunks); an import adds "
+        "`secrets_to_set` (names: values never travel), `switched_off` (schedules and "
+        "webhooks that were on) and `context_jobs` (…/agents/{id}/context/jobs/{job_id}/ "
+        "of the re-embedding)."
+    )
+    webhook_secrets = serializers.DictField(
+        child=serializers.CharField(),
+        default=dict,
+        help_text="Import: the signing secrets of the webhooks it made (by endpoint id), "
+        "on the first read after it is done only; later reads show {}.",
     )
     size_bytes = serializers.IntegerField()
     seconds = serializers.FloatField(allow_null=True)
@@ -194,10 +220,30 @@ class EmptyInputSerializer(StrictSerializer):
 
 
 class ImportInputSerializer(StrictSerializer):
-    export_id = UUIDField(help_text="A finished export of one of your projects.")
+    export_id = UUIDField(
+        required=False, help_text="A finished export of one of your projects (JSON)."
+    )
+    archive = serializers.FileField(
+        required=False,
+        allow_empty_file=False,
+        help_text="Or an archive (multipart/form-data), e.g. one downloaded from "
+        "…/exports/{id}/archive/ on any deployment: at most IMPORT_MAX_BYTES (else 413), "
+        "checked whole before anything is written (a 400 says what is wrong).",
+    )
 
     class Meta:
         ref_name = "ImportInput"
+
+    def validate(self, attrs):
+        attrs = super().validate(attrs)
+        if ("export_id" in attrs) == ("archive" in attrs):
+            raise serializers.ValidationError(
+                {"export_id": ["Give an export_id or an archive: exactly one."]}
+            )
+        upload = attrs.get("archive")
+        if upload is not None and upload.size > settings.IMPORT_MAX_BYTES:
+            raise PayloadTooLarge(f"The archive is larger than {settings.IMPORT_MAX_BYTES} bytes.")
+        return attrs
 
 
 def _export_get(project, job_id) -> ArchiveJob:
@@ -261,20 +307,31 @@ class ExportArchiveApi(ProjectScopedApi):
 
 @extend_schema(tags=["Projects"])
 class ImportApi(APIView):
+    parser_classes = [JSONParser, MultiPartParser]
+
     @extend_schema(
         operation_id="projects_import",
         summary="Recreate an exported project as a new project of yours",
-        description="Reads a finished export of one of your projects and makes a new project "
-        "with everything in it under new ids; the context is embedded again with this "
-        "deployment's model (its jobs are listed in `counts.context_jobs`). Secrets are not "
-        "in archives: `counts.secrets_to_set` names those to set. Follow it at "
-        "/my/projects/imports/{id}/.",
-        request=ImportInputSerializer,
+        description="Reads a finished export of one of your projects (`export_id`, JSON) or "
+        "an uploaded archive (`archive`, multipart) and makes a new project with everything "
+        "in it under new ids; the context is embedded again with this deployment's model "
+        "(its jobs are listed in `counts.context_jobs`). An upload is checked whole first "
+        "(size, zip structure, manifest and version, every record's schema, references "
+        "inside the archive only): a bad one is a 400 and nothing is written. Secrets are "
+        "not in archives: `counts.secrets_to_set` names those to set. Webhooks come back "
+        "with new secrets (shown once: `webhook_secrets` on the first read after the import "
+        "is done) and, like schedules, switched off (`counts.switched_off`): a copy must "
+        "not fire twice what the original fires. Follow it at /my/projects/imports/{id}/.",
+        request={
+            "application/json": ImportInputSerializer,
+            "multipart/form-data": ImportInputSerializer,
+        },
         responses={
             202: ArchiveJobOutputSerializer,
             **error_responses(
                 404,
                 409,
+                413,
                 _404="No export of yours has this `export_id` (`export_id` says so).",
                 _409="The export has not finished (`export_id` says so).",
             ),
@@ -283,6 +340,14 @@ class ImportApi(APIView):
     def post(self, request):
         data = ImportInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
+        upload = data.validated_data.get("archive")
+        if upload is not None:
+            try:
+                archive_read(upload)
+            except ArchiveInvalid as exc:
+                raise exceptions.ValidationError({"archive": [str(exc)]}) from None
+            job = import_start(owner=request.user, upload=upload)
+            return Response(ArchiveJobOutputSerializer(job).data, status=status.HTTP_202_ACCEPTED)
         source = ArchiveJob.objects.filter(
             kind=ArchiveJob.Kind.EXPORT, project__owner=request.user,
             id=data.validated_data["export_id"],
@@ -301,4 +366,6 @@ class ImportDetailApi(APIView):
                    responses={200: ArchiveJobOutputSerializer})  # fmt: skip
     def get(self, request, job_id):
         jobs = ArchiveJob.objects.filter(kind=ArchiveJob.Kind.IMPORT, owner=request.user)
-        return Response(ArchiveJobOutputSerializer(get_or_404(jobs, id=job_id)).data)
+        job = get_or_404(jobs, id=job_id)
+        job.webhook_secrets = import_webhook_secrets_take(job=job)
+        return Response(ArchiveJobOutputSerializer(job).data)

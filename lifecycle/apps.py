@@ -14,5 +14,6 @@ class LifecycleConfig(AppConfig):
         from . import (  # noqa: F401  (they register themselves)
             accounts,  # its receivers: a deleted user's erasure
             receivers,  # a deleted project's archives
+            retention_kinds,  # session context and webhook deliveries as retention kinds
             tasks,  # registered in every process: the web side puts them on the bus by name
         )

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from celery import current_app
 from django.conf import settings
@@ -31,7 +31,10 @@ from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from agentbus import publish
-from agents.models import Agent, AgentVersion, ProjectSecret, Tool
+from agents.models import Agent, AgentVersion, MemoryBlock, ProjectSecret, Tool
+from automation.models import Schedule, WebhookEndpoint
+from automation.schedules import ScheduleInvalid, timing_valid
+from automation.webhooks import EVENT_TYPES, secret_new
 from chat.models import ChatSession, Message, Run
 from common.services import on_commit_robust
 from context.services import context_documents_add
@@ -39,6 +42,23 @@ from context.vectors import context_documents
 from governance.models import RunUsage, UsageDaily
 from projects.models import Project
 
+from .archive_schema import (
+    MAX_CONTEXT_TEXT,
+    ArchiveInvalid,
+    Check,
+    archive_open,
+    choice,
+    fail,
+    integer,
+    json_object,
+    list_of,
+    nullable,
+    of_field,
+    record,
+    string,
+    unique,
+    uuid_text,
+)
 from .models import ArchiveJob
 
 FORMAT = "uws-project-archive"
@@ -76,11 +96,23 @@ class ImportContext:
         return None if old is None else self.ids.get(kind, {}).get(str(old))
 
 
+Rows = list[dict[str, Any]]
+
+
 @dataclass(frozen=True)
 class ArchiveSection:
     name: str
     dump: Callable[[Project], Iterable[dict[str, Any]]]
-    load: Callable[[ImportContext, list[dict[str, Any]]], int]
+    load: Callable[[ImportContext, Rows], int]
+    # Every record's shape (archive_schema.record); checked before anything is written.
+    schema: Check
+    # Fields naming another record of the archive: field -> the section it names (by
+    # that section's "id"). A reference outside the archive is refused.
+    refs: dict[str, str] = field(default_factory=dict)
+    # Field tuples no two records share (the tables' unique constraints).
+    unique: tuple[tuple[str, ...], ...] = ()
+    # Further checks across sections: (rows, every file's rows) -> raise ArchiveInvalid.
+    check: Callable[[Rows, dict[str, Rows]], None] | None = None
 
 
 _SECTIONS: dict[str, ArchiveSection] = {}
@@ -90,10 +122,16 @@ def archive_section_register(
     name: str,
     *,
     dump: Callable[[Project], Iterable[dict[str, Any]]],
-    load: Callable[[ImportContext, list[dict[str, Any]]], int],
+    load: Callable[[ImportContext, Rows], int],
+    schema: Check,
+    refs: dict[str, str] | None = None,
+    unique: tuple[tuple[str, ...], ...] = (),
+    check: Callable[[Rows, dict[str, Rows]], None] | None = None,
 ) -> None:
-    """Add a section (in load order: register after the sections it refers to)."""
-    _SECTIONS[name] = ArchiveSection(name=name, dump=dump, load=load)
+    """Add a section (in load order: register after the sections it refers to), with the
+    schema its records must have in an archive that is imported."""
+    _SECTIONS[name] = ArchiveSection(name=name, dump=dump, load=load, schema=schema,
+                                     refs=refs or {}, unique=unique, check=check)  # fmt: skip
 
 
 def archive_sections() -> list[str]:
@@ -324,13 +362,268 @@ def _load_usage(ctx: ImportContext, rows: list[dict[str, Any]]) -> int:
     return len(rows)
 
 
-archive_section_register("agents", dump=_dump_agents, load=_load_agents)
-archive_section_register("tools", dump=_dump_tools, load=_load_tools)
-archive_section_register("secrets", dump=_dump_secrets, load=_load_secrets)
-archive_section_register("sessions", dump=_dump_sessions, load=_load_sessions)
-archive_section_register("messages", dump=_dump_messages, load=_load_messages)
-archive_section_register("runs", dump=_dump_runs, load=_load_runs)
-archive_section_register("usage", dump=_dump_usage, load=_load_usage)
+# --- Schemas ------------------------------------------------------------------------------
+
+
+def _fields(model, names: Iterable[str]) -> dict[str, Check]:
+    return {name: of_field(model, name) for name in names}
+
+
+TOOL_SNAPSHOT = record(
+    {**_fields(Tool, TOOL_FIELDS), "target_agent_id": nullable(uuid_text)},
+    optional=[f for f in TOOL_FIELDS if f not in ("kind", "name")] + ["target_agent_id"],
+)
+# What a version may hold of the sections agents.versions knows (their snapshots' shape).
+MEMORY_DEFINITION = record(_fields(MemoryBlock, ("label", "limit", "description")))
+VERSION_SECTIONS = record({"memory_blocks": list_of(MEMORY_DEFINITION, max_items=1000)},
+                          optional=["memory_blocks"])  # fmt: skip
+AGENT_VERSION = record({
+    **_fields(AgentVersion, ("number", "name", "system_prompt", "model", "params",
+                             "busy_policy", "restored_from", "created_at")),
+    "tools": list_of(TOOL_SNAPSHOT, max_items=1000),
+    "sections": VERSION_SECTIONS,
+})  # fmt: skip
+AGENT = record({"id": uuid_text, **_fields(Agent, AGENT_FIELDS[1:]),
+                "versions": list_of(AGENT_VERSION, max_items=100_000)})  # fmt: skip
+
+
+def _agents_check(rows: Rows, files: dict[str, Rows]) -> None:
+    agents = {r["id"] for r in rows}
+    for i, row in enumerate(rows):
+        where = f"agents.jsonl line {i + 1}"
+        unique(row["versions"], ("number",), f"{where}: versions")
+        for version in row["versions"]:
+            for tool in version["tools"]:
+                target = tool.get("target_agent_id")
+                if target is not None and target not in agents:
+                    fail(where, "a version's tool names an agent not in the archive")
+
+
+def _versions_of(files: dict[str, Rows]) -> set[str]:
+    return {f"{a['id']}:{v['number']}" for a in files.get("agents.jsonl", [])
+            for v in a["versions"]}  # fmt: skip
+
+
+def _pinned_check(section: str) -> Callable[[Rows, dict[str, Rows]], None]:
+    """Sessions and runs name their agent's version by number: one of the archive's."""
+
+    def check(rows: Rows, files: dict[str, Rows]) -> None:
+        versions = _versions_of(files)
+        for i, row in enumerate(rows):
+            number = row["agent_version"]
+            if number is not None and f"{row['agent_id']}:{number}" not in versions:
+                fail(f"{section}.jsonl line {i + 1}", "agent_version: not a version in the archive")
+
+    return check
+
+
+archive_section_register(
+    "agents", dump=_dump_agents, load=_load_agents, schema=AGENT, unique=(("id",), ("name",)),
+    check=_agents_check,
+)  # fmt: skip
+archive_section_register(
+    "tools", dump=_dump_tools, load=_load_tools,
+    schema=record({"agent_id": uuid_text, "target_agent_id": nullable(uuid_text),
+                   **_fields(Tool, TOOL_FIELDS)}),
+    refs={"agent_id": "agents", "target_agent_id": "agents"}, unique=(("agent_id", "name"),),
+)  # fmt: skip
+archive_section_register(
+    "secrets", dump=_dump_secrets, load=_load_secrets,
+    schema=record(_fields(ProjectSecret, ("name",))), unique=(("name",),),
+)  # fmt: skip
+archive_section_register(
+    "sessions", dump=_dump_sessions, load=_load_sessions,
+    schema=record({"id": uuid_text, "agent_id": uuid_text, "title": of_field(ChatSession, "title"),
+                   "agent_version": nullable(integer(min_value=1)),
+                   "created_at": of_field(ChatSession, "created_at")}),
+    refs={"agent_id": "agents"}, unique=(("id",),), check=_pinned_check("sessions"),
+)  # fmt: skip
+archive_section_register(
+    "messages", dump=_dump_messages, load=_load_messages,
+    schema=record({"id": integer(min_value=1), "session_id": uuid_text,
+                   **_fields(Message, (*MESSAGE_FIELDS, "created_at"))}),
+    refs={"session_id": "sessions"}, unique=(("id",),),
+)  # fmt: skip
+archive_section_register(
+    "runs", dump=_dump_runs, load=_load_runs,
+    schema=record({"id": uuid_text, "session_id": uuid_text, "message_id": integer(min_value=1),
+                   "agent_id": uuid_text, "parent_id": nullable(uuid_text),
+                   "agent_version": nullable(integer(min_value=1)),
+                   **_fields(Run, (*RUN_FIELDS, *RUN_TIMES))}),
+    refs={"session_id": "sessions", "message_id": "messages", "agent_id": "agents",
+          "parent_id": "runs"},
+    unique=(("id",), ("message_id",)), check=_pinned_check("runs"),
+)  # fmt: skip
+archive_section_register(
+    "usage", dump=_dump_usage, load=_load_usage,
+    # Usage may name agents deleted since (their totals stay): not a reference.
+    schema=record({"day": of_field(UsageDaily, "day"), "agent_id": nullable(uuid_text),
+                   **_fields(UsageDaily, ("model", *USAGE_SUMS))}),
+    unique=(("day", "agent_id", "model"),),
+)  # fmt: skip
+
+
+# --- Memory blocks, webhooks, schedules -----------------------------------------------------
+
+MEMORY_FIELDS = ("label", "value", "limit", "description", "created_at")
+
+
+def _dump_memory_blocks(project: Project) -> Iterator[dict[str, Any]]:
+    blocks = MemoryBlock.objects.filter(agent__project=project)
+    for block in blocks.order_by("agent__created_at", "agent_id", "created_at", "label"):
+        yield _row({"agent_id": block.agent_id, **{f: getattr(block, f) for f in MEMORY_FIELDS}})
+
+
+def _load_memory_blocks(ctx: ImportContext, rows: Rows) -> int:
+    """The blocks with their values as they were (their audit trail stays behind)."""
+    made = [MemoryBlock(agent_id=ctx.map("agent", r["agent_id"]),
+                        **{f: r[f] for f in MEMORY_FIELDS[:-1]}) for r in rows]  # fmt: skip
+    MemoryBlock.objects.bulk_create(made, batch_size=1000)
+    _keep_times(MemoryBlock, made, rows, ("created_at",))
+    return len(made)
+
+
+# An import's note: the webhooks whose new secrets its first read shows.
+SECRETS_UNSHOWN = "webhook_secrets_unshown"
+WEBHOOK_FIELDS = ("url", "events", "description", "enabled", "created_at")
+
+
+def _dump_webhooks(project: Project) -> Iterator[dict[str, Any]]:
+    for endpoint in WebhookEndpoint.objects.filter(project=project).order_by("created_at", "id"):
+        # Never the secret: an import makes a new one.
+        yield _row({"id": endpoint.id, **{f: getattr(endpoint, f) for f in WEBHOOK_FIELDS}})
+
+
+def _load_webhooks(ctx: ImportContext, rows: Rows) -> int:
+    """Endpoints with new secrets, switched off: their receivers know only the old
+    secret. The import's first read shows the new ones (`webhook_secrets`), once."""
+    made = [WebhookEndpoint(project=ctx.project, url=r["url"], events=sorted(set(r["events"])),
+                            description=r["description"], enabled=False, secret=secret_new())
+            for r in rows]  # fmt: skip
+    WebhookEndpoint.objects.bulk_create(made, batch_size=1000)
+    _keep_times(WebhookEndpoint, made, rows, ("created_at",))
+    ctx.notes[SECRETS_UNSHOWN] = [str(e.id) for e in made]
+    ctx.notes.setdefault("switched_off", {})["webhooks"] = sum(r["enabled"] for r in rows)
+    return len(made)
+
+
+SCHEDULE_FIELDS = ("name", "content", "kind", "run_at", "cron", "timezone", "enabled",
+                   "created_at")  # fmt: skip
+
+
+def _dump_schedules(project: Project) -> Iterator[dict[str, Any]]:
+    for schedule in Schedule.objects.filter(project=project).order_by("created_at", "id"):
+        yield _row({"id": schedule.id, "agent_id": schedule.agent_id,
+                    "session_id": schedule.session_id,
+                    **{f: getattr(schedule, f) for f in SCHEDULE_FIELDS}})  # fmt: skip
+
+
+def _load_schedules(ctx: ImportContext, rows: Rows) -> int:
+    """Schedules come back switched off: the project they were exported from may still
+    fire them, and a copy must not send every message (and spend on the provider) twice;
+    switching one on (PATCH `enabled`) gives it to beat."""
+    made = [Schedule(project=ctx.project, agent_id=ctx.map("agent", r["agent_id"]),
+                     session_id=ctx.map("session", r["session_id"]), name=r["name"],
+                     content=r["content"], kind=r["kind"], run_at=_when(r["run_at"]),
+                     cron=r["cron"], timezone=r["timezone"], enabled=False)
+            for r in rows]  # fmt: skip
+    Schedule.objects.bulk_create(made, batch_size=1000)
+    _keep_times(Schedule, made, rows, ("created_at",))
+    ctx.notes.setdefault("switched_off", {})["schedules"] = sum(r["enabled"] for r in rows)
+    return len(made)
+
+
+def _schedules_check(rows: Rows, files: dict[str, Rows]) -> None:
+    session_agent = {r["id"]: r["agent_id"] for r in files.get("sessions.jsonl", [])}
+    for i, row in enumerate(rows):
+        where = f"schedules.jsonl line {i + 1}"
+        if session_agent.get(row["session_id"]) != row["agent_id"]:
+            fail(where, "session_id: a session of another agent")
+        try:
+            timing_valid(kind=row["kind"], run_at=_when(row["run_at"]), cron=row["cron"],
+                         timezone_name=row["timezone"], check_future=False)  # fmt: skip
+        except ScheduleInvalid as exc:
+            fail(f"{where}: {exc.field}", str(exc))
+
+
+archive_section_register(
+    "memory_blocks", dump=_dump_memory_blocks, load=_load_memory_blocks,
+    schema=record({"agent_id": uuid_text, **_fields(MemoryBlock, MEMORY_FIELDS)}),
+    refs={"agent_id": "agents"}, unique=(("agent_id", "label"),),
+)  # fmt: skip
+archive_section_register(
+    "webhooks", dump=_dump_webhooks, load=_load_webhooks,
+    schema=record({"id": uuid_text, **_fields(WebhookEndpoint, WEBHOOK_FIELDS),
+                   "events": list_of(choice(EVENT_TYPES), max_items=len(EVENT_TYPES))}),
+    unique=(("id",),),
+)  # fmt: skip
+archive_section_register(
+    "schedules", dump=_dump_schedules, load=_load_schedules,
+    schema=record({"id": uuid_text, "agent_id": uuid_text, "session_id": uuid_text,
+                   **_fields(Schedule, SCHEDULE_FIELDS)}),
+    refs={"agent_id": "agents", "session_id": "sessions"}, unique=(("id",),),
+    check=_schedules_check,
+)  # fmt: skip
+
+
+# --- Checking an archive ---------------------------------------------------------------------
+
+MANIFEST_SCHEMA = record({
+    "format": string(64), "version": integer(min_value=1), "exported_at": string(64),
+    "project": record(_fields(Project, ("name", "description"))),
+    "sections": list_of(string(64), max_items=100), "counts": json_object,
+})  # fmt: skip
+CONTEXT_DOCUMENT = record({"text": string(MAX_CONTEXT_TEXT), "metadata": json_object})
+
+
+def archive_validate(manifest: Any, files: dict[str, Rows]) -> None:
+    """Raise ArchiveInvalid unless the archive is one this deployment can import whole:
+    its format and version, each listed section's file and count, every record's schema,
+    unique keys, and references that stay inside the archive."""
+    MANIFEST_SCHEMA(manifest, "manifest.json")
+    if manifest["format"] != FORMAT or manifest["version"] != VERSION:
+        fail("manifest.json", f"not a {FORMAT} of version {VERSION}")
+    listed = manifest["sections"]
+    unknown = [name for name in listed if name not in _SECTIONS]
+    if unknown or len(set(listed)) != len(listed):
+        fail("manifest.json: sections", f"unknown or repeated: {', '.join(unknown) or listed}")
+    counts = manifest["counts"]
+    for name in files:
+        if not name.startswith("context/") and name[: -len(".jsonl")] not in listed:
+            fail(name, "a section the manifest does not list")
+    for name in listed:
+        if f"{name}.jsonl" not in files:
+            fail("", f"no {name}.jsonl (the manifest lists it)")
+        if name in counts and counts[name] != len(files[f"{name}.jsonl"]):
+            fail(f"{name}.jsonl", "holds another number of records than the manifest says")
+    ids: dict[str, set[str]] = {}
+    for section in _SECTIONS.values():
+        rows = files.get(f"{section.name}.jsonl", [])
+        for i, row in enumerate(rows):
+            section.schema(row, f"{section.name}.jsonl line {i + 1}")
+        for fields in section.unique:
+            unique(rows, fields, f"{section.name}.jsonl")
+        ids[section.name] = {str(r["id"]) for r in rows if "id" in r}
+    for section in _SECTIONS.values():
+        rows = files.get(f"{section.name}.jsonl", [])
+        for name, target in section.refs.items():
+            for i, row in enumerate(rows):
+                value = row.get(name)
+                if value is not None and str(value) not in ids.get(target, ()):
+                    fail(f"{section.name}.jsonl line {i + 1}: {name}",
+                         f"names no record of {target}.jsonl")  # fmt: skip
+        if section.check is not None:
+            section.check(rows, files)
+    context = 0
+    for name, documents in files.items():
+        if name.startswith("context/"):
+            if name[len("context/") : -len(".jsonl")] not in ids["agents"]:
+                fail(name, "the context of an agent not in the archive")
+            for i, document in enumerate(documents):
+                CONTEXT_DOCUMENT(document, f"{name} line {i + 1}")
+            context += len(documents)
+    if "context" in counts and counts["context"] != context:
+        fail("context/", "holds another number of documents than the manifest says")
 
 
 # --- Export -------------------------------------------------------------------------------
@@ -403,25 +696,39 @@ def export_run(*, job_id: uuid.UUID | str) -> ArchiveJob | None:
     return ArchiveJob.objects.get(id=job.id)
 
 
-def archive_read(path: Path) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    """(manifest, {file name: its records}) of an archive."""
-    files: dict[str, list[dict[str, Any]]] = {}
-    with zipfile.ZipFile(path) as archive:
-        manifest = json.loads(archive.read("manifest.json"))
-        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-            raise ValueError("not an archive of this format and version")
-        for name in archive.namelist():
-            if name.endswith(".jsonl"):
-                files[name] = [json.loads(line) for line in archive.read(name).splitlines()]
+def archive_read(source: str | Path | IO[bytes]) -> tuple[dict[str, Any], dict[str, Rows]]:
+    """(manifest, {file name: its records}) of an archive, checked whole (ArchiveInvalid:
+    what is wrong; nothing has been written)."""
+    manifest, files = archive_open(source)
+    archive_validate(manifest, files)
     return manifest, files
+
+
+def uploads_dir() -> Path:
+    return Path(settings.VAR_DIR) / "imports"
+
+
+def upload_path(job: ArchiveJob) -> Path:
+    """Where an uploaded archive waits for its import (removed once it ran)."""
+    return uploads_dir() / f"{job.id.hex}.zip"
 
 
 # --- Import -------------------------------------------------------------------------------
 
 
 @transaction.atomic
-def import_start(*, owner, source: ArchiveJob) -> ArchiveJob:
+def import_start(
+    *, owner, source: ArchiveJob | None = None, upload: IO[bytes] | None = None
+) -> ArchiveJob:
+    """An import of an export of the owner's (`source`), or of an uploaded archive the
+    caller has checked with `archive_read` (`upload`: kept until the import ran)."""
     job = ArchiveJob.objects.create(kind=ArchiveJob.Kind.IMPORT, owner=owner, source=source)
+    if upload is not None:
+        path = upload_path(job)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        upload.seek(0)
+        with path.open("wb") as handle:
+            shutil.copyfileobj(upload, handle)
     on_commit_robust(
         lambda: current_app.send_task(IMPORT_TASK, kwargs={"job_id": str(job.id)}),
         name=f"import_project(job={job.id})",
@@ -436,21 +743,27 @@ def import_run(*, job_id: uuid.UUID | str) -> ArchiveJob | None:
     if job is None or job.status in (ArchiveJob.Status.DONE, ArchiveJob.Status.ERROR):
         return job
     started = time.monotonic()
-    if job.source is None or job.source.project_id is None:
-        _finish(job, started, status=ArchiveJob.Status.ERROR, error="the export is gone")
+    uploaded = upload_path(job)
+    if job.source is not None and job.source.project_id is not None:
+        path = archive_path(job.source)
+    elif job.source is None and uploaded.exists():
+        path = uploaded
+    else:
+        _finish(job, started, status=ArchiveJob.Status.ERROR, error="the archive is gone")
         return job
-    manifest, files = archive_read(archive_path(job.source))
-    with transaction.atomic():
-        project = Project.objects.create(
-            owner=job.owner,
-            name=manifest["project"]["name"],
-            description=manifest["project"]["description"],
-        )
-        ctx = ImportContext(project=project)
-        counts = {}
-        for section in _SECTIONS.values():
-            counts[section.name] = section.load(ctx, files.get(f"{section.name}.jsonl", []))
-        ArchiveJob.objects.filter(id=job.id).update(project=project)
+    try:
+        manifest, files = archive_read(path)
+    except ArchiveInvalid as exc:
+        uploaded.unlink(missing_ok=True)
+        _finish(job, started, status=ArchiveJob.Status.ERROR, error=str(exc))
+        return job
+    try:
+        project, ctx, counts = _import_records(job, manifest, files)
+    except Exception as exc:  # nothing of it was written (one transaction)
+        _finish(job, started, status=ArchiveJob.Status.ERROR, error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        uploaded.unlink(missing_ok=True)
     context_jobs, chunks = [], 0
     for name, documents in files.items():
         if not name.startswith("context/") or not documents:
@@ -464,3 +777,39 @@ def import_run(*, job_id: uuid.UUID | str) -> ArchiveJob | None:
     _finish(job, started, status=ArchiveJob.Status.DONE,
             counts={**counts, **ctx.notes, "context_jobs": context_jobs})  # fmt: skip
     return ArchiveJob.objects.get(id=job.id)
+
+
+def _import_records(
+    job: ArchiveJob, manifest: dict[str, Any], files: dict[str, Rows]
+) -> tuple[Project, ImportContext, dict[str, int]]:
+    """Every section's records in a new project of the job's owner, in one transaction."""
+    with transaction.atomic():
+        project = Project.objects.create(
+            owner=job.owner,
+            name=manifest["project"]["name"],
+            description=manifest["project"]["description"],
+        )
+        ctx = ImportContext(project=project)
+        counts = {}
+        for section in _SECTIONS.values():
+            counts[section.name] = section.load(ctx, files.get(f"{section.name}.jsonl", []))
+        ArchiveJob.objects.filter(id=job.id).update(project=project)
+    return project, ctx, counts
+
+
+def import_webhook_secrets_take(*, job: ArchiveJob) -> dict[str, str]:
+    """The secrets of the webhooks a finished import made, by endpoint id: once (the
+    first read after it is done), like a new endpoint's. The job keeps only their ids
+    until then; the secrets themselves stay encrypted on the endpoints."""
+    if job.status != ArchiveJob.Status.DONE or not job.counts.get(SECRETS_UNSHOWN):
+        return {}
+    with transaction.atomic():
+        locked = ArchiveJob.objects.select_for_update().filter(id=job.id).first()
+        ids = (locked.counts.get(SECRETS_UNSHOWN) or []) if locked else []
+        if not ids:
+            return {}
+        locked.counts = {**locked.counts, SECRETS_UNSHOWN: []}
+        locked.save(update_fields=["counts"])
+        job.counts = locked.counts
+        endpoints = WebhookEndpoint.objects.filter(id__in=ids, project_id=locked.project_id)
+        return {str(e.id): e.secret for e in endpoints}

@@ -22,9 +22,15 @@ class RetentionPolicy(models.Model):
     events_days = models.PositiveIntegerField(null=True, blank=True)
     # Raw usage rows (rolled up per day first: usage and quotas stay right).
     usage_days = models.PositiveIntegerField(null=True, blank=True)
+    # What the agents remember of sessions (their exchanges in the vector store) once the
+    # session has had no message for this long (or is gone).
+    session_context_days = models.PositiveIntegerField(null=True, blank=True)
+    # Webhook deliveries (with their attempts) made this long ago; pending ones stay.
+    webhook_deliveries_days = models.PositiveIntegerField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
-    KINDS = ("sessions_days", "run_steps_days", "events_days", "usage_days")
+    KINDS = ("sessions_days", "run_steps_days", "events_days", "usage_days",
+             "session_context_days", "webhook_deliveries_days")  # fmt: skip
 
     class Meta:
         verbose_name_plural = "retention policies"

@@ -653,7 +653,7 @@ WEBHOOK_BACKOFF_SECONDS = [
 WEBHOOK_RETRY_WINDOW_SECONDS = env.float("WEBHOOK_RETRY_WINDOW_SECONDS", default=86400)
 # How often beat sends the deliveries that are due (retries, and any lost on the way).
 WEBHOOK_SWEEP_SECONDS = env.float("WEBHOOK_SWEEP_SECONDS", default=5)
-# Delivery logs are kept this long.
+# Delivery logs are kept this long: the default of RETENTION_WEBHOOK_DELIVERIES_DAYS (days).
 WEBHOOK_LOG_RETENTION_SECONDS = env.float("WEBHOOK_LOG_RETENTION_SECONDS", default=7 * 86400)
 # Idempotency-Key: an answer is kept a day; a claim whose request died is free again after
 # IDEMPOTENCY_CLAIM_SECONDS (longer than any request may take).
@@ -766,6 +766,20 @@ RETENTION_SESSIONS_DAYS = env.int("RETENTION_SESSIONS_DAYS", default=0)
 RETENTION_RUN_STEPS_DAYS = env.int("RETENTION_RUN_STEPS_DAYS", default=0)
 RETENTION_EVENTS_DAYS = env.int("RETENTION_EVENTS_DAYS", default=0)
 RETENTION_USAGE_DAYS = env.int("RETENTION_USAGE_DAYS", default=0)
+# Session context: what agents remember of a session (its exchanges in the vector store)
+# once the session has had no message for this long, or is gone. Webhook deliveries
+# (with their attempts; pending ones stay): a week unless WEBHOOK_LOG_RETENTION_SECONDS
+# (the purge this replaced) says otherwise.
+RETENTION_SESSION_CONTEXT_DAYS = env.int("RETENTION_SESSION_CONTEXT_DAYS", default=0)
+RETENTION_WEBHOOK_DELIVERIES_DAYS = env.int(
+    "RETENTION_WEBHOOK_DELIVERIES_DAYS",
+    default=max(1, round(WEBHOOK_LOG_RETENTION_SECONDS / 86400)),
+)
+# Archives uploaded to POST /my/projects/import/: the upload's size, what its files may
+# unpack to in all, and how many files it may hold (each checked before anything is read).
+IMPORT_MAX_BYTES = env.int("IMPORT_MAX_BYTES", default=64 * 1024 * 1024)
+IMPORT_MAX_UNPACKED_BYTES = env.int("IMPORT_MAX_UNPACKED_BYTES", default=512 * 1024 * 1024)
+IMPORT_MAX_FILES = env.int("IMPORT_MAX_FILES", default=10_000)
 # Rows one step of the sweep removes in one transaction, and how long a sweep may run.
 RETENTION_CHUNK = env.int("RETENTION_CHUNK", default=1000)
 RETENTION_SWEEP_BUDGET_SECONDS = env.float("RETENTION_SWEEP_BUDGET_SECONDS", default=300)
