@@ -239,8 +239,10 @@ class RunUsageAdmin(WithProjectNames, LargeTableAdmin, ReadOnlyAdmin):
                 f"Run usage: {changelist.paginator.count_label} runs (choose a day or a "
                 "project for their totals)"
             )
-        elif changelist is not None:  # the totals of what the filters select (≤ 10,000)
-            totals = changelist.queryset.aggregate(
+        elif changelist is not None:  # the totals of what the filters select: counted,
+            # so at most the paginator's limit; the slice says so to the planner too.
+            selected = changelist.queryset.order_by()[: changelist.paginator.count_limit + 1]
+            totals = selected.aggregate(
                 runs=Count("run_id"),
                 tokens=Sum("total_tokens"),
                 estimated=Count("run_id", filter=Q(estimated=True)),
