@@ -1,18 +1,25 @@
 """Admin pages bench: operators' pages over 100,000 runs, p50 / p95 / max latency and the
-queries each page costs.
+queries each page costs, beside a baseline (e.g. `main`) served the same way.
 
-    bin/with-redis --ephemeral -- .venv/bin/python bench/admin.py [--runs 100000] [--rounds 3]
+    BENCH_DB=uws_h27a bin/with-redis --ephemeral -- .venv/bin/python bench/admin.py \
+        [--runs 100000] [--rounds 3] [--requests 30] [--baseline main] [--fill-only]
 
 The web process is the Procfile's (uvicorn, one process, ASGI), on PostgreSQL (database
-`uws_h27_admin`, created and filled once: --runs runs over 200 projects, each with its
-usage row, spread over the last 6 hours, ~3% in error; rolled up per minute for the
-dashboards), logged in as a staff user through a session cookie. Each round asks every
-page 3 times to warm up, then 30 times one after another; the table gives min / median
-/ max over rounds of each round's p95, and the queries of one request (Django's test
-client in this process, same database).
+`$BENCH_DB`, default `uws_h27_admin`, created and filled once: --runs runs over 200
+projects, each with its usage row, spread over the last 6 hours, ~3% in error; rolled up
+per minute for the dashboards), logged in as a staff user through a session cookie.
+
+With --baseline REF, REF's code (a `git archive` copy under var/bench-admin/) is served by
+a second uvicorn on a copy of the database (`$BENCH_DB_base`, CREATE DATABASE … TEMPLATE)
+on which the migrations this tree has beyond REF are unapplied (REF's schema, its
+indexes), both ANALYZEd. Each round asks every page 3 times per variant to warm up, then
+--requests times per variant, the variants in turn request by request (so both see the
+same machine load); the table gives min / median / max over rounds of each round's p95,
+and the queries of one request of this tree (Django's test client in this process).
 
 Settings changed: DEBUG=false, LOG_LEVEL=WARNING. Not measured: pages under concurrent
-load, a remote database, the browser's own rendering of the charts.
+load, a remote database, the browser's own rendering of the charts; the planner's
+statistics are fresh (ANALYZE), as autovacuum keeps them on a live table.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import uuid
 from datetime import datetime
 
 from django.contrib import admin, messages
+from django.contrib.admin.views.main import ChangeList
 from django.core.paginator import Paginator
 from django.db.models import Count, OuterRef, Q, Subquery
 from django.urls import reverse
@@ -118,7 +119,10 @@ class ProjectFilter(admin.SimpleListFilter):
     parameter_name = "project"
 
     def lookups(self, request, model_admin):
-        return [(str(p.pk), p.name) for p in Project.objects.order_by("name")[:500]]
+        return [
+            (str(pk), name)
+            for pk, name in Project.objects.order_by("name").values_list("pk", "name")[:500]
+        ]
 
     def queryset(self, request, queryset):
         value = self.value()
@@ -191,7 +195,7 @@ class RunAgentFilter(admin.SimpleListFilter):
             return []
         try:
             agents = Agent.objects.filter(project_id=project).order_by("name")
-            return [(str(a.pk), a.name) for a in agents[:500]]
+            return [(str(pk), name) for pk, name in agents.values_list("pk", "name")[:500]]
         except Exception:  # noqa: BLE001  (a malformed id: no choices, Django says the rest)
             return []
 
@@ -214,6 +218,22 @@ class RunModelFilter(admin.SimpleListFilter):
     def queryset(self, request, queryset):
         value = self.value()
         return queryset.filter(model=value) if value else queryset
+
+
+class RunChangeList(ChangeList):
+    """The list reads the columns it shows, not the 20-odd of a run and its relations
+    (a run's page reads them all)."""
+
+    def get_queryset(self, request, exclude_parameters=None):
+        return (
+            super()
+            .get_queryset(request, exclude_parameters)
+            .only(
+                "id", "created_at", "status", "model", "error", "started_at", "finished_at",
+                "session__id", "session__project__id", "session__project__name",
+                "agent__id", "agent__name",
+            )
+        )  # fmt: skip
 
 
 def _seconds(start: datetime | None, end: datetime | None) -> str:
@@ -268,6 +288,9 @@ class RunAdmin(admin.ModelAdmin):
         return (
             super().get_queryset(request).defer("steps").annotate(usage_tokens=Subquery(tokens[:1]))
         )
+
+    def get_changelist(self, request, **kwargs):
+        return RunChangeList
 
     def get_search_results(self, request, queryset, search_term):
         """An id is looked up through its index: the run's, its session's, its trace's
