@@ -15,7 +15,9 @@ on which the migrations this tree has beyond REF are unapplied (REF's schema, it
 indexes), both ANALYZEd. Each round asks every page 3 times per variant to warm up, then
 --requests times per variant, the variants in turn request by request (so both see the
 same machine load); the table gives min / median / max over rounds of each round's p95,
-and the queries of one request of this tree (Django's test client in this process).
+the web process's own CPU time per request (median over rounds; /proc, the database's
+CPU not included), and the queries of one request of this tree (Django's test client in
+this process).
 
 Settings changed: DEBUG=false, LOG_LEVEL=WARNING. Not measured: pages under concurrent
 load, a remote database, the browser's own rendering of the charts; the planner's
@@ -233,7 +235,7 @@ def baseline_copy(ref: str, db: str) -> tuple[Path, str]:
                     raise
                 time.sleep(1)
     env = dict(os.environ, DATABASE_URL=f"{PG}/{copy}")
-    for app in sorted(p.parent.name for p in ROOT.glob("*/migrations/__init__.py")):
+    for app in sorted(p.parent.parent.name for p in ROOT.glob("*/migrations/__init__.py")):
         ours = {p.stem for p in (ROOT / app / "migrations").glob("0*.py")}
         theirs = {p.stem for p in (code / app / "migrations").glob("0*.py")}
         if ours - theirs:
@@ -260,6 +262,12 @@ def serve(cwd: Path, database_url: str) -> tuple[subprocess.Popen, str]:
         cwd=cwd, env=dict(os.environ, DATABASE_URL=database_url), start_new_session=True,
     )  # fmt: skip
     return web, f"http://127.0.0.1:{port}"
+
+
+def cpu_ms(pid: int) -> float:
+    """CPU time (user + system) the process has used, in ms (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
 def wait_up(client: httpx.Client) -> None:
@@ -309,6 +317,7 @@ def main() -> None:
         for client in clients.values():
             wait_up(client)
         p95s = {(name, v): [] for name in paths for v in servers}
+        cpus = {(name, v): [] for name in paths for v in servers}
         loads = []
         for _ in range(options.rounds):
             for name, path in paths.items():
@@ -316,12 +325,16 @@ def main() -> None:
                     for _ in range(3):
                         assert client.get(path).status_code == 200, (name, path)
                 timings = {v: [] for v in servers}
+                before = {v: cpu_ms(web.pid) for v, (web, _) in servers.items()}
                 for _ in range(options.requests):  # the variants in turn, request by request
                     for variant, client in clients.items():
                         t0 = time.perf_counter()
                         response = client.get(path)
                         timings[variant].append((time.perf_counter() - t0) * 1000)
                         assert response.status_code == 200, (variant, name)
+                for variant, (web, _) in servers.items():
+                    spent = cpu_ms(web.pid) - before[variant]
+                    cpus[(name, variant)].append(spent / options.requests)
                 for variant, values in timings.items():
                     values.sort()
                     p95s[(name, variant)].append(values[int(len(values) * 0.95) - 1])
@@ -340,16 +353,17 @@ def main() -> None:
     )
     print(
         f"| {'page':<30} | {'variant':<10} | {'p95 min':>8} | {'p95 median':>10} | "
-        f"{'p95 max':>8} | queries | goal p95 <= 300 ms |"
+        f"{'p95 max':>8} | web CPU ms/req | queries | goal p95 <= 300 ms |"
     )
-    rule = "|".join("-" * n for n in (32, 12, 10, 12, 10, 9, 20))
+    rule = "|".join("-" * n for n in (32, 12, 10, 12, 10, 16, 9, 20))
     print(f"|{rule}|")
     for (name, variant), values in p95s.items():
         count = queries[name] if variant == "this tree" else "-"
         median = statistics.median(values)
         verdict = "met" if median <= 300 else "NOT met"
+        cpu = statistics.median(cpus[(name, variant)])
         print(f"| {name:<30} | {variant:<10} | {min(values):8.1f} | {median:10.1f} | "
-              f"{max(values):8.1f} | {count:>7} | {verdict:<18} |")  # fmt: skip
+              f"{max(values):8.1f} | {cpu:14.1f} | {count:>7} | {verdict:<18} |")  # fmt: skip
 
 
 if __name__ == "__main__":
