@@ -192,3 +192,14 @@ def test_no_query_of_a_big_list_reads_its_table_whole(staff, session, path):
             plan = cursor.fetchone()[0]
             plan = json.loads(plan) if isinstance(plan, str) else plan
             assert not whole_scans(plan[0]["Plan"]), (path, query, plan)
+
+
+def test_the_project_filter_links_keep_the_other_filters(staff, session):
+    make_run(session, status=Run.Status.ERROR, error="boom")
+    page = staff.get("/admin/chat/run/?status__exact=error").content.decode()
+    assert f'href="?status__exact=error&amp;project={session.project_id}"' in page
+    chosen = staff.get(f"/admin/chat/run/?project={session.project_id}")
+    assert f'class="selected"><a href="?project={session.project_id}"' in re.sub(
+        r"\s+", " ", chosen.content.decode()
+    ).replace('"> <a', '"><a')
+    assert listed(staff, f"/admin/chat/run/?status__exact=error&project={session.project_id}")
