@@ -2,17 +2,21 @@
 project, links and counts between related objects, and a session page that shows its
 conversation read-only, a page at a time."""
 
+import itertools
 import uuid
 from datetime import datetime
+from urllib.parse import urlencode
 
 from django.contrib import admin, messages
+from django.contrib.admin.views.main import ChangeList
 from django.core.paginator import Paginator
-from django.db.models import Count, OuterRef, Subquery
+from django.db.models import Count, OuterRef, Q, Subquery
 from django.urls import reverse
 from django.utils.html import format_html
 
 from agents.admin import change_link, changelist_link
 from agents.models import Agent
+from common.admin_pagination import LargeTablePaginator
 from governance.models import RunUsage
 from projects.models import Project
 
@@ -109,6 +113,37 @@ class ChatSessionAdmin(admin.ModelAdmin):
             session_delete(session=session)
 
 
+class ProjectFilter(admin.SimpleListFilter):
+    """By project (its name), for runs and messages (through their session), without
+    scanning their 100,000s of rows for the projects they have."""
+
+    title = "project"
+    parameter_name = "project"
+
+    def lookups(self, request, model_admin):
+        return [
+            (str(pk), name)
+            for pk, name in Project.objects.order_by("name").values_list("pk", "name")[:500]
+        ]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        return queryset.filter(session__project_id=value) if value else queryset
+
+    def choices(self, changelist):
+        """One link per project, built from one query string (Django builds and sorts
+        the whole query string again for each of hundreds of choices)."""
+        yield from itertools.islice(super().choices(changelist), 1)  # "All"
+        base = changelist.get_query_string(remove=[self.parameter_name])
+        joiner = "&" if len(base) > 1 else ""
+        for pk, name in self.lookup_choices:
+            yield {
+                "selected": self.value() == pk,
+                "query_string": f"{base}{joiner}{urlencode({self.parameter_name: pk})}",
+                "display": name,
+            }
+
+
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
     list_display = (
@@ -121,16 +156,14 @@ class MessageAdmin(admin.ModelAdmin):
         "short_error",
         "created_at",
     )
-    list_filter = (
-        "status",
-        "role",
-        ("session__project", admin.RelatedOnlyFieldListFilter),
-        "created_at",
-    )
+    list_filter = ("status", "role", ProjectFilter, "created_at")
     search_fields = ("content", "error", "=session__id", "session__project__name")
     list_select_related = ("session", "session__project")
     ordering = ("-id",)
-    date_hierarchy = "created_at"
+    list_per_page = 50
+    # As many rows as runs: counted up to a limit (or estimated), no date hierarchy.
+    paginator = LargeTablePaginator
+    show_full_result_count = False
     raw_id_fields = ("session",)
     readonly_fields = ("id", "session", "role", "status", "content", "error", "created_at")
     fields = readonly_fields
@@ -165,20 +198,6 @@ class MessageAdmin(admin.ModelAdmin):
 # --- Runs ------------------------------------------------------------------------------
 
 
-class RunProjectFilter(admin.SimpleListFilter):
-    """By project (its name), without scanning the runs for the projects they have."""
-
-    title = "project"
-    parameter_name = "project"
-
-    def lookups(self, request, model_admin):
-        return [(str(p.pk), p.name) for p in Project.objects.order_by("name")[:500]]
-
-    def queryset(self, request, queryset):
-        value = self.value()
-        return queryset.filter(session__project_id=value) if value else queryset
-
-
 class RunAgentFilter(admin.SimpleListFilter):
     """By agent: the agents of the project filtered by (all of them would be too many)."""
 
@@ -186,12 +205,12 @@ class RunAgentFilter(admin.SimpleListFilter):
     parameter_name = "agent"
 
     def lookups(self, request, model_admin):
-        project = request.GET.get(RunProjectFilter.parameter_name)
+        project = request.GET.get(ProjectFilter.parameter_name)
         if not project:
             return []
         try:
             agents = Agent.objects.filter(project_id=project).order_by("name")
-            return [(str(a.pk), a.name) for a in agents[:500]]
+            return [(str(pk), name) for pk, name in agents.values_list("pk", "name")[:500]]
         except Exception:  # noqa: BLE001  (a malformed id: no choices, Django says the rest)
             return []
 
@@ -208,11 +227,28 @@ class RunModelFilter(admin.SimpleListFilter):
 
     def lookups(self, request, model_admin):
         recent = Run.objects.order_by("-created_at").values_list("model", flat=True)[:2000]
-        return [(m, m) for m in sorted({m for m in recent if m})]
+        models = {m for m in recent if m} | ({self.value()} if self.value() else set())
+        return [(m, m) for m in sorted(models)]
 
     def queryset(self, request, queryset):
         value = self.value()
         return queryset.filter(model=value) if value else queryset
+
+
+class RunChangeList(ChangeList):
+    """The list reads the columns it shows, not the 20-odd of a run and its relations
+    (a run's page reads them all)."""
+
+    def get_queryset(self, request, exclude_parameters=None):
+        return (
+            super()
+            .get_queryset(request, exclude_parameters)
+            .only(
+                "id", "created_at", "status", "model", "error", "started_at", "finished_at",
+                "session__id", "session__project__id", "session__project__name",
+                "agent__id", "agent__name",
+            )
+        )  # fmt: skip
 
 
 def _seconds(start: datetime | None, end: datetime | None) -> str:
@@ -241,7 +277,7 @@ class RunAdmin(admin.ModelAdmin):
     )
     list_filter = (
         "status",
-        RunProjectFilter,
+        ProjectFilter,
         RunAgentFilter,
         RunModelFilter,
         "created_at",
@@ -250,7 +286,8 @@ class RunAdmin(admin.ModelAdmin):
     list_select_related = ("session__project", "agent")
     ordering = ("-created_at",)
     list_per_page = 50
-    # Counting 100,000s of rows once per page is enough (not also the unfiltered total).
+    # 100,000s of rows: never counted whole (see LargeTablePaginator), nor twice per page.
+    paginator = LargeTablePaginator
     show_full_result_count = False
     change_form_template = "admin/chat/run/change_form.html"
     readonly_fields = (
@@ -261,9 +298,37 @@ class RunAdmin(admin.ModelAdmin):
     fields = readonly_fields
 
     def get_queryset(self, request):
-        tokens = RunUsage.objects.filter(run_id=OuterRef("pk")).values("total_tokens")[:1]
+        tokens = RunUsage.objects.filter(run_id=OuterRef("pk")).order_by().values("total_tokens")
         # The steps' JSON is read on a run's own page only.
-        return super().get_queryset(request).defer("steps").annotate(usage_tokens=Subquery(tokens))
+        return (
+            super().get_queryset(request).defer("steps").annotate(usage_tokens=Subquery(tokens[:1]))
+        )
+
+    def get_changelist(self, request, **kwargs):
+        return RunChangeList
+
+    def get_search_results(self, request, queryset, search_term):
+        """An id is looked up through its index: the run's, its session's, its trace's
+        (whole), the run's first 8 or more hex digits (the list's short id; a range of
+        the primary key), or a message's number. Django's `=` search compares
+        UPPER(id::text) instead, a scan of every run. Other text is looked for in the
+        errors."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        digits = term.replace("-", "").lower()
+        by_id = Q()
+        if term.isdigit() and len(term) <= 18:
+            by_id |= Q(message_id=int(term))
+        if len(digits) == 32 and _is_hex(digits):
+            value = uuid.UUID(digits)
+            by_id |= Q(id=value) | Q(session_id=value) | Q(trace_id=digits)
+        elif 8 <= len(digits) < 32 and _is_hex(digits):
+            low, high = uuid.UUID(digits.ljust(32, "0")), uuid.UUID(digits.ljust(32, "f"))
+            by_id |= Q(id__gte=low, id__lte=high)
+        if by_id:
+            return queryset.filter(by_id), False
+        return queryset.filter(error__icontains=term), False
 
     def has_add_permission(self, request) -> bool:
         return False  # runs come from chat messages, answered through the bus
@@ -319,6 +384,10 @@ class RunAdmin(admin.ModelAdmin):
         if run is not None:
             extra_context.update(run_page_context(run))
         return super().change_view(request, object_id, form_url, extra_context)
+
+
+def _is_hex(value: str) -> bool:
+    return all(c in "0123456789abcdef" for c in value)
 
 
 def _is_uuid(value) -> bool:

@@ -4,6 +4,7 @@ worker). Their tables keep the names they had in the agents app."""
 import uuid
 
 from django.db import models
+from django.db.models import Q
 
 from agents.models import Agent, AgentVersion
 from projects.models import Project
@@ -141,8 +142,13 @@ class Run(models.Model):
             models.Index(fields=["status", "lease_expires_at"], name="run_status_lease"),
             models.Index(fields=["status", "created_at"], name="run_status_created"),
             models.Index(fields=["session", "-created_at"], name="run_session_created"),
-            # The admin's run list, newest first (100,000s of rows).
-            models.Index(fields=["-created_at"], name="run_created"),
+            # The admin's run list, newest first (100,000s of rows); the model beside it
+            # lists the recent runs' models from the index alone (the model filter).
+            models.Index(fields=["-created_at"], include=["model"], name="run_created_model"),
+            # The admin's list of one model's runs, and its count.
+            models.Index(fields=["model", "-created_at"], name="run_model_created"),
+            # The admin's search by trace id (most runs have none: tracing is off).
+            models.Index(fields=["trace_id"], condition=~Q(trace_id=""), name="run_trace"),
             # The per-minute rollup reads the runs that ended in a minute.
             models.Index(fields=["finished_at"], name="run_finished"),
         ]

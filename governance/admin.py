@@ -4,6 +4,7 @@ from django.db.models import Count, OuterRef, Q, Subquery, Sum
 from django.urls import reverse
 from django.utils.html import format_html
 
+from common.admin_pagination import LargeTablePaginator
 from projects.models import Project
 
 from .models import AuditEvent, EmbeddingUsage, ProjectApiKey, ProviderSettings, Quota, RunUsage
@@ -42,6 +43,45 @@ class WithProjectNames:
     @admin.display(description="project", ordering="project_name")
     def project(self, obj) -> str:
         return project_label(obj)
+
+
+class RecentValuesFilter(admin.SimpleListFilter):
+    """By a column's value, among those of the newest rows: DISTINCT over all the rows
+    (Django's `AllValuesFieldListFilter`) is a scan of the table on every page."""
+
+    recent = 2000
+
+    def lookups(self, request, model_admin):
+        newest = model_admin.model._default_manager.order_by("-created_at")
+        values = {v for v in newest.values_list(self.parameter_name, flat=True)[: self.recent] if v}
+        if self.value():
+            values.add(self.value())
+        return [(v, v) for v in sorted(values)]
+
+    def queryset(self, request, queryset):
+        value = self.value()
+        return queryset.filter(**{self.parameter_name: value}) if value else queryset
+
+
+class OutcomeFilter(RecentValuesFilter):
+    title = parameter_name = "outcome"
+
+
+class ProviderFilter(RecentValuesFilter):
+    title = parameter_name = "provider"
+
+
+class MethodFilter(RecentValuesFilter):
+    title = parameter_name = "method"
+
+
+class LargeTableAdmin(admin.ModelAdmin):
+    """Lists of 100,000s of rows: counted up to a limit, or estimated when unfiltered
+    (common.admin_pagination), once per page; no date hierarchy, whose year and month
+    links are a DISTINCT over the whole table (the date filter stays)."""
+
+    paginator = LargeTablePaginator
+    show_full_result_count = False
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -155,7 +195,7 @@ class QuotaAdmin(admin.ModelAdmin):
 
 
 @admin.register(RunUsage)
-class RunUsageAdmin(WithProjectNames, ReadOnlyAdmin):
+class RunUsageAdmin(WithProjectNames, LargeTableAdmin, ReadOnlyAdmin):
     """Every agent run's accounting, read-only: it is written by the runs themselves."""
 
     # Narrow enough for a 1366 px screen beside the filters: the tokens in one column.
@@ -170,10 +210,10 @@ class RunUsageAdmin(WithProjectNames, ReadOnlyAdmin):
         "latency",
         "outcome",
     )
-    list_filter = ("estimated", "outcome", "provider", "day")
+    list_filter = ("estimated", OutcomeFilter, ProviderFilter, "day")
     search_fields = ("=project_id", "=run_id", "=agent_id", "model", "user__username")
     list_select_related = ("user",)
-    date_hierarchy = "day"
+    list_per_page = 50
 
     @admin.display(description="tokens (prompt + completion)", ordering="total_tokens")
     def tokens(self, obj) -> str:
@@ -194,8 +234,15 @@ class RunUsageAdmin(WithProjectNames, ReadOnlyAdmin):
     def changelist_view(self, request, extra_context=None):
         response = super().changelist_view(request, extra_context)
         changelist = getattr(response, "context_data", {}).get("cl")
-        if changelist is not None:  # the totals of what the filters select
-            totals = changelist.queryset.aggregate(
+        if changelist is not None and not changelist.paginator.count_is_exact:
+            response.context_data["title"] = (
+                f"Run usage: {changelist.paginator.count_label} runs (choose a day or a "
+                "project for their totals)"
+            )
+        elif changelist is not None:  # the totals of what the filters select: counted,
+            # so at most the paginator's limit; the slice says so to the planner too.
+            selected = changelist.queryset.order_by()[: changelist.paginator.count_limit + 1]
+            totals = selected.aggregate(
                 runs=Count("run_id"),
                 tokens=Sum("total_tokens"),
                 estimated=Count("run_id", filter=Q(estimated=True)),
@@ -229,24 +276,22 @@ class ProviderSettingsAdmin(admin.ModelAdmin):
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(WithProjectNames, ReadOnlyAdmin):
+class AuditEventAdmin(WithProjectNames, LargeTableAdmin, ReadOnlyAdmin):
     """The audit log, for operators: read-only (append-only; the purge alone deletes)."""
 
     list_display = (
         "created_at", "username", "credential", "key_prefix", "action", "object_repr",
         "project", "status_code", "ip_address",
     )  # fmt: skip
-    list_filter = ("credential", "method", "created_at")
+    list_filter = ("credential", MethodFilter, "created_at")
     search_fields = ("=project_id", "username", "action", "path", "object_repr", "key_prefix")
-    date_hierarchy = "created_at"
 
 
 @admin.register(EmbeddingUsage)
-class EmbeddingUsageAdmin(WithProjectNames, ReadOnlyAdmin):
+class EmbeddingUsageAdmin(WithProjectNames, LargeTableAdmin, ReadOnlyAdmin):
     """Tokens embedded per stored ingest batch, read-only."""
 
     list_display = ("created_at", "project", "user", "agent_id", "model", "tokens", "job_id")
     list_filter = ("model", "day")
     search_fields = ("=project_id", "=agent_id", "job_id", "user__username")
     list_select_related = ("user",)
-    date_hierarchy = "day"
