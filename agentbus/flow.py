@@ -35,7 +35,7 @@ from django.conf import settings
 
 from common.redis import broker_redis
 
-from .keys import FLOW_PARKED_KEY, FLOW_RULES_KEY, FLOW_STATS_KEY
+from .keys import FLOW_CREDIT_KEY, FLOW_PARKED_KEY, FLOW_RULES_KEY, FLOW_STATS_KEY
 from .queues import project_id_from_queue, project_queue
 from .transport import BULK, FLOW_COUNTERS, INTERACTIVE, LANES, lane_keys, slots_key
 
@@ -65,11 +65,13 @@ def flow_rules_set(
     if cap < 0:
         raise ValueError("max_in_flight must be 0 (no cap) or more")
     queue = project_queue(project_id)
-    client = broker_redis()
+    pipe = broker_redis().pipeline(transaction=True)
     if weight == settings.AGENTBUS_DEFAULT_WEIGHT and cap == 0:
-        client.hdel(FLOW_RULES_KEY, queue)  # the take's defaults: nothing to read
+        pipe.hdel(FLOW_RULES_KEY, queue)  # the take's defaults: nothing to read
     else:
-        client.hset(FLOW_RULES_KEY, queue, f"{weight} {cap}")
+        pipe.hset(FLOW_RULES_KEY, queue, f"{weight} {cap}")
+    pipe.hdel(FLOW_CREDIT_KEY, queue)  # a turn in progress starts again under the new weight
+    pipe.execute()
 
 
 @dataclass(frozen=True)

@@ -314,38 +314,56 @@ def lanes(backlog: int, lane: str) -> float:
         server.stop()
 
 
-def cost(mode: str, base_root: Path | None) -> float:
-    """Tasks/s: `rules` (every project under rules), `none` (no rules), `before` (the
-    worker from the branch's base)."""
+# The rules each cost mode gives every one of the 1,000 projects: (weight, max in flight).
+# `none`: no rules (the take's defaults); `before`: the worker of `--base-ref`.
+COST_RULES = {"none": None, "weights": (2, 0), "capped": (2, 1000)}
+COST_MODES = ("before", "none", "weights", "capped")
+
+
+def server_cpu() -> float:
+    """Seconds of CPU the Redis server used so far (user + system): the bench's own
+    server, which nothing else talks to."""
+    info = get_redis().info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def rules_for(projects, mode: str) -> None:
+    rules = COST_RULES.get(mode)
+    if rules:
+        for project in projects:
+            flow_rules_set(project_id=project, weight=rules[0], max_in_flight=rules[1])
+
+
+def cost(mode: str, base_root: Path | None) -> tuple[float, float]:
+    """Tasks/s end to end and the Redis server's CPU µs per task (publish, take, run,
+    ack), one worker, 5,000 no-op tasks over 1,000 active projects, under COST_RULES[mode]
+    (`before`: the worker from the branch's base)."""
 
     fresh()
     projects = [uuid.uuid4() for _ in range(1000)]
     get_redis().zadd(ACTIVE_KEY, {project_queue(p): time.time() for p in projects})
-    if mode == "rules":
-        for project in projects:
-            flow_rules_set(project_id=project, weight=2, max_in_flight=1000)
+    rules_for(projects, mode)
     root = base_root if mode == "before" else ROOT
     with workers(root=root):
         total = 5000
+        cpu = server_cpu()
         first = time.time()
         for i in range(total):
             publish(flow_work, project_id=projects[i % len(projects)], kwargs={"of": total})
         last = float(wait_until(lambda: get_redis().get(LAST), 600, "the run"))
-        return total / (last - first)
+        return total / (last - first), (server_cpu() - cpu) / total * 1e6
 
 
-def take_cost(mode: str, base_root: Path | None, tasks: int = 5000) -> float:
+def take_cost(mode: str, base_root: Path | None, tasks: int = 5000) -> tuple[float, float]:
     """Microseconds per task of the broker's side of delivery, measured from this
-    process: the take script (as a shared worker sends it) plus the acknowledgement
-    (kombu's two removals, and the slot's release under a cap), over `tasks` messages
-    spread on 1,000 active queues. `before`: the take of `--base-ref`; `none`: this
-    branch's take with no rules; `rules`: every project with weight 2 and cap 1,000."""
+    process (wall time) and as the Redis server's CPU: the take script (as a shared
+    worker sends it) plus the acknowledgement (kombu's two removals, and the slot's
+    release under a cap), over `tasks` messages spread on 1,000 active queues.
+    `before`: the take of `--base-ref`; else this branch's take under COST_RULES[mode]."""
     fresh()
     client = get_redis()
     projects = [uuid.uuid4() for _ in range(1000)]
-    if mode == "rules":
-        for project in projects:
-            flow_rules_set(project_id=project, weight=2, max_in_flight=1000)
+    rules_for(projects, mode)
     for i in range(tasks):
         publish(flow_work, project_id=projects[i % len(projects)], kwargs={})
     common = [transport.READY_KEY, transport.READY_MEMBERS_KEY, transport.READY_BELL_KEY]
@@ -361,8 +379,10 @@ def take_cost(mode: str, base_root: Path | None, tasks: int = 5000) -> float:
         keys += [transport.FLOW_PARKED_KEY, transport.FLOW_STATS_KEY]
         args = [transport.TOMBSTONE_PREFIX, transport.PROJECT_QUEUE_PREFIX, "64", "30", "4"]
         args += [transport.FLOW_SLOTS_PREFIX, transport.BULK_SUFFIX, "1"]
+        args += [transport.FLOW_PARKED_DUE_FIELD]
     sha = client.script_load(script)
     release = client.script_load(transport.RELEASE)
+    cpu = server_cpu()
     started = time.perf_counter()
     for _ in range(tasks):
         reply = client.evalsha(sha, len(keys), *keys, *args)
@@ -373,7 +393,8 @@ def take_cost(mode: str, base_root: Path | None, tasks: int = 5000) -> float:
             rkeys = transport.release_keys(reply[0])
             pipe.evalsha(release, len(rkeys), *rkeys, tag, reply[0])
         pipe.execute()
-    return (time.perf_counter() - started) / tasks * 1e6
+    wall = (time.perf_counter() - started) / tasks * 1e6
+    return wall, (server_cpu() - cpu) / tasks * 1e6
 
 
 def base_tree(ref: str) -> Path:
@@ -425,22 +446,17 @@ def main() -> None:
             rows["lanes"].append(
                 (idle, lanes(1000, "bulk"), lanes(1000, "interactive"), os.getloadavg()[0])
             )
-        if "cost" in goals:
-            rules, none = cost("rules", None), cost("none", None)
-            before = cost("before", base_root) if base_root else float("nan")
-            rows["cost"].append((rules, none, before, os.getloadavg()[0]))
-        if "take" in goals:
+        if "cost" in goals or "take" in goals:
             # Alternating order, so neither side always runs on a warmer server.
-            order = ["before", "none", "rules"] if round_ % 2 == 0 else ["rules", "none", "before"]
-            figures = {
-                m: take_cost(m, base_root, opts.take_tasks)
-                for m in order
-                if base_root or m != "before"
-            }
-            rows["take"].append(
-                (figures["rules"], figures["none"], figures.get("before", float("nan")),
-                 os.getloadavg()[0])
-            )  # fmt: skip
+            order = list(COST_MODES) if round_ % 2 == 0 else list(reversed(COST_MODES))
+            order = [m for m in order if base_root or m != "before"]
+            for goal, measure in (("cost", cost), ("take", take_cost)):
+                if goal in goals:
+                    if goal == "cost":
+                        figures = {m: measure(m, base_root) for m in order}
+                    else:
+                        figures = {m: measure(m, base_root, opts.take_tasks) for m in order}
+                    rows[goal].append((figures, os.getloadavg()[0]))
         print(f"  round {round_ + 1} done, load {os.getloadavg()[0]:.2f}", flush=True)
 
     print("\n| goal | measure | with flow control | baseline | goal met | load (1 min) |")
@@ -507,41 +523,31 @@ def main() -> None:
             f"{spread(flat, '{:.3f}')} (no lanes) | {'yes' if max(ratio) <= 2 else 'NO'} "
             f"(≤ 2× idle) | {spread([r[3] for r in rows['lanes']])} |"
         )
-    if rows.get("cost"):
-        rules = [r[0] for r in rows["cost"]]
-        none = [r[1] for r in rows["cost"]]
-        before = [r[2] for r in rows["cost"]]
-        loss = [1 - r / n for r, n in zip(rules, none, strict=True)]
-        line = (
-            f"| cost, 5,000 no-op tasks, 1,000 active | tasks/s | {spread(rules, '{:.0f}')} "
-            f"(rules) | {spread(none, '{:.0f}')} (no rules)"
-        )
-        if not any(b != b for b in before):  # NaN: no base run
-            loss_before = [1 - r / b for r, b in zip(rules, before, strict=True)]
-            line += f"; {spread(before, '{:.0f}')} (before flow control)"
-            met = max(max(loss), max(loss_before)) <= 0.10
-            line += (
-                f" | {'yes' if met else 'NO'} (≤ 10 %: {spread(loss, '{:.1%}')} vs no rules, "
-                f"{spread(loss_before, '{:.1%}')} vs before)"
+    for goal, title, unit in (
+        ("cost", "end to end, 5,000 no-op tasks, 1,000 active, 1 worker", ("tasks/s", "{:.0f}")),
+        ("take", f"broker side (take + ack), {opts.take_tasks:,} tasks, 1,000 queues",
+         ("wall µs/task", "{:.0f}")),
+    ):  # fmt: skip
+        if not rows.get(goal):
+            continue
+        loads = spread([r[1] for r in rows[goal]])
+        modes = [m for m in COST_MODES if m in rows[goal][0][0]]
+        base = "before" if "before" in modes else "none"
+        print(f"\n{title} (load {loads}); ratios paired within each round, against `{base}`")
+        print("\n| mode | " + unit[0] + " | Redis CPU µs/task | extra wall | extra Redis CPU |")
+        print("|---|---|---|---|---|")
+        for mode in modes:
+            values = [r[0][mode][0] for r in rows[goal]]
+            cpus = [r[0][mode][1] for r in rows[goal]]
+            if goal == "cost":  # tasks/s: the cost is the rate lost
+                extra = [r[0][base][0] / r[0][mode][0] - 1 for r in rows[goal]]
+            else:
+                extra = [r[0][mode][0] / r[0][base][0] - 1 for r in rows[goal]]
+            extra_cpu = [r[0][mode][1] / r[0][base][1] - 1 for r in rows[goal]]
+            print(
+                f"| {mode} | {spread(values, unit[1])} | {spread(cpus, '{:.1f}')} | "
+                f"{spread(extra, '{:+.1%}')} | {spread(extra_cpu, '{:+.1%}')} |"
             )
-        else:
-            line += f" | {'yes' if max(loss) <= 0.10 else 'NO'} ({spread(loss, '{:.1%}')})"
-        print(line + f" | {spread([r[3] for r in rows['cost']])} |")
-    if rows.get("take"):
-        rules = [r[0] for r in rows["take"]]
-        none = [r[1] for r in rows["take"]]
-        before = [r[2] for r in rows["take"]]
-        extra = [r / b - 1 for r, b in zip(rules, before, strict=True)]
-        extra_none = [n / b - 1 for n, b in zip(none, before, strict=True)]
-        met = max(extra) <= 0.10
-        print(
-            f"| broker side per task (take + ack), µs | {opts.take_tasks:,} tasks, 1,000 queues | "
-            f"{spread(rules, '{:.0f}')} (rules); {spread(none, '{:.0f}')} (no rules) | "
-            f"{spread(before, '{:.0f}')} (before flow control) | {'yes' if met else 'NO'} "
-            f"(≤ 10 %: rules {spread(extra, '{:+.1%}')}, no rules {spread(extra_none, '{:+.1%}')}) "
-            f"| {spread([r[3] for r in rows['take']])} |"
-        )
-
 
 if __name__ == "__main__":
     main()
