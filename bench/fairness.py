@@ -549,5 +549,6 @@ def main() -> None:
                 f"{spread(extra, '{:+.1%}')} | {spread(extra_cpu, '{:+.1%}')} |"
             )
 
+
 if __name__ == "__main__":
     main()
