@@ -47,6 +47,7 @@ the worker says so once at start (`check_kombu`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -242,10 +243,12 @@ return added
 # ARGV: tombstone prefix, project queue prefix, entries to skip, slot lease seconds,
 # bulk turn (one take in this many prefers the bulk lane), slots prefix, bulk suffix,
 # the weight of a queue without rules, the rules' field of the parked queues' due time.
-# Returns {queue, message, ready entries left, recorded, slot} or false. The message is
-# recorded as kombu's QoS.append records a delivery (to be put back on the list it was
-# taken from: its lane), in the same step; `recorded` 0: it had no delivery tag to
-# record under. `slot` 1: the message holds one of its project's capped slots.
+# Returns {queue, message, ready entries left, recorded, slot, lane, counted} or false.
+# The message is recorded as kombu's QoS.append records a delivery (to be put back on
+# the list it was taken from: its lane), in the same step; `recorded` 0: it had no
+# delivery tag to record under. `slot` 1: the message holds one of its project's capped
+# slots. `counted` 0: the take was not added to the queue's served counter (the worker
+# adds it, `Channel.flush_served`): only a queue given bulk work is counted here.
 #
 # Flow control (agentbus.flow), all in this one step:
 # - weights: the queue at the head serves up to <weight> messages in a row before it
@@ -256,9 +259,10 @@ return added
 # - lanes: the interactive list first; the bulk list when the interactive one is empty,
 #   and on one take in <bulk turn> whatever the interactive list holds.
 # What a project without rules pays for them: one HMGET (its rules, its bulk mark, the
-# parked queues' due time) and one HINCRBY (the served counter); no credit (weight 1
-# serves one message a turn), no slot (no cap: nothing to lease, renew or release), no
-# lane turn unless it was given bulk work.
+# parked queues' due time); no counter (the worker counts takes and adds them up in
+# batches, unless the queue has bulk work), no credit (weight 1 serves one message a
+# turn), no slot (no cap: nothing to lease, renew or release), no lane turn and no look
+# at a bulk list unless it was given bulk work.
 TAKE = """
 local now_t = redis.call('TIME')
 local now = tonumber(now_t[1]) + tonumber(now_t[2]) / 1000000
@@ -334,7 +338,7 @@ for _ = 1, tonumber(ARGV[3]) do
     local w, c = string.match(rules[1], '^(%d+) (%d+)$')
     if w then weight, cap = tonumber(w), tonumber(c) end
   end
-  local parked, held = false, 0
+  local parked, held, counted = false, 0, 0
   if redis.call('EXISTS', ARGV[1] .. string.sub(queue, skip + 1)) == 1 then
     redis.call('DEL', queue, bulk)
   else
@@ -359,22 +363,33 @@ for _ = 1, tonumber(ARGV[3]) do
       end
     end
     if not parked then
-      local served = redis.call('HINCRBY', KEYS[9], 'served:' .. queue, 1)
+      -- Takes are counted here for a queue given bulk work (its lane turn needs the
+      -- count); for any other the worker counts them and adds them up in batches.
       local first, second = queue, bulk
-      if has_bulk and served % bulk_every == 0 then first, second = bulk, queue end
+      if has_bulk then
+        counted = 1
+        local served = redis.call('HINCRBY', KEYS[9], 'served:' .. queue, 1)
+        if has_bulk and served % bulk_every == 0 then first, second = bulk, queue end
+      end
       payload, lane = redis.call('RPOP', first), first
       if not payload then payload, lane = redis.call('RPOP', second), second end
-      if not payload then redis.call('HINCRBY', KEYS[9], 'served:' .. queue, -1) end
+      if not payload and counted == 1 then
+        redis.call('HINCRBY', KEYS[9], 'served:' .. queue, -1)
+      end
       if payload and lane == bulk then
         redis.call('HINCRBY', KEYS[9], 'bulk:' .. queue, 1)
-        if has_bulk and redis.call('LLEN', bulk) == 0 then
-          redis.call('HDEL', KEYS[6], bulk)  -- no lane turns owed until more bulk comes
+        if redis.call('LLEN', bulk) == 0 then
+          if has_bulk then redis.call('HDEL', KEYS[6], bulk) end  -- no lane turns owed
           has_bulk = false
+        elseif not has_bulk then
+          redis.call('HSET', KEYS[6], bulk, '1')  -- bulk work came around the mark
+          has_bulk = '1'
         end
       end
     end
   end
-  local more = payload and (redis.call('LLEN', queue) > 0 or redis.call('LLEN', bulk) > 0)
+  local more = payload and (redis.call('LLEN', queue) > 0
+    or (has_bulk and redis.call('LLEN', bulk) > 0))
   if more and weight > 1 then
     local credit = redis.call('HINCRBY', KEYS[7], queue, -1)
     if credit < 0 then credit = redis.call('HINCRBY', KEYS[7], queue, weight) end
@@ -406,7 +421,7 @@ for _ = 1, tonumber(ARGV[3]) do
     elseif redis.call('LLEN', KEYS[3]) == 0 then
       redis.call('RPUSH', KEYS[3], '1')  -- more work: wake another worker that sleeps
     end
-    return {queue, payload, left, recorded, slot, lane}
+    return {queue, payload, left, recorded, slot, lane, counted}
   end
 end
 return false
@@ -580,6 +595,9 @@ class Channel(kombu_redis.Channel):
         # Delivery tag -> project queue, for messages holding one of its capped slots
         # (released with the message, leases renewed by `renew_slots` meanwhile).
         self._slots: dict[str, str] = {}
+        # Takes this channel made and has not added to the served counters yet (the
+        # take counts only those of queues given bulk work).
+        self._served: collections.Counter[str] = collections.Counter()
         super().__init__(*args, **kwargs)
         self._broker = self.connection.client  # see _connparams
 
@@ -839,6 +857,8 @@ class Channel(kombu_redis.Channel):
         tag = message["properties"]["delivery_tag"]
         if int(reply[4]):
             self._slots[tag] = queue
+        if len(reply) > 6 and not int(reply[6]) and is_project_queue(queue):
+            self._served[queue] += 1  # added to the counters by flush_served
         headers = message.get("headers")
         if isinstance(headers, dict) and is_project_queue(queue):
             # The take checked the tombstone in the same step as the pop.
@@ -881,6 +901,24 @@ class Channel(kombu_redis.Channel):
         keys = [slots_key(queue) for _tag, queue in slots]
         with self.conn_or_acquire() as client:
             return int(run_script(client, RENEW, keys, [lease_end, *(t for t, _q in slots)]))
+
+    def flush_served(self) -> int:
+        """Add the takes this channel counted itself (queues without bulk work) to the
+        served counters, one pipeline; the worker's timer calls it with `renew_slots`. Returns
+        how many takes were added. A worker that dies loses what it had not added."""
+        served, self._served = self._served, collections.Counter()
+        if not served:
+            return 0
+        try:
+            with self.conn_or_acquire() as client:
+                pipe = client.pipeline(transaction=False)
+                for queue, count in served.items():
+                    pipe.hincrby(FLOW_STATS_KEY, f"served:{queue}", count)
+                pipe.execute()
+        except Exception:
+            self._served.update(served)  # the next flush tries again
+            raise
+        return sum(served.values())
 
     def wake(self) -> bool:
         """End the BRPOP in flight (if any) so the next one includes queues just added.
@@ -946,6 +984,12 @@ def use_ready_list(channel) -> bool:
 def renew_slots(channel) -> int:
     """`Channel.renew_slots` where the channel has it."""
     method = getattr(channel, "renew_slots", None)
+    return int(method()) if method is not None else 0
+
+
+def flush_served(channel) -> int:
+    """`Channel.flush_served` where the channel has it."""
+    method = getattr(channel, "flush_served", None)
     return int(method()) if method is not None else 0
 
 

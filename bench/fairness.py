@@ -339,7 +339,7 @@ def rules_for(projects, mode: str) -> None:
             flow_rules_set(project_id=project, weight=rules[0], max_in_flight=rules[1])
 
 
-def cost(mode: str, base_root: Path | None) -> tuple[float, float]:
+def cost(mode: str, base_root: Path | None, total: int = 5000) -> tuple[float, float]:
     """Tasks/s end to end and the Redis server's CPU µs per task (publish, take, run,
     ack), one worker, 5,000 no-op tasks over 1,000 active projects, under COST_RULES[mode]
     (`before`: the worker from the branch's base)."""
@@ -350,7 +350,6 @@ def cost(mode: str, base_root: Path | None) -> tuple[float, float]:
     rules_for(projects, mode)
     root = base_root if mode == "before" else ROOT
     with workers(root=root):
-        total = 5000
         cpu = server_cpu()
         first = time.time()
         for i in range(total):
@@ -402,6 +401,76 @@ def take_cost(mode: str, base_root: Path | None, tasks: int = 5000) -> tuple[flo
     return wall, (server_cpu() - cpu) / tasks * 1e6
 
 
+def take_paired(base_root: Path | None, tasks: int, block: int = 50) -> dict[str, tuple]:
+    """The broker's side per task, all modes in ONE Redis at once, in interleaved blocks
+    of `block` takes (mode A's block, then B's, ...), so every mode meets the same load:
+    each mode gets its own 1,000 projects and its own ready list, bell and unacked keys
+    (renamed after its messages were published), the take script of its code, and the
+    acknowledgement as a worker sends it (ZREM + HDEL, plus the slot's release under a
+    cap; no MULTI). Per mode: the Redis server's CPU µs per task (INFO cpu around each
+    block: parsing, networking and scripts), the scripts' own µs per task
+    (commandstats: EVALSHA, which includes the commands a script calls), and Redis
+    commands per task (commandstats calls, a script's inner calls included)."""
+    fresh()
+    client = get_redis()
+    modes = [m for m in COST_MODES if base_root or m != "before"]
+    setup = {}
+    for mode in modes:
+        projects = [uuid.uuid4() for _ in range(1000)]
+        rules_for(projects, mode)
+        for i in range(tasks):
+            publish(flow_work, project_id=projects[i % len(projects)], kwargs={})
+        names = [f"bench:{mode}:ready", f"bench:{mode}:members", f"bench:{mode}:bell"]
+        for key, name in zip(
+            [transport.READY_KEY, transport.READY_MEMBERS_KEY, transport.READY_BELL_KEY],
+            names,
+            strict=True,
+        ):
+            if client.exists(key):
+                client.rename(key, name)
+        keys = [*names, f"bench:{mode}:unacked", f"bench:{mode}:unacked_index"]
+        if mode == "before":
+            source = (base_root / "agentbus" / "transport.py").read_text()
+            script = re.search(r'\nTAKE = """(.*?)"""', source, re.S).group(1)
+            args = [transport.TOMBSTONE_PREFIX, transport.PROJECT_QUEUE_PREFIX, "64"]
+        else:
+            script = transport.TAKE
+            keys += [transport.FLOW_RULES_KEY, transport.FLOW_CREDIT_KEY]
+            keys += [transport.FLOW_PARKED_KEY, transport.FLOW_STATS_KEY]
+            args = [transport.TOMBSTONE_PREFIX, transport.PROJECT_QUEUE_PREFIX, "64", "30", "4"]
+            args += [transport.FLOW_SLOTS_PREFIX, transport.BULK_SUFFIX, "1"]
+            args += [transport.FLOW_PARKED_DUE_FIELD]
+        setup[mode] = (client.script_load(script), keys, args)
+    release = client.script_load(transport.RELEASE)
+    totals = {m: [0.0, 0.0, 0] for m in modes}  # cpu s, script µs, commands
+
+    def stats() -> tuple[float, float, int]:
+        info = client.info("commandstats")
+        calls = sum(v["calls"] for k, v in info.items() if not k.startswith("cmdstat_info"))
+        return server_cpu(), float(info.get("cmdstat_evalsha", {}).get("usec", 0)), calls
+
+    for start in range(0, tasks, block):
+        order = modes if (start // block) % 2 == 0 else list(reversed(modes))
+        for mode in order:
+            sha, keys, args = setup[mode]
+            unacked, index = keys[3], keys[4]
+            before = stats()
+            for _ in range(min(block, tasks - start)):
+                reply = client.evalsha(sha, len(keys), *keys, *args)
+                tag = json.loads(reply[1])["properties"]["delivery_tag"]
+                pipe = client.pipeline(transaction=False)
+                pipe.zrem(index, tag).hdel(unacked, tag)
+                if len(reply) > 4 and int(reply[4]):
+                    rkeys = transport.release_keys(reply[0])
+                    pipe.evalsha(release, len(rkeys), *rkeys, tag, reply[0])
+                pipe.execute()
+            after = stats()
+            totals[mode][0] += after[0] - before[0]
+            totals[mode][1] += after[1] - before[1]
+            totals[mode][2] += after[2] - before[2]  # INFO left out
+    return {m: (t[0] / tasks * 1e6, t[1] / tasks, t[2] / tasks) for m, t in totals.items()}
+
+
 def base_tree(ref: str) -> Path:
     """The source at `ref`, with this bench file in it (the worker imports it)."""
     target = ROOT / "var" / "bench" / f"base-{ref[:12]}"
@@ -427,11 +496,12 @@ def main() -> None:
     parser.add_argument("--base-ref", default="19734fc", help="the bus before flow control")
     parser.add_argument("--no-base", action="store_true", help="cost: skip the base worker")
     parser.add_argument("--take-tasks", type=int, default=5000, help="tasks per take run")
+    parser.add_argument("--cost-tasks", type=int, default=5000, help="tasks per cost run")
     opts = parser.parse_args()
     goals = opts.only.split(",")
 
     call_command("migrate", verbosity=0)
-    wants_base = ("cost" in goals or "take" in goals) and not opts.no_base
+    wants_base = bool({"cost", "take", "paired"} & set(goals)) and not opts.no_base
     base_root = base_tree(opts.base_ref) if wants_base else None
     print(
         f"Flow control end to end: Redis {os.environ['REDIS_URL']}; worker: "
@@ -451,14 +521,16 @@ def main() -> None:
             rows["lanes"].append(
                 (idle, lanes(1000, "bulk"), lanes(1000, "interactive"), os.getloadavg()[0])
             )
-        if "cost" in goals or "take" in goals:
+        if "cost" in goals or "take" in goals or "paired" in goals:
             # Alternating order, so neither side always runs on a warmer server.
             order = list(COST_MODES) if round_ % 2 == 0 else list(reversed(COST_MODES))
             order = [m for m in order if base_root or m != "before"]
+            if "paired" in goals:
+                rows["paired"].append((take_paired(base_root, opts.take_tasks), os.getloadavg()[0]))
             for goal, measure in (("cost", cost), ("take", take_cost)):
                 if goal in goals:
                     if goal == "cost":
-                        figures = {m: measure(m, base_root) for m in order}
+                        figures = {m: measure(m, base_root, opts.cost_tasks) for m in order}
                     else:
                         figures = {m: measure(m, base_root, opts.take_tasks) for m in order}
                     rows[goal].append((figures, os.getloadavg()[0]))
@@ -528,8 +600,33 @@ def main() -> None:
             f"{spread(flat, '{:.3f}')} (no lanes) | {'yes' if max(ratio) <= 2 else 'NO'} "
             f"(≤ 2× idle) | {spread([r[3] for r in rows['lanes']])} |"
         )
+    if rows.get("paired"):
+        loads = spread([r[1] for r in rows["paired"]])
+        modes = list(rows["paired"][0][0])
+        base = "before" if "before" in modes else "none"
+        print(
+            f"\nbroker side, all modes interleaved in one Redis, {opts.take_tasks:,} tasks each "
+            f"(load {loads}); extra: paired within each round, against `{base}`"
+        )
+        print(
+            "\n| mode | Redis CPU µs/task | scripts µs/task | commands/task | extra CPU "
+            "| extra scripts |"
+        )
+        print("|---|---|---|---|---|---|")
+        for mode in modes:
+            cpu = [r[0][mode][0] for r in rows["paired"]]
+            script = [r[0][mode][1] for r in rows["paired"]]
+            calls = [r[0][mode][2] for r in rows["paired"]]
+            xcpu = [r[0][mode][0] / r[0][base][0] - 1 for r in rows["paired"]]
+            xscript = [r[0][mode][1] / r[0][base][1] - 1 for r in rows["paired"]]
+            print(
+                f"| {mode} | {spread(cpu, '{:.1f}')} | {spread(script, '{:.1f}')} | "
+                f"{spread(calls, '{:.1f}')} | {spread(xcpu, '{:+.1%}')} | "
+                f"{spread(xscript, '{:+.1%}')} |"
+            )
     for goal, title, unit in (
-        ("cost", "end to end, 5,000 no-op tasks, 1,000 active, 1 worker", ("tasks/s", "{:.0f}")),
+        ("cost", f"end to end, {opts.cost_tasks:,} no-op tasks, 1,000 active, 1 worker",
+         ("tasks/s", "{:.0f}")),
         ("take", f"broker side (take + ack), {opts.take_tasks:,} tasks, 1,000 queues",
          ("wall µs/task", "{:.0f}")),
     ):  # fmt: skip

@@ -283,3 +283,22 @@ def test_a_parked_queue_comes_back_after_its_lease_while_others_keep_the_pool_bu
     assert served.count(queue) == 1
     assert flow_status([capped])[str(capped)].cap_waits >= 1  # it was parked
     assert served.index(queue) < 100  # listed again by a take, not when the pool went idle
+
+
+def test_takes_are_counted_by_the_worker_and_by_the_take_under_bulk_work():
+    plain, bulky = uuid.uuid4(), uuid.uuid4()
+    flow_rules_set(project_id=plain, weight=2, max_in_flight=3)  # rules: still the worker's
+    for _ in range(3):
+        send(tasks.record, project_id=plain)
+        send(tasks.record, project_id=bulky)
+    send(tasks.record, project_id=bulky, lane="bulk")
+    holder = Holder(ack=True)
+    with shared_channel(holder) as (connection, channel):
+        drain(connection, holder, 7)
+        status = flow_status([plain, bulky])
+        assert (status[str(plain)].served, status[str(bulky)].served) == (0, 4)
+        assert status[str(bulky)].served_bulk == 1
+        assert channel.flush_served() == 3  # the plain project's, in one pipeline
+        assert channel.flush_served() == 0
+    status = flow_status([plain, bulky])
+    assert (status[str(plain)].served, status[str(bulky)].served) == (3, 4)
