@@ -2,7 +2,8 @@
 and what the rules cost per task.
 
     bin/with-redis --ephemeral -- .venv/bin/python bench/fairness.py \
-        [--rounds 3] [--only weights,cap,limit,lanes,cost,take] [--no-base] [--take-tasks N]
+        [--rounds 3] [--only weights,cap,limit,lanes,cost,take,paired] [--no-base]
+        [--take-tasks N] [--cost-tasks N]
 
 Real Redis (REDIS_URL; the bench FLUSHES that database, so give it one of its own), real
 worker processes started as the Procfile's `worker` line starts them (threads pool, its
@@ -40,6 +41,10 @@ AGENTBUS_SLOT_LEASE_SECONDS=30 (the default), LLM_MAX_RETRIES=0 for the limit go
    acknowledgement, and the slot's release under a cap), `--take-tasks` messages on
    1,000 queues, sent from this process one at a time: wall µs per task and the Redis
    server's CPU µs per task, in the same four modes.
+7. paired: the broker's side again, every mode in one Redis at once, interleaved in
+   blocks of 50 takes so each meets the same load (its own projects, ready list and
+   unacked keys): the server's CPU, the scripts' own time (commandstats) and Redis
+   commands per task. The steadiest of the cost measures on a shared machine.
 
 Not measured here: real ingest (chunking and embedding, bench/chat.py), the web side,
 more than one host, a Redis on another host, and rates above what two shared cores give.
