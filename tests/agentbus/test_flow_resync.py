@@ -49,7 +49,7 @@ def test_the_periodic_task_runs_on_a_worker(live_worker, user, redis_client):
     redis_client.delete(FLOW_RULES_KEY)
     entry = settings.CELERY_BEAT_SCHEDULE["workspaces.flow_rules_resync"]
     assert entry["task"] == tasks.flow_rules_resync.name
-    tasks.flow_rules_resync.apply_async(**{"queue": "uws.maintenance"})
+    tasks.flow_rules_resync.delay()  # as beat sends it: the maintenance queue
     deadline = time.monotonic() + 30
     while _rules(redis_client, project) is None and time.monotonic() < deadline:
         time.sleep(0.05)
