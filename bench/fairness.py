@@ -344,7 +344,13 @@ def rules_for(projects, mode: str) -> None:
             flow_rules_set(project_id=project, weight=rules[0], max_in_flight=rules[1])
 
 
-def cost(mode: str, base_root: Path | None, total: int = 5000) -> tuple[float, float]:
+def process_cpu(pid: int) -> float:
+    """Seconds of CPU a process used so far (user + system, all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cost(mode: str, base_root: Path | None, total: int = 5000) -> tuple[float, float, float]:
     """Tasks/s end to end and the Redis server's CPU µs per task (publish, take, run,
     ack), one worker, 5,000 no-op tasks over 1,000 active projects, under COST_RULES[mode]
     (`before`: the worker from the branch's base)."""
@@ -354,13 +360,16 @@ def cost(mode: str, base_root: Path | None, total: int = 5000) -> tuple[float, f
     get_redis().zadd(ACTIVE_KEY, {project_queue(p): time.time() for p in projects})
     rules_for(projects, mode)
     root = base_root if mode == "before" else ROOT
-    with workers(root=root):
-        cpu = server_cpu()
+    with workers(root=root) as started:
+        pid = started[0].proc.pid
+        cpu, worker_cpu = server_cpu(), process_cpu(pid)
         first = time.time()
         for i in range(total):
             publish(flow_work, project_id=projects[i % len(projects)], kwargs={"of": total})
         last = float(wait_until(lambda: get_redis().get(LAST), 600, "the run"))
-        return total / (last - first), (server_cpu() - cpu) / total * 1e6
+        redis_us = (server_cpu() - cpu) / total * 1e6
+        worker_us = (process_cpu(pid) - worker_cpu) / total * 1e6
+        return total / (last - first), redis_us, worker_us + redis_us
 
 
 def take_cost(mode: str, base_root: Path | None, tasks: int = 5000) -> tuple[float, float]:
@@ -641,8 +650,14 @@ def main() -> None:
         modes = [m for m in COST_MODES if m in rows[goal][0][0]]
         base = "before" if "before" in modes else "none"
         print(f"\n{title} (load {loads}); ratios paired within each round, against `{base}`")
-        print("\n| mode | " + unit[0] + " | Redis CPU µs/task | extra wall | extra Redis CPU |")
-        print("|---|---|---|---|---|")
+        both = goal == "cost"  # the worker's CPU too (its process, all threads)
+        print(
+            "\n| mode | "
+            + unit[0]
+            + " | Redis CPU µs/task | extra wall | extra Redis CPU |"
+            + (" worker + Redis CPU µs/task | extra worker + Redis CPU |" if both else "")
+        )
+        print("|---|---|---|---|---|" + ("---|---|" if both else ""))
         for mode in modes:
             values = [r[0][mode][0] for r in rows[goal]]
             cpus = [r[0][mode][1] for r in rows[goal]]
@@ -651,10 +666,15 @@ def main() -> None:
             else:
                 extra = [r[0][mode][0] / r[0][base][0] - 1 for r in rows[goal]]
             extra_cpu = [r[0][mode][1] / r[0][base][1] - 1 for r in rows[goal]]
-            print(
+            line = (
                 f"| {mode} | {spread(values, unit[1])} | {spread(cpus, '{:.1f}')} | "
                 f"{spread(extra, '{:+.1%}')} | {spread(extra_cpu, '{:+.1%}')} |"
             )
+            if both:
+                total = [r[0][mode][2] for r in rows[goal]]
+                extra_total = [r[0][mode][2] / r[0][base][2] - 1 for r in rows[goal]]
+                line += f" {spread(total, '{:.0f}')} | {spread(extra_total, '{:+.1%}')} |"
+            print(line)
 
 
 if __name__ == "__main__":
