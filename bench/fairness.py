@@ -31,12 +31,14 @@ AGENTBUS_SLOT_LEASE_SECONDS=30 (the default), LLM_MAX_RETRIES=0 for the limit go
    seconds from publish to the first delta, against the same chat with nothing queued
    (idle), and the time it added.
    Baseline: the same 1,000 tasks on the interactive lane (no lanes).
-5. cost: 5,000 no-op tasks spread over 1,000 active projects, one worker; tasks/s and
-   the Redis server's CPU per task (INFO cpu of the bench's own server, publish + take +
-   run + ack) in four modes: `before` (the worker run from `--base-ref`, default the
-   bus before flow control, extracted with `git archive`), `none` (this code, no rules
-   set), `weights` (every project weight 2, no cap), `capped` (weight 2, cap 1,000:
-   applied but not binding). Costs are paired with `before` within each round.
+5. cost: 5,000 no-op tasks (`--cost-tasks`) spread over 1,000 active projects, one
+   worker; tasks/s, the Redis server's CPU per task (INFO cpu of the bench's own server,
+   publish + take + run + ack) and that plus the worker process's CPU (/proc, all its
+   threads; the publishing bench process left out) in four modes: `before` (the worker
+   run from `--base-ref`, default the bus before flow control, extracted with `git
+   archive`), `none` (this code, no rules set), `weights` (every project weight 2, no
+   cap), `capped` (weight 2, cap 1,000: applied but not binding). Costs are paired with
+   `before` within each round.
 6. take: the broker's side alone (the take script as a shared worker sends it plus the
    acknowledgement, and the slot's release under a cap), `--take-tasks` messages on
    1,000 queues, sent from this process one at a time: wall µs per task and the Redis
