@@ -35,9 +35,17 @@ from django.conf import settings
 
 from common.redis import broker_redis
 
-from .keys import FLOW_PARKED_KEY, FLOW_RULES_KEY, FLOW_STATS_KEY
-from .queues import project_id_from_queue, project_queue
-from .transport import BULK, FLOW_COUNTERS, INTERACTIVE, LANES, lane_keys, slots_key
+from .keys import FLOW_CREDIT_KEY, FLOW_PARKED_KEY, FLOW_RULES_KEY, FLOW_STATS_KEY
+from .queues import is_project_queue, project_id_from_queue, project_queue
+from .transport import (
+    BULK,
+    FLOW_COUNTERS,
+    INTERACTIVE,
+    LANES,
+    lane_keys,
+    run_script,
+    slots_key,
+)
 
 __all__ = [
     "BULK",
@@ -46,6 +54,9 @@ __all__ = [
     "FlowStatus",
     "flow_counters",
     "flow_rules_set",
+    "flow_rules_stored",
+    "flow_rules_sync",
+    "flow_rules_value",
     "flow_status",
 ]
 
@@ -58,18 +69,81 @@ def flow_rules_set(
     """Store a project's rules where the workers' take reads them (next take on).
     `weight` None: the deployment's default (AGENTBUS_DEFAULT_WEIGHT); `max_in_flight`
     None or 0: no cap."""
+    value = flow_rules_value(weight=weight, max_in_flight=max_in_flight)
+    queue = project_queue(project_id)
+    pipe = broker_redis().pipeline(transaction=True)
+    if value is None:
+        pipe.hdel(FLOW_RULES_KEY, queue)  # the take's defaults: nothing to read
+    else:
+        pipe.hset(FLOW_RULES_KEY, queue, value)
+    pipe.hdel(FLOW_CREDIT_KEY, queue)  # a turn in progress starts again under the new weight
+    pipe.execute()
+
+
+def flow_rules_value(*, weight: int | None, max_in_flight: int | None) -> str | None:
+    """How the take reads a project's rules ("<weight> <cap>"), None for the defaults
+    (nothing stored). Raises ValueError for rules out of bounds."""
     weight = settings.AGENTBUS_DEFAULT_WEIGHT if weight is None else int(weight)
     cap = int(max_in_flight or 0)
     if not 1 <= weight <= MAX_WEIGHT:
         raise ValueError(f"weight must be 1..{MAX_WEIGHT}")
     if cap < 0:
         raise ValueError("max_in_flight must be 0 (no cap) or more")
-    queue = project_queue(project_id)
-    client = broker_redis()
     if weight == settings.AGENTBUS_DEFAULT_WEIGHT and cap == 0:
-        client.hdel(FLOW_RULES_KEY, queue)  # the take's defaults: nothing to read
-    else:
-        client.hset(FLOW_RULES_KEY, queue, f"{weight} {cap}")
+        return None
+    return f"{weight} {cap}"
+
+
+# Set a queue's rules only if they are still what the caller saw before it read what they
+# should be (compare and set): a write of `flow_rules_set` in between wins over a re-sync
+# that read the database before that write's commit. KEYS: the rules. ARGV: triples of
+# queue, rules seen ('' none), rules wanted ('' none). Returns how many were written.
+_SYNC = """
+local n = 0
+for i = 1, #ARGV, 3 do
+  if (redis.call('HGET', KEYS[1], ARGV[i]) or '') == ARGV[i + 1] then
+    if ARGV[i + 2] == '' then
+      redis.call('HDEL', KEYS[1], ARGV[i])
+    else
+      redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
+    end
+    n = n + 1
+  end
+end
+return n
+"""
+
+
+def flow_rules_stored() -> dict[str, str]:
+    """Every project's rules as the take reads them now: {queue: "<weight> <cap>"}.
+    Read this before reading what they should be, and give it to `flow_rules_sync`."""
+    return {
+        field: value
+        for field, value in broker_redis().hscan_iter(FLOW_RULES_KEY, count=1000)
+        if is_project_queue(field)
+    }
+
+
+def flow_rules_sync(
+    *, stored: dict[str, str], wanted: dict[uuid.UUID | str, str], batch: int = 500
+) -> int:
+    """Make the stored rules what they should be: `wanted` ({project id: rules value},
+    projects with default rules left out), against `stored` (`flow_rules_stored`, read
+    before `wanted`). A queue whose rules changed since `stored` was read is left as it
+    is (its writer read newer rules). Returns how many queues were written."""
+    want = {project_queue(p): v for p, v in wanted.items()}
+    triples: list[str] = []
+    for queue in stored.keys() | want.keys():
+        seen, value = stored.get(queue, ""), want.get(queue, "")
+        if seen != value:
+            triples += [queue, seen, value]
+    written = 0
+    client = broker_redis()
+    step = 3 * batch
+    for start in range(0, len(triples), step):
+        chunk = triples[start : start + step]
+        written += int(run_script(client, _SYNC, [FLOW_RULES_KEY], chunk))
+    return written
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,10 @@ WAKE_PREFIX = "uws:bus:wake:"
 # robin), queues parked at their cap (queue -> when a slot's lease ends), counters, and
 # per queue the slots of its messages in flight (delivery tag -> lease end).
 FLOW_RULES_KEY = "uws:bus:flow:rules"
+# Beside the rules (the take reads them in one HMGET with a queue's): "<queue>:bulk"
+# marks a queue given bulk work (lane turns owed), and this field holds the earliest
+# time a parked queue is due to be looked at again.
+FLOW_PARKED_DUE_FIELD = "@parked-due"
 FLOW_CREDIT_KEY = "uws:bus:flow:credit"
 FLOW_PARKED_KEY = "uws:bus:flow:parked"
 FLOW_STATS_KEY = "uws:bus:flow:stats"

@@ -47,6 +47,7 @@ the worker says so once at start (`check_kombu`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -69,6 +70,7 @@ from .keys import (
     ACTIVE_KEY,
     BULK_SUFFIX,
     FLOW_CREDIT_KEY,
+    FLOW_PARKED_DUE_FIELD,
     FLOW_PARKED_KEY,
     FLOW_RULES_KEY,
     FLOW_SLOTS_PREFIX,
@@ -198,13 +200,17 @@ def unacked_queues(client) -> set[str]:
 
 # --- the scripts -------------------------------------------------------------------------
 
-# A publish to a project queue. KEYS: the queue's list, active set, tombstone, ready
-# members, ready list, bell. ARGV: message, now, queue.
-# Returns -1 (project deleted: nothing written), 1 (the queue became active) or 0.
+# A publish to a project queue. KEYS: the queue's list (of its lane), active set,
+# tombstone, ready members, ready list, bell, and for the bulk lane the flow rules.
+# ARGV: message, now, queue. Returns -1 (project deleted: nothing written), 1 (the queue
+# became active) or 0. A bulk message also marks its queue as having a bulk lane (the
+# field "<queue>:bulk" of the flow rules, read by TAKE with the rules in one HMGET): a
+# queue never given bulk work takes no lane turns.
 PUBLISH = """
 if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
 local fresh = redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
 redis.call('LPUSH', KEYS[1], ARGV[1])
+if KEYS[7] then redis.call('HSET', KEYS[7], KEYS[1], '1') end
 if redis.call('SADD', KEYS[4], ARGV[3]) == 1 then
   redis.call('RPUSH', KEYS[5], ARGV[3])
   if redis.call('LLEN', KEYS[6]) == 0 then redis.call('RPUSH', KEYS[6], '1') end
@@ -236,11 +242,13 @@ return added
 # credit, parked queues, flow counters, then the worker's own (non-project) queues.
 # ARGV: tombstone prefix, project queue prefix, entries to skip, slot lease seconds,
 # bulk turn (one take in this many prefers the bulk lane), slots prefix, bulk suffix,
-# the weight of a queue without rules.
-# Returns {queue, message, ready entries left, recorded, slot} or false. The message is
-# recorded as kombu's QoS.append records a delivery (to be put back on the list it was
-# taken from: its lane), in the same step; `recorded` 0: it had no delivery tag to
-# record under. `slot` 1: the message holds one of its project's capped slots.
+# the weight of a queue without rules, the rules' field of the parked queues' due time.
+# Returns {queue, message, ready entries left, recorded, slot, lane, counted} or false.
+# The message is recorded as kombu's QoS.append records a delivery (to be put back on
+# the list it was taken from: its lane), in the same step; `recorded` 0: it had no
+# delivery tag to record under. `slot` 1: the message holds one of its project's capped
+# slots. `counted` 0: the take was not added to the queue's served counter (the worker
+# adds it, `Channel.flush_served`): only a queue given bulk work is counted here.
 #
 # Flow control (agentbus.flow), all in this one step:
 # - weights: the queue at the head serves up to <weight> messages in a row before it
@@ -250,6 +258,11 @@ return added
 #   a slot is released (agentbus.flow.RELEASE) or its earliest lease ends;
 # - lanes: the interactive list first; the bulk list when the interactive one is empty,
 #   and on one take in <bulk turn> whatever the interactive list holds.
+# What a project without rules pays for them: one HMGET (its rules, its bulk mark, the
+# parked queues' due time); no counter (the worker counts takes and adds them up in
+# batches, unless the queue has bulk work), no credit (weight 1 serves one message a
+# turn), no slot (no cap: nothing to lease, renew or release), no lane turn and no look
+# at a bulk list unless it was given bulk work.
 TAKE = """
 local now_t = redis.call('TIME')
 local now = tonumber(now_t[1]) + tonumber(now_t[2]) / 1000000
@@ -280,17 +293,32 @@ for k = 10, #KEYS do
     return {KEYS[k], payload, 1, recorded, 0}
   end
 end
--- Parked queues whose earliest lease ended: listed again (their slot is free now).
-local due = redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', now, 'LIMIT', 0, 16)
-for _, queue in ipairs(due) do
-  redis.call('ZREM', KEYS[8], queue)
-  list(queue)
+-- Parked queues whose earliest lease ended: listed again (their slot may be free
+-- now). Looked at only when the earliest due time (a field of the rules, read with a
+-- queue's rules) has passed, or the ready list is empty.
+local due_field = ARGV[9]
+local function relist_due()
+  local due = redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', now, 'LIMIT', 0, 16)
+  for _, queue in ipairs(due) do
+    redis.call('ZREM', KEYS[8], queue)
+    list(queue)
+  end
+  local next_due = redis.call('ZRANGE', KEYS[8], 0, 0, 'WITHSCORES')
+  if next_due[2] then
+    redis.call('HSET', KEYS[6], due_field, next_due[2])
+  else
+    redis.call('HDEL', KEYS[6], due_field)
+  end
+  return #due
 end
 local skip = string.len(ARGV[2])
 local lease = tonumber(ARGV[4])
 local bulk_every = tonumber(ARGV[5])
 for _ = 1, tonumber(ARGV[3]) do
   local queue = redis.call('LPOP', KEYS[1])
+  if not queue and redis.call('EXISTS', KEYS[8]) == 1 and relist_due() > 0 then
+    queue = redis.call('LPOP', KEYS[1])
+  end
   if not queue then
     redis.call('DEL', KEYS[3])  -- nothing listed: no wake-up is owed
     return false
@@ -299,47 +327,83 @@ for _ = 1, tonumber(ARGV[3]) do
   local payload, lane = false, queue
   local weight, cap = tonumber(ARGV[8]), 0
   local slots = ARGV[6] .. queue
-  local rules = redis.call('HGET', KEYS[6], queue)
-  if rules then
-    local w, c = string.match(rules, '^(%d+) (%d+)$')
+  local rules = redis.call('HMGET', KEYS[6], queue, bulk, due_field)
+  local has_bulk = rules[2]
+  local due_at = tonumber(rules[3])
+  if due_at and due_at <= now then
+    relist_due()
+    due_at = tonumber(redis.call('HGET', KEYS[6], due_field))
+  end
+  if rules[1] then
+    local w, c = string.match(rules[1], '^(%d+) (%d+)$')
     if w then weight, cap = tonumber(w), tonumber(c) end
   end
-  local parked = false
+  local parked, held, counted = false, 0, 0
   if redis.call('EXISTS', ARGV[1] .. string.sub(queue, skip + 1)) == 1 then
     redis.call('DEL', queue, bulk)
   else
     if cap > 0 then
-      redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
-      if redis.call('ZCARD', slots) >= cap then
+      -- Expired leases are dropped only when they would refuse the take: a project
+      -- under its cap pays one ZCARD here.
+      held = redis.call('ZCARD', slots)
+      if held >= cap then
+        redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+        held = redis.call('ZCARD', slots)
+      end
+      if held >= cap then
         -- At its cap: off the list (not in a worker) until a slot comes back.
         local first = redis.call('ZRANGE', slots, 0, 0, 'WITHSCORES')
-        redis.call('ZADD', KEYS[8], tonumber(first[2]) or now, queue)
+        local lease_end = tonumber(first[2]) or now
+        redis.call('ZADD', KEYS[8], lease_end, queue)
+        if not due_at or lease_end < due_at then
+          redis.call('HSET', KEYS[6], due_field, lease_end)
+        end
         redis.call('HINCRBY', KEYS[9], 'capped:' .. queue, 1)
         parked = true
       end
     end
     if not parked then
-      local served = redis.call('HINCRBY', KEYS[9], 'served:' .. queue, 1)
+      -- Takes are counted here for a queue given bulk work (its lane turn needs the
+      -- count); for any other the worker counts them and adds them up in batches.
       local first, second = queue, bulk
-      if served % bulk_every == 0 then first, second = bulk, queue end
+      if has_bulk then
+        counted = 1
+        local served = redis.call('HINCRBY', KEYS[9], 'served:' .. queue, 1)
+        if has_bulk and served % bulk_every == 0 then first, second = bulk, queue end
+      end
       payload, lane = redis.call('RPOP', first), first
       if not payload then payload, lane = redis.call('RPOP', second), second end
-      if not payload then redis.call('HINCRBY', KEYS[9], 'served:' .. queue, -1) end
-      if payload and lane == bulk then redis.call('HINCRBY', KEYS[9], 'bulk:' .. queue, 1) end
+      if not payload and counted == 1 then
+        redis.call('HINCRBY', KEYS[9], 'served:' .. queue, -1)
+      end
+      if payload and lane == bulk then
+        redis.call('HINCRBY', KEYS[9], 'bulk:' .. queue, 1)
+        if redis.call('LLEN', bulk) == 0 then
+          if has_bulk then redis.call('HDEL', KEYS[6], bulk) end  -- no lane turns owed
+          has_bulk = false
+        elseif not has_bulk then
+          redis.call('HSET', KEYS[6], bulk, '1')  -- bulk work came around the mark
+          has_bulk = '1'
+        end
+      end
     end
   end
-  local more = payload and (redis.call('LLEN', queue) + redis.call('LLEN', bulk)) > 0
-  if more then
+  local more = payload and (redis.call('LLEN', queue) > 0
+    or (has_bulk and redis.call('LLEN', bulk) > 0))
+  if more and weight > 1 then
     local credit = redis.call('HINCRBY', KEYS[7], queue, -1)
     if credit < 0 then credit = redis.call('HINCRBY', KEYS[7], queue, weight) end
-    if credit > 0 and (cap == 0 or redis.call('ZCARD', slots) + 1 < cap) then
+    if credit > 0 and (cap == 0 or held + 1 < cap) then
       redis.call('LPUSH', KEYS[1], queue)  -- its turn goes on
     else
       redis.call('HDEL', KEYS[7], queue)
       redis.call('RPUSH', KEYS[1], queue)
     end
+  elseif more then
+    redis.call('RPUSH', KEYS[1], queue)  -- weight 1: one message a turn, no credit kept
   else
-    redis.call('HDEL', KEYS[7], queue)
+    if weight > 1 then redis.call('HDEL', KEYS[7], queue) end
+    if has_bulk and redis.call('LLEN', bulk) == 0 then redis.call('HDEL', KEYS[6], bulk) end
     redis.call('SREM', KEYS[2], queue)
   end
   if payload then
@@ -357,7 +421,7 @@ for _ = 1, tonumber(ARGV[3]) do
     elseif redis.call('LLEN', KEYS[3]) == 0 then
       redis.call('RPUSH', KEYS[3], '1')  -- more work: wake another worker that sleeps
     end
-    return {queue, payload, left, recorded, slot, lane}
+    return {queue, payload, left, recorded, slot, lane, counted}
   end
 end
 return false
@@ -429,7 +493,7 @@ def list_if_waiting(client, queues: list[str]) -> int:
 
 def forget_flow(pipe, queue: str) -> None:
     """Drop a deleted project's flow state (in the caller's pipeline or transaction)."""
-    pipe.hdel(FLOW_RULES_KEY, queue)
+    pipe.hdel(FLOW_RULES_KEY, queue, queue + BULK_SUFFIX)
     pipe.hdel(FLOW_CREDIT_KEY, queue)
     pipe.hdel(FLOW_STATS_KEY, *(f"{name}:{queue}" for name in FLOW_COUNTERS))
     pipe.zrem(FLOW_PARKED_KEY, queue)
@@ -444,7 +508,7 @@ def unlist(pipe, queue: str) -> None:
 
 def publish_script_keys(queue: str, lane: str = INTERACTIVE) -> list[str]:
     project_id = project_id_from_queue(queue)
-    return [
+    keys = [
         lane_list(queue, lane),
         ACTIVE_KEY,
         tombstone_key(project_id),
@@ -452,6 +516,9 @@ def publish_script_keys(queue: str, lane: str = INTERACTIVE) -> list[str]:
         READY_KEY,
         READY_BELL_KEY,
     ]
+    if lane == BULK:
+        keys.append(FLOW_RULES_KEY)  # the bulk lane's mark
+    return keys
 
 
 # --- 3. the worker's poll ------------------------------------------------------------
@@ -528,6 +595,9 @@ class Channel(kombu_redis.Channel):
         # Delivery tag -> project queue, for messages holding one of its capped slots
         # (released with the message, leases renewed by `renew_slots` meanwhile).
         self._slots: dict[str, str] = {}
+        # Takes this channel made and has not added to the served counters yet (the
+        # take counts only those of queues given bulk work).
+        self._served: collections.Counter[str] = collections.Counter()
         super().__init__(*args, **kwargs)
         self._broker = self.connection.client  # see _connparams
 
@@ -599,6 +669,8 @@ class Channel(kombu_redis.Channel):
         super()._do_restore_message(payload, exchange, routing_key, pipe, leftmost)
         queue = lane_base(routing_key or "")
         if not exchange and routing_key and is_project_queue(queue) and self.takes_over:
+            if routing_key != queue:  # put back on its bulk lane: mark it (see PUBLISH)
+                pipe.hset(FLOW_RULES_KEY, routing_key, "1")
             keys = [READY_MEMBERS_KEY, READY_KEY, READY_BELL_KEY, *lane_keys(queue)]
             pipe.eval(LIST_IF_WAITING, len(keys), *keys, keys_per_project_queue(), queue)
 
@@ -733,6 +805,7 @@ class Channel(kombu_redis.Channel):
                 FLOW_SLOTS_PREFIX,
                 BULK_SUFFIX,
                 str(max(1, int(settings.AGENTBUS_DEFAULT_WEIGHT))),
+                FLOW_PARKED_DUE_FIELD,
             ]
             self._take_command = _command("EVALSHA", _SHA[TAKE], str(len(keys)), *keys, *args)
         self._send_poll(self._take_command, "EVALSHA")
@@ -784,6 +857,8 @@ class Channel(kombu_redis.Channel):
         tag = message["properties"]["delivery_tag"]
         if int(reply[4]):
             self._slots[tag] = queue
+        if len(reply) > 6 and not int(reply[6]) and is_project_queue(queue):
+            self._served[queue] += 1  # added to the counters by flush_served
         headers = message.get("headers")
         if isinstance(headers, dict) and is_project_queue(queue):
             # The take checked the tombstone in the same step as the pop.
@@ -826,6 +901,24 @@ class Channel(kombu_redis.Channel):
         keys = [slots_key(queue) for _tag, queue in slots]
         with self.conn_or_acquire() as client:
             return int(run_script(client, RENEW, keys, [lease_end, *(t for t, _q in slots)]))
+
+    def flush_served(self) -> int:
+        """Add the takes this channel counted itself (queues without bulk work) to the
+        served counters, one pipeline; the worker's timer calls it with `renew_slots`. Returns
+        how many takes were added. A worker that dies loses what it had not added."""
+        served, self._served = self._served, collections.Counter()
+        if not served:
+            return 0
+        try:
+            with self.conn_or_acquire() as client:
+                pipe = client.pipeline(transaction=False)
+                for queue, count in served.items():
+                    pipe.hincrby(FLOW_STATS_KEY, f"served:{queue}", count)
+                pipe.execute()
+        except Exception:
+            self._served.update(served)  # the next flush tries again
+            raise
+        return sum(served.values())
 
     def wake(self) -> bool:
         """End the BRPOP in flight (if any) so the next one includes queues just added.
@@ -891,6 +984,12 @@ def use_ready_list(channel) -> bool:
 def renew_slots(channel) -> int:
     """`Channel.renew_slots` where the channel has it."""
     method = getattr(channel, "renew_slots", None)
+    return int(method()) if method is not None else 0
+
+
+def flush_served(channel) -> int:
+    """`Channel.flush_served` where the channel has it."""
+    method = getattr(channel, "flush_served", None)
     return int(method()) if method is not None else 0
 
 

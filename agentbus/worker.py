@@ -53,7 +53,7 @@ from .active import (
 )
 from .broker import uses_amqp
 from .queues import direct_queue, is_project_queue
-from .transport import batched, check_kombu, renew_slots, use_ready_list, wake
+from .transport import batched, check_kombu, flush_served, renew_slots, use_ready_list, wake
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,8 @@ class AgentBusConsumer(bootsteps.StartStopStep):
                 settings.AGENTBUS_RECONCILE_SECONDS, self._reconcile_safely, (c,), priority=10
             )
         if self.renew_ref is None and self.ready_list:
-            # Capped slots held by this worker's messages live while it renews them.
+            # Capped slots held by this worker's messages live while it renews them; the
+            # takes it counted itself are added to the served counters on the same beat.
             self.renew_ref = c.timer.call_repeatedly(
                 settings.AGENTBUS_SLOT_LEASE_SECONDS / 3, self._renew_safely, (c,), priority=10
             )
@@ -126,6 +127,11 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             if ref is not None:
                 ref.cancel()
         self.timer_ref = self.heartbeat_ref = self.renew_ref = None
+        if self.ready_list and c.task_consumer is not None:
+            try:
+                flush_served(c.task_consumer.channel)
+            except Exception:
+                logger.debug("AgentBus: could not add up the served counts", exc_info=True)
 
     def shutdown(self, c):
         self.stop(c)
@@ -144,6 +150,7 @@ class AgentBusConsumer(bootsteps.StartStopStep):
         try:
             if c.task_consumer is not None:
                 renew_slots(c.task_consumer.channel)
+                flush_served(c.task_consumer.channel)
         except Exception:
             # Redis down: the leases may end, and the slots come back to the project.
             logger.warning("AgentBus: could not renew slots", exc_info=True)

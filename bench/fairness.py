@@ -2,7 +2,8 @@
 and what the rules cost per task.
 
     bin/with-redis --ephemeral -- .venv/bin/python bench/fairness.py \
-        [--rounds 3] [--only weights,cap,limit,lanes,cost] [--no-base]
+        [--rounds 3] [--only weights,cap,limit,lanes,cost,take,paired] [--no-base]
+        [--take-tasks N] [--cost-tasks N]
 
 Real Redis (REDIS_URL; the bench FLUSHES that database, so give it one of its own), real
 worker processes started as the Procfile's `worker` line starts them (threads pool, its
@@ -30,11 +31,22 @@ AGENTBUS_SLOT_LEASE_SECONDS=30 (the default), LLM_MAX_RETRIES=0 for the limit go
    seconds from publish to the first delta, against the same chat with nothing queued
    (idle), and the time it added.
    Baseline: the same 1,000 tasks on the interactive lane (no lanes).
-5. cost: 5,000 no-op tasks spread over 1,000 active projects, one worker; tasks/s with
-   every project under rules (weight 2, cap 1,000: applied but not binding), against
-   the bus without rules (the same code, no rules set) and the bus before flow control
-   (the worker run from `--base-ref`, default the branch's base, extracted with
-   `git archive`).
+5. cost: 5,000 no-op tasks (`--cost-tasks`) spread over 1,000 active projects, one
+   worker; tasks/s, the Redis server's CPU per task (INFO cpu of the bench's own server,
+   publish + take + run + ack) and that plus the worker process's CPU (/proc, all its
+   threads; the publishing bench process left out) in four modes: `before` (the worker
+   run from `--base-ref`, default the bus before flow control, extracted with `git
+   archive`), `none` (this code, no rules set), `weights` (every project weight 2, no
+   cap), `capped` (weight 2, cap 1,000: applied but not binding). Costs are paired with
+   `before` within each round.
+6. take: the broker's side alone (the take script as a shared worker sends it plus the
+   acknowledgement, and the slot's release under a cap), `--take-tasks` messages on
+   1,000 queues, sent from this process one at a time: wall µs per task and the Redis
+   server's CPU µs per task, in the same four modes.
+7. paired: the broker's side again, every mode in one Redis at once, interleaved in
+   blocks of 50 takes so each meets the same load (its own projects, ready list and
+   unacked keys): the server's CPU, the scripts' own time (commandstats) and Redis
+   commands per task. The steadiest of the cost measures on a shared machine.
 
 Not measured here: real ingest (chunking and embedding, bench/chat.py), the web side,
 more than one host, a Redis on another host, and rates above what two shared cores give.
@@ -314,38 +326,64 @@ def lanes(backlog: int, lane: str) -> float:
         server.stop()
 
 
-def cost(mode: str, base_root: Path | None) -> float:
-    """Tasks/s: `rules` (every project under rules), `none` (no rules), `before` (the
-    worker from the branch's base)."""
+# The rules each cost mode gives every one of the 1,000 projects: (weight, max in flight).
+# `none`: no rules (the take's defaults); `before`: the worker of `--base-ref`.
+COST_RULES = {"none": None, "weights": (2, 0), "capped": (2, 1000)}
+COST_MODES = ("before", "none", "weights", "capped")
+
+
+def server_cpu() -> float:
+    """Seconds of CPU the Redis server used so far (user + system): the bench's own
+    server, which nothing else talks to."""
+    info = get_redis().info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def rules_for(projects, mode: str) -> None:
+    rules = COST_RULES.get(mode)
+    if rules:
+        for project in projects:
+            flow_rules_set(project_id=project, weight=rules[0], max_in_flight=rules[1])
+
+
+def process_cpu(pid: int) -> float:
+    """Seconds of CPU a process used so far (user + system, all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cost(mode: str, base_root: Path | None, total: int = 5000) -> tuple[float, float, float]:
+    """Tasks/s end to end and the Redis server's CPU µs per task (publish, take, run,
+    ack), one worker, 5,000 no-op tasks over 1,000 active projects, under COST_RULES[mode]
+    (`before`: the worker from the branch's base)."""
 
     fresh()
     projects = [uuid.uuid4() for _ in range(1000)]
     get_redis().zadd(ACTIVE_KEY, {project_queue(p): time.time() for p in projects})
-    if mode == "rules":
-        for project in projects:
-            flow_rules_set(project_id=project, weight=2, max_in_flight=1000)
+    rules_for(projects, mode)
     root = base_root if mode == "before" else ROOT
-    with workers(root=root):
-        total = 5000
+    with workers(root=root) as started:
+        pid = started[0].proc.pid
+        cpu, worker_cpu = server_cpu(), process_cpu(pid)
         first = time.time()
         for i in range(total):
             publish(flow_work, project_id=projects[i % len(projects)], kwargs={"of": total})
         last = float(wait_until(lambda: get_redis().get(LAST), 600, "the run"))
-        return total / (last - first)
+        redis_us = (server_cpu() - cpu) / total * 1e6
+        worker_us = (process_cpu(pid) - worker_cpu) / total * 1e6
+        return total / (last - first), redis_us, worker_us + redis_us
 
 
-def take_cost(mode: str, base_root: Path | None, tasks: int = 5000) -> float:
+def take_cost(mode: str, base_root: Path | None, tasks: int = 5000) -> tuple[float, float]:
     """Microseconds per task of the broker's side of delivery, measured from this
-    process: the take script (as a shared worker sends it) plus the acknowledgement
-    (kombu's two removals, and the slot's release under a cap), over `tasks` messages
-    spread on 1,000 active queues. `before`: the take of `--base-ref`; `none`: this
-    branch's take with no rules; `rules`: every project with weight 2 and cap 1,000."""
+    process (wall time) and as the Redis server's CPU: the take script (as a shared
+    worker sends it) plus the acknowledgement (kombu's two removals, and the slot's
+    release under a cap), over `tasks` messages spread on 1,000 active queues.
+    `before`: the take of `--base-ref`; else this branch's take under COST_RULES[mode]."""
     fresh()
     client = get_redis()
     projects = [uuid.uuid4() for _ in range(1000)]
-    if mode == "rules":
-        for project in projects:
-            flow_rules_set(project_id=project, weight=2, max_in_flight=1000)
+    rules_for(projects, mode)
     for i in range(tasks):
         publish(flow_work, project_id=projects[i % len(projects)], kwargs={})
     common = [transport.READY_KEY, transport.READY_MEMBERS_KEY, transport.READY_BELL_KEY]
@@ -361,8 +399,10 @@ def take_cost(mode: str, base_root: Path | None, tasks: int = 5000) -> float:
         keys += [transport.FLOW_PARKED_KEY, transport.FLOW_STATS_KEY]
         args = [transport.TOMBSTONE_PREFIX, transport.PROJECT_QUEUE_PREFIX, "64", "30", "4"]
         args += [transport.FLOW_SLOTS_PREFIX, transport.BULK_SUFFIX, "1"]
+        args += [transport.FLOW_PARKED_DUE_FIELD]
     sha = client.script_load(script)
     release = client.script_load(transport.RELEASE)
+    cpu = server_cpu()
     started = time.perf_counter()
     for _ in range(tasks):
         reply = client.evalsha(sha, len(keys), *keys, *args)
@@ -373,7 +413,78 @@ def take_cost(mode: str, base_root: Path | None, tasks: int = 5000) -> float:
             rkeys = transport.release_keys(reply[0])
             pipe.evalsha(release, len(rkeys), *rkeys, tag, reply[0])
         pipe.execute()
-    return (time.perf_counter() - started) / tasks * 1e6
+    wall = (time.perf_counter() - started) / tasks * 1e6
+    return wall, (server_cpu() - cpu) / tasks * 1e6
+
+
+def take_paired(base_root: Path | None, tasks: int, block: int = 50) -> dict[str, tuple]:
+    """The broker's side per task, all modes in ONE Redis at once, in interleaved blocks
+    of `block` takes (mode A's block, then B's, ...), so every mode meets the same load:
+    each mode gets its own 1,000 projects and its own ready list, bell and unacked keys
+    (renamed after its messages were published), the take script of its code, and the
+    acknowledgement as a worker sends it (ZREM + HDEL, plus the slot's release under a
+    cap; no MULTI). Per mode: the Redis server's CPU µs per task (INFO cpu around each
+    block: parsing, networking and scripts), the scripts' own µs per task
+    (commandstats: EVALSHA, which includes the commands a script calls), and Redis
+    commands per task (commandstats calls, a script's inner calls included)."""
+    fresh()
+    client = get_redis()
+    modes = [m for m in COST_MODES if base_root or m != "before"]
+    setup = {}
+    for mode in modes:
+        projects = [uuid.uuid4() for _ in range(1000)]
+        rules_for(projects, mode)
+        for i in range(tasks):
+            publish(flow_work, project_id=projects[i % len(projects)], kwargs={})
+        names = [f"bench:{mode}:ready", f"bench:{mode}:members", f"bench:{mode}:bell"]
+        for key, name in zip(
+            [transport.READY_KEY, transport.READY_MEMBERS_KEY, transport.READY_BELL_KEY],
+            names,
+            strict=True,
+        ):
+            if client.exists(key):
+                client.rename(key, name)
+        keys = [*names, f"bench:{mode}:unacked", f"bench:{mode}:unacked_index"]
+        if mode == "before":
+            source = (base_root / "agentbus" / "transport.py").read_text()
+            script = re.search(r'\nTAKE = """(.*?)"""', source, re.S).group(1)
+            args = [transport.TOMBSTONE_PREFIX, transport.PROJECT_QUEUE_PREFIX, "64"]
+        else:
+            script = transport.TAKE
+            keys += [transport.FLOW_RULES_KEY, transport.FLOW_CREDIT_KEY]
+            keys += [transport.FLOW_PARKED_KEY, transport.FLOW_STATS_KEY]
+            args = [transport.TOMBSTONE_PREFIX, transport.PROJECT_QUEUE_PREFIX, "64", "30", "4"]
+            args += [transport.FLOW_SLOTS_PREFIX, transport.BULK_SUFFIX, "1"]
+            args += [transport.FLOW_PARKED_DUE_FIELD]
+        setup[mode] = (client.script_load(script), keys, args)
+    release = client.script_load(transport.RELEASE)
+    totals = {m: [0.0, 0.0, 0] for m in modes}  # cpu s, script µs, commands
+
+    def stats() -> tuple[float, float, int]:
+        info = client.info("commandstats")
+        calls = sum(v["calls"] for k, v in info.items() if not k.startswith("cmdstat_info"))
+        return server_cpu(), float(info.get("cmdstat_evalsha", {}).get("usec", 0)), calls
+
+    for start in range(0, tasks, block):
+        order = modes if (start // block) % 2 == 0 else list(reversed(modes))
+        for mode in order:
+            sha, keys, args = setup[mode]
+            unacked, index = keys[3], keys[4]
+            before = stats()
+            for _ in range(min(block, tasks - start)):
+                reply = client.evalsha(sha, len(keys), *keys, *args)
+                tag = json.loads(reply[1])["properties"]["delivery_tag"]
+                pipe = client.pipeline(transaction=False)
+                pipe.zrem(index, tag).hdel(unacked, tag)
+                if len(reply) > 4 and int(reply[4]):
+                    rkeys = transport.release_keys(reply[0])
+                    pipe.evalsha(release, len(rkeys), *rkeys, tag, reply[0])
+                pipe.execute()
+            after = stats()
+            totals[mode][0] += after[0] - before[0]
+            totals[mode][1] += after[1] - before[1]
+            totals[mode][2] += after[2] - before[2]  # INFO left out
+    return {m: (t[0] / tasks * 1e6, t[1] / tasks, t[2] / tasks) for m, t in totals.items()}
 
 
 def base_tree(ref: str) -> Path:
@@ -401,11 +512,12 @@ def main() -> None:
     parser.add_argument("--base-ref", default="19734fc", help="the bus before flow control")
     parser.add_argument("--no-base", action="store_true", help="cost: skip the base worker")
     parser.add_argument("--take-tasks", type=int, default=5000, help="tasks per take run")
+    parser.add_argument("--cost-tasks", type=int, default=5000, help="tasks per cost run")
     opts = parser.parse_args()
     goals = opts.only.split(",")
 
     call_command("migrate", verbosity=0)
-    wants_base = ("cost" in goals or "take" in goals) and not opts.no_base
+    wants_base = bool({"cost", "take", "paired"} & set(goals)) and not opts.no_base
     base_root = base_tree(opts.base_ref) if wants_base else None
     print(
         f"Flow control end to end: Redis {os.environ['REDIS_URL']}; worker: "
@@ -425,22 +537,19 @@ def main() -> None:
             rows["lanes"].append(
                 (idle, lanes(1000, "bulk"), lanes(1000, "interactive"), os.getloadavg()[0])
             )
-        if "cost" in goals:
-            rules, none = cost("rules", None), cost("none", None)
-            before = cost("before", base_root) if base_root else float("nan")
-            rows["cost"].append((rules, none, before, os.getloadavg()[0]))
-        if "take" in goals:
+        if "cost" in goals or "take" in goals or "paired" in goals:
             # Alternating order, so neither side always runs on a warmer server.
-            order = ["before", "none", "rules"] if round_ % 2 == 0 else ["rules", "none", "before"]
-            figures = {
-                m: take_cost(m, base_root, opts.take_tasks)
-                for m in order
-                if base_root or m != "before"
-            }
-            rows["take"].append(
-                (figures["rules"], figures["none"], figures.get("before", float("nan")),
-                 os.getloadavg()[0])
-            )  # fmt: skip
+            order = list(COST_MODES) if round_ % 2 == 0 else list(reversed(COST_MODES))
+            order = [m for m in order if base_root or m != "before"]
+            if "paired" in goals:
+                rows["paired"].append((take_paired(base_root, opts.take_tasks), os.getloadavg()[0]))
+            for goal, measure in (("cost", cost), ("take", take_cost)):
+                if goal in goals:
+                    if goal == "cost":
+                        figures = {m: measure(m, base_root, opts.cost_tasks) for m in order}
+                    else:
+                        figures = {m: measure(m, base_root, opts.take_tasks) for m in order}
+                    rows[goal].append((figures, os.getloadavg()[0]))
         print(f"  round {round_ + 1} done, load {os.getloadavg()[0]:.2f}", flush=True)
 
     print("\n| goal | measure | with flow control | baseline | goal met | load (1 min) |")
@@ -507,40 +616,67 @@ def main() -> None:
             f"{spread(flat, '{:.3f}')} (no lanes) | {'yes' if max(ratio) <= 2 else 'NO'} "
             f"(≤ 2× idle) | {spread([r[3] for r in rows['lanes']])} |"
         )
-    if rows.get("cost"):
-        rules = [r[0] for r in rows["cost"]]
-        none = [r[1] for r in rows["cost"]]
-        before = [r[2] for r in rows["cost"]]
-        loss = [1 - r / n for r, n in zip(rules, none, strict=True)]
-        line = (
-            f"| cost, 5,000 no-op tasks, 1,000 active | tasks/s | {spread(rules, '{:.0f}')} "
-            f"(rules) | {spread(none, '{:.0f}')} (no rules)"
-        )
-        if not any(b != b for b in before):  # NaN: no base run
-            loss_before = [1 - r / b for r, b in zip(rules, before, strict=True)]
-            line += f"; {spread(before, '{:.0f}')} (before flow control)"
-            met = max(max(loss), max(loss_before)) <= 0.10
-            line += (
-                f" | {'yes' if met else 'NO'} (≤ 10 %: {spread(loss, '{:.1%}')} vs no rules, "
-                f"{spread(loss_before, '{:.1%}')} vs before)"
-            )
-        else:
-            line += f" | {'yes' if max(loss) <= 0.10 else 'NO'} ({spread(loss, '{:.1%}')})"
-        print(line + f" | {spread([r[3] for r in rows['cost']])} |")
-    if rows.get("take"):
-        rules = [r[0] for r in rows["take"]]
-        none = [r[1] for r in rows["take"]]
-        before = [r[2] for r in rows["take"]]
-        extra = [r / b - 1 for r, b in zip(rules, before, strict=True)]
-        extra_none = [n / b - 1 for n, b in zip(none, before, strict=True)]
-        met = max(extra) <= 0.10
+    if rows.get("paired"):
+        loads = spread([r[1] for r in rows["paired"]])
+        modes = list(rows["paired"][0][0])
+        base = "before" if "before" in modes else "none"
         print(
-            f"| broker side per task (take + ack), µs | {opts.take_tasks:,} tasks, 1,000 queues | "
-            f"{spread(rules, '{:.0f}')} (rules); {spread(none, '{:.0f}')} (no rules) | "
-            f"{spread(before, '{:.0f}')} (before flow control) | {'yes' if met else 'NO'} "
-            f"(≤ 10 %: rules {spread(extra, '{:+.1%}')}, no rules {spread(extra_none, '{:+.1%}')}) "
-            f"| {spread([r[3] for r in rows['take']])} |"
+            f"\nbroker side, all modes interleaved in one Redis, {opts.take_tasks:,} tasks each "
+            f"(load {loads}); extra: paired within each round, against `{base}`"
         )
+        print(
+            "\n| mode | Redis CPU µs/task | scripts µs/task | commands/task | extra CPU "
+            "| extra scripts |"
+        )
+        print("|---|---|---|---|---|---|")
+        for mode in modes:
+            cpu = [r[0][mode][0] for r in rows["paired"]]
+            script = [r[0][mode][1] for r in rows["paired"]]
+            calls = [r[0][mode][2] for r in rows["paired"]]
+            xcpu = [r[0][mode][0] / r[0][base][0] - 1 for r in rows["paired"]]
+            xscript = [r[0][mode][1] / r[0][base][1] - 1 for r in rows["paired"]]
+            print(
+                f"| {mode} | {spread(cpu, '{:.1f}')} | {spread(script, '{:.1f}')} | "
+                f"{spread(calls, '{:.1f}')} | {spread(xcpu, '{:+.1%}')} | "
+                f"{spread(xscript, '{:+.1%}')} |"
+            )
+    for goal, title, unit in (
+        ("cost", f"end to end, {opts.cost_tasks:,} no-op tasks, 1,000 active, 1 worker",
+         ("tasks/s", "{:.0f}")),
+        ("take", f"broker side (take + ack), {opts.take_tasks:,} tasks, 1,000 queues",
+         ("wall µs/task", "{:.0f}")),
+    ):  # fmt: skip
+        if not rows.get(goal):
+            continue
+        loads = spread([r[1] for r in rows[goal]])
+        modes = [m for m in COST_MODES if m in rows[goal][0][0]]
+        base = "before" if "before" in modes else "none"
+        print(f"\n{title} (load {loads}); ratios paired within each round, against `{base}`")
+        both = goal == "cost"  # the worker's CPU too (its process, all threads)
+        print(
+            "\n| mode | "
+            + unit[0]
+            + " | Redis CPU µs/task | extra wall | extra Redis CPU |"
+            + (" worker + Redis CPU µs/task | extra worker + Redis CPU |" if both else "")
+        )
+        print("|---|---|---|---|---|" + ("---|---|" if both else ""))
+        for mode in modes:
+            values = [r[0][mode][0] for r in rows[goal]]
+            cpus = [r[0][mode][1] for r in rows[goal]]
+            if goal == "cost":  # tasks/s: the cost is the rate lost
+                extra = [r[0][base][0] / r[0][mode][0] - 1 for r in rows[goal]]
+            else:
+                extra = [r[0][mode][0] / r[0][base][0] - 1 for r in rows[goal]]
+            extra_cpu = [r[0][mode][1] / r[0][base][1] - 1 for r in rows[goal]]
+            line = (
+                f"| {mode} | {spread(values, unit[1])} | {spread(cpus, '{:.1f}')} | "
+                f"{spread(extra, '{:+.1%}')} | {spread(extra_cpu, '{:+.1%}')} |"
+            )
+            if both:
+                total = [r[0][mode][2] for r in rows[goal]]
+                extra_total = [r[0][mode][2] / r[0][base][2] - 1 for r in rows[goal]]
+                line += f" {spread(total, '{:.0f}')} | {spread(extra_total, '{:+.1%}')} |"
+            print(line)
 
 
 if __name__ == "__main__":

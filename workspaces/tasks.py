@@ -6,6 +6,7 @@ import uuid
 
 from celery import shared_task
 
+from . import flow_sync
 from .services import TEARDOWN_TASK
 from .teardown import workspace_sweep, workspace_teardown_run
 
@@ -29,3 +30,8 @@ def teardown_workspace(self, *, user_id: int, project_id: str) -> dict | None:
 @shared_task(name="workspaces.sweep")
 def sweep(*, redispatch_after: float | None = None) -> dict:
     return workspace_sweep(redispatch_after=redispatch_after)
+
+
+@shared_task(name="workspaces.flow_rules_resync")
+def flow_rules_resync() -> int:
+    return flow_sync.flow_rules_resync()

@@ -376,6 +376,15 @@ CELERY_BEAT_SCHEDULE["lifecycle.retention_sweep"] = {
     "schedule": env.float("RETENTION_SWEEP_SECONDS", default=3600),
     "options": {"expires": 600.0},
 }
+# Writes projects' flow rules again into the bus's Redis where it lost them
+# (workspaces.flow_sync): a Redis restarted empty serves every project with the
+# defaults for at most this long.
+FLOW_RULES_RESYNC_SECONDS = env.float("FLOW_RULES_RESYNC_SECONDS", default=60)
+CELERY_BEAT_SCHEDULE["workspaces.flow_rules_resync"] = {
+    "task": "workspaces.flow_rules_resync",
+    "schedule": FLOW_RULES_RESYNC_SECONDS,
+    "options": {"expires": FLOW_RULES_RESYNC_SECONDS},
+}
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
 # --- Workspaces --------------------------------------------------------------------

@@ -14,7 +14,7 @@ from kombu import Connection, Consumer
 from agentbus import publish, queue_depth
 from agentbus.active import mark_active, sweep_ready
 from agentbus.flow import flow_rules_set, flow_status
-from agentbus.keys import BULK_SUFFIX, FLOW_PARKED_KEY, READY_MEMBERS_KEY
+from agentbus.keys import BULK_SUFFIX, FLOW_PARKED_KEY, FLOW_RULES_KEY, READY_MEMBERS_KEY
 from agentbus.queues import MAINTENANCE_QUEUE, direct_queue, project_queue
 from agentbus.transport import Transport, slots_key
 from config.celery_app import app
@@ -239,3 +239,66 @@ def test_a_dedicated_worker_serves_both_lanes_interactive_first():
         consumer.cancel()
     assert holder.lanes() == ["interactive", "bulk"]
     assert queue_depth(project_id) == 0
+
+
+def test_the_bulk_mark_comes_with_bulk_work_and_goes_with_it(redis_client):
+    # A queue never given bulk work takes no lane turns: the take reads the mark with the
+    # rules, and the mark goes once the bulk lane is empty.
+    project_id = uuid.uuid4()
+    mark = project_queue(project_id) + BULK_SUFFIX
+    for _ in range(3):
+        send(tasks.record, project_id=project_id)
+    assert redis_client.hget(FLOW_RULES_KEY, mark) is None
+    send(tasks.record, project_id=project_id, lane="bulk")
+    assert redis_client.hget(FLOW_RULES_KEY, mark) == "1"
+    holder = Holder(ack=True)
+    with shared_channel(holder) as (connection, _channel):
+        drain(connection, holder, 4)
+    assert sorted(holder.lanes()) == ["bulk"] + ["interactive"] * 3
+    assert redis_client.hget(FLOW_RULES_KEY, mark) is None
+
+
+def test_a_parked_queue_comes_back_after_its_lease_while_others_keep_the_pool_busy(
+    settings, redis_client
+):
+    settings.AGENTBUS_SLOT_LEASE_SECONDS = 1
+    capped, busy = uuid.uuid4(), uuid.uuid4()
+    queue = project_queue(capped)
+    flow_rules_set(project_id=capped, weight=1, max_in_flight=1)
+    send(tasks.record, project_id=capped)
+    for _ in range(100):
+        send(tasks.record, project_id=busy)
+    # Its one slot is held by a worker that died (nobody renews it).
+    redis_client.zadd(slots_key(queue), {"dead-worker-tag": time.time() + 3})
+
+    class Slow(Holder):  # each task takes 60 ms: the busy project fills the pool for 6 s
+        def __call__(self, body, message):
+            time.sleep(0.06)
+            super().__call__(body, message)
+
+    holder = Slow(ack=True)
+    with shared_channel(holder) as (connection, _channel):
+        drain(connection, holder, 101, timeout=30)
+    served = [_project_of(m) for m in holder.messages]
+    assert served.count(queue) == 1
+    assert flow_status([capped])[str(capped)].cap_waits >= 1  # it was parked
+    assert served.index(queue) < 100  # listed again by a take, not when the pool went idle
+
+
+def test_takes_are_counted_by_the_worker_and_by_the_take_under_bulk_work():
+    plain, bulky = uuid.uuid4(), uuid.uuid4()
+    flow_rules_set(project_id=plain, weight=2, max_in_flight=3)  # rules: still the worker's
+    for _ in range(3):
+        send(tasks.record, project_id=plain)
+        send(tasks.record, project_id=bulky)
+    send(tasks.record, project_id=bulky, lane="bulk")
+    holder = Holder(ack=True)
+    with shared_channel(holder) as (connection, channel):
+        drain(connection, holder, 7)
+        status = flow_status([plain, bulky])
+        assert (status[str(plain)].served, status[str(bulky)].served) == (0, 4)
+        assert status[str(bulky)].served_bulk == 1
+        assert channel.flush_served() == 3  # the plain project's, in one pipeline
+        assert channel.flush_served() == 0
+    status = flow_status([plain, bulky])
+    assert (status[str(plain)].served, status[str(bulky)].served) == (3, 4)
