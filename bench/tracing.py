@@ -3,6 +3,7 @@
 
     bin/with-redis --ephemeral -- .venv/bin/python bench/tracing.py \
         [--rounds 3] [--burst 60] [--slices 4] [--full] [--sampled 0.1] [--only off,on]
+        [--db-pool 3]
 
 Each variant runs as `make run` runs it: the ASGI app under uvicorn (one process) and
 one shared worker started with the Procfile's own `worker` line, on PostgreSQL (a
@@ -34,12 +35,15 @@ Variants:
   and OTEL_TRACES_SAMPLER_ARG=R: reported apart, not a way to meet the goal.
 
 Settings changed from the defaults, alike in every variant: throttles raised to
-1000000/min; DEBUG=false; LOG_LEVEL=WARNING. Left out: a real LLM (the offline provider
-answers at once, so per-message overhead weighs more than it would), a remote collector
-(the receiver's own CPU is this process's, not counted), several workers or web
-processes, event streams (nobody reads the answers' SSE), and beat and the maintenance
-worker (not started). The other variants' idle processes are up during a variant's
-slice (the same for every variant).
+1000000/min; DEBUG=false; LOG_LEVEL=WARNING; DB_POOL_MAX_SIZE=--db-pool (3: every
+variant's processes are up at once, and PostgreSQL's connections are shared with other
+work; the web then serves 3 requests at once, the worker's runs share 3 connections).
+
+Left out: a real LLM (the offline provider answers at once, so per-message overhead
+weighs more than it would), a remote collector (the receiver's own CPU is this
+process's, not counted), several workers or web processes, event streams (nobody reads
+the answers' SSE), and beat and the maintenance worker (not started). The other
+variants' idle processes are up during a variant's slice (the same for every variant).
 """
 
 from __future__ import annotations
@@ -137,7 +141,9 @@ def ensure_database(name: str) -> str:
 
 
 class Variant:
-    def __init__(self, name: str, root: Path, redis_db: int, receiver=None, **extra_env: str):
+    def __init__(
+        self, name: str, root: Path, redis_db: int, pool: int, receiver=None, **extra_env: str
+    ):
         self.name, self.root, self.receiver = name, root, receiver
         self.db = ensure_database(f"uws_h27b_bench_{name.replace('-', '_')}")
         redis = re.sub(r"/\d*$", "", os.environ["REDIS_URL"].rstrip("/")) + f"/{redis_db}"
@@ -152,6 +158,7 @@ class Variant:
             CELERY_RESULT_BACKEND=redis,
             VAR_DIR=str(ROOT / "var" / f"bench-tracing-{name}"),
             LOG_LEVEL="WARNING",
+            DB_POOL_MAX_SIZE=str(pool),
             PYTHONPATH=str(root),
             **{
                 f"THROTTLE_{k}": "1000000/min"
@@ -308,6 +315,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="add on-full (Redis, SQL spans)")
     parser.add_argument("--sampled", type=float, default=None, help="add on-sampled (ratio)")
     parser.add_argument("--only", default="", help="comma-separated variants (default: all)")
+    parser.add_argument("--db-pool", type=int, default=3, help="DB_POOL_MAX_SIZE")
     parser.add_argument("--main-root", default="/tmp/uws-h27b-main")
     options = parser.parse_args()
 
@@ -330,7 +338,7 @@ def main() -> None:
             "OTEL_TRACES_SAMPLER_ARG": str(options.sampled)}))  # fmt: skip
     only = {n for n in options.only.split(",") if n}
     variants = [
-        Variant(name, root, i + 1, make() if make else None, **env)
+        Variant(name, root, i + 1, options.db_pool, make() if make else None, **env)
         for i, (name, root, make, env) in enumerate(specs)
         if not only or name in only
     ]
