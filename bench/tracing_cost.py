@@ -160,6 +160,7 @@ def main() -> None:
     tracing._tracer = sampled_out.get_tracer("uws")
     for _ in range(options.rounds):
         add("span() sampled out", per_call(options.spans, one_span))
+    provider.shutdown()
     receiver.stop()
 
     med = {k: statistics.median(v) for k, v in results.items()}
