@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 _enabled = False
 _tracer: Any = None
+# opentelemetry.trace once tracing is on (the SDK is not imported while it is off).
+_trace_api: Any = None
 _setup_lock = threading.Lock()
 # The message header carrying when the bus took the message (seconds since the epoch),
 # for the queue-wait span and metric.
@@ -61,7 +63,7 @@ def tracing_wanted(environ: dict[str, str] | None = None) -> bool:
 
 
 # A span per Redis command or SQL statement is ~40 spans of a chat message's ~60, and
-# each costs ~0.15 ms of CPU (bench/tracing.py): off unless asked for.
+# each costs ~0.08 ms of CPU with its export (bench/tracing_cost.py): off unless asked for.
 DEFAULT_DISABLED = "redis,psycopg"
 
 
@@ -83,7 +85,7 @@ def tracing_setup(service: str) -> bool:
     the tracer provider and its exporter, and the maintained instrumentations of Celery,
     Redis, psycopg and httpx. The web entry points add the ASGI / Django one. `service`
     is the default `service.name` (OTEL_SERVICE_NAME wins)."""
-    global _enabled, _tracer
+    global _enabled, _tracer, _trace_api
     if _enabled or not tracing_wanted():
         return _enabled
     with _setup_lock:
@@ -128,6 +130,7 @@ def tracing_setup(service: str) -> bool:
             if name not in disabled:
                 instrument()
         _tracer = trace.get_tracer("uws")
+        _trace_api = trace
         _enabled = True
         logger.info("tracing on: service %s, exporter %s", service, exporter_name)
         return True
@@ -210,7 +213,9 @@ class _NoSpan:
 NO_SPAN = _NoSpan()
 
 
-def _clean(attributes: dict[str, Any]) -> dict[str, Any]:
+def _clean(attributes: dict[str, Any]) -> dict[str, Any] | None:
+    if not attributes:
+        return None
     return {
         k: (v if isinstance(v, str | bool | int | float) else str(v))
         for k, v in attributes.items()
@@ -224,10 +229,11 @@ def span(name: str, *, start_time: float | None = None, **attributes: Any):
     leaving the block is recorded on it. With tracing off, the shared no-op."""
     if not _enabled:
         return NO_SPAN
-    kwargs = {}
-    if start_time is not None:
-        kwargs["start_time"] = int(start_time * 1e9)
-    return _tracer.start_as_current_span(name, attributes=_clean(attributes), **kwargs)
+    if start_time is None:
+        return _tracer.start_as_current_span(name, attributes=_clean(attributes))
+    return _tracer.start_as_current_span(
+        name, attributes=_clean(attributes), start_time=int(start_time * 1e9)
+    )
 
 
 def span_between(name: str, *, start: float, end: float | None = None, **attributes: Any) -> None:
@@ -244,9 +250,7 @@ def current_trace_id() -> str:
     """The current trace's id as 32 hex digits, or "" (tracing off, or no trace)."""
     if not _enabled:
         return ""
-    from opentelemetry import trace
-
-    ctx = trace.get_current_span().get_span_context()
+    ctx = _trace_api.get_current_span().get_span_context()
     return format(ctx.trace_id, "032x") if ctx.is_valid else ""
 
 
@@ -254,9 +258,7 @@ def current_ids() -> tuple[str, str]:
     """(trace id, span id) of the current span, or ("", "")."""
     if not _enabled:
         return "", ""
-    from opentelemetry import trace
-
-    ctx = trace.get_current_span().get_span_context()
+    ctx = _trace_api.get_current_span().get_span_context()
     if not ctx.is_valid:
         return "", ""
     return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")

@@ -20,7 +20,7 @@ from rest_framework.authtoken.models import Token
 from agentbus.queues import MAINTENANCE_QUEUE
 from chat.models import Run
 from common.tracing import disabled_instrumentations, tracing_enabled, tracing_wanted
-from tests.factories import ChatSessionFactory
+from tests.factories import AgentFactory, ChatSessionFactory
 from tests.runtime.conftest import wait_until
 from tests.runtime.otlp_receiver import OtlpReceiver
 from tests.runtime.test_tools import http_tool, model_agent
@@ -50,6 +50,18 @@ def _otel_env(receiver) -> dict[str, str]:
         "OTEL_BSP_SCHEDULE_DELAY": "100",  # export within 0.1 s, not the default 5 s
         "OTEL_SERVICE_NAME": "",
     }
+
+
+def _web_env(otel: dict[str, str]) -> dict[str, str]:
+    return dict(
+        os.environ,
+        DJANGO_SETTINGS_MODULE="config.settings.test",
+        REDIS_URL=settings.REDIS_URL,
+        CELERY_BROKER_URL=settings.CELERY_BROKER_URL,
+        DATABASE_URL=database_url(),
+        PYTHONUNBUFFERED="1",
+        **otel,
+    )
 
 
 class WebProcess:
@@ -130,16 +142,7 @@ def test_one_message_with_two_tool_calls_is_one_trace_across_web_and_worker(
     tmp_path,
 ):
     otel = _otel_env(receiver)
-    web_env = dict(
-        os.environ,
-        DJANGO_SETTINGS_MODULE="config.settings.test",
-        REDIS_URL=settings.REDIS_URL,
-        CELERY_BROKER_URL=settings.CELERY_BROKER_URL,
-        DATABASE_URL=database_url(),
-        PYTHONUNBUFFERED="1",
-        **otel,
-    )
-    web = WebProcess(web_env, tmp_path / "web.log")
+    web = WebProcess(_web_env(otel), tmp_path / "web.log")
     worker = worker_process(
         "-Q", MAINTENANCE_QUEUE, "-P", "threads", "-c", "4",
         env={
@@ -236,6 +239,75 @@ def test_one_message_with_two_tool_calls_is_one_trace_across_web_and_worker(
             timeout=10,
             what=f"a worker log line with trace={run.trace_id}:\n{worker.log()}",
         )
+    finally:
+        web.stop()
+
+
+def test_a_ratio_sampler_decides_once_per_message_and_the_worker_follows(
+    transactional_db, user, project, worker_process, receiver, tmp_path
+):
+    """OTEL_TRACES_SAMPLER=parentbased_traceidratio on the web (a ratio of 0 here): a
+    message left out is left out on the worker too, though the worker samples
+    everything it starts itself: the decision travels in the message's headers. A
+    caller's own sampled `traceparent` is continued whatever the ratio."""
+    otel = _otel_env(receiver)
+    web = WebProcess(
+        _web_env(
+            {
+                **otel,
+                "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                "OTEL_TRACES_SAMPLER_ARG": "0",
+            }
+        ),
+        tmp_path / "web.log",
+    )
+    worker = worker_process(
+        "-Q", MAINTENANCE_QUEUE, "-P", "threads", "-c", "4",
+        env={**otel, "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+             "QDRANT_PATH": settings.QDRANT_PATH},
+    )  # fmt: skip
+    try:
+        worker.wait_ready()
+        assert wait_until(web.answers, timeout=60, what="the web process answers"), web.log()
+        session = ChatSessionFactory(agent=AgentFactory(project=project), project=project)
+        token = Token.objects.get_or_create(user=user)[0].key
+        url = f"{web.url}/my/projects/{project.id}/chat/{session.id}/messages/"
+
+        def send(content: str, **headers: str) -> Run:
+            request = urllib.request.Request(
+                url,
+                data=json.dumps({"content": content}).encode(),
+                headers={"Authorization": f"Token {token}", "Content-Type": "application/json",
+                         **headers},
+            )  # fmt: skip
+            with urllib.request.urlopen(request, timeout=10) as response:
+                assert response.status == 202
+                answer_id = json.loads(response.read())["assistant_message_id"]
+            run = wait_until(
+                lambda: Run.objects.filter(message_id=answer_id, status__in=Run.FINISHED).first(),
+                timeout=60,
+                what="the run ended",
+            )
+            assert run.status == Run.Status.DONE, (run.error, worker.log())
+            return run
+
+        left_out = send("first?")
+        # Not recorded, yet one id still follows the message into the worker's log lines.
+        assert len(left_out.trace_id) == 32, left_out.trace_id
+        caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+        kept = send("second?", traceparent=f"00-{caller_trace}-00f067aa0ba902b7-01")
+        assert kept.trace_id == caller_trace
+
+        def whole():
+            ended = {s["name"] for s in receiver.trace(caller_trace)}
+            return {"run.end", "run/agents.run_agent", "agentbus.publish"} <= ended
+
+        wait_until(whole, timeout=30, what="the caller's trace exported")
+        # Each process exports in the order spans end: the first message's would have
+        # come before the second's.
+        assert receiver.trace(left_out.trace_id) == []
+        services = {s["service"] for s in receiver.trace(caller_trace)}
+        assert services == {"uws-web", "uws-worker"}, services
     finally:
         web.stop()
 
