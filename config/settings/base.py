@@ -653,6 +653,13 @@ WEBHOOK_BACKOFF_SECONDS = [
 WEBHOOK_RETRY_WINDOW_SECONDS = env.float("WEBHOOK_RETRY_WINDOW_SECONDS", default=86400)
 # How often beat sends the deliveries that are due (retries, and any lost on the way).
 WEBHOOK_SWEEP_SECONDS = env.float("WEBHOOK_SWEEP_SECONDS", default=5)
+# A drain claims an endpoint's due deliveries this many at a time (one transaction to
+# claim, one to record); a full batch slower than WEBHOOK_DRAIN_SPLIT_SECONDS starts another
+# drain of the endpoint (up to WEBHOOK_ENDPOINT_CONCURRENCY). An endpoint's host is
+# resolved and checked by the egress guard again after WEBHOOK_RESOLVE_SECONDS.
+WEBHOOK_DRAIN_BATCH = env.int("WEBHOOK_DRAIN_BATCH", default=50)
+WEBHOOK_DRAIN_SPLIT_SECONDS = env.float("WEBHOOK_DRAIN_SPLIT_SECONDS", default=1)
+WEBHOOK_RESOLVE_SECONDS = env.float("WEBHOOK_RESOLVE_SECONDS", default=30)
 # Delivery logs are kept this long.
 WEBHOOK_LOG_RETENTION_SECONDS = env.float("WEBHOOK_LOG_RETENTION_SECONDS", default=7 * 86400)
 # Idempotency-Key: an answer is kept a day; a claim whose request died is free again after
