@@ -658,7 +658,7 @@ WEBHOOK_SWEEP_SECONDS = env.float("WEBHOOK_SWEEP_SECONDS", default=5)
 # drain of the endpoint (up to WEBHOOK_ENDPOINT_CONCURRENCY). An endpoint's host is
 # resolved and checked by the egress guard again after WEBHOOK_RESOLVE_SECONDS.
 WEBHOOK_DRAIN_BATCH = env.int("WEBHOOK_DRAIN_BATCH", default=50)
-WEBHOOK_DRAIN_SPLIT_SECONDS = env.float("WEBHOOK_DRAIN_SPLIT_SECONDS", default=1)
+WEBHOOK_DRAIN_SPLIT_SECONDS = env.float("WEBHOOK_DRAIN_SPLIT_SECONDS", default=0.5)
 WEBHOOK_RESOLVE_SECONDS = env.float("WEBHOOK_RESOLVE_SECONDS", default=30)
 # Delivery logs are kept this long.
 WEBHOOK_LOG_RETENTION_SECONDS = env.float("WEBHOOK_LOG_RETENTION_SECONDS", default=7 * 86400)
