@@ -641,8 +641,8 @@ EGRESS_ALLOW_NETWORKS["webhooks"] = env.list("EGRESS_ALLOW_NETWORKS_WEBHOOKS", d
 # One attempt waits at most this long for the endpoint (connecting: the shorter one).
 WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=5)
 WEBHOOK_CONNECT_TIMEOUT_SECONDS = env.float("WEBHOOK_CONNECT_TIMEOUT_SECONDS", default=2)
-# Attempts in flight to one endpoint at once (the rest wait a moment): a hanging endpoint
-# holds at most this many of the webhooks worker's threads (the Procfile gives it 50).
+# Drains (so attempts) in flight to one endpoint at once: an endpoint holds at most this
+# many of the webhooks worker's threads (the Procfile gives it 50); a failing one, one.
 WEBHOOK_ENDPOINT_CONCURRENCY = env.int("WEBHOOK_ENDPOINT_CONCURRENCY", default=16)
 # After the n-th failure in a row an endpoint waits WEBHOOK_BACKOFF_SECONDS[n-1] (the last
 # one from then on); a delivery is given up once it is older than the retry window.
