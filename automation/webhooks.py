@@ -3,15 +3,17 @@
 
 - Recorded with the run's end: the receiver of `chat.signals.run_transitioned` writes one
   WebhookDelivery per subscribed endpoint in the transaction that ends the run (an outbox:
-  an ended run never lacks its deliveries), and puts each on the webhooks queue after
+  an ended run never lacks its deliveries), due at once, and kicks each endpoint after
   commit. Nothing is sent from the run itself.
-- Sent by the webhooks worker (its own queue and threads), one delivery per task, through
-  the egress guard (purpose `webhooks`) with short timeouts and no redirects.
+- Sent by the webhooks worker (its own queue and threads), an endpoint's due deliveries
+  drained in batches on its kept-alive connection, through the egress guard (purpose
+  `webhooks`) with short timeouts and no redirects (automation.delivery).
 - Retried with backoff: after a failure the *endpoint* waits WEBHOOK_BACKOFF_SECONDS
   (growing with its failures in a row); its deliveries wait for it and one probe at a
   time tests it, so a dead endpoint costs one attempt per backoff step, not one per
   event, and never holds the threads other endpoints' deliveries need. A delivery older
-  than WEBHOOK_RETRY_WINDOW_SECONDS (a day) is given up (`failed`).
+  than WEBHOOK_RETRY_WINDOW_SECONDS (a day) is given up (`failed`). The sweep (beat)
+  kicks endpoints whose deliveries are due again.
 - Every attempt is logged (WebhookAttempt); the owner reads the log and replays a
   delivery (same `webhook-id`, so a receiver that got it can tell).
 """
@@ -22,29 +24,24 @@ import base64
 import json
 import logging
 import secrets
-import threading
-import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
-import httpx
-from celery import current_app
 from django.conf import settings
-from django.db import connection, transaction
-from django.db.models import F, Q
+from django.db import transaction
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
-from standardwebhooks.webhooks import Webhook
 
-from agentbus import WEBHOOK_QUEUE
-from common.egress import WEBHOOKS, EgressRefused, check_url, guarded_client
+from common.egress import WEBHOOKS, EgressRefused, check_url
 from common.services import on_commit_robust
 from projects.models import Project
-from workspaces.redis import scoped
 
-from .models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from .delivery import endpoints_kick, kick_reset, signature_headers
+from .models import WebhookDelivery, WebhookEndpoint
 
 logger = logging.getLogger(__name__)
 
+# Queued by earlier versions (one task per delivery); now it kicks the endpoint.
 DELIVER_TASK = "automation.deliver_webhook"
 # A run's status -> the event its endpoints subscribe to.
 EVENTS = {
@@ -57,13 +54,8 @@ EVENT_TYPES = tuple(EVENTS.values())
 SECRET_PREFIX = "whsec_"
 # A delivery's id (its `webhook-id`): "msg_" and a UUID's 32 hex digits.
 DELIVERY_ID_PATTERN = r"^msg_[0-9a-f]{32}$"
-# A delivery put on the queue at once is left alone by the sweep this long.
-DISPATCH_GRACE_SECONDS = 30
-# The slot of an endpoint's probe: longer than an attempt can take.
-PROBE_LEASE_SECONDS = 60
-# A delivery whose endpoint has all its attempt slots taken waits this long, then for the
-# sweep (WEBHOOK_SWEEP_SECONDS).
-BUSY_RETRY_SECONDS = 1
+
+__all__ = ["signature_headers"]
 
 
 class WebhookUrlRefused(ValueError):
@@ -72,16 +64,6 @@ class WebhookUrlRefused(ValueError):
 
 def secret_new() -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
-
-
-def signature_headers(*, secret: str, msg_id: str, body: str, at: datetime) -> dict[str, str]:
-    """The Standard Webhooks headers of `body` (the standardwebhooks package signs:
-    `v1,` + base64 HMAC-SHA256 of `id.timestamp.body` under the secret's bytes)."""
-    return {
-        "webhook-id": msg_id,
-        "webhook-timestamp": str(int(at.timestamp())),
-        "webhook-signature": Webhook(secret).sign(msg_id=msg_id, timestamp=at, data=body),
-    }
 
 
 def url_valid(url: str) -> str:
@@ -124,6 +106,9 @@ def webhook_update(*, endpoint: WebhookEndpoint, data: dict) -> WebhookEndpoint:
         fields += ["consecutive_failures", "blocked_until"]
     if fields:
         endpoint.save(update_fields=fields)
+    if data.get("enabled"):
+        project = endpoint.project
+        kick_reset(owner_id=project.owner_id, project_id=project.id, endpoint_id=endpoint.id)
     return endpoint
 
 
@@ -151,11 +136,11 @@ def deliveries_record(
     if event_type is None:
         return []
     endpoints = [
-        e
-        for e in WebhookEndpoint.objects.filter(project_id=project_id, enabled=True).only(
-            "id", "events"
-        )
-        if event_type in e.events
+        (owner_id, project_id, endpoint_id)
+        for endpoint_id, events, owner_id in WebhookEndpoint.objects.filter(
+            project_id=project_id, enabled=True
+        ).values_list("id", "events", "project__owner_id")
+        if event_type in events
     ]
     if not endpoints:
         return []
@@ -169,183 +154,32 @@ def deliveries_record(
         [
             WebhookDelivery(
                 id=f"msg_{uuid.uuid4().hex}",
-                endpoint_id=endpoint.id,
+                endpoint_id=endpoint[2],
                 event_type=event_type,
                 body=body,
-                next_attempt_at=at + timedelta(seconds=DISPATCH_GRACE_SECONDS),
+                next_attempt_at=at,
             )
             for endpoint in endpoints
         ]
     )
-    ids = [d.id for d in deliveries]
-    on_commit_robust(lambda: deliveries_dispatch(ids), name=f"deliveries_dispatch({event_type})")
-    return ids
+    on_commit_robust(lambda: endpoints_kick(endpoints), name=f"endpoints_kick({event_type})")
+    return [d.id for d in deliveries]
 
 
-def deliveries_dispatch(ids: list[str]) -> None:
-    """Put deliveries on the webhooks queue (a lost one is sent by the sweep)."""
-    for delivery_id in ids:
-        # By name: the task module (automation.tasks) imports this one.
-        current_app.send_task(
-            DELIVER_TASK, kwargs={"delivery_id": delivery_id}, queue=WEBHOOK_QUEUE
-        )
-
-
-# --- Sending (the webhooks worker) ------------------------------------------------------
-
-
-def _backoff(failures: int) -> float:
-    steps = settings.WEBHOOK_BACKOFF_SECONDS
-    return steps[min(max(failures, 1), len(steps)) - 1]
-
-
-def _defer(delivery: WebhookDelivery, until: datetime) -> str:
-    WebhookDelivery.objects.filter(id=delivery.id, status=WebhookDelivery.Status.PENDING).update(
-        next_attempt_at=until
-    )
-    return "deferred"
-
-
-def delivery_attempt(*, delivery_id: str) -> str:
-    """One attempt of a delivery: `delivered`, `retry` (failed; sent again after its
-    endpoint's backoff), `failed` (failed, and past the retry window), `deferred` (its
-    endpoint is backing off, or another delivery probes it), `busy` (its endpoint has
-    WEBHOOK_ENDPOINT_CONCURRENCY attempts in flight: the sweep sends it again) or `skipped`
-    (not pending, or its endpoint is gone or off)."""
-    delivery = (
-        WebhookDelivery.objects.select_related("endpoint__project")
-        .filter(id=delivery_id, status=WebhookDelivery.Status.PENDING)
-        .first()
-    )
-    if delivery is None or not delivery.endpoint.enabled:
-        return "skipped"
-    endpoint = delivery.endpoint
+def deliveries_due() -> int:
+    """Beat: kick the endpoints (not backing off) that have deliveries due (retries, and
+    any whose kick was lost between commit and queue); returns how many were kicked."""
     now = timezone.now()
-    if endpoint.blocked_until is not None and endpoint.blocked_until > now:
-        return _defer(delivery, endpoint.blocked_until)
-    if endpoint.consecutive_failures:
-        # A failing endpoint is probed by one delivery at a time: claim the probe slot.
-        claimed = WebhookEndpoint.objects.filter(
-            Q(blocked_until__isnull=True) | Q(blocked_until__lte=now), id=endpoint.id
-        ).update(blocked_until=now + timedelta(seconds=PROBE_LEASE_SECONDS))
-        if not claimed:
-            return _defer(delivery, now + timedelta(seconds=_backoff(1)))
-    # At most WEBHOOK_ENDPOINT_CONCURRENCY attempts per endpoint at once: an endpoint that
-    # starts hanging holds that many of the worker's threads until its first timeout
-    # backs it off, never all of them.
-    redis = scoped(endpoint.project.owner_id, endpoint.project_id)
-    slot = f"webhooks:inflight:{endpoint.id}"
-    if redis.incr(slot) > settings.WEBHOOK_ENDPOINT_CONCURRENCY:
-        redis.decr(slot)
-        # For the sweep (not a task bounced at once: a backlog would spin on it).
-        _defer(delivery, now + timedelta(seconds=BUSY_RETRY_SECONDS))
-        return "busy"
-    try:
-        redis.expire(slot, int(settings.WEBHOOK_TIMEOUT_SECONDS * 2 + 10))
-        # Claim this attempt (a second copy of the task finds the count moved and stops).
-        attempt = delivery.attempts + 1
-        if not WebhookDelivery.objects.filter(
-            id=delivery.id, status=WebhookDelivery.Status.PENDING, attempts=delivery.attempts
-        ).update(attempts=attempt, next_attempt_at=now + timedelta(seconds=PROBE_LEASE_SECONDS)):
-            return "skipped"
-        # The pooled database connection goes back while the endpoint is waited on: held,
-        # a hanging endpoint's attempts would take every connection of the process's pool
-        # and stall the deliveries to every other endpoint.
-        connection.close()
-        status_code, error, duration_ms = _send(endpoint=endpoint, delivery=delivery)
-    finally:
-        redis.decr(slot)
-    ok = status_code is not None and 200 <= status_code < 300
-    WebhookAttempt.objects.create(
-        delivery_id=delivery.id,
-        number=attempt,
-        status_code=status_code,
-        error=error[:2000],
-        duration_ms=duration_ms,
+    due = WebhookDelivery.objects.filter(
+        endpoint=OuterRef("pk"), status=WebhookDelivery.Status.PENDING, next_attempt_at__lte=now
     )
-    if ok:
-        WebhookDelivery.objects.filter(id=delivery.id).update(
-            status=WebhookDelivery.Status.DELIVERED, delivered_at=timezone.now()
-        )
-        if endpoint.consecutive_failures or endpoint.blocked_until:
-            WebhookEndpoint.objects.filter(id=endpoint.id).update(
-                consecutive_failures=0, blocked_until=None
-            )
-        return "delivered"
-    failures = endpoint.consecutive_failures + 1
-    blocked_until = timezone.now() + timedelta(seconds=_backoff(failures))
-    WebhookEndpoint.objects.filter(id=endpoint.id).update(
-        consecutive_failures=F("consecutive_failures") + 1, blocked_until=blocked_until
+    endpoints = list(
+        WebhookEndpoint.objects.filter(
+            Q(blocked_until__isnull=True) | Q(blocked_until__lte=now), Exists(due), enabled=True
+        ).values_list("project__owner_id", "project_id", "id")
     )
-    window = timedelta(seconds=settings.WEBHOOK_RETRY_WINDOW_SECONDS)
-    if delivery.created_at + window <= blocked_until:
-        WebhookDelivery.objects.filter(id=delivery.id).update(
-            status=WebhookDelivery.Status.FAILED, next_attempt_at=None
-        )
-        return "failed"
-    WebhookDelivery.objects.filter(id=delivery.id).update(next_attempt_at=blocked_until)
-    return "retry"
-
-
-_clients = threading.local()
-
-
-def _client() -> httpx.Client:
-    """This thread's guarded client: building one (its TLS context, its pool) costs more
-    than a delivery, and the guard checks and pins every request whichever client sends
-    it. Kept connections are per checked address."""
-    client = getattr(_clients, "client", None)
-    if client is None:
-        client = _clients.client = guarded_client(purpose=WEBHOOKS)
-    return client
-
-
-def _send(*, endpoint: WebhookEndpoint, delivery: WebhookDelivery) -> tuple[int | None, str, int]:
-    """(status code or None, error, milliseconds) of one POST of the delivery."""
-    headers = {
-        "content-type": "application/json",
-        "user-agent": "uws-webhooks/1",
-        **signature_headers(
-            secret=endpoint.secret,
-            msg_id=delivery.id,
-            body=delivery.body,
-            at=datetime.now(UTC),
-        ),
-    }
-    timeout = httpx.Timeout(
-        settings.WEBHOOK_TIMEOUT_SECONDS, connect=settings.WEBHOOK_CONNECT_TIMEOUT_SECONDS
-    )
-    started = time.monotonic()
-    try:
-        response = _client().post(
-            endpoint.url, content=delivery.body.encode(), headers=headers, timeout=timeout
-        )
-        error = "" if response.is_success else f"HTTP {response.status_code}"
-        return response.status_code, error, int((time.monotonic() - started) * 1000)
-    except httpx.HTTPError as exc:
-        reason = exc.__cause__ if isinstance(exc.__cause__, EgressRefused) else exc
-        error = f"{type(exc).__name__}: {reason}" if str(reason) else type(exc).__name__
-        return None, error, int((time.monotonic() - started) * 1000)
-
-
-def deliveries_due(*, limit: int = 1000) -> int:
-    """Beat: put on the queue the pending deliveries whose time came (retries, and any
-    lost between commit and queue); returns how many."""
-    now = timezone.now()
-    ids = list(
-        WebhookDelivery.objects.filter(
-            status=WebhookDelivery.Status.PENDING, next_attempt_at__lte=now
-        )
-        .order_by("next_attempt_at")
-        .values_list("id", flat=True)[:limit]
-    )
-    if ids:
-        # Left alone by the next sweeps while the tasks are on their way.
-        WebhookDelivery.objects.filter(id__in=ids, next_attempt_at__lte=now).update(
-            next_attempt_at=now + timedelta(seconds=DISPATCH_GRACE_SECONDS)
-        )
-        deliveries_dispatch(ids)
-    return len(ids)
+    endpoints_kick(endpoints)
+    return len(endpoints)
 
 
 @transaction.atomic
@@ -354,13 +188,29 @@ def delivery_replay(*, delivery: WebhookDelivery) -> WebhookDelivery:
     endpoint's backoff is lifted, as the owner asks for an attempt now."""
     WebhookDelivery.objects.filter(id=delivery.id).update(
         status=WebhookDelivery.Status.PENDING,
-        next_attempt_at=timezone.now() + timedelta(seconds=DISPATCH_GRACE_SECONDS),
+        next_attempt_at=timezone.now(),
         created_at=timezone.now(),  # its retry window starts over
         delivered_at=None,
     )
     WebhookEndpoint.objects.filter(id=delivery.endpoint_id).update(blocked_until=None)
-    on_commit_robust(
-        lambda: deliveries_dispatch([delivery.id]), name=f"delivery_replay({delivery.id})"
-    )
+    project = delivery.endpoint.project
+    target = (project.owner_id, project.id, delivery.endpoint_id)
+
+    def kick() -> None:
+        kick_reset(owner_id=target[0], project_id=target[1], endpoint_id=target[2])
+        endpoints_kick([target])
+
+    on_commit_robust(kick, name=f"delivery_replay({delivery.id})")
     delivery.refresh_from_db()
     return delivery
+
+
+def delivery_kick(*, delivery_id: str) -> int:
+    """A delivery's endpoint kicked (the task of earlier versions, still on a queue)."""
+    endpoint = (
+        WebhookEndpoint.objects.filter(deliveries__id=delivery_id)
+        .values_list("project__owner_id", "project_id", "id")
+        .first()
+    )
+    return endpoints_kick([endpoint]) if endpoint else 0
+

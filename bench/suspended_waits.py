@@ -30,7 +30,10 @@ agent-call timeout is AGENT_CALL_TIMEOUT_SECONDS=--call-timeout in the baseline 
    0.1-3 s). Baseline in the same
    round: AGENT_CALLS_SUSPEND=false (the caller's thread waits for its callee, as
    before), with the calls' timeout --call-timeout:
-   how many callers got their callee's answer and the wall time.
+   how many callers got their callee's answer and the wall time. Where a caller's time
+   goes (means, from the runs' timestamps): POST -> its callee created (the caller's
+   first turn), the callee's queue wait and run, callee's end -> caller's end (resume,
+   queue, last turn).
 
 Left out: more than one web or worker process; a real LLM (its latency is all the stub
 adds); beat (the recovery pass is not needed by either measure: nothing is lost).
@@ -285,6 +288,7 @@ def calls_round(n: int, latency: float, *, suspend: bool, call_timeout: float) -
             if any(s.get("status") == "done" and s.get("child_run_id") for s in run.steps or ())
         )
         return {
+            **phases(answers),
             "wall_s": wall,
             "most_active": most_active,
             "holding": holding,
@@ -294,6 +298,33 @@ def calls_round(n: int, latency: float, *, suspend: bool, call_timeout: float) -
     finally:
         stack.stop()
         fake.stop()
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else 0.0
+
+
+def phases(answers) -> dict[str, float]:
+    """Where a caller's time goes, mean seconds over the callers (from the runs' own
+    timestamps): its first turn until its callee was created, the callee's wait on the
+    queue and its run, and from the callee's end to the caller's end (the caller's
+    resume, its wait on the queue again, its last turn)."""
+    rows = []
+    for caller in Run.objects.filter(message_id__in=answers, parent__isnull=True):
+        child = Run.objects.filter(parent=caller).order_by("created_at").first()
+        if child is None or None in (child.started_at, child.finished_at, caller.finished_at):
+            continue
+        rows.append(
+            (
+                (child.created_at - caller.created_at).total_seconds(),
+                (child.started_at - child.created_at).total_seconds(),
+                (child.finished_at - child.started_at).total_seconds(),
+                (caller.finished_at - child.finished_at).total_seconds(),
+            )
+        )
+    names = ("to_callee_s", "callee_queue_s", "callee_run_s", "callee_end_to_caller_end_s")
+    return {name: _mean([r[i] for r in rows]) for i, name in enumerate(names)}
 
 
 def main() -> None:
@@ -360,6 +391,10 @@ def main() -> None:
             ("answered", "callers that got their callee's answer", "{:.0f}"),
             ("children_done", "callees done", "{:.0f}"),
             ("most_active", "worker's most active tasks seen", "{:.0f}"),
+            ("to_callee_s", "mean: caller's POST -> its callee created (s)", "{:.1f}"),
+            ("callee_queue_s", "mean: callee queued -> started (s)", "{:.1f}"),
+            ("callee_run_s", "mean: callee started -> ended (s)", "{:.1f}"),
+            ("callee_end_to_caller_end_s", "mean: callee ended -> caller ended (s)", "{:.1f}"),
             ("holding", "most callers seen in a slot while their callee ran (>1 s)", "{:.0f}"),
         ):
             print(

@@ -4,12 +4,15 @@
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/uws_hooks_bench \\
       bin/with-redis --ephemeral -- .venv/bin/python bench/webhooks.py [--runs 1000 --rounds 3]
 
-Started as the Procfile starts them: the `webhooks` worker (its own queue, 50 threads),
-the shared `worker` (runs the sweep of due deliveries) and `beat`. Endpoints are HTTP
-servers in this process on 127.0.0.1 (EGRESS_ALLOW_NETWORKS_WEBHOOKS=127.0.0.0/8): 7 live
-ones answering 204, and 3 down: one refusing connections (closed port), one answering
-500, one accepting and never answering (each attempt waits out WEBHOOK_TIMEOUT_SECONDS).
-Every endpoint subscribes to `run.completed`.
+Started as the Procfile starts them: the `webhooks` worker (its own queue, 50 threads;
+it drains each endpoint's due deliveries in batches, automation.delivery), the shared
+`worker` (runs the sweep of due deliveries) and `beat`. Endpoints are HTTP servers on
+127.0.0.1 in a process of their own per measurement (`--serve`: their threads do not
+share the bench's GIL, so arrival times are not stamped late), with
+EGRESS_ALLOW_NETWORKS_WEBHOOKS=127.0.0.0/8: 7 live ones answering 204, and 3 down: one
+refusing connections (closed port), one answering 500, one accepting and never answering
+(each attempt waits out WEBHOOK_TIMEOUT_SECONDS). Every endpoint subscribes to
+`run.completed`.
 
 Each round, subject and baseline: the same --runs runs of a project are ended through
 chat.state.run_end (the one run-end path, which records the deliveries in its
@@ -22,12 +25,16 @@ events), and deliveries still pending for them (retried later, up to a day).
 
 Left out: agents answering (the runs are ended by this process, not by the engine, so
 the figure is the webhook path alone); endpoints on other hosts (loopback has no network
-latency); several webhooks workers.
+latency); several webhooks workers. Settings changed: EGRESS_ALLOW_NETWORKS_WEBHOOKS (above),
+DEBUG=false, CELERY_BROKER_URL=REDIS_URL; all WEBHOOK_* settings are the defaults. The
+"ending" column is how long the 8 threads took to end the runs: on a loaded machine the
+burst is spread over that long.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -126,6 +133,50 @@ class Hanging:
             self.held.append(conn)
 
 
+def serve() -> None:
+    """`--serve`: the endpoints in a process of their own (their GIL is not the bench's:
+    arrival times are not late because the enders hold it). Prints the URLs as JSON, then
+    answers stdin lines: `count` (arrivals per live endpoint), `dump` (the arrivals)."""
+    live = [Live() for _ in range(7)]
+    dead_500, hanging = Live(status=500), Hanging()
+    print(
+        json.dumps(
+            {
+                "live": [e.url for e in live],
+                "500": dead_500.url,
+                "hang": hanging.url,
+                "refused": closed_port_url(),
+            }
+        ),
+        flush=True,
+    )
+    for line in sys.stdin:
+        if line.strip() == "count":
+            print(json.dumps([len(e.arrivals) for e in live]), flush=True)
+        elif line.strip() == "dump":
+            print(json.dumps([e.arrivals for e in live]), flush=True)
+
+
+class Endpoints:
+    """The `--serve` process of one measurement."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        )  # fmt: skip
+        self.urls = json.loads(self.proc.stdout.readline())
+
+    def ask(self, what: str):
+        self.proc.stdin.write(what + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
 def closed_port_url() -> str:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -167,13 +218,12 @@ def one(label: str, runs: int, with_dead: bool, user, worker_pid: int, rate: flo
     project = Project.objects.create(owner=user, name=f"hooks {label} {uuid.uuid4().hex[:6]}")
     agent = Agent.objects.create(project=project, name="a", model="offline")
     sessions = [ChatSession.objects.create(project=project, agent=agent) for _ in range(10)]
-    live = [Live() for _ in range(7)]
-    for endpoint in live:
-        webhook_create(project=project, url=endpoint.url, events=["run.completed"])
-    dead_500, hanging = Live(status=500), Hanging()
+    endpoints = Endpoints()
+    for url in endpoints.urls["live"]:
+        webhook_create(project=project, url=url, events=["run.completed"])
     dead_urls = {}
     if with_dead:
-        dead_urls = {"refused": closed_port_url(), "500": dead_500.url, "hang": hanging.url}
+        dead_urls = {k: endpoints.urls[k] for k in ("refused", "500", "hang")}
         for url in dead_urls.values():
             webhook_create(project=project, url=url, events=["run.completed"])
     made = []
@@ -208,17 +258,16 @@ def one(label: str, runs: int, with_dead: bool, user, worker_pid: int, rate: flo
     ending_seconds = time.time() - started
     # Drained before the next measurement starts (a leftover backlog would delay it).
     deadline = time.monotonic() + DRAIN_SECONDS
-    while time.monotonic() < deadline and any(len(e.arrivals) < runs for e in live):
+    while time.monotonic() < deadline and any(n < runs for n in endpoints.ask("count")):
         time.sleep(0.2)
     window = time.time() - started
     worker_cpu = cpu_seconds(worker_pid) - cpu_before
+    arrivals = endpoints.ask("dump")
+    endpoints.close()
     latencies = sorted(
-        endpoint.arrivals[run_id] - ended[run_id]
-        for endpoint in live
-        for run_id in endpoint.arrivals
-        if run_id in ended
+        got[run_id] - ended[run_id] for got in arrivals for run_id in got if run_id in ended
     )
-    delivered = sum(len(e.arrivals) for e in live)
+    delivered = sum(len(got) for got in arrivals)
     dead_attempts = WebhookAttempt.objects.filter(
         delivery__endpoint__project=project, delivery__endpoint__url__in=dead_urls.values()
     ).count()
@@ -245,6 +294,9 @@ def one(label: str, runs: int, with_dead: bool, user, worker_pid: int, rate: flo
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+        return
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=3)

@@ -1,18 +1,21 @@
 """Webhooks: endpoints through the API, Standard Webhooks signatures (the spec's test
-vector), deliveries recorded with a run's end and sent by a real worker over HTTP,
-retries with backoff, the log and the replay."""
+vector), deliveries recorded with a run's end and sent by a real worker over HTTP
+(an endpoint drained in batches: live endpoints get every event once while a dead one
+backs off), retries with backoff, the log and the replay."""
 
 from __future__ import annotations
 
 import json
+import socket
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.utils import timezone
 from standardwebhooks.webhooks import Webhook
 
+from automation.delivery import _claim, endpoint_drain
 from automation.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
-from automation.webhooks import deliveries_due, delivery_attempt, signature_headers
+from automation.webhooks import deliveries_due, signature_headers
 from chat.models import Run
 from chat.state import run_end
 from tests.runtime.conftest import wait_until
@@ -150,24 +153,30 @@ def test_a_failing_endpoint_is_retried_with_backoff_then_replayed(
     _end_a_run(api, session)
     _end_a_run(api, session)
     first, second = WebhookDelivery.objects.filter(endpoint_id=hook["id"]).order_by("created_at")
-    assert delivery_attempt(delivery_id=first.id) == "retry"
+    drained = endpoint_drain(endpoint_id=hook["id"])
+    assert drained == {"delivered": 0, "failed": 1, "state": "backoff"}
     endpoint = WebhookEndpoint.objects.get(id=hook["id"])
     assert endpoint.consecutive_failures == 1
     assert endpoint.blocked_until > timezone.now() + timedelta(seconds=50)
-    # While the endpoint backs off, its other deliveries wait without an attempt.
-    assert delivery_attempt(delivery_id=second.id) == "deferred"
+    # The first failure backs the endpoint off: the other delivery waits untried.
     assert len(receiver.received) == 1
-    assert WebhookDelivery.objects.get(id=second.id).next_attempt_at == endpoint.blocked_until
+    assert WebhookDelivery.objects.get(id=first.id).attempts == 1
+    waiting = WebhookDelivery.objects.get(id=second.id)
+    assert waiting.attempts == 0 and waiting.next_attempt_at == endpoint.blocked_until
     assert WebhookAttempt.objects.filter(delivery_id=first.id).get().status_code == 500
-    # Not due yet: the sweep leaves them.
+    # While it backs off, a drain sends nothing and the sweep leaves it.
+    assert endpoint_drain(endpoint_id=hook["id"])["state"] == "backoff"
+    assert len(receiver.received) == 1
     assert deliveries_due() == 0
 
-    # Past the retry window, a failure gives the delivery up.
+    # Past the retry window, a failure gives the delivery up (one probe: the oldest).
     WebhookEndpoint.objects.filter(id=hook["id"]).update(blocked_until=None)
     WebhookDelivery.objects.filter(id=first.id).update(
-        created_at=timezone.now() - timedelta(days=1)
+        created_at=timezone.now() - timedelta(days=1), next_attempt_at=timezone.now()
     )
-    assert delivery_attempt(delivery_id=first.id) == "failed"
+    assert endpoint_drain(endpoint_id=hook["id"])["failed"] == 1
+    assert WebhookDelivery.objects.get(id=first.id).status == "failed"
+    assert len(receiver.received) == 2
 
     # The endpoint is fixed; the owner replays the given-up delivery: same webhook-id.
     receiver.status = 200
@@ -175,13 +184,16 @@ def test_a_failing_endpoint_is_retried_with_backoff_then_replayed(
     replayed = api.post(url)
     assert replayed.status_code == 202, replayed.content
     assert replayed.json()["status"] == "pending"
-    assert delivery_attempt(delivery_id=first.id) == "delivered"
+    assert endpoint_drain(endpoint_id=hook["id"])["delivered"] == 1
     assert receiver.received[-1]["headers"]["webhook-id"] == first.id
+    assert WebhookDelivery.objects.get(id=first.id).status == "delivered"
     endpoint.refresh_from_db()
     assert endpoint.consecutive_failures == 0 and endpoint.blocked_until is None
     # The other delivery, once due, goes out.
     WebhookDelivery.objects.filter(id=second.id).update(next_attempt_at=timezone.now())
-    assert delivery_attempt(delivery_id=second.id) == "delivered"
+    assert endpoint_drain(endpoint_id=hook["id"])["delivered"] == 1
+    assert WebhookDelivery.objects.get(id=second.id).status == "delivered"
+    assert len(receiver.received) == 4
 
 
 def test_a_refused_address_is_logged_as_a_failed_attempt(api, session, receiver_factory, settings):
@@ -193,7 +205,8 @@ def test_a_refused_address_is_logged_as_a_failed_attempt(api, session, receiver_
     settings.EGRESS_ALLOW_NETWORKS = {**settings.EGRESS_ALLOW_NETWORKS, "webhooks": []}
     _end_a_run(api, session)
     delivery = WebhookDelivery.objects.get(endpoint_id=hook["id"])
-    assert delivery_attempt(delivery_id=delivery.id) == "retry"
+    assert endpoint_drain(endpoint_id=hook["id"])["failed"] == 1
+    assert WebhookDelivery.objects.get(id=delivery.id).status == "pending"
     attempt = WebhookAttempt.objects.get(delivery_id=delivery.id)
     assert attempt.status_code is None and "non-public address" in attempt.error
     assert receiver.received == []
@@ -222,11 +235,94 @@ def test_an_endpoint_with_every_attempt_slot_taken_waits(api, session, receiver_
     delivery = WebhookDelivery.objects.get(endpoint_id=hook["id"])
     redis = scoped(session.project.owner_id, session.project_id)
     slot = f"webhooks:inflight:{hook['id']}"
-    redis.incr(slot)  # an attempt in flight (a hanging endpoint)
-    assert delivery_attempt(delivery_id=delivery.id) == "busy"
+    redis.incr(slot)  # a drain in flight (a hanging endpoint)
+    assert endpoint_drain(endpoint_id=hook["id"])["state"] == "busy"
     assert receiver.received == []
     waiting = WebhookDelivery.objects.get(id=delivery.id)
-    assert waiting.attempts == 0 and waiting.next_attempt_at > timezone.now()
+    assert waiting.attempts == 0 and waiting.status == "pending"
     redis.decr(slot)
-    assert delivery_attempt(delivery_id=delivery.id) == "delivered"
+    assert endpoint_drain(endpoint_id=hook["id"])["delivered"] == 1
     assert int(redis.get(slot)) == 0
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/hook"
+
+
+def test_live_endpoints_get_every_event_once_while_a_dead_one_backs_off(
+    api, session, receiver_factory, webhooks_worker, settings
+):
+    settings.WEBHOOK_BACKOFF_SECONDS = [300]
+    settings.WEBHOOK_DRAIN_BATCH = 4  # several batches per endpoint
+    live = [receiver_factory() for _ in range(3)]
+    hooks = [
+        api.post(
+            _hooks_url(session.project), {"url": r.url, "events": ["run.completed"]},
+            format="json",
+        ).json()
+        for r in live
+    ]  # fmt: skip
+    # A dead endpoint: nothing listens on its port (connection refused).
+    dead = WebhookEndpoint.objects.create(
+        project=session.project,
+        url=_closed_port_url(),
+        events=["run.completed"],
+        secret="whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    )
+    runs = [str(_end_a_run(api, session).id) for _ in range(12)]
+
+    def got(receiver) -> list[str]:
+        return [json.loads(r["body"])["data"]["run_id"] for r in receiver.received]
+
+    wait_until(lambda: all(len(got(r)) >= len(runs) for r in live), what="every live delivery")
+    for receiver, hook in zip(live, hooks, strict=True):
+        assert sorted(got(receiver)) == sorted(runs)  # nothing lost, nothing twice
+        for r in receiver.received:
+            Webhook(hook["secret"]).verify(r["body"], r["headers"])
+        wait_until(
+            lambda hook=hook: (
+                not WebhookDelivery.objects.filter(endpoint_id=hook["id"])
+                .exclude(status="delivered")
+                .exists()
+            ),
+            what="all marked delivered",
+        )
+        assert set(
+            WebhookAttempt.objects.filter(delivery__endpoint_id=hook["id"]).values_list(
+                "number", flat=True
+            )
+        ) == {1}
+    # The dead one got one attempt (then it backs off as a whole); none was lost.
+    wait_until(
+        lambda: WebhookAttempt.objects.filter(delivery__endpoint=dead).exists(),
+        what="the dead endpoint's attempt",
+    )
+    dead.refresh_from_db()
+    assert dead.consecutive_failures == 1 and dead.blocked_until > timezone.now()
+    assert WebhookAttempt.objects.filter(delivery__endpoint=dead).count() == 1
+    assert WebhookDelivery.objects.filter(endpoint=dead, status="pending").count() == len(runs)
+
+
+def test_a_batch_whose_drain_died_is_sent_again_after_its_lease(
+    api, session, receiver_factory, webhooks_worker
+):
+    receiver = receiver_factory()
+    hook = api.post(
+        _hooks_url(session.project), {"url": receiver.url, "events": ["run.completed"]},
+        format="json",
+    ).json()  # fmt: skip
+    redis = scoped(session.project.owner_id, session.project_id)
+    kick = f"webhooks:kick:{hook['id']}"
+    redis.set(kick, 1)  # a drain is under way: the run's end starts none
+    _end_a_run(api, session)
+    # That drain claims the delivery and dies before sending it.
+    (claimed,) = _claim(hook["id"], limit=10)
+    assert deliveries_due() == 0  # leased: not due
+    assert _claim(hook["id"], limit=10) == []  # nor claimable twice
+    WebhookDelivery.objects.filter(id=claimed[0]).update(next_attempt_at=timezone.now())
+    redis.delete(kick)  # its kick counter expired
+    assert deliveries_due() == 1  # the lease ran out: the sweep kicks the endpoint
+    wait_until(lambda: receiver.received, what="the delivery")
+    assert [r["headers"]["webhook-id"] for r in receiver.received] == [claimed[0]]

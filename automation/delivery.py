@@ -1,0 +1,442 @@
+"""Sending webhook deliveries: the webhooks worker drains an endpoint at a time.
+
+- **Kicked, not one task per delivery.** A run's end (or the sweep, or a replay) *kicks*
+  the endpoints concerned: a Redis counter per endpoint (`webhooks:kick:<id>`); the kick
+  that finds it at 0 puts one drain task on the webhooks queue, later kicks only count.
+  The drain ends by deleting the counter if it still holds the value it read before its
+  last empty pass (compare and delete), else it drains again: no kick is lost, and a
+  burst of 1,000 completions is a handful of tasks per endpoint.
+- **A drain** claims the endpoint's due deliveries in batches
+  (`SELECT … FOR UPDATE SKIP LOCKED LIMIT WEBHOOK_DRAIN_BATCH`, oldest first; the claim
+  moves `next_attempt_at` a lease ahead, so a crashed drain's batch is due again after
+  LEASE_SECONDS: at least once), POSTs them one after the other on the endpoint's kept-alive
+  connection, and writes the outcome of the batch in one transaction (the attempts in one
+  INSERT, the delivered ones in one UPDATE).
+- **The egress guard** is kept: the endpoint's host is resolved and checked
+  (`common.egress.check_url`, purpose `webhooks`) before its connections are made, again
+  every WEBHOOK_RESOLVE_SECONDS and after any connection error; connections go to the
+  checked address (Host header, TLS server name and certificate check keep the host).
+  They are kept per endpoint (a urllib3 pool each, a third of httpx's CPU per request:
+  no redirects, no retries, no proxy).
+- **A failure backs the endpoint off as a whole** (WEBHOOK_BACKOFF_SECONDS): the failed
+  delivery counts an attempt, the rest of its batch goes back untried, and the kick
+  counter is parked until the backoff ends, so completions for a dead endpoint start no
+  tasks. Then one delivery probes it (`blocked_until` holds a probe lease); a success
+  drains the rest. A dead endpoint holds at most one worker thread (its probe, up to
+  WEBHOOK_TIMEOUT_SECONDS), never the live endpoints' drains.
+- **Slow endpoints get parallel drains**: a drain whose full batch took longer than
+  WEBHOOK_DRAIN_SPLIT_SECONDS starts another drain of the same endpoint, up to
+  WEBHOOK_ENDPOINT_CONCURRENCY at once (each holds a slot of `webhooks:inflight:<id>`):
+  at most that many attempts are ever in flight to one endpoint.
+- Order: an endpoint's deliveries leave oldest first within a drain; retries, replays and
+  parallel drains can reorder them (receivers order by the body's `timestamp`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
+
+import certifi
+import urllib3
+from celery import current_app
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+from standardwebhooks.webhooks import Webhook
+
+from agentbus import WEBHOOK_QUEUE
+from common.egress import WEBHOOKS, EgressRefused, check_url
+from workspaces.redis import scoped
+
+from .models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+
+logger = logging.getLogger(__name__)
+
+DRAIN_TASK = "automation.drain_webhooks"
+# A claimed batch is due again after this long if its drain dies (at least once); a
+# drain stops sending a batch before it runs out and gives the rest back.
+LEASE_SECONDS = 60
+# The kick counter of an endpoint outlives a drain that died by this long at most.
+KICK_TTL_SECONDS = 2 * LEASE_SECONDS
+
+_KICK = "webhooks:kick:"
+_SLOT = "webhooks:inflight:"
+
+# INCR, with a TTL on the first kick (a dead drain's counter does not stay forever).
+_KICK_LUA = """
+local n = redis.call('incr', KEYS[1])
+if n == 1 then redis.call('expire', KEYS[1], ARGV[1]) end
+return n
+"""
+# Delete the counter if no kick came since the drain read it (or it is gone).
+_DONE_LUA = """
+local v = redis.call('get', KEYS[1])
+if (not v) or v == ARGV[1] then redis.call('del', KEYS[1]) return 1 end
+return 0
+"""
+
+
+def signature_headers(*, secret: str, msg_id: str, body: str, at: datetime) -> dict[str, str]:
+    """The Standard Webhooks headers of `body` (the standardwebhooks package signs:
+    `v1,` + base64 HMAC-SHA256 of `id.timestamp.body` under the secret's bytes)."""
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(at.timestamp())),
+        "webhook-signature": Webhook(secret).sign(msg_id=msg_id, timestamp=at, data=body),
+    }
+
+
+def backoff_seconds(failures: int) -> float:
+    steps = settings.WEBHOOK_BACKOFF_SECONDS
+    return steps[min(max(failures, 1), len(steps)) - 1]
+
+
+# --- Kicks ------------------------------------------------------------------------------
+
+
+def endpoints_kick(endpoints: list[tuple]) -> int:
+    """Have each (owner id, project id, endpoint id) drained soon: a drain task for those
+    with none on its way or running. Returns how many tasks were sent."""
+    sent = 0
+    for owner_id, project_id, endpoint_id in endpoints:
+        redis = scoped(owner_id, project_id)
+        kicks = redis.script(_KICK_LUA, keys=[f"{_KICK}{endpoint_id}"], args=[KICK_TTL_SECONDS])
+        if int(kicks) == 1:
+            # By name: the task module (automation.tasks) imports this one.
+            current_app.send_task(
+                DRAIN_TASK, kwargs={"endpoint_id": str(endpoint_id)}, queue=WEBHOOK_QUEUE
+            )
+            sent += 1
+    return sent
+
+
+def kick_reset(*, owner_id, project_id, endpoint_id) -> None:
+    """Forget a parked kick counter (the endpoint's backoff was lifted)."""
+    scoped(owner_id, project_id).delete(f"{_KICK}{endpoint_id}")
+
+
+# --- Connections ------------------------------------------------------------------------
+
+
+@dataclass
+class _Target:
+    """An endpoint's kept-alive connections (a urllib3 pool to its checked address: a
+    third of httpx's CPU per request, which is most of a delivery's cost)."""
+
+    url: str
+    signer: Webhook
+    secret: str
+    scheme: str
+    host: str
+    port: int
+    path: str
+    host_header: str
+    pool: urllib3.HTTPConnectionPool | None = None
+    checked_at: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def of(cls, endpoint: WebhookEndpoint) -> _Target:
+        parts = urlsplit(endpoint.url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        default = (parts.scheme, port) in (("http", 80), ("https", 443))
+        host = parts.hostname or ""
+        shown = f"[{host}]" if ":" in host else host
+        return cls(
+            url=endpoint.url,
+            secret=endpoint.secret,
+            signer=Webhook(endpoint.secret),
+            scheme=parts.scheme,
+            host=host,
+            port=port,
+            path=(parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+            host_header=shown if default else f"{shown}:{port}",
+        )
+
+    def checked_pool(self) -> urllib3.HTTPConnectionPool:
+        """The pool to the address the egress guard checked (raises EgressRefused); the
+        host is checked again after WEBHOOK_RESOLVE_SECONDS or a connection error."""
+        with self.lock:
+            fresh = time.monotonic() - self.checked_at <= settings.WEBHOOK_RESOLVE_SECONDS
+            if self.pool is not None and fresh:
+                return self.pool
+            _host, _port, address = check_url(self.url, purpose=WEBHOOKS)
+            self.checked_at = time.monotonic()
+            if self.pool is not None and self.pool.host == address.strip("[]"):
+                return self.pool
+            self.close()
+            size = settings.WEBHOOK_ENDPOINT_CONCURRENCY
+            common = {"maxsize": size, "block": False, "retries": False}
+            if self.scheme == "https":
+                # TLS to the checked address, with the endpoint's host as server name and
+                # certificate name.
+                self.pool = urllib3.HTTPSConnectionPool(
+                    address, self.port, server_hostname=self.host, assert_hostname=self.host,
+                    cert_reqs="CERT_REQUIRED", ca_certs=certifi.where(), **common,
+                )  # fmt: skip
+            else:
+                self.pool = urllib3.HTTPConnectionPool(address, self.port, **common)
+            return self.pool
+
+    def forget_address(self) -> None:
+        with self.lock:
+            self.checked_at = 0.0
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+
+_targets: OrderedDict[str, _Target] = OrderedDict()
+_targets_lock = threading.Lock()
+# Kept endpoints' pools per process (least recently used closed beyond this).
+MAX_TARGETS = 256
+
+
+def _target(endpoint: WebhookEndpoint) -> _Target:
+    key = str(endpoint.id)
+    with _targets_lock:
+        target = _targets.get(key)
+        if target is not None and (target.url != endpoint.url or target.secret != endpoint.secret):
+            _targets.pop(key).close()
+            target = None
+        if target is None:
+            target = _targets[key] = _Target.of(endpoint)
+            while len(_targets) > MAX_TARGETS:
+                _targets.popitem(last=False)[1].close()
+        _targets.move_to_end(key)
+        return target
+
+
+def _send(target: _Target, *, msg_id: str, body: str) -> tuple[int | None, str, int]:
+    """(status code or None, error, milliseconds) of one POST (no redirects followed, no
+    retries: a failure is the endpoint's, and backs it off)."""
+    started = time.monotonic()
+    try:
+        pool = target.checked_pool()
+    except EgressRefused as exc:
+        return None, f"ConnectError: {exc}", int((time.monotonic() - started) * 1000)
+    at = datetime.now(UTC)
+    headers = {
+        "host": target.host_header,
+        "content-type": "application/json",
+        "user-agent": "uws-webhooks/1",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(at.timestamp())),
+        "webhook-signature": target.signer.sign(msg_id=msg_id, timestamp=at, data=body),
+    }
+    timeout = urllib3.Timeout(
+        connect=settings.WEBHOOK_CONNECT_TIMEOUT_SECONDS, read=settings.WEBHOOK_TIMEOUT_SECONDS
+    )
+    try:
+        response = pool.urlopen(
+            "POST", target.path, body=body.encode(), headers=headers, timeout=timeout,
+            retries=False, redirect=False, assert_same_host=False, preload_content=True,
+        )  # fmt: skip
+        status = response.status
+        error = "" if 200 <= status < 300 else f"HTTP {status}"
+        return status, error, int((time.monotonic() - started) * 1000)
+    except urllib3.exceptions.HTTPError as exc:
+        target.forget_address()  # checked again before the next attempt
+        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return None, error, int((time.monotonic() - started) * 1000)
+
+
+# --- Draining ---------------------------------------------------------------------------
+
+
+def _claim(endpoint_id, *, limit: int) -> list[tuple]:
+    """(id, body, attempts, created_at) of up to `limit` due deliveries, leased."""
+    now = timezone.now()
+    with transaction.atomic():
+        rows = list(
+            WebhookDelivery.objects.select_for_update(skip_locked=True)
+            .filter(
+                endpoint_id=endpoint_id,
+                status=WebhookDelivery.Status.PENDING,
+                next_attempt_at__lte=now,
+            )
+            .order_by("next_attempt_at", "created_at")
+            .values_list("id", "body", "attempts", "created_at")[:limit]
+        )
+        if rows:
+            WebhookDelivery.objects.filter(id__in=[r[0] for r in rows]).update(
+                next_attempt_at=now + timedelta(seconds=LEASE_SECONDS)
+            )
+    return rows
+
+
+def _batch(endpoint: WebhookEndpoint, rows: list[tuple]) -> tuple[int, bool]:
+    """Send a claimed batch and record it: (delivered, whether the endpoint failed)."""
+    target = _target(endpoint)
+    # Back to the pool while the endpoint is waited on: a hanging endpoint's drains must
+    # not hold the process's database connections.
+    connection.close()
+    attempts: list[WebhookAttempt] = []
+    delivered: list[str] = []
+    failed_row = None
+    stop_at = time.monotonic() + LEASE_SECONDS - settings.WEBHOOK_TIMEOUT_SECONDS - 5
+    sent = 0
+    for delivery_id, body, tried, _created in rows:
+        if time.monotonic() > stop_at:
+            break
+        status_code, error, duration_ms = _send(target, msg_id=delivery_id, body=body)
+        sent += 1
+        attempts.append(
+            WebhookAttempt(
+                delivery_id=delivery_id,
+                number=tried + 1,
+                status_code=status_code,
+                error=error[:2000],
+                duration_ms=duration_ms,
+            )
+        )
+        if status_code is not None and 200 <= status_code < 300:
+            delivered.append(delivery_id)
+        else:
+            failed_row = (delivery_id, body, tried, _created)
+            break
+    untried = [r[0] for r in rows[sent:]]
+    now = timezone.now()
+    with transaction.atomic():
+        WebhookAttempt.objects.bulk_create(attempts)
+        if delivered:
+            WebhookDelivery.objects.filter(id__in=delivered).update(
+                status=WebhookDelivery.Status.DELIVERED,
+                delivered_at=now,
+                attempts=F("attempts") + 1,
+                next_attempt_at=None,
+            )
+        if failed_row is None:
+            if untried:  # out of lease time: due again at once
+                WebhookDelivery.objects.filter(id__in=untried).update(next_attempt_at=now)
+            if delivered and (endpoint.consecutive_failures or endpoint.blocked_until):
+                WebhookEndpoint.objects.filter(id=endpoint.id).update(
+                    consecutive_failures=0, blocked_until=None
+                )
+                endpoint.consecutive_failures, endpoint.blocked_until = 0, None
+            return len(delivered), False
+        failures = endpoint.consecutive_failures + 1
+        blocked_until = now + timedelta(seconds=backoff_seconds(failures))
+        WebhookEndpoint.objects.filter(id=endpoint.id).update(
+            consecutive_failures=F("consecutive_failures") + 1, blocked_until=blocked_until
+        )
+        endpoint.consecutive_failures, endpoint.blocked_until = failures, blocked_until
+        failed_id, created_at = failed_row[0], failed_row[3]
+        window = timedelta(seconds=settings.WEBHOOK_RETRY_WINDOW_SECONDS)
+        if created_at + window <= blocked_until:
+            WebhookDelivery.objects.filter(id=failed_id).update(
+                status=WebhookDelivery.Status.FAILED,
+                next_attempt_at=None,
+                attempts=F("attempts") + 1,
+            )
+        else:
+            WebhookDelivery.objects.filter(id=failed_id).update(
+                next_attempt_at=blocked_until, attempts=F("attempts") + 1
+            )
+        if untried:
+            WebhookDelivery.objects.filter(id__in=untried).update(next_attempt_at=blocked_until)
+    return len(delivered), True
+
+
+def _probe_claim(endpoint: WebhookEndpoint) -> bool:
+    """Take the probe slot of a failing endpoint (one probe at a time)."""
+    now = timezone.now()
+    return bool(
+        WebhookEndpoint.objects.filter(
+            Q(blocked_until__isnull=True) | Q(blocked_until__lte=now), id=endpoint.id
+        ).update(blocked_until=now + timedelta(seconds=LEASE_SECONDS))
+    )
+
+
+def endpoint_drain(*, endpoint_id: str, sibling: bool = False) -> dict:
+    """Send an endpoint's due deliveries until none is left, it fails, or (for the drain
+    a kick started) no kick came since its last empty pass. Returns counts:
+    `delivered`, `failed` (attempts that failed), `state` (`drained`, `backoff`,
+    `busy`, `gone`)."""
+    endpoint = (
+        WebhookEndpoint.objects.select_related("project")
+        .only("id", "url", "secret", "enabled", "consecutive_failures", "blocked_until",
+              "project__id", "project__owner_id")
+        .filter(id=endpoint_id)
+        .first()
+    )  # fmt: skip
+    result = {"delivered": 0, "failed": 0, "state": "drained"}
+    if endpoint is None:
+        result["state"] = "gone"
+        return result
+    redis = scoped(endpoint.project.owner_id, endpoint.project_id)
+    kick, slot = f"{_KICK}{endpoint.id}", f"{_SLOT}{endpoint.id}"
+    if not endpoint.enabled:
+        redis.delete(kick)
+        result["state"] = "gone"
+        return result
+    cap = settings.WEBHOOK_ENDPOINT_CONCURRENCY
+    if redis.incr(slot) > cap:
+        redis.decr(slot)
+        result["state"] = "busy"  # as many drains as attempts allowed: they carry on
+        if not sibling:
+            redis.delete(kick)  # the drains in flight find what this kick was for
+        return result
+    batch_size = settings.WEBHOOK_DRAIN_BATCH
+    try:
+        redis.expire(slot, KICK_TTL_SECONDS)
+        while True:
+            seen = None if sibling else redis.get(kick)
+            while True:
+                if endpoint.blocked_until and endpoint.blocked_until > timezone.now():
+                    _park(redis, kick, endpoint.blocked_until)
+                    result["state"] = "backoff"
+                    return result
+                limit = batch_size
+                if endpoint.consecutive_failures:
+                    if not _probe_claim(endpoint):
+                        endpoint.refresh_from_db(fields=["consecutive_failures", "blocked_until"])
+                        if endpoint.blocked_until and endpoint.blocked_until > timezone.now():
+                            continue  # parked above
+                        return result
+                    limit = 1
+                rows = _claim(endpoint.id, limit=limit)
+                if not rows:
+                    if endpoint.consecutive_failures:  # the probe slot goes back
+                        WebhookEndpoint.objects.filter(id=endpoint.id).update(blocked_until=None)
+                        endpoint.blocked_until = None
+                    break
+                started = time.monotonic()
+                count, failed = _batch(endpoint, rows)
+                result["delivered"] += count
+                result["failed"] += int(failed)
+                if (
+                    not failed
+                    and len(rows) == limit == batch_size
+                    and time.monotonic() - started > settings.WEBHOOK_DRAIN_SPLIT_SECONDS
+                    and int(redis.get(slot) or 0) < cap
+                ):
+                    current_app.send_task(
+                        DRAIN_TASK,
+                        kwargs={"endpoint_id": str(endpoint.id), "sibling": True},
+                        queue=WEBHOOK_QUEUE,
+                    )
+                redis.expire(kick, KICK_TTL_SECONDS)
+            if sibling or int(
+                redis.script(_DONE_LUA, keys=[kick], args=["" if seen is None else seen])
+            ):
+                return result
+    finally:
+        redis.decr(slot)
+
+
+def _park(redis, kick: str, until: datetime) -> None:
+    """Hold the kick counter until a backoff ends: kicks meanwhile start no drain (the
+    sweep kicks the endpoint once it is due)."""
+    seconds = max(1, math.ceil((until - timezone.now()).total_seconds()))
+    redis.set(kick, 1, ex=seconds)
