@@ -25,9 +25,8 @@ import json
 import logging
 import secrets
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime
 
-from django.conf import settings
 from django.db import transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
@@ -213,4 +212,3 @@ def delivery_kick(*, delivery_id: str) -> int:
         .first()
     )
     return endpoints_kick([endpoint]) if endpoint else 0
-

@@ -13,7 +13,6 @@ from rest_framework.test import APIClient
 
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
 
-
 # Files that take minutes, started first: with `--dist loadfile` the xdist processes take
 # files in collection order, so a long file collected last would run alone at the end.
 LONG_FILES = (
