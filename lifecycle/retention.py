@@ -56,6 +56,9 @@ class RetentionKind:
     remove: Callable[[Project, datetime, int], int]
     # False: one call does all that is due (e.g. one Redis pipeline), never repeated.
     chunked: bool = True
+    # Called once at the end of a sweep that removed any of it (e.g. the vector store's
+    # vacuum, so removed text leaves the disk too).
+    finish: Callable[[], None] | None = None
 
 
 _KINDS: dict[str, RetentionKind] = {}
@@ -67,8 +70,11 @@ def retention_kind_register(
     default: Callable[[], int],
     remove: Callable[[Project, datetime, int], int],
     chunked: bool = True,
+    finish: Callable[[], None] | None = None,
 ) -> None:
-    _KINDS[name] = RetentionKind(name=name, default=default, remove=remove, chunked=chunked)
+    _KINDS[name] = RetentionKind(
+        name=name, default=default, remove=remove, chunked=chunked, finish=finish
+    )
 
 
 def retention_kinds() -> dict[str, RetentionKind]:
@@ -244,6 +250,9 @@ def retention_sweep(
                 break
         if not complete:
             break
+    for name, count in removed.items():
+        if count and _KINDS[name].finish is not None:
+            _KINDS[name].finish()
     report.removed = removed
     report.complete = complete
     report.finished_at = timezone.now()

@@ -3,7 +3,8 @@
 
 - `session_context_days`: what agents remember of a session (its question/answer
   exchanges in the vector store) once the session has had no message for that long, or
-  is gone. The sweep runs on a worker, which holds the vector store.
+  is gone. The sweep runs on a worker, which holds the vector store, and vacuums it
+  after removing any, so their text leaves the disk.
 - `webhook_deliveries_days`: webhook deliveries (with their attempts) made that long ago,
   pending ones excepted. This was automation's own 7-day purge; the deployment default
   (RETENTION_WEBHOOK_DELIVERIES_DAYS) keeps its period.
@@ -19,7 +20,7 @@ from django.db import transaction
 from agents.models import Agent
 from automation.models import WebhookDelivery
 from chat.models import Message
-from context.vectors import exchange_points_forget, exchanges_before
+from context.vectors import context_vacuum, exchange_points_forget, exchanges_before
 from projects.models import Project
 
 from .retention import retention_kind_register
@@ -89,6 +90,9 @@ retention_kind_register(
     "session_context_days",
     default=lambda: settings.RETENTION_SESSION_CONTEXT_DAYS,
     remove=_remove_session_context,
+    # Removed exchanges leave the disk too, not only the index (the embedded store keeps
+    # deleted points' text until vacuumed).
+    finish=context_vacuum,
 )
 retention_kind_register(
     "webhook_deliveries_days",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from django.utils import timezone
@@ -27,6 +28,11 @@ def remembered(agent) -> dict[str, str | None]:
         exchanges_before(user_id=agent.project.owner_id, project_id=agent.project_id,
                          agent_id=str(agent.id), before=float("inf"))
     )  # fmt: skip
+
+
+def on_disk(folder: str) -> bytes:
+    """Every byte of the files under the vector store's folder."""
+    return b"".join(path.read_bytes() for path in Path(folder).rglob("*") if path.is_file())
 
 
 def remember(agent, session_id, question: str) -> None:
@@ -58,9 +64,12 @@ def test_context_of_ended_sessions_goes_and_of_live_ones_stays(db, settings, run
     # 40 days on, the live session had a message 20 days ago; the ended one none since.
     now = timezone.now() + timedelta(days=40)
     Message.objects.filter(id=later.id).update(created_at=now - timedelta(days=20))
+    assert b"ended too 0" in on_disk(settings.QDRANT_PATH)
     report = retention_sweep(chunk=2, budget_seconds=120, now=now)
     assert report.complete
     assert report.removed["session_context_days"] == 3 + 3 + 1
+    # Gone from the disk too, not only from the index.
+    assert b"ended too 0" not in on_disk(settings.QDRANT_PATH)
     assert list(remembered(agent).values()) == [str(live.id)]
     assert remembered(other_agent) == {}
     assert list(remembered(kept_agent).values()) == [str(kept_session.id)]
