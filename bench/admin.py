@@ -48,20 +48,9 @@ if __name__ == "__main__":
     with psycopg.connect(f"{PG}/postgres", autocommit=True) as _conn:
         if not _conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [DB]).fetchone():
             _conn.execute(f'CREATE DATABASE "{DB}"')
-    os.environ.update(
-        DJANGO_SETTINGS_MODULE="config.settings.local",
-        DEBUG="false",
-        SECRET_KEY="bench-only-not-secret",
-        DATABASE_URL=f"{PG}/{DB}",
-        LOG_LEVEL="WARNING",
-        VAR_DIR=str(ROOT / "var" / "bench-admin"),
-    )
-    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6380/0")
-    os.environ["CELERY_BROKER_URL"] = os.environ["REDIS_URL"]
-    Path(os.environ["VAR_DIR"]).mkdir(parents=True, exist_ok=True)
-    import django
+    from bench.harness import bootstrap
 
-    django.setup()
+    bootstrap("admin", DATABASE_URL=f"{PG}/{DB}")
 
 
 def fill(runs: int) -> None:

@@ -41,20 +41,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":
     sys.path[:0] = [str(ROOT)]
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
-    os.environ.setdefault("DEBUG", "false")
-    os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
-    os.environ.setdefault("VAR_DIR", str(ROOT / "var" / "bench-export"))
-    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6380/0")
-    os.environ["CELERY_BROKER_URL"] = os.environ["CELERY_RESULT_BACKEND"] = os.environ["REDIS_URL"]
-    for scope in ("MESSAGES", "SEARCHES", "INGESTS"):
-        for per in ("USER", "PROJECT"):
-            os.environ.setdefault(f"THROTTLE_{scope}_{per}", "1000000/min")
-    for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "EMBEDDINGS_BASE_URL", "QDRANT_URL"):
-        os.environ[name] = ""
-    import django
+    from bench.harness import bootstrap
 
-    django.setup()
+    bootstrap("export", capacity=True, offline=True)
 
 import httpx  # noqa: E402
 

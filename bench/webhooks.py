@@ -51,27 +51,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":
     sys.path[:0] = [str(ROOT)]
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
-    os.environ.setdefault("DEBUG", "false")
-    os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
-    os.environ.setdefault("VAR_DIR", str(ROOT / "var" / "bench-webhooks"))
-    os.environ["CELERY_BROKER_URL"] = os.environ["REDIS_URL"]
-    os.environ["EGRESS_ALLOW_NETWORKS_WEBHOOKS"] = "127.0.0.0/8"
-    Path(os.environ["VAR_DIR"]).mkdir(parents=True, exist_ok=True)
+    if sys.argv[1:] != ["--serve"]:  # the endpoints' process needs no Django
+        from bench.harness import bootstrap
+
+        bootstrap("webhooks", EGRESS_ALLOW_NETWORKS_WEBHOOKS="127.0.0.0/8")
 
 
-def procfile(name: str) -> list[str]:
-    line = next(ln for ln in (ROOT / "Procfile").read_text().splitlines() if ln.startswith(name))
-    command = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", line.split(":", 1)[1]).split()
-    command = [part for part in command if "=" not in part or part.startswith("-")]
-    return [sys.executable, "-m", *command]
+from bench.harness import procfile  # noqa: E402
 
 
 def start(name: str, log_dir: Path) -> subprocess.Popen:
     log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 (the process keeps it)
     env = dict(os.environ, REMAP_SIGTERM="SIGQUIT", PYTHONUNBUFFERED="1")
     return subprocess.Popen(
-        procfile(f"{name}:"), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        procfile(name), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True,
     )  # fmt: skip
 
@@ -305,9 +298,6 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    import django
-
-    django.setup()
     from django.conf import settings
     from django.contrib.auth import get_user_model
     from django.core.management import call_command
