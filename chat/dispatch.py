@@ -72,10 +72,17 @@ def _run_task():
     return current_app.tasks[RUN_TASK]
 
 
-def run_dispatch(*, run: Run, announce: tuple[Message, ...] = (), start: bool = True) -> None:
+def run_dispatch(
+    *,
+    run: Run,
+    announce: tuple[Message, ...] = (),
+    start: bool = True,
+    dispatched_at_written: bool = False,
+) -> None:
     """Put the run's current attempt on the project's bus (first announcing `announce`
     on the session's stream; only that unless `start`). Raises while Redis or the
-    broker is down: the run stays queued and the recovery pass dispatches it later."""
+    broker is down: the run stays queued and the recovery pass dispatches it later.
+    `dispatched_at_written`: the run was stored with its dispatch time (run_create)."""
     project = run.session.project
     space = get_worker_space(user_id=project.owner_id, project_id=project.id)
     with space.use():
@@ -104,7 +111,8 @@ def run_dispatch(*, run: Run, announce: tuple[Message, ...] = (), start: bool = 
             with contextlib.suppress(Exception):  # unmarked, or lost with Redis: the same
                 streams.runs_unmark(redis=space.redis, run_ids=[str(run.id)])
             raise
-    run_dispatched(run=run)
+    if not dispatched_at_written:
+        run_dispatched(run=run)
 
 
 def runs_cancel(*, session) -> list[int]:
