@@ -76,12 +76,76 @@ def post_loop(client: Client, token: str, paths: list[str]) -> list[float]:
     return cpu
 
 
+def served(paths: list[str], token: str, concurrency: int) -> float:
+    """Web CPU (ms) per accepted POST through uvicorn as the Procfile starts it: `paths`
+    posted `concurrency` at a time, the process's CPU time from /proc."""
+    import asyncio
+    import signal
+    import socket
+    import subprocess
+    import tempfile
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(Path(tempfile.mkdtemp(prefix="bench-post-cpu-")) / "web.log", "wb")  # noqa: SIM115
+    web = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1",
+         "--port", str(port), "--lifespan", "on", "--no-access-log", "--no-proxy-headers"],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+
+    def cpu() -> float:
+        fields = Path(f"/proc/{web.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    async def post_all(batch: list[str]) -> list[int]:
+        headers = {"Authorization": f"Token {token}"}
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as client:
+            gate = asyncio.Semaphore(concurrency)
+
+            async def one(path: str) -> int:
+                async with gate:
+                    return (await client.post(path, json={"content": "hello?"})).status_code
+
+            return await asyncio.gather(*(one(p) for p in batch))
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/my/projects/", timeout=2).status_code == 401:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("uvicorn did not start")
+            time.sleep(0.2)
+        warm, paths = paths[:20], paths[20:]
+        asyncio.run(post_all(warm))
+        before = cpu()
+        codes = asyncio.run(post_all(paths))
+        used = cpu() - before
+        assert set(codes) == {202}, sorted(set(codes))
+        return 1e3 * used / len(paths)
+    finally:
+        os.killpg(web.pid, signal.SIGKILL)
+        web.wait(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--posts", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument(
+        "--served", type=int, default=0, metavar="N",
+        help="also through uvicorn (as the Procfile starts it), N POSTs at a time",
+    )  # fmt: skip
     parser.add_argument("--dump", help="write the cProfile stats to this file too")
     parser.add_argument("--queries", action="store_true", help="print one POST's queries")
     opts = parser.parse_args()
@@ -100,6 +164,14 @@ def main() -> None:
     print(f"load average: {os.getloadavg()}")
     print(f"CPU per accepted POST, median of {opts.posts} (ms): {fmt(medians)}")
     print(f"CPU per accepted POST, mean of {opts.posts} (ms): {fmt(means)}")
+    if opts.served:
+        served_ms = []
+        for _ in range(opts.rounds):
+            token, paths = sessions(opts.posts + 20)
+            served_ms.append(served(paths, token, opts.served))
+        print(
+            f"served by uvicorn, {opts.served} at a time, web CPU per POST (ms): {fmt(served_ms)}"
+        )
     if opts.queries:
         from django.db import connection
         from django.test.utils import CaptureQueriesContext

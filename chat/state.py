@@ -85,12 +85,15 @@ def run_create(
     Returns (question message or None, assistant message, run)."""
     asked = None
     if question is not None:
-        asked = Message.objects.create(
+        asked = Message(
             session=session, role=Message.Role.USER, content=question, status=Message.Status.DONE
         )
-    answer = Message.objects.create(
-        session=session, role=Message.Role.ASSISTANT, status=Message.Status.PENDING
-    )
+    answer = Message(session=session, role=Message.Role.ASSISTANT, status=Message.Status.PENDING)
+    if asked is not None:
+        # One INSERT for both (ids in this order: the question before its answer).
+        Message.objects.bulk_create([asked, answer])
+    else:
+        answer.save(force_insert=True)
     agent_id = agent.id if agent is not None else session.agent_id
     # The version it answers with: the session's pin (for its own agent), else the latest.
     if agent_id == session.agent_id and session.agent_version_id is not None:
