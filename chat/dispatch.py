@@ -86,17 +86,21 @@ def run_dispatch(
     project = run.session.project
     space = get_worker_space(user_id=project.owner_id, project_id=project.id)
     with space.use():
+        # Marked first: a worker may receive the task before publish returns.
+        marks = [str(run.id)] if start else []
         if announce:
-            # First, so a client sees the messages before the worker's first delta.
+            # First, so a client sees the messages before the worker's first delta; the
+            # mark in the same round trip.
             streams.events_append(
                 redis=space.redis,
                 session_id=run.session_id,
                 events=[(streams.MESSAGE_CREATED, streams.message_event_data(m)) for m in announce],
+                runs_dispatched=marks,
             )
+        elif marks:
+            streams.runs_mark_dispatched(redis=space.redis, run_ids=marks)
         if not start:
             return  # it waits for an older run of its session (run_next_dispatch)
-        # Marked first: a worker may receive the task before publish returns.
-        streams.runs_mark_dispatched(redis=space.redis, run_ids=[str(run.id)])
         try:
             publish(
                 _run_task(),
