@@ -93,7 +93,10 @@ for i, key in ipairs(KEYS) do
     redis.call('RPOP', key)
   end
   if redis.call('LLEN', key) >= number then
-    local frees = tonumber(redis.call('LINDEX', key, number - 1)) + duration - now
+    local frees = duration  -- a limit of 0: never
+    if number > 0 then
+      frees = tonumber(redis.call('LINDEX', key, number - 1)) + duration - now
+    end
     if frees > wait then wait = frees end
   end
 end
