@@ -72,24 +72,35 @@ def _run_task():
     return current_app.tasks[RUN_TASK]
 
 
-def run_dispatch(*, run: Run, announce: tuple[Message, ...] = (), start: bool = True) -> None:
+def run_dispatch(
+    *,
+    run: Run,
+    announce: tuple[Message, ...] = (),
+    start: bool = True,
+    dispatched_at_written: bool = False,
+) -> None:
     """Put the run's current attempt on the project's bus (first announcing `announce`
     on the session's stream; only that unless `start`). Raises while Redis or the
-    broker is down: the run stays queued and the recovery pass dispatches it later."""
+    broker is down: the run stays queued and the recovery pass dispatches it later.
+    `dispatched_at_written`: the run was stored with its dispatch time (run_create)."""
     project = run.session.project
     space = get_worker_space(user_id=project.owner_id, project_id=project.id)
     with space.use():
+        # Marked first: a worker may receive the task before publish returns.
+        marks = [str(run.id)] if start else []
         if announce:
-            # First, so a client sees the messages before the worker's first delta.
+            # First, so a client sees the messages before the worker's first delta; the
+            # mark in the same round trip.
             streams.events_append(
                 redis=space.redis,
                 session_id=run.session_id,
                 events=[(streams.MESSAGE_CREATED, streams.message_event_data(m)) for m in announce],
+                runs_dispatched=marks,
             )
+        elif marks:
+            streams.runs_mark_dispatched(redis=space.redis, run_ids=marks)
         if not start:
             return  # it waits for an older run of its session (run_next_dispatch)
-        # Marked first: a worker may receive the task before publish returns.
-        streams.runs_mark_dispatched(redis=space.redis, run_ids=[str(run.id)])
         try:
             publish(
                 _run_task(),
@@ -104,7 +115,8 @@ def run_dispatch(*, run: Run, announce: tuple[Message, ...] = (), start: bool = 
             with contextlib.suppress(Exception):  # unmarked, or lost with Redis: the same
                 streams.runs_unmark(redis=space.redis, run_ids=[str(run.id)])
             raise
-    run_dispatched(run=run)
+    if not dispatched_at_written:
+        run_dispatched(run=run)
 
 
 def runs_cancel(*, session) -> list[int]:

@@ -145,6 +145,21 @@ async def _trimmed_after(redis: ScopedRedis, key: str, cursor: str) -> str | Non
     return first[0] if _id(cursor) < _id(first[0]) else None
 
 
+_last_encoded: tuple[list, bytes] | None = None
+
+
+def _encoded(entries: list) -> bytes:
+    """The SSE text of `entries`. One read of the hub hands the same list to every
+    stream of its key, and they run one after another: it is encoded once for them."""
+    global _last_encoded
+    last = _last_encoded
+    if last is not None and last[0] is entries:
+        return last[1]
+    data = "".join(format_event(eid, fields) for eid, fields in entries).encode()
+    _last_encoded = (entries, data)
+    return data
+
+
 def format_event(event_id: str, fields: dict[str, str]) -> str:
     data = fields.get("data", "{}")
     return f"id: {event_id}\nevent: {fields.get('type', 'message')}\ndata: {data}\n\n"
@@ -168,7 +183,9 @@ async def _event_stream(
                 yield f"event: stream.truncated\ndata: {notice}\n\n".encode()
             while True:
                 try:
-                    entries = await asyncio.wait_for(sub.inbox.get(), timeout=heartbeat)
+                    # Not wait_for: it would start a task per event for each stream.
+                    async with asyncio.timeout(heartbeat):
+                        entries = await sub.inbox.get()
                 except TimeoutError:
                     yield b": heartbeat\n\n"
                     continue
@@ -176,7 +193,7 @@ async def _event_stream(
                     closing = json.dumps({"reason": "project deleted"})
                     yield f"event: stream.closed\ndata: {closing}\n\n".encode()
                     return
-                yield "".join(format_event(eid, fields) for eid, fields in entries).encode()
+                yield _encoded(entries)
     except HubFull:
         closing = json.dumps({"reason": "too many streams; reconnect"})
         yield f"event: stream.closed\ndata: {closing}\n\n".encode()

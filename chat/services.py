@@ -118,10 +118,15 @@ def _message_create(
     if busy and reject_if_busy:
         raise SessionBusy()
     user_message, assistant_message, run = state.run_create(
-        session=session, run_id=run_id, question=content
+        session=session, run_id=run_id, question=content, dispatched=not busy
     )
     on_commit_robust(
-        lambda: run_dispatch(run=run, announce=(user_message, assistant_message), start=not busy),
+        lambda: run_dispatch(
+            run=run,
+            announce=(user_message, assistant_message),
+            start=not busy,
+            dispatched_at_written=True,
+        ),
         name=f"run_dispatch(run={run.id})",
     )
     return user_message, assistant_message

@@ -75,18 +75,25 @@ def run_create(
     question: str | None = None,
     agent: Agent | None = None,
     parent: Run | None = None,
+    dispatched: bool = False,
 ) -> tuple[Message | None, Message, Run]:
     """Store (inside the caller's transaction) the user's `question` when given, the
     pending assistant message that will answer it and the run that will produce it.
+    `dispatched`: the caller dispatches it right after commit (run_dispatch with
+    `dispatched_at_written`), so its dispatch time is written now, not in a write of
+    its own; one that fails leaves no mark, which the recovery pass sees as lost.
     Returns (question message or None, assistant message, run)."""
     asked = None
     if question is not None:
-        asked = Message.objects.create(
+        asked = Message(
             session=session, role=Message.Role.USER, content=question, status=Message.Status.DONE
         )
-    answer = Message.objects.create(
-        session=session, role=Message.Role.ASSISTANT, status=Message.Status.PENDING
-    )
+    answer = Message(session=session, role=Message.Role.ASSISTANT, status=Message.Status.PENDING)
+    if asked is not None:
+        # One INSERT for both (ids in this order: the question before its answer).
+        Message.objects.bulk_create([asked, answer])
+    else:
+        answer.save(force_insert=True)
     agent_id = agent.id if agent is not None else session.agent_id
     # The version it answers with: the session's pin (for its own agent), else the latest.
     if agent_id == session.agent_id and session.agent_version_id is not None:
@@ -103,6 +110,7 @@ def run_create(
         parent=parent,
         depth=parent.depth + 1 if parent is not None else 0,
         trace_id=current_trace_id(),
+        dispatched_at=timezone.now() if dispatched else None,
     )
     return asked, answer, run
 

@@ -83,11 +83,18 @@ def events_append(
     redis: ScopedRedis,
     session_id: uuid.UUID | str,
     events: list[tuple[str, dict[str, Any]]],
+    runs_dispatched: list[str] | None = None,
 ) -> list[str]:
     """Append events in order, in one round trip; returns their ids. Readers waiting on
-    the stream are told on the channel of the same name (realtime.streamhub)."""
+    the stream are told on the channel of the same name (realtime.streamhub).
+    `runs_dispatched`: marked as runs_mark_dispatched does, in the same round trip."""
     key = stream_key(session_id)
     pipe = redis.pipeline(transaction=False)
+    if runs_dispatched:
+        pipe.hset(RUNS_DISPATCHED_KEY, mapping=dict.fromkeys(runs_dispatched, ""))
+        events_at = 1
+    else:
+        events_at = 0
     for event_type, data in events:
         pipe.xadd(
             key,
@@ -97,7 +104,7 @@ def events_append(
         )
     pipe.expire(key, STREAM_TTL_SECONDS)
     pipe.publish(key, "")
-    return pipe.execute()[: len(events)]
+    return pipe.execute()[events_at : events_at + len(events)]
 
 
 # Append unless the run was cancelled, atomically: no delta follows a cancel. Readers

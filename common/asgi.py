@@ -31,9 +31,15 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.core import signals
+from django.core.exceptions import RequestAborted
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.base import BaseHandler
-from django.urls import Resolver404, get_resolver
+from django.db import close_old_connections
+from django.http import FileResponse
+from django.urls import Resolver404, get_resolver, set_script_prefix
+
+from .singletons import process_singleton
 
 logger = logging.getLogger(__name__)
 
@@ -182,17 +188,64 @@ async def answer_busy(send, *, retry_after: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+@process_singleton(
+    settings=("WEB_MAX_CONCURRENT_REQUESTS",), close=lambda pool: pool.shutdown(wait=False)
+)
+def _request_pool() -> ThreadPoolExecutor:
+    # As many threads as admitted requests: an admitted request never waits for one.
+    return ThreadPoolExecutor(
+        max_workers=max(settings.WEB_MAX_CONCURRENT_REQUESTS, 1), thread_name_prefix="request"
+    )
+
+
 class StreamingAwareASGIHandler(ASGIHandler):
     """Two middleware chains over the same settings.MIDDLEWARE: the async one serves
     `@long_lived` views (every middleware runs async, so none of them waits on a
-    thread); every other request goes through the sync chain in one step on its own
-    thread, instead of hopping to a thread and back for each middleware's sync hooks
-    (a dozen hops a request, each costing CPU)."""
+    thread); every other admitted request is served as WSGI serves it, in one step on
+    one of a fixed set of threads (`serve_in_one_step`): the request's signals, the
+    sync chain and the response's close, instead of a new thread per request and a hop
+    to it and back for each of them."""
 
     def __init__(self) -> None:
         super().__init__()
         self._sync_handler = BaseHandler()
         self._sync_handler.load_middleware(is_async=False)
+
+    async def serve_in_one_step(self, scope, receive, send) -> None:
+        try:
+            body_file = await self.read_body(receive)
+        except RequestAborted:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+            context = contextvars.copy_context()  # the trace's span, the script prefix
+            response = await loop.run_in_executor(
+                _request_pool(), context.run, self._respond, scope, body_file
+            )
+            try:
+                await self.send_response(response, send)
+            finally:
+                if response.streaming:  # a file: closed once sent (its connections were)
+                    await sync_to_async(response.close)()
+        finally:
+            body_file.close()
+
+    def _respond(self, scope, body_file):
+        """What WSGIHandler does, on this thread: the request's start, the response, and
+        (unless it streams) its close, which hands the database connection back."""
+        set_script_prefix(get_script_prefix(scope))
+        signals.request_started.send(sender=self.__class__, scope=scope)
+        request, response = self.create_request(scope, body_file)
+        if request is not None:
+            response = self._sync_handler.get_response(request)
+            response._handler_class = self.__class__
+            if isinstance(response, FileResponse):
+                response.block_size = self.chunk_size
+        if response.streaming:
+            close_old_connections()  # what its close would do on this thread
+        else:
+            response.close()  # the body is in memory; request_finished runs here
+        return response
 
     async def get_response_async(self, request):
         if _OUTSIDE_REQUEST_THREAD.get():
@@ -220,6 +273,6 @@ class StreamingAwareASGIHandler(ASGIHandler):
             await answer_busy(send, retry_after=settings.WEB_ADMISSION_RETRY_AFTER_SECONDS)
             return
         try:
-            await super().__call__(scope, receive, send)
+            await self.serve_in_one_step(scope, receive, send)
         finally:
             gate.release()

@@ -19,7 +19,7 @@ from rest_framework.request import Request
 from rest_framework.settings import api_settings
 
 from common.credentials import READ, credential_check
-from common.throttling import ProjectScopedThrottle, UserScopedThrottle
+from common.throttling import ScopedRatesThrottle
 from projects.models import Project
 from projects.selectors import project_get_for_user
 
@@ -52,9 +52,9 @@ def request_authorize(
             view = SimpleNamespace(
                 throttle_scopes=throttle_scopes, kwargs={"project_id": project_id}
             )
-            for throttle in (UserScopedThrottle(), ProjectScopedThrottle()):
-                if not throttle.allow_request(drf_request, view):
-                    raise exceptions.Throttled(wait=throttle.wait())
+            throttle = ScopedRatesThrottle()
+            if not throttle.allow_request(drf_request, view):
+                raise exceptions.Throttled(wait=throttle.wait())
         credential_check(drf_request.auth, project_id=project_id, scope=READ)
         project = project_get_for_user(
             user=user, project_id=project_id, credential=drf_request.auth

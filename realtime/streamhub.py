@@ -53,7 +53,9 @@ class Subscription:
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
 
     def deliver(self, entries: list) -> None:
-        fresh = [e for e in entries if _id(e[0]) > _id(self.last_id)]
+        last = _id(self.last_id)
+        # All new (ids ascend): the very list every subscriber of the key gets.
+        fresh = entries if _id(entries[0][0]) > last else [e for e in entries if _id(e[0]) > last]
         if fresh:
             self.last_id = fresh[-1][0]
             self.inbox.put_nowait(fresh)

@@ -214,8 +214,7 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "common.api.exception_handler",
     # Views name what they do per method (`throttle_scopes`); see common.throttling.
     "DEFAULT_THROTTLE_CLASSES": [
-        "common.throttling.UserScopedThrottle",
-        "common.throttling.ProjectScopedThrottle",
+        "common.throttling.ScopedRatesThrottle",  # the user's and the project's at once
     ],
     "DEFAULT_THROTTLE_RATES": {
         "login_address": env.str("THROTTLE_LOGIN_ADDRESS", default="30/min"),

@@ -47,6 +47,30 @@ def test_messages_per_project_are_limited_across_its_sessions(api, project, rate
     assert codes == [202, 202, 429]
 
 
+def test_a_request_refused_by_one_limit_takes_nothing_from_the_others(api, project, rates):
+    """The user's and the project's limits are checked together: a message the user's
+    limit refuses uses none of the project's."""
+    from tests.factories import AgentFactory, ChatSessionFactory
+
+    rates(messages_user="2/min", messages_project="3/min")
+    session = ChatSessionFactory(agent=AgentFactory(project=project), project=project)
+    url = f"/my/projects/{project.id}/chat/{session.id}/messages/"
+    codes = [api.post(url, {"content": f"m{i}"}, format="json").status_code for i in range(4)]
+    assert codes == [202, 202, 429, 429]
+    rates(messages_user="100/min", messages_project="3/min")
+    codes = [api.post(url, {"content": f"n{i}"}, format="json").status_code for i in range(2)]
+    assert codes == [202, 429]  # the project had one left, not none
+    assert Message.objects.filter(session=session, role="user").count() == 3
+
+
+def test_a_zero_rate_refuses_everything_with_retry_after(api, session, rates):
+    rates(messages_project="0/min")
+    url = f"/my/projects/{session.project_id}/chat/{session.id}/messages/"
+    refused = api.post(url, {"content": "hi"}, format="json")
+    assert refused.status_code == 429 and int(refused["Retry-After"]) > 0
+    assert not Message.objects.filter(session=session).exists()
+
+
 def test_ingests_are_limited(api, agent, rates):
     rates(ingests_user="1/min")
     url = f"/my/projects/{agent.project_id}/agents/{agent.id}/context/"
