@@ -61,7 +61,16 @@ SHARED = "shared"
 DEDICATED = "dedicated"
 # With the ready list, at most this many newly active queues are followed per step.
 FOLLOW_STEP = 1000
+FIRST_FOLLOW_STEP = 100
 FOLLOW_DELAY_SECONDS = 0.2
+
+
+def to_follow(by_use: list[str], followed: set[str]) -> list[str]:
+    """The active queues not followed yet, most recently used first: those are where
+    tasks wait now (on RabbitMQ a task is delivered only once its queue is consumed), so
+    a worker starting beside thousands of active queues takes them in its first, small
+    step (FIRST_FOLLOW_STEP) instead of after following the rest."""
+    return [queue for queue in reversed(by_use) if queue not in followed]
 
 
 class AgentBusConsumer(bootsteps.StartStopStep):
@@ -166,11 +175,13 @@ class AgentBusConsumer(bootsteps.StartStopStep):
         queues a call. Returns whether queues are left to follow."""
         if c.task_consumer is None:
             return False
-        wanted = set(active_queues())
+        by_use = active_queues()  # oldest use first
+        wanted = set(by_use)
         followed = self.followed(c)
         self.unfollow(c, followed - wanted)
-        missing = sorted(wanted - followed)
-        now = missing[:FOLLOW_STEP] if self.ready_list or self.amqp else missing
+        missing = to_follow(by_use, followed)
+        step = FOLLOW_STEP if self.reconciled_at is not None else FIRST_FOLLOW_STEP
+        now = missing[:step] if self.ready_list or self.amqp else missing
         self.follow(c, now)
         self.reconciled_at = time.time()
         if self.ready_list:

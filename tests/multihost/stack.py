@@ -34,6 +34,7 @@ import psycopg
 import redis
 
 from tests.multihost.netbed import NetBed
+from tests.multihost.netbed import unavailable as bed_unavailable
 from tests.private_postgres import PrivatePostgres
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,8 +48,6 @@ HOSTS = ["services", "web1", "web2", "worker1", "worker2"]
 
 def unavailable() -> str | None:
     """Why the stack cannot run here, or None (netbed's reasons, PostgreSQL's, Valkey's)."""
-    from tests.multihost.netbed import unavailable as bed_unavailable
-
     reason = bed_unavailable() or PrivatePostgres.unavailable()
     if reason:
         return reason
