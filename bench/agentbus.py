@@ -150,6 +150,8 @@ class Worker:
             env.update(PROCFILE_ENV)
         else:
             env["CELERY_WORKER_SEND_TASK_EVENTS"] = "false"
+            if os.environ.get("BENCH_WORKER_LOGLEVEL"):  # for looking into a run
+                args[0] = f"--loglevel={os.environ['BENCH_WORKER_LOGLEVEL']}"
         if baseline:  # plain Celery: its own queue, kombu's own Redis channel
             args[args.index("-Q") + 1] = BASELINE_QUEUE
             args += ["--agentbus-mode", "dedicated"]

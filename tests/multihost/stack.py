@@ -21,11 +21,14 @@ through the bed's root cable.
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,15 +85,33 @@ class HostPostgres(PrivatePostgres):
         command = ["ip", "netns", "exec", self.bed.ns(self.host), *command]
         return subprocess.run(command, capture_output=True, text=True, check=check, timeout=120)
 
-    def init(self) -> HostPostgres:
+    def init(self, template: Path | None = None) -> bool:
+        """A new cluster, or a copy of `template` (a stopped one). Returns whether it
+        was copied (then it holds what the template held)."""
         if os.geteuid() == 0:
             shutil.chown(self.folder, user="postgres")
+        if template is not None and template.is_dir():
+            subprocess.run(["cp", "-a", str(template), str(self.data)], check=True, timeout=120)
+            self.start()
+            return True
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
         with open(self.data / "pg_hba.conf", "a") as hba:
-            hba.write(f"host all all {self.bed.subnet}.0/24 trust\n")
+            hba.write("host all all 10.0.0.0/8 trust\n")  # every bed's subnet
         self.start()
         self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "uws")
-        return self
+        return False
+
+    def save_as(self, template: Path) -> None:
+        """Keep a stopped copy of the cluster as `template` (the first stack to finish
+        it wins; the others' copies are dropped)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        partial = template.with_name(f"{template.name}.{os.getpid()}")
+        subprocess.run(["cp", "-a", str(self.data), str(partial)], check=True, timeout=120)
+        try:
+            partial.rename(template)
+        except OSError:
+            shutil.rmtree(partial, ignore_errors=True)
+        self.start()
 
     def start(self) -> None:
         options = (
@@ -99,6 +120,26 @@ class HostPostgres(PrivatePostgres):
         )
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.folder / "log"),
                   "-w", "start")  # fmt: skip
+
+
+# The release step and the demo user in one process (one Django start, not two).
+RELEASE = """
+import sys, django
+django.setup()
+from django.core.management import call_command
+if sys.argv[1] == "migrate":
+    call_command("migrate", interactive=False, verbosity=0)
+call_command("demo_user")
+"""
+
+
+def migrated_template() -> Path:
+    """Where a migrated cluster is kept for these migrations and this PostgreSQL."""
+    binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))  # as PrivatePostgres
+    digest = hashlib.sha256("".join(binaries[-1:]).encode())
+    for path in sorted(ROOT.glob("*/migrations/*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return Path(tempfile.gettempdir()) / f"uws-multihost-pg-{digest.hexdigest()[:16]}"
 
 
 def wait(predicate, timeout: float, what: str, interval: float = 0.1):
@@ -132,6 +173,7 @@ class Stack:
         self.procs: dict[str, list[subprocess.Popen]] = {h: [] for h in HOSTS}
         self.postgres: HostPostgres | None = None
         self.token = ""
+        self.worker_started: dict[str, float] = {}
 
     # --- addresses -----------------------------------------------------------------------
     def url(self, web: str) -> str:
@@ -204,6 +246,7 @@ class Stack:
 
     def start_worker(self, host: str) -> None:
         env = self.app_env(host)
+        self.worker_started[host] = time.time()
         worker = procfile("worker", WORKER_CONCURRENCY=env["WORKER_CONCURRENCY"])
         self.spawn(host, f"{host}-worker", [*worker, "-n", f"worker@{host}"], env)
         maintenance = procfile("maintenance")
@@ -226,13 +269,19 @@ class Stack:
         return False
 
     def live_workers(self) -> set[str]:
-        """Shared workers whose heartbeat the bus holds (their -n names)."""
+        """Worker hosts whose worker (as last started) has a heartbeat in the bus (a
+        killed one's heartbeats stay there a while: only newer ones count)."""
+        live = set()
         with contextlib.suppress(redis.RedisError):
-            return {m.split(" ")[0] for m in self.redis().zrange("uws:bus:workers", 0, -1)}
-        return set()
+            for member, at in self.redis().zrange("uws:bus:workers", 0, -1, withscores=True):
+                name = member.split(" ")[0]
+                host = name.removeprefix("worker@")
+                if name.startswith("worker@") and at >= self.worker_started.get(host, 0):
+                    live.add(host)
+        return live
 
     def wait_ready(self, timeout: float = 180) -> None:
-        wanted = {f"worker@{h}" for h in self.workers}
+        wanted = set(self.workers)
         for host in self.webs:
             wait(lambda h=host: self.web_answers(h), timeout, f"{host} answering", 0.3)
         wait(lambda: wanted <= self.live_workers(), timeout, f"workers {sorted(wanted)}", 0.3)
@@ -258,15 +307,21 @@ class Stack:
             [sys.executable, "-m", "tests.multihost.llm_host", services, str(LLM_PORT)],
             dict(os.environ, PYTHONPATH=str(ROOT)),
         )
-        self.postgres = HostPostgres(self.bed, "services").init()
+        self.postgres = HostPostgres(self.bed, "services")
+        template = migrated_template()
+        copied = self.postgres.init(template)
         wait(lambda: self.redis().ping(), 30, "the services host's Redis")
-        env = self.app_env("root")
-        manage = [sys.executable, str(ROOT / "manage.py")]
-        subprocess.run([*manage, "migrate", "--noinput", "-v", "0"], env=env, check=True,
-                       cwd=ROOT, timeout=300)  # fmt: skip
-        out = subprocess.run([*manage, "demo_user"], env=env, check=True, cwd=ROOT,
-                             capture_output=True, text=True, timeout=120).stdout  # fmt: skip
-        self.token = out.split("API token: ")[1].split()[0]
+        # Migrated once per set of migrations and kept (the release step, as the
+        # Procfile's `release` runs it); then copied: migrating takes a minute on a
+        # loaded machine. The demo user comes with it.
+        out = subprocess.run(
+            [sys.executable, "-c", RELEASE, "skip" if copied else "migrate"],
+            env=self.app_env("root"), check=True, cwd=ROOT, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        self.token = out.stdout.split("API token: ")[1].split()[0]
+        if not copied:
+            self.postgres.save_as(template)
         self.spawn("services", "beat", [*procfile("beat"), "-s", str(self.folder / "beat")])
         for host in self.webs:
             self.start_web(host)

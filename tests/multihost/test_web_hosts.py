@@ -29,7 +29,9 @@ import pytest
 
 from tests.multihost.stack import Stack, unavailable, wait
 
-pytestmark = [pytest.mark.multihost, pytest.mark.slow]
+# The stack's start (seven Django processes, PostgreSQL) takes minutes on a loaded
+# machine; each wait inside has its own bound.
+pytestmark = [pytest.mark.multihost, pytest.mark.slow, pytest.mark.timeout(600)]
 
 LEASE = 6
 
@@ -151,7 +153,8 @@ def hosts_of(stack: Stack, ids: list[int]) -> collections.Counter:
 
 
 def test_acceptance_across_hosts(stack):
-    stack.llm(delay=0.02, tokens=5)
+    # About 2 s an answer: one worker host's 8 slots fill before the 16 are posted.
+    stack.llm(delay=0.4, tokens=6)
     with stack.client("web1") as web1, stack.client("web2") as web2:
         pid, sids = make_project(web1, 16)
         streams = [Events(stack, "web2", pid, sid) for sid in sids]
