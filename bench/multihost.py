@@ -23,8 +23,15 @@ The ceiling: every host shares this machine's cores (`os.cpu_count()`, other use
 load included), so two worker hosts cannot do twice the work of one when the whole
 stack already uses the cores. Each run reports the CPU the stack used (every process
 in the bed's namespaces, from /proc) per answer; `ceiling` is how many times the
-one-host rate the machine's cores could carry at that CPU per answer, at most 2.
-Compare the ratio with the ceiling, and both with the load average.
+one-host rate the machine's cores could carry at that CPU per answer, at most 2, were
+the machine otherwise idle. Compare the ratio with the ceiling, and both with the load
+average: other users' processes take their share of the same cores. `posted` is how
+fast the clients got their messages accepted: when answers come as fast as that, the
+web side, not the workers, bounds the run, and a second worker host cannot help.
+Where the workers bound it depends on --concurrency and --latency: with the Procfile's
+100 threads a worker host runs out of CPU before slots; with few slots and a slow
+model (e.g. --concurrency 4 --latency 1) it runs out of slots, as hosts with a small
+WORKER_CONCURRENCY would.
 
 Settings changed: the API's throttles raised (tests.multihost.stack), the LLM answers
 5 tokens over --latency seconds, each worker host's embedded vector store on its own
@@ -182,8 +189,9 @@ def measure(stack: Stack, sends: list[tuple[str, str]], clients: int) -> dict:
     elapsed = last - began
     return {
         "rate": done / elapsed,
-        "posted": posted,
+        "post_rate": len(sends) / posted,
         "cpu_per_answer": cpu / done,
+        "cores_used": cpu / elapsed,
         "done": done,
     }
 
@@ -240,8 +248,10 @@ def main() -> None:
             rows.append((two["rate"] / one["rate"], ceiling, one, two, load))
             cpu1, cpu2 = one["cpu_per_answer"] * 1e3, two["cpu_per_answer"] * 1e3
             print(
-                f"  round {round_ + 1}: 1 host {one['rate']:.1f}/s ({cpu1:.0f} ms CPU/answer), "
-                f"2 hosts {two['rate']:.1f}/s ({cpu2:.0f} ms CPU/answer): "
+                f"  round {round_ + 1}: 1 host {one['rate']:.1f}/s ({cpu1:.0f} ms CPU/answer, "
+                f"stack on {one['cores_used']:.2f} cores, posted {one['post_rate']:.1f}/s), "
+                f"2 hosts {two['rate']:.1f}/s ({cpu2:.0f} ms CPU/answer, stack on "
+                f"{two['cores_used']:.2f} cores, posted {two['post_rate']:.1f}/s): "
                 f"{two['rate'] / one['rate']:.2f}x, ceiling {ceiling:.2f}x; load {load:.1f}",
                 flush=True,
             )
