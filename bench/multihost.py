@@ -1,7 +1,8 @@
-"""Chat throughput across hosts: two worker hosts against one, end to end.
+"""Chat throughput across hosts: two worker hosts against one (or two web hosts against
+one), end to end.
 
     .venv/bin/python bench/multihost.py [--rounds 3] [--messages 600] [--projects 1000]
-        [--latency 0.4] [--concurrency 100] [--clients 16]
+        [--latency 0.4] [--concurrency 100] [--clients 16] [--vary workers|webs]
 
 Needs root (network namespaces), iproute2, PostgreSQL's binaries and the bundled Valkey
 (tests.multihost.stack says which is missing). The stack is tests.multihost.stack's:
@@ -17,7 +18,8 @@ proportional to 1/k^1.1), its session one of the project's (enough sessions that
 answers of one session rarely queue behind each other). --clients threads post as fast
 as answers come back, half to web1, half to web2. Throughput: messages answered per
 second, from the first post to the last answer's end. Every accepted message must be
-answered (done), or the round fails.
+answered (done), or the round fails. `--vary webs`: both worker hosts run throughout,
+and the clients post to web1 alone, then to web1 and web2 (paired the same way).
 
 The ceiling: every host shares this machine's cores (`os.cpu_count()`, other users'
 load included), so two worker hosts cannot do twice the work of one when the whole
@@ -141,15 +143,17 @@ def answered(stack: Stack, ids: list[int]) -> tuple[int, int, float | None]:
     return done, failed, last
 
 
-def measure(stack: Stack, sends: list[tuple[str, str]], clients: int) -> dict:
-    """Post every message (clients threads, both web hosts), wait for every answer."""
+def measure(
+    stack: Stack, sends: list[tuple[str, str]], clients: int, webs: tuple[str, ...]
+) -> dict:
+    """Post every message (clients threads over `webs`), wait for every answer."""
     accepted: list[int] = []
     refused: list[str] = []
     lock = threading.Lock()
     work = iter(enumerate(sends))
 
     def client(index: int) -> None:
-        with stack.client("web1" if index % 2 else "web2") as http:
+        with stack.client(webs[index % len(webs)]) as http:
             while True:
                 with lock:
                     item = next(work, None)
@@ -208,6 +212,13 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.4, help="seconds per answer")
     parser.add_argument("--concurrency", type=int, default=100, help="WORKER_CONCURRENCY")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument(
+        "--vary",
+        choices=["workers", "webs"],
+        default="workers",
+        help="what is one host against two: worker hosts (clients on both web hosts), or "
+        "web hosts (clients on web1 only against both; two worker hosts)",
+    )
     opts = parser.parse_args()
     reason = unavailable()
     if reason:
@@ -216,12 +227,14 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="bench-multihost-"))
     env = {"WORKER_CONCURRENCY": str(opts.concurrency), "LOG_LEVEL": "WARNING"}
     began = time.monotonic()
-    with Stack(folder, workers=("worker1",), settings_module="config.settings.test", env=env) as s:
+    workers = ("worker1",) if opts.vary == "workers" else ("worker1", "worker2")
+    with Stack(folder, workers=workers, settings_module="config.settings.test", env=env) as s:
         s.llm(delay=opts.latency / 4, tokens=5)
         made = setup(s, opts.projects, opts.messages, seed=0)
         print(
             f"chat across hosts: {opts.projects:,} active projects, {opts.messages} messages a "
-            f"run (Zipf 1.1), {opts.clients} clients on web1+web2, WORKER_CONCURRENCY="
+            f"run (Zipf 1.1), {opts.clients} clients, one against two {opts.vary} hosts, "
+            f"WORKER_CONCURRENCY="
             f"{opts.concurrency}, LLM {opts.latency:g} s an answer, {cores} cores; logs {folder}",
             flush=True,
         )
@@ -231,7 +244,10 @@ def main() -> None:
             results = {}
             order = (1, 2) if round_ % 2 == 0 else (2, 1)
             for hosts in order:
-                if hosts == 2 and not two_running:
+                webs = ("web1", "web2")
+                if opts.vary == "webs":
+                    webs = webs[:hosts]
+                elif hosts == 2 and not two_running:
                     s.workers = ["worker1", "worker2"]
                     s.start_worker("worker2")
                     s.wait_ready()
@@ -241,7 +257,7 @@ def main() -> None:
                     s.workers = ["worker1"]
                     two_running = False
                 sends = traffic(made, opts.messages, seed=round_)
-                results[hosts] = measure(s, sends, opts.clients)
+                results[hosts] = measure(s, sends, opts.clients, webs)
             load = os.getloadavg()[0]
             one, two = results[1], results[2]
             ceiling = min(2.0, cores / one["cpu_per_answer"] / one["rate"])
@@ -258,9 +274,11 @@ def main() -> None:
     print()
     print("| measure | min / median / max | goal |")
     print("|---|---|---|")
-    print(f"| answers/s, one worker host | {spread([r[2]['rate'] for r in rows], '{:.1f}')} | |")
-    print(f"| answers/s, two worker hosts | {spread([r[3]['rate'] for r in rows], '{:.1f}')} | |")
-    print(f"| two hosts / one (paired per round) | {spread([r[0] for r in rows])} | >= 1.7x |")
+    kind = opts.vary[:-1]
+    goal = ">= 1.7x" if opts.vary == "workers" else ""
+    print(f"| answers/s, one {kind} host | {spread([r[2]['rate'] for r in rows], '{:.1f}')} | |")
+    print(f"| answers/s, two {kind} hosts | {spread([r[3]['rate'] for r in rows], '{:.1f}')} | |")
+    print(f"| two hosts / one (paired per round) | {spread([r[0] for r in rows])} | {goal} |")
     print(f"| ceiling on {cores} cores (see docstring) | {spread([r[1] for r in rows])} | |")
     cpu1 = [r[2]["cpu_per_answer"] * 1e3 for r in rows]
     print(f"| stack CPU per answer, one host, ms | {spread(cpu1, '{:.0f}')} | |")
