@@ -62,7 +62,6 @@ DEDICATED = "dedicated"
 # With the ready list, at most this many newly active queues are followed per step.
 FOLLOW_STEP = 1000
 FIRST_FOLLOW_STEP = 100
-FIRST_STEP_PAUSE_SECONDS = 0.5
 FOLLOW_DELAY_SECONDS = 0.2
 
 
@@ -190,17 +189,13 @@ class AgentBusConsumer(bootsteps.StartStopStep):
         return len(now) < len(missing)
 
     def _follow_in_steps(self, c) -> None:
-        first = self.reconciled_at is None
         try:
             more = self.reconcile(c)
         except Exception:
             logger.warning("AgentBus: reconcile failed", exc_info=True)
             return  # the periodic reconcile goes on
         if more:
-            # After the first (small) step, a pause: the tasks it brought in reach the
-            # pool before the big steps hold the event loop.
-            delay = FIRST_STEP_PAUSE_SECONDS if first else 0.01
-            c.timer.call_after(delay, self._follow_in_steps, (c,), priority=10)
+            c.timer.call_after(0.01, self._follow_in_steps, (c,), priority=10)
 
     def _reconcile_safely(self, c) -> None:
         try:
