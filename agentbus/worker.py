@@ -61,7 +61,16 @@ SHARED = "shared"
 DEDICATED = "dedicated"
 # With the ready list, at most this many newly active queues are followed per step.
 FOLLOW_STEP = 1000
+FIRST_FOLLOW_STEP = 100
 FOLLOW_DELAY_SECONDS = 0.2
+
+
+def to_follow(by_use: list[str], followed: set[str]) -> list[str]:
+    """The active queues not followed yet, most recently used first: those are where
+    tasks wait now (on RabbitMQ a task is delivered only once its queue is consumed), so
+    a worker starting beside thousands of active queues takes them in its first, small
+    step (FIRST_FOLLOW_STEP) instead of after following the rest."""
+    return [queue for queue in reversed(by_use) if queue not in followed]
 
 
 class AgentBusConsumer(bootsteps.StartStopStep):
@@ -173,11 +182,13 @@ class AgentBusConsumer(bootsteps.StartStopStep):
         queues a call. Returns whether queues are left to follow."""
         if c.task_consumer is None:
             return False
-        wanted = set(active_queues())
+        by_use = active_queues()  # oldest use first
+        wanted = set(by_use)
         followed = self.followed(c)
         self.unfollow(c, followed - wanted)
-        missing = sorted(wanted - followed)
-        now = missing[:FOLLOW_STEP] if self.ready_list or self.amqp else missing
+        missing = to_follow(by_use, followed)
+        step = FOLLOW_STEP if self.reconciled_at is not None else FIRST_FOLLOW_STEP
+        now = missing[:step] if self.ready_list or self.amqp else missing
         self.follow(c, now)
         self.reconciled_at = time.time()
         if self.ready_list:
@@ -206,8 +217,11 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             return []
         table = c.app.amqp.queues
         added = []
+        # One set, not kombu's consuming_from (a scan of every followed queue per name:
+        # quadratic, seconds of the event loop at 10,000, while tasks wait for it).
+        consuming = {q.name for q in cset.queues}
         for name in sorted(queues):
-            if cset.consuming_from(name):
+            if name in consuming:
                 continue
             if self.amqp:
                 # Declared without waiting for each answer (they pipeline with the
@@ -219,6 +233,7 @@ class AgentBusConsumer(bootsteps.StartStopStep):
                     cset.auto_declare = auto_declare
             else:
                 cset.add_queue(table.select_add(direct_queue(name)))
+            consuming.add(name)
             added.append(name)
         if added:
             with batched(cset.channel):
@@ -260,10 +275,11 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             return []
         table = c.app.amqp.queues
         removed = []
+        consuming = {q.name for q in cset.queues}
         with batched(cset.channel):
             for name in sorted(queues):
                 table.deselect(name)
-                if cset.consuming_from(name):
+                if name in consuming:
                     cset.cancel_by_queue(name)
                     removed.append(name)
                 table.pop(name, None)  # the routing table need not remember every project

@@ -30,7 +30,8 @@ real worker processes, and the publisher running while the worker consumes.
    - procfile: the Procfile's worker line as it is (`--pool=threads`, its concurrency,
      `--loglevel=INFO`, its flags), with the settings' defaults (events, per-task log).
 2. Worker start: a lean worker started while 10,000 projects are active, from process
-   start to its first task (the task published at once).
+   start to its first task (the task published at once), paired in each round with a
+   start while none is active (the process's own start time).
 3. Cold first task while following 10,000 queues: publish to a project never seen, to
    the task's start.
 
@@ -150,6 +151,8 @@ class Worker:
             env.update(PROCFILE_ENV)
         else:
             env["CELERY_WORKER_SEND_TASK_EVENTS"] = "false"
+            if os.environ.get("BENCH_WORKER_LOGLEVEL"):  # for looking into a run
+                args[0] = f"--loglevel={os.environ['BENCH_WORKER_LOGLEVEL']}"
         if baseline:  # plain Celery: its own queue, kombu's own Redis channel
             args[args.index("-Q") + 1] = BASELINE_QUEUE
             args += ["--agentbus-mode", "dedicated"]
@@ -405,11 +408,35 @@ def _burst(sendto, n: int, burst: int) -> Run:
 # --- 2. worker start and 3. cold first task ----------------------------------------------------
 
 
-def worker_start(active: int, samples: int) -> list[float]:
-    """Seconds from starting a worker, with `active` queues active, to its first task."""
-    times = []
+def paired_start(active: int, samples: int) -> tuple[list[float], list[float]]:
+    """`worker_start` with none and with `active` queues active, paired: one of each
+    per round, in alternating order."""
+    none, many = [], []
     projects = [uuid.uuid4() for _ in range(active)]
     if BROKER == "amqp":
+        declared = predeclare(projects)
+        print(f"  (setup: {active:,} RabbitMQ queues declared in {declared:.1f} s)", flush=True)
+    try:
+        for round_ in range(samples):
+            for which in (0, 1) if round_ % 2 == 0 else (1, 0):
+                if which:
+                    many += worker_start(active, 1, projects=projects)
+                else:
+                    none += worker_start(0, 1)
+            print(f"  round {round_ + 1}: 0 active {none[-1]:.2f} s, {active:,} active "
+                  f"{many[-1]:.2f} s; load {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+    finally:
+        remove_queues(projects)
+    return none, many
+
+
+def worker_start(active: int, samples: int, projects: list[uuid.UUID] | None = None) -> list[float]:
+    """Seconds from starting a worker, with `active` queues active, to its first task
+    (`projects`: queues already declared, left in place)."""
+    times = []
+    given = projects is not None
+    projects = projects if given else [uuid.uuid4() for _ in range(active)]
+    if BROKER == "amqp" and not given:
         # Declared once for all samples (as the projects' first publishes would have):
         # creating a RabbitMQ queue is the slow part, and not what a worker start does.
         declared = predeclare(projects)
@@ -430,7 +457,8 @@ def worker_start(active: int, samples: int) -> list[float]:
             finally:
                 worker.stop()
     finally:
-        remove_queues(projects)
+        if not given:
+            remove_queues(projects)
     return times
 
 
@@ -573,8 +601,7 @@ def run() -> None:
             )
 
     if not opts.no_start:
-        start_none = worker_start(0, opts.rounds)
-        start_many = worker_start(10_000, opts.rounds)
+        start_none, start_many = paired_start(10_000, opts.rounds)
         cold, warm = cold_start(10_000, 30)
         print()
         print("| measure | min / median / max | goal |")
@@ -582,6 +609,8 @@ def run() -> None:
         print(f"| worker start to first task, 0 active | {spread(start_none)} s | |")
         goal = "<= 5 s" if opts.broker == "amqp" else "<= 2 s"
         print(f"| worker start to first task, 10,000 active | {spread(start_many)} s | {goal} |")
+        ratios = [m / n for m, n in zip(start_many, start_none, strict=True)]
+        print(f"| the same / 0 active, paired per round | {spread(ratios)} | |")
         print(
             f"| cold first task, following 10,000 queues | p50 {pct(cold, 50) * 1e3:.1f} ms, "
             f"p95 {pct(cold, 95) * 1e3:.1f} ms | p50 <= 10 ms |"
