@@ -59,16 +59,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":
     sys.path[:0] = [str(ROOT)]
-    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/13")
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
-    os.environ.setdefault("DEBUG", "false")
-    os.environ.setdefault("VAR_DIR", str(ROOT / "var" / "bench"))
-    os.environ.setdefault("DATABASE_URL", f"sqlite:///{ROOT}/var/bench/agentbus.sqlite3")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
-    os.environ["CELERY_BROKER_URL"] = os.environ["REDIS_URL"]
-    import django
+    from bench.harness import bootstrap
 
-    django.setup()
+    os.environ.setdefault("DATABASE_URL", f"sqlite:///{ROOT}/var/bench-agentbus/db.sqlite3")
+    bootstrap("agentbus")
 
 from celery import shared_task  # noqa: E402
 

@@ -68,15 +68,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Printed with the results: what this bench changes of the defaults.
-THROTTLES_NOTE = "throttles raised to 1000000/min (unless THROTTLE_* set)"
 if __name__ == "__main__":
     sys.path[:0] = [str(ROOT)]
-    os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/13")
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
-    os.environ.setdefault("DEBUG", "false")
-    os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
-    os.environ.setdefault("VAR_DIR", str(ROOT / "var" / "bench-concurrency"))
     only_arg = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv[:-1] else ""
     if "8" in only_arg.split(","):
         # Measure 8 kills PostgreSQL: a server of its own, never a shared one.
@@ -87,16 +80,9 @@ if __name__ == "__main__":
         PRIVATE_POSTGRES = PrivatePostgres().init()
         atexit.register(PRIVATE_POSTGRES.destroy)
         os.environ["DATABASE_URL"] = PRIVATE_POSTGRES.url
-    os.environ["CELERY_BROKER_URL"] = os.environ["REDIS_URL"]
-    # What is measured is the service's capacity, not its rate limits.
-    for scope in ("MESSAGES", "SEARCHES", "INGESTS"):
-        for per in ("USER", "PROJECT"):
-            os.environ.setdefault(f"THROTTLE_{scope}_{per}", "1000000/min")
-    for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "EMBEDDINGS_BASE_URL", "QDRANT_URL"):
-        os.environ[name] = ""
-    import django
+    from bench.harness import bootstrap
 
-    django.setup()
+    bootstrap("concurrency", capacity=True, offline=True)
 
 import httpx  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
@@ -104,6 +90,7 @@ from django.core.management import call_command  # noqa: E402
 from rest_framework.authtoken.models import Token  # noqa: E402
 
 from agents.models import Agent  # noqa: E402
+from bench.harness import THROTTLES_NOTE  # noqa: E402
 from chat.models import ChatSession, Message, Run  # noqa: E402
 from common.redis import get_redis  # noqa: E402
 from projects.models import Project  # noqa: E402

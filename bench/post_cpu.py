@@ -6,8 +6,8 @@ this process, timed with `time.process_time` and, optionally, profiled with cPro
         bin/with-redis --ephemeral -- .venv/bin/python bench/post_cpu.py [--posts 300] [--profile]
 
 Left out: uvicorn and the ASGI entry (admission, the request's thread), HTTP parsing,
-the worker (none runs: the runs stay on the bus). Settings changed: the message
-throttles are raised to 1000000/min unless set, so they are checked but never refuse.
+the worker (none runs: the runs stay on the bus). Settings changed: the API's throttles
+are raised to 1000000/min unless set, so they are checked but never refuse.
 The same Redis database is FLUSHED first.
 """
 
@@ -27,19 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":
     sys.path[:0] = [str(ROOT)]
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
-    os.environ.setdefault("DEBUG", "false")
-    os.environ.setdefault("SECRET_KEY", "bench-only-not-secret")
-    os.environ.setdefault("LOG_LEVEL", "WARNING")
-    os.environ.setdefault("VAR_DIR", str(ROOT / "var" / "bench-post-cpu"))
-    os.environ["CELERY_BROKER_URL"] = os.environ["REDIS_URL"]
-    for per in ("USER", "PROJECT"):
-        os.environ.setdefault(f"THROTTLE_MESSAGES_{per}", "1000000/min")
-    for name in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "EMBEDDINGS_BASE_URL", "QDRANT_URL"):
-        os.environ[name] = ""
-    import django
+    from bench.harness import bootstrap
 
-    django.setup()
+    bootstrap("post-cpu", capacity=True, offline=True)
 
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402
