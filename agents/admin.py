@@ -4,10 +4,11 @@ first, with filters by project and links and counts between related objects."""
 from django import forms
 from django.conf import settings
 from django.contrib import admin
-from django.db.models import Count
+from django.db.models import Count, OuterRef, Subquery
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 
+from governance.admin import agent_names_register
 from workspaces.services import workspace_agent_sync_on_commit
 
 from .memory import memory_block_create, memory_block_delete, memory_block_update
@@ -16,6 +17,11 @@ from .services import TOOL_FIELDS, agent_delete, agent_version_rollback
 from .tool_validation import validate_tool
 from .validators import validate_params
 from .versions import agent_version_record
+
+# Governance's usage lists keep agent ids (their rows outlive the agents): the names beside.
+agent_names_register(
+    lambda: Subquery(Agent.objects.filter(id=OuterRef("agent_id")).values("name")[:1])
+)
 
 
 def changelist_link(model: str, label: str, **filters) -> str:

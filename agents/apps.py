@@ -2,9 +2,9 @@ from django.apps import AppConfig
 
 
 class AgentsConfig(AppConfig):
-    """Agents owns what users build and talk to: agents, chat sessions and messages, their
-    APIs and event streams, and the runtime that answers on workers (LLM providers,
-    embeddings, the vector store); it uses projects, workspaces and the AgentBus."""
+    """Agents owns the catalogue users build: agents, their tools and secrets, memory
+    blocks and versions, with their API and admin. Chats, context and tool execution are
+    the apps above it (`chat`, `context`, `tools`)."""
 
     name = "agents"
     default_auto_field = "django.db.models.BigAutoField"

@@ -1,3 +1,5 @@
+from collections.abc import Callable
+
 from django import forms
 from django.contrib import admin, messages
 from django.db.models import Count, OuterRef, Q, Subquery, Sum
@@ -32,6 +34,41 @@ def project_label(obj) -> str:
         obj.project_id,
         str(obj.project_id)[:8],
     )
+
+
+# An agent's name by its id, as a subquery of a list's query: the agents app (above this
+# one) registers it with `agent_names_register`; without it a list shows the id alone.
+_AGENT_NAME: dict[str, Callable[[], Subquery]] = {}
+
+
+def agent_names_register(subquery: Callable[[], Subquery]) -> None:
+    """`subquery()`: the name of the agent whose id is the row's `agent_id` (OuterRef)."""
+    _AGENT_NAME["agent"] = subquery
+
+
+class WithAgentNames:
+    """List pages of rows that hold an agent's id: its name beside it."""
+
+    def get_queryset(self, request):
+        queryset = super().get_queryset(request)
+        if "agent" in _AGENT_NAME:
+            queryset = queryset.annotate(agent_name=_AGENT_NAME["agent"]())
+        return queryset
+
+    @admin.display(description="agent", ordering="agent_id")
+    def agent(self, obj) -> str:
+        if obj.agent_id is None:
+            return "—"
+        name = getattr(obj, "agent_name", None)
+        short = format_html('<code title="{}">{}</code>', obj.agent_id, str(obj.agent_id)[:8])
+        if name is None:
+            return short
+        return format_html(
+            '<a href="{}">{}</a> {}',
+            reverse("admin:agents_agent_change", args=[obj.agent_id]),
+            name,
+            short,
+        )
 
 
 class WithProjectNames:
@@ -195,7 +232,7 @@ class QuotaAdmin(admin.ModelAdmin):
 
 
 @admin.register(RunUsage)
-class RunUsageAdmin(WithProjectNames, LargeTableAdmin, ReadOnlyAdmin):
+class RunUsageAdmin(WithAgentNames, WithProjectNames, LargeTableAdmin, ReadOnlyAdmin):
     """Every agent run's accounting, read-only: it is written by the runs themselves."""
 
     # Narrow enough for a 1366 px screen beside the filters: the tokens in one column.
@@ -203,6 +240,7 @@ class RunUsageAdmin(WithProjectNames, LargeTableAdmin, ReadOnlyAdmin):
         "created_at",
         "run_link",
         "project",
+        "agent",
         "user",
         "model",
         "tokens",
@@ -288,10 +326,10 @@ class AuditEventAdmin(WithProjectNames, LargeTableAdmin, ReadOnlyAdmin):
 
 
 @admin.register(EmbeddingUsage)
-class EmbeddingUsageAdmin(WithProjectNames, LargeTableAdmin, ReadOnlyAdmin):
+class EmbeddingUsageAdmin(WithAgentNames, WithProjectNames, LargeTableAdmin, ReadOnlyAdmin):
     """Tokens embedded per stored ingest batch, read-only."""
 
-    list_display = ("created_at", "project", "user", "agent_id", "model", "tokens", "job_id")
+    list_display = ("created_at", "project", "agent", "user", "model", "tokens", "job_id")
     list_filter = ("model", "day")
     search_fields = ("=project_id", "=agent_id", "job_id", "user__username")
     list_select_related = ("user",)

@@ -143,8 +143,16 @@ def test_usage_and_audit_lists_show_project_names_in_one_query(staff, session):
         project_id=session.project_id, username="x", credential="token", method="POST",
         path="/x", action="create", status_code=201,
     )  # fmt: skip
-    usage = staff.get("/admin/governance/runusage/").content.decode()
+    with CaptureQueriesContext(connection) as three:
+        usage = staff.get("/admin/governance/runusage/").content.decode()
     assert session.project.name in usage and str(session.project_id)[:8] in usage
+    # The agent's name beside its id, from the same query whatever the rows.
+    assert session.agent.name in usage and str(session.agent_id)[:8] in usage
+    for i in range(6):
+        make_run(session, ago=i + 3)
+    with CaptureQueriesContext(connection) as nine:
+        assert staff.get("/admin/governance/runusage/").status_code == 200
+    assert len(nine.captured_queries) == len(three.captured_queries)
     with CaptureQueriesContext(connection) as few:
         audit = staff.get("/admin/governance/auditevent/").content.decode()
     assert session.project.name in audit and "(deleted)" in audit
