@@ -56,7 +56,7 @@ def publish(
     project_id: uuid.UUID | str,
     kwargs: dict[str, Any] | None = None,
     task_id: str | None = None,
-    lane: str = INTERACTIVE,
+    lane: str | None = None,
     **options: Any,
 ) -> AsyncResult:
     """Put `task` on the project's queue, with `project_id` among its keyword arguments;
@@ -67,11 +67,12 @@ def publish(
     is sent). A queue that became active is announced to the shared workers. Raises
     while Redis or the broker is down.
 
-    `lane`: "interactive" (a chat answer: the default) or "bulk" (ingest, re-embedding,
-    scheduled runs): within the project's share interactive work is taken first, and
-    bulk one take in AGENTBUS_BULK_EVERY at least (agentbus.flow). Needs the Redis bus;
-    elsewhere both lanes are the project's one queue.
+    `lane` (default: the task class's `lane`): "interactive" (a chat answer) or "bulk"
+    (ingest, files, re-embedding, scheduled runs): within the project's share interactive
+    work is taken first, and bulk one take in AGENTBUS_BULK_EVERY at least
+    (agentbus.flow). Needs the Redis bus; elsewhere both lanes are the project's one queue.
     """
+    lane = lane or getattr(task, "lane", INTERACTIVE)  # the task class's, unless told
     if lane not in LANES:
         raise ValueError(f"lane must be one of {LANES}, not {lane!r}")
     if not isinstance(task, AgentBusTask):

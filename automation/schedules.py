@@ -233,8 +233,9 @@ def schedule_fire(*, schedule_id: uuid.UUID | str, now: datetime | None = None) 
             )
             try:
                 with transaction.atomic():
+                    # Scheduled work is bulk: it never holds up people's chats.
                     _question, answer = message_send(
-                        session=schedule.session, content=schedule.content
+                        session=schedule.session, content=schedule.content, lane="bulk"
                     )
             except (QuotaExceeded, QuotaUnavailable, SessionBusy) as exc:
                 fire.outcome = ScheduleFire.Outcome.REFUSED

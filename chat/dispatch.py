@@ -110,6 +110,7 @@ def run_dispatch(
                     "run_id": str(run.id),
                     "attempt": run.attempt,
                 },
+                lane=run.lane,
             )
         except Exception:
             with contextlib.suppress(Exception):  # unmarked, or lost with Redis: the same

@@ -100,6 +100,12 @@ class Run(models.Model):
         AgentVersion, on_delete=models.RESTRICT, null=True, blank=True, related_name="+"
     )
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    # The bus's lane its attempts go on: a user's message is interactive, a scheduled one
+    # bulk (served after interactive work, never starved: agentbus flow control).
+    lane = models.CharField(
+        max_length=16, choices=[("interactive", "interactive"), ("bulk", "bulk")],
+        default="interactive",
+    )  # fmt: skip
     attempt = models.PositiveIntegerField(default=1)
     # How many times a worker claimed it (bounded: a run that keeps losing its worker
     # ends in error).

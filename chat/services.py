@@ -70,21 +70,25 @@ class SessionBusy(Conflict):
     default_code = "session_busy"
 
 
-def message_send(*, session: ChatSession, content: str) -> tuple[Message, Message]:
+def message_send(
+    *, session: ChatSession, content: str, lane: str = "interactive"
+) -> tuple[Message, Message]:
     """A user's message, as its agent's `busy_policy` says when an answer of the session
     is in flight: `reject` raises SessionBusy (nothing written), `interrupt` cancels
-    the answers in flight first, `enqueue` answers it after them (message_create)."""
+    the answers in flight first, `enqueue` answers it after them (message_create).
+    `lane`: the bus's lane of its run ("bulk" for a schedule's)."""
     if session.agent.busy_policy == Agent.BusyPolicy.INTERRUPT:
         runs_cancel(session=session)
     return message_create(
         session=session,
         content=content,
         reject_if_busy=session.agent.busy_policy == Agent.BusyPolicy.REJECT,
+        lane=lane,
     )
 
 
 def message_create(
-    *, session: ChatSession, content: str, reject_if_busy: bool = False
+    *, session: ChatSession, content: str, reject_if_busy: bool = False, lane: str = "interactive"
 ) -> tuple[Message, Message]:
     """Store a user's message, the (pending) assistant message that will answer it and
     the run that will produce it, in one transaction: the run is the outbox.
@@ -102,13 +106,17 @@ def message_create(
     project = session.project
     with usage_admit(project_id=project.id, user_id=project.owner_id) as run_id:
         return _message_create(
-            session=session, content=content, reject_if_busy=reject_if_busy, run_id=run_id
+            session=session,
+            content=content,
+            reject_if_busy=reject_if_busy,
+            run_id=run_id,
+            lane=lane,
         )
 
 
 @transaction.atomic
 def _message_create(
-    *, session: ChatSession, content: str, reject_if_busy: bool, run_id: uuid.UUID
+    *, session: ChatSession, content: str, reject_if_busy: bool, run_id: uuid.UUID, lane: str
 ) -> tuple[Message, Message]:
     project_lock_for_write(project_id=session.project_id)
     # Held to commit: concurrent messages of one session see each other's runs.
@@ -118,7 +126,7 @@ def _message_create(
     if busy and reject_if_busy:
         raise SessionBusy()
     user_message, assistant_message, run = state.run_create(
-        session=session, run_id=run_id, question=content, dispatched=not busy
+        session=session, run_id=run_id, question=content, dispatched=not busy, lane=lane
     )
     on_commit_robust(
         lambda: run_dispatch(

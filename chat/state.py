@@ -76,12 +76,15 @@ def run_create(
     agent: Agent | None = None,
     parent: Run | None = None,
     dispatched: bool = False,
+    lane: str | None = None,
 ) -> tuple[Message | None, Message, Run]:
     """Store (inside the caller's transaction) the user's `question` when given, the
     pending assistant message that will answer it and the run that will produce it.
     `dispatched`: the caller dispatches it right after commit (run_dispatch with
     `dispatched_at_written`), so its dispatch time is written now, not in a write of
     its own; one that fails leaves no mark, which the recovery pass sees as lost.
+    `lane`: the bus's lane of its every attempt (default: its parent's, else interactive:
+    an agent asked by a scheduled run answers on the bulk lane too).
     Returns (question message or None, assistant message, run)."""
     asked = None
     if question is not None:
@@ -111,6 +114,7 @@ def run_create(
         depth=parent.depth + 1 if parent is not None else 0,
         trace_id=current_trace_id(),
         dispatched_at=timezone.now() if dispatched else None,
+        lane=lane or (parent.lane if parent is not None else "interactive"),
     )
     return asked, answer, run
 

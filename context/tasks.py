@@ -62,7 +62,9 @@ def add_context(
     return following
 
 
-@shared_task(base=AgentBusTask, bind=True, name="context.ingest_file", max_retries=None)
+@shared_task(
+    base=AgentBusTask, bind=True, name="context.ingest_file", max_retries=None, lane="bulk"
+)
 def ingest_file(
     self, *, user_id: int, project_id: str, agent_id: str, job_id: str, document_id: str
 ) -> bool:

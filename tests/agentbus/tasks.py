@@ -48,6 +48,13 @@ def record(
     _apply_effect(self, tag)
 
 
+@shared_task(base=AgentBusTask, bind=True, name="tests.agentbus.record_bulk", lane="bulk")
+def record_bulk(self, *, user_id: int, project_id: str, tag: str = "") -> None:
+    """`record` on the bulk lane, by its class (publish is not told the lane)."""
+    _note_start(self, tag, user_id=user_id, project_id=project_id)
+    _apply_effect(self, tag)
+
+
 @shared_task(base=AgentBusTask, bind=True, name="tests.agentbus.flaky", max_retries=3)
 def flaky(self, *, user_id: int, project_id: str, tag: str = "") -> None:
     """Fails its first attempt and asks Celery to retry it."""

@@ -258,6 +258,18 @@ def test_the_bulk_mark_comes_with_bulk_work_and_goes_with_it(redis_client):
     assert redis_client.hget(FLOW_RULES_KEY, mark) is None
 
 
+def test_a_task_class_on_the_bulk_lane_goes_there_unless_publish_is_told(redis_client):
+    project_id = uuid.uuid4()
+    mark = project_queue(project_id) + BULK_SUFFIX
+    send(tasks.record_bulk, project_id=project_id)
+    send(tasks.record_bulk, project_id=project_id, lane="interactive")
+    assert redis_client.hget(FLOW_RULES_KEY, mark) == "1"
+    holder = Holder(ack=True)
+    with shared_channel(holder) as (connection, _channel):
+        drain(connection, holder, 2)
+    assert sorted(holder.lanes()) == ["bulk", "interactive"]
+
+
 def test_a_parked_queue_comes_back_after_its_lease_while_others_keep_the_pool_busy(
     settings, redis_client
 ):

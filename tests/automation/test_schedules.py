@@ -15,10 +15,13 @@ from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
 from django_celery_beat.schedulers import DatabaseScheduler, ModelEntry
 
+from agentbus.keys import BULK_SUFFIX, FLOW_RULES_KEY
+from agentbus.queues import project_queue
 from agents.models import Agent
 from automation.models import Schedule, ScheduleFire
 from automation.schedules import schedule_create, schedule_fire
 from chat.models import ChatSession, Message, Run
+from chat.services import message_send
 from config.celery_app import app
 from tests.factories import AgentFactory, ProjectFactory
 from tests.runtime.conftest import wait_until
@@ -260,3 +263,17 @@ def test_a_real_beat_fires_a_one_off_into_a_worker(agent, live_worker):
     assert Message.objects.get(session=schedule.session, role="user").content == "wake up"
     # A one-off's tick is its run_at: sent again by mistake, it does nothing.
     assert schedule_fire(schedule_id=schedule.id) == "duplicate"
+
+
+def test_a_scheduled_run_goes_on_the_bulk_lane_and_a_users_on_the_interactive(agent, redis_client):
+    mark = project_queue(agent.project_id) + BULK_SUFFIX
+    session = ChatSession.objects.create(project=agent.project, agent=agent)
+    message_send(session=session, content="a person asks")
+    assert Run.objects.get(session=session).lane == "interactive"
+    assert redis_client.hget(FLOW_RULES_KEY, mark) is None  # no bulk work queued
+    schedule = schedule_create(
+        project=agent.project, agent=agent, name="n", content="tick", kind="cron", cron="* * * * *"
+    )
+    assert schedule_fire(schedule_id=schedule.id) == "sent"
+    assert Run.objects.get(session=schedule.session).lane == "bulk"
+    assert redis_client.hget(FLOW_RULES_KEY, mark) == "1"  # the bulk lane holds its task
