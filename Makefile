@@ -43,8 +43,10 @@ run: install
 ## throwaway bundled Redis). On the throwaway Redis it runs in TEST_WORKERS processes
 ## (pytest-xdist), each with a Redis database, a test database and a Qdrant folder of
 ## its own; against a given REDIS_URL in one (the suite empties the database it is given),
-## or in parallel when TEST_REDIS_DATABASES lists one database per process (.ci/run: 15,14).
-TEST_WORKERS ?= 2
+## or in parallel when TEST_REDIS_DATABASES lists one database per process (.ci/run:
+## 15,14,13,12). Four processes on two cores: much of the suite waits on the processes
+## it starts, and its longest files start first (tests/conftest.py).
+TEST_WORKERS ?= 4
 PYTEST_PARALLEL ?= $(if $(REDIS_URL),$(if $(TEST_REDIS_DATABASES),-n $(TEST_WORKERS) --dist loadfile,),-n $(TEST_WORKERS) --dist loadfile)
 test: export DJANGO_SETTINGS_MODULE = config.settings.test
 test: install-dev
