@@ -102,9 +102,11 @@ class Run(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
     # The bus's lane its attempts go on: a user's message is interactive, a scheduled one
     # bulk (served after interactive work, never starved: agentbus flow control).
+    # The database's default too: a process of the previous release, still running during
+    # an upgrade, stores runs without it.
     lane = models.CharField(
         max_length=16, choices=[("interactive", "interactive"), ("bulk", "bulk")],
-        default="interactive",
+        default="interactive", db_default="interactive",
     )  # fmt: skip
     attempt = models.PositiveIntegerField(default=1)
     # How many times a worker claimed it (bounded: a run that keeps losing its worker
