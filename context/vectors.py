@@ -188,6 +188,14 @@ def exchanges_forget(
     get_vector_store().forget(scope, ids, model=embedder.name, dim=embedder.dim)
 
 
+def _store_and_collection(scope: TenantScope) -> tuple[Any, str]:
+    """The vector store and the collection that holds the agent's points in its layout."""
+    embedder, store = get_embedder(), get_vector_store()
+    if store.layout == "shared":
+        return store, shared_collection_name(model=embedder.name, dim=embedder.dim)
+    return store, scope.collection
+
+
 def exchanges_before(
     *, user_id: int, project_id: uuid.UUID | str, agent_id: str, before: float, page: int = 256
 ) -> Iterator[tuple[str, str | None]]:
@@ -195,11 +203,7 @@ def exchanges_before(
     `before` (epoch seconds), in the store's order: what session-context retention looks
     at. Workers only."""
     scope = _agent(user_id, project_id, agent_id)
-    embedder, store = get_embedder(), get_vector_store()
-    if store.layout == "shared":
-        collection = shared_collection_name(model=embedder.name, dim=embedder.dim)
-    else:
-        collection = scope.collection
+    store, collection = _store_and_collection(scope)
     offset = None
     while True:
         points, offset = store.scroll(scope, collection=collection, offset=offset, limit=page)
@@ -344,11 +348,7 @@ def context_documents(
     "metadata" it was given}), in the order it was stored: what an export carries and an
     import embeds again with the deployment's model. Workers only."""
     scope = _agent(user_id, project_id, agent_id)
-    embedder, store = get_embedder(), get_vector_store()
-    if store.layout == "shared":
-        collection = shared_collection_name(model=embedder.name, dim=embedder.dim)
-    else:
-        collection = scope.collection
+    store, collection = _store_and_collection(scope)
     documents, offset = [], None
     while True:
         points, offset = store.scroll(scope, collection=collection, offset=offset, limit=page)
