@@ -904,17 +904,19 @@ class Channel(kombu_redis.Channel):
 
     def flush_served(self) -> int:
         """Add the takes this channel counted itself (queues without bulk work) to the
-        served counters, one pipeline; the worker's timer calls it with `renew_slots`. Returns
-        how many takes were added. A worker that dies loses what it had not added."""
+        served counters in one script, except a deleted project's (its teardown removed
+        them); the worker's timer calls it with `renew_slots`. Returns how many takes it
+        counted. A worker that dies loses what it had not added."""
         served, self._served = self._served, collections.Counter()
         if not served:
             return 0
+        pairs = [value for queue, count in served.items() for value in (queue, count)]
         try:
             with self.conn_or_acquire() as client:
-                pipe = client.pipeline(transaction=False)
-                for queue, count in served.items():
-                    pipe.hincrby(FLOW_STATS_KEY, f"served:{queue}", count)
-                pipe.execute()
+                client.eval(
+                    _FLUSH_SERVED_LUA, 1, FLOW_STATS_KEY, TOMBSTONE_PREFIX,
+                    PROJECT_QUEUE_PREFIX, *pairs,
+                )  # fmt: skip
         except Exception:
             self._served.update(served)  # the next flush tries again
             raise
@@ -985,6 +987,26 @@ def renew_slots(channel) -> int:
     """`Channel.renew_slots` where the channel has it."""
     method = getattr(channel, "renew_slots", None)
     return int(method()) if method is not None else 0
+
+
+# The served counts a channel took itself, added unless the project was deleted meanwhile
+# (its teardown removed its counters; a count written after it would outlive it).
+# KEYS: the flow stats hash; ARGV: the tombstone prefix, the project queue prefix, then
+# (queue, count) pairs.
+_FLUSH_SERVED_LUA = """
+local prefix_len = string.len(ARGV[2])
+for i = 3, #ARGV, 2 do
+  local queue = ARGV[i]
+  local gone = 0
+  if string.sub(queue, 1, prefix_len) == ARGV[2] then
+    gone = redis.call('exists', ARGV[1] .. string.sub(queue, prefix_len + 1))
+  end
+  if gone == 0 then
+    redis.call('hincrby', KEYS[1], 'served:' .. queue, ARGV[i + 1])
+  end
+end
+return 1
+"""
 
 
 def flush_served(channel) -> int:

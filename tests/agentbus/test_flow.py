@@ -14,7 +14,14 @@ from kombu import Connection, Consumer
 from agentbus import publish, queue_depth
 from agentbus.active import mark_active, sweep_ready
 from agentbus.flow import flow_rules_set, flow_status
-from agentbus.keys import BULK_SUFFIX, FLOW_PARKED_KEY, FLOW_RULES_KEY, READY_MEMBERS_KEY
+from agentbus.guard import project_tombstone
+from agentbus.keys import (
+    BULK_SUFFIX,
+    FLOW_PARKED_KEY,
+    FLOW_RULES_KEY,
+    FLOW_STATS_KEY,
+    READY_MEMBERS_KEY,
+)
 from agentbus.queues import MAINTENANCE_QUEUE, direct_queue, project_queue
 from agentbus.transport import Transport, slots_key
 from config.celery_app import app
@@ -314,3 +321,18 @@ def test_takes_are_counted_by_the_worker_and_by_the_take_under_bulk_work():
         assert channel.flush_served() == 0
     status = flow_status([plain, bulky])
     assert (status[str(plain)].served, status[str(bulky)].served) == (3, 4)
+
+
+def test_a_deleted_projects_takes_are_not_counted_after_its_teardown(redis_client):
+    # The worker adds its counts every lease/3: a project deleted meanwhile must not get
+    # a counter back after its teardown removed it.
+    gone, kept = uuid.uuid4(), uuid.uuid4()
+    send(tasks.record, project_id=gone)
+    send(tasks.record, project_id=kept)
+    holder = Holder(ack=True)
+    with shared_channel(holder) as (connection, channel):
+        drain(connection, holder, 2)
+        project_tombstone(gone)
+        assert channel.flush_served() == 2
+    assert redis_client.hget(FLOW_STATS_KEY, f"served:{project_queue(gone)}") is None
+    assert redis_client.hget(FLOW_STATS_KEY, f"served:{project_queue(kept)}") == "1"

@@ -189,7 +189,7 @@ def test_no_task_is_stranded_while_the_reaper_races_producers(live_worker):
 
 def test_a_backlog_does_not_starve_another_project(request):
     busy, quiet = uuid.uuid4(), uuid.uuid4()
-    for _ in range(300):
+    for _ in range(600):
         send(tasks.record, user_id=1, project_id=busy, kwargs={"tag": "busy", "sleep": 0.005})
     # The worker starts with the backlog queued (publishing may be slower than running).
     request.getfixturevalue("live_worker")
@@ -205,9 +205,10 @@ def test_a_backlog_does_not_starve_another_project(request):
     assert len(overtaking) <= 8, len(overtaking)
     # ...while a backlog still waited behind it (counted at the quiet task's start, not
     # when this test gets to look: the worker goes on draining meanwhile). How much ran
-    # before the quiet task was sent depends on the machine's pace, not on fairness.
+    # before the quiet task was sent depends on the machine's pace, not on fairness: a
+    # loaded machine let 271 of 300 run first, so the backlog is twice that.
     before_quiet = [s for s in tasks.started("busy") if s["at"] < quiet_started]
-    assert len(before_quiet) <= 250, len(before_quiet)
+    assert len(before_quiet) <= 550, len(before_quiet)
 
 
 def test_a_retried_agent_task_goes_back_to_its_project_queue(live_worker, redis_client):
