@@ -177,8 +177,9 @@ def test_admission_queues_a_burst_and_refuses_past_its_bounds():
     # Two at once, room for four more waiting up to a second: 6 of 10 get in.
     admitted = asyncio.run(_admit_all(Admission(limit=2, queue=4, wait=1.0), 10, 0.05))
     assert admitted.count(True) == 6
-    # A wait shorter than the queue's turn refuses the tail instead of holding it.
-    admitted = asyncio.run(_admit_all(Admission(limit=1, queue=10, wait=0.25), 6, 0.1))
+    # A wait shorter than the queue's turn refuses the tail instead of holding it (times
+    # long enough that a loaded machine's scheduling delays do not reorder them).
+    admitted = asyncio.run(_admit_all(Admission(limit=1, queue=10, wait=0.6), 6, 0.2))
     assert 2 <= admitted.count(True) <= 4 and admitted[0]
     # Once it knows how long a request holds its slot, a request whose turn would come
     # too late is refused at once, not after its wait.
