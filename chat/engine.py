@@ -645,6 +645,11 @@ def _remember_exchange(
     if not content.strip() or not question.strip():
         return
     project = run.session.project
+    # The answer's event is out already: a client may delete the project at once. Its
+    # teardown tombstones it before removing its vectors, so a write seen after that
+    # is skipped (one in the moment between is left to the collection sweep).
+    if project_gone(project.id):
+        return
     try:
         # What regenerate replaced is out of the conversation: out of memory too, or
         # the replaced answer would keep coming back as the nearest context.
