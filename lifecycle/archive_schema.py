@@ -47,6 +47,13 @@ class ArchiveInvalid(ValueError):
     """What is wrong with an archive, in words for its uploader (a 400)."""
 
 
+# Date fields: their parser and what the error calls them.
+_DATE_PARSERS = {
+    "DateTimeField": (parse_datetime, "date and time"),
+    "DateField": (parse_date, "date"),
+}
+
+
 def fail(path: str, message: str) -> None:
     raise ArchiveInvalid(f"{path}: {message}" if path else message)
 
@@ -94,23 +101,15 @@ def of_field(model: type[models.Model], name: str, *, null: bool | None = None) 
         elif kind == "BooleanField":
             if type(value) is not bool:
                 fail(path, "must be true or false")
-        elif kind == "DateTimeField":
+        elif kind in _DATE_PARSERS:
             _text(value, path)
+            parse, what = _DATE_PARSERS[kind]
             try:
-                parsed = parse_datetime(value)
+                parsed = parse(value)
             except ValueError:
                 parsed = None
             if parsed is None:
-                fail(path, "must be an ISO 8601 date and time")
-            return
-        elif kind == "DateField":
-            _text(value, path)
-            try:
-                parsed = parse_date(value)
-            except ValueError:
-                parsed = None
-            if parsed is None:
-                fail(path, "must be an ISO 8601 date")
+                fail(path, f"must be an ISO 8601 {what}")
             return
         elif kind == "UUIDField":
             uuid_text(value, path)
