@@ -645,30 +645,27 @@ def _remember_exchange(
     if not content.strip() or not question.strip():
         return
     project = run.session.project
+    agent = {"user_id": project.owner_id, "project_id": project.id, "agent_id": str(run.agent_id)}
     # The answer's event is out already: a client may delete the project at once. Its
-    # teardown tombstones it before removing its vectors, so a write seen after that
-    # is skipped (one in the moment between is left to the collection sweep).
+    # teardown tombstones it before removing its vectors, so a write seen after that is
+    # skipped, and a write that raced the teardown is taken back once the tombstone
+    # shows: either the teardown's removal came after the write, or the check after it
+    # sees the tombstone, which is set before that removal.
     if project_gone(project.id):
         return
     try:
         # What regenerate replaced is out of the conversation: out of memory too, or
         # the replaced answer would keep coming back as the nearest context.
-        exchanges_forget(
-            user_id=project.owner_id,
-            project_id=project.id,
-            agent_id=str(run.agent_id),
-            question=question,
-            answers=_replaced_answers(run),
-        )
+        exchanges_forget(**agent, question=question, answers=_replaced_answers(run))
         exchange_store(
-            user_id=project.owner_id,
-            project_id=project.id,
-            agent_id=str(run.agent_id),
+            **agent,
             question=question,
             answer=content,
             payload={"session_id": str(run.session_id), "message_id": run.message_id},
             question_vector=question_vector,
         )
+        if project_gone(project.id):
+            exchanges_forget(**agent, question=question, answers=[content])
     except Exception:
         # The answer stands; only the memory of it is missing.
         logger.exception("could not add the exchange of run %s to context", run.id)
