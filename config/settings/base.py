@@ -649,9 +649,12 @@ EGRESS_ALLOW_NETWORKS["webhooks"] = env.list("EGRESS_ALLOW_NETWORKS_WEBHOOKS", d
 # One attempt waits at most this long for the endpoint (connecting: the shorter one).
 WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=5)
 WEBHOOK_CONNECT_TIMEOUT_SECONDS = env.float("WEBHOOK_CONNECT_TIMEOUT_SECONDS", default=2)
-# Drains (so attempts) in flight to one endpoint at once: an endpoint holds at most this
-# many of the webhooks worker's threads (the Procfile gives it 50); a failing one, one.
+# Attempts in flight to one endpoint at once (over all its drains); a failing one, one.
 WEBHOOK_ENDPOINT_CONCURRENCY = env.int("WEBHOOK_ENDPOINT_CONCURRENCY", default=16)
+# A drain sends its batch over this many kept-alive connections at once (its own thread
+# and helper threads of the batch): a delivery waits for its batch's sends ahead of it
+# divided by this, and the round trips overlap.
+WEBHOOK_SEND_LANES = env.int("WEBHOOK_SEND_LANES", default=8)
 # After the n-th failure in a row an endpoint waits WEBHOOK_BACKOFF_SECONDS[n-1] (the last
 # one from then on); a delivery is given up once it is older than the retry window.
 WEBHOOK_BACKOFF_SECONDS = [
