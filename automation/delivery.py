@@ -263,20 +263,24 @@ def _send(target: _Target, *, msg_id: str, body: str) -> tuple[int | None, str, 
 # --- Draining ---------------------------------------------------------------------------
 
 
+def claimable(endpoint_id, *, now: datetime, limit: int):
+    """The claim's query: up to `limit` due deliveries of an endpoint, oldest first, that
+    no other drain holds (index `delivery_endpoint_due`)."""
+    return (
+        WebhookDelivery.objects.select_for_update(skip_locked=True)
+        .filter(
+            endpoint_id=endpoint_id, status=WebhookDelivery.Status.PENDING, next_attempt_at__lte=now
+        )
+        .order_by("next_attempt_at", "created_at")
+        .values_list("id", "body", "attempts", "created_at")[:limit]
+    )
+
+
 def _claim(endpoint_id, *, limit: int) -> list[tuple]:
     """(id, body, attempts, created_at) of up to `limit` due deliveries, leased."""
     now = timezone.now()
     with transaction.atomic():
-        rows = list(
-            WebhookDelivery.objects.select_for_update(skip_locked=True)
-            .filter(
-                endpoint_id=endpoint_id,
-                status=WebhookDelivery.Status.PENDING,
-                next_attempt_at__lte=now,
-            )
-            .order_by("next_attempt_at", "created_at")
-            .values_list("id", "body", "attempts", "created_at")[:limit]
-        )
+        rows = list(claimable(endpoint_id, now=now, limit=limit))
         if rows:
             WebhookDelivery.objects.filter(id__in=[r[0] for r in rows]).update(
                 next_attempt_at=now + timedelta(seconds=LEASE_SECONDS)
