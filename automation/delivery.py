@@ -7,11 +7,15 @@
   last empty pass (compare and delete), else it drains again: no kick is lost, and a
   burst of 1,000 completions is a handful of tasks per endpoint.
 - **A drain** claims the endpoint's due deliveries in batches
-  (`SELECT … FOR UPDATE SKIP LOCKED LIMIT WEBHOOK_DRAIN_BATCH`, oldest first; the claim
-  moves `next_attempt_at` a lease ahead, so a crashed drain's batch is due again after
-  LEASE_SECONDS: at least once), POSTs them one after the other on the endpoint's kept-alive
-  connection, and writes the outcome of the batch in one transaction (the attempts in one
-  INSERT, the delivered ones in one UPDATE).
+  (`SELECT … FOR UPDATE SKIP LOCKED LIMIT WEBHOOK_DRAIN_BATCH`, oldest first, on the
+  partial index of pending deliveries per endpoint, so other endpoints' backlogs are not
+  read; the claim moves `next_attempt_at` a lease ahead, so a crashed drain's batch is due
+  again after LEASE_SECONDS: at least once), POSTs them over up to WEBHOOK_SEND_LANES of
+  the endpoint's kept-alive connections at once (the first alone, so a failing endpoint
+  gets one attempt; the helper threads are the batch's own, so a hanging endpoint holds
+  none that others need), and writes the outcome of the batch in one transaction (the
+  attempts in one INSERT, the delivered ones in one UPDATE). A delivery recorded while a
+  batch is out waits for that batch: its sends ahead divided by the lanes.
 - **The egress guard** is kept: the endpoint's host is resolved and checked
   (`common.egress.check_url`, purpose `webhooks`) before its connections are made, again
   every WEBHOOK_RESOLVE_SECONDS and after any connection error; connections go to the
@@ -19,17 +23,20 @@
   They are kept per endpoint (a urllib3 pool each, a third of httpx's CPU per request:
   no redirects, no retries, no proxy).
 - **A failure backs the endpoint off as a whole** (WEBHOOK_BACKOFF_SECONDS): the failed
-  delivery counts an attempt, the rest of its batch goes back untried, and the kick
+  deliveries (those in flight with it too) count an attempt, the rest of the batch goes
+  back untried, and the kick
   counter is parked until the backoff ends, so completions for a dead endpoint start no
   tasks. Then one delivery probes it (`blocked_until` holds a probe lease); a success
   drains the rest. A dead endpoint holds at most one worker thread (its probe, up to
   WEBHOOK_TIMEOUT_SECONDS), never the live endpoints' drains.
 - **Slow endpoints get parallel drains**: a drain whose full batch took longer than
-  WEBHOOK_DRAIN_SPLIT_SECONDS starts another drain of the same endpoint, up to
-  WEBHOOK_ENDPOINT_CONCURRENCY at once (each holds a slot of `webhooks:inflight:<id>`):
-  at most that many attempts are ever in flight to one endpoint.
-- Order: an endpoint's deliveries leave oldest first within a drain; retries, replays and
-  parallel drains can reorder them (receivers order by the body's `timestamp`).
+  WEBHOOK_DRAIN_SPLIT_SECONDS starts another drain of the same endpoint. Each drain holds
+  a slot of `webhooks:inflight:<id>` per lane; one finding fewer than its lanes free
+  sends over those, one finding none ends: at most WEBHOOK_ENDPOINT_CONCURRENCY attempts
+  are ever in flight to one endpoint.
+- Order: an endpoint's deliveries leave oldest first within a drain; lanes, retries,
+  replays and parallel drains can reorder them (receivers order by the body's
+  `timestamp`).
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ Each round, subject and baseline: the same --runs runs of a project are ended th
 chat.state.run_end (the one run-end path, which records the deliveries in its
 transaction and queues them after commit), by 8 threads, all at once or --rate per
 second; the baseline's
-project has the 7 live endpoints only, the subject's all 10. Latency of a delivery: from
+project has the 7 live endpoints only, the subject's all 10, and which of the two goes
+first alternates by round (the first was the slower). Latency of a delivery: from
 the return of run_end to its arrival at the live endpoint. Also counted: attempts the
 dead endpoints got in the window (they are backed off as a whole, so far fewer than the
 events), and deliveries still pending for them (retried later, up to a day).
@@ -28,7 +29,14 @@ the figure is the webhook path alone); endpoints on other hosts (loopback has no
 latency); several webhooks workers. Settings changed: EGRESS_ALLOW_NETWORKS_WEBHOOKS (above),
 DEBUG=false, CELERY_BROKER_URL=REDIS_URL; all WEBHOOK_* settings are the defaults. The
 "ending" column is how long the 8 threads took to end the runs: on a loaded machine the
-burst is spread over that long.
+burst is spread over that long. Each measurement's receivers and projects are new (the
+workers are not restarted): its first batches open the endpoints' connections.
+
+`--backlog N` first puts N pending, past-due deliveries of 3 dead (backed-off) endpoints
+in the table (once per database), what a day of dead receivers leaves; `--claim-plan`
+then prints EXPLAIN ANALYZE of a drain's claim of 50 for an endpoint with N delivered
+ones beside them, and stops (it does not migrate: run `manage.py migrate automation
+0001` first for the plan before the claim's index).
 """
 
 from __future__ import annotations

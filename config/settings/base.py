@@ -666,8 +666,9 @@ WEBHOOK_RETRY_WINDOW_SECONDS = env.float("WEBHOOK_RETRY_WINDOW_SECONDS", default
 WEBHOOK_SWEEP_SECONDS = env.float("WEBHOOK_SWEEP_SECONDS", default=5)
 # A drain claims an endpoint's due deliveries this many at a time (one transaction to
 # claim, one to record); a full batch slower than WEBHOOK_DRAIN_SPLIT_SECONDS starts another
-# drain of the endpoint (up to WEBHOOK_ENDPOINT_CONCURRENCY). An endpoint's host is
-# resolved and checked by the egress guard again after WEBHOOK_RESOLVE_SECONDS.
+# drain of the endpoint (while attempt slots, WEBHOOK_ENDPOINT_CONCURRENCY, are free). An
+# endpoint's host is resolved and checked by the egress guard again after
+# WEBHOOK_RESOLVE_SECONDS.
 WEBHOOK_DRAIN_BATCH = env.int("WEBHOOK_DRAIN_BATCH", default=50)
 WEBHOOK_DRAIN_SPLIT_SECONDS = env.float("WEBHOOK_DRAIN_SPLIT_SECONDS", default=0.5)
 WEBHOOK_RESOLVE_SECONDS = env.float("WEBHOOK_RESOLVE_SECONDS", default=30)
