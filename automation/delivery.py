@@ -7,11 +7,15 @@
   last empty pass (compare and delete), else it drains again: no kick is lost, and a
   burst of 1,000 completions is a handful of tasks per endpoint.
 - **A drain** claims the endpoint's due deliveries in batches
-  (`SELECT … FOR UPDATE SKIP LOCKED LIMIT WEBHOOK_DRAIN_BATCH`, oldest first; the claim
-  moves `next_attempt_at` a lease ahead, so a crashed drain's batch is due again after
-  LEASE_SECONDS: at least once), POSTs them one after the other on the endpoint's kept-alive
-  connection, and writes the outcome of the batch in one transaction (the attempts in one
-  INSERT, the delivered ones in one UPDATE).
+  (`SELECT … FOR UPDATE SKIP LOCKED LIMIT WEBHOOK_DRAIN_BATCH`, oldest first, on the
+  partial index of pending deliveries per endpoint, so other endpoints' backlogs are not
+  read; the claim moves `next_attempt_at` a lease ahead, so a crashed drain's batch is due
+  again after LEASE_SECONDS: at least once), POSTs them over up to WEBHOOK_SEND_LANES of
+  the endpoint's kept-alive connections at once (the first alone, so a failing endpoint
+  gets one attempt; the helper threads are the batch's own, so a hanging endpoint holds
+  none that others need), and writes the outcome of the batch in one transaction (the
+  attempts in one INSERT, the delivered ones in one UPDATE). A delivery recorded while a
+  batch is out waits for that batch: its sends ahead divided by the lanes.
 - **The egress guard** is kept: the endpoint's host is resolved and checked
   (`common.egress.check_url`, purpose `webhooks`) before its connections are made, again
   every WEBHOOK_RESOLVE_SECONDS and after any connection error; connections go to the
@@ -19,17 +23,20 @@
   They are kept per endpoint (a urllib3 pool each, a third of httpx's CPU per request:
   no redirects, no retries, no proxy).
 - **A failure backs the endpoint off as a whole** (WEBHOOK_BACKOFF_SECONDS): the failed
-  delivery counts an attempt, the rest of its batch goes back untried, and the kick
+  deliveries (those in flight with it too) count an attempt, the rest of the batch goes
+  back untried, and the kick
   counter is parked until the backoff ends, so completions for a dead endpoint start no
   tasks. Then one delivery probes it (`blocked_until` holds a probe lease); a success
   drains the rest. A dead endpoint holds at most one worker thread (its probe, up to
   WEBHOOK_TIMEOUT_SECONDS), never the live endpoints' drains.
 - **Slow endpoints get parallel drains**: a drain whose full batch took longer than
-  WEBHOOK_DRAIN_SPLIT_SECONDS starts another drain of the same endpoint, up to
-  WEBHOOK_ENDPOINT_CONCURRENCY at once (each holds a slot of `webhooks:inflight:<id>`):
-  at most that many attempts are ever in flight to one endpoint.
-- Order: an endpoint's deliveries leave oldest first within a drain; retries, replays and
-  parallel drains can reorder them (receivers order by the body's `timestamp`).
+  WEBHOOK_DRAIN_SPLIT_SECONDS starts another drain of the same endpoint. Each drain holds
+  a slot of `webhooks:inflight:<id>` per lane; one finding fewer than its lanes free
+  sends over those, one finding none ends: at most WEBHOOK_ENDPOINT_CONCURRENCY attempts
+  are ever in flight to one endpoint.
+- Order: an endpoint's deliveries leave oldest first within a drain; lanes, retries,
+  replays and parallel drains can reorder them (receivers order by the body's
+  `timestamp`).
 """
 
 from __future__ import annotations
@@ -75,6 +82,15 @@ _KICK_LUA = """
 local n = redis.call('incr', KEYS[1])
 if n == 1 then redis.call('expire', KEYS[1], ARGV[1]) end
 return n
+"""
+# Take up to ARGV[1] of an endpoint's ARGV[2] attempt slots; returns how many were taken.
+_SLOTS_LUA = """
+local want, cap = tonumber(ARGV[1]), tonumber(ARGV[2])
+local n = redis.call('incrby', KEYS[1], want)
+redis.call('expire', KEYS[1], ARGV[3])
+if n - want >= cap then redis.call('decrby', KEYS[1], want) return 0 end
+if n > cap then redis.call('decrby', KEYS[1], n - cap) return want - (n - cap) end
+return want
 """
 # Delete the counter if no kick came since the drain read it (or it is gone).
 _DONE_LUA = """
@@ -254,20 +270,24 @@ def _send(target: _Target, *, msg_id: str, body: str) -> tuple[int | None, str, 
 # --- Draining ---------------------------------------------------------------------------
 
 
+def claimable(endpoint_id, *, now: datetime, limit: int):
+    """The claim's query: up to `limit` due deliveries of an endpoint, oldest first, that
+    no other drain holds (index `delivery_endpoint_due`)."""
+    return (
+        WebhookDelivery.objects.select_for_update(skip_locked=True)
+        .filter(
+            endpoint_id=endpoint_id, status=WebhookDelivery.Status.PENDING, next_attempt_at__lte=now
+        )
+        .order_by("next_attempt_at", "created_at")
+        .values_list("id", "body", "attempts", "created_at")[:limit]
+    )
+
+
 def _claim(endpoint_id, *, limit: int) -> list[tuple]:
     """(id, body, attempts, created_at) of up to `limit` due deliveries, leased."""
     now = timezone.now()
     with transaction.atomic():
-        rows = list(
-            WebhookDelivery.objects.select_for_update(skip_locked=True)
-            .filter(
-                endpoint_id=endpoint_id,
-                status=WebhookDelivery.Status.PENDING,
-                next_attempt_at__lte=now,
-            )
-            .order_by("next_attempt_at", "created_at")
-            .values_list("id", "body", "attempts", "created_at")[:limit]
-        )
+        rows = list(claimable(endpoint_id, now=now, limit=limit))
         if rows:
             WebhookDelivery.objects.filter(id__in=[r[0] for r in rows]).update(
                 next_attempt_at=now + timedelta(seconds=LEASE_SECONDS)
@@ -275,37 +295,78 @@ def _claim(endpoint_id, *, limit: int) -> list[tuple]:
     return rows
 
 
-def _batch(endpoint: WebhookEndpoint, rows: list[tuple]) -> tuple[int, bool]:
+def _send_lanes(target: _Target, rows: list[tuple], *, lanes: int, stop_at: float) -> dict:
+    """Send `rows` oldest first over up to `lanes` connections at once: the first alone
+    (a failing endpoint gets one attempt, not one per lane), then the drain's thread and
+    lanes - 1 helper threads of this batch only (a hanging endpoint holds threads of its
+    own, never a pool others need). After a failure, or at `stop_at`, no new send starts;
+    the ones in flight finish. Returns {delivery id: (status code or None, error,
+    milliseconds)} of the rows tried."""
+    queue = iter(rows)
+    outcomes: dict[str, tuple] = {}
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def lane(sends: int = len(rows)) -> None:
+        try:
+            for _ in range(sends):
+                if stop.is_set() or time.monotonic() > stop_at:
+                    return
+                with lock:
+                    row = next(queue, None)
+                if row is None:
+                    return
+                outcome = _send(target, msg_id=row[0], body=row[1])
+                outcomes[row[0]] = outcome
+                if not _ok(outcome[0]):
+                    stop.set()
+        except BaseException as exc:  # raised in the drain's thread below
+            stop.set()
+            errors.append(exc)
+
+    lane(1)
+    helpers = [
+        threading.Thread(target=lane, daemon=True)
+        for _ in range(min(lanes, len(rows) - 1) - 1)
+        if not stop.is_set()
+    ]
+    for helper in helpers:
+        helper.start()
+    lane()
+    for helper in helpers:
+        helper.join()
+    if errors:
+        raise errors[0]
+    return outcomes
+
+
+def _ok(status_code: int | None) -> bool:
+    return status_code is not None and 200 <= status_code < 300
+
+
+def _batch(endpoint: WebhookEndpoint, rows: list[tuple], *, lanes: int) -> tuple[int, bool]:
     """Send a claimed batch and record it: (delivered, whether the endpoint failed)."""
     target = _target(endpoint)
     # Back to the pool while the endpoint is waited on: a hanging endpoint's drains must
     # not hold the process's database connections.
     connection.close()
-    attempts: list[WebhookAttempt] = []
-    delivered: list[str] = []
-    failed_row = None
     stop_at = time.monotonic() + LEASE_SECONDS - settings.WEBHOOK_TIMEOUT_SECONDS - 5
-    sent = 0
-    for delivery_id, body, tried, _created in rows:
-        if time.monotonic() > stop_at:
-            break
-        status_code, error, duration_ms = _send(target, msg_id=delivery_id, body=body)
-        sent += 1
-        attempts.append(
-            WebhookAttempt(
-                delivery_id=delivery_id,
-                number=tried + 1,
-                status_code=status_code,
-                error=error[:2000],
-                duration_ms=duration_ms,
-            )
+    outcomes = _send_lanes(target, rows, lanes=lanes, stop_at=stop_at)
+    attempts = [
+        WebhookAttempt(
+            delivery_id=delivery_id,
+            number=tried + 1,
+            status_code=outcomes[delivery_id][0],
+            error=outcomes[delivery_id][1][:2000],
+            duration_ms=outcomes[delivery_id][2],
         )
-        if status_code is not None and 200 <= status_code < 300:
-            delivered.append(delivery_id)
-        else:
-            failed_row = (delivery_id, body, tried, _created)
-            break
-    untried = [r[0] for r in rows[sent:]]
+        for delivery_id, _body, tried, _created in rows
+        if delivery_id in outcomes
+    ]
+    delivered = [i for i, (status_code, _e, _ms) in outcomes.items() if _ok(status_code)]
+    failed = [r for r in rows if r[0] in outcomes and not _ok(outcomes[r[0]][0])]
+    untried = [r[0] for r in rows if r[0] not in outcomes]
     now = timezone.now()
     with transaction.atomic():
         WebhookAttempt.objects.bulk_create(attempts)
@@ -316,7 +377,7 @@ def _batch(endpoint: WebhookEndpoint, rows: list[tuple]) -> tuple[int, bool]:
                 attempts=F("attempts") + 1,
                 next_attempt_at=None,
             )
-        if failed_row is None:
+        if not failed:
             if untried:  # out of lease time: due again at once
                 WebhookDelivery.objects.filter(id__in=untried).update(next_attempt_at=now)
             if delivered and (endpoint.consecutive_failures or endpoint.blocked_until):
@@ -325,22 +386,24 @@ def _batch(endpoint: WebhookEndpoint, rows: list[tuple]) -> tuple[int, bool]:
                 )
                 endpoint.consecutive_failures, endpoint.blocked_until = 0, None
             return len(delivered), False
+        # One failure of the endpoint, however many of its sends in flight failed.
         failures = endpoint.consecutive_failures + 1
         blocked_until = now + timedelta(seconds=backoff_seconds(failures))
         WebhookEndpoint.objects.filter(id=endpoint.id).update(
             consecutive_failures=F("consecutive_failures") + 1, blocked_until=blocked_until
         )
         endpoint.consecutive_failures, endpoint.blocked_until = failures, blocked_until
-        failed_id, created_at = failed_row[0], failed_row[3]
         window = timedelta(seconds=settings.WEBHOOK_RETRY_WINDOW_SECONDS)
-        if created_at + window <= blocked_until:
-            WebhookDelivery.objects.filter(id=failed_id).update(
+        expired = [r[0] for r in failed if r[3] + window <= blocked_until]
+        retried = [r[0] for r in failed if r[3] + window > blocked_until]
+        if expired:
+            WebhookDelivery.objects.filter(id__in=expired).update(
                 status=WebhookDelivery.Status.FAILED,
                 next_attempt_at=None,
                 attempts=F("attempts") + 1,
             )
-        else:
-            WebhookDelivery.objects.filter(id=failed_id).update(
+        if retried:
+            WebhookDelivery.objects.filter(id__in=retried).update(
                 next_attempt_at=blocked_until, attempts=F("attempts") + 1
             )
         if untried:
@@ -381,15 +444,18 @@ def endpoint_drain(*, endpoint_id: str, sibling: bool = False) -> dict:
         result["state"] = "gone"
         return result
     cap = settings.WEBHOOK_ENDPOINT_CONCURRENCY
-    if redis.incr(slot) > cap:
-        redis.decr(slot)
-        result["state"] = "busy"  # as many drains as attempts allowed: they carry on
+    lanes = int(
+        redis.script(
+            _SLOTS_LUA, keys=[slot], args=[settings.WEBHOOK_SEND_LANES, cap, KICK_TTL_SECONDS]
+        )
+    )
+    if not lanes:
+        result["state"] = "busy"  # as many attempts in flight as allowed: they carry on
         if not sibling:
             redis.delete(kick)  # the drains in flight find what this kick was for
         return result
     batch_size = settings.WEBHOOK_DRAIN_BATCH
     try:
-        redis.expire(slot, KICK_TTL_SECONDS)
         while True:
             seen = None if sibling else redis.get(kick)
             while True:
@@ -412,7 +478,7 @@ def endpoint_drain(*, endpoint_id: str, sibling: bool = False) -> dict:
                         endpoint.blocked_until = None
                     break
                 started = time.monotonic()
-                count, failed = _batch(endpoint, rows)
+                count, failed = _batch(endpoint, rows, lanes=lanes)
                 result["delivered"] += count
                 result["failed"] += int(failed)
                 if (
@@ -432,7 +498,7 @@ def endpoint_drain(*, endpoint_id: str, sibling: bool = False) -> dict:
             ):
                 return result
     finally:
-        redis.decr(slot)
+        redis.decrby(slot, lanes)
 
 
 def _park(redis, kick: str, until: datetime) -> None:

@@ -124,7 +124,14 @@ class WebhookDelivery(models.Model):
     class Meta:
         ordering = ["-created_at"]
         indexes = [
-            models.Index(fields=["status", "next_attempt_at"], name="delivery_due"),
+            # An endpoint's due deliveries, oldest first (its drain's claim, the sweep):
+            # pending ones only, so a week of delivered ones and other endpoints' backlogs
+            # (a dead endpoint keeps a day of them) are not in the way.
+            models.Index(
+                fields=["endpoint", "next_attempt_at", "created_at"],
+                condition=models.Q(status="pending"),
+                name="delivery_endpoint_due",
+            ),
             models.Index(fields=["endpoint", "-created_at"], name="delivery_endpoint"),
         ]
 

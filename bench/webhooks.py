@@ -18,7 +18,8 @@ Each round, subject and baseline: the same --runs runs of a project are ended th
 chat.state.run_end (the one run-end path, which records the deliveries in its
 transaction and queues them after commit), by 8 threads, all at once or --rate per
 second; the baseline's
-project has the 7 live endpoints only, the subject's all 10. Latency of a delivery: from
+project has the 7 live endpoints only, the subject's all 10, and which of the two goes
+first alternates by round (the first was the slower). Latency of a delivery: from
 the return of run_end to its arrival at the live endpoint. Also counted: attempts the
 dead endpoints got in the window (they are backed off as a whole, so far fewer than the
 events), and deliveries still pending for them (retried later, up to a day).
@@ -28,7 +29,14 @@ the figure is the webhook path alone); endpoints on other hosts (loopback has no
 latency); several webhooks workers. Settings changed: EGRESS_ALLOW_NETWORKS_WEBHOOKS (above),
 DEBUG=false, CELERY_BROKER_URL=REDIS_URL; all WEBHOOK_* settings are the defaults. The
 "ending" column is how long the 8 threads took to end the runs: on a loaded machine the
-burst is spread over that long.
+burst is spread over that long. Each measurement's receivers and projects are new (the
+workers are not restarted): its first batches open the endpoints' connections.
+
+`--backlog N` first puts N pending, past-due deliveries of 3 dead (backed-off) endpoints
+in the table (once per database), what a day of dead receivers leaves; `--claim-plan`
+then prints EXPLAIN ANALYZE of a drain's claim of 50 for an endpoint with N delivered
+ones beside them, and stops (it does not migrate: run `manage.py migrate automation
+0001` first for the plan before the claim's index).
 """
 
 from __future__ import annotations
@@ -75,6 +83,13 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # The listen backlog (set before it listens): at 5, connections opened at once
+    # overflow it and wait out a SYN retransmit (1 s).
+    request_queue_size = 1024
+
+
 class Live:
     """An endpoint answering 204, recording (run id, arrival time)."""
 
@@ -100,9 +115,7 @@ class Live:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.server.request_queue_size = 1024
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -198,7 +211,10 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def one(label: str, runs: int, with_dead: bool, user, worker_pid: int, rate: float) -> dict:
+def one(
+    label: str, runs: int, with_dead: bool, user, worker_pids: list[int], rate: float,
+    dump: Path | None,
+) -> dict:  # fmt: skip
     from django.db import connections, transaction
 
     from agents.models import Agent
@@ -228,7 +244,7 @@ def one(label: str, runs: int, with_dead: bool, user, worker_pid: int, rate: flo
         made.append(run)
     Run.objects.filter(id__in=[r.id for r in made]).update(status=Run.Status.RUNNING)
     ended: dict[str, float] = {}
-    cpu_before = cpu_seconds(worker_pid)
+    cpu_before = sum(cpu_seconds(pid) for pid in worker_pids)
     started = time.time()
 
     def end(share: list) -> None:
@@ -254,12 +270,17 @@ def one(label: str, runs: int, with_dead: bool, user, worker_pid: int, rate: flo
     while time.monotonic() < deadline and any(n < runs for n in endpoints.ask("count")):
         time.sleep(0.2)
     window = time.time() - started
-    worker_cpu = cpu_seconds(worker_pid) - cpu_before
+    worker_cpu = sum(cpu_seconds(pid) for pid in worker_pids) - cpu_before
     arrivals = endpoints.ask("dump")
     endpoints.close()
     latencies = sorted(
         got[run_id] - ended[run_id] for got in arrivals for run_id in got if run_id in ended
     )
+    if dump:  # for a look at when the late ones ended and arrived
+        name = f"{label.split()[-1]}-{int(started)}.json"
+        (dump / name).write_text(
+            json.dumps({"started": started, "ended": ended, "arrivals": arrivals})
+        )
     delivered = sum(len(got) for got in arrivals)
     dead_attempts = WebhookAttempt.objects.filter(
         delivery__endpoint__project=project, delivery__endpoint__url__in=dead_urls.values()
@@ -286,6 +307,73 @@ def one(label: str, runs: int, with_dead: bool, user, worker_pid: int, rate: flo
     }
 
 
+def deliveries_add(endpoints: list, count: int, **fields) -> None:
+    """`count` deliveries spread over `endpoints`, 10,000 an INSERT."""
+    from automation.models import WebhookDelivery
+
+    for first in range(0, count, 10_000):
+        WebhookDelivery.objects.bulk_create(
+            WebhookDelivery(
+                id=f"msg_{uuid.uuid4().hex}", endpoint=endpoints[i % len(endpoints)],
+                event_type="run.completed", body='{"type":"run.completed"}', **fields,
+            )
+            for i in range(first, min(count, first + 10_000))
+        )  # fmt: skip
+
+
+def backlog_make(user, rows: int) -> None:
+    """Once per database: a project of 3 dead endpoints (backed off) holding `rows`
+    pending deliveries, all past due (what a day of a dead receiver leaves), and one live
+    endpoint with `rows` delivered ones (its history) and 50 due (for --claim-plan)."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from automation.models import WebhookEndpoint
+    from projects.models import Project
+
+    project, made = Project.objects.get_or_create(owner=user, name=f"hooks backlog {rows}")
+    if not made:
+        return
+    now = timezone.now()
+
+    def endpoint(**fields) -> WebhookEndpoint:
+        return WebhookEndpoint.objects.create(
+            project=project, url=closed_port_url(), events=["run.completed"],
+            secret="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", **fields,
+        )  # fmt: skip
+
+    dead = [endpoint(consecutive_failures=6, blocked_until=now + timedelta(days=1)) for _ in "abc"]
+    deliveries_add(dead, rows, next_attempt_at=now - timedelta(hours=1))
+    live = endpoint(description="claim plan", enabled=False)  # never drained by the bench
+    deliveries_add([live], rows, status="delivered", delivered_at=now)
+    deliveries_add([live], 50, next_attempt_at=now)
+
+
+def claim_plan(user, rows: int) -> None:
+    """EXPLAIN ANALYZE of a drain's claim (automation.delivery.claimable) of 50 deliveries
+    of the backlog's live endpoint. The database is not migrated first: the plan before an
+    index change is `manage.py migrate automation <earlier migration>` away."""
+    from django.db import connection, transaction
+    from django.utils import timezone
+
+    from automation.delivery import claimable
+    from automation.models import WebhookEndpoint
+
+    endpoint = WebhookEndpoint.objects.get(
+        project__owner=user, project__name=f"hooks backlog {rows}", description="claim plan"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE automation_webhookdelivery")
+    for attempt in range(3):  # the last one warm
+        with transaction.atomic():
+            plan = claimable(endpoint.id, now=timezone.now(), limit=50).explain(
+                analyze=True, buffers=True
+            )
+        print(f"claim {attempt + 1}: {plan.splitlines()[-1].strip()}")
+    print(plan)
+
+
 def main() -> None:
     if sys.argv[1:] == ["--serve"]:
         serve()
@@ -296,17 +384,37 @@ def main() -> None:
     parser.add_argument(
         "--rate", type=float, default=0, help="completions per second (0: all at once)"
     )
+    parser.add_argument(
+        "--backlog",
+        type=int,
+        default=0,
+        help="pending deliveries of dead endpoints in the table first (made once)",
+    )
+    parser.add_argument(
+        "--claim-plan",
+        action="store_true",
+        help="print the claim's EXPLAIN ANALYZE beside the backlog and stop (no migrate)",
+    )
+    parser.add_argument("--dump", type=Path, help="a folder for each measurement's times")
     args = parser.parse_args()
 
     from django.conf import settings
     from django.contrib.auth import get_user_model
     from django.core.management import call_command
 
-    call_command("migrate", verbosity=0)
+    if not args.claim_plan:
+        call_command("migrate", verbosity=0)
     user, _ = get_user_model().objects.get_or_create(username="hooks-bench")
+    if args.backlog:
+        backlog_make(user, args.backlog)
+    if args.claim_plan:
+        print(f"backlog: {args.backlog} pending deliveries of dead endpoints")
+        claim_plan(user, args.backlog)
+        return
     log_dir = Path(os.environ["VAR_DIR"]) / f"logs-{int(time.time())}"
     log_dir.mkdir(parents=True)
     procs = [start(name, log_dir) for name in ("webhooks", "worker", "beat")]
+    webhooks_pids = [procs[0].pid]
     time.sleep(8)  # the workers' start (no readiness probe on a dedicated worker's queue)
     print(
         f"runs={args.runs} rate={args.rate or 'burst'}/s; endpoints: 7 live + 3 down "
@@ -317,10 +425,12 @@ def main() -> None:
     )
     rows = []
     try:
+        cases = [("baseline 7 live", False), ("7 live + 3 down", True)]
         for r in range(args.rounds):
-            for label, dead in (("baseline 7 live", False), ("7 live + 3 down", True)):
+            # Which case goes first alternates: the first of a round was the slower.
+            for label, dead in cases if r % 2 == 0 else cases[::-1]:
                 load = os.getloadavg()[0]
-                row = one(label, args.runs, dead, user, procs[0].pid, args.rate)
+                row = one(label, args.runs, dead, user, webhooks_pids, args.rate, args.dump)
                 row["round"], row["load"] = r + 1, load
                 rows.append(row)
                 print(

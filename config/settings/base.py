@@ -649,9 +649,12 @@ EGRESS_ALLOW_NETWORKS["webhooks"] = env.list("EGRESS_ALLOW_NETWORKS_WEBHOOKS", d
 # One attempt waits at most this long for the endpoint (connecting: the shorter one).
 WEBHOOK_TIMEOUT_SECONDS = env.float("WEBHOOK_TIMEOUT_SECONDS", default=5)
 WEBHOOK_CONNECT_TIMEOUT_SECONDS = env.float("WEBHOOK_CONNECT_TIMEOUT_SECONDS", default=2)
-# Drains (so attempts) in flight to one endpoint at once: an endpoint holds at most this
-# many of the webhooks worker's threads (the Procfile gives it 50); a failing one, one.
+# Attempts in flight to one endpoint at once (over all its drains); a failing one, one.
 WEBHOOK_ENDPOINT_CONCURRENCY = env.int("WEBHOOK_ENDPOINT_CONCURRENCY", default=16)
+# A drain sends its batch over this many kept-alive connections at once (its own thread
+# and helper threads of the batch): a delivery waits for its batch's sends ahead of it
+# divided by this, and the round trips overlap.
+WEBHOOK_SEND_LANES = env.int("WEBHOOK_SEND_LANES", default=8)
 # After the n-th failure in a row an endpoint waits WEBHOOK_BACKOFF_SECONDS[n-1] (the last
 # one from then on); a delivery is given up once it is older than the retry window.
 WEBHOOK_BACKOFF_SECONDS = [
@@ -663,8 +666,9 @@ WEBHOOK_RETRY_WINDOW_SECONDS = env.float("WEBHOOK_RETRY_WINDOW_SECONDS", default
 WEBHOOK_SWEEP_SECONDS = env.float("WEBHOOK_SWEEP_SECONDS", default=5)
 # A drain claims an endpoint's due deliveries this many at a time (one transaction to
 # claim, one to record); a full batch slower than WEBHOOK_DRAIN_SPLIT_SECONDS starts another
-# drain of the endpoint (up to WEBHOOK_ENDPOINT_CONCURRENCY). An endpoint's host is
-# resolved and checked by the egress guard again after WEBHOOK_RESOLVE_SECONDS.
+# drain of the endpoint (while attempt slots, WEBHOOK_ENDPOINT_CONCURRENCY, are free). An
+# endpoint's host is resolved and checked by the egress guard again after
+# WEBHOOK_RESOLVE_SECONDS.
 WEBHOOK_DRAIN_BATCH = env.int("WEBHOOK_DRAIN_BATCH", default=50)
 WEBHOOK_DRAIN_SPLIT_SECONDS = env.float("WEBHOOK_DRAIN_SPLIT_SECONDS", default=0.5)
 WEBHOOK_RESOLVE_SECONDS = env.float("WEBHOOK_RESOLVE_SECONDS", default=30)

@@ -15,20 +15,34 @@ from tests.runtime.conftest import qdrant_path, runtime_settings  # noqa: F401
 
 
 class Receiver:
-    """An HTTP endpoint on 127.0.0.1 answering `status` (or hanging), recording what came."""
+    """An HTTP endpoint on 127.0.0.1 answering `status` (or hanging), recording what came
+    and the most requests it had in flight at once. With `hold`, every request after the
+    first is answered only once `hold` have been in flight at once (or after 10 s): sends
+    made at once are seen at once. With `fail_from`, the n-th request and later ones answer 500."""
 
-    def __init__(self, status: int = 204) -> None:
+    def __init__(self, status: int = 204, *, hold: int = 0, fail_from: int = 0) -> None:
         self.status = status
         self.received: list[dict] = []
+        self.in_flight = self.most_in_flight = 0
+        gate = threading.Condition()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                receiver.received.append(
-                    {"headers": dict(self.headers), "body": body.decode(), "at": time.time()}
-                )
-                self.send_response(receiver.status)
+                with gate:
+                    receiver.received.append(
+                        {"headers": dict(self.headers), "body": body.decode(), "at": time.time()}
+                    )
+                    number = len(receiver.received)
+                    receiver.in_flight += 1
+                    receiver.most_in_flight = max(receiver.most_in_flight, receiver.in_flight)
+                    gate.notify_all()
+                    if hold and number > 1:
+                        gate.wait_for(lambda: receiver.most_in_flight >= hold, timeout=10)
+                    receiver.in_flight -= 1
+                failing = fail_from and number >= fail_from
+                self.send_response(500 if failing else receiver.status)
                 self.send_header("content-length", "0")
                 self.end_headers()
 
@@ -56,8 +70,8 @@ def receiver_factory(settings):
     }
     made: list[Receiver] = []
 
-    def make(status: int = 204) -> Receiver:
-        made.append(Receiver(status))
+    def make(status: int = 204, **kwargs) -> Receiver:
+        made.append(Receiver(status, **kwargs))
         return made[-1]
 
     yield make

@@ -326,3 +326,80 @@ def test_a_batch_whose_drain_died_is_sent_again_after_its_lease(
     assert deliveries_due() == 1  # the lease ran out: the sweep kicks the endpoint
     wait_until(lambda: receiver.received, what="the delivery")
     assert [r["headers"]["webhook-id"] for r in receiver.received] == [claimed[0]]
+
+
+def _runs_ended_while_no_drain_runs(api, session, hook_id: str, count: int) -> None:
+    """`count` run ends recorded for the endpoint while its kick counter says a drain is
+    under way (so none starts), then the counter gone, as after a drain that ended."""
+    redis = scoped(session.project.owner_id, session.project_id)
+    redis.set(f"webhooks:kick:{hook_id}", 1)
+    for _ in range(count):
+        _end_a_run(api, session)
+    redis.delete(f"webhooks:kick:{hook_id}")
+
+
+@pytest.mark.parametrize(("cap", "expected"), [(16, 4), (3, 3)])
+def test_a_batch_goes_out_over_several_connections_at_once(
+    api, session, receiver_factory, webhooks_worker, settings, cap, expected
+):
+    settings.WEBHOOK_SEND_LANES = 4
+    settings.WEBHOOK_ENDPOINT_CONCURRENCY = cap  # attempts in flight, over all lanes
+    # The first send goes alone; the others are answered once `expected` are in flight.
+    receiver = receiver_factory(hold=expected)
+    hook = api.post(
+        _hooks_url(session.project), {"url": receiver.url, "events": ["run.completed"]},
+        format="json",
+    ).json()  # fmt: skip
+    _runs_ended_while_no_drain_runs(api, session, hook["id"], 1 + 2 * expected)
+    assert deliveries_due() == 1  # one drain, on the worker
+    wait_until(
+        lambda: (
+            WebhookDelivery.objects.filter(endpoint_id=hook["id"], status="delivered").count()
+            == 1 + 2 * expected
+        ),
+        what="all delivered",
+    )
+    assert receiver.most_in_flight == expected
+    ids = [r["headers"]["webhook-id"] for r in receiver.received]
+    assert sorted(ids) == sorted(set(ids))  # each once
+    assert set(WebhookAttempt.objects.values_list("number", flat=True)) == {1}
+    redis = scoped(session.project.owner_id, session.project_id)
+    wait_until(lambda: int(redis.get(f"webhooks:inflight:{hook['id']}") or 0) == 0, what="slots")
+
+
+def test_sends_in_flight_when_the_endpoint_fails_back_it_off_once(
+    api, session, receiver_factory, settings
+):
+    settings.WEBHOOK_SEND_LANES = 4
+    settings.WEBHOOK_BACKOFF_SECONDS = [60, 600]
+    # 204 to the first (sent alone), then 500 to the next 4, sent at once.
+    receiver = receiver_factory(hold=4, fail_from=2)
+    hook = api.post(
+        _hooks_url(session.project), {"url": receiver.url, "events": ["run.completed"]},
+        format="json",
+    ).json()  # fmt: skip
+    _runs_ended_while_no_drain_runs(api, session, hook["id"], 12)
+    assert endpoint_drain(endpoint_id=hook["id"]) == {
+        "delivered": 1,
+        "failed": 1,
+        "state": "backoff",
+    }
+    assert len(receiver.received) == 5 and receiver.most_in_flight == 4
+    endpoint = WebhookEndpoint.objects.get(id=hook["id"])
+    assert endpoint.consecutive_failures == 1  # one failure of the endpoint, not four
+    deliveries = WebhookDelivery.objects.filter(endpoint_id=hook["id"])
+    sent = {r["headers"]["webhook-id"] for r in receiver.received}
+    (delivered,) = [d for d in deliveries if d.status == "delivered"]
+    assert delivered.id in sent
+    failed = [d for d in deliveries if d.id in sent and d.id != delivered.id]
+    untried = [d for d in deliveries if d.id not in sent]
+    assert len(failed) == 4 and len(untried) == 7
+    for delivery in failed:  # each failure logged, due again after the backoff
+        assert delivery.status == "pending" and delivery.attempts == 1
+        assert delivery.next_attempt_at == endpoint.blocked_until
+        assert delivery.log.get().status_code == 500
+    for delivery in untried:  # given back untried, waiting for the backoff too
+        assert delivery.status == "pending" and delivery.attempts == 0
+        assert delivery.next_attempt_at == endpoint.blocked_until
+    redis = scoped(session.project.owner_id, session.project_id)
+    assert int(redis.get(f"webhooks:inflight:{hook['id']}")) == 0
