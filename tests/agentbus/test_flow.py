@@ -400,3 +400,21 @@ def test_a_queue_parked_when_flow_control_is_turned_off_is_listed_by_the_sweep(
     with shared_channel(holder) as (connection, _channel):
         drain(connection, holder, 1)
     assert [_project_of(m) for m in holder.messages] == [queue]
+
+
+def test_with_flow_control_off_a_deleted_projects_lists_are_purged_and_skipped(
+    settings, redis_client
+):
+    gone, kept = uuid.uuid4(), uuid.uuid4()
+    send(tasks.record, project_id=gone)
+    send(tasks.record, project_id=gone, lane="bulk")  # sent while flow control was on
+    send(tasks.record, project_id=kept)
+    settings.AGENTBUS_FLOW_CONTROL = False
+    project_tombstone(gone)
+    holder = Holder(ack=True)
+    with shared_channel(holder) as (connection, _channel):
+        drain(connection, holder, 2, timeout=1.0)
+    assert [_project_of(m) for m in holder.messages] == [project_queue(kept)]
+    queue = project_queue(gone)
+    assert not redis_client.exists(queue, queue + BULK_SUFFIX)
+    assert not redis_client.sismember(READY_MEMBERS_KEY, queue)
