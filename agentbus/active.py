@@ -56,6 +56,7 @@ from .keys import (
 from .queues import PROJECT_QUEUE_PREFIX, project_id_from_queue, project_queue
 from .transport import (
     all_lane_keys,
+    flow_control_on,
     forget_flow,
     keys_per_project_queue,
     lane_base,
@@ -343,9 +344,11 @@ def sweep_ready(*, force: bool = False, batch: int = 1000) -> int | None:
             break
         offset += len(queues)
         # A queue parked at its cap (agentbus.flow) is off the list on purpose: the take
-        # lists it again when a slot comes back.
-        parked = client.zmscore(FLOW_PARKED_KEY, queues)
-        queues = [q for q, p in zip(queues, parked, strict=True) if p is None]
+        # lists it again when a slot comes back. With flow control off no take does
+        # (one parked before it was turned off is listed here).
+        if flow_control_on():
+            parked = client.zmscore(FLOW_PARKED_KEY, queues)
+            queues = [q for q, p in zip(queues, parked, strict=True) if p is None]
         listed += list_if_waiting(client, queues)
     if listed:
         logger.warning("listed %d queue(s) holding messages the ready list missed", listed)

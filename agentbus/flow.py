@@ -20,7 +20,8 @@ worker process and host:
   one take in AGENTBUS_BULK_EVERY prefers bulk, so bulk never starves.
 
 Only the Redis bus does this (the channel of agentbus.transport, shared workers); on
-kombu's own channel the rules are stored but not applied, and a bulk message goes on the
+kombu's own channel, and with AGENTBUS_FLOW_CONTROL off (the plain round-robin take,
+TAKE_PLAIN), the rules are stored but not applied, and a bulk message goes on the
 project's one queue. Rules are written by the app that owns projects' settings
 (`flow_rules_set`), never read from the database by a worker.
 """
@@ -42,6 +43,7 @@ from .transport import (
     FLOW_COUNTERS,
     INTERACTIVE,
     LANES,
+    flow_control_on,
     lane_keys,
     run_script,
     slots_key,
@@ -52,6 +54,7 @@ __all__ = [
     "INTERACTIVE",
     "LANES",
     "FlowStatus",
+    "flow_control_on",
     "flow_counters",
     "flow_rules_set",
     "flow_rules_stored",

@@ -237,6 +237,94 @@ if added > 0 and redis.call('LLEN', KEYS[3]) == 0 then redis.call('RPUSH', KEYS[
 return added
 """
 
+# What both takes (TAKE, TAKE_PLAIN) begin with: the time; `record`, which records a
+# delivery as kombu's QoS.append does (to be put back on the list it was taken from: its
+# lane) in the same step; `take_own`, the first message of the worker's own
+# (non-project) queues, KEYS from `first` on; and `ring`, after a take from the ready
+# list: the entries left on it, and the bell for a sleeping worker when there are any.
+_TAKE_COMMON = """
+local now_t = redis.call('TIME')
+local now = tonumber(now_t[1]) + tonumber(now_t[2]) / 1000000
+local function record(lane, payload)
+  -- The delivery tag: the last "delivery_tag" key of the message, in its properties
+  -- (kombu writes them last; the body is base64, and a quote inside a string value
+  -- is escaped, so the pattern cannot match inside one). Found without decoding.
+  local at, tag = 0, nil
+  while true do
+    local s, e = string.find(payload, '"delivery_tag": "', at + 1, true)
+    if not s then break end
+    at = e
+  end
+  if at > 0 then tag = string.sub(payload, at + 1, string.find(payload, '"', at + 1, true) - 1) end
+  if not tag then return 0, nil end
+  redis.call('ZADD', KEYS[5], now, tag)
+  -- Put back to the list it was taken from (kombu's restore: nameless exchange).
+  redis.call('HSET', KEYS[4], tag, '[' .. payload .. ',"",' .. cjson.encode(lane) .. ']')
+  return 1, tag
+end
+local function take_own(first)
+  for k = first, #KEYS do
+    local payload = redis.call('RPOP', KEYS[k])
+    if payload then return {KEYS[k], payload, 1, (record(KEYS[k], payload)), 0} end
+  end
+  return nil
+end
+local function ring()
+  local left = redis.call('LLEN', KEYS[1])
+  if left == 0 then
+    -- This worker saw the list empty: a token rung for what it just took would only
+    -- wake it (or another) for nothing.
+    redis.call('DEL', KEYS[3])
+  elseif redis.call('LLEN', KEYS[3]) == 0 then
+    redis.call('RPUSH', KEYS[3], '1')  -- more work: wake another worker that sleeps
+  end
+  return left
+end
+"""
+
+# The take with flow control off (AGENTBUS_FLOW_CONTROL false): the bus without the
+# rules, plain round robin, one message per turn; no rules read, no slot, no counter,
+# no lane turn. KEYS: ready list, ready members, bell, unacked, unacked index, then the
+# worker's own queues. ARGV: tombstone prefix, project queue prefix, entries to skip,
+# bulk suffix. Returns {queue, message, ready entries left, recorded, 0, lane} or false.
+# Publishers put bulk work on the interactive list then; a bulk list is looked at only
+# when the interactive one is empty (work left there while flow control was on).
+TAKE_PLAIN = (
+    _TAKE_COMMON
+    + """
+local own = take_own(6)
+if own then return own end
+local skip = string.len(ARGV[2])
+for _ = 1, tonumber(ARGV[3]) do
+  local queue = redis.call('LPOP', KEYS[1])
+  if not queue then
+    redis.call('DEL', KEYS[3])  -- nothing listed: no wake-up is owed
+    return false
+  end
+  local payload, lane = false, queue
+  if redis.call('EXISTS', ARGV[1] .. string.sub(queue, skip + 1)) == 1 then
+    redis.call('DEL', queue, queue .. ARGV[4])
+  else
+    payload = redis.call('RPOP', queue)
+    if not payload then
+      lane = queue .. ARGV[4]
+      payload = redis.call('RPOP', lane)
+    end
+  end
+  if payload and redis.call('LLEN', lane) > 0 then
+    redis.call('RPUSH', KEYS[1], queue)
+  else
+    redis.call('SREM', KEYS[2], queue)
+  end
+  if payload then
+    local recorded = record(lane, payload)
+    return {queue, payload, ring(), recorded, 0, lane}
+  end
+end
+return false
+"""
+)
+
 # A shared worker's poll (one priority step, no key prefix: see Channel.takes_over).
 # KEYS: ready list, ready members, bell, unacked, unacked index, flow rules, flow
 # credit, parked queues, flow counters, then the worker's own (non-project) queues.
@@ -263,36 +351,14 @@ return added
 # batches, unless the queue has bulk work), no credit (weight 1 serves one message a
 # turn), no slot (no cap: nothing to lease, renew or release), no lane turn and no look
 # at a bulk list unless it was given bulk work.
-TAKE = """
-local now_t = redis.call('TIME')
-local now = tonumber(now_t[1]) + tonumber(now_t[2]) / 1000000
-local function record(lane, payload)
-  -- The delivery tag: the last "delivery_tag" key of the message, in its properties
-  -- (kombu writes them last; the body is base64, and a quote inside a string value
-  -- is escaped, so the pattern cannot match inside one). Found without decoding.
-  local at, tag = 0, nil
-  while true do
-    local s, e = string.find(payload, '"delivery_tag": "', at + 1, true)
-    if not s then break end
-    at = e
-  end
-  if at > 0 then tag = string.sub(payload, at + 1, string.find(payload, '"', at + 1, true) - 1) end
-  if not tag then return 0, nil end
-  redis.call('ZADD', KEYS[5], now, tag)
-  -- Put back to the list it was taken from (kombu's restore: nameless exchange).
-  redis.call('HSET', KEYS[4], tag, '[' .. payload .. ',"",' .. cjson.encode(lane) .. ']')
-  return 1, tag
-end
+TAKE = (
+    _TAKE_COMMON
+    + """
 local function list(queue)
   if redis.call('SADD', KEYS[2], queue) == 1 then redis.call('RPUSH', KEYS[1], queue) end
 end
-for k = 10, #KEYS do
-  local payload = redis.call('RPOP', KEYS[k])
-  if payload then
-    local recorded = record(KEYS[k], payload)
-    return {KEYS[k], payload, 1, recorded, 0}
-  end
-end
+local own = take_own(10)
+if own then return own end
 -- Parked queues whose earliest lease ended: listed again (their slot may be free
 -- now). Looked at only when the earliest due time (a field of the rules, read with a
 -- queue's rules) has passed, or the ready list is empty.
@@ -413,19 +479,12 @@ for _ = 1, tonumber(ARGV[3]) do
       redis.call('ZADD', slots, now + lease, tag)
       slot = 1
     end
-    local left = redis.call('LLEN', KEYS[1])
-    if left == 0 then
-      -- This worker saw the list empty: a token rung for what it just took would only
-      -- wake it (or another) for nothing.
-      redis.call('DEL', KEYS[3])
-    elseif redis.call('LLEN', KEYS[3]) == 0 then
-      redis.call('RPUSH', KEYS[3], '1')  -- more work: wake another worker that sleeps
-    end
-    return {queue, payload, left, recorded, slot, lane, counted}
+    return {queue, payload, ring(), recorded, slot, lane, counted}
   end
 end
 return false
 """
+)
 
 # A capped slot given back (the message was acknowledged, rejected or put back).
 # KEYS: the queue's slots, parked queues, ready members, ready list, bell.
@@ -449,8 +508,41 @@ return n
 """
 
 _SHA = {
-    source: hashlib.sha1(source.encode()).hexdigest() for source in (PUBLISH, TAKE, RELEASE, RENEW)
+    source: hashlib.sha1(source.encode()).hexdigest()
+    for source in (PUBLISH, TAKE, TAKE_PLAIN, RELEASE, RENEW)
 }
+
+
+def flow_control_on() -> bool:
+    """Whether the shared workers' take applies the flow rules (AGENTBUS_FLOW_CONTROL):
+    off, it is the plain round robin (TAKE_PLAIN) and bulk work goes on the interactive
+    list; the rules stay stored, not applied."""
+    return bool(settings.AGENTBUS_FLOW_CONTROL)
+
+
+def take_call(unacked: str, unacked_index: str) -> tuple[str, list[str], list[str]]:
+    """The take a shared worker sends (TAKE, or TAKE_PLAIN with flow control off), its
+    keys before the worker's own queues and its arguments, given kombu's unacked keys."""
+    keys = [READY_KEY, READY_MEMBERS_KEY, READY_BELL_KEY, unacked, unacked_index]
+    if not flow_control_on():
+        return (
+            TAKE_PLAIN,
+            keys,
+            [TOMBSTONE_PREFIX, PROJECT_QUEUE_PREFIX, str(TAKE_SKIP_MAX), BULK_SUFFIX],
+        )
+    keys += [FLOW_RULES_KEY, FLOW_CREDIT_KEY, FLOW_PARKED_KEY, FLOW_STATS_KEY]
+    args = [
+        TOMBSTONE_PREFIX,
+        PROJECT_QUEUE_PREFIX,
+        str(TAKE_SKIP_MAX),
+        str(settings.AGENTBUS_SLOT_LEASE_SECONDS),
+        str(max(1, int(settings.AGENTBUS_BULK_EVERY))),
+        FLOW_SLOTS_PREFIX,
+        BULK_SUFFIX,
+        str(max(1, int(settings.AGENTBUS_DEFAULT_WEIGHT))),
+        FLOW_PARKED_DUE_FIELD,
+    ]
+    return TAKE, keys, args
 
 
 def lane_list(queue: str, lane: str) -> str:
@@ -653,6 +745,8 @@ class Channel(kombu_redis.Channel):
             return super()._put(queue, message, **kwargs)
         headers = message.get("headers") if isinstance(message, dict) else None
         lane = headers.get(LANE_HEADER) if isinstance(headers, dict) else None
+        if not flow_control_on():
+            lane = INTERACTIVE  # no lanes without the rules: the project's one list
         with self.conn_or_acquire() as client:
             self.last_put = int(
                 run_script(
@@ -741,7 +835,7 @@ class Channel(kombu_redis.Channel):
 
     def _load_take(self) -> None:
         with self.conn_or_acquire() as client:
-            client.script_load(TAKE)
+            client.script_load(TAKE if flow_control_on() else TAKE_PLAIN)
 
     def _brpop_start(self, timeout=None):
         if not self.takes_over:
@@ -784,30 +878,9 @@ class Channel(kombu_redis.Channel):
             self._send_poll(_command("BRPOP", *keys, str(timeout or 0)), "BRPOP")
             return
         if self._take_command is None:
-            keys = [
-                READY_KEY,
-                READY_MEMBERS_KEY,
-                READY_BELL_KEY,
-                self.unacked_key,
-                self.unacked_index_key,
-                FLOW_RULES_KEY,
-                FLOW_CREDIT_KEY,
-                FLOW_PARKED_KEY,
-                FLOW_STATS_KEY,
-                *self._own_queues,
-            ]
-            args = [
-                TOMBSTONE_PREFIX,
-                PROJECT_QUEUE_PREFIX,
-                str(TAKE_SKIP_MAX),
-                str(settings.AGENTBUS_SLOT_LEASE_SECONDS),
-                str(max(1, int(settings.AGENTBUS_BULK_EVERY))),
-                FLOW_SLOTS_PREFIX,
-                BULK_SUFFIX,
-                str(max(1, int(settings.AGENTBUS_DEFAULT_WEIGHT))),
-                FLOW_PARKED_DUE_FIELD,
-            ]
-            self._take_command = _command("EVALSHA", _SHA[TAKE], str(len(keys)), *keys, *args)
+            script, keys, args = take_call(self.unacked_key, self.unacked_index_key)
+            keys += self._own_queues
+            self._take_command = _command("EVALSHA", _SHA[script], str(len(keys)), *keys, *args)
         self._send_poll(self._take_command, "EVALSHA")
 
     def _send_poll(self, command: bytes, kind: str) -> None:
@@ -855,7 +928,7 @@ class Channel(kombu_redis.Channel):
         self._idle = left == 0
         message = json.loads(payload)
         tag = message["properties"]["delivery_tag"]
-        if int(reply[4]):
+        if len(reply) > 4 and int(reply[4]):
             self._slots[tag] = queue
         if len(reply) > 6 and not int(reply[6]) and is_project_queue(queue):
             self._served[queue] += 1  # added to the counters by flush_served

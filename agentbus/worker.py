@@ -53,7 +53,15 @@ from .active import (
 )
 from .broker import uses_amqp
 from .queues import direct_queue, is_project_queue
-from .transport import batched, check_kombu, flush_served, renew_slots, use_ready_list, wake
+from .transport import (
+    batched,
+    check_kombu,
+    flow_control_on,
+    flush_served,
+    renew_slots,
+    use_ready_list,
+    wake,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +132,10 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             self.timer_ref = c.timer.call_repeatedly(
                 settings.AGENTBUS_RECONCILE_SECONDS, self._reconcile_safely, (c,), priority=10
             )
-        if self.renew_ref is None and self.ready_list:
+        if self.renew_ref is None and self.ready_list and flow_control_on():
             # Capped slots held by this worker's messages live while it renews them; the
-            # takes it counted itself are added to the served counters on the same beat.
+            # takes it counted itself are added to the served counters on the same beat
+            # (flow control off: no slot is taken, no take counted).
             self.renew_ref = c.timer.call_repeatedly(
                 settings.AGENTBUS_SLOT_LEASE_SECONDS / 3, self._renew_safely, (c,), priority=10
             )

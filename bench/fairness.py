@@ -34,15 +34,24 @@ AGENTBUS_SLOT_LEASE_SECONDS=30 (the default), LLM_MAX_RETRIES=0 for the limit go
 5. cost: 5,000 no-op tasks (`--cost-tasks`) spread over 1,000 active projects, one
    worker; tasks/s, the Redis server's CPU per task (INFO cpu of the bench's own server,
    publish + take + run + ack) and that plus the worker process's CPU (/proc, all its
-   threads; the publishing bench process left out) in four modes: `before` (the worker
-   run from `--base-ref`, default the bus before flow control, extracted with `git
-   archive`), `none` (this code, no rules set), `weights` (every project weight 2, no
-   cap), `capped` (weight 2, cap 1,000: applied but not binding). Costs are paired with
-   `before` within each round.
+   threads; the publishing bench process left out) in five modes:
+   - `off`, **the baseline**: this tree with AGENTBUS_FLOW_CONTROL=false, so the only
+     difference to the other modes of this tree is the rules: the plain round-robin
+     take (TAKE_PLAIN: no rules read, no slot, no counter, no lane turn) and no renew
+     and served-count beat in the worker. Everything else (trace headers, no-op spans,
+     task metrics, the message's size) is the same code in both;
+   - `none` (no rules set), `weights` (every project weight 2, no cap), `capped`
+     (weight 2, cap 1,000: applied but not binding);
+   - `before`: the worker run from `--base-ref` (default 19734fc, the bus before flow
+     control, extracted with `git archive`), kept for history: it also lacks what came
+     after it besides the rules (tracing's headers and spans, task metrics), so its
+     distance to `off` is that code's cost, not the rules'.
+   Every mode runs in each round (alternating order), and its costs are paired with
+   `off`'s of the same round.
 6. take: the broker's side alone (the take script as a shared worker sends it plus the
    acknowledgement, and the slot's release under a cap), `--take-tasks` messages on
    1,000 queues, sent from this process one at a time: wall µs per task and the Redis
-   server's CPU µs per task, in the same four modes.
+   server's CPU µs per task, in the same five modes, paired with `off`.
 7. paired: the broker's side again, every mode in one Redis at once, interleaved in
    blocks of 50 takes so each meets the same load (its own projects, ready list and
    unacked keys): the server's CPU, the scripts' own time (commandstats) and Redis
@@ -80,6 +89,7 @@ if __name__ == "__main__":
 
 from celery import shared_task  # noqa: E402
 from django.core.management import call_command  # noqa: E402
+from django.test import override_settings  # noqa: E402
 
 from agentbus import AgentBusTask, publish, transport  # noqa: E402
 from agentbus.keys import ACTIVE_KEY  # noqa: E402
@@ -321,9 +331,12 @@ def lanes(backlog: int, lane: str) -> float:
 
 
 # The rules each cost mode gives every one of the 1,000 projects: (weight, max in flight).
-# `none`: no rules (the take's defaults); `before`: the worker of `--base-ref`.
+# `none`: no rules (the take's defaults); `off`: this tree with flow control off
+# (AGENTBUS_FLOW_CONTROL=false: the plain take, no renew beat), the bus without the
+# rules and the baseline the others are paired with; `before`: the worker of
+# `--base-ref`.
 COST_RULES = {"none": None, "weights": (2, 0), "capped": (2, 1000)}
-COST_MODES = ("before", "none", "weights", "capped")
+COST_MODES = ("before", "off", "none", "weights", "capped")
 
 
 def server_cpu() -> float:
@@ -356,7 +369,8 @@ def cost(mode: str, base_root: Path | None, total: int = 5000) -> tuple[float, f
     get_redis().zadd(ACTIVE_KEY, {project_queue(p): time.time() for p in projects})
     rules_for(projects, mode)
     root = base_root if mode == "before" else ROOT
-    with workers(root=root) as started:
+    env = {"AGENTBUS_FLOW_CONTROL": "false" if mode == "off" else "true"}
+    with workers(root=root, env=env) as started:
         pid = started[0].proc.pid
         cpu, worker_cpu = server_cpu(), process_cpu(pid)
         first = time.time()
@@ -366,6 +380,20 @@ def cost(mode: str, base_root: Path | None, total: int = 5000) -> tuple[float, f
         redis_us = (server_cpu() - cpu) / total * 1e6
         worker_us = (process_cpu(pid) - worker_cpu) / total * 1e6
         return total / (last - first), redis_us, worker_us + redis_us
+
+
+def take_setup(mode: str, base_root: Path | None, unacked: str, index: str) -> tuple:
+    """The take script a shared worker of `mode` sends, its keys (ready list, members,
+    bell, the unacked keys given, ...; no queue of its own) and its arguments: `before`
+    the take of `--base-ref`, `off` this tree's with flow control off, else this tree's."""
+    if mode != "before":
+        with override_settings(AGENTBUS_FLOW_CONTROL=mode != "off"):
+            return transport.take_call(unacked, index)
+    source = (base_root / "agentbus" / "transport.py").read_text()
+    script = re.search(r'\nTAKE = """(.*?)"""', source, re.S).group(1)
+    keys = [transport.READY_KEY, transport.READY_MEMBERS_KEY, transport.READY_BELL_KEY]
+    args = [transport.TOMBSTONE_PREFIX, transport.PROJECT_QUEUE_PREFIX, "64"]
+    return script, [*keys, unacked, index], args
 
 
 def take_cost(mode: str, base_root: Path | None, tasks: int = 5000) -> tuple[float, float]:
@@ -380,20 +408,7 @@ def take_cost(mode: str, base_root: Path | None, tasks: int = 5000) -> tuple[flo
     rules_for(projects, mode)
     for i in range(tasks):
         publish(flow_work, project_id=projects[i % len(projects)], kwargs={})
-    common = [transport.READY_KEY, transport.READY_MEMBERS_KEY, transport.READY_BELL_KEY]
-    common += ["unacked", "unacked_index"]
-    if mode == "before":
-        source = (base_root / "agentbus" / "transport.py").read_text()
-        script = re.search(r'\nTAKE = """(.*?)"""', source, re.S).group(1)
-        keys = common
-        args = [transport.TOMBSTONE_PREFIX, transport.PROJECT_QUEUE_PREFIX, "64"]
-    else:
-        script = transport.TAKE
-        keys = [*common, transport.FLOW_RULES_KEY, transport.FLOW_CREDIT_KEY]
-        keys += [transport.FLOW_PARKED_KEY, transport.FLOW_STATS_KEY]
-        args = [transport.TOMBSTONE_PREFIX, transport.PROJECT_QUEUE_PREFIX, "64", "30", "4"]
-        args += [transport.FLOW_SLOTS_PREFIX, transport.BULK_SUFFIX, "1"]
-        args += [transport.FLOW_PARKED_DUE_FIELD]
+    script, keys, args = take_setup(mode, base_root, "unacked", "unacked_index")
     sha = client.script_load(script)
     release = client.script_load(transport.RELEASE)
     cpu = server_cpu()
@@ -438,18 +453,10 @@ def take_paired(base_root: Path | None, tasks: int, block: int = 50) -> dict[str
         ):
             if client.exists(key):
                 client.rename(key, name)
-        keys = [*names, f"bench:{mode}:unacked", f"bench:{mode}:unacked_index"]
-        if mode == "before":
-            source = (base_root / "agentbus" / "transport.py").read_text()
-            script = re.search(r'\nTAKE = """(.*?)"""', source, re.S).group(1)
-            args = [transport.TOMBSTONE_PREFIX, transport.PROJECT_QUEUE_PREFIX, "64"]
-        else:
-            script = transport.TAKE
-            keys += [transport.FLOW_RULES_KEY, transport.FLOW_CREDIT_KEY]
-            keys += [transport.FLOW_PARKED_KEY, transport.FLOW_STATS_KEY]
-            args = [transport.TOMBSTONE_PREFIX, transport.PROJECT_QUEUE_PREFIX, "64", "30", "4"]
-            args += [transport.FLOW_SLOTS_PREFIX, transport.BULK_SUFFIX, "1"]
-            args += [transport.FLOW_PARKED_DUE_FIELD]
+        script, keys, args = take_setup(
+            mode, base_root, f"bench:{mode}:unacked", f"bench:{mode}:unacked_index"
+        )
+        keys[:3] = names
         setup[mode] = (client.script_load(script), keys, args)
     release = client.script_load(transport.RELEASE)
     totals = {m: [0.0, 0.0, 0] for m in modes}  # cpu s, script µs, commands
@@ -613,7 +620,7 @@ def main() -> None:
     if rows.get("paired"):
         loads = spread([r[1] for r in rows["paired"]])
         modes = list(rows["paired"][0][0])
-        base = "before" if "before" in modes else "none"
+        base = "off"
         print(
             f"\nbroker side, all modes interleaved in one Redis, {opts.take_tasks:,} tasks each "
             f"(load {loads}); extra: paired within each round, against `{base}`"
@@ -644,7 +651,7 @@ def main() -> None:
             continue
         loads = spread([r[1] for r in rows[goal]])
         modes = [m for m in COST_MODES if m in rows[goal][0][0]]
-        base = "before" if "before" in modes else "none"
+        base = "off"
         print(f"\n{title} (load {loads}); ratios paired within each round, against `{base}`")
         both = goal == "cost"  # the worker's CPU too (its process, all threads)
         print(

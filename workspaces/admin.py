@@ -14,7 +14,7 @@ from django.template.response import TemplateResponse
 from django.urls import path
 from django.utils.html import format_html
 
-from agentbus.flow import flow_status
+from agentbus.flow import flow_control_on, flow_status
 from projects.admin import ProjectAdmin
 from projects.models import Project
 
@@ -209,6 +209,7 @@ def _flow_figures(project_id) -> dict:
     """The project admin's "flow on the bus now" (agentbus.flow.flow_status)."""
     status = flow_status([project_id])[str(project_id)]
     return {
+        "rules applied": "yes" if flow_control_on() else "no (AGENTBUS_FLOW_CONTROL off)",
         "weight applied": status.weight,
         "cap applied": status.max_in_flight or "none",
         "in flight (capped slots)": status.in_flight,

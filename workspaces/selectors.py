@@ -16,7 +16,7 @@ from django.http import Http404
 from django.utils import timezone
 
 from agentbus import live_workers, queue_depths
-from agentbus.flow import flow_status
+from agentbus.flow import flow_control_on, flow_status
 from common.disk import disk_health
 from common.redis import broker_redis, get_redis
 from projects.models import Project
@@ -412,7 +412,9 @@ def project_flow(*, project_id: uuid.UUID) -> dict[str, Any]:
         "weight": project.flow_weight,
         "effective_weight": project.effective_weight,
         "max_in_flight": project.flow_max_in_flight,
-        "applied": status.weight == project.effective_weight
+        # Stored as saved, and applied by the take (AGENTBUS_FLOW_CONTROL on).
+        "applied": flow_control_on()
+        and status.weight == project.effective_weight
         and status.max_in_flight == project.flow_max_in_flight,
         "bus": asdict(status),
     }

@@ -427,6 +427,10 @@ AGENTBUS_WORKER_TRANSPORT = env.str(
 )
 
 # --- Flow control on the AgentBus (agentbus/flow.py; needs the Redis bus) ------------
+# Off: the shared workers' take is the plain round robin (one task per project a turn)
+# and ignores the rules, which stay stored (as on RabbitMQ); bulk work shares the
+# interactive list. For deployments that need no shares, caps or lanes.
+AGENTBUS_FLOW_CONTROL = env.bool("AGENTBUS_FLOW_CONTROL", default=True)
 # A project's weight when it has none of its own (its share under contention).
 AGENTBUS_DEFAULT_WEIGHT = env.int("AGENTBUS_DEFAULT_WEIGHT", default=1)
 # How long a capped slot survives a worker that stopped renewing it (dead, hung).

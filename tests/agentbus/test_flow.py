@@ -336,3 +336,85 @@ def test_a_deleted_projects_takes_are_not_counted_after_its_teardown(redis_clien
         assert channel.flush_served() == 2
     assert redis_client.hget(FLOW_STATS_KEY, f"served:{project_queue(gone)}") is None
     assert redis_client.hget(FLOW_STATS_KEY, f"served:{project_queue(kept)}") == "1"
+
+
+def test_with_flow_control_off_the_rules_are_stored_not_applied(settings, redis_client):
+    # AGENTBUS_FLOW_CONTROL off: the plain round robin, one task per project a turn; a
+    # weight and a cap stay stored, and nothing is leased or counted.
+    settings.AGENTBUS_FLOW_CONTROL = False
+    heavy, light = uuid.uuid4(), uuid.uuid4()
+    flow_rules_set(project_id=heavy, weight=3, max_in_flight=1)
+    for _ in range(6):
+        send(tasks.record, project_id=heavy)
+        send(tasks.record, project_id=light)
+    holder = Holder(ack=False)  # held: a cap of 1 would stop the heavy project at one
+    with shared_channel(holder) as (connection, channel):
+        drain(connection, holder, 12)
+        served = [_project_of(m) for m in holder.messages]
+        assert served == [project_queue(heavy), project_queue(light)] * 6
+        assert redis_client.zcard(slots_key(project_queue(heavy))) == 0
+        assert channel.flush_served() == 0
+        status = flow_status([heavy])[str(heavy)]
+        assert (status.weight, status.max_in_flight) == (3, 1)
+        assert (status.served, status.cap_waits, status.parked) == (0, 0, False)
+
+
+def test_with_flow_control_off_bulk_work_shares_the_interactive_list(settings, redis_client):
+    project_id = uuid.uuid4()
+    queue = project_queue(project_id)
+    send(tasks.record, project_id=project_id, lane="bulk")  # sent while flow control was on
+    settings.AGENTBUS_FLOW_CONTROL = False
+    send(tasks.record, project_id=project_id, lane="bulk")
+    send(tasks.record, project_id=project_id)
+    assert (redis_client.llen(queue), redis_client.llen(queue + BULK_SUFFIX)) == (2, 1)
+    holder = Holder(ack=False)
+    with shared_channel(holder) as (connection, channel):
+        drain(connection, holder, 3, timeout=1.0)
+        # In the order sent to the one list. The bulk list left over from before is not
+        # looked at by a take that empties the interactive one: the sweep lists it.
+        assert holder.lanes() == ["bulk", "interactive"]
+        assert sweep_ready(force=True) == 1
+        drain(connection, holder, 3)
+        assert holder.lanes() == ["bulk", "interactive", "bulk"]
+        assert queue_depth(project_id) == 0
+        channel.qos.restore_unacked()  # each back on the list it was taken from
+    assert (redis_client.llen(queue), redis_client.llen(queue + BULK_SUFFIX)) == (2, 1)
+    assert redis_client.sismember(READY_MEMBERS_KEY, queue)
+
+
+def test_a_queue_parked_when_flow_control_is_turned_off_is_listed_by_the_sweep(
+    settings, redis_client
+):
+    project_id = uuid.uuid4()
+    queue = project_queue(project_id)
+    flow_rules_set(project_id=project_id, weight=1, max_in_flight=1)
+    redis_client.zadd(slots_key(queue), {"dead-worker-tag": time.time() + 60})
+    send(tasks.record, project_id=project_id)
+    holder = Holder(ack=True)
+    with shared_channel(holder) as (connection, _channel):
+        drain(connection, holder, 1, timeout=0.5)
+    assert holder.messages == [] and redis_client.zscore(FLOW_PARKED_KEY, queue) is not None
+    assert sweep_ready(force=True) == 0  # parked on purpose while flow control is on
+    settings.AGENTBUS_FLOW_CONTROL = False
+    assert sweep_ready(force=True) == 1
+    with shared_channel(holder) as (connection, _channel):
+        drain(connection, holder, 1)
+    assert [_project_of(m) for m in holder.messages] == [queue]
+
+
+def test_with_flow_control_off_a_deleted_projects_lists_are_purged_and_skipped(
+    settings, redis_client
+):
+    gone, kept = uuid.uuid4(), uuid.uuid4()
+    send(tasks.record, project_id=gone)
+    send(tasks.record, project_id=gone, lane="bulk")  # sent while flow control was on
+    send(tasks.record, project_id=kept)
+    settings.AGENTBUS_FLOW_CONTROL = False
+    project_tombstone(gone)
+    holder = Holder(ack=True)
+    with shared_channel(holder) as (connection, _channel):
+        drain(connection, holder, 2, timeout=1.0)
+    assert [_project_of(m) for m in holder.messages] == [project_queue(kept)]
+    queue = project_queue(gone)
+    assert not redis_client.exists(queue, queue + BULK_SUFFIX)
+    assert not redis_client.sismember(READY_MEMBERS_KEY, queue)

@@ -45,6 +45,23 @@ def test_an_operator_sets_weight_and_cap_and_the_bus_applies_them(operator, proj
 
 
 @pytest.mark.django_db(transaction=True)
+def test_with_flow_control_off_rules_are_stored_and_said_not_applied(
+    operator, project, redis_client, settings, client
+):
+    settings.AGENTBUS_FLOW_CONTROL = False
+    response = operator.patch(_url(project.id), {"weight": 3, "max_in_flight": 5}, format="json")
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert (body["weight"], body["max_in_flight"], body["applied"]) == (3, 5, False)
+    assert redis_client.hget(FLOW_RULES_KEY, project_queue(project.id)) == "3 5"
+    client.force_login(UserFactory(is_staff=True, is_superuser=True))
+    page = client.get(f"/admin/projects/project/{project.id}/change/")
+    assert b"rules applied: no (AGENTBUS_FLOW_CONTROL off)" in page.content
+    settings.AGENTBUS_FLOW_CONTROL = True
+    assert operator.get(_url(project.id)).json()["applied"] is True
+
+
+@pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize(
     "payload",
     [
