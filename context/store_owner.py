@@ -105,6 +105,11 @@ class StoreUnavailable(RuntimeError):
     """No process serves the embedded vector store (or it failed the call)."""
 
 
+class FolderHeld(RuntimeError):
+    """Another process holds the folder's flock but not the lease: an owner whose lease
+    Redis lost (its renewal takes it back), or a process that serves no calls."""
+
+
 # --- the wire: JSON with tags for the store's own types -------------------------------
 
 
@@ -183,6 +188,9 @@ class StoreOwner:
         self.store = store
         self.id = owner_id
         self._stop = threading.Event()
+        # Calls being answered now: the store closes only once they are done.
+        self._answering = 0
+        self._idle = threading.Condition()
         self._threads = [threading.Thread(target=self._renew, name="store-lease", daemon=True)]
         self._threads += [
             threading.Thread(target=self._serve, name=f"store-serve-{i}", daemon=True)
@@ -195,10 +203,12 @@ class StoreOwner:
         return self
 
     def stop(self) -> None:
+        """Stop serving: the calls being answered end first; a thread still listening
+        gives back what it takes (the next owner answers it), so closing never waits
+        for a listen to end."""
         self._stop.set()
-        for thread in self._threads:
-            if thread is not threading.current_thread():
-                thread.join(WAIT_SLICE_SECONDS + 1)
+        with self._idle:
+            self._idle.wait_for(lambda: self._answering == 0, timeout=30)
         try:
             get_redis().eval(RELEASE, 1, LEASE_KEY, self.id)
         except redis.RedisError:
@@ -227,13 +237,21 @@ class StoreOwner:
                 continue
             if item is None:
                 continue
-            if self._stop.is_set():  # closing: the next owner answers it
+            with self._idle:
+                stopping = self._stop.is_set()
+                if not stopping:
+                    self._answering += 1
+            if stopping:  # closing: the next owner answers it
                 client.lpush(REQUESTS_KEY, item[1])
                 return
             try:
                 self._answer(client, item[1])
             except Exception:
                 logger.exception("vector store: could not answer a forwarded call")
+            finally:
+                with self._idle:
+                    self._answering -= 1
+                    self._idle.notify_all()
 
     def _answer(self, client: redis.Redis, raw: str) -> None:
         request = json.loads(raw)
@@ -250,15 +268,14 @@ def _owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def _folder_held(exc: Exception) -> bool:
-    return "already accessed" in str(exc)
-
-
 def take_store() -> Any | None:
     """Become the store's owner if no process is: take the lease, open the folder and
-    serve. Returns the open store, or None when another process owns it. With Redis
-    down, the folder alone decides (a single worker never needs Redis for its store);
-    the renewal takes the lease once Redis is back."""
+    serve. Returns the open store, or None when another process owns it; raises
+    FolderHeld when another process holds the folder without the lease, and the
+    engines' RuntimeError when one of them is held by a process outside this scheme
+    (a tool holding a shard). With Redis down, the folder alone decides (a single
+    worker never needs Redis for its store); the renewal takes the lease once Redis is
+    back."""
     # Here, not at the top: the engines are heavy (see vectorstore.get_vector_store).
     from .qdrant_store import open_store
 
@@ -268,13 +285,17 @@ def take_store() -> Any | None:
             return None
     except redis.RedisError:
         logger.warning("vector store: Redis unreachable; opening the embedded store alone")
+    store = None
     try:
-        store = open_store().open()
+        store = open_store()
+        store.open()
     except RuntimeError as exc:
+        if store is not None:
+            store.close()  # lets the folder's flock go
         with contextlib.suppress(redis.RedisError):
             get_redis().eval(RELEASE, 1, LEASE_KEY, owner_id)
-        if _folder_held(exc):
-            return None  # held by a process that has not (re)claimed the lease yet
+        if store is None and "already accessed" in str(exc):
+            raise FolderHeld(str(exc)) from exc
         raise
     owner = StoreOwner(store, owner_id).start()
     store.on_close.append(owner.stop)
@@ -284,7 +305,10 @@ def take_store() -> Any | None:
 
 def embedded_store() -> Any:
     """This process's embedded store: its own when it can own it, else a RemoteStore."""
-    return take_store() or RemoteStore()
+    try:
+        return take_store() or RemoteStore()
+    except FolderHeld:
+        return RemoteStore()
 
 
 # --- every other process -----------------------------------------------------------------
@@ -315,6 +339,10 @@ class RemoteStore:
         return self._local
 
     def open(self) -> RemoteStore:
+        """Check that some process serves the store: the lease's holder, or this one
+        (it takes the store over when no process holds the lease)."""
+        if self._local is None and get_redis().get(LEASE_KEY) is None:
+            self._take_over()
         return self
 
     def sparse_reindex(self, **_: Any) -> dict[str, int]:
@@ -356,11 +384,20 @@ class RemoteStore:
         client = get_redis()
         deadline = time.monotonic() + timeout
         sent_to: str | None = None
+        held_since: float | None = None
         while True:
             holder = client.get(LEASE_KEY)
-            if holder is None and self._take_over() is not None:
-                client.delete(reply)
-                return getattr(self._local, op)(*args, **kwargs)
+            if holder is None:
+                try:
+                    if self._take_over() is not None:
+                        client.delete(reply)
+                        return getattr(self._local, op)(*args, **kwargs)
+                except FolderHeld as exc:
+                    # An owner takes its lease back within a third of it: past a whole
+                    # lease, the holder is a process that serves no calls.
+                    held_since = held_since or time.monotonic()
+                    if time.monotonic() - held_since > settings.VECTOR_STORE_LEASE_SECONDS:
+                        raise StoreUnavailable(f"{exc} (it holds no owner lease)") from exc
             if holder is not None and holder != sent_to:
                 # First send, or the owner changed since (it may have died holding it).
                 client.rpush(REQUESTS_KEY, body)
