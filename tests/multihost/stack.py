@@ -10,8 +10,8 @@ Every app process runs as its Procfile line says; what this changes is in `app_e
 WORKER_CONCURRENCY (8 unless given), each worker host's own QDRANT_PATH (the embedded
 store is opened by the worker host that owns it and served to the other, see README
 "The embedded store with several workers"), the API's throttles raised, and a node
-name per host (`-n`: the namespaces share the machine's hostname). The test process itself reaches every host
-through the bed's root cable.
+name per host (`-n`: the namespaces share the machine's hostname). The test process
+itself reaches every host through the bed's root cable.
 
     with Stack(tmp_path, workers=["worker1", "worker2"]) as stack:
         client = stack.client("web1")       # httpx, with the demo user's token
