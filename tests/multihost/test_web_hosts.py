@@ -158,7 +158,7 @@ def hosts_of(stack: Stack, ids: list[int]) -> collections.Counter:
 def add_context(web1: httpx.Client, web2: httpx.Client, pid: str, text: str) -> str:
     """Context posted on web 1 and stored by a worker host; the id of its point, as a
     search through web 2 finds it."""
-    (agent,) = web1.get(f"/my/projects/{pid}/agents/").json()["results"]
+    (agent,) = web1.get(f"/my/projects/{pid}/agents/").json()["agents"]
     url = f"/my/projects/{pid}/agents/{agent['id']}/context/"
     job = web1.post(url, json={"documents": [text]})
     assert job.status_code == 202, job.text
