@@ -95,6 +95,14 @@ if holder == ARGV[1] then
 end
 return 0
 """
+# Send a call to the lease's holder in one round trip: pushed unless there is no holder,
+# or it is the one the call was sent to already. KEYS: lease, requests. ARGV: the call,
+# the holder it went to ("" if none). Returns the holder (nil: none).
+SEND = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[2] then redis.call('RPUSH', KEYS[2], ARGV[1]) end
+return holder
+"""
 RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -386,7 +394,11 @@ class RemoteStore:
         sent_to: str | None = None
         held_since: float | None = None
         while True:
-            holder = client.get(LEASE_KEY)
+            holder = client.get(LEASE_KEY) if sent_to else None
+            if sent_to is None or (holder is not None and holder != sent_to):
+                # The first send, or again to an owner that changed since (it may have
+                # died holding the call).
+                holder = client.eval(SEND, 2, LEASE_KEY, REQUESTS_KEY, body, sent_to or "")
             if holder is None:
                 try:
                     if self._take_over() is not None:
@@ -398,10 +410,7 @@ class RemoteStore:
                     held_since = held_since or time.monotonic()
                     if time.monotonic() - held_since > settings.VECTOR_STORE_LEASE_SECONDS:
                         raise StoreUnavailable(f"{exc} (it holds no owner lease)") from exc
-            if holder is not None and holder != sent_to:
-                # First send, or the owner changed since (it may have died holding it).
-                client.rpush(REQUESTS_KEY, body)
-                sent_to = holder
+            sent_to = holder or sent_to
             left = deadline - time.monotonic()
             if left <= 0:
                 raise StoreUnavailable(
