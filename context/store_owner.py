@@ -13,7 +13,9 @@ points and hits travel.
   VECTOR_STORE_LEASE_SECONDS; the next call of any other process finds no lease, takes
   it, opens the folder and carries on locally, and requests still queued are served by
   it. A call whose owner changed while it waited is sent again (every store call is
-  idempotent: point ids follow from their content, deletes and searches repeat).
+  idempotent: point ids follow from their content, deletes and searches repeat). An
+  owner that finds its lease taken (it was cut off longer than the lease) closes its
+  store and forwards from then on.
 - **Bounded.** A call no owner answers within VECTOR_STORE_FORWARD_TIMEOUT_SECONDS ends
   in `StoreUnavailable`, saying who holds the lease.
 - **Tenants.** The wire carries tenant scopes as ids only; the owner makes them again
@@ -36,6 +38,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -192,9 +195,10 @@ class StoreOwner:
     """What the owning process runs beside its store: the lease's renewal and
     VECTOR_STORE_SERVE_THREADS threads answering the other processes' calls."""
 
-    def __init__(self, store: Any, owner_id: str) -> None:
+    def __init__(self, store: Any, owner_id: str, on_lost: Callable[[], None]) -> None:
         self.store = store
         self.id = owner_id
+        self._on_lost = on_lost
         self._stop = threading.Event()
         # Calls being answered now: the store closes only once they are done.
         self._answering = 0
@@ -223,17 +227,23 @@ class StoreOwner:
             logger.warning("vector store: could not release the owner lease", exc_info=True)
 
     def _renew(self) -> None:
+        lost = 0
         while not self._stop.wait(settings.VECTOR_STORE_LEASE_SECONDS / 3):
             try:
-                if not get_redis().eval(RENEW, 1, LEASE_KEY, self.id, _lease_ms()):
-                    logger.error(
-                        "vector store: %s holds the owner lease while this process (%s) "
-                        "holds the embedded store: was its lease lost to a Redis stall?",
-                        get_redis().get(LEASE_KEY),
-                        self.id,
-                    )
+                lost = (
+                    0 if get_redis().eval(RENEW, 1, LEASE_KEY, self.id, _lease_ms()) else lost + 1
+                )
             except redis.RedisError:
                 logger.warning("vector store: could not renew the owner lease", exc_info=True)
+            if lost >= 2:  # not a taker's passing try: another process owns the store now
+                logger.error(
+                    "vector store: %s took the owner lease over while this process (%s) "
+                    "was cut off; this process closes its store and sends its calls there",
+                    get_redis().get(LEASE_KEY),
+                    self.id,
+                )
+                self._on_lost()
+                return
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -276,14 +286,15 @@ def _owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def take_store() -> Any | None:
+def take_store(on_lost: Callable[[], None]) -> Any | None:
     """Become the store's owner if no process is: take the lease, open the folder and
     serve. Returns the open store, or None when another process owns it; raises
     FolderHeld when another process holds the folder without the lease, and the
     engines' RuntimeError when one of them is held by a process outside this scheme
     (a tool holding a shard). With Redis down, the folder alone decides (a single
     worker never needs Redis for its store); the renewal takes the lease once Redis is
-    back."""
+    back. `on_lost`: what the owner calls once another process took its lease (it was
+    cut off longer than the lease): the process closes its store and forwards."""
     # Here, not at the top: the engines are heavy (see vectorstore.get_vector_store).
     from .qdrant_store import open_store
 
@@ -305,18 +316,19 @@ def take_store() -> Any | None:
         if store is None and "already accessed" in str(exc):
             raise FolderHeld(str(exc)) from exc
         raise
-    owner = StoreOwner(store, owner_id).start()
+    owner = StoreOwner(store, owner_id, on_lost).start()
     store.on_close.append(owner.stop)
     logger.info("vector store: this process (%s) owns the embedded store", owner_id)
     return store
 
 
-def embedded_store() -> Any:
-    """This process's embedded store: its own when it can own it, else a RemoteStore."""
+def embedded_store(on_lost: Callable[[], None]) -> Any:
+    """This process's embedded store: its own when it can own it, else a RemoteStore.
+    `on_lost`: see take_store (vectorstore forgets the process's store)."""
     try:
-        return take_store() or RemoteStore()
+        return take_store(on_lost) or RemoteStore(on_lost)
     except FolderHeld:
-        return RemoteStore()
+        return RemoteStore(on_lost)
 
 
 # --- every other process -----------------------------------------------------------------
@@ -327,8 +339,9 @@ class RemoteStore:
     waited for. Once no process owns the store, the next call takes it over and this
     store serves from the process's own from then on."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_lost: Callable[[], None]) -> None:
         self.layout = settings.VECTOR_LAYOUT
+        self._on_lost = on_lost
         self._local: Any = None
         self._lock = threading.Lock()
 
@@ -368,7 +381,7 @@ class RemoteStore:
     def _take_over(self) -> Any:
         with self._lock:
             if self._local is None:
-                self._local = take_store()
+                self._local = take_store(self._on_lost)
                 if self._local is not None:
                     logger.warning("vector store: this process took the embedded store over")
             return self._local

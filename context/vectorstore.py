@@ -62,7 +62,7 @@ def get_vector_store() -> VectorStore | RemoteStore:
     store itself in the process that owns it, a RemoteStore (the same API, served by the
     owner) in every other."""
     if not settings.QDRANT_URL:
-        return embedded_store()
+        return embedded_store(on_lost=close_vector_store)
     # Here, not at the top: qdrant_client costs ~0.7 s and ~50 MB, and web processes
     # import this module (names, data classes) but never open the store.
     from .qdrant_store import open_store

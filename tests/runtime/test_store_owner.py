@@ -14,6 +14,7 @@ import pytest
 from agentbus import MAINTENANCE_QUEUE
 from chat.models import Message, Run
 from context import store_owner
+from context.qdrant_store import VectorStore
 from context.store_owner import LEASE_KEY, RemoteStore, StoreUnavailable, answer
 from context.vectorstore import (
     ContextPoint,
@@ -92,7 +93,7 @@ def test_two_worker_processes_share_the_embedded_store(two_workers, api, project
     assert owner_pid(redis_client) in {w.pid for w in two_workers}
     # Every exchange was remembered, whichever process answered.
     scope = TenantScope.agent(user_id=project.owner_id, project_id=project.id, agent_id=agent.id)
-    hits = RemoteStore().count(scope)
+    hits = RemoteStore(close_vector_store).count(scope)
     assert hits == 1 + 40, hits
 
 
@@ -119,7 +120,7 @@ def test_a_killed_owner_is_taken_over_within_its_lease(two_workers, api, project
     # The context stored before the kill is there: the survivor opened the same folder.
     assert all("The most relevant context I hold:" in m.content for m in messages)
     scope = TenantScope.agent(user_id=project.owner_id, project_id=project.id, agent_id=agent.id)
-    assert RemoteStore().count(scope) == 1 + 4 + 8
+    assert RemoteStore(close_vector_store).count(scope) == 1 + 4 + 8
     print(f"takeover {took_over:.2f}s after the kill (lease {LEASE_SECONDS}s)")
     assert took_over <= LEASE_SECONDS + 5  # the lease, then the next call's slice
 
@@ -147,7 +148,7 @@ def points(n: int, dim: int = 8) -> list[ContextPoint]:
 def test_a_forwarded_call_is_the_owners_own(transactional_db, project, redis_client):
     local = get_vector_store()
     assert redis_client.get(LEASE_KEY).split(":")[1] == str(os.getpid())
-    remote = RemoteStore()
+    remote = RemoteStore(close_vector_store)
     mine, theirs = AgentFactory(project=project), AgentFactory(project=project)
     stored = points(5)
     assert remote.upsert(scope_of(mine), stored, model="m", dim=8) == 5
@@ -177,7 +178,7 @@ def test_the_owner_serves_only_the_stores_calls_with_a_scope(transactional_db, p
     refused = answer(store, {"op": "count", "args": [{"user_id": 1}], "kwargs": {}})
     assert refused["error"] == "TenantScopeRequired"
     with pytest.raises(TenantScopeRequired):
-        RemoteStore().count({"user_id": 1})
+        RemoteStore(close_vector_store).count({"user_id": 1})
 
 
 def test_a_call_nobody_answers_ends_in_a_clear_error(transactional_db, redis_client, settings):
@@ -189,7 +190,27 @@ def test_a_call_nobody_answers_ends_in_a_clear_error(transactional_db, redis_cli
     started = time.monotonic()
     try:
         with pytest.raises(StoreUnavailable, match="no process answered .*elsewhere:1:stuck"):
-            RemoteStore().count(TenantScope.project(user_id=1, project_id=uuid.uuid4()))
+            RemoteStore(close_vector_store).count(
+                TenantScope.project(user_id=1, project_id=uuid.uuid4())
+            )
         assert time.monotonic() - started < 5
     finally:
         redis_client.delete(LEASE_KEY, store_owner.REQUESTS_KEY)
+
+
+def test_an_owner_cut_off_past_its_lease_hands_the_store_over(
+    transactional_db, redis_client, settings
+):
+    """Another process took the lease while this one could not renew it (a partitioned
+    host): this process closes its own store and sends its calls to the new owner,
+    instead of both writing stores of their own."""
+    close_vector_store()
+    settings.VECTOR_STORE_LEASE_SECONDS = 1.5
+    assert isinstance(get_vector_store(), VectorStore)
+    redis_client.set(LEASE_KEY, "elsewhere:1:taker", px=60_000)
+    try:
+        wait_until(lambda: get_vector_store.peek() is None, timeout=10, what="the hand-over")
+        assert isinstance(get_vector_store(), RemoteStore)
+    finally:
+        redis_client.delete(LEASE_KEY)
+        close_vector_store()
