@@ -431,6 +431,9 @@ class RemoteStore:
                     f"(owner lease: {holder or 'none'}); see VECTOR_STORE_FORWARD_TIMEOUT_"
                     "SECONDS, or set QDRANT_URL"
                 )
+            if sent_to is None:  # not sent yet: an owner is on its way (its lease)
+                time.sleep(min(0.1, left))
+                continue
             got = client.blpop([reply], timeout=min(WAIT_SLICE_SECONDS, left))
             if got is not None:
                 return self._result(op, holder, json.loads(got[1]))
