@@ -137,6 +137,8 @@ def encode(value: Any) -> Any:
     if isinstance(value, set | frozenset):
         return {"~set": [encode(v) for v in value]}
     if isinstance(value, list | tuple):
+        if all(type(v) is float for v in value):  # a vector: nothing to tag, as it is
+            return value
         return [encode(v) for v in value]
     if isinstance(value, dict):
         out = {str(k): encode(v) for k, v in value.items()}
@@ -147,6 +149,8 @@ def encode(value: Any) -> Any:
 
 def decode(value: Any) -> Any:
     if isinstance(value, list):
+        if all(type(v) is float for v in value):
+            return value
         return [decode(v) for v in value]
     if not isinstance(value, dict):
         return value
