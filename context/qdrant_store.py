@@ -21,8 +21,10 @@ Isolation is structural: `VectorStore` has no method that touches points without
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
+import os
 import shutil
 import threading
 import time
@@ -61,8 +63,9 @@ logger = logging.getLogger(__name__)
 # re-index command may have given it one meanwhile).
 SPARSE_RECHECK_SECONDS = 60.0
 UNAVAILABLE_HINT = (
-    " Qdrant local mode serves one process: run a single worker process "
-    "(e.g. --concurrency=1 or a threads pool) or set QDRANT_URL to a Qdrant server."
+    " The embedded store opens in one process at a time: other worker processes send "
+    "their calls to the one that owns it (get_vector_store), or set QDRANT_URL to a "
+    "Qdrant server."
 )
 
 
@@ -626,11 +629,21 @@ class VectorStore:
     """
 
     def __init__(
-        self, *, layout: str, shared_engine: Any, agent_engine: Any, agent_present: Any
+        self,
+        *,
+        layout: str,
+        shared_engine: Any,
+        agent_engine: Any,
+        agent_present: Any,
+        folder_lock: int | None = None,
     ) -> None:
         if layout not in ("shared", "per_agent"):
             raise ValueError(f"unknown vector layout {layout!r}")
         self.layout = layout
+        # The embedded folder's flock (open_store), released after the engines close.
+        self._folder_lock = folder_lock
+        # Called first on close (the owner's service stops serving: context.store_owner).
+        self.on_close: list[Any] = []
         # Engines are opened on first use: a store that serves the shared layout never
         # loads a local-mode folder of per-agent collections it does not need.
         self._open_shared = shared_engine
@@ -1011,14 +1024,38 @@ class VectorStore:
             purge()
 
     def close(self) -> None:
+        while self.on_close:
+            self.on_close.pop(0)()
         for engine in self._engines.values():
             engine.close()
         self._engines.clear()
         self._ensured.clear()
+        if self._folder_lock is not None:
+            os.close(self._folder_lock)  # releases the flock
+            self._folder_lock = None
 
 
 def _client_engine_unavailable(exc: RuntimeError) -> RuntimeError:
     return RuntimeError(f"{exc}{UNAVAILABLE_HINT}")
+
+
+FOLDER_LOCK = ".owner.lock"
+
+
+def _lock_folder(path: Path) -> int:
+    """Hold the embedded folder for this process (an flock the kernel lets go when the
+    process dies): two processes never both open it, even where each engine alone
+    would let them (a fresh Edge folder has no shard to lock yet)."""
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / FOLDER_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(
+            f"Storage folder {path} is already accessed by another instance." + UNAVAILABLE_HINT
+        ) from None
+    return fd
 
 
 def open_store(*, layout: str | None = None) -> VectorStore:
@@ -1059,4 +1096,5 @@ def open_store(*, layout: str | None = None) -> VectorStore:
         shared_engine=lambda: _EdgeEngine(path / EDGE_DIR),
         agent_engine=agent_engine,
         agent_present=agent_present,
+        folder_lock=_lock_folder(path),
     )

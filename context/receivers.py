@@ -1,6 +1,6 @@
 """How the context app plugs into the others: a torn-down project's or a deleted agent's
-vector context goes with it, a worker that cannot open the embedded store refuses to
-start, and a stopping worker releases the store."""
+vector context goes with it, a worker that can neither open nor reach the embedded store
+refuses to start, and a stopping worker releases the store."""
 
 from __future__ import annotations
 
@@ -41,10 +41,12 @@ def drop_collection_on_agent_deleted(sender, *, user_id, project_id, agent_id, *
 
 
 def refuse_without_vector_store(sender=None, instance=None, **kwargs) -> None:
-    """A worker that runs agent or maintenance tasks on the embedded vector store (local
-    mode: one process at a time) starts only if it can open the store: a second one
-    would take messages and fail their answers. It opens it once (and lets it go, for
-    the pool's own processes) and refuses to start with a one-line reason."""
+    """A worker that runs agent or maintenance tasks on the embedded vector store starts
+    only if it can reach the store: its own (it takes the owner lease and opens the
+    folder) or the owner's (context.store_owner). It opens it once and lets it go, for
+    the pool's own processes; with Redis down and the folder held by another process it
+    refuses to start with a one-line reason, instead of taking messages and failing
+    their answers."""
     if instance is None or settings.QDRANT_URL:
         return
     queues = instance.app.amqp.queues.consume_from or {}

@@ -14,14 +14,18 @@ Two layouts (settings.VECTOR_LAYOUT):
 Either way, points are reached only through a `TenantScope`: the store has no method
 that reads, counts or deletes points without one (see `qdrant_store.VectorStore`).
 
-Only worker processes open the store. Local mode (settings.QDRANT_PATH) lets exactly one
-process hold a storage folder, which is why web processes never call `get_vector_store`;
-with settings.QDRANT_URL any number of workers share a Qdrant server.
+Only worker processes open the store; web processes never call `get_vector_store`. With
+settings.QDRANT_URL any number of workers share a Qdrant server. The embedded engines
+(settings.QDRANT_PATH) open in one process at a time: the process holding the owner
+lease opens the folder, and every other worker's store sends its calls there
+(context.store_owner).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+from django.conf import settings
 
 from common.singletons import process_singleton
 
@@ -43,6 +47,7 @@ from .scopes import (  # noqa: F401  (re-exported: the store's API is one module
     require_scope,
     shared_collection_name,
 )
+from .store_owner import RemoteStore, embedded_store
 
 if TYPE_CHECKING:
     from .qdrant_store import VectorStore
@@ -52,8 +57,12 @@ if TYPE_CHECKING:
     settings=("QDRANT_URL", "QDRANT_API_KEY", "QDRANT_PATH", "VECTOR_LAYOUT"),
     close=lambda store: store.close(),
 )
-def get_vector_store() -> VectorStore:
-    """This process's vector store (one client per process). Workers only."""
+def get_vector_store() -> VectorStore | RemoteStore:
+    """This process's vector store (one client per process). Workers only. Embedded: the
+    store itself in the process that owns it, a RemoteStore (the same API, served by the
+    owner) in every other."""
+    if not settings.QDRANT_URL:
+        return embedded_store(on_lost=close_vector_store)
     # Here, not at the top: qdrant_client costs ~0.7 s and ~50 MB, and web processes
     # import this module (names, data classes) but never open the store.
     from .qdrant_store import open_store

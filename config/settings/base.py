@@ -479,6 +479,13 @@ SEARCH_INFLIGHT_PER_PROJECT = env.int("SEARCH_INFLIGHT_PER_PROJECT", default=16)
 QDRANT_URL = env.str("QDRANT_URL", default="")
 QDRANT_API_KEY = env.str("QDRANT_API_KEY", default="")
 QDRANT_PATH = env.str("QDRANT_PATH", default=str(VAR_DIR / "qdrant"))
+# The embedded store with several worker processes (context.store_owner): the one that
+# holds the owner lease opens QDRANT_PATH and serves the others' calls in this many
+# threads; a dead owner's lease ends after VECTOR_STORE_LEASE_SECONDS and another worker
+# takes the store over; a call no owner answers within the timeout ends in an error.
+VECTOR_STORE_LEASE_SECONDS = env.float("VECTOR_STORE_LEASE_SECONDS", default=10)
+VECTOR_STORE_FORWARD_TIMEOUT_SECONDS = env.float("VECTOR_STORE_FORWARD_TIMEOUT_SECONDS", default=30)
+VECTOR_STORE_SERVE_THREADS = env.int("VECTOR_STORE_SERVE_THREADS", default=4)
 # Writes to the embedded store (ingest) refuse to start with less free space than this on
 # its volume: they end in error saying so, instead of the engine dying mid-write.
 DISK_MIN_FREE_MB = env.float("DISK_MIN_FREE_MB", default=64)

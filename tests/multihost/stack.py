@@ -7,11 +7,11 @@
 - `worker1`, `worker2`: the Procfile's `worker` and `maintenance` lines.
 
 Every app process runs as its Procfile line says; what this changes is in `app_env`:
-WORKER_CONCURRENCY (8 unless given), each worker host's own embedded vector store
-(QDRANT_PATH on its own disk; no context is shared between worker hosts, see README
-"Several workers"), the API's throttles raised, and a node name per host (`-n`: the
-namespaces share the machine's hostname). The test process itself reaches every host
-through the bed's root cable.
+WORKER_CONCURRENCY (8 unless given), each worker host's own QDRANT_PATH (the embedded
+store is opened by the worker host that owns it and served to the other, see README
+"The embedded store with several workers"), the API's throttles raised, and a node
+name per host (`-n`: the namespaces share the machine's hostname). The test process
+itself reaches every host through the bed's root cable.
 
     with Stack(tmp_path, workers=["worker1", "worker2"]) as stack:
         client = stack.client("web1")       # httpx, with the demo user's token

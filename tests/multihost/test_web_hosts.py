@@ -2,9 +2,11 @@
 server and beat on `services`; the Procfile's `web` on `web1` and `web2`; its `worker`
 and `maintenance` on `worker1` and `worker2`. Every request goes over the bed's network.
 
-- the acceptance path: a project and agent made on web 1, messages posted on web 1
-  stream on web 2, the runs spread over both worker hosts, each answered once, the
-  project deleted (404 on both web hosts after);
+- the acceptance path: a project and agent made on web 1, context posted on web 1 and
+  found through web 2, messages posted on web 1 stream on web 2, the runs spread over
+  both worker hosts, each answered once and each retrieving that context (one embedded
+  store, owned by one worker host and served to the other), the project deleted (404
+  on both web hosts after);
 - a worker host's cable pulled for 10 s while clients post on both web hosts: every
   message answered, none twice, all within 60 s after it is plugged back;
 - a worker host killed mid-answer: its runs answered by the other, none twice;
@@ -54,11 +56,12 @@ def stack(tmp_path_factory):
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def make_project(client: httpx.Client, sessions: int) -> tuple[str, list[str]]:
+def make_project(client: httpx.Client, sessions: int, **agent_fields) -> tuple[str, list[str]]:
     project = client.post("/my/projects/", json={"name": "multihost"})
     assert project.status_code == 201, project.text
     pid = project.json()["id"]
-    agent = client.post(f"/my/projects/{pid}/agents/", json={"name": "a", "model": "m"})
+    fields = {"name": "a", "model": "m", **agent_fields}
+    agent = client.post(f"/my/projects/{pid}/agents/", json=fields)
     assert agent.status_code == 201, agent.text
     body = {"agent_id": agent.json()["id"]}
     made = [client.post(f"/my/projects/{pid}/chat/", json=body) for _ in range(sessions)]
@@ -152,14 +155,32 @@ def hosts_of(stack: Stack, ids: list[int]) -> collections.Counter:
 # --- tests -------------------------------------------------------------------------------------
 
 
+def add_context(web1: httpx.Client, web2: httpx.Client, pid: str, text: str) -> str:
+    """Context posted on web 1 and stored by a worker host; the id of its point, as a
+    search through web 2 finds it."""
+    (agent,) = web1.get(f"/my/projects/{pid}/agents/").json()["agents"]
+    url = f"/my/projects/{pid}/agents/{agent['id']}/context/"
+    job = web1.post(url, json={"documents": [text]})
+    assert job.status_code == 202, job.text
+    job_url = f"{url}jobs/{job.json()['job_id']}/"
+    wait(lambda: web2.get(job_url).json()["status"] == "done", 120, "the context stored")
+    hits = web2.get(url, params={"q": text, "k": 5}).json()["results"]
+    (found,) = [h for h in hits if h["kind"] == "document" and h["text"] == text]
+    return found["id"]
+
+
 def test_acceptance_across_hosts(stack):
     # About 2 s an answer: one worker host's 8 slots fill before the 16 are posted.
     stack.llm(delay=0.4, tokens=6)
     with stack.client("web1") as web1, stack.client("web2") as web2:
-        pid, sids = make_project(web1, 16)
+        # top_k 40: the 16 answers' own exchanges, stored as they end, never crowd the
+        # document out of what each run retrieves.
+        pid, sids = make_project(web1, 16, params={"top_k": 40})
+        # One embedded store for both worker hosts: the owner's (context.store_owner).
+        point = add_context(web1, web2, pid, "The office cat is called Barsik.")
         streams = [Events(stack, "web2", pid, sid) for sid in sids]
         assert all(s.connected.wait(30) and s.error is None for s in streams)
-        answers = [post_message(web1, pid, sid) for sid in sids]
+        answers = [post_message(web1, pid, sid, "What is the office cat called?") for sid in sids]
 
         def streamed():
             return all(s.completed()[a] for s, a in zip(streams, answers, strict=True))
@@ -175,6 +196,9 @@ def test_acceptance_across_hosts(stack):
         served = hosts_of(stack, answers)
         print(f"\nruns per worker host: {dict(served)}")
         assert set(served) == {"worker1", "worker2"}, served
+        # Every run, on either worker host, retrieved the context posted on web 1.
+        rows = stack.sql("select citations from agents_message where id = any(%s)", (answers,))
+        assert all(point in {c["id"] for c in cited} for (cited,) in rows), rows
 
         assert web2.delete(f"/my/projects/{pid}/").status_code == 204
         for client in (web1, web2):

@@ -6,6 +6,7 @@ import pytest
 
 from agents.selectors import agent_config
 from common.redis import get_redis
+from context import store_owner
 from projects.services import project_delete
 from tests.factories import AgentFactory, ProjectFactory, UserFactory
 from tests.workspaces.conftest import keys_under, snapshot
@@ -66,6 +67,7 @@ def test_one_workspaces_whole_life_touches_only_its_own_prefix(user, qdrant_path
         "uws:bus:active",
         "uws:bus:retired",  # the bus watches a retired queue for messages put back
         f"uws:bus:tombstone:{a_id.hex}",
+        store_owner.LEASE_KEY,  # the embedded vector store's owner (not a tenant's)
     }
     assert {k for k in changed if not k.startswith(a_prefix)} <= shared | {
         f"uws.project.{a_id.hex}"
