@@ -129,8 +129,17 @@ class SyncLanes:
 
         return leave
 
+    def close(self) -> None:
+        """Stop the lanes' threads once idle (a request still on one gets a new thread)."""
+        for context in self.contexts:
+            executor = SyncToAsync.context_to_thread_executor.pop(context, None)
+            if executor is not None:
+                executor.shutdown(wait=False)
 
-@process_singleton(settings=("WEB_WAITING_SYNC_THREADS", "WEB_WAITING_PER_CREDENTIAL"))
+
+@process_singleton(
+    settings=("WEB_WAITING_SYNC_THREADS", "WEB_WAITING_PER_CREDENTIAL"), close=SyncLanes.close
+)
 def sync_lanes() -> SyncLanes:
     return SyncLanes(
         count=settings.WEB_WAITING_SYNC_THREADS,
