@@ -37,8 +37,10 @@ rate limits.
    with the worker stopped) and opens 20 event streams, one after another: B's search
    p99 against B alone, and the streams' open time; then the same with the worker
    stopped (every search waits out its 5 s timeout): B's must end at its own timeout,
-   not after A's. A's in-flight search limits are raised above the flood (so A's
-   searches wait rather than 429).
+   not after A's. The in-flight search bounds are the service's (most of A's flood is
+   refused with 429), or --flood-inflight (above --flood: all of A's searches wait).
+   With --profile the first round records where the web and worker processes' time
+   goes (py-spy).
 8. (Only when named: --only 8; it starts a PostgreSQL server of its own in a temporary
    folder, tests/private_postgres.py, and ignores DATABASE_URL.) Chat messages posted
    at 10/s for 20 s while PostgreSQL is killed for 8 s, then while it restarts fast;
@@ -495,12 +497,7 @@ def throughput(messages: int, profile: bool) -> tuple[float, list[tuple[str, flo
         )
         raw = Path(stack.logs) / "profile.txt"
         if profile:
-            spy = subprocess.Popen(
-                [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw",
-                 "--rate", "200", "--threads", "-o", str(raw), "--pid", str(stack.worker.pid)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            time.sleep(1)
+            spy = spy_start(stack.worker.pid, raw)
         started = time.time()
         asyncio.run(post_all(stack.url, token, paths[2:], {"content": "what do you know?"}))
         answers = list(
@@ -522,6 +519,17 @@ def throughput(messages: int, profile: bool) -> tuple[float, list[tuple[str, flo
         stack.stop()
 
 
+def spy_start(pid: int, raw: Path) -> subprocess.Popen:
+    """py-spy recording process `pid` (every thread) into `raw` until SIGINT."""
+    spy = subprocess.Popen(
+        [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw",
+         "--rate", "200", "--threads", "-o", str(raw), "--pid", str(pid)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(1)
+    return spy
+
+
 def profile_top(raw: Path, n: int = 12, whole: bool = False) -> list[tuple[str, float]]:
     """Where the runs' time goes: each sample of a thread inside our code counts for the
     innermost function of ours on its stack (so time in Redis, the database, Qdrant or
@@ -529,14 +537,19 @@ def profile_top(raw: Path, n: int = 12, whole: bool = False) -> list[tuple[str, 
     code (idle pool threads, Celery's own loop) are left out. With `whole`, every
     sample counts (the web process: Django, DRF and uvicorn are most of it), each for
     the innermost frame of ours, else of Django / DRF, else its own."""
-    apps = ("agents", "agentbus", "workspaces", "projects", "common", "governance")
+    apps = ("agents", "agentbus", "workspaces", "projects", "common", "governance", "chat",
+            "context", "realtime")  # fmt: skip
     ours = tuple(f"({app}/" for app in apps)
     frameworks = ("/django/", "/rest_framework/", "/uvicorn/", "/asgiref/", "/psycopg")
     counts: collections.Counter = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if whole and ("idle" in stack or "wait (threading.py" in stack.rsplit(";", 1)[-1]):
+        leaf = stack.rsplit(";", 1)[-1]
+        # Idle: waiting on a lock, or a pool's thread waiting for work (a C call).
+        if whole and (
+            "idle" in stack or "wait (threading.py" in leaf or "_worker (concurrent/" in leaf
+        ):
             continue
         frames = [f for f in stack.split(";") if any(app in f for app in ours)]
         if not frames and whole:
@@ -596,12 +609,7 @@ def burst(messages: int, latency: float, profile: bool = False) -> dict:
         paths = paths[1:]
         raw = Path(stack.logs) / "web-profile.txt"
         if profile:
-            spy = subprocess.Popen(
-                [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw",
-                 "--rate", "200", "--threads", "-o", str(raw), "--pid", str(stack.web.pid)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            time.sleep(1)
+            spy = spy_start(stack.web.pid, raw)
         cpu = web_cpu_seconds(stack)
         started = time.time()
         answers = asyncio.run(post_all_answers(stack.url, token, paths, {"content": "hello?"}))
@@ -660,18 +668,22 @@ async def _stream_open(port: int, path: str, token: str) -> float:
     return took
 
 
-def tenant_isolation(flood: int, worker_up: bool, samples: int = 20) -> dict:
+def tenant_isolation(
+    flood: int, worker_up: bool, samples: int = 20, inflight: int = 0, profile: bool = False
+) -> dict:
     """User A sends `flood` context searches at once (each may wait for the worker);
     meanwhile user B searches `samples` times, one after another, and opens event
     streams. Against B alone. With `worker_up` False the worker is stopped first, so
-    every search waits out CONTEXT_SEARCH_TIMEOUT_SECONDS (5 here)."""
-    env = {
-        "CONTEXT_SEARCH_TIMEOUT_SECONDS": "5",
-        # A's searches all wait: the flood is what is measured, not its 429s.
-        "SEARCH_INFLIGHT_PER_USER": str(flood + 10),
-        "SEARCH_INFLIGHT_PER_PROJECT": str(flood + 10),
-    }
+    every search waits out CONTEXT_SEARCH_TIMEOUT_SECONDS (5 here). `inflight`: the
+    per-user and per-project bounds on waiting searches (SEARCH_INFLIGHT_PER_*; 0: the
+    service's defaults, so most of A's flood is refused with 429). With `profile`, where
+    the web process's and the worker's time goes during the flood (py-spy)."""
+    env = {"CONTEXT_SEARCH_TIMEOUT_SECONDS": "5"}
+    if inflight:
+        env |= {"SEARCH_INFLIGHT_PER_USER": str(inflight),
+                "SEARCH_INFLIGHT_PER_PROJECT": str(inflight)}  # fmt: skip
     stack = Stack(worker=PROCFILE_WORKER, env=env)
+    spies: list = []
     try:
         user_a, token_a = setup_user("bench-flood-a")
         user_b, token_b = setup_user("bench-flood-b")
@@ -706,6 +718,12 @@ def tenant_isolation(flood: int, worker_up: bool, samples: int = 20) -> dict:
             ):
                 flooding = None
                 if with_flood:
+                    if profile:
+                        procs = [stack.web] + ([stack.worker] if worker_up else [])
+                        spies.extend(
+                            (p, spy_start(p.pid, Path(stack.logs) / f"spy-{p.pid}.txt"))
+                            for p in procs
+                        )
                     flooding = asyncio.gather(*(_timed_get(a, search_a) for _ in range(flood)))
                     await asyncio.sleep(0.5)  # A's searches are in
                 mine = await b_side(b)
@@ -714,7 +732,14 @@ def tenant_isolation(flood: int, worker_up: bool, samples: int = 20) -> dict:
 
         (idle_searches, idle_opens), _ = asyncio.run(run(False)) if worker_up else (([], []), [])
         (searches, opens), flood_answers = asyncio.run(run(True))
+        tops = {}
+        for proc, spy in spies:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+            name = "web" if proc is stack.web else "worker"
+            tops[name] = profile_top(Path(stack.logs) / f"spy-{proc.pid}.txt", n=15, whole=True)
         return {
+            "profile": tops,
             "b_idle_p99": pct([t for _, t in idle_searches], 99) if idle_searches else None,
             "b_p99": pct([t for _, t in searches], 99),
             "b_codes": dict(collections.Counter(c for c, _ in searches)),
@@ -832,8 +857,18 @@ def main() -> None:
     parser.add_argument("--bursts", default="1000,5000", help="6: messages posted at once")
     parser.add_argument("--flood", type=int, default=120, help="7: user A's searches at once")
     parser.add_argument(
+        "--flood-inflight", type=int, default=0, metavar="N",
+        help="7: SEARCH_INFLIGHT_PER_USER/_PROJECT (0: the defaults; above --flood, all of "
+        "A's searches wait instead of the excess being refused)",
+    )  # fmt: skip
+    parser.add_argument(
         "--only", default="1,2,3,4,5,6,7", help="8 (PostgreSQL faults) runs on its own server"
     )
+    parser.add_argument(
+        "--profile", action="store_true",
+        help="7: where the web and worker processes' time goes during the first flood "
+        "(py-spy, which pauses them to sample: the round's timings are not comparable)",
+    )  # fmt: skip
     parser.add_argument("--embedded", action="store_true", help="measure 1 on SQLite too")
     opts = parser.parse_args()
     only = set(opts.only.split(","))
@@ -892,6 +927,7 @@ def main() -> None:
             top = top or profile
         row("chat messages per second, offline provider, one worker process", rates, "{:.1f}")
     web_top: list = []
+    flood_top: dict = {}
     if "6" in only:
         for size in (int(n) for n in opts.bursts.split(",")):
             results = [burst(size, opts.latency, profile=i == 0) for i in range(opts.rounds)]
@@ -915,14 +951,23 @@ def main() -> None:
             web_top = web_top or results[0]["profile"]
     if "7" in only:
         ms = "{:.0f}"
-        up = [tenant_isolation(opts.flood, True) for _ in range(opts.rounds)]
+        up = [
+            tenant_isolation(
+                opts.flood, True, inflight=opts.flood_inflight, profile=opts.profile and i == 0
+            )
+            for i in range(opts.rounds)
+        ]
         row("user B's search p99 alone, worker up (ms)", [r["b_idle_p99"] * 1e3 for r in up], ms)
         row(f"  while user A floods {opts.flood} searches (ms)", [r["b_p99"] * 1e3 for r in up], ms)
         row("  ratio", [r["b_p99"] / r["b_idle_p99"] for r in up], goal="<= 2x")
         row("  B's event stream opens, p99 (ms)", [r["open_p99"] * 1e3 for r in up], ms, "<= 100")
         for r in up:
             rows.append(("  statuses: A's, B's", f"{r['a_codes']}, {r['b_codes']}", ""))
-        down = [tenant_isolation(opts.flood, False) for _ in range(opts.rounds)]
+        down = [
+            tenant_isolation(opts.flood, False, inflight=opts.flood_inflight)
+            for _ in range(opts.rounds)
+        ]
+        flood_top = up[0]["profile"]
         row(
             "no worker: B's slowest search (s)", [r["b_max"] for r in down], goal="~5 (its timeout)"
         )
@@ -959,6 +1004,10 @@ def main() -> None:
         print("frame of ours, else of Django/DRF/uvicorn; waits left out):\n")
         for name, share in web_top:
             print(f"- {share:.1f}% {name}")
+    for name, shares in flood_top.items():
+        print(f"\nWhere the {name} process's time goes during A's flood (py-spy, as above):\n")
+        for frame, share in shares:
+            print(f"- {share:.1f}% {frame}")
     if "5" in only and top:
         print(
             "\nWhere the worker's time goes (py-spy, share of the busy samples, innermost frame):\n"

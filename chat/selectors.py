@@ -27,6 +27,20 @@ def session_get(*, project: Project, session_id: uuid.UUID | str) -> ChatSession
     return session
 
 
+def session_get_with_project(
+    *, projects: QuerySet[Project], project_id: uuid.UUID, session_id: uuid.UUID
+) -> ChatSession | None:
+    """The session of project `project_id`, one of `projects` (projects.selectors'
+    project_list: the user's), with its project and agent, in one query; None when there
+    is none, for the caller to tell which of the two is missing."""
+    try:
+        return ChatSession.objects.select_related("project", "agent").get(
+            id=session_id, project_id=project_id, project__in=projects
+        )
+    except (ChatSession.DoesNotExist, ValueError, TypeError):
+        return None
+
+
 def message_list(*, session: ChatSession) -> QuerySet[Message]:
     return Message.objects.filter(session=session)
 

@@ -122,11 +122,16 @@ def _message_create(
     # Held to commit: concurrent messages of one session see each other's runs.
     if not ChatSession.objects.select_for_update().filter(id=session.id).exists():
         raise Http404("No such chat session.")  # deleted meanwhile
-    busy = state.runs_active(session_id=session.id).exists()
+    busy, version_id = state.session_busy_and_version(session=session)
     if busy and reject_if_busy:
         raise SessionBusy()
     user_message, assistant_message, run = state.run_create(
-        session=session, run_id=run_id, question=content, dispatched=not busy, lane=lane
+        session=session,
+        run_id=run_id,
+        question=content,
+        dispatched=not busy,
+        lane=lane,
+        version_id=version_id,
     )
     on_commit_robust(
         lambda: run_dispatch(

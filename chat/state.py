@@ -20,11 +20,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Exists, F, OuterRef, Q, QuerySet
 from django.utils import timezone
 
-from agents.models import Agent
+from agents.models import Agent, AgentVersion
 from agents.versions import agent_version_latest
 from common.tracing import current_trace_id
 from governance.usage import usage_charge, usage_record, usage_row_write, usage_run_ended
@@ -68,6 +68,31 @@ def lease_deadline() -> datetime:
 # --- Create ---------------------------------------------------------------------------
 
 
+NOT_READ = object()
+
+
+def session_busy_and_version(*, session: ChatSession) -> tuple[bool, int | None]:
+    """In one query: whether a run of the session has not ended (runs_active), and the
+    version its next run answers with (the session's pin, else its agent's latest, as
+    run_create reads it). Read under the session's lock: a message decides on both."""
+    if session.agent_version_id is not None:
+        return runs_active(session_id=session.id).exists(), session.agent_version_id
+    runs, versions = Run._meta.db_table, AgentVersion._meta.db_table
+    session_key = Run._meta.get_field("session").get_db_prep_value(session.id, connection)
+    agent_key = AgentVersion._meta.get_field("agent").get_db_prep_value(
+        session.agent_id, connection
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT EXISTS (SELECT 1 FROM {runs} WHERE session_id = %s AND status IN "
+            f"(%s, %s, %s)), (SELECT id FROM {versions} WHERE agent_id = %s "
+            "ORDER BY number DESC LIMIT 1)",
+            [session_key, *ACTIVE, agent_key],
+        )
+        busy, version_id = cursor.fetchone()
+    return bool(busy), version_id
+
+
 def run_create(
     *,
     session: ChatSession,
@@ -77,6 +102,7 @@ def run_create(
     parent: Run | None = None,
     dispatched: bool = False,
     lane: str | None = None,
+    version_id: int | None | object = NOT_READ,
 ) -> tuple[Message | None, Message, Run]:
     """Store (inside the caller's transaction) the user's `question` when given, the
     pending assistant message that will answer it and the run that will produce it.
@@ -85,7 +111,8 @@ def run_create(
     its own; one that fails leaves no mark, which the recovery pass sees as lost.
     `lane`: the bus's lane of its every attempt (default: its parent's, else interactive:
     an agent asked by a scheduled run answers on the bulk lane too).
-    Returns (question message or None, assistant message, run)."""
+    `version_id`: the version it answers with, when the caller read it already
+    (session_busy_and_version). Returns (question message or None, assistant message, run)."""
     asked = None
     if question is not None:
         asked = Message(
@@ -99,7 +126,9 @@ def run_create(
         answer.save(force_insert=True)
     agent_id = agent.id if agent is not None else session.agent_id
     # The version it answers with: the session's pin (for its own agent), else the latest.
-    if agent_id == session.agent_id and session.agent_version_id is not None:
+    if version_id is not NOT_READ:
+        pass  # read by the caller
+    elif agent_id == session.agent_id and session.agent_version_id is not None:
         version_id = session.agent_version_id
     else:
         latest = agent_version_latest(agent_id=agent_id)

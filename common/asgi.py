@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from asgiref.sync import sync_to_async
+from asgiref.sync import SyncToAsync, ThreadSensitiveContext, sync_to_async
 from django.conf import settings
 from django.core import signals
 from django.core.exceptions import RequestAborted
@@ -77,29 +77,107 @@ def serves_long_lived(scope: dict) -> bool:
     return bool(marked)
 
 
-_long_lived_threads: ThreadPoolExecutor | None = None
+class SyncLanes:
+    """The threads the sync steps of `@long_lived` requests run on (their middleware's
+    hops and `run_sync`), one lane (a thread) per credential at a time.
+
+    On one shared thread (asgiref's default) or one shared pool, a user's flood of
+    searches or stream opens queues every other user's steps behind its own. Here a
+    credential (its Authorization header, else its session cookie) keeps one lane while
+    it has requests being set up, and a new credential takes the lane with the fewest
+    credentials: a flood queues on its own lane, and another user's steps run on
+    another, as long as no more credentials are busy at once than there are lanes.
+    A credential with `per_credential` requests in this state already is refused
+    (`enter` returns None): a 429, before anything ran.
+
+    Used from one event loop's thread only (no lock)."""
+
+    def __init__(self, *, count: int, per_credential: int) -> None:
+        self.per_credential = per_credential
+        self.contexts = [ThreadSensitiveContext() for _ in range(max(count, 1))]
+        for n, context in enumerate(self.contexts):
+            # Its executor, as `async with context` would register one, for good.
+            SyncToAsync.context_to_thread_executor[context] = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"waiting-lane-{n}"
+            )
+        self.credentials = [0] * len(self.contexts)  # credentials per lane
+        self.busy: dict[str, list[int]] = {}  # credential -> [lane, requests]
+
+    def enter(self, credential: str) -> Callable[[], None] | None:
+        """Put this request on its credential's lane (the context's thread-sensitive
+        steps run there): returns the call that takes it off, or None (refused)."""
+        entry = self.busy.get(credential)
+        if entry is None:
+            lane = min(range(len(self.credentials)), key=self.credentials.__getitem__)
+            self.credentials[lane] += 1
+            entry = self.busy[credential] = [lane, 0]
+        elif entry[1] >= self.per_credential:
+            return None
+        entry[1] += 1
+        SyncToAsync.thread_sensitive_context.set(self.contexts[entry[0]])
+        left = False
+
+        def leave() -> None:
+            nonlocal left
+            if left:
+                return
+            left = True
+            entry[1] -= 1
+            if not entry[1]:
+                del self.busy[credential]
+                self.credentials[entry[0]] -= 1
+
+        return leave
+
+    def close(self) -> None:
+        """Stop the lanes' threads once idle (a request still on one gets a new thread)."""
+        for context in self.contexts:
+            executor = SyncToAsync.context_to_thread_executor.pop(context, None)
+            if executor is not None:
+                executor.shutdown(wait=False)
 
 
-def _threads() -> ThreadPoolExecutor:
-    global _long_lived_threads
-    if _long_lived_threads is None:
-        _long_lived_threads = ThreadPoolExecutor(
-            max_workers=settings.WEB_WAITING_SYNC_THREADS, thread_name_prefix="long-lived"
-        )
-    return _long_lived_threads
+@process_singleton(
+    settings=("WEB_WAITING_SYNC_THREADS", "WEB_WAITING_PER_CREDENTIAL"), close=SyncLanes.close
+)
+def sync_lanes() -> SyncLanes:
+    return SyncLanes(
+        count=settings.WEB_WAITING_SYNC_THREADS,
+        per_credential=settings.WEB_WAITING_PER_CREDENTIAL,
+    )
+
+
+def request_credential(scope: dict) -> str:
+    """Who a request is, before anything checked it: its Authorization header, else its
+    session cookie (raw: only compared, never stored)."""
+    cookie = b""
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            return "a:" + value.decode("latin-1")
+        if name == b"cookie":
+            cookie = value
+    if cookie:
+        prefix = settings.SESSION_COOKIE_NAME.encode() + b"="
+        for part in cookie.split(b";"):
+            part = part.strip()
+            if part.startswith(prefix):
+                return "s:" + part[len(prefix) :].decode("latin-1")
+    return ""
+
+
+# The call that takes the request off its lane once its response exists (an event
+# stream then streams without holding its credential's count).
+_LANE_LEAVE: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "lane_leave", default=None
+)
 
 
 async def run_sync(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """A sync step of a `@long_lived` view (authentication, reads). Served by this
-    handler, it runs on a small pool of threads (WEB_WAITING_SYNC_THREADS): on asgiref's
-    one shared thread it would queue behind every other waiting request's steps, and a
-    thread per request is what these views exist to avoid. Elsewhere (the test client,
-    WSGI) it runs on the request's own thread, as `sync_to_async` does."""
-    if not _OUTSIDE_REQUEST_THREAD.get():
-        return await sync_to_async(function)(*args, **kwargs)
-    return await sync_to_async(function, thread_sensitive=False, executor=_threads())(
-        *args, **kwargs
-    )
+    handler, it runs on its credential's lane (SyncLanes), as its middleware's steps do;
+    elsewhere (the test client, WSGI) on the request's own thread. Either way it is
+    `sync_to_async`'s thread-sensitive step: the lane is the request's context."""
+    return await sync_to_async(function)(*args, **kwargs)
 
 
 class Admission:
@@ -166,18 +244,20 @@ def admission() -> Admission:
     return found
 
 
-async def answer_busy(send, *, retry_after: int) -> None:
-    """A 503 in the API's error shape (common.api), straight on the ASGI channel."""
-    body = json.dumps(
-        {
-            "detail": "This server is at capacity; retry shortly.",
-            "code": "backend_unavailable",
-        }
-    ).encode()
+async def answer_busy(send, *, retry_after: int, status: int = 503) -> None:
+    """A 503 in the API's error shape (common.api), straight on the ASGI channel; a 429
+    when the cause is the client's own requests in flight."""
+    if status == 429:
+        detail = {"detail": "Too many of your requests are in flight here; retry shortly.",
+                  "code": "throttled"}  # fmt: skip
+    else:
+        detail = {"detail": "This server is at capacity; retry shortly.",
+                  "code": "backend_unavailable"}  # fmt: skip
+    body = json.dumps(detail).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 503,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
@@ -249,13 +329,28 @@ class StreamingAwareASGIHandler(ASGIHandler):
 
     async def get_response_async(self, request):
         if _OUTSIDE_REQUEST_THREAD.get():
-            return await super().get_response_async(request)
+            try:
+                return await super().get_response_async(request)
+            finally:
+                leave = _LANE_LEAVE.get()
+                if leave is not None:
+                    leave()  # the response exists: what is left is waiting or streaming
         return await sync_to_async(self._sync_handler.get_response, thread_sensitive=True)(request)
 
     async def __call__(self, scope, receive, send):
         if serves_long_lived(scope):
+            leave = sync_lanes().enter(request_credential(scope))
+            if leave is None:
+                await answer_busy(
+                    send, retry_after=settings.WEB_ADMISSION_RETRY_AFTER_SECONDS, status=429
+                )
+                return
             _OUTSIDE_REQUEST_THREAD.set(True)  # this request's context only
-            await self.handle(scope, receive, send)
+            _LANE_LEAVE.set(leave)
+            try:
+                await self.handle(scope, receive, send)
+            finally:
+                leave()
             return
         if scope.get("type") != "http" or settings.WEB_MAX_CONCURRENT_REQUESTS <= 0:
             await super().__call__(scope, receive, send)

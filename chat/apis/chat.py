@@ -20,9 +20,10 @@ from common.validators import MAX_TEXT_BYTES, validate_text_size
 from governance.apis import QUOTA_EXCEEDED_RESPONSE
 from projects.idempotency import idempotent
 from projects.mixins import ProjectScopedApi
+from projects.selectors import project_list
 
 from ..models import Message
-from ..selectors import message_list, session_get, session_list
+from ..selectors import message_list, session_get, session_get_with_project, session_list
 from ..services import message_send, session_create, session_delete, session_runs_cancel
 
 
@@ -189,6 +190,7 @@ class MessageListCreateApi(EnvelopeListMixin, ProjectScopedApi):
     pagination_class = EnvelopePagination.of("messages")
     throttle_scopes = {"POST": "messages"}
     credential_scopes = {"POST": CHAT}  # a project API key sends messages with `chat`
+    project_read_by_handler = frozenset({"POST"})  # with the session: one query
 
     @extend_schema(
         operation_id="messages_list",
@@ -222,7 +224,14 @@ class MessageListCreateApi(EnvelopeListMixin, ProjectScopedApi):
     )
     @idempotent
     def post(self, request, project_id, session_id):
-        session = session_get(project=self.project, session_id=session_id)
+        session = session_get_with_project(
+            projects=project_list(user=request.user, credential=request.auth),
+            project_id=project_id,
+            session_id=session_id,
+        )
+        if session is None:  # the project's 404, else the session's
+            session = session_get(project=self.project, session_id=session_id)
+        self.project = session.project
         data = MessageInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         message, answer = message_send(session=session, content=data.validated_data["content"])

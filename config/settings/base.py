@@ -150,9 +150,14 @@ WEB_MAX_CONCURRENT_REQUESTS = env.int(
 WEB_ADMISSION_QUEUE = env.int("WEB_ADMISSION_QUEUE", default=5000)
 WEB_ADMISSION_WAIT_SECONDS = env.float("WEB_ADMISSION_WAIT_SECONDS", default=8)
 WEB_ADMISSION_RETRY_AFTER_SECONDS = env.int("WEB_ADMISSION_RETRY_AFTER_SECONDS", default=2)
-# Threads that run the short sync steps (authentication, reads) of requests that wait as
-# coroutines (event streams, context searches), shared by all of them.
+# Threads (lanes) that run the short sync steps (middleware, authentication, reads) of
+# requests that wait as coroutines (event streams, context searches): a credential keeps
+# one lane while it has such requests being set up, so one user's flood queues on its own
+# lane (common.asgi.SyncLanes). Past WEB_WAITING_PER_CREDENTIAL of one credential's
+# requests being set up or waiting (a stream once open no longer counts), the next is
+# refused with 429 and Retry-After WEB_ADMISSION_RETRY_AFTER_SECONDS, before anything ran.
 WEB_WAITING_SYNC_THREADS = env.int("WEB_WAITING_SYNC_THREADS", default=4)
+WEB_WAITING_PER_CREDENTIAL = env.int("WEB_WAITING_PER_CREDENTIAL", default=32)
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

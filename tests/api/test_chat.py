@@ -1,4 +1,8 @@
+import uuid
+
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from chat.models import ChatSession, Message
 from tests.factories import AgentFactory, MessageFactory, ProjectFactory
@@ -90,3 +94,29 @@ def test_messages_are_listed_in_conversation_order(api, session):
     body = api.get(chat_url(session.project, session.id, "messages"), {"limit": 2}).json()
     assert [m["content"] for m in body["messages"]] == ["one", "two"]
     assert body["total"] == 3
+
+
+def test_a_message_reads_its_project_session_and_agent_at_once_and_names_what_is_missing(
+    api, other_api, session
+):
+    """A chat POST reads its project (scoped to the user), its session and the agent in
+    one query, and the agent's latest version with the session's busy check; what is
+    missing is still named: another user's project first, then the session."""
+    url = chat_url(session.project, session.id, "messages")
+    assert api.post(url, {"content": "warm"}, format="json").status_code == 202
+    with CaptureQueriesContext(connection) as queries:
+        assert api.post(url, {"content": "hi"}, format="json").status_code == 202
+    sql = [q["sql"] for q in queries.captured_queries]
+    reads = [q for q in sql if "projects_project" in q and "FOR KEY SHARE" not in q]
+    assert len(reads) == 1, reads
+    assert "agents_chatsession" in reads[0] and "agents_agent" in reads[0]
+    versions = [q for q in sql if "agents_agentversion" in q]
+    assert len(versions) == 1 and "agents_run" in versions[0], versions
+
+    other = other_api.post(url, {"content": "hi"}, format="json")
+    assert (other.status_code, other.json()["detail"]) == (404, "No such project.")
+    gone = api.post(
+        chat_url(session.project, uuid.uuid4(), "messages"), {"content": "hi"}, format="json"
+    )
+    assert (gone.status_code, gone.json()["detail"]) == (404, "No such chat session.")
+    assert Message.objects.filter(session=session).count() == 4

@@ -142,6 +142,7 @@ def test_another_users_search_and_stream_do_not_wait_behind_a_flood(asgi, user, 
     # (B's stream took 1.8 s at load 15) stay apart around the bound of timeout / 2.
     timeout = settings.CONTEXT_SEARCH_TIMEOUT_SECONDS = 6
     settings.SEARCH_INFLIGHT_PER_USER = settings.SEARCH_INFLIGHT_PER_PROJECT = 40
+    settings.WEB_WAITING_PER_CREDENTIAL = 40  # all of A's wait: none refused at the door
     flooder = AgentFactory(project=ProjectFactory(owner=user))
     other_user = UserFactory()
     other = AgentFactory(project=ProjectFactory(owner=other_user))
@@ -184,3 +185,70 @@ def test_another_users_search_and_stream_do_not_wait_behind_a_flood(asgi, user, 
     assert code == 503
     assert timeout - 0.5 < took < timeout + 1.5, took  # its own timeout, not after A's
     assert [c for c, _ in answered] == [503] * 40
+
+
+def test_a_users_flood_waits_on_its_own_lane_and_past_its_bound_is_refused(
+    asgi, live_worker, user, settings, monkeypatch
+):
+    """User A's searches are held in their sync step (authentication and reads) while
+    more of them arrive than there are lanes: with every waiting request's steps on one
+    shared pool, B would queue behind them. B's search (answered by the worker) and B's
+    event stream open while A's are still held; A's requests past
+    WEB_WAITING_PER_CREDENTIAL are refused with 429 and Retry-After before any step ran."""
+    from tests.factories import ChatSessionFactory
+
+    settings.WEB_WAITING_SYNC_THREADS = 2
+    settings.WEB_WAITING_PER_CREDENTIAL = 6
+    settings.SEARCH_INFLIGHT_PER_USER = settings.SEARCH_INFLIGHT_PER_PROJECT = 40
+    flooder = AgentFactory(project=ProjectFactory(owner=user))
+    other_user = UserFactory()
+    other = AgentFactory(project=ProjectFactory(owner=other_user))
+    session = ChatSessionFactory(project=other.project, agent=other)
+    tokens = {u.pk: token_for(u) for u in (user, other_user)}
+
+    held, release, prepared = threading.Event(), threading.Event(), []
+    prepare = waits._prepare
+
+    def held_for_a(request, project_id, agent_id):
+        prepared.append(project_id)
+        if project_id == flooder.project_id:
+            held.set()
+            assert release.wait(30), "never released"
+        return prepare(request, project_id, agent_id)
+
+    monkeypatch.setattr(waits, "_prepare", held_for_a)
+    answers: list[tuple[int, int, str | None]] = []
+
+    def search(agent, who):
+        response = httpx.get(
+            search_url(asgi, agent),
+            params={"q": "x"},
+            headers={"Authorization": f"Token {tokens[who.pk]}"},
+            timeout=40,
+        )
+        answers.append((who.pk, response.status_code, response.headers.get("Retry-After")))
+
+    flood = [threading.Thread(target=search, args=(flooder, user)) for _ in range(10)]
+    for thread in flood:
+        thread.start()
+    try:
+        assert held.wait(10)
+        wait_until(lambda: len(answers) == 4, timeout=15, what="the refusals past the bound")
+        assert answers == [(user.pk, 429, "2")] * 4  # WEB_ADMISSION_RETRY_AFTER_SECONDS
+        assert prepared == [flooder.project_id]  # A's others queue on A's one lane
+
+        events = (
+            f"http://127.0.0.1:{asgi.port}/my/projects/{other.project_id}/chat/{session.id}/events/"
+        )
+        headers = {"Authorization": f"Token {tokens[other_user.pk]}"}
+        with httpx.stream("GET", events, headers=headers, timeout=20) as response:
+            assert response.status_code == 200
+        search(other, other_user)
+        assert answers[-1][:2] == (other_user.pk, 200)
+        assert not release.is_set() and len(answers) == 5  # A's six are still held
+    finally:
+        release.set()
+        for thread in flood:
+            thread.join(40)
+    mine = sorted(code for who, code, _ in answers if who == user.pk)
+    assert mine == [200] * 6 + [429] * 4
