@@ -93,8 +93,10 @@ def shared_pool_worker(concurrency: int = 2) -> Iterator:
             # Stopping: the event loop sees the flag at its next turn, and closing the
             # channel reads the reply of the poll in flight. Waking that poll ends both
             # now rather than after the BRPOP timeout (1 s, up to 2 s in all).
+            # (Best effort: a test may have left the worker without a consumer or broker.)
             worker_state.should_terminate = 0
-            wake(worker.consumer.task_consumer.channel)
+            with contextlib.suppress(Exception):
+                wake(worker.consumer.task_consumer.channel)
     finally:
         app.conf.broker_transport = None
         # The worker narrowed and extended the app's queue table; the next one starts clean.
