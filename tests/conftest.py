@@ -13,14 +13,38 @@ from rest_framework.test import APIClient
 
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
 
-# Files that take minutes, started first: with `--dist loadfile` the xdist processes take
-# files in collection order, so a long file collected last would run alone at the end.
+# The files that take longest, longest first (each one's setup, calls and teardowns added
+# up, measured on a full run on two cores). With `--dist loadfile` each xdist process
+# takes the next file in collection order when it has two tests left: the long files go
+# out first and the short ones fill in behind them, instead of a long file collected
+# last running alone at the end.
 LONG_FILES = (
     "tests/contract/test_schemathesis.py",
-    "tests/browser/test_observability_pages.py",
+    "tests/runtime/test_durability.py",
+    "tests/runtime/test_agent_calls.py",
+    "tests/multihost/test_web_hosts.py",
+    "tests/agentbus/test_reliability.py",
+    "tests/runtime/test_approval.py",
+    "tests/agentbus/test_shared_worker.py",
+    "tests/runtime/test_runs.py",
     "tests/api/test_database_outage.py",
+    "tests/browser/test_pages.py",
+    "tests/runtime/test_tools.py",
+    "tests/runtime/test_chat.py",
+    "tests/lifecycle/test_archive_upload.py",
     "tests/runtime/test_sse.py",
+    "tests/runtime/test_shutdown.py",
+    "tests/agentbus/test_flow_workers.py",
+    "tests/multihost/test_worker_hosts.py",
+    "tests/runtime/test_waits.py",
 )
+
+
+def pytest_configure(config):
+    # xdist would otherwise hand out files by their number of tests, most first, which
+    # undoes the order above (a file of one long test would go last).
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(items):

@@ -59,11 +59,13 @@ def shared_pool_worker(concurrency: int = 2) -> Iterator:
     transport. Yields the WorkController once its mailbox answers, so broadcasts sent
     after that reach it."""
     from celery.contrib.testing.worker import start_worker
+    from celery.worker import state as worker_state
     from django.conf import settings
     from kombu.asynchronous import set_event_loop
 
     from agentbus.broker import uses_redis
     from agentbus.queues import MAINTENANCE_QUEUE
+    from agentbus.transport import wake
     from config.celery_app import app
 
     # A fresh event loop: Celery reuses kombu's process-wide hub, and a previous worker's
@@ -88,6 +90,17 @@ def shared_pool_worker(concurrency: int = 2) -> Iterator:
             while not app.control.ping(destination=[worker.hostname], timeout=0.2):
                 assert time.monotonic() < deadline, "the live worker does not answer"
             yield worker
+            # Stopping: the event loop sees the flag at its next turn, and closing the
+            # channel reads the reply of the poll in flight. Waking that poll ends both
+            # now rather than after the BRPOP timeout (1 s, up to 2 s in all). (Best
+            # effort: a test may have left the worker without a consumer or broker.)
+            worker_state.should_terminate = 0
+            with contextlib.suppress(Exception):
+                wake(worker.consumer.task_consumer.channel)
+        # Celery's test worker stops cold: it does not join the threads running tasks. A
+        # task a test left running (a run it posted last) would go on writing into the
+        # next test's database flush: it gets a few seconds to end first.
+        wait_for(lambda: not worker_state.active_requests, timeout=5)
     finally:
         app.conf.broker_transport = None
         # The worker narrowed and extended the app's queue table; the next one starts clean.

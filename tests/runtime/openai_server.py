@@ -15,6 +15,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from tests.local_http import serve_in_thread
+
 
 class _Server(ThreadingHTTPServer):
     # Room for a burst of connections at once (many workers' calls let through by a
@@ -189,7 +191,6 @@ class FakeOpenAI:
         self._httpd = _Server(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
     def _admit(self) -> bool:
         """Whether a request is within the rate limit (then it counts as served)."""
@@ -206,7 +207,7 @@ class FakeOpenAI:
             return True
 
     def start(self) -> FakeOpenAI:
-        self._thread.start()
+        serve_in_thread(self._httpd)
         return self
 
     def stop(self) -> None:

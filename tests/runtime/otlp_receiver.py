@@ -12,6 +12,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+from tests.local_http import serve_in_thread
+
 
 def _value(any_value):
     kind = any_value.WhichOneof("value")
@@ -52,7 +54,6 @@ class OtlpReceiver:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def _add(self, request) -> None:
         found = []
@@ -83,7 +84,7 @@ class OtlpReceiver:
             return [s for s in self.spans if s["trace_id"] == trace_id]
 
     def start(self) -> OtlpReceiver:
-        self.thread.start()
+        serve_in_thread(self.server)
         return self
 
     def stop(self) -> None:

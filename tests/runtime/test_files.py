@@ -7,7 +7,6 @@ with exactly their points, and bad input is a 4xx that writes nothing."""
 from __future__ import annotations
 
 import io
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import docx
@@ -17,6 +16,7 @@ from pypdf import PdfReader, PdfWriter
 
 from context.models import ContextDocument
 from tests.factories import AgentFactory
+from tests.local_http import serve_in_thread
 from tests.runtime.conftest import context_count, wait_until
 from tests.runtime.test_context import context_url, search
 
@@ -155,7 +155,7 @@ def file_server():
             self.wfile.write(body)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    serve_in_thread(server)
     yield f"http://127.0.0.1:{server.server_address[1]}/runbook.md"
     server.shutdown()
 

