@@ -93,8 +93,12 @@ def test_two_worker_processes_share_the_embedded_store(two_workers, api, project
     assert owner_pid(redis_client) in {w.pid for w in two_workers}
     # Every exchange was remembered, whichever process answered.
     scope = TenantScope.agent(user_id=project.owner_id, project_id=project.id, agent_id=agent.id)
-    hits = RemoteStore(close_vector_store).count(scope)
-    assert hits == 1 + 40, hits
+    # (stored after each answer ended: waited for, not read at once)
+    wait_until(
+        lambda: RemoteStore(close_vector_store).count(scope) == 1 + 40,
+        timeout=60,
+        what="every exchange stored",
+    )
 
 
 def test_a_killed_owner_is_taken_over_within_its_lease(two_workers, api, project, redis_client):
@@ -103,6 +107,14 @@ def test_a_killed_owner_is_taken_over_within_its_lease(two_workers, api, project
     sessions = [ChatSessionFactory(agent=agent, project=project) for _ in range(4)]
     first = post_all(api, sessions, rounds=1)
     wait_until(lambda: ended(first), timeout=60, what="the first answers")
+    scope = TenantScope.agent(user_id=project.owner_id, project_id=project.id, agent_id=agent.id)
+    # A run stores its exchange after its answer has ended: one the owner was writing
+    # for its own run when killed would go with it.
+    wait_until(
+        lambda: RemoteStore(close_vector_store).count(scope) == 1 + 4,
+        timeout=60,
+        what="the first exchanges stored",
+    )
     owner = next(w for w in two_workers if w.pid == owner_pid(redis_client))
     other = next(w for w in two_workers if w is not owner)
 
@@ -119,8 +131,11 @@ def test_a_killed_owner_is_taken_over_within_its_lease(two_workers, api, project
     assert set(messages.values_list("status", flat=True)) == {"done"}
     # The context stored before the kill is there: the survivor opened the same folder.
     assert all("The most relevant context I hold:" in m.content for m in messages)
-    scope = TenantScope.agent(user_id=project.owner_id, project_id=project.id, agent_id=agent.id)
-    assert RemoteStore(close_vector_store).count(scope) == 1 + 4 + 8
+    wait_until(
+        lambda: RemoteStore(close_vector_store).count(scope) == 1 + 4 + 8,
+        timeout=60,
+        what="every exchange stored",
+    )
     print(f"takeover {took_over:.2f}s after the kill (lease {LEASE_SECONDS}s)")
     assert took_over <= LEASE_SECONDS + 5  # the lease, then the next call's slice
 
