@@ -106,19 +106,21 @@ def publish_tasks(bed, projects: list[uuid.UUID], count: int, tag: str) -> list[
     from tests.agentbus import tasks
     from tests.workers import broker_at
 
-    old = settings.REDIS_URL, settings.CELERY_BROKER_URL
-    close_redis()
-    settings.REDIS_URL = settings.CELERY_BROKER_URL = bed.redis_url
     sent = []
-    try:
-        with broker_at(bed.redis_url):
+    # broker_at first: it remembers the app's broker URL, which reads the settings' (set
+    # before it, the bed's URL was remembered and stayed the app's after the test).
+    with broker_at(bed.redis_url):
+        old = settings.REDIS_URL, settings.CELERY_BROKER_URL
+        close_redis()
+        settings.REDIS_URL = settings.CELERY_BROKER_URL = bed.redis_url
+        try:
             for i in range(count):
                 project = projects[i % len(projects)]
                 kwargs = {"user_id": 1, "tag": tag, "sleep": 0.02}
                 sent.append(publish(tasks.record, project_id=project, kwargs=kwargs).id)
-    finally:
-        settings.REDIS_URL, settings.CELERY_BROKER_URL = old
-        close_redis()
+        finally:
+            settings.REDIS_URL, settings.CELERY_BROKER_URL = old
+            close_redis()
     return sent
 
 
