@@ -25,6 +25,16 @@ def search_url(server, agent) -> str:
     )
 
 
+def search_as(server, agent, token: str, *, timeout: float) -> httpx.Response:
+    """One context search of `agent` with that user's token."""
+    return httpx.get(
+        search_url(server, agent),
+        params={"q": "x"},
+        headers={"Authorization": f"Token {token}"},
+        timeout=timeout,
+    )
+
+
 def database_sessions() -> int:
     if connection.vendor != "postgresql":
         return 0
@@ -94,12 +104,7 @@ def test_a_flood_of_searches_is_turned_away_and_others_are_served(asgi, user, se
     tokens = {u.pk: token_for(u) for u in (user, other_user)}  # here: client threads use no DB
 
     def search(agent, who):
-        response = httpx.get(
-            search_url(asgi, agent),
-            params={"q": "x"},
-            headers={"Authorization": f"Token {tokens[who.pk]}"},
-            timeout=30,
-        )
+        response = search_as(asgi, agent, tokens[who.pk], timeout=30)
         codes.append((who.pk, response.status_code, response.headers.get("Retry-After")))
 
     flood = [threading.Thread(target=search, args=(flooder, user)) for _ in range(40)]
@@ -152,12 +157,7 @@ def test_another_users_search_and_stream_do_not_wait_behind_a_flood(asgi, user, 
 
     def search(agent, who, into):
         started = time.monotonic()
-        response = httpx.get(
-            search_url(asgi, agent),
-            params={"q": "x"},
-            headers={"Authorization": f"Token {tokens[who.pk]}"},
-            timeout=30,
-        )
+        response = search_as(asgi, agent, tokens[who.pk], timeout=30)
         into.append((response.status_code, time.monotonic() - started))
 
     flood = [threading.Thread(target=search, args=(flooder, user, answered)) for _ in range(40)]
@@ -220,12 +220,7 @@ def test_a_users_flood_waits_on_its_own_lane_and_past_its_bound_is_refused(
     answers: list[tuple[int, int, str | None]] = []
 
     def search(agent, who):
-        response = httpx.get(
-            search_url(asgi, agent),
-            params={"q": "x"},
-            headers={"Authorization": f"Token {tokens[who.pk]}"},
-            timeout=40,
-        )
+        response = search_as(asgi, agent, tokens[who.pk], timeout=40)
         answers.append((who.pk, response.status_code, response.headers.get("Retry-After")))
 
     flood = [threading.Thread(target=search, args=(flooder, user)) for _ in range(10)]
