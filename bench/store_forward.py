@@ -31,6 +31,8 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# The apps' modules are imported inside the functions that use them: Django is set up by
+# bootstrap() at the end of this file, after the module has loaded.
 WORDS = "cat rack invoice office server month paid sleeps wiki page river stone lamp".split()
 
 

@@ -67,6 +67,9 @@ if __name__ == "__main__":
 
 from bench.harness import procfile  # noqa: E402
 
+# The apps' modules (models, services) are imported inside the functions that use them:
+# the receivers' process (--serve) runs without Django, and the others set it up above.
+
 
 def start(name: str, log_dir: Path) -> subprocess.Popen:
     log = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 (the process keeps it)
