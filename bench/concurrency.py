@@ -57,6 +57,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import multiprocessing
 import os
 import signal
 import socket
@@ -318,38 +319,71 @@ async def open_stream(port: int, path: str, token: str):
     return reader, writer
 
 
-async def streams_measure(
-    stack: Stack, streams: int, token: str, paths: list[str], keys: list[str]
-):
-    opened = []
-    for i in range(0, streams, 200):  # in waves, as clients arrive
-        opened += await asyncio.gather(
-            *(
-                open_stream(stack.port, paths[j % len(paths)], token)
-                for j in range(i, min(streams, i + 200))
-            )
-        )
-    await asyncio.sleep(1)
-    arrivals: list[float] = []
-    mark = f"bench-{uuid.uuid4().hex}".encode()
+class StreamClient(asyncio.Protocol):
+    """One event stream read as the bytes come (no StreamReader, no task per stream):
+    `opened` once the server said it is connected, `arrived` the monotonic time the
+    bench's event reached it."""
 
-    async def watch(reader):
-        buffer = b""
-        while mark not in buffer:
-            buffer += await reader.read(65536)
-        arrivals.append(time.time())
+    def __init__(self, request: bytes, mark: bytes) -> None:
+        self.request, self.mark, self.buffer = request, mark, b""
+        self.opened = asyncio.get_running_loop().create_future()
+        self.arrived: float | None = None
 
-    watchers = [asyncio.create_task(watch(r)) for r, _ in opened]
-    sent = time.time()
-    pipe = get_redis().pipeline(transaction=False)
-    for key in keys:  # as a worker writes an event: XADD, then the notification
-        pipe.xadd(key, {"type": "message.delta", "data": f'{{"bench": "{mark.decode()}"}}'})
-        pipe.publish(key, "")
-    pipe.execute()
-    await asyncio.wait_for(asyncio.gather(*watchers), timeout=60)
-    delays = [a - sent for a in arrivals]
-    clients = web_redis_clients(stack)
-    return opened, delays, clients
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        if self.arrived is not None:
+            return
+        self.buffer += data
+        if not self.opened.done():
+            if b"\r\n\r\n" in self.buffer and not self.buffer.startswith(b"HTTP/1.1 200"):
+                self.opened.set_exception(RuntimeError(self.buffer[:300]))
+            elif b"connected at" in self.buffer:
+                self.opened.set_result(None)
+                self.buffer = b""
+        elif self.mark in self.buffer:
+            self.arrived = time.monotonic()
+            self.buffer = b""
+        else:
+            self.buffer = self.buffer[-len(self.mark) :]  # heartbeats
+
+    def connection_lost(self, exc) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(RuntimeError(self.buffer[:300] or "closed"))
+
+
+def stream_client_process(port: int, requests: list[bytes], mark: bytes, conn) -> None:
+    """A measuring client in a process of its own: opens its streams in waves of 200
+    (as clients arrive), says so, then sends back when each one received `mark`, and
+    closes them all when told."""
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        clients = []
+        try:
+            for i in range(0, len(requests), 200):
+                wave = [StreamClient(r, mark) for r in requests[i : i + 200]]
+                await asyncio.gather(
+                    *(loop.create_connection(lambda c=c: c, "127.0.0.1", port) for c in wave)
+                )
+                await asyncio.gather(*(c.opened for c in wave))
+                clients += wave
+        except Exception as exc:  # noqa: BLE001 (reported to the bench, which stops)
+            conn.send(("error", repr(exc)))
+            return
+        conn.send(("open", len(clients)))
+        deadline = time.monotonic() + 60
+        while any(c.arrived is None for c in clients) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        conn.send(("arrived", [c.arrived for c in clients]))
+        await loop.run_in_executor(None, conn.recv)  # "close"
+        for client in clients:
+            client.transport.close()
+
+    asyncio.run(run())
+    conn.close()
 
 
 def web_redis_clients(stack: Stack) -> int:
@@ -381,36 +415,83 @@ def api_p99(url: str, token: str, n: int = 200) -> float:
     return pct(times, 99)
 
 
-def many_streams(streams: int) -> dict:
+def many_streams(streams: int, *, users: int = 25, sessions: int = 500, processes: int = 2) -> dict:
+    """`streams` event streams over `sessions` sessions (as many per session), the
+    sessions shared by `users` users (a project each), opened in waves of 200 by
+    `processes` client processes (a wave asks about 200/users streams of each user at
+    once: within the service's per-credential bound on requests being set up). One
+    event is written to every session's stream; its delay to each stream is measured in
+    the client processes, as each reads its sockets (their own work is in the figure:
+    the client processes share the machine's cores with the server)."""
     from chat.streams import stream_key
     from workspaces.redis import workspace_prefix
 
     stack = Stack(worker=PROCFILE_WORKER)
+    children = []
     try:
-        user, token = setup_user("bench-streams")
-        project, _, sessions = project_with_sessions(user, sessions=500, model="offline")
-        paths = [f"/my/projects/{project.id}/chat/{s.id}/events/" for s in sessions]
-        keys = [workspace_prefix(user.pk, project.id) + stream_key(s.id) for s in sessions]
-        detail = f"{stack.url}/my/projects/{project.id}/"
-        idle_p99 = api_p99(detail, token)
+        tokens, paths, keys, projects = [], [], [], []
+        for u in range(users):
+            user, token = setup_user(f"bench-streams-{u}")
+            project, _, own = project_with_sessions(
+                user, sessions=sessions // users, model="offline"
+            )
+            tokens.append(token)
+            projects.append(project)
+            paths.append([f"/my/projects/{project.id}/chat/{s.id}/events/" for s in own])
+            keys += [workspace_prefix(user.pk, project.id) + stream_key(s.id) for s in own]
+        # Stream j: user j % users, its session (j // users) % its sessions.
+        requests = [
+            (
+                f"GET {paths[j % users][(j // users) % len(paths[0])]} HTTP/1.1\r\n"
+                f"Host: 127.0.0.1\r\nAuthorization: Token {tokens[j % users]}\r\n"
+                "Accept: text/event-stream\r\n\r\n"
+            ).encode()
+            for j in range(streams)
+        ]
+        detail = f"{stack.url}/my/projects/{projects[0].id}/"
+        idle_p99 = api_p99(detail, tokens[0])
         idle_clients = web_redis_clients(stack)
-
-        async def run():
-            opened, delays, clients = await streams_measure(stack, streams, token, paths, keys)
-            loaded_p99 = await asyncio.to_thread(api_p99, detail, token)
-            for _, writer in opened:
-                writer.close()
-            return delays, clients, loaded_p99
-
-        delays, clients, loaded_p99 = asyncio.run(run())
+        mark = f"bench-{uuid.uuid4().hex}".encode()
+        fork = multiprocessing.get_context("fork")  # before any event loop of this process
+        for n in range(processes):
+            ours, theirs = fork.Pipe()
+            child = fork.Process(
+                target=stream_client_process,
+                args=(stack.port, requests[n::processes], mark, theirs),
+                daemon=True,
+            )
+            child.start()
+            children.append((child, ours))
+        for _, conn in children:
+            state, said = conn.recv()
+            if state != "open":
+                raise SystemExit(f"a stream did not open: {said}")
+        time.sleep(1)
+        sent = time.monotonic()
+        pipe = get_redis().pipeline(transaction=False)
+        for key in keys:  # as a worker writes an event: XADD, then the notification
+            pipe.xadd(key, {"type": "message.delta", "data": f'{{"bench": "{mark.decode()}"}}'})
+            pipe.publish(key, "")
+        pipe.execute()
+        arrivals = []
+        for _, conn in children:
+            arrivals += conn.recv()[1]
+        if None in arrivals:
+            raise SystemExit(f"{arrivals.count(None)} streams did not get the event in 60 s")
+        clients = web_redis_clients(stack)
+        loaded_p99 = api_p99(detail, tokens[0])
         return {
             "clients": clients,
             "idle_clients": idle_clients,
-            "delay_p99": pct(delays, 99),
+            "delay_p99": pct([a - sent for a in arrivals], 99),
             "api_idle_p99": idle_p99,
             "api_loaded_p99": loaded_p99,
         }
     finally:
+        for child, conn in children:
+            with contextlib.suppress(OSError):
+                conn.send("close")
+            child.join(30)
         stack.stop()
 
 
