@@ -467,6 +467,7 @@ def many_streams(streams: int, *, users: int = 25, sessions: int = 500, processe
             if state != "open":
                 raise SystemExit(f"a stream did not open: {said}")
         time.sleep(1)
+        cpu = web_cpu_seconds(stack)
         sent = time.monotonic()
         pipe = get_redis().pipeline(transaction=False)
         for key in keys:  # as a worker writes an event: XADD, then the notification
@@ -478,12 +479,14 @@ def many_streams(streams: int, *, users: int = 25, sessions: int = 500, processe
             arrivals += conn.recv()[1]
         if None in arrivals:
             raise SystemExit(f"{arrivals.count(None)} streams did not get the event in 60 s")
+        cpu = web_cpu_seconds(stack) - cpu
         clients = web_redis_clients(stack)
         loaded_p99 = api_p99(detail, tokens[0])
         return {
             "clients": clients,
             "idle_clients": idle_clients,
             "delay_p99": pct([a - sent for a in arrivals], 99),
+            "web_cpu": cpu,
             "api_idle_p99": idle_p99,
             "api_loaded_p99": loaded_p99,
         }
@@ -993,6 +996,8 @@ def main() -> None:
         row("  with no stream open", [r["idle_clients"] for r in results], "{:.0f}")
         delays = [r["delay_p99"] * 1e3 for r in results]
         row("  new event to every stream, p99 (ms)", delays, "{:.0f}", "<= 250")
+        row("  web process CPU until the last stream had it (ms)",
+            [r["web_cpu"] * 1e3 for r in results], "{:.0f}")  # fmt: skip
         idle_p99 = [r["api_idle_p99"] * 1e3 for r in results]
         loaded_p99 = [r["api_loaded_p99"] * 1e3 for r in results]
         row("  other API request p99, no stream open (ms)", idle_p99, "{:.1f}")

@@ -14,7 +14,6 @@ await point: its Redis connection goes back to the pool and the generator ends.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -31,7 +30,7 @@ from agentbus import project_gone_async
 from common.api import error_body
 from common.asgi import long_lived, run_sync
 from realtime.auth import request_authorize
-from realtime.streamhub import CLOSED, HubFull, get_hub
+from realtime.streamhub import CLOSED, HEARTBEAT, HubFull, get_hub
 from workspaces.redis import ScopedRedis, scoped_async
 
 from .selectors import session_get
@@ -74,8 +73,9 @@ def _authorize(request: HttpRequest, project_id: uuid.UUID, session_id: uuid.UUI
 
 
 async def _gone(project_id: uuid.UUID) -> bool:
-    """The lifecycle guard, on the hub's connection to the broker."""
-    return await project_gone_async(project_id, client=get_hub().broker)
+    """The lifecycle guard, on the hub's connection to the broker (pipelined with the
+    other streams opening)."""
+    return await project_gone_async(project_id, client=get_hub().broker_pipelined)
 
 
 @long_lived
@@ -108,12 +108,12 @@ async def session_events(request: HttpRequest, project_id: uuid.UUID, session_id
             return _error(400, f"Invalid {field}: {message}", fields={field: [message]})
         if "-" not in cursor:
             cursor += "-0"
-    redis = scoped_async(hub.client, user_id, project_id)
+    redis = scoped_async(hub.pipelined, user_id, project_id)
     key = redis.key(stream_key(session_id))
     truncated_at = None
     if cursor is None:
         # Pin "now" to a concrete id, so nothing between two reads can be skipped.
-        last = await hub.client.xrevrange(key, count=1)
+        last = await hub.pipelined.xrevrange(key, count=1)
         cursor = last[0][0] if last else "0-0"
     else:
         truncated_at = await _trimmed_after(redis, stream_key(session_id), cursor)
@@ -172,9 +172,10 @@ async def _event_stream(
     own), a heartbeat when quiet, and `stream.closed` when the project is deleted."""
     global _active_streams
     _active_streams += 1
-    heartbeat = float(settings.CHAT_HEARTBEAT_SECONDS)
     try:
-        async with get_hub().subscribe(key=key, project_id=project_id, cursor=cursor) as sub:
+        async with get_hub().subscribe(
+            key=key, project_id=project_id, cursor=cursor, heartbeat=True
+        ) as sub:
             yield f"retry: 2000\n: connected at {cursor}\n\n".encode()
             if truncated_at is not None:
                 notice = json.dumps(
@@ -182,11 +183,8 @@ async def _event_stream(
                 )
                 yield f"event: stream.truncated\ndata: {notice}\n\n".encode()
             while True:
-                try:
-                    # Not wait_for: it would start a task per event for each stream.
-                    async with asyncio.timeout(heartbeat):
-                        entries = await sub.inbox.get()
-                except TimeoutError:
+                entries = await sub.inbox.get()
+                if entries == HEARTBEAT:
                     yield b": heartbeat\n\n"
                     continue
                 if entries == CLOSED:

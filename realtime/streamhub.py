@@ -14,6 +14,12 @@ connections (and the asyncio pool's default cap turned the 101st into a 500). He
 - A new subscription subscribes first, then reads what it missed (from its cursor) and
   only then takes the live entries, skipping ids it already has: nothing is lost or
   repeated between the two.
+- What streams ask while they open (the lifecycle guard, the cursor, what they missed)
+  goes through `Pipelined`: every command asked for while a round trip is under way
+  goes out in the next one, so a crowd opening at once shares a few round trips on one
+  connection instead of queueing for the pool one command at a time.
+- A quiet stream that wants heartbeats gets HEARTBEAT from one timer of the hub every
+  CHAT_HEARTBEAT_SECONDS, instead of a timer of its own re-armed with every event.
 - Every SSE_SAFETY_POLL_SECONDS the hub reads every followed key once (a notification
   lost while the pub/sub connection reconnected costs that long, never an event) and
   asks the lifecycle guard about every followed project in one round trip: streams of
@@ -43,6 +49,7 @@ logger = logging.getLogger(__name__)
 LAST_ID = f"{2**64 - 1}-{2**64 - 1}"
 READ_COUNT = 200
 CLOSED = "closed"
+HEARTBEAT = "heartbeat"
 
 
 @dataclass(eq=False)
@@ -50,6 +57,8 @@ class Subscription:
     key: str
     project_id: uuid.UUID
     last_id: str
+    heartbeat: bool = False  # HEARTBEAT in its inbox when quiet
+    quiet: bool = True  # nothing put in its inbox since the hub's last heartbeat
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)
 
     def deliver(self, entries: list) -> None:
@@ -58,7 +67,56 @@ class Subscription:
         fresh = entries if _id(entries[0][0]) > last else [e for e in entries if _id(e[0]) > last]
         if fresh:
             self.last_id = fresh[-1][0]
+            self.quiet = False
             self.inbox.put_nowait(fresh)
+
+
+class Pipelined:
+    """A client whose commands, asked for by many coroutines at once, go to Redis
+    together: one pipeline per round trip, one round trip at a time, each carrying every
+    command asked for while the previous one was under way. A command's error (or the
+    round trip's) is its caller's only."""
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self.client = client
+        self.queued: list[tuple[str, tuple, dict, asyncio.Future]] = []
+        self._sending: asyncio.Task | None = None
+
+    def __getattr__(self, command: str):
+        if not callable(getattr(redis.asyncio.client.Pipeline, command, None)):
+            raise AttributeError(command)
+
+        async def call(*args, **kwargs):
+            future = asyncio.get_running_loop().create_future()
+            self.queued.append((command, args, kwargs, future))
+            if self._sending is None or self._sending.done():
+                self._sending = asyncio.create_task(self._send(), name="sse-hub-pipeline")
+            return await future
+
+        return call
+
+    async def _send(self) -> None:
+        while self.queued:
+            batch, self.queued = self.queued, []
+            pipe = self.client.pipeline(transaction=False)
+            for command, args, kwargs, _ in batch:
+                getattr(pipe, command)(*args, **kwargs)
+            try:
+                results = await pipe.execute(raise_on_error=False)
+            except BaseException as exc:
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            for (*_, future), result in zip(batch, results, strict=True):
+                if future.done():  # its caller went away
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
 
 
 class HubFull(Exception):
@@ -86,12 +144,15 @@ class StreamHub:
                 timeout=settings.SSE_REDIS_WAIT_SECONDS,
             )
         )
+        self.pipelined = Pipelined(self.client)
         if settings.CELERY_BROKER_URL == settings.REDIS_URL:
             self.broker = self.client
+            self.broker_pipelined = self.pipelined
         else:
             self.broker = redis.asyncio.Redis.from_url(
                 settings.CELERY_BROKER_URL, decode_responses=True, max_connections=1
             )
+            self.broker_pipelined = Pipelined(self.broker)
         self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         self.subscriptions: dict[str, set[Subscription]] = {}
         self.delivered: dict[str, str] = {}  # key -> last id read for it
@@ -105,9 +166,10 @@ class StreamHub:
 
     @contextlib.asynccontextmanager
     async def subscribe(
-        self, *, key: str, project_id: uuid.UUID, cursor: str | None
+        self, *, key: str, project_id: uuid.UUID, cursor: str, heartbeat: bool = False
     ) -> AsyncIterator[Subscription]:
-        """A subscription to the stream `key`: entries after `cursor` (None: from now)."""
+        """A subscription to the stream `key`: entries after `cursor`; with `heartbeat`,
+        HEARTBEAT too when it was quiet for CHAT_HEARTBEAT_SECONDS."""
         if self.count >= settings.SSE_MAX_STREAMS:
             raise HubFull()
         self.count += 1
@@ -118,10 +180,9 @@ class StreamHub:
                 if key not in self.subscriptions:
                     self.subscriptions[key] = set()
                     await self.pubsub.subscribe(key)
-                if cursor is None:
-                    last = await self.client.xrevrange(key, count=1)
-                    cursor = last[0][0] if last else "0-0"
-                sub = Subscription(key=key, project_id=project_id, last_id=cursor)
+                sub = Subscription(
+                    key=key, project_id=project_id, last_id=cursor, heartbeat=heartbeat
+                )
                 self.subscriptions[key].add(sub)
                 self.delivered.setdefault(key, cursor)
             # What it missed, read after subscribing: the live entries that arrive
@@ -142,7 +203,7 @@ class StreamHub:
         # `(id` is refused for the largest id (2**64-1 twice), after which nothing can come.
         if cursor == LAST_ID:
             return []
-        return await self.client.xrange(key, min=f"({cursor}", count=READ_COUNT)
+        return await self.pipelined.xrange(key, min=f"({cursor}", count=READ_COUNT)
 
     async def _unsubscribe(self, sub: Subscription) -> None:
         async with self._lock:
@@ -168,6 +229,7 @@ class StreamHub:
             asyncio.create_task(self._listen(), name="sse-hub-listen"),
             asyncio.create_task(self._fetch(), name="sse-hub-fetch"),
             asyncio.create_task(self._patrol(), name="sse-hub-patrol"),
+            asyncio.create_task(self._beat(), name="sse-hub-heartbeat"),
         ]
 
     async def _listen(self) -> None:
@@ -243,6 +305,17 @@ class StreamHub:
                 raise
             except Exception:
                 logger.warning("event streams: patrol failed", exc_info=True)
+
+    async def _beat(self) -> None:
+        """Every CHAT_HEARTBEAT_SECONDS: HEARTBEAT to the subscriptions that want it and
+        were given nothing since the last time (so none is quiet for twice as long)."""
+        while True:
+            await asyncio.sleep(settings.CHAT_HEARTBEAT_SECONDS)
+            for subs in self.subscriptions.values():
+                for sub in subs:
+                    if sub.heartbeat and sub.quiet:
+                        sub.inbox.put_nowait(HEARTBEAT)
+                    sub.quiet = True
 
     async def _close_deleted(self) -> None:
         projects = {s.project_id for subs in self.subscriptions.values() for s in subs}
