@@ -118,13 +118,22 @@ async def session_events(request: HttpRequest, project_id: uuid.UUID, session_id
     else:
         truncated_at = await _trimmed_after(redis, stream_key(session_id), cursor)
 
-    response = StreamingHttpResponse(
+    response = EventStreamResponse(
         _event_stream(key=key, cursor=cursor, project_id=project_id, truncated_at=truncated_at),
         content_type="text/event-stream",
     )
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: pass events through as they come
     return response
+
+
+class EventStreamResponse(StreamingHttpResponse):
+    """Served from the event generator itself: its parts are bytes already, so not
+    through the two generators Django wraps around an async iterator (one converting
+    parts to bytes, one mapping a sync iterator), which every event paid for per stream."""
+
+    def __aiter__(self):
+        return self._iterator
 
 
 def _id(value: str) -> tuple[int, int]:
