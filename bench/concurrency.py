@@ -22,9 +22,12 @@ rate limits.
    stack (`make run`: SQLite) with --embedded.
 2. Time to first delta of project B's chat (offline provider) while project A ingests
    1,000 documents, against the same with nothing else running.
-3. 5,000 event streams open on the one uvicorn process: Redis connections the web
-   process holds, the delay of a new event to every stream (p99), and the p99 of an
-   ordinary API request meanwhile against the same with no stream open.
+3. 5,000 event streams open on the one uvicorn process (10 per session of 500, the
+   sessions of 25 users, opened 200 at once), on the service's stream settings: Redis
+   connections the web process holds, the delay of a new event to every stream (p99,
+   read in two client processes, whose own work is in the figure: they share the cores
+   with the server), the web process's CPU time until the last stream had it, and the
+   p99 of an ordinary API request meanwhile against the same with no stream open.
 4. 500 context searches at once from one user while the worker is busy: what the
    other users' requests get (any 5xx?) and what the flooding user gets.
 5. Chat messages per second end to end with the offline provider, and where the

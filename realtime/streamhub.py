@@ -18,8 +18,9 @@ connections (and the asyncio pool's default cap turned the 101st into a 500). He
   goes through `Pipelined`: every command asked for while a round trip is under way
   goes out in the next one, so a crowd opening at once shares a few round trips on one
   connection instead of queueing for the pool one command at a time.
-- A quiet stream that wants heartbeats gets HEARTBEAT from one timer of the hub every
-  CHAT_HEARTBEAT_SECONDS, instead of a timer of its own re-armed with every event.
+- A stream that wants heartbeats gets HEARTBEAT from one timer of the hub when it was
+  quiet for CHAT_HEARTBEAT_SECONDS, instead of from a timer of its own re-armed with
+  every event.
 - Every SSE_SAFETY_POLL_SECONDS the hub reads every followed key once (a notification
   lost while the pub/sub connection reconnected costs that long, never an event) and
   asks the lifecycle guard about every followed project in one round trip: streams of
@@ -86,7 +87,7 @@ class Subscription:
     project_id: uuid.UUID
     last_id: str
     heartbeat: bool = False  # HEARTBEAT in its inbox when quiet
-    quiet: bool = True  # nothing put in its inbox since the hub's last heartbeat
+    quiet: bool = True  # nothing put in its inbox since the hub's last heartbeat tick
     inbox: Inbox = field(default_factory=Inbox)
 
     def deliver(self, entries: list, first: tuple[int, int] | None = None) -> None:
@@ -340,15 +341,19 @@ class StreamHub:
                 logger.warning("event streams: patrol failed", exc_info=True)
 
     async def _beat(self) -> None:
-        """Every CHAT_HEARTBEAT_SECONDS: HEARTBEAT to the subscriptions that want it and
-        were given nothing since the last time (so none is quiet for twice as long)."""
+        """Every half CHAT_HEARTBEAT_SECONDS: HEARTBEAT to the subscriptions that want it
+        and were handed nothing since the time before (a beat counts as something), so
+        none is quiet for longer than CHAT_HEARTBEAT_SECONDS and an idle one gets a beat
+        that often."""
         while True:
-            await asyncio.sleep(settings.CHAT_HEARTBEAT_SECONDS)
+            await asyncio.sleep(settings.CHAT_HEARTBEAT_SECONDS / 2)
             for subs in self.subscriptions.values():
                 for sub in subs:
                     if sub.heartbeat and sub.quiet:
                         sub.inbox.put_nowait(HEARTBEAT)
-                    sub.quiet = True
+                        sub.quiet = False
+                    else:
+                        sub.quiet = True
 
     async def _close_deleted(self) -> None:
         projects = {s.project_id for subs in self.subscriptions.values() for s in subs}
