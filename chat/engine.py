@@ -22,7 +22,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Q
+from django.db.models import Q, Subquery
 from django.utils import timezone
 from redis.exceptions import RedisError
 
@@ -113,8 +113,9 @@ def chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
 
 
 def _chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
-    run = Run.objects.select_related("message", "session__project").filter(id=run_id).first()
-    if run is None:
+    try:
+        run = Run.objects.select_related("session__project").get(id=run_id)
+    except Run.DoesNotExist:
         return "gone"
     if run.attempt != attempt:
         return "stale"  # an older dispatch: the newer one owns the run and its mark
@@ -130,16 +131,14 @@ def _chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
         # pass dispatches it again (it has no dispatch to wait for).
         state.run_undispatched(run=run, attempt=attempt)
         return "stopping"
-    if state.run_waits_behind_another(run):
-        # One answer at a time per session: this one is dispatched again when the
-        # older one ends (chat.dispatch.run_next_dispatch).
-        state.run_undispatched(run=run, attempt=attempt)
-        return "waiting"
     with span("run.claim", **{"uws.run.attempt": attempt}) as s:
         claimed = state.run_claim(run=run, attempt=attempt)
         s.set_attribute("uws.run.claimed", claimed)
     if not claimed:
-        return "stale"
+        # Still queued for this dispatch: an older run of its session has not ended (one
+        # answer at a time per session), and the end of that one dispatches this one
+        # again (chat.dispatch.run_next_dispatch). Else it was taken back or ended.
+        return "waiting" if state.run_undispatched(run=run, attempt=attempt) else "stale"
     return _run_claimed(run=run, attempt=attempt, redis=redis)
 
 
@@ -484,7 +483,7 @@ def _prepare(*, run: Run, space) -> Prepared | None:
     config = space.get_agent(str(run.agent_id))
     if config is None:
         return None
-    history = conversation(run.message)
+    history = conversation(run)
     pinned = _pinned_version(run)
     if pinned is None:
         tools = agent_tools(agent_id=run.agent_id)
@@ -574,11 +573,11 @@ def _loop_answer(
     return Answer("done", content, question=question, question_vector=question_vector)
 
 
-def conversation(message: Message) -> list[tuple[str, str]]:
-    """The (role, content) pairs the answer to `message` follows, oldest first: the
-    user's messages and the finished answers, at most HISTORY_MESSAGES + 1 of them."""
+def conversation(run: Run) -> list[tuple[str, str]]:
+    """The (role, content) pairs the run's answer follows, oldest first: the user's
+    messages and the finished answers, at most HISTORY_MESSAGES + 1 of them."""
     history = list(
-        Message.objects.filter(session_id=message.session_id, id__lt=message.id)
+        Message.objects.filter(session_id=run.session_id, id__lt=run.message_id)
         .filter(Q(role=Message.Role.USER) | Q(role=Message.Role.ASSISTANT, status="done"))
         .order_by("-id")
         .values_list("role", "content")[: HISTORY_MESSAGES + 1]
@@ -676,23 +675,21 @@ def _remember_exchange(
 
 
 def _replaced_answers(run: Run) -> list[str]:
-    """The answers regenerate replaced with this run's: superseded, after the question."""
+    """The answers regenerate replaced with this run's: superseded, after the question
+    (none without one), in one query."""
     asked = (
         Message.objects.filter(
             session_id=run.session_id, role=Message.Role.USER, id__lt=run.message_id
         )
         .order_by("-id")
-        .values_list("id", flat=True)
-        .first()
+        .values("id")[:1]
     )
-    if asked is None:
-        return []
     return list(
         Message.objects.filter(
             session_id=run.session_id,
             role=Message.Role.ASSISTANT,
             status=Message.Status.SUPERSEDED,
-            id__gt=asked,
+            id__gt=Subquery(asked),
             id__lt=run.message_id,
         ).values_list("content", flat=True)
     )
