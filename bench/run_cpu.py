@@ -140,6 +140,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", action="store_true", help="cProfile one more round")
     parser.add_argument("--top", type=int, default=50)
+    parser.add_argument("--dump", help="write the cProfile stats to this file too")
     parser.add_argument(
         "--statements", action="store_true",
         help="print every SQL statement and Redis command of one run, with its callers",
@@ -196,6 +197,8 @@ def main() -> None:
         for r in runs[WARM:]:
             run(user_id, r)
         profiler.disable()
+        if opts.dump:
+            profiler.dump_stats(opts.dump)
         out = io.StringIO()
         stats = pstats.Stats(profiler, stream=out)
         stats.sort_stats("cumulative").print_stats(opts.top)

@@ -22,7 +22,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db.models import Q, Subquery
+from django.db.models import Q
 from django.utils import timezone
 from redis.exceptions import RedisError
 
@@ -74,6 +74,8 @@ class Answer:
     error: str = ""
     question: str = ""
     question_vector: list[float] | None = None
+    # The question's message (None: the conversation has none).
+    question_id: int | None = None
     # The chunks the answer drew on (Message.citations).
     citations: list[dict[str, Any]] = field(default_factory=list)
     # outcome "waiting": what the run is stored with (chat.toolloop.ToolLoop.suspension)
@@ -90,6 +92,7 @@ class Prepared:
     history: list[tuple[str, str]]
     question: str
     tools: list[ToolSpec]
+    question_id: int | None
     secrets: dict[str, str]
     llm: Any = None
     question_vector: list[float] | None = field(default=None)
@@ -274,6 +277,7 @@ def _settle_traced(
             run=run,
             content=content,
             question=answer.question,
+            question_id=answer.question_id,
             question_vector=answer.question_vector,
         )
         return "done"
@@ -468,6 +472,7 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) ->
     answer = _loop_answer(outcome, "".join(parts), loop=loop, stop=stop, question=question,
                           question_vector=question_vector)  # fmt: skip
     # What the answer drew on: the chunks it was given, then what its searches found.
+    answer.question_id = prepared.question_id
     answer.citations = citations + [
         {"index": None, **hit}
         for step in loop.steps
@@ -483,7 +488,7 @@ def _prepare(*, run: Run, space) -> Prepared | None:
     config = space.get_agent(str(run.agent_id))
     if config is None:
         return None
-    history = conversation(run)
+    history, question_id = conversation(run)
     pinned = _pinned_version(run)
     if pinned is None:
         tools = agent_tools(agent_id=run.agent_id)
@@ -504,6 +509,7 @@ def _prepare(*, run: Run, space) -> Prepared | None:
         config=config,
         history=history,
         question=question,
+        question_id=question_id,
         tools=tools,
         secrets=secrets,
         llm=llm,
@@ -573,17 +579,18 @@ def _loop_answer(
     return Answer("done", content, question=question, question_vector=question_vector)
 
 
-def conversation(run: Run) -> list[tuple[str, str]]:
+def conversation(run: Run) -> tuple[list[tuple[str, str]], int | None]:
     """The (role, content) pairs the run's answer follows, oldest first: the user's
-    messages and the finished answers, at most HISTORY_MESSAGES + 1 of them."""
-    history = list(
+    messages and the finished answers, at most HISTORY_MESSAGES + 1 of them; and the id
+    of the last user message among them (the question), or None."""
+    rows = list(
         Message.objects.filter(session_id=run.session_id, id__lt=run.message_id)
         .filter(Q(role=Message.Role.USER) | Q(role=Message.Role.ASSISTANT, status="done"))
         .order_by("-id")
-        .values_list("role", "content")[: HISTORY_MESSAGES + 1]
+        .values_list("id", "role", "content")[: HISTORY_MESSAGES + 1]
     )
-    history.reverse()
-    return history
+    asked = next((id_ for id_, role, _ in rows if role == Message.Role.USER), None)
+    return [(role, content) for _, role, content in reversed(rows)], asked
 
 
 def _build_request(
@@ -643,7 +650,12 @@ def _redis_of(run: Run) -> ScopedRedis:
 
 
 def _remember_exchange(
-    *, run: Run, content: str, question: str, question_vector: list[float] | None
+    *,
+    run: Run,
+    content: str,
+    question: str,
+    question_id: int | None,
+    question_vector: list[float] | None,
 ) -> None:
     if not content.strip() or not question.strip():
         return
@@ -659,7 +671,7 @@ def _remember_exchange(
     try:
         # What regenerate replaced is out of the conversation: out of memory too, or
         # the replaced answer would keep coming back as the nearest context.
-        exchanges_forget(**agent, question=question, answers=_replaced_answers(run))
+        exchanges_forget(**agent, question=question, answers=_replaced_answers(run, question_id))
         exchange_store(
             **agent,
             question=question,
@@ -674,22 +686,18 @@ def _remember_exchange(
         logger.exception("could not add the exchange of run %s to context", run.id)
 
 
-def _replaced_answers(run: Run) -> list[str]:
-    """The answers regenerate replaced with this run's: superseded, after the question
-    (none without one), in one query."""
-    asked = (
-        Message.objects.filter(
-            session_id=run.session_id, role=Message.Role.USER, id__lt=run.message_id
-        )
-        .order_by("-id")
-        .values("id")[:1]
-    )
+def _replaced_answers(run: Run, question_id: int | None) -> list[str]:
+    """The answers regenerate replaced with this run's: superseded, between the question
+    (`question_id`) and this answer. Not looked for when no message lies between them
+    (the answer was stored with its question: no regenerate)."""
+    if question_id is None or question_id + 1 == run.message_id:
+        return []
     return list(
         Message.objects.filter(
             session_id=run.session_id,
             role=Message.Role.ASSISTANT,
             status=Message.Status.SUPERSEDED,
-            id__gt=Subquery(asked),
+            id__gt=question_id,
             id__lt=run.message_id,
         ).values_list("content", flat=True)
     )

@@ -479,5 +479,5 @@ def test_a_chat_run_asks_the_database_few_statements(transactional_db, api, proj
     with CaptureQueriesContext(connection) as queries:
         run_agent.run(**kwargs, run_id=str(measured.id), attempt=measured.attempt)
     assert Run.objects.get(id=measured.id).status == "done"
-    # 19 statements and the end's BEGIN and COMMIT (24 and 2 before they were cut).
-    assert len(queries) <= 21, "\n".join(q["sql"][:120] for q in queries.captured_queries)
+    # 18 statements and the end's BEGIN and COMMIT (24 and 2 before they were cut).
+    assert len(queries) <= 20, "\n".join(q["sql"][:120] for q in queries.captured_queries)
