@@ -18,8 +18,10 @@ rate limits.
 1. N chats posted together (one per session), LLM answer time --latency: wall time
    from the first POST to the last answer completed; against the worker as it ran
    before (prefork, one process: answers one after another) on the same N chats, run
-   in the same round right after (about N x latency each round); and on the embedded
-   stack (`make run`: SQLite) with --embedded.
+   in the same round right after (about N x latency each round; --no-baseline leaves
+   it out); and on the embedded stack (`make run`: SQLite) with --embedded. Also the
+   worker process's CPU per run (/proc, from the first POST to the last answer: what
+   the worker does meanwhile besides runs, e.g. its start's warm-up, is in it).
 2. Time to first delta of project B's chat (offline provider) while project A ingests
    1,000 documents, against the same with nothing else running.
 3. 5,000 event streams open on the one uvicorn process (10 per session of 500, the
@@ -228,7 +230,17 @@ def wait_runs_done(message_ids: list[int], timeout: float) -> float:
 # --- 1. many chats at once -----------------------------------------------------------------
 
 
-def many_chats(chats: int, latency: float, worker: list[str], extra_env=None) -> float:
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def many_chats(
+    chats: int, latency: float, worker: list[str], extra_env=None
+) -> tuple[float, float]:
+    """Wall time from the first POST to the last answer, and the worker process's CPU
+    per run meanwhile (the process the worker was started as: its pool's, with threads)."""
     fake = FakeOpenAI().start()
     fake.mode, fake.tokens = "slow", [f"w{i} " for i in range(10)]
     fake.delay = latency / len(fake.tokens)
@@ -238,6 +250,7 @@ def many_chats(chats: int, latency: float, worker: list[str], extra_env=None) ->
         user, token = setup_user("bench-chats")
         project, _, sessions = project_with_sessions(user, sessions=chats, model="bench-model")
         paths = [f"/my/projects/{project.id}/chat/{s.id}/messages/" for s in sessions]
+        cpu = process_cpu(stack.worker.pid)
         started = time.time()
         codes = asyncio.run(post_all(stack.url, token, paths, {"content": "hello?"}))
         assert set(codes) == {202}, collections.Counter(codes)
@@ -247,7 +260,7 @@ def many_chats(chats: int, latency: float, worker: list[str], extra_env=None) ->
             )
         )
         last = wait_runs_done(answers, timeout=chats * latency + 120)
-        return last - started
+        return last - started, (process_cpu(stack.worker.pid) - cpu) / chats
     finally:
         stack.stop()
         fake.stop()
@@ -956,6 +969,10 @@ def main() -> None:
         "(py-spy, which pauses them to sample: the round's timings are not comparable)",
     )  # fmt: skip
     parser.add_argument("--embedded", action="store_true", help="measure 1 on SQLite too")
+    parser.add_argument(
+        "--no-baseline", action="store_true",
+        help="1: without the worker as before (about N x latency a round)",
+    )  # fmt: skip
     opts = parser.parse_args()
     only = set(opts.only.split(","))
     call_command("migrate", verbosity=0)
@@ -972,14 +989,18 @@ def main() -> None:
         pairs = [
             (
                 many_chats(n, opts.latency, PROCFILE_WORKER),
-                many_chats(n, opts.latency, SEQUENTIAL_WORKER),
+                None if opts.no_baseline else many_chats(n, opts.latency, SEQUENTIAL_WORKER),
             )
             for _ in range(opts.rounds)
         ]
-        wall, seq = [w for w, _ in pairs], [s for _, s in pairs]
+        wall = [w for (w, _), _ in pairs]
         row(f"{n} chats at once, {opts.latency:g} s LLM latency: wall time (s)", wall, goal="<= 3")
-        row(f"  the worker as before (prefork, one process), same {n} chats (s)", seq)
-        row("  ratio, paired per round (before / now)", [s / w for w, s in pairs], "{:.0f}x")
+        row("  worker CPU per run (ms)", [c * 1e3 for (_, c), _ in pairs], "{:.1f}")
+        if not opts.no_baseline:
+            seq = [s for _, (s, _) in pairs]
+            row(f"  the worker as before (prefork, one process), same {n} chats (s)", seq)
+            ratios = [s / w for w, s in zip(wall, seq, strict=True)]
+            row("  ratio, paired per round (before / now)", ratios, "{:.0f}x")
     if "2" in only:
         idle = [statistics.median(ttfd_while_ingesting(10, False)) for _ in range(opts.rounds)]
         bulk = [statistics.median(ttfd_while_ingesting(10, True)) for _ in range(opts.rounds)]

@@ -39,7 +39,7 @@ from datetime import timedelta
 
 from celery import current_app
 from django.conf import settings
-from django.db.models import Q
+from django.db.models import OuterRef, Q, Subquery
 from django.utils import timezone
 
 from agentbus import live_workers, project_gone, publish, queue_depths
@@ -178,11 +178,13 @@ def run_next_dispatch(*, session_id) -> bool:
     """Dispatch the session's oldest active run if it waits undispatched (its older
     runs ended). Never raises: if this is lost, the recovery pass dispatches it."""
     try:
-        first = (
-            runs_active(session_id=session_id)
-            .select_related("session__project")
-            .order_by("created_at")
-            .first()
+        first = next(
+            iter(
+                runs_active(session_id=session_id)
+                .select_related("session__project")
+                .order_by("created_at")[:1]
+            ),
+            None,
         )
         if first is None or first.status != Run.Status.QUEUED or first.dispatched_at:
             return False
@@ -307,9 +309,21 @@ def _redispatch(run: Run, *, from_status: str) -> int:
     return 1
 
 
-def run_next_dispatch_after(*, run_id) -> None:
+def run_next_dispatch_after(*, run_id) -> Run | None:
     """After a worker is done with `run_id`: if it ended, its session's next waiting run
-    goes on the bus."""
-    run = Run.objects.filter(id=run_id).only("session_id", "status").first()
-    if run is not None and run.status in Run.FINISHED:
-        run_next_dispatch(session_id=run.session_id)
+    goes on the bus. Returns the run (its session and caller) when it ended, else None.
+    One query when no run of its session is left to go on (the common case)."""
+    oldest_active = (
+        runs_active(session_id=OuterRef("session_id")).order_by("created_at").values("id")[:1]
+    )
+    ended = list(
+        Run.objects.filter(id=run_id, status__in=Run.FINISHED)
+        .annotate(next_id=Subquery(oldest_active))
+        .order_by()
+        .only("session_id", "parent_id")
+    )
+    if not ended:
+        return None
+    if ended[0].next_id is not None:
+        run_next_dispatch(session_id=ended[0].session_id)
+    return ended[0]

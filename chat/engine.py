@@ -74,6 +74,8 @@ class Answer:
     error: str = ""
     question: str = ""
     question_vector: list[float] | None = None
+    # The question's message (None: the conversation has none).
+    question_id: int | None = None
     # The chunks the answer drew on (Message.citations).
     citations: list[dict[str, Any]] = field(default_factory=list)
     # outcome "waiting": what the run is stored with (chat.toolloop.ToolLoop.suspension)
@@ -90,6 +92,7 @@ class Prepared:
     history: list[tuple[str, str]]
     question: str
     tools: list[ToolSpec]
+    question_id: int | None
     secrets: dict[str, str]
     llm: Any = None
     question_vector: list[float] | None = field(default=None)
@@ -113,8 +116,9 @@ def chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
 
 
 def _chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
-    run = Run.objects.select_related("message", "session__project").filter(id=run_id).first()
-    if run is None:
+    try:
+        run = Run.objects.select_related("session__project").get(id=run_id)
+    except Run.DoesNotExist:
         return "gone"
     if run.attempt != attempt:
         return "stale"  # an older dispatch: the newer one owns the run and its mark
@@ -130,16 +134,14 @@ def _chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
         # pass dispatches it again (it has no dispatch to wait for).
         state.run_undispatched(run=run, attempt=attempt)
         return "stopping"
-    if state.run_waits_behind_another(run):
-        # One answer at a time per session: this one is dispatched again when the
-        # older one ends (chat.dispatch.run_next_dispatch).
-        state.run_undispatched(run=run, attempt=attempt)
-        return "waiting"
     with span("run.claim", **{"uws.run.attempt": attempt}) as s:
         claimed = state.run_claim(run=run, attempt=attempt)
         s.set_attribute("uws.run.claimed", claimed)
     if not claimed:
-        return "stale"
+        # Still queued for this dispatch: an older run of its session has not ended (one
+        # answer at a time per session), and the end of that one dispatches this one
+        # again (chat.dispatch.run_next_dispatch). Else it was taken back or ended.
+        return "waiting" if state.run_undispatched(run=run, attempt=attempt) else "stale"
     return _run_claimed(run=run, attempt=attempt, redis=redis)
 
 
@@ -275,6 +277,7 @@ def _settle_traced(
             run=run,
             content=content,
             question=answer.question,
+            question_id=answer.question_id,
             question_vector=answer.question_vector,
         )
         return "done"
@@ -469,6 +472,7 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) ->
     answer = _loop_answer(outcome, "".join(parts), loop=loop, stop=stop, question=question,
                           question_vector=question_vector)  # fmt: skip
     # What the answer drew on: the chunks it was given, then what its searches found.
+    answer.question_id = prepared.question_id
     answer.citations = citations + [
         {"index": None, **hit}
         for step in loop.steps
@@ -484,7 +488,7 @@ def _prepare(*, run: Run, space) -> Prepared | None:
     config = space.get_agent(str(run.agent_id))
     if config is None:
         return None
-    history = conversation(run.message)
+    history, question_id = conversation(run)
     pinned = _pinned_version(run)
     if pinned is None:
         tools = agent_tools(agent_id=run.agent_id)
@@ -505,6 +509,7 @@ def _prepare(*, run: Run, space) -> Prepared | None:
         config=config,
         history=history,
         question=question,
+        question_id=question_id,
         tools=tools,
         secrets=secrets,
         llm=llm,
@@ -574,17 +579,18 @@ def _loop_answer(
     return Answer("done", content, question=question, question_vector=question_vector)
 
 
-def conversation(message: Message) -> list[tuple[str, str]]:
-    """The (role, content) pairs the answer to `message` follows, oldest first: the
-    user's messages and the finished answers, at most HISTORY_MESSAGES + 1 of them."""
-    history = list(
-        Message.objects.filter(session_id=message.session_id, id__lt=message.id)
+def conversation(run: Run) -> tuple[list[tuple[str, str]], int | None]:
+    """The (role, content) pairs the run's answer follows, oldest first: the user's
+    messages and the finished answers, at most HISTORY_MESSAGES + 1 of them; and the id
+    of the last user message among them (the question), or None."""
+    rows = list(
+        Message.objects.filter(session_id=run.session_id, id__lt=run.message_id)
         .filter(Q(role=Message.Role.USER) | Q(role=Message.Role.ASSISTANT, status="done"))
         .order_by("-id")
-        .values_list("role", "content")[: HISTORY_MESSAGES + 1]
+        .values_list("id", "role", "content")[: HISTORY_MESSAGES + 1]
     )
-    history.reverse()
-    return history
+    asked = next((id_ for id_, role, _ in rows if role == Message.Role.USER), None)
+    return [(role, content) for _, role, content in reversed(rows)], asked
 
 
 def _build_request(
@@ -644,7 +650,12 @@ def _redis_of(run: Run) -> ScopedRedis:
 
 
 def _remember_exchange(
-    *, run: Run, content: str, question: str, question_vector: list[float] | None
+    *,
+    run: Run,
+    content: str,
+    question: str,
+    question_id: int | None,
+    question_vector: list[float] | None,
 ) -> None:
     if not content.strip() or not question.strip():
         return
@@ -660,7 +671,7 @@ def _remember_exchange(
     try:
         # What regenerate replaced is out of the conversation: out of memory too, or
         # the replaced answer would keep coming back as the nearest context.
-        exchanges_forget(**agent, question=question, answers=_replaced_answers(run))
+        exchanges_forget(**agent, question=question, answers=_replaced_answers(run, question_id))
         exchange_store(
             **agent,
             question=question,
@@ -675,24 +686,18 @@ def _remember_exchange(
         logger.exception("could not add the exchange of run %s to context", run.id)
 
 
-def _replaced_answers(run: Run) -> list[str]:
-    """The answers regenerate replaced with this run's: superseded, after the question."""
-    asked = (
-        Message.objects.filter(
-            session_id=run.session_id, role=Message.Role.USER, id__lt=run.message_id
-        )
-        .order_by("-id")
-        .values_list("id", flat=True)
-        .first()
-    )
-    if asked is None:
+def _replaced_answers(run: Run, question_id: int | None) -> list[str]:
+    """The answers regenerate replaced with this run's: superseded, between the question
+    (`question_id`) and this answer. Not looked for when no message lies between them
+    (the answer was stored with its question: no regenerate)."""
+    if question_id is None or question_id + 1 == run.message_id:
         return []
     return list(
         Message.objects.filter(
             session_id=run.session_id,
             role=Message.Role.ASSISTANT,
             status=Message.Status.SUPERSEDED,
-            id__gt=asked,
+            id__gt=question_id,
             id__lt=run.message_id,
         ).values_list("content", flat=True)
     )

@@ -1,15 +1,22 @@
 """How the chat app plugs into the others: governance's run source, the runs health
-check, the agent tool kind (an agent asking another), and a worker saying which runs it
-received."""
+check, the agent tool kind (an agent asking another), a worker saying which runs it
+received, and a worker that runs agents loading the provider client and the embedder
+as it starts."""
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
-from celery.signals import task_received
+from celery.concurrency import ALIASES as POOLS
+from celery.signals import celeryd_after_setup, task_received
 
-from agentbus import worker_identity
+from agentbus import MAINTENANCE_QUEUE, worker_identity
+from agentbus.queues import is_project_queue
+from context.embeddings import get_embedder
 from governance.sources import register_run_source
+from llm.providers import provider_warm
 from tools.registry import register_tool_kind
 from workspaces.redis import scoped
 from workspaces.sources import register_health_check, register_project_health_check
@@ -50,3 +57,40 @@ def mark_run_received(sender=None, request=None, **kwargs) -> None:
 
 
 task_received.connect(mark_run_received, weak=False, dispatch_uid="agents.run_received")
+
+
+def runs_warm_up(sender=None, instance=None, **kwargs) -> None:
+    """A worker that runs agents (it follows the maintenance queue, through which the
+    shared pool learns its projects' queues, or a project's queue) loads the provider
+    client (~0.6 s) and the embedder (~0.3 s) as it starts. Left to the first runs,
+    every one of a burst waits on the import lock and the embedder's construction.
+
+    In a thread of its own: the worker starts taking tasks at once, and a run that comes
+    meanwhile waits only for what is left of the load. Only where tasks run in this
+    process (the threads pool, as the Procfile runs it, or solo): the prefork pool's
+    processes are forked from this one, and one forked while the thread imports would
+    inherit an import lock nobody releases."""
+    if instance is None:
+        return
+    queues = instance.app.amqp.queues.consume_from or {}
+    if not any(q == MAINTENANCE_QUEUE or is_project_queue(q) for q in queues):
+        return  # e.g. the urgent maintenance worker: it runs no agent
+    pool = f"{instance.pool_cls.__module__}:{instance.pool_cls.__qualname__}"
+    if pool not in (POOLS["threads"], POOLS["solo"]):
+        return
+    threading.Thread(target=_warm, name="runs-warm-up", daemon=True).start()
+
+
+def _warm() -> None:
+    started = time.monotonic()
+    try:
+        provider_warm()
+        get_embedder()
+    except Exception:
+        logger.warning("warm-up failed: the first runs load what they need", exc_info=True)
+        return
+    took = time.monotonic() - started
+    logger.info("runs warm: provider client and embedder loaded in %.2fs", took)
+
+
+celeryd_after_setup.connect(runs_warm_up, weak=False, dispatch_uid="chat.runs_warm_up")

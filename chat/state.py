@@ -57,10 +57,6 @@ def waits_behind_another() -> Exists:
     )
 
 
-def run_waits_behind_another(run: Run) -> bool:
-    return runs_active(session_id=run.session_id).filter(created_at__lt=run.created_at).exists()
-
-
 def lease_deadline() -> datetime:
     return timezone.now() + timedelta(seconds=settings.RUN_LEASE_SECONDS)
 
@@ -168,11 +164,14 @@ def run_dispatched(*, run: Run) -> None:
     Run.objects.filter(id=run.id, attempt=run.attempt).update(dispatched_at=timezone.now())
 
 
-def run_undispatched(*, run: Run, attempt: int) -> None:
+def run_undispatched(*, run: Run, attempt: int) -> bool:
     """The run waits behind an older run of its session: the end of that one dispatches
-    it again (chat.dispatch.run_next_dispatch)."""
-    Run.objects.filter(id=run.id, attempt=attempt, status=Run.Status.QUEUED).update(
-        dispatched_at=None
+    it again (chat.dispatch.run_next_dispatch). True when it is still queued for
+    dispatch generation `attempt`."""
+    return bool(
+        Run.objects.filter(id=run.id, attempt=attempt, status=Run.Status.QUEUED).update(
+            dispatched_at=None
+        )
     )
 
 
@@ -180,17 +179,24 @@ def run_undispatched(*, run: Run, attempt: int) -> None:
 
 
 def run_claim(*, run: Run, attempt: int) -> bool:
-    """Queued -> running for dispatch generation `attempt`, under a fresh lease: True
-    when this worker holds the run now."""
-    claimed = Run.objects.filter(id=run.id, attempt=attempt, status=Run.Status.QUEUED).update(
-        status=Run.Status.RUNNING,
-        starts=F("starts") + 1,
-        lease_expires_at=lease_deadline(),
-        worker=WORKER_NAME,
-        started_at=timezone.now(),
+    """Queued -> running for dispatch generation `attempt`, under a fresh lease, unless
+    an older run of its session has not ended (one answer at a time per session): True
+    when this worker holds the run now. `run` is as read while queued for `attempt`."""
+    claimed = (
+        Run.objects.filter(id=run.id, attempt=attempt, status=Run.Status.QUEUED)
+        .filter(~waits_behind_another())
+        .update(
+            status=Run.Status.RUNNING,
+            starts=F("starts") + 1,
+            lease_expires_at=lease_deadline(),
+            worker=WORKER_NAME,
+            started_at=timezone.now(),
+        )
     )
     if claimed:
-        run.refresh_from_db(fields=["starts", "status"])
+        # No read back: while queued for `attempt`, only this claim changes its starts.
+        run.starts += 1
+        run.status = Run.Status.RUNNING
     return bool(claimed)
 
 

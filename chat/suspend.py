@@ -186,14 +186,18 @@ def caller_resume_if_answered(*, run_id: uuid.UUID | str) -> bool:
     return True
 
 
-def caller_resume_after(*, child_run_id: uuid.UUID | str) -> None:
-    """After a run ended: its caller, if it waits for it, may go on. Never raises."""
+def caller_resume_after(
+    *, child_run_id: uuid.UUID | str, parent_id: uuid.UUID | None | object = state.NOT_READ
+) -> None:
+    """After a run ended: its caller, if it waits for it, may go on. `parent_id`: the
+    ended run's caller (None: it has none), when read already. Never raises."""
     try:
-        parent_id = (
-            Run.objects.filter(id=child_run_id, status__in=Run.FINISHED)
-            .values_list("parent_id", flat=True)
-            .first()
-        )
+        if parent_id is state.NOT_READ:
+            parent_id = (
+                Run.objects.filter(id=child_run_id, status__in=Run.FINISHED)
+                .values_list("parent_id", flat=True)
+                .first()
+            )
         if parent_id is not None:
             caller_resume_if_answered(run_id=parent_id)
     except Exception:

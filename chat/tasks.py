@@ -28,9 +28,10 @@ def run_agent(self, *, user_id: int, project_id: str, run_id: str, attempt: int)
     try:
         return chat_run(run_id=run_id, attempt=attempt)
     finally:
-        run_next_dispatch_after(run_id=run_id)
-        # An agent's answer another agent's run waits for (stored: chat.suspend).
-        caller_resume_after(child_run_id=run_id)
+        ended = run_next_dispatch_after(run_id=run_id)
+        if ended is not None:
+            # An agent's answer another agent's run waits for (stored: chat.suspend).
+            caller_resume_after(child_run_id=run_id, parent_id=ended.parent_id)
 
 
 @shared_task(name="agents.recover_runs", ignore_result=True)

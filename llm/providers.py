@@ -107,6 +107,16 @@ def llm_configured() -> bool:
     return bool(settings.OPENAI_BASE_URL or settings.OPENAI_API_KEY)
 
 
+def provider_warm() -> None:
+    """Load what a process's first provider call would: the openai client's modules and
+    the deployment's client (~0.6 s of CPU). A worker does it as it starts, so its first
+    runs do not all wait on the import lock for it (see chat.receivers)."""
+    from .openai_api import openai_client  # heavy: see get_provider
+
+    if llm_configured():
+        openai_client()
+
+
 def get_provider(model: str, llm=None) -> Provider:
     """The provider for an agent's model: OpenAI-compatible when configured, else offline.
     `llm`: the project's provider settings (governance.providers.ProjectLLM), whose

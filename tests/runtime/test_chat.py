@@ -437,3 +437,47 @@ def test_an_end_whose_event_was_not_written_is_written_by_the_recovery_pass(
     runs_recover()  # written once
     kinds = [k for _, k, _ in stream_events(redis_client, session.project, session.id)]
     assert kinds.count(expected) == 1
+
+
+def test_a_run_dispatched_while_an_older_one_of_its_session_is_active_waits(
+    transactional_db, api, session
+):
+    """One answer at a time per session, checked by the claim itself: a run whose task
+    arrives while an older run of its session has not ended does not start; it waits
+    undispatched until the older one ends (whose end dispatches it)."""
+    first = post_message(api, session, "One.")["assistant_message_id"]
+    second = post_message(api, session, "Two.")["assistant_message_id"]
+    one, two = Run.objects.get(message_id=first), Run.objects.get(message_id=second)
+    Run.objects.filter(id=two.id).update(dispatched_at=timezone.now())  # a dispatch arrived
+    assert chat_run(run_id=two.id, attempt=two.attempt) == "waiting"
+    two.refresh_from_db()
+    assert (two.status, two.starts, two.dispatched_at) == ("queued", 0, None)
+    assert chat_run(run_id=one.id, attempt=one.attempt) == "done"
+    assert chat_run(run_id=two.id, attempt=two.attempt) == "done"
+    two.refresh_from_db()
+    assert (two.status, two.starts) == ("done", 1)
+
+
+def test_a_chat_run_asks_the_database_few_statements(transactional_db, api, project, fake_openai):
+    """What a worker asks PostgreSQL for one answer (claim, read, answer, end, usage,
+    next run), counted: each statement costs the worker's one process CPU (about 1 ms to
+    compile), which bounds how many runs it keeps in flight (bench/run_cpu.py)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from chat.tasks import run_agent
+
+    session = ChatSessionFactory(
+        agent=AgentFactory(project=project, model="gpt-local"), project=project
+    )
+    warm, measured = (
+        Run.objects.get(message_id=post_message(api, session, q)["assistant_message_id"])
+        for q in ("One.", "Two.")
+    )
+    kwargs = {"user_id": project.owner_id, "project_id": str(project.id)}
+    run_agent.run(**kwargs, run_id=str(warm.id), attempt=warm.attempt)
+    with CaptureQueriesContext(connection) as queries:
+        run_agent.run(**kwargs, run_id=str(measured.id), attempt=measured.attempt)
+    assert Run.objects.get(id=measured.id).status == "done"
+    # 18 statements and the end's BEGIN and COMMIT (24 and 2 before they were cut).
+    assert len(queries) <= 20, "\n".join(q["sql"][:120] for q in queries.captured_queries)
