@@ -7,6 +7,7 @@ from typing import Any
 from django.db import connection, transaction
 from django.http import Http404
 
+from common.selectors import model_columns, model_from_row
 from common.services import model_update, on_commit_robust
 
 from .models import Project
@@ -76,20 +77,12 @@ def project_lock_for_write(*, project_id) -> Project:
     (FOR NO KEY UPDATE, all Django spells, would queue every one behind the last)."""
     if connection.vendor == "postgresql":
         # A cursor, not Project.objects.raw: its machinery cost a chat POST 0.1 ms of CPU.
-        fields = Project._meta.concrete_fields
-        columns = ", ".join(connection.ops.quote_name(f.column) for f in fields)
         table = connection.ops.quote_name(Project._meta.db_table)
-        sql = f"SELECT {columns} FROM {table} WHERE id = %s FOR KEY SHARE"
+        sql = f"SELECT {model_columns(Project, table)} FROM {table} WHERE id = %s FOR KEY SHARE"
         with connection.cursor() as cursor:
             cursor.execute(sql, [project_id])
             row = cursor.fetchone()
-        locked = None
-        if row is not None:
-            values = [
-                f.from_db_value(v, None, connection) if hasattr(f, "from_db_value") else v
-                for f, v in zip(fields, row, strict=True)
-            ]
-            locked = Project.from_db(connection.alias, [f.attname for f in fields], values)
+        locked = model_from_row(Project, row) if row is not None else None
     else:  # SQLite: one writer at a time anyway
         locked = Project.objects.select_for_update(no_key=True).filter(id=project_id).first()
     if locked is None:
