@@ -21,7 +21,14 @@ from kombu.pools import ProducerPool
 from kombu.utils.imports import symbol_by_name
 
 from common.redis import broker_redis
-from common.tracing import PUBLISHED_AT_HEADER, log_context, publish_headers, span, span_between
+from common.tracing import (
+    PUBLISHED_AT_HEADER,
+    log_context,
+    publish_headers,
+    span,
+    span_between,
+    tracing_enabled,
+)
 
 from .active import FOLLOW_COMMAND, broadcast, mark_active
 from .broker import uses_amqp, uses_redis
@@ -188,10 +195,13 @@ def _direct_learn(key, task, channel) -> None:
 
 def _plain(task, options) -> bool:
     """A send apply_async would make without routing, result nor parent: no countdown, eta,
-    expiry or priority, an ignored result, and no task running in this thread (Celery
-    would make this one its child). That is every chat message a web process accepts."""
+    expiry or priority, an ignored result, no task running in this thread (Celery would
+    make this one its child), and tracing off (its Celery instrumentation traces the send
+    from apply_async's signals). That is every chat message an untraced web process
+    accepts."""
     return (
-        options.keys() == {"headers"}
+        not tracing_enabled()
+        and options.keys() == {"headers"}
         and task.ignore_result
         and task.expires is None
         and task.priority is None
