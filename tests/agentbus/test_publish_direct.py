@@ -9,8 +9,10 @@ import json
 
 import pytest
 from celery import Task
+from opentelemetry import trace
 
 from agentbus.queues import project_queue
+from common import tracing
 from tests.agentbus import tasks
 from tests.agentbus.conftest import send, wait_for
 
@@ -63,3 +65,14 @@ def test_a_worker_runs_what_was_sent_direct(project_id, live_worker, apply_async
     sent = [send(tasks.record, project_id=project_id, kwargs={"tag": "w"}) for _ in range(3)]
     assert len(apply_async_calls) <= 1  # at most the first, which learns the channel
     assert wait_for(lambda: sorted(tasks.effects("w")) == sorted(sent), timeout=15)
+
+
+def test_a_traced_process_keeps_apply_async(project_id, apply_async_calls, monkeypatch):
+    """Celery's instrumentation traces a send from apply_async's signals (the worker's
+    task span is that span's child)."""
+    send(tasks.record, project_id=project_id, kwargs={"tag": "learn"})
+    monkeypatch.setattr(tracing, "_enabled", True)  # no exporter: the API's own tracer
+    monkeypatch.setattr(tracing, "_tracer", trace.get_tracer("tests"))
+    apply_async_calls.clear()
+    traced = send(tasks.record, project_id=project_id, kwargs={"tag": "traced"})
+    assert apply_async_calls == [traced]
