@@ -47,6 +47,7 @@ the worker says so once at start (`check_kombu`).
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import hashlib
@@ -613,6 +614,38 @@ def publish_script_keys(queue: str, lane: str = INTERACTIVE) -> list[str]:
     return keys
 
 
+def message_push(client, queue: str, message: dict) -> int:
+    """Push kombu's `message` on project queue `queue` (its lane's list) with the PUBLISH
+    script: -1 when the project was deleted (nothing pushed), 1 when the queue became
+    active (the shared workers are to be told), else 0."""
+    headers = message.get("headers") if isinstance(message, dict) else None
+    lane = headers.get(LANE_HEADER) if isinstance(headers, dict) else None
+    if not flow_control_on():
+        lane = INTERACTIVE  # no lanes without the rules: the project's one list
+    keys = publish_script_keys(queue, lane or INTERACTIVE)
+    return int(run_script(client, PUBLISH, keys, [json.dumps(message), time.time(), queue]))
+
+
+def message_for_queue(*, body: bytes, content_type: str, content_encoding: str,
+                      headers: dict, properties: dict, queue: str) -> dict:  # fmt: skip
+    """The message kombu's Redis channel builds for `body` (serialized) published on the
+    nameless exchange to `queue` (Producer.publish, Channel.prepare_message and
+    basic_publish, with the channel's default priority and base64 bodies)."""
+    return {
+        "body": bytes_to_str(base64.b64encode(body)),
+        "content-encoding": content_encoding,
+        "content-type": content_type,
+        "headers": headers,
+        "properties": {
+            **properties,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+
+
 # --- 3. the worker's poll ------------------------------------------------------------
 
 
@@ -743,19 +776,8 @@ class Channel(kombu_redis.Channel):
             or queue in self._expires
         ):
             return super()._put(queue, message, **kwargs)
-        headers = message.get("headers") if isinstance(message, dict) else None
-        lane = headers.get(LANE_HEADER) if isinstance(headers, dict) else None
-        if not flow_control_on():
-            lane = INTERACTIVE  # no lanes without the rules: the project's one list
         with self.conn_or_acquire() as client:
-            self.last_put = int(
-                run_script(
-                    client,
-                    PUBLISH,
-                    publish_script_keys(queue, lane or INTERACTIVE),
-                    [json.dumps(message), time.time(), queue],
-                )
-            )
+            self.last_put = message_push(client, queue, message)
 
     def _do_restore_message(self, payload, exchange, routing_key, pipe, leftmost=False):
         """kombu's own, plus listing the queue on the ready list in the same

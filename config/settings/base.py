@@ -200,6 +200,11 @@ FLOWER_URL = env.str(
 # The largest request body accepted (a 413 past it): room for a context POST's 1 MiB of
 # documents, JSON-escaped.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("API_MAX_BODY_BYTES", default=4 * 1024 * 1024)
+# How long a web process trusts a user token it checked without reading it again
+# (common.authentication). Deleting the token or saving its user forgets it at once in
+# the process that did it; the others trust it at most this long after. A busy client
+# saves a query per request; 0 reads the token on every request.
+AUTH_TOKEN_CACHE_SECONDS = env.float("AUTH_TOKEN_CACHE_SECONDS", default=5.0)
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         # First: it takes only `uws_` project keys and leaves user tokens to the next.
