@@ -7,14 +7,11 @@ import uuid
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import connection
 from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
-from agents.models import Agent
-from common.selectors import get_or_404, model_columns, model_from_row
+from common.selectors import get_or_404
 from projects.models import Project
-from projects.selectors import project_scope_sql
 
 from .models import ChatSession, Message, Run
 
@@ -31,35 +28,17 @@ def session_get(*, project: Project, session_id: uuid.UUID | str) -> ChatSession
 
 
 def session_get_with_project(
-    *, user, credential=None, project_id: uuid.UUID | str, session_id: uuid.UUID | str
+    *, projects: QuerySet[Project], project_id: uuid.UUID, session_id: uuid.UUID
 ) -> ChatSession | None:
-    """The session of project `project_id`, one the user reaches with `credential`
-    (projects.selectors' project_list), with its project and agent, in one query (in
-    SQL: a chat POST's ORM query cost more CPU than the database's answer); None when
-    there is none, for the caller to tell which of the two is missing."""
+    """The session of project `project_id`, one of `projects` (projects.selectors'
+    project_list: the user's), with its project and agent, in one query; None when there
+    is none, for the caller to tell which of the two is missing."""
     try:
-        ids = [uuid.UUID(str(session_id)), uuid.UUID(str(project_id))]
-    except ValueError:
+        return ChatSession.objects.select_related("project", "agent").get(
+            id=session_id, project_id=project_id, project__in=projects
+        )
+    except (ChatSession.DoesNotExist, ValueError, TypeError):
         return None
-    scope, params = project_scope_sql(alias="p", user=user, credential=credential)
-    sessions, projects = ChatSession._meta.db_table, Project._meta.db_table
-    agents = Agent._meta.db_table
-    sql = (
-        f"SELECT {model_columns(ChatSession, 's')}, {model_columns(Project, 'p')}, "
-        f"{model_columns(Agent, 'a')} FROM {sessions} s "
-        f"JOIN {projects} p ON p.id = s.project_id JOIN {agents} a ON a.id = s.agent_id "
-        f"WHERE s.id = %s AND s.project_id = %s AND {scope}"
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [*ids, *params])
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    first, second = len(ChatSession._meta.concrete_fields), len(Project._meta.concrete_fields)
-    session = model_from_row(ChatSession, row[:first])
-    session.project = model_from_row(Project, row[first : first + second])
-    session.agent = model_from_row(Agent, row[first + second :])
-    return session
 
 
 def message_list(*, session: ChatSession) -> QuerySet[Message]:

@@ -20,16 +20,6 @@ def project_list(*, user, credential=None) -> QuerySet[Project]:
     return projects if limited_to is None else projects.filter(id=limited_to)
 
 
-def project_scope_sql(*, alias: str, user, credential=None) -> tuple[str, list]:
-    """project_list's rule as SQL on the projects table under `alias`, for reads in SQL
-    of their own: (condition, params)."""
-    condition, params = f"{alias}.owner_id = %s", [user.pk]
-    limited_to = credential_project_id(credential)
-    if limited_to is not None:
-        condition, params = f"{condition} AND {alias}.id = %s", [*params, limited_to]
-    return condition, params
-
-
 def project_get_for_user(*, user, project_id: uuid.UUID | str, credential=None) -> Project:
     """The user's project, or 404: another user's project does not exist for them, nor
     any project but its own for a project-scoped `credential`."""

@@ -20,6 +20,7 @@ from common.validators import MAX_TEXT_BYTES, validate_text_size
 from governance.apis import QUOTA_EXCEEDED_RESPONSE
 from projects.idempotency import idempotent
 from projects.mixins import ProjectScopedApi
+from projects.selectors import project_list
 
 from ..models import Message
 from ..selectors import message_list, session_get, session_get_with_project, session_list
@@ -229,8 +230,7 @@ class MessageListCreateApi(EnvelopeListMixin, ProjectScopedApi):
     @idempotent
     def post(self, request, project_id, session_id):
         session = session_get_with_project(
-            user=request.user,
-            credential=request.auth,
+            projects=project_list(user=request.user, credential=request.auth),
             project_id=project_id,
             session_id=session_id,
         )
