@@ -8,10 +8,12 @@ and Celery workers that consume real queues.
 from __future__ import annotations
 
 import pytest
+from django.test.utils import teardown_databases
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
+from tests.migrated_template import setup_test_database
 
 # The files that take longest, longest first (each one's setup, calls and teardowns added
 # up, measured on a full run on two cores). With `--dist loadfile` each xdist process
@@ -53,6 +55,20 @@ def pytest_collection_modifyitems(items):
         return LONG_FILES.index(path) if path in LONG_FILES else len(LONG_FILES)
 
     items.sort(key=rank)  # stable: the order within a file and among the rest is kept
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(
+    request, django_test_environment, django_db_blocker, django_db_modify_db_settings
+):
+    """pytest-django's, but the test database is a copy of a migrated template made once
+    per set of migrations (tests.migrated_template), not migrated in every process."""
+    verbosity = request.config.option.verbose
+    with django_db_blocker.unblock():
+        databases = setup_test_database(verbosity)
+    yield
+    with django_db_blocker.unblock():
+        teardown_databases(databases, verbosity=verbosity)
 
 
 @pytest.fixture
