@@ -37,8 +37,9 @@ def worker_status(name: str, timeout: float = 1.0) -> dict | None:
     from agentbus.active import STATUS_COMMAND
     from config.celery_app import app
 
+    # limit: the one reply ends the wait (without it, a broadcast waits out its timeout).
     for reply in app.control.broadcast(
-        STATUS_COMMAND, destination=[name], reply=True, timeout=timeout
+        STATUS_COMMAND, destination=[name], reply=True, timeout=timeout, limit=1
     ):
         if name in reply:
             return reply[name]
@@ -95,7 +96,7 @@ def shared_pool_worker(concurrency: int = 2) -> Iterator:
             mailbox = worker.consumer.blueprint.steps[CONTROL_STEP].box.node.channel
             assert wait_for(lambda: getattr(mailbox, "_in_listen", True)), "no mailbox"
             deadline = time.monotonic() + 10
-            while not app.control.ping(destination=[worker.hostname], timeout=0.2):
+            while not app.control.ping(destination=[worker.hostname], timeout=0.2, limit=1):
                 assert time.monotonic() < deadline, "the live worker does not answer"
             yield worker
             # Stopping: the event loop sees the flag at its next turn, and closing the
