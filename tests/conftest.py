@@ -8,12 +8,11 @@ and Celery workers that consume real queues.
 from __future__ import annotations
 
 import pytest
-from django.test.utils import teardown_databases
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
-from tests.migrated_template import setup_test_database
+from tests.migrated_template import setup_test_database, teardown_test_database
 
 # The files that take longest, longest first (each one's setup, calls and teardowns added
 # up, measured on a full run on two cores). With `--dist loadfile` each xdist process
@@ -68,7 +67,7 @@ def django_db_setup(
         databases = setup_test_database(verbosity)
     yield
     with django_db_blocker.unblock():
-        teardown_databases(databases, verbosity=verbosity)
+        teardown_test_database(databases, verbosity)
 
 
 # Tables only migrations write (post_migrate): the flush after a transactional test keeps

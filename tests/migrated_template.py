@@ -24,6 +24,7 @@ from pathlib import Path
 from django.apps import apps
 from django.conf import settings
 from django.db import connections
+from django.test.utils import teardown_databases
 
 
 def migrations_digest() -> str:
@@ -53,6 +54,21 @@ def setup_test_database(verbosity: int = 0) -> list[tuple]:
         engine.clone(template, test_name)
     _point_at(connection, test_name)
     return [(connection, old_name, True)]
+
+
+def teardown_test_database(databases: list[tuple], verbosity: int = 0) -> None:
+    """Drop the test database. On PostgreSQL the sessions still open in it are ended
+    first: a thread that outlived its test (a live worker's, a live server's) may hold a
+    pooled connection, and DROP DATABASE refuses while one is open."""
+    for connection, _old_name, _destroy in databases:
+        if connection.vendor == "postgresql":
+            with connection._nodb_cursor() as cursor:
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = %s AND pid <> pg_backend_pid()",
+                    [connection.settings_dict["NAME"]],
+                )
+    teardown_databases(databases, verbosity=verbosity)
 
 
 def _point_at(connection, name: str) -> None:
