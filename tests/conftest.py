@@ -12,6 +12,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
+from tests.migrated_template import setup_test_database, teardown_test_database
 
 # The files that take longest, longest first (each one's setup, calls and teardowns added
 # up, measured on a full run on two cores). With `--dist loadfile` each xdist process
@@ -53,6 +54,53 @@ def pytest_collection_modifyitems(items):
         return LONG_FILES.index(path) if path in LONG_FILES else len(LONG_FILES)
 
     items.sort(key=rank)  # stable: the order within a file and among the rest is kept
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(
+    request, django_test_environment, django_db_blocker, django_db_modify_db_settings
+):
+    """pytest-django's, but the test database is a copy of a migrated template made once
+    per set of migrations (tests.migrated_template), not migrated in every process."""
+    verbosity = request.config.option.verbose
+    with django_db_blocker.unblock():
+        databases = setup_test_database(verbosity)
+    yield
+    with django_db_blocker.unblock():
+        teardown_test_database(databases, verbosity)
+
+
+# Tables only migrations write (post_migrate): the flush after a transactional test keeps
+# them rather than emptying them for post_migrate to fill again.
+MIGRATED_ROWS = {"django_content_type", "auth_permission"}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _flush_by_delete(django_db_setup):
+    """A transactional test ends with Django's flush: on PostgreSQL a TRUNCATE of every
+    table, which makes new files for each table and index (0.6 s a test under load),
+    then the content types and permissions made again (0.3 s). The tables hold a test's
+    few rows: DELETE empties them sooner (in one transaction: the foreign keys, all
+    deferrable, are checked at its commit). Sequences are not reset, as before."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        yield  # SQLite's flush deletes already
+        return
+    operations = type(connection.ops)
+    truncate = operations.sql_flush
+
+    def sql_flush(self, style, tables, *, reset_sequences=False, allow_cascade=False):
+        if reset_sequences or allow_cascade:
+            return truncate(
+                self, style, tables, reset_sequences=reset_sequences, allow_cascade=allow_cascade
+            )
+        quote = self.quote_name
+        return [f"DELETE FROM {quote(table)};" for table in tables if table not in MIGRATED_ROWS]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(operations, "sql_flush", sql_flush)
+        yield
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ from pathlib import Path
 from django.db import connection
 
 ROOT = Path(__file__).resolve().parents[1]
+# The worker's remote-control bootstep (its mailbox), by its name in the consumer's blueprint.
+CONTROL_STEP = "celery.worker.consumer.control.Control"
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
@@ -35,8 +37,9 @@ def worker_status(name: str, timeout: float = 1.0) -> dict | None:
     from agentbus.active import STATUS_COMMAND
     from config.celery_app import app
 
+    # limit: the one reply ends the wait (without it, a broadcast waits out its timeout).
     for reply in app.control.broadcast(
-        STATUS_COMMAND, destination=[name], reply=True, timeout=timeout
+        STATUS_COMMAND, destination=[name], reply=True, timeout=timeout, limit=1
     ):
         if name in reply:
             return reply[name]
@@ -86,8 +89,14 @@ def shared_pool_worker(concurrency: int = 2) -> Iterator:
             loglevel="WARNING",
             shutdown_timeout=30,
         ) as worker:
+            # Broadcasts reach the worker once its mailbox has subscribed (on Redis, at its
+            # event loop's first turn). A ping sent before is lost, and the wait for its
+            # reply (a BRPOP left in flight) takes the replies of the next pings until it
+            # times out, a second later: the subscription first, then the ping.
+            mailbox = worker.consumer.blueprint.steps[CONTROL_STEP].box.node.channel
+            assert wait_for(lambda: getattr(mailbox, "_in_listen", True)), "no mailbox"
             deadline = time.monotonic() + 10
-            while not app.control.ping(destination=[worker.hostname], timeout=0.2):
+            while not app.control.ping(destination=[worker.hostname], timeout=0.2, limit=1):
                 assert time.monotonic() < deadline, "the live worker does not answer"
             yield worker
             # Stopping: the event loop sees the flag at its next turn, and closing the

@@ -36,13 +36,24 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def postgres():
+def postgres(tmp_path_factory):
+    """The private server, migrated, with the demo user (its API token: `token`); `env`
+    is the web process's environment on it."""
     reason = PrivatePostgres.unavailable()
     if reason:
         pytest.skip(reason)
     server = PrivatePostgres()
+    server.env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "config.settings.test",
+        "DATABASE_URL": server.url,
+        "DB_POOL_MAX_SIZE": "4",
+        "DB_POOL_TIMEOUT_SECONDS": str(POOL_TIMEOUT),
+        "VAR_DIR": str(tmp_path_factory.mktemp("var")),
+        "LOG_LEVEL": "WARNING",
+    }
     try:
-        server.init()
+        server.token = server.init_migrated(server.env)
     except (subprocess.CalledProcessError, OSError) as exc:
         server.destroy()
         pytest.skip(f"could not start a private PostgreSQL server: {exc}")
@@ -52,23 +63,9 @@ def postgres():
 
 @pytest.fixture(scope="module")
 def web(postgres, tmp_path_factory):
-    """uvicorn serving the app on the private database (migrated, with a user)."""
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "config.settings.test",
-        "DATABASE_URL": postgres.url,
-        "DB_POOL_MAX_SIZE": "4",
-        "DB_POOL_TIMEOUT_SECONDS": str(POOL_TIMEOUT),
-        "VAR_DIR": str(tmp_path_factory.mktemp("var")),
-        "LOG_LEVEL": "WARNING",
-    }
+    """uvicorn serving the app on the private database."""
+    env, token = postgres.env, postgres.token
     python = sys.executable
-    manage = [python, str(ROOT / "manage.py")]
-    subprocess.run([*manage, "migrate", "--noinput", "-v", "0"], env=env, check=True, cwd=ROOT)
-    out = subprocess.run(
-        [*manage, "demo_user"], env=env, check=True, cwd=ROOT, capture_output=True, text=True
-    ).stdout
-    token = out.split("API token: ")[1].strip()
     port = _free_port()
     log = open(tmp_path_factory.mktemp("log") / "uvicorn.log", "w")  # noqa: SIM115
     server = subprocess.Popen(

@@ -21,14 +21,10 @@ itself reaches every host through the bed's root cable.
 from __future__ import annotations
 
 import contextlib
-import glob
-import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -72,6 +68,8 @@ def procfile(name: str, **values: str) -> list[str]:
 class HostPostgres(PrivatePostgres):
     """PrivatePostgres run inside a bed host, listening on its address."""
 
+    hba_lines = ("host all all 10.0.0.0/8 trust",)  # every bed's subnet
+
     def __init__(self, bed: NetBed, host: str) -> None:
         super().__init__()
         self.bed, self.host = bed, host
@@ -85,34 +83,6 @@ class HostPostgres(PrivatePostgres):
         command = ["ip", "netns", "exec", self.bed.ns(self.host), *command]
         return subprocess.run(command, capture_output=True, text=True, check=check, timeout=120)
 
-    def init(self, template: Path | None = None) -> bool:
-        """A new cluster, or a copy of `template` (a stopped one). Returns whether it
-        was copied (then it holds what the template held)."""
-        if os.geteuid() == 0:
-            shutil.chown(self.folder, user="postgres")
-        if template is not None and template.is_dir():
-            subprocess.run(["cp", "-a", str(template), str(self.data)], check=True, timeout=120)
-            self.start()
-            return True
-        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
-        with open(self.data / "pg_hba.conf", "a") as hba:
-            hba.write("host all all 10.0.0.0/8 trust\n")  # every bed's subnet
-        self.start()
-        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "uws")
-        return False
-
-    def save_as(self, template: Path) -> None:
-        """Keep a stopped copy of the cluster as `template` (the first stack to finish
-        it wins; the others' copies are dropped)."""
-        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
-        partial = template.with_name(f"{template.name}.{os.getpid()}")
-        subprocess.run(["cp", "-a", str(self.data), str(partial)], check=True, timeout=120)
-        try:
-            partial.rename(template)
-        except OSError:
-            shutil.rmtree(partial, ignore_errors=True)
-        self.start()
-
     def start(self) -> None:
         options = (
             f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1,"
@@ -120,26 +90,6 @@ class HostPostgres(PrivatePostgres):
         )
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.folder / "log"),
                   "-w", "start")  # fmt: skip
-
-
-# The release step and the demo user in one process (one Django start, not two).
-RELEASE = """
-import sys, django
-django.setup()
-from django.core.management import call_command
-if sys.argv[1] == "migrate":
-    call_command("migrate", interactive=False, verbosity=0)
-call_command("demo_user")
-"""
-
-
-def migrated_template() -> Path:
-    """Where a migrated cluster is kept for these migrations and this PostgreSQL."""
-    binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))  # as PrivatePostgres
-    digest = hashlib.sha256("".join(binaries[-1:]).encode())
-    for path in sorted(ROOT.glob("*/migrations/*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
-    return Path(tempfile.gettempdir()) / f"uws-multihost-pg-{digest.hexdigest()[:16]}"
 
 
 def wait(predicate, timeout: float, what: str, interval: float = 0.1):
@@ -308,20 +258,10 @@ class Stack:
             dict(os.environ, PYTHONPATH=str(ROOT)),
         )
         self.postgres = HostPostgres(self.bed, "services")
-        template = migrated_template()
-        copied = self.postgres.init(template)
         wait(lambda: self.redis().ping(), 30, "the services host's Redis")
-        # Migrated once per set of migrations and kept (the release step, as the
-        # Procfile's `release` runs it); then copied: migrating takes a minute on a
-        # loaded machine. The demo user comes with it.
-        out = subprocess.run(
-            [sys.executable, "-c", RELEASE, "skip" if copied else "migrate"],
-            env=self.app_env("root"), check=True, cwd=ROOT, capture_output=True, text=True,
-            timeout=300,
-        )  # fmt: skip
-        self.token = out.stdout.split("API token: ")[1].split()[0]
-        if not copied:
-            self.postgres.save_as(template)
+        # The release step (as the Procfile's `release` runs it) and the demo user, made
+        # once per set of migrations and copied after.
+        self.token = self.postgres.init_migrated(self.app_env("root"))
         self.spawn("services", "beat", [*procfile("beat"), "-s", str(self.folder / "beat")])
         for host in self.webs:
             self.start_web(host)
