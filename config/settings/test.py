@@ -17,6 +17,8 @@ WORKSPACE_REVALIDATE_SECONDS = env.float("WORKSPACE_REVALIDATE_SECONDS", default
 AGENTBUS_RECONCILE_SECONDS = env.float("AGENTBUS_RECONCILE_SECONDS", default=0.5)
 CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = env.float("CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", default=5)
 CHAT_HEARTBEAT_SECONDS = env.float("CHAT_HEARTBEAT_SECONDS", default=1)
+# The suite starts dozens of worker processes that never need it (its own test sets it).
+WORKER_WARM_UP = env.bool("WORKER_WARM_UP", default=False)
 # WhiteNoise (in the middleware, as deployed) reads it; collectstatic is not run here.
 STATIC_ROOT = VAR_DIR / "staticfiles"  # noqa: F405
 STATIC_ROOT.mkdir(exist_ok=True)
