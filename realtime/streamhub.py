@@ -360,10 +360,12 @@ class StreamHub:
         if not projects:
             return
         ordered = list(projects)
-        pipe = self.broker.pipeline(transaction=False)
-        for project_id in ordered:
-            pipe.exists(tombstone_key(project_id))
-        gone = {p for p, hit in zip(ordered, await pipe.execute(), strict=True) if hit}
+        # Through the pipelined client, as the opens' checks: one round trip, and never a
+        # second command at once on the broker's one connection (when it is another Redis).
+        hits = await asyncio.gather(
+            *(self.broker_pipelined.exists(tombstone_key(p)) for p in ordered)
+        )
+        gone = {p for p, hit in zip(ordered, hits, strict=True) if hit}
         for subs in list(self.subscriptions.values()):
             for sub in list(subs):
                 if sub.project_id in gone:
