@@ -53,6 +53,13 @@ def is_project_queue(queue: str) -> bool:
     return project_id_from_queue(queue) is not None
 
 
+def runs_project_tasks(queues) -> bool:
+    """Whether a worker consuming `queues` runs projects' tasks (agent runs, their vector
+    work): it follows the maintenance queue, through which the shared pool learns its
+    projects' queues, or a project's queue. Not the urgent maintenance or webhooks ones."""
+    return any(q == MAINTENANCE_QUEUE or is_project_queue(q) for q in queues)
+
+
 class DirectQueue(Queue):
     """A queue on the nameless exchange, declared only where the broker needs it.
 

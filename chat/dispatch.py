@@ -178,13 +178,11 @@ def run_next_dispatch(*, session_id) -> bool:
     """Dispatch the session's oldest active run if it waits undispatched (its older
     runs ended). Never raises: if this is lost, the recovery pass dispatches it."""
     try:
-        first = next(
-            iter(
-                runs_active(session_id=session_id)
-                .select_related("session__project")
-                .order_by("created_at")[:1]
-            ),
-            None,
+        first = (
+            runs_active(session_id=session_id)
+            .select_related("session__project")
+            .order_by("created_at")
+            .first()
         )
         if first is None or first.status != Run.Status.QUEUED or first.dispatched_at:
             return False

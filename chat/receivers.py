@@ -13,8 +13,8 @@ from celery.concurrency import ALIASES as POOLS
 from celery.signals import celeryd_after_setup, task_received
 from django.conf import settings
 
-from agentbus import MAINTENANCE_QUEUE, worker_identity
-from agentbus.queues import is_project_queue
+from agentbus import worker_identity
+from agentbus.queues import runs_project_tasks
 from context.embeddings import get_embedder
 from governance.sources import register_run_source
 from llm.providers import provider_warm
@@ -61,8 +61,7 @@ task_received.connect(mark_run_received, weak=False, dispatch_uid="agents.run_re
 
 
 def runs_warm_up(sender=None, instance=None, **kwargs) -> None:
-    """A worker that runs agents (it follows the maintenance queue, through which the
-    shared pool learns its projects' queues, or a project's queue) loads the provider
+    """A worker that runs agents (agentbus.queues.runs_project_tasks) loads the provider
     client (~0.6 s) and the embedder (~0.3 s) as it starts. Left to the first runs,
     every one of a burst waits on the import lock and the embedder's construction.
 
@@ -73,8 +72,7 @@ def runs_warm_up(sender=None, instance=None, **kwargs) -> None:
     inherit an import lock nobody releases."""
     if instance is None or not settings.WORKER_WARM_UP:
         return
-    queues = instance.app.amqp.queues.consume_from or {}
-    if not any(q == MAINTENANCE_QUEUE or is_project_queue(q) for q in queues):
+    if not runs_project_tasks(instance.app.amqp.queues.consume_from or {}):
         return  # e.g. the urgent maintenance worker: it runs no agent
     pool = f"{instance.pool_cls.__module__}:{instance.pool_cls.__qualname__}"
     if pool not in (POOLS["threads"], POOLS["solo"]):

@@ -11,8 +11,8 @@ from celery.signals import celeryd_after_setup
 from django.conf import settings
 from django.dispatch import receiver
 
-from agentbus import MAINTENANCE_QUEUE, publish
-from agentbus.queues import is_project_queue
+from agentbus import publish
+from agentbus.queues import runs_project_tasks
 from agents.signals import agent_deleted
 from common.lifecycle import on_shutdown
 from workspaces.signals import workspace_teardown
@@ -49,8 +49,7 @@ def refuse_without_vector_store(sender=None, instance=None, **kwargs) -> None:
     their answers."""
     if instance is None or settings.QDRANT_URL:
         return
-    queues = instance.app.amqp.queues.consume_from or {}
-    if not any(q == MAINTENANCE_QUEUE or is_project_queue(q) for q in queues):
+    if not runs_project_tasks(instance.app.amqp.queues.consume_from or {}):
         return  # e.g. the urgent maintenance worker: nothing it runs opens the store
     try:
         get_vector_store().open()

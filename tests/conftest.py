@@ -8,6 +8,7 @@ and Celery workers that consume real queues.
 from __future__ import annotations
 
 import pytest
+from django.db import connection, connections
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
@@ -82,8 +83,6 @@ def _flush_by_delete(django_db_setup):
     then the content types and permissions made again (0.3 s). The tables hold a test's
     few rows: DELETE empties them sooner (in one transaction: the foreign keys, all
     deferrable, are checked at its commit). Sequences are not reset, as before."""
-    from django.db import connection
-
     if connection.vendor != "postgresql":
         yield  # SQLite's flush deletes already
         return
@@ -124,11 +123,9 @@ def _fresh_redis_database():
 def _close_database_pools(django_db_setup, django_db_blocker):
     """Hand the pooled connections back before the test database is dropped."""
     yield
-    from django.db import connections
-
-    for connection in connections.all():
-        if getattr(connection, "pool", None) is not None:
-            connection.close_pool()
+    for each in connections.all():
+        if getattr(each, "pool", None) is not None:
+            each.close_pool()
 
 
 @pytest.fixture(autouse=True)

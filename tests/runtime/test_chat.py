@@ -6,11 +6,14 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from chat.engine import chat_run
 from chat.lease import lease_keeper
 from chat.models import Message, Run
+from chat.tasks import run_agent
 from context.embeddings import get_embedder
 from context.vectorstore import TenantScope, get_vector_store, shared_collection_name
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
@@ -464,11 +467,6 @@ def test_a_chat_run_asks_the_database_few_statements(
     """What a worker asks PostgreSQL for one answer (claim, read, answer, end, usage,
     next run), counted: each statement costs the worker's one process CPU (about 1 ms to
     compile), which bounds how many runs it keeps in flight (bench/run_cpu.py)."""
-    from django.db import connection
-    from django.test.utils import CaptureQueriesContext
-
-    from chat.tasks import run_agent
-
     # The workspace's periodic check against the database (one more statement when it
     # falls due) is left out of the count: due every hour here, not every 0.5 s.
     settings.WORKSPACE_REVALIDATE_SECONDS = 3600
