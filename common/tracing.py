@@ -111,6 +111,7 @@ def tracing_setup(service: str) -> bool:
             if name == "console":
                 provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
             elif name == "otlp":
+                # Only the exporter asked for is loaded (the OTLP one pulls in protobuf).
                 from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
                     OTLPSpanExporter,
                 )
@@ -140,7 +141,7 @@ def tracing_shutdown() -> None:
     """Export what is buffered (a process about to exit)."""
     if not _enabled:
         return
-    from opentelemetry import trace
+    from opentelemetry import trace  # the SDK loads only with tracing on (see tracing_setup)
 
     provider = trace.get_tracer_provider()
     shutdown = getattr(provider, "force_flush", None)
@@ -153,6 +154,7 @@ def asgi_traced(application):
     request, async: no thread per request), or unchanged when tracing is off."""
     if not _enabled:
         return application
+    # The SDK loads only with tracing on (see tracing_setup).
     from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
     # One span per request, not one per chunk sent or received (event streams send many),
@@ -175,6 +177,7 @@ def django_instrument() -> None:
     middleware does it without a sync step per request)."""
     if not _enabled:
         return
+    # The SDK loads only with tracing on (see tracing_setup).
     from opentelemetry.instrumentation.django import DjangoInstrumentor
 
     DjangoInstrumentor().instrument()
@@ -276,6 +279,7 @@ def publish_headers() -> dict[str, Any] | None:
     (W3C `traceparent`, whatever instruments the broker client); None when off."""
     if not _enabled:
         return None
+    # The SDK loads only with tracing on (see tracing_setup).
     from opentelemetry.propagate import inject
 
     headers: dict[str, Any] = {}
