@@ -64,6 +64,7 @@ import collections
 import contextlib
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import statistics
@@ -95,20 +96,22 @@ if __name__ == "__main__":
 import httpx  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402
+from django.db import connections  # noqa: E402
 from rest_framework.authtoken.models import Token  # noqa: E402
 
 from agents.models import Agent  # noqa: E402
 from bench.harness import THROTTLES_NOTE  # noqa: E402
 from chat.models import ChatSession, Message, Run  # noqa: E402
+from chat.streams import stream_key  # noqa: E402
 from common.redis import get_redis  # noqa: E402
+from governance.models import RunUsage  # noqa: E402
 from projects.models import Project  # noqa: E402
 from tests.runtime.openai_server import FakeOpenAI  # noqa: E402
+from workspaces.redis import workspace_prefix  # noqa: E402
 
 
 def procfile_worker_options() -> list[str]:
     """The pool options of the Procfile's `worker` line, at their defaults."""
-    import re
-
     line = next(
         ln for ln in (ROOT / "Procfile").read_text().splitlines() if ln.startswith("worker:")
     )
@@ -303,8 +306,6 @@ def ttfd_while_ingesting(samples: int, ingesting: bool) -> list[float]:
 
 
 def first_delta_at(user_id, project_id, session_id, answer) -> float:
-    from chat.streams import stream_key
-    from workspaces.redis import workspace_prefix
 
     key = workspace_prefix(user_id, project_id) + stream_key(session_id)
     for entry_id, fields in get_redis().xrange(key):
@@ -439,8 +440,6 @@ def many_streams(streams: int, *, users: int = 25, sessions: int = 500, processe
     event is written to every session's stream; its delay to each stream is measured in
     the client processes, as each reads its sockets (their own work is in the figure:
     the client processes share the machine's cores with the server)."""
-    from chat.streams import stream_key
-    from workspaces.redis import workspace_prefix
 
     stack = Stack(worker=PROCFILE_WORKER)
     children = []
@@ -864,7 +863,6 @@ def database_fault(fault: str, *, seconds: float = 20, rate: float = 10, outage:
     Runs' leases are 6 s and recovery runs every 5 s here (beat runs), so a run whose
     worker lost the database is dispatched again within seconds."""
     server = PRIVATE_POSTGRES  # noqa: F821  (set at start for --only 8)
-    from governance.models import RunUsage
 
     fake = FakeOpenAI().start()
     fake.mode, fake.tokens = "slow", [f"w{i} " for i in range(5)]
@@ -908,7 +906,6 @@ def database_fault(fault: str, *, seconds: float = 20, rate: float = 10, outage:
 
         answers = asyncio.run(load())
         codes = collections.Counter(code for code, _ in answers)
-        from django.db import connections
 
         connections.close_all()  # the bench's own connections died with the server
         ids = list(

@@ -16,12 +16,17 @@ The same Redis database is FLUSHED first.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import cProfile
 import io
 import os
 import pstats
+import signal
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -33,9 +38,12 @@ if __name__ == "__main__":
 
     bootstrap("post-cpu", capacity=True, offline=True)
 
+import httpx  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402
+from django.db import connection  # noqa: E402
 from django.test import Client  # noqa: E402
+from django.test.utils import CaptureQueriesContext  # noqa: E402
 from rest_framework.authtoken.models import Token  # noqa: E402
 
 from agents.models import Agent  # noqa: E402
@@ -71,14 +79,6 @@ def post_loop(client: Client, token: str, paths: list[str]) -> list[float]:
 def served(paths: list[str], token: str, concurrency: int) -> float:
     """Web CPU (ms) per accepted POST through uvicorn as the Procfile starts it: `paths`
     posted `concurrency` at a time, the process's CPU time from /proc."""
-    import asyncio
-    import signal
-    import socket
-    import subprocess
-    import tempfile
-
-    import httpx
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -165,9 +165,6 @@ def main() -> None:
             f"served by uvicorn, {opts.served} at a time, web CPU per POST (ms): {fmt(served_ms)}"
         )
     if opts.queries:
-        from django.db import connection
-        from django.test.utils import CaptureQueriesContext
-
         token, paths = sessions(1)
         with CaptureQueriesContext(connection) as queries:
             post_loop(client, token, paths)

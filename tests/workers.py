@@ -15,7 +15,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from celery.contrib.testing.worker import start_worker
+from celery.worker import state as worker_state
+from django.conf import settings
 from django.db import connection
+from kombu.asynchronous import set_event_loop
+
+from agentbus.active import STATUS_COMMAND
+from agentbus.broker import uses_redis
+from agentbus.queues import MAINTENANCE_QUEUE
+from agentbus.transport import wake
+from config.celery_app import app
 
 ROOT = Path(__file__).resolve().parents[1]
 # The worker's remote-control bootstep (its mailbox), by its name in the consumer's blueprint.
@@ -34,8 +44,6 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
 
 def worker_status(name: str, timeout: float = 1.0) -> dict | None:
     """The `agentbus_status` reply of one worker (through its remote-control mailbox)."""
-    from agentbus.active import STATUS_COMMAND
-    from config.celery_app import app
 
     # limit: the one reply ends the wait (without it, a broadcast waits out its timeout).
     for reply in app.control.broadcast(
@@ -61,15 +69,6 @@ def shared_pool_worker(concurrency: int = 2) -> Iterator:
     bootstep: broadcasts plus the periodic reconcile), through the workers' own broker
     transport. Yields the WorkController once its mailbox answers, so broadcasts sent
     after that reach it."""
-    from celery.contrib.testing.worker import start_worker
-    from celery.worker import state as worker_state
-    from django.conf import settings
-    from kombu.asynchronous import set_event_loop
-
-    from agentbus.broker import uses_redis
-    from agentbus.queues import MAINTENANCE_QUEUE
-    from agentbus.transport import wake
-    from config.celery_app import app
 
     # A fresh event loop: Celery reuses kombu's process-wide hub, and a previous worker's
     # transport (Redis's poller) left its callbacks on it, which a worker on another
@@ -194,7 +193,6 @@ def worker_processes(log_dir: Path) -> Iterator:
     test task module (-I tests.agentbus.tasks) and REMAP_SIGTERM=SIGQUIT (SIGTERM starts
     the soft shutdown), and are killed when the block ends.
     """
-    from django.conf import settings
 
     started: list[WorkerProcess] = []
 
@@ -238,7 +236,6 @@ def worker_processes(log_dir: Path) -> Iterator:
 def broker_at(url: str) -> Iterator[None]:
     """Point this process's Celery app (publishing, control, in-process workers) at
     another broker for the block."""
-    from config.celery_app import app
 
     def reset() -> None:
         # Forget the pools (kombu keeps one per broker URL): the next use takes the one of
