@@ -44,9 +44,27 @@ def post(api, session, content="Hello?") -> int:
     return response.json()["assistant_message_id"]
 
 
+END_EVENTS = ("message.completed", "message.error", "message.cancelled")
+
+
 def finished(message_ids) -> bool:
-    done = Message.objects.filter(id__in=message_ids, status__in=Message.FINISHED).count()
-    return done == len(message_ids)
+    """Every message ended, in the database and on its session's stream: the end commits
+    before its event is written (chat.state.run_end), so a client that saw the message
+    finished sees the event a moment later."""
+    done = list(
+        Message.objects.filter(id__in=message_ids, status__in=Message.FINISHED).select_related(
+            "session__project"
+        )
+    )
+    return len(done) == len(message_ids) and all(
+        any(
+            kind in END_EVENTS and data.get("message_id") == message.id
+            for _, kind, data in stream_events(
+                _redis(), message.session.project, message.session_id
+            )
+        )
+        for message in done
+    )
 
 
 def recover_until_finished(message_ids, timeout=60.0) -> None:

@@ -77,7 +77,12 @@ def test_sigterm_hands_runs_in_flight_back_and_exits_within_the_window(
     def answered() -> bool:
         runs_recover()  # beat's job
         done = Message.objects.filter(id__in=answers, status__in=Message.FINISHED)
-        return done.count() == len(answers)
+        # The end commits before its event is written (chat.state.run_end): a client
+        # that saw the message finished sees the event a moment later.
+        return done.count() == len(answers) and all(
+            "message.completed" in [k for _, k, _ in stream_events(redis_client, project, s.id)]
+            for s in sessions
+        )
 
     assert wait_for(answered, timeout=60, interval=0.5), list(
         Message.objects.filter(id__in=answers).values_list("id", "status", "error")
