@@ -13,7 +13,10 @@ connections (and the asyncio pool's default cap turned the 101st into a 500). He
   that key, in order.
 - A new subscription subscribes first, then reads what it missed (from its cursor) and
   only then takes the live entries, skipping ids it already has: nothing is lost or
-  repeated between the two.
+  repeated between the two. The backlog read goes on another connection than the
+  SUBSCRIBE, so Redis may serve it first; an entry written between the two would be in
+  neither. The hub therefore reads a key again when Redis confirms its subscription:
+  whatever was published before that is in the stream by then.
 - What streams ask while they open (the lifecycle guard, the cursor, what they missed)
   goes through `Pipelined`: every command asked for while a round trip is under way
   goes out in the next one, so a crowd opening at once shares a few round trips on one
@@ -186,7 +189,8 @@ class StreamHub:
                 settings.CELERY_BROKER_URL, decode_responses=True, max_connections=1
             )
             self.broker_pipelined = Pipelined(self.broker)
-        self.pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        # Subscription confirmations are wanted: each one has the key read again (above).
+        self.pubsub = self.client.pubsub()
         self.subscriptions: dict[str, set[Subscription]] = {}
         self.delivered: dict[str, str] = {}  # key -> last id read for it
         self.dirty: set[str] = set()
@@ -266,14 +270,14 @@ class StreamHub:
         ]
 
     async def _listen(self) -> None:
-        """Notifications: mark the keys to read."""
+        """Notifications, and confirmations of new subscriptions: mark the keys to read."""
         while True:
             try:
                 if not self.pubsub.subscribed:
                     await asyncio.sleep(0.05)
                     continue
                 message = await self.pubsub.get_message(timeout=1.0)
-                if message and message.get("type") == "message":
+                if message and message.get("type") in ("message", "subscribe"):
                     self.dirty.add(message["channel"])
                     self._dirty_event.set()
             except asyncio.CancelledError:

@@ -95,6 +95,43 @@ def test_quiet_streams_that_want_heartbeats_get_them_from_the_hub(redis_client, 
         redis_client.delete(waiting)
 
 
+def test_an_entry_written_between_the_backlog_read_and_the_subscribe_arrives_at_once(
+    redis_client, settings
+):
+    """The backlog read and the SUBSCRIBE go on two connections, so Redis may serve the
+    read first. An entry written between them is in neither; it must still come at once,
+    not at the next safety poll (set to a minute here)."""
+    settings.SSE_SAFETY_POLL_SECONDS = 60
+    key = f"test:hub:{uuid.uuid4().hex}"
+    written = []
+
+    async def test(hub):
+        subscribe, read_after = hub.pubsub.subscribe, hub._read_after
+
+        async def written_then_subscribed(*keys):
+            # Written (and its notification published to nobody) before Redis takes
+            # the SUBSCRIBE...
+            written.append(redis_client.xadd(key, {"n": "between"}))
+            redis_client.publish(key, "")
+            return await subscribe(*keys)
+
+        async def read_before_it_was_written(k, cursor):
+            # ...and after it served the backlog read, which found nothing yet.
+            hub._read_after = read_after
+            return []
+
+        hub.pubsub.subscribe = written_then_subscribed
+        hub._read_after = read_before_it_was_written
+        async with hub.subscribe(key=key, project_id=uuid.uuid4(), cursor="0-0") as sub:
+            got = await asyncio.wait_for(sub.inbox.get(), timeout=5)
+            assert [eid for eid, _ in got] == written
+
+    try:
+        run_with_hub(test)
+    finally:
+        redis_client.delete(key)
+
+
 def test_streams_opening_at_once_do_not_queue_for_the_hubs_connections(asgi, settings):
     """200 streams of 8 users open at once (each user within its bound on requests being
     set up): their Redis commands go out pipelined, so at no time do they take every
