@@ -26,9 +26,11 @@ statistics are fresh (ANALYZE), as autovacuum keeps them on a live table.
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -52,18 +54,23 @@ if __name__ == "__main__":
 
     bootstrap("admin", DATABASE_URL=f"{PG}/{DB}")
 
+from django.contrib.auth import get_user_model  # noqa: E402
+from django.contrib.sessions.backends.db import SessionStore  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from django.db import connection, connections  # noqa: E402
+from django.test import Client  # noqa: E402
+from django.test.utils import CaptureQueriesContext, setup_test_environment  # noqa: E402
+from django.utils import timezone  # noqa: E402
+
+from agents.models import Agent  # noqa: E402
+from chat.models import ChatSession, Message, Run  # noqa: E402
+from governance.models import RunUsage  # noqa: E402
+from observability.models import MinuteRollup  # noqa: E402
+from observability.services import rollup_minutes  # noqa: E402
+from projects.models import Project  # noqa: E402
+
 
 def fill(runs: int) -> None:
-    from django.contrib.auth import get_user_model
-    from django.utils import timezone
-
-    from agents.models import Agent
-    from chat.models import ChatSession, Message, Run
-    from governance.models import RunUsage
-    from observability.models import MinuteRollup
-    from observability.services import rollup_minutes
-    from projects.models import Project
-
     have = Run.objects.count()
     if have >= runs:
         if not MinuteRollup.objects.exists():  # a fill interrupted before its rollup
@@ -133,9 +140,6 @@ def fill(runs: int) -> None:
 
 
 def session_cookie() -> str:
-    from django.contrib.auth import get_user_model
-    from django.contrib.sessions.backends.db import SessionStore
-
     user_model = get_user_model()
     staff, _ = user_model.objects.get_or_create(
         username="bench-staff", defaults={"is_staff": True, "is_superuser": True}
@@ -149,9 +153,6 @@ def session_cookie() -> str:
 
 
 def pages() -> dict[str, str]:
-    from chat.models import Run
-    from projects.models import Project
-
     project = Project.objects.order_by("name").first()
     run = Run.objects.filter(session__project=project).order_by("-created_at").first()
     today = time.strftime("%Y-%m-%d")
@@ -176,11 +177,6 @@ def pages() -> dict[str, str]:
 
 
 def queries_of(paths: dict[str, str]) -> dict[str, int]:
-    from django.contrib.auth import get_user_model
-    from django.db import connection
-    from django.test import Client
-    from django.test.utils import CaptureQueriesContext, setup_test_environment
-
     setup_test_environment()
     client = Client()
     client.force_login(get_user_model().objects.get(username="bench-staff"))
@@ -196,7 +192,6 @@ def queries_of(paths: dict[str, str]) -> dict[str, int]:
 def baseline_copy(ref: str, db: str) -> tuple[Path, str]:
     """`ref`'s code (a `git archive` copy) and a copy of the filled database with `ref`'s
     schema: the migrations this tree has beyond `ref`'s are unapplied on the copy."""
-    from django.db import connections
 
     code = Path(os.environ["VAR_DIR"]) / f"baseline-{ref.replace('/', '_')}"
     if code.exists():
@@ -240,8 +235,6 @@ def baseline_copy(ref: str, db: str) -> tuple[Path, str]:
 
 
 def serve(cwd: Path, database_url: str) -> tuple[subprocess.Popen, str]:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -272,8 +265,6 @@ def wait_up(client: httpx.Client) -> None:
 
 
 def main() -> None:
-    import argparse
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
@@ -283,7 +274,6 @@ def main() -> None:
         "--baseline", metavar="REF", help="also serve REF (e.g. main), paired request by request"
     )
     options = parser.parse_args()
-    from django.core.management import call_command
 
     call_command("migrate", verbosity=0)
     fill(options.runs)
@@ -332,8 +322,6 @@ def main() -> None:
         for web, _ in servers.values():
             web.terminate()
             web.wait(20)
-
-    from chat.models import Run
 
     print(
         f"\nadmin bench: PostgreSQL, {Run.objects.count()} runs over 200 projects, uvicorn x1 "

@@ -65,10 +65,16 @@ if __name__ == "__main__":
     bootstrap("agentbus")
 
 from celery import shared_task  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from kombu import Connection  # noqa: E402
 
 from agentbus import AgentBusTask, publish  # noqa: E402
-from agentbus.active import mark_active  # noqa: E402
+from agentbus.active import STATUS_COMMAND, mark_active  # noqa: E402
+from agentbus.keys import ACTIVE_KEY  # noqa: E402
+from agentbus.queues import project_queue  # noqa: E402
 from common.redis import get_redis  # noqa: E402
+from config.celery_app import app  # noqa: E402
 from tests.rabbitmq import amqp_unavailable, amqp_vhost  # noqa: E402
 
 # Where the bus runs (--broker; read before Django sets up, as the broker URL is).
@@ -198,9 +204,6 @@ def bus_broker_url() -> str:
 def point_app_at(url: str) -> None:
     """This process's publishing and control go to `url` (tests.workers.broker_at's
     resets, kept for the run)."""
-    from django.conf import settings
-
-    from config.celery_app import app
 
     global _bus_url
     _bus_url = url
@@ -224,9 +227,6 @@ def remove_queues(projects: list[uuid.UUID]) -> None:
     """Delete the projects' RabbitMQ queues after a run (pipelined)."""
     if BROKER != "amqp" or not projects:
         return
-    from kombu import Connection
-
-    from agentbus.queues import project_queue
 
     with Connection(bus_broker_url()) as conn:
         channel = conn.channel()
@@ -238,9 +238,6 @@ def remove_queues(projects: list[uuid.UUID]) -> None:
 def predeclare(projects: list[uuid.UUID]) -> float:
     """Declare the projects' RabbitMQ queues, as their first publishes would have (setup,
     pipelined); returns the seconds it took."""
-    from kombu import Connection
-
-    from agentbus.queues import project_queue
 
     began = time.monotonic()
     with Connection(bus_broker_url()) as conn:
@@ -258,10 +255,6 @@ def baseline_producer():
     """A producer on the Redis broker for plain Celery's tasks, whatever the bus runs on."""
     global _baseline_producer
     if _baseline_producer is None:
-        from kombu import Connection
-
-        from config.celery_app import app
-
         connection = Connection(os.environ["REDIS_URL"])
         _baseline_producer = app.amqp.Producer(connection.default_channel)
     return _baseline_producer
@@ -281,8 +274,6 @@ def timed_task(project_id: uuid.UUID | None, timeout: float = 60) -> float:
 
 def activate(projects: list[uuid.UUID]) -> None:
     """Mark projects active as publishing would, in pipelines (setup, not measured)."""
-    from agentbus.keys import ACTIVE_KEY
-    from agentbus.queues import project_queue
 
     client = get_redis()
     now = time.time()
@@ -293,8 +284,6 @@ def activate(projects: list[uuid.UUID]) -> None:
 def worker_follows(n: int) -> bool:
     """Whether a shared worker answered that it follows n project queues (the status
     command of agentbus.worker)."""
-    from agentbus.active import STATUS_COMMAND
-    from config.celery_app import app
 
     for reply in app.control.broadcast(STATUS_COMMAND, reply=True, timeout=0.5):
         for status in reply.values():
@@ -535,7 +524,6 @@ def run() -> None:
     sizes = [int(n) for n in opts.n.split(",") if n]
     styles = [w for w in opts.workers.split(",") if w]
     assert set(shapes) <= set(SHAPES) and set(styles) <= {"lean", "procfile"}
-    from django.core.management import call_command
 
     call_command("migrate", verbosity=0)
     began = time.monotonic()

@@ -34,6 +34,7 @@ rate limits.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -57,8 +58,18 @@ if __name__ == "__main__":
     bootstrap("chat", capacity=True, offline=True)
 
 import httpx  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from rest_framework.authtoken.models import Token  # noqa: E402
 
 from bench.harness import THROTTLES_NOTE, free_port, procfile  # noqa: E402
+from chat.models import Message  # noqa: E402
+from tests.factories import (  # noqa: E402
+    AgentFactory,
+    ChatSessionFactory,
+    ProjectFactory,
+    UserFactory,
+)
 
 WORDS = (
     "agent context project worker queue stream redis vector search answer message session "
@@ -145,9 +156,6 @@ def main() -> None:
     options = parser.parse_args()
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
-    from django.conf import settings
-    from django.core.management import call_command
-
     call_command("migrate", verbosity=0)
     rounds = []
     for number in range(1, options.rounds + 1):
@@ -171,10 +179,6 @@ def main() -> None:
 
 def _round(options) -> dict[str, tuple[float, int]]:
     """One round on fresh services: {measure: (value, how many samples it summarises)}."""
-    from django.conf import settings
-    from rest_framework.authtoken.models import Token
-
-    from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
 
     shutil.rmtree(Path(settings.VAR_DIR) / "qdrant", ignore_errors=True)
     user = UserFactory(username=f"bench-{uuid.uuid4().hex[:12]}")
@@ -289,9 +293,6 @@ def tree_cpu_seconds(pid: int) -> float:
 def _burst(client: httpx.Client, base: str, sessions) -> tuple[float, float]:
     """Post one message to each session at once; (messages answered per second, when
     the last answer finished)."""
-    import asyncio
-
-    from chat.models import Message
 
     async def post_all():
         # Eight POSTs in flight at a time: what is measured is answering, not accepting.

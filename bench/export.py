@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -46,8 +47,18 @@ if __name__ == "__main__":
     bootstrap("export", capacity=True, offline=True)
 
 import httpx  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from rest_framework.authtoken.models import Token  # noqa: E402
 
 from bench.chat import Process, _up, free_port, procfile_worker, wait_until  # noqa: E402
+from chat.models import Message  # noqa: E402
+from tests.factories import (  # noqa: E402
+    AgentFactory,
+    ChatSessionFactory,
+    ProjectFactory,
+    UserFactory,
+)
 
 
 def main() -> None:
@@ -57,15 +68,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     options = parser.parse_args()
     logging.getLogger("httpx").setLevel(logging.WARNING)
-
-    import shutil
-
-    from django.conf import settings
-    from django.core.management import call_command
-    from rest_framework.authtoken.models import Token
-
-    from chat.models import Message
-    from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
 
     shutil.rmtree(Path(settings.VAR_DIR) / "qdrant", ignore_errors=True)
     call_command("migrate", verbosity=0)

@@ -65,6 +65,7 @@ if __name__ == "__main__":
 import httpx  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402
+from django.test import override_settings  # noqa: E402
 from rest_framework.authtoken.models import Token  # noqa: E402
 
 from agentbus import queue_depths  # noqa: E402
@@ -73,6 +74,7 @@ from bench.harness import THROTTLES_NOTE, free_port, procfile  # noqa: E402
 from chat.models import ChatSession, Message, Run  # noqa: E402
 from chat.streams import stream_key  # noqa: E402
 from common.redis import close_redis, get_redis  # noqa: E402
+from context.vectorstore import TenantScope, close_vector_store, get_vector_store  # noqa: E402
 from projects.models import Project  # noqa: E402
 from tests.runtime.openai_server import FakeOpenAI  # noqa: E402
 from workspaces import registry  # noqa: E402
@@ -343,9 +345,6 @@ def delete_race(opts, fake) -> dict:
 def vector_points(stack: Stack, user_id: int, doomed_ids, kept_id) -> tuple[int, int]:
     """Points left of the deleted projects, and points of the kept one (which shows the
     count can see points at all)."""
-    from django.test import override_settings
-
-    from context.vectorstore import TenantScope, close_vector_store, get_vector_store
 
     with override_settings(QDRANT_PATH=stack.env["QDRANT_PATH"], QDRANT_URL=""):
         close_vector_store()

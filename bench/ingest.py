@@ -38,6 +38,9 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from pydoc_data.topics import topics
+
+from fpdf import FPDF
 
 ROOT = Path(__file__).resolve().parent.parent
 LEFT_OUT = (
@@ -53,13 +56,29 @@ if __name__ == "__main__":
     bootstrap("ingest", capacity=True, offline=True)
 
 import httpx  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from rest_framework.authtoken.models import Token  # noqa: E402
+
+from bench.chat import (  # noqa: E402
+    THROTTLES_NOTE,
+    EventReader,
+    Process,
+    _up,
+    free_port,
+    percentile,
+    procfile_worker,
+    wait_until,
+)
+from tests.factories import (  # noqa: E402
+    AgentFactory,
+    ChatSessionFactory,
+    ProjectFactory,
+    UserFactory,
+)
 
 
 def make_pdf(pages: int, tag: str) -> bytes:
-    from pydoc_data.topics import topics
-
-    from fpdf import FPDF
-
     text = " ".join(" ".join(topics[t].split()) for t in sorted(topics))
     pdf = FPDF()
     pdf.set_font("Helvetica", size=10)
@@ -75,29 +94,12 @@ def load() -> str:
 
 
 def main() -> None:
-    from bench.chat import (
-        THROTTLES_NOTE,
-        EventReader,
-        Process,
-        _up,
-        free_port,
-        percentile,
-        procfile_worker,
-        wait_until,
-    )
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--pages", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--asks", type=int, default=10)
     options = parser.parse_args()
     logging.getLogger("httpx").setLevel(logging.WARNING)
-
-    from django.conf import settings
-    from django.core.management import call_command
-    from rest_framework.authtoken.models import Token
-
-    from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
 
     var = Path(settings.VAR_DIR)
     shutil.rmtree(var / "qdrant", ignore_errors=True)

@@ -92,6 +92,7 @@ def setup(stack: Stack, projects: int, messages: int, seed: int) -> list[tuple[s
         CELERY_BROKER_URL=stack.redis_url,
         DJANGO_SETTINGS_MODULE=stack.settings_module,
     )
+    # Django and the apps load only now: the stack's database and Redis are known here
     import django
 
     django.setup()

@@ -43,20 +43,26 @@ if __name__ == "__main__":
 
     bootstrap("quota")
 
+from django.conf import settings  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+
+import chat.services as services  # noqa: E402
+from chat.models import Run  # noqa: E402
+from governance.models import Quota  # noqa: E402
+from governance.usage import usage_meter_start, usage_record, usage_run_ended  # noqa: E402
+from tests.factories import (  # noqa: E402
+    AgentFactory,
+    ChatSessionFactory,
+    ProjectFactory,
+    UserFactory,
+)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--messages", type=int, default=300, help="per round and variant")
     parser.add_argument("--rounds", type=int, default=3)
     options = parser.parse_args()
-
-    from django.conf import settings
-    from django.core.management import call_command
-
-    import chat.services as services
-    from governance.models import Quota
-    from governance.usage import usage_meter_start, usage_record, usage_run_ended
-    from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
 
     call_command("migrate", verbosity=0)
     user = UserFactory(username=f"bench-{uuid.uuid4().hex[:12]}")
@@ -86,8 +92,6 @@ def main() -> None:
     messages = [{"role": "system", "content": "You help."}, {"role": "user", "content": "Hi"}]
 
     def run_hooks(answer) -> float:
-        from chat.models import Run
-
         run = Run.objects.only("id", "agent_id", "created_at").get(message_id=answer.id)
         ids = {"run_id": run.id, "project_id": project.id, "user_id": user.id}
         t0 = time.perf_counter()

@@ -69,6 +69,12 @@ if __name__ == "__main__":
     )
 
 import httpx  # noqa: E402
+from celery import current_app  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from django.db import connection  # noqa: E402
+from django.utils import timezone  # noqa: E402
+from rest_framework.authtoken.models import Token  # noqa: E402
 
 from bench.chat import (  # noqa: E402
     EventReader,
@@ -78,16 +84,20 @@ from bench.chat import (  # noqa: E402
     procfile_worker,
     wait_until,
 )
+from chat.models import ChatSession, Message  # noqa: E402
+from lifecycle.models import RetentionReport  # noqa: E402
+from tests.factories import (  # noqa: E402
+    AgentFactory,
+    ChatSessionFactory,
+    ProjectFactory,
+    UserFactory,
+)
 
 MESSAGES_PER_SESSION = 1000
 
 
 def copy_messages(project, agent, n: int) -> None:
     """n messages in n/1000 sessions of `project`, all 400 days old, by COPY."""
-    from django.db import connection
-    from django.utils import timezone
-
-    from chat.models import ChatSession
 
     when = timezone.now() - timedelta(days=400)
     sessions = [
@@ -120,15 +130,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     options = parser.parse_args()
     logging.getLogger("httpx").setLevel(logging.WARNING)
-
-    from celery import current_app
-    from django.conf import settings
-    from django.core.management import call_command
-    from rest_framework.authtoken.models import Token
-
-    from chat.models import Message
-    from lifecycle.models import RetentionReport
-    from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
 
     call_command("migrate", verbosity=0)
     owner_a, owner_b = UserFactory(username="tenant-a"), UserFactory(username="tenant-b")

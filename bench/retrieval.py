@@ -47,9 +47,28 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from pydoc_data.topics import topics
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
+    import django
+
+    django.setup()
+
+import numpy as np  # noqa: E402
+from django.conf import settings  # noqa: E402
+
+from context.chunking import chunk_text, point_id  # noqa: E402
+from context.embeddings import get_embedder  # noqa: E402
+from context.sparse import terms  # noqa: E402
+from context.vectorstore import (  # noqa: E402
+    ContextPoint,
+    TenantScope,
+    close_vector_store,
+    get_vector_store,
+)
 
 LEFT_OUT = (
     "Left out: the worker hop a search takes in production (web -> Celery -> worker -> "
@@ -63,10 +82,6 @@ EXACT_QUESTIONS = 80
 
 
 def load_corpus():
-    from pydoc_data.topics import topics
-
-    from context.chunking import chunk_text
-
     chunks: list[tuple[str, str]] = []  # (topic, text)
     for topic in sorted(topics):
         for piece in chunk_text(topics[topic]):
@@ -76,7 +91,6 @@ def load_corpus():
 
 def make_questions(chunks):
     """(kind, question, set of relevant chunk indexes), deterministically."""
-    from context.sparse import terms
 
     questions = []
     by_topic: dict[str, set[int]] = {}
@@ -123,12 +137,6 @@ def make_questions(chunks):
 
 
 def build(folder: Path, chunks, cache: str | None = None):
-    from django.conf import settings
-
-    from context.chunking import point_id
-    from context.embeddings import get_embedder
-    from context.vectorstore import ContextPoint, TenantScope, close_vector_store, get_vector_store
-
     settings.QDRANT_PATH, settings.QDRANT_URL, settings.VECTOR_LAYOUT = str(folder), "", "shared"
     close_vector_store()
     embedder = get_embedder()
@@ -174,11 +182,6 @@ def recall(store, embedder, scope, questions, qvectors):
 
 
 def speed(folder: Path, chunks, vectors, qs, qvectors, *, total, agents, searches, rounds):
-    import numpy as np
-    from django.conf import settings
-
-    from context.vectorstore import ContextPoint, TenantScope, close_vector_store, get_vector_store
-
     close_vector_store()
     settings.QDRANT_PATH = str(folder / "speed")
     store = get_vector_store()
@@ -246,10 +249,6 @@ def main() -> None:
         "--cache", default=None, help="a folder keeping the chunks' embeddings between runs"
     )
     args = parser.parse_args()
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
-    import django
-
-    django.setup()
     folder = Path(args.dir or tempfile.mkdtemp(prefix="bench-retrieval-"))
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -297,8 +296,6 @@ def main() -> None:
         print(f"load after: {load()}")
         print(LEFT_OUT)
     finally:
-        from context.vectorstore import close_vector_store
-
         close_vector_store()
         if not args.dir:
             shutil.rmtree(folder, ignore_errors=True)

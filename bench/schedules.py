@@ -37,7 +37,15 @@ if __name__ == "__main__":
 
     bootstrap("schedules")
 
+from django.contrib.auth import get_user_model  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+
+from agents.models import Agent  # noqa: E402
+from automation.models import ScheduleFire  # noqa: E402
+from automation.schedules import schedule_create  # noqa: E402
 from bench.harness import procfile  # noqa: E402
+from chat.models import Message, Run  # noqa: E402
+from projects.models import Project  # noqa: E402
 
 
 def start(name: str, log_dir: Path) -> subprocess.Popen:
@@ -70,15 +78,6 @@ def main() -> None:
     parser.add_argument("--down", default="3,6", help="beat stopped from,to (minutes after T)")
     args = parser.parse_args()
     down_from, down_to = (int(x) for x in args.down.split(","))
-
-    from django.contrib.auth import get_user_model
-    from django.core.management import call_command
-
-    from agents.models import Agent
-    from automation.models import ScheduleFire
-    from automation.schedules import schedule_create
-    from chat.models import Message, Run
-    from projects.models import Project
 
     call_command("migrate", verbosity=0)
     user, _ = get_user_model().objects.get_or_create(username="sched-bench")

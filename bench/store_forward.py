@@ -31,14 +31,19 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# The apps' modules are imported inside the functions that use them: Django is set up by
-# bootstrap() at the end of this file, after the module has loaded.
+if __name__ == "__main__":
+    sys.path[:0] = [str(ROOT)]
+    from bench.harness import bootstrap
+
+    bootstrap("store-forward", offline=True)
+
+from common.redis import get_redis  # noqa: E402
+from context.vectorstore import TenantScope  # noqa: E402
+
 WORDS = "cat rack invoice office server month paid sleeps wiki page river stone lamp".split()
 
 
 def _scope(n: int):
-    from context.vectorstore import TenantScope
-
     return TenantScope.agent(user_id=1, project_id=uuid.UUID(int=1), agent_id=uuid.UUID(int=n + 1))
 
 
@@ -55,6 +60,7 @@ def _text(rng: random.Random) -> str:
 def child(role: str, agents: int, points: int) -> None:
     """A process of the bench: answers `search MODE N SEED` and `upsert N SEED` with its
     latencies in ms (one JSON line each), until `quit`."""
+    # in the child processes only (--role): the parent never opens the store
     from context.embeddings import get_embedder
     from context.qdrant_store import VectorStore
     from context.vectorstore import ContextPoint, get_vector_store
@@ -126,7 +132,6 @@ def main() -> None:
     folder = Path(os.environ["VAR_DIR"]) / "qdrant"
     shutil.rmtree(folder, ignore_errors=True)
     env = dict(os.environ, QDRANT_PATH=str(folder))
-    from common.redis import get_redis
 
     get_redis().flushdb()
     base = [
@@ -178,8 +183,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path[:0] = [str(ROOT)]
-    from bench.harness import bootstrap
-
-    bootstrap("store-forward", offline=True)
     main()

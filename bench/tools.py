@@ -55,6 +55,20 @@ if __name__ == "__main__":
         AGENT_CALL_MAX_FANOUT="1000000",
     )
 
+from django.core.management import call_command  # noqa: E402
+
+from chat.calls import agent_call  # noqa: E402
+from chat.models import Message, Run  # noqa: E402
+from llm.providers import ChatRequest, OfflineProvider  # noqa: E402
+from tests.factories import (  # noqa: E402
+    AgentFactory,
+    ChatSessionFactory,
+    ProjectFactory,
+    UserFactory,
+)
+from tests.workers import shared_pool_worker  # noqa: E402
+from tools.runner import ToolScope, ToolSpec, tool_execute  # noqa: E402
+
 
 class Echo(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -97,15 +111,6 @@ def main() -> None:
     opts = parser.parse_args()
     for name in ("httpx", "celery", "kombu", "workspaces"):
         logging.getLogger(name).setLevel(logging.WARNING)
-
-    from django.core.management import call_command
-
-    from chat.calls import agent_call
-    from chat.models import Message, Run
-    from llm.providers import ChatRequest, OfflineProvider
-    from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
-    from tests.workers import shared_pool_worker
-    from tools.runner import ToolScope, ToolSpec, tool_execute
 
     call_command("migrate", verbosity=0)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Echo)

@@ -54,6 +54,7 @@ import contextlib
 import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
@@ -65,6 +66,9 @@ import psycopg
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
+
+from tests.runtime.otlp_receiver import OtlpReceiver  # noqa: E402
+
 PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
 
 SETUP = r"""
@@ -87,8 +91,6 @@ IN_FLIGHT = 8
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -318,8 +320,6 @@ def main() -> None:
     parser.add_argument("--db-pool", type=int, default=3, help="DB_POOL_MAX_SIZE")
     parser.add_argument("--main-root", default="/tmp/uws-h27b-main")
     options = parser.parse_args()
-
-    from tests.runtime.otlp_receiver import OtlpReceiver
 
     main_commit = ensure_main(Path(options.main_root))
     receivers = []

@@ -36,9 +36,14 @@ import sys
 import time
 from pathlib import Path
 
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
+from common import tracing  # noqa: E402
 from tests.runtime.otlp_receiver import OtlpReceiver  # noqa: E402
 
 
@@ -115,12 +120,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--spans-per-message", type=float, default=11.0)
     options = parser.parse_args()
-
-    from opentelemetry import propagate, trace
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
-
-    from common import tracing
 
     receiver = OtlpReceiver().start()
     for key in [k for k in os.environ if k.startswith("OTEL_")]:

@@ -45,6 +45,8 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
+import psycopg
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DB = "postgres://postgres@127.0.0.1:5432/uws_bench_vectors"
 DIM, POINTS, AGENTS_PER_PROJECT, MODEL = 384, 20, 10, "bench/random-384"
@@ -86,8 +88,6 @@ def _admin_dsn(url: str) -> tuple[str, str]:
 
 
 def database(url: str, *, create: bool) -> None:
-    import psycopg
-
     admin, name = _admin_dsn(url)
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -105,6 +105,18 @@ if __name__ == "__main__":
     bootstrap("vectors", QDRANT_URL="")
 
 import numpy as np  # noqa: E402
+from django.conf import settings  # noqa: E402
+from django.contrib.auth import get_user_model  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from django.test import Client  # noqa: E402
+
+from common.redis import get_redis  # noqa: E402
+from context.chunking import point_id  # noqa: E402
+from context.qdrant_store import open_store  # noqa: E402
+from context.vectorstore import ContextPoint, TenantScope  # noqa: E402
+from projects.models import Project  # noqa: E402
+from workspaces import registry  # noqa: E402
+from workspaces.redis import scoped  # noqa: E402
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -127,8 +139,6 @@ class Tenants:
     """N agents in projects of 10; users own 10 projects each."""
 
     def __init__(self, n: int, rng: np.random.Generator) -> None:
-        from context.vectorstore import TenantScope
-
         self.projects: list[tuple[int, uuid.UUID]] = []
         self.agents = []
         for i in range(n):
@@ -141,9 +151,6 @@ class Tenants:
 
 
 def context_points(scope, rng: np.random.Generator) -> list:
-    from context.chunking import point_id
-    from context.vectorstore import ContextPoint
-
     vectors = rng.standard_normal((POINTS, DIM), dtype=np.float32)
     return [
         ContextPoint(
@@ -156,11 +163,6 @@ def context_points(scope, rng: np.random.Generator) -> list:
 
 
 def bench_layout(layout: str, n: int, folder: Path, *, rounds: int, searches: int) -> dict:
-    from django.conf import settings
-
-    from context.qdrant_store import open_store
-    from context.vectorstore import TenantScope
-
     settings.QDRANT_PATH = str(folder)
     rng = np.random.default_rng(n)
     tenants = Tenants(n, rng)
@@ -227,14 +229,6 @@ def bench_layout(layout: str, n: int, folder: Path, *, rounds: int, searches: in
 
 
 def bench_health(n: int, *, rounds: int, requests: int) -> dict:
-    from django.contrib.auth import get_user_model
-    from django.test import Client
-
-    from common.redis import get_redis
-    from projects.models import Project
-    from workspaces import registry
-    from workspaces.redis import scoped
-
     get_redis().flushdb()
     owner = get_user_model().objects.create_user("bench-owner", password="x")
     staff = get_user_model().objects.create_user("bench-staff", password="x", is_staff=True)
@@ -276,7 +270,6 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where the stores are built (a temp dir)")
     args = parser.parse_args()
     sizes = [int(x) for x in args.agents.split(",")]
-    from django.core.management import call_command
 
     call_command("migrate", verbosity=0)
     base = Path(tempfile.mkdtemp(prefix="uws-bench-vectors-", dir=args.dir))

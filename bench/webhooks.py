@@ -53,6 +53,7 @@ import sys
 import threading
 import time
 import uuid
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -218,6 +219,7 @@ def one(
     label: str, runs: int, with_dead: bool, user, worker_pids: list[int], rate: float,
     dump: Path | None,
 ) -> dict:  # fmt: skip
+    # not at the top: the --serve process runs without Django
     from django.db import connections, transaction
 
     from agents.models import Agent
@@ -312,6 +314,7 @@ def one(
 
 def deliveries_add(endpoints: list, count: int, **fields) -> None:
     """`count` deliveries spread over `endpoints`, 10,000 an INSERT."""
+    # not at the top: the --serve process runs without Django
     from automation.models import WebhookDelivery
 
     for first in range(0, count, 10_000):
@@ -328,8 +331,8 @@ def backlog_make(user, rows: int) -> None:
     """Once per database: a project of 3 dead endpoints (backed off) holding `rows`
     pending deliveries, all past due (what a day of a dead receiver leaves), and one live
     endpoint with `rows` delivered ones (its history) and 50 due (for --claim-plan)."""
-    from datetime import timedelta
 
+    # not at the top: the --serve process runs without Django
     from django.utils import timezone
 
     from automation.models import WebhookEndpoint
@@ -357,6 +360,7 @@ def claim_plan(user, rows: int) -> None:
     """EXPLAIN ANALYZE of a drain's claim (automation.delivery.claimable) of 50 deliveries
     of the backlog's live endpoint. The database is not migrated first: the plan before an
     index change is `manage.py migrate automation <earlier migration>` away."""
+    # not at the top: the --serve process runs without Django
     from django.db import connection, transaction
     from django.utils import timezone
 
@@ -401,6 +405,7 @@ def main() -> None:
     parser.add_argument("--dump", type=Path, help="a folder for each measurement's times")
     args = parser.parse_args()
 
+    # not at the top: the --serve process runs without Django
     from django.conf import settings
     from django.contrib.auth import get_user_model
     from django.core.management import call_command

@@ -37,6 +37,8 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
+import psycopg
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DB = "postgres://postgres@127.0.0.1:5432/uws_bench_workspaces"
 
@@ -47,8 +49,6 @@ def _admin_dsn(url: str) -> tuple[str, str]:
 
 
 def create_database(url: str) -> None:
-    import psycopg
-
     admin, name = _admin_dsn(url)
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -56,8 +56,6 @@ def create_database(url: str) -> None:
 
 
 def drop_database(url: str) -> None:
-    import psycopg
-
     admin, name = _admin_dsn(url)
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -73,8 +71,30 @@ if __name__ == "__main__":
     bootstrap("workspaces", QDRANT_URL="", QDRANT_PATH=tempfile.mkdtemp(prefix="uws-bench-qdrant-"))
 
 from celery import shared_task  # noqa: E402
+from celery.contrib.testing.worker import start_worker  # noqa: E402
+from django.contrib.auth import get_user_model  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from django.db import connection, connections  # noqa: E402
 
-from agentbus import AgentBusTask, publish  # noqa: E402
+from agentbus import AgentBusTask, publish, queue_depth  # noqa: E402
+from agentbus.active import active_queues  # noqa: E402
+from agentbus.queues import MAINTENANCE_QUEUE, project_queue  # noqa: E402
+from agents.models import Agent  # noqa: E402
+from common.redis import get_redis  # noqa: E402
+from config.celery_app import app  # noqa: E402
+from context.embeddings import get_embedder  # noqa: E402
+from context.vectorstore import (  # noqa: E402
+    ContextPoint,
+    TenantScope,
+    close_vector_store,
+    get_vector_store,
+)
+from projects.models import Project  # noqa: E402
+from projects.services import project_delete  # noqa: E402
+from workspaces import registry  # noqa: E402
+from workspaces.manager import get_worker_space, get_worker_space_manager  # noqa: E402
+from workspaces.models import WorkspaceTeardown  # noqa: E402
+from workspaces.redis import workspace_prefix  # noqa: E402
 
 
 @shared_task(base=AgentBusTask, bind=True, name="bench.workspaces.noop")
@@ -88,9 +108,6 @@ def pct(samples: list[float], q: float) -> float:
 
 
 def make_project(owner, *, agents: int = 10):
-    from agents.models import Agent
-    from projects.models import Project
-
     project = Project.objects.create(owner=owner, name=f"bench {time.perf_counter_ns()}")
     Agent.objects.bulk_create(
         Agent(project=project, name=f"agent-{i}", system_prompt="You help.", model="offline")
@@ -105,8 +122,6 @@ def spread(rounds: list[dict], key: str) -> str:
 
 
 def bench_cached(owner, n: int) -> dict:
-    from workspaces.manager import get_worker_space
-
     project = make_project(owner)
     get_worker_space(user_id=owner.pk, project_id=project.id)
     project_id, user_id = project.id, owner.pk
@@ -120,8 +135,6 @@ def bench_cached(owner, n: int) -> dict:
 
 
 def bench_cold(owner, n: int) -> dict:
-    from workspaces.manager import get_worker_space
-
     projects = [make_project(owner) for _ in range(n + 5)]
     for project in projects[:5]:  # warm connections and code paths
         get_worker_space(user_id=owner.pk, project_id=project.id)
@@ -135,8 +148,6 @@ def bench_cold(owner, n: int) -> dict:
 
 
 def bench_memory(owner, n: int) -> dict:
-    from workspaces.manager import get_worker_space, get_worker_space_manager
-
     projects = [make_project(owner, agents=10) for _ in range(n)]
     manager = get_worker_space_manager()
     for project in projects:
@@ -157,21 +168,6 @@ def bench_memory(owner, n: int) -> dict:
 
 
 def bench_teardown(owner, rounds: int) -> list[dict]:
-    from celery.contrib.testing.worker import start_worker
-
-    from agentbus import queue_depth
-    from agentbus.active import active_queues
-    from agentbus.queues import MAINTENANCE_QUEUE, project_queue
-    from common.redis import get_redis
-    from config.celery_app import app
-    from context.embeddings import get_embedder
-    from context.vectorstore import ContextPoint, TenantScope, get_vector_store
-    from projects.services import project_delete
-    from workspaces import registry
-    from workspaces.manager import get_worker_space
-    from workspaces.models import WorkspaceTeardown
-    from workspaces.redis import workspace_prefix
-
     store, client = get_vector_store(), get_redis()
     results = []
     # A dedicated worker on the maintenance queue only: the project queues stay as they
@@ -250,11 +246,6 @@ def main() -> int:
     args = parser.parse_args()
 
     db_url = os.environ["DATABASE_URL"]
-    from django.contrib.auth import get_user_model
-    from django.core.management import call_command
-    from django.db import connections
-
-    from common.redis import get_redis
 
     get_redis().flushdb()
     try:
@@ -267,16 +258,12 @@ def main() -> int:
             memory.append(bench_memory(owner, args.memory))
         teardowns = bench_teardown(owner, args.teardowns)
     finally:
-        from context.vectorstore import close_vector_store
-
         close_vector_store()
         shutil.rmtree(os.environ["QDRANT_PATH"], ignore_errors=True)
         get_redis().flushdb()
         connections.close_all()
         if db_url.startswith("postgres"):
             drop_database(db_url)
-
-    from django.db import connection
 
     print()
     print(

@@ -37,31 +37,33 @@ LAYERS = [
 ]
 RANK = {app: i for i, apps in enumerate(LAYERS) for app in apps}
 
-
-def main() -> None:
-    tmp = tempfile.mkdtemp(prefix="message-path-")
+if __name__ == "__main__":
+    TMP = tempfile.mkdtemp(prefix="message-path-")
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.local")
-    os.environ["DATABASE_URL"] = f"sqlite:///{tmp}/db.sqlite3"
-    os.environ["QDRANT_PATH"] = f"{tmp}/qdrant"
+    os.environ["DATABASE_URL"] = f"sqlite:///{TMP}/db.sqlite3"
+    os.environ["QDRANT_PATH"] = f"{TMP}/qdrant"
     os.environ["OPENAI_BASE_URL"] = os.environ["OPENAI_API_KEY"] = ""
     # Django and the apps are imported only now: their settings read the variables above.
     import django
 
     django.setup()
-    from django.conf import settings
-    from django.core.management import call_command
-    from django.db import transaction
-    from rest_framework.test import APIClient
 
-    settings.QDRANT_PATH, settings.QDRANT_URL = f"{tmp}/qdrant", ""
+from django.conf import settings  # noqa: E402
+from django.contrib.auth.models import User  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+from django.db import transaction  # noqa: E402
+from rest_framework.test import APIClient  # noqa: E402
+
+from agents.models import Agent, Tool  # noqa: E402
+from chat.models import ChatSession, Run  # noqa: E402
+from chat.tasks import run_agent  # noqa: E402
+from common.redis import get_redis  # noqa: E402
+from projects.models import Project  # noqa: E402
+
+
+def main() -> None:
+    settings.QDRANT_PATH, settings.QDRANT_URL = f"{TMP}/qdrant", ""
     call_command("migrate", verbosity=0)
-    from django.contrib.auth.models import User
-
-    from agents.models import Agent, Tool
-    from chat.models import ChatSession, Run
-    from chat.tasks import run_agent
-    from common.redis import get_redis
-    from projects.models import Project
 
     get_redis().flushdb()
     user = User.objects.create_user("path", password="x")

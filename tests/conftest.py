@@ -12,8 +12,13 @@ from django.db import connection, connections
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from common.redis import get_redis
+from governance.quotas import KEY_NAMESPACE as QUOTA_NAMESPACE
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
 from tests.migrated_template import setup_test_database, teardown_test_database
+from tests.workers import shared_pool_worker, worker_processes
+from workspaces.manager import get_worker_space_manager
+from workspaces.redis import KEY_NAMESPACE
 
 # The files that take longest, longest first (each one's setup, calls and teardowns added
 # up, measured on a full run on two cores). With `--dist loadfile` each xdist process
@@ -104,8 +109,6 @@ def _flush_by_delete(django_db_setup):
 
 @pytest.fixture
 def redis_client():
-    from common.redis import get_redis
-
     return get_redis()
 
 
@@ -114,7 +117,6 @@ def _fresh_redis_database():
     """The run starts from an empty Redis database: queues or registry entries a previous
     (interrupted) run left behind must not meet this one. The suite owns REDIS_URL's
     database (.ci/run gives it db 15; `make test` without REDIS_URL a throwaway server)."""
-    from common.redis import get_redis
 
     get_redis().flushdb()
 
@@ -132,10 +134,6 @@ def _close_database_pools(django_db_setup, django_db_blocker):
 def _clean_workspace_keys():
     """Each test starts with no workspace state in Redis and none in this process, and
     no quota counters (ids may be reused: SQLite hands out a rolled-back id again)."""
-    from common.redis import get_redis
-    from governance.quotas import KEY_NAMESPACE as QUOTA_NAMESPACE
-    from workspaces.manager import get_worker_space_manager
-    from workspaces.redis import KEY_NAMESPACE
 
     client = get_redis()
     keys = list(client.scan_iter(match=f"{KEY_NAMESPACE}:*", count=1000))
@@ -198,7 +196,6 @@ def live_worker(transactional_db):
     shared pool does (the AgentBus bootstep: broadcasts plus the periodic reconcile), so
     tasks published through the AgentBus run for real. Yields the WorkController.
     """
-    from tests.workers import shared_pool_worker
 
     with shared_pool_worker() as worker:
         yield worker
@@ -207,7 +204,6 @@ def live_worker(transactional_db):
 @pytest.fixture
 def worker_process(tmp_path):
     """Real worker subprocesses (tests.workers.worker_processes), killed after the test."""
-    from tests.workers import worker_processes
 
     with worker_processes(tmp_path) as start:
         yield start

@@ -9,7 +9,9 @@ import pytest
 from agentbus import publish
 from agentbus.broker import AMQP_QUEUES_KEY, amqp_known_queues
 from common.redis import broker_redis
-from tests.workers import ROOT, wait_for, worker_status
+from config.celery_app import app
+from tests.rabbitmq import amqp_unavailable, amqp_vhost
+from tests.workers import ROOT, broker_at, wait_for, worker_status
 
 __all__ = ["ROOT", "send", "wait_for", "worker_status"]  # what the tests import from here
 
@@ -50,7 +52,6 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(scope="session")
 def _amqp_url():
     """A RabbitMQ vhost for this test run (tests.rabbitmq), or the reason there is none."""
-    from tests.rabbitmq import amqp_unavailable, amqp_vhost
 
     reason = amqp_unavailable()
     if reason:
@@ -71,8 +72,6 @@ def bus_broker(request, settings):
     url, reason = request.getfixturevalue("_amqp_url")
     if url is None:
         pytest.skip(reason)
-    from config.celery_app import app
-    from tests.workers import broker_at
 
     # broker_at first: it remembers the app's broker URL, which reads the settings'.
     with broker_at(url):

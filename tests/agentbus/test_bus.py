@@ -10,10 +10,11 @@ import uuid
 
 import pytest
 import redis
+from django.core.exceptions import ImproperlyConfigured
 from kombu import Connection, Consumer
 
 from agentbus import active, publish
-from agentbus.active import ACTIVE_KEY, RETIRED_KEY
+from agentbus.active import _RETIRE_IDLE, ACTIVE_KEY, RETIRED_KEY
 from agentbus.guard import TOMBSTONE_PREFIX, ProjectGone, project_gone, project_tombstone
 from agentbus.queues import (
     MAINTENANCE_QUEUE,
@@ -23,6 +24,7 @@ from agentbus.queues import (
     project_queue,
 )
 from agentbus.tasks import reap_idle_queues
+from agentbus.worker import check_visibility_timeout
 from common.redis import close_redis
 from config.celery_app import app
 from tests.agentbus import tasks
@@ -256,7 +258,6 @@ def test_a_publish_after_retirement_reactivates(project_id, redis_client):
 def test_retire_script_rechecks_length(project_id, redis_client):
     """The reaper lists candidates, then a message lands, then the script runs: the
     script's own LLEN keeps the queue."""
-    from agentbus.active import _RETIRE_IDLE
 
     queue = project_queue(project_id)
     active.mark_active(project_id)
@@ -310,10 +311,6 @@ def test_a_full_scan_finds_queues_the_active_set_lost_at_most_so_often(redis_cli
 
 
 def test_a_worker_refuses_a_visibility_timeout_shorter_than_the_longest_task(settings):
-    from django.core.exceptions import ImproperlyConfigured
-
-    from agentbus.worker import check_visibility_timeout
-
     check_visibility_timeout()  # the settings as they are: 3600 s > 600 s
     settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 300}
     with pytest.raises(ImproperlyConfigured, match="visibility_timeout"):

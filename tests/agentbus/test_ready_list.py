@@ -19,6 +19,7 @@ from agentbus.transport import Channel, Transport
 from config.celery_app import app
 from tests.agentbus import tasks
 from tests.agentbus.conftest import send, wait_for
+from tests.agentbus.test_shared_worker import followed
 
 
 class Recorder:
@@ -258,8 +259,6 @@ def test_a_restarted_redis_reloads_the_take(shared, redis_client):
 def test_a_worker_following_many_idle_queues_runs_a_busy_projects_tasks_promptly(
     live_worker, redis_client
 ):
-    from tests.agentbus.test_shared_worker import followed
-
     idle = [uuid.uuid4() for _ in range(1000)]
     for project in idle:
         active.mark_active(project)

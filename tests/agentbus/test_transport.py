@@ -16,8 +16,9 @@ from agentbus import transport
 from agentbus.guard import project_tombstone
 from agentbus.keys import BULK_SUFFIX
 from agentbus.queues import direct_queue, project_queue
-from agentbus.transport import Channel, Transport
+from agentbus.transport import CHECKED_HEADER, GONE_HEADER, Channel, Transport
 from config.celery_app import app
+from tests.agentbus import tasks
 from tests.redis_server import private_redis
 
 
@@ -292,7 +293,6 @@ def test_a_delivery_is_recorded_as_kombu_records_it_and_says_whether_the_project
 ):
     """QoS.append writes kombu's own unacked entries (compared with kombu's own method
     on the same message) and tells the task, in the same round trip, about its project."""
-    from agentbus.transport import CHECKED_HEADER, GONE_HEADER
 
     alive, gone = uuid.uuid4(), uuid.uuid4()
     project_tombstone(gone)
@@ -328,8 +328,6 @@ def test_a_delivery_is_recorded_as_kombu_records_it_and_says_whether_the_project
 
 
 def test_a_task_rechecks_a_stale_delivery_answer(project_id):
-    from tests.agentbus import tasks
-
     project_tombstone(project_id)
     task = tasks.record
     task.push_request(agentbus_gone=False, agentbus_checked_at=time.time())

@@ -1,7 +1,7 @@
 import pytest
 
 from agents.models import Agent
-from tests.factories import AgentFactory
+from tests.factories import AgentFactory, ProjectFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -42,8 +42,6 @@ def test_names_are_unique_within_a_project_only(api, project, user):
     assert response.status_code == 409 and "name" in response.json()
     assert response.json()["code"] == "conflict"
     assert Agent.objects.filter(project=project).count() == 1
-
-    from tests.factories import ProjectFactory
 
     other = ProjectFactory(owner=user)
     assert api.post(agents_url(other), {"name": "writer"}, format="json").status_code == 201

@@ -8,6 +8,7 @@ touching the machine's shared server.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -156,8 +157,6 @@ def test_a_fast_restart_never_hands_out_a_dead_connection(postgres, web):
 
 
 async def _admit_all(gate: Admission, count: int, hold: float) -> list[bool]:
-    import asyncio
-
     async def one() -> bool:
         if not await gate.acquire():
             return False
@@ -169,8 +168,6 @@ async def _admit_all(gate: Admission, count: int, hold: float) -> list[bool]:
 
 
 def test_admission_queues_a_burst_and_refuses_past_its_bounds():
-    import asyncio
-
     # Two at once, room for four more waiting up to a second: 6 of 10 get in.
     admitted = asyncio.run(_admit_all(Admission(limit=2, queue=4, wait=1.0), 10, 0.05))
     assert admitted.count(True) == 6

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import pytest
 from django.test import Client
+from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+import projects.apis
 from projects.models import Project
 from tests.factories import ChatSessionFactory, ProjectFactory, UserFactory
 
@@ -104,8 +106,6 @@ def test_malformed_json_is_a_parse_error(api, debug):
 
 
 def test_a_server_error_is_json_500_without_details(api, monkeypatch, debug):
-    import projects.apis
-
     def explode(**kwargs):
         raise RuntimeError("secret internals")
 
@@ -144,8 +144,6 @@ def test_other_api_paths_without_the_slash_are_served_too(api, user, debug):
 
 
 def test_bearer_is_accepted_as_well_as_token(user):
-    from rest_framework.authtoken.models import Token
-
     key = Token.objects.create(user=user).key
     for scheme in ("Token", "Bearer", "bearer"):
         response = APIClient().get("/my/projects/", HTTP_AUTHORIZATION=f"{scheme} {key}")

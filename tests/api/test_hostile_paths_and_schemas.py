@@ -5,8 +5,10 @@ cannot delete its project."""
 from __future__ import annotations
 
 import pytest
+from django.core.exceptions import ValidationError
 
 from agents.models import ProjectSecret, Tool
+from agents.tool_validation import validate_parameters_schema
 from projects.models import Project
 from tests.governance.conftest import key_client
 
@@ -101,9 +103,6 @@ def test_a_schema_with_plain_definitions_is_accepted(api, agent):
 def test_the_validator_refuses_over_deep_schemas_the_admin_would_pass_it():
     """The API's parser already refuses bodies nested past 32 levels; the admin's form
     reaches the validator with any depth."""
-    from django.core.exceptions import ValidationError
-
-    from agents.tool_validation import validate_parameters_schema
 
     with pytest.raises(ValidationError, match="deeper"):
         validate_parameters_schema(_deep(40))

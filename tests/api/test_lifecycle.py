@@ -14,6 +14,7 @@ from agentbus import project_gone, project_tombstone
 from agents.models import Agent
 from chat.models import ChatSession
 from projects.models import Project
+from tests.conftest import _client_for
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
 from tests.redis_server import private_redis
 from tests.workers import broker_at, wait_for
@@ -124,8 +125,6 @@ def test_a_delete_racing_writers_never_answers_500(api, user, writer):
         stop = threading.Event()
 
         def write(url=url, body=body, codes=codes, stop=stop):
-            from tests.conftest import _client_for
-
             client = _client_for(user)
             i = 0
             while not stop.is_set() and i < 200:

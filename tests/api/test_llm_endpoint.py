@@ -9,7 +9,7 @@ import socket
 import pytest
 from rest_framework.test import APIClient
 
-from llm.providers import ChatRequest
+from llm.providers import ChatRequest, ProviderError
 from llm.selectors import llm_health
 from tests.factories import UserFactory
 from tests.runtime.openai_server import FakeOpenAI
@@ -28,6 +28,7 @@ def fake_llm(settings):
 
 
 def test_an_agent_without_a_model_asks_the_default_one(fake_llm, settings):
+    # openai (llm.openai_api) loads only in the tests that use it
     from llm.openai_api import OpenAIProvider, openai_client
 
     settings.LLM_DEFAULT_MODEL = "house-model"
@@ -79,8 +80,8 @@ def test_health_reports_the_llm_check(settings, fake_llm):
 
 
 def test_without_a_default_model_the_error_says_what_to_set(fake_llm, settings):
+    # openai (llm.openai_api) loads only in the tests that use it
     from llm.openai_api import OpenAIProvider, openai_client
-    from llm.providers import ProviderError
 
     settings.LLM_DEFAULT_MODEL = ""
     with pytest.raises(ProviderError, match="LLM_DEFAULT_MODEL"):

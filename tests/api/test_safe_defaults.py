@@ -12,6 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+from django.contrib.auth import get_user_model
+
+from tests.workers import database_url
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRETS = ("SECRET_KEY", "DEBUG", "PROVIDER_KEYS_FERNET_KEY", "PROVIDER_KEYS_FERNET_KEYS")
@@ -73,10 +76,6 @@ def test_no_procfile_process_creates_an_account():
 
 @pytest.mark.django_db(transaction=True)
 def test_the_banner_creates_no_user():
-    from django.contrib.auth import get_user_model
-
-    from tests.workers import database_url
-
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -6,7 +6,11 @@ from pathlib import Path
 import pytest
 from django.test import Client
 
+from chat.admin import MESSAGES_PER_PAGE
+from projects.models import Project
 from tests.factories import AgentFactory, ChatSessionFactory, MessageFactory, UserFactory
+from workspaces.manager import get_worker_space
+from workspaces.models import WorkspaceTeardown
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -127,8 +131,6 @@ def test_admin_links_and_counts_between_related_objects():
 
 @pytest.mark.django_db
 def test_the_session_page_shows_its_conversation_read_only_a_page_at_a_time():
-    from chat.admin import MESSAGES_PER_PAGE
-
     staff = UserFactory(is_staff=True, is_superuser=True)
     session = ChatSessionFactory(agent=AgentFactory())
     for i in range(MESSAGES_PER_PAGE + 5):
@@ -195,9 +197,6 @@ def test_production_settings_pass_the_deploy_check():
 
 @pytest.mark.django_db(transaction=True)
 def test_admin_delete_of_a_project_records_its_teardown():
-    from projects.models import Project
-    from workspaces.models import WorkspaceTeardown
-
     staff = UserFactory(is_staff=True, is_superuser=True)
     agent = AgentFactory()
     client = Client()
@@ -210,8 +209,6 @@ def test_admin_delete_of_a_project_records_its_teardown():
 
 @pytest.mark.django_db(transaction=True)
 def test_admin_edit_of_an_agent_reaches_the_workspace_cache(redis_client):
-    from workspaces.manager import get_worker_space
-
     staff = UserFactory(is_staff=True, is_superuser=True)
     agent = AgentFactory(name="before")
     project = agent.project

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 from django.conf import settings as django_settings
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
 
 from chat.models import Message
+from tests.factories import AgentFactory, ChatSessionFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -33,8 +36,6 @@ def test_messages_per_user_are_limited_and_the_refused_one_writes_nothing(api, s
 
 
 def test_messages_per_project_are_limited_across_its_sessions(api, project, rates):
-    from tests.factories import AgentFactory, ChatSessionFactory
-
     rates(messages_project="2/min")
     agent = AgentFactory(project=project)
     sessions = [ChatSessionFactory(agent=agent, project=project) for _ in range(3)]
@@ -50,7 +51,6 @@ def test_messages_per_project_are_limited_across_its_sessions(api, project, rate
 def test_a_request_refused_by_one_limit_takes_nothing_from_the_others(api, project, rates):
     """The user's and the project's limits are checked together: a message the user's
     limit refuses uses none of the project's."""
-    from tests.factories import AgentFactory, ChatSessionFactory
 
     rates(messages_user="2/min", messages_project="3/min")
     session = ChatSessionFactory(agent=AgentFactory(project=project), project=project)
@@ -89,8 +89,6 @@ def test_searches_are_limited(api, agent, rates, settings):
 
 def test_token_clients_are_not_asked_for_a_csrf_token(user, agent):
     """Every route behaves as DRF's views do for CSRF: a token client has no cookie."""
-    from rest_framework.authtoken.models import Token
-    from rest_framework.test import APIClient
 
     client = APIClient(enforce_csrf_checks=True)
     client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get_or_create(user=user)[0].key}")

@@ -10,7 +10,11 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from celery.contrib.testing.worker import start_worker
+from django.conf import settings
 
+from agentbus.queues import WEBHOOK_QUEUE
+from config.celery_app import app
 from tests.runtime.conftest import qdrant_path, runtime_settings  # noqa: F401
 
 
@@ -82,11 +86,6 @@ def receiver_factory(settings):
 @pytest.fixture
 def webhooks_worker(transactional_db):
     """A real worker on the webhooks queue (threads), dedicated as in the Procfile."""
-    from celery.contrib.testing.worker import start_worker
-    from django.conf import settings
-
-    from agentbus.queues import WEBHOOK_QUEUE
-    from config.celery_app import app
 
     app.conf.broker_transport = settings.AGENTBUS_WORKER_TRANSPORT or None
     try:

@@ -11,6 +11,7 @@ from django.db import connection
 from rest_framework.test import APIClient
 
 from chat.models import Message, Run
+from chat.state import run_end
 from projects.models import IdempotencyKey
 from tests.conftest import _client_for
 
@@ -95,8 +96,6 @@ def test_keys_are_per_user_and_project(api, other_api, session, other_user):
 
 
 def test_regenerate_and_context_jobs_take_the_key(api, session):
-    from chat.state import run_end
-
     api.post(_messages_url(session), {"content": "q"}, format="json")
     run = Run.objects.get(session=session)
     Run.objects.filter(id=run.id).update(status=Run.Status.RUNNING)

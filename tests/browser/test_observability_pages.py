@@ -9,9 +9,14 @@ import os
 from pathlib import Path
 
 import pytest
+from django.utils import timezone
 
+from chat.models import Run
+from governance.models import AuditEvent
+from observability.services import rollup_minutes
 from tests.browser.test_pages import CHROMIUM, LAUNCH_ARGS, site, sync_api  # noqa: F401
 from tests.factories import AgentFactory, ChatSessionFactory, UserFactory
+from tests.observability.test_admin_pages import make_run
 
 pytestmark = pytest.mark.slow
 
@@ -21,12 +26,6 @@ SHOTS = Path(os.environ.get("BROWSER_SCREENSHOTS", "/tmp/uws-observability-scree
 @pytest.fixture
 def world(site):  # noqa: F811
     """Rows first: the ORM refuses to run while Playwright's event loop does."""
-    from django.utils import timezone
-
-    from chat.models import Run
-    from governance.models import AuditEvent
-    from observability.services import rollup_minutes
-    from tests.observability.test_admin_pages import make_run
 
     UserFactory(username="operator", is_staff=True, is_superuser=True)
     session = ChatSessionFactory(

@@ -17,6 +17,7 @@ import pytest
 
 from tests.contract.live import LiveServer
 from tests.factories import AgentFactory, ChatSessionFactory, MessageFactory, UserFactory
+from workspaces.manager import get_worker_space
 
 pytestmark = pytest.mark.slow
 
@@ -105,7 +106,6 @@ def test_the_root_page_leads_everywhere(site, browser_page):
 def admin_world(site):
     """Everything in the database before the browser starts (the ORM refuses to run
     while Playwright's event loop does)."""
-    from workspaces.manager import get_worker_space
 
     UserFactory(username="operator", is_staff=True, is_superuser=True)
     session = ChatSessionFactory(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from rest_framework.authtoken.models import Token
 
+from context.vectorstore import close_vector_store
 from tests.contract.live import LiveServer
 from tests.factories import UserFactory
 
@@ -15,7 +16,6 @@ from tests.factories import UserFactory
 def contract_qdrant_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("contract-qdrant")
     yield str(path)
-    from context.vectorstore import close_vector_store
 
     close_vector_store()
 

@@ -12,17 +12,17 @@ import socket
 import threading
 import time
 
+import uvicorn
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+
+from common.asgi import StreamingAwareASGIHandler
+
 
 class LiveServer:
     """`static=True` also serves static files (admin, Swagger UI, ReDoc) from the apps, as
     `make run` does through WhiteNoise (whose folder of collected files is empty here)."""
 
     def __init__(self, *, static: bool = False) -> None:
-        import uvicorn
-        from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
-
-        from common.asgi import StreamingAwareASGIHandler
-
         handler = StreamingAwareASGIHandler()
         if static:
             handler = ASGIStaticFilesHandler(handler)

@@ -74,6 +74,7 @@ def test_a_generated_client_drives_the_whole_journey(
 ):
     user, _token = token_user
     uws = generate_client(f"{asgi_server.url}/api/schema/", tmp_path)
+    # the client's package exists only once generate_client() has written it
     from uws_client import models
     from uws_client.api.agents import agents_create, agents_retrieve
     from uws_client.api.authentication import auth_token_create

@@ -3,7 +3,9 @@ from __future__ import annotations
 import pytest
 from rest_framework.test import APIClient
 
+from chat.models import Message
 from tests.api.test_isolation import world  # noqa: F401  (a fixture)
+from tests.runtime.conftest import wait_until
 
 
 def key_client(raw_key: str) -> APIClient:
@@ -38,8 +40,6 @@ def messages_url(session) -> str:
 
 def wait_answered(message_id: int, timeout: float = 30):
     """The assistant message once it ended (done, error or cancelled)."""
-    from chat.models import Message
-    from tests.runtime.conftest import wait_until
 
     return wait_until(
         lambda: Message.objects.filter(id=message_id, status__in=Message.FINISHED).first(),

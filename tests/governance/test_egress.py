@@ -9,10 +9,14 @@ import socket
 
 import pytest
 
+from common import egress
+from common.egress import check_allowed_networks
 from tests.factories import AgentFactory, ChatSessionFactory
 from tests.governance.conftest import messages_url, wait_answered
 from tests.runtime.openai_server import FakeOpenAI
+from tests.runtime.test_mcp import McpServer
 from tools.http import ToolError, resolve_checked
+from tools.mcp import mcp_list
 
 CANARY = "sk-deployment-canary-5d1e9a7c"
 
@@ -124,8 +128,6 @@ def test_ipv6_forms_of_internal_addresses_are_refused(runtime_settings, host):
 
 
 def test_a_network_the_operator_opens_is_opened_for_its_purpose_only(runtime_settings):
-    from common import egress
-
     runtime_settings.EGRESS_ALLOW_NETWORKS = {"provider": ["10.0.0.0/8"]}
     assert egress.resolve_checked("10.1.2.3", 80, purpose=egress.PROVIDER) == "10.1.2.3"
     for purpose in (egress.TOOLS, egress.MCP):
@@ -157,9 +159,6 @@ def rebinding_dns(monkeypatch):
 
 @pytest.mark.slow
 def test_mcp_connections_are_pinned_to_the_checked_address(runtime_settings, rebinding_dns):
-    from tests.runtime.test_mcp import McpServer
-    from tools.mcp import mcp_list
-
     runtime_settings.EGRESS_ALLOW_NETWORKS = {}
     server = McpServer().start()
     try:
@@ -172,8 +171,6 @@ def test_mcp_connections_are_pinned_to_the_checked_address(runtime_settings, reb
 
 
 def test_a_malformed_network_fails_the_checks(runtime_settings):
-    from common.egress import check_allowed_networks
-
     runtime_settings.EGRESS_ALLOW_NETWORKS = {"provider": ["10.0.0.0/33"]}
     assert [e.id for e in check_allowed_networks()] == ["common.E001"]
     runtime_settings.EGRESS_ALLOW_NETWORKS = {"provider": ["10.0.0.0/8", "fd00::/8"]}

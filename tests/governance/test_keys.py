@@ -9,6 +9,7 @@ import pytest
 
 from governance.keys import key_hash
 from governance.models import ProjectApiKey
+from projects.models import Project
 from tests.api.test_isolation import ROUTES, _body, _fill, _snapshot
 from tests.governance.conftest import key_client
 
@@ -80,8 +81,6 @@ def test_a_key_lists_only_its_project_and_cannot_reach_beyond_it(
     world,
     make_key,
 ):
-    from projects.models import Project
-
     mine = Project.objects.get(id=world["mine"]["p"])
     raw, _ = make_key(mine, ["read", "write", "chat"])
     client = key_client(raw)
@@ -126,7 +125,6 @@ def test_isolation_matrix_with_a_key(world, make_key, redis_client):
     """Every route and method: other projects (another user's, or the same owner's
     second one) are 404 whatever the scope; on its own project, a key without the
     needed scope is a 403 and one with it gets through."""
-    from projects.models import Project
 
     mine = Project.objects.get(id=world["mine"]["p"])
     keys = {scope: make_key(mine, [scope], name=scope)[0] for scope in ("read", "write", "chat")}

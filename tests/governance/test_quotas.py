@@ -12,7 +12,9 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import pytest
+from django.db import connection
 from django.utils import timezone
+from rest_framework.test import APIClient
 
 from chat.models import Message, Run
 from common.redis import get_redis
@@ -21,6 +23,7 @@ from governance.quotas import quota_delete, quota_save
 from governance.usage import usage_meter_start, usage_record, usage_run_ended
 from tests.factories import AgentFactory, ChatSessionFactory, MessageFactory, ProjectFactory
 from tests.governance.conftest import messages_url, wait_answered
+from tests.redis_server import private_redis
 from tests.runtime.conftest import token_for
 
 
@@ -78,9 +81,6 @@ def test_concurrent_messages_racing_a_quota_overshoot_by_at_most_one_run(
     start = threading.Barrier(12)
 
     def send(_):
-        from django.db import connection
-        from rest_framework.test import APIClient
-
         client = APIClient()
         client.credentials(HTTP_AUTHORIZATION=f"Token {token}")
         start.wait()
@@ -240,7 +240,6 @@ def test_the_owner_reads_the_quotas_and_others_get_404(api, other_api, user, ses
 def test_with_redis_down_a_quota_refuses_with_503_and_writes_nothing(api, user, settings):
     """Checked against the database alone, parallel messages overshoot a quota: refused
     until Redis is back, rather than admitted past it."""
-    from tests.redis_server import private_redis
 
     with private_redis() as server:
         settings.REDIS_URL = settings.CELERY_BROKER_URL = server.url

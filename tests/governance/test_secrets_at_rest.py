@@ -8,6 +8,9 @@ import base64
 import importlib
 import io
 import json
+import os
+import subprocess
+import sys
 import types
 from urllib.parse import quote, quote_plus, urlencode
 
@@ -140,10 +143,6 @@ def test_the_scrubber_catches_escaped_echoes(echo):
 
 
 def test_a_worker_with_a_malformed_key_does_not_start():
-    import os
-    import subprocess
-    import sys
-
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings.test",

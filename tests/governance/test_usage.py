@@ -5,17 +5,21 @@ the usage endpoint that sums them per day, agent or model."""
 from __future__ import annotations
 
 import math
+import socket
 import uuid
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
+from django.test import Client
 from django.utils import timezone
 
 from chat.models import Run
-from governance.models import RunUsage
-from governance.usage import usage_record
-from tests.factories import AgentFactory, ChatSessionFactory
+from governance.models import EmbeddingUsage, Quota, RunUsage
+from governance.usage import embedding_usage_record, usage_meter_start, usage_record
+from tests.factories import AgentFactory, ChatSessionFactory, UserFactory
 from tests.governance.conftest import key_client, messages_url, wait_answered
+from tests.runtime.test_chat import add_context
 
 pytestmark = pytest.mark.slow
 
@@ -66,10 +70,6 @@ def test_the_offline_provider_is_estimated(live_worker, api, session):
 
 @pytest.mark.django_db
 def test_each_attempt_is_counted_once(session):
-    from types import SimpleNamespace
-
-    from governance.usage import usage_meter_start
-
     provider = SimpleNamespace(
         name="openai", usage=SimpleNamespace(prompt_tokens=10, completion_tokens=2)
     )
@@ -174,10 +174,6 @@ def test_usage_endpoint_rejects_bad_parameters(api, project, params, field):
 
 @pytest.mark.django_db
 def test_the_admin_totals_what_its_filters_select(project):
-    from django.test import Client
-
-    from tests.factories import UserFactory
-
     today = timezone.now().date()
     _usage(project.id, project.owner, uuid.uuid4(), today, "m1", 10)
     _usage(project.id, project.owner, uuid.uuid4(), today, "m2", 20, estimated=True)
@@ -190,10 +186,6 @@ def test_the_admin_totals_what_its_filters_select(project):
 
 
 def test_ingest_counts_its_embedding_tokens_once(live_worker, api, agent):
-    from governance.models import EmbeddingUsage
-    from governance.usage import embedding_usage_record
-    from tests.runtime.test_chat import add_context
-
     documents = ["Support is open Monday to Friday.", "Invoices are paid on the 5th."]
     job = add_context(api, agent, documents)
     (row,) = EmbeddingUsage.objects.filter(job_id=job["id"])
@@ -232,7 +224,6 @@ def test_ingest_counts_its_embedding_tokens_once(live_worker, api, agent):
 
 def _closed_port() -> int:
     """A loopback port nothing listens on (bound, then released)."""
-    import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -246,7 +237,6 @@ def test_a_run_that_never_reached_its_provider_costs_nothing(
     """Connection refused, or the endpoint refusing the request: no model ran, so the
     run has no usage row and its estimated tokens do not count against the quotas (a
     day's budget smaller than one estimate still admits the next message)."""
-    from governance.models import Quota
 
     Quota.objects.create(project=project, tokens_per_day=8)
     good_url = runtime_settings.OPENAI_BASE_URL

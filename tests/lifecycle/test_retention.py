@@ -8,6 +8,7 @@ import uuid
 from datetime import date, timedelta
 
 import pytest
+from celery import current_app
 from django.utils import timezone
 
 from chat import streams
@@ -187,8 +188,6 @@ def test_raw_usage_is_rolled_up_first_so_usage_and_quotas_stay_right(db, setting
 
 @pytest.mark.slow
 def test_beat_sends_the_sweep_to_a_worker(live_worker, settings):
-    from celery import current_app
-
     settings.RETENTION_SESSIONS_DAYS = 30
     project = ProjectFactory()
     session = ChatSessionFactory(agent=AgentFactory(project=project), project=project)

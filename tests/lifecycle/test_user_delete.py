@@ -15,6 +15,7 @@ from django.db import models
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from context.vectorstore import TenantScope, get_vector_store
 from governance.models import AuditEvent, Quota, UsageDaily
 from lifecycle.models import AccountErasure
 from tests.runtime.conftest import context_count, wait_for_event, wait_until
@@ -142,8 +143,6 @@ def redis_of(redis_client, user_id: int, project_ids: set[uuid.UUID]) -> list[st
 
 
 def vectors_of(user_id: int, project_ids: set[uuid.UUID]) -> list[str]:
-    from context.vectorstore import TenantScope, get_vector_store
-
     store = get_vector_store()
     hits = []
     for collection, scopes in store.contexts().items():

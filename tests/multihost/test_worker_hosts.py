@@ -19,9 +19,13 @@ from pathlib import Path
 
 import pytest
 import redis
+from django.conf import settings
 
+from agentbus import publish
+from common.redis import close_redis
+from tests.agentbus import tasks
 from tests.multihost.netbed import NetBed, unavailable
-from tests.workers import ROOT, wait_for
+from tests.workers import ROOT, broker_at, wait_for
 
 pytestmark = [pytest.mark.multihost, pytest.mark.slow]
 
@@ -99,12 +103,6 @@ def start_worker(bed, host: str, tmp_path: Path):
 
 def publish_tasks(bed, projects: list[uuid.UUID], count: int, tag: str) -> list[str]:
     """Publish through the bus from the test's own host (the web side's role)."""
-    from django.conf import settings
-
-    from agentbus import publish
-    from common.redis import close_redis
-    from tests.agentbus import tasks
-    from tests.workers import broker_at
 
     sent = []
     # broker_at first: it remembers the app's broker URL, which reads the settings' (set

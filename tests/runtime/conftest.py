@@ -10,21 +10,27 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
+import uvicorn
+from rest_framework.authtoken.models import Token
 
 from agentbus import transport
 from agentbus.queues import project_queue
+from chat.streams import stream_key
 from common.redis import broker_redis
+from context.vectorstore import ContextPoint, TenantScope, close_vector_store, get_vector_store
+from realtime.streamhub import close_hub
 from tests.runtime.openai_server import FakeOpenAI
+from workspaces.redis import workspace_prefix
 
 
 @pytest.fixture(scope="session")
 def qdrant_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("qdrant")
     yield str(path)
-    from context.vectorstore import close_vector_store
 
     close_vector_store()
 
@@ -52,8 +58,6 @@ def fake_openai(runtime_settings):
 
 def stream_events(redis_client, project, session_id) -> list[tuple[str, str, dict]]:
     """Every event of a session's stream as (id, type, data)."""
-    from chat.streams import stream_key
-    from workspaces.redis import workspace_prefix
 
     key = workspace_prefix(project.owner_id, project.id) + stream_key(session_id)
     return [
@@ -111,8 +115,8 @@ def queued_task_names(project_id) -> list[str]:
 
 class AsgiServer:
     def __init__(self) -> None:
-        import uvicorn
-
+        # config.asgi sets tracing and the middleware up from settings as it loads: at first
+        # use (the test's settings), not at collection
         from config.asgi import django_application as django_app
 
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -147,8 +151,6 @@ class AsgiServer:
 
     def stop(self) -> None:
         if self.loop is not None:
-            from realtime.streamhub import close_hub
-
             self.run(close_hub())
         self.server.should_exit = True
         self.thread.join(15)
@@ -163,14 +165,11 @@ def asgi(transactional_db):
 
 
 def token_for(user) -> str:
-    from rest_framework.authtoken.models import Token
-
     return Token.objects.get_or_create(user=user)[0].key
 
 
 def stored_agents(project) -> list[str]:
     """The logical collection names of the project's agents that hold vector context."""
-    from context.vectorstore import get_vector_store
 
     return sorted(
         scope.collection
@@ -181,8 +180,6 @@ def stored_agents(project) -> list[str]:
 
 
 def context_count(agent) -> int:
-    from context.vectorstore import TenantScope, get_vector_store
-
     return get_vector_store().count(
         TenantScope.agent(
             user_id=agent.project.owner_id, project_id=agent.project_id, agent_id=agent.id
@@ -192,9 +189,6 @@ def context_count(agent) -> int:
 
 def put_context(agent, *, dim: int = 8, user_id: int | None = None) -> None:
     """One point in the agent's context, written straight to the store (no worker)."""
-    import uuid
-
-    from context.vectorstore import ContextPoint, TenantScope, get_vector_store
 
     scope = TenantScope.agent(
         user_id=agent.project.owner_id if user_id is None else user_id,

@@ -10,14 +10,21 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from agents.models import Tool
+from chat import streams
+from chat.dispatch import runs_recover
 from chat.engine import chat_run
 from chat.lease import lease_keeper
 from chat.models import Message, Run
+from chat.state import run_end
+from chat.streams import stream_key
 from chat.tasks import run_agent
 from context.embeddings import get_embedder
+from context.vectors import context_search
 from context.vectorstore import TenantScope, get_vector_store, shared_collection_name
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
 from tests.runtime.conftest import queued_task_names, stream_events, wait_for_event, wait_until
+from workspaces.redis import scoped, workspace_prefix
 
 pytestmark = pytest.mark.slow
 
@@ -127,9 +134,6 @@ def test_a_run_whose_worker_died_mid_stream_starts_over_and_says_so(
     """A worker died while streaming: its lease runs out, the recovery pass dispatches the
     run again, and the new start tells the client (message.restarted) before its deltas,
     which begin again at offset 0."""
-    from chat import streams
-    from chat.dispatch import runs_recover
-    from workspaces.redis import scoped
 
     answer_id = post_message(api, session, "question")["assistant_message_id"]
     run = Run.objects.get(message_id=answer_id)
@@ -340,7 +344,6 @@ def test_regenerate_leaves_only_the_standing_exchange_in_memory(
 ):
     """The answer regenerate replaced is out of the conversation, and out of the agent's
     memory too: asked again, the nearest exchange is the one that stands."""
-    from context.vectors import context_search
 
     question = "Which colour is the sky over the office?"
     first = post_message(api, session, question)["assistant_message_id"]
@@ -372,7 +375,6 @@ def test_offline_answers_stay_readable_turn_after_turn(
     """Each offline answer quotes what the agent remembers, which holds its earlier
     offline answers: quoted whole, they nested one more level (and, through the search
     tool, one more layer of raw JSON) every turn."""
-    from agents.models import Tool
 
     if searches:
         Tool.objects.create(agent=session.agent, kind="builtin", name="search_context")
@@ -394,10 +396,6 @@ def test_an_end_whose_event_was_not_written_is_written_by_the_recovery_pass(
     a worker killed at that moment leaves the same): the run keeps a lease while its
     event is owed, and once the lease is out the recovery pass writes the event, once,
     so a live client is told how the answer ended."""
-    from chat.dispatch import runs_recover
-    from chat.state import run_end
-    from chat.streams import stream_key
-    from workspaces.redis import workspace_prefix
 
     settings.RUN_LEASE_SECONDS = 0.2
     answer_id = post_message(api, session, "question")["assistant_message_id"]

@@ -7,20 +7,28 @@ from __future__ import annotations
 
 import time
 import uuid
+from datetime import timedelta
 
 import pytest
+from celery.signals import task_failure
 from celery.worker import state as worker_state
+from django.utils import timezone
 
 from agentbus import MAINTENANCE_QUEUE
 from agents.models import Tool
 from chat import streams
 from chat.dispatch import runs_recover
+from chat.engine import AgentRunFailed, chat_run
+from chat.lease import lease_keeper
 from chat.models import Message, Run
+from common.redis import get_redis
+from context.vectorstore import TenantScope, get_vector_store
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
 from tests.redis_server import private_redis
-from tests.runtime.conftest import stream_events, wait_until
+from tests.runtime.conftest import stream_events, wait_for_event, wait_until
 from tests.runtime.tool_server import ToolServer
 from tests.workers import broker_at, wait_for
+from workspaces.models import WorkspaceTeardown
 from workspaces.redis import scoped
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -88,8 +96,6 @@ def completions(session) -> dict[int, int]:
 
 
 def _redis():
-    from common.redis import get_redis
-
     return get_redis()
 
 
@@ -283,12 +289,6 @@ def test_an_answer_cut_off_by_redis_is_answered_once_it_is_back(
 
 
 def test_a_run_that_keeps_losing_its_worker_ends_in_error(transactional_db, api, chat, settings):
-    from datetime import timedelta
-
-    from django.utils import timezone
-
-    from chat.engine import AgentRunFailed, chat_run
-
     answer_id = post(api, chat)
     run = Run.objects.get(message_id=answer_id)
     for _ in range(settings.RUN_MAX_STARTS):
@@ -333,15 +333,11 @@ def test_cancel_stops_provider_retries(live_worker, api, user, fake_openai, runt
 
 
 def _held_here(message_id) -> bool:
-    from chat.lease import lease_keeper
-
     run = Run.objects.get(message_id=message_id)
     return any(h.run_id == run.id for h in lease_keeper().held())
 
 
 def test_a_cancel_racing_the_answer_reports_what_happened(live_worker, api, chat):
-    from tests.runtime.conftest import wait_for_event
-
     url = f"/my/projects/{chat.project_id}/chat/{chat.id}/cancel/"
     for _ in range(8):
         answer_id = post(api, chat)
@@ -372,7 +368,6 @@ def test_a_failed_run_is_a_failed_task_and_a_problem_in_health(
     """One tenant's failed run is that project's problem: the deployment's health stays
     200 (a load balancer on it keeps every tenant online), names the project, and the
     project's own health route answers 503 while another project's answers 200."""
-    from celery.signals import task_failure
 
     failed = []
 
@@ -418,9 +413,6 @@ def test_a_failed_run_is_a_failed_task_and_a_problem_in_health(
 
 
 def test_deleting_a_project_stops_its_ingest_and_tears_down_in_seconds(live_worker, api, user):
-    from context.vectorstore import TenantScope, get_vector_store
-    from workspaces.models import WorkspaceTeardown
-
     project = ProjectFactory(owner=user)
     agent = AgentFactory(project=project)
     url = f"/my/projects/{project.id}/agents/{agent.id}/context/"

@@ -14,11 +14,13 @@ import pytest
 from fpdf import FPDF
 from pypdf import PdfReader, PdfWriter
 
+from agents.models import Tool
 from context.models import ContextDocument
-from tests.factories import AgentFactory
+from tests.factories import AgentFactory, ChatSessionFactory
 from tests.local_http import serve_in_thread
 from tests.runtime.conftest import context_count, wait_until
 from tests.runtime.test_context import context_url, search
+from tests.runtime.test_tools import ask, model_agent, of
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -216,10 +218,6 @@ def test_bad_input_is_4xx_and_writes_nothing(api, other_api, agent, redis_client
 
 
 def test_answers_cite_the_chunks_they_drew_on(live_worker, api, project, redis_client, fake_openai):
-    from agents.models import Tool
-    from tests.factories import ChatSessionFactory
-    from tests.runtime.test_tools import ask, model_agent, of
-
     agent = model_agent(project, top_k=2, search_mode="sparse")
     pdf = make_pdf(["Intro page.", "The refund code is RF-99341 for damaged goods."])
     assert finished(api, agent, upload(api, agent, "refunds.pdf", pdf))["status"] == "done"

@@ -89,6 +89,7 @@ def test_reindex_gives_old_collections_sparse_vectors(layout_store, runtime_sett
     who = scope(0)
     # A collection as the previous version made it: dense vectors only.
     if store.layout == "shared":
+        # the engines load only for the layout they serve (Qdrant Edge here)
         import qdrant_edge as e
 
         engine = store._shared()
@@ -101,6 +102,7 @@ def test_reindex_gives_old_collections_sparse_vectors(layout_store, runtime_sett
         engine._shards[SHARED] = shard
         store._ensured.add(SHARED)
     else:
+        # the engines load only for the layout they serve (qdrant-client here)
         from qdrant_client import models
 
         client = store._per_agent()._client
@@ -129,6 +131,7 @@ def test_reindex_gives_old_collections_sparse_vectors(layout_store, runtime_sett
 def test_interrupted_rebuild_resumes_from_the_side_copy(tmp_path):
     """qdrant-client (server, local mode): a rebuild stopped after the original was
     dropped finds every point in the side copy and finishes."""
+    # qdrant-client loads only in the tests that use it
     from qdrant_client import QdrantClient, models
 
     engine = _ClientEngine(QdrantClient(location=":memory:"), local=True)

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from agentbus.active import active_queues
+from context.vectors import collections_sweep
 from context.vectorstore import (
     TenantScope,
     close_vector_store,
@@ -21,6 +23,7 @@ from tests.runtime.conftest import (
     stored_agents,
     wait_until,
 )
+from workspaces.manager import get_worker_space
 from workspaces.redis import workspace_prefix
 from workspaces.signals import workspace_teardown
 
@@ -42,9 +45,6 @@ def test_collections_follow_agents_through_the_api(live_worker, api, project):
 
 
 def test_setting_up_a_workspace_does_not_make_its_queue_active(live_worker, project, agent):
-    from agentbus.active import active_queues
-    from workspaces.manager import get_worker_space
-
     get_worker_space(user_id=project.owner_id, project_id=project.id)
     assert active_queues() == []
     assert stored_agents(project) == []
@@ -100,8 +100,6 @@ def test_teardown_receiver_raises_while_the_store_is_unavailable(
 
 
 def test_sweep_removes_the_context_of_deleted_agents_only(transactional_db, project):
-    from context.vectors import collections_sweep
-
     kept, gone = AgentFactory(project=project), AgentFactory(project=project)
     put_context(kept)
     put_context(gone)

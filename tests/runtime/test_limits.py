@@ -5,12 +5,19 @@ calls get at most what is left of it."""
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import pytest
+from django.utils import timezone
 
+from agents.models import Tool
+from chat.dispatch import runs_recover
 from chat.models import Message, Run
+from context.embeddings import get_embedder
+from context.vectorstore import get_vector_store
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
 from tests.runtime.conftest import stream_events, wait_until
+from tests.runtime.tool_server import ToolServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -19,9 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 def _warm_embedder():
     """What a worker loads once (the bundled model, the store, the OpenAI client) is
     loaded before, not in the short limits' time."""
-    import llm.openai_api  # noqa: F401
-    from context.embeddings import get_embedder
-    from context.vectorstore import get_vector_store
+    import llm.openai_api  # noqa: F401  (here on purpose: the warm-up loads the OpenAI client)
 
     get_embedder().query("warm up")
     get_vector_store().open()
@@ -76,8 +81,6 @@ def test_a_tool_call_gets_only_what_is_left_of_the_run(
 ):
     """A tool whose own timeout (30 s) outlasts the run: the call is cut at the run's
     deadline, and the run ends in error at its limit instead of waiting it out."""
-    from agents.models import Tool
-    from tests.runtime.tool_server import ToolServer
 
     runtime_settings.TOOLS_ALLOW_PRIVATE_NETWORKS = True
     runtime_settings.RUN_TIME_LIMIT_SECONDS = 1.5
@@ -121,11 +124,6 @@ def test_a_tool_call_gets_only_what_is_left_of_the_run(
 def test_the_recovery_pass_keeps_its_own_time_limit(api, user, settings):
     """Celery's time limits do not bind the recovery pass in the thread pool: it stops
     between runs once its own budget is spent, and the next pass goes on."""
-    from datetime import timedelta
-
-    from django.utils import timezone
-
-    from chat.dispatch import runs_recover
 
     project = ProjectFactory(owner=user)
     agent = AgentFactory(project=project)

@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from agentbus import MAINTENANCE_QUEUE, URGENT_MAINTENANCE_QUEUE
 from chat.models import Message, Run
+from config.celery_app import app
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
 from tests.runtime.conftest import wait_until
 from tests.workers import ROOT
@@ -83,8 +84,6 @@ def test_the_recovery_pass_runs_while_every_run_slot_is_busy(
         status="running", lease_expires_at=timezone.now() - timedelta(seconds=1)
     )
     # (Its thread goes on streaming until its lease renewal sees the run taken back.)
-
-    from config.celery_app import app
 
     beat = settings.CELERY_BEAT_SCHEDULE["agents.recover_runs"]
     assert beat["options"]["queue"] == URGENT_MAINTENANCE_QUEUE

@@ -12,6 +12,7 @@ from django.utils import timezone
 from agentbus import MAINTENANCE_QUEUE
 from chat.models import Run
 from chat.suspend import runs_waiting_recover
+from config.celery_app import app
 from governance.audit import audit_purge
 from governance.models import AuditEvent
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
@@ -36,8 +37,6 @@ def old_audit_records(n: int) -> None:
 def test_the_audit_purge_on_a_worker_stops_at_its_budget_and_the_next_run_goes_on(
     worker_process,
 ):
-    from config.celery_app import app
-
     old_audit_records(35)
     # The Procfile's pool; a budget spent at once: one batch per run.
     worker = worker_process(

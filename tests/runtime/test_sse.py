@@ -10,9 +10,14 @@ import time
 
 import httpx
 import pytest
+from django.conf import settings
+from django.test import Client
 
 from chat import events as sse
+from chat import streams
 from chat.models import Message
+from chat.streams import stream_key
+from common.asgi import serves_long_lived
 from realtime import auth, streamhub
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
 from tests.runtime.conftest import (
@@ -22,6 +27,7 @@ from tests.runtime.conftest import (
     wait_for_event,
     wait_until,
 )
+from workspaces.redis import scoped, workspace_prefix
 
 pytestmark = pytest.mark.slow
 
@@ -100,9 +106,6 @@ def test_credentials_and_scope(asgi, user, other_user, session):
 
 
 def test_session_cookie_authenticates_too(asgi, user, session):
-    from django.conf import settings
-    from django.test import Client
-
     client = Client()
     client.force_login(user)
     cookie = client.cookies[settings.SESSION_COOKIE_NAME].value
@@ -177,9 +180,6 @@ def test_reconnecting_with_last_event_id_loses_and_repeats_nothing(
 
 
 def test_a_cursor_older_than_the_trimmed_stream_is_told_so(asgi, user, session, runtime_settings):
-    from chat import streams
-    from workspaces.redis import scoped
-
     runtime_settings.CHAT_STREAM_MAXLEN = 10
     redis = scoped(user.id, session.project_id)
     ids = [
@@ -304,8 +304,6 @@ def test_disconnects_leave_no_connections_or_generators_behind(asgi, user, sessi
 
 
 def test_only_the_event_stream_is_served_outside_the_request_thread_context(session):
-    from common.asgi import serves_long_lived
-
     def scope(path):
         return {"type": "http", "path": path, "root_path": ""}
 
@@ -344,8 +342,6 @@ def test_an_event_whose_notification_was_lost_arrives_by_the_safety_poll(
 ):
     """A writer's notification can be lost (the hub's pub/sub connection reconnecting):
     the hub reads every followed stream every SSE_SAFETY_POLL_SECONDS anyway."""
-    from chat.streams import stream_key
-    from workspaces.redis import workspace_prefix
 
     settings.SSE_SAFETY_POLL_SECONDS = 0.5
     key = workspace_prefix(user.pk, session.project_id) + stream_key(session.id)

@@ -5,7 +5,9 @@ tool calls is one trace, web and worker linked through the bus's message headers
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -19,7 +21,8 @@ from rest_framework.authtoken.models import Token
 
 from agentbus.queues import MAINTENANCE_QUEUE
 from chat.models import Run
-from common.tracing import disabled_instrumentations, tracing_enabled, tracing_wanted
+from common.logging import ContextFilter, JsonFormatter
+from common.tracing import disabled_instrumentations, log_context, tracing_enabled, tracing_wanted
 from tests.factories import AgentFactory, ChatSessionFactory
 from tests.runtime.conftest import wait_until
 from tests.runtime.otlp_receiver import OtlpReceiver
@@ -313,12 +316,6 @@ def test_a_ratio_sampler_decides_once_per_message_and_the_worker_follows(
 
 
 def test_log_lines_carry_the_work_ids_and_json_is_one_object_per_line():
-    import io
-    import logging
-
-    from common.logging import ContextFilter, JsonFormatter
-    from common.tracing import log_context
-
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.addFilter(ContextFilter())

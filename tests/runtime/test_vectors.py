@@ -11,6 +11,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from context import vector_moves
+from context.embeddings import get_embedder
 from context.qdrant_store import VectorStore, _ClientEngine, _Where
 from context.vectors import project_collections_drop
 from context.vectorstore import (
@@ -38,6 +39,7 @@ def layout_store(request, runtime_settings, tmp_path):
     runtime_settings.VECTOR_LAYOUT = "shared" if layout == "shared_client" else layout
     close_vector_store()
     if layout == "shared_client":
+        # qdrant-client loads only for its layout
         from qdrant_client import QdrantClient
 
         engine = _ClientEngine(QdrantClient(location=":memory:"), local=True)
@@ -260,8 +262,6 @@ def test_migrate_refuses_bad_input(layout_store):
 
 
 def test_reembed_moves_an_agents_context_to_the_new_model(layout_store):
-    from context.embeddings import get_embedder
-
     store, scopes = layout_store, tenants()
     old = [
         ContextPoint(str(uuid.uuid4()), vec(i), {"text": text, "kind": "document"})

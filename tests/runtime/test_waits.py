@@ -9,12 +9,16 @@ import time
 
 import httpx
 import pytest
+from django.conf import settings
 from django.db import connection
+from django.utils.module_loading import import_string
 
+from config.settings import base
 from context import waits
 from realtime import auth, replies, streamhub
-from tests.factories import AgentFactory, ProjectFactory, UserFactory
+from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
 from tests.runtime.conftest import threads_inside, token_for, wait_until
+from tests.workers import shared_pool_worker
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +97,6 @@ def test_a_flood_of_searches_is_turned_away_and_others_are_served(asgi, user, se
     """The flood arrives before any worker answers, so its searches are all in flight at
     once: the first SEARCH_INFLIGHT_PER_USER wait, the rest are turned away at once.
     Another user's searches are then served by the worker as usual."""
-    from tests.workers import shared_pool_worker
 
     settings.SEARCH_INFLIGHT_PER_USER = settings.SEARCH_INFLIGHT_PER_PROJECT = 4
     settings.CONTEXT_SEARCH_TIMEOUT_SECONDS = 15
@@ -128,10 +131,6 @@ def test_a_flood_of_searches_is_turned_away_and_others_are_served(asgi, user, se
 def test_every_middleware_can_run_async():
     """One sync-only middleware makes Django run the chain below it inside one blocking
     call on asgiref's single shared thread: every waiting request would queue there."""
-    from django.conf import settings
-    from django.utils.module_loading import import_string
-
-    from config.settings import base
 
     for path in {*base.MIDDLEWARE, *settings.MIDDLEWARE}:
         assert getattr(import_string(path), "async_capable", False), path
@@ -141,7 +140,6 @@ def test_another_users_search_and_stream_do_not_wait_behind_a_flood(asgi, user, 
     """No worker answers: user A's searches all wait out their timeout. User B's search
     fails at the same bound, counted from its own start, not after A's; B's event stream
     opens at once meanwhile (the chain is async from the ASGI entry to the response)."""
-    from tests.factories import ChatSessionFactory
 
     # Long enough that "behind even one of A's waits" (> 5.5 s) and "a busy machine"
     # (B's stream took 1.8 s at load 15) stay apart around the bound of timeout / 2.
@@ -195,7 +193,6 @@ def test_a_users_flood_waits_on_its_own_lane_and_past_its_bound_is_refused(
     shared pool, B would queue behind them. B's search (answered by the worker) and B's
     event stream open while A's are still held; A's requests past
     WEB_WAITING_PER_CREDENTIAL are refused with 429 and Retry-After before any step ran."""
-    from tests.factories import ChatSessionFactory
 
     settings.WEB_WAITING_SYNC_THREADS = 2
     settings.WEB_WAITING_PER_CREDENTIAL = 6

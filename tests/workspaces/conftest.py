@@ -14,6 +14,7 @@ import pytest
 from django.db import connection
 
 from common.redis import get_redis
+from context.vectorstore import close_vector_store
 from tests.factories import AgentFactory, ProjectFactory
 from workspaces.redis import workspace_prefix
 
@@ -108,7 +109,6 @@ def project_with_agents(user):
 @pytest.fixture
 def qdrant_path(tmp_path, settings):
     """Vector collections in a folder of this test's own (local mode)."""
-    from context.vectorstore import close_vector_store
 
     settings.QDRANT_URL = ""
     settings.QDRANT_PATH = str(tmp_path / "qdrant")

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from agents.models import Agent
 from agents.services import agent_create
-from tests.factories import ProjectFactory
+from tests.factories import AgentFactory, ProjectFactory
 from tests.workspaces.conftest import keys_under
 from workspaces.manager import get_worker_space
 
@@ -75,8 +76,6 @@ def test_agent_writes_the_cache_missed_are_healed_at_revalidation(project, setti
     """A write whose after-commit sync never reached Redis (Redis down at that moment, or
     a write that bypassed the services) is noticed by the next revalidation and synced
     from the database."""
-    from agents.models import Agent
-    from tests.factories import AgentFactory
 
     kept, renamed, dropped = (AgentFactory(project=project) for _ in range(3))
     space = get_worker_space(user_id=project.owner_id, project_id=project.id)

@@ -3,13 +3,16 @@ revalidation against the registry, failures, eviction and shutdown."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
 
 import pytest
+from celery.signals import worker_shutdown
 from redis.connection import AbstractConnection
 
+from agents.selectors import agent_config
 from tests.factories import AgentFactory, ProjectFactory
 from tests.workers import wait_for
 from tests.workspaces.conftest import keys_under, snapshot
@@ -18,6 +21,7 @@ from workspaces.exceptions import WorkspaceGone, WorkspaceUnavailable
 from workspaces.manager import get_worker_space, get_worker_space_manager
 from workspaces.redis import scoped
 from workspaces.registry import State
+from workspaces.space import UserWorkerSpace
 
 pytestmark = pytest.mark.django_db
 
@@ -95,7 +99,6 @@ def test_reset_elsewhere_reinitialises_here_after_revalidation(project_with_agen
     project, agents = project_with_agents
     space = get_worker_space(user_id=project.owner_id, project_id=project.id)
     # Another process's handle resets the shared workspace.
-    from workspaces.space import UserWorkerSpace
 
     UserWorkerSpace(user_id=project.owner_id, project_id=project.id).reset()
     assert entry_of(space).state is State.NOT_INITIALIZED
@@ -150,8 +153,6 @@ def test_cache_miss_loads_from_the_database_and_refills(project_with_agents):
 
 
 def test_add_agent_refuses_another_projects_agent(project_with_agents):
-    from agents.selectors import agent_config
-
     project, _ = project_with_agents
     space = get_worker_space(user_id=project.owner_id, project_id=project.id)
     foreign = AgentFactory()
@@ -233,7 +234,6 @@ def test_cleanup_all_releases_the_process_and_keeps_shared_state(project_with_ag
 def test_shutdown_waits_for_the_uses_in_flight(project_with_agents):
     """Initialized -> Shutdown (observable while a run still uses the workspace) ->
     Cleaned once it ends, or once the wait runs out."""
-    import threading
 
     project, _ = project_with_agents
     space = get_worker_space(user_id=project.owner_id, project_id=project.id)
@@ -279,10 +279,7 @@ def test_a_failing_revalidation_reports_unavailable_not_a_500(project_with_agent
 
 @pytest.mark.parametrize("how", ["asgi lifespan", "celery worker shutdown"])
 def test_shutdown_hooks_release_the_process_and_keep_shared_state(how, project_with_agents):
-    import asyncio
-
-    from celery.signals import worker_shutdown
-
+    # config.asgi sets tracing and the middleware up from settings as it loads: at first use
     from config.asgi import application
 
     project, _ = project_with_agents

@@ -17,6 +17,7 @@ from workspaces import registry
 from workspaces.exceptions import WorkspaceUnavailable
 from workspaces.manager import get_worker_space
 from workspaces.models import WorkspaceTeardown
+from workspaces.redis import scoped
 from workspaces.registry import State
 
 HEALTH, STATS = "/admin/workspaces/health", "/admin/workspaces/stats"
@@ -221,8 +222,6 @@ def test_admin_post_with_nothing_selected_changes_nothing(admin_client, user):
 
 @pytest.mark.django_db
 def test_health_summarises_and_pages_workspaces_problems_first(staff_api, user):
-    from workspaces.redis import scoped
-
     projects = sorted((ProjectFactory(owner=user) for _ in range(5)), key=lambda p: p.id.hex)
     for project in projects:
         get_worker_space(user_id=user.pk, project_id=project.id)

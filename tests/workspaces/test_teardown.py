@@ -8,6 +8,7 @@ import sys
 from datetime import timedelta
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from agentbus import active
@@ -168,8 +169,6 @@ def test_vector_store_failing_during_delete_then_recovering(api, user, two_proje
 
 
 def delete_behind_djangos_back(project) -> None:
-    from django.db import connection
-
     with connection.cursor() as cursor:
         for table, column in (
             (
