@@ -192,7 +192,6 @@ def queries_of(paths: dict[str, str]) -> dict[str, int]:
 def baseline_copy(ref: str, db: str) -> tuple[Path, str]:
     """`ref`'s code (a `git archive` copy) and a copy of the filled database with `ref`'s
     schema: the migrations this tree has beyond `ref`'s are unapplied on the copy."""
-
     code = Path(os.environ["VAR_DIR"]) / f"baseline-{ref.replace('/', '_')}"
     if code.exists():
         shutil.rmtree(code)

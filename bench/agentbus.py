@@ -204,7 +204,6 @@ def bus_broker_url() -> str:
 def point_app_at(url: str) -> None:
     """This process's publishing and control go to `url` (tests.workers.broker_at's
     resets, kept for the run)."""
-
     global _bus_url
     _bus_url = url
     os.environ["CELERY_BROKER_URL"] = url  # Celery reads it before its own settings
@@ -238,7 +237,6 @@ def remove_queues(projects: list[uuid.UUID]) -> None:
 def predeclare(projects: list[uuid.UUID]) -> float:
     """Declare the projects' RabbitMQ queues, as their first publishes would have (setup,
     pipelined); returns the seconds it took."""
-
     began = time.monotonic()
     with Connection(bus_broker_url()) as conn:
         channel = conn.channel()
@@ -274,7 +272,6 @@ def timed_task(project_id: uuid.UUID | None, timeout: float = 60) -> float:
 
 def activate(projects: list[uuid.UUID]) -> None:
     """Mark projects active as publishing would, in pipelines (setup, not measured)."""
-
     client = get_redis()
     now = time.time()
     for i in range(0, len(projects), 5000):
@@ -284,7 +281,6 @@ def activate(projects: list[uuid.UUID]) -> None:
 def worker_follows(n: int) -> bool:
     """Whether a shared worker answered that it follows n project queues (the status
     command of agentbus.worker)."""
-
     for reply in app.control.broadcast(STATUS_COMMAND, reply=True, timeout=0.5):
         for status in reply.values():
             if len(status.get("queues", [])) >= n:

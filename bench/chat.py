@@ -179,7 +179,6 @@ def main() -> None:
 
 def _round(options) -> dict[str, tuple[float, int]]:
     """One round on fresh services: {measure: (value, how many samples it summarises)}."""
-
     shutil.rmtree(Path(settings.VAR_DIR) / "qdrant", ignore_errors=True)
     user = UserFactory(username=f"bench-{uuid.uuid4().hex[:12]}")
     token = Token.objects.create(user=user).key

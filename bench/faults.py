@@ -345,7 +345,6 @@ def delete_race(opts, fake) -> dict:
 def vector_points(stack: Stack, user_id: int, doomed_ids, kept_id) -> tuple[int, int]:
     """Points left of the deleted projects, and points of the kept one (which shows the
     count can see points at all)."""
-
     with override_settings(QDRANT_PATH=stack.env["QDRANT_PATH"], QDRANT_URL=""):
         close_vector_store()
         store = get_vector_store()

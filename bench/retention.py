@@ -98,7 +98,6 @@ MESSAGES_PER_SESSION = 1000
 
 def copy_messages(project, agent, n: int) -> None:
     """n messages in n/1000 sessions of `project`, all 400 days old, by COPY."""
-
     when = timezone.now() - timedelta(days=400)
     sessions = [
         ChatSession(project=project, agent=agent, title=f"old {i}")

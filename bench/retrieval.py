@@ -91,7 +91,6 @@ def load_corpus():
 
 def make_questions(chunks):
     """(kind, question, set of relevant chunk indexes), deterministically."""
-
     questions = []
     by_topic: dict[str, set[int]] = {}
     for i, (topic, _) in enumerate(chunks):

@@ -117,7 +117,6 @@ def _fresh_redis_database():
     """The run starts from an empty Redis database: queues or registry entries a previous
     (interrupted) run left behind must not meet this one. The suite owns REDIS_URL's
     database (.ci/run gives it db 15; `make test` without REDIS_URL a throwaway server)."""
-
     get_redis().flushdb()
 
 
@@ -134,7 +133,6 @@ def _close_database_pools(django_db_setup, django_db_blocker):
 def _clean_workspace_keys():
     """Each test starts with no workspace state in Redis and none in this process, and
     no quota counters (ids may be reused: SQLite hands out a rolled-back id again)."""
-
     client = get_redis()
     keys = list(client.scan_iter(match=f"{KEY_NAMESPACE}:*", count=1000))
     keys += list(client.scan_iter(match=f"{QUOTA_NAMESPACE}:*", count=1000))
@@ -196,7 +194,6 @@ def live_worker(transactional_db):
     shared pool does (the AgentBus bootstep: broadcasts plus the periodic reconcile), so
     tasks published through the AgentBus run for real. Yields the WorkController.
     """
-
     with shared_pool_worker() as worker:
         yield worker
 
@@ -204,6 +201,5 @@ def live_worker(transactional_db):
 @pytest.fixture
 def worker_process(tmp_path):
     """Real worker subprocesses (tests.workers.worker_processes), killed after the test."""
-
     with worker_processes(tmp_path) as start:
         yield start

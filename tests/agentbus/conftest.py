@@ -52,7 +52,6 @@ def pytest_generate_tests(metafunc):
 @pytest.fixture(scope="session")
 def _amqp_url():
     """A RabbitMQ vhost for this test run (tests.rabbitmq), or the reason there is none."""
-
     reason = amqp_unavailable()
     if reason:
         yield None, reason

@@ -258,7 +258,6 @@ def test_a_publish_after_retirement_reactivates(project_id, redis_client):
 def test_retire_script_rechecks_length(project_id, redis_client):
     """The reaper lists candidates, then a message lands, then the script runs: the
     script's own LLEN keeps the queue."""
-
     queue = project_queue(project_id)
     active.mark_active(project_id)
     _age(redis_client, queue, 100)

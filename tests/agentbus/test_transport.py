@@ -293,7 +293,6 @@ def test_a_delivery_is_recorded_as_kombu_records_it_and_says_whether_the_project
 ):
     """QoS.append writes kombu's own unacked entries (compared with kombu's own method
     on the same message) and tells the task, in the same round trip, about its project."""
-
     alive, gone = uuid.uuid4(), uuid.uuid4()
     project_tombstone(gone)
     options = app.conf.broker_transport_options

@@ -103,7 +103,6 @@ def test_a_schema_with_plain_definitions_is_accepted(api, agent):
 def test_the_validator_refuses_over_deep_schemas_the_admin_would_pass_it():
     """The API's parser already refuses bodies nested past 32 levels; the admin's form
     reaches the validator with any depth."""
-
     with pytest.raises(ValidationError, match="deeper"):
         validate_parameters_schema(_deep(40))
     validate_parameters_schema(_deep(12))

@@ -104,7 +104,6 @@ def test_with_redis_stopped_a_quota_refuses_with_503_rather_than_overshoot(
     """Quotas cannot be checked atomically without Redis: a project with a quota is
     refused (503, Retry-After, nothing written) instead of admitting parallel messages
     past its limit; a project without one is not held up."""
-
     limited, free = ProjectFactory(owner=user), ProjectFactory(owner=user)
     Quota.objects.create(project=limited, messages_per_minute=5)
     sessions = {

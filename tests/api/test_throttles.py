@@ -51,7 +51,6 @@ def test_messages_per_project_are_limited_across_its_sessions(api, project, rate
 def test_a_request_refused_by_one_limit_takes_nothing_from_the_others(api, project, rates):
     """The user's and the project's limits are checked together: a message the user's
     limit refuses uses none of the project's."""
-
     rates(messages_user="2/min", messages_project="3/min")
     session = ChatSessionFactory(agent=AgentFactory(project=project), project=project)
     url = f"/my/projects/{project.id}/chat/{session.id}/messages/"
@@ -89,7 +88,6 @@ def test_searches_are_limited(api, agent, rates, settings):
 
 def test_token_clients_are_not_asked_for_a_csrf_token(user, agent):
     """Every route behaves as DRF's views do for CSRF: a token client has no cookie."""
-
     client = APIClient(enforce_csrf_checks=True)
     client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.get_or_create(user=user)[0].key}")
     url = f"/my/projects/{agent.project_id}/agents/{agent.id}/context/"

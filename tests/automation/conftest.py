@@ -86,7 +86,6 @@ def receiver_factory(settings):
 @pytest.fixture
 def webhooks_worker(transactional_db):
     """A real worker on the webhooks queue (threads), dedicated as in the Procfile."""
-
     app.conf.broker_transport = settings.AGENTBUS_WORKER_TRANSPORT or None
     try:
         with start_worker(

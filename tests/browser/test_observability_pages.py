@@ -26,7 +26,6 @@ SHOTS = Path(os.environ.get("BROWSER_SCREENSHOTS", "/tmp/uws-observability-scree
 @pytest.fixture
 def world(site):  # noqa: F811
     """Rows first: the ORM refuses to run while Playwright's event loop does."""
-
     UserFactory(username="operator", is_staff=True, is_superuser=True)
     session = ChatSessionFactory(
         agent=AgentFactory(

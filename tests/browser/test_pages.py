@@ -106,7 +106,6 @@ def test_the_root_page_leads_everywhere(site, browser_page):
 def admin_world(site):
     """Everything in the database before the browser starts (the ORM refuses to run
     while Playwright's event loop does)."""
-
     UserFactory(username="operator", is_staff=True, is_superuser=True)
     session = ChatSessionFactory(
         agent=AgentFactory(

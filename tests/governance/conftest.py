@@ -40,7 +40,6 @@ def messages_url(session) -> str:
 
 def wait_answered(message_id: int, timeout: float = 30):
     """The assistant message once it ended (done, error or cancelled)."""
-
     return wait_until(
         lambda: Message.objects.filter(id=message_id, status__in=Message.FINISHED).first(),
         timeout=timeout,

@@ -125,7 +125,6 @@ def test_isolation_matrix_with_a_key(world, make_key, redis_client):
     """Every route and method: other projects (another user's, or the same owner's
     second one) are 404 whatever the scope; on its own project, a key without the
     needed scope is a 403 and one with it gets through."""
-
     mine = Project.objects.get(id=world["mine"]["p"])
     keys = {scope: make_key(mine, [scope], name=scope)[0] for scope in ("read", "write", "chat")}
     full = make_key(mine, ["read", "write", "chat"], name="all")[0]

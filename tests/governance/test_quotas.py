@@ -240,7 +240,6 @@ def test_the_owner_reads_the_quotas_and_others_get_404(api, other_api, user, ses
 def test_with_redis_down_a_quota_refuses_with_503_and_writes_nothing(api, user, settings):
     """Checked against the database alone, parallel messages overshoot a quota: refused
     until Redis is back, rather than admitted past it."""
-
     with private_redis() as server:
         settings.REDIS_URL = settings.CELERY_BROKER_URL = server.url
         session = ChatSessionFactory(agent=AgentFactory(project=ProjectFactory(owner=user)))

@@ -224,7 +224,6 @@ def test_ingest_counts_its_embedding_tokens_once(live_worker, api, agent):
 
 def _closed_port() -> int:
     """A loopback port nothing listens on (bound, then released)."""
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -237,7 +236,6 @@ def test_a_run_that_never_reached_its_provider_costs_nothing(
     """Connection refused, or the endpoint refusing the request: no model ran, so the
     run has no usage row and its estimated tokens do not count against the quotas (a
     day's budget smaller than one estimate still admits the next message)."""
-
     Quota.objects.create(project=project, tokens_per_day=8)
     good_url = runtime_settings.OPENAI_BASE_URL
     if fault == "refused":

@@ -103,7 +103,6 @@ def start_worker(bed, host: str, tmp_path: Path):
 
 def publish_tasks(bed, projects: list[uuid.UUID], count: int, tag: str) -> list[str]:
     """Publish through the bus from the test's own host (the web side's role)."""
-
     sent = []
     # broker_at first: it remembers the app's broker URL, which reads the settings' (set
     # before it, the bed's URL was remembered and stayed the app's after the test).

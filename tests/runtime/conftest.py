@@ -58,7 +58,6 @@ def fake_openai(runtime_settings):
 
 def stream_events(redis_client, project, session_id) -> list[tuple[str, str, dict]]:
     """Every event of a session's stream as (id, type, data)."""
-
     key = workspace_prefix(project.owner_id, project.id) + stream_key(session_id)
     return [
         (eid, fields["type"], json.loads(fields["data"]))
@@ -170,7 +169,6 @@ def token_for(user) -> str:
 
 def stored_agents(project) -> list[str]:
     """The logical collection names of the project's agents that hold vector context."""
-
     return sorted(
         scope.collection
         for scopes in get_vector_store().contexts().values()
@@ -189,7 +187,6 @@ def context_count(agent) -> int:
 
 def put_context(agent, *, dim: int = 8, user_id: int | None = None) -> None:
     """One point in the agent's context, written straight to the store (no worker)."""
-
     scope = TenantScope.agent(
         user_id=agent.project.owner_id if user_id is None else user_id,
         project_id=agent.project_id,

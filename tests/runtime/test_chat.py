@@ -134,7 +134,6 @@ def test_a_run_whose_worker_died_mid_stream_starts_over_and_says_so(
     """A worker died while streaming: its lease runs out, the recovery pass dispatches the
     run again, and the new start tells the client (message.restarted) before its deltas,
     which begin again at offset 0."""
-
     answer_id = post_message(api, session, "question")["assistant_message_id"]
     run = Run.objects.get(message_id=answer_id)
     # What the dead worker left: the run claimed (lease long gone), half an answer out.
@@ -344,7 +343,6 @@ def test_regenerate_leaves_only_the_standing_exchange_in_memory(
 ):
     """The answer regenerate replaced is out of the conversation, and out of the agent's
     memory too: asked again, the nearest exchange is the one that stands."""
-
     question = "Which colour is the sky over the office?"
     first = post_message(api, session, question)["assistant_message_id"]
     _answered(redis_client, session, first)
@@ -375,7 +373,6 @@ def test_offline_answers_stay_readable_turn_after_turn(
     """Each offline answer quotes what the agent remembers, which holds its earlier
     offline answers: quoted whole, they nested one more level (and, through the search
     tool, one more layer of raw JSON) every turn."""
-
     if searches:
         Tool.objects.create(agent=session.agent, kind="builtin", name="search_context")
     answer = None
@@ -396,7 +393,6 @@ def test_an_end_whose_event_was_not_written_is_written_by_the_recovery_pass(
     a worker killed at that moment leaves the same): the run keeps a lease while its
     event is owed, and once the lease is out the recovery pass writes the event, once,
     so a live client is told how the answer ended."""
-
     settings.RUN_LEASE_SECONDS = 0.2
     answer_id = post_message(api, session, "question")["assistant_message_id"]
     run = Run.objects.select_related("session__project").get(message_id=answer_id)

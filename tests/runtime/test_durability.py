@@ -368,7 +368,6 @@ def test_a_failed_run_is_a_failed_task_and_a_problem_in_health(
     """One tenant's failed run is that project's problem: the deployment's health stays
     200 (a load balancer on it keeps every tenant online), names the project, and the
     project's own health route answers 503 while another project's answers 200."""
-
     failed = []
 
     def on_failure(sender=None, **kwargs):

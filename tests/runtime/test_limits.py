@@ -81,7 +81,6 @@ def test_a_tool_call_gets_only_what_is_left_of_the_run(
 ):
     """A tool whose own timeout (30 s) outlasts the run: the call is cut at the run's
     deadline, and the run ends in error at its limit instead of waiting it out."""
-
     runtime_settings.TOOLS_ALLOW_PRIVATE_NETWORKS = True
     runtime_settings.RUN_TIME_LIMIT_SECONDS = 1.5
     server = ToolServer().start()
@@ -124,7 +123,6 @@ def test_a_tool_call_gets_only_what_is_left_of_the_run(
 def test_the_recovery_pass_keeps_its_own_time_limit(api, user, settings):
     """Celery's time limits do not bind the recovery pass in the thread pool: it stops
     between runs once its own budget is spent, and the next pass goes on."""
-
     project = ProjectFactory(owner=user)
     agent = AgentFactory(project=project)
     answers = [post(api, ChatSessionFactory(agent=agent, project=project)) for _ in range(3)]

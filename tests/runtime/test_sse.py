@@ -342,7 +342,6 @@ def test_an_event_whose_notification_was_lost_arrives_by_the_safety_poll(
 ):
     """A writer's notification can be lost (the hub's pub/sub connection reconnecting):
     the hub reads every followed stream every SSE_SAFETY_POLL_SECONDS anyway."""
-
     settings.SSE_SAFETY_POLL_SECONDS = 0.5
     key = workspace_prefix(user.pk, session.project_id) + stream_key(session.id)
     headers = {"Authorization": f"Token {token_for(user)}"}

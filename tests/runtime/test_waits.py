@@ -97,7 +97,6 @@ def test_a_flood_of_searches_is_turned_away_and_others_are_served(asgi, user, se
     """The flood arrives before any worker answers, so its searches are all in flight at
     once: the first SEARCH_INFLIGHT_PER_USER wait, the rest are turned away at once.
     Another user's searches are then served by the worker as usual."""
-
     settings.SEARCH_INFLIGHT_PER_USER = settings.SEARCH_INFLIGHT_PER_PROJECT = 4
     settings.CONTEXT_SEARCH_TIMEOUT_SECONDS = 15
     flooder = AgentFactory(project=ProjectFactory(owner=user))
@@ -131,7 +130,6 @@ def test_a_flood_of_searches_is_turned_away_and_others_are_served(asgi, user, se
 def test_every_middleware_can_run_async():
     """One sync-only middleware makes Django run the chain below it inside one blocking
     call on asgiref's single shared thread: every waiting request would queue there."""
-
     for path in {*base.MIDDLEWARE, *settings.MIDDLEWARE}:
         assert getattr(import_string(path), "async_capable", False), path
 
@@ -193,7 +191,6 @@ def test_a_users_flood_waits_on_its_own_lane_and_past_its_bound_is_refused(
     shared pool, B would queue behind them. B's search (answered by the worker) and B's
     event stream open while A's are still held; A's requests past
     WEB_WAITING_PER_CREDENTIAL are refused with 429 and Retry-After before any step ran."""
-
     settings.WEB_WAITING_SYNC_THREADS = 2
     settings.WEB_WAITING_PER_CREDENTIAL = 6
     settings.SEARCH_INFLIGHT_PER_USER = settings.SEARCH_INFLIGHT_PER_PROJECT = 40

@@ -109,7 +109,6 @@ def project_with_agents(user):
 @pytest.fixture
 def qdrant_path(tmp_path, settings):
     """Vector collections in a folder of this test's own (local mode)."""
-
     settings.QDRANT_URL = ""
     settings.QDRANT_PATH = str(tmp_path / "qdrant")
     close_vector_store()

@@ -76,7 +76,6 @@ def test_agent_writes_the_cache_missed_are_healed_at_revalidation(project, setti
     """A write whose after-commit sync never reached Redis (Redis down at that moment, or
     a write that bypassed the services) is noticed by the next revalidation and synced
     from the database."""
-
     kept, renamed, dropped = (AgentFactory(project=project) for _ in range(3))
     space = get_worker_space(user_id=project.owner_id, project_id=project.id)
     assert space.agent_cache.ids() == {str(a.id) for a in (kept, renamed, dropped)}

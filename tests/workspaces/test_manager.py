@@ -234,7 +234,6 @@ def test_cleanup_all_releases_the_process_and_keeps_shared_state(project_with_ag
 def test_shutdown_waits_for_the_uses_in_flight(project_with_agents):
     """Initialized -> Shutdown (observable while a run still uses the workspace) ->
     Cleaned once it ends, or once the wait runs out."""
-
     project, _ = project_with_agents
     space = get_worker_space(user_id=project.owner_id, project_id=project.id)
     release = threading.Event()
