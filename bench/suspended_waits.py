@@ -89,7 +89,7 @@ def wait_until(predicate, timeout: float, what: str):
 def active_runs(name: str) -> list:
     """The run ids of the tasks the worker runs now, by its own account (remote control:
     `celery inspect active`)."""
-    replies = app.control.inspect(destination=[name], timeout=3).active() or {}
+    replies = app.control.inspect(destination=[name], timeout=3, limit=1).active() or {}
     if name not in replies:
         # A loaded machine: the reply came late. The sample is skipped (counted in
         # MISSED_SAMPLES), not the round.
@@ -134,7 +134,7 @@ def stack_worker_name() -> str:
 
 def _answers(name: str) -> bool:
     try:
-        return name in (app.control.inspect(destination=[name], timeout=1).ping() or {})
+        return name in (app.control.inspect(destination=[name], timeout=1, limit=1).ping() or {})
     except Exception:
         return False
 

@@ -70,7 +70,7 @@ def test_sigterm_finishes_short_tasks_and_gives_long_ones_back(worker_process, r
     project_id = uuid.uuid4()
     worker = shared_worker(worker_process, 2)
     # Prefetch 1 per process: the worker holds no more messages than it can run.
-    stats = app.control.inspect(destination=[worker.name], timeout=2).stats()
+    stats = app.control.inspect(destination=[worker.name], timeout=2, limit=1).stats()
     assert stats[worker.name]["prefetch_count"] == 2
     short = send(
         tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "short", "sleep": 1.0}

@@ -55,7 +55,9 @@ def test_a_new_project_is_followed_on_broadcast(no_periodic_reconcile, live_work
     # The task came through the ready list; the follow (for operators) comes just after.
     assert wait_for(lambda: followed(live_worker) == {queue}, timeout=5)
     # What Flower's Broker tab lists: the queues workers report through active_queues.
-    reply = app.control.inspect(destination=[live_worker.hostname], timeout=1).active_queues()
+    reply = app.control.inspect(
+        destination=[live_worker.hostname], timeout=1, limit=1
+    ).active_queues()
     reported = {q["name"]: q for q in reply[live_worker.hostname]}
     assert set(reported) == {MAINTENANCE_QUEUE, queue}
     assert reported[queue]["exchange"]["name"] == "" and reported[queue]["routing_key"] == queue

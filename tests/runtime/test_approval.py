@@ -230,9 +230,9 @@ def test_waiting_runs_hold_no_slot_and_resume_on_another_worker_process(
     wait_until(lambda: runs.filter(status="waiting").count() == 3, timeout=90, what="3 waiting")
 
     def active() -> list:
-        return (app.control.inspect(destination=[first.name], timeout=2).active() or {}).get(
-            first.name
-        )
+        return (
+            app.control.inspect(destination=[first.name], timeout=2, limit=1).active() or {}
+        ).get(first.name)
 
     assert wait_until(lambda: active() is not None and active() == [], what="no task active")
     first.kill_group()
