@@ -14,7 +14,8 @@ from django.utils import timezone
 from agentbus import active
 from agentbus.guard import ProjectGone, project_gone
 from agentbus.queues import MAINTENANCE_QUEUE, project_queue
-from common.redis import get_redis
+from agentbus.transport import unacked_key
+from common.redis import broker_redis, get_redis
 from context.vectorstore import (
     TenantScope,
     close_vector_store,
@@ -100,7 +101,15 @@ def two_projects(api, user, qdrant_path):
                 lambda p=project: sorted(collections_of(p)) == expected_collections(p),
                 timeout=60,
             ), collections_of(project)
-        assert wait_for(lambda: all(active.queue_depth(p.id) == 0 for p in (a, b)), timeout=60)
+        # Every message taken and acknowledged: the worker stops cold, and one it still
+        # held unacknowledged (a task finishing) would go back to its queue.
+        assert wait_for(
+            lambda: (
+                all(active.queue_depth(p.id) == 0 for p in (a, b))
+                and not broker_redis().hlen(unacked_key())
+            ),
+            timeout=60,
+        )
     return a, b
 
 
