@@ -70,12 +70,7 @@ from bench.chat import (  # noqa: E402
     procfile_worker,
     wait_until,
 )
-from tests.factories import (  # noqa: E402
-    AgentFactory,
-    ChatSessionFactory,
-    ProjectFactory,
-    UserFactory,
-)
+from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory  # noqa: E402
 
 
 def make_pdf(pages: int, tag: str) -> bytes:

@@ -86,12 +86,7 @@ from bench.chat import (  # noqa: E402
 )
 from chat.models import ChatSession, Message  # noqa: E402
 from lifecycle.models import RetentionReport  # noqa: E402
-from tests.factories import (  # noqa: E402
-    AgentFactory,
-    ChatSessionFactory,
-    ProjectFactory,
-    UserFactory,
-)
+from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory  # noqa: E402
 
 MESSAGES_PER_SESSION = 1000
 
