@@ -100,11 +100,16 @@ def shared_pool_worker(concurrency: int = 2) -> Iterator:
             yield worker
             # Stopping: the event loop sees the flag at its next turn, and closing the
             # channel reads the reply of the poll in flight. Waking that poll ends both
-            # now rather than after the BRPOP timeout (1 s, up to 2 s in all). (Best
-            # effort: a test may have left the worker without a consumer or broker.)
+            # now rather than after the BRPOP timeout (1 s, up to 2 s in all). On
+            # RabbitMQ the loop waits in epoll until its next timer (up to 10 s): a
+            # message to the worker's mailbox, on the connection it polls, wakes it.
+            # (Best effort: a test may have left the worker without a consumer or broker.)
             worker_state.should_terminate = 0
             with contextlib.suppress(Exception):
-                wake(worker.consumer.task_consumer.channel)
+                if uses_redis():
+                    wake(worker.consumer.task_consumer.channel)
+                else:
+                    app.control.broadcast("ping", destination=[worker.hostname], reply=False)
         # Celery's test worker stops cold: it does not join the threads running tasks. A
         # task a test left running (a run it posted last) would go on writing into the
         # next test's database flush: it gets a few seconds to end first.
