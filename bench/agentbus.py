@@ -73,6 +73,7 @@ from agentbus import AgentBusTask, publish  # noqa: E402
 from agentbus.active import STATUS_COMMAND, mark_active  # noqa: E402
 from agentbus.keys import ACTIVE_KEY  # noqa: E402
 from agentbus.queues import project_queue  # noqa: E402
+from bench.harness import wait_until  # noqa: E402
 from common.redis import get_redis  # noqa: E402
 from config.celery_app import app  # noqa: E402
 from tests.rabbitmq import amqp_unavailable, amqp_vhost  # noqa: E402
@@ -174,16 +175,6 @@ class Worker:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(30)
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.001)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 def fresh_db() -> None:

@@ -62,7 +62,7 @@ from django.conf import settings  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from rest_framework.authtoken.models import Token  # noqa: E402
 
-from bench.harness import THROTTLES_NOTE, free_port, procfile  # noqa: E402
+from bench.harness import THROTTLES_NOTE, free_port, procfile, wait_until  # noqa: E402
 from chat.models import Message  # noqa: E402
 from tests.factories import (  # noqa: E402
     AgentFactory,
@@ -98,16 +98,6 @@ class Process:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.005)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 class EventReader(threading.Thread):

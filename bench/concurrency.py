@@ -100,7 +100,7 @@ from django.db import connections  # noqa: E402
 from rest_framework.authtoken.models import Token  # noqa: E402
 
 from agents.models import Agent  # noqa: E402
-from bench.harness import THROTTLES_NOTE  # noqa: E402
+from bench.harness import THROTTLES_NOTE, wait_until  # noqa: E402
 from chat.models import ChatSession, Message, Run  # noqa: E402
 from chat.streams import stream_key  # noqa: E402
 from common.redis import get_redis  # noqa: E402
@@ -481,7 +481,13 @@ def many_streams(streams: int, *, users: int = 25, sessions: int = 500, processe
             state, said = conn.recv()
             if state != "open":
                 raise SystemExit(f"a stream did not open: {said}")
-        time.sleep(1)
+        # The hub follows every key (its pub/sub connection subscribed) before the event.
+        wait_until(
+            lambda: all(n for _, n in get_redis().pubsub_numsub(*keys)),
+            60,
+            "the hub to subscribe to every stream's key",
+            interval=0.05,
+        )
         cpu = web_cpu_seconds(stack)
         sent = time.monotonic()
         pipe = get_redis().pipeline(transaction=False)

@@ -94,6 +94,7 @@ from django.test import override_settings  # noqa: E402
 from agentbus import AgentBusTask, publish, transport  # noqa: E402
 from agentbus.keys import ACTIVE_KEY  # noqa: E402
 from agentbus.queues import project_queue  # noqa: E402
+from bench.harness import wait_until  # noqa: E402
 from common.redis import get_redis  # noqa: E402
 from llm.openai_api import OpenAIProvider, openai_client  # noqa: E402
 from llm.types import ChatRequest, ProviderError  # noqa: E402
@@ -226,16 +227,6 @@ def workers(count: int = 1, warm: bool = True, **kwargs):
     finally:
         for worker in started:
             worker.stop()
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.005)
-    raise SystemExit(f"timed out waiting for {what}")
 
 
 def fresh() -> None:

@@ -71,19 +71,10 @@ from bench.concurrency import (  # noqa: E402
     setup_user,
     spread,
 )
+from bench.harness import wait_until  # noqa: E402
 from chat.models import Message, Run  # noqa: E402
 from config.celery_app import app  # noqa: E402
 from tests.runtime.openai_server import FakeOpenAI  # noqa: E402
-
-
-def wait_until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise SystemExit(f"{what}: not within {timeout} s")
 
 
 def active_runs(name: str) -> list:
@@ -120,14 +111,14 @@ def worker_start(stack: Stack, env: dict[str, str] | None = None) -> str:
         "worker", "-m", "celery", "-A", "config", "worker", "--loglevel=WARNING",
         "-Q", "uws.maintenance", "-n", name, *PROCFILE_WORKER,
     )  # fmt: skip
-    wait_until(lambda: _answers(name), 60, "worker start")
+    wait_until(lambda: _answers(name), 60, "worker start", interval=0.1)
     return name
 
 
 def stack_worker_name() -> str:
     """The name of the one worker the Stack started (it names it at random)."""
     replies = wait_until(
-        lambda: app.control.inspect(timeout=2).ping() or None, 60, "the worker's ping"
+        lambda: app.control.inspect(timeout=2).ping() or None, 60, "the worker's ping", interval=0.1
     )
     return next(name for name in replies if name.startswith("bench-"))
 
@@ -188,9 +179,11 @@ def approval_round(n: int, *, approval: bool) -> dict:
         assert set(codes) == {202}, codes
         answers = answers_of(sessions)
         if not approval:
-            wait_until(lambda: statuses(answers).get("done") == n, 300, "all answered")
+            wait_until(
+                lambda: statuses(answers).get("done") == n, 300, "all answered", interval=0.1
+            )
             return {"answered_s": time.time() - started}
-        wait_until(lambda: statuses(answers).get("waiting") == n, 300, "all waiting")
+        wait_until(lambda: statuses(answers).get("waiting") == n, 300, "all waiting", interval=0.1)
         waiting_s = time.time() - started
         active = active_tasks(first)
         running = statuses(answers).get("running", 0)
@@ -203,7 +196,9 @@ def approval_round(n: int, *, approval: bool) -> dict:
         approved_at = time.time()
         codes = post_each(stack.url, token, approve, {})
         assert set(codes) == {202}, codes
-        wait_until(lambda: statuses(answers).get("done") == n, 300, "all approved runs done")
+        wait_until(
+            lambda: statuses(answers).get("done") == n, 300, "all approved runs done", interval=0.1
+        )
         resumed_s = time.time() - approved_at
         new_pid = stack.worker.pid  # `python -m celery`: the worker is this process
         assert new_pid != old_pid
@@ -274,7 +269,7 @@ def calls_round(n: int, latency: float, *, suspend: bool, call_timeout: float) -
             done = Run.objects.filter(message_id__in=answers, status__in=Run.FINISHED).count()
             return done == n
 
-        wait_until(finished, call_timeout * 3 + 300, "all callers ended")
+        wait_until(finished, call_timeout * 3 + 300, "all callers ended", interval=0.1)
         wall = (
             max(
                 Run.objects.filter(message_id__in=answers).values_list("finished_at", flat=True)
