@@ -32,8 +32,8 @@ rate limits.
    p99 of an ordinary API request meanwhile against the same with no stream open.
 4. 500 context searches at once from one user while the worker is busy: what the
    other users' requests get (any 5xx?) and what the flooding user gets.
-5. Chat messages per second end to end with the offline provider, and where the
-   worker's time goes (py-spy, the busiest functions).
+5. Chat messages per second end to end with the offline provider (with --profile, in
+   one more round, where the worker's time goes: py-spy, the busiest functions).
 6. --bursts (1,000 and 5,000) messages posted at once, one per session, LLM answer
    time --latency: the statuses (any 5xx but a 503 with Retry-After fails), whether a
    refused POST stored anything, when the last accepted message was answered, and the
@@ -44,13 +44,18 @@ rate limits.
    stopped (every search waits out its 5 s timeout): B's must end at its own timeout,
    not after A's. The in-flight search bounds are the service's (most of A's flood is
    refused with 429), or --flood-inflight (above --flood: all of A's searches wait).
-   With --profile the first round records where the web and worker processes' time
+   With --profile one more round records where the web and worker processes' time
    goes (py-spy).
 8. (Only when named: --only 8; it starts a PostgreSQL server of its own in a temporary
    folder, tests/private_postgres.py, and ignores DATABASE_URL.) Chat messages posted
    at 10/s for 20 s while PostgreSQL is killed for 8 s, then while it restarts fast;
    beat runs (the recovery pass), runs' leases are 6 s: 5xx other than 503, refusals
    without Retry-After, accepted messages not answered, finished runs without usage.
+
+A round with py-spy attached (--profile) is never among the figures: py-spy pauses the
+processes it samples. The POSTs of measures 1, 4, 5 and 6 go out through one client: a
+connection per POST, HTTP/1.1 with h11 (httpx's client, at 1,000 connections in one
+event loop, sent and read them seconds late).
 
 Not measured here: more than one web or worker process, a remote Redis or database,
 and a real LLM (its own latency is all the stub adds).
@@ -62,6 +67,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import json
 import multiprocessing
 import os
 import re
@@ -93,6 +99,7 @@ if __name__ == "__main__":
 
     bootstrap("concurrency", capacity=True, offline=True)
 
+import h11  # noqa: E402
 import httpx  # noqa: E402
 from django.contrib.auth import get_user_model  # noqa: E402
 from django.core.management import call_command  # noqa: E402
@@ -204,12 +211,61 @@ def project_with_sessions(user, *, sessions: int, model: str) -> tuple[Project, 
 
 async def post_all(url: str, token: str, paths: list[str], body: dict) -> list[int]:
     """POST to every path at once; returns the status codes."""
-    limits = httpx.Limits(max_connections=len(paths))
-    async with httpx.AsyncClient(headers={"Authorization": f"Token {token}"}, limits=limits) as c:
-        answers = await asyncio.gather(
-            *(c.post(url + p, json=body, timeout=60) for p in paths), return_exceptions=True
+    return [code for code, _ in await post_all_answers(url, token, paths, body)]
+
+
+async def post_all_answers(url: str, token: str, paths: list[str], body: dict) -> list:
+    """POST to every path at once, each on a connection of its own as separate clients
+    would; returns (status, Retry-After) of each (599: no answer in 120 s).
+
+    HTTP/1.1 through h11 straight on asyncio's sockets: httpx's client, at 1,000
+    connections in one event loop, spent so long on its own pool that it sent the last
+    POSTs and read the answers seconds late (the server's threads sat idle meanwhile), and
+    the bench measured its client. This one costs the loop one read per answer."""
+    port = int(url.rsplit(":", 1)[1])
+    data = json.dumps(body).encode()
+
+    async def post(path: str) -> tuple[int, str | None]:
+        client = h11.Connection(h11.CLIENT)
+        request = h11.Request(
+            method="POST",
+            target=path,
+            headers=[
+                ("Host", "127.0.0.1"),
+                ("Authorization", f"Token {token}"),
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(data))),
+                ("Connection", "close"),
+            ],
         )
-    return [a.status_code if isinstance(a, httpx.Response) else 599 for a in answers]
+        writer = None
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                client.send(request)
+                + client.send(h11.Data(data=data))
+                + client.send(h11.EndOfMessage())
+            )
+            while True:
+                event = client.next_event()
+                if event is h11.NEED_DATA:
+                    client.receive_data(await reader.read(65536))
+                elif isinstance(event, h11.Response):
+                    retry_after = dict(event.headers).get(b"retry-after")
+                    return event.status_code, retry_after and retry_after.decode()
+        except (OSError, h11.ProtocolError):
+            return 599, None
+        finally:
+            if writer is not None:
+                writer.close()
+
+    async def timed(path: str) -> tuple[int, str | None]:
+        try:
+            return await asyncio.wait_for(post(path), 120)
+        except TimeoutError:
+            return 599, None
+
+    return await asyncio.gather(*(timed(p) for p in paths))
 
 
 def wait_runs_done(message_ids: list[int], timeout: float) -> float:
@@ -672,22 +728,6 @@ def profile_top(raw: Path, n: int = 12, whole: bool = False) -> list[tuple[str, 
 # --- 6. a burst of messages: absorbed or refused cleanly ----------------------------------------
 
 
-async def post_all_answers(url: str, token: str, paths: list[str], body: dict) -> list:
-    """POST to every path at once; returns (status, Retry-After) of each."""
-    limits = httpx.Limits(max_connections=len(paths))
-    timeout = httpx.Timeout(120, connect=60, pool=120)
-    async with httpx.AsyncClient(headers={"Authorization": f"Token {token}"}, limits=limits) as c:
-        answers = await asyncio.gather(
-            *(c.post(url + p, json=body, timeout=timeout) for p in paths), return_exceptions=True
-        )
-    return [
-        (a.status_code, a.headers.get("Retry-After"))
-        if isinstance(a, httpx.Response)
-        else (599, None)
-        for a in answers
-    ]
-
-
 def web_cpu_seconds(stack: Stack) -> float:
     """User + system CPU time of the web process so far."""
     fields = Path(f"/proc/{stack.web.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -968,8 +1008,8 @@ def main() -> None:
     )
     parser.add_argument(
         "--profile", action="store_true",
-        help="7: where the web and worker processes' time goes during the first flood "
-        "(py-spy, which pauses them to sample: the round's timings are not comparable)",
+        help="5, 6, 7: where the processes' time goes (py-spy) in one more round of each, "
+        "left out of the figures (py-spy pauses the processes to sample them)",
     )  # fmt: skip
     parser.add_argument("--embedded", action="store_true", help="measure 1 on SQLite too")
     parser.add_argument(
@@ -1038,17 +1078,14 @@ def main() -> None:
                 ("  the flooding user got (status: count)", dict(sorted(r["flood"].items())), "")
             )
     if "5" in only:
-        rates, top = [], []
-        for i in range(opts.rounds):
-            rate, profile = throughput(opts.messages, profile=i == 0)
-            rates.append(rate)
-            top = top or profile
+        rates = [throughput(opts.messages, profile=False)[0] for _ in range(opts.rounds)]
+        top = throughput(opts.messages, profile=True)[1] if opts.profile else []
         row("chat messages per second, offline provider, one worker process", rates, "{:.1f}")
     web_top: list = []
     flood_top: dict = {}
     if "6" in only:
         for size in (int(n) for n in opts.bursts.split(",")):
-            results = [burst(size, opts.latency, profile=i == 0) for i in range(opts.rounds)]
+            results = [burst(size, opts.latency) for _ in range(opts.rounds)]
             fives = [
                 sum(n for c, n in r["codes"].items() if c >= 500 and c != 503) for r in results
             ]
@@ -1066,15 +1103,18 @@ def main() -> None:
                 goal="<= 10" if size <= 1000 else "")  # fmt: skip
             cpu = [r["cpu_ms_per_accepted"] for r in results]
             row("  web CPU per accepted chat POST (ms)", cpu, "{:.1f}", "<= 8")
-            web_top = web_top or results[0]["profile"]
+            if opts.profile and not web_top:
+                web_top = burst(size, opts.latency, profile=True)["profile"]
     if "7" in only:
         ms = "{:.0f}"
         up = [
-            tenant_isolation(
-                opts.flood, True, inflight=opts.flood_inflight, profile=opts.profile and i == 0
-            )
-            for i in range(opts.rounds)
+            tenant_isolation(opts.flood, True, inflight=opts.flood_inflight)
+            for _ in range(opts.rounds)
         ]
+        if opts.profile:
+            flood_top = tenant_isolation(
+                opts.flood, True, inflight=opts.flood_inflight, profile=True
+            )["profile"]
         row("user B's search p99 alone, worker up (ms)", [r["b_idle_p99"] * 1e3 for r in up], ms)
         row(f"  while user A floods {opts.flood} searches (ms)", [r["b_p99"] * 1e3 for r in up], ms)
         row("  ratio", [r["b_p99"] / r["b_idle_p99"] for r in up], goal="<= 2x")
@@ -1085,7 +1125,6 @@ def main() -> None:
             tenant_isolation(opts.flood, False, inflight=opts.flood_inflight)
             for _ in range(opts.rounds)
         ]
-        flood_top = up[0]["profile"]
         row(
             "no worker: B's slowest search (s)", [r["b_max"] for r in down], goal="~5 (its timeout)"
         )
@@ -1118,17 +1157,20 @@ def main() -> None:
     for name, value, goal in rows:
         print(f"| {name} | {value} | {goal} |")
     if web_top:
-        print("\nWhere the web process's time goes during the first burst (py-spy, innermost")
-        print("frame of ours, else of Django/DRF/uvicorn; waits left out):\n")
+        print("\nWhere the web process's time goes during a burst (a round of its own, not in")
+        print("the figures; py-spy, innermost frame of ours, else of Django/DRF/uvicorn; waits")
+        print("left out):\n")
         for name, share in web_top:
             print(f"- {share:.1f}% {name}")
     for name, shares in flood_top.items():
-        print(f"\nWhere the {name} process's time goes during A's flood (py-spy, as above):\n")
+        print(f"\nWhere the {name} process's time goes during A's flood (a round of its own, as")
+        print("above):\n")
         for frame, share in shares:
             print(f"- {share:.1f}% {frame}")
     if "5" in only and top:
         print(
-            "\nWhere the worker's time goes (py-spy, share of the busy samples, innermost frame):\n"
+            "\nWhere the worker's time goes (a round of its own, not in the figures; py-spy, share"
+            "\nof the busy samples, innermost frame):\n"
         )
         for name, share in top:
             print(f"- {share:.1f}% {name}")
