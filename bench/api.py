@@ -5,7 +5,7 @@ starts it.
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/<existing db> \\
     REDIS_URL=redis://127.0.0.1:6379/13 .venv/bin/python bench/api.py [--rounds 3]
 
-Each round starts one uvicorn per configuration (pool on: DB_POOL_MAX_SIZE=10; off:
+Each round starts one uvicorn per configuration (pool on: DB_WEB_POOL_MAX_SIZE=10; off:
 DB_POOL_MAX_SIZE=0, a new PostgreSQL connection per request) and sends
 `GET /my/projects/{id}/` with token authentication from an asyncio client holding
 --concurrency requests in flight for --seconds. CPU is the server process's user+system
@@ -60,7 +60,12 @@ class Web:
 
     def __init__(self, pool: bool):
         self.port = free_port()
-        env = dict(os.environ, DB_POOL_MAX_SIZE="10" if pool else "0", LOG_LEVEL="WARNING")
+        env = dict(
+            os.environ,
+            DB_POOL_MAX_SIZE="10" if pool else "0",
+            DB_WEB_POOL_MAX_SIZE="10",
+            LOG_LEVEL="WARNING",
+        )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "config.asgi:application", "--host", "127.0.0.1",
              "--port", str(self.port), "--lifespan", "on", "--no-access-log"],

@@ -35,9 +35,10 @@ Variants:
   and OTEL_TRACES_SAMPLER_ARG=R: reported apart, not a way to meet the goal.
 
 Settings changed from the defaults, alike in every variant: throttles raised to
-1000000/min; DEBUG=false; LOG_LEVEL=WARNING; DB_POOL_MAX_SIZE=--db-pool (3: every
-variant's processes are up at once, and PostgreSQL's connections are shared with other
-work; the web then serves 3 requests at once, the worker's runs share 3 connections).
+1000000/min; DEBUG=false; LOG_LEVEL=WARNING; DB_POOL_MAX_SIZE and DB_WEB_POOL_MAX_SIZE
+both --db-pool (3: every variant's processes are up at once, and PostgreSQL's
+connections are shared with other work; the web then serves 3 requests at once, the
+worker's runs share 3 connections).
 
 Left out: a real LLM (the offline provider answers at once, so per-message overhead
 weighs more than it would), a remote collector (the receiver's own CPU is this
@@ -161,6 +162,7 @@ class Variant:
             VAR_DIR=str(ROOT / "var" / f"bench-tracing-{name}"),
             LOG_LEVEL="WARNING",
             DB_POOL_MAX_SIZE=str(pool),
+            DB_WEB_POOL_MAX_SIZE=str(pool),
             PYTHONPATH=str(root),
             **{
                 f"THROTTLE_{k}": "1000000/min"

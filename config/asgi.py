@@ -13,6 +13,21 @@ from asgiref.sync import sync_to_async
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.production")
 django.setup(set_prefix=False)
 
+from django.conf import settings  # noqa: E402  (after django.setup)
+from django.db import connections  # noqa: E402
+
+
+def _web_database_pool() -> None:
+    """A web process pools DB_WEB_POOL_MAX_SIZE connections, one per request it runs at
+    once (WEB_MAX_CONCURRENT_REQUESTS); workers keep DB_POOL_MAX_SIZE. Set before the
+    first connection opens the pool."""
+    pool = connections["default"].settings_dict.get("OPTIONS", {}).get("pool")
+    if isinstance(pool, dict):
+        pool["max_size"] = max(settings.DB_WEB_POOL_MAX_SIZE, 1)
+
+
+_web_database_pool()
+
 from governance.secrets import fernet_keys_required_valid  # noqa: E402  (after django.setup)
 
 fernet_keys_required_valid()

@@ -109,9 +109,10 @@ else:
     # work runs on a thread of its own, so a connection that persists per thread would
     # be opened for every request; a pooled one is handed back when the request (or an
     # agent run's database work) ends. DB_POOL_MAX_SIZE=0 turns the pool off.
-    # Sizing: every web and worker process holds up to DB_POOL_MAX_SIZE connections, so
-    # (web processes + worker processes) x DB_POOL_MAX_SIZE must stay below PostgreSQL's
-    # max_connections minus its reserved ones (README, "Capacity").
+    # Sizing: every worker process (and beat) holds up to DB_POOL_MAX_SIZE connections and
+    # every web process up to DB_WEB_POOL_MAX_SIZE (config.asgi), so web processes x
+    # DB_WEB_POOL_MAX_SIZE + other processes x DB_POOL_MAX_SIZE must stay below
+    # PostgreSQL's max_connections minus its reserved ones (README, "Capacity").
     pool_size = env.int("DB_POOL_MAX_SIZE", default=10)
     if pool_size:
         DATABASES["default"]["OPTIONS"] = {
@@ -139,14 +140,18 @@ DB_WORKER_POOL_TIMEOUT_SECONDS = env.float("DB_WORKER_POOL_TIMEOUT_SECONDS", def
 # A request that met the database unreachable, or found no pooled connection free,
 # answers 503 with this Retry-After.
 DB_RETRY_AFTER_SECONDS = env.int("DB_RETRY_AFTER_SECONDS", default=2)
+# A web process's pool (config.asgi sets it): one connection per request it runs at
+# once. A chat POST spends most of its time waiting on PostgreSQL and Redis round trips,
+# so under a burst twice a worker's pool keeps the process busier (bench/concurrency.py
+# measure 6, seven paired rounds on two cores: 813 of 1,000 messages accepted within
+# the admission wait at the median, against 681 with 10).
+DB_WEB_POOL_MAX_SIZE = env.int("DB_WEB_POOL_MAX_SIZE", default=20)
 # Admission (common.asgi): requests (other than event streams and searches, which wait
 # as coroutines) running at once per web process, each on a thread with a pooled
-# connection; about DB_POOL_MAX_SIZE (0: no limit). The rest wait as coroutines, at most
-# WEB_ADMISSION_QUEUE of them and each at most WEB_ADMISSION_WAIT_SECONDS, then 503 with
-# Retry-After WEB_ADMISSION_RETRY_AFTER_SECONDS.
-WEB_MAX_CONCURRENT_REQUESTS = env.int(
-    "WEB_MAX_CONCURRENT_REQUESTS", default=env.int("DB_POOL_MAX_SIZE", default=10) or 10
-)
+# connection; about DB_WEB_POOL_MAX_SIZE (0: no limit). The rest wait as coroutines, at
+# most WEB_ADMISSION_QUEUE of them and each at most WEB_ADMISSION_WAIT_SECONDS, then 503
+# with Retry-After WEB_ADMISSION_RETRY_AFTER_SECONDS.
+WEB_MAX_CONCURRENT_REQUESTS = env.int("WEB_MAX_CONCURRENT_REQUESTS", default=DB_WEB_POOL_MAX_SIZE)
 WEB_ADMISSION_QUEUE = env.int("WEB_ADMISSION_QUEUE", default=5000)
 WEB_ADMISSION_WAIT_SECONDS = env.float("WEB_ADMISSION_WAIT_SECONDS", default=8)
 WEB_ADMISSION_RETRY_AFTER_SECONDS = env.int("WEB_ADMISSION_RETRY_AFTER_SECONDS", default=2)

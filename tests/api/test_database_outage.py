@@ -49,6 +49,7 @@ def postgres(tmp_path_factory):
         "DJANGO_SETTINGS_MODULE": "config.settings.test",
         "DATABASE_URL": server.url,
         "DB_POOL_MAX_SIZE": "4",
+        "DB_WEB_POOL_MAX_SIZE": "4",
         "DB_POOL_TIMEOUT_SECONDS": str(POOL_TIMEOUT),
         "VAR_DIR": str(tmp_path_factory.mktemp("var")),
         "LOG_LEVEL": "WARNING",
