@@ -11,6 +11,7 @@ from django.contrib import admin, messages
 from django.contrib.admin.views.main import ChangeList
 from django.core.paginator import Paginator
 from django.db.models import Count, OuterRef, Q, Subquery
+from django.db.models.functions import Left
 from django.urls import reverse
 from django.utils.html import format_html
 
@@ -144,6 +145,31 @@ class ProjectFilter(admin.SimpleListFilter):
             }
 
 
+# Characters of a message's text and error that its row in the list shows.
+CONTENT_HEAD, ERROR_HEAD = 80, 120
+
+
+class MessageChangeList(ChangeList):
+    """A row shows the first characters of a message's text and error: the list reads
+    only those (a long answer is not read whole for its row; a message's page reads it)."""
+
+    def get_queryset(self, request, exclude_parameters=None):
+        return (
+            super()
+            .get_queryset(request, exclude_parameters)
+            .defer("content", "error")
+            .annotate(
+                content_head=Left("content", CONTENT_HEAD), error_head=Left("error", ERROR_HEAD)
+            )
+        )
+
+    def get_results(self, request):
+        super().get_results(request)
+        for message in self.result_list:
+            # What the row and str(message) (the checkbox's label) read: no query per row.
+            message.content, message.error = message.content_head, message.error_head
+
+
 @admin.register(Message)
 class MessageAdmin(admin.ModelAdmin):
     list_display = (
@@ -168,6 +194,9 @@ class MessageAdmin(admin.ModelAdmin):
     readonly_fields = ("id", "session", "role", "status", "content", "error", "created_at")
     fields = readonly_fields
 
+    def get_changelist(self, request, **kwargs):
+        return MessageChangeList
+
     def has_add_permission(self, request) -> bool:
         return False  # messages come from the chat API, answered through the bus
 
@@ -188,11 +217,11 @@ class MessageAdmin(admin.ModelAdmin):
 
     @admin.display(description="content")
     def short_content(self, obj: Message) -> str:
-        return obj.content[:80]
+        return obj.content[:CONTENT_HEAD]
 
     @admin.display(description="error")
     def short_error(self, obj: Message) -> str:
-        return obj.error[:120] or "—"
+        return obj.error[:ERROR_HEAD] or "—"
 
 
 # --- Runs ------------------------------------------------------------------------------

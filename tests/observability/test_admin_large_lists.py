@@ -203,3 +203,37 @@ def test_the_project_filter_links_keep_the_other_filters(staff, session):
         r"\s+", " ", chosen.content.decode()
     ).replace('"> <a', '"><a')
     assert listed(staff, f"/admin/chat/run/?status__exact=error&project={session.project_id}")
+
+
+def test_the_message_list_reads_the_head_of_each_text_not_the_whole(staff, session):
+    for n in range(3):
+        Message.objects.create(
+            session=session,
+            role="assistant",
+            content=f"answer {n} " + "x" * 100_000,
+            error="e" * 10_000,
+        )
+    with CaptureQueriesContext(connection) as queries:
+        response = staff.get("/admin/chat/message/")
+    assert response.status_code == 200
+    page = response.content.decode()
+    # The row shows the first 80 characters, the checkbox's label the first 40.
+    assert "answer 2 " + "x" * 71 + "<" in page
+    assert "Select this object for an action - assistant: answer 2 " + "x" * 31 + '"' in page
+    # The list's query reads the texts only through the head it shows.
+    (listing,) = [
+        q["sql"]
+        for q in queries.captured_queries
+        if 'FROM "agents_message"' in q["sql"] and "ORDER BY" in q["sql"]
+    ]
+    selected = listing.split(' FROM "agents_message"', 1)[0]
+    bare = re.sub(r'(LEFT|SUBSTR)\("agents_message"\."(content|error)"', "", selected, flags=re.I)
+    assert '"agents_message"."content"' not in bare, selected
+    assert '"agents_message"."error"' not in bare, selected
+
+    # The delete action still works on that list (its confirmation reads each message).
+    ids = [str(pk) for pk in Message.objects.values_list("pk", flat=True)]
+    confirm = staff.post(
+        "/admin/chat/message/", {"action": "delete_selected", "_selected_action": ids}
+    )
+    assert confirm.status_code == 200 and "Are you sure" in confirm.content.decode()
