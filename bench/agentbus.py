@@ -73,10 +73,10 @@ from agentbus import AgentBusTask, publish  # noqa: E402
 from agentbus.active import STATUS_COMMAND, mark_active  # noqa: E402
 from agentbus.keys import ACTIVE_KEY  # noqa: E402
 from agentbus.queues import project_queue  # noqa: E402
-from bench.harness import wait_until  # noqa: E402
 from common.redis import get_redis  # noqa: E402
 from config.celery_app import app  # noqa: E402
 from tests.rabbitmq import amqp_unavailable, amqp_vhost  # noqa: E402
+from tests.workers import wait_until  # noqa: E402
 
 # Where the bus runs (--broker; read before Django sets up, as the broker URL is).
 BROKER = sys.argv[sys.argv.index("--broker") + 1] if "--broker" in sys.argv[:-1] else "redis"

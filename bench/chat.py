@@ -62,7 +62,7 @@ from django.conf import settings  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from rest_framework.authtoken.models import Token  # noqa: E402
 
-from bench.harness import THROTTLES_NOTE, free_port, procfile, wait_until  # noqa: E402
+from bench.harness import THROTTLES_NOTE, free_port, procfile  # noqa: E402
 from chat.models import Message  # noqa: E402
 from tests.factories import (  # noqa: E402
     AgentFactory,
@@ -70,6 +70,7 @@ from tests.factories import (  # noqa: E402
     ProjectFactory,
     UserFactory,
 )
+from tests.workers import wait_until  # noqa: E402
 
 WORDS = (
     "agent context project worker queue stream redis vector search answer message session "
@@ -304,6 +305,7 @@ def _burst(client: httpx.Client, base: str, sessions) -> tuple[float, float]:
         lambda: Message.objects.filter(id__in=answers, status="done").count() == len(answers),
         600,
         "the burst's answers",
+        interval=0.005,  # the rate's end is read here
     )
     last = max(time.time(), started)
     return len(answers) / (last - started), last

@@ -107,13 +107,14 @@ from django.db import connections  # noqa: E402
 from rest_framework.authtoken.models import Token  # noqa: E402
 
 from agents.models import Agent  # noqa: E402
-from bench.harness import THROTTLES_NOTE, wait_until  # noqa: E402
+from bench.harness import THROTTLES_NOTE  # noqa: E402
 from chat.models import ChatSession, Message, Run  # noqa: E402
 from chat.streams import stream_key  # noqa: E402
 from common.redis import get_redis  # noqa: E402
 from governance.models import RunUsage  # noqa: E402
 from projects.models import Project  # noqa: E402
 from tests.runtime.openai_server import FakeOpenAI  # noqa: E402
+from tests.workers import wait_until  # noqa: E402
 from workspaces.redis import workspace_prefix  # noqa: E402
 
 

@@ -51,7 +51,7 @@ from django.conf import settings  # noqa: E402
 from django.core.management import call_command  # noqa: E402
 from rest_framework.authtoken.models import Token  # noqa: E402
 
-from bench.chat import Process, _up, free_port, procfile_worker, wait_until  # noqa: E402
+from bench.chat import Process, _up, free_port, procfile_worker  # noqa: E402
 from chat.models import Message  # noqa: E402
 from tests.factories import (  # noqa: E402
     AgentFactory,
@@ -59,6 +59,7 @@ from tests.factories import (  # noqa: E402
     ProjectFactory,
     UserFactory,
 )
+from tests.workers import wait_until  # noqa: E402
 
 
 def main() -> None:

@@ -94,11 +94,11 @@ from django.test import override_settings  # noqa: E402
 from agentbus import AgentBusTask, publish, transport  # noqa: E402
 from agentbus.keys import ACTIVE_KEY  # noqa: E402
 from agentbus.queues import project_queue  # noqa: E402
-from bench.harness import wait_until  # noqa: E402
 from common.redis import get_redis  # noqa: E402
 from llm.openai_api import OpenAIProvider, openai_client  # noqa: E402
 from llm.types import ChatRequest, ProviderError  # noqa: E402
 from tests.runtime.openai_server import FakeOpenAI  # noqa: E402
+from tests.workers import wait_until  # noqa: E402
 
 try:
     from agentbus.flow import flow_rules_set
@@ -262,7 +262,7 @@ def cap(capped: bool) -> tuple[int, float]:
         started = time.monotonic()
         for _ in range(100):
             publish(flow_work, project_id=project, kwargs={"ms": 50, "of": 100})
-        wait_until(lambda: get_redis().get(LAST), 600, "100 ended")
+        wait_until(lambda: get_redis().get(LAST), 600, "100 ended", interval=0.005)
         elapsed = time.monotonic() - started
         return int(get_redis().get(PEAK + str(project)) or 0), elapsed
 

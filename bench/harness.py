@@ -20,7 +20,6 @@ import os
 import re
 import socket
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,15 +87,3 @@ def _own_redis() -> str:
     server = PrivateRedis().start()
     atexit.register(server.stop)
     return server.url
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.005):
-    """Poll `predicate` every `interval` seconds; its first truthy value, or the bench
-    stops with `what` did not happen within `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise SystemExit(f"timed out waiting for {what} ({timeout} s)")

@@ -71,10 +71,10 @@ from bench.concurrency import (  # noqa: E402
     setup_user,
     spread,
 )
-from bench.harness import wait_until  # noqa: E402
 from chat.models import Message, Run  # noqa: E402
 from config.celery_app import app  # noqa: E402
 from tests.runtime.openai_server import FakeOpenAI  # noqa: E402
+from tests.workers import wait_until  # noqa: E402
 
 
 def active_runs(name: str) -> list:

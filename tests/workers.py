@@ -32,14 +32,27 @@ ROOT = Path(__file__).resolve().parents[1]
 CONTROL_STEP = "celery.worker.consumer.control.Control"
 
 
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
-    """Poll `predicate` until it returns something truthy or `timeout` passes."""
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02):
+    """Poll `predicate` until it returns something truthy or `timeout` passes; its last
+    value (falsy when the time ran out)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value or time.monotonic() >= deadline:
             return value
         time.sleep(interval)
+
+
+def wait_until(predicate, timeout: float = 20.0, what: str = "condition", *, interval=0.05):
+    """Poll `predicate` until it returns something truthy, and return that; past
+    `timeout`, fail saying `what` was not reached."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"{what} not reached within {timeout}s")
 
 
 def worker_status(name: str, timeout: float = 1.0) -> dict | None:

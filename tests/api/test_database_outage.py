@@ -21,7 +21,7 @@ import pytest
 
 from common.asgi import Admission
 from tests.private_postgres import PrivatePostgres
-from tests.runtime.conftest import wait_until
+from tests.workers import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 POOL_TIMEOUT = 1.0

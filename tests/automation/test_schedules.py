@@ -24,7 +24,7 @@ from chat.models import ChatSession, Message, Run
 from chat.services import message_send
 from config.celery_app import app
 from tests.factories import AgentFactory, ProjectFactory
-from tests.runtime.conftest import wait_until
+from tests.workers import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -18,7 +18,7 @@ from automation.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from automation.webhooks import deliveries_due, signature_headers
 from chat.models import Run
 from chat.state import run_end
-from tests.runtime.conftest import wait_until
+from tests.workers import wait_until
 from workspaces.redis import scoped
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -5,7 +5,7 @@ from rest_framework.test import APIClient
 
 from chat.models import Message
 from tests.api.test_isolation import world  # noqa: F401  (a fixture)
-from tests.runtime.conftest import wait_until
+from tests.workers import wait_until
 
 
 def key_client(raw_key: str) -> APIClient:

@@ -10,7 +10,7 @@ from django.conf import settings as django_settings
 from common.redis import get_redis
 from governance.models import Quota
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
-from tests.runtime.conftest import wait_until
+from tests.workers import wait_until
 from workspaces.models import WorkspaceTeardown
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]

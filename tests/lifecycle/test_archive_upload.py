@@ -24,7 +24,8 @@ from lifecycle.models import ArchiveJob
 from projects.models import Project
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
 from tests.lifecycle.test_export_import import archive_of, canonical, finished
-from tests.runtime.conftest import context_count, wait_until
+from tests.runtime.conftest import context_count
+from tests.workers import wait_until
 
 IMPORT = "/my/projects/import/"
 

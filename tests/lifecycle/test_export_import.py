@@ -19,7 +19,8 @@ from chat.models import Message, Run
 from governance.models import UsageDaily
 from lifecycle.exports import exports_dir
 from lifecycle.models import ArchiveJob
-from tests.runtime.conftest import context_count, wait_for_event, wait_until
+from tests.runtime.conftest import context_count, wait_for_event
+from tests.workers import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from governance.selectors import usage_summary
 from lifecycle.models import RetentionPolicy, RetentionReport
 from lifecycle.retention import retention_sweep
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
-from tests.runtime.conftest import wait_until
+from tests.workers import wait_until
 from workspaces.redis import scoped
 
 

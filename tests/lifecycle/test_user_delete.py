@@ -18,7 +18,8 @@ from rest_framework.test import APIClient
 from context.vectorstore import TenantScope, get_vector_store
 from governance.models import AuditEvent, Quota, UsageDaily
 from lifecycle.models import AccountErasure
-from tests.runtime.conftest import context_count, wait_for_event, wait_until
+from tests.runtime.conftest import context_count, wait_for_event
+from tests.workers import wait_until
 from workspaces.models import WorkspaceTeardown
 
 pytestmark = pytest.mark.slow

@@ -24,6 +24,7 @@ from common.redis import broker_redis
 from context.vectorstore import ContextPoint, TenantScope, close_vector_store, get_vector_store
 from realtime.streamhub import close_hub
 from tests.runtime.openai_server import FakeOpenAI
+from tests.workers import wait_until
 from workspaces.redis import workspace_prefix
 
 
@@ -74,16 +75,6 @@ def wait_for_event(redis_client, project, session_id, *, types, message_id=None,
                 return kind, data
         time.sleep(0.02)
     raise AssertionError(f"no {types} event within {timeout}s")
-
-
-def wait_until(predicate, *, timeout=20, interval=0.05, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"{what} not reached within {timeout}s")
 
 
 def threads_inside(*modules) -> list[str]:

@@ -16,8 +16,9 @@ from chat.models import ChatSession, Message, Run
 from chat.services import AgentCallRefused, agent_call_start
 from chat.suspend import runs_waiting_recover
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
-from tests.runtime.conftest import stream_events, wait_for_event, wait_until
+from tests.runtime.conftest import stream_events, wait_for_event
 from tests.runtime.test_chat import post_message
+from tests.workers import wait_until
 
 pytestmark = pytest.mark.slow
 

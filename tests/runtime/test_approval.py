@@ -19,8 +19,9 @@ from chat.suspend import runs_waiting_recover
 from config.celery_app import app
 from governance.models import RunUsage
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
-from tests.runtime.conftest import stream_events, wait_for_event, wait_until
+from tests.runtime.conftest import stream_events, wait_for_event
 from tests.runtime.test_chat import post_message
+from tests.workers import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,8 @@ from context.embeddings import get_embedder
 from context.vectors import context_search
 from context.vectorstore import TenantScope, get_vector_store, shared_collection_name
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
-from tests.runtime.conftest import queued_task_names, stream_events, wait_for_event, wait_until
+from tests.runtime.conftest import queued_task_names, stream_events, wait_for_event
+from tests.workers import wait_until
 from workspaces.redis import scoped, workspace_prefix
 
 pytestmark = pytest.mark.slow

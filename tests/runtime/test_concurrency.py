@@ -8,8 +8,7 @@ import pytest
 
 from chat.models import Message, Run
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
-from tests.runtime.conftest import wait_until
-from tests.workers import shared_pool_worker
+from tests.workers import shared_pool_worker, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,8 @@ import pytest
 
 from context.jobs import context_search_reply
 from tests.factories import AgentFactory, ProjectFactory
-from tests.runtime.conftest import queued_task_names, wait_until
+from tests.runtime.conftest import queued_task_names
+from tests.workers import wait_until
 from workspaces.redis import workspace_prefix
 
 

@@ -14,7 +14,7 @@ from rest_framework.test import APIClient
 from agentbus import MAINTENANCE_QUEUE
 from common.disk import disk_free_mb
 from tests.factories import AgentFactory, ProjectFactory, UserFactory
-from tests.runtime.conftest import wait_until
+from tests.workers import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

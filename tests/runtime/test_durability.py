@@ -25,9 +25,9 @@ from common.redis import get_redis
 from context.vectorstore import TenantScope, get_vector_store
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
 from tests.redis_server import private_redis
-from tests.runtime.conftest import stream_events, wait_for_event, wait_until
+from tests.runtime.conftest import stream_events, wait_for_event
 from tests.runtime.tool_server import ToolServer
-from tests.workers import broker_at, wait_for
+from tests.workers import broker_at, wait_for, wait_until
 from workspaces.models import WorkspaceTeardown
 from workspaces.redis import scoped
 

@@ -18,9 +18,10 @@ from agents.models import Tool
 from context.models import ContextDocument
 from tests.factories import AgentFactory, ChatSessionFactory
 from tests.local_http import serve_in_thread
-from tests.runtime.conftest import context_count, wait_until
+from tests.runtime.conftest import context_count
 from tests.runtime.test_context import context_url, search
 from tests.runtime.test_tools import ask, model_agent, of
+from tests.workers import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

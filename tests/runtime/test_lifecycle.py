@@ -21,8 +21,8 @@ from tests.runtime.conftest import (
     context_count,
     put_context,
     stored_agents,
-    wait_until,
 )
+from tests.workers import wait_until
 from workspaces.manager import get_worker_space
 from workspaces.redis import workspace_prefix
 from workspaces.signals import workspace_teardown

@@ -16,8 +16,9 @@ from chat.models import Message, Run
 from context.embeddings import get_embedder
 from context.vectorstore import get_vector_store
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
-from tests.runtime.conftest import stream_events, wait_until
+from tests.runtime.conftest import stream_events
 from tests.runtime.tool_server import ToolServer
+from tests.workers import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

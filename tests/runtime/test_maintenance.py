@@ -19,8 +19,7 @@ from agentbus import MAINTENANCE_QUEUE, URGENT_MAINTENANCE_QUEUE
 from chat.models import Message, Run
 from config.celery_app import app
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
-from tests.runtime.conftest import wait_until
-from tests.workers import ROOT
+from tests.workers import ROOT, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

@@ -16,7 +16,7 @@ from config.celery_app import app
 from governance.audit import audit_purge
 from governance.models import AuditEvent
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
-from tests.runtime.conftest import wait_until
+from tests.workers import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

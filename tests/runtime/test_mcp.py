@@ -13,8 +13,9 @@ import uvicorn
 from agents.models import ProjectSecret, Tool
 from chat.lease import lease_keeper
 from tests.factories import AgentFactory, ChatSessionFactory
-from tests.runtime.conftest import stream_events, wait_for_event, wait_until
+from tests.runtime.conftest import stream_events, wait_for_event
 from tests.runtime.test_chat import post_message
+from tests.workers import wait_until
 
 pytestmark = pytest.mark.slow
 

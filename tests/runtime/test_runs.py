@@ -10,8 +10,9 @@ import pytest
 from agents.models import Agent, Tool
 from chat.models import Message, Run
 from tests.factories import AgentFactory, ChatSessionFactory
-from tests.runtime.conftest import stream_events, wait_for_event, wait_until
+from tests.runtime.conftest import stream_events, wait_for_event
 from tests.runtime.test_chat import post_message
+from tests.workers import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,8 @@ from agentbus import MAINTENANCE_QUEUE
 from chat.dispatch import runs_recover
 from chat.models import Message, Run
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
-from tests.runtime.conftest import stream_events, wait_until
-from tests.workers import wait_for
+from tests.runtime.conftest import stream_events
+from tests.workers import wait_for, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

@@ -25,8 +25,8 @@ from tests.runtime.conftest import (
     threads_inside,
     token_for,
     wait_for_event,
-    wait_until,
 )
+from tests.workers import wait_until
 from workspaces.redis import scoped, workspace_prefix
 
 pytestmark = pytest.mark.slow

@@ -24,8 +24,8 @@ from context.vectorstore import (
     get_vector_store,
 )
 from tests.factories import AgentFactory, ChatSessionFactory
-from tests.runtime.conftest import wait_until
 from tests.runtime.test_chat import add_context, post_message
+from tests.workers import wait_until
 
 pytestmark = [pytest.mark.slow]
 

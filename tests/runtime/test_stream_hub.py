@@ -16,7 +16,8 @@ import pytest
 from chat import events as sse
 from realtime import streamhub
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
-from tests.runtime.conftest import token_for, wait_until
+from tests.runtime.conftest import token_for
+from tests.workers import wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -24,11 +24,10 @@ from chat.models import Run
 from common.logging import ContextFilter, JsonFormatter
 from common.tracing import disabled_instrumentations, log_context, tracing_enabled, tracing_wanted
 from tests.factories import AgentFactory, ChatSessionFactory
-from tests.runtime.conftest import wait_until
 from tests.runtime.otlp_receiver import OtlpReceiver
 from tests.runtime.test_tools import http_tool, model_agent
 from tests.runtime.tool_server import ToolServer
-from tests.workers import ROOT, database_url
+from tests.workers import ROOT, database_url, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,8 @@ from config.settings import base
 from context import waits
 from realtime import auth, replies, streamhub
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
-from tests.runtime.conftest import threads_inside, token_for, wait_until
-from tests.workers import shared_pool_worker
+from tests.runtime.conftest import threads_inside, token_for
+from tests.workers import shared_pool_worker, wait_until
 
 pytestmark = pytest.mark.slow
 

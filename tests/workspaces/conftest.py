@@ -21,16 +21,6 @@ from workspaces.redis import workspace_prefix
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def wait_for(predicate, timeout=20.0, interval=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return predicate()
-
-
 def keys_under(user_id, project_id) -> set[str]:
     """Every Redis key under the workspace's prefix (full names)."""
     return set(get_redis().scan_iter(match=workspace_prefix(user_id, project_id) + "*"))

@@ -26,13 +26,8 @@ from projects.models import Project
 from tests.agentbus.conftest import send
 from tests.factories import AgentFactory, ProjectFactory
 from tests.runtime.conftest import HOLD_VECTOR_STORE, put_context, stored_agents
-from tests.workers import shared_pool_worker
-from tests.workspaces.conftest import (
-    django_process,
-    keys_under,
-    snapshot,
-    wait_for,
-)
+from tests.workers import shared_pool_worker, wait_for
+from tests.workspaces.conftest import django_process, keys_under, snapshot
 from tests.workspaces.tasks import ran, record
 from workspaces import registry
 from workspaces.manager import get_worker_space
