@@ -143,8 +143,8 @@ DB_RETRY_AFTER_SECONDS = env.int("DB_RETRY_AFTER_SECONDS", default=2)
 # A web process's pool (config.asgi sets it): one connection per request it runs at
 # once. A chat POST spends most of its time waiting on PostgreSQL and Redis round trips,
 # so under a burst twice a worker's pool keeps the process busier (bench/concurrency.py
-# measure 6, seven paired rounds on two cores: 813 of 1,000 messages accepted within
-# the admission wait at the median, against 681 with 10).
+# measure 6, ten rounds on two cores paired with 10: 807 of 1,000 messages accepted
+# within the admission wait at the median, against 668; more in nine of the ten).
 DB_WEB_POOL_MAX_SIZE = env.int("DB_WEB_POOL_MAX_SIZE", default=20)
 # Admission (common.asgi): requests (other than event streams and searches, which wait
 # as coroutines) running at once per web process, each on a thread with a pooled
