@@ -15,6 +15,7 @@ from django.db import models
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from agents.models import Agent
 from context.vectorstore import TenantScope, get_vector_store
 from governance.models import AuditEvent, Quota, UsageDaily
 from lifecycle.models import AccountErasure
@@ -57,6 +58,7 @@ def populate(api: APIClient, redis_client, name: str) -> dict:
         ] == "done",
         what="context stored",
     )  # fmt: skip
+    stored = context_count(Agent.objects.select_related("project").get(id=agent["id"]))
     session = api.post(f"{base}chat/", {"agent_id": agent["id"]}, format="json").json()
     posted = api.post(f"{base}chat/{session['id']}/messages/", {"content": "What do I like?"},
                       format="json").json()  # fmt: skip
@@ -69,6 +71,14 @@ def populate(api: APIClient, redis_client, name: str) -> dict:
                                 types={"message.completed", "message.error"},
                                 message_id=posted["assistant_message_id"])  # fmt: skip
     assert kind == "message.completed", data
+    # The run remembers the exchange after its answer's event: the account is deleted
+    # once that write is in, not while it is in flight (a write that races a deletion is
+    # taken back by its writer once it sees the tombstone, which can be just after the
+    # deletion ended: this test checks what a finished deletion leaves).
+    wait_until(
+        lambda: context_count(Agent.objects.select_related("project").get(id=agent["id"])) > stored,
+        what="the exchange remembered",
+    )
     return {"project_id": uuid.UUID(project["id"]), "agent_id": agent["id"]}
 
 

@@ -14,7 +14,7 @@ from django.utils import timezone
 from agentbus import active
 from agentbus.guard import ProjectGone, project_gone
 from agentbus.queues import MAINTENANCE_QUEUE, project_queue
-from agentbus.transport import unacked_key
+from agentbus.transport import unacked_queues
 from common.redis import broker_redis, get_redis
 from context.vectorstore import (
     TenantScope,
@@ -96,12 +96,14 @@ def two_projects(api, user, qdrant_path):
                 lambda p=project: sorted(collections_of(p)) == expected_collections(p),
                 timeout=60,
             ), collections_of(project)
-        # Every message taken and acknowledged: the worker stops cold, and one it still
-        # held unacknowledged (a task finishing) would go back to its queue.
+        # Every message of A and B taken and acknowledged: the worker stops cold, and one
+        # it still held unacknowledged (a task finishing) would go back to its queue.
+        # (Only theirs: an earlier test's worker may have left one of its own there.)
+        ours = {project_queue(p.id) for p in (a, b)}
         assert wait_for(
             lambda: (
                 all(active.queue_depth(p.id) == 0 for p in (a, b))
-                and not broker_redis().hlen(unacked_key())
+                and not unacked_queues(broker_redis()) & ours
             ),
             timeout=60,
         )
