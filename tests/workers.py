@@ -44,15 +44,11 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02):
 
 
 def wait_until(predicate, timeout: float = 20.0, what: str = "condition", *, interval=0.05):
-    """Poll `predicate` until it returns something truthy, and return that; past
-    `timeout`, fail saying `what` was not reached."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"{what} not reached within {timeout}s")
+    """wait_for, failing saying `what` was not reached when `timeout` passes."""
+    value = wait_for(predicate, timeout, interval)
+    if not value:
+        raise AssertionError(f"{what} not reached within {timeout}s")
+    return value
 
 
 def worker_status(name: str, timeout: float = 1.0) -> dict | None:

@@ -16,7 +16,6 @@ from tests.factories import UserFactory
 def contract_qdrant_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("contract-qdrant")
     yield str(path)
-
     close_vector_store()
 
 

@@ -32,7 +32,6 @@ from workspaces.redis import workspace_prefix
 def qdrant_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("qdrant")
     yield str(path)
-
     close_vector_store()
 
 
