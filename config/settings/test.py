@@ -19,6 +19,10 @@ CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = env.float("CELERY_WORKER_SOFT_SHUTDOWN_TIM
 CHAT_HEARTBEAT_SECONDS = env.float("CHAT_HEARTBEAT_SECONDS", default=1)
 # The suite starts dozens of worker processes that never need it (its own test sets it).
 WORKER_WARM_UP = env.bool("WORKER_WARM_UP", default=False)
+# The suite runs a process per core and their worker processes at once: a team of engine
+# threads would wait at every barrier for a core the others hold (the test of the teams
+# sets its own).
+EMBEDDINGS_THREADS = env.int("EMBEDDINGS_THREADS", default=1)
 # WhiteNoise (in the middleware, as deployed) reads it; collectstatic is not run here.
 STATIC_ROOT = VAR_DIR / "staticfiles"  # noqa: F405
 STATIC_ROOT.mkdir(exist_ok=True)
