@@ -763,7 +763,10 @@ def burst(messages: int, latency: float, profile: bool = False) -> dict:
     )
     try:
         user, token = setup_user(f"bench-burst-{uuid.uuid4().hex[:6]}")
-        project, _, sessions = project_with_sessions(user, sessions=messages, model="bench-model")
+        # One session more than the burst: the first is the warm-up's.
+        project, _, sessions = project_with_sessions(
+            user, sessions=messages + 1, model="bench-model"
+        )
         paths = [f"/my/projects/{project.id}/chat/{s.id}/messages/" for s in sessions]
         # Warm: the workspace, its queue, the pool's connections.
         warm = asyncio.run(post_all_answers(stack.url, token, paths[:1], {"content": "warm"}))
