@@ -26,10 +26,13 @@ rate limits.
    1,000 documents, against the same with nothing else running.
 3. 5,000 event streams open on the one uvicorn process (10 per session of 500, the
    sessions of 25 users, opened 200 at once), on the service's stream settings: Redis
-   connections the web process holds, the delay of a new event to every stream (p99,
-   read in two client processes, whose own work is in the figure: they share the cores
-   with the server), the web process's CPU time until the last stream had it, and the
-   p99 of an ordinary API request meanwhile against the same with no stream open.
+   connections the web process holds, its resident memory per stream (once the event
+   reached them all, against before the first opened), the time and its CPU to open them
+   all (until the hub follows every stream's key), the delay of a new event to every
+   stream (p99, read in two client processes, whose own work is in the figure: they
+   share the cores with the server), the web process's CPU time until the last stream
+   had it, and the p99 of an ordinary API request meanwhile against the same with no
+   stream open.
 4. 500 context searches at once from one user while the worker is busy: what the
    other users' requests get (any 5xx?) and what the flooding user gets.
 5. Chat messages per second end to end with the offline provider (with --profile, in
@@ -536,8 +539,10 @@ def many_streams(streams: int, *, users: int = 25, sessions: int = 500, processe
         detail = f"{stack.url}/my/projects/{projects[0].id}/"
         idle_p99 = api_p99(detail, tokens[0])
         idle_clients = web_redis_clients(stack)
+        idle_rss = web_rss_mb(stack)
         mark = f"bench-{uuid.uuid4().hex}".encode()
         fork = multiprocessing.get_context("fork")  # before any event loop of this process
+        open_cpu, opening = web_cpu_seconds(stack), time.monotonic()
         for n in range(processes):
             ours, theirs = fork.Pipe()
             child = fork.Process(
@@ -559,6 +564,7 @@ def many_streams(streams: int, *, users: int = 25, sessions: int = 500, processe
             interval=0.05,
         )
         cpu = web_cpu_seconds(stack)
+        open_cpu, opening = cpu - open_cpu, time.monotonic() - opening
         sent = time.monotonic()
         pipe = get_redis().pipeline(transaction=False)
         for key in keys:  # as a worker writes an event: XADD, then the notification
@@ -572,12 +578,16 @@ def many_streams(streams: int, *, users: int = 25, sessions: int = 500, processe
             raise SystemExit(f"{arrivals.count(None)} streams did not get the event in 60 s")
         cpu = web_cpu_seconds(stack) - cpu
         clients = web_redis_clients(stack)
+        rss_per_stream = (web_rss_mb(stack) - idle_rss) * 1024 / streams
         loaded_p99 = api_p99(detail, tokens[0])
         return {
             "clients": clients,
             "idle_clients": idle_clients,
             "delay_p99": pct([a - sent for a in arrivals], 99),
             "web_cpu": cpu,
+            "rss_kb_per_stream": rss_per_stream,
+            "open_s": opening,
+            "open_web_cpu": open_cpu,
             "api_idle_p99": idle_p99,
             "api_loaded_p99": loaded_p99,
         }
@@ -743,6 +753,14 @@ def profile_top(raw: Path, n: int = 12, whole: bool = False) -> list[tuple[str, 
 
 
 # --- 6. a burst of messages: absorbed or refused cleanly ----------------------------------------
+
+
+def web_rss_mb(stack: Stack) -> float:
+    """Resident memory of the web process now (MB)."""
+    for line in Path(f"/proc/{stack.web.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
 
 
 def web_cpu_seconds(stack: Stack) -> float:
@@ -1083,6 +1101,10 @@ def main() -> None:
             "<= 10",
         )
         row("  with no stream open", [r["idle_clients"] for r in results], "{:.0f}")
+        row("  web process memory per stream (KB)",
+            [r["rss_kb_per_stream"] for r in results], "{:.1f}")  # fmt: skip
+        row("  time to open them all (s)", [r["open_s"] for r in results], "{:.1f}")
+        row("  web process CPU to open them (s)", [r["open_web_cpu"] for r in results], "{:.1f}")
         delays = [r["delay_p99"] * 1e3 for r in results]
         row("  new event to every stream, p99 (ms)", delays, "{:.0f}", "<= 250")
         row("  web process CPU until the last stream had it (ms)",

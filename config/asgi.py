@@ -4,6 +4,7 @@ Django's handler speaks only HTTP; this wrapper also answers the ASGI lifespan p
 so that a server stopping (SIGTERM, Ctrl-C) runs every app's shutdown hooks.
 """
 
+import gc
 import os
 
 import django
@@ -41,6 +42,18 @@ tracing_setup("uws-web")
 django_application = asgi_traced(StreamingAwareASGIHandler())
 
 
+def _web_garbage_collector() -> None:
+    """Full collections less often, and none scanning what the process loaded as it
+    started (WEB_GC_THRESHOLD0). Full collections come when the objects that survived
+    grew by a quarter since the last; with the default thresholds a web process opening
+    5,000 event streams ran over twenty, the last ones 0.4-0.7 s each, every request of
+    the process waiting meanwhile."""
+    if settings.WEB_GC_THRESHOLD0 > 0:
+        gc.freeze()
+        _, threshold1, threshold2 = gc.get_threshold()
+        gc.set_threshold(settings.WEB_GC_THRESHOLD0, threshold1, threshold2)
+
+
 async def application(scope, receive, send):
     if scope["type"] != "lifespan":
         return await django_application(scope, receive, send)
@@ -54,3 +67,6 @@ async def application(scope, receive, send):
             await sync_to_async(tracing_shutdown)()
             await send({"type": "lifespan.shutdown.complete"})
             return
+
+
+_web_garbage_collector()  # last: everything above is loaded

@@ -155,6 +155,12 @@ WEB_MAX_CONCURRENT_REQUESTS = env.int("WEB_MAX_CONCURRENT_REQUESTS", default=DB_
 WEB_ADMISSION_QUEUE = env.int("WEB_ADMISSION_QUEUE", default=5000)
 WEB_ADMISSION_WAIT_SECONDS = env.float("WEB_ADMISSION_WAIT_SECONDS", default=8)
 WEB_ADMISSION_RETRY_AFTER_SECONDS = env.int("WEB_ADMISSION_RETRY_AFTER_SECONDS", default=2)
+# Python's collector in a web process (config.asgi): what the process loaded as it started
+# is frozen out of every collection, and the youngest generation is collected every this
+# many allocations (Python's default: 700; 0 leaves Python's settings). A web process
+# holds many long-lived objects (open event streams: some hundreds each), and each full
+# collection scans them all while every request waits.
+WEB_GC_THRESHOLD0 = env.int("WEB_GC_THRESHOLD0", default=20000)
 # Threads (lanes) that run the short sync steps (middleware, authentication, reads) of
 # requests that wait as coroutines (event streams, context searches): a credential keeps
 # one lane while it has such requests being set up, so one user's flood queues on its own

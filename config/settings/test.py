@@ -23,6 +23,9 @@ WORKER_WARM_UP = env.bool("WORKER_WARM_UP", default=False)
 # threads would wait at every barrier for a core the others hold (the test of the teams
 # sets its own).
 EMBEDDINGS_THREADS = env.int("EMBEDDINGS_THREADS", default=1)
+# Tests load config.asgi into their own process: its collector keeps Python's settings
+# (tests.api.test_web_process sets it in a process of its own).
+WEB_GC_THRESHOLD0 = env.int("WEB_GC_THRESHOLD0", default=0)
 # WhiteNoise (in the middleware, as deployed) reads it; collectstatic is not run here.
 STATIC_ROOT = VAR_DIR / "staticfiles"  # noqa: F405
 STATIC_ROOT.mkdir(exist_ok=True)
