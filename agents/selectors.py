@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 
 from django.db.models import QuerySet
+from django.http import Http404
 
 from common.selectors import get_or_404
 from projects.models import Project
@@ -19,6 +20,17 @@ def agent_list(*, project: Project) -> QuerySet[Agent]:
 
 def agent_get(*, project: Project, agent_id: uuid.UUID | str) -> Agent:
     return get_or_404(agent_list(project=project), id=agent_id)
+
+
+def agent_get_in(*, projects: QuerySet[Project], agent_id: uuid.UUID | str) -> Agent:
+    """The agent of the one project in `projects` (a scoped project, not read yet:
+    realtime.auth), with its project, in one query. Http404 for the project when it is
+    not there, else for the agent."""
+    try:
+        return Agent.objects.select_related("project").get(id=agent_id, project__in=projects)
+    except (Agent.DoesNotExist, ValueError, TypeError):
+        get_or_404(projects)  # "No such project." when the project is what is missing
+        raise Http404("No such agent.") from None
 
 
 def tool_list(*, agent: Agent) -> QuerySet[Tool]:

@@ -33,7 +33,7 @@ from realtime.auth import request_authorize
 from realtime.streamhub import CLOSED, HEARTBEAT, HubFull, get_hub
 from workspaces.redis import ScopedRedis, scoped_async
 
-from .selectors import session_get
+from .selectors import session_exists_in
 from .streams import stream_key
 
 logger = logging.getLogger(__name__)
@@ -65,8 +65,9 @@ def _authorize(request: HttpRequest, project_id: uuid.UUID, session_id: uuid.UUI
     AuthenticationFailed, or Http404; leaves no database connection open: a stream may
     last hours and must not hold one."""
 
-    def reader(drf_request, project) -> int:
-        session_get(project=project, session_id=session_id)
+    def reader(drf_request, projects) -> int:
+        if not session_exists_in(projects=projects, session_id=session_id):
+            raise Http404("No such chat session.")
         return drf_request.user.pk
 
     return request_authorize(request, project_id=project_id, then=reader)

@@ -27,6 +27,15 @@ def session_get(*, project: Project, session_id: uuid.UUID | str) -> ChatSession
     return session
 
 
+def session_exists_in(*, projects: QuerySet[Project], session_id: uuid.UUID | str) -> bool:
+    """Whether the session belongs to the one project in `projects` (a scoped project,
+    not read yet: realtime.auth), in one query."""
+    try:
+        return ChatSession.objects.filter(id=session_id, project__in=projects).exists()
+    except (ValueError, TypeError):
+        return False
+
+
 def session_get_with_project(
     *, projects: QuerySet[Project], project_id: uuid.UUID, session_id: uuid.UUID
 ) -> ChatSession | None:

@@ -25,7 +25,7 @@ from rest_framework import exceptions
 from rest_framework.settings import api_settings
 
 from agentbus import ProjectGone, publish
-from agents.selectors import agent_get
+from agents.selectors import agent_get_in
 from common.api import BackendUnavailable, exception_handler
 from common.asgi import long_lived, run_sync
 from realtime import replies
@@ -93,9 +93,8 @@ def _prepare(request: HttpRequest, project_id, agent_id):
     """Authentication, throttling, scoping and validation, as the DRF view does them
     (realtime.auth); the database connection goes back before the wait."""
 
-    def agent_and_query(drf_request, project):
-        agent = agent_get(project=project, agent_id=agent_id)
-        agent.project  # noqa: B018  (loaded now, not later without a connection)
+    def agent_and_query(drf_request, projects):
+        agent = agent_get_in(projects=projects, agent_id=agent_id)  # its project with it
         # A plain dict: DRF reads an empty `?k=` in a QueryDict as "not given".
         query = ContextSearchSerializer(data=request.GET.dict())
         query.is_valid(raise_exception=True)

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 from typing import TypeVar
 
 from django.db import connections
+from django.db.models import QuerySet
 from django.http import HttpRequest
 from rest_framework import exceptions
 from rest_framework.request import Request
@@ -21,7 +22,7 @@ from rest_framework.settings import api_settings
 from common.credentials import READ, credential_check
 from common.throttling import ScopedRatesThrottle
 from projects.models import Project
-from projects.selectors import project_get_for_user
+from projects.selectors import project_list
 
 T = TypeVar("T")
 
@@ -30,13 +31,16 @@ def request_authorize(
     request: HttpRequest,
     *,
     project_id: uuid.UUID,
-    then: Callable[[Request, Project], T],
+    then: Callable[[Request, QuerySet[Project]], T],
     throttle_scopes: dict[str, str] | None = None,
 ) -> T:
     """Authenticate, throttle (when `throttle_scopes` is given), check the credential may
-    read `project_id`, scope the project to the user, then return `then(request,
-    project)`. Raises DRF's APIExceptions (NotAuthenticated, AuthenticationFailed,
-    Throttled, PermissionDenied) or Http404.
+    read `project_id`, then return `then(request, projects)`. `projects` is the project
+    scoped to the user (and to a project-scoped credential), not read yet: empty for
+    anyone else's, so whatever `then` reads through it is found only in a project the
+    caller may read, and it reads the project with what it needs in one query. Raises
+    DRF's APIExceptions (NotAuthenticated, AuthenticationFailed, Throttled,
+    PermissionDenied) or Http404.
 
     Leaves no database connection open behind it: the wait that follows may last hours
     and must not hold one."""
@@ -56,10 +60,8 @@ def request_authorize(
             if not throttle.allow_request(drf_request, view):
                 raise exceptions.Throttled(wait=throttle.wait())
         credential_check(drf_request.auth, project_id=project_id, scope=READ)
-        project = project_get_for_user(
-            user=user, project_id=project_id, credential=drf_request.auth
-        )
-        return then(drf_request, project)
+        projects = project_list(user=user, credential=drf_request.auth).filter(id=project_id)
+        return then(drf_request, projects)
     finally:
         for connection in connections.all(initialized_only=True):
             if not connection.in_atomic_block:  # (a test's transaction stays open)

@@ -11,7 +11,10 @@ import time
 import httpx
 import pytest
 from django.conf import settings
-from django.test import Client
+from django.db import connection
+from django.http import Http404
+from django.test import Client, RequestFactory
+from django.test.utils import CaptureQueriesContext
 
 from chat import events as sse
 from chat import streams
@@ -103,6 +106,24 @@ def test_credentials_and_scope(asgi, user, other_user, session):
     assert read_sse(url, headers={**mine, "Last-Event-ID": "1-x"})[0] == 400
     status, events, comments = read_sse(url, headers=mine, max_seconds=0.5)
     assert status == 200 and events == [] and comments[0][1].startswith("connected")
+
+
+def test_opening_a_stream_reads_the_database_once(db, user, other_user, session):
+    """A stream's authorization (its credential checked in the last
+    AUTH_TOKEN_CACHE_SECONDS) looks its session up inside the user's project in one
+    query; another user's project, or a session of another project, is still a 404."""
+    mine, theirs = (
+        RequestFactory().get("/", HTTP_AUTHORIZATION=f"Token {token_for(u)}")
+        for u in (user, other_user)
+    )
+    assert sse._authorize(mine, session.project_id, session.id) == user.pk  # warms the cache
+    with CaptureQueriesContext(connection) as queries:
+        assert sse._authorize(mine, session.project_id, session.id) == user.pk
+    assert len(queries) == 1, [q["sql"] for q in queries.captured_queries]
+    own_other = ChatSessionFactory(agent=AgentFactory(project=ProjectFactory(owner=user)))
+    for request, session_id in ((theirs, session.id), (mine, own_other.id)):
+        with pytest.raises(Http404):
+            sse._authorize(request, session.project_id, session_id)
 
 
 def test_session_cookie_authenticates_too(asgi, user, session):
