@@ -82,6 +82,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -311,33 +312,25 @@ def many_chats(
     fake.delay = latency / len(fake.tokens)
     env = {"OPENAI_BASE_URL": fake.base_url, "OPENAI_API_KEY": "bench", **(extra_env or {})}
     stack = Stack(worker=worker, env=env)
-    spy, raw = None, Path(stack.logs) / "worker-profile.txt"
+    raw = Path(stack.logs) / "worker-profile.txt"
     try:
         user, token = setup_user("bench-chats")
         project, _, sessions = project_with_sessions(user, sessions=chats, model="bench-model")
         paths = [f"/my/projects/{project.id}/chat/{s.id}/messages/" for s in sessions]
-        if profile:
-            spy = spy_start(stack.worker.pid, raw, gil=True)
-        cpu = process_cpu(stack.worker.pid)
-        started = time.time()
-        codes = asyncio.run(post_all(stack.url, token, paths, {"content": "hello?"}))
-        assert set(codes) == {202}, collections.Counter(codes)
-        answers = list(
-            Message.objects.filter(session__in=sessions, role="assistant").values_list(
-                "id", flat=True
+        with profiled(stack.worker.pid, raw, on=profile, gil=True):
+            cpu = process_cpu(stack.worker.pid)
+            started = time.time()
+            codes = asyncio.run(post_all(stack.url, token, paths, {"content": "hello?"}))
+            assert set(codes) == {202}, collections.Counter(codes)
+            answers = list(
+                Message.objects.filter(session__in=sessions, role="assistant").values_list(
+                    "id", flat=True
+                )
             )
-        )
-        last = wait_runs_done(answers, timeout=chats * latency + 120)
-        wall, cpu = last - started, (process_cpu(stack.worker.pid) - cpu) / chats
-        top = []
-        if spy is not None:
-            spy.send_signal(signal.SIGINT)
-            spy.wait(60)
-            top = profile_top(raw, n=15, whole=True)
-        return wall, cpu, top
+            last = wait_runs_done(answers, timeout=chats * latency + 120)
+            wall, cpu = last - started, (process_cpu(stack.worker.pid) - cpu) / chats
+        return wall, cpu, profile_top(raw, n=15, whole=True) if profile else []
     finally:
-        if spy is not None and spy.poll() is None:
-            spy.kill()
         stack.stop()
         fake.stop()
 
@@ -665,7 +658,6 @@ def search_flood(searches: int) -> dict:
 
 def throughput(messages: int, profile: bool) -> tuple[float, list[tuple[str, float]]]:
     stack = Stack(worker=PROCFILE_WORKER)
-    spy = None
     try:
         user, token = setup_user("bench-throughput")
         project, _, sessions = project_with_sessions(user, sessions=messages, model="offline")
@@ -681,26 +673,17 @@ def throughput(messages: int, profile: bool) -> tuple[float, list[tuple[str, flo
             120,
         )
         raw = Path(stack.logs) / "profile.txt"
-        if profile:
-            spy = spy_start(stack.worker.pid, raw)
-        started = time.time()
-        asyncio.run(post_all(stack.url, token, paths[2:], {"content": "what do you know?"}))
-        answers = list(
-            Message.objects.filter(role="assistant", session__in=sessions[2:]).values_list(
-                "id", flat=True
+        with profiled(stack.worker.pid, raw, on=profile):
+            started = time.time()
+            asyncio.run(post_all(stack.url, token, paths[2:], {"content": "what do you know?"}))
+            answers = list(
+                Message.objects.filter(role="assistant", session__in=sessions[2:]).values_list(
+                    "id", flat=True
+                )
             )
-        )
-        last = wait_runs_done(answers, timeout=600)
-        rate = len(answers) / (last - started)
-        top = []
-        if spy is not None:
-            spy.send_signal(signal.SIGINT)
-            spy.wait(60)
-            top = profile_top(raw)
-        return rate, top
+            last = wait_runs_done(answers, timeout=600)
+        return len(answers) / (last - started), profile_top(raw) if profile else []
     finally:
-        if spy is not None and spy.poll() is None:
-            spy.kill()
         stack.stop()
 
 
@@ -716,6 +699,27 @@ def spy_start(pid: int, raw: Path, *, gil: bool = False) -> subprocess.Popen:
     )  # fmt: skip
     time.sleep(1)
     return spy
+
+
+def spy_stop(spy: subprocess.Popen) -> None:
+    """Stop a recording; its file is written as py-spy exits."""
+    spy.send_signal(signal.SIGINT)
+    try:
+        spy.wait(60)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait()
+
+
+@contextlib.contextmanager
+def profiled(pid: int, raw: Path, *, on: bool, gil: bool = False) -> Iterator[None]:
+    """With `on`, py-spy records process `pid` into `raw` while the block runs (spy_start)."""
+    spy = spy_start(pid, raw, gil=gil) if on else None
+    try:
+        yield
+    finally:
+        if spy is not None:
+            spy_stop(spy)
 
 
 def profile_top(raw: Path, n: int = 12, whole: bool = False) -> list[tuple[str, float]]:
@@ -791,18 +795,13 @@ def burst(messages: int, latency: float, profile: bool = False) -> dict:
         assert warm[0][0] == 202, warm
         paths = paths[1:]
         raw = Path(stack.logs) / "web-profile.txt"
-        if profile:
-            spy = spy_start(stack.web.pid, raw)
-        cpu = web_cpu_seconds(stack)
-        started = time.time()
-        answers = asyncio.run(post_all_answers(stack.url, token, paths, {"content": "hello?"}))
-        posted = time.time() - started
-        cpu = web_cpu_seconds(stack) - cpu
-        top = []
-        if profile:
-            spy.send_signal(signal.SIGINT)
-            spy.wait(60)
-            top = profile_top(raw, n=15, whole=True)
+        with profiled(stack.web.pid, raw, on=profile):
+            cpu = web_cpu_seconds(stack)
+            started = time.time()
+            answers = asyncio.run(post_all_answers(stack.url, token, paths, {"content": "hello?"}))
+            posted = time.time() - started
+            cpu = web_cpu_seconds(stack) - cpu
+        top = profile_top(raw, n=15, whole=True) if profile else []
         codes = collections.Counter(code for code, _ in answers)
         accepted = codes.get(202, 0)
         refused_without_retry = sum(
@@ -917,8 +916,7 @@ def tenant_isolation(
         (searches, opens), flood_answers = asyncio.run(run(True))
         tops = {}
         for proc, spy in spies:
-            spy.send_signal(signal.SIGINT)
-            spy.wait(60)
+            spy_stop(spy)
             name = "web" if proc is stack.web else "worker"
             tops[name] = profile_top(Path(stack.logs) / f"spy-{proc.pid}.txt", n=15, whole=True)
         return {
