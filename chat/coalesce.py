@@ -47,102 +47,112 @@ def coalesced(
     """
     if window <= 0 and not (threaded and should_stop):
         yield from deltas
-        return
-    if not threaded:
-        yield from _joined(deltas, window, max_chars)
-        return
+    elif threaded:
+        yield from _read_aside(deltas, _Window(window, max_chars), should_stop)
+    else:
+        held = _Window(window, max_chars)
+        for delta in deltas:
+            yield from held.passed(delta)
+        yield from held.rest()
+
+
+class _Window:
+    """Text held until its window ends or it grows to `max_chars`."""
+
+    def __init__(self, window: float, max_chars: int) -> None:
+        self.window, self.max_chars = window, max_chars
+        self._parts: list[str] = []
+        self._size = 0
+        self._flushed_at: float | None = None
+
+    def passed(self, item: Any) -> Iterator[Any]:
+        """What goes out as `item` arrives: text once its window is over; anything
+        else at once, after the text before it."""
+        if not isinstance(item, str):
+            yield from self.rest()
+            yield item
+            return
+        self._parts.append(item)
+        self._size += len(item)
+        now = time.monotonic()
+        if (
+            self._flushed_at is None
+            or now - self._flushed_at >= self.window
+            or self._size >= self.max_chars
+        ):
+            yield from self.flushed()
+
+    def flushed(self) -> Iterator[str]:
+        """The text held, out now; its window starts again."""
+        if self._parts:
+            self._flushed_at = time.monotonic()
+            yield from self.rest()
+
+    def rest(self) -> Iterator[str]:
+        """The text held, out now (before something else, or at the end)."""
+        if self._parts:
+            yield "".join(self._parts)
+            self._parts.clear()
+            self._size = 0
+
+    def due_in(self) -> float | None:
+        """Seconds until the text held is due; None when none is held."""
+        if not self._parts or self._flushed_at is None:
+            return None
+        return max(0.0, self._flushed_at + self.window - time.monotonic())
+
+
+def _read_aside(
+    deltas: Iterator[Any], held: _Window, should_stop: Callable[[], bool] | None
+) -> Iterator[Any]:
+    """`deltas` read by a thread of their own, so that `held` text goes out when its
+    window ends even while the provider is silent."""
     inbox: queue.SimpleQueue = queue.SimpleQueue()
     stop = threading.Event()
-
-    def read() -> None:
-        try:
-            for delta in deltas:
-                inbox.put(delta)
-                if stop.is_set():
-                    break
-            inbox.put(_END)
-        except BaseException as exc:  # handed to the consumer, raised there
-            inbox.put(exc)
-        finally:
-            close = getattr(deltas, "close", None)
-            if close is not None:
-                close()
-
     # in_context: the provider's HTTP spans stay children of the run's provider call.
-    reader = threading.Thread(target=in_context(read), name="delta-reader", daemon=True)
+    reader = threading.Thread(
+        target=in_context(_read_into),
+        args=(deltas, inbox, stop),
+        name="delta-reader",
+        daemon=True,
+    )
     reader.start()
-    buffer: list[str] = []
-    size = 0
-    flushed_at: float | None = None
     try:
         while True:
-            wait = None
-            if buffer and flushed_at is not None:
-                wait = max(0.0, flushed_at + window - time.monotonic())
+            wait = held.due_in()
             if should_stop is not None:
                 wait = STOP_POLL_SECONDS if wait is None else min(wait, STOP_POLL_SECONDS)
             try:
                 item = inbox.get(timeout=wait)
             except queue.Empty:
-                item = None
                 if should_stop is not None and should_stop():
-                    if buffer:
-                        yield "".join(buffer)
+                    yield from held.rest()
                     raise DeltasStopped() from None
-                if not buffer:
-                    continue
+                yield from held.flushed()
+                continue
             if item is _END:
                 break
             if isinstance(item, BaseException):
-                if buffer:
-                    yield "".join(buffer)
+                yield from held.rest()
                 raise item
-            if item is not None and not isinstance(item, str):
-                if buffer:
-                    yield "".join(buffer)
-                    buffer.clear()
-                    size = 0
-                yield item
-                continue
-            if item is not None:
-                buffer.append(item)
-                size += len(item)
-            now = time.monotonic()
-            if buffer and (
-                item is None
-                or flushed_at is None
-                or now - flushed_at >= window
-                or size >= max_chars
-            ):
-                yield "".join(buffer)
-                buffer.clear()
-                size = 0
-                flushed_at = now
-        if buffer:
-            yield "".join(buffer)
+            yield from held.passed(item)
+        yield from held.rest()
     finally:
         stop.set()
 
 
-def _joined(deltas: Iterator[Any], window: float, max_chars: int) -> Iterator[Any]:
-    buffer: list[str] = []
-    size = 0
-    flushed_at: float | None = None
-    for delta in deltas:
-        if not isinstance(delta, str):
-            if buffer:
-                yield "".join(buffer)
-                buffer.clear()
-                size = 0
-            yield delta
-            continue
-        buffer.append(delta)
-        size += len(delta)
-        now = time.monotonic()
-        if flushed_at is None or now - flushed_at >= window or size >= max_chars:
-            yield "".join(buffer)
-            buffer.clear()
-            size = 0
-            flushed_at = now
-    if buffer:
-        yield "".join(buffer)
+def _read_into(deltas: Iterator[Any], inbox: queue.SimpleQueue, stop: threading.Event) -> None:
+    """Each delta into `inbox`, then _END, or the exception that ended them (raised by
+    the consumer)."""
+    try:
+        for delta in deltas:
+            inbox.put(delta)
+            if stop.is_set():
+                break
+        inbox.put(_END)
+    except BaseException as exc:  # handed to the consumer, raised there
+        inbox.put(exc)
+    finally:
+        close = getattr(deltas, "close", None)
+        if close is not None:
+            close()

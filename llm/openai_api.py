@@ -105,14 +105,7 @@ class OpenAIProvider:
     def stream(
         self, request: ChatRequest, *, should_stop: Callable[[], bool] = never
     ) -> Iterator[str | ToolCallRequest]:
-        # An agent without a model of its own asks its project's default, else the
-        # deployment's; a project may allow only some models.
-        model = request.model or settings.LLM_DEFAULT_MODEL
-        if self._llm is not None:  # allowed: get_provider checked it
-            model = self._llm.model_for(request.model, settings.LLM_DEFAULT_MODEL)
-        self.usage_model = model
-        if not model:
-            raise ProviderError("the agent has no model set, and LLM_DEFAULT_MODEL is empty")
+        model = self._model(request)
         options = {k: request.params[k] for k in COMPLETION_PARAMS if k in request.params}
         if request.tools:
             options["tools"] = request.tools
@@ -132,77 +125,119 @@ class OpenAIProvider:
                 place = wait_for_turn(
                     limit, tokens=estimated, deadline=request.deadline, should_stop=should_stop
                 )
-            started = False
-            # Streamed tool calls arrive in fragments, by index: id and name first, then
-            # the arguments' JSON text piece by piece.
-            calls: dict[int, dict[str, str]] = {}
-            client = self._client
-            timeout = request.timeout(settings.LLM_TIMEOUT_SECONDS)
-            if timeout < settings.LLM_TIMEOUT_SECONDS:
-                client = client.with_options(timeout=timeout)  # what the run has left
+            streamed = _Streamed()
             try:
-                stream = client.chat.completions.create(
-                    model=model,
-                    messages=request.messages,
-                    stream=True,
-                    stream_options={"include_usage": True},
-                    **options,
-                )
-                self.reached = True  # create() raises on any status but 2xx
+                stream = self._create(request, model, options)
                 if place is not None:
                     answered(limit, place, estimated=estimated)
-                try:
-                    for chunk in stream:
-                        if getattr(chunk, "usage", None) is not None:
-                            self.usage = chunk.usage  # the last chunk, with no choices
-                        for choice in chunk.choices or ():
-                            delta = choice.delta.content if choice.delta else None
-                            if delta:
-                                started = True
-                                yield delta
-                            for part in (choice.delta and choice.delta.tool_calls) or ():
-                                started = True
-                                call = calls.setdefault(
-                                    part.index, {"id": "", "name": "", "arguments": ""}
-                                )
-                                call["id"] = part.id or call["id"]
-                                if part.function is not None:
-                                    call["name"] += part.function.name or ""
-                                    call["arguments"] += part.function.arguments or ""
-                finally:
-                    stream.close()
+                yield from self._read(stream, streamed)
                 if place is not None:
                     used = getattr(self.usage, "total_tokens", None)
                     settle(limit, place, estimated=estimated, used=used)
-                for index in sorted(calls):
-                    call = calls[index]
-                    yield ToolCallRequest(
-                        call["id"] or f"call-{index}", call["name"], call["arguments"]
-                    )
+                yield from streamed.tool_calls()
                 return
             except openai.OpenAIError as exc:
-                if not started and _rate_limited(exc):
+                if not streamed.started and _rate_limited(exc):
                     # The endpoint's own limit: not a failure of the run. Everyone waits
                     # its Retry-After, and this call is tried again while the run has time.
-                    wait = retry_after_seconds(getattr(exc.response, "headers", None))
-                    if request.deadline is not None and time.monotonic() + wait > request.deadline:
-                        raise LimitDeadline(
-                            "the LLM endpoint's rate limit (429) did not lift before the "
-                            "run's deadline"
-                        ) from exc
-                    if limit is not None:
-                        hold_off(limit, wait)
-                    else:
-                        _sleep(wait, should_stop)
+                    _wait_out_rate_limit(exc, request, limit, should_stop)
                     if request.deadline is not None:
                         attempt -= 1  # a deadline bounds these tries, not LLM_MAX_RETRIES
                     continue
                 # Half an answer cannot be taken back: only a call that produced nothing
                 # is tried again.
-                if started or attempt == tries or not _retryable(exc):
+                if streamed.started or attempt == tries or not _retryable(exc):
                     describe = _describe_project if self._project_endpoint else _describe
                     raise ProviderError(describe(exc)) from exc
                 _wait_before_retry(attempt, should_stop)
+
+    def _model(self, request: ChatRequest) -> str:
+        """The model to ask. An agent without a model of its own asks its project's
+        default, else the deployment's; a project may allow only some models."""
+        model = request.model or settings.LLM_DEFAULT_MODEL
+        if self._llm is not None:  # allowed: get_provider checked it
+            model = self._llm.model_for(request.model, settings.LLM_DEFAULT_MODEL)
+        self.usage_model = model
+        if not model:
+            raise ProviderError("the agent has no model set, and LLM_DEFAULT_MODEL is empty")
+        return model
+
+    def _create(self, request: ChatRequest, model: str, options: dict[str, Any]) -> Any:
+        """One call's streamed answer, once the endpoint accepted it."""
+        client = self._client
+        timeout = request.timeout(settings.LLM_TIMEOUT_SECONDS)
+        if timeout < settings.LLM_TIMEOUT_SECONDS:
+            client = client.with_options(timeout=timeout)  # what the run has left
+        stream = client.chat.completions.create(
+            model=model,
+            messages=request.messages,
+            stream=True,
+            stream_options={"include_usage": True},
+            **options,
+        )
+        self.reached = True  # create() raises on any status but 2xx
+        return stream
+
+    def _read(self, stream: Any, streamed: _Streamed) -> Iterator[str]:
+        """The answer's text as it arrives; its tool calls go to `streamed`, the usage
+        the endpoint reports to `self.usage`."""
+        try:
+            for chunk in stream:
+                if getattr(chunk, "usage", None) is not None:
+                    self.usage = chunk.usage  # the last chunk, with no choices
+                for choice in chunk.choices or ():
+                    if not choice.delta:
+                        continue
+                    if choice.delta.content:
+                        streamed.started = True
+                        yield choice.delta.content
+                    for part in choice.delta.tool_calls or ():
+                        streamed.fragment(part)
+        finally:
+            stream.close()
+
+
+class _Streamed:
+    """What one call has streamed: whether anything yet, and its tool calls."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self._calls: dict[int, dict[str, str]] = {}
+
+    def fragment(self, part: Any) -> None:
+        """Streamed tool calls arrive in fragments, by index: id and name first, then
+        the arguments' JSON text piece by piece."""
+        self.started = True
+        call = self._calls.setdefault(part.index, {"id": "", "name": "", "arguments": ""})
+        call["id"] = part.id or call["id"]
+        if part.function is not None:
+            call["name"] += part.function.name or ""
+            call["arguments"] += part.function.arguments or ""
+
+    def tool_calls(self) -> list[ToolCallRequest]:
+        return [
+            ToolCallRequest(call["id"] or f"call-{index}", call["name"], call["arguments"])
+            for index, call in sorted(self._calls.items())
+        ]
+
+
+def _wait_out_rate_limit(
+    exc: openai.OpenAIError,
+    request: ChatRequest,
+    limit: Any,
+    should_stop: Callable[[], bool],
+) -> None:
+    """Wait the Retry-After of an endpoint's 429: with everyone using its limit, else
+    alone. Raises LimitDeadline when the wait would outlast the run's deadline."""
+    wait = retry_after_seconds(getattr(getattr(exc, "response", None), "headers", None))
+    if request.deadline is not None and time.monotonic() + wait > request.deadline:
+        raise LimitDeadline(
+            "the LLM endpoint's rate limit (429) did not lift before the run's deadline"
+        ) from exc
+    if limit is not None:
+        hold_off(limit, wait)
+    else:
+        _sleep(wait, should_stop)
 
 
 def _egress_refusal(exc: BaseException) -> egress.EgressRefused | None:
