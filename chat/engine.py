@@ -259,80 +259,19 @@ def _settle_traced(
     cost: dict[str, Any],
     first_token_at,
 ) -> str:
-    outcome, content, error = answer.outcome, answer.content, answer.error
-    if outcome == "done":
-        ended = state.run_end(
-            run=run,
-            status=Run.Status.DONE,
-            content=content,
-            attempt=attempt,
-            usage=cost,
-            citations=answer.citations,
-            first_token_at=first_token_at,
-        )
-        if not ended:
-            return "lost"
-        release_database()  # remembering embeds: no connection held meanwhile
-        _remember_exchange(
-            run=run,
-            content=content,
-            question=answer.question,
-            question_id=answer.question_id,
-            question_vector=answer.question_vector,
-        )
-        return "done"
-    if outcome == "error":
-        ended = state.run_end(
-            run=run,
-            status=Run.Status.ERROR,
-            content=content,
-            error=error,
-            attempt=attempt,
-            usage=cost,
-            first_token_at=first_token_at,
-        )
-        if ended:
-            raise AgentRunFailed(f"run {run.id}: {error}")
-        return "lost"
+    outcome, content = answer.outcome, answer.content
+    if outcome in ("done", "error"):
+        return _end(run=run, attempt=attempt, answer=answer, cost=cost,
+                    first_token_at=first_token_at)  # fmt: skip
     if outcome == "waiting":
-        # Stored to wait (chat.suspend): no worker holds it until it is resumed.
-        suspended, event = answer.suspension
-        # Kept with it: the resumed run remembers the exchange without embedding again.
-        suspended["question_vector"] = answer.question_vector
-        waits = (
-            settings.RUN_APPROVAL_TIMEOUT_SECONDS
-            if suspended["reason"] == "approval"
-            else settings.AGENT_CALL_TIMEOUT_SECONDS
-        )
-        event["waiting_until"] = (timezone.now() + timedelta(seconds=waits)).isoformat()
-        stored = state.run_suspend(
-            run=run,
-            attempt=attempt,
-            suspended=suspended,
-            steps=answer.steps,
-            content=content,
-            waiting_until=timezone.now() + timedelta(seconds=waits),
-            event=event,
-            usage=cost,
-        )
-        if not stored:
-            return "lost"
-        if suspended["reason"] == "agents":
-            # A callee may have ended before its caller was stored: nobody else would
-            # resume it then.
-            caller_resume_if_answered(run_id=run.id)
-        return outcome
+        return _store_waiting(run=run, attempt=attempt, answer=answer, cost=cost)
     usage_record(**cost)
-    if outcome == "handed-back":
-        # The worker is shutting down: the run goes back to queued with its lease
-        # released, and the recovery pass dispatches it to a worker that runs on; its
-        # next start tells the client the answer starts over.
-        state.run_take_back(run=run, from_status=Run.Status.RUNNING, attempt=attempt)
-        return outcome
-    if outcome == "interrupted":
-        # Redis went away mid-answer: not the agent's failure. Queued again, the run is
-        # dispatched by the recovery pass once Redis is back, and its next start tells
-        # the client the answer starts over.
+    if outcome in ("handed-back", "interrupted"):
+        # handed-back: the worker is shutting down; interrupted: Redis went away
+        # mid-answer, not the agent's failure. Either way the run goes back to queued
+        # with its lease released, the recovery pass dispatches it to a worker that runs
+        # on (once Redis is back), and its next start tells the client the answer
+        # starts over.
         state.run_take_back(run=run, from_status=Run.Status.RUNNING, attempt=attempt)
         return outcome
     if outcome == "cancelled":
@@ -342,6 +281,66 @@ def _settle_traced(
         # Teardown may have removed the stream before our last events re-created it.
         redis.delete(streams.stream_key(run.session_id), streams.cancel_key(run.message_id))
     return outcome
+
+
+def _end(*, run: Run, attempt: int, answer: Answer, cost: dict[str, Any], first_token_at) -> str:
+    """The run ended done or in error ("lost" if another ended it first); a done
+    exchange is remembered, an error raised for the task to record."""
+    done = answer.outcome == "done"
+    ended = state.run_end(
+        run=run,
+        status=Run.Status.DONE if done else Run.Status.ERROR,
+        content=answer.content,
+        error="" if done else answer.error,
+        attempt=attempt,
+        usage=cost,
+        citations=answer.citations if done else None,
+        first_token_at=first_token_at,
+    )
+    if not ended:
+        return "lost"
+    if not done:
+        raise AgentRunFailed(f"run {run.id}: {answer.error}")
+    release_database()  # remembering embeds: no connection held meanwhile
+    _remember_exchange(
+        run=run,
+        content=answer.content,
+        question=answer.question,
+        question_id=answer.question_id,
+        question_vector=answer.question_vector,
+    )
+    return "done"
+
+
+def _store_waiting(*, run: Run, attempt: int, answer: Answer, cost: dict[str, Any]) -> str:
+    """The run stored to wait (chat.suspend): no worker holds it until it is resumed."""
+    suspended, event = answer.suspension
+    # Kept with it: the resumed run remembers the exchange without embedding again.
+    suspended["question_vector"] = answer.question_vector
+    waits = (
+        settings.RUN_APPROVAL_TIMEOUT_SECONDS
+        if suspended["reason"] == "approval"
+        else settings.AGENT_CALL_TIMEOUT_SECONDS
+    )
+    waiting_until = timezone.now() + timedelta(seconds=waits)
+    event["waiting_until"] = waiting_until.isoformat()
+    stored = state.run_suspend(
+        run=run,
+        attempt=attempt,
+        suspended=suspended,
+        steps=answer.steps,
+        content=answer.content,
+        waiting_until=waiting_until,
+        event=event,
+        usage=cost,
+    )
+    if not stored:
+        return "lost"
+    if suspended["reason"] == "agents":
+        # A callee may have ended before its caller was stored: nobody else would
+        # resume it then.
+        caller_resume_if_answered(run_id=run.id)
+    return "waiting"
 
 
 # --- Answering --------------------------------------------------------------------------
@@ -383,25 +382,14 @@ class _Stopper:
 def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) -> Answer:
     stop = _Stopper(project_id=run.session.project_id, held=held)
     parts: list[str] = []
-    question, question_vector = "", None
     try:
         prepared = _prepare(run=run, space=space)
         if prepared is None:
             return Answer("error", error="the agent no longer exists")
         question = prepared.question
         tools = tools_expand(prepared.tools, redis=redis, secrets=prepared.secrets)
-        # Embedded once: to search now (unless the agent searches by tool), and to
-        # remember the exchange by afterwards.
-        with span("context.embed_query"):
-            resumed = run.suspended or None
-            if resumed and resumed.get("question_vector"):
-                question_vector = resumed["question_vector"]  # embedded before it waited
-            else:
-                question_vector = (
-                    query_embed(question, project_id=run.session.project_id)
-                    if question.strip()
-                    else None
-                )
+        resumed = run.suspended or None
+        question_vector = _question_vector(run=run, question=question, resumed=resumed)
         # A resumed run goes on with the conversation it was stored with (context included).
         context, citations = (
             ([], [])
@@ -420,42 +408,11 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) ->
         )
         request = replace(request, deadline=stop.deadline)
         if resumed:
-            # The conversation as the model had it when the run waited, context included.
-            request = replace(request, messages=list(resumed["messages"]))
-            if resumed["content"]:
-                parts.append(resumed["content"])
-                if run.starts > 1:  # after message.restarted: the client gets it again
-                    streams.event_append(
-                        redis=redis,
-                        session_id=run.session_id,
-                        event_type=streams.MESSAGE_DELTA,
-                        data={
-                            "message_id": run.message_id,
-                            "delta": resumed["content"],
-                            "offset": 0,
-                        },
-                    )
-        loop = ToolLoop(
-            redis=redis,
-            run=run,
-            tools=tools,
-            scope=ToolScope(
-                user_id=space.user_id,
-                project_id=run.session.project_id,
-                agent_id=prepared.config["id"],
-                secrets=prepared.secrets,
-                run_id=str(run.id),
-                should_stop=stop,
-                deadline=stop.deadline,
-                params=dict(prepared.config.get("params") or {}),
-            ),
-            max_steps=int(
-                (prepared.config.get("params") or {}).get("max_steps", settings.TOOL_MAX_STEPS)
-            ),
-            stop=stop,
+            request = _resumed_request(request, run=run, resumed=resumed, redis=redis, parts=parts)
+        loop = _tool_loop(
+            run=run, space=space, prepared=prepared, tools=tools, redis=redis, stop=stop,
             usage=usage,
-            llm=prepared.llm,
-        )
+        )  # fmt: skip
         outcome = loop.run(request=request, parts=parts, resumed=resumed)
     except ProviderStopped:
         return stop.stopped("".join(parts))
@@ -480,6 +437,69 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) ->
         for hit in step.get("citations") or ()
     ]
     return answer
+
+
+def _question_vector(*, run: Run, question: str, resumed: dict | None) -> list[float] | None:
+    """The question embedded once: to search now (unless the agent searches by tool),
+    and to remember the exchange by afterwards. A resumed run kept the one it had."""
+    with span("context.embed_query"):
+        if resumed and resumed.get("question_vector"):
+            return resumed["question_vector"]
+        if not question.strip():
+            return None
+        return query_embed(question, project_id=run.session.project_id)
+
+
+def _resumed_request(
+    request: ChatRequest, *, run: Run, resumed: dict, redis: ScopedRedis, parts: list[str]
+) -> ChatRequest:
+    """The conversation as the model had it when the run waited, context included; what
+    the answer had said by then is its first part (sent again to a client that was told
+    the answer starts over)."""
+    if resumed["content"]:
+        parts.append(resumed["content"])
+        if run.starts > 1:  # after message.restarted: the client gets it again
+            streams.event_append(
+                redis=redis,
+                session_id=run.session_id,
+                event_type=streams.MESSAGE_DELTA,
+                data={"message_id": run.message_id, "delta": resumed["content"], "offset": 0},
+            )
+    return replace(request, messages=list(resumed["messages"]))
+
+
+def _tool_loop(
+    *,
+    run: Run,
+    space,
+    prepared: Prepared,
+    tools: list[ToolSpec],
+    redis: ScopedRedis,
+    stop: _Stopper,
+    usage: Usage,
+) -> ToolLoop:
+    """The loop that answers: provider turns and the agent's tool calls, in the run's
+    scope (its user, project, agent, secrets and deadline)."""
+    params = dict(prepared.config.get("params") or {})
+    return ToolLoop(
+        redis=redis,
+        run=run,
+        tools=tools,
+        scope=ToolScope(
+            user_id=space.user_id,
+            project_id=run.session.project_id,
+            agent_id=prepared.config["id"],
+            secrets=prepared.secrets,
+            run_id=str(run.id),
+            should_stop=stop,
+            deadline=stop.deadline,
+            params=params,
+        ),
+        max_steps=int(params.get("max_steps", settings.TOOL_MAX_STEPS)),
+        stop=stop,
+        usage=usage,
+        llm=prepared.llm,
+    )
 
 
 def _prepare(*, run: Run, space) -> Prepared | None:

@@ -199,19 +199,7 @@ class ToolLoop:
         """Make the step's calls (`decision`: the owner's on the calls of `approval`):
         an agent asked is a child run the loop does not wait for (it suspends once the
         other calls ran); the others run, in parallel."""
-        rejected = set(approval) if decision and not decision.get("approved") else set()
-        edits = (decision or {}).get("arguments") or {}
-        calls = [ToolCallRequest(c.id, c.name, edits.get(c.id, c.arguments)) for c in calls]
-        for entry in entries:
-            entry.update(status="started", attempt=self.run_.attempt)
-            if entry["call_id"] in edits:
-                entry.update(
-                    arguments=shorten_raw(
-                        scrub(edits[entry["call_id"]], self.scope.secrets),
-                        settings.TOOL_EVENT_MAX_CHARS,
-                    ),
-                    edited=True,
-                )
+        calls = self._decided(calls, entries, decision)
         if not self._save():
             return "stopped"
         if decision is None:
@@ -219,26 +207,9 @@ class ToolLoop:
                 data = {k: entry[k] for k in ("step", "call_id", "name", "arguments")}
                 if not self._event(streams.TOOL_CALL, data):
                     return "cancelled"
-        outcomes: dict[str, ToolOutcome] = {}
-        children: dict[str, str] = {}
-        to_run = []
-        for call in calls:
-            spec = self.tools.get(call.name)
-            if call.id in rejected:
-                reason = decision.get("reason") or "no reason given"
-                outcomes[call.id] = ToolOutcome(
-                    False, f"error: the owner rejected this call: {reason}"
-                )
-            elif spec is not None and spec.kind == "agent" and settings.AGENT_CALLS_SUSPEND:
-                started = self._agent_start(spec=spec, call=call)
-                if isinstance(started, ToolOutcome):
-                    outcomes[call.id] = started
-                else:
-                    children[call.id] = started
-            else:
-                to_run.append(call)
-        for call, outcome in zip(to_run, self._execute(to_run), strict=True):
-            outcomes[call.id] = outcome
+        rejected = set(approval) if decision and not decision.get("approved") else set()
+        reason = (decision or {}).get("reason") or "no reason given"
+        outcomes, children = self._outcomes(calls, rejected=rejected, reason=reason)
         for entry in entries:
             if entry["call_id"] in children:
                 entry.update(status="waiting", child_run_id=children[entry["call_id"]])
@@ -262,6 +233,54 @@ class ToolLoop:
         return [
             shorten_raw(outcomes[call.id].content, settings.TOOL_RESULT_MAX_CHARS) for call in calls
         ]
+
+    def _decided(
+        self,
+        calls: list[ToolCallRequest],
+        entries: list[dict[str, Any]],
+        decision: dict[str, Any] | None,
+    ) -> list[ToolCallRequest]:
+        """The calls with the owner's edits to their arguments; their entries started,
+        the edited ones marked and showing the edit (secrets scrubbed)."""
+        edits = (decision or {}).get("arguments") or {}
+        for entry in entries:
+            entry.update(status="started", attempt=self.run_.attempt)
+            if entry["call_id"] in edits:
+                entry.update(
+                    arguments=shorten_raw(
+                        scrub(edits[entry["call_id"]], self.scope.secrets),
+                        settings.TOOL_EVENT_MAX_CHARS,
+                    ),
+                    edited=True,
+                )
+        return [ToolCallRequest(c.id, c.name, edits.get(c.id, c.arguments)) for c in calls]
+
+    def _outcomes(
+        self, calls: list[ToolCallRequest], *, rejected: set[str], reason: str
+    ) -> tuple[dict[str, ToolOutcome], dict[str, str]]:
+        """Each call's outcome, and the child run of each agent asked: a rejected call
+        fails with the owner's reason, an agent asked starts its child run (unless it
+        cannot), the others run, in parallel."""
+        outcomes: dict[str, ToolOutcome] = {}
+        children: dict[str, str] = {}
+        to_run = []
+        for call in calls:
+            spec = self.tools.get(call.name)
+            if call.id in rejected:
+                outcomes[call.id] = ToolOutcome(
+                    False, f"error: the owner rejected this call: {reason}"
+                )
+            elif spec is not None and spec.kind == "agent" and settings.AGENT_CALLS_SUSPEND:
+                started = self._agent_start(spec=spec, call=call)
+                if isinstance(started, ToolOutcome):
+                    outcomes[call.id] = started
+                else:
+                    children[call.id] = started
+            else:
+                to_run.append(call)
+        for call, outcome in zip(to_run, self._execute(to_run), strict=True):
+            outcomes[call.id] = outcome
+        return outcomes, children
 
     def _resume(
         self,
