@@ -57,38 +57,15 @@ def context_job_add(
         return None  # gone with its workspace, or already ended
     if int(job.get("stored_documents", 0)) > start:
         return int(job["stored_documents"])  # a redelivered batch: already stored
-    if not _agent_exists(project_id=project_id, agent_id=agent_id):
-        job_records.job_finish(
-            redis=redis,
-            job_id=job_id,
-            fields={"status": "error", "error": "the agent no longer exists"},
-        )
-        return None
-    if (
-        job.get("document_id")
-        and not ContextDocument.objects.filter(id=job["document_id"]).exists()
+    if not _job_may_store(
+        redis=redis, job=job, user_id=user_id, project_id=project_id, agent_id=agent_id
     ):
-        # The document was deleted while it was being stored: drop what was stored.
-        _file_job_fail(redis=redis, job=job, user_id=user_id, project_id=project_id,
-                       error="the document was deleted")  # fmt: skip
         return None
-    documents = job_records.job_documents(
-        redis=redis, job_id=job_id, start=start, count=settings.INGEST_BATCH_DOCUMENTS
-    )
-    batch, chars = [], 0
-    for document in documents:
-        if batch and chars + len(document["text"]) > settings.INGEST_BATCH_CHARS:
-            break
-        batch.append(document)
-        chars += len(document["text"])
-    full = None if settings.QDRANT_URL else disk_space_problem(settings.QDRANT_PATH)
-    if full:
-        # Ended, not raised: a redelivered batch would fill the volume again (and the
-        # embedded engine dies of a full volume mid-write, taking the worker with it).
-        job_records.job_finish(
-            redis=redis, job_id=job_id, fields={"status": "error", "error": f"not stored: {full}"}
+    batch = _batch(
+        job_records.job_documents(
+            redis=redis, job_id=job_id, start=start, count=settings.INGEST_BATCH_DOCUMENTS
         )
-        return None
+    )
     if start == 0:
         job_records.job_update(redis=redis, job_id=job_id, fields={"status": "running"})
     started = time.perf_counter()
@@ -108,10 +85,10 @@ def context_job_add(
         if job.get("document_id"):  # nothing of a file is left half-stored
             _file_job_fail(redis=redis, job=job, user_id=user_id, project_id=project_id,
                            error=error)  # fmt: skip
-            return None
-        job_records.job_finish(
-            redis=redis, job_id=job_id, fields={"status": "error", "error": error}
-        )
+        else:
+            job_records.job_finish(
+                redis=redis, job_id=job_id, fields={"status": "error", "error": error}
+            )
         return None
     if chunks is None:
         return None  # the project was deleted: its teardown removes the rest
@@ -131,19 +108,62 @@ def context_job_add(
         "chunks": int(job.get("chunks", 0)) + chunks,
         "seconds": round(float(job.get("seconds", 0)) + time.perf_counter() - started, 4),
     }
-    if stored >= int(job.get("documents", 0)) or not batch:
-        if job.get("document_id"):
-            ContextDocument.objects.filter(id=job["document_id"]).update(
-                status=ContextDocument.Status.READY
-            )
+    if stored < int(job.get("documents", 0)) and batch:
+        job_records.job_update(redis=redis, job_id=job_id, fields=progress)
+        return stored
+    if job.get("document_id"):
+        ContextDocument.objects.filter(id=job["document_id"]).update(
+            status=ContextDocument.Status.READY
+        )
+    job_records.job_finish(
+        redis=redis,
+        job_id=job_id,
+        fields={**progress, "status": "done", "finished_at": time.time()},
+    )
+    return None
+
+
+def _job_may_store(
+    *, redis, job: dict[str, Any], user_id: int, project_id: uuid.UUID | str, agent_id: str
+) -> bool:
+    """Whether the job's next batch may be stored; when not (its agent or document
+    deleted, the store's volume full), the job ends in error here."""
+    job_id = job["id"]
+    if not _agent_exists(project_id=project_id, agent_id=agent_id):
         job_records.job_finish(
             redis=redis,
             job_id=job_id,
-            fields={**progress, "status": "done", "finished_at": time.time()},
+            fields={"status": "error", "error": "the agent no longer exists"},
         )
-        return None
-    job_records.job_update(redis=redis, job_id=job_id, fields=progress)
-    return stored
+        return False
+    if (
+        job.get("document_id")
+        and not ContextDocument.objects.filter(id=job["document_id"]).exists()
+    ):
+        # The document was deleted while it was being stored: drop what was stored.
+        _file_job_fail(redis=redis, job=job, user_id=user_id, project_id=project_id,
+                       error="the document was deleted")  # fmt: skip
+        return False
+    full = None if settings.QDRANT_URL else disk_space_problem(settings.QDRANT_PATH)
+    if full:
+        # Ended, not raised: a redelivered batch would fill the volume again (and the
+        # embedded engine dies of a full volume mid-write, taking the worker with it).
+        job_records.job_finish(
+            redis=redis, job_id=job_id, fields={"status": "error", "error": f"not stored: {full}"}
+        )
+        return False
+    return True
+
+
+def _batch(documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first documents that fit INGEST_BATCH_CHARS (at least one)."""
+    batch, chars = [], 0
+    for document in documents:
+        if batch and chars + len(document["text"]) > settings.INGEST_BATCH_CHARS:
+            break
+        batch.append(document)
+        chars += len(document["text"])
+    return batch
 
 
 def context_job_clear(
@@ -278,35 +298,9 @@ def context_file_ingest(
     ContextDocument.objects.filter(id=document_id).update(status=ContextDocument.Status.RUNNING)
     started = time.perf_counter()
     try:
-        data, url = job_records.job_file_get(redis=redis, job_id=job_id)
-        content_type = ""
-        if data is None:
-            if not url:
-                raise FileRefused("the file's bytes are gone (the job expired)")
-            data, content_type = _fetch(url)
-        kind = document.file_type or file_type(
-            name=document.source, content_type=content_type, head=data[:8]
-        )
-        if kind not in settings.CONTEXT_FILE_TYPES:
-            raise FileRefused(f"unsupported file type: {kind or 'unknown'}")
+        data, kind = _file_read(redis=redis, job_id=job_id, document=document)
         digest = document.content_hash or content_hash(data)
-        twin = (
-            ContextDocument.objects.filter(agent_id=agent_id, content_hash=digest)
-            .exclude(id=document_id)
-            .first()
-        )
-        if twin is not None:  # a URL whose bytes this agent already has
-            document.delete()
-            job_records.job_finish(
-                redis=redis,
-                job_id=job_id,
-                fields={
-                    "status": "done",
-                    "duplicate_of": str(twin.id),
-                    "chunks": 0,
-                    "finished_at": time.time(),
-                },  # fmt: skip
-            )
+        if _duplicate_ended(redis=redis, job_id=job_id, document=document, digest=digest):
             return False
         sections = parse(
             data,
@@ -329,26 +323,7 @@ def context_file_ingest(
         text="\n\n".join(s.text for s in sections),
     )
     job_records.job_documents_put(
-        redis=redis,
-        job_id=job_id,
-        documents=[
-            {
-                "text": chunk.text,
-                "metadata": {"source": document.source},
-                "point": document_point_key(document_id=document_id, index=chunk.index),
-                "cite": {
-                    key: value
-                    for key, value in (
-                        ("document_id", document_id),
-                        ("source", document.source),
-                        ("page", chunk.page),
-                        ("section", chunk.section),
-                    )
-                    if value is not None
-                },
-            }
-            for chunk in chunks
-        ],
+        redis=redis, job_id=job_id, documents=[_chunk_document(document, c) for c in chunks]
     )
     job_records.job_update(
         redis=redis,
@@ -360,6 +335,65 @@ def context_file_ingest(
         },
     )
     return True
+
+
+def _file_read(*, redis, job_id: str, document: ContextDocument) -> tuple[bytes, str]:
+    """A file job's bytes (kept with the job, else fetched from its URL) and its file
+    type; FileRefused when they are gone or of a type not taken."""
+    data, url = job_records.job_file_get(redis=redis, job_id=job_id)
+    content_type = ""
+    if data is None:
+        if not url:
+            raise FileRefused("the file's bytes are gone (the job expired)")
+        data, content_type = _fetch(url)
+    kind = document.file_type or file_type(
+        name=document.source, content_type=content_type, head=data[:8]
+    )
+    if kind not in settings.CONTEXT_FILE_TYPES:
+        raise FileRefused(f"unsupported file type: {kind or 'unknown'}")
+    return data, kind
+
+
+def _duplicate_ended(*, redis, job_id: str, document: ContextDocument, digest: str) -> bool:
+    """Whether the agent already has these bytes (a URL fetched to a known file): then
+    the new document goes and the job ends done, naming the one it duplicates."""
+    twin = (
+        ContextDocument.objects.filter(agent_id=document.agent_id, content_hash=digest)
+        .exclude(id=document.id)
+        .first()
+    )
+    if twin is None:
+        return False
+    document.delete()
+    job_records.job_finish(
+        redis=redis,
+        job_id=job_id,
+        fields={
+            "status": "done",
+            "duplicate_of": str(twin.id),
+            "chunks": 0,
+            "finished_at": time.time(),
+        },
+    )
+    return True
+
+
+def _chunk_document(document: ContextDocument, chunk) -> dict[str, Any]:
+    """One chunk of a file as a job's document: its text, its point's key, and what
+    cites it (document, source, page, section)."""
+    document_id = str(document.id)
+    cite = (
+        ("document_id", document_id),
+        ("source", document.source),
+        ("page", chunk.page),
+        ("section", chunk.section),
+    )
+    return {
+        "text": chunk.text,
+        "metadata": {"source": document.source},
+        "point": document_point_key(document_id=document_id, index=chunk.index),
+        "cite": {key: value for key, value in cite if value is not None},
+    }
 
 
 def document_forget(
