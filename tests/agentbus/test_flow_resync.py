@@ -4,8 +4,6 @@ database holds, drops what it does not, and never overwrites a newer save."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from django.conf import settings
 
@@ -15,6 +13,7 @@ from agentbus.queues import project_queue
 from projects.models import Project
 from projects.services import project_flow_update
 from tests.factories import ProjectFactory
+from tests.workers import wait_for
 from workspaces import tasks
 from workspaces.flow_sync import flow_rules_resync
 
@@ -50,9 +49,7 @@ def test_the_periodic_task_runs_on_a_worker(live_worker, user, redis_client):
     entry = settings.CELERY_BEAT_SCHEDULE["workspaces.flow_rules_resync"]
     assert entry["task"] == tasks.flow_rules_resync.name
     tasks.flow_rules_resync.delay()  # as beat sends it: the maintenance queue
-    deadline = time.monotonic() + 30
-    while _rules(redis_client, project) is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: _rules(redis_client, project) is not None, timeout=30)
     assert _rules(redis_client, project) == "4 2"
 
 

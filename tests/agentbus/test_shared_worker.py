@@ -16,6 +16,8 @@ from agentbus.active import ACTIVE_KEY, FOLLOW_COMMAND, UNFOLLOW_COMMAND
 from agentbus.guard import project_tombstone
 from agentbus.queues import MAINTENANCE_QUEUE, project_queue
 from agentbus.tasks import reap_idle_queues
+from agentbus.transport import unacked_queues
+from common.redis import broker_redis
 from config.celery_app import app
 from tests.agentbus import tasks
 from tests.agentbus.conftest import send, wait_for, worker_status
@@ -146,7 +148,9 @@ def test_the_reaper_retires_idle_queues_and_a_later_publish_revives_them(setting
     queue = project_queue(project_id)
     send(tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "a"})
     assert wait_for(lambda: tasks.effects("a"))
-    time.sleep(0.3)
+    # Acknowledged (the task acks late): a message in flight keeps its queue from the reaper.
+    assert wait_for(lambda: queue not in unacked_queues(broker_redis()))
+    time.sleep(0.3)  # idle past AGENTBUS_QUEUE_IDLE_SECONDS
 
     # Beat's task, through the maintenance queue, on the worker.
     reap_idle_queues.delay()
@@ -180,7 +184,9 @@ def test_no_task_is_stranded_while_the_reaper_races_producers(live_worker):
                 sent.append(
                     send(tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "race"})
                 )
-            time.sleep(0.3)
+            # An idle gap: it lasts until the reaper has retired the queue.
+            before = len(retirements)
+            assert wait_for(lambda before=before: len(retirements) > before, timeout=10)
         assert wait_for(lambda: len(tasks.effects("race")) == len(sent), timeout=10)
     finally:
         stop.set()

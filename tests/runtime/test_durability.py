@@ -87,6 +87,18 @@ def recover_until_finished(message_ids, timeout=60.0) -> None:
     )
 
 
+def aof_synced(server) -> None:
+    """Every write so far is on disk in the append-only file, when the server keeps one:
+    WAITAOF waits for this client's own last write, which the file holds after all the
+    writes that came before it."""
+    if server.mode != "aof":
+        return
+    client = server.client()
+    client.set("test:aof-mark", 1)
+    client.delete("test:aof-mark")
+    assert client.execute_command("WAITAOF", 1, 0, 10_000)[0] == 1
+
+
 def completions(session) -> dict[int, int]:
     counts: dict[int, int] = {}
     for _, kind, data in stream_events(_redis(), session.project, session.id):
@@ -146,7 +158,7 @@ def test_queued_messages_lost_with_redis_are_answered_once(own_redis, api, chat,
     # One answer at a time per session: the first is on the bus, the others wait for it.
     runs = Run.objects.filter(message_id__in=queued).order_by("created_at")
     assert [run.dispatched_at is not None for run in runs] == [True, False, False, False]
-    time.sleep(1.2)  # the append-only file syncs every second
+    aof_synced(own_redis)
     own_redis.kill()
     own_redis.start()
 
@@ -263,7 +275,14 @@ def test_an_answer_cut_off_by_redis_is_answered_once_it_is_back(
 
     wait_until(lambda: Message.objects.get(id=answer_id).status == "streaming", what="the answer")
     wait_until(held_by_the_worker, what="the second run received")
-    time.sleep(1.2)  # a few deltas out; the append-only file has the marks
+    wait_until(
+        lambda: any(
+            k == "message.delta" and d.get("message_id") == answer_id
+            for _, k, d in stream_events(_redis(), project, session.id)
+        ),
+        what="deltas out",
+    )
+    aof_synced(own_redis)  # the file has the marks
     own_redis.kill()
     wait_until(
         lambda: Run.objects.get(message_id=answer_id).status == "queued",
@@ -327,7 +346,11 @@ def test_cancel_stops_provider_retries(live_worker, api, user, fake_openai, runt
         what="the run let go",
     )
     calls = len(fake_openai.requests)
-    time.sleep(1.5)  # longer than the backoff between two tries
+    # The run's task has returned (Celery never retries it): no try of it can come now.
+    wait_until(
+        lambda: not worker_state.active_requests and not worker_state.reserved_requests,
+        what="the worker idle",
+    )
     assert len(fake_openai.requests) == calls  # no call after the cancel was seen
     assert Message.objects.get(id=answer_id).status == "cancelled"
 

@@ -180,13 +180,11 @@ def test_a_flood_of_one_projects_questions_does_not_fill_the_batch_another_waits
         embedder.query(text, tenant=tenant)
 
     def queued(n):  # n questions wait (0: the first one's batch is in the engine)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        def waiting():
             with embedder._waiting_lock:
-                if batches and len(embedder._waiting) == n:
-                    return
-            time.sleep(0.01)
-        raise AssertionError(f"{n} questions never queued")
+                return bool(batches) and len(embedder._waiting) == n
+
+        wait_until(waiting, timeout=30, what=f"{n} questions queued", interval=0.01)
 
     threads = [threading.Thread(target=ask, args=("a question 0", "a"))]
     threads[0].start()

@@ -287,7 +287,10 @@ def test_disconnects_leave_no_connections_or_generators_behind(asgi, user, sessi
     for _ in range(5):  # warm up: the async pool, the DB, uvicorn
         cycle()
     wait_until(settled, what="streams closed")
-    time.sleep(0.2)
+    # The counts are taken once the server has finished with every connection (their
+    # request tasks ended), not while the last warm-up's still winds down.
+    state = asgi.server.server_state
+    wait_until(lambda: not state.connections and not state.tasks, what="the server idle")
     clients_before = own_clients(redis_client)
     tasks_before = asgi.task_count()
 

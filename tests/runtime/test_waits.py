@@ -17,7 +17,7 @@ from config.settings import base
 from context import waits
 from realtime import auth, replies, streamhub
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
-from tests.runtime.conftest import threads_inside, token_for
+from tests.runtime.conftest import queued_task_names, threads_inside, token_for
 from tests.workers import shared_pool_worker, wait_until
 
 pytestmark = pytest.mark.slow
@@ -159,7 +159,11 @@ def test_another_users_search_and_stream_do_not_wait_behind_a_flood(asgi, user, 
     flood = [threading.Thread(target=search, args=(flooder, user, answered)) for _ in range(40)]
     for thread in flood:
         thread.start()
-    time.sleep(0.5)  # the flood is in: every one of A's searches is waiting
+    # The flood is in: every one of A's searches sent its task (nobody takes it) and waits.
+    wait_until(
+        lambda: queued_task_names(flooder.project_id).count("agents.search_context") == 40,
+        what="all 40 of A's searches waiting",
+    )
 
     events = (
         f"http://127.0.0.1:{asgi.port}/my/projects/{other.project_id}/chat/{session.id}/events/"
