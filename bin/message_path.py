@@ -7,7 +7,9 @@ up to its response, and the after-commit dispatch). Worker side: the run's task
 has a tool, so the tool loop is in the path. Every function call in every thread is
 seen (sys.setprofile / threading.setprofile); a file counts once it runs a function.
 A "double back" is a call from a file of a lower layer (README: the apps' layering)
-into a file of a higher one.
+into a file of a higher one that it imports; a call up into a file it does not import
+runs a callback it was handed (a middleware's next handler, a hook, a task's body),
+and is listed apart.
 
     bin/with-redis --ephemeral -- .venv/bin/python bin/message_path.py
 
@@ -16,6 +18,7 @@ Uses a throwaway SQLite database and Qdrant folder; offline provider and embedde
 
 from __future__ import annotations
 
+import ast
 import os
 import sys
 import tempfile
@@ -94,11 +97,36 @@ def main() -> None:
         ("web", web_files, web_backs),
         ("worker", worker_files, worker_backs),
     ):
-        print(f"{side}: {len(files)} files, {len(backs)} double back(s)")
+        imported = [(a, b) for a, b in backs if imports(a, b)]
+        print(
+            f"{side}: {len(files)} files, {len(imported)} double back(s), "
+            f"{len(backs) - len(imported)} callback(s) up"
+        )
         for name in files:
             print(f"  {name}")
         for caller, callee in backs:
-            print(f"  double back: {caller} -> {callee}")
+            kind = "double back" if (caller, callee) in imported else "callback up"
+            print(f"  {kind}: {caller} -> {callee}")
+
+
+def imports(caller: str, callee: str) -> bool:
+    """Whether the file `caller` imports the module of the file `callee` (anywhere in it,
+    functions included)."""
+    target = callee.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+    package = caller.removesuffix(".py").replace("/", ".").rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse((ROOT / caller).read_text())):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(parts + ([base] if base else []))
+            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        if target in names:
+            return True
+    return False
 
 
 def trace(action):
