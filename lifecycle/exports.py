@@ -580,6 +580,15 @@ def archive_validate(manifest: Any, files: dict[str, Rows]) -> None:
     """Raise ArchiveInvalid unless the archive is one this deployment can import whole:
     its format and version, each listed section's file and count, every record's schema,
     unique keys, and references that stay inside the archive."""
+    _manifest_check(manifest, files)
+    ids = _records_check(files)
+    _references_check(files, ids)
+    _context_check(files, ids, counts=manifest["counts"])
+
+
+def _manifest_check(manifest: Any, files: dict[str, Rows]) -> None:
+    """The manifest's shape, format and version; its sections known, each once, each
+    with its file holding as many records as it says, and no file of another section."""
     MANIFEST_SCHEMA(manifest, "manifest.json")
     if manifest["format"] != FORMAT or manifest["version"] != VERSION:
         fail("manifest.json", f"not a {FORMAT} of version {VERSION}")
@@ -596,6 +605,10 @@ def archive_validate(manifest: Any, files: dict[str, Rows]) -> None:
             fail("", f"no {name}.jsonl (the manifest lists it)")
         if name in counts and counts[name] != len(files[f"{name}.jsonl"]):
             fail(f"{name}.jsonl", "holds another number of records than the manifest says")
+
+
+def _records_check(files: dict[str, Rows]) -> dict[str, set[str]]:
+    """Every record to its section's schema and unique keys; the ids of each section."""
     ids: dict[str, set[str]] = {}
     for section in _SECTIONS.values():
         rows = files.get(f"{section.name}.jsonl", [])
@@ -604,6 +617,11 @@ def archive_validate(manifest: Any, files: dict[str, Rows]) -> None:
         for fields in section.unique:
             unique(rows, fields, f"{section.name}.jsonl")
         ids[section.name] = {str(r["id"]) for r in rows if "id" in r}
+    return ids
+
+
+def _references_check(files: dict[str, Rows], ids: dict[str, set[str]]) -> None:
+    """Every reference names a record of the archive; then each section's own check."""
     for section in _SECTIONS.values():
         rows = files.get(f"{section.name}.jsonl", [])
         for name, target in section.refs.items():
@@ -614,14 +632,20 @@ def archive_validate(manifest: Any, files: dict[str, Rows]) -> None:
                          f"names no record of {target}.jsonl")  # fmt: skip
         if section.check is not None:
             section.check(rows, files)
+
+
+def _context_check(files: dict[str, Rows], ids: dict[str, set[str]], *, counts: dict) -> None:
+    """Each context file belongs to an agent of the archive and holds documents only;
+    as many in all as the manifest says."""
     context = 0
     for name, documents in files.items():
-        if name.startswith("context/"):
-            if name[len("context/") : -len(".jsonl")] not in ids["agents"]:
-                fail(name, "the context of an agent not in the archive")
-            for i, document in enumerate(documents):
-                CONTEXT_DOCUMENT(document, f"{name} line {i + 1}")
-            context += len(documents)
+        if not name.startswith("context/"):
+            continue
+        if name[len("context/") : -len(".jsonl")] not in ids["agents"]:
+            fail(name, "the context of an agent not in the archive")
+        for i, document in enumerate(documents):
+            CONTEXT_DOCUMENT(document, f"{name} line {i + 1}")
+        context += len(documents)
     if "context" in counts and counts["context"] != context:
         fail("context/", "holds another number of documents than the manifest says")
 
