@@ -54,7 +54,7 @@ def validate_parameters_schema(value) -> None:
         raise ValidationError(f"Must be at most {MAX_SCHEMA_BYTES} bytes as JSON.")
     if value and value.get("type") != "object":
         raise ValidationError('Must describe an object: "type": "object".')
-    _check_schema_shape(value)
+    check_schema_shape(value)
     try:
         Draft202012Validator.check_schema(value)
     except SchemaError as exc:
@@ -66,7 +66,7 @@ def validate_parameters_schema(value) -> None:
         raise ValidationError("Not a valid JSON Schema: it nests too deeply.") from None
 
 
-def _check_schema_shape(schema: dict) -> None:
+def check_schema_shape(schema: dict) -> None:
     """What would make checking a call's arguments recurse without end or reach outside:
     nesting past MAX_SCHEMA_DEPTH, a `$ref` that is not to `#/$defs/<name>` (or
     `definitions`), dynamic references, and references that form a cycle."""

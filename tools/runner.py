@@ -15,12 +15,20 @@ from typing import Any
 from urllib.parse import quote, quote_plus
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import connection
 from jsonschema import Draft202012Validator
+from referencing import Registry
+from referencing.exceptions import Unresolvable
 
 from agents.memory import MemoryEditRefused, memory_edit_by_agent
 from agents.models import ProjectSecret, Tool
-from agents.tool_validation import AGENT_TOOL_PARAMETERS, BUILTIN_SPECS, TOOL_NAME
+from agents.tool_validation import (
+    AGENT_TOOL_PARAMETERS,
+    BUILTIN_SPECS,
+    TOOL_NAME,
+    check_schema_shape,
+)
 from context.sparse import agent_search_mode
 from context.vectors import citation, context_search, documents_store
 
@@ -29,6 +37,11 @@ from .mcp import SEPARATOR, mcp_call, mcp_tools_cached
 from .registry import tool_kind_executor
 
 logger = logging.getLogger(__name__)
+
+# Arguments are checked against their schema alone: a `$ref` that points outside it is
+# not resolved, never fetched (jsonschema's default would GET any URL, past the egress
+# guard, for a schema an MCP server lists).
+SCHEMA_REFS = Registry()
 
 SCRUBBED = "[secret]"
 # Secrets shorter than this are not scrubbed from text: they would match everywhere.
@@ -189,6 +202,12 @@ def tools_expand(specs: list[ToolSpec], *, redis, secrets: dict[str, str]) -> li
             name = f"{spec.name}{SEPARATOR}{remote['name']}"
             if not TOOL_NAME.match(name):
                 continue  # a name the model could not call
+            try:  # as a tool's own schema: no $ref outside it, no cycle, not too deep
+                check_schema_shape(remote["parameters"])
+            except (ValidationError, AttributeError, TypeError) as exc:
+                why = exc.messages[0] if isinstance(exc, ValidationError) else "malformed"
+                logger.warning("MCP tool %s left out: its schema: %s", name, why)
+                continue
             expanded.append(
                 ToolSpec(
                     name=name,
@@ -308,9 +327,12 @@ def arguments_problem(schema: dict[str, Any], args: dict[str, Any]) -> str:
     if not schema:
         return ""
     try:
-        error = next(iter(Draft202012Validator(schema).iter_errors(args)), None)
+        validator = Draft202012Validator(schema, registry=SCHEMA_REFS)
+        error = next(iter(validator.iter_errors(args)), None)
     except RecursionError:  # a schema stored before such schemas were refused, or MCP's
         return "the tool's parameters schema is recursive; it cannot be checked"
+    except Unresolvable as exc:
+        return f"the tool's parameters schema refers outside itself ({exc.ref!r})"
     if error is None:
         return ""
     where = "/".join(str(p) for p in error.path)
