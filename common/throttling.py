@@ -157,11 +157,16 @@ class MethodScopedThrottle(BaseThrottle):
 
     @staticmethod
     def ident(suffix: str, request, view) -> str | None:
+        user = request.user
+        if not (user and user.is_authenticated):
+            return None
         if suffix == "user":
-            user = request.user
-            return str(user.pk) if user and user.is_authenticated else None
+            return str(user.pk)
+        # A project's limit, per user: its owner's requests (every credential of the
+        # project acts as its owner) share one, and anyone else's, answered 404 after
+        # this check, fill a list of their own, never the owner's.
         project_id = getattr(view, "kwargs", {}).get("project_id")
-        return None if project_id is None else str(project_id)
+        return None if project_id is None else f"{project_id}_{user.pk}"
 
 
 class ScopedRatesThrottle(MethodScopedThrottle):

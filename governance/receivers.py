@@ -30,8 +30,12 @@ def project_counters_delete(*, project_id) -> int:
     keys = list(client.scan_iter(match=f"{KEY_NAMESPACE}:p:{project_id}:*", count=1000))
     if keys:
         client.unlink(*keys)
-    scopes = [s for s in api_settings.DEFAULT_THROTTLE_RATES if s.endswith("_project")]
-    cache.delete_many([f"throttle_{scope}_{project_id}" for scope in scopes])
+    # Its rate limits, one per user that was counted (common.throttling), in the cache.
+    limits = list(
+        client.scan_iter(match=cache.make_key(f"throttle_*_project_{project_id}_*"), count=1000)
+    )
+    if limits:
+        client.unlink(*limits)
     return len(keys)
 
 

@@ -48,6 +48,46 @@ def test_messages_per_project_are_limited_across_its_sessions(api, project, rate
     assert codes == [202, 202, 429]
 
 
+def test_a_projects_key_and_its_owner_share_the_projects_limit(api, project, rates):
+    """Every credential of a project acts as its owner: one project limit for all."""
+    rates(messages_project="2/min", messages_user="100/min")
+    session = ChatSessionFactory(agent=AgentFactory(project=project), project=project)
+    url = f"/my/projects/{project.id}/chat/{session.id}/messages/"
+    key = api.post(
+        f"/my/projects/{project.id}/keys/", {"name": "k", "scopes": ["chat"]}, format="json"
+    ).json()["key"]
+    by_key = APIClient()
+    by_key.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
+    codes = [
+        client.post(url, {"content": "hi"}, format="json").status_code
+        for client in (api, by_key, api, by_key)
+    ]
+    assert codes == [202, 202, 429, 429]
+
+
+def test_a_stranger_cannot_spend_a_projects_limit(api, other_api, session, rates):
+    """Another user's project is a 404, and it costs its owner nothing: anyone who knows
+    a project's id could otherwise keep its owner at 429."""
+    rates(messages_project="3/min", messages_user="1000/min")
+    url = f"/my/projects/{session.project_id}/chat/{session.id}/messages/"
+    for _ in range(3):  # as many as the limit: each one a 404, counted as theirs
+        assert other_api.post(url, {"content": "x"}, format="json").status_code == 404
+    codes = [api.post(url, {"content": f"m{i}"}, format="json").status_code for i in range(4)]
+    assert codes == [202, 202, 202, 429]
+
+
+def test_a_stranger_cannot_spend_a_projects_search_limit(api, other_api, agent, rates, settings):
+    """The same through the waiting search route (realtime.auth throttles as the view
+    would, before it reads the project)."""
+    settings.CONTEXT_SEARCH_TIMEOUT_SECONDS = 0.5  # no worker answers here: 503 is fine
+    rates(searches_project="2/min", searches_user="1000/min")
+    url = f"/my/projects/{agent.project_id}/agents/{agent.id}/context/?q=hello"
+    for _ in range(2):
+        assert other_api.get(url).status_code == 404
+    codes = [api.get(url).status_code for _ in range(3)]
+    assert 429 not in codes[:2] and codes[2] == 429
+
+
 def test_a_request_refused_by_one_limit_takes_nothing_from_the_others(api, project, rates):
     """The user's and the project's limits are checked together: a message the user's
     limit refuses uses none of the project's."""

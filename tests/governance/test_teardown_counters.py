@@ -24,7 +24,9 @@ def keys_naming(project_id) -> list[str]:
     return sorted(k.decode() if isinstance(k, bytes) else k for k in found)
 
 
-def test_teardown_leaves_no_quota_throttle_or_counter_key(live_worker, api, user, settings):
+def test_teardown_leaves_no_quota_throttle_or_counter_key(
+    live_worker, api, other_api, user, settings
+):
     framework = dict(django_settings.REST_FRAMEWORK)
     framework["DEFAULT_THROTTLE_RATES"] = {
         **framework["DEFAULT_THROTTLE_RATES"],
@@ -37,9 +39,13 @@ def test_teardown_leaves_no_quota_throttle_or_counter_key(live_worker, api, user
         session = ChatSessionFactory(agent=AgentFactory(project=project, model="offline"))
         url = f"/my/projects/{project.id}/chat/{session.id}/messages/"
         assert api.post(url, {"content": "hi"}, format="json").status_code == 202
+    # A stranger's tries (404) are limited apart from the owner's: their limit goes too.
+    stranger = f"/my/projects/{doomed.id}/chat/{session.id}/messages/"
+    assert other_api.post(stranger, {"content": "x"}, format="json").status_code == 404
     client = get_redis()
     assert list(client.scan_iter(match=f"gov:p:{doomed.id}:*"))  # the counters exist
-    assert any("throttle_messages_project" in k for k in keys_naming(doomed.id))
+    # The owner's limit and the stranger's, apart.
+    assert len([k for k in keys_naming(doomed.id) if "throttle_messages_project" in k]) == 2
 
     assert api.delete(f"/my/projects/{doomed.id}/").status_code == 204
     wait_until(
