@@ -12,10 +12,14 @@ time. After the call, `settle` corrects the tokens window with what the endpoint
 reported.
 
 Limits come from FLOW_LIMITS ({"<endpoint base URL or *>": {"rpm": n, "tpm": n}}).
+A project that calls with a key of its own (the deployment's endpoint or its own) has a
+window of its own under the same numbers: an endpoint limits each key, so its calls
+take nothing from the deployment's key, and a 429 that its key earns holds off only it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Callable
@@ -87,18 +91,24 @@ class SharedLimit:
     model: str
     rpm: int
     tpm: int
+    # A digest of the key the calls use when it is a project's own ("": the deployment's).
+    credential: str = ""
 
     @property
     def name(self) -> str:
-        return f"{self.endpoint}|{self.model}"
+        """The limit as stats and metrics name it: projects' own keys together."""
+        return f"{self.endpoint}|{self.model}" + ("|own key" if self.credential else "")
 
     def keys(self) -> list[str]:
-        base = PREFIX + self.name
+        base = PREFIX + f"{self.endpoint}|{self.model}"
+        if self.credential:
+            base += f"|key:{self.credential}"
         return [f"{base}:requests", f"{base}:tokens", f"{base}:blocked", STATS_KEY]
 
 
-def limit_for(endpoint: str, model: str) -> SharedLimit | None:
-    """The shared limit of an endpoint and model (FLOW_LIMITS), or None."""
+def limit_for(endpoint: str, model: str, *, own_key: str = "") -> SharedLimit | None:
+    """The shared limit of an endpoint and model (FLOW_LIMITS), or None; `own_key`: a
+    project's own key, whose calls are counted apart."""
     limits = settings.FLOW_LIMITS or {}
     endpoint = str(endpoint or "").rstrip("/")
     rule = limits.get(endpoint) or limits.get(endpoint + "/") or limits.get("*")
@@ -107,7 +117,10 @@ def limit_for(endpoint: str, model: str) -> SharedLimit | None:
     rpm, tpm = int(rule.get("rpm") or 0), int(rule.get("tpm") or 0)
     if rpm <= 0 and tpm <= 0:
         return None
-    return SharedLimit(endpoint=endpoint, model=model or "", rpm=rpm, tpm=tpm)
+    credential = hashlib.sha256(own_key.encode()).hexdigest()[:16] if own_key else ""
+    return SharedLimit(
+        endpoint=endpoint, model=model or "", rpm=rpm, tpm=tpm, credential=credential
+    )
 
 
 def estimate_tokens(text_length: int, completion: int = 0) -> int:

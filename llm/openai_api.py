@@ -88,10 +88,18 @@ class OpenAIProvider:
     name = "openai"
 
     def __init__(
-        self, client: Any, llm: ProjectLLM | None = None, *, project_endpoint: bool = False
+        self,
+        client: Any,
+        llm: ProjectLLM | None = None,
+        *,
+        project_endpoint: bool = False,
+        own_key: str = "",
     ) -> None:
         self._client = client
         self._llm = llm  # the project's model rules (governance), if it has any
+        # The project's own key, if the client calls with one: its calls have limits
+        # of their own (llm.limits).
+        self._own_key = own_key
         # A tenant's URL: its errors say that it failed, never what answered there.
         self._project_endpoint = project_endpoint
         # The token usage the endpoint reported for the last call, and the model asked
@@ -111,7 +119,7 @@ class OpenAIProvider:
             options["tools"] = request.tools
         tries = settings.LLM_MAX_RETRIES + 1
         # The endpoint's shared limit (llm.limits): a place in its window before each try.
-        limit = limit_for(str(self._client.base_url), model)
+        limit = limit_for(str(self._client.base_url), model, own_key=self._own_key)
         estimated = estimate_tokens(
             len(json.dumps(request.messages, default=str)), int(options.get("max_tokens") or 256)
         )

@@ -138,8 +138,8 @@ def get_provider(model: str, llm=None) -> Provider:
     if not llm.base_url:
         # The deployment's endpoint (the operator's) with the project's own key.
         client = project_openai_client(base_url=settings.OPENAI_BASE_URL, api_key=llm.api_key)
-        return OpenAIProvider(client, llm=llm)
+        return OpenAIProvider(client, llm=llm, own_key=llm.api_key)
     # The project's own endpoint: the deployment's key never goes there (its own key, or
     # none), and every connection leaves through the egress guard.
     client = project_openai_client(base_url=llm.base_url, api_key=llm.api_key, guarded=True)
-    return OpenAIProvider(client, llm=llm, project_endpoint=True)
+    return OpenAIProvider(client, llm=llm, project_endpoint=True, own_key=llm.api_key)

@@ -9,9 +9,10 @@ import time
 
 import pytest
 
-from llm.limits import STATS_KEY, LimitDeadline, limit_for, wait_for_turn
+from governance.providers import ProjectLLM
+from llm.limits import STATS_KEY, LimitDeadline, hold_off, limit_for, wait_for_turn
 from llm.openai_api import OpenAIProvider, openai_client
-from llm.providers import ChatRequest, ProviderError
+from llm.providers import ChatRequest, ProviderError, get_provider
 
 
 def _ask(model: str = "m", deadline: float | None = None) -> str:
@@ -108,3 +109,29 @@ def test_a_streamed_tool_call_is_counted_with_the_tokens_the_endpoint_reported(
     # Every entry is the call's own (its place's id), the correction included.
     assert len({e.split(":", 1)[0] for e in entries}) == 1
     assert entries[0].split(":", 1)[0] in redis_client.zrange(limit.keys()[0], 0, -1)
+
+
+def test_a_projects_own_key_is_limited_apart_from_the_deployments(
+    fake_openai, runtime_settings, redis_client
+):
+    """An endpoint limits each key: a project calling the deployment's endpoint with a
+    key of its own takes no place of the deployment's key, and a 429 its key earns holds
+    off only its own calls."""
+    runtime_settings.FLOW_LIMITS = {"*": {"rpm": 1}}
+    # What a run of a project with a key of its own gets (the deployment's endpoint).
+    tenant = get_provider("m", llm=ProjectLLM(api_key="project-key"))
+    request = ChatRequest(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert "".join(p for p in tenant.stream(request) if isinstance(p, str))
+    assert _ask(deadline=time.monotonic() + 0.3)  # the deployment's place is still free
+    ours = limit_for(fake_openai.base_url, "m", own_key="project-key")
+    deployment = limit_for(fake_openai.base_url, "m")
+    assert ours.keys()[0] != deployment.keys()[0] and "project-key" not in ours.keys()[0]
+    assert redis_client.zcard(ours.keys()[0]) == redis_client.zcard(deployment.keys()[0]) == 1
+
+    runtime_settings.FLOW_LIMITS = {"*": {"rpm": 1000}}
+    ours = limit_for(fake_openai.base_url, "m", own_key="project-key")
+    deployment = limit_for(fake_openai.base_url, "m")
+    hold_off(ours, 30)  # the project's key got a 429
+    wait_for_turn(deployment, tokens=1, deadline=time.monotonic() + 0.3)  # not held off
+    with pytest.raises(LimitDeadline):
+        wait_for_turn(ours, tokens=1, deadline=time.monotonic() + 0.3)
