@@ -79,7 +79,8 @@ class Answer:
     # The chunks the answer drew on (Message.citations).
     citations: list[dict[str, Any]] = field(default_factory=list)
     # outcome "waiting": what the run is stored with (chat.toolloop.ToolLoop.suspension)
-    # and its steps so far.
+    # and its steps so far; "handed-back", "interrupted": where its next start goes on
+    # from, if it made calls (ToolLoop.checkpoint, and no event).
     suspension: tuple[dict[str, Any], dict[str, Any]] | None = None
     steps: list[dict[str, Any]] = field(default_factory=list)
 
@@ -271,8 +272,13 @@ def _settle_traced(
         # mid-answer, not the agent's failure. Either way the run goes back to queued
         # with its lease released, the recovery pass dispatches it to a worker that runs
         # on (once Redis is back), and its next start tells the client the answer
-        # starts over.
-        state.run_take_back(run=run, from_status=Run.Status.RUNNING, attempt=attempt)
+        # starts over: from the last step whose calls were made, if any (chat.suspend).
+        checkpoint = answer.suspension[0] if answer.suspension else None
+        if checkpoint is not None:
+            checkpoint["question_vector"] = answer.question_vector
+        state.run_take_back(
+            run=run, from_status=Run.Status.RUNNING, attempt=attempt, suspended=checkpoint
+        )
         return outcome
     if outcome == "cancelled":
         # The canceller ends the run (or has); what was said before the cancel stays.
@@ -382,6 +388,7 @@ class _Stopper:
 def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) -> Answer:
     stop = _Stopper(project_id=run.session.project_id, held=held)
     parts: list[str] = []
+    loop = question_vector = None
     try:
         prepared = _prepare(run=run, space=space)
         if prepared is None:
@@ -415,14 +422,14 @@ def _answer(*, run: Run, held: Held, space, redis: ScopedRedis, usage: Usage) ->
         )  # fmt: skip
         outcome = loop.run(request=request, parts=parts, resumed=resumed)
     except ProviderStopped:
-        return stop.stopped("".join(parts))
+        return _given_back(stop.stopped("".join(parts)), loop, question_vector)
     except ProviderError as exc:
         if stop():  # e.g. its call timed out at the run's deadline: say why
-            return stop.stopped("".join(parts))
+            return _given_back(stop.stopped("".join(parts)), loop, question_vector)
         return Answer("error", "".join(parts), str(exc))
     except RedisError as exc:
         logger.warning("agent run %s interrupted, Redis unavailable: %r", run.id, exc)
-        return Answer("interrupted", "".join(parts))
+        return _given_back(Answer("interrupted", "".join(parts)), loop, question_vector)
     except Exception as exc:
         logger.exception("agent run %s failed", run.id)
         return Answer("error", "".join(parts), f"the agent run failed: {type(exc).__name__}")
@@ -595,8 +602,19 @@ def _loop_answer(
             f"the agent reached its step limit ({loop.max_steps}) without an answer",
         )
     if outcome != "done":
-        return stop.stopped(content)
+        return _given_back(stop.stopped(content), loop, question_vector)
     return Answer("done", content, question=question, question_vector=question_vector)
+
+
+def _given_back(
+    answer: Answer, loop: ToolLoop | None, question_vector: list[float] | None
+) -> Answer:
+    """A run given back to the queue keeps where its tool loop got to (the last step
+    whose calls were made), to go on from there."""
+    if answer.outcome in ("handed-back", "interrupted") and loop and loop.checkpoint:
+        answer.suspension = (loop.checkpoint, {})
+        answer.question_vector = question_vector
+    return answer
 
 
 def conversation(run: Run) -> tuple[list[tuple[str, str]], int | None]:

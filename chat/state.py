@@ -478,9 +478,16 @@ def run_resume(*, run_id: uuid.UUID | str, change) -> Run | None:
 # --- Take back --------------------------------------------------------------------------
 
 
-def run_take_back(*, run: Run, from_status: str, attempt: int | None = None) -> bool:
+def run_take_back(
+    *,
+    run: Run,
+    from_status: str,
+    attempt: int | None = None,
+    suspended: dict[str, Any] | None = None,
+) -> bool:
     """Put a run back to queued as a new attempt, for the recovery pass to dispatch:
-    True when this call took it (fenced on its status and dispatch generation)."""
+    True when this call took it (fenced on its status and dispatch generation).
+    `suspended`: the state its next start goes on from (chat.suspend, "handed-back")."""
     taken = Run.objects.filter(
         id=run.id, attempt=run.attempt if attempt is None else attempt, status=from_status
     ).update(
@@ -488,6 +495,7 @@ def run_take_back(*, run: Run, from_status: str, attempt: int | None = None) -> 
         attempt=F("attempt") + 1,
         lease_expires_at=None,
         dispatched_at=None,
+        **({"suspended": suspended} if suspended is not None else {}),
     )
     if not taken:
         return False

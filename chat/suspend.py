@@ -11,7 +11,7 @@ A run waits in two cases, both at a step of its tool loop (chat.toolloop):
 
 Waiting is status `waiting` with the run's state in `Run.suspended`:
 
-    reason      "approval" | "agents"
+    reason      "approval" | "agents" | "handed-back"
     step        the tool loop's step that asked for the calls
     messages    the conversation as sent to the model at that step
     said        what the model said in that step before its calls
@@ -27,6 +27,11 @@ dispatch onto the project's bus: the worker that takes it finishes the step from
 stored state (chat.engine) and goes on. Nothing holds a thread, a slot or a lease
 meanwhile, so the recovery pass leaves a waiting run alone but for its deadline, and for
 a caller whose children all ended while its resume was lost (`runs_waiting_recover`).
+
+The same state, reason "handed-back", is kept with a run its worker gave back (shutting
+down, or Redis away: chat.engine) after a step whose calls were made: queued again, it
+goes on from the step after them, their results known, so a call that may not be
+repeated is neither made twice nor a reason to give up.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 APPROVAL = "approval"
 AGENTS = "agents"
+HANDED_BACK = "handed-back"
 
 
 # --- Agent-to-agent calls: starting the callee ------------------------------------------

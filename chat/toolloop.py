@@ -29,7 +29,7 @@ from workspaces.redis import ScopedRedis
 from . import state, streams
 from .coalesce import DeltasStopped, coalesced
 from .models import Run
-from .suspend import AgentCallRefused, agent_call_start
+from .suspend import HANDED_BACK, AgentCallRefused, agent_call_start
 
 
 @dataclass
@@ -78,6 +78,10 @@ class ToolLoop:
         self.steps: list[dict[str, Any]] = list(run.steps or [])
         # Set when `run` returns "waiting": (the state to store, the run.waiting event).
         self.suspension: tuple[dict[str, Any], dict[str, Any]] | None = None
+        # After each step whose calls were made: the state a run handed back goes on
+        # from (stored as a suspension, reason HANDED_BACK), so its next start neither
+        # makes those calls again nor refuses to go on for fear it would.
+        self.checkpoint: dict[str, Any] | None = None
 
     def run(
         self, *, request: ChatRequest, parts: list[str], resumed: dict[str, Any] | None = None
@@ -118,6 +122,11 @@ class ToolLoop:
             results = self._call(step=step, calls=calls, request=request, said=said, parts=parts)
             if isinstance(results, str):
                 return results
+            known = {c.id: {"content": r} for c, r in zip(calls, results, strict=True)}
+            self.checkpoint = self._state(
+                reason=HANDED_BACK, step=step, calls=calls, request=request, said=said,
+                parts=parts, results=known,
+            )  # fmt: skip
             request = with_results(request, said=said, calls=calls, results=results)
         return "step-limit"
 
@@ -365,30 +374,11 @@ class ToolLoop:
         children: dict[str, str] | None = None,
     ) -> str:
         """Say what the run is to be stored with (chat.engine stores it): "waiting"."""
-        described = []
-        for call in calls:
-            spec = self.tools.get(call.name)
-            described.append(
-                {
-                    "id": call.id,
-                    "name": call.name,
-                    "arguments": call.arguments,
-                    "kind": spec.kind if spec else "",
-                    "parameters": spec.parameters if spec else {},
-                    "requires_approval": call.id in approval,
-                }
-            )
-        suspended = {
-            "reason": reason,
-            "step": step,
-            "messages": request.messages,
-            "said": said,
-            "content": "".join(parts),
-            "calls": described,
-            "approval": list(approval),
-            "results": results or {},
-            "children": children or {},
-        }
+        suspended = self._state(
+            reason=reason, step=step, calls=calls, request=request, said=said, parts=parts,
+            approval=approval, results=results, children=children,
+        )  # fmt: skip
+        described = suspended["calls"]
         # What the event (and a webhook) shows: the arguments without the secrets.
         event = {
             "reason": reason,
@@ -413,6 +403,46 @@ class ToolLoop:
         }
         self.suspension = (suspended, event)
         return "waiting"
+
+    def _state(
+        self,
+        *,
+        reason: str,
+        step: int,
+        calls: list[ToolCallRequest],
+        request: ChatRequest,
+        said: str,
+        parts: list[str],
+        approval: list[str] = (),
+        results: dict[str, Any] | None = None,
+        children: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """The run's state at `step` (`Run.suspended`): the conversation before the
+        step's calls, what was said, the calls, and what is known of their results."""
+        described = []
+        for call in calls:
+            spec = self.tools.get(call.name)
+            described.append(
+                {
+                    "id": call.id,
+                    "name": call.name,
+                    "arguments": call.arguments,
+                    "kind": spec.kind if spec else "",
+                    "parameters": spec.parameters if spec else {},
+                    "requires_approval": call.id in approval,
+                }
+            )
+        return {
+            "reason": reason,
+            "step": step,
+            "messages": request.messages,
+            "said": said,
+            "content": "".join(parts),
+            "calls": described,
+            "approval": list(approval),
+            "results": results or {},
+            "children": children or {},
+        }
 
     def _entry(self, *, step: int, call: ToolCallRequest) -> dict[str, Any]:
         """The step entry of a call about to start."""

@@ -1,7 +1,8 @@
 """SIGTERM hands work back: a worker as the Procfile starts it (threads pool,
 REMAP_SIGTERM=SIGQUIT, a soft-shutdown window) that is stopped while it streams answers
 from a slow endpoint stops them at a safe point within the window, puts them back to
-queued with their leases released, and exits; another worker answers them."""
+queued with their leases released, and exits; another worker answers them, going on
+from the last step whose tool calls were made."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import time
 import pytest
 
 from agentbus import MAINTENANCE_QUEUE
+from agents.models import Tool
 from chat.dispatch import runs_recover
 from chat.models import Message, Run
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
 from tests.runtime.conftest import stream_events
+from tests.runtime.tool_server import ToolServer
 from tests.workers import wait_for, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -92,3 +95,58 @@ def test_sigterm_hands_runs_in_flight_back_and_exits_within_the_window(
         assert answer.status == "done" and answer.content == "".join(fake_openai.tokens)
         kinds = [k for _, k, _ in stream_events(redis_client, project, session.id)]
         assert kinds.count("message.restarted") == 1 and kinds.count("message.completed") == 1
+
+
+def test_a_run_handed_back_after_a_call_not_to_repeat_goes_on_from_its_result(
+    api, user, worker_process, fake_openai, tmp_path, redis_client
+):
+    """SIGTERM while a run makes a call that may not be repeated (`safe_to_repeat`
+    false): the call ends inside the window, the run is handed back at the next safe
+    point keeping the call's result, and the next worker goes on from the step after it
+    (the call made once, the model told its result) instead of refusing to go on."""
+    tools = ToolServer().start()
+    tools.slow_seconds = 2  # well inside the window
+    try:
+        project = ProjectFactory(owner=user)
+        agent = AgentFactory(project=project, model="gpt-local")
+        Tool.objects.create(
+            agent=agent, kind="http", name="book", method="POST",
+            url_template=tools.url + "/slow", safe_to_repeat=False,
+        )  # fmt: skip
+        session = ChatSessionFactory(agent=agent, project=project)
+        fake_openai.turns = [{"tool_calls": [("book", {})]}]
+        env = {
+            "OPENAI_BASE_URL": fake_openai.base_url,
+            "OPENAI_API_KEY": "test-key",
+            "CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT": str(WINDOW),
+            "EGRESS_ALLOW_NETWORKS_TOOLS": "127.0.0.0/8",
+            "QDRANT_PATH": str(tmp_path / "qdrant"),
+        }
+        first = worker_process("-Q", MAINTENANCE_QUEUE, "-P", "threads", "-c", "4", env=env)
+        first.wait_started()
+        answer_id = post(api, session, "Book it.")
+        wait_until(lambda: len(tools.requests) == 1, what="the call in flight")
+        first.terminate()  # SIGTERM; REMAP_SIGTERM=SIGQUIT as in the Procfile
+        assert first.wait(WINDOW + 20) is not None, first.log()
+        run = Run.objects.get(message_id=answer_id)
+        assert run.status == "queued", (run.status, run.error, first.log())
+        assert (run.suspended["reason"], run.suspended["step"]) == ("handed-back", 1)
+        assert [c["name"] for c in run.suspended["calls"]] == ["book"]
+
+        second = worker_process("-Q", MAINTENANCE_QUEUE, "-P", "threads", "-c", "4", env=env)
+        second.wait_started()
+
+        def answered() -> bool:
+            runs_recover()  # beat's job
+            return Message.objects.get(id=answer_id).status in Message.FINISHED
+
+        assert wait_for(answered, timeout=60, interval=0.5)
+    finally:
+        tools.stop()
+    run = Run.objects.get(message_id=answer_id)
+    assert run.status == "done", run.error
+    assert len(tools.requests) == 1  # made once
+    # The model was asked again with the call's result in the conversation.
+    last = fake_openai.requests[-1]["body"]["messages"]
+    assert [m["role"] for m in last[-2:]] == ["assistant", "tool"]
+    assert last[-2]["tool_calls"][0]["function"]["name"] == "book"
