@@ -29,6 +29,10 @@
   tasks. Then one delivery probes it (`blocked_until` holds a probe lease); a success
   drains the rest. A dead endpoint holds at most one worker thread (its probe, up to
   WEBHOOK_TIMEOUT_SECONDS), never the live endpoints' drains.
+- **An attempt's answer has WEBHOOK_TIMEOUT_SECONDS in all.** urllib3's read timeout
+  bounds each read, so an endpoint that sends a byte now and then would hold an attempt
+  for as long as it liked; one thread per process (`_Deadlines`) shuts the connection of
+  an answer past its time, and the attempt fails as a timeout.
 - **Slow endpoints get parallel drains**: a drain whose full batch took longer than
   WEBHOOK_DRAIN_SPLIT_SECONDS starts another drain of the same endpoint. Each drain holds
   a slot of `webhooks:inflight:<id>` per lane; one finding fewer than its lanes free
@@ -41,8 +45,11 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import math
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -142,6 +149,97 @@ def kick_reset(*, owner_id, project_id, endpoint_id) -> None:
 # --- Connections ------------------------------------------------------------------------
 
 
+class _Deadlines:
+    """Shuts the connection of an answer that outlasts its time (granularity: GRAIN
+    seconds, so a burst of attempts wakes the thread a few times a second, not once
+    per attempt); the blocked read then fails."""
+
+    GRAIN = 0.25
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int]] = []
+        self._live: dict[int, urllib3.connection.HTTPConnection] = {}
+        self._tokens = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, conn: urllib3.connection.HTTPConnection, seconds: float) -> int:
+        token = next(self._tokens)
+        with self._cond:
+            self._live[token] = conn
+            heapq.heappush(self._heap, (time.monotonic() + seconds, token))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="webhook-deadlines", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+        return token
+
+    def done(self, token: int) -> bool:
+        """Whether the connection was cut (its time ran out before this)."""
+        with self._cond:
+            return self._live.pop(token, None) is None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap:
+                    self._cond.wait()
+                wait = self._heap[0][0] - time.monotonic()
+                if wait > 0:
+                    self._cond.wait(max(wait, self.GRAIN))
+                    continue
+                now, late = time.monotonic(), []
+                while self._heap and self._heap[0][0] <= now:
+                    conn = self._live.pop(heapq.heappop(self._heap)[1], None)
+                    if conn is not None:
+                        late.append(conn)
+            for conn in late:
+                try:
+                    if conn.sock is not None:
+                        conn.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # closed meanwhile
+
+
+_deadlines = _Deadlines()
+
+
+class _AnswerBounded:
+    """A connection whose answer (status, headers, body) must come within
+    WEBHOOK_TIMEOUT_SECONDS in all."""
+
+    def getresponse(self):
+        token = _deadlines.watch(self, settings.WEBHOOK_TIMEOUT_SECONDS)
+        try:
+            response = super().getresponse()
+        except Exception as exc:
+            if _deadlines.done(token):  # urllib3 reports it as a read timeout
+                raise TimeoutError("no whole answer in time") from exc
+            raise
+        if _deadlines.done(token):
+            # Cut: what was read may look whole (headers end at the end of the stream).
+            raise TimeoutError("no whole answer in time")
+        return response
+
+
+class _Connection(_AnswerBounded, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _TLSConnection(_AnswerBounded, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _Pool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _Connection
+
+
+class _TLSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _TLSConnection
+
+
 @dataclass
 class _Target:
     """An endpoint's kept-alive connections (a urllib3 pool to its checked address: a
@@ -194,12 +292,12 @@ class _Target:
             if self.scheme == "https":
                 # TLS to the checked address, with the endpoint's host as server name and
                 # certificate name.
-                self.pool = urllib3.HTTPSConnectionPool(
+                self.pool = _TLSPool(
                     address, self.port, server_hostname=self.host, assert_hostname=self.host,
                     cert_reqs="CERT_REQUIRED", ca_certs=certifi.where(), **common,
                 )  # fmt: skip
             else:
-                self.pool = urllib3.HTTPConnectionPool(address, self.port, **common)
+                self.pool = _Pool(address, self.port, **common)
             return self.pool
 
     def forget_address(self) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -403,3 +405,68 @@ def test_sends_in_flight_when_the_endpoint_fails_back_it_off_once(
         assert delivery.next_attempt_at == endpoint.blocked_until
     redis = scoped(session.project.owner_id, session.project_id)
     assert int(redis.get(f"webhooks:inflight:{hook['id']}")) == 0
+
+
+class _Trickler:
+    """An endpoint that reads the request, then answers a byte every `every` seconds
+    (each well within any read timeout) for `seconds`."""
+
+    def __init__(self, *, every: float, seconds: float) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
+        self.every, self.seconds = every, seconds
+        self.closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 204 No Content\r\nX-Slow: ")
+                ends = time.monotonic() + self.seconds
+                while time.monotonic() < ends and not self.closed.wait(self.every):
+                    conn.sendall(b"a")
+                conn.sendall(b"\r\n\r\n")
+            except OSError:
+                return  # cut by the client
+
+    def stop(self) -> None:
+        self.closed.set()
+        self.sock.close()
+
+
+def test_an_endpoint_that_answers_a_byte_at_a_time_is_cut_off_at_the_timeout(
+    api, session, settings
+):
+    """urllib3's read timeout bounds each read: an endpoint that keeps sending a byte
+    would hold its attempt (and a webhooks thread) for as long as it liked. The whole
+    answer has WEBHOOK_TIMEOUT_SECONDS."""
+    settings.EGRESS_ALLOW_NETWORKS = {**settings.EGRESS_ALLOW_NETWORKS, "webhooks": ["127.0.0.0/8"]}
+    settings.WEBHOOK_TIMEOUT_SECONDS = 1.0
+    trickler = _Trickler(every=0.3, seconds=30)
+    try:
+        hook = api.post(
+            _hooks_url(session.project), {"url": trickler.url, "events": ["run.completed"]},
+            format="json",
+        ).json()  # fmt: skip
+        _end_a_run(api, session)
+        started = time.monotonic()
+        assert endpoint_drain(endpoint_id=hook["id"])["failed"] == 1
+        took = time.monotonic() - started
+    finally:
+        trickler.stop()
+    assert took < 5, took  # its 1 s, give or take the checker's grain and a loaded machine
+    attempt = WebhookAttempt.objects.get(delivery__endpoint_id=hook["id"])
+    assert attempt.status_code is None and "timed out" in attempt.error, attempt.error
