@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 from typing import Any
 
@@ -67,6 +68,10 @@ def _problem(value: Any, depth: int = 1) -> str | None:
             found = _BAD_CHARACTERS.search(item)
             if found:
                 return _describe(found.group())
+        elif isinstance(item, float) and not math.isfinite(item):
+            # 1e309 parses as infinity: nothing downstream (JSON out, the vector store,
+            # PostgreSQL's jsonb) can hold it.
+            return "Numbers must fit a 64-bit float: one here is too large."
         elif isinstance(item, dict):
             for key, inner in item.items():
                 found = _BAD_CHARACTERS.search(key)

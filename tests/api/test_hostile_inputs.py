@@ -13,6 +13,7 @@ from agents.models import Agent
 from chat.models import ChatSession, Message
 from projects.models import Project
 from tests.factories import ChatSessionFactory
+from tests.runtime.conftest import queued_task_names
 
 pytestmark = pytest.mark.django_db
 
@@ -82,6 +83,22 @@ def test_nul_in_params_is_400(api, project):
     assert_400_naming(response, "params")
     assert "Null characters" in response.json()["params"][0]
     assert not Agent.objects.exists()
+
+
+@pytest.mark.parametrize("number", ["1e309", "-1e400"])
+def test_a_number_too_large_for_a_float_is_400_and_queues_nothing(api, project, number):
+    """1e309 parses as infinity, which nothing downstream can hold (the vector store
+    failed the whole ingest job on it, after a 202)."""
+    agent = Agent.objects.create(project=project, name="a")
+    url = f"/my/projects/{project.id}/agents/{agent.id}/context/"
+    body = (
+        '{"documents": ["The office cat is called Barsik.", '
+        '{"text": "Invoices are paid on the fifth.", "metadata": {"n": ' + number + "}}]}"
+    )
+    response = post_raw(api, url, body)
+    assert_400_naming(response, "documents")
+    assert "64-bit float" in response.json()["documents"][0]
+    assert queued_task_names(project.id) == []  # no ingest was queued
 
 
 def test_nul_in_a_params_key_is_400(api, project):
