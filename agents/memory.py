@@ -19,6 +19,7 @@ from django.dispatch import Signal
 from projects.services import project_lock_for_write
 
 from .models import Agent, MemoryBlock, MemoryChange
+from .selectors import agent_lock_for_write
 from .versions import agent_version_record, version_section_register
 
 # Sent after commit: agent_id, label, action, actor, run_id.
@@ -82,6 +83,7 @@ def _changed(
 @transaction.atomic
 def memory_block_create(*, agent: Agent, data: dict[str, Any], actor: str = "owner") -> MemoryBlock:
     project_lock_for_write(project_id=agent.project_id)
+    agent_lock_for_write(agent_id=agent.id)
     block = MemoryBlock.objects.create(
         agent=agent, **{k: v for k, v in data.items() if k in MEMORY_FIELDS}
     )

@@ -9,9 +9,21 @@ from django.db.models import QuerySet
 from django.http import Http404
 
 from common.selectors import get_or_404
+from common.services import row_lock_for_write
 from projects.models import Project
 
 from .models import Agent, MemoryBlock, MemoryChange, ProjectSecret, Tool
+
+
+def agent_lock_for_write(*, agent_id) -> Agent:
+    """Call in a transaction that adds to an agent (a version, a tool, a session, a
+    memory block), after project_lock_for_write: holds it until commit against a
+    concurrent delete, which then waits and deletes what was added. Returns the locked
+    row; Http404 if the agent was deleted first."""
+    locked = row_lock_for_write(Agent, agent_id)
+    if locked is None:
+        raise Http404("No such agent.")
+    return locked
 
 
 def agent_list(*, project: Project) -> QuerySet[Agent]:

@@ -13,6 +13,7 @@ from projects.services import project_lock_for_write
 from workspaces.services import workspace_agent_sync_on_commit
 
 from .models import Agent, AgentVersion, ProjectSecret, Tool
+from .selectors import agent_lock_for_write
 from .signals import agent_deleted
 from .versions import agent_restore_rollback_unsafe, agent_version_record
 
@@ -47,8 +48,7 @@ def agent_create(
 @transaction.atomic
 def agent_update(*, agent: Agent, data: dict[str, Any]) -> Agent:
     project_lock_for_write(project_id=agent.project_id)
-    if not Agent.objects.filter(id=agent.id).exists():
-        raise Http404("No such agent.")  # deleted meanwhile
+    agent_lock_for_write(agent_id=agent.id)
     agent, changed = model_update(instance=agent, fields=AGENT_FIELDS, data=data)
     if changed:
         agent_version_record(agent=agent)
@@ -77,8 +77,11 @@ def agent_version_rollback(
 def agent_delete(*, agent: Agent) -> None:
     project = project_lock_for_write(project_id=agent.project_id)
     agent_id = agent.id
-    if not Agent.objects.filter(id=agent_id).delete()[0]:
+    # Held first: writers adding to it (agent_lock_for_write) have committed, and what
+    # they added is among what the delete collects.
+    if not Agent.objects.select_for_update().filter(id=agent_id).exists():
         raise Http404("No such agent.")  # deleted meanwhile
+    Agent.objects.filter(id=agent_id).delete()
     workspace_agent_sync_on_commit(project_id=project.id, agent_id=agent_id)
     # Its context goes too (context.receivers); if this is lost, the collections sweep
     # finds the stray.
@@ -111,8 +114,7 @@ TOOL_FIELDS = (
 def tool_create(*, agent: Agent, data: dict[str, Any]) -> Tool:
     """Give the agent a tool (validated by the caller: agents.apis.tools.tool_check)."""
     project_lock_for_write(project_id=agent.project_id)
-    if not Agent.objects.filter(id=agent.id).exists():
-        raise Http404("No such agent.")  # deleted meanwhile
+    agent_lock_for_write(agent_id=agent.id)
     fields = {k: v for k, v in data.items() if k in TOOL_FIELDS}
     if fields.get("timeout_seconds", "") is None:
         del fields["timeout_seconds"]

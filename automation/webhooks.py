@@ -29,11 +29,13 @@ from datetime import datetime
 
 from django.db import transaction
 from django.db.models import Exists, OuterRef, Q
+from django.http import Http404
 from django.utils import timezone
 
 from common.egress import WEBHOOKS, EgressRefused, check_url
 from common.services import on_commit_robust
 from projects.models import Project
+from projects.services import project_lock_for_write
 
 from .delivery import endpoints_kick, kick_reset, signature_headers
 from .models import WebhookDelivery, WebhookEndpoint
@@ -82,13 +84,23 @@ def webhook_create(
     *, project: Project, url: str, events: list[str], description: str = ""
 ) -> WebhookEndpoint:
     """A new endpoint with a fresh secret (the caller shows it once)."""
-    return WebhookEndpoint.objects.create(
-        project=project,
-        url=url_valid(url),
-        events=sorted(set(events)),
-        description=description,
-        secret=secret_new(),
-    )
+    url = url_valid(url)
+    with transaction.atomic():
+        project_lock_for_write(project_id=project.id)  # a 404 if a delete came first
+        return WebhookEndpoint.objects.create(
+            project=project,
+            url=url,
+            events=sorted(set(events)),
+            description=description,
+            secret=secret_new(),
+        )
+
+
+def _endpoint_locked(endpoint: WebhookEndpoint) -> None:
+    """Hold the endpoint's row until commit (inside a transaction); a 404 if it was
+    deleted meanwhile."""
+    if not WebhookEndpoint.objects.select_for_update().filter(id=endpoint.id).exists():
+        raise Http404("No such webhook endpoint.")
 
 
 def webhook_update(*, endpoint: WebhookEndpoint, data: dict) -> WebhookEndpoint:
@@ -104,7 +116,9 @@ def webhook_update(*, endpoint: WebhookEndpoint, data: dict) -> WebhookEndpoint:
         endpoint.consecutive_failures, endpoint.blocked_until = 0, None
         fields += ["consecutive_failures", "blocked_until"]
     if fields:
-        endpoint.save(update_fields=fields)
+        with transaction.atomic():
+            _endpoint_locked(endpoint)
+            endpoint.save(update_fields=fields)
     if data.get("enabled"):
         project = endpoint.project
         kick_reset(owner_id=project.owner_id, project_id=project.id, endpoint_id=endpoint.id)
@@ -118,7 +132,9 @@ def webhook_delete(*, endpoint: WebhookEndpoint) -> None:
 
 def webhook_secret_rotate(*, endpoint: WebhookEndpoint) -> WebhookEndpoint:
     endpoint.secret = secret_new()
-    endpoint.save(update_fields=["secret"])
+    with transaction.atomic():
+        _endpoint_locked(endpoint)
+        endpoint.save(update_fields=["secret"])
     return endpoint
 
 

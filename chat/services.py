@@ -10,6 +10,7 @@ from django.db import transaction
 from django.http import Http404
 
 from agents.models import Agent, AgentVersion
+from agents.selectors import agent_lock_for_write
 from common.exceptions import Conflict
 from common.services import on_commit_robust
 from governance.usage import usage_admit
@@ -39,8 +40,7 @@ def session_create(
     if agent_version is not None and agent_version.agent_id != agent.id:
         raise ValueError("the version belongs to another agent")
     project_lock_for_write(project_id=project.id)
-    if not Agent.objects.filter(id=agent.id).exists():
-        raise Http404("No such agent.")  # deleted meanwhile
+    agent_lock_for_write(agent_id=agent.id)
     return ChatSession.objects.create(
         project=project, agent=agent, title=title, agent_version=agent_version
     )

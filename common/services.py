@@ -5,9 +5,25 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from django.db import models, transaction
+from django.db import connection, models, transaction
 
 M = TypeVar("M", bound=models.Model)
+
+
+def row_lock_for_write(model: type[M], pk: Any) -> M | None:
+    """The row `pk` of `model`, held until the transaction ends against a concurrent
+    delete, which then waits and sees what this transaction added under it; None if it
+    was deleted first. On PostgreSQL the lock is FOR KEY SHARE: it blocks a delete (FOR
+    UPDATE) but not other writers (FOR NO KEY UPDATE, all Django spells, would queue
+    every writer behind the last)."""
+    if connection.vendor == "postgresql":
+        table = connection.ops.quote_name(model._meta.db_table)
+        column = connection.ops.quote_name(model._meta.pk.column)
+        sql = f"SELECT * FROM {table} WHERE {column} = %s FOR KEY SHARE"
+        found = list(model._default_manager.raw(sql, [pk]))
+        return found[0] if found else None
+    # SQLite: one writer at a time anyway
+    return model._default_manager.select_for_update(no_key=True).filter(pk=pk).first()
 
 
 def model_update(

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from projects.models import Project
+from projects.services import project_lock_for_write
 
 from .keys import SHOWN_PREFIX_LENGTH, key_generate, key_hash
 from .models import ProjectApiKey, ProviderSettings
@@ -24,14 +26,16 @@ def api_key_create(
     """A new key for the project; returns it and the key itself, which is not stored
     (only its hash) and cannot be shown again."""
     raw = key_generate()
-    key = ProjectApiKey.objects.create(
-        project=project,
-        name=name,
-        prefix=raw[:SHOWN_PREFIX_LENGTH],
-        key_hash=key_hash(raw),
-        scopes=sorted(set(scopes)),
-        created_by=created_by,
-    )
+    with transaction.atomic():
+        project_lock_for_write(project_id=project.id)  # a 404 if a delete came first
+        key = ProjectApiKey.objects.create(
+            project=project,
+            name=name,
+            prefix=raw[:SHOWN_PREFIX_LENGTH],
+            key_hash=key_hash(raw),
+            scopes=sorted(set(scopes)),
+            created_by=created_by,
+        )
     return key, raw
 
 
@@ -82,11 +86,13 @@ def provider_settings_update(
     """Replace the project's provider settings (an empty field falls back to the
     deployment's). `api_key`: KEEP leaves it, "" removes it, else it is stored
     encrypted."""
-    found, _ = ProviderSettings.objects.get_or_create(project=project)
-    found.base_url = base_url
-    found.default_model = default_model
-    found.allowed_models = list(dict.fromkeys(allowed_models))
-    if api_key is not KEEP:
-        found.api_key_encrypted = secret_encrypt(api_key)
-    found.save()
+    with transaction.atomic():
+        project_lock_for_write(project_id=project.id)  # a 404 if a delete came first
+        found, _ = ProviderSettings.objects.get_or_create(project=project)
+        found.base_url = base_url
+        found.default_model = default_model
+        found.allowed_models = list(dict.fromkeys(allowed_models))
+        if api_key is not KEEP:
+            found.api_key_encrypted = secret_encrypt(api_key)
+        found.save()
     return found

@@ -41,6 +41,7 @@ from context.services import context_documents_add
 from context.vectors import context_documents
 from governance.models import RunUsage, UsageDaily
 from projects.models import Project
+from projects.services import project_lock_for_write
 
 from .archive_schema import (
     MAX_CONTEXT_TEXT,
@@ -655,6 +656,7 @@ def _context_check(files: dict[str, Rows], ids: dict[str, set[str]], *, counts: 
 
 @transaction.atomic
 def export_start(*, project: Project, owner) -> ArchiveJob:
+    project_lock_for_write(project_id=project.id)  # a 404 if a delete came first
     job = ArchiveJob.objects.create(kind=ArchiveJob.Kind.EXPORT, owner=owner, project=project)
     # On the project's bus: the worker that runs it holds the vector store (context).
     transaction.on_commit(

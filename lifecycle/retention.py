@@ -35,6 +35,7 @@ from chat.state import runs_steps_forget
 from governance.models import EmbeddingUsage, RunUsage
 from governance.rollups import usage_rollup_chunk
 from projects.models import Project
+from projects.services import project_lock_for_write
 from workspaces.redis import scoped
 
 from .models import RetentionPolicy, RetentionReport
@@ -200,6 +201,7 @@ def retention_effective(*, policy: RetentionPolicy | None) -> dict[str, int]:
 @transaction.atomic
 def retention_policy_set(*, project: Project, data: dict[str, int | None]) -> RetentionPolicy:
     """Set the project's own periods (the fields given; null: the deployment's)."""
+    project_lock_for_write(project_id=project.id)  # a 404 if a delete came first
     policy, _ = RetentionPolicy.objects.select_for_update().get_or_create(project=project)
     for name, value in data.items():
         if name in RetentionPolicy.KINDS:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.db import connection, transaction
+from django.db import transaction
 from django.http import Http404
 
-from common.services import model_update, on_commit_robust
+from common.services import model_update, on_commit_robust, row_lock_for_write
 
 from .models import Project
 from .signals import project_flow_changed
@@ -20,7 +20,9 @@ def project_create(*, owner, name: str, description: str = "") -> Project:
 
 
 def project_update(*, project: Project, data: dict[str, Any]) -> Project:
-    project, _ = model_update(instance=project, fields=PROJECT_FIELDS, data=data)
+    with transaction.atomic():
+        project_lock_for_write(project_id=project.id)  # a 404 if a delete came first
+        project, _ = model_update(instance=project, fields=PROJECT_FIELDS, data=data)
     return project
 
 
@@ -74,14 +76,7 @@ def project_lock_for_write(*, project_id) -> Project:
     On PostgreSQL the lock is FOR KEY SHARE: it blocks the delete (FOR UPDATE) but not
     other writers, so a burst of messages to one project is not taken one at a time
     (FOR NO KEY UPDATE, all Django spells, would queue every one behind the last)."""
-    if connection.vendor == "postgresql":
-        table = connection.ops.quote_name(Project._meta.db_table)
-        found = list(
-            Project.objects.raw(f"SELECT * FROM {table} WHERE id = %s FOR KEY SHARE", [project_id])
-        )
-        locked = found[0] if found else None
-    else:  # SQLite: one writer at a time anyway
-        locked = Project.objects.select_for_update(no_key=True).filter(id=project_id).first()
+    locked = row_lock_for_write(Project, project_id)
     if locked is None:
         raise Http404("No such project.")
     return locked
