@@ -99,6 +99,7 @@ class ToolLoop:
             results = self._resume(resumed, calls=calls, request=request, parts=parts)
             if isinstance(results, str):
                 return results
+            self._checkpoint(resumed["step"], calls, request, resumed["said"], parts, results)
             request = with_results(request, said=resumed["said"], calls=calls, results=results)
             first = resumed["step"] + 1
         for step in range(first, self.max_steps + 1):
@@ -122,11 +123,7 @@ class ToolLoop:
             results = self._call(step=step, calls=calls, request=request, said=said, parts=parts)
             if isinstance(results, str):
                 return results
-            known = {c.id: {"content": r} for c, r in zip(calls, results, strict=True)}
-            self.checkpoint = self._state(
-                reason=HANDED_BACK, step=step, calls=calls, request=request, said=said,
-                parts=parts, results=known,
-            )  # fmt: skip
+            self._checkpoint(step, calls, request, said, parts, results)
             request = with_results(request, said=said, calls=calls, results=results)
         return "step-limit"
 
@@ -403,6 +400,23 @@ class ToolLoop:
         }
         self.suspension = (suspended, event)
         return "waiting"
+
+    def _checkpoint(
+        self,
+        step: int,
+        calls: list[ToolCallRequest],
+        request: ChatRequest,
+        said: str,
+        parts: list[str],
+        results: list[str],
+    ) -> None:
+        """The step's calls were made (or, resumed, their results are in): a run given
+        back from here goes on from the next step."""
+        known = {c.id: {"content": r} for c, r in zip(calls, results, strict=True)}
+        self.checkpoint = self._state(
+            reason=HANDED_BACK, step=step, calls=calls, request=request, said=said,
+            parts=parts, results=known,
+        )  # fmt: skip
 
     def _state(
         self,

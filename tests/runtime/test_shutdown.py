@@ -97,13 +97,15 @@ def test_sigterm_hands_runs_in_flight_back_and_exits_within_the_window(
         assert kinds.count("message.restarted") == 1 and kinds.count("message.completed") == 1
 
 
+@pytest.mark.parametrize("approved", [False, True], ids=["called", "approved-then-called"])
 def test_a_run_handed_back_after_a_call_not_to_repeat_goes_on_from_its_result(
-    api, user, worker_process, fake_openai, tmp_path, redis_client
+    api, user, worker_process, fake_openai, tmp_path, redis_client, approved
 ):
     """SIGTERM while a run makes a call that may not be repeated (`safe_to_repeat`
-    false): the call ends inside the window, the run is handed back at the next safe
-    point keeping the call's result, and the next worker goes on from the step after it
-    (the call made once, the model told its result) instead of refusing to go on."""
+    false; or one its owner approved, the run resumed to make it): the call ends inside
+    the window, the run is handed back at the next safe point keeping the call's result,
+    and the next worker goes on from the step after it (the call made once, the model
+    told its result) instead of refusing to go on."""
     tools = ToolServer().start()
     tools.slow_seconds = 2  # well inside the window
     try:
@@ -111,7 +113,7 @@ def test_a_run_handed_back_after_a_call_not_to_repeat_goes_on_from_its_result(
         agent = AgentFactory(project=project, model="gpt-local")
         Tool.objects.create(
             agent=agent, kind="http", name="book", method="POST",
-            url_template=tools.url + "/slow", safe_to_repeat=False,
+            url_template=tools.url + "/slow", safe_to_repeat=False, requires_approval=approved,
         )  # fmt: skip
         session = ChatSessionFactory(agent=agent, project=project)
         fake_openai.turns = [{"tool_calls": [("book", {})]}]
@@ -125,6 +127,14 @@ def test_a_run_handed_back_after_a_call_not_to_repeat_goes_on_from_its_result(
         first = worker_process("-Q", MAINTENANCE_QUEUE, "-P", "threads", "-c", "4", env=env)
         first.wait_started()
         answer_id = post(api, session, "Book it.")
+        if approved:
+            wait_until(
+                lambda: Run.objects.get(message_id=answer_id).status == "waiting",
+                what="the call awaiting approval",
+            )
+            run = Run.objects.get(message_id=answer_id)
+            approve = f"/my/projects/{project.id}/runs/{run.id}/approve/"
+            assert api.post(approve, {}, format="json").status_code == 202
         wait_until(lambda: len(tools.requests) == 1, what="the call in flight")
         first.terminate()  # SIGTERM; REMAP_SIGTERM=SIGQUIT as in the Procfile
         assert first.wait(WINDOW + 20) is not None, first.log()
