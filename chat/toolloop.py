@@ -183,8 +183,10 @@ class ToolLoop:
                 if not self._event(streams.TOOL_CALL, data):
                     return "cancelled"
             return self._suspend(
-                reason="approval", step=step, calls=calls, request=request, said=said,
-                parts=parts, approval=pending,
+                self._state(
+                    reason="approval", step=step, calls=calls, request=request, said=said,
+                    parts=parts, approval=pending,
+                )
             )  # fmt: skip
         return self._run_calls(
             step=step, calls=calls, entries=entries, request=request, said=said, parts=parts
@@ -231,8 +233,10 @@ class ToolLoop:
                 for call_id, o in outcomes.items()
             }
             return self._suspend(
-                reason="agents", step=step, calls=calls, request=request, said=said,
-                parts=parts, results=results, children=children,
+                self._state(
+                    reason="agents", step=step, calls=calls, request=request, said=said,
+                    parts=parts, results=results, children=children,
+                )
             )  # fmt: skip
         if not self._save():
             return "stopped"
@@ -357,29 +361,14 @@ class ToolLoop:
             release_database()
         return str(child.id)
 
-    def _suspend(
-        self,
-        *,
-        reason: str,
-        step: int,
-        calls: list[ToolCallRequest],
-        request: ChatRequest,
-        said: str,
-        parts: list[str],
-        approval: list[str] = (),
-        results: dict[str, Any] | None = None,
-        children: dict[str, str] | None = None,
-    ) -> str:
-        """Say what the run is to be stored with (chat.engine stores it): "waiting"."""
-        suspended = self._state(
-            reason=reason, step=step, calls=calls, request=request, said=said, parts=parts,
-            approval=approval, results=results, children=children,
-        )  # fmt: skip
-        described = suspended["calls"]
+    def _suspend(self, suspended: dict[str, Any]) -> str:
+        """Say what the run is to be stored with (`suspended`: `_state`; chat.engine
+        stores it): "waiting"."""
+        described, children = suspended["calls"], suspended["children"]
         # What the event (and a webhook) shows: the arguments without the secrets.
         event = {
-            "reason": reason,
-            "step": step,
+            "reason": suspended["reason"],
+            "step": suspended["step"],
             "calls": [
                 {
                     "call_id": call["id"],
@@ -389,11 +378,7 @@ class ToolLoop:
                         settings.TOOL_EVENT_MAX_CHARS,
                     ),
                     "requires_approval": call["requires_approval"],
-                    **(
-                        {"child_run_id": (children or {})[call["id"]]}
-                        if call["id"] in (children or {})
-                        else {}
-                    ),
+                    **({"child_run_id": children[call["id"]]} if call["id"] in children else {}),
                 }
                 for call in described
             ],
