@@ -64,9 +64,7 @@ def agent_version_rollback(
     v1, v2, v3 rolled back to v1 gives v4 equal to v1). Returns the new version and the
     tools that could not come back (their target agent was deleted since)."""
     project_lock_for_write(project_id=agent.project_id)
-    agent = Agent.objects.filter(id=agent.id).first()
-    if agent is None:
-        raise Http404("No such agent.")  # deleted meanwhile
+    agent = agent_lock_for_write(agent_id=agent.id)
     skipped = agent_restore_rollback_unsafe(agent=agent, version=version)
     new = agent_version_record(agent=agent, restored_from=version.number, force=True)
     workspace_agent_sync_on_commit(project_id=agent.project_id, agent_id=agent.id)
@@ -128,6 +126,7 @@ def tool_create(*, agent: Agent, data: dict[str, Any]) -> Tool:
 @transaction.atomic
 def tool_update(*, tool: Tool, data: dict[str, Any]) -> Tool:
     project_lock_for_write(project_id=tool.agent.project_id)
+    agent_lock_for_write(agent_id=tool.agent_id)  # its delete takes the tool too
     if not Tool.objects.filter(id=tool.id).exists():
         raise Http404("No such tool.")  # deleted meanwhile
     tool, changed = model_update(instance=tool, fields=TOOL_FIELDS, data=data)

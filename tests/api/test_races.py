@@ -14,7 +14,7 @@ from django.db import connection
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from agents.models import Agent
+from agents.models import Agent, Tool
 from automation.models import WebhookEndpoint
 from tests.factories import AgentFactory, ProjectFactory
 
@@ -74,8 +74,11 @@ def _world(user) -> dict:
         format="json",
     )
     assert webhook.status_code == 201, webhook.content
+    tool = Tool.objects.create(agent=agent, kind="builtin", name="search_context")
     base = f"/my/projects/{project.id}"
-    return {"base": base, "p": project.id, "a": agent.id, "w": webhook.json()["id"]}
+    return {
+        "base": base, "p": project.id, "a": agent.id, "w": webhook.json()["id"], "t": tool.id,
+    }  # fmt: skip
 
 
 def _until_500(user, first, second, check=None):
@@ -143,6 +146,9 @@ AGENT_WRITES = {
         {"kind": "builtin", "name": "add_context"},
         format="json",
     ),  # fmt: skip
+    "PATCH tool": lambda c, w: c.patch(
+        f"{w['base']}/agents/{w['a']}/tools/{w['t']}/", {"description": "changed"}, format="json"
+    ),
     "POST memory": lambda c, w: c.post(
         f"{w['base']}/agents/{w['a']}/memory/", {"label": "notes", "value": "x"}, format="json"
     ),
