@@ -49,6 +49,7 @@ import heapq
 import itertools
 import logging
 import math
+import os
 import socket
 import threading
 import time
@@ -157,6 +158,11 @@ class _Deadlines:
     GRAIN = 0.25
 
     def __init__(self) -> None:
+        self._reset()
+        # A forked child has no thread of its parent's: it starts its own.
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
         self._cond = threading.Condition()
         self._heap: list[tuple[float, int]] = []
         self._live: dict[int, urllib3.connection.HTTPConnection] = {}
