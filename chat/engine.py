@@ -79,10 +79,12 @@ class Answer:
     # The chunks the answer drew on (Message.citations).
     citations: list[dict[str, Any]] = field(default_factory=list)
     # outcome "waiting": what the run is stored with (chat.toolloop.ToolLoop.suspension)
-    # and its steps so far; "handed-back", "interrupted": where its next start goes on
-    # from, if it made calls (ToolLoop.checkpoint, and no event).
+    # and its steps so far.
     suspension: tuple[dict[str, Any], dict[str, Any]] | None = None
     steps: list[dict[str, Any]] = field(default_factory=list)
+    # outcome "handed-back", "interrupted": where its next start goes on from, if it
+    # made calls (ToolLoop.checkpoint, with the question's vector).
+    checkpoint: dict[str, Any] | None = None
 
 
 @dataclass
@@ -273,11 +275,8 @@ def _settle_traced(
         # with its lease released, the recovery pass dispatches it to a worker that runs
         # on (once Redis is back), and its next start tells the client the answer
         # starts over: from the last step whose calls were made, if any (chat.suspend).
-        checkpoint = answer.suspension[0] if answer.suspension else None
-        if checkpoint is not None:
-            checkpoint["question_vector"] = answer.question_vector
         state.run_take_back(
-            run=run, from_status=Run.Status.RUNNING, attempt=attempt, suspended=checkpoint
+            run=run, from_status=Run.Status.RUNNING, attempt=attempt, suspended=answer.checkpoint
         )
         return outcome
     if outcome == "cancelled":
@@ -612,8 +611,8 @@ def _given_back(
     """A run given back to the queue keeps where its tool loop got to (the last step
     whose calls were made), to go on from there."""
     if answer.outcome in ("handed-back", "interrupted") and loop and loop.checkpoint:
-        answer.suspension = (loop.checkpoint, {})
-        answer.question_vector = question_vector
+        # Kept with it: the next start remembers the exchange without embedding again.
+        answer.checkpoint = {**loop.checkpoint, "question_vector": question_vector}
     return answer
 
 

@@ -71,11 +71,9 @@ def project_lock_for_write(*, project_id) -> Project:
     """Call at the start of a transaction that adds to the project (an agent, a session,
     a message): holds the project until commit against a concurrent delete, which then
     waits for this write and deletes what it added. Returns the locked row; raises
-    Http404 if the project was deleted first.
-
-    On PostgreSQL the lock is FOR KEY SHARE: it blocks the delete (FOR UPDATE) but not
-    other writers, so a burst of messages to one project is not taken one at a time
-    (FOR NO KEY UPDATE, all Django spells, would queue every one behind the last)."""
+    Http404 if the project was deleted first. The lock (common.services.
+    row_lock_for_write) does not queue writers behind each other: a burst of messages to
+    one project is not taken one at a time."""
     locked = row_lock_for_write(Project, project_id)
     if locked is None:
         raise Http404("No such project.")
