@@ -24,6 +24,7 @@ from .chunking import document_point_key
 from .embeddings import get_embedder
 from .files import chunk_sections, parse
 from .filetypes import FileRefused, content_hash, file_type
+from .job_records import ENDED
 from .models import ContextDocument
 from .vectors import (
     citation,
@@ -42,10 +43,17 @@ def _agent_exists(*, project_id: uuid.UUID | str, agent_id: str) -> bool:
 
 
 def context_job_add(
-    *, user_id: int, project_id: uuid.UUID | str, agent_id: str, job_id: str, start: int
+    *,
+    user_id: int,
+    project_id: uuid.UUID | str,
+    agent_id: str,
+    job_id: str,
+    start: int,
+    step: str = "",
 ) -> int | None:
     """Store one batch of a job's documents, from `start`; returns where the next batch
-    starts, or None when the job has ended.
+    starts, or None when the job has ended (or `step` is no longer the job's step owed:
+    the recovery pass sent it again, job_records).
 
     Batches are short (at most INGEST_BATCH_DOCUMENTS documents, INGEST_BATCH_CHARS of
     text), so a long ingest gives the worker back between them (other projects' work
@@ -53,8 +61,8 @@ def context_job_add(
     """
     redis = scoped(user_id, project_id)
     job = job_records.job_get(redis=redis, job_id=job_id)
-    if job is None or job.get("status") in ("done", "error"):
-        return None  # gone with its workspace, or already ended
+    if job is None or job.get("status") in ENDED or not job_records.step_owed(job, step):
+        return None  # gone with its workspace, ended, or its step sent again since
     if int(job.get("stored_documents", 0)) > start:
         return int(job["stored_documents"])  # a redelivered batch: already stored
     if not _job_may_store(
@@ -276,16 +284,25 @@ def _fetch(url: str) -> tuple[bytes, str]:
 
 
 def context_file_ingest(
-    *, user_id: int, project_id: uuid.UUID | str, agent_id: str, job_id: str, document_id: str
+    *,
+    user_id: int,
+    project_id: uuid.UUID | str,
+    agent_id: str,
+    job_id: str,
+    document_id: str,
+    step: str = "",
 ) -> bool:
     """Parse a file job's file into chunks (by its structure) and queue them as the
     job's documents; True when the chunks are to be stored (context_job_add's batches
     follow on the bus), False when the job ended here (a bad file: its error says why;
-    the same bytes already ingested: nothing added)."""
+    the same bytes already ingested: nothing added) or `step` is no longer its step owed
+    (context_job_add)."""
     redis = scoped(user_id, project_id)
     job = job_records.job_get(redis=redis, job_id=job_id)
-    if job is None or job.get("status") != "queued":
-        return False  # gone with its workspace, or a redelivery of a parsed job
+    if job is None or job.get("status") in ENDED or not job_records.step_owed(job, step):
+        return False  # gone with its workspace, ended, or its step sent again since
+    if "documents" in job:
+        return True  # parsed by a worker lost before it sent the batches on
     document = ContextDocument.objects.filter(id=document_id, agent_id=agent_id).first()
     if document is None:
         job_records.job_finish(
@@ -323,11 +340,9 @@ def context_file_ingest(
         text="\n\n".join(s.text for s in sections),
     )
     job_records.job_documents_put(
-        redis=redis, job_id=job_id, documents=[_chunk_document(document, c) for c in chunks]
-    )
-    job_records.job_update(
         redis=redis,
         job_id=job_id,
+        documents=[_chunk_document(document, c) for c in chunks],
         fields={
             "documents": len(chunks),
             "pages": pages or 0,

@@ -1,25 +1,33 @@
 """How the context app plugs into the others: a torn-down project's or a deleted agent's
-vector context goes with it, a worker that can neither open nor reach the embedded store
-refuses to start, and a stopping worker releases the store."""
+vector context goes with it (and its jobs leave the recovery index), a worker that can
+neither open nor reach the embedded store refuses to start, a stopping worker releases
+the store, and a worker says which ingest steps it received."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
-from celery.signals import celeryd_after_setup
+from celery.signals import celeryd_after_setup, task_received
 from django.conf import settings
 from django.dispatch import receiver
 
-from agentbus import publish
+from agentbus import publish, worker_identity
 from agentbus.queues import runs_project_tasks
 from agents.signals import agent_deleted
 from common.lifecycle import on_shutdown
+from workspaces.redis import scoped
 from workspaces.signals import workspace_teardown
 
-from .tasks import drop_collection
+from . import job_records
+from .tasks import add_context, drop_collection, ingest_file
 from .vectors import project_collections_drop
 from .vectorstore import close_vector_store, get_vector_store
+
+logger = logging.getLogger(__name__)
+
+STEP_TASKS = frozenset({add_context.name, ingest_file.name})
 
 
 @receiver(workspace_teardown, dispatch_uid="context.collections_on_teardown")
@@ -27,6 +35,34 @@ def drop_collections_on_teardown(sender, *, user_id, project_id, **kwargs) -> No
     # Teardown runs on a worker, where the store is open. It deletes by the project's
     # filter and checks that nothing is left; raising retries the teardown.
     project_collections_drop(user_id=user_id, project_id=project_id)
+
+
+@receiver(workspace_teardown, dispatch_uid="context.jobs_on_teardown")
+def forget_jobs_on_teardown(sender, *, user_id, project_id, **kwargs) -> None:
+    job_records.index_forget_workspace(scoped(user_id, project_id))
+
+
+def mark_step_received(sender=None, request=None, **kwargs) -> None:
+    """An ingest step's task left the queue for this worker: if the worker dies, the
+    recovery pass (context.recovery) sees whose it was instead of waiting out the
+    broker's visibility timeout."""
+    if request is None or request.name not in STEP_TASKS:
+        return
+    try:
+        task_kwargs = request.kwargs
+        job_records.step_received(
+            redis=scoped(task_kwargs["user_id"], task_kwargs["project_id"]),
+            job_id=task_kwargs["job_id"],
+            step=task_kwargs.get("step", ""),
+            worker=worker_identity(request.hostname),
+        )
+    except Exception:
+        # Still "on the queue", the step is found once the queue is empty; a mark must
+        # never fail the delivery.
+        logger.warning("could not mark an ingest step received", exc_info=True)
+
+
+task_received.connect(mark_step_received, weak=False, dispatch_uid="context.step_received")
 
 
 @receiver(agent_deleted, dispatch_uid="context.collection_on_agent_deleted")

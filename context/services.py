@@ -53,7 +53,11 @@ def _context_job_start(
     Both need Redis: while it is down this raises (a 503), having written nothing."""
     project = agent.project
     job_id = str(uuid.uuid4())
-    job_create(
+    kwargs = {"user_id": project.owner_id, "agent_id": str(agent.id), "job_id": job_id}
+    # An ingest goes step by step (context.recovery sends a lost step again); a clear is
+    # one task, idempotent.
+    step = (task.name, {**kwargs, "start": 0}) if kind == "add" else None
+    token = job_create(
         redis=scoped(project.owner_id, project.id),
         job_id=job_id,
         fields={
@@ -65,12 +69,9 @@ def _context_job_start(
             **(fields or {}),
         },
         documents=documents,
+        step=step,
     )
-    publish(
-        task,
-        project_id=project.id,
-        kwargs={"user_id": project.owner_id, "agent_id": str(agent.id), "job_id": job_id},
-    )
+    publish(task, project_id=project.id, kwargs={**step[1], "step": token} if step else kwargs)
     return job_id
 
 
@@ -150,7 +151,13 @@ def context_file_add(
             size_bytes=len(data) if data is not None else 0,
             job_id=job_id,
         )
-        job_create(
+        kwargs = {
+            "user_id": project.owner_id,
+            "agent_id": str(agent.id),
+            "job_id": job_id,
+            "document_id": str(document.id),
+        }
+        token = job_create(
             redis=redis,
             job_id=job_id,
             fields={
@@ -161,15 +168,12 @@ def context_file_add(
                 "status": "queued",
                 "created_at": time.time(),
             },
+            step=(ingest_file.name, kwargs),
         )
         job_file_put(redis=redis, job_id=job_id, data=data, url=url)
-        kwargs = {
-            "user_id": project.owner_id,
-            "agent_id": str(agent.id),
-            "job_id": job_id,
-            "document_id": str(document.id),
-        }
-        transaction.on_commit(lambda: publish(ingest_file, project_id=project.id, kwargs=kwargs))
+        transaction.on_commit(
+            lambda: publish(ingest_file, project_id=project.id, kwargs={**kwargs, "step": token})
+        )
     return document, True
 
 

@@ -9,13 +9,13 @@ published under, so messages already queued still find their task.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 
 from celery import shared_task
 from django.conf import settings
 
-from agentbus import AgentBusTask, ProjectGone, publish
+from agentbus import AgentBusTask
+from workspaces.redis import scoped
 
 from .jobs import (
     context_file_ingest,
@@ -24,6 +24,7 @@ from .jobs import (
     context_search_reply,
     document_forget,
 )
+from .recovery import jobs_recover, step_publish
 from .vectors import collection_drop, collections_sweep
 
 # Dropping a collection only fails while the vector store is down: retry.
@@ -41,9 +42,19 @@ _ingest_slots = threading.BoundedSemaphore(settings.INGEST_CONCURRENCY)
 
 
 # Bulk work: served after the project's chat answers, never starved (agentbus.flow).
+# An ingest job's tasks are its steps (context.job_records): each carries the step's
+# token (`step`; "" for jobs from before steps), and sends the next step through
+# step_publish, which sends nothing once the recovery pass has sent this step again.
 @shared_task(base=AgentBusTask, bind=True, name="agents.add_context", max_retries=None, lane="bulk")
 def add_context(
-    self, *, user_id: int, project_id: str, agent_id: str, job_id: str, start: int = 0
+    self,
+    *,
+    user_id: int,
+    project_id: str,
+    agent_id: str,
+    job_id: str,
+    start: int = 0,
+    step: str = "",
 ) -> int | None:
     """One batch of an ingest job; the next batch goes to the back of the project's
     queue, behind whatever other work is waiting. While this process already stores
@@ -51,14 +62,13 @@ def add_context(
     slot an interactive run may need."""
     if not _ingest_slots.acquire(blocking=False):
         raise self.retry(countdown=settings.INGEST_REQUEUE_SECONDS)
+    ids = {"user_id": user_id, "agent_id": agent_id, "job_id": job_id}
     try:
-        ids = {"user_id": user_id, "agent_id": agent_id, "job_id": job_id}
-        following = context_job_add(project_id=project_id, start=start, **ids)
+        following = context_job_add(project_id=project_id, start=start, step=step, **ids)
     finally:
         _ingest_slots.release()
     if following is not None:
-        with contextlib.suppress(ProjectGone):  # deleted meanwhile: nothing more to do
-            publish(self, project_id=project_id, kwargs={**ids, "start": following}, lane=self.lane)
+        _next_step(self, project_id=project_id, after=step, kwargs={**ids, "start": following})
     return following
 
 
@@ -66,22 +76,41 @@ def add_context(
     base=AgentBusTask, bind=True, name="context.ingest_file", max_retries=None, lane="bulk"
 )
 def ingest_file(
-    self, *, user_id: int, project_id: str, agent_id: str, job_id: str, document_id: str
+    self,
+    *,
+    user_id: int,
+    project_id: str,
+    agent_id: str,
+    job_id: str,
+    document_id: str,
+    step: str = "",
 ) -> bool:
     """Parse a file job's file (bulk work, like add_context: it takes an ingest slot or
     goes back to the queue); its chunks are then stored by add_context's batches, each
     a task of its own at the back of the project's queue."""
     if not _ingest_slots.acquire(blocking=False):
         raise self.retry(countdown=settings.INGEST_REQUEUE_SECONDS)
+    ids = {"user_id": user_id, "agent_id": agent_id, "job_id": job_id}
     try:
-        ids = {"user_id": user_id, "agent_id": agent_id, "job_id": job_id}
-        parsed = context_file_ingest(project_id=project_id, document_id=document_id, **ids)
+        parsed = context_file_ingest(
+            project_id=project_id, document_id=document_id, step=step, **ids
+        )
     finally:
         _ingest_slots.release()
     if parsed:
-        with contextlib.suppress(ProjectGone):  # deleted meanwhile: nothing more to do
-            publish(add_context, project_id=project_id, kwargs={**ids, "start": 0})
+        _next_step(add_context, project_id=project_id, after=step, kwargs={**ids, "start": 0})
     return parsed
+
+
+def _next_step(task, *, project_id: str, after: str, kwargs: dict) -> None:
+    step_publish(
+        task,
+        redis=scoped(kwargs["user_id"], project_id),
+        project_id=project_id,
+        job_id=kwargs["job_id"],
+        after=after,
+        kwargs=kwargs,
+    )
 
 
 @shared_task(base=AgentBusTask, bind=True, name="context.forget_document", **STORE_RETRY)
@@ -125,6 +154,13 @@ def search_context(
 @shared_task(base=AgentBusTask, bind=True, name="agents.drop_collection", **STORE_RETRY)
 def drop_collection(self, *, user_id: int, project_id: str, agent_id: str) -> bool:
     return collection_drop(user_id=user_id, project_id=project_id, agent_id=agent_id)
+
+
+@shared_task(name="context.recover_jobs", ignore_result=True)
+def recover_jobs() -> dict:
+    """Beat: send again the ingest steps whose worker died or whose message was lost
+    (context.recovery)."""
+    return jobs_recover()
 
 
 @shared_task(name="agents.sweep_collections")

@@ -23,8 +23,9 @@ from chat.streams import stream_key
 from common.redis import broker_redis
 from context.vectorstore import ContextPoint, TenantScope, close_vector_store, get_vector_store
 from realtime.streamhub import close_hub
+from tests.redis_server import private_redis
 from tests.runtime.openai_server import FakeOpenAI
-from tests.workers import wait_until
+from tests.workers import broker_at, wait_until
 from workspaces.redis import workspace_prefix
 
 
@@ -45,6 +46,17 @@ def runtime_settings(settings, qdrant_path):
     settings.LLM_MAX_RETRIES = 0
     settings.LLM_TIMEOUT_SECONDS = 5
     return settings
+
+
+@pytest.fixture(params=["empty", "aof"])
+def own_redis(request, settings):
+    """A Redis of this test's own for everything (registry, streams, broker, the rate
+    limits' cache); `aof` ones come back from their append-only file when restarted."""
+    with private_redis(appendonly=request.param == "aof") as server, broker_at(server.url):
+        settings.REDIS_URL = settings.CELERY_BROKER_URL = server.url
+        settings.CACHES = {"default": {**settings.CACHES["default"], "LOCATION": server.url}}
+        server.mode = request.param
+        yield server
 
 
 @pytest.fixture

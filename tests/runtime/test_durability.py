@@ -22,27 +22,16 @@ from chat.engine import AgentRunFailed, chat_run
 from chat.lease import lease_keeper
 from chat.models import Message, Run
 from common.redis import get_redis
+from context import job_records
 from context.vectorstore import TenantScope, get_vector_store
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
-from tests.redis_server import private_redis
 from tests.runtime.conftest import stream_events, wait_for_event
 from tests.runtime.tool_server import ToolServer
-from tests.workers import broker_at, wait_for, wait_until
+from tests.workers import wait_for, wait_until
 from workspaces.models import WorkspaceTeardown
-from workspaces.redis import scoped
+from workspaces.redis import scoped, workspace_prefix
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture(params=["empty", "aof"])
-def own_redis(request, settings):
-    """A Redis of this test's own for everything (registry, streams, broker, the rate
-    limits' cache); `aof` ones come back from their append-only file when restarted."""
-    with private_redis(appendonly=request.param == "aof") as server, broker_at(server.url):
-        settings.REDIS_URL = settings.CELERY_BROKER_URL = server.url
-        settings.CACHES = {"default": {**settings.CACHES["default"], "LOCATION": server.url}}
-        server.mode = request.param
-        yield server
 
 
 def post(api, session, content="Hello?") -> int:
@@ -464,6 +453,9 @@ def test_deleting_a_project_stops_its_ingest_and_tears_down_in_seconds(live_work
     )
     assert stored() == 0
     assert done_after < 5
+    # Its jobs left the recovery pass's index with it.
+    prefix = workspace_prefix(user.pk, project.id)
+    assert not [m for m in job_records.index_members() if m.startswith(prefix)]
 
 
 @pytest.mark.parametrize("own_redis", ["empty"], indirect=True)

@@ -1,0 +1,163 @@
+"""A context job's steps on the bus, and the recovery pass that sends again a step whose
+worker died or whose message was lost (job_records says what a step is).
+
+A worker SIGKILLed mid-step keeps the step's message unacknowledged until the broker's
+visibility timeout (an hour) gives it back; a step whose message is lost (Redis, a
+publish that failed after the step was recorded) would never come back. The pass (beat,
+with the runs' recovery, every RUN_RECOVERY_SECONDS) finds both in the index of jobs not
+ended, as the runs' pass does for runs (chat.dispatch):
+
+- a step received by a worker that no longer beats (agentbus.live_workers);
+- a step on the queue for RUN_REDISPATCH_SECONDS while the project's queue is empty.
+
+It sends the step again under a new token, so the first message, if it ever comes back,
+finds its step no longer owed and does nothing: one chain of steps per job. A step lost
+RUN_MAX_STARTS times in a row (a file that kills the parser's process) ends the job in
+error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from typing import Any
+
+from celery import Task, current_app
+from django.conf import settings
+
+from agentbus import ProjectGone, live_workers, project_gone, publish, queue_depth
+from workspaces.redis import ScopedRedis, scoped
+
+from . import job_records
+from .chunking import document_point_key
+from .job_records import ENDED
+from .models import ContextDocument
+
+logger = logging.getLogger(__name__)
+
+FORGET_TASK = "context.forget_document"
+
+
+def step_publish(
+    task: Task,
+    *,
+    redis: ScopedRedis,
+    project_id: uuid.UUID | str,
+    job_id: str,
+    after: str,
+    kwargs: dict[str, Any],
+    holder: str | None = None,
+) -> bool:
+    """Put the job's next step (`task` with `kwargs`) on the project's bus in place of
+    step `after` (job_records.step_next); False when `after` is no longer owed (nothing
+    is sent) or the project is being deleted. Raises while Redis or the broker is down:
+    the step stays owed, and the recovery pass sends it."""
+    token = job_records.step_next(
+        redis=redis, job_id=job_id, after=after, task=task.name, kwargs=kwargs, holder=holder
+    )
+    if token is None:
+        return False
+    try:
+        publish(task, project_id=project_id, kwargs={**kwargs, "step": token})
+    except ProjectGone:
+        return False  # its teardown removes the job
+    return True
+
+
+def jobs_recover(*, budget: float | None = None, limit: int = 500) -> dict[str, int]:
+    """The recovery pass over context jobs (see the module docstring); returns what it
+    did. Past `budget` seconds (default RUN_RECOVERY_SECONDS) it stops between jobs and
+    the next pass goes on (`unfinished`)."""
+    deadline = time.monotonic() + (settings.RUN_RECOVERY_SECONDS if budget is None else budget)
+    done = {"redone": 0, "failed": 0, "forgotten": 0}
+    members = job_records.index_members(limit)
+    if not members:
+        return done
+    live = {worker["id"] for worker in live_workers()}
+    depths: dict[uuid.UUID, int] = {}
+    looked_at: list[str] = []
+    for member in members:
+        if time.monotonic() >= deadline:
+            done["unfinished"] = 1
+            break
+        looked_at.append(member)
+        parsed = job_records.index_parse(member)
+        if parsed is None:
+            job_records.index_forget(member)
+            continue
+        user_id, project_id, job_id = parsed
+        redis = scoped(user_id, project_id)
+        job = job_records.job_get(redis=redis, job_id=job_id)
+        if job is None or job.get("status") in ENDED or "next" not in job:
+            job_records.index_forget(member)  # ended, or gone with its workspace
+            done["forgotten"] += 1
+            continue
+        if project_gone(project_id):
+            continue  # being deleted: its teardown removes the job
+        holder = job.get("holder", "")
+        if holder:
+            if holder in live:
+                continue
+        elif time.time() - float(job.get("stepped_at", 0)) < settings.RUN_REDISPATCH_SECONDS:
+            continue
+        else:
+            if project_id not in depths:
+                depths[project_id] = queue_depth(project_id)
+            if depths[project_id]:
+                continue  # its message may be among those waiting
+        try:
+            done[_step_again(redis=redis, user_id=user_id, project_id=project_id, job=job,
+                             holder=holder)] += 1  # fmt: skip
+        except Exception:
+            logger.warning("context job %s: not sent again; the next pass tries", job_id)
+    job_records.index_looked_at(looked_at)  # (the forgotten ones are not added back)
+    if done["redone"] or done["failed"]:
+        logger.warning("context job recovery: %s", done)
+    return done
+
+
+def _step_again(
+    *, redis: ScopedRedis, user_id: int, project_id: uuid.UUID, job: dict[str, Any], holder: str
+) -> str:
+    """Send the job's lost step again, or end the job when that step was lost
+    RUN_MAX_STARTS times; "redone", "failed" or "forgotten" (it moved on meanwhile)."""
+    step, owed = job["next"], job.get("step", "")
+    if int(job.get("lost", 0)) + 1 < settings.RUN_MAX_STARTS:
+        sent = step_publish(
+            current_app.tasks[step["task"]],
+            redis=redis,
+            project_id=project_id,
+            job_id=job["id"],
+            after=owed,
+            kwargs=step["kwargs"],
+            holder=holder,
+        )
+        return "redone" if sent else "forgotten"
+    # Taken from the step first (a token no task carries), so no worker goes on with it.
+    if not job_records.step_next(redis=redis, job_id=job["id"], after=owed, holder=holder, **step):
+        return "forgotten"
+    error = (
+        f"the job lost its worker {settings.RUN_MAX_STARTS} times at the same step and was given up"
+    )
+    document_id = job.get("document_id")
+    if document_id:  # nothing of a file is left half-stored
+        ContextDocument.objects.filter(id=document_id).update(
+            status=ContextDocument.Status.ERROR, error=error, chunks=0, text=""
+        )
+        chunks = int(job.get("documents", 0))
+        if chunks:
+            keys = [document_point_key(document_id=document_id, index=i) for i in range(chunks)]
+            with contextlib.suppress(ProjectGone):
+                publish(
+                    current_app.tasks[FORGET_TASK],
+                    project_id=project_id,
+                    kwargs={"user_id": user_id, "agent_id": job["agent_id"], "keys": keys},
+                )
+    job_records.job_finish(
+        redis=redis,
+        job_id=job["id"],
+        fields={"status": "error", "error": error, "finished_at": time.time()},
+    )
+    return "failed"
