@@ -30,7 +30,7 @@ from agentbus import project_gone_async
 from common.api import error_body
 from common.asgi import long_lived, run_sync
 from realtime.auth import request_authorize
-from realtime.streamhub import CLOSED, HEARTBEAT, HubFull, get_hub
+from realtime.streamhub import CLOSED, HEARTBEAT, STOPPING, HubFull, get_hub
 from workspaces.redis import ScopedRedis, scoped_async
 
 from .selectors import session_exists_in
@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 CURSOR_RE = re.compile(r"^\d{1,20}(-\d{1,20})?$")
 MAX_ID_PART = 2**64 - 1
 
+# What a stream's client is told when its web process stops (SIGTERM): the process is
+# going, and the same request with Last-Event-ID goes on elsewhere.
+STOPPING_REASON = "server stopping; reconnect"
 _active_streams = 0
 
 
@@ -179,7 +182,8 @@ async def _event_stream(
     *, key: str, cursor: str, project_id: uuid.UUID, truncated_at: str | None = None
 ):
     """The stream's events after `cursor`, from the process's hub (no connection of its
-    own), a heartbeat when quiet, and `stream.closed` when the project is deleted."""
+    own), a heartbeat when quiet, and `stream.closed` when the project is deleted or the
+    process is stopping."""
     global _active_streams
     _active_streams += 1
     try:
@@ -197,8 +201,9 @@ async def _event_stream(
                 if entries == HEARTBEAT:
                     yield b": heartbeat\n\n"
                     continue
-                if entries == CLOSED:
-                    closing = json.dumps({"reason": "project deleted"})
+                if entries in (CLOSED, STOPPING):
+                    reason = "project deleted" if entries == CLOSED else STOPPING_REASON
+                    closing = json.dumps({"reason": reason})
                     yield f"event: stream.closed\ndata: {closing}\n\n".encode()
                     return
                 yield _encoded(entries)

@@ -5,7 +5,11 @@ knowing the apps.
 Apps register in `AppConfig.ready()`:
 - `on_shutdown(fn)`: a plain callable, run once per process;
 - `on_loop_shutdown(coroutine_fn)`: awaited on the event loop that is stopping (ASGI),
-  for clients bound to that loop.
+  for clients bound to that loop;
+- `on_server_stopping(coroutine_fn)`: awaited on the serving loop as soon as the web
+  process is told to stop (SIGTERM, Ctrl-C), before the server waits for the responses
+  still open: long-lived ones (event streams) end, so it need not wait them out
+  (`watch_server_stop`, from the ASGI lifespan's startup).
 
 Work in a worker's threads asks `worker_stopping()` at its safe points: it turns true
 when the worker's soft shutdown begins (SIGTERM under REMAP_SIGTERM=SIGQUIT), so work
@@ -16,8 +20,10 @@ the process alive, and the cold shutdown after the window logs CRITICAL trying.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
+import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -32,6 +38,8 @@ logger = logging.getLogger(__name__)
 _stopping = threading.Event()
 _sync_hooks: list[Callable[[], object]] = []
 _async_hooks: list[Callable[[], Awaitable[object]]] = []
+_stopping_hooks: list[Callable[[], Awaitable[object]]] = []
+_stopping_runs: set[asyncio.Task] = set()  # referenced until done
 _lock = threading.Lock()
 
 
@@ -51,6 +59,50 @@ def on_loop_shutdown(hook: Callable[[], Awaitable[object]]) -> Callable[[], Awai
     if hook not in _async_hooks:
         _async_hooks.append(hook)
     return hook
+
+
+def on_server_stopping(
+    hook: Callable[[], Awaitable[object]],
+) -> Callable[[], Awaitable[object]]:
+    if hook not in _stopping_hooks:
+        _stopping_hooks.append(hook)
+    return hook
+
+
+def watch_server_stop() -> bool:
+    """Run the `on_server_stopping` hooks on the running loop when this process gets
+    SIGTERM or SIGINT. The server's own handlers (uvicorn installs them before it loads
+    the application) are chained, not replaced: they still stop it. Only on the main
+    thread, where signals are handled; False elsewhere (a server in a thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(sig)
+
+        def handler(signum, frame, previous=previous) -> None:
+            loop.call_soon_threadsafe(_run_stopping_hooks)
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:  # what the signal did before: end the process
+                signal.signal(signum, signal.SIG_DFL)
+                signal.raise_signal(signum)
+
+        signal.signal(sig, handler)
+    return True
+
+
+def _run_stopping_hooks() -> None:
+    async def run() -> None:
+        for hook in list(_stopping_hooks):
+            try:
+                await hook()
+            except Exception:
+                logger.exception("stopping hook %r failed", hook)
+
+    task = asyncio.get_running_loop().create_task(run())
+    _stopping_runs.add(task)
+    task.add_done_callback(_stopping_runs.discard)
 
 
 def run_shutdown_hooks() -> None:

@@ -34,7 +34,11 @@ from governance.secrets import fernet_keys_required_valid  # noqa: E402  (after 
 fernet_keys_required_valid()
 
 from common.asgi import StreamingAwareASGIHandler  # noqa: E402  (after django.setup)
-from common.lifecycle import run_loop_shutdown_hooks, run_shutdown_hooks  # noqa: E402
+from common.lifecycle import (  # noqa: E402
+    run_loop_shutdown_hooks,
+    run_shutdown_hooks,
+    watch_server_stop,
+)
 from common.tracing import asgi_traced, tracing_setup, tracing_shutdown  # noqa: E402
 
 # OTEL_* set: a server span per request, the trace carried on to the bus (common.tracing).
@@ -60,6 +64,7 @@ async def application(scope, receive, send):
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            watch_server_stop()  # event streams end at SIGTERM, not at the window's end
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
             await run_loop_shutdown_hooks()  # clients bound to this loop first

@@ -55,6 +55,7 @@ LAST_ID = f"{2**64 - 1}-{2**64 - 1}"
 READ_COUNT = 200
 CLOSED = "closed"
 HEARTBEAT = "heartbeat"
+STOPPING = "stopping"  # the process is stopping: the stream ends, its client reconnects
 
 
 class Inbox:
@@ -198,6 +199,7 @@ class StreamHub:
         self._tasks: list[asyncio.Task] = []
         self._lock = asyncio.Lock()
         self.count = 0
+        self.stopping = False
 
     # --- subscribing ------------------------------------------------------------------------
 
@@ -222,6 +224,8 @@ class StreamHub:
                 )
                 self.subscriptions[key].add(sub)
                 self.delivered.setdefault(key, cursor)
+                if self.stopping:
+                    sub.inbox.put_nowait(STOPPING)
             # What it missed, read after subscribing: the live entries that arrive
             # meanwhile are skipped by id if this read has them too.
             backlog = await self._read_after(key, cursor)
@@ -375,6 +379,15 @@ class StreamHub:
                 if sub.project_id in gone:
                     sub.inbox.put_nowait(CLOSED)
 
+    def stop_streams(self) -> int:
+        """Hand every subscription STOPPING (and any made from now on); returns how
+        many there were."""
+        self.stopping = True
+        subs = [sub for subs in self.subscriptions.values() for sub in subs]
+        for sub in subs:
+            sub.inbox.put_nowait(STOPPING)
+        return len(subs)
+
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -399,6 +412,14 @@ def get_hub() -> StreamHub:
     if hub is None:
         hub = _hubs[loop] = StreamHub()
     return hub
+
+
+async def stop_hub_streams() -> None:
+    """End the running loop's event streams (the web process is stopping)."""
+    hub = _hubs.get(asyncio.get_running_loop())
+    if hub is not None:
+        ended = hub.stop_streams()
+        logger.info("event streams: %d told to reconnect elsewhere (stopping)", ended)
 
 
 async def close_hub() -> None:

@@ -207,7 +207,10 @@ EVENT_DATA = {
         },
     ),
     "stream.closed": (
-        "The project was deleted; the stream ends. Sent without an `id:`.",
+        "The stream ends: the project was deleted (`reason`: `project deleted`), this "
+        "server is stopping (`server stopping; reconnect`: reconnect with "
+        "`Last-Event-ID`) or serves too many streams (`too many streams; reconnect`). "
+        "Sent without an `id:`.",
         {"type": "object", "required": ["reason"], "properties": {"reason": {"type": "string"}}},
     ),
 }
@@ -235,7 +238,7 @@ def _events_description() -> str:
         f"A comment line (`: heartbeat`) goes out after {heartbeat:g} s without events, so "
         "proxies keep the connection open. The stream does not end by itself: close it "
         "when you have what you need (it ends with `stream.closed` if the project is "
-        "deleted).\n\n"
+        "deleted or the server stops).\n\n"
         "| event | meaning | `data` schema |\n|---|---|---|\n" + rows
     )
 
