@@ -40,6 +40,7 @@ _sync_hooks: list[Callable[[], object]] = []
 _async_hooks: list[Callable[[], Awaitable[object]]] = []
 _stopping_hooks: list[Callable[[], Awaitable[object]]] = []
 _stopping_runs: set[asyncio.Task] = set()  # referenced until done
+_watching: dict[signal.Signals, tuple[Callable, object]] = {}  # signal -> (ours, previous)
 _lock = threading.Lock()
 
 
@@ -71,9 +72,10 @@ def on_server_stopping(
 
 def watch_server_stop() -> bool:
     """Run the `on_server_stopping` hooks on the running loop when this process gets
-    SIGTERM or SIGINT. The server's own handlers (uvicorn installs them before it loads
-    the application) are chained, not replaced: they still stop it. Only on the main
-    thread, where signals are handled; False elsewhere (a server in a thread)."""
+    SIGTERM or SIGINT, until `unwatch_server_stop`. The server's own handlers (uvicorn
+    installs them before it loads the application) are chained, not replaced: they
+    still stop it. Only on the main thread, where signals are handled; False elsewhere
+    (a server in a thread)."""
     if threading.current_thread() is not threading.main_thread():
         return False
     loop = asyncio.get_running_loop()
@@ -81,7 +83,8 @@ def watch_server_stop() -> bool:
         previous = signal.getsignal(sig)
 
         def handler(signum, frame, previous=previous) -> None:
-            loop.call_soon_threadsafe(_run_stopping_hooks)
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_run_stopping_hooks)
             if callable(previous):
                 previous(signum, frame)
             elif previous == signal.SIG_DFL:  # what the signal did before: end the process
@@ -89,7 +92,19 @@ def watch_server_stop() -> bool:
                 signal.raise_signal(signum)
 
         signal.signal(sig, handler)
+        _watching[sig] = (handler, previous)
     return True
+
+
+def unwatch_server_stop() -> None:
+    """Give the signals back to the handlers `watch_server_stop` chained (where its own
+    are still installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig, (handler, previous) in list(_watching.items()):
+        if signal.getsignal(sig) is handler:
+            signal.signal(sig, previous)
+        del _watching[sig]
 
 
 def _run_stopping_hooks() -> None:

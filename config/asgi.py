@@ -37,6 +37,7 @@ from common.asgi import StreamingAwareASGIHandler  # noqa: E402  (after django.s
 from common.lifecycle import (  # noqa: E402
     run_loop_shutdown_hooks,
     run_shutdown_hooks,
+    unwatch_server_stop,
     watch_server_stop,
 )
 from common.tracing import asgi_traced, tracing_setup, tracing_shutdown  # noqa: E402
@@ -67,6 +68,7 @@ async def application(scope, receive, send):
             watch_server_stop()  # event streams end at SIGTERM, not at the window's end
             await send({"type": "lifespan.startup.complete"})
         elif message["type"] == "lifespan.shutdown":
+            unwatch_server_stop()
             await run_loop_shutdown_hooks()  # clients bound to this loop first
             await sync_to_async(run_shutdown_hooks)()
             await sync_to_async(tracing_shutdown)()

@@ -5,6 +5,7 @@ processes of the test's own, stopped and killed."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -16,6 +17,7 @@ from django.utils import timezone
 
 from agentbus import MAINTENANCE_QUEUE
 from agents.models import Tool
+from chat import events as sse
 from chat import streams
 from chat.dispatch import runs_recover
 from chat.engine import AgentRunFailed, chat_run
@@ -25,7 +27,8 @@ from common.redis import get_redis
 from context import job_records
 from context.vectorstore import TenantScope, get_vector_store
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
-from tests.runtime.conftest import stream_events, wait_for_event
+from tests.runtime.conftest import stream_events, token_for, wait_for_event
+from tests.runtime.test_sse import completed, events_url, read_sse
 from tests.runtime.tool_server import ToolServer
 from tests.workers import wait_for, wait_until
 from workspaces.models import WorkspaceTeardown
@@ -232,6 +235,45 @@ def test_a_worker_killed_mid_answer_is_replaced_without_waiting_for_visibility(
     assert held.status == "done" and held.starts == 1 and held.attempt == 2
     held_kinds = [k for _, k, d in stream_events(_redis(), project, waiting.id)]
     assert held_kinds.count("message.completed") == 1 and "message.restarted" not in held_kinds
+
+
+def test_an_event_stream_open_across_a_redis_restart_goes_on_with_what_follows(
+    own_redis, asgi, api, user, chat, worker
+):
+    """A client follows the session while Redis is killed and started again (empty, or
+    from its append-only file): the same connection, never closed, gets the next
+    answer's events, each once."""
+    worker()
+    first = post(api, chat, "before")
+    wait_until(lambda: finished([first]), what="the first answer")
+    result: dict = {}
+
+    def follow():
+        result["read"] = read_sse(
+            events_url(asgi, chat),
+            headers={"Authorization": f"Token {token_for(user)}"},
+            until=lambda events: "second" in result and completed(result["second"])(events),
+            max_seconds=90,
+        )
+
+    reader = threading.Thread(target=follow)
+    reader.start()
+    wait_until(lambda: sse.active_streams() == 1, what="the client following")
+    own_redis.kill()
+    own_redis.start()
+    result["second"] = second = post(api, chat, "after")
+    recover_until_finished([second])
+    reader.join(60)
+    assert not reader.is_alive()
+    status, events, _ = result["read"]
+    assert status == 200
+    ids = [e["id"] for e in events]
+    assert len(ids) == len(set(ids))  # each once
+    mine = [e for e in events if second in (e["data"].get("id"), e["data"].get("message_id"))]
+    kinds = [e["event"] for e in mine]
+    assert kinds[0] == "message.created" and kinds[-1] == "message.completed", kinds
+    content = "".join(e["data"]["delta"] for e in mine if e["event"] == "message.delta")
+    assert content == Message.objects.get(id=second).content
 
 
 def test_an_answer_cut_off_by_redis_is_answered_once_it_is_back(

@@ -4,6 +4,7 @@ revalidation against the registry, failures, eviction and shutdown."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 import uuid
@@ -295,8 +296,11 @@ def test_shutdown_hooks_release_the_process_and_keep_shared_state(how, project_w
         async def send(message):
             sent.append(message["type"])
 
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         asyncio.run(application({"type": "lifespan"}, receive, send))
         assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+        # The signals' handlers it chained while it served are given back.
+        assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
     else:
         worker_shutdown.send(sender=None)
 
