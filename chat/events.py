@@ -30,7 +30,14 @@ from agentbus import project_gone_async
 from common.api import error_body
 from common.asgi import long_lived, run_sync
 from realtime.auth import request_authorize
-from realtime.streamhub import CLOSED, HEARTBEAT, STOPPING, HubFull, get_hub
+from realtime.streamhub import (
+    CLOSED,
+    HEARTBEAT,
+    STOPPING,
+    HubFull,
+    StreamUnavailable,
+    get_hub,
+)
 from workspaces.redis import ScopedRedis, scoped_async
 
 from .selectors import session_exists_in
@@ -209,6 +216,9 @@ async def _event_stream(
                 yield _encoded(entries)
     except HubFull:
         closing = json.dumps({"reason": "too many streams; reconnect"})
+        yield f"event: stream.closed\ndata: {closing}\n\n".encode()
+    except StreamUnavailable:
+        closing = json.dumps({"reason": "events unavailable; reconnect"})
         yield f"event: stream.closed\ndata: {closing}\n\n".encode()
     finally:
         _active_streams -= 1

@@ -28,6 +28,10 @@ connections (and the asyncio pool's default cap turned the 101st into a 500). He
   lost while the pub/sub connection reconnected costs that long, never an event) and
   asks the lifecycle guard about every followed project in one round trip: streams of
   a deleted project are closed.
+- Redis down or restarting: the open streams stay (the hub reconnects, subscribes
+  again and reads what came meanwhile); a stream opening meanwhile waits for it up to
+  SSE_REDIS_WAIT_SECONDS to read what it missed, then its caller is told
+  (`StreamUnavailable`).
 
 Connections: the pub/sub one, the pool's (SSE_REDIS_CONNECTIONS at most), and one to
 the broker when it is another Redis.
@@ -160,6 +164,11 @@ class HubFull(Exception):
     """This process serves SSE_MAX_STREAMS streams already."""
 
 
+class StreamUnavailable(redis.ConnectionError):
+    """Redis did not answer a stream opening within SSE_REDIS_WAIT_SECONDS (a Redis
+    error, as its callers already handle one)."""
+
+
 def _id(value: str) -> tuple[int, int]:
     ms, _, seq = value.partition("-")
     return int(ms), int(seq or 0)
@@ -195,6 +204,7 @@ class StreamHub:
         self.subscriptions: dict[str, set[Subscription]] = {}
         self.delivered: dict[str, str] = {}  # key -> last id read for it
         self.dirty: set[str] = set()
+        self.unsubscribed: set[str] = set()  # followed, their SUBSCRIBE failed
         self._dirty_event = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._lock = asyncio.Lock()
@@ -218,7 +228,12 @@ class StreamHub:
             async with self._lock:
                 if key not in self.subscriptions:
                     self.subscriptions[key] = set()
-                    await self.pubsub.subscribe(key)
+                    try:
+                        await self.pubsub.subscribe(key)
+                    except redis.RedisError:
+                        # The listener subscribes it once Redis answers again (and the
+                        # safety poll reads it meanwhile).
+                        self.unsubscribed.add(key)
                 sub = Subscription(
                     key=key, project_id=project_id, last_id=cursor, heartbeat=heartbeat
                 )
@@ -228,17 +243,32 @@ class StreamHub:
                     sub.inbox.put_nowait(STOPPING)
             # What it missed, read after subscribing: the live entries that arrive
             # meanwhile are skipped by id if this read has them too.
-            backlog = await self._read_after(key, cursor)
+            backlog = await self._missed(key, cursor)
             while backlog:
                 sub.deliver(backlog)
                 if len(backlog) < READ_COUNT:
                     break
-                backlog = await self._read_after(key, sub.last_id)
+                backlog = await self._missed(key, sub.last_id)
             yield sub
         finally:
             self.count -= 1
             if sub is not None:
                 await self._unsubscribe(sub)
+
+    async def _missed(self, key: str, cursor: str) -> list:
+        """`_read_after`, waiting out Redis down or restarting (a stream's response has
+        begun: failing it cuts its client off) for up to SSE_REDIS_WAIT_SECONDS."""
+        deadline = asyncio.get_running_loop().time() + settings.SSE_REDIS_WAIT_SECONDS
+        pause = 0.05
+        while True:
+            try:
+                return await self._read_after(key, cursor)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if asyncio.get_running_loop().time() + pause > deadline:
+                    raise StreamUnavailable(str(exc)) from exc
+                logger.warning("event streams: Redis unavailable as a stream opens; waiting")
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 1.0)
 
     async def _read_after(self, key: str, cursor: str) -> list:
         # `(id` is refused for the largest id (2**64-1 twice), after which nothing can come.
@@ -256,6 +286,7 @@ class StreamHub:
                 del self.subscriptions[sub.key]
                 self.delivered.pop(sub.key, None)
                 self.dirty.discard(sub.key)
+                self.unsubscribed.discard(sub.key)
                 with contextlib.suppress(Exception):
                     await self.pubsub.unsubscribe(sub.key)
 
@@ -277,6 +308,8 @@ class StreamHub:
         """Notifications, and confirmations of new subscriptions: mark the keys to read."""
         while True:
             try:
+                if self.unsubscribed:
+                    await self._resubscribe()
                 if not self.pubsub.subscribed:
                     await asyncio.sleep(0.05)
                     continue
@@ -292,10 +325,14 @@ class StreamHub:
                 await self._resubscribe()
 
     async def _resubscribe(self) -> None:
-        with contextlib.suppress(Exception):
-            keys = list(self.subscriptions)
+        keys = list(self.subscriptions)
+        try:
             if keys:
                 await self.pubsub.subscribe(*keys)
+            self.unsubscribed.clear()
+        except Exception:
+            self.unsubscribed.update(keys)
+            await asyncio.sleep(1)  # Redis still down: the next try after a pause
         self.dirty.update(self.subscriptions)  # whatever was missed meanwhile
         self._dirty_event.set()
 

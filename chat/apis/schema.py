@@ -209,7 +209,8 @@ EVENT_DATA = {
     "stream.closed": (
         "The stream ends: the project was deleted (`reason`: `project deleted`), this "
         "server is stopping (`server stopping; reconnect`: reconnect with "
-        "`Last-Event-ID`) or serves too many streams (`too many streams; reconnect`). "
+        "`Last-Event-ID`), serves too many streams (`too many streams; reconnect`) or "
+        "could not reach Redis as the stream opened (`events unavailable; reconnect`). "
         "Sent without an `id:`.",
         {"type": "object", "required": ["reason"], "properties": {"reason": {"type": "string"}}},
     ),

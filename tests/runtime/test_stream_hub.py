@@ -16,6 +16,7 @@ import pytest
 from chat import events as sse
 from realtime import streamhub
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory, UserFactory
+from tests.redis_server import private_redis
 from tests.runtime.conftest import token_for
 from tests.workers import wait_until
 
@@ -183,3 +184,41 @@ def test_streams_opening_at_once_do_not_queue_for_the_hubs_connections(asgi, set
     for conn in conns:
         conn.close()
     wait_until(lambda: sse.active_streams() == 0, what="streams closed")
+
+
+def test_a_stream_opening_while_redis_is_down_waits_for_it_and_gets_what_follows(settings, caplog):
+    """Redis is down as a subscription opens (its response has begun): the hub waits for
+    Redis (up to SSE_REDIS_WAIT_SECONDS) instead of failing the stream, subscribes once
+    Redis is back, and the stream gets what is written then. Past the wait, the opening
+    fails with StreamUnavailable (its caller ends the stream, telling the client)."""
+    settings.SSE_REDIS_WAIT_SECONDS = 15
+    key = f"test:hub:{uuid.uuid4().hex}"
+    with private_redis() as server:
+        settings.REDIS_URL = settings.CELERY_BROKER_URL = server.url
+        server.kill()
+
+        async def test(hub):
+            subscription = hub.subscribe(key=key, project_id=uuid.uuid4(), cursor="0-0")
+            opening = asyncio.create_task(subscription.__aenter__())
+            while not any("stream opens; waiting" in r.getMessage() for r in caplog.records):
+                assert not opening.done(), opening
+                await asyncio.sleep(0.02)
+            server.start()
+            sub = await opening
+            client = server.client()
+            written = client.xadd(key, {"n": "after"})
+            client.publish(key, "")
+            assert [eid for eid, _ in await sub.inbox.get()] == [written]
+            await subscription.__aexit__(None, None, None)
+
+        run_with_hub(test)
+
+        settings.SSE_REDIS_WAIT_SECONDS = 0.3
+        server.kill()
+
+        async def gives_up(hub):
+            with pytest.raises(streamhub.StreamUnavailable):
+                async with hub.subscribe(key=key, project_id=uuid.uuid4(), cursor="0-0"):
+                    pass
+
+        run_with_hub(gives_up)
