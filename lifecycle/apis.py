@@ -1,5 +1,7 @@
 """A user's own account (self-service deletion) and a project's retention periods."""
 
+import threading
+
 from django.conf import settings
 from django.http import FileResponse
 from drf_spectacular.types import OpenApiTypes
@@ -10,6 +12,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from common.api import (
+    BackendUnavailable,
     Conflict,
     EnvelopeListMixin,
     EnvelopePagination,
@@ -305,9 +308,15 @@ class ExportArchiveApi(ProjectScopedApi):
                             content_type="application/octet-stream")  # fmt: skip
 
 
+# Checking an upload holds its records in memory: at most IMPORT_CHECKS_AT_ONCE in this
+# process, whoever sends them.
+_archive_checks = threading.BoundedSemaphore(max(settings.IMPORT_CHECKS_AT_ONCE, 1))
+
+
 @extend_schema(tags=["Projects"])
 class ImportApi(APIView):
     parser_classes = [JSONParser, MultiPartParser]
+    throttle_scopes = {"POST": "imports"}
 
     @extend_schema(
         operation_id="projects_import",
@@ -317,7 +326,8 @@ class ImportApi(APIView):
         "in it under new ids; the context is embedded again with this deployment's model "
         "(its jobs are listed in `counts.context_jobs`). An upload is checked whole first "
         "(size, zip structure, manifest and version, every record's schema, references "
-        "inside the archive only): a bad one is a 400 and nothing is written. Secrets are "
+        "inside the archive only): a bad one is a 400 and nothing is written; at most "
+        "THROTTLE_IMPORTS_USER per user (429). Secrets are "
         "not in archives: `counts.secrets_to_set` names those to set. Webhooks come back "
         "with new secrets (shown once: `webhook_secrets` on the first read after the import "
         "is done) and, like schedules, switched off (`counts.switched_off`): a copy must "
@@ -332,8 +342,11 @@ class ImportApi(APIView):
                 404,
                 409,
                 413,
+                503,
                 _404="No export of yours has this `export_id` (`export_id` says so).",
                 _409="The export has not finished (`export_id` says so).",
+                _503="This server is checking another archive (IMPORT_CHECKS_AT_ONCE): "
+                "retry after `Retry-After` seconds.",
             ),
         },
     )
@@ -342,10 +355,14 @@ class ImportApi(APIView):
         data.is_valid(raise_exception=True)
         upload = data.validated_data.get("archive")
         if upload is not None:
+            if not _archive_checks.acquire(blocking=False):
+                raise BackendUnavailable("Another archive is being checked; retry shortly.")
             try:
                 archive_read(upload)
             except ArchiveInvalid as exc:
                 raise exceptions.ValidationError({"archive": [str(exc)]}) from None
+            finally:
+                _archive_checks.release()
             job = import_start(owner=request.user, upload=upload)
             return Response(ArchiveJobOutputSerializer(job).data, status=status.HTTP_202_ACCEPTED)
         source = ArchiveJob.objects.filter(

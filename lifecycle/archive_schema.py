@@ -294,18 +294,37 @@ def archive_open(source: str | IO[bytes]) -> tuple[dict[str, Any], dict[str, lis
         manifest: Any = None
         for info in infos:
             try:
-                with archive.open(info) as handle:
-                    data = handle.read(info.file_size + 1)
+                if info.filename == MANIFEST:
+                    manifest = _json(_whole(archive, info), MANIFEST)
+                else:
+                    files[info.filename] = _records(archive, info)
             except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
                 raise ArchiveInvalid(f"{info.filename}: unreadable ({exc})") from None
-            if len(data) != info.file_size:
-                fail(info.filename, "is not the size the archive declares")
-            if info.filename == MANIFEST:
-                manifest = _json(data, MANIFEST)
-                continue
-            rows = []
-            for n, line in enumerate(data.splitlines(), 1):
+    return manifest, files
+
+
+def _whole(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    with archive.open(info) as handle:
+        data = handle.read(info.file_size + 1)
+    if len(data) != info.file_size:
+        fail(info.filename, "is not the size the archive declares")
+    return data
+
+
+def _records(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> list[Any]:
+    """A member's JSON lines, read line by line: what is held is the records, never the
+    member's bytes too (at IMPORT_MAX_UNPACKED_BYTES, those were a copy of it twice
+    over)."""
+    rows, n, size = [], 0, 0
+    with archive.open(info) as handle:
+        for chunk in handle:  # up to each "\n"
+            size += len(chunk)
+            if size > info.file_size:
+                break
+            for line in chunk.splitlines():  # as bytes.splitlines: "\r" ends one too
+                n += 1
                 if line.strip():
                     rows.append(_json(line, f"{info.filename} line {n}"))
-            files[info.filename] = rows
-    return manifest, files
+    if size != info.file_size:
+        fail(info.filename, "is not the size the archive declares")
+    return rows

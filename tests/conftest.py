@@ -187,6 +187,18 @@ def session(agent):
 
 
 @pytest.fixture
+def rates(settings):
+    """`rates(messages_user="3/min", ...)`: throttle rates for this test."""
+
+    def set_rates(**rates):
+        framework = dict(settings.REST_FRAMEWORK)
+        framework["DEFAULT_THROTTLE_RATES"] = {**framework["DEFAULT_THROTTLE_RATES"], **rates}
+        settings.REST_FRAMEWORK = framework
+
+    return set_rates
+
+
+@pytest.fixture
 def live_worker(transactional_db):
     """A real Celery worker running in this process (threads pool, 2 threads).
 

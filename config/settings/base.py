@@ -249,6 +249,7 @@ REST_FRAMEWORK = {
         "searches_project": env.str("THROTTLE_SEARCHES_PROJECT", default="480/min"),
         "ingests_user": env.str("THROTTLE_INGESTS_USER", default="60/min"),
         "ingests_project": env.str("THROTTLE_INGESTS_PROJECT", default="120/min"),
+        "imports_user": env.str("THROTTLE_IMPORTS_USER", default="20/hour"),
     },
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
     # How many reverse proxies in front of the web process append to X-Forwarded-For.
@@ -849,6 +850,10 @@ RETENTION_WEBHOOK_DELIVERIES_DAYS = env.int(
 IMPORT_MAX_BYTES = env.int("IMPORT_MAX_BYTES", default=64 * 1024 * 1024)
 IMPORT_MAX_UNPACKED_BYTES = env.int("IMPORT_MAX_UNPACKED_BYTES", default=512 * 1024 * 1024)
 IMPORT_MAX_FILES = env.int("IMPORT_MAX_FILES", default=10_000)
+# An upload is checked whole, its records held in memory (about 1 GB for 512 MiB of
+# messages): one web process checks at most this many at once, and answers 503 with
+# Retry-After to another meanwhile.
+IMPORT_CHECKS_AT_ONCE = env.int("IMPORT_CHECKS_AT_ONCE", default=1)
 # Rows one step of the sweep removes in one transaction, and how long a sweep may run.
 RETENTION_CHUNK = env.int("RETENTION_CHUNK", default=1000)
 RETENTION_SWEEP_BUDGET_SECONDS = env.float("RETENTION_SWEEP_BUDGET_SECONDS", default=300)

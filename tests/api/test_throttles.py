@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from django.conf import settings as django_settings
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
@@ -11,16 +10,6 @@ from chat.models import Message
 from tests.factories import AgentFactory, ChatSessionFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture
-def rates(settings):
-    def set_rates(**rates):
-        framework = dict(django_settings.REST_FRAMEWORK)
-        framework["DEFAULT_THROTTLE_RATES"] = {**framework["DEFAULT_THROTTLE_RATES"], **rates}
-        settings.REST_FRAMEWORK = framework
-
-    return set_rates
 
 
 def test_messages_per_user_are_limited_and_the_refused_one_writes_nothing(api, session, rates):

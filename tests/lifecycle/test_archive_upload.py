@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import tracemalloc
 import uuid
 import zipfile
 from datetime import timedelta
@@ -19,6 +20,8 @@ from agents.models import Agent, AgentVersion, MemoryBlock
 from agents.services import agent_update
 from automation.models import Schedule, WebhookEndpoint
 from chat.models import ChatSession, Message, Run
+from lifecycle import apis as lifecycle_apis
+from lifecycle.archive_schema import archive_open
 from lifecycle.exports import archive_path, export_run, upload_path, uploads_dir
 from lifecycle.models import ArchiveJob
 from projects.models import Project
@@ -355,6 +358,47 @@ def test_an_upload_over_the_size_limit_is_a_413_and_other_bad_requests_400(
     assert api.post(IMPORT, {}, format="multipart").status_code == 400
     assert upload(api, b"").status_code == 400  # an empty file
     nothing_written(0, uploads_before)
+
+
+def test_while_an_archive_is_checked_another_is_a_503_that_writes_nothing(
+    api, db, settings, uploads_before
+):
+    """One check at a time per process (IMPORT_CHECKS_AT_ONCE): it holds the records."""
+    assert settings.IMPORT_CHECKS_AT_ONCE == 1
+    archive = zipped({}, manifest={"format": "not ours"})
+    assert lifecycle_apis._archive_checks.acquire(blocking=False)  # a check under way
+    try:
+        response = upload(api, archive)
+    finally:
+        lifecycle_apis._archive_checks.release()
+    assert response.status_code == 503 and int(response["Retry-After"]) > 0, response.content
+    nothing_written(0, uploads_before)
+    assert upload(api, archive).status_code == 400  # checked once the other is done
+
+
+def test_imports_per_user_are_limited(api, other_api, db, rates):
+    rates(imports_user="2/hour")
+    archive = zipped({}, manifest={"format": "not ours"})
+    assert [upload(api, archive).status_code for _ in range(3)] == [400, 400, 429]
+    assert upload(other_api, archive).status_code == 400  # another user's own limit
+
+
+def test_checking_an_archive_holds_its_records_not_its_bytes_too():
+    """Before, the check held a member's bytes, then its lines (a copy), then its
+    records: over three times the unpacked size at its peak. Line by line, the records
+    are most of it."""
+    line = json.dumps({"id": str(uuid.uuid4()), "content": "lorem ipsum " * 80}) + "\n"
+    archive = zipped({"messages.jsonl": (line * 20_000).encode()}, manifest={})
+    unpacked = len(line) * 20_000
+    tracemalloc.start()
+    try:
+        manifest, files = archive_open(io.BytesIO(archive))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(files["messages.jsonl"]) == 20_000
+    print(f"peak {peak / unpacked:.2f} x the unpacked size")
+    assert peak < 2 * unpacked, peak / unpacked
 
 
 def test_a_rollback_restores_memory_block_definitions_and_keeps_values(api, project):
