@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import BaseServer
 
 
@@ -15,3 +17,41 @@ def serve_in_thread(server: BaseServer) -> threading.Thread:
     )
     thread.start()
     return thread
+
+
+class RunbookServer:
+    """One Markdown file (a runbook naming the command `qctl-restart-9`) at `url`. Held,
+    each answer waits until `release` is set (`asked` is set when a request comes)."""
+
+    BODY = b"# Runbook\n\nRestart the queue with command qctl-restart-9.\n"
+
+    def __init__(self, *, held: bool = False) -> None:
+        self.asked, self.release = threading.Event(), threading.Event()
+        if not held:
+            self.release.set()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                outer.asked.set()
+                outer.release.wait(60)
+                with contextlib.suppress(OSError):  # the asking worker was killed meanwhile
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/markdown")
+                    self.send_header("Content-Length", str(len(outer.BODY)))
+                    self.end_headers()
+                    self.wfile.write(outer.BODY)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/runbook.md"
+
+    def start(self) -> RunbookServer:
+        serve_in_thread(self.server)
+        return self
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()

@@ -7,7 +7,6 @@ with exactly their points, and bad input is a 4xx that writes nothing."""
 from __future__ import annotations
 
 import io
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import docx
 import pytest
@@ -17,7 +16,7 @@ from pypdf import PdfReader, PdfWriter
 from agents.models import Tool
 from context.models import ContextDocument
 from tests.factories import AgentFactory, ChatSessionFactory
-from tests.local_http import serve_in_thread
+from tests.local_http import RunbookServer
 from tests.runtime.conftest import context_count
 from tests.runtime.test_context import context_url, search
 from tests.runtime.test_tools import ask, model_agent, of
@@ -145,22 +144,9 @@ def test_bad_and_encrypted_files_end_in_error_with_nothing_stored(live_worker, a
 
 @pytest.fixture
 def file_server():
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            body = b"# Runbook\n\nRestart the queue with command qctl-restart-9.\n"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/markdown")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    serve_in_thread(server)
-    yield f"http://127.0.0.1:{server.server_address[1]}/runbook.md"
-    server.shutdown()
+    server = RunbookServer().start()
+    yield server.url
+    server.stop()
 
 
 def test_a_url_goes_through_the_egress_guard(

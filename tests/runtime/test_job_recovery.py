@@ -7,10 +7,7 @@ Redis and worker processes of the test's own."""
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -20,7 +17,7 @@ from context.jobs import context_job_add
 from context.models import ContextDocument
 from context.recovery import jobs_recover
 from context.services import context_documents_add
-from tests.local_http import serve_in_thread
+from tests.local_http import RunbookServer
 from tests.runtime.test_context import context_url, search
 from tests.workers import wait_for, wait_until
 from workspaces.redis import scoped
@@ -35,30 +32,9 @@ pytestmark = [
 @pytest.fixture
 def held_file():
     """A file server whose answer waits until the test releases it."""
-    asked, release = threading.Event(), threading.Event()
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            asked.set()
-            release.wait(60)
-            body = b"# Runbook\n\nRestart the queue with command qctl-restart-9.\n"
-            with contextlib.suppress(OSError):  # the asking worker was killed meanwhile
-                self.send_response(200)
-                self.send_header("Content-Type", "text/markdown")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    serve_in_thread(server)
-    server.asked, server.release = asked, release
-    server.url = f"http://127.0.0.1:{server.server_address[1]}/runbook.md"
+    server = RunbookServer(held=True).start()
     yield server
-    release.set()
-    server.shutdown()
+    server.stop()
 
 
 def worker_env(tmp_path) -> dict[str, str]:
