@@ -26,6 +26,7 @@ from workspaces.redis import KEY_NAMESPACE
 # out first and the short ones fill in behind them, instead of a long file collected
 # last running alone at the end.
 LONG_FILES = (
+    "tests/contract/test_schemathesis_fuzzing.py",
     "tests/contract/test_schemathesis.py",
     "tests/runtime/test_durability.py",
     "tests/runtime/test_agent_calls.py",

@@ -36,6 +36,12 @@ from workspaces.redis import scoped, workspace_prefix
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
+# The lease of the runs of the workers these tests kill: a killed worker's run is taken
+# back after it (a worker renews every third of it). With 2 s, the live worker that took
+# the run over once missed its renewals on a loaded machine (the whole suite on two
+# cores), and its run was taken back a second time.
+LEASE_SECONDS = 5
+
 
 def post(api, session, content="Hello?") -> int:
     url = f"/my/projects/{session.project_id}/chat/{session.id}/messages/"
@@ -182,7 +188,7 @@ def test_a_worker_killed_mid_answer_is_replaced_without_waiting_for_visibility(
     holds a second run it received but has not started. The first's lease runs out, the
     second's mark names a worker that is gone: the recovery pass dispatches both again,
     another worker answers them, and tells the client the first answer starts over."""
-    settings.RUN_LEASE_SECONDS = 2
+    settings.RUN_LEASE_SECONDS = LEASE_SECONDS
     fake_openai.mode, fake_openai.delay = "slow", 0.3
     fake_openai.tokens = [f"w{i} " for i in range(20)]
     project = ProjectFactory(owner=user)
@@ -191,7 +197,7 @@ def test_a_worker_killed_mid_answer_is_replaced_without_waiting_for_visibility(
     env = {
         "OPENAI_BASE_URL": fake_openai.base_url,
         "OPENAI_API_KEY": "test-key",
-        "RUN_LEASE_SECONDS": "2",
+        "RUN_LEASE_SECONDS": str(LEASE_SECONDS),
         "QDRANT_PATH": str(tmp_path / "qdrant"),
     }
     # One process, two tasks prefetched: the second waits, received, behind the first.
@@ -508,7 +514,7 @@ def test_a_worker_killed_mid_tool_call_repeats_only_a_repeatable_call(
     """The worker is SIGKILLed while a tool call is in flight. Started over, a run
     whose call may be repeated makes it again and answers; one whose call may not ends
     in error saying which call may have taken effect, and does not make it again."""
-    settings.RUN_LEASE_SECONDS = 2
+    settings.RUN_LEASE_SECONDS = LEASE_SECONDS
     tools = ToolServer().start()
     tools.slow_seconds = 30
     try:
@@ -527,7 +533,7 @@ def test_a_worker_killed_mid_tool_call_repeats_only_a_repeatable_call(
         env = {
             "OPENAI_BASE_URL": fake_openai.base_url,
             "OPENAI_API_KEY": "test-key",
-            "RUN_LEASE_SECONDS": "2",
+            "RUN_LEASE_SECONDS": str(LEASE_SECONDS),
             "EGRESS_ALLOW_NETWORKS_TOOLS": "127.0.0.0/8",
             "QDRANT_PATH": str(tmp_path / "qdrant"),
         }
