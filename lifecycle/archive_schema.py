@@ -298,6 +298,8 @@ def archive_open(source: str | IO[bytes]) -> tuple[dict[str, Any], dict[str, lis
                     manifest = _json(_whole(archive, info), MANIFEST)
                 else:
                     files[info.filename] = _records(archive, info)
+            except ArchiveInvalid:
+                raise  # what is wrong, said where (a ValueError too)
             except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
                 raise ArchiveInvalid(f"{info.filename}: unreadable ({exc})") from None
     return manifest, files

@@ -335,6 +335,15 @@ def test_a_broken_or_hostile_zip_is_a_400(api, db, case, uploads_before):
     nothing_written(before, uploads_before)
 
 
+def test_a_line_that_is_not_json_is_named_by_its_file_and_line(api, db, uploads_before):
+    archive = raw_zip([("manifest.json", b"{}"), ("messages.jsonl", b'{"id": 1}\n{nope\n')])
+    response = upload(api, archive)
+    body = response.content.decode()
+    assert response.status_code == 400 and "messages.jsonl line 2: not JSON" in body, body
+    assert "unreadable" not in body
+    nothing_written(0, uploads_before)
+
+
 def test_a_zip_bomb_is_refused_before_it_is_unpacked(api, db, settings, uploads_before):
     settings.IMPORT_MAX_UNPACKED_BYTES = 1024 * 1024
     bomb = raw_zip([("manifest.json", b"{}"), ("messages.jsonl", b"\n" * (20 * 1024 * 1024))])
