@@ -175,9 +175,14 @@ def _batch(documents: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def context_job_clear(
-    *, user_id: int, project_id: uuid.UUID | str, agent_id: str, job_id: str
+    *, user_id: int, project_id: uuid.UUID | str, agent_id: str, job_id: str, step: str = ""
 ) -> dict[str, Any]:
+    """Forget everything the agent holds; once per job: a message of the job given back
+    late (after documents were added since) or sent again meanwhile clears nothing."""
     redis = scoped(user_id, project_id)
+    job = job_records.job_get(redis=redis, job_id=job_id)
+    if job is None or job.get("status") in ENDED or not job_records.step_owed(job, step):
+        return {"status": (job or {}).get("status", "gone")}
     if not _agent_exists(project_id=project_id, agent_id=agent_id):
         # Nothing to keep for a deleted agent: its collection goes entirely.
         collection_drop(user_id=user_id, project_id=project_id, agent_id=agent_id)

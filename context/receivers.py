@@ -1,7 +1,7 @@
 """How the context app plugs into the others: a torn-down project's or a deleted agent's
 vector context goes with it (and its jobs leave the recovery index), a worker that can
 neither open nor reach the embedded store refuses to start, a stopping worker releases
-the store, and a worker says which ingest steps it received."""
+the store, and a worker says which context job steps it received."""
 
 from __future__ import annotations
 
@@ -21,13 +21,13 @@ from workspaces.redis import scoped
 from workspaces.signals import workspace_teardown
 
 from . import job_records
-from .tasks import add_context, drop_collection, ingest_file
+from .tasks import add_context, clear_context, drop_collection, ingest_file
 from .vectors import project_collections_drop
 from .vectorstore import close_vector_store, get_vector_store
 
 logger = logging.getLogger(__name__)
 
-STEP_TASKS = frozenset({add_context.name, ingest_file.name})
+STEP_TASKS = frozenset({add_context.name, ingest_file.name, clear_context.name})
 
 
 @receiver(workspace_teardown, dispatch_uid="context.collections_on_teardown")
@@ -43,7 +43,7 @@ def forget_jobs_on_teardown(sender, *, user_id, project_id, **kwargs) -> None:
 
 
 def mark_step_received(sender=None, request=None, **kwargs) -> None:
-    """An ingest step's task left the queue for this worker: if the worker dies, the
+    """A context job's step left the queue for this worker: if the worker dies, the
     recovery pass (context.recovery) sees whose it was instead of waiting out the
     broker's visibility timeout."""
     if request is None or request.name not in STEP_TASKS:
@@ -59,7 +59,7 @@ def mark_step_received(sender=None, request=None, **kwargs) -> None:
     except Exception:
         # Still "on the queue", the step is found once the queue is empty; a mark must
         # never fail the delivery.
-        logger.warning("could not mark an ingest step received", exc_info=True)
+        logger.warning("could not mark a context job step received", exc_info=True)
 
 
 task_received.connect(mark_step_received, weak=False, dispatch_uid="context.step_received")

@@ -54,9 +54,10 @@ def _context_job_start(
     project = agent.project
     job_id = str(uuid.uuid4())
     kwargs = {"user_id": project.owner_id, "agent_id": str(agent.id), "job_id": job_id}
-    # An ingest goes step by step (context.recovery sends a lost step again); a clear is
-    # one task, idempotent.
-    step = (task.name, {**kwargs, "start": 0}) if kind == "add" else None
+    if kind == "add":
+        kwargs["start"] = 0
+    # Step by step (an ingest's batches; a clear is one step): context.recovery sends a
+    # lost step again.
     token = job_create(
         redis=scoped(project.owner_id, project.id),
         job_id=job_id,
@@ -69,9 +70,9 @@ def _context_job_start(
             **(fields or {}),
         },
         documents=documents,
-        step=step,
+        step=(task.name, kwargs),
     )
-    publish(task, project_id=project.id, kwargs={**step[1], "step": token} if step else kwargs)
+    publish(task, project_id=project.id, kwargs={**kwargs, "step": token})
     return job_id
 
 

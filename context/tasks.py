@@ -42,7 +42,7 @@ _ingest_slots = threading.BoundedSemaphore(settings.INGEST_CONCURRENCY)
 
 
 # Bulk work: served after the project's chat answers, never starved (agentbus.flow).
-# An ingest job's tasks are its steps (context.job_records): each carries the step's
+# A context job's tasks are its steps (context.job_records): each carries the step's
 # token (`step`; "" for jobs from before steps), and sends the next step through
 # step_publish, which sends nothing once the recovery pass has sent this step again.
 @shared_task(base=AgentBusTask, bind=True, name="agents.add_context", max_retries=None, lane="bulk")
@@ -120,9 +120,12 @@ def forget_document(self, *, user_id: int, project_id: str, agent_id: str, keys:
 
 
 @shared_task(base=AgentBusTask, bind=True, name="agents.clear_context", **STORE_RETRY)
-def clear_context(self, *, user_id: int, project_id: str, agent_id: str, job_id: str) -> dict:
+def clear_context(
+    self, *, user_id: int, project_id: str, agent_id: str, job_id: str, step: str = ""
+) -> dict:
+    """A clear job: one step (context.job_records)."""
     return context_job_clear(
-        user_id=user_id, project_id=project_id, agent_id=agent_id, job_id=job_id
+        user_id=user_id, project_id=project_id, agent_id=agent_id, job_id=job_id, step=step
     )
 
 
@@ -158,8 +161,8 @@ def drop_collection(self, *, user_id: int, project_id: str, agent_id: str) -> bo
 
 @shared_task(name="context.recover_jobs", ignore_result=True)
 def recover_jobs() -> dict:
-    """Beat: send again the ingest steps whose worker died or whose message was lost
-    (context.recovery)."""
+    """Beat: send again the steps of context jobs (ingest, clear) whose worker died or
+    whose message was lost (context.recovery)."""
     return jobs_recover()
 
 

@@ -380,7 +380,7 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env.float("RUN_RECOVERY_SECONDS", default=10),
         "options": {"expires": 10.0, "queue": "uws.maintenance.urgent"},
     },
-    # Sends again the ingest steps whose worker died or whose message was lost.
+    # Sends again the steps of context jobs whose worker died or whose message was lost.
     "context.recover_jobs": {
         "task": "context.recover_jobs",
         "schedule": env.float("RUN_RECOVERY_SECONDS", default=10),

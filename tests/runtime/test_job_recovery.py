@@ -1,9 +1,10 @@
 """A context job outlives the worker that runs it: the whole worker is SIGKILLed while
 it fetches a file job's URL, or between the batches of a long ingest, and the job ends
 `done` on another worker within seconds (not the broker's visibility timeout, an hour),
-every document stored once. A job whose worker keeps dying ends in error, and a task
-of a step the recovery pass has already sent again does nothing. Faults are real: a
-Redis and worker processes of the test's own."""
+every document stored once. A job whose worker keeps dying ends in error, a task of a
+step the recovery pass has already sent again does nothing, and neither does a clear
+given back after its job ended. Faults are real: a Redis and worker processes of the
+test's own."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ import pytest
 
 from agentbus import MAINTENANCE_QUEUE
 from context import job_records
-from context.jobs import context_job_add
+from context.jobs import context_job_add, context_job_clear
 from context.models import ContextDocument
 from context.recovery import jobs_recover
-from context.services import context_documents_add
+from context.services import context_clear_enqueue, context_documents_add
 from tests.local_http import RunbookServer
+from tests.runtime.conftest import context_count, put_context
 from tests.runtime.test_context import context_url, search
 from tests.workers import wait_for, wait_until
 from workspaces.redis import scoped
@@ -175,3 +177,18 @@ def test_each_pass_looks_first_at_the_jobs_it_looked_at_longest_ago(own_redis, a
     assert jobs_recover(limit=1)["redone"] == 1
     assert jobs_recover(limit=1)["redone"] == 1
     assert [job_records.job_get(redis=redis, job_id=j)["lost"] for j in jobs] == [1, 1]
+
+
+def test_a_clear_given_back_late_clears_nothing(own_redis, agent):
+    """A clear job is one step: its message coming back after the job ended (a worker
+    lost after clearing, the broker giving the message back an hour later) does not
+    clear what was added since."""
+    job_id = context_clear_enqueue(agent=agent)
+    redis = scoped(agent.project.owner_id, agent.project_id)
+    step = job_records.job_get(redis=redis, job_id=job_id)["step"]
+    ids = {"user_id": agent.project.owner_id, "agent_id": str(agent.id), "job_id": job_id}
+    assert context_job_clear(project_id=agent.project_id, step=step, **ids) == {"status": "done"}
+    assert job_records.index_members() == []  # ended: the pass forgets it
+    put_context(agent)  # a document added since
+    assert context_job_clear(project_id=agent.project_id, step=step, **ids) == {"status": "done"}
+    assert context_count(agent) == 1
