@@ -97,8 +97,11 @@ def test_broadcasts_out_of_order_end_in_the_active_state(
 
 def test_retire_project_stops_consumers_and_purges(live_worker):
     project_id = uuid.uuid4()
+    # 10 s of work for the worker's two threads: the queue cannot drain while this test
+    # is kept off the cores between the first start and the retire (with 0.05 s tasks,
+    # 1 s of work, it once did on a loaded machine: nothing was left to purge).
     for _ in range(40):
-        send(tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "r", "sleep": 0.05})
+        send(tasks.record, user_id=1, project_id=project_id, kwargs={"tag": "r", "sleep": 0.5})
     assert wait_for(lambda: tasks.started("r"))
 
     project_tombstone(project_id)  # as a deletion does, first
