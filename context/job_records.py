@@ -188,6 +188,13 @@ def job_finish(*, redis: ScopedRedis, job_id: uuid.UUID | str, fields: dict[str,
     index_forget(redis.key(job_key(job_id)))
 
 
+def job_discard(*, redis: ScopedRedis, job_id: uuid.UUID | str) -> None:
+    """Remove a job that never went on the bus (its request failed): nothing of it is
+    left for the recovery pass to send."""
+    redis.delete(job_key(job_id), job_documents_key(job_id), job_file_key(job_id))
+    index_forget(redis.key(job_key(job_id)))
+
+
 def job_update(*, redis: ScopedRedis, job_id: uuid.UUID | str, fields: dict[str, Any]) -> bool:
     """Update a job that still exists; a workspace torn down meanwhile stays empty."""
     key = job_key(job_id)

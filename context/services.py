@@ -3,6 +3,7 @@ pieces of a search that a waiting web request (context.waits) puts together."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -18,7 +19,7 @@ from workspaces.redis import scoped
 
 from .chunking import document_point_key
 from .filetypes import content_hash
-from .job_records import job_create, job_file_put
+from .job_records import job_create, job_discard, job_file_put
 from .models import ContextDocument
 from .sparse import agent_search_mode
 from .tasks import add_context, clear_context, forget_document, ingest_file
@@ -58,8 +59,9 @@ def _context_job_start(
         kwargs["start"] = 0
     # Step by step (an ingest's batches; a clear is one step): context.recovery sends a
     # lost step again.
+    redis = scoped(project.owner_id, project.id)
     token = job_create(
-        redis=scoped(project.owner_id, project.id),
+        redis=redis,
         job_id=job_id,
         fields={
             "id": job_id,
@@ -72,7 +74,12 @@ def _context_job_start(
         documents=documents,
         step=(task.name, kwargs),
     )
-    publish(task, project_id=project.id, kwargs={**kwargs, "step": token})
+    try:
+        publish(task, project_id=project.id, kwargs={**kwargs, "step": token})
+    except Exception:
+        with contextlib.suppress(Exception):  # with Redis, or the job: a 503 leaves none
+            job_discard(redis=redis, job_id=job_id)
+        raise
     return job_id
 
 

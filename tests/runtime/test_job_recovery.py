@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from agentbus import MAINTENANCE_QUEUE
+from agentbus import MAINTENANCE_QUEUE, ProjectGone, project_tombstone
 from context import job_records
 from context.jobs import context_job_add, context_job_clear
 from context.models import ContextDocument
@@ -192,3 +192,14 @@ def test_a_clear_given_back_late_clears_nothing(own_redis, agent):
     put_context(agent)  # a document added since
     assert context_job_clear(project_id=agent.project_id, step=step, **ids) == {"status": "done"}
     assert context_count(agent) == 1
+
+
+def test_a_job_the_bus_refused_leaves_nothing_for_the_pass(own_redis, agent):
+    """The request that failed to put the job on the bus answered an error: the pass must
+    not run the job later."""
+    project_tombstone(agent.project_id)  # the bus refuses the project's tasks
+    with pytest.raises(ProjectGone):
+        context_documents_add(agent=agent, documents=[{"text": "a"}])
+    redis = scoped(agent.project.owner_id, agent.project_id)
+    assert job_records.index_members() == []
+    assert list(redis.scan_iter("context_job*")) == []
