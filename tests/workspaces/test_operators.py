@@ -75,7 +75,9 @@ def test_stats_lists_every_workspace_in_its_shape(staff_api, user, other_user):
     assert set(body["spaces"]) == {f"{user.pk}_{mine.id}", f"{other_user.pk}_{theirs.id}"}
 
     page = staff_api.get(STATS, {"limit": 1, "offset": 1}).json()
-    assert list(page["spaces"]) == sorted(body["spaces"])[1:]  # sorted by (user, project)
+    # Sorted by (user, project): user 100 after user 99, not as text.
+    in_order = sorted(body["spaces"], key=lambda k: (int(k.split("_")[0]), k))
+    assert list(page["spaces"]) == in_order[1:]
     bad = staff_api.get(STATS, {"limit": 0})
     assert bad.status_code == 400 and "limit" in bad.json()
 
