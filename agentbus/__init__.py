@@ -17,6 +17,7 @@ Other apps use this public API:
 
 from .active import (
     live_workers,
+    on_task_received,
     project_queues_in_keyspace,
     queue_depth,
     queue_depths,
@@ -42,6 +43,7 @@ __all__ = [
     "ProjectGone",
     "ensure_project_alive",
     "live_workers",
+    "on_task_received",
     "project_gone",
     "project_gone_async",
     "project_queue",

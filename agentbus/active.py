@@ -26,11 +26,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
 from celery import current_app
+from celery.signals import task_received
 from django.conf import settings
 
 from common.budget import Budget
@@ -358,6 +359,26 @@ def sweep_ready(*, force: bool = False, batch: int = 1000) -> int | None:
 def worker_identity(hostname: str) -> str:
     """This worker's id as `live_workers` reports it: `<hostname>#<incarnation>`."""
     return f"{hostname}#{_incarnation}"
+
+
+def on_task_received(
+    names: Iterable[str], mark: Callable[[dict[str, Any], str], None], *, what: str
+) -> None:
+    """Call `mark(task kwargs, worker_identity)` when this worker receives (prefetches) a
+    task named in `names`, so a recovery pass can tell whose it was if the worker dies
+    before acknowledging it, instead of waiting out the broker's visibility timeout. A
+    failing mark is logged (`what`: what it marks), never fails the delivery."""
+    names = frozenset(names)
+
+    def received(sender=None, request=None, **kwargs) -> None:
+        if request is None or request.name not in names:
+            return
+        try:
+            mark(request.kwargs, worker_identity(request.hostname))
+        except Exception:
+            logger.warning("could not mark %s received", what, exc_info=True)
+
+    task_received.connect(received, weak=False, dispatch_uid=f"agentbus.received:{what}")
 
 
 def worker_connected(hostname: str, *, mode: str) -> None:

@@ -10,10 +10,10 @@ import threading
 import time
 
 from celery.concurrency import ALIASES as POOLS
-from celery.signals import celeryd_after_setup, task_received
+from celery.signals import celeryd_after_setup
 from django.conf import settings
 
-from agentbus import worker_identity
+from agentbus import on_task_received
 from agentbus.queues import runs_project_tasks
 from context.embeddings import get_embedder
 from governance.sources import register_run_source
@@ -38,26 +38,18 @@ register_project_health_check("runs", project_runs_health)
 register_tool_kind("agent", agent_call)
 
 
-def mark_run_received(sender=None, request=None, **kwargs) -> None:
-    """The run's task left the queue for this worker: if the worker dies before the run
-    starts, the recovery pass sees whose it was (chat.dispatch) instead of waiting out
-    the broker's visibility timeout."""
-    if request is None or request.name != RUN_TASK:
-        return
-    try:
-        task_kwargs = request.kwargs
-        streams.runs_mark_reserved(
-            redis=scoped(task_kwargs["user_id"], task_kwargs["project_id"]),
-            run_id=task_kwargs["run_id"],
-            worker=worker_identity(request.hostname),
-        )
-    except Exception:
-        # Still marked "on the queue", the run is found once the queue is empty; a
-        # mark must never fail the delivery.
-        logger.warning("could not mark run received", exc_info=True)
+def _mark_run_received(task_kwargs: dict, worker: str) -> None:
+    # Still marked "on the queue" if this fails: the run is found once the queue is empty.
+    streams.runs_mark_reserved(
+        redis=scoped(task_kwargs["user_id"], task_kwargs["project_id"]),
+        run_id=task_kwargs["run_id"],
+        worker=worker,
+    )
 
 
-task_received.connect(mark_run_received, weak=False, dispatch_uid="agents.run_received")
+# A worker that dies before the run starts: the recovery pass (chat.dispatch) sees whose
+# the run was.
+on_task_received([RUN_TASK], _mark_run_received, what="run")
 
 
 def runs_warm_up(sender=None, instance=None, **kwargs) -> None:

@@ -5,15 +5,14 @@ the store, and a worker says which context job steps it received."""
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
-from celery.signals import celeryd_after_setup, task_received
+from celery.signals import celeryd_after_setup
 from django.conf import settings
 from django.dispatch import receiver
 
-from agentbus import publish, worker_identity
+from agentbus import on_task_received, publish
 from agentbus.queues import runs_project_tasks
 from agents.signals import agent_deleted
 from common.lifecycle import on_shutdown
@@ -24,10 +23,6 @@ from . import job_records
 from .tasks import add_context, clear_context, drop_collection, ingest_file
 from .vectors import project_collections_drop
 from .vectorstore import close_vector_store, get_vector_store
-
-logger = logging.getLogger(__name__)
-
-STEP_TASKS = frozenset({add_context.name, ingest_file.name, clear_context.name})
 
 
 @receiver(workspace_teardown, dispatch_uid="context.collections_on_teardown")
@@ -42,27 +37,23 @@ def forget_jobs_on_teardown(sender, *, user_id, project_id, **kwargs) -> None:
     job_records.index_forget_workspace(scoped(user_id, project_id))
 
 
-def mark_step_received(sender=None, request=None, **kwargs) -> None:
-    """A context job's step left the queue for this worker: if the worker dies, the
-    recovery pass (context.recovery) sees whose it was instead of waiting out the
-    broker's visibility timeout."""
-    if request is None or request.name not in STEP_TASKS:
-        return
-    try:
-        task_kwargs = request.kwargs
-        job_records.step_received(
-            redis=scoped(task_kwargs["user_id"], task_kwargs["project_id"]),
-            job_id=task_kwargs["job_id"],
-            step=task_kwargs.get("step", ""),
-            worker=worker_identity(request.hostname),
-        )
-    except Exception:
-        # Still "on the queue", the step is found once the queue is empty; a mark must
-        # never fail the delivery.
-        logger.warning("could not mark a context job step received", exc_info=True)
+def _mark_step_received(task_kwargs: dict, worker: str) -> None:
+    # Still "on the queue" if this fails: the step is found once the queue is empty.
+    job_records.step_received(
+        redis=scoped(task_kwargs["user_id"], task_kwargs["project_id"]),
+        job_id=task_kwargs["job_id"],
+        step=task_kwargs.get("step", ""),
+        worker=worker,
+    )
 
 
-task_received.connect(mark_step_received, weak=False, dispatch_uid="context.step_received")
+# A worker that dies holding a context job's step: the recovery pass (context.recovery)
+# sees whose it was.
+on_task_received(
+    [add_context.name, ingest_file.name, clear_context.name],
+    _mark_step_received,
+    what="context job step",
+)
 
 
 @receiver(agent_deleted, dispatch_uid="context.collection_on_agent_deleted")
