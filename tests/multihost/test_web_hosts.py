@@ -131,6 +131,31 @@ def all_done(stack: Stack, ids: list[int]) -> bool:
     return statuses(stack, ids).get("done", 0) == len(ids)
 
 
+def wait_answered(stack: Stack, ids: list[int], timeout: float, what: str) -> None:
+    """Wait until every answer is done; past the timeout, fail saying where the ones
+    left stand (message and run status, the run's worker, starts and lease)."""
+    try:
+        wait(lambda: all_done(stack, ids), timeout, what, 0.5)
+    except TimeoutError as exc:
+        rows = stack.sql(
+            "select m.id, m.status, r.status, r.worker, r.starts, r.attempt,"
+            " r.lease_expires_at, r.dispatched_at, r.error from agents_message m"
+            " left join agents_run r on r.message_id = m.id"
+            " where m.id = any(%s) and m.status <> 'done' order by m.id",
+            (ids,),
+        )
+        left = "\n".join(f"  {row}" for row in rows[:40])
+        logs = [f"{host}-{kind}" for host in stack.workers for kind in ("worker", "maintenance")]
+        pytest.fail(
+            f"{exc}: {len(rows)} of {len(ids)} not done, by status"
+            f" {dict(statuses(stack, ids))}; now {stack.sql('select now()')[0][0]};"
+            f" worker hosts beating {sorted(stack.live_workers())}\n"
+            f"(message, message status, run status, worker, starts, attempt, lease,"
+            f" dispatched, error):\n{left}\n"
+            + "".join(f"\n{name}'s log:\n{stack.log(name, 1500)}" for name in logs)
+        )
+
+
 def completions(stack: Stack, pid: str, sids: list[str]) -> collections.Counter:
     """message.completed events per message over the sessions' whole Redis streams
     (read straight from the services host's Redis): a message answered twice shows twice."""
@@ -246,7 +271,7 @@ def test_worker_host_partitioned_10s_under_chat_load(stack):
             stop.set()
             for thread in threads:
                 thread.join(30)
-        wait(lambda: all_done(stack, accepted), 60, f"{len(accepted)} answers", 0.5)
+        wait_answered(stack, accepted, 60, f"{len(accepted)} answers")
         recovered = time.monotonic() - back
         counts = completions(stack, pid, sids)
         print(
@@ -276,7 +301,7 @@ def test_worker_host_killed_mid_answer(stack):
         wait(running_on_worker1, 30, "answers running on worker1")
         stack.kill_host("worker1")
         killed = time.monotonic()
-        wait(lambda: all_done(stack, answers), 60, "every answer", 0.5)
+        wait_answered(stack, answers, 60, "every answer")
         recovered = time.monotonic() - killed
         counts = completions(stack, pid, sids)
         print(f"\nworker1 killed mid-answer: all {len(answers)} answered {recovered:.1f} s after")
