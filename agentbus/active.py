@@ -172,11 +172,10 @@ def active_among(queues: Iterable[str]) -> set[str]:
     return {q for q, s in zip(queues, scores, strict=True) if s is not None}
 
 
-def queue_depth(project_id: uuid.UUID | str) -> int:
-    """Messages waiting in the project's queue (not counting ones being run)."""
-    if uses_amqp():
-        return amqp_depth(project_queue(project_id))
-    return _depth(broker_redis(), project_queue(project_id))
+def queue_depth(project_id: uuid.UUID | str | None = None, *, queue: str = "") -> int:
+    """Messages waiting in the project's queue, or in the `queue` named (not counting
+    ones being run)."""
+    return _depth(broker_redis(), queue or project_queue(project_id))
 
 
 def queue_depths(project_ids: list[uuid.UUID]) -> list[int | Exception]:

@@ -68,6 +68,7 @@ EXPORT_TASK = "lifecycle.export_project"
 IMPORT_TASK = "lifecycle.import_project"
 # Documents per context job an import queues (each job is cut into short batches).
 IMPORT_CONTEXT_JOB_DOCUMENTS = 500
+ENDED = (ArchiveJob.Status.DONE, ArchiveJob.Status.ERROR)
 
 
 def exports_dir(project_id: uuid.UUID | str) -> Path:
@@ -658,13 +659,34 @@ def _context_check(files: dict[str, Rows], ids: dict[str, set[str]], *, counts: 
 def export_start(*, project: Project, owner) -> ArchiveJob:
     project_lock_for_write(project_id=project.id)  # a 404 if a delete came first
     job = ArchiveJob.objects.create(kind=ArchiveJob.Kind.EXPORT, owner=owner, project=project)
-    # On the project's bus: the worker that runs it holds the vector store (context).
-    transaction.on_commit(
-        lambda: publish(
-            current_app.tasks[EXPORT_TASK], project_id=project.id, kwargs={"job_id": str(job.id)}
-        )  # fmt: skip
-    )
+    # A publish that fails after the commit leaves the job owed: lifecycle.recovery
+    # sends it.
+    on_commit_robust(lambda: archive_job_send(job), name=f"export_project(job={job.id})")
     return job
+
+
+def archive_job_send(job: ArchiveJob) -> None:
+    """Put the job's task (its current attempt) on the bus: an export on its project's
+    queue (the worker that runs it holds the vector store, for the context), an import
+    on the maintenance queue."""
+    kwargs = {"job_id": str(job.id), "attempt": job.attempt}
+    if job.kind == ArchiveJob.Kind.EXPORT:
+        publish(current_app.tasks[EXPORT_TASK], project_id=job.project_id, kwargs=kwargs)
+    else:
+        current_app.send_task(IMPORT_TASK, kwargs=kwargs)
+
+
+def _start(job: ArchiveJob, worker: str) -> bool:
+    """Mark the job running on `worker`, unless the pass sent it again meanwhile."""
+    started = ArchiveJob.objects.filter(id=job.id, attempt=job.attempt).exclude(status__in=ENDED)
+    return bool(started.update(status=ArchiveJob.Status.RUNNING, worker=worker))
+
+
+def _owed(job: ArchiveJob | None, attempt: int | None) -> bool:
+    """Whether a task of this attempt still has the job to do: not ended, and not a
+    sending the recovery pass has replaced (a task of the previous release carries no
+    attempt: the first)."""
+    return job is not None and job.status not in ENDED and job.attempt == (attempt or 1)
 
 
 def _write_lines(archive: zipfile.ZipFile, name: str, rows: Iterable[dict[str, Any]]) -> int:
@@ -678,22 +700,29 @@ def _write_lines(archive: zipfile.ZipFile, name: str, rows: Iterable[dict[str, A
 
 
 def _finish(job: ArchiveJob, started: float, **fields: Any) -> None:
-    ArchiveJob.objects.filter(id=job.id).update(
+    """End the job, unless the recovery pass sent it again meanwhile (the worker that
+    runs this attempt was only late: the newer attempt's end is the job's)."""
+    ArchiveJob.objects.filter(id=job.id, attempt=job.attempt).update(
         seconds=time.monotonic() - started, finished_at=timezone.now(), **fields
     )
 
 
-def export_run(*, job_id: uuid.UUID | str) -> ArchiveJob | None:
-    """Write the job's archive (on a worker: context comes from the vector store)."""
+def export_run(
+    *, job_id: uuid.UUID | str, attempt: int | None = None, worker: str = ""
+) -> ArchiveJob | None:
+    """Write the job's archive (on a worker, `worker`: context comes from the vector
+    store)."""
     job = ArchiveJob.objects.select_related("project").filter(id=job_id).first()
-    if job is None or job.project is None or job.status == ArchiveJob.Status.DONE:
-        return job  # gone with its project, or done already
+    if not _owed(job, attempt) or job.project is None:
+        return job  # gone with its project, ended, or sent again
     started = time.monotonic()
-    ArchiveJob.objects.filter(id=job.id).update(status=ArchiveJob.Status.RUNNING)
+    if not _start(job, worker):
+        return job
     project = job.project
     path = archive_path(job)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".part")
+    # Its own file per attempt: one whose worker was only late may still be writing.
+    partial = path.with_suffix(f".{job.attempt}.part")
     try:
         counts: dict[str, int] = {}
         with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
@@ -713,6 +742,8 @@ def export_run(*, job_id: uuid.UUID | str) -> ArchiveJob | None:
                         "sections": list(_SECTIONS), "counts": counts}  # fmt: skip
             archive.writestr("manifest.json", json.dumps(manifest, indent=1))
         partial.replace(path)
+        for other in path.parent.glob(f"{job.id.hex}.*.part"):  # of attempts that died
+            other.unlink(missing_ok=True)
     except Exception as exc:
         partial.unlink(missing_ok=True)
         _finish(job, started, status=ArchiveJob.Status.ERROR, error=f"{type(exc).__name__}: {exc}")
@@ -755,20 +786,24 @@ def import_start(
         upload.seek(0)
         with path.open("wb") as handle:
             shutil.copyfileobj(upload, handle)
-    on_commit_robust(
-        lambda: current_app.send_task(IMPORT_TASK, kwargs={"job_id": str(job.id)}),
-        name=f"import_project(job={job.id})",
-    )
+    on_commit_robust(lambda: archive_job_send(job), name=f"import_project(job={job.id})")
     return job
 
 
-def import_run(*, job_id: uuid.UUID | str) -> ArchiveJob | None:
+def import_run(
+    *, job_id: uuid.UUID | str, attempt: int | None = None, worker: str = ""
+) -> ArchiveJob | None:
     """Recreate the source archive's project under the job's owner: new ids, everything
-    of every section, then the context queued for embedding with this deployment's model."""
+    of every section, then the context queued for embedding with this deployment's model.
+    Run again after its worker died, it goes on: the records are made once (their
+    transaction names the project on the job), and the context is queued again whole
+    (its points are keyed by their text: the same documents store the same points)."""
     job = ArchiveJob.objects.select_related("source", "owner").filter(id=job_id).first()
-    if job is None or job.status in (ArchiveJob.Status.DONE, ArchiveJob.Status.ERROR):
+    if not _owed(job, attempt):
         return job
     started = time.monotonic()
+    if not _start(job, worker):
+        return job
     uploaded = upload_path(job)
     if job.source is not None and job.source.project_id is not None:
         path = archive_path(job.source)
@@ -779,37 +814,33 @@ def import_run(*, job_id: uuid.UUID | str) -> ArchiveJob | None:
         return job
     try:
         manifest, files = archive_read(path)
-    except ArchiveInvalid as exc:
-        uploaded.unlink(missing_ok=True)
-        _finish(job, started, status=ArchiveJob.Status.ERROR, error=str(exc))
-        return job
-    try:
-        project, ctx, counts = _import_records(job, manifest, files)
+        if job.project_id is None and not _import_records(job, manifest, files):
+            return job  # a newer sending of the job made them
     except Exception as exc:  # nothing of it was written (one transaction)
-        _finish(job, started, status=ArchiveJob.Status.ERROR, error=f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
         uploaded.unlink(missing_ok=True)
-    context_jobs, chunks = [], 0
-    for name, documents in files.items():
-        if not name.startswith("context/") or not documents:
-            continue
-        agent = Agent.objects.select_related("project").get(id=ctx.map("agent", name[8:-6]))
-        for i in range(0, len(documents), IMPORT_CONTEXT_JOB_DOCUMENTS):
-            batch = documents[i : i + IMPORT_CONTEXT_JOB_DOCUMENTS]
-            context_jobs.append(context_documents_add(agent=agent, documents=batch))
-            chunks += len(batch)
-    counts["context"] = chunks
+        error = str(exc) if isinstance(exc, ArchiveInvalid) else f"{type(exc).__name__}: {exc}"
+        _finish(job, started, status=ArchiveJob.Status.ERROR, error=error)
+        if isinstance(exc, ArchiveInvalid):
+            return job
+        raise
+    job.refresh_from_db(fields=["project", "counts"])
+    context_jobs, chunks = _import_context(job, files)
+    uploaded.unlink(missing_ok=True)
     _finish(job, started, status=ArchiveJob.Status.DONE,
-            counts={**counts, **ctx.notes, "context_jobs": context_jobs})  # fmt: skip
+            counts={**job.counts, "context": chunks, "context_jobs": context_jobs})  # fmt: skip
     return ArchiveJob.objects.get(id=job.id)
 
 
-def _import_records(
-    job: ArchiveJob, manifest: dict[str, Any], files: dict[str, Rows]
-) -> tuple[Project, ImportContext, dict[str, int]]:
-    """Every section's records in a new project of the job's owner, in one transaction."""
+def _import_records(job: ArchiveJob, manifest: dict[str, Any], files: dict[str, Rows]) -> bool:
+    """Every section's records in a new project of the job's owner, in one transaction
+    that names the project on the job, with what was made (`counts`); False when another
+    sending of the job has replaced this one, or made them already."""
     with transaction.atomic():
+        owed = ArchiveJob.objects.select_for_update().filter(
+            id=job.id, attempt=job.attempt, project__isnull=True
+        )
+        if not owed.exists():
+            return False
         project = Project.objects.create(
             owner=job.owner,
             name=manifest["project"]["name"],
@@ -819,8 +850,26 @@ def _import_records(
         counts = {}
         for section in _SECTIONS.values():
             counts[section.name] = section.load(ctx, files.get(f"{section.name}.jsonl", []))
-        ArchiveJob.objects.filter(id=job.id).update(project=project)
-    return project, ctx, counts
+        owed.update(project=project, counts={**counts, **ctx.notes})
+    return True
+
+
+def _import_context(job: ArchiveJob, files: dict[str, Rows]) -> tuple[list[str], int]:
+    """Queue each agent's context documents for the imported project's agent of the same
+    name (names are unique in a project); (the context jobs' ids, how many documents)."""
+    names = {str(row["id"]): row["name"] for row in files.get("agents.jsonl", [])}
+    made = Agent.objects.select_related("project").filter(project=job.project)
+    agents = {agent.name: agent for agent in made}
+    context_jobs, chunks = [], 0
+    for name, documents in files.items():
+        if not name.startswith("context/") or not documents:
+            continue
+        agent = agents[names[name[len("context/") : -len(".jsonl")]]]
+        for i in range(0, len(documents), IMPORT_CONTEXT_JOB_DOCUMENTS):
+            batch = documents[i : i + IMPORT_CONTEXT_JOB_DOCUMENTS]
+            context_jobs.append(context_documents_add(agent=agent, documents=batch))
+            chunks += len(batch)
+    return context_jobs, chunks
 
 
 def import_webhook_secrets_take(*, job: ArchiveJob) -> dict[str, str]:

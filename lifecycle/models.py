@@ -4,6 +4,7 @@ import uuid
 
 from django.conf import settings
 from django.db import models
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from projects.models import Project
@@ -106,9 +107,25 @@ class ArchiveJob(models.Model):
     seconds = models.FloatField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # Which sending of the job's task is owed (lifecycle.recovery sends it again, under
+    # the next number, when its worker died or its message was lost: a task of an older
+    # one does nothing); when it was sent, and the worker that received it (blank until
+    # one did). The database's defaults too: a process of the previous release, still
+    # running during an upgrade, stores jobs without them.
+    attempt = models.PositiveIntegerField(default=1, db_default=1)
+    sent_at = models.DateTimeField(default=timezone.now, db_default=Now())
+    worker = models.CharField(max_length=255, blank=True, default="", db_default="")
 
     class Meta:
         ordering = ["-created_at"]
+        indexes = [
+            # The recovery pass's look at the jobs not ended (a few among many).
+            models.Index(
+                fields=["sent_at"],
+                condition=models.Q(status__in=["queued", "running"]),
+                name="archive_job_owed",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.kind} {self.id} ({self.status})"

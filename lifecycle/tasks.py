@@ -2,7 +2,7 @@
 
 from celery import shared_task
 
-from agentbus import AgentBusTask
+from agentbus import AgentBusTask, worker_identity
 
 from .accounts import (
     ERASE_TASK,
@@ -11,6 +11,7 @@ from .accounts import (
     account_erasures_owed,
 )
 from .exports import EXPORT_TASK, IMPORT_TASK, export_run, import_run
+from .recovery import archive_jobs_recover
 from .retention import retention_sweep
 
 # How long a deleted user's erasure waits between looks at their projects' teardowns.
@@ -35,13 +36,26 @@ def sweep_retention() -> dict:
     return {"removed": report.removed, "complete": report.complete, "chunks": report.chunks}
 
 
-@shared_task(base=AgentBusTask, name=EXPORT_TASK)
-def export_project(*, job_id: str, project_id: str | None = None) -> str | None:
-    job = export_run(job_id=job_id)
+# An archive job's task says which worker runs it (lifecycle.recovery sends it again if
+# that worker stops beating).
+
+
+@shared_task(base=AgentBusTask, name=EXPORT_TASK, bind=True)
+def export_project(
+    self, *, job_id: str, attempt: int | None = None, project_id: str | None = None
+) -> str | None:
+    worker = worker_identity(self.request.hostname)
+    job = export_run(job_id=job_id, attempt=attempt, worker=worker)
     return job.status if job else None
 
 
-@shared_task(name=IMPORT_TASK)
-def import_project(*, job_id: str) -> str | None:
-    job = import_run(job_id=job_id)
+@shared_task(name=IMPORT_TASK, bind=True)
+def import_project(self, *, job_id: str, attempt: int | None = None) -> str | None:
+    worker = worker_identity(self.request.hostname)
+    job = import_run(job_id=job_id, attempt=attempt, worker=worker)
     return job.status if job else None
+
+
+@shared_task(name="lifecycle.recover_archive_jobs")
+def recover_archive_jobs() -> dict:
+    return archive_jobs_recover()

@@ -386,6 +386,12 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env.float("RUN_RECOVERY_SECONDS", default=10),
         "options": {"expires": 10.0, "queue": "uws.maintenance.urgent"},
     },
+    # Sends again the exports and imports whose worker died or whose message was lost.
+    "lifecycle.recover_archive_jobs": {
+        "task": "lifecycle.recover_archive_jobs",
+        "schedule": env.float("RUN_RECOVERY_SECONDS", default=10),
+        "options": {"expires": 10.0, "queue": "uws.maintenance.urgent"},
+    },
     # Deletes audit records older than AUDIT_RETENTION_DAYS.
     "governance.purge_audit": {
         "task": "governance.purge_audit",

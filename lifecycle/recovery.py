@@ -1,0 +1,90 @@
+"""Archive jobs (exports, imports) outlive their worker.
+
+A worker SIGKILLed mid-export keeps the task's message unacknowledged until the broker's
+visibility timeout (an hour) gives it back, and a message lost with Redis, or a publish
+that failed after the job's commit, never comes back. The pass (beat, every
+RUN_RECOVERY_SECONDS, as the runs' and the context jobs' passes) looks at the jobs not
+ended and sends again the task of one
+
+- running on a worker that no longer beats (agentbus.live_workers), or
+- never started, sent RUN_REDISPATCH_SECONDS ago, while its queue is empty;
+
+under the next attempt number, so the first message, if it ever comes back, finds its
+attempt replaced and does nothing. A job sent RUN_MAX_STARTS times (an archive that
+kills its worker each time) ends in error. An export is written again from the start
+(to a file of its own per attempt); an import goes on (exports.import_run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db.models import F
+from django.utils import timezone
+
+from agentbus import MAINTENANCE_QUEUE, ProjectGone, live_workers, project_gone, queue_depth
+
+from .exports import ENDED, archive_job_send
+from .models import ArchiveJob
+
+logger = logging.getLogger(__name__)
+
+
+def archive_jobs_recover(*, limit: int = 200) -> dict[str, int]:
+    """The recovery pass over archive jobs (see the module docstring); what it did."""
+    done = {"redone": 0, "failed": 0, "moved": 0}
+    owed = list(
+        ArchiveJob.objects.exclude(status__in=ENDED).order_by("sent_at")[:limit]
+    )  # the partial index archive_job_owed
+    if not owed:
+        return done
+    live = {worker["id"] for worker in live_workers()}
+    depths: dict[str, int] = {}
+    stale = timezone.now() - timedelta(seconds=settings.RUN_REDISPATCH_SECONDS)
+    for job in owed:
+        if job.kind == ArchiveJob.Kind.EXPORT and job.project_id and project_gone(job.project_id):
+            continue  # being deleted: the job goes with its project
+        if job.worker:
+            if job.worker in live:
+                continue
+        elif job.sent_at > stale or _queue_depth(job, depths):
+            continue  # its message may be on its way, or among those waiting
+        try:
+            done[_send_again(job)] += 1
+        except Exception:
+            logger.warning("archive job %s: not sent again; the next pass tries", job.id)
+    if done["redone"] or done["failed"]:
+        logger.warning("archive job recovery: %s", done)
+    return done
+
+
+def _queue_depth(job: ArchiveJob, depths: dict[str, int]) -> int:
+    key = str(job.project_id) if job.kind == ArchiveJob.Kind.EXPORT else MAINTENANCE_QUEUE
+    if key not in depths:
+        if job.kind == ArchiveJob.Kind.EXPORT:
+            depths[key] = queue_depth(job.project_id)
+        else:
+            depths[key] = queue_depth(queue=MAINTENANCE_QUEUE)
+    return depths[key]
+
+
+def _send_again(job: ArchiveJob) -> str:
+    """Send the job's task under its next attempt, or end the job in error once it was
+    sent RUN_MAX_STARTS times: "redone", "failed", or "moved" (it ended or was sent
+    again meanwhile)."""
+    owed = ArchiveJob.objects.filter(id=job.id, attempt=job.attempt).exclude(status__in=ENDED)
+    if job.attempt >= settings.RUN_MAX_STARTS:
+        error = f"the job lost its worker {job.attempt} times and was given up"
+        ended = owed.update(status=ArchiveJob.Status.ERROR, error=error, finished_at=timezone.now())
+        return "failed" if ended else "moved"
+    fields: dict[str, Any] = {"attempt": F("attempt") + 1, "worker": "", "sent_at": timezone.now()}
+    if not owed.update(**fields):
+        return "moved"
+    job.refresh_from_db(fields=["attempt"])
+    with contextlib.suppress(ProjectGone):  # being deleted: the job goes with its project
+        archive_job_send(job)
+    return "redone"

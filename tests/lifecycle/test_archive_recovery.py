@@ -1,0 +1,211 @@
+"""An export or an import outlives the worker that runs it: the whole worker is SIGKILLed
+mid-job, and the job ends `done` on another worker within seconds (not the broker's
+visibility timeout, an hour), the import's project made once. An import sent again after
+its records were made goes on without making them twice; a task of an attempt the
+recovery pass replaced does nothing; a job whose message was lost is sent again; one
+whose worker keeps dying ends in error. Faults are real: a Redis and worker processes of
+the test's own."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from agentbus import MAINTENANCE_QUEUE, queue_depth
+from chat.models import Message
+from lifecycle.exports import _import_records, archive_path, archive_read, export_run, import_run
+from lifecycle.models import ArchiveJob
+from lifecycle.recovery import archive_jobs_recover
+from projects.models import Project
+from tests.factories import AgentFactory, ChatSessionFactory
+from tests.workers import wait_for, wait_until
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.parametrize("own_redis", ["empty"], indirect=True),
+]
+
+# Enough messages that writing (or importing) them takes a worker seconds, so the test
+# kills it mid-job.
+MESSAGES = 30_000
+
+
+@pytest.fixture
+def big_project(project):
+    agent = AgentFactory(project=project, name="keeper")
+    session = ChatSessionFactory(project=project, agent=agent)
+    Message.objects.bulk_create(
+        Message(
+            session=session,
+            role="user" if i % 2 else "assistant",
+            content=f"Message {i}: the north dock keeps parcel PX-{i:05d}.",
+        )  # fmt: skip
+        for i in range(MESSAGES)
+    )
+    return project
+
+
+def worker_env(tmp_path) -> dict[str, str]:
+    return {"QDRANT_PATH": str(tmp_path / "qdrant"), "AGENTBUS_HEARTBEAT_SECONDS": "1"}
+
+
+def start_worker(worker_process, tmp_path):
+    worker = worker_process("-Q", MAINTENANCE_QUEUE, "-P", "threads", "-c", "2",
+                            env=worker_env(tmp_path))  # fmt: skip
+    worker.wait_started()
+    return worker
+
+
+def kill_once_running(worker, job_id) -> float:
+    """SIGKILL the worker's process group as soon as it runs the job."""
+    wait_until(
+        lambda: ArchiveJob.objects.filter(id=job_id, status="running").exclude(worker=""),
+        timeout=60, interval=0.02, what="the job running",
+    )  # fmt: skip
+    worker.kill_group()
+    killed = time.monotonic()
+    job = ArchiveJob.objects.get(id=job_id)
+    assert job.status == "running", (job.status, job.error)  # killed mid-job
+    return killed
+
+
+def recover_until_ended(job_id, timeout=90.0) -> ArchiveJob:
+    """Run the recovery pass (beat's job) until the job has ended."""
+
+    def ended():
+        archive_jobs_recover()
+        job = ArchiveJob.objects.get(id=job_id)
+        return job if job.status in ("done", "error") else None
+
+    return wait_for(ended, timeout=timeout, interval=0.5)
+
+
+def test_an_export_whose_worker_is_killed_mid_export_is_written_by_another(
+    own_redis, api, big_project, worker_process, tmp_path, settings
+):
+    settings.AGENTBUS_HEARTBEAT_SECONDS = 1  # a killed worker is gone within 3 s
+    first = start_worker(worker_process, tmp_path)
+    response = api.post(f"/my/projects/{big_project.id}/exports/", {}, format="json")
+    assert response.status_code == 202, response.content
+    job_id = response.json()["id"]
+    killed = kill_once_running(first, job_id)
+
+    second = start_worker(worker_process, tmp_path)
+    job = recover_until_ended(job_id)
+    took = time.monotonic() - killed
+    print(f"export: worker killed mid-export to done: {took:.2f}s")
+    assert job is not None and job.status == "done", ArchiveJob.objects.get(id=job_id).error
+    assert took < 30, took  # not the broker's visibility timeout (an hour)
+    assert job.attempt == 2 and job.counts["messages"] == MESSAGES
+    manifest, files = archive_read(archive_path(job))
+    assert len(files["messages.jsonl"]) == MESSAGES
+    # Nothing of the killed attempt is left beside the archive.
+    assert [p.name for p in archive_path(job).parent.iterdir()] == [archive_path(job).name]
+    second.kill_group()
+
+
+def test_an_import_whose_worker_is_killed_mid_import_makes_the_project_once(
+    own_redis, api, user, big_project, worker_process, tmp_path, settings
+):
+    settings.AGENTBUS_HEARTBEAT_SECONDS = 1
+    first = start_worker(worker_process, tmp_path)
+    agent = big_project.agents.get()
+    context = f"/my/projects/{big_project.id}/agents/{agent.id}/context/"
+    documents = [f"Shelf {i} of the north dock holds parcel PX-{i:05d}." for i in range(3)]
+    added = api.post(context, {"documents": documents}, format="json").json()["job_id"]
+    wait_until(
+        lambda: api.get(f"{context}jobs/{added}/").json()["status"] == "done",
+        timeout=60, what="the context stored",
+    )  # fmt: skip
+    exported = api.post(f"/my/projects/{big_project.id}/exports/", {}, format="json").json()
+    wait_until(
+        lambda: ArchiveJob.objects.filter(id=exported["id"], status="done"),
+        timeout=120, what="the export",
+    )  # fmt: skip
+    response = api.post("/my/projects/import/", {"export_id": exported["id"]}, format="json")
+    assert response.status_code == 202, response.content
+    job_id = response.json()["id"]
+    killed = kill_once_running(first, job_id)
+
+    second = start_worker(worker_process, tmp_path)
+    job = recover_until_ended(job_id)
+    took = time.monotonic() - killed
+    print(f"import: worker killed mid-import to done: {took:.2f}s")
+    assert job is not None and job.status == "done", ArchiveJob.objects.get(id=job_id).error
+    assert took < 30, took
+    copies = Project.objects.filter(owner=user, name=big_project.name).exclude(id=big_project.id)
+    assert copies.count() == 1
+    assert Message.objects.filter(session__project=copies.get()).count() == MESSAGES
+    # Its context queued for the copy's agent of the same name, once.
+    assert job.counts["context"] == 3 and len(job.counts["context_jobs"]) == 1
+    second.kill_group()
+
+
+def test_an_import_sent_again_after_its_records_goes_on_and_makes_them_once(
+    own_redis, api, user, project
+):
+    """The state a worker killed right after the records' commit leaves: the job names
+    its project, its context not queued. Run again, it queues the context and ends, with
+    no second project."""
+    agent = AgentFactory(project=project, name="keeper")
+    ChatSessionFactory(project=project, agent=agent)
+    export = ArchiveJob.objects.create(kind="export", owner=user, project=project)
+    export_run(job_id=export.id)
+    job = ArchiveJob.objects.create(kind="import", owner=user, source=export)
+    manifest, files = archive_read(archive_path(export))
+    assert _import_records(job, manifest, files)
+    job.refresh_from_db()
+    assert job.project_id and job.counts["agents"] == 1
+    assert not _import_records(job, manifest, files)  # made once
+
+    done = import_run(job_id=job.id, attempt=1)
+    assert done.status == "done", done.error
+    assert done.project_id == job.project_id
+    assert Project.objects.filter(owner=user).count() == 2  # the original and one copy
+    assert done.counts["agents"] == 1 and done.counts["context"] == 0
+
+
+def test_a_task_of_a_replaced_attempt_does_nothing(own_redis, user, project):
+    job = ArchiveJob.objects.create(kind="export", owner=user, project=project, attempt=2)
+    assert export_run(job_id=job.id, attempt=1).status == "queued"
+    imported = ArchiveJob.objects.create(kind="import", owner=user, source=job, attempt=2)
+    assert import_run(job_id=imported.id, attempt=None).status == "queued"  # an old release's
+    assert not archive_path(job).parent.exists()
+    assert Project.objects.filter(owner=user).count() == 1
+
+
+def test_a_job_whose_message_was_lost_is_sent_again_once(own_redis, user, project, settings):
+    """Queued, never started, its queue empty (Redis lost the message, or the publish
+    after the commit failed): past RUN_REDISPATCH_SECONDS the pass sends it again, under
+    the next attempt, and not again while that message waits."""
+    sent = timezone.now() - timedelta(seconds=settings.RUN_REDISPATCH_SECONDS + 1)
+    job = ArchiveJob.objects.create(kind="export", owner=user, project=project, sent_at=sent)
+    fresh = ArchiveJob.objects.create(kind="export", owner=user, project=project)
+    assert queue_depth(project.id) == 0
+    assert archive_jobs_recover()["redone"] == 1
+    job.refresh_from_db()
+    assert (job.attempt, job.status) == (2, "queued")
+    assert queue_depth(project.id) == 1
+    assert ArchiveJob.objects.get(id=fresh.id).attempt == 1  # sent just now: left alone
+    ArchiveJob.objects.filter(id=job.id).update(sent_at=sent)
+    assert archive_jobs_recover()["redone"] == 0  # its message is waiting
+
+
+def test_a_job_whose_worker_keeps_dying_ends_in_error(own_redis, user, project, settings):
+    settings.RUN_MAX_STARTS = 2
+    job = ArchiveJob.objects.create(
+        kind="export", owner=user, project=project, status="running", worker="gone@host#1"
+    )
+    assert archive_jobs_recover()["redone"] == 1
+    job.refresh_from_db()
+    assert (job.attempt, job.worker) == (2, "")
+    ArchiveJob.objects.filter(id=job.id).update(status="running", worker="gone@host#2")
+    assert archive_jobs_recover()["failed"] == 1
+    job.refresh_from_db()
+    assert job.status == "error" and "lost its worker 2 times" in job.error
+    assert archive_jobs_recover() == {"redone": 0, "failed": 0, "moved": 0}
+    assert export_run(job_id=job.id, attempt=2).status == "error"  # its late message
