@@ -15,16 +15,19 @@ from __future__ import annotations
 import csv
 import io
 import re
+import zipfile
 from dataclasses import dataclass
 
 import docx
 import html2text
 from pypdf import PdfReader
-from pypdf.errors import PdfReadError
+from pypdf.errors import PyPdfError
 
 from .chunking import CHUNK_CHARS, chunk_text
 from .filetypes import FileRefused
 
+# Parts of a DOCX (a zip): a document has tens; each is one more read.
+DOCX_MAX_MEMBERS = 10_000
 _HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
 
 
@@ -54,12 +57,17 @@ def _decode(data: bytes) -> str:
     raise FileRefused("the file is not UTF-8 text")
 
 
-def parse(data: bytes, *, kind: str, max_pages: int, max_chars: int) -> list[Section]:
-    """The file's text in structural sections; FileRefused when it cannot be read."""
+def parse(
+    data: bytes, *, kind: str, max_pages: int, max_chars: int, max_unpacked: int
+) -> list[Section]:
+    """The file's text in structural sections; FileRefused when it cannot be read, or
+    holds more than `max_pages` pages, `max_chars` characters of text or (a DOCX, a zip)
+    `max_unpacked` bytes unpacked. Those limits are checked as the file is read, so a
+    small file that unpacks or parses to far more is refused before it is read whole."""
     if kind == "pdf":
-        sections = _pdf(data, max_pages=max_pages)
+        sections = _pdf(data, max_pages=max_pages, max_chars=max_chars)
     elif kind == "docx":
-        sections = _docx(data)
+        sections = _docx(data, max_chars=max_chars, max_unpacked=max_unpacked)
     elif kind == "html":
         sections = _html(data)
     elif kind == "markdown":
@@ -70,15 +78,18 @@ def parse(data: bytes, *, kind: str, max_pages: int, max_chars: int) -> list[Sec
         sections = [Section(_decode(data))]
     else:
         raise FileRefused(f"unsupported file type {kind!r}")
-    total = sum(len(s.text) for s in sections)
-    if total > max_chars:
-        raise FileRefused(f"the file holds {total} characters of text; the limit is {max_chars}")
+    _within(sum(len(s.text) for s in sections), max_chars)
     if not any(s.text.strip() for s in sections):
         raise FileRefused("the file holds no text (a scanned PDF needs OCR first)")
     return sections
 
 
-def _pdf(data: bytes, *, max_pages: int) -> list[Section]:
+def _within(chars: int, max_chars: int) -> None:
+    if chars > max_chars:
+        raise FileRefused(f"the file holds over {max_chars} characters of text (the limit)")
+
+
+def _pdf(data: bytes, *, max_pages: int, max_chars: int) -> list[Section]:
     try:
         reader = PdfReader(io.BytesIO(data))
         if reader.is_encrypted:
@@ -86,17 +97,39 @@ def _pdf(data: bytes, *, max_pages: int) -> list[Section]:
         pages = len(reader.pages)
         if pages > max_pages:
             raise FileRefused(f"the PDF has {pages} pages; the limit is {max_pages}")
-        return [
-            Section(page.extract_text() or "", page=number)
-            for number, page in enumerate(reader.pages, start=1)
-        ]
+        sections, chars = [], 0
+        for number, page in enumerate(reader.pages, start=1):
+            sections.append(Section(page.extract_text() or "", page=number))
+            chars += len(sections[-1].text)
+            _within(chars, max_chars)
+        return sections
     except FileRefused:
         raise
-    except (PdfReadError, ValueError, KeyError, TypeError, OSError) as exc:
+    # PyPdfError: pypdf's own, its limits on what one stream may decompress to included.
+    except (PyPdfError, ValueError, KeyError, TypeError, OSError) as exc:
         raise FileRefused(f"the PDF cannot be read: {exc}") from exc
 
 
-def _docx(data: bytes) -> list[Section]:
+def _docx_unpacked_check(data: bytes, *, max_unpacked: int) -> None:
+    """Refuse a DOCX that unpacks to more than `max_unpacked` bytes before python-docx
+    reads it whole: a few MB of repeated XML can unpack to GBs, and parsing them holds a
+    worker for minutes. zipfile stops every member at its declared size (and fails its
+    checksum past it), so the declared sizes bound what is read."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise FileRefused(f"the DOCX cannot be read: {exc}") from exc
+    unpacked = sum(member.file_size for member in members)
+    if unpacked > max_unpacked or len(members) > DOCX_MAX_MEMBERS:
+        raise FileRefused(
+            f"the DOCX unpacks to {unpacked} bytes in {len(members)} parts; the limits are "
+            f"{max_unpacked} bytes and {DOCX_MAX_MEMBERS} parts"
+        )
+
+
+def _docx(data: bytes, *, max_chars: int, max_unpacked: int) -> list[Section]:
+    _docx_unpacked_check(data, max_unpacked=max_unpacked)
     try:
         document = docx.Document(io.BytesIO(data))
     except Exception as exc:  # python-docx raises zipfile, lxml and its own errors
@@ -104,6 +137,7 @@ def _docx(data: bytes) -> list[Section]:
     sections: list[Section] = []
     path: list[str] = []
     lines: list[str] = []
+    chars = 0
 
     def flush() -> None:
         if lines:
@@ -121,10 +155,14 @@ def _docx(data: bytes) -> list[Section]:
             path.append(text)
         elif text:
             lines.append(text)
+        chars += len(text)
+        _within(chars, max_chars)
     flush()
     for table in document.tables:
         rows = [" | ".join(c.text.strip() for c in row.cells) for row in table.rows]
         sections.append(Section("\n".join(rows), section="table"))
+        chars += len(sections[-1].text)
+        _within(chars, max_chars)
     return sections
 
 

@@ -329,6 +329,7 @@ def context_file_ingest(
             kind=kind,
             max_pages=settings.CONTEXT_FILE_MAX_PAGES,
             max_chars=settings.CONTEXT_FILE_MAX_CHARS,
+            max_unpacked=settings.CONTEXT_FILE_MAX_UNPACKED_BYTES,
         )
     except FileRefused as exc:
         _file_job_fail(redis=redis, job={**job, "documents": 0}, user_id=user_id,

@@ -779,6 +779,11 @@ CONTEXT_HYBRID_PREFETCH = env.int("CONTEXT_HYBRID_PREFETCH", default=20)
 CONTEXT_FILE_MAX_BYTES = env.int("CONTEXT_FILE_MAX_BYTES", default=20 * 1024 * 1024)
 CONTEXT_FILE_MAX_PAGES = env.int("CONTEXT_FILE_MAX_PAGES", default=500)
 CONTEXT_FILE_MAX_CHARS = env.int("CONTEXT_FILE_MAX_CHARS", default=5_000_000)
+# What a DOCX (a zip) may unpack to: its XML is parsed whole (about 4 times its size in
+# memory) before its paragraphs are read.
+CONTEXT_FILE_MAX_UNPACKED_BYTES = env.int(
+    "CONTEXT_FILE_MAX_UNPACKED_BYTES", default=100 * 1024 * 1024
+)
 CONTEXT_FILE_TYPES = env.list(
     "CONTEXT_FILE_TYPES", default=["pdf", "docx", "html", "markdown", "csv", "text"]
 )

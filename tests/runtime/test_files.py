@@ -142,6 +142,37 @@ def test_bad_and_encrypted_files_end_in_error_with_nothing_stored(live_worker, a
     assert context_count(agent) == 0
 
 
+def docx_of(paragraphs: int, chars: int) -> bytes:
+    """A DOCX of `paragraphs` paragraphs of `chars` characters: repeated text packs to
+    a few KB whatever it unpacks to."""
+    document = docx.Document()
+    for i in range(paragraphs):
+        document.add_paragraph(f"{i:06d} " + "a" * chars)
+    out = io.BytesIO()
+    document.save(out)
+    return out.getvalue()
+
+
+def test_a_docx_past_its_unpacked_size_or_text_is_refused_before_it_is_read_whole(
+    live_worker, api, agent, settings
+):
+    """A few KB that unpack to far more (a zip bomb) is refused from the zip's directory,
+    before python-docx reads it; one within that but over the text limit is refused as
+    its paragraphs are read, not once all are. Nothing is stored."""
+    settings.CONTEXT_FILE_MAX_UNPACKED_BYTES = 1_500_000  # the template is 0.8 MB
+    settings.CONTEXT_FILE_MAX_CHARS = 50_000
+    packed = docx_of(2_000, 1_000)  # about 2.9 MB unpacked
+    assert len(packed) < 100_000
+    job = finished(api, agent, upload(api, agent, "bomb.docx", packed))
+    assert job["status"] == "error", job
+    assert "unpacks to" in job["error"] and "limits are 1500000 bytes" in job["error"], job
+
+    job = finished(api, agent, upload(api, agent, "long.docx", docx_of(400, 1_000)))
+    assert job["status"] == "error" and "over 50000 characters" in job["error"], job
+    assert context_count(agent) == 0
+    assert {d["status"] for d in api.get(files_url(agent)).json()["documents"]} == {"error"}
+
+
 @pytest.fixture
 def file_server():
     server = RunbookServer().start()
