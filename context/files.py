@@ -16,16 +16,17 @@ import csv
 import io
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import docx
 import html2text
 from pypdf import PdfReader
-from pypdf.errors import PyPdfError
 
 from .chunking import CHUNK_CHARS, chunk_text
 from .filetypes import FileRefused
 
+_LABELS = {"pdf": "PDF", "docx": "DOCX", "html": "HTML", "csv": "CSV"}
 # Parts of a DOCX (a zip): a document has tens; each is one more read.
 DOCX_MAX_MEMBERS = 10_000
 _HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
@@ -64,20 +65,28 @@ def parse(
     holds more than `max_pages` pages, `max_chars` characters of text or (a DOCX, a zip)
     `max_unpacked` bytes unpacked. Those limits are checked as the file is read, so a
     small file that unpacks or parses to far more is refused before it is read whole."""
-    if kind == "pdf":
-        sections = _pdf(data, max_pages=max_pages, max_chars=max_chars)
-    elif kind == "docx":
-        sections = _docx(data, max_chars=max_chars, max_unpacked=max_unpacked)
-    elif kind == "html":
-        sections = _html(data)
-    elif kind == "markdown":
-        sections = _markdown(_decode(data))
-    elif kind == "csv":
-        sections = _csv(_decode(data))
-    elif kind == "text":
-        sections = [Section(_decode(data))]
-    else:
+    readers: dict[str, Callable[[], list[Section]]] = {
+        "pdf": lambda: _pdf(data, max_pages=max_pages, max_chars=max_chars),
+        "docx": lambda: _docx(data, max_chars=max_chars, max_unpacked=max_unpacked),
+        "html": lambda: _html(data),
+        "markdown": lambda: _markdown(_decode(data)),
+        "csv": lambda: _csv(_decode(data)),
+        "text": lambda: [Section(_decode(data))],
+    }
+    if kind not in readers:
         raise FileRefused(f"unsupported file type {kind!r}")
+    try:
+        sections = readers[kind]()
+    except FileRefused:
+        raise
+    # The parsers raise more than their documented errors on a malformed file (pypdf:
+    # NotImplementedError for an unknown filter, AttributeError for a broken trailer; its
+    # own limit on what a stream decompresses to): the file cannot be read, whatever the
+    # library's reason.
+    except Exception as exc:
+        raise FileRefused(
+            f"the {_LABELS.get(kind, kind)} cannot be read: {type(exc).__name__}: {exc}"
+        ) from exc
     _within(sum(len(s.text) for s in sections), max_chars)
     if not any(s.text.strip() for s in sections):
         raise FileRefused("the file holds no text (a scanned PDF needs OCR first)")
@@ -90,24 +99,18 @@ def _within(chars: int, max_chars: int) -> None:
 
 
 def _pdf(data: bytes, *, max_pages: int, max_chars: int) -> list[Section]:
-    try:
-        reader = PdfReader(io.BytesIO(data))
-        if reader.is_encrypted:
-            raise FileRefused("the PDF is encrypted")
-        pages = len(reader.pages)
-        if pages > max_pages:
-            raise FileRefused(f"the PDF has {pages} pages; the limit is {max_pages}")
-        sections, chars = [], 0
-        for number, page in enumerate(reader.pages, start=1):
-            sections.append(Section(page.extract_text() or "", page=number))
-            chars += len(sections[-1].text)
-            _within(chars, max_chars)
-        return sections
-    except FileRefused:
-        raise
-    # PyPdfError: pypdf's own, its limits on what one stream may decompress to included.
-    except (PyPdfError, ValueError, KeyError, TypeError, OSError) as exc:
-        raise FileRefused(f"the PDF cannot be read: {exc}") from exc
+    reader = PdfReader(io.BytesIO(data))
+    if reader.is_encrypted:
+        raise FileRefused("the PDF is encrypted")
+    pages = len(reader.pages)
+    if pages > max_pages:
+        raise FileRefused(f"the PDF has {pages} pages; the limit is {max_pages}")
+    sections, chars = [], 0
+    for number, page in enumerate(reader.pages, start=1):
+        sections.append(Section(page.extract_text() or "", page=number))
+        chars += len(sections[-1].text)
+        _within(chars, max_chars)
+    return sections
 
 
 def _docx_unpacked_check(data: bytes, *, max_unpacked: int) -> None:
@@ -115,11 +118,8 @@ def _docx_unpacked_check(data: bytes, *, max_unpacked: int) -> None:
     reads it whole: a few MB of repeated XML can unpack to GBs, and parsing them holds a
     worker for minutes. zipfile stops every member at its declared size (and fails its
     checksum past it), so the declared sizes bound what is read."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            members = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise FileRefused(f"the DOCX cannot be read: {exc}") from exc
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        members = archive.infolist()
     unpacked = sum(member.file_size for member in members)
     if unpacked > max_unpacked or len(members) > DOCX_MAX_MEMBERS:
         raise FileRefused(
@@ -130,10 +130,7 @@ def _docx_unpacked_check(data: bytes, *, max_unpacked: int) -> None:
 
 def _docx(data: bytes, *, max_chars: int, max_unpacked: int) -> list[Section]:
     _docx_unpacked_check(data, max_unpacked=max_unpacked)
-    try:
-        document = docx.Document(io.BytesIO(data))
-    except Exception as exc:  # python-docx raises zipfile, lxml and its own errors
-        raise FileRefused(f"the DOCX cannot be read: {type(exc).__name__}: {exc}") from exc
+    document = docx.Document(io.BytesIO(data))
     sections: list[Section] = []
     path: list[str] = []
     lines: list[str] = []

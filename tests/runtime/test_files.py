@@ -130,6 +130,12 @@ def test_bad_and_encrypted_files_end_in_error_with_nothing_stored(live_worker, a
         "locked.pdf": (encrypted.getvalue(), "encrypted"),
         "broken.pdf": (b"%PDF-1.7\nthis is not a pdf at all", "cannot be read"),
         "broken.docx": (b"PK\x03\x04 not a zip", "cannot be read"),
+        # pypdf raises more than its own errors on malformed files (here
+        # NotImplementedError): still a refusal, not a step that fails and stays running.
+        "unknown-filter.pdf": (
+            make_pdf(["filtered page"]).replace(b"/FlateDecode", b"/FlateDecodX"),
+            "cannot be read",
+        ),
         "latin1.txt": ("caf\u00e9".encode("latin-1"), "not UTF-8"),
         "blank.md": (b"   \n\n  ", "no text"),
     }
