@@ -212,14 +212,25 @@ class _Deadlines:
 _deadlines = _Deadlines()
 
 
+# How much of an answer's body is read (the status is the answer: the body is not used).
+# A longer body is left unread and its connection closed, so an endpoint that answers
+# with gigabytes costs a delivery thread 64 KiB, not the gigabytes.
+ANSWER_BODY_MAX_BYTES = 64 * 1024
+
+
 class _AnswerBounded:
     """A connection whose answer (status, headers, body) must come within
-    WEBHOOK_TIMEOUT_SECONDS in all."""
+    WEBHOOK_TIMEOUT_SECONDS in all, and whose body is read up to
+    ANSWER_BODY_MAX_BYTES (the pool is asked not to preload it)."""
 
     def getresponse(self):
         token = _deadlines.watch(self, settings.WEBHOOK_TIMEOUT_SECONDS)
         try:
             response = super().getresponse()
+            if len(response.read(ANSWER_BODY_MAX_BYTES + 1, decode_content=False)) > (
+                ANSWER_BODY_MAX_BYTES
+            ):
+                self.close()  # the rest stays unread: not a connection to use again
         except Exception as exc:
             if _deadlines.done(token):  # urllib3 reports it as a read timeout
                 raise TimeoutError("no whole answer in time") from exc
@@ -360,8 +371,9 @@ def _send(target: _Target, *, msg_id: str, body: str) -> tuple[int | None, str, 
     try:
         response = pool.urlopen(
             "POST", target.path, body=body.encode(), headers=headers, timeout=timeout,
-            retries=False, redirect=False, assert_same_host=False, preload_content=True,
+            retries=False, redirect=False, assert_same_host=False, preload_content=False,
         )  # fmt: skip
+        response.release_conn()  # its body was read (or its connection closed) already
         status = response.status
         error = "" if 200 <= status < 300 else f"HTTP {status}"
         return status, error, int((time.monotonic() - started) * 1000)

@@ -407,16 +407,14 @@ def test_sends_in_flight_when_the_endpoint_fails_back_it_off_once(
     assert int(redis.get(f"webhooks:inflight:{hook['id']}")) == 0
 
 
-class _Trickler:
-    """An endpoint that reads the request, then answers a byte every `every` seconds
-    (each well within any read timeout) for `seconds`."""
+class _RawEndpoint:
+    """An endpoint on a socket of its own: reads each request's head, then `answer`s."""
 
-    def __init__(self, *, every: float, seconds: float) -> None:
+    def __init__(self) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(8)
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
-        self.every, self.seconds = every, seconds
         self.closed = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -434,28 +432,61 @@ class _Trickler:
                 data = b""
                 while b"\r\n\r\n" not in data:
                     data += conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 204 No Content\r\nX-Slow: ")
-                ends = time.monotonic() + self.seconds
-                while time.monotonic() < ends and not self.closed.wait(self.every):
-                    conn.sendall(b"a")
-                conn.sendall(b"\r\n\r\n")
+                self.answer(conn)
             except OSError:
                 return  # cut by the client
+
+    def answer(self, conn: socket.socket) -> None:
+        raise NotImplementedError
 
     def stop(self) -> None:
         self.closed.set()
         self.sock.close()
 
 
+class _Trickler(_RawEndpoint):
+    """Answers a byte every `every` seconds (each well within any read timeout) for
+    `seconds`: of its headers, or (`body`) of a body after whole headers."""
+
+    def __init__(self, *, every: float, seconds: float, body: bool = False) -> None:
+        self.every, self.seconds, self.body = every, seconds, body
+        super().__init__()
+
+    def answer(self, conn: socket.socket) -> None:
+        if self.body:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        else:
+            conn.sendall(b"HTTP/1.1 204 No Content\r\nX-Slow: ")
+        ends = time.monotonic() + self.seconds
+        while time.monotonic() < ends and not self.closed.wait(self.every):
+            conn.sendall(b"a")
+        conn.sendall(b"\r\n\r\n")
+
+
+class _Flooder(_RawEndpoint):
+    """Answers 200 with an endless body, as fast as the client takes it; counts what it
+    managed to send."""
+
+    sent = 0
+
+    def answer(self, conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunk = b"100000\r\n" + b"x" * 0x100000 + b"\r\n"
+        while not self.closed.is_set():
+            conn.sendall(chunk)
+            self.sent += len(chunk)
+
+
+@pytest.mark.parametrize("body", [False, True], ids=["headers", "body"])
 def test_an_endpoint_that_answers_a_byte_at_a_time_is_cut_off_at_the_timeout(
-    api, session, settings
+    api, session, settings, body
 ):
     """urllib3's read timeout bounds each read: an endpoint that keeps sending a byte
     would hold its attempt (and a webhooks thread) for as long as it liked. The whole
-    answer has WEBHOOK_TIMEOUT_SECONDS."""
+    answer, its body included, has WEBHOOK_TIMEOUT_SECONDS."""
     settings.EGRESS_ALLOW_NETWORKS = {**settings.EGRESS_ALLOW_NETWORKS, "webhooks": ["127.0.0.0/8"]}
     settings.WEBHOOK_TIMEOUT_SECONDS = 1.0
-    trickler = _Trickler(every=0.3, seconds=30)
+    trickler = _Trickler(every=0.3, seconds=30, body=body)
     try:
         hook = api.post(
             _hooks_url(session.project), {"url": trickler.url, "events": ["run.completed"]},
@@ -470,3 +501,28 @@ def test_an_endpoint_that_answers_a_byte_at_a_time_is_cut_off_at_the_timeout(
     assert took < 5, took  # its 1 s, give or take the checker's grain and a loaded machine
     attempt = WebhookAttempt.objects.get(delivery__endpoint_id=hook["id"])
     assert attempt.status_code is None and "timed out" in attempt.error, attempt.error
+
+
+def test_an_endpoint_that_answers_an_endless_body_costs_a_delivery_64_kib(api, session, settings):
+    """The status is the answer: the body is read up to 64 KiB and the rest left unread
+    (its connection closed). Read whole, as it was, one such answer held 3.4 GB of the
+    webhooks worker's memory within the 5 s timeout."""
+    settings.EGRESS_ALLOW_NETWORKS = {**settings.EGRESS_ALLOW_NETWORKS, "webhooks": ["127.0.0.0/8"]}
+    flooder = _Flooder()
+    try:
+        hook = api.post(
+            _hooks_url(session.project), {"url": flooder.url, "events": ["run.completed"]},
+            format="json",
+        ).json()  # fmt: skip
+        _end_a_run(api, session)
+        started = time.monotonic()
+        assert endpoint_drain(endpoint_id=hook["id"])["delivered"] == 1
+        took = time.monotonic() - started
+    finally:
+        flooder.stop()
+    attempt = WebhookAttempt.objects.get(delivery__endpoint_id=hook["id"])
+    assert attempt.status_code == 200, attempt.error
+    assert took < 2, took
+    # What the endpoint got into the connection before it was closed: the 64 KiB read
+    # and what the sockets' buffers hold, not the gigabytes it would have sent.
+    assert flooder.sent < 64 * 2**20, flooder.sent
