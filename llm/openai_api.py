@@ -197,7 +197,7 @@ class OpenAIProvider:
                     if not choice.delta:
                         continue
                     if choice.delta.content:
-                        streamed.started = True
+                        streamed.count(len(choice.delta.content))
                         yield choice.delta.content
                     for part in choice.delta.tool_calls or ():
                         streamed.fragment(part)
@@ -206,16 +206,30 @@ class OpenAIProvider:
 
 
 class _Streamed:
-    """What one call has streamed: whether anything yet, and its tool calls."""
+    """What one call has streamed: whether anything yet, how much, and its tool calls.
+    Past LLM_ANSWER_MAX_CHARS it raises ProviderError (the stream is closed)."""
 
     def __init__(self) -> None:
         self.started = False
+        self.chars = 0
         self._calls: dict[int, dict[str, str]] = {}
+
+    def count(self, chars: int) -> None:
+        self.started = True
+        self.chars += chars
+        if self.chars > settings.LLM_ANSWER_MAX_CHARS:
+            raise ProviderError(
+                f"the LLM endpoint's answer passed {settings.LLM_ANSWER_MAX_CHARS} characters "
+                "(LLM_ANSWER_MAX_CHARS) and was cut off"
+            )
 
     def fragment(self, part: Any) -> None:
         """Streamed tool calls arrive in fragments, by index: id and name first, then
-        the arguments' JSON text piece by piece."""
-        self.started = True
+        the arguments' JSON text piece by piece. Each fragment counts at least one
+        character, so a stream of empty ones is bounded too."""
+        function = part.function
+        texts = (part.id, function and function.name, function and function.arguments)
+        self.count(1 + sum(len(text or "") for text in texts))
         call = self._calls.setdefault(part.index, {"id": "", "name": "", "arguments": ""})
         call["id"] = part.id or call["id"]
         if part.function is not None:

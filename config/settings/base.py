@@ -486,6 +486,11 @@ OPENAI_BASE_URL = env.str("OPENAI_BASE_URL", default="")
 OPENAI_API_KEY = env.str("OPENAI_API_KEY", default="")
 LLM_TIMEOUT_SECONDS = env.float("LLM_TIMEOUT_SECONDS", default=60)
 LLM_MAX_RETRIES = env.int("LLM_MAX_RETRIES", default=2)
+# What one call's answer may hold (text and tool calls' names and arguments, in
+# characters; models answer tens of thousands): an endpoint that streams past it (a
+# project's own URL can be anyone's server) ends the call in error instead of filling
+# the worker's memory.
+LLM_ANSWER_MAX_CHARS = env.int("LLM_ANSWER_MAX_CHARS", default=2_000_000)
 EMBEDDINGS_BASE_URL = env.str("EMBEDDINGS_BASE_URL", default="")
 EMBEDDINGS_API_KEY = env.str("EMBEDDINGS_API_KEY", default=OPENAI_API_KEY)
 EMBEDDINGS_MODEL = env.str("EMBEDDINGS_MODEL", default="")

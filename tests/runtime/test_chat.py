@@ -3,6 +3,7 @@ project's queue, the answer streams into the session's Redis Stream and ends in 
 
 from __future__ import annotations
 
+import itertools
 from datetime import timedelta
 
 import pytest
@@ -246,6 +247,34 @@ def test_provider_failure_becomes_an_error_event_and_message(
     assert expected in answer.error and data["error"] == answer.error
     if mode == "stall":
         assert answer.content == "Hello"  # what arrived before the stall is kept
+
+
+@pytest.mark.parametrize("part", ["text", "tool call"])
+def test_an_endless_answer_is_cut_off_at_llm_answer_max_chars(
+    live_worker, api, user, redis_client, fake_openai, runtime_settings, part
+):
+    """A project's own endpoint can be anyone's server: one that streams without end
+    (text, or a tool call's arguments) ends the call in error at LLM_ANSWER_MAX_CHARS,
+    instead of filling the worker's memory until the run's deadline."""
+    runtime_settings.LLM_ANSWER_MAX_CHARS = 50_000
+    project = ProjectFactory(owner=user)
+    agent = AgentFactory(project=project, model="gpt-local")
+    if part == "text":
+        fake_openai.tokens = itertools.repeat("x" * 1000)
+    else:
+        Tool.objects.create(agent=agent, kind="builtin", name="search_context")
+        fake_openai.every_turn = {"tool_calls": [("search_context", {"query": "x" * 60_000})]}
+    session = ChatSessionFactory(agent=agent, project=project)
+    body = post_message(api, session, "Say everything.")
+    kind, data = wait_for_event(
+        redis_client, project, session.id, types={"message.completed", "message.error"},
+        message_id=body["assistant_message_id"],
+    )  # fmt: skip
+    assert kind == "message.error", data
+    assert "passed 50000 characters" in data["error"], data
+    answer = Message.objects.get(id=body["assistant_message_id"])
+    assert answer.status == "error" and len(answer.content) <= 50_000
+    assert len(fake_openai.requests) == 1  # not tried again
 
 
 def test_cancel_stops_a_streaming_run(live_worker, api, user, redis_client, fake_openai):
