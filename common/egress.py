@@ -192,9 +192,34 @@ def guarded_client(*, purpose: str, **kwargs) -> httpx.Client:
     )
 
 
-def guarded_async_client_factory(*, purpose: str, httpx_module):
+class AnswerTooLarge(Exception):
+    """An answer past the bytes its client takes (str(): which limit)."""
+
+
+def guarded_async_client_factory(
+    *, purpose: str, httpx_module, max_answer_bytes: int | None = None
+):
     """A factory of async clients (of `httpx_module`: httpx, or the mcp SDK's httpx2)
-    whose every request is checked and pinned; with the mcp SDK's factory signature."""
+    whose every request is checked and pinned; with the mcp SDK's factory signature.
+    With `max_answer_bytes`, an answer's body is cut past that many bytes (a read error
+    caused by AnswerTooLarge), and asked for and taken uncompressed only, so the bytes
+    counted are the bytes held."""
+
+    class Bounded(httpx_module.AsyncByteStream):
+        def __init__(self, stream, request) -> None:
+            self._stream, self._request = stream, request
+
+        async def __aiter__(self):
+            seen = 0
+            async for chunk in self._stream:
+                seen += len(chunk)
+                if seen > max_answer_bytes:
+                    cause = AnswerTooLarge(f"the answer passed {max_answer_bytes} bytes")
+                    raise httpx_module.ReadError(str(cause), request=self._request) from cause
+                yield chunk
+
+        async def aclose(self) -> None:
+            await self._stream.aclose()
 
     class AsyncGuardedTransport(httpx_module.AsyncHTTPTransport):
         async def handle_async_request(self, request):
@@ -205,7 +230,17 @@ def guarded_async_client_factory(*, purpose: str, httpx_module):
             except EgressRefused as exc:
                 raise httpx_module.ConnectError(str(exc), request=request) from exc
             _pin(request, address)
-            return await super().handle_async_request(request)
+            if max_answer_bytes is None:
+                return await super().handle_async_request(request)
+            request.headers["Accept-Encoding"] = "identity"
+            response = await super().handle_async_request(request)
+            encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                await response.aclose()
+                cause = AnswerTooLarge(f"a compressed answer ({encoding}) was not asked for")
+                raise httpx_module.DecodingError(str(cause), request=request) from cause
+            response.stream = Bounded(response.stream, request)
+            return response
 
     def factory(headers=None, timeout=None, auth=None):
         kwargs = {"headers": headers, "timeout": timeout, "auth": auth}

@@ -47,7 +47,9 @@ async def _session(url: str, headers: dict[str, str], timeout: float, work):
     from mcp.client.streamable_http import streamable_http_client
 
     # The SDK's factory signature; the transport checks and pins every request it sends.
-    create_client = egress.guarded_async_client_factory(purpose=egress.MCP, httpx_module=httpx2)
+    create_client = egress.guarded_async_client_factory(
+        purpose=egress.MCP, httpx_module=httpx2, max_answer_bytes=settings.MCP_ANSWER_MAX_BYTES
+    )
     async with create_client(headers=headers, timeout=httpx2.Timeout(timeout)) as http:
         transport = streamable_http_client(url, http_client=http)
         async with Client(transport, read_timeout_seconds=timeout) as client:
@@ -64,21 +66,24 @@ def _run(url: str, headers: dict[str, str], timeout: float, work) -> Any:
     except ToolError:
         raise
     except Exception as exc:
-        refused = _egress_refusal(exc)
-        if refused is not None:
-            raise ToolError(str(refused)) from None
+        found = _cause(exc, (egress.EgressRefused, egress.AnswerTooLarge, ToolError))
+        if isinstance(found, egress.AnswerTooLarge):
+            raise ToolError(f"MCP server: {found} (MCP_ANSWER_MAX_BYTES)") from None
+        if found is not None:
+            raise ToolError(str(found)) from None
         logger.warning("MCP server %s failed: %s", urlsplit(url).hostname, type(exc).__name__)
         raise ToolError(f"the MCP server failed ({type(exc).__name__})") from None
 
 
-def _egress_refusal(exc: BaseException) -> egress.EgressRefused | None:
-    """The guard's refusal inside what the SDK raised (it wraps it, in groups too)."""
+def _cause(exc: BaseException, types: tuple[type[Exception], ...]) -> BaseException | None:
+    """The guard's refusal (of the address, or of an answer too large), or our own
+    ToolError, inside what the SDK raised (it wraps them, in groups too)."""
     seen = 0
     stack = [exc]
     while stack and seen < 50:
         seen += 1
         current = stack.pop()
-        if isinstance(current, egress.EgressRefused):
+        if isinstance(current, types):
             return current
         stack += list(getattr(current, "exceptions", ()))
         stack += [e for e in (current.__cause__, current.__context__) if e is not None]
@@ -93,6 +98,10 @@ def mcp_list(*, url: str, header_templates: dict[str, str], secrets: dict[str, s
         while True:
             page = await client.list_tools(cursor=cursor)
             listing += page.tools
+            if len(listing) > settings.MCP_MAX_TOOLS:
+                raise ToolError(
+                    f"the MCP server lists more than {settings.MCP_MAX_TOOLS} tools (MCP_MAX_TOOLS)"
+                )
             cursor = page.next_cursor
             if not cursor:
                 return listing

@@ -664,6 +664,11 @@ AGENT_CALL_TIMEOUT_SECONDS = env.float("AGENT_CALL_TIMEOUT_SECONDS", default=300
 # An MCP server's tool list is cached per project this long (a change of the tool that
 # names the server drops it at once).
 MCP_LIST_CACHE_SECONDS = env.float("MCP_LIST_CACHE_SECONDS", default=300)
+# What an MCP server may answer (a tenant's server: anyone's): one answer's bytes, taken
+# uncompressed, and the tools its listing may hold (every tool goes to the model with
+# each turn of a run; OpenAI's API takes 128).
+MCP_ANSWER_MAX_BYTES = env.int("MCP_ANSWER_MAX_BYTES", default=4 * 1024 * 1024)
+MCP_MAX_TOOLS = env.int("MCP_MAX_TOOLS", default=128)
 
 LOGGING = {
     "version": 1,

@@ -16,6 +16,8 @@ from tests.factories import AgentFactory, ChatSessionFactory
 from tests.runtime.conftest import stream_events, wait_for_event
 from tests.runtime.test_chat import post_message
 from tests.workers import wait_until
+from tools.http import ToolError
+from tools.mcp import mcp_call, mcp_list
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +28,7 @@ ENDS = {"message.completed", "message.error", "message.cancelled"}
 class McpServer:
     """The SDK's MCPServer under uvicorn; counts the requests that list its tools."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, more_tools: int = 0) -> None:
         # the MCP SDK loads only in the tests that start this server
         from mcp.server.mcpserver import MCPServer
         from mcp.server.mcpserver.exceptions import ToolError
@@ -34,6 +36,14 @@ class McpServer:
         server = MCPServer("calc")
         self.listings = 0
         self.authorizations: list[str] = []
+
+        @server.tool()
+        def text(kib: int) -> str:
+            """`kib` KiB of text."""
+            return "x" * (kib * 1024)
+
+        for i in range(more_tools):
+            server.add_tool(lambda: "", name=f"more_{i}", description="One of many.")
 
         @server.tool()
         def add(a: int, b: int) -> int:
@@ -122,7 +132,7 @@ def test_mcp_tools_are_listed_called_and_the_list_cached(
     kind, data, results = ask(api, redis_client, session, "Add, please.")
     assert kind == "message.completed", data
     offered = {t["function"]["name"]: t for t in fake_openai.requests[0]["body"]["tools"]}
-    assert set(offered) == {"calc__add", "calc__fail"}
+    assert set(offered) == {"calc__add", "calc__fail", "calc__text"}
     assert offered["calc__add"]["function"]["parameters"]["required"] == ["a", "b"]
     added, failed = sorted(results, key=lambda r: r["name"])
     assert added["ok"] and added["result"] == "42"
@@ -180,3 +190,24 @@ def test_bad_mcp_tools_are_400(api, agent, change, field):
     assert response.status_code == 400, response.content
     assert field in response.json()
     assert not Tool.objects.exists()
+
+
+def test_an_mcp_servers_answer_and_listing_are_bounded(settings, runtime_settings):
+    """A tenant's MCP server is anyone's: an answer past MCP_ANSWER_MAX_BYTES is cut off
+    as it arrives (read whole, a tool's result of any size was held by the worker), and
+    a listing of more than MCP_MAX_TOOLS tools is refused."""
+    runtime_settings.EGRESS_ALLOW_NETWORKS = {"mcp": ["127.0.0.0/8"]}
+    settings.MCP_ANSWER_MAX_BYTES = 256 * 1024
+    settings.MCP_MAX_TOOLS = 10
+    server = McpServer(more_tools=20).start()
+    try:
+        call = {"url": server.url, "header_templates": {}, "secrets": {}, "timeout": 10}
+        assert mcp_call(name="text", arguments={"kib": 100}, **call) == (True, "x" * 102400)
+        with pytest.raises(ToolError, match="passed 262144 bytes"):
+            mcp_call(name="text", arguments={"kib": 4096}, **call)
+        with pytest.raises(ToolError, match="more than 10 tools"):
+            mcp_list(url=server.url, header_templates={}, secrets={})
+        settings.MCP_MAX_TOOLS = 128
+        assert len(mcp_list(url=server.url, header_templates={}, secrets={})) == 23
+    finally:
+        server.stop()
