@@ -42,6 +42,7 @@ LONG_FILES = (
     "tests/lifecycle/test_archive_upload.py",
     "tests/runtime/test_sse.py",
     "tests/runtime/test_shutdown.py",
+    "tests/lifecycle/test_archive_recovery.py",
     "tests/agentbus/test_flow_workers.py",
     "tests/multihost/test_worker_hosts.py",
     "tests/runtime/test_waits.py",
