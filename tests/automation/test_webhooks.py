@@ -486,21 +486,27 @@ def test_an_endpoint_that_answers_a_byte_at_a_time_is_cut_off_at_the_timeout(
     answer, its body included, has WEBHOOK_TIMEOUT_SECONDS."""
     settings.EGRESS_ALLOW_NETWORKS = {**settings.EGRESS_ALLOW_NETWORKS, "webhooks": ["127.0.0.0/8"]}
     settings.WEBHOOK_TIMEOUT_SECONDS = 1.0
-    trickler = _Trickler(every=0.3, seconds=30, body=body)
+    drained, took, attempt = _one_attempt(api, session, _Trickler(every=0.3, seconds=30, body=body))
+    assert drained["failed"] == 1
+    assert took < 5, took  # its 1 s, give or take the checker's grain and a loaded machine
+    assert attempt.status_code is None and "timed out" in attempt.error, attempt.error
+
+
+def _one_attempt(api, session, endpoint: _RawEndpoint) -> tuple[dict, float, WebhookAttempt]:
+    """A run's end delivered to `endpoint` by one drain: (what the drain says, how long
+    it took, the attempt); the endpoint is stopped after."""
     try:
         hook = api.post(
-            _hooks_url(session.project), {"url": trickler.url, "events": ["run.completed"]},
+            _hooks_url(session.project), {"url": endpoint.url, "events": ["run.completed"]},
             format="json",
         ).json()  # fmt: skip
         _end_a_run(api, session)
         started = time.monotonic()
-        assert endpoint_drain(endpoint_id=hook["id"])["failed"] == 1
+        drained = endpoint_drain(endpoint_id=hook["id"])
         took = time.monotonic() - started
     finally:
-        trickler.stop()
-    assert took < 5, took  # its 1 s, give or take the checker's grain and a loaded machine
-    attempt = WebhookAttempt.objects.get(delivery__endpoint_id=hook["id"])
-    assert attempt.status_code is None and "timed out" in attempt.error, attempt.error
+        endpoint.stop()
+    return drained, took, WebhookAttempt.objects.get(delivery__endpoint_id=hook["id"])
 
 
 def test_an_endpoint_that_answers_an_endless_body_costs_a_delivery_64_kib(api, session, settings):
@@ -509,19 +515,8 @@ def test_an_endpoint_that_answers_an_endless_body_costs_a_delivery_64_kib(api, s
     webhooks worker's memory within the 5 s timeout."""
     settings.EGRESS_ALLOW_NETWORKS = {**settings.EGRESS_ALLOW_NETWORKS, "webhooks": ["127.0.0.0/8"]}
     flooder = _Flooder()
-    try:
-        hook = api.post(
-            _hooks_url(session.project), {"url": flooder.url, "events": ["run.completed"]},
-            format="json",
-        ).json()  # fmt: skip
-        _end_a_run(api, session)
-        started = time.monotonic()
-        assert endpoint_drain(endpoint_id=hook["id"])["delivered"] == 1
-        took = time.monotonic() - started
-    finally:
-        flooder.stop()
-    attempt = WebhookAttempt.objects.get(delivery__endpoint_id=hook["id"])
-    assert attempt.status_code == 200, attempt.error
+    drained, took, attempt = _one_attempt(api, session, flooder)
+    assert drained["delivered"] == 1 and attempt.status_code == 200, attempt.error
     assert took < 2, took
     # What the endpoint got into the connection before it was closed: the 64 KiB read
     # and what the sockets' buffers hold, not the gigabytes it would have sent.

@@ -73,6 +73,22 @@ def kill_once_running(worker, job_id) -> float:
     return killed
 
 
+def done_by_another(first, response, worker_process, tmp_path, what: str) -> ArchiveJob:
+    """Kill `first` once it runs the job `response` started, start another worker, and
+    run the recovery pass until the job ends: done, well within the broker's visibility
+    timeout (an hour)."""
+    assert response.status_code == 202, response.content
+    job_id = response.json()["id"]
+    killed = kill_once_running(first, job_id)
+    start_worker(worker_process, tmp_path)
+    job = recover_until_ended(job_id)
+    took = time.monotonic() - killed
+    print(f"{what}: worker killed mid-job to done: {took:.2f}s")
+    assert job is not None and job.status == "done", ArchiveJob.objects.get(id=job_id).error
+    assert took < 30, took
+    return job
+
+
 def recover_until_ended(job_id, timeout=90.0) -> ArchiveJob:
     """Run the recovery pass (beat's job) until the job has ended."""
 
@@ -90,22 +106,12 @@ def test_an_export_whose_worker_is_killed_mid_export_is_written_by_another(
     settings.AGENTBUS_HEARTBEAT_SECONDS = 1  # a killed worker is gone within 3 s
     first = start_worker(worker_process, tmp_path)
     response = api.post(f"/my/projects/{big_project.id}/exports/", {}, format="json")
-    assert response.status_code == 202, response.content
-    job_id = response.json()["id"]
-    killed = kill_once_running(first, job_id)
-
-    second = start_worker(worker_process, tmp_path)
-    job = recover_until_ended(job_id)
-    took = time.monotonic() - killed
-    print(f"export: worker killed mid-export to done: {took:.2f}s")
-    assert job is not None and job.status == "done", ArchiveJob.objects.get(id=job_id).error
-    assert took < 30, took  # not the broker's visibility timeout (an hour)
+    job = done_by_another(first, response, worker_process, tmp_path, "export")
     assert job.attempt == 2 and job.counts["messages"] == MESSAGES
     manifest, files = archive_read(archive_path(job))
     assert len(files["messages.jsonl"]) == MESSAGES
     # Nothing of the killed attempt is left beside the archive.
     assert [p.name for p in archive_path(job).parent.iterdir()] == [archive_path(job).name]
-    second.kill_group()
 
 
 def test_an_import_whose_worker_is_killed_mid_import_makes_the_project_once(
@@ -127,22 +133,12 @@ def test_an_import_whose_worker_is_killed_mid_import_makes_the_project_once(
         timeout=120, what="the export",
     )  # fmt: skip
     response = api.post("/my/projects/import/", {"export_id": exported["id"]}, format="json")
-    assert response.status_code == 202, response.content
-    job_id = response.json()["id"]
-    killed = kill_once_running(first, job_id)
-
-    second = start_worker(worker_process, tmp_path)
-    job = recover_until_ended(job_id)
-    took = time.monotonic() - killed
-    print(f"import: worker killed mid-import to done: {took:.2f}s")
-    assert job is not None and job.status == "done", ArchiveJob.objects.get(id=job_id).error
-    assert took < 30, took
+    job = done_by_another(first, response, worker_process, tmp_path, "import")
     copies = Project.objects.filter(owner=user, name=big_project.name).exclude(id=big_project.id)
     assert copies.count() == 1
     assert Message.objects.filter(session__project=copies.get()).count() == MESSAGES
     # Its context queued for the copy's agent of the same name, once.
     assert job.counts["context"] == 3 and len(job.counts["context_jobs"]) == 1
-    second.kill_group()
 
 
 def test_an_import_sent_again_after_its_records_goes_on_and_makes_them_once(
