@@ -164,12 +164,50 @@ def _port(url) -> int:
     return url.port or (443 if url.scheme == "https" else 80)
 
 
-class GuardedTransport(httpx.HTTPTransport):
-    """An httpx transport that checks and pins every request it sends."""
+class AnswerRefused(Exception):
+    """An answer its client does not take: past the bytes it takes, or compressed when
+    it asked for none (str(): which)."""
 
-    def __init__(self, *, purpose: str, **kwargs) -> None:
+
+def _uncompressed(response, request, httpx_module) -> None:
+    """Raise (a decoding error caused by AnswerRefused) unless the answer came as it
+    was asked for: uncompressed, so the bytes counted are the bytes held."""
+    encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        cause = AnswerRefused(f"a compressed answer ({encoding}) was not asked for")
+        raise httpx_module.DecodingError(str(cause), request=request) from cause
+
+
+class _LineBounded(httpx.SyncByteStream):
+    """An answer's body whose lines may not pass `limit` bytes (a read error caused by
+    AnswerRefused): a line is what a streaming client holds until it ends."""
+
+    def __init__(self, stream, request: httpx.Request, limit: int) -> None:
+        self._stream, self._request, self._limit = stream, request, limit
+
+    def __iter__(self):
+        line = 0
+        for chunk in self._stream:
+            end = chunk.rfind(b"\n")
+            line = len(chunk) - end - 1 if end >= 0 else line + len(chunk)
+            if line > self._limit:
+                cause = AnswerRefused(f"a line of the answer passed {self._limit} bytes")
+                raise httpx.ReadError(str(cause), request=self._request) from cause
+            yield chunk
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class GuardedTransport(httpx.HTTPTransport):
+    """An httpx transport that checks and pins every request it sends; with
+    `max_line_bytes`, its answers come uncompressed, with lines of at most that many
+    bytes."""
+
+    def __init__(self, *, purpose: str, max_line_bytes: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.purpose = purpose
+        self.max_line_bytes = max_line_bytes
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         try:
@@ -179,21 +217,31 @@ class GuardedTransport(httpx.HTTPTransport):
             # refusal stays its cause for whoever explains the failure.
             raise httpx.ConnectError(str(exc), request=request) from exc
         _pin(request, address)
-        return super().handle_request(request)
+        if self.max_line_bytes is None:
+            return super().handle_request(request)
+        request.headers["Accept-Encoding"] = "identity"
+        response = super().handle_request(request)
+        try:
+            _uncompressed(response, request, httpx)
+        except httpx.DecodingError:
+            response.close()
+            raise
+        response.stream = _LineBounded(response.stream, request, self.max_line_bytes)
+        return response
 
 
-def guarded_client(*, purpose: str, **kwargs) -> httpx.Client:
-    """A sync httpx client whose every request is checked and pinned; no redirects."""
+def guarded_client(*, purpose: str, max_line_bytes: int | None = None, **kwargs) -> httpx.Client:
+    """A sync httpx client whose every request is checked and pinned; no redirects.
+    `max_line_bytes`: see GuardedTransport."""
+    transport = GuardedTransport(
+        purpose=purpose, max_line_bytes=max_line_bytes, verify=kwargs.pop("verify", True)
+    )
     return httpx.Client(
-        transport=GuardedTransport(purpose=purpose, verify=kwargs.pop("verify", True)),
+        transport=transport,
         follow_redirects=False,
         trust_env=False,  # no proxy from the environment: it would connect for us
         **kwargs,
     )
-
-
-class AnswerTooLarge(Exception):
-    """An answer past the bytes its client takes (str(): which limit)."""
 
 
 def guarded_async_client_factory(
@@ -202,7 +250,7 @@ def guarded_async_client_factory(
     """A factory of async clients (of `httpx_module`: httpx, or the mcp SDK's httpx2)
     whose every request is checked and pinned; with the mcp SDK's factory signature.
     With `max_answer_bytes`, an answer's body is cut past that many bytes (a read error
-    caused by AnswerTooLarge), and asked for and taken uncompressed only, so the bytes
+    caused by AnswerRefused), and asked for and taken uncompressed only, so the bytes
     counted are the bytes held."""
 
     class Bounded(httpx_module.AsyncByteStream):
@@ -214,7 +262,7 @@ def guarded_async_client_factory(
             async for chunk in self._stream:
                 seen += len(chunk)
                 if seen > max_answer_bytes:
-                    cause = AnswerTooLarge(f"the answer passed {max_answer_bytes} bytes")
+                    cause = AnswerRefused(f"the answer passed {max_answer_bytes} bytes")
                     raise httpx_module.ReadError(str(cause), request=self._request) from cause
                 yield chunk
 
@@ -234,11 +282,11 @@ def guarded_async_client_factory(
                 return await super().handle_async_request(request)
             request.headers["Accept-Encoding"] = "identity"
             response = await super().handle_async_request(request)
-            encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
-            if encoding not in ("", "identity"):
+            try:
+                _uncompressed(response, request, httpx_module)
+            except httpx_module.DecodingError:
                 await response.aclose()
-                cause = AnswerTooLarge(f"a compressed answer ({encoding}) was not asked for")
-                raise httpx_module.DecodingError(str(cause), request=request) from cause
+                raise
             response.stream = Bounded(response.stream, request)
             return response
 

@@ -61,6 +61,10 @@ def openai_client() -> OpenAI:
 # What the client sends when it has no key: the deployment's key is never a fallback
 # for a project's own endpoint.
 NO_KEY = "not-needed"
+# The longest line a project's own endpoint may send (an SSE line is one chunk of the
+# answer, a few hundred bytes): the client holds a line until it ends, so one that never
+# ends would fill the worker's memory before LLM_ANSWER_MAX_CHARS could count it.
+ANSWER_LINE_MAX_BYTES = 1024 * 1024
 
 
 @functools.lru_cache(maxsize=64)
@@ -71,7 +75,9 @@ def project_openai_client(*, base_url: str, api_key: str, guarded: bool = False)
     http_client = None
     if guarded:
         http_client = egress.guarded_client(
-            purpose=egress.PROVIDER, timeout=settings.LLM_TIMEOUT_SECONDS
+            purpose=egress.PROVIDER,
+            timeout=settings.LLM_TIMEOUT_SECONDS,
+            max_line_bytes=ANSWER_LINE_MAX_BYTES,
         )
     return OpenAI(
         base_url=base_url or None,
@@ -262,12 +268,12 @@ def _wait_out_rate_limit(
         _sleep(wait, should_stop)
 
 
-def _egress_refusal(exc: BaseException) -> egress.EgressRefused | None:
-    """The guard's refusal the client wrapped (as a connection error), if that is what
-    ended the call."""
+def _egress_refusal(exc: BaseException) -> egress.EgressRefused | egress.AnswerRefused | None:
+    """The guard's refusal the client wrapped (as a connection error: of the address, or
+    of the answer), if that is what ended the call."""
     cause, hops = exc, 0
     while cause is not None and hops < 20:
-        if isinstance(cause, egress.EgressRefused):
+        if isinstance(cause, egress.EgressRefused | egress.AnswerRefused):
             return cause
         cause, hops = cause.__cause__ or cause.__context__, hops + 1
     return None
@@ -275,7 +281,7 @@ def _egress_refusal(exc: BaseException) -> egress.EgressRefused | None:
 
 def _retryable(exc: Exception) -> bool:
     if _egress_refusal(exc) is not None:
-        return False  # the same address is refused the same way next time
+        return False  # the same address (or answer) is refused the same way next time
     if isinstance(exc, openai.APIConnectionError | openai.APITimeoutError):
         return True
     return isinstance(exc, openai.APIStatusError) and (
@@ -304,6 +310,8 @@ def _describe_project(exc: Exception) -> str:
     """A project endpoint's failure, told to its owner: the guard's refusal, or that it
     failed; never its status or body (which would make the worker a port scanner)."""
     cause = _egress_refusal(exc)
+    if isinstance(cause, egress.AnswerRefused):
+        return f"the project's LLM endpoint's answer was refused: {cause}"
     if cause is not None:
         return f"the project's LLM endpoint was not called: {cause}"
     if isinstance(exc, openai.APITimeoutError):

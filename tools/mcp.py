@@ -66,8 +66,8 @@ def _run(url: str, headers: dict[str, str], timeout: float, work) -> Any:
     except ToolError:
         raise
     except Exception as exc:
-        found = _cause(exc, (egress.EgressRefused, egress.AnswerTooLarge, ToolError))
-        if isinstance(found, egress.AnswerTooLarge):
+        found = _cause(exc, (egress.EgressRefused, egress.AnswerRefused, ToolError))
+        if isinstance(found, egress.AnswerRefused):
             raise ToolError(f"MCP server: {found} (MCP_ANSWER_MAX_BYTES)") from None
         if found is not None:
             raise ToolError(str(found)) from None

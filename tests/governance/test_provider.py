@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import threading
 
 import pytest
 import redis
@@ -181,3 +183,69 @@ def test_without_an_endpoint_of_its_own_a_project_uses_the_deployments(
     assert wait_answered(posted["assistant_message_id"]).status == "done"
     assert fake_openai.headers[-1]["authorization"] == "Bearer test-key"
     assert fake_openai.requests[-1]["body"]["model"] == "house-model"
+
+
+class _EndlessLine:
+    """An endpoint that answers 200 and an SSE line that never ends, as fast as the
+    client takes it; counts the connections it got and the bytes it sent."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.base_url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.connections = self.sent = 0
+        self.closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(65536)
+                head = b'data: {"id":"'
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n"
+                             b"%x\r\n%s\r\n" % (len(head), head))  # fmt: skip
+                chunk = b"100000\r\n" + b"x" * 0x100000 + b"\r\n"
+                while not self.closed.is_set():
+                    conn.sendall(chunk)
+                    self.sent += 0x100000
+            except OSError:
+                return  # cut by the client
+
+    def stop(self) -> None:
+        self.closed.set()
+        self.sock.close()
+
+
+@pytest.mark.slow
+def test_a_project_endpoint_whose_line_never_ends_is_cut_off(
+    live_worker, api, project, runtime_settings
+):
+    """The client holds an SSE line until it ends: from a project's own endpoint (anyone's
+    server) a line past 1 MiB ends the call, not retried, saying why. Unbounded, one
+    call held 1.7 GB of the worker's memory within 10 s, and went on."""
+    runtime_settings.OPENAI_BASE_URL = runtime_settings.OPENAI_API_KEY = ""
+    runtime_settings.EGRESS_ALLOW_NETWORKS = {"provider": ["127.0.0.0/8"]}
+    endpoint = _EndlessLine()
+    try:
+        body = settings_body(base_url=endpoint.base_url, api_key=SECRET, default_model="m")
+        assert api.put(provider_url(project), body, format="json").status_code == 200
+        session = ChatSessionFactory(agent=AgentFactory(project=project, model=""))
+        posted = api.post(messages_url(session), {"content": "hi"}, format="json").json()
+        answer = wait_answered(posted["assistant_message_id"])
+    finally:
+        endpoint.stop()
+    assert answer.status == "error", answer.error
+    assert "answer was refused: a line of the answer passed 1048576 bytes" in answer.error
+    assert endpoint.connections == 1  # not tried again
+    assert endpoint.sent < 64 * 2**20, endpoint.sent
