@@ -134,7 +134,10 @@ def memory_edit_by_agent(
 ) -> MemoryBlock:
     """The agent's own edit of a block (its tools): `append` adds `content` on a new
     line; `replace` swaps the one occurrence of `old` for `new` (`new` may be empty:
-    a deletion). Refused (MemoryEditRefused, nothing written) beyond the block's limit."""
+    a deletion). Refused (MemoryEditRefused, nothing written) beyond the block's limit.
+    NUL characters are taken out of what the model wrote (PostgreSQL's text refuses
+    them)."""
+    content, old, new = (text.replace("\x00", "") for text in (content, old, new))
     block = MemoryBlock.objects.select_for_update().filter(agent_id=agent_id, label=label).first()
     if block is None:
         labels = list(MemoryBlock.objects.filter(agent_id=agent_id).values_list("label", flat=True))

@@ -41,6 +41,19 @@ ACTIVE = (Run.Status.QUEUED, Run.Status.RUNNING, Run.Status.WAITING)
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _storable(value: Any) -> Any:
+    """`value` with the NUL characters taken out of its strings. A model, a tool or a
+    file can produce one, and PostgreSQL's text and jsonb refuse it: the write, and the
+    run with it, would fail on every attempt."""
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, list):
+        return [_storable(item) for item in value]
+    if isinstance(value, dict):
+        return {_storable(key): _storable(item) for key, item in value.items()}
+    return value
+
+
 # --- Reads every writer and reader agrees on ---------------------------------------------
 
 
@@ -215,7 +228,7 @@ def run_steps_save(*, run: Run, steps: list[dict[str, Any]]) -> bool:
     """Write the run's steps, if the run is still this worker's."""
     return bool(
         Run.objects.filter(id=run.id, attempt=run.attempt, status=Run.Status.RUNNING).update(
-            steps=steps
+            steps=_storable(steps)
         )
     )
 
@@ -224,7 +237,7 @@ def message_partial_keep(*, run: Run, content: str) -> None:
     """A cancelled answer keeps what was said before the cancel."""
     Message.objects.filter(
         id=run.message_id, status__in=(Message.Status.STREAMING, Message.Status.CANCELLED)
-    ).update(content=content)
+    ).update(content=_storable(content))
 
 
 # --- Renew ----------------------------------------------------------------------------
@@ -278,6 +291,7 @@ def run_end(
     if attempt is not None:
         fence &= Q(attempt=attempt)
     tokens = None
+    error, content, citations = _storable(error), _storable(content), _storable(citations)
     with transaction.atomic():
         ended = Run.objects.filter(fence).update(
             status=status,
@@ -407,14 +421,14 @@ def run_suspend(
     with transaction.atomic():
         stored = Run.objects.filter(id=run.id, attempt=attempt, status=Run.Status.RUNNING).update(
             status=Run.Status.WAITING,
-            suspended=suspended,
-            steps=steps,
+            suspended=_storable(suspended),
+            steps=_storable(steps),
             waiting_until=waiting_until,
             lease_expires_at=None,
             worker="",
         )
         if stored:
-            Message.objects.filter(id=run.message_id).update(content=content)
+            Message.objects.filter(id=run.message_id).update(content=_storable(content))
             tokens = usage_row_write(**usage) if usage is not None else None
             if suspended.get("reason") == "approval":
                 # A person must act: subscribers hear of it (an agent call's wait is
@@ -495,7 +509,7 @@ def run_take_back(
         attempt=F("attempt") + 1,
         lease_expires_at=None,
         dispatched_at=None,
-        **({"suspended": suspended} if suspended is not None else {}),
+        **({"suspended": _storable(suspended)} if suspended is not None else {}),
     )
     if not taken:
         return False

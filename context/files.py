@@ -17,7 +17,7 @@ import io
 import re
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import docx
 import html2text
@@ -87,6 +87,10 @@ def parse(
         raise FileRefused(
             f"the {_LABELS.get(kind, kind)} cannot be read: {type(exc).__name__}: {exc}"
         ) from exc
+    # A NUL carries no text, and PostgreSQL's text refuses it (the document's write would
+    # fail the job on every try).
+    sections = [replace(s, text=s.text.replace("\x00", "")) if "\x00" in s.text else s
+                for s in sections]  # fmt: skip
     _within(sum(len(s.text) for s in sections), max_chars)
     if not any(s.text.strip() for s in sections):
         raise FileRefused("the file holds no text (a scanned PDF needs OCR first)")

@@ -277,6 +277,23 @@ def test_an_endless_answer_is_cut_off_at_llm_answer_max_chars(
     assert len(fake_openai.requests) == 1  # not tried again
 
 
+def test_an_answer_with_a_nul_character_is_stored_without_it(
+    live_worker, api, session, redis_client, fake_openai
+):
+    """PostgreSQL's text and jsonb refuse NUL; a model (or a tool) that produced one
+    failed the write of the run's end, and no end event came (30 s)."""
+    session.agent.model = "gpt-local"
+    session.agent.save()
+    fake_openai.tokens = ["Hello", "\u0000", " world"]
+    body = post_message(api, session, "Hi")
+    kind, data = wait_for_event(
+        redis_client, session.project, session.id, types={"message.completed", "message.error"},
+        message_id=body["assistant_message_id"],
+    )  # fmt: skip
+    assert kind == "message.completed", data
+    assert Message.objects.get(id=body["assistant_message_id"]).content == "Hello world"
+
+
 def test_cancel_stops_a_streaming_run(live_worker, api, user, redis_client, fake_openai):
     fake_openai.mode, fake_openai.delay = "slow", 0.2
     fake_openai.tokens = [f"t{i} " for i in range(50)]

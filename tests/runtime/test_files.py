@@ -179,6 +179,17 @@ def test_a_docx_past_its_unpacked_size_or_text_is_refused_before_it_is_read_whol
     assert {d["status"] for d in api.get(files_url(agent)).json()["documents"]} == {"error"}
 
 
+def test_nul_characters_in_a_file_are_taken_out_not_a_stuck_job(live_worker, api, agent):
+    """PostgreSQL's text refuses NUL: a file holding one (a text file with stray bytes, a
+    PDF whose font maps to it) failed the document's write on every try, and the job
+    read `running` until its record expired."""
+    job = finished(api, agent, upload(api, agent, "nul.txt", b"Bay 4 holds WH-1\x00\x007 kits"))
+    assert job["status"] == "done", job
+    document = ContextDocument.objects.get(id=job["document_id"])
+    assert document.text == "Bay 4 holds WH-17 kits"
+    assert search(api, agent, "WH-17 kits")[0]["text"] == "Bay 4 holds WH-17 kits"
+
+
 @pytest.fixture
 def file_server():
     server = RunbookServer().start()

@@ -45,7 +45,8 @@ def test_three_blocks_reach_the_provider_verbatim_and_the_agent_edits_them(
     fake_openai.turns = [
         {
             "tool_calls": [
-                ("memory_append", {"label": "human", "content": "Prefers email."}),
+                # A NUL from the model is taken out (PostgreSQL's text refuses it).
+                ("memory_append", {"label": "human", "content": "Prefers\u0000 email."}),
                 (
                     "memory_replace",
                     {"label": "policy", "old_content": "30 days", "new_content": "45 days"},
