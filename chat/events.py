@@ -14,6 +14,7 @@ await point: its Redis connection goes back to the pool and the generator ends.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import re
@@ -52,6 +53,8 @@ MAX_ID_PART = 2**64 - 1
 # going, and the same request with Last-Event-ID goes on elsewhere.
 STOPPING_REASON = "server stopping; reconnect"
 _active_streams = 0
+# Per user: no one user may take the process's every stream (SSE_MAX_STREAMS).
+_streams_by_user: collections.Counter[int] = collections.Counter()
 
 
 def active_streams() -> int:
@@ -108,6 +111,13 @@ async def session_events(request: HttpRequest, project_id: uuid.UUID, session_id
             "This server holds as many event streams as it may; retry shortly.",
             **{"Retry-After": str(settings.SSE_RETRY_AFTER_SECONDS)},
         )
+    if _streams_by_user[user_id] >= settings.SSE_MAX_STREAMS_PER_USER:
+        return _error(
+            429,
+            "You hold as many event streams on this server as one user may; close one "
+            "or retry shortly.",
+            **{"Retry-After": str(settings.SSE_RETRY_AFTER_SECONDS)},
+        )
 
     cursor = request.headers.get("Last-Event-ID") or request.GET.get("cursor")
     if cursor is not None:
@@ -130,7 +140,13 @@ async def session_events(request: HttpRequest, project_id: uuid.UUID, session_id
         truncated_at = await _trimmed_after(redis, stream_key(session_id), cursor)
 
     response = EventStreamResponse(
-        _event_stream(key=key, cursor=cursor, project_id=project_id, truncated_at=truncated_at),
+        _event_stream(
+            key=key,
+            cursor=cursor,
+            project_id=project_id,
+            user_id=user_id,
+            truncated_at=truncated_at,
+        ),  # fmt: skip
         content_type="text/event-stream",
     )
     response["Cache-Control"] = "no-cache"
@@ -186,13 +202,19 @@ def format_event(event_id: str, fields: dict[str, str]) -> str:
 
 
 async def _event_stream(
-    *, key: str, cursor: str, project_id: uuid.UUID, truncated_at: str | None = None
+    *,
+    key: str,
+    cursor: str,
+    project_id: uuid.UUID,
+    user_id: int,
+    truncated_at: str | None = None,
 ):
     """The stream's events after `cursor`, from the process's hub (no connection of its
     own), a heartbeat when quiet, and `stream.closed` when the project is deleted or the
     process is stopping."""
     global _active_streams
     _active_streams += 1
+    _streams_by_user[user_id] += 1
     try:
         async with get_hub().subscribe(
             key=key, project_id=project_id, cursor=cursor, heartbeat=True
@@ -222,3 +244,6 @@ async def _event_stream(
         yield f"event: stream.closed\ndata: {closing}\n\n".encode()
     finally:
         _active_streams -= 1
+        _streams_by_user[user_id] -= 1
+        if not _streams_by_user[user_id]:
+            del _streams_by_user[user_id]

@@ -296,6 +296,16 @@ def postprocess_event_stream(result, generator, request, public):
                 },  # fmt: skip
                 "401": {"description": "No credentials, or invalid ones.", "content": error},
                 "404": {"description": "No such session for this user.", "content": error},
+                "429": {
+                    "description": "The caller holds `SSE_MAX_STREAMS_PER_USER` streams on "
+                    "this server already (`Retry-After` says when to try again).",
+                    "content": error,
+                },
+                "503": {
+                    "description": "This server holds `SSE_MAX_STREAMS` streams already "
+                    "(`Retry-After` says when to try again).",
+                    "content": error,
+                },
             },
         }
     }

@@ -575,6 +575,9 @@ CHAT_HEARTBEAT_SECONDS = env.float("CHAT_HEARTBEAT_SECONDS", default=15)
 # Retry-After), sharing this many Redis connections plus one for notifications; every
 # SSE_SAFETY_POLL_SECONDS each followed stream is read once and deleted projects' closed.
 SSE_MAX_STREAMS = env.int("SSE_MAX_STREAMS", default=10000)
+# One user's share of them (then 429, Retry-After): no one user takes every stream of a
+# process from the others.
+SSE_MAX_STREAMS_PER_USER = env.int("SSE_MAX_STREAMS_PER_USER", default=1000)
 SSE_REDIS_CONNECTIONS = env.int("SSE_REDIS_CONNECTIONS", default=4)
 # A command of a stream or a waiting request waits this long for one of those
 # connections (then 503).

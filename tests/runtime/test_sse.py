@@ -361,6 +361,52 @@ def test_over_the_cap_a_new_stream_is_a_503_with_retry_after(asgi, user, session
     wait_until(lambda: sse.active_streams() == 0, what="streams closed")
 
 
+def test_over_a_users_share_a_new_stream_is_a_429_and_others_still_open(
+    asgi, user, other_user, session, settings
+):
+    """SSE_MAX_STREAMS is the process's: one user holding them all would leave every
+    other tenant a 503. Past SSE_MAX_STREAMS_PER_USER, that user's next stream is a 429;
+    another user's opens."""
+    settings.SSE_MAX_STREAMS_PER_USER = 2
+    token = token_for(user)
+    request = (
+        f"GET /my/projects/{session.project_id}/chat/{session.id}/events/ HTTP/1.1\r\n"
+        f"Host: 127.0.0.1\r\nAuthorization: Token {token}\r\n\r\n"
+    ).encode()
+    held = []
+    for _ in range(2):
+        conn = socket.create_connection(("127.0.0.1", asgi.port), timeout=10)
+        conn.sendall(request)
+        assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+        held.append(conn)
+    wait_until(lambda: sse.active_streams() == 2, what="two open streams")
+    with socket.create_connection(("127.0.0.1", asgi.port), timeout=10) as refused:
+        refused.sendall(request)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += refused.recv(4096) or b"\r\n\r\n"
+    assert head.startswith(b"HTTP/1.1 429"), head[:200]
+    assert b"\r\nretry-after: " in head.lower()
+    project = ProjectFactory(owner=other_user)
+    other = ChatSessionFactory(project=project, agent=AgentFactory(project=project))
+    conn = socket.create_connection(("127.0.0.1", asgi.port), timeout=10)
+    conn.sendall(
+        f"GET /my/projects/{project.id}/chat/{other.id}/events/ HTTP/1.1\r\nHost: 127.0.0.1"
+        f"\r\nAuthorization: Token {token_for(other_user)}\r\n\r\n".encode()
+    )
+    assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+    held.append(conn)
+    for conn in held:
+        conn.close()
+    wait_until(lambda: sse.active_streams() == 0, what="streams closed")
+    # Its streams closed, the user opens again.
+    conn = socket.create_connection(("127.0.0.1", asgi.port), timeout=10)
+    conn.sendall(request)
+    assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+    conn.close()
+    wait_until(lambda: sse.active_streams() == 0, what="the last stream closed")
+
+
 def test_an_event_whose_notification_was_lost_arrives_by_the_safety_poll(
     asgi, user, session, settings, redis_client
 ):
