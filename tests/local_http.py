@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import BaseServer
@@ -55,3 +56,45 @@ class RunbookServer:
     def stop(self) -> None:
         self.release.set()
         self.server.shutdown()
+
+
+class RawEndpoint:
+    """An endpoint on a socket of its own, for answers no HTTP server library writes
+    (trickled, endless, a line that never ends): it reads each request's head, then
+    `answer`s on the raw socket. `connections`: how many it accepted."""
+
+    def __init__(self, path: str = "/hook") -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.base = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.url = self.base + path
+        self.connections = 0
+        self.closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                self.answer(conn)
+            except OSError:
+                return  # cut by the client
+
+    def answer(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self.closed.set()
+        self.sock.close()

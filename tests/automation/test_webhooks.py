@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -20,6 +19,7 @@ from automation.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from automation.webhooks import deliveries_due, signature_headers
 from chat.models import Run
 from chat.state import run_end
+from tests.local_http import RawEndpoint
 from tests.workers import wait_until
 from workspaces.redis import scoped
 
@@ -407,44 +407,7 @@ def test_sends_in_flight_when_the_endpoint_fails_back_it_off_once(
     assert int(redis.get(f"webhooks:inflight:{hook['id']}")) == 0
 
 
-class _RawEndpoint:
-    """An endpoint on a socket of its own: reads each request's head, then `answer`s."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/hook"
-        self.closed = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self.closed.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    data += conn.recv(65536)
-                self.answer(conn)
-            except OSError:
-                return  # cut by the client
-
-    def answer(self, conn: socket.socket) -> None:
-        raise NotImplementedError
-
-    def stop(self) -> None:
-        self.closed.set()
-        self.sock.close()
-
-
-class _Trickler(_RawEndpoint):
+class _Trickler(RawEndpoint):
     """Answers a byte every `every` seconds (each well within any read timeout) for
     `seconds`: of its headers, or (`body`) of a body after whole headers."""
 
@@ -463,7 +426,7 @@ class _Trickler(_RawEndpoint):
         conn.sendall(b"\r\n\r\n")
 
 
-class _Flooder(_RawEndpoint):
+class _Flooder(RawEndpoint):
     """Answers 200 with an endless body, as fast as the client takes it; counts what it
     managed to send."""
 
@@ -492,7 +455,7 @@ def test_an_endpoint_that_answers_a_byte_at_a_time_is_cut_off_at_the_timeout(
     assert attempt.status_code is None and "timed out" in attempt.error, attempt.error
 
 
-def _one_attempt(api, session, endpoint: _RawEndpoint) -> tuple[dict, float, WebhookAttempt]:
+def _one_attempt(api, session, endpoint: RawEndpoint) -> tuple[dict, float, WebhookAttempt]:
     """A run's end delivered to `endpoint` by one drain: (what the drain says, how long
     it took, the attempt); the endpoint is stopped after."""
     try:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
-import threading
 
 import pytest
 import redis
@@ -18,6 +16,7 @@ from governance.models import ProviderSettings, RunUsage
 from governance.secrets import secret_decrypt
 from tests.factories import AgentFactory, ChatSessionFactory
 from tests.governance.conftest import key_client, messages_url, wait_answered
+from tests.local_http import RawEndpoint
 
 SECRET = "sk-project-secret-8f3a1c"
 
@@ -185,46 +184,25 @@ def test_without_an_endpoint_of_its_own_a_project_uses_the_deployments(
     assert fake_openai.requests[-1]["body"]["model"] == "house-model"
 
 
-class _EndlessLine:
-    """An endpoint that answers 200 and an SSE line that never ends, as fast as the
-    client takes it; counts the connections it got and the bytes it sent."""
+class _EndlessLine(RawEndpoint):
+    """An OpenAI-protocol path that answers 200 and an SSE line that never ends, as fast
+    as the client takes it; counts the bytes it sent."""
+
+    sent = 0
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.base_url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
-        self.connections = self.sent = 0
-        self.closed = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__("/v1")
+        self.base_url = self.url
 
-    def _accept(self) -> None:
+    def answer(self, conn) -> None:
+        head = b'data: {"id":"'
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n"
+                     b"%x\r\n%s\r\n" % (len(head), head))  # fmt: skip
+        chunk = b"100000\r\n" + b"x" * 0x100000 + b"\r\n"
         while not self.closed.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                conn.recv(65536)
-                head = b'data: {"id":"'
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                             b"Transfer-Encoding: chunked\r\n\r\n"
-                             b"%x\r\n%s\r\n" % (len(head), head))  # fmt: skip
-                chunk = b"100000\r\n" + b"x" * 0x100000 + b"\r\n"
-                while not self.closed.is_set():
-                    conn.sendall(chunk)
-                    self.sent += 0x100000
-            except OSError:
-                return  # cut by the client
-
-    def stop(self) -> None:
-        self.closed.set()
-        self.sock.close()
+            conn.sendall(chunk)
+            self.sent += 0x100000
 
 
 @pytest.mark.slow

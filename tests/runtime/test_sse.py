@@ -337,19 +337,30 @@ def test_only_the_event_stream_is_served_outside_the_request_thread_context(sess
         assert not serves_long_lived(scope(path)), path
 
 
+def _stream_open(asgi, session, token) -> tuple[socket.socket, bytes]:
+    """A request for an event stream of `session` on a raw connection, held open: the
+    connection and its answer's head."""
+    conn = socket.create_connection(("127.0.0.1", asgi.port), timeout=10)
+    conn.sendall(
+        f"GET /my/projects/{session.project_id}/chat/{session.id}/events/ HTTP/1.1\r\n"
+        f"Host: 127.0.0.1\r\nAuthorization: Token {token}\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += conn.recv(4096) or b"\r\n\r\n"
+    return conn, head.partition(b"\r\n\r\n")[0]
+
+
+def _stream_opened(asgi, session, token) -> socket.socket:
+    conn, head = _stream_open(asgi, session, token)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return conn
+
+
 def test_over_the_cap_a_new_stream_is_a_503_with_retry_after(asgi, user, session, settings):
     settings.SSE_MAX_STREAMS = 2
     token = token_for(user)
-    request = (
-        f"GET /my/projects/{session.project_id}/chat/{session.id}/events/ HTTP/1.1\r\n"
-        f"Host: 127.0.0.1\r\nAuthorization: Token {token}\r\n\r\n"
-    ).encode()
-    held = []
-    for _ in range(2):
-        conn = socket.create_connection(("127.0.0.1", asgi.port), timeout=10)
-        conn.sendall(request)
-        assert conn.recv(4096).startswith(b"HTTP/1.1 200")
-        held.append(conn)
+    held = [_stream_opened(asgi, session, token) for _ in range(2)]
     wait_until(lambda: sse.active_streams() == 2, what="two open streams")
     response = httpx.get(
         events_url(asgi, session), headers={"Authorization": f"Token {token}"}, timeout=10
@@ -369,41 +380,20 @@ def test_over_a_users_share_a_new_stream_is_a_429_and_others_still_open(
     another user's opens."""
     settings.SSE_MAX_STREAMS_PER_USER = 2
     token = token_for(user)
-    request = (
-        f"GET /my/projects/{session.project_id}/chat/{session.id}/events/ HTTP/1.1\r\n"
-        f"Host: 127.0.0.1\r\nAuthorization: Token {token}\r\n\r\n"
-    ).encode()
-    held = []
-    for _ in range(2):
-        conn = socket.create_connection(("127.0.0.1", asgi.port), timeout=10)
-        conn.sendall(request)
-        assert conn.recv(4096).startswith(b"HTTP/1.1 200")
-        held.append(conn)
+    held = [_stream_opened(asgi, session, token) for _ in range(2)]
     wait_until(lambda: sse.active_streams() == 2, what="two open streams")
-    with socket.create_connection(("127.0.0.1", asgi.port), timeout=10) as refused:
-        refused.sendall(request)
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += refused.recv(4096) or b"\r\n\r\n"
-    assert head.startswith(b"HTTP/1.1 429"), head[:200]
-    assert b"\r\nretry-after: " in head.lower()
+    conn, head = _stream_open(asgi, session, token)
+    conn.close()
+    assert head.startswith(b"HTTP/1.1 429"), head
+    assert b"\r\nretry-after: " in head.lower(), head
     project = ProjectFactory(owner=other_user)
     other = ChatSessionFactory(project=project, agent=AgentFactory(project=project))
-    conn = socket.create_connection(("127.0.0.1", asgi.port), timeout=10)
-    conn.sendall(
-        f"GET /my/projects/{project.id}/chat/{other.id}/events/ HTTP/1.1\r\nHost: 127.0.0.1"
-        f"\r\nAuthorization: Token {token_for(other_user)}\r\n\r\n".encode()
-    )
-    assert conn.recv(4096).startswith(b"HTTP/1.1 200")
-    held.append(conn)
+    held.append(_stream_opened(asgi, other, token_for(other_user)))
     for conn in held:
         conn.close()
     wait_until(lambda: sse.active_streams() == 0, what="streams closed")
     # Its streams closed, the user opens again.
-    conn = socket.create_connection(("127.0.0.1", asgi.port), timeout=10)
-    conn.sendall(request)
-    assert conn.recv(4096).startswith(b"HTTP/1.1 200")
-    conn.close()
+    _stream_opened(asgi, session, token).close()
     wait_until(lambda: sse.active_streams() == 0, what="the last stream closed")
 
 
