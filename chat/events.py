@@ -52,14 +52,14 @@ MAX_ID_PART = 2**64 - 1
 # What a stream's client is told when its web process stops (SIGTERM): the process is
 # going, and the same request with Last-Event-ID goes on elsewhere.
 STOPPING_REASON = "server stopping; reconnect"
-_active_streams = 0
-# Per user: no one user may take the process's every stream (SSE_MAX_STREAMS).
+# The event streams this process serves, per user (no one user may take the process's
+# every stream: SSE_MAX_STREAMS_PER_USER).
 _streams_by_user: collections.Counter[int] = collections.Counter()
 
 
 def active_streams() -> int:
     """Event streams this process is serving right now."""
-    return _active_streams
+    return sum(_streams_by_user.values())
 
 
 def _error(
@@ -212,8 +212,6 @@ async def _event_stream(
     """The stream's events after `cursor`, from the process's hub (no connection of its
     own), a heartbeat when quiet, and `stream.closed` when the project is deleted or the
     process is stopping."""
-    global _active_streams
-    _active_streams += 1
     _streams_by_user[user_id] += 1
     try:
         async with get_hub().subscribe(
@@ -243,7 +241,6 @@ async def _event_stream(
         closing = json.dumps({"reason": "events unavailable; reconnect"})
         yield f"event: stream.closed\ndata: {closing}\n\n".encode()
     finally:
-        _active_streams -= 1
         _streams_by_user[user_id] -= 1
         if not _streams_by_user[user_id]:
             del _streams_by_user[user_id]

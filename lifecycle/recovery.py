@@ -26,7 +26,14 @@ from django.conf import settings
 from django.db.models import F
 from django.utils import timezone
 
-from agentbus import MAINTENANCE_QUEUE, ProjectGone, live_workers, project_gone, queue_depth
+from agentbus import (
+    MAINTENANCE_QUEUE,
+    ProjectGone,
+    live_workers,
+    project_gone,
+    project_queue,
+    queue_depth,
+)
 
 from .exports import ENDED, archive_job_send
 from .models import ArchiveJob
@@ -63,13 +70,13 @@ def archive_jobs_recover(*, limit: int = 200) -> dict[str, int]:
 
 
 def _queue_depth(job: ArchiveJob, depths: dict[str, int]) -> int:
-    key = str(job.project_id) if job.kind == ArchiveJob.Kind.EXPORT else MAINTENANCE_QUEUE
-    if key not in depths:
-        if job.kind == ArchiveJob.Kind.EXPORT:
-            depths[key] = queue_depth(job.project_id)
-        else:
-            depths[key] = queue_depth(queue=MAINTENANCE_QUEUE)
-    return depths[key]
+    """Messages waiting in the job's queue (an export's project's, the maintenance one
+    for an import), read once per pass."""
+    export = job.kind == ArchiveJob.Kind.EXPORT
+    queue = project_queue(job.project_id) if export else MAINTENANCE_QUEUE
+    if queue not in depths:
+        depths[queue] = queue_depth(queue=queue)
+    return depths[queue]
 
 
 def _send_again(job: ArchiveJob) -> str:

@@ -268,7 +268,7 @@ def _wait_out_rate_limit(
         _sleep(wait, should_stop)
 
 
-def _egress_refusal(exc: BaseException) -> egress.EgressRefused | egress.AnswerRefused | None:
+def _guard_refusal(exc: BaseException) -> egress.EgressRefused | egress.AnswerRefused | None:
     """The guard's refusal the client wrapped (as a connection error: of the address, or
     of the answer), if that is what ended the call."""
     cause, hops = exc, 0
@@ -280,7 +280,7 @@ def _egress_refusal(exc: BaseException) -> egress.EgressRefused | egress.AnswerR
 
 
 def _retryable(exc: Exception) -> bool:
-    if _egress_refusal(exc) is not None:
+    if _guard_refusal(exc) is not None:
         return False  # the same address (or answer) is refused the same way next time
     if isinstance(exc, openai.APIConnectionError | openai.APITimeoutError):
         return True
@@ -309,7 +309,7 @@ def _sleep(seconds: float, should_stop: Callable[[], bool]) -> None:
 def _describe_project(exc: Exception) -> str:
     """A project endpoint's failure, told to its owner: the guard's refusal, or that it
     failed; never its status or body (which would make the worker a port scanner)."""
-    cause = _egress_refusal(exc)
+    cause = _guard_refusal(exc)
     if isinstance(cause, egress.AnswerRefused):
         return f"the project's LLM endpoint's answer was refused: {cause}"
     if cause is not None:
