@@ -9,7 +9,8 @@ An ingest job goes step by step (parse the file, then each batch), one task on t
 project's bus at a time. The hash holds the step owed: `step` (a token its task carries:
 a task whose token is no longer the job's does nothing), `next` (the task and its
 arguments), `stepped_at` (when it was sent), `holder` (the worker that received it, ""
-while it waits on the queue) and `lost` (how often in a row it was sent again). Jobs
+while it waits on the queue, GIVEN_BACK once its task failed: `failed` says with what
+and `failed_at` when) and `lost` (how often in a row it was sent again). Jobs
 not ended are listed in one index outside the workspaces (`INDEX_KEY`, a sorted set of
 their hashes' full keys, by when the recovery pass last looked at them), where the
 recovery pass (context.recovery) finds the steps whose worker died or whose message was
@@ -30,6 +31,8 @@ from workspaces.redis import KEY_NAMESPACE, ScopedRedis
 JOB_TTL_SECONDS = 24 * 3600
 INDEX_KEY = f"{KEY_NAMESPACE}:context_jobs"
 ENDED = ("done", "error")
+# The holder of a step whose task failed (step_given_back): no worker has it.
+GIVEN_BACK = "given-back"
 _NONE = json.dumps("")
 
 
@@ -92,6 +95,7 @@ if ARGV[3] ~= '' and (redis.call('HGET', KEYS[1], 'holder') or ARGV[1]) ~= ARGV[
 end
 if ARGV[3] == '' then
   redis.call('HSET', KEYS[1], 'lost', '0')
+  redis.call('HDEL', KEYS[1], 'failed', 'failed_at')
 else
   redis.call('HINCRBY', KEYS[1], 'lost', 1)
 end
@@ -132,6 +136,22 @@ def step_received(*, redis: ScopedRedis, job_id: uuid.UUID | str, step: str, wor
     """`worker` received the task of step `step` (if it is the step owed)."""
     args = [_NONE, json.dumps(step), json.dumps(worker)]
     return bool(redis.script(_STEP_RECEIVED, keys=[job_key(job_id)], args=args))
+
+
+_STEP_GIVEN_BACK = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if (redis.call('HGET', KEYS[1], 'step') or ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], 'holder', ARGV[3], 'failed', ARGV[4], 'failed_at', ARGV[5])
+return 1
+"""
+
+
+def step_given_back(*, redis: ScopedRedis, job_id: uuid.UUID | str, step: str, error: str) -> bool:
+    """Step `step`'s task failed with `error` (if it is still the step owed): no worker
+    holds it now, and the recovery pass sends it again."""
+    args = [_NONE, json.dumps(step), json.dumps(GIVEN_BACK), json.dumps(error),
+            json.dumps(time.time())]  # fmt: skip
+    return bool(redis.script(_STEP_GIVEN_BACK, keys=[job_key(job_id)], args=args))
 
 
 def step_owed(job: dict[str, Any], step: str) -> bool:

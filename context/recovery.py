@@ -8,12 +8,15 @@ with the runs' recovery, every RUN_RECOVERY_SECONDS) finds both in the index of 
 ended, as the runs' pass does for runs (chat.dispatch):
 
 - a step received by a worker that no longer beats (agentbus.live_workers);
-- a step on the queue for RUN_REDISPATCH_SECONDS while the project's queue is empty.
+- a step on the queue for RUN_REDISPATCH_SECONDS while the project's queue is empty;
+- a step whose task failed (the database or the vector store down, a bug: `StepTask`
+  gives it back), RUN_REDISPATCH_SECONDS after it failed, twice that after each
+  failure before it.
 
 It sends the step again under a new token, so the first message, if it ever comes back,
 finds its step no longer owed and does nothing: one chain of steps per job. A step lost
-RUN_MAX_STARTS times in a row (a file that kills the parser's process) ends the job in
-error.
+RUN_MAX_STARTS times in a row (a file that kills the parser's process, a database down
+for longer than the tries span) ends the job in error.
 """
 
 from __future__ import annotations
@@ -66,6 +69,23 @@ def step_publish(
     return True
 
 
+def step_give_back(task_kwargs: dict[str, Any], exc: BaseException) -> None:
+    """A step's task failed with `exc`: give the step back for the pass to send again
+    (only the exception's class is kept with the job: its reader is the tenant, and the
+    worker's log has the rest). While Redis is down this fails too, and the step stays
+    with its worker."""
+    try:
+        job_records.step_given_back(
+            redis=scoped(task_kwargs["user_id"], task_kwargs["project_id"]),
+            job_id=task_kwargs["job_id"],
+            step=task_kwargs.get("step", ""),
+            error=type(exc).__name__,
+        )
+    except Exception:
+        logger.warning("context job %s: its failed step could not be given back",
+                       task_kwargs.get("job_id"), exc_info=True)  # fmt: skip
+
+
 def jobs_recover(*, budget: float | None = None, limit: int = 500) -> dict[str, int]:
     """The recovery pass over context jobs (see the module docstring); returns what it
     did. Past `budget` seconds (default RUN_RECOVERY_SECONDS) it stops between jobs and
@@ -97,7 +117,11 @@ def jobs_recover(*, budget: float | None = None, limit: int = 500) -> dict[str, 
         if project_gone(project_id):
             continue  # being deleted: its teardown removes the job
         holder = job.get("holder", "")
-        if holder:
+        if holder == job_records.GIVEN_BACK:
+            wait = settings.RUN_REDISPATCH_SECONDS * 2 ** int(job.get("lost", 0))
+            if time.time() - float(job.get("failed_at", 0)) < wait:
+                continue
+        elif holder:
             if holder in live:
                 continue
         elif time.time() - float(job.get("stepped_at", 0)) < settings.RUN_REDISPATCH_SECONDS:
@@ -138,9 +162,16 @@ def _step_again(
     # Taken from the step first (a token no task carries), so no worker goes on with it.
     if not job_records.step_next(redis=redis, job_id=job["id"], after=owed, holder=holder, **step):
         return "forgotten"
-    error = (
-        f"the job lost its worker {settings.RUN_MAX_STARTS} times at the same step and was given up"
-    )
+    if holder == job_records.GIVEN_BACK:
+        error = (
+            f"the job's step was tried {settings.RUN_MAX_STARTS} times and given up; "
+            f"the last try failed with {job.get('failed', 'an error')}"
+        )
+    else:
+        error = (
+            f"the job lost its worker {settings.RUN_MAX_STARTS} times at the same step "
+            "and was given up"
+        )
     document_id = job.get("document_id")
     if document_id:  # nothing of a file is left half-stored
         ContextDocument.objects.filter(id=document_id).update(

@@ -24,7 +24,7 @@ from .jobs import (
     context_search_reply,
     document_forget,
 )
-from .recovery import jobs_recover, step_publish
+from .recovery import jobs_recover, step_give_back, step_publish
 from .vectors import collection_drop, collections_sweep
 
 # Dropping a collection only fails while the vector store is down: retry.
@@ -41,11 +41,21 @@ STORE_RETRY = {
 _ingest_slots = threading.BoundedSemaphore(settings.INGEST_CONCURRENCY)
 
 
+class StepTask(AgentBusTask):
+    """A context job's step (context.job_records). A step whose task fails (the database
+    or the vector store down, a bug) is given back, and the recovery pass sends it again
+    as it does a step whose worker died: the job ends, done or in error, instead of
+    reading `running` until its record expires."""
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo):
+        step_give_back(kwargs, exc)
+
+
 # Bulk work: served after the project's chat answers, never starved (agentbus.flow).
 # A context job's tasks are its steps (context.job_records): each carries the step's
 # token (`step`; "" for jobs from before steps), and sends the next step through
 # step_publish, which sends nothing once the recovery pass has sent this step again.
-@shared_task(base=AgentBusTask, bind=True, name="agents.add_context", max_retries=None, lane="bulk")
+@shared_task(base=StepTask, bind=True, name="agents.add_context", max_retries=None, lane="bulk")
 def add_context(
     self,
     *,
@@ -72,9 +82,7 @@ def add_context(
     return following
 
 
-@shared_task(
-    base=AgentBusTask, bind=True, name="context.ingest_file", max_retries=None, lane="bulk"
-)
+@shared_task(base=StepTask, bind=True, name="context.ingest_file", max_retries=None, lane="bulk")
 def ingest_file(
     self,
     *,
@@ -119,7 +127,7 @@ def forget_document(self, *, user_id: int, project_id: str, agent_id: str, keys:
     document_forget(user_id=user_id, project_id=project_id, agent_id=agent_id, keys=keys)
 
 
-@shared_task(base=AgentBusTask, bind=True, name="agents.clear_context", **STORE_RETRY)
+@shared_task(base=StepTask, bind=True, name="agents.clear_context", **STORE_RETRY)
 def clear_context(
     self, *, user_id: int, project_id: str, agent_id: str, job_id: str, step: str = ""
 ) -> dict:

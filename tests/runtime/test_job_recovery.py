@@ -1,7 +1,9 @@
 """A context job outlives the worker that runs it: the whole worker is SIGKILLed while
 it fetches a file job's URL, or between the batches of a long ingest, and the job ends
 `done` on another worker within seconds (not the broker's visibility timeout, an hour),
-every document stored once. A job whose worker keeps dying ends in error, a task of a
+every document stored once. A step whose task fails (its worker's database connections
+dropped under it) is sent again, and done. A job whose worker keeps dying ends in
+error, and so does one whose step keeps failing; a task of a
 step the recovery pass has already sent again does nothing, and neither does a clear
 given back after its job ended. Faults are real: a Redis and worker processes of the
 test's own."""
@@ -11,6 +13,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from django.db import connection
 
 from agentbus import MAINTENANCE_QUEUE, ProjectGone, project_tombstone
 from context import job_records
@@ -130,6 +133,81 @@ def test_an_ingest_whose_worker_is_killed_between_batches_stores_every_document_
     hits = search(api, agent, "parcel code PX-0039", k=50)
     assert len(hits) == 40
     assert len({h["text"] for h in hits}) == 40
+
+
+@pytest.mark.skipif(
+    "connection.vendor != 'postgresql'", reason="drops the worker's PostgreSQL connections"
+)
+def test_a_file_job_whose_step_fails_is_sent_again_and_done(
+    own_redis, api, agent, worker_process, held_file, tmp_path, runtime_settings
+):
+    """The database drops the worker's connections while it fetches the file (as a
+    restart or a failover does): the step's task fails on its next write. It is given
+    back, the recovery pass sends it again, and the job is done, instead of reading
+    `running`, held by a worker that still beats, until its record expires."""
+    runtime_settings.EGRESS_ALLOW_NETWORKS = {"files": ["127.0.0.0/8"]}
+    runtime_settings.RUN_REDISPATCH_SECONDS = 0.5
+    worker = worker_process("-Q", MAINTENANCE_QUEUE, "-P", "threads", "-c", "4",
+                            env=worker_env(tmp_path))  # fmt: skip
+    worker.wait_started()
+    response = api.post(f"{context_url(agent)}files/", {"url": held_file.url}, format="json")
+    assert response.status_code == 202, response.content
+    job_id = response.json()["job_id"]
+    assert held_file.asked.wait(30), worker.log()
+    with connection.cursor() as cursor:  # every session on this database but the test's
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND backend_type = 'client backend'"
+        )
+        assert cursor.fetchone()[0] >= 1  # the worker's, at least
+    held_file.release.set()
+    redis = scoped(agent.project.owner_id, agent.project_id)
+    given_back = wait_for(
+        lambda: (
+            (job_records.job_get(redis=redis, job_id=job_id) or {}).get("holder")
+            == job_records.GIVEN_BACK
+        ),
+        timeout=30,
+    )
+    assert given_back, (job_records.job_get(redis=redis, job_id=job_id), worker.log())
+    failed = time.monotonic()
+    assert job_records.job_get(redis=redis, job_id=job_id)["failed"] == "OperationalError"
+
+    job = recover_until_ended(api, agent, job_id, timeout=30)
+    print(f"file job: step failed to done: {time.monotonic() - failed:.2f}s")
+    assert job["status"] == "done", (job, worker.log())
+    document = ContextDocument.objects.get(job_id=job_id)
+    assert (document.status, document.chunks) == ("ready", 1)
+    hits = search(api, agent, "qctl-restart-9")
+    assert [h["source"] for h in hits].count(document.source) == 1
+
+
+def test_a_step_that_keeps_failing_ends_its_job_in_error(own_redis, agent, settings):
+    """Given back RUN_MAX_STARTS times, each time sent again no sooner than
+    RUN_REDISPATCH_SECONDS (doubled per try) after it failed: the job ends in error,
+    naming the failure's class and nothing else of it."""
+    settings.RUN_MAX_STARTS = 2
+    settings.RUN_REDISPATCH_SECONDS = 3600
+    job_id = context_documents_add(agent=agent, documents=[{"text": "a"}])
+    redis = scoped(agent.project.owner_id, agent.project_id)
+    step = job_records.job_get(redis=redis, job_id=job_id)["step"]
+    assert job_records.step_given_back(
+        redis=redis, job_id=job_id, step=step, error="OperationalError"
+    )
+    assert jobs_recover()["redone"] == 0  # not before RUN_REDISPATCH_SECONDS
+    settings.RUN_REDISPATCH_SECONDS = 0
+    for _ in range(settings.RUN_MAX_STARTS):
+        step = job_records.job_get(redis=redis, job_id=job_id)["step"]
+        assert job_records.step_given_back(
+            redis=redis, job_id=job_id, step=step, error="OperationalError"
+        )
+        done = jobs_recover()
+    job = job_records.job_get(redis=redis, job_id=job_id)
+    assert job["status"] == "error", job
+    assert job["error"].endswith("the last try failed with OperationalError"), job
+    assert done["failed"] == 1
+    assert job_records.index_members() == []
 
 
 def test_a_job_whose_worker_keeps_dying_ends_in_error(own_redis, agent, settings):
