@@ -30,7 +30,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
-from agentbus import publish
+from agentbus import ProjectGone, publish
 from agents.models import Agent, AgentVersion, MemoryBlock, ProjectSecret, Tool
 from automation.models import Schedule, WebhookEndpoint
 from automation.schedules import ScheduleInvalid, timing_valid
@@ -744,9 +744,9 @@ def export_run(
         partial.replace(path)
         for other in path.parent.glob(f"{job.id.hex}.*.part"):  # of attempts that died
             other.unlink(missing_ok=True)
-    except Exception as exc:
+    except Exception:
+        # The task's failure gives the job back, and the recovery pass sends it again.
         partial.unlink(missing_ok=True)
-        _finish(job, started, status=ArchiveJob.Status.ERROR, error=f"{type(exc).__name__}: {exc}")
         raise
     _finish(job, started, status=ArchiveJob.Status.DONE, counts=counts,
             size_bytes=path.stat().st_size)  # fmt: skip
@@ -768,6 +768,16 @@ def uploads_dir() -> Path:
 def upload_path(job: ArchiveJob) -> Path:
     """Where an uploaded archive waits for its import (removed once it ran)."""
     return uploads_dir() / f"{job.id.hex}.zip"
+
+
+def archive_job_files_remove(job: ArchiveJob) -> None:
+    """What a job given up leaves on disk: an import's upload, an export's partial
+    archives (one per attempt)."""
+    if job.kind == ArchiveJob.Kind.IMPORT:
+        upload_path(job).unlink(missing_ok=True)
+    elif job.project_id:
+        for partial in exports_dir(job.project_id).glob(f"{job.id.hex}.*.part"):
+            partial.unlink(missing_ok=True)
 
 
 # --- Import -------------------------------------------------------------------------------
@@ -795,7 +805,7 @@ def import_run(
 ) -> ArchiveJob | None:
     """Recreate the source archive's project under the job's owner: new ids, everything
     of every section, then the context queued for embedding with this deployment's model.
-    Run again after its worker died, it goes on: the records are made once (their
+    Run again after its worker died or its task failed, it goes on: the records are made once (their
     transaction names the project on the job), and the context is queued again whole
     (its points are keyed by their text: the same documents store the same points)."""
     job = ArchiveJob.objects.select_related("source", "owner").filter(id=job_id).first()
@@ -812,19 +822,22 @@ def import_run(
     else:
         _finish(job, started, status=ArchiveJob.Status.ERROR, error="the archive is gone")
         return job
+    # Any other failure (the database, Redis, the broker down) fails the task, which gives
+    # the job back: the recovery pass sends it again, and the records are made once (one
+    # transaction).
     try:
         manifest, files = archive_read(path)
-        if job.project_id is None and not _import_records(job, manifest, files):
-            return job  # a newer sending of the job made them
-    except Exception as exc:  # nothing of it was written (one transaction)
+    except ArchiveInvalid as exc:
         uploaded.unlink(missing_ok=True)
-        error = str(exc) if isinstance(exc, ArchiveInvalid) else f"{type(exc).__name__}: {exc}"
-        _finish(job, started, status=ArchiveJob.Status.ERROR, error=error)
-        if isinstance(exc, ArchiveInvalid):
-            return job
-        raise
+        _finish(job, started, status=ArchiveJob.Status.ERROR, error=str(exc))
+        return job
+    if job.project_id is None and not _import_records(job, manifest, files):
+        return job  # a newer sending of the job made them
     job.refresh_from_db(fields=["project", "counts"])
-    context_jobs, chunks = _import_context(job, files)
+    try:
+        context_jobs, chunks = _import_context(job, files)
+    except ProjectGone:
+        return job  # its project is being deleted, and the job goes with it
     uploaded.unlink(missing_ok=True)
     _finish(job, started, status=ArchiveJob.Status.DONE,
             counts={**job.counts, "context": chunks, "context_jobs": context_jobs})  # fmt: skip

@@ -6,12 +6,15 @@ that failed after the job's commit, never comes back. The pass (beat, every
 RUN_RECOVERY_SECONDS, as the runs' and the context jobs' passes) looks at the jobs not
 ended and sends again the task of one
 
-- running on a worker that no longer beats (agentbus.live_workers), or
+- running on a worker that no longer beats (agentbus.live_workers),
+- given back by its task, which failed (the database, Redis or the broker down: the
+  tasks' `on_failure`, archive_job_give_back), or
 - never started, sent RUN_REDISPATCH_SECONDS ago, while its queue is empty;
 
 under the next attempt number, so the first message, if it ever comes back, finds its
 attempt replaced and does nothing. A job sent RUN_MAX_STARTS times (an archive that
-kills its worker each time) ends in error. An export is written again from the start
+kills its worker each time, a database down longer than the tries span) ends in error,
+and what it left on disk goes. An export is written again from the start
 (to a file of its own per attempt); an import goes on (exports.import_run).
 """
 
@@ -23,6 +26,7 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
+from django.db import close_old_connections
 from django.db.models import F
 from django.utils import timezone
 
@@ -35,10 +39,26 @@ from agentbus import (
     queue_depth,
 )
 
-from .exports import ENDED, archive_job_send
+from .exports import ENDED, archive_job_files_remove, archive_job_send
 from .models import ArchiveJob
 
 logger = logging.getLogger(__name__)
+
+# The worker of a job whose task failed (archive_job_give_back): no worker runs it.
+GIVEN_BACK = "given-back"
+
+
+def archive_job_give_back(*, job_id: str, attempt: int | None) -> None:
+    """The task of the job's `attempt` failed: if the job is still owed to it, no worker
+    runs it now, and the next pass sends it again. While the database is down this
+    fails too, and the job stays with its worker."""
+    try:
+        close_old_connections()  # the one the failure broke, if it did
+        owed = ArchiveJob.objects.filter(id=job_id, attempt=attempt or 1)
+        owed.exclude(status__in=ENDED).update(worker=GIVEN_BACK)
+    except Exception:
+        logger.warning("archive job %s: its failed task could not be given back", job_id,
+                       exc_info=True)  # fmt: skip
 
 
 def archive_jobs_recover(*, limit: int = 200) -> dict[str, int]:
@@ -85,9 +105,15 @@ def _send_again(job: ArchiveJob) -> str:
     again meanwhile)."""
     owed = ArchiveJob.objects.filter(id=job.id, attempt=job.attempt).exclude(status__in=ENDED)
     if job.attempt >= settings.RUN_MAX_STARTS:
-        error = f"the job lost its worker {job.attempt} times and was given up"
+        if job.worker == GIVEN_BACK:
+            error = f"the job's task failed {job.attempt} times and was given up"
+        else:
+            error = f"the job lost its worker {job.attempt} times and was given up"
         ended = owed.update(status=ArchiveJob.Status.ERROR, error=error, finished_at=timezone.now())
-        return "failed" if ended else "moved"
+        if not ended:
+            return "moved"
+        archive_job_files_remove(job)
+        return "failed"
     fields: dict[str, Any] = {"attempt": F("attempt") + 1, "worker": "", "sent_at": timezone.now()}
     if not owed.update(**fields):
         return "moved"

@@ -1,6 +1,6 @@
 """Lifecycle tasks: thin, by id, tolerant of the row being gone."""
 
-from celery import shared_task
+from celery import Task, shared_task
 
 from agentbus import AgentBusTask, worker_identity
 
@@ -11,7 +11,7 @@ from .accounts import (
     account_erasures_owed,
 )
 from .exports import EXPORT_TASK, IMPORT_TASK, export_run, import_run
-from .recovery import archive_jobs_recover
+from .recovery import archive_job_give_back, archive_jobs_recover
 from .retention import retention_sweep
 
 # How long a deleted user's erasure waits between looks at their projects' teardowns.
@@ -36,11 +36,22 @@ def sweep_retention() -> dict:
     return {"removed": report.removed, "complete": report.complete, "chunks": report.chunks}
 
 
-# An archive job's task says which worker runs it (lifecycle.recovery sends it again if
-# that worker stops beating).
+# An archive job's task says which worker runs it, and gives the job back when it fails:
+# lifecycle.recovery sends it again then, or once that worker stops beating.
+class _GivesBackOnFailure:
+    def on_failure(self, exc, task_id, args, kwargs, einfo):
+        archive_job_give_back(job_id=kwargs["job_id"], attempt=kwargs.get("attempt"))
 
 
-@shared_task(base=AgentBusTask, name=EXPORT_TASK, bind=True)
+class ExportTask(_GivesBackOnFailure, AgentBusTask):
+    pass
+
+
+class ImportTask(_GivesBackOnFailure, Task):
+    pass
+
+
+@shared_task(base=ExportTask, name=EXPORT_TASK, bind=True)
 def export_project(
     self, *, job_id: str, attempt: int | None = None, project_id: str | None = None
 ) -> str | None:
@@ -49,7 +60,7 @@ def export_project(
     return job.status if job else None
 
 
-@shared_task(name=IMPORT_TASK, bind=True)
+@shared_task(base=ImportTask, name=IMPORT_TASK, bind=True)
 def import_project(self, *, job_id: str, attempt: int | None = None) -> str | None:
     worker = worker_identity(self.request.hostname)
     job = import_run(job_id=job_id, attempt=attempt, worker=worker)

@@ -3,22 +3,34 @@ mid-job, and the job ends `done` on another worker within seconds (not the broke
 visibility timeout, an hour), the import's project made once. An import sent again after
 its records were made goes on without making them twice; a task of an attempt the
 recovery pass replaced does nothing; a job whose message was lost is sent again; one
-whose worker keeps dying ends in error. Faults are real: a Redis and worker processes of
-the test's own."""
+whose worker keeps dying ends in error. An import whose task fails (the database drops
+its worker's connections mid-import) is sent again and done; one whose task keeps
+failing ends in error, its upload removed. Faults are real: a Redis and worker
+processes of the test's own, sessions the test's PostgreSQL server ends."""
 
 from __future__ import annotations
 
+import json
 import time
+import zipfile
 from datetime import timedelta
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
-from agentbus import MAINTENANCE_QUEUE, queue_depth
+from agentbus import MAINTENANCE_QUEUE, project_tombstone, queue_depth
 from chat.models import Message
-from lifecycle.exports import _import_records, archive_path, archive_read, export_run, import_run
+from lifecycle.exports import (
+    _import_records,
+    archive_path,
+    archive_read,
+    export_run,
+    import_run,
+    upload_path,
+)
 from lifecycle.models import ArchiveJob
-from lifecycle.recovery import archive_jobs_recover
+from lifecycle.recovery import GIVEN_BACK, archive_job_give_back, archive_jobs_recover
 from projects.models import Project
 from tests.factories import AgentFactory, ChatSessionFactory
 from tests.workers import wait_for, wait_until
@@ -114,24 +126,30 @@ def test_an_export_whose_worker_is_killed_mid_export_is_written_by_another(
     assert [p.name for p in archive_path(job).parent.iterdir()] == [archive_path(job).name]
 
 
-def test_an_import_whose_worker_is_killed_mid_import_makes_the_project_once(
-    own_redis, api, user, big_project, worker_process, tmp_path, settings
-):
-    settings.AGENTBUS_HEARTBEAT_SECONDS = 1
-    first = start_worker(worker_process, tmp_path)
-    agent = big_project.agents.get()
-    context = f"/my/projects/{big_project.id}/agents/{agent.id}/context/"
+def exported_with_context(api, project) -> dict:
+    """An export of `project` (its one agent holding three context documents), done."""
+    agent = project.agents.get()
+    context = f"/my/projects/{project.id}/agents/{agent.id}/context/"
     documents = [f"Shelf {i} of the north dock holds parcel PX-{i:05d}." for i in range(3)]
     added = api.post(context, {"documents": documents}, format="json").json()["job_id"]
     wait_until(
         lambda: api.get(f"{context}jobs/{added}/").json()["status"] == "done",
         timeout=60, what="the context stored",
     )  # fmt: skip
-    exported = api.post(f"/my/projects/{big_project.id}/exports/", {}, format="json").json()
+    exported = api.post(f"/my/projects/{project.id}/exports/", {}, format="json").json()
     wait_until(
         lambda: ArchiveJob.objects.filter(id=exported["id"], status="done"),
         timeout=120, what="the export",
     )  # fmt: skip
+    return exported
+
+
+def test_an_import_whose_worker_is_killed_mid_import_makes_the_project_once(
+    own_redis, api, user, big_project, worker_process, tmp_path, settings
+):
+    settings.AGENTBUS_HEARTBEAT_SECONDS = 1
+    first = start_worker(worker_process, tmp_path)
+    exported = exported_with_context(api, big_project)
     response = api.post("/my/projects/import/", {"export_id": exported["id"]}, format="json")
     job = done_by_another(first, response, worker_process, tmp_path, "import")
     copies = Project.objects.filter(owner=user, name=big_project.name).exclude(id=big_project.id)
@@ -139,6 +157,91 @@ def test_an_import_whose_worker_is_killed_mid_import_makes_the_project_once(
     assert Message.objects.filter(session__project=copies.get()).count() == MESSAGES
     # Its context queued for the copy's agent of the same name, once.
     assert job.counts["context"] == 3 and len(job.counts["context_jobs"]) == 1
+
+
+@pytest.mark.skipif(
+    "connection.vendor != 'postgresql'", reason="ends the worker's PostgreSQL sessions"
+)
+def test_an_import_whose_database_sessions_end_mid_import_is_sent_again_and_done(
+    own_redis, api, user, big_project, worker_process, tmp_path, settings
+):
+    """The database ends the worker's sessions while it makes the import's records (as
+    a restart or a failover does): the records' transaction is rolled back, the task
+    fails and gives the job back, and the pass sends it again: done, the project made
+    once, instead of the import ending in error on a blip."""
+    worker = start_worker(worker_process, tmp_path)
+    exported = exported_with_context(api, big_project)
+    response = api.post("/my/projects/import/", {"export_id": exported["id"]}, format="json")
+    assert response.status_code == 202, response.content
+    job_id = response.json()["id"]
+    wait_until(
+        lambda: ArchiveJob.objects.filter(id=job_id, status="running").exclude(worker=""),
+        timeout=60, interval=0.02, what="the import running",
+    )  # fmt: skip
+    with connection.cursor() as cursor:  # every session on this database but the test's
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND backend_type = 'client backend'"
+        )
+        assert cursor.fetchone()[0] >= 1  # the worker's, at least
+    ended = time.monotonic()
+    given_back = wait_for(
+        lambda: ArchiveJob.objects.filter(id=job_id, worker=GIVEN_BACK).exists(), timeout=60
+    )
+    assert given_back, (ArchiveJob.objects.filter(id=job_id).values().first(), worker.log())
+    job = recover_until_ended(job_id)
+    print(f"import: sessions ended mid-import to done: {time.monotonic() - ended:.2f}s")
+    assert job is not None and job.status == "done", (job and job.error, worker.log())
+    assert job.attempt == 2
+    copies = Project.objects.filter(owner=user, name=big_project.name).exclude(id=big_project.id)
+    assert copies.count() == 1
+    assert Message.objects.filter(session__project=copies.get()).count() == MESSAGES
+    assert job.counts["context"] == 3 and len(job.counts["context_jobs"]) == 1
+
+
+def test_an_import_whose_task_keeps_failing_ends_in_error_and_leaves_no_upload(
+    own_redis, user, project, settings
+):
+    settings.RUN_MAX_STARTS = 2
+    job = ArchiveJob.objects.create(kind="import", owner=user, status="running", worker="w#1")
+    upload_path(job).parent.mkdir(parents=True, exist_ok=True)
+    upload_path(job).write_bytes(b"an uploaded archive")
+    archive_job_give_back(job_id=str(job.id), attempt=2)  # of an attempt not owed
+    assert ArchiveJob.objects.get(id=job.id).worker == "w#1"
+    archive_job_give_back(job_id=str(job.id), attempt=1)
+    assert archive_jobs_recover()["redone"] == 1
+    ArchiveJob.objects.filter(id=job.id).update(status="running", worker="w#1")
+    archive_job_give_back(job_id=str(job.id), attempt=2)
+    assert archive_jobs_recover()["failed"] == 1
+    job.refresh_from_db()
+    assert job.status == "error" and job.error.startswith("the job's task failed 2 times")
+    assert not upload_path(job).exists()
+
+
+def test_an_import_whose_project_is_deleted_before_its_context_ends_quietly(
+    own_redis, user, project
+):
+    """The new project deleted between the records and the context: the import does not
+    fail (its task would be sent again for nothing); the job goes with its project."""
+    agent = AgentFactory(project=project, name="keeper")
+    export = ArchiveJob.objects.create(kind="export", owner=user, project=project)
+    export_run(job_id=export.id)
+    path = archive_path(export)
+    with zipfile.ZipFile(path) as archive:  # the agent's context: one document
+        members = {name: archive.read(name) for name in archive.namelist()}
+    manifest = json.loads(members["manifest.json"])
+    manifest["counts"]["context"] = 1
+    members["manifest.json"] = json.dumps(manifest).encode()
+    members[f"context/{agent.id}.jsonl"] = b'{"text": "a document", "metadata": {}}\n'
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    job = ArchiveJob.objects.create(kind="import", owner=user, source=export, status="running")
+    assert _import_records(job, *archive_read(path))
+    job.refresh_from_db()
+    project_tombstone(job.project_id)
+    assert import_run(job_id=job.id, attempt=1).status == "running"
 
 
 def test_an_import_sent_again_after_its_records_goes_on_and_makes_them_once(
