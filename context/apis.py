@@ -358,7 +358,8 @@ class ContextDocumentDetailSerializer(ContextDocumentSerializer):
 
 class ContextFileAcceptedSerializer(ContextDocumentSerializer):
     created = serializers.BooleanField(
-        help_text="false: this agent already has these bytes (that document; nothing added)."
+        help_text="false: this agent already has these bytes (that document; nothing added). "
+        "true: queued, as a new document or as that one, if it had failed."
     )
 
     class Meta:
@@ -388,9 +389,10 @@ class AgentContextFileListApi(EnvelopeListMixin, ProjectScopedApi):
         "is a 400). Queues a job (bulk work on the project's bus) that parses the file, "
         "cuts it by its structure (headings, pages, paragraphs, with overlap) and stores "
         "its chunks with their source, page and section (202). The same bytes again for "
-        "this agent add nothing (200, `created: false`). A file that cannot be read "
-        "(corrupt, encrypted, over CONTEXT_FILE_MAX_PAGES or _CHARS) ends the job in "
-        "error with the reason, nothing stored.",
+        "this agent add nothing (200, `created: false`), unless their document failed "
+        "(ended in error, or its job was lost): then it is queued again (202). A file "
+        "that cannot be read (corrupt, encrypted, over CONTEXT_FILE_MAX_PAGES or _CHARS) "
+        "ends the job in error with the reason, nothing stored.",
         request={
             "multipart/form-data": ContextFileInputSerializer,
             "application/json": ContextFileInputSerializer,

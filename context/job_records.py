@@ -154,6 +154,17 @@ def step_given_back(*, redis: ScopedRedis, job_id: uuid.UUID | str, step: str, e
     return bool(redis.script(_STEP_GIVEN_BACK, keys=[job_key(job_id)], args=args))
 
 
+def file_ingest_failed(*, redis: ScopedRedis, status: str, job_id: uuid.UUID | str | None) -> bool:
+    """Whether a file's document (its `status` and `job_id`) failed to be ingested: its
+    job ended in error, or is gone (lost with Redis, or expired) while the document still
+    reads queued or running. Its bytes, given again, are ingested again."""
+    if status == "error":
+        return True
+    if status in ("queued", "running"):
+        return job_id is None or not redis.exists(job_key(job_id))
+    return False
+
+
 def step_owed(job: dict[str, Any], step: str) -> bool:
     """Whether `step` is the job's step owed (jobs and tasks from before steps: "")."""
     return job.get("step", "") == step

@@ -322,7 +322,8 @@ def context_file_ingest(
     try:
         data, kind = _file_read(redis=redis, job_id=job_id, document=document)
         digest = document.content_hash or content_hash(data)
-        if _duplicate_ended(redis=redis, job_id=job_id, document=document, digest=digest):
+        if _duplicate_ended(redis=redis, job_id=job_id, document=document, digest=digest,
+                            user_id=user_id, project_id=project_id):  # fmt: skip
             return False
         sections = parse(
             data,
@@ -375,15 +376,32 @@ def _file_read(*, redis, job_id: str, document: ContextDocument) -> tuple[bytes,
     return data, kind
 
 
-def _duplicate_ended(*, redis, job_id: str, document: ContextDocument, digest: str) -> bool:
+def _duplicate_ended(
+    *,
+    redis,
+    job_id: str,
+    document: ContextDocument,
+    digest: str,
+    user_id: int,
+    project_id: uuid.UUID | str,
+) -> bool:
     """Whether the agent already has these bytes (a URL fetched to a known file): then
-    the new document goes and the job ends done, naming the one it duplicates."""
+    the new document goes and the job ends done, naming the one it duplicates. A twin
+    that failed (job_records.file_ingest_failed) goes instead, with its points if it
+    stored any, and this document is ingested."""
     twin = (
         ContextDocument.objects.filter(agent_id=document.agent_id, content_hash=digest)
         .exclude(id=document.id)
         .first()
     )
     if twin is None:
+        return False
+    if job_records.file_ingest_failed(redis=redis, status=twin.status, job_id=twin.job_id):
+        if twin.chunks:
+            keys = [document_point_key(document_id=twin.id, index=i) for i in range(twin.chunks)]
+            document_points_forget(user_id=user_id, project_id=project_id,
+                                   agent_id=str(twin.agent_id), keys=keys)  # fmt: skip
+        twin.delete()
         return False
     document.delete()
     job_records.job_finish(

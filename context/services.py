@@ -19,7 +19,7 @@ from workspaces.redis import scoped
 
 from .chunking import document_point_key
 from .filetypes import content_hash
-from .job_records import job_create, job_discard, job_file_put
+from .job_records import file_ingest_failed, job_create, job_discard, job_file_put
 from .models import ContextDocument
 from .sparse import agent_search_mode
 from .tasks import add_context, clear_context, forget_document, ingest_file
@@ -136,29 +136,39 @@ def context_file_add(
     url: str = "",
 ) -> tuple[ContextDocument, bool]:
     """Queue a file (its bytes, or a URL a worker fetches through the egress guard) for
-    the agent's context. Returns (document, created): the same bytes already ingested
-    for this agent are that document, and nothing is added.
+    the agent's context. Returns (document, queued): the same bytes already ingested, or
+    being ingested, for this agent are that document, and nothing is added (False). If
+    that document failed (job_records.file_ingest_failed: an error, a job lost with
+    Redis), it is queued again, under its id.
 
     The document row and the job's record (with the bytes) are written together, and
     the job goes on the project's bus after commit, as every context job does: Redis
     down is a 503 with nothing written."""
     project = agent.project
-    digest = content_hash(data) if data is not None else ""
-    if digest:
-        existing = ContextDocument.objects.filter(agent=agent, content_hash=digest).first()
-        if existing is not None:
-            return existing, False
-    job_id = str(uuid.uuid4())
     redis = scoped(project.owner_id, project.id)
+    digest = content_hash(data) if data is not None else ""
+    twin = None
+    if digest:
+        twin = ContextDocument.objects.filter(agent=agent, content_hash=digest).first()
+        if twin is not None and not _failed(redis, twin):
+            return twin, False
+    job_id = str(uuid.uuid4())
+    fields = {"source": source[:500], "file_type": file_type, "content_hash": digest,
+              "size_bytes": len(data) if data is not None else 0, "job_id": job_id}  # fmt: skip
     with transaction.atomic():
-        document = ContextDocument.objects.create(
-            agent=agent,
-            source=source[:500],
-            file_type=file_type,
-            content_hash=digest,
-            size_bytes=len(data) if data is not None else 0,
-            job_id=job_id,
-        )
+        if twin is not None:
+            twin = ContextDocument.objects.select_for_update().filter(id=twin.id).first()
+        if twin is None:
+            document = ContextDocument.objects.create(agent=agent, **fields)
+        elif not _failed(redis, twin):
+            return twin, False  # queued again by a request that came first
+        else:
+            document = twin
+            fields |= {"status": ContextDocument.Status.QUEUED, "error": "", "chunks": 0,
+                       "pages": None, "text": ""}  # fmt: skip
+            for name, value in fields.items():
+                setattr(document, name, value)
+            document.save(update_fields=[*fields, "updated_at"])
         kwargs = {
             "user_id": project.owner_id,
             "agent_id": str(agent.id),
@@ -183,6 +193,10 @@ def context_file_add(
             lambda: publish(ingest_file, project_id=project.id, kwargs={**kwargs, "step": token})
         )
     return document, True
+
+
+def _failed(redis, document: ContextDocument) -> bool:
+    return file_ingest_failed(redis=redis, status=document.status, job_id=document.job_id)
 
 
 def context_document_delete(*, document: ContextDocument) -> None:

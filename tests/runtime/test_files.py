@@ -20,7 +20,7 @@ from tests.local_http import RunbookServer
 from tests.runtime.conftest import context_count
 from tests.runtime.test_context import context_url, search
 from tests.runtime.test_tools import ask, model_agent, of
-from tests.workers import wait_until
+from tests.workers import shared_pool_worker, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -146,6 +146,66 @@ def test_bad_and_encrypted_files_end_in_error_with_nothing_stored(live_worker, a
     assert {d["status"] for d in documents} == {"error"}
     assert all(d["chunks"] == 0 for d in documents)
     assert context_count(agent) == 0
+
+
+def test_the_same_bytes_of_a_failed_document_are_ingested_again(
+    live_worker, api, agent, file_server, runtime_settings
+):
+    """A file refused under a limit the operator has since raised: the same bytes given
+    again queue the same document again (202), instead of answering it as already
+    there (200) with its error for good; fetched from a URL, they replace it. Once they
+    are ingested, they add nothing."""
+    data = b"The spare keys for bay 12 hang in cabinet KC-4410, left of the door."
+    runtime_settings.CONTEXT_FILE_MAX_CHARS = 20
+    refused = upload(api, agent, "keys.txt", data)
+    job = finished(api, agent, refused)
+    assert job["status"] == "error" and "over 20 characters" in job["error"], job
+
+    runtime_settings.CONTEXT_FILE_MAX_CHARS = 100_000
+    again = upload(api, agent, "keys-v2.txt", data)
+    assert again.json()["created"] is True
+    assert again.json()["id"] == refused.json()["id"]
+    assert again.json()["job_id"] != refused.json()["job_id"]
+    assert again.json()["status"] == "queued" and again.json()["error"] == ""
+    assert finished(api, agent, again)["status"] == "done"
+    document = ContextDocument.objects.get()
+    assert (document.status, document.source, document.error) == ("ready", "keys-v2.txt", "")
+    assert search(api, agent, "KC-4410 cabinet")[0]["document_id"] == str(document.id)
+    third = upload(api, agent, "keys.txt", data)
+    assert third.status_code == 200 and third.json()["created"] is False
+
+    # By URL: the bytes of a refused upload are fetched; the refused document goes.
+    runtime_settings.CONTEXT_FILE_MAX_CHARS = 20
+    refused = upload(api, agent, "runbook.md", RunbookServer.BODY)
+    assert finished(api, agent, refused)["status"] == "error"
+    runtime_settings.CONTEXT_FILE_MAX_CHARS = 100_000
+    runtime_settings.EGRESS_ALLOW_NETWORKS = {"files": ["127.0.0.0/8"]}
+    job = finished(api, agent, api.post(files_url(agent), {"url": file_server}, format="json"))
+    assert job["status"] == "done" and "duplicate_of" not in job, job
+    assert not ContextDocument.objects.filter(id=refused.json()["id"]).exists()
+    assert ContextDocument.objects.get(id=job["document_id"]).status == "ready"
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("own_redis", ["empty"], indirect=True)
+def test_a_document_whose_job_redis_lost_is_queued_again_by_its_bytes(
+    own_redis, api, agent, runtime_settings
+):
+    """Redis restarted empty (no persistence) while a file waited on the bus: the job
+    and its message are gone, and the document would read `queued` for good. Its bytes
+    given again queue it again, and a worker ingests it."""
+    data = b"Night shift hands over at 22:30 in room NS-7781."
+    waiting = upload(api, agent, "handover.txt", data)
+    assert waiting.status_code == 202, waiting.content
+    own_redis.kill()  # a crash, and no persistence: it starts again empty
+    own_redis.start()
+    again = upload(api, agent, "handover.txt", data)
+    assert again.status_code == 202, again.content
+    assert again.json()["id"] == waiting.json()["id"]
+    with shared_pool_worker():
+        job = finished(api, agent, again)
+    assert job["status"] == "done", job
+    assert ContextDocument.objects.get().status == "ready"
 
 
 def docx_of(paragraphs: int, chars: int) -> bytes:
