@@ -47,6 +47,14 @@ class ContextDocument(models.Model):
                 name="context_document_unique_content",
             )
         ]
+        indexes = [
+            # The recovery pass's look for documents whose job was lost.
+            models.Index(
+                fields=["updated_at"],
+                condition=models.Q(status__in=["queued", "running"]),
+                name="context_document_unfinished",
+            )
+        ]
 
     def __str__(self) -> str:
         return self.source

@@ -25,10 +25,12 @@ import contextlib
 import logging
 import time
 import uuid
+from datetime import timedelta
 from typing import Any
 
 from celery import Task, current_app
 from django.conf import settings
+from django.utils import timezone
 
 from agentbus import ProjectGone, live_workers, project_gone, publish, queue_depth
 from workspaces.redis import ScopedRedis, scoped
@@ -177,18 +179,61 @@ def _step_again(
         ContextDocument.objects.filter(id=document_id).update(
             status=ContextDocument.Status.ERROR, error=error, chunks=0, text=""
         )
-        chunks = int(job.get("documents", 0))
-        if chunks:
-            keys = [document_point_key(document_id=document_id, index=i) for i in range(chunks)]
-            with contextlib.suppress(ProjectGone):
-                publish(
-                    current_app.tasks[FORGET_TASK],
-                    project_id=project_id,
-                    kwargs={"user_id": user_id, "agent_id": job["agent_id"], "keys": keys},
-                )
+        _points_forget(user_id=user_id, project_id=project_id, agent_id=job["agent_id"],
+                       document_id=document_id, chunks=int(job.get("documents", 0)))  # fmt: skip
     job_records.job_finish(
         redis=redis,
         job_id=job["id"],
         fields={"status": "error", "error": error, "finished_at": time.time()},
     )
     return "failed"
+
+
+def _points_forget(
+    *, user_id: int, project_id: uuid.UUID, agent_id: str, document_id: str, chunks: int
+) -> None:
+    """Remove, on a worker of the project's bus, the points a document's job may have
+    stored (`chunks` of them, named by the document and the chunk's index)."""
+    if not chunks:
+        return
+    keys = [document_point_key(document_id=document_id, index=i) for i in range(chunks)]
+    with contextlib.suppress(ProjectGone):
+        publish(
+            current_app.tasks[FORGET_TASK],
+            project_id=project_id,
+            kwargs={"user_id": user_id, "agent_id": agent_id, "keys": keys},
+        )
+
+
+UNFINISHED = (ContextDocument.Status.QUEUED, ContextDocument.Status.RUNNING)
+LOST = "its job was lost (its record in Redis is gone); give the file again to ingest it"
+
+
+def documents_lost_fail(*, limit: int = 500) -> int:
+    """End in error the file documents that read queued or running while their job is
+    gone (Redis lost it, or it expired): nothing would ingest them now, and their bytes
+    given again queue them again (services.context_file_add). Oldest first, at most
+    `limit` a pass; returns how many ended."""
+    stale = timezone.now() - timedelta(seconds=settings.RUN_REDISPATCH_SECONDS)
+    unfinished = ContextDocument.objects.filter(status__in=UNFINISHED, updated_at__lt=stale)
+    ended = 0
+    for document in unfinished.select_related("agent__project").order_by("updated_at")[:limit]:
+        project = document.agent.project
+        redis = scoped(project.owner_id, project.id)
+        lost = job_records.file_ingest_failed(
+            redis=redis, status=document.status, job_id=document.job_id
+        )
+        if not lost or project_gone(project.id):
+            continue
+        # Only if no request queued it again meanwhile (a new job id).
+        if not ContextDocument.objects.filter(
+            id=document.id, job_id=document.job_id, status__in=UNFINISHED
+        ).update(status=ContextDocument.Status.ERROR, error=LOST, chunks=0, text=""):
+            continue
+        _points_forget(user_id=project.owner_id, project_id=project.id,
+                       agent_id=str(document.agent_id), document_id=str(document.id),
+                       chunks=document.chunks)  # fmt: skip
+        ended += 1
+    if ended:
+        logger.warning("context documents whose job was lost: %d ended in error", ended)
+    return ended

@@ -24,7 +24,7 @@ from .jobs import (
     context_search_reply,
     document_forget,
 )
-from .recovery import jobs_recover, step_give_back, step_publish
+from .recovery import documents_lost_fail, jobs_recover, step_give_back, step_publish
 from .vectors import collection_drop, collections_sweep
 
 # Dropping a collection only fails while the vector store is down: retry.
@@ -169,9 +169,10 @@ def drop_collection(self, *, user_id: int, project_id: str, agent_id: str) -> bo
 
 @shared_task(name="context.recover_jobs", ignore_result=True)
 def recover_jobs() -> dict:
-    """Beat: send again the steps of context jobs (ingest, clear) whose worker died or
-    whose message was lost (context.recovery)."""
-    return jobs_recover()
+    """Beat: send again the steps of context jobs (ingest, clear) whose worker died, whose
+    message was lost or whose task failed, and end in error the file documents whose job
+    is gone (context.recovery)."""
+    return {**jobs_recover(), "documents_lost": documents_lost_fail()}
 
 
 @shared_task(name="agents.sweep_collections")

@@ -15,6 +15,7 @@ from pypdf import PdfReader, PdfWriter
 
 from agents.models import Tool
 from context.models import ContextDocument
+from context.recovery import documents_lost_fail
 from tests.factories import AgentFactory, ChatSessionFactory
 from tests.local_http import RunbookServer
 from tests.runtime.conftest import context_count
@@ -192,20 +193,29 @@ def test_a_document_whose_job_redis_lost_is_queued_again_by_its_bytes(
     own_redis, api, agent, runtime_settings
 ):
     """Redis restarted empty (no persistence) while a file waited on the bus: the job
-    and its message are gone, and the document would read `queued` for good. Its bytes
-    given again queue it again, and a worker ingests it."""
+    and its message are gone, and the document would read `queued` for good. The
+    recovery pass ends it in error, saying so; its bytes given again queue it again,
+    and a worker ingests it."""
+    runtime_settings.RUN_REDISPATCH_SECONDS = 0
     data = b"Night shift hands over at 22:30 in room NS-7781."
     waiting = upload(api, agent, "handover.txt", data)
     assert waiting.status_code == 202, waiting.content
+    other = upload(api, agent, "other.txt", b"Room NS-7782 is the quiet room.")
     own_redis.kill()  # a crash, and no persistence: it starts again empty
     own_redis.start()
+    assert documents_lost_fail() == 2
+    lost = api.get(files_url(agent) + f"{waiting.json()['id']}/").json()
+    assert lost["status"] == "error" and "give the file again" in lost["error"], lost
+    assert documents_lost_fail() == 0
     again = upload(api, agent, "handover.txt", data)
     assert again.status_code == 202, again.content
     assert again.json()["id"] == waiting.json()["id"]
+    assert documents_lost_fail() == 0  # its new job is there
     with shared_pool_worker():
         job = finished(api, agent, again)
     assert job["status"] == "done", job
-    assert ContextDocument.objects.get().status == "ready"
+    assert ContextDocument.objects.get(id=waiting.json()["id"]).status == "ready"
+    assert ContextDocument.objects.get(id=other.json()["id"]).status == "error"
 
 
 def docx_of(paragraphs: int, chars: int) -> bytes:
