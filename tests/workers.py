@@ -32,6 +32,23 @@ ROOT = Path(__file__).resolve().parents[1]
 CONTROL_STEP = "celery.worker.consumer.control.Control"
 
 
+# A worker subprocess started with this in its environment names its PostgreSQL sessions
+# so (libpq reads PGAPPNAME): end_sessions finds them, and only them.
+SESSIONS_NAME = "uws-test-worker"
+
+
+def end_sessions(name: str = SESSIONS_NAME) -> int:
+    """End the PostgreSQL sessions named `name` (as the server does to every client in a
+    restart or a failover); returns how many it ended."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE application_name = %s AND datname = current_database()",
+            [name],
+        )
+        return cursor.fetchone()[0]
+
+
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02):
     """Poll `predicate` until it returns something truthy or `timeout` passes; its last
     value (falsy when the time ran out)."""

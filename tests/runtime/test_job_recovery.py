@@ -24,7 +24,7 @@ from context.services import context_clear_enqueue, context_documents_add
 from tests.local_http import RunbookServer
 from tests.runtime.conftest import context_count, put_context
 from tests.runtime.test_context import context_url, search
-from tests.workers import wait_for, wait_until
+from tests.workers import SESSIONS_NAME, end_sessions, wait_for, wait_until
 from workspaces.redis import scoped
 
 pytestmark = [
@@ -136,7 +136,7 @@ def test_an_ingest_whose_worker_is_killed_between_batches_stores_every_document_
 
 
 @pytest.mark.skipif(
-    "connection.vendor != 'postgresql'", reason="drops the worker's PostgreSQL connections"
+    connection.vendor != "postgresql", reason="drops the worker's PostgreSQL connections"
 )
 def test_a_file_job_whose_step_fails_is_sent_again_and_done(
     own_redis, api, agent, worker_process, held_file, tmp_path, runtime_settings
@@ -148,19 +148,13 @@ def test_a_file_job_whose_step_fails_is_sent_again_and_done(
     runtime_settings.EGRESS_ALLOW_NETWORKS = {"files": ["127.0.0.0/8"]}
     runtime_settings.RUN_REDISPATCH_SECONDS = 0.5
     worker = worker_process("-Q", MAINTENANCE_QUEUE, "-P", "threads", "-c", "4",
-                            env=worker_env(tmp_path))  # fmt: skip
+                            env={**worker_env(tmp_path), "PGAPPNAME": SESSIONS_NAME})  # fmt: skip
     worker.wait_started()
     response = api.post(f"{context_url(agent)}files/", {"url": held_file.url}, format="json")
     assert response.status_code == 202, response.content
     job_id = response.json()["job_id"]
     assert held_file.asked.wait(30), worker.log()
-    with connection.cursor() as cursor:  # every session on this database but the test's
-        cursor.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            " AND backend_type = 'client backend'"
-        )
-        assert cursor.fetchone()[0] >= 1  # the worker's, at least
+    assert end_sessions() >= 1  # the one of the step, at least
     held_file.release.set()
     redis = scoped(agent.project.owner_id, agent.project_id)
     given_back = wait_for(
