@@ -37,7 +37,7 @@ from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.base import BaseHandler
 from django.db import close_old_connections
 from django.http import FileResponse
-from django.urls import Resolver404, get_resolver, set_script_prefix
+from django.urls import Resolver404, ResolverMatch, get_resolver, set_script_prefix
 
 from .singletons import process_singleton
 
@@ -59,17 +59,24 @@ def long_lived(view: Callable[..., Any] | None = None, *, methods: Iterable[str]
     return mark(view) if view is not None else mark
 
 
-def serves_long_lived(scope: dict) -> bool:
-    """Whether the request of this ASGI scope goes to a `@long_lived` view."""
-    if scope.get("type") != "http":
-        return False
+def _route(scope: dict) -> ResolverMatch | None:
+    """The URL pattern the request of this ASGI scope goes to, if any."""
     path = scope.get("path", "")
     prefix = get_script_prefix(scope).rstrip("/")
     if prefix and path.startswith(prefix):
         path = path[len(prefix) :]
     try:
-        match = get_resolver().resolve(path)
+        return get_resolver().resolve(path)
     except Resolver404:
+        return None
+
+
+def serves_long_lived(scope: dict) -> bool:
+    """Whether the request of this ASGI scope goes to a `@long_lived` view."""
+    if scope.get("type") != "http":
+        return False
+    match = _route(scope)
+    if match is None:
         return False
     marked = getattr(match.func, LONG_LIVED, False)
     if isinstance(marked, frozenset):
@@ -253,6 +260,10 @@ async def answer_busy(send, *, retry_after: int, status: int = 503) -> None:
     else:
         detail = {"detail": "This server is at capacity; retry shortly.",
                   "code": "backend_unavailable"}  # fmt: skip
+    await _answer(send, status, detail, [(b"retry-after", str(retry_after).encode())])
+
+
+async def _answer(send, status: int, detail: dict, headers: list[tuple[bytes, bytes]]) -> None:
     body = json.dumps(detail).encode()
     await send(
         {
@@ -261,11 +272,76 @@ async def answer_busy(send, *, retry_after: int, status: int = 503) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
-                (b"retry-after", str(retry_after).encode()),
+                *headers,
             ],
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+# --- Request bodies ----------------------------------------------------------------------
+#
+# Django's ASGI handler reads a request's whole body (to a temporary file past
+# FILE_UPLOAD_MAX_MEMORY_SIZE) before any view, parser or authentication runs, whatever
+# its size: anyone who reaches the port could fill the disk with one request. Here a
+# body is refused with a 413 past DATA_UPLOAD_MAX_MEMORY_SIZE, or past its view's own
+# `max_body_bytes()` (an upload's): at once when its Content-Length says so, else as
+# soon as that many bytes came. The view's limit is looked up only for a body past the
+# first, so other requests pay nothing for it.
+
+
+# What a multipart body holds besides its file: boundaries, part headers, small fields.
+UPLOAD_FRAMING_BYTES = 64 * 1024
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+def body_max_bytes(scope: dict) -> int:
+    """The most bytes the body of this request may hold: DATA_UPLOAD_MAX_MEMORY_SIZE, or
+    its view's `max_body_bytes()` (a file's size) with room for the multipart framing."""
+    match = _route(scope)
+    view = getattr(match.func, "view_class", None) if match is not None else None
+    own = getattr(view, "max_body_bytes", None)
+    default = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+    return max(own() + UPLOAD_FRAMING_BYTES, default) if own else default
+
+
+def _declared_length(scope: dict) -> int:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0  # the server refuses it before the application sees it
+    return 0
+
+
+def _bounded(receive, scope: dict):
+    """`receive`, raising BodyTooLarge once the body passes its limit."""
+    received, limit = 0, None
+
+    async def bounded():
+        nonlocal received, limit
+        message = await receive()
+        if message.get("type") == "http.request":
+            received += len(message.get("body", b""))
+            if received > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
+                limit = body_max_bytes(scope) if limit is None else limit
+                if received > limit:
+                    raise BodyTooLarge(limit)
+        return message
+
+    return bounded
+
+
+async def _answer_too_large(send, limit: int) -> None:
+    detail = {"detail": f"The request body is larger than {limit} bytes.",
+              "code": "payload_too_large"}  # fmt: skip
+    await _answer(send, 413, detail, [(b"connection", b"close")])
 
 
 @process_singleton(
@@ -338,6 +414,20 @@ class StreamingAwareASGIHandler(ASGIHandler):
         return await sync_to_async(self._sync_handler.get_response, thread_sensitive=True)(request)
 
     async def __call__(self, scope, receive, send):
+        if scope.get("type") == "http":
+            declared = _declared_length(scope)
+            if declared > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
+                limit = body_max_bytes(scope)
+                if declared > limit:
+                    await _answer_too_large(send, limit)
+                    return
+            receive = _bounded(receive, scope)
+        try:
+            await self._serve(scope, receive, send)
+        except BodyTooLarge as exc:  # raised while the body was read: nothing was sent
+            await _answer_too_large(send, exc.limit)
+
+    async def _serve(self, scope, receive, send):
         if serves_long_lived(scope):
             leave = sync_lanes().enter(request_credential(scope))
             if leave is None:

@@ -372,6 +372,11 @@ class AgentContextFileListApi(EnvelopeListMixin, ProjectScopedApi):
     parser_classes = [MultiPartParser, JSONParser]
     pagination_class = EnvelopePagination.of("documents")
 
+    @staticmethod
+    def max_body_bytes() -> int:
+        """The file a request may carry (common.asgi refuses a larger body unread)."""
+        return settings.CONTEXT_FILE_MAX_BYTES
+
     @extend_schema(
         operation_id="context_files_list",
         summary="List the files of an agent's context",

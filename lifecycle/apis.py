@@ -318,6 +318,11 @@ class ImportApi(APIView):
     parser_classes = [JSONParser, MultiPartParser]
     throttle_scopes = {"POST": "imports"}
 
+    @staticmethod
+    def max_body_bytes() -> int:
+        """The archive a request may carry (common.asgi refuses a larger body unread)."""
+        return settings.IMPORT_MAX_BYTES
+
     @extend_schema(
         operation_id="projects_import",
         summary="Recreate an exported project as a new project of yours",

@@ -4,10 +4,12 @@ their start, middleware chain and close in one step on a fixed set of threads
 
 from __future__ import annotations
 
+import socket
 import threading
 
 import httpx
 
+from common.asgi import UPLOAD_FRAMING_BYTES
 from projects.models import Project
 from tests.runtime.conftest import token_for
 
@@ -33,3 +35,50 @@ def test_requests_run_on_a_fixed_set_of_threads(asgi, user, settings):
     assert Project.objects.filter(owner=user).count() == 3
     # 25 requests, never more threads than requests admitted at once, all of them reused.
     assert 0 < len(_request_threads()) <= settings.WEB_MAX_CONCURRENT_REQUESTS
+
+
+def _raw(port: int, head: bytes, body: bytes = b"") -> bytes:
+    """Send a request's head and `body` (not all of what the head announces), then read
+    the answer until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_a_body_past_its_limit_is_refused_before_it_is_read(asgi, user, agent, settings):
+    """Django's ASGI handler reads a whole body (to a temporary file) before anything
+    else runs: one request, even unauthenticated, could fill the disk. A body past
+    DATA_UPLOAD_MAX_MEMORY_SIZE, or past an upload's own limit, is a 413: at once when
+    its Content-Length says so, and as soon as that many bytes came when it is sent in
+    chunks. An upload within its limit still goes through."""
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 64 * 1024
+    settings.CONTEXT_FILE_MAX_BYTES = 256 * 1024
+    host = f"Host: 127.0.0.1:{asgi.port}\r\n"
+
+    # Announced: 10 GB, nothing of it sent.
+    head = f"POST /my/projects/ HTTP/1.1\r\n{host}Content-Type: application/json\r\n"
+    answer = _raw(asgi.port, (head + "Content-Length: 10737418240\r\n\r\n").encode())
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"code":"payload_too_large"' in answer.replace(b" ", b"")
+
+    # Chunked, no length: refused once past the limit, though the body has not ended.
+    chunk = b"x" * 8192
+    body = (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 9  # 72 KiB, and no last chunk
+    answer = _raw(asgi.port, (head + "Transfer-Encoding: chunked\r\n\r\n").encode(), body)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert f"larger than {64 * 1024} bytes".encode() in answer
+
+    # An upload's own limit: within it a file goes through, past it a 413 unread.
+    files = f"/my/projects/{agent.project_id}/agents/{agent.id}/context/files/"
+    headers = {"Authorization": f"Token {token_for(user)}"}
+    kept = b"The dock keys are in cabinet KC-4410.\n" * 3000  # 111 KiB
+    response = httpx.post(f"http://127.0.0.1:{asgi.port}{files}", headers=headers,
+                          files={"file": ("keys.txt", kept)}, timeout=30)  # fmt: skip
+    assert response.status_code == 202, response.text
+    head = f"POST {files} HTTP/1.1\r\n{host}Authorization: Token {token_for(user)}\r\n"
+    answer = _raw(asgi.port, (head + "Content-Length: 1073741824\r\n\r\n").encode())
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert f"larger than {256 * 1024 + UPLOAD_FRAMING_BYTES} bytes".encode() in answer
