@@ -12,7 +12,8 @@ a coroutine only.
 Every other request runs sync work on a thread of its own and, in it, holds a pooled
 database connection. `Admission` bounds how many do at once (WEB_MAX_CONCURRENT_REQUESTS,
 about the pool's size): the rest wait their turn as coroutines, holding no thread nor
-connection, up to WEB_ADMISSION_WAIT_SECONDS, and at most WEB_ADMISSION_QUEUE of them;
+connection, up to WEB_ADMISSION_WAIT_SECONDS (a request's body is read before its turn,
+so a client that sends one slowly holds no slot), and at most WEB_ADMISSION_QUEUE of them;
 past either bound a request answers 503 with Retry-After before anything ran, so a
 burst is worked through at the database's pace instead of a thousand threads fighting
 for ten connections and failing after the pool's timeout.
@@ -367,24 +368,17 @@ class StreamingAwareASGIHandler(ASGIHandler):
         self._sync_handler = BaseHandler()
         self._sync_handler.load_middleware(is_async=False)
 
-    async def serve_in_one_step(self, scope, receive, send) -> None:
+    async def serve_in_one_step(self, scope, body_file, send) -> None:
+        loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()  # the trace's span, the script prefix
+        response = await loop.run_in_executor(
+            _request_pool(), context.run, self._respond, scope, body_file
+        )
         try:
-            body_file = await self.read_body(receive)
-        except RequestAborted:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-            context = contextvars.copy_context()  # the trace's span, the script prefix
-            response = await loop.run_in_executor(
-                _request_pool(), context.run, self._respond, scope, body_file
-            )
-            try:
-                await self.send_response(response, send)
-            finally:
-                if response.streaming:  # a file: closed once sent (its connections were)
-                    await sync_to_async(response.close)()
+            await self.send_response(response, send)
         finally:
-            body_file.close()
+            if response.streaming:  # a file: closed once sent (its connections were)
+                await sync_to_async(response.close)()
 
     def _respond(self, scope, body_file):
         """What WSGIHandler does, on this thread: the request's start, the response, and
@@ -445,19 +439,28 @@ class StreamingAwareASGIHandler(ASGIHandler):
         if scope.get("type") != "http" or settings.WEB_MAX_CONCURRENT_REQUESTS <= 0:
             await super().__call__(scope, receive, send)
             return
-        gate = admission()
-        started = time.monotonic()
-        if not await gate.acquire():
-            logger.warning(
-                "%s %s: refused after %.1fs, %d requests waiting (capacity)",
-                scope.get("method"),
-                scope.get("path"),
-                time.monotonic() - started,
-                gate.waiting,
-            )
-            await answer_busy(send, retry_after=settings.WEB_ADMISSION_RETRY_AFTER_SECONDS)
+        # The body is read before the request takes its turn: a client that sends it
+        # slowly holds a coroutine, not one of the few slots every request needs.
+        try:
+            body_file = await self.read_body(receive)
+        except RequestAborted:
             return
         try:
-            await self.serve_in_one_step(scope, receive, send)
+            gate = admission()
+            started = time.monotonic()
+            if not await gate.acquire():
+                logger.warning(
+                    "%s %s: refused after %.1fs, %d requests waiting (capacity)",
+                    scope.get("method"),
+                    scope.get("path"),
+                    time.monotonic() - started,
+                    gate.waiting,
+                )
+                await answer_busy(send, retry_after=settings.WEB_ADMISSION_RETRY_AFTER_SECONDS)
+                return
+            try:
+                await self.serve_in_one_step(scope, body_file, send)
+            finally:
+                gate.release()
         finally:
-            gate.release()
+            body_file.close()

@@ -4,8 +4,10 @@ their start, middleware chain and close in one step on a fixed set of threads
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
+import time
 
 import httpx
 
@@ -82,3 +84,39 @@ def test_a_body_past_its_limit_is_refused_before_it_is_read(asgi, user, agent, s
     answer = _raw(asgi.port, (head + "Content-Length: 1073741824\r\n\r\n").encode())
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert f"larger than {256 * 1024 + UPLOAD_FRAMING_BYTES} bytes".encode() in answer
+
+
+def test_a_body_sent_slowly_holds_no_slot_of_other_requests(asgi, user, settings):
+    """As many requests as a process runs at once send their heads and the first byte of
+    their bodies, and hold: another request is still answered at once (it waited its
+    turn behind them, WEB_ADMISSION_WAIT_SECONDS, then a 503, when a body was read
+    inside the turn), and the held ones are served once their bodies come."""
+    settings.WEB_MAX_CONCURRENT_REQUESTS = 2
+    settings.WEB_ADMISSION_WAIT_SECONDS = 20
+    token = token_for(user)
+    held = []
+    for i in range(settings.WEB_MAX_CONCURRENT_REQUESTS):
+        body = json.dumps({"name": f"slow-{i}"}).encode()
+        sock = socket.create_connection(("127.0.0.1", asgi.port), timeout=30)
+        sock.sendall(
+            f"POST /my/projects/ HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Token {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body[:1]
+        )
+        held.append((sock, body))
+    try:
+        started = time.monotonic()
+        response = httpx.get(
+            f"http://127.0.0.1:{asgi.port}/my/projects/",
+            headers={"Authorization": f"Token {token}"}, timeout=30,
+        )  # fmt: skip
+        took = time.monotonic() - started
+        assert response.status_code == 200, response.text
+        assert took < settings.WEB_ADMISSION_WAIT_SECONDS / 2, took
+        for sock, body in held:
+            sock.sendall(body[1:])
+            assert sock.recv(65536).startswith(b"HTTP/1.1 201")
+    finally:
+        for sock, _ in held:
+            sock.close()
+    assert Project.objects.filter(owner=user, name__startswith="slow-").count() == 2
