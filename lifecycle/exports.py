@@ -805,9 +805,10 @@ def import_run(
 ) -> ArchiveJob | None:
     """Recreate the source archive's project under the job's owner: new ids, everything
     of every section, then the context queued for embedding with this deployment's model.
-    Run again after its worker died or its task failed, it goes on: the records are made once (their
-    transaction names the project on the job), and the context is queued again whole
-    (its points are keyed by their text: the same documents store the same points)."""
+    Run again after its worker died or its task failed, it goes on: the records are made
+    once (their transaction names the project on the job), and the context is queued
+    again whole (its points are keyed by their text: the same documents store the same
+    points)."""
     job = ArchiveJob.objects.select_related("source", "owner").filter(id=job_id).first()
     if not _owed(job, attempt):
         return job

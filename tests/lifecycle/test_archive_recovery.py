@@ -118,6 +118,16 @@ def recover_until_ended(job_id, timeout=90.0) -> ArchiveJob:
     return wait_for(ended, timeout=timeout, interval=0.5)
 
 
+def export_done(api, project) -> dict:
+    """An export of `project`, once it is done."""
+    exported = api.post(f"/my/projects/{project.id}/exports/", {}, format="json").json()
+    wait_until(
+        lambda: ArchiveJob.objects.filter(id=exported["id"], status="done"),
+        timeout=120, what="the export",
+    )  # fmt: skip
+    return exported
+
+
 def test_an_export_whose_worker_is_killed_mid_export_is_written_by_another(
     own_redis, api, big_project, worker_process, tmp_path, settings
 ):
@@ -145,11 +155,7 @@ def test_an_import_whose_worker_is_killed_mid_import_makes_the_project_once(
         lambda: api.get(f"{context}jobs/{added}/").json()["status"] == "done",
         timeout=60, what="the context stored",
     )  # fmt: skip
-    exported = api.post(f"/my/projects/{big_project.id}/exports/", {}, format="json").json()
-    wait_until(
-        lambda: ArchiveJob.objects.filter(id=exported["id"], status="done"),
-        timeout=120, what="the export",
-    )  # fmt: skip
+    exported = export_done(api, big_project)
     response = api.post("/my/projects/import/", {"export_id": exported["id"]}, format="json")
     job = done_by_another(first, response, worker_process, tmp_path, "import")
     copies = Project.objects.filter(owner=user, name=big_project.name).exclude(id=big_project.id)
@@ -173,11 +179,7 @@ def test_an_import_whose_database_sessions_end_mid_import_is_sent_again_and_done
     messages = 10_000
     big_project = with_messages(project, messages)
     worker = start_worker(worker_process, tmp_path, sessions=SESSIONS_NAME)
-    exported = api.post(f"/my/projects/{big_project.id}/exports/", {}, format="json").json()
-    wait_until(
-        lambda: ArchiveJob.objects.filter(id=exported["id"], status="done"),
-        timeout=120, what="the export",
-    )  # fmt: skip
+    exported = export_done(api, big_project)
     response = api.post("/my/projects/import/", {"export_id": exported["id"]}, format="json")
     assert response.status_code == 202, response.content
     job_id = response.json()["id"]

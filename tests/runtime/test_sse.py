@@ -40,9 +40,10 @@ def events_url(server, session, project=None):
     return f"http://127.0.0.1:{server.port}/my/projects/{project_id}/chat/{session.id}/events/"
 
 
-def read_sse(url, *, headers=None, params=None, until=None, max_seconds=20):
+def read_sse(url, *, headers=None, params=None, until=None, max_seconds=20, opened=False):
     """Read an SSE response; returns (status, events, comments). Stops when `until(events)`
-    is true, when the server ends the stream, or after max_seconds."""
+    is true, at its first comment if `opened` (the stream says it is connected), when the
+    server ends the stream, or after max_seconds."""
     events, comments, current = [], [], {}
     deadline = time.monotonic() + max_seconds
     with httpx.stream(
@@ -56,6 +57,8 @@ def read_sse(url, *, headers=None, params=None, until=None, max_seconds=20):
             for line in response.iter_lines():
                 if line.startswith(":"):
                     comments.append((time.monotonic(), line[1:].strip()))
+                    if opened:
+                        break
                 elif line == "":
                     # A block without data (e.g. only `retry:`) dispatches no event.
                     if "data" in current:
@@ -104,7 +107,7 @@ def test_credentials_and_scope(asgi, user, other_user, session):
     status, body, _ = read_sse(url, headers=mine, params={"cursor": "yesterday"})
     assert status == 400 and "cursor" in body["detail"]
     assert read_sse(url, headers={**mine, "Last-Event-ID": "1-x"})[0] == 400
-    status, events, comments = read_sse(url, headers=mine, max_seconds=0.5)
+    status, events, comments = read_sse(url, headers=mine, opened=True)
     assert status == 200 and events == [] and comments[0][1].startswith("connected")
 
 
@@ -133,7 +136,7 @@ def test_session_cookie_authenticates_too(asgi, user, session):
     status, _events, _ = read_sse(
         events_url(asgi, session),
         headers={"Cookie": f"{settings.SESSION_COOKIE_NAME}={cookie}"},
-        max_seconds=0.3,
+        opened=True,
     )
     assert status == 200
 
@@ -193,11 +196,18 @@ def test_reconnecting_with_last_event_id_loses_and_repeats_nothing(
     assert ids == stored and len(set(ids)) == len(ids)
     assert rest[-1]["event"] == "message.completed"
 
-    # ?cursor= does the same as Last-Event-ID; a cursor at the end yields nothing old.
-    _, tail, _ = read_sse(url, headers=headers, params={"cursor": stored[-3]}, max_seconds=0.5)
+    # ?cursor= does the same as Last-Event-ID: from the third-last event, the last two...
+    _, tail, _ = read_sse(
+        url, headers=headers, params={"cursor": stored[-3]}, until=lambda e: len(e) >= 2
+    )
     assert [e["id"] for e in tail] == stored[-2:]
-    _, none, _ = read_sse(url, headers=headers, params={"cursor": stored[-1]}, max_seconds=0.5)
-    assert none == []
+    # ...and from the last one, nothing old: the next message's events, from its first.
+    again = post_message(api, session, "once more")
+    _, newer, _ = read_sse(
+        url, headers=headers, params={"cursor": stored[-1]}, until=completed(again)
+    )
+    assert newer[0]["event"] == "message.created" and newer[-1]["event"] == "message.completed"
+    assert not {e["id"] for e in newer} & set(stored)
 
 
 def test_a_cursor_older_than_the_trimmed_stream_is_told_so(asgi, user, session, runtime_settings):
