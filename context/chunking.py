@@ -54,3 +54,8 @@ def document_point_key(*, document_id: uuid.UUID | str, index: int) -> str:
     """What names a file chunk's point (not its text: two documents may share a
     passage, and deleting one must not take the other's point)."""
     return f"document:{uuid.UUID(str(document_id))}:{int(index)}"
+
+
+def document_point_keys(*, document_id: uuid.UUID | str, chunks: int) -> list[str]:
+    """The keys of a document's `chunks` points."""
+    return [document_point_key(document_id=document_id, index=i) for i in range(chunks)]

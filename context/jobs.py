@@ -20,7 +20,7 @@ from realtime import replies
 from workspaces.redis import scoped
 
 from . import job_records
-from .chunking import document_point_key
+from .chunking import document_point_key, document_point_keys
 from .embeddings import get_embedder
 from .files import chunk_sections, parse
 from .filetypes import FileRefused, content_hash, file_type
@@ -248,12 +248,8 @@ def _file_job_fail(
     """End a file job in error with nothing of the file left: its points, if any were
     stored, go (they are named by the document and chunk index)."""
     document_id = job["document_id"]
-    chunks = int(job.get("documents", 0))
-    if chunks:
-        keys = [document_point_key(document_id=document_id, index=i) for i in range(chunks)]
-        document_points_forget(
-            user_id=user_id, project_id=project_id, agent_id=job["agent_id"], keys=keys
-        )
+    _points_forget(user_id=user_id, project_id=project_id, agent_id=job["agent_id"],
+                   document_id=document_id, chunks=int(job.get("documents", 0)))  # fmt: skip
     ContextDocument.objects.filter(id=document_id).update(
         status=ContextDocument.Status.ERROR, error=error[:2000], chunks=0, text=""
     )
@@ -262,6 +258,20 @@ def _file_job_fail(
         job_id=job["id"],
         fields={"status": "error", "error": error, "finished_at": time.time()},
     )
+
+
+def _points_forget(
+    *,
+    user_id: int,
+    project_id: uuid.UUID | str,
+    agent_id: str,
+    document_id: uuid.UUID | str,
+    chunks: int,
+) -> None:
+    """Remove the points a file's document may have stored (`chunks` of them)."""
+    if chunks:
+        keys = document_point_keys(document_id=document_id, chunks=chunks)
+        document_points_forget(user_id=user_id, project_id=project_id, agent_id=agent_id, keys=keys)
 
 
 def _fetch(url: str) -> tuple[bytes, str]:
@@ -397,10 +407,8 @@ def _duplicate_ended(
     if twin is None:
         return False
     if job_records.file_ingest_failed(redis=redis, status=twin.status, job_id=twin.job_id):
-        if twin.chunks:
-            keys = [document_point_key(document_id=twin.id, index=i) for i in range(twin.chunks)]
-            document_points_forget(user_id=user_id, project_id=project_id,
-                                   agent_id=str(twin.agent_id), keys=keys)  # fmt: skip
+        _points_forget(user_id=user_id, project_id=project_id, agent_id=str(twin.agent_id),
+                       document_id=twin.id, chunks=twin.chunks)  # fmt: skip
         twin.delete()
         return False
     document.delete()

@@ -36,7 +36,7 @@ from agentbus import ProjectGone, live_workers, project_gone, publish, queue_dep
 from workspaces.redis import ScopedRedis, scoped
 
 from . import job_records
-from .chunking import document_point_key
+from .chunking import document_point_keys
 from .job_records import ENDED
 from .models import ContextDocument
 
@@ -179,7 +179,7 @@ def _step_again(
         ContextDocument.objects.filter(id=document_id).update(
             status=ContextDocument.Status.ERROR, error=error, chunks=0, text=""
         )
-        _points_forget(user_id=user_id, project_id=project_id, agent_id=job["agent_id"],
+        _points_forget_later(user_id=user_id, project_id=project_id, agent_id=job["agent_id"],
                        document_id=document_id, chunks=int(job.get("documents", 0)))  # fmt: skip
     job_records.job_finish(
         redis=redis,
@@ -189,14 +189,14 @@ def _step_again(
     return "failed"
 
 
-def _points_forget(
+def _points_forget_later(
     *, user_id: int, project_id: uuid.UUID, agent_id: str, document_id: str, chunks: int
 ) -> None:
     """Remove, on a worker of the project's bus, the points a document's job may have
     stored (`chunks` of them, named by the document and the chunk's index)."""
     if not chunks:
         return
-    keys = [document_point_key(document_id=document_id, index=i) for i in range(chunks)]
+    keys = document_point_keys(document_id=document_id, chunks=chunks)
     with contextlib.suppress(ProjectGone):
         publish(
             current_app.tasks[FORGET_TASK],
@@ -230,7 +230,7 @@ def documents_lost_fail(*, limit: int = 500) -> int:
             id=document.id, job_id=document.job_id, status__in=UNFINISHED
         ).update(status=ContextDocument.Status.ERROR, error=LOST, chunks=0, text=""):
             continue
-        _points_forget(user_id=project.owner_id, project_id=project.id,
+        _points_forget_later(user_id=project.owner_id, project_id=project.id,
                        agent_id=str(document.agent_id), document_id=str(document.id),
                        chunks=document.chunks)  # fmt: skip
         ended += 1

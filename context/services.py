@@ -17,7 +17,7 @@ from agentbus import publish
 from agents.models import Agent
 from workspaces.redis import scoped
 
-from .chunking import document_point_key
+from .chunking import document_point_keys
 from .filetypes import content_hash
 from .job_records import file_ingest_failed, job_create, job_discard, job_file_put
 from .models import ContextDocument
@@ -203,7 +203,7 @@ def context_document_delete(*, document: ContextDocument) -> None:
     """Delete a document and, on a worker after commit, exactly its points."""
     agent = document.agent
     project = agent.project
-    keys = [document_point_key(document_id=document.id, index=i) for i in range(document.chunks)]
+    keys = document_point_keys(document_id=document.id, chunks=document.chunks)
     with transaction.atomic():
         ContextDocument.objects.filter(id=document.id).delete()
         if keys:
