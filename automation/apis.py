@@ -110,7 +110,9 @@ class ScheduleUpdateSerializer(StrictSerializer):
 
 
 class ScheduleFireSerializer(serializers.Serializer):
-    tick = serializers.DateTimeField(help_text="The tick this firing answers.")
+    tick = serializers.DateTimeField(
+        help_text="The tick this firing answers: `run_at`, or the cron's latest tick when it fired."
+    )
     fired_at = serializers.DateTimeField()
     outcome = serializers.ChoiceField(choices=ScheduleFire.Outcome.choices)
     detail = serializers.CharField(help_text="Why it was refused; empty otherwise.")
@@ -145,7 +147,8 @@ class ScheduleListCreateApi(EnvelopeListMixin, ProjectScopedApi):
         description="`once` sends `content` at `run_at`; `cron` on every tick of `cron` "
         "in `timezone`. Each firing goes into the session as a user's message would "
         "(quotas, the agent's busy policy, the project's bus); a tick missed while the "
-        "scheduler was down fires once when it is back, never once per missed tick. "
+        "scheduler was down fires once when it is back, never once per missed tick, and "
+        "a firing lost with its worker is fired again about a minute later. "
         "A `cron` that does not parse, a `timezone` that is no IANA name, a missing or "
         "past `run_at` for `once` are a 400 naming the field.",
         request=ScheduleInputSerializer,

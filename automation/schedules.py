@@ -8,7 +8,15 @@ last tick, however many ticks it missed (celery.schedules.crontab.is_due), so a 
 that was down fires a missed schedule once when it is back, not once per missed tick.
 A tick sent twice (two beats by mistake, a task redelivered) runs once: the firing
 claims (schedule, tick) under a unique constraint in the transaction that sends the
-message.
+message. A cron's firing answers the latest tick of its cron at or before the moment it
+runs, computed by beat's own crontab, so every firing that answers one due moment (beat's,
+a late one, the recovery pass's) claims the same tick.
+
+A firing lost with its worker (the broker gives its message back after an hour, and a
+cron's message has expired by then), or one that failed (the database was away), is
+sent again by the recovery pass (`schedules_missed_fire`, beat every
+SCHEDULE_RECOVERY_SECONDS): a tick due SCHEDULE_MISSED_AFTER_SECONDS ago with no firing
+since fires then, once, unless a later tick of the cron answered it first.
 """
 
 from __future__ import annotations
@@ -17,11 +25,13 @@ import json
 import logging
 import uuid
 import zoneinfo
-from datetime import UTC, datetime
+from datetime import datetime, timedelta
 
+from celery import current_app
 from celery.schedules import crontab
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Exists, OuterRef, Subquery
 from django.http import Http404
 from django.utils import timezone
 from django_celery_beat.models import ClockedSchedule, CrontabSchedule, PeriodicTask
@@ -200,18 +210,60 @@ def timing_valid(
 # --- Firing (beat -> automation.fire_schedule) --------------------------------------
 
 
-def schedule_tick(schedule: Schedule, now: datetime) -> datetime:
-    """The tick a firing at `now` answers: `run_at` for a one-off; for a cron, the minute
-    (cron's finest step), so two firings within one minute are one tick."""
+# A firing that beat sent on a clock a little ahead of this host's still answers its tick.
+_CLOCK_SKEW = timedelta(seconds=5)
+
+
+def _cron(expression: str, timezone_name: str):
+    """A schedule's cron as beat computes it (django-celery-beat's time-zone aware
+    crontab, built from the row beat reads)."""
+    minute, hour, day_of_month, month, day_of_week = cron_fields(expression)
+    return CrontabSchedule(
+        minute=minute,
+        hour=hour,
+        day_of_month=day_of_month,
+        month_of_year=month,
+        day_of_week=day_of_week,
+        timezone=zoneinfo.ZoneInfo(timezone_name),
+    ).schedule
+
+
+def _tick_after(cron, at: datetime, *, now: datetime) -> datetime:
+    """The first tick of `cron` after `at`."""
+    local = cron.tz
+    cron.nowfun = lambda: now.astimezone(local)
+    return now + cron.remaining_estimate(at.astimezone(local))
+
+
+def _tick_latest(cron, *, since: datetime, until: datetime) -> datetime | None:
+    """The latest tick of `cron` in (since, until], or None."""
+    latest, at = None, since
+    while (tick := _tick_after(cron, at, now=until)) <= until and tick > at:
+        latest = at = tick
+    return latest
+
+
+def schedule_tick(schedule: Schedule, now: datetime) -> datetime | None:
+    """The tick a firing at `now` answers: `run_at` for a one-off; for a cron, its latest
+    tick at or before `now` since the schedule was made (None before its first)."""
     if schedule.kind == Schedule.Kind.ONCE and schedule.run_at is not None:
         return schedule.run_at
-    return now.astimezone(UTC).replace(second=0, microsecond=0)
+    cron, until = _cron(schedule.cron, schedule.timezone), now + _CLOCK_SKEW
+    answered = schedule.fires.order_by("-tick").values_list("tick", flat=True).first()
+    since = answered or schedule.created_at
+    # Most firings answer a tick of the last day: start there, and look further back only
+    # when it has none (a tick missed for longer, a sparse cron).
+    recent = max(since, until - timedelta(days=1))
+    tick = _tick_latest(cron, since=recent, until=until)
+    if tick is None and recent > since:
+        tick = _tick_latest(cron, since=since, until=recent)
+    return tick or answered  # none since the last answered: that one is the latest
 
 
 def schedule_fire(*, schedule_id: uuid.UUID | str, now: datetime | None = None) -> str:
     """Send a schedule's message into its session, once per tick. Returns what happened:
     `sent`, `refused` (a quota or a busy session: recorded on the firing), `duplicate`
-    (this tick fired already), `disabled` or `gone`."""
+    (this tick fired already), `early` (no tick yet), `disabled` or `gone`."""
     schedule = (
         Schedule.objects.select_related("session__agent", "session__project")
         .filter(id=schedule_id)
@@ -224,6 +276,9 @@ def schedule_fire(*, schedule_id: uuid.UUID | str, now: datetime | None = None) 
     if not schedule.enabled:
         return "disabled"
     tick = schedule_tick(schedule, now or timezone.now())
+    if tick is None:
+        logger.warning("schedule %s: fired before its first tick", schedule.id)
+        return "early"
     try:
         with transaction.atomic():
             # Held to commit: a concurrent firing of the same tick waits here, then
@@ -250,3 +305,42 @@ def schedule_fire(*, schedule_id: uuid.UUID | str, now: datetime | None = None) 
     except Http404:
         return "gone"  # the session or project went meanwhile
     return "sent"
+
+
+def schedules_missed_fire(*, now: datetime | None = None) -> int:
+    """Fire again the schedules whose due tick has had no firing for
+    SCHEDULE_MISSED_AFTER_SECONDS (its task lost with its worker, or failed): a one-off
+    past its `run_at`, a cron with a tick since its last firing (or since it was made or
+    last changed, when beat started counting). Returns how many were sent; each firing
+    still claims its tick, so one that beat's own task answered meanwhile does nothing."""
+    now = now or timezone.now()
+    due = now - timedelta(seconds=settings.SCHEDULE_MISSED_AFTER_SECONDS)
+    fires = ScheduleFire.objects.filter(schedule=OuterRef("pk"))
+    missed = list(
+        Schedule.objects.filter(enabled=True, kind=Schedule.Kind.ONCE, run_at__lte=due)
+        .filter(~Exists(fires))
+        .values_list("id", flat=True)
+    )
+    crons = (
+        Schedule.objects.filter(enabled=True, kind=Schedule.Kind.CRON, updated_at__lte=due)
+        # Its latest firing: one step down the (schedule, tick) index, however many it has.
+        .annotate(answered=Subquery(fires.order_by("-tick").values("tick")[:1]))
+        .only("id", "cron", "timezone", "updated_at")
+    )
+    parsed: dict[tuple[str, str], crontab] = {}  # most schedules share a few crons
+    for schedule in crons.iterator(chunk_size=500):
+        key = (schedule.cron, schedule.timezone)
+        cron = parsed.get(key) or parsed.setdefault(key, _cron(*key))
+        since = max(schedule.answered or schedule.updated_at, schedule.updated_at)
+        if _tick_after(cron, since, now=due) <= due:
+            missed.append(schedule.id)
+    for schedule_id in missed:
+        logger.warning("schedule %s: a due tick had no firing; firing it", schedule_id)
+        # By name: the task module (automation.tasks) imports this one.
+        current_app.send_task(
+            FIRE_TASK,
+            kwargs={"schedule_id": str(schedule_id)},
+            queue=MAINTENANCE_QUEUE,
+            expires=settings.SCHEDULE_RECOVERY_SECONDS,
+        )
+    return len(missed)

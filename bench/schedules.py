@@ -4,9 +4,10 @@
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/uws_sched_bench \\
       bin/with-redis --ephemeral -- .venv/bin/python bench/schedules.py [--minutes 10 --down 3,6]
 
-In real time, with the Procfile's own `beat` and `worker` lines (beat on django-celery-beat's
-DatabaseScheduler, the shared worker following uws.maintenance and the active project
-queues): a `* * * * *` schedule (UTC) of an agent on the offline provider is created at
+In real time, with the Procfile's own `beat`, `worker` and `maintenance` lines (beat on
+django-celery-beat's DatabaseScheduler, the shared worker following uws.maintenance and
+the active project queues, the maintenance worker running the recovery pass of lost
+firings): a `* * * * *` schedule (UTC) of an agent on the offline provider is created at
 T = a minute boundary + 30 s; beat runs from T, is stopped (SIGTERM) at T+down[0]
 minutes and started again at T+down[1]; at T+minutes everything stops and the script
 counts, per tick minute, the firings (automation.ScheduleFire), the user messages and the
@@ -88,6 +89,7 @@ def main() -> None:
     log_dir = Path(os.environ["VAR_DIR"]) / f"logs-{int(time.time())}"
     log_dir.mkdir(parents=True)
     worker = start("worker", log_dir)
+    maintenance = start("maintenance", log_dir)  # the recovery pass of lost firings
 
     now = datetime.now(UTC)
     t0 = now.replace(second=30, microsecond=0)
@@ -119,6 +121,7 @@ def main() -> None:
     ):
         time.sleep(0.5)
     stop(worker)
+    stop(maintenance)
 
     fires = list(ScheduleFire.objects.filter(schedule=schedule).order_by("tick"))
     messages = Message.objects.filter(session=schedule.session, role="user")

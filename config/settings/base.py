@@ -713,6 +713,10 @@ LOGGING = {
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # A cron schedule's task that waited this long on the queue is dropped (its tick is gone).
 SCHEDULE_TASK_EXPIRES_SECONDS = env.int("SCHEDULE_TASK_EXPIRES_SECONDS", default=55)
+# A schedule's tick due this long with no firing (its task lost with its worker, or
+# failed) is fired by the recovery pass, which runs every SCHEDULE_RECOVERY_SECONDS.
+SCHEDULE_MISSED_AFTER_SECONDS = env.float("SCHEDULE_MISSED_AFTER_SECONDS", default=60)
+SCHEDULE_RECOVERY_SECONDS = env.float("SCHEDULE_RECOVERY_SECONDS", default=30)
 # Webhook deliveries go out through the egress guard (purpose `webhooks`); an operator
 # opens networks of their own with EGRESS_ALLOW_NETWORKS_WEBHOOKS (CIDRs, comma-separated).
 EGRESS_ALLOW_NETWORKS["webhooks"] = env.list("EGRESS_ALLOW_NETWORKS_WEBHOOKS", default=[])
@@ -756,6 +760,12 @@ CELERY_BEAT_SCHEDULE.update(
             "schedule": WEBHOOK_SWEEP_SECONDS,
             "options": {"expires": WEBHOOK_SWEEP_SECONDS * 2},
         },
+        # Fires again the schedules whose due tick had no firing (lost, or failed).
+        "automation.recover_schedules": {
+            "task": "automation.recover_schedules",
+            "schedule": SCHEDULE_RECOVERY_SECONDS,
+            "options": {"expires": SCHEDULE_RECOVERY_SECONDS, "queue": "uws.maintenance.urgent"},
+        },
         # Purges old idempotency keys and webhook delivery logs.
         "automation.purge": {
             "task": "automation.purge",
@@ -778,6 +788,7 @@ SPECTACULAR_SETTINGS["TAGS"] += [
 ]
 LOGGING["filters"]["quiet_periodic_tasks"]["tasks"] += [
     "automation.deliveries_due",
+    "automation.recover_schedules",
     "automation.purge",
 ]
 # --- Knowledge (issue 28): hybrid retrieval, file ingestion, memory blocks ---

@@ -163,19 +163,49 @@ def test_a_schedule_creation_takes_an_idempotency_key(api, agent):
     assert Schedule.objects.count() == 1 and ChatSession.objects.count() == 1
 
 
+def _minute_ahead(minutes: int = 2) -> datetime:
+    """A minute boundary `minutes` ahead: firings at chosen times after the schedule's
+    creation (a cron answers ticks since it was made)."""
+    return timezone.now().replace(second=0, microsecond=0) + timedelta(minutes=minutes)
+
+
 def test_a_tick_fires_once_through_the_chat_path(agent):
     schedule = schedule_create(
         project=agent.project, agent=agent, name="n", content="tick", kind="cron", cron="* * * * *"
     )
-    at = datetime(2026, 12, 3, 10, 15, 2, tzinfo=UTC)
+    tick = _minute_ahead()
+    at = tick + timedelta(seconds=2)
     assert schedule_fire(schedule_id=schedule.id, now=at) == "sent"
     assert schedule_fire(schedule_id=schedule.id, now=at + timedelta(seconds=40)) == "duplicate"
     assert schedule_fire(schedule_id=schedule.id, now=at + timedelta(minutes=1)) == "sent"
     assert Message.objects.filter(session=schedule.session, role="user").count() == 2
     assert Run.objects.filter(session=schedule.session).count() == 2
     fires = list(ScheduleFire.objects.filter(schedule=schedule).order_by("tick"))
-    assert [f.tick.minute for f in fires] == [15, 16]
+    assert [f.tick for f in fires] == [tick, tick + timedelta(minutes=1)]
     assert fires[0].message.run.status == Run.Status.QUEUED  # on the project's bus
+
+
+def test_a_cron_firing_answers_its_latest_tick(agent):
+    """Late, or after missed ticks, a firing claims the cron's latest tick at or before
+    it, never the minute it runs in: every firing of one due moment claims the same."""
+    schedule = schedule_create(
+        project=agent.project, agent=agent, name="n", content="tick", kind="cron",
+        cron="0 * * * *", timezone_name="Asia/Kolkata",  # whole hours there: :30 in UTC
+    )  # fmt: skip
+    hour = timezone.now().astimezone(UTC).replace(minute=30, second=0, microsecond=0)
+    if hour <= timezone.now():
+        hour += timedelta(hours=1)
+    # No tick has come since the schedule was made.
+    assert schedule_fire(schedule_id=schedule.id, now=hour - timedelta(minutes=5)) == "early"
+    assert schedule_fire(schedule_id=schedule.id, now=hour + timedelta(minutes=42)) == "sent"
+    assert schedule_fire(schedule_id=schedule.id, now=hour + timedelta(minutes=59)) == "duplicate"
+    # Three ticks missed: one firing, for the latest.
+    assert (
+        schedule_fire(schedule_id=schedule.id, now=hour + timedelta(hours=3, seconds=9)) == "sent"
+    )
+    ticks = list(ScheduleFire.objects.filter(schedule=schedule).values_list("tick", flat=True))
+    assert hour + timedelta(hours=3) in ticks and hour in ticks
+    assert hour + timedelta(hours=1) not in ticks and hour + timedelta(hours=2) not in ticks
 
 
 def test_a_refused_firing_is_recorded(agent):
@@ -183,7 +213,7 @@ def test_a_refused_firing_is_recorded(agent):
     schedule = schedule_create(
         project=agent.project, agent=agent, name="n", content="tick", kind="cron", cron="* * * * *"
     )
-    at = datetime(2026, 12, 3, 10, 15, tzinfo=UTC)
+    at = _minute_ahead()
     assert schedule_fire(schedule_id=schedule.id, now=at) == "sent"  # its run is in flight
     assert schedule_fire(schedule_id=schedule.id, now=at + timedelta(minutes=1)) == "refused"
     fire = ScheduleFire.objects.get(schedule=schedule, outcome="refused")
@@ -196,7 +226,7 @@ def test_concurrent_firings_of_one_tick_send_one_message(agent):
     schedule = schedule_create(
         project=agent.project, agent=agent, name="n", content="tick", kind="cron", cron="* * * * *"
     )
-    at = datetime(2026, 12, 3, 10, 15, tzinfo=UTC)
+    at = _minute_ahead()
     results: list[str] = []
     barrier = threading.Barrier(8)
 
@@ -274,6 +304,6 @@ def test_a_scheduled_run_goes_on_the_bulk_lane_and_a_users_on_the_interactive(ag
     schedule = schedule_create(
         project=agent.project, agent=agent, name="n", content="tick", kind="cron", cron="* * * * *"
     )
-    assert schedule_fire(schedule_id=schedule.id) == "sent"
+    assert schedule_fire(schedule_id=schedule.id, now=_minute_ahead()) == "sent"
     assert Run.objects.get(session=schedule.session).lane == "bulk"
     assert redis_client.hget(FLOW_RULES_KEY, mark) == "1"  # the bulk lane holds its task
