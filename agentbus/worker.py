@@ -94,6 +94,7 @@ class AgentBusConsumer(bootsteps.StartStopStep):
         self.mode: str | None = None
         self.timer_ref = None
         self.heartbeat_ref = None
+        self.heartbeat_failed = False
         self.renew_ref = None
         self.reconciled_at: float | None = None
         self.ready_list = False
@@ -111,8 +112,10 @@ class AgentBusConsumer(bootsteps.StartStopStep):
             logger.info("AgentBus: %s worker", self.mode)
         try:
             worker_connected(c.hostname, mode=self.mode)
+            self.heartbeat_failed = False
         except Exception:
             logger.debug("AgentBus: heartbeat failed", exc_info=True)
+            self.heartbeat_failed = True  # the next beat that goes through says so
         if self.heartbeat_ref is None:
             self.heartbeat_ref = c.timer.call_repeatedly(
                 settings.AGENTBUS_HEARTBEAT_SECONDS, self._heartbeat_safely, (c,), priority=10
@@ -160,9 +163,21 @@ class AgentBusConsumer(bootsteps.StartStopStep):
 
     def _heartbeat_safely(self, c) -> None:
         try:
-            worker_alive(c.hostname, mode=self.mode or "")
+            if self.heartbeat_failed:
+                # Redis was out of reach: what this worker wrote to it meanwhile (a failed
+                # task given back, a task marked received) may be lost, and the work it
+                # holds would look held for good. It comes back as a new incarnation, so
+                # the recovery passes send that work again (a broker on this Redis does
+                # the same: the consumer reconnects).
+                worker_connected(c.hostname, mode=self.mode or "")
+                logger.warning("AgentBus: Redis answers again; this worker starts afresh")
+            else:
+                worker_alive(c.hostname, mode=self.mode or "")
+            self.heartbeat_failed = False
         except Exception:
-            logger.debug("AgentBus: heartbeat failed", exc_info=True)
+            if not self.heartbeat_failed:
+                logger.warning("AgentBus: heartbeat failed (Redis out of reach)", exc_info=True)
+            self.heartbeat_failed = True
 
     def _renew_safely(self, c) -> None:
         try:

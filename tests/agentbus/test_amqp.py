@@ -1,6 +1,7 @@
 """The AgentBus on RabbitMQ, where it differs from Redis: queues are declared before a
-publish, deleted at teardown, counted by the broker, and a worker survives the broker
-cancelling its consumer. Skipped (with the reason) where no RabbitMQ answers."""
+publish, deleted at teardown, counted by the broker, a worker survives the broker
+cancelling its consumer, and one that lost Redis (but not its broker) comes back as a
+new incarnation. Skipped (with the reason) where no RabbitMQ answers."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from agentbus.queues import project_queue
 from config.celery_app import app
 from tests.agentbus import tasks
 from tests.agentbus.conftest import send, wait_for, worker_status
+from tests.redis_server import private_redis
 
 pytestmark = pytest.mark.parametrize("bus_broker", ["amqp"], indirect=True)
 
@@ -137,3 +139,41 @@ def test_a_worker_started_with_many_active_projects_follows_them_all(
     # (pipelined); the broker may still be working through them.
     oldest = project_queue(projects[0])  # used least recently: followed in the last step
     assert wait_for(lambda: queue_on_broker(oldest) == (0, 1), timeout=60)
+
+
+def test_a_worker_that_lost_redis_comes_back_as_a_new_incarnation(
+    bus_broker, worker_process, settings
+):
+    """Its consumer keeps its RabbitMQ connection through a Redis outage, so nothing
+    reconnects; what the worker wrote to Redis meanwhile (a failed task given back, a
+    task marked received) may be lost, and the work its incarnation holds would look
+    held for good. Its first heartbeat that goes through makes it a new incarnation:
+    the recovery passes send that work again."""
+    suite_redis = settings.REDIS_URL
+    with private_redis(appendonly=True) as redis_server:
+        settings.REDIS_URL = redis_server.url
+        try:
+            _redis_outage(worker_process, redis_server)
+        finally:
+            settings.REDIS_URL = suite_redis  # the broker's teardown uses the suite's
+
+
+def _redis_outage(worker_process, redis_server) -> None:
+    worker = worker_process(
+        "-Q", "uws.maintenance", "--agentbus-mode", "dedicated", "-P", "threads", "-c", "2",
+        env={"AGENTBUS_HEARTBEAT_SECONDS": "0.5"},
+    )  # fmt: skip
+    worker.wait_started()
+
+    def ids() -> list[str]:
+        return [w["id"] for w in active.live_workers() if w["name"] == worker.name]
+
+    before = wait_for(ids)
+    assert len(before) == 1, worker.log()
+    redis_server.stop()  # its data come back from the append-only file
+    assert wait_for(lambda: "heartbeat failed" in worker.log_path.read_text()), worker.log()
+    redis_server.start()
+    after = wait_for(lambda: [i for i in ids() if i not in before], timeout=20)
+    assert after, worker.log()
+    assert "Redis answers again" in worker.log_path.read_text()
+    assert worker_status(worker.name)["queues"] is not None  # the consumer went on
