@@ -74,8 +74,9 @@ def step_publish(
 def step_give_back(task_kwargs: dict[str, Any], exc: BaseException) -> None:
     """A step's task failed with `exc`: give the step back for the pass to send again
     (only the exception's class is kept with the job: its reader is the tenant, and the
-    worker's log has the rest). While Redis is down this fails too, and the step stays
-    with its worker."""
+    worker's log has the rest). While Redis is down this fails too; the worker's first
+    heartbeat after the outage makes it a new incarnation (agentbus.worker), and the
+    pass sends again the steps its old one held."""
     try:
         job_records.step_given_back(
             redis=scoped(task_kwargs["user_id"], task_kwargs["project_id"]),
