@@ -38,6 +38,7 @@ from agentbus import (
     project_queue,
     queue_depth,
 )
+from common.owed import owe
 
 from .exports import ENDED, archive_job_files_remove, archive_job_send
 from .models import ArchiveJob
@@ -51,14 +52,19 @@ GIVEN_BACK = "given-back"
 def archive_job_give_back(*, job_id: str, attempt: int | None) -> None:
     """The task of the job's `attempt` failed: if the job is still owed to it, no worker
     runs it now, and the next pass sends it again. While the database is down this
-    fails too, and the job stays with its worker."""
+    fails too; the process then tries it again until it goes through (common.owed)."""
     try:
-        close_old_connections()  # the one the failure broke, if it did
-        owed = ArchiveJob.objects.filter(id=job_id, attempt=attempt or 1)
-        owed.exclude(status__in=ENDED).update(worker=GIVEN_BACK)
+        _given_back(job_id=job_id, attempt=attempt)
     except Exception:
-        logger.warning("archive job %s: its failed task could not be given back", job_id,
+        logger.warning("archive job %s: its failed task could not be given back yet", job_id,
                        exc_info=True)  # fmt: skip
+        owe(f"archive job {job_id} given back", lambda: _given_back(job_id=job_id, attempt=attempt))
+
+
+def _given_back(*, job_id: str, attempt: int | None) -> None:
+    close_old_connections()  # the one the failure broke, if it did
+    owed = ArchiveJob.objects.filter(id=job_id, attempt=attempt or 1)
+    owed.exclude(status__in=ENDED).update(worker=GIVEN_BACK)
 
 
 def archive_jobs_recover(*, limit: int = 200) -> dict[str, int]:

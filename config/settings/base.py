@@ -563,6 +563,9 @@ CHAT_STREAM_MAXLEN = env.int("CHAT_STREAM_MAXLEN", default=2000)
 RUN_LEASE_SECONDS = env.float("RUN_LEASE_SECONDS", default=30)
 RUN_RECOVERY_SECONDS = env.float("RUN_RECOVERY_SECONDS", default=10)
 RUN_REDISPATCH_SECONDS = env.float("RUN_REDISPATCH_SECONDS", default=15)
+# A write a worker owes (a failed job given back while the database was away) is tried
+# again this often until it goes through (common.owed).
+OWED_RETRY_SECONDS = env.float("OWED_RETRY_SECONDS", default=2)
 RUN_QUEUE_TIMEOUT_SECONDS = env.float("RUN_QUEUE_TIMEOUT_SECONDS", default=1800)
 RUN_MAX_STARTS = env.int("RUN_MAX_STARTS", default=3)
 # A run's own deadline, from its start, in any pool: provider and tool calls get at most

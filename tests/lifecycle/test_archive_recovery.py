@@ -33,6 +33,7 @@ from lifecycle.models import ArchiveJob
 from lifecycle.recovery import GIVEN_BACK, archive_job_give_back, archive_jobs_recover
 from projects.models import Project
 from tests.factories import AgentFactory, ChatSessionFactory
+from tests.tcp_cut import TcpCut
 from tests.workers import SESSIONS_NAME, end_sessions, wait_for, wait_until
 
 pytestmark = [
@@ -70,9 +71,9 @@ def worker_env(tmp_path) -> dict[str, str]:
     return {"QDRANT_PATH": str(tmp_path / "qdrant"), "AGENTBUS_HEARTBEAT_SECONDS": "1"}
 
 
-def start_worker(worker_process, tmp_path, *, sessions: str = ""):
+def start_worker(worker_process, tmp_path, *, sessions: str = "", env: dict | None = None):
     """A worker of the maintenance queue; `sessions` names its PostgreSQL sessions."""
-    env = {**worker_env(tmp_path), **({"PGAPPNAME": sessions} if sessions else {})}
+    env = {**worker_env(tmp_path), **({"PGAPPNAME": sessions} if sessions else {}), **(env or {})}
     worker = worker_process("-Q", MAINTENANCE_QUEUE, "-P", "threads", "-c", "2", env=env)
     worker.wait_started()
     return worker
@@ -195,6 +196,54 @@ def test_an_import_whose_database_sessions_end_mid_import_is_sent_again_and_done
     assert given_back, (ArchiveJob.objects.filter(id=job_id).values().first(), worker.log())
     job = recover_until_ended(job_id)
     print(f"import: sessions ended mid-import to done: {time.monotonic() - ended:.2f}s")
+    assert job is not None and job.status == "done", (job and job.error, worker.log())
+    assert job.attempt == 2
+    copies = Project.objects.filter(owner=user, name=big_project.name).exclude(id=big_project.id)
+    assert copies.count() == 1
+    assert Message.objects.filter(session__project=copies.get()).count() == messages
+
+
+@pytest.mark.skipif(connection.vendor != "postgresql", reason="takes the worker's PostgreSQL away")
+def test_an_import_whose_database_goes_away_is_given_back_once_it_is_back(
+    own_redis, api, user, project, worker_process, tmp_path, settings
+):
+    """The worker's database goes away while it runs the import: the task fails, and the
+    give-back, which needs the database too, fails with it. The worker tries it again
+    until the database is back (common.owed), and the pass then sends the job again:
+    done, the project made once, instead of `running` for good (archive jobs have no
+    expiry, and the job's worker still beats)."""
+    messages = 3_000  # any moment before the job's end is written will do
+    big_project = with_messages(project, messages)
+    db = connection.settings_dict
+    cut = TcpCut(db["HOST"] or "127.0.0.1", int(db["PORT"] or 5432))
+    try:
+        through = f"postgres://{db['USER']}:{db['PASSWORD']}@127.0.0.1:{cut.port}/{db['NAME']}"
+        worker = start_worker(worker_process, tmp_path,
+                              env={"DATABASE_URL": through, "OWED_RETRY_SECONDS": "0.5",
+                                   "DB_WORKER_POOL_TIMEOUT_SECONDS": "2"})  # fmt: skip
+        exported = export_done(api, big_project)
+        response = api.post("/my/projects/import/", {"export_id": exported["id"]}, format="json")
+        assert response.status_code == 202, response.content
+        job_id = response.json()["id"]
+        wait_until(
+            lambda: ArchiveJob.objects.filter(id=job_id, status="running").exclude(worker=""),
+            timeout=60, interval=0.02, what="the import running",
+        )  # fmt: skip
+        cut.cut()
+        assert wait_for(
+            lambda: "could not be given back yet" in worker.log_path.read_text(), timeout=60
+        ), worker.log()
+        assert ArchiveJob.objects.get(id=job_id).worker not in ("", GIVEN_BACK)
+        cut.restore()
+        back = time.monotonic()
+        given_back = wait_for(
+            lambda: ArchiveJob.objects.filter(id=job_id, worker=GIVEN_BACK).exists(), timeout=30
+        )
+        assert given_back, (ArchiveJob.objects.filter(id=job_id).values().first(), worker.log())
+        job = recover_until_ended(job_id)
+        print(f"import: database back to done: {time.monotonic() - back:.2f}s")
+    finally:
+        cut.close()
     assert job is not None and job.status == "done", (job and job.error, worker.log())
     assert job.attempt == 2
     copies = Project.objects.filter(owner=user, name=big_project.name).exclude(id=big_project.id)
