@@ -56,6 +56,8 @@ _KIND_HELP = {
     "context) goes once the session has had no message for this long, or is gone.",
     "webhook_deliveries_days": "Webhook deliveries (with their attempts) made this long "
     "ago go; pending ones stay.",
+    "schedule_fires_days": "Schedules' firings (`…/fires/`) made this long ago go; each "
+    "schedule's latest stays.",
 }
 
 
@@ -118,6 +120,7 @@ class RetentionPeriodsSerializer(serializers.Serializer):
     usage_days = _days_field("usage_days", output=True)
     session_context_days = _days_field("session_context_days", output=True)
     webhook_deliveries_days = _days_field("webhook_deliveries_days", output=True)
+    schedule_fires_days = _days_field("schedule_fires_days", output=True)
 
     class Meta:
         ref_name = "RetentionPeriods"
@@ -140,6 +143,7 @@ class RetentionInputSerializer(StrictSerializer):
     usage_days = _days_field("usage_days")
     session_context_days = _days_field("session_context_days")
     webhook_deliveries_days = _days_field("webhook_deliveries_days")
+    schedule_fires_days = _days_field("schedule_fires_days")
 
     class Meta:
         ref_name = "RetentionInput"

@@ -28,10 +28,12 @@ class RetentionPolicy(models.Model):
     session_context_days = models.PositiveIntegerField(null=True, blank=True)
     # Webhook deliveries (with their attempts) made this long ago; pending ones stay.
     webhook_deliveries_days = models.PositiveIntegerField(null=True, blank=True)
+    # Schedules' firings that fired this long ago; each schedule's latest stays.
+    schedule_fires_days = models.PositiveIntegerField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     KINDS = ("sessions_days", "run_steps_days", "events_days", "usage_days",
-             "session_context_days", "webhook_deliveries_days")  # fmt: skip
+             "session_context_days", "webhook_deliveries_days", "schedule_fires_days")  # fmt: skip
 
     class Meta:
         verbose_name_plural = "retention policies"

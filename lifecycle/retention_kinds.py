@@ -8,6 +8,8 @@
 - `webhook_deliveries_days`: webhook deliveries (with their attempts) made that long ago,
   pending ones excepted. This was automation's own 7-day purge; the deployment default
   (RETENTION_WEBHOOK_DELIVERIES_DAYS) keeps its period.
+- `schedule_fires_days`: schedules' firings made that long ago, each schedule's latest
+  excepted: the tick it answered is where the recovery pass of missed ticks counts from.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from datetime import datetime
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import OuterRef, Subquery
 
 from agents.models import Agent
-from automation.models import WebhookDelivery
+from automation.models import ScheduleFire, WebhookDelivery
 from chat.models import Message
 from context.vectors import context_vacuum, exchange_points_forget, exchanges_before
 from projects.models import Project
@@ -86,6 +89,21 @@ def _remove_webhook_deliveries(project: Project, cutoff: datetime, limit: int) -
     return per_model.get(WebhookDelivery._meta.label, 0)
 
 
+def _remove_schedule_fires(project: Project, cutoff: datetime, limit: int) -> int:
+    latest = (
+        ScheduleFire.objects.filter(schedule=OuterRef("schedule"))
+        .order_by("-tick")
+        .values("id")[:1]
+    )
+    ids = list(
+        ScheduleFire.objects.filter(schedule__project=project, fired_at__lt=cutoff)
+        .exclude(id=Subquery(latest))
+        .order_by("fired_at")
+        .values_list("id", flat=True)[:limit]
+    )
+    return ScheduleFire.objects.filter(id__in=ids).delete()[0] if ids else 0
+
+
 retention_kind_register(
     "session_context_days",
     default=lambda: settings.RETENTION_SESSION_CONTEXT_DAYS,
@@ -98,4 +116,9 @@ retention_kind_register(
     "webhook_deliveries_days",
     default=lambda: settings.RETENTION_WEBHOOK_DELIVERIES_DAYS,
     remove=_remove_webhook_deliveries,
+)
+retention_kind_register(
+    "schedule_fires_days",
+    default=lambda: settings.RETENTION_SCHEDULE_FIRES_DAYS,
+    remove=_remove_schedule_fires,
 )

@@ -883,6 +883,9 @@ RETENTION_WEBHOOK_DELIVERIES_DAYS = env.int(
     "RETENTION_WEBHOOK_DELIVERIES_DAYS",
     default=max(1, round(WEBHOOK_LOG_RETENTION_SECONDS / 86400)),
 )
+# Schedules' firings (a `* * * * *` schedule makes 1,440 a day); each schedule's latest
+# stays, as the recovery pass counts the ticks due since it.
+RETENTION_SCHEDULE_FIRES_DAYS = env.int("RETENTION_SCHEDULE_FIRES_DAYS", default=30)
 # Archives uploaded to POST /my/projects/import/: the upload's size, what its files may
 # unpack to in all, and how many files it may hold (each checked before anything is read).
 IMPORT_MAX_BYTES = env.int("IMPORT_MAX_BYTES", default=64 * 1024 * 1024)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from django.utils import timezone
 
-from automation.models import WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from automation.models import ScheduleFire, WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from automation.schedules import schedule_create
 from automation.tasks import purge
 from chat.models import Message
 from context.vectors import exchange_store, exchanges_before
@@ -136,3 +137,28 @@ def test_the_new_kinds_are_in_the_api(api, project, settings):
     bad = api.put(url, {"webhook_deliveries_days": -1}, format="json")
     assert bad.status_code == 400
     assert RetentionPolicy.objects.get(project=project).webhook_deliveries_days == 0
+
+
+def test_schedule_fires_go_after_their_period_but_each_schedules_latest(db, settings):
+    """A `* * * * *` schedule makes 1,440 firings a day: they go after
+    RETENTION_SCHEDULE_FIRES_DAYS, except each schedule's latest, which the recovery
+    pass of missed ticks counts from (without it, the pass would take the ticks since
+    the schedule was made for missed ones)."""
+    settings.RETENTION_SCHEDULE_FIRES_DAYS = 30
+    agent = AgentFactory()
+    ticking = schedule_create(project=agent.project, agent=agent, name="t", content="x",
+                              kind="cron", cron="* * * * *")  # fmt: skip
+    quiet = schedule_create(project=agent.project, agent=agent, name="q", content="x",
+                            kind="cron", cron="0 0 1 * *")  # fmt: skip
+    now = timezone.now().replace(second=0, microsecond=0)
+    for schedule, ages in ((ticking, [40, 35, 31, 29, 1]), (quiet, [90, 60])):
+        for days in ages:
+            fire = ScheduleFire.objects.create(schedule=schedule, outcome="sent",
+                                               tick=now - timedelta(days=days))  # fmt: skip
+            ScheduleFire.objects.filter(id=fire.id).update(fired_at=fire.tick)
+
+    report = retention_sweep(chunk=2, budget_seconds=60)
+    assert report.removed["schedule_fires_days"] == 3 + 1
+    ticks = {(f.schedule_id, (now - f.tick).days) for f in ScheduleFire.objects.all()}
+    assert ticks == {(ticking.id, 29), (ticking.id, 1), (quiet.id, 60)}
+    assert retention_sweep(chunk=2, budget_seconds=60).removed["schedule_fires_days"] == 0
