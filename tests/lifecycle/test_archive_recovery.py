@@ -166,6 +166,26 @@ def test_an_import_whose_worker_is_killed_mid_import_makes_the_project_once(
     assert job.counts["context"] == 3 and len(job.counts["context_jobs"]) == 1
 
 
+def import_running(api, project) -> str:
+    """Export `project`, import the export, and wait until a worker runs the import."""
+    exported = export_done(api, project)
+    response = api.post("/my/projects/import/", {"export_id": exported["id"]}, format="json")
+    assert response.status_code == 202, response.content
+    job_id = response.json()["id"]
+    wait_until(
+        lambda: ArchiveJob.objects.filter(id=job_id, status="running").exclude(worker=""),
+        timeout=60, interval=0.02, what="the import running",
+    )  # fmt: skip
+    return job_id
+
+
+def assert_imported_once_on_a_second_attempt(job, project, messages: int) -> None:
+    assert job.attempt == 2
+    copies = Project.objects.filter(owner=project.owner, name=project.name).exclude(id=project.id)
+    assert copies.count() == 1
+    assert Message.objects.filter(session__project=copies.get()).count() == messages
+
+
 @pytest.mark.skipif(
     connection.vendor != "postgresql", reason="ends the worker's PostgreSQL sessions"
 )
@@ -180,14 +200,7 @@ def test_an_import_whose_database_sessions_end_mid_import_is_sent_again_and_done
     messages = 10_000
     big_project = with_messages(project, messages)
     worker = start_worker(worker_process, tmp_path, sessions=SESSIONS_NAME)
-    exported = export_done(api, big_project)
-    response = api.post("/my/projects/import/", {"export_id": exported["id"]}, format="json")
-    assert response.status_code == 202, response.content
-    job_id = response.json()["id"]
-    wait_until(
-        lambda: ArchiveJob.objects.filter(id=job_id, status="running").exclude(worker=""),
-        timeout=60, interval=0.02, what="the import running",
-    )  # fmt: skip
+    job_id = import_running(api, big_project)
     assert end_sessions() >= 1  # the import's, at least
     ended = time.monotonic()
     given_back = wait_for(
@@ -197,10 +210,7 @@ def test_an_import_whose_database_sessions_end_mid_import_is_sent_again_and_done
     job = recover_until_ended(job_id)
     print(f"import: sessions ended mid-import to done: {time.monotonic() - ended:.2f}s")
     assert job is not None and job.status == "done", (job and job.error, worker.log())
-    assert job.attempt == 2
-    copies = Project.objects.filter(owner=user, name=big_project.name).exclude(id=big_project.id)
-    assert copies.count() == 1
-    assert Message.objects.filter(session__project=copies.get()).count() == messages
+    assert_imported_once_on_a_second_attempt(job, big_project, messages)
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="takes the worker's PostgreSQL away")
@@ -221,14 +231,7 @@ def test_an_import_whose_database_goes_away_is_given_back_once_it_is_back(
         worker = start_worker(worker_process, tmp_path,
                               env={"DATABASE_URL": through, "OWED_RETRY_SECONDS": "0.5",
                                    "DB_WORKER_POOL_TIMEOUT_SECONDS": "2"})  # fmt: skip
-        exported = export_done(api, big_project)
-        response = api.post("/my/projects/import/", {"export_id": exported["id"]}, format="json")
-        assert response.status_code == 202, response.content
-        job_id = response.json()["id"]
-        wait_until(
-            lambda: ArchiveJob.objects.filter(id=job_id, status="running").exclude(worker=""),
-            timeout=60, interval=0.02, what="the import running",
-        )  # fmt: skip
+        job_id = import_running(api, big_project)
         cut.cut()
         assert wait_for(
             lambda: "could not be given back yet" in worker.log_path.read_text(), timeout=60
@@ -245,10 +248,7 @@ def test_an_import_whose_database_goes_away_is_given_back_once_it_is_back(
     finally:
         cut.close()
     assert job is not None and job.status == "done", (job and job.error, worker.log())
-    assert job.attempt == 2
-    copies = Project.objects.filter(owner=user, name=big_project.name).exclude(id=big_project.id)
-    assert copies.count() == 1
-    assert Message.objects.filter(session__project=copies.get()).count() == messages
+    assert_imported_once_on_a_second_attempt(job, big_project, messages)
 
 
 def test_an_import_whose_task_keeps_failing_ends_in_error_and_leaves_no_upload(
