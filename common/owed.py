@@ -34,12 +34,6 @@ def owe(key: str, write: Callable[[], object]) -> None:
             _thread.start()
 
 
-def owed() -> list[str]:
-    """The keys of the writes not gone through yet."""
-    with _lock:
-        return list(_owed)
-
-
 def _retry() -> None:
     global _thread
     try:
