@@ -288,7 +288,8 @@ async def _answer(send, status: int, detail: dict, headers: list[tuple[bytes, by
 # body is refused with a 413 past DATA_UPLOAD_MAX_MEMORY_SIZE, or past its view's own
 # `max_body_bytes()` (an upload's): at once when its Content-Length says so, else as
 # soon as that many bytes came. The view's limit is looked up only for a body past the
-# first, so other requests pay nothing for it.
+# first, so other requests pay nothing for it. A body none of which came for
+# WEB_BODY_IDLE_SECONDS before its end is a 408: what was sent of it is let go.
 
 
 # What a multipart body holds besides its file: boundaries, part headers, small fields.
@@ -321,19 +322,34 @@ def _declared_length(scope: dict) -> int:
     return 0
 
 
+class BodyStalled(Exception):
+    pass
+
+
 def _bounded(receive, scope: dict):
-    """`receive`, raising BodyTooLarge once the body passes its limit."""
-    received, limit = 0, None
+    """`receive`, raising BodyTooLarge once the body passes its limit, and BodyStalled
+    when none of it came for WEB_BODY_IDLE_SECONDS before its end (a client that sends
+    part of a body and stops would hold what it sent, up to the limit, for good)."""
+    received, limit, ended = 0, None, False
 
     async def bounded():
-        nonlocal received, limit
-        message = await receive()
-        if message.get("type") == "http.request":
-            received += len(message.get("body", b""))
-            if received > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
-                limit = body_max_bytes(scope) if limit is None else limit
-                if received > limit:
-                    raise BodyTooLarge(limit)
+        nonlocal received, limit, ended
+        if ended:  # what follows the body: a disconnect, waited for as long as it takes
+            return await receive()
+        try:
+            async with asyncio.timeout(settings.WEB_BODY_IDLE_SECONDS):
+                message = await receive()
+        except TimeoutError:
+            raise BodyStalled from None
+        if message.get("type") != "http.request":
+            ended = True
+            return message
+        ended = not message.get("more_body", False)
+        received += len(message.get("body", b""))
+        if received > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
+            limit = body_max_bytes(scope) if limit is None else limit
+            if received > limit:
+                raise BodyTooLarge(limit)
         return message
 
     return bounded
@@ -343,6 +359,12 @@ async def _answer_too_large(send, limit: int) -> None:
     detail = {"detail": f"The request body is larger than {limit} bytes.",
               "code": "payload_too_large"}  # fmt: skip
     await _answer(send, 413, detail, [(b"connection", b"close")])
+
+
+async def _answer_stalled(send) -> None:
+    detail = {"detail": f"No part of the request body came for {settings.WEB_BODY_IDLE_SECONDS:g} "
+              "seconds.", "code": "request_timeout"}  # fmt: skip
+    await _answer(send, 408, detail, [(b"connection", b"close")])
 
 
 @process_singleton(
@@ -420,6 +442,8 @@ class StreamingAwareASGIHandler(ASGIHandler):
             await self._serve(scope, receive, send)
         except BodyTooLarge as exc:  # raised while the body was read: nothing was sent
             await _answer_too_large(send, exc.limit)
+        except BodyStalled:  # the same
+            await _answer_stalled(send)
 
     async def _serve(self, scope, receive, send):
         if serves_long_lived(scope):

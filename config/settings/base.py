@@ -158,6 +158,9 @@ WEB_MAX_CONCURRENT_REQUESTS = env.int("WEB_MAX_CONCURRENT_REQUESTS", default=DB_
 WEB_ADMISSION_QUEUE = env.int("WEB_ADMISSION_QUEUE", default=5000)
 WEB_ADMISSION_WAIT_SECONDS = env.float("WEB_ADMISSION_WAIT_SECONDS", default=8)
 WEB_ADMISSION_RETRY_AFTER_SECONDS = env.int("WEB_ADMISSION_RETRY_AFTER_SECONDS", default=2)
+# A request body none of which came for this long before its end is a 408 (common.asgi):
+# a client that sends part of a body and stops holds what it sent no longer.
+WEB_BODY_IDLE_SECONDS = env.float("WEB_BODY_IDLE_SECONDS", default=30)
 # Python's collector in a web process (config.asgi): what the process loaded as it started
 # is frozen out of every collection, and the youngest generation is collected every this
 # many allocations (Python's default: 700; 0 leaves Python's settings). A web process

@@ -120,3 +120,32 @@ def test_a_body_sent_slowly_holds_no_slot_of_other_requests(asgi, user, settings
         for sock, _ in held:
             sock.close()
     assert Project.objects.filter(owner=user, name__startswith="slow-").count() == 2
+
+
+def test_a_body_that_stops_coming_is_a_408_and_let_go(asgi, user, settings):
+    """A client that sends part of a body and stops would hold what it sent (in memory,
+    up to FILE_UPLOAD_MAX_MEMORY_SIZE, then on disk) for as long as it keeps the
+    connection open: after WEB_BODY_IDLE_SECONDS with nothing more, it is a 408. A body
+    that keeps coming, however slowly, is read."""
+    settings.WEB_BODY_IDLE_SECONDS = 1
+    token = token_for(user)
+    head = (
+        f"POST /my/projects/ HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Token {token}\r\n"
+        "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n"
+    )
+    started = time.monotonic()
+    answer = _raw(asgi.port, head.format(1_000_000).encode(), b'{"name": "' + b"x" * 500_000)
+    took = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b'"code":"request_timeout"' in answer.replace(b" ", b"")
+    assert took < 10, took
+
+    settings.WEB_BODY_IDLE_SECONDS = 5
+    body = json.dumps({"name": "trickled"}).encode()
+    with socket.create_connection(("127.0.0.1", asgi.port), timeout=30) as sock:
+        sock.sendall(head.format(len(body)).encode())
+        for i in range(0, len(body), 4):  # a client that sends slowly, and keeps sending
+            sock.sendall(body[i : i + 4])
+            time.sleep(0.25)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 201")
+    assert list(Project.objects.filter(owner=user).values_list("name", flat=True)) == ["trickled"]
