@@ -148,7 +148,7 @@ class ScheduleListCreateApi(EnvelopeListMixin, ProjectScopedApi):
         "in `timezone`. Each firing goes into the session as a user's message would "
         "(quotas, the agent's busy policy, the project's bus); a tick missed while the "
         "scheduler was down fires once when it is back, never once per missed tick, and "
-        "a firing lost with its worker is fired again about a minute later. "
+        "a firing lost with its worker, or failed, is fired again a minute or two later. "
         "A `cron` that does not parse, a `timezone` that is no IANA name, a missing or "
         "past `run_at` for `once` are a 400 naming the field.",
         request=ScheduleInputSerializer,

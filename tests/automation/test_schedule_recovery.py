@@ -61,7 +61,7 @@ def test_a_firing_lost_with_its_worker_is_fired_again(agent, worker_process, set
     the broker would give the message back an hour later. The pass fires it again, and
     a new worker sends the message, once."""
     settings.SCHEDULE_MISSED_AFTER_SECONDS = 0
-    schedule = _create(agent, kind="once", run_at=timezone.now() + timedelta(seconds=1))
+    schedule = _create(agent, kind="once", run_at=timezone.now() + timedelta(seconds=2))
     wait_until(lambda: timezone.now() > schedule.run_at, what="the run_at passed")
     args = ("-Q", MAINTENANCE_QUEUE, "--agentbus-mode", "dedicated", "-P", "threads", "-c", "2")
     env = {"PGAPPNAME": SESSIONS_NAME}
