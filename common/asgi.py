@@ -296,10 +296,27 @@ async def _answer(send, status: int, detail: dict, headers: list[tuple[bytes, by
 UPLOAD_FRAMING_BYTES = 64 * 1024
 
 
-class BodyTooLarge(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(limit)
-        self.limit = limit
+class BodyRefused(Exception):
+    """A request body refused while it was read (nothing was answered yet): the 413 or
+    408 to answer, in the API's error shape, closing the connection."""
+
+    def __init__(self, status: int, detail: str, code: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail, self.code = status, detail, code
+
+    @classmethod
+    def too_large(cls, limit: int) -> BodyRefused:
+        return cls(413, f"The request body is larger than {limit} bytes.", "payload_too_large")
+
+    @classmethod
+    def stalled(cls) -> BodyRefused:
+        seconds = f"{settings.WEB_BODY_IDLE_SECONDS:g}"
+        return cls(408, f"No part of the request body came for {seconds} seconds.",
+                   "request_timeout")  # fmt: skip
+
+    async def answer(self, send) -> None:
+        detail = {"detail": self.detail, "code": self.code}
+        await _answer(send, self.status, detail, [(b"connection", b"close")])
 
 
 def body_max_bytes(scope: dict) -> int:
@@ -322,14 +339,10 @@ def _declared_length(scope: dict) -> int:
     return 0
 
 
-class BodyStalled(Exception):
-    pass
-
-
 def _bounded(receive, scope: dict):
-    """`receive`, raising BodyTooLarge once the body passes its limit, and BodyStalled
-    when none of it came for WEB_BODY_IDLE_SECONDS before its end (a client that sends
-    part of a body and stops would hold what it sent, up to the limit, for good)."""
+    """`receive`, raising BodyRefused once the body passes its limit, or when none of it
+    came for WEB_BODY_IDLE_SECONDS before its end (a client that sends part of a body and
+    stops would hold what it sent, up to the limit, for good)."""
     received, limit, ended = 0, None, False
 
     async def bounded():
@@ -340,7 +353,7 @@ def _bounded(receive, scope: dict):
             async with asyncio.timeout(settings.WEB_BODY_IDLE_SECONDS):
                 message = await receive()
         except TimeoutError:
-            raise BodyStalled from None
+            raise BodyRefused.stalled() from None
         if message.get("type") != "http.request":
             ended = True
             return message
@@ -349,22 +362,10 @@ def _bounded(receive, scope: dict):
         if received > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
             limit = body_max_bytes(scope) if limit is None else limit
             if received > limit:
-                raise BodyTooLarge(limit)
+                raise BodyRefused.too_large(limit)
         return message
 
     return bounded
-
-
-async def _answer_too_large(send, limit: int) -> None:
-    detail = {"detail": f"The request body is larger than {limit} bytes.",
-              "code": "payload_too_large"}  # fmt: skip
-    await _answer(send, 413, detail, [(b"connection", b"close")])
-
-
-async def _answer_stalled(send) -> None:
-    detail = {"detail": f"No part of the request body came for {settings.WEB_BODY_IDLE_SECONDS:g} "
-              "seconds.", "code": "request_timeout"}  # fmt: skip
-    await _answer(send, 408, detail, [(b"connection", b"close")])
 
 
 @process_singleton(
@@ -435,15 +436,13 @@ class StreamingAwareASGIHandler(ASGIHandler):
             if declared > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
                 limit = body_max_bytes(scope)
                 if declared > limit:
-                    await _answer_too_large(send, limit)
+                    await BodyRefused.too_large(limit).answer(send)
                     return
             receive = _bounded(receive, scope)
         try:
             await self._serve(scope, receive, send)
-        except BodyTooLarge as exc:  # raised while the body was read: nothing was sent
-            await _answer_too_large(send, exc.limit)
-        except BodyStalled:  # the same
-            await _answer_stalled(send)
+        except BodyRefused as refused:  # raised while the body was read
+            await refused.answer(send)
 
     async def _serve(self, scope, receive, send):
         if serves_long_lived(scope):

@@ -179,6 +179,14 @@ def import_running(api, project) -> str:
     return job_id
 
 
+def assert_given_back(job_id, worker, *, timeout: float) -> None:
+    """Wait until the job's failed task has given it back (no worker holds it)."""
+    given_back = wait_for(
+        lambda: ArchiveJob.objects.filter(id=job_id, worker=GIVEN_BACK).exists(), timeout=timeout
+    )
+    assert given_back, (ArchiveJob.objects.filter(id=job_id).values().first(), worker.log())
+
+
 def assert_imported_once_on_a_second_attempt(job, project, messages: int) -> None:
     assert job.attempt == 2
     copies = Project.objects.filter(owner=project.owner, name=project.name).exclude(id=project.id)
@@ -203,10 +211,7 @@ def test_an_import_whose_database_sessions_end_mid_import_is_sent_again_and_done
     job_id = import_running(api, big_project)
     assert end_sessions() >= 1  # the import's, at least
     ended = time.monotonic()
-    given_back = wait_for(
-        lambda: ArchiveJob.objects.filter(id=job_id, worker=GIVEN_BACK).exists(), timeout=60
-    )
-    assert given_back, (ArchiveJob.objects.filter(id=job_id).values().first(), worker.log())
+    assert_given_back(job_id, worker, timeout=60)
     job = recover_until_ended(job_id)
     print(f"import: sessions ended mid-import to done: {time.monotonic() - ended:.2f}s")
     assert job is not None and job.status == "done", (job and job.error, worker.log())
@@ -239,10 +244,7 @@ def test_an_import_whose_database_goes_away_is_given_back_once_it_is_back(
         assert ArchiveJob.objects.get(id=job_id).worker not in ("", GIVEN_BACK)
         cut.restore()
         back = time.monotonic()
-        given_back = wait_for(
-            lambda: ArchiveJob.objects.filter(id=job_id, worker=GIVEN_BACK).exists(), timeout=30
-        )
-        assert given_back, (ArchiveJob.objects.filter(id=job_id).values().first(), worker.log())
+        assert_given_back(job_id, worker, timeout=30)
         job = recover_until_ended(job_id)
         print(f"import: database back to done: {time.monotonic() - back:.2f}s")
     finally:
