@@ -9,8 +9,9 @@ that was down fires a missed schedule once when it is back, not once per missed 
 A tick sent twice (two beats by mistake, a task redelivered) runs once: the firing
 claims (schedule, tick) under a unique constraint in the transaction that sends the
 message. A cron's firing answers the latest tick of its cron at or before the moment it
-runs, computed by beat's own crontab, so every firing that answers one due moment (beat's,
-a late one, the recovery pass's) claims the same tick.
+runs (`automation.cron`), so every firing that answers one due moment (beat's, a late
+one, the recovery pass's) claims the same tick. Those ticks are instants: where the
+clocks go back, beat's crontab skips the repeated hour, and the pass fires its ticks.
 
 A firing lost with its worker (the broker gives its message back after an hour, and a
 cron's message has expired by then), or one that failed (the database was away), is
@@ -45,6 +46,7 @@ from governance.usage import QuotaExceeded
 from projects.models import Project
 from projects.services import project_lock_for_write
 
+from .cron import Cron
 from .models import Schedule, ScheduleFire
 
 logger = logging.getLogger(__name__)
@@ -214,49 +216,14 @@ def timing_valid(
 _CLOCK_SKEW = timedelta(seconds=5)
 
 
-def _cron(expression: str, timezone_name: str):
-    """A schedule's cron as beat computes it (django-celery-beat's time-zone aware
-    crontab, built from the row beat reads)."""
-    minute, hour, day_of_month, month, day_of_week = cron_fields(expression)
-    return CrontabSchedule(
-        minute=minute,
-        hour=hour,
-        day_of_month=day_of_month,
-        month_of_year=month,
-        day_of_week=day_of_week,
-        timezone=zoneinfo.ZoneInfo(timezone_name),
-    ).schedule
-
-
-def _tick_after(cron, at: datetime, *, now: datetime) -> datetime:
-    """The first tick of `cron` after `at`."""
-    local = cron.tz
-    cron.nowfun = lambda: now.astimezone(local)
-    return now + cron.remaining_estimate(at.astimezone(local))
-
-
-def _tick_latest(cron, *, since: datetime, until: datetime) -> datetime | None:
-    """The latest tick of `cron` in (since, until], or None."""
-    latest, at = None, since
-    while (tick := _tick_after(cron, at, now=until)) <= until and tick > at:
-        latest = at = tick
-    return latest
-
-
 def schedule_tick(schedule: Schedule, now: datetime) -> datetime | None:
     """The tick a firing at `now` answers: `run_at` for a one-off; for a cron, its latest
     tick at or before `now` since the schedule was made (None before its first)."""
     if schedule.kind == Schedule.Kind.ONCE and schedule.run_at is not None:
         return schedule.run_at
-    cron, until = _cron(schedule.cron, schedule.timezone), now + _CLOCK_SKEW
     answered = schedule.fires.order_by("-tick").values_list("tick", flat=True).first()
-    since = answered or schedule.created_at
-    # Most firings answer a tick of the last day: start there, and look further back only
-    # when it has none (a tick missed for longer, a sparse cron).
-    recent = max(since, until - timedelta(days=1))
-    tick = _tick_latest(cron, since=recent, until=until)
-    if tick is None and recent > since:
-        tick = _tick_latest(cron, since=since, until=recent)
+    cron = Cron.parse(cron_fields(schedule.cron), schedule.timezone)
+    tick = cron.latest(since=answered or schedule.created_at, until=now + _CLOCK_SKEW)
     return tick or answered  # none since the last answered: that one is the latest
 
 
@@ -327,12 +294,13 @@ def schedules_missed_fire(*, now: datetime | None = None) -> int:
         .annotate(answered=Subquery(fires.order_by("-tick").values("tick")[:1]))
         .only("id", "cron", "timezone", "updated_at")
     )
-    parsed: dict[tuple[str, str], crontab] = {}  # most schedules share a few crons
+    parsed: dict[tuple[str, str], Cron] = {}  # most schedules share a few crons
     for schedule in crons.iterator(chunk_size=500):
         key = (schedule.cron, schedule.timezone)
-        cron = parsed.get(key) or parsed.setdefault(key, _cron(*key))
+        if (cron := parsed.get(key)) is None:
+            cron = parsed[key] = Cron.parse(cron_fields(schedule.cron), schedule.timezone)
         since = max(schedule.answered or schedule.updated_at, schedule.updated_at)
-        if _tick_after(cron, since, now=due) <= due:
+        if cron.latest(since=since, until=due) is not None:
             missed.append(schedule.id)
     for schedule_id in missed:
         logger.warning("schedule %s: a due tick had no firing; firing it", schedule_id)
