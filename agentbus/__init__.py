@@ -10,7 +10,7 @@ Other apps use this public API:
   `project_revive`: the lifecycle guard (agentbus.guard);
 - `retire_project`, `queue_depth`, `queue_depths`: a project's queue for its teardown
   and for operators; `live_workers`: the workers' heartbeats, `worker_identity`: this
-  worker process's id among them;
+  worker process's id among them; `broker_health`: health's check of the broker;
 - `project_queue`, `MAINTENANCE_QUEUE`, `URGENT_MAINTENANCE_QUEUE`, `WEBHOOK_QUEUE`:
   queue names.
 """
@@ -24,6 +24,7 @@ from .active import (
     retire_project,
     worker_identity,
 )
+from .broker import broker_health
 from .guard import (
     ProjectGone,
     ensure_project_alive,
@@ -41,6 +42,7 @@ __all__ = [
     "WEBHOOK_QUEUE",
     "AgentBusTask",
     "ProjectGone",
+    "broker_health",
     "ensure_project_alive",
     "live_workers",
     "on_task_received",

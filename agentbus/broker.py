@@ -29,13 +29,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterable, Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 from celery import current_app
 from django.conf import settings
 
-from common.redis import broker_redis
+from common.redis import broker_redis, redis_health
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,22 @@ def uses_amqp(url: str | None = None) -> bool:
 
 def uses_redis(url: str | None = None) -> bool:
     return scheme(url) in REDIS_SCHEMES
+
+
+def broker_health() -> dict[str, Any]:
+    """Health's `broker`: a Redis broker takes a write (common.redis.redis_health);
+    RabbitMQ opens a connection of its own and a channel on it (a pooled connection
+    would say only what the broker was when it was opened)."""
+    if not uses_amqp():
+        return redis_health(broker_redis())
+    started = time.perf_counter()
+    try:
+        with current_app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=0)  # one try, no waits between tries
+            conn.channel().close()
+    except Exception as exc:  # noqa: BLE001  (reported, not raised: this is the health check)
+        return {"healthy": False, "error": f"{type(exc).__name__}: {exc}"}
+    return {"healthy": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
 
 
 @contextlib.contextmanager

@@ -11,6 +11,10 @@ through the scoped client of `workspaces.redis`, which prefixes every key.
 
 from __future__ import annotations
 
+import time
+from contextlib import suppress
+from typing import Any
+
 import redis
 from django.conf import settings
 
@@ -50,6 +54,46 @@ def broker_redis() -> redis.Redis:
     if broker == settings.REDIS_URL or broker.startswith(("amqp://", "amqps://", "pyamqp://")):
         return get_redis()
     return _own_broker_redis()
+
+
+# What a health check writes (one small key, for a minute): a Redis that is full under
+# `noeviction`, a read-only replica (after a failover) or one that cannot save its
+# snapshot refuses writes while it still answers PING.
+HEALTH_PROBE_KEY = "uws:health:probe"
+# Past this share of its `maxmemory`, a Redis that refuses writes when full is a warning.
+REDIS_FULL_WARNING = 0.9
+
+
+def redis_health(client: redis.Redis) -> dict[str, Any]:
+    """A health check's report on one Redis: healthy when it takes a write; with how
+    much memory it uses and, when it has a `maxmemory`, a warning if its policy evicts
+    keys (queued messages among them) or if it is close to refusing writes."""
+    started = time.perf_counter()
+    try:
+        client.set(HEALTH_PROBE_KEY, "1", ex=60)
+    except redis.RedisError as exc:
+        return {"healthy": False, "error": f"{type(exc).__name__}: {exc}"}
+    report: dict[str, Any] = {
+        "healthy": True,
+        "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+    }
+    with suppress(redis.RedisError):  # some hosted Redis refuse INFO: the write said enough
+        memory = client.info("memory")
+        limit, policy = int(memory.get("maxmemory") or 0), memory.get("maxmemory_policy")
+        report["used_memory_mb"] = round(int(memory["used_memory"]) / 2**20, 1)
+        if limit:
+            report["maxmemory_mb"] = round(limit / 2**20, 1)
+            report["maxmemory_policy"] = policy
+            if policy != "noeviction":
+                report["warning"] = (
+                    f"maxmemory-policy is {policy}: at maxmemory Redis deletes keys, queued "
+                    "messages and workspace state among them; set it to noeviction"
+                )
+            elif (used := int(memory["used_memory"]) / limit) >= REDIS_FULL_WARNING:
+                report["warning"] = (
+                    f"{used:.0%} of maxmemory used: at 100% Redis refuses every write"
+                )
+    return report
 
 
 def close_redis() -> None:

@@ -1,4 +1,5 @@
-"""Local HTTP servers of the tests (stand-ins for the remote services a test talks to)."""
+"""Local HTTP servers of the tests (stand-ins for the remote services a test talks to),
+and the free port a server of a test listens on."""
 
 from __future__ import annotations
 
@@ -7,6 +8,13 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import BaseServer
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def serve_in_thread(server: BaseServer) -> threading.Thread:

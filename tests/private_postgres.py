@@ -17,12 +17,12 @@ import glob
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from tests.local_http import free_port
 from tests.migrated_template import migrations_digest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,12 +44,6 @@ def migrated_template() -> Path:
     return Path(tempfile.gettempdir()) / f"uws-pg-migrated-{digest.hexdigest()[:16]}"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class PrivatePostgres:
     # Lines added to pg_hba.conf (a copy of the template included).
     hba_lines: tuple[str, ...] = ()
@@ -57,7 +51,7 @@ class PrivatePostgres:
     def __init__(self) -> None:
         found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
         self.bin = Path(found[-1]).parent if found else None
-        self.port = _free_port()
+        self.port = free_port()
         self.folder = Path(tempfile.mkdtemp(prefix="uws-pg-"))
         self.data = self.folder / "data"
         self.url = f"postgres://postgres@127.0.0.1:{self.port}/uws"

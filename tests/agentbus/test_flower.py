@@ -8,7 +8,6 @@ its last look at the workers: on start, and whenever the Workers page is refresh
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -20,19 +19,14 @@ from django.conf import settings
 from agentbus.queues import MAINTENANCE_QUEUE, project_queue
 from tests.agentbus import tasks
 from tests.agentbus.conftest import ROOT, send, wait_for
+from tests.local_http import free_port
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def flower(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = dict(
         os.environ,
         DJANGO_SETTINGS_MODULE="config.settings.test",

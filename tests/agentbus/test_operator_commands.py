@@ -17,7 +17,8 @@ from django.conf import settings
 from agentbus.queues import MAINTENANCE_QUEUE, project_queue
 from tests.agentbus import tasks
 from tests.agentbus.conftest import ROOT, send, wait_for
-from tests.agentbus.test_flower import _free_port, _page
+from tests.agentbus.test_flower import _page
+from tests.local_http import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +50,7 @@ def test_inspect_agentbus_status_is_a_known_command_that_answers(live_worker):
 
 
 def test_flower_lists_a_new_project_queue_without_a_manual_refresh(live_worker, tmp_path):
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "flower.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "config", "flower", "--conf=bin/flowerconfig.py",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import httpx
 import pytest
 
 from common.asgi import Admission
+from tests.local_http import free_port
 from tests.private_postgres import PrivatePostgres
 from tests.workers import wait_until
 
@@ -28,12 +28,6 @@ POOL_TIMEOUT = 1.0
 ZERO = "00000000-0000-0000-0000-000000000000"
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +62,7 @@ def web(postgres, tmp_path_factory):
     """uvicorn serving the app on the private database."""
     env, token = postgres.env, postgres.token
     python = sys.executable
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path_factory.mktemp("log") / "uvicorn.log", "w")  # noqa: SIM115
     server = subprocess.Popen(
         [python, "-m", "uvicorn", "config.asgi:application", "--port", str(port),

@@ -1,15 +1,25 @@
 """With Redis stopped, what only reads the database still answers: the database is the
-source of truth, and the workspace is touched only where work needs it."""
+source of truth, and the workspace is touched only where work needs it. A Redis that
+answers but refuses writes (full, read-only) is unhealthy in the operators' health."""
 
 from __future__ import annotations
 
 import pytest
+import redis
+from rest_framework.test import APIClient
 
 from agents.models import Agent
 from chat.models import Run
 from governance.models import Quota
-from tests.factories import AgentFactory, ChatSessionFactory, MessageFactory, ProjectFactory
+from tests.factories import (
+    AgentFactory,
+    ChatSessionFactory,
+    MessageFactory,
+    ProjectFactory,
+    UserFactory,
+)
 from tests.redis_server import private_redis
+from tests.workers import broker_at
 from workspaces.manager import get_worker_space, get_worker_space_manager
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -18,7 +28,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 @pytest.fixture
 def stoppable_redis(settings):
     """A Redis of this test's own, used for everything (registry, streams, broker)."""
-    with private_redis() as server:
+    with private_redis() as server, broker_at(server.url):
         settings.REDIS_URL = settings.CELERY_BROKER_URL = server.url
         yield server
 
@@ -122,3 +132,69 @@ def test_with_redis_stopped_a_quota_refuses_with_503_rather_than_overshoot(
     session = sessions[free.id]
     url = f"/my/projects/{free.id}/chat/{session.id}/messages/"
     assert api.post(url, {"content": "hi"}, format="json").status_code == 202
+
+
+def _fill(client: redis.Redis) -> None:
+    """Leave `maxmemory` a little above what it holds, under `noeviction`, and write
+    until it refuses even the smallest write."""
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", int(client.info("memory")["used_memory"]) + 2_000_000)
+    for size in (100_000, 1_000, 10):
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            for i in range(10_000):
+                client.set(f"filler:{size}:{i}", "x" * size)
+
+
+def _read_only(client: redis.Redis) -> None:
+    """A replica of a primary that does not answer (as after a failover that pointed
+    the clients at the old primary): reads answer, writes are refused."""
+    client.execute_command("REPLICAOF", "127.0.0.1", "1")
+
+
+@pytest.mark.parametrize("refuse", [_fill, _read_only], ids=["full", "read-only"])
+def test_a_redis_that_answers_but_refuses_writes_is_unhealthy(user, stoppable_redis, refuse):
+    """Such a Redis still answers PING: every write of the web and the workers fails,
+    while a health check that pinged called it healthy."""
+    staff = APIClient()
+    staff.force_authenticate(UserFactory(is_staff=True))
+    assert staff.get("/admin/workspaces/health").json()["checks"]["redis"]["healthy"] is True
+    client = stoppable_redis.client()
+
+    refuse(client)
+    assert client.ping()
+    response = staff.get("/admin/workspaces/health")
+    checks = response.json()["checks"]
+    assert response.status_code == 503
+    for name in ("redis", "broker"):  # one Redis here
+        assert checks[name]["healthy"] is False, checks[name]
+        assert ("maxmemory" in checks[name]["error"]) or ("read only" in checks[name]["error"])
+
+    client.flushdb() if refuse is _fill else client.execute_command("REPLICAOF", "NO", "ONE")
+    assert staff.get("/admin/workspaces/health").json()["checks"]["redis"]["healthy"] is True
+
+
+def test_a_redis_that_would_evict_keys_is_named_in_degraded(stoppable_redis):
+    """At `maxmemory` an evicting policy deletes keys, queued messages among them, and
+    one that does not refuses writes: working now, so healthy, with a warning that puts
+    it in `degraded`."""
+    staff = APIClient()
+    staff.force_authenticate(UserFactory(is_staff=True))
+    stoppable_redis.client().config_set("maxmemory", 512 * 2**20)
+    stoppable_redis.client().config_set("maxmemory-policy", "allkeys-lru")
+
+    body = staff.get("/admin/workspaces/health").json()
+    redis_check = body["checks"]["redis"]
+    assert redis_check["healthy"] is True and "allkeys-lru" in redis_check["warning"]
+    assert redis_check["maxmemory_mb"] == 512 and redis_check["maxmemory_policy"] == "allkeys-lru"
+    assert "redis" in body["degraded"]
+
+    client = stoppable_redis.client()
+    client.config_set("maxmemory-policy", "noeviction")
+    body = staff.get("/admin/workspaces/health").json()
+    assert "warning" not in body["checks"]["redis"] and "redis" not in body["degraded"]
+
+    # Under noeviction, close to maxmemory: a warning before writes are refused.
+    client.config_set("maxmemory", int(int(client.info("memory")["used_memory"]) * 1.05))
+    body = staff.get("/admin/workspaces/health").json()
+    assert "of maxmemory used" in body["checks"]["redis"]["warning"]
+    assert body["checks"]["redis"]["healthy"] is True and "redis" in body["degraded"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -16,6 +15,7 @@ import httpx
 import pytest
 from django.conf import settings
 
+from tests.local_http import free_port
 from tests.multihost.stack import procfile
 from tests.runtime.conftest import token_for
 from tests.workers import database_url, wait_until
@@ -23,12 +23,6 @@ from tests.workers import database_url, wait_until
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 STREAMS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Follower(threading.Thread):
