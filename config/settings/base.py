@@ -347,6 +347,14 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     # One list per queue: every priority step is one more key in each BRPOP.
     "priority_steps": [0],
     "queue_order_strategy": "round_robin",
+    # A publish that finds its pooled connection closed opens it again: twice, 0.2 s
+    # apart, then fails, as the bus's own publish script does at once. kombu would keep
+    # trying for broker_connection_timeout (4 s) with 2 s and 4 s waits, so a request
+    # that publishes while the broker is down answered after 6 s. What is published has
+    # a path back without it (run recovery, the sweeps, owed give-backs); a worker's
+    # consumer reconnects with broker_connection_max_retries, not these.
+    "max_retries": 1,
+    "interval_start": 0.2,
 }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = env.float("CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", default=30)
