@@ -56,6 +56,7 @@ from .keys import (
 )
 from .queues import PROJECT_QUEUE_PREFIX, project_id_from_queue, project_queue
 from .transport import (
+    HEARTBEAT,
     all_lane_keys,
     flow_control_on,
     forget_flow,
@@ -65,6 +66,8 @@ from .transport import (
     list_if_waiting,
     queue_key_pattern,
     queue_of_key,
+    redis_time,
+    run_script,
     unacked_queues,
     unlist,
 )
@@ -392,8 +395,9 @@ def worker_connected(hostname: str, *, mode: str) -> None:
 
 
 def worker_alive(hostname: str, *, mode: str) -> None:
-    """A worker's heartbeat (every AGENTBUS_HEARTBEAT_SECONDS)."""
-    broker_redis().zadd(WORKERS_KEY, {f"{hostname} {mode} {_incarnation}": time.time()})
+    """A worker's heartbeat (every AGENTBUS_HEARTBEAT_SECONDS), at Redis's time: a host
+    whose clock is off is judged by the same clock as the others."""
+    run_script(broker_redis(), HEARTBEAT, [WORKERS_KEY], [f"{hostname} {mode} {_incarnation}"])
 
 
 def worker_gone(hostname: str) -> None:
@@ -405,10 +409,10 @@ def worker_gone(hostname: str) -> None:
 
 def live_workers() -> list[dict[str, Any]]:
     """Workers that beat within three heartbeat periods: [{"name", "mode", "seen", "id"}]
-    (`id`: see worker_identity). One round trip, no waiting for replies (unlike a
-    broadcast ping)."""
+    (`id`: see worker_identity). Three round trips (Redis's time first), no waiting
+    for replies (unlike a broadcast ping)."""
     client = broker_redis()
-    now = time.time()
+    now = redis_time(client)  # the heartbeats' clock
     horizon = now - 3 * settings.AGENTBUS_HEARTBEAT_SECONDS
     client.zremrangebyscore(WORKERS_KEY, "-inf", now - 86400)  # long gone: forget
     beats = client.zrangebyscore(WORKERS_KEY, horizon, "+inf", withscores=True)

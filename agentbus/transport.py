@@ -499,18 +499,36 @@ end
 return 1
 """
 
-# Slots still held by this worker: their leases pushed back (ZADD XX: a slot that
-# expired meanwhile, and was perhaps given to another, is not taken again).
-# KEYS: slots of each queue (one per tag). ARGV: lease end, then the tags.
+# Slots still held by this worker: their leases pushed back, from Redis's time as a
+# take's (ZADD XX: a slot that expired meanwhile, and was perhaps given to another, is
+# not taken again). KEYS: slots of each queue (one per tag). ARGV: lease seconds, then
+# the tags.
 RENEW = """
+local now_t = redis.call('TIME')
+local lease_end = tonumber(now_t[1]) + tonumber(now_t[2]) / 1000000 + tonumber(ARGV[1])
 local n = 0
-for i = 1, #KEYS do n = n + redis.call('ZADD', KEYS[i], 'XX', 'CH', ARGV[1], ARGV[i + 1]) end
+for i = 1, #KEYS do n = n + redis.call('ZADD', KEYS[i], 'XX', 'CH', lease_end, ARGV[i + 1]) end
 return n
 """
 
+# A worker's heartbeat, at Redis's time (as the takes' leases): hosts read it against
+# that one clock, whatever their own say.
+# KEYS: the workers' set. ARGV: the worker's member.
+HEARTBEAT = """
+local now_t = redis.call('TIME')
+return redis.call('ZADD', KEYS[1], tonumber(now_t[1]) + tonumber(now_t[2]) / 1000000, ARGV[1])
+"""
+
+
+def redis_time(client) -> float:
+    """Redis's clock, in seconds: the one every host's bus bookkeeping is timed by."""
+    seconds, micros = client.time()
+    return seconds + micros / 1_000_000
+
+
 _SHA = {
     source: hashlib.sha1(source.encode()).hexdigest()
-    for source in (PUBLISH, TAKE, TAKE_PLAIN, RELEASE, RENEW)
+    for source in (PUBLISH, TAKE, TAKE_PLAIN, RELEASE, RENEW, HEARTBEAT)
 }
 
 
@@ -992,10 +1010,10 @@ class Channel(kombu_redis.Channel):
         slots = list(self._slots.items())
         if not slots or not self.takes_over:
             return 0
-        lease_end = time.time() + settings.AGENTBUS_SLOT_LEASE_SECONDS
+        lease = settings.AGENTBUS_SLOT_LEASE_SECONDS  # from Redis's time, as a take's
         keys = [slots_key(queue) for _tag, queue in slots]
         with self.conn_or_acquire() as client:
-            return int(run_script(client, RENEW, keys, [lease_end, *(t for t, _q in slots)]))
+            return int(run_script(client, RENEW, keys, [lease, *(t for t, _q in slots)]))
 
     def flush_served(self) -> int:
         """Add the takes this channel counted itself (queues without bulk work) to the

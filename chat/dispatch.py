@@ -51,6 +51,7 @@ from . import streams
 from .models import Message, Run
 from .state import (
     ACTIVE,
+    lease_ended,
     run_dispatched,
     run_end,
     run_end_event_repair,
@@ -238,12 +239,12 @@ def runs_recover(*, budget: float | None = None) -> dict[str, int]:
     for run in in_time(_lost(queued)):
         done["redispatched"] += _redispatch(run, from_status=Run.Status.QUEUED)
 
-    for run in in_time(_runs(Q(status=Run.Status.RUNNING, lease_expires_at__lt=now))):
+    for run in in_time(_runs(Q(status=Run.Status.RUNNING) & lease_ended())):
         done["restarted"] += _redispatch(run, from_status=Run.Status.RUNNING)
 
     # A finished run still holding its lease owes its end event (its ender died, or
     # Redis failed, between the commit and the event): a live client waits for it.
-    for run in in_time(_runs(Q(status__in=Run.FINISHED, lease_expires_at__lt=now))):
+    for run in in_time(_runs(Q(status__in=Run.FINISHED) & lease_ended())):
         try:
             done["ends_written"] += run_end_event_repair(run=run)
         except Exception:

@@ -8,6 +8,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db.models import Count, Q, QuerySet
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from common.selectors import get_or_404
@@ -84,13 +85,14 @@ def _run_problem_filters() -> tuple[Q, Q]:
     ended in error within RUN_FAILURE_WINDOW."""
     now = timezone.now()
     stuck_queued = now - timedelta(seconds=3 * settings.RUN_REDISPATCH_SECONDS)
-    stuck_running = now - timedelta(seconds=settings.RUN_LEASE_SECONDS)
     recent = now - timedelta(seconds=settings.RUN_FAILURE_WINDOW_SECONDS)
     # A run resumed after a wait (chat.suspend) was created long ago: stuck only if its
     # dispatch is old too.
     queued_long = Q(status=Run.Status.QUEUED, created_at__lt=stuck_queued) & (
         Q(dispatched_at__isnull=True) | Q(dispatched_at__lt=stuck_queued)
     )
+    # Running past its lease by another lease (the database's clock, as leases are).
+    stuck_running = Now() - timedelta(seconds=settings.RUN_LEASE_SECONDS)
     stuck = queued_long | Q(status=Run.Status.RUNNING, lease_expires_at__lt=stuck_running)
     return stuck, Q(status=Run.Status.ERROR, finished_at__gte=recent)
 

@@ -22,6 +22,8 @@ from typing import Any
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Exists, F, OuterRef, Q, QuerySet
+from django.db.models.expressions import CombinedExpression
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from agents.models import Agent, AgentVersion
@@ -70,8 +72,16 @@ def waits_behind_another() -> Exists:
     )
 
 
-def lease_deadline() -> datetime:
-    return timezone.now() + timedelta(seconds=settings.RUN_LEASE_SECONDS)
+def lease_deadline() -> CombinedExpression:
+    """A lease's end, on the database's clock: the recovery pass compares it with that
+    clock too (`lease_ended`), so a worker host whose own clock is off neither writes
+    leases that ended before they began nor ones that last too long."""
+    return Now() + timedelta(seconds=settings.RUN_LEASE_SECONDS)
+
+
+def lease_ended() -> Q:
+    """For a Run queryset: its lease ended, by the database's clock (`lease_deadline`)."""
+    return Q(lease_expires_at__lt=Now())
 
 
 # --- Create ---------------------------------------------------------------------------
