@@ -22,6 +22,9 @@ from zoneinfo import ZoneInfo
 
 from celery.schedules import crontab
 
+# celery's names of a cron expression's five fields, in their order.
+CRONTAB_FIELDS = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
+
 
 @dataclass(frozen=True)
 class Cron:
@@ -34,23 +37,16 @@ class Cron:
     zone: ZoneInfo
 
     @classmethod
-    def parse(cls, fields: tuple[str, str, str, str, str], timezone_name: str) -> Cron:
-        """From (minute, hour, day of month, month, day of week), checked already."""
-        minute, hour, day_of_month, month, day_of_week = fields
-        parsed = crontab(
-            minute=minute,
-            hour=hour,
-            day_of_month=day_of_month,
-            month_of_year=month,
-            day_of_week=day_of_week,
-        )
+    def parse(cls, fields: dict[str, str], timezone_name: str) -> Cron:
+        """From celery's crontab fields (CRONTAB_FIELDS), checked already."""
+        parsed = crontab(**fields)
         return cls(
             minutes=tuple(sorted(parsed.minute, reverse=True)),
             hours=tuple(sorted(parsed.hour, reverse=True)),
             days=frozenset(parsed.day_of_month),
             months=frozenset(parsed.month_of_year),
             weekdays=frozenset(parsed.day_of_week),
-            repeats="*" in minute or "*" in hour,
+            repeats="*" in fields["minute"] or "*" in fields["hour"],
             zone=ZoneInfo(timezone_name),
         )
 

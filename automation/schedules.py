@@ -46,7 +46,7 @@ from governance.usage import QuotaExceeded
 from projects.models import Project
 from projects.services import project_lock_for_write
 
-from .cron import Cron
+from .cron import CRONTAB_FIELDS, Cron
 from .models import Schedule, ScheduleFire
 
 logger = logging.getLogger(__name__)
@@ -62,26 +62,20 @@ class ScheduleInvalid(ValueError):
         self.field = field
 
 
-def cron_fields(expression: str) -> tuple[str, str, str, str, str]:
-    """(minute, hour, day of month, month, day of week) of a 5-field cron expression;
-    raises ScheduleInvalid."""
+def cron_fields(expression: str) -> dict[str, str]:
+    """A 5-field cron expression as celery's crontab fields (minute, hour, day_of_month,
+    month_of_year, day_of_week); raises ScheduleInvalid."""
     parts = expression.split()
     if len(parts) != 5:
         raise ScheduleInvalid(
             "cron", "Five fields: minute hour day-of-month month day-of-week (e.g. `0 9 * * 1`)."
         )
-    minute, hour, day_of_month, month, day_of_week = parts
+    fields = dict(zip(CRONTAB_FIELDS, parts, strict=True))
     try:
-        crontab(
-            minute=minute,
-            hour=hour,
-            day_of_month=day_of_month,
-            month_of_year=month,
-            day_of_week=day_of_week,
-        )
+        crontab(**fields)
     except Exception as exc:  # celery's parser raises ValueError or its ParseException
         raise ScheduleInvalid("cron", f"Not a valid cron expression: {exc}") from None
-    return minute, hour, day_of_month, month, day_of_week
+    return fields
 
 
 def timezone_valid(name: str) -> str:
@@ -98,14 +92,8 @@ def _periodic_task_sync(schedule: Schedule) -> None:
     task.enabled = schedule.enabled
     old_clocked = task.clocked if task.clocked_id else None
     if schedule.kind == Schedule.Kind.CRON:
-        minute, hour, day_of_month, month, day_of_week = cron_fields(schedule.cron)
         task.crontab, _ = CrontabSchedule.objects.get_or_create(
-            minute=minute,
-            hour=hour,
-            day_of_month=day_of_month,
-            month_of_year=month,
-            day_of_week=day_of_week,
-            timezone=zoneinfo.ZoneInfo(schedule.timezone),
+            **cron_fields(schedule.cron), timezone=zoneinfo.ZoneInfo(schedule.timezone)
         )
         task.clocked = None
         task.one_off = False

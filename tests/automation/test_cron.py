@@ -30,15 +30,7 @@ EXPRESSIONS = (
 
 def _beats_latest(expression: str, zone: str, since: datetime, until: datetime):
     """The latest tick in (since, until] by beat's own crontab, one tick after another."""
-    minute, hour, day_of_month, month, day_of_week = cron_fields(expression)
-    cron = CrontabSchedule(
-        minute=minute,
-        hour=hour,
-        day_of_month=day_of_month,
-        month_of_year=month,
-        day_of_week=day_of_week,
-        timezone=zoneinfo.ZoneInfo(zone),
-    ).schedule
+    cron = CrontabSchedule(**cron_fields(expression), timezone=zoneinfo.ZoneInfo(zone)).schedule
     cron.nowfun = lambda: until.astimezone(cron.tz)
     latest, at = None, since
     while (tick := until + cron.remaining_estimate(at.astimezone(cron.tz))) <= until:
