@@ -41,7 +41,7 @@ class CheckSerializer(serializers.Serializer):
     warning = serializers.CharField(
         required=False,
         help_text="Healthy, but set up to fail some day (redis, broker: a maxmemory-policy "
-        "that evicts keys); the check is then listed in `degraded`.",
+        "that evicts keys, or 90% of maxmemory used); the check is then in `degraded`.",
     )
 
     class Meta:
@@ -157,13 +157,14 @@ class WorkspaceHealthApi(APIView):
     @extend_schema(
         operation_id="operators_health",
         summary="Health of the stack and a page of workspaces",
-        description="Database, Redis and the broker (each must take a write: a full or "
-        "read-only Redis answers PING but refuses writes), live workers (from their "
-        "heartbeats), agent runs and the LLM endpoint; the registry's workspaces counted "
-        "by state and by problem; a page of workspaces in detail, those with problems "
-        "first. 503 with the same report (plus `detail` and `code`, as every error) only "
-        "when something every tenant needs fails (database, Redis, broker, no live "
-        "worker); one project's problems are `degraded` and named in `unhealthy_projects`.",
+        description="Database, Redis and the broker (a Redis must take a write: a full "
+        "or read-only one answers PING but refuses writes; RabbitMQ, a connection of its "
+        "own), live workers (from their heartbeats), agent runs and the LLM endpoint; "
+        "the registry's workspaces counted by state and by problem; a page of workspaces "
+        "in detail, those with problems first. 503 with the same report (plus `detail` "
+        "and `code`, as every error) only when something every tenant needs fails "
+        "(database, Redis, broker, no live worker); one project's problems are "
+        "`degraded` and named in `unhealthy_projects`.",
         parameters=[HealthQuerySerializer],
         responses={
             200: HealthOutputSerializer,
