@@ -212,8 +212,23 @@ def live_worker(transactional_db):
         yield worker
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on its test (`item.report_call`...), for fixtures that say more
+    when the test failed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
 @pytest.fixture
-def worker_process(tmp_path):
-    """Real worker subprocesses (tests.workers.worker_processes), killed after the test."""
-    with worker_processes(tmp_path) as start:
+def worker_process(request, tmp_path):
+    """Real worker subprocesses (tests.workers.worker_processes), killed after the test;
+    after a failure, each prints its threads' stacks first."""
+
+    def failed() -> bool:
+        report = getattr(request.node, "report_call", None)
+        return report is not None and report.failed
+
+    with worker_processes(tmp_path, failed) as start:
         yield start

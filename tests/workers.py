@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -193,6 +193,22 @@ class WorkerProcess:
         self._log.flush()
         return self.log_path.read_text(errors="replace")[-6000:]
 
+    def stacks(self) -> str:
+        """Every thread's stack in the worker now: Celery's SIGUSR1 handler writes them
+        to its log (for a test that failed with the worker running)."""
+        if self.proc.poll() is not None:
+            return f"(exited: {self.proc.returncode})"
+        before = self.log_path.stat().st_size
+        os.kill(self.proc.pid, signal.SIGUSR1)
+        sizes = [before]
+
+        def written() -> bool:  # grown, then still for one read
+            sizes.append(self.log_path.stat().st_size)
+            return sizes[-1] > before and sizes[-1] == sizes[-2]
+
+        wait_for(written, timeout=5, interval=0.1)
+        return self.log_path.read_bytes()[before:].decode(errors="replace")
+
     def terminate(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -217,12 +233,13 @@ class WorkerProcess:
 
 
 @contextmanager
-def worker_processes(log_dir: Path) -> Iterator:
+def worker_processes(log_dir: Path, failed: Callable[[], bool] = lambda: False) -> Iterator:
     """Start real worker subprocesses: `start(*celery_args, name=..., env=...)`.
 
     They run with the test settings, this test run's database, Redis and broker, the
     test task module (-I tests.agentbus.tasks) and REMAP_SIGTERM=SIGQUIT (SIGTERM starts
-    the soft shutdown), and are killed when the block ends.
+    the soft shutdown), and are killed when the block ends: when `failed()` says so
+    first, printing where each one's threads were (the failure's report shows it).
     """
 
     started: list[WorkerProcess] = []
@@ -259,6 +276,10 @@ def worker_processes(log_dir: Path) -> Iterator:
     try:
         yield start
     finally:
+        if failed():
+            for proc in started:
+                print(f"--- worker {proc.name}: its threads when the test failed ---")
+                print(proc.stacks()[-20000:])
         for proc in started:
             proc.stop()
 
