@@ -33,7 +33,7 @@ def _beats_latest(expression: str, zone: str, since: datetime, until: datetime):
     cron = CrontabSchedule(**cron_fields(expression), timezone=zoneinfo.ZoneInfo(zone)).schedule
     cron.nowfun = lambda: until.astimezone(cron.tz)
     latest, at = None, since
-    while (tick := until + cron.remaining_estimate(at.astimezone(cron.tz))) <= until:
+    while (tick := until + cron.remaining_estimate(at.astimezone(cron.tz))) <= until and tick > at:
         latest = at = tick
     return latest
 
