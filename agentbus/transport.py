@@ -238,14 +238,21 @@ if added > 0 and redis.call('LLEN', KEYS[3]) == 0 then redis.call('RPUSH', KEYS[
 return added
 """
 
+# Redis's clock, in seconds, as `now`: every script that times something (a take's slot
+# leases, their renewal, a heartbeat) reads this one clock, whatever the hosts' say.
+_NOW = """
+local now_t = redis.call('TIME')
+local now = tonumber(now_t[1]) + tonumber(now_t[2]) / 1000000
+"""
+
 # What both takes (TAKE, TAKE_PLAIN) begin with: the time; `record`, which records a
 # delivery as kombu's QoS.append does (to be put back on the list it was taken from: its
 # lane) in the same step; `take_own`, the first message of the worker's own
 # (non-project) queues, KEYS from `first` on; and `ring`, after a take from the ready
 # list: the entries left on it, and the bell for a sleeping worker when there are any.
-_TAKE_COMMON = """
-local now_t = redis.call('TIME')
-local now = tonumber(now_t[1]) + tonumber(now_t[2]) / 1000000
+_TAKE_COMMON = (
+    _NOW
+    + """
 local function record(lane, payload)
   -- The delivery tag: the last "delivery_tag" key of the message, in its properties
   -- (kombu writes them last; the body is base64, and a quote inside a string value
@@ -282,6 +289,7 @@ local function ring()
   return left
 end
 """
+)
 
 # The take with flow control off (AGENTBUS_FLOW_CONTROL false): the bus without the
 # rules, plain round robin, one message per turn; no rules read, no slot, no counter,
@@ -503,21 +511,25 @@ return 1
 # take's (ZADD XX: a slot that expired meanwhile, and was perhaps given to another, is
 # not taken again). KEYS: slots of each queue (one per tag). ARGV: lease seconds, then
 # the tags.
-RENEW = """
-local now_t = redis.call('TIME')
-local lease_end = tonumber(now_t[1]) + tonumber(now_t[2]) / 1000000 + tonumber(ARGV[1])
+RENEW = (
+    _NOW
+    + """
+local lease_end = now + tonumber(ARGV[1])
 local n = 0
 for i = 1, #KEYS do n = n + redis.call('ZADD', KEYS[i], 'XX', 'CH', lease_end, ARGV[i + 1]) end
 return n
 """
+)
 
 # A worker's heartbeat, at Redis's time (as the takes' leases): hosts read it against
 # that one clock, whatever their own say.
 # KEYS: the workers' set. ARGV: the worker's member.
-HEARTBEAT = """
-local now_t = redis.call('TIME')
-return redis.call('ZADD', KEYS[1], tonumber(now_t[1]) + tonumber(now_t[2]) / 1000000, ARGV[1])
+HEARTBEAT = (
+    _NOW
+    + """
+return redis.call('ZADD', KEYS[1], now, ARGV[1])
 """
+)
 
 
 def redis_time(client) -> float:
