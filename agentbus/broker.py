@@ -23,19 +23,31 @@ heartbeats) stays in Redis (REDIS_URL), so everything above this module is the s
 
 Operations on the broker itself (depth, delete) open a channel from the app's connection
 pool: a passive declare answers how many messages wait.
+
+A RabbitMQ with a memory or disk alarm (cluster-wide) stops reading from every
+connection that publishes until the alarm clears. The bus's publishes wait for the
+broker's confirm, on connections that hear its `connection.blocked`: the publish that
+meets an alarm fails at once (BrokerBlocked), and every publish of this process is
+refused for AMQP_BLOCKED_RETRY_SECONDS before one tries the broker again. What the
+broker held unread from that publish may still be delivered when the alarm clears
+(bus tasks are idempotent; a run's attempt makes a late copy do nothing). No other wait
+on the broker outlasts AMQP_TIMEOUT_SECONDS (CELERY_BROKER_TRANSPORT_OPTIONS).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import urlparse
 
+import amqp
 from celery import current_app
 from django.conf import settings
+from kombu.exceptions import OperationalError
 
 from common.redis import broker_redis, redis_health
 
@@ -60,26 +72,83 @@ def uses_redis(url: str | None = None) -> bool:
     return scheme(url) in REDIS_SCHEMES
 
 
+class BrokerBlocked(OperationalError):
+    """RabbitMQ blocks publishing (a memory or disk alarm): the publish was not tried, or
+    not confirmed. An OperationalError, as a broker that is down: a request answers 503
+    with Retry-After."""
+
+
+BLOCKED = "RabbitMQ blocks publishing: a memory or disk alarm is raised (see its log)"
+# Per broker URL, until when (time.monotonic()) this process refuses the bus's publishes.
+_blocked_until: dict[str, float] = {}
+
+
+def _on_blocked(url: str, _reason: str) -> None:
+    # py-amqp calls this while it reads the frame: the publish waiting for its confirm
+    # stops here instead of waiting AMQP_TIMEOUT_SECONDS.
+    if not amqp_blocked(url):
+        logger.warning("%s: refusing the bus's publishes for a while", BLOCKED)
+    _blocked_until[url] = time.monotonic() + settings.AMQP_BLOCKED_RETRY_SECONDS
+    raise BrokerBlocked(BLOCKED)
+
+
+def amqp_publish_options(url: str) -> dict[str, Any]:
+    """Transport options of the connections the bus publishes on to the broker at `url`
+    (merged over the app's): each publish waits for the broker's confirm, and the
+    broker's `connection.blocked` raises BrokerBlocked in it. Such a connection is
+    discarded (`collect`), not used again: the broker reads nothing more from it."""
+    return {"confirm_publish": True, "on_blocked": functools.partial(_on_blocked, url)}
+
+
+def amqp_blocked(url: str) -> bool:
+    """Whether the broker at `url` was seen blocking publishes less than
+    AMQP_BLOCKED_RETRY_SECONDS ago: the bus refuses publishes to it meanwhile."""
+    return time.monotonic() < _blocked_until.get(url, 0.0)
+
+
 def broker_health() -> dict[str, Any]:
     """Health's `broker`: a Redis broker takes a write (common.redis.redis_health);
-    RabbitMQ opens a connection of its own and a channel on it (a pooled connection
-    would say only what the broker was when it was opened)."""
+    RabbitMQ gets a publish, on a connection of its own (a pooled connection would say
+    only what the broker was when it was opened), to a routing key no queue has: the
+    broker confirms it (healthy) or answers `connection.blocked` (an alarm: unhealthy,
+    and the bus's publishes are refused as when a publish meets it)."""
     if not uses_amqp():
         return redis_health(broker_redis())
     started = time.perf_counter()
     try:
-        with current_app.connection_for_write() as conn:
+        url = current_app.conf.broker_url
+        with current_app.connection_for_write(transport_options=amqp_publish_options(url)) as conn:
             conn.ensure_connection(max_retries=0)  # one try, no waits between tries
-            conn.channel().close()
+            try:
+                conn.default_channel.basic_publish(
+                    amqp.Message(b""), exchange="", routing_key="uws.health.probe"
+                )
+            except BrokerBlocked:
+                conn.collect()  # a blocked connection's close would wait for the alarm
+                raise
     except Exception as exc:  # noqa: BLE001  (reported, not raised: this is the health check)
         return {"healthy": False, "error": f"{type(exc).__name__}: {exc}"}
     return {"healthy": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
 
 
 @contextlib.contextmanager
-def _channel() -> Iterator:
+def _pooled() -> Iterator:
+    """A connection of the app's pool. A connection error in the block (a wait past
+    AMQP_TIMEOUT_SECONDS on a connection the broker stopped reading, a broker gone)
+    discards it, so the pool opens a new one, and is raised as kombu's OperationalError
+    (a request answers 503)."""
     with current_app.pool.acquire(block=True) as conn:
-        conn.ensure_connection(max_retries=1)
+        try:
+            conn.ensure_connection(max_retries=1)
+            yield conn
+        except conn.connection_errors as exc:
+            conn.collect()
+            raise OperationalError(f"{type(exc).__name__}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _channel() -> Iterator:
+    with _pooled() as conn:
         channel = conn.channel()
         try:
             yield channel
@@ -99,8 +168,7 @@ def amqp_depths(queues: Iterable[str]) -> dict[str, int]:
     queues = list(queues)
     if not queues:
         return depths
-    with current_app.pool.acquire(block=True) as conn:
-        conn.ensure_connection(max_retries=1)
+    with _pooled() as conn:
         channel = conn.channel()
         try:
             for queue in queues:

@@ -31,7 +31,14 @@ from common.tracing import (
 )
 
 from .active import FOLLOW_COMMAND, broadcast, mark_active
-from .broker import uses_amqp, uses_redis
+from .broker import (
+    BLOCKED,
+    BrokerBlocked,
+    amqp_blocked,
+    amqp_publish_options,
+    uses_amqp,
+    uses_redis,
+)
 from .guard import ProjectGone, project_gone
 from .queues import direct_queue, project_queue
 from .transport import (
@@ -58,15 +65,20 @@ def _producers_key() -> tuple[int, str]:
 
 def _bus_producers(key: tuple[int, str]) -> ProducerPool | None:
     """Producers whose channel publishes through the bus's transport (one round trip:
-    the PUBLISH script of agentbus.transport), or None where the bus runs on kombu's own
-    transport (AGENTBUS_WORKER_TRANSPORT empty)."""
-    if not settings.AGENTBUS_WORKER_TRANSPORT or not uses_redis():
-        return None  # kombu's own transport (on RabbitMQ: the pyamqp one)
+    the PUBLISH script of agentbus.transport); on RabbitMQ, producers whose publishes
+    wait for the broker's confirm and stop at its alarm (amqp_publish_options); None
+    where the bus runs on kombu's own Redis transport (AGENTBUS_WORKER_TRANSPORT empty)."""
     app = current_app
     pool = _producers.get(key)
     if pool is None:
-        transport = symbol_by_name(settings.AGENTBUS_WORKER_TRANSPORT)
-        connection = app.connection_for_write(transport=transport)
+        if uses_amqp():
+            options = amqp_publish_options(key[1])
+            connection = app.connection_for_write(transport_options=options)
+        elif settings.AGENTBUS_WORKER_TRANSPORT and uses_redis():
+            transport = symbol_by_name(settings.AGENTBUS_WORKER_TRANSPORT)
+            connection = app.connection_for_write(transport=transport)
+        else:
+            return None
         limit = app.conf.broker_pool_limit
         pool = ProducerPool(connection.Pool(limit=limit), limit=limit, Producer=app.amqp.Producer)
         _producers.clear()  # pools of another process or broker are not used again
@@ -128,6 +140,8 @@ def _publish(task, project_id, queue, payload, task_id, options) -> AsyncResult:
     if direct is not None and key[1] == settings.CELERY_BROKER_URL and _plain(task, options):
         return _publish_direct(task, project_id, queue, payload, task_id, options, direct)
     amqp = uses_amqp()
+    if amqp and amqp_blocked(key[1]):
+        raise BrokerBlocked(BLOCKED)
     pool = _bus_producers(key)
     with pool.acquire(block=True) if pool is not None else contextlib.nullcontext() as producer:
         channel = producer.channel if producer is not None else None
@@ -139,17 +153,21 @@ def _publish(task, project_id, queue, payload, task_id, options) -> AsyncResult:
             if scripted:
                 channel.last_put = None
             target = direct_queue(queue)
-            result = Task.apply_async(
-                task,
-                kwargs=payload,
-                task_id=task_id,
-                queue=target,
-                # On Redis nothing to declare; on RabbitMQ the queue, before the publish on
-                # the same channel (once per connection: kombu remembers it).
-                declare=[target] if amqp else [],
-                producer=producer,
-                **options,
-            )
+            try:
+                result = Task.apply_async(
+                    task,
+                    kwargs=payload,
+                    task_id=task_id,
+                    queue=target,
+                    # On Redis nothing to declare; on RabbitMQ the queue, before the
+                    # publish on the same channel (once per connection: kombu remembers).
+                    declare=[target] if amqp else [],
+                    producer=producer,
+                    **options,
+                )
+            except BrokerBlocked:
+                producer.connection.collect()  # the broker reads nothing more from it
+                raise
             # The producer's channel now (a publish retried after a connection error
             # runs on a revived one).
             outcome = getattr(producer.channel, "last_put", None) if scripted else None

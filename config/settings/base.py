@@ -341,6 +341,7 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # (celery#9203). Agent runs keep their own deadline (RUN_TIME_LIMIT_SECONDS).
 CELERY_TASK_TIME_LIMIT = env.int("CELERY_TASK_TIME_LIMIT", default=600)
 CELERY_TASK_SOFT_TIME_LIMIT = CELERY_TASK_TIME_LIMIT - 30
+AMQP_TIMEOUT_SECONDS = env.float("AMQP_TIMEOUT_SECONDS", default=5)
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     # Must exceed the longest task, or Redis redelivers a task that is still running.
     "visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=3600),
@@ -355,7 +356,18 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     # consumer reconnects with broker_connection_max_retries, not these.
     "max_retries": 1,
     "interval_start": 0.2,
+    # RabbitMQ (the Redis transport ignores these): no wait on the broker, for a reply,
+    # a publisher's confirm or a write, outlasts AMQP_TIMEOUT_SECONDS. A broker with a
+    # memory or disk alarm stops reading from every connection that publishes; without
+    # a bound, whatever used such a connection next (a request's publish, a depth read,
+    # even closing it) waited for as long as the alarm lasted.
+    "read_timeout": AMQP_TIMEOUT_SECONDS,
+    "write_timeout": AMQP_TIMEOUT_SECONDS,
 }
+# After RabbitMQ said it blocks publishing (agentbus.broker), the bus refuses publishes
+# for this long (kombu's OperationalError: a 503 with Retry-After, or a run left to the
+# recovery pass) before it tries the broker again.
+AMQP_BLOCKED_RETRY_SECONDS = env.float("AMQP_BLOCKED_RETRY_SECONDS", default=2)
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT = env.float("CELERY_WORKER_SOFT_SHUTDOWN_TIMEOUT", default=30)
 # An idle worker stops at once; a busy one gives its tasks the soft-shutdown window.
