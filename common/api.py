@@ -21,8 +21,9 @@ import redis
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.core.validators import RegexValidator
-from django.db import InterfaceError, OperationalError
+from django.db import InterfaceError, InternalError, OperationalError
 from django.http import Http404, JsonResponse
+from psycopg.errors import ReadOnlySqlTransaction
 from rest_framework import exceptions, serializers, status
 from rest_framework.exceptions import APIException
 from rest_framework.pagination import LimitOffsetPagination
@@ -232,16 +233,30 @@ def error_response(status_code: int, detail: str | None = None, code: str | None
 
 
 DATABASE_UNAVAILABLE = "The database is busy or unavailable; retry shortly."
+DATABASE_READ_ONLY = "The database accepts no changes for now (it is read-only); retry later."
 
 
-def database_unavailable_response(exc: Exception, *, where: str) -> JsonResponse:
-    """503 for a request that met the database unreachable or had no pooled connection
-    within DB_POOL_TIMEOUT_SECONDS: load or an outage, not a fault of the request, and
-    nothing was committed (its transaction, if any, rolled back)."""
+def database_unavailable(exc: Exception) -> str | None:
+    """The detail of the 503 a request answers when `exc` says the database cannot
+    serve it now, else None: unreachable, no pooled connection free within
+    DB_POOL_TIMEOUT_SECONDS, or refusing writes (a standby, or a server its operator or
+    host made read-only, as some hosts do when its disk fills; reads still answer)."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return DATABASE_UNAVAILABLE
+    if isinstance(exc, InternalError) and isinstance(exc.__cause__, ReadOnlySqlTransaction):
+        return DATABASE_READ_ONLY
+    return None
+
+
+def database_unavailable_response(exc: Exception, *, where: str) -> JsonResponse | None:
+    """503 for a request that met the database unavailable (database_unavailable): load,
+    an outage or a read-only server, not a fault of the request, and nothing was
+    committed (its transaction, if any, rolled back). None for another error."""
+    detail = database_unavailable(exc)
+    if detail is None:
+        return None
     logger.warning("%s: database unavailable: %r", where, exc)
-    return error_response(
-        503, DATABASE_UNAVAILABLE, retry_after=str(settings.DB_RETRY_AFTER_SECONDS)
-    )
+    return error_response(503, detail, retry_after=str(settings.DB_RETRY_AFTER_SECONDS))
 
 
 def _messages(value, prefix: str = "") -> list[str]:
@@ -293,15 +308,15 @@ def exception_handler(exc, context):
     """DRF's handler in the API's error shape, plus: Redis or the broker being down is a
     503 with Retry-After (views reach them only before writing anything, or after commit
     robustly), and a body over DATA_UPLOAD_MAX_MEMORY_SIZE is a 413. The database
-    unreachable, or no pooled connection free within DB_POOL_TIMEOUT_SECONDS, is a 503
-    with Retry-After too (DRF rolls the view's transaction back)."""
+    unavailable (database_unavailable: unreachable, no pooled connection free in time,
+    read-only) is a 503 with Retry-After too (DRF rolls the view's transaction back)."""
     retry_after = RETRY_AFTER_SECONDS
     if isinstance(exc, redis.RedisError | kombu.exceptions.OperationalError):
         logger.warning("%s: backend unavailable: %r", context.get("view"), exc)
         exc = BackendUnavailable()
-    elif isinstance(exc, OperationalError | InterfaceError):
+    elif detail := database_unavailable(exc):
         logger.warning("%s: database unavailable: %r", context.get("view"), exc)
-        exc = BackendUnavailable(DATABASE_UNAVAILABLE)
+        exc = BackendUnavailable(detail)
         retry_after = settings.DB_RETRY_AFTER_SECONDS
     elif isinstance(exc, RequestDataTooBig):
         exc = PayloadTooLarge()

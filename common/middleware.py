@@ -20,14 +20,13 @@ import re
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings
-from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.urls import Resolver404, get_resolver
 from django.utils.deprecation import MiddlewareMixin
 from django.views.csrf import csrf_failure as django_csrf_failure
 from whitenoise.middleware import WhiteNoiseMiddleware
 
-from .api import DATABASE_UNAVAILABLE, database_unavailable_response, error_response
+from .api import database_unavailable, database_unavailable_response, error_response
 from .asgi import LONG_LIVED
 
 # Characters no path segment of ours may hold: C0 controls, DEL, lone surrogates.
@@ -53,23 +52,22 @@ class ApiErrorMiddleware(MiddlewareMixin):
     400, 403, 405 or 500 pages, under DEBUG its technical pages) is answered in the API's
     error shape, with the same status and its Allow / WWW-Authenticate headers.
 
-    A view that fails because the database is unreachable (an outage, a restart, no
-    pooled connection free within DB_POOL_TIMEOUT_SECONDS) answers 503 with Retry-After
-    instead of a 500: nothing it tried to write was committed (DRF views answer the same
-    through common.api.exception_handler)."""
+    A view that fails because the database is unavailable (an outage, a restart, no
+    pooled connection free within DB_POOL_TIMEOUT_SECONDS, a read-only server) answers
+    503 with Retry-After instead of a 500: nothing it tried to write was committed (DRF
+    views answer the same through common.api.exception_handler)."""
 
     async def __acall__(self, request: HttpRequest) -> HttpResponse:
         # No I/O: on the event loop, not a hop to the shared sync thread.
         return self.process_response(request, await self.get_response(request))
 
     def process_exception(self, request: HttpRequest, exception: Exception):
-        if not isinstance(exception, OperationalError | InterfaceError):
-            return None
         response = database_unavailable_response(exception, where=request.path)
-        if is_api_path(request.path_info):
+        if response is None or is_api_path(request.path_info):
             return response
-        # Pages (the admin): a plain 503, with the same Retry-After.
-        page = HttpResponse(DATABASE_UNAVAILABLE, status=503, content_type="text/plain")
+        # Pages (the admin): a plain 503, with the same detail and Retry-After.
+        detail = database_unavailable(exception)
+        page = HttpResponse(detail, status=503, content_type="text/plain")
         page["Retry-After"] = response["Retry-After"]
         return page
 

@@ -373,9 +373,24 @@ def _run_check(check) -> dict[str, Any]:
         return {"healthy": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
+class DatabaseReadOnly(Exception):
+    """The database answers but refuses every change."""
+
+
 def _ping_database() -> None:
+    """The database answers and, on PostgreSQL, takes writes: a standby, or a server its
+    operator or host made read-only (as some hosts do when its disk fills), answers a
+    SELECT but refuses every change."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT 1")
+        if connection.vendor != "postgresql":
+            cursor.execute("SELECT 1")
+            return
+        cursor.execute("SHOW transaction_read_only")
+        if cursor.fetchone()[0] == "on":
+            raise DatabaseReadOnly(
+                "it refuses writes (transaction_read_only is on: a standby, or a server "
+                "made read-only)"
+            )
 
 
 def _check_workers() -> dict[str, Any]:
