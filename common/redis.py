@@ -27,7 +27,7 @@ def _client(url: str) -> redis.Redis:
         decode_responses=True,
         health_check_interval=30,
         socket_connect_timeout=5,
-        socket_timeout=30,
+        socket_timeout=settings.REDIS_SOCKET_TIMEOUT_SECONDS,
     )
 
 
@@ -36,13 +36,15 @@ def _close(client: redis.Redis) -> None:
     client.connection_pool.disconnect()
 
 
-@process_singleton(settings=("REDIS_URL",), close=_close)
+@process_singleton(settings=("REDIS_URL", "REDIS_SOCKET_TIMEOUT_SECONDS"), close=_close)
 def get_redis() -> redis.Redis:
     """The process-wide client of REDIS_URL (one connection pool per process)."""
     return _client(settings.REDIS_URL)
 
 
-@process_singleton(settings=("REDIS_URL", "CELERY_BROKER_URL"), close=_close)
+@process_singleton(
+    settings=("REDIS_URL", "CELERY_BROKER_URL", "REDIS_SOCKET_TIMEOUT_SECONDS"), close=_close
+)
 def _own_broker_redis() -> redis.Redis:
     return _client(settings.CELERY_BROKER_URL)
 

@@ -313,12 +313,22 @@ SPECTACULAR_SETTINGS = {
 
 # --- Redis: workspace registry, agent cache, queue activity, chat event streams ---
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6380/0")
+# The longest wait for one Redis reply (the process's clients: common.redis, the cache).
+# Every command the web and the workers send answers in milliseconds (the longest
+# blocking read is 1 s); a Redis that stalls (a slow command, a host gone without a
+# reset) holds each request only this long per command, then the request goes on
+# without it or answers 503.
+REDIS_SOCKET_TIMEOUT_SECONDS = env.float("REDIS_SOCKET_TIMEOUT_SECONDS", default=5)
 # The cache (rate limits' counters) lives there too, under its own key prefix.
 CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
         "LOCATION": REDIS_URL,
         "KEY_PREFIX": "uws:cache",
+        "OPTIONS": {
+            "socket_connect_timeout": 5,
+            "socket_timeout": REDIS_SOCKET_TIMEOUT_SECONDS,
+        },
     }
 }
 

@@ -208,3 +208,35 @@ def test_a_redis_that_would_evict_keys_is_named_in_degraded(stoppable_redis):
     body = staff.get("/admin/workspaces/health").json()
     assert "of maxmemory used" in body["checks"]["redis"]["warning"]
     assert body["checks"]["redis"]["healthy"] is True and "redis" in body["degraded"]
+
+
+def test_a_redis_that_stalls_holds_a_request_one_socket_timeout_per_command(
+    api, user, stoppable_redis, settings
+):
+    """A Redis that accepts connections but answers nothing (a slow command, a host gone
+    without a reset; here CLIENT PAUSE) holds a request REDIS_SOCKET_TIMEOUT_SECONDS
+    (1 s here) per command, then the request goes on without it: a chat message is
+    accepted (its run sent by the recovery pass), health says Redis is unhealthy. The
+    pause outlasts both: without the timeout they would wait for its end."""
+    settings.REDIS_SOCKET_TIMEOUT_SECONDS = 1
+    project = ProjectFactory(owner=user)
+    session = ChatSessionFactory(agent=AgentFactory(project=project), project=project)
+    url = f"/my/projects/{project.id}/chat/{session.id}/messages/"
+    assert api.post(url, {"content": "hi"}, format="json").status_code == 202
+    staff = APIClient()
+    staff.force_authenticate(UserFactory(is_staff=True))
+    client = stoppable_redis.client()
+
+    # Paused for longer than the request and the health check take (3 s each: three
+    # commands, and the redis, broker and workers checks on this one Redis).
+    client.execute_command("CLIENT", "PAUSE", 8_000, "ALL")
+    started = time.monotonic()
+    posted = api.post(url, {"content": "again"}, format="json")
+    took = time.monotonic() - started
+    started = time.monotonic()
+    redis_check = staff.get("/admin/workspaces/health").json()["checks"]["redis"]
+    health_took = time.monotonic() - started
+    assert posted.status_code == 202 and took < 4, (posted.content, took)
+    assert redis_check["healthy"] is False and "Timeout" in redis_check["error"], redis_check
+    assert health_took < 4, health_took
+    assert Run.objects.get(message_id=posted.json()["assistant_message_id"]).status == "queued"
