@@ -117,19 +117,34 @@ else:
     # DB_WEB_POOL_MAX_SIZE + other processes x DB_POOL_MAX_SIZE must stay below
     # PostgreSQL's max_connections minus its reserved ones (README, "Capacity").
     pool_size = env.int("DB_POOL_MAX_SIZE", default=10)
+    # libpq's parameters from DATABASE_URL's query string (`?sslmode=verify-full&...`)
+    # are kept; these are added unless it names them. A database host gone without a
+    # reset (a crash, a pulled cable, a failover that moved its address) answers nothing:
+    # without them a query, or the pool's check of a connection, waited for the kernel
+    # to give up (about 15 min), and a connection attempt for the kernel's SYN retries.
+    # Data the server has not acknowledged within DB_TCP_TIMEOUT_SECONDS closes the
+    # connection (a query the server is still running sends nothing: it is not bounded),
+    # and an idle one is probed after 30 s.
+    DATABASES["default"]["OPTIONS"] = {
+        "connect_timeout": env.int("DB_CONNECT_TIMEOUT_SECONDS", default=5),
+        "tcp_user_timeout": int(env.float("DB_TCP_TIMEOUT_SECONDS", default=10) * 1000),
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+        **DATABASES["default"].get("OPTIONS", {}),
+    }
     if pool_size:
-        DATABASES["default"]["OPTIONS"] = {
-            "pool": {
-                "min_size": env.int("DB_POOL_MIN_SIZE", default=1),
-                "max_size": pool_size,
-                # A request that finds no free connection within this long answers 503
-                # with Retry-After (load, or the database away): far shorter than a
-                # client's patience, so load is refused quickly instead of piling up.
-                "timeout": env.float("DB_POOL_TIMEOUT_SECONDS", default=2),
-                # At most this many threads wait for a connection at once; one more is
-                # refused at once (a 503) instead of queueing behind them.
-                "max_waiting": env.int("DB_POOL_MAX_WAITING", default=200),
-            }
+        DATABASES["default"]["OPTIONS"]["pool"] = {
+            "min_size": env.int("DB_POOL_MIN_SIZE", default=1),
+            "max_size": pool_size,
+            # A request that finds no free connection within this long answers 503
+            # with Retry-After (load, or the database away): far shorter than a
+            # client's patience, so load is refused quickly instead of piling up.
+            "timeout": env.float("DB_POOL_TIMEOUT_SECONDS", default=2),
+            # At most this many threads wait for a connection at once; one more is
+            # refused at once (a 503) instead of queueing behind them.
+            "max_waiting": env.int("DB_POOL_MAX_WAITING", default=200),
         }
     else:
         DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=0)

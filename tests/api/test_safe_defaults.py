@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.db import connection
 
 from tests.workers import database_url
 
@@ -108,3 +109,31 @@ def test_the_banner_creates_no_user():
         proc.terminate()
         proc.wait(15)
     assert not get_user_model().objects.filter(username="demo").exists()
+
+
+@pytest.mark.django_db
+def test_libpq_parameters_in_the_database_url_reach_the_pooled_connections():
+    """`?sslmode=…` and the like in DATABASE_URL are kept beside the pool (they were
+    replaced by it), and a connection gets the bounds on a host that answers nothing
+    (DB_TCP_TIMEOUT_SECONDS, TCP keepalives) unless the URL names its own."""
+    if connection.vendor != "postgresql":
+        pytest.skip("libpq parameters are PostgreSQL's")
+    code = (
+        "import django; django.setup()\n"
+        "from django.db import connection\n"
+        "connection.ensure_connection()\n"
+        "params = connection.connection.info.get_parameters()\n"
+        "print(params['application_name'], params['tcp_user_timeout'], params['keepalives_idle'],"
+        " 'pool' in connection.settings_dict['OPTIONS'])\n"
+    )
+    url = f"{database_url()}?application_name=uws-probe&keepalives_idle=7"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test", "DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["uws-probe", "10000", "7", "True"]
