@@ -7,6 +7,7 @@ node: these tests start one of their own (tests.rabbitmq.private_rabbitmq)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 import amqp
 import pytest
 from amqp.exceptions import NotFound
-from django.conf import settings
 from kombu import Connection
 from kombu.exceptions import OperationalError
 
@@ -42,12 +42,16 @@ def node():
     reason = private_rabbitmq_unavailable()
     if reason:
         pytest.skip(reason)
-    with private_rabbitmq() as node:
+    with contextlib.ExitStack() as stack:
+        try:
+            node = stack.enter_context(private_rabbitmq())
+        except RuntimeError as exc:
+            pytest.skip(f"could not start a RabbitMQ node of the test's own: {exc}")
         yield node
 
 
 @pytest.fixture
-def alarmed(node, settings):  # noqa: F811  (pytest-django's fixture, over Django's)
+def alarmed(node, settings):
     """This process's app on the private node, its memory alarm cleared afterwards."""
     settings.AMQP_BLOCKED_RETRY_SECONDS = 0.5
     with broker_at(node.url):
@@ -61,7 +65,7 @@ def alarmed(node, settings):  # noqa: F811  (pytest-django's fixture, over Djang
 def on_broker(queue: str) -> int | None:
     """Messages in `queue` (None: no such queue), asked on a connection that never
     publishes, which the alarm does not block."""
-    with Connection(settings.CELERY_BROKER_URL, connect_timeout=5) as conn:
+    with Connection(app.conf.broker_url, connect_timeout=5) as conn:
         try:
             return conn.default_channel.queue_declare(queue=queue, passive=True)[1]
         except NotFound:
@@ -96,7 +100,7 @@ def test_a_publish_that_meets_the_alarm_fails_at_once_and_the_next_are_refused(a
     assert took < MET
 
     # Many at once, once the refusal has lapsed: each meets the alarm, and gives up.
-    assert wait_for(lambda: not amqp_blocked(settings.CELERY_BROKER_URL), timeout=5)
+    assert wait_for(lambda: not amqp_blocked(app.conf.broker_url), timeout=5)
     with ThreadPoolExecutor(10) as pool:
         outcomes = list(pool.map(lambda _: timed(send, tasks.record, project_id=fresh), range(10)))
     assert all(isinstance(o, BrokerBlocked) and took < MET for o, took in outcomes), outcomes
@@ -113,7 +117,7 @@ def test_a_publish_that_meets_the_alarm_fails_at_once_and_the_next_are_refused(a
 
 @pytest.mark.django_db(transaction=True)
 def test_a_chat_message_under_the_alarm_is_accepted_and_its_run_sent_once_it_clears(
-    alarmed, api, user, settings
+    alarmed, api, user, settings, redis_client
 ):
     project = ProjectFactory(owner=user)
     agent = AgentFactory(project=project)
@@ -131,6 +135,19 @@ def test_a_chat_message_under_the_alarm_is_accepted_and_its_run_sent_once_it_cle
     run = Run.objects.get(message_id=posted.json()["assistant_message_id"])
     # Its publish failed: the run is queued and unmarked, for the recovery pass.
     assert run.status == "queued" and run.attempt == 1
+
+    # A context upload needs its job on the bus before it answers: 503, nothing kept
+    # (but the rate limits' count of the attempt).
+    def kept():
+        return {k for k in redis_client.scan_iter(count=1000) if ":throttle_" not in k}
+
+    keys = kept()
+    uploaded, took = timed(
+        api.post, f"/my/projects/{project.id}/agents/{agent.id}/context/",
+        {"documents": ["x"]}, format="json",
+    )  # fmt: skip
+    assert uploaded.status_code == 503 and uploaded["Retry-After"], uploaded.content
+    assert took < MET and kept() == keys
 
     alarmed.memory_alarm(False)
     settings.RUN_REDISPATCH_SECONDS = 0
