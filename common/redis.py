@@ -46,14 +46,20 @@ def get_redis() -> redis.Redis:
     settings=("REDIS_URL", "CELERY_BROKER_URL", "REDIS_SOCKET_TIMEOUT_SECONDS"), close=_close
 )
 def _own_broker_redis() -> redis.Redis:
-    return _client(settings.CELERY_BROKER_URL)
+    return _client(broker_redis_url())
+
+
+def broker_redis_url() -> str:
+    """The Redis the AgentBus keeps its queues and state in: the Celery broker when it is
+    a Redis, else (RabbitMQ: only the queues are there, agentbus.broker) REDIS_URL."""
+    broker = settings.CELERY_BROKER_URL or ""
+    return broker if broker.startswith(("redis://", "rediss://")) else settings.REDIS_URL
 
 
 def broker_redis() -> redis.Redis:
-    """The client of the Celery broker's Redis; REDIS_URL's when the broker is not a
-    Redis (RabbitMQ: the bus keeps its coordination state there, agentbus.broker)."""
-    broker = settings.CELERY_BROKER_URL or ""
-    if broker == settings.REDIS_URL or broker.startswith(("amqp://", "amqps://", "pyamqp://")):
+    """The client of broker_redis_url(): the process's REDIS_URL client when they are
+    the same."""
+    if broker_redis_url() == settings.REDIS_URL:
         return get_redis()
     return _own_broker_redis()
 

@@ -52,6 +52,7 @@ import redis.asyncio
 from django.conf import settings
 
 from agentbus.guard import tombstone_key
+from common.redis import broker_redis_url
 
 logger = logging.getLogger(__name__)
 
@@ -191,12 +192,14 @@ class StreamHub:
             )
         )
         self.pipelined = Pipelined(self.client)
-        if settings.CELERY_BROKER_URL == settings.REDIS_URL:
+        # The bus's state (a deleted project's tombstone): REDIS_URL's unless the broker
+        # is another Redis (on RabbitMQ it is REDIS_URL's too).
+        if broker_redis_url() == settings.REDIS_URL:
             self.broker = self.client
             self.broker_pipelined = self.pipelined
         else:
             self.broker = redis.asyncio.Redis.from_url(
-                settings.CELERY_BROKER_URL, decode_responses=True, max_connections=1
+                broker_redis_url(), decode_responses=True, max_connections=1
             )
             self.broker_pipelined = Pipelined(self.broker)
         # Subscription confirmations are wanted: each one has the key read again (above).

@@ -23,6 +23,7 @@ from chat.streams import stream_key
 from common.asgi import serves_long_lived
 from realtime import auth, streamhub
 from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
+from tests.local_http import free_port
 from tests.runtime.conftest import (
     stream_events,
     threads_inside,
@@ -429,3 +430,22 @@ def test_an_event_whose_notification_was_lost_arrives_by_the_safety_poll(
     writer.join()
     assert [e["event"] for e in events] == ["message.delta"]
     assert time.monotonic() - started < 3
+
+
+def test_with_rabbitmq_as_the_broker_a_stream_carries_its_events(asgi, user, session, settings):
+    """On RabbitMQ the bus keeps a deleted project's tombstone in REDIS_URL, and the hub
+    reads it there: it took the broker's AMQP URL for a Redis's, and every stream
+    answered 500. The broker is never asked (nothing listens at this one)."""
+    settings.CELERY_BROKER_URL = f"amqp://guest:guest@127.0.0.1:{free_port()}//"
+    written = streams.event_append(
+        redis=scoped(user.id, session.project_id),
+        session_id=session.id,
+        event_type="message.delta",
+        data={"delta": "hi"},
+    )
+    headers = {"Authorization": f"Token {token_for(user)}"}
+    status, events, _ = read_sse(
+        events_url(asgi, session), headers=headers, params={"cursor": "0"}, until=bool
+    )
+    assert status == 200, events
+    assert [e["id"] for e in events] == [written]
