@@ -49,12 +49,11 @@ from celery import current_app
 from django.conf import settings
 from kombu.exceptions import OperationalError
 
-from common.redis import broker_redis, redis_health
+from common.redis import broker_redis, is_redis_url, redis_health
 
 logger = logging.getLogger(__name__)
 
 AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
-REDIS_SCHEMES = ("redis", "rediss")
 # Project queues ever declared on the AMQP broker (and not deleted since).
 AMQP_QUEUES_KEY = "uws:bus:amqp:queues"
 
@@ -69,7 +68,14 @@ def uses_amqp(url: str | None = None) -> bool:
 
 
 def uses_redis(url: str | None = None) -> bool:
-    return scheme(url) in REDIS_SCHEMES
+    return is_redis_url(url if url is not None else settings.CELERY_BROKER_URL or "")
+
+
+def write_url() -> str:
+    """The broker URL the app publishes to (Celery's broker_write_url, else broker_url):
+    the bus's producers and the alarm's refusal are per this URL."""
+    conf = current_app.conf
+    return str(conf.broker_write_url or conf.broker_url)
 
 
 class BrokerBlocked(OperationalError):
@@ -116,8 +122,8 @@ def broker_health() -> dict[str, Any]:
         return redis_health(broker_redis())
     started = time.perf_counter()
     try:
-        url = current_app.conf.broker_url
-        with current_app.connection_for_write(transport_options=amqp_publish_options(url)) as conn:
+        options = amqp_publish_options(write_url())
+        with current_app.connection_for_write(transport_options=options) as conn:
             conn.ensure_connection(max_retries=0)  # one try, no waits between tries
             try:
                 conn.default_channel.basic_publish(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from contextlib import suppress
 from typing import Any
+from urllib.parse import urlparse
 
 import redis
 from django.conf import settings
@@ -49,11 +50,19 @@ def _own_broker_redis() -> redis.Redis:
     return _client(broker_redis_url())
 
 
+# The URL schemes of a Redis broker (any other broker is RabbitMQ: agentbus.broker).
+REDIS_SCHEMES = ("redis", "rediss")
+
+
+def is_redis_url(url: str) -> bool:
+    return urlparse(url).scheme in REDIS_SCHEMES
+
+
 def broker_redis_url() -> str:
     """The Redis the AgentBus keeps its queues and state in: the Celery broker when it is
     a Redis, else (RabbitMQ: only the queues are there, agentbus.broker) REDIS_URL."""
     broker = settings.CELERY_BROKER_URL or ""
-    return broker if broker.startswith(("redis://", "rediss://")) else settings.REDIS_URL
+    return broker if is_redis_url(broker) else settings.REDIS_URL
 
 
 def broker_redis() -> redis.Redis:
