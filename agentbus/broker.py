@@ -71,13 +71,6 @@ def uses_redis(url: str | None = None) -> bool:
     return is_redis_url(url if url is not None else settings.CELERY_BROKER_URL or "")
 
 
-def write_url() -> str:
-    """The broker URL the app publishes to (Celery's broker_write_url, else broker_url):
-    the bus's producers and the alarm's refusal are per this URL."""
-    conf = current_app.conf
-    return str(conf.broker_write_url or conf.broker_url)
-
-
 class BrokerBlocked(OperationalError):
     """RabbitMQ blocks publishing (a memory or disk alarm): the publish was not tried, or
     not confirmed. An OperationalError, as a broker that is down: a request answers 503
@@ -122,7 +115,8 @@ def broker_health() -> dict[str, Any]:
         return redis_health(broker_redis())
     started = time.perf_counter()
     try:
-        options = amqp_publish_options(write_url())
+        conf = current_app.conf  # the URL the bus publishes to (agentbus.publish's key)
+        options = amqp_publish_options(str(conf.broker_write_url or conf.broker_url))
         with current_app.connection_for_write(transport_options=options) as conn:
             conn.ensure_connection(max_retries=0)  # one try, no waits between tries
             try:

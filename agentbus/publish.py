@@ -38,7 +38,6 @@ from .broker import (
     amqp_publish_options,
     uses_amqp,
     uses_redis,
-    write_url,
 )
 from .guard import ProjectGone, project_gone
 from .queues import direct_queue, project_queue
@@ -60,7 +59,8 @@ _producers: dict[tuple[int, str], ProducerPool] = {}
 
 
 def _producers_key() -> tuple[int, str]:
-    return (os.getpid(), write_url())
+    conf = current_app.conf
+    return (os.getpid(), str(conf.broker_write_url or conf.broker_url))
 
 
 def _bus_producers(key: tuple[int, str]) -> ProducerPool | None:
