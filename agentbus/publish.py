@@ -20,6 +20,7 @@ from kombu.entity import DELIVERY_MODES
 from kombu.pools import ProducerPool
 from kombu.utils.imports import symbol_by_name
 
+from common.lifecycle import outage_waited
 from common.redis import broker_redis
 from common.tracing import (
     PUBLISHED_AT_HEADER,
@@ -294,7 +295,10 @@ class AgentBusTask(Task):
                          **{"messaging.destination.name": self.request.delivery_info and
                             self.request.delivery_info.get("routing_key")})  # fmt: skip
         with log_context(project_id=project_id):
-            if project_id is not None and self._project_gone(project_id):
+            # A Redis out of reach is waited out: the task stays this worker's.
+            if project_id is not None and outage_waited(
+                lambda: self._project_gone(project_id), what=f"{self.name}[{self.request.id}]"
+            ):
                 logger.info(
                     "skipping %s[%s]: project %s was deleted",
                     self.name,

@@ -30,7 +30,7 @@ from agentbus import project_gone
 from agents.memory import memory_blocks_prompt
 from agents.models import AgentVersion
 from agents.versions import version_tool_rows
-from common.lifecycle import worker_stopping
+from common.lifecycle import outage_waited, worker_stopping
 from common.tracing import log_context, span
 from context.sparse import agent_search_mode
 from context.vectors import citation, context_search, exchange_store, exchanges_forget, query_embed
@@ -119,15 +119,25 @@ def chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
 
 
 def _chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
+    # Until the run is claimed, this worker holds its task and the run's mark names this
+    # worker: a database or Redis out of reach is waited out, as a failed task would
+    # leave the run to no one while this worker beats.
+    run = outage_waited(lambda: _start(run_id=run_id, attempt=attempt), what=f"run {run_id}")
+    if isinstance(run, str):
+        return run
+    return _run_claimed(run=run, attempt=attempt, redis=_redis_of(run))
+
+
+def _start(*, run_id: uuid.UUID | str, attempt: int) -> Run | str:
+    """Claim the run for this attempt: the run, or the outcome when it is not started."""
     try:
         run = Run.objects.select_related("session__project").get(id=run_id)
     except Run.DoesNotExist:
         return "gone"
     if run.attempt != attempt:
         return "stale"  # an older dispatch: the newer one owns the run and its mark
-    redis = _redis_of(run)
     try:
-        streams.runs_unmark(redis=redis, run_ids=[str(run.id)])
+        streams.runs_unmark(redis=_redis_of(run), run_ids=[str(run.id)])
     except Exception:
         logger.warning("run %s: could not clear its dispatch mark", run.id, exc_info=True)
     if run.status != Run.Status.QUEUED:
@@ -145,7 +155,7 @@ def _chat_run(*, run_id: uuid.UUID | str, attempt: int) -> str:
         # answer at a time per session), and the end of that one dispatches this one
         # again (chat.dispatch.run_next_dispatch). Else it was taken back or ended.
         return "waiting" if state.run_undispatched(run=run, attempt=attempt) else "stale"
-    return _run_claimed(run=run, attempt=attempt, redis=redis)
+    return run
 
 
 def _run_claimed(*, run: Run, attempt: int, redis: ScopedRedis) -> str:

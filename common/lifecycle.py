@@ -22,18 +22,23 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import signal
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
+import redis
 from celery.signals import celeryd_after_setup, worker_process_shutdown, worker_shutdown
 from celery.worker import state as worker_state
+from django.db import InterfaceError, OperationalError, connection
 
 from .redis import close_redis
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _stopping = threading.Event()
 _sync_hooks: list[Callable[[], object]] = []
@@ -48,6 +53,41 @@ def worker_stopping() -> bool:
     """Whether this worker process is shutting down: work in flight should stop at its
     next safe point and hand itself back."""
     return _stopping.is_set()
+
+
+# A Redis or database that cannot be reached (down, or cut off from this host): errors
+# that mean "not now", not "never".
+OUTAGES = (redis.ConnectionError, redis.TimeoutError, OperationalError, InterfaceError)
+
+
+def outage_waited(call: Callable[[], T], *, what: str, most: float = 5.0) -> T:
+    """`call()`, called again while it fails for want of Redis or the database, after a
+    pause that doubles from 0.5 s up to `most`: a task a worker holds stays held by
+    this worker until they answer, instead of failing. The recovery passes count a
+    task a worker received as that worker's while the worker beats, so a task that
+    failed here would be no one's. Raises the last error once this worker is told to
+    stop (its tasks are then taken back as a stopped worker's)."""
+    delay = 0.5
+    while True:
+        try:
+            return call()
+        except OUTAGES as exc:
+            if isinstance(exc, OperationalError | InterfaceError):
+                with contextlib.suppress(Exception):
+                    connection.close()  # the next query opens a new one
+            if _told_to_stop():
+                raise
+            logger.warning("%s: %s; trying again in %.1f s", what, exc, delay)
+            if _stopping.wait(delay):
+                raise
+            delay = min(delay * 2, most)
+
+
+def _told_to_stop() -> bool:
+    # Our soft shutdown, or Celery's warm or cold one (a signal, or a worker stopped in
+    # process, which sets these flags without a signal).
+    flags = (worker_state.should_stop, worker_state.should_terminate)
+    return _stopping.is_set() or any(f is not None and f is not False for f in flags)
 
 
 def on_shutdown(hook: Callable[[], object]) -> Callable[[], object]:

@@ -4,14 +4,18 @@ answers but refuses writes (full, read-only) is unhealthy in the operators' heal
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 
 import pytest
 import redis
+from django.db import connection
 from rest_framework.test import APIClient
 
 from agents.models import Agent
-from chat.models import Run
+from chat.models import Message, Run
+from chat.tasks import run_agent
 from governance.models import Quota
 from tests.factories import (
     AgentFactory,
@@ -21,7 +25,7 @@ from tests.factories import (
     UserFactory,
 )
 from tests.redis_server import private_redis
-from tests.workers import broker_at
+from tests.workers import broker_at, wait_until
 from workspaces.manager import get_worker_space, get_worker_space_manager
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -241,3 +245,41 @@ def test_a_redis_that_stalls_holds_a_request_one_socket_timeout_per_command(
     assert redis_check["healthy"] is False and "Timeout" in redis_check["error"], redis_check
     assert health_took < 6, health_took
     assert Run.objects.get(message_id=posted.json()["assistant_message_id"]).status == "queued"
+
+
+def test_a_run_task_that_cannot_reach_redis_waits_for_it_and_then_answers(
+    api, user, stoppable_redis, caplog
+):
+    """A worker that holds a run's task when Redis goes out of reach (down, or this host
+    cut off) keeps it until Redis answers, then answers the run. The run's mark names
+    this worker, and the recovery pass leaves a live worker's runs to it: a task failed
+    there would have left the run to no one."""
+    project = ProjectFactory(owner=user)
+    session = ChatSessionFactory(agent=AgentFactory(project=project), project=project)
+    url = f"/my/projects/{project.id}/chat/{session.id}/messages/"
+    answer_id = api.post(url, {"content": "hi"}, format="json").json()["assistant_message_id"]
+    run = Run.objects.get(message_id=answer_id)
+    stoppable_redis.stop()
+
+    outcome: list = []
+
+    def task() -> None:  # as the worker calls it: the project guard first, then the run
+        kwargs = {"user_id": user.pk, "project_id": str(project.id)}
+        try:
+            outcome.append(run_agent(**kwargs, run_id=str(run.id), attempt=run.attempt))
+        except Exception as exc:
+            outcome.append(exc)
+        finally:
+            connection.close()
+
+    waiting = threading.Thread(target=task)
+    with caplog.at_level(logging.WARNING, logger="common.lifecycle"):
+        waiting.start()
+        wait_until(
+            lambda: outcome or "trying again" in caplog.text, timeout=10, what="the task waits"
+        )
+        assert not outcome, outcome  # not failed
+        stoppable_redis.start()  # back, and empty
+        waiting.join(30)
+    assert outcome == ["done"]
+    assert Message.objects.get(id=answer_id).status == "done"

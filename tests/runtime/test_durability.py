@@ -5,14 +5,17 @@ processes of the test's own, stopped and killed."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
 from datetime import timedelta
 
+import psycopg
 import pytest
 from celery.signals import task_failure
 from celery.worker import state as worker_state
+from django.db import connection
 from django.utils import timezone
 
 from agentbus import MAINTENANCE_QUEUE
@@ -30,7 +33,7 @@ from tests.factories import AgentFactory, ChatSessionFactory, ProjectFactory
 from tests.runtime.conftest import stream_events, token_for, wait_for_event
 from tests.runtime.test_sse import completed, events_url, read_sse
 from tests.runtime.tool_server import ToolServer
-from tests.workers import wait_for, wait_until
+from tests.workers import database_url, wait_for, wait_until
 from workspaces.models import WorkspaceTeardown
 from workspaces.redis import scoped, workspace_prefix
 
@@ -360,6 +363,41 @@ def test_a_run_that_keeps_losing_its_worker_ends_in_error(transactional_db, api,
     assert answer.status == "error" and "interrupted" in answer.error
     kinds = [k for _, k, _ in stream_events(_redis(), chat.project, chat.id)]
     assert kinds[-1] == "message.error"
+
+
+def test_a_run_that_loses_its_database_connection_before_it_starts_waits_and_answers(
+    transactional_db, api, chat, caplog
+):
+    """The worker's connection to the database is cut just as a run would start (the
+    server ended it, as a failover or a restart does): the start is tried again on a
+    new connection, and the run is answered, not failed while its mark still names this
+    worker (chat.dispatch: the recovery pass leaves a live worker's runs to it)."""
+    if connection.vendor != "postgresql":
+        pytest.skip("ends a PostgreSQL session")
+    answer_id = post(api, chat)
+    run = Run.objects.get(message_id=answer_id)
+    outcome: list = []
+
+    def worker_thread() -> None:
+        try:
+            connection.ensure_connection()
+            with psycopg.connect(database_url(), autocommit=True) as other:
+                other.execute(
+                    "SELECT pg_terminate_backend(%s)", [connection.connection.info.backend_pid]
+                )
+            outcome.append(chat_run(run_id=run.id, attempt=run.attempt))
+        except Exception as exc:
+            outcome.append(exc)
+        finally:
+            connection.close()
+
+    with caplog.at_level(logging.WARNING, logger="common.lifecycle"):
+        thread = threading.Thread(target=worker_thread)
+        thread.start()
+        thread.join(30)
+    assert outcome == ["done"]
+    assert "trying again" in caplog.text  # the cut was met, not missed
+    assert Message.objects.get(id=answer_id).status == "done"
 
 
 def test_cancel_stops_provider_retries(live_worker, api, user, fake_openai, runtime_settings):
