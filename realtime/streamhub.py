@@ -185,7 +185,7 @@ class StreamHub:
                 settings.REDIS_URL,
                 decode_responses=True,
                 socket_connect_timeout=5,
-                socket_timeout=30,
+                socket_timeout=settings.REDIS_SOCKET_TIMEOUT_SECONDS,
                 health_check_interval=30,
                 max_connections=settings.SSE_REDIS_CONNECTIONS,
                 timeout=settings.SSE_REDIS_WAIT_SECONDS,
@@ -199,7 +199,11 @@ class StreamHub:
             self.broker_pipelined = self.pipelined
         else:
             self.broker = redis.asyncio.Redis.from_url(
-                broker_redis_url(), decode_responses=True, max_connections=1
+                broker_redis_url(),
+                decode_responses=True,
+                max_connections=1,
+                socket_connect_timeout=5,
+                socket_timeout=settings.REDIS_SOCKET_TIMEOUT_SECONDS,
             )
             self.broker_pipelined = Pipelined(self.broker)
         # Subscription confirmations are wanted: each one has the key read again (above).

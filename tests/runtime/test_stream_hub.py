@@ -222,3 +222,27 @@ def test_a_stream_opening_while_redis_is_down_waits_for_it_and_gets_what_follows
                     pass
 
         run_with_hub(gives_up)
+
+
+def test_a_stream_opening_on_a_redis_that_stalls_gives_up_within_its_wait(settings):
+    """A Redis that accepts connections but answers nothing (here CLIENT PAUSE) holds a
+    stream's opening one REDIS_SOCKET_TIMEOUT_SECONDS per try, and the opening gives up
+    (StreamUnavailable) once SSE_REDIS_WAIT_SECONDS is spent, not when Redis answers
+    again. The pause outlasts the bound."""
+    settings.REDIS_SOCKET_TIMEOUT_SECONDS = 1
+    settings.SSE_REDIS_WAIT_SECONDS = 1
+    with private_redis() as server:
+        settings.REDIS_URL = settings.CELERY_BROKER_URL = server.url
+        server.client().execute_command("CLIENT", "PAUSE", 15_000, "ALL")
+
+        async def test(hub):
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(streamhub.StreamUnavailable):
+                async with hub.subscribe(
+                    key="test:hub:stall", project_id=uuid.uuid4(), cursor="0-0"
+                ):
+                    pass
+            return asyncio.get_running_loop().time() - started
+
+        took = run_with_hub(test)
+        assert took < 6, took  # about 2 s: two tries of 1 s; else the pause's 15 s
