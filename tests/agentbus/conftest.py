@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from kombu import Connection
 
 from agentbus import publish
 from agentbus.broker import AMQP_QUEUES_KEY, amqp_known_queues
@@ -79,10 +80,12 @@ def bus_broker(request, settings):
         # What a test left on the vhost does not meet the next one. Deleted on one
         # channel without waiting for each answer (amqp_delete takes a connection and a
         # channel per queue: seconds for a test that declared a thousand); deleting a
-        # missing queue is no error.
+        # missing queue is no error. The broker may take longer than the app's bound on a
+        # reply (AMQP_TIMEOUT_SECONDS) to answer after a thousand deletes on a busy machine.
         queues = amqp_known_queues()
         if queues:
-            with app.pool.acquire(block=True) as conn:
+            patient = {"read_timeout": 120, "write_timeout": 120}
+            with Connection(url, transport_options=patient) as conn:
                 channel = conn.channel()
                 for queue in queues:
                     channel.queue_delete(queue=queue, nowait=True)

@@ -116,7 +116,7 @@ def test_a_worker_survives_the_broker_deleting_a_queue_it_consumes(
     # A teardown that deletes the queue before the worker heard the unfollow.
     amqp_delete(project_queue(first))
 
-    assert wait_for(lambda: worker_status(live_worker.hostname)["queues"] == [], timeout=5)
+    assert wait_for(lambda: worker_status(live_worker.hostname)["queues"] == [], timeout=20)
     task_id = send(tasks.record, user_id=1, project_id=second, kwargs={"tag": "second"})
     assert wait_for(lambda: tasks.effects("second")) == [task_id]
     assert consumer.restart_count == restarts  # the same connection, no restart

@@ -60,7 +60,7 @@ def test_flower_lists_the_active_project_queues(live_worker, flower):
     send(tasks.record, user_id=1, project_id=first, kwargs={"tag": "f"})
     assert wait_for(lambda: tasks.effects("f"))
 
-    broker = wait_for(lambda: project_queue(first) in _page(f"{base}/broker"), timeout=30)
+    broker = wait_for(lambda: project_queue(first) in _page(f"{base}/broker"), timeout=60)
     assert broker, log.read_text()[-3000:]
     page = _page(f"{base}/broker")
     assert MAINTENANCE_QUEUE in page and project_queue(second) not in page
@@ -74,4 +74,4 @@ def test_flower_lists_the_active_project_queues(live_worker, flower):
         _page(f"{base}/workers?refresh=1")
         return project_queue(second) in _page(f"{base}/broker")
 
-    assert wait_for(listed_after_refresh, timeout=15)
+    assert wait_for(listed_after_refresh, timeout=30)

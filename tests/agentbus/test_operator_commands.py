@@ -60,7 +60,7 @@ def test_flower_lists_a_new_project_queue_without_a_manual_refresh(live_worker, 
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        assert wait_for(lambda: MAINTENANCE_QUEUE in _page(f"{base}/broker"), timeout=30), (
+        assert wait_for(lambda: MAINTENANCE_QUEUE in _page(f"{base}/broker"), timeout=60), (
             tmp_path / "flower.log"
         ).read_text()[-3000:]
         later = uuid.uuid4()
@@ -68,7 +68,7 @@ def test_flower_lists_a_new_project_queue_without_a_manual_refresh(live_worker, 
         send(tasks.record, user_id=1, project_id=later, kwargs={"tag": "later"})
         assert wait_for(lambda: tasks.effects("later"))
         # Only the broker page is read: Flower looks at the workers again by itself.
-        assert wait_for(lambda: project_queue(later) in _page(f"{base}/broker"), timeout=20)
+        assert wait_for(lambda: project_queue(later) in _page(f"{base}/broker"), timeout=60)
     finally:
         proc.kill()
         proc.wait(10)

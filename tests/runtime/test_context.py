@@ -28,7 +28,7 @@ def run_job(api, agent, response):
         job = api.get(url).json()
         return job if job["status"] in ("done", "error") else None
 
-    return wait_until(finished, what="context job")
+    return wait_until(finished, timeout=60, what="context job")
 
 
 def search(api, agent, q, k=5):

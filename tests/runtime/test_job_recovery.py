@@ -58,7 +58,7 @@ def job_of(api, agent, job_id) -> dict:
     return response.json()
 
 
-def recover_until_ended(api, agent, job_id, timeout=60.0) -> dict:
+def recover_until_ended(api, agent, job_id, timeout=90.0) -> dict:
     """Run the recovery pass (beat's job) until the job has ended."""
 
     def ended():
@@ -94,7 +94,7 @@ def test_a_file_job_whose_worker_is_killed_mid_fetch_is_done_by_another(
     took = time.monotonic() - killed
     print(f"file job: worker killed mid-fetch to done: {took:.2f}s")
     assert job["status"] == "done", job
-    assert took < 30, took  # not the broker's visibility timeout (an hour)
+    assert took < 90, took  # not the visibility timeout (an hour); room for a loaded machine
     document = ContextDocument.objects.get(job_id=job_id)
     assert (document.status, document.chunks) == ("ready", 1)
     hits = search(api, agent, "qctl-restart-9")
@@ -128,7 +128,7 @@ def test_an_ingest_whose_worker_is_killed_between_batches_stores_every_document_
     took = time.monotonic() - killed
     print(f"ingest: worker killed after {stored_when_killed} of 40 to done: {took:.2f}s")
     assert job["status"] == "done" and job["stored_documents"] == 40, job
-    assert took < 30, took
+    assert took < 90, took  # as above
     # Each document once: one hit per code, and as many points as documents.
     hits = search(api, agent, "parcel code PX-0039", k=50)
     assert len(hits) == 40
