@@ -182,5 +182,8 @@ def test_a_wait_on_a_connection_the_alarm_blocked_ends(alarmed, short_waits):
         conn.default_channel.basic_publish(amqp.Message(b"x"), exchange="", routing_key="nowhere")
 
     depths, took = timed(amqp_depths, [queue])
-    assert isinstance(depths, OperationalError) and took < 2.5, (depths, took)
+    assert isinstance(depths, OperationalError) and took < 10, (
+        depths,
+        took,
+    )  # its 1 s, not the 60 s
     assert amqp_depths([queue]) == {queue: 1}

@@ -233,17 +233,17 @@ def test_a_redis_that_stalls_holds_a_request_one_socket_timeout_per_command(
 
     # Paused for longer than the request and the health check take together (about 3 s
     # each: three commands, and the redis, broker and workers checks on this one Redis;
-    # the bounds leave room for a busy machine).
-    client.execute_command("CLIENT", "PAUSE", 15_000, "ALL")
+    # the bounds leave room for a busy machine, and the pause for both bounds).
+    client.execute_command("CLIENT", "PAUSE", 30_000, "ALL")
     started = time.monotonic()
     posted = api.post(url, {"content": "again"}, format="json")
     took = time.monotonic() - started
     started = time.monotonic()
     redis_check = staff.get("/admin/workspaces/health").json()["checks"]["redis"]
     health_took = time.monotonic() - started
-    assert posted.status_code == 202 and took < 6, (posted.content, took)
+    assert posted.status_code == 202 and took < 10, (posted.content, took)
     assert redis_check["healthy"] is False and "Timeout" in redis_check["error"], redis_check
-    assert health_took < 6, health_took
+    assert health_took < 10, health_took
     assert Run.objects.get(message_id=posted.json()["assistant_message_id"]).status == "queued"
 
 

@@ -104,7 +104,7 @@ def done_by_another(first, response, worker_process, tmp_path, what: str) -> Arc
     took = time.monotonic() - killed
     print(f"{what}: worker killed mid-job to done: {took:.2f}s")
     assert job is not None and job.status == "done", ArchiveJob.objects.get(id=job_id).error
-    assert took < 30, took
+    assert took < 90, took  # not the visibility timeout (an hour); room for a loaded machine
     return job
 
 

@@ -245,4 +245,4 @@ def test_a_stream_opening_on_a_redis_that_stalls_gives_up_within_its_wait(settin
             return asyncio.get_running_loop().time() - started
 
         took = run_with_hub(test)
-        assert took < 6, took  # about 2 s: two tries of 1 s; else the pause's 15 s
+        assert took < 10, took  # about 2 s: two tries of 1 s; else the pause's 15 s
