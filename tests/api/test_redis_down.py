@@ -272,7 +272,7 @@ def test_a_run_task_that_cannot_reach_redis_waits_for_it_and_then_answers(
         finally:
             connection.close()
 
-    waiting = threading.Thread(target=task)
+    waiting = threading.Thread(target=task, daemon=True)  # never holds the session open
     with caplog.at_level(logging.WARNING, logger="common.lifecycle"):
         waiting.start()
         wait_until(

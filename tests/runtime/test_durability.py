@@ -392,7 +392,7 @@ def test_a_run_that_loses_its_database_connection_before_it_starts_waits_and_ans
             connection.close()
 
     with caplog.at_level(logging.WARNING, logger="common.lifecycle"):
-        thread = threading.Thread(target=worker_thread)
+        thread = threading.Thread(target=worker_thread, daemon=True)
         thread.start()
         thread.join(30)
     assert outcome == ["done"]
