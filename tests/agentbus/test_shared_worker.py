@@ -212,8 +212,11 @@ def test_a_backlog_does_not_starve_another_project(request):
 
     quiet_started = tasks.started("quiet")[0]["at"]
     overtaking = [s for s in tasks.started("busy") if sent_at < s["at"] < quiet_started]
-    # Round robin: at most the busy tasks already fetched or running run first.
-    assert len(overtaking) <= 8, len(overtaking)
+    # Round robin: at most the busy tasks already fetched or running run first, and those
+    # (5 ms each) that ran while the worker began to follow the new queue: on RabbitMQ a
+    # broadcast and a consume, which took 14 tasks' time once on a loaded machine. A
+    # starved project would wait for the hundreds left.
+    assert len(overtaking) <= 24, len(overtaking)
     # ...while a backlog still waited behind it (counted at the quiet task's start, not
     # when this test gets to look: the worker goes on draining meanwhile). How much ran
     # before the quiet task was sent depends on the machine's pace, not on fairness: a
