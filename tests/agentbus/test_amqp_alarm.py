@@ -182,8 +182,6 @@ def test_a_wait_on_a_connection_the_alarm_blocked_ends(alarmed, short_waits):
         conn.default_channel.basic_publish(amqp.Message(b"x"), exchange="", routing_key="nowhere")
 
     depths, took = timed(amqp_depths, [queue])
-    assert isinstance(depths, OperationalError) and took < 10, (
-        depths,
-        took,
-    )  # its 1 s, not the 60 s
+    # Its 1 s, not the 60 s.
+    assert isinstance(depths, OperationalError) and took < 10, (depths, took)
     assert amqp_depths([queue]) == {queue: 1}
