@@ -22,14 +22,19 @@ from django.conf import settings
 from .singletons import process_singleton
 
 
+def client_options() -> dict[str, Any]:
+    """How every Redis client of the process talks to its server, sync or asyncio: no
+    reply is waited for longer than REDIS_SOCKET_TIMEOUT_SECONDS."""
+    return {
+        "decode_responses": True,
+        "health_check_interval": 30,
+        "socket_connect_timeout": 5,
+        "socket_timeout": settings.REDIS_SOCKET_TIMEOUT_SECONDS,
+    }
+
+
 def _client(url: str) -> redis.Redis:
-    return redis.Redis.from_url(
-        url,
-        decode_responses=True,
-        health_check_interval=30,
-        socket_connect_timeout=5,
-        socket_timeout=settings.REDIS_SOCKET_TIMEOUT_SECONDS,
-    )
+    return redis.Redis.from_url(url, **client_options())
 
 
 def _close(client: redis.Redis) -> None:

@@ -52,7 +52,7 @@ import redis.asyncio
 from django.conf import settings
 
 from agentbus.guard import tombstone_key
-from common.redis import broker_redis_url
+from common.redis import broker_redis_url, client_options
 
 logger = logging.getLogger(__name__)
 
@@ -183,10 +183,7 @@ class StreamHub:
         self.client = redis.asyncio.Redis.from_pool(
             redis.asyncio.BlockingConnectionPool.from_url(
                 settings.REDIS_URL,
-                decode_responses=True,
-                socket_connect_timeout=5,
-                socket_timeout=settings.REDIS_SOCKET_TIMEOUT_SECONDS,
-                health_check_interval=30,
+                **client_options(),
                 max_connections=settings.SSE_REDIS_CONNECTIONS,
                 timeout=settings.SSE_REDIS_WAIT_SECONDS,
             )
@@ -199,11 +196,7 @@ class StreamHub:
             self.broker_pipelined = self.pipelined
         else:
             self.broker = redis.asyncio.Redis.from_url(
-                broker_redis_url(),
-                decode_responses=True,
-                max_connections=1,
-                socket_connect_timeout=5,
-                socket_timeout=settings.REDIS_SOCKET_TIMEOUT_SECONDS,
+                broker_redis_url(), **client_options(), max_connections=1
             )
             self.broker_pipelined = Pipelined(self.broker)
         # Subscription confirmations are wanted: each one has the key read again (above).
